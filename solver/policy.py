@@ -1,0 +1,137 @@
+"""Batching rules: what to do when the server is free and n requests wait.
+
+One interface serves the simulator and the sidecar's gate alike, so that what is simulated is
+exactly what is enforced. A rule sees the queue length and the age of the oldest request and says
+how many to serve now (0 = wait) and, when waiting, after how long to look again even if nothing
+arrives (only the timeout rule needs that; the SMDP's epochs are arrivals and completions).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Decision:
+    serve: int
+    """Batch size to start now; 0 means wait."""
+    recheck_after_s: float | None = None
+    """When waiting: decide again after this many seconds even without an arrival (None: only on arrival)."""
+
+
+@runtime_checkable
+class BatchRule(Protocol):
+    max_batch: int
+
+    def decide(self, n: int, oldest_wait_s: float) -> Decision:
+        """Called when the server is free and n >= 0 requests wait, the oldest for oldest_wait_s."""
+        ...
+
+
+@dataclass(frozen=True)
+class PolicyTable:
+    """A stationary SMDP policy: a(n) for n = 0..N; beyond N serve min(n, B).
+
+    This is what the solver returns and what the gate enforces; it depends on the queue length only.
+    """
+
+    actions: np.ndarray
+    max_batch: int
+
+    def __post_init__(self) -> None:
+        a = np.asarray(self.actions, dtype=np.int64).copy()
+        if a.ndim != 1 or a.size == 0:
+            raise ValueError("policy table must be a non-empty 1-d array")
+        n = np.arange(a.size)
+        bad = (a < 0) | (a > np.minimum(n, self.max_batch))
+        if np.any(bad):
+            i = int(np.argmax(bad))
+            raise ValueError(f"policy action a({i}) = {a[i]} is outside 0..min({i}, B={self.max_batch})")
+        a.setflags(write=False)
+        object.__setattr__(self, "actions", a)
+
+    @property
+    def truncation(self) -> int:
+        return int(self.actions.size - 1)
+
+    def action(self, n: int) -> int:
+        if n < self.actions.size:
+            return int(self.actions[n])
+        return min(n, self.max_batch)
+
+    def decide(self, n: int, oldest_wait_s: float = 0.0) -> Decision:
+        return Decision(self.action(n))
+
+    def threshold(self) -> int | None:
+        """The smallest n at which the policy serves, if it is of control-limit type, else None.
+
+        Control-limit: wait below some K, serve min(n, B) at and above it.
+        """
+        a = self.actions
+        n = np.arange(a.size)
+        serving = np.nonzero(a > 0)[0]
+        if serving.size == 0:
+            return None
+        k = int(serving[0])
+        expect = np.where(n >= k, np.minimum(n, self.max_batch), 0)
+        return k if np.array_equal(a, expect) else None
+
+    def extended(self, size: int) -> np.ndarray:
+        """a(n) for n = 0..size-1, applying the beyond-N rule."""
+        n = np.arange(size)
+        out = np.minimum(n, self.max_batch)
+        m = min(size, self.actions.size)
+        out[:m] = self.actions[:m]
+        return out
+
+
+def greedy(max_batch: int, truncation: int | None = None) -> PolicyTable:
+    """Serve min(n, B) whenever free: Triton with max_queue_delay 0."""
+    size = (truncation if truncation is not None else max_batch) + 1
+    return PolicyTable(np.minimum(np.arange(size), max_batch), max_batch)
+
+
+def threshold(max_batch: int, k: int, truncation: int | None = None) -> PolicyTable:
+    """Wait until n >= k, then serve min(n, B)."""
+    if k < 1:
+        raise ValueError(f"threshold must be >= 1, got {k}")
+    size = max(truncation if truncation is not None else max_batch, k) + 1
+    n = np.arange(size)
+    return PolicyTable(np.where(n >= k, np.minimum(n, max_batch), 0), max_batch)
+
+
+def static(max_batch: int, b0: int, truncation: int | None = None) -> PolicyTable:
+    """Wait for exactly b0, then serve batches of b0 (serve min(n, B) only when n >= b0)."""
+    if not 1 <= b0 <= max_batch:
+        raise ValueError(f"static batch size must be in 1..{max_batch}, got {b0}")
+    size = max(truncation if truncation is not None else max_batch, b0) + 1
+    n = np.arange(size)
+    return PolicyTable(np.where(n >= b0, b0, 0), max_batch)
+
+
+@dataclass(frozen=True)
+class TimeoutRule:
+    """Triton's dynamic batcher: serve min(n, B) once n >= B or the oldest has waited timeout_s.
+
+    Not a function of n alone, so it has no exact SMDP evaluation; the simulator and gate run it.
+    """
+
+    max_batch: int
+    timeout_s: float
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.timeout_s) or self.timeout_s < 0:
+            raise ValueError(f"timeout must be finite and >= 0 seconds, got {self.timeout_s!r}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+
+    def decide(self, n: int, oldest_wait_s: float) -> Decision:
+        if n <= 0:
+            return Decision(0)
+        if n >= self.max_batch or oldest_wait_s >= self.timeout_s:
+            return Decision(min(n, self.max_batch))
+        return Decision(0, self.timeout_s - oldest_wait_s)
