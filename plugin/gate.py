@@ -1,0 +1,249 @@
+"""The gate's decision core for one model: a bounded queue, in-flight slots and a batching rule.
+
+This is plain code with an injected clock and no I/O, so every decision can be tested without a
+network. The asyncio server calls ``poll()`` at each decision epoch (an arrival, a completion, or a
+timer the core asked for) and carries out the ``Step`` it returns; it never reads the wall clock
+inside the rule.
+
+Why the queue is ordered by (priority, arrival): a client's priority must be honoured while requests
+wait in the sidecar, exactly as Triton's own priority queue would. The rule still sees n = all
+requests present, since the SMDP's state is the total backlog.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Iterable
+
+from solver.policy import BatchRule
+
+
+class QueueFull(Exception):
+    """The model's queue is at its bound; the request must be refused (RESOURCE_EXHAUSTED)."""
+
+
+@dataclass(eq=False)
+class Pending:
+    """One caller's request while it waits in the gate."""
+
+    key: Hashable | None
+    """Merge key: requests with equal non-None keys may share a batch; None goes alone."""
+    arrival: float
+    """Clock time the request entered the gate, seconds."""
+    rows: int = 1
+    """Batch-dimension rows this request carries (a batch of a requests has sum(rows) rows)."""
+    priority: int = 0
+    """Lower is more urgent (Triton's convention: level 1 is the highest)."""
+    deadline: float | None = None
+    """Clock time after which the request is dropped unanswered by the model (client's timeout)."""
+    payload: Any = None
+    """Opaque to the core: the server keeps the request and the caller's future here."""
+    seq: int = 0
+    live: bool = True
+
+
+@dataclass(frozen=True)
+class Step:
+    """What the server must do now."""
+
+    batches: tuple[tuple[Pending, ...], ...] = ()
+    """Batches to dispatch now, one in-flight slot each, members oldest first."""
+    expired: tuple[Pending, ...] = ()
+    """Requests whose deadline passed while waiting: answer them with a timeout error."""
+    wake_at: float | None = None
+    """Clock time at which to poll again even if nothing happens (None: only on events)."""
+
+
+@dataclass
+class GateCounters:
+    submitted: int = 0
+    rejected: int = 0
+    cancelled: int = 0
+    expired: int = 0
+    dispatched_requests: int = 0
+    dispatched_batches: int = 0
+    decisions_wait: int = 0
+    decisions_serve: int = 0
+
+
+class ModelGate:
+    """Queue, slots and rule for one model. Not thread-safe: one event loop owns it."""
+
+    def __init__(
+        self,
+        rule: BatchRule,
+        *,
+        slots: int = 1,
+        max_queue: int = 1024,
+        max_rows: int | None = None,
+        clock: Callable[[], float],
+    ) -> None:
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        self._rule = rule
+        self._slots = slots
+        self._free = slots
+        self._max_queue = max_queue
+        self._max_rows = max_rows if max_rows is not None else rule.max_batch
+        self._clock = clock
+        self._queues: dict[int, deque[Pending]] = {}
+        self._levels: list[int] = []  # sorted priority levels that have a deque
+        self._size = 0
+        self._deadlines: list[tuple[float, int, Pending]] = []
+        self._seq = itertools.count()
+        self.counters = GateCounters()
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def rule(self) -> BatchRule:
+        return self._rule
+
+    def set_rule(self, rule: BatchRule) -> None:
+        """Swap the rule; takes effect at the next decision, never inside one."""
+        self._rule = rule
+        self._max_rows = rule.max_batch
+
+    @property
+    def queue_length(self) -> int:
+        return self._size
+
+    @property
+    def in_flight(self) -> int:
+        return self._slots - self._free
+
+    @property
+    def slots(self) -> int:
+        return self._slots
+
+    def set_slots(self, slots: int) -> None:
+        """Change the number of model instances (slots); in-flight batches keep theirs."""
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        self._free += slots - self._slots
+        self._slots = slots
+
+    # -- events ------------------------------------------------------------------------------
+    def submit(self, item: Pending) -> None:
+        """Queue a request; raises QueueFull at the bound (nothing is queued then)."""
+        if self._size >= self._max_queue:
+            self.counters.rejected += 1
+            raise QueueFull(f"queue is full ({self._max_queue} requests waiting)")
+        item.seq = next(self._seq)
+        item.live = True
+        q = self._queues.get(item.priority)
+        if q is None:
+            q = self._queues[item.priority] = deque()
+            self._levels = sorted(self._queues)
+        q.append(item)
+        self._size += 1
+        self.counters.submitted += 1
+        if item.deadline is not None:
+            heapq.heappush(self._deadlines, (item.deadline, item.seq, item))
+
+    def cancel(self, item: Pending) -> bool:
+        """Withdraw a waiting request (its caller went away). False if it was already dispatched."""
+        if not item.live:
+            return False
+        item.live = False
+        self._size -= 1
+        self.counters.cancelled += 1
+        return True
+
+    def complete(self) -> None:
+        """A dispatched batch finished (successfully or not): its slot is free again."""
+        if self._free >= self._slots:
+            raise RuntimeError("complete() without a batch in flight")
+        self._free += 1
+
+    def poll(self) -> Step:
+        """Make every decision due now: drop expired requests, then fill free slots by the rule."""
+        now = self._clock()
+        expired = self._expire(now)
+        batches: list[tuple[Pending, ...]] = []
+        wake_at: float | None = None
+        while self._free > 0 and self._size > 0:
+            oldest = self._oldest_arrival()
+            decision = self._rule.decide(self._size, now - oldest)
+            if decision.serve <= 0:
+                self.counters.decisions_wait += 1
+                if decision.recheck_after_s is not None:
+                    wake_at = now + max(decision.recheck_after_s, 0.0)
+                break
+            self.counters.decisions_serve += 1
+            batch = self._take(min(decision.serve, self._size))
+            self._free -= 1
+            self.counters.dispatched_batches += 1
+            self.counters.dispatched_requests += len(batch)
+            batches.append(batch)
+        if self._deadlines:
+            d = self._next_deadline()
+            if d is not None and (wake_at is None or d < wake_at):
+                wake_at = d
+        return Step(tuple(batches), tuple(expired), wake_at)
+
+    # -- internals ---------------------------------------------------------------------------
+    def _expire(self, now: float) -> list[Pending]:
+        out: list[Pending] = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, item = heapq.heappop(self._deadlines)
+            if item.live:
+                item.live = False
+                self._size -= 1
+                out.append(item)
+        self.counters.expired += len(out)
+        return out
+
+    def _next_deadline(self) -> float | None:
+        while self._deadlines and not self._deadlines[0][2].live:
+            heapq.heappop(self._deadlines)
+        return self._deadlines[0][0] if self._deadlines else None
+
+    def _heads(self) -> Iterable[Pending]:
+        for level in self._levels:
+            q = self._queues[level]
+            while q and not q[0].live:
+                q.popleft()
+            if q:
+                yield q[0]
+
+    def _oldest_arrival(self) -> float:
+        return min(p.arrival for p in self._heads())
+
+    def _take(self, count: int) -> tuple[Pending, ...]:
+        """The ``count`` most urgent requests that can share a batch with the most urgent one.
+
+        Rows are capped at the model's maximum batch size: a request carrying several rows
+        counts for all of them in the batch Triton executes.
+        """
+        head = next(iter(self._heads()))
+        taken: list[Pending] = []
+        rows = 0
+        for level in self._levels:
+            q = self._queues[level]
+            skipped: list[Pending] = []
+            while q and len(taken) < count:
+                item = q.popleft()
+                if not item.live:
+                    continue
+                if item is head or (
+                    head.key is not None and item.key == head.key and rows + item.rows <= self._max_rows
+                ):
+                    item.live = False
+                    taken.append(item)
+                    rows += item.rows
+                    if head.key is None:
+                        break
+                else:
+                    skipped.append(item)
+                    if rows >= self._max_rows:
+                        break
+            q.extendleft(reversed(skipped))
+            if len(taken) >= count or head.key is None or rows >= self._max_rows:
+                break
+        self._size -= len(taken)
+        return tuple(taken)
