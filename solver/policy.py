@@ -135,3 +135,44 @@ class TimeoutRule:
         if n >= self.max_batch or oldest_wait_s >= self.timeout_s:
             return Decision(min(n, self.max_batch))
         return Decision(0, self.timeout_s - oldest_wait_s)
+
+
+def parse_rule_spec(spec: str) -> tuple[str, float | None]:
+    """Split a rule spec ``greedy | smdp | static:B0 | threshold:K | timeout:SECONDS``.
+
+    Returns (kind, argument). Raises ValueError naming the bad spec. ``smdp`` needs a solved policy,
+    so turning it into a rule is the caller's job; the others are built by ``rule_from_spec``.
+    """
+    kind, _, arg = spec.strip().partition(":")
+    kind = kind.lower()
+    if kind in ("greedy", "smdp"):
+        if arg:
+            raise ValueError(f"policy {kind!r} takes no argument, got {spec!r}")
+        return kind, None
+    if kind not in ("static", "threshold", "timeout"):
+        raise ValueError(
+            f"unknown policy {spec!r}: expected greedy, smdp, static:B0, threshold:K or timeout:SECONDS"
+        )
+    try:
+        value = float(arg)
+    except ValueError:
+        raise ValueError(f"policy {spec!r} needs a numeric argument after ':'") from None
+    if not math.isfinite(value) or value < 0 or (kind != "timeout" and (value < 1 or value != int(value))):
+        raise ValueError(f"policy {spec!r}: bad argument {arg!r}")
+    return kind, value
+
+
+def rule_from_spec(spec: str, max_batch: int) -> BatchRule:
+    """Build a baseline rule from its spec (everything but ``smdp``)."""
+    kind, value = parse_rule_spec(spec)
+    if kind == "greedy":
+        return greedy(max_batch)
+    if kind == "static":
+        return static(max_batch, int(value))
+    if kind == "threshold":
+        if int(value) > max_batch:
+            raise ValueError(f"threshold {int(value)} exceeds max batch {max_batch}")
+        return threshold(max_batch, int(value))
+    if kind == "timeout":
+        return TimeoutRule(max_batch, float(value))
+    raise ValueError("the smdp policy must be solved, not parsed: use solver.solve")
