@@ -1,0 +1,362 @@
+"""Discrete-event simulation of one batching server under any batching rule and arrival sequence.
+
+The simulator is the common yardstick: the SMDP policy, greedy, static, threshold and Triton's
+timeout rule are all run here on the same arrival array, and its estimates are checked against
+exact evaluation and queueing closed forms. It must therefore accept any ``BatchRule``, any
+service law of the profile and any arrival array (Poisson, MMPP, trace replay), and be fast.
+
+Speed comes from looping over decision epochs only (never per request): arrivals during a service
+are counted with a bisection on the sorted arrival times, a queue-length table policy jumps straight
+to the arrival at which it next serves, Triton's timeout rule jumps straight to its firing time,
+service times are pre-drawn in blocks per batch size, and all latency bookkeeping is vectorised.
+
+Conventions:
+- FIFO: a batch takes the ``serve`` oldest waiting requests.
+- Decision epochs: when the server becomes free, at each arrival while it is free, and at the
+  ``recheck_after_s`` timer when a rule asks for one.
+- When the arrival stream is exhausted and the rule would wait forever, the rest is served in
+  batches of min(n, B) (the drain), so every request completes.
+- Power: a batch of b that runs for s seconds uses busy_power(b) * s joules (= e(b) on average, and
+  physically a slower batch burns longer); idle time draws P0. Time before ``warmup`` is excluded.
+- Service times come from one random stream per batch size, so two rules that run the same k-th
+  batch of size b get the same service time: comparisons on common random numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+from scipy import stats
+
+from solver.model import ModelError, ServiceProfile
+from solver.policy import BatchRule, PolicyTable, TimeoutRule
+
+__all__ = ["SimResult", "simulate", "batch_means_ci"]
+
+_CI_BATCHES = 30
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """Estimates from one simulation run (requests that arrived after the warm-up)."""
+
+    mean_latency_s: float
+    p50_latency_s: float
+    p95_latency_s: float
+    p99_latency_s: float
+    latency_ci95_s: float
+    """Half-width of the 95% CI of mean latency, by batch means over consecutive requests."""
+    mean_power_w: float
+    power_ci95_w: float
+    """Half-width of the 95% CI of mean power, by batch means over equal time windows."""
+    cost: float
+    """J = mean latency + weight * mean power."""
+    throughput_rps: float
+    mean_batch: float
+    batch_hist: tuple[int, ...]
+    """Number of batches of each size, index b - 1."""
+    n_requests: int
+    n_batches: int
+    horizon_s: float
+    weight: float
+
+    @property
+    def cost_ci95(self) -> float:
+        """A conservative half-width for J (latency and power errors added, not combined)."""
+        return self.latency_ci95_s + self.weight * self.power_ci95_w
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["batch_hist"] = list(self.batch_hist)
+        d["cost_ci95"] = self.cost_ci95
+        return d
+
+
+def batch_means_ci(values: np.ndarray, batches: int = _CI_BATCHES) -> float:
+    """95% CI half-width of the mean of a correlated sequence, from means of consecutive blocks.
+
+    Blocks long against the correlation time make their means nearly independent; with too few
+    values to form blocks the half-width is NaN rather than a falsely tight number.
+    """
+    v = np.asarray(values, dtype=float)
+    k = min(batches, v.size // 10)
+    if k < 2:
+        return math.nan
+    size = v.size // k
+    means = v[: k * size].reshape(k, size).mean(axis=1)
+    return float(stats.t.ppf(0.975, k - 1) * means.std(ddof=1) / math.sqrt(k))
+
+
+class _ServiceDraws:
+    """Service times per batch size from one independent stream per size, drawn in growing blocks."""
+
+    def __init__(self, profile: ServiceProfile, max_batch: int, seed: int | None):
+        self.profile = profile
+        self.deterministic = profile.law == "deterministic"
+        self.mean = profile.mean_s.tolist()
+        seq = np.random.SeedSequence(seed)
+        self.rngs = [np.random.default_rng(s) for s in seq.spawn(max_batch)]
+        self.buf: list[list[float]] = [[] for _ in range(max_batch)]
+        self.pos = [0] * max_batch
+        self.block = [256] * max_batch
+
+    def draw(self, b: int) -> float:
+        if self.deterministic:
+            return self.mean[b - 1]
+        i = b - 1
+        p = self.pos[i]
+        buf = self.buf[i]
+        if p >= len(buf):
+            size = self.block[i]
+            self.block[i] = min(size * 4, 1 << 16)
+            buf = self.profile.sample(np.full(size, b), self.rngs[i]).tolist()
+            self.buf[i] = buf
+            p = 0
+        self.pos[i] = p + 1
+        return buf[p]
+
+
+def _validate(profile: ServiceProfile, rule: BatchRule, arrivals: np.ndarray, idle_power_w: float,
+              weight: float, warmup: float) -> np.ndarray:
+    if not isinstance(profile, ServiceProfile):
+        raise ModelError(f"profile must be a ServiceProfile, got {type(profile).__name__}")
+    if not hasattr(rule, "decide") or not hasattr(rule, "max_batch"):
+        raise ModelError(f"rule must implement BatchRule (max_batch, decide), got {type(rule).__name__}")
+    b = rule.max_batch
+    if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1:
+        raise ModelError(f"rule.max_batch must be an integer >= 1, got {b!r}")
+    if b > profile.max_batch:
+        raise ModelError(f"rule max_batch {b} exceeds the profile's largest batch size {profile.max_batch}")
+    t = np.asarray(arrivals, dtype=float)
+    if t.ndim != 1 or t.size == 0:
+        raise ModelError("arrivals must be a non-empty 1-d array of arrival times")
+    if not np.all(np.isfinite(t)) or t[0] < 0:
+        raise ModelError("arrival times must be finite and >= 0")
+    if np.any(np.diff(t) < 0):
+        i = int(np.argmax(np.diff(t) < 0)) + 1
+        raise ModelError(f"arrival times must be sorted; arrival {i} ({t[i]!r}) comes before arrival {i - 1}")
+    for name, v in (("idle_power_w", idle_power_w), ("weight", weight), ("warmup", warmup)):
+        if not math.isfinite(float(v)) or float(v) < 0:
+            raise ModelError(f"{name} must be finite and >= 0, got {v!r}")
+    if warmup >= t[-1]:
+        raise ModelError(f"warmup {warmup!r} s leaves no arrivals (last arrival at {t[-1]:.6g} s)")
+    return t
+
+
+def _run_table(table: PolicyTable, t: list[float], draw: Callable[[int], float]):
+    """Event loop for a queue-length policy: jump from one serving epoch to the next."""
+    n_total = len(t)
+    big_b = table.max_batch
+    size = max(table.truncation + 2, big_b + 2)
+    acts = table.extended(size).tolist()
+    # next_serve[n]: the smallest m >= n with a(m) > 0 (beyond the table, a(m) = min(m, B) > 0).
+    next_serve = [0] * size
+    nxt = size
+    for n in range(size - 1, -1, -1):
+        if acts[n] > 0:
+            nxt = n
+        next_serve[n] = nxt
+    sizes: list[int] = []
+    starts: list[float] = []
+    durs: list[float] = []
+    now = 0.0
+    head = 0  # first request not yet served
+    na = 0  # arrivals with time <= now
+    while head < n_total:
+        if na == head:  # empty system: idle until the next arrival
+            now = t[head]
+            na = head + 1
+        n = na - head
+        a = acts[n] if n < size else (n if n < big_b else big_b)
+        if a == 0:
+            m = next_serve[n]
+            if head + m <= n_total:
+                na = head + m
+                now = t[na - 1]
+                a = acts[m] if m < size else min(m, big_b)
+            else:  # stream exhausted before the policy would serve: drain
+                na = n_total
+                now = max(now, t[-1])
+                n = na - head
+                a = n if n < big_b else big_b
+        s = draw(a)
+        sizes.append(a)
+        starts.append(now)
+        durs.append(s)
+        head += a
+        now += s
+        na = bisect_right(t, now, na)
+    return sizes, starts, durs
+
+
+def _run_timeout(rule: TimeoutRule, t: list[float], draw: Callable[[int], float]):
+    """Event loop for Triton's rule: it fires at the earlier of 'oldest waited T' and 'n reaches B'."""
+    n_total = len(t)
+    big_b = rule.max_batch
+    timeout = float(rule.timeout_s)
+    sizes: list[int] = []
+    starts: list[float] = []
+    durs: list[float] = []
+    now = 0.0
+    head = 0
+    na = 0
+    while head < n_total:
+        if na == head:
+            now = t[head]
+            na = head + 1
+        if na - head < big_b:
+            fire = t[head] + timeout
+            full = head + big_b - 1
+            if full < n_total and t[full] < fire:
+                fire = t[full]
+            if fire > now:
+                now = fire
+                na = bisect_right(t, now, na)
+        n = na - head
+        a = n if n < big_b else big_b
+        s = draw(a)
+        sizes.append(a)
+        starts.append(now)
+        durs.append(s)
+        head += a
+        now += s
+        na = bisect_right(t, now, na)
+    return sizes, starts, durs
+
+
+def _run_generic(rule: BatchRule, t: list[float], draw: Callable[[int], float]):
+    """Event loop for any rule: ask it at every completion, arrival while free, and timer."""
+    n_total = len(t)
+    big_b = int(rule.max_batch)
+    decide = rule.decide
+    sizes: list[int] = []
+    starts: list[float] = []
+    durs: list[float] = []
+    now = 0.0
+    head = 0
+    na = 0
+    while head < n_total:
+        if na == head:
+            now = t[head]
+            na = head + 1
+        n = na - head
+        d = decide(n, now - t[head])
+        a = int(d.serve)
+        if a < 0 or a > n or a > big_b:
+            raise ModelError(f"rule {rule!r} chose to serve {a} with n={n} waiting and B={big_b}")
+        if a == 0:
+            nxt_arrival = t[na] if na < n_total else math.inf
+            recheck = d.recheck_after_s
+            if recheck is not None:
+                recheck = float(recheck)
+                if not recheck >= 0:
+                    raise ModelError(f"rule {rule!r} asked to recheck after {recheck!r} s")
+                timer = now + recheck
+                if timer <= now:  # a timer below the clock's resolution must still move time
+                    timer = math.nextafter(now, math.inf)
+            else:
+                timer = math.inf
+            if nxt_arrival <= timer:
+                if math.isinf(nxt_arrival):  # nothing will ever happen again: drain
+                    a = n if n < big_b else big_b
+                else:
+                    now = nxt_arrival
+                    na += 1
+                    continue
+            else:
+                now = timer
+                continue
+        s = draw(a)
+        sizes.append(a)
+        starts.append(now)
+        durs.append(s)
+        head += a
+        now += s
+        na = bisect_right(t, now, na)
+    return sizes, starts, durs
+
+
+def simulate(profile: ServiceProfile, rule: BatchRule, arrivals: np.ndarray, *, idle_power_w: float,
+             weight: float, seed: int | None = None, warmup: float = 0.0) -> SimResult:
+    """Run ``rule`` on the given arrival times and estimate W, its percentiles, P and J = W + w P.
+
+    ``warmup`` (seconds) drops the requests that arrive before it and the energy spent before it,
+    to remove the empty-start transient. ``seed`` fixes the service-time streams.
+    """
+    t = _validate(profile, rule, arrivals, idle_power_w, weight, warmup)
+    draws = _ServiceDraws(profile, int(rule.max_batch), seed)
+    t_list = t.tolist()
+    if type(rule) is PolicyTable:
+        sizes, starts, durs = _run_table(rule, t_list, draws.draw)
+    elif type(rule) is TimeoutRule:
+        sizes, starts, durs = _run_timeout(rule, t_list, draws.draw)
+    else:
+        sizes, starts, durs = _run_generic(rule, t_list, draws.draw)
+    return _summarise(profile, t, np.asarray(sizes, dtype=np.int64), np.asarray(starts), np.asarray(durs),
+                      float(idle_power_w), float(weight), float(warmup), int(rule.max_batch))
+
+
+def _summarise(profile: ServiceProfile, t: np.ndarray, sizes: np.ndarray, starts: np.ndarray, durs: np.ndarray,
+               p0: float, weight: float, warmup: float, big_b: int) -> SimResult:
+    ends = starts + durs
+    completion = np.repeat(ends, sizes)
+    latency = completion - t
+    first = int(np.searchsorted(t, warmup, side="left"))
+    lat = latency[first:]
+    horizon_end = float(ends[-1])
+    horizon = horizon_end - warmup
+
+    # Busy time and energy inside [warmup, end], prorating a batch that straddles the warm-up.
+    power = profile.busy_power_w[sizes - 1]
+    busy = np.clip(ends - np.maximum(starts, warmup), 0.0, None)
+    energy = float(np.sum(power * busy)) + p0 * (horizon - float(busy.sum()))
+    mean_power = energy / horizon
+
+    # Power CI by batch means over equal time windows (a batch's energy counted where it starts).
+    k = _CI_BATCHES
+    counted = starts >= warmup
+    win = np.minimum(((starts[counted] - warmup) / horizon * k).astype(np.int64), k - 1)
+    busy_e = np.bincount(win, weights=(power * durs)[counted], minlength=k)
+    busy_t = np.bincount(win, weights=durs[counted], minlength=k)
+    win_p = (busy_e + p0 * (horizon / k - busy_t)) / (horizon / k)
+    power_ci = float(stats.t.ppf(0.975, k - 1) * win_p.std(ddof=1) / math.sqrt(k)) if counted.sum() >= 2 * k else math.nan
+
+    hist = np.bincount(sizes[counted], minlength=big_b + 1)[1:]
+    n_batches = int(counted.sum())
+    mean_latency = float(lat.mean())
+    p50, p95, p99 = (float(x) for x in np.percentile(lat, [50, 95, 99]))
+    return SimResult(
+        mean_latency_s=mean_latency,
+        p50_latency_s=p50,
+        p95_latency_s=p95,
+        p99_latency_s=p99,
+        latency_ci95_s=batch_means_ci(lat),
+        mean_power_w=mean_power,
+        power_ci95_w=power_ci,
+        cost=mean_latency + weight * mean_power,
+        throughput_rps=lat.size / horizon,
+        mean_batch=float(sizes[counted].mean()) if n_batches else math.nan,
+        batch_hist=tuple(int(x) for x in hist),
+        n_requests=int(lat.size),
+        n_batches=n_batches,
+        horizon_s=horizon,
+        weight=weight,
+    )
+
+
+if __name__ == "__main__":  # a quick figure; bench/sim_bench.py has the full benchmark
+    import time
+
+    from solver import arrivals
+    from solver.policy import greedy
+
+    prof = ServiceProfile.affine(64, 0.1438e-3, 1.8874e-3, 0.04419, 0.1550)
+    arr = arrivals.poisson(2000.0, n=1_000_000, rng=1)
+    t0 = time.perf_counter()
+    res = simulate(prof, greedy(64), arr, idle_power_w=40.0, weight=0.0, seed=1)
+    print(f"greedy, 10^6 Poisson requests at 2000/s: {time.perf_counter() - t0:.2f} s, "
+          f"W = {res.mean_latency_s * 1e3:.3f} ms, P = {res.mean_power_w:.1f} W")
