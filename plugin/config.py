@@ -1,0 +1,115 @@
+"""The sidecar's one typed configuration: read from a YAML file, then environment, then flags.
+
+Precedence is file < environment (``SMDP_SIDECAR_<FIELD>``) < command-line flags, so that a
+container image can ship a file and an operator can still override one field. Unknown keys are
+rejected everywhere: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from solver.policy import parse_rule_spec
+
+ENV_PREFIX = "SMDP_SIDECAR_"
+
+
+class ModelPolicyConfig(BaseModel):
+    """How one model is gated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: str = Field("greedy", description="greedy | smdp | static:B0 | threshold:K | timeout:SECONDS")
+    profile: Path | None = Field(
+        None, description="Service-time/energy profile CSV (batch_size,mean_service_s,batch_energy_j); needed for smdp"
+    )
+    rate_rps: float | None = Field(
+        None, gt=0, description="Arrival rate the smdp policy is solved for, requests/second"
+    )
+    weight: float = Field(0.0, ge=0, allow_inf_nan=False, description="w: seconds of mean latency per watt")
+    idle_power_w: float = Field(40.0, ge=0, allow_inf_nan=False, description="P0: accelerator idle power, watts")
+    max_batch: int | None = Field(
+        None, ge=1, description="B: largest batch the gate forms (default: the model's max_batch_size)"
+    )
+
+    @field_validator("policy")
+    @classmethod
+    def _valid_policy(cls, v: str) -> str:
+        parse_rule_spec(v)
+        return v
+
+
+class SidecarConfig(BaseModel):
+    """Configuration of ``smdp serve``; every duration in seconds unless the name says otherwise."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    listen: str = Field("127.0.0.1:8011", description="host:port for the inference API (port 0 = any free)")
+    triton_url: str = Field("127.0.0.1:8001", description="host:port of Triton's gRPC endpoint")
+    mode: Literal["merged", "released"] = Field(
+        "merged",
+        description="merged: one concatenated request per batch; released: forward the batch's requests "
+        "individually at once with a high priority and let Triton's dynamic batcher group them",
+    )
+    max_queue: int = Field(1024, ge=1, description="Requests that may wait per model before RESOURCE_EXHAUSTED")
+    dispatch_priority: int = Field(
+        1, ge=0, description="Triton priority level stamped on gated requests that carry none (0 = leave unset)"
+    )
+    upstream_timeout_s: float = Field(60.0, gt=0, description="Deadline of one call to Triton, seconds")
+    allow_repository_control: bool = Field(
+        False, description="Pass Triton's repository load/unload RPCs through (off: PERMISSION_DENIED)"
+    )
+    default: ModelPolicyConfig = Field(
+        default_factory=ModelPolicyConfig, description="Policy for models without an entry in `models`"
+    )
+    models: dict[str, ModelPolicyConfig] = Field(default_factory=dict, description="Per-model policy")
+
+    def policy_for(self, model: str) -> ModelPolicyConfig:
+        return self.models.get(model, self.default)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    top = set(SidecarConfig.model_fields) - {"models", "default"}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        field = key[len(ENV_PREFIX):].lower()
+        if field.startswith("default_"):
+            out.setdefault("default", {})[field[len("default_"):]] = value
+        elif field in top:
+            out[field] = value
+        else:
+            raise ValueError(f"unknown sidecar setting in environment: {key}")
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> SidecarConfig:
+    """File, then environment, then explicit overrides (flags); validated once at the end."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        data.update(loaded)
+    env = _env_overrides(os.environ if environ is None else environ)
+    for source in (env, dict(overrides or {})):
+        for key, value in source.items():
+            if value is None:
+                continue
+            if key == "default" and isinstance(value, dict):
+                merged = dict(data.get("default") or {})
+                merged.update({k: v for k, v in value.items() if v is not None})
+                data["default"] = merged
+            else:
+                data[key] = value
+    return SidecarConfig.model_validate(data)
