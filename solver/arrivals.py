@@ -299,7 +299,7 @@ def trace(path: str | Path, time_scale: float = 1.0, target_rate: float | None =
     if target_rate is not None:
         if times.size < 2 or times[-1] <= 0:
             raise ArrivalError(f"trace {path}: need two distinct timestamps to rescale to a target rate")
-        scale = (times.size - 1) / times[-1] / target_rate
+        scale = target_rate * times[-1] / (times.size - 1)
     return times / scale
 
 
