@@ -282,6 +282,7 @@ def test_incompatible_requests_get_different_keys():
         "classification": _key(outputs=[InferRequestedOutput("OUT_x", class_count=3)]),
         "custom parameter": _key(parameters={"mode": "slow"}),
         "custom parameter type": _key(parameters={"mode": 1}),
+        "custom parameter bool": _key(parameters={"mode": True}),  # True == 1 in Python: kind must count
     }
     assert all(v is not None for v in variants.values())
     assert base not in variants.values()
@@ -514,3 +515,21 @@ def test_validation_checks_shared_memory_byte_size_without_data():
     req = _get_inference_request("nb", [inp], "", "shm", None, 0, False, False, 0, None, None)
     with pytest.raises(MalformedRequest, match="Expected 12, got 8"):
         validate_request(req, cfg)
+
+
+def test_single_request_fast_path_drops_per_caller_parameters_and_sets_the_batch_id():
+    req = make_request({"x": np.ones((2, 3), np.float32)}, rid="own", priority=2, timeout=900,
+                       parameters={"mode": "fast"})
+    merged = merge([req], request_id="gate-1")
+    got = merged.request
+    assert got.id == "gate-1" and merged.ids == ("own",) and merged.rows == (2,)
+    assert set(got.parameters) == {"mode"}
+    assert req.parameters["priority"].uint64_param == 2, "the caller's request is left untouched"
+    assert split(fake_triton(got), merged)[0].id == "own"
+
+
+def test_checked_merge_builds_the_same_request_as_the_checking_one():
+    rng = np.random.default_rng(8)
+    reqs = [make_request({"x": sample("INT64", r, 3, rng), "s": sample("BYTES", r, 2, rng)}, rid=str(r))
+            for r in (2, 1, 3)]
+    assert merge(reqs, checked=True, request_id="b") == merge(reqs, request_id="b")
