@@ -1,4 +1,4 @@
-"""Sub-commands of the serving side: ``smdp triton`` (the embedded Triton server)."""
+"""Sub-commands of the serving side: ``smdp triton`` (the embedded Triton server) and ``smdp serve``."""
 
 from __future__ import annotations
 
@@ -33,6 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
     p.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to wait for readiness")
     p.set_defaults(func=_run_triton)
+
+    from plugin.serve_cli import add_serve_command
+
+    add_serve_command(subparsers)
 
 
 def _run_triton(args: argparse.Namespace) -> int:

@@ -1,0 +1,66 @@
+"""``smdp serve``: the sidecar in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_serve_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the sidecar gate in front of a Triton server",
+        description="Serve Triton's gRPC inference API, gating inference by the batching policy. "
+        "Settings come from --config (YAML), then SMDP_SIDECAR_* environment variables, then these flags.",
+    )
+    p.add_argument("--config", help="YAML file with SidecarConfig fields")
+    p.add_argument("--listen", help="host:port for the inference API (default 127.0.0.1:8011; port 0 = free)")
+    p.add_argument("--triton", dest="triton_url", help="host:port of Triton's gRPC endpoint (default 127.0.0.1:8001)")
+    p.add_argument("--mode", choices=["merged", "released"], help="how a chosen batch is sent to Triton")
+    p.add_argument("--max-queue", type=int, help="requests that may wait per model (default 1024)")
+    p.add_argument("--policy", help="default policy: greedy | smdp | static:B0 | threshold:K | timeout:SECONDS")
+    p.add_argument("--profile", help="profile CSV for the smdp policy")
+    p.add_argument("--rate", type=float, help="arrival rate (requests/s) the smdp policy is solved for")
+    p.add_argument("--weight", type=float, help="w, seconds per watt")
+    p.add_argument("--idle-power", type=float, help="P0, watts")
+    p.add_argument("--max-batch", type=int, help="B, the largest batch the gate forms")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from pydantic import ValidationError
+
+    from .config import load_config
+    from .runner import serve_forever
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    default = {
+        "policy": args.policy,
+        "profile": args.profile,
+        "rate_rps": args.rate,
+        "weight": args.weight,
+        "idle_power_w": args.idle_power,
+        "max_batch": args.max_batch,
+    }
+    overrides = {
+        "listen": args.listen,
+        "triton_url": args.triton_url,
+        "mode": args.mode,
+        "max_queue": args.max_queue,
+        "default": {k: v for k, v in default.items() if v is not None} or None,
+    }
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except (ValidationError, ValueError, OSError) as exc:
+        print(f"smdp serve: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve_forever(config))
+    except OSError as exc:
+        print(f"smdp serve: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,505 @@
+"""The sidecar: Triton's own gRPC inference service, with inference gated by the batching policy.
+
+Every RPC other than inference is relayed to Triton as raw bytes (no parse, no re-encode), so any
+KServe v2 / tritonclient call works by changing only the URL. ``ModelInfer`` and
+``ModelStreamInfer`` go through a per-model ``ModelGate``: the gate decides at each epoch (arrival,
+completion, timer) how many of the waiting requests to serve, and the chosen batch is sent to Triton
+as one merged request whose response rows are split back to the callers.
+
+Every caller gets exactly one answer: the response, or one gRPC status (RESOURCE_EXHAUSTED when its
+model's queue is full, INVALID_ARGUMENT for a malformed request, UNAVAILABLE when Triton cannot be
+reached, or whatever status Triton itself gave).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from tritonclient.grpc import model_config_pb2, service_pb2
+
+from .config import SidecarConfig
+from .gate import ModelGate, Pending, QueueFull
+from .merge import MalformedRequest, merge, merge_key, split, validate_request
+from .policies import RuleInfo, build_rule
+
+log = logging.getLogger("smdp.sidecar")
+
+SERVICE = "inference.GRPCInferenceService"
+_SERVICE_DESC = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+_GATED = {"ModelInfer", "ModelStreamInfer"}
+_REPOSITORY_CONTROL = {"RepositoryModelLoad", "RepositoryModelUnload"}
+_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", -1),
+    # Reconnect quickly after Triton restarts: recovery should take well under a second.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+class GateError(Exception):
+    """The one answer a caller gets when it gets no response."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+def _int_param(p: service_pb2.InferParameter) -> int | None:
+    which = p.WhichOneof("parameter_choice")
+    if which in ("int64_param", "uint64_param"):
+        return int(getattr(p, which))
+    return None
+
+
+@dataclass
+class BatchStats:
+    """What the gate observed of the batches it sent: sizes, and dispatch-to-completion times."""
+
+    max_batch: int
+    batches: np.ndarray = field(init=False)
+    busy_s: np.ndarray = field(init=False)
+    failed_requests: int = 0
+    answered: int = 0
+
+    def __post_init__(self) -> None:
+        self.batches = np.zeros(self.max_batch + 1, dtype=np.int64)
+        self.busy_s = np.zeros(self.max_batch + 1)
+
+    def record(self, rows: int, seconds: float) -> None:
+        i = min(rows, self.max_batch)
+        self.batches[i] += 1
+        self.busy_s[i] += seconds
+
+
+@dataclass
+class ModelState:
+    name: str
+    version: str
+    config: model_config_pb2.ModelConfig
+    gate: ModelGate | None
+    info: RuleInfo | None
+    stats: BatchStats
+    default_priority: int
+    priority_levels: int
+    timer: asyncio.TimerHandle | None = None
+    timer_at: float | None = None
+
+
+@dataclass(eq=False)
+class _Call:
+    request: service_pb2.ModelInferRequest
+    future: asyncio.Future
+
+
+class Sidecar:
+    """Owns the upstream channel and one gate per model; one event loop drives everything."""
+
+    def __init__(self, config: SidecarConfig, *, clock: Callable[[], float] | None = None) -> None:
+        self.config = config
+        self._loop = asyncio.get_running_loop()
+        self._clock = clock or self._loop.time
+        self._channel = grpc.aio.insecure_channel(config.triton_url, options=_CHANNEL_OPTIONS)
+        self._infer = self._channel.unary_unary(
+            f"/{SERVICE}/ModelInfer",
+            request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+            response_deserializer=service_pb2.ModelInferResponse.FromString,
+        )
+        self._model_config = self._channel.unary_unary(
+            f"/{SERVICE}/ModelConfig",
+            request_serializer=service_pb2.ModelConfigRequest.SerializeToString,
+            response_deserializer=service_pb2.ModelConfigResponse.FromString,
+        )
+        self._models: dict[tuple[str, str], ModelState] = {}
+        self._loading: dict[tuple[str, str], asyncio.Future] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    async def close(self) -> None:
+        for state in self._models.values():
+            if state.timer:
+                state.timer.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._channel.close()
+
+    # -- models ------------------------------------------------------------------------------
+    def models(self) -> dict[tuple[str, str], ModelState]:
+        return dict(self._models)
+
+    async def model_state(self, name: str, version: str) -> ModelState | None:
+        """The gate state of a model, fetching its config from Triton once.
+
+        Returns None when Triton does not know the model (the caller then relays the request as is,
+        so the client gets exactly Triton's own error). Raises GateError UNAVAILABLE when Triton is away.
+        """
+        key = (name, version)
+        state = self._models.get(key)
+        if state is not None:
+            return state
+        pending = self._loading.get(key)
+        if pending is None:
+            pending = self._loading[key] = self._loop.create_future()
+            try:
+                state = await self._load_state(name, version)
+                if state is not None:
+                    self._models[key] = state
+                pending.set_result(state)
+            except BaseException as exc:
+                pending.set_exception(exc)
+                pending.exception()  # mark retrieved for waiters that never come
+                raise
+            finally:
+                del self._loading[key]
+            return state
+        return await asyncio.shield(pending)
+
+    async def _load_state(self, name: str, version: str) -> ModelState | None:
+        try:
+            resp = await self._model_config(
+                service_pb2.ModelConfigRequest(name=name, version=version),
+                timeout=self.config.upstream_timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise GateError(grpc.StatusCode.UNAVAILABLE, f"Triton is unreachable: {exc.details()}") from None
+            return None
+        cfg = resp.config
+        slots = sum(max(g.count, 1) for g in cfg.instance_group) or 1
+        dyn = cfg.dynamic_batching
+        levels = dyn.priority_levels if cfg.HasField("dynamic_batching") else 0
+        default_level = dyn.default_priority_level if levels else 0
+        gate = info = None
+        max_rows = max(cfg.max_batch_size, 1)
+        if cfg.max_batch_size > 0:
+            info = build_rule(name, self.config.policy_for(name), cfg.max_batch_size)
+            gate = ModelGate(
+                info.rule, slots=slots, max_queue=self.config.max_queue, max_rows=info.max_batch, clock=self._clock
+            )
+            max_rows = info.max_batch
+            log.info("gating model %s (B=%d, %d slot(s), policy %s)", name, info.max_batch, slots, info.spec)
+        return ModelState(
+            name=name,
+            version=version,
+            config=cfg,
+            gate=gate,
+            info=info,
+            stats=BatchStats(max_rows),
+            default_priority=default_level or (levels or 0),
+            priority_levels=levels,
+        )
+
+    def set_rule(self, name: str, version: str, info: RuleInfo) -> None:
+        """Replace a model's rule between two decisions (the event loop runs one at a time)."""
+        state = self._models[(name, version)]
+        if state.gate is None:
+            raise ValueError(f"model {name!r} does not batch; it has no gate")
+        state.info = info
+        state.gate.set_rule(info.rule)
+        self._pump(state)
+
+    # -- inference ---------------------------------------------------------------------------
+    async def infer(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
+        """One caller's request, answered exactly once (a response, or GateError)."""
+        state = await self.model_state(request.model_name, request.model_version)
+        if state is None or state.gate is None:
+            return await self._call_triton(request)
+        try:
+            validate_request(request, state.config)
+        except MalformedRequest as exc:
+            raise GateError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        now = self._clock()
+        params = request.parameters
+        priority = _int_param(params["priority"]) if "priority" in params else None
+        timeout_us = _int_param(params["timeout"]) if "timeout" in params else None
+        rows = int(request.inputs[0].shape[0]) if request.inputs and request.inputs[0].shape else 1
+        call = _Call(request, self._loop.create_future())
+        item = Pending(
+            key=merge_key(request),
+            arrival=now,
+            rows=rows,
+            priority=priority if priority else state.default_priority,
+            deadline=now + timeout_us / 1e6 if timeout_us else None,
+            payload=call,
+        )
+        try:
+            state.gate.submit(item)
+        except QueueFull as exc:
+            raise GateError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"model '{state.name}' is overloaded: {exc}"
+            ) from None
+        self._pump(state)
+        try:
+            return await call.future
+        except asyncio.CancelledError:
+            state.gate.cancel(item)  # still waiting: frees its place; dispatched: the batch runs on
+            raise
+
+    def _pump(self, state: ModelState) -> None:
+        """One decision epoch: carry out what the gate decides now, and arm its timer."""
+        step = state.gate.poll()
+        for item in step.expired:
+            self._fail(item.payload, GateError(grpc.StatusCode.UNAVAILABLE, "Request timeout expired"))
+        for batch in step.batches:
+            task = self._loop.create_task(self._dispatch(state, batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if step.wake_at is not None and (state.timer_at is None or step.wake_at < state.timer_at):
+            if state.timer:
+                state.timer.cancel()
+            state.timer_at = step.wake_at
+            state.timer = self._loop.call_at(step.wake_at, self._on_timer, state)
+
+    def _on_timer(self, state: ModelState) -> None:
+        state.timer = state.timer_at = None
+        self._pump(state)
+
+    def _stamp(
+        self, state: ModelState, req: service_pb2.ModelInferRequest, members: tuple[Pending, ...], now: float
+    ) -> None:
+        """Priority and remaining timeout of what the gate sends.
+
+        A client's own priority is forwarded (the most urgent of a merged batch's members); requests
+        without one get the sidecar's dispatch priority, so gated traffic overtakes anything that
+        reaches Triton directly. The timeout forwarded is what is left of the tightest member's.
+        """
+        explicit = [p.priority for p in members if "priority" in p.payload.request.parameters]
+        dispatch = self.config.dispatch_priority
+        if explicit:
+            req.parameters["priority"].uint64_param = min(explicit)
+        elif dispatch and dispatch <= state.priority_levels:
+            req.parameters["priority"].uint64_param = dispatch
+        deadlines = [p.deadline for p in members if p.deadline is not None]
+        if deadlines:
+            req.parameters["timeout"].int64_param = max(1, int((min(deadlines) - now) * 1e6))
+        elif "timeout" in req.parameters:
+            del req.parameters["timeout"]
+
+    async def _dispatch(self, state: ModelState, batch: tuple[Pending, ...]) -> None:
+        calls: list[_Call] = [p.payload for p in batch]
+        start = self._clock()
+        rows = sum(p.rows for p in batch)
+        try:
+            if len(batch) == 1:
+                req = service_pb2.ModelInferRequest()
+                req.CopyFrom(calls[0].request)
+                self._stamp(state, req, batch, start)
+                self._succeed(calls[0], await self._call_triton(req))
+            elif self.config.mode == "released":
+                await self._dispatch_released(state, batch, start)
+            else:
+                merged = merge([c.request for c in calls], checked=True)
+                self._stamp(state, merged.request, batch, start)
+                response = await self._call_triton(merged.request)
+                try:
+                    parts = split(response, merged)
+                except Exception as exc:  # an output without a batch dimension
+                    raise GateError(grpc.StatusCode.INTERNAL, f"cannot split merged response: {exc}") from None
+                for call, part in zip(calls, parts):
+                    self._succeed(call, part)
+        except GateError as exc:
+            state.stats.failed_requests += len(calls)
+            for call in calls:
+                self._fail(call, exc)
+        except MalformedRequest as exc:
+            state.stats.failed_requests += len(calls)
+            for call in calls:
+                self._fail(call, GateError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)))
+        except Exception as exc:  # never leave a caller without an answer
+            log.exception("dispatch failed")
+            state.stats.failed_requests += len(calls)
+            for call in calls:
+                self._fail(call, GateError(grpc.StatusCode.INTERNAL, f"sidecar error: {exc}"))
+        finally:
+            state.stats.record(rows, self._clock() - start)
+            state.stats.answered += len(calls)
+            state.gate.complete()
+            self._pump(state)
+
+    async def _dispatch_released(self, state: ModelState, batch: tuple[Pending, ...], start: float) -> None:
+        async def one(p: Pending) -> None:
+            req = service_pb2.ModelInferRequest()
+            req.CopyFrom(p.payload.request)
+            self._stamp(state, req, (p,), start)
+            try:
+                self._succeed(p.payload, await self._call_triton(req))
+            except GateError as exc:
+                self._fail(p.payload, exc)
+
+        await asyncio.gather(*(one(p) for p in batch))
+
+    async def _call_triton(self, req: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
+        try:
+            return await self._infer(req, timeout=self.config.upstream_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            details = exc.details() or ""
+            if code == grpc.StatusCode.UNAVAILABLE and "timeout" not in details.lower():
+                details = f"Triton is unreachable: {details}"
+            raise GateError(code, details) from None
+
+    @staticmethod
+    def _succeed(call: _Call, response: service_pb2.ModelInferResponse) -> None:
+        if not call.future.done():
+            call.future.set_result(response)
+
+    @staticmethod
+    def _fail(call: _Call, exc: GateError) -> None:
+        if not call.future.done():
+            call.future.set_exception(exc)
+
+
+class _Servicer:
+    """gRPC glue: gated inference plus a raw-bytes relay for every other RPC."""
+
+    def __init__(self, sidecar: Sidecar) -> None:
+        self.sidecar = sidecar
+
+    async def model_infer(self, request: service_pb2.ModelInferRequest, context: grpc.aio.ServicerContext):
+        try:
+            return await self.sidecar.infer(request)
+        except GateError as exc:
+            await context.abort(exc.code, exc.details)
+
+    async def model_stream_infer(
+        self, requests: AsyncIterator[service_pb2.ModelInferRequest], context: grpc.aio.ServicerContext
+    ):
+        """One stream response per request, in completion order; errors are in-band as Triton does."""
+        out: asyncio.Queue = asyncio.Queue()
+        inflight = 0
+        done_reading = False
+
+        async def handle(req: service_pb2.ModelInferRequest) -> None:
+            try:
+                resp = await self.sidecar.infer(req)
+                await out.put(service_pb2.ModelStreamInferResponse(infer_response=resp))
+            except GateError as exc:
+                await out.put(
+                    service_pb2.ModelStreamInferResponse(
+                        error_message=exc.details,
+                        infer_response=service_pb2.ModelInferResponse(
+                            model_name=req.model_name, model_version=req.model_version, id=req.id
+                        ),
+                    )
+                )
+
+        async def reader() -> None:
+            nonlocal inflight, done_reading
+            tasks = set()
+            async for req in requests:
+                inflight += 1
+                t = asyncio.ensure_future(handle(req))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+            done_reading = True
+            await out.put(None)
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        read_task = asyncio.ensure_future(reader())
+        try:
+            while True:
+                item = await out.get()
+                if item is None:
+                    if inflight == 0:
+                        break
+                    continue
+                inflight -= 1
+                yield item
+                if done_reading and inflight == 0:
+                    break
+        finally:
+            read_task.cancel()
+
+
+def _relay_handler(channel: grpc.aio.Channel, method: str, unary_request: bool, unary_response: bool, allowed: bool):
+    path = f"/{SERVICE}/{method}"
+    if not allowed:
+
+        async def denied(request, context):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{method} is not exposed through the sidecar (set allow_repository_control to enable it)",
+            )
+
+        return grpc.unary_unary_rpc_method_handler(denied)
+    if unary_request and unary_response:
+        stub = channel.unary_unary(path)
+
+        async def relay(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            try:
+                return await stub(request, metadata=_forward_metadata(context))
+            except grpc.aio.AioRpcError as exc:
+                await context.abort(exc.code(), exc.details() or "")
+
+        return grpc.unary_unary_rpc_method_handler(relay)
+    raise NotImplementedError(f"streaming relay for {method}")
+
+
+def _forward_metadata(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str], ...]:
+    md = context.invocation_metadata() or ()
+    return tuple((k, v) for k, v in md if not k.startswith((":", "grpc-")) and k not in ("user-agent", "te"))
+
+
+@dataclass
+class RunningSidecar:
+    """A started sidecar server: its port, and how to stop it."""
+
+    server: grpc.aio.Server
+    sidecar: Sidecar
+    port: int
+    health: Any
+
+    async def stop(self, grace: float = 1.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.sidecar.close()
+
+
+async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
+    """Build and start the sidecar server; binds ``config.listen`` (port 0 = a free port) and returns it."""
+    sidecar = Sidecar(config)
+    servicer = _Servicer(sidecar)
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for m in _SERVICE_DESC.methods:
+        if m.name == "ModelInfer":
+            handlers[m.name] = grpc.unary_unary_rpc_method_handler(
+                servicer.model_infer,
+                request_deserializer=service_pb2.ModelInferRequest.FromString,
+                response_serializer=service_pb2.ModelInferResponse.SerializeToString,
+            )
+        elif m.name == "ModelStreamInfer":
+            handlers[m.name] = grpc.stream_stream_rpc_method_handler(
+                servicer.model_stream_infer,
+                request_deserializer=service_pb2.ModelInferRequest.FromString,
+                response_serializer=service_pb2.ModelStreamInferResponse.SerializeToString,
+            )
+        else:
+            allowed = m.name not in _REPOSITORY_CONTROL or config.allow_repository_control
+            handlers[m.name] = _relay_handler(
+                sidecar._channel, m.name, not m.client_streaming, not m.server_streaming, allowed
+            )
+    server = grpc.aio.server(options=_CHANNEL_OPTIONS[:2])
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(config.listen)
+    if port == 0:
+        raise OSError(f"cannot bind the sidecar to {config.listen}")
+    await server.start()
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    log.info("sidecar listening on port %d, relaying to Triton at %s", port, config.triton_url)
+    return RunningSidecar(server, sidecar, port, health)
