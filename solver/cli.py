@@ -1,0 +1,330 @@
+"""Sub-commands ``smdp solve``, ``smdp simulate`` and ``smdp compare``.
+
+Other tools (the sidecar, load tests, scripts) drive the solver through ``--json`` output, so the
+JSON keys are a contract: see each command's help. Invalid input of any kind (a ModelError, a bad
+policy spec, an unreadable file) ends with one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "profiles" / "v100_resnet50.csv"
+DEFAULT_IDLE_POWER_W = 40.0  # assumed: the published V100 tables give no idle figure
+DEFAULT_MAX_BATCH = 64
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    solve = subparsers.add_parser(
+        "solve",
+        help="solve the SMDP for the optimal batching policy",
+        description="Solve the batching SMDP (minimise J = W + w P) and print the policy table a(n) with "
+                    "its predicted mean latency W, mean power P and cost J.",
+    )
+    _model_args(solve, rate_required=True)
+    solve.add_argument("--method", choices=("pi", "rvi"), default="pi",
+                       help="policy iteration (default) or relative value iteration")
+    solve.add_argument("--truncation", type=int, default=None, help="largest queue length N (default: automatic)")
+    solve.add_argument("--json", action="store_true",
+                       help="print one JSON object: policy (a(n), n = 0..N), gain, mean_latency_s, mean_power_w, "
+                            "throughput_rps, mean_batch, iterations, converged, solve_time_s, truncation, ...")
+    solve.set_defaults(func=_cmd_solve)
+
+    sim = subparsers.add_parser(
+        "simulate",
+        help="simulate a batching policy on Poisson or trace arrivals",
+        description="Discrete-event simulation of one server under a batching policy. Policies: smdp (solved "
+                    "at --rate), greedy, static:B0, threshold:K, timeout:SECONDS (Triton's rule).",
+    )
+    _model_args(sim, rate_required=True)
+    sim.add_argument("--policy", default="smdp", help="smdp | greedy | static:B0 | threshold:K | timeout:SECONDS")
+    sim.add_argument("--arrivals", default="poisson",
+                     help="poisson (at --rate) or trace:FILE (a CSV with a TIMESTAMP column); a trace is "
+                          "rescaled to mean rate --rate unless --time-scale or --trace-rate is given")
+    sim.add_argument("--time-scale", type=float, default=None, help="trace time compression (2 = twice as fast)")
+    sim.add_argument("--trace-rate", type=float, default=None, help="rescale the trace to this mean rate (req/s)")
+    sim.add_argument("--requests", type=int, default=100_000, help="number of requests (trace: at most this many)")
+    sim.add_argument("--seed", type=int, default=0, help="seed of arrivals and service times")
+    sim.add_argument("--warmup", type=float, default=0.0, help="seconds of simulated time to discard")
+    sim.add_argument("--json", action="store_true",
+                     help="print one JSON object with mean_latency_s, p50/p95/p99_latency_s, latency_ci95_s, "
+                          "mean_power_w, cost, throughput_rps, mean_batch, batch_hist, ... and predicted figures")
+    sim.set_defaults(func=_cmd_simulate)
+
+    cmp_ = subparsers.add_parser(
+        "compare",
+        help="SMDP against greedy, static and Triton-timeout batching over a load/weight sweep",
+        description="For each load and weight: solve the SMDP and compare it with greedy, the best static "
+                    "batch (by exact evaluation) and Triton's timeout rule at fixed timeouts and at the best "
+                    "timeout (by simulation), predicted and simulated on one shared arrival sequence. "
+                    "Writes compare.txt/.csv/.json/.png to --out.",
+    )
+    cmp_.add_argument("--profile", type=Path, default=DEFAULT_PROFILE, help="profile CSV (default: %(default)s)")
+    cmp_.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="B (default: %(default)s)")
+    cmp_.add_argument("--idle-power", type=float, default=DEFAULT_IDLE_POWER_W,
+                      help="idle power P0 in watts (default: %(default)s, an assumption)")
+    cmp_.add_argument("--loads", default="0.2,0.5,0.8", help="loads as fractions of capacity (default: %(default)s)")
+    cmp_.add_argument("--weights", default="0,1e-5,1e-4", help="weights w in s/W (default: %(default)s)")
+    cmp_.add_argument("--requests", type=int, default=50_000, help="simulated requests per load (default: %(default)s)")
+    cmp_.add_argument("--timeouts", default="0.0005,0.001,0.002,0.005",
+                      help="fixed Triton timeouts in seconds (default: %(default)s)")
+    cmp_.add_argument("--method", choices=("pi", "rvi"), default="pi")
+    cmp_.add_argument("--seed", type=int, default=0)
+    cmp_.add_argument("--out", type=Path, default=Path("out/compare"), help="output folder (default: %(default)s)")
+    cmp_.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
+    cmp_.set_defaults(func=_cmd_compare)
+
+
+def _model_args(p: argparse.ArgumentParser, rate_required: bool) -> None:
+    p.add_argument("--profile", type=Path, default=DEFAULT_PROFILE,
+                   help="profile CSV batch_size,mean_service_s,batch_energy_j[,service_cv] (default: %(default)s)")
+    p.add_argument("--rate", type=float, required=rate_required, help="arrival rate lambda, requests per second")
+    p.add_argument("--weight", type=float, default=0.0, help="w, seconds per watt (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="B (default: %(default)s)")
+    p.add_argument("--idle-power", type=float, default=DEFAULT_IDLE_POWER_W,
+                   help="idle power P0 in watts (default: %(default)s, an assumption)")
+
+
+def _errors_exit_2(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Bad input is the user's to fix: one clear line and exit 2, no traceback."""
+
+    @functools.wraps(func)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except (ValueError, OSError) as exc:  # ModelError and ArrivalError are ValueErrors
+            print(f"smdp {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+
+    return wrapper
+
+
+def _model(args: argparse.Namespace):
+    from solver.model import BatchingModel, ModelError, ServiceProfile
+
+    if args.max_batch < 1:
+        raise ModelError(f"--max-batch must be >= 1, got {args.max_batch}")
+    profile = ServiceProfile.from_csv(args.profile, max_batch=args.max_batch)
+    return BatchingModel(rate=args.rate, max_batch=args.max_batch, profile=profile,
+                         idle_power_w=args.idle_power, weight=args.weight)
+
+
+def _floats(text: str, what: str) -> list[float]:
+    from solver.model import ModelError
+
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ModelError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if not vals:
+        raise ModelError(f"{what} is empty")
+    return vals
+
+
+def _dump(obj: Any) -> str:
+    def clean(o: Any) -> Any:
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        if hasattr(o, "tolist"):  # numpy scalars and arrays
+            return clean(o.tolist())
+        return o
+
+    return json.dumps(clean(obj))
+
+
+def _ranges(actions: list[int], max_batch: int) -> list[str]:
+    """The table as runs: 'n = 0..4: wait', 'n = 5..63: serve all (n)', 'n = 64..90: serve 64'."""
+
+    def kind(n: int, a: int) -> tuple[str, int]:
+        if a == 0:
+            return ("wait", 0)
+        if a == min(n, max_batch):
+            return ("all", 0)
+        return ("fixed", a)
+
+    out: list[str] = []
+    start = 0
+    for n in range(1, len(actions) + 1):
+        if n == len(actions) or kind(n, actions[n]) != kind(start, actions[start]):
+            k, a = kind(start, actions[start])
+            span = f"n = {start}" if n - 1 == start else f"n = {start}..{n - 1}"
+            what = {"wait": "wait", "all": "serve all waiting, min(n, B)", "fixed": f"serve {a}"}[k]
+            out.append(f"{span}: {what}")
+            start = n
+    out.append(f"n > {len(actions) - 1}: serve min(n, B) = {max_batch} (beyond the table)")
+    return out
+
+
+@_errors_exit_2
+def _cmd_solve(args: argparse.Namespace) -> int:
+    model = _model(args)
+    from solver.smdp import solve
+
+    result = solve(model, method=args.method, truncation=args.truncation)
+    actions = [int(a) for a in result.policy.actions]
+    out = {
+        "policy": actions,
+        "threshold": result.policy.threshold(),
+        "gain": result.gain,
+        "cost": result.gain,
+        "mean_latency_s": result.mean_latency_s,
+        "mean_power_w": result.mean_power_w,
+        "throughput_rps": result.throughput_rps,
+        "mean_batch": result.mean_batch,
+        "iterations": result.iterations,
+        "converged": result.converged,
+        "solve_time_s": result.solve_time_s,
+        "truncation": result.truncation,
+        "method": result.method,
+        "rate": model.rate,
+        "weight": model.weight,
+        "max_batch": model.max_batch,
+        "idle_power_w": model.idle_power_w,
+        "capacity_rps": model.capacity,
+        "load": model.load,
+        "profile": str(args.profile),
+        "interpolated_batch_sizes": list(model.profile.interpolated),
+    }
+    if args.json:
+        print(_dump(out))
+        return 0
+    k = out["threshold"]
+    print(f"SMDP policy for lambda = {model.rate:g} req/s (load {model.load:.3f} of capacity {model.capacity:.1f} req/s), "
+          f"w = {model.weight:g} s/W, B = {model.max_batch}, P0 = {model.idle_power_w:g} W")
+    print(f"  solved by {result.method} in {result.solve_time_s * 1e3:.1f} ms, {result.iterations} iterations, "
+          f"{'converged' if result.converged else 'NOT CONVERGED'}, truncation N = {result.truncation}")
+    if k is not None:
+        print(f"  control-limit policy: wait while n < {k}, then serve min(n, B)")
+    else:
+        print("  not of control-limit type; the table:")
+    for line in _ranges(actions, model.max_batch):
+        print(f"    {line}")
+    print(f"  predicted W = {result.mean_latency_s * 1e3:.3f} ms, P = {result.mean_power_w:.2f} W, "
+          f"J = W + w P = {result.gain * 1e3:.4f} ms, throughput {result.throughput_rps:.1f} req/s, "
+          f"mean batch {result.mean_batch:.2f}")
+    interp = model.profile.interpolated
+    if interp:
+        print(f"  interpolated batch sizes (not in the profile): {_compress_ints(list(interp))}")
+    return 0
+
+
+def _compress_ints(xs: list[int]) -> str:
+    parts, i = [], 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        parts.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ", ".join(parts)
+
+
+@_errors_exit_2
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from solver import arrivals
+    from solver.model import ModelError
+    from solver.policy import PolicyTable, parse_rule_spec, rule_from_spec
+    from solver.simulate import simulate
+
+    model = _model(args)
+    if args.requests < 1:
+        raise ModelError(f"--requests must be >= 1, got {args.requests}")
+    kind, _ = parse_rule_spec(args.policy)
+    if kind != "smdp":
+        rule = rule_from_spec(args.policy, model.max_batch)
+    source = args.arrivals.strip()
+    if source == "poisson":
+        if args.time_scale is not None or args.trace_rate is not None:
+            raise ModelError("--time-scale and --trace-rate apply to trace arrivals only")
+        arr = arrivals.poisson(model.rate, n=args.requests, rng=np.random.default_rng([args.seed, 1]))
+    elif source.startswith("trace:"):
+        path = source[len("trace:"):]
+        if args.time_scale is not None:
+            arr = arrivals.trace(path, time_scale=args.time_scale, target_rate=args.trace_rate, limit=args.requests)
+        else:
+            arr = arrivals.trace(path, target_rate=args.trace_rate or model.rate, limit=args.requests)
+    else:
+        raise ModelError(f"unknown arrivals {source!r}: expected poisson or trace:FILE")
+
+    predicted: dict[str, Any] | None = None
+    if kind == "smdp":
+        from solver.smdp import solve
+
+        sol = solve(model)
+        rule = sol.policy
+        predicted = {"mean_latency_s": sol.mean_latency_s, "mean_power_w": sol.mean_power_w, "cost": sol.gain,
+                     "mean_batch": sol.mean_batch, "threshold": sol.policy.threshold()}
+    elif isinstance(rule, PolicyTable):
+        from solver.evaluate import evaluate
+
+        try:
+            ev = evaluate(model, rule)
+            predicted = {"mean_latency_s": ev.mean_latency_s, "mean_power_w": ev.mean_power_w,
+                         "cost": ev.cost, "mean_batch": ev.mean_batch}
+        except ModelError as exc:  # e.g. a static batch too small for the rate: unstable
+            predicted = {"error": str(exc)}
+
+    res = simulate(model.profile, rule, arr, idle_power_w=model.idle_power_w, weight=model.weight,
+                   seed=args.seed, warmup=args.warmup)
+    out = {
+        "policy": args.policy,
+        "arrivals": source,
+        "rate": model.rate,
+        "offered_rate_rps": (arr.size - 1) / arr[-1] if arr.size > 1 and arr[-1] > 0 else math.nan,
+        "weight": model.weight,
+        "max_batch": model.max_batch,
+        "idle_power_w": model.idle_power_w,
+        **res.to_dict(),
+        "predicted": predicted,
+    }
+    if isinstance(rule, PolicyTable):
+        out["policy_table"] = [int(a) for a in rule.actions]
+    if args.json:
+        print(_dump(out))
+        return 0
+    print(f"simulated {args.policy} on {source} arrivals ({res.n_requests:,} requests, {res.n_batches:,} batches, "
+          f"{res.horizon_s:.2f} s), B = {model.max_batch}, w = {model.weight:g} s/W, P0 = {model.idle_power_w:g} W")
+    print(f"  W mean {res.mean_latency_s * 1e3:.3f} ms (+-{res.latency_ci95_s * 1e3:.3f}), p50 "
+          f"{res.p50_latency_s * 1e3:.3f}, p95 {res.p95_latency_s * 1e3:.3f}, p99 {res.p99_latency_s * 1e3:.3f} ms")
+    print(f"  P {res.mean_power_w:.2f} W (+-{res.power_ci95_w:.2f}), J = W + w P = {res.cost * 1e3:.4f} ms, "
+          f"throughput {res.throughput_rps:.1f} req/s, mean batch {res.mean_batch:.2f}")
+    if predicted and "error" not in predicted:
+        print(f"  predicted (exact evaluation): W {predicted['mean_latency_s'] * 1e3:.3f} ms, "
+              f"P {predicted['mean_power_w']:.2f} W, J {predicted['cost'] * 1e3:.4f} ms")
+    elif predicted:
+        print(f"  no prediction: {predicted['error']}")
+    return 0
+
+
+@_errors_exit_2
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from solver.compare import TIMEOUT_GRID_S, compare
+    from solver.model import ServiceProfile
+
+    profile = ServiceProfile.from_csv(args.profile, max_batch=args.max_batch)
+    timeouts = _floats(args.timeouts, "--timeouts")
+    result = compare(
+        profile, args.max_batch, args.idle_power, _floats(args.loads, "--loads"), _floats(args.weights, "--weights"),
+        requests=args.requests, seed=args.seed, timeouts_s=timeouts,
+        timeout_grid_s=tuple(sorted(set(TIMEOUT_GRID_S) | set(timeouts))), method=args.method,
+        progress=lambda msg: print(msg, file=sys.stderr),
+    )
+    paths = result.write(args.out)
+    if args.json:
+        print(_dump(result.to_dict()))
+    else:
+        print(result.table())
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
