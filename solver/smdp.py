@@ -1,0 +1,134 @@
+"""Solve the batching SMDP: pick the truncation, run PI or RVI, evaluate the policy found.
+
+Automatic truncation: start at ``initial_truncation`` (about max(2B, B + E[K_B] + 6 sd)), solve,
+grow N by half and solve again warm-started from the previous policy, until the gain moves by less
+than ``growth_rtol`` relative and the policy is unchanged on the common states. With the fluid tail
+the first size is almost always already settled, so the growth costs one warm (single-iteration)
+solve; the plain ``tail="none"`` needs N far above the queue's reach.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from solver.evaluate import MAX_TRUNCATION, summarize, table_actions
+from solver.model import BatchingModel, ModelError
+from solver.pi import evaluate_policy, policy_iteration
+from solver.policy import PolicyTable
+from solver.result import SolveResult
+from solver.rvi import relative_value_iteration
+from solver.tail import TAILS, TruncatedSMDP, build, initial_truncation
+
+METHODS = ("pi", "rvi")
+
+
+def _start_actions(model: BatchingModel, policy: PolicyTable, size: int) -> np.ndarray:
+    """A warm-start table in the SMDP's action set: waits at n >= B become full batches."""
+    if policy.max_batch != model.max_batch:
+        raise ModelError(f"warm_start is for max_batch {policy.max_batch}, the model has B = {model.max_batch}")
+    a = policy.extended(size)
+    n = np.arange(size)
+    return np.where((a == 0) & (n >= model.max_batch), np.minimum(n, model.max_batch), a)
+
+
+def _solve_at(smdp: TruncatedSMDP, method: str, start: np.ndarray | None, tol: float, max_iter: int):
+    """(actions, gain, (lower, upper), iterations, converged, values of the final policy)."""
+    if method == "pi":
+        out = policy_iteration(smdp, start, max_iter=max_iter)
+        g = out.values.gain
+        return out.actions, g, (g, g), out.iterations, out.converged, out.values
+    h0 = None if start is None else evaluate_policy(smdp, start).h
+    out = relative_value_iteration(smdp, h0, tol=tol, max_iter=max_iter)
+    return out.actions, out.gain, (out.lower, out.upper), out.iterations, out.converged, None
+
+
+def solve(
+    model: BatchingModel,
+    method: str = "pi",
+    *,
+    truncation: int | None = None,
+    tail: str = "fluid",
+    warm_start: PolicyTable | None = None,
+    tol: float = 1e-9,
+    max_iter: int = 100_000,
+    growth_rtol: float | None = None,
+) -> SolveResult:
+    """Optimal stationary policy of ``model`` (minimal J = W + w P).
+
+    method: "pi" (policy iteration, exact linear solves) or "rvi" (relative value iteration on the
+    uniformised chain, stopping when the span of V_k+1 - V_k is below tol relative).
+    truncation: fixed N (>= B), or None for the automatic choice (module docstring).
+    tail: "fluid" (analytic drain cost above N, default), "first-order" (the drain without its
+    variance term) or "none" (overflow lumped at N, the plain truncation).
+    warm_start: a previous policy (for example at a nearby rate or weight) to start from.
+    growth_rtol: gain change that counts as settled when N grows (default 1e-10 for PI, 10 tol for RVI).
+    """
+    started = time.perf_counter()
+    if method not in METHODS:
+        raise ModelError(f"method must be one of {METHODS}, got {method!r}")
+    if tail not in TAILS:
+        raise ModelError(f"tail must be one of {TAILS}, got {tail!r}")
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise ModelError(f"tol must be a finite number > 0, got {tol!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+        raise ModelError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    if growth_rtol is None:
+        growth_rtol = 1e-10 if method == "pi" else max(1e-10, 10 * tol)
+    if truncation is not None:
+        if isinstance(truncation, bool) or not isinstance(truncation, (int, np.integer)):
+            raise ModelError(f"truncation must be an integer >= B = {model.max_batch}, got {truncation!r}")
+        if truncation < model.max_batch:
+            raise ModelError(f"truncation {truncation} must be >= max_batch B = {model.max_batch}")
+        if warm_start is not None and warm_start.truncation > truncation:
+            warm_start = PolicyTable(warm_start.actions[: truncation + 1], warm_start.max_batch)
+
+    N = int(truncation) if truncation is not None else max(initial_truncation(model), model.max_batch)
+    start = None if warm_start is None else _start_actions(model, warm_start, N + 1)
+    sizes: list[int] = []
+    iterations = 0
+    previous = None
+    settled = truncation is not None
+    while True:
+        smdp = build(model, N, tail)
+        actions, gain, bounds, its, ok, values = _solve_at(smdp, method, start, tol, max_iter)
+        sizes.append(N)
+        iterations += its
+        if truncation is not None:
+            break
+        if previous is not None:
+            prev_actions, prev_gain = previous
+            common = prev_actions.size
+            if abs(gain - prev_gain) <= growth_rtol * abs(gain) and np.array_equal(actions[:common], prev_actions):
+                settled = True
+                break
+        if N >= MAX_TRUNCATION:
+            break
+        previous = (actions, gain)
+        N = min(MAX_TRUNCATION, int(N * 1.5) + 1)
+        start = _start_actions(model, PolicyTable(actions, model.max_batch), N + 1)
+
+    policy = PolicyTable(actions, model.max_batch)
+    if values is None:
+        values = evaluate_policy(smdp, table_actions(model, policy, smdp.n_states))
+    ev = summarize(smdp, actions, values)
+    return SolveResult(
+        policy=policy,
+        gain=float(gain),
+        mean_latency_s=ev.mean_latency_s,
+        mean_power_w=ev.mean_power_w,
+        throughput_rps=ev.throughput_rps,
+        mean_batch=ev.mean_batch,
+        iterations=iterations,
+        converged=bool(ok and settled),
+        solve_time_s=time.perf_counter() - started,
+        truncation=N,
+        method=method,
+        model=model,
+        tail=tail,
+        gain_bounds=(float(bounds[0]), float(bounds[1])),
+        sizes_tried=tuple(sizes),
+        evaluation=ev,
+    )
