@@ -69,9 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cmp_.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="B (default: %(default)s)")
     cmp_.add_argument("--idle-power", type=float, default=DEFAULT_IDLE_POWER_W,
                       help="idle power P0 in watts (default: %(default)s, an assumption)")
-    cmp_.add_argument("--loads", default="0.2,0.5,0.8", help="loads as fractions of capacity (default: %(default)s)")
-    cmp_.add_argument("--weights", default="0,1e-5,1e-4", help="weights w in s/W (default: %(default)s)")
-    cmp_.add_argument("--requests", type=int, default=50_000, help="simulated requests per load (default: %(default)s)")
+    cmp_.add_argument("--loads", default="0.1,0.3,0.5,0.7,0.9", help="loads as fractions of capacity (default: %(default)s)")
+    cmp_.add_argument("--weights", default="0,1e-5,1e-4,1e-3", help="weights w in s/W (default: %(default)s)")
+    cmp_.add_argument("--requests", type=int, default=100_000, help="simulated requests per load (default: %(default)s)")
     cmp_.add_argument("--timeouts", default="0.0005,0.001,0.002,0.005",
                       help="fixed Triton timeouts in seconds (default: %(default)s)")
     cmp_.add_argument("--method", choices=("pi", "rvi"), default="pi")
@@ -273,7 +273,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             ev = evaluate(model, rule)
             predicted = {"mean_latency_s": ev.mean_latency_s, "mean_power_w": ev.mean_power_w,
                          "cost": ev.cost, "mean_batch": ev.mean_batch}
-        except ModelError as exc:  # e.g. a static batch too small for the rate: unstable
+        except ValueError as exc:  # UnstablePolicyError: e.g. a static batch too small for the rate
             predicted = {"error": str(exc)}
 
     res = simulate(model.profile, rule, arr, idle_power_w=model.idle_power_w, weight=model.weight,

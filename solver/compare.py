@@ -161,7 +161,6 @@ class CompareResult:
                     axes[1, j].plot(loads, [r.gain_sim * 100 if r else math.nan for r in rows], marker="o", ms=3,
                                     label=c, lw=1.2)
             axes[0, j].set_title(f"w = {w:g} s/W")
-            axes[0, j].set_yscale("log")
             axes[0, j].set_ylabel("simulated J = W + wP (ms)")
             axes[1, j].axhline(0.0, color="k", lw=0.8)
             axes[1, j].set_ylabel("SMDP gain over contender (%)")
@@ -278,7 +277,7 @@ def compare(
             if rate * prof.mean_s[b0 - 1] < 0.98 * b0:  # static b0 is stable only below b0 / tau(b0)
                 try:
                     statics[b0] = evaluate(model0, static(max_batch, b0))
-                except ModelError:
+                except ValueError:  # UnstablePolicyError: b0 / tau(b0) cannot keep up
                     continue
         say(f"load {load:.2f}: baselines done ({time.perf_counter() - t_start:.1f} s)")
 

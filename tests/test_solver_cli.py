@@ -64,7 +64,7 @@ def test_solve_readable_summary(capsys):
     assert main(["solve", *BASE, "--rate", "1000", "--weight", "1e-4"]) == 0
     out = capsys.readouterr().out
     assert "predicted W =" in out and " ms" in out and "J = W + w P" in out
-    assert "interpolated batch sizes" in out and "9-31" in out  # the V100 table gives 1, 2, 4, 8, 64, 128
+    assert "interpolated batch sizes" in out and "3, 5-7, 9-32" in out  # the V100 table gives 1, 2, 4, 8, 64, 128
     assert "n = 0" in out
 
 
