@@ -143,22 +143,30 @@ def _dump(obj: Any) -> str:
 
 
 def _ranges(actions: list[int], max_batch: int) -> list[str]:
-    """The table as runs: 'n = 0..4: wait', 'n = 5..63: serve all (n)', 'n = 64..90: serve 64'."""
+    """The table as runs: 'n = 0..4: wait', 'n = 5..20: serve all waiting', 'n = 21..90: serve 20..50'.
 
-    def kind(n: int, a: int) -> tuple[str, int]:
+    Runs of partial batches (0 < a(n) < min(n, B)) are shown by their range of a(n); the exact
+    table is in ``--json``.
+    """
+
+    def kind(n: int, a: int) -> str:
         if a == 0:
-            return ("wait", 0)
-        if a == min(n, max_batch):
-            return ("all", 0)
-        return ("fixed", a)
+            return "wait"
+        return "all" if a == min(n, max_batch) else "part"
 
     out: list[str] = []
     start = 0
     for n in range(1, len(actions) + 1):
         if n == len(actions) or kind(n, actions[n]) != kind(start, actions[start]):
-            k, a = kind(start, actions[start])
+            k = kind(start, actions[start])
             span = f"n = {start}" if n - 1 == start else f"n = {start}..{n - 1}"
-            what = {"wait": "wait", "all": "serve all waiting, min(n, B)", "fixed": f"serve {a}"}[k]
+            if k == "wait":
+                what = "wait"
+            elif k == "all":
+                what = "serve all waiting, min(n, B)"
+            else:
+                lo, hi = min(actions[start:n]), max(actions[start:n])
+                what = f"serve {lo}" if lo == hi else f"serve part of the queue, a(n) from {lo} to {hi}"
             out.append(f"{span}: {what}")
             start = n
     out.append(f"n > {len(actions) - 1}: serve min(n, B) = {max_batch} (beyond the table)")

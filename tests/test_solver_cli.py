@@ -75,6 +75,11 @@ def test_ranges_and_int_compression():
         "n > 6: serve min(n, B) = 4 (beyond the table)",
     ]
     assert _ranges([0, 1, 1, 3], 8)[1:3] == ["n = 1: serve all waiting, min(n, B)", "n = 2: serve 1"]
+    assert _ranges([0, 1, 1, 2, 2, 5], 8)[1:4] == [
+        "n = 1: serve all waiting, min(n, B)",
+        "n = 2..4: serve part of the queue, a(n) from 1 to 2",
+        "n = 5: serve all waiting, min(n, B)",
+    ]
     assert _compress_ints([3, 5, 6, 7, 9]) == "3, 5-7, 9"
 
 
