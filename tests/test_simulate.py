@@ -229,7 +229,7 @@ def test_simulation_matches_exact_evaluation(cv, load):
     prof = ServiceProfile.from_csv("profiles/v100_resnet50.csv", max_batch=32)
     prof = ServiceProfile(prof.mean_s, prof.energy_j, np.full(32, cv), interpolated=prof.interpolated)
     cap = 32 / prof.mean_s[-1]
-    model = BatchingModel(rate=load * cap, max_batch=32, profile=prof, idle_power_w=P0, weight=1e-5)
+    model = BatchingModel(rate=load * cap, max_batch=32, profile=prof, idle_power_w=P0, weight=1e-4)
     arr = arrivals.poisson(model.rate, n=200_000, rng=21)
     for name, pol in _policies(model).items():
         ev = evaluate_mod.evaluate(model, pol)
