@@ -1,0 +1,217 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Profile(_message.Message):
+    __slots__ = ("batch_size", "mean_service_s", "batch_energy_j", "service_cv")
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_SERVICE_S_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ENERGY_J_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_CV_FIELD_NUMBER: _ClassVar[int]
+    batch_size: _containers.RepeatedScalarFieldContainer[int]
+    mean_service_s: _containers.RepeatedScalarFieldContainer[float]
+    batch_energy_j: _containers.RepeatedScalarFieldContainer[float]
+    service_cv: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, batch_size: _Optional[_Iterable[int]] = ..., mean_service_s: _Optional[_Iterable[float]] = ..., batch_energy_j: _Optional[_Iterable[float]] = ..., service_cv: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class SolveRequest(_message.Message):
+    __slots__ = ("rate_rps", "weight", "idle_power_w", "max_batch", "profile", "method", "warm_start_policy", "truncation")
+    RATE_RPS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    IDLE_POWER_W_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    WARM_START_POLICY_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    rate_rps: float
+    weight: float
+    idle_power_w: float
+    max_batch: int
+    profile: Profile
+    method: str
+    warm_start_policy: _containers.RepeatedScalarFieldContainer[int]
+    truncation: int
+    def __init__(self, rate_rps: _Optional[float] = ..., weight: _Optional[float] = ..., idle_power_w: _Optional[float] = ..., max_batch: _Optional[int] = ..., profile: _Optional[_Union[Profile, _Mapping]] = ..., method: _Optional[str] = ..., warm_start_policy: _Optional[_Iterable[int]] = ..., truncation: _Optional[int] = ...) -> None: ...
+
+class SolveReply(_message.Message):
+    __slots__ = ("policy", "gain", "mean_latency_s", "mean_power_w", "throughput_rps", "mean_batch", "threshold", "iterations", "converged", "solve_time_s", "truncation", "cached", "warm_started", "solved_rate_rps", "solved_weight", "method", "capacity_rps", "load", "max_batch")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    GAIN_FIELD_NUMBER: _ClassVar[int]
+    MEAN_LATENCY_S_FIELD_NUMBER: _ClassVar[int]
+    MEAN_POWER_W_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_RPS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_BATCH_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    CONVERGED_FIELD_NUMBER: _ClassVar[int]
+    SOLVE_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    WARM_STARTED_FIELD_NUMBER: _ClassVar[int]
+    SOLVED_RATE_RPS_FIELD_NUMBER: _ClassVar[int]
+    SOLVED_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_RPS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    policy: _containers.RepeatedScalarFieldContainer[int]
+    gain: float
+    mean_latency_s: float
+    mean_power_w: float
+    throughput_rps: float
+    mean_batch: float
+    threshold: int
+    iterations: int
+    converged: bool
+    solve_time_s: float
+    truncation: int
+    cached: bool
+    warm_started: bool
+    solved_rate_rps: float
+    solved_weight: float
+    method: str
+    capacity_rps: float
+    load: float
+    max_batch: int
+    def __init__(self, policy: _Optional[_Iterable[int]] = ..., gain: _Optional[float] = ..., mean_latency_s: _Optional[float] = ..., mean_power_w: _Optional[float] = ..., throughput_rps: _Optional[float] = ..., mean_batch: _Optional[float] = ..., threshold: _Optional[int] = ..., iterations: _Optional[int] = ..., converged: _Optional[bool] = ..., solve_time_s: _Optional[float] = ..., truncation: _Optional[int] = ..., cached: _Optional[bool] = ..., warm_started: _Optional[bool] = ..., solved_rate_rps: _Optional[float] = ..., solved_weight: _Optional[float] = ..., method: _Optional[str] = ..., capacity_rps: _Optional[float] = ..., load: _Optional[float] = ..., max_batch: _Optional[int] = ...) -> None: ...
+
+class ModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsReply(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, models: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SetWeightRequest(_message.Message):
+    __slots__ = ("model", "weight")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    weight: float
+    def __init__(self, model: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class SetLatencyTargetRequest(_message.Message):
+    __slots__ = ("model", "target_s")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TARGET_S_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    target_s: float
+    def __init__(self, model: _Optional[str] = ..., target_s: _Optional[float] = ...) -> None: ...
+
+class WatchStatusRequest(_message.Message):
+    __slots__ = ("model", "interval_s", "max_updates")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    interval_s: float
+    max_updates: int
+    def __init__(self, model: _Optional[str] = ..., interval_s: _Optional[float] = ..., max_updates: _Optional[int] = ...) -> None: ...
+
+class RateEstimate(_message.Message):
+    __slots__ = ("rate_rps", "lo_rps", "hi_rps", "confidence", "arrivals", "span_s")
+    RATE_RPS_FIELD_NUMBER: _ClassVar[int]
+    LO_RPS_FIELD_NUMBER: _ClassVar[int]
+    HI_RPS_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    ARRIVALS_FIELD_NUMBER: _ClassVar[int]
+    SPAN_S_FIELD_NUMBER: _ClassVar[int]
+    rate_rps: float
+    lo_rps: float
+    hi_rps: float
+    confidence: float
+    arrivals: int
+    span_s: float
+    def __init__(self, rate_rps: _Optional[float] = ..., lo_rps: _Optional[float] = ..., hi_rps: _Optional[float] = ..., confidence: _Optional[float] = ..., arrivals: _Optional[int] = ..., span_s: _Optional[float] = ...) -> None: ...
+
+class Figures(_message.Message):
+    __slots__ = ("mean_latency_s", "mean_power_w", "cost", "throughput_rps", "mean_batch")
+    MEAN_LATENCY_S_FIELD_NUMBER: _ClassVar[int]
+    MEAN_POWER_W_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_RPS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_BATCH_FIELD_NUMBER: _ClassVar[int]
+    mean_latency_s: float
+    mean_power_w: float
+    cost: float
+    throughput_rps: float
+    mean_batch: float
+    def __init__(self, mean_latency_s: _Optional[float] = ..., mean_power_w: _Optional[float] = ..., cost: _Optional[float] = ..., throughput_rps: _Optional[float] = ..., mean_batch: _Optional[float] = ...) -> None: ...
+
+class ModelStatus(_message.Message):
+    __slots__ = ("model", "rate", "weight", "latency_target_s", "policy_version", "policy_age_s", "policy_source", "threshold", "max_batch", "predicted", "predicted_rate_rps", "measured", "batch_histogram", "queue_length", "in_flight", "completed", "rejected", "failed", "solver_reachable", "power_modelled", "note")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RATE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_TARGET_S_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    POLICY_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    POLICY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_RATE_RPS_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_FIELD_NUMBER: _ClassVar[int]
+    BATCH_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    SOLVER_REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    POWER_MODELLED_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    rate: RateEstimate
+    weight: float
+    latency_target_s: float
+    policy_version: int
+    policy_age_s: float
+    policy_source: str
+    threshold: int
+    max_batch: int
+    predicted: Figures
+    predicted_rate_rps: float
+    measured: Figures
+    batch_histogram: _containers.RepeatedScalarFieldContainer[int]
+    queue_length: int
+    in_flight: int
+    completed: int
+    rejected: int
+    failed: int
+    solver_reachable: bool
+    power_modelled: bool
+    note: str
+    def __init__(self, model: _Optional[str] = ..., rate: _Optional[_Union[RateEstimate, _Mapping]] = ..., weight: _Optional[float] = ..., latency_target_s: _Optional[float] = ..., policy_version: _Optional[int] = ..., policy_age_s: _Optional[float] = ..., policy_source: _Optional[str] = ..., threshold: _Optional[int] = ..., max_batch: _Optional[int] = ..., predicted: _Optional[_Union[Figures, _Mapping]] = ..., predicted_rate_rps: _Optional[float] = ..., measured: _Optional[_Union[Figures, _Mapping]] = ..., batch_histogram: _Optional[_Iterable[int]] = ..., queue_length: _Optional[int] = ..., in_flight: _Optional[int] = ..., completed: _Optional[int] = ..., rejected: _Optional[int] = ..., failed: _Optional[int] = ..., solver_reachable: _Optional[bool] = ..., power_modelled: _Optional[bool] = ..., note: _Optional[str] = ...) -> None: ...
+
+class PolicyReply(_message.Message):
+    __slots__ = ("model", "actions", "max_batch", "version", "age_s", "source", "threshold")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    AGE_S_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    actions: _containers.RepeatedScalarFieldContainer[int]
+    max_batch: int
+    version: int
+    age_s: float
+    source: str
+    threshold: int
+    def __init__(self, model: _Optional[str] = ..., actions: _Optional[_Iterable[int]] = ..., max_batch: _Optional[int] = ..., version: _Optional[int] = ..., age_s: _Optional[float] = ..., source: _Optional[str] = ..., threshold: _Optional[int] = ...) -> None: ...
