@@ -121,6 +121,11 @@ class Sidecar:
             request_serializer=service_pb2.ModelConfigRequest.SerializeToString,
             response_deserializer=service_pb2.ModelConfigResponse.FromString,
         )
+        self._server_ready = self._channel.unary_unary(
+            f"/{SERVICE}/ServerReady",
+            request_serializer=service_pb2.ServerReadyRequest.SerializeToString,
+            response_deserializer=service_pb2.ServerReadyResponse.FromString,
+        )
         self._models: dict[tuple[str, str], ModelState] = {}
         self._loading: dict[tuple[str, str], asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -173,6 +178,9 @@ class Sidecar:
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise GateError(grpc.StatusCode.UNAVAILABLE, f"Triton is unreachable: {exc.details()}") from None
+            if not await self._triton_ready():
+                # Triton unloads every model while it shuts down: not the model's fault, retryable.
+                raise GateError(grpc.StatusCode.UNAVAILABLE, "Triton is not ready (starting or stopping)") from None
             return None
         cfg = resp.config
         slots = sum(max(g.count, 1) for g in cfg.instance_group) or 1
@@ -198,6 +206,18 @@ class Sidecar:
             default_priority=default_level or (levels or 0),
             priority_levels=levels,
         )
+
+    async def _triton_ready(self) -> bool:
+        try:
+            resp = await self._server_ready(service_pb2.ServerReadyRequest(), timeout=self.config.upstream_timeout_s)
+            return bool(resp.ready)
+        except grpc.aio.AioRpcError:
+            return False
+
+    def _forget(self, state: ModelState) -> None:
+        """Drop a model's cached config; its old gate drains what it holds, new requests start afresh."""
+        if self._models.get((state.name, state.version)) is state:
+            del self._models[(state.name, state.version)]
 
     def set_rule(self, name: str, version: str, info: RuleInfo) -> None:
         """Replace a model's rule between two decisions (the event loop runs one at a time)."""
@@ -308,6 +328,13 @@ class Sidecar:
                 for call, part in zip(calls, parts):
                     self._succeed(call, part)
         except GateError as exc:
+            if exc.code == grpc.StatusCode.NOT_FOUND:
+                # A model the gate was serving vanished (Triton restarting, or the model unloaded):
+                # retryable for these callers; the next request re-reads the model's config.
+                self._forget(state)
+                exc = GateError(
+                    grpc.StatusCode.UNAVAILABLE, f"model '{state.name}' is not available on Triton: {exc.details}"
+                )
             state.stats.failed_requests += len(calls)
             for call in calls:
                 self._fail(call, exc)

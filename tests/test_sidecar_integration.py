@@ -1,0 +1,404 @@
+"""The sidecar in front of a real tritonserver, driven by an unmodified tritonclient over real gRPC."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from plugin.config import load_config
+from plugin.runner import SidecarThread
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1] / "model_repository"
+SCALE = 20  # emulated service times x20: batch of 1 takes ~42 ms, so arrival order is unambiguous
+
+
+@contextmanager
+def sidecar(triton_url: str, **overrides):
+    default = overrides.pop("default", {"policy": "greedy"})
+    cfg = load_config(
+        overrides={"listen": "127.0.0.1:0", "triton_url": triton_url, "default": default, **overrides}, environ={}
+    )
+    runner = SidecarThread(cfg)
+    runner.start()
+    try:
+        yield runner
+    finally:
+        runner.stop()
+
+
+def emu_input(rows: int = 1, seed: int = 0) -> tuple[np.ndarray, list[tc.InferInput]]:
+    x = np.random.default_rng(seed).standard_normal((rows, 16)).astype(np.float32)
+    inp = tc.InferInput("INPUT0", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return x, [inp]
+
+
+def mlp_input(rows: int = 1, seed: int = 0) -> list[tc.InferInput]:
+    x = np.random.default_rng(seed).standard_normal((rows, 256)).astype(np.float32)
+    inp = tc.InferInput("INPUT0", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return [inp]
+
+
+def executed_batches(client: tc.InferenceServerClient, model: str) -> dict[int, int]:
+    """Triton's own record of the batch sizes it executed (statistics API)."""
+    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
+
+
+def diff(after: dict[int, int], before: dict[int, int]) -> dict[int, int]:
+    return {b: n - before.get(b, 0) for b, n in after.items() if n - before.get(b, 0)}
+
+
+@pytest.fixture(scope="module")
+def slow_triton(triton_factory_module):
+    """A private Triton whose emulated GPU runs SCALE times slower than a V100."""
+    return triton_factory_module
+
+
+@pytest.fixture(scope="module")
+def triton_factory_module(tmp_path_factory, triton_runnable):
+    from plugin.triton_server import EmbeddedTriton, TritonConfig
+
+    repo = tmp_path_factory.mktemp("repo")
+    shutil.copytree(REPO / "emulated_gpu", repo / "emulated_gpu")
+    cfg = repo / "emulated_gpu" / "config.pbtxt"
+    text = cfg.read_text()
+    assert 'key: "time_scale", value: { string_value: "1" }' in text
+    cfg.write_text(text.replace('key: "time_scale", value: { string_value: "1" }',
+                                f'key: "time_scale", value: {{ string_value: "{SCALE}" }}'))
+    server = EmbeddedTriton(TritonConfig(repository=repo, models=("emulated_gpu",)))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# -- protocol fidelity ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_outputs_are_byte_identical_through_the_sidecar(triton, rows):
+    with sidecar(triton.grpc_url) as sc:
+        direct, via = tc.InferenceServerClient(triton.grpc_url), tc.InferenceServerClient(sc.url)
+        _, inputs = emu_input(rows, seed=rows)
+        a, b = direct.infer("emulated_gpu", inputs), via.infer("emulated_gpu", inputs)
+        ra, rb = a.get_response(), b.get_response()
+        assert [o.name for o in ra.outputs] == [o.name for o in rb.outputs]
+        assert [o.datatype for o in ra.outputs] == [o.datatype for o in rb.outputs]
+        assert [list(o.shape) for o in ra.outputs] == [list(o.shape) for o in rb.outputs]
+        # OUTPUT0 is data; BATCH_* describe the execution, equal here because both ran alone
+        assert ra.raw_output_contents == rb.raw_output_contents
+        m = mlp_input(rows, seed=rows)
+        assert (direct.infer("cpu_mlp", m).get_response().raw_output_contents
+                == via.infer("cpu_mlp", m).get_response().raw_output_contents)
+
+
+def test_merged_batches_return_each_caller_its_own_rows(triton):
+    with sidecar(triton.grpc_url) as sc:
+        via = tc.InferenceServerClient(sc.url)
+        direct = tc.InferenceServerClient(triton.grpc_url)
+
+        def one(seed: int):
+            x, inputs = emu_input(1 + seed % 3, seed)
+            return seed, x, via.infer("emulated_gpu", inputs, request_id=f"r{seed}")
+
+        with ThreadPoolExecutor(24) as ex:
+            results = list(ex.map(one, range(96)))
+        merged = [r for _, _, r in results if int(r.as_numpy("BATCH_SIZE")[0, 0]) > 3]
+        assert merged, "a burst of 96 should have produced merged batches"
+        for seed, x, r in results:
+            assert r.get_response().id == f"r{seed}"
+            np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), 2 * x + 1)
+            assert r.as_numpy("OUTPUT0").shape == x.shape
+            # the same bytes Triton gives that input alone
+            _, inputs = emu_input(x.shape[0], seed)
+            alone = direct.infer("emulated_gpu", inputs).as_numpy("OUTPUT0")
+            assert r.as_numpy("OUTPUT0").tobytes() == alone.tobytes()
+
+
+def test_stream_infer_answers_every_request_once(triton):
+    with sidecar(triton.grpc_url) as sc:
+        client = tc.InferenceServerClient(sc.url)
+        got: list = []
+        done = threading.Event()
+
+        def callback(result, error):
+            got.append((result, error))
+            if len(got) == 20:
+                done.set()
+
+        client.start_stream(callback)
+        sent = {}
+        for i in range(20):
+            x, inputs = emu_input(1, seed=100 + i)
+            sent[f"s{i}"] = x
+            client.async_stream_infer("emulated_gpu", inputs, request_id=f"s{i}")
+        assert done.wait(30)
+        client.stop_stream()
+        assert all(e is None for _, e in got)
+        ids = [r.get_response().id for r, _ in got]
+        assert sorted(ids) == sorted(sent)
+        for r, _ in got:
+            np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), 2 * sent[r.get_response().id] + 1)
+
+
+def test_other_rpcs_pass_through_unchanged(triton):
+    with sidecar(triton.grpc_url) as sc:
+        direct, via = tc.InferenceServerClient(triton.grpc_url), tc.InferenceServerClient(sc.url)
+        assert via.is_server_live() and via.is_server_ready() and via.is_model_ready("cpu_mlp")
+        assert via.get_server_metadata() == direct.get_server_metadata()
+        assert via.get_model_metadata("emulated_gpu") == direct.get_model_metadata("emulated_gpu")
+        assert via.get_model_config("cpu_mlp") == direct.get_model_config("cpu_mlp")
+        assert via.get_model_repository_index() == direct.get_model_repository_index()
+        with pytest.raises(InferenceServerException) as info:
+            via.unload_model("cpu_mlp")
+        assert "PERMISSION_DENIED" in str(info.value.status())
+        assert direct.is_model_ready("cpu_mlp")
+
+
+def test_health_and_reflection_are_served(triton):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with sidecar(triton.grpc_url) as sc, grpc.insecure_channel(sc.url) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        resp = health.Check(health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService"))
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        services = ProtoReflectionDescriptorDatabase(ch).get_services()
+        assert "inference.GRPCInferenceService" in services and "grpc.health.v1.Health" in services
+
+
+# -- errors: every request gets exactly one answer -----------------------------------------------
+
+
+def test_unknown_model_gets_tritons_own_error(triton):
+    with sidecar(triton.grpc_url) as sc:
+        _, inputs = emu_input()
+        errors = []
+        for url in (triton.grpc_url, sc.url):
+            with pytest.raises(InferenceServerException) as info:
+                tc.InferenceServerClient(url).infer("no_such_model", inputs)
+            errors.append((info.value.status(), info.value.message()))
+        assert errors[0] == errors[1]
+        assert "NOT_FOUND" in errors[1][0]
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, name",
+    [([2, 5], "FP32", "INPUT0"), ([2, 16], "INT32", "INPUT0"), ([2, 16], "FP32", "NOT_AN_INPUT")],
+)
+def test_malformed_tensors_get_invalid_argument_and_queue_nothing(triton, shape, dtype, name):
+    with sidecar(triton.grpc_url) as sc:
+        inp = tc.InferInput(name, shape, dtype)
+        inp.set_data_from_numpy(np.zeros(shape, dtype=np.float32 if dtype == "FP32" else np.int32))
+        with pytest.raises(InferenceServerException) as info:
+            tc.InferenceServerClient(sc.url).infer("emulated_gpu", [inp])
+        assert "INVALID_ARGUMENT" in info.value.status()
+        state = sc.sidecar.models()[("emulated_gpu", "")]
+        assert state.gate.queue_length == 0 and state.gate.in_flight == 0
+
+
+def test_overload_is_refused_with_resource_exhausted_and_nothing_is_lost(slow_triton):
+    with sidecar(slow_triton.grpc_url, max_queue=4) as sc:
+        client = tc.InferenceServerClient(sc.url)
+
+        def one(seed: int):
+            x, inputs = emu_input(1, seed)
+            try:
+                r = client.infer("emulated_gpu", inputs)
+                np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), 2 * x + 1)
+                return "ok"
+            except InferenceServerException as exc:
+                return exc.status()
+
+        with ThreadPoolExecutor(40) as ex:
+            answers = list(ex.map(one, range(40)))
+        assert len(answers) == 40
+        assert set(answers) <= {"ok", "StatusCode.RESOURCE_EXHAUSTED"}
+        assert answers.count("StatusCode.RESOURCE_EXHAUSTED") > 0 and answers.count("ok") > 0
+        state = sc.sidecar.models()[("emulated_gpu", "")]
+        assert state.gate.counters.rejected == answers.count("StatusCode.RESOURCE_EXHAUSTED")
+        assert state.gate.queue_length == 0 and state.gate.in_flight == 0
+
+
+def test_client_timeout_expires_in_the_gate_and_frees_its_place(slow_triton):
+    # threshold 64 with a lone request: the gate would wait forever, the client's timeout ends it
+    with sidecar(slow_triton.grpc_url, default={"policy": "threshold:64"}) as sc:
+        client = tc.InferenceServerClient(sc.url)
+        _, inputs = emu_input()
+        t0 = time.monotonic()
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("emulated_gpu", inputs, timeout=50_000)  # Triton's per-request timeout, us
+        assert "UNAVAILABLE" in info.value.status() and "timeout" in info.value.message().lower()
+        assert time.monotonic() - t0 < 5
+        # a caller that gives up (gRPC deadline) is withdrawn from the queue
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("emulated_gpu", inputs, client_timeout=0.2)
+        assert "DEADLINE_EXCEEDED" in info.value.status()
+        state = sc.sidecar.models()[("emulated_gpu", "")]
+        deadline = time.monotonic() + 5
+        while state.gate.queue_length and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert state.gate.queue_length == 0
+        assert state.gate.counters.expired == 1 and state.gate.counters.cancelled == 1
+
+
+def test_client_priority_overtakes_waiting_requests(slow_triton):
+    with sidecar(slow_triton.grpc_url, default={"policy": "static:1"}) as sc:
+        client = tc.InferenceServerClient(sc.url)
+        order: list[str] = []
+        lock = threading.Lock()
+
+        def one(tag: str, priority: int):
+            _, inputs = emu_input()
+            client.infer("emulated_gpu", inputs, priority=priority)
+            with lock:
+                order.append(tag)
+
+        with ThreadPoolExecutor(8) as ex:
+            futs = [ex.submit(one, "first", 2)]
+            time.sleep(0.01)  # "first" is now executing (~42 ms)
+            futs += [ex.submit(one, f"low{i}", 2) for i in range(3)]
+            time.sleep(0.01)
+            futs.append(ex.submit(one, "urgent", 1))
+            for f in futs:
+                f.result()
+        assert order[0] == "first" and order[1] == "urgent"
+
+
+# -- the policy is what Triton executes ----------------------------------------------------------
+
+
+def test_triton_executes_exactly_the_batches_the_policy_chose(slow_triton):
+    direct = tc.InferenceServerClient(slow_triton.grpc_url)
+    with sidecar(slow_triton.grpc_url, default={"policy": "threshold:4", "max_batch": 8}) as sc:
+        client = tc.InferenceServerClient(sc.url)
+        before = executed_batches(direct, "emulated_gpu")
+        with ThreadPoolExecutor(12) as ex:
+            # 4 arrive: the threshold is met, a batch of 4 runs (~49 ms); 8 arrive meanwhile and go
+            # as one batch of B = 8 at its completion
+            results = list(ex.map(lambda s: client.infer("emulated_gpu", emu_input(1, s)[1]), range(12)))
+        sizes = sorted(int(r.as_numpy("BATCH_SIZE")[0, 0]) for r in results)
+        assert sizes == [4] * 4 + [8] * 8
+        assert diff(executed_batches(direct, "emulated_gpu"), before) == {4: 1, 8: 1}
+
+
+def test_triton_batch_histogram_equals_the_gates_under_poisson_load(slow_triton):
+    from solver.arrivals import poisson
+
+    direct = tc.InferenceServerClient(slow_triton.grpc_url)
+    profile = Path(__file__).resolve().parents[1] / "profiles" / "v100_resnet50.csv"
+    with sidecar(
+        slow_triton.grpc_url,
+        default={"policy": "timeout:0.03", "max_batch": 16, "profile": str(profile)},
+    ) as sc:
+        client = tc.InferenceServerClient(sc.url)
+        before = executed_batches(direct, "emulated_gpu")
+        times = poisson(150.0, n=150, rng=np.random.default_rng(3))
+        start = time.monotonic()
+
+        def fire(i: int):
+            delay = start + times[i] - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            return client.infer("emulated_gpu", emu_input(1, i)[1])
+
+        with ThreadPoolExecutor(64) as ex:
+            results = list(ex.map(fire, range(len(times))))
+        assert len(results) == len(times)
+        state = sc.sidecar.models()[("emulated_gpu", "")]
+        gate_hist = {b: int(n) for b, n in enumerate(state.stats.batches) if n}
+        triton_hist = diff(executed_batches(direct, "emulated_gpu"), before)
+        assert triton_hist == gate_hist
+        assert sum(b * n for b, n in triton_hist.items()) == len(times)
+        assert max(triton_hist) > 1
+
+
+def test_greedy_gate_batches_like_tritons_own_delay_zero(slow_triton):
+    """One request starts alone; five arriving while it runs go together: Triton's rule, and greedy's."""
+    direct = tc.InferenceServerClient(slow_triton.grpc_url)
+
+    def scenario(client) -> dict[int, int]:
+        before = executed_batches(direct, "emulated_gpu")
+        with ThreadPoolExecutor(6) as ex:
+            futs = [ex.submit(client.infer, "emulated_gpu", emu_input(1, 0)[1])]
+            time.sleep(0.015)
+            futs += [ex.submit(client.infer, "emulated_gpu", emu_input(1, s)[1]) for s in range(1, 6)]
+            for f in futs:
+                f.result()
+        return diff(executed_batches(direct, "emulated_gpu"), before)
+
+    native = scenario(direct)
+    with sidecar(slow_triton.grpc_url) as sc:
+        gated = scenario(tc.InferenceServerClient(sc.url))
+    assert native == gated == {1: 1, 5: 1}
+
+
+def test_released_mode_lets_tritons_batcher_group_the_chosen_requests(slow_triton):
+    direct = tc.InferenceServerClient(slow_triton.grpc_url)
+    with sidecar(slow_triton.grpc_url, mode="released", default={"policy": "threshold:4", "max_batch": 8}) as sc:
+        client = tc.InferenceServerClient(sc.url)
+        before = executed_batches(direct, "emulated_gpu")
+        with ThreadPoolExecutor(4) as ex:
+            results = list(ex.map(lambda s: client.infer("emulated_gpu", emu_input(1, s)[1]), range(4)))
+        for s, r in enumerate(results):
+            np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), 2 * emu_input(1, s)[0] + 1)
+        ran = diff(executed_batches(direct, "emulated_gpu"), before)
+        assert sum(b * n for b, n in ran.items()) == 4  # all four ran, grouped by Triton's batcher
+
+
+# -- Triton going away ---------------------------------------------------------------------------
+
+
+def test_triton_restart_gives_unavailable_then_service_without_restarting_the_sidecar(triton_factory):
+    server = triton_factory(models=("cpu_mlp",))
+    with sidecar(server.grpc_url) as sc:
+        client = tc.InferenceServerClient(sc.url)
+        answers: list[str] = []
+        sent = 0
+        stop = threading.Event()
+
+        def load():
+            nonlocal sent
+            while not stop.is_set():
+                sent += 1
+                try:
+                    client.infer("cpu_mlp", mlp_input(1), client_timeout=10)
+                    answers.append("ok")
+                except InferenceServerException as exc:
+                    answers.append(exc.status())
+                time.sleep(0.01)
+
+        th = threading.Thread(target=load)
+        th.start()
+        try:
+            time.sleep(0.5)
+            server.stop()
+            time.sleep(1.0)
+            down = list(answers)
+            server.start()
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and answers[-1:] != ["ok"]:
+                time.sleep(0.05)
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            th.join(15)
+        assert "StatusCode.UNAVAILABLE" in down
+        assert answers[-1] == "ok"
+        assert len(answers) == sent  # every request got exactly one answer
+        assert set(answers) <= {"ok", "StatusCode.UNAVAILABLE"}
