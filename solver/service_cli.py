@@ -1,0 +1,66 @@
+"""``smdp solver-serve``: the solver gRPC service in the foreground until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+_DESCRIPTION = (
+    "Serve smdp.v1.Solver with a policy cache, gRPC health checking and reflection. "
+    "Sidecars ask it for a new policy whenever their measured arrival rate or weight changes."
+)
+
+
+def add_solver_serve_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "solver-serve", help="run the SMDP solver as a gRPC service (smdp.v1.Solver)", description=_DESCRIPTION
+    )
+    _add_arguments(p)
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--listen", default="127.0.0.1:8013",
+                   help="host:port to listen on (default: %(default)s; port 0 = a free port, printed)")
+    p.add_argument("--workers", type=int, default=4, help="concurrent solves (default: %(default)s)")
+    p.add_argument("--cache-size", type=int, default=256, help="cached solutions kept (default: %(default)s)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from solver.service import start_solver_server
+
+    if args.workers < 1:
+        print(f"smdp solver-serve: error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+        return 2
+    try:
+        server, port = start_solver_server(args.listen, max_workers=args.workers, cache_size=args.cache_size)
+    except (OSError, ValueError) as exc:
+        print(f"smdp solver-serve: error: {exc}", file=sys.stderr)
+        return 2
+    host = args.listen.rsplit(":", 1)[0]
+    print(f"smdp solver listening on {host}:{port}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=2.0).wait()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m solver.service_cli``: the same command without the ``smdp`` front end."""
+    parser = argparse.ArgumentParser(prog="smdp solver-serve", description=_DESCRIPTION)
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
