@@ -1,0 +1,288 @@
+"""The SMDP solvers: closed forms, agreement of two methods, truncation independence, optimality."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from solver import (
+    BatchingModel,
+    ModelError,
+    PolicyTable,
+    ServiceProfile,
+    SolveResult,
+    UnstablePolicyError,
+    evaluate,
+    greedy,
+    solve,
+    static,
+    threshold,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+V100 = ServiceProfile.from_csv(ROOT / "profiles" / "v100_resnet50.csv")
+
+
+def v100(B: int, load: float, weight: float, cv: float = 0.0, idle_w: float = 40.0) -> BatchingModel:
+    prof = ServiceProfile(V100.mean_s[:B], V100.energy_j[:B], np.full(B, cv))
+    m = BatchingModel(rate=1.0, max_batch=B, profile=prof, idle_power_w=idle_w, weight=weight)
+    return m.with_(rate=load * m.capacity)
+
+
+def mg1(rate: float, tau: float, cv: float) -> BatchingModel:
+    prof = ServiceProfile(mean_s=[tau], energy_j=[0.3], cv=[cv])
+    return BatchingModel(rate=rate, max_batch=1, profile=prof, idle_power_w=30.0, weight=1e-5)
+
+
+def pollaczek_khinchine(rate: float, tau: float, cv: float) -> float:
+    rho = rate * tau
+    es2 = tau * tau * (1 + cv * cv)
+    return tau + rate * es2 / (2 * (1 - rho))
+
+
+# --- closed forms ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cv", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("rho", [0.3, 0.8, 0.95])
+def test_batch_size_one_is_mg1(cv, rho):
+    tau = 0.002
+    m = mg1(rho / tau, tau, cv)
+    res = solve(m)
+    assert res.policy.threshold() == 1  # B = 1: serving one whenever any wait is the only choice
+    assert res.mean_latency_s == pytest.approx(pollaczek_khinchine(m.rate, tau, cv), rel=1e-9)
+    # P: idle power for the idle fraction 1 - rho, one batch energy per request otherwise.
+    assert res.mean_power_w == pytest.approx((1 - rho) * 30.0 + m.rate * 0.3, rel=1e-9)
+    assert res.throughput_rps == pytest.approx(m.rate, rel=1e-9)
+
+
+@pytest.mark.parametrize("truncation", [1, 3, 20, 200])
+def test_fluid_tail_is_exact_for_mg1_at_any_truncation(truncation):
+    """B = 1: the walk above N steps down by one, lands exactly on N, and the drain cost is exact."""
+    tau, cv = 0.002, 2.0
+    m = mg1(0.9 / tau, tau, cv)
+    res = solve(m, truncation=truncation)
+    assert res.mean_latency_s == pytest.approx(pollaczek_khinchine(m.rate, tau, cv), rel=1e-9)
+
+
+def test_first_order_tail_misses_the_variance_term_but_converges():
+    """The pure fluid drain is wrong at small N for variable service, and right as N grows."""
+    tau, cv = 0.002, 2.0
+    m = mg1(0.8 / tau, tau, cv)
+    exact = pollaczek_khinchine(m.rate, tau, cv)
+    small = solve(m, truncation=5, tail="first-order").mean_latency_s
+    large = solve(m, truncation=400, tail="first-order").mean_latency_s
+    assert abs(small - exact) / exact > 1e-2
+    assert abs(large - exact) / exact < 1e-6
+
+
+# --- two methods, one answer ----------------------------------------------------------------------
+
+AGREEMENT_CASES = [
+    (4, 0.9, 0.0, 0.0),
+    (4, 0.5, 1e-3, 1.0),
+    (8, 0.3, 1e-5, 0.0),
+    (8, 0.7, 1e-4, 0.5),
+    (16, 0.6, 1e-4, 0.0),
+    (32, 0.3, 1e-5, 0.0),
+]
+
+
+@pytest.mark.parametrize("B,load,w,cv", AGREEMENT_CASES)
+def test_rvi_and_pi_agree(B, load, w, cv):
+    m = v100(B, load, w, cv)
+    pi = solve(m, "pi")
+    rvi = solve(m, "rvi", truncation=pi.truncation)
+    assert rvi.converged and pi.converged
+    assert rvi.gain == pytest.approx(pi.gain, rel=1e-6)
+    lo, hi = rvi.gain_bounds
+    assert lo <= pi.gain * (1 + 1e-12) and pi.gain <= hi * (1 + 1e-12)
+    np.testing.assert_array_equal(rvi.policy.actions, pi.policy.actions)
+
+
+def test_rvi_with_automatic_truncation_agrees_with_pi():
+    m = v100(8, 0.6, 1e-4, 0.0)
+    pi, rvi = solve(m, "pi"), solve(m, "rvi")
+    assert rvi.gain == pytest.approx(pi.gain, rel=1e-6)
+    common = min(pi.truncation, rvi.truncation) + 1
+    np.testing.assert_array_equal(rvi.policy.actions[:common], pi.policy.actions[:common])
+
+
+@pytest.mark.parametrize("method", ["pi", "rvi"])
+def test_warm_start_gives_the_same_answer_with_less_work(method):
+    m = v100(16, 0.6, 1e-4)
+    cold = solve(m, method)
+    near = solve(m.with_(rate=m.rate * 1.05), method)
+    warm = solve(m, method, warm_start=near.policy)
+    assert warm.gain == pytest.approx(cold.gain, rel=1e-6)
+    common = min(warm.truncation, cold.truncation) + 1
+    np.testing.assert_array_equal(warm.policy.actions[:common], cold.policy.actions[:common])
+    again = solve(m, method, warm_start=cold.policy)
+    assert again.iterations < cold.iterations
+
+
+# --- truncation -----------------------------------------------------------------------------------
+
+TRUNCATION_CASES = [
+    (8, 0.9, 1e-5, 0.0),
+    (32, 0.6, 1e-4, 1.0),
+    (32, 0.9, 1e-5, 2.0),
+    (64, 0.9, 1e-4, 0.0),
+]
+
+
+@pytest.mark.parametrize("B,load,w,cv", TRUNCATION_CASES)
+def test_growing_truncation_past_the_automatic_choice_changes_nothing(B, load, w, cv):
+    m = v100(B, load, w, cv)
+    auto = solve(m)
+    assert auto.converged and auto.truncation >= B
+    for factor in (1.5, 2.5):
+        big = solve(m, truncation=int(auto.truncation * factor), warm_start=auto.policy)
+        assert big.gain == pytest.approx(auto.gain, rel=1e-8)
+        np.testing.assert_array_equal(big.policy.actions[: auto.truncation + 1], auto.policy.actions)
+        # beyond the automatic N the larger solve serves full batches, as the table's rule says
+        assert np.all(big.policy.actions[auto.truncation + 1 :] == B)
+
+
+@pytest.mark.parametrize("B,load,w,cv", [(8, 0.9, 1e-5, 0.0), (16, 0.7, 1e-4, 1.0), (32, 0.9, 1e-4, 0.0)])
+def test_fluid_tail_gain_equals_a_very_large_plain_truncation(B, load, w, cv):
+    m = v100(B, load, w, cv)
+    fluid = solve(m)
+    plain = solve(m, tail="none", truncation=12 * fluid.truncation, warm_start=fluid.policy)
+    assert plain.gain == pytest.approx(fluid.gain, rel=1e-8)
+    np.testing.assert_array_equal(plain.policy.actions[: fluid.truncation + 1], fluid.policy.actions)
+    # and the plain truncation at the fluid tail's N is visibly worse: the tail cost is doing work
+    short = solve(m, tail="none", truncation=B)
+    assert abs(short.gain - fluid.gain) > 1e-6 * fluid.gain
+
+
+# --- optimality -----------------------------------------------------------------------------------
+
+OPT_CASES = [(8, 0.5, 1e-4, 0.0), (16, 0.9, 1e-5, 1.0), (32, 0.3, 1e-3, 0.0)]
+
+
+@pytest.mark.parametrize("B,load,w,cv", OPT_CASES)
+def test_gain_is_not_above_any_baseline(B, load, w, cv):
+    m = v100(B, load, w, cv)
+    res = solve(m)
+    slack = 1e-9 * res.gain
+    costs = {"greedy": evaluate(m, greedy(B)).cost}
+    for k in range(1, B + 1):
+        costs[f"threshold {k}"] = evaluate(m, threshold(B, k)).cost
+    for b0 in range(1, B + 1):
+        try:
+            costs[f"static {b0}"] = evaluate(m, static(B, b0)).cost
+        except UnstablePolicyError:
+            assert b0 / m.profile.mean_s[b0 - 1] <= m.rate
+    assert len(costs) > B + 1
+    worst = {name: c for name, c in costs.items() if c < res.gain - slack}
+    assert not worst, f"gain {res.gain} above baselines {worst}"
+    # the optimum is attained: some baseline is optimal only if the policy is that baseline
+    assert min(costs.values()) >= res.gain - slack
+
+
+def test_gain_equals_exact_evaluation_of_the_returned_policy():
+    for B, load, w, cv in [(8, 0.5, 1e-4, 0.0), (32, 0.9, 1e-5, 1.0), (64, 0.6, 1e-4, 0.0)]:
+        m = v100(B, load, w, cv)
+        res = solve(m)
+        ev = evaluate(m, res.policy)  # its own automatic truncation, independent of the solver's
+        assert ev.cost == pytest.approx(res.gain, rel=1e-6)
+        assert res.mean_latency_s + m.weight * res.mean_power_w == pytest.approx(res.gain, rel=1e-9)
+        assert res.mean_latency_s == pytest.approx(ev.mean_latency_s, rel=1e-6)
+        assert res.mean_power_w == pytest.approx(ev.mean_power_w, rel=1e-6)
+        assert res.throughput_rps == pytest.approx(m.rate, rel=1e-9)
+
+
+def test_zero_weight_serves_at_once_at_low_load_but_not_at_high_load():
+    """What is true for w = 0 (latency only) on the V100 profile.
+
+    At low load the optimum is greedy: serve everything as soon as the server is free. At high load
+    it is not: a batch of 1 spends tau(1) = 2.1 ms of a server that is 90% busy, so waiting for a
+    few more requests lowers the mean latency even though nobody pays for power.
+    """
+    low = v100(8, 0.3, 0.0)
+    res = solve(low)
+    assert res.threshold() == 1
+    assert res.gain == pytest.approx(evaluate(low, greedy(8)).cost, rel=1e-12)
+    high = v100(8, 0.9, 0.0)
+    res = solve(high)
+    assert res.policy.action(1) == 0
+    assert evaluate(high, greedy(8)).cost > res.gain * (1 + 1e-4)  # 0.1% here; noise is 1e-12
+    # w = 0: the cost is the mean latency and nothing else
+    assert res.gain == pytest.approx(res.mean_latency_s, rel=1e-12)
+
+
+def test_large_weight_waits_for_fuller_batches():
+    for B in (8, 32):
+        m = v100(B, 0.5, 1e-3)
+        res = solve(m)
+        assert res.policy.action(1) == 0
+        k = res.threshold()
+        assert k is not None and k > 1
+        lighter = solve(m.with_(weight=1e-6))
+        assert res.mean_power_w < lighter.mean_power_w
+        assert res.mean_latency_s > lighter.mean_latency_s
+
+
+def test_large_batches_at_low_load_split_rare_long_queues():
+    """Not every optimum is control-limit: with tau affine in b, serving a long queue in two batches
+    gives the first half a shorter batch. The solver's answer must still beat the best threshold."""
+    m = v100(32, 0.3, 0.0)
+    res = solve(m)
+    a = res.policy.actions
+    n = np.arange(a.size)
+    assert np.any((a > 0) & (a < np.minimum(n, 32)))
+    best_threshold = min(evaluate(m, threshold(32, k)).cost for k in range(1, 33))
+    assert res.gain < best_threshold
+
+
+# --- result record and arguments ------------------------------------------------------------------
+
+
+def test_result_dict_is_json_and_complete():
+    m = BatchingModel(rate=1000.0, max_batch=8, profile=V100, idle_power_w=40.0, weight=1e-4)
+    res = solve(m)
+    assert isinstance(res, SolveResult)
+    d = json.loads(json.dumps(res.to_dict()))
+    for key in ("policy", "gain", "mean_latency_s", "mean_power_w", "throughput_rps", "mean_batch",
+                "iterations", "converged", "solve_time_s", "truncation", "method", "threshold", "rate",
+                "weight", "max_batch", "interpolated"):
+        assert key in d
+    assert d["policy"] == res.policy.actions.tolist()
+    assert len(d["policy"]) == res.truncation + 1
+    assert d["threshold"] == res.threshold()
+    assert d["interpolated"] == [3, 5, 6, 7]  # V100 table gives 1, 2, 4, 8
+    assert d["rate"] == m.rate and d["max_batch"] == 8
+
+
+def test_interpolated_sizes_are_reported_for_the_full_table():
+    m = BatchingModel(rate=1000.0, max_batch=128, profile=V100, idle_power_w=40.0, weight=1e-4)
+    given = {1, 2, 4, 8, 64, 128}
+    assert set(m.profile.interpolated) == set(range(1, 129)) - given
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"method": "newton"}, "method"),
+        ({"tail": "exact"}, "tail"),
+        ({"truncation": 4}, "truncation 4 must be >= max_batch B = 8"),
+        ({"tol": 0.0}, "tol"),
+        ({"tol": float("nan")}, "tol"),
+        ({"max_iter": 0}, "max_iter"),
+        ({"warm_start": PolicyTable(np.zeros(5, dtype=int), 4)}, "max_batch 4"),
+    ],
+)
+def test_bad_arguments_are_refused(kwargs, match):
+    with pytest.raises(ModelError, match=match):
+        solve(v100(8, 0.5, 1e-4), **kwargs)
+
+
+def test_rvi_reports_non_convergence():
+    res = solve(v100(8, 0.9, 1e-4), "rvi", truncation=40, max_iter=5)
+    assert not res.converged and res.iterations == 5
+    lo, hi = res.gain_bounds
+    assert lo < hi
