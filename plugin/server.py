@@ -311,8 +311,7 @@ class Sidecar:
         rows = sum(p.rows for p in batch)
         try:
             if len(batch) == 1:
-                req = service_pb2.ModelInferRequest()
-                req.CopyFrom(calls[0].request)
+                req = calls[0].request  # ours alone (parsed for this call): stamp it in place
                 self._stamp(state, req, batch, start)
                 self._succeed(calls[0], await self._call_triton(req))
             elif self.config.mode == "released":
@@ -355,8 +354,7 @@ class Sidecar:
 
     async def _dispatch_released(self, state: ModelState, batch: tuple[Pending, ...], start: float) -> None:
         async def one(p: Pending) -> None:
-            req = service_pb2.ModelInferRequest()
-            req.CopyFrom(p.payload.request)
+            req = p.payload.request
             self._stamp(state, req, (p,), start)
             try:
                 self._succeed(p.payload, await self._call_triton(req))
