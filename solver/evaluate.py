@@ -94,16 +94,16 @@ def check_stable(model: BatchingModel, policy: PolicyTable) -> None:
 
 
 def table_actions(model: BatchingModel, policy: PolicyTable, size: int) -> np.ndarray:
-    """a(n) for n = 0..size-1 in the SMDP's action set, with a clear error for what it excludes."""
+    """a(n) for n = 0..size-1, the table followed by its beyond-N rule."""
     if policy.max_batch != model.max_batch:
         raise ModelError(f"policy is for max_batch {policy.max_batch}, the model has B = {model.max_batch}")
-    a = policy.extended(size)
-    B = model.max_batch
-    bad = (a == 0) & (np.arange(size) >= B)
-    if np.any(bad):
-        n = int(np.argmax(bad))
-        raise ValueError(f"policy waits at n = {n} >= B = {B}; the SMDP excludes waiting with a full batch available")
-    return a
+    return policy.extended(size)
+
+
+def _covering(policy: PolicyTable, n: int) -> int:
+    """The smallest truncation >= n that holds the whole table (one more if it ends on a wait)."""
+    top = policy.truncation
+    return max(n, top + 1 if policy.action(top) == 0 else top)
 
 
 def summarize(smdp: TruncatedSMDP, actions: np.ndarray, values: PolicyValues, converged: bool = True) -> Evaluation:
@@ -156,10 +156,10 @@ def evaluate(
             raise ValueError(
                 f"truncation {truncation} is below the policy table's last state {policy.truncation}"
             )
-        smdp = build(model, max(int(truncation), model.max_batch), tail)
+        smdp = build(model, _covering(policy, max(int(truncation), model.max_batch)), tail)
         a = table_actions(model, policy, smdp.n_states)
         return summarize(smdp, a, evaluate_policy(smdp, a))
-    N = max(policy.truncation, initial_truncation(model))
+    N = _covering(policy, initial_truncation(model))
     previous: Evaluation | None = None
     while True:
         smdp = build(model, N, tail)

@@ -187,15 +187,19 @@ class TruncatedSMDP:
         return out
 
     def policy_arrays(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Dense transition matrix, cost and sojourn vectors of a stationary policy on 0..N."""
+        """Dense transition matrix, cost and sojourn vectors of a stationary policy on 0..N.
+
+        Unlike the solver, a policy may wait at any n < N (for instance a threshold above B).
+        """
         N = self.truncation
         n = np.arange(N + 1)
         a = np.asarray(actions, dtype=np.int64)
         if a.shape != (N + 1,):
             raise ValueError(f"policy has {a.shape[0]} states, the truncation has {N + 1}")
-        if not np.all(self.valid[n, a]):
-            i = int(np.argmax(~self.valid[n, a]))
-            raise ValueError(f"action a({i}) = {a[i]} is not allowed (wait needs n < B, serve 1..min(n, B))")
+        ok = np.where(a == 0, n < N, self.valid[n, a])
+        if not np.all(ok):
+            i = int(np.argmax(~ok))
+            raise ValueError(f"action a({i}) = {a[i]} is not allowed on 0..{N} (serve 1..min(n, B), wait below N)")
         P = np.zeros((N + 1, N + 1))
         wait = np.nonzero(a == 0)[0]
         P[wait, wait + 1] = 1.0
@@ -209,7 +213,7 @@ class TruncatedSMDP:
             rows = np.broadcast_to(srv[:, None], cols.shape)
             P[rows[inside], cols[inside]] = vals[inside]
             P[srv, N] += self.tail_p[srv, a[srv]]
-        return P, self.cost[n, a], self.time[n, a]
+        return P, self.latency[n, a] + self.model.weight * self.energy[n, a], self.time[n, a]
 
 
 def build(model: BatchingModel, truncation: int, tail: str = "fluid") -> TruncatedSMDP:
@@ -273,9 +277,12 @@ def build(model: BatchingModel, truncation: int, tail: str = "fluid") -> Truncat
     tp[:, 1:] = tail_p
     tm[:, 1:] = em if tail != "none" else 0.0
     cost = np.where(valid, latency + w * energy, np.inf)
+    # Serve pairs with a > n are meaningless: zero them (time 1 keeps ratios finite). The wait column
+    # stays defined at every n, because evaluation accepts tables that wait at n >= B (a threshold
+    # above B) even though the solver never considers it.
     for arr in (latency, energy, time, tp, tm):
-        arr[~valid] = 0.0
-    time[~valid] = 1.0  # keeps ratios finite; invalid pairs are never chosen
+        arr[:, 1:][~valid[:, 1:]] = 0.0
+    time[:, 1:][~valid[:, 1:]] = 1.0
     gather = (s * B + ai).astype(np.intp)
     pmf_t = np.ascontiguousarray(pmf.T)
     out = TruncatedSMDP(model, N, tail, coeffs, pmf, pmf_t, valid, latency, energy, time, tp, tm, cost, gather)
