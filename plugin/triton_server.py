@@ -98,11 +98,22 @@ def _join_paths(first: str, rest: str | None) -> str:
     return f"{first}{os.pathsep}{rest}" if rest else first
 
 
+_located: dict[tuple[str | None, bool], TritonDistribution] = {}
+
+
 def locate_triton(binary: str | os.PathLike | None = None, check_libraries: bool = True) -> TritonDistribution:
     """Find a runnable tritonserver: an explicit binary, else the one in the nvidia-pytriton wheel.
 
-    Every failure raises ``TritonUnavailable`` naming the missing package, file or library.
+    Every failure raises ``TritonUnavailable`` naming the missing package, file or library. A
+    success is remembered for the process (the ldd checks cost a few hundred milliseconds).
     """
+    key = (None if binary is None else str(binary), check_libraries)
+    if key not in _located:
+        _located[key] = _locate(binary, check_libraries)
+    return _located[key]
+
+
+def _locate(binary: str | os.PathLike | None, check_libraries: bool) -> TritonDistribution:
     if sys.platform != "linux":
         raise TritonUnavailable(f"the embedded tritonserver runs on Linux only (this is {sys.platform})")
     glibc = glibc_version()
@@ -305,15 +316,36 @@ def free_port(address: str = "127.0.0.1") -> int:
 # The server
 
 
-def _set_pdeathsig() -> None:  # runs in the child between fork and exec
+def _pdeathsig_setter():
+    """A preexec function that asks the kernel to SIGTERM the child when its parent thread dies.
+
+    prctl is resolved here, in the parent: loading a library between fork and exec can deadlock
+    on the dynamic loader's lock if another thread held it at fork time.
+    """
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, sigterm)
+
+    return preexec
 
 
-def _terminate(proc: subprocess.Popen, timeout_s: float) -> None:
+def _remove_shared_memory(prefix: str) -> None:
+    """Delete the Python backend's shm regions: Triton removes them itself only on a clean exit."""
+    shm = Path("/dev/shm")
+    if prefix and shm.is_dir():
+        for region in shm.glob(f"{prefix}*"):
+            try:
+                region.unlink()
+            except OSError:
+                pass
+
+
+def _terminate(proc: subprocess.Popen, timeout_s: float, shm_prefix: str = "") -> None:
     """SIGTERM Triton, wait, then SIGKILL its whole process group (stubs included)."""
     if proc.poll() is None:
         try:
@@ -332,6 +364,7 @@ def _terminate(proc: subprocess.Popen, timeout_s: float) -> None:
         proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         pass
+    _remove_shared_memory(shm_prefix)
 
 
 class EmbeddedTriton:
@@ -346,7 +379,7 @@ class EmbeddedTriton:
         self._finalizer: weakref.finalize | None = None
         self._ports: dict[str, int] = {}
         self._lock = threading.RLock()
-        self._shm_prefix = f"smdp{os.getpid()}_{next(_instance_counter)}_"
+        self.shm_prefix = f"smdp{os.getpid()}_{next(_instance_counter)}_"
         self._log_dir: Path | None = None
         self.log_path: Path = self.config.log_file or self._default_log_path()
 
@@ -458,7 +491,7 @@ class EmbeddedTriton:
             f"--backend-directory={self._backends}",
             # Python-backend shared-memory regions are named by this prefix; two servers on one
             # host with the default prefix corrupt each other's regions.
-            f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             f"--exit-timeout-secs={cfg.exit_timeout_s}",
             f"--log-verbose={cfg.log_verbose}",
             "--allow-gpu-metrics=false",
@@ -492,12 +525,12 @@ class EmbeddedTriton:
                     stderr=subprocess.STDOUT,
                     env=self._environment(),
                     start_new_session=True,  # own process group: Ctrl-C goes to us, and killpg reaps stubs
-                    preexec_fn=_set_pdeathsig if self.config.die_with_parent else None,
+                    preexec_fn=_pdeathsig_setter() if self.config.die_with_parent else None,
                 )
             except OSError as exc:
                 raise TritonUnavailable(f"cannot execute {self._dist.binary}: {exc}") from None
         self._proc = proc
-        self._finalizer = weakref.finalize(self, _terminate, proc, self.config.stop_timeout_s)
+        self._finalizer = weakref.finalize(self, _terminate, proc, self.config.stop_timeout_s, self.shm_prefix)
         try:
             self._wait_ready(proc)
         except BaseException:
@@ -579,7 +612,7 @@ class EmbeddedTriton:
                     os.killpg(self._proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            self._stop_process()
+            self._stop_process()  # reaps it and removes the shm regions a crash leaves behind
 
     def restart(self) -> "EmbeddedTriton":
         """Stop and start again on the same ports, so clients' URLs stay valid."""
