@@ -164,6 +164,23 @@ def test_profile_table_missing_file_is_named(tmp_path: Path) -> None:
         profile_table.ProfileTable.from_csv(tmp_path / "nope.csv", 1)
 
 
+@pytest.mark.parametrize("cv", [0.25, 1.0])
+def test_jittered_service_time_has_the_profiles_mean_and_cv(cv: float) -> None:
+    rng = np.random.default_rng(42)
+    draws = np.array([profile_table.jittered(0.002, cv, rng) for _ in range(40_000)])
+    assert np.all(draws > 0)
+    # Standard errors at n = 40,000: mean 0.5% * cv, CV well under 2%; tolerances are ~5 sigma.
+    assert draws.mean() == pytest.approx(0.002, rel=0.03 * cv)
+    assert draws.std() / draws.mean() == pytest.approx(cv, rel=0.05)
+    # Same second moment as the solver's gamma law for this CV.
+    solver = ServiceProfile.from_table([1], [0.002], [0.1], cv=cv)
+    assert np.mean(draws**2) == pytest.approx(solver.second_moment(1), rel=0.1)
+
+
+def test_zero_jitter_is_the_mean_exactly() -> None:
+    assert profile_table.jittered(0.0021, 0.0, np.random.default_rng(0)) == 0.0021
+
+
 def reference_mlp(x: np.ndarray, layers) -> np.ndarray:
     """The same network written differently: one row at a time, ReLU via np.where, float64."""
     out = []
@@ -384,3 +401,22 @@ def test_cpu_mlp_batches_concurrent_requests_and_splits_rows_back(client) -> Non
         np.testing.assert_allclose(r.as_numpy("OUTPUT0"), reference_mlp(x, layers), rtol=1e-4, atol=1e-4)
     assert sum(b * c for b, (c, _) in delta.items()) == sum(x.shape[0] for x in inputs)
     assert sum(c for c, _ in delta.values()) < len(inputs), f"no batching happened: {delta}"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [("time_scale", "-1", "parameter time_scale must be a finite number > 0"),
+     ("profile_csv", "missing.csv", "profile CSV not found")],
+)
+def test_bad_emulated_gpu_parameter_fails_the_load_with_its_reason(triton_factory, tmp_path: Path, key, value, message) -> None:
+    import shutil
+
+    from plugin.triton_server import TritonStartError
+
+    shutil.copytree(REPO / "emulated_gpu", tmp_path / "emulated_gpu", ignore=shutil.ignore_patterns("__pycache__"))
+    config = load_config("emulated_gpu")
+    config.parameters[key].string_value = value
+    (tmp_path / "emulated_gpu" / "config.pbtxt").write_text(text_format.MessageToString(config))
+    with pytest.raises(TritonStartError, match=message):
+        triton_factory(repository=tmp_path, models=("emulated_gpu",), startup_timeout_s=60)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from profile_table import ProfileError, ProfileTable
+from profile_table import ProfileError, ProfileTable, jittered
 
 
 def _parameter(config: dict, name: str, default: str) -> str:
@@ -69,12 +69,7 @@ class TritonPythonModel:
 
     def _service_time(self, b: int) -> float:
         """One draw of S_b in seconds: the profile's mean, gamma-jittered with the configured CV."""
-        mean = self.profile.service_s(b) * self.time_scale
-        cv = float(self.jitter_cv[b - 1])
-        if cv == 0.0:
-            return mean
-        shape = 1.0 / (cv * cv)
-        return float(self.rng.gamma(shape, mean / shape))
+        return jittered(self.profile.service_s(b) * self.time_scale, float(self.jitter_cv[b - 1]), self.rng)
 
     def execute(self, requests: list) -> list:
         started = time.perf_counter()

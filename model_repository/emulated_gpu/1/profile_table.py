@@ -18,6 +18,18 @@ import numpy as np
 REQUIRED_COLUMNS = ("batch_size", "mean_service_s", "batch_energy_j")
 
 
+def jittered(mean_s: float, cv: float, rng: np.random.Generator) -> float:
+    """One service time with the given mean and coefficient of variation: gamma, or the mean if cv=0.
+
+    Gamma with shape 1/cv^2 and scale mean*cv^2 is the law the SMDP assumes for a profile with a
+    service_cv, so the emulated server and the model agree on E[S] and E[S^2].
+    """
+    if cv == 0.0:
+        return float(mean_s)
+    shape = 1.0 / (cv * cv)
+    return float(rng.gamma(shape, mean_s / shape))
+
+
 class ProfileError(ValueError):
     """The profile CSV is missing, malformed or does not cover the batch sizes the model accepts."""
 
