@@ -236,22 +236,45 @@ class SolverService(smdp_pb2_grpc.SolverServicer):
             from solver.smdp import solve as solve_fn
         self._solve = solve_fn
         self.cache = PolicyCache(cache_size)
+        # Single flight: concurrent requests for one key wait for the first one's solve.
+        self._inflight: dict[CacheKey, threading.Event] = {}
+        self._inflight_lock = threading.Lock()
+        self.waiting = 0
+        """Requests currently waiting for another request's solve of the same key."""
 
     def handle(self, req: smdp_pb2.SolveRequest) -> smdp_pb2.SolveReply:
         """The whole request, without gRPC: raises ModelError for bad input."""
         parsed = parse_request(req)
         key = cache_key(parsed)
-        hit = self.cache.get(key)
-        if hit is not None:
-            return solve_reply(hit, cached=True, warm_started=False)
-        warm = parsed.warm_start
-        if warm is None:
-            near = self.cache.nearest(key)
-            warm = None if near is None else near.policy
-        result = self._solve(parsed.model, parsed.method, truncation=parsed.truncation, warm_start=warm)
-        if result.converged:
-            self.cache.put(key, result)
-        return solve_reply(result, cached=False, warm_started=warm is not None)
+        while True:
+            hit = self.cache.get(key)
+            if hit is not None:
+                return solve_reply(hit, cached=True, warm_started=False)
+            with self._inflight_lock:
+                done = self._inflight.get(key)
+                if done is None:
+                    done = self._inflight[key] = threading.Event()
+                    break
+                self.waiting += 1
+            try:
+                done.wait()
+            finally:
+                with self._inflight_lock:
+                    self.waiting -= 1
+            # Now cached, unless the first solve failed or did not converge: then solve here.
+        try:
+            warm = parsed.warm_start
+            if warm is None:
+                near = self.cache.nearest(key)
+                warm = None if near is None else near.policy
+            result = self._solve(parsed.model, parsed.method, truncation=parsed.truncation, warm_start=warm)
+            if result.converged:
+                self.cache.put(key, result)
+            return solve_reply(result, cached=False, warm_started=warm is not None)
+        finally:
+            with self._inflight_lock:
+                del self._inflight[key]
+            done.set()
 
     def Solve(self, request: smdp_pb2.SolveRequest, context: grpc.ServicerContext) -> smdp_pb2.SolveReply:
         from solver.evaluate import UnstablePolicyError

@@ -241,3 +241,32 @@ def test_solver_serve_command() -> None:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_concurrent_identical_requests_solve_once() -> None:
+    import threading
+    import time
+
+    release = threading.Event()
+    calls = []
+
+    def gated_solve(*args, **kwargs):
+        calls.append(args[0].rate)
+        release.wait(30)
+        return solve(*args, **kwargs)
+
+    service = SolverService(solve_fn=gated_solve)
+    req = solve_request(model(rate=RATE * 0.7))
+    replies = []
+    threads = [threading.Thread(target=lambda: replies.append(service.handle(req))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while service.waiting < 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert service.waiting == 1 and len(calls) == 1
+    release.set()
+    for t in threads:
+        t.join(30)
+    assert len(calls) == 1 and sorted(r.cached for r in replies) == [False, True]
+    assert replies[0].gain == replies[1].gain
