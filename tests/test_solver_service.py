@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
-from smdp.v1 import smdp_pb2, smdp_pb2_grpc
+from smdp.v1 import smdp_pb2_grpc
 from solver.model import BatchingModel, ServiceProfile
 from solver.service import (
     SERVICE_NAME,
