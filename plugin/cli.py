@@ -38,6 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     add_serve_command(subparsers)
 
+    from plugin.ctl_cli import add_ctl_command
+
+    add_ctl_command(subparsers)
+
 
 def _run_triton(args: argparse.Namespace) -> int:
     import signal

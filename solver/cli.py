@@ -80,6 +80,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cmp_.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
     cmp_.set_defaults(func=_cmd_compare)
 
+    from solver.service_cli import add_solver_serve_command
+
+    add_solver_serve_command(subparsers)
+
 
 def _model_args(p: argparse.ArgumentParser, rate_required: bool) -> None:
     p.add_argument("--profile", type=Path, default=DEFAULT_PROFILE,
