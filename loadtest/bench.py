@@ -1,0 +1,314 @@
+"""``smdp bench``: contenders one after another on the same open-loop arrival sequence, against a real
+Triton, measured beside the solver's predictions.
+
+For each arrival rate one Poisson sequence is drawn; every contender replays exactly that sequence
+(same times, same request contents). Triton's batcher contenders reload the model with their
+``max_queue_delay_microseconds``; gate contenders put a sidecar process in front of Triton with the
+model's dynamic batcher removed, so the gate alone decides and each merged request runs as it comes
+(with the batcher left on, Triton 2.51 sometimes holds a lone request for its 500 ms default wait). The emulated model runs ``time_scale`` times slower than the
+profiled GPU, so that the few hundred requests per second a small host can generate are real loads,
+and the solver gets the same scaled profile (times and energies x scale, power unchanged).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from solver import arrivals
+from solver.model import BatchingModel, ModelError, ServiceProfile
+
+from .contenders import Contender, Prediction, predict
+from .metrics import Measured, batch_histogram, measure, power_note
+from .openloop import OpenLoopResult, run_open_loop
+from .stack import SidecarProcess, SidecarSpec, scaled_profile, write_profile_csv
+from .triton_control import BatchingOverride, ModelConfigControl
+
+__all__ = ["BenchConfig", "BenchRow", "BenchReport", "run_bench", "DEFAULT_PROFILE"]
+
+DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "profiles" / "v100_resnet50.csv"
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One bench: loads, contenders and the physics the solver is told about."""
+
+    rates: tuple[float, ...]
+    contenders: tuple[Contender, ...]
+    duration_s: float = 8.0
+    time_scale: float = 10.0
+    weight: float = 1e-3
+    """w in seconds per watt, for the *scaled* system (W is scale x longer, P unchanged)."""
+    idle_power_w: float = 40.0
+    profile_csv: Path = DEFAULT_PROFILE
+    """The profile the emulated model runs (its own copy of it must describe the same GPU)."""
+    model: str = "emulated_gpu"
+    seed: int = 0
+    warmup_s: float = 1.5
+    """Arrivals before the measurement window: first-call costs (a fresh model instance, the
+    sidecar's config fetch and solve) and the empty-start transient fall here, not in the figures."""
+    cooldown_s: float = 1.0
+    """Arrivals after the window, not counted: they flush requests that a waiting policy holds."""
+    request_timeout_s: float = 30.0
+    out_dir: Path = Path("out/bench")
+
+    def __post_init__(self) -> None:
+        rates = tuple(float(r) for r in self.rates)
+        if not rates or any(not (math.isfinite(r) and r > 0) for r in rates):
+            raise ValueError(f"rates must be a non-empty list of positive numbers, got {list(self.rates)}")
+        object.__setattr__(self, "rates", rates)
+        if not self.contenders:
+            raise ValueError("give at least one contender")
+        names = [c.name for c in self.contenders]
+        if len(set(names)) != len(names):
+            raise ValueError(f"contenders repeat: {names}")
+        for name in ("duration_s", "time_scale", "request_timeout_s"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be finite and > 0, got {v!r}")
+        if not (math.isfinite(self.weight) and self.weight >= 0):
+            raise ValueError(f"weight must be finite and >= 0 seconds per watt, got {self.weight!r}")
+        if not (math.isfinite(self.idle_power_w) and self.idle_power_w >= 0):
+            raise ValueError(f"idle_power_w must be finite and >= 0, got {self.idle_power_w!r}")
+        for name in ("warmup_s", "cooldown_s"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
+        object.__setattr__(self, "profile_csv", Path(self.profile_csv))
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+
+    @property
+    def window(self) -> tuple[float, float]:
+        """Scheduled times that count: after the warm-up, before the cool-down."""
+        return self.warmup_s, self.warmup_s + self.duration_s
+
+    @property
+    def profile_name(self) -> str:
+        return self.profile_csv.stem
+
+
+@dataclass(frozen=True, eq=False)
+class BenchRow:
+    """One contender at one load: measured and predicted figures side by side."""
+
+    rate_rps: float
+    contender: str
+    measured: Measured
+    predicted: Prediction
+    batch_hist: np.ndarray
+    """Estimated batches per size b = 1..B (index b - 1)."""
+    latencies_s: np.ndarray
+    failures: dict[str, int] = field(default_factory=dict)
+    errors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class BenchReport:
+    config: BenchConfig
+    rows: tuple[BenchRow, ...]
+    max_batch: int
+    note: str
+    files: tuple[Path, ...] = ()
+
+
+# ------------------------------------------------------------------------------------------------
+# Running
+
+
+def _run_contender(c: Contender, cfg: BenchConfig, control: ModelConfigControl, triton_url: str,
+                   times: np.ndarray, rate: float, B: int, profile_path: Path, log_dir: Path) -> OpenLoopResult:
+    if c.kind == "triton":
+        control.apply(BatchingOverride(max_queue_delay_us=c.max_queue_delay_us, time_scale=cfg.time_scale))
+    else:  # the merging gate sends whole batches: Triton's batcher has nothing left to do
+        control.apply(BatchingOverride(time_scale=cfg.time_scale, dynamic_batching=False))
+    sidecar = None
+    target = triton_url
+    try:
+        if c.kind == "gate":
+            spec = SidecarSpec(policy=c.policy, max_batch=B, profile_csv=profile_path, rate_rps=rate,
+                               weight=cfg.weight, idle_power_w=cfg.idle_power_w)
+            safe = c.policy.replace(":", "_")
+            sidecar = SidecarProcess(triton_url, spec, log_path=log_dir / f"sidecar-{safe}-{rate:g}.log").start()
+            target = sidecar.url
+        lo, hi = cfg.window
+        return run_open_loop(target, cfg.model, times, timeout_s=cfg.request_timeout_s,
+                             required=(times >= lo) & (times < hi), drain_grace_s=1.0,
+                             time_limit_s=hi + cfg.cooldown_s + 5.0)
+    finally:
+        if sidecar is not None:
+            sidecar.stop()
+
+
+def run_bench(cfg: BenchConfig, triton_url: str | None = None, progress: Progress = print) -> BenchReport:
+    """Run every contender at every rate; starts an embedded Triton unless ``triton_url`` is given."""
+    base = ServiceProfile.from_csv(cfg.profile_csv)
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    triton = None
+    if triton_url is None:
+        from plugin.triton_server import EmbeddedTriton, TritonConfig
+
+        progress(f"starting Triton (embedded, model {cfg.model}) ...")
+        t0 = time.monotonic()
+        triton = EmbeddedTriton(TritonConfig(models=(cfg.model,), log_file=cfg.out_dir / "tritonserver.log"))
+        triton.start()
+        triton_url = triton.grpc_url
+        progress(f"Triton ready at {triton_url} in {time.monotonic() - t0:.1f} s")
+    control = None
+    try:
+        control = ModelConfigControl(triton_url, cfg.model)
+        B = control.max_batch
+        if B < 1:
+            raise ValueError(f"model {cfg.model!r} does not batch (max_batch_size {B})")
+        if B > base.max_batch:
+            raise ValueError(f"model {cfg.model!r} batches up to {B}, beyond the profile's {base.max_batch}")
+        profile = scaled_profile(base.truncated(B), cfg.time_scale)
+        profile_path = write_profile_csv(profile, cfg.out_dir / f"{cfg.profile_name}_x{cfg.time_scale:g}.csv")
+        rows: list[BenchRow] = []
+        for k, rate in enumerate(cfg.rates):
+            try:
+                model = BatchingModel(rate, B, profile, cfg.idle_power_w, cfg.weight)
+            except ModelError as exc:
+                raise ValueError(f"rate {rate:g}/s: {exc}") from None
+            lo, hi = cfg.window
+            times = arrivals.poisson(rate, duration=hi + cfg.cooldown_s, rng=cfg.seed + k)
+            counted = int(np.sum((times >= lo) & (times < hi)))
+            progress(f"load {rate:g} req/s (rho = {model.load:.2f} of capacity {model.capacity:.0f}/s): "
+                     f"{counted} Poisson arrivals measured over {cfg.duration_s:g} s "
+                     f"(+{cfg.warmup_s:g} s warm-up, +{cfg.cooldown_s:g} s cool-down)")
+            for c in cfg.contenders:
+                pred = predict(c, model, times, seed=cfg.seed, warmup_s=lo)
+                t0 = time.monotonic()
+                res = _run_contender(c, cfg, control, triton_url, times, rate, B, profile_path, cfg.out_dir)
+                m = measure(res, profile, idle_power_w=cfg.idle_power_w, weight=cfg.weight,
+                            energy_scale=cfg.time_scale, window=cfg.window)
+                in_window = (res.scheduled_s >= lo) & (res.scheduled_s < hi)
+                ok = in_window & res.ok
+                failures = dict(Counter(s for s, w in zip(res.status, in_window) if w and s != "OK"))
+                rows.append(BenchRow(rate, c.name, m, pred, batch_histogram(res, B, cfg.window),
+                                     res.done_s[ok] - res.scheduled_s[ok], failures, res.errors))
+                progress(f"  {c.name:<24} W {m.mean_latency_s * 1e3:7.2f} ms  P {m.mean_power_w:6.1f} W  "
+                         f"batch {m.mean_batch:5.2f}  failed {m.failed}  ({time.monotonic() - t0:.1f} s)")
+        control.restore()
+    finally:
+        if control is not None:
+            control.close()
+        if triton is not None:
+            progress("stopping Triton")
+            triton.stop()
+    return BenchReport(cfg, tuple(rows), B, power_note(cfg.profile_name, cfg.idle_power_w))
+
+
+# ------------------------------------------------------------------------------------------------
+# Reporting
+
+CSV_FIELDS = [
+    "rate_rps", "contender", "requests", "failed", "W_mean_ms", "W_p50_ms", "W_p95_ms", "W_p99_ms",
+    "P_w", "J_ms", "throughput_rps", "mean_batch", "pred_W_ms", "pred_P_w", "pred_J_ms", "pred_mean_batch",
+    "pred_source", "send_lag_mean_ms", "send_lag_p99_ms", "weight_s_per_w", "time_scale", "note",
+]
+
+
+def _ms(x: float) -> float:
+    return x * 1e3
+
+
+def csv_rows(report: BenchReport) -> list[dict]:
+    out = []
+    for r in report.rows:
+        m, p = r.measured, r.predicted
+        out.append({
+            "rate_rps": r.rate_rps, "contender": r.contender, "requests": m.requests, "failed": m.failed,
+            "W_mean_ms": _ms(m.mean_latency_s), "W_p50_ms": _ms(m.p50_latency_s), "W_p95_ms": _ms(m.p95_latency_s),
+            "W_p99_ms": _ms(m.p99_latency_s), "P_w": m.mean_power_w, "J_ms": _ms(m.cost),
+            "throughput_rps": m.throughput_rps, "mean_batch": m.mean_batch,
+            "pred_W_ms": _ms(p.mean_latency_s), "pred_P_w": p.mean_power_w, "pred_J_ms": _ms(p.cost),
+            "pred_mean_batch": p.mean_batch, "pred_source": p.source,
+            "send_lag_mean_ms": _ms(m.send_lag_mean_s), "send_lag_p99_ms": _ms(m.send_lag_p99_s),
+            "weight_s_per_w": report.config.weight, "time_scale": report.config.time_scale, "note": report.note,
+        })
+    return out
+
+
+def write_csv(report: BenchReport, path: Path) -> Path:
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for row in csv_rows(report):
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return path
+
+
+def format_table(report: BenchReport) -> str:
+    """The per-contender table for a terminal, measured beside predicted."""
+    cfg = report.config
+    head = (f"{'rate':>6} {'contender':<24} {'W ms':>8} {'p50':>7} {'p95':>7} {'p99':>7} {'P W':>6} "
+            f"{'J ms':>8} {'thr/s':>7} {'batch':>6} {'fail':>5} | {'W~ms':>7} {'P~W':>6} {'J~ms':>8}  src")
+    lines = [
+        f"J = W + w P with w = {cfg.weight:g} s/W; emulated GPU {cfg.time_scale:g}x slower than "
+        f"{cfg.profile_name}; ~ = solver's prediction",
+        head,
+        "-" * len(head),
+    ]
+    best: dict[float, float] = {}
+    for r in report.rows:
+        if r.measured.failed == 0 and math.isfinite(r.measured.cost):
+            best[r.rate_rps] = min(best.get(r.rate_rps, math.inf), r.measured.cost)
+    for r in report.rows:
+        m, p = r.measured, r.predicted
+        mark = " *" if best.get(r.rate_rps) == m.cost else ""
+        lines.append(
+            f"{r.rate_rps:6g} {r.contender:<24} {_ms(m.mean_latency_s):8.2f} {_ms(m.p50_latency_s):7.2f} "
+            f"{_ms(m.p95_latency_s):7.2f} {_ms(m.p99_latency_s):7.2f} {m.mean_power_w:6.1f} {_ms(m.cost):8.2f} "
+            f"{m.throughput_rps:7.1f} {m.mean_batch:6.2f} {m.failed:5d} | {_ms(p.mean_latency_s):7.2f} "
+            f"{p.mean_power_w:6.1f} {_ms(p.cost):8.2f}  {p.source}{mark}"
+        )
+    lag = max((r.measured.send_lag_p99_s for r in report.rows), default=math.nan)
+    lines.append(f"* lowest measured J at its load.  Client send lag p99 (worst contender): {_ms(lag):.2f} ms.")
+    lines.append(report.note + ".")
+    return "\n".join(lines)
+
+
+def _json_safe(obj):
+    """JSON has no NaN or infinity: None says "not available"."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.generic):
+        return _json_safe(obj.item())
+    return obj
+
+
+def write_outputs(report: BenchReport) -> BenchReport:
+    """CSV, JSON summary, per-request latencies and PNG plots into the config's out_dir."""
+    from .plots import plot_bars, plot_batch_hist, plot_latency_cdf
+
+    out = report.config.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    files = [write_csv(report, out / "bench.csv")]
+    summary = {
+        "note": report.note,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(report.config).items()},
+        "max_batch": report.max_batch,
+        "rows": [dict(row, failures=r.failures, errors=list(r.errors)) for row, r in zip(csv_rows(report), report.rows)],
+    }
+    (out / "bench.json").write_text(json.dumps(_json_safe(summary), indent=1))
+    files.append(out / "bench.json")
+    np.savez_compressed(out / "latencies.npz", **{f"{r.rate_rps:g}|{r.contender}": r.latencies_s for r in report.rows})
+    files.append(out / "latencies.npz")
+    files += [plot_latency_cdf(report, out / "latency_cdf.png"), plot_batch_hist(report, out / "batch_sizes.png"),
+              plot_bars(report, out / "jwp_bars.png")]
+    return replace(report, files=tuple(files))

@@ -1,0 +1,187 @@
+"""Sub-commands of the load-testing part: ``smdp bench``, ``smdp demo`` and ``smdp pareto``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"{what} is empty")
+    return values
+
+
+def _common(p: argparse.ArgumentParser, out: str) -> None:
+    from .bench import DEFAULT_PROFILE
+
+    p.add_argument("--triton", metavar="HOST:PORT", help="use this Triton (gRPC) instead of starting an embedded one")
+    p.add_argument("--model", default="emulated_gpu", help="model to load (default: %(default)s)")
+    p.add_argument("--profile", type=Path, default=DEFAULT_PROFILE,
+                   help="profile CSV the emulated model runs (default: %(default)s)")
+    p.add_argument("--time-scale", type=float, default=10.0,
+                   help="emulated GPU this many times slower than the profile (default: %(default)s)")
+    p.add_argument("--idle-power", type=float, default=40.0, help="P0, watts (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the arrival sequences (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path(out), help="output directory (default: %(default)s)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="compare Triton's batcher and the SMDP gate on one open-loop arrival sequence",
+        description="Against a real Triton (embedded unless --triton), run every contender one after another "
+        "on the same Poisson arrival sequence per rate, and report W (mean/p50/p95/p99), P, J = W + w P, "
+        "throughput, batch size and failures beside the solver's predictions. Power is modelled from the "
+        "profile. Writes bench.csv, bench.json, latencies.npz and PNG plots.",
+    )
+    _common(p, "out/bench")
+    p.add_argument("--rates", default="100,200", help="arrival rates, req/s, comma-separated (default: %(default)s)")
+    p.add_argument("--duration", type=float, default=8.0, help="seconds of arrivals per contender (default: %(default)s)")
+    p.add_argument("--weight", type=float, default=1e-3,
+                   help="w, seconds per watt, for the scaled system (default: %(default)s)")
+    p.add_argument("--delays-us", default="0,10000",
+                   help="Triton max_queue_delay_microseconds contenders (default: %(default)s)")
+    p.add_argument("--gates", default="greedy,smdp",
+                   help="gate policies: greedy, smdp, static:B0, threshold:K, timeout:S (default: %(default)s)")
+    p.add_argument("--warmup", type=float, default=1.5,
+                   help="seconds of arrivals before the measured window, per contender (default: %(default)s)")
+    p.set_defaults(func=_cmd_bench)
+
+    d = subparsers.add_parser(
+        "demo",
+        help="the one-minute tour: embedded Triton, sidecar gate, short bench, table and plots in out/demo",
+        description="Start an embedded Triton and sidecar gates, run a short bench (two loads x four "
+        "contenders), print the table and write plots to out/demo/. Everything started is stopped.",
+    )
+    _common(d, "out/demo")
+    d.add_argument("--rates", default="100,200", help="arrival rates, req/s (default: %(default)s)")
+    d.add_argument("--duration", type=float, default=6.0, help="seconds per contender (default: %(default)s)")
+    d.add_argument("--weight", type=float, default=1e-3, help="w, seconds per watt (default: %(default)s)")
+    d.set_defaults(func=_cmd_demo, delays_us="0,10000", gates="greedy,smdp", warmup=1.5)
+
+    x = subparsers.add_parser(
+        "pareto",
+        help="sweep w: measured latency and power of the SMDP gate against the solver's trade-off curve",
+        description="At one rate, solve and run the SMDP gate for each w on the same arrival sequence, and "
+        "plot measured (W, P) points over the predicted curve, with greedy and Triton's batcher as references.",
+    )
+    _common(x, "out/pareto")
+    x.add_argument("--rate", type=float, default=100.0, help="arrival rate, req/s (default: %(default)s)")
+    x.add_argument("--weights", default="0,0.0003,0.001,0.003,0.01",
+                   help="w values, seconds per watt (default: %(default)s)")
+    x.add_argument("--duration", type=float, default=6.0, help="seconds per run (default: %(default)s)")
+    x.add_argument("--delays-us", default="0,10000", help="Triton batcher reference points (default: %(default)s)")
+    x.add_argument("--warmup", type=float, default=1.5, help="seconds of warm-up arrivals per run (default: %(default)s)")
+    x.set_defaults(func=_cmd_pareto)
+
+
+def _contenders(args: argparse.Namespace):
+    from .contenders import Contender, parse_contender
+
+    out: list[Contender] = []
+    for d in _floats(args.delays_us, "--delays-us") if args.delays_us else ():
+        if d != int(d) or d < 0:
+            raise ValueError(f"--delays-us: {d!r} is not a whole number of microseconds >= 0")
+        out.append(Contender("triton", max_queue_delay_us=int(d)))
+    for g in (s.strip() for s in args.gates.split(",") if s.strip()):
+        out.append(parse_contender(f"gate:{g}"))
+    return tuple(out)
+
+
+def _config(args: argparse.Namespace):
+    from .bench import BenchConfig
+
+    return BenchConfig(
+        rates=_floats(args.rates, "--rates"), contenders=_contenders(args), duration_s=args.duration,
+        time_scale=args.time_scale, weight=args.weight, idle_power_w=args.idle_power, profile_csv=args.profile,
+        model=args.model, seed=args.seed, warmup_s=args.warmup, out_dir=args.out,
+    )
+
+
+def _progress(start: float):
+    def say(msg: str) -> None:
+        print(f"[{time.monotonic() - start:6.1f}s] {msg}", flush=True)
+
+    return say
+
+
+def _run(args: argparse.Namespace, title: str) -> int:
+    from plugin.triton_server import TritonStartError, TritonUnavailable
+    from solver.model import ModelError
+
+    from .bench import format_table, run_bench, write_outputs
+
+    say = _progress(time.monotonic())
+    try:
+        cfg = _config(args)
+    except (ValueError, argparse.ArgumentTypeError, ModelError) as exc:
+        print(f"smdp {title}: {exc}", file=sys.stderr)
+        return 2
+    say(f"{title}: {len(cfg.rates)} load(s) x {len(cfg.contenders)} contenders x {cfg.duration_s:g} s, "
+        f"output in {cfg.out_dir}")
+    try:
+        report = run_bench(cfg, triton_url=args.triton, progress=say)
+    except (TritonUnavailable, TritonStartError) as exc:
+        print(f"smdp {title}: Triton is not available: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, ModelError) as exc:
+        print(f"smdp {title}: {exc}", file=sys.stderr)
+        return 2
+    report = write_outputs(report)
+    print()
+    print(format_table(report))
+    print()
+    for f in report.files:
+        print(f"wrote {f}")
+    failed = sum(r.measured.failed for r in report.rows)
+    if failed:
+        print(f"smdp {title}: {failed} request(s) failed; see bench.json for the errors", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    return _run(args, "bench")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    return _run(args, "demo")
+
+
+def _cmd_pareto(args: argparse.Namespace) -> int:
+    from plugin.triton_server import TritonStartError, TritonUnavailable
+    from solver.model import ModelError
+
+    from .pareto import ParetoConfig, run_pareto, write_pareto
+
+    say = _progress(time.monotonic())
+    try:
+        delays = tuple(int(d) for d in _floats(args.delays_us, "--delays-us")) if args.delays_us else ()
+        cfg = ParetoConfig(rate=args.rate, weights=_floats(args.weights, "--weights"), delays_us=delays,
+                           duration_s=args.duration, time_scale=args.time_scale, idle_power_w=args.idle_power,
+                           profile_csv=args.profile, model=args.model, seed=args.seed,
+                           warmup_s=args.warmup, out_dir=args.out)
+    except (ValueError, argparse.ArgumentTypeError, ModelError) as exc:
+        print(f"smdp pareto: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = run_pareto(cfg, triton_url=args.triton, progress=say)
+    except (TritonUnavailable, TritonStartError) as exc:
+        print(f"smdp pareto: Triton is not available: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, ModelError) as exc:
+        print(f"smdp pareto: {exc}", file=sys.stderr)
+        return 2
+    text, files = write_pareto(result)
+    print()
+    print(text)
+    for f in files:
+        print(f"wrote {f}")
+    return 1 if any(p.measured.failed for p in result.points) else 0

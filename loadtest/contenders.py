@@ -1,0 +1,112 @@
+"""Who competes in a bench, and what the solver predicts each will do.
+
+A contender is either Triton's own dynamic batcher at some ``max_queue_delay_microseconds``
+(``triton:DELAY_US``) or the sidecar gate with a policy (``gate:greedy``, ``gate:smdp``,
+``gate:static:8``, ``gate:threshold:4``, ``gate:timeout:0.01``). Predictions use the same scaled
+profile the emulated server runs: exact evaluation for queue-length tables (greedy, static,
+threshold, smdp) and the discrete-event simulator on the very arrival sequence of the run for
+timeout rules (Triton's batcher with a delay), which have no exact SMDP evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from solver.model import BatchingModel
+from solver.policy import TimeoutRule, parse_rule_spec
+
+__all__ = ["Contender", "Prediction", "parse_contender", "predict"]
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One way of batching: Triton's batcher (``kind="triton"``) or the gate with ``policy``."""
+
+    kind: str
+    policy: str = "greedy"
+    """Gate policy spec (greedy | smdp | static:B0 | threshold:K | timeout:S)."""
+    max_queue_delay_us: int = 0
+    """Triton's max_queue_delay_microseconds (for the gate it stays 0: the gate decides)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("triton", "gate"):
+            raise ValueError(f"contender kind must be 'triton' or 'gate', got {self.kind!r}")
+        if self.kind == "gate":
+            parse_rule_spec(self.policy)
+        if not isinstance(self.max_queue_delay_us, int) or self.max_queue_delay_us < 0:
+            raise ValueError(f"max_queue_delay_us must be an integer >= 0, got {self.max_queue_delay_us!r}")
+
+    @property
+    def name(self) -> str:
+        if self.kind == "triton":
+            return f"triton delay={self.max_queue_delay_us / 1000:g}ms"
+        return f"gate {self.policy}"
+
+
+def parse_contender(spec: str) -> Contender:
+    """``triton:DELAY_US`` or ``gate:POLICY``."""
+    kind, _, rest = spec.strip().partition(":")
+    if kind == "triton":
+        try:
+            delay = int(rest)
+        except ValueError:
+            raise ValueError(f"contender {spec!r}: triton:DELAY needs the delay in integer microseconds") from None
+        return Contender("triton", max_queue_delay_us=delay)
+    if kind == "gate":
+        if not rest:
+            raise ValueError(f"contender {spec!r}: give a policy, e.g. gate:greedy or gate:smdp")
+        try:
+            return Contender("gate", policy=rest)
+        except ValueError as exc:
+            raise ValueError(f"contender {spec!r}: {exc}") from None
+    raise ValueError(f"contender {spec!r} must start with 'triton:' or 'gate:'")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The solver's figures for a contender (NaN where it has none)."""
+
+    mean_latency_s: float = math.nan
+    mean_power_w: float = math.nan
+    cost: float = math.nan
+    mean_batch: float = math.nan
+    source: str = "none"
+    """"exact" (stationary evaluation / solve) or "sim" (simulated on the run's arrivals)."""
+
+
+def _rule_prediction(model: BatchingModel, spec: str, times: np.ndarray, seed: int, warmup_s: float) -> Prediction:
+    from solver.evaluate import UnstablePolicyError, evaluate
+    from solver.policy import rule_from_spec
+    from solver.simulate import simulate
+
+    kind, _ = parse_rule_spec(spec)
+    if kind == "smdp":
+        from solver.smdp import solve
+
+        res = solve(model)
+        return Prediction(res.mean_latency_s, res.mean_power_w, res.gain, res.mean_batch, "exact")
+    rule = rule_from_spec(spec, model.max_batch)
+    if isinstance(rule, TimeoutRule):
+        if times.size < 2:
+            return Prediction()
+        sim = simulate(model.profile, rule, times, idle_power_w=model.idle_power_w, weight=model.weight, seed=seed,
+                       warmup=warmup_s)
+        return Prediction(sim.mean_latency_s, sim.mean_power_w, sim.cost, sim.mean_batch, "sim")
+    try:
+        ev = evaluate(model, rule)
+    except UnstablePolicyError:
+        return Prediction(math.inf, math.nan, math.inf, math.nan, "exact")
+    return Prediction(ev.mean_latency_s, ev.mean_power_w, ev.cost, ev.mean_batch, "exact")
+
+
+def predict(contender: Contender, model: BatchingModel, times: np.ndarray, seed: int = 0,
+            warmup_s: float = 0.0) -> Prediction:
+    """What the solver expects of ``contender`` under ``model`` (Poisson at model.rate); rules
+    without an exact evaluation are simulated on ``times`` from ``warmup_s`` on."""
+    if contender.kind == "triton":
+        spec = "greedy" if contender.max_queue_delay_us == 0 else f"timeout:{contender.max_queue_delay_us / 1e6!r}"
+        return _rule_prediction(model, spec, times, seed, warmup_s)
+    return _rule_prediction(model, contender.policy, times, seed, warmup_s)

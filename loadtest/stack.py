@@ -1,0 +1,146 @@
+"""The system under test for a bench: an embedded Triton and sidecar processes, always torn down.
+
+The sidecar runs as its own process (``smdp serve``), not on a thread of the bench: the load
+generator, the sidecar and Triton then have one interpreter lock each, so on a small host the
+client's send lag and the gate's decisions do not queue behind each other's Python code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+from solver.model import ServiceProfile
+
+__all__ = ["SidecarProcess", "SidecarSpec", "scaled_profile", "write_profile_csv"]
+
+_LISTENING = re.compile(r"sidecar listening on (\S+):(\d+)")
+
+
+def scaled_profile(profile: ServiceProfile, scale: float) -> ServiceProfile:
+    """The profile of a server ``scale`` times slower at the same power: times and energies x scale."""
+    if not scale > 0:
+        raise ValueError(f"time scale must be > 0, got {scale!r}")
+    return ServiceProfile(
+        mean_s=profile.mean_s * scale,
+        energy_j=profile.energy_j * scale,
+        cv=profile.cv,
+        interpolated=profile.interpolated,
+        source=f"{profile.source} x{scale:g}" if profile.source else f"x{scale:g}",
+    )
+
+
+def write_profile_csv(profile: ServiceProfile, path: Path) -> Path:
+    """Every batch size written out (no interpolation left to the reader)."""
+    rows = ["batch_size,mean_service_s,batch_energy_j,service_cv"]
+    for b in range(1, profile.max_batch + 1):
+        rows.append(f"{b},{profile.mean_s[b - 1]!r},{profile.energy_j[b - 1]!r},{profile.cv[b - 1]!r}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@dataclass(frozen=True)
+class SidecarSpec:
+    """One gate contender's sidecar settings (passed to ``smdp serve`` as flags)."""
+
+    policy: str
+    max_batch: int
+    profile_csv: Path | None = None
+    rate_rps: float | None = None
+    weight: float = 0.0
+    idle_power_w: float = 40.0
+    max_queue: int = 4096
+
+    def flags(self) -> list[str]:
+        out = ["--policy", self.policy, "--max-batch", str(self.max_batch), "--weight", repr(float(self.weight)),
+               "--idle-power", repr(float(self.idle_power_w)), "--max-queue", str(self.max_queue)]
+        if self.profile_csv is not None:
+            out += ["--profile", str(self.profile_csv)]
+        if self.rate_rps is not None:
+            out += ["--rate", repr(float(self.rate_rps))]
+        return out
+
+
+class SidecarProcess:
+    """``smdp serve`` on a free port in front of ``triton_url``; ``stop()`` (or exit) ends it."""
+
+    def __init__(self, triton_url: str, spec: SidecarSpec, *, log_path: Path | None = None,
+                 startup_timeout_s: float = 60.0) -> None:
+        self.triton_url = triton_url
+        self.spec = spec
+        self.log_path = log_path or Path(tempfile.mkstemp(prefix="smdp-sidecar.", suffix=".log")[1])
+        self.startup_timeout_s = startup_timeout_s
+        self._proc: subprocess.Popen | None = None
+        self.url: str | None = None
+
+    def start(self) -> "SidecarProcess":
+        cmd = [sys.executable, "-m", "smdp.cli", "serve", "--listen", "127.0.0.1:0", "--triton", self.triton_url,
+               "--log-level", "WARNING", *self.spec.flags()]
+        log = open(self.log_path, "ab")
+        try:
+            self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+                                          start_new_session=True, cwd=Path(__file__).resolve().parent.parent,
+                                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        finally:
+            log.close()
+        try:
+            self.url = self._wait_listening()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_listening(self) -> str:
+        assert self._proc is not None and self._proc.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self._proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + self.startup_timeout_s
+        buf = b""
+        try:
+            while time.monotonic() < deadline:
+                if sel.select(timeout=0.2):
+                    chunk = os.read(self._proc.stdout.fileno(), 4096)
+                    if not chunk:
+                        break
+                    buf += chunk
+                    m = _LISTENING.search(buf.decode(errors="replace"))
+                    if m:
+                        host = "127.0.0.1" if m.group(1) in ("0.0.0.0", "") else m.group(1)
+                        return f"{host}:{m.group(2)}"
+                elif self._proc.poll() is not None:
+                    break
+        finally:
+            sel.close()
+        code = self._proc.poll()
+        tail = self.log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"sidecar ({' '.join(self.spec.flags())}) did not start "
+                           f"(exit code {code}); log {self.log_path}:\n{tail}")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=timeout_s)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+    def __enter__(self) -> "SidecarProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,81 @@
+"""Reload a Triton model with a changed batching configuration, and put the original back.
+
+Triton applies a ``dynamic_batching`` change only through the repository API's load with a config
+override (the model is swapped in the background). A plain ``load_model(name)`` afterwards does
+*not* return to the file's config when the files are unchanged, so the original is captured first
+and restored explicitly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["BatchingOverride", "ModelConfigControl"]
+
+
+@dataclass(frozen=True)
+class BatchingOverride:
+    """What a contender changes in the model's config; None leaves a field as it was."""
+
+    max_queue_delay_us: int | None = None
+    time_scale: float | None = None
+    """The emulated model's ``time_scale`` parameter (service times multiplied by it)."""
+    dynamic_batching: bool = True
+    """False removes the ``dynamic_batching`` section: Triton then runs each request as it comes,
+    which is what a merging gate wants (its requests are already the batches). It also avoids a
+    stall seen with Triton 2.51's batcher when exactly one request at a time reaches it right after
+    the previous one completes: the batcher sometimes sleeps its 500 ms default wait."""
+
+    def __post_init__(self) -> None:
+        if self.max_queue_delay_us is not None and (not isinstance(self.max_queue_delay_us, int)
+                                                    or self.max_queue_delay_us < 0):
+            raise ValueError(f"max_queue_delay_us must be an integer >= 0, got {self.max_queue_delay_us!r}")
+        if self.time_scale is not None and not self.time_scale > 0:
+            raise ValueError(f"time_scale must be > 0, got {self.time_scale!r}")
+
+
+class ModelConfigControl:
+    """Apply overrides to one model on one Triton; ``restore()`` reloads the config it found."""
+
+    def __init__(self, triton_url: str, model: str) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self.model = model
+        self._client = grpcclient.InferenceServerClient(triton_url)
+        self._original: dict[str, Any] = self._client.get_model_config(model, as_json=True)["config"]
+        self.current: dict[str, Any] = copy.deepcopy(self._original)
+
+    @property
+    def max_batch(self) -> int:
+        return int(self._original.get("max_batch_size", 0))
+
+    def config_with(self, override: BatchingOverride) -> dict[str, Any]:
+        cfg = copy.deepcopy(self._original)
+        if not override.dynamic_batching:
+            cfg.pop("dynamic_batching", None)
+        elif override.max_queue_delay_us is not None:
+            if "dynamic_batching" not in cfg:
+                raise ValueError(f"model {self.model!r} has no dynamic_batching section to change")
+            cfg["dynamic_batching"]["max_queue_delay_microseconds"] = str(override.max_queue_delay_us)
+        if override.time_scale is not None:
+            cfg.setdefault("parameters", {})["time_scale"] = {"string_value": repr(float(override.time_scale))}
+        return cfg
+
+    def apply(self, override: BatchingOverride) -> None:
+        """Reload the model with ``override`` (blocks until Triton reports it loaded)."""
+        cfg = self.config_with(override)
+        if cfg == self.current:
+            return
+        self._client.load_model(self.model, config=json.dumps(cfg))
+        self.current = cfg
+
+    def restore(self) -> None:
+        if self.current != self._original:
+            self._client.load_model(self.model, config=json.dumps(self._original))
+            self.current = copy.deepcopy(self._original)
+
+    def close(self) -> None:
+        self._client.close()
