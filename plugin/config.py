@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from solver.policy import parse_rule_spec
 
@@ -36,12 +36,26 @@ class ModelPolicyConfig(BaseModel):
     max_batch: int | None = Field(
         None, ge=1, description="B: largest batch the gate forms (default: the model's max_batch_size)"
     )
+    adaptive: bool = Field(
+        True,
+        description="smdp only: re-solve for the measured arrival rate when it changes (False: keep the "
+        "policy solved for rate_rps)",
+    )
 
     @field_validator("policy")
     @classmethod
     def _valid_policy(cls, v: str) -> str:
         parse_rule_spec(v)
         return v
+
+    @model_validator(mode="after")
+    def _smdp_needs_inputs(self) -> "ModelPolicyConfig":
+        if self.policy == "smdp":
+            if self.profile is None:
+                raise ValueError("policy smdp needs `profile` (the service-time/energy profile CSV)")
+            if not self.adaptive and self.rate_rps is None:
+                raise ValueError("a non-adaptive smdp policy needs `rate_rps` (the rate to solve for)")
+        return self
 
 
 class SidecarConfig(BaseModel):
@@ -61,6 +75,20 @@ class SidecarConfig(BaseModel):
         1, ge=0, description="Triton priority level stamped on gated requests that carry none (0 = leave unset)"
     )
     upstream_timeout_s: float = Field(60.0, gt=0, description="Deadline of one call to Triton, seconds")
+    solver_url: str | None = Field(
+        None, description="host:port of a shared `smdp solver-serve`; None = solve in a worker thread of the sidecar"
+    )
+    solver_timeout_s: float = Field(10.0, gt=0, description="Deadline of one solve request, seconds")
+    control_listen: str | None = Field(
+        "127.0.0.1:8012", description="host:port of the control API (smdp.v1.Control); None = no control API"
+    )
+    control_token: str | None = Field(
+        None, description="Bearer token the control API requires (None = none; keep it on localhost then)"
+    )
+    retune_interval_s: float = Field(
+        0.25, gt=0, description="How often adaptive models check whether their policy must be re-solved, seconds"
+    )
+    rate_window_s: float = Field(10.0, gt=0, description="Sliding window of the arrival-rate estimator, seconds")
     allow_repository_control: bool = Field(
         False, description="Pass Triton's repository load/unload RPCs through (off: PERMISSION_DENIED)"
     )

@@ -36,6 +36,15 @@ class SidecarThread:
         return self._running.port
 
     @property
+    def control_port(self) -> int | None:
+        return self._running.control_port if self._running else None
+
+    @property
+    def control_url(self) -> str | None:
+        port = self.control_port
+        return None if port is None else f"127.0.0.1:{port}"
+
+    @property
     def url(self) -> str:
         host = self.config.listen.rsplit(":", 1)[0]
         host = "127.0.0.1" if host in ("0.0.0.0", "[::]", "") else host
@@ -92,8 +101,9 @@ class SidecarThread:
 async def serve_forever(config: SidecarConfig) -> None:
     """``smdp serve``: run until SIGINT/SIGTERM, then drain and stop."""
     running = await start_sidecar(config)
-    print(f"sidecar listening on {config.listen.rsplit(':', 1)[0]}:{running.port} -> Triton {config.triton_url}",
-          flush=True)
+    control = f", control API on port {running.control_port}" if running.control_port else ""
+    print(f"sidecar listening on {config.listen.rsplit(':', 1)[0]}:{running.port} -> Triton {config.triton_url}"
+          f"{control}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -24,6 +24,10 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight", type=float, help="w, seconds per watt")
     p.add_argument("--idle-power", type=float, help="P0, watts")
     p.add_argument("--max-batch", type=int, help="B, the largest batch the gate forms")
+    p.add_argument("--fixed", action="store_true", help="smdp: keep the policy solved for --rate (no re-solving)")
+    p.add_argument("--solver", dest="solver_url", help="host:port of a shared smdp solver-serve (default: in-process)")
+    p.add_argument("--control-listen", help="host:port of the control API (default 127.0.0.1:8012; 'none' = off)")
+    p.add_argument("--control-token", help="bearer token required by the control API")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_run)
 
@@ -45,16 +49,25 @@ def _run(args: argparse.Namespace) -> int:
         "weight": args.weight,
         "idle_power_w": args.idle_power,
         "max_batch": args.max_batch,
+        "adaptive": False if args.fixed else None,
     }
     overrides = {
         "listen": args.listen,
         "triton_url": args.triton_url,
         "mode": args.mode,
         "max_queue": args.max_queue,
+        "solver_url": args.solver_url,
+        "control_listen": args.control_listen,
+        "control_token": args.control_token,
         "default": {k: v for k, v in default.items() if v is not None} or None,
     }
+    no_control = overrides["control_listen"] == "none"
+    if no_control:
+        overrides["control_listen"] = None
     try:
         config = load_config(args.config, overrides=overrides)
+        if no_control:
+            config = config.model_copy(update={"control_listen": None})
     except (ValidationError, ValueError, OSError) as exc:
         print(f"smdp serve: invalid configuration: {exc}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import model_config_pb2, service_pb2
 
+from .adaptive import PolicyController
 from .config import SidecarConfig
 from .gate import ModelGate, Pending, QueueFull
 from .merge import MalformedRequest, merge, merge_key, split, validate_request
@@ -72,6 +73,10 @@ class BatchStats:
     busy_s: np.ndarray = field(init=False)
     failed_requests: int = 0
     answered: int = 0
+    latency_sum_s: float = 0.0
+    """Sum over answered requests of arrival-to-answer time in the sidecar, seconds."""
+    latency_n: int = 0
+    started_at: float = 0.0
 
     def __post_init__(self) -> None:
         self.batches = np.zeros(self.max_batch + 1, dtype=np.int64)
@@ -93,6 +98,8 @@ class ModelState:
     stats: BatchStats
     default_priority: int
     priority_levels: int
+    controller: PolicyController | None = None
+    profile: Any = None
     timer: asyncio.TimerHandle | None = None
     timer_at: float | None = None
 
@@ -129,14 +136,40 @@ class Sidecar:
         self._models: dict[tuple[str, str], ModelState] = {}
         self._loading: dict[tuple[str, str], asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._solver = None
+        if config.solver_url:
+            from solver.service import AsyncSolverClient
+
+            self._solver = AsyncSolverClient(config.solver_url, timeout_s=config.solver_timeout_s)
+        self._retune = self._loop.create_task(self._retune_loop())
 
     async def close(self) -> None:
+        self._retune.cancel()
         for state in self._models.values():
             if state.timer:
                 state.timer.cancel()
+            if state.controller is not None:
+                await state.controller.wait_idle()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._solver is not None:
+            await self._solver.close()
         await self._channel.close()
+
+    async def _retune_loop(self) -> None:
+        """Let every adaptive model re-solve when its rate moved (see plugin.adaptive)."""
+        while True:
+            await asyncio.sleep(self.config.retune_interval_s)
+            now = self._clock()
+            for state in list(self._models.values()):
+                if state.controller is not None:
+                    try:
+                        state.controller.tick(now)
+                    except Exception:  # never let one model stop the loop
+                        log.exception("retune of %s failed", state.name)
+
+    def clock(self) -> float:
+        return self._clock()
 
     # -- models ------------------------------------------------------------------------------
     def models(self) -> dict[tuple[str, str], ModelState]:
@@ -187,16 +220,20 @@ class Sidecar:
         dyn = cfg.dynamic_batching
         levels = dyn.priority_levels if cfg.HasField("dynamic_batching") else 0
         default_level = dyn.default_priority_level if levels else 0
-        gate = info = None
+        gate = info = controller = profile = None
         max_rows = max(cfg.max_batch_size, 1)
+        policy_cfg = self.config.policy_for(name)
         if cfg.max_batch_size > 0:
-            info = build_rule(name, self.config.policy_for(name), cfg.max_batch_size)
+            if policy_cfg.policy == "smdp" and policy_cfg.adaptive:
+                info, profile = self._adaptive_start(name, policy_cfg, cfg.max_batch_size)
+            else:
+                info = await self._loop.run_in_executor(None, build_rule, name, policy_cfg, cfg.max_batch_size)
             gate = ModelGate(
                 info.rule, slots=slots, max_queue=self.config.max_queue, max_rows=info.max_batch, clock=self._clock
             )
             max_rows = info.max_batch
             log.info("gating model %s (B=%d, %d slot(s), policy %s)", name, info.max_batch, slots, info.spec)
-        return ModelState(
+        state = ModelState(
             name=name,
             version=version,
             config=cfg,
@@ -205,7 +242,49 @@ class Sidecar:
             stats=BatchStats(max_rows),
             default_priority=default_level or (levels or 0),
             priority_levels=levels,
+            profile=profile,
         )
+        state.stats.started_at = self._clock()
+        if profile is not None:
+            state.controller = PolicyController(
+                name,
+                profile,
+                max_batch=info.max_batch,
+                idle_power_w=policy_cfg.idle_power_w,
+                weight=policy_cfg.weight,
+                install=lambda policy, st=state: self._install(st, policy),
+                clock=self._clock,
+                solver=self._solver,
+                initial_rate=policy_cfg.rate_rps,
+                window_s=self.config.rate_window_s,
+            )
+        return state
+
+    def _adaptive_start(self, name: str, cfg, model_max_batch: int) -> tuple[RuleInfo, Any]:
+        """An adaptive smdp model starts greedy; its controller installs the solved policy shortly."""
+        from solver.model import ServiceProfile
+        from solver.policy import greedy
+
+        if cfg.profile is None:
+            raise GateError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model '{name}': the smdp policy needs a service-time profile (`profile`)",
+            )
+        b = min(cfg.max_batch or model_max_batch, model_max_batch)
+        profile = ServiceProfile.from_csv(cfg.profile)
+        return RuleInfo(greedy(b), "smdp (greedy until the first solve)", b), profile.truncated(
+            min(b, profile.max_batch)
+        )
+
+    def _install(self, state: ModelState, policy) -> None:
+        """Swap in a solved table; the event loop runs one decision at a time, so this is atomic."""
+        c = state.controller
+        pred = None
+        if c is not None and c.current is not None:
+            pred = {"mean_latency_s": c.current.mean_latency_s, "mean_power_w": c.current.mean_power_w}
+        state.info = RuleInfo(policy, "smdp", policy.max_batch, pred)
+        state.gate.set_rule(policy)
+        self._pump(state)
 
     async def _triton_ready(self) -> bool:
         try:
@@ -258,9 +337,14 @@ class Sidecar:
             raise GateError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"model '{state.name}' is overloaded: {exc}"
             ) from None
+        if state.controller is not None:
+            state.controller.observe_arrival(now)
         self._pump(state)
         try:
-            return await call.future
+            response = await call.future
+            state.stats.latency_sum_s += self._clock() - now
+            state.stats.latency_n += 1
+            return response
         except asyncio.CancelledError:
             state.gate.cancel(item)  # still waiting: frees its place; dispatched: the batch runs on
             raise
@@ -483,9 +567,13 @@ class RunningSidecar:
     sidecar: Sidecar
     port: int
     health: Any
+    control: grpc.aio.Server | None = None
+    control_port: int | None = None
 
     async def stop(self, grace: float = 1.0) -> None:
         await self.health.enter_graceful_shutdown()
+        if self.control is not None:
+            await self.control.stop(grace)
         await self.server.stop(grace)
         await self.sidecar.close()
 
@@ -527,4 +615,17 @@ async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
     log.info("sidecar listening on port %d, relaying to Triton at %s", port, config.triton_url)
-    return RunningSidecar(server, sidecar, port, health)
+    running = RunningSidecar(server, sidecar, port, health)
+    if config.control_listen:
+        from .control import start_control_server
+        from .control_backend import SidecarControl
+
+        try:
+            running.control, running.control_port = await start_control_server(
+                SidecarControl(sidecar), config.control_listen, config.control_token
+            )
+        except BaseException:
+            await running.stop(0)
+            raise
+        log.info("control API on port %d", running.control_port)
+    return running

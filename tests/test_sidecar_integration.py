@@ -29,7 +29,9 @@ SCALE = 20  # emulated service times x20: batch of 1 takes ~42 ms, so arrival or
 def sidecar(triton_url: str, **overrides):
     default = overrides.pop("default", {"policy": "greedy"})
     cfg = load_config(
-        overrides={"listen": "127.0.0.1:0", "triton_url": triton_url, "default": default, **overrides}, environ={}
+        overrides={"listen": "127.0.0.1:0", "control_listen": "127.0.0.1:0", "triton_url": triton_url,
+                   "default": default, **overrides},
+        environ={},
     )
     runner = SidecarThread(cfg)
     runner.start()

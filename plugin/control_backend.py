@@ -1,0 +1,114 @@
+"""The sidecar's answers to the control API (``smdp.v1.Control``): status, weight, target, policy.
+
+Runs on the sidecar's event loop (the control server shares it), so reads and writes of gate state
+happen between two decisions and need no lock.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from solver.policy import PolicyTable
+
+from .control import Figures, ModelStatusInfo, PolicyInfo, UnknownModel
+
+if TYPE_CHECKING:
+    from .server import ModelState, Sidecar
+
+
+class SidecarControl:
+    """``ControlBackend`` over a running ``Sidecar``; models appear once they served a request."""
+
+    def __init__(self, sidecar: "Sidecar") -> None:
+        self.sidecar = sidecar
+
+    def _state(self, model: str) -> "ModelState":
+        for (name, _), state in self.sidecar.models().items():
+            if name == model and state.gate is not None:
+                return state
+        raise UnknownModel(model)
+
+    def models(self) -> list[str]:
+        return sorted({name for (name, _), s in self.sidecar.models().items() if s.gate is not None})
+
+    def set_weight(self, model: str, weight: float) -> None:
+        c = self._state(model).controller
+        if c is None:
+            raise ValueError(f"model {model!r} is not served by an adaptive smdp policy; its weight has no effect")
+        c.set_weight(weight)
+        c.tick(self.sidecar.clock())
+
+    def set_latency_target(self, model: str, target_s: float | None) -> None:
+        c = self._state(model).controller
+        if c is None:
+            raise ValueError(f"model {model!r} is not served by an adaptive smdp policy; it has no latency target")
+        c.set_latency_target(target_s)
+        c.tick(self.sidecar.clock())
+
+    def policy(self, model: str) -> PolicyInfo:
+        state = self._state(model)
+        rule = state.gate.rule
+        c = state.controller
+        version = c.version if c is not None else 1
+        installed = c.installed_at if c is not None else state.stats.started_at
+        actions = rule.actions.tolist() if isinstance(rule, PolicyTable) else []
+        threshold = rule.threshold() if isinstance(rule, PolicyTable) else None
+        return PolicyInfo(actions, rule.max_batch, version, self.sidecar.clock() - installed,
+                          state.info.spec if state.info else "", threshold)
+
+    def status(self, model: str) -> ModelStatusInfo:
+        state = self._state(model)
+        now = self.sidecar.clock()
+        c = state.controller
+        st = state.stats
+        weight = c.weight if c is not None else self.sidecar.config.policy_for(model).weight
+        pol = self.policy(model)
+        predicted = None
+        if c is not None and c.current is not None and math.isfinite(c.current.mean_latency_s):
+            s = c.current
+            predicted = Figures(s.mean_latency_s, s.mean_power_w, s.mean_latency_s + weight * s.mean_power_w,
+                                s.rate_rps, s.mean_batch)
+        measured = None
+        elapsed = now - st.started_at
+        if st.latency_n and elapsed > 0:
+            w_meas = st.latency_sum_s / st.latency_n
+            p_meas = math.nan
+            if state.profile is not None:
+                p = state.profile
+                top = min(len(st.batches) - 1, p.max_batch)
+                counts = st.batches[1: top + 1].astype(float)
+                energy = float(np.dot(counts, p.energy_j[:top]))
+                busy = float(np.dot(counts, p.mean_s[:top]))
+                idle_w = self.sidecar.config.policy_for(model).idle_power_w
+                p_meas = (energy + idle_w * max(0.0, elapsed - busy)) / elapsed
+            batches = int(st.batches.sum())
+            mean_batch = float(np.dot(np.arange(len(st.batches)), st.batches)) / batches if batches else 0.0
+            measured = Figures(w_meas, p_meas, w_meas + weight * (p_meas if math.isfinite(p_meas) else 0.0),
+                               st.latency_n / elapsed, mean_batch)
+        return ModelStatusInfo(
+            model=model,
+            weight=weight,
+            max_batch=state.gate.rule.max_batch,
+            policy_version=pol.version,
+            policy_age_s=pol.age_s,
+            policy_source=(c.current.source if c is not None and c.current is not None else pol.source),
+            rate=c.rate.estimate(now) if c is not None else None,
+            latency_target_s=c.latency_target_s if c is not None else None,
+            threshold=pol.threshold,
+            predicted=predicted,
+            predicted_rate_rps=c.current.rate_rps if c is not None and c.current is not None else 0.0,
+            measured=measured,
+            batch_histogram=st.batches.tolist(),
+            queue_length=state.gate.queue_length,
+            in_flight=state.gate.in_flight,
+            completed=st.latency_n,
+            rejected=state.gate.counters.rejected,
+            failed=st.failed_requests,
+            solver_reachable=c.solver_reachable if c is not None else True,
+            power_modelled=True,
+            note=(c.note if c is not None else "")
+            + ("" if state.profile is not None else "no profile: power unknown"),
+        )
