@@ -1,6 +1,6 @@
 """Solve the batching SMDP: pick the truncation, run PI or RVI, evaluate the policy found.
 
-Automatic truncation: start at ``initial_truncation`` (about max(2B, B + E[K_B] + 6 sd)), solve,
+Automatic truncation: start at ``initial_truncation`` (about B + E[K_B] + 3 sd), solve,
 grow N by half and solve again warm-started from the previous policy, until the gain moves by less
 than ``growth_rtol`` relative and the policy is unchanged on the common states. With the fluid tail
 the first size is almost always already settled, so the growth costs one warm (single-iteration)
@@ -109,6 +109,10 @@ def solve(
         previous = (actions, gain)
         N = min(MAX_TRUNCATION, int(N * 1.5) + 1)
         start = _start_actions(model, PolicyTable(actions, model.max_batch), N + 1)
+        if warm_start is not None and warm_start.truncation >= actions.size:
+            # above the old N the caller's table knows better than the beyond-N rule
+            hi = min(N, warm_start.truncation) + 1
+            start[actions.size : hi] = _start_actions(model, warm_start, hi)[actions.size : hi]
 
     policy = PolicyTable(actions, model.max_batch)
     if values is None:
