@@ -158,3 +158,27 @@ def test_bad_input_is_refused():
         evaluate(m, threshold(8, 20), truncation=10)
     with pytest.raises(ModelError, match="tail"):
         evaluate(m, greedy(8), tail="bogus")
+
+
+def test_empirical_service_uses_the_sample_moments():
+    """Two-point service law, given only as samples: M/G/1 with E[S] and E[S^2] of the samples."""
+    samples = np.array([0.001, 0.003, 0.003, 0.001])
+    prof = ServiceProfile(mean_s=[0.002], energy_j=[0.2], cv=[0.0], samples=(samples,))
+    rate = 300.0
+    m = BatchingModel(rate=rate, max_batch=1, profile=prof, idle_power_w=20.0, weight=0.0)
+    ev = evaluate(m, greedy(1))
+    es, es2 = samples.mean(), (samples**2).mean()
+    assert ev.mean_latency_s == pytest.approx(es + rate * es2 / (2 * (1 - rate * es)), rel=1e-9)
+
+
+def test_vectorised_arrival_pmf_matches_the_profile():
+    from solver.tail import arrival_pmf_matrix
+
+    rng = np.random.default_rng(1)
+    mixed = ServiceProfile(mean_s=[0.002, 0.003, 0.004], energy_j=[0.1, 0.2, 0.3], cv=[0.0, 0.5, 2.0])
+    empirical = ServiceProfile(mean_s=[0.002, 0.003], energy_j=[0.1, 0.2], cv=[0.0, 0.0],
+                               samples=(rng.gamma(4, 0.0005, 50), rng.gamma(4, 0.00075, 50)))
+    for prof in (mixed, empirical):
+        got = arrival_pmf_matrix(prof, 900.0, 40)
+        for b in range(1, prof.max_batch + 1):
+            np.testing.assert_allclose(got[b - 1], prof.arrival_pmf(b, 900.0, 40), rtol=1e-12, atol=1e-300)
