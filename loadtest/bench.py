@@ -197,9 +197,13 @@ def run_bench(cfg: BenchConfig, triton_url: str | None = None, progress: Progres
                                      res.done_s[ok] - res.scheduled_s[ok], failures, res.errors))
                 progress(f"  {c.name:<24} W {m.mean_latency_s * 1e3:7.2f} ms  P {m.mean_power_w:6.1f} W  "
                          f"batch {m.mean_batch:5.2f}  failed {m.failed}  ({time.monotonic() - t0:.1f} s)")
-        control.restore()
     finally:
         if control is not None:
+            try:
+                if triton is None:  # someone else's Triton: leave the model as it was found
+                    control.restore()
+            except Exception as exc:  # Triton gone: nothing left to restore, and the real error wins
+                progress(f"could not restore the model's original config: {exc}")
             control.close()
         if triton is not None:
             progress("stopping Triton")

@@ -52,6 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="gate policies: greedy, smdp, static:B0, threshold:K, timeout:S (default: %(default)s)")
     p.add_argument("--warmup", type=float, default=1.5,
                    help="seconds of arrivals before the measured window, per contender (default: %(default)s)")
+    p.add_argument("--cooldown", type=float, default=1.0,
+                   help="seconds of unmeasured arrivals after the window, per contender (default: %(default)s)")
     p.set_defaults(func=_cmd_bench)
 
     d = subparsers.add_parser(
@@ -64,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--rates", default="100,200", help="arrival rates, req/s (default: %(default)s)")
     d.add_argument("--duration", type=float, default=6.0, help="seconds per contender (default: %(default)s)")
     d.add_argument("--weight", type=float, default=1e-3, help="w, seconds per watt (default: %(default)s)")
-    d.set_defaults(func=_cmd_demo, delays_us="0,10000", gates="greedy,smdp", warmup=1.5)
+    d.set_defaults(func=_cmd_demo, delays_us="0,10000", gates="greedy,smdp", warmup=1.5, cooldown=1.0)
 
     x = subparsers.add_parser(
         "pareto",
@@ -101,7 +103,7 @@ def _config(args: argparse.Namespace):
     return BenchConfig(
         rates=_floats(args.rates, "--rates"), contenders=_contenders(args), duration_s=args.duration,
         time_scale=args.time_scale, weight=args.weight, idle_power_w=args.idle_power, profile_csv=args.profile,
-        model=args.model, seed=args.seed, warmup_s=args.warmup, out_dir=args.out,
+        model=args.model, seed=args.seed, warmup_s=args.warmup, cooldown_s=args.cooldown, out_dir=args.out,
     )
 
 

@@ -1,0 +1,190 @@
+"""Pure logic of the load-testing part: arrival specs, metrics from per-request records, contenders."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from loadtest.arrival_spec import parse_arrivals
+from loadtest.contenders import Contender, parse_contender, predict
+from loadtest.metrics import batch_histogram, measure, power_note
+from loadtest.openloop import LoadError, OpenLoopResult, RequestFactory, InputSpec
+from loadtest.stack import scaled_profile, write_profile_csv
+from solver.model import BatchingModel, ServiceProfile
+
+TRACE = Path("/work/shared/traces/AzureLLMInferenceTrace_code_2023.csv")
+V100 = Path(__file__).resolve().parent.parent / "profiles" / "v100_resnet50.csv"
+
+
+# --- arrival specs --------------------------------------------------------------------------------
+
+def test_poisson_counts_pass_dispersion_test():
+    """Counts per window of a Poisson stream: mean = variance (chi-square dispersion test)."""
+    rate, window, k = 200.0, 0.1, 400
+    t = parse_arrivals("poisson", rate=rate).times(window * k, seed=3)
+    counts = np.histogram(t, bins=np.arange(k + 1) * window)[0]
+    assert abs(counts.mean() - rate * window) < 4 * math.sqrt(rate * window / k)
+    d = ((counts - counts.mean()) ** 2).sum() / counts.mean()  # ~ chi2(k - 1) under Poisson
+    assert stats.chi2.ppf(0.001, k - 1) < d < stats.chi2.ppf(0.999, k - 1)
+
+
+def _write_trace(path: Path, gaps_s: np.ndarray) -> Path:
+    """A trace in the Azure format with the given inter-arrival gaps (100 ns resolution)."""
+    start = np.datetime64("2023-11-16T18:17:03.0000000", "ns")
+    stamps = start + np.concatenate(([0], np.cumsum(np.round(gaps_s * 1e7).astype(np.int64) * 100)))
+    lines = ["TIMESTAMP,ContextTokens,GeneratedTokens"]
+    lines += [str(s).replace("T", " ") + ",10,10" for s in stamps]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("scale", [1.0, 7.5])
+def test_trace_replay_keeps_interarrivals_up_to_the_scale(tmp_path, scale):
+    gaps = np.round(np.random.default_rng(1).exponential(0.05, 300), 7)
+    trace = _write_trace(tmp_path / "t.csv", gaps)
+    t = parse_arrivals(f"trace:{trace}", time_scale=scale).times(gaps.sum() / scale + 1.0)
+    assert t.size == 301 and t[0] == 0.0
+    np.testing.assert_allclose(np.diff(t) * scale, gaps, rtol=0, atol=1e-9)
+
+
+def test_trace_replay_to_a_target_rate(tmp_path):
+    trace = _write_trace(tmp_path / "t.csv", np.random.default_rng(2).exponential(0.3, 200))
+    t = parse_arrivals(f"trace:{trace}", trace_rate=100.0).times(1e9)
+    assert (t.size - 1) / t[-1] == pytest.approx(100.0, rel=1e-9)
+
+
+@pytest.mark.skipif(not TRACE.is_file(), reason="shared trace not present")
+def test_real_trace_cut_at_the_duration():
+    t = parse_arrivals(f"trace:{TRACE}", time_scale=10.0).times(5.0)
+    assert t.size > 10 and t[-1] < 5.0 and np.all(np.diff(t) >= 0)
+
+
+def test_steps_repeat_to_fill_the_duration():
+    t = parse_arrivals("steps:1x0,1x500").times(10.0, seed=1)
+    second = np.floor(t).astype(int)
+    assert np.all(second % 2 == 1)  # the rate-0 seconds are silent
+    assert abs(t.size - 2500) < 5 * math.sqrt(2500)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("poisson", "rate"),
+    ("steps:10", "DURATIONxRATE"),
+    ("steps:0x5", "duration must be > 0"),
+    ("ramp:1", "ramp:START_RATE:END_RATE"),
+    ("trace:/nonexistent.csv", "not found"),
+    ("uniform", "unknown arrival process"),
+])
+def test_bad_arrival_specs_say_what_is_wrong(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_arrivals(spec)
+
+
+# --- metrics --------------------------------------------------------------------------------------
+
+def _result(scheduled, done, sizes, energies, status=None):
+    n = len(scheduled)
+    return OpenLoopResult(
+        scheduled_s=np.asarray(scheduled, float), sent_s=np.asarray(scheduled, float) + 1e-4,
+        done_s=np.asarray(done, float), status=tuple(status or ["OK"] * n),
+        batch_size=np.asarray(sizes, np.int64), batch_energy_j=np.asarray(energies, float),
+    )
+
+
+def test_power_counts_each_batch_once_and_idle_at_p0():
+    """Two batches (3 requests, then 1) in a 10 s window: energy e(3) + e(1), busy tau(3) + tau(1)."""
+    prof = ServiceProfile.from_table([1, 2, 3], [0.1, 0.15, 0.2], [10.0, 14.0, 18.0])
+    res = _result([0.0, 0.01, 0.02, 5.0], [0.22, 0.22, 0.22, 5.1], [3, 3, 3, 1], [18.0, 18.0, 18.0, 10.0])
+    m = measure(res, prof, idle_power_w=40.0, weight=0.01, window=(0.0, 10.0))
+    expected_p = (18.0 + 10.0 + 40.0 * (10.0 - 0.2 - 0.1)) / 10.0
+    assert m.mean_power_w == pytest.approx(expected_p)
+    assert m.mean_batch == pytest.approx(2.0)  # 4 requests in 2 batches
+    lat = np.array([0.22, 0.21, 0.20, 0.1])
+    assert m.mean_latency_s == pytest.approx(lat.mean())
+    assert m.cost == pytest.approx(lat.mean() + 0.01 * expected_p)
+    assert m.throughput_rps == pytest.approx(0.4)
+    np.testing.assert_allclose(batch_histogram(res, 3, (0.0, 10.0)), [1.0, 0.0, 1.0])
+
+
+def test_energy_scale_multiplies_the_reported_energy():
+    prof = ServiceProfile.from_table([1], [0.1], [10.0])
+    res = _result([0.0], [0.1], [1], [10.0])
+    a = measure(res, prof, idle_power_w=0.0, weight=0.0, window=(0.0, 1.0))
+    b = measure(res, prof, idle_power_w=0.0, weight=0.0, window=(0.0, 1.0), energy_scale=3.0)
+    assert b.mean_power_w == pytest.approx(3 * a.mean_power_w) and a.mean_power_w == pytest.approx(10.0)
+
+
+def test_window_counts_only_requests_scheduled_in_it_and_failures():
+    prof = ServiceProfile.from_table([1], [0.1], [1.0])
+    res = _result([0.5, 1.5, 2.5, 3.5], [0.6, 1.6, math.nan, 3.6], [1, 1, 0, 1], [1.0, 1.0, math.nan, 1.0],
+                  status=["OK", "OK", "UNAVAILABLE", "OK"])
+    m = measure(res, prof, idle_power_w=40.0, weight=0.0, window=(1.0, 3.0))
+    assert (m.requests, m.ok, m.failed) == (2, 1, 1)
+    assert m.mean_latency_s == pytest.approx(0.1)
+    assert res.failures() == {"UNAVAILABLE": 1}
+
+
+def test_metrics_reject_inconsistent_records():
+    prof = ServiceProfile.from_table([1, 2], [0.1, 0.2], [1.0, 2.0])
+    with pytest.raises(LoadError, match="batch size 5"):
+        measure(_result([0.0], [0.1], [5], [1.0]), prof, idle_power_w=40.0, weight=0.0)
+    with pytest.raises(LoadError, match="BATCH_ENERGY_J"):
+        measure(_result([0.0], [0.1], [1], [math.nan]), prof, idle_power_w=40.0, weight=0.0)
+    with pytest.raises(LoadError, match="one entry per request"):
+        OpenLoopResult(np.zeros(2), np.zeros(1), np.zeros(2), ("OK", "OK"), np.zeros(2), np.zeros(2))
+
+
+def test_power_note_names_profile_and_idle_power():
+    assert power_note("v100_resnet50", 40.0) == "power modelled from the v100_resnet50 profile, idle P0 = 40 W assumed"
+
+
+# --- requests, profiles, contenders ---------------------------------------------------------------
+
+def test_request_factory_gives_each_request_its_id_and_contents():
+    from tritonclient.grpc import service_pb2
+
+    f = RequestFactory("emulated_gpu", [InputSpec("INPUT0", "FP32", (16,))])
+    a, b = (service_pb2.ModelInferRequest.FromString(f.build(i)) for i in (3, 4))
+    assert (a.id, b.id) == ("3", "4") and list(a.inputs[0].shape) == [1, 16]
+    assert np.frombuffer(a.raw_input_contents[0], np.float32).shape == (16,)
+    assert a.raw_input_contents[0] != b.raw_input_contents[0]
+    with pytest.raises(LoadError, match="variable"):
+        InputSpec("x", "FP32", (-1,))
+
+
+def test_scaled_profile_keeps_power_and_round_trips_through_csv(tmp_path):
+    base = ServiceProfile.from_csv(V100)
+    s = scaled_profile(base, 10.0)
+    np.testing.assert_allclose(s.busy_power_w, base.busy_power_w)
+    np.testing.assert_allclose(s.mean_s, 10 * base.mean_s)
+    back = ServiceProfile.from_csv(write_profile_csv(s, tmp_path / "p.csv"))
+    np.testing.assert_allclose(back.mean_s, s.mean_s, rtol=1e-12)
+    np.testing.assert_allclose(back.energy_j, s.energy_j, rtol=1e-12)
+
+
+def test_contender_specs():
+    assert parse_contender("triton:5000") == Contender("triton", max_queue_delay_us=5000)
+    assert parse_contender("gate:static:8").name == "gate static:8"
+    for bad in ("triton:abc", "gate:", "gate:bogus", "other:1"):
+        with pytest.raises(ValueError):
+            parse_contender(bad)
+
+
+def test_predictions_agree_with_the_solver_and_greedy_equals_zero_delay():
+    from solver.evaluate import evaluate
+    from solver.policy import greedy
+
+    prof = scaled_profile(ServiceProfile.from_csv(V100).truncated(32), 10.0)
+    model = BatchingModel(100.0, 32, prof, 40.0, 1e-3)
+    times = np.sort(np.random.default_rng(0).uniform(0, 20, 2000))
+    g = predict(Contender("gate", "greedy"), model, times)
+    t0 = predict(Contender("triton", max_queue_delay_us=0), model, times)
+    assert g == t0 and g.source == "exact"
+    assert g.mean_latency_s == pytest.approx(evaluate(model, greedy(32)).mean_latency_s)
+    smdp = predict(Contender("gate", "smdp"), model, times)
+    assert smdp.cost <= g.cost + 1e-12  # the optimum is no worse than greedy
+    sim = predict(Contender("triton", max_queue_delay_us=10000), model, times, warmup_s=1.0)
+    assert sim.source == "sim" and sim.mean_batch >= g.mean_batch
