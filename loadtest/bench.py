@@ -17,9 +17,10 @@ import json
 import math
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -32,7 +33,7 @@ from .openloop import OpenLoopResult, run_open_loop
 from .stack import SidecarProcess, SidecarSpec, scaled_profile, write_profile_csv
 from .triton_control import BatchingOverride, ModelConfigControl
 
-__all__ = ["BenchConfig", "BenchRow", "BenchReport", "run_bench", "DEFAULT_PROFILE"]
+__all__ = ["BenchConfig", "BenchRow", "BenchReport", "Stack", "bench_stack", "run_one", "run_bench", "DEFAULT_PROFILE"]
 
 DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "profiles" / "v100_resnet50.csv"
 Progress = Callable[[str], None]
@@ -148,8 +149,22 @@ def _run_contender(c: Contender, cfg: BenchConfig, control: ModelConfigControl, 
             sidecar.stop()
 
 
-def run_bench(cfg: BenchConfig, triton_url: str | None = None, progress: Progress = print) -> BenchReport:
-    """Run every contender at every rate; starts an embedded Triton unless ``triton_url`` is given."""
+@dataclass(frozen=True)
+class Stack:
+    """A Triton ready for contenders: its URL, the model's config control and the scaled profile."""
+
+    triton_url: str
+    control: ModelConfigControl
+    max_batch: int
+    profile: ServiceProfile
+    """The profile the emulated model runs at this time scale (what the solver is told)."""
+    profile_path: Path
+
+
+@contextmanager
+def bench_stack(cfg: BenchConfig, triton_url: str | None = None, progress: Progress = print) -> Iterator[Stack]:
+    """Start an embedded Triton (unless ``triton_url``) and always leave things as found: our own
+    Triton is stopped; someone else's gets the model's original config back."""
     base = ServiceProfile.from_csv(cfg.profile_csv)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     triton = None
@@ -172,31 +187,7 @@ def run_bench(cfg: BenchConfig, triton_url: str | None = None, progress: Progres
             raise ValueError(f"model {cfg.model!r} batches up to {B}, beyond the profile's {base.max_batch}")
         profile = scaled_profile(base.truncated(B), cfg.time_scale)
         profile_path = write_profile_csv(profile, cfg.out_dir / f"{cfg.profile_name}_x{cfg.time_scale:g}.csv")
-        rows: list[BenchRow] = []
-        for k, rate in enumerate(cfg.rates):
-            try:
-                model = BatchingModel(rate, B, profile, cfg.idle_power_w, cfg.weight)
-            except ModelError as exc:
-                raise ValueError(f"rate {rate:g}/s: {exc}") from None
-            lo, hi = cfg.window
-            times = arrivals.poisson(rate, duration=hi + cfg.cooldown_s, rng=cfg.seed + k)
-            counted = int(np.sum((times >= lo) & (times < hi)))
-            progress(f"load {rate:g} req/s (rho = {model.load:.2f} of capacity {model.capacity:.0f}/s): "
-                     f"{counted} Poisson arrivals measured over {cfg.duration_s:g} s "
-                     f"(+{cfg.warmup_s:g} s warm-up, +{cfg.cooldown_s:g} s cool-down)")
-            for c in cfg.contenders:
-                pred = predict(c, model, times, seed=cfg.seed, warmup_s=lo)
-                t0 = time.monotonic()
-                res = _run_contender(c, cfg, control, triton_url, times, rate, B, profile_path, cfg.out_dir)
-                m = measure(res, profile, idle_power_w=cfg.idle_power_w, weight=cfg.weight,
-                            energy_scale=cfg.time_scale, window=cfg.window)
-                in_window = (res.scheduled_s >= lo) & (res.scheduled_s < hi)
-                ok = in_window & res.ok
-                failures = dict(Counter(s for s, w in zip(res.status, in_window) if w and s != "OK"))
-                rows.append(BenchRow(rate, c.name, m, pred, batch_histogram(res, B, cfg.window),
-                                     res.done_s[ok] - res.scheduled_s[ok], failures, res.errors))
-                progress(f"  {c.name:<24} W {m.mean_latency_s * 1e3:7.2f} ms  P {m.mean_power_w:6.1f} W  "
-                         f"batch {m.mean_batch:5.2f}  failed {m.failed}  ({time.monotonic() - t0:.1f} s)")
+        yield Stack(triton_url, control, B, profile, profile_path)
     finally:
         if control is not None:
             try:
@@ -208,6 +199,55 @@ def run_bench(cfg: BenchConfig, triton_url: str | None = None, progress: Progres
         if triton is not None:
             progress("stopping Triton")
             triton.stop()
+
+
+def batching_model(stack: Stack, cfg: BenchConfig, rate: float) -> BatchingModel:
+    try:
+        return BatchingModel(rate, stack.max_batch, stack.profile, cfg.idle_power_w, cfg.weight)
+    except ModelError as exc:
+        raise ValueError(f"rate {rate:g}/s: {exc}") from None
+
+
+def arrival_times(cfg: BenchConfig, rate: float, index: int) -> np.ndarray:
+    """The Poisson sequence every contender at this rate replays: warm-up, window, cool-down."""
+    return arrivals.poisson(rate, duration=cfg.window[1] + cfg.cooldown_s, rng=cfg.seed + index)
+
+
+def run_one(stack: Stack, cfg: BenchConfig, c: Contender, rate: float, times: np.ndarray) -> BenchRow:
+    """One contender on one arrival sequence: predicted, run, measured over the window."""
+    lo, hi = cfg.window
+    pred = predict(c, batching_model(stack, cfg, rate), times, seed=cfg.seed, warmup_s=lo)
+    res = _run_contender(c, cfg, stack.control, stack.triton_url, times, rate, stack.max_batch,
+                         stack.profile_path, cfg.out_dir)
+    m = measure(res, stack.profile, idle_power_w=cfg.idle_power_w, weight=cfg.weight,
+                energy_scale=cfg.time_scale, window=cfg.window)
+    in_window = (res.scheduled_s >= lo) & (res.scheduled_s < hi)
+    ok = in_window & res.ok
+    failures = dict(Counter(s for s, w in zip(res.status, in_window) if w and s != "OK"))
+    return BenchRow(rate, c.name, m, pred, batch_histogram(res, stack.max_batch, cfg.window),
+                    res.done_s[ok] - res.scheduled_s[ok], failures, res.errors)
+
+
+def run_bench(cfg: BenchConfig, triton_url: str | None = None, progress: Progress = print) -> BenchReport:
+    """Run every contender at every rate; starts an embedded Triton unless ``triton_url`` is given."""
+    rows: list[BenchRow] = []
+    with bench_stack(cfg, triton_url, progress) as stack:
+        for k, rate in enumerate(cfg.rates):
+            model = batching_model(stack, cfg, rate)
+            times = arrival_times(cfg, rate, k)
+            lo, hi = cfg.window
+            counted = int(np.sum((times >= lo) & (times < hi)))
+            progress(f"load {rate:g} req/s (rho = {model.load:.2f} of capacity {model.capacity:.0f}/s): "
+                     f"{counted} Poisson arrivals measured over {cfg.duration_s:g} s "
+                     f"(+{cfg.warmup_s:g} s warm-up, +{cfg.cooldown_s:g} s cool-down)")
+            for c in cfg.contenders:
+                t0 = time.monotonic()
+                row = run_one(stack, cfg, c, rate, times)
+                rows.append(row)
+                m = row.measured
+                progress(f"  {c.name:<24} W {m.mean_latency_s * 1e3:7.2f} ms  P {m.mean_power_w:6.1f} W  "
+                         f"batch {m.mean_batch:5.2f}  failed {m.failed}  ({time.monotonic() - t0:.1f} s)")
+        B = stack.max_batch
     return BenchReport(cfg, tuple(rows), B, power_note(cfg.profile_name, cfg.idle_power_w))
 
 
