@@ -64,9 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _common(d, "out/demo")
     d.add_argument("--rates", default="100,200", help="arrival rates, req/s (default: %(default)s)")
-    d.add_argument("--duration", type=float, default=6.0, help="seconds per contender (default: %(default)s)")
+    d.add_argument("--duration", type=float, default=4.0, help="measured seconds per contender (default: %(default)s)")
     d.add_argument("--weight", type=float, default=1e-3, help="w, seconds per watt (default: %(default)s)")
-    d.set_defaults(func=_cmd_demo, delays_us="0,10000", gates="greedy,smdp", warmup=1.5, cooldown=1.0)
+    d.set_defaults(func=_cmd_demo, delays_us="0,10000", gates="greedy,smdp", warmup=1.0, cooldown=0.5)
 
     x = subparsers.add_parser(
         "pareto",

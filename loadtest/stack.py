@@ -7,6 +7,7 @@ client's send lag and the gate's decisions do not queue behind each other's Pyth
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import selectors
@@ -70,6 +71,14 @@ class SidecarSpec:
         return out
 
 
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    """Linux: SIGTERM the sidecar if the bench dies, even by SIGKILL, so nothing is left behind."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 class SidecarProcess:
     """``smdp serve`` on a free port in front of ``triton_url``; ``stop()`` (or exit) ends it."""
 
@@ -89,6 +98,7 @@ class SidecarProcess:
         try:
             self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
                                           start_new_session=True, cwd=Path(__file__).resolve().parent.parent,
+                                          preexec_fn=_die_with_parent if sys.platform == "linux" else None,
                                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
         finally:
             log.close()
