@@ -8,6 +8,8 @@ thread. If the solver cannot be reached the gate keeps its last policy and the s
 Why a periodic tick and not a check on every arrival: the estimator's change detector is O(1) per
 arrival already; deciding to re-solve at most every ``retune_interval_s`` bounds how often a
 burst of noise can ask for solves, and a silence (rate drop) is noticed without any arrival.
+Steps are found by the estimator's CUSUM (ratio ``change_ratio``); drifts smaller than that by a
+look every ``3 x window_s`` at the windowed estimate.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class PolicyController:
         window_s: float = 10.0,
         change_ratio: float = 1.5,
         min_arrivals: int = 30,
-        drift_tolerance: float = 0.25,
+        drift_tolerance: float = 0.15,
     ) -> None:
         self.model = model
         self.profile = profile.truncated(max_batch) if profile.max_batch != max_batch else profile
@@ -74,6 +76,7 @@ class PolicyController:
         self._solver = solver
         self.rate = RateEstimator(clock(), window_s=window_s, change_ratio=change_ratio, min_arrivals=min_arrivals)
         self.drift_tolerance = drift_tolerance
+        self.refresh_s = 3.0 * window_s
         self.current: Solution | None = None
         self.version = 0
         self.installed_at = clock()
@@ -111,12 +114,20 @@ class PolicyController:
         if self._task is not None and not self._task.done():
             return None
         if self.rate.ready(now):
+            # Steps (up, down, or silence) are the CUSUM's job: when it fires, the estimate restarts
+            # at the change point, so the new policy is solved for the new rate, not a blend.
             est = self.rate.estimate(now)
-            drifted = self.current is not None and not (
-                abs(est.rate - self.current.rate_rps) <= self.drift_tolerance * self.current.rate_rps
-                or est.contains(self.current.rate_rps)
-            )
-            if self._dirty or self.rate.changed(now) or drifted or not self.solver_reachable:
+            if self._dirty or self.rate.changed(now) or not self.solver_reachable:
+                return est.rate
+            # Slow drifts smaller than the detector's ratio: a periodic look, long enough after the
+            # last solve that it never races the detector after a step.
+            ref = self.current.rate_rps if self.current is not None else None
+            if (
+                ref is not None
+                and now - self.installed_at >= self.refresh_s
+                and abs(est.rate - ref) > self.drift_tolerance * ref
+                and not est.contains(ref)
+            ):
                 return est.rate
             return None
         if self._dirty and (self.current is not None or self._initial_rate is not None):

@@ -36,6 +36,13 @@ class ModelPolicyConfig(BaseModel):
     max_batch: int | None = Field(
         None, ge=1, description="B: largest batch the gate forms (default: the model's max_batch_size)"
     )
+    max_wait_s: float | None = Field(
+        1.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Longest a request waits in the gate for its batch to fill, seconds; then what is queued "
+        "is served. A guard for when traffic stops (the SMDP assumes arrivals continue); None = no guard",
+    )
     adaptive: bool = Field(
         True,
         description="smdp only: re-solve for the measured arrival rate when it changes (False: keep the "

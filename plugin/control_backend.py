@@ -50,7 +50,7 @@ class SidecarControl:
 
     def policy(self, model: str) -> PolicyInfo:
         state = self._state(model)
-        rule = state.gate.rule
+        rule = state.info.rule  # the policy itself, without the gate's max-wait guard
         c = state.controller
         version = c.version if c is not None else 1
         installed = c.installed_at if c is not None else state.stats.started_at
@@ -91,7 +91,7 @@ class SidecarControl:
         return ModelStatusInfo(
             model=model,
             weight=weight,
-            max_batch=state.gate.rule.max_batch,
+            max_batch=state.info.max_batch,
             policy_version=pol.version,
             policy_age_s=pol.age_s,
             policy_source=(c.current.source if c is not None and c.current is not None else pol.source),

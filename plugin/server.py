@@ -229,7 +229,7 @@ class Sidecar:
             else:
                 info = await self._loop.run_in_executor(None, build_rule, name, policy_cfg, cfg.max_batch_size)
             gate = ModelGate(
-                info.rule, slots=slots, max_queue=self.config.max_queue, max_rows=info.max_batch, clock=self._clock
+                self._guarded(name, info.rule), slots=slots, max_queue=self.config.max_queue, max_rows=info.max_batch, clock=self._clock
             )
             max_rows = info.max_batch
             log.info("gating model %s (B=%d, %d slot(s), policy %s)", name, info.max_batch, slots, info.spec)
@@ -276,6 +276,13 @@ class Sidecar:
             min(b, profile.max_batch)
         )
 
+    def _guarded(self, model: str, rule):
+        """The rule the gate runs: the policy, with the model's max-wait guard if it has one."""
+        from solver.policy import MaxWaitGuard
+
+        max_wait = self.config.policy_for(model).max_wait_s
+        return rule if max_wait is None else MaxWaitGuard(rule, max_wait)
+
     def _install(self, state: ModelState, policy) -> None:
         """Swap in a solved table; the event loop runs one decision at a time, so this is atomic."""
         c = state.controller
@@ -283,7 +290,7 @@ class Sidecar:
         if c is not None and c.current is not None:
             pred = {"mean_latency_s": c.current.mean_latency_s, "mean_power_w": c.current.mean_power_w}
         state.info = RuleInfo(policy, "smdp", policy.max_batch, pred)
-        state.gate.set_rule(policy)
+        state.gate.set_rule(self._guarded(state.name, policy))
         self._pump(state)
 
     async def _triton_ready(self) -> bool:
@@ -304,7 +311,7 @@ class Sidecar:
         if state.gate is None:
             raise ValueError(f"model {name!r} does not batch; it has no gate")
         state.info = info
-        state.gate.set_rule(info.rule)
+        state.gate.set_rule(self._guarded(name, info.rule))
         self._pump(state)
 
     # -- inference ---------------------------------------------------------------------------

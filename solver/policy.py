@@ -176,3 +176,33 @@ def rule_from_spec(spec: str, max_batch: int) -> BatchRule:
     if kind == "timeout":
         return TimeoutRule(max_batch, float(value))
     raise ValueError("the smdp policy must be solved, not parsed: use solver.solve")
+
+
+@dataclass(frozen=True)
+class MaxWaitGuard:
+    """Any rule, plus: serve min(n, B) once the oldest request has waited ``max_wait_s``.
+
+    The SMDP's decision to wait is optimal only while arrivals continue; when traffic stops, a
+    request that is waiting for company would wait forever. The guard bounds that in production
+    without changing the policy while traffic flows (choose it well above the policy's waits).
+    """
+
+    rule: BatchRule
+    max_wait_s: float
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.max_wait_s) or self.max_wait_s <= 0:
+            raise ValueError(f"max wait must be finite and > 0 seconds, got {self.max_wait_s!r}")
+
+    @property
+    def max_batch(self) -> int:
+        return self.rule.max_batch
+
+    def decide(self, n: int, oldest_wait_s: float) -> Decision:
+        if n > 0 and oldest_wait_s >= self.max_wait_s:
+            return Decision(min(n, self.max_batch))
+        d = self.rule.decide(n, oldest_wait_s)
+        if d.serve > 0 or n == 0:
+            return d
+        left = self.max_wait_s - oldest_wait_s
+        return Decision(0, left if d.recheck_after_s is None else min(d.recheck_after_s, left))

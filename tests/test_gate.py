@@ -207,3 +207,30 @@ def test_every_request_is_dispatched_exactly_once_under_random_events():
     assert all(v == 1 for v in seen.values())
     assert accepted == len(seen) + cancelled + expired + gate.queue_length
     assert refused == gate.counters.rejected
+
+
+def test_max_wait_guard_serves_stranded_requests_when_traffic_stops():
+    from solver.policy import MaxWaitGuard
+
+    gate, clock = make(MaxWaitGuard(threshold(8, 6), max_wait_s=0.5))
+    submit(gate, clock, 3)
+    step = gate.poll()
+    assert step.batches == () and step.wake_at == pytest.approx(0.5)  # the policy waits, guarded
+    clock.t = 0.2
+    submit(gate, clock, 2)
+    assert gate.poll().batches == ()  # 5 < 6: still the policy's call
+    clock.t = 0.5
+    assert [len(b) for b in gate.poll().batches] == [5]  # the oldest waited 0.5 s: serve what is there
+    gate.complete()
+    submit(gate, clock, 6)
+    assert [len(b) for b in gate.poll().batches] == [6]  # the threshold itself is unchanged
+
+
+def test_max_wait_guard_keeps_the_tighter_timer_of_the_rule():
+    from solver.policy import MaxWaitGuard
+
+    gate, clock = make(MaxWaitGuard(TimeoutRule(8, 0.002), max_wait_s=0.5))
+    submit(gate, clock, 1)
+    assert gate.poll().wake_at == pytest.approx(0.002)
+    with pytest.raises(ValueError):
+        MaxWaitGuard(greedy(4), 0.0)

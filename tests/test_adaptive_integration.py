@@ -1,0 +1,300 @@
+"""The closed loop against a real Triton: rate changes re-solve the policy, the control API tunes it."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+
+from plugin.config import load_config
+from plugin.runner import SidecarThread
+from smdp.v1 import smdp_pb2, smdp_pb2_grpc
+from solver.arrivals import poisson, steps
+from solver.model import BatchingModel, ServiceProfile
+from solver.smdp import solve
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+SCALE = 20
+
+
+@pytest.fixture(scope="module")
+def scaled(tmp_path_factory, triton_runnable):
+    """A Triton whose emulated GPU is SCALE x slower than a V100, and the matching profile CSV."""
+    from plugin.triton_server import EmbeddedTriton, TritonConfig
+
+    tmp = tmp_path_factory.mktemp("adaptive")
+    shutil.copytree(ROOT / "model_repository" / "emulated_gpu", tmp / "repo" / "emulated_gpu")
+    cfg = tmp / "repo" / "emulated_gpu" / "config.pbtxt"
+    cfg.write_text(cfg.read_text().replace('key: "time_scale", value: { string_value: "1" }',
+                                           f'key: "time_scale", value: {{ string_value: "{SCALE}" }}'))
+    base = ServiceProfile.from_csv(ROOT / "profiles" / "v100_resnet50.csv")
+    csv = tmp / "v100_x20.csv"
+    rows = ["batch_size,mean_service_s,batch_energy_j"]
+    for b in (1, 2, 4, 8, 64, 128):  # the published rows, scaled: same power, SCALE x the time
+        rows.append(f"{b},{base.mean_s[b - 1] * SCALE!r},{base.energy_j[b - 1] * SCALE!r}")
+    csv.write_text("\n".join(rows) + "\n")
+    server = EmbeddedTriton(TritonConfig(repository=tmp / "repo", models=("emulated_gpu",)))
+    server.start()
+    try:
+        yield server, csv
+    finally:
+        server.stop()
+
+
+@contextmanager
+def sidecar(triton_url: str, profile: Path, **overrides):
+    model = {"policy": "smdp", "profile": str(profile), "idle_power_w": 40.0, "max_batch": 32}
+    model.update(overrides.pop("model", {}))
+    cfg = load_config(
+        overrides={"listen": "127.0.0.1:0", "control_listen": "127.0.0.1:0", "triton_url": triton_url,
+                   "retune_interval_s": 0.1, "rate_window_s": 5.0, "models": {"emulated_gpu": model}, **overrides},
+        environ={},
+    )
+    runner = SidecarThread(cfg)
+    runner.start()
+    try:
+        yield runner
+    finally:
+        runner.stop()
+
+
+def control(runner: SidecarThread, token: str | None = None):
+    ch = grpc.insecure_channel(runner.control_url)
+    md = (("authorization", f"Bearer {token}"),) if token else ()
+    return ch, smdp_pb2_grpc.ControlStub(ch), md
+
+
+def fire(url: str, times: np.ndarray, answers: list, pool: int = 48) -> None:
+    """Open-loop: request i is sent at times[i] whatever the earlier ones are doing."""
+    client = tc.InferenceServerClient(url)
+    x = np.arange(16, dtype=np.float32)[None, :]
+    inp = tc.InferInput("INPUT0", [1, 16], "FP32")
+    inp.set_data_from_numpy(x)
+    start = time.monotonic()
+
+    def one(t: float):
+        delay = start + t - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        try:
+            r = client.infer("emulated_gpu", [inp], client_timeout=30)
+            ok = np.array_equal(r.as_numpy("OUTPUT0"), 2 * x + 1)
+            answers.append(("ok" if ok else "wrong", int(r.as_numpy("BATCH_SIZE")[0, 0])))
+        except Exception as exc:  # noqa: BLE001 - every answer is recorded
+            answers.append((type(exc).__name__, 0))
+
+    with ThreadPoolExecutor(pool) as ex:
+        list(ex.map(one, times))
+
+
+def status(stub, md, model="emulated_gpu"):
+    return stub.GetStatus(smdp_pb2.ModelRequest(model=model), metadata=md)
+
+
+def test_a_rate_step_is_detected_and_a_new_policy_is_in_force_within_two_seconds(scaled):
+    triton, csv = scaled
+    with sidecar(triton.grpc_url, csv) as sc:
+        ch, stub, md = control(sc)
+        times = steps([(6.0, 20.0), (6.0, 60.0)], rng=np.random.default_rng(1))
+        answers: list = []
+        versions: list[tuple[float, int, float]] = []
+        stop = threading.Event()
+
+        def watch():
+            t0 = time.monotonic()
+            while not stop.is_set():
+                try:
+                    s = status(stub, md)
+                    versions.append((time.monotonic() - t0, s.policy_version, s.predicted_rate_rps))
+                except grpc.RpcError:
+                    pass  # the model appears with its first request
+                time.sleep(0.05)
+
+        th = threading.Thread(target=watch)
+        th.start()
+        try:
+            fire(sc.url, times, answers)
+        finally:
+            stop.set()
+            th.join()
+            ch.close()
+        assert len(answers) == len(times) and all(a == "ok" for a, _ in answers)
+        before = [v for t, v, r in versions if 5.0 < t < 6.0]
+        assert before and before[-1] >= 1
+        # the x3 step at t = 6 s: a policy solved for the new rate (within 40%) is in force by t = 8 s
+        after = [(t, v, r) for t, v, r in versions if 6.0 <= t <= 8.0 and v > before[-1] and abs(r - 60) < 24]
+        assert after, f"no new policy for ~60 req/s within 2 s of the step: {[(round(t, 2), v, round(r)) for t, v, r in versions if t > 5]}"
+
+
+def test_swapping_policies_every_100ms_under_load_loses_nothing(scaled):
+    triton, csv = scaled
+    with sidecar(triton.grpc_url, csv, model={"rate_rps": 60.0}) as sc:
+        ch, stub, md = control(sc)
+        answers: list = []
+        times = poisson(60.0, duration=5.0, rng=np.random.default_rng(2))
+        stop = threading.Event()
+        swaps = 0
+
+        def swapper():
+            nonlocal swaps
+            weights = [0.0, 1e-2]
+            while not stop.is_set():
+                try:
+                    stub.SetWeight(smdp_pb2.SetWeightRequest(model="emulated_gpu", weight=weights[swaps % 2]),
+                                   metadata=md)
+                    swaps += 1
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+
+        th = threading.Thread(target=swapper)
+        th.start()
+        try:
+            fire(sc.url, times, answers)
+        finally:
+            stop.set()
+            th.join()
+        s = status(stub, md)
+        ch.close()
+        assert swaps >= 20 and s.policy_version >= 10
+        assert len(answers) == len(times)
+        assert [a for a, _ in answers].count("ok") == len(times)
+        assert s.queue_length == 0 and s.in_flight == 0 and s.failed == 0
+
+
+def test_raising_the_weight_grows_batches_and_cuts_power_as_the_solver_predicts(scaled):
+    triton, csv = scaled
+    rate = 60.0
+    profile = ServiceProfile.from_csv(csv)
+    pred = {w: solve(BatchingModel(rate=rate, max_batch=32, profile=profile, idle_power_w=40.0, weight=w))
+            for w in (0.0, 3e-3)}
+    assert pred[3e-3].mean_batch > pred[0.0].mean_batch and pred[3e-3].mean_power_w < pred[0.0].mean_power_w
+    measured = {}
+    for w in (0.0, 3e-3):
+        with sidecar(triton.grpc_url, csv, model={"rate_rps": rate, "weight": w, "adaptive": False}) as sc:
+            answers: list = []
+            t0 = time.monotonic()
+            fire(sc.url, poisson(rate, duration=6.0, rng=np.random.default_rng(3)), answers)
+            elapsed = time.monotonic() - t0
+            state = sc.call(lambda: sc.sidecar.models()[("emulated_gpu", "")])
+            counts = state.stats.batches[1:].astype(float)
+            energy = float(counts @ profile.energy_j[:32])
+            busy = float(counts @ profile.mean_s[:32])
+            measured[w] = (float(np.arange(1, 33) @ counts / counts.sum()),
+                           (energy + 40.0 * max(0.0, elapsed - busy)) / elapsed)
+            assert all(a == "ok" for a, _ in answers), sorted({a for a, _ in answers})
+    assert measured[3e-3][0] > measured[0.0][0]  # mean batch grows
+    assert measured[3e-3][1] < measured[0.0][1]  # modelled power falls
+
+
+def test_a_latency_target_is_met_in_a_steady_poisson_run(scaled):
+    triton, csv = scaled
+    rate = 60.0
+    profile = ServiceProfile.from_csv(csv)
+    least = solve(BatchingModel(rate=rate, max_batch=32, profile=profile, idle_power_w=40.0, weight=0.0))
+    target = 1.5 * least.mean_latency_s
+    with sidecar(triton.grpc_url, csv, model={"rate_rps": rate}) as sc:
+        ch, stub, md = control(sc)
+        fire(sc.url, poisson(rate, n=30, rng=np.random.default_rng(4)), [])  # the model appears
+        s = stub.SetLatencyTarget(smdp_pb2.SetLatencyTargetRequest(model="emulated_gpu", target_s=target),
+                                  metadata=md)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            s = status(stub, md)
+            if s.HasField("latency_target_s") and s.weight > 0 and s.predicted.mean_latency_s > 0:
+                break
+            time.sleep(0.1)
+        assert s.weight > 0, "the search should trade latency for power up to the target"
+        assert s.predicted.mean_latency_s <= target
+        before = s.completed
+        latencies: list = []
+        client = tc.InferenceServerClient(sc.url)
+        x = np.zeros((1, 16), np.float32)
+        inp = tc.InferInput("INPUT0", [1, 16], "FP32")
+        inp.set_data_from_numpy(x)
+        times = poisson(rate, duration=8.0, rng=np.random.default_rng(5))
+        start = time.monotonic()
+
+        def one(t):
+            d = start + t - time.monotonic()
+            if d > 0:
+                time.sleep(d)
+            t1 = time.monotonic()
+            client.infer("emulated_gpu", [inp])
+            latencies.append(time.monotonic() - t1)
+
+        with ThreadPoolExecutor(48) as ex:
+            list(ex.map(one, times))
+        ch.close()
+        assert len(latencies) == len(times)
+        assert np.mean(latencies) <= target, (np.mean(latencies), target, s.predicted.mean_latency_s)
+        assert s.completed >= before
+
+
+def test_solver_down_keeps_the_last_policy_and_solver_back_resumes(scaled):
+    from solver.service import start_solver_server
+
+    triton, csv = scaled
+    server, port = start_solver_server("127.0.0.1:0")
+    with sidecar(triton.grpc_url, csv, solver_url=f"127.0.0.1:{port}", model={"rate_rps": 60.0}) as sc:
+        ch, stub, md = control(sc)
+        answers: list = []
+        fire(sc.url, poisson(60.0, n=40, rng=np.random.default_rng(6)), answers)
+
+        def wait_for(pred, timeout=10.0):
+            end = time.monotonic() + timeout
+            while time.monotonic() < end:
+                s = status(stub, md)
+                if pred(s):
+                    return s
+                time.sleep(0.05)
+            return status(stub, md)
+
+        s = wait_for(lambda s: s.policy_version >= 1 and s.solver_reachable)
+        assert s.policy_version >= 1 and "solver service" in s.policy_source
+        version = s.policy_version
+        server.stop(0).wait()
+        stub.SetWeight(smdp_pb2.SetWeightRequest(model="emulated_gpu", weight=5e-3), metadata=md)
+        s = wait_for(lambda s: not s.solver_reachable)
+        assert not s.solver_reachable and "solver unavailable" in s.note and s.policy_version == version
+        fire(sc.url, poisson(60.0, n=40, rng=np.random.default_rng(7)), answers)  # still served
+        assert all(a == "ok" for a, _ in answers) and len(answers) == 80
+        server2, _ = start_solver_server(f"127.0.0.1:{port}")
+        try:
+            s = wait_for(lambda s: s.solver_reachable and s.policy_version > version, timeout=20)
+            assert s.solver_reachable and s.policy_version > version and s.note == ""
+        finally:
+            server2.stop(0).wait()
+            ch.close()
+
+
+def test_invalid_control_input_is_refused_and_changes_nothing(scaled):
+    triton, csv = scaled
+    with sidecar(triton.grpc_url, csv, control_token="s3cret", model={"rate_rps": 60.0}) as sc:
+        fire(sc.url, poisson(60.0, n=10, rng=np.random.default_rng(8)), [])
+        ch, stub, md = control(sc, token="s3cret")
+        before = status(stub, md)
+        for weight in (-1.0, float("nan"), float("inf")):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.SetWeight(smdp_pb2.SetWeightRequest(model="emulated_gpu", weight=weight), metadata=md)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as info:
+            stub.SetWeight(smdp_pb2.SetWeightRequest(model="no_such_model", weight=1e-4), metadata=md)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        for bad in ((), (("authorization", "Bearer wrong"),)):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.SetWeight(smdp_pb2.SetWeightRequest(model="emulated_gpu", weight=1e-4), metadata=bad)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        after = status(stub, md)
+        ch.close()
+        assert after.weight == before.weight and after.policy_version == before.policy_version
