@@ -13,7 +13,7 @@ from solver import arrivals
 from solver.arrivals import ArrivalError
 from solver.model import ModelError
 
-TRACES = Path("/work/shared/traces")
+TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
 CODE = TRACES / "AzureLLMInferenceTrace_code_2023.csv"
 CONV = TRACES / "AzureLLMInferenceTrace_conv_2023.csv"
 needs_traces = pytest.mark.skipif(not CODE.exists(), reason="shared traces not present")

@@ -16,7 +16,7 @@ from loadtest.openloop import LoadError, OpenLoopResult, RequestFactory, InputSp
 from loadtest.stack import scaled_profile, write_profile_csv
 from solver.model import BatchingModel, ServiceProfile
 
-TRACE = Path("/work/shared/traces/AzureLLMInferenceTrace_code_2023.csv")
+TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "AzureLLMInferenceTrace_code_2023.csv"
 V100 = Path(__file__).resolve().parent.parent / "profiles" / "v100_resnet50.csv"
 
 

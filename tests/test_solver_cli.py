@@ -16,7 +16,7 @@ from solver.cli import _compress_ints, _ranges
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = ROOT / "profiles" / "v100_resnet50.csv"
-TRACE = Path("/work/shared/traces/AzureLLMInferenceTrace_conv_2023.csv")
+TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "AzureLLMInferenceTrace_conv_2023.csv"
 SOLVE_KEYS = {"policy", "gain", "mean_latency_s", "mean_power_w", "throughput_rps", "mean_batch", "iterations",
               "converged", "solve_time_s", "truncation"}
 SIM_KEYS = {"mean_latency_s", "p50_latency_s", "p95_latency_s", "p99_latency_s", "latency_ci95_s", "mean_power_w",
