@@ -390,7 +390,20 @@ def test_cpu_mlp_answers_like_numpy_with_the_same_weights(client) -> None:
 
 
 @pytest.mark.integration
-def test_cpu_mlp_batches_concurrent_requests_and_splits_rows_back(client) -> None:
+def test_cpu_mlp_batches_concurrent_requests_and_splits_rows_back(triton_factory, tmp_path: Path) -> None:
+    # cpu_mlp runs a small batch in well under a millisecond, so on a busy 2-core host the client may
+    # never get ahead of it with max_queue_delay 0; a 50 ms delay makes Triton's grouping certain, and
+    # what is tested is the model's batched execution and the split of rows back to each request.
+    import shutil
+
+    import tritonclient.grpc as grpcclient
+
+    shutil.copytree(REPO / "cpu_mlp", tmp_path / "cpu_mlp", ignore=shutil.ignore_patterns("__pycache__"))
+    config = load_config("cpu_mlp")
+    config.dynamic_batching.max_queue_delay_microseconds = 50_000
+    (tmp_path / "cpu_mlp" / "config.pbtxt").write_text(text_format.MessageToString(config))
+    server = triton_factory(repository=tmp_path, models=("cpu_mlp",))
+    client = grpcclient.InferenceServerClient(url=server.grpc_url)
     rng = np.random.default_rng(3)
     inputs = [rng.standard_normal((int(rng.integers(1, 4)), 256)).astype(np.float32) for _ in range(48)]
     before = batch_stats(client, "cpu_mlp")
