@@ -1,0 +1,313 @@
+"""The sidecar's Prometheus metrics: what the gate sees, what the policy predicts, what was measured.
+
+Why a private ``CollectorRegistry`` per ``SidecarMetrics``: the process-wide default registry
+refuses a second metric of the same name, so two sidecars in one process (tests, a bench running
+several gates) would clash; each sidecar owns its registry and serves it on its own port.
+
+Why labelled children are cached per model: ``metric.labels(...)`` hashes and validates the label
+values and takes a lock on every call. The server calls these methods on its event loop for every
+request and batch, so each model's children are looked up once and kept in a dict; a call is then
+one dict lookup plus the child's own (lock-protected) increment. Labels with open sets of values
+(rejection reason, status code, dispatch reason) are cached per (model, value) the same way.
+
+Names follow Prometheus conventions: prefix ``smdp_sidecar_``, base units in the name
+(``_seconds``, ``_watts``), ``_total`` on counters (added by prometheus_client).
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import threading
+from dataclasses import dataclass
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+
+__all__ = ["SidecarMetrics", "MetricsServer", "start_metrics_server", "batch_size_buckets", "LATENCY_BUCKETS_S"]
+
+PREFIX = "smdp_sidecar_"
+
+LATENCY_BUCKETS_S = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+    0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0,
+)
+"""Request latency buckets, seconds: sub-millisecond to the seconds a stalled request might take."""
+
+SERVICE_BUCKETS_S = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0)
+"""Batch dispatch-to-completion buckets, seconds (an accelerator batch is milliseconds)."""
+
+
+def batch_size_buckets(max_batch: int) -> tuple[float, ...]:
+    """Upper bounds 1, 2, 4, ... up to max_batch (included even when not a power of two)."""
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    out = []
+    b = 1
+    while b < max_batch:
+        out.append(float(b))
+        b *= 2
+    out.append(float(max_batch))
+    return tuple(out)
+
+
+@dataclass
+class _ModelChildren:
+    """One model's pre-resolved metric children (the label lookup done once)."""
+
+    arrived: Any
+    latency: Any
+    batch_size: Any
+    batch_service: Any
+    queue: Any
+    in_flight: Any
+    policy_version: Any
+    policy_threshold: Any
+    predicted_latency: Any
+    predicted_power: Any
+    rate: Any
+    rate_lo: Any
+    rate_hi: Any
+    measured_latency: Any
+    measured_power: Any
+    power_modelled: Any
+    rejected: dict
+    answered: dict
+    dispatched: dict
+
+
+class SidecarMetrics:
+    """Every metric one sidecar exports, in a registry of its own.
+
+    Methods are safe to call from any thread (prometheus_client children lock their values; the
+    child caches only ever gain entries, and a race to add one stores the same child twice).
+    """
+
+    def __init__(self, max_batch: int = 128, *, latency_buckets_s: tuple[float, ...] = LATENCY_BUCKETS_S) -> None:
+        self.max_batch = max_batch
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        m = ("model",)
+        self._arrived = Counter(PREFIX + "requests", "Inference requests received by the gate", m, registry=r)
+        self._rejected = Counter(
+            PREFIX + "requests_rejected", "Requests refused before queueing (queue full, malformed, ...)",
+            ("model", "reason"), registry=r,
+        )
+        self._answered = Counter(
+            PREFIX + "responses", "Requests answered, by gRPC status code", ("model", "code"), registry=r
+        )
+        self._latency = Histogram(
+            PREFIX + "request_latency_seconds", "Arrival-to-answer time of a request in the sidecar",
+            m, buckets=latency_buckets_s, registry=r,
+        )
+        self._dispatched = Counter(
+            PREFIX + "batches", "Batches dispatched to Triton, by the reason the gate served",
+            ("model", "why"), registry=r,
+        )
+        self._batch_size = Histogram(
+            PREFIX + "batch_size", "Requests (rows) per dispatched batch", m,
+            buckets=batch_size_buckets(max_batch), registry=r,
+        )
+        self._batch_service = Histogram(
+            PREFIX + "batch_service_seconds", "Dispatch-to-completion time of a batch on Triton",
+            m, buckets=SERVICE_BUCKETS_S, registry=r,
+        )
+        self._queue = Gauge(PREFIX + "queue_length", "Requests waiting in the gate", m, registry=r)
+        self._in_flight = Gauge(PREFIX + "in_flight_batches", "Batches sent to Triton and not yet completed", m, registry=r)
+        self._policy_version = Gauge(PREFIX + "policy_version", "Version of the policy in force (increments per swap)", m, registry=r)
+        self._policy_threshold = Gauge(
+            PREFIX + "policy_threshold",
+            "Control limit K of the policy in force (serve min(n, B) once n >= K); NaN if not control-limit",
+            m, registry=r,
+        )
+        self._pred_latency = Gauge(PREFIX + "predicted_latency_seconds", "Mean latency W the solver predicts for the policy", m, registry=r)
+        self._pred_power = Gauge(PREFIX + "predicted_power_watts", "Mean power P the solver predicts for the policy", m, registry=r)
+        self._rate = Gauge(PREFIX + "arrival_rate_per_second", "Estimated Poisson arrival rate, requests per second", m, registry=r)
+        self._rate_lo = Gauge(PREFIX + "arrival_rate_lower_per_second", "Lower end of the arrival rate's confidence interval", m, registry=r)
+        self._rate_hi = Gauge(PREFIX + "arrival_rate_upper_per_second", "Upper end of the arrival rate's confidence interval", m, registry=r)
+        self._meas_latency = Gauge(PREFIX + "measured_latency_seconds", "Measured mean latency over the last window", m, registry=r)
+        self._meas_power = Gauge(PREFIX + "measured_power_watts", "Measured (or modelled) mean accelerator power", m, registry=r)
+        self._modelled = Gauge(
+            PREFIX + "power_modelled", "1 when the power figure comes from the profile, not a meter", m, registry=r
+        )
+        self._children: dict[str, _ModelChildren] = {}
+        self._lock = threading.Lock()
+
+    # -- label cache -------------------------------------------------------------------------
+    def _model(self, model: str) -> _ModelChildren:
+        c = self._children.get(model)
+        if c is None:
+            with self._lock:
+                c = self._children.get(model)
+                if c is None:
+                    c = _ModelChildren(
+                        arrived=self._arrived.labels(model),
+                        latency=self._latency.labels(model),
+                        batch_size=self._batch_size.labels(model),
+                        batch_service=self._batch_service.labels(model),
+                        queue=self._queue.labels(model),
+                        in_flight=self._in_flight.labels(model),
+                        policy_version=self._policy_version.labels(model),
+                        policy_threshold=self._policy_threshold.labels(model),
+                        predicted_latency=self._pred_latency.labels(model),
+                        predicted_power=self._pred_power.labels(model),
+                        rate=self._rate.labels(model),
+                        rate_lo=self._rate_lo.labels(model),
+                        rate_hi=self._rate_hi.labels(model),
+                        measured_latency=self._meas_latency.labels(model),
+                        measured_power=self._meas_power.labels(model),
+                        power_modelled=self._modelled.labels(model),
+                        rejected={},
+                        answered={},
+                        dispatched={},
+                    )
+                    self._children[model] = c
+        return c
+
+    @staticmethod
+    def _label(value: Any) -> str:
+        """A gRPC StatusCode (or any enum) by its name, anything else as text."""
+        name = getattr(value, "name", None)
+        return name if isinstance(name, str) else str(value)
+
+    # -- hot path ----------------------------------------------------------------------------
+    def request_arrived(self, model: str) -> None:
+        self._model(model).arrived.inc()
+
+    def request_rejected(self, model: str, reason: str) -> None:
+        c = self._model(model)
+        child = c.rejected.get(reason)
+        if child is None:
+            child = c.rejected[reason] = self._rejected.labels(model, self._label(reason))
+        child.inc()
+
+    def request_answered(self, model: str, code: Any, latency_s: float) -> None:
+        """One answer (response or error status) and its arrival-to-answer time."""
+        c = self._model(model)
+        child = c.answered.get(code)
+        if child is None:
+            child = c.answered[code] = self._answered.labels(model, self._label(code))
+        child.inc()
+        c.latency.observe(latency_s)
+
+    def batch_dispatched(self, model: str, size: int, why: str) -> None:
+        c = self._model(model)
+        child = c.dispatched.get(why)
+        if child is None:
+            child = c.dispatched[why] = self._dispatched.labels(model, self._label(why))
+        child.inc()
+        c.batch_size.observe(size)
+
+    def batch_completed(self, model: str, size: int, seconds: float) -> None:
+        # size is accepted for symmetry with batch_dispatched; the per-size service time is the
+        # estimator's job (a label per size would multiply the series by B).
+        self._model(model).batch_service.observe(seconds)
+
+    def set_queue(self, model: str, queue_length: int, in_flight: int) -> None:
+        c = self._model(model)
+        c.queue.set(queue_length)
+        c.in_flight.set(in_flight)
+
+    # -- occasional --------------------------------------------------------------------------
+    def set_policy(
+        self, model: str, version: int, threshold: int | None, predicted_latency_s: float, predicted_power_w: float
+    ) -> None:
+        c = self._model(model)
+        c.policy_version.set(version)
+        c.policy_threshold.set(math.nan if threshold is None else threshold)
+        c.predicted_latency.set(predicted_latency_s)
+        c.predicted_power.set(predicted_power_w)
+
+    def set_rate(self, model: str, rate: float, lo: float, hi: float) -> None:
+        c = self._model(model)
+        c.rate.set(rate)
+        c.rate_lo.set(lo)
+        c.rate_hi.set(hi)
+
+    def set_measured(self, model: str, latency_s: float, power_w: float, modelled: bool) -> None:
+        c = self._model(model)
+        c.measured_latency.set(latency_s)
+        c.measured_power.set(power_w)
+        c.power_modelled.set(1.0 if modelled else 0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# HTTP exposition
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """wsgiref logs every request to stderr; a scrape every few seconds would flood the log."""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (signature of the base)
+        pass
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    """One thread per scrape, so a slow scraper never blocks another; threads die with the process."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _ThreadingServer6(_ThreadingServer):
+    address_family = socket.AF_INET6
+
+
+class MetricsServer:
+    """A running ``/metrics`` endpoint; ``stop()`` shuts it down and joins its thread (idempotent)."""
+
+    def __init__(self, httpd: WSGIServer, thread: threading.Thread, host: str) -> None:
+        self._httpd = httpd
+        self._thread = thread
+        self.host = host
+        self.port = int(httpd.server_port)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._httpd.shutdown()
+            self._thread.join()
+        self._httpd.server_close()
+
+    def __enter__(self) -> "MetricsServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"metrics address must be host:port (port 0 = a free port), got {address!r}")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"metrics address {address!r}: port {port!r} is not a number") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"metrics address {address!r}: port {number} is outside 0..65535")
+    return host, number
+
+
+def start_metrics_server(metrics: SidecarMetrics, address: str = "127.0.0.1:0") -> tuple[MetricsServer, int]:
+    """Serve ``metrics`` at ``http://address/metrics`` from a daemon thread; returns (server, bound port).
+
+    Any path answers with the exposition, as prometheus_client's own server does. Raises OSError
+    when the address cannot be bound.
+    """
+    host, port = _split_address(address)
+    server_class = _ThreadingServer6 if ":" in host else _ThreadingServer
+    app = make_wsgi_app(metrics.registry)
+    httpd = make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                              name=f"smdp-metrics-{httpd.server_port}", daemon=True)
+    thread.start()
+    server = MetricsServer(httpd, thread, host)
+    return server, server.port
