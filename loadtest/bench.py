@@ -136,7 +136,7 @@ def _run_contender(c: Contender, cfg: BenchConfig, control: ModelConfigControl, 
     try:
         if c.kind == "gate":
             spec = SidecarSpec(policy=c.policy, max_batch=B, profile_csv=profile_path, rate_rps=rate,
-                               weight=cfg.weight, idle_power_w=cfg.idle_power_w)
+                               weight=cfg.weight, idle_power_w=cfg.idle_power_w, adaptive=c.adaptive)
             safe = c.policy.replace(":", "_")
             sidecar = SidecarProcess(triton_url, spec, log_path=log_dir / f"sidecar-{safe}-{rate:g}.log").start()
             target = sidecar.url

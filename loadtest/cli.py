@@ -83,6 +83,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     x.add_argument("--warmup", type=float, default=1.5, help="seconds of warm-up arrivals per run (default: %(default)s)")
     x.set_defaults(func=_cmd_pareto)
 
+    from .trace_bench import add_trace_bench_command
+
+    add_trace_bench_command(subparsers)
+
 
 def _contenders(args: argparse.Namespace):
     from .contenders import Contender, parse_contender

@@ -30,6 +30,8 @@ class Contender:
     """Gate policy spec (greedy | smdp | static:B0 | threshold:K | timeout:S)."""
     max_queue_delay_us: int = 0
     """Triton's max_queue_delay_microseconds (for the gate it stays 0: the gate decides)."""
+    adaptive: bool = False
+    """Gate smdp only: re-solve for the measured arrival rate while running (else: fixed policy)."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("triton", "gate"):
@@ -43,6 +45,8 @@ class Contender:
     def name(self) -> str:
         if self.kind == "triton":
             return f"triton delay={self.max_queue_delay_us / 1000:g}ms"
+        if self.policy == "smdp" and self.adaptive:
+            return "gate smdp adaptive"
         return f"gate {self.policy}"
 
 
@@ -58,6 +62,8 @@ def parse_contender(spec: str) -> Contender:
     if kind == "gate":
         if not rest:
             raise ValueError(f"contender {spec!r}: give a policy, e.g. gate:greedy or gate:smdp")
+        if rest == "smdp-adaptive":
+            return Contender("gate", policy="smdp", adaptive=True)
         try:
             return Contender("gate", policy=rest)
         except ValueError as exc:

@@ -25,6 +25,7 @@ from solver.model import ServiceProfile
 __all__ = ["SidecarProcess", "SidecarSpec", "scaled_profile", "write_profile_csv"]
 
 _LISTENING = re.compile(r"sidecar listening on (\S+):(\d+)")
+_CONTROL = re.compile(r"control API on port (\d+)")
 
 
 def scaled_profile(profile: ServiceProfile, scale: float) -> ServiceProfile:
@@ -60,10 +61,15 @@ class SidecarSpec:
     weight: float = 0.0
     idle_power_w: float = 40.0
     max_queue: int = 4096
+    adaptive: bool = True
+    """smdp: re-solve for the measured rate (False: keep the policy solved for rate_rps)."""
 
     def flags(self) -> list[str]:
         out = ["--policy", self.policy, "--max-batch", str(self.max_batch), "--weight", repr(float(self.weight)),
-               "--idle-power", repr(float(self.idle_power_w)), "--max-queue", str(self.max_queue)]
+               "--idle-power", repr(float(self.idle_power_w)), "--max-queue", str(self.max_queue),
+               "--control-listen", "127.0.0.1:0"]
+        if not self.adaptive:
+            out.append("--fixed")
         if self.profile_csv is not None:
             out += ["--profile", str(self.profile_csv)]
         if self.rate_rps is not None:
@@ -90,6 +96,7 @@ class SidecarProcess:
         self.startup_timeout_s = startup_timeout_s
         self._proc: subprocess.Popen | None = None
         self.url: str | None = None
+        self.control_url: str | None = None
 
     def start(self) -> "SidecarProcess":
         cmd = [sys.executable, "-m", "smdp.cli", "serve", "--listen", "127.0.0.1:0", "--triton", self.triton_url,
@@ -122,9 +129,12 @@ class SidecarProcess:
                     if not chunk:
                         break
                     buf += chunk
-                    m = _LISTENING.search(buf.decode(errors="replace"))
-                    if m:
+                    text = buf.decode(errors="replace")
+                    m = _LISTENING.search(text)
+                    if m and "\n" in text[m.end():]:
                         host = "127.0.0.1" if m.group(1) in ("0.0.0.0", "") else m.group(1)
+                        c = _CONTROL.search(text)
+                        self.control_url = f"127.0.0.1:{c.group(1)}" if c else None
                         return f"{host}:{m.group(2)}"
                 elif self._proc.poll() is not None:
                     break

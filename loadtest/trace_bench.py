@@ -1,0 +1,256 @@
+"""``smdp trace-bench``: a real trace with a changing rate, replayed on every contender.
+
+The question the product must answer: when the load moves, does the adaptive SMDP gate beat every
+single hand-tuned ``max_queue_delay``? Each contender replays exactly the same arrival times (the
+trace, time-compressed to the requested mean rate); the adaptive gate's rate estimate, policy
+version and threshold are polled from its control API during the run and plotted against the
+trace's own windowed rate.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from solver import arrivals
+
+from .bench import BenchConfig, BenchReport, BenchRow, Progress, _ms, bench_stack, format_table, write_outputs
+from .contenders import Contender, predict
+from .metrics import batch_histogram, measure, power_note
+from .openloop import run_open_loop
+from .stack import SidecarProcess, SidecarSpec
+from .triton_control import BatchingOverride
+
+DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "AzureLLMInferenceTrace_conv_2023.csv"
+
+
+@dataclass(frozen=True)
+class StatusSample:
+    t_s: float
+    rate_rps: float
+    version: int
+    serve_from: int
+    """The smallest queue length at which the policy in force serves (its wait region ends there)."""
+    predicted_rate_rps: float
+
+
+def _poll_status(control_url: str, model: str, start: float, stop: threading.Event,
+                 out: list[StatusSample], interval_s: float = 0.25) -> None:
+    import grpc
+
+    from smdp.v1 import smdp_pb2, smdp_pb2_grpc
+
+    with grpc.insecure_channel(control_url) as ch:
+        stub = smdp_pb2_grpc.ControlStub(ch)
+        version, serve_from = -1, -1
+        while not stop.wait(interval_s):
+            try:
+                s = stub.GetStatus(smdp_pb2.ModelRequest(model=model), timeout=1.0)
+                if s.policy_version != version:
+                    p = stub.GetPolicy(smdp_pb2.ModelRequest(model=model), timeout=1.0)
+                    version = s.policy_version
+                    serve_from = next((n for n, a in enumerate(p.actions) if a > 0), -1)
+            except grpc.RpcError:
+                continue  # the model appears with its first request
+            out.append(StatusSample(time.monotonic() - start, s.rate.rate_rps, s.policy_version,
+                                    serve_from, s.predicted_rate_rps))
+
+
+def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None = None,
+                    progress: Progress = print) -> tuple[BenchReport, list[StatusSample]]:
+    """Every contender on ``times``; figures over cfg.window; the adaptive gate's status trail."""
+    rows: list[BenchRow] = []
+    trail: list[StatusSample] = []
+    mean_rate = (times.size - 1) / float(times[-1] - times[0])
+    lo, hi = cfg.window
+    with bench_stack(cfg, triton_url, progress) as stack:
+        from solver.model import BatchingModel
+
+        model = BatchingModel(mean_rate, stack.max_batch, stack.profile, cfg.idle_power_w, cfg.weight)
+        progress(f"trace: {times.size} arrivals over {times[-1]:.0f} s, mean {mean_rate:.0f} req/s "
+                 f"(rho = {model.load:.2f} of capacity {model.capacity:.0f}/s)")
+        for c in cfg.contenders:
+            t0 = time.monotonic()
+            # a rule's prediction assumes Poisson arrivals at the trace's mean rate: a reference, not the truth
+            pred = predict(c, model, times, seed=cfg.seed, warmup_s=lo)
+            sidecar = None
+            target = stack.triton_url
+            stop = threading.Event()
+            poller = None
+            try:
+                if c.kind == "triton":
+                    stack.control.apply(BatchingOverride(max_queue_delay_us=c.max_queue_delay_us,
+                                                         time_scale=cfg.time_scale))
+                else:
+                    stack.control.apply(BatchingOverride(time_scale=cfg.time_scale, dynamic_batching=False))
+                    spec = SidecarSpec(policy=c.policy, max_batch=stack.max_batch, profile_csv=stack.profile_path,
+                                       rate_rps=mean_rate, weight=cfg.weight, idle_power_w=cfg.idle_power_w,
+                                       adaptive=c.adaptive)
+                    safe = c.name.replace(" ", "_").replace(":", "_")
+                    sidecar = SidecarProcess(stack.triton_url, spec, log_path=cfg.out_dir / f"sidecar-{safe}.log").start()
+                    target = sidecar.url
+                    if c.adaptive and sidecar.control_url:
+                        poller = threading.Thread(target=_poll_status, daemon=True,
+                                                  args=(sidecar.control_url, cfg.model, time.monotonic(), stop, trail))
+                        poller.start()
+                res = run_open_loop(target, cfg.model, times, timeout_s=cfg.request_timeout_s,
+                                    required=(times >= lo) & (times < hi), drain_grace_s=1.0,
+                                    time_limit_s=float(times[-1]) + 10.0)
+            finally:
+                stop.set()
+                if poller is not None:
+                    poller.join(5)
+                if sidecar is not None:
+                    sidecar.stop()
+            m = measure(res, stack.profile, idle_power_w=cfg.idle_power_w, weight=cfg.weight,
+                        energy_scale=cfg.time_scale, window=cfg.window)
+            in_window = (res.scheduled_s >= lo) & (res.scheduled_s < hi)
+            ok = in_window & res.ok
+            failures: dict[str, int] = {}
+            for s, w in zip(res.status, in_window):
+                if w and s != "OK":
+                    failures[s] = failures.get(s, 0) + 1
+            rows.append(BenchRow(mean_rate, c.name, m, pred, batch_histogram(res, stack.max_batch, cfg.window),
+                                 res.done_s[ok] - res.scheduled_s[ok], failures, res.errors))
+            progress(f"  {c.name:<24} W {m.mean_latency_s * 1e3:7.2f} ms  P {m.mean_power_w:6.1f} W  "
+                     f"J {_ms(m.cost):7.2f} ms  batch {m.mean_batch:5.2f}  failed {m.failed}  "
+                     f"({time.monotonic() - t0:.1f} s)")
+        B = stack.max_batch
+    note = power_note(cfg.profile_name, cfg.idle_power_w)
+    return BenchReport(cfg, tuple(rows), B, note), trail
+
+
+def plot_trail(times: np.ndarray, trail: list[StatusSample], path: Path, window_s: float = 2.0) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    starts, rate = arrivals.windowed_rate(times, window_s)
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    ax.step(starts, rate, where="post", color="0.6", label=f"trace rate ({window_s:g} s windows)")
+    if trail:
+        t = np.array([s.t_s for s in trail])
+        ax.plot(t, [s.rate_rps for s in trail], color="C0", label="sidecar's rate estimate")
+        ax.plot(t, [s.predicted_rate_rps for s in trail], color="C1", drawstyle="steps-post",
+                label="rate the policy in force was solved for")
+        ax2 = ax.twinx()
+        ax2.plot(t, [s.serve_from if s.serve_from >= 0 else np.nan for s in trail], color="C2",
+                 drawstyle="steps-post", label="policy serves from n = (waits below)")
+        ax2.set_ylabel("queue length n")
+        ax2.legend(loc="upper right", fontsize=8)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("requests / s")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title("Adaptive SMDP gate on a trace replay")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def trace_times(path: Path, mean_rate: float, limit: int | None) -> np.ndarray:
+    return arrivals.trace(path, target_rate=mean_rate, limit=limit)
+
+
+def default_contenders(delays_us: tuple[int, ...]) -> tuple[Contender, ...]:
+    return (*(Contender("triton", max_queue_delay_us=d) for d in delays_us),
+            Contender("gate", policy="smdp", adaptive=False), Contender("gate", policy="smdp", adaptive=True))
+
+
+def summary_lines(report: BenchReport) -> list[str]:
+    """Where the adaptive gate stands against every fixed contender, in J."""
+    by = {r.contender: r.measured.cost for r in report.rows}
+    ada = by.get("gate smdp adaptive")
+    if ada is None or not math.isfinite(ada):
+        return []
+    lines = []
+    for name, cost in by.items():
+        if name == "gate smdp adaptive" or not math.isfinite(cost):
+            continue
+        lines.append(f"adaptive SMDP gate vs {name:<24}: J {_ms(ada):8.2f} vs {_ms(cost):8.2f} ms "
+                     f"({(cost - ada) / cost * 100:+.1f}% better)" if ada <= cost else
+                     f"adaptive SMDP gate vs {name:<24}: J {_ms(ada):8.2f} vs {_ms(cost):8.2f} ms "
+                     f"({(ada - cost) / cost * 100:.1f}% WORSE)")
+    return lines
+
+
+def main_trace_bench(cfg: BenchConfig, trace_path: Path, mean_rate: float, limit: int | None,
+                     triton_url: str | None, progress: Progress) -> int:
+    times = trace_times(trace_path, mean_rate, limit)
+    span = float(times[-1])
+    cfg = replace(cfg, duration_s=max(span - cfg.warmup_s - cfg.cooldown_s, 1.0))
+    report, trail = run_trace_bench(cfg, times, triton_url, progress)
+    report = write_outputs(report)
+    files = list(report.files) + [plot_trail(times, trail, cfg.out_dir / "adaptive_trail.png")]
+    print()
+    print(format_table(report))
+    print("(predictions assume Poisson arrivals at the trace's mean rate: a reference only)")
+    for line in summary_lines(report):
+        print(line)
+    for f in files:
+        print(f"wrote {f}")
+    return 0
+
+
+def add_trace_bench_command(sub) -> None:
+    import argparse
+
+    from .bench import DEFAULT_PROFILE
+
+    p = sub.add_parser(
+        "trace-bench",
+        help="replay a real trace with a changing rate on Triton's batcher delays and the (adaptive) SMDP gate",
+        description="Every contender replays the same trace arrivals (time-compressed to --rate on average) "
+        "against a real embedded Triton; reports W, P, J per contender and plots the adaptive gate's rate "
+        "estimate and threshold over time. Power is modelled from the profile.",
+    )
+    p.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="trace CSV (default: the Azure conversation trace)")
+    p.add_argument("--rate", type=float, default=150.0, help="mean request rate of the replay, req/s (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=9000, help="trace rows replayed from the start, 0 = all (default: %(default)s)")
+    p.add_argument("--delays-us", default="0,5000,20000,50000",
+                   help="Triton max_queue_delay_microseconds contenders (default: %(default)s)")
+    p.add_argument("--weight", type=float, default=1e-3, help="w, seconds per watt (default: %(default)s)")
+    p.add_argument("--time-scale", type=float, default=10.0, help="emulated GPU this much slower (default: %(default)s)")
+    p.add_argument("--idle-power", type=float, default=40.0, help="P0, watts (default: %(default)s)")
+    p.add_argument("--profile", type=Path, default=DEFAULT_PROFILE)
+    p.add_argument("--rate-window", type=float, default=3.0,
+                   help="the sidecar's rate-estimator window, seconds: short, since the replay compresses "
+                   "minutes into seconds (default: %(default)s)")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds at the start not counted (default: %(default)s)")
+    p.add_argument("--triton", metavar="HOST:PORT", help="use this Triton instead of an embedded one")
+    p.add_argument("--out", type=Path, default=Path("out/trace-bench"))
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args) -> int:
+    import sys
+
+    from plugin.triton_server import TritonStartError, TritonUnavailable
+    from solver.model import ModelError
+
+    start = time.monotonic()
+
+    def say(msg: str) -> None:
+        print(f"[{time.monotonic() - start:6.1f}s] {msg}", flush=True)
+
+    import os
+
+    os.environ["SMDP_SIDECAR_RATE_WINDOW_S"] = repr(float(args.rate_window))  # read by the sidecar processes
+    try:
+        delays = tuple(int(float(d)) for d in args.delays_us.split(",") if d.strip())
+        cfg = BenchConfig(rates=(args.rate,), contenders=default_contenders(delays), time_scale=args.time_scale,
+                          weight=args.weight, idle_power_w=args.idle_power, profile_csv=args.profile,
+                          warmup_s=args.warmup, cooldown_s=1.0, out_dir=args.out)
+        return main_trace_bench(cfg, args.trace, args.rate, args.limit or None, args.triton, say)
+    except (TritonUnavailable, TritonStartError) as exc:
+        print(f"smdp trace-bench: Triton is not available: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, ModelError, OSError) as exc:
+        print(f"smdp trace-bench: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,34 @@
+"""The trace-replay bench, end to end on a short slice of a real trace against a real Triton."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loadtest.bench import BenchConfig
+from loadtest.contenders import Contender
+from loadtest.trace_bench import DEFAULT_TRACE, plot_trail, run_trace_bench, summary_lines, trace_times
+
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(not DEFAULT_TRACE.is_file(), reason="shared traces not present")]
+
+
+def test_trace_replay_runs_every_contender_on_the_same_arrivals_and_tracks_the_rate(triton_runnable, tmp_path: Path):
+    times = trace_times(DEFAULT_TRACE, mean_rate=120.0, limit=480)  # ~4 s of the conversation trace
+    assert times.size == 480 and abs((times.size - 1) / times[-1] - 120.0) < 1e-6
+    cfg = BenchConfig(
+        rates=(120.0,),
+        contenders=(Contender("triton", max_queue_delay_us=0), Contender("gate", policy="smdp", adaptive=True)),
+        duration_s=float(times[-1]) - 1.5, warmup_s=1.0, cooldown_s=0.5, out_dir=tmp_path, weight=1e-3,
+    )
+    report, trail = run_trace_bench(cfg, times, progress=lambda _msg: None)
+    assert [r.contender for r in report.rows] == ["triton delay=0ms", "gate smdp adaptive"]
+    for row in report.rows:
+        assert row.measured.failed == 0 and row.measured.requests > 0
+        assert np.isfinite(row.measured.cost) and row.measured.mean_power_w > 0
+    # the adaptive gate's status was polled while it ran: a rate estimate and a solved policy
+    assert trail and max(s.version for s in trail) >= 1
+    assert any(s.rate_rps > 0 for s in trail)
+    assert summary_lines(report) and "adaptive SMDP gate vs triton delay=0ms" in summary_lines(report)[0]
+    assert plot_trail(times, trail, tmp_path / "trail.png").stat().st_size > 0
