@@ -233,6 +233,14 @@ class Sidecar:
             )
             max_rows = info.max_batch
             log.info("gating model %s (B=%d, %d slot(s), policy %s)", name, info.max_batch, slots, info.spec)
+            if self.config.mode == "merged" and cfg.HasField("dynamic_batching"):
+                # Seen with Triton 2.51: its batcher, idle between the gate's merged requests, now and then
+                # misses the enqueue and holds a request for its 500 ms default wait. The gate already
+                # forms the batches; Triton's batcher has nothing left to do in merged mode.
+                log.warning(
+                    "model %s has dynamic_batching on behind the merged gate: Triton 2.51 was seen holding a "
+                    "request for its 500 ms idle wait now and then; consider removing dynamic_batching "
+                    "from this model's config (the gate forms the batches)", name)
         state = ModelState(
             name=name,
             version=version,
