@@ -67,7 +67,7 @@ class SidecarSpec:
     def flags(self) -> list[str]:
         out = ["--policy", self.policy, "--max-batch", str(self.max_batch), "--weight", repr(float(self.weight)),
                "--idle-power", repr(float(self.idle_power_w)), "--max-queue", str(self.max_queue),
-               "--control-listen", "127.0.0.1:0"]
+               "--control-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"]
         if not self.adaptive:
             out.append("--fixed")
         if self.profile_csv is not None:

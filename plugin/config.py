@@ -92,6 +92,9 @@ class SidecarConfig(BaseModel):
     control_token: str | None = Field(
         None, description="Bearer token the control API requires (None = none; keep it on localhost then)"
     )
+    metrics_listen: str | None = Field(
+        "127.0.0.1:8013", description="host:port of the Prometheus /metrics endpoint (None = off)"
+    )
     retune_interval_s: float = Field(
         0.25, gt=0, description="How often adaptive models check whether their policy must be re-solved, seconds"
     )

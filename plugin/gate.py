@@ -55,6 +55,8 @@ class Step:
     """Requests whose deadline passed while waiting: answer them with a timeout error."""
     wake_at: float | None = None
     """Clock time at which to poll again even if nothing happens (None: only on events)."""
+    reasons: tuple[str, ...] = ()
+    """Why each batch was served (the rule's Decision.reason), parallel to ``batches``."""
 
 
 @dataclass
@@ -165,6 +167,7 @@ class ModelGate:
         now = self._clock()
         expired = self._expire(now)
         batches: list[tuple[Pending, ...]] = []
+        reasons: list[str] = []
         wake_at: float | None = None
         while self._free > 0 and self._size > 0:
             oldest = self._oldest_arrival()
@@ -180,11 +183,12 @@ class ModelGate:
             self.counters.dispatched_batches += 1
             self.counters.dispatched_requests += len(batch)
             batches.append(batch)
+            reasons.append(decision.reason)
         if self._deadlines:
             d = self._next_deadline()
             if d is not None and (wake_at is None or d < wake_at):
                 wake_at = d
-        return Step(tuple(batches), tuple(expired), wake_at)
+        return Step(tuple(batches), tuple(expired), wake_at, tuple(reasons))
 
     # -- internals ---------------------------------------------------------------------------
     def _expire(self, now: float) -> list[Pending]:

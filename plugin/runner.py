@@ -102,6 +102,8 @@ async def serve_forever(config: SidecarConfig) -> None:
     """``smdp serve``: run until SIGINT/SIGTERM, then drain and stop."""
     running = await start_sidecar(config)
     control = f", control API on port {running.control_port}" if running.control_port else ""
+    if running.metrics_port:
+        control += f", metrics on port {running.metrics_port}"
     print(f"sidecar listening on {config.listen.rsplit(':', 1)[0]}:{running.port} -> Triton {config.triton_url}"
           f"{control}", flush=True)
     stop = asyncio.Event()

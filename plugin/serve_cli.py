@@ -28,6 +28,8 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--solver", dest="solver_url", help="host:port of a shared smdp solver-serve (default: in-process)")
     p.add_argument("--control-listen", help="host:port of the control API (default 127.0.0.1:8012; 'none' = off)")
     p.add_argument("--control-token", help="bearer token required by the control API")
+    p.add_argument("--metrics-listen", help="host:port of the Prometheus /metrics endpoint (default 127.0.0.1:8013; "
+                   "'none' = off)")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_run)
 
@@ -59,15 +61,16 @@ def _run(args: argparse.Namespace) -> int:
         "solver_url": args.solver_url,
         "control_listen": args.control_listen,
         "control_token": args.control_token,
+        "metrics_listen": args.metrics_listen,
         "default": {k: v for k, v in default.items() if v is not None} or None,
     }
-    no_control = overrides["control_listen"] == "none"
-    if no_control:
-        overrides["control_listen"] = None
+    off = [k for k in ("control_listen", "metrics_listen") if overrides[k] == "none"]
+    for k in off:
+        overrides[k] = None
     try:
         config = load_config(args.config, overrides=overrides)
-        if no_control:
-            config = config.model_copy(update={"control_listen": None})
+        if off:
+            config = config.model_copy(update={k: None for k in off})
     except (ValidationError, ValueError, OSError) as exc:
         print(f"smdp serve: invalid configuration: {exc}", file=sys.stderr)
         return 2

@@ -29,6 +29,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2
 from .adaptive import PolicyController
 from .config import SidecarConfig
 from .gate import ModelGate, Pending, QueueFull
+from .metrics import SidecarMetrics
 from .merge import MalformedRequest, merge, merge_key, split, validate_request
 from .policies import RuleInfo, build_rule
 
@@ -136,6 +137,7 @@ class Sidecar:
         self._models: dict[tuple[str, str], ModelState] = {}
         self._loading: dict[tuple[str, str], asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()
+        self.metrics = SidecarMetrics()
         self._solver = None
         if config.solver_url:
             from solver.service import AsyncSolverClient
@@ -162,11 +164,25 @@ class Sidecar:
             await asyncio.sleep(self.config.retune_interval_s)
             now = self._clock()
             for state in list(self._models.values()):
-                if state.controller is not None:
-                    try:
+                try:
+                    if state.controller is not None:
                         state.controller.tick(now)
-                    except Exception:  # never let one model stop the loop
-                        log.exception("retune of %s failed", state.name)
+                    if state.gate is not None:
+                        self._export(state, now)
+                except Exception:  # never let one model stop the loop
+                    log.exception("retune of %s failed", state.name)
+
+    def _export(self, state: ModelState, now: float) -> None:
+        """The slow-moving gauges, once a tick (the per-request counters are updated inline)."""
+        m = self.metrics
+        m.set_queue(state.name, state.gate.queue_length, state.gate.in_flight)
+        c = state.controller
+        if c is not None:
+            est = c.rate.estimate(now)
+            m.set_rate(state.name, est.rate, est.lo, est.hi)
+            if c.current is not None:
+                m.set_policy(state.name, c.version, c.current.policy.threshold(), c.current.mean_latency_s,
+                             c.current.mean_power_w)
 
     def clock(self) -> float:
         return self._clock()
@@ -331,6 +347,7 @@ class Sidecar:
         try:
             validate_request(request, state.config)
         except MalformedRequest as exc:
+            self.metrics.request_rejected(state.name, "invalid_argument")
             raise GateError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         now = self._clock()
         params = request.parameters
@@ -349,17 +366,24 @@ class Sidecar:
         try:
             state.gate.submit(item)
         except QueueFull as exc:
+            self.metrics.request_rejected(state.name, "queue_full")
             raise GateError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"model '{state.name}' is overloaded: {exc}"
             ) from None
         if state.controller is not None:
             state.controller.observe_arrival(now)
+        self.metrics.request_arrived(state.name)
         self._pump(state)
         try:
             response = await call.future
-            state.stats.latency_sum_s += self._clock() - now
+            latency = self._clock() - now
+            state.stats.latency_sum_s += latency
             state.stats.latency_n += 1
+            self.metrics.request_answered(state.name, "OK", latency)
             return response
+        except GateError as exc:
+            self.metrics.request_answered(state.name, exc.code, self._clock() - now)
+            raise
         except asyncio.CancelledError:
             state.gate.cancel(item)  # still waiting: frees its place; dispatched: the batch runs on
             raise
@@ -369,7 +393,8 @@ class Sidecar:
         step = state.gate.poll()
         for item in step.expired:
             self._fail(item.payload, GateError(grpc.StatusCode.UNAVAILABLE, "Request timeout expired"))
-        for batch in step.batches:
+        for batch, why in zip(step.batches, step.reasons):
+            self.metrics.batch_dispatched(state.name, sum(p.rows for p in batch), why)
             task = self._loop.create_task(self._dispatch(state, batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -446,7 +471,9 @@ class Sidecar:
             for call in calls:
                 self._fail(call, GateError(grpc.StatusCode.INTERNAL, f"sidecar error: {exc}"))
         finally:
-            state.stats.record(rows, self._clock() - start)
+            elapsed = self._clock() - start
+            state.stats.record(rows, elapsed)
+            self.metrics.batch_completed(state.name, rows, elapsed)
             state.stats.answered += len(calls)
             state.gate.complete()
             self._pump(state)
@@ -584,11 +611,15 @@ class RunningSidecar:
     health: Any
     control: grpc.aio.Server | None = None
     control_port: int | None = None
+    metrics_server: Any = None
+    metrics_port: int | None = None
 
     async def stop(self, grace: float = 1.0) -> None:
         await self.health.enter_graceful_shutdown()
         if self.control is not None:
             await self.control.stop(grace)
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         await self.server.stop(grace)
         await self.sidecar.close()
 
@@ -643,4 +674,13 @@ async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
             await running.stop(0)
             raise
         log.info("control API on port %d", running.control_port)
+    if config.metrics_listen:
+        from .metrics import start_metrics_server
+
+        try:
+            running.metrics_server, running.metrics_port = start_metrics_server(sidecar.metrics, config.metrics_listen)
+        except BaseException:
+            await running.stop(0)
+            raise
+        log.info("Prometheus metrics on port %d", running.metrics_port)
     return running

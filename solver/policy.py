@@ -21,6 +21,8 @@ class Decision:
     """Batch size to start now; 0 means wait."""
     recheck_after_s: float | None = None
     """When waiting: decide again after this many seconds even without an arrival (None: only on arrival)."""
+    reason: str = "policy"
+    """Why: "policy" (the table or rule), "timeout" (the oldest waited the rule's T), "max_wait" (the guard)."""
 
 
 @runtime_checkable
@@ -132,8 +134,10 @@ class TimeoutRule:
     def decide(self, n: int, oldest_wait_s: float) -> Decision:
         if n <= 0:
             return Decision(0)
-        if n >= self.max_batch or oldest_wait_s >= self.timeout_s:
-            return Decision(min(n, self.max_batch))
+        if n >= self.max_batch:
+            return Decision(self.max_batch)
+        if oldest_wait_s >= self.timeout_s:
+            return Decision(n, reason="timeout")
         return Decision(0, self.timeout_s - oldest_wait_s)
 
 
@@ -200,7 +204,7 @@ class MaxWaitGuard:
 
     def decide(self, n: int, oldest_wait_s: float) -> Decision:
         if n > 0 and oldest_wait_s >= self.max_wait_s:
-            return Decision(min(n, self.max_batch))
+            return Decision(min(n, self.max_batch), reason="max_wait")
         d = self.rule.decide(n, oldest_wait_s)
         if d.serve > 0 or n == 0:
             return d

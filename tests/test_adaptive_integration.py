@@ -56,7 +56,8 @@ def sidecar(triton_url: str, profile: Path, **overrides):
     model = {"policy": "smdp", "profile": str(profile), "idle_power_w": 40.0, "max_batch": 32}
     model.update(overrides.pop("model", {}))
     cfg = load_config(
-        overrides={"listen": "127.0.0.1:0", "control_listen": "127.0.0.1:0", "triton_url": triton_url,
+        overrides={"listen": "127.0.0.1:0", "control_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0",
+                   "triton_url": triton_url,
                    "retune_interval_s": 0.1, "rate_window_s": 5.0, "models": {"emulated_gpu": model}, **overrides},
         environ={},
     )

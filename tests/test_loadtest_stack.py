@@ -86,7 +86,8 @@ def test_locust_headless_open_loop_through_the_sidecar(triton, tmp_path):
     from plugin.config import load_config
     from plugin.runner import SidecarThread
 
-    sidecar = SidecarThread(load_config(overrides={"listen": "127.0.0.1:0", "triton_url": triton.grpc_url},
+    sidecar = SidecarThread(load_config(overrides={"listen": "127.0.0.1:0", "control_listen": "127.0.0.1:0",
+                                             "metrics_listen": "127.0.0.1:0", "triton_url": triton.grpc_url},
                                         environ={}))
     sidecar.start()
     try:

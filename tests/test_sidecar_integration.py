@@ -29,7 +29,8 @@ SCALE = 20  # emulated service times x20: batch of 1 takes ~42 ms, so arrival or
 def sidecar(triton_url: str, **overrides):
     default = overrides.pop("default", {"policy": "greedy"})
     cfg = load_config(
-        overrides={"listen": "127.0.0.1:0", "control_listen": "127.0.0.1:0", "triton_url": triton_url,
+        overrides={"listen": "127.0.0.1:0", "control_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0",
+                   "triton_url": triton_url,
                    "default": default, **overrides},
         environ={},
     )
@@ -404,3 +405,37 @@ def test_triton_restart_gives_unavailable_then_service_without_restarting_the_si
         assert answers[-1] == "ok"
         assert len(answers) == sent  # every request got exactly one answer
         assert set(answers) <= {"ok", "StatusCode.UNAVAILABLE"}
+
+
+def test_prometheus_metrics_count_requests_batches_and_decisions(slow_triton):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with sidecar(slow_triton.grpc_url, max_queue=4, default={"policy": "threshold:4", "max_batch": 8}) as sc:
+        client = tc.InferenceServerClient(sc.url)
+
+        def one(s: int) -> str:
+            try:
+                client.infer("emulated_gpu", emu_input(1, s)[1])
+                return "ok"
+            except InferenceServerException as exc:
+                return exc.status()
+
+        with ThreadPoolExecutor(12) as ex:
+            answers = list(ex.map(one, range(12)))
+        port = sc.call(lambda: sc._running.metrics_port)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    samples = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.labels.get("model") == "emulated_gpu":
+                samples[(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "model")))] = s.value
+    ok, refused = answers.count("ok"), answers.count("StatusCode.RESOURCE_EXHAUSTED")
+    assert ok + refused == 12 and refused > 0
+    assert samples[("smdp_sidecar_requests_total", ())] == ok
+    assert samples[("smdp_sidecar_requests_rejected_total", (("reason", "queue_full"),))] == refused
+    assert samples[("smdp_sidecar_responses_total", (("code", "OK"),))] == ok
+    served = sum(v for (name, labels), v in samples.items() if name == "smdp_sidecar_batches_total")
+    assert samples[("smdp_sidecar_batch_size_sum", ())] == ok and served >= ok / 8
+    assert samples[("smdp_sidecar_batches_total", (("why", "policy"),))] == served  # no guard, no timeout fired
