@@ -405,9 +405,9 @@ def test_applier_on_a_real_triton(triton_factory):
 
         # 3. a pure timeout rule (P = {B}, 100 ms): groups of 3 wait the delay, then run as one batch
         clock.now = 1030.0
-        before = _batch_counts(client, model)
         assert applier.poll().status == "applied"
         assert applier.pending is None
+        before = _batch_counts(client, model)  # after the reload: the new model's statistics start afresh
         assert settings_from_config(client.get_model_config(model, as_json=True)["config"]) == second
         lat, sizes = _groups(url, model, group=3, repeats=4)
         after = _batch_counts(client, model)

@@ -247,9 +247,14 @@ def _sidecar_config(service: dict):
     args = parse_smdp(_argv(service))
     path = _host_path(service, args.config)
     assert path is not None and path.is_file(), f"sidecar --config {args.config} is not mounted from the repository"
-    overrides = {k: getattr(args, k) for k in ("listen", "triton_url", "mode", "max_queue", "solver_url",
-                                               "control_listen", "control_token")}
-    return load_config(path, overrides=overrides, environ=_resolved_environment(service))
+    return load_config(path, overrides=_flag_overrides(args), environ=_resolved_environment(service))
+
+
+def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The top-level SidecarConfig fields ``smdp serve`` flags set (flags named after their field)."""
+    from plugin.config import SidecarConfig
+
+    return {k: v for k, v in vars(args).items() if k in SidecarConfig.model_fields and v is not None}
 
 
 def _listen_fields(config) -> dict[str, str]:
@@ -758,8 +763,7 @@ def _k8s_sidecar_config(k8s: list[dict], dep: dict, container: dict, tmp: Path):
     path.write_text(cms[0]["data"][key])
     env = {e["name"]: "from-secret" for e in container.get("env", []) if "valueFrom" in e}
     env |= {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
-    overrides = {k: getattr(args, k) for k in ("listen", "triton_url", "solver_url", "control_listen", "control_token")}
-    return load_config(path, overrides=overrides, environ=env)
+    return load_config(path, overrides=_flag_overrides(args), environ=env)
 
 
 def test_k8s_pod_runs_triton_with_its_own_sidecar(k8s, tmp_path):
