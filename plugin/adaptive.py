@@ -10,6 +10,20 @@ arrival already; deciding to re-solve at most every ``retune_interval_s`` bounds
 burst of noise can ask for solves, and a silence (rate drop) is noticed without any arrival.
 Steps are found by the estimator's CUSUM (ratio ``change_ratio``); drifts smaller than that by a
 look every ``3 x window_s`` at the windowed estimate.
+
+Learning the service profile. Every batch the gate saw complete feeds ``observe_batch`` (an O(1)
+update, the only work on the request path). At most every ``LearningConfig.check_interval_s`` the
+tick rebuilds the learned profile (``estimator.ProfileLearner``: per-size means blended with the
+CSV prior where data are thin) and, when it drifted significantly from the profile in force (more
+than ``profile_drift`` relative at a size with ``profile_min_samples`` batches, outside the mean's
+confidence interval), adopts it and marks the policy dirty: the next tick re-solves with it, and
+the new table replaces the old one between two decisions like any other re-solve.
+
+Telemetry, off the hot path: every ``telemetry_interval_s`` a task reads Triton's statistics API
+(``compute_infer`` per batch size, kept beside the gate's own figures) and Triton's Prometheus
+metrics (``nv_energy_consumption`` / ``nv_gpu_power_usage``). When Triton reports a GPU the power is
+measured; otherwise it is modelled from the profile (e(b) per batch executed + P0 idle) and every
+report says so. The measured W and P are published to the metrics at the same pace.
 """
 
 from __future__ import annotations
@@ -23,7 +37,7 @@ from typing import Any, Callable
 from solver.model import BatchingModel, ModelError, ServiceProfile
 from solver.policy import PolicyTable, greedy
 
-from .estimator import RateEstimator
+from .estimator import PowerReading, PowerSource, ProfileDrift, ProfileLearner, RateEstimator, fetch_metrics
 
 log = logging.getLogger("smdp.adaptive")
 
@@ -43,6 +57,50 @@ class Solution:
     gain: float
     mean_batch: float
     source: str
+    profile_source: str = ""
+    """Which service profile the policy was solved with (the CSV prior, or what was learned)."""
+
+
+@dataclass(frozen=True)
+class LearningConfig:
+    """How a controller learns its service profile and reads Triton's telemetry (see the module doc)."""
+
+    enabled: bool = True
+    """Learn tau(b) from completed batches and re-solve when it drifts (False: the CSV profile stays)."""
+    drift: float = 0.10
+    """Relative change of a well-sampled tau(b) that asks for a new policy (0.10 = 10%)."""
+    min_samples: int = 30
+    """Batches of one size before that size's mean counts (below it everywhere: the prior stays)."""
+    prior_weight: float = 20.0
+    """The prior/base curve counts as this many batches in each size's blend."""
+    check_interval_s: float = 1.0
+    """Least time between two rebuilds of the learned profile, seconds."""
+    telemetry_interval_s: float = 5.0
+    """How often Triton's statistics and metrics are read and W, P published, seconds."""
+    metrics_url: str | None = None
+    """Triton's Prometheus endpoint (http://host:8002/metrics); None: power is always modelled."""
+    triton_url: str | None = None
+    """Triton's gRPC host:port for its statistics API; None: not read."""
+
+
+def learning_options(config: Any, model: str) -> dict[str, Any]:
+    """``PolicyController`` keyword arguments for ``model`` from a ``SidecarConfig``."""
+    pc = config.policy_for(model)
+    url = getattr(config, "triton_metrics_url", "auto")
+    if url == "auto":
+        host = config.triton_url.rsplit(":", 1)[0]
+        url = f"http://{host}:8002/metrics"
+    elif url in (None, "", "off"):
+        url = None
+    return {"learning": LearningConfig(
+        enabled=getattr(pc, "learn_profile", True),
+        drift=getattr(pc, "profile_drift", 0.10),
+        min_samples=getattr(pc, "profile_min_samples", 30),
+        prior_weight=getattr(pc, "profile_prior_weight", 20.0),
+        telemetry_interval_s=getattr(config, "telemetry_interval_s", 5.0),
+        metrics_url=url,
+        triton_url=config.triton_url if getattr(config, "triton_statistics", True) else None,
+    )}
 
 
 class PolicyController:
@@ -64,9 +122,14 @@ class PolicyController:
         change_ratio: float = 1.5,
         min_arrivals: int = 30,
         drift_tolerance: float = 0.15,
+        learning: LearningConfig | None = None,
+        stats: Any = None,
+        metrics: Any = None,
     ) -> None:
         self.model = model
         self.profile = profile.truncated(max_batch) if profile.max_batch != max_batch else profile
+        self.prior = self.profile
+        self._solving = self.profile
         self.max_batch = max_batch
         self.idle_power_w = idle_power_w
         self.weight = weight
@@ -86,6 +149,27 @@ class PolicyController:
         self._task: asyncio.Task | None = None
         self._dirty = initial_rate is not None
         self._initial_rate = initial_rate
+        # -- learning and telemetry (see the module doc)
+        self.learning = learning if learning is not None else LearningConfig(enabled=False)
+        lc = self.learning
+        self.learner: ProfileLearner | None = (
+            ProfileLearner(self.prior, drift=lc.drift, min_samples=lc.min_samples, prior_weight=lc.prior_weight)
+            if lc.enabled else None)
+        self.power = PowerSource(self.prior, idle_power_w, max_age_s=max(30.0, 3 * lc.telemetry_interval_s))
+        self.profile_version = 0
+        """0 while the CSV prior is in force; +1 per learned profile adopted."""
+        self.last_drift: ProfileDrift | None = None
+        self.failed_batches = 0
+        self.telemetry_note = ""
+        self._stats = stats
+        self._metrics = metrics
+        self._failed_seen = 0
+        self._checked_at = -math.inf
+        self._checked_batches = 0
+        self._telemetry_at = -math.inf
+        self._telemetry: asyncio.Task | None = None
+        self._window: tuple[float, float, int, Any, float] | None = None  # (t, latency sum, n, batches, busy)
+        self.measured_window: tuple[float, PowerReading | None] | None = None
 
     @property
     def capacity(self) -> float:
@@ -94,6 +178,135 @@ class PolicyController:
     # -- inputs ------------------------------------------------------------------------------
     def observe_arrival(self, t: float) -> None:
         self.rate.observe(t)
+
+    def observe_batch(self, rows: int, seconds: float, failed_requests: int | None = None) -> None:
+        """A batch of ``rows`` completed ``seconds`` after its dispatch: O(1), on the request path.
+
+        ``failed_requests``: the gate's running count of failed requests; a batch after which it
+        grew failed, and its time (an error or a timeout, not a service) is not learned.
+        """
+        if failed_requests is not None and failed_requests != self._failed_seen:
+            self._failed_seen = failed_requests
+            self.failed_batches += 1
+            return
+        if self.learner is not None:
+            self.learner.observe(rows, seconds)
+
+    def learn(self, now: float) -> ProfileDrift | None:
+        """Rebuild the learned profile if due; adopt it and mark the policy dirty on a significant drift.
+
+        Plain code (no I/O, no event loop): called by ``tick`` and directly by tests.
+        """
+        ln = self.learner
+        if ln is None or ln.batches == self._checked_batches or now - self._checked_at < self.learning.check_interval_s:
+            return None
+        self._checked_at = now
+        self._checked_batches = ln.batches
+        candidate = ln.profile()
+        drift = ln.drift(self.profile, candidate)
+        if drift is None:
+            return None
+        self.profile = candidate
+        self.power.profile = candidate
+        self.profile_version += 1
+        self.last_drift = drift
+        self._dirty = True
+        log.info("%s: service profile v%d learned (%s): tau(%d) %.3f ms -> %.3f ms (%+.0f%%, %d batches); re-solving",
+                 self.model, self.profile_version, candidate.source, drift.batch_size, drift.in_force_s * 1e3,
+                 drift.learned_s * 1e3, 100 * drift.relative, drift.n)
+        if self._metrics is not None and hasattr(self._metrics, "profile_learned"):
+            self._metrics.profile_learned(self.model, self.profile_version)
+        return drift
+
+    def power_reading(self, now: float, stats: Any = None) -> PowerReading | None:
+        """Mean power since the gate started: measured when Triton reports a GPU, else modelled.
+
+        stats: the gate's ``BatchStats`` (default: the one given at construction).
+        """
+        st = stats if stats is not None else self._stats
+        if st is None or now <= st.started_at:
+            return None
+        return self.power.reading(now, elapsed_s=now - st.started_at, batch_counts=st.batches,
+                                  busy_s=float(st.busy_s.sum()))
+
+    def publish_measured(self, now: float) -> tuple[float, PowerReading | None] | None:
+        """W and P over the window since the last call; sent to the metrics (``set_measured``)."""
+        st = self._stats
+        if st is None:
+            return None
+        prev, self._window = self._window, (now, st.latency_sum_s, st.latency_n, st.batches.copy(),
+                                              float(st.busy_s.sum()))
+        if prev is None:
+            prev = (st.started_at, 0.0, 0, st.batches * 0, 0.0)
+        t0, sum0, n0, batches0, busy0 = prev
+        if now <= t0:
+            return None
+        dn = st.latency_n - n0
+        w = (st.latency_sum_s - sum0) / dn if dn > 0 else math.nan
+        try:
+            p = self.power.reading(now, elapsed_s=now - t0, batch_counts=st.batches - batches0,
+                                   busy_s=float(st.busy_s.sum()) - busy0)
+        except ValueError:
+            p = None
+        self.measured_window = (w, p)
+        if self._metrics is not None and p is not None:
+            self._metrics.set_measured(self.model, w, p.power_w, p.modelled)
+        if self._metrics is not None and self.learner is not None and hasattr(self._metrics, "set_service_times"):
+            self._metrics.set_service_times(self.model, self.learner.sizes(self.profile))
+        return self.measured_window
+
+    def learning_summary(self, now: float) -> str:
+        """One line for the status note: the profile in force, its evidence, where power comes from."""
+        parts = []
+        ln = self.learner
+        if ln is not None:
+            sizes = [s for s in ln.sizes(self.profile) if s.n]
+            top = sorted(sizes, key=lambda s: -s.n)[:3]
+            figs = ", ".join(
+                f"tau({s.batch_size})={s.mean_s * 1e3:.2f}+-{s.ci_s * 1e3:.2f} ms n={s.n} (prior {s.prior_s * 1e3:.2f}"
+                + (f", Triton compute {s.triton_compute_s * 1e3:.2f}" if s.triton_compute_s is not None else "") + ")"
+                for s in sorted(top, key=lambda s: s.batch_size))
+            where = f"learned v{self.profile_version}" if self.profile_version else "CSV prior"
+            parts.append(f"service profile: {where} from {ln.batches} batches" + (f"; {figs}" if figs else ""))
+        try:
+            r = self.power_reading(now)
+        except ValueError:
+            r = None
+        if r is not None:
+            parts.append(f"power measured from Triton ({r.source})" if not r.modelled else
+                         "power modelled from the profile (e(b) per batch + P0 idle): Triton reports no GPU power")
+        if self.telemetry_note:
+            parts.append(self.telemetry_note)
+        return "; ".join(parts)
+
+    # -- telemetry (asyncio plumbing around the pure parts) ---------------------------------
+    def _telemetry_due(self, now: float) -> None:
+        lc = self.learning
+        if now - self._telemetry_at < lc.telemetry_interval_s:
+            return
+        if self._telemetry is not None and not self._telemetry.done():
+            return
+        self._telemetry_at = now
+        self.publish_measured(now)
+        if lc.metrics_url is None and (lc.triton_url is None or self.learner is None):
+            return
+        self._telemetry = asyncio.get_running_loop().create_task(self._poll_telemetry())
+
+    async def _poll_telemetry(self) -> None:
+        lc = self.learning
+        notes = []
+        if lc.metrics_url is not None:
+            try:
+                text = await asyncio.get_running_loop().run_in_executor(None, fetch_metrics, lc.metrics_url, 2.0)
+                self.power.observe_metrics(self._clock(), text)
+            except Exception as exc:  # noqa: BLE001 - an absent endpoint means modelled power
+                notes.append(f"Triton metrics unreadable ({type(exc).__name__})")
+        if lc.triton_url is not None and self.learner is not None:
+            try:
+                self.learner.observe_triton(await triton_batch_stats(lc.triton_url, self.model))
+            except Exception as exc:  # noqa: BLE001
+                notes.append(f"Triton statistics unreadable ({type(exc).__name__})")
+        self.telemetry_note = "; ".join(notes)
 
     def set_weight(self, weight: float) -> None:
         if not math.isfinite(weight) or weight < 0:
@@ -135,7 +348,9 @@ class PolicyController:
         return None
 
     def tick(self, now: float) -> asyncio.Task | None:
-        """Start a re-solve if one is due; returns its task."""
+        """Learn, read telemetry when due, and start a re-solve if one is due; returns its task."""
+        self.learn(now)
+        self._telemetry_due(now)
         rate = self.due(now)
         if rate is None:
             return None
@@ -144,6 +359,7 @@ class PolicyController:
         return self._task
 
     async def _resolve(self, rate: float, asked_at: float) -> None:
+        self._solving = self.profile  # one profile for every solve of this re-solve
         try:
             solution = await self._solution_for(rate)
         except Exception as exc:  # the solver failed: keep the policy in force
@@ -163,18 +379,19 @@ class PolicyController:
             self.note = ""
         log.info(
             "%s: policy v%d for %.1f req/s, w=%.3g (%s): threshold %s, predicted W %.3f ms, P %.1f W",
-            self.model, self.version, solution.rate_rps, solution.weight, solution.source,
+            self.model, self.version, solution.rate_rps, solution.weight, solution.source + ", " + solution.profile_source,
             solution.policy.threshold(), solution.mean_latency_s * 1e3, solution.mean_power_w,
         )
 
     async def _solution_for(self, rate: float) -> Solution:
         self.note = ""
-        if rate >= self.capacity:
+        capacity = self.max_batch / float(self._solving.mean_s[self.max_batch - 1])
+        if rate >= capacity:
             # No stationary policy exists; serve full batches, the bounded queue sheds the excess.
-            self.note = (f"overload: estimated rate {rate:.1f}/s >= capacity {self.capacity:.1f}/s; "
+            self.note = (f"overload: estimated rate {rate:.1f}/s >= capacity {capacity:.1f}/s; "
                          "serving full batches, excess is refused with RESOURCE_EXHAUSTED")
             return Solution(greedy(self.max_batch), rate, self.weight, math.inf, math.nan, math.inf, self.max_batch,
-                            "overload fallback")
+                            "overload fallback", self._profile_source())
         if self.latency_target_s is None:
             return await self._solve(rate, self.weight)
         return await self._search_weight(rate, self.latency_target_s)
@@ -204,8 +421,12 @@ class PolicyController:
         self.weight = best.weight
         return best
 
+    def _profile_source(self) -> str:
+        return f"learned profile v{self.profile_version}" if self.profile_version else "CSV profile"
+
     async def _solve(self, rate: float, weight: float) -> Solution:
-        model = BatchingModel(rate=rate, max_batch=self.max_batch, profile=self.profile,
+        profile = self._solving
+        model = BatchingModel(rate=rate, max_batch=self.max_batch, profile=profile,
                               idle_power_w=self.idle_power_w, weight=weight)
         warm = self.current.policy if self.current is not None else None
         if self._solver is not None:
@@ -216,8 +437,29 @@ class PolicyController:
 
             r = await asyncio.get_running_loop().run_in_executor(None, lambda: solve(model, warm_start=warm))
             source = "in-process solver"
-        return Solution(r.policy, rate, weight, r.mean_latency_s, r.mean_power_w, r.gain, r.mean_batch, source)
+        return Solution(r.policy, rate, weight, r.mean_latency_s, r.mean_power_w, r.gain, r.mean_batch, source,
+                        self._profile_source())
 
     async def wait_idle(self) -> None:
-        if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [t for t in (self._task, self._telemetry) if t is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def triton_batch_stats(triton_url: str, model: str, timeout_s: float = 2.0) -> list[tuple[int, int, int]]:
+    """Triton's ``ModelStatistics`` for ``model``: (batch_size, compute_infer count, ns) per size, all versions."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    async with grpc.aio.insecure_channel(triton_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        resp = await stub.ModelStatistics(service_pb2.ModelStatisticsRequest(name=model), timeout=timeout_s)
+    acc: dict[int, list[int]] = {}
+    for ms in resp.model_stats:
+        if ms.name != model:
+            continue
+        for bs in ms.batch_stats:
+            a = acc.setdefault(int(bs.batch_size), [0, 0])
+            a[0] += int(bs.compute_infer.count)
+            a[1] += int(bs.compute_infer.ns)
+    return [(b, c, ns) for b, (c, ns) in sorted(acc.items())]

@@ -48,6 +48,31 @@ class ModelPolicyConfig(BaseModel):
         description="smdp only: re-solve for the measured arrival rate when it changes (False: keep the "
         "policy solved for rate_rps)",
     )
+    learn_profile: bool = Field(
+        True,
+        description="smdp, adaptive only: learn tau(b) from the gate's dispatch-to-completion time of each batch "
+        "(gRPC included: the time the gate's slot is held) and re-solve when it drifts; False: the CSV profile stays",
+    )
+    profile_drift: float = Field(
+        0.10,
+        gt=0,
+        allow_inf_nan=False,
+        description="Relative change of a learned tau(b) that asks for a new policy, a fraction (0.10 = 10%); "
+        "counted only at sizes with profile_min_samples batches and outside the mean's 95% confidence interval",
+    )
+    profile_min_samples: int = Field(
+        30,
+        ge=2,
+        description="Completed batches of one size before its measured mean counts; until some size has that "
+        "many, the CSV profile is used unchanged",
+    )
+    profile_prior_weight: float = Field(
+        20.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="In the learned profile the CSV prior (reshaped to the data) counts as this many batches at "
+        "each size: tau(b) = (n_b mean_b + k base_b) / (n_b + k), batches",
+    )
 
     @field_validator("policy")
     @classmethod
@@ -99,6 +124,19 @@ class SidecarConfig(BaseModel):
         0.25, gt=0, description="How often adaptive models check whether their policy must be re-solved, seconds"
     )
     rate_window_s: float = Field(10.0, gt=0, description="Sliding window of the arrival-rate estimator, seconds")
+    triton_metrics_url: str | None = Field(
+        "auto",
+        description="Triton's Prometheus metrics endpoint, read for GPU power (nv_energy_consumption, "
+        "nv_gpu_power_usage): a URL such as http://127.0.0.1:8002/metrics; 'auto' = Triton's host, port 8002; "
+        "'off' or None = not read. Without GPU figures there, power is modelled from the profile and marked so",
+    )
+    triton_statistics: bool = Field(
+        True, description="Read Triton's statistics API (compute_infer per batch size) beside the gate's own times"
+    )
+    telemetry_interval_s: float = Field(
+        5.0, gt=0, allow_inf_nan=False,
+        description="How often Triton's metrics and statistics are read, and measured W and P published, seconds",
+    )
     allow_repository_control: bool = Field(
         False, description="Pass Triton's repository load/unload RPCs through (off: PERMISSION_DENIED)"
     )

@@ -72,11 +72,16 @@ class SidecarControl:
             predicted = Figures(s.mean_latency_s, s.mean_power_w, s.mean_latency_s + weight * s.mean_power_w,
                                 s.rate_rps, s.mean_batch)
         measured = None
+        power_modelled = True
         elapsed = now - st.started_at
         if st.latency_n and elapsed > 0:
             w_meas = st.latency_sum_s / st.latency_n
             p_meas = math.nan
-            if state.profile is not None:
+            reading = c.power_reading(now, st) if c is not None else None
+            if reading is not None:
+                # measured from Triton's GPU metrics when it reports a GPU, else modelled from the profile
+                p_meas, power_modelled = reading.power_w, reading.modelled
+            elif state.profile is not None:
                 p = state.profile
                 top = min(len(st.batches) - 1, p.max_batch)
                 counts = st.batches[1: top + 1].astype(float)
@@ -94,7 +99,8 @@ class SidecarControl:
             max_batch=state.info.max_batch,
             policy_version=pol.version,
             policy_age_s=pol.age_s,
-            policy_source=(c.current.source if c is not None and c.current is not None else pol.source),
+            policy_source=(f"{c.current.source}, {c.current.profile_source}" if c is not None and c.current is not None
+                           else pol.source),
             rate=c.rate.estimate(now) if c is not None else None,
             latency_target_s=c.latency_target_s if c is not None else None,
             threshold=pol.threshold,
@@ -108,7 +114,10 @@ class SidecarControl:
             rejected=state.gate.counters.rejected,
             failed=st.failed_requests,
             solver_reachable=c.solver_reachable if c is not None else True,
-            power_modelled=True,
-            note=(c.note if c is not None else "")
-            + ("" if state.profile is not None else "no profile: power unknown"),
+            power_modelled=power_modelled,
+            note="; ".join(x for x in (
+                c.note if c is not None else "",
+                c.learning_summary(now) if c is not None else "",
+                "" if state.profile is not None or c is not None else "no profile: power unknown",
+            ) if x),
         )

@@ -538,3 +538,200 @@ class PowerSource:
         if self._measured is not None and now - self._measured[0] <= self.max_age_s:
             return PowerReading(self._measured[1], False, self._measured[2])
         return PowerReading(self.modelled(elapsed_s, batch_counts, busy_s), True, "profile")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Learning the profile the policy is solved with
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SizeEstimate:
+    """What is known of tau(b) at one batch size."""
+
+    batch_size: int
+    n: int
+    """Batches of this size the gate saw complete."""
+    mean_s: float
+    """Their mean dispatch-to-completion time, seconds (NaN when n = 0)."""
+    ci_s: float
+    """Half-width of the t confidence interval of that mean, seconds (inf with fewer than 2)."""
+    prior_s: float
+    """The prior profile's (the CSV's) tau(b), seconds."""
+    learned_s: float
+    """tau(b) of the learned profile, seconds."""
+    triton_compute_s: float | None = None
+    """Triton's own compute_infer time per batch of this size since the sidecar started, seconds."""
+    triton_n: int = 0
+
+
+@dataclass(frozen=True)
+class ProfileDrift:
+    """The largest significant difference between a learned profile and the one in force."""
+
+    batch_size: int
+    in_force_s: float
+    learned_s: float
+    n: int
+
+    @property
+    def relative(self) -> float:
+        """learned / in force - 1 (0.25 = the learned tau(b) is 25% longer)."""
+        return self.learned_s / self.in_force_s - 1.0
+
+
+class ProfileLearner:
+    """The service-time profile the policy should be solved with, learned from completed batches.
+
+    Pure logic, no clock and no I/O: the controller feeds it ``observe(b, seconds)`` for every
+    batch the gate saw complete (an O(1) Welford update) and, now and then, Triton's cumulative
+    per-size statistics; at its own pace it asks ``profile()`` and ``drift(in_force)``.
+
+    What is learned is the time between the gate dispatching a merged batch of b rows and the
+    answer coming back, gRPC and merge/split included. That is the time during which the gate's
+    instance slot is held and its requests wait, i.e. the S_b of the SMDP as the gate experiences it,
+    so it is the quantity the policy must be solved with (Triton's ``compute_infer`` is kept beside
+    it for diagnosis: their difference is the per-batch overhead outside the model).
+
+    The learned tau(b) blends, per size, the size's own mean with a *base* curve, the base counting
+    as ``prior_weight`` observations: sizes seen often keep their own figure, sizes seen rarely or
+    never lean on the base. The base is the prior (the CSV) reshaped by the data: tau0 + c x
+    prior(b) fitted (weighted least squares) on the sizes with ``min_samples`` or more batches when
+    two or more such sizes with distinct prior times exist, else the prior scaled by the ratio of
+    observed to prior time over those sizes. While no size has ``min_samples`` batches the data are
+    thin and the profile is the prior unchanged. Energy per batch e(b) and the service CV stay the
+    prior's: the time is what is learned here (power is ``PowerSource``'s job).
+    """
+
+    def __init__(
+        self,
+        prior: ServiceProfile,
+        *,
+        drift: float = 0.10,
+        min_samples: int = 30,
+        prior_weight: float = 20.0,
+        confidence: float = 0.95,
+    ) -> None:
+        self.prior = prior
+        self.max_batch = prior.max_batch
+        self.drift_threshold = _check("drift", drift)
+        if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 2:
+            raise ValueError(f"min_samples must be an integer >= 2, got {min_samples!r}")
+        self.min_samples = min_samples
+        self.prior_weight = _check("prior_weight", prior_weight, inclusive=True)
+        self.confidence = _check("confidence", confidence, high=1.0)
+        self.times = ServiceTimeEstimator(self.max_batch, prior_weight=self.prior_weight, confidence=confidence)
+        self.batches = 0
+        self._triton_base: dict[int, tuple[int, int]] | None = None  # size -> (count, ns) at the first read
+        self._triton: dict[int, tuple[int, int]] = {}  # size -> (count, ns) since the first read
+
+    # -- inputs ------------------------------------------------------------------------------
+    def observe(self, batch_size: int, seconds: float) -> bool:
+        """One completed batch; returns False (and learns nothing) for a size outside 1..B or a bad time."""
+        if not 1 <= batch_size <= self.max_batch or not seconds > 0 or not math.isfinite(seconds):
+            return False
+        self.times.observe(batch_size, seconds)
+        self.batches += 1
+        return True
+
+    def observe_triton(self, batch_stats: Iterable[tuple[int, int, int]]) -> None:
+        """Triton's cumulative ``(batch_size, compute_infer count, compute_infer ns)`` per size.
+
+        The first read is the baseline (Triton counts since it started, the sidecar since it did);
+        later reads are differenced against it. A count that went backwards (Triton restarted)
+        starts a new baseline.
+        """
+        now = {int(b): (int(c), int(ns)) for b, c, ns in batch_stats if 1 <= int(b) <= self.max_batch}
+        base = self._triton_base
+        if base is None or any(c < base.get(b, (0, 0))[0] for b, (c, _) in now.items()):
+            self._triton_base = now
+            self._triton = {}
+            return
+        self._triton = {
+            b: (c - base.get(b, (0, 0))[0], ns - base.get(b, (0, 0))[1])
+            for b, (c, ns) in now.items() if c > base.get(b, (0, 0))[0]
+        }
+
+    # -- outputs -----------------------------------------------------------------------------
+    def _base(self, n: np.ndarray, mean: np.ndarray) -> tuple[np.ndarray, str]:
+        prior = self.prior.mean_s
+        ok = n >= self.min_samples
+        w, x, y = n[ok].astype(float), prior[ok], mean[ok]
+        if ok.sum() >= 2 and x.max() > 1.2 * x.min():
+            xbar = float(np.dot(w, x) / w.sum())
+            ybar = float(np.dot(w, y) / w.sum())
+            c = float(np.dot(w, (x - xbar) * (y - ybar)) / np.dot(w, (x - xbar) ** 2))
+            tau0 = ybar - c * xbar
+            base = tau0 + c * prior
+            if c > 0 and np.all(base > 0):
+                return base, f"prior reshaped: {tau0 * 1e3:.3g} ms + {c:.3g} x prior"
+        scale = float(np.dot(w, y) / np.dot(w, x))
+        return prior * scale, f"prior scaled by {scale:.3g}"
+
+    def profile(self) -> ServiceProfile:
+        """The profile to solve with: the prior while data are thin, else the learned blend."""
+        n = self.times._n[1:].astype(float)
+        if not np.any(n >= self.min_samples):
+            return self.prior
+        mean = self.times._mean[1:]
+        base, how = self._base(n, mean)
+        k = self.prior_weight
+        blend = np.divide(n * mean + k * base, n + k, out=base.copy(), where=(n + k) > 0)
+        tau = np.where(n > 0, blend, base)
+        return ServiceProfile(
+            mean_s=tau, energy_j=self.prior.energy_j, cv=self.prior.cv,
+            source=f"learned from {self.batches} batches ({how}; own means weighted n/(n+{k:g}))",
+        )
+
+    def half_widths(self) -> np.ndarray:
+        """t confidence half-width of each size's mean, seconds (inf with fewer than 2 batches)."""
+        n = self.times._n[1:]
+        out = np.full(self.max_batch, math.inf)
+        many = n >= 2
+        if np.any(many):
+            sd = np.sqrt(self.times._m2[1:][many] / (n[many] - 1))
+            q = stats.t.ppf(0.5 + self.confidence / 2, n[many] - 1)
+            out[many] = q * sd / np.sqrt(n[many])
+        return out
+
+    def drift(self, in_force: ServiceProfile, candidate: ServiceProfile | None = None) -> ProfileDrift | None:
+        """The largest significant move of tau(b) away from the profile in force, or None.
+
+        Significant at size b: b has ``min_samples`` or more batches, the candidate (learned) tau(b)
+        differs from the one in force by more than ``drift`` (relative), and the confidence interval
+        of b's observed mean excludes the value in force (so noise alone does not ask for solves).
+        Comparing the candidate, not the raw mean, keeps a solve from repeating: once the learned
+        profile is in force the next candidate differs from it only by what new data moved.
+        """
+        cand = self.profile() if candidate is None else candidate
+        n = self.times._n[1:]
+        top = min(in_force.max_batch, cand.max_batch, self.max_batch)
+        ok = n[:top] >= self.min_samples
+        if not np.any(ok):
+            return None
+        force = in_force.mean_s[:top]
+        rel = np.abs(cand.mean_s[:top] / force - 1.0)
+        sig = ok & (rel > self.drift_threshold) & (
+            np.abs(self.times._mean[1: top + 1] - force) > self.half_widths()[:top])
+        if not np.any(sig):
+            return None
+        b = int(np.argmax(np.where(sig, rel, -1.0))) + 1
+        return ProfileDrift(b, float(force[b - 1]), float(cand.mean_s[b - 1]), int(n[b - 1]))
+
+    def sizes(self, profile: ServiceProfile | None = None) -> list[SizeEstimate]:
+        """Per-size figures for the sizes seen (by the gate or by Triton), for status and metrics."""
+        prof = self.profile() if profile is None else profile
+        n = self.times._n[1:]
+        hw = self.half_widths()
+        out = []
+        for b in range(1, self.max_batch + 1):
+            tc, tns = self._triton.get(b, (0, 0))
+            if n[b - 1] == 0 and tc == 0:
+                continue
+            out.append(SizeEstimate(
+                batch_size=b, n=int(n[b - 1]),
+                mean_s=float(self.times._mean[b]) if n[b - 1] else math.nan,
+                ci_s=float(hw[b - 1]), prior_s=float(self.prior.mean_s[b - 1]), learned_s=float(prof.mean_s[b - 1]),
+                triton_compute_s=(tns / tc * 1e-9) if tc else None, triton_n=tc,
+            ))
+        return out

@@ -73,6 +73,8 @@ class _ModelChildren:
     measured_latency: Any
     measured_power: Any
     power_modelled: Any
+    profile_version: Any
+    profile_updates: Any
     rejected: dict
     answered: dict
     dispatched: dict
@@ -132,6 +134,24 @@ class SidecarMetrics:
         self._modelled = Gauge(
             PREFIX + "power_modelled", "1 when the power figure comes from the profile, not a meter", m, registry=r
         )
+        self._service_time = Gauge(
+            PREFIX + "service_time_seconds",
+            "tau(b) per batch size b: source=gate_mean (dispatch-to-completion mean the gate observed, gRPC "
+            "included), in_force (the profile the policy is solved with), triton_compute (Triton's compute_infer "
+            "per batch); only sizes seen are exported",
+            ("model", "batch_size", "source"), registry=r,
+        )
+        self._service_samples = Gauge(
+            PREFIX + "service_time_batches", "Completed batches of each size the service-time estimate rests on",
+            ("model", "batch_size"), registry=r,
+        )
+        self._profile_version = Gauge(
+            PREFIX + "profile_version", "Service profile in force: 0 = the CSV prior, +1 per learned profile adopted",
+            m, registry=r,
+        )
+        self._profile_updates = Counter(
+            PREFIX + "profile_updates", "Learned service profiles adopted (each asks for a new policy)", m, registry=r
+        )
         self._children: dict[str, _ModelChildren] = {}
         self._lock = threading.Lock()
 
@@ -159,6 +179,8 @@ class SidecarMetrics:
                         measured_latency=self._meas_latency.labels(model),
                         measured_power=self._meas_power.labels(model),
                         power_modelled=self._modelled.labels(model),
+                        profile_version=self._profile_version.labels(model),
+                        profile_updates=self._profile_updates.labels(model),
                         rejected={},
                         answered={},
                         dispatched={},
@@ -227,10 +249,28 @@ class SidecarMetrics:
         c.rate_hi.set(hi)
 
     def set_measured(self, model: str, latency_s: float, power_w: float, modelled: bool) -> None:
+        """W over the last window (NaN: nothing answered in it) and P, with whether P is modelled."""
         c = self._model(model)
         c.measured_latency.set(latency_s)
         c.measured_power.set(power_w)
         c.power_modelled.set(1.0 if modelled else 0.0)
+
+    def profile_learned(self, model: str, version: int) -> None:
+        """A learned service profile was adopted (it asks for a new policy)."""
+        c = self._model(model)
+        c.profile_updates.inc()
+        c.profile_version.set(version)
+
+    def set_service_times(self, model: str, sizes: Any) -> None:
+        """Per-size tau(b) from ``ProfileLearner.sizes``: the gate's mean, the profile in force, Triton's."""
+        for s in sizes:
+            b = str(s.batch_size)
+            if s.n:
+                self._service_time.labels(model, b, "gate_mean").set(s.mean_s)
+            self._service_time.labels(model, b, "in_force").set(s.learned_s)
+            if s.triton_compute_s is not None:
+                self._service_time.labels(model, b, "triton_compute").set(s.triton_compute_s)
+            self._service_samples.labels(model, b).set(s.n)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,342 @@
+"""Learning the service profile and the power source, without a network: synthetic completions, fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import http.server
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from plugin.adaptive import LearningConfig, PolicyController, learning_options
+from plugin.config import load_config
+from plugin.control_backend import SidecarControl
+from plugin.estimator import ProfileLearner
+from plugin.metrics import SidecarMetrics
+from plugin.server import BatchStats
+from solver.model import BatchingModel, ServiceProfile
+from solver.policy import greedy
+from solver.smdp import solve
+
+ROOT = Path(__file__).resolve().parents[1]
+B = 32
+RATE = 1000.0
+
+GPU_METRICS = """# HELP nv_gpu_power_usage GPU power usage in watts
+# TYPE nv_gpu_power_usage gauge
+nv_gpu_power_usage{gpu_uuid="GPU-1"} 187.5
+# HELP nv_gpu_utilization GPU utilization rate [0.0 - 1.0)
+nv_gpu_utilization{gpu_uuid="GPU-1"} 0.5
+"""
+CPU_METRICS = """# HELP nv_inference_request_success Number of successful inference requests
+# TYPE nv_inference_request_success counter
+nv_inference_request_success{model="emulated_gpu",version="1"} 12
+nv_cpu_utilization 0.25
+"""
+
+
+@pytest.fixture(scope="module")
+def prior() -> ServiceProfile:
+    return ServiceProfile.from_csv(ROOT / "profiles" / "v100_resnet50.csv").truncated(B)
+
+
+def slower(p: ServiceProfile, factor: float) -> ServiceProfile:
+    return dataclasses.replace(p, mean_s=p.mean_s * factor, samples=None)
+
+
+def feed(target, true: ServiceProfile, sizes, per_size: int, rng, cv: float = 0.05) -> None:
+    """per_size completions of each size, gamma-jittered around the true tau(b)."""
+    shape = 1.0 / cv**2
+    for _ in range(per_size):
+        for b in sizes:
+            t = float(rng.gamma(shape, true.mean_s[b - 1] / shape))
+            if isinstance(target, ProfileLearner):
+                target.observe(b, t)
+            else:
+                target.observe_batch(b, t)
+
+
+# -- ProfileLearner ------------------------------------------------------------------------------
+
+
+def test_learned_profile_converges_to_the_true_times_at_every_size(prior):
+    true = slower(prior, 2.0)
+    learner = ProfileLearner(prior, min_samples=30, prior_weight=20)
+    feed(learner, true, (1, 2, 3, 4, 6, 8, 12, 16), 200, np.random.default_rng(0))
+    learned = learner.profile()
+    seen = [1, 2, 3, 4, 6, 8, 12, 16]
+    np.testing.assert_allclose(learned.mean_s[np.array(seen) - 1], true.mean_s[np.array(seen) - 1], rtol=0.03)
+    # sizes never observed come from the prior reshaped to the data, not from the (2x too fast) prior
+    np.testing.assert_allclose(learned.mean_s, true.mean_s, rtol=0.10)
+    assert "learned from" in learned.source
+    np.testing.assert_array_equal(learned.energy_j, prior.energy_j)  # energy stays the prior's
+    d = learner.drift(prior)
+    assert d is not None and d.relative > 0.8 and d.n >= 30
+
+
+def test_thin_data_keeps_the_prior(prior):
+    learner = ProfileLearner(prior, min_samples=30)
+    feed(learner, slower(prior, 2.0), (1, 2, 4), 29, np.random.default_rng(1))  # 29 < min_samples everywhere
+    assert learner.profile() is prior
+    assert learner.drift(prior) is None
+
+
+def test_one_well_sampled_size_scales_the_prior_and_leans_on_it_where_thin(prior):
+    true = slower(prior, 2.0)
+    learner = ProfileLearner(prior, min_samples=30, prior_weight=20)
+    feed(learner, true, (4,), 100, np.random.default_rng(2))
+    feed(learner, slower(prior, 5.0), (8,), 5, np.random.default_rng(3))  # 5 odd batches at size 8
+    p = learner.profile()
+    assert p.mean_s[3] == pytest.approx(true.mean_s[3], rel=0.03)
+    # size 8: 5 batches at 5x against a base counting 20 at 2x -> (5*5 + 20*2)/25 = 2.6x, not 5x
+    assert p.mean_s[7] / prior.mean_s[7] == pytest.approx(2.6, rel=0.05)
+    assert p.mean_s[31] / prior.mean_s[31] == pytest.approx(2.0, rel=0.05)
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.05, 0.95])
+def test_no_drift_within_the_threshold(prior, factor):
+    learner = ProfileLearner(prior, drift=0.10, min_samples=30)
+    feed(learner, slower(prior, factor), range(1, 9), 300, np.random.default_rng(4), cv=0.2)
+    assert learner.drift(prior) is None
+
+
+def test_a_noisy_size_whose_interval_covers_the_profile_is_not_a_drift(prior):
+    learner = ProfileLearner(prior, drift=0.10, min_samples=30, prior_weight=0)
+    # 30 batches alternating 0.2x and 2.2x: mean 1.2x (a 20% move) but the 95% interval is about +-38%
+    for i in range(30):
+        learner.observe(2, float(prior.mean_s[1] * (0.2 if i % 2 else 2.2)))
+    est = next(s for s in learner.sizes() if s.batch_size == 2)
+    assert est.mean_s == pytest.approx(1.2 * prior.mean_s[1]) and est.ci_s > 0.3 * prior.mean_s[1]
+    assert learner.drift(prior) is None
+    for i in range(300):  # the same 20% with a tight interval is a drift
+        learner.observe(2, float(prior.mean_s[1] * 1.2))
+    assert learner.drift(prior) is not None
+
+
+def test_triton_statistics_are_differenced_against_the_first_read(prior):
+    learner = ProfileLearner(prior)
+    learner.observe_triton([(4, 100, 100 * 5_000_000)])  # baseline: Triton counted before the sidecar
+    learner.observe_triton([(4, 110, 100 * 5_000_000 + 10 * 2_000_000), (8, 3, 3 * 4_000_000)])
+    by = {s.batch_size: s for s in learner.sizes()}
+    assert by[4].triton_compute_s == pytest.approx(0.002) and by[4].triton_n == 10
+    assert by[8].triton_compute_s == pytest.approx(0.004)
+    learner.observe_triton([(4, 2, 2 * 1_000_000)])  # counts went backwards: Triton restarted
+    assert all(s.triton_n == 0 for s in learner.sizes())
+
+
+def test_out_of_range_or_bad_completions_are_ignored(prior):
+    learner = ProfileLearner(prior)
+    assert not learner.observe(0, 0.01) and not learner.observe(B + 1, 0.01)
+    assert not learner.observe(2, float("nan")) and not learner.observe(2, 0.0)
+    assert learner.batches == 0
+
+
+# -- the controller: learn -> dirty -> re-solve --------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def controller(prior, clock, **kw) -> tuple[PolicyController, list]:
+    installed: list = []
+    c = PolicyController(
+        "m", prior, max_batch=B, idle_power_w=40.0, weight=0.0, install=installed.append, clock=clock,
+        initial_rate=RATE, learning=LearningConfig(drift=0.10, min_samples=30, check_interval_s=1.0,
+                                                   telemetry_interval_s=1e9), **kw)
+    return c, installed
+
+
+async def _run_tick(c: PolicyController, now: float) -> None:
+    task = c.tick(now)
+    if task is not None:
+        await task
+
+
+def test_a_2x_slower_service_is_learned_and_the_resolved_policy_moves_as_predicted(prior):
+    async def go():
+        clock = Clock()
+        c, installed = controller(prior, clock)
+        await _run_tick(c, clock.t)  # first solve, with the CSV profile
+        assert c.version == 1 and c.profile_version == 0
+        csv_solution = c.current
+        true = slower(prior, 2.0)
+        feed(c, true, range(1, 17), 60, np.random.default_rng(6))
+        clock.t += 2.0
+        await _run_tick(c, clock.t)
+        assert c.profile_version == 1 and c.last_drift is not None and c.last_drift.relative > 0.8
+        assert c.version == 2 and len(installed) == 2
+        np.testing.assert_allclose(c.profile.mean_s, true.mean_s, rtol=0.08)
+        new = c.current
+        assert new.profile_source == "learned profile v1" and csv_solution.profile_source == "CSV profile"
+        # slower service at the same rate: more requests queue during each batch, so the policy waits
+        # for more before serving, serves larger batches and predicts a longer mean latency
+        first = lambda p: int(np.argmax(p.actions > 0))  # noqa: E731 - the least n at which it serves
+        direct = solve(BatchingModel(rate=RATE, max_batch=B, profile=true, idle_power_w=40.0, weight=0.0))
+        assert first(csv_solution.policy) == 1
+        assert first(new.policy) > first(csv_solution.policy)
+        assert abs(first(new.policy) - first(direct.policy)) <= 1
+        assert new.mean_batch > csv_solution.mean_batch
+        assert new.mean_latency_s > 1.5 * csv_solution.mean_latency_s
+        # no new evidence: nothing more is solved
+        clock.t += 2.0
+        await _run_tick(c, clock.t)
+        assert c.version == 2 and c.profile_version == 1
+
+    asyncio.run(go())
+
+
+def test_a_service_that_matches_the_profile_never_asks_for_a_solve(prior):
+    async def go():
+        clock = Clock()
+        c, _ = controller(prior, clock)
+        await _run_tick(c, clock.t)
+        for _ in range(5):
+            feed(c, prior, range(1, 9), 40, np.random.default_rng(clock.t.__hash__() % 1000))
+            clock.t += 2.0
+            await _run_tick(c, clock.t)
+        assert c.version == 1 and c.profile_version == 0
+
+    asyncio.run(go())
+
+
+def test_batches_that_failed_are_not_learned(prior):
+    clock = Clock()
+    c, _ = controller(prior, clock)
+    c.observe_batch(4, 30.0, failed_requests=4)  # a batch of 4 that timed out
+    c.observe_batch(4, 0.005, failed_requests=4)  # the next one succeeded (count unchanged)
+    assert c.learner.batches == 1 and c.failed_batches == 1
+
+
+def test_learning_off_keeps_the_csv_profile(prior):
+    clock = Clock()
+    c = PolicyController("m", prior, max_batch=B, idle_power_w=40.0, weight=0.0, install=lambda p: None,
+                         clock=clock, learning=LearningConfig(enabled=False))
+    c.observe_batch(4, 1.0)
+    clock.t += 5
+    assert c.learn(clock.t) is None and c.profile is prior
+
+
+# -- power: measured when Triton reports a GPU, modelled otherwise -------------------------------
+
+
+def stats_with(batches: dict[int, int], started: float) -> BatchStats:
+    st = BatchStats(B)
+    st.started_at = started
+    for b, k in batches.items():
+        for _ in range(k):
+            st.record(b, 0.004)
+    st.latency_sum_s, st.latency_n = 0.5, 100
+    return st
+
+
+def fake_sidecar(c: PolicyController, st: BatchStats, clock: Clock):
+    gate = SimpleNamespace(queue_length=0, in_flight=0, counters=SimpleNamespace(rejected=0))
+    info = SimpleNamespace(rule=greedy(B), max_batch=B, spec="smdp")
+    state = SimpleNamespace(gate=gate, info=info, stats=st, controller=c, profile=c.prior)
+    return SimpleNamespace(models=lambda: {("m", ""): state}, clock=clock,
+                           config=load_config(overrides={"models": {"m": {"policy": "greedy"}}}, environ={}))
+
+
+@pytest.mark.parametrize("text, modelled", [(GPU_METRICS, False), (CPU_METRICS, True), (None, True)])
+def test_status_says_whether_power_is_measured_or_modelled(prior, text, modelled):
+    clock = Clock()
+    c, _ = controller(prior, clock)
+    st = stats_with({4: 100, 8: 50}, clock.t)
+    c._stats = st
+    clock.t += 10.0
+    if text is not None:
+        c.power.observe_metrics(clock.t, text)
+    status = SidecarControl(fake_sidecar(c, st, clock)).status("m")
+    assert status.power_modelled is modelled
+    if modelled:
+        expect = (100 * prior.energy_j[3] + 50 * prior.energy_j[7] + 40.0 * (10.0 - 150 * 0.004)) / 10.0
+        assert status.measured.mean_power_w == pytest.approx(expect)
+        assert "power modelled from the profile" in status.note
+    else:
+        assert status.measured.mean_power_w == pytest.approx(187.5)
+        assert "power measured from Triton (nv_gpu_power_usage)" in status.note
+    assert status.measured.mean_latency_s == pytest.approx(0.005)
+
+
+def test_measured_window_is_published_to_the_metrics(prior):
+    clock = Clock()
+    metrics = SidecarMetrics(B)
+    st = stats_with({}, clock.t)
+    st.latency_sum_s, st.latency_n = 0.0, 0
+    c, _ = controller(prior, clock, stats=st, metrics=metrics)
+    c.publish_measured(clock.t + 1.0)  # baseline window, nothing answered yet
+    for _ in range(20):
+        st.record(8, 0.003)
+        c.observe_batch(8, 0.003)
+    st.latency_sum_s, st.latency_n = 0.8, 160
+    clock.t += 3.0
+    w, p = c.publish_measured(clock.t)
+    assert w == pytest.approx(0.005) and p.modelled
+    assert p.power_w == pytest.approx((20 * prior.energy_j[7] + 40.0 * (2.0 - 0.06)) / 2.0)
+    get = lambda name, **labels: metrics.registry.get_sample_value(name, {"model": "m", **labels})  # noqa: E731
+    assert get("smdp_sidecar_measured_latency_seconds") == pytest.approx(0.005)
+    assert get("smdp_sidecar_measured_power_watts") == pytest.approx(p.power_w)
+    assert get("smdp_sidecar_power_modelled") == 1.0
+    assert get("smdp_sidecar_service_time_seconds", batch_size="8", source="gate_mean") == pytest.approx(0.003)
+    assert get("smdp_sidecar_service_time_batches", batch_size="8") == 20
+
+
+def test_telemetry_reads_a_metrics_endpoint_off_the_hot_path(prior):
+    """The asyncio wrapper: a local endpoint with GPU figures makes the power measured."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = GPU_METRICS.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    th = threading.Thread(target=httpd.serve_forever, daemon=True)
+    th.start()
+    try:
+        async def go():
+            clock = Clock()
+            st = stats_with({4: 10}, clock.t)
+            c = PolicyController(
+                "m", prior, max_batch=B, idle_power_w=40.0, weight=0.0, install=lambda p: None, clock=clock,
+                stats=st, learning=LearningConfig(telemetry_interval_s=1.0,
+                                                  metrics_url=f"http://127.0.0.1:{httpd.server_port}/metrics"))
+            clock.t += 2.0
+            assert c.power_reading(clock.t).modelled
+            c.tick(clock.t)
+            await c.wait_idle()
+            r = c.power_reading(clock.t)
+            assert not r.modelled and r.power_w == pytest.approx(187.5) and r.source == "nv_gpu_power_usage"
+
+        asyncio.run(go())
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_learning_options_come_from_the_config():
+    cfg = load_config(overrides={"triton_url": "10.0.0.5:8001", "telemetry_interval_s": 2.0, "models": {
+        "m": {"policy": "smdp", "profile": str(ROOT / "profiles" / "v100_resnet50.csv"), "profile_drift": 0.2,
+              "profile_min_samples": 50}}}, environ={})
+    lc = learning_options(cfg, "m")["learning"]
+    assert lc.metrics_url == "http://10.0.0.5:8002/metrics" and lc.triton_url == "10.0.0.5:8001"
+    assert lc.drift == 0.2 and lc.min_samples == 50 and lc.telemetry_interval_s == 2.0
+    off = load_config(overrides={"triton_metrics_url": "off", "triton_statistics": False}, environ={})
+    lc = learning_options(off, "x")["learning"]
+    assert lc.metrics_url is None and lc.triton_url is None
+    with pytest.raises(ValueError):
+        load_config(overrides={"models": {"m": {"policy": "greedy", "profile_drift": -0.1}}}, environ={})
