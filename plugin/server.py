@@ -26,7 +26,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import model_config_pb2, service_pb2
 
-from .adaptive import PolicyController
+from .adaptive import PolicyController, learning_options
 from .config import SidecarConfig
 from .gate import ModelGate, Pending, QueueFull
 from .metrics import SidecarMetrics
@@ -281,6 +281,9 @@ class Sidecar:
                 solver=self._solver,
                 initial_rate=policy_cfg.rate_rps,
                 window_s=self.config.rate_window_s,
+                stats=state.stats,
+                metrics=self.metrics,
+                **learning_options(self.config, name),
             )
         return state
 
@@ -473,6 +476,8 @@ class Sidecar:
         finally:
             elapsed = self._clock() - start
             state.stats.record(rows, elapsed)
+            if state.controller is not None:  # learns tau(b); a batch that raised the failure count is skipped
+                state.controller.observe_batch(rows, elapsed, state.stats.failed_requests)
             self.metrics.batch_completed(state.name, rows, elapsed)
             state.stats.answered += len(calls)
             state.gate.complete()
