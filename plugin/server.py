@@ -58,11 +58,47 @@ class GateError(Exception):
         self.details = details
 
 
-def _int_param(p: service_pb2.InferParameter) -> int | None:
+# Triton's own messages for the per-request parameters it would refuse (grpc infer handler, 2.51).
+_BAD_PRIORITY_TYPE = "invalid value type for 'priority' parameter, expected int64_param or uint64_param."
+_BAD_PRIORITY = "invalid value for 'priority', expected value >= 0."
+_BAD_TIMEOUT_TYPE = "invalid value type for 'timeout' parameter, expected int64_param."
+# ModelConfig errors that mean "this model cannot be gated": the request is relayed as is, so the
+# caller gets exactly what Triton says to it. Any other error is the caller's answer.
+_NOT_GATEABLE = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED})
+
+
+def _priority_level(p: service_pb2.InferParameter, levels: int, default: int) -> int:
+    """The queue level Triton gives a request's ``priority``: 0, above ``levels``, or any value on a
+    model without priority levels means the model's default (InferenceRequest::SetPriority)."""
     which = p.WhichOneof("parameter_choice")
-    if which in ("int64_param", "uint64_param"):
-        return int(getattr(p, which))
-    return None
+    if which == "uint64_param":
+        value = p.uint64_param
+    elif which == "int64_param":
+        value = p.int64_param
+        if value < 0:
+            raise GateError(grpc.StatusCode.INVALID_ARGUMENT, _BAD_PRIORITY)
+    else:
+        raise GateError(grpc.StatusCode.INVALID_ARGUMENT, _BAD_PRIORITY_TYPE)
+    return value if 0 < value <= levels else default
+
+
+def _timeout_us(p: service_pb2.InferParameter) -> int:
+    """A request's ``timeout`` in microseconds; 0 or less means none (Triton reads it as unsigned)."""
+    if p.WhichOneof("parameter_choice") != "int64_param":
+        raise GateError(grpc.StatusCode.INVALID_ARGUMENT, _BAD_TIMEOUT_TYPE)
+    return p.int64_param
+
+
+def _ungateable(cfg: model_config_pb2.ModelConfig) -> bool:
+    """Models whose requests must reach Triton as sent: decoupled ones (any number of responses per
+    request, streamed) and sequence-batched ones (per-sequence state, correlation ids)."""
+    return cfg.model_transaction_policy.decoupled or cfg.HasField("sequence_batching")
+
+
+def _consume(task: asyncio.Future) -> None:
+    """Mark a shared task's outcome retrieved, for when every waiter went away before it ended."""
+    if not task.cancelled():
+        task.exception()
 
 
 @dataclass
@@ -203,20 +239,27 @@ class Sidecar:
             return state
         pending = self._loading.get(key)
         if pending is None:
-            pending = self._loading[key] = self._loop.create_future()
-            try:
-                state = await self._load_state(name, version)
-                if state is not None:
-                    self._models[key] = state
-                pending.set_result(state)
-            except BaseException as exc:
-                pending.set_exception(exc)
-                pending.exception()  # mark retrieved for waiters that never come
-                raise
-            finally:
-                del self._loading[key]
-            return state
+            # The load runs in its own task: a caller that goes away cancels its wait, not the load
+            # every other caller of this model is waiting for.
+            pending = self._loading[key] = self._loop.create_task(self._load(key))
+            pending.add_done_callback(_consume)
+            self._tasks.add(pending)
+            pending.add_done_callback(self._tasks.discard)
         return await asyncio.shield(pending)
+
+    async def _load(self, key: tuple[str, str]) -> ModelState | None:
+        try:
+            state = await self._load_state(*key)
+            if state is not None:
+                self._models[key] = state
+            return state
+        except GateError:
+            raise
+        except Exception as exc:
+            log.exception("cannot set up the gate of model %s", key[0])
+            raise GateError(grpc.StatusCode.INTERNAL, f"sidecar cannot gate model '{key[0]}': {exc}") from None
+        finally:
+            self._loading.pop(key, None)
 
     async def _load_state(self, name: str, version: str) -> ModelState | None:
         try:
@@ -225,8 +268,11 @@ class Sidecar:
                 timeout=self.config.upstream_timeout_s,
             )
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            code = exc.code()
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise GateError(grpc.StatusCode.UNAVAILABLE, f"Triton is unreachable: {exc.details()}") from None
+            if code not in _NOT_GATEABLE:
+                raise GateError(code, exc.details() or "") from None
             if not await self._triton_ready():
                 # Triton unloads every model while it shuts down: not the model's fault, retryable.
                 raise GateError(grpc.StatusCode.UNAVAILABLE, "Triton is not ready (starting or stopping)") from None
@@ -239,7 +285,7 @@ class Sidecar:
         gate = info = controller = profile = None
         max_rows = max(cfg.max_batch_size, 1)
         policy_cfg = self.config.policy_for(name)
-        if cfg.max_batch_size > 0:
+        if cfg.max_batch_size > 0 and not _ungateable(cfg):
             if policy_cfg.policy == "smdp" and policy_cfg.adaptive:
                 info, profile = self._adaptive_start(name, policy_cfg, cfg.max_batch_size)
             else:
@@ -353,17 +399,28 @@ class Sidecar:
             self.metrics.request_rejected(state.name, "invalid_argument")
             raise GateError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         now = self._clock()
+        priority = state.default_priority
+        deadline = None
         params = request.parameters
-        priority = _int_param(params["priority"]) if "priority" in params else None
-        timeout_us = _int_param(params["timeout"]) if "timeout" in params else None
+        if params:
+            try:
+                if "priority" in params:
+                    priority = _priority_level(params["priority"], state.priority_levels, state.default_priority)
+                if "timeout" in params:
+                    timeout_us = _timeout_us(params["timeout"])
+                    if timeout_us > 0:
+                        deadline = now + timeout_us / 1e6
+            except GateError:
+                self.metrics.request_rejected(state.name, "invalid_argument")
+                raise
         rows = int(request.inputs[0].shape[0]) if request.inputs and request.inputs[0].shape else 1
         call = _Call(request, self._loop.create_future())
         item = Pending(
             key=merge_key(request),
             arrival=now,
             rows=rows,
-            priority=priority if priority else state.default_priority,
-            deadline=now + timeout_us / 1e6 if timeout_us else None,
+            priority=priority,
+            deadline=deadline,
             payload=call,
         )
         try:
@@ -414,23 +471,42 @@ class Sidecar:
     def _stamp(
         self, state: ModelState, req: service_pb2.ModelInferRequest, members: tuple[Pending, ...], now: float
     ) -> None:
-        """Priority and remaining timeout of what the gate sends.
+        """Priority and timeout of what the gate sends.
 
-        A client's own priority is forwarded (the most urgent of a merged batch's members); requests
-        without one get the sidecar's dispatch priority, so gated traffic overtakes anything that
-        reaches Triton directly. The timeout forwarded is what is left of the tightest member's.
+        A client's own priority is forwarded (the most urgent level among a merged batch's members);
+        requests without one get the sidecar's dispatch priority, so gated traffic overtakes anything
+        that reaches Triton directly. The gate has expired its requests itself while they waited; the
+        timeout forwarded must not fail a member before its own deadline, so it is the latest member's
+        remaining time, and none at all when any member has none.
         """
-        explicit = [p.priority for p in members if "priority" in p.payload.request.parameters]
-        dispatch = self.config.dispatch_priority
-        if explicit:
-            req.parameters["priority"].uint64_param = min(explicit)
-        elif dispatch and dispatch <= state.priority_levels:
-            req.parameters["priority"].uint64_param = dispatch
-        deadlines = [p.deadline for p in members if p.deadline is not None]
-        if deadlines:
-            req.parameters["timeout"].int64_param = max(1, int((min(deadlines) - now) * 1e6))
+        level = None
+        latest = 0.0
+        for p in members:
+            if "priority" in p.payload.request.parameters and (level is None or p.priority < level):
+                level = p.priority
+            if latest is not None:
+                latest = None if p.deadline is None else max(latest, p.deadline)
+        if level is None:
+            dispatch = self.config.dispatch_priority
+            if dispatch and dispatch <= state.priority_levels:
+                level = dispatch
+        if level is not None:
+            req.parameters["priority"].uint64_param = level
+        if latest is not None:
+            req.parameters["timeout"].int64_param = max(1, int((latest - now) * 1e6))
         elif "timeout" in req.parameters:
             del req.parameters["timeout"]
+
+    def _upstream_error(self, state: ModelState, exc: GateError) -> GateError:
+        """What a caller gets for Triton's error on a dispatched request."""
+        if exc.code == grpc.StatusCode.NOT_FOUND:
+            # A model the gate was serving vanished (Triton restarting, or the model unloaded):
+            # retryable for these callers; the next request re-reads the model's config.
+            self._forget(state)
+            return GateError(
+                grpc.StatusCode.UNAVAILABLE, f"model '{state.name}' is not available on Triton: {exc.details}"
+            )
+        return exc
 
     async def _dispatch(self, state: ModelState, batch: tuple[Pending, ...]) -> None:
         calls: list[_Call] = [p.payload for p in batch]
@@ -454,13 +530,7 @@ class Sidecar:
                 for call, part in zip(calls, parts):
                     self._succeed(call, part)
         except GateError as exc:
-            if exc.code == grpc.StatusCode.NOT_FOUND:
-                # A model the gate was serving vanished (Triton restarting, or the model unloaded):
-                # retryable for these callers; the next request re-reads the model's config.
-                self._forget(state)
-                exc = GateError(
-                    grpc.StatusCode.UNAVAILABLE, f"model '{state.name}' is not available on Triton: {exc.details}"
-                )
+            exc = self._upstream_error(state, exc)
             state.stats.failed_requests += len(calls)
             for call in calls:
                 self._fail(call, exc)
@@ -490,7 +560,8 @@ class Sidecar:
             try:
                 self._succeed(p.payload, await self._call_triton(req))
             except GateError as exc:
-                self._fail(p.payload, exc)
+                state.stats.failed_requests += 1
+                self._fail(p.payload, self._upstream_error(state, exc))
 
         await asyncio.gather(*(one(p) for p in batch))
 
@@ -530,51 +601,73 @@ class _Servicer:
     async def model_stream_infer(
         self, requests: AsyncIterator[service_pb2.ModelInferRequest], context: grpc.aio.ServicerContext
     ):
-        """One stream response per request, in completion order; errors are in-band as Triton does."""
+        """One stream response per request, in completion order; errors are in-band as Triton does.
+
+        Each request is answered by its own task, which always puts exactly one response (or one
+        in-band error) on ``out``. When the stream ends early (the client cancels or goes away), every
+        outstanding task is cancelled, which withdraws its request from the gate's queue.
+        """
         out: asyncio.Queue = asyncio.Queue()
-        inflight = 0
-        done_reading = False
+        tasks: set[asyncio.Task] = set()
+        infer = self.sidecar.infer
+        loop = asyncio.get_running_loop()
+        closing = False
 
         async def handle(req: service_pb2.ModelInferRequest) -> None:
             try:
-                resp = await self.sidecar.infer(req)
-                await out.put(service_pb2.ModelStreamInferResponse(infer_response=resp))
+                item = service_pb2.ModelStreamInferResponse(infer_response=await infer(req))
             except GateError as exc:
-                await out.put(
-                    service_pb2.ModelStreamInferResponse(
-                        error_message=exc.details,
-                        infer_response=service_pb2.ModelInferResponse(
-                            model_name=req.model_name, model_version=req.model_version, id=req.id
-                        ),
-                    )
-                )
+                item = _stream_error(req, exc.details)
+            except asyncio.CancelledError:
+                if closing:
+                    raise  # the stream is closing: nobody is left to answer
+                item = _stream_error(req, "request cancelled in the sidecar")
+            except Exception as exc:  # never leave a request without its answer
+                log.exception("stream request failed")
+                item = _stream_error(req, f"sidecar error: {exc}")
+            out.put_nowait(item)
 
         async def reader() -> None:
-            nonlocal inflight, done_reading
-            tasks = set()
-            async for req in requests:
-                inflight += 1
-                t = asyncio.ensure_future(handle(req))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
-            done_reading = True
-            await out.put(None)
-            await asyncio.gather(*tasks, return_exceptions=True)
+            try:
+                async for req in requests:
+                    t = loop.create_task(handle(req))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+                    out.put_nowait(_REQUEST)
+            finally:
+                out.put_nowait(None)  # end of requests, however reading ended
 
-        read_task = asyncio.ensure_future(reader())
+        read_task = loop.create_task(reader())
+        read_task.add_done_callback(_consume)
         try:
-            while True:
+            inflight = 0
+            reading = True
+            while reading or inflight:
                 item = await out.get()
                 if item is None:
-                    if inflight == 0:
-                        break
-                    continue
-                inflight -= 1
-                yield item
-                if done_reading and inflight == 0:
-                    break
+                    reading = False
+                elif item is _REQUEST:
+                    inflight += 1
+                else:
+                    inflight -= 1
+                    yield item
         finally:
+            closing = True
             read_task.cancel()
+            for t in tasks:
+                t.cancel()
+
+
+_REQUEST = object()  # on a stream's queue: one more request to answer
+
+
+def _stream_error(req: service_pb2.ModelInferRequest, message: str) -> service_pb2.ModelStreamInferResponse:
+    return service_pb2.ModelStreamInferResponse(
+        error_message=message,
+        infer_response=service_pb2.ModelInferResponse(
+            model_name=req.model_name, model_version=req.model_version, id=req.id
+        ),
+    )
 
 
 def _relay_handler(channel: grpc.aio.Channel, method: str, unary_request: bool, unary_response: bool, allowed: bool):

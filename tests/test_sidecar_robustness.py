@@ -1,0 +1,394 @@
+"""The sidecar's per-request path under failure: cancelled streams and callers, bad parameters,
+merged timeouts, Triton's errors. Unit tests drive a Sidecar whose upstream calls are fakes; the
+integration tests at the end check the same properties against a real tritonserver."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2, service_pb2
+
+from plugin.config import load_config
+from plugin.gate import Pending
+from plugin.server import GateError, Sidecar, _priority_level, _Servicer
+
+REPO = Path(__file__).resolve().parents[1] / "model_repository"
+
+
+def emu_config(**edits) -> model_config_pb2.ModelConfig:
+    cfg = text_format.Parse((REPO / "emulated_gpu" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    for path, value in edits.items():
+        obj = cfg
+        *parts, last = path.split(".")
+        for part in parts:
+            obj = getattr(obj, part)
+        setattr(obj, last, value)
+    return cfg
+
+
+def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+def request(rows: int = 1, id: str = "", model: str = "emulated_gpu", **params) -> service_pb2.ModelInferRequest:
+    req = service_pb2.ModelInferRequest(model_name=model, id=id)
+    t = req.inputs.add(name="INPUT0", datatype="FP32", shape=[rows, 16])
+    req.raw_input_contents.append(np.full((rows, 16), rows, np.float32).tobytes())
+    for key, (kind, value) in params.items():
+        setattr(req.parameters[key], kind, value)
+    del t
+    return req
+
+
+class Upstream:
+    """Stands in for Triton: records what it is sent, answers each request with its input rows,
+    and holds every call while ``hold`` is clear."""
+
+    def __init__(self, config: model_config_pb2.ModelConfig | None = None) -> None:
+        self.config = config if config is not None else emu_config()
+        self.config_calls = 0
+        self.config_gate = asyncio.Event()
+        self.config_gate.set()
+        self.config_error: grpc.aio.AioRpcError | None = None
+        self.sent: list[service_pb2.ModelInferRequest] = []
+        self.hold = asyncio.Event()
+        self.hold.set()
+        self.error: grpc.aio.AioRpcError | None = None
+        self.ready = True
+
+    async def model_config(self, req, timeout=None):
+        self.config_calls += 1
+        await self.config_gate.wait()
+        if self.config_error is not None:
+            raise self.config_error
+        return service_pb2.ModelConfigResponse(config=self.config)
+
+    async def server_ready(self, req, timeout=None):
+        return service_pb2.ServerReadyResponse(ready=self.ready)
+
+    async def infer(self, req, timeout=None):
+        self.sent.append(req)
+        await self.hold.wait()
+        if self.error is not None:
+            raise self.error
+        resp = service_pb2.ModelInferResponse(model_name=req.model_name, id=req.id)
+        out = resp.outputs.add(name="OUTPUT0", datatype="FP32", shape=list(req.inputs[0].shape))
+        del out
+        resp.raw_output_contents.append(req.raw_input_contents[0])
+        return resp
+
+
+async def make_sidecar(upstream: Upstream, **overrides) -> Sidecar:
+    default = overrides.pop("default", {"policy": "greedy"})
+    cfg = load_config(overrides={"triton_url": "127.0.0.1:9", "default": default, **overrides}, environ={})
+    sc = Sidecar(cfg)
+    sc._model_config = upstream.model_config
+    sc._server_ready = upstream.server_ready
+    sc._infer = upstream.infer
+    return sc
+
+
+async def settle(n: int = 20) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def until(cond, timeout: float = 5.0) -> None:
+    async def wait():
+        while not cond():
+            await asyncio.sleep(0.001)
+
+    await asyncio.wait_for(wait(), timeout)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+# -- streams -------------------------------------------------------------------------------------
+
+
+def test_cancelled_stream_withdraws_its_queued_requests():
+    async def main():
+        up = Upstream()
+        sc = await make_sidecar(up)
+        up.hold.clear()
+        forever = asyncio.Event()
+
+        async def requests():
+            for i in range(5):
+                yield request(id=f"s{i}")
+            await forever.wait()  # the client keeps its stream open, then goes away
+
+        gen = _Servicer(sc).model_stream_infer(requests(), None)
+        consumer = asyncio.ensure_future(gen.__anext__())
+        await until(lambda: ("emulated_gpu", "") in sc.models())
+        state = sc.models()[("emulated_gpu", "")]
+        await until(lambda: state.gate.in_flight == 1 and state.gate.queue_length == 4)
+        consumer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await consumer
+        await settle()
+        assert state.gate.queue_length == 0 and state.gate.counters.cancelled == 4
+        up.hold.set()
+        await until(lambda: state.gate.in_flight == 0)
+        await settle()
+        assert len(up.sent) == 1  # the four that waited never reached Triton
+        assert state.gate.counters.dispatched_requests == 1
+        await sc.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("boom"), asyncio.CancelledError()])
+def test_stream_answers_every_request_once_even_when_the_sidecar_fails(failure):
+    async def main():
+        up = Upstream()
+        sc = await make_sidecar(up)
+        servicer = _Servicer(sc)
+        infer = sc.infer
+
+        async def flaky(req):
+            if req.id == "bad":
+                raise failure
+            return await infer(req)
+
+        sc.infer = flaky
+
+        async def requests():
+            for i in ("a", "bad", "c"):
+                yield request(id=i)
+
+        got = [r async for r in servicer.model_stream_infer(requests(), None)]
+        assert sorted(r.infer_response.id for r in got) == ["a", "bad", "c"]
+        errors = {r.infer_response.id: r.error_message for r in got if r.error_message}
+        assert list(errors) == ["bad"]
+        await sc.close()
+
+    run(main())
+
+
+def test_stream_gate_errors_are_in_band_and_the_stream_ends():
+    async def main():
+        up = Upstream()
+        sc = await make_sidecar(up)
+
+        async def requests():
+            yield request(id="ok")
+            yield request(id="neg", priority=("int64_param", -1))
+
+        got = [r async for r in _Servicer(sc).model_stream_infer(requests(), None)]
+        by_id = {r.infer_response.id: r.error_message for r in got}
+        assert by_id == {"ok": "", "neg": "invalid value for 'priority', expected value >= 0."}
+        await sc.close()
+
+    run(main())
+
+
+# -- the first load of a model's state ---------------------------------------------------------
+
+
+def test_a_cancelled_first_caller_does_not_fail_the_others_waiting_for_the_config():
+    async def main():
+        up = Upstream()
+        sc = await make_sidecar(up)
+        up.config_gate.clear()
+        first = asyncio.ensure_future(sc.infer(request(id="first")))
+        await settle()
+        second = asyncio.ensure_future(sc.infer(request(id="second")))
+        await settle()
+        first.cancel()
+        await settle()
+        up.config_gate.set()
+        resp = await second
+        assert resp.id == "second"
+        assert first.cancelled()
+        assert up.config_calls == 1
+        await sc.close()
+
+    run(main())
+
+
+def test_a_failed_first_load_answers_every_waiter_with_the_error():
+    async def main():
+        up = Upstream()
+        up.config_error = rpc_error(grpc.StatusCode.UNAVAILABLE, "connection refused")
+        sc = await make_sidecar(up)
+        up.config_gate.clear()
+        calls = [asyncio.ensure_future(sc.infer(request())) for _ in range(3)]
+        await settle()
+        up.config_gate.set()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(r, GateError) and r.code == grpc.StatusCode.UNAVAILABLE for r in results)
+        assert up.config_calls == 1
+        await sc.close()
+
+    run(main())
+
+
+def test_unexpected_config_error_while_ready_is_the_callers_answer_not_an_ungated_relay():
+    async def main():
+        up = Upstream()
+        up.config_error = rpc_error(grpc.StatusCode.INTERNAL, "config broke")
+        sc = await make_sidecar(up)
+        with pytest.raises(GateError) as info:
+            await sc.infer(request())
+        assert info.value.code == grpc.StatusCode.INTERNAL and "config broke" in info.value.details
+        assert up.sent == []  # not relayed around the gate
+        # an unknown model is still relayed, so the caller gets Triton's own error for it
+        up.config_error = rpc_error(grpc.StatusCode.NOT_FOUND, "unknown model")
+        up.error = rpc_error(grpc.StatusCode.NOT_FOUND, "Request for unknown model")
+        with pytest.raises(GateError) as info:
+            await sc.infer(request(model="nope"))
+        assert info.value.code == grpc.StatusCode.NOT_FOUND and len(up.sent) == 1
+        await sc.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("edit", [{"model_transaction_policy.decoupled": True}, "sequence"])
+def test_decoupled_and_sequence_models_are_relayed_unchanged(edit):
+    async def main():
+        cfg = emu_config(**edit) if isinstance(edit, dict) else emu_config()
+        if edit == "sequence":
+            cfg.ClearField("dynamic_batching")
+            cfg.sequence_batching.max_sequence_idle_microseconds = 1000
+        up = Upstream(cfg)
+        sc = await make_sidecar(up)
+        req = request(id="x", priority=("int64_param", 1))
+        await sc.infer(req)
+        assert up.sent == [req]  # the caller's own message, not stamped
+        assert req.parameters["priority"].int64_param == 1 and "timeout" not in req.parameters
+        assert sc.models()[("emulated_gpu", "")].gate is None
+        await sc.close()
+
+    run(main())
+
+
+# -- priority ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind, value, levels, default, want",
+    [
+        ("uint64_param", 1, 2, 2, 1),
+        ("int64_param", 2, 2, 2, 2),
+        ("int64_param", 0, 2, 2, 2),  # 0: the model's default
+        ("uint64_param", 3, 2, 2, 2),  # above the levels: the default
+        ("uint64_param", 2**64 - 1, 2, 1, 1),
+        ("int64_param", 1, 0, 0, 0),  # a model without levels has one queue
+        ("int64_param", 7, 0, 0, 0),
+    ],
+)
+def test_priority_level_follows_triton(kind, value, levels, default, want):
+    p = service_pb2.InferParameter()
+    setattr(p, kind, value)
+    assert _priority_level(p, levels, default) == want
+
+
+@pytest.mark.parametrize("kind, value", [("int64_param", -1), ("string_param", "1"), ("double_param", 1.0),
+                                         ("bool_param", True)])
+def test_bad_priority_is_refused_at_arrival(kind, value):
+    p = service_pb2.InferParameter()
+    setattr(p, kind, value)
+    with pytest.raises(GateError) as info:
+        _priority_level(p, 2, 2)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "'priority'" in info.value.details
+
+
+def test_negative_priority_gets_invalid_argument_and_its_neighbours_are_served():
+    async def main():
+        up = Upstream()
+        sc = await make_sidecar(up)
+        up.hold.clear()
+        await sc.model_state("emulated_gpu", "")
+        reqs = [request(id=f"r{i}") for i in range(4)]
+        reqs[2] = request(id="neg", priority=("int64_param", -1))
+        reqs.append(request(id="str", timeout=("uint64_param", 5)))
+        calls = [asyncio.ensure_future(sc.infer(r)) for r in reqs]
+        await settle()
+        up.hold.set()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        codes = {r.id: "OK" for r in results if not isinstance(r, Exception)}
+        codes.update({reqs[i].id: r.code.name for i, r in enumerate(results) if isinstance(r, GateError)})
+        assert codes == {"r0": "OK", "r1": "OK", "r3": "OK", "neg": "INVALID_ARGUMENT", "str": "INVALID_ARGUMENT"}
+        state = sc.models()[("emulated_gpu", "")]
+        assert state.stats.failed_requests == 0 and state.gate.counters.submitted == 3
+        await sc.close()
+
+    run(main())
+
+
+def test_priority_above_the_models_levels_waits_at_the_default_level():
+    async def main():
+        up = Upstream()
+        sc = await make_sidecar(up, default={"policy": "static:1"})
+        up.hold.clear()
+        first = asyncio.ensure_future(sc.infer(request(id="first")))
+        await until(lambda: len(up.sent) == 1)
+        # levels 2, default 2: priority 9 is the default level, so "urgent" (level 1) overtakes it
+        calls = [asyncio.ensure_future(sc.infer(request(id="p9", priority=("uint64_param", 9)))), None]
+        await settle()
+        calls[1] = asyncio.ensure_future(sc.infer(request(id="urgent", priority=("uint64_param", 1))))
+        await settle()
+        up.hold.set()
+        await asyncio.gather(first, *calls)
+        assert [r.id for r in up.sent] == ["first", "urgent", "p9"]
+        # what Triton is told is the level the gate used
+        assert up.sent[2].parameters["priority"].uint64_param == 2
+        await sc.close()
+
+    run(main())
+
+
+# -- timeouts of merged requests -----------------------------------------------------------------
+
+
+def _members(sc: Sidecar, deadlines):
+    out = []
+    for d in deadlines:
+        call = type("C", (), {})()
+        call.request = request()
+        out.append(Pending(key="k", arrival=0.0, deadline=d, payload=call))
+    return tuple(out)
+
+
+@pytest.mark.parametrize(
+    "deadlines, want_us",
+    [((1.05, None), None), ((1.05, 3.0), 2_000_000), ((None,), None), ((1.5,), 500_000), ((1.05, 1.2), 200_000)],
+)
+def test_a_merged_request_carries_a_timeout_safe_for_every_member(deadlines, want_us):
+    async def main():
+        sc = await make_sidecar(Upstream())
+        state = await sc.model_state("emulated_gpu", "")
+        req = request(timeout=("int64_param", 10))
+        sc._stamp(state, req, _members(sc, deadlines), 1.0)
+        got = req.parameters["timeout"].int64_param if "timeout" in req.parameters else None
+        assert got == pytest.approx(want_us, abs=2) if want_us else got is None
+        await sc.close()
+
+    run(main())
+
+
+# -- Triton's errors ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["merged", "released"])
+def test_model_gone_from_triton_gives_unavailable_and_drops_the_cached_state(mode):
+    async def main():
+        up = Upstream()
+        sc = await make_sidecar(up, mode=mode, default={"policy": "threshold:3"})
+        state = await sc.model_state("emulated_gpu", "")
+        up.error = rpc_error(grpc.StatusCode.NOT_FOUND, "Request for unknown model: 'emulated_gpu' is not found")
+        results = await asyncio.gather(*(sc.infer(request(id=str(i))) for i in range(3)), return_exceptions=True)
+        assert [r.code for r in results] == [grpc.StatusCode.UNAVAILABLE] * 3
+        assert ("emulated_gpu", "") not in sc.models()
+        assert state.stats.failed_requests == 3
+        await sc.close()
+
+    run(main())
