@@ -264,23 +264,33 @@ def test_client_priority_overtakes_waiting_requests(slow_triton):
     with sidecar(slow_triton.grpc_url, default={"policy": "static:1"}) as sc:
         client = tc.InferenceServerClient(sc.url)
         order: list[str] = []
-        lock = threading.Lock()
+        done = threading.Semaphore(0)
 
-        def one(tag: str, priority: int):
-            _, inputs = emu_input()
-            client.infer("emulated_gpu", inputs, priority=priority)
-            with lock:
-                order.append(tag)
+        def send(tag: str, priority: int, rows: int = 1) -> None:
+            def cb(result, error):
+                order.append(tag if error is None else f"{tag}: {error}")
+                done.release()
 
-        with ThreadPoolExecutor(8) as ex:
-            futs = [ex.submit(one, "first", 2)]
-            time.sleep(0.01)  # "first" is now executing (~42 ms)
-            futs += [ex.submit(one, f"low{i}", 2) for i in range(3)]
-            time.sleep(0.01)
-            futs.append(ex.submit(one, "urgent", 1))
-            for f in futs:
-                f.result()
-        assert order[0] == "first" and order[1] == "urgent"
+            client.async_infer("emulated_gpu", emu_input(rows)[1], cb, priority=priority)
+
+        def until(pred, what: str) -> None:
+            deadline = time.monotonic() + 10
+            while not pred():
+                assert time.monotonic() < deadline, what
+                time.sleep(0.002)
+
+        # the gate's own state says when each step has happened: no sleeps that a busy host outruns
+        send("first", 2, rows=64)  # 64 rows run ~220 ms: time enough to queue the rest behind it
+        until(lambda: ("emulated_gpu", "") in sc.sidecar.models(), "the model never appeared")
+        gate = sc.sidecar.models()[("emulated_gpu", "")].gate
+        until(lambda: gate.in_flight == 1, "first never dispatched")
+        for i in range(3):
+            send(f"low{i}", 2)
+        until(lambda: gate.queue_length == 3, "the low-priority requests never queued")
+        send("urgent", 1)
+        for _ in range(5):
+            assert done.acquire(timeout=30)
+        assert order[:2] == ["first", "urgent"], order
 
 
 # -- the policy is what Triton executes ----------------------------------------------------------
