@@ -87,7 +87,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _model_args(p: argparse.ArgumentParser, rate_required: bool) -> None:
     p.add_argument("--profile", type=Path, default=DEFAULT_PROFILE,
-                   help="profile CSV batch_size,mean_service_s,batch_energy_j[,service_cv] (default: %(default)s)")
+                   help="profile CSV batch_size,mean_service_s,batch_energy_j|busy_power_w[,service_cv] "
+                        "(default: %(default)s)")
+    p.add_argument("--samples", type=Path, default=None,
+                   help="CSV batch_size,service_s of measured service times (one row per batch run): they "
+                        "replace the profile's times as an empirical law; busy power stays the profile's")
     p.add_argument("--rate", type=float, required=rate_required, help="arrival rate lambda, requests per second")
     p.add_argument("--weight", type=float, default=0.0, help="w, seconds per watt (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="B (default: %(default)s)")
@@ -114,7 +118,7 @@ def _model(args: argparse.Namespace):
 
     if args.max_batch < 1:
         raise ModelError(f"--max-batch must be >= 1, got {args.max_batch}")
-    profile = ServiceProfile.from_csv(args.profile, max_batch=args.max_batch)
+    profile = ServiceProfile.from_csv(args.profile, max_batch=args.max_batch, samples=args.samples)
     return BatchingModel(rate=args.rate, max_batch=args.max_batch, profile=profile,
                          idle_power_w=args.idle_power, weight=args.weight)
 
@@ -205,6 +209,8 @@ def _cmd_solve(args: argparse.Namespace) -> int:
         "capacity_rps": model.capacity,
         "load": model.load,
         "profile": str(args.profile),
+        "samples": None if args.samples is None else str(args.samples),
+        "service_law": model.profile.law,
         "interpolated_batch_sizes": list(model.profile.interpolated),
     }
     if args.json:
@@ -270,6 +276,16 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     else:
         raise ModelError(f"unknown arrivals {source!r}: expected poisson or trace:FILE")
 
+    offered = (arr.size - 1) / arr[-1] if arr.size > 1 and arr[-1] > 0 else math.nan
+    basis = f"Poisson arrivals at --rate {model.rate:g} req/s"
+    warnings: list[str] = []
+    if source != "poisson" and math.isfinite(offered):
+        if abs(offered - model.rate) > 0.1 * model.rate:
+            warnings.append(f"the trace offers {offered:.6g} req/s, {100 * (offered / model.rate - 1):+.0f}% from "
+                            f"--rate {model.rate:g}: the predicted figures are for {basis}, not for this trace")
+        if offered >= model.capacity:
+            warnings.append(f"the trace offers {offered:.6g} req/s, at or above capacity {model.capacity:.6g} req/s: "
+                            f"the queue grows over the run and the simulated figures depend on its length")
     predicted: dict[str, Any] | None = None
     if kind == "smdp":
         from solver.smdp import solve
@@ -294,13 +310,20 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         "policy": args.policy,
         "arrivals": source,
         "rate": model.rate,
-        "offered_rate_rps": (arr.size - 1) / arr[-1] if arr.size > 1 and arr[-1] > 0 else math.nan,
+        "offered_rate_rps": offered,
         "weight": model.weight,
         "max_batch": model.max_batch,
         "idle_power_w": model.idle_power_w,
         **res.to_dict(),
         "predicted": predicted,
+        "interpolated_batch_sizes": list(model.profile.interpolated),
+        "service_law": model.profile.law,
+        "warnings": warnings,
     }
+    if predicted is not None:
+        predicted["basis"] = basis
+    for w in warnings:
+        print(f"smdp simulate: warning: {w}", file=sys.stderr)
     if isinstance(rule, PolicyTable):
         out["policy_table"] = [int(a) for a in rule.actions]
     if args.json:
@@ -313,10 +336,13 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     print(f"  P {res.mean_power_w:.2f} W (+-{res.power_ci95_w:.2f}), J = W + w P = {res.cost * 1e3:.4f} ms, "
           f"throughput {res.throughput_rps:.1f} req/s, mean batch {res.mean_batch:.2f}")
     if predicted and "error" not in predicted:
-        print(f"  predicted (exact evaluation): W {predicted['mean_latency_s'] * 1e3:.3f} ms, "
+        print(f"  predicted (exact evaluation, {basis}): W {predicted['mean_latency_s'] * 1e3:.3f} ms, "
               f"P {predicted['mean_power_w']:.2f} W, J {predicted['cost'] * 1e3:.4f} ms")
     elif predicted:
         print(f"  no prediction: {predicted['error']}")
+    interp = model.profile.interpolated
+    if interp:
+        print(f"  interpolated batch sizes (not in the profile): {_compress_ints(list(interp))}")
     return 0
 
 

@@ -85,6 +85,8 @@ class CompareResult:
     capacity_rps: float
     points: tuple[ComparePoint, ...]
     elapsed_s: float
+    interpolated: tuple[int, ...] = ()
+    """Batch sizes whose figures were interpolated rather than given by the profile."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -101,6 +103,8 @@ class CompareResult:
             f"capacity {self.capacity_rps:.0f} req/s, {self.requests:,} simulated requests per point",
             "J = W + w P; gain = 1 - J_smdp / J_contender (positive: the SMDP policy is better)",
         ]
+        if self.interpolated:
+            lines.insert(1, f"interpolated batch sizes (not in the profile): {_ranges(self.interpolated)}")
         head = (f"  {'contender':<14} {'detail':<10} {'W pred':>8} {'P pred':>7} {'J pred':>8} | {'W sim':>8} "
                 f"{'p99 sim':>8} {'P sim':>7} {'J sim':>8} {'+-':>6} {'batch':>6} | {'gain pred':>9} {'gain sim':>8}")
         units = (f"  {'':<14} {'':<10} {'ms':>8} {'W':>7} {'ms':>8} | {'ms':>8} {'ms':>8} {'W':>7} {'ms':>8} "
@@ -172,6 +176,17 @@ class CompareResult:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
+
+
+def _ranges(xs: Sequence[int]) -> str:
+    parts, i, xs = [], 0, sorted(xs)
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        parts.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ", ".join(parts)
 
 
 def _ms(x: float, digits: int = 3) -> str:
@@ -322,5 +337,5 @@ def compare(
     return CompareResult(
         profile=prof.source or "profile", max_batch=max_batch, idle_power_w=float(idle_power_w),
         requests=int(requests), seed=int(seed), capacity_rps=base.capacity, points=tuple(points),
-        elapsed_s=time.perf_counter() - t_start,
+        elapsed_s=time.perf_counter() - t_start, interpolated=tuple(int(b) for b in prof.interpolated),
     )

@@ -8,6 +8,9 @@ P = E_pi[energy] / E_pi[epoch length]. Unless a truncation is given, N grows by 
 moves by less than 1e-10 relative, so the figures do not depend on N; ``tail_mass`` says how much of
 the chain still reaches beyond it.
 
+Beyond the table: serve min(n, B), or min(n, b0) for a table with ``beyond = b0`` (a static policy);
+the tail's drain above N then runs batches of that size.
+
 Stability: a table is evaluated as written, with its beyond-N rule (serve min(n, B)). A table that
 only stays stable because of that rule, i.e. whose last entry serves a batch b with
 b / tau(b) <= lambda (static b0 below the load, for instance), raises ``UnstablePolicyError``:
@@ -78,12 +81,19 @@ class Evaluation:
 
 
 def check_stable(model: BatchingModel, policy: PolicyTable) -> None:
-    """Raise UnstablePolicyError if the table's own top action cannot keep up with lambda."""
+    """Raise UnstablePolicyError if the table's own top action, or its beyond-table batch size,
+    cannot keep up with lambda."""
+    m1, _ = service_moments(model.profile)
+    b = policy.beyond_batch
+    if b != model.max_batch and b / float(m1[b - 1]) <= model.rate:
+        raise UnstablePolicyError(
+            f"policy serves batches of {b} above its table; they drain at most {b}/tau({b}) = "
+            f"{b / float(m1[b - 1]):.6g}/s <= arrival rate {model.rate:.6g}/s, so the queue grows without bound"
+        )
     top = policy.truncation
     a = policy.action(top)
     if top < model.max_batch or a == 0 or a == model.max_batch:
         return
-    m1, _ = service_moments(model.profile)
     drain = a / float(m1[a - 1])
     if drain <= model.rate:
         raise UnstablePolicyError(
@@ -117,12 +127,13 @@ def summarize(smdp: TruncatedSMDP, actions: np.ndarray, values: PolicyValues, co
     time = smdp.time[n, actions]
     tail_p = smdp.tail_p[n, actions]
     excursion_batches = smdp.coeffs.batches * smdp.tail_m[n, actions]
+    drain = smdp.coeffs.size or B
     mean_time = float(pi @ time)
     W = float(pi @ lat) / mean_time
     P = float(pi @ energy) / mean_time
     batches = np.bincount(actions, weights=pi, minlength=B + 1)[1:]
-    batches[B - 1] += float(pi @ excursion_batches)
-    served = float(pi @ actions) + B * float(pi @ excursion_batches)
+    batches[drain - 1] += float(pi @ excursion_batches)
+    served = float(pi @ actions) + drain * float(pi @ excursion_batches)
     total_batches = float(batches.sum())
     return Evaluation(
         mean_latency_s=W,
@@ -156,13 +167,13 @@ def evaluate(
             raise ValueError(
                 f"truncation {truncation} is below the policy table's last state {policy.truncation}"
             )
-        smdp = build(model, _covering(policy, max(int(truncation), model.max_batch)), tail)
+        smdp = build(model, _covering(policy, max(int(truncation), model.max_batch)), tail, policy.beyond_batch)
         a = table_actions(model, policy, smdp.n_states)
         return summarize(smdp, a, evaluate_policy(smdp, a))
     N = _covering(policy, initial_truncation(model))
     previous: Evaluation | None = None
     while True:
-        smdp = build(model, N, tail)
+        smdp = build(model, N, tail, policy.beyond_batch)
         a = table_actions(model, policy, smdp.n_states)
         current = summarize(smdp, a, evaluate_policy(smdp, a))
         if previous is not None and abs(current.cost - previous.cost) <= GROWTH_RTOL * abs(current.cost):

@@ -16,6 +16,8 @@ import numpy as np
 from scipy import special, stats
 
 ServiceLaw = Literal["deterministic", "gamma", "empirical"]
+SAMPLE_MEAN_RTOL = 1e-6
+"""How far ``mean_s`` may sit from the mean of the empirical samples (relative) before it is refused."""
 
 
 class ModelError(ValueError):
@@ -36,6 +38,16 @@ class ServiceProfile:
     Arrays are indexed by batch size minus one. Sizes missing from the source are linearly
     interpolated (and listed in ``interpolated``) so that a published table with a few sizes
     (1, 2, 4, 8, 64, 128) still defines every action of the SMDP.
+
+    Energy convention (one, everywhere): a batch of b that runs for s seconds draws the busy power
+    p(b) = e(b) / tau(b) for those s seconds, so it uses p(b) * s joules; idle time draws P0. The
+    simulator charges exactly that per batch; the solver and exact evaluation charge its
+    expectation, p(b) * E[S_b] = e(b), which gives the same long-run mean power (renewal reward).
+
+    Empirical samples define the service law: with ``samples``, ``mean_s`` must equal their mean
+    (a mismatch is refused, naming the batch size and both values) and ``cv`` is replaced by the
+    sample CV, so that capacity, costs, K and busy power all come from the same moments.
+    ``from_samples`` and ``with_samples`` compute the moments for you.
     """
 
     mean_s: np.ndarray
@@ -45,7 +57,8 @@ class ServiceProfile:
     cv: np.ndarray
     """Coefficient of variation of S_b (0 = deterministic, else gamma with that CV)."""
     samples: tuple[np.ndarray, ...] | None = None
-    """Optional empirical service-time samples per batch size (seconds); overrides the gamma law."""
+    """Optional empirical service-time samples per batch size (seconds); overrides the gamma law.
+    Their mean must equal ``mean_s`` (relative 1e-6); ``cv`` is set to their CV."""
     interpolated: tuple[int, ...] = ()
     """Batch sizes whose figures were interpolated rather than given."""
     source: str = ""
@@ -72,13 +85,24 @@ class ServiceProfile:
             if len(self.samples) != n:
                 raise ModelError("empirical samples must be given for every batch size")
             frozen = []
+            cvs = np.empty(n)
             for b, s in enumerate(self.samples, start=1):
-                arr = np.asarray(s, dtype=float)
+                arr = np.array(s, dtype=float)
                 if arr.ndim != 1 or arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
                     raise ModelError(f"empirical service samples for batch size {b} must be non-empty, finite and > 0")
+                m = float(np.mean(arr))
+                if abs(m - self.mean_s[b - 1]) > SAMPLE_MEAN_RTOL * m:
+                    raise ModelError(
+                        f"batch size {b}: mean_s {self.mean_s[b - 1]!r} s disagrees with the mean of its "
+                        f"{arr.size} empirical samples, {m!r} s; the samples define the law, so give their mean "
+                        f"(ServiceProfile.from_samples / with_samples do)"
+                    )
+                cvs[b - 1] = float(np.std(arr)) / m
                 arr.setflags(write=False)
                 frozen.append(arr)
             object.__setattr__(self, "samples", tuple(frozen))
+            cvs.setflags(write=False)
+            object.__setattr__(self, "cv", cvs)
 
     @property
     def max_batch(self) -> int:
@@ -92,8 +116,75 @@ class ServiceProfile:
 
     @property
     def busy_power_w(self) -> np.ndarray:
-        """Mean board power while serving a batch of b, watts."""
+        """p(b) = e(b) / tau(b): board power while serving a batch of b, watts (see the class doc)."""
         return self.energy_j / self.mean_s
+
+    @classmethod
+    def from_samples(
+        cls,
+        samples: Sequence[Sequence[float]],
+        energy_j: Sequence[float] | None = None,
+        busy_power_w: Sequence[float] | None = None,
+        source: str = "",
+    ) -> "ServiceProfile":
+        """A profile whose law is the given samples (one array per batch size 1..B).
+
+        Energy as ``energy_j`` (e(b) per batch) or ``busy_power_w`` (e(b) = p(b) x sample mean);
+        exactly one of the two.
+        """
+        arrs = [np.asarray(x, dtype=float) for x in samples]
+        if not arrs:
+            raise ModelError("from_samples needs samples for batch size 1 at least")
+        for b, a in enumerate(arrs, start=1):
+            if a.ndim != 1 or a.size == 0 or not np.all(np.isfinite(a)) or np.any(a <= 0):
+                raise ModelError(f"empirical service samples for batch size {b} must be non-empty, finite and > 0")
+        mean = np.array([float(np.mean(a)) for a in arrs])
+        energy = _energy_from(energy_j, busy_power_w, mean)
+        return cls(mean_s=mean, energy_j=energy, cv=np.zeros(mean.size), samples=tuple(arrs), source=source)
+
+    def with_samples(self, samples: Mapping[int, Sequence[float]]) -> "ServiceProfile":
+        """This profile with empirical service times: ``samples[b]`` holds measured times of batch size b.
+
+        The samples replace mean_s and cv; the busy power p(b) of this profile is kept, so the energy
+        of a batch becomes p(b) x its new mean (the class's energy convention). Sizes without
+        samples get those of the nearest measured size (the smaller on a tie), scaled to a mean
+        interpolated linearly between the measured sizes' sample means, and are listed in
+        ``interpolated``. Sizes above max_batch are ignored.
+        """
+        given: dict[int, np.ndarray] = {}
+        for b, x in samples.items():
+            a = np.asarray(x, dtype=float)
+            b = int(b)
+            if b < 1:
+                raise ModelError(f"samples: batch size must be >= 1, got {b}")
+            if a.ndim != 1 or a.size == 0 or not np.all(np.isfinite(a)) or np.any(a <= 0):
+                raise ModelError(f"empirical service samples for batch size {b} must be non-empty, finite and > 0")
+            if b <= self.max_batch:
+                given[b] = a
+        if 1 not in given:
+            raise ModelError("samples must include batch size 1")
+        sizes = np.array(sorted(given))
+        means = np.array([float(np.mean(given[b])) for b in sizes])
+        grid = np.arange(1, self.max_batch + 1)
+        mean = np.interp(grid, sizes, means)
+        out = []
+        for b in grid:
+            if b in given:
+                out.append(given[b])
+            else:
+                near = int(sizes[np.argmin(np.abs(sizes - b))])
+                base = given[near]
+                out.append(base * (mean[b - 1] / float(np.mean(base))))
+        mean = np.array([float(np.mean(a)) for a in out])
+        missing = tuple(int(b) for b in grid if b not in given)
+        return replace(
+            self,
+            mean_s=mean,
+            energy_j=self.busy_power_w * mean,
+            cv=np.zeros(mean.size),
+            samples=tuple(out),
+            interpolated=tuple(sorted(set(self.interpolated) | set(missing))),
+        )
 
     def second_moment(self, b: int) -> float:
         """E[S_b^2], seconds^2."""
@@ -160,13 +251,16 @@ class ServiceProfile:
         cls,
         batch_sizes: Sequence[int],
         mean_s: Sequence[float],
-        energy_j: Sequence[float],
+        energy_j: Sequence[float] | None,
         cv: Sequence[float] | float = 0.0,
         max_batch: int | None = None,
         source: str = "",
+        busy_power_w: Sequence[float] | None = None,
     ) -> "ServiceProfile":
         """Build a profile from (possibly sparse) rows, interpolating the missing sizes linearly.
 
+        Energy is given either as ``energy_j`` (e(b), joules per batch) or as ``busy_power_w``
+        (p(b), watts while serving; e(b) = p(b) tau(b)): exactly one of the two, the other None.
         Sizes above the largest given are not extrapolated: ``max_batch`` may not exceed it.
         """
         sizes = np.asarray(batch_sizes, dtype=float)
@@ -179,9 +273,13 @@ class ServiceProfile:
         if np.any(np.diff(sizes) == 0):
             raise ModelError(f"batch size {int(sizes[np.argmax(np.diff(sizes) == 0)])} appears twice in the profile")
         t = np.asarray(mean_s, dtype=float)[order]
-        e = np.asarray(energy_j, dtype=float)[order]
+        if (energy_j is None) == (busy_power_w is None):
+            raise ModelError("give exactly one of batch_energy_j (energy per batch, J) and busy_power_w "
+                             "(board power while serving, W) per batch size")
+        e_name = "batch_energy_j" if energy_j is not None else "busy_power_w"
+        e = np.asarray(energy_j if energy_j is not None else busy_power_w, dtype=float)[order]
         c = np.broadcast_to(np.asarray(cv, dtype=float), sizes.shape)[order] if np.ndim(cv) else np.full(sizes.shape, float(cv))
-        for name, arr in (("mean_service_s", t), ("batch_energy_j", e), ("service_cv", c)):
+        for name, arr in (("mean_service_s", t), (e_name, e), ("service_cv", c)):
             bad = ~np.isfinite(arr) | (arr <= 0 if name == "mean_service_s" else arr < 0)
             if np.any(bad):
                 i = int(np.argmax(bad))
@@ -195,36 +293,59 @@ class ServiceProfile:
             raise ModelError(f"max_batch {top} exceeds the largest batch size in the profile ({sizes[-1]})")
         grid = np.arange(1, top + 1)
         interpolated = tuple(int(b) for b in grid if b not in set(sizes.tolist()))
+        tau = np.interp(grid, sizes, t)
+        # the given quantity is interpolated; busy power becomes energy as p(b) x tau(b)
+        energy = np.interp(grid, sizes, e) * (tau if busy_power_w is not None else 1.0)
         return cls(
-            mean_s=np.interp(grid, sizes, t),
-            energy_j=np.interp(grid, sizes, e),
+            mean_s=tau,
+            energy_j=energy,
             cv=np.interp(grid, sizes, c),
             interpolated=interpolated,
             source=source,
         )
 
     @classmethod
-    def from_csv(cls, path: str | Path, max_batch: int | None = None) -> "ServiceProfile":
-        """Read ``batch_size,mean_service_s,batch_energy_j[,service_cv]``."""
+    def from_csv(
+        cls, path: str | Path, max_batch: int | None = None, samples: str | Path | None = None
+    ) -> "ServiceProfile":
+        """Read ``batch_size,mean_service_s,batch_energy_j|busy_power_w[,service_cv]``.
+
+        Energy per batch (``batch_energy_j``, J) or busy power (``busy_power_w``, W; e(b) = p(b) tau(b)):
+        exactly one of the two columns. ``samples``: a CSV ``batch_size,service_s`` of measured
+        service times, one row per batch run (see ``with_samples``; ``read_samples_csv``).
+        """
         path = Path(path)
         try:
             with path.open(newline="") as fh:
                 reader = csv.DictReader(fh)
                 cols = set(reader.fieldnames or [])
-                need = {"batch_size", "mean_service_s", "batch_energy_j"}
+                need = {"batch_size", "mean_service_s"}
                 if not need <= cols:
                     raise ModelError(f"{path}: missing column(s) {sorted(need - cols)}; have {sorted(cols)}")
+                energy_cols = [c for c in ("batch_energy_j", "busy_power_w") if c in cols]
+                if len(energy_cols) != 1:
+                    raise ModelError(
+                        f"{path}: give exactly one of the columns batch_energy_j (J per batch) and busy_power_w "
+                        f"(W while serving); "
+                        + ("missing column(s) ['batch_energy_j'] (or busy_power_w)" if not energy_cols else "both are present")
+                        + f"; have {sorted(cols)}"
+                    )
                 rows = list(reader)
         except OSError as exc:
             raise ModelError(f"cannot read profile {path}: {exc.strerror or exc}") from exc
         try:
             sizes = [float(r["batch_size"]) for r in rows]
             t = [float(r["mean_service_s"]) for r in rows]
-            e = [float(r["batch_energy_j"]) for r in rows]
+            e = [float(r[energy_cols[0]]) for r in rows]
             c = [float(r.get("service_cv") or 0.0) for r in rows]
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise ModelError(f"{path}: non-numeric value: {exc}") from exc
-        return cls.from_table(sizes, t, e, c, max_batch=max_batch, source=str(path))
+        power = energy_cols[0] == "busy_power_w"
+        prof = cls.from_table(sizes, t, None if power else e, c, max_batch=max_batch, source=str(path),
+                              busy_power_w=e if power else None)
+        if samples is not None:
+            prof = prof.with_samples(read_samples_csv(samples))
+        return prof
 
     @classmethod
     def affine(
@@ -234,6 +355,41 @@ class ServiceProfile:
         b = np.arange(1, max_batch + 1)
         return cls(mean_s=alpha_s * b + tau0_s, energy_j=beta_j * b + c0_j, cv=np.full(max_batch, float(cv)),
                    source="affine")
+
+
+def _energy_from(energy_j, busy_power_w, mean_s: np.ndarray) -> np.ndarray:
+    if (energy_j is None) == (busy_power_w is None):
+        raise ModelError("give exactly one of energy_j (J per batch) and busy_power_w (W while serving)")
+    if energy_j is not None:
+        return np.asarray(energy_j, dtype=float)
+    return np.asarray(busy_power_w, dtype=float) * mean_s
+
+
+def read_samples_csv(path: str | Path) -> dict[int, np.ndarray]:
+    """Measured service times from a CSV ``batch_size,service_s`` (one row per batch run)."""
+    path = Path(path)
+    out: dict[int, list[float]] = {}
+    try:
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            cols = set(reader.fieldnames or [])
+            need = {"batch_size", "service_s"}
+            if not need <= cols:
+                raise ModelError(f"{path}: missing column(s) {sorted(need - cols)}; have {sorted(cols)}")
+            for i, r in enumerate(reader, start=2):
+                try:
+                    b, s = float(r["batch_size"]), float(r["service_s"])
+                except (ValueError, TypeError):
+                    raise ModelError(f"{path}, line {i}: non-numeric batch_size or service_s") from None
+                if b != round(b) or b < 1 or not math.isfinite(s) or s <= 0:
+                    raise ModelError(f"{path}, line {i}: need an integer batch_size >= 1 and service_s > 0, "
+                                     f"got {r['batch_size']!r}, {r['service_s']!r}")
+                out.setdefault(int(b), []).append(s)
+    except OSError as exc:
+        raise ModelError(f"cannot read samples {path}: {exc.strerror or exc}") from exc
+    if not out:
+        raise ModelError(f"{path}: no samples")
+    return {b: np.asarray(v) for b, v in sorted(out.items())}
 
 
 @dataclass(frozen=True)

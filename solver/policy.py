@@ -36,15 +36,22 @@ class BatchRule(Protocol):
 
 @dataclass(frozen=True)
 class PolicyTable:
-    """A stationary SMDP policy: a(n) for n = 0..N; beyond N serve min(n, B).
+    """A stationary SMDP policy: a(n) for n = 0..N; beyond N serve min(n, beyond), by default min(n, B).
 
     This is what the solver returns and what the gate enforces; it depends on the queue length only.
+    ``beyond`` is the batch size served above the table: None (the default) means B, full batches;
+    a static policy sets it to its b0 so that it never serves anything else.
     """
 
     actions: np.ndarray
     max_batch: int
+    beyond: int | None = None
 
     def __post_init__(self) -> None:
+        if self.beyond is not None:
+            if isinstance(self.beyond, bool) or int(self.beyond) != self.beyond or not 1 <= self.beyond <= self.max_batch:
+                raise ValueError(f"beyond-table batch size must be in 1..B={self.max_batch}, got {self.beyond!r}")
+            object.__setattr__(self, "beyond", int(self.beyond))
         a = np.asarray(self.actions, dtype=np.int64).copy()
         if a.ndim != 1 or a.size == 0:
             raise ValueError("policy table must be a non-empty 1-d array")
@@ -60,10 +67,15 @@ class PolicyTable:
     def truncation(self) -> int:
         return int(self.actions.size - 1)
 
+    @property
+    def beyond_batch(self) -> int:
+        """The batch size served far above the table: ``beyond``, or B."""
+        return self.max_batch if self.beyond is None else self.beyond
+
     def action(self, n: int) -> int:
         if n < self.actions.size:
             return int(self.actions[n])
-        return min(n, self.max_batch)
+        return min(n, self.beyond_batch)
 
     def decide(self, n: int, oldest_wait_s: float = 0.0) -> Decision:
         return Decision(self.action(n))
@@ -74,6 +86,8 @@ class PolicyTable:
         Control-limit: wait below some K, serve min(n, B) at and above it.
         """
         a = self.actions
+        if self.beyond_batch != self.max_batch:
+            return None
         n = np.arange(a.size)
         serving = np.nonzero(a > 0)[0]
         if serving.size == 0:
@@ -85,7 +99,7 @@ class PolicyTable:
     def extended(self, size: int) -> np.ndarray:
         """a(n) for n = 0..size-1, applying the beyond-N rule."""
         n = np.arange(size)
-        out = np.minimum(n, self.max_batch)
+        out = np.minimum(n, self.beyond_batch)
         m = min(size, self.actions.size)
         out[:m] = self.actions[:m]
         return out
@@ -107,12 +121,12 @@ def threshold(max_batch: int, k: int, truncation: int | None = None) -> PolicyTa
 
 
 def static(max_batch: int, b0: int, truncation: int | None = None) -> PolicyTable:
-    """Wait for exactly b0, then serve batches of b0 (serve min(n, B) only when n >= b0)."""
+    """Wait for exactly b0, then serve batches of b0, at every queue length (beyond the table too)."""
     if not 1 <= b0 <= max_batch:
         raise ValueError(f"static batch size must be in 1..{max_batch}, got {b0}")
     size = max(truncation if truncation is not None else max_batch, b0) + 1
     n = np.arange(size)
-    return PolicyTable(np.where(n >= b0, b0, 0), max_batch)
+    return PolicyTable(np.where(n >= b0, b0, 0), max_batch, beyond=b0)
 
 
 @dataclass(frozen=True)
@@ -173,9 +187,7 @@ def rule_from_spec(spec: str, max_batch: int) -> BatchRule:
         return greedy(max_batch)
     if kind == "static":
         return static(max_batch, int(value))
-    if kind == "threshold":
-        if int(value) > max_batch:
-            raise ValueError(f"threshold {int(value)} exceeds max batch {max_batch}")
+    if kind == "threshold":  # K > B is allowed: it waits with a full batch available (evaluation handles it)
         return threshold(max_batch, int(value))
     if kind == "timeout":
         return TimeoutRule(max_batch, float(value))

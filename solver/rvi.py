@@ -1,9 +1,12 @@
 """Relative value iteration on the uniformised truncated SMDP (Tijms, A First Course in Stochastic
 Models, sec. 7.1).
 
-With tau_u = min tau(n, a), the discrete-time MDP with costs c/tau and transitions
+With tau_u = 0.99 min tau(n, a), the discrete-time MDP with costs c/tau and transitions
 (tau_u/tau) p(j|n,a) + (1 - tau_u/tau) [j = n] has the same optimal policies and its average cost per
-step equals the SMDP's g per unit time. Value iteration on it brackets g between the min and max of
+step equals the SMDP's g per unit time. Tijms takes tau_u strictly below min tau: every state then
+keeps a self-loop of probability >= 0.01 under every action, so every policy's chain is aperiodic
+and value iteration converges (with tau_u = min tau exactly, a periodic chain makes V_k+1 - V_k
+oscillate and the bounds never meet). Value iteration on it brackets g between the min and max of
 V_k+1 - V_k; we stop when that span is below tol times the lower bound. Its relative values are
 h / tau_u, which is how a warm-start policy seeds V_0.
 """
@@ -15,6 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from solver.tail import TruncatedSMDP
+
+UNIFORMISATION_FACTOR = 0.99
+"""tau_u / min tau: strictly below 1, so that the uniformised chain is aperiodic (Tijms, sec. 7.1)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,7 +42,7 @@ def relative_value_iteration(
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol!r}")
     valid = smdp.valid
-    tau_u = float(np.min(smdp.time[valid]))
+    tau_u = UNIFORMISATION_FACTOR * float(np.min(smdp.time[valid]))
     ratio = np.where(valid, tau_u / smdp.time, 0.0)
     c_tilde = np.where(valid, smdp.cost / smdp.time, np.inf)
     v = np.zeros(smdp.n_states) if h0 is None else (np.asarray(h0, dtype=float) - float(h0[0])) / tau_u

@@ -16,8 +16,10 @@ Conventions:
   ``recheck_after_s`` timer when a rule asks for one.
 - When the arrival stream is exhausted and the rule would wait forever, the rest is served in
   batches of min(n, B) (the drain), so every request completes.
-- Power: a batch of b that runs for s seconds uses busy_power(b) * s joules (= e(b) on average, and
-  physically a slower batch burns longer); idle time draws P0. Time before ``warmup`` is excluded.
+- Power: a batch of b that runs for s seconds uses busy_power(b) * s joules, busy_power(b) =
+  e(b) / tau(b) with tau(b) the mean of the same law the service times are drawn from (the profile's
+  energy convention, ``ServiceProfile``), so the expected energy of a batch is e(b), the solver's
+  figure; physically a slower batch burns longer. Idle time draws P0. Time before ``warmup`` is excluded.
 - Service times come from one random stream per batch size, so two rules that run the same k-th
   batch of size b get the same service time: comparisons on common random numbers.
 """
@@ -151,9 +153,10 @@ def _run_table(table: PolicyTable, t: list[float], draw: Callable[[int], float])
     """Event loop for a queue-length policy: jump from one serving epoch to the next."""
     n_total = len(t)
     big_b = table.max_batch
+    far = table.beyond_batch  # beyond the table serve min(n, far): B, or a static policy's b0
     size = max(table.truncation + 2, big_b + 2)
     acts = table.extended(size).tolist()
-    # next_serve[n]: the smallest m >= n with a(m) > 0 (beyond the table, a(m) = min(m, B) > 0).
+    # next_serve[n]: the smallest m >= n with a(m) > 0 (beyond the table, a(m) = min(m, far) > 0).
     next_serve = [0] * size
     nxt = size
     for n in range(size - 1, -1, -1):
@@ -171,13 +174,13 @@ def _run_table(table: PolicyTable, t: list[float], draw: Callable[[int], float])
             now = t[head]
             na = head + 1
         n = na - head
-        a = acts[n] if n < size else (n if n < big_b else big_b)
+        a = acts[n] if n < size else (n if n < far else far)
         if a == 0:
             m = next_serve[n]
             if head + m <= n_total:
                 na = head + m
                 now = t[na - 1]
-                a = acts[m] if m < size else min(m, big_b)
+                a = acts[m] if m < size else min(m, far)
             else:  # stream exhausted before the policy would serve: drain
                 na = n_total
                 now = max(now, t[-1])

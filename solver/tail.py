@@ -22,8 +22,11 @@ removed per full batch), alpha = tau(B) / (2 lambda delta):
   equation of the full-batch walk x -> x - B + K exactly, and its latency part is the first-order
   cost plus m (E[S_B^2]/2 + alpha E[(K-B)^2]) / delta. The first-order drain ignores the variance of
   K; with variable service (CV 1-2) that makes its gain wrong by 10-40% at N = a few B and it needs
-  thousands of states to settle, whereas the corrected drain is within 1e-9 at N of about 2-3 B
-  (measured; see tests/test_solver.py). For B = 1 the walk is skip-free downwards, lands exactly
+  thousands of states to settle. The corrected drain is still an approximation for B > 1 (the
+  excursion is taken to end exactly at N): measured on the V100 profile, at N of about 3.4 B its
+  gain is within 1e-12 for deterministic service, and within 5e-8 (B = 64) to 7e-6 (B = 128, where
+  the policy still differs near N) for CV 1; each further 1.5x of N cut the error by 25x or more.
+  The automatic truncation (``solver.smdp``) grows N until that settles. For B = 1 the walk is skip-free downwards, lands exactly
   on N, and this tail is exact (M/G/1) at every N.
 
 The K pmf is kept on 0..L (L <= N, trimmed where every action's pmf is below 1e-20); whatever lies
@@ -99,18 +102,26 @@ class TailCoefficients:
     energy: float
     time: float
     batches: float
+    size: int = 0
+    """Batch size served during the drain (B unless a policy's beyond-table rule says otherwise)."""
 
 
-def tail_coefficients(model: BatchingModel, truncation: int, tail: str) -> TailCoefficients:
-    """Coefficients of the drain from N + m back to N while serving full batches (see module doc)."""
+def tail_coefficients(
+    model: BatchingModel, truncation: int, tail: str, drain_batch: int | None = None
+) -> TailCoefficients:
+    """Coefficients of the drain from N + m back to N while serving batches of ``drain_batch``
+    (default B, full batches; see the module doc, with B read as the drain batch size)."""
+    B = model.max_batch if drain_batch is None else int(drain_batch)
+    if not 1 <= B <= model.max_batch:
+        raise ModelError(f"drain batch size must be in 1..B={model.max_batch}, got {drain_batch!r}")
     if tail == "none":
-        return TailCoefficients(0.0, 0.0, 0.0, 0.0, 0.0)
-    lam, B = model.rate, model.max_batch
+        return TailCoefficients(0.0, 0.0, 0.0, 0.0, 0.0, B)
+    lam = model.rate
     m1, m2 = service_moments(model.profile)
     tau_b, s2_b = float(m1[B - 1]), float(m2[B - 1])
     delta = B - lam * tau_b
-    if delta <= 0:  # the model already refuses this; guard the division anyway
-        raise ModelError(f"full batches drain nothing: B - lambda*tau(B) = {delta!r} <= 0")
+    if delta <= 0:  # the model refuses this for full batches; a smaller drain batch may hit it
+        raise ModelError(f"batches of {B} drain nothing: {B} - lambda*tau({B}) = {delta!r} <= 0")
     alpha = tau_b / (2.0 * lam * delta)
     lin = 2.0 * alpha * truncation
     if tail == "fluid":
@@ -124,6 +135,7 @@ def tail_coefficients(model: BatchingModel, truncation: int, tail: str) -> TailC
         energy=float(model.profile.energy_j[B - 1]) / delta,
         time=tau_b / delta,
         batches=1.0 / delta,
+        size=B,
     )
 
 
@@ -216,8 +228,12 @@ class TruncatedSMDP:
         return P, self.latency[n, a] + self.model.weight * self.energy[n, a], self.time[n, a]
 
 
-def build(model: BatchingModel, truncation: int, tail: str = "fluid") -> TruncatedSMDP:
-    """Precompute every per-(state, action) quantity of the SMDP truncated at N = ``truncation``."""
+def build(model: BatchingModel, truncation: int, tail: str = "fluid", drain_batch: int | None = None) -> TruncatedSMDP:
+    """Precompute every per-(state, action) quantity of the SMDP truncated at N = ``truncation``.
+
+    ``drain_batch``: the batch size served above N (default B); exact evaluation of a table whose
+    beyond-table rule serves less (a static b0) passes it, the solver never does.
+    """
     if tail not in TAILS:
         raise ModelError(f"tail must be one of {TAILS}, got {tail!r}")
     B = model.max_batch
@@ -229,7 +245,7 @@ def build(model: BatchingModel, truncation: int, tail: str = "fluid") -> Truncat
     lam, w = model.rate, model.weight
     m1, m2 = service_moments(model.profile)
     energy_b = np.asarray(model.profile.energy_j, dtype=float)
-    coeffs = tail_coefficients(model, N, tail)
+    coeffs = tail_coefficients(model, N, tail, drain_batch)
 
     pmf_full = arrival_pmf_matrix(model.profile, lam, N)
     alive = np.nonzero(pmf_full.max(axis=0) > _PMF_FLOOR)[0]
@@ -296,8 +312,9 @@ def initial_truncation(model: BatchingModel) -> int:
 
     The policy of interest lives below about B (far above it, serving full batches is the only
     sensible action) and one full-batch epoch adds about lambda*tau(B) +- a few standard deviations.
-    With the fluid tail this size is usually already exact to 1e-10; the search then confirms it
-    with one warm solve at 1.5 times the size, which is the bulk of the cost, so it pays to start small.
+    With the fluid tail and deterministic service this size is usually already settled and the search
+    confirms it with one warm solve at 1.5 times the size; with CV 1-2 it takes two or three growth
+    steps (module docstring). Either way it pays to start small.
     """
     B = model.max_batch
     m1, m2 = service_moments(model.profile)

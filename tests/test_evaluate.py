@@ -176,8 +176,8 @@ def test_vectorised_arrival_pmf_matches_the_profile():
 
     rng = np.random.default_rng(1)
     mixed = ServiceProfile(mean_s=[0.002, 0.003, 0.004], energy_j=[0.1, 0.2, 0.3], cv=[0.0, 0.5, 2.0])
-    empirical = ServiceProfile(mean_s=[0.002, 0.003], energy_j=[0.1, 0.2], cv=[0.0, 0.0],
-                               samples=(rng.gamma(4, 0.0005, 50), rng.gamma(4, 0.00075, 50)))
+    empirical = ServiceProfile.from_samples((rng.gamma(4, 0.0005, 50), rng.gamma(4, 0.00075, 50)),
+                                            energy_j=[0.1, 0.2])
     for prof in (mixed, empirical):
         got = arrival_pmf_matrix(prof, 900.0, 40)
         for b in range(1, prof.max_batch + 1):

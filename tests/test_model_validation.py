@@ -163,3 +163,68 @@ def test_published_csv_reports_the_interpolated_sizes():
     assert p.law == "deterministic"
     p4 = ServiceProfile.from_csv(ROOT / "profiles" / "p4_resnet50.csv", max_batch=16)
     assert p4.max_batch == 16 and all(b <= 16 for b in p4.interpolated)
+
+
+# --- empirical samples and busy power -------------------------------------------------------------
+
+
+def test_samples_that_disagree_with_mean_s_are_refused():
+    """mean_s 1 ms with samples of 3 ms used to pass validation (capacity from 1 ms) and fail in solve."""
+    with pytest.raises(ModelError, match=r"batch size 1: mean_s 0\.001 s disagrees .* samples, 0\.003 s"):
+        ServiceProfile(mean_s=[0.001], energy_j=[0.1], cv=[0.0], samples=(np.full(4, 0.003),))
+    prof = ServiceProfile.from_samples([np.full(4, 0.003)], energy_j=[0.1])
+    # capacity now comes from the samples' mean: 1 / 3 ms = 333/s, so 600/s is refused up front
+    with pytest.raises(ModelError, match=r"at or above capacity .* 333\.3"):
+        BatchingModel(rate=600.0, max_batch=1, profile=prof, idle_power_w=20.0)
+
+
+def test_samples_define_mean_cv_and_keep_busy_power():
+    s1, s2 = np.array([0.001, 0.003]), np.array([0.002, 0.002, 0.005])
+    prof = ServiceProfile.from_samples([s1, s2], busy_power_w=[100.0, 150.0])
+    assert prof.law == "empirical"
+    np.testing.assert_allclose(prof.mean_s, [0.002, 0.003])
+    np.testing.assert_allclose(prof.cv, [s1.std() / s1.mean(), s2.std() / s2.mean()])
+    np.testing.assert_allclose(prof.energy_j, [0.2, 0.45])
+    np.testing.assert_allclose(prof.busy_power_w, [100.0, 150.0])
+    assert BatchingModel(rate=100.0, max_batch=2, profile=prof, idle_power_w=20.0).capacity == pytest.approx(2 / 0.003)
+    with pytest.raises(ModelError, match="exactly one"):
+        ServiceProfile.from_samples([s1], energy_j=[0.1], busy_power_w=[50.0])
+
+
+def test_busy_power_column_is_an_alternative_to_batch_energy(tmp_path):
+    p = ServiceProfile.from_csv(write_csv(tmp_path, "batch_size,mean_service_s,busy_power_w\n1,0.002,100\n4,0.005,160\n"))
+    np.testing.assert_allclose(p.mean_s, [0.002, 0.003, 0.004, 0.005])
+    np.testing.assert_allclose(p.busy_power_w, [100.0, 120.0, 140.0, 160.0])  # power is interpolated
+    np.testing.assert_allclose(p.energy_j, [0.2, 0.36, 0.56, 0.8])  # energy = power x tau(b)
+    assert p.interpolated == (2, 3)
+    with pytest.raises(ModelError, match="exactly one of the columns batch_energy_j .* both are present"):
+        ServiceProfile.from_csv(write_csv(tmp_path, "batch_size,mean_service_s,busy_power_w,batch_energy_j\n1,0.002,100,0.2\n"))
+    with pytest.raises(ModelError, match="busy_power_w for batch size 1"):
+        ServiceProfile.from_csv(write_csv(tmp_path, "batch_size,mean_service_s,busy_power_w\n1,0.002,-5\n"))
+    with pytest.raises(ModelError, match="exactly one"):
+        ServiceProfile.from_table([1], [0.002], None)
+
+
+def test_samples_csv_replaces_the_profile_times(tmp_path):
+    prof_csv = write_csv(tmp_path, "batch_size,mean_service_s,batch_energy_j\n1,0.002,0.2\n2,0.003,0.36\n4,0.005,0.8\n")
+    samples = tmp_path / "s.csv"
+    samples.write_text("batch_size,service_s\n1,0.001\n1,0.003\n4,0.006\n4,0.006\n4,0.009\n9,0.1\n")
+    p = ServiceProfile.from_csv(prof_csv, samples=samples)
+    assert p.law == "empirical" and p.max_batch == 4
+    mean = np.interp([1, 2, 3, 4], [1, 4], [0.002, 0.007])  # sample means of sizes 1 and 4
+    np.testing.assert_allclose(p.mean_s, mean)
+    # sizes without samples take the nearest measured size's shape, scaled to the interpolated mean
+    np.testing.assert_allclose(p.samples[1], np.array([0.001, 0.003]) * mean[1] / 0.002)
+    np.testing.assert_allclose(p.samples[2], np.array([0.006, 0.006, 0.009]) * mean[2] / 0.007)
+    np.testing.assert_allclose(p.busy_power_w, ServiceProfile.from_csv(prof_csv).busy_power_w)  # kept
+    assert p.interpolated == (2, 3)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("batch_size,service_s\n2,0.001\n")
+    with pytest.raises(ModelError, match="samples must include batch size 1"):
+        ServiceProfile.from_csv(prof_csv, samples=bad)
+    bad.write_text("batch_size,service_s\n1,-0.001\n")
+    with pytest.raises(ModelError, match="line 2"):
+        ServiceProfile.from_csv(prof_csv, samples=bad)
+    bad.write_text("batch_size,time\n1,0.001\n")
+    with pytest.raises(ModelError, match=r"missing column\(s\) \['service_s'\]"):
+        ServiceProfile.from_csv(prof_csv, samples=bad)
