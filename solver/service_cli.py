@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -19,11 +20,31 @@ def add_solver_serve_command(sub: argparse._SubParsersAction) -> None:
     _add_arguments(p)
 
 
+ENV_PREFIX = "SMDP_SOLVER_"
+"""Each flag may come from the environment instead: --cache-size is SMDP_SOLVER_CACHE_SIZE; a flag wins."""
+
+
+def _env(name: str, default: str, environ=os.environ) -> str:
+    return environ.get(ENV_PREFIX + name.upper(), default)
+
+
+def _env_int(name: str, default: int, environ=os.environ) -> int:
+    text = _env(name, str(default), environ)
+    try:
+        return int(text)
+    except ValueError:
+        raise SystemExit(f"smdp solver-serve: error: {ENV_PREFIX}{name.upper()} must be an integer, got {text!r}") from None
+
+
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--listen", default="127.0.0.1:8013",
-                   help="host:port to listen on (default: %(default)s; port 0 = a free port, printed)")
-    p.add_argument("--workers", type=int, default=4, help="concurrent solves (default: %(default)s)")
-    p.add_argument("--cache-size", type=int, default=256, help="cached solutions kept (default: %(default)s)")
+    # 50051: the port compose and Kubernetes use; 8011-8013 are the sidecar's defaults
+    p.add_argument("--listen", default=_env("listen", "127.0.0.1:50051"),
+                   help="host:port to listen on (env SMDP_SOLVER_LISTEN; default: %(default)s; "
+                        "port 0 = a free port, printed)")
+    p.add_argument("--workers", type=int, default=_env_int("workers", 4),
+                   help="concurrent solves (env SMDP_SOLVER_WORKERS; default: %(default)s)")
+    p.add_argument("--cache-size", type=int, default=_env_int("cache_size", 256),
+                   help="cached solutions kept (env SMDP_SOLVER_CACHE_SIZE; default: %(default)s)")
     p.set_defaults(func=_run)
 
 

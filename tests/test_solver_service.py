@@ -224,11 +224,15 @@ def test_rate_cells_are_about_one_percent() -> None:
     assert math.isclose(weight_key(0.0), 0.0)
 
 
-def test_solver_serve_command() -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "solver.service_cli", "--listen", "127.0.0.1:0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-    )
+@pytest.mark.parametrize("by", ["flag", "environment"])
+def test_solver_serve_command(by: str) -> None:
+    argv, env = [sys.executable, "-m", "solver.service_cli"], dict(os.environ)
+    if by == "flag":
+        argv += ["--listen", "127.0.0.1:0"]
+        env["SMDP_SOLVER_LISTEN"] = "127.0.0.1:1"  # the flag wins
+    else:
+        env["SMDP_SOLVER_LISTEN"] = "127.0.0.1:0"
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     try:
         line = proc.stdout.readline()
         assert line.startswith("smdp solver listening on 127.0.0.1:"), (line, proc.stderr.read() if proc.poll() else "")
@@ -241,6 +245,14 @@ def test_solver_serve_command() -> None:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_solver_serve_refuses_a_bad_environment_value() -> None:
+    env = dict(os.environ, SMDP_SOLVER_WORKERS="four")
+    proc = subprocess.run([sys.executable, "-m", "solver.service_cli"], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=60)
+    assert proc.returncode != 0
+    assert "SMDP_SOLVER_WORKERS must be an integer, got 'four'" in proc.stderr
 
 
 def test_concurrent_identical_requests_solve_once() -> None:
