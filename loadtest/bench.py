@@ -5,8 +5,12 @@ For each arrival rate one Poisson sequence is drawn; every contender replays exa
 (same times, same request contents). Triton's batcher contenders reload the model with their
 ``max_queue_delay_microseconds``; gate contenders put a sidecar process in front of Triton with the
 model's dynamic batcher removed, so the gate alone decides and each merged request runs as it comes
-(with the batcher left on, Triton 2.51 sometimes holds a lone request for its 500 ms default wait). The emulated model runs ``time_scale`` times slower than the
-profiled GPU, so that the few hundred requests per second a small host can generate are real loads,
+(with the batcher left on, Triton 2.51 sometimes holds a lone request for its 500 ms default wait).
+The config-mode contender compiles the SMDP policy for the rate into ``preferred_batch_size`` and
+``max_queue_delay_microseconds``, reloads the model with them, and its clients talk to Triton
+directly. Adaptive gates re-solve through a shared ``smdp solver-serve`` process when the config
+asks for one (``solver="embedded"`` starts it, as the demo does). The emulated model runs
+``time_scale`` times slower than the profiled GPU, so that the few hundred requests per second a small host can generate are real loads,
 and the solver gets the same scaled profile (times and energies x scale, power unchanged).
 """
 
@@ -27,10 +31,10 @@ import numpy as np
 from solver import arrivals
 from solver.model import BatchingModel, ModelError, ServiceProfile
 
-from .contenders import Contender, Prediction, predict
+from .contenders import Contender, Prediction, compile_config, predict
 from .metrics import Measured, batch_histogram, measure, power_note
 from .openloop import OpenLoopResult, run_open_loop
-from .stack import SidecarProcess, SidecarSpec, scaled_profile, write_profile_csv
+from .stack import SidecarProcess, SidecarSpec, SolverProcess, scaled_profile, write_profile_csv
 from .triton_control import BatchingOverride, ModelConfigControl
 
 __all__ = ["BenchConfig", "BenchRow", "BenchReport", "Stack", "bench_stack", "run_one", "run_bench", "DEFAULT_PROFILE"]
@@ -61,6 +65,9 @@ class BenchConfig:
     """Arrivals after the window, not counted: they flush requests that a waiting policy holds."""
     request_timeout_s: float = 30.0
     out_dir: Path = Path("out/bench")
+    solver: str | None = None
+    """Where adaptive gates re-solve: None in the sidecar (a worker thread), "embedded" a
+    ``smdp solver-serve`` process started for the bench, or HOST:PORT of a running one."""
 
     def __post_init__(self) -> None:
         rates = tuple(float(r) for r in self.rates)
@@ -86,6 +93,13 @@ class BenchConfig:
                 raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
         object.__setattr__(self, "profile_csv", Path(self.profile_csv))
         object.__setattr__(self, "out_dir", Path(self.out_dir))
+        if self.solver is not None and self.solver != "embedded" and ":" not in self.solver:
+            raise ValueError(f"solver must be 'embedded' or HOST:PORT, got {self.solver!r}")
+
+    @property
+    def needs_solver(self) -> bool:
+        """An adaptive gate is among the contenders and a solver service is asked for."""
+        return self.solver is not None and any(c.adaptive for c in self.contenders)
 
     @property
     def window(self) -> tuple[float, float]:
@@ -110,6 +124,8 @@ class BenchRow:
     latencies_s: np.ndarray
     failures: dict[str, int] = field(default_factory=dict)
     errors: tuple[str, ...] = ()
+    settings: str = ""
+    """Config mode: the dynamic_batching settings the model ran with."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,19 +141,32 @@ class BenchReport:
 # Running
 
 
-def _run_contender(c: Contender, cfg: BenchConfig, control: ModelConfigControl, triton_url: str,
-                   times: np.ndarray, rate: float, B: int, profile_path: Path, log_dir: Path) -> OpenLoopResult:
+def contender_override(c: Contender, cfg: BenchConfig, compiled=None) -> BatchingOverride:
+    """The model config a contender runs under."""
     if c.kind == "triton":
-        control.apply(BatchingOverride(max_queue_delay_us=c.max_queue_delay_us, time_scale=cfg.time_scale))
-    else:  # the merging gate sends whole batches: Triton's batcher has nothing left to do
-        control.apply(BatchingOverride(time_scale=cfg.time_scale, dynamic_batching=False))
+        return BatchingOverride(max_queue_delay_us=c.max_queue_delay_us, time_scale=cfg.time_scale)
+    if c.kind == "config":
+        if compiled is None:
+            raise ValueError("config mode needs the compiled settings")
+        s = compiled.settings
+        return BatchingOverride(max_queue_delay_us=s.max_queue_delay_microseconds,
+                                preferred_batch_size=s.preferred_batch_size, time_scale=cfg.time_scale)
+    # the merging gate sends whole batches: Triton's batcher has nothing left to do
+    return BatchingOverride(time_scale=cfg.time_scale, dynamic_batching=False)
+
+
+def _run_contender(c: Contender, cfg: BenchConfig, control: ModelConfigControl, triton_url: str,
+                   times: np.ndarray, rate: float, B: int, profile_path: Path, log_dir: Path,
+                   compiled=None, solver_url: str | None = None) -> OpenLoopResult:
+    control.apply(contender_override(c, cfg, compiled))
     sidecar = None
-    target = triton_url
+    target = triton_url  # Triton's batcher and config mode: no sidecar hop
     try:
         if c.kind == "gate":
             spec = SidecarSpec(policy=c.policy, max_batch=B, profile_csv=profile_path, rate_rps=rate,
-                               weight=cfg.weight, idle_power_w=cfg.idle_power_w, adaptive=c.adaptive)
-            safe = c.policy.replace(":", "_")
+                               weight=cfg.weight, idle_power_w=cfg.idle_power_w, adaptive=c.adaptive,
+                               solver_url=solver_url if c.adaptive else None)
+            safe = c.name.replace(" ", "_").replace(":", "_")
             sidecar = SidecarProcess(triton_url, spec, log_path=log_dir / f"sidecar-{safe}-{rate:g}.log").start()
             target = sidecar.url
         lo, hi = cfg.window
@@ -159,6 +188,8 @@ class Stack:
     profile: ServiceProfile
     """The profile the emulated model runs at this time scale (what the solver is told)."""
     profile_path: Path
+    solver_url: str | None = None
+    """The solver service adaptive gates re-solve through (None: in the sidecar)."""
 
 
 @contextmanager
@@ -168,6 +199,7 @@ def bench_stack(cfg: BenchConfig, triton_url: str | None = None, progress: Progr
     base = ServiceProfile.from_csv(cfg.profile_csv)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     triton = None
+    solver = None
     if triton_url is None:
         from plugin.triton_server import EmbeddedTriton, TritonConfig
 
@@ -187,8 +219,19 @@ def bench_stack(cfg: BenchConfig, triton_url: str | None = None, progress: Progr
             raise ValueError(f"model {cfg.model!r} batches up to {B}, beyond the profile's {base.max_batch}")
         profile = scaled_profile(base.truncated(B), cfg.time_scale)
         profile_path = write_profile_csv(profile, cfg.out_dir / f"{cfg.profile_name}_x{cfg.time_scale:g}.csv")
-        yield Stack(triton_url, control, B, profile, profile_path)
+        solver_url = None
+        if cfg.needs_solver:
+            if cfg.solver == "embedded":
+                solver = SolverProcess(log_path=cfg.out_dir / "solver.log").start()
+                progress(f"solver service (smdp solver-serve) at {solver.url}")
+                solver_url = solver.url
+            else:
+                solver_url = cfg.solver
+        yield Stack(triton_url, control, B, profile, profile_path, solver_url)
     finally:
+        if solver is not None:
+            progress("stopping the solver service")
+            solver.stop()
         if control is not None:
             try:
                 if triton is None:  # someone else's Triton: leave the model as it was found
@@ -216,16 +259,19 @@ def arrival_times(cfg: BenchConfig, rate: float, index: int) -> np.ndarray:
 def run_one(stack: Stack, cfg: BenchConfig, c: Contender, rate: float, times: np.ndarray) -> BenchRow:
     """One contender on one arrival sequence: predicted, run, measured over the window."""
     lo, hi = cfg.window
-    pred = predict(c, batching_model(stack, cfg, rate), times, seed=cfg.seed, warmup_s=lo)
+    model = batching_model(stack, cfg, rate)
+    compiled = compile_config(model, seed=cfg.seed) if c.kind == "config" else None
+    pred = predict(c, model, times, seed=cfg.seed, warmup_s=lo, compiled=compiled)
     res = _run_contender(c, cfg, stack.control, stack.triton_url, times, rate, stack.max_batch,
-                         stack.profile_path, cfg.out_dir)
+                         stack.profile_path, cfg.out_dir, compiled=compiled, solver_url=stack.solver_url)
     m = measure(res, stack.profile, idle_power_w=cfg.idle_power_w, weight=cfg.weight,
                 energy_scale=cfg.time_scale, window=cfg.window)
     in_window = (res.scheduled_s >= lo) & (res.scheduled_s < hi)
     ok = in_window & res.ok
     failures = dict(Counter(s for s, w in zip(res.status, in_window) if w and s != "OK"))
     return BenchRow(rate, c.name, m, pred, batch_histogram(res, stack.max_batch, cfg.window),
-                    res.done_s[ok] - res.scheduled_s[ok], failures, res.errors)
+                    res.done_s[ok] - res.scheduled_s[ok], failures, res.errors,
+                    compiled.settings.describe() if compiled is not None else "")
 
 
 def run_bench(cfg: BenchConfig, triton_url: str | None = None, progress: Progress = print) -> BenchReport:
@@ -247,6 +293,8 @@ def run_bench(cfg: BenchConfig, triton_url: str | None = None, progress: Progres
                 m = row.measured
                 progress(f"  {c.name:<24} W {m.mean_latency_s * 1e3:7.2f} ms  P {m.mean_power_w:6.1f} W  "
                          f"batch {m.mean_batch:5.2f}  failed {m.failed}  ({time.monotonic() - t0:.1f} s)")
+                if row.settings:
+                    progress(f"  {'':<24} compiled to {row.settings}")
         B = stack.max_batch
     return BenchReport(cfg, tuple(rows), B, power_note(cfg.profile_name, cfg.idle_power_w))
 
@@ -347,7 +395,8 @@ def write_outputs(report: BenchReport) -> BenchReport:
         "note": report.note,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(report.config).items()},
         "max_batch": report.max_batch,
-        "rows": [dict(row, failures=r.failures, errors=list(r.errors)) for row, r in zip(csv_rows(report), report.rows)],
+        "rows": [dict(row, failures=r.failures, errors=list(r.errors), settings=r.settings or None)
+                 for row, r in zip(csv_rows(report), report.rows)],
     }
     (out / "bench.json").write_text(json.dumps(_json_safe(summary), indent=1))
     files.append(out / "bench.json")

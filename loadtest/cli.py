@@ -32,6 +32,19 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--out", type=Path, default=Path(out), help="output directory (default: %(default)s)")
 
 
+def _contender_flags(p: argparse.ArgumentParser, gates: str) -> None:
+    p.add_argument("--delays-us", default="0,10000",
+                   help="Triton max_queue_delay_microseconds contenders, '' for none (default: %(default)s)")
+    p.add_argument("--gates", default=gates,
+                   help="gate policies: greedy, smdp (solved for the bench's rate, fixed), smdp-adaptive (re-solves "
+                   "for the measured rate, through --solver), static:B0, threshold:K, timeout:S; '' for none "
+                   "(default: %(default)s)")
+    p.add_argument("--config-mode", default="smdp", metavar="smdp|''",
+                   help="config-mode contender: the SMDP policy compiled into the model's dynamic_batching "
+                   "(preferred_batch_size, max_queue_delay_microseconds) and reloaded on Triton, clients "
+                   "direct to Triton; '' for none (default: %(default)s)")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench",
@@ -46,27 +59,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--duration", type=float, default=8.0, help="seconds of arrivals per contender (default: %(default)s)")
     p.add_argument("--weight", type=float, default=1e-3,
                    help="w, seconds per watt, for the scaled system (default: %(default)s)")
-    p.add_argument("--delays-us", default="0,10000",
-                   help="Triton max_queue_delay_microseconds contenders (default: %(default)s)")
-    p.add_argument("--gates", default="greedy,smdp",
-                   help="gate policies: greedy, smdp, static:B0, threshold:K, timeout:S (default: %(default)s)")
+    _contender_flags(p, gates="greedy,smdp")
     p.add_argument("--warmup", type=float, default=1.5,
                    help="seconds of arrivals before the measured window, per contender (default: %(default)s)")
     p.add_argument("--cooldown", type=float, default=1.0,
                    help="seconds of unmeasured arrivals after the window, per contender (default: %(default)s)")
+    p.add_argument("--solver", default="none", metavar="embedded|HOST:PORT|none",
+                   help="where adaptive gates re-solve: a smdp solver-serve started for the bench (embedded), "
+                   "a running one, or none = in the sidecar (default: %(default)s)")
     p.set_defaults(func=_cmd_bench)
 
     d = subparsers.add_parser(
         "demo",
-        help="the one-minute tour: embedded Triton, sidecar gate, short bench, table and plots in out/demo",
-        description="Start an embedded Triton and sidecar gates, run a short bench (two loads x four "
-        "contenders), print the table and write plots to out/demo/. Everything started is stopped.",
+        help="the one-minute tour: embedded Triton, solver service, sidecar gates, config mode, short bench",
+        description="Start an embedded Triton and the solver service (smdp solver-serve), run a short bench "
+        "(two loads x six contenders: Triton's batcher at two delays, the gate with greedy, with the fixed "
+        "SMDP policy and with the adaptive one re-solving through the solver service, and config mode), "
+        "print the table and write plots to out/demo/. Everything started is stopped.",
     )
     _common(d, "out/demo")
     d.add_argument("--rates", default="100,200", help="arrival rates, req/s (default: %(default)s)")
-    d.add_argument("--duration", type=float, default=4.0, help="measured seconds per contender (default: %(default)s)")
+    d.add_argument("--duration", type=float, default=2.5, help="measured seconds per contender (default: %(default)s)")
     d.add_argument("--weight", type=float, default=1e-3, help="w, seconds per watt (default: %(default)s)")
-    d.set_defaults(func=_cmd_demo, delays_us="0,10000", gates="greedy,smdp", warmup=1.0, cooldown=0.5)
+    _contender_flags(d, gates="greedy,smdp,smdp-adaptive")
+    d.add_argument("--warmup", type=float, default=0.75,
+                   help="seconds of unmeasured arrivals before the window, per contender (default: %(default)s)")
+    d.add_argument("--cooldown", type=float, default=0.25,
+                   help="seconds of unmeasured arrivals after the window, per contender (default: %(default)s)")
+    d.add_argument("--solver", default="embedded", metavar="embedded|HOST:PORT|none",
+                   help="where the adaptive gate re-solves (default: %(default)s, a smdp solver-serve started "
+                   "for the demo)")
+    d.set_defaults(func=_cmd_demo)
 
     x = subparsers.add_parser(
         "pareto",
@@ -98,6 +121,8 @@ def _contenders(args: argparse.Namespace):
         out.append(Contender("triton", max_queue_delay_us=int(d)))
     for g in (s.strip() for s in args.gates.split(",") if s.strip()):
         out.append(parse_contender(f"gate:{g}"))
+    for m in (s.strip() for s in (getattr(args, "config_mode", "") or "").split(",") if s.strip()):
+        out.append(parse_contender(f"config:{m}"))
     return tuple(out)
 
 
@@ -108,6 +133,7 @@ def _config(args: argparse.Namespace):
         rates=_floats(args.rates, "--rates"), contenders=_contenders(args), duration_s=args.duration,
         time_scale=args.time_scale, weight=args.weight, idle_power_w=args.idle_power, profile_csv=args.profile,
         model=args.model, seed=args.seed, warmup_s=args.warmup, cooldown_s=args.cooldown, out_dir=args.out,
+        solver=None if args.solver in ("none", "") else args.solver,
     )
 
 

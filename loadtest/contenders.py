@@ -1,11 +1,15 @@
 """Who competes in a bench, and what the solver predicts each will do.
 
-A contender is either Triton's own dynamic batcher at some ``max_queue_delay_microseconds``
-(``triton:DELAY_US``) or the sidecar gate with a policy (``gate:greedy``, ``gate:smdp``,
-``gate:static:8``, ``gate:threshold:4``, ``gate:timeout:0.01``). Predictions use the same scaled
+A contender is Triton's own dynamic batcher at some ``max_queue_delay_microseconds``
+(``triton:DELAY_US``), the sidecar gate with a policy (``gate:greedy``, ``gate:smdp``,
+``gate:smdp-adaptive``, ``gate:static:8``, ``gate:threshold:4``, ``gate:timeout:0.01``), or config
+mode (``config:smdp``): the SMDP policy compiled into Triton's own ``dynamic_batching``
+(``preferred_batch_size`` + ``max_queue_delay_microseconds``, see ``plugin.config_mode``) and applied
+by reloading the model, with clients talking to Triton directly. Predictions use the same scaled
 profile the emulated server runs: exact evaluation for queue-length tables (greedy, static,
 threshold, smdp) and the discrete-event simulator on the very arrival sequence of the run for
-timeout rules (Triton's batcher with a delay), which have no exact SMDP evaluation.
+rules with a delay (Triton's batcher with a delay, the compiled config-mode rule), which have no
+exact SMDP evaluation.
 """
 
 from __future__ import annotations
@@ -18,26 +22,38 @@ import numpy as np
 from solver.model import BatchingModel
 from solver.policy import TimeoutRule, parse_rule_spec
 
-__all__ = ["Contender", "Prediction", "parse_contender", "predict"]
+__all__ = ["Contender", "Prediction", "compile_config", "parse_contender", "predict"]
+
+CONFIG_POLICIES = ("smdp",)
+CONFIG_SIM_REQUESTS = 20_000
+"""Simulated requests per delay tried when compiling config mode (about 0.5 s at bench sizes)."""
 
 
 @dataclass(frozen=True)
 class Contender:
-    """One way of batching: Triton's batcher (``kind="triton"``) or the gate with ``policy``."""
+    """One way of batching: Triton's batcher (``kind="triton"``), the gate with ``policy``
+    (``kind="gate"``) or the SMDP policy compiled into Triton's batcher (``kind="config"``)."""
 
     kind: str
-    policy: str = "greedy"
-    """Gate policy spec (greedy | smdp | static:B0 | threshold:K | timeout:S)."""
+    policy: str = ""
+    """Gate policy spec (greedy | smdp | static:B0 | threshold:K | timeout:S); config mode: smdp.
+    Empty: greedy for the gate, smdp for config mode."""
     max_queue_delay_us: int = 0
     """Triton's max_queue_delay_microseconds (for the gate it stays 0: the gate decides)."""
     adaptive: bool = False
     """Gate smdp only: re-solve for the measured arrival rate while running (else: fixed policy)."""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("triton", "gate"):
-            raise ValueError(f"contender kind must be 'triton' or 'gate', got {self.kind!r}")
+        if self.kind not in ("triton", "gate", "config"):
+            raise ValueError(f"contender kind must be 'triton', 'gate' or 'config', got {self.kind!r}")
+        if not self.policy:
+            object.__setattr__(self, "policy", "smdp" if self.kind == "config" else "greedy")
         if self.kind == "gate":
             parse_rule_spec(self.policy)
+        if self.kind == "config" and self.policy not in CONFIG_POLICIES:
+            raise ValueError(f"config mode compiles the SMDP policy: use config:smdp, got {self.policy!r}")
+        if self.adaptive and not (self.kind == "gate" and self.policy == "smdp"):
+            raise ValueError("only the gate's smdp policy can be adaptive")
         if not isinstance(self.max_queue_delay_us, int) or self.max_queue_delay_us < 0:
             raise ValueError(f"max_queue_delay_us must be an integer >= 0, got {self.max_queue_delay_us!r}")
 
@@ -45,13 +61,15 @@ class Contender:
     def name(self) -> str:
         if self.kind == "triton":
             return f"triton delay={self.max_queue_delay_us / 1000:g}ms"
+        if self.kind == "config":
+            return f"config {self.policy}"
         if self.policy == "smdp" and self.adaptive:
             return "gate smdp adaptive"
         return f"gate {self.policy}"
 
 
 def parse_contender(spec: str) -> Contender:
-    """``triton:DELAY_US`` or ``gate:POLICY``."""
+    """``triton:DELAY_US``, ``gate:POLICY`` (``gate:smdp-adaptive`` re-solves) or ``config:smdp``."""
     kind, _, rest = spec.strip().partition(":")
     if kind == "triton":
         try:
@@ -68,7 +86,12 @@ def parse_contender(spec: str) -> Contender:
             return Contender("gate", policy=rest)
         except ValueError as exc:
             raise ValueError(f"contender {spec!r}: {exc}") from None
-    raise ValueError(f"contender {spec!r} must start with 'triton:' or 'gate:'")
+    if kind == "config":
+        try:
+            return Contender("config", policy=rest or "smdp")
+        except ValueError as exc:
+            raise ValueError(f"contender {spec!r}: {exc}") from None
+    raise ValueError(f"contender {spec!r} must start with 'triton:', 'gate:' or 'config:'")
 
 
 @dataclass(frozen=True)
@@ -108,10 +131,30 @@ def _rule_prediction(model: BatchingModel, spec: str, times: np.ndarray, seed: i
     return Prediction(ev.mean_latency_s, ev.mean_power_w, ev.cost, ev.mean_batch, "exact")
 
 
+def compile_config(model: BatchingModel, seed: int = 0, n_requests: int = CONFIG_SIM_REQUESTS):
+    """Config mode's settings for ``model``: solve the SMDP, compile the table into Triton's
+    ``dynamic_batching`` (``plugin.config_mode.compile_policy``, preferred style)."""
+    from plugin.config_mode import compile_policy
+    from solver.smdp import solve
+
+    return compile_policy(solve(model), model.profile, model.rate, idle_power_w=model.idle_power_w,
+                          weight=model.weight, style="preferred", n_requests=n_requests, seed=seed)
+
+
 def predict(contender: Contender, model: BatchingModel, times: np.ndarray, seed: int = 0,
-            warmup_s: float = 0.0) -> Prediction:
+            warmup_s: float = 0.0, compiled=None) -> Prediction:
     """What the solver expects of ``contender`` under ``model`` (Poisson at model.rate); rules
-    without an exact evaluation are simulated on ``times`` from ``warmup_s`` on."""
+    without an exact evaluation are simulated on ``times`` from ``warmup_s`` on. For config mode,
+    ``compiled`` (from ``compile_config``) is the rule Triton runs; it is compiled here if absent."""
+    if contender.kind == "config":
+        from solver.simulate import simulate
+
+        compiled = compiled if compiled is not None else compile_config(model, seed)
+        if times.size < 2:
+            return Prediction()
+        sim = simulate(model.profile, compiled.settings.rule(), times, idle_power_w=model.idle_power_w,
+                       weight=model.weight, seed=seed, warmup=warmup_s)
+        return Prediction(sim.mean_latency_s, sim.mean_power_w, sim.cost, sim.mean_batch, "sim")
     if contender.kind == "triton":
         spec = "greedy" if contender.max_queue_delay_us == 0 else f"timeout:{contender.max_queue_delay_us / 1e6!r}"
         return _rule_prediction(model, spec, times, seed, warmup_s)

@@ -1,8 +1,10 @@
-"""The system under test for a bench: an embedded Triton and sidecar processes, always torn down.
+"""The system under test for a bench: an embedded Triton, sidecar and solver processes, always torn down.
 
 The sidecar runs as its own process (``smdp serve``), not on a thread of the bench: the load
 generator, the sidecar and Triton then have one interpreter lock each, so on a small host the
-client's send lag and the gate's decisions do not queue behind each other's Python code.
+client's send lag and the gate's decisions do not queue behind each other's Python code. The shared
+solver service (``smdp solver-serve``) runs the same way when an adaptive gate should re-solve
+through it, as in a deployment.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from pathlib import Path
 
 from solver.model import ServiceProfile
 
-__all__ = ["SidecarProcess", "SidecarSpec", "scaled_profile", "write_profile_csv"]
+__all__ = ["SidecarProcess", "SidecarSpec", "SolverProcess", "scaled_profile", "write_profile_csv"]
 
 _LISTENING = re.compile(r"sidecar listening on (\S+):(\d+)")
+_SOLVER_LISTENING = re.compile(r"smdp solver listening on (\S+):(\d+)")
 _CONTROL = re.compile(r"control API on port (\d+)")
 
 
@@ -63,6 +66,8 @@ class SidecarSpec:
     max_queue: int = 4096
     adaptive: bool = True
     """smdp: re-solve for the measured rate (False: keep the policy solved for rate_rps)."""
+    solver_url: str | None = None
+    """host:port of a shared ``smdp solver-serve`` the adaptive gate re-solves through (None: in-process)."""
 
     def flags(self) -> list[str]:
         out = ["--policy", self.policy, "--max-batch", str(self.max_batch), "--weight", repr(float(self.weight)),
@@ -74,6 +79,8 @@ class SidecarSpec:
             out += ["--profile", str(self.profile_csv)]
         if self.rate_rps is not None:
             out += ["--rate", repr(float(self.rate_rps))]
+        if self.solver_url is not None:
+            out += ["--solver", self.solver_url]
         return out
 
 
@@ -85,22 +92,28 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-class SidecarProcess:
-    """``smdp serve`` on a free port in front of ``triton_url``; ``stop()`` (or exit) ends it."""
+class _ServiceProcess:
+    """A ``python -m smdp.cli ...`` child that prints its address when ready; ``stop()`` (or exit) ends it."""
 
-    def __init__(self, triton_url: str, spec: SidecarSpec, *, log_path: Path | None = None,
-                 startup_timeout_s: float = 60.0) -> None:
-        self.triton_url = triton_url
-        self.spec = spec
-        self.log_path = log_path or Path(tempfile.mkstemp(prefix="smdp-sidecar.", suffix=".log")[1])
+    what = "service"
+    _ready = _LISTENING
+
+    def __init__(self, *, log_path: Path | None = None, startup_timeout_s: float = 60.0) -> None:
+        self.log_path = log_path or Path(tempfile.mkstemp(prefix=f"smdp-{self.what}.", suffix=".log")[1])
         self.startup_timeout_s = startup_timeout_s
         self._proc: subprocess.Popen | None = None
         self.url: str | None = None
         self.control_url: str | None = None
 
-    def start(self) -> "SidecarProcess":
-        cmd = [sys.executable, "-m", "smdp.cli", "serve", "--listen", "127.0.0.1:0", "--triton", self.triton_url,
-               "--log-level", "WARNING", *self.spec.flags()]
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def start(self):
+        cmd = [sys.executable, "-m", "smdp.cli", *self.command()]
         log = open(self.log_path, "ab")
         try:
             self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
@@ -130,7 +143,7 @@ class SidecarProcess:
                         break
                     buf += chunk
                     text = buf.decode(errors="replace")
-                    m = _LISTENING.search(text)
+                    m = self._ready.search(text)
                     if m and "\n" in text[m.end():]:
                         host = "127.0.0.1" if m.group(1) in ("0.0.0.0", "") else m.group(1)
                         c = _CONTROL.search(text)
@@ -142,7 +155,7 @@ class SidecarProcess:
             sel.close()
         code = self._proc.poll()
         tail = self.log_path.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"sidecar ({' '.join(self.spec.flags())}) did not start "
+        raise RuntimeError(f"{self.what} ({' '.join(self.command())}) did not start "
                            f"(exit code {code}); log {self.log_path}:\n{tail}")
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -159,8 +172,39 @@ class SidecarProcess:
         if proc.stdout is not None:
             proc.stdout.close()
 
-    def __enter__(self) -> "SidecarProcess":
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class SidecarProcess(_ServiceProcess):
+    """``smdp serve`` on a free port in front of ``triton_url``; ``stop()`` (or exit) ends it."""
+
+    what = "sidecar"
+    _ready = _LISTENING
+
+    def __init__(self, triton_url: str, spec: SidecarSpec, *, log_path: Path | None = None,
+                 startup_timeout_s: float = 60.0) -> None:
+        super().__init__(log_path=log_path, startup_timeout_s=startup_timeout_s)
+        self.triton_url = triton_url
+        self.spec = spec
+
+    def command(self) -> list[str]:
+        return ["serve", "--listen", "127.0.0.1:0", "--triton", self.triton_url, "--log-level", "WARNING",
+                *self.spec.flags()]
+
+
+class SolverProcess(_ServiceProcess):
+    """``smdp solver-serve`` on a free port (the shared solver service); ``stop()`` (or exit) ends it."""
+
+    what = "solver"
+    _ready = _SOLVER_LISTENING
+
+    def __init__(self, *, workers: int = 2, log_path: Path | None = None, startup_timeout_s: float = 60.0) -> None:
+        super().__init__(log_path=log_path, startup_timeout_s=startup_timeout_s)
+        self.workers = workers
+
+    def command(self) -> list[str]:
+        return ["solver-serve", "--listen", "127.0.0.1:0", "--workers", str(self.workers)]

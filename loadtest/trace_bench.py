@@ -10,6 +10,7 @@ trace's own windowed rate.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -195,6 +196,10 @@ def main_trace_bench(cfg: BenchConfig, trace_path: Path, mean_rate: float, limit
         print(line)
     for f in files:
         print(f"wrote {f}")
+    failed = sum(r.measured.failed for r in report.rows)
+    if failed:  # as ``smdp bench``: a run with failed requests is not a clean result
+        print(f"smdp trace-bench: {failed} request(s) failed; see bench.json for the errors", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -23,6 +23,8 @@ class BatchingOverride:
     max_queue_delay_us: int | None = None
     time_scale: float | None = None
     """The emulated model's ``time_scale`` parameter (service times multiplied by it)."""
+    preferred_batch_size: tuple[int, ...] | None = None
+    """Triton's ``preferred_batch_size`` list (config mode); None leaves the model's own."""
     dynamic_batching: bool = True
     """False removes the ``dynamic_batching`` section: Triton then runs each request as it comes,
     which is what a merging gate wants (its requests are already the batches). It also avoids a
@@ -33,6 +35,11 @@ class BatchingOverride:
         if self.max_queue_delay_us is not None and (not isinstance(self.max_queue_delay_us, int)
                                                     or self.max_queue_delay_us < 0):
             raise ValueError(f"max_queue_delay_us must be an integer >= 0, got {self.max_queue_delay_us!r}")
+        if self.preferred_batch_size is not None:
+            sizes = tuple(int(p) for p in self.preferred_batch_size)
+            if not sizes or any(p < 1 for p in sizes) or list(sizes) != sorted(set(sizes)):
+                raise ValueError(f"preferred_batch_size must be increasing sizes >= 1, got {self.preferred_batch_size!r}")
+            object.__setattr__(self, "preferred_batch_size", sizes)
         if self.time_scale is not None and not self.time_scale > 0:
             raise ValueError(f"time_scale must be > 0, got {self.time_scale!r}")
 
@@ -56,10 +63,17 @@ class ModelConfigControl:
         cfg = copy.deepcopy(self._original)
         if not override.dynamic_batching:
             cfg.pop("dynamic_batching", None)
-        elif override.max_queue_delay_us is not None:
+        elif override.max_queue_delay_us is not None or override.preferred_batch_size is not None:
             if "dynamic_batching" not in cfg:
                 raise ValueError(f"model {self.model!r} has no dynamic_batching section to change")
-            cfg["dynamic_batching"]["max_queue_delay_microseconds"] = str(override.max_queue_delay_us)
+            if override.max_queue_delay_us is not None:
+                cfg["dynamic_batching"]["max_queue_delay_microseconds"] = str(override.max_queue_delay_us)
+            if override.preferred_batch_size is not None:
+                big_b = self.max_batch
+                if override.preferred_batch_size[-1] > big_b:
+                    raise ValueError(f"preferred batch size {override.preferred_batch_size[-1]} exceeds model "
+                                     f"{self.model!r}'s max_batch_size {big_b}")
+                cfg["dynamic_batching"]["preferred_batch_size"] = list(override.preferred_batch_size)
         if override.time_scale is not None:
             cfg.setdefault("parameters", {})["time_scale"] = {"string_value": repr(float(override.time_scale))}
         return cfg

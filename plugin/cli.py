@@ -1,4 +1,5 @@
-"""Sub-commands of the serving side: ``smdp triton`` (the embedded Triton server) and ``smdp serve``."""
+"""Sub-commands of the serving side: ``smdp triton`` (the embedded Triton server), ``smdp serve``,
+``smdp ctl`` and ``smdp config-mode``."""
 
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from plugin.ctl_cli import add_ctl_command
 
     add_ctl_command(subparsers)
+
+    from plugin.config_mode_cli import add_config_mode_command
+
+    add_config_mode_command(subparsers)
 
 
 def _run_triton(args: argparse.Namespace) -> int:

@@ -188,3 +188,139 @@ def test_predictions_agree_with_the_solver_and_greedy_equals_zero_delay():
     assert smdp.cost <= g.cost + 1e-12  # the optimum is no worse than greedy
     sim = predict(Contender("triton", max_queue_delay_us=10000), model, times, warmup_s=1.0)
     assert sim.source == "sim" and sim.mean_batch >= g.mean_batch
+
+
+# --- lazily drawn, partitioned arrival sequences (the Locust scheduler's) ------------------------
+
+def _take(it, until_s: float) -> np.ndarray:
+    out = []
+    for t in it:
+        if t >= until_s:
+            break
+        out.append(t)
+    return np.asarray(out)
+
+
+@pytest.mark.parametrize("spec", ["poisson", "steps:1.5x40,2x300", "ramp:50:250"])
+def test_shares_of_several_processes_partition_the_one_sequence(spec):
+    from loadtest.arrival_spec import share_of
+
+    a = parse_arrivals(spec, rate=120.0)
+    whole = _take(share_of(a, 5, chunk_s=2.0, ramp_s=20.0), 30.0)
+    parts = [_take(share_of(a, 5, r, 3, chunk_s=2.0, ramp_s=20.0), 30.0) for r in range(3)]
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), whole)  # no arrival twice, none lost
+    assert all(abs(p.size - whole.size / 3) <= 1 for p in parts)  # W processes: W x less each, not W x more
+    assert np.all(np.diff(whole) >= 0)
+
+
+def test_unbounded_poisson_drawn_in_chunks_keeps_its_rate_and_dispersion():
+    """No horizon is needed (web UI, workers): 20 chunks later the load has not stopped, and the
+    counts per window are Poisson across chunk boundaries."""
+    from loadtest.arrival_spec import share_of
+
+    rate, window, k = 150.0, 0.25, 400
+    t = _take(share_of(parse_arrivals("poisson", rate=rate), 11, chunk_s=5.0), window * k)
+    counts = np.histogram(t, bins=np.arange(k + 1) * window)[0]
+    assert abs(counts.mean() - rate * window) < 4 * math.sqrt(rate * window / k)
+    d = ((counts - counts.mean()) ** 2).sum() / counts.mean()
+    assert stats.chi2.ppf(0.001, k - 1) < d < stats.chi2.ppf(0.999, k - 1)
+
+
+def test_ramp_drawn_in_chunks_reaches_the_end_rate_and_holds_it():
+    from loadtest.arrival_spec import share_of
+
+    t = _take(share_of(parse_arrivals("ramp:0:200"), 2, chunk_s=3.0, ramp_s=30.0), 90.0)
+    assert abs(np.sum(t < 30.0) - 3000) < 4 * math.sqrt(3000)  # mean 100/s over the ramp
+    assert abs(np.sum(t >= 30.0) - 12000) < 4 * math.sqrt(12000)  # then 200/s
+
+
+def test_a_trace_share_ends_with_the_trace(tmp_path):
+    from loadtest.arrival_spec import share_of
+
+    gaps = np.round(np.random.default_rng(4).exponential(0.05, 99), 7)
+    a = parse_arrivals(f"trace:{_write_trace(tmp_path / 't.csv', gaps)}")
+    assert a.end_s() == pytest.approx(gaps.sum(), abs=1e-6)
+    parts = [list(share_of(a, 0, r, 2, chunk_s=1.0)) for r in range(2)]  # finite: the generators end
+    assert sorted(parts[0] + parts[1]) == pytest.approx(np.concatenate(([0.0], np.cumsum(gaps))).tolist(), abs=1e-6)
+
+
+def test_share_arguments_are_checked():
+    from loadtest.arrival_spec import share_of
+
+    with pytest.raises(ValueError, match="rank"):
+        next(share_of(parse_arrivals("poisson", rate=1.0), 0, 2, 2))
+
+
+# --- config mode and the solver service as contenders -------------------------------------------
+
+def test_config_contender_spec_and_name():
+    c = parse_contender("config:smdp")
+    assert (c.kind, c.policy, c.name) == ("config", "smdp", "config smdp")
+    assert parse_contender("config").name == "config smdp"
+    with pytest.raises(ValueError, match="config:smdp"):
+        parse_contender("config:greedy")
+    with pytest.raises(ValueError, match="adaptive"):
+        Contender("config", policy="smdp", adaptive=True)
+
+
+def test_config_prediction_simulates_the_compiled_rule_on_the_run_arrivals():
+    from loadtest.contenders import compile_config
+    from solver.arrivals import poisson
+
+    profile = scaled_profile(ServiceProfile.from_csv(V100).truncated(32), 10.0)
+    model = BatchingModel(150.0, 32, profile, 40.0, 1e-3)
+    compiled = compile_config(model, seed=1, n_requests=5000)
+    s = compiled.settings
+    assert s.max_batch_size == 32 and s.preferred_batch_size[-1] <= 32 and s.max_queue_delay_microseconds >= 0
+    times = poisson(150.0, duration=60.0, rng=3)
+    pred = predict(Contender("config"), model, times, seed=1, compiled=compiled)
+    assert pred.source == "sim"
+    smdp = predict(Contender("gate", "smdp"), model, times)
+    # the compiled rule approximates the SMDP table: its J is within a few percent of the optimum
+    assert pred.cost == pytest.approx(smdp.cost, rel=0.1)
+    assert pred.mean_power_w > 40.0
+
+
+def test_sidecar_spec_passes_the_solver_service():
+    from loadtest.stack import SidecarSpec
+
+    flags = SidecarSpec(policy="smdp", max_batch=8, rate_rps=10.0, solver_url="127.0.0.1:9").flags()
+    assert flags[flags.index("--solver") + 1] == "127.0.0.1:9"
+    assert "--solver" not in SidecarSpec(policy="smdp", max_batch=8).flags()
+
+
+def test_demo_defaults_have_every_contender_kind_and_start_a_solver(tmp_path):
+    from loadtest.cli import _config
+    from smdp.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "--out", str(tmp_path)])
+    cfg = _config(args)
+    names = [c.name for c in cfg.contenders]
+    assert names == ["triton delay=0ms", "triton delay=10ms", "gate greedy", "gate smdp", "gate smdp adaptive",
+                     "config smdp"]
+    assert cfg.solver == "embedded" and cfg.needs_solver
+    bench = _config(build_parser().parse_args(["bench", "--gates", "smdp-adaptive", "--config-mode", ""]))
+    assert [c.name for c in bench.contenders][-1] == "gate smdp adaptive" and not bench.needs_solver
+
+
+def test_trace_bench_exits_1_when_requests_fail(monkeypatch, tmp_path, capsys):
+    from dataclasses import replace as dc_replace
+
+    import loadtest.trace_bench as tb
+    from loadtest.bench import BenchConfig, BenchReport, BenchRow
+    from loadtest.contenders import Prediction
+    from loadtest.metrics import Measured
+
+    cfg = BenchConfig(rates=(100.0,), contenders=(Contender("triton"),), out_dir=tmp_path)
+    m = Measured(10, 7, 3, 0.01, 0.01, 0.02, 0.03, 100.0, 0.11, 70.0, 2.0, 0.5, 1.0, 0.0, 0.0, 1e-3)
+    row = BenchRow(100.0, "triton delay=0ms", m, Prediction(), np.zeros(8), np.zeros(7), {"UNAVAILABLE": 3})
+    report = BenchReport(cfg, (row,), 8, "note")
+    monkeypatch.setattr(tb, "trace_times", lambda *a: np.linspace(0.0, 5.0, 50))
+    monkeypatch.setattr(tb, "run_trace_bench", lambda *a, **k: (report, []))
+    monkeypatch.setattr(tb, "write_outputs", lambda r: r)
+    monkeypatch.setattr(tb, "plot_trail", lambda *a, **k: tmp_path / "trail.png")
+    assert tb.main_trace_bench(cfg, tmp_path / "t.csv", 100.0, None, None, lambda _m: None) == 1
+    assert "3 request(s) failed" in capsys.readouterr().err
+    ok = BenchReport(cfg, (dc_replace(row, measured=dc_replace(m, failed=0, ok=10), failures={}),), 8, "note")
+    monkeypatch.setattr(tb, "run_trace_bench", lambda *a, **k: (ok, []))
+    assert tb.main_trace_bench(cfg, tmp_path / "t.csv", 100.0, None, None, lambda _m: None) == 0
