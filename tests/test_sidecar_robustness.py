@@ -392,3 +392,184 @@ def test_model_gone_from_triton_gives_unavailable_and_drops_the_cached_state(mod
         await sc.close()
 
     run(main())
+
+
+# -- against a real tritonserver -----------------------------------------------------------------
+
+SLOW = 200  # emulated service times x200: a batch of 1 takes ~0.42 s, of 32 rows ~1.3 s
+
+
+@pytest.fixture(scope="module")
+def slower_triton(tmp_path_factory, triton_runnable):
+    import shutil
+
+    from plugin.triton_server import EmbeddedTriton, TritonConfig
+
+    repo = tmp_path_factory.mktemp("repo")
+    shutil.copytree(REPO / "emulated_gpu", repo / "emulated_gpu")
+    cfg = repo / "emulated_gpu" / "config.pbtxt"
+    text = cfg.read_text()
+    old = 'key: "time_scale", value: { string_value: "1" }'
+    assert old in text
+    cfg.write_text(text.replace(old, f'key: "time_scale", value: {{ string_value: "{SLOW}" }}'))
+    server = EmbeddedTriton(TritonConfig(repository=repo, models=("emulated_gpu",)))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _sidecar(triton_url: str, **overrides):
+    from plugin.runner import SidecarThread
+
+    default = overrides.pop("default", {"policy": "greedy"})
+    cfg = load_config(overrides={"listen": "127.0.0.1:0", "triton_url": triton_url, "default": default, **overrides},
+                      environ={})
+    runner = SidecarThread(cfg)
+    runner.start()
+    return runner
+
+
+def _triton_successes(url: str) -> int:
+    import tritonclient.grpc as tc
+
+    stats = tc.InferenceServerClient(url).get_inference_statistics("emulated_gpu", as_json=True)
+    return int(stats["model_stats"][0]["inference_stats"].get("success", {}).get("count", 0))
+
+
+def _wait(cond, timeout: float = 30.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def _stub(url: str):
+    from tritonclient.grpc import service_pb2_grpc
+
+    channel = grpc.insecure_channel(url)
+    return channel, service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+@pytest.mark.integration
+def test_a_cancelled_streams_queued_requests_never_reach_triton(slower_triton):
+    import threading
+
+    sc = _sidecar(slower_triton.grpc_url)
+    channel, stub = _stub(sc.url)
+    release = threading.Event()
+    try:
+        before = _triton_successes(slower_triton.grpc_url)
+
+        def requests():
+            for i in range(5):
+                yield request(id=f"s{i}")
+            release.wait(60)
+
+        call = stub.ModelStreamInfer(requests())
+        _wait(lambda: ("emulated_gpu", "") in sc.sidecar.models())
+        state = sc.sidecar.models()[("emulated_gpu", "")]
+        # the first runs alone (~0.42 s); the other four wait in the gate for it
+        _wait(lambda: state.gate.in_flight == 1 and state.gate.queue_length == 4)
+        call.cancel()
+        _wait(lambda: state.gate.in_flight == 0 and state.gate.queue_length == 0)
+        assert state.gate.counters.cancelled == 4 and state.gate.counters.dispatched_requests == 1
+        _wait(lambda: _triton_successes(slower_triton.grpc_url) - before >= 1)
+        assert _triton_successes(slower_triton.grpc_url) - before == 1
+    finally:
+        release.set()
+        channel.close()
+        sc.stop()
+
+
+@pytest.mark.integration
+def test_a_stream_past_its_deadline_sends_nothing_more_to_triton(slower_triton):
+    import threading
+
+    # static:1 serves one request at a time (~0.42 s each): at the 1 s deadline some still wait
+    sc = _sidecar(slower_triton.grpc_url, default={"policy": "static:1"})
+    channel, stub = _stub(sc.url)
+    release = threading.Event()
+    try:
+        before = _triton_successes(slower_triton.grpc_url)
+
+        def requests():
+            for i in range(5):
+                yield request(id=f"s{i}")
+            release.wait(60)
+
+        call = stub.ModelStreamInfer(requests(), timeout=1.0)
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in call:
+                pass
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        state = sc.sidecar.models()[("emulated_gpu", "")]
+        _wait(lambda: state.gate.in_flight == 0 and state.gate.queue_length == 0)
+        c = state.gate.counters
+        assert c.cancelled >= 1 and c.cancelled + c.dispatched_requests == 5
+        _wait(lambda: _triton_successes(slower_triton.grpc_url) - before >= c.dispatched_requests)
+        assert _triton_successes(slower_triton.grpc_url) - before == c.dispatched_requests
+    finally:
+        release.set()
+        channel.close()
+        sc.stop()
+
+
+@pytest.mark.integration
+def test_negative_priority_is_refused_and_its_burst_neighbours_succeed(slower_triton):
+    sc = _sidecar(slower_triton.grpc_url, default={"policy": "threshold:4", "max_batch": 8})
+    channel, stub = _stub(sc.url)
+    try:
+        reqs = [request(id="a"), request(id="b", priority=("int64_param", -1)), request(id="c"),
+                request(id="d", priority=("uint64_param", 9)), request(id="e", priority=("int64_param", 1))]
+        futures = [stub.ModelInfer.future(r, timeout=60) for r in reqs]
+        answers = {}
+        for r, f in zip(reqs, futures):
+            try:
+                answers[r.id] = f.result().id
+            except grpc.RpcError as exc:
+                answers[r.id] = (exc.code(), exc.details())
+        assert answers == {"a": "a", "c": "c", "d": "d", "e": "e",
+                           "b": (grpc.StatusCode.INVALID_ARGUMENT, "invalid value for 'priority', expected value >= 0.")}
+        state = sc.sidecar.models()[("emulated_gpu", "")]
+        assert {b: int(n) for b, n in enumerate(state.stats.batches) if n} == {4: 1}
+    finally:
+        channel.close()
+        sc.stop()
+
+
+@pytest.mark.integration
+def test_a_merged_batch_outlives_its_shortest_members_timeout_in_tritons_queue(slower_triton):
+    """A member with a short timeout must not make Triton expire the whole merged request while it
+    waits behind work Triton is already running."""
+    import time
+
+    import tritonclient.grpc as tc
+
+    direct = tc.InferenceServerClient(slower_triton.grpc_url)
+    sc = _sidecar(slower_triton.grpc_url, default={"policy": "threshold:2", "max_batch": 8})
+    try:
+        client = tc.InferenceServerClient(sc.url)
+        x = np.zeros((32, 16), np.float32)
+        busy = tc.InferInput("INPUT0", list(x.shape), "FP32")
+        busy.set_data_from_numpy(x)
+        results: dict[str, object] = {}
+
+        def keep(tag):
+            return lambda result, error: results.__setitem__(tag, error or result)
+
+        direct.async_infer("emulated_gpu", [busy], keep("busy"))  # Triton's instance: busy ~1.3 s
+        time.sleep(0.3)
+        for tag, timeout in (("short", 200_000), ("none", None)):
+            inp = tc.InferInput("INPUT0", [1, 16], "FP32")
+            inp.set_data_from_numpy(np.ones((1, 16), np.float32))
+            client.async_infer("emulated_gpu", [inp], keep(tag), timeout=timeout)
+        _wait(lambda: len(results) == 3, 60)
+        errors = {k: str(v) for k, v in results.items() if isinstance(v, Exception)}
+        assert not errors
+        assert [int(results[t].as_numpy("BATCH_SIZE")[0, 0]) for t in ("short", "none")] == [2, 2]
+    finally:
+        sc.stop()
