@@ -172,6 +172,8 @@ class Sidecar:
         )
         self._models: dict[tuple[str, str], ModelState] = {}
         self._loading: dict[tuple[str, str], asyncio.Future] = {}
+        self._retired: dict[tuple[str, str], ModelState] = {}
+        """Forgotten models' states (NOT_FOUND from Triton): reused by the next load when it can be."""
         self._tasks: set[asyncio.Task] = set()
         self.metrics = SidecarMetrics()
         self._solver = None
@@ -183,7 +185,7 @@ class Sidecar:
 
     async def close(self) -> None:
         self._retune.cancel()
-        for state in self._models.values():
+        for state in [*self._models.values(), *self._retired.values()]:
             if state.timer:
                 state.timer.cancel()
             if state.controller is not None:
@@ -282,6 +284,17 @@ class Sidecar:
         dyn = cfg.dynamic_batching
         levels = dyn.priority_levels if cfg.HasField("dynamic_batching") else 0
         default_level = dyn.default_priority_level if levels else 0
+        old = self._retired.pop((name, version), None)
+        if old is not None and old.gate is not None and not _ungateable(cfg) \
+                and cfg.max_batch_size == old.config.max_batch_size:
+            # The same model back (Triton restarted): keep its gate, whose batches may still be in
+            # flight, its policy and controller (operator settings included) and its counters.
+            old.config = cfg
+            old.gate.set_slots(slots)
+            old.priority_levels = levels
+            old.default_priority = default_level or (levels or 0)
+            log.info("model %s is back: gating it as before (%d slot(s))", name, slots)
+            return old
         gate = info = controller = profile = None
         max_rows = max(cfg.max_batch_size, 1)
         policy_cfg = self.config.policy_for(name)
@@ -331,6 +344,12 @@ class Sidecar:
                 metrics=self.metrics,
                 **learning_options(self.config, name),
             )
+            if old is not None and old.controller is not None:
+                # what the operator set through the control API outlives a changed config
+                if old.controller.latency_target_s is not None:
+                    state.controller.set_latency_target(old.controller.latency_target_s)
+                else:
+                    state.controller.set_weight(old.controller.weight)
         return state
 
     def _adaptive_start(self, name: str, cfg, model_max_batch: int) -> tuple[RuleInfo, Any]:
@@ -374,9 +393,13 @@ class Sidecar:
             return False
 
     def _forget(self, state: ModelState) -> None:
-        """Drop a model's cached config; its old gate drains what it holds, new requests start afresh."""
-        if self._models.get((state.name, state.version)) is state:
-            del self._models[(state.name, state.version)]
+        """Drop a model's cached config: the next request re-reads it. The state is kept aside, and
+        the reload reuses it (gate, policy, controller, counters) when the model's batching is unchanged;
+        otherwise its gate drains what it holds and the new state starts with the operator's settings."""
+        key = (state.name, state.version)
+        if self._models.get(key) is state:
+            del self._models[key]
+            self._retired[key] = state
 
     def set_rule(self, name: str, version: str, info: RuleInfo) -> None:
         """Replace a model's rule between two decisions (the event loop runs one at a time)."""

@@ -394,6 +394,52 @@ def test_model_gone_from_triton_gives_unavailable_and_drops_the_cached_state(mod
     run(main())
 
 
+
+def test_a_model_back_after_not_found_keeps_its_gate_policy_and_counters():
+    async def main():
+        up = Upstream()
+        sc = await make_sidecar(up)
+        state = await sc.model_state("emulated_gpu", "")
+        await sc.infer(request(id="before"))
+        up.error = rpc_error(grpc.StatusCode.NOT_FOUND, "Request for unknown model")
+        with pytest.raises(GateError):
+            await sc.infer(request(id="gone"))
+        assert ("emulated_gpu", "") not in sc.models()
+        up.error = None
+        up.config = emu_config(**{"dynamic_batching.priority_levels": 3})
+        up.config.instance_group[0].count = 2
+        assert (await sc.infer(request(id="back"))).id == "back"
+        again = sc.models()[("emulated_gpu", "")]
+        assert again is state and again.gate.slots == 2 and again.priority_levels == 3
+        assert state.gate.counters.dispatched_requests == 3 and state.stats.failed_requests == 1
+        await sc.close()
+
+    run(main())
+
+
+def test_operator_settings_outlive_a_rebuilt_model_state():
+    async def main():
+        profile = Path(__file__).resolve().parents[1] / "profiles" / "v100_resnet50.csv"
+        up = Upstream()
+        sc = await make_sidecar(up, default={"policy": "smdp", "profile": str(profile), "rate_rps": 100.0,
+                                             "weight": 1e-4})
+        state = await sc.model_state("emulated_gpu", "")
+        assert state.controller is not None
+        state.controller.set_weight(5e-3)
+        sc._forget(state)
+        up.config = emu_config(max_batch_size=64)  # batching changed: a new state, a new gate
+        fresh = await sc.model_state("emulated_gpu", "")
+        assert fresh is not state and fresh.controller.weight == 5e-3
+        fresh.controller.set_latency_target(0.05)
+        sc._forget(fresh)
+        up.config = emu_config(max_batch_size=32)
+        third = await sc.model_state("emulated_gpu", "")
+        assert third.controller.latency_target_s == 0.05
+        await sc.close()
+
+    run(main())
+
+
 # -- against a real tritonserver -----------------------------------------------------------------
 
 SLOW = 200  # emulated service times x200: a batch of 1 takes ~0.42 s, of 32 rows ~1.3 s
