@@ -151,17 +151,18 @@ class Scheduler:
             if delay > 0:
                 gevent.sleep(delay)
             client, inputs = self._channel()
-            self.pending.append(gevent.spawn(self._one, client, inputs, self.t0 + t))
+            self.pending.append(gevent.spawn(self._one, client, inputs, t))
             if len(self.pending) > 1024:
                 self.pending = [g for g in self.pending if not g.dead]
         self.ended = True
         print(f"open-loop: the arrival sequence ended after {len(self.sent)} arrivals "
               f"({time.monotonic() - self.t0:.1f} s); nothing more is sent", flush=True)
 
-    def _one(self, client, inputs, scheduled: float) -> None:
+    def _one(self, client, inputs, t: float) -> None:
+        scheduled = self.t0 + t
         sent = time.monotonic()
         lag = sent - scheduled
-        self.scheduled.append(scheduled - self.t0)
+        self.scheduled.append(t)
         self.sent.append(sent - self.t0)
         self.sent_wall.append(time.time())
         if lag > LATE_S:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import subprocess
 import sys
@@ -101,13 +102,55 @@ def test_locust_headless_open_loop_through_the_sidecar(triton, tmp_path):
     finally:
         sidecar.stop()
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "open-loop send lag" in proc.stdout
+    assert "open-loop (this process): fired" in proc.stdout and "send lag" in proc.stdout
     with open(f"{out}_stats.csv", newline="") as fh:
         rows = {r["Name"]: r for r in csv.DictReader(fh)}
     agg = rows["Aggregated"]
     assert int(agg["Request Count"]) > 100  # ~60/s for ~5 s
     assert int(agg["Failure Count"]) == 0
     assert float(agg["Average Response Time"]) > 0
+
+
+@pytest.mark.slow
+def test_locust_open_loop_two_processes_several_users_slow_server_keep_the_rate(triton, emulated, tmp_path):
+    """Two Locust worker processes, five users spawned over a second, a server slower than the
+    load (20 ms per request, one at a time, at 60 req/s): together the processes send the one
+    configured sequence (each its half, none twice), at the configured rate, and the send times
+    are Poisson (dispersion test), not bunched when users arrive late."""
+    from itertools import islice
+
+    from loadtest.arrival_spec import parse_arrivals, share_of
+
+    emulated.apply(BatchingOverride(time_scale=0.02 / V100_TAU1_S, dynamic_batching=False))
+    rate, prefix = 60.0, tmp_path / "arrivals"
+    proc = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
+         "--processes", "2", "-u", "5", "-r", "5", "-t", "10s", "--host", triton.grpc_url, "--only-summary",
+         "--arrivals", "poisson", "--rate", str(rate), "--arrival-seed", "3", "--request-timeout", "60",
+         "--arrival-log", str(prefix)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    logs = [np.loadtxt(f"{prefix}.{r}of2.csv", delimiter=",", skiprows=1, ndmin=2) for r in range(2)]
+    assert all(log.shape[0] > 100 for log in logs), [log.shape for log in logs]
+    # the two shares are the one sequence, split: up to where both processes got, nothing missing or doubled
+    upto = min(log[:, 0].max() for log in logs)
+    union = np.sort(np.concatenate([log[log[:, 0] <= upto, 0] for log in logs]))
+    whole = np.array(list(islice(share_of(parse_arrivals("poisson", rate=rate), 3, chunk_s=5.0), union.size + 50)))
+    np.testing.assert_allclose(union, whole[whole <= upto], atol=1e-9)
+    n = union.size
+    assert abs(n - rate * upto) < 4.5 * math.sqrt(rate * upto)  # the configured rate, not 2x it
+    # what the server was sent: Poisson counts per 0.25 s window once the users are up (a process
+    # starting a user's channel can stall a few hundred ms on two cores), not bunched
+    sent = np.sort(np.concatenate([log[:, 2] for log in logs]))
+    lo, hi = sent[0] + 2.0, sent[-1] - 1.5
+    counts = np.histogram(sent, bins=np.arange(lo, hi, 0.25))[0]
+    k = counts.size
+    d = ((counts - counts.mean()) ** 2).sum() / counts.mean()
+    assert k > 15 and stats.chi2.ppf(0.0005, k - 1) < d < stats.chi2.ppf(0.9995, k - 1), (k, d, counts)
+    assert abs(counts.mean() - rate * 0.25) < 4.5 * math.sqrt(rate * 0.25 / k)
+    assert proc.stdout.count("open-loop (process") == 2
+    assert "configured 30/s for this share" in proc.stdout
 
 
 @pytest.mark.slow
@@ -122,7 +165,8 @@ def test_smdp_bench_tiny_end_to_end(triton, tmp_path, capsys):
     assert "power modelled from the v100_resnet50 profile, idle P0 = 40 W assumed" in text
     with open(out / "bench.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert [r["contender"] for r in rows] == ["triton delay=0ms", "triton delay=5ms", "gate greedy", "gate smdp"]
+    assert [r["contender"] for r in rows] == ["triton delay=0ms", "triton delay=5ms", "gate greedy", "gate smdp",
+                                              "config smdp"]
     for r in rows:
         assert int(r["failed"]) == 0 and int(r["requests"]) > 50
         assert float(r["W_mean_ms"]) > 0 and math.isfinite(float(r["pred_J_ms"]))
@@ -131,6 +175,8 @@ def test_smdp_bench_tiny_end_to_end(triton, tmp_path, capsys):
         assert r["note"] == "power modelled from the v100_resnet50 profile, idle P0 = 40 W assumed"
     for name in ("latency_cdf.png", "batch_sizes.png", "jwp_bars.png"):
         assert (out / name).stat().st_size > 5000
+    config_row = json.loads((out / "bench.json").read_text())["rows"][-1]
+    assert config_row["pred_source"] == "sim" and "preferred_batch_size: [" in config_row["settings"]
     # the bench put the session's model back as it found it
     cfg = ModelConfigControl(triton.grpc_url, "emulated_gpu")
     try:
