@@ -1,0 +1,68 @@
+"""``smdp demo`` end to end, shortened: every contender kind runs, outputs parse, nothing is left running."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _marked(marker: str) -> list[int]:
+    """Processes (other than this one) whose environment carries the marker, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            env = (entry / "environ").read_bytes()
+        except OSError:  # gone, or not ours
+            continue
+        if f"SMDP_DEMO_TEST_MARKER={marker}".encode() in env.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+def test_demo_runs_every_contender_and_leaves_no_process(triton_runnable, tmp_path):
+    marker = uuid.uuid4().hex
+    out = tmp_path / "demo"
+    env = {**os.environ, "SMDP_DEMO_TEST_MARKER": marker}
+    proc = subprocess.run(
+        [sys.executable, "-m", "smdp.cli", "demo", "--rates", "80", "--duration", "1.0", "--warmup", "0.6",
+         "--cooldown", "0.2", "--out", str(out)],
+        capture_output=True, text=True, timeout=400, cwd=ROOT, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = proc.stdout
+    assert "solver service (smdp solver-serve) at 127.0.0.1:" in text
+    assert "compiled to preferred_batch_size: [" in text
+    names = ["triton delay=0ms", "triton delay=10ms", "gate greedy", "gate smdp", "gate smdp adaptive", "config smdp"]
+    table = text[text.index("J = W + w P"):]
+    for name in names:
+        assert f"    80 {name}" in table, table
+    with open(out / "bench.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["contender"] for r in rows] == names
+    for r in rows:
+        assert int(r["failed"]) == 0 and int(r["requests"]) > 20
+        assert float(r["W_mean_ms"]) > 0 and float(r["pred_J_ms"]) > 0
+    summary = json.loads((out / "bench.json").read_text())
+    assert summary["config"]["solver"] == "embedded"
+    assert [r["contender"] for r in summary["rows"]] == names
+    for name in ("latency_cdf.png", "batch_sizes.png", "jwp_bars.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "solver.log").exists()
+    # Triton, the sidecars and the solver service were all stopped (give exiting ones a moment)
+    deadline = time.monotonic() + 10.0
+    while _marked(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _marked(marker) == []
