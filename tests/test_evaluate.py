@@ -182,3 +182,26 @@ def test_vectorised_arrival_pmf_matches_the_profile():
         got = arrival_pmf_matrix(prof, 900.0, 40)
         for b in range(1, prof.max_batch + 1):
             np.testing.assert_allclose(got[b - 1], prof.arrival_pmf(b, 900.0, 40), rtol=1e-12, atol=1e-300)
+
+
+def test_static_policy_stays_static_beyond_its_table():
+    """static(B, b0) serves b0 at every queue length; it used to fall back to full batches above B."""
+    B, b0 = 16, 6
+    pol = static(B, b0)
+    assert pol.action(10 * B) == b0 and np.all(pol.extended(5 * B)[b0:] == b0)
+    assert pol.threshold() is None and threshold(B, 4).threshold() == 4
+    m = v100(B, 0.3, 1e-4)
+    m = m.with_(rate=0.8 * b0 / m.profile.mean_s[b0 - 1])  # static 6 at 80% of its own capacity
+    ev = evaluate(m, pol, truncation=B)  # small N: 0.1% of epochs land above the table
+    assert ev.tail_mass > 1e-4
+    assert ev.batch_pmf[b0 - 1] == pytest.approx(1.0, abs=1e-12) and ev.mean_batch == pytest.approx(b0, rel=1e-12)
+    assert ev.throughput_rps == pytest.approx(m.rate, rel=1e-9)
+    big = evaluate(m, pol)
+    assert big.tail_mass < 1e-8
+    assert ev.cost == pytest.approx(big.cost, rel=1e-6)  # the drain above N runs b0-batches, as the table does
+    # a beyond-table size that cannot keep up is refused, even under a table that can
+    slow = PolicyTable(np.minimum(np.arange(B + 1), B), B, beyond=1)
+    with pytest.raises(UnstablePolicyError, match="above its table"):
+        evaluate(m, slow)
+    with pytest.raises(ValueError, match="beyond-table batch size"):
+        PolicyTable(np.zeros(3, dtype=int), 2, beyond=3)

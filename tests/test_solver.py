@@ -88,6 +88,10 @@ AGREEMENT_CASES = [
     (8, 0.7, 1e-4, 0.5),
     (16, 0.6, 1e-4, 0.0),
     (32, 0.3, 1e-5, 0.0),
+    # the sizes the paper benchmarks (RVI needs 1-3 thousand sweeps here, about 1-6 s each)
+    (64, 0.6, 1e-4, 0.0),
+    (64, 0.5, 1e-3, 0.5),
+    (128, 0.5, 1e-4, 0.0),
 ]
 
 
@@ -101,6 +105,29 @@ def test_rvi_and_pi_agree(B, load, w, cv):
     lo, hi = rvi.gain_bounds
     assert lo <= pi.gain * (1 + 1e-12) and pi.gain <= hi * (1 + 1e-12)
     np.testing.assert_array_equal(rvi.policy.actions, pi.policy.actions)
+
+
+class _Flip:
+    """Two states that swap at every step with equal sojourns: a periodic chain (period 2)."""
+
+    n_states = 2
+    valid = np.ones((2, 1), dtype=bool)
+    time = np.ones((2, 1))
+    cost = np.array([[1.0], [3.0]])
+
+    def expected_next(self, h):
+        return np.array([[h[1]], [h[0]]])
+
+
+def test_rvi_uniformisation_makes_a_periodic_chain_converge():
+    """With tau_u = min tau exactly there is no self-loop: V_k+1 - V_k alternates (1, 3), (3, 1), ...
+    and the bounds never meet. Tijms' tau_u < min tau adds one and value iteration converges."""
+    from solver.rvi import UNIFORMISATION_FACTOR, relative_value_iteration
+
+    assert UNIFORMISATION_FACTOR < 1
+    out = relative_value_iteration(_Flip(), tol=1e-9, max_iter=20_000)
+    assert out.converged
+    assert out.gain == pytest.approx(2.0, rel=1e-8)  # (1 + 3) / 2 per unit time
 
 
 def test_rvi_with_automatic_truncation_agrees_with_pi():
@@ -131,6 +158,7 @@ TRUNCATION_CASES = [
     (32, 0.6, 1e-4, 1.0),
     (32, 0.9, 1e-5, 2.0),
     (64, 0.9, 1e-4, 0.0),
+    (64, 0.6, 1e-4, 1.0),
 ]
 
 
@@ -145,6 +173,17 @@ def test_growing_truncation_past_the_automatic_choice_changes_nothing(B, load, w
         np.testing.assert_array_equal(big.policy.actions[: auto.truncation + 1], auto.policy.actions)
         # beyond the automatic N the larger solve serves full batches, as the table's rule says
         assert np.all(big.policy.actions[auto.truncation + 1 :] == B)
+
+
+def test_automatic_truncation_stops_once_the_gain_settles():
+    """Growth tolerance 1e-8: at B = 64, CV 1, load 0.6 the gain at N = 331 -> 497 moves by 5e-10
+    and the policy not at all; a 1e-10 tolerance grew N on to 746 for nothing."""
+    m = v100(64, 0.6, 1e-4, 1.0)
+    auto = solve(m)
+    assert auto.converged and auto.sizes_tried == (220, 331, 497)
+    big = solve(m, truncation=3 * auto.truncation, warm_start=auto.policy)
+    assert big.gain == pytest.approx(auto.gain, rel=1e-9)
+    np.testing.assert_array_equal(big.policy.actions[: auto.truncation + 1], auto.policy.actions)
 
 
 @pytest.mark.parametrize("B,load,w,cv", [(8, 0.9, 1e-5, 0.0), (16, 0.7, 1e-4, 1.0), (32, 0.9, 1e-4, 0.0)])
