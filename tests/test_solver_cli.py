@@ -178,3 +178,5 @@ def test_compare_tiny_sweep_writes_table_and_plot(tmp_path, capsys):
             assert pt["timeout 1ms"]["pred_cost"] in ("", "nan")
     data = json.loads((out / "compare.json").read_text())
     assert len(data["points"]) == 4
+    assert data["interpolated"] == [3, 5, 6, 7] + list(range(9, 33))
+    assert "interpolated batch sizes (not in the profile): 3, 5-7, 9-32" in text
