@@ -170,6 +170,11 @@ class Sidecar:
             request_serializer=service_pb2.ServerReadyRequest.SerializeToString,
             response_deserializer=service_pb2.ServerReadyResponse.FromString,
         )
+        self._stream = self._channel.stream_stream(
+            f"/{SERVICE}/ModelStreamInfer",
+            request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+            response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
+        )
         self._models: dict[tuple[str, str], ModelState] = {}
         self._loading: dict[tuple[str, str], asyncio.Future] = {}
         self._retired: dict[tuple[str, str], ModelState] = {}
@@ -629,16 +634,33 @@ class _Servicer:
         Each request is answered by its own task, which always puts exactly one response (or one
         in-band error) on ``out``. When the stream ends early (the client cancels or goes away), every
         outstanding task is cancelled, which withdraws its request from the gate's queue.
+
+        Requests for decoupled models (any number of responses each) are relayed unchanged on one
+        upstream stream to Triton, opened when the first one comes; its responses are passed on as
+        they arrive, and the stream ends when both sides are done.
         """
         out: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
-        infer = self.sidecar.infer
+        sidecar = self.sidecar
+        infer = sidecar.infer
         loop = asyncio.get_running_loop()
         closing = False
+        relay: _StreamRelay | None = None
 
         async def handle(req: service_pb2.ModelInferRequest) -> None:
+            nonlocal relay
             try:
-                item = service_pb2.ModelStreamInferResponse(infer_response=await infer(req))
+                state = sidecar._models.get((req.model_name, req.model_version))
+                if state is None:
+                    state = await sidecar.model_state(req.model_name, req.model_version)
+                if state is not None and state.gate is None and state.config.model_transaction_policy.decoupled:
+                    if relay is None:
+                        md = _forward_metadata(context) if context is not None else None
+                        relay = _StreamRelay(sidecar._stream(metadata=md), out)
+                    await relay.send(req)
+                    item = _RELAYED
+                else:
+                    item = service_pb2.ModelStreamInferResponse(infer_response=await infer(req))
             except GateError as exc:
                 item = _stream_error(req, exc.details)
             except asyncio.CancelledError:
@@ -665,13 +687,21 @@ class _Servicer:
         try:
             inflight = 0
             reading = True
-            while reading or inflight:
+            while reading or inflight or (relay is not None and relay.open):
+                if not reading and not inflight and relay is not None and relay.writing:
+                    await relay.done_writing()  # every request relayed: Triton ends the stream when done
                 item = await out.get()
                 if item is None:
                     reading = False
                 elif item is _REQUEST:
                     inflight += 1
-                else:
+                elif item is _RELAYED:
+                    inflight -= 1  # its responses come through the relay
+                elif type(item) is _Forward:
+                    yield item.response
+                elif type(item) is GateError:  # the upstream stream failed: so does this one
+                    await context.abort(item.code, item.details)
+                elif item is not _RELAY_END:
                     inflight -= 1
                     yield item
         finally:
@@ -679,9 +709,68 @@ class _Servicer:
             read_task.cancel()
             for t in tasks:
                 t.cancel()
+            if relay is not None:
+                relay.cancel()
 
 
 _REQUEST = object()  # on a stream's queue: one more request to answer
+_RELAYED = object()  # on a stream's queue: a request sent on the relay, answered by Triton
+_RELAY_END = object()  # on a stream's queue: the relay's upstream stream ended
+
+
+class _Forward:
+    """On a stream's queue: a response from the relay, passed on as is."""
+
+    __slots__ = ("response",)
+
+    def __init__(self, response: service_pb2.ModelStreamInferResponse) -> None:
+        self.response = response
+
+
+class _StreamRelay:
+    """One client stream's requests for decoupled models, on one upstream ModelStreamInfer call."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall, out: asyncio.Queue) -> None:
+        self.call = call
+        self.out = out
+        self.open = True
+        self.writing = True
+        self._lock = asyncio.Lock()  # one write at a time on a gRPC stream
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def send(self, req: service_pb2.ModelInferRequest) -> None:
+        async with self._lock:
+            try:
+                await self.call.write(req)
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError) as exc:
+                code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else grpc.StatusCode.UNAVAILABLE
+                raise GateError(code, f"Triton's stream failed: {exc}") from None
+
+    async def done_writing(self) -> None:
+        self.writing = False
+        async with self._lock:
+            try:
+                await self.call.done_writing()
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError):
+                pass  # the upstream stream already ended; its reader reports how
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                resp = await self.call.read()
+                if resp is grpc.aio.EOF:
+                    break
+                self.out.put_nowait(_Forward(resp))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                self.out.put_nowait(GateError(exc.code(), exc.details() or ""))
+        finally:
+            self.open = False
+            self.out.put_nowait(_RELAY_END)
+
+    def cancel(self) -> None:
+        self._reader.cancel()
+        self.call.cancel()
 
 
 def _stream_error(req: service_pb2.ModelInferRequest, message: str) -> service_pb2.ModelStreamInferResponse:

@@ -619,3 +619,80 @@ def test_a_merged_batch_outlives_its_shortest_members_timeout_in_tritons_queue(s
         assert [int(results[t].as_numpy("BATCH_SIZE")[0, 0]) for t in ("short", "none")] == [2, 2]
     finally:
         sc.stop()
+
+
+_DECOUPLED_MODEL = '''
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            n = int(pb_utils.get_input_tensor_by_name(request, "IN").as_numpy().reshape(-1)[0])
+            for i in range(n):
+                out = pb_utils.Tensor("OUT", np.array([[i]], dtype=np.int32))
+                sender.send(pb_utils.InferenceResponse(output_tensors=[out]))
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+'''
+
+_DECOUPLED_CONFIG = '''
+name: "decoupled_echo"
+backend: "python"
+max_batch_size: 8
+input [ { name: "IN", data_type: TYPE_INT32, dims: [ 1 ] } ]
+output [ { name: "OUT", data_type: TYPE_INT32, dims: [ 1 ] } ]
+model_transaction_policy { decoupled: true }
+instance_group [ { count: 1, kind: KIND_CPU } ]
+'''
+
+
+@pytest.mark.integration
+def test_decoupled_model_streams_are_relayed_with_every_response(tmp_path, triton_factory):
+    import threading
+
+    import tritonclient.grpc as tc
+    from tritonclient.utils import InferenceServerException
+
+    model = tmp_path / "decoupled_echo"
+    (model / "1").mkdir(parents=True)
+    (model / "1" / "model.py").write_text(_DECOUPLED_MODEL)
+    (model / "config.pbtxt").write_text(_DECOUPLED_CONFIG)
+    server = triton_factory(repository=tmp_path, models=("decoupled_echo",))
+    sc = _sidecar(server.grpc_url)
+    try:
+        def ask(n: int) -> list[tc.InferInput]:
+            inp = tc.InferInput("IN", [1, 1], "INT32")
+            inp.set_data_from_numpy(np.array([[n]], dtype=np.int32))
+            return [inp]
+
+        # unary ModelInfer on a decoupled model: exactly Triton's own refusal
+        errors = []
+        for url in (server.grpc_url, sc.url):
+            with pytest.raises(InferenceServerException) as info:
+                tc.InferenceServerClient(url).infer("decoupled_echo", ask(1))
+            errors.append((info.value.status(), info.value.message()))
+        assert errors[0] == errors[1]
+
+        client = tc.InferenceServerClient(sc.url)
+        got: list = []
+        done = threading.Event()
+
+        def callback(result, error):
+            got.append((result, error))
+            if len(got) == 5:
+                done.set()
+
+        client.start_stream(callback)
+        client.async_stream_infer("decoupled_echo", ask(3), request_id="three")
+        client.async_stream_infer("decoupled_echo", ask(2), request_id="two")
+        assert done.wait(60), got
+        client.stop_stream()
+        assert [e for _, e in got if e is not None] == []
+        values = sorted((r.get_response().id, int(r.as_numpy("OUT")[0, 0])) for r, _ in got)
+        assert values == [("three", 0), ("three", 1), ("three", 2), ("two", 0), ("two", 1)]
+        assert sc.sidecar.models()[("decoupled_echo", "")].gate is None
+    finally:
+        sc.stop()
