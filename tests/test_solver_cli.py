@@ -180,3 +180,61 @@ def test_compare_tiny_sweep_writes_table_and_plot(tmp_path, capsys):
     assert len(data["points"]) == 4
     assert data["interpolated"] == [3, 5, 6, 7] + list(range(9, 33))
     assert "interpolated batch sizes (not in the profile): 3, 5-7, 9-32" in text
+
+
+def test_threshold_above_max_batch_is_simulated_and_evaluated(capsys):
+    d = _run_json(capsys, ["simulate", *BASE, "--rate", "2000", "--policy", "threshold:48", "--requests", "20000",
+                           "--json"])
+    assert d["batch_hist"][31] >= sum(d["batch_hist"]) - 1  # waits for 48, serves full batches of 32
+    assert "error" not in d["predicted"] and d["predicted"]["mean_batch"] == pytest.approx(32, rel=1e-9)
+
+
+def test_simulate_reports_interpolated_sizes_and_the_prediction_basis(capsys):
+    d = _run_json(capsys, ["simulate", *BASE, "--rate", "1000", "--policy", "greedy", "--requests", "2000", "--json"])
+    assert d["interpolated_batch_sizes"] == [3, 5, 6, 7] + list(range(9, 33))
+    assert d["predicted"]["basis"].startswith("Poisson arrivals at --rate 1000")
+    assert d["warnings"] == []
+    assert main(["simulate", *BASE, "--rate", "1000", "--policy", "greedy", "--requests", "2000"]) == 0
+    text = capsys.readouterr().out
+    assert "interpolated batch sizes (not in the profile): 3, 5-7, 9-32" in text
+    assert "predicted (exact evaluation, Poisson arrivals at --rate 1000 req/s)" in text
+
+
+def test_simulate_trace_at_its_own_time_scale_warns_about_the_prediction(capsys):
+    if not TRACE.exists():
+        pytest.skip("shared traces not present")
+    assert main(["simulate", *BASE, "--rate", "1000", "--policy", "greedy", "--arrivals",
+                 f"trace:{TRACE}", "--time-scale", "100", "--requests", "5000", "--json"]) == 0
+    cap = capsys.readouterr()
+    d, err = json.loads(cap.out), cap.err
+    offered = d["offered_rate_rps"]
+    assert abs(offered - 1000) > 100, "the test needs a trace rate away from --rate"
+    assert any("predicted figures are for Poisson arrivals at --rate 1000" in w for w in d["warnings"])
+    assert "warning" in err
+    d2 = _run_json(capsys, ["simulate", *BASE, "--rate", "1000", "--policy", "greedy", "--arrivals",
+                            f"trace:{TRACE}", "--requests", "5000", "--json"])
+    assert d2["warnings"] == []  # rescaled to --rate
+
+
+def test_samples_and_busy_power_profiles_on_the_command_line(tmp_path, capsys):
+    prof = tmp_path / "p.csv"
+    prof.write_text("batch_size,mean_service_s,busy_power_w\n1,0.002,100\n4,0.005,160\n")
+    rng = np.random.default_rng(0)
+    samples = tmp_path / "s.csv"
+    with samples.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["batch_size", "service_s"])
+        for b, mean in ((1, 0.002), (2, 0.003), (4, 0.006)):
+            for x in rng.gamma(4.0, mean / 4.0, 200):
+                w.writerow([b, x])
+    base = ["--profile", str(prof), "--max-batch", "4", "--idle-power", "30"]
+    d = _run_json(capsys, ["solve", *base, "--rate", "300", "--samples", str(samples), "--json"])
+    assert d["service_law"] == "empirical" and d["samples"] == str(samples)
+    assert d["interpolated_batch_sizes"] == [2, 3]  # 2 is sampled but not in the profile; 3 in neither
+    # capacity from the samples' mean at 4 (about 6 ms), not from the profile's 5 ms
+    assert d["capacity_rps"] < 4 / 0.0055
+    s = _run_json(capsys, ["simulate", *base, "--rate", "300", "--samples", str(samples), "--policy", "greedy",
+                           "--requests", "50000", "--json"])
+    assert abs(s["mean_power_w"] - s["predicted"]["mean_power_w"]) <= 4 * s["power_ci95_w"]
+    assert main(["solve", *base, "--rate", "300", "--samples", str(tmp_path / "absent.csv")]) == 2
+    assert "cannot read samples" in capsys.readouterr().err
