@@ -183,7 +183,9 @@ class PolicyController:
         """A batch of ``rows`` completed ``seconds`` after its dispatch: O(1), on the request path.
 
         ``failed_requests``: the gate's running count of failed requests; a batch after which it
-        grew failed, and its time (an error or a timeout, not a service) is not learned.
+        grew failed, and its time (an error or a timeout, not a service) is not learned. In released
+        mode ``seconds`` is the time until the last of the batch's requests answered (Triton's batcher
+        may have split them): still the time the gate's slot was held.
         """
         if failed_requests is not None and failed_requests != self._failed_seen:
             self._failed_seen = failed_requests

@@ -164,7 +164,8 @@ async def _run_tick(c: PolicyController, now: float) -> None:
 def test_a_2x_slower_service_is_learned_and_the_resolved_policy_moves_as_predicted(prior):
     async def go():
         clock = Clock()
-        c, installed = controller(prior, clock)
+        metrics = SidecarMetrics(B)
+        c, installed = controller(prior, clock, metrics=metrics)
         await _run_tick(c, clock.t)  # first solve, with the CSV profile
         assert c.version == 1 and c.profile_version == 0
         csv_solution = c.current
@@ -174,6 +175,8 @@ def test_a_2x_slower_service_is_learned_and_the_resolved_policy_moves_as_predict
         await _run_tick(c, clock.t)
         assert c.profile_version == 1 and c.last_drift is not None and c.last_drift.relative > 0.8
         assert c.version == 2 and len(installed) == 2
+        assert metrics.registry.get_sample_value("smdp_sidecar_profile_updates_total", {"model": "m"}) == 1
+        assert metrics.registry.get_sample_value("smdp_sidecar_profile_version", {"model": "m"}) == 1
         np.testing.assert_allclose(c.profile.mean_s, true.mean_s, rtol=0.08)
         new = c.current
         assert new.profile_source == "learned profile v1" and csv_solution.profile_source == "CSV profile"
