@@ -229,7 +229,7 @@ def preferred_sizes_for(policy: PolicyTable) -> tuple[tuple[int, ...], tuple[int
     """(P, mismatched states): the preferred sizes that reproduce ``policy`` best, and where they do not.
 
     P is the set of sizes the table serves; B is added when that makes fewer states differ (the
-    beyond-N rule serves B). Mismatches are counted on n = 0..N + B.
+    table's beyond-N rule serves min(n, B), or its ``beyond`` size). Mismatches are counted on n = 0..N + B.
     """
     served = sorted({int(x) for x in policy.actions if x > 0})
     if not served:

@@ -130,10 +130,11 @@ def test_control_limit_policy_is_preferred_sizes_from_k_to_b_exactly():
 def test_static_and_greedy_tables_are_representable():
     assert preferred_sizes_for(static(16, 16, truncation=40)) == ((16,), ())
     assert preferred_sizes_for(greedy(16, truncation=40)) == (tuple(range(1, 17)), ())
-    # static b0 < B: Triton keeps serving b0 where the table's beyond-N rule switches to B; of the
-    # two choices (P = {12}: wrong above N; P = {12, 32}: wrong on 32..N) the one wrong less often wins
-    prefs, mism = preferred_sizes_for(static(32, 12, truncation=60))
-    assert prefs == (12, 32) and mism == tuple(range(32, 61))
+    # static b0 < B serves b0 beyond its table too, exactly what Triton does with P = {b0}
+    assert preferred_sizes_for(static(32, 12, truncation=60)) == ((12,), ())
+    # a table that switches to full batches past n = 32 is reproduced by adding B to P
+    a = np.where(np.arange(61) >= 32, 32, np.where(np.arange(61) >= 12, 12, 0))
+    assert preferred_sizes_for(PolicyTable(a, 32)) == ((12, 32), ())
 
 
 def test_a_table_serving_less_than_n_is_reported_inexact():
