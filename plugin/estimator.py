@@ -152,6 +152,56 @@ class RateEstimator:
         elif self._down >= self.threshold:
             self._raise("down", self._down_zero)
 
+    def observe_count(self, t: float, count: int) -> None:
+        """``count`` arrivals in (previous observation, t], their times unknown (a polled counter).
+
+        For callers that see a cumulative request count at poll times (Triton's statistics API)
+        rather than each arrival. The window's bucket marks inside the interval get the count
+        interpolated linearly (arrivals assumed spread evenly), so the estimate is not biased by the
+        poll period. The CUSUM takes the interval's Poisson log-likelihood ratio at once, which is
+        the sum of the per-arrival increments ``observe`` would add (k ln r - (r - 1) lambda dt for
+        the upper arm), clipped at zero once per interval instead of once per arrival: the CUSUM of
+        the grouped observations, with the same threshold. Change points fall on poll times.
+        """
+        k = int(count)
+        if k != count or k < 0:
+            raise ValueError(f"count must be an integer >= 0, got {count!r}")
+        t = float(t)
+        if not t >= self._last:
+            raise ValueError(f"observation time {t!r} is before the previous one ({self._last!r})")
+        start, base = self._last, self._total
+        dt = t - start
+        if t >= self._next_mark:
+            if dt > 0 and k > 0:
+                # marks in (start, t] carry the interpolated count; _advance then appends the rest
+                if t - self._next_mark > self.window_s:
+                    self._next_mark += math.ceil((t - self.window_s - self._next_mark) / self._bucket) * self._bucket
+                while self._next_mark <= t:
+                    frac = (self._next_mark - start) / dt
+                    self._marks.append((self._next_mark, base + int(round(k * frac))))
+                    self._next_mark += self._bucket
+            self._advance(t)  # drops the marks that left the window
+        self._last = t
+        self._total = base + k
+        if self.reference is None or self._alarm is not None:
+            return
+        x = t - self._clock
+        self._clock = t
+        lam = self.reference
+        self._up += k * self._log_r - (self.change_ratio - 1.0) * lam * x
+        if self._up <= 0.0:
+            self._up = 0.0
+            self._up_zero = (t, self._total)
+        elif self._up >= self.threshold:
+            self._raise("up", self._up_zero)
+            return
+        self._down += -k * self._log_r + (1.0 - 1.0 / self.change_ratio) * lam * x
+        if self._down <= 0.0:
+            self._down = 0.0
+            self._down_zero = (t, self._total)
+        elif self._down >= self.threshold:
+            self._raise("down", self._down_zero)
+
     def _advance(self, now: float) -> None:
         """Append the bucket marks up to ``now`` and drop those older than the window."""
         if now - self._next_mark > self.window_s:
