@@ -131,6 +131,8 @@ class RateFollower:
         if self.last is None:  # the count since Triton started covers an unknown span: a baseline only
             self.last = (t, count)
             self.estimator = RateEstimator(t, **self._kw)
+            if self.reference is not None:
+                self.estimator.reset(t, self.reference)
             return None
         t0, c0 = self.last
         if t < t0:
@@ -156,9 +158,10 @@ class RateFollower:
         e = est.estimate(now)
         ref = self.reference
         if ref is None:
-            full = e.span_s >= self.estimator.window_s
+            est_w = self.estimator.window_s
+            full = e.span_s >= est_w - est_w / self._kw["buckets"] - 1e-9  # the window starts at a bucket mark
             tight = e.n >= self.min_arrivals and e.lo > 0 and e.hi / e.lo <= 1.0 + self.band
-            if e.span_s < self.settle_s or not (tight or full):
+            if e.span_s < self.settle_s or e.n == 0 or not (tight or full):
                 return None
             reason = "first"
         elif est.alarm is not None or est.changed(now):
@@ -185,6 +188,13 @@ class RateFollower:
     def _outside(self, rate: float, ref: float) -> bool:
         lo, hi = sorted((rate, ref))
         return lo <= 0 or hi / lo > 1.0 + self.band
+
+    def start_at(self, rate: float, now: float) -> Recompile:
+        """Ask for a policy at a given rate before anything is measured (``--rate`` with ``--follow``)."""
+        rate = min(max(_check("rate", rate), self.min_rate), self.max_rate)
+        e = RateEstimate(rate=rate, lo=rate, hi=rate, n=0, span_s=0.0, confidence=self._kw["confidence"])
+        self._in_flight = Recompile(rate, e, "given", float(now))
+        return self._in_flight
 
     def compiled(self, rate: float, now: float) -> None:
         """The policy for ``rate`` is now in force (or waiting for the reload throttle)."""
@@ -251,8 +261,10 @@ class FollowLoop:
         poll_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         log: Callable[[str], None] = print,
+        verbose: bool = False,
     ) -> None:
         self.follower = follower
+        self.verbose = verbose
         self.poll_s = _check("poll_s", poll_s)
         self._read = read_count
         self._compile = compile
@@ -361,6 +373,10 @@ class FollowLoop:
 
     # -- the poll loop ---------------------------------------------------------------------------
 
+    def submit(self, req: Recompile) -> None:
+        """Queue a re-compile the caller asked the follower for (``RateFollower.start_at``)."""
+        self._submit_job(lambda: self._recompile(req))
+
     def step(self) -> Recompile | None:
         """One poll: sample the count (unless a reload is under way) and queue what it asks for."""
         with self._lock:
@@ -380,6 +396,10 @@ class FollowLoop:
         req = self.follower.sample(now, count, restarted=restarted)
         e = self.follower.estimate(now)
         self.samples.append((now, count, e.rate if e is not None else math.nan))
+        if self.verbose and e is not None:
+            self._log(f"config-follow: sample count {count}{' (restarted)' if restarted else ''}: rate {e.rate:.1f} "
+                      f"[{e.lo:.1f}, {e.hi:.1f}] over {e.span_s:.1f} s, policy for "
+                      + ("-" if self.follower.reference is None else f"{self.follower.reference:.1f}/s"))
         if req is not None:  # the follower asks for nothing more until this one is done
             self._submit_job(lambda: self._recompile(req))
         elif not self.busy and self.applier is not None and self.applier.pending is not None:
@@ -401,3 +421,93 @@ class FollowLoop:
         finally:
             self._jobs.put(None)
             worker.join()
+
+
+# ------------------------------------------------------------------------------------------------
+# Wiring to a real Triton
+
+FOLLOW_SIM_REQUESTS = 5000
+"""Simulated requests per delay tried when re-compiling while following (a few tenths of a second)."""
+
+
+def policy_compiler(profile: Any, max_batch: int, *, weight: float, idle_power_w: float, style: str = "preferred",
+                    n_requests: int = FOLLOW_SIM_REQUESTS, seed: int = 0) -> Callable[[float], Any]:
+    """``rate -> CompiledPolicy``: solve the SMDP at the rate and compile it (``compile_policy``)."""
+    from solver.model import BatchingModel
+    from solver.smdp import solve
+
+    from .config_mode import compile_policy
+
+    def compile(rate: float) -> Any:
+        model = BatchingModel(rate=rate, max_batch=max_batch, profile=profile, idle_power_w=idle_power_w,
+                              weight=weight)
+        return compile_policy(solve(model), model.profile, model.rate, idle_power_w=model.idle_power_w,
+                              weight=model.weight, style=style, n_requests=n_requests, seed=seed)
+
+    return compile
+
+
+def capacity_of(profile: Any, max_batch: int) -> float:
+    """B / tau(B) of ``profile`` truncated to B: the rates a policy can be solved for lie below it."""
+    return max_batch / float(profile.truncated(max_batch).mean_s[max_batch - 1])
+
+
+def triton_request_counter(triton_url: str, model: str, timeout_s: float = 5.0) -> tuple[Callable[[], int], Callable[[], None]]:
+    """(read, close): ``read()`` is the model's cumulative successful request count on Triton."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(triton_url)
+
+    def read() -> int:
+        return request_count(client.get_inference_statistics(model, as_json=True, client_timeout=timeout_s), model)
+
+    return read, client.close
+
+
+def follow_triton(
+    triton_url: str,
+    model: str,
+    profile: Any,
+    *,
+    weight: float,
+    idle_power_w: float,
+    max_batch: int | None = None,
+    style: str = "preferred",
+    n_requests: int = FOLLOW_SIM_REQUESTS,
+    seed: int = 0,
+    poll_s: float = 1.0,
+    min_interval_s: float = 10.0,
+    dry_run: bool = False,
+    follower: RateFollower | None = None,
+    log: Callable[[str], None] = print,
+    verbose: bool = False,
+) -> tuple[FollowLoop, Callable[[], None]]:
+    """A ``FollowLoop`` on one model of one Triton, and the function that closes its clients.
+
+    B is the model's ``max_batch_size`` unless given; the follower's ``max_rate`` is set to 95% of
+    the profile's capacity at B (the solver has no policy at or above it).
+    """
+    from .config_mode import ConfigModeApplier
+
+    applier = ConfigModeApplier(triton_url, model, min_interval_s=min_interval_s)
+    read, close_reader = triton_request_counter(triton_url, model)
+
+    def close() -> None:
+        applier.close()
+        close_reader()
+
+    try:
+        if max_batch is None:
+            max_batch = int(applier.config().get("max_batch_size", 0)) or profile.max_batch
+        cap = capacity_of(profile, max_batch)
+        if follower is None:
+            follower = RateFollower(max_rate=0.95 * cap)
+        else:
+            follower.max_rate = min(follower.max_rate, 0.95 * cap)
+        compile = policy_compiler(profile, max_batch, weight=weight, idle_power_w=idle_power_w, style=style,
+                                  n_requests=n_requests, seed=seed)
+        loop = FollowLoop(follower, read, compile, None if dry_run else applier, poll_s=poll_s, log=log, verbose=verbose)
+    except BaseException:
+        close()
+        raise
+    return loop, close

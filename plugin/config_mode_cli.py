@@ -26,7 +26,9 @@ def add_config_mode_command(sub: argparse._SubParsersAction) -> None:
                    help="host:port of Triton's gRPC endpoint (required unless --dry-run)")
     p.add_argument("--model", required=True, help="model to reconfigure")
     p.add_argument("--profile", type=Path, required=True, help="profile CSV: batch_size,mean_service_s,batch_energy_j[,service_cv]")
-    p.add_argument("--rate", type=float, required=True, help="arrival rate the policy is for, requests/s")
+    p.add_argument("--rate", type=float, default=None,
+                   help="arrival rate the policy is for, requests/s (required unless --follow; with --follow, "
+                        "the rate to start from before the first estimate)")
     p.add_argument("--weight", type=float, default=0.0, help="w, seconds per watt (default: %(default)s)")
     p.add_argument("--idle-power", type=float, default=DEFAULT_IDLE_POWER_W, help="P0, watts (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=None,
@@ -34,10 +36,31 @@ def add_config_mode_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--style", choices=("preferred", "timeout"), default="preferred",
                    help="preferred: the sizes the policy serves + a delay (default); timeout: [B] + the best delay, "
                         "Triton's plain rule")
-    p.add_argument("--requests", type=int, default=100_000, help="simulated requests per delay tried (default: %(default)s)")
+    p.add_argument("--requests", type=int, default=None,
+                   help="simulated requests per delay tried (default: 100000, with --follow 5000 so that a "
+                        "re-compile takes a fraction of a second)")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated arrivals and service times")
     p.add_argument("--dry-run", action="store_true", help="print the settings, do not reload the model")
     p.add_argument("--json", action="store_true", help="print one JSON object (settings, costs, applied)")
+    f = p.add_argument_group(
+        "following the load (--follow)",
+        "Poll Triton's statistics for the model's request count, estimate the arrival rate (sliding window "
+        "and CUSUM change detector), and re-compile and reload when it moves out of the policy's rate band. "
+        "Runs until SIGINT/SIGTERM (or --duration); one line per change.")
+    f.add_argument("--follow", action="store_true", help="keep following the arrival rate (closed loop)")
+    f.add_argument("--poll-s", type=float, default=1.0, help="seconds between statistics polls (default: %(default)s)")
+    f.add_argument("--min-interval", type=float, default=10.0,
+                   help="at most one reload per this many seconds (default: %(default)s)")
+    f.add_argument("--window", type=float, default=30.0, help="rate estimator window, seconds (default: %(default)s)")
+    f.add_argument("--change-ratio", type=float, default=2.0,
+                   help="the CUSUM detects a rate change by this factor (default: %(default)s)")
+    f.add_argument("--band", type=float, default=0.3,
+                   help="re-compile when the estimate is this far (relative) from the policy's rate and "
+                        "significantly so (default: %(default)s)")
+    f.add_argument("--settle", type=float, default=3.0,
+                   help="seconds of the new regime to measure before re-compiling (default: %(default)s)")
+    f.add_argument("--verbose", action="store_true", help="also log every statistics sample and the rate estimate")
+    f.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: run until signalled)")
     p.set_defaults(func=_run)
 
 
@@ -51,6 +74,12 @@ def _run(args: argparse.Namespace) -> int:
         print(f"smdp config-mode: {message}", file=sys.stderr)
         return code
 
+    if args.follow:
+        return _follow(args, fail)
+    if args.rate is None:
+        return fail(2, "--rate is required unless --follow")
+    if args.requests is None:
+        args.requests = 100_000
     if args.triton_url is None and not args.dry_run:
         return fail(2, "--triton is required unless --dry-run")
     applier = None
@@ -127,3 +156,72 @@ def _report(args: argparse.Namespace, result, compiled, outcome) -> None:
         print(f"applied: model {args.model} reloaded on {args.triton_url} in {outcome.reload_s:.2f} s")
     else:
         print(f"{outcome.status}: model {args.model} already has these settings, not reloaded")
+
+
+def _follow(args: argparse.Namespace, fail) -> int:
+    """``--follow``: the closed loop until SIGINT/SIGTERM or --duration."""
+    import signal
+    import threading
+    import time
+
+    from solver.model import ModelError, ServiceProfile
+
+    from .config_follow import FOLLOW_SIM_REQUESTS, RateFollower, follow_triton
+    from .config_mode import ConfigModeError
+
+    if args.triton_url is None:
+        return fail(2, "--follow needs --triton (the request counts come from Triton's statistics)")
+    if args.json:
+        return fail(2, "--json is not available with --follow (one line is logged per change)")
+    stop = threading.Event()
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    try:
+        profile = ServiceProfile.from_csv(args.profile)
+        if not (args.poll_s > 0 and args.min_interval >= 0 and (args.duration is None or args.duration > 0)):
+            raise ValueError("--poll-s and --duration must be > 0, --min-interval >= 0")
+        follower = RateFollower(window_s=args.window, change_ratio=args.change_ratio, band=args.band,
+                                settle_s=args.settle)
+        loop, close = follow_triton(
+            args.triton_url, args.model, profile, weight=args.weight, idle_power_w=args.idle_power,
+            max_batch=args.max_batch, style=args.style,
+            n_requests=args.requests if args.requests is not None else FOLLOW_SIM_REQUESTS, seed=args.seed,
+            poll_s=args.poll_s, min_interval_s=args.min_interval, dry_run=args.dry_run, follower=follower, log=log,
+            verbose=args.verbose)
+    except (ModelError, ValueError) as exc:
+        return fail(2, str(exc))
+    except ConfigModeError as exc:
+        return fail(1, str(exc))
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        def on_signal(signum, _frame) -> None:
+            log(f"config-follow: {signal.Signals(signum).name}: stopping")
+            stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, on_signal)
+    timer = None
+    try:
+        if args.rate is not None:  # start from the given rate; the loop corrects it from measurements
+            loop.submit(loop.follower.start_at(args.rate, time.monotonic()))
+        if args.duration is not None:
+            timer = threading.Timer(args.duration, stop.set)
+            timer.daemon = True
+            timer.start()
+        b = "model's max_batch_size" if args.max_batch is None else args.max_batch
+        log(f"config-follow: following {args.model} on {args.triton_url} (B = {b}, w = {args.weight:g} s/W, "
+            f"poll every {args.poll_s:g} s, at most one reload per {args.min_interval:g} s"
+            + (", dry run" if args.dry_run else "") + ")")
+        loop.run(stop)
+    finally:
+        if timer is not None:
+            timer.cancel()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        close()
+    applied = sum(1 for c in loop.changes if c.status == "applied")
+    log(f"config-follow: stopped after {len(loop.changes)} re-compile(s), {applied} reload(s), "
+        f"{loop.follower.resets} statistics restart(s)")
+    return 0

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import math
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -236,3 +241,88 @@ def test_the_loop_follows_a_step_and_stops_cleanly():
     assert len(triton.applied) == 2
     assert all(math.isfinite(r) and r < 2000 for _, _, r in loop.samples)
     assert any("rate 1" in line and "predicted J" in line for line in logs)
+
+
+# ------------------------------------------------------------------------------------------------
+# The command against a real Triton
+
+FOLLOW_LINE = re.compile(r"config-follow: rate ([0-9.]+)/s \((\w+);.*preferred_batch_size \[([0-9, -]+)\], "
+                         r"max_queue_delay_microseconds (\d+); .*: (\w+)")
+
+
+def _sizes(ranges: str) -> tuple[int, ...]:
+    out: list[int] = []
+    for part in ranges.split(","):
+        a, _, b = part.strip().partition("-")
+        out.extend(range(int(a), int(b or a) + 1))
+    return tuple(out)
+
+
+@pytest.mark.integration
+def test_follow_recompiles_for_a_x3_load_on_a_real_triton(triton_factory, tmp_path):
+    """Low Poisson load, then three times more, straight at Triton while ``smdp config-mode
+    --follow`` runs: the model ends up with the settings compiled for the higher rate, and no
+    request fails across the reloads."""
+    import tritonclient.grpc as grpcclient
+
+    from loadtest.openloop import run_open_loop
+    from loadtest.stack import scaled_profile, write_profile_csv
+    from loadtest.triton_control import BatchingOverride, ModelConfigControl
+    from plugin.config_follow import policy_compiler
+    from plugin.config_mode import DynamicBatchingSettings, settings_from_config
+    from solver.model import ServiceProfile
+
+    scale, weight, low, high = 10.0, 1e-3, 20.0, 60.0
+    server = triton_factory(models=("emulated_gpu",))
+    url, model = server.grpc_url, "emulated_gpu"
+    control = ModelConfigControl(url, model)
+    control.apply(BatchingOverride(time_scale=scale))  # the emulated GPU 10x slower: real loads at low rates
+    control.close()
+    profile = scaled_profile(ServiceProfile.from_csv(Path("profiles/v100_resnet50.csv")).truncated(128), scale)
+    csv = write_profile_csv(profile, tmp_path / "profile.csv")
+    log_path = tmp_path / "follow.log"
+    cmd = [sys.executable, "-m", "smdp.cli", "config-mode", "--follow", "--triton", url, "--model", model,
+           "--profile", str(csv), "--weight", str(weight), "--poll-s", "0.5", "--min-interval", "2",
+           "--window", "6", "--settle", "2", "--verbose"]
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.monotonic() + 30
+        while "following" not in log_path.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log_path.read_text()
+            time.sleep(0.1)
+        times = poisson_times([(9.0, low), (13.0, high)], rng=1)
+        res = run_open_loop(url, model, times, timeout_s=30.0, drain_grace_s=5.0)
+        assert res.n_failed == 0, res.failures()
+        # the follower may still be reloading for the last change: give it a moment
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            applied = [m for m in FOLLOW_LINE.finditer(log_path.read_text()) if m.group(5) == "applied"]
+            if applied and float(applied[-1].group(1)) > 1.5 * low:
+                break
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(30)
+    text = log_path.read_text()
+    assert rc == 0, text
+    assert "SIGTERM: stopping" in text and "config-follow: stopped after" in text
+    changes = [(float(m.group(1)), m.group(2), DynamicBatchingSettings(_sizes(m.group(3)), int(m.group(4)), 128),
+                m.group(5)) for m in FOLLOW_LINE.finditer(text)]
+    applied = [c for c in changes if c[3] == "applied"]
+    assert applied, text
+    first, last = applied[0], applied[-1]
+    assert first[0] == pytest.approx(low, rel=0.35), text
+    assert last[0] == pytest.approx(high, rel=0.3), text
+    assert last[2] != first[2], text
+    # Triton runs what was compiled for the higher rate ...
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        cfg = client.get_model_config(model, as_json=True)["config"]
+    finally:
+        client.close()
+    assert settings_from_config(cfg) == last[2]
+    assert cfg["parameters"]["time_scale"]["string_value"] == repr(scale)  # the rest of the config stayed
+    # ... which is what compiling at that rate gives (the delay is chosen by simulation: sizes only)
+    again = policy_compiler(profile, 128, weight=weight, idle_power_w=40.0)(last[0])
+    assert again.settings.preferred_batch_size == last[2].preferred_batch_size
