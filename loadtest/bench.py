@@ -259,6 +259,9 @@ def arrival_times(cfg: BenchConfig, rate: float, index: int) -> np.ndarray:
 def run_one(stack: Stack, cfg: BenchConfig, c: Contender, rate: float, times: np.ndarray) -> BenchRow:
     """One contender on one arrival sequence: predicted, run, measured over the window."""
     lo, hi = cfg.window
+    if c.kind == "config" and c.adaptive:
+        raise ValueError(f"{c.name}: config mode following the load runs in smdp trace-bench (a constant "
+                         "Poisson rate gives it nothing to follow)")
     model = batching_model(stack, cfg, rate)
     compiled = compile_config(model, seed=cfg.seed) if c.kind == "config" else None
     pred = predict(c, model, times, seed=cfg.seed, warmup_s=lo, compiled=compiled)

@@ -3,7 +3,7 @@
 A contender is Triton's own dynamic batcher at some ``max_queue_delay_microseconds``
 (``triton:DELAY_US``), the sidecar gate with a policy (``gate:greedy``, ``gate:smdp``,
 ``gate:smdp-adaptive``, ``gate:static:8``, ``gate:threshold:4``, ``gate:timeout:0.01``), or config
-mode (``config:smdp``): the SMDP policy compiled into Triton's own ``dynamic_batching``
+mode (``config:smdp``, ``config:smdp-adaptive`` following the load): the SMDP policy compiled into Triton's own ``dynamic_batching``
 (``preferred_batch_size`` + ``max_queue_delay_microseconds``, see ``plugin.config_mode``) and applied
 by reloading the model, with clients talking to Triton directly. Predictions use the same scaled
 profile the emulated server runs: exact evaluation for queue-length tables (greedy, static,
@@ -41,7 +41,9 @@ class Contender:
     max_queue_delay_us: int = 0
     """Triton's max_queue_delay_microseconds (for the gate it stays 0: the gate decides)."""
     adaptive: bool = False
-    """Gate smdp only: re-solve for the measured arrival rate while running (else: fixed policy)."""
+    """Gate smdp: re-solve for the measured arrival rate while running (else: fixed policy). Config
+    mode: ``smdp config-mode --follow`` runs beside Triton and re-compiles and reloads the model
+    when the rate it reads from Triton's statistics moves (``plugin.config_follow``)."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("triton", "gate", "config"):
@@ -52,8 +54,8 @@ class Contender:
             parse_rule_spec(self.policy)
         if self.kind == "config" and self.policy not in CONFIG_POLICIES:
             raise ValueError(f"config mode compiles the SMDP policy: use config:smdp, got {self.policy!r}")
-        if self.adaptive and not (self.kind == "gate" and self.policy == "smdp"):
-            raise ValueError("only the gate's smdp policy can be adaptive")
+        if self.adaptive and not (self.kind in ("gate", "config") and self.policy == "smdp"):
+            raise ValueError("only the smdp policy (gate or config mode) can be adaptive")
         if not isinstance(self.max_queue_delay_us, int) or self.max_queue_delay_us < 0:
             raise ValueError(f"max_queue_delay_us must be an integer >= 0, got {self.max_queue_delay_us!r}")
 
@@ -62,14 +64,15 @@ class Contender:
         if self.kind == "triton":
             return f"triton delay={self.max_queue_delay_us / 1000:g}ms"
         if self.kind == "config":
-            return f"config {self.policy}"
+            return f"config {self.policy}" + (" adaptive" if self.adaptive else "")
         if self.policy == "smdp" and self.adaptive:
             return "gate smdp adaptive"
         return f"gate {self.policy}"
 
 
 def parse_contender(spec: str) -> Contender:
-    """``triton:DELAY_US``, ``gate:POLICY`` (``gate:smdp-adaptive`` re-solves) or ``config:smdp``."""
+    """``triton:DELAY_US``, ``gate:POLICY`` (``gate:smdp-adaptive`` re-solves), ``config:smdp`` or
+    ``config:smdp-adaptive`` (config mode following the load)."""
     kind, _, rest = spec.strip().partition(":")
     if kind == "triton":
         try:
@@ -87,6 +90,8 @@ def parse_contender(spec: str) -> Contender:
         except ValueError as exc:
             raise ValueError(f"contender {spec!r}: {exc}") from None
     if kind == "config":
+        if rest == "smdp-adaptive":
+            return Contender("config", policy="smdp", adaptive=True)
         try:
             return Contender("config", policy=rest or "smdp")
         except ValueError as exc:

@@ -5,6 +5,12 @@ single hand-tuned ``max_queue_delay``? Each contender replays exactly the same a
 trace, time-compressed to the requested mean rate); the adaptive gate's rate estimate, policy
 version and threshold are polled from its control API during the run and plotted against the
 trace's own windowed rate.
+
+Config mode runs twice: ``config smdp``, the SMDP policy compiled for the trace's mean rate into
+Triton's ``dynamic_batching`` once, and ``config smdp adaptive``, which starts from the same settings
+while the config-mode follower (``plugin.config_follow``, what ``smdp config-mode --follow`` runs)
+polls Triton's statistics in a thread of this process and re-compiles and reloads the model when
+the rate moves. Clients talk to Triton directly in both.
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ import numpy as np
 
 from solver import arrivals
 
-from .bench import BenchConfig, BenchReport, BenchRow, Progress, _ms, bench_stack, format_table, write_outputs
-from .contenders import Contender, predict
+from .bench import (BenchConfig, BenchReport, BenchRow, Progress, _ms, bench_stack, contender_override, format_table,
+                    write_outputs)
+from .contenders import Contender, compile_config, predict
 from .metrics import batch_histogram, measure, power_note
 from .openloop import run_open_loop
 from .stack import SidecarProcess, SidecarSpec
@@ -62,8 +69,56 @@ def _poll_status(control_url: str, model: str, start: float, stop: threading.Eve
                                     serve_from, s.predicted_rate_rps))
 
 
+@dataclass(frozen=True)
+class FollowSettings:
+    """How the config-mode follower runs during a replay (the trace is time-compressed: short windows)."""
+
+    window_s: float = 3.0
+    poll_s: float = 0.25
+    settle_s: float = 1.0
+    min_interval_s: float = 2.0
+    n_requests: int = 5000
+
+
+class ConfigFollowRun:
+    """The config-mode follower in a thread for one replay: ``start()``, replay, ``stop()``."""
+
+    def __init__(self, triton_url: str, model: str, profile, max_batch: int, cfg: BenchConfig,
+                 start_rate: float, follow: FollowSettings, progress: Progress) -> None:
+        from plugin.config_follow import RateFollower, follow_triton
+
+        follower = RateFollower(window_s=follow.window_s, settle_s=follow.settle_s, min_arrivals=20)
+        self.loop, self._close = follow_triton(
+            triton_url, model, profile, weight=cfg.weight, idle_power_w=cfg.idle_power_w, max_batch=max_batch,
+            n_requests=follow.n_requests, seed=cfg.seed, poll_s=follow.poll_s, min_interval_s=follow.min_interval_s,
+            follower=follower, log=lambda msg: progress("    " + msg.replace("config-follow: ", "follow: ")))
+        self._start_rate = start_rate
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "ConfigFollowRun":
+        # the model runs the settings compiled for start_rate: the follower watches for change from it
+        self.loop.follower.compiled(self._start_rate, time.monotonic())
+        self._thread = threading.Thread(target=self.loop.run, args=(self._stop,), name="config-follow", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(60)
+        self._close()
+
+    def summary(self) -> str:
+        ch = self.loop.changes
+        applied = [c for c in ch if c.status == "applied"]
+        last = f"; last for {applied[-1].rate:.0f}/s: {applied[-1].settings.describe()}" if applied else ""
+        return f"followed: {len(ch)} re-compile(s), {len(applied)} reload(s){last}"
+
+
 def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None = None,
-                    progress: Progress = print) -> tuple[BenchReport, list[StatusSample]]:
+                    progress: Progress = print,
+                    follow: FollowSettings = FollowSettings()) -> tuple[BenchReport, list[StatusSample]]:
     """Every contender on ``times``; figures over cfg.window; the adaptive gate's status trail."""
     rows: list[BenchRow] = []
     trail: list[StatusSample] = []
@@ -78,8 +133,11 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
         for c in cfg.contenders:
             t0 = time.monotonic()
             # a rule's prediction assumes Poisson arrivals at the trace's mean rate: a reference, not the truth
-            pred = predict(c, model, times, seed=cfg.seed, warmup_s=lo)
+            compiled = compile_config(model, seed=cfg.seed) if c.kind == "config" else None
+            pred = predict(c, model, times, seed=cfg.seed, warmup_s=lo, compiled=compiled)
+            settings = compiled.settings.describe() if compiled is not None else ""
             sidecar = None
+            follower = None
             target = stack.triton_url
             stop = threading.Event()
             poller = None
@@ -87,6 +145,11 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                 if c.kind == "triton":
                     stack.control.apply(BatchingOverride(max_queue_delay_us=c.max_queue_delay_us,
                                                          time_scale=cfg.time_scale))
+                elif c.kind == "config":
+                    stack.control.apply(contender_override(c, cfg, compiled))
+                    if c.adaptive:
+                        follower = ConfigFollowRun(stack.triton_url, cfg.model, stack.profile, stack.max_batch, cfg,
+                                                   mean_rate, follow, progress).start()
                 else:
                     stack.control.apply(BatchingOverride(time_scale=cfg.time_scale, dynamic_batching=False))
                     spec = SidecarSpec(policy=c.policy, max_batch=stack.max_batch, profile_csv=stack.profile_path,
@@ -108,6 +171,11 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                     poller.join(5)
                 if sidecar is not None:
                     sidecar.stop()
+                if follower is not None:
+                    follower.stop()
+                    settings = follower.summary()
+                    # the follower reloaded the model behind the control's back: make the next apply reload
+                    stack.control.current = {}
             m = measure(res, stack.profile, idle_power_w=cfg.idle_power_w, weight=cfg.weight,
                         energy_scale=cfg.time_scale, window=cfg.window)
             in_window = (res.scheduled_s >= lo) & (res.scheduled_s < hi)
@@ -117,10 +185,12 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                 if w and s != "OK":
                     failures[s] = failures.get(s, 0) + 1
             rows.append(BenchRow(mean_rate, c.name, m, pred, batch_histogram(res, stack.max_batch, cfg.window),
-                                 res.done_s[ok] - res.scheduled_s[ok], failures, res.errors))
+                                 res.done_s[ok] - res.scheduled_s[ok], failures, res.errors, settings))
             progress(f"  {c.name:<24} W {m.mean_latency_s * 1e3:7.2f} ms  P {m.mean_power_w:6.1f} W  "
                      f"J {_ms(m.cost):7.2f} ms  batch {m.mean_batch:5.2f}  failed {m.failed}  "
                      f"({time.monotonic() - t0:.1f} s)")
+            if settings:
+                progress(f"  {'':<24} {settings if follower is not None else 'compiled to ' + settings}")
         B = stack.max_batch
     note = power_note(cfg.profile_name, cfg.idle_power_w)
     return BenchReport(cfg, tuple(rows), B, note), trail
@@ -161,7 +231,8 @@ def trace_times(path: Path, mean_rate: float, limit: int | None) -> np.ndarray:
 
 def default_contenders(delays_us: tuple[int, ...]) -> tuple[Contender, ...]:
     return (*(Contender("triton", max_queue_delay_us=d) for d in delays_us),
-            Contender("gate", policy="smdp", adaptive=False), Contender("gate", policy="smdp", adaptive=True))
+            Contender("gate", policy="smdp", adaptive=False), Contender("gate", policy="smdp", adaptive=True),
+            Contender("config", policy="smdp"), Contender("config", policy="smdp", adaptive=True))
 
 
 def summary_lines(report: BenchReport) -> list[str]:
@@ -182,11 +253,11 @@ def summary_lines(report: BenchReport) -> list[str]:
 
 
 def main_trace_bench(cfg: BenchConfig, trace_path: Path, mean_rate: float, limit: int | None,
-                     triton_url: str | None, progress: Progress) -> int:
+                     triton_url: str | None, progress: Progress, follow: FollowSettings = FollowSettings()) -> int:
     times = trace_times(trace_path, mean_rate, limit)
     span = float(times[-1])
     cfg = replace(cfg, duration_s=max(span - cfg.warmup_s - cfg.cooldown_s, 1.0))
-    report, trail = run_trace_bench(cfg, times, triton_url, progress)
+    report, trail = run_trace_bench(cfg, times, triton_url, progress, follow)
     report = write_outputs(report)
     files = list(report.files) + [plot_trail(times, trail, cfg.out_dir / "adaptive_trail.png")]
     print()
@@ -210,7 +281,8 @@ def add_trace_bench_command(sub) -> None:
 
     p = sub.add_parser(
         "trace-bench",
-        help="replay a real trace with a changing rate on Triton's batcher delays and the (adaptive) SMDP gate",
+        help="replay a real trace with a changing rate on Triton's batcher delays, the (adaptive) SMDP gate and "
+             "(adaptive) config mode",
         description="Every contender replays the same trace arrivals (time-compressed to --rate on average) "
         "against a real embedded Triton; reports W, P, J per contender and plots the adaptive gate's rate "
         "estimate and threshold over time. Power is modelled from the profile.",
@@ -225,7 +297,7 @@ def add_trace_bench_command(sub) -> None:
     p.add_argument("--idle-power", type=float, default=40.0, help="P0, watts (default: %(default)s)")
     p.add_argument("--profile", type=Path, default=DEFAULT_PROFILE)
     p.add_argument("--rate-window", type=float, default=3.0,
-                   help="the sidecar's rate-estimator window, seconds: short, since the replay compresses "
+                   help="the sidecar's and the config-mode follower's rate-estimator window, seconds: short, since the replay compresses "
                    "minutes into seconds (default: %(default)s)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds at the start not counted (default: %(default)s)")
     p.add_argument("--triton", metavar="HOST:PORT", help="use this Triton instead of an embedded one")
@@ -252,7 +324,8 @@ def _cmd(args) -> int:
         cfg = BenchConfig(rates=(args.rate,), contenders=default_contenders(delays), time_scale=args.time_scale,
                           weight=args.weight, idle_power_w=args.idle_power, profile_csv=args.profile,
                           warmup_s=args.warmup, cooldown_s=1.0, out_dir=args.out)
-        return main_trace_bench(cfg, args.trace, args.rate, args.limit or None, args.triton, say)
+        return main_trace_bench(cfg, args.trace, args.rate, args.limit or None, args.triton, say,
+                                FollowSettings(window_s=float(args.rate_window)))
     except (TritonUnavailable, TritonStartError) as exc:
         print(f"smdp trace-bench: Triton is not available: {exc}", file=sys.stderr)
         return 1

@@ -259,8 +259,10 @@ def test_config_contender_spec_and_name():
     assert parse_contender("config").name == "config smdp"
     with pytest.raises(ValueError, match="config:smdp"):
         parse_contender("config:greedy")
+    ada = parse_contender("config:smdp-adaptive")
+    assert (ada.kind, ada.policy, ada.adaptive, ada.name) == ("config", "smdp", True, "config smdp adaptive")
     with pytest.raises(ValueError, match="adaptive"):
-        Contender("config", policy="smdp", adaptive=True)
+        Contender("gate", policy="greedy", adaptive=True)
 
 
 def test_config_prediction_simulates_the_compiled_rule_on_the_run_arrivals():

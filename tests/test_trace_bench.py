@@ -19,11 +19,12 @@ def test_trace_replay_runs_every_contender_on_the_same_arrivals_and_tracks_the_r
     assert times.size == 480 and abs((times.size - 1) / times[-1] - 120.0) < 1e-6
     cfg = BenchConfig(
         rates=(120.0,),
-        contenders=(Contender("triton", max_queue_delay_us=0), Contender("gate", policy="smdp", adaptive=True)),
+        contenders=(Contender("triton", max_queue_delay_us=0), Contender("gate", policy="smdp", adaptive=True),
+                    Contender("config", policy="smdp", adaptive=True)),
         duration_s=float(times[-1]) - 1.5, warmup_s=1.0, cooldown_s=0.5, out_dir=tmp_path, weight=1e-3,
     )
     report, trail = run_trace_bench(cfg, times, progress=lambda _msg: None)
-    assert [r.contender for r in report.rows] == ["triton delay=0ms", "gate smdp adaptive"]
+    assert [r.contender for r in report.rows] == ["triton delay=0ms", "gate smdp adaptive", "config smdp adaptive"]
     for row in report.rows:
         assert row.measured.failed == 0 and row.measured.requests > 0
         assert np.isfinite(row.measured.cost) and row.measured.mean_power_w > 0
@@ -31,4 +32,6 @@ def test_trace_replay_runs_every_contender_on_the_same_arrivals_and_tracks_the_r
     assert trail and max(s.version for s in trail) >= 1
     assert any(s.rate_rps > 0 for s in trail)
     assert summary_lines(report) and "adaptive SMDP gate vs triton delay=0ms" in summary_lines(report)[0]
+    # config mode ran with its follower beside Triton (reloads, if any, failed no request)
+    assert report.rows[2].settings.startswith("followed: ")
     assert plot_trail(times, trail, tmp_path / "trail.png").stat().st_size > 0
