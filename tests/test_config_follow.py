@@ -326,3 +326,20 @@ def test_follow_recompiles_for_a_x3_load_on_a_real_triton(triton_factory, tmp_pa
     # ... which is what compiling at that rate gives (the delay is chosen by simulation: sizes only)
     again = policy_compiler(profile, 128, weight=weight, idle_power_w=40.0)(last[0])
     assert again.settings.preferred_batch_size == last[2].preferred_batch_size
+
+
+def test_cli_follow_argument_errors(capsys):
+    import argparse
+
+    from plugin.config_mode_cli import add_config_mode_command
+
+    def cli(argv):
+        parser = argparse.ArgumentParser()
+        add_config_mode_command(parser.add_subparsers())
+        args = parser.parse_args(["config-mode", "--model", "m", "--profile", "profiles/v100_resnet50.csv", *argv])
+        return args.func(args)
+
+    assert cli(["--follow"]) == 2
+    assert "--follow needs --triton" in capsys.readouterr().err
+    assert cli(["--dry-run"]) == 2
+    assert "--rate is required unless --follow" in capsys.readouterr().err
