@@ -8,7 +8,8 @@ for each path (direct, via the sidecar):
 Client, sidecar and Triton share this machine's cores, as in the reference measurement
 (a plain Python pass-through proxy: 1.0 ms p50 vs Triton's 0.43 ms, 1.6k vs 5.6k req/s).
 
-    python bench/sidecar_bench.py [--model cpu_mlp] [--seconds 5] [--concurrency 32]
+    python bench/sidecar_bench.py [--model cpu_mlp] [--seconds 5] [--concurrency 32] [--rounds 3]
+                                  [--baseline DIR]   # DIR: another source tree, e.g. an older commit
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -92,11 +94,12 @@ async def saturation(url: str, payload: bytes, seconds: float, concurrency: int)
         return np.array(lats), time.perf_counter() - t0
 
 
-def start_sidecar(triton_url: str, policy: str) -> tuple[subprocess.Popen, str]:
+def start_sidecar(triton_url: str, policy: str, root: Path = ROOT) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "smdp.cli", "serve", "--listen", "127.0.0.1:0", "--triton", triton_url,
-         "--policy", policy, "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+         "--policy", policy, "--control-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+         "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root,
     )
     line = proc.stdout.readline()
     m = re.search(r"listening on ([\d.]+:\d+)", line)
@@ -110,45 +113,96 @@ def fmt_ms(a: np.ndarray, q: float) -> str:
     return f"{np.quantile(a, q) * 1e3:7.3f}"
 
 
+@dataclass
+class Path_:
+    """One way to reach the model (direct, or through a sidecar process) and its measurements."""
+
+    name: str
+    url: str
+    proc: subprocess.Popen | None = None
+    p50: list[float] = field(default_factory=list)
+    p99: list[float] = field(default_factory=list)
+    low_cpu: list[float] = field(default_factory=list)
+    rps: list[float] = field(default_factory=list)
+    sat_p50: list[float] = field(default_factory=list)
+    sat_p99: list[float] = field(default_factory=list)
+    tri_cpu: list[float] = field(default_factory=list)
+    side_cpu: list[float] = field(default_factory=list)
+
+
+def med(xs: list[float]) -> float:
+    return float(np.median(xs)) if xs else float("nan")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="cpu_mlp", choices=sorted(INPUT_DIM))
-    ap.add_argument("--requests", type=int, default=2000, help="sequential requests at low load")
+    ap.add_argument("--requests", type=int, default=2000, help="sequential requests at low load, per round")
     ap.add_argument("--seconds", type=float, default=5.0, help="duration of each saturation run")
     ap.add_argument("--concurrency", type=int, default=32, help="requests in flight at saturation")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds; each measures every path, in a rotating order (figures are medians over rounds)")
     ap.add_argument("--policy", default="greedy")
+    ap.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                    help="also run a sidecar from another source tree (e.g. an older commit), same run")
     args = ap.parse_args()
 
     payload = request(args.model)
     triton = EmbeddedTriton(TritonConfig(models=(args.model,))).start()
-    side, side_url = start_sidecar(triton.grpc_url, args.policy)
+    paths = [Path_("direct", triton.grpc_url)]
     try:
-        rows = []
-        for name, url in (("direct", triton.grpc_url), ("sidecar", side_url)):
-            lat = asyncio.run(low_load(url, payload, args.requests))
-            cpu0 = cpu_seconds(triton.pid), cpu_seconds(side.pid)
-            sat, wall = asyncio.run(saturation(url, payload, args.seconds, args.concurrency))
-            cpu1 = cpu_seconds(triton.pid), cpu_seconds(side.pid)
-            tri_cpu = (cpu1[0] - cpu0[0]) / len(sat) * 1e6
-            side_cpu = (cpu1[1] - cpu0[1]) / len(sat) * 1e6
-            rows.append((name, lat, sat, len(sat) / wall, tri_cpu, side_cpu))
+        proc, url = start_sidecar(triton.grpc_url, args.policy)
+        paths.append(Path_("sidecar", url, proc))
+        if args.baseline is not None:
+            proc, url = start_sidecar(triton.grpc_url, args.policy, args.baseline.resolve())
+            paths.append(Path_("baseline", url, proc))
+        for r in range(args.rounds):
+            order = paths[r % len(paths):] + paths[:r % len(paths)]
+            for p in order:  # low load
+                c0 = cpu_seconds(p.proc.pid) if p.proc else 0.0
+                lat = asyncio.run(low_load(p.url, payload, args.requests))
+                c1 = cpu_seconds(p.proc.pid) if p.proc else 0.0
+                p.p50.append(np.quantile(lat, .5))
+                p.p99.append(np.quantile(lat, .99))
+                p.low_cpu.append((c1 - c0) / (args.requests + 20) * 1e6)
+            for p in order:  # saturation
+                cpu0 = cpu_seconds(triton.pid), cpu_seconds(p.proc.pid) if p.proc else 0.0
+                sat, wall = asyncio.run(saturation(p.url, payload, args.seconds, args.concurrency))
+                cpu1 = cpu_seconds(triton.pid), cpu_seconds(p.proc.pid) if p.proc else 0.0
+                p.rps.append(len(sat) / wall)
+                p.sat_p50.append(np.quantile(sat, .5))
+                p.sat_p99.append(np.quantile(sat, .99))
+                p.tri_cpu.append((cpu1[0] - cpu0[0]) / len(sat) * 1e6)
+                p.side_cpu.append((cpu1[1] - cpu0[1]) / len(sat) * 1e6)
+            print(f"round {r + 1}: " + ", ".join(
+                f"{p.name} p50 {p.p50[-1] * 1e3:.3f} ms / {p.rps[-1]:.0f} req/s" for p in paths), flush=True)
         print(f"\nSidecar overhead, model {args.model}, policy {args.policy}; client, sidecar and Triton "
-              f"share {os.cpu_count()} cores\n")
-        print(f"{'path':8} | {'low load p50 ms':>15} {'p99 ms':>8} | {'saturation req/s':>16} {'p50 ms':>8} "
-              f"{'p99 ms':>8} | {'Triton CPU us/req':>17} {'sidecar CPU us/req':>18}")
-        for name, lat, sat, rps, tri_cpu, side_cpu in rows:
-            print(f"{name:8} | {fmt_ms(lat, .5):>15} {fmt_ms(lat, .99):>8} | {rps:16.0f} {fmt_ms(sat, .5):>8} "
-                  f"{fmt_ms(sat, .99):>8} | {tri_cpu:17.1f} {side_cpu if name == 'sidecar' else 0:18.1f}")
-        d, s = rows
-        print(f"\nadded latency at low load: p50 {1e3 * (np.median(s[1]) - np.median(d[1])):.3f} ms, "
-              f"p99 {1e3 * (np.quantile(s[1], .99) - np.quantile(d[1], .99)):.3f} ms")
-        print(f"throughput ratio sidecar/direct at saturation: {s[3] / d[3]:.2f}")
-        print(f"Triton CPU per request, sidecar path / direct: {s[4] / d[4]:.2f} "
-              f"(merged batches mean fewer Triton calls)")
-        print(f"total CPU per request (Triton + sidecar) / direct Triton: {(s[4] + s[5]) / d[4]:.2f}")
+              f"share {os.cpu_count()} cores; medians over {args.rounds} round(s), "
+              f"{args.requests} requests at low load, {args.seconds:g} s x {args.concurrency} in flight at saturation\n")
+        print(f"{'path':8} | {'low load p50 ms':>15} {'p99 ms':>8} {'sidecar CPU us/req':>18} | "
+              f"{'saturation req/s':>16} {'p50 ms':>8} {'p99 ms':>8} | {'Triton CPU us/req':>17} "
+              f"{'sidecar CPU us/req':>18}")
+        for p in paths:
+            print(f"{p.name:8} | {med(p.p50) * 1e3:15.3f} {med(p.p99) * 1e3:8.3f} {med(p.low_cpu):18.1f} | "
+                  f"{med(p.rps):16.0f} {med(p.sat_p50) * 1e3:8.3f} {med(p.sat_p99) * 1e3:8.3f} | "
+                  f"{med(p.tri_cpu):17.1f} {med(p.side_cpu):18.1f}")
+        d = paths[0]
+        for s in paths[1:]:
+            added = [1e3 * (a - b) for a, b in zip(s.p50, d.p50)]
+            added99 = [1e3 * (a - b) for a, b in zip(s.p99, d.p99)]
+            ratio = [a / b for a, b in zip(s.rps, d.rps)]
+            print(f"\n{s.name}: added latency at low load, p50 {med(added):.3f} ms "
+                  f"(rounds: {', '.join(f'{x:.3f}' for x in added)}), p99 {med(added99):.3f} ms")
+            print(f"{s.name}: throughput ratio sidecar/direct at saturation {med(ratio):.2f} "
+                  f"(rounds: {', '.join(f'{x:.2f}' for x in ratio)})")
+            print(f"{s.name}: Triton CPU per request, sidecar path / direct {med(s.tri_cpu) / med(d.tri_cpu):.2f}; "
+                  f"total CPU per request (Triton + sidecar) / direct Triton "
+                  f"{(med(s.tri_cpu) + med(s.side_cpu)) / med(d.tri_cpu):.2f}")
     finally:
-        side.terminate()
-        side.wait(10)
+        for p in paths:
+            if p.proc is not None:
+                p.proc.terminate()
+                p.proc.wait(10)
         triton.stop()
     return 0
 

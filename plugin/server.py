@@ -95,6 +95,13 @@ def _ungateable(cfg: model_config_pb2.ModelConfig) -> bool:
     return cfg.model_transaction_policy.decoupled or cfg.HasField("sequence_batching")
 
 
+def _done(call: grpc.aio.Call | asyncio.Future) -> asyncio.Future:
+    """A future that ends when ``call`` does; cancelling it does not cancel the call."""
+    fut = asyncio.get_running_loop().create_future()
+    call.add_done_callback(lambda _c: fut.done() or fut.set_result(None))
+    return fut
+
+
 def _consume(task: asyncio.Future) -> None:
     """Mark a shared task's outcome retrieved, for when every waiter went away before it ended."""
     if not task.cancelled():
@@ -461,8 +468,12 @@ class Sidecar:
         if state.controller is not None:
             state.controller.observe_arrival(now)
         self.metrics.request_arrived(state.name)
-        self._pump(state)
+        alone = self._pump(state, item)
         try:
+            if alone is not None:
+                # Served at once, alone: dispatch from this coroutine instead of a task of its own
+                # (two event-loop hops fewer). Same body, same accounting; the future is set by now.
+                await self._dispatch(state, alone, inline=True)
             response = await call.future
             latency = self._clock() - now
             state.stats.latency_sum_s += latency
@@ -476,21 +487,33 @@ class Sidecar:
             state.gate.cancel(item)  # still waiting: frees its place; dispatched: the batch runs on
             raise
 
-    def _pump(self, state: ModelState) -> None:
-        """One decision epoch: carry out what the gate decides now, and arm its timer."""
+    def _pump(self, state: ModelState, arrived: Pending | None = None) -> tuple[Pending, ...] | None:
+        """One decision epoch: carry out what the gate decides now, and arm its timer.
+
+        ``arrived``: the request whose arrival this epoch is. When the gate serves it alone, now, that
+        batch is returned instead of given a task: its caller's coroutine dispatches it (``infer``).
+        """
         step = state.gate.poll()
         for item in step.expired:
             self._fail(item.payload, GateError(grpc.StatusCode.UNAVAILABLE, "Request timeout expired"))
+        alone = None
         for batch, why in zip(step.batches, step.reasons):
             self.metrics.batch_dispatched(state.name, sum(p.rows for p in batch), why)
-            task = self._loop.create_task(self._dispatch(state, batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            if arrived is not None and len(batch) == 1 and batch[0] is arrived:
+                alone = batch
+                continue
+            self._spawn(self._dispatch(state, batch))
         if step.wake_at is not None and (state.timer_at is None or step.wake_at < state.timer_at):
             if state.timer:
                 state.timer.cancel()
             state.timer_at = step.wake_at
             state.timer = self._loop.call_at(step.wake_at, self._on_timer, state)
+        return alone
+
+    def _spawn(self, coro) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _on_timer(self, state: ModelState) -> None:
         state.timer = state.timer_at = None
@@ -536,15 +559,31 @@ class Sidecar:
             )
         return exc
 
-    async def _dispatch(self, state: ModelState, batch: tuple[Pending, ...]) -> None:
+    async def _dispatch(self, state: ModelState, batch: tuple[Pending, ...], inline: bool = False) -> None:
+        """Send one batch to Triton and answer its members; then free its slot and pump.
+
+        ``inline``: run by the one member's own caller (see ``_pump``). Should that caller go away
+        while Triton works, the batch runs on in a task, as it would have in its own task.
+        """
         calls: list[_Call] = [p.payload for p in batch]
         start = self._clock()
         rows = sum(p.rows for p in batch)
+        handed_off = False
         try:
             if len(batch) == 1:
                 req = calls[0].request  # ours alone (parsed for this call): stamp it in place
                 self._stamp(state, req, batch, start)
-                self._succeed(calls[0], await self._call_triton(req))
+                upstream = self._infer(req, timeout=self.config.upstream_timeout_s)
+                if inline:
+                    if asyncio.iscoroutine(upstream):  # a stand-in for the channel (tests)
+                        upstream = self._loop.create_task(upstream)
+                    try:
+                        await _done(upstream)  # cancelling this wait leaves the upstream call running
+                    except asyncio.CancelledError:
+                        handed_off = True
+                        self._spawn(self._run_on(state, calls, rows, start, upstream))
+                        raise
+                self._succeed(calls[0], await self._upstream(upstream))
             elif self.config.mode == "released":
                 await self._dispatch_released(state, batch, start)
             else:
@@ -557,29 +596,46 @@ class Sidecar:
                     raise GateError(grpc.StatusCode.INTERNAL, f"cannot split merged response: {exc}") from None
                 for call, part in zip(calls, parts):
                     self._succeed(call, part)
-        except GateError as exc:
-            exc = self._upstream_error(state, exc)
-            state.stats.failed_requests += len(calls)
-            for call in calls:
-                self._fail(call, exc)
-        except MalformedRequest as exc:
-            state.stats.failed_requests += len(calls)
-            for call in calls:
-                self._fail(call, GateError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)))
         except Exception as exc:  # never leave a caller without an answer
-            log.exception("dispatch failed")
-            state.stats.failed_requests += len(calls)
-            for call in calls:
-                self._fail(call, GateError(grpc.StatusCode.INTERNAL, f"sidecar error: {exc}"))
+            self._batch_failed(state, calls, exc)
         finally:
-            elapsed = self._clock() - start
-            state.stats.record(rows, elapsed)
-            if state.controller is not None:  # learns tau(b); a batch that raised the failure count is skipped
-                state.controller.observe_batch(rows, elapsed, state.stats.failed_requests)
-            self.metrics.batch_completed(state.name, rows, elapsed)
-            state.stats.answered += len(calls)
-            state.gate.complete()
-            self._pump(state)
+            if not handed_off:
+                self._batch_done(state, calls, rows, start)
+
+    async def _run_on(
+        self, state: ModelState, calls: list[_Call], rows: int, start: float, upstream: grpc.aio.UnaryUnaryCall
+    ) -> None:
+        """The rest of an inline dispatch whose caller went away: its batch completes as any other."""
+        try:
+            self._succeed(calls[0], await self._upstream(upstream))
+        except Exception as exc:
+            self._batch_failed(state, calls, exc)
+        finally:
+            self._batch_done(state, calls, rows, start)
+
+    def _batch_failed(self, state: ModelState, calls: list[_Call], exc: Exception) -> None:
+        """Every member of a failed batch gets its one answer: the error."""
+        if isinstance(exc, GateError):
+            exc = self._upstream_error(state, exc)
+        elif isinstance(exc, MalformedRequest):
+            exc = GateError(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        else:
+            log.error("dispatch failed", exc_info=exc)
+            exc = GateError(grpc.StatusCode.INTERNAL, f"sidecar error: {exc}")
+        state.stats.failed_requests += len(calls)
+        for call in calls:
+            self._fail(call, exc)
+
+    def _batch_done(self, state: ModelState, calls: list[_Call], rows: int, start: float) -> None:
+        """A batch ended, answered or failed: account for it, free its slot, and decide again."""
+        elapsed = self._clock() - start
+        state.stats.record(rows, elapsed)
+        if state.controller is not None:  # learns tau(b); a batch that raised the failure count is skipped
+            state.controller.observe_batch(rows, elapsed, state.stats.failed_requests)
+        self.metrics.batch_completed(state.name, rows, elapsed)
+        state.stats.answered += len(calls)
+        state.gate.complete()
+        self._pump(state)
 
     async def _dispatch_released(self, state: ModelState, batch: tuple[Pending, ...], start: float) -> None:
         async def one(p: Pending) -> None:
@@ -594,8 +650,13 @@ class Sidecar:
         await asyncio.gather(*(one(p) for p in batch))
 
     async def _call_triton(self, req: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
+        return await self._upstream(self._infer(req, timeout=self.config.upstream_timeout_s))
+
+    @staticmethod
+    async def _upstream(call: grpc.aio.UnaryUnaryCall) -> service_pb2.ModelInferResponse:
+        """Triton's response to a started call, or its error as a GateError."""
         try:
-            return await self._infer(req, timeout=self.config.upstream_timeout_s)
+            return await call
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             details = exc.details() or ""

@@ -1,0 +1,115 @@
+"""The inline dispatch: a request the idle gate serves at once, alone, is sent to Triton from its
+caller's own coroutine. It must answer exactly once and account for its batch exactly as a batch
+dispatched by a task of its own, including when the caller goes away while Triton works."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from test_sidecar_robustness import Upstream, make_sidecar, request, rpc_error, run, settle, until
+
+from plugin.server import GateError
+
+MODEL = {"model": "emulated_gpu"}
+
+
+def spawned(sc) -> list:
+    """Record every batch that gets a dispatch task of its own."""
+    seen: list = []
+    spawn = sc._spawn
+
+    def record(coro):
+        seen.append(coro.cr_frame.f_locals.get("batch") if coro.cr_frame else None)
+        spawn(coro)
+
+    sc._spawn = record
+    return seen
+
+
+def sample(sc, name: str, **labels) -> float:
+    return sc.metrics.registry.get_sample_value(name, {**MODEL, **labels}) or 0.0
+
+
+def test_an_idle_gate_serves_an_arrival_inline_and_accounts_for_it_as_a_task_would():
+    async def main():
+        up = Upstream()
+        sc = await make_sidecar(up)
+        tasks = spawned(sc)
+        resp = await sc.infer(request(id="a"))
+        assert resp.id == "a" and len(up.sent) == 1
+        assert tasks == []  # no dispatch task: the caller's coroutine sent it
+        state = sc.models()[("emulated_gpu", "")]
+
+        # The same request with the slot busy waits, then goes by a task when the slot frees.
+        up.hold.clear()
+        first = asyncio.ensure_future(sc.infer(request(id="b")))
+        await until(lambda: len(up.sent) == 2)
+        second = asyncio.ensure_future(sc.infer(request(id="c")))
+        await until(lambda: state.gate.queue_length == 1)
+        up.hold.set()
+        assert (await first).id == "b" and (await second).id == "c"
+        assert len(tasks) == 1 and len(tasks[0]) == 1 and tasks[0][0].payload.request.id == "c"
+
+        s = state.stats
+        assert s.batches[1] == 3 and s.answered == 3 and s.failed_requests == 0 and s.latency_n == 3
+        assert s.busy_s[1] > 0
+        assert state.gate.in_flight == 0 and state.gate.queue_length == 0
+        assert state.gate.counters.dispatched_batches == 3
+        assert sample(sc, "smdp_sidecar_requests_total") == 3
+        assert sample(sc, "smdp_sidecar_responses_total", code="OK") == 3
+        assert sample(sc, "smdp_sidecar_batch_service_seconds_count") == 3
+        assert sample(sc, "smdp_sidecar_batch_size_count") == 3
+        await sc.close()
+
+    run(main())
+
+
+def test_a_caller_that_goes_away_during_an_inline_dispatch_leaves_the_batch_running():
+    async def main():
+        up = Upstream()
+        sc = await make_sidecar(up)
+        await sc.infer(request(id="warm"))
+        state = sc.models()[("emulated_gpu", "")]
+        up.hold.clear()
+        caller = asyncio.ensure_future(sc.infer(request(id="gone")))
+        await until(lambda: len(up.sent) == 2)
+        waiting = asyncio.ensure_future(sc.infer(request(id="next")))
+        await until(lambda: state.gate.queue_length == 1)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await settle()
+        assert state.gate.in_flight == 1  # still Triton's: the slot stays taken until it ends
+        assert len(sc._tasks) == 1  # the rest of the dispatch runs on in a task
+        up.hold.set()
+        assert (await waiting).id == "next"
+        await until(lambda: state.gate.in_flight == 0)
+        s = state.stats
+        assert s.batches[1] == 3 and s.answered == 3 and s.failed_requests == 0
+        assert [r.id for r in up.sent] == ["warm", "gone", "next"]
+        await sc.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INTERNAL])
+def test_an_inline_dispatch_gives_tritons_error_once_and_frees_the_slot(code):
+    async def main():
+        up = Upstream()
+        sc = await make_sidecar(up)
+        await sc.infer(request(id="warm"))
+        state = sc.models()[("emulated_gpu", "")]
+        up.error = rpc_error(code, "no")
+        with pytest.raises(GateError) as err:
+            await sc.infer(request(id="x"))
+        want = grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.NOT_FOUND else code
+        assert err.value.code == want
+        assert state.stats.failed_requests == 1 and state.stats.answered == 2
+        assert state.gate.in_flight == 0
+        assert sample(sc, "smdp_sidecar_responses_total", code=want.name) == 1
+        await sc.close()
+
+    run(main())
