@@ -1,7 +1,8 @@
 """Sidecar overhead: latency and throughput through the gate against direct Triton, same run.
 
-Starts one embedded Triton and one sidecar (``smdp serve`` in its own process, greedy policy), then
-for each path (direct, via the sidecar):
+Starts one embedded Triton, one sidecar (``smdp serve`` in its own process, greedy policy) and a plain
+pass-through proxy (``bench/passthrough_proxy.py``, raw bytes, no gate, same gRPC environment as
+``smdp serve``), then for each path (direct, via the proxy, via the sidecar):
   - low load: one request at a time (added latency, p50/p99);
   - saturation: C requests kept in flight for T seconds (throughput, p50/p99), and the CPU seconds
     Triton and the sidecar spent per request (merging means one Triton call per batch).
@@ -9,6 +10,7 @@ Client, sidecar and Triton share this machine's cores, as in the reference measu
 (a plain Python pass-through proxy: 1.0 ms p50 vs Triton's 0.43 ms, 1.6k vs 5.6k req/s).
 
     python bench/sidecar_bench.py [--model cpu_mlp] [--seconds 5] [--concurrency 32] [--rounds 3]
+                                  [--proxies aio,aio-default,sync]  # pass-through contenders ('' = none)
                                   [--baseline DIR]   # DIR: another source tree, e.g. an older commit
 """
 
@@ -109,6 +111,27 @@ def start_sidecar(triton_url: str, policy: str, root: Path = ROOT) -> tuple[subp
     return proc, m.group(1)
 
 
+PROXY_KINDS = {  # --proxies name: passthrough_proxy.py arguments
+    "aio": ["--kind", "aio", "--grpc-env", "smdp"],
+    "aio-default": ["--kind", "aio", "--grpc-env", "default"],
+    "sync": ["--kind", "sync", "--grpc-env", "smdp"],
+    "sync-default": ["--kind", "sync", "--grpc-env", "default"],
+}
+
+
+def start_proxy(triton_url: str, kind: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "passthrough_proxy.py"), "--triton", triton_url, *PROXY_KINDS[kind]],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+    )
+    line = proc.stdout.readline()
+    m = re.search(r"listening on ([\d.]+:\d+)", line)
+    if not m:
+        proc.kill()
+        raise RuntimeError(f"proxy did not start: {line}{proc.stdout.read()}")
+    return proc, m.group(1)
+
+
 def fmt_ms(a: np.ndarray, q: float) -> str:
     return f"{np.quantile(a, q) * 1e3:7.3f}"
 
@@ -138,11 +161,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="cpu_mlp", choices=sorted(INPUT_DIM))
     ap.add_argument("--requests", type=int, default=2000, help="sequential requests at low load, per round")
-    ap.add_argument("--seconds", type=float, default=5.0, help="duration of each saturation run")
+    ap.add_argument("--seconds", type=float, default=5.0, help="duration of each saturation run (0: low load only)")
     ap.add_argument("--concurrency", type=int, default=32, help="requests in flight at saturation")
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds; each measures every path, in a rotating order (figures are medians over rounds)")
     ap.add_argument("--policy", default="greedy")
+    ap.add_argument("--proxies", default="aio",
+                    help=f"comma-separated pass-through proxy contenders, of {', '.join(PROXY_KINDS)} ('' = none)")
     ap.add_argument("--baseline", type=Path, default=None, metavar="DIR",
                     help="also run a sidecar from another source tree (e.g. an older commit), same run")
     args = ap.parse_args()
@@ -151,6 +176,9 @@ def main() -> int:
     triton = EmbeddedTriton(TritonConfig(models=(args.model,))).start()
     paths = [Path_("direct", triton.grpc_url)]
     try:
+        for kind in filter(None, args.proxies.split(",")):
+            proc, url = start_proxy(triton.grpc_url, kind)
+            paths.append(Path_(f"proxy-{kind}", url, proc))
         proc, url = start_sidecar(triton.grpc_url, args.policy)
         paths.append(Path_("sidecar", url, proc))
         if args.baseline is not None:
@@ -165,7 +193,7 @@ def main() -> int:
                 p.p50.append(np.quantile(lat, .5))
                 p.p99.append(np.quantile(lat, .99))
                 p.low_cpu.append((c1 - c0) / (args.requests + 20) * 1e6)
-            for p in order:  # saturation
+            for p in order if args.seconds > 0 else ():  # saturation
                 cpu0 = cpu_seconds(triton.pid), cpu_seconds(p.proc.pid) if p.proc else 0.0
                 sat, wall = asyncio.run(saturation(p.url, payload, args.seconds, args.concurrency))
                 cpu1 = cpu_seconds(triton.pid), cpu_seconds(p.proc.pid) if p.proc else 0.0
@@ -175,17 +203,18 @@ def main() -> int:
                 p.tri_cpu.append((cpu1[0] - cpu0[0]) / len(sat) * 1e6)
                 p.side_cpu.append((cpu1[1] - cpu0[1]) / len(sat) * 1e6)
             print(f"round {r + 1}: " + ", ".join(
-                f"{p.name} p50 {p.p50[-1] * 1e3:.3f} ms / {p.rps[-1]:.0f} req/s" for p in paths), flush=True)
+                f"{p.name} p50 {p.p50[-1] * 1e3:.3f} ms / {p.rps[-1] if p.rps else float('nan'):.0f} req/s"
+                for p in paths), flush=True)
         print(f"\nSidecar overhead, model {args.model}, policy {args.policy}; client, sidecar and Triton "
               f"share {os.cpu_count()} cores; medians over {args.rounds} round(s), "
               f"{args.requests} requests at low load, {args.seconds:g} s x {args.concurrency} in flight at saturation\n")
-        print(f"{'path':8} | {'low load p50 ms':>15} {'p99 ms':>8} {'sidecar CPU us/req':>18} | "
+        print(f"{'path':17} | {'low load p50 ms':>15} {'p99 ms':>8} {'proxy CPU us/req':>16} | "
               f"{'saturation req/s':>16} {'p50 ms':>8} {'p99 ms':>8} | {'Triton CPU us/req':>17} "
-              f"{'sidecar CPU us/req':>18}")
+              f"{'proxy CPU us/req':>16}")
         for p in paths:
-            print(f"{p.name:8} | {med(p.p50) * 1e3:15.3f} {med(p.p99) * 1e3:8.3f} {med(p.low_cpu):18.1f} | "
+            print(f"{p.name:17} | {med(p.p50) * 1e3:15.3f} {med(p.p99) * 1e3:8.3f} {med(p.low_cpu):16.1f} | "
                   f"{med(p.rps):16.0f} {med(p.sat_p50) * 1e3:8.3f} {med(p.sat_p99) * 1e3:8.3f} | "
-                  f"{med(p.tri_cpu):17.1f} {med(p.side_cpu):18.1f}")
+                  f"{med(p.tri_cpu):17.1f} {med(p.side_cpu):16.1f}")
         d = paths[0]
         for s in paths[1:]:
             added = [1e3 * (a - b) for a, b in zip(s.p50, d.p50)]
@@ -193,10 +222,10 @@ def main() -> int:
             ratio = [a / b for a, b in zip(s.rps, d.rps)]
             print(f"\n{s.name}: added latency at low load, p50 {med(added):.3f} ms "
                   f"(rounds: {', '.join(f'{x:.3f}' for x in added)}), p99 {med(added99):.3f} ms")
-            print(f"{s.name}: throughput ratio sidecar/direct at saturation {med(ratio):.2f} "
+            print(f"{s.name}: throughput ratio {s.name}/direct at saturation {med(ratio):.2f} "
                   f"(rounds: {', '.join(f'{x:.2f}' for x in ratio)})")
-            print(f"{s.name}: Triton CPU per request, sidecar path / direct {med(s.tri_cpu) / med(d.tri_cpu):.2f}; "
-                  f"total CPU per request (Triton + sidecar) / direct Triton "
+            print(f"{s.name}: Triton CPU per request, {s.name} path / direct {med(s.tri_cpu) / med(d.tri_cpu):.2f}; "
+                  f"total CPU per request (Triton + {s.name}) / direct Triton "
                   f"{(med(s.tri_cpu) + med(s.side_cpu)) / med(d.tri_cpu):.2f}")
     finally:
         for p in paths:
