@@ -49,6 +49,33 @@ class Figures:
 
 
 @dataclass(frozen=True)
+class ServiceTimeInfo:
+    """tau(b) at one batch size as the sidecar knows it, seconds; see ``ServiceTime`` in the proto."""
+
+    batch_size: int
+    samples: int
+    mean_s: float | None
+    """Mean dispatch-to-completion time of the ``samples`` batches; None (or NaN) when there are none."""
+    ci_s: float | None
+    """Half-width of that mean's confidence interval; None (or inf/NaN) with fewer than 2 batches."""
+    prior_s: float
+    in_force_s: float
+    triton_compute_s: float | None = None
+    triton_batches: int = 0
+
+    def message(self) -> smdp_pb2.ServiceTime:
+        msg = smdp_pb2.ServiceTime(batch_size=self.batch_size, samples=self.samples, prior_s=self.prior_s,
+                                   in_force_s=self.in_force_s, triton_batches=self.triton_batches)
+        if self.mean_s is not None and math.isfinite(self.mean_s):
+            msg.mean_s = self.mean_s
+        if self.ci_s is not None and math.isfinite(self.ci_s):
+            msg.ci_s = self.ci_s
+        if self.triton_compute_s is not None and math.isfinite(self.triton_compute_s):
+            msg.triton_compute_s = self.triton_compute_s
+        return msg
+
+
+@dataclass(frozen=True)
 class ModelStatusInfo:
     """One model's state as the sidecar sees it; see ``ModelStatus`` in the proto for each field."""
 
@@ -70,10 +97,17 @@ class ModelStatusInfo:
     in_flight: int = 0
     completed: int = 0
     rejected: int = 0
+    """Refused because the queue was full."""
     failed: int = 0
     solver_reachable: bool = False
     power_modelled: bool = True
     note: str = ""
+    service_times: Sequence[ServiceTimeInfo] = field(default_factory=tuple)
+    profile_updates: int = 0
+    profile_batches: int = 0
+    profile_learning: bool = False
+    rejected_expired: int = 0
+    rejected_invalid: int = 0
 
     def message(self) -> smdp_pb2.ModelStatus:
         msg = smdp_pb2.ModelStatus(
@@ -93,6 +127,12 @@ class ModelStatusInfo:
             solver_reachable=self.solver_reachable,
             power_modelled=self.power_modelled,
             note=self.note,
+            service_times=[t.message() for t in sorted(self.service_times, key=lambda t: t.batch_size)],
+            profile_updates=self.profile_updates,
+            profile_batches=self.profile_batches,
+            profile_learning=self.profile_learning,
+            rejected_expired=self.rejected_expired,
+            rejected_invalid=self.rejected_invalid,
         )
         if self.rate is not None:
             r = self.rate

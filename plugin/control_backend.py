@@ -13,7 +13,8 @@ import numpy as np
 
 from solver.policy import PolicyTable
 
-from .control import Figures, ModelStatusInfo, PolicyInfo, UnknownModel
+from .control import Figures, ModelStatusInfo, PolicyInfo, ServiceTimeInfo, UnknownModel
+from .metrics import PREFIX
 
 if TYPE_CHECKING:
     from .server import ModelState, Sidecar
@@ -58,6 +59,26 @@ class SidecarControl:
         threshold = rule.threshold() if isinstance(rule, PolicyTable) else None
         return PolicyInfo(actions, rule.max_batch, version, self.sidecar.clock() - installed,
                           state.info.spec if state.info else "", threshold)
+
+    def _rejected(self, model: str, reason: str) -> int:
+        """Requests refused for ``reason`` (the metrics' ``requests_rejected`` counter; 0 if none yet)."""
+        value = self.sidecar.metrics.registry.get_sample_value(
+            PREFIX + "requests_rejected_total", {"model": model, "reason": reason})
+        return int(value or 0)
+
+    @staticmethod
+    def _service_times(c) -> list[ServiceTimeInfo]:
+        """tau(b) per size with data: the gate's mean, the prior, and the profile in force."""
+        if c is None or c.learner is None:
+            return []
+        return [
+            ServiceTimeInfo(
+                batch_size=s.batch_size, samples=s.n, mean_s=s.mean_s if s.n else None,
+                ci_s=s.ci_s if s.n >= 2 else None, prior_s=s.prior_s, in_force_s=s.learned_s,
+                triton_compute_s=s.triton_compute_s, triton_batches=s.triton_n,
+            )
+            for s in c.learner.sizes(c.profile)
+        ]
 
     def status(self, model: str) -> ModelStatusInfo:
         state = self._state(model)
@@ -112,9 +133,15 @@ class SidecarControl:
             in_flight=state.gate.in_flight,
             completed=st.latency_n,
             rejected=state.gate.counters.rejected,
+            rejected_expired=state.gate.counters.expired,
+            rejected_invalid=self._rejected(model, "invalid_argument"),
             failed=st.failed_requests,
             solver_reachable=c.solver_reachable if c is not None else True,
             power_modelled=power_modelled,
+            service_times=self._service_times(c),
+            profile_updates=c.profile_version if c is not None else 0,
+            profile_batches=c.learner.batches if c is not None and c.learner is not None else 0,
+            profile_learning=c is not None and c.learner is not None,
             note="; ".join(x for x in (
                 c.note if c is not None else "",
                 c.learning_summary(now) if c is not None else "",

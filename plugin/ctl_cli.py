@@ -191,12 +191,33 @@ def _status_text(s: Any) -> str:
     hist = [f"{b}:{c}" for b, c in enumerate(s.batch_histogram) if b > 0 and c > 0]
     lines.append(f"  batches    {' '.join(hist) if hist else '(none)'}")
     lines.append(f"  queue {s.queue_length}, in flight {s.in_flight}, completed {s.completed}, "
-                 f"rejected {s.rejected}, failed {s.failed}")
+                 f"rejected {s.rejected} (queue full) + {s.rejected_expired} expired + {s.rejected_invalid} invalid, "
+                 f"failed {s.failed}")
+    lines.extend(_profile_text(s))
     lines.append(f"  solver     {'reachable' if s.solver_reachable else 'UNREACHABLE'}; "
                  f"power {'modelled from the profile' if s.power_modelled else 'measured'}")
     if s.note:
         lines.append(f"  note       {s.note}")
     return "\n".join(lines)
+
+
+def _opt_ms(msg: Any, name: str) -> str:
+    return f"{getattr(msg, name) * 1e3:.3f}" if msg.HasField(name) else "-"
+
+
+def _profile_text(s: Any) -> list[str]:
+    """The learned service profile: a header line and a compact table, one row per batch size."""
+    if not s.profile_learning and not s.service_times:
+        return []
+    where = f"learned v{s.profile_updates}" if s.profile_updates else "CSV prior"
+    lines = [f"  profile    {where} in force; {s.profile_batches} batches observed"]
+    if s.service_times:
+        lines.append(f"    {'b':>4} {'batches':>8} {'mean ms':>9} {'+-ms':>7} {'prior ms':>9} {'in force':>9} "
+                     f"{'triton ms':>9}")
+        for t in s.service_times:
+            lines.append(f"    {t.batch_size:>4} {t.samples:>8} {_opt_ms(t, 'mean_s'):>9} {_opt_ms(t, 'ci_s'):>7} "
+                         f"{t.prior_s * 1e3:>9.3f} {t.in_force_s * 1e3:>9.3f} {_opt_ms(t, 'triton_compute_s'):>9}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

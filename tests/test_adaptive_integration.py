@@ -393,6 +393,14 @@ def test_a_profile_2x_too_fast_is_learned_from_the_batches_and_the_policy_resolv
         # Triton's own statistics API agrees on the compute part
         assert e.triton_compute_s is not None and 0.85 * emulated < e.triton_compute_s < 1.2 * emulated, e
         assert exported[e.batch_size] is not None  # published to Prometheus too
+    # ... and in the control API's status, per size: the gate's mean, the CSV prior, the value in force
+    shown = {t.batch_size: t for t in s.service_times}
+    assert s.profile_learning and s.profile_updates == c.profile_version and s.profile_batches > 0
+    for e in well:
+        t = shown[e.batch_size]
+        assert t.samples >= 20 and t.mean_s == pytest.approx(e.mean_s, rel=0.2)
+        assert t.prior_s == pytest.approx(e.prior_s) and t.in_force_s == pytest.approx(e.learned_s, rel=0.2)
+        assert t.in_force_s > 1.5 * t.prior_s  # the CSV was 2x too fast; the policy uses the learned times
     # CPU-only Triton exports no GPU power: modelled, and the status says so
     assert s.power_modelled and "power modelled from the profile" in s.note
     assert s.measured.mean_power_w > 0

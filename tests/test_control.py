@@ -18,6 +18,7 @@ from plugin.control import (
     Figures,
     ModelStatusInfo,
     PolicyInfo,
+    ServiceTimeInfo,
     UnknownModel,
     start_control_server,
 )
@@ -55,6 +56,12 @@ class FakeBackend:
             measured=Figures(4.2e-3, 118.0, 4.2e-3 + m.weight * 118.0, 499.0, 3.1),
             batch_histogram=[0, 5, 0, 7], queue_length=m.queue, in_flight=1, completed=9000,
             rejected=2, failed=1, solver_reachable=True, power_modelled=True, note="",
+            service_times=(
+                ServiceTimeInfo(3, 7, 2.5e-3, 4e-4, 2.0e-3, 2.4e-3, triton_compute_s=1.9e-3, triton_batches=7),
+                ServiceTimeInfo(1, 5, 1.2e-3, None, 1.0e-3, 1.1e-3),
+                ServiceTimeInfo(2, 0, None, None, 1.5e-3, 1.5e-3, triton_compute_s=1.4e-3, triton_batches=3),
+            ),
+            profile_updates=2, profile_batches=12, profile_learning=True, rejected_expired=3, rejected_invalid=4,
         )
 
     async def set_weight(self, model: str, weight: float) -> None:  # async on purpose: both kinds work
@@ -123,6 +130,27 @@ def test_status_and_models(served) -> None:
     assert s.threshold == 4 and s.predicted.mean_power_w == 120.0 and s.measured.mean_latency_s == 4.2e-3
     assert list(s.batch_histogram) == [0, 5, 0, 7] and s.power_modelled and s.solver_reachable
     assert not s.HasField("latency_target_s") and s.rejected == 2 and s.failed == 1
+    assert s.rejected_expired == 3 and s.rejected_invalid == 4
+
+
+def test_status_carries_the_learned_profile(served) -> None:
+    _, stub, _ = served
+    s = stub.GetStatus(smdp_pb2.ModelRequest(model="resnet"), metadata=AUTH)
+    assert s.profile_learning and s.profile_updates == 2 and s.profile_batches == 12
+    assert [t.batch_size for t in s.service_times] == [1, 2, 3]  # ascending, whatever the backend's order
+    one, two, three = s.service_times
+    assert one.samples == 5 and one.mean_s == 1.2e-3 and not one.HasField("ci_s")
+    assert one.prior_s == 1.0e-3 and one.in_force_s == 1.1e-3 and not one.HasField("triton_compute_s")
+    # a size only Triton saw: no gate mean (absent, not 0), Triton's figure present
+    assert two.samples == 0 and not two.HasField("mean_s") and two.triton_compute_s == 1.4e-3 and two.triton_batches == 3
+    assert three.ci_s == 4e-4 and three.in_force_s == 2.4e-3
+    again = smdp_pb2.ModelStatus.FromString(s.SerializeToString())
+    assert again.service_times == s.service_times
+
+
+def test_service_time_drops_non_finite_figures() -> None:
+    msg = ServiceTimeInfo(4, 1, math.nan, math.inf, 1e-3, 1e-3, triton_compute_s=math.nan).message()
+    assert not msg.HasField("mean_s") and not msg.HasField("ci_s") and not msg.HasField("triton_compute_s")
 
 
 def test_set_weight_and_target(served) -> None:
@@ -280,6 +308,12 @@ def test_ctl_commands(served, capsys) -> None:
     rc, out = ctl(port, "status")
     assert rc == 0 and len(out) == 2 and out[1].startswith("model resnet") and "500.00 req/s" in out[1]
     assert "(modelled)" in out[1] and "1:5 3:7" in out[1]
+    assert "rejected 2 (queue full) + 3 expired + 4 invalid" in out[1]
+    assert "profile    learned v2 in force; 12 batches observed" in out[1]
+    rows = [line.split() for line in out[1].splitlines() if line.startswith("    ") and line.split()[0].isdigit()]
+    assert rows == [["1", "5", "1.200", "-", "1.000", "1.100", "-"],
+                    ["2", "0", "-", "-", "1.500", "1.500", "1.400"],
+                    ["3", "7", "2.500", "0.400", "2.000", "2.400", "1.900"]]
     rc, out = ctl(port, "set-weight", "resnet", "3e-4")
     assert rc == 0 and backend.models_["resnet"].weight == 3e-4
     rc, out = ctl(port, "set-target", "resnet", "0.004")

@@ -242,11 +242,45 @@ def stats_with(batches: dict[int, int], started: float) -> BatchStats:
 
 
 def fake_sidecar(c: PolicyController, st: BatchStats, clock: Clock):
-    gate = SimpleNamespace(queue_length=0, in_flight=0, counters=SimpleNamespace(rejected=0))
+    gate = SimpleNamespace(queue_length=0, in_flight=0, counters=SimpleNamespace(rejected=0, expired=0))
     info = SimpleNamespace(rule=greedy(B), max_batch=B, spec="smdp")
     state = SimpleNamespace(gate=gate, info=info, stats=st, controller=c, profile=c.prior)
-    return SimpleNamespace(models=lambda: {("m", ""): state}, clock=clock,
+    return SimpleNamespace(models=lambda: {("m", ""): state}, clock=clock, metrics=SidecarMetrics(B),
                            config=load_config(overrides={"models": {"m": {"policy": "greedy"}}}, environ={}))
+
+
+def test_status_carries_the_learned_profile_per_size(prior):
+    clock = Clock()
+    c, _ = controller(prior, clock)
+    st = stats_with({}, clock.t)
+    sidecar = fake_sidecar(c, st, clock)
+    status = SidecarControl(sidecar).status("m")
+    assert status.profile_learning and status.profile_updates == 0 and status.service_times == []
+    true = slower(prior, 2.0)
+    feed(c, true, (2, 4), 40, np.random.default_rng(3))
+    c.learner.observe_triton([(4, 10, 10 * 7_000_000)])
+    c.learner.observe_triton([(4, 15, 15 * 7_000_000), (8, 3, 3 * 9_000_000)])  # differenced: 8 only via Triton
+    clock.t += 2.0
+    assert c.learn(clock.t) is not None
+    sidecar.metrics.request_rejected("m", "invalid_argument")
+    sidecar.models()[("m", "")].gate.counters.expired = 2
+    status = SidecarControl(sidecar).status("m")
+    assert status.profile_updates == c.profile_version == 1 and status.profile_batches == 80
+    assert status.rejected_invalid == 1 and status.rejected_expired == 2
+    msg = status.message()
+    assert [t.batch_size for t in msg.service_times] == [2, 4, 8]
+    two, four, eight = msg.service_times
+    for t in (two, four):
+        b = t.batch_size
+        assert t.samples == 40 and t.mean_s == pytest.approx(true.mean_s[b - 1], rel=0.05) and t.ci_s > 0
+        assert t.prior_s == pytest.approx(prior.mean_s[b - 1]) and t.in_force_s == pytest.approx(c.profile.mean_s[b - 1])
+    assert four.triton_batches == 5 and four.triton_compute_s == pytest.approx(7e-3)
+    assert eight.samples == 0 and not eight.HasField("mean_s") and eight.triton_batches == 3
+    assert eight.in_force_s == pytest.approx(c.profile.mean_s[7]) and eight.in_force_s != pytest.approx(eight.prior_s)
+    off, _ = controller(prior, clock)
+    off.learner = None
+    status = SidecarControl(fake_sidecar(off, st, clock)).status("m")
+    assert not status.profile_learning and status.service_times == [] and status.profile_batches == 0
 
 
 @pytest.mark.parametrize("text, modelled", [(GPU_METRICS, False), (CPU_METRICS, True), (None, True)])

@@ -153,7 +153,7 @@ class Figures(_message.Message):
     def __init__(self, mean_latency_s: _Optional[float] = ..., mean_power_w: _Optional[float] = ..., cost: _Optional[float] = ..., throughput_rps: _Optional[float] = ..., mean_batch: _Optional[float] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("model", "rate", "weight", "latency_target_s", "policy_version", "policy_age_s", "policy_source", "threshold", "max_batch", "predicted", "predicted_rate_rps", "measured", "batch_histogram", "queue_length", "in_flight", "completed", "rejected", "failed", "solver_reachable", "power_modelled", "note")
+    __slots__ = ("model", "rate", "weight", "latency_target_s", "policy_version", "policy_age_s", "policy_source", "threshold", "max_batch", "predicted", "predicted_rate_rps", "measured", "batch_histogram", "queue_length", "in_flight", "completed", "rejected", "failed", "solver_reachable", "power_modelled", "note", "service_times", "profile_updates", "profile_batches", "profile_learning", "rejected_expired", "rejected_invalid")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RATE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +175,12 @@ class ModelStatus(_message.Message):
     SOLVER_REACHABLE_FIELD_NUMBER: _ClassVar[int]
     POWER_MODELLED_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_TIMES_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_LEARNING_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_INVALID_FIELD_NUMBER: _ClassVar[int]
     model: str
     rate: RateEstimate
     weight: float
@@ -196,7 +202,33 @@ class ModelStatus(_message.Message):
     solver_reachable: bool
     power_modelled: bool
     note: str
-    def __init__(self, model: _Optional[str] = ..., rate: _Optional[_Union[RateEstimate, _Mapping]] = ..., weight: _Optional[float] = ..., latency_target_s: _Optional[float] = ..., policy_version: _Optional[int] = ..., policy_age_s: _Optional[float] = ..., policy_source: _Optional[str] = ..., threshold: _Optional[int] = ..., max_batch: _Optional[int] = ..., predicted: _Optional[_Union[Figures, _Mapping]] = ..., predicted_rate_rps: _Optional[float] = ..., measured: _Optional[_Union[Figures, _Mapping]] = ..., batch_histogram: _Optional[_Iterable[int]] = ..., queue_length: _Optional[int] = ..., in_flight: _Optional[int] = ..., completed: _Optional[int] = ..., rejected: _Optional[int] = ..., failed: _Optional[int] = ..., solver_reachable: _Optional[bool] = ..., power_modelled: _Optional[bool] = ..., note: _Optional[str] = ...) -> None: ...
+    service_times: _containers.RepeatedCompositeFieldContainer[ServiceTime]
+    profile_updates: int
+    profile_batches: int
+    profile_learning: bool
+    rejected_expired: int
+    rejected_invalid: int
+    def __init__(self, model: _Optional[str] = ..., rate: _Optional[_Union[RateEstimate, _Mapping]] = ..., weight: _Optional[float] = ..., latency_target_s: _Optional[float] = ..., policy_version: _Optional[int] = ..., policy_age_s: _Optional[float] = ..., policy_source: _Optional[str] = ..., threshold: _Optional[int] = ..., max_batch: _Optional[int] = ..., predicted: _Optional[_Union[Figures, _Mapping]] = ..., predicted_rate_rps: _Optional[float] = ..., measured: _Optional[_Union[Figures, _Mapping]] = ..., batch_histogram: _Optional[_Iterable[int]] = ..., queue_length: _Optional[int] = ..., in_flight: _Optional[int] = ..., completed: _Optional[int] = ..., rejected: _Optional[int] = ..., failed: _Optional[int] = ..., solver_reachable: _Optional[bool] = ..., power_modelled: _Optional[bool] = ..., note: _Optional[str] = ..., service_times: _Optional[_Iterable[_Union[ServiceTime, _Mapping]]] = ..., profile_updates: _Optional[int] = ..., profile_batches: _Optional[int] = ..., profile_learning: _Optional[bool] = ..., rejected_expired: _Optional[int] = ..., rejected_invalid: _Optional[int] = ...) -> None: ...
+
+class ServiceTime(_message.Message):
+    __slots__ = ("batch_size", "samples", "mean_s", "ci_s", "prior_s", "in_force_s", "triton_compute_s", "triton_batches")
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MEAN_S_FIELD_NUMBER: _ClassVar[int]
+    CI_S_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_S_FIELD_NUMBER: _ClassVar[int]
+    IN_FORCE_S_FIELD_NUMBER: _ClassVar[int]
+    TRITON_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    TRITON_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    batch_size: int
+    samples: int
+    mean_s: float
+    ci_s: float
+    prior_s: float
+    in_force_s: float
+    triton_compute_s: float
+    triton_batches: int
+    def __init__(self, batch_size: _Optional[int] = ..., samples: _Optional[int] = ..., mean_s: _Optional[float] = ..., ci_s: _Optional[float] = ..., prior_s: _Optional[float] = ..., in_force_s: _Optional[float] = ..., triton_compute_s: _Optional[float] = ..., triton_batches: _Optional[int] = ...) -> None: ...
 
 class PolicyReply(_message.Message):
     __slots__ = ("model", "actions", "max_batch", "version", "age_s", "source", "threshold")
