@@ -107,6 +107,13 @@ class SidecarConfig(BaseModel):
         1, ge=0, description="Triton priority level stamped on gated requests that carry none (0 = leave unset)"
     )
     upstream_timeout_s: float = Field(60.0, gt=0, description="Deadline of one call to Triton, seconds")
+    unknown_model_ttl_s: float = Field(
+        1.0, ge=0, allow_inf_nan=False,
+        description="How long the sidecar remembers that Triton does not know a model (name, version), seconds: "
+        "requests for it meanwhile are relayed to Triton straight away (one round trip, Triton's own error) "
+        "instead of first asking Triton for the model's config again; a model loaded since is gated at the "
+        "latest this long after, and at once after Triton answers one of its relayed requests. 0 = off",
+    )
     solver_url: str | None = Field(
         None, description="host:port of a shared `smdp solver-serve`; None = solve in a worker thread of the sidecar"
     )

@@ -64,6 +64,8 @@ _BAD_PRIORITY = "invalid value for 'priority', expected value >= 0."
 _BAD_TIMEOUT_TYPE = "invalid value type for 'timeout' parameter, expected int64_param."
 # ModelConfig errors that mean "this model cannot be gated": the request is relayed as is, so the
 # caller gets exactly what Triton says to it. Any other error is the caller's answer.
+# Most (model, version) pairs remembered as unknown to Triton at once (``unknown_model_ttl_s``).
+_MAX_UNKNOWN = 1024
 _NOT_GATEABLE = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED})
 
 
@@ -184,6 +186,8 @@ class Sidecar:
         )
         self._models: dict[tuple[str, str], ModelState] = {}
         self._loading: dict[tuple[str, str], asyncio.Future] = {}
+        self._unknown: dict[tuple[str, str], float] = {}
+        """Models Triton said it does not know, and until when that answer is trusted (clock time)."""
         self._retired: dict[tuple[str, str], ModelState] = {}
         """Forgotten models' states (NOT_FOUND from Triton): reused by the next load when it can be."""
         self._tasks: set[asyncio.Task] = set()
@@ -251,6 +255,11 @@ class Sidecar:
         state = self._models.get(key)
         if state is not None:
             return state
+        until = self._unknown.get(key)
+        if until is not None:
+            if self._clock() < until:
+                return None  # unknown a moment ago: relay without asking Triton for its config again
+            del self._unknown[key]
         pending = self._loading.get(key)
         if pending is None:
             # The load runs in its own task: a caller that goes away cancels its wait, not the load
@@ -266,6 +275,8 @@ class Sidecar:
             state = await self._load_state(*key)
             if state is not None:
                 self._models[key] = state
+            else:
+                self._remember_unknown(key)
             return state
         except GateError:
             raise
@@ -274,6 +285,24 @@ class Sidecar:
             raise GateError(grpc.StatusCode.INTERNAL, f"sidecar cannot gate model '{key[0]}': {exc}") from None
         finally:
             self._loading.pop(key, None)
+
+    def _remember_unknown(self, key: tuple[str, str]) -> None:
+        """Trust Triton's "no such model" for ``unknown_model_ttl_s``; bounded, so that clients asking
+        for ever new names cannot grow it without end."""
+        ttl = self.config.unknown_model_ttl_s
+        if ttl <= 0:
+            return
+        now = self._clock()
+        if len(self._unknown) >= _MAX_UNKNOWN:
+            for k in [k for k, t in self._unknown.items() if t <= now]:
+                del self._unknown[k]
+            while len(self._unknown) >= _MAX_UNKNOWN:
+                del self._unknown[next(iter(self._unknown))]  # the oldest entry
+        self._unknown[key] = now + ttl
+
+    def _known_again(self, key: tuple[str, str]) -> None:
+        """Triton answered a relayed request of a model remembered as unknown: gate it from now on."""
+        self._unknown.pop(key, None)
 
     async def _load_state(self, name: str, version: str) -> ModelState | None:
         try:
@@ -426,7 +455,12 @@ class Sidecar:
     async def infer(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
         """One caller's request, answered exactly once (a response, or GateError)."""
         state = await self.model_state(request.model_name, request.model_version)
-        if state is None or state.gate is None:
+        if state is None:
+            response = await self._call_triton(request)
+            if self._unknown:
+                self._known_again((request.model_name, request.model_version))
+            return response
+        if state.gate is None:
             return await self._call_triton(request)
         try:
             validate_request(request, state.config)

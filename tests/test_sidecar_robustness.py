@@ -696,3 +696,65 @@ def test_decoupled_model_streams_are_relayed_with_every_response(tmp_path, trito
         assert sc.sidecar.models()[("decoupled_echo", "")].gate is None
     finally:
         sc.stop()
+
+
+# -- unknown models: Triton's "no such model" is remembered for unknown_model_ttl_s -----------------
+
+
+def test_an_unknown_model_is_remembered_for_the_ttl_and_forgotten_once_triton_serves_it():
+    async def main():
+        up = Upstream()
+        up.config_error = rpc_error(grpc.StatusCode.NOT_FOUND, "unknown model")
+        up.error = rpc_error(grpc.StatusCode.NOT_FOUND, "Request for unknown model: 'nope' is not found")
+        now = [100.0]
+        cfg = load_config(overrides={"triton_url": "127.0.0.1:9", "default": {"policy": "greedy"},
+                                     "unknown_model_ttl_s": 1.0}, environ={})
+        sc = Sidecar(cfg, clock=lambda: now[0])
+        sc._model_config, sc._server_ready, sc._infer = up.model_config, up.server_ready, up.infer
+        results = await asyncio.gather(*(sc.infer(request(model="nope")) for _ in range(20)), return_exceptions=True)
+        assert all(isinstance(r, GateError) and r.code == grpc.StatusCode.NOT_FOUND
+                   and r.details == "Request for unknown model: 'nope' is not found" for r in results)
+        assert up.config_calls == 1 and len(up.sent) == 20  # each relayed once: Triton's own answer
+        now[0] += 0.9
+        with pytest.raises(GateError):
+            await sc.infer(request(model="nope"))
+        assert up.config_calls == 1
+        now[0] += 0.2  # past the TTL: asked again
+        with pytest.raises(GateError):
+            await sc.infer(request(model="nope"))
+        assert up.config_calls == 2
+        # the model appears: its first relayed request succeeds, and the next one is gated
+        up.error = None
+        assert (await sc.infer(request(model="nope"))).model_name == "nope"
+        assert up.config_calls == 2
+        up.config_error = None
+        await sc.infer(request(model="nope"))
+        assert up.config_calls == 3 and sc.models()[("nope", "")].gate is not None
+        await sc.close()
+
+    run(main())
+
+
+def test_triton_not_ready_is_not_remembered_and_the_memory_is_bounded(monkeypatch):
+    import plugin.server as server
+
+    async def main():
+        up = Upstream()
+        up.config_error = rpc_error(grpc.StatusCode.NOT_FOUND, "unknown model")
+        up.ready = False
+        sc = await make_sidecar(up, unknown_model_ttl_s=60.0)
+        for _ in range(2):
+            with pytest.raises(GateError) as info:
+                await sc.infer(request(model="nope"))
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
+        assert up.config_calls == 2 and up.sent == []  # retryable, not cached, not relayed
+        up.ready = True
+        up.error = rpc_error(grpc.StatusCode.NOT_FOUND, "unknown")
+        monkeypatch.setattr(server, "_MAX_UNKNOWN", 4)
+        for i in range(10):
+            with pytest.raises(GateError):
+                await sc.infer(request(model=f"m{i}"))
+        assert list(sc._unknown) == [("m6", ""), ("m7", ""), ("m8", ""), ("m9", "")]
+        await sc.close()
+
+    run(main())
