@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import inspect
+import ipaddress
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
@@ -20,6 +22,8 @@ import grpc
 
 from plugin.estimator import RateEstimate
 from smdp.v1 import smdp_pb2, smdp_pb2_grpc
+
+log = logging.getLogger("smdp.control")
 
 SERVICE_NAME = smdp_pb2.DESCRIPTOR.services_by_name["Control"].full_name
 MIN_WATCH_INTERVAL_S = 0.01
@@ -318,6 +322,36 @@ def add_control_service(server: grpc.aio.Server, backend: ControlBackend, token:
     return SERVICE_NAME
 
 
+def is_loopback_address(address: str) -> bool:
+    """True when a gRPC listen address can only be reached from this host.
+
+    Loopback IPs (127.0.0.0/8, ::1), ``localhost`` and Unix sockets are; a wildcard (0.0.0.0, ::,
+    an empty host) and any other address or host name are not.
+    """
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_exposed(address: str, token: str | None) -> bool:
+    """Log a warning when the control API listens beyond this host without a token; returns whether it did."""
+    if token is not None or is_loopback_address(address):
+        return False
+    log.warning(
+        "control API on %s has no token: anyone who can reach that address can change the trade-off "
+        "weight and latency target of every model. Set control_token (SMDP_SIDECAR_CONTROL_TOKEN, "
+        "--control-token) or bind control_listen to 127.0.0.1", address)
+    return True
+
+
 async def start_control_server(
     backend: ControlBackend, address: str = "127.0.0.1:0", token: str | None = None
 ) -> tuple[grpc.aio.Server, int]:
@@ -331,6 +365,7 @@ async def start_control_server(
     from grpc_health.v1.health import aio as health_aio
     from grpc_reflection.v1alpha import reflection
 
+    warn_if_exposed(address, token)
     server = grpc.aio.server()
     add_control_service(server, backend, token)
     health = health_aio.HealthServicer()

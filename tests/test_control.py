@@ -20,6 +20,7 @@ from plugin.control import (
     PolicyInfo,
     ServiceTimeInfo,
     UnknownModel,
+    is_loopback_address,
     start_control_server,
 )
 from plugin.estimator import RateEstimate
@@ -342,3 +343,34 @@ def test_ctl_errors(served, capsys) -> None:
     rc, _ = ctl(1, "--timeout", "0.5", "models")  # nothing listens on port 1
     err = capsys.readouterr().err
     assert rc == 1 and ("UNAVAILABLE" in err or "DEADLINE_EXCEEDED" in err)
+
+
+# -- exposure warning ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("address, loopback", [
+    ("127.0.0.1:8012", True), ("127.3.4.5:0", True), ("localhost:8012", True), ("LOCALHOST:1", True),
+    ("[::1]:8012", True), ("unix:/tmp/ctl.sock", True), ("unix-abstract:ctl", True),
+    ("0.0.0.0:8012", False), ("[::]:8012", False), (":8012", False), ("10.0.0.5:8012", False),
+    ("ctl.example.com:8012", False), ("[2001:db8::1]:8012", False),
+])
+def test_loopback_addresses(address: str, loopback: bool) -> None:
+    assert is_loopback_address(address) is loopback
+
+
+@pytest.mark.parametrize("address, token, warned", [
+    ("0.0.0.0:0", None, True), ("0.0.0.0:0", TOKEN, False), ("127.0.0.1:0", None, False),
+])
+def test_an_exposed_control_api_without_a_token_is_warned_about_at_start(caplog, address, token, warned) -> None:
+    loop = LoopThread()
+    try:
+        with caplog.at_level("WARNING", logger="smdp.control"):
+            server, _ = loop.run(start_control_server(FakeBackend(), address, token=token))
+        loop.run(server.stop(None))
+    finally:
+        loop.close()
+    hits = [r for r in caplog.records if r.name == "smdp.control" and r.levelname == "WARNING"]
+    assert bool(hits) is warned
+    if warned:
+        msg = hits[0].getMessage()
+        assert address in msg and "no token" in msg and "control_token" in msg

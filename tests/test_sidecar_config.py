@@ -48,3 +48,26 @@ def test_bad_settings_are_refused_with_the_offending_name(tmp_path, text, needle
 def test_unknown_environment_setting_is_refused():
     with pytest.raises(ValueError, match="SMDP_SIDECAR_LISTN"):
         load_config(environ={"SMDP_SIDECAR_LISTN": "0.0.0.0:1"})
+
+
+def test_unknown_model_ttl_is_a_duration_in_seconds_and_zero_turns_it_off():
+    assert load_config(environ={}).unknown_model_ttl_s == 1.0
+    assert load_config(environ={"SMDP_SIDECAR_UNKNOWN_MODEL_TTL_S": "0"}).unknown_model_ttl_s == 0.0
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValidationError, match="unknown_model_ttl_s"):
+            load_config(overrides={"unknown_model_ttl_s": bad}, environ={})
+
+
+@pytest.mark.parametrize("listen, token, warned", [("0.0.0.0:0", None, True), ("0.0.0.0:0", "s3cret", False),
+                                                   ("127.0.0.1:0", None, False)])
+def test_sidecar_warns_at_start_when_its_control_api_is_exposed_without_a_token(caplog, listen, token, warned):
+    from plugin.runner import SidecarThread
+
+    cfg = load_config(overrides={"listen": "127.0.0.1:0", "control_listen": listen, "control_token": token,
+                                 "metrics_listen": "127.0.0.1:0", "triton_url": "127.0.0.1:9"}, environ={})
+    with caplog.at_level("WARNING", logger="smdp.control"):
+        with SidecarThread(cfg) as sc:
+            assert sc.control_port
+    hits = [r.getMessage() for r in caplog.records if r.name == "smdp.control" and r.levelname == "WARNING"]
+    assert bool(hits) is warned
+    assert all("control API on 0.0.0.0:0 has no token" in m for m in hits)
