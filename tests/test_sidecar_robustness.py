@@ -758,3 +758,38 @@ def test_triton_not_ready_is_not_remembered_and_the_memory_is_bounded(monkeypatc
         await sc.close()
 
     run(main())
+
+
+def test_status_counts_each_kind_of_refusal_apart():
+    from plugin.control_backend import SidecarControl
+
+    async def main():
+        up = Upstream()
+        up.hold.clear()  # the first batch holds the model's one slot
+        sc = await make_sidecar(up, max_queue=2)
+        first = asyncio.ensure_future(sc.infer(request()))
+        await until(lambda: len(up.sent) == 1)
+        bad = request()
+        bad.inputs[0].shape[1] = 15  # malformed against the model config
+        with pytest.raises(GateError) as info:
+            await sc.infer(bad)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(GateError) as info:
+            await sc.infer(request(priority=("string_param", "high")))
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        expiring = asyncio.ensure_future(sc.infer(request(timeout=("int64_param", 20_000))))  # 20 ms
+        waiting = asyncio.ensure_future(sc.infer(request()))
+        await settle()
+        with pytest.raises(GateError) as info:  # the queue holds two: full
+            await sc.infer(request())
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(GateError) as info:
+            await expiring
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE and "timeout" in info.value.details
+        s = SidecarControl(sc).status("emulated_gpu").message()
+        assert (s.rejected, s.rejected_expired, s.rejected_invalid) == (1, 1, 2)
+        up.hold.set()
+        await asyncio.gather(first, waiting)
+        await sc.close()
+
+    run(main())
