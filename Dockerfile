@@ -28,7 +28,9 @@ COPY deploy/healthcheck.py ./deploy/healthcheck.py
 # A default sidecar configuration; compose and Kubernetes mount their own over it.
 COPY deploy/sidecar.yaml /etc/smdp/sidecar.yaml
 
-RUN useradd --uid 10001 --user-group --no-create-home --home-dir /app smdp
+RUN useradd --uid 10001 --user-group --no-create-home --home-dir /app smdp \
+    && mkdir /out && chown 10001:10001 /out
+# /out: where load tests write (Locust's --csv); a named volume mounted there starts with this owner
 USER 10001:10001
 
 # 8011 sidecar inference API (KServe v2 gRPC), 8012 sidecar control API (smdp.v1.Control),

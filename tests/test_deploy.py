@@ -453,6 +453,24 @@ def test_mounted_host_paths_exist(services):
                 assert (ROOT / host).exists(), f"{name}: mounts {host} -> {target}, which is not in the repository"
 
 
+def test_named_volumes_are_declared_and_our_images_can_write_them(services):
+    """A named volume must be declared at the top level, and one mounted into our (non-root) image
+    must sit where the Dockerfile made a directory owned by the image's user: Docker seeds a new
+    named volume with that directory's owner, so the container can write its output there."""
+    declared = set((load_compose(COMPOSE).get("volumes") or {}))
+    user = next(a for i, a in reversed(_dockerfile()) if i == "USER").split(":")[0]
+    runs = " ".join(a for i, a in _dockerfile() if i == "RUN")
+    for name, svc in services.items():
+        for host, target, read_only in _volumes(svc):
+            if host.startswith((".", "/")):
+                continue
+            assert host in declared, f"{name}: named volume {host} is not declared under volumes:"
+            if _is_ours(svc) and not read_only:
+                assert re.search(rf"mkdir (-p )?{re.escape(target)}\b", runs), f"{name}: {target} not made in the image"
+                assert re.search(rf"chown {user}(:\d+)? {re.escape(target)}\b", runs), \
+                    f"{name}: {target} is not owned by the image's user {user}"
+
+
 def test_gpu_is_reserved_in_the_base_file_and_dropped_by_the_cpu_override():
     base, cpu = load_compose(COMPOSE), load_compose(COMPOSE_CPU)
     devices = base["services"]["triton"]["deploy"]["resources"]["reservations"]["devices"]
