@@ -25,7 +25,7 @@ import numpy as np
 
 from solver.evaluate import MAX_TRUNCATION, summarize, table_actions
 from solver.model import BatchingModel, ModelError
-from solver.pi import evaluate_policy, policy_iteration
+from solver.pi import LINEAR_SOLVERS, evaluate_policy, policy_iteration
 from solver.policy import PolicyTable
 from solver.result import SolveResult
 from solver.rvi import relative_value_iteration
@@ -45,13 +45,15 @@ def _start_actions(model: BatchingModel, policy: PolicyTable, size: int) -> np.n
     return np.where((a == 0) & (n >= model.max_batch), np.minimum(n, model.max_batch), a)
 
 
-def _solve_at(smdp: TruncatedSMDP, method: str, start: np.ndarray | None, tol: float, max_iter: int):
+def _solve_at(
+    smdp: TruncatedSMDP, method: str, start: np.ndarray | None, tol: float, max_iter: int, linear_solver: str | None = None
+):
     """(actions, gain, (lower, upper), iterations, converged, values of the final policy)."""
     if method == "pi":
-        out = policy_iteration(smdp, start, max_iter=max_iter)
+        out = policy_iteration(smdp, start, max_iter=max_iter, linear_solver=linear_solver)
         g = out.values.gain
         return out.actions, g, (g, g), out.iterations, out.converged, out.values
-    h0 = None if start is None else evaluate_policy(smdp, start).h
+    h0 = None if start is None else evaluate_policy(smdp, start, linear_solver).h
     out = relative_value_iteration(smdp, h0, tol=tol, max_iter=max_iter)
     return out.actions, out.gain, (out.lower, out.upper), out.iterations, out.converged, None
 
@@ -66,6 +68,7 @@ def solve(
     tol: float = 1e-9,
     max_iter: int = 100_000,
     growth_rtol: float | None = None,
+    linear_solver: str | None = None,
 ) -> SolveResult:
     """Optimal stationary policy of ``model`` (minimal J = W + w P).
 
@@ -77,6 +80,7 @@ def solve(
     warm_start: a previous policy (for example at a nearby rate or weight) to start from.
     growth_rtol: gain change that counts as settled when N grows (default 1e-8 for PI, max(1e-8, 10 tol)
     for RVI; see the module docstring).
+    linear_solver: "dense" (default) or "sparse" LU for policy evaluation (``solver.pi``); same answer.
     """
     started = time.perf_counter()
     if method not in METHODS:
@@ -87,6 +91,8 @@ def solve(
         raise ModelError(f"tol must be a finite number > 0, got {tol!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
         raise ModelError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    if linear_solver is not None and linear_solver not in LINEAR_SOLVERS:
+        raise ModelError(f"linear_solver must be one of {LINEAR_SOLVERS}, got {linear_solver!r}")
     if growth_rtol is None:
         growth_rtol = GROWTH_RTOL if method == "pi" else max(GROWTH_RTOL, 10 * tol)
     if truncation is not None:
@@ -105,7 +111,7 @@ def solve(
     settled = truncation is not None
     while True:
         smdp = build(model, N, tail)
-        actions, gain, bounds, its, ok, values = _solve_at(smdp, method, start, tol, max_iter)
+        actions, gain, bounds, its, ok, values = _solve_at(smdp, method, start, tol, max_iter, linear_solver)
         sizes.append(N)
         iterations += its
         if truncation is not None:
@@ -128,7 +134,7 @@ def solve(
 
     policy = PolicyTable(actions, model.max_batch)
     if values is None:
-        values = evaluate_policy(smdp, table_actions(model, policy, smdp.n_states))
+        values = evaluate_policy(smdp, table_actions(model, policy, smdp.n_states), linear_solver)
     ev = summarize(smdp, actions, values)
     return SolveResult(
         policy=policy,

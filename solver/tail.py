@@ -198,34 +198,113 @@ class TruncatedSMDP:
         out[-1, 0] = h[N]
         return out
 
-    def policy_arrays(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Dense transition matrix, cost and sojourn vectors of a stationary policy on 0..N.
-
-        Unlike the solver, a policy may wait at any n < N (for instance a threshold above B).
-        """
+    def _checked_actions(self, actions: np.ndarray) -> np.ndarray:
         N = self.truncation
         n = np.arange(N + 1)
         a = np.asarray(actions, dtype=np.int64)
         if a.shape != (N + 1,):
             raise ValueError(f"policy has {a.shape[0]} states, the truncation has {N + 1}")
-        ok = np.where(a == 0, n < N, self.valid[n, a])
+        ok = np.where(a == 0, n < N, self.valid[n, np.clip(a, 0, self.model.max_batch)]) & (a >= 0) & (
+            a <= self.model.max_batch
+        )
         if not np.all(ok):
             i = int(np.argmax(~ok))
             raise ValueError(f"action a({i}) = {a[i]} is not allowed on 0..{N} (serve 1..min(n, B), wait below N)")
-        P = np.zeros((N + 1, N + 1))
-        wait = np.nonzero(a == 0)[0]
-        P[wait, wait + 1] = 1.0
-        srv = np.nonzero(a > 0)[0]
-        if srv.size:
-            L = self.band
-            s = srv - a[srv]
-            cols = s[:, None] + np.arange(L + 1)[None, :]
-            vals = self.pmf[a[srv] - 1]
-            inside = cols <= N
-            rows = np.broadcast_to(srv[:, None], cols.shape)
-            P[rows[inside], cols[inside]] = vals[inside]
-            P[srv, N] += self.tail_p[srv, a[srv]]
-        return P, self.latency[n, a] + self.model.weight * self.energy[n, a], self.time[n, a]
+        return a
+
+    def _policy_vectors(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = np.arange(self.n_states)
+        return self.latency[n, a] + self.model.weight * self.energy[n, a], self.time[n, a]
+
+    def policy_arrays(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Dense transition matrix, cost and sojourn vectors of a stationary policy on 0..N.
+
+        Unlike the solver, a policy may wait at any n < N (for instance a threshold above B).
+        """
+        a = self._checked_actions(actions)
+        P = np.zeros((self.n_states, self.n_states))
+        self._fill_rows(P, a, 1.0)
+        c, tau = self._policy_vectors(a)
+        return P, c, tau
+
+    def _fill_rows(self, M: np.ndarray, a: np.ndarray, sign: float) -> None:
+        """M[n, :] = sign * P[n, :] row by row (slice writes: no index arrays of size N * L)."""
+        N = self.truncation
+        L = self.band
+        pmf = -self.pmf if sign < 0 else self.pmf
+        tail = self.tail_p
+        for n in range(N + 1):
+            an = int(a[n])
+            if an == 0:
+                M[n, n + 1] = sign
+                continue
+            s = n - an
+            e = min(s + L, N)
+            M[n, s : e + 1] = pmf[an - 1, : e - s + 1]
+            if sign < 0:
+                M[n, N] -= tail[n, an]
+            else:
+                M[n, N] += tail[n, an]
+
+    def transition_matrix(self, actions: np.ndarray):
+        """The policy's transition matrix as scipy.sparse CSR, entry for entry the dense one's.
+
+        Row n holds the K pmf window of its action (length min(L, N - s) + 1 from s = n - a) and
+        the mass above N added at column N; a wait row holds a single 1 at n + 1.
+        """
+        from scipy import sparse
+
+        a = self._checked_actions(actions)
+        N = self.truncation
+        L = self.band
+        n = np.arange(N + 1)
+        srv = a > 0
+        s = np.where(srv, n - a, n + 1)
+        e = np.where(srv, np.minimum(s + L, N), n + 1)
+        win = e - s + 1
+        extra = srv & (e < N)  # the tail mass needs its own entry at column N
+        length = win + extra
+        indptr = np.zeros(N + 2, dtype=np.int64)
+        np.cumsum(length, out=indptr[1:])
+        nnz = int(indptr[-1])
+        idx_t = np.int32 if nnz < 2**31 and N < 2**31 else np.int64
+        pos = np.arange(nnz, dtype=np.int64) - np.repeat(indptr[:-1], length)  # offset within the row
+        row_s = np.repeat(s, length)
+        indices = (row_s + pos).astype(idx_t)
+        row_a = np.repeat(a, length)
+        data = np.ones(nnz)
+        in_win = pos < np.repeat(win, length)
+        serve_win = in_win & (row_a > 0)
+        data[serve_win] = self.pmf[row_a[serve_win] - 1, pos[serve_win]]
+        last = indptr[1:] - 1
+        tail = np.where(srv, self.tail_p[n, a], 0.0)
+        has = srv & ~extra
+        data[last[has]] += tail[has]
+        indices[last[extra]] = N
+        data[last[extra]] = tail[extra]
+        return sparse.csr_matrix((data, indices, indptr.astype(idx_t)), shape=(N + 1, N + 1))
+
+    def evaluation_system(self, actions: np.ndarray, sparse: bool = False):
+        """(A, c, tau) of policy evaluation: A = I - P with its column 0 replaced by tau.
+
+        Dense: one Fortran-ordered array built in place (LAPACK factors it without a copy), entry for
+        entry what ``policy_arrays`` gives. Sparse: the same entries as scipy.sparse CSC.
+        """
+        a = self._checked_actions(actions)
+        c, tau = self._policy_vectors(a)
+        size = self.n_states
+        if sparse:
+            from scipy import sparse as sp
+
+            P = self.transition_matrix(a)
+            A = (sp.identity(size, format="csr") - P).tocsc()
+            col0 = sp.csc_matrix((tau, (np.arange(size), np.zeros(size, dtype=np.int64))), shape=(size, 1))
+            return sp.hstack([col0, A[:, 1:]], format="csc"), c, tau
+        A = np.zeros((size, size), order="F")
+        self._fill_rows(A, a, -1.0)
+        A[np.diag_indices_from(A)] += 1.0
+        A[:, 0] = tau
+        return A, c, tau
 
 
 def build(model: BatchingModel, truncation: int, tail: str = "fluid", drain_batch: int | None = None) -> TruncatedSMDP:

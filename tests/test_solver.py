@@ -325,3 +325,45 @@ def test_rvi_reports_non_convergence():
     assert not res.converged and res.iterations == 5
     lo, hi = res.gain_bounds
     assert lo < hi
+
+
+SPARSE_CASES = [
+    (16, 0.6, 1e-4, 0.0),  # deterministic
+    (64, 0.9, 1e-4, 0.0),
+    (64, 0.6, 1e-4, 1.0),  # CV 1: the K window covers all of 0..N
+    (128, 0.9, 1e-4, 1.0),
+]
+
+
+@pytest.mark.parametrize("B,load,w,cv", SPARSE_CASES)
+def test_sparse_and_dense_linear_solves_agree(B, load, w, cv):
+    m = v100(B, load, w, cv)
+    dense = solve(m, linear_solver="dense")
+    sparse = solve(m, linear_solver="sparse")
+    assert sparse.truncation == dense.truncation
+    assert sparse.gain == pytest.approx(dense.gain, rel=1e-10)
+    np.testing.assert_array_equal(sparse.policy.actions, dense.policy.actions)
+    assert sparse.mean_latency_s == pytest.approx(dense.mean_latency_s, rel=1e-9)
+
+
+def test_sparse_system_has_the_dense_entries():
+    from solver.pi import evaluate_policy
+    from solver.tail import build
+
+    m = v100(32, 0.8, 1e-4, 1.0)
+    smdp = build(m, 90)
+    n = np.arange(smdp.n_states)
+    actions = np.where(n < 5, 0, np.minimum(n, 32))  # waits, partial and full batches
+    P, c, tau = smdp.policy_arrays(actions)
+    np.testing.assert_array_equal(smdp.transition_matrix(actions).toarray(), P)
+    A, c2, tau2 = smdp.evaluation_system(actions)
+    S, _, _ = smdp.evaluation_system(actions, sparse=True)
+    np.testing.assert_array_equal(S.toarray(), A)
+    expected = np.eye(smdp.n_states) - P
+    expected[:, 0] = tau
+    np.testing.assert_array_equal(A, expected)
+    d, s = evaluate_policy(smdp, actions, "dense"), evaluate_policy(smdp, actions, "sparse")
+    assert s.gain == pytest.approx(d.gain, rel=1e-12)
+    np.testing.assert_allclose(s.pi, d.pi, rtol=1e-9, atol=1e-15)
+    with pytest.raises(ValueError):
+        evaluate_policy(smdp, actions, "banded")
