@@ -25,6 +25,14 @@ assumption (the source does not give it). Deterministic service unless --cv.
 
     python bench/solve_bench.py                      # B = 32, 64, 128, 256; loads 0.3, 0.6, 0.9
     python bench/solve_bench.py --batches 32 64 --loads 0.9 --cv 1
+
+--linear-solvers: instead, time ``solve(model)`` (PI, automatic N, cold) with each LU of the policy
+evaluation, in the same run: "before" (the previous dense path: a dense P, then I - P, then a copy
+for LAPACK), "dense" (the current default: the system built in place, factored without a copy) and
+"sparse" (the same entries in CSC, scipy.sparse.linalg.splu plus one refinement step), for every
+--batches, --loads and --cvs. Ratios are against "before".
+
+    python bench/solve_bench.py --linear-solvers --loads 0.6 0.9 --cvs 0 1
 """
 
 from __future__ import annotations
@@ -44,7 +52,10 @@ sys.path.insert(0, str(ROOT))
 
 from solver import BatchingModel, ServiceProfile, solve  # noqa: E402
 from solver.evaluate import summarize  # noqa: E402
-from solver.pi import evaluate_policy  # noqa: E402
+import solver.pi  # noqa: E402
+import solver.smdp  # noqa: E402
+from scipy import linalg  # noqa: E402
+from solver.pi import PolicyValues, evaluate_policy  # noqa: E402
 from solver.rvi import relative_value_iteration  # noqa: E402
 from solver.tail import build  # noqa: E402
 
@@ -136,6 +147,61 @@ def fmt_ms(s: float) -> str:
     return f"{s * 1e3:9.1f}"
 
 
+def evaluate_policy_before(smdp, actions, linear_solver=None):
+    """The dense evaluation as it was before the in-place build (kept here to measure against)."""
+    P, c, tau = smdp.policy_arrays(actions)
+    A = -P
+    A[np.diag_indices_from(A)] += 1.0
+    A[:, 0] = tau
+    lu = linalg.lu_factor(A, check_finite=False)
+    x = linalg.lu_solve(lu, c, check_finite=False)
+    h = x.copy()
+    h[0] = 0.0
+    e0 = np.zeros(smdp.n_states)
+    e0[0] = 1.0
+    y = np.clip(linalg.lu_solve(lu, e0, trans=1, check_finite=False), 0.0, None)
+    return PolicyValues(float(x[0]), h, y / y.sum())
+
+
+def solve_with(m: BatchingModel, variant: str):
+    if variant != "before":
+        return solve(m, linear_solver=variant)
+    saved = solver.pi.evaluate_policy, solver.smdp.evaluate_policy
+    solver.pi.evaluate_policy = solver.smdp.evaluate_policy = evaluate_policy_before
+    try:
+        return solve(m)
+    finally:
+        solver.pi.evaluate_policy, solver.smdp.evaluate_policy = saved
+
+
+def compare_linear_solvers(args) -> int:
+    variants = ("before", "dense", "sparse")
+    print(f"solve(model): PI, automatic N, cold; w = {args.weight:g} s/W, idle {IDLE_W} W; best of "
+          f"{args.repeat} (time), tracemalloc peak (memory); ratios against 'before'")
+    header = (f"{'cv':>3} {'B':>4} {'load':>5} {'N':>5} {'its':>4} "
+              + " ".join(f"{v + ' ms':>10} {v + ' MB':>10}" for v in variants)
+              + f" {'dense/bef t':>11} {'dense/bef m':>11} {'sparse/bef t':>12} {'sparse/bef m':>12} {'max rel dg':>10} {'same pol':>8}")
+    print(header)
+    print("-" * len(header))
+    for cv in args.cvs:
+        for B in args.batches:
+            for load in args.loads:
+                m = make_model(B, load, args.weight, cv)
+                runs = {v: measured(lambda v=v: solve_with(m, v), args.repeat) for v in variants}
+                ref = runs["before"][0]
+                dg = max(abs(r.gain - ref.gain) / ref.gain for r, _, _ in runs.values())
+                same = all(r.truncation == ref.truncation and np.array_equal(r.policy.actions, ref.policy.actions)
+                           for r, _, _ in runs.values())
+                t = {v: runs[v][1] for v in variants}
+                mem = {v: runs[v][2] for v in variants}
+                print(f"{cv:>3g} {B:>4} {load:>5.2f} {ref.truncation:>5} {ref.iterations:>4} "
+                      + " ".join(f"{fmt_ms(t[v]):>10} {mem[v] / 2**20:>10.1f}" for v in variants)
+                      + f" {t['dense'] / t['before']:>11.2f} {mem['dense'] / mem['before']:>11.2f}"
+                      f" {t['sparse'] / t['before']:>12.2f} {mem['sparse'] / mem['before']:>12.2f} {dg:>10.1e} {str(same):>8}")
+                sys.stdout.flush()
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128, 256])
@@ -148,7 +214,12 @@ def main(argv=None) -> int:
     ap.add_argument("--plain-cap", type=int, default=3000, help="largest truncation tried")
     ap.add_argument("--repeat", type=int, default=5, help="timing repeats for the fast solves (best of)")
     ap.add_argument("--no-rvi", action="store_true", help="skip both RVI runs (PI only)")
+    ap.add_argument("--linear-solvers", action="store_true",
+                    help="compare the LU of policy evaluation: before / dense / sparse (module doc)")
+    ap.add_argument("--cvs", type=float, nargs="+", default=[0.0, 1.0], help="service CVs for --linear-solvers")
     args = ap.parse_args(argv)
+    if args.linear_solvers:
+        return compare_linear_solvers(args)
 
     print(f"idle power {IDLE_W} W (assumed); w = {args.weight:g} s/W; service CV {args.cv:g}; "
           f"RVI tol {args.rvi_tol:g}; Nmin: gain within {args.match:g} of the reference, same policy")
