@@ -38,6 +38,7 @@ __all__ = [
     "merge",
     "split",
     "validate_request",
+    "RequestValidator",
     "DTYPE_SIZE",
 ]
 
@@ -536,70 +537,104 @@ def validate_request(req: ModelInferRequest, model_config: model_config_pb2.Mode
     data sizes (raw blobs, typed contents, shared-memory byte sizes), requested outputs exist.
     Not modelled: shape tensors and ragged batching details, which Triton still checks itself.
     """
-    tag = _req_tag(req)
-    model = model_config.name or req.model_name
-    batching = model_config.max_batch_size > 0
-    cfg_inputs = {i.name: i for i in model_config.input}
-    seen: list[str] = []
-    batch = None
-    for t in req.inputs:
-        if t.name in seen:
-            raise MalformedRequest(f"{tag}input '{t.name}' already exists in request for model '{model}'")
-        ci = cfg_inputs.get(t.name)
-        if ci is None:
-            raise MalformedRequest(
-                f"{tag}unexpected inference input '{t.name}' for model '{model}', allowed inputs are: "
-                + ", ".join(cfg_inputs)
-            )
-        seen.append(t.name)
-        expected = _config_dtype(ci.data_type)
-        if t.datatype != expected:
-            raise MalformedRequest(
-                f"{tag}inference input '{t.name}' data-type is '{t.datatype}', but model '{model}' expects '{expected}'"
-            )
-        shape = list(t.shape)
-        if any(d < 0 for d in shape):
-            raise MalformedRequest(f"{tag}input '{t.name}' for model '{model}' has a negative dimension in shape {_fmt(shape)}")
-        full_dims = ([-1] if batching else []) + list(ci.dims)
-        if not _dims_match(shape, full_dims):
-            note = (
-                " NOTE: Setting a non-zero max_batch_size in the model config requires a batch dimension "
-                "to be prepended to each input shape."
-                if batching
-                else ""
-            )
-            raise MalformedRequest(
-                f"{tag}unexpected shape for input '{t.name}' for model '{model}'. "
-                f"Expected {_fmt(full_dims)}, got {_fmt(shape)}.{note}"
-            )
-        if batching:
-            if batch is None:
-                batch = shape[0]
-            elif shape[0] != batch:
-                raise MalformedRequest(f"{tag}input '{t.name}' batch size does not match other inputs for '{model}'")
-    missing = [i.name for i in model_config.input if not i.optional and i.name not in seen]
-    if missing:
-        raise MalformedRequest(
-            f"{tag}expected {len(model_config.input)} inputs but got {len(seen)} inputs for model '{model}'. "
-            f"Got input(s) {seen}, but missing required input(s) {missing}. Please provide all required input(s)."
-        )
-    if batching and batch is not None and batch > model_config.max_batch_size:
-        raise MalformedRequest(
-            f"{tag}inference request batch-size must be <= {model_config.max_batch_size} for '{model}'"
-        )
-    cfg_outputs = [o.name for o in model_config.output]
-    for o in req.outputs:
-        if o.name not in cfg_outputs:
-            raise MalformedRequest(
-                f"{tag}unexpected inference output '{o.name}' for model '{model}', allowed outputs are: "
-                + ", ".join(cfg_outputs)
-            )
-    _input_blobs(req, allow_shm=True)
-    for t in req.inputs:
-        if t.datatype != "BYTES" and t.parameters and "shared_memory_byte_size" in t.parameters:
-            got = t.parameters["shared_memory_byte_size"].int64_param
-            want = math.prod(t.shape) * DTYPE_SIZE[t.datatype]
-            if got != want:
+    RequestValidator(model_config).check(req)
+
+
+class RequestValidator:
+    """``validate_request`` for one model config, with what the config implies worked out once.
+
+    The gate builds one per model and calls ``check`` per request: the checks and messages are
+    exactly ``validate_request``'s; only the config side (expected datatypes, full dims, required
+    inputs, output names) is not recomputed for every request. The config must not change afterwards.
+    """
+
+    __slots__ = ("config", "_model", "_batching", "_max_batch", "_inputs", "_allowed", "_required", "_n_inputs",
+                 "_outputs")
+
+    def __init__(self, model_config: model_config_pb2.ModelConfig) -> None:
+        self.config = model_config
+        self._model = model_config.name
+        self._batching = model_config.max_batch_size > 0
+        self._max_batch = model_config.max_batch_size
+        lead = [-1] if self._batching else []
+        self._inputs = {i.name: (_config_dtype(i.data_type), lead + list(i.dims)) for i in model_config.input}
+        self._allowed = ", ".join(i.name for i in model_config.input)
+        self._required = [i.name for i in model_config.input if not i.optional]
+        self._n_inputs = len(model_config.input)
+        self._outputs = [o.name for o in model_config.output]
+
+    def check(self, req: ModelInferRequest) -> None:
+        """Raise MalformedRequest for what Triton would refuse (see ``validate_request``)."""
+        model = self._model or req.model_name
+        batching = self._batching
+        seen: list[str] = []
+        batch = None
+        for t in req.inputs:
+            name = t.name
+            if name in seen:
+                raise MalformedRequest(f"{_req_tag(req)}input '{name}' already exists in request for model '{model}'")
+            ci = self._inputs.get(name)
+            if ci is None:
                 raise MalformedRequest(
-                    f"{tag}input byte size mismatch for input '{t.name}' for model '{model}'. Expected {want}, got {got}"
+                    f"{_req_tag(req)}unexpected inference input '{name}' for model '{model}', allowed inputs are: "
+                    + self._allowed
                 )
+            seen.append(name)
+            expected, full_dims = ci
+            if t.datatype != expected:
+                raise MalformedRequest(
+                    f"{_req_tag(req)}inference input '{name}' data-type is '{t.datatype}', but model '{model}' "
+                    f"expects '{expected}'"
+                )
+            shape = list(t.shape)
+            if shape and min(shape) < 0:
+                raise MalformedRequest(
+                    f"{_req_tag(req)}input '{name}' for model '{model}' has a negative dimension in shape {_fmt(shape)}"
+                )
+            if not _dims_match(shape, full_dims):
+                note = (
+                    " NOTE: Setting a non-zero max_batch_size in the model config requires a batch dimension "
+                    "to be prepended to each input shape."
+                    if batching
+                    else ""
+                )
+                raise MalformedRequest(
+                    f"{_req_tag(req)}unexpected shape for input '{name}' for model '{model}'. "
+                    f"Expected {_fmt(full_dims)}, got {_fmt(shape)}.{note}"
+                )
+            if batching:
+                if batch is None:
+                    batch = shape[0]
+                elif shape[0] != batch:
+                    raise MalformedRequest(
+                        f"{_req_tag(req)}input '{name}' batch size does not match other inputs for '{model}'"
+                    )
+        missing = [n for n in self._required if n not in seen]
+        if missing:
+            raise MalformedRequest(
+                f"{_req_tag(req)}expected {self._n_inputs} inputs but got {len(seen)} inputs for model '{model}'. "
+                f"Got input(s) {seen}, but missing required input(s) {missing}. Please provide all required input(s)."
+            )
+        if batching and batch is not None and batch > self._max_batch:
+            raise MalformedRequest(
+                f"{_req_tag(req)}inference request batch-size must be <= {self._max_batch} for '{model}'"
+            )
+        outputs = req.outputs
+        if outputs:
+            cfg_outputs = self._outputs
+            for o in outputs:
+                if o.name not in cfg_outputs:
+                    raise MalformedRequest(
+                        f"{_req_tag(req)}unexpected inference output '{o.name}' for model '{model}', allowed outputs "
+                        "are: " + ", ".join(cfg_outputs)
+                    )
+        _input_blobs(req, allow_shm=True)
+        for t in req.inputs:
+            if t.datatype != "BYTES" and t.parameters and "shared_memory_byte_size" in t.parameters:
+                got = t.parameters["shared_memory_byte_size"].int64_param
+                want = math.prod(t.shape) * DTYPE_SIZE[t.datatype]
+                if got != want:
+                    raise MalformedRequest(
+                        f"{_req_tag(req)}input byte size mismatch for input '{t.name}' for model '{model}'. "
+                        f"Expected {want}, got {got}"
+                    )

@@ -30,7 +30,7 @@ from .adaptive import PolicyController, learning_options
 from .config import SidecarConfig
 from .gate import ModelGate, Pending, QueueFull
 from .metrics import SidecarMetrics
-from .merge import MalformedRequest, merge, merge_key, split, validate_request
+from .merge import MalformedRequest, RequestValidator, merge, merge_key, split
 from .policies import RuleInfo, build_rule
 
 log = logging.getLogger("smdp.sidecar")
@@ -191,6 +191,8 @@ class Sidecar:
         self._retired: dict[tuple[str, str], ModelState] = {}
         """Forgotten models' states (NOT_FOUND from Triton): reused by the next load when it can be."""
         self._tasks: set[asyncio.Task] = set()
+        self._validators: dict[tuple[str, str], RequestValidator] = {}
+        """Per model: the request checks of its config in force, worked out once per config."""
         self.metrics = SidecarMetrics()
         self._solver = None
         if config.solver_url:
@@ -463,7 +465,11 @@ class Sidecar:
         if state.gate is None:
             return await self._call_triton(request)
         try:
-            validate_request(request, state.config)
+            key = (state.name, state.version)
+            validator = self._validators.get(key)
+            if validator is None or validator.config is not state.config:
+                validator = self._validators[key] = RequestValidator(state.config)
+            validator.check(request)
         except MalformedRequest as exc:
             self.metrics.request_rejected(state.name, "invalid_argument")
             raise GateError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
@@ -482,7 +488,9 @@ class Sidecar:
             except GateError:
                 self.metrics.request_rejected(state.name, "invalid_argument")
                 raise
-        rows = int(request.inputs[0].shape[0]) if request.inputs and request.inputs[0].shape else 1
+        inputs = request.inputs
+        shape = inputs[0].shape if inputs else None
+        rows = int(shape[0]) if shape else 1
         call = _Call(request, self._loop.create_future())
         item = Pending(
             key=merge_key(request),
