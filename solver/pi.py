@@ -7,7 +7,7 @@ y = pi / (pi . tau) (rows of I - P sum to zero, so y^T (I - P) = 0 follows from 
 
 The system is not sparse enough for a sparse LU to pay: row n holds the whole K pmf window from
 n - a, and that window is about N / 2 wide for deterministic service and all of 0..N for CV 1 (the
-negative-binomial tail is still above 1e-20 at N), so 45-60% of the entries are nonzero and SuperLU
+negative-binomial tail is still above 1e-20 at N), so 46-69% of the entries are nonzero and SuperLU
 fills most of the rest (RESULTS.md section 4 measures both). ``linear_solver="sparse"`` (scipy
 ``splu`` on the same entries) is kept for comparison and for policies with short windows; the
 default is the dense LU on one Fortran-ordered array built in place, factored without a copy.
@@ -40,7 +40,8 @@ class SingularPolicyError(ArithmeticError):
 
 LINEAR_SOLVERS = ("dense", "sparse")
 DEFAULT_LINEAR_SOLVER = "dense"
-"""Measured faster at every size the solver reaches (module docstring, RESULTS.md section 4)."""
+"""Less memory than sparse everywhere and faster at CV 1 with N >= 1300; sparse may be faster for
+deterministic service (measured only on a contended machine, RESULTS.md section 4)."""
 
 
 def _check_solver(linear_solver: str | None) -> str:
