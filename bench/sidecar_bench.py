@@ -20,8 +20,10 @@ import argparse
 import asyncio
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +35,7 @@ from tritonclient.grpc import service_pb2
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from plugin.triton_server import EmbeddedTriton, TritonConfig  # noqa: E402
+from plugin.triton_server import DEFAULT_REPOSITORY, EmbeddedTriton, TritonConfig  # noqa: E402
 
 INPUT_DIM = {"cpu_mlp": 256, "emulated_gpu": 16}
 
@@ -45,6 +47,22 @@ def request(model: str, rows: int = 1) -> bytes:
     req.raw_input_contents.append(x.tobytes())
     del t
     return req.SerializeToString()
+
+
+def without_dynamic_batching(model: str, dest: Path) -> Path:
+    """A copy of the model's repository entry with its ``dynamic_batching`` block removed."""
+    shutil.copytree(DEFAULT_REPOSITORY / model, dest / model)
+    cfg = dest / model / "config.pbtxt"
+    text = cfg.read_text()
+    start = text.index("dynamic_batching")
+    i = text.index("{", start)
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            break
+    cfg.write_text(text[:start] + text[j + 1:])
+    return dest
 
 
 def cpu_seconds(pid: int) -> float:
@@ -168,12 +186,17 @@ def main() -> int:
     ap.add_argument("--policy", default="greedy")
     ap.add_argument("--proxies", default="aio",
                     help=f"comma-separated pass-through proxy contenders, of {', '.join(PROXY_KINDS)} ('' = none)")
+    ap.add_argument("--triton-batching", choices=["on", "off"], default="on",
+                    help="off: Triton runs the model without its dynamic_batching block (no batcher stalls; "
+                    "only the sidecar forms batches)")
     ap.add_argument("--baseline", type=Path, default=None, metavar="DIR",
                     help="also run a sidecar from another source tree (e.g. an older commit), same run")
     args = ap.parse_args()
 
     payload = request(args.model)
-    triton = EmbeddedTriton(TritonConfig(models=(args.model,))).start()
+    tmp = tempfile.TemporaryDirectory(prefix="sidecar-bench-")
+    repo = DEFAULT_REPOSITORY if args.triton_batching == "on" else without_dynamic_batching(args.model, Path(tmp.name))
+    triton = EmbeddedTriton(TritonConfig(repository=repo, models=(args.model,))).start()
     paths = [Path_("direct", triton.grpc_url)]
     try:
         for kind in filter(None, args.proxies.split(",")):
@@ -207,7 +230,8 @@ def main() -> int:
                 for p in paths), flush=True)
         print(f"\nSidecar overhead, model {args.model}, policy {args.policy}; client, sidecar and Triton "
               f"share {os.cpu_count()} cores; medians over {args.rounds} round(s), "
-              f"{args.requests} requests at low load, {args.seconds:g} s x {args.concurrency} in flight at saturation\n")
+              f"{args.requests} requests at low load, {args.seconds:g} s x {args.concurrency} in flight at saturation; "
+              f"Triton's dynamic batching {args.triton_batching}\n")
         print(f"{'path':17} | {'low load p50 ms':>15} {'p99 ms':>8} {'proxy CPU us/req':>16} | "
               f"{'saturation req/s':>16} {'p50 ms':>8} {'p99 ms':>8} | {'Triton CPU us/req':>17} "
               f"{'proxy CPU us/req':>16}")
@@ -233,6 +257,7 @@ def main() -> int:
                 p.proc.terminate()
                 p.proc.wait(10)
         triton.stop()
+        tmp.cleanup()
     return 0
 
 
