@@ -103,6 +103,10 @@ def learning_options(config: Any, model: str) -> dict[str, Any]:
     )}
 
 
+NEAR_CAPACITY = 0.95
+"""Rates at or above this fraction of capacity, short of a significant overload, are solved here."""
+
+
 class PolicyController:
     """The adaptive policy of one model; all methods run on the sidecar's event loop."""
 
@@ -141,6 +145,8 @@ class PolicyController:
         self.drift_tolerance = drift_tolerance
         self.refresh_s = 3.0 * window_s
         self.current: Solution | None = None
+        self._rate_lo = 0.0
+        """Lower confidence bound of the rate the next solve is for (an overload must be significant)."""
         self.version = 0
         self.installed_at = clock()
         self.solver_reachable = solver is None
@@ -332,6 +338,7 @@ class PolicyController:
             # Steps (up, down, or silence) are the CUSUM's job: when it fires, the estimate restarts
             # at the change point, so the new policy is solved for the new rate, not a blend.
             est = self.rate.estimate(now)
+            self._rate_lo = est.lo
             if self._dirty or self.rate.changed(now) or not self.solver_reachable:
                 return est.rate
             # Slow drifts smaller than the detector's ratio: a periodic look, long enough after the
@@ -346,7 +353,9 @@ class PolicyController:
                 return est.rate
             return None
         if self._dirty and (self.current is not None or self._initial_rate is not None):
-            return self.current.rate_rps if self.current is not None else self._initial_rate
+            rate = self.current.rate_rps if self.current is not None else self._initial_rate
+            self._rate_lo = rate  # a configured or already-solved rate: taken as exact
+            return rate
         return None
 
     def tick(self, now: float) -> asyncio.Task | None:
@@ -377,7 +386,7 @@ class PolicyController:
         self.installed_at = self._clock()
         self._install(solution.policy)  # atomic: one assignment between two decisions
         self.rate.reset(self._clock(), solution.rate_rps)
-        if not self.note.startswith("overload") and not self.note.startswith("latency target"):
+        if not self.note.startswith(("overload", "latency target", "estimated rate")):
             self.note = ""
         log.info(
             "%s: policy v%d for %.1f req/s, w=%.3g (%s): threshold %s, predicted W %.3f ms, P %.1f W",
@@ -388,12 +397,19 @@ class PolicyController:
     async def _solution_for(self, rate: float) -> Solution:
         self.note = ""
         capacity = self.max_batch / float(self._solving.mean_s[self.max_batch - 1])
-        if rate >= capacity:
+        if rate >= capacity and self._rate_lo >= capacity:
             # No stationary policy exists; serve full batches, the bounded queue sheds the excess.
             self.note = (f"overload: estimated rate {rate:.1f}/s >= capacity {capacity:.1f}/s; "
                          "serving full batches, excess is refused with RESOURCE_EXHAUSTED")
             return Solution(greedy(self.max_batch), rate, self.weight, math.inf, math.nan, math.inf, self.max_batch,
                             "overload fallback", self._profile_source())
+        if rate >= NEAR_CAPACITY * capacity:
+            # At or past capacity but not significantly so (the interval reaches below it): a noisy
+            # estimate near the limit, not an overload. Solve just below capacity, where the SMDP
+            # still has a policy (and it serves nearly full batches there anyway).
+            self.note = (f"estimated rate {rate:.1f}/s is within its confidence interval of capacity "
+                         f"{capacity:.1f}/s: solved for {NEAR_CAPACITY * capacity:.1f}/s")
+            rate = NEAR_CAPACITY * capacity
         if self.latency_target_s is None:
             return await self._solve(rate, self.weight)
         return await self._search_weight(rate, self.latency_target_s)

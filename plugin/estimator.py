@@ -100,6 +100,7 @@ class RateEstimator:
         change_ratio: float = 2.0,
         false_alarm_arrivals: float = 1e6,
         min_arrivals: int = 20,
+        settle_arrivals: int = 100,
     ) -> None:
         self.window_s = _check("window_s", window_s)
         if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 1:
@@ -110,6 +111,9 @@ class RateEstimator:
         if isinstance(min_arrivals, bool) or not isinstance(min_arrivals, int) or min_arrivals < 1:
             raise ValueError(f"min_arrivals must be an integer >= 1, got {min_arrivals!r}")
         self.min_arrivals = min_arrivals
+        if isinstance(settle_arrivals, bool) or not isinstance(settle_arrivals, int) or settle_arrivals < 1:
+            raise ValueError(f"settle_arrivals must be an integer >= 1, got {settle_arrivals!r}")
+        self.settle_arrivals = settle_arrivals
         start_s = float(start_s)
         if not math.isfinite(start_s):
             raise ValueError(f"start_s must be finite, got {start_s!r}")
@@ -232,8 +236,16 @@ class RateEstimator:
         return RateEstimate(rate=rate, lo=lo, hi=hi, n=n, span_s=span, confidence=self.confidence)
 
     def ready(self, now: float) -> bool:
-        """Enough arrivals in the current span to solve for."""
-        return self.estimate(now).n >= self.min_arrivals
+        """Enough arrivals in the current span to solve for.
+
+        After a detected change the estimate restarts at the change point, which the CUSUM places
+        where the new regime looked strongest: the first few arrivals after it overstate the change
+        (a selection bias), and a solve for them chases noise (seen on a trace replay: a rise from about
+        410 to 430/s read as 665/s, above capacity, from the first 30 arrivals). So a new regime must show ``settle_arrivals``
+        arrivals (100: about +-20% at 95%) before it is solved for.
+        """
+        need = max(self.min_arrivals, self.settle_arrivals) if self._alarm is not None else self.min_arrivals
+        return self.estimate(now).n >= need
 
     # -- change detection ----------------------------------------------------------------------
 

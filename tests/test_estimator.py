@@ -319,3 +319,38 @@ def test_power_source_measured_then_modelled() -> None:
     assert src.reading(200.0, elapsed_s=10.0, batch_counts=counts, busy_s=0.6).modelled
     with pytest.raises(ValueError, match="larger than the profile"):
         src.modelled(1.0, np.ones(12), 0.1)
+
+
+def _first_ready_estimate(seed: int, settle: int) -> tuple[int, float]:
+    """(arrivals since the change point, rate) when ``ready`` first holds after a 100 -> 300/s step."""
+    rng = np.random.default_rng(300 + seed)
+    est = RateEstimator(0.0, window_s=30.0, min_arrivals=20, settle_arrivals=settle)
+    est.reset(0.0, 100.0)
+    before = poisson_times(rng, 100.0, 5_000)
+    feed(est, before)
+    for t in poisson_times(rng, 300.0, 2_000, start=float(before[-1])):
+        est.observe(float(t))
+        if est.alarm and est.ready(float(t)):
+            e = est.estimate(float(t))
+            return e.n, e.rate
+    raise AssertionError("the step was never ready to be solved for")
+
+
+def test_a_new_regime_is_solved_for_only_once_it_has_settled() -> None:
+    """Right after an alarm the estimate from the change point rests on a few arrivals and is biased
+    toward the change (the CUSUM puts the point where the new regime looked strongest). ``ready``
+    waits for settle_arrivals of them: over 40 steps the first estimate solved for is closer to the
+    true rate than one taken at min_arrivals, and its worst case far closer (measured: mean error
+    9.7% vs 14%, worst 32% vs 85%)."""
+    settled = [_first_ready_estimate(seed, 100) for seed in range(40)]
+    eager = [_first_ready_estimate(seed, 1) for seed in range(40)]
+    assert all(n >= 100 for n, _ in settled)
+    err_settled = np.array([abs(r / 300.0 - 1) for _, r in settled])
+    err_eager = np.array([abs(r / 300.0 - 1) for _, r in eager])
+    assert err_settled.mean() < 0.8 * err_eager.mean(), (err_settled.mean(), err_eager.mean())
+    assert err_settled.max() < 0.5 * err_eager.max() and err_settled.max() < 0.4, (err_settled.max(), err_eager.max())
+
+
+def test_settle_arrivals_is_validated() -> None:
+    with pytest.raises(ValueError, match="settle_arrivals must be an integer >= 1, got 0"):
+        RateEstimator(0.0, settle_arrivals=0)

@@ -377,3 +377,44 @@ def test_learning_options_come_from_the_config():
     assert lc.metrics_url is None and lc.triton_url is None
     with pytest.raises(ValueError):
         load_config(overrides={"models": {"m": {"policy": "greedy", "profile_drift": -0.1}}}, environ={})
+
+
+# -- near and past capacity ------------------------------------------------------------------------
+
+
+def _step_to(c: PolicyController, clock: Clock, rate: float, count: int) -> None:
+    """``count`` evenly spaced arrivals at ``rate`` from the clock's time on."""
+    for i in range(1, count + 1):
+        c.observe_arrival(clock.t + i / rate)
+    clock.t += count / rate
+
+
+def test_an_estimate_past_capacity_within_its_interval_is_solved_just_below_capacity(prior):
+    async def go():
+        clock = Clock()
+        c, installed = controller(prior, clock)
+        await _run_tick(c, clock.t)
+        capacity = c.capacity
+        _step_to(c, clock, 1.05 * capacity, 120)  # past capacity, but 120 arrivals cannot tell
+        await _run_tick(c, clock.t)
+        assert c.version == 2, c.note
+        assert c.current.source != "overload fallback"
+        assert c.current.rate_rps == pytest.approx(0.95 * capacity)
+        assert "within its confidence interval of capacity" in c.note
+        assert np.isfinite(c.current.mean_latency_s)
+
+    asyncio.run(go())
+
+
+def test_a_significant_overload_serves_full_batches(prior):
+    async def go():
+        clock = Clock()
+        c, installed = controller(prior, clock)
+        await _run_tick(c, clock.t)
+        capacity = c.capacity
+        _step_to(c, clock, 2.0 * capacity, 3000)
+        await _run_tick(c, clock.t)
+        assert c.current.source == "overload fallback" and c.note.startswith("overload")
+        assert np.array_equal(installed[-1].actions, greedy(B).actions)
+
+    asyncio.run(go())
