@@ -99,9 +99,11 @@ def plot_bars(report: "BenchReport", path: Path) -> Path:
             ax.set_xticklabels([r.contender for r in rows], rotation=25, ha="right", fontsize=7)
             ax.set_title(f"{label} at {rate:g} req/s")
             ax.grid(True, axis="y", alpha=0.3)
-        row_axes[0].legend(fontsize=7)
+    # one legend for the figure, in the title band: inside an axis it hid the last contender's bars
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(f"J = W + w P, w = {report.config.weight:g} s/W; {report.note}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
