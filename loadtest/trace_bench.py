@@ -158,9 +158,12 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                     safe = c.name.replace(" ", "_").replace(":", "_")
                     sidecar = SidecarProcess(stack.triton_url, spec, log_path=cfg.out_dir / f"sidecar-{safe}.log").start()
                     target = sidecar.url
-                    if c.adaptive and sidecar.control_url:
+                    if sidecar.control_url:
+                        # every gate is polled alike, so the trail plot's status reads cost the fixed
+                        # gate what they cost the adaptive one; only the adaptive gate's are kept
                         poller = threading.Thread(target=_poll_status, daemon=True,
-                                                  args=(sidecar.control_url, cfg.model, time.monotonic(), stop, trail))
+                                                  args=(sidecar.control_url, cfg.model, time.monotonic(), stop,
+                                                        trail if c.adaptive else []))
                         poller.start()
                 res = run_open_loop(target, cfg.model, times, timeout_s=cfg.request_timeout_s,
                                     required=(times >= lo) & (times < hi), drain_grace_s=1.0,
