@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ from smdp.v1 import smdp_pb2, smdp_pb2_grpc
 from solver.arrivals import poisson, steps
 from solver.model import BatchingModel, ServiceProfile
 from solver.smdp import solve
+from slowed_triton import slowed_emulated_gpu
 
 pytestmark = pytest.mark.integration
 
@@ -31,25 +31,15 @@ SCALE = 20
 @pytest.fixture(scope="module")
 def scaled(tmp_path_factory, triton_runnable):
     """A Triton whose emulated GPU is SCALE x slower than a V100, and the matching profile CSV."""
-    from plugin.triton_server import EmbeddedTriton, TritonConfig
-
     tmp = tmp_path_factory.mktemp("adaptive")
-    shutil.copytree(ROOT / "model_repository" / "emulated_gpu", tmp / "repo" / "emulated_gpu")
-    cfg = tmp / "repo" / "emulated_gpu" / "config.pbtxt"
-    cfg.write_text(cfg.read_text().replace('key: "time_scale", value: { string_value: "1" }',
-                                           f'key: "time_scale", value: {{ string_value: "{SCALE}" }}'))
     base = ServiceProfile.from_csv(ROOT / "profiles" / "v100_resnet50.csv")
     csv = tmp / "v100_x20.csv"
     rows = ["batch_size,mean_service_s,batch_energy_j"]
     for b in (1, 2, 4, 8, 64, 128):  # the published rows, scaled: same power, SCALE x the time
         rows.append(f"{b},{base.mean_s[b - 1] * SCALE!r},{base.energy_j[b - 1] * SCALE!r}")
     csv.write_text("\n".join(rows) + "\n")
-    server = EmbeddedTriton(TritonConfig(repository=tmp / "repo", models=("emulated_gpu",)))
-    server.start()
-    try:
+    with slowed_emulated_gpu(tmp, SCALE) as server:
         yield server, csv
-    finally:
-        server.stop()
 
 
 @contextmanager
@@ -322,26 +312,8 @@ def scaled_unbatched(tmp_path_factory, triton_runnable):
     rightly learns that into tau(b) (its slot is held), but it would blur the comparison with the
     emulated times this test makes.
     """
-    from plugin.triton_server import EmbeddedTriton, TritonConfig
-
-    tmp = tmp_path_factory.mktemp("learning")
-    shutil.copytree(ROOT / "model_repository" / "emulated_gpu", tmp / "repo" / "emulated_gpu")
-    cfg = tmp / "repo" / "emulated_gpu" / "config.pbtxt"
-    text = cfg.read_text().replace('key: "time_scale", value: { string_value: "1" }',
-                                   f'key: "time_scale", value: {{ string_value: "{SCALE}" }}')
-    start = text.index("dynamic_batching {")
-    depth, end = 0, start
-    for end in range(start, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[end], 0)
-        if depth == 0 and text[end] == "}":
-            break
-    cfg.write_text(text[:start] + text[end + 1:])
-    server = EmbeddedTriton(TritonConfig(repository=tmp / "repo", models=("emulated_gpu",)))
-    server.start()
-    try:
+    with slowed_emulated_gpu(tmp_path_factory.mktemp("learning"), SCALE, dynamic_batching=False) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_a_profile_2x_too_fast_is_learned_from_the_batches_and_the_policy_resolved(scaled_unbatched, tmp_path):

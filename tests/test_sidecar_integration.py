@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from plugin.config import load_config
 from plugin.runner import SidecarThread
+from slowed_triton import slowed_emulated_gpu
 
 pytestmark = pytest.mark.integration
 
@@ -74,21 +74,8 @@ def slow_triton(triton_factory_module):
 
 @pytest.fixture(scope="module")
 def triton_factory_module(tmp_path_factory, triton_runnable):
-    from plugin.triton_server import EmbeddedTriton, TritonConfig
-
-    repo = tmp_path_factory.mktemp("repo")
-    shutil.copytree(REPO / "emulated_gpu", repo / "emulated_gpu")
-    cfg = repo / "emulated_gpu" / "config.pbtxt"
-    text = cfg.read_text()
-    assert 'key: "time_scale", value: { string_value: "1" }' in text
-    cfg.write_text(text.replace('key: "time_scale", value: { string_value: "1" }',
-                                f'key: "time_scale", value: {{ string_value: "{SCALE}" }}'))
-    server = EmbeddedTriton(TritonConfig(repository=repo, models=("emulated_gpu",)))
-    server.start()
-    try:
+    with slowed_emulated_gpu(tmp_path_factory.mktemp("slow"), SCALE) as server:
         yield server
-    finally:
-        server.stop()
 
 
 # -- protocol fidelity ---------------------------------------------------------------------------

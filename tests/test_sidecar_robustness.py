@@ -16,6 +16,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2
 from plugin.config import load_config
 from plugin.gate import Pending
 from plugin.server import GateError, Sidecar, _priority_level, _Servicer
+from slowed_triton import slowed_emulated_gpu
 
 REPO = Path(__file__).resolve().parents[1] / "model_repository"
 
@@ -447,23 +448,8 @@ SLOW = 200  # emulated service times x200: a batch of 1 takes ~0.42 s, of 32 row
 
 @pytest.fixture(scope="module")
 def slower_triton(tmp_path_factory, triton_runnable):
-    import shutil
-
-    from plugin.triton_server import EmbeddedTriton, TritonConfig
-
-    repo = tmp_path_factory.mktemp("repo")
-    shutil.copytree(REPO / "emulated_gpu", repo / "emulated_gpu")
-    cfg = repo / "emulated_gpu" / "config.pbtxt"
-    text = cfg.read_text()
-    old = 'key: "time_scale", value: { string_value: "1" }'
-    assert old in text
-    cfg.write_text(text.replace(old, f'key: "time_scale", value: {{ string_value: "{SLOW}" }}'))
-    server = EmbeddedTriton(TritonConfig(repository=repo, models=("emulated_gpu",)))
-    server.start()
-    try:
+    with slowed_emulated_gpu(tmp_path_factory.mktemp("slower"), SLOW) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _sidecar(triton_url: str, **overrides):
