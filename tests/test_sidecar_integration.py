@@ -21,7 +21,6 @@ from slowed_triton import slowed_emulated_gpu
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[1] / "model_repository"
 SCALE = 20  # emulated service times x20: batch of 1 takes ~42 ms, so arrival order is unambiguous
 
 
