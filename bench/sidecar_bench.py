@@ -114,19 +114,23 @@ async def saturation(url: str, payload: bytes, seconds: float, concurrency: int)
         return np.array(lats), time.perf_counter() - t0
 
 
-def start_sidecar(triton_url: str, policy: str, root: Path = ROOT) -> tuple[subprocess.Popen, str]:
+def start_sidecar(triton_url: str, policy: str, root: Path = ROOT, data_plane: str = "python"
+                  ) -> tuple[subprocess.Popen, str]:
+    plane = ["--data-plane", data_plane] if data_plane != "python" else []  # a baseline tree may predate it
     proc = subprocess.Popen(
         [sys.executable, "-m", "smdp.cli", "serve", "--listen", "127.0.0.1:0", "--triton", triton_url,
          "--policy", policy, "--control-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
-         "--log-level", "WARNING"],
+         "--log-level", "WARNING", *plane],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root,
     )
-    line = proc.stdout.readline()
-    m = re.search(r"listening on ([\d.]+:\d+)", line)
-    if not m:
-        proc.kill()
-        raise RuntimeError(f"sidecar did not start: {line}{proc.stdout.read()}")
-    return proc, m.group(1)
+    seen = ""
+    for line in proc.stdout:  # warnings may come first (e.g. about a model's dynamic_batching)
+        seen += line
+        m = re.search(r"listening on ([\d.]+:\d+)", line)
+        if m:
+            return proc, m.group(1)
+    proc.kill()
+    raise RuntimeError(f"sidecar did not start: {seen}")
 
 
 PROXY_KINDS = {  # --proxies name: passthrough_proxy.py arguments

@@ -26,6 +26,8 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--listen", help="host:port for the inference API (default 127.0.0.1:8011; port 0 = free)")
     p.add_argument("--triton", dest="triton_url", help="host:port of Triton's gRPC endpoint (default 127.0.0.1:8001)")
     p.add_argument("--mode", choices=["merged", "released"], help="how a chosen batch is sent to Triton")
+    p.add_argument("--data-plane", choices=["python", "native"],
+                   help="what carries inference: the Python gate (default) or the C++ smdp-gate (make native)")
     p.add_argument("--max-queue", type=int, help="requests that may wait per model (default 1024)")
     p.add_argument("--policy", help="default policy: greedy | smdp | static:B0 | threshold:K | timeout:SECONDS")
     p.add_argument("--profile", help="profile CSV for the smdp policy")
@@ -67,6 +69,7 @@ def _run(args: argparse.Namespace) -> int:
         "listen": args.listen,
         "triton_url": args.triton_url,
         "mode": args.mode,
+        "data_plane": args.data_plane,
         "max_queue": args.max_queue,
         "solver_url": args.solver_url,
         "control_listen": args.control_listen,

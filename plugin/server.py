@@ -30,6 +30,7 @@ from .adaptive import PolicyController, learning_options
 from .config import SidecarConfig
 from .gate import ModelGate, Pending, QueueFull
 from .metrics import SidecarMetrics
+from .native_plane import NativeGateView, NativePlane, monotonic_offset
 from .merge import MalformedRequest, RequestValidator, merge, merge_key, split
 from .policies import RuleInfo, build_rule
 
@@ -38,6 +39,7 @@ log = logging.getLogger("smdp.sidecar")
 SERVICE = "inference.GRPCInferenceService"
 _SERVICE_DESC = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 _GATED = {"ModelInfer", "ModelStreamInfer"}
+_STATUS_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
 _REPOSITORY_CONTROL = {"RepositoryModelLoad", "RepositoryModelUnload"}
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),
@@ -199,9 +201,14 @@ class Sidecar:
             from solver.service import AsyncSolverClient
 
             self._solver = AsyncSolverClient(config.solver_url, timeout_s=config.solver_timeout_s)
+        self._native = None
+        """The native data plane (``data_plane: native``): a NativePlane once start_sidecar started it."""
+        self._native_loading: set[str] = set()
         self._retune = self._loop.create_task(self._retune_loop())
 
     async def close(self) -> None:
+        if self._native is not None:
+            await self._native.stop()
         self._retune.cancel()
         for state in [*self._models.values(), *self._retired.values()]:
             if state.timer:
@@ -336,6 +343,8 @@ class Sidecar:
             old.gate.set_slots(slots)
             old.priority_levels = levels
             old.default_priority = default_level or (levels or 0)
+            if self._native is not None:
+                old.gate.set_priorities(old.default_priority, levels)
             log.info("model %s is back: gating it as before (%d slot(s))", name, slots)
             return old
         gate = info = controller = profile = None
@@ -346,9 +355,17 @@ class Sidecar:
                 info, profile = self._adaptive_start(name, policy_cfg, cfg.max_batch_size)
             else:
                 info = await self._loop.run_in_executor(None, build_rule, name, policy_cfg, cfg.max_batch_size)
-            gate = ModelGate(
-                self._guarded(name, info.rule), slots=slots, max_queue=self.config.max_queue, max_rows=info.max_batch, clock=self._clock
-            )
+            if self._native is not None:
+                gate = NativeGateView(
+                    name, self._native.send, self._guarded(name, info.rule), slots=slots,
+                    max_queue=self.config.max_queue, default_priority=default_level or (levels or 0),
+                    priority_levels=levels, dispatch_priority=self.config.dispatch_priority,
+                )
+            else:
+                gate = ModelGate(
+                    self._guarded(name, info.rule), slots=slots, max_queue=self.config.max_queue,
+                    max_rows=info.max_batch, clock=self._clock,
+                )
             max_rows = info.max_batch
             log.info("gating model %s (B=%d, %d slot(s), policy %s)", name, info.max_batch, slots, info.spec)
             if self.config.mode == "merged" and cfg.HasField("dynamic_batching"):
@@ -453,6 +470,82 @@ class Sidecar:
         state.gate.set_rule(self._guarded(name, info.rule))
         self._pump(state)
 
+    # -- native data plane -------------------------------------------------------------------
+    def _native_event(self, kind: str, *args: Any) -> None:
+        """What the native gate reported: feed the estimator, the learner, the stats and metrics
+        exactly as the Python gate's own bookkeeping does (``infer``, ``_batch_done``)."""
+        if kind == "seen":
+            name = args[0]
+            if (name, "") in self._models or name in self._native_loading:
+                return
+            self._native_loading.add(name)
+            self._spawn(self._native_load(name))
+            return
+        if kind == "batch":
+            rep = args[0]
+            state = self._models.get((rep.model, ""))
+            if state is None:
+                return
+            elapsed = max(rep.end - rep.start, 0.0)
+            if rep.code != 0:
+                state.stats.failed_requests += rep.size
+            state.stats.record(rep.rows, elapsed)
+            if state.controller is not None:
+                state.controller.observe_batch(rep.rows, elapsed, state.stats.failed_requests)
+            self.metrics.batch_dispatched(state.name, rep.rows, "native")
+            self.metrics.batch_completed(state.name, rep.rows, elapsed)
+            state.stats.answered += rep.size
+            code = _STATUS_BY_NUMBER.get(rep.code, grpc.StatusCode.UNKNOWN)
+            for wait in rep.waits:
+                latency = wait + elapsed
+                state.stats.latency_sum_s += latency
+                state.stats.latency_n += 1
+                self.metrics.request_answered(state.name, "OK" if rep.code == 0 else code, latency)
+            return
+        state = self._models.get((args[0], ""))
+        if state is None or state.gate is None:
+            return
+        if kind == "arrive":
+            offset = monotonic_offset(self._clock)
+            for t in args[1]:
+                if state.controller is not None:
+                    state.controller.observe_arrival(t + offset)
+                self.metrics.request_arrived(state.name)
+        elif kind == "counters":
+            grown = state.gate.update(args[1])
+            for reason, key in (("queue_full", "rejected"), ("expired", "expired")):
+                for _ in range(max(grown.get(key, 0), 0)):
+                    self.metrics.request_rejected(state.name, reason)
+
+    async def _native_preload(self) -> None:
+        """Gate the models Triton has ready before the first request: the native gate relays a model
+        ungated until its policy arrives, so waiting for first traffic would let a burst through ungated.
+        Best effort: with Triton away, models are gated as their first requests are seen."""
+        index = self._channel.unary_unary(
+            f"/{SERVICE}/RepositoryIndex",
+            request_serializer=service_pb2.RepositoryIndexRequest.SerializeToString,
+            response_deserializer=service_pb2.RepositoryIndexResponse.FromString,
+        )
+        try:
+            resp = await index(service_pb2.RepositoryIndexRequest(ready=True), timeout=self.config.upstream_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            log.info("Triton's repository index is not available (%s): models are gated as they are seen",
+                     exc.code().name)
+            return
+        for model in resp.models:
+            if model.state == "READY" and (model.name, "") not in self._models:
+                await self._native_load(model.name)
+
+    async def _native_load(self, name: str) -> None:
+        """A model the native gate relays ungated: read its config and push its policy (once it batches).
+        The gate reports an ungated model with traffic again every second, so a failed load is retried."""
+        try:
+            await self.model_state(name, "")
+        except GateError as exc:
+            log.warning("cannot gate model %s yet: %s", name, exc.details)
+        finally:
+            self._native_loading.discard(name)
+
     # -- inference ---------------------------------------------------------------------------
     async def infer(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
         """One caller's request, answered exactly once (a response, or GateError)."""
@@ -535,6 +628,8 @@ class Sidecar:
         ``arrived``: the request whose arrival this epoch is. When the gate serves it alone, now, that
         batch is returned instead of given a task: its caller's coroutine dispatches it (``infer``).
         """
+        if self._native is not None:
+            return None  # the native gate decides; a new rule reached it with set_rule
         step = state.gate.poll()
         for item in step.expired:
             self._fail(item.payload, GateError(grpc.StatusCode.UNAVAILABLE, "Request timeout expired"))
@@ -918,7 +1013,8 @@ def _forward_metadata(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str
 class RunningSidecar:
     """A started sidecar server: its port, and how to stop it."""
 
-    server: grpc.aio.Server
+    server: grpc.aio.Server | None
+    """The Python inference server; None with the native data plane (its process serves inference)."""
     sidecar: Sidecar
     port: int
     health: Any
@@ -928,18 +1024,36 @@ class RunningSidecar:
     metrics_port: int | None = None
 
     async def stop(self, grace: float = 1.0) -> None:
-        await self.health.enter_graceful_shutdown()
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
         if self.control is not None:
             await self.control.stop(grace)
         if self.metrics_server is not None:
             self.metrics_server.stop()
-        await self.server.stop(grace)
+        if self.server is not None:
+            await self.server.stop(grace)
         await self.sidecar.close()
 
 
 async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
     """Build and start the sidecar server; binds ``config.listen`` (port 0 = a free port) and returns it."""
     sidecar = Sidecar(config)
+    if config.data_plane == "native":
+        try:
+            sidecar._native = await NativePlane.start(
+                listen=config.listen, triton_url=config.triton_url, max_queue=config.max_queue,
+                on_event=sidecar._native_event, binary=config.native_binary,
+                deny=() if config.allow_repository_control else tuple(sorted(_REPOSITORY_CONTROL)),
+            )
+        except BaseException:
+            await sidecar.close()
+            raise
+        log.info("native data plane (smdp-gate) listening on port %d, relaying to Triton at %s",
+                 sidecar._native.port, config.triton_url)
+        running = RunningSidecar(None, sidecar, sidecar._native.port, None)
+        await _start_side_servers(running, config)
+        await sidecar._native_preload()
+        return running
     servicer = _Servicer(sidecar)
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for m in _SERVICE_DESC.methods:
@@ -975,6 +1089,13 @@ async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
     await health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
     log.info("sidecar listening on port %d, relaying to Triton at %s", port, config.triton_url)
     running = RunningSidecar(server, sidecar, port, health)
+    await _start_side_servers(running, config)
+    return running
+
+
+async def _start_side_servers(running: RunningSidecar, config: SidecarConfig) -> None:
+    """The control API and the metrics endpoint, whichever plane carries inference."""
+    sidecar = running.sidecar
     if config.control_listen:
         from .control import start_control_server
         from .control_backend import SidecarControl
@@ -996,4 +1117,3 @@ async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
             await running.stop(0)
             raise
         log.info("Prometheus metrics on port %d", running.metrics_port)
-    return running

@@ -1,0 +1,245 @@
+// The native gate's decision core for one model: a bounded queue, in-flight slots and a batching rule.
+//
+// Plain code with no I/O and no clock of its own: every call takes `now` (seconds on any monotonic
+// clock), so each decision can be tested without a network or a real clock (test_gate_core.cc). It
+// mirrors plugin/gate.py's ModelGate, which is the reference: the server calls Poll() at each
+// decision epoch (an arrival, a completion, or a wake-up the core asked for) and carries out the
+// Step it returns. Not thread-safe: the server holds the model's mutex around every call.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <deque>
+#include <limits>
+#include <map>
+#include <optional>
+#include <queue>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace smdp {
+
+// The rule in force: a stationary SMDP policy table a(n), n = 0..N, and min(n, beyond) above it
+// (solver.policy.PolicyTable), optionally guarded (solver.policy.MaxWaitGuard): once the oldest
+// request has waited max_wait_s, serve min(n, B) whatever the table says. Triton's own rule
+// (solver.policy.TimeoutRule, "timeout:X") is the table a(n) = 0 below B, B from B on, guarded by X.
+struct Policy {
+  std::vector<int> table{0, 1};  // greedy, B = 1
+  int max_batch = 1;
+  int beyond = 1;
+  double max_wait_s = -1.0;      // < 0: no guard
+
+  // Throws std::invalid_argument naming the bad entry.
+  void Validate() const {
+    if (max_batch < 1) throw std::invalid_argument("max_batch must be >= 1, got " + std::to_string(max_batch));
+    if (beyond < 1 || beyond > max_batch)
+      throw std::invalid_argument("beyond must be in 1..B=" + std::to_string(max_batch) + ", got " +
+                                  std::to_string(beyond));
+    if (table.empty()) throw std::invalid_argument("policy table is empty");
+    for (size_t n = 0; n < table.size(); ++n) {
+      int a = table[n];
+      if (a < 0 || a > std::min<int>(static_cast<int>(n), max_batch))
+        throw std::invalid_argument("policy action a(" + std::to_string(n) + ") = " + std::to_string(a) +
+                                    " is outside 0..min(" + std::to_string(n) + ", B=" +
+                                    std::to_string(max_batch) + ")");
+    }
+    if (!(max_wait_s < 0.0) && !(max_wait_s < std::numeric_limits<double>::infinity()))
+      throw std::invalid_argument("max_wait must be finite");
+  }
+
+  // Batch size to serve with n waiting and the oldest waiting for `oldest_wait_s`; 0 = wait.
+  // `recheck_s` is set (>= 0) when waiting should be re-decided after that long with no event.
+  int Decide(int n, double oldest_wait_s, double* recheck_s) const {
+    *recheck_s = -1.0;
+    if (n <= 0) return 0;
+    if (max_wait_s >= 0.0 && oldest_wait_s >= max_wait_s) return std::min(n, max_batch);
+    int a = static_cast<size_t>(n) < table.size() ? table[n] : std::min(n, beyond);
+    if (a == 0 && max_wait_s >= 0.0) *recheck_s = max_wait_s - oldest_wait_s;
+    return a;
+  }
+};
+
+template <typename T>
+struct Pending {
+  std::string key;      // requests with equal non-empty keys may share a batch; empty goes alone
+  double arrival = 0;   // seconds, the caller's clock
+  int rows = 1;         // batch-dimension rows this request carries
+  int priority = 0;     // queue level, lower is more urgent (Triton's convention)
+  double deadline = std::numeric_limits<double>::infinity();
+  T payload{};          // opaque to the core
+  uint64_t seq = 0;
+  bool live = false;
+};
+
+template <typename T>
+struct Step {
+  std::vector<std::vector<Pending<T>*>> batches;  // one in-flight slot each, members oldest first
+  std::vector<Pending<T>*> expired;               // deadline passed while waiting
+  double wake_at = std::numeric_limits<double>::infinity();
+};
+
+struct GateCounters {
+  uint64_t submitted = 0, rejected = 0, cancelled = 0, expired = 0;
+  uint64_t dispatched_requests = 0, dispatched_batches = 0, decisions_wait = 0, decisions_serve = 0;
+};
+
+template <typename T>
+class ModelGate {
+ public:
+  ModelGate(Policy policy, int slots, int max_queue) : policy_(std::move(policy)) {
+    policy_.Validate();
+    if (slots < 1) throw std::invalid_argument("slots must be >= 1, got " + std::to_string(slots));
+    if (max_queue < 1) throw std::invalid_argument("max_queue must be >= 1, got " + std::to_string(max_queue));
+    slots_ = free_ = slots;
+    max_queue_ = max_queue;
+  }
+
+  const Policy& policy() const { return policy_; }
+  // Takes effect at the next decision, never inside one.
+  void SetPolicy(Policy p) {
+    p.Validate();
+    policy_ = std::move(p);
+  }
+  void SetSlots(int slots) {
+    if (slots < 1) throw std::invalid_argument("slots must be >= 1, got " + std::to_string(slots));
+    free_ += slots - slots_;
+    slots_ = slots;
+  }
+  void SetMaxQueue(int q) {
+    if (q < 1) throw std::invalid_argument("max_queue must be >= 1, got " + std::to_string(q));
+    max_queue_ = q;
+  }
+  int queue_length() const { return size_; }
+  int in_flight() const { return slots_ - free_; }
+  int slots() const { return slots_; }
+  const GateCounters& counters() const { return counters_; }
+
+  // Queue a request; false (and nothing queued) at the bound: the caller answers RESOURCE_EXHAUSTED.
+  bool Submit(Pending<T>* p) {
+    if (size_ >= max_queue_) {
+      ++counters_.rejected;
+      return false;
+    }
+    p->seq = seq_++;
+    p->live = true;
+    levels_[p->priority].push_back(p);
+    ++size_;
+    ++counters_.submitted;
+    if (p->deadline < std::numeric_limits<double>::infinity()) deadlines_.push({p->deadline, p->seq, p});
+    return true;
+  }
+
+  // Withdraw a waiting request (its caller went away); false if it was already dispatched.
+  bool Cancel(Pending<T>* p) {
+    if (!p->live) return false;
+    p->live = false;
+    --size_;
+    ++counters_.cancelled;
+    return true;
+  }
+
+  // A dispatched batch finished (successfully or not): its slot is free again.
+  void Complete() {
+    if (free_ >= slots_) throw std::logic_error("Complete() without a batch in flight");
+    ++free_;
+  }
+
+  // Every decision due now: drop expired requests, then fill free slots by the rule.
+  Step<T> Poll(double now) {
+    Step<T> step;
+    Expire(now, &step.expired);
+    while (free_ > 0 && size_ > 0) {
+      double recheck = -1.0;
+      int serve = policy_.Decide(size_, now - OldestArrival(), &recheck);
+      if (serve <= 0) {
+        ++counters_.decisions_wait;
+        if (recheck >= 0.0) step.wake_at = now + recheck;
+        break;
+      }
+      ++counters_.decisions_serve;
+      step.batches.push_back(Take(std::min(serve, size_)));
+      --free_;
+      ++counters_.dispatched_batches;
+      counters_.dispatched_requests += step.batches.back().size();
+    }
+    double d = NextDeadline();
+    if (d < step.wake_at) step.wake_at = d;
+    return step;
+  }
+
+ private:
+  using DeadlineEntry = std::tuple<double, uint64_t, Pending<T>*>;
+
+  void Expire(double now, std::vector<Pending<T>*>* out) {
+    while (!deadlines_.empty() && std::get<0>(deadlines_.top()) <= now) {
+      Pending<T>* p = std::get<2>(deadlines_.top());
+      deadlines_.pop();
+      if (p->live) {
+        p->live = false;
+        --size_;
+        out->push_back(p);
+        ++counters_.expired;
+      }
+    }
+  }
+
+  double NextDeadline() {
+    while (!deadlines_.empty() && !std::get<2>(deadlines_.top())->live) deadlines_.pop();
+    return deadlines_.empty() ? std::numeric_limits<double>::infinity() : std::get<0>(deadlines_.top());
+  }
+
+  Pending<T>* Head(std::deque<Pending<T>*>& q) {
+    while (!q.empty() && !q.front()->live) q.pop_front();
+    return q.empty() ? nullptr : q.front();
+  }
+
+  double OldestArrival() {
+    double oldest = std::numeric_limits<double>::infinity();
+    for (auto& [level, q] : levels_)
+      if (Pending<T>* h = Head(q)) oldest = std::min(oldest, h->arrival);
+    return oldest;
+  }
+
+  // The `count` most urgent requests that can share a batch with the most urgent one; rows are
+  // capped at B, since a request carrying several rows counts for all of them in Triton's batch.
+  std::vector<Pending<T>*> Take(int count) {
+    Pending<T>* head = nullptr;
+    for (auto& [level, q] : levels_)
+      if ((head = Head(q))) break;
+    std::vector<Pending<T>*> taken;
+    int rows = 0;
+    const int max_rows = policy_.max_batch;
+    for (auto& [level, q] : levels_) {
+      std::vector<Pending<T>*> skipped;
+      while (!q.empty() && static_cast<int>(taken.size()) < count) {
+        Pending<T>* p = q.front();
+        q.pop_front();
+        if (!p->live) continue;
+        if (p == head || (!head->key.empty() && p->key == head->key && rows + p->rows <= max_rows)) {
+          p->live = false;
+          taken.push_back(p);
+          rows += p->rows;
+          if (head->key.empty()) break;
+        } else {
+          skipped.push_back(p);
+          if (rows >= max_rows) break;
+        }
+      }
+      for (auto it = skipped.rbegin(); it != skipped.rend(); ++it) q.push_front(*it);
+      if (static_cast<int>(taken.size()) >= count || head->key.empty() || rows >= max_rows) break;
+    }
+    size_ -= static_cast<int>(taken.size());
+    return taken;
+  }
+
+  Policy policy_;
+  int slots_ = 1, free_ = 1, max_queue_ = 1, size_ = 0;
+  uint64_t seq_ = 0;
+  std::map<int, std::deque<Pending<T>*>> levels_;
+  std::priority_queue<DeadlineEntry, std::vector<DeadlineEntry>, std::greater<DeadlineEntry>> deadlines_;
+  GateCounters counters_;
+};
+
+}  // namespace smdp

@@ -1,0 +1,832 @@
+// smdp-gate: the native data plane of the SMDP sidecar.
+//
+// A gRPC server speaking Triton's inference.GRPCInferenceService in front of Triton. ModelInfer for a
+// model with a policy is gated: bounded queue by priority level, one in-flight slot per model
+// instance, the policy table applied at every decision epoch, the chosen batch sent to Triton as one
+// merged request and the answer split back. Every other RPC (ModelStreamInfer included, ungated) is
+// relayed as raw bytes with the caller's metadata and deadline, and Triton's status comes back.
+//
+// Why C++: a Python gRPC hop costs ~1 ms at low load on two shared cores, so a Python gate cannot
+// add less latency than a Python pass-through proxy. The control plane stays in Python
+// (plugin/native_plane.py): it solves policies and pushes them on this process's stdin, and reads
+// arrivals and batch completions from its stdout for the rate estimator and the profile learner.
+//
+// stdin (one command per line):
+//   policy MODEL max_batch=B table=a0,a1,... [beyond=b] [max_wait_us=U] [slots=K] [max_queue=Q]
+//          [default_priority=L] [priority_levels=P] [dispatch_priority=D]
+//   forget MODEL          (relay the model ungated from now on)
+//   quit                  (also on end of input: drain and stop)
+// flags: --listen HOST:PORT --upstream HOST:PORT [--max-queue N] [--report-interval-ms MS] [--deny METHOD]...
+// stdout (one event per line; times are CLOCK_MONOTONIC seconds, Python's time.monotonic()):
+//   listening PORT
+//   ok policy MODEL | error MESSAGE
+//   seen MODEL            (a ModelInfer for a model without a policy, relayed ungated; at most once a second)
+//   arrive MODEL T1 T2 ...
+//   batch MODEL SIZE ROWS START END CODE WAIT1,WAIT2,...   (each member's wait in the gate, seconds)
+//   counters MODEL submitted=.. rejected=.. cancelled=.. expired=.. batches=.. requests=.. queue=.. in_flight=..
+#include <grpcpp/generic/async_generic_service.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/impl/codegen/proto_utils.h>
+#include <signal.h>
+#include <time.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdio>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "gate_core.h"
+#include "grpc_service.pb.h"
+#include "merge.h"
+
+namespace smdp {
+namespace {
+
+const char kInfer[] = "/inference.GRPCInferenceService/ModelInfer";
+const char kStreamInfer[] = "/inference.GRPCInferenceService/ModelStreamInfer";
+
+double Now() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+std::mutex g_out_mu;
+void Emit(const std::string& line, bool flush = true) {
+  std::lock_guard<std::mutex> lock(g_out_mu);
+  std::fwrite(line.data(), 1, line.size(), stdout);
+  std::fputc('\n', stdout);
+  if (flush) std::fflush(stdout);
+}
+
+void CopyMetadata(const grpc::ServerContextBase& from, grpc::ClientContext* to) {
+  for (const auto& [k, v] : from.client_metadata()) {
+    std::string key(k.data(), k.size());
+    if (key.empty() || key[0] == ':' || key.rfind("grpc-", 0) == 0 || key == "user-agent" || key == "te" ||
+        key == "content-type")
+      continue;
+    to->AddMetadata(key, std::string(v.data(), v.size()));
+  }
+  if (from.deadline() != std::chrono::system_clock::time_point::max()) to->set_deadline(from.deadline());
+}
+
+class Service;
+
+// One gated ModelInfer call. Deleted by gRPC after Finish (OnDone); the gate never holds it past that.
+class InferCall : public grpc::ServerGenericBidiReactor {
+ public:
+  InferCall(Service* svc, grpc::GenericCallbackServerContext* ctx) : ctx_(ctx), svc_(svc) { StartRead(&in_); }
+  void OnReadDone(bool ok) override;
+  void OnWriteDone(bool) override {}
+  void OnCancel() override;
+  void OnDone() override { delete this; }
+
+  // Answer exactly once, whatever path gets here first.
+  void Reply(const grpc::ByteBuffer* response, const grpc::Status& status) {
+    if (answered_.exchange(true)) return;
+    if (response != nullptr && status.ok())
+      StartWriteAndFinish(response, grpc::WriteOptions(), status);
+    else
+      Finish(status);
+  }
+
+  grpc::GenericCallbackServerContext* ctx_;
+  grpc::ByteBuffer in_;   // the caller's bytes, relayed unchanged when the request goes alone
+  inference::ModelInferRequest req_;
+  Pending<InferCall*> pending_;
+  struct ModelState* model_ = nullptr;
+  struct Batch* batch_ = nullptr;  // set while dispatched (guarded by the model's mutex)
+  bool has_timeout_ = false;
+  bool has_priority_ = false;
+
+ private:
+  Service* svc_;
+  std::atomic<bool> answered_{false};
+};
+
+struct ModelState {
+  std::string name;
+  std::mutex mu;
+  std::unique_ptr<ModelGate<InferCall*>> gate;  // null: relayed ungated
+  int default_priority = 0, priority_levels = 0, dispatch_priority = 0;
+  double seen_reported_at = -1e300;
+  std::vector<double> arrivals;  // not yet reported
+  std::string last_counters;     // the last counters line reported
+  std::vector<std::string> batch_lines;  // completed batches not yet reported
+};
+
+struct Batch {
+  ModelState* model;
+  std::vector<InferCall*> members;
+  grpc::ClientContext ctx;
+  grpc::ByteBuffer request, response;
+  double start = 0;
+  int rows = 0;
+};
+
+// Relays one unary RPC as raw bytes.
+class UnaryRelay : public grpc::ServerGenericBidiReactor {
+ public:
+  UnaryRelay(grpc::GenericStub* stub, grpc::GenericCallbackServerContext* ctx) : stub_(stub), sctx_(ctx) {
+    StartRead(&req_);
+  }
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      Finish(grpc::Status(grpc::StatusCode::CANCELLED, "no request message"));
+      return;
+    }
+    CopyMetadata(*sctx_, &cctx_);
+    stub_->UnaryCall(&cctx_, sctx_->method(), grpc::StubOptions(), &req_, &resp_, [this](grpc::Status s) {
+      if (s.ok())
+        StartWriteAndFinish(&resp_, grpc::WriteOptions(), s);
+      else
+        Finish(s);
+    });
+  }
+  void OnCancel() override { cctx_.TryCancel(); }
+  void OnDone() override { delete this; }
+
+ private:
+  grpc::GenericStub* stub_;
+  grpc::GenericCallbackServerContext* sctx_;
+  grpc::ClientContext cctx_;
+  grpc::ByteBuffer req_, resp_;
+};
+
+// Answers a method the operator has not exposed with PERMISSION_DENIED.
+class Refusal : public grpc::ServerGenericBidiReactor {
+ public:
+  Refusal(grpc::GenericCallbackServerContext*, const std::string& why) {
+    Finish(grpc::Status(grpc::StatusCode::PERMISSION_DENIED, why));
+  }
+  void OnDone() override { delete this; }
+};
+
+// Relays one bidirectional stream (ModelStreamInfer) message by message, ungated. One message is in
+// flight each way: the next read on one side starts when the write to the other side is done.
+class StreamRelay : public grpc::ServerGenericBidiReactor {
+ public:
+  StreamRelay(grpc::GenericStub* stub, grpc::GenericCallbackServerContext* ctx) : upstream_(this) {
+    CopyMetadata(*ctx, &upstream_.cctx);
+    stub->PrepareBidiStreamingCall(&upstream_.cctx, ctx->method(), grpc::StubOptions(), &upstream_);
+    upstream_.AddHold();  // the write side: released when the caller half-closes or goes away
+    upstream_.AddHold();  // the read side: released when Triton's stream ends
+    upstream_.StartRead(&upstream_.in);
+    upstream_.StartCall();
+    StartRead(&in_);
+  }
+  void OnReadDone(bool ok) override {
+    if (ok) {
+      upstream_.StartWrite(&in_);
+      return;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!writes_closed_) {  // caller half-closed (or went away): no more writes upstream
+      writes_closed_ = true;
+      upstream_.StartWritesDone();
+      upstream_.RemoveHold();
+    }
+  }
+  void OnWriteDone(bool ok) override {
+    if (!ok) upstream_.cctx.TryCancel();  // the caller is gone; the read below then ends the stream
+    upstream_.StartRead(&upstream_.in);
+  }
+  void OnCancel() override { upstream_.cctx.TryCancel(); }
+  void OnDone() override {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [this] { return upstream_done_; });
+    lock.unlock();
+    delete this;
+  }
+
+ private:
+  struct Upstream : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+    explicit Upstream(StreamRelay* r) : relay(r) {}
+    void OnReadDone(bool ok) override {
+      if (ok) relay->StartWrite(&in);  // the caller's OnWriteDone reads the next
+      else RemoveHold();
+    }
+    void OnWriteDone(bool ok) override {
+      if (ok) relay->StartRead(&relay->in_);
+      else relay->CloseWrites();
+    }
+    void OnDone(const grpc::Status& s) override {
+      {
+        std::lock_guard<std::mutex> lock(relay->mu_);
+        relay->writes_closed_ = true;  // a late read-done of the caller must not touch this call
+      }
+      relay->Finish(s);
+      std::lock_guard<std::mutex> lock(relay->mu_);
+      relay->upstream_done_ = true;
+      relay->cv_.notify_all();
+    }
+    StreamRelay* relay;
+    grpc::ClientContext cctx;
+    grpc::ByteBuffer in;
+  };
+  void CloseWrites() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!writes_closed_) {
+      writes_closed_ = true;
+      upstream_.RemoveHold();
+    }
+  }
+  Upstream upstream_;
+  grpc::ByteBuffer in_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool writes_closed_ = false;
+  bool upstream_done_ = false;
+};
+
+class Service : public grpc::CallbackGenericService {
+ public:
+  Service(std::shared_ptr<grpc::Channel> channel, const std::vector<std::string>& deny)
+      : stub_(channel), infer_stub_(channel) {
+    for (const auto& name : deny)
+      denied_["/inference.GRPCInferenceService/" + name] =
+          name + " is not exposed through the sidecar (set allow_repository_control to enable it)";
+  }
+
+  grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
+    const std::string& m = ctx->method();
+    if (m == kInfer) return new InferCall(this, ctx);
+    if (m == kStreamInfer) return new StreamRelay(&stub_, ctx);
+    if (denied_.count(m)) return new Refusal(ctx, denied_.at(m));
+    return new UnaryRelay(&stub_, ctx);
+  }
+
+  ModelState* Model(const std::string& name) {
+    std::lock_guard<std::mutex> lock(models_mu_);
+    auto& slot = models_[name];
+    if (!slot) {
+      slot = std::make_unique<ModelState>();
+      slot->name = name;
+    }
+    return slot.get();
+  }
+
+  std::vector<ModelState*> Models() {
+    std::lock_guard<std::mutex> lock(models_mu_);
+    std::vector<ModelState*> out;
+    for (auto& [k, v] : models_) out.push_back(v.get());
+    return out;
+  }
+
+  // A parsed request arrives: relay it (no policy) or queue it and make the decisions due.
+  void Admit(InferCall* call) {
+    ModelState* ms = Model(call->req_.model_name());
+    call->model_ = ms;
+    const double now = Now();
+    Step<InferCall*> step;
+    {
+      std::unique_lock<std::mutex> lock(ms->mu);
+      if (!ms->gate) {
+        bool report = now - ms->seen_reported_at >= 1.0;  // again each second: the control plane retries
+        if (report) ms->seen_reported_at = now;
+        lock.unlock();
+        if (report) Emit("seen " + ms->name);
+        RelayAlone(call);
+        return;
+      }
+      std::string error;
+      if (!ReadParameters(call, *ms, now, &error)) {
+        lock.unlock();
+        call->Reply(nullptr, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, error));
+        return;
+      }
+      ms->arrivals.push_back(now);
+      if (!ms->gate->Submit(&call->pending_)) {
+        int q = ms->gate->queue_length();
+        lock.unlock();
+        call->Reply(nullptr, grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                          "smdp gate: queue for model '" + ms->name + "' is full (" +
+                                              std::to_string(q) + " requests waiting)"));
+        return;
+      }
+      step = PollLocked(ms, now);
+    }
+    Carry(ms, std::move(step));
+  }
+
+  void Cancelled(InferCall* call) {
+    ModelState* ms = call->model_;
+    if (ms == nullptr) return;
+    Step<InferCall*> step;
+    bool withdrawn = false;
+    {
+      std::lock_guard<std::mutex> lock(ms->mu);
+      if (ms->gate && ms->gate->Cancel(&call->pending_)) {
+        withdrawn = true;
+        step = PollLocked(ms, Now());  // n fell: a waiting decision may change
+      } else if (call->batch_ != nullptr && call->batch_->members.size() == 1) {
+        call->batch_->ctx.TryCancel();  // alone: Triton may drop it; merged batches run for the others
+      }
+    }
+    if (withdrawn) {
+      call->Reply(nullptr, grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the caller"));
+      Carry(ms, std::move(step));
+    }
+  }
+
+  // Apply a `policy` command (under the model's lock; waiting requests see it at the next decision).
+  void SetPolicy(const std::string& name, const Policy& p, int slots, int max_queue, int default_priority,
+                 int levels, int dispatch_priority) {
+    ModelState* ms = Model(name);
+    Step<InferCall*> step;
+    {
+      std::lock_guard<std::mutex> lock(ms->mu);
+      if (!ms->gate) {
+        ms->gate = std::make_unique<ModelGate<InferCall*>>(p, slots, max_queue);
+      } else {
+        ms->gate->SetPolicy(p);
+        ms->gate->SetSlots(slots);
+        ms->gate->SetMaxQueue(max_queue);
+      }
+      ms->default_priority = default_priority;
+      ms->priority_levels = levels;
+      ms->dispatch_priority = dispatch_priority;
+      step = PollLocked(ms, Now());
+    }
+    Carry(ms, std::move(step));
+  }
+
+  // Stop gating a model: what waits is dispatched at once, later arrivals are relayed alone.
+  void Forget(const std::string& name) {
+    ModelState* ms = Model(name);
+    Step<InferCall*> step;
+    {
+      std::lock_guard<std::mutex> lock(ms->mu);
+      if (!ms->gate) return;
+      Policy greedy;
+      greedy.max_batch = ms->gate->policy().max_batch;
+      greedy.beyond = greedy.max_batch;
+      greedy.table = {0, 1};
+      ms->gate->SetPolicy(greedy);
+      step = PollLocked(ms, Now());
+      if (ms->gate->in_flight() == 0 && ms->gate->queue_length() == 0) ms->gate.reset();
+      else forget_pending_.push_back(ms);
+    }
+    Carry(ms, std::move(step));
+  }
+
+  // Timer thread: wake-ups the gates asked for, and the periodic report of arrivals and counters.
+  void TimerLoop(double report_interval_s, std::atomic<bool>* stop) {
+    double next_report = Now() + report_interval_s;
+    while (!stop->load()) {
+      double wake = next_report;
+      {
+        std::unique_lock<std::mutex> lock(timer_mu_);
+        if (!wakeups_.empty()) wake = std::min(wake, wakeups_.begin()->first);
+        double delay = wake - Now();
+        if (delay > 0)
+          timer_cv_.wait_for(lock, std::chrono::duration<double>(std::min(delay, 0.05)));
+      }
+      const double now = Now();
+      std::vector<ModelState*> due;
+      {
+        std::lock_guard<std::mutex> lock(timer_mu_);
+        while (!wakeups_.empty() && wakeups_.begin()->first <= now) {
+          due.push_back(wakeups_.begin()->second);
+          wakeups_.erase(wakeups_.begin());
+        }
+      }
+      for (ModelState* ms : due) {
+        Step<InferCall*> step;
+        {
+          std::lock_guard<std::mutex> lock(ms->mu);
+          if (!ms->gate) continue;
+          step = PollLocked(ms, now);
+        }
+        Carry(ms, std::move(step));
+      }
+      if (now >= next_report) {
+        Report();
+        next_report = now + report_interval_s;
+      }
+    }
+    Report();
+  }
+
+  void Report() {
+    for (ModelState* ms : Models()) {
+      std::string arrive, counters;
+      std::vector<std::string> batches;
+      {
+        std::lock_guard<std::mutex> lock(ms->mu);
+        batches.swap(ms->batch_lines);
+        if (!ms->arrivals.empty()) {
+          std::ostringstream os;
+          os.precision(17);
+          os << "arrive " << ms->name;
+          for (double t : ms->arrivals) os << ' ' << t;
+          arrive = os.str();
+          ms->arrivals.clear();
+        }
+        if (ms->gate) {
+          const GateCounters& c = ms->gate->counters();
+          std::ostringstream os;
+          // (emitted only when something changed since the last report)
+          os << "counters " << ms->name << " submitted=" << c.submitted << " rejected=" << c.rejected
+             << " cancelled=" << c.cancelled << " expired=" << c.expired << " batches=" << c.dispatched_batches
+             << " requests=" << c.dispatched_requests << " queue=" << ms->gate->queue_length()
+             << " in_flight=" << ms->gate->in_flight();
+          counters = os.str();
+          if (counters == ms->last_counters) counters.clear();
+          else ms->last_counters = counters;
+        }
+      }
+      if (!arrive.empty()) Emit(arrive, false);
+      for (const auto& line : batches) Emit(line, false);
+      if (!counters.empty()) Emit(counters, false);
+    }
+    std::lock_guard<std::mutex> lock(g_out_mu);
+    std::fflush(stdout);
+  }
+
+  void StopTimer() { timer_cv_.notify_all(); }
+
+ private:
+  // Priority level and deadline of a request, read the way Triton reads them.
+  bool ReadParameters(InferCall* call, const ModelState& ms, double now, std::string* error) {
+    Pending<InferCall*>& p = call->pending_;
+    p = Pending<InferCall*>();
+    p.payload = call;
+    p.arrival = now;
+    p.key = MergeKey(call->req_, &p.rows);
+    p.priority = ms.default_priority;
+    const auto& params = call->req_.parameters();
+    auto it = params.find("priority");
+    call->has_priority_ = it != params.end();
+    if (call->has_priority_) {
+      int64_t v;
+      if (it->second.parameter_choice_case() == inference::InferParameter::kInt64Param) {
+        v = it->second.int64_param();
+        if (v < 0) {
+          *error = "invalid value for 'priority', expected value >= 0.";
+          return false;
+        }
+      } else if (it->second.parameter_choice_case() == inference::InferParameter::kUint64Param) {
+        v = static_cast<int64_t>(std::min<uint64_t>(it->second.uint64_param(), INT32_MAX));
+      } else {
+        *error = "invalid value type for 'priority' parameter, expected int64_param or uint64_param.";
+        return false;
+      }
+      if (v != 0 && ms.priority_levels > 0 && v <= ms.priority_levels) p.priority = static_cast<int>(v);
+    }
+    it = params.find("timeout");
+    call->has_timeout_ = it != params.end();
+    if (call->has_timeout_) {
+      if (it->second.parameter_choice_case() != inference::InferParameter::kInt64Param) {
+        *error = "invalid value type for 'timeout' parameter, expected int64_param.";
+        return false;
+      }
+      if (it->second.int64_param() > 0) p.deadline = now + it->second.int64_param() * 1e-6;
+    }
+    auto grpc_deadline = call->ctx_->deadline();
+    if (grpc_deadline != std::chrono::system_clock::time_point::max()) {
+      double left = std::chrono::duration<double>(grpc_deadline - std::chrono::system_clock::now()).count();
+      p.deadline = std::min(p.deadline, now + left);
+    }
+    return true;
+  }
+
+  Step<InferCall*> PollLocked(ModelState* ms, double now) {
+    Step<InferCall*> step = ms->gate->Poll(now);
+    for (auto& members : step.batches) {
+      auto* b = new Batch();
+      b->model = ms;
+      b->start = now;
+      for (auto* p : members) {
+        b->members.push_back(p->payload);
+        p->payload->batch_ = b;
+        b->rows += p->rows;
+      }
+      pending_batches_.push_back(b);
+    }
+    if (step.wake_at < std::numeric_limits<double>::infinity()) {
+      std::lock_guard<std::mutex> lock(timer_mu_);
+      wakeups_.emplace(step.wake_at, ms);
+      timer_cv_.notify_all();
+    }
+    return step;
+  }
+
+  // Carry out a step outside the model's lock: answer the expired, send the batches.
+  void Carry(ModelState* ms, Step<InferCall*> step) {
+    for (auto* p : step.expired)
+      p->payload->Reply(nullptr, grpc::Status(grpc::StatusCode::UNAVAILABLE, "Request timeout expired"));
+    for (auto& members : step.batches) Send(members.front()->payload->batch_);
+  }
+
+  void RelayAlone(InferCall* call) {
+    auto* b = new Batch();
+    b->model = nullptr;
+    b->members.push_back(call);
+    b->start = Now();
+    b->rows = 1;
+    b->request = call->in_;
+    CopyMetadata(*call->ctx_, &b->ctx);
+    infer_stub_.UnaryCall(&b->ctx, kInfer, grpc::StubOptions(), &b->request, &b->response,
+                          [this, b](grpc::Status s) { Done(b, s); });
+  }
+
+  void Send(Batch* b) {
+    InferCall* head = b->members.front();
+    ModelState* ms = b->model;
+    CopyMetadata(*head->ctx_, &b->ctx);
+    const double now = Now();
+    if (b->members.size() == 1 && !head->has_timeout_ && (head->has_priority_ || ms->dispatch_priority == 0)) {
+      b->request = head->in_;  // alone and nothing to stamp: the caller's own bytes
+    } else {
+      inference::ModelInferRequest out;
+      std::vector<const inference::ModelInferRequest*> reqs;
+      std::vector<int> rows;
+      for (auto* c : b->members) {
+        reqs.push_back(&c->req_);
+        rows.push_back(c->pending_.rows);
+      }
+      if (b->members.size() == 1) {
+        out = head->req_;
+        out.mutable_parameters()->erase("priority");
+        out.mutable_parameters()->erase("timeout");
+      } else {
+        out = MergeRequests(reqs, rows);
+      }
+      // A client's own priority is forwarded (the most urgent among the members); otherwise the gate's.
+      int level = -1;
+      double latest = 0;
+      bool all_timeouts = true;
+      for (auto* c : b->members) {
+        if (c->has_priority_ && (level < 0 || c->pending_.priority < level)) level = c->pending_.priority;
+        if (c->pending_.deadline == std::numeric_limits<double>::infinity()) all_timeouts = false;
+        else latest = std::max(latest, c->pending_.deadline);
+      }
+      if (level < 0 && ms->dispatch_priority > 0 && ms->dispatch_priority <= ms->priority_levels)
+        level = ms->dispatch_priority;
+      if (level > 0) (*out.mutable_parameters())["priority"].set_uint64_param(level);
+      bool any_timeout = false;
+      for (auto* c : b->members) any_timeout |= c->has_timeout_;
+      if (all_timeouts && any_timeout)
+        (*out.mutable_parameters())["timeout"].set_int64_param(
+            std::max<int64_t>(1, static_cast<int64_t>((latest - now) * 1e6)));
+      bool own;
+      grpc::SerializationTraits<inference::ModelInferRequest>::Serialize(out, &b->request, &own);
+    }
+    b->start = now;
+    infer_stub_.UnaryCall(&b->ctx, kInfer, grpc::StubOptions(), &b->request, &b->response,
+                          [this, b](grpc::Status s) { Done(b, s); });
+  }
+
+  void Done(Batch* b, grpc::Status status) {
+    const double end = Now();
+    std::vector<grpc::ByteBuffer> answers;
+    if (status.ok() && b->members.size() > 1) {
+      inference::ModelInferResponse merged;
+      std::vector<inference::ModelInferResponse> parts;
+      std::vector<const inference::ModelInferRequest*> reqs;
+      std::vector<int> rows;
+      for (auto* c : b->members) {
+        reqs.push_back(&c->req_);
+        rows.push_back(c->pending_.rows);
+      }
+      std::string error;
+      grpc::ByteBuffer copy(b->response);
+      if (!grpc::SerializationTraits<inference::ModelInferResponse>::Deserialize(&copy, &merged).ok()) {
+        status = grpc::Status(grpc::StatusCode::INTERNAL, "smdp gate: Triton's merged answer does not parse");
+      } else if (!SplitResponse(merged, reqs, rows, &parts, &error)) {
+        status = grpc::Status(grpc::StatusCode::INTERNAL, "smdp gate: " + error);
+      } else {
+        answers.resize(parts.size());
+        for (size_t i = 0; i < parts.size(); ++i) {
+          bool own;
+          grpc::SerializationTraits<inference::ModelInferResponse>::Serialize(parts[i], &answers[i], &own);
+        }
+      }
+    }
+    ModelState* ms = b->model;
+    if (ms != nullptr && status.error_code() == grpc::StatusCode::NOT_FOUND) {
+      // A model the gate was serving vanished (Triton restarting, or the model unloaded): retryable.
+      status = grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                            "model '" + ms->name + "' is not available on Triton: " + status.error_message());
+    }
+    Step<InferCall*> step;
+    if (ms != nullptr) {
+      std::lock_guard<std::mutex> lock(ms->mu);
+      for (auto* c : b->members) c->batch_ = nullptr;
+      pending_batches_.erase(std::remove(pending_batches_.begin(), pending_batches_.end(), b),
+                             pending_batches_.end());
+      if (ms->gate) {
+        ms->gate->Complete();
+        step = PollLocked(ms, end);
+        if (ms->gate->in_flight() == 0 && ms->gate->queue_length() == 0 &&
+            std::find(forget_pending_.begin(), forget_pending_.end(), ms) != forget_pending_.end()) {
+          ms->gate.reset();
+          forget_pending_.erase(std::remove(forget_pending_.begin(), forget_pending_.end(), ms),
+                                forget_pending_.end());
+        }
+      }
+    }
+    // Answer the members before the next batch goes out: their latency should not include its send.
+    for (size_t i = 0; i < b->members.size(); ++i) {
+      if (!status.ok())
+        b->members[i]->Reply(nullptr, status);
+      else
+        b->members[i]->Reply(b->members.size() == 1 ? &b->response : &answers[i], status);
+    }
+    if (ms != nullptr) {  // reported with the next periodic report, not one write per batch
+      std::ostringstream os;
+      os.precision(17);
+      os << "batch " << ms->name << ' ' << b->members.size() << ' ' << b->rows << ' ' << b->start << ' ' << end
+         << ' ' << static_cast<int>(status.error_code()) << ' ';
+      os.precision(6);
+      for (size_t i = 0; i < b->members.size(); ++i)
+        os << (i ? "," : "") << std::max(0.0, b->start - b->members[i]->pending_.arrival);
+      {
+        std::lock_guard<std::mutex> lock(ms->mu);
+        ms->batch_lines.push_back(os.str());
+      }
+      Carry(ms, std::move(step));
+    }
+    delete b;
+  }
+
+  grpc::GenericStub stub_;
+  grpc::GenericStub infer_stub_;
+  std::map<std::string, std::string> denied_;  // method path -> PERMISSION_DENIED message
+  std::mutex models_mu_;
+  std::unordered_map<std::string, std::unique_ptr<ModelState>> models_;
+  std::vector<Batch*> pending_batches_;  // guarded by the members' model mutex (bookkeeping only)
+  std::vector<ModelState*> forget_pending_;
+  std::mutex timer_mu_;
+  std::condition_variable timer_cv_;
+  std::multimap<double, ModelState*> wakeups_;
+};
+
+void InferCall::OnReadDone(bool ok) {
+  if (!ok) {
+    Reply(nullptr, grpc::Status(grpc::StatusCode::CANCELLED, "no request message"));
+    return;
+  }
+  grpc::ByteBuffer copy(in_);  // Deserialize consumes its buffer; `in_` stays for relaying as is
+  if (!grpc::SerializationTraits<inference::ModelInferRequest>::Deserialize(&copy, &req_).ok()) {
+    Reply(nullptr, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "malformed ModelInferRequest"));
+    return;
+  }
+  svc_->Admit(this);
+}
+
+void InferCall::OnCancel() { svc_->Cancelled(this); }
+
+// `key=value` fields of a command line.
+std::map<std::string, std::string> Fields(std::istringstream& in) {
+  std::map<std::string, std::string> out;
+  std::string tok;
+  while (in >> tok) {
+    auto eq = tok.find('=');
+    if (eq == std::string::npos) throw std::invalid_argument("expected key=value, got '" + tok + "'");
+    out[tok.substr(0, eq)] = tok.substr(eq + 1);
+  }
+  return out;
+}
+
+int IntField(std::map<std::string, std::string>& f, const std::string& key, int dflt) {
+  auto it = f.find(key);
+  if (it == f.end()) return dflt;
+  size_t used = 0;
+  int v = std::stoi(it->second, &used);
+  if (used != it->second.size()) throw std::invalid_argument(key + " must be an integer, got '" + it->second + "'");
+  f.erase(it);
+  return v;
+}
+
+void ControlLoop(Service* svc, int default_max_queue) {
+  std::string line;
+  while (std::getline(std::cin, line)) {
+    std::istringstream in(line);
+    std::string op, model;
+    in >> op;
+    if (op.empty()) continue;
+    if (op == "quit") break;
+    try {
+      if (!(in >> model)) throw std::invalid_argument(op + ": model name missing");
+      if (op == "forget") {
+        svc->Forget(model);
+        Emit("ok forget " + model);
+        continue;
+      }
+      if (op != "policy") throw std::invalid_argument("unknown command '" + op + "'");
+      auto f = Fields(in);
+      Policy p;
+      p.max_batch = IntField(f, "max_batch", 0);
+      p.beyond = IntField(f, "beyond", p.max_batch);
+      int wait_us = IntField(f, "max_wait_us", -1);
+      p.max_wait_s = wait_us < 0 ? -1.0 : wait_us * 1e-6;
+      int slots = IntField(f, "slots", 1);
+      int max_queue = IntField(f, "max_queue", default_max_queue);
+      int dflt = IntField(f, "default_priority", 0);
+      int levels = IntField(f, "priority_levels", 0);
+      int dispatch = IntField(f, "dispatch_priority", 0);
+      auto t = f.find("table");
+      if (t == f.end()) throw std::invalid_argument("policy " + model + ": table= missing");
+      p.table.clear();
+      std::istringstream tin(t->second);
+      std::string a;
+      while (std::getline(tin, a, ',')) p.table.push_back(std::stoi(a));
+      f.erase(t);
+      if (!f.empty()) throw std::invalid_argument("policy " + model + ": unknown key '" + f.begin()->first + "'");
+      p.Validate();
+      svc->SetPolicy(model, p, slots, max_queue, dflt, levels, dispatch);
+      Emit("ok policy " + model);
+    } catch (const std::exception& e) {
+      Emit(std::string("error ") + e.what());
+    }
+  }
+}
+
+int Main(int argc, char** argv) {
+  std::string listen = "127.0.0.1:0", upstream;
+  int max_queue = 1024;
+  double report_s = 0.05;
+  std::vector<std::string> deny;  // methods answered PERMISSION_DENIED (repository control by default)
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto value = [&](const char* name) -> std::string {
+      if (i + 1 >= argc) throw std::invalid_argument(std::string(name) + " needs a value");
+      return argv[++i];
+    };
+    if (a == "--listen") listen = value("--listen");
+    else if (a == "--upstream") upstream = value("--upstream");
+    else if (a == "--max-queue") max_queue = std::stoi(value("--max-queue"));
+    else if (a == "--report-interval-ms") report_s = std::stod(value("--report-interval-ms")) / 1000.0;
+    else if (a == "--deny") deny.push_back(value("--deny"));
+    else throw std::invalid_argument("unknown flag " + a +
+                                     " (flags: --listen --upstream --max-queue --report-interval-ms --deny METHOD)");
+  }
+  if (upstream.empty()) throw std::invalid_argument("--upstream HOST:PORT (Triton's gRPC endpoint) is required");
+  if (max_queue < 1) throw std::invalid_argument("--max-queue must be >= 1");
+
+  // Signals go to one thread, which stops the server; everything else runs with them blocked.
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGTERM);
+  sigaddset(&sigs, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(-1);
+  args.SetMaxSendMessageSize(-1);
+  auto channel = grpc::CreateCustomChannel(upstream, grpc::InsecureChannelCredentials(), args);
+  Service svc(channel, deny);
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  builder.SetMaxReceiveMessageSize(-1);
+  builder.SetMaxSendMessageSize(-1);
+  builder.RegisterCallbackGenericService(&svc);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (!server || port == 0) throw std::runtime_error("cannot listen on " + listen);
+  Emit("listening " + std::to_string(port));
+
+  std::atomic<bool> stop{false};
+  std::thread timer([&] { svc.TimerLoop(report_s, &stop); });
+  std::thread signals([&] {  // SIGTERM: finish what is in flight (5 s at most), report, exit
+    int sig = 0;
+    sigwait(&sigs, &sig);
+    server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    svc.Report();
+    std::fflush(stdout);
+    std::_Exit(0);
+  });
+  signals.detach();
+  ControlLoop(&svc, max_queue);  // until quit or end of input
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  server->Wait();
+  stop = true;
+  svc.StopTimer();
+  timer.join();
+  return 0;
+}
+
+}  // namespace
+}  // namespace smdp
+
+int main(int argc, char** argv) {
+  try {
+    return smdp::Main(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "smdp-gate: %s\n", e.what());
+    return 2;
+  }
+}

@@ -1,0 +1,290 @@
+"""The native data plane: ``native/smdp-gate`` (C++) carries inference, this process keeps control.
+
+Why: every Python gRPC hop costs about a millisecond at low load on a small shared machine, so a
+gate written in Python cannot add less latency than a plain Python pass-through proxy (RESULTS.md,
+section 3). With ``data_plane: native`` the sidecar starts ``smdp-gate`` on its inference address; the
+gate's queue, decisions, merging and splitting run in C++ (native/gate_core.h mirrors
+plugin/gate.py), while policies, the rate estimator, profile learning, the control API and metrics
+stay here, unchanged.
+
+The two talk over the gate's stdin and stdout, one line per message (protocol in
+native/smdp_gate.cc): this side pushes ``policy`` lines (the rule as a table, see ``policy_line``),
+the gate reports the models it sees, arrival times, each batch's size, rows, times and member
+waits, and its counters. Times are CLOCK_MONOTONIC seconds (Python's ``time.monotonic``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from solver.policy import BatchRule, MaxWaitGuard, PolicyTable, TimeoutRule
+
+from .gate import GateCounters
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+BINARY_ENV = "SMDP_NATIVE_GATE"
+DEFAULT_BINARY = ROOT / "native" / "build" / "smdp-gate"
+
+
+class NativePlaneError(RuntimeError):
+    """The native gate is missing, did not start, or refused a command."""
+
+
+def find_binary(explicit: str | os.PathLike | None = None) -> Path:
+    """The ``smdp-gate`` executable: explicit path, then $SMDP_NATIVE_GATE, the build tree, then PATH."""
+    candidates = [explicit, os.environ.get(BINARY_ENV), DEFAULT_BINARY, shutil.which("smdp-gate")]
+    for c in candidates:
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return Path(c)
+    raise NativePlaneError(
+        "the native data plane needs the smdp-gate binary: build it with `make native` (needs g++, protoc and "
+        f"gRPC C++, e.g. Debian's libgrpc++-dev), or point {BINARY_ENV} at it"
+    )
+
+
+def policy_line(
+    model: str,
+    rule: BatchRule,
+    *,
+    slots: int,
+    max_queue: int,
+    default_priority: int = 0,
+    priority_levels: int = 0,
+    dispatch_priority: int = 0,
+) -> str:
+    """The gate's ``policy`` command for a rule; raises ValueError for a rule it cannot express.
+
+    Every rule the sidecar builds is a table a(n) with a batch size beyond it, optionally guarded by a
+    maximum wait: a solved or baseline ``PolicyTable`` as it is; Triton's rule ``timeout:X`` as the
+    table 0 below B, B from B on, guarded by X; ``MaxWaitGuard`` adds (or tightens) the guard.
+    """
+    if any(c.isspace() for c in model) or not model:
+        raise ValueError(f"model name {model!r} cannot be sent to the native gate")
+    guard: float | None = None
+    while isinstance(rule, MaxWaitGuard):
+        guard = rule.max_wait_s if guard is None else min(guard, rule.max_wait_s)
+        rule = rule.rule
+    if isinstance(rule, TimeoutRule):
+        b = rule.max_batch
+        table, beyond = [0] * b + [b], b
+        guard = rule.timeout_s if guard is None else min(guard, rule.timeout_s)
+    elif isinstance(rule, PolicyTable):
+        b = rule.max_batch
+        table, beyond = [int(a) for a in rule.actions], rule.beyond_batch
+    else:
+        raise ValueError(f"the native gate cannot run a {type(rule).__name__} rule")
+    fields = [
+        f"max_batch={b}",
+        f"beyond={beyond}",
+        "table=" + ",".join(map(str, table)),
+        f"slots={slots}",
+        f"max_queue={max_queue}",
+        f"default_priority={default_priority}",
+        f"priority_levels={priority_levels}",
+        f"dispatch_priority={dispatch_priority}",
+    ]
+    if guard is not None:
+        fields.append(f"max_wait_us={max(0, round(guard * 1e6))}")
+    return f"policy {model} " + " ".join(fields)
+
+
+@dataclass
+class NativeGateView:
+    """What the control plane knows of one model's native gate: the same reads as ``ModelGate``.
+
+    The decisions are made in the native process; this view holds the rule last pushed there and
+    the counters, queue length and in-flight count it last reported (every ``report_interval``).
+    """
+
+    model: str
+    push: Callable[[str], None]
+    rule: BatchRule
+    slots: int
+    max_queue: int
+    default_priority: int = 0
+    priority_levels: int = 0
+    dispatch_priority: int = 0
+    counters: GateCounters = field(default_factory=GateCounters)
+    queue_length: int = 0
+    in_flight: int = 0
+
+    def __post_init__(self) -> None:
+        self._send()
+
+    def _send(self) -> None:
+        self.push(policy_line(
+            self.model, self.rule, slots=self.slots, max_queue=self.max_queue,
+            default_priority=self.default_priority, priority_levels=self.priority_levels,
+            dispatch_priority=self.dispatch_priority,
+        ))
+
+    def set_rule(self, rule: BatchRule) -> None:
+        self.rule = rule
+        self._send()
+
+    def set_slots(self, slots: int) -> None:
+        self.slots = slots
+        self._send()
+
+    def set_priorities(self, default_priority: int, priority_levels: int) -> None:
+        self.default_priority, self.priority_levels = default_priority, priority_levels
+        self._send()
+
+    def update(self, values: dict[str, int]) -> dict[str, int]:
+        """Apply a ``counters`` report; returns how much each counter grew since the last one."""
+        c = self.counters
+        grown = {}
+        for name, attr in (("submitted", "submitted"), ("rejected", "rejected"), ("cancelled", "cancelled"),
+                           ("expired", "expired"), ("batches", "dispatched_batches"),
+                           ("requests", "dispatched_requests")):
+            if name in values:
+                grown[name] = values[name] - getattr(c, attr)
+                setattr(c, attr, values[name])
+        self.queue_length = values.get("queue", self.queue_length)
+        self.in_flight = values.get("in_flight", self.in_flight)
+        return grown
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    model: str
+    size: int
+    rows: int
+    start: float
+    end: float
+    code: int
+    """gRPC status code number of the batch's answer (0 = OK)."""
+    waits: tuple[float, ...]
+    """Each member's time in the gate before the batch went out, seconds."""
+
+
+class NativePlane:
+    """One ``smdp-gate`` process: started, fed policies, read for events, stopped.
+
+    ``on_event`` receives ("seen", model), ("arrive", model, times), ("batch", BatchReport) and
+    ("counters", model, {name: value}); it runs on the event loop, one event at a time.
+    """
+
+    def __init__(self, proc: asyncio.subprocess.Process, port: int, on_event: Callable[..., Any]) -> None:
+        self.proc = proc
+        self.port = port
+        self._on_event = on_event
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+        self._stderr = asyncio.get_running_loop().create_task(self._log_stderr())
+        self.errors: list[str] = []
+
+    @classmethod
+    async def start(
+        cls,
+        *,
+        listen: str,
+        triton_url: str,
+        max_queue: int,
+        on_event: Callable[..., Any],
+        deny: tuple[str, ...] = (),
+        binary: str | os.PathLike | None = None,
+        report_interval_ms: float = 50.0,
+        start_timeout_s: float = 10.0,
+    ) -> "NativePlane":
+        exe = find_binary(binary)
+        args = [str(exe), "--listen", listen, "--upstream", triton_url, "--max-queue", str(max_queue),
+                "--report-interval-ms", f"{report_interval_ms:g}"]
+        for method in deny:
+            args += ["--deny", method]
+        # GRPC_EXPERIMENTS is set for this process's gRPC (serve_cli); the gate's gRPC C++ has its own
+        env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+        proc = await asyncio.create_subprocess_exec(
+            *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            limit=1 << 24, env=env,
+        )
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), start_timeout_s)
+        except asyncio.TimeoutError:
+            line = b""
+        parts = line.decode().split()
+        if len(parts) != 2 or parts[0] != "listening":
+            if proc.returncode is None:
+                proc.kill()
+            err = (await proc.stderr.read()).decode().strip()
+            await proc.wait()
+            raise NativePlaneError(f"smdp-gate did not start on {listen}: {err or line.decode().strip() or 'no output'}")
+        return cls(proc, int(parts[1]), on_event)
+
+    def send(self, line: str) -> None:
+        """Queue one command for the gate (it applies commands in order)."""
+        if self.proc.returncode is not None or self.proc.stdin.is_closing():
+            raise NativePlaneError("smdp-gate is not running")
+        self.proc.stdin.write(line.encode() + b"\n")
+
+    async def _read(self) -> None:
+        while True:
+            raw = await self.proc.stdout.readline()
+            if not raw:
+                if self.proc.returncode is None:
+                    await self.proc.wait()
+                log.log(logging.INFO if self.proc.returncode == 0 else logging.ERROR,
+                        "smdp-gate exited with status %s", self.proc.returncode)
+                return
+            parts = raw.decode().split()
+            if not parts:
+                continue
+            kind = parts[0]
+            try:
+                if kind == "seen":
+                    self._on_event("seen", parts[1])
+                elif kind == "arrive":
+                    self._on_event("arrive", parts[1], [float(t) for t in parts[2:]])
+                elif kind == "batch":
+                    waits = tuple(float(w) for w in parts[7].split(",")) if len(parts) > 7 else ()
+                    self._on_event("batch", BatchReport(parts[1], int(parts[2]), int(parts[3]), float(parts[4]),
+                                                        float(parts[5]), int(parts[6]), waits))
+                elif kind == "counters":
+                    values = dict(p.split("=", 1) for p in parts[2:])
+                    self._on_event("counters", parts[1], {k: int(v) for k, v in values.items()})
+                elif kind == "error":
+                    msg = raw.decode().strip()[6:]
+                    self.errors.append(msg)
+                    log.error("smdp-gate refused a command: %s", msg)
+            except Exception:  # one bad line or handler must not stop the reader
+                log.exception("cannot handle smdp-gate event %r", raw[:200])
+
+    async def _log_stderr(self) -> None:
+        while True:
+            raw = await self.proc.stderr.readline()
+            if not raw:
+                return
+            log.warning("smdp-gate: %s", raw.decode().rstrip())
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Drain and stop: no new calls, in-flight ones answered (within ``grace_s``), events read."""
+        if self.proc.returncode is None:
+            try:
+                self.proc.stdin.write(b"quit\n")
+                await self.proc.stdin.drain()
+                self.proc.stdin.close()
+            except (ConnectionError, RuntimeError):
+                pass
+            try:
+                await asyncio.wait_for(self.proc.wait(), grace_s + 2.0)
+            except asyncio.TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        for task in (self._reader, self._stderr):
+            try:
+                await asyncio.wait_for(task, 2.0)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                task.cancel()
+
+
+def monotonic_offset(clock: Callable[[], float]) -> float:
+    """What to add to a CLOCK_MONOTONIC time to get the sidecar clock's time."""
+    return clock() - time.monotonic()
