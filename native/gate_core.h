@@ -30,6 +30,7 @@ struct Policy {
   int max_batch = 1;
   int beyond = 1;
   double max_wait_s = -1.0;      // < 0: no guard
+  bool guard_is_timeout = false;  // the guard is Triton's timeout rule (reported "timeout", else "max_wait")
 
   // Throws std::invalid_argument naming the bad entry.
   void Validate() const {
@@ -51,10 +52,16 @@ struct Policy {
 
   // Batch size to serve with n waiting and the oldest waiting for `oldest_wait_s`; 0 = wait.
   // `recheck_s` is set (>= 0) when waiting should be re-decided after that long with no event.
-  int Decide(int n, double oldest_wait_s, double* recheck_s) const {
+  int Decide(int n, double oldest_wait_s, double* recheck_s, const char** reason = nullptr) const {
     *recheck_s = -1.0;
+    if (reason) *reason = "policy";
     if (n <= 0) return 0;
-    if (max_wait_s >= 0.0 && oldest_wait_s >= max_wait_s) return std::min(n, max_batch);
+    if (max_wait_s >= 0.0 && oldest_wait_s >= max_wait_s) {
+      int a = std::min(n, max_batch);
+      // As solver.policy: the timeout rule serves a full batch as "policy", a timed-out one as "timeout"
+      if (reason && !(guard_is_timeout && a >= max_batch)) *reason = guard_is_timeout ? "timeout" : "max_wait";
+      return a;
+    }
     int a = static_cast<size_t>(n) < table.size() ? table[n] : std::min(n, beyond);
     if (a == 0 && max_wait_s >= 0.0) *recheck_s = max_wait_s - oldest_wait_s;
     return a;
@@ -77,6 +84,7 @@ template <typename T>
 struct Step {
   std::vector<std::vector<Pending<T>*>> batches;  // one in-flight slot each, members oldest first
   std::vector<Pending<T>*> expired;               // deadline passed while waiting
+  std::vector<const char*> reasons;               // why each batch was served, parallel to `batches`
   double wake_at = std::numeric_limits<double>::infinity();
 };
 
@@ -152,7 +160,8 @@ class ModelGate {
     Expire(now, &step.expired);
     while (free_ > 0 && size_ > 0) {
       double recheck = -1.0;
-      int serve = policy_.Decide(size_, now - OldestArrival(), &recheck);
+      const char* reason = "policy";
+      int serve = policy_.Decide(size_, now - OldestArrival(), &recheck, &reason);
       if (serve <= 0) {
         ++counters_.decisions_wait;
         if (recheck >= 0.0) step.wake_at = now + recheck;
@@ -160,6 +169,7 @@ class ModelGate {
       }
       ++counters_.decisions_serve;
       step.batches.push_back(Take(std::min(serve, size_)));
+      step.reasons.push_back(reason);
       --free_;
       ++counters_.dispatched_batches;
       counters_.dispatched_requests += step.batches.back().size();

@@ -15,6 +15,7 @@
 //   policy MODEL max_batch=B table=a0,a1,... [beyond=b] [max_wait_us=U] [slots=K] [max_queue=Q]
 //          [default_priority=L] [priority_levels=P] [dispatch_priority=D]
 //   forget MODEL          (relay the model ungated from now on)
+//   report                (report now, then print `reported`: the control plane's barrier)
 //   quit                  (also on end of input: drain and stop)
 // flags: --listen HOST:PORT --upstream HOST:PORT [--max-queue N] [--report-interval-ms MS] [--deny METHOD]...
 // stdout (one event per line; times are CLOCK_MONOTONIC seconds, Python's time.monotonic()):
@@ -22,7 +23,8 @@
 //   ok policy MODEL | error MESSAGE
 //   seen MODEL            (a ModelInfer for a model without a policy, relayed ungated; at most once a second)
 //   arrive MODEL T1 T2 ...
-//   batch MODEL SIZE ROWS START END CODE WAIT1,WAIT2,...   (each member's wait in the gate, seconds)
+//   batch MODEL SIZE ROWS START END CODE WHY WAIT1,WAIT2,...   (WHY: policy, or the guard's reason;
+//                                                               each member's wait in the gate, seconds)
 //   counters MODEL submitted=.. rejected=.. cancelled=.. expired=.. batches=.. requests=.. queue=.. in_flight=..
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/generic/generic_stub.h>
@@ -132,6 +134,7 @@ struct Batch {
   grpc::ByteBuffer request, response;
   double start = 0;
   int rows = 0;
+  const char* reason = "policy";  // why the gate served it: policy, or the guard's reason
 };
 
 // Relays one unary RPC as raw bytes.
@@ -305,7 +308,6 @@ class Service : public grpc::CallbackGenericService {
         call->Reply(nullptr, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, error));
         return;
       }
-      ms->arrivals.push_back(now);
       if (!ms->gate->Submit(&call->pending_)) {
         int q = ms->gate->queue_length();
         lock.unlock();
@@ -314,6 +316,7 @@ class Service : public grpc::CallbackGenericService {
                                               std::to_string(q) + " requests waiting)"));
         return;
       }
+      ms->arrivals.push_back(now);  // accepted arrivals only, as the Python gate reports them
       step = PollLocked(ms, now);
     }
     Carry(ms, std::move(step));
@@ -493,11 +496,7 @@ class Service : public grpc::CallbackGenericService {
       }
       if (it->second.int64_param() > 0) p.deadline = now + it->second.int64_param() * 1e-6;
     }
-    auto grpc_deadline = call->ctx_->deadline();
-    if (grpc_deadline != std::chrono::system_clock::time_point::max()) {
-      double left = std::chrono::duration<double>(grpc_deadline - std::chrono::system_clock::now()).count();
-      p.deadline = std::min(p.deadline, now + left);
-    }
+    // A gRPC deadline is not a gate deadline: gRPC cancels the call when it passes (OnCancel withdraws it).
     return true;
   }
 
@@ -507,6 +506,7 @@ class Service : public grpc::CallbackGenericService {
       auto* b = new Batch();
       b->model = ms;
       b->start = now;
+      b->reason = step.reasons[&members - &step.batches[0]];
       for (auto* p : members) {
         b->members.push_back(p->payload);
         p->payload->batch_ = b;
@@ -648,7 +648,7 @@ class Service : public grpc::CallbackGenericService {
       std::ostringstream os;
       os.precision(17);
       os << "batch " << ms->name << ' ' << b->members.size() << ' ' << b->rows << ' ' << b->start << ' ' << end
-         << ' ' << static_cast<int>(status.error_code()) << ' ';
+         << ' ' << static_cast<int>(status.error_code()) << ' ' << b->reason << ' ';
       os.precision(6);
       for (size_t i = 0; i < b->members.size(); ++i)
         os << (i ? "," : "") << std::max(0.0, b->start - b->members[i]->pending_.arrival);
@@ -718,6 +718,11 @@ void ControlLoop(Service* svc, int default_max_queue) {
     in >> op;
     if (op.empty()) continue;
     if (op == "quit") break;
+    if (op == "report") {
+      svc->Report();
+      Emit("reported");
+      continue;
+    }
     try {
       if (!(in >> model)) throw std::invalid_argument(op + ": model name missing");
       if (op == "forget") {
@@ -732,6 +737,13 @@ void ControlLoop(Service* svc, int default_max_queue) {
       p.beyond = IntField(f, "beyond", p.max_batch);
       int wait_us = IntField(f, "max_wait_us", -1);
       p.max_wait_s = wait_us < 0 ? -1.0 : wait_us * 1e-6;
+      auto why = f.find("guard_reason");
+      if (why != f.end()) {
+        if (why->second != "timeout" && why->second != "max_wait")
+          throw std::invalid_argument("guard_reason must be timeout or max_wait, got '" + why->second + "'");
+        p.guard_is_timeout = why->second == "timeout";
+        f.erase(why);
+      }
       int slots = IntField(f, "slots", 1);
       int max_queue = IntField(f, "max_queue", default_max_queue);
       int dflt = IntField(f, "default_priority", 0);
@@ -786,6 +798,10 @@ int Main(int argc, char** argv) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(-1);
   args.SetMaxSendMessageSize(-1);
+  // Reconnect quickly after Triton restarts (as the Python plane): recovery well under a second.
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
   auto channel = grpc::CreateCustomChannel(upstream, grpc::InsecureChannelCredentials(), args);
   Service svc(channel, deny);
   grpc::EnableDefaultHealthCheckService(true);

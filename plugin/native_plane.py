@@ -69,14 +69,14 @@ def policy_line(
     """
     if any(c.isspace() for c in model) or not model:
         raise ValueError(f"model name {model!r} cannot be sent to the native gate")
-    guard: float | None = None
+    guards: list[tuple[float, str]] = []  # (max wait, reason the gate reports when it fires)
     while isinstance(rule, MaxWaitGuard):
-        guard = rule.max_wait_s if guard is None else min(guard, rule.max_wait_s)
+        guards.append((rule.max_wait_s, "max_wait"))
         rule = rule.rule
     if isinstance(rule, TimeoutRule):
         b = rule.max_batch
         table, beyond = [0] * b + [b], b
-        guard = rule.timeout_s if guard is None else min(guard, rule.timeout_s)
+        guards.append((rule.timeout_s, "timeout"))
     elif isinstance(rule, PolicyTable):
         b = rule.max_batch
         table, beyond = [int(a) for a in rule.actions], rule.beyond_batch
@@ -92,8 +92,9 @@ def policy_line(
         f"priority_levels={priority_levels}",
         f"dispatch_priority={dispatch_priority}",
     ]
-    if guard is not None:
-        fields.append(f"max_wait_us={max(0, round(guard * 1e6))}")
+    if guards:
+        wait, why = min(guards)
+        fields += [f"max_wait_us={max(0, round(wait * 1e6))}", f"guard_reason={why}"]
     return f"policy {model} " + " ".join(fields)
 
 
@@ -163,6 +164,8 @@ class BatchReport:
     end: float
     code: int
     """gRPC status code number of the batch's answer (0 = OK)."""
+    why: str
+    """Why the gate served it: ``policy``, or its guard's reason (``timeout``, ``max_wait``)."""
     waits: tuple[float, ...]
     """Each member's time in the gate before the batch went out, seconds."""
 
@@ -181,6 +184,7 @@ class NativePlane:
         self._reader = asyncio.get_running_loop().create_task(self._read())
         self._stderr = asyncio.get_running_loop().create_task(self._log_stderr())
         self.errors: list[str] = []
+        self._barriers: list[asyncio.Future] = []
 
     @classmethod
     async def start(
@@ -225,6 +229,14 @@ class NativePlane:
             raise NativePlaneError("smdp-gate is not running")
         self.proc.stdin.write(line.encode() + b"\n")
 
+    async def sync(self, timeout_s: float = 5.0) -> None:
+        """Return once everything the gate did before this call has been reported and handled here
+        (it reports every ``report_interval_ms`` otherwise): for status reads that must be exact."""
+        fut = asyncio.get_running_loop().create_future()
+        self._barriers.append(fut)
+        self.send("report")
+        await asyncio.wait_for(fut, timeout_s)
+
     async def _read(self) -> None:
         while True:
             raw = await self.proc.stdout.readline()
@@ -244,12 +256,17 @@ class NativePlane:
                 elif kind == "arrive":
                     self._on_event("arrive", parts[1], [float(t) for t in parts[2:]])
                 elif kind == "batch":
-                    waits = tuple(float(w) for w in parts[7].split(",")) if len(parts) > 7 else ()
+                    waits = tuple(float(w) for w in parts[8].split(",")) if len(parts) > 8 else ()
                     self._on_event("batch", BatchReport(parts[1], int(parts[2]), int(parts[3]), float(parts[4]),
-                                                        float(parts[5]), int(parts[6]), waits))
+                                                        float(parts[5]), int(parts[6]), parts[7], waits))
                 elif kind == "counters":
                     values = dict(p.split("=", 1) for p in parts[2:])
                     self._on_event("counters", parts[1], {k: int(v) for k, v in values.items()})
+                elif kind == "reported":
+                    if self._barriers:
+                        fut = self._barriers.pop(0)
+                        if not fut.done():
+                            fut.set_result(None)
                 elif kind == "error":
                     msg = raw.decode().strip()[6:]
                     self.errors.append(msg)

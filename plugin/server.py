@@ -492,7 +492,7 @@ class Sidecar:
             state.stats.record(rep.rows, elapsed)
             if state.controller is not None:
                 state.controller.observe_batch(rep.rows, elapsed, state.stats.failed_requests)
-            self.metrics.batch_dispatched(state.name, rep.rows, "native")
+            self.metrics.batch_dispatched(state.name, rep.rows, rep.why)
             self.metrics.batch_completed(state.name, rep.rows, elapsed)
             state.stats.answered += rep.size
             code = _STATUS_BY_NUMBER.get(rep.code, grpc.StatusCode.UNKNOWN)

@@ -60,3 +60,19 @@ def triton_factory(triton_runnable: None) -> Iterator[Callable[..., "EmbeddedTri
     finally:
         for server in servers:
             server.stop()
+
+
+@pytest.fixture(scope="session")
+def native_gate() -> str:
+    """The path of the native data plane's binary (``make native``). Skipped with the reason when it
+    is not built; with SMDP_REQUIRE_NATIVE=1 (CI) a missing binary fails instead."""
+    import os
+
+    from plugin.native_plane import NativePlaneError, find_binary
+
+    try:
+        return str(find_binary())
+    except NativePlaneError as exc:
+        if os.environ.get("SMDP_REQUIRE_NATIVE") == "1":
+            pytest.fail(f"SMDP_REQUIRE_NATIVE=1 but {exc}")
+        pytest.skip(str(exc))

@@ -1,4 +1,8 @@
-"""The sidecar in front of a real tritonserver, driven by an unmodified tritonclient over real gRPC."""
+"""The sidecar in front of a real tritonserver, driven by an unmodified tritonclient over real gRPC.
+
+Every test runs on both data planes: the Python gate, and the native one (``smdp-gate``, C++) with
+the same Python control plane. Where a plane lacks a feature the test says so and is skipped there.
+"""
 
 from __future__ import annotations
 
@@ -23,10 +27,33 @@ pytestmark = pytest.mark.integration
 
 SCALE = 20  # emulated service times x20: batch of 1 takes ~42 ms, so arrival order is unambiguous
 
+_PLANE = {"value": "python"}
+
+
+@pytest.fixture(autouse=True, params=["python", "native"])
+def data_plane(request):
+    """Run the test on each data plane (see the module's docstring)."""
+    if request.param == "native":
+        request.getfixturevalue("native_gate")
+        why = request.node.get_closest_marker("python_plane_only")
+        if why is not None:
+            pytest.skip(f"python plane only: {why.args[0]}")
+    _PLANE["value"] = request.param
+    yield request.param
+    _PLANE["value"] = "python"
+
+
+def settle(sc: SidecarThread) -> None:
+    """Make the control plane's view of the gate current: the native gate reports periodically."""
+    native = sc.sidecar._native
+    if native is not None:
+        sc.run(native.sync(), 10)
+
 
 @contextmanager
 def sidecar(triton_url: str, **overrides):
     default = overrides.pop("default", {"policy": "greedy"})
+    overrides.setdefault("data_plane", _PLANE["value"])
     cfg = load_config(
         overrides={"listen": "127.0.0.1:0", "control_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0",
                    "triton_url": triton_url,
@@ -35,6 +62,7 @@ def sidecar(triton_url: str, **overrides):
     )
     runner = SidecarThread(cfg)
     runner.start()
+    assert (runner.sidecar._native is not None) == (cfg.data_plane == "native")
     try:
         yield runner
     finally:
@@ -160,6 +188,14 @@ def test_other_rpcs_pass_through_unchanged(triton):
         assert direct.is_model_ready("cpu_mlp")
 
 
+def test_health_is_served(triton):
+    with sidecar(triton.grpc_url) as sc, grpc.insecure_channel(sc.url) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        resp = health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.python_plane_only("the native gate serves gRPC health but not reflection")
 def test_health_and_reflection_are_served(triton):
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
@@ -197,6 +233,7 @@ def test_malformed_tensors_get_invalid_argument_and_queue_nothing(triton, shape,
         with pytest.raises(InferenceServerException) as info:
             tc.InferenceServerClient(sc.url).infer("emulated_gpu", [inp])
         assert "INVALID_ARGUMENT" in info.value.status()
+        settle(sc)
         state = sc.sidecar.models()[("emulated_gpu", "")]
         assert state.gate.queue_length == 0 and state.gate.in_flight == 0
 
@@ -219,6 +256,7 @@ def test_overload_is_refused_with_resource_exhausted_and_nothing_is_lost(slow_tr
         assert len(answers) == 40
         assert set(answers) <= {"ok", "StatusCode.RESOURCE_EXHAUSTED"}
         assert answers.count("StatusCode.RESOURCE_EXHAUSTED") > 0 and answers.count("ok") > 0
+        settle(sc)
         state = sc.sidecar.models()[("emulated_gpu", "")]
         assert state.gate.counters.rejected == answers.count("StatusCode.RESOURCE_EXHAUSTED")
         assert state.gate.queue_length == 0 and state.gate.in_flight == 0
@@ -240,8 +278,10 @@ def test_client_timeout_expires_in_the_gate_and_frees_its_place(slow_triton):
         assert "DEADLINE_EXCEEDED" in info.value.status()
         state = sc.sidecar.models()[("emulated_gpu", "")]
         deadline = time.monotonic() + 5
+        settle(sc)
         while state.gate.queue_length and time.monotonic() < deadline:
             time.sleep(0.02)
+            settle(sc)
         assert state.gate.queue_length == 0
         assert state.gate.counters.expired == 1 and state.gate.counters.cancelled == 1
 
@@ -305,6 +345,7 @@ def test_triton_executes_exactly_the_batches_the_policy_chose(slow_triton):
             assert done.acquire(timeout=30)
         assert all(error is None for _, error in results), [e for _, e in results if e is not None]
         sizes = sorted(int(r.as_numpy("BATCH_SIZE")[0, 0]) for r, _ in results)
+        settle(sc)
         state = sc.sidecar.models()[("emulated_gpu", "")]
         gate_hist = {b: int(n) for b, n in enumerate(state.stats.batches) if n}
         triton_hist = diff(executed_batches(direct, "emulated_gpu"), before)
@@ -336,6 +377,7 @@ def test_triton_batch_histogram_equals_the_gates_under_poisson_load(slow_triton)
         with ThreadPoolExecutor(64) as ex:
             results = list(ex.map(fire, range(len(times))))
         assert len(results) == len(times)
+        settle(sc)
         state = sc.sidecar.models()[("emulated_gpu", "")]
         gate_hist = {b: int(n) for b, n in enumerate(state.stats.batches) if n}
         triton_hist = diff(executed_batches(direct, "emulated_gpu"), before)
@@ -364,6 +406,7 @@ def test_greedy_gate_batches_like_tritons_own_delay_zero(slow_triton):
     assert native == gated == {1: 1, 5: 1}
 
 
+@pytest.mark.python_plane_only("the native gate runs the merged mode only")
 def test_released_mode_lets_tritons_batcher_group_the_chosen_requests(slow_triton):
     direct = tc.InferenceServerClient(slow_triton.grpc_url)
     with sidecar(slow_triton.grpc_url, mode="released", default={"policy": "threshold:4", "max_batch": 8}) as sc:
@@ -437,6 +480,7 @@ def test_prometheus_metrics_count_requests_batches_and_decisions(slow_triton):
 
         with ThreadPoolExecutor(12) as ex:
             answers = list(ex.map(one, range(12)))
+        settle(sc)
         port = sc.call(lambda: sc._running.metrics_port)
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     samples = {}
