@@ -813,6 +813,8 @@ int Main(int argc, char** argv) {
   builder.RegisterCallbackGenericService(&svc);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (!server || port == 0) throw std::runtime_error("cannot listen on " + listen);
+  // Health as the Python plane serves it: overall, and for the inference service by name.
+  server->GetHealthCheckService()->SetServingStatus("inference.GRPCInferenceService", true);
   Emit("listening " + std::to_string(port));
 
   std::atomic<bool> stop{false};
@@ -820,6 +822,7 @@ int Main(int argc, char** argv) {
   std::thread signals([&] {  // SIGTERM: finish what is in flight (5 s at most), report, exit
     int sig = 0;
     sigwait(&sigs, &sig);
+    server->GetHealthCheckService()->Shutdown();  // NOT_SERVING from now: load balancers move away
     server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
     svc.Report();
     std::fflush(stdout);
@@ -827,6 +830,7 @@ int Main(int argc, char** argv) {
   });
   signals.detach();
   ControlLoop(&svc, max_queue);  // until quit or end of input
+  server->GetHealthCheckService()->Shutdown();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   server->Wait();
   stop = true;

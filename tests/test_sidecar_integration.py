@@ -191,8 +191,9 @@ def test_other_rpcs_pass_through_unchanged(triton):
 def test_health_is_served(triton):
     with sidecar(triton.grpc_url) as sc, grpc.insecure_channel(sc.url) as ch:
         health = health_pb2_grpc.HealthStub(ch)
-        resp = health.Check(health_pb2.HealthCheckRequest(service=""))
-        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        for service in ("", "inference.GRPCInferenceService"):
+            resp = health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
 @pytest.mark.python_plane_only("the native gate serves gRPC health but not reflection")
