@@ -1,4 +1,8 @@
-"""The closed loop against a real Triton: rate changes re-solve the policy, the control API tunes it."""
+"""The closed loop against a real Triton: rate changes re-solve the policy, the control API tunes it.
+
+Every test runs on both data planes (tests/planes.py): the closed loop is the same Python code
+whichever plane carries the requests.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from smdp.v1 import smdp_pb2, smdp_pb2_grpc
 from solver.arrivals import poisson, steps
 from solver.model import BatchingModel, ServiceProfile
 from solver.smdp import solve
+from planes import data_plane, plane, settle  # noqa: F401 - data_plane: autouse, both planes
 from slowed_triton import slowed_emulated_gpu
 
 pytestmark = pytest.mark.integration
@@ -49,7 +54,8 @@ def sidecar(triton_url: str, profile: Path, **overrides):
     cfg = load_config(
         overrides={"listen": "127.0.0.1:0", "control_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0",
                    "triton_url": triton_url,
-                   "retune_interval_s": 0.1, "rate_window_s": 5.0, "models": {"emulated_gpu": model}, **overrides},
+                   "retune_interval_s": 0.1, "rate_window_s": 5.0, "models": {"emulated_gpu": model},
+                   "data_plane": plane(), **overrides},
         environ={},
     )
     runner = SidecarThread(cfg)
@@ -156,6 +162,7 @@ def test_swapping_policies_every_100ms_under_load_loses_nothing(scaled):
         finally:
             stop.set()
             th.join()
+        settle(sc)
         s = status(stub, md)
         ch.close()
         assert swaps >= 20 and s.policy_version >= 10
@@ -177,6 +184,7 @@ def test_raising_the_weight_grows_batches_and_cuts_power_as_the_solver_predicts(
             answers: list = []
             horizon = 6.0
             fire(sc.url, poisson(rate, duration=horizon, rng=np.random.default_rng(3)), answers)
+            settle(sc)
             state = sc.call(lambda: sc.sidecar.models()[("emulated_gpu", "")])
             counts = state.stats.batches[1:].astype(float)
             energy = float(counts @ profile.energy_j[:32])

@@ -21,39 +21,17 @@ from tritonclient.utils import InferenceServerException
 
 from plugin.config import load_config
 from plugin.runner import SidecarThread
+from planes import data_plane, plane, settle  # noqa: F401 - data_plane: autouse, both planes
 from slowed_triton import slowed_emulated_gpu
 
 pytestmark = pytest.mark.integration
 
 SCALE = 20  # emulated service times x20: batch of 1 takes ~42 ms, so arrival order is unambiguous
 
-_PLANE = {"value": "python"}
-
-
-@pytest.fixture(autouse=True, params=["python", "native"])
-def data_plane(request):
-    """Run the test on each data plane (see the module's docstring)."""
-    if request.param == "native":
-        request.getfixturevalue("native_gate")
-        why = request.node.get_closest_marker("python_plane_only")
-        if why is not None:
-            pytest.skip(f"python plane only: {why.args[0]}")
-    _PLANE["value"] = request.param
-    yield request.param
-    _PLANE["value"] = "python"
-
-
-def settle(sc: SidecarThread) -> None:
-    """Make the control plane's view of the gate current: the native gate reports periodically."""
-    native = sc.sidecar._native
-    if native is not None:
-        sc.run(native.sync(), 10)
-
-
 @contextmanager
 def sidecar(triton_url: str, **overrides):
     default = overrides.pop("default", {"policy": "greedy"})
-    overrides.setdefault("data_plane", _PLANE["value"])
+    overrides.setdefault("data_plane", plane())
     cfg = load_config(
         overrides={"listen": "127.0.0.1:0", "control_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0",
                    "triton_url": triton_url,
