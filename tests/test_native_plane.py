@@ -1,0 +1,233 @@
+"""The native data plane: its C++ unit tests, the rule it is sent, and its process's life.
+
+What the gate does with requests is tested on both planes by tests/test_sidecar_integration.py and
+tests/test_adaptive_integration.py; here: what only the native plane has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from plugin.config import SidecarConfig
+from plugin.native_plane import (
+    NativeGateView,
+    NativePlane,
+    NativePlaneError,
+    find_binary,
+    policy_line,
+)
+from solver.policy import MaxWaitGuard, PolicyTable, TimeoutRule, greedy, static, threshold
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- pure: the rule as the gate receives it ------------------------------------------------------
+
+
+def fields(line: str) -> dict[str, str]:
+    op, model, *rest = line.split()
+    assert op == "policy"
+    return {"model": model, **dict(f.split("=", 1) for f in rest)}
+
+
+def test_a_policy_table_is_sent_as_it_is():
+    f = fields(policy_line("m", greedy(4), slots=2, max_queue=9, default_priority=2, priority_levels=2,
+                           dispatch_priority=1))
+    assert f == {"model": "m", "max_batch": "4", "beyond": "4", "table": "0,1,2,3,4", "slots": "2",
+                 "max_queue": "9", "default_priority": "2", "priority_levels": "2", "dispatch_priority": "1"}
+    assert fields(policy_line("m", threshold(8, 3), slots=1, max_queue=1))["table"] == "0,0,0,3,4,5,6,7,8"
+    s = fields(policy_line("m", static(8, 3), slots=1, max_queue=1))
+    assert s["beyond"] == "3" and "max_wait_us" not in s  # static stays static beyond its table
+
+
+def test_tritons_timeout_rule_is_a_guarded_table():
+    f = fields(policy_line("m", TimeoutRule(4, 0.0125), slots=1, max_queue=1))
+    assert f["table"] == "0,0,0,0,4" and f["beyond"] == "4"
+    assert f["max_wait_us"] == "12500" and f["guard_reason"] == "timeout"
+
+
+def test_a_max_wait_guard_adds_the_tighter_guard():
+    table = PolicyTable(np.array([0, 0, 2]), 4)
+    f = fields(policy_line("m", MaxWaitGuard(table, 0.5), slots=1, max_queue=1))
+    assert f["table"] == "0,0,2" and f["max_wait_us"] == "500000" and f["guard_reason"] == "max_wait"
+    f = fields(policy_line("m", MaxWaitGuard(TimeoutRule(4, 0.01), 0.002), slots=1, max_queue=1))
+    assert f["max_wait_us"] == "2000" and f["guard_reason"] == "max_wait"
+    f = fields(policy_line("m", MaxWaitGuard(TimeoutRule(4, 0.01), 0.5), slots=1, max_queue=1))
+    assert f["max_wait_us"] == "10000" and f["guard_reason"] == "timeout"
+
+
+def test_what_the_gate_cannot_run_is_refused_here():
+    class Odd:
+        max_batch = 4
+
+        def decide(self, n, oldest_wait_s):  # pragma: no cover - never called
+            raise AssertionError
+
+    with pytest.raises(ValueError, match="cannot run a Odd rule"):
+        policy_line("m", Odd(), slots=1, max_queue=1)
+    with pytest.raises(ValueError, match="model name"):
+        policy_line("two words", greedy(2), slots=1, max_queue=1)
+
+
+def test_the_view_pushes_every_change_and_counts_what_grew():
+    sent: list[str] = []
+    view = NativeGateView("m", sent.append, greedy(4), slots=1, max_queue=8)
+    view.set_rule(threshold(4, 2))
+    view.set_slots(3)
+    view.set_priorities(2, 2)
+    assert len(sent) == 4 and fields(sent[-1])["slots"] == "3" and fields(sent[-1])["priority_levels"] == "2"
+    assert fields(sent[1])["table"] == "0,0,2,3,4"
+    grown = view.update({"submitted": 5, "rejected": 2, "expired": 0, "queue": 3, "in_flight": 1})
+    assert grown == {"submitted": 5, "rejected": 2, "expired": 0}
+    grown = view.update({"submitted": 9, "rejected": 2, "expired": 1, "queue": 0, "in_flight": 0})
+    assert grown == {"submitted": 4, "rejected": 0, "expired": 1}
+    assert view.counters.submitted == 9 and view.queue_length == 0 and view.in_flight == 0
+
+
+def test_native_runs_the_merged_mode_only():
+    with pytest.raises(ValidationError, match="merged mode only"):
+        SidecarConfig(data_plane="native", mode="released")
+    assert SidecarConfig(data_plane="native").data_plane == "native"
+
+
+def test_a_missing_binary_says_how_to_build_it(monkeypatch, tmp_path):
+    import plugin.native_plane as native_plane
+
+    monkeypatch.setenv("SMDP_NATIVE_GATE", str(tmp_path / "nothing"))
+    monkeypatch.setattr(native_plane, "DEFAULT_BINARY", tmp_path / "nothing")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(NativePlaneError, match="make native"):
+        find_binary()
+
+
+# -- the C++ core's own unit tests ---------------------------------------------------------------
+
+
+def test_the_cpp_decision_core_and_merging_pass_their_unit_tests(native_gate):
+    exe = Path(native_gate).with_name("test_gate_core")
+    assert exe.is_file(), f"{exe} missing: make -C native builds it with smdp-gate"
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert ", 0 failed" in out.stdout and int(out.stdout.split()[0]) > 50
+
+
+# -- the process ---------------------------------------------------------------------------------
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def test_a_bad_command_gets_an_error_naming_it_and_the_gate_keeps_serving(native_gate):
+    async def scenario():
+        events = []
+        plane = await NativePlane.start(listen="127.0.0.1:0", triton_url="127.0.0.1:1", max_queue=4,
+                                        on_event=lambda *e: events.append(e))
+        try:
+            plane.send("policy m max_batch=4 table=0,2")  # a(1) = 2 > 1
+            plane.send("policy m max_batch=4 table=0,1 colour=blue")
+            plane.send("frobnicate m")
+            plane.send("policy m max_batch=4 table=0,1")
+            await plane.sync()
+            return list(plane.errors), plane.port
+        finally:
+            await plane.stop()
+
+    errors, port = run(scenario())
+    assert port > 0
+    assert any("a(1) = 2" in e for e in errors), errors
+    assert any("unknown key 'colour'" in e for e in errors), errors
+    assert any("unknown command 'frobnicate'" in e for e in errors), errors
+    assert len(errors) == 3
+
+
+def test_an_address_it_cannot_bind_is_a_clear_error(native_gate):
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        busy = f"127.0.0.1:{held.getsockname()[1]}"
+
+        async def scenario():
+            await NativePlane.start(listen=busy, triton_url="127.0.0.1:1", max_queue=4, on_event=lambda *e: None)
+
+        with pytest.raises(NativePlaneError, match="did not start on"):
+            run(scenario())
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _serve(triton_url: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smdp.cli", "serve", "--data-plane", "native", "--listen", "127.0.0.1:0",
+         "--triton", triton_url, "--policy", "greedy", "--control-listen", "none", "--metrics-listen", "none",
+         "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+    )
+    for line in proc.stdout:
+        if "listening on" in line:
+            return proc, line.split("listening on ")[1].split()[0]
+    proc.kill()
+    raise AssertionError("smdp serve --data-plane native did not start")
+
+
+@pytest.mark.integration
+def test_sigterm_answers_what_is_in_flight_and_leaves_no_gate_behind(native_gate, triton):
+    import tritonclient.grpc as tc
+
+    proc, url = _serve(triton.grpc_url)
+    gates = [c for c in _children(proc.pid) if "smdp-gate" in Path(f"/proc/{c}/cmdline").read_text()]
+    assert len(gates) == 1
+    client = tc.InferenceServerClient(url)
+    x = np.arange(16, dtype=np.float32)[None, :]
+    inp = tc.InferInput("INPUT0", [1, 16], "FP32")
+    inp.set_data_from_numpy(x)
+    assert np.array_equal(client.infer("emulated_gpu", [inp]).as_numpy("OUTPUT0"), 2 * x + 1)
+    results = []
+    for _ in range(8):
+        client.async_infer("emulated_gpu", [inp], lambda result, error: results.append(error))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    deadline = time.monotonic() + 10
+    while len(results) < 8 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # every request got exactly one answer: a response, or a refusal once the server stopped
+    assert len(results) == 8
+    assert not _alive(gates[0])
+
+
+@pytest.mark.integration
+def test_the_gate_exits_when_its_control_plane_is_killed(native_gate, triton):
+    proc, _ = _serve(triton.grpc_url)
+    gates = [c for c in _children(proc.pid) if "smdp-gate" in Path(f"/proc/{c}/cmdline").read_text()]
+    assert len(gates) == 1
+    os.kill(proc.pid, signal.SIGKILL)  # no clean-up at all: the gate sees its stdin close
+    proc.wait(10)
+    deadline = time.monotonic() + 15
+    while _alive(gates[0]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(gates[0]), "smdp-gate outlived its control plane"
