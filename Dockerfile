@@ -1,7 +1,27 @@
-# The project's own image: sidecar (`smdp serve`), solver (`smdp solver-serve`), `smdp ctl`, Locust.
+# The project's own image: sidecar (`smdp serve`), solver (`smdp solver-serve`), `smdp ctl`, Locust,
+# and the native data plane's gate (`smdp-gate`, for `data_plane: native`).
 # Triton itself runs in NVIDIA's image (docker-compose.yml, deploy/k8s/), so the `triton` extra
 # (nvidia-pytriton's embedded server, ~1 GB) is left out on purpose.
-FROM python:3.11-slim
+#
+# Both stages are pinned to Debian bookworm: the gate is built against bookworm's gRPC C++ 1.51 and
+# protobuf 3.21, and the final stage installs exactly those runtime libraries by their bookworm names.
+
+# ---- build stage: smdp-gate (native/), with the packages native/install_deps.sh names ----
+FROM python:3.11-slim-bookworm AS gate-build
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ make pkg-config protobuf-compiler libprotobuf-dev libgrpc++-dev \
+    && rm -rf /var/lib/apt/lists/*
+# native/gen_descriptors.py takes Triton's protocol from the tritonclient wheel (the project's own
+# dependency, same bound as pyproject.toml), so the gate's message types are the clients' own.
+RUN pip install --no-cache-dir 'tritonclient[grpc]>=2.40'
+WORKDIR /src
+COPY native ./native
+# `test` runs the gate's C++ unit tests: a failing check fails the image build.
+RUN make -C native -j"$(nproc)" PYTHON=python all test \
+    && strip native/build/smdp-gate
+
+# ---- the image ----
+FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -9,6 +29,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     MPLBACKEND=Agg \
     MPLCONFIGDIR=/tmp/matplotlib
+
+# smdp-gate's runtime libraries (gRPC C++ and protobuf; they pull in abseil, re2, c-ares), and the
+# gate itself on PATH, where the sidecar looks for it (plugin/native_plane.py, find_binary).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libgrpc++1.51 libprotobuf32 \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=gate-build /src/native/build/smdp-gate /usr/local/bin/smdp-gate
+# Fail the build, naming the library, if a shared library of the gate is missing.
+RUN ! ldd /usr/local/bin/smdp-gate | grep 'not found'
 
 WORKDIR /app
 
@@ -33,12 +62,13 @@ RUN useradd --uid 10001 --user-group --no-create-home --home-dir /app smdp \
 # /out: where load tests write (Locust's --csv); a named volume mounted there starts with this owner
 USER 10001:10001
 
-# 8011 sidecar inference API (KServe v2 gRPC), 8012 sidecar control API (smdp.v1.Control),
-# 8013 sidecar Prometheus metrics, 50051 solver (smdp.v1.Solver), 8089 Locust web UI,
-# 5557 Locust master <- workers.
+# 8011 sidecar inference API (KServe v2 gRPC; served by smdp-gate with data_plane: native),
+# 8012 sidecar control API (smdp.v1.Control), 8013 sidecar Prometheus metrics, 50051 solver
+# (smdp.v1.Solver), 8089 Locust web UI, 5557 Locust master <- workers.
 EXPOSE 8011 8012 8013 50051 8089 5557
 
-# gRPC health of the sidecar's inference port (the default role); compose overrides it per service.
+# gRPC health of the sidecar's inference port (the default role; both data planes serve it);
+# compose overrides it per service.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "/app/deploy/healthcheck.py", "grpc", "127.0.0.1:8011"]
 

@@ -624,6 +624,23 @@ def test_compose_sidecar_config_validates(services):
     assert config.models["emulated_gpu"].policy == "smdp"
 
 
+def test_commented_native_data_plane_option_is_valid(tmp_path, k8s):
+    """deploy/sidecar.yaml and the ConfigMap offer `data_plane: native` as a commented line: taking
+    the comment away gives a configuration that loads and selects the native plane."""
+    from plugin.config import load_config
+
+    configmap = next(d for d in k8s if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "smdp-sidecar-config")
+    texts = {"deploy/sidecar.yaml": (ROOT / "deploy" / "sidecar.yaml").read_text(),
+             "deploy/k8s/sidecar-config.yaml": configmap["data"]["sidecar.yaml"]}
+    for name, text in texts.items():
+        lines = [line for line in text.splitlines() if re.match(r"\s*# data_plane: native\b", line)]
+        assert len(lines) == 1, f"{name}: expected one commented `data_plane: native` line"
+        on = tmp_path / "native.yaml"
+        on.write_text(text.replace(lines[0], lines[0].replace("# data_plane", "data_plane", 1)))
+        assert load_config(on, environ={}).data_plane == "native", name
+        assert load_config(on, environ={}).mode == "merged", f"{name}: the native plane runs merged mode only"
+
+
 def test_bad_sidecar_config_is_refused(tmp_path):
     """The validation the tests above rely on is real: an unknown key or a bad value fails."""
     from pydantic import ValidationError
@@ -659,6 +676,20 @@ def _dockerfile() -> list[tuple[str, str]]:
     return lines
 
 
+def _stages() -> list[tuple[str, str | None, list[tuple[str, str]]]]:
+    """(base image, stage name or None, instructions after its FROM) for each build stage, in order."""
+    stages: list[tuple[str, str | None, list[tuple[str, str]]]] = []
+    for ins, args in _dockerfile():
+        if ins == "FROM":
+            words = args.split()
+            assert len(words) in (1, 3) and (len(words) == 1 or words[1].upper() == "AS"), f"FROM {args}"
+            stages.append((words[0], words[2] if len(words) == 3 else None, []))
+        else:
+            assert stages, f"{ins} before the first FROM"
+            stages[-1][2].append((ins, args))
+    return stages
+
+
 def _dockerignore() -> list[str]:
     return [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
             if line.strip() and not line.startswith("#")]
@@ -666,12 +697,17 @@ def _dockerignore() -> list[str]:
 
 def test_dockerfile_copy_sources_exist_and_are_in_the_build_context():
     ignored = _dockerignore()
-    copies = [args for ins, args in _dockerfile() if ins == "COPY"]
+    stages = _stages()
+    copies = [(i, args) for i, (_, _, ins) in enumerate(stages) for kind, args in ins if kind == "COPY"]
     assert copies
     sources = set()
-    for args in copies:
+    for index, args in copies:
         parts = [p for p in shlex.split(args) if not p.startswith("--")]
-        assert not any(p.startswith("--from") for p in shlex.split(args))
+        origin = [p.split("=", 1)[1] for p in shlex.split(args) if p.startswith("--from=")]
+        if origin:  # from an earlier build stage, not from the build context
+            earlier = [name for _, name, _ in stages[:index]]
+            assert origin[0] in earlier, f"COPY {args}: --from names no earlier stage ({earlier})"
+            continue
         for src in parts[:-1]:
             assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
             top = Path(src).parts[0]
@@ -683,9 +719,11 @@ def test_dockerfile_copy_sources_exist_and_are_in_the_build_context():
 
 
 def test_dockerfile_shape():
-    ins = _dockerfile()
+    stages = _stages()
+    # Pinned to one Debian release: the final stage installs the gate's runtime libraries by name.
+    assert [base for base, _, _ in stages] == ["python:3.11-slim-bookworm"] * 2
+    ins = stages[-1][2]  # the image itself; the build stage's instructions do not reach it
     get = lambda name: [a for i, a in ins if i == name]  # noqa: E731
-    assert get("FROM") == ["python:3.11-slim"]
     assert get("WORKDIR") == [APP_DIR]
     user = get("USER")
     assert user and user[-1].split(":")[0] not in ("root", "0"), "the image must run as a non-root user"
@@ -705,8 +743,58 @@ def test_dockerfile_exposes_every_port_our_services_listen_on(services, ports):
 
 def test_dockerignore_keeps_what_the_build_needs():
     ignored = set(_dockerignore())
-    assert {".git", ".venv", "out", "tests"} <= ignored
-    assert not {"deploy", "profiles", "model_repository", "smdp", "solver", "plugin", "loadtest"} & ignored
+    assert {".git", ".venv", "out", "tests", "native/build"} <= ignored
+    assert not {"deploy", "profiles", "model_repository", "smdp", "solver", "plugin", "loadtest", "native"} & ignored
+
+
+def _apt_installs(instructions: list[tuple[str, str]]) -> set[str]:
+    """Package names of the ``apt-get install`` commands among a stage's RUN instructions."""
+    packages = set()
+    for kind, args in instructions:
+        if kind != "RUN":
+            continue
+        for cmd in re.split(r"\s*(?:&&|;|\|\|)\s*", args):
+            words = shlex.split(cmd)
+            if words[:2] == ["apt-get", "install"]:
+                packages |= {w for w in words[2:] if not w.startswith("-")}
+    return packages
+
+
+GATE_RUNTIME_PACKAGES = {"libgrpc++1.51", "libprotobuf32"}  # bookworm's gRPC C++ 1.51 and protobuf 3.21
+
+
+def test_dockerfile_builds_the_native_gate_onto_path():
+    """data_plane: native needs smdp-gate in the image: built in a stage with the packages
+    native/install_deps.sh installs, copied to a directory on PATH (find_binary's last resort: the
+    image has no native/build tree), with its runtime libraries beside it."""
+    stages = _stages()
+    assert len(stages) == 2, "expected a build stage for smdp-gate and the image"
+    (_, build_name, build), (_, _, final) = stages
+    deps = re.search(r'^pkgs="([^"]+)"', (ROOT / "native" / "install_deps.sh").read_text(), re.M)
+    assert deps and set(deps.group(1).split()) <= _apt_installs(build), "the build stage lacks build dependencies"
+    runs = " ".join(a for i, a in build if i == "RUN")
+    assert "tritonclient[grpc]" in runs, "native/gen_descriptors.py needs tritonclient in the build stage"
+    assert re.search(r"make -C native\b[^&]*\bPYTHON=python\b[^&]*\ball\b", runs)
+    assert re.search(r"make -C native\b[^&]*\btest\b", runs), "the gate's unit tests should gate the build"
+    workdir = [a for i, a in build if i == "WORKDIR"][-1]
+    copied = [shlex.split(a) for i, a in final if i == "COPY" and a.startswith(f"--from={build_name} ")]
+    assert [c[1:] for c in copied] == [[f"{workdir}/native/build/smdp-gate", "/usr/local/bin/smdp-gate"]]
+    path = [a for i, a in final if i == "ENV" and a.startswith("PATH")]
+    assert not path, "the image keeps the base image's PATH (with /usr/local/bin)"
+    assert _apt_installs(final) == GATE_RUNTIME_PACKAGES, "the image installs only the gate's runtime libraries"
+    assert not any(p.endswith("-dev") or p in ("g++", "make") for p in _apt_installs(final))
+    # installed before USER drops root
+    user_at = max(n for n, (i, _) in enumerate(final) if i == "USER")
+    assert all(n < user_at for n, (i, a) in enumerate(final) if i == "RUN" and "apt-get" in a)
+
+
+@pytest.mark.skipif(not shutil.which("apt-cache") or "bookworm" not in (
+    Path("/etc/os-release").read_text() if Path("/etc/os-release").exists() else ""),
+    reason="needs Debian bookworm's apt-cache to look the package names up")
+def test_gate_runtime_packages_exist_in_bookworm():
+    for package in sorted(GATE_RUNTIME_PACKAGES):
+        out = subprocess.run(["apt-cache", "show", "--no-all-versions", package], capture_output=True, text=True)
+        assert out.returncode == 0 and f"Package: {package}" in out.stdout, f"bookworm has no package {package}"
 
 
 # --------------------------------------------------------------------------------------------------
