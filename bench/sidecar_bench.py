@@ -1,8 +1,9 @@
 """Sidecar overhead: latency and throughput through the gate against direct Triton, same run.
 
-Starts one embedded Triton, one sidecar (``smdp serve`` in its own process, greedy policy) and a plain
-pass-through proxy (``bench/passthrough_proxy.py``, raw bytes, no gate, same gRPC environment as
-``smdp serve``), then for each path (direct, via the proxy, via the sidecar):
+Starts one embedded Triton, the sidecar on each data plane (``smdp serve`` in its own process, greedy
+policy: ``sidecar`` = the Python gate, ``sidecar-native`` = the C++ smdp-gate, when built) and plain
+pass-through proxies (``bench/passthrough_proxy.py``, raw bytes, no gate, same gRPC environment as
+``smdp serve``), then for each path (direct, via a proxy, via a sidecar):
   - low load: one request at a time (added latency, p50/p99);
   - saturation: C requests kept in flight for T seconds (throughput, p50/p99), and the CPU seconds
     Triton and the sidecar spent per request (merging means one Triton call per batch).
@@ -11,6 +12,7 @@ Client, sidecar and Triton share this machine's cores, as in the reference measu
 
     python bench/sidecar_bench.py [--model cpu_mlp] [--seconds 5] [--concurrency 32] [--rounds 3]
                                   [--proxies aio,aio-default,sync]  # pass-through contenders ('' = none)
+                                  [--native auto|on|off]  # the native data plane (auto: when built)
                                   [--baseline DIR]   # DIR: another source tree, e.g. an older commit
 """
 
@@ -193,6 +195,8 @@ def main() -> int:
     ap.add_argument("--triton-batching", choices=["on", "off"], default="on",
                     help="off: Triton runs the model without its dynamic_batching block (no batcher stalls; "
                     "only the sidecar forms batches)")
+    ap.add_argument("--native", choices=["auto", "on", "off"], default="auto",
+                    help="include the sidecar on its native data plane (auto: when smdp-gate is built)")
     ap.add_argument("--baseline", type=Path, default=None, metavar="DIR",
                     help="also run a sidecar from another source tree (e.g. an older commit), same run")
     args = ap.parse_args()
@@ -208,6 +212,18 @@ def main() -> int:
             paths.append(Path_(f"proxy-{kind}", url, proc))
         proc, url = start_sidecar(triton.grpc_url, args.policy)
         paths.append(Path_("sidecar", url, proc))
+        if args.native != "off":
+            from plugin.native_plane import NativePlaneError, find_binary
+
+            try:
+                find_binary()
+            except NativePlaneError as exc:
+                if args.native == "on":
+                    raise
+                print(f"(no sidecar-native: {exc})", flush=True)
+            else:
+                proc, url = start_sidecar(triton.grpc_url, args.policy, data_plane="native")
+                paths.append(Path_("sidecar-native", url, proc))
         if args.baseline is not None:
             proc, url = start_sidecar(triton.grpc_url, args.policy, args.baseline.resolve())
             paths.append(Path_("baseline", url, proc))

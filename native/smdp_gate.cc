@@ -17,7 +17,8 @@
 //   forget MODEL          (relay the model ungated from now on)
 //   report                (report now, then print `reported`: the control plane's barrier)
 //   quit                  (also on end of input: drain and stop)
-// flags: --listen HOST:PORT --upstream HOST:PORT [--max-queue N] [--report-interval-ms MS] [--deny METHOD]...
+// flags: --listen HOST:PORT --upstream HOST:PORT [--max-queue N] [--report-interval-ms MS]
+//        [--upstream-timeout-ms MS] [--deny METHOD]...
 // stdout (one event per line; times are CLOCK_MONOTONIC seconds, Python's time.monotonic()):
 //   listening PORT
 //   ok policy MODEL | error MESSAGE
@@ -26,6 +27,7 @@
 //   batch MODEL SIZE ROWS START END CODE WHY WAIT1,WAIT2,...   (WHY: policy, or the guard's reason;
 //                                                               each member's wait in the gate, seconds)
 //   counters MODEL submitted=.. rejected=.. cancelled=.. expired=.. batches=.. requests=.. queue=.. in_flight=..
+//            invalid=..   (when something changed since the last report)
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
@@ -71,7 +73,8 @@ void Emit(const std::string& line, bool flush = true) {
   if (flush) std::fflush(stdout);
 }
 
-void CopyMetadata(const grpc::ServerContextBase& from, grpc::ClientContext* to) {
+// The caller's metadata (and, unless told otherwise, its deadline) on the call to Triton.
+void CopyMetadata(const grpc::ServerContextBase& from, grpc::ClientContext* to, bool deadline = true) {
   for (const auto& [k, v] : from.client_metadata()) {
     std::string key(k.data(), k.size());
     if (key.empty() || key[0] == ':' || key.rfind("grpc-", 0) == 0 || key == "user-agent" || key == "te" ||
@@ -79,8 +82,10 @@ void CopyMetadata(const grpc::ServerContextBase& from, grpc::ClientContext* to) 
       continue;
     to->AddMetadata(key, std::string(v.data(), v.size()));
   }
-  if (from.deadline() != std::chrono::system_clock::time_point::max()) to->set_deadline(from.deadline());
+  if (deadline && from.deadline() != std::chrono::system_clock::time_point::max()) to->set_deadline(from.deadline());
 }
+
+double g_upstream_timeout_s = 60.0;  // --upstream-timeout-ms: a gated call to Triton without a deadline of its own
 
 class Service;
 
@@ -122,6 +127,7 @@ struct ModelState {
   std::unique_ptr<ModelGate<InferCall*>> gate;  // null: relayed ungated
   int default_priority = 0, priority_levels = 0, dispatch_priority = 0;
   double seen_reported_at = -1e300;
+  uint64_t invalid = 0;  // refused for a bad priority or timeout parameter (INVALID_ARGUMENT)
   std::vector<double> arrivals;  // not yet reported
   std::string last_counters;     // the last counters line reported
   std::vector<std::string> batch_lines;  // completed batches not yet reported
@@ -304,6 +310,7 @@ class Service : public grpc::CallbackGenericService {
       }
       std::string error;
       if (!ReadParameters(call, *ms, now, &error)) {
+        ++ms->invalid;
         lock.unlock();
         call->Reply(nullptr, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, error));
         return;
@@ -443,7 +450,7 @@ class Service : public grpc::CallbackGenericService {
           os << "counters " << ms->name << " submitted=" << c.submitted << " rejected=" << c.rejected
              << " cancelled=" << c.cancelled << " expired=" << c.expired << " batches=" << c.dispatched_batches
              << " requests=" << c.dispatched_requests << " queue=" << ms->gate->queue_length()
-             << " in_flight=" << ms->gate->in_flight();
+             << " in_flight=" << ms->gate->in_flight() << " invalid=" << ms->invalid;
           counters = os.str();
           if (counters == ms->last_counters) counters.clear();
           else ms->last_counters = counters;
@@ -544,7 +551,15 @@ class Service : public grpc::CallbackGenericService {
   void Send(Batch* b) {
     InferCall* head = b->members.front();
     ModelState* ms = b->model;
-    CopyMetadata(*head->ctx_, &b->ctx);
+    // The batch's call to Triton must not end before any member's own deadline: the latest one, and
+    // none when a member has none (then the upstream timeout, as the Python plane's).
+    CopyMetadata(*head->ctx_, &b->ctx, /*deadline=*/false);
+    auto latest = std::chrono::system_clock::time_point::min();
+    for (auto* c : b->members) latest = std::max(latest, c->ctx_->deadline());
+    auto bound = std::chrono::system_clock::now() +
+                 std::chrono::duration_cast<std::chrono::system_clock::duration>(
+                     std::chrono::duration<double>(g_upstream_timeout_s));
+    b->ctx.set_deadline(std::min(latest, bound));
     const double now = Now();
     if (b->members.size() == 1 && !head->has_timeout_ && (head->has_priority_ || ms->dispatch_priority == 0)) {
       b->request = head->in_;  // alone and nothing to stamp: the caller's own bytes
@@ -782,8 +797,9 @@ int Main(int argc, char** argv) {
     else if (a == "--max-queue") max_queue = std::stoi(value("--max-queue"));
     else if (a == "--report-interval-ms") report_s = std::stod(value("--report-interval-ms")) / 1000.0;
     else if (a == "--deny") deny.push_back(value("--deny"));
+    else if (a == "--upstream-timeout-ms") g_upstream_timeout_s = std::stod(value("--upstream-timeout-ms")) / 1000.0;
     else throw std::invalid_argument("unknown flag " + a +
-                                     " (flags: --listen --upstream --max-queue --report-interval-ms --deny METHOD)");
+                                     " (flags: --listen --upstream --max-queue --report-interval-ms --upstream-timeout-ms --deny METHOD)");
   }
   if (upstream.empty()) throw std::invalid_argument("--upstream HOST:PORT (Triton's gRPC endpoint) is required");
   if (max_queue < 1) throw std::invalid_argument("--max-queue must be >= 1");

@@ -40,8 +40,13 @@ class NativePlaneError(RuntimeError):
 
 
 def find_binary(explicit: str | os.PathLike | None = None) -> Path:
-    """The ``smdp-gate`` executable: explicit path, then $SMDP_NATIVE_GATE, the build tree, then PATH."""
-    candidates = [explicit, os.environ.get(BINARY_ENV), DEFAULT_BINARY, shutil.which("smdp-gate")]
+    """The ``smdp-gate`` executable: explicit path (which must be one), else $SMDP_NATIVE_GATE, the
+    build tree, then PATH."""
+    if explicit is not None:
+        if Path(explicit).is_file() and os.access(explicit, os.X_OK):
+            return Path(explicit)
+        raise NativePlaneError(f"native_binary {str(explicit)!r} is not an executable file")
+    candidates = [os.environ.get(BINARY_ENV), DEFAULT_BINARY, shutil.which("smdp-gate")]
     for c in candidates:
         if c and Path(c).is_file() and os.access(c, os.X_OK):
             return Path(c)
@@ -117,6 +122,8 @@ class NativeGateView:
     counters: GateCounters = field(default_factory=GateCounters)
     queue_length: int = 0
     in_flight: int = 0
+    invalid: int = 0
+    """Requests the gate refused for a bad ``priority`` or ``timeout`` parameter."""
 
     def __post_init__(self) -> None:
         self._send()
@@ -150,6 +157,9 @@ class NativeGateView:
             if name in values:
                 grown[name] = values[name] - getattr(c, attr)
                 setattr(c, attr, values[name])
+        if "invalid" in values:
+            grown["invalid"] = values["invalid"] - self.invalid
+            self.invalid = values["invalid"]
         self.queue_length = values.get("queue", self.queue_length)
         self.in_flight = values.get("in_flight", self.in_flight)
         return grown
@@ -185,6 +195,9 @@ class NativePlane:
         self._stderr = asyncio.get_running_loop().create_task(self._log_stderr())
         self.errors: list[str] = []
         self._barriers: list[asyncio.Future] = []
+        self._stopping = False
+        self.exited: asyncio.Future = asyncio.get_running_loop().create_future()
+        """Resolves with the gate's exit status when it ends; before ``stop()``, that is a failure."""
 
     @classmethod
     async def start(
@@ -195,13 +208,15 @@ class NativePlane:
         max_queue: int,
         on_event: Callable[..., Any],
         deny: tuple[str, ...] = (),
+        upstream_timeout_s: float = 60.0,
         binary: str | os.PathLike | None = None,
         report_interval_ms: float = 50.0,
         start_timeout_s: float = 10.0,
     ) -> "NativePlane":
         exe = find_binary(binary)
         args = [str(exe), "--listen", listen, "--upstream", triton_url, "--max-queue", str(max_queue),
-                "--report-interval-ms", f"{report_interval_ms:g}"]
+                "--report-interval-ms", f"{report_interval_ms:g}", "--upstream-timeout-ms",
+                f"{upstream_timeout_s * 1e3:g}"]
         for method in deny:
             args += ["--deny", method]
         # GRPC_EXPERIMENTS is set for this process's gRPC (serve_cli); the gate's gRPC C++ has its own
@@ -243,8 +258,15 @@ class NativePlane:
             if not raw:
                 if self.proc.returncode is None:
                     await self.proc.wait()
-                log.log(logging.INFO if self.proc.returncode == 0 else logging.ERROR,
-                        "smdp-gate exited with status %s", self.proc.returncode)
+                unexpected = not self._stopping
+                log.log(logging.ERROR if unexpected else logging.INFO,
+                        "smdp-gate exited with status %s%s", self.proc.returncode,
+                        ": inference is down, the sidecar stops" if unexpected else "")
+                for fut in self._barriers:
+                    if not fut.done():
+                        fut.set_exception(NativePlaneError("smdp-gate exited"))
+                if not self.exited.done():
+                    self.exited.set_result(self.proc.returncode)
                 return
             parts = raw.decode().split()
             if not parts:
@@ -283,6 +305,7 @@ class NativePlane:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Drain and stop: no new calls, in-flight ones answered (within ``grace_s``), events read."""
+        self._stopping = True
         if self.proc.returncode is None:
             try:
                 self.proc.stdin.write(b"quit\n")

@@ -98,8 +98,8 @@ class SidecarThread:
         self.stop()
 
 
-async def serve_forever(config: SidecarConfig) -> None:
-    """``smdp serve``: run until SIGINT/SIGTERM, then drain and stop."""
+async def serve_forever(config: SidecarConfig) -> int:
+    """``smdp serve``: run until SIGINT/SIGTERM, then drain and stop (0); 1 when the native gate died."""
     running = await start_sidecar(config)
     control = f", control API on port {running.control_port}" if running.control_port else ""
     if running.metrics_port:
@@ -113,6 +113,15 @@ async def serve_forever(config: SidecarConfig) -> None:
             loop.add_signal_handler(sig, stop.set)
         except NotImplementedError:  # pragma: no cover - non-Unix
             pass
-    await stop.wait()
+    waits = [asyncio.ensure_future(stop.wait())]
+    native = running.sidecar._native
+    if native is not None:
+        # The native gate carries inference: if it dies, so does the sidecar (exit status 1), so
+        # that supervision (compose's restart policy, Kubernetes) restarts both together.
+        waits.append(native.exited)
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    gate_died = not stop.is_set()
     log.info("stopping sidecar")
     await running.stop(grace=5.0)
+    waits[0].cancel()
+    return 1 if gate_died else 0

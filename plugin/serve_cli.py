@@ -87,9 +87,10 @@ def _run(args: argparse.Namespace) -> int:
     except (ValidationError, ValueError, OSError) as exc:
         print(f"smdp serve: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    from .native_plane import NativePlaneError
+
     try:
-        asyncio.run(serve_forever(config))
-    except OSError as exc:
+        return asyncio.run(serve_forever(config))
+    except (OSError, NativePlaneError) as exc:
         print(f"smdp serve: {exc}", file=sys.stderr)
         return 1
-    return 0

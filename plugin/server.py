@@ -513,7 +513,8 @@ class Sidecar:
                 self.metrics.request_arrived(state.name)
         elif kind == "counters":
             grown = state.gate.update(args[1])
-            for reason, key in (("queue_full", "rejected"), ("expired", "expired")):
+            # as the Python gate counts them: refusals before queueing (expiry is an answer, not a refusal)
+            for reason, key in (("queue_full", "rejected"), ("invalid_argument", "invalid")):
                 for _ in range(max(grown.get(key, 0), 0)):
                     self.metrics.request_rejected(state.name, reason)
 
@@ -1043,6 +1044,7 @@ async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
             sidecar._native = await NativePlane.start(
                 listen=config.listen, triton_url=config.triton_url, max_queue=config.max_queue,
                 on_event=sidecar._native_event, binary=config.native_binary,
+                upstream_timeout_s=config.upstream_timeout_s,
                 deny=() if config.allow_repository_control else tuple(sorted(_REPOSITORY_CONTROL)),
             )
         except BaseException:

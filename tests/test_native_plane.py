@@ -231,3 +231,28 @@ def test_the_gate_exits_when_its_control_plane_is_killed(native_gate, triton):
     while _alive(gates[0]) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(gates[0]), "smdp-gate outlived its control plane"
+
+
+def test_an_explicit_binary_that_is_not_there_is_an_error_not_a_fallback(tmp_path):
+    with pytest.raises(NativePlaneError, match="not an executable file"):
+        find_binary(tmp_path / "smdp-gate")
+
+
+def test_serve_says_what_is_missing_instead_of_a_traceback(tmp_path):
+    env = {**os.environ, "SMDP_SIDECAR_NATIVE_BINARY": str(tmp_path / "smdp-gate")}
+    out = subprocess.run(
+        [sys.executable, "-m", "smdp.cli", "serve", "--data-plane", "native", "--listen", "127.0.0.1:0",
+         "--triton", "127.0.0.1:1", "--control-listen", "none", "--metrics-listen", "none"],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=60,
+    )
+    assert out.returncode == 1
+    assert "smdp serve: native_binary" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.integration
+def test_serve_exits_when_its_gate_dies_so_supervision_restarts_both(native_gate, triton):
+    proc, _ = _serve(triton.grpc_url)
+    gates = [c for c in _children(proc.pid) if "smdp-gate" in Path(f"/proc/{c}/cmdline").read_text()]
+    assert len(gates) == 1
+    os.kill(gates[0], signal.SIGKILL)
+    assert proc.wait(20) == 1  # not left running with nothing on its inference port
