@@ -5,6 +5,10 @@
 // mirrors plugin/gate.py's ModelGate, which is the reference: the server calls Poll() at each
 // decision epoch (an arrival, a completion, or a wake-up the core asked for) and carries out the
 // Step it returns. Not thread-safe: the server holds the model's mutex around every call.
+//
+// Unlike the Python gate, nothing here keeps a request the gate has let go of: a cancelled, expired or
+// dispatched request is unlinked from every structure at once, because its caller's memory is freed
+// as soon as it is answered.
 #pragma once
 
 #include <algorithm>
@@ -13,7 +17,8 @@
 #include <limits>
 #include <map>
 #include <optional>
-#include <queue>
+#include <set>
+#include <tuple>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -135,14 +140,14 @@ class ModelGate {
     levels_[p->priority].push_back(p);
     ++size_;
     ++counters_.submitted;
-    if (p->deadline < std::numeric_limits<double>::infinity()) deadlines_.push({p->deadline, p->seq, p});
+    if (p->deadline < std::numeric_limits<double>::infinity()) deadlines_.insert({p->deadline, p->seq, p});
     return true;
   }
 
   // Withdraw a waiting request (its caller went away); false if it was already dispatched.
   bool Cancel(Pending<T>* p) {
     if (!p->live) return false;
-    p->live = false;
+    Unlink(p);
     --size_;
     ++counters_.cancelled;
     return true;
@@ -182,22 +187,27 @@ class ModelGate {
  private:
   using DeadlineEntry = std::tuple<double, uint64_t, Pending<T>*>;
 
+  // Remove a waiting request from its level's queue and from the deadlines.
+  void Unlink(Pending<T>* p) {
+    p->live = false;
+    auto& q = levels_[p->priority];
+    auto it = std::find(q.begin(), q.end(), p);
+    if (it != q.end()) q.erase(it);
+    if (p->deadline < std::numeric_limits<double>::infinity()) deadlines_.erase({p->deadline, p->seq, p});
+  }
+
   void Expire(double now, std::vector<Pending<T>*>* out) {
-    while (!deadlines_.empty() && std::get<0>(deadlines_.top()) <= now) {
-      Pending<T>* p = std::get<2>(deadlines_.top());
-      deadlines_.pop();
-      if (p->live) {
-        p->live = false;
-        --size_;
-        out->push_back(p);
-        ++counters_.expired;
-      }
+    while (!deadlines_.empty() && std::get<0>(*deadlines_.begin()) <= now) {
+      Pending<T>* p = std::get<2>(*deadlines_.begin());
+      Unlink(p);
+      --size_;
+      out->push_back(p);
+      ++counters_.expired;
     }
   }
 
-  double NextDeadline() {
-    while (!deadlines_.empty() && !std::get<2>(deadlines_.top())->live) deadlines_.pop();
-    return deadlines_.empty() ? std::numeric_limits<double>::infinity() : std::get<0>(deadlines_.top());
+  double NextDeadline() const {
+    return deadlines_.empty() ? std::numeric_limits<double>::infinity() : std::get<0>(*deadlines_.begin());
   }
 
   Pending<T>* Head(std::deque<Pending<T>*>& q) {
@@ -229,6 +239,7 @@ class ModelGate {
         if (!p->live) continue;
         if (p == head || (!head->key.empty() && p->key == head->key && rows + p->rows <= max_rows)) {
           p->live = false;
+          if (p->deadline < std::numeric_limits<double>::infinity()) deadlines_.erase({p->deadline, p->seq, p});
           taken.push_back(p);
           rows += p->rows;
           if (head->key.empty()) break;
@@ -248,7 +259,7 @@ class ModelGate {
   int slots_ = 1, free_ = 1, max_queue_ = 1, size_ = 0;
   uint64_t seq_ = 0;
   std::map<int, std::deque<Pending<T>*>> levels_;
-  std::priority_queue<DeadlineEntry, std::vector<DeadlineEntry>, std::greater<DeadlineEntry>> deadlines_;
+  std::set<DeadlineEntry> deadlines_;  // waiting requests with a deadline, earliest first
   GateCounters counters_;
 };
 

@@ -652,14 +652,9 @@ class Service : public grpc::CallbackGenericService {
         }
       }
     }
-    // Answer the members before the next batch goes out: their latency should not include its send.
-    for (size_t i = 0; i < b->members.size(); ++i) {
-      if (!status.ok())
-        b->members[i]->Reply(nullptr, status);
-      else
-        b->members[i]->Reply(b->members.size() == 1 ? &b->response : &answers[i], status);
-    }
-    if (ms != nullptr) {  // reported with the next periodic report, not one write per batch
+    // The report is written first: once answered, a member's memory may be freed at any moment.
+    std::string line;
+    if (ms != nullptr) {
       std::ostringstream os;
       os.precision(17);
       os << "batch " << ms->name << ' ' << b->members.size() << ' ' << b->rows << ' ' << b->start << ' ' << end
@@ -667,9 +662,20 @@ class Service : public grpc::CallbackGenericService {
       os.precision(6);
       for (size_t i = 0; i < b->members.size(); ++i)
         os << (i ? "," : "") << std::max(0.0, b->start - b->members[i]->pending_.arrival);
+      line = os.str();
+    }
+    // Answer the members before the next batch goes out: their latency should not include its send.
+    // (StartWrite serializes at once: the buffers may go when this returns.)
+    for (size_t i = 0; i < b->members.size(); ++i) {
+      if (!status.ok())
+        b->members[i]->Reply(nullptr, status);
+      else
+        b->members[i]->Reply(b->members.size() == 1 ? &b->response : &answers[i], status);
+    }
+    if (ms != nullptr) {  // reported with the next periodic report, not one write per batch
       {
         std::lock_guard<std::mutex> lock(ms->mu);
-        ms->batch_lines.push_back(os.str());
+        ms->batch_lines.push_back(std::move(line));
       }
       Carry(ms, std::move(step));
     }
