@@ -23,6 +23,7 @@
 //   listening PORT
 //   ok policy MODEL | error MESSAGE
 //   seen MODEL            (a ModelInfer for a model without a policy, relayed ungated; at most once a second)
+//   lost MODEL            (Triton answered NOT_FOUND for a gated model: its config must be read again)
 //   arrive MODEL T1 T2 ...
 //   batch MODEL SIZE ROWS START END CODE WHY WAIT1,WAIT2,...   (WHY: policy, or the guard's reason;
 //                                                               each member's wait in the gate, seconds)
@@ -128,6 +129,8 @@ struct ModelState {
   int default_priority = 0, priority_levels = 0, dispatch_priority = 0;
   double seen_reported_at = -1e300;
   uint64_t invalid = 0;  // refused for a bad priority or timeout parameter (INVALID_ARGUMENT)
+  bool forgetting = false;     // `forget`: drop the gate once what it holds is answered
+  bool lost_reported = false;  // `lost` sent since the last policy
   std::vector<double> arrivals;  // not yet reported
   std::string last_counters;     // the last counters line reported
   std::vector<std::string> batch_lines;  // completed batches not yet reported
@@ -356,6 +359,8 @@ class Service : public grpc::CallbackGenericService {
     Step<InferCall*> step;
     {
       std::lock_guard<std::mutex> lock(ms->mu);
+      ms->forgetting = false;
+      ms->lost_reported = false;
       if (!ms->gate) {
         ms->gate = std::make_unique<ModelGate<InferCall*>>(p, slots, max_queue);
       } else {
@@ -385,7 +390,7 @@ class Service : public grpc::CallbackGenericService {
       ms->gate->SetPolicy(greedy);
       step = PollLocked(ms, Now());
       if (ms->gate->in_flight() == 0 && ms->gate->queue_length() == 0) ms->gate.reset();
-      else forget_pending_.push_back(ms);
+      else ms->forgetting = true;  // dropped once what it holds is answered (Done)
     }
     Carry(ms, std::move(step));
   }
@@ -630,11 +635,17 @@ class Service : public grpc::CallbackGenericService {
       }
     }
     ModelState* ms = b->model;
+    bool lost = false;
     if (ms != nullptr && status.error_code() == grpc::StatusCode::NOT_FOUND) {
       // A model the gate was serving vanished (Triton restarting, or the model unloaded): retryable.
+      // The control plane hears of it (`lost`) and re-reads the model's config when it is back.
       status = grpc::Status(grpc::StatusCode::UNAVAILABLE,
                             "model '" + ms->name + "' is not available on Triton: " + status.error_message());
+      std::lock_guard<std::mutex> lock(ms->mu);
+      lost = !ms->lost_reported;
+      ms->lost_reported = true;
     }
+    if (lost) Emit("lost " + ms->name);
     Step<InferCall*> step;
     if (ms != nullptr) {
       std::lock_guard<std::mutex> lock(ms->mu);
@@ -644,11 +655,9 @@ class Service : public grpc::CallbackGenericService {
       if (ms->gate) {
         ms->gate->Complete();
         step = PollLocked(ms, end);
-        if (ms->gate->in_flight() == 0 && ms->gate->queue_length() == 0 &&
-            std::find(forget_pending_.begin(), forget_pending_.end(), ms) != forget_pending_.end()) {
+        if (ms->forgetting && ms->gate->in_flight() == 0 && ms->gate->queue_length() == 0) {
           ms->gate.reset();
-          forget_pending_.erase(std::remove(forget_pending_.begin(), forget_pending_.end(), ms),
-                                forget_pending_.end());
+          ms->forgetting = false;
         }
       }
     }
@@ -688,7 +697,6 @@ class Service : public grpc::CallbackGenericService {
   std::mutex models_mu_;
   std::unordered_map<std::string, std::unique_ptr<ModelState>> models_;
   std::vector<Batch*> pending_batches_;  // guarded by the members' model mutex (bookkeeping only)
-  std::vector<ModelState*> forget_pending_;
   std::mutex timer_mu_;
   std::condition_variable timer_cv_;
   std::multimap<double, ModelState*> wakeups_;

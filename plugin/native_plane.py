@@ -183,8 +183,9 @@ class BatchReport:
 class NativePlane:
     """One ``smdp-gate`` process: started, fed policies, read for events, stopped.
 
-    ``on_event`` receives ("seen", model), ("arrive", model, times), ("batch", BatchReport) and
-    ("counters", model, {name: value}); it runs on the event loop, one event at a time.
+    ``on_event`` receives ("seen", model), ("lost", model), ("arrive", model, times),
+    ("batch", BatchReport) and ("counters", model, {name: value}); it runs on the event loop, one event
+    at a time.
     """
 
     def __init__(self, proc: asyncio.subprocess.Process, port: int, on_event: Callable[..., Any]) -> None:
@@ -273,8 +274,8 @@ class NativePlane:
                 continue
             kind = parts[0]
             try:
-                if kind == "seen":
-                    self._on_event("seen", parts[1])
+                if kind in ("seen", "lost"):
+                    self._on_event(kind, parts[1])
                 elif kind == "arrive":
                     self._on_event("arrive", parts[1], [float(t) for t in parts[2:]])
                 elif kind == "batch":

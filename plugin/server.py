@@ -204,9 +204,11 @@ class Sidecar:
         self._native = None
         """The native data plane (``data_plane: native``): a NativePlane once start_sidecar started it."""
         self._native_loading: set[str] = set()
+        self._closing = False
         self._retune = self._loop.create_task(self._retune_loop())
 
     async def close(self) -> None:
+        self._closing = True
         if self._native is not None:
             await self._native.stop()
         self._retune.cancel()
@@ -474,6 +476,20 @@ class Sidecar:
     def _native_event(self, kind: str, *args: Any) -> None:
         """What the native gate reported: feed the estimator, the learner, the stats and metrics
         exactly as the Python gate's own bookkeeping does (``infer``, ``_batch_done``)."""
+        if self._closing and kind in ("seen", "lost"):
+            return
+        if kind == "lost":
+            # Triton no longer knows a gated model (restarting, or unloaded): as the Python plane does
+            # on NOT_FOUND, forget its config and read it again. Meanwhile the gate keeps gating with
+            # the policy it has and answers UNAVAILABLE for what Triton refuses.
+            name = args[0]
+            state = self._models.get((name, ""))
+            if state is not None:
+                self._forget(state)
+            if name not in self._native_loading:
+                self._native_loading.add(name)
+                self._spawn(self._native_relearn(name))
+            return
         if kind == "seen":
             name = args[0]
             if (name, "") in self._models or name in self._native_loading:
@@ -536,6 +552,25 @@ class Sidecar:
         for model in resp.models:
             if model.state == "READY" and (model.name, "") not in self._models:
                 await self._native_load(model.name)
+
+    async def _native_relearn(self, name: str, retry_s: float = 0.5, give_up_s: float = 600.0) -> None:
+        """After ``lost``: read the model's config again once Triton has it (the state is reused and its
+        policy pushed again). A model Triton is ready without is unloaded for good: relay it ungated."""
+        try:
+            end = self._clock() + give_up_s
+            while self._clock() < end and not self._closing:
+                try:
+                    state = await self.model_state(name, "")
+                except GateError:
+                    await asyncio.sleep(retry_s)  # Triton away or still starting
+                    continue
+                if state is None and self._native is not None:
+                    self._native.send(f"forget {name}")
+                return
+            if not self._closing:
+                log.warning("model %s did not come back within %.0f s", name, give_up_s)
+        finally:
+            self._native_loading.discard(name)
 
     async def _native_load(self, name: str) -> None:
         """A model the native gate relays ungated: read its config and push its policy (once it batches).

@@ -7,6 +7,7 @@ import ast
 import importlib.util
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -261,6 +262,17 @@ def stats_delta(before: dict, after: dict) -> dict[int, tuple[int, int]]:
     return delta
 
 
+def stats_since(client, model: str, before: dict, rows: int) -> dict[int, tuple[int, int]]:
+    """``stats_delta`` once Triton's statistics account for ``rows`` executed rows: Triton counts a
+    batch just after sending its responses, so a read right after the last answer may miss it."""
+    deadline = time.monotonic() + 5
+    while True:
+        delta = stats_delta(before, batch_stats(client, model))
+        if sum(b * c for b, (c, _) in delta.items()) >= rows or time.monotonic() > deadline:
+            return delta
+        time.sleep(0.02)
+
+
 V100 = ServiceProfile.from_csv(REPO.parent / "profiles" / "v100_resnet50.csv")
 
 
@@ -273,7 +285,7 @@ def test_emulated_gpu_answers_one_request_of_several_rows(client, rows: int) -> 
     np.testing.assert_allclose(result.as_numpy("OUTPUT0"), 2.0 * x + 1.0, rtol=1e-6)
     np.testing.assert_array_equal(result.as_numpy("BATCH_SIZE"), np.full((rows, 1), rows))
     np.testing.assert_allclose(result.as_numpy("BATCH_ENERGY_J"), np.full((rows, 1), V100.energy_j[rows - 1]), rtol=1e-6)
-    delta = stats_delta(before, batch_stats(client, "emulated_gpu"))
+    delta = stats_since(client, "emulated_gpu", before, rows)
     assert {b: count for b, (count, _) in delta.items()} == {rows: 1}
 
 
@@ -314,7 +326,7 @@ def test_concurrent_requests_are_batched_and_statistics_agree(client) -> None:
     inputs += [rng.standard_normal((1, 16)).astype(np.float32) for _ in range(40)]
     before = batch_stats(client, "emulated_gpu")
     results = fire_concurrently(client, "emulated_gpu", inputs, ("OUTPUT0", "BATCH_SIZE", "BATCH_ENERGY_J"))
-    delta = stats_delta(before, batch_stats(client, "emulated_gpu"))
+    delta = stats_since(client, "emulated_gpu", before, sum(len(x) for x in inputs))
 
     for x, r in zip(inputs, results):
         np.testing.assert_allclose(r.as_numpy("OUTPUT0"), 2.0 * x + 1.0, rtol=1e-6)
@@ -337,7 +349,7 @@ def test_emulated_service_time_grows_with_batch_size(client) -> None:
     before = batch_stats(client, "emulated_gpu")
     for rows in (1, 64) * 4:
         infer_emulated(client, np.zeros((rows, 16), np.float32))
-    delta = stats_delta(before, batch_stats(client, "emulated_gpu"))
+    delta = stats_since(client, "emulated_gpu", before, 4 * 65)
     assert delta[1][0] == 4 and delta[64][0] == 4
     mean_ns = {b: ns / count for b, (count, ns) in delta.items()}
     assert mean_ns[64] > mean_ns[1]
@@ -408,7 +420,7 @@ def test_cpu_mlp_batches_concurrent_requests_and_splits_rows_back(triton_factory
     inputs = [rng.standard_normal((int(rng.integers(1, 4)), 256)).astype(np.float32) for _ in range(48)]
     before = batch_stats(client, "cpu_mlp")
     results = fire_concurrently(client, "cpu_mlp", inputs, ("OUTPUT0",))
-    delta = stats_delta(before, batch_stats(client, "cpu_mlp"))
+    delta = stats_since(client, "cpu_mlp", before, sum(len(x) for x in inputs))
     layers = mlp_layers()
     for x, r in zip(inputs, results):
         np.testing.assert_allclose(r.as_numpy("OUTPUT0"), reference_mlp(x, layers), rtol=1e-4, atol=1e-4)

@@ -452,6 +452,11 @@ def test_triton_restart_gives_unavailable_then_service_without_restarting_the_si
         assert answers[-1] == "ok"
         assert len(answers) == sent  # every request got exactly one answer
         assert set(answers) <= {"ok", "StatusCode.UNAVAILABLE"}
+        # and the model is gated again, with the config Triton has now
+        client.infer("cpu_mlp", mlp_input(1), client_timeout=10)
+        settle(sc)
+        state = sc.call(lambda: sc.sidecar.models().get(("cpu_mlp", "")))
+        assert state is not None and state.gate is not None
 
 
 def test_prometheus_metrics_count_requests_batches_and_decisions(slow_triton):
