@@ -256,3 +256,39 @@ def test_serve_exits_when_its_gate_dies_so_supervision_restarts_both(native_gate
     assert len(gates) == 1
     os.kill(gates[0], signal.SIGKILL)
     assert proc.wait(20) == 1  # not left running with nothing on its inference port
+
+
+@pytest.mark.integration
+def test_a_bad_priority_is_refused_by_the_gate_and_counted_as_on_the_python_plane(native_gate, triton):
+    import grpc
+    from tritonclient.grpc import service_pb2
+
+    from plugin.config import load_config
+    from plugin.control_backend import SidecarControl
+    from plugin.runner import SidecarThread
+
+    cfg = load_config(overrides={"listen": "127.0.0.1:0", "control_listen": None, "metrics_listen": None,
+                                 "triton_url": triton.grpc_url, "data_plane": "native",
+                                 "default": {"policy": "greedy"}}, environ={})
+    sc = SidecarThread(cfg)
+    sc.start()
+    try:
+        req = service_pb2.ModelInferRequest(model_name="emulated_gpu")
+        req.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 16])
+        req.raw_input_contents.append(np.zeros((1, 16), np.float32).tobytes())
+        req.parameters["priority"].string_param = "high"
+        with grpc.insecure_channel(sc.url) as ch:
+            infer = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                   request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+                                   response_deserializer=service_pb2.ModelInferResponse.FromString)
+            with pytest.raises(grpc.RpcError) as info:
+                infer(req, timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "expected int64_param or uint64_param" in info.value.details()
+            del req.parameters["priority"]
+            assert infer(req, timeout=10).model_name == "emulated_gpu"  # the next one is served
+        sc.run(sc.sidecar._native.sync(), 10)
+        status = sc.call(lambda: SidecarControl(sc.sidecar).status("emulated_gpu"))
+        assert status.rejected_invalid == 1 and status.completed >= 1
+    finally:
+        sc.stop()
