@@ -40,6 +40,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdio>
+#include <deque>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -66,13 +67,62 @@ double Now() {
   return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-std::mutex g_out_mu;
-void Emit(const std::string& line, bool flush = true) {
-  std::lock_guard<std::mutex> lock(g_out_mu);
-  std::fwrite(line.data(), 1, line.size(), stdout);
-  std::fputc('\n', stdout);
-  if (flush) std::fflush(stdout);
-}
+// Everything for the control plane goes through one writer thread: a control plane that reads slowly
+// (or not at all) must never block a request, a decision or a timer, only delay its own news. The
+// queue is bounded; past the bound, reports are dropped and the loss itself is reported (`dropped N`).
+class Output {
+ public:
+  static constexpr size_t kMaxLines = 200000;
+
+  void Push(std::string line) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (lines_.size() >= kMaxLines) {
+      ++dropped_;
+      return;
+    }
+    if (dropped_ > 0) {
+      lines_.push_back("dropped " + std::to_string(dropped_));
+      dropped_ = 0;
+    }
+    lines_.push_back(std::move(line));
+    cv_.notify_one();
+  }
+
+  // The writer: until Close() and everything queued is written.
+  void Run() {
+    std::vector<std::string> batch;
+    while (true) {
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [this] { return !lines_.empty() || closed_; });
+        if (lines_.empty() && closed_) return;
+        batch.assign(std::make_move_iterator(lines_.begin()), std::make_move_iterator(lines_.end()));
+        lines_.clear();
+      }
+      for (const auto& line : batch) {
+        std::fwrite(line.data(), 1, line.size(), stdout);
+        std::fputc('\n', stdout);
+      }
+      std::fflush(stdout);
+    }
+  }
+
+  void Close() {
+    std::lock_guard<std::mutex> lock(mu_);
+    closed_ = true;
+    cv_.notify_one();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::string> lines_;
+  uint64_t dropped_ = 0;
+  bool closed_ = false;
+};
+
+Output g_out;
+void Emit(std::string line) { g_out.Push(std::move(line)); }
 
 // The caller's metadata (and, unless told otherwise, its deadline) on the call to Triton.
 void CopyMetadata(const grpc::ServerContextBase& from, grpc::ClientContext* to, bool deadline = true) {
@@ -461,12 +511,10 @@ class Service : public grpc::CallbackGenericService {
           else ms->last_counters = counters;
         }
       }
-      if (!arrive.empty()) Emit(arrive, false);
-      for (const auto& line : batches) Emit(line, false);
-      if (!counters.empty()) Emit(counters, false);
+      if (!arrive.empty()) Emit(std::move(arrive));
+      for (auto& line : batches) Emit(std::move(line));
+      if (!counters.empty()) Emit(std::move(counters));
     }
-    std::lock_guard<std::mutex> lock(g_out_mu);
-    std::fflush(stdout);
   }
 
   void StopTimer() { timer_cv_.notify_all(); }
@@ -834,6 +882,14 @@ int Main(int argc, char** argv) {
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
   auto channel = grpc::CreateCustomChannel(upstream, grpc::InsecureChannelCredentials(), args);
   Service svc(channel, deny);
+  std::thread writer([] { g_out.Run(); });
+  std::once_flag output_done;
+  auto finish_output = [&] {  // write everything queued, then stop the writer (once, from either path)
+    std::call_once(output_done, [&] {
+      g_out.Close();
+      writer.join();
+    });
+  };
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
   int port = 0;
@@ -842,7 +898,10 @@ int Main(int argc, char** argv) {
   builder.SetMaxSendMessageSize(-1);
   builder.RegisterCallbackGenericService(&svc);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (!server || port == 0) throw std::runtime_error("cannot listen on " + listen);
+  if (!server || port == 0) {
+    finish_output();
+    throw std::runtime_error("cannot listen on " + listen);
+  }
   // Health as the Python plane serves it: overall, and for the inference service by name.
   server->GetHealthCheckService()->SetServingStatus("inference.GRPCInferenceService", true);
   Emit("listening " + std::to_string(port));
@@ -855,7 +914,7 @@ int Main(int argc, char** argv) {
     server->GetHealthCheckService()->Shutdown();  // NOT_SERVING from now: load balancers move away
     server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
     svc.Report();
-    std::fflush(stdout);
+    finish_output();
     std::_Exit(0);
   });
   signals.detach();
@@ -865,7 +924,8 @@ int Main(int argc, char** argv) {
   server->Wait();
   stop = true;
   svc.StopTimer();
-  timer.join();
+  timer.join();  // its last report is queued
+  finish_output();
   return 0;
 }
 
