@@ -68,6 +68,8 @@ class BenchConfig:
     solver: str | None = None
     """Where adaptive gates re-solve: None in the sidecar (a worker thread), "embedded" a
     ``smdp solver-serve`` process started for the bench, or HOST:PORT of a running one."""
+    data_plane: str = "python"
+    """What carries the gate contenders' requests: the sidecar's Python gate, or ``native`` (smdp-gate)."""
 
     def __post_init__(self) -> None:
         rates = tuple(float(r) for r in self.rates)
@@ -165,7 +167,7 @@ def _run_contender(c: Contender, cfg: BenchConfig, control: ModelConfigControl, 
         if c.kind == "gate":
             spec = SidecarSpec(policy=c.policy, max_batch=B, profile_csv=profile_path, rate_rps=rate,
                                weight=cfg.weight, idle_power_w=cfg.idle_power_w, adaptive=c.adaptive,
-                               solver_url=solver_url if c.adaptive else None)
+                               solver_url=solver_url if c.adaptive else None, data_plane=cfg.data_plane)
             safe = c.name.replace(" ", "_").replace(":", "_")
             sidecar = SidecarProcess(triton_url, spec, log_path=log_dir / f"sidecar-{safe}-{rate:g}.log").start()
             target = sidecar.url

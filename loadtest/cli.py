@@ -33,6 +33,9 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
 
 
 def _contender_flags(p: argparse.ArgumentParser, gates: str) -> None:
+    p.add_argument("--data-plane", choices=["python", "native"], default="python",
+                   help="what carries the gate contenders' requests: the sidecar's Python gate, or native = the "
+                   "C++ smdp-gate (`make native`) (default: %(default)s)")
     p.add_argument("--delays-us", default="0,10000",
                    help="Triton max_queue_delay_microseconds contenders, '' for none (default: %(default)s)")
     p.add_argument("--gates", default=gates,
@@ -133,7 +136,7 @@ def _config(args: argparse.Namespace):
         rates=_floats(args.rates, "--rates"), contenders=_contenders(args), duration_s=args.duration,
         time_scale=args.time_scale, weight=args.weight, idle_power_w=args.idle_power, profile_csv=args.profile,
         model=args.model, seed=args.seed, warmup_s=args.warmup, cooldown_s=args.cooldown, out_dir=args.out,
-        solver=None if args.solver in ("none", "") else args.solver,
+        solver=None if args.solver in ("none", "") else args.solver, data_plane=args.data_plane,
     )
 
 

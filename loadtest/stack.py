@@ -68,6 +68,8 @@ class SidecarSpec:
     """smdp: re-solve for the measured rate (False: keep the policy solved for rate_rps)."""
     solver_url: str | None = None
     """host:port of a shared ``smdp solver-serve`` the adaptive gate re-solves through (None: in-process)."""
+    data_plane: str = "python"
+    """``smdp serve --data-plane``: python, or native (the C++ smdp-gate carries the requests)."""
 
     def flags(self) -> list[str]:
         out = ["--policy", self.policy, "--max-batch", str(self.max_batch), "--weight", repr(float(self.weight)),
@@ -81,6 +83,8 @@ class SidecarSpec:
             out += ["--rate", repr(float(self.rate_rps))]
         if self.solver_url is not None:
             out += ["--solver", self.solver_url]
+        if self.data_plane != "python":
+            out += ["--data-plane", self.data_plane]
         return out
 
 

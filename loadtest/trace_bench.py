@@ -154,7 +154,8 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                     stack.control.apply(BatchingOverride(time_scale=cfg.time_scale, dynamic_batching=False))
                     spec = SidecarSpec(policy=c.policy, max_batch=stack.max_batch, profile_csv=stack.profile_path,
                                        rate_rps=mean_rate, weight=cfg.weight, idle_power_w=cfg.idle_power_w,
-                                       adaptive=c.adaptive, solver_url=stack.solver_url if c.adaptive else None)
+                                       adaptive=c.adaptive, solver_url=stack.solver_url if c.adaptive else None,
+                                       data_plane=cfg.data_plane)
                     safe = c.name.replace(" ", "_").replace(":", "_")
                     sidecar = SidecarProcess(stack.triton_url, spec, log_path=cfg.out_dir / f"sidecar-{safe}.log").start()
                     target = sidecar.url
@@ -307,6 +308,8 @@ def add_trace_bench_command(sub) -> None:
                    help="where the adaptive gate re-solves: a smdp solver-serve started for the bench (embedded), "
                    "a running one, or none = in the sidecar (default: %(default)s)")
     p.add_argument("--triton", metavar="HOST:PORT", help="use this Triton instead of an embedded one")
+    p.add_argument("--data-plane", choices=["python", "native"], default="python",
+                   help="what carries the gate contenders' requests (native: the C++ smdp-gate, `make native`)")
     p.add_argument("--out", type=Path, default=Path("out/trace-bench"))
     p.set_defaults(func=_cmd)
 
@@ -330,7 +333,8 @@ def _cmd(args) -> int:
         cfg = BenchConfig(rates=(args.rate,), contenders=default_contenders(delays), time_scale=args.time_scale,
                           weight=args.weight, idle_power_w=args.idle_power, profile_csv=args.profile,
                           warmup_s=args.warmup, cooldown_s=1.0, out_dir=args.out,
-                          solver=None if args.solver in ("none", "") else args.solver)
+                          solver=None if args.solver in ("none", "") else args.solver,
+                          data_plane=args.data_plane)
         return main_trace_bench(cfg, args.trace, args.rate, args.limit or None, args.triton, say,
                                 FollowSettings(window_s=float(args.rate_window)))
     except (TritonUnavailable, TritonStartError) as exc:

@@ -291,6 +291,20 @@ def test_sidecar_spec_passes_the_solver_service():
     assert "--solver" not in SidecarSpec(policy="smdp", max_batch=8).flags()
 
 
+def test_gate_contenders_run_on_the_data_plane_asked_for(tmp_path):
+    from loadtest.cli import _config
+    from loadtest.stack import SidecarSpec
+    from smdp.cli import build_parser
+
+    assert "--data-plane" not in SidecarSpec(policy="greedy", max_batch=8).flags()
+    flags = SidecarSpec(policy="greedy", max_batch=8, data_plane="native").flags()
+    assert flags[flags.index("--data-plane") + 1] == "native"
+    for command in ("demo", "bench"):
+        assert _config(build_parser().parse_args([command, "--out", str(tmp_path)])).data_plane == "python"
+        args = build_parser().parse_args([command, "--out", str(tmp_path), "--data-plane", "native"])
+        assert _config(args).data_plane == "native"
+
+
 def test_demo_defaults_have_every_contender_kind_and_start_a_solver(tmp_path):
     from loadtest.cli import _config
     from smdp.cli import build_parser
