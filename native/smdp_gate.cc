@@ -177,7 +177,6 @@ struct ModelState {
   std::mutex mu;
   std::unique_ptr<ModelGate<InferCall*>> gate;  // null: relayed ungated
   int default_priority = 0, priority_levels = 0, dispatch_priority = 0;
-  double seen_reported_at = -1e300;
   uint64_t invalid = 0;  // refused for a bad priority or timeout parameter (INVALID_ARGUMENT)
   bool forgetting = false;     // `forget`: drop the gate once what it holds is answered
   bool lost_reported = false;  // `lost` sent since the last policy
@@ -189,6 +188,8 @@ struct ModelState {
 struct Batch {
   ModelState* model;
   std::vector<InferCall*> members;
+  std::vector<const inference::ModelInferRequest*> requests;  // the members' requests, in order
+  std::vector<int> member_rows;                                // and their rows, for merge and split
   grpc::ClientContext ctx;
   grpc::ByteBuffer request, response;
   double start = 0;
@@ -328,6 +329,14 @@ class Service : public grpc::CallbackGenericService {
     return new UnaryRelay(&stub_, ctx);
   }
 
+  // The state of a model the control plane has sent a policy (never created for a client's model
+  // name alone: names are the client's to choose, and this map must not grow with them).
+  ModelState* Find(const std::string& name) {
+    std::lock_guard<std::mutex> lock(models_mu_);
+    auto it = models_.find(name);
+    return it == models_.end() ? nullptr : it->second.get();
+  }
+
   ModelState* Model(const std::string& name) {
     std::lock_guard<std::mutex> lock(models_mu_);
     auto& slot = models_[name];
@@ -347,38 +356,36 @@ class Service : public grpc::CallbackGenericService {
 
   // A parsed request arrives: relay it (no policy) or queue it and make the decisions due.
   void Admit(InferCall* call) {
-    ModelState* ms = Model(call->req_.model_name());
+    const std::string& name = call->req_.model_name();
+    ModelState* ms = Find(name);
     call->model_ = ms;
     const double now = Now();
-    Step<InferCall*> step;
-    {
-      std::unique_lock<std::mutex> lock(ms->mu);
-      if (!ms->gate) {
-        bool report = now - ms->seen_reported_at >= 1.0;  // again each second: the control plane retries
-        if (report) ms->seen_reported_at = now;
-        lock.unlock();
-        if (report) Emit("seen " + ms->name);
-        RelayAlone(call);
-        return;
-      }
-      std::string error;
-      if (!ReadParameters(call, *ms, now, &error)) {
-        ++ms->invalid;
-        lock.unlock();
-        call->Reply(nullptr, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, error));
-        return;
-      }
-      if (!ms->gate->Submit(&call->pending_)) {
-        int q = ms->gate->queue_length();
-        lock.unlock();
-        call->Reply(nullptr, grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                                          "smdp gate: queue for model '" + ms->name + "' is full (" +
-                                              std::to_string(q) + " requests waiting)"));
-        return;
-      }
-      ms->arrivals.push_back(now);  // accepted arrivals only, as the Python gate reports them
-      step = PollLocked(ms, now);
+    std::unique_lock<std::mutex> lock;
+    if (ms != nullptr) lock = std::unique_lock<std::mutex>(ms->mu);
+    if (ms == nullptr || !ms->gate) {
+      if (lock) lock.unlock();
+      if (SeenDue(name, now)) Emit("seen " + name);
+      RelayAlone(call);
+      return;
     }
+    std::string error;
+    if (!ReadParameters(call, *ms, now, &error)) {
+      ++ms->invalid;
+      lock.unlock();
+      call->Reply(nullptr, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, error));
+      return;
+    }
+    if (!ms->gate->Submit(&call->pending_)) {
+      int q = ms->gate->queue_length();
+      lock.unlock();
+      call->Reply(nullptr, grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                        "smdp gate: queue for model '" + ms->name + "' is full (" +
+                                            std::to_string(q) + " requests waiting)"));
+      return;
+    }
+    ms->arrivals.push_back(now);  // accepted arrivals only, as the Python gate reports them
+    Step<InferCall*> step = PollLocked(ms, now);
+    lock.unlock();  // the step is carried out outside the model's lock
     Carry(ms, std::move(step));
   }
 
@@ -428,7 +435,8 @@ class Service : public grpc::CallbackGenericService {
 
   // Stop gating a model: what waits is dispatched at once, later arrivals are relayed alone.
   void Forget(const std::string& name) {
-    ModelState* ms = Model(name);
+    ModelState* ms = Find(name);
+    if (ms == nullptr) return;
     Step<InferCall*> step;
     {
       std::lock_guard<std::mutex> lock(ms->mu);
@@ -569,10 +577,11 @@ class Service : public grpc::CallbackGenericService {
       b->reason = step.reasons[&members - &step.batches[0]];
       for (auto* p : members) {
         b->members.push_back(p->payload);
+        b->requests.push_back(&p->payload->req_);
+        b->member_rows.push_back(p->rows);
         p->payload->batch_ = b;
         b->rows += p->rows;
       }
-      pending_batches_.push_back(b);
     }
     if (step.wake_at < std::numeric_limits<double>::infinity()) {
       std::lock_guard<std::mutex> lock(timer_mu_);
@@ -618,18 +627,12 @@ class Service : public grpc::CallbackGenericService {
       b->request = head->in_;  // alone and nothing to stamp: the caller's own bytes
     } else {
       inference::ModelInferRequest out;
-      std::vector<const inference::ModelInferRequest*> reqs;
-      std::vector<int> rows;
-      for (auto* c : b->members) {
-        reqs.push_back(&c->req_);
-        rows.push_back(c->pending_.rows);
-      }
       if (b->members.size() == 1) {
         out = head->req_;
         out.mutable_parameters()->erase("priority");
         out.mutable_parameters()->erase("timeout");
       } else {
-        out = MergeRequests(reqs, rows);
+        out = MergeRequests(b->requests, b->member_rows);
       }
       // A client's own priority is forwarded (the most urgent among the members); otherwise the gate's.
       int level = -1;
@@ -662,17 +665,11 @@ class Service : public grpc::CallbackGenericService {
     if (status.ok() && b->members.size() > 1) {
       inference::ModelInferResponse merged;
       std::vector<inference::ModelInferResponse> parts;
-      std::vector<const inference::ModelInferRequest*> reqs;
-      std::vector<int> rows;
-      for (auto* c : b->members) {
-        reqs.push_back(&c->req_);
-        rows.push_back(c->pending_.rows);
-      }
       std::string error;
       grpc::ByteBuffer copy(b->response);
       if (!grpc::SerializationTraits<inference::ModelInferResponse>::Deserialize(&copy, &merged).ok()) {
         status = grpc::Status(grpc::StatusCode::INTERNAL, "smdp gate: Triton's merged answer does not parse");
-      } else if (!SplitResponse(merged, reqs, rows, &parts, &error)) {
+      } else if (!SplitResponse(merged, b->requests, b->member_rows, &parts, &error)) {
         status = grpc::Status(grpc::StatusCode::INTERNAL, "smdp gate: " + error);
       } else {
         answers.resize(parts.size());
@@ -698,8 +695,6 @@ class Service : public grpc::CallbackGenericService {
     if (ms != nullptr) {
       std::lock_guard<std::mutex> lock(ms->mu);
       for (auto* c : b->members) c->batch_ = nullptr;
-      pending_batches_.erase(std::remove(pending_batches_.begin(), pending_batches_.end(), b),
-                             pending_batches_.end());
       if (ms->gate) {
         ms->gate->Complete();
         step = PollLocked(ms, end);
@@ -742,9 +737,21 @@ class Service : public grpc::CallbackGenericService {
   grpc::GenericStub stub_;
   grpc::GenericStub infer_stub_;
   std::map<std::string, std::string> denied_;  // method path -> PERMISSION_DENIED message
+  // Whether to report `seen NAME` for an ungated model now: once a second per name, so the control
+  // plane retries a failed config read. Bounded: forgotten wholesale when full (a report too many).
+  bool SeenDue(const std::string& name, double now) {
+    std::lock_guard<std::mutex> lock(seen_mu_);
+    if (seen_at_.size() >= 4096) seen_at_.clear();
+    auto [it, fresh] = seen_at_.emplace(name, now);
+    if (!fresh && now - it->second < 1.0) return false;
+    it->second = now;
+    return true;
+  }
+
+  std::mutex seen_mu_;
+  std::unordered_map<std::string, double> seen_at_;
   std::mutex models_mu_;
   std::unordered_map<std::string, std::unique_ptr<ModelState>> models_;
-  std::vector<Batch*> pending_batches_;  // guarded by the members' model mutex (bookkeeping only)
   std::mutex timer_mu_;
   std::condition_variable timer_cv_;
   std::multimap<double, ModelState*> wakeups_;
