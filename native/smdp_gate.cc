@@ -680,6 +680,11 @@ class Service : public grpc::CallbackGenericService {
       }
     }
     ModelState* ms = b->model;
+    if (ms != nullptr && status.error_code() == grpc::StatusCode::CANCELLED) {
+      // Triton or the connection ended the call (Triton shutting down), or a lone caller went away
+      // (its answer is moot then): retryable for the members, as the Python plane answers it.
+      status = grpc::Status(grpc::StatusCode::UNAVAILABLE, "Triton ended the call: " + status.error_message());
+    }
     bool lost = false;
     if (ms != nullptr && status.error_code() == grpc::StatusCode::NOT_FOUND) {
       // A model the gate was serving vanished (Triton restarting, or the model unloaded): retryable.

@@ -833,7 +833,11 @@ class Sidecar:
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             details = exc.details() or ""
-            if code == grpc.StatusCode.UNAVAILABLE and "timeout" not in details.lower():
+            if code == grpc.StatusCode.CANCELLED:
+                # Not the caller's doing (that cancels this coroutine instead): Triton or the connection
+                # ended the call, as when Triton shuts down. Retryable, as Triton being away is.
+                code, details = grpc.StatusCode.UNAVAILABLE, f"Triton ended the call: {details}"
+            elif code == grpc.StatusCode.UNAVAILABLE and "timeout" not in details.lower():
                 details = f"Triton is unreachable: {details}"
             raise GateError(code, details) from None
 
