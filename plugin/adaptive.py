@@ -146,6 +146,8 @@ class PolicyController:
         self.refresh_s = 3.0 * window_s
         self.current: Solution | None = None
         self._rate_lo = 0.0
+        self._rebase = True
+        """Whether the solve ``due`` asked for rebases the rate detector on its rate (see ``due``)."""
         """Lower confidence bound of the rate the next solve is for (an overload must be significant)."""
         self.version = 0
         self.installed_at = clock()
@@ -331,15 +333,25 @@ class PolicyController:
 
     # -- the loop ----------------------------------------------------------------------------
     def due(self, now: float) -> float | None:
-        """The rate to solve for now, or None when the policy in force still fits."""
+        """The rate to solve for now, or None when the policy in force still fits.
+
+        Also decides whether that solve rebases the change detector (``_rebase``): only a solve for
+        the estimator's own reading of the rate does. A solve asked for something else (a new weight
+        or latency target, a learned profile) while a rate step is under way must not wipe the
+        CUSUM's evidence, or its alarm when the new regime has not shown enough arrivals yet: that
+        would leave the step unnoticed until the detector found it again from scratch.
+        """
         if self._task is not None and not self._task.done():
             return None
-        if self.rate.ready(now):
+        rate = self.rate
+        if rate.ready(now):
             # Steps (up, down, or silence) are the CUSUM's job: when it fires, the estimate restarts
             # at the change point, so the new policy is solved for the new rate, not a blend.
-            est = self.rate.estimate(now)
+            est = rate.estimate(now)
             self._rate_lo = est.lo
-            if self._dirty or self.rate.changed(now) or not self.solver_reachable:
+            moved = rate.changed(now) or not self.solver_reachable
+            if self._dirty or moved:
+                self._rebase = moved or rate.reference is None
                 return est.rate
             # Slow drifts smaller than the detector's ratio: a periodic look, long enough after the
             # last solve that it never races the detector after a step.
@@ -350,12 +362,15 @@ class PolicyController:
                 and abs(est.rate - ref) > self.drift_tolerance * ref
                 and not est.contains(ref)
             ):
+                self._rebase = True
                 return est.rate
             return None
         if self._dirty and (self.current is not None or self._initial_rate is not None):
-            rate = self.current.rate_rps if self.current is not None else self._initial_rate
-            self._rate_lo = rate  # a configured or already-solved rate: taken as exact
-            return rate
+            rate_rps = self.current.rate_rps if self.current is not None else self._initial_rate
+            self._rate_lo = rate_rps  # a configured or already-solved rate: taken as exact
+            # the first reference, when there is none; otherwise the detector keeps what it has seen
+            self._rebase = rate.reference is None
+            return rate_rps
         return None
 
     def tick(self, now: float) -> asyncio.Task | None:
@@ -366,10 +381,10 @@ class PolicyController:
         if rate is None:
             return None
         self._dirty = False
-        self._task = asyncio.get_running_loop().create_task(self._resolve(rate, now))
+        self._task = asyncio.get_running_loop().create_task(self._resolve(rate, now, rebase=self._rebase))
         return self._task
 
-    async def _resolve(self, rate: float, asked_at: float) -> None:
+    async def _resolve(self, rate: float, asked_at: float, *, rebase: bool = True) -> None:
         self._solving = self.profile  # one profile for every solve of this re-solve
         try:
             solution = await self._solution_for(rate)
@@ -385,7 +400,8 @@ class PolicyController:
         self.version += 1
         self.installed_at = self._clock()
         self._install(solution.policy)  # atomic: one assignment between two decisions
-        self.rate.reset(self._clock(), solution.rate_rps)
+        if rebase:  # see ``due``: only a solve for the measured rate moves the detector's reference
+            self.rate.reset(self._clock(), solution.rate_rps)
         if not self.note.startswith(("overload", "latency target", "estimated rate")):
             self.note = ""
         log.info(

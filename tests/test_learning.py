@@ -418,3 +418,52 @@ def test_a_significant_overload_serves_full_batches(prior):
         assert np.array_equal(installed[-1].actions, greedy(B).actions)
 
     asyncio.run(go())
+
+
+# -- a re-solve for another reason during a rate step ----------------------------------------------
+
+
+def test_a_resolve_for_a_new_weight_while_a_step_is_settling_keeps_the_step_alarm(prior):
+    """The CUSUM fired but the new regime has too few arrivals to solve for; a weight change then
+    re-solves at the old rate. That solve must not clear the alarm, or the step goes unnoticed until
+    the detector finds it again from scratch (seen on a closed-loop test: 3 s instead of 1.5 s)."""
+
+    async def go():
+        clock = Clock()
+        c, installed = controller(prior, clock)
+        await _run_tick(c, clock.t)  # the configured rate, 1000/s
+        _step_to(c, clock, RATE, 2000)
+        await _run_tick(c, clock.t)
+        assert c.version == 1
+        _step_to(c, clock, 3 * RATE, 80)
+        assert c.rate.alarm == "up" and not c.rate.ready(clock.t)  # fired, still settling
+        c.set_weight(1e-4)
+        await _run_tick(c, clock.t)
+        assert c.version == 2 and c.current.rate_rps == RATE and c.current.weight == 1e-4
+        assert c.rate.alarm == "up"  # the weight's solve did not wipe the evidence of the step
+        _step_to(c, clock, 3 * RATE, 200)
+        await _run_tick(c, clock.t)
+        assert c.version == 3 and c.current.rate_rps == pytest.approx(3 * RATE, rel=0.25)
+        assert c.current.weight == 1e-4 and c.rate.alarm is None  # rebased on the new rate
+
+    asyncio.run(go())
+
+
+def test_a_resolve_for_a_new_weight_before_the_alarm_keeps_the_evidence_gathered(prior):
+    """A step under way but not yet significant: a weight change re-solves, and the CUSUM keeps
+    counting from where it was instead of starting over from the solve."""
+
+    async def go():
+        clock = Clock()
+        c, _ = controller(prior, clock)
+        await _run_tick(c, clock.t)
+        _step_to(c, clock, RATE, 2000)
+        _step_to(c, clock, 3 * RATE, 40)
+        assert c.rate.alarm is None  # not yet
+        c.set_weight(1e-4)
+        await _run_tick(c, clock.t)
+        assert c.version == 2
+        _step_to(c, clock, 3 * RATE, 25)  # 65 arrivals in all since the step: enough only together
+        assert c.rate.alarm == "up"
+
+    asyncio.run(go())
