@@ -3,7 +3,9 @@
 // A gRPC server speaking Triton's inference.GRPCInferenceService in front of Triton. ModelInfer for a
 // model with a policy is gated: bounded queue by priority level, one in-flight slot per model
 // instance, the policy table applied at every decision epoch, the chosen batch sent to Triton as one
-// merged request and the answer split back. Every other RPC (ModelStreamInfer included, ungated) is
+// merged request and the answer split back. ModelStreamInfer requests for such a model are gated the
+// same way and answered in-band on their stream; the stream's other requests (decoupled or sequence
+// models, models without a policy) go to Triton unchanged on one upstream stream. Every other RPC is
 // relayed as raw bytes with the caller's metadata and deadline, and Triton's status comes back.
 //
 // Why C++: a Python gRPC hop costs ~1 ms at low load on two shared cores, so a Python gate cannot
@@ -22,7 +24,7 @@
 // stdout (one event per line; times are CLOCK_MONOTONIC seconds, Python's time.monotonic()):
 //   listening PORT
 //   ok policy MODEL | error MESSAGE
-//   seen MODEL            (a ModelInfer for a model without a policy, relayed ungated; at most once a second)
+//   seen MODEL            (a request for a model without a policy, relayed ungated; at most once a second)
 //   lost MODEL            (Triton answered NOT_FOUND for a gated model: its config must be read again)
 //   arrive MODEL T1 T2 ...
 //   batch MODEL SIZE ROWS START END CODE WHY WAIT1,WAIT2,...   (WHY: policy, or the guard's reason;
@@ -45,6 +47,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -140,8 +143,28 @@ double g_upstream_timeout_s = 60.0;  // --upstream-timeout-ms: a gated call to T
 
 class Service;
 
+// One gated request: a unary ModelInfer call, or one request of a ModelStreamInfer stream. The gate
+// queues, batches and answers members; how an answer reaches the caller is the subclass's business.
+class Member {
+ public:
+  virtual ~Member() = default;
+  // Answer exactly once, whatever path gets here first. The member may be freed once this returns.
+  virtual void Reply(const grpc::ByteBuffer* response, const grpc::Status& status) = 0;
+  // The caller's deadline (max: none) and metadata, for the call to Triton.
+  virtual std::chrono::system_clock::time_point Deadline() const = 0;
+  virtual void AddMetadataTo(grpc::ClientContext* to) const = 0;
+
+  grpc::ByteBuffer in_;   // the caller's bytes, relayed unchanged when the request goes alone
+  inference::ModelInferRequest req_;
+  Pending<Member*> pending_;
+  struct ModelState* model_ = nullptr;
+  struct Batch* batch_ = nullptr;  // set while dispatched (guarded by the model's mutex)
+  bool has_timeout_ = false;
+  bool has_priority_ = false;
+};
+
 // One gated ModelInfer call. Deleted by gRPC after Finish (OnDone); the gate never holds it past that.
-class InferCall : public grpc::ServerGenericBidiReactor {
+class InferCall : public grpc::ServerGenericBidiReactor, public Member {
  public:
   InferCall(Service* svc, grpc::GenericCallbackServerContext* ctx) : ctx_(ctx), svc_(svc) { StartRead(&in_); }
   void OnReadDone(bool ok) override;
@@ -149,33 +172,43 @@ class InferCall : public grpc::ServerGenericBidiReactor {
   void OnCancel() override;
   void OnDone() override { delete this; }
 
-  // Answer exactly once, whatever path gets here first.
-  void Reply(const grpc::ByteBuffer* response, const grpc::Status& status) {
+  void Reply(const grpc::ByteBuffer* response, const grpc::Status& status) override {
     if (answered_.exchange(true)) return;
     if (response != nullptr && status.ok())
       StartWriteAndFinish(response, grpc::WriteOptions(), status);
     else
       Finish(status);
   }
+  std::chrono::system_clock::time_point Deadline() const override { return ctx_->deadline(); }
+  void AddMetadataTo(grpc::ClientContext* to) const override { CopyMetadata(*ctx_, to, /*deadline=*/false); }
 
   grpc::GenericCallbackServerContext* ctx_;
-  grpc::ByteBuffer in_;   // the caller's bytes, relayed unchanged when the request goes alone
-  inference::ModelInferRequest req_;
-  Pending<InferCall*> pending_;
-  struct ModelState* model_ = nullptr;
-  struct Batch* batch_ = nullptr;  // set while dispatched (guarded by the model's mutex)
-  bool has_timeout_ = false;
-  bool has_priority_ = false;
 
  private:
   Service* svc_;
   std::atomic<bool> answered_{false};
 };
 
+class StreamCall;
+
+// One request of a ModelStreamInfer stream for a gated model: answered in-band on its stream, as
+// Triton answers stream requests (a ModelStreamInferResponse, with error_message on failure).
+class StreamMember : public Member {
+ public:
+  explicit StreamMember(StreamCall* stream) : stream_(stream) {}
+  void Reply(const grpc::ByteBuffer* response, const grpc::Status& status) override;
+  std::chrono::system_clock::time_point Deadline() const override;
+  void AddMetadataTo(grpc::ClientContext* to) const override;
+
+ private:
+  StreamCall* stream_;
+  std::atomic<bool> answered_{false};
+};
+
 struct ModelState {
   std::string name;
   std::mutex mu;
-  std::unique_ptr<ModelGate<InferCall*>> gate;  // null: relayed ungated
+  std::unique_ptr<ModelGate<Member*>> gate;  // null: relayed ungated
   int default_priority = 0, priority_levels = 0, dispatch_priority = 0;
   uint64_t invalid = 0;  // refused for a bad priority or timeout parameter (INVALID_ARGUMENT)
   bool forgetting = false;     // `forget`: drop the gate once what it holds is answered
@@ -187,7 +220,7 @@ struct ModelState {
 
 struct Batch {
   ModelState* model;
-  std::vector<InferCall*> members;
+  std::vector<Member*> members;
   std::vector<const inference::ModelInferRequest*> requests;  // the members' requests, in order
   std::vector<int> member_rows;                                // and their rows, for merge and split
   grpc::ClientContext ctx;
@@ -235,81 +268,76 @@ class Refusal : public grpc::ServerGenericBidiReactor {
   void OnDone() override { delete this; }
 };
 
-// Relays one bidirectional stream (ModelStreamInfer) message by message, ungated. One message is in
-// flight each way: the next read on one side starts when the write to the other side is done.
-class StreamRelay : public grpc::ServerGenericBidiReactor {
+// One ModelStreamInfer stream. Each request for a gated model goes through the gate as a unary call
+// would, and its answer (or error, in-band as Triton reports stream errors) is written back in
+// completion order, matched by the request's id as Triton's own streams are. Requests for other
+// models (decoupled, sequence, or not gated yet) are relayed unchanged on one upstream stream to
+// Triton, opened with the first of them, and every response it sends is passed on.
+//
+// Lifetime: the stream outlives its gRPC reactor while members it queued are still being served
+// (their answers are then dropped): a reference count, one for the reactor, one per live member and
+// one for the upstream stream; whoever drops the last deletes it. `members_mu_` (recursive) keeps a
+// member alive while the stream withdraws it from its gate (the withdrawal answers it re-entrantly).
+class StreamCall : public grpc::ServerGenericBidiReactor {
  public:
-  StreamRelay(grpc::GenericStub* stub, grpc::GenericCallbackServerContext* ctx) : upstream_(this) {
-    CopyMetadata(*ctx, &upstream_.cctx);
-    stub->PrepareBidiStreamingCall(&upstream_.cctx, ctx->method(), grpc::StubOptions(), &upstream_);
-    upstream_.AddHold();  // the write side: released when the caller half-closes or goes away
-    upstream_.AddHold();  // the read side: released when Triton's stream ends
-    upstream_.StartRead(&upstream_.in);
-    upstream_.StartCall();
-    StartRead(&in_);
-  }
-  void OnReadDone(bool ok) override {
-    if (ok) {
-      upstream_.StartWrite(&in_);
-      return;
-    }
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!writes_closed_) {  // caller half-closed (or went away): no more writes upstream
-      writes_closed_ = true;
-      upstream_.StartWritesDone();
-      upstream_.RemoveHold();
-    }
-  }
-  void OnWriteDone(bool ok) override {
-    if (!ok) upstream_.cctx.TryCancel();  // the caller is gone; the read below then ends the stream
-    upstream_.StartRead(&upstream_.in);
-  }
-  void OnCancel() override { upstream_.cctx.TryCancel(); }
-  void OnDone() override {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [this] { return upstream_done_; });
-    lock.unlock();
-    delete this;
+  StreamCall(Service* svc, grpc::GenericStub* stub, grpc::GenericCallbackServerContext* ctx);
+  void OnReadDone(bool ok) override;
+  void OnWriteDone(bool ok) override;
+  void OnCancel() override { Abandon(grpc::Status(grpc::StatusCode::CANCELLED, "the stream was cancelled")); }
+  void OnDone() override { Release(); }
+
+  void Deliver(StreamMember* m, const grpc::ByteBuffer* response, const grpc::Status& status);
+  std::chrono::system_clock::time_point deadline() const { return deadline_; }
+  void AddMetadataTo(grpc::ClientContext* to) const {
+    for (const auto& [k, v] : metadata_) to->AddMetadata(k, v);
   }
 
  private:
   struct Upstream : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
-    explicit Upstream(StreamRelay* r) : relay(r) {}
+    explicit Upstream(StreamCall* s) : stream(s) {}
     void OnReadDone(bool ok) override {
-      if (ok) relay->StartWrite(&in);  // the caller's OnWriteDone reads the next
-      else RemoveHold();
+      if (!ok) return;  // the stream ended: OnDone says how
+      stream->Write(grpc::ByteBuffer(in));  // Triton's ModelStreamInferResponse, passed on as is
+      StartRead(&in);
     }
-    void OnWriteDone(bool ok) override {
-      if (ok) relay->StartRead(&relay->in_);
-      else relay->CloseWrites();
-    }
-    void OnDone(const grpc::Status& s) override {
-      {
-        std::lock_guard<std::mutex> lock(relay->mu_);
-        relay->writes_closed_ = true;  // a late read-done of the caller must not touch this call
-      }
-      relay->Finish(s);
-      std::lock_guard<std::mutex> lock(relay->mu_);
-      relay->upstream_done_ = true;
-      relay->cv_.notify_all();
-    }
-    StreamRelay* relay;
+    void OnWriteDone(bool ok) override { stream->UpWriteDone(ok); }
+    void OnDone(const grpc::Status& s) override { stream->UpDone(s); }
+    StreamCall* stream;
     grpc::ClientContext cctx;
     grpc::ByteBuffer in;
   };
-  void CloseWrites() {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!writes_closed_) {
-      writes_closed_ = true;
-      upstream_.RemoveHold();
-    }
+
+  void Write(grpc::ByteBuffer b);           // queue an answer for the caller
+  void Pump();                              // start the next write to the caller, or finish
+  void SendUp(const grpc::ByteBuffer& b);   // relay a request on the upstream stream
+  void UpPump();                            // start the next upstream write, or close its writes
+  void UpWriteDone(bool ok);
+  void UpDone(const grpc::Status& s);
+  void Abandon(const grpc::Status& why);    // cancelled, or the upstream stream failed: end it now
+  void Release() {
+    if (refs_.fetch_sub(1) == 1) delete this;
   }
-  Upstream upstream_;
+
+  Service* svc_;
+  grpc::GenericStub* stub_;
+  grpc::GenericCallbackServerContext* ctx_;  // valid until OnDone only
+  std::vector<std::pair<std::string, std::string>> metadata_;  // the caller's, for calls to Triton
+  std::chrono::system_clock::time_point deadline_;
+  std::atomic<int> refs_{1};
   grpc::ByteBuffer in_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool writes_closed_ = false;
-  bool upstream_done_ = false;
+  std::recursive_mutex members_mu_;
+  std::mutex mu_;  // everything below
+  std::set<StreamMember*> members_;  // queued or in flight in a gate
+  std::deque<grpc::ByteBuffer> out_;
+  grpc::ByteBuffer writing_;
+  bool write_busy_ = false, reads_done_ = false, abandoned_ = false, finished_ = false;
+  bool read_starting_ = false, finish_deferred_ = false;
+  grpc::Status end_;            // the stream's status once abandoned
+  grpc::Status finish_status_;  // a deferred Finish's
+  Upstream up_;
+  std::deque<grpc::ByteBuffer> up_out_;
+  grpc::ByteBuffer up_writing_;
+  bool up_started_ = false, up_ready_ = false, up_busy_ = false, up_closed_ = false, up_done_ = true;
 };
 
 class Service : public grpc::CallbackGenericService {
@@ -324,7 +352,7 @@ class Service : public grpc::CallbackGenericService {
   grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
     const std::string& m = ctx->method();
     if (m == kInfer) return new InferCall(this, ctx);
-    if (m == kStreamInfer) return new StreamRelay(&stub_, ctx);
+    if (m == kStreamInfer) return new StreamCall(this, &stub_, ctx);
     if (denied_.count(m)) return new Refusal(ctx, denied_.at(m));
     return new UnaryRelay(&stub_, ctx);
   }
@@ -354,8 +382,27 @@ class Service : public grpc::CallbackGenericService {
     return out;
   }
 
+  // Whether requests for `name` are gated now (a stream relays the others upstream).
+  bool Gated(const std::string& name) {
+    ModelState* ms = Find(name);
+    if (ms == nullptr) return false;
+    std::lock_guard<std::mutex> lock(ms->mu);
+    return static_cast<bool>(ms->gate);
+  }
+
+  // Whether to report `seen NAME` for an ungated model now: once a second per name, so the control
+  // plane retries a failed config read. Bounded: forgotten wholesale when full (a report too many).
+  bool SeenDue(const std::string& name, double now) {
+    std::lock_guard<std::mutex> lock(seen_mu_);
+    if (seen_at_.size() >= 4096) seen_at_.clear();
+    auto [it, fresh] = seen_at_.emplace(name, now);
+    if (!fresh && now - it->second < 1.0) return false;
+    it->second = now;
+    return true;
+  }
+
   // A parsed request arrives: relay it (no policy) or queue it and make the decisions due.
-  void Admit(InferCall* call) {
+  void Admit(Member* call) {
     const std::string& name = call->req_.model_name();
     ModelState* ms = Find(name);
     call->model_ = ms;
@@ -384,15 +431,15 @@ class Service : public grpc::CallbackGenericService {
       return;
     }
     ms->arrivals.push_back(now);  // accepted arrivals only, as the Python gate reports them
-    Step<InferCall*> step = PollLocked(ms, now);
+    Step<Member*> step = PollLocked(ms, now);
     lock.unlock();  // the step is carried out outside the model's lock
     Carry(ms, std::move(step));
   }
 
-  void Cancelled(InferCall* call) {
+  void Cancelled(Member* call) {
     ModelState* ms = call->model_;
     if (ms == nullptr) return;
-    Step<InferCall*> step;
+    Step<Member*> step;
     bool withdrawn = false;
     {
       std::lock_guard<std::mutex> lock(ms->mu);
@@ -413,13 +460,13 @@ class Service : public grpc::CallbackGenericService {
   void SetPolicy(const std::string& name, const Policy& p, int slots, int max_queue, int default_priority,
                  int levels, int dispatch_priority) {
     ModelState* ms = Model(name);
-    Step<InferCall*> step;
+    Step<Member*> step;
     {
       std::lock_guard<std::mutex> lock(ms->mu);
       ms->forgetting = false;
       ms->lost_reported = false;
       if (!ms->gate) {
-        ms->gate = std::make_unique<ModelGate<InferCall*>>(p, slots, max_queue);
+        ms->gate = std::make_unique<ModelGate<Member*>>(p, slots, max_queue);
       } else {
         ms->gate->SetPolicy(p);
         ms->gate->SetSlots(slots);
@@ -437,7 +484,7 @@ class Service : public grpc::CallbackGenericService {
   void Forget(const std::string& name) {
     ModelState* ms = Find(name);
     if (ms == nullptr) return;
-    Step<InferCall*> step;
+    Step<Member*> step;
     {
       std::lock_guard<std::mutex> lock(ms->mu);
       if (!ms->gate) return;
@@ -475,7 +522,7 @@ class Service : public grpc::CallbackGenericService {
         }
       }
       for (ModelState* ms : due) {
-        Step<InferCall*> step;
+        Step<Member*> step;
         {
           std::lock_guard<std::mutex> lock(ms->mu);
           if (!ms->gate) continue;
@@ -529,9 +576,9 @@ class Service : public grpc::CallbackGenericService {
 
  private:
   // Priority level and deadline of a request, read the way Triton reads them.
-  bool ReadParameters(InferCall* call, const ModelState& ms, double now, std::string* error) {
-    Pending<InferCall*>& p = call->pending_;
-    p = Pending<InferCall*>();
+  bool ReadParameters(Member* call, const ModelState& ms, double now, std::string* error) {
+    Pending<Member*>& p = call->pending_;
+    p = Pending<Member*>();
     p.payload = call;
     p.arrival = now;
     p.key = MergeKey(call->req_, &p.rows);
@@ -568,8 +615,8 @@ class Service : public grpc::CallbackGenericService {
     return true;
   }
 
-  Step<InferCall*> PollLocked(ModelState* ms, double now) {
-    Step<InferCall*> step = ms->gate->Poll(now);
+  Step<Member*> PollLocked(ModelState* ms, double now) {
+    Step<Member*> step = ms->gate->Poll(now);
     for (auto& members : step.batches) {
       auto* b = new Batch();
       b->model = ms;
@@ -592,32 +639,33 @@ class Service : public grpc::CallbackGenericService {
   }
 
   // Carry out a step outside the model's lock: answer the expired, send the batches.
-  void Carry(ModelState* ms, Step<InferCall*> step) {
+  void Carry(ModelState* ms, Step<Member*> step) {
     for (auto* p : step.expired)
       p->payload->Reply(nullptr, grpc::Status(grpc::StatusCode::UNAVAILABLE, "Request timeout expired"));
     for (auto& members : step.batches) Send(members.front()->payload->batch_);
   }
 
-  void RelayAlone(InferCall* call) {
+  void RelayAlone(Member* call) {
     auto* b = new Batch();
     b->model = nullptr;
     b->members.push_back(call);
     b->start = Now();
     b->rows = 1;
     b->request = call->in_;
-    CopyMetadata(*call->ctx_, &b->ctx);
+    call->AddMetadataTo(&b->ctx);
+    if (call->Deadline() != std::chrono::system_clock::time_point::max()) b->ctx.set_deadline(call->Deadline());
     infer_stub_.UnaryCall(&b->ctx, kInfer, grpc::StubOptions(), &b->request, &b->response,
                           [this, b](grpc::Status s) { Done(b, s); });
   }
 
   void Send(Batch* b) {
-    InferCall* head = b->members.front();
+    Member* head = b->members.front();
     ModelState* ms = b->model;
     // The batch's call to Triton must not end before any member's own deadline: the latest one, and
     // none when a member has none (then the upstream timeout, as the Python plane's).
-    CopyMetadata(*head->ctx_, &b->ctx, /*deadline=*/false);
+    head->AddMetadataTo(&b->ctx);
     auto latest = std::chrono::system_clock::time_point::min();
-    for (auto* c : b->members) latest = std::max(latest, c->ctx_->deadline());
+    for (auto* c : b->members) latest = std::max(latest, c->Deadline());
     auto bound = std::chrono::system_clock::now() +
                  std::chrono::duration_cast<std::chrono::system_clock::duration>(
                      std::chrono::duration<double>(g_upstream_timeout_s));
@@ -696,7 +744,7 @@ class Service : public grpc::CallbackGenericService {
       ms->lost_reported = true;
     }
     if (lost) Emit("lost " + ms->name);
-    Step<InferCall*> step;
+    Step<Member*> step;
     if (ms != nullptr) {
       std::lock_guard<std::mutex> lock(ms->mu);
       for (auto* c : b->members) c->batch_ = nullptr;
@@ -742,17 +790,6 @@ class Service : public grpc::CallbackGenericService {
   grpc::GenericStub stub_;
   grpc::GenericStub infer_stub_;
   std::map<std::string, std::string> denied_;  // method path -> PERMISSION_DENIED message
-  // Whether to report `seen NAME` for an ungated model now: once a second per name, so the control
-  // plane retries a failed config read. Bounded: forgotten wholesale when full (a report too many).
-  bool SeenDue(const std::string& name, double now) {
-    std::lock_guard<std::mutex> lock(seen_mu_);
-    if (seen_at_.size() >= 4096) seen_at_.clear();
-    auto [it, fresh] = seen_at_.emplace(name, now);
-    if (!fresh && now - it->second < 1.0) return false;
-    it->second = now;
-    return true;
-  }
-
   std::mutex seen_mu_;
   std::unordered_map<std::string, double> seen_at_;
   std::mutex models_mu_;
@@ -776,6 +813,281 @@ void InferCall::OnReadDone(bool ok) {
 }
 
 void InferCall::OnCancel() { svc_->Cancelled(this); }
+
+// -- streams ------------------------------------------------------------------------------------
+
+void StreamMember::Reply(const grpc::ByteBuffer* response, const grpc::Status& status) {
+  if (answered_.exchange(true)) return;
+  stream_->Deliver(this, response, status);
+}
+std::chrono::system_clock::time_point StreamMember::Deadline() const { return stream_->deadline(); }
+void StreamMember::AddMetadataTo(grpc::ClientContext* to) const { stream_->AddMetadataTo(to); }
+
+// A ModelInferResponse's bytes as a ModelStreamInferResponse's (field 2, infer_response), no parse.
+grpc::ByteBuffer WrapInStreamResponse(const grpc::ByteBuffer& response) {
+  std::vector<grpc::Slice> slices;
+  (void)response.Dump(&slices);
+  unsigned char head[11];
+  size_t n = 0;
+  head[n++] = 0x12;  // field 2, length-delimited
+  for (uint64_t len = response.Length();; len >>= 7) {
+    head[n++] = static_cast<unsigned char>((len & 0x7f) | (len >= 0x80 ? 0x80 : 0));
+    if (len < 0x80) break;
+  }
+  std::vector<grpc::Slice> all;
+  all.reserve(slices.size() + 1);
+  all.emplace_back(head, n);
+  for (auto& sl : slices) all.push_back(sl);
+  return grpc::ByteBuffer(all.data(), all.size());
+}
+
+grpc::ByteBuffer StreamError(const inference::ModelInferRequest& req, const std::string& message) {
+  inference::ModelStreamInferResponse r;
+  r.set_error_message(message);
+  auto* ir = r.mutable_infer_response();
+  ir->set_model_name(req.model_name());
+  ir->set_model_version(req.model_version());
+  ir->set_id(req.id());
+  grpc::ByteBuffer out;
+  bool own;
+  grpc::SerializationTraits<inference::ModelStreamInferResponse>::Serialize(r, &out, &own);
+  return out;
+}
+
+StreamCall::StreamCall(Service* svc, grpc::GenericStub* stub, grpc::GenericCallbackServerContext* ctx)
+    : svc_(svc), stub_(stub), ctx_(ctx), deadline_(ctx->deadline()), up_(this) {
+  // the metadata CopyMetadata would forward, kept for members served after this reactor is done
+  for (const auto& [k, v] : ctx->client_metadata()) {
+    std::string key(k.data(), k.size());
+    if (key.empty() || key[0] == ':' || key.rfind("grpc-", 0) == 0 || key == "user-agent" || key == "te" ||
+        key == "content-type")
+      continue;
+    metadata_.emplace_back(key, std::string(v.data(), v.size()));
+  }
+  StartRead(&in_);
+}
+
+void StreamCall::OnReadDone(bool ok) {
+  if (!ok) {  // the caller half-closed (or went away): answer what is in flight, then finish
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      reads_done_ = true;
+    }
+    UpPump();
+    Pump();
+    return;
+  }
+  grpc::ByteBuffer msg(in_);
+  auto* m = new StreamMember(this);
+  m->in_ = msg;
+  grpc::ByteBuffer copy(msg);  // Deserialize consumes its buffer
+  if (!grpc::SerializationTraits<inference::ModelInferRequest>::Deserialize(&copy, &m->req_).ok()) {
+    Write(StreamError(m->req_, "malformed ModelInferRequest"));
+    delete m;
+  } else if (svc_->Gated(m->req_.model_name())) {
+    refs_.fetch_add(1);  // released when the member's answer is queued (Deliver)
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      members_.insert(m);
+    }
+    svc_->Admit(m);  // may answer at once (a bad parameter, a full queue)
+  } else {
+    if (svc_->SeenDue(m->req_.model_name(), Now())) Emit("seen " + m->req_.model_name());
+    delete m;
+    SendUp(msg);
+  }
+  // The next read, unless the stream finished meanwhile: a read must never start after Finish, so a
+  // Finish decided while this read is being started is left to this thread (`finish_deferred_`).
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (finished_) return;
+    read_starting_ = true;
+  }
+  StartRead(&in_);
+  grpc::Status deferred;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    read_starting_ = false;
+    if (!finish_deferred_) return;
+    finish_deferred_ = false;
+    deferred = finish_status_;
+  }
+  Finish(deferred);
+}
+
+void StreamCall::Deliver(StreamMember* m, const grpc::ByteBuffer* response, const grpc::Status& status) {
+  grpc::ByteBuffer answer =
+      status.ok() && response != nullptr ? WrapInStreamResponse(*response) : StreamError(m->req_, status.error_message());
+  {
+    std::lock_guard<std::recursive_mutex> keep(members_mu_);
+    std::lock_guard<std::mutex> lock(mu_);
+    members_.erase(m);
+    if (!abandoned_ && !finished_) out_.push_back(std::move(answer));
+    delete m;
+  }
+  Pump();
+  Release();
+}
+
+void StreamCall::Write(grpc::ByteBuffer b) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (abandoned_ || finished_) return;
+    out_.push_back(std::move(b));
+  }
+  Pump();
+}
+
+void StreamCall::OnWriteDone(bool ok) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    write_busy_ = false;
+  }
+  if (!ok) Abandon(grpc::Status(grpc::StatusCode::CANCELLED, "the caller went away"));
+  Pump();
+}
+
+void StreamCall::Pump() {
+  grpc::ByteBuffer* next = nullptr;
+  bool finish = false;
+  grpc::Status status;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (finished_ || write_busy_) return;
+    if (!abandoned_ && !out_.empty()) {
+      writing_ = std::move(out_.front());
+      out_.pop_front();
+      write_busy_ = true;
+      next = &writing_;
+    } else if (abandoned_ || (reads_done_ && members_.empty() && up_done_ && out_.empty())) {
+      finished_ = true;
+      status = abandoned_ ? end_ : grpc::Status::OK;
+      if (read_starting_) {  // OnReadDone finishes once its StartRead returned
+        finish_deferred_ = true;
+        finish_status_ = status;
+      } else {
+        finish = true;
+      }
+    }
+  }
+  if (next != nullptr) StartWrite(next);
+  else if (finish) Finish(status);
+}
+
+void StreamCall::SendUp(const grpc::ByteBuffer& b) {
+  bool start = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (abandoned_ || up_closed_) return;
+    up_out_.push_back(b);
+    if (!up_started_) {
+      up_started_ = true;
+      up_done_ = false;
+      start = true;
+    }
+  }
+  if (start) {  // only from OnReadDone, before the next read: no other thread touches `up_` yet
+    refs_.fetch_add(1);  // released in UpDone
+    AddMetadataTo(&up_.cctx);
+    if (deadline_ != std::chrono::system_clock::time_point::max()) up_.cctx.set_deadline(deadline_);
+    stub_->PrepareBidiStreamingCall(&up_.cctx, kStreamInfer, grpc::StubOptions(), &up_);
+    up_.AddHold();  // the write side, released when its writes are closed
+    up_.StartRead(&up_.in);
+    up_.StartCall();
+    bool cancel = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      up_ready_ = true;
+      if (abandoned_ && !up_closed_) {  // abandoned while starting: Abandon left the upstream to us
+        up_closed_ = true;
+        cancel = true;
+      }
+    }
+    if (cancel) {
+      up_.cctx.TryCancel();
+      up_.RemoveHold();
+      return;
+    }
+  }
+  UpPump();
+}
+
+void StreamCall::UpPump() {
+  grpc::ByteBuffer* next = nullptr;
+  bool close = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!up_ready_ || up_busy_ || up_closed_) return;
+    if (!up_out_.empty()) {
+      up_writing_ = std::move(up_out_.front());
+      up_out_.pop_front();
+      up_busy_ = true;
+      next = &up_writing_;
+    } else if (reads_done_) {
+      up_closed_ = true;
+      close = true;
+    }
+  }
+  if (next != nullptr) {
+    up_.StartWrite(next);
+  } else if (close) {  // every request relayed: Triton ends the stream once it has answered them
+    up_.StartWritesDone();
+    up_.RemoveHold();
+  }
+}
+
+void StreamCall::UpWriteDone(bool ok) {
+  bool close = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    up_busy_ = false;
+    if (!ok && !up_closed_) {  // the upstream stream broke: OnDone reports how
+      up_closed_ = true;
+      up_out_.clear();
+      close = true;
+    }
+  }
+  if (close) up_.RemoveHold();
+  else UpPump();
+}
+
+void StreamCall::UpDone(const grpc::Status& s) {
+  bool failed;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    up_done_ = true;
+    failed = !s.ok() && !abandoned_;
+  }
+  if (failed) Abandon(s);  // as the Python plane: the upstream stream's failure ends the caller's
+  Pump();
+  Release();
+}
+
+void StreamCall::Abandon(const grpc::Status& why) {
+  std::lock_guard<std::recursive_mutex> keep(members_mu_);  // no member is freed under our feet
+  std::vector<StreamMember*> members;
+  bool cancel_up = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (abandoned_) return;
+    abandoned_ = true;
+    end_ = why;
+    out_.clear();
+    members.assign(members_.begin(), members_.end());
+    if (up_started_ && !up_done_) {
+      up_.cctx.TryCancel();
+      if (up_ready_ && !up_closed_) {
+        up_closed_ = true;
+        cancel_up = true;
+      }
+    }
+  }
+  if (cancel_up) up_.RemoveHold();
+  // Withdraw what still waits in a gate (answered re-entrantly, and dropped); what is in flight
+  // finishes for its batch and its answer is dropped.
+  for (StreamMember* m : members) svc_->Cancelled(m);
+  Pump();
+}
 
 // `key=value` fields of a command line.
 std::map<std::string, std::string> Fields(std::istringstream& in) {

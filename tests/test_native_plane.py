@@ -292,3 +292,67 @@ def test_a_bad_priority_is_refused_by_the_gate_and_counted_as_on_the_python_plan
         assert status.rejected_invalid == 1 and status.completed >= 1
     finally:
         sc.stop()
+
+
+@pytest.mark.integration
+def test_one_stream_carries_gated_requests_and_a_decoupled_models_responses(native_gate, tmp_path, triton_factory):
+    """On one ModelStreamInfer: requests for a gated model go through the gate (and are answered
+    in-band), requests for a decoupled model are relayed to Triton on an upstream stream with every
+    response it sends."""
+    import shutil
+    import threading
+
+    import tritonclient.grpc as tc
+
+    from test_sidecar_robustness import _DECOUPLED_CONFIG, _DECOUPLED_MODEL, _sidecar
+
+    model = tmp_path / "decoupled_echo"
+    (model / "1").mkdir(parents=True)
+    (model / "1" / "model.py").write_text(_DECOUPLED_MODEL)
+    (model / "config.pbtxt").write_text(_DECOUPLED_CONFIG)
+    shutil.copytree(ROOT / "model_repository" / "emulated_gpu", tmp_path / "emulated_gpu",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    server = triton_factory(repository=tmp_path, models=("decoupled_echo", "emulated_gpu"))
+    sc = _sidecar(server.grpc_url, data_plane="native")
+    try:
+        def ask(n: int) -> list[tc.InferInput]:
+            inp = tc.InferInput("IN", [1, 1], "INT32")
+            inp.set_data_from_numpy(np.array([[n]], dtype=np.int32))
+            return [inp]
+
+        def emu(seed: int) -> tuple[np.ndarray, list[tc.InferInput]]:
+            x = np.random.default_rng(seed).standard_normal((1, 16)).astype(np.float32)
+            inp = tc.InferInput("INPUT0", [1, 16], "FP32")
+            inp.set_data_from_numpy(x)
+            return x, [inp]
+
+        client = tc.InferenceServerClient(sc.url)
+        got: list = []
+        done = threading.Event()
+
+        def callback(result, error):
+            got.append((result, error))
+            if len(got) == 8:
+                done.set()
+
+        client.start_stream(callback)
+        sent = {}
+        client.async_stream_infer("decoupled_echo", ask(3), request_id="three")
+        for i in range(3):
+            sent[f"e{i}"], inputs = emu(i)
+            client.async_stream_infer("emulated_gpu", inputs, request_id=f"e{i}")
+        client.async_stream_infer("decoupled_echo", ask(2), request_id="two")
+        assert done.wait(60), got
+        client.stop_stream()
+        assert [e for _, e in got if e is not None] == []
+        echoes = sorted((r.get_response().id, int(r.as_numpy("OUT")[0, 0]))
+                        for r, _ in got if r.get_response().model_name == "decoupled_echo")
+        assert echoes == [("three", 0), ("three", 1), ("three", 2), ("two", 0), ("two", 1)]
+        gated = {r.get_response().id: r for r, _ in got if r.get_response().model_name == "emulated_gpu"}
+        assert set(gated) == set(sent)
+        for key, x in sent.items():
+            np.testing.assert_array_equal(gated[key].as_numpy("OUTPUT0"), 2 * x + 1)
+        sc.run(sc.sidecar._native.sync(), 10)
+        assert sc.sidecar.models()[("emulated_gpu", "")].gate.counters.submitted == 3
+    finally:
+        sc.stop()

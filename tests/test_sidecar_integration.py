@@ -164,6 +164,118 @@ def test_stream_infer_answers_every_request_once(triton):
             np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), 2 * sent[r.get_response().id] + 1)
 
 
+def stream_request(id: str, model: str = "emulated_gpu", seed: int = 0, **params):
+    """A raw ModelInferRequest (one row) for a stream, with any parameters as (kind, value)."""
+    from tritonclient.grpc import service_pb2
+
+    x = np.random.default_rng(seed).standard_normal((1, 16)).astype(np.float32)
+    req = service_pb2.ModelInferRequest(model_name=model, id=id)
+    req.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 16])
+    req.raw_input_contents.append(x.tobytes())
+    for key, (kind, value) in params.items():
+        setattr(req.parameters[key], kind, value)
+    return x, req
+
+
+def test_stream_requests_are_gated_into_the_batches_the_policy_chose(slow_triton):
+    """The burst of test_triton_executes_exactly_the_batches_the_policy_chose, on one stream."""
+    direct = tc.InferenceServerClient(slow_triton.grpc_url)
+    with sidecar(slow_triton.grpc_url, default={"policy": "threshold:4", "max_batch": 8}) as sc:
+        client = tc.InferenceServerClient(sc.url)
+        before = executed_batches(direct, "emulated_gpu")
+        got: list = []
+        done = threading.Event()
+
+        def callback(result, error):
+            got.append((result, error))
+            if len(got) == 12:
+                done.set()
+
+        client.start_stream(callback)
+        sent = {}
+        for i in range(12):
+            x, inputs = emu_input(1, seed=200 + i)
+            sent[f"g{i}"] = x
+            client.async_stream_infer("emulated_gpu", inputs, request_id=f"g{i}")
+        assert done.wait(30)
+        client.stop_stream()
+        assert all(e is None for _, e in got), [e for _, e in got if e is not None]
+        for r, _ in got:
+            np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), 2 * sent[r.get_response().id] + 1)
+        sizes = sorted(int(r.as_numpy("BATCH_SIZE")[0, 0]) for r, _ in got)
+        settle(sc)
+        state = sc.sidecar.models()[("emulated_gpu", "")]
+        assert state.gate.counters.submitted == 12  # every stream request went through the gate
+        triton_hist = executed_since(direct, "emulated_gpu", before, 12)
+        assert sizes == [4] * 4 + [8] * 8
+        assert triton_hist == {4: 1, 8: 1}
+
+
+def test_stream_errors_are_in_band_and_every_request_is_answered_once(triton):
+    """As Triton reports them on a stream: an error_message with the request's id, the stream goes on."""
+    from tritonclient.grpc import service_pb2_grpc
+
+    with sidecar(triton.grpc_url) as sc, grpc.insecure_channel(sc.url) as ch:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
+        xa, a = stream_request("a", seed=1)
+        _, bad = stream_request("bad", priority=("int64_param", -1))
+        _, unknown = stream_request("unknown", model="no_such_model")
+        xd, d = stream_request("d", seed=2)
+        answers = list(stub.ModelStreamInfer(iter([a, bad, unknown, d]), timeout=30))
+        by_id = {r.infer_response.id: r for r in answers}
+        assert len(answers) == 4 and set(by_id) == {"a", "bad", "unknown", "d"}
+        for key, x in (("a", xa), ("d", xd)):
+            r = by_id[key]
+            assert r.error_message == ""
+            out = np.frombuffer(r.infer_response.raw_output_contents[0], np.float32).reshape(1, 16)
+            np.testing.assert_array_equal(out, 2 * x + 1)
+        assert "priority" in by_id["bad"].error_message
+        assert "no_such_model" in by_id["unknown"].error_message
+        settle(sc)
+        state = sc.sidecar.models()[("emulated_gpu", "")]
+        assert state.gate.queue_length == 0 and state.gate.in_flight == 0
+
+
+def test_a_cancelled_stream_withdraws_what_it_queued_and_triton_never_sees_it(slow_triton):
+    from tritonclient.grpc import service_pb2_grpc
+
+    direct = tc.InferenceServerClient(slow_triton.grpc_url)
+    # threshold 8: five requests wait in the gate for three more that never come
+    with sidecar(slow_triton.grpc_url, default={"policy": "threshold:8", "max_batch": 8}) as sc, \
+            grpc.insecure_channel(sc.url) as ch:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
+        before = executed_batches(direct, "emulated_gpu")
+        release = threading.Event()
+
+        def requests():
+            for i in range(5):
+                yield stream_request(f"c{i}", seed=i)[1]
+            release.wait(30)  # the stream stays open until it is cancelled
+
+        call = stub.ModelStreamInfer(requests())
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                settle(sc)
+                state = sc.sidecar.models().get(("emulated_gpu", ""))
+                if state is not None and state.gate.queue_length == 5:
+                    break
+                assert time.monotonic() < deadline, "the five requests never queued"
+                time.sleep(0.02)
+            call.cancel()
+            deadline = time.monotonic() + 10
+            while True:
+                settle(sc)
+                if state.gate.queue_length == 0:
+                    break
+                assert time.monotonic() < deadline, "the cancelled stream's requests stayed queued"
+                time.sleep(0.02)
+        finally:
+            release.set()
+        assert state.gate.counters.cancelled == 5 and state.gate.counters.dispatched_requests == 0
+        assert diff(executed_batches(direct, "emulated_gpu"), before) == {}
+
+
 def test_other_rpcs_pass_through_unchanged(triton):
     with sidecar(triton.grpc_url) as sc:
         direct, via = tc.InferenceServerClient(triton.grpc_url), tc.InferenceServerClient(sc.url)
