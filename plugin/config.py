@@ -141,6 +141,12 @@ class SidecarConfig(BaseModel):
         0.25, gt=0, description="How often adaptive models check whether their policy must be re-solved, seconds"
     )
     rate_window_s: float = Field(10.0, gt=0, description="Sliding window of the arrival-rate estimator, seconds")
+    long_run_window_s: float = Field(
+        600.0, ge=0,
+        description="Horizon of the long-run mean arrival rate, seconds: adaptive models solve each regime with "
+        "w x long-run rate / current rate, which is what minimises the long-run mean response time + w x mean "
+        "power when the rate moves (plugin/adaptive.py); at a steady rate that is w. 0 = solve with w as is",
+    )
     triton_metrics_url: str | None = Field(
         "auto",
         description="Triton's Prometheus metrics endpoint, read for GPU power (nv_energy_consumption, "

@@ -120,8 +120,8 @@ class SidecarControl:
             max_batch=state.info.max_batch,
             policy_version=pol.version,
             policy_age_s=pol.age_s,
-            policy_source=(f"{c.current.source}, {c.current.profile_source}" if c is not None and c.current is not None
-                           else pol.source),
+            policy_source=(f"{c.current.source}, {c.current.profile_source}{_scaled(c.current)}"
+                           if c is not None and c.current is not None else pol.source),
             rate=c.rate.estimate(now) if c is not None else None,
             latency_target_s=c.latency_target_s if c is not None else None,
             threshold=pol.threshold,
@@ -148,3 +148,11 @@ class SidecarControl:
                 "" if state.profile is not None or c is not None else "no profile: power unknown",
             ) if x),
         )
+
+
+def _scaled(solution) -> str:
+    """How the policy's w differs from the operator's (the long-run scaling, plugin/adaptive.py), if it does."""
+    w, solved = solution.weight, solution.solved_weight
+    if solved is None or w <= 0 or abs(solved / w - 1.0) < 0.01:
+        return ""
+    return f", solved with w x {solved / w:.2f} = {solved:.3g} for this rate against the long-run mean"

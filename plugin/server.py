@@ -402,6 +402,7 @@ class Sidecar:
                 solver=self._solver,
                 initial_rate=policy_cfg.rate_rps,
                 window_s=self.config.rate_window_s,
+                long_run_s=self.config.long_run_window_s,
                 stats=state.stats,
                 metrics=self.metrics,
                 **learning_options(self.config, name),
