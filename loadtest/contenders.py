@@ -44,6 +44,9 @@ class Contender:
     """Gate smdp: re-solve for the measured arrival rate while running (else: fixed policy). Config
     mode: ``smdp config-mode --follow`` runs beside Triton and re-compiles and reloads the model
     when the rate it reads from Triton's statistics moves (``plugin.config_follow``)."""
+    long_run: bool = True
+    """Adaptive gate: solve each regime with w x long-run rate / rate (plugin/adaptive.py); False: with
+    w as is (``gate:smdp-adaptive-unscaled``, to measure what the scaling is worth)."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("triton", "gate", "config"):
@@ -56,6 +59,8 @@ class Contender:
             raise ValueError(f"config mode compiles the SMDP policy: use config:smdp, got {self.policy!r}")
         if self.adaptive and not (self.kind in ("gate", "config") and self.policy == "smdp"):
             raise ValueError("only the smdp policy (gate or config mode) can be adaptive")
+        if not self.long_run and not (self.kind == "gate" and self.adaptive):
+            raise ValueError("only the adaptive gate solves per regime: long_run=False needs gate smdp adaptive")
         if not isinstance(self.max_queue_delay_us, int) or self.max_queue_delay_us < 0:
             raise ValueError(f"max_queue_delay_us must be an integer >= 0, got {self.max_queue_delay_us!r}")
 
@@ -66,13 +71,13 @@ class Contender:
         if self.kind == "config":
             return f"config {self.policy}" + (" adaptive" if self.adaptive else "")
         if self.policy == "smdp" and self.adaptive:
-            return "gate smdp adaptive"
+            return "gate smdp adaptive" + ("" if self.long_run else " (w unscaled)")
         return f"gate {self.policy}"
 
 
 def parse_contender(spec: str) -> Contender:
-    """``triton:DELAY_US``, ``gate:POLICY`` (``gate:smdp-adaptive`` re-solves), ``config:smdp`` or
-    ``config:smdp-adaptive`` (config mode following the load)."""
+    """``triton:DELAY_US``, ``gate:POLICY`` (``gate:smdp-adaptive`` re-solves; ``gate:smdp-adaptive-unscaled``
+    re-solves with w as is), ``config:smdp`` or ``config:smdp-adaptive`` (config mode following the load)."""
     kind, _, rest = spec.strip().partition(":")
     if kind == "triton":
         try:
@@ -85,6 +90,8 @@ def parse_contender(spec: str) -> Contender:
             raise ValueError(f"contender {spec!r}: give a policy, e.g. gate:greedy or gate:smdp")
         if rest == "smdp-adaptive":
             return Contender("gate", policy="smdp", adaptive=True)
+        if rest == "smdp-adaptive-unscaled":
+            return Contender("gate", policy="smdp", adaptive=True, long_run=False)
         try:
             return Contender("gate", policy=rest)
         except ValueError as exc:

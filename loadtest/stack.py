@@ -70,6 +70,8 @@ class SidecarSpec:
     """host:port of a shared ``smdp solver-serve`` the adaptive gate re-solves through (None: in-process)."""
     data_plane: str = "python"
     """``smdp serve --data-plane``: python, or native (the C++ smdp-gate carries the requests)."""
+    long_run_window_s: float | None = None
+    """``smdp serve --long-run-window``: None = the sidecar's default; 0 = solve every regime with w as is."""
 
     def flags(self) -> list[str]:
         out = ["--policy", self.policy, "--max-batch", str(self.max_batch), "--weight", repr(float(self.weight)),
@@ -85,6 +87,8 @@ class SidecarSpec:
             out += ["--solver", self.solver_url]
         if self.data_plane != "python":
             out += ["--data-plane", self.data_plane]
+        if self.long_run_window_s is not None:
+            out += ["--long-run-window", repr(float(self.long_run_window_s))]
         return out
 
 

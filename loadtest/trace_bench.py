@@ -28,7 +28,7 @@ from solver import arrivals
 
 from .bench import (BenchConfig, BenchReport, BenchRow, Progress, _ms, bench_stack, contender_override, format_table,
                     write_outputs)
-from .contenders import Contender, compile_config, predict
+from .contenders import Contender, compile_config, parse_contender, predict
 from .metrics import batch_histogram, measure, power_note
 from .openloop import run_open_loop
 from .stack import SidecarProcess, SidecarSpec
@@ -155,7 +155,7 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                     spec = SidecarSpec(policy=c.policy, max_batch=stack.max_batch, profile_csv=stack.profile_path,
                                        rate_rps=mean_rate, weight=cfg.weight, idle_power_w=cfg.idle_power_w,
                                        adaptive=c.adaptive, solver_url=stack.solver_url if c.adaptive else None,
-                                       data_plane=cfg.data_plane)
+                                       data_plane=cfg.data_plane, long_run_window_s=None if c.long_run else 0.0)
                     safe = c.name.replace(" ", "_").replace(":", "_")
                     sidecar = SidecarProcess(stack.triton_url, spec, log_path=cfg.out_dir / f"sidecar-{safe}.log").start()
                     target = sidecar.url
@@ -296,6 +296,10 @@ def add_trace_bench_command(sub) -> None:
     p.add_argument("--limit", type=int, default=9000, help="trace rows replayed from the start, 0 = all (default: %(default)s)")
     p.add_argument("--delays-us", default="0,5000,20000,50000",
                    help="Triton max_queue_delay_microseconds contenders (default: %(default)s)")
+    p.add_argument("--contenders", metavar="SPEC,...",
+                   help="replace the contender list: triton:DELAY_US, gate:smdp, gate:smdp-adaptive, "
+                   "gate:smdp-adaptive-unscaled (re-solves with w as is), config:smdp, config:smdp-adaptive "
+                   "(default: the --delays-us delays, both SMDP gates and both config modes)")
     p.add_argument("--weight", type=float, default=1e-3, help="w, seconds per watt (default: %(default)s)")
     p.add_argument("--time-scale", type=float, default=10.0, help="emulated GPU this much slower (default: %(default)s)")
     p.add_argument("--idle-power", type=float, default=40.0, help="P0, watts (default: %(default)s)")
@@ -330,7 +334,9 @@ def _cmd(args) -> int:
     os.environ["SMDP_SIDECAR_RATE_WINDOW_S"] = repr(float(args.rate_window))  # read by the sidecar processes
     try:
         delays = tuple(int(float(d)) for d in args.delays_us.split(",") if d.strip())
-        cfg = BenchConfig(rates=(args.rate,), contenders=default_contenders(delays), time_scale=args.time_scale,
+        contenders = (tuple(parse_contender(c) for c in args.contenders.split(",") if c.strip())
+                      if args.contenders else default_contenders(delays))
+        cfg = BenchConfig(rates=(args.rate,), contenders=contenders, time_scale=args.time_scale,
                           weight=args.weight, idle_power_w=args.idle_power, profile_csv=args.profile,
                           warmup_s=args.warmup, cooldown_s=1.0, out_dir=args.out,
                           solver=None if args.solver in ("none", "") else args.solver,

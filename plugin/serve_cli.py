@@ -36,6 +36,8 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--idle-power", type=float, help="P0, watts")
     p.add_argument("--max-batch", type=int, help="B, the largest batch the gate forms")
     p.add_argument("--fixed", action="store_true", help="smdp: keep the policy solved for --rate (no re-solving)")
+    p.add_argument("--long-run-window", dest="long_run_window_s", type=float,
+                   help="horizon of the long-run mean rate that scales w per regime, seconds (default 600; 0 = w as is)")
     p.add_argument("--solver", dest="solver_url", help="host:port of a shared smdp solver-serve (default: in-process)")
     p.add_argument("--control-listen", help="host:port of the control API (default 127.0.0.1:8012; 'none' = off)")
     p.add_argument("--control-token", help="bearer token required by the control API")
@@ -72,6 +74,7 @@ def _run(args: argparse.Namespace) -> int:
         "data_plane": args.data_plane,
         "max_queue": args.max_queue,
         "solver_url": args.solver_url,
+        "long_run_window_s": args.long_run_window_s,
         "control_listen": args.control_listen,
         "control_token": args.control_token,
         "metrics_listen": args.metrics_listen,

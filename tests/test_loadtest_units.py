@@ -171,6 +171,22 @@ def test_contender_specs():
     for bad in ("triton:abc", "gate:", "gate:bogus", "other:1"):
         with pytest.raises(ValueError):
             parse_contender(bad)
+    unscaled = parse_contender("gate:smdp-adaptive-unscaled")
+    assert unscaled.adaptive and not unscaled.long_run and unscaled.name == "gate smdp adaptive (w unscaled)"
+    assert parse_contender("gate:smdp-adaptive").long_run
+    with pytest.raises(ValueError, match="only the adaptive gate"):
+        Contender("gate", policy="smdp", long_run=False)
+
+
+def test_the_unscaled_adaptive_gate_runs_a_sidecar_with_the_long_run_window_off():
+    from loadtest.stack import SidecarSpec
+    from smdp.cli import build_parser
+
+    flags = SidecarSpec(policy="smdp", max_batch=8, long_run_window_s=0.0).flags()
+    assert flags[flags.index("--long-run-window") + 1] == "0.0"
+    assert "--long-run-window" not in SidecarSpec(policy="smdp", max_batch=8).flags()
+    args = build_parser().parse_args(["serve", "--long-run-window", "0"])
+    assert args.long_run_window_s == 0.0
 
 
 def test_predictions_agree_with_the_solver_and_greedy_equals_zero_delay():
