@@ -300,10 +300,10 @@ def test_one_stream_carries_gated_requests_and_a_decoupled_models_responses(nati
     in-band), requests for a decoupled model are relayed to Triton on an upstream stream with every
     response it sends."""
     import shutil
-    import threading
 
     import tritonclient.grpc as tc
 
+    from test_sidecar_integration import stream_all
     from test_sidecar_robustness import _DECOUPLED_CONFIG, _DECOUPLED_MODEL, _sidecar
 
     model = tmp_path / "decoupled_echo"
@@ -326,31 +326,17 @@ def test_one_stream_carries_gated_requests_and_a_decoupled_models_responses(nati
             inp.set_data_from_numpy(x)
             return x, [inp]
 
-        client = tc.InferenceServerClient(sc.url)
-        got: list = []
-        done = threading.Event()
-
-        def callback(result, error):
-            got.append((result, error))
-            if len(got) == 8:
-                done.set()
-
-        client.start_stream(callback)
-        sent = {}
-        client.async_stream_infer("decoupled_echo", ask(3), request_id="three")
-        for i in range(3):
-            sent[f"e{i}"], inputs = emu(i)
-            client.async_stream_infer("emulated_gpu", inputs, request_id=f"e{i}")
-        client.async_stream_infer("decoupled_echo", ask(2), request_id="two")
-        assert done.wait(60), got
-        client.stop_stream()
+        sent = {f"e{i}": emu(i) for i in range(3)}
+        sends = [("decoupled_echo", ask(3), "three"), *(("emulated_gpu", inputs, rid) for rid, (_, inputs) in sent.items()),
+                 ("decoupled_echo", ask(2), "two")]
+        got = stream_all(sc.url, sends, 8, timeout=60)
         assert [e for _, e in got if e is not None] == []
         echoes = sorted((r.get_response().id, int(r.as_numpy("OUT")[0, 0]))
                         for r, _ in got if r.get_response().model_name == "decoupled_echo")
         assert echoes == [("three", 0), ("three", 1), ("three", 2), ("two", 0), ("two", 1)]
         gated = {r.get_response().id: r for r, _ in got if r.get_response().model_name == "emulated_gpu"}
         assert set(gated) == set(sent)
-        for key, x in sent.items():
+        for key, (x, _) in sent.items():
             np.testing.assert_array_equal(gated[key].as_numpy("OUTPUT0"), 2 * x + 1)
         sc.run(sc.sidecar._native.sync(), 10)
         assert sc.sidecar.models()[("emulated_gpu", "")].gate.counters.submitted == 3

@@ -138,30 +138,35 @@ def test_merged_batches_return_each_caller_its_own_rows(triton):
             assert r.as_numpy("OUTPUT0").tobytes() == alone.tobytes()
 
 
+def stream_all(url: str, sends: list[tuple[str, list, str]], answers: int, timeout: float = 30) -> list:
+    """Send (model, inputs, request id) on one tritonclient stream; the (result, error) pairs of the
+    first ``answers`` responses (a decoupled model may send several per request)."""
+    client = tc.InferenceServerClient(url)
+    got: list = []
+    done = threading.Event()
+
+    def callback(result, error):
+        got.append((result, error))
+        if len(got) == answers:
+            done.set()
+
+    client.start_stream(callback)
+    for model, inputs, rid in sends:
+        client.async_stream_infer(model, inputs, request_id=rid)
+    assert done.wait(timeout), f"{len(got)} of {answers} stream answers"
+    client.stop_stream()
+    return got
+
+
 def test_stream_infer_answers_every_request_once(triton):
     with sidecar(triton.grpc_url) as sc:
-        client = tc.InferenceServerClient(sc.url)
-        got: list = []
-        done = threading.Event()
-
-        def callback(result, error):
-            got.append((result, error))
-            if len(got) == 20:
-                done.set()
-
-        client.start_stream(callback)
-        sent = {}
-        for i in range(20):
-            x, inputs = emu_input(1, seed=100 + i)
-            sent[f"s{i}"] = x
-            client.async_stream_infer("emulated_gpu", inputs, request_id=f"s{i}")
-        assert done.wait(30)
-        client.stop_stream()
+        sent = {f"s{i}": emu_input(1, seed=100 + i) for i in range(20)}
+        got = stream_all(sc.url, [("emulated_gpu", inputs, rid) for rid, (_, inputs) in sent.items()], 20)
         assert all(e is None for _, e in got)
         ids = [r.get_response().id for r, _ in got]
         assert sorted(ids) == sorted(sent)
         for r, _ in got:
-            np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), 2 * sent[r.get_response().id] + 1)
+            np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), 2 * sent[r.get_response().id][0] + 1)
 
 
 def stream_request(id: str, model: str = "emulated_gpu", seed: int = 0, **params):
@@ -181,27 +186,12 @@ def test_stream_requests_are_gated_into_the_batches_the_policy_chose(slow_triton
     """The burst of test_triton_executes_exactly_the_batches_the_policy_chose, on one stream."""
     direct = tc.InferenceServerClient(slow_triton.grpc_url)
     with sidecar(slow_triton.grpc_url, default={"policy": "threshold:4", "max_batch": 8}) as sc:
-        client = tc.InferenceServerClient(sc.url)
         before = executed_batches(direct, "emulated_gpu")
-        got: list = []
-        done = threading.Event()
-
-        def callback(result, error):
-            got.append((result, error))
-            if len(got) == 12:
-                done.set()
-
-        client.start_stream(callback)
-        sent = {}
-        for i in range(12):
-            x, inputs = emu_input(1, seed=200 + i)
-            sent[f"g{i}"] = x
-            client.async_stream_infer("emulated_gpu", inputs, request_id=f"g{i}")
-        assert done.wait(30)
-        client.stop_stream()
+        sent = {f"g{i}": emu_input(1, seed=200 + i) for i in range(12)}
+        got = stream_all(sc.url, [("emulated_gpu", inputs, rid) for rid, (_, inputs) in sent.items()], 12)
         assert all(e is None for _, e in got), [e for _, e in got if e is not None]
         for r, _ in got:
-            np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), 2 * sent[r.get_response().id] + 1)
+            np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), 2 * sent[r.get_response().id][0] + 1)
         sizes = sorted(int(r.as_numpy("BATCH_SIZE")[0, 0]) for r, _ in got)
         settle(sc)
         state = sc.sidecar.models()[("emulated_gpu", "")]
