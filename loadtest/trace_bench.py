@@ -161,10 +161,10 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                     target = sidecar.url
                     if sidecar.control_url:
                         # every gate is polled alike, so the trail plot's status reads cost the fixed
-                        # gate what they cost the adaptive one; only the adaptive gate's are kept
+                        # gate what they cost the adaptive one; only the (scaled) adaptive gate's are kept
                         poller = threading.Thread(target=_poll_status, daemon=True,
                                                   args=(sidecar.control_url, cfg.model, time.monotonic(), stop,
-                                                        trail if c.adaptive else []))
+                                                        trail if c.name == TRAILED else []))
                         poller.start()
                 res = run_open_loop(target, cfg.model, times, timeout_s=cfg.request_timeout_s,
                                     required=(times >= lo) & (times < hi), drain_grace_s=1.0,
@@ -227,6 +227,10 @@ def plot_trail(times: np.ndarray, trail: list[StatusSample], path: Path, window_
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+TRAILED = "gate smdp adaptive"
+"""The contender whose rate estimate and policy are plotted over time (one run: trails do not mix)."""
 
 
 def trace_times(path: Path, mean_rate: float, limit: int | None) -> np.ndarray:
