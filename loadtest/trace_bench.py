@@ -260,12 +260,50 @@ def summary_lines(report: BenchReport) -> list[str]:
     return lines
 
 
+def repeat_summary(costs: dict[str, list[float]], reference: str = TRAILED) -> list[str]:
+    """Per contender, J over the repeats (mean, min-max), and against ``reference`` the paired
+    difference per repeat: a comparison the run-to-run drift of one contender cannot fake.
+
+    ``costs``: contender -> J (seconds) per repeat, in repeat order.
+    """
+    lines = [f"{'contender':<32} {'J mean ms':>10} {'min':>8} {'max':>8}  repeats"]
+    for name, js in costs.items():
+        a = np.array(js, dtype=float) * 1e3
+        lines.append(f"{name:<32} {a.mean():10.2f} {a.min():8.2f} {a.max():8.2f}  {len(a)}")
+    ref = costs.get(reference)
+    if ref is None:
+        return lines
+    for name, js in costs.items():
+        if name == reference:
+            continue
+        d = (np.array(ref, dtype=float) - np.array(js, dtype=float)) / np.array(js, dtype=float) * 100
+        lower = int(np.sum(d < 0))
+        lines.append(f"{reference} vs {name}: J {d.mean():+.1f}% on average (per repeat {', '.join(f'{x:+.1f}' for x in d)}%), "
+                     f"lower in {lower} of {d.size}")
+    return lines
+
+
 def main_trace_bench(cfg: BenchConfig, trace_path: Path, mean_rate: float, limit: int | None,
-                     triton_url: str | None, progress: Progress, follow: FollowSettings = FollowSettings()) -> int:
+                     triton_url: str | None, progress: Progress, follow: FollowSettings = FollowSettings(),
+                     repeat: int = 1) -> int:
+    """``repeat`` > 1: the contender list is run that many times, in reverse order every other time
+    (a contender's place in a run moves its J by a few percent), and J is summarised over the
+    repeats; the tables and plots are those of the first repeat."""
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat!r}")
     times = trace_times(trace_path, mean_rate, limit)
     span = float(times[-1])
     cfg = replace(cfg, duration_s=max(span - cfg.warmup_s - cfg.cooldown_s, 1.0))
     report, trail = run_trace_bench(cfg, times, triton_url, progress, follow)
+    costs: dict[str, list[float]] = {r.contender: [r.measured.cost] for r in report.rows}
+    failed = sum(r.measured.failed for r in report.rows)
+    for k in range(1, repeat):
+        order = tuple(reversed(cfg.contenders)) if k % 2 else cfg.contenders
+        progress(f"repeat {k + 1} of {repeat}: {', '.join(c.name for c in order)}")
+        again, _ = run_trace_bench(replace(cfg, contenders=order), times, triton_url, progress, follow)
+        for r in again.rows:
+            costs[r.contender].append(r.measured.cost)
+        failed += sum(r.measured.failed for r in again.rows)
     report = write_outputs(report)
     files = list(report.files) + [plot_trail(times, trail, cfg.out_dir / "adaptive_trail.png")]
     print()
@@ -273,9 +311,17 @@ def main_trace_bench(cfg: BenchConfig, trace_path: Path, mean_rate: float, limit
     print("(predictions assume Poisson arrivals at the trace's mean rate: a reference only)")
     for line in summary_lines(report):
         print(line)
+    if repeat > 1:
+        print()
+        print(f"over {repeat} repeats (order reversed every other one):")
+        lines = repeat_summary(costs)
+        for line in lines:
+            print(line)
+        path = cfg.out_dir / "repeats.txt"
+        path.write_text("\n".join(lines) + "\n")
+        files.append(path)
     for f in files:
         print(f"wrote {f}")
-    failed = sum(r.measured.failed for r in report.rows)
     if failed:  # as ``smdp bench``: a run with failed requests is not a clean result
         print(f"smdp trace-bench: {failed} request(s) failed; see bench.json for the errors", file=sys.stderr)
         return 1
@@ -304,6 +350,9 @@ def add_trace_bench_command(sub) -> None:
                    help="replace the contender list: triton:DELAY_US, gate:smdp, gate:smdp-adaptive, "
                    "gate:smdp-adaptive-unscaled (re-solves with w as is), config:smdp, config:smdp-adaptive "
                    "(default: the --delays-us delays, both SMDP gates and both config modes)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the contender list this many times, reversing its order every other time, and "
+                   "summarise J over the repeats (default: %(default)s)")
     p.add_argument("--weight", type=float, default=1e-3, help="w, seconds per watt (default: %(default)s)")
     p.add_argument("--time-scale", type=float, default=10.0, help="emulated GPU this much slower (default: %(default)s)")
     p.add_argument("--idle-power", type=float, default=40.0, help="P0, watts (default: %(default)s)")
@@ -346,7 +395,7 @@ def _cmd(args) -> int:
                           solver=None if args.solver in ("none", "") else args.solver,
                           data_plane=args.data_plane)
         return main_trace_bench(cfg, args.trace, args.rate, args.limit or None, args.triton, say,
-                                FollowSettings(window_s=float(args.rate_window)))
+                                FollowSettings(window_s=float(args.rate_window)), repeat=args.repeat)
     except (TritonUnavailable, TritonStartError) as exc:
         print(f"smdp trace-bench: Triton is not available: {exc}", file=sys.stderr)
         return 1

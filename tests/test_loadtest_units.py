@@ -356,3 +356,20 @@ def test_trace_bench_exits_1_when_requests_fail(monkeypatch, tmp_path, capsys):
     ok = BenchReport(cfg, (dc_replace(row, measured=dc_replace(m, failed=0, ok=10), failures={}),), 8, "note")
     monkeypatch.setattr(tb, "run_trace_bench", lambda *a, **k: (ok, []))
     assert tb.main_trace_bench(cfg, tmp_path / "t.csv", 100.0, None, None, lambda _m: None) == 0
+
+
+def test_repeat_summary_pairs_each_repeat_against_the_adaptive_gate():
+    from loadtest.trace_bench import repeat_summary
+
+    costs = {"gate smdp": [0.200, 0.210, 0.205], "gate smdp adaptive": [0.204, 0.200, 0.207],
+             "triton delay=0ms": [0.220, 0.215, 0.218]}
+    lines = repeat_summary(costs)
+    table = {line[:32].strip(): line[32:].split() for line in lines[1:4]}
+    assert table["gate smdp"] == ["205.00", "200.00", "210.00", "3"]  # mean, min, max, repeats
+    assert table["gate smdp adaptive"] == ["203.67", "200.00", "207.00", "3"]
+    vs_fixed = next(line for line in lines if line.startswith("gate smdp adaptive vs gate smdp:"))
+    # per repeat: +2.0%, -4.8%, +1.0%; lower in one of three
+    assert "+2.0, -4.8, +1.0" in vs_fixed and "lower in 1 of 3" in vs_fixed
+    vs_triton = next(line for line in lines if "vs triton" in line)
+    assert "lower in 3 of 3" in vs_triton
+    assert len(repeat_summary({"gate smdp": [0.2]})) == 2  # no adaptive gate: the table only
