@@ -127,15 +127,22 @@ class Output {
 Output g_out;
 void Emit(std::string line) { g_out.Push(std::move(line)); }
 
-// The caller's metadata (and, unless told otherwise, its deadline) on the call to Triton.
-void CopyMetadata(const grpc::ServerContextBase& from, grpc::ClientContext* to, bool deadline = true) {
+// The caller's metadata that is forwarded to Triton (not the transport's own keys).
+std::vector<std::pair<std::string, std::string>> ForwardedMetadata(const grpc::ServerContextBase& from) {
+  std::vector<std::pair<std::string, std::string>> out;
   for (const auto& [k, v] : from.client_metadata()) {
     std::string key(k.data(), k.size());
     if (key.empty() || key[0] == ':' || key.rfind("grpc-", 0) == 0 || key == "user-agent" || key == "te" ||
         key == "content-type")
       continue;
-    to->AddMetadata(key, std::string(v.data(), v.size()));
+    out.emplace_back(std::move(key), std::string(v.data(), v.size()));
   }
+  return out;
+}
+
+// The caller's metadata (and, unless told otherwise, its deadline) on the call to Triton.
+void CopyMetadata(const grpc::ServerContextBase& from, grpc::ClientContext* to, bool deadline = true) {
+  for (auto& [k, v] : ForwardedMetadata(from)) to->AddMetadata(k, v);
   if (deadline && from.deadline() != std::chrono::system_clock::time_point::max()) to->set_deadline(from.deadline());
 }
 
@@ -320,7 +327,6 @@ class StreamCall : public grpc::ServerGenericBidiReactor {
 
   Service* svc_;
   grpc::GenericStub* stub_;
-  grpc::GenericCallbackServerContext* ctx_;  // valid until OnDone only
   std::vector<std::pair<std::string, std::string>> metadata_;  // the caller's, for calls to Triton
   std::chrono::system_clock::time_point deadline_;
   std::atomic<int> refs_{1};
@@ -855,15 +861,11 @@ grpc::ByteBuffer StreamError(const inference::ModelInferRequest& req, const std:
 }
 
 StreamCall::StreamCall(Service* svc, grpc::GenericStub* stub, grpc::GenericCallbackServerContext* ctx)
-    : svc_(svc), stub_(stub), ctx_(ctx), deadline_(ctx->deadline()), up_(this) {
-  // the metadata CopyMetadata would forward, kept for members served after this reactor is done
-  for (const auto& [k, v] : ctx->client_metadata()) {
-    std::string key(k.data(), k.size());
-    if (key.empty() || key[0] == ':' || key.rfind("grpc-", 0) == 0 || key == "user-agent" || key == "te" ||
-        key == "content-type")
-      continue;
-    metadata_.emplace_back(key, std::string(v.data(), v.size()));
-  }
+    : svc_(svc),
+      stub_(stub),
+      metadata_(ForwardedMetadata(*ctx)),  // kept for members served after this reactor is done
+      deadline_(ctx->deadline()),
+      up_(this) {
   StartRead(&in_);
 }
 
