@@ -427,6 +427,20 @@ class PolicyController:
                 self._rebase = True
                 return est.rate
             return None
+        if rate.reference is not None and rate.changed(now) and rate.alarm == "down":  # (a silence counts)
+            # A drop, not yet settled. The settling wait guards against solving for an overstated
+            # rise; after a drop it would keep a policy that waits for the old rate's batches while
+            # requests trickle in (each held up to the max-wait guard) for as long as the new regime
+            # takes to show ``settle_arrivals`` arrivals: seconds to minutes at a low rate. Solve at
+            # once for the upper bound of the new regime's rate instead: a drop no deeper than the
+            # evidence shows, and still far less waiting than the old rate's policy. Later evidence
+            # moves it further (the detector is rebased on that bound).
+            est = rate.estimate(now)
+            # (in a silence there is nobody to serve: the first arrival after it asks for the solve)
+            if est.n >= 1 and est.hi < rate.reference / rate.change_ratio:
+                self._rate_lo = est.lo
+                self._rebase = True
+                return est.hi
         if self._dirty and (self.current is not None or self._initial_rate is not None):
             rate_rps = self.current.rate_rps if self.current is not None else self._initial_rate
             self._rate_lo = rate_rps  # a configured or already-solved rate: taken as exact

@@ -467,3 +467,31 @@ def test_a_resolve_for_a_new_weight_before_the_alarm_keeps_the_evidence_gathered
         assert c.rate.alarm == "up"
 
     asyncio.run(go())
+
+
+def test_a_drop_is_solved_for_at_once_for_the_upper_bound_of_the_new_rate(prior):
+    """After a rise the estimator waits for 100 arrivals of the new regime (the first ones overstate
+    it); after a drop that wait would keep the busy policy, waiting for its batches, while requests
+    trickle in. The drop is solved for at once, for the upper end of what the evidence allows."""
+
+    async def go():
+        clock = Clock()
+        c, _ = controller(prior, clock)
+        await _run_tick(c, clock.t)
+        _step_to(c, clock, 3 * RATE, 6000)  # busy: 3000/s for 2 s
+        await _run_tick(c, clock.t)
+        busy = c.current
+        assert busy.rate_rps == pytest.approx(3 * RATE, rel=0.1)
+        _step_to(c, clock, 10.0, 8)  # then 10/s: 8 arrivals in 0.8 s, far fewer than 100
+        assert c.rate.alarm == "down" and not c.rate.ready(clock.t)
+        await _run_tick(c, clock.t)
+        drop = c.current
+        assert drop is not busy
+        assert 10.0 < drop.rate_rps < 60.0  # the interval's upper end over 8 arrivals, not the old 3000/s
+        assert drop.mean_batch < busy.mean_batch
+        # more of the low rate: the detector, rebased on that bound, moves the policy down further
+        _step_to(c, clock, 10.0, 60)
+        await _run_tick(c, clock.t)
+        assert c.current.rate_rps < drop.rate_rps
+
+    asyncio.run(go())
