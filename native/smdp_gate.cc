@@ -388,14 +388,6 @@ class Service : public grpc::CallbackGenericService {
     return out;
   }
 
-  // Whether requests for `name` are gated now (a stream relays the others upstream).
-  bool Gated(const std::string& name) {
-    ModelState* ms = Find(name);
-    if (ms == nullptr) return false;
-    std::lock_guard<std::mutex> lock(ms->mu);
-    return static_cast<bool>(ms->gate);
-  }
-
   // Whether to report `seen NAME` for an ungated model now: once a second per name, so the control
   // plane retries a failed config read. Bounded: forgotten wholesale when full (a report too many).
   bool SeenDue(const std::string& name, double now) {
@@ -407,8 +399,10 @@ class Service : public grpc::CallbackGenericService {
     return true;
   }
 
-  // A parsed request arrives: relay it (no policy) or queue it and make the decisions due.
-  void Admit(Member* call) {
+  // A parsed request arrives: queue it and make the decisions due. False when its model has no
+  // gate (the control plane hears of it, `seen`): the caller relays it as it should go ungated, a
+  // unary call alone (RelayAlone), a stream's request on the stream's upstream stream.
+  bool Admit(Member* call) {
     const std::string& name = call->req_.model_name();
     ModelState* ms = Find(name);
     call->model_ = ms;
@@ -418,15 +412,14 @@ class Service : public grpc::CallbackGenericService {
     if (ms == nullptr || !ms->gate) {
       if (lock) lock.unlock();
       if (SeenDue(name, now)) Emit("seen " + name);
-      RelayAlone(call);
-      return;
+      return false;
     }
     std::string error;
     if (!ReadParameters(call, *ms, now, &error)) {
       ++ms->invalid;
       lock.unlock();
       call->Reply(nullptr, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, error));
-      return;
+      return true;
     }
     if (!ms->gate->Submit(&call->pending_)) {
       int q = ms->gate->queue_length();
@@ -434,12 +427,27 @@ class Service : public grpc::CallbackGenericService {
       call->Reply(nullptr, grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                                         "smdp gate: queue for model '" + ms->name + "' is full (" +
                                             std::to_string(q) + " requests waiting)"));
-      return;
+      return true;
     }
     ms->arrivals.push_back(now);  // accepted arrivals only, as the Python gate reports them
     Step<Member*> step = PollLocked(ms, now);
     lock.unlock();  // the step is carried out outside the model's lock
     Carry(ms, std::move(step));
+    return true;
+  }
+
+  // A request sent to Triton as it came, ungated; answered like a batch of one.
+  void RelayAlone(Member* call) {
+    auto* b = new Batch();
+    b->model = nullptr;
+    b->members.push_back(call);
+    b->start = Now();
+    b->rows = 1;
+    b->request = call->in_;
+    call->AddMetadataTo(&b->ctx);
+    if (call->Deadline() != std::chrono::system_clock::time_point::max()) b->ctx.set_deadline(call->Deadline());
+    infer_stub_.UnaryCall(&b->ctx, kInfer, grpc::StubOptions(), &b->request, &b->response,
+                          [this, b](grpc::Status s) { Done(b, s); });
   }
 
   void Cancelled(Member* call) {
@@ -651,19 +659,6 @@ class Service : public grpc::CallbackGenericService {
     for (auto& members : step.batches) Send(members.front()->payload->batch_);
   }
 
-  void RelayAlone(Member* call) {
-    auto* b = new Batch();
-    b->model = nullptr;
-    b->members.push_back(call);
-    b->start = Now();
-    b->rows = 1;
-    b->request = call->in_;
-    call->AddMetadataTo(&b->ctx);
-    if (call->Deadline() != std::chrono::system_clock::time_point::max()) b->ctx.set_deadline(call->Deadline());
-    infer_stub_.UnaryCall(&b->ctx, kInfer, grpc::StubOptions(), &b->request, &b->response,
-                          [this, b](grpc::Status s) { Done(b, s); });
-  }
-
   void Send(Batch* b) {
     Member* head = b->members.front();
     ModelState* ms = b->model;
@@ -691,17 +686,16 @@ class Service : public grpc::CallbackGenericService {
       // A client's own priority is forwarded (the most urgent among the members); otherwise the gate's.
       int level = -1;
       double latest = 0;
-      bool all_timeouts = true;
+      bool all_timeouts = true, any_timeout = false;
       for (auto* c : b->members) {
         if (c->has_priority_ && (level < 0 || c->pending_.priority < level)) level = c->pending_.priority;
         if (c->pending_.deadline == std::numeric_limits<double>::infinity()) all_timeouts = false;
         else latest = std::max(latest, c->pending_.deadline);
+        any_timeout |= c->has_timeout_;
       }
       if (level < 0 && ms->dispatch_priority > 0 && ms->dispatch_priority <= ms->priority_levels)
         level = ms->dispatch_priority;
       if (level > 0) (*out.mutable_parameters())["priority"].set_uint64_param(level);
-      bool any_timeout = false;
-      for (auto* c : b->members) any_timeout |= c->has_timeout_;
       if (all_timeouts && any_timeout)
         (*out.mutable_parameters())["timeout"].set_int64_param(
             std::max<int64_t>(1, static_cast<int64_t>((latest - now) * 1e6)));
@@ -815,7 +809,7 @@ void InferCall::OnReadDone(bool ok) {
     Reply(nullptr, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "malformed ModelInferRequest"));
     return;
   }
-  svc_->Admit(this);
+  if (!svc_->Admit(this)) svc_->RelayAlone(this);
 }
 
 void InferCall::OnCancel() { svc_->Cancelled(this); }
@@ -879,24 +873,29 @@ void StreamCall::OnReadDone(bool ok) {
     Pump();
     return;
   }
-  grpc::ByteBuffer msg(in_);
   auto* m = new StreamMember(this);
-  m->in_ = msg;
-  grpc::ByteBuffer copy(msg);  // Deserialize consumes its buffer
+  m->in_ = in_;
+  grpc::ByteBuffer copy(in_);  // Deserialize consumes its buffer
   if (!grpc::SerializationTraits<inference::ModelInferRequest>::Deserialize(&copy, &m->req_).ok()) {
     Write(StreamError(m->req_, "malformed ModelInferRequest"));
     delete m;
-  } else if (svc_->Gated(m->req_.model_name())) {
+  } else {
     refs_.fetch_add(1);  // released when the member's answer is queued (Deliver)
     {
       std::lock_guard<std::mutex> lock(mu_);
       members_.insert(m);
     }
-    svc_->Admit(m);  // may answer at once (a bad parameter, a full queue)
-  } else {
-    if (svc_->SeenDue(m->req_.model_name(), Now())) Emit("seen " + m->req_.model_name());
-    delete m;
-    SendUp(msg);
+    if (!svc_->Admit(m)) {  // no gate for its model: relayed upstream (Admit may also answer at once)
+      grpc::ByteBuffer msg(m->in_);
+      {
+        std::lock_guard<std::recursive_mutex> keep(members_mu_);
+        std::lock_guard<std::mutex> lock(mu_);
+        members_.erase(m);
+        delete m;
+      }
+      refs_.fetch_sub(1);  // never the last: this reactor holds one
+      SendUp(msg);
+    }
   }
   // The next read, unless the stream finished meanwhile: a read must never start after Finish, so a
   // Finish decided while this read is being started is left to this thread (`finish_deferred_`).

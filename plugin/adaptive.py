@@ -197,8 +197,6 @@ class PolicyController:
         """The long-run mean rate that scales the weight (see the module doc); None: w as is."""
         self.current: Solution | None = None
         self._rate_lo = 0.0
-        self._rebase = True
-        """Whether the solve ``due`` asked for rebases the rate detector on its rate (see ``due``)."""
         """Lower confidence bound of the rate the next solve is for (an overload must be significant)."""
         self.version = 0
         self.installed_at = clock()
@@ -394,14 +392,15 @@ class PolicyController:
         self._dirty = True
 
     # -- the loop ----------------------------------------------------------------------------
-    def due(self, now: float) -> float | None:
-        """The rate to solve for now, or None when the policy in force still fits.
+    def due(self, now: float) -> tuple[float, bool] | None:
+        """The rate to solve for now and whether that solve rebases the change detector on it, or
+        None when the policy in force still fits.
 
-        Also decides whether that solve rebases the change detector (``_rebase``): only a solve for
-        the estimator's own reading of the rate does. A solve asked for something else (a new weight
-        or latency target, a learned profile) while a rate step is under way must not wipe the
-        CUSUM's evidence, or its alarm when the new regime has not shown enough arrivals yet: that
-        would leave the step unnoticed until the detector found it again from scratch.
+        Only a solve for the estimator's own reading of the rate rebases it. A solve asked for
+        something else (a new weight or latency target, a learned profile) while a rate step is
+        under way must not wipe the CUSUM's evidence, or its alarm when the new regime has not shown
+        enough arrivals yet: that would leave the step unnoticed until the detector found it again
+        from scratch.
         """
         if self._task is not None and not self._task.done():
             return None
@@ -413,8 +412,7 @@ class PolicyController:
             self._rate_lo = est.lo
             moved = rate.changed(now) or not self.solver_reachable
             if self._dirty or moved:
-                self._rebase = moved or rate.reference is None
-                return est.rate
+                return est.rate, moved or rate.reference is None
             # Slow drifts smaller than the detector's ratio: a periodic look, long enough after the
             # last solve that it never races the detector after a step.
             ref = self.current.rate_rps if self.current is not None else None
@@ -424,8 +422,7 @@ class PolicyController:
                 and abs(est.rate - ref) > self.drift_tolerance * ref
                 and not est.contains(ref)
             ):
-                self._rebase = True
-                return est.rate
+                return est.rate, True
             return None
         if rate.reference is not None and rate.changed(now) and rate.alarm == "down":  # (a silence counts)
             # A drop, not yet settled. The settling wait guards against solving for an overstated
@@ -439,25 +436,24 @@ class PolicyController:
             # (in a silence there is nobody to serve: the first arrival after it asks for the solve)
             if est.n >= 1 and est.hi < rate.reference / rate.change_ratio:
                 self._rate_lo = est.lo
-                self._rebase = True
-                return est.hi
+                return est.hi, True
         if self._dirty and (self.current is not None or self._initial_rate is not None):
             rate_rps = self.current.rate_rps if self.current is not None else self._initial_rate
             self._rate_lo = rate_rps  # a configured or already-solved rate: taken as exact
             # the first reference, when there is none; otherwise the detector keeps what it has seen
-            self._rebase = rate.reference is None
-            return rate_rps
+            return rate_rps, rate.reference is None
         return None
 
     def tick(self, now: float) -> asyncio.Task | None:
         """Learn, read telemetry when due, and start a re-solve if one is due; returns its task."""
         self.learn(now)
         self._telemetry_due(now)
-        rate = self.due(now)
-        if rate is None:
+        due = self.due(now)
+        if due is None:
             return None
+        rate, rebase = due
         self._dirty = False
-        self._task = asyncio.get_running_loop().create_task(self._resolve(rate, now, rebase=self._rebase))
+        self._task = asyncio.get_running_loop().create_task(self._resolve(rate, now, rebase=rebase))
         return self._task
 
     async def _resolve(self, rate: float, asked_at: float, *, rebase: bool = True) -> None:
