@@ -35,9 +35,9 @@ import numpy as np
 from scipy import stats
 
 from solver.model import ModelError, ServiceProfile
-from solver.policy import BatchRule, PolicyTable, TimeoutRule
+from solver.policy import BatchRule, MaxWaitGuard, PolicyTable, TimeoutRule
 
-__all__ = ["SimResult", "simulate", "batch_means_ci"]
+__all__ = ["SimResult", "simulate", "simulate_latencies", "batch_means_ci"]
 
 _CI_BATCHES = 30
 
@@ -196,6 +196,62 @@ def _run_table(table: PolicyTable, t: list[float], draw: Callable[[int], float])
     return sizes, starts, durs
 
 
+def _run_table_guard(table: PolicyTable, max_wait_s: float, t: list[float], draw: Callable[[int], float]):
+    """Event loop for a queue-length table under a max-wait guard (``MaxWaitGuard(PolicyTable, g)``).
+
+    The same decisions as the generic loop asking ``MaxWaitGuard.decide`` at every epoch, without
+    the per-arrival calls: while the table waits, the next serving epoch is the earlier of the
+    arrival at which the table serves and the moment the oldest request has waited g (then min(n, B)).
+    """
+    n_total = len(t)
+    big_b = table.max_batch
+    far = table.beyond_batch
+    g = float(max_wait_s)
+    size = max(table.truncation + 2, big_b + 2)
+    acts = table.extended(size).tolist()
+    next_serve = [0] * size
+    nxt = size
+    for n in range(size - 1, -1, -1):
+        if acts[n] > 0:
+            nxt = n
+        next_serve[n] = nxt
+    sizes: list[int] = []
+    starts: list[float] = []
+    durs: list[float] = []
+    now = 0.0
+    head = 0
+    na = 0
+    while head < n_total:
+        if na == head:
+            now = t[head]
+            na = head + 1
+        n = na - head
+        fire = t[head] + g
+        if now >= fire:  # the oldest has already waited g: the guard serves
+            a = n if n < big_b else big_b
+        else:
+            a = acts[n] if n < size else (n if n < far else far)
+            if a == 0:
+                m = next_serve[n]
+                if head + m <= n_total and t[head + m - 1] < fire:
+                    na = head + m
+                    now = t[na - 1]
+                    a = acts[m] if m < size else min(m, far)
+                else:  # the guard fires first (or the stream ends before the table would serve)
+                    now = fire
+                    na = bisect_right(t, now, na)
+                    n = na - head
+                    a = n if n < big_b else big_b
+        s = draw(a)
+        sizes.append(a)
+        starts.append(now)
+        durs.append(s)
+        head += a
+        now += s
+        na = bisect_right(t, now, na)
+    return sizes, starts, durs
+
+
 def _run_timeout(rule: TimeoutRule, t: list[float], draw: Callable[[int], float]):
     """Event loop for Triton's rule: it fires at the earlier of 'oldest waited T' and 'n reaches B'."""
     n_total = len(t)
@@ -290,6 +346,14 @@ def simulate(profile: ServiceProfile, rule: BatchRule, arrivals: np.ndarray, *, 
     ``warmup`` (seconds) drops the requests that arrive before it and the energy spent before it,
     to remove the empty-start transient. ``seed`` fixes the service-time streams.
     """
+    return simulate_latencies(profile, rule, arrivals, idle_power_w=idle_power_w, weight=weight, seed=seed,
+                              warmup=warmup)[0]
+
+
+def simulate_latencies(profile: ServiceProfile, rule: BatchRule, arrivals: np.ndarray, *, idle_power_w: float,
+                       weight: float, seed: int | None = None, warmup: float = 0.0) -> tuple[SimResult, np.ndarray]:
+    """``simulate`` plus the response time of every request that arrived after the warm-up, in
+    arrival order (for latency distributions: quantiles, SLO attainment)."""
     t = _validate(profile, rule, arrivals, idle_power_w, weight, warmup)
     draws = _ServiceDraws(profile, int(rule.max_batch), seed)
     t_list = t.tolist()
@@ -297,6 +361,8 @@ def simulate(profile: ServiceProfile, rule: BatchRule, arrivals: np.ndarray, *, 
         sizes, starts, durs = _run_table(rule, t_list, draws.draw)
     elif type(rule) is TimeoutRule:
         sizes, starts, durs = _run_timeout(rule, t_list, draws.draw)
+    elif type(rule) is MaxWaitGuard and type(rule.rule) is PolicyTable:
+        sizes, starts, durs = _run_table_guard(rule.rule, rule.max_wait_s, t_list, draws.draw)
     else:
         sizes, starts, durs = _run_generic(rule, t_list, draws.draw)
     return _summarise(profile, t, np.asarray(sizes, dtype=np.int64), np.asarray(starts), np.asarray(durs),
@@ -304,7 +370,7 @@ def simulate(profile: ServiceProfile, rule: BatchRule, arrivals: np.ndarray, *, 
 
 
 def _summarise(profile: ServiceProfile, t: np.ndarray, sizes: np.ndarray, starts: np.ndarray, durs: np.ndarray,
-               p0: float, weight: float, warmup: float, big_b: int) -> SimResult:
+               p0: float, weight: float, warmup: float, big_b: int) -> tuple[SimResult, np.ndarray]:
     ends = starts + durs
     completion = np.repeat(ends, sizes)
     latency = completion - t
@@ -348,7 +414,7 @@ def _summarise(profile: ServiceProfile, t: np.ndarray, sizes: np.ndarray, starts
         n_batches=n_batches,
         horizon_s=horizon,
         weight=weight,
-    )
+    ), lat
 
 
 if __name__ == "__main__":  # a quick figure; bench/sim_bench.py has the full benchmark
