@@ -13,7 +13,8 @@ service times are pre-drawn in blocks per batch size, and all latency bookkeepin
 Conventions:
 - FIFO: a batch takes the ``serve`` oldest waiting requests.
 - Decision epochs: when the server becomes free, at each arrival while it is free, and at the
-  ``recheck_after_s`` timer when a rule asks for one.
+  ``recheck_after_s`` timer when a rule asks for one. Requests with the same arrival time are one
+  group (compound Poisson, ``solver.arrivals.compound_poisson``): the decision after it sees all of it.
 - When the arrival stream is exhausted and the rule would wait forever, the rest is served in
   batches of min(n, B) (the drain), so every request completes.
 - Power: a batch of b that runs for s seconds uses busy_power(b) * s joules, busy_power(b) =
@@ -170,9 +171,9 @@ def _run_table(table: PolicyTable, t: list[float], draw: Callable[[int], float])
     head = 0  # first request not yet served
     na = 0  # arrivals with time <= now
     while head < n_total:
-        if na == head:  # empty system: idle until the next arrival
+        if na == head:  # empty system: idle until the next arrival (all of its group)
             now = t[head]
-            na = head + 1
+            na = bisect_right(t, now, head + 1)
         n = na - head
         a = acts[n] if n < size else (n if n < far else far)
         if a == 0:
@@ -180,6 +181,9 @@ def _run_table(table: PolicyTable, t: list[float], draw: Callable[[int], float])
             if head + m <= n_total:
                 na = head + m
                 now = t[na - 1]
+                na = bisect_right(t, now, na)  # a group arrives whole: it may overshoot m
+                if na - head != m:
+                    continue  # decide again at the state the group reached
                 a = acts[m] if m < size else min(m, far)
             else:  # stream exhausted before the policy would serve: drain
                 na = n_total
@@ -266,7 +270,7 @@ def _run_timeout(rule: TimeoutRule, t: list[float], draw: Callable[[int], float]
     while head < n_total:
         if na == head:
             now = t[head]
-            na = head + 1
+            na = bisect_right(t, now, head + 1)
         if na - head < big_b:
             fire = t[head] + timeout
             full = head + big_b - 1
@@ -301,7 +305,7 @@ def _run_generic(rule: BatchRule, t: list[float], draw: Callable[[int], float]):
     while head < n_total:
         if na == head:
             now = t[head]
-            na = head + 1
+            na = bisect_right(t, now, head + 1)
         n = na - head
         d = decide(n, now - t[head])
         a = int(d.serve)
@@ -324,7 +328,7 @@ def _run_generic(rule: BatchRule, t: list[float], draw: Callable[[int], float]):
                     a = n if n < big_b else big_b
                 else:
                     now = nxt_arrival
-                    na += 1
+                    na = bisect_right(t, now, na + 1)  # the whole group arrives at once
                     continue
             else:
                 now = timer
