@@ -46,6 +46,7 @@ import numpy as np
 from scipy import special, stats
 
 from solver import arrivals as arrival_streams
+from solver.arrival_model import Poisson
 from solver.model import BatchingModel, ModelError
 from solver.policy import BatchRule, MaxWaitGuard, PolicyTable, greedy
 from solver.simulate import SimResult, simulate_latencies
@@ -174,6 +175,9 @@ def response_chain(model: BatchingModel, policy: PolicyTable, truncation: int | 
     if model.profile.samples is not None:
         raise ModelError("the exact response-time chain needs deterministic or gamma service; "
                          "use simulated_quantile for an empirical service law")
+    if not isinstance(model.arrivals, Poisson):
+        raise ModelError("the exact response-time chain assumes Poisson arrivals (PASTA); "
+                         f"use simulated_quantile for {type(model.arrivals).__name__} arrivals")
     if policy.max_batch != model.max_batch:
         raise ModelError(f"policy is for max_batch {policy.max_batch}, the model has B = {model.max_batch}")
     B = model.max_batch
@@ -500,6 +504,8 @@ def solve_slo(model: BatchingModel, target: SloTarget, *, method: SearchMethod =
         raise ModelError(f"target must be an SloTarget, got {type(target).__name__}")
     if method not in ("simulation", "exact"):
         raise ModelError(f"method must be 'simulation' or 'exact', got {method!r}")
+    if method == "exact" and not isinstance(model.arrivals, Poisson):
+        raise ModelError("method 'exact' assumes Poisson arrivals; the simulated search takes any arrival model")
     w = model.weight
     if weights is None:
         ladder = sorted({w * f for f in _WEIGHT_STEPS}, reverse=True)
@@ -518,7 +524,7 @@ def solve_slo(model: BatchingModel, target: SloTarget, *, method: SearchMethod =
     n_req = _requests_for(target.quantile) if requests is None else int(requests)
     if n_req < 1000:
         raise ModelError(f"requests must be >= 1000, got {requests!r}")
-    arr = arrival_streams.poisson(model.rate, n=n_req, rng=np.random.default_rng([seed, 12]))
+    arr = arrival_streams.from_model(model.arrivals, model.rate, n_req, rng=np.random.default_rng([seed, 12]))
     warmup = float(arr[min(arr.size - 1, max(100, n_req // 50))])
 
     def judge(weight: float, table: PolicyTable, guard: float | None, exact: tuple[float, float, float] | None

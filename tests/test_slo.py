@@ -192,3 +192,17 @@ def test_cli_refuses_bad_slo(capsys, extra):
     assert main(["solve", "--rate", "1500", *extra]) == 2
     err = capsys.readouterr().err
     assert "error" in err and "Traceback" not in err
+
+
+def test_clumped_arrivals_are_searched_by_simulation_and_refused_by_the_exact_chain():
+    from solver.arrival_model import parse_arrivals
+
+    base = _v100(32, 0.3, 1e-3)
+    clumped = base.with_(arrivals=parse_arrivals("batch:4"))
+    with pytest.raises(ModelError, match="Poisson"):
+        exact_response_cdf(clumped, solve(base).policy, [0.01])
+    target = SloTarget(0.99, 0.03)
+    res = solve_slo(clumped, target)
+    assert res.feasible
+    # groups of 4 arrive together: the tail is worse than for single arrivals at the same rate
+    assert res.chosen.estimate.quantile_s > solve_slo(base, target).chosen.estimate.quantile_s
