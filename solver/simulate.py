@@ -38,7 +38,7 @@ from scipy import stats
 from solver.model import ModelError, ServiceProfile
 from solver.policy import BatchRule, MaxWaitGuard, PolicyTable, TimeoutRule
 
-__all__ = ["SimResult", "simulate", "simulate_latencies", "batch_means_ci"]
+__all__ = ["SimResult", "simulate", "simulate_latencies", "simulate_phased", "batch_means_ci"]
 
 _CI_BATCHES = 30
 
@@ -341,6 +341,57 @@ def _run_generic(rule: BatchRule, t: list[float], draw: Callable[[int], float]):
         now += s
         na = bisect_right(t, now, na)
     return sizes, starts, durs
+
+
+def _run_phased(policy, source, t: list[float], draw: Callable[[int], float]):
+    """Event loop for a phase policy: decide at completions, arrivals while free and phase changes."""
+    n_total = len(t)
+    big_b = int(policy.max_batch)
+    tables = [tb.extended(max(tb.truncation + 2, big_b + 2)).tolist() for tb in policy.tables]
+    sizes: list[int] = []
+    starts: list[float] = []
+    durs: list[float] = []
+    now = 0.0
+    head = 0
+    na = 0
+    while head < n_total:
+        if na == head:
+            now = t[head]
+            na = bisect_right(t, now, head + 1)
+        n = na - head
+        acts = tables[source.phase(now, na)]
+        a = acts[n] if n < len(acts) else min(n, big_b)
+        if a == 0:
+            nxt = t[na] if na < n_total else math.inf
+            change = source.next_change(now, nxt)
+            if change < nxt:
+                now = change
+                continue
+            if math.isinf(nxt):
+                a = n if n < big_b else big_b
+            else:
+                now = nxt
+                na = bisect_right(t, now, na + 1)
+                continue
+        s = draw(a)
+        sizes.append(a)
+        starts.append(now)
+        durs.append(s)
+        head += a
+        now += s
+        na = bisect_right(t, now, na)
+    return sizes, starts, durs
+
+
+def simulate_phased(profile: ServiceProfile, policy, source, arrivals: np.ndarray, *, idle_power_w: float,
+                    weight: float, seed: int | None = None, warmup: float = 0.0) -> SimResult:
+    """Run a phase policy (``solver.mmpp.PhasePolicy``) whose phase comes from ``source``
+    (``solver.phase_filter``: the true path, or the forward filter on these arrival times)."""
+    t = _validate(profile, policy.tables[0], arrivals, idle_power_w, weight, warmup)
+    draws = _ServiceDraws(profile, int(policy.max_batch), seed)
+    sizes, starts, durs = _run_phased(policy, source, t.tolist(), draws.draw)
+    return _summarise(profile, t, np.asarray(sizes, dtype=np.int64), np.asarray(starts), np.asarray(durs),
+                      float(idle_power_w), float(weight), float(warmup), int(policy.max_batch))[0]
 
 
 def simulate(profile: ServiceProfile, rule: BatchRule, arrivals: np.ndarray, *, idle_power_w: float,

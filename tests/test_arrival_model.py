@@ -125,3 +125,73 @@ def test_empirical_groups_simulated_as_given():
     assert set(counts.tolist()) <= {1, 3}
     assert np.mean(counts == 3) == pytest.approx(0.8, abs=0.02)
     assert t.size == 20_000
+
+
+# ---- two-phase MMPP: state (n, phase) ---------------------------------------------------------
+
+from scipy import linalg  # noqa: E402
+
+from solver.mmpp import count_law, evaluate_mmpp, solve_mmpp  # noqa: E402
+from solver.phase_filter import PhaseFilter, TruePhase  # noqa: E402
+from solver.simulate import simulate_phased  # noqa: E402
+
+
+def mmpp_model(process: MMPP2, B: int = 16, weight: float = 2e-4, cv: float = 0.5) -> BatchingModel:
+    prof = ServiceProfile.affine(B, 0.1438e-3 * 4, 1.8874e-3 * 4, 0.04419, 0.1550, cv=cv)
+    return BatchingModel(rate=process.mean_rate, max_batch=B, profile=prof, idle_power_w=40.0, weight=weight,
+                         arrivals=process)
+
+
+def test_mmpp_with_equal_rates_is_poisson():
+    m = mmpp_model(MMPP2((600.0, 600.0), (1.0, 3.0)))
+    res = solve_mmpp(m)
+    plain = solve(m.with_(arrivals=POISSON))
+    assert res.gain == pytest.approx(plain.gain, rel=1e-9)
+    for table in res.policy.tables:
+        size = min(table.actions.size, plain.policy.actions.size)
+        assert np.array_equal(table.actions[:size], plain.policy.actions[:size])
+    assert res.evaluation.phase_time == pytest.approx((0.75, 0.25), abs=1e-9)
+
+
+def test_mmpp_count_law():
+    proc = MMPP2((900.0, 100.0), (2.0, 3.0))
+    m = mmpp_model(proc, B=8, cv=0.0)
+    law = count_law(m)  # [b, i, j, k]
+    tau = m.profile.mean_s
+    k = np.arange(law.shape[3])
+    assert law.sum(axis=(2, 3)) == pytest.approx(np.ones((8, 2)), abs=1e-12)
+    for b in (0, 7):
+        # end phase: the phase chain alone, exp(Q tau)
+        assert law[b].sum(axis=2) == pytest.approx(linalg.expm(proc.generator * tau[b]), abs=1e-12)
+        # mean count from the stationary phase: lambda tau
+        mean = proc.stationary @ (law[b].sum(axis=1) @ k)
+        assert mean == pytest.approx(proc.mean_rate * tau[b], rel=1e-10)
+
+
+def test_mmpp_simulation_agrees_with_exact_evaluation():
+    proc = MMPP2((900.0, 100.0), (2.0, 3.0))
+    m = mmpp_model(proc)
+    res = solve_mmpp(m)
+    assert res.converged
+    assert res.policy.tables[0].actions[:8].tolist() != res.policy.tables[1].actions[:8].tolist()
+    t, sw, ph = arrivals.mmpp2_path(proc, 600_000, rng=11)
+    sim = simulate_phased(m.profile, res.policy, TruePhase(sw, ph), t, idle_power_w=40.0, weight=2e-4,
+                          seed=2, warmup=5.0)
+    assert abs(sim.mean_latency_s - res.mean_latency_s) <= 4 * sim.latency_ci95_s
+    assert abs(sim.mean_power_w - res.mean_power_w) <= 4 * sim.power_ci95_w
+    # a phase-blind table (the Poisson-solved one) evaluated exactly under the MMPP, and simulated
+    blind = solve(m.with_(arrivals=POISSON)).policy
+    ev = evaluate_mmpp(m, blind)
+    assert ev.cost > res.gain  # knowing the phase is worth something here
+    sim_b = simulate(m.profile, blind, t, idle_power_w=40.0, weight=2e-4, seed=2, warmup=5.0)
+    assert abs(sim_b.mean_latency_s - ev.mean_latency_s) <= 4 * sim_b.latency_ci95_s
+
+
+def test_forward_filter_tracks_a_clear_phase():
+    proc = MMPP2((1000.0, 50.0), (1.0, 1.0))
+    t, sw, ph = arrivals.mmpp2_path(proc, 50_000, rng=4)
+    truth, filt = TruePhase(sw, ph), PhaseFilter(proc, t)
+    probe = t[::50]
+    idx = np.searchsorted(t, probe, side="right")
+    agree = np.mean([filt.phase(x, int(i)) == truth.phase(x, int(i)) for x, i in zip(probe, idx)])
+    assert agree > 0.97
