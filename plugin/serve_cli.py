@@ -30,8 +30,9 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--triton-http", dest="triton_http_url",
                    help="host:port of Triton's HTTP endpoint (default: Triton's host, port 8000)")
     p.add_argument("--mode", choices=["merged", "released"], help="how a chosen batch is sent to Triton")
-    p.add_argument("--data-plane", choices=["python", "native"],
-                   help="what carries inference: the Python gate (default) or the C++ smdp-gate (make native)")
+    p.add_argument("--data-plane", choices=["auto", "python", "native"],
+                   help="what carries inference: the C++ smdp-gate (make native), the Python gate, or auto (default: "
+                   "native wherever smdp-gate is found, else python, saying why)")
     p.add_argument("--max-queue", type=int, help="requests that may wait per model (default 1024)")
     p.add_argument("--policy", help="default policy: greedy | smdp | static:B0 | threshold:K | timeout:SECONDS")
     p.add_argument("--profile", help="profile CSV for the smdp policy")
