@@ -102,11 +102,12 @@ class SidecarConfig(BaseModel):
         description="merged: one concatenated request per batch; released: forward the batch's requests "
         "individually at once with a high priority and let Triton's dynamic batcher group them",
     )
-    data_plane: Literal["python", "native"] = Field(
-        "python",
-        description="What carries inference: python = this process's asyncio gate; native = the C++ gate "
-        "smdp-gate (`make native`) on `listen`, with policies, estimation, control and metrics kept here "
-        "(merged mode only; about 1 ms less added latency per request at low load, RESULTS.md section 3)",
+    data_plane: Literal["auto", "python", "native"] = Field(
+        "auto",
+        description="What carries inference: native = the C++ gate smdp-gate (`make native`) on `listen`, with "
+        "policies, estimation, control and metrics kept here (merged mode only; less added latency per request, "
+        "RESULTS.md); python = this process's asyncio gate; auto = native wherever smdp-gate is found, else "
+        "python, saying why at start",
     )
     native_binary: str | None = Field(
         None, description="Path of smdp-gate for the native data plane (default: $SMDP_NATIVE_GATE, "

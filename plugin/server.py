@@ -30,7 +30,7 @@ from .adaptive import PolicyController, learning_options
 from .config import SidecarConfig
 from .gate import ModelGate, Pending, QueueFull
 from .metrics import SidecarMetrics
-from .native_plane import NativeGateView, NativePlane, monotonic_offset
+from .native_plane import NativeGateView, NativePlane, choose_plane, monotonic_offset
 from .merge import MalformedRequest, RequestValidator, merge, merge_key, split
 from .policies import RuleInfo, build_rule
 
@@ -1078,6 +1078,9 @@ class RunningSidecar:
 
 async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
     """Build and start the sidecar server; binds ``config.listen`` (port 0 = a free port) and returns it."""
+    choice = choose_plane(config.data_plane, config.mode, config.native_binary)
+    (log.info if choice.plane == "native" or config.data_plane == "python" else log.warning)("%s", choice.reason)
+    config = config.model_copy(update={"data_plane": choice.plane})
     sidecar = Sidecar(config)
     if config.data_plane == "native":
         try:
