@@ -161,6 +161,14 @@ class SidecarConfig(BaseModel):
         5.0, gt=0, allow_inf_nan=False,
         description="How often Triton's metrics and statistics are read, and measured W and P published, seconds",
     )
+    triton_batcher: Literal["keep", "off"] = Field(
+        "keep",
+        description="Triton's own dynamic batcher for gated models in merged mode: keep = leave the model's config "
+        "as is (a warning at start: Triton 2.51 was seen holding a merged request for its 500 ms idle wait); off = "
+        "with this consent, the sidecar reloads each such model without dynamic_batching through Triton's "
+        "repository API (a config override; needs --model-control-mode=explicit), since the gate forms the "
+        "batches; the gate keeps the priority levels it read first",
+    )
     allow_repository_control: bool = Field(
         False, description="Pass Triton's repository load/unload RPCs through (off: PERMISSION_DENIED)"
     )
