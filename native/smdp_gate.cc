@@ -1134,32 +1134,13 @@ void ControlLoop(Service* svc, int default_max_queue) {
       }
       if (op != "policy") throw std::invalid_argument("unknown command '" + op + "'");
       auto f = Fields(in);
-      Policy p;
-      p.max_batch = IntField(f, "max_batch", 0);
-      p.beyond = IntField(f, "beyond", p.max_batch);
-      int wait_us = IntField(f, "max_wait_us", -1);
-      p.max_wait_s = wait_us < 0 ? -1.0 : wait_us * 1e-6;
-      auto why = f.find("guard_reason");
-      if (why != f.end()) {
-        if (why->second != "timeout" && why->second != "max_wait")
-          throw std::invalid_argument("guard_reason must be timeout or max_wait, got '" + why->second + "'");
-        p.guard_is_timeout = why->second == "timeout";
-        f.erase(why);
-      }
+      Policy p = ParsePolicy(&f);
       int slots = IntField(f, "slots", 1);
       int max_queue = IntField(f, "max_queue", default_max_queue);
       int dflt = IntField(f, "default_priority", 0);
       int levels = IntField(f, "priority_levels", 0);
       int dispatch = IntField(f, "dispatch_priority", 0);
-      auto t = f.find("table");
-      if (t == f.end()) throw std::invalid_argument("policy " + model + ": table= missing");
-      p.table.clear();
-      std::istringstream tin(t->second);
-      std::string a;
-      while (std::getline(tin, a, ',')) p.table.push_back(std::stoi(a));
-      f.erase(t);
       if (!f.empty()) throw std::invalid_argument("policy " + model + ": unknown key '" + f.begin()->first + "'");
-      p.Validate();
       svc->SetPolicy(model, p, slots, max_queue, dflt, levels, dispatch);
       Emit("ok policy " + model);
     } catch (const std::exception& e) {
