@@ -22,7 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from solver.policy import BatchRule, GateRule
 
@@ -54,6 +54,37 @@ def find_binary(explicit: str | os.PathLike | None = None) -> Path:
         "the native data plane needs the smdp-gate binary: build it with `make native` (needs g++, protoc and "
         f"gRPC C++, e.g. Debian's libgrpc++-dev), or point {BINARY_ENV} at it"
     )
+
+
+@dataclass(frozen=True)
+class PlaneChoice:
+    """Which data plane carries inference, and why (said once at start)."""
+
+    plane: Literal["python", "native"]
+    reason: str
+
+
+def choose_plane(data_plane: str, mode: str, native_binary: str | None = None) -> PlaneChoice:
+    """Resolve ``data_plane`` (auto | python | native) to the plane that will run.
+
+    ``auto`` (the default) takes the native gate wherever its binary exists, since it adds the least
+    latency (RESULTS.md); it falls back to the Python gate, saying why and how to get the native one,
+    where the binary is missing or the configuration needs what only the Python plane does
+    (``mode: released``). An explicit choice is taken as is (a missing binary then fails at start).
+    """
+    if data_plane == "python":
+        return PlaneChoice("python", "data_plane: python (as configured)")
+    if data_plane == "native":
+        return PlaneChoice("native", "data_plane: native (as configured)")
+    if data_plane != "auto":
+        raise ValueError(f"data_plane must be auto, python or native, not {data_plane!r}")
+    if mode != "merged":
+        return PlaneChoice("python", f"data_plane auto: the Python gate, since mode {mode} runs on it only")
+    try:
+        binary = find_binary(native_binary)
+    except NativePlaneError as exc:
+        return PlaneChoice("python", f"data_plane auto: the Python gate, since {exc}")
+    return PlaneChoice("native", f"data_plane auto: the native gate ({binary})")
 
 
 def policy_line(

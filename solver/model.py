@@ -15,13 +15,12 @@ from typing import Literal, Mapping, Sequence
 import numpy as np
 from scipy import special, stats
 
+from solver.arrival_model import MMPP2, POISSON, ArrivalModel, CompoundPoisson, Poisson
+from solver.errors import ModelError
+
 ServiceLaw = Literal["deterministic", "gamma", "empirical"]
 SAMPLE_MEAN_RTOL = 1e-6
 """How far ``mean_s`` may sit from the mean of the empirical samples (relative) before it is refused."""
-
-
-class ModelError(ValueError):
-    """A model or profile input is invalid; the message names the bad field and value."""
 
 
 def _finite_positive(name: str, value: float) -> float:
@@ -409,6 +408,9 @@ class BatchingModel:
     """P0: accelerator power while idle, watts."""
     weight: float = 0.0
     """w: latency/power trade-off, seconds per watt (>= 0)."""
+    arrivals: ArrivalModel = POISSON
+    """How requests clump (``solver.arrival_model``): Poisson (default), compound Poisson or a
+    two-phase MMPP; ``rate`` stays the mean request rate (for an MMPP it must equal its mean)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, (int, np.integer)):
@@ -426,6 +428,13 @@ class BatchingModel:
         if not math.isfinite(p0) or p0 < 0:
             raise ModelError(f"idle power must be finite and >= 0 watts, got {self.idle_power_w!r}")
         object.__setattr__(self, "idle_power_w", p0)
+        if not isinstance(self.arrivals, (Poisson, CompoundPoisson, MMPP2)):
+            raise ModelError(f"arrivals must be Poisson, CompoundPoisson or MMPP2, got {type(self.arrivals).__name__}")
+        if isinstance(self.arrivals, MMPP2) and abs(self.arrivals.mean_rate - rate) > 1e-9 * rate:
+            raise ModelError(
+                f"arrival rate {rate:.9g}/s differs from the mean rate of the MMPP {self.arrivals.spec}, "
+                f"{self.arrivals.mean_rate:.9g}/s: give the MMPP's mean rate"
+            )
         if self.profile.max_batch != self.max_batch:
             object.__setattr__(self, "profile", self.profile.truncated(self.max_batch))
         cap = self.capacity

@@ -100,6 +100,29 @@ def test_native_runs_the_merged_mode_only():
     assert SidecarConfig(data_plane="native").data_plane == "native"
 
 
+def test_auto_takes_the_native_gate_where_it_is_found_else_python_and_says_why(monkeypatch, tmp_path):
+    import plugin.native_plane as native_plane
+    from plugin.native_plane import choose_plane
+
+    assert SidecarConfig().data_plane == "auto"
+    gate = tmp_path / "smdp-gate"
+    gate.write_text("#!/bin/sh\n")
+    gate.chmod(0o755)
+    monkeypatch.setenv("SMDP_NATIVE_GATE", str(gate))
+    assert choose_plane("auto", "merged").plane == "native"
+    released = choose_plane("auto", "released")
+    assert released.plane == "python" and "released" in released.reason
+    assert choose_plane("python", "merged").plane == "python"
+    monkeypatch.setenv("SMDP_NATIVE_GATE", str(tmp_path / "nothing"))
+    monkeypatch.setattr(native_plane, "DEFAULT_BINARY", tmp_path / "nothing")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    missing = choose_plane("auto", "merged")
+    assert missing.plane == "python" and "make native" in missing.reason
+    assert choose_plane("native", "merged").plane == "native"  # explicit: fails at start, not here
+    with pytest.raises(ValueError, match="auto, python or native"):
+        choose_plane("fast", "merged")
+
+
 def test_a_missing_binary_says_how_to_build_it(monkeypatch, tmp_path):
     import plugin.native_plane as native_plane
 
