@@ -35,7 +35,9 @@
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/impl/codegen/proto_utils.h>
+#include <grpcpp/impl/codegen/server_callback_handlers.h>
 #include <signal.h>
 #include <time.h>
 
@@ -1149,6 +1151,24 @@ void ControlLoop(Service* svc, int default_max_queue) {
   }
 }
 
+// Reflection lists the services registered by type, and the generic service that carries Triton's
+// protocol is not one. This registers one method of a name no client calls under Triton's service, so
+// that reflection lists "inference.GRPCInferenceService" (its descriptors are linked in); every real
+// method still reaches the generic service, which takes whatever no typed service registered.
+class ReflectionListing : public grpc::Service {
+ public:
+  ReflectionListing() {
+    AddMethod(new grpc::internal::RpcServiceMethod("/inference.GRPCInferenceService/SmdpGateReflectionListing",
+                                                   grpc::internal::RpcMethod::NORMAL_RPC, nullptr));
+    MarkMethodRawCallback(0, new grpc::internal::CallbackUnaryHandler<grpc::ByteBuffer, grpc::ByteBuffer>(
+                                 [](grpc::CallbackServerContext* ctx, const grpc::ByteBuffer*, grpc::ByteBuffer*) {
+                                   auto* reactor = ctx->DefaultReactor();
+                                   reactor->Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED, ""));
+                                   return reactor;
+                                 }));
+  }
+};
+
 int Main(int argc, char** argv) {
   std::string listen = "127.0.0.1:0", upstream;
   int max_queue = 1024;
@@ -1197,11 +1217,15 @@ int Main(int argc, char** argv) {
     });
   };
   grpc::EnableDefaultHealthCheckService(true);
+  // gRPC reflection as the Python plane serves it: Triton's service, health and reflection itself.
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  ReflectionListing listing;
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
   builder.SetMaxReceiveMessageSize(-1);
   builder.SetMaxSendMessageSize(-1);
+  builder.RegisterService(&listing);
   builder.RegisterCallbackGenericService(&svc);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (!server || port == 0) {
