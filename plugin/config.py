@@ -116,6 +116,14 @@ class SidecarConfig(BaseModel):
 
     listen: str = Field("127.0.0.1:8011", description="host:port for the inference API (port 0 = any free)")
     triton_url: str = Field("127.0.0.1:8001", description="host:port of Triton's gRPC endpoint")
+    listen_http: str | None = Field(
+        None,
+        description="host:port for Triton's HTTP/REST API (KServe v2) through the gate: inference joins the same "
+        "per-model queue as gRPC, everything else is relayed to triton_http_url (port 0 = any free); None = off",
+    )
+    triton_http_url: str = Field(
+        "auto", description="host:port of Triton's HTTP endpoint, for the HTTP listener; 'auto' = Triton's host, port 8000"
+    )
     mode: Literal["merged", "released"] = Field(
         "merged",
         description="merged: one concatenated request per batch; released: forward the batch's requests "

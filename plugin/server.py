@@ -1115,10 +1115,15 @@ class RunningSidecar:
     control_port: int | None = None
     metrics_server: Any = None
     metrics_port: int | None = None
+    http: Any = None
+    """The HTTP/REST listener (plugin/http_front.py), when ``listen_http`` is set."""
+    http_port: int | None = None
 
     async def stop(self, grace: float = 1.0) -> None:
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            await self.http.stop()
         if self.control is not None:
             await self.control.stop(grace)
         if self.metrics_server is not None:
@@ -1214,3 +1219,15 @@ async def _start_side_servers(running: RunningSidecar, config: SidecarConfig) ->
             await running.stop(0)
             raise
         log.info("Prometheus metrics on port %d", running.metrics_port)
+    if config.listen_http:
+        from .http_front import start_http_front
+
+        try:
+            if sidecar._native is None:
+                running.http, running.http_port = await start_http_front(config, submit=sidecar.infer)
+            else:
+                running.http, running.http_port = await start_http_front(config, gate_port=running.port)
+        except BaseException:
+            await running.stop(0)
+            raise
+        log.info("HTTP/REST API on port %d", running.http_port)
