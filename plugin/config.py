@@ -97,16 +97,25 @@ class SidecarConfig(BaseModel):
 
     listen: str = Field("127.0.0.1:8011", description="host:port for the inference API (port 0 = any free)")
     triton_url: str = Field("127.0.0.1:8001", description="host:port of Triton's gRPC endpoint")
+    listen_http: str | None = Field(
+        None,
+        description="host:port for Triton's HTTP/REST API (KServe v2) through the gate: inference joins the same "
+        "per-model queue as gRPC, everything else is relayed to triton_http_url (port 0 = any free); None = off",
+    )
+    triton_http_url: str = Field(
+        "auto", description="host:port of Triton's HTTP endpoint, for the HTTP listener; 'auto' = Triton's host, port 8000"
+    )
     mode: Literal["merged", "released"] = Field(
         "merged",
         description="merged: one concatenated request per batch; released: forward the batch's requests "
         "individually at once with a high priority and let Triton's dynamic batcher group them",
     )
-    data_plane: Literal["python", "native"] = Field(
-        "python",
-        description="What carries inference: python = this process's asyncio gate; native = the C++ gate "
-        "smdp-gate (`make native`) on `listen`, with policies, estimation, control and metrics kept here "
-        "(merged mode only; about 1 ms less added latency per request at low load, RESULTS.md section 3)",
+    data_plane: Literal["auto", "python", "native"] = Field(
+        "auto",
+        description="What carries inference: native = the C++ gate smdp-gate (`make native`) on `listen`, with "
+        "policies, estimation, control and metrics kept here (merged mode only; less added latency per request, "
+        "RESULTS.md); python = this process's asyncio gate; auto = native wherever smdp-gate is found, else "
+        "python, saying why at start",
     )
     native_binary: str | None = Field(
         None, description="Path of smdp-gate for the native data plane (default: $SMDP_NATIVE_GATE, "
@@ -159,6 +168,14 @@ class SidecarConfig(BaseModel):
     telemetry_interval_s: float = Field(
         5.0, gt=0, allow_inf_nan=False,
         description="How often Triton's metrics and statistics are read, and measured W and P published, seconds",
+    )
+    triton_batcher: Literal["keep", "off"] = Field(
+        "keep",
+        description="Triton's own dynamic batcher for gated models in merged mode: keep = leave the model's config "
+        "as is (a warning at start: Triton 2.51 was seen holding a merged request for its 500 ms idle wait); off = "
+        "with this consent, the sidecar reloads each such model without dynamic_batching through Triton's "
+        "repository API (a config override; needs --model-control-mode=explicit), since the gate forms the "
+        "batches; the gate keeps the priority levels it read first",
     )
     allow_repository_control: bool = Field(
         False, description="Pass Triton's repository load/unload RPCs through (off: PERMISSION_DENIED)"

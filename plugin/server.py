@@ -30,7 +30,7 @@ from .adaptive import PolicyController, learning_options
 from .config import SidecarConfig
 from .gate import ModelGate, Pending, QueueFull
 from .metrics import SidecarMetrics
-from .native_plane import NativeGateView, NativePlane, monotonic_offset
+from .native_plane import NativeGateView, NativePlane, choose_plane, monotonic_offset
 from .merge import MalformedRequest, RequestValidator, merge, merge_key, split
 from .policies import RuleInfo, build_rule
 
@@ -332,6 +332,8 @@ class Sidecar:
                 raise GateError(grpc.StatusCode.UNAVAILABLE, "Triton is not ready (starting or stopping)") from None
             return None
         cfg = resp.config
+        if self._batcher_to_turn_off(cfg):
+            await self._turn_off_triton_batcher(name, cfg)
         slots = sum(max(g.count, 1) for g in cfg.instance_group) or 1
         dyn = cfg.dynamic_batching
         levels = dyn.priority_levels if cfg.HasField("dynamic_batching") else 0
@@ -370,14 +372,15 @@ class Sidecar:
                 )
             max_rows = info.max_batch
             log.info("gating model %s (B=%d, %d slot(s), policy %s)", name, info.max_batch, slots, info.spec)
-            if self.config.mode == "merged" and cfg.HasField("dynamic_batching"):
+            if self.config.mode == "merged" and cfg.HasField("dynamic_batching") \
+                    and self.config.triton_batcher == "keep":
                 # Seen with Triton 2.51: its batcher, idle between the gate's merged requests, now and then
                 # misses the enqueue and holds a request for its 500 ms default wait. The gate already
                 # forms the batches; Triton's batcher has nothing left to do in merged mode.
                 log.warning(
                     "model %s has dynamic_batching on behind the merged gate: Triton 2.51 was seen holding a "
-                    "request for its 500 ms idle wait now and then; consider removing dynamic_batching "
-                    "from this model's config (the gate forms the batches)", name)
+                    "request for its 500 ms idle wait now and then; set triton_batcher: off to have the sidecar "
+                    "reload it without (the gate forms the batches)", name)
         state = ModelState(
             name=name,
             version=version,
@@ -447,6 +450,40 @@ class Sidecar:
         state.info = RuleInfo(policy, "smdp", policy.max_batch, pred)
         state.gate.set_rule(self._guarded(state.name, policy))
         self._pump(state)
+
+    def _batcher_to_turn_off(self, cfg: model_config_pb2.ModelConfig) -> bool:
+        """A gated model whose Triton batcher the operator asked the sidecar to turn off (merged mode)."""
+        return (self.config.triton_batcher == "off" and self.config.mode == "merged" and cfg.max_batch_size > 0
+                and cfg.HasField("dynamic_batching") and not _ungateable(cfg))
+
+    async def _turn_off_triton_batcher(self, name: str, cfg: model_config_pb2.ModelConfig) -> None:
+        """Reload ``name`` in Triton with its config less ``dynamic_batching`` (a load with a config
+        override, as config mode does): behind the merged gate each request Triton gets is a whole
+        batch, so its batcher only adds its idle-wait stalls. ``cfg`` is left as read, so the gate keeps
+        the priority levels the model declared. Best effort: where Triton refuses (its model control
+        mode is not explicit), the batcher stays on and the log says why."""
+        from google.protobuf import json_format
+
+        override = model_config_pb2.ModelConfig()
+        override.CopyFrom(cfg)
+        override.ClearField("dynamic_batching")
+        request = service_pb2.RepositoryModelLoadRequest(model_name=name)
+        request.parameters["config"].string_param = json_format.MessageToJson(
+            override, preserving_proto_field_name=True, indent=None)
+        load = self._channel.unary_unary(
+            f"/{SERVICE}/RepositoryModelLoad",
+            request_serializer=service_pb2.RepositoryModelLoadRequest.SerializeToString,
+            response_deserializer=service_pb2.RepositoryModelLoadResponse.FromString,
+        )
+        try:
+            await load(request, timeout=self.config.upstream_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("model %s: could not turn Triton's dynamic batcher off (%s: %s); it stays on (Triton must "
+                        "run with --model-control-mode=explicit for the sidecar to reload a model)",
+                        name, exc.code().name, exc.details())
+            return
+        log.info("model %s: Triton's dynamic batcher turned off behind the merged gate (reloaded with a config "
+                 "override, as triton_batcher: off asks)", name)
 
     async def _triton_ready(self) -> bool:
         try:
@@ -1063,10 +1100,15 @@ class RunningSidecar:
     control_port: int | None = None
     metrics_server: Any = None
     metrics_port: int | None = None
+    http: Any = None
+    """The HTTP/REST listener (plugin/http_front.py), when ``listen_http`` is set."""
+    http_port: int | None = None
 
     async def stop(self, grace: float = 1.0) -> None:
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            await self.http.stop()
         if self.control is not None:
             await self.control.stop(grace)
         if self.metrics_server is not None:
@@ -1078,6 +1120,9 @@ class RunningSidecar:
 
 async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
     """Build and start the sidecar server; binds ``config.listen`` (port 0 = a free port) and returns it."""
+    choice = choose_plane(config.data_plane, config.mode, config.native_binary)
+    (log.info if choice.plane == "native" or config.data_plane == "python" else log.warning)("%s", choice.reason)
+    config = config.model_copy(update={"data_plane": choice.plane})
     sidecar = Sidecar(config)
     if config.data_plane == "native":
         try:
@@ -1159,3 +1204,15 @@ async def _start_side_servers(running: RunningSidecar, config: SidecarConfig) ->
             await running.stop(0)
             raise
         log.info("Prometheus metrics on port %d", running.metrics_port)
+    if config.listen_http:
+        from .http_front import start_http_front
+
+        try:
+            if sidecar._native is None:
+                running.http, running.http_port = await start_http_front(config, submit=sidecar.infer)
+            else:
+                running.http, running.http_port = await start_http_front(config, gate_port=running.port)
+        except BaseException:
+            await running.stop(0)
+            raise
+        log.info("HTTP/REST API on port %d", running.http_port)

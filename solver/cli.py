@@ -34,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     solve.add_argument("--json", action="store_true",
                        help="print one JSON object: policy (a(n), n = 0..N), gain, mean_latency_s, mean_power_w, "
                             "throughput_rps, mean_batch, iterations, converged, solve_time_s, truncation, ...")
+    _slo_args(solve)
     solve.set_defaults(func=_cmd_solve)
 
     sim = subparsers.add_parser(
@@ -83,6 +84,55 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from solver.service_cli import add_solver_serve_command
 
     add_solver_serve_command(subparsers)
+
+
+def _slo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--slo-quantile", type=float, default=None,
+                   help="with --slo-latency: pick the least-J policy (table a(n) for some w' <= w, optionally "
+                        "with a max-wait guard) whose predicted Q-quantile of response time is <= D; --json then "
+                        "adds max_wait_s (null: no guard), predicted_quantile_s and slo_feasible (false: no "
+                        "policy meets D, the answer is greedy)")
+    p.add_argument("--slo-latency", type=float, default=None, help="the SLO's latency bound D, seconds")
+
+
+def _slo_target(args: argparse.Namespace):
+    """The SLO asked for on the command line, or None; both flags or neither."""
+    from solver.model import ModelError
+    from solver.slo import SloTarget
+
+    q, d = args.slo_quantile, args.slo_latency
+    if q is None and d is None:
+        return None
+    if q is None or d is None:
+        raise ModelError("--slo-quantile and --slo-latency go together: give both or neither")
+    return SloTarget(q, d)
+
+
+def _cmd_solve_slo(args: argparse.Namespace, model, target) -> int:
+    from solver.slo import solve_slo
+
+    res = solve_slo(model, target)
+    out = res.to_dict()
+    out.update({"profile": str(args.profile), "samples": None if args.samples is None else str(args.samples),
+                "service_law": model.profile.law})
+    if args.json:
+        print(_dump(out))
+        return 0
+    c = res.chosen
+    print(f"SLO policy for lambda = {model.rate:g} req/s (load {model.load:.3f}), w = {model.weight:g} s/W, "
+          f"B = {model.max_batch}: q = {target.quantile:g} of response time <= {target.latency_s * 1e3:g} ms")
+    if res.feasible:
+        guard = "no guard" if c.max_wait_s is None else f"max-wait guard {c.max_wait_s * 1e3:.3f} ms"
+        print(f"  table solved for w' = {c.table_weight:g} s/W, {guard}")
+    else:
+        print("  INFEASIBLE: no policy in the family meets the SLO at this rate; serving greedy (min(n, B) at once)")
+    print(f"  predicted q-quantile {c.estimate.quantile_s * 1e3:.3f} ms (+- {c.estimate.ci95_s * 1e3:.3f}, "
+          f"{c.estimate.method}), attainment {c.estimate.attainment:.4f}")
+    print(f"  predicted W = {c.mean_latency_s * 1e3:.3f} ms, P = {c.mean_power_w:.2f} W, J = {c.cost * 1e3:.4f} ms; "
+          f"{len(res.candidates)} candidates on {res.requests} simulated requests in {res.solve_time_s:.2f} s")
+    for line in _ranges([int(a) for a in c.policy.actions], model.max_batch):
+        print(f"    {line}")
+    return 0
 
 
 def _model_args(p: argparse.ArgumentParser, rate_required: bool) -> None:
@@ -184,6 +234,9 @@ def _ranges(actions: list[int], max_batch: int) -> list[str]:
 @_errors_exit_2
 def _cmd_solve(args: argparse.Namespace) -> int:
     model = _model(args)
+    target = _slo_target(args)
+    if target is not None:
+        return _cmd_solve_slo(args, model, target)
     from solver.smdp import solve
 
     result = solve(model, method=args.method, truncation=args.truncation)

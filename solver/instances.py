@@ -49,6 +49,7 @@ from scipy import sparse
 from scipy.sparse.linalg import splu
 
 from solver import arrivals
+from solver.arrival_model import Poisson
 from solver.model import BatchingModel, ModelError
 from solver.policy import InstanceTable, instance_thresholds
 from solver.result import SolveResult
@@ -127,6 +128,11 @@ class InstanceSolveResult:
         }
 
 
+def _poisson_only(model: BatchingModel) -> None:
+    if not isinstance(model.arrivals, Poisson):
+        raise ModelError(f"k-instance models take Poisson arrivals for now, got {model.arrivals.spec!r}")
+
+
 def _grid(max_batch: int) -> list[int]:
     out = {1, 2, 3}
     x = 4
@@ -154,6 +160,7 @@ def search_thresholds(
     Works for any k, k = 1 included (to compare the family with the exact SMDP)."""
     if isinstance(requests, bool) or not isinstance(requests, (int, np.integer)) or requests < 1000:
         raise ModelError(f"search requests must be an integer >= 1000, got {requests!r}")
+    _poisson_only(model)
     k, B = model.instances, model.max_batch
     arr = arrivals.poisson(model.rate, n=int(requests), rng=seed)
     warm = WARMUP_FRACTION * float(arr[-1])
@@ -269,6 +276,7 @@ def evaluate_instances(
     max_states: int = MAX_STATES,
 ) -> InstanceEvaluation:
     """W, P, J of ``table`` with ``model.instances`` instances from the phase-type CTMC (module doc)."""
+    _poisson_only(model)
     k, B = model.instances, model.max_batch
     if table.instances != k:
         raise ModelError(f"the table has {table.instances} rows (instances), the model has k = {k}")
