@@ -19,6 +19,16 @@ from solver.policy import parse_rule_spec
 ENV_PREFIX = "SMDP_SIDECAR_"
 
 
+class SloConfig(BaseModel):
+    """A tail-latency SLO: the ``quantile`` of response time must be <= ``latency_s``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    quantile: float = Field(0.99, gt=0, lt=1, allow_inf_nan=False,
+                            description="q: the share of requests that must finish within latency_s, in (0, 1)")
+    latency_s: float = Field(..., gt=0, allow_inf_nan=False, description="D: the latency bound, seconds")
+
+
 class ModelPolicyConfig(BaseModel):
     """How one model is gated."""
 
@@ -88,6 +98,13 @@ class ModelPolicyConfig(BaseModel):
         "each size: tau(b) = (n_b mean_b + k base_b) / (n_b + k), batches",
     )
 
+    slo: SloConfig | None = Field(
+        None,
+        description="smdp, adaptive only: a tail-latency SLO {quantile, latency_s}; the policy is then the "
+        "least-J one (J = W + w P at `weight`) predicted to meet it, re-solved as the rate moves, greedy "
+        "(flagged in status and metrics) when none does",
+    )
+
     @field_validator("policy")
     @classmethod
     def _valid_policy(cls, v: str) -> str:
@@ -101,6 +118,8 @@ class ModelPolicyConfig(BaseModel):
                 raise ValueError("policy smdp needs `profile` (the service-time/energy profile CSV)")
             if not self.adaptive and self.rate_rps is None:
                 raise ValueError("a non-adaptive smdp policy needs `rate_rps` (the rate to solve for)")
+        if self.slo is not None and (self.policy != "smdp" or not self.adaptive):
+            raise ValueError("`slo` needs the adaptive smdp policy (policy: smdp, adaptive: true)")
         return self
 
 
@@ -111,6 +130,14 @@ class SidecarConfig(BaseModel):
 
     listen: str = Field("127.0.0.1:8011", description="host:port for the inference API (port 0 = any free)")
     triton_url: str = Field("127.0.0.1:8001", description="host:port of Triton's gRPC endpoint")
+    listen_http: str | None = Field(
+        None,
+        description="host:port for Triton's HTTP/REST API (KServe v2) through the gate: inference joins the same "
+        "per-model queue as gRPC, everything else is relayed to triton_http_url (port 0 = any free); None = off",
+    )
+    triton_http_url: str = Field(
+        "auto", description="host:port of Triton's HTTP endpoint, for the HTTP listener; 'auto' = Triton's host, port 8000"
+    )
     mode: Literal["merged", "released"] = Field(
         "merged",
         description="merged: one concatenated request per batch; released: forward the batch's requests "

@@ -25,6 +25,10 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML file with SidecarConfig fields")
     p.add_argument("--listen", help="host:port for the inference API (default 127.0.0.1:8011; port 0 = free)")
     p.add_argument("--triton", dest="triton_url", help="host:port of Triton's gRPC endpoint (default 127.0.0.1:8001)")
+    p.add_argument("--listen-http", help="host:port for Triton's HTTP/REST API through the gate (default: off; "
+                   "port 0 = free)")
+    p.add_argument("--triton-http", dest="triton_http_url",
+                   help="host:port of Triton's HTTP endpoint (default: Triton's host, port 8000)")
     p.add_argument("--mode", choices=["merged", "released"], help="how a chosen batch is sent to Triton")
     p.add_argument("--data-plane", choices=["auto", "python", "native"],
                    help="what carries inference: the C++ smdp-gate (make native), the Python gate, or auto (default: "
@@ -74,6 +78,8 @@ def _run(args: argparse.Namespace) -> int:
     overrides = {
         "listen": args.listen,
         "triton_url": args.triton_url,
+        "listen_http": args.listen_http,
+        "triton_http_url": args.triton_http_url,
         "mode": args.mode,
         "data_plane": args.data_plane,
         "triton_batcher": args.triton_batcher,

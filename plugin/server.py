@@ -26,10 +26,13 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import model_config_pb2, service_pb2
 
+from solver.policy import MaxWaitGuard
+from solver.slo import SloTarget
+
 from .adaptive import PolicyController, learning_options
 from .config import ModelPolicyConfig, SidecarConfig
 from .gate import ModelGate, Pending, QueueFull
-from .metrics import SidecarMetrics
+from .metrics import SidecarMetrics, latency_buckets_with
 from .native_plane import NativeGateView, NativePlane, choose_plane, monotonic_offset
 from .merge import MalformedRequest, RequestValidator, merge, merge_key, split
 from .policies import RuleInfo, build_rule
@@ -195,7 +198,8 @@ class Sidecar:
         self._tasks: set[asyncio.Task] = set()
         self._validators: dict[tuple[str, str], RequestValidator] = {}
         """Per model: the request checks of its config in force, worked out once per config."""
-        self.metrics = SidecarMetrics()
+        self.metrics = SidecarMetrics(latency_buckets_s=latency_buckets_with(
+            [m.slo.latency_s for m in (config.default, *config.models.values()) if m.slo is not None]))
         self._solver = None
         if config.solver_url:
             from solver.service import AsyncSolverClient
@@ -415,12 +419,16 @@ class Sidecar:
                 metrics=self.metrics,
                 **learning_options(self.config, name),
             )
+            if policy_cfg.slo is not None:
+                state.controller.set_slo(SloTarget(policy_cfg.slo.quantile, policy_cfg.slo.latency_s))
             if old is not None and old.controller is not None:
                 # what the operator set through the control API outlives a changed config
                 if old.controller.latency_target_s is not None:
                     state.controller.set_latency_target(old.controller.latency_target_s)
                 else:
                     state.controller.set_weight(old.controller.weight)
+                if old.controller.slo is not None:
+                    state.controller.set_slo(old.controller.slo)
         return state
 
     def preload_auto_profiles(self) -> None:
@@ -479,7 +487,9 @@ class Sidecar:
         if c is not None and c.current is not None:
             pred = {"mean_latency_s": c.current.mean_latency_s, "mean_power_w": c.current.mean_power_w}
         state.info = RuleInfo(policy, "smdp", policy.max_batch, pred)
-        state.gate.set_rule(self._guarded(state.name, policy))
+        own_wait = c.current.max_wait_s if c is not None and c.current is not None else None
+        rule = policy if own_wait is None else MaxWaitGuard(policy, own_wait)  # an SLO policy's guard
+        state.gate.set_rule(self._guarded(state.name, rule))
         self._pump(state)
 
     def _batcher_to_turn_off(self, cfg: model_config_pb2.ModelConfig) -> bool:
@@ -581,10 +591,13 @@ class Sidecar:
             self.metrics.batch_completed(state.name, rep.rows, elapsed)
             state.stats.answered += rep.size
             code = _STATUS_BY_NUMBER.get(rep.code, grpc.StatusCode.UNKNOWN)
+            answered_at = self._clock()
             for wait in rep.waits:
                 latency = wait + elapsed
                 state.stats.latency_sum_s += latency
                 state.stats.latency_n += 1
+                if state.controller is not None:
+                    state.controller.observe_latency(answered_at, latency)
                 self.metrics.request_answered(state.name, "OK" if rep.code == 0 else code, latency)
             return
         state = self._models.get((args[0], ""))
@@ -718,6 +731,8 @@ class Sidecar:
             latency = self._clock() - now
             state.stats.latency_sum_s += latency
             state.stats.latency_n += 1
+            if state.controller is not None:
+                state.controller.observe_latency(now + latency, latency)
             self.metrics.request_answered(state.name, "OK", latency)
             return response
         except GateError as exc:
@@ -1131,10 +1146,15 @@ class RunningSidecar:
     control_port: int | None = None
     metrics_server: Any = None
     metrics_port: int | None = None
+    http: Any = None
+    """The HTTP/REST listener (plugin/http_front.py), when ``listen_http`` is set."""
+    http_port: int | None = None
 
     async def stop(self, grace: float = 1.0) -> None:
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            await self.http.stop()
         if self.control is not None:
             await self.control.stop(grace)
         if self.metrics_server is not None:
@@ -1231,3 +1251,15 @@ async def _start_side_servers(running: RunningSidecar, config: SidecarConfig) ->
             await running.stop(0)
             raise
         log.info("Prometheus metrics on port %d", running.metrics_port)
+    if config.listen_http:
+        from .http_front import start_http_front
+
+        try:
+            if sidecar._native is None:
+                running.http, running.http_port = await start_http_front(config, submit=sidecar.infer)
+            else:
+                running.http, running.http_port = await start_http_front(config, gate_port=running.port)
+        except BaseException:
+            await running.stop(0)
+            raise
+        log.info("HTTP/REST API on port %d", running.http_port)

@@ -418,6 +418,8 @@ class SloCandidate:
     """J = W + w P at the model's weight w."""
     feasible: bool
     """The upper 95% bound of the q-quantile (the point value for the exact chain) is <= D."""
+    mean_batch: float = math.nan
+    """Requests per batch (the simulation's, or the exact evaluation's for an exact candidate)."""
 
     @property
     def rule(self) -> BatchRule:
@@ -529,22 +531,23 @@ def solve_slo(model: BatchingModel, target: SloTarget, *, method: SearchMethod =
 
     def judge(weight: float, table: PolicyTable, guard: float | None, exact: tuple[float, float, float] | None
               ) -> SloCandidate:
+        """Simulate one candidate on the shared arrivals; ``exact``: (W, P, mean batch) of an unguarded table."""
         rule: BatchRule = table if guard is None else MaxWaitGuard(table, guard)
         est, sim = simulated_quantile(model, rule, target, arr, seed=seed, warmup=warmup)
-        lat_s, pow_w = sim.mean_latency_s, sim.mean_power_w
+        lat_s, pow_w, batch = sim.mean_latency_s, sim.mean_power_w, sim.mean_batch
         if exact is not None:  # unguarded and asked for: the chain's quantile and the exact W, P
             quant, att = _exact_pair(model, table, target)
             est = QuantileEstimate(quant, 0.0, att, "exact")
-            lat_s, pow_w = exact[0], exact[1]
+            lat_s, pow_w, batch = exact
         ok = math.isfinite(est.upper_s) and est.upper_s <= target.latency_s
-        return SloCandidate(weight, guard, table, est, lat_s, pow_w, lat_s + w * pow_w, ok)
+        return SloCandidate(weight, guard, table, est, lat_s, pow_w, lat_s + w * pow_w, ok, batch)
 
     candidates: list[SloCandidate] = []
     warm: PolicyTable | None = None
     for wp in ladder:
         res = solve(model.with_(weight=wp), warm_start=warm)
         warm = res.policy
-        exact = (res.mean_latency_s, res.mean_power_w, res.gain) if method == "exact" else None
+        exact = (res.mean_latency_s, res.mean_power_w, res.mean_batch) if method == "exact" else None
         plain = judge(wp, res.policy, None, exact)
         candidates.append(plain)
         if plain.feasible:
