@@ -51,7 +51,7 @@ from scipy.sparse.linalg import splu
 from solver import arrivals
 from solver.arrival_model import Poisson
 from solver.model import BatchingModel, ModelError
-from solver.policy import InstanceTable, instance_thresholds
+from solver.policy import InstanceTable, PerInstance, instance_thresholds
 from solver.result import SolveResult
 from solver.simulate import SimResult, simulate
 from solver.smdp import solve
@@ -227,6 +227,19 @@ def solve_instances(
         method="threshold-search", model=model, evaluations=sims, solve_time_s=time.perf_counter() - started,
         report=rep,
     )
+
+
+PER_SLOT_NEAR_CAPACITY = 0.95
+"""The one-server solve of ``per_slot_policy`` is capped at this fraction of one instance's capacity
+(the adaptive gate's cap, ``plugin.adaptive.NEAR_CAPACITY``)."""
+
+
+def per_slot_policy(model: BatchingModel, method: str = "pi") -> PerInstance:
+    """What the gate did before k-instance policies: the one-server SMDP policy, solved for the whole
+    rate (capped at 0.95 of one instance's capacity, which the one-server solver needs), applied to
+    every free instance whatever the others do. The baseline the k-instance policy is judged against."""
+    one = model.with_(instances=1, rate=min(model.rate, PER_SLOT_NEAR_CAPACITY * model.capacity / model.instances))
+    return PerInstance(solve(one, method).policy, model.instances)
 
 
 @dataclass(frozen=True)

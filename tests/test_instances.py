@@ -184,3 +184,47 @@ def test_k_instance_solve_beats_greedy_and_reports_k_rows():
     d = res.to_dict()
     assert len(d["policy"]) == 2 and d["instances"] == 2
     assert {"gain", "mean_latency_s", "mean_power_w"} <= d.keys()
+
+
+def _cli_json(capsys, argv: list[str]) -> dict:
+    import json
+
+    from smdp.cli import main
+
+    rc = main(argv)
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    return json.loads(out.out)
+
+
+def test_cli_solve_instances_json_contract(capsys):
+    base = ["solve", "--rate", "9000", "--weight", "1e-4", "--json"]
+    two = _cli_json(capsys, base + ["--instances", "2"])
+    assert two["instances"] == 2 and len(two["policy"]) == 2
+    assert all(len(row) == len(two["policy"][0]) for row in two["policy"])
+    assert {"gain", "mean_latency_s", "mean_power_w"} <= two.keys()
+    assert two["capacity_rps"] > 9000 > two["capacity_rps"] / 2
+    one = _cli_json(capsys, ["solve", "--rate", "3000", "--json"])
+    flat = _cli_json(capsys, ["solve", "--rate", "3000", "--json", "--instances", "1"])
+    assert one == {**flat, "solve_time_s": one["solve_time_s"]}
+    assert one["instances"] == 1 and isinstance(one["policy"][0], int)
+
+
+def test_cli_refuses_a_rate_above_k_instances(capsys):
+    from smdp.cli import main
+
+    assert main(["solve", "--rate", "9000", "--instances", "1"]) == 2
+    assert "at or above capacity" in capsys.readouterr().err
+    assert main(["solve", "--rate", "9000", "--instances", "0"]) == 2
+    assert "instances must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_cli_simulate_and_compare_with_instances(capsys, tmp_path):
+    sim = _cli_json(capsys, ["simulate", "--rate", "9000", "--instances", "2", "--policy", "timeout:0.002",
+                             "--requests", "20000", "--json"])
+    assert sim["instances"] == 2 and sim["throughput_rps"] == pytest.approx(9000, rel=0.05)
+    cmp_ = _cli_json(capsys, ["compare", "--instances", "2", "--loads", "0.7", "--weights", "1e-4",
+                              "--requests", "20000", "--timeouts", "0.002", "--out", str(tmp_path), "--json"])
+    assert cmp_["instances"] == 2
+    names = [r["contender"] for r in cmp_["points"][0]["rows"]]
+    assert names[:3] == ["smdp", "per-slot smdp", "greedy"] and "best timeout" in names
