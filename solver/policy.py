@@ -224,6 +224,111 @@ class MaxWaitGuard:
         return Decision(0, left if d.recheck_after_s is None else min(d.recheck_after_s, left))
 
 
+@runtime_checkable
+class InstanceRule(Protocol):
+    """A batching rule for k instances fed by one queue: it also sees how many are busy."""
+
+    max_batch: int
+    instances: int
+
+    def decide_busy(self, n: int, busy: int, oldest_wait_s: float) -> Decision:
+        """Called when at least one instance is free (busy < instances) and n >= 0 requests wait."""
+        ...
+
+
+@dataclass(frozen=True)
+class InstanceTable:
+    """a(n, m): the batch to start when m of the k instances are busy and n requests wait.
+
+    ``actions[m]`` is the row for m busy (m = 0..k-1), n = 0..N; beyond N serve min(n, B). An
+    instance is free whenever m < k, so the row for m = k does not exist: then nothing can start.
+    With k = 1 this is exactly a ``PolicyTable`` (``row(0)``).
+    """
+
+    actions: np.ndarray
+    max_batch: int
+
+    def __post_init__(self) -> None:
+        a = np.asarray(self.actions, dtype=np.int64).copy()
+        if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] < 1:
+            raise ValueError("instance policy table must be a non-empty 2-d array a[m][n] (k rows)")
+        for m in range(a.shape[0]):
+            PolicyTable(a[m], self.max_batch)  # validates 0 <= a(n, m) <= min(n, B)
+        a.setflags(write=False)
+        object.__setattr__(self, "actions", a)
+        object.__setattr__(self, "max_batch", int(self.max_batch))
+
+    @property
+    def instances(self) -> int:
+        return int(self.actions.shape[0])
+
+    @property
+    def truncation(self) -> int:
+        return int(self.actions.shape[1] - 1)
+
+    def row(self, busy: int) -> PolicyTable:
+        """a(., m) as a one-server table."""
+        return PolicyTable(self.actions[busy], self.max_batch)
+
+    def action(self, n: int, busy: int) -> int:
+        if not 0 <= busy < self.instances:
+            raise ValueError(f"busy instances must be in 0..{self.instances - 1}, got {busy}")
+        if n < self.actions.shape[1]:
+            return int(self.actions[busy, n])
+        return min(n, self.max_batch)
+
+    def decide_busy(self, n: int, busy: int, oldest_wait_s: float = 0.0) -> Decision:
+        return Decision(self.action(n, busy))
+
+    def thresholds(self) -> tuple[int, ...] | None:
+        """Per m, the smallest n at which the row serves, if every row is of control-limit type."""
+        out = []
+        for m in range(self.instances):
+            t = self.row(m).threshold()
+            if t is None:
+                return None
+            out.append(t)
+        return tuple(out)
+
+    def to_lists(self) -> list[list[int]]:
+        return [[int(x) for x in r] for r in self.actions]
+
+
+def instance_thresholds(max_batch: int, thresholds: tuple[int, ...] | list[int]) -> InstanceTable:
+    """Row m waits until n >= thresholds[m], then serves min(n, B); thresholds in 1..B."""
+    if len(thresholds) < 1:
+        raise ValueError("need one threshold per instance (at least one)")
+    for t in thresholds:
+        if isinstance(t, bool) or int(t) != t or not 1 <= t <= max_batch:
+            raise ValueError(f"thresholds must be integers in 1..B={max_batch}, got {list(thresholds)}")
+    n = np.arange(max_batch + 1)
+    rows = [np.where(n >= int(t), np.minimum(n, max_batch), 0) for t in thresholds]
+    return InstanceTable(np.vstack(rows), max_batch)
+
+
+@dataclass(frozen=True)
+class PerInstance:
+    """A one-server rule applied to each free instance as if it were alone (it ignores m).
+
+    This is what the gate did before k-instance policies: each instance slot runs the one-server rule.
+    Triton's dynamic batcher with k instances is ``PerInstance(TimeoutRule(B, delay), k)``.
+    """
+
+    rule: BatchRule
+    instances: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.instances, bool) or int(self.instances) != self.instances or self.instances < 1:
+            raise ValueError(f"instances must be an integer >= 1, got {self.instances!r}")
+
+    @property
+    def max_batch(self) -> int:
+        return self.rule.max_batch
+
+    def decide_busy(self, n: int, busy: int, oldest_wait_s: float) -> Decision:
+        return self.rule.decide(n, oldest_wait_s)
+
+
 GuardReason = Literal["timeout", "max_wait"]
 _GUARD_REASONS: tuple[GuardReason, ...] = ("timeout", "max_wait")
 
