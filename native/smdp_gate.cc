@@ -35,7 +35,9 @@
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/impl/codegen/proto_utils.h>
+#include <grpcpp/impl/codegen/server_callback_handlers.h>
 #include <signal.h>
 #include <time.h>
 
@@ -1134,32 +1136,13 @@ void ControlLoop(Service* svc, int default_max_queue) {
       }
       if (op != "policy") throw std::invalid_argument("unknown command '" + op + "'");
       auto f = Fields(in);
-      Policy p;
-      p.max_batch = IntField(f, "max_batch", 0);
-      p.beyond = IntField(f, "beyond", p.max_batch);
-      int wait_us = IntField(f, "max_wait_us", -1);
-      p.max_wait_s = wait_us < 0 ? -1.0 : wait_us * 1e-6;
-      auto why = f.find("guard_reason");
-      if (why != f.end()) {
-        if (why->second != "timeout" && why->second != "max_wait")
-          throw std::invalid_argument("guard_reason must be timeout or max_wait, got '" + why->second + "'");
-        p.guard_is_timeout = why->second == "timeout";
-        f.erase(why);
-      }
+      Policy p = ParsePolicy(&f);
       int slots = IntField(f, "slots", 1);
       int max_queue = IntField(f, "max_queue", default_max_queue);
       int dflt = IntField(f, "default_priority", 0);
       int levels = IntField(f, "priority_levels", 0);
       int dispatch = IntField(f, "dispatch_priority", 0);
-      auto t = f.find("table");
-      if (t == f.end()) throw std::invalid_argument("policy " + model + ": table= missing");
-      p.table.clear();
-      std::istringstream tin(t->second);
-      std::string a;
-      while (std::getline(tin, a, ',')) p.table.push_back(std::stoi(a));
-      f.erase(t);
       if (!f.empty()) throw std::invalid_argument("policy " + model + ": unknown key '" + f.begin()->first + "'");
-      p.Validate();
       svc->SetPolicy(model, p, slots, max_queue, dflt, levels, dispatch);
       Emit("ok policy " + model);
     } catch (const std::exception& e) {
@@ -1167,6 +1150,24 @@ void ControlLoop(Service* svc, int default_max_queue) {
     }
   }
 }
+
+// Reflection lists the services registered by type, and the generic service that carries Triton's
+// protocol is not one. This registers one method of a name no client calls under Triton's service, so
+// that reflection lists "inference.GRPCInferenceService" (its descriptors are linked in); every real
+// method still reaches the generic service, which takes whatever no typed service registered.
+class ReflectionListing : public grpc::Service {
+ public:
+  ReflectionListing() {
+    AddMethod(new grpc::internal::RpcServiceMethod("/inference.GRPCInferenceService/SmdpGateReflectionListing",
+                                                   grpc::internal::RpcMethod::NORMAL_RPC, nullptr));
+    MarkMethodRawCallback(0, new grpc::internal::CallbackUnaryHandler<grpc::ByteBuffer, grpc::ByteBuffer>(
+                                 [](grpc::CallbackServerContext* ctx, const grpc::ByteBuffer*, grpc::ByteBuffer*) {
+                                   auto* reactor = ctx->DefaultReactor();
+                                   reactor->Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED, ""));
+                                   return reactor;
+                                 }));
+  }
+};
 
 int Main(int argc, char** argv) {
   std::string listen = "127.0.0.1:0", upstream;
@@ -1216,11 +1217,15 @@ int Main(int argc, char** argv) {
     });
   };
   grpc::EnableDefaultHealthCheckService(true);
+  // gRPC reflection as the Python plane serves it: Triton's service, health and reflection itself.
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  ReflectionListing listing;
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
   builder.SetMaxReceiveMessageSize(-1);
   builder.SetMaxSendMessageSize(-1);
+  builder.RegisterService(&listing);
   builder.RegisterCallbackGenericService(&svc);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (!server || port == 0) {

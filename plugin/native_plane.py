@@ -22,9 +22,9 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
-from solver.policy import BatchRule, MaxWaitGuard, PolicyTable, TimeoutRule
+from solver.policy import BatchRule, GateRule
 
 from .gate import GateCounters
 
@@ -56,6 +56,37 @@ def find_binary(explicit: str | os.PathLike | None = None) -> Path:
     )
 
 
+@dataclass(frozen=True)
+class PlaneChoice:
+    """Which data plane carries inference, and why (said once at start)."""
+
+    plane: Literal["python", "native"]
+    reason: str
+
+
+def choose_plane(data_plane: str, mode: str, native_binary: str | None = None) -> PlaneChoice:
+    """Resolve ``data_plane`` (auto | python | native) to the plane that will run.
+
+    ``auto`` (the default) takes the native gate wherever its binary exists, since it adds the least
+    latency (RESULTS.md); it falls back to the Python gate, saying why and how to get the native one,
+    where the binary is missing or the configuration needs what only the Python plane does
+    (``mode: released``). An explicit choice is taken as is (a missing binary then fails at start).
+    """
+    if data_plane == "python":
+        return PlaneChoice("python", "data_plane: python (as configured)")
+    if data_plane == "native":
+        return PlaneChoice("native", "data_plane: native (as configured)")
+    if data_plane != "auto":
+        raise ValueError(f"data_plane must be auto, python or native, not {data_plane!r}")
+    if mode != "merged":
+        return PlaneChoice("python", f"data_plane auto: the Python gate, since mode {mode} runs on it only")
+    try:
+        binary = find_binary(native_binary)
+    except NativePlaneError as exc:
+        return PlaneChoice("python", f"data_plane auto: the Python gate, since {exc}")
+    return PlaneChoice("native", f"data_plane auto: the native gate ({binary})")
+
+
 def policy_line(
     model: str,
     rule: BatchRule,
@@ -68,39 +99,16 @@ def policy_line(
 ) -> str:
     """The gate's ``policy`` command for a rule; raises ValueError for a rule it cannot express.
 
-    Every rule the sidecar builds is a table a(n) with a batch size beyond it, optionally guarded by a
-    maximum wait: a solved or baseline ``PolicyTable`` as it is; Triton's rule ``timeout:X`` as the
-    table 0 below B, B from B on, guarded by X; ``MaxWaitGuard`` adds (or tightens) the guard.
+    The rule travels as its one description, ``GateRule`` (see ``GateRule.of``: a table with a batch
+    size beyond it, optionally guarded by a maximum wait), in ``GateRule.to_line``'s text; the gate's
+    own settings follow.
     """
     if any(c.isspace() for c in model) or not model:
         raise ValueError(f"model name {model!r} cannot be sent to the native gate")
-    guards: list[tuple[float, str]] = []  # (max wait, reason the gate reports when it fires)
-    while isinstance(rule, MaxWaitGuard):
-        guards.append((rule.max_wait_s, "max_wait"))
-        rule = rule.rule
-    if isinstance(rule, TimeoutRule):
-        b = rule.max_batch
-        table, beyond = [0] * b + [b], b
-        guards.append((rule.timeout_s, "timeout"))
-    elif isinstance(rule, PolicyTable):
-        b = rule.max_batch
-        table, beyond = [int(a) for a in rule.actions], rule.beyond_batch
-    else:
-        raise ValueError(f"the native gate cannot run a {type(rule).__name__} rule")
-    fields = [
-        f"max_batch={b}",
-        f"beyond={beyond}",
-        "table=" + ",".join(map(str, table)),
-        f"slots={slots}",
-        f"max_queue={max_queue}",
-        f"default_priority={default_priority}",
-        f"priority_levels={priority_levels}",
-        f"dispatch_priority={dispatch_priority}",
-    ]
-    if guards:
-        wait, why = min(guards)
-        fields += [f"max_wait_us={max(0, round(wait * 1e6))}", f"guard_reason={why}"]
-    return f"policy {model} " + " ".join(fields)
+    return (
+        f"policy {model} {GateRule.of(rule).to_line()} slots={slots} max_queue={max_queue} "
+        f"default_priority={default_priority} priority_levels={priority_levels} dispatch_priority={dispatch_priority}"
+    )
 
 
 @dataclass

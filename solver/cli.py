@@ -32,11 +32,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     solve.add_argument("--method", choices=("pi", "rvi"), default="pi",
                        help="policy iteration (default) or relative value iteration")
     solve.add_argument("--truncation", type=int, default=None, help="largest queue length N (default: automatic)")
+    solve.add_argument("--seed", type=int, default=0,
+                       help="with --instances K > 1: seed of the simulations the threshold search compares on")
     solve.add_argument("--json", action="store_true",
                        help="print one JSON object: policy (a(n), n = 0..N), gain, mean_latency_s, mean_power_w, "
                             "throughput_rps, mean_batch, iterations, converged, solve_time_s, truncation, arrivals "
                             "(the arrival model), ...; under an mmpp also phase_policies (one table per phase; "
                             "policy is phase 1's)")
+    _slo_args(solve)
     solve.set_defaults(func=_cmd_solve)
 
     sim = subparsers.add_parser(
@@ -89,6 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cmp_.add_argument("--seed", type=int, default=0)
     cmp_.add_argument("--out", type=Path, default=Path("out/compare"), help="output folder (default: %(default)s)")
     cmp_.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
+    _instances_arg(cmp_)
     cmp_.set_defaults(func=_cmd_compare)
 
     fit = subparsers.add_parser(
@@ -119,6 +123,55 @@ ARRIVALS_HELP = ("arrival model: poisson (default) | batch:MEAN_GROUP (compound 
                  "the model's rate, so --rate may be left out)")
 
 
+def _slo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--slo-quantile", type=float, default=None,
+                   help="with --slo-latency: pick the least-J policy (table a(n) for some w' <= w, optionally "
+                        "with a max-wait guard) whose predicted Q-quantile of response time is <= D; --json then "
+                        "adds max_wait_s (null: no guard), predicted_quantile_s and slo_feasible (false: no "
+                        "policy meets D, the answer is greedy)")
+    p.add_argument("--slo-latency", type=float, default=None, help="the SLO's latency bound D, seconds")
+
+
+def _slo_target(args: argparse.Namespace):
+    """The SLO asked for on the command line, or None; both flags or neither."""
+    from solver.model import ModelError
+    from solver.slo import SloTarget
+
+    q, d = args.slo_quantile, args.slo_latency
+    if q is None and d is None:
+        return None
+    if q is None or d is None:
+        raise ModelError("--slo-quantile and --slo-latency go together: give both or neither")
+    return SloTarget(q, d)
+
+
+def _cmd_solve_slo(args: argparse.Namespace, model, target) -> int:
+    from solver.slo import solve_slo
+
+    res = solve_slo(model, target)
+    out = res.to_dict()
+    out.update({"profile": str(args.profile), "samples": None if args.samples is None else str(args.samples),
+                "service_law": model.profile.law})
+    if args.json:
+        print(_dump(out))
+        return 0
+    c = res.chosen
+    print(f"SLO policy for lambda = {model.rate:g} req/s (load {model.load:.3f}), w = {model.weight:g} s/W, "
+          f"B = {model.max_batch}: q = {target.quantile:g} of response time <= {target.latency_s * 1e3:g} ms")
+    if res.feasible:
+        guard = "no guard" if c.max_wait_s is None else f"max-wait guard {c.max_wait_s * 1e3:.3f} ms"
+        print(f"  table solved for w' = {c.table_weight:g} s/W, {guard}")
+    else:
+        print("  INFEASIBLE: no policy in the family meets the SLO at this rate; serving greedy (min(n, B) at once)")
+    print(f"  predicted q-quantile {c.estimate.quantile_s * 1e3:.3f} ms (+- {c.estimate.ci95_s * 1e3:.3f}, "
+          f"{c.estimate.method}), attainment {c.estimate.attainment:.4f}")
+    print(f"  predicted W = {c.mean_latency_s * 1e3:.3f} ms, P = {c.mean_power_w:.2f} W, J = {c.cost * 1e3:.4f} ms; "
+          f"{len(res.candidates)} candidates on {res.requests} simulated requests in {res.solve_time_s:.2f} s")
+    for line in _ranges([int(a) for a in c.policy.actions], model.max_batch):
+        print(f"    {line}")
+    return 0
+
+
 def _model_args(p: argparse.ArgumentParser, rate_required: bool) -> None:
     p.add_argument("--profile", type=Path, default=DEFAULT_PROFILE,
                    help="profile CSV batch_size,mean_service_s,batch_energy_j|busy_power_w[,service_cv] "
@@ -131,6 +184,13 @@ def _model_args(p: argparse.ArgumentParser, rate_required: bool) -> None:
     p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="B (default: %(default)s)")
     p.add_argument("--idle-power", type=float, default=DEFAULT_IDLE_POWER_W,
                    help="idle power P0 in watts (default: %(default)s, an assumption)")
+    _instances_arg(p)
+
+
+def _instances_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--instances", type=int, default=1,
+                   help="k model instances fed by one queue (instance_group count x GPUs); capacity is k B/tau(B) "
+                        "and the policy is a table a(n, m) for m busy instances (default: %(default)s)")
 
 
 def _errors_exit_2(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -162,9 +222,13 @@ def _model(args: argparse.Namespace, arrivals_spec: str = "poisson"):
         rate = arrivals.mean_rate
     elif rate is None:
         raise ModelError("--rate is required (except with --arrivals mmpp:..., which fixes the rate)")
+    if arrivals.spec != "poisson" and args.instances > 1:
+        raise ModelError(f"--arrivals {arrivals.spec} with --instances > 1 is not supported: the k-instance "
+                         "solver assumes Poisson arrivals")
     profile = ServiceProfile.from_csv(args.profile, max_batch=args.max_batch, samples=args.samples)
     return BatchingModel(rate=rate, max_batch=args.max_batch, profile=profile,
-                         idle_power_w=args.idle_power, weight=args.weight, arrivals=arrivals)
+                         idle_power_w=args.idle_power, weight=args.weight, instances=args.instances,
+                         arrivals=arrivals)
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -230,6 +294,15 @@ def _cmd_solve(args: argparse.Namespace) -> int:
     from solver.arrival_model import MMPP2
 
     model = _model(args, args.arrivals)
+    target = _slo_target(args)
+    if target is not None:
+        if model.instances > 1:
+            from solver.model import ModelError
+
+            raise ModelError("--slo-quantile/--slo-latency solve one instance; drop --instances or set it to 1")
+        return _cmd_solve_slo(args, model, target)
+    if model.instances > 1:
+        return _solve_instances(args, model)
     if isinstance(model.arrivals, MMPP2):
         return _solve_mmpp(args, model)
     from solver.smdp import solve
@@ -260,6 +333,7 @@ def _cmd_solve(args: argparse.Namespace) -> int:
         "samples": None if args.samples is None else str(args.samples),
         "service_law": model.profile.law,
         "interpolated_batch_sizes": list(model.profile.interpolated),
+        "instances": 1,
         "arrivals": model.arrivals.to_dict(),
     }
     if args.json:
@@ -282,6 +356,34 @@ def _cmd_solve(args: argparse.Namespace) -> int:
     interp = model.profile.interpolated
     if interp:
         print(f"  interpolated batch sizes (not in the profile): {_compress_ints(list(interp))}")
+    return 0
+
+
+def _solve_instances(args: argparse.Namespace, model) -> int:
+    """``smdp solve --instances K`` (K > 1): policy[m][n], m = 0..K-1 busy instances."""
+    from solver.instances import solve_instances
+
+    res = solve_instances(model, seed=args.seed)
+    out = res.to_dict()
+    out.update({
+        "cost": res.gain,
+        "profile": str(args.profile),
+        "samples": None if args.samples is None else str(args.samples),
+        "service_law": model.profile.law,
+        "interpolated_batch_sizes": list(model.profile.interpolated),
+    })
+    if args.json:
+        print(_dump(out))
+        return 0
+    print(f"k-instance policy for lambda = {model.rate:g} req/s, {model.instances} instances (load {model.load:.3f} of "
+          f"capacity {model.capacity:.1f} req/s), w = {model.weight:g} s/W, B = {model.max_batch}, "
+          f"P0 = {model.idle_power_w:g} W per instance")
+    print(f"  threshold search over a(n, m) in {res.solve_time_s:.1f} s, {res.evaluations} simulated candidates")
+    for m in range(model.instances):
+        row = res.policy.actions[m].tolist()
+        print(f"  m = {m} busy: " + "; ".join(_ranges(row, model.max_batch)))
+    print(f"  predicted (fresh simulation) W = {res.mean_latency_s * 1e3:.3f} ms, P = {res.mean_power_w:.2f} W, "
+          f"J = W + w P = {res.gain * 1e3:.4f} ms (+-{res.gain_ci95 * 1e3:.4f}), mean batch {res.mean_batch:.2f}")
     return 0
 
 
@@ -401,7 +503,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from solver import arrivals
     from solver.arrival_model import MMPP2, parse_arrivals
     from solver.model import ModelError
-    from solver.policy import PolicyTable, parse_rule_spec, rule_from_spec
+    from solver.policy import InstanceTable, PerInstance, PolicyTable, parse_rule_spec, rule_from_spec
     from solver.simulate import simulate
 
     if args.requests < 1:
@@ -446,6 +548,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     kind, _ = parse_rule_spec(args.policy)
     if kind != "smdp":
         rule = rule_from_spec(args.policy, model.max_batch)
+        if model.instances > 1:
+            rule = PerInstance(rule, model.instances)
 
     offered = (arr.size - 1) / arr[-1] if arr.size > 1 and arr[-1] > 0 else math.nan
     basis = (f"Poisson arrivals at --rate {model.rate:g} req/s" if model.arrivals.spec == "poisson"
@@ -460,7 +564,15 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                             f"the queue grows over the run and the simulated figures depend on its length")
     predicted: dict[str, Any] | None = None
     phased = None
-    if kind == "smdp" and isinstance(model.arrivals, MMPP2):
+    if kind == "smdp" and model.instances > 1:
+        from solver.instances import solve_instances
+
+        ksol = solve_instances(model, seed=args.seed + 1)
+        rule = ksol.policy
+        basis = f"the k-instance solver's own simulation of Poisson arrivals at --rate {model.rate:g} req/s"
+        predicted = {"mean_latency_s": ksol.mean_latency_s, "mean_power_w": ksol.mean_power_w, "cost": ksol.gain,
+                     "mean_batch": ksol.mean_batch, "thresholds": list(ksol.policy.thresholds() or ())}
+    elif kind == "smdp" and isinstance(model.arrivals, MMPP2):
         from solver.mmpp import solve_mmpp
 
         sol_m = solve_mmpp(model)
@@ -524,17 +636,21 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         out["phase_policies"] = [[int(a) for a in t.actions] for t in phased.tables]
     elif isinstance(rule, PolicyTable):
         out["policy_table"] = [int(a) for a in rule.actions]
+    if isinstance(rule, InstanceTable):
+        out["policy_table"] = rule.to_lists()
+    out["instances"] = model.instances
     if args.json:
         print(_dump(out))
         return 0
     print(f"simulated {args.policy} on {source} arrivals ({res.n_requests:,} requests, {res.n_batches:,} batches, "
-          f"{res.horizon_s:.2f} s), B = {model.max_batch}, w = {model.weight:g} s/W, P0 = {model.idle_power_w:g} W")
+          f"{res.horizon_s:.2f} s), B = {model.max_batch}, w = {model.weight:g} s/W, P0 = {model.idle_power_w:g} W"
+          + (f", {model.instances} instances" if model.instances > 1 else ""))
     print(f"  W mean {res.mean_latency_s * 1e3:.3f} ms (+-{res.latency_ci95_s * 1e3:.3f}), p50 "
           f"{res.p50_latency_s * 1e3:.3f}, p95 {res.p95_latency_s * 1e3:.3f}, p99 {res.p99_latency_s * 1e3:.3f} ms")
     print(f"  P {res.mean_power_w:.2f} W (+-{res.power_ci95_w:.2f}), J = W + w P = {res.cost * 1e3:.4f} ms, "
           f"throughput {res.throughput_rps:.1f} req/s, mean batch {res.mean_batch:.2f}")
     if predicted and "error" not in predicted:
-        print(f"  predicted (exact evaluation, {basis}): W {predicted['mean_latency_s'] * 1e3:.3f} ms, "
+        print(f"  predicted ({'exact evaluation, ' if model.instances == 1 else ''}{basis}): W {predicted['mean_latency_s'] * 1e3:.3f} ms, "
               f"P {predicted['mean_power_w']:.2f} W, J {predicted['cost'] * 1e3:.4f} ms")
     elif predicted:
         print(f"  no prediction: {predicted['error']}")
@@ -555,7 +671,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         profile, args.max_batch, args.idle_power, _floats(args.loads, "--loads"), _floats(args.weights, "--weights"),
         requests=args.requests, seed=args.seed, timeouts_s=timeouts,
         timeout_grid_s=tuple(sorted(set(TIMEOUT_GRID_S) | set(timeouts))), method=args.method,
-        progress=lambda msg: print(msg, file=sys.stderr),
+        progress=lambda msg: print(msg, file=sys.stderr), instances=args.instances,
     )
     paths = result.write(args.out)
     if args.json:
