@@ -33,7 +33,8 @@ from .adaptive import PolicyController, learning_options
 from .config import ModelPolicyConfig, SidecarConfig
 from .gate import ModelGate, Pending, QueueFull
 from .metrics import SidecarMetrics, latency_buckets_with
-from .native_plane import NativeGateView, NativePlane, choose_plane, monotonic_offset
+from .model_names import is_model_name
+from .native_plane import NativeGateView, NativePlane, choose_plane, forget_line, monotonic_offset
 from .merge import MalformedRequest, RequestValidator, merge, merge_key, split
 from .policies import RuleInfo, build_rule
 
@@ -51,6 +52,11 @@ _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    # Triton's errors quote what the client sent (a model name, an input's name): an answer of one
+    # client's request larger than gRPC's default metadata limit (8-16 KiB) must still come back, as
+    # that request's answer, and not as a connection failure under everyone's calls.
+    ("grpc.max_metadata_size", 2**31 - 1),
+    ("grpc.absolute_max_metadata_size", 2**31 - 1),
 ]
 
 
@@ -270,6 +276,8 @@ class Sidecar:
         state = self._models.get(key)
         if state is not None:
             return state
+        if not is_model_name(name):
+            return None  # no repository holds it: Triton's own answer, nothing kept by its name
         until = self._unknown.get(key)
         if until is not None:
             if self._clock() < until:
@@ -647,7 +655,7 @@ class Sidecar:
                     await asyncio.sleep(retry_s)  # Triton away or still starting
                     continue
                 if state is None and self._native is not None:
-                    self._native.send(f"forget {name}")
+                    self._native.send(forget_line(name))
                 return
             if not self._closing:
                 log.warning("model %s did not come back within %.0f s", name, give_up_s)
