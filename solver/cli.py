@@ -663,6 +663,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 @_errors_exit_2
 def _cmd_compare(args: argparse.Namespace) -> int:
     from solver.compare import TIMEOUT_GRID_S, compare
+    from solver.arrival_model import parse_arrivals
     from solver.model import ServiceProfile
 
     profile = ServiceProfile.from_csv(args.profile, max_batch=args.max_batch)
@@ -671,7 +672,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         profile, args.max_batch, args.idle_power, _floats(args.loads, "--loads"), _floats(args.weights, "--weights"),
         requests=args.requests, seed=args.seed, timeouts_s=timeouts,
         timeout_grid_s=tuple(sorted(set(TIMEOUT_GRID_S) | set(timeouts))), method=args.method,
-        progress=lambda msg: print(msg, file=sys.stderr), instances=args.instances,
+        progress=lambda msg: print(msg, file=sys.stderr),
+        arrival_model=parse_arrivals(args.arrivals), instances=args.instances,
     )
     paths = result.write(args.out)
     if args.json:

@@ -111,3 +111,17 @@ def test_simulate_grouped_stream_predicts_and_reports(capsys):
     assert main(["simulate", "--max-batch", "16", "--arrivals", "mmpp:500,50:1,2", "--requests", "20000", "--json"]) == 0
     mm = json.loads(capsys.readouterr().out)
     assert len(mm["phase_policies"]) == 2 and mm["predicted"]["cost"] > 0
+
+
+@pytest.mark.parametrize("spec", ["batch:4", "mmpp:900,100:2,3"])
+def test_compare_with_bursty_arrivals_adds_the_poisson_solved_policy(spec, tmp_path, capsys):
+    argv = ["compare", "--max-batch", "16", "--loads", "0.4", "--weights", "1e-4", "--requests", "6000",
+            "--timeouts", "0.001", "--arrivals", spec, "--out", str(tmp_path), "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["arrivals"] == spec
+    rows = {r["contender"]: r for r in out["points"][0]["rows"]}
+    assert {"smdp", "smdp poisson", "greedy", "best timeout"} <= set(rows)
+    # exact predictions under the bursty model: the arrival-aware policy is predicted no worse
+    assert rows["smdp"]["pred_cost"] <= rows["smdp poisson"]["pred_cost"] * (1 + 1e-9)
+    assert rows["smdp"]["pred_cost"] <= rows["greedy"]["pred_cost"] * (1 + 1e-9)
