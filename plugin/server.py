@@ -35,7 +35,7 @@ from .gate import ModelGate, Pending, QueueFull
 from .metrics import SidecarMetrics, latency_buckets_with
 from .native_plane import NativeGateView, NativePlane, choose_plane, monotonic_offset
 from .merge import MalformedRequest, RequestValidator, merge, merge_key, split
-from .policies import RuleInfo, build_rule
+from .policies import RuleInfo, build_rule, model_instances
 
 log = logging.getLogger("smdp.sidecar")
 
@@ -244,7 +244,7 @@ class Sidecar:
     def _export(self, state: ModelState, now: float) -> None:
         """The slow-moving gauges, once a tick (the per-request counters are updated inline)."""
         m = self.metrics
-        m.set_queue(state.name, state.gate.queue_length, state.gate.in_flight)
+        m.set_queue(state.name, state.gate.queue_length, state.gate.in_flight, state.gate.slots)
         c = state.controller
         if c is not None:
             est = c.rate.estimate(now)
@@ -338,7 +338,7 @@ class Sidecar:
         cfg = resp.config
         if self._batcher_to_turn_off(cfg):
             await self._turn_off_triton_batcher(name, cfg)
-        slots = sum(max(g.count, 1) for g in cfg.instance_group) or 1
+        slots = model_instances(cfg)
         dyn = cfg.dynamic_batching
         levels = dyn.priority_levels if cfg.HasField("dynamic_batching") else 0
         default_level = dyn.default_priority_level if levels else 0
@@ -362,7 +362,7 @@ class Sidecar:
             if policy_cfg.policy == "smdp" and policy_cfg.adaptive:
                 info, profile = self._adaptive_start(name, policy_cfg, cfg.max_batch_size)
             else:
-                info = await self._loop.run_in_executor(None, build_rule, name, policy_cfg, cfg.max_batch_size)
+                info = await self._loop.run_in_executor(None, build_rule, name, policy_cfg, cfg.max_batch_size, slots)
             if self._native is not None:
                 gate = NativeGateView(
                     name, self._native.send, self._guarded(name, info.rule), slots=slots,
