@@ -770,6 +770,10 @@ class Service : public grpc::CallbackGenericService {
       for (size_t i = 0; i < b->members.size(); ++i)
         os << (i ? "," : "") << std::max(0.0, b->start - b->members[i]->pending_.arrival);
       line = os.str();
+      // Queued for the next periodic report before anyone is answered: a caller that has its answer
+      // and then asks the control plane (a sync, a status) must find this batch counted.
+      std::lock_guard<std::mutex> lock(ms->mu);
+      ms->batch_lines.push_back(std::move(line));
     }
     // Answer the members before the next batch goes out: their latency should not include its send.
     // (StartWrite serializes at once: the buffers may go when this returns.)
@@ -779,13 +783,7 @@ class Service : public grpc::CallbackGenericService {
       else
         b->members[i]->Reply(b->members.size() == 1 ? &b->response : &answers[i], status);
     }
-    if (ms != nullptr) {  // reported with the next periodic report, not one write per batch
-      {
-        std::lock_guard<std::mutex> lock(ms->mu);
-        ms->batch_lines.push_back(std::move(line));
-      }
-      Carry(ms, std::move(step));
-    }
+    if (ms != nullptr) Carry(ms, std::move(step));
     delete b;
   }
 
