@@ -357,6 +357,8 @@ class Sidecar:
             # flight, its policy and controller (operator settings included) and its counters.
             old.config = cfg
             old.gate.set_slots(slots)
+            if old.controller is not None:
+                old.controller.instances = slots  # the next re-solve is for the new k
             old.priority_levels = levels
             old.default_priority = default_level or (levels or 0)
             if self._native is not None:
@@ -418,6 +420,7 @@ class Sidecar:
                 idle_power_w=policy_cfg.idle_power_w,
                 weight=policy_cfg.weight,
                 install=lambda policy, st=state: self._install(st, policy),
+                instances=slots,
                 clock=self._clock,
                 solver=self._solver,
                 initial_rate=policy_cfg.rate_rps,
