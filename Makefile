@@ -15,7 +15,8 @@ $(BIN)/smdp: pyproject.toml
 
 install: $(BIN)/smdp
 
-demo: install
+# `make demo` builds the native gate when it can, so the gates run on the fast path (data_plane: auto).
+demo: install native-if-possible
 	$(BIN)/smdp demo
 
 # The native data plane (C++ smdp-gate): installs its build dependencies where it can (apt), then builds.

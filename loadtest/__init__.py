@@ -1,0 +1,1 @@
+import smdp  # noqa: F401  (process-wide gRPC defaults, set before gRPC starts)

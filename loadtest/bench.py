@@ -68,10 +68,18 @@ class BenchConfig:
     solver: str | None = None
     """Where adaptive gates re-solve: None in the sidecar (a worker thread), "embedded" a
     ``smdp solver-serve`` process started for the bench, or HOST:PORT of a running one."""
-    data_plane: str = "python"
-    """What carries the gate contenders' requests: the sidecar's Python gate, or ``native`` (smdp-gate)."""
+    data_plane: str = "auto"
+    """What carries the gate contenders' requests: ``native`` (smdp-gate), the sidecar's Python gate, or
+    ``auto`` = native where smdp-gate is found (resolved once here, so the report names the plane)."""
+    data_plane_reason: str = ""
+    """Why that plane (set when ``auto`` is resolved)."""
 
     def __post_init__(self) -> None:
+        from plugin.native_plane import choose_plane
+
+        choice = choose_plane(self.data_plane, "merged")
+        object.__setattr__(self, "data_plane", choice.plane)
+        object.__setattr__(self, "data_plane_reason", self.data_plane_reason or choice.reason)
         rates = tuple(float(r) for r in self.rates)
         if not rates or any(not (math.isfinite(r) and r > 0) for r in rates):
             raise ValueError(f"rates must be a non-empty list of positive numbers, got {list(self.rates)}")
@@ -352,6 +360,7 @@ def format_table(report: BenchReport) -> str:
     lines = [
         f"J = W + w P with w = {cfg.weight:g} s/W; emulated GPU {cfg.time_scale:g}x slower than "
         f"{cfg.profile_name}; ~ = solver's prediction",
+        f"gate contenders on the {cfg.data_plane} data plane ({cfg.data_plane_reason})",
         head,
         "-" * len(head),
     ]

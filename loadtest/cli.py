@@ -33,9 +33,9 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
 
 
 def _contender_flags(p: argparse.ArgumentParser, gates: str) -> None:
-    p.add_argument("--data-plane", choices=["python", "native"], default="python",
-                   help="what carries the gate contenders' requests: the sidecar's Python gate, or native = the "
-                   "C++ smdp-gate (`make native`) (default: %(default)s)")
+    p.add_argument("--data-plane", choices=["auto", "python", "native"], default="auto",
+                   help="what carries the gate contenders' requests: native = the C++ smdp-gate (`make native`), "
+                   "the sidecar's Python gate, or auto = native where smdp-gate is found (default: %(default)s)")
     p.add_argument("--delays-us", default="0,10000",
                    help="Triton max_queue_delay_microseconds contenders, '' for none (default: %(default)s)")
     p.add_argument("--gates", default=gates,

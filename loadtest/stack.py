@@ -68,7 +68,7 @@ class SidecarSpec:
     """smdp: re-solve for the measured rate (False: keep the policy solved for rate_rps)."""
     solver_url: str | None = None
     """host:port of a shared ``smdp solver-serve`` the adaptive gate re-solves through (None: in-process)."""
-    data_plane: str = "python"
+    data_plane: str = "auto"
     """``smdp serve --data-plane``: python, or native (the C++ smdp-gate carries the requests)."""
     long_run_window_s: float | None = None
     """``smdp serve --long-run-window``: None = the sidecar's default; 0 = solve every regime with w as is."""
@@ -85,8 +85,7 @@ class SidecarSpec:
             out += ["--rate", repr(float(self.rate_rps))]
         if self.solver_url is not None:
             out += ["--solver", self.solver_url]
-        if self.data_plane != "python":
-            out += ["--data-plane", self.data_plane]
+        out += ["--data-plane", self.data_plane]
         if self.long_run_window_s is not None:
             out += ["--long-run-window", repr(float(self.long_run_window_s))]
         return out

@@ -365,8 +365,9 @@ def add_trace_bench_command(sub) -> None:
                    help="where the adaptive gate re-solves: a smdp solver-serve started for the bench (embedded), "
                    "a running one, or none = in the sidecar (default: %(default)s)")
     p.add_argument("--triton", metavar="HOST:PORT", help="use this Triton instead of an embedded one")
-    p.add_argument("--data-plane", choices=["python", "native"], default="python",
-                   help="what carries the gate contenders' requests (native: the C++ smdp-gate, `make native`)")
+    p.add_argument("--data-plane", choices=["auto", "python", "native"], default="auto",
+                   help="what carries the gate contenders' requests (native: the C++ smdp-gate, `make native`; "
+                   "auto: native where smdp-gate is found) (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("out/trace-bench"))
     p.set_defaults(func=_cmd)
 

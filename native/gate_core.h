@@ -1,8 +1,9 @@
 // The native gate's decision core for one model: a bounded queue, in-flight slots and a batching rule.
 //
 // Plain code with no I/O and no clock of its own: every call takes `now` (seconds on any monotonic
-// clock), so each decision can be tested without a network or a real clock (test_gate_core.cc). It
-// mirrors plugin/gate.py's ModelGate, which is the reference: the server calls Poll() at each
+// clock), so each decision can be tested without a network or a real clock. It decides as
+// plugin/gate.py's ModelGate: the shared vectors (tests/vectors/, run by test_gate_core.cc and by
+// tests/test_vectors.py) hold both to the same answers. The server calls Poll() at each
 // decision epoch (an arrival, a completion, or a wake-up the core asked for) and carries out the
 // Step it returns. Not thread-safe: the server holds the model's mutex around every call.
 //
@@ -12,12 +13,14 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <deque>
 #include <limits>
 #include <map>
 #include <optional>
 #include <set>
+#include <sstream>
 #include <tuple>
 #include <stdexcept>
 #include <string>
@@ -26,10 +29,11 @@
 
 namespace smdp {
 
-// The rule in force: a stationary SMDP policy table a(n), n = 0..N, and min(n, beyond) above it
-// (solver.policy.PolicyTable), optionally guarded (solver.policy.MaxWaitGuard): once the oldest
-// request has waited max_wait_s, serve min(n, B) whatever the table says. Triton's own rule
-// (solver.policy.TimeoutRule, "timeout:X") is the table a(n) = 0 below B, B from B on, guarded by X.
+// The rule in force, solver.policy.GateRule: a stationary SMDP policy table a(n), n = 0..N, and
+// min(n, beyond) above it (solver.policy.PolicyTable), optionally guarded (solver.policy.MaxWaitGuard):
+// once the oldest request has waited max_wait_s, serve min(n, B) whatever the table says. Triton's own
+// rule (solver.policy.TimeoutRule, "timeout:X") is the table a(n) = 0 below B, B from B on, guarded by X.
+// Its text form (ParsePolicy, FormatPolicy) is GateRule.to_line's; tests/vectors/ holds both to it.
 struct Policy {
   std::vector<int> table{0, 1};  // greedy, B = 1
   int max_batch = 1;
@@ -72,6 +76,90 @@ struct Policy {
     return a;
   }
 };
+
+// Parse the rule's fields of a `policy` command (GateRule.from_fields), erasing each one it reads so
+// that the caller can refuse what is left: max_batch=B [beyond=b] table=a0,a1,... [max_wait_us=U]
+// [guard_reason=timeout|max_wait]. Throws std::invalid_argument naming a bad field; validates.
+inline Policy ParsePolicy(std::map<std::string, std::string>* f) {
+  auto integer = [f](const std::string& key, const int* dflt) {
+    auto it = f->find(key);
+    if (it == f->end()) {
+      if (dflt == nullptr) throw std::invalid_argument(key + "= missing");
+      return *dflt;
+    }
+    size_t used = 0;
+    int v = 0;
+    try {
+      v = std::stoi(it->second, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used == 0 || used != it->second.size())
+      throw std::invalid_argument(key + " must be an integer, got '" + it->second + "'");
+    f->erase(it);
+    return v;
+  };
+  Policy p;
+  p.max_batch = integer("max_batch", nullptr);
+  p.beyond = integer("beyond", &p.max_batch);
+  const int none = -1;
+  int wait_us = integer("max_wait_us", &none);
+  p.max_wait_s = wait_us < 0 ? -1.0 : wait_us * 1e-6;
+  auto why = f->find("guard_reason");
+  if (why != f->end()) {
+    if (why->second != "timeout" && why->second != "max_wait")
+      throw std::invalid_argument("guard_reason must be timeout or max_wait, got '" + why->second + "'");
+    p.guard_is_timeout = why->second == "timeout";
+    f->erase(why);
+  }
+  auto t = f->find("table");
+  if (t == f->end()) throw std::invalid_argument("table= missing");
+  p.table.clear();
+  std::istringstream tin(t->second);
+  std::string a;
+  if (!t->second.empty() && t->second.back() == ',')
+    throw std::invalid_argument("table must be integers separated by commas, got '" + t->second + "'");
+  while (std::getline(tin, a, ',')) {
+    size_t used = 0;
+    int v = 0;
+    try {
+      v = std::stoi(a, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used == 0 || used != a.size())
+      throw std::invalid_argument("table must be integers separated by commas, got '" + t->second + "'");
+    p.table.push_back(v);
+  }
+  f->erase(t);
+  p.Validate();
+  return p;
+}
+
+// A whole rule line (GateRule.from_line): only the rule's fields, each once as key=value.
+inline Policy ParsePolicyLine(const std::string& line) {
+  std::map<std::string, std::string> f;
+  std::istringstream in(line);
+  std::string tok;
+  while (in >> tok) {
+    auto eq = tok.find('=');
+    if (eq == std::string::npos || eq == 0) throw std::invalid_argument("expected key=value, got '" + tok + "'");
+    f[tok.substr(0, eq)] = tok.substr(eq + 1);
+  }
+  Policy p = ParsePolicy(&f);
+  if (!f.empty()) throw std::invalid_argument("unknown key '" + f.begin()->first + "'");
+  return p;
+}
+
+// The canonical text of a rule (GateRule.to_line).
+inline std::string FormatPolicy(const Policy& p) {
+  std::string out = "max_batch=" + std::to_string(p.max_batch) + " beyond=" + std::to_string(p.beyond) + " table=";
+  for (size_t i = 0; i < p.table.size(); ++i) out += (i ? "," : "") + std::to_string(p.table[i]);
+  if (p.max_wait_s >= 0.0)
+    out += " max_wait_us=" + std::to_string(std::llround(p.max_wait_s * 1e6)) +
+           " guard_reason=" + (p.guard_is_timeout ? "timeout" : "max_wait");
+  return out;
+}
 
 template <typename T>
 struct Pending {

@@ -1,5 +1,5 @@
 """Sub-commands of the serving side: ``smdp triton`` (the embedded Triton server), ``smdp serve``,
-``smdp ctl`` and ``smdp config-mode``."""
+``smdp ctl``, ``smdp config-mode`` and ``smdp profile``."""
 
 from __future__ import annotations
 
@@ -46,6 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from plugin.config_mode_cli import add_config_mode_command
 
     add_config_mode_command(subparsers)
+
+    from plugin.profile_cli import add_profile_command
+
+    add_profile_command(subparsers)
 
 
 def _run_triton(args: argparse.Namespace) -> int:

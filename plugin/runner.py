@@ -45,6 +45,16 @@ class SidecarThread:
         return None if port is None else f"127.0.0.1:{port}"
 
     @property
+    def http_port(self) -> int | None:
+        return self._running.http_port if self._running else None
+
+    @property
+    def http_url(self) -> str | None:
+        """``host:port`` of the HTTP/REST listener, as tritonclient.http expects (None: off)."""
+        port = self.http_port
+        return None if port is None else f"127.0.0.1:{port}"
+
+    @property
     def url(self) -> str:
         host = self.config.listen.rsplit(":", 1)[0]
         host = "127.0.0.1" if host in ("0.0.0.0", "[::]", "") else host
@@ -104,6 +114,8 @@ async def serve_forever(config: SidecarConfig) -> int:
     control = f", control API on port {running.control_port}" if running.control_port else ""
     if running.metrics_port:
         control += f", metrics on port {running.metrics_port}"
+    if running.http_port:
+        control += f", HTTP/REST on port {running.http_port}"
     print(f"sidecar listening on {config.listen.rsplit(':', 1)[0]}:{running.port} -> Triton {config.triton_url}"
           f"{control}", flush=True)
     stop = asyncio.Event()

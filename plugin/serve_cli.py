@@ -25,9 +25,17 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML file with SidecarConfig fields")
     p.add_argument("--listen", help="host:port for the inference API (default 127.0.0.1:8011; port 0 = free)")
     p.add_argument("--triton", dest="triton_url", help="host:port of Triton's gRPC endpoint (default 127.0.0.1:8001)")
+    p.add_argument("--listen-http", help="host:port for Triton's HTTP/REST API through the gate (default: off; "
+                   "port 0 = free)")
+    p.add_argument("--triton-http", dest="triton_http_url",
+                   help="host:port of Triton's HTTP endpoint (default: Triton's host, port 8000)")
     p.add_argument("--mode", choices=["merged", "released"], help="how a chosen batch is sent to Triton")
-    p.add_argument("--data-plane", choices=["python", "native"],
-                   help="what carries inference: the Python gate (default) or the C++ smdp-gate (make native)")
+    p.add_argument("--data-plane", choices=["auto", "python", "native"],
+                   help="what carries inference: the C++ smdp-gate (make native), the Python gate, or auto (default: "
+                   "native wherever smdp-gate is found, else python, saying why)")
+    p.add_argument("--triton-batcher", choices=["keep", "off"],
+                   help="off: reload gated models without Triton's dynamic batcher (merged mode; needs explicit "
+                   "model control); keep (default): leave their configs as they are")
     p.add_argument("--max-queue", type=int, help="requests that may wait per model (default 1024)")
     p.add_argument("--policy", help="default policy: greedy | smdp | static:B0 | threshold:K | timeout:SECONDS")
     p.add_argument("--profile", help="profile CSV for the smdp policy")
@@ -70,8 +78,11 @@ def _run(args: argparse.Namespace) -> int:
     overrides = {
         "listen": args.listen,
         "triton_url": args.triton_url,
+        "listen_http": args.listen_http,
+        "triton_http_url": args.triton_http_url,
         "mode": args.mode,
         "data_plane": args.data_plane,
+        "triton_batcher": args.triton_batcher,
         "max_queue": args.max_queue,
         "solver_url": args.solver_url,
         "long_run_window_s": args.long_run_window_s,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Callable
 
 import grpc
@@ -26,11 +26,15 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import model_config_pb2, service_pb2
 
+from solver.policy import MaxWaitGuard
+from solver.slo import SloTarget
+
 from .adaptive import PolicyController, learning_options
-from .config import SidecarConfig
+from .config import ModelPolicyConfig, SidecarConfig
 from .gate import ModelGate, Pending, QueueFull
-from .metrics import SidecarMetrics
-from .native_plane import NativeGateView, NativePlane, monotonic_offset
+from .metrics import SidecarMetrics, latency_buckets_with
+from .model_names import is_model_name
+from .native_plane import NativeGateView, NativePlane, choose_plane, forget_line, monotonic_offset
 from .merge import MalformedRequest, RequestValidator, merge, merge_key, split
 from .policies import RuleInfo, build_rule
 
@@ -48,6 +52,11 @@ _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    # Triton's errors quote what the client sent (a model name, an input's name): an answer of one
+    # client's request larger than gRPC's default metadata limit (8-16 KiB) must still come back, as
+    # that request's answer, and not as a connection failure under everyone's calls.
+    ("grpc.max_metadata_size", 2**31 - 1),
+    ("grpc.absolute_max_metadata_size", 2**31 - 1),
 ]
 
 
@@ -195,7 +204,8 @@ class Sidecar:
         self._tasks: set[asyncio.Task] = set()
         self._validators: dict[tuple[str, str], RequestValidator] = {}
         """Per model: the request checks of its config in force, worked out once per config."""
-        self.metrics = SidecarMetrics()
+        self.metrics = SidecarMetrics(latency_buckets_s=latency_buckets_with(
+            [m.slo.latency_s for m in (config.default, *config.models.values()) if m.slo is not None]))
         self._solver = None
         if config.solver_url:
             from solver.service import AsyncSolverClient
@@ -266,6 +276,8 @@ class Sidecar:
         state = self._models.get(key)
         if state is not None:
             return state
+        if not is_model_name(name):
+            return None  # no repository holds it: Triton's own answer, nothing kept by its name
         until = self._unknown.get(key)
         if until is not None:
             if self._clock() < until:
@@ -332,6 +344,8 @@ class Sidecar:
                 raise GateError(grpc.StatusCode.UNAVAILABLE, "Triton is not ready (starting or stopping)") from None
             return None
         cfg = resp.config
+        if self._batcher_to_turn_off(cfg):
+            await self._turn_off_triton_batcher(name, cfg)
         slots = sum(max(g.count, 1) for g in cfg.instance_group) or 1
         dyn = cfg.dynamic_batching
         levels = dyn.priority_levels if cfg.HasField("dynamic_batching") else 0
@@ -353,10 +367,15 @@ class Sidecar:
         max_rows = max(cfg.max_batch_size, 1)
         policy_cfg = self.config.policy_for(name)
         if cfg.max_batch_size > 0 and not _ungateable(cfg):
+            auto_note = ""
+            if policy_cfg.profile == "auto" and policy_cfg.policy == "smdp":
+                policy_cfg, auto_note = await self._auto_profile(name, version, policy_cfg)
             if policy_cfg.policy == "smdp" and policy_cfg.adaptive:
                 info, profile = self._adaptive_start(name, policy_cfg, cfg.max_batch_size)
             else:
                 info = await self._loop.run_in_executor(None, build_rule, name, policy_cfg, cfg.max_batch_size)
+            if auto_note:
+                info = replace(info, spec=f"{info.spec} ({auto_note})")
             if self._native is not None:
                 gate = NativeGateView(
                     name, self._native.send, self._guarded(name, info.rule), slots=slots,
@@ -370,14 +389,15 @@ class Sidecar:
                 )
             max_rows = info.max_batch
             log.info("gating model %s (B=%d, %d slot(s), policy %s)", name, info.max_batch, slots, info.spec)
-            if self.config.mode == "merged" and cfg.HasField("dynamic_batching"):
+            if self.config.mode == "merged" and cfg.HasField("dynamic_batching") \
+                    and self.config.triton_batcher == "keep":
                 # Seen with Triton 2.51: its batcher, idle between the gate's merged requests, now and then
                 # misses the enqueue and holds a request for its 500 ms default wait. The gate already
                 # forms the batches; Triton's batcher has nothing left to do in merged mode.
                 log.warning(
                     "model %s has dynamic_batching on behind the merged gate: Triton 2.51 was seen holding a "
-                    "request for its 500 ms idle wait now and then; consider removing dynamic_batching "
-                    "from this model's config (the gate forms the batches)", name)
+                    "request for its 500 ms idle wait now and then; set triton_batcher: off to have the sidecar "
+                    "reload it without (the gate forms the batches)", name)
         state = ModelState(
             name=name,
             version=version,
@@ -407,13 +427,43 @@ class Sidecar:
                 metrics=self.metrics,
                 **learning_options(self.config, name),
             )
+            if policy_cfg.slo is not None:
+                state.controller.set_slo(SloTarget(policy_cfg.slo.quantile, policy_cfg.slo.latency_s))
             if old is not None and old.controller is not None:
                 # what the operator set through the control API outlives a changed config
                 if old.controller.latency_target_s is not None:
                     state.controller.set_latency_target(old.controller.latency_target_s)
                 else:
                     state.controller.set_weight(old.controller.weight)
+                if old.controller.slo is not None:
+                    state.controller.set_slo(old.controller.slo)
         return state
+
+    def preload_auto_profiles(self) -> None:
+        """Profile the configured ``profile: auto`` models now, at start, rather than at their first request
+        (which waits for the sweep either way: the model's gate opens after it)."""
+        for name, pc in self.config.models.items():
+            if pc.profile == "auto" and pc.policy == "smdp":
+                self._spawn(self._preload(name))
+
+    async def _preload(self, name: str) -> None:
+        try:
+            await self.model_state(name, "")
+        except GateError as exc:
+            log.warning("model %s: not gated at start (%s); it will be at its first request", name, exc.details)
+
+    async def _auto_profile(self, name: str, version: str, cfg: ModelPolicyConfig) -> tuple[ModelPolicyConfig, str]:
+        """``profile: auto``: the measured (or cached) profile in place of "auto", or greedy and why."""
+        from .auto_profile import auto_profile
+
+        got = await auto_profile(self.config.triton_url, name, version, cfg,
+                                 self.config.profile_cache_dir.expanduser(),
+                                 metrics_url=self.config.triton_metrics_url, timeout_s=self.config.upstream_timeout_s)
+        if got.path is None:
+            log.warning("model %s: %s; gating it greedily instead of smdp", name, got.reason)
+            return cfg.model_copy(update={"policy": "greedy", "profile": None}), got.reason
+        log.info("model %s: %s", name, got.reason)
+        return cfg.model_copy(update={"profile": got.path}), got.reason
 
     def _adaptive_start(self, name: str, cfg, model_max_batch: int) -> tuple[RuleInfo, Any]:
         """An adaptive smdp model starts greedy; its controller installs the solved policy shortly."""
@@ -445,8 +495,44 @@ class Sidecar:
         if c is not None and c.current is not None:
             pred = {"mean_latency_s": c.current.mean_latency_s, "mean_power_w": c.current.mean_power_w}
         state.info = RuleInfo(policy, "smdp", policy.max_batch, pred)
-        state.gate.set_rule(self._guarded(state.name, policy))
+        own_wait = c.current.max_wait_s if c is not None and c.current is not None else None
+        rule = policy if own_wait is None else MaxWaitGuard(policy, own_wait)  # an SLO policy's guard
+        state.gate.set_rule(self._guarded(state.name, rule))
         self._pump(state)
+
+    def _batcher_to_turn_off(self, cfg: model_config_pb2.ModelConfig) -> bool:
+        """A gated model whose Triton batcher the operator asked the sidecar to turn off (merged mode)."""
+        return (self.config.triton_batcher == "off" and self.config.mode == "merged" and cfg.max_batch_size > 0
+                and cfg.HasField("dynamic_batching") and not _ungateable(cfg))
+
+    async def _turn_off_triton_batcher(self, name: str, cfg: model_config_pb2.ModelConfig) -> None:
+        """Reload ``name`` in Triton with its config less ``dynamic_batching`` (a load with a config
+        override, as config mode does): behind the merged gate each request Triton gets is a whole
+        batch, so its batcher only adds its idle-wait stalls. ``cfg`` is left as read, so the gate keeps
+        the priority levels the model declared. Best effort: where Triton refuses (its model control
+        mode is not explicit), the batcher stays on and the log says why."""
+        from google.protobuf import json_format
+
+        override = model_config_pb2.ModelConfig()
+        override.CopyFrom(cfg)
+        override.ClearField("dynamic_batching")
+        request = service_pb2.RepositoryModelLoadRequest(model_name=name)
+        request.parameters["config"].string_param = json_format.MessageToJson(
+            override, preserving_proto_field_name=True, indent=None)
+        load = self._channel.unary_unary(
+            f"/{SERVICE}/RepositoryModelLoad",
+            request_serializer=service_pb2.RepositoryModelLoadRequest.SerializeToString,
+            response_deserializer=service_pb2.RepositoryModelLoadResponse.FromString,
+        )
+        try:
+            await load(request, timeout=self.config.upstream_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("model %s: could not turn Triton's dynamic batcher off (%s: %s); it stays on (Triton must "
+                        "run with --model-control-mode=explicit for the sidecar to reload a model)",
+                        name, exc.code().name, exc.details())
+            return
+        log.info("model %s: Triton's dynamic batcher turned off behind the merged gate (reloaded with a config "
+                 "override, as triton_batcher: off asks)", name)
 
     async def _triton_ready(self) -> bool:
         try:
@@ -513,10 +599,13 @@ class Sidecar:
             self.metrics.batch_completed(state.name, rep.rows, elapsed)
             state.stats.answered += rep.size
             code = _STATUS_BY_NUMBER.get(rep.code, grpc.StatusCode.UNKNOWN)
+            answered_at = self._clock()
             for wait in rep.waits:
                 latency = wait + elapsed
                 state.stats.latency_sum_s += latency
                 state.stats.latency_n += 1
+                if state.controller is not None:
+                    state.controller.observe_latency(answered_at, latency)
                 self.metrics.request_answered(state.name, "OK" if rep.code == 0 else code, latency)
             return
         state = self._models.get((args[0], ""))
@@ -566,7 +655,7 @@ class Sidecar:
                     await asyncio.sleep(retry_s)  # Triton away or still starting
                     continue
                 if state is None and self._native is not None:
-                    self._native.send(f"forget {name}")
+                    self._native.send(forget_line(name))
                 return
             if not self._closing:
                 log.warning("model %s did not come back within %.0f s", name, give_up_s)
@@ -650,6 +739,8 @@ class Sidecar:
             latency = self._clock() - now
             state.stats.latency_sum_s += latency
             state.stats.latency_n += 1
+            if state.controller is not None:
+                state.controller.observe_latency(now + latency, latency)
             self.metrics.request_answered(state.name, "OK", latency)
             return response
         except GateError as exc:
@@ -1063,10 +1154,15 @@ class RunningSidecar:
     control_port: int | None = None
     metrics_server: Any = None
     metrics_port: int | None = None
+    http: Any = None
+    """The HTTP/REST listener (plugin/http_front.py), when ``listen_http`` is set."""
+    http_port: int | None = None
 
     async def stop(self, grace: float = 1.0) -> None:
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            await self.http.stop()
         if self.control is not None:
             await self.control.stop(grace)
         if self.metrics_server is not None:
@@ -1078,6 +1174,9 @@ class RunningSidecar:
 
 async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
     """Build and start the sidecar server; binds ``config.listen`` (port 0 = a free port) and returns it."""
+    choice = choose_plane(config.data_plane, config.mode, config.native_binary)
+    (log.info if choice.plane == "native" or config.data_plane == "python" else log.warning)("%s", choice.reason)
+    config = config.model_copy(update={"data_plane": choice.plane})
     sidecar = Sidecar(config)
     if config.data_plane == "native":
         try:
@@ -1132,6 +1231,7 @@ async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
     log.info("sidecar listening on port %d, relaying to Triton at %s", port, config.triton_url)
     running = RunningSidecar(server, sidecar, port, health)
     await _start_side_servers(running, config)
+    sidecar.preload_auto_profiles()
     return running
 
 
@@ -1159,3 +1259,15 @@ async def _start_side_servers(running: RunningSidecar, config: SidecarConfig) ->
             await running.stop(0)
             raise
         log.info("Prometheus metrics on port %d", running.metrics_port)
+    if config.listen_http:
+        from .http_front import start_http_front
+
+        try:
+            if sidecar._native is None:
+                running.http, running.http_port = await start_http_front(config, submit=sidecar.infer)
+            else:
+                running.http, running.http_port = await start_http_front(config, gate_port=running.port)
+        except BaseException:
+            await running.stop(0)
+            raise
+        log.info("HTTP/REST API on port %d", running.http_port)

@@ -1,3 +1,4 @@
+import smdp  # noqa: F401  (process-wide gRPC defaults, set before gRPC starts)
 from solver.evaluate import Evaluation, UnstablePolicyError, evaluate
 from solver.model import BatchingModel, ModelError, ServiceProfile
 from solver.policy import BatchRule, Decision, PolicyTable, TimeoutRule, greedy, static, threshold

@@ -16,12 +16,16 @@ from typing import Sequence
 
 import numpy as np
 
+from solver.arrival_model import MMPP2, ArrivalModel, CompoundPoisson, Poisson
 from solver.model import ModelError
 
 __all__ = [
     "ArrivalError",
     "poisson",
+    "compound_poisson",
     "mmpp",
+    "mmpp2_path",
+    "from_model",
     "steps",
     "ramp",
     "trace",
@@ -80,6 +84,90 @@ def poisson(rate: float, n: int | None = None, duration: float | None = None, rn
     # Given the count, Poisson points on an interval are uniform order statistics: no cumsum drift.
     count = int(gen.poisson(rate * duration))
     return np.sort(gen.uniform(0.0, duration, size=count))
+
+
+def compound_poisson(rate: float, groups: CompoundPoisson, n: int | None = None, duration: float | None = None,
+                     rng: RngLike = None) -> np.ndarray:
+    """Requests in groups: group epochs Poisson at rate / G, each bringing X requests at one instant.
+
+    X is geometric with mean G or the model's empirical law; the result repeats each epoch X times
+    (the first n requests, or all in [0, duration)).
+    """
+    rate = _rate("rate", rate)
+    if not isinstance(groups, CompoundPoisson):
+        raise ArrivalError(f"compound_poisson needs a CompoundPoisson group law, got {type(groups).__name__}")
+    n, duration = _length(n, duration)
+    gen = _rng(rng)
+    lam_g = rate / groups.group_mean
+    epochs: list[np.ndarray] = []
+    sizes: list[np.ndarray] = []
+    total, clock = 0, 0.0
+    block = max(16, int((n if n is not None else rate * duration) / groups.group_mean * 1.1) + 16)
+    while True:
+        t = clock + np.cumsum(gen.exponential(1.0 / lam_g, size=block))
+        if groups.group_pmf is None:
+            x = gen.geometric(1.0 / groups.group_mean, size=block)
+        else:
+            q = np.asarray(groups.group_pmf)
+            x = gen.choice(q.size, size=block, p=q)
+        epochs.append(t)
+        sizes.append(x)
+        total += int(x.sum())
+        clock = float(t[-1])
+        if (n is not None and total >= n) or (duration is not None and clock >= duration):
+            break  # whichever ends first
+    times = np.repeat(np.concatenate(epochs), np.concatenate(sizes))
+    if duration is not None:
+        times = times[times < duration]
+    if n is not None:
+        times = times[:n]
+    return times
+
+
+def mmpp2_path(process: MMPP2, n: int, rng: RngLike = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first n arrivals of a two-phase MMPP together with its phase path.
+
+    Returns (times, switch_times, phases): the phase is ``phases[i]`` (0 or 1) on
+    [switch_times[i], switch_times[i + 1]); switch_times[0] = 0 and the first phase is drawn from the
+    stationary law. The phase at time t is ``phases[searchsorted(switch_times, t, "right") - 1]``.
+    """
+    if not isinstance(process, MMPP2):
+        raise ArrivalError(f"mmpp2_path needs an MMPP2, got {type(process).__name__}")
+    n, _ = _length(n, None)
+    gen = _rng(rng)
+    lam = np.asarray(process.rates)
+    leave = np.asarray(process.switching)
+    phase = int(gen.random() >= process.stationary[0])
+    starts, phases, durs = [0.0], [phase], []
+    expected, clock = 0.0, 0.0
+    target = n + 5.0 * math.sqrt(n) + 10.0
+    while True:
+        d = float(gen.exponential(1.0 / leave[phase]))
+        durs.append(d)
+        expected += d * lam[phase]
+        clock += d
+        if expected >= target:
+            break
+        phase = 1 - phase
+        starts.append(clock)
+        phases.append(phase)
+    d = np.asarray(durs)
+    ph = np.asarray(phases, dtype=np.int64)
+    times = _piecewise(d, lam[ph], gen, n, None)
+    if times.size < n:  # an unlucky draw below the margin: append more of the path
+        more, st2, ph2 = mmpp2_path(process, n - times.size, gen)
+        times = np.concatenate((times, clock + more))
+        return times, np.concatenate((np.asarray(starts), clock + st2)), np.concatenate((ph, ph2))
+    return times, np.asarray(starts), ph
+
+
+def from_model(process: ArrivalModel, rate: float, n: int, rng: RngLike = None) -> np.ndarray:
+    """n arrival times from an arrival model at mean rate ``rate`` (an MMPP carries its own rates)."""
+    if isinstance(process, Poisson):
+        return poisson(rate, n=n, rng=rng)
+    if isinstance(process, CompoundPoisson):
+        return compound_poisson(rate, process, n=n, rng=rng)
+    return mmpp2_path(process, n, rng)[0]
 
 
 def _piecewise(durations: np.ndarray, rates: np.ndarray, gen: np.random.Generator,

@@ -167,6 +167,9 @@ def evaluate(
     """
     if tail not in TAILS:
         raise ModelError(f"tail must be one of {TAILS}, got {tail!r}")
+    if model.instances != 1:
+        raise ModelError(f"evaluate is for one instance; the model has k = {model.instances} "
+                         f"(use solver.instances.evaluate_instances or the simulator)")
     check_stable(model, policy)
     if truncation is not None:
         if truncation < policy.truncation:

@@ -15,13 +15,12 @@ from typing import Literal, Mapping, Sequence
 import numpy as np
 from scipy import special, stats
 
+from solver.arrival_model import MMPP2, POISSON, ArrivalModel, CompoundPoisson, Poisson
+from solver.errors import ModelError
+
 ServiceLaw = Literal["deterministic", "gamma", "empirical"]
 SAMPLE_MEAN_RTOL = 1e-6
 """How far ``mean_s`` may sit from the mean of the empirical samples (relative) before it is refused."""
-
-
-class ModelError(ValueError):
-    """A model or profile input is invalid; the message names the bad field and value."""
 
 
 def _finite_positive(name: str, value: float) -> float:
@@ -313,11 +312,12 @@ class ServiceProfile:
         Energy per batch (``batch_energy_j``, J) or busy power (``busy_power_w``, W; e(b) = p(b) tau(b)):
         exactly one of the two columns. ``samples``: a CSV ``batch_size,service_s`` of measured
         service times, one row per batch run (see ``with_samples``; ``read_samples_csv``).
+        Lines starting with ``#`` are comments (``smdp profile`` writes its metadata there).
         """
         path = Path(path)
         try:
             with path.open(newline="") as fh:
-                reader = csv.DictReader(fh)
+                reader = csv.DictReader(_UncommentedLines(fh))
                 cols = set(reader.fieldnames or [])
                 need = {"batch_size", "mean_service_s"}
                 if not need <= cols:
@@ -365,18 +365,39 @@ def _energy_from(energy_j, busy_power_w, mean_s: np.ndarray) -> np.ndarray:
     return np.asarray(busy_power_w, dtype=float) * mean_s
 
 
+class _UncommentedLines:
+    """The lines of a CSV file without its ``#`` comment lines (metadata such as ``# power: modelled``
+    that ``smdp profile`` writes on top); ``lineno`` is the file's line number of the last line read."""
+
+    def __init__(self, fh) -> None:
+        self._fh = fh
+        self.lineno = 0
+
+    def __iter__(self) -> "_UncommentedLines":
+        return self
+
+    def __next__(self) -> str:
+        while True:
+            line = next(self._fh)
+            self.lineno += 1
+            if not line.lstrip().startswith("#"):
+                return line
+
+
 def read_samples_csv(path: str | Path) -> dict[int, np.ndarray]:
     """Measured service times from a CSV ``batch_size,service_s`` (one row per batch run)."""
     path = Path(path)
     out: dict[int, list[float]] = {}
     try:
         with path.open(newline="") as fh:
-            reader = csv.DictReader(fh)
+            lines = _UncommentedLines(fh)
+            reader = csv.DictReader(lines)
             cols = set(reader.fieldnames or [])
             need = {"batch_size", "service_s"}
             if not need <= cols:
                 raise ModelError(f"{path}: missing column(s) {sorted(need - cols)}; have {sorted(cols)}")
-            for i, r in enumerate(reader, start=2):
+            for r in reader:
+                i = lines.lineno
                 try:
                     b, s = float(r["batch_size"]), float(r["service_s"])
                 except (ValueError, TypeError):
@@ -409,8 +430,17 @@ class BatchingModel:
     """P0: accelerator power while idle, watts."""
     weight: float = 0.0
     """w: latency/power trade-off, seconds per watt (>= 0)."""
+    arrivals: ArrivalModel = POISSON
+    """How requests clump (``solver.arrival_model``): Poisson (default), compound Poisson or a
+    two-phase MMPP; ``rate`` stays the mean request rate (for an MMPP it must equal its mean)."""
+    instances: int = 1
+    """k: identical model instances fed by one FIFO queue (Triton's central queue); each runs one batch
+    at a time. The one-server solvers (``solver.smdp``) take k = 1; ``solver.instances`` any k."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.instances, bool) or not isinstance(self.instances, (int, np.integer)) or self.instances < 1:
+            raise ModelError(f"instances must be an integer >= 1, got {self.instances!r}")
+        object.__setattr__(self, "instances", int(self.instances))
         if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, (int, np.integer)):
             raise ModelError(f"max_batch must be an integer >= 1, got {self.max_batch!r}")
         if self.max_batch < 1:
@@ -426,19 +456,27 @@ class BatchingModel:
         if not math.isfinite(p0) or p0 < 0:
             raise ModelError(f"idle power must be finite and >= 0 watts, got {self.idle_power_w!r}")
         object.__setattr__(self, "idle_power_w", p0)
+        if not isinstance(self.arrivals, (Poisson, CompoundPoisson, MMPP2)):
+            raise ModelError(f"arrivals must be Poisson, CompoundPoisson or MMPP2, got {type(self.arrivals).__name__}")
+        if isinstance(self.arrivals, MMPP2) and abs(self.arrivals.mean_rate - rate) > 1e-9 * rate:
+            raise ModelError(
+                f"arrival rate {rate:.9g}/s differs from the mean rate of the MMPP {self.arrivals.spec}, "
+                f"{self.arrivals.mean_rate:.9g}/s: give the MMPP's mean rate"
+            )
         if self.profile.max_batch != self.max_batch:
             object.__setattr__(self, "profile", self.profile.truncated(self.max_batch))
         cap = self.capacity
         if rate >= cap:
+            k = "" if self.instances == 1 else f"{self.instances} x "
             raise ModelError(
-                f"arrival rate {rate:.6g}/s is at or above capacity B/tau(B) = {self.max_batch}/"
-                f"{self.profile.mean_s[-1]:.6g}s = {cap:.6g}/s: no stationary policy exists"
+                f"arrival rate {rate:.6g}/s is at or above capacity {'k ' if k else ''}B/tau(B) = {k}"
+                f"{self.max_batch}/{self.profile.mean_s[-1]:.6g}s = {cap:.6g}/s: no stationary policy exists"
             )
 
     @property
     def capacity(self) -> float:
-        """B / tau(B): the highest sustainable arrival rate, requests per second."""
-        return self.max_batch / float(self.profile.mean_s[self.max_batch - 1])
+        """k B / tau(B): the highest sustainable arrival rate of k instances, requests per second."""
+        return self.instances * self.max_batch / float(self.profile.mean_s[self.max_batch - 1])
 
     @property
     def load(self) -> float:

@@ -13,7 +13,8 @@ service times are pre-drawn in blocks per batch size, and all latency bookkeepin
 Conventions:
 - FIFO: a batch takes the ``serve`` oldest waiting requests.
 - Decision epochs: when the server becomes free, at each arrival while it is free, and at the
-  ``recheck_after_s`` timer when a rule asks for one.
+  ``recheck_after_s`` timer when a rule asks for one. Requests with the same arrival time are one
+  group (compound Poisson, ``solver.arrivals.compound_poisson``): the decision after it sees all of it.
 - When the arrival stream is exhausted and the rule would wait forever, the rest is served in
   batches of min(n, B) (the drain), so every request completes.
 - Power: a batch of b that runs for s seconds uses busy_power(b) * s joules, busy_power(b) =
@@ -26,6 +27,7 @@ Conventions:
 
 from __future__ import annotations
 
+import heapq
 import math
 from bisect import bisect_right
 from dataclasses import asdict, dataclass
@@ -35,9 +37,9 @@ import numpy as np
 from scipy import stats
 
 from solver.model import ModelError, ServiceProfile
-from solver.policy import BatchRule, PolicyTable, TimeoutRule
+from solver.policy import BatchRule, InstanceRule, InstanceTable, MaxWaitGuard, PerInstance, PolicyTable, TimeoutRule
 
-__all__ = ["SimResult", "simulate", "batch_means_ci"]
+__all__ = ["SimResult", "simulate", "simulate_latencies", "simulate_phased", "batch_means_ci"]
 
 _CI_BATCHES = 30
 
@@ -126,8 +128,9 @@ def _validate(profile: ServiceProfile, rule: BatchRule, arrivals: np.ndarray, id
               weight: float, warmup: float) -> np.ndarray:
     if not isinstance(profile, ServiceProfile):
         raise ModelError(f"profile must be a ServiceProfile, got {type(profile).__name__}")
-    if not hasattr(rule, "decide") or not hasattr(rule, "max_batch"):
-        raise ModelError(f"rule must implement BatchRule (max_batch, decide), got {type(rule).__name__}")
+    if not isinstance(rule, (BatchRule, InstanceRule)):
+        raise ModelError(f"rule must implement BatchRule (max_batch, decide) or InstanceRule (max_batch, instances, "
+                         f"decide_busy), got {type(rule).__name__}")
     b = rule.max_batch
     if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1:
         raise ModelError(f"rule.max_batch must be an integer >= 1, got {b!r}")
@@ -170,9 +173,9 @@ def _run_table(table: PolicyTable, t: list[float], draw: Callable[[int], float])
     head = 0  # first request not yet served
     na = 0  # arrivals with time <= now
     while head < n_total:
-        if na == head:  # empty system: idle until the next arrival
+        if na == head:  # empty system: idle until the next arrival (all of its group)
             now = t[head]
-            na = head + 1
+            na = bisect_right(t, now, head + 1)
         n = na - head
         a = acts[n] if n < size else (n if n < far else far)
         if a == 0:
@@ -180,12 +183,71 @@ def _run_table(table: PolicyTable, t: list[float], draw: Callable[[int], float])
             if head + m <= n_total:
                 na = head + m
                 now = t[na - 1]
+                na = bisect_right(t, now, na)  # a group arrives whole: it may overshoot m
+                if na - head != m:
+                    continue  # decide again at the state the group reached
                 a = acts[m] if m < size else min(m, far)
             else:  # stream exhausted before the policy would serve: drain
                 na = n_total
                 now = max(now, t[-1])
                 n = na - head
                 a = n if n < big_b else big_b
+        s = draw(a)
+        sizes.append(a)
+        starts.append(now)
+        durs.append(s)
+        head += a
+        now += s
+        na = bisect_right(t, now, na)
+    return sizes, starts, durs
+
+
+def _run_table_guard(table: PolicyTable, max_wait_s: float, t: list[float], draw: Callable[[int], float]):
+    """Event loop for a queue-length table under a max-wait guard (``MaxWaitGuard(PolicyTable, g)``).
+
+    The same decisions as the generic loop asking ``MaxWaitGuard.decide`` at every epoch, without
+    the per-arrival calls: while the table waits, the next serving epoch is the earlier of the
+    arrival at which the table serves and the moment the oldest request has waited g (then min(n, B)).
+    """
+    n_total = len(t)
+    big_b = table.max_batch
+    far = table.beyond_batch
+    g = float(max_wait_s)
+    size = max(table.truncation + 2, big_b + 2)
+    acts = table.extended(size).tolist()
+    next_serve = [0] * size
+    nxt = size
+    for n in range(size - 1, -1, -1):
+        if acts[n] > 0:
+            nxt = n
+        next_serve[n] = nxt
+    sizes: list[int] = []
+    starts: list[float] = []
+    durs: list[float] = []
+    now = 0.0
+    head = 0
+    na = 0
+    while head < n_total:
+        if na == head:
+            now = t[head]
+            na = head + 1
+        n = na - head
+        fire = t[head] + g
+        if now >= fire:  # the oldest has already waited g: the guard serves
+            a = n if n < big_b else big_b
+        else:
+            a = acts[n] if n < size else (n if n < far else far)
+            if a == 0:
+                m = next_serve[n]
+                if head + m <= n_total and t[head + m - 1] < fire:
+                    na = head + m
+                    now = t[na - 1]
+                    a = acts[m] if m < size else min(m, far)
+                else:  # the guard fires first (or the stream ends before the table would serve)
+                    now = fire
+                    na = bisect_right(t, now, na)
+                    n = na - head
+                    a = n if n < big_b else big_b
         s = draw(a)
         sizes.append(a)
         starts.append(now)
@@ -210,7 +272,7 @@ def _run_timeout(rule: TimeoutRule, t: list[float], draw: Callable[[int], float]
     while head < n_total:
         if na == head:
             now = t[head]
-            na = head + 1
+            na = bisect_right(t, now, head + 1)
         if na - head < big_b:
             fire = t[head] + timeout
             full = head + big_b - 1
@@ -245,7 +307,7 @@ def _run_generic(rule: BatchRule, t: list[float], draw: Callable[[int], float]):
     while head < n_total:
         if na == head:
             now = t[head]
-            na = head + 1
+            na = bisect_right(t, now, head + 1)
         n = na - head
         d = decide(n, now - t[head])
         a = int(d.serve)
@@ -268,7 +330,7 @@ def _run_generic(rule: BatchRule, t: list[float], draw: Callable[[int], float]):
                     a = n if n < big_b else big_b
                 else:
                     now = nxt_arrival
-                    na += 1
+                    na = bisect_right(t, now, na + 1)  # the whole group arrives at once
                     continue
             else:
                 now = timer
@@ -283,20 +345,209 @@ def _run_generic(rule: BatchRule, t: list[float], draw: Callable[[int], float]):
     return sizes, starts, durs
 
 
-def simulate(profile: ServiceProfile, rule: BatchRule, arrivals: np.ndarray, *, idle_power_w: float,
+def _run_phased(policy, source, t: list[float], draw: Callable[[int], float]):
+    """Event loop for a phase policy: decide at completions, arrivals while free and phase changes."""
+    n_total = len(t)
+    big_b = int(policy.max_batch)
+    tables = [tb.extended(max(tb.truncation + 2, big_b + 2)).tolist() for tb in policy.tables]
+    sizes: list[int] = []
+    starts: list[float] = []
+    durs: list[float] = []
+    now = 0.0
+    head = 0
+    na = 0
+    while head < n_total:
+        if na == head:
+            now = t[head]
+            na = bisect_right(t, now, head + 1)
+        n = na - head
+        acts = tables[source.phase(now, na)]
+        a = acts[n] if n < len(acts) else min(n, big_b)
+        if a == 0:
+            nxt = t[na] if na < n_total else math.inf
+            change = source.next_change(now, nxt)
+            if change < nxt:
+                now = change
+                continue
+            if math.isinf(nxt):
+                a = n if n < big_b else big_b
+            else:
+                now = nxt
+                na = bisect_right(t, now, na + 1)
+                continue
+        s = draw(a)
+        sizes.append(a)
+        starts.append(now)
+        durs.append(s)
+        head += a
+        now += s
+        na = bisect_right(t, now, na)
+    return sizes, starts, durs
+
+
+def simulate_phased(profile: ServiceProfile, policy, source, arrivals: np.ndarray, *, idle_power_w: float,
+                    weight: float, seed: int | None = None, warmup: float = 0.0) -> SimResult:
+    """Run a phase policy (``solver.mmpp.PhasePolicy``) whose phase comes from ``source``
+    (``solver.phase_filter``: the true path, or the forward filter on these arrival times)."""
+    t = _validate(profile, policy.tables[0], arrivals, idle_power_w, weight, warmup)
+    draws = _ServiceDraws(profile, int(policy.max_batch), seed)
+    sizes, starts, durs = _run_phased(policy, source, t.tolist(), draws.draw)
+    return _summarise(profile, t, np.asarray(sizes, dtype=np.int64), np.asarray(starts), np.asarray(durs),
+                      float(idle_power_w), float(weight), float(warmup), int(policy.max_batch))[0]
+
+
+def _run_instances(rule: InstanceRule, t: list[float], draw: Callable[[int], float]):
+    """Event loop for k instances fed by one FIFO queue.
+
+    Decision epochs: an arrival while an instance is free, a completion, a rule's timer. At an epoch
+    the rule is asked with m = busy instances, again after each batch it starts while one is free.
+    Fast paths that skip epochs at which nothing can change: a table jumps to the next completion or
+    to the arrival at which its row for the current m serves, a per-instance timeout rule straight to
+    its firing time (it ignores m, so completions meanwhile do not change its answer). When no event
+    is left and the rule would wait forever, the rest is served in batches of min(n, B).
+    """
+    n_total = len(t)
+    k = int(rule.instances)
+    big_b = int(rule.max_batch)
+    table: list[list[int]] | None = None
+    next_serve: list[list[int]] = []
+    size = 0
+    timeout: float | None = None
+    if type(rule) is InstanceTable:
+        size = max(rule.truncation + 2, big_b + 2)
+        table = []
+        for m in range(k):
+            acts = rule.row(m).extended(size).tolist()
+            nxt_row = [0] * size
+            nxt = size
+            for n in range(size - 1, -1, -1):
+                if acts[n] > 0:
+                    nxt = n
+                nxt_row[n] = nxt
+            table.append(acts)
+            next_serve.append(nxt_row)
+    elif type(rule) is PerInstance and type(rule.rule) is TimeoutRule:
+        timeout = float(rule.rule.timeout_s)
+    decide = rule.decide_busy
+    sizes: list[int] = []
+    starts: list[float] = []
+    durs: list[float] = []
+    busy: list[float] = []  # heap of completion times
+    inf = math.inf
+    now = 0.0
+    head = 0
+    na = 0
+    while head < n_total:
+        while busy and busy[0] <= now:
+            heapq.heappop(busy)
+        m = len(busy)
+        n = na - head
+        wake = inf  # when waiting with a free instance: the next time the rule could serve
+        while m < k and n > 0:
+            if table is not None:
+                a = table[m][n] if n < size else min(n, big_b)
+                if a == 0:
+                    need = next_serve[m][n]
+                    idx = head + need - 1
+                    wake = t[idx] if idx < n_total else inf
+            elif timeout is not None:
+                fire = t[head] + timeout
+                if n >= big_b:
+                    a = big_b
+                elif now >= fire:
+                    a = n
+                else:
+                    a = 0
+                    full = head + big_b - 1
+                    wake = fire
+                    if full < n_total and t[full] < wake:
+                        wake = t[full]
+            else:
+                d = decide(n, m, now - t[head])
+                a = int(d.serve)
+                if a < 0 or a > n or a > big_b:
+                    raise ModelError(f"rule {rule!r} chose to serve {a} with n={n} waiting, m={m} busy and B={big_b}")
+                if a == 0:
+                    nxt_arrival = t[na] if na < n_total else inf
+                    wake = nxt_arrival
+                    if d.recheck_after_s is not None:
+                        recheck = float(d.recheck_after_s)
+                        if not recheck >= 0:
+                            raise ModelError(f"rule {rule!r} asked to recheck after {recheck!r} s")
+                        timer = now + recheck
+                        if timer <= now:
+                            timer = math.nextafter(now, inf)
+                        wake = min(wake, timer)
+            if a == 0:
+                break
+            s = draw(a)
+            sizes.append(a)
+            starts.append(now)
+            durs.append(s)
+            heapq.heappush(busy, now + s)
+            head += a
+            n -= a
+            m += 1
+        if head >= n_total:
+            break
+        done = busy[0] if busy else inf
+        if n == 0:  # empty queue: the next arrival or completion
+            nxt = t[na] if na < n_total else inf
+            now = min(nxt, done)
+        elif m < k:  # waiting with a free instance
+            nxt = wake if timeout is not None else min(wake, done)  # a per-instance timeout ignores completions
+            if math.isinf(nxt):  # the rule would wait past the last arrival, nothing busy: drain
+                now = max(now, t[-1])
+                na = n_total
+                n = na - head
+                a = n if n < big_b else big_b
+                s = draw(a)
+                sizes.append(a)
+                starts.append(now)
+                durs.append(s)
+                heapq.heappush(busy, now + s)
+                head += a
+                continue
+            now = nxt
+        else:  # all busy
+            now = done
+        na = bisect_right(t, now, na)
+    return sizes, starts, durs
+
+
+def simulate(profile: ServiceProfile, rule: BatchRule | InstanceRule, arrivals: np.ndarray, *, idle_power_w: float,
              weight: float, seed: int | None = None, warmup: float = 0.0) -> SimResult:
     """Run ``rule`` on the given arrival times and estimate W, its percentiles, P and J = W + w P.
 
     ``warmup`` (seconds) drops the requests that arrive before it and the energy spent before it,
     to remove the empty-start transient. ``seed`` fixes the service-time streams.
+
+    An ``InstanceRule`` (``InstanceTable``, ``PerInstance``) runs on its k instances fed by one FIFO
+    queue (``_run_instances``); power is then the sum over instances (each busy one draws its
+    batch's power, each idle one P0), so P0 is the idle power of one instance's device.
     """
+    return simulate_latencies(profile, rule, arrivals, idle_power_w=idle_power_w, weight=weight, seed=seed,
+                              warmup=warmup)[0]
+
+
+def simulate_latencies(profile: ServiceProfile, rule: BatchRule | InstanceRule, arrivals: np.ndarray, *,
+                       idle_power_w: float, weight: float, seed: int | None = None,
+                       warmup: float = 0.0) -> tuple[SimResult, np.ndarray]:
+    """``simulate`` plus the response time of every request that arrived after the warm-up, in
+    arrival order (for latency distributions: quantiles, SLO attainment)."""
     t = _validate(profile, rule, arrivals, idle_power_w, weight, warmup)
     draws = _ServiceDraws(profile, int(rule.max_batch), seed)
     t_list = t.tolist()
+    if isinstance(rule, InstanceRule):
+        sizes, starts, durs = _run_instances(rule, t_list, draws.draw)
+        return _summarise(profile, t, np.asarray(sizes, dtype=np.int64), np.asarray(starts), np.asarray(durs),
+                          float(idle_power_w), float(weight), float(warmup), int(rule.max_batch), int(rule.instances))
     if type(rule) is PolicyTable:
         sizes, starts, durs = _run_table(rule, t_list, draws.draw)
     elif type(rule) is TimeoutRule:
         sizes, starts, durs = _run_timeout(rule, t_list, draws.draw)
+    elif type(rule) is MaxWaitGuard and type(rule.rule) is PolicyTable:
+        sizes, starts, durs = _run_table_guard(rule.rule, rule.max_wait_s, t_list, draws.draw)
     else:
         sizes, starts, durs = _run_generic(rule, t_list, draws.draw)
     return _summarise(profile, t, np.asarray(sizes, dtype=np.int64), np.asarray(starts), np.asarray(durs),
@@ -304,7 +555,8 @@ def simulate(profile: ServiceProfile, rule: BatchRule, arrivals: np.ndarray, *, 
 
 
 def _summarise(profile: ServiceProfile, t: np.ndarray, sizes: np.ndarray, starts: np.ndarray, durs: np.ndarray,
-               p0: float, weight: float, warmup: float, big_b: int) -> SimResult:
+               p0: float, weight: float, warmup: float, big_b: int,
+               instances: int = 1) -> tuple[SimResult, np.ndarray]:
     ends = starts + durs
     completion = np.repeat(ends, sizes)
     latency = completion - t
@@ -316,7 +568,7 @@ def _summarise(profile: ServiceProfile, t: np.ndarray, sizes: np.ndarray, starts
     # Busy time and energy inside [warmup, end], prorating a batch that straddles the warm-up.
     power = profile.busy_power_w[sizes - 1]
     busy = np.clip(ends - np.maximum(starts, warmup), 0.0, None)
-    energy = float(np.sum(power * busy)) + p0 * (horizon - float(busy.sum()))
+    energy = float(np.sum(power * busy)) + p0 * (instances * horizon - float(busy.sum()))
     mean_power = energy / horizon
 
     # Power CI by batch means over equal time windows (a batch's energy counted where it starts).
@@ -325,7 +577,7 @@ def _summarise(profile: ServiceProfile, t: np.ndarray, sizes: np.ndarray, starts
     win = np.minimum(((starts[counted] - warmup) / horizon * k).astype(np.int64), k - 1)
     busy_e = np.bincount(win, weights=(power * durs)[counted], minlength=k)
     busy_t = np.bincount(win, weights=durs[counted], minlength=k)
-    win_p = (busy_e + p0 * (horizon / k - busy_t)) / (horizon / k)
+    win_p = (busy_e + p0 * (instances * horizon / k - busy_t)) / (horizon / k)
     power_ci = float(stats.t.ppf(0.975, k - 1) * win_p.std(ddof=1) / math.sqrt(k)) if counted.sum() >= 2 * k else math.nan
 
     hist = np.bincount(sizes[counted], minlength=big_b + 1)[1:]
@@ -348,7 +600,7 @@ def _summarise(profile: ServiceProfile, t: np.ndarray, sizes: np.ndarray, starts
         n_batches=n_batches,
         horizon_s=horizon,
         weight=weight,
-    )
+    ), lat
 
 
 if __name__ == "__main__":  # a quick figure; bench/sim_bench.py has the full benchmark

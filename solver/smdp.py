@@ -123,6 +123,9 @@ def solve(
     resume_warm_start=False`` is the search as it was before (kept for comparison).
     """
     started = time.perf_counter()
+    if model.instances != 1:
+        raise ModelError(f"solver.smdp solves one instance; the model has k = {model.instances} "
+                         f"(use solver.instances.solve_instances)")
     if method not in METHODS:
         raise ModelError(f"method must be one of {METHODS}, got {method!r}")
     if tail not in TAILS:

@@ -29,6 +29,10 @@ removed per full batch), alpha = tau(B) / (2 lambda delta):
   The automatic truncation (``solver.smdp``) grows N until that settles. For B = 1 the walk is skip-free downwards, lands exactly
   on N, and this tail is exact (M/G/1) at every N.
 
+Group arrivals (``solver.arrival_model.CompoundPoisson``): K is the compound count, a wait lasts
+until the next group (mean G/lambda) and jumps by a whole group (landings above N take the same
+excursion), and the fluid term uses Var K = lambda tau E[X^2]/E[X] + lambda^2 Var S.
+
 The K pmf is kept on 0..L (L <= N, trimmed where every action's pmf is below 1e-20); whatever lies
 beyond, in the window or above N, goes to the excursion through exact partial moments
 E[K; K > t] and E[K^2; K > t] (the full moments are known in closed form), so no mass is dropped.
@@ -44,6 +48,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy import stats
 
+from solver import arrival_model as am
 from solver.model import BatchingModel, ModelError, ServiceProfile
 
 TailKind = Literal["fluid", "first-order", "none"]
@@ -89,6 +94,14 @@ def arrival_pmf_matrix(profile: ServiceProfile, rate: float, kmax: int) -> np.nd
     return out
 
 
+def _counted(model: BatchingModel) -> am.Poisson | am.CompoundPoisson:
+    """The model's arrivals, if this one-dimensional SMDP covers them (an MMPP needs ``solver.mmpp``)."""
+    arrivals = model.arrivals
+    if isinstance(arrivals, am.MMPP2):
+        raise ModelError(f"the arrival model {arrivals.spec} needs the phase in the state: use solver.mmpp")
+    return arrivals
+
+
 @dataclass(frozen=True)
 class TailCoefficients:
     """An excursion to N + m costs latency lin*m + quad*m^2, energy energy*m and lasts time*m.
@@ -117,6 +130,7 @@ def tail_coefficients(
     if tail == "none":
         return TailCoefficients(0.0, 0.0, 0.0, 0.0, 0.0, B)
     lam = model.rate
+    arrivals = _counted(model)
     m1, m2 = service_moments(model.profile)
     tau_b, s2_b = float(m1[B - 1]), float(m2[B - 1])
     delta = B - lam * tau_b
@@ -125,7 +139,9 @@ def tail_coefficients(
     alpha = tau_b / (2.0 * lam * delta)
     lin = 2.0 * alpha * truncation
     if tail == "fluid":
-        var_k = lam * tau_b + lam * lam * (s2_b - tau_b * tau_b)
+        # groups: Var K = lambda tau E[X^2]/E[X] + lambda^2 Var S (the ratio is 1 for Poisson)
+        disp = arrivals.group_second_moment / arrivals.group_mean
+        var_k = lam * tau_b * disp + lam * lam * (s2_b - tau_b * tau_b)
         lin += (0.5 * s2_b + alpha * (var_k + delta * delta)) / delta
     elif tail != "first-order":
         raise ModelError(f"tail must be one of {TAILS}, got {tail!r}")
@@ -171,6 +187,9 @@ class TruncatedSMDP:
     cost: np.ndarray
     """latency + w * energy; +inf where invalid."""
     _gather: np.ndarray
+    jump: np.ndarray | None = None
+    """Group arrivals: P(X = x), x = 0..Lw, the jump of a wait (None: Poisson, a wait moves n to n + 1).
+    A wait's landings above N go to N with the excursion charges (``tail_p``/``tail_m`` column 0)."""
 
     @property
     def n_states(self) -> int:
@@ -194,8 +213,14 @@ class TruncatedSMDP:
         pv = window @ self.pmf_t
         out = np.empty((N + 1, self.model.max_batch + 1))
         out[:, 1:] = pv.ravel()[self._gather] + self.tail_p[:, 1:] * h[N]
-        out[:-1, 0] = h[1:]
-        out[-1, 0] = h[N]
+        if self.jump is None:
+            out[:-1, 0] = h[1:]
+            out[-1, 0] = h[N]
+        else:
+            lw = self.jump.size - 1
+            up = np.zeros(N + 1 + lw)
+            up[: N + 1] = h
+            out[:, 0] = sliding_window_view(up, lw + 1) @ self.jump + self.tail_p[:, 0] * h[N]
         return out
 
     def _checked_actions(self, actions: np.ndarray) -> np.ndarray:
@@ -233,10 +258,16 @@ class TruncatedSMDP:
         L = self.band
         pmf = -self.pmf if sign < 0 else self.pmf
         tail = self.tail_p
+        jump = None if self.jump is None else sign * self.jump
         for n in range(N + 1):
             an = int(a[n])
             if an == 0:
-                M[n, n + 1] = sign
+                if jump is None:
+                    M[n, n + 1] = sign
+                else:
+                    e = min(n + jump.size - 1, N)
+                    M[n, n : e + 1] += jump[: e - n + 1]
+                    M[n, N] += sign * tail[n, 0]
                 continue
             s = n - an
             e = min(s + L, N)
@@ -255,6 +286,10 @@ class TruncatedSMDP:
         from scipy import sparse
 
         a = self._checked_actions(actions)
+        if self.jump is not None:  # group jumps: rows of several entries for waits too
+            P = np.zeros((self.n_states, self.n_states))
+            self._fill_rows(P, a, 1.0)
+            return sparse.csr_matrix(P)
         N = self.truncation
         L = self.band
         n = np.arange(N + 1)
@@ -344,7 +379,8 @@ def build(model: BatchingModel, truncation: int, tail: str = "fluid", drain_batc
     energy_b = np.asarray(model.profile.energy_j, dtype=float)
     coeffs = tail_coefficients(model, N, tail, drain_batch)
 
-    pmf_full = arrival_pmf_matrix(model.profile, lam, N)
+    arrivals = _counted(model)
+    pmf_full = am.count_pmf_matrix(model.profile, arrivals, lam, N, arrival_pmf_matrix)
     alive = np.nonzero(pmf_full.max(axis=0) > _PMF_FLOOR)[0]
     L = int(alive[-1]) if alive.size else 0
     pmf = np.ascontiguousarray(pmf_full[:, : L + 1])
@@ -352,8 +388,7 @@ def build(model: BatchingModel, truncation: int, tail: str = "fluid", drain_batc
     c0 = np.cumsum(pmf, axis=1)
     c1 = np.cumsum(pmf * k, axis=1)
     c2 = np.cumsum(pmf * k * k, axis=1)
-    mean_k = lam * m1
-    sq_k = lam * m1 + lam * lam * m2
+    mean_k, sq_k = am.count_moments(arrivals, lam, m1, m2)
 
     n = np.arange(N + 1)
     a = np.arange(B + 1)
@@ -380,15 +415,27 @@ def build(model: BatchingModel, truncation: int, tail: str = "fluid", drain_batc
     time = np.zeros((N + 1, B + 1))
     tp = np.zeros((N + 1, B + 1))
     tm = np.zeros((N + 1, B + 1))
-    latency[:, 0] = n / lam**2
-    energy[:, 0] = model.idle_power_w / lam
-    time[:, 0] = 1.0 / lam
+    # a wait lasts until the next arrival epoch: 1/lambda, or G/lambda for groups of mean G
+    g_mean = arrivals.group_mean
+    latency[:, 0] = n * g_mean / lam**2
+    energy[:, 0] = model.idle_power_w * g_mean / lam
+    time[:, 0] = g_mean / lam
     tau = m1[ai]
     latency[:, 1:] = (nn[:, 1:] * tau + lam * m2[ai] / 2.0) / lam + coeffs.lin * em + coeffs.quad * em2
     energy[:, 1:] = energy_b[ai] + coeffs.energy * em
     time[:, 1:] = tau + coeffs.time * em
     tp[:, 1:] = tail_p
     tm[:, 1:] = em if tail != "none" else 0.0
+    jump = None
+    if isinstance(arrivals, am.CompoundPoisson):
+        jump = am.jump_pmf(arrivals, N)
+        wp, wm, wm2 = am.jump_tail(arrivals, n, N)
+        wp[N], wm[N], wm2[N] = 1.0, 0.0, 0.0  # never waits at N (a wait there is refused)
+        latency[:, 0] += coeffs.lin * wm + coeffs.quad * wm2
+        energy[:, 0] += coeffs.energy * wm
+        time[:, 0] += coeffs.time * wm
+        tp[:, 0] = wp
+        tm[:, 0] = wm if tail != "none" else 0.0
     cost = np.where(valid, latency + w * energy, np.inf)
     # Serve pairs with a > n are meaningless: zero them (time 1 keeps ratios finite). The wait column
     # stays defined at every n, because evaluation accepts tables that wait at n >= B (a threshold
@@ -398,9 +445,11 @@ def build(model: BatchingModel, truncation: int, tail: str = "fluid", drain_batc
     time[:, 1:][~valid[:, 1:]] = 1.0
     gather = (s * B + ai).astype(np.intp)
     pmf_t = np.ascontiguousarray(pmf.T)
-    out = TruncatedSMDP(model, N, tail, coeffs, pmf, pmf_t, valid, latency, energy, time, tp, tm, cost, gather)
+    out = TruncatedSMDP(model, N, tail, coeffs, pmf, pmf_t, valid, latency, energy, time, tp, tm, cost, gather, jump)
     for arr in (pmf, pmf_t, valid, latency, energy, time, tp, tm, cost, gather):
         arr.setflags(write=False)
+    if jump is not None:
+        jump.setflags(write=False)
     return out
 
 
@@ -416,6 +465,8 @@ def initial_truncation(model: BatchingModel) -> int:
     B = model.max_batch
     m1, m2 = service_moments(model.profile)
     lam = model.rate
+    arrivals = _counted(model)
+    disp = arrivals.group_second_moment / arrivals.group_mean
     mean_k = lam * m1[B - 1]
-    sd_k = math.sqrt(lam * m1[B - 1] + lam * lam * max(m2[B - 1] - m1[B - 1] ** 2, 0.0))
+    sd_k = math.sqrt(lam * m1[B - 1] * disp + lam * lam * max(m2[B - 1] - m1[B - 1] ** 2, 0.0))
     return int(max(B + math.ceil(mean_k + 3.0 * sd_k), math.ceil(1.25 * B), 16))

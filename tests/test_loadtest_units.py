@@ -307,18 +307,31 @@ def test_sidecar_spec_passes_the_solver_service():
     assert "--solver" not in SidecarSpec(policy="smdp", max_batch=8).flags()
 
 
-def test_gate_contenders_run_on_the_data_plane_asked_for(tmp_path):
+def test_gate_contenders_run_on_the_data_plane_asked_for(tmp_path, monkeypatch):
+    import plugin.native_plane as native_plane
     from loadtest.cli import _config
     from loadtest.stack import SidecarSpec
     from smdp.cli import build_parser
 
-    assert "--data-plane" not in SidecarSpec(policy="greedy", max_batch=8).flags()
     flags = SidecarSpec(policy="greedy", max_batch=8, data_plane="native").flags()
     assert flags[flags.index("--data-plane") + 1] == "native"
     for command in ("demo", "bench"):
-        assert _config(build_parser().parse_args([command, "--out", str(tmp_path)])).data_plane == "python"
-        args = build_parser().parse_args([command, "--out", str(tmp_path), "--data-plane", "native"])
-        assert _config(args).data_plane == "native"
+        for plane in ("native", "python"):
+            args = build_parser().parse_args([command, "--out", str(tmp_path), "--data-plane", plane])
+            assert _config(args).data_plane == plane
+    # The default (auto) is resolved once, in the bench, so the report can name the plane: native where
+    # smdp-gate is found, else python with the reason.
+    gate = tmp_path / "smdp-gate"
+    gate.write_text("#!/bin/sh\n")
+    gate.chmod(0o755)
+    monkeypatch.setenv("SMDP_NATIVE_GATE", str(gate))
+    cfg = _config(build_parser().parse_args(["demo", "--out", str(tmp_path)]))
+    assert cfg.data_plane == "native" and str(gate) in cfg.data_plane_reason
+    monkeypatch.setenv("SMDP_NATIVE_GATE", str(tmp_path / "nothing"))
+    monkeypatch.setattr(native_plane, "DEFAULT_BINARY", tmp_path / "nothing")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    cfg = _config(build_parser().parse_args(["demo", "--out", str(tmp_path)]))
+    assert cfg.data_plane == "python" and "make native" in cfg.data_plane_reason
 
 
 def test_demo_defaults_have_every_contender_kind_and_start_a_solver(tmp_path):

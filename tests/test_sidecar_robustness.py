@@ -456,6 +456,7 @@ def _sidecar(triton_url: str, **overrides):
     from plugin.runner import SidecarThread
 
     default = overrides.pop("default", {"policy": "greedy"})
+    overrides.setdefault("data_plane", "python")  # these tests read the Python gate's state
     cfg = load_config(overrides={"listen": "127.0.0.1:0", "triton_url": triton_url, "default": default, **overrides},
                       environ={})
     runner = SidecarThread(cfg)

@@ -122,6 +122,7 @@ def test_a_zero_ttl_asks_tritons_config_every_time(triton_without_mlp):
     expected = error_of(tc.InferenceServerClient(triton.grpc_url))
     cfg = load_config(overrides={"listen": "127.0.0.1:0", "control_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0",
                                  "triton_url": triton.grpc_url, "unknown_model_ttl_s": 0,
+                                 "data_plane": "python",  # counts the Python gate's config fetches
                                  "default": {"policy": "greedy"}}, environ={})
     with SidecarThread(cfg) as sc:
         asked = count_config_calls(sc)

@@ -1,0 +1,329 @@
+"""Arrival models of the SMDP: Poisson, compound Poisson (requests in groups) and a two-phase MMPP.
+
+A model's ``rate`` (``BatchingModel.rate``) is always the mean *request* rate lambda; the arrival
+model says how those requests clump:
+
+* ``Poisson()``: one request at a time, the solver's original assumption (``poisson``).
+* ``CompoundPoisson(group_mean=G)``: groups at rate lambda / G, all of a group at one instant, group
+  sizes geometric on 1, 2, ... with mean G (``batch:G``); or ``CompoundPoisson.empirical(pmf)`` with
+  any group-size law (for instance the one measured in a trace). ``batch:1`` is Poisson exactly.
+* ``MMPP2(rates, switching)``: a hidden two-state Markov chain switches phase 1 -> 2 at rate
+  ``switching[0]`` and 2 -> 1 at ``switching[1]``; requests arrive as Poisson at ``rates[i]`` in phase
+  i (``mmpp:RATE1,RATE2:SWITCH12,SWITCH21``). Its mean rate is fixed by its parameters, so a model
+  with an MMPP must carry that rate (``BatchingModel`` checks). Solved by ``solver.mmpp``.
+
+For compound Poisson the embedded chain of the SMDP stays exact: the requests that arrive during a
+batch's service, K, are a compound sum: the number of groups M given the service time S is
+Poisson(lambda_g S) (mixed over the service law exactly as for Poisson arrivals), and
+P(K = k) = sum_m P(M = m) P(X_1 + ... + X_m = k). Only m <= k matter (every group has >= 1
+request), so a pmf on 0..kmax is exact. The geometric convolution powers are negative binomial in
+closed form; empirical ones are convolved.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence, Union
+
+import numpy as np
+from scipy import stats
+
+from solver.errors import ModelError
+
+if TYPE_CHECKING:
+    from solver.model import ServiceProfile
+
+_PMF_FLOOR = 1e-20
+
+
+def _positive(name: str, value: float) -> float:
+    v = float(value)
+    if not math.isfinite(v) or v <= 0:
+        raise ModelError(f"{name} must be a finite number > 0, got {value!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class Poisson:
+    """Requests arrive one at a time as a Poisson process at the model's rate."""
+
+    @property
+    def spec(self) -> str:
+        return "poisson"
+
+    @property
+    def group_mean(self) -> float:
+        return 1.0
+
+    @property
+    def group_second_moment(self) -> float:
+        return 1.0
+
+    def to_dict(self) -> dict:
+        return {"kind": "poisson", "spec": self.spec, "mean_group": 1.0, "index_of_dispersion": 1.0}
+
+
+@dataclass(frozen=True)
+class CompoundPoisson:
+    """Groups of requests at rate lambda / E[X]; all requests of a group arrive at one instant.
+
+    ``group_pmf`` None: geometric sizes P(X = x) = p (1 - p)^(x - 1), x >= 1, p = 1 / group_mean.
+    Otherwise ``group_pmf[x]`` = P(X = x) for x = 0..len - 1 (entry 0 must be 0; it sums to 1) and
+    ``group_mean`` must be its mean (``empirical`` computes it).
+    """
+
+    group_mean: float
+    """G = E[X]: mean requests per group (>= 1)."""
+    group_pmf: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        g = float(self.group_mean)
+        if not math.isfinite(g) or g < 1.0:
+            raise ModelError(f"mean group size must be a finite number >= 1, got {self.group_mean!r}")
+        object.__setattr__(self, "group_mean", g)
+        if self.group_pmf is not None:
+            q = np.asarray(self.group_pmf, dtype=float)
+            if q.ndim != 1 or q.size < 2 or not np.all(np.isfinite(q)) or np.any(q < 0):
+                raise ModelError("group-size pmf must be a list of probabilities P(X = 0), P(X = 1), ...")
+            if q[0] != 0.0:
+                raise ModelError(f"group-size pmf: P(X = 0) must be 0 (a group has >= 1 request), got {q[0]!r}")
+            if abs(q.sum() - 1.0) > 1e-9:
+                raise ModelError(f"group-size pmf must sum to 1, sums to {q.sum()!r}")
+            q = q / q.sum()
+            mean = float(np.arange(q.size) @ q)
+            if abs(mean - g) > 1e-9 * mean:
+                raise ModelError(f"group_mean {g!r} disagrees with the mean of group_pmf, {mean!r}")
+            object.__setattr__(self, "group_pmf", tuple(float(x) for x in q))
+
+    @classmethod
+    def empirical(cls, pmf: Sequence[float]) -> "CompoundPoisson":
+        """Group sizes with P(X = x) = pmf[x] (normalised; pmf[0] must be 0)."""
+        q = np.asarray(pmf, dtype=float)
+        if q.ndim != 1 or q.size < 2 or not np.all(np.isfinite(q)) or np.any(q < 0) or q.sum() <= 0:
+            raise ModelError("group-size pmf must be a list of probabilities P(X = 0), P(X = 1), ...")
+        if q[0] != 0.0:
+            raise ModelError(f"group-size pmf: P(X = 0) must be 0 (a group has >= 1 request), got {q[0]!r}")
+        q = q / q.sum()
+        return cls(group_mean=float(np.arange(q.size) @ q), group_pmf=tuple(float(x) for x in q))
+
+    @property
+    def geometric(self) -> bool:
+        return self.group_pmf is None
+
+    @property
+    def spec(self) -> str:
+        return f"batch:{self.group_mean:g}" if self.geometric else f"batch:empirical(mean {self.group_mean:g})"
+
+    @property
+    def group_second_moment(self) -> float:
+        """E[X^2]."""
+        if self.group_pmf is None:
+            p = 1.0 / self.group_mean
+            return (2.0 - p) / (p * p)
+        q = np.asarray(self.group_pmf)
+        x = np.arange(q.size, dtype=float)
+        return float(q @ (x * x))
+
+    def size_pmf(self, kmax: int) -> np.ndarray:
+        """P(X = x), x = 0..kmax (the last entry is not a tail mass)."""
+        x = np.arange(kmax + 1)
+        if self.group_pmf is None:
+            p = 1.0 / self.group_mean
+            return np.where(x >= 1, stats.geom.pmf(x, p), 0.0)
+        q = np.zeros(kmax + 1)
+        src = np.asarray(self.group_pmf)[: kmax + 1]
+        q[: src.size] = src
+        return q
+
+    def convolution_powers(self, mmax: int, kmax: int) -> np.ndarray:
+        """C[m, k] = P(X_1 + ... + X_m = k), m = 0..mmax, k = 0..kmax."""
+        out = np.zeros((mmax + 1, kmax + 1))
+        out[0, 0] = 1.0
+        if mmax == 0:
+            return out
+        k = np.arange(kmax + 1)
+        if self.group_pmf is None:
+            p = 1.0 / self.group_mean
+            m = np.arange(1, mmax + 1)[:, None]
+            # a sum of m geometric(p) on {1, 2, ...} is m + NegBin(m, p) failures
+            out[1:] = np.where(k[None, :] >= m, stats.nbinom.pmf(k[None, :] - m, m, p), 0.0)
+            return out
+        q = self.size_pmf(kmax)
+        for m in range(1, mmax + 1):
+            out[m] = np.convolve(out[m - 1], q)[: kmax + 1]
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": "compound_poisson",
+            "spec": self.spec,
+            "mean_group": self.group_mean,
+            "group_sizes": "geometric" if self.geometric else "empirical",
+            "group_pmf": None if self.group_pmf is None else list(self.group_pmf),
+            "index_of_dispersion": self.group_second_moment / self.group_mean,
+        }
+
+
+@dataclass(frozen=True)
+class MMPP2:
+    """Two-phase Markov-modulated Poisson process.
+
+    ``rates[i]``: requests per second in phase i (one may be 0); ``switching = (r12, r21)``: the rate
+    of leaving phase 1 for phase 2 and back, per second (both > 0, so both phases recur).
+    """
+
+    rates: tuple[float, float]
+    switching: tuple[float, float]
+
+    def __post_init__(self) -> None:
+        if len(self.rates) != 2 or len(self.switching) != 2:
+            raise ModelError(f"mmpp needs two rates and two switching rates, got {self.rates!r}, {self.switching!r}")
+        rates = []
+        for i, r in enumerate(self.rates, start=1):
+            r = float(r)
+            if not math.isfinite(r) or r < 0:
+                raise ModelError(f"mmpp rate of phase {i} must be finite and >= 0, got {r!r}")
+            rates.append(r)
+        if max(rates) <= 0:
+            raise ModelError("mmpp: at least one phase must have a positive rate")
+        sw = tuple(_positive(f"mmpp switching rate {name}", v) for name, v in zip(("1->2", "2->1"), self.switching))
+        object.__setattr__(self, "rates", (rates[0], rates[1]))
+        object.__setattr__(self, "switching", sw)
+
+    @property
+    def stationary(self) -> np.ndarray:
+        """P(phase 1), P(phase 2) in the long run."""
+        r12, r21 = self.switching
+        return np.array([r21, r12]) / (r12 + r21)
+
+    @property
+    def mean_rate(self) -> float:
+        return float(self.stationary @ np.asarray(self.rates))
+
+    @property
+    def generator(self) -> np.ndarray:
+        r12, r21 = self.switching
+        return np.array([[-r12, r12], [r21, -r21]])
+
+    @property
+    def spec(self) -> str:
+        (l1, l2), (a, b) = self.rates, self.switching
+        return f"mmpp:{l1:g},{l2:g}:{a:g},{b:g}"
+
+    def index_of_dispersion(self, window_s: float | None = None) -> float:
+        """Var N(t) / E N(t) of the counts in a window of t seconds (t = None: the limit t -> inf)."""
+        l1, l2 = self.rates
+        r12, r21 = self.switching
+        s = r12 + r21
+        lam = self.mean_rate
+        extra = 2.0 * r12 * r21 * (l1 - l2) ** 2 / (s**3 * lam) if lam > 0 else 0.0
+        if window_s is None:
+            return 1.0 + extra
+        t = float(window_s)
+        return 1.0 + extra * (1.0 - (1.0 - math.exp(-s * t)) / (s * t))
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": "mmpp",
+            "spec": self.spec,
+            "rates": list(self.rates),
+            "switching": list(self.switching),
+            "stationary": [float(x) for x in self.stationary],
+            "mean_rate": self.mean_rate,
+            "index_of_dispersion": self.index_of_dispersion(),
+        }
+
+
+ArrivalModel = Union[Poisson, CompoundPoisson, MMPP2]
+POISSON = Poisson()
+
+
+def parse_arrivals(spec: str) -> ArrivalModel:
+    """``poisson`` | ``batch:MEAN_GROUP`` | ``mmpp:RATE1,RATE2:SWITCH12,SWITCH21``."""
+    text = str(spec).strip()
+    head, _, rest = text.partition(":")
+    head = head.strip().lower()
+    if head == "poisson" and not rest:
+        return POISSON
+    if head == "batch":
+        try:
+            g = float(rest)
+        except ValueError:
+            raise ModelError(f"--arrivals batch:MEAN_GROUP needs a number >= 1, got {text!r}") from None
+        return POISSON if g == 1.0 else CompoundPoisson(group_mean=g)
+    if head == "mmpp":
+        parts = rest.split(":")
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            rates = [float(x) for x in parts[0].split(",")]
+            sw = [float(x) for x in parts[1].split(",")]
+            if len(rates) != 2 or len(sw) != 2:
+                raise ValueError
+        except ValueError:
+            raise ModelError(f"--arrivals mmpp:RATE1,RATE2:SWITCH12,SWITCH21 needs four numbers, got {text!r}") from None
+        return MMPP2(rates=(rates[0], rates[1]), switching=(sw[0], sw[1]))
+    raise ModelError(f"arrival model must be poisson, batch:MEAN_GROUP or mmpp:RATE1,RATE2:SWITCH12,SWITCH21; got {text!r}")
+
+
+def group_rate(arrivals: ArrivalModel, rate: float) -> float:
+    """Arrival epochs per second: lambda for Poisson, lambda / G for groups."""
+    if isinstance(arrivals, CompoundPoisson):
+        return rate / arrivals.group_mean
+    return rate
+
+
+def count_moments(arrivals: Poisson | CompoundPoisson, rate: float, m1: np.ndarray, m2: np.ndarray):
+    """E[K_b] and E[K_b^2] for the requests K_b that arrive during a service S_b with moments m1, m2.
+
+    K = X_1 + ... + X_M, M | S ~ Poisson(lambda_g S): E K = lambda E S and
+    Var K = lambda_g E[S] E[X^2] + lambda^2 Var S.
+    """
+    mean_k = rate * m1
+    if isinstance(arrivals, Poisson):
+        return mean_k, rate * m1 + rate * rate * m2
+    lam_g = rate / arrivals.group_mean
+    return mean_k, lam_g * m1 * arrivals.group_second_moment + rate * rate * m2
+
+
+def count_pmf_matrix(profile: ServiceProfile, arrivals: Poisson | CompoundPoisson, rate: float, kmax: int,
+                     poisson_matrix: Callable[[ServiceProfile, float, int], np.ndarray]) -> np.ndarray:
+    """P(K_b = k) for b = 1..B (rows), k = 0..kmax (columns), exact on that range.
+
+    ``poisson_matrix(profile, rate, kmax)`` is the Poisson-arrival law (``solver.tail``); for groups it
+    gives the law of the number of groups M at the group rate, which is then compounded.
+    """
+    if isinstance(arrivals, Poisson):
+        return poisson_matrix(profile, rate, kmax)
+    lam_g = rate / arrivals.group_mean
+    groups = poisson_matrix(profile, lam_g, kmax)
+    alive = np.nonzero(groups.max(axis=0) > _PMF_FLOOR)[0]
+    mmax = int(alive[-1]) if alive.size else 0
+    powers = arrivals.convolution_powers(mmax, kmax)
+    return np.clip(groups[:, : mmax + 1] @ powers, 0.0, 1.0)
+
+
+def jump_tail(arrivals: CompoundPoisson, n: np.ndarray, truncation: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For a wait at each n: P(n + X > N), E[(n + X - N)^+] and E[((n + X - N)^+)^2] (exact)."""
+    N = truncation
+    q = arrivals.size_pmf(N)
+    x = np.arange(N + 1, dtype=float)
+    c0 = np.cumsum(q)
+    c1 = np.cumsum(q * x)
+    c2 = np.cumsum(q * x * x)
+    t = np.clip(N - n, 0, N)  # jumps x <= t stay in 0..N
+    p_out = np.clip(1.0 - c0[t], 0.0, None)
+    e1 = np.clip(arrivals.group_mean - c1[t], 0.0, None)
+    e2 = np.clip(arrivals.group_second_moment - c2[t], 0.0, None)
+    r = (n - N).astype(float)
+    em = np.clip(e1 + r * p_out, 0.0, None)
+    em2 = np.clip(e2 + 2.0 * r * e1 + r * r * p_out, 0.0, None)
+    return p_out, em, em2
+
+
+def jump_pmf(arrivals: CompoundPoisson, truncation: int) -> np.ndarray:
+    """P(X = x), x = 0..L with L <= N the last size above the 1e-20 floor (for the wait rows)."""
+    q = arrivals.size_pmf(truncation)
+    alive = np.nonzero(q > _PMF_FLOOR)[0]
+    return np.ascontiguousarray(q[: int(alive[-1]) + 1])

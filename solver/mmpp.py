@@ -1,0 +1,468 @@
+"""The batching SMDP under a two-phase MMPP: state (n, phase), one policy table per phase.
+
+Which phase the policy sees. The gate observes the phase: the exact model here takes the phase
+as known at every decision epoch (completions, arrivals, and phase switches while waiting), and the
+gate estimates it online with a forward filter on arrival times (``PhaseFilter``; the simulator
+runs both the oracle and the filtered phase). Why: an MMPP matters exactly when its phases differ a
+lot in rate and last long against the gaps between arrivals, which is when the filter's posterior
+is sharp (a few arrivals tell a busy phase from a quiet one), and the per-phase tables then differ
+(the quiet phase serves early, the busy phase fills batches). When the phases cannot be told
+apart from arrival times the per-phase tables are close, and a phase-blind table (one table for
+both phases, ``evaluate_mmpp`` with a ``PolicyTable``) is what remains; this module evaluates that
+exactly too, so the value of knowing the phase is measured, not assumed.
+
+Embedded chain (exact). Serve a at (n, i): the service S_a is drawn from the profile's law and
+(K, J), the arrivals during it and the phase at its end, follow the MMPP's counting law, computed
+by uniformisation: with theta >= lambda_i + r_i, the number of uniformised events during S is
+Poisson(theta S) mixed over S (the same law as Poisson arrivals at rate theta,
+``solver.tail.arrival_pmf_matrix``) and each event is an arrival (prob lambda_i / theta), a switch
+(r_i / theta) or nothing. The latency cost of the epoch is (n E S + E integral_0^S A(t) dt) / lambda
+with E[int A | i] = lambda E[S^2]/2 + (lambda_i - lambda)(E S / sigma - (1 - E e^{-sigma S}) / sigma^2),
+sigma = r12 + r21 (the MMPP's mean count E[A(t) | i] relaxes to lambda t at rate sigma).
+Wait at (n, i): until the next arrival or switch, mean 1 / (lambda_i + r_i), to (n + 1, i) or (n, 1 - i).
+
+Above N (landings beyond the truncation) the drain back to N is charged with the phase-averaged
+fluid coefficients of ``solver.tail`` at the mean rate (an approximation; the automatic truncation
+grows N until the gain settles, as for Poisson).
+"""
+
+from __future__ import annotations
+
+import math
+import time as _time
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+from scipy import linalg
+
+from solver.arrival_model import MMPP2, POISSON
+from solver.errors import ModelError
+from solver.model import BatchingModel
+from solver.pi import SingularPolicyError, improve
+from solver.policy import PolicyTable
+from solver.tail import arrival_pmf_matrix, initial_truncation, service_moments, tail_coefficients
+
+MAX_TRUNCATION = 1500
+"""Per phase; the dense system has 2 (N + 1) unknowns."""
+GROWTH_RTOL = 1e-8
+_FLOOR = 1e-20
+
+
+def _mmpp(model: BatchingModel) -> MMPP2:
+    if not isinstance(model.arrivals, MMPP2):
+        raise ModelError(f"solver.mmpp needs a model with MMPP2 arrivals, got {model.arrivals.spec}")
+    return model.arrivals
+
+
+def _laplace(model: BatchingModel, sigma: float) -> np.ndarray:
+    """E[exp(-sigma S_b)] for b = 1..B."""
+    prof = model.profile
+    if prof.samples is not None:
+        return np.array([float(np.mean(np.exp(-sigma * s))) for s in prof.samples])
+    t, c = np.asarray(prof.mean_s), np.asarray(prof.cv)
+    out = np.exp(-sigma * t)
+    g = c > 0
+    out[g] = (1.0 + sigma * t[g] * c[g] ** 2) ** (-1.0 / c[g] ** 2)
+    return out
+
+
+def count_law(model: BatchingModel) -> np.ndarray:
+    """P(K = k, J = j | I = i) during one S_b: array [b - 1, i, j, k], k = 0..L (mass beyond L < 1e-14)."""
+    mm = _mmpp(model)
+    lam = np.asarray(mm.rates)
+    leave = np.asarray(mm.switching)
+    theta = float(np.max(lam + leave)) * 1.0000001
+    m1, m2 = service_moments(model.profile)
+    B = model.max_batch
+    sd = math.sqrt(theta * m1[-1] + theta * theta * max(m2[-1] - m1[-1] ** 2, 0.0))
+    mmax = int(theta * m1[-1] + 12.0 * sd + 30)
+    while True:
+        events = arrival_pmf_matrix(model.profile, theta, mmax)  # uniformised events during S_b
+        if float(np.min(events.sum(axis=1))) >= 1.0 - 1e-14:
+            break
+        mmax *= 2
+    alive = np.nonzero(events.max(axis=0) > _FLOOR)[0]
+    mmax = int(alive[-1])
+    events = events[:, : mmax + 1]
+    a1 = np.diag(lam / theta)  # an arrival, phase kept
+    a0 = np.eye(2) + (mm.generator - np.diag(lam)) / theta  # no arrival: a switch or nothing
+    u = np.zeros((mmax + 1, 2, 2))  # u[k] = P(k arrivals, phase j | i) after m events
+    u[0] = np.eye(2)
+    out = np.zeros((B, mmax + 1, 2, 2))
+    for m in range(mmax + 1):
+        out += events[:, m, None, None, None] * u[None]
+        if m == mmax:
+            break
+        nxt = u @ a0
+        nxt[1:] += u[:-1] @ a1
+        u = nxt
+    return np.ascontiguousarray(out.transpose(0, 2, 3, 1))  # [b, i, j, k]
+
+
+@dataclass(frozen=True)
+class PhasePolicy:
+    """One queue-length table per MMPP phase: ``tables[i]`` is used while the phase is i."""
+
+    tables: tuple[PolicyTable, PolicyTable]
+
+    def __post_init__(self) -> None:
+        if len(self.tables) != 2 or self.tables[0].max_batch != self.tables[1].max_batch:
+            raise ValueError("a phase policy needs two tables with the same max_batch")
+
+    @property
+    def max_batch(self) -> int:
+        return self.tables[0].max_batch
+
+    def action(self, n: int, phase: int) -> int:
+        return self.tables[phase].action(n)
+
+    def to_dict(self) -> dict:
+        return {f"phase{i + 1}": [int(a) for a in t.actions] for i, t in enumerate(self.tables)}
+
+
+@dataclass(frozen=True, eq=False)
+class PhaseSMDP:
+    """Costs, sojourns and transitions on (n, i), n = 0..N, i = 0, 1 (arrays [i, n, a])."""
+
+    model: BatchingModel
+    truncation: int
+    law: np.ndarray
+    """[b - 1, i, j, k]: the joint law of arrivals and end phase during S_b."""
+    valid: np.ndarray
+    latency: np.ndarray
+    energy: np.ndarray
+    time: np.ndarray
+    tail_p: np.ndarray
+    """[i, n, a, j]: probability of landing above N in phase j (moved to (N, j))."""
+    tail_m: np.ndarray
+    """[i, n, a]: E[(landing - N)^+], requests drained by the excursion."""
+    drain_batches: float
+    """Full batches per request drained above N."""
+
+    @property
+    def n_states(self) -> int:
+        return 2 * (self.truncation + 1)
+
+    @property
+    def cost(self) -> np.ndarray:
+        return np.where(self.valid, self.latency + self.model.weight * self.energy, np.inf)
+
+    def _extended(self, h: np.ndarray) -> np.ndarray:
+        """h[j, l] for l = 0..N + L, landings above N valued at N (the excursion returns there)."""
+        N = self.truncation
+        L = self.law.shape[3] - 1
+        ext = np.empty((2, N + 1 + L))
+        ext[:, : N + 1] = h
+        ext[:, N + 1 :] = h[:, N : N + 1]
+        return ext
+
+    def expected_next(self, h: np.ndarray) -> np.ndarray:
+        """E[h(next)] for every (i, n, a), h of shape (2, N + 1)."""
+        N = self.truncation
+        B = self.model.max_batch
+        L = self.law.shape[3] - 1
+        ext = self._extended(h)
+        n = np.arange(N + 1)
+        a = np.arange(1, B + 1)
+        s = np.clip(n[:, None] - a[None, :], 0, N)
+        out = np.empty((2, N + 1, B + 1))
+        for i in range(2):
+            acc = np.zeros((N + 1, B))
+            for j in range(2):
+                win = sliding_window_view(ext[j], L + 1)[: N + 1]  # win[s, k] = h_j(s + k)
+                acc += win @ self.law[:, i, j, :].T  # [s, a - 1]
+            out[i, :, 1:] = acc[s, a - 1]
+        mm = self.model.arrivals
+        lam = np.asarray(mm.rates)
+        leave = np.asarray(mm.switching)
+        for i in range(2):
+            nu = lam[i] + leave[i]
+            up = np.append(h[i, 1:], h[i, N])
+            out[i, :, 0] = (lam[i] * up + leave[i] * h[1 - i]) / nu
+        return out
+
+    def transition_matrix(self, actions: np.ndarray) -> np.ndarray:
+        """Dense P over states i * (N + 1) + n."""
+        N = self.truncation
+        size = N + 1
+        L = self.law.shape[3] - 1
+        mm = self.model.arrivals
+        lam = np.asarray(mm.rates)
+        leave = np.asarray(mm.switching)
+        P = np.zeros((self.n_states, self.n_states))
+        for i in range(2):
+            nu = lam[i] + leave[i]
+            for n in range(size):
+                r = i * size + n
+                a = int(actions[i, n])
+                if a == 0:
+                    P[r, i * size + min(n + 1, N)] += lam[i] / nu
+                    P[r, (1 - i) * size + n] += leave[i] / nu
+                    continue
+                s = n - a
+                e = min(s + L, N)
+                for j in range(2):
+                    P[r, j * size + s : j * size + e + 1] += self.law[a - 1, i, j, : e - s + 1]
+                    P[r, j * size + N] += self.tail_p[i, n, a, j]
+        return P
+
+
+def build_phase_smdp(model: BatchingModel, truncation: int, law: np.ndarray | None = None) -> PhaseSMDP:
+    mm = _mmpp(model)
+    B = model.max_batch
+    N = int(truncation)
+    if N < B:
+        raise ModelError(f"truncation N = {N} must be >= max_batch B = {B}")
+    law = count_law(model) if law is None else law
+    L = law.shape[3] - 1
+    lam_bar = model.rate
+    lam = np.asarray(mm.rates)
+    leave = np.asarray(mm.switching)
+    sigma = float(sum(mm.switching))
+    m1, m2 = service_moments(model.profile)
+    coeffs = tail_coefficients(model.with_(arrivals=POISSON), N, "fluid")
+    lap = _laplace(model, sigma)
+    n = np.arange(N + 1)
+    a = np.arange(1, B + 1)
+    s = n[:, None] - a[None, :]
+    sc = np.clip(s, 0, N)
+    valid = np.zeros((2, N + 1, B + 1), dtype=bool)
+    valid[:, :, 0] = n < B
+    valid[:, :, 1:] = s >= 0
+    latency = np.zeros((2, N + 1, B + 1))
+    energy = np.zeros((2, N + 1, B + 1))
+    time = np.ones((2, N + 1, B + 1))
+    tail_p = np.zeros((2, N + 1, B + 1, 2))
+    tail_m = np.zeros((2, N + 1, B + 1))
+    over = np.maximum(np.arange(N + 1 + L) - N, 0).astype(float)
+    beyond = (np.arange(N + 1 + L) > N).astype(float)
+    w_over = sliding_window_view(over, L + 1)[: N + 1]
+    w_over2 = sliding_window_view(over * over, L + 1)[: N + 1]
+    w_beyond = sliding_window_view(beyond, L + 1)[: N + 1]
+    for i in range(2):
+        nu = lam[i] + leave[i]
+        latency[i, :, 0] = n / (nu * lam_bar)
+        energy[i, :, 0] = model.idle_power_w / nu
+        time[i, :, 0] = 1.0 / nu
+        integral = lam_bar * m2 / 2.0 + (lam[i] - lam_bar) * (m1 / sigma - (1.0 - lap) / sigma**2)
+        law_i = law[:, i, :, :].sum(axis=1)  # [b, k], end phase summed
+        em = (w_over @ law_i.T)[sc, a - 1]
+        em2 = (w_over2 @ law_i.T)[sc, a - 1]
+        for j in range(2):
+            tail_p[i, :, 1:, j] = (w_beyond @ law[:, i, j, :].T)[sc, a - 1]
+        latency[i, :, 1:] = (n[:, None] * m1[None, :] + integral[None, :]) / lam_bar + coeffs.lin * em + coeffs.quad * em2
+        energy[i, :, 1:] = model.profile.energy_j[None, :] + coeffs.energy * em
+        time[i, :, 1:] = m1[None, :] + coeffs.time * em
+        tail_m[i, :, 1:] = em
+    inval = ~valid
+    latency[inval] = 0.0
+    energy[inval] = 0.0
+    time[inval] = 1.0
+    tail_p[inval] = 0.0
+    tail_m[inval] = 0.0
+    return PhaseSMDP(model, N, law, valid, latency, energy, time, tail_p, tail_m, coeffs.batches)
+
+
+@dataclass(frozen=True, eq=False)
+class PhaseValues:
+    gain: float
+    h: np.ndarray
+    """(2, N + 1), h(0, phase 1) = 0."""
+    pi: np.ndarray
+    """(2, N + 1): stationary law of the embedded chain."""
+
+
+def evaluate_actions(smdp: PhaseSMDP, actions: np.ndarray) -> PhaseValues:
+    """Gain, relative values and stationary law of ``actions`` [i, n] (one dense LU, as ``solver.pi``)."""
+    N = smdp.truncation
+    i_idx, n_idx = np.indices(actions.shape)
+    ok = smdp.valid[i_idx, n_idx, actions] & ((actions > 0) | (n_idx < N))
+    if not np.all(ok):
+        i, n = (int(x[0]) for x in np.nonzero(~ok))
+        raise ValueError(f"action {int(actions[i, n])} at (n = {n}, phase {i + 1}) is not allowed on 0..{N}")
+    c = (smdp.latency + smdp.model.weight * smdp.energy)[i_idx, n_idx, actions].ravel()
+    tau = smdp.time[i_idx, n_idx, actions].ravel()
+    A = np.eye(smdp.n_states) - smdp.transition_matrix(actions)
+    A[:, 0] = tau
+    try:
+        lu = linalg.lu_factor(A, overwrite_a=True, check_finite=False)
+    except (linalg.LinAlgError, ValueError) as exc:  # pragma: no cover
+        raise SingularPolicyError(str(exc)) from exc
+    if np.min(np.abs(np.diag(lu[0]))) == 0.0:
+        raise SingularPolicyError("policy evaluation matrix is singular")
+    x = linalg.lu_solve(lu, c, check_finite=False)
+    e0 = np.zeros(smdp.n_states)
+    e0[0] = 1.0
+    y = np.clip(linalg.lu_solve(lu, e0, trans=1, check_finite=False), 0.0, None)
+    g = float(x[0])
+    h = x.copy()
+    h[0] = 0.0
+    return PhaseValues(g, h.reshape(2, N + 1), (y / y.sum()).reshape(2, N + 1))
+
+
+@dataclass(frozen=True, eq=False)
+class PhaseEvaluation:
+    """Long-run figures of a policy under an MMPP (exact up to the tail treatment)."""
+
+    mean_latency_s: float
+    mean_power_w: float
+    cost: float
+    throughput_rps: float
+    mean_batch: float
+    truncation: int
+    phase_time: tuple[float, float]
+    """Fraction of time in each phase (the MMPP's stationary law, a check of the chain)."""
+
+    def to_dict(self) -> dict:
+        return {
+            "mean_latency_s": self.mean_latency_s,
+            "mean_power_w": self.mean_power_w,
+            "cost": self.cost,
+            "throughput_rps": self.throughput_rps,
+            "mean_batch": self.mean_batch,
+            "truncation": self.truncation,
+            "phase_time": list(self.phase_time),
+        }
+
+
+def _summarize(smdp: PhaseSMDP, actions: np.ndarray, values: PhaseValues) -> PhaseEvaluation:
+    i_idx, n_idx = np.indices(actions.shape)
+    pi = values.pi
+    t = smdp.time[i_idx, n_idx, actions]
+    mean_time = float(np.sum(pi * t))
+    lat = float(np.sum(pi * smdp.latency[i_idx, n_idx, actions])) / mean_time
+    power = float(np.sum(pi * smdp.energy[i_idx, n_idx, actions])) / mean_time
+    drained = smdp.tail_m[i_idx, n_idx, actions]
+    B = smdp.model.max_batch
+    served = float(np.sum(pi * actions)) + B * smdp.drain_batches * float(np.sum(pi * drained))
+    batches = float(np.sum(pi * (actions > 0))) + smdp.drain_batches * float(np.sum(pi * drained))
+    phase_t = (pi * t).sum(axis=1) / mean_time
+    return PhaseEvaluation(
+        mean_latency_s=lat,
+        mean_power_w=power,
+        cost=lat + smdp.model.weight * power,
+        throughput_rps=served / mean_time,
+        mean_batch=served / batches if batches > 0 else 0.0,
+        truncation=smdp.truncation,
+        phase_time=(float(phase_t[0]), float(phase_t[1])),
+    )
+
+
+def _actions(model: BatchingModel, policy: PhasePolicy | PolicyTable, size: int) -> np.ndarray:
+    tables = policy.tables if isinstance(policy, PhasePolicy) else (policy, policy)
+    if tables[0].max_batch != model.max_batch:
+        raise ModelError(f"policy is for max_batch {tables[0].max_batch}, the model has B = {model.max_batch}")
+    return np.vstack([t.extended(size) for t in tables])
+
+
+def _start_truncation(model: BatchingModel, policy: PhasePolicy | PolicyTable | None = None) -> int:
+    mm = _mmpp(model)
+    base = initial_truncation(model.with_(arrivals=POISSON))
+    # a busy phase above capacity piles up requests while it lasts: cover a typical surge
+    m1, _ = service_moments(model.profile)
+    cap = model.capacity
+    surge = max(0.0, max(mm.rates) - cap) / min(mm.switching)
+    n = int(max(base, model.max_batch + surge, 16))
+    if policy is not None:
+        tables = policy.tables if isinstance(policy, PhasePolicy) else (policy,)
+        n = max(n, *(t.truncation + 1 for t in tables))
+    return min(n, MAX_TRUNCATION)
+
+
+def evaluate_mmpp(model: BatchingModel, policy: PhasePolicy | PolicyTable, truncation: int | None = None) -> PhaseEvaluation:
+    """Exact W, P, J of a phase policy, or of one table for both phases (phase-blind), under the MMPP.
+
+    Beyond the tables: serve min(n, B). N grows by half until the cost moves by less than 1e-10.
+    """
+    law = count_law(model)
+    N = _start_truncation(model, policy) if truncation is None else int(truncation)
+    previous = None
+    while True:
+        smdp = build_phase_smdp(model, N, law)
+        a = _actions(model, policy, N + 1)
+        cur = _summarize(smdp, a, evaluate_actions(smdp, a))
+        if truncation is not None:
+            return cur
+        if previous is not None and abs(cur.cost - previous.cost) <= 1e-10 * abs(cur.cost):
+            return cur
+        if N >= MAX_TRUNCATION:
+            return cur
+        previous = cur
+        N = min(MAX_TRUNCATION, int(N * 1.5) + 1)
+
+
+@dataclass(frozen=True, eq=False)
+class PhaseSolveResult:
+    policy: PhasePolicy
+    gain: float
+    evaluation: PhaseEvaluation
+    iterations: int
+    converged: bool
+    truncation: int
+    sizes_tried: tuple[int, ...]
+    solve_time_s: float
+    model: BatchingModel
+
+    @property
+    def mean_latency_s(self) -> float:
+        return self.evaluation.mean_latency_s
+
+    @property
+    def mean_power_w(self) -> float:
+        return self.evaluation.mean_power_w
+
+
+def _policy_iteration(smdp: PhaseSMDP, start: np.ndarray, max_iter: int) -> tuple[np.ndarray, PhaseValues, int, bool]:
+    actions = start
+    values = evaluate_actions(smdp, actions)
+    cost = smdp.cost
+    seen = [actions]
+    for it in range(1, max_iter + 1):
+        q = np.where(smdp.valid, cost - values.gain * smdp.time + smdp.expected_next(values.h), np.inf)
+        flat_q = q.reshape(-1, q.shape[2])
+        new = improve(flat_q, actions.ravel()).reshape(actions.shape)
+        if np.array_equal(new, actions) or any(np.array_equal(new, old) for old in seen[-8:]):
+            return actions, values, it, True
+        actions = new
+        seen.append(actions)
+        values = evaluate_actions(smdp, actions)
+    return actions, values, max_iter, False
+
+
+def solve_mmpp(model: BatchingModel, *, truncation: int | None = None, max_iter: int = 1000) -> PhaseSolveResult:
+    """Optimal phase-observed policy (one table per phase) by policy iteration on (n, phase)."""
+    started = _time.perf_counter()
+    law = count_law(model)
+    B = model.max_batch
+    N = _start_truncation(model) if truncation is None else int(truncation)
+    start = None
+    sizes: list[int] = []
+    previous = None
+    its = 0
+    settled = truncation is not None
+    while True:
+        smdp = build_phase_smdp(model, N, law)
+        n = np.arange(N + 1)
+        greedy = np.vstack([np.minimum(n, B)] * 2)
+        if start is not None:
+            greedy[:, : start.shape[1]] = start
+        actions, values, k, ok = _policy_iteration(smdp, greedy, max_iter)
+        its += k
+        sizes.append(N)
+        if truncation is not None:
+            break
+        if previous is not None:
+            pa, pg = previous
+            if abs(values.gain - pg) <= GROWTH_RTOL * abs(values.gain) and np.array_equal(actions[:, : pa.shape[1]], pa):
+                settled = True
+                break
+        if N >= MAX_TRUNCATION:
+            break
+        previous = (actions, values.gain)
+        start = actions
+        N = min(MAX_TRUNCATION, int(N * 1.5) + 1)
+    policy = PhasePolicy((PolicyTable(actions[0], B), PolicyTable(actions[1], B)))
+    ev = _summarize(smdp, actions, values)
+    return PhaseSolveResult(policy, values.gain, ev, its, bool(ok and settled), N, tuple(sizes),
+                            _time.perf_counter() - started, model)

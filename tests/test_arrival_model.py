@@ -1,0 +1,197 @@
+"""Arrival models beyond Poisson: compound Poisson (groups) in the solver, exact evaluation and simulator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from solver import arrivals
+from solver.arrival_model import POISSON, CompoundPoisson, MMPP2, parse_arrivals
+from solver.evaluate import evaluate
+from solver.model import BatchingModel, ModelError, ServiceProfile
+from solver.policy import greedy
+from solver.simulate import simulate
+from solver.smdp import solve
+from solver.tail import arrival_pmf_matrix, build
+
+ROOT = Path(__file__).resolve().parents[1]
+V100 = ServiceProfile.from_csv(ROOT / "profiles" / "v100_resnet50.csv")
+
+
+def v100(B: int, load: float, weight: float, cv: float = 0.0, arrivals=POISSON) -> BatchingModel:
+    prof = ServiceProfile(V100.mean_s[:B], V100.energy_j[:B], np.full(B, cv))
+    m = BatchingModel(rate=1.0, max_batch=B, profile=prof, idle_power_w=40.0, weight=weight)
+    return m.with_(rate=load * m.capacity, arrivals=arrivals)
+
+
+def test_parse_and_validate():
+    assert parse_arrivals("poisson") is POISSON
+    assert parse_arrivals("batch:1") is POISSON
+    assert parse_arrivals("batch:4") == CompoundPoisson(4.0)
+    mm = parse_arrivals("mmpp:100,10:0.5,2")
+    assert mm == MMPP2((100.0, 10.0), (0.5, 2.0))
+    assert mm.mean_rate == pytest.approx(100 * 0.8 + 10 * 0.2)
+    for bad in ("batch:0.5", "batch:x", "mmpp:1,2:3", "mmpp:1,2:0,1", "mmpp:-1,2:1,1", "gamma"):
+        with pytest.raises(ModelError):
+            parse_arrivals(bad)
+    with pytest.raises(ModelError, match="P\\(X = 0\\)"):
+        CompoundPoisson.empirical([0.5, 0.5])
+    with pytest.raises(ModelError, match="mean rate of the MMPP"):
+        v100(8, 0.5, 0.0).with_(arrivals=mm)
+
+
+@pytest.mark.parametrize("cv", [0.0, 1.0])
+@pytest.mark.parametrize("weight", [0.0, 1e-3])
+def test_groups_of_one_reproduce_poisson_exactly(cv, weight):
+    m = v100(32, 0.6, weight, cv)
+    plain = solve(m)
+    one = solve(m.with_(arrivals=CompoundPoisson(1.0)))  # goes through the compound code path
+    assert one.gain == pytest.approx(plain.gain, rel=1e-13)
+    assert np.array_equal(one.policy.actions, plain.policy.actions)
+    ev = evaluate(m.with_(arrivals=CompoundPoisson(1.0)), plain.policy)
+    assert ev.cost == pytest.approx(plain.gain, rel=1e-12)
+
+
+@pytest.mark.parametrize("cv", [0.0, 0.7])
+def test_count_pmf_is_the_compound_law(cv):
+    """Moments of K and, for empirical sizes, the explicit compound sum."""
+    m = v100(8, 0.7, 0.0, cv, CompoundPoisson(3.0))
+    smdp = build(m, 400)
+    pmf = smdp.pmf
+    k = np.arange(pmf.shape[1])
+    tau = m.profile.mean_s
+    m2 = tau * tau * (1 + cv * cv)
+    lam, lam_g = m.rate, m.rate / 3.0
+    ex2 = (2 - 1 / 3) * 9  # E[X^2] of the geometric with mean 3
+    assert pmf.sum(axis=1) == pytest.approx(np.ones(8), abs=1e-12)
+    assert pmf @ k == pytest.approx(lam * tau, rel=1e-10)
+    var = pmf @ (k * k) - (pmf @ k) ** 2
+    assert var == pytest.approx(lam_g * tau * ex2 + lam * lam * (m2 - tau * tau), rel=1e-8)
+
+    q = [0.0, 0.5, 0.2, 0.3]
+    emp = CompoundPoisson.empirical(q)
+    me = m.with_(arrivals=emp)
+    got = build(me, 200).pmf
+    groups = arrival_pmf_matrix(me.profile, me.rate / emp.group_mean, 200)
+    want = np.zeros((8, 201))
+    conv = np.zeros(201)
+    conv[0] = 1.0
+    for j in range(201):  # P(K = k) = sum_m P(M = m) q^{*m}(k)
+        want += groups[:, j : j + 1] * conv[None, :]
+        conv = np.convolve(conv, q)[:201]
+    L = got.shape[1]
+    assert got == pytest.approx(want[:, :L], abs=1e-15)
+
+
+@pytest.mark.parametrize("cv", [0.0, 1.0])
+def test_batch_one_server_is_the_mx_g_1_queue(cv):
+    """B = 1, greedy: the M^X/G/1 queue, W = tau + (lambda E[S^2] + tau (E[X^2]/E[X] - 1)) / (2 (1 - rho))."""
+    tau, rate, G = 0.004, 150.0, 2.5
+    prof = ServiceProfile(mean_s=[tau], energy_j=[0.5], cv=[cv])
+    cp = CompoundPoisson(G)
+    m = BatchingModel(rate=rate, max_batch=1, profile=prof, idle_power_w=25.0, weight=0.0, arrivals=cp)
+    rho = rate * tau
+    s2 = tau * tau * (1 + cv * cv)
+    want = tau + (rate * s2 + tau * (cp.group_second_moment / G - 1.0)) / (2 * (1 - rho))
+    ev = evaluate(m, greedy(1))
+    assert ev.mean_latency_s == pytest.approx(want, rel=1e-8)
+    assert ev.mean_power_w == pytest.approx(rho * 0.5 / tau + (1 - rho) * 25.0, rel=1e-10)
+
+
+@pytest.mark.parametrize("G,weight,cv", [(4.0, 5e-4, 0.0), (3.0, 0.0, 1.0)])
+def test_simulator_agrees_with_exact_evaluation_under_groups(G, weight, cv):
+    cp = CompoundPoisson(G)
+    m = v100(16, 0.55, weight, cv, cp)
+    res = solve(m)
+    ev = evaluate(m, res.policy)
+    assert ev.cost == pytest.approx(res.gain, rel=1e-9)
+    t = arrivals.compound_poisson(m.rate, cp, n=300_000, rng=7)
+    assert np.mean(np.diff(np.unique(t))) == pytest.approx(G / m.rate, rel=0.02)
+    sim = simulate(m.profile, res.policy, t, idle_power_w=40.0, weight=weight, seed=3, warmup=2.0)
+    assert abs(sim.mean_latency_s - ev.mean_latency_s) <= 4 * sim.latency_ci95_s
+    assert abs(sim.mean_power_w - ev.mean_power_w) <= 4 * sim.power_ci95_w
+    # the Poisson prediction of the same policy is far off: the test can tell groups from Poisson
+    plain = evaluate(m.with_(arrivals=POISSON), res.policy)
+    assert sim.mean_latency_s - plain.mean_latency_s > (4 if cv == 0 else 1.5) * sim.latency_ci95_s
+
+
+def test_empirical_groups_simulated_as_given():
+    emp = CompoundPoisson.empirical([0.0, 0.2, 0.0, 0.8])  # groups of 1 or 3
+    t = arrivals.compound_poisson(100.0, emp, n=20_000, rng=1)
+    _, counts = np.unique(t, return_counts=True)
+    counts = counts[:-1]  # the last group may be cut at n
+    assert set(counts.tolist()) <= {1, 3}
+    assert np.mean(counts == 3) == pytest.approx(0.8, abs=0.02)
+    assert t.size == 20_000
+
+
+# ---- two-phase MMPP: state (n, phase) ---------------------------------------------------------
+
+from scipy import linalg  # noqa: E402
+
+from solver.mmpp import count_law, evaluate_mmpp, solve_mmpp  # noqa: E402
+from solver.phase_filter import PhaseFilter, TruePhase  # noqa: E402
+from solver.simulate import simulate_phased  # noqa: E402
+
+
+def mmpp_model(process: MMPP2, B: int = 16, weight: float = 2e-4, cv: float = 0.5) -> BatchingModel:
+    prof = ServiceProfile.affine(B, 0.1438e-3 * 4, 1.8874e-3 * 4, 0.04419, 0.1550, cv=cv)
+    return BatchingModel(rate=process.mean_rate, max_batch=B, profile=prof, idle_power_w=40.0, weight=weight,
+                         arrivals=process)
+
+
+def test_mmpp_with_equal_rates_is_poisson():
+    m = mmpp_model(MMPP2((600.0, 600.0), (1.0, 3.0)))
+    res = solve_mmpp(m)
+    plain = solve(m.with_(arrivals=POISSON))
+    assert res.gain == pytest.approx(plain.gain, rel=1e-9)
+    for table in res.policy.tables:
+        size = min(table.actions.size, plain.policy.actions.size)
+        assert np.array_equal(table.actions[:size], plain.policy.actions[:size])
+    assert res.evaluation.phase_time == pytest.approx((0.75, 0.25), abs=1e-9)
+
+
+def test_mmpp_count_law():
+    proc = MMPP2((900.0, 100.0), (2.0, 3.0))
+    m = mmpp_model(proc, B=8, cv=0.0)
+    law = count_law(m)  # [b, i, j, k]
+    tau = m.profile.mean_s
+    k = np.arange(law.shape[3])
+    assert law.sum(axis=(2, 3)) == pytest.approx(np.ones((8, 2)), abs=1e-12)
+    for b in (0, 7):
+        # end phase: the phase chain alone, exp(Q tau)
+        assert law[b].sum(axis=2) == pytest.approx(linalg.expm(proc.generator * tau[b]), abs=1e-12)
+        # mean count from the stationary phase: lambda tau
+        mean = proc.stationary @ (law[b].sum(axis=1) @ k)
+        assert mean == pytest.approx(proc.mean_rate * tau[b], rel=1e-10)
+
+
+def test_mmpp_simulation_agrees_with_exact_evaluation():
+    proc = MMPP2((900.0, 100.0), (2.0, 3.0))
+    m = mmpp_model(proc)
+    res = solve_mmpp(m)
+    assert res.converged
+    assert res.policy.tables[0].actions[:8].tolist() != res.policy.tables[1].actions[:8].tolist()
+    t, sw, ph = arrivals.mmpp2_path(proc, 600_000, rng=11)
+    sim = simulate_phased(m.profile, res.policy, TruePhase(sw, ph), t, idle_power_w=40.0, weight=2e-4,
+                          seed=2, warmup=5.0)
+    assert abs(sim.mean_latency_s - res.mean_latency_s) <= 4 * sim.latency_ci95_s
+    assert abs(sim.mean_power_w - res.mean_power_w) <= 4 * sim.power_ci95_w
+    # a phase-blind table (the Poisson-solved one) evaluated exactly under the MMPP, and simulated
+    blind = solve(m.with_(arrivals=POISSON)).policy
+    ev = evaluate_mmpp(m, blind)
+    assert ev.cost > res.gain  # knowing the phase is worth something here
+    sim_b = simulate(m.profile, blind, t, idle_power_w=40.0, weight=2e-4, seed=2, warmup=5.0)
+    assert abs(sim_b.mean_latency_s - ev.mean_latency_s) <= 4 * sim_b.latency_ci95_s
+
+
+def test_forward_filter_tracks_a_clear_phase():
+    proc = MMPP2((1000.0, 50.0), (1.0, 1.0))
+    t, sw, ph = arrivals.mmpp2_path(proc, 50_000, rng=4)
+    truth, filt = TruePhase(sw, ph), PhaseFilter(proc, t)
+    probe = t[::50]
+    idx = np.searchsorted(t, probe, side="right")
+    agree = np.mean([filt.phase(x, int(i)) == truth.phase(x, int(i)) for x, i in zip(probe, idx)])
+    assert agree > 0.97
