@@ -35,8 +35,22 @@ class ModelPolicyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     policy: str = Field("greedy", description="greedy | smdp | static:B0 | threshold:K | timeout:SECONDS")
-    profile: Path | None = Field(
-        None, description="Service-time/energy profile CSV (batch_size,mean_service_s,batch_energy_j); needed for smdp"
+    profile: Literal["auto"] | Path | None = Field(
+        None, description="Service-time/energy profile CSV (batch_size,mean_service_s,batch_energy_j); needed for "
+        "smdp. auto = measure it at start, before the model's gate opens: a sweep bounded by profile_auto_s "
+        "(smdp profile's, cached in profile_cache_dir by model, version and config); if it fails, greedy"
+    )
+    profile_auto_s: float = Field(
+        10.0, gt=0, allow_inf_nan=False,
+        description="profile: auto: longest the start-up sweep over batch sizes may take, seconds",
+    )
+    profile_power_from: Path | None = Field(
+        None, description="profile: auto where Triton reports no GPU: model the energy with this prior profile CSV's "
+        "busy power over the measured times (else busy power 0: latency only)",
+    )
+    profile_power_model: str | None = Field(
+        None, description="profile: auto where Triton reports no GPU: busy power 'A[,B]' = A + B x b watts over the "
+        "measured times (instead of profile_power_from)",
     )
     rate_rps: float | None = Field(
         None, gt=0, description="Arrival rate the smdp policy is solved for, requests/second"
@@ -198,6 +212,11 @@ class SidecarConfig(BaseModel):
     )
     allow_repository_control: bool = Field(
         False, description="Pass Triton's repository load/unload RPCs through (off: PERMISSION_DENIED)"
+    )
+    profile_cache_dir: Path = Field(
+        Path("~/.cache/smdp/profiles"),
+        description="Where profile: auto keeps measured profiles, one CSV per model, version, config hash and B "
+        "(~ is the user's home)",
     )
     default: ModelPolicyConfig = Field(
         default_factory=ModelPolicyConfig, description="Policy for models without an entry in `models`"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Callable
 
 import grpc
@@ -30,10 +30,11 @@ from solver.policy import MaxWaitGuard
 from solver.slo import SloTarget
 
 from .adaptive import PolicyController, learning_options
-from .config import SidecarConfig
+from .config import ModelPolicyConfig, SidecarConfig
 from .gate import ModelGate, Pending, QueueFull
 from .metrics import SidecarMetrics, latency_buckets_with
-from .native_plane import NativeGateView, NativePlane, choose_plane, monotonic_offset
+from .model_names import is_model_name
+from .native_plane import NativeGateView, NativePlane, choose_plane, forget_line, monotonic_offset
 from .merge import MalformedRequest, RequestValidator, merge, merge_key, split
 from .policies import RuleInfo, build_rule
 
@@ -51,6 +52,11 @@ _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    # Triton's errors quote what the client sent (a model name, an input's name): an answer of one
+    # client's request larger than gRPC's default metadata limit (8-16 KiB) must still come back, as
+    # that request's answer, and not as a connection failure under everyone's calls.
+    ("grpc.max_metadata_size", 2**31 - 1),
+    ("grpc.absolute_max_metadata_size", 2**31 - 1),
 ]
 
 
@@ -270,6 +276,8 @@ class Sidecar:
         state = self._models.get(key)
         if state is not None:
             return state
+        if not is_model_name(name):
+            return None  # no repository holds it: Triton's own answer, nothing kept by its name
         until = self._unknown.get(key)
         if until is not None:
             if self._clock() < until:
@@ -359,10 +367,15 @@ class Sidecar:
         max_rows = max(cfg.max_batch_size, 1)
         policy_cfg = self.config.policy_for(name)
         if cfg.max_batch_size > 0 and not _ungateable(cfg):
+            auto_note = ""
+            if policy_cfg.profile == "auto" and policy_cfg.policy == "smdp":
+                policy_cfg, auto_note = await self._auto_profile(name, version, policy_cfg)
             if policy_cfg.policy == "smdp" and policy_cfg.adaptive:
                 info, profile = self._adaptive_start(name, policy_cfg, cfg.max_batch_size)
             else:
                 info = await self._loop.run_in_executor(None, build_rule, name, policy_cfg, cfg.max_batch_size)
+            if auto_note:
+                info = replace(info, spec=f"{info.spec} ({auto_note})")
             if self._native is not None:
                 gate = NativeGateView(
                     name, self._native.send, self._guarded(name, info.rule), slots=slots,
@@ -425,6 +438,32 @@ class Sidecar:
                 if old.controller.slo is not None:
                     state.controller.set_slo(old.controller.slo)
         return state
+
+    def preload_auto_profiles(self) -> None:
+        """Profile the configured ``profile: auto`` models now, at start, rather than at their first request
+        (which waits for the sweep either way: the model's gate opens after it)."""
+        for name, pc in self.config.models.items():
+            if pc.profile == "auto" and pc.policy == "smdp":
+                self._spawn(self._preload(name))
+
+    async def _preload(self, name: str) -> None:
+        try:
+            await self.model_state(name, "")
+        except GateError as exc:
+            log.warning("model %s: not gated at start (%s); it will be at its first request", name, exc.details)
+
+    async def _auto_profile(self, name: str, version: str, cfg: ModelPolicyConfig) -> tuple[ModelPolicyConfig, str]:
+        """``profile: auto``: the measured (or cached) profile in place of "auto", or greedy and why."""
+        from .auto_profile import auto_profile
+
+        got = await auto_profile(self.config.triton_url, name, version, cfg,
+                                 self.config.profile_cache_dir.expanduser(),
+                                 metrics_url=self.config.triton_metrics_url, timeout_s=self.config.upstream_timeout_s)
+        if got.path is None:
+            log.warning("model %s: %s; gating it greedily instead of smdp", name, got.reason)
+            return cfg.model_copy(update={"policy": "greedy", "profile": None}), got.reason
+        log.info("model %s: %s", name, got.reason)
+        return cfg.model_copy(update={"profile": got.path}), got.reason
 
     def _adaptive_start(self, name: str, cfg, model_max_batch: int) -> tuple[RuleInfo, Any]:
         """An adaptive smdp model starts greedy; its controller installs the solved policy shortly."""
@@ -616,7 +655,7 @@ class Sidecar:
                     await asyncio.sleep(retry_s)  # Triton away or still starting
                     continue
                 if state is None and self._native is not None:
-                    self._native.send(f"forget {name}")
+                    self._native.send(forget_line(name))
                 return
             if not self._closing:
                 log.warning("model %s did not come back within %.0f s", name, give_up_s)
@@ -1192,6 +1231,7 @@ async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
     log.info("sidecar listening on port %d, relaying to Triton at %s", port, config.triton_url)
     running = RunningSidecar(server, sidecar, port, health)
     await _start_side_servers(running, config)
+    sidecar.preload_auto_profiles()
     return running
 
 
