@@ -312,10 +312,10 @@ def add_field_flag(
         choices, kind = list(typing.get_args(kind)), str
     if kind not in (str, int, float, Path):
         raise TypeError(f"{model.__name__}.{field}: no command-line flag for a {kind!r} field")
-    default = "none" if info.default is None else info.default
-    text = " ".join((info.description or field).split())
+    text = " ".join((info.description or field).split()) + extra_help
+    if not info.is_required():
+        text += f" (default: {'none' if info.default is None else info.default})"
     parser.add_argument(
         flag, dest=dest, type=str if kind is Path else kind, choices=choices, default=None, metavar=None if choices
-        else field.upper(),
-        help=f"{text}{extra_help} (default: {default})".replace("%", "%%"),
+        else field.upper(), help=text.replace("%", "%%"),
     )

@@ -45,6 +45,11 @@ POLICY_FLAGS = {
     "--idle-power": "idle_power_w",
     "--max-batch": "max_batch",
 }
+# ... and its tail-latency SLO (ModelPolicyConfig.slo):
+SLO_FLAGS = {
+    "--slo-quantile": "quantile",
+    "--slo-latency": "latency_s",
+}
 OFF = "none"
 """What --control-listen and --metrics-listen take to turn the endpoint off."""
 _OFF_FIELDS = ("control_listen", "metrics_listen")
@@ -55,8 +60,13 @@ def policy_dest(field: str) -> str:
     return f"default_{field}"
 
 
+def slo_dest(field: str) -> str:
+    """The parsed argument of a flag that sets ``default.slo.<field>``."""
+    return f"default_slo_{field}"
+
+
 def add_serve_command(sub: argparse._SubParsersAction) -> None:
-    from .config import ModelPolicyConfig, SidecarConfig, add_field_flag
+    from .config import ModelPolicyConfig, SidecarConfig, SloConfig, add_field_flag
 
     p = sub.add_parser(
         "serve",
@@ -71,6 +81,9 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     for flag, field in POLICY_FLAGS.items():
         add_field_flag(p, flag, ModelPolicyConfig, field, dest=policy_dest(field), extra_help="; for the default policy")
     p.add_argument("--fixed", action="store_true", help="smdp: keep the policy solved for --rate (no re-solving)")
+    for flag, field in SLO_FLAGS.items():
+        add_field_flag(p, flag, SloConfig, field, dest=slo_dest(field),
+                       extra_help="; the default policy's tail-latency SLO (smdp; --slo-latency sets it)")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_run)
 
@@ -81,6 +94,7 @@ def config_from_args(args: argparse.Namespace) -> "SidecarConfig":
 
     default = {field: getattr(args, policy_dest(field)) for field in POLICY_FLAGS.values()}
     default["adaptive"] = False if args.fixed else None
+    default["slo"] = _slo_flags(args)
     overrides = {field: getattr(args, field) for field in TOP_FLAGS.values()}
     overrides["default"] = {k: v for k, v in default.items() if v is not None} or None
     off = [k for k in _OFF_FIELDS if overrides[k] == OFF]
@@ -88,6 +102,16 @@ def config_from_args(args: argparse.Namespace) -> "SidecarConfig":
         overrides[k] = None
     config = load_config(args.config, overrides=overrides)
     return config.model_copy(update={k: None for k in off}) if off else config
+
+
+def _slo_flags(args: argparse.Namespace) -> dict | None:
+    """``slo`` of the default policy from --slo-quantile/--slo-latency (the config validates the values)."""
+    given = {field: getattr(args, slo_dest(field)) for field in SLO_FLAGS.values()}
+    if given["latency_s"] is None:
+        if given["quantile"] is not None:
+            raise ValueError("--slo-quantile needs --slo-latency (the SLO's D, seconds)")
+        return None
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _run(args: argparse.Namespace) -> int:
