@@ -1,4 +1,4 @@
-"""The k-instance formulation's errors, measured (issue 13; RESULTS.md section 6).
+"""The k-instance formulation's errors, measured (issue 13; RESULTS.md section 7).
 
 1. Exact phase-type chain against the simulator for k = 2, 3 (small B, where the chain fits): exact
    laws (CV 1, CV 0.5 = Erlang-4) and deterministic service (8 Erlang phases, an approximation).

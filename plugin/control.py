@@ -126,6 +126,8 @@ class ModelStatusInfo:
     """Entry b counts batches of b requests (entry 0 unused)."""
     queue_length: int = 0
     in_flight: int = 0
+    instances: int = 1
+    """k: model instances the gate fills; the policy a(n, m) sees m = ``in_flight``."""
     completed: int = 0
     rejected: int = 0
     """Refused because the queue was full."""
@@ -153,6 +155,7 @@ class ModelStatusInfo:
             batch_histogram=[int(x) for x in self.batch_histogram],
             queue_length=self.queue_length,
             in_flight=self.in_flight,
+            instances=self.instances,
             completed=self.completed,
             rejected=self.rejected,
             failed=self.failed,

@@ -139,6 +139,7 @@ class SidecarControl:
             batch_histogram=st.batches.tolist(),
             queue_length=state.gate.queue_length,
             in_flight=state.gate.in_flight,
+            instances=state.gate.slots,
             completed=st.latency_n,
             rejected=state.gate.counters.rejected,
             rejected_expired=state.gate.counters.expired,
