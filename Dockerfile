@@ -16,6 +16,8 @@ RUN apt-get update \
 RUN pip install --no-cache-dir 'tritonclient[grpc]>=2.40'
 WORKDIR /src
 COPY native ./native
+# the shared decision vectors the C++ unit tests run (as tests/test_vectors.py does in Python)
+COPY tests/vectors ./tests/vectors
 # `test` runs the gate's C++ unit tests: a failing check fails the image build.
 RUN make -C native -j"$(nproc)" PYTHON=python all test \
     && strip native/build/smdp-gate

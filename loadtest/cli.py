@@ -46,6 +46,29 @@ def _contender_flags(p: argparse.ArgumentParser, gates: str) -> None:
                    help="config-mode contender: the SMDP policy compiled into the model's dynamic_batching "
                    "(preferred_batch_size, max_queue_delay_microseconds) and reloaded on Triton, clients "
                    "direct to Triton; '' for none (default: %(default)s)")
+    add_slo_flags(p)
+
+
+def add_slo_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--slo-latency", type=float, default=None,
+                   help="a tail-latency SLO's D, seconds (of the emulated, time-scaled system): every row reports "
+                   "attainment (share within D) and goodput, and the contenders 'triton MA delay' (the delay a "
+                   "Model-Analyzer-style sweep picks) and 'gate smdp SLO' (the SLO gate) join in")
+    p.add_argument("--slo-quantile", type=float, default=0.99, help="the SLO's quantile q (default: %(default)s)")
+
+
+def slo_target(args: argparse.Namespace):
+    """The SLO of --slo-latency / --slo-quantile, or None (a bad value raises a ModelError, a ValueError)."""
+    from solver.slo import SloTarget
+
+    return None if args.slo_latency is None else SloTarget(args.slo_quantile, args.slo_latency)
+
+
+def slo_contenders(slo) -> tuple:
+    """What an SLO adds to the default contender list: the MA-style Triton delay and the SLO gate."""
+    from .contenders import parse_contender
+
+    return () if slo is None else (parse_contender("triton:ma"), parse_contender("gate:smdp-slo"))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -126,6 +149,8 @@ def _contenders(args: argparse.Namespace):
         out.append(parse_contender(f"gate:{g}"))
     for m in (s.strip() for s in (getattr(args, "config_mode", "") or "").split(",") if s.strip()):
         out.append(parse_contender(f"config:{m}"))
+    names = {c.name for c in out}
+    out += [c for c in slo_contenders(slo_target(args)) if c.name not in names]
     return tuple(out)
 
 
@@ -137,6 +162,7 @@ def _config(args: argparse.Namespace):
         time_scale=args.time_scale, weight=args.weight, idle_power_w=args.idle_power, profile_csv=args.profile,
         model=args.model, seed=args.seed, warmup_s=args.warmup, cooldown_s=args.cooldown, out_dir=args.out,
         solver=None if args.solver in ("none", "") else args.solver, data_plane=args.data_plane,
+        slo=slo_target(args),
     )
 
 

@@ -72,6 +72,8 @@ class SidecarSpec:
     """``smdp serve --data-plane``: python, or native (the C++ smdp-gate carries the requests)."""
     long_run_window_s: float | None = None
     """``smdp serve --long-run-window``: None = the sidecar's default; 0 = solve every regime with w as is."""
+    slo: tuple[float, float] | None = None
+    """(q, D): ``smdp serve --slo-quantile q --slo-latency D`` (the adaptive smdp gate serves that SLO)."""
 
     def flags(self) -> list[str]:
         out = ["--policy", self.policy, "--max-batch", str(self.max_batch), "--weight", repr(float(self.weight)),
@@ -88,6 +90,8 @@ class SidecarSpec:
         out += ["--data-plane", self.data_plane]
         if self.long_run_window_s is not None:
             out += ["--long-run-window", repr(float(self.long_run_window_s))]
+        if self.slo is not None:
+            out += ["--slo-quantile", repr(float(self.slo[0])), "--slo-latency", repr(float(self.slo[1]))]
         return out
 
 

@@ -1,167 +1,226 @@
 // Unit tests of the native gate's decision core and of merging/splitting, with no network and a
-// hand-driven clock. Each case mirrors a case of tests/test_gate.py or tests/test_merge.py, so the
-// C++ and Python planes decide alike. Run: make -C native test (pytest runs it too).
+// hand-driven clock. The decision core runs the shared vectors (tests/vectors/*.json, format in its
+// README.md), which tests/test_vectors.py runs against the Python plane: both planes give one set of
+// answers. Run: make -C native test (pytest runs it too). Usage: test_gate_core [VECTORS_DIR]
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <functional>
+#include <map>
+#include <memory>
+#include <sstream>
 #include <string>
 #include <vector>
 
 #include "gate_core.h"
+#include "json_lite.h"
 #include "merge.h"
+
+#ifndef SMDP_VECTORS_DIR
+#define SMDP_VECTORS_DIR "../tests/vectors"
+#endif
 
 namespace {
 
 int g_failed = 0, g_checks = 0;
-#define CHECK(cond)                                                                   \
-  do {                                                                                \
-    ++g_checks;                                                                       \
-    if (!(cond)) {                                                                    \
-      ++g_failed;                                                                     \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);  \
-    }                                                                                 \
+std::string g_where;  // the vector being run, for failure messages
+#define CHECK(cond)                                                                          \
+  do {                                                                                       \
+    ++g_checks;                                                                              \
+    if (!(cond)) {                                                                           \
+      ++g_failed;                                                                            \
+      std::fprintf(stderr, "%s:%d: CHECK failed: %s%s%s\n", __FILE__, __LINE__, #cond,        \
+                   g_where.empty() ? "" : "\n  in ", g_where.c_str());                       \
+    }                                                                                        \
   } while (0)
 
-template <typename E>
-bool Throws(const std::function<void()>& f, const char* needle) {
-  try {
-    f();
-  } catch (const E& e) {
-    return std::strstr(e.what(), needle) != nullptr;
-  }
-  return false;
-}
-
+using json_lite::Value;
 using smdp::ModelGate;
 using smdp::Pending;
 using smdp::Policy;
-using P = Pending<int>;
+using P = Pending<std::string>;
 
-Policy Table(std::vector<int> t, int b, int beyond = -1, double max_wait = -1) {
-  Policy p;
-  p.table = std::move(t);
-  p.max_batch = b;
-  p.beyond = beyond < 0 ? b : beyond;
-  p.max_wait_s = max_wait;
-  return p;
+// -- the rule's text and decisions ----------------------------------------------------------------
+
+void RunLines(const Value& cases) {
+  for (const Value& c : cases.items()) {
+    const std::string& line = c.at("line").str();
+    g_where = "line: " + line;
+    try {
+      CHECK(smdp::FormatPolicy(smdp::ParsePolicyLine(line)) == line);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "  %s\n", e.what());
+      CHECK(!"the line parses");
+    }
+  }
 }
 
-P Req(int id, double t, std::string key = "k", int rows = 1, int prio = 0, double deadline = INFINITY) {
-  P p;
-  p.payload = id;
-  p.arrival = t;
-  p.key = std::move(key);
-  p.rows = rows;
-  p.priority = prio;
-  p.deadline = deadline;
-  return p;
+void RunErrors(const Value& cases) {
+  for (const Value& c : cases.items()) {
+    const std::string& line = c.at("line").str();
+    const std::string& want = c.at("error").str();
+    g_where = "bad line: " + line + " (expected: " + want + ")";
+    std::string got;
+    try {
+      smdp::ParsePolicyLine(line);
+    } catch (const std::invalid_argument& e) {
+      got = e.what();
+    }
+    CHECK(!got.empty() && got.find(want) != std::string::npos);
+  }
 }
 
-std::vector<int> Ids(const std::vector<P*>& b) {
-  std::vector<int> out;
-  for (auto* p : b) out.push_back(p->payload);
+void RunDecisions(const Value& groups) {
+  for (const Value& g : groups.items()) {
+    Policy p = smdp::ParsePolicyLine(g.at("rule").str());
+    for (const Value& c : g.at("cases").items()) {
+      int n = c.at("n").integer();
+      double wait = c.at("wait").num();
+      int busy = c.has("busy") ? c.at("busy").integer() : 0;
+      g_where = "rule " + g.at("rule").str() + ": n=" + std::to_string(n) + " wait=" + std::to_string(wait) +
+                " busy=" + std::to_string(busy);
+      double recheck = 0;
+      const char* reason = nullptr;
+      int serve = p.Decide(n, wait, &recheck, &reason, busy);
+      CHECK(serve == c.at("serve").integer());
+      CHECK(std::string(reason) == c.at("reason").str());
+      if (c.at("recheck").is_null()) CHECK(recheck < 0);
+      else CHECK(std::fabs(recheck - c.at("recheck").num()) < 1e-9);
+    }
+  }
+}
+
+// -- the gate's scripts ---------------------------------------------------------------------------
+
+std::vector<std::string> Ids(const std::vector<P*>& items) {
+  std::vector<std::string> out;
+  for (auto* p : items) out.push_back(p->payload);
   return out;
 }
 
-void TestPolicyDecide() {
-  double re;
-  Policy t = Table({0, 0, 2, 3}, 4);  // wait below 2, serve n; beyond the table min(n, B)
-  CHECK(t.Decide(1, 0.0, &re) == 0 && re < 0);
-  CHECK(t.Decide(2, 0.0, &re) == 2);
-  CHECK(t.Decide(9, 0.0, &re) == 4);
-  Policy st = Table({0, 0, 2}, 4, 2);  // static b0 = 2 stays static beyond its table
-  CHECK(st.Decide(9, 0.0, &re) == 2);
-  Policy g = Table({0, 0, 0, 0, 4}, 4, 4, 0.010);  // timeout:0.01 (Triton's rule)
-  CHECK(g.Decide(2, 0.004, &re) == 0 && std::fabs(re - 0.006) < 1e-12);
-  CHECK(g.Decide(2, 0.010, &re) == 2);
-  CHECK(g.Decide(4, 0.0, &re) == 4);
-  CHECK(g.Decide(0, 1.0, &re) == 0);
-  CHECK(Throws<std::invalid_argument>([] { Table({0, 2}, 4).Validate(); }, "a(1) = 2"));
-  CHECK(Throws<std::invalid_argument>([] { Table({0, 1}, 4, 5).Validate(); }, "beyond"));
-  CHECK(Throws<std::invalid_argument>([] { Table({}, 4).Validate(); }, "empty"));
+std::vector<std::string> Strings(const Value* v) {
+  std::vector<std::string> out;
+  if (v != nullptr)
+    for (const Value& s : v->items()) out.push_back(s.str());
+  return out;
 }
 
-void TestGateServesByTable() {
-  ModelGate<int> gate(Table({0, 0, 0, 3}, 4), 1, 8);
-  P a = Req(1, 0.0), b = Req(2, 0.1), c = Req(3, 0.2), d = Req(4, 0.3);
-  CHECK(gate.Submit(&a));
-  CHECK(gate.Poll(0.0).batches.empty());
-  CHECK(gate.Submit(&b));
-  CHECK(gate.Poll(0.1).batches.empty());
-  CHECK(gate.Submit(&c));
-  auto s = gate.Poll(0.2);
-  CHECK(s.batches.size() == 1 && Ids(s.batches[0]) == std::vector<int>({1, 2, 3}));
-  CHECK(gate.in_flight() == 1 && gate.queue_length() == 0);
-  CHECK(gate.Submit(&d));
-  CHECK(gate.Poll(0.3).batches.empty());  // no free slot
-  gate.Complete();
-  CHECK(gate.Poll(0.4).batches.empty());  // n = 1: the table waits
-  CHECK(gate.counters().dispatched_batches == 1 && gate.counters().dispatched_requests == 3);
-  CHECK(Throws<std::logic_error>([&] { gate.Complete(); }, "without a batch"));
+int IntOr(const Value& obj, const char* key, int dflt) { return obj.has(key) ? obj.at(key).integer() : dflt; }
+
+void RunScript(const Value& script) {
+  const std::string name = script.at("name").str();
+  ModelGate<std::string> gate(smdp::ParsePolicyLine(script.at("rule").str()), IntOr(script, "slots", 1),
+                              IntOr(script, "max_queue", 1024));
+  std::map<std::string, std::unique_ptr<P>> pending;  // the requests' memory, by id
+  double now = 0;
+  int i = 0;
+  for (const Value& ev : script.at("events").items()) {
+    g_where = "script '" + name + "', event " + std::to_string(i++);
+    if (ev.has("at")) {
+      now = ev.at("at").num();
+    } else if (ev.has("arrive")) {
+      std::vector<std::string> refused;
+      for (const Value& spec : ev.at("arrive").items()) {
+        auto p = std::make_unique<P>();
+        p->arrival = now;
+        p->key = "k";
+        if (spec.is_string()) {
+          p->payload = spec.str();
+        } else {
+          p->payload = spec.at("id").str();
+          if (const Value* k = spec.find("key")) p->key = k->is_null() ? "" : k->str();
+          if (const Value* a = spec.find("arrival")) p->arrival = a->num();
+          p->rows = IntOr(spec, "rows", 1);
+          p->priority = IntOr(spec, "priority", 0);
+          if (const Value* d = spec.find("deadline"))
+            if (!d->is_null()) p->deadline = d->num();
+        }
+        if (gate.Submit(p.get())) pending[p->payload] = std::move(p);
+        else refused.push_back(p->payload);
+      }
+      CHECK(refused == Strings(ev.find("refused")));
+    } else if (ev.has("cancel")) {
+      CHECK(gate.Cancel(pending.at(ev.at("cancel").str()).get()) == ev.at("cancelled").truth());
+    } else if (ev.has("complete")) {
+      bool threw = false;
+      try {
+        for (int k = 0; k < ev.at("complete").integer(); ++k) gate.Complete();
+      } catch (const std::logic_error&) {
+        threw = true;
+      }
+      CHECK(threw == (ev.has("fails") && ev.at("fails").truth()));
+    } else if (ev.has("rule")) {
+      gate.SetPolicy(smdp::ParsePolicyLine(ev.at("rule").str()));
+    } else if (ev.has("slots")) {
+      gate.SetSlots(ev.at("slots").integer());
+    } else if (ev.has("poll")) {
+      const Value& want = ev.at("poll");
+      auto step = gate.Poll(now);
+      std::vector<std::vector<std::string>> batches, want_batches;
+      for (auto& b : step.batches) batches.push_back(Ids(b));
+      if (const Value* wb = want.find("batches"))
+        for (const Value& b : wb->items()) want_batches.push_back(Strings(&b));
+      CHECK(batches == want_batches);
+      std::vector<std::string> reasons(step.reasons.begin(), step.reasons.end());
+      std::vector<std::string> want_reasons =
+          want.has("reasons") ? Strings(want.find("reasons")) : std::vector<std::string>(batches.size(), "policy");
+      CHECK(reasons == want_reasons);
+      CHECK(Ids(step.expired) == Strings(want.find("expired")));
+      const Value* wake = want.find("wake_at");
+      if (wake == nullptr || wake->is_null()) CHECK(std::isinf(step.wake_at));
+      else CHECK(std::fabs(step.wake_at - wake->num()) < 1e-9);
+      for (P* p : step.expired) pending.erase(p->payload);  // answered: the caller's memory goes
+    } else if (ev.has("state")) {
+      const Value& want = ev.at("state");
+      if (want.has("queue")) CHECK(gate.queue_length() == want.at("queue").integer());
+      if (want.has("in_flight")) CHECK(gate.in_flight() == want.at("in_flight").integer());
+      if (want.has("slots")) CHECK(gate.slots() == want.at("slots").integer());
+      if (const Value* counters = want.find("counters")) {
+        const smdp::GateCounters& c = gate.counters();
+        const std::map<std::string, uint64_t> got{
+            {"submitted", c.submitted}, {"rejected", c.rejected}, {"cancelled", c.cancelled},
+            {"expired", c.expired}, {"dispatched_requests", c.dispatched_requests},
+            {"dispatched_batches", c.dispatched_batches}, {"decisions_wait", c.decisions_wait},
+            {"decisions_serve", c.decisions_serve}};
+        for (const auto& kv : counters->object) {
+          g_where += ", counter " + kv.first;
+          CHECK(got.count(kv.first) == 1 && got.at(kv.first) == static_cast<uint64_t>(kv.second.integer()));
+        }
+      }
+    } else {
+      CHECK(!"a known event");
+    }
+  }
 }
 
-void TestQueueBound() {
-  ModelGate<int> gate(Table({0, 0}, 4), 1, 2);
-  P a = Req(1, 0), b = Req(2, 0), c = Req(3, 0);
-  CHECK(gate.Submit(&a) && gate.Submit(&b));
-  CHECK(!gate.Submit(&c));
-  CHECK(gate.queue_length() == 2 && gate.counters().rejected == 1);
+// Every vector file in `dir`: each may hold lines, errors, decisions and scripts. Returns how many
+// files it read (0 is a failure: the vectors were not found).
+int RunVectors(const std::string& dir) {
+  int files = 0;
+  std::vector<std::filesystem::path> paths;
+  for (const auto& entry : std::filesystem::directory_iterator(dir))
+    if (entry.path().extension() == ".json") paths.push_back(entry.path());
+  std::sort(paths.begin(), paths.end());
+  for (const auto& path : paths) {
+    std::ifstream in(path);
+    std::stringstream text;
+    text << in.rdbuf();
+    Value doc = json_lite::Parse(text.str());
+    ++files;
+    if (const Value* v = doc.find("lines")) RunLines(*v);
+    if (const Value* v = doc.find("errors")) RunErrors(*v);
+    if (const Value* v = doc.find("decisions")) RunDecisions(*v);
+    if (const Value* v = doc.find("scripts"))
+      for (const Value& s : v->items()) RunScript(s);
+  }
+  g_where.clear();
+  return files;
 }
 
-void TestPriorityAndKeys() {
-  ModelGate<int> gate(Table({0, 1}, 4), 1, 16);
-  P low1 = Req(1, 0.0, "k", 1, 2), other = Req(2, 0.1, "x", 1, 2), high = Req(3, 0.2, "k", 1, 1),
-    low2 = Req(4, 0.3, "k", 1, 2);
-  for (P* p : {&low1, &other, &high, &low2}) CHECK(gate.Submit(p));
-  auto s = gate.Poll(0.4);  // n = 4 -> serve 4; head is the urgent one; "x" cannot join
-  CHECK(s.batches.size() == 1 && Ids(s.batches[0]) == std::vector<int>({3, 1, 4}));
-  CHECK(gate.queue_length() == 1);
-  gate.Complete();
-  s = gate.Poll(0.5);
-  CHECK(s.batches.size() == 1 && Ids(s.batches[0]) == std::vector<int>({2}));
-}
-
-void TestRowsCapAndLoneRequests() {
-  ModelGate<int> gate(Table({0, 1}, 4), 2, 16);
-  P a = Req(1, 0, "k", 3), b = Req(2, 0, "k", 2), c = Req(3, 0, "k", 1), lone = Req(4, 0, "", 1), d = Req(5, 0, "k", 1);
-  for (P* p : {&a, &b, &c, &lone, &d}) CHECK(gate.Submit(p));
-  auto s = gate.Poll(0);
-  // rows: a(3) + c(1) = 4 = B (b would exceed it); then b alone... the next slot takes b + d
-  CHECK(s.batches.size() == 2);
-  CHECK(Ids(s.batches[0]) == std::vector<int>({1, 3}));
-  CHECK(Ids(s.batches[1]) == std::vector<int>({2, 5}));
-  gate.Complete();
-  s = gate.Poll(0);
-  CHECK(s.batches.size() == 1 && Ids(s.batches[0]) == std::vector<int>({4}));  // empty key: alone
-}
-
-void TestCancelExpireAndWake() {
-  ModelGate<int> gate(Table({0, 0, 0, 3}, 4, 4, 0.050), 1, 16);
-  P a = Req(1, 0.0, "k", 1, 0, 0.020), b = Req(2, 0.01), c = Req(3, 0.015);
-  for (P* p : {&a, &b, &c}) CHECK(gate.Submit(p));
-  CHECK(gate.Cancel(&c) && !gate.Cancel(&c));
-  auto s = gate.Poll(0.012);
-  CHECK(s.batches.empty() && std::fabs(s.wake_at - 0.020) < 1e-12);  // a's deadline before the guard
-  s = gate.Poll(0.020);
-  CHECK(s.expired.size() == 1 && s.expired[0]->payload == 1);
-  CHECK(std::fabs(s.wake_at - 0.060) < 1e-12);  // guard: b has waited 10 ms of 50
-  s = gate.Poll(0.0601);
-  CHECK(s.batches.size() == 1 && Ids(s.batches[0]) == std::vector<int>({2}));
-  CHECK(gate.counters().expired == 1 && gate.counters().cancelled == 1);
-}
-
-void TestSlotsAndPolicySwap() {
-  ModelGate<int> gate(Table({0, 0, 0}, 4), 1, 16);
-  P a = Req(1, 0), b = Req(2, 0);
-  CHECK(gate.Submit(&a) && gate.Submit(&b));
-  CHECK(gate.Poll(0).batches.empty());
-  gate.SetPolicy(Table({0, 1}, 4));
-  CHECK(gate.Poll(0).batches.size() == 1);
-  gate.SetSlots(2);
-  CHECK(gate.slots() == 2 && gate.in_flight() == 1);
-  CHECK(Throws<std::invalid_argument>([&] { gate.SetPolicy(Table({1}, 4)); }, "a(0)"));
-}
+// -- merging and splitting ------------------------------------------------------------------------
 
 inference::ModelInferRequest Infer(const std::string& id, int rows, float base, const char* dt = "FP32") {
   inference::ModelInferRequest r;
@@ -253,14 +312,15 @@ void TestMergeAndSplit() {
 
 }  // namespace
 
-int main() {
-  TestPolicyDecide();
-  TestGateServesByTable();
-  TestQueueBound();
-  TestPriorityAndKeys();
-  TestRowsCapAndLoneRequests();
-  TestCancelExpireAndWake();
-  TestSlotsAndPolicySwap();
+int main(int argc, char** argv) {
+  const std::string dir = argc > 1 ? argv[1] : SMDP_VECTORS_DIR;
+  try {
+    int files = RunVectors(dir);
+    CHECK(files > 0);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "vectors in %s: %s\n", dir.c_str(), e.what());
+    CHECK(!"the vectors are readable");
+  }
   TestMergeKey();
   TestMergeAndSplit();
   std::printf("%d checks, %d failed\n", g_checks, g_failed);

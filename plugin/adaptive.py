@@ -30,6 +30,14 @@ than ``profile_drift`` relative at a size with ``profile_min_samples`` batches, 
 confidence interval), adopts it and marks the policy dirty: the next tick re-solves with it, and
 the new table replaces the old one between two decisions like any other re-solve.
 
+Tail-latency SLO. With ``set_slo`` (config ``slo``, ``smdp ctl set-slo``) a solve is the SLO search
+(``solver.slo.solve_slo``: the least-J table a(n) and max-wait guard whose predicted q-quantile of
+response time is <= D), run in a worker thread in-process also when a solver service is configured
+(the service has no SLO call), on the same triggers as any re-solve (a rate step or drift, a new
+weight, a learned profile). Its guard travels with the policy (``Solution.max_wait_s``) to either
+data plane. When no policy meets D the search returns greedy; the note, the log and the status say
+so. An SLO and a mean latency target exclude each other: setting one clears the other.
+
 Telemetry, off the hot path: every ``telemetry_interval_s`` a task reads Triton's statistics API
 (``compute_infer`` per batch size, kept beside the gate's own figures) and Triton's Prometheus
 metrics (``nv_energy_consumption`` / ``nv_gpu_power_usage``). When Triton reports a GPU the power is
@@ -46,9 +54,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from solver.model import BatchingModel, ModelError, ServiceProfile
-from solver.policy import PolicyTable, greedy
+from solver.policy import GateRule, InstanceTable, PolicyTable, greedy
+
+from solver.slo import SloTarget
 
 from .estimator import PowerReading, PowerSource, ProfileDrift, ProfileLearner, RateEstimator, fetch_metrics
+from .latency_window import LatencySummary, LatencyWindow
 
 log = logging.getLogger("smdp.adaptive")
 
@@ -107,6 +118,26 @@ class Solution:
     """Which service profile the policy was solved with (the CSV prior, or what was learned)."""
     solved_weight: float | None = None
     """The w the SMDP was solved with: ``weight`` x long-run rate / rate (see the module doc); None: ``weight``."""
+    max_wait_s: float | None = None
+    """The policy's own max-wait guard (an SLO policy's), installed with it; None: none."""
+    slo: "SloPrediction | None" = None
+    """What the SLO search predicted, for a solve made for an SLO."""
+    table: InstanceTable | None = None
+    """With k > 1 instances: the k-instance table a(n, m) the gate runs (``policy`` is its row m = 0)."""
+
+    @property
+    def rule(self) -> PolicyTable | GateRule:
+        """What the gate installs: the table, or the k-instance rule (m = batches in flight)."""
+        return self.policy if self.table is None else GateRule.of(self.table)
+
+
+@dataclass(frozen=True)
+class SloPrediction:
+    """The SLO search's verdict on the policy it chose (``solver.slo.SloResult``)."""
+
+    quantile_s: float
+    ci95_s: float
+    feasible: bool
 
 
 @dataclass(frozen=True)
@@ -166,7 +197,7 @@ class PolicyController:
         max_batch: int,
         idle_power_w: float,
         weight: float,
-        install: Callable[[PolicyTable], None],
+        install: Callable[[PolicyTable | GateRule], None],
         clock: Callable[[], float],
         solver: Any | None = None,
         initial_rate: float | None = None,
@@ -178,8 +209,11 @@ class PolicyController:
         learning: LearningConfig | None = None,
         stats: Any = None,
         metrics: Any = None,
+        instances: int = 1,
     ) -> None:
         self.model = model
+        self.instances = instances
+        """k: model instances the gate fills; k > 1 is solved as a(n, m) (``solver.instances``)."""
         self.profile = profile.truncated(max_batch) if profile.max_batch != max_batch else profile
         self.prior = self.profile
         self._solving = self.profile
@@ -187,6 +221,9 @@ class PolicyController:
         self.idle_power_w = idle_power_w
         self.weight = weight
         self.latency_target_s: float | None = None
+        self.slo: SloTarget | None = None
+        """The tail-latency SLO the policy is searched for (module doc); None: plain J = W + w P."""
+        self.latencies = LatencyWindow(window_s)
         self._install = install
         self._clock = clock
         self._solver = solver
@@ -230,7 +267,7 @@ class PolicyController:
 
     @property
     def capacity(self) -> float:
-        return self.max_batch / float(self.profile.mean_s[self.max_batch - 1])
+        return self.instances * self.max_batch / float(self.profile.mean_s[self.max_batch - 1])
 
     # -- inputs ------------------------------------------------------------------------------
     def observe_arrival(self, t: float) -> None:
@@ -321,6 +358,9 @@ class PolicyController:
         self.measured_window = (w, p)
         if self._metrics is not None and p is not None:
             self._metrics.set_measured(self.model, w, p.power_w, p.modelled)
+        slo = self.measured_slo(now)
+        if self._metrics is not None and slo is not None:
+            self._metrics.set_slo_measured(self.model, slo.quantile_s, slo.attainment)
         if self._metrics is not None and self.learner is not None and hasattr(self._metrics, "set_service_times"):
             self._metrics.set_service_times(self.model, self.learner.sizes(self.profile))
         return self.measured_window
@@ -389,7 +429,30 @@ class PolicyController:
         if target_s is not None and (not math.isfinite(target_s) or target_s <= 0):
             raise ValueError(f"latency target must be finite and > 0 seconds, got {target_s!r}")
         self.latency_target_s = target_s
+        if target_s is not None:
+            self.slo = None
         self._dirty = True
+
+    def set_slo(self, target: SloTarget | None) -> None:
+        """Serve the least-J policy meeting ``target`` from the next solve on (None: drop the SLO)."""
+        if target is not None and not isinstance(target, SloTarget):
+            raise ValueError(f"SLO must be an SloTarget, got {type(target).__name__}")
+        self.slo = target
+        if target is not None:
+            self.latency_target_s = None
+        elif self._metrics is not None:
+            self._metrics.clear_slo(self.model)
+        self._dirty = True
+
+    def observe_latency(self, now: float, latency_s: float) -> None:
+        """One answered request's arrival-to-answer time (for the measured quantile and attainment)."""
+        self.latencies.add(now, latency_s)
+
+    def measured_slo(self, now: float) -> LatencySummary | None:
+        """The SLO's quantile and attainment over the rate estimator's window; None without an SLO or answers."""
+        if self.slo is None:
+            return None
+        return self.latencies.summary(now, self.slo.quantile, self.slo.latency_s)
 
     # -- the loop ----------------------------------------------------------------------------
     def due(self, now: float) -> tuple[float, bool] | None:
@@ -471,10 +534,13 @@ class PolicyController:
         self.current = solution
         self.version += 1
         self.installed_at = self._clock()
-        self._install(solution.policy)  # atomic: one assignment between two decisions
+        self._install(solution.rule)  # atomic: one assignment between two decisions
+        if self._metrics is not None and solution.slo is not None and self.slo is not None:
+            self._metrics.set_slo(self.model, self.slo.quantile, self.slo.latency_s, solution.slo.quantile_s,
+                                  solution.slo.feasible)
         if rebase:  # see ``due``: only a solve for the measured rate moves the detector's reference
             self.rate.reset(self._clock(), solution.rate_rps)
-        if not self.note.startswith(("overload", "latency target", "estimated rate")):
+        if not self.note.startswith(("overload", "latency target", "estimated rate", "SLO")):
             self.note = ""
         solved = solution.solved_weight if solution.solved_weight is not None else solution.weight
         log.info(
@@ -486,7 +552,7 @@ class PolicyController:
 
     async def _solution_for(self, rate: float) -> Solution:
         self.note = ""
-        capacity = self.max_batch / float(self._solving.mean_s[self.max_batch - 1])
+        capacity = self.instances * self.max_batch / float(self._solving.mean_s[self.max_batch - 1])
         if rate >= capacity and self._rate_lo >= capacity:
             # No stationary policy exists; serve full batches, the bounded queue sheds the excess.
             self.note = (f"overload: estimated rate {rate:.1f}/s >= capacity {capacity:.1f}/s; "
@@ -500,9 +566,29 @@ class PolicyController:
             self.note = (f"estimated rate {rate:.1f}/s is within its confidence interval of capacity "
                          f"{capacity:.1f}/s: solved for {NEAR_CAPACITY * capacity:.1f}/s")
             rate = NEAR_CAPACITY * capacity
+        if self.slo is not None:
+            return await self._solve_slo(rate, self.slo)
         if self.latency_target_s is None:
             return await self._solve(rate, self.weight)
         return await self._search_weight(rate, self.latency_target_s)
+
+    async def _solve_slo(self, rate: float, target: SloTarget) -> Solution:
+        """The SLO search at this rate (module doc); greedy, flagged, when no policy meets D."""
+        from solver.slo import solve_slo
+
+        solved_weight = self.weight * self.weight_scale(rate, self._clock())
+        model = BatchingModel(rate=rate, max_batch=self.max_batch, profile=self._solving,
+                              idle_power_w=self.idle_power_w, weight=solved_weight)
+        res = await asyncio.get_running_loop().run_in_executor(None, lambda: solve_slo(model, target))
+        c = res.chosen
+        if not res.feasible:
+            self.note = (f"SLO q{target.quantile:g} <= {target.latency_s * 1e3:g} ms is infeasible at {rate:.1f}/s: "
+                         f"serving greedy, predicted q{target.quantile:g} {c.estimate.quantile_s * 1e3:.3f} ms")
+            log.warning("%s: %s", self.model, self.note)
+        return Solution(c.policy, rate, self.weight, c.mean_latency_s, c.mean_power_w,
+                        c.mean_latency_s + self.weight * c.mean_power_w, c.mean_batch,
+                        "in-process SLO search", self._profile_source(), solved_weight, c.max_wait_s,
+                        SloPrediction(c.estimate.quantile_s, c.estimate.ci95_s, res.feasible))
 
     async def _search_weight(self, rate: float, target_s: float) -> Solution:
         """The largest w whose predicted W meets the target: least power subject to the target.
@@ -537,6 +623,15 @@ class PolicyController:
         search passes False, since it searches w for a target on this regime's W itself."""
         profile = self._solving
         solved_weight = weight * self.weight_scale(rate, self._clock()) if long_run else weight
+        if self.instances > 1:
+            from solver.instances import solve_instances
+
+            k_model = BatchingModel(rate=rate, max_batch=self.max_batch, profile=profile,
+                                    idle_power_w=self.idle_power_w, weight=solved_weight, instances=self.instances)
+            k = await asyncio.get_running_loop().run_in_executor(None, lambda: solve_instances(k_model))
+            return Solution(k.policy.row(0), rate, weight, k.mean_latency_s, k.mean_power_w, k.gain, k.mean_batch,
+                            f"in-process k-instance search (k = {self.instances})", self._profile_source(),
+                            solved_weight, table=k.policy)
         model = BatchingModel(rate=rate, max_batch=self.max_batch, profile=profile,
                               idle_power_w=self.idle_power_w, weight=solved_weight)
         warm = self.current.policy if self.current is not None else None

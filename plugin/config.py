@@ -19,14 +19,38 @@ from solver.policy import parse_rule_spec
 ENV_PREFIX = "SMDP_SIDECAR_"
 
 
+class SloConfig(BaseModel):
+    """A tail-latency SLO: the ``quantile`` of response time must be <= ``latency_s``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    quantile: float = Field(0.99, gt=0, lt=1, allow_inf_nan=False,
+                            description="q: the share of requests that must finish within latency_s, in (0, 1)")
+    latency_s: float = Field(..., gt=0, allow_inf_nan=False, description="D: the latency bound, seconds")
+
+
 class ModelPolicyConfig(BaseModel):
     """How one model is gated."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     policy: str = Field("greedy", description="greedy | smdp | static:B0 | threshold:K | timeout:SECONDS")
-    profile: Path | None = Field(
-        None, description="Service-time/energy profile CSV (batch_size,mean_service_s,batch_energy_j); needed for smdp"
+    profile: Literal["auto"] | Path | None = Field(
+        None, description="Service-time/energy profile CSV (batch_size,mean_service_s,batch_energy_j); needed for "
+        "smdp. auto = measure it at start, before the model's gate opens: a sweep bounded by profile_auto_s "
+        "(smdp profile's, cached in profile_cache_dir by model, version and config); if it fails, greedy"
+    )
+    profile_auto_s: float = Field(
+        10.0, gt=0, allow_inf_nan=False,
+        description="profile: auto: longest the start-up sweep over batch sizes may take, seconds",
+    )
+    profile_power_from: Path | None = Field(
+        None, description="profile: auto where Triton reports no GPU: model the energy with this prior profile CSV's "
+        "busy power over the measured times (else busy power 0: latency only)",
+    )
+    profile_power_model: str | None = Field(
+        None, description="profile: auto where Triton reports no GPU: busy power 'A[,B]' = A + B x b watts over the "
+        "measured times (instead of profile_power_from)",
     )
     rate_rps: float | None = Field(
         None, gt=0, description="Arrival rate the smdp policy is solved for, requests/second"
@@ -74,6 +98,13 @@ class ModelPolicyConfig(BaseModel):
         "each size: tau(b) = (n_b mean_b + k base_b) / (n_b + k), batches",
     )
 
+    slo: SloConfig | None = Field(
+        None,
+        description="smdp, adaptive only: a tail-latency SLO {quantile, latency_s}; the policy is then the "
+        "least-J one (J = W + w P at `weight`) predicted to meet it, re-solved as the rate moves, greedy "
+        "(flagged in status and metrics) when none does",
+    )
+
     @field_validator("policy")
     @classmethod
     def _valid_policy(cls, v: str) -> str:
@@ -87,6 +118,8 @@ class ModelPolicyConfig(BaseModel):
                 raise ValueError("policy smdp needs `profile` (the service-time/energy profile CSV)")
             if not self.adaptive and self.rate_rps is None:
                 raise ValueError("a non-adaptive smdp policy needs `rate_rps` (the rate to solve for)")
+        if self.slo is not None and (self.policy != "smdp" or not self.adaptive):
+            raise ValueError("`slo` needs the adaptive smdp policy (policy: smdp, adaptive: true)")
         return self
 
 
@@ -179,6 +212,11 @@ class SidecarConfig(BaseModel):
     )
     allow_repository_control: bool = Field(
         False, description="Pass Triton's repository load/unload RPCs through (off: PERMISSION_DENIED)"
+    )
+    profile_cache_dir: Path = Field(
+        Path("~/.cache/smdp/profiles"),
+        description="Where profile: auto keeps measured profiles, one CSV per model, version, config hash and B "
+        "(~ is the user's home)",
     )
     default: ModelPolicyConfig = Field(
         default_factory=ModelPolicyConfig, description="Policy for models without an entry in `models`"

@@ -21,6 +21,8 @@ from typing import Any, Protocol, Sequence
 import grpc
 
 from plugin.estimator import RateEstimate
+from solver.model import ModelError
+from solver.slo import SloTarget
 from smdp.v1 import smdp_pb2, smdp_pb2_grpc
 
 log = logging.getLogger("smdp.control")
@@ -80,6 +82,30 @@ class ServiceTimeInfo:
 
 
 @dataclass(frozen=True)
+class SloStatusInfo:
+    """A model's tail-latency SLO and how it fares; see ``SloStatus`` in the proto."""
+
+    quantile: float
+    latency_s: float
+    feasible: bool
+    predicted_quantile_s: float | None = None
+    predicted_ci95_s: float | None = None
+    measured_quantile_s: float | None = None
+    attainment: float | None = None
+    samples: int = 0
+    max_wait_s: float | None = None
+
+    def message(self) -> smdp_pb2.SloStatus:
+        msg = smdp_pb2.SloStatus(quantile=self.quantile, latency_s=self.latency_s, feasible=self.feasible,
+                                 samples=self.samples)
+        for name in ("predicted_quantile_s", "predicted_ci95_s", "measured_quantile_s", "attainment", "max_wait_s"):
+            value = getattr(self, name)
+            if value is not None and math.isfinite(value):
+                setattr(msg, name, value)
+        return msg
+
+
+@dataclass(frozen=True)
 class ModelStatusInfo:
     """One model's state as the sidecar sees it; see ``ModelStatus`` in the proto for each field."""
 
@@ -99,6 +125,8 @@ class ModelStatusInfo:
     """Entry b counts batches of b requests (entry 0 unused)."""
     queue_length: int = 0
     in_flight: int = 0
+    instances: int = 1
+    """k: model instances the gate fills; the policy a(n, m) sees m = ``in_flight``."""
     completed: int = 0
     rejected: int = 0
     """Refused because the queue was full."""
@@ -112,6 +140,7 @@ class ModelStatusInfo:
     profile_learning: bool = False
     rejected_expired: int = 0
     rejected_invalid: int = 0
+    slo: SloStatusInfo | None = None
 
     def message(self) -> smdp_pb2.ModelStatus:
         msg = smdp_pb2.ModelStatus(
@@ -125,6 +154,7 @@ class ModelStatusInfo:
             batch_histogram=[int(x) for x in self.batch_histogram],
             queue_length=self.queue_length,
             in_flight=self.in_flight,
+            instances=self.instances,
             completed=self.completed,
             rejected=self.rejected,
             failed=self.failed,
@@ -150,6 +180,8 @@ class ModelStatusInfo:
             msg.predicted.CopyFrom(self.predicted.message())
         if self.measured is not None:
             msg.measured.CopyFrom(self.measured.message())
+        if self.slo is not None:
+            msg.slo.CopyFrom(self.slo.message())
         return msg
 
 
@@ -181,7 +213,7 @@ class UnknownModel(KeyError):
 class ControlBackend(Protocol):
     """What the sidecar provides to the control API. Methods may be ``async``.
 
-    ``set_weight`` and ``set_latency_target`` receive values already validated here; they may still
+    ``set_weight``, ``set_latency_target`` and ``set_slo`` receive values already validated here; they may still
     raise ValueError (for example a latency target no weight can meet), which becomes
     INVALID_ARGUMENT, or UnknownModel, which becomes NOT_FOUND.
     """
@@ -193,6 +225,8 @@ class ControlBackend(Protocol):
     def set_weight(self, model: str, weight: float) -> None: ...
 
     def set_latency_target(self, model: str, target_s: float | None) -> None: ...
+
+    def set_slo(self, model: str, target: SloTarget | None) -> None: ...
 
     def policy(self, model: str) -> PolicyInfo: ...
 
@@ -279,6 +313,22 @@ class ControlServicer(smdp_pb2_grpc.ControlServicer):
         await self._authorize(context)
         model = await self._model(request.model, context)
         await self._backend_call(context, self._backend.set_latency_target, model, None)
+        return await self._status(model, context)
+
+    async def SetSlo(self, request, context):
+        await self._authorize(context)
+        model = await self._model(request.model, context)
+        try:
+            target = SloTarget(request.quantile, request.latency_s)
+        except ModelError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        await self._backend_call(context, self._backend.set_slo, model, target)
+        return await self._status(model, context)
+
+    async def ClearSlo(self, request, context):
+        await self._authorize(context)
+        model = await self._model(request.model, context)
+        await self._backend_call(context, self._backend.set_slo, model, None)
         return await self._status(model, context)
 
     async def GetStatus(self, request, context):

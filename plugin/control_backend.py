@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from solver.policy import PolicyTable
+from solver.slo import SloTarget
 
-from .control import Figures, ModelStatusInfo, PolicyInfo, ServiceTimeInfo, UnknownModel
+from .control import Figures, ModelStatusInfo, PolicyInfo, ServiceTimeInfo, SloStatusInfo, UnknownModel
 from .metrics import PREFIX
 
 if TYPE_CHECKING:
@@ -47,6 +48,13 @@ class SidecarControl:
         if c is None:
             raise ValueError(f"model {model!r} is not served by an adaptive smdp policy; it has no latency target")
         c.set_latency_target(target_s)
+        c.tick(self.sidecar.clock())
+
+    def set_slo(self, model: str, target: SloTarget | None) -> None:
+        c = self._state(model).controller
+        if c is None:
+            raise ValueError(f"model {model!r} is not served by an adaptive smdp policy; it cannot take an SLO")
+        c.set_slo(target)
         c.tick(self.sidecar.clock())
 
     def policy(self, model: str) -> PolicyInfo:
@@ -131,6 +139,7 @@ class SidecarControl:
             batch_histogram=st.batches.tolist(),
             queue_length=state.gate.queue_length,
             in_flight=state.gate.in_flight,
+            instances=state.gate.slots,
             completed=st.latency_n,
             rejected=state.gate.counters.rejected,
             rejected_expired=state.gate.counters.expired,
@@ -142,12 +151,33 @@ class SidecarControl:
             profile_updates=c.profile_version if c is not None else 0,
             profile_batches=c.learner.batches if c is not None and c.learner is not None else 0,
             profile_learning=c is not None and c.learner is not None,
+            slo=_slo_status(c, now),
             note="; ".join(x for x in (
                 c.note if c is not None else "",
                 c.learning_summary(now) if c is not None else "",
                 "" if state.profile is not None or c is not None else "no profile: power unknown",
             ) if x),
         )
+
+
+def _slo_status(c, now: float) -> SloStatusInfo | None:
+    """The SLO, the search's prediction for the policy in force (if it was solved for this SLO) and
+    the measurement over the rate estimator's window."""
+    if c is None or c.slo is None:
+        return None
+    sol = c.current
+    pred = sol.slo if sol is not None else None
+    meas = c.measured_slo(now)
+    return SloStatusInfo(
+        quantile=c.slo.quantile, latency_s=c.slo.latency_s,
+        feasible=pred.feasible if pred is not None else False,
+        predicted_quantile_s=pred.quantile_s if pred is not None else None,
+        predicted_ci95_s=pred.ci95_s if pred is not None else None,
+        measured_quantile_s=meas.quantile_s if meas is not None else None,
+        attainment=meas.attainment if meas is not None else None,
+        samples=meas.samples if meas is not None else 0,
+        max_wait_s=sol.max_wait_s if sol is not None and pred is not None else None,
+    )
 
 
 def _scaled(solution) -> str:

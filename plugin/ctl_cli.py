@@ -4,6 +4,8 @@
     smdp ctl --url HOST:PORT [--token T] status [MODEL]
     smdp ctl --url HOST:PORT [--token T] set-weight MODEL W
     smdp ctl --url HOST:PORT [--token T] set-target MODEL SECONDS|none
+    smdp ctl --url HOST:PORT [--token T] set-slo MODEL --quantile Q --latency SECONDS
+    smdp ctl --url HOST:PORT [--token T] clear-slo MODEL
     smdp ctl --url HOST:PORT [--token T] policy MODEL
     smdp ctl --url HOST:PORT [--token T] watch MODEL [--interval S] [--count N]
 
@@ -26,7 +28,7 @@ _USER_ERRORS = ("INVALID_ARGUMENT", "NOT_FOUND", "UNAUTHENTICATED", "PERMISSION_
 def add_ctl_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ctl",
-        help="control a running sidecar: weight, latency target, status, policy",
+        help="control a running sidecar: weight, latency target, SLO, status, policy",
         description="Client of the sidecar's control API (smdp.v1.Control).",
     )
     _add_arguments(p)
@@ -49,6 +51,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     tg = cmds.add_parser("set-target", help="set a mean latency target in seconds, or 'none' to clear it")
     tg.add_argument("model")
     tg.add_argument("target", help="seconds, or none")
+    so = cmds.add_parser("set-slo", help="set a tail-latency SLO: the QUANTILE of response time <= LATENCY seconds")
+    so.add_argument("model")
+    so.add_argument("--quantile", type=float, default=0.99, help="q, strictly between 0 and 1 (default: %(default)s)")
+    so.add_argument("--latency", type=float, required=True, help="D, seconds")
+    cs = cmds.add_parser("clear-slo", help="drop the model's SLO (back to least J = W + w P)")
+    cs.add_argument("model")
     po = cmds.add_parser("policy", help="the policy table in force")
     po.add_argument("model")
     wa = cmds.add_parser("watch", help="stream the status until interrupted")
@@ -94,6 +102,11 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
                     reply = stub.SetLatencyTarget(
                         smdp_pb2.SetLatencyTargetRequest(model=args.model, target_s=target), **kw)
                 out(show(reply))
+            elif cmd == "set-slo":
+                out(show(stub.SetSlo(smdp_pb2.SetSloRequest(model=args.model, quantile=args.quantile,
+                                                            latency_s=args.latency), **kw)))
+            elif cmd == "clear-slo":
+                out(show(stub.ClearSlo(smdp_pb2.ModelRequest(model=args.model), **kw)))
             elif cmd == "policy":
                 out(show(stub.GetPolicy(smdp_pb2.ModelRequest(model=args.model), **kw)))
             elif cmd == "watch":
@@ -188,9 +201,12 @@ def _status_text(s: Any) -> str:
         lines.append(f"  predicted  {_figures(s.predicted)}  (at {s.predicted_rate_rps:.2f} req/s)")
     if s.HasField("measured"):
         lines.append(f"  measured   {_figures(s.measured, ' (modelled)' if s.power_modelled else '')}")
+    if s.HasField("slo"):
+        lines.extend(_slo_text(s.slo))
     hist = [f"{b}:{c}" for b, c in enumerate(s.batch_histogram) if b > 0 and c > 0]
     lines.append(f"  batches    {' '.join(hist) if hist else '(none)'}")
-    lines.append(f"  queue {s.queue_length}, in flight {s.in_flight}, completed {s.completed}, "
+    lines.append(f"  queue {s.queue_length}, in flight {s.in_flight} of {max(s.instances, 1)} instance(s), "
+                 f"completed {s.completed}, "
                  f"rejected {s.rejected} (queue full) + {s.rejected_expired} expired + {s.rejected_invalid} invalid, "
                  f"failed {s.failed}")
     lines.extend(_profile_text(s))
@@ -199,6 +215,20 @@ def _status_text(s: Any) -> str:
     if s.note:
         lines.append(f"  note       {s.note}")
     return "\n".join(lines)
+
+
+def _slo_text(o: Any) -> list[str]:
+    q = f"q{o.quantile:g}"
+    guard = f", max-wait guard {_ms(o.max_wait_s)}" if o.HasField("max_wait_s") else ""
+    state = "predicted to meet it" if o.feasible else "INFEASIBLE at this rate: serving greedy"
+    lines = [f"  SLO        {q} <= {_ms(o.latency_s)}: {state}{guard}"]
+    if o.HasField("predicted_quantile_s"):
+        ci = f" +- {_ms(o.predicted_ci95_s)}" if o.HasField("predicted_ci95_s") else ""
+        lines.append(f"    predicted {q} {_ms(o.predicted_quantile_s)}{ci}")
+    if o.HasField("measured_quantile_s"):
+        lines.append(f"    measured  {q} {_ms(o.measured_quantile_s)}, attainment {o.attainment:.4f} "
+                     f"(share within D, over {o.samples} answers in the rate window)")
+    return lines
 
 
 def _opt_ms(msg: Any, name: str) -> str:

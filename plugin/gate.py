@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterable
 
-from solver.policy import BatchRule
+from solver.policy import BatchRule, Decision, GateRule
 
 
 class QueueFull(Exception):
@@ -71,6 +71,17 @@ class GateCounters:
     decisions_serve: int = 0
 
 
+def _decider(rule: BatchRule) -> Callable[[int, float, int], Decision]:
+    """What the gate runs for a rule: its one description (``GateRule``, as the native gate runs it)
+    when it has one, else the rule itself (a rule only the simulator knows, or a test's, which then
+    does not see m). Called as (n waiting, oldest wait, m = batches in flight)."""
+    try:
+        return GateRule.of(rule).decide
+    except ValueError:
+        decide = rule.decide
+        return lambda n, wait, busy: decide(n, wait)
+
+
 class ModelGate:
     """Queue, slots and rule for one model. Not thread-safe: one event loop owns it."""
 
@@ -88,6 +99,7 @@ class ModelGate:
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self._rule = rule
+        self._decide = _decider(rule)
         self._slots = slots
         self._free = slots
         self._max_queue = max_queue
@@ -108,6 +120,7 @@ class ModelGate:
     def set_rule(self, rule: BatchRule) -> None:
         """Swap the rule; takes effect at the next decision, never inside one."""
         self._rule = rule
+        self._decide = _decider(rule)
         self._max_rows = rule.max_batch
 
     @property
@@ -171,7 +184,7 @@ class ModelGate:
         wake_at: float | None = None
         while self._free > 0 and self._size > 0:
             oldest = self._oldest_arrival()
-            decision = self._rule.decide(self._size, now - oldest)
+            decision = self._decide(self._size, now - oldest, self._slots - self._free)
             if decision.serve <= 0:
                 self.counters.decisions_wait += 1
                 if decision.recheck_after_s is not None:

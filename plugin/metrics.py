@@ -26,7 +26,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
-__all__ = ["SidecarMetrics", "MetricsServer", "start_metrics_server", "batch_size_buckets", "LATENCY_BUCKETS_S"]
+__all__ = ["SidecarMetrics", "MetricsServer", "start_metrics_server", "batch_size_buckets", "LATENCY_BUCKETS_S",
+           "latency_buckets_with"]
 
 PREFIX = "smdp_sidecar_"
 
@@ -35,6 +36,15 @@ LATENCY_BUCKETS_S = (
     0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0,
 )
 """Request latency buckets, seconds: sub-millisecond to the seconds a stalled request might take."""
+
+def latency_buckets_with(edges: list[float] | tuple[float, ...]) -> tuple[float, ...]:
+    """The request-latency buckets plus the given edges (the configured SLOs' D), so that a histogram
+    quantile at D is a bucket boundary, not an interpolation. Edges must be finite and > 0."""
+    for e in edges:
+        if not math.isfinite(e) or e <= 0:
+            raise ValueError(f"latency bucket edges must be finite and > 0 seconds, got {e!r}")
+    return tuple(sorted(set(LATENCY_BUCKETS_S) | {float(e) for e in edges}))
+
 
 SERVICE_BUCKETS_S = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0)
 """Batch dispatch-to-completion buckets, seconds (an accelerator batch is milliseconds)."""
@@ -63,6 +73,7 @@ class _ModelChildren:
     batch_service: Any
     queue: Any
     in_flight: Any
+    instances: Any
     policy_version: Any
     policy_threshold: Any
     predicted_latency: Any
@@ -118,6 +129,8 @@ class SidecarMetrics:
         )
         self._queue = Gauge(PREFIX + "queue_length", "Requests waiting in the gate", m, registry=r)
         self._in_flight = Gauge(PREFIX + "in_flight_batches", "Batches sent to Triton and not yet completed", m, registry=r)
+        self._instances = Gauge(PREFIX + "instances", "Model instances k the gate fills (its slots; the rule's "
+                                "a(n, m) sees m = in-flight batches)", m, registry=r)
         self._policy_version = Gauge(PREFIX + "policy_version", "Version of the policy in force (increments per swap)", m, registry=r)
         self._policy_threshold = Gauge(
             PREFIX + "policy_threshold",
@@ -152,6 +165,25 @@ class SidecarMetrics:
         self._profile_updates = Counter(
             PREFIX + "profile_updates", "Learned service profiles adopted (each asks for a new policy)", m, registry=r
         )
+        # -- tail-latency SLO (plugin/adaptive.py): the target, the prediction, the measurement
+        self._slo_latency = Gauge(PREFIX + "slo_latency_seconds", "D of the model's SLO (q-quantile <= D)", m, registry=r)
+        self._slo_quantile = Gauge(PREFIX + "slo_quantile", "q of the model's SLO", m, registry=r)
+        self._slo_feasible = Gauge(
+            PREFIX + "slo_feasible",
+            "1 when the policy in force is predicted to meet the SLO; 0: none does at this rate, greedy is served",
+            m, registry=r)
+        self._slo_predicted = Gauge(
+            PREFIX + "slo_predicted_quantile_seconds", "Predicted q-quantile of response time of the policy in force",
+            m, registry=r)
+        self._slo_measured = Gauge(
+            PREFIX + "slo_measured_quantile_seconds",
+            "Measured q-quantile of arrival-to-answer time over the rate estimator's window", m, registry=r)
+        self._slo_attainment = Gauge(
+            PREFIX + "slo_attainment",
+            "Share of requests answered within D over the rate estimator's window (the SLO asks for >= q)",
+            m, registry=r)
+        self._slo_gauges = (self._slo_latency, self._slo_quantile, self._slo_feasible, self._slo_predicted,
+                            self._slo_measured, self._slo_attainment)
         self._children: dict[str, _ModelChildren] = {}
         self._lock = threading.Lock()
 
@@ -169,6 +201,7 @@ class SidecarMetrics:
                         batch_service=self._batch_service.labels(model),
                         queue=self._queue.labels(model),
                         in_flight=self._in_flight.labels(model),
+                        instances=self._instances.labels(model),
                         policy_version=self._policy_version.labels(model),
                         policy_threshold=self._policy_threshold.labels(model),
                         predicted_latency=self._pred_latency.labels(model),
@@ -227,10 +260,11 @@ class SidecarMetrics:
         # estimator's job (a label per size would multiply the series by B).
         self._model(model).batch_service.observe(seconds)
 
-    def set_queue(self, model: str, queue_length: int, in_flight: int) -> None:
+    def set_queue(self, model: str, queue_length: int, in_flight: int, instances: int = 1) -> None:
         c = self._model(model)
         c.queue.set(queue_length)
         c.in_flight.set(in_flight)
+        c.instances.set(instances)
 
     # -- occasional --------------------------------------------------------------------------
     def set_policy(
@@ -254,6 +288,27 @@ class SidecarMetrics:
         c.measured_latency.set(latency_s)
         c.measured_power.set(power_w)
         c.power_modelled.set(1.0 if modelled else 0.0)
+
+    def set_slo(self, model: str, quantile: float, latency_s: float, predicted_quantile_s: float,
+                feasible: bool) -> None:
+        """The SLO in force and what the search predicted for the policy it chose."""
+        self._slo_quantile.labels(model).set(quantile)
+        self._slo_latency.labels(model).set(latency_s)
+        self._slo_predicted.labels(model).set(predicted_quantile_s)
+        self._slo_feasible.labels(model).set(1.0 if feasible else 0.0)
+
+    def set_slo_measured(self, model: str, quantile_s: float, attainment: float) -> None:
+        """The measured q-quantile and attainment over the window."""
+        self._slo_measured.labels(model).set(quantile_s)
+        self._slo_attainment.labels(model).set(attainment)
+
+    def clear_slo(self, model: str) -> None:
+        """The model no longer has an SLO: its SLO series disappear."""
+        for g in self._slo_gauges:
+            try:
+                g.remove(model)
+            except KeyError:
+                pass
 
     def profile_learned(self, model: str, version: int) -> None:
         """A learned service profile was adopted (it asks for a new policy)."""

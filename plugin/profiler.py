@@ -993,42 +993,48 @@ def _power_model(req: ProfileRequest) -> PowerModel | None:
 async def profile_model(req: ProfileRequest, progress: Progress | None = None,
                         say: Callable[[str], None] | None = None) -> ProfileReport:
     """Read the model's config, sweep its sizes, and return the report (raises ProfileError)."""
-    power_model = _power_model(req)
-    if req.instances is not None and req.instances < 1:
-        raise ProfileError(grpc.StatusCode.INVALID_ARGUMENT, f"--instances must be >= 1, got {req.instances}")
     client = TritonModelClient(req.triton_url, timeout_s=req.timeout_s)
     try:
         spec = await client.model_spec(req.model, req.version)
-        top = spec.max_batch_size
-        if req.max_batch is not None:
-            if req.max_batch < 1:
-                raise ProfileError(grpc.StatusCode.INVALID_ARGUMENT, f"--max-batch must be >= 1, got {req.max_batch}")
-            if req.max_batch > spec.max_batch_size:
-                raise ProfileError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"--max-batch {req.max_batch} is above model '{spec.name}''s max_batch_size "
-                                   f"{spec.max_batch_size}")
-            top = req.max_batch
-        sizes = parse_sizes(req.sizes, top)
-        try:
-            plan = SweepPlan(sizes, req.runs_per_size, req.warmup, req.energy_window_s, req.budget_s)
-        except ValueError as exc:
-            raise ProfileError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        examples = read_input_data(req.input_data, spec) if req.input_data is not None else None
-        synth = InputSynthesizer(spec, examples, seed=req.seed)
-        meter = None
-        idle = None
-        url = req.resolved_metrics_url()
-        loop = asyncio.get_running_loop()
-        if url is not None:
-            candidate = GpuMeter(url)
-            if await loop.run_in_executor(None, candidate.available):
-                meter = candidate
-                if say is not None:
-                    say(f"Triton reports GPU energy at {url}: measuring power (idle first)")
-                idle = await loop.run_in_executor(None, meter.idle_power_w, 1.0)
-        runs = await sweep(client, synth, plan, progress, meter)
+        return await profile_spec(client, spec, req, progress, say)
     finally:
         await client.close()
+
+
+async def profile_spec(client: TritonModelClient, spec: ModelSpec, req: ProfileRequest,
+                       progress: Progress | None = None, say: Callable[[str], None] | None = None) -> ProfileReport:
+    """Sweep the sizes of a model whose config was read (raises ProfileError)."""
+    power_model = _power_model(req)
+    if req.instances is not None and req.instances < 1:
+        raise ProfileError(grpc.StatusCode.INVALID_ARGUMENT, f"--instances must be >= 1, got {req.instances}")
+    top = spec.max_batch_size
+    if req.max_batch is not None:
+        if req.max_batch < 1:
+            raise ProfileError(grpc.StatusCode.INVALID_ARGUMENT, f"--max-batch must be >= 1, got {req.max_batch}")
+        if req.max_batch > spec.max_batch_size:
+            raise ProfileError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"--max-batch {req.max_batch} is above model '{spec.name}''s max_batch_size "
+                               f"{spec.max_batch_size}")
+        top = req.max_batch
+    sizes = parse_sizes(req.sizes, top)
+    try:
+        plan = SweepPlan(sizes, req.runs_per_size, req.warmup, req.energy_window_s, req.budget_s)
+    except ValueError as exc:
+        raise ProfileError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+    examples = read_input_data(req.input_data, spec) if req.input_data is not None else None
+    synth = InputSynthesizer(spec, examples, seed=req.seed)
+    meter = None
+    idle = None
+    url = req.resolved_metrics_url()
+    loop = asyncio.get_running_loop()
+    if url is not None:
+        candidate = GpuMeter(url)
+        if await loop.run_in_executor(None, candidate.available):
+            meter = candidate
+            if say is not None:
+                say(f"Triton reports GPU energy at {url}: measuring power (idle first)")
+            idle = await loop.run_in_executor(None, meter.idle_power_w, 1.0)
+    runs = await sweep(client, synth, plan, progress, meter)
     return build_report(spec, req.triton_url, runs, plan, power_model=power_model, measured_idle_w=idle,
                         instances=req.instances)
 
@@ -1058,6 +1064,6 @@ __all__ = [
     "ProfileError", "InputSpec", "ModelSpec", "InputSynthesizer", "TritonModelClient", "PowerKind", "PowerModel",
     "GpuMeter", "counter_power_w", "SweepPlan", "parse_sizes", "SizeRun", "sweep", "SizeStats", "ProfileReport",
     "build_report", "monotonicity_warnings", "write_profile_csv", "write_samples_csv", "plot_profile",
-    "report_json", "format_table", "ProfileRequest", "profile_model", "read_input_data", "profile_power_kind",
+    "report_json", "format_table", "ProfileRequest", "profile_model", "profile_spec", "read_input_data", "profile_power_kind",
     "check_profilable",
 ]

@@ -46,6 +46,9 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fixed", action="store_true", help="smdp: keep the policy solved for --rate (no re-solving)")
     p.add_argument("--long-run-window", dest="long_run_window_s", type=float,
                    help="horizon of the long-run mean rate that scales w per regime, seconds (default 600; 0 = w as is)")
+    p.add_argument("--slo-quantile", type=float,
+                   help="smdp: with --slo-latency, serve a tail-latency SLO, this quantile of response time (default 0.99)")
+    p.add_argument("--slo-latency", type=float, help="smdp: the SLO's latency bound D, seconds")
     p.add_argument("--solver", dest="solver_url", help="host:port of a shared smdp solver-serve (default: in-process)")
     p.add_argument("--control-listen", help="host:port of the control API (default 127.0.0.1:8012; 'none' = off)")
     p.add_argument("--control-token", help="bearer token required by the control API")
@@ -53,6 +56,18 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
                    "'none' = off)")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_run)
+
+
+def _slo_flags(args: argparse.Namespace) -> dict | None:
+    """``slo`` of the default policy from --slo-quantile/--slo-latency (the config validates the values)."""
+    if args.slo_latency is None:
+        if args.slo_quantile is not None:
+            raise ValueError("--slo-quantile needs --slo-latency (the SLO's D, seconds)")
+        return None
+    out = {"latency_s": args.slo_latency}
+    if args.slo_quantile is not None:
+        out["quantile"] = args.slo_quantile
+    return out
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -66,6 +81,11 @@ def _run(args: argparse.Namespace) -> int:
     from .runner import serve_forever
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        slo = _slo_flags(args)
+    except ValueError as exc:
+        print(f"smdp serve: invalid configuration: {exc}", file=sys.stderr)
+        return 2
     default = {
         "policy": args.policy,
         "profile": args.profile,
@@ -74,6 +94,7 @@ def _run(args: argparse.Namespace) -> int:
         "idle_power_w": args.idle_power,
         "max_batch": args.max_batch,
         "adaptive": False if args.fixed else None,
+        "slo": slo,
     }
     overrides = {
         "listen": args.listen,

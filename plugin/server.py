@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Callable
 
 import grpc
@@ -26,13 +26,17 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import model_config_pb2, service_pb2
 
+from solver.policy import MaxWaitGuard
+from solver.slo import SloTarget
+
 from .adaptive import PolicyController, learning_options
-from .config import SidecarConfig
+from .config import ModelPolicyConfig, SidecarConfig
 from .gate import ModelGate, Pending, QueueFull
-from .metrics import SidecarMetrics
-from .native_plane import NativeGateView, NativePlane, choose_plane, monotonic_offset
+from .metrics import SidecarMetrics, latency_buckets_with
+from .model_names import is_model_name
+from .native_plane import NativeGateView, NativePlane, choose_plane, forget_line, monotonic_offset
 from .merge import MalformedRequest, RequestValidator, merge, merge_key, split
-from .policies import RuleInfo, build_rule
+from .policies import RuleInfo, build_rule, model_instances
 
 log = logging.getLogger("smdp.sidecar")
 
@@ -48,6 +52,11 @@ _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    # Triton's errors quote what the client sent (a model name, an input's name): an answer of one
+    # client's request larger than gRPC's default metadata limit (8-16 KiB) must still come back, as
+    # that request's answer, and not as a connection failure under everyone's calls.
+    ("grpc.max_metadata_size", 2**31 - 1),
+    ("grpc.absolute_max_metadata_size", 2**31 - 1),
 ]
 
 
@@ -195,7 +204,8 @@ class Sidecar:
         self._tasks: set[asyncio.Task] = set()
         self._validators: dict[tuple[str, str], RequestValidator] = {}
         """Per model: the request checks of its config in force, worked out once per config."""
-        self.metrics = SidecarMetrics()
+        self.metrics = SidecarMetrics(latency_buckets_s=latency_buckets_with(
+            [m.slo.latency_s for m in (config.default, *config.models.values()) if m.slo is not None]))
         self._solver = None
         if config.solver_url:
             from solver.service import AsyncSolverClient
@@ -240,7 +250,7 @@ class Sidecar:
     def _export(self, state: ModelState, now: float) -> None:
         """The slow-moving gauges, once a tick (the per-request counters are updated inline)."""
         m = self.metrics
-        m.set_queue(state.name, state.gate.queue_length, state.gate.in_flight)
+        m.set_queue(state.name, state.gate.queue_length, state.gate.in_flight, state.gate.slots)
         c = state.controller
         if c is not None:
             est = c.rate.estimate(now)
@@ -266,6 +276,8 @@ class Sidecar:
         state = self._models.get(key)
         if state is not None:
             return state
+        if not is_model_name(name):
+            return None  # no repository holds it: Triton's own answer, nothing kept by its name
         until = self._unknown.get(key)
         if until is not None:
             if self._clock() < until:
@@ -334,7 +346,7 @@ class Sidecar:
         cfg = resp.config
         if self._batcher_to_turn_off(cfg):
             await self._turn_off_triton_batcher(name, cfg)
-        slots = sum(max(g.count, 1) for g in cfg.instance_group) or 1
+        slots = model_instances(cfg)
         dyn = cfg.dynamic_batching
         levels = dyn.priority_levels if cfg.HasField("dynamic_batching") else 0
         default_level = dyn.default_priority_level if levels else 0
@@ -345,6 +357,8 @@ class Sidecar:
             # flight, its policy and controller (operator settings included) and its counters.
             old.config = cfg
             old.gate.set_slots(slots)
+            if old.controller is not None:
+                old.controller.instances = slots  # the next re-solve is for the new k
             old.priority_levels = levels
             old.default_priority = default_level or (levels or 0)
             if self._native is not None:
@@ -355,10 +369,15 @@ class Sidecar:
         max_rows = max(cfg.max_batch_size, 1)
         policy_cfg = self.config.policy_for(name)
         if cfg.max_batch_size > 0 and not _ungateable(cfg):
+            auto_note = ""
+            if policy_cfg.profile == "auto" and policy_cfg.policy == "smdp":
+                policy_cfg, auto_note = await self._auto_profile(name, version, policy_cfg)
             if policy_cfg.policy == "smdp" and policy_cfg.adaptive:
                 info, profile = self._adaptive_start(name, policy_cfg, cfg.max_batch_size)
             else:
-                info = await self._loop.run_in_executor(None, build_rule, name, policy_cfg, cfg.max_batch_size)
+                info = await self._loop.run_in_executor(None, build_rule, name, policy_cfg, cfg.max_batch_size, slots)
+            if auto_note:
+                info = replace(info, spec=f"{info.spec} ({auto_note})")
             if self._native is not None:
                 gate = NativeGateView(
                     name, self._native.send, self._guarded(name, info.rule), slots=slots,
@@ -401,6 +420,7 @@ class Sidecar:
                 idle_power_w=policy_cfg.idle_power_w,
                 weight=policy_cfg.weight,
                 install=lambda policy, st=state: self._install(st, policy),
+                instances=slots,
                 clock=self._clock,
                 solver=self._solver,
                 initial_rate=policy_cfg.rate_rps,
@@ -410,13 +430,43 @@ class Sidecar:
                 metrics=self.metrics,
                 **learning_options(self.config, name),
             )
+            if policy_cfg.slo is not None:
+                state.controller.set_slo(SloTarget(policy_cfg.slo.quantile, policy_cfg.slo.latency_s))
             if old is not None and old.controller is not None:
                 # what the operator set through the control API outlives a changed config
                 if old.controller.latency_target_s is not None:
                     state.controller.set_latency_target(old.controller.latency_target_s)
                 else:
                     state.controller.set_weight(old.controller.weight)
+                if old.controller.slo is not None:
+                    state.controller.set_slo(old.controller.slo)
         return state
+
+    def preload_auto_profiles(self) -> None:
+        """Profile the configured ``profile: auto`` models now, at start, rather than at their first request
+        (which waits for the sweep either way: the model's gate opens after it)."""
+        for name, pc in self.config.models.items():
+            if pc.profile == "auto" and pc.policy == "smdp":
+                self._spawn(self._preload(name))
+
+    async def _preload(self, name: str) -> None:
+        try:
+            await self.model_state(name, "")
+        except GateError as exc:
+            log.warning("model %s: not gated at start (%s); it will be at its first request", name, exc.details)
+
+    async def _auto_profile(self, name: str, version: str, cfg: ModelPolicyConfig) -> tuple[ModelPolicyConfig, str]:
+        """``profile: auto``: the measured (or cached) profile in place of "auto", or greedy and why."""
+        from .auto_profile import auto_profile
+
+        got = await auto_profile(self.config.triton_url, name, version, cfg,
+                                 self.config.profile_cache_dir.expanduser(),
+                                 metrics_url=self.config.triton_metrics_url, timeout_s=self.config.upstream_timeout_s)
+        if got.path is None:
+            log.warning("model %s: %s; gating it greedily instead of smdp", name, got.reason)
+            return cfg.model_copy(update={"policy": "greedy", "profile": None}), got.reason
+        log.info("model %s: %s", name, got.reason)
+        return cfg.model_copy(update={"profile": got.path}), got.reason
 
     def _adaptive_start(self, name: str, cfg, model_max_batch: int) -> tuple[RuleInfo, Any]:
         """An adaptive smdp model starts greedy; its controller installs the solved policy shortly."""
@@ -448,7 +498,9 @@ class Sidecar:
         if c is not None and c.current is not None:
             pred = {"mean_latency_s": c.current.mean_latency_s, "mean_power_w": c.current.mean_power_w}
         state.info = RuleInfo(policy, "smdp", policy.max_batch, pred)
-        state.gate.set_rule(self._guarded(state.name, policy))
+        own_wait = c.current.max_wait_s if c is not None and c.current is not None else None
+        rule = policy if own_wait is None else MaxWaitGuard(policy, own_wait)  # an SLO policy's guard
+        state.gate.set_rule(self._guarded(state.name, rule))
         self._pump(state)
 
     def _batcher_to_turn_off(self, cfg: model_config_pb2.ModelConfig) -> bool:
@@ -550,10 +602,13 @@ class Sidecar:
             self.metrics.batch_completed(state.name, rep.rows, elapsed)
             state.stats.answered += rep.size
             code = _STATUS_BY_NUMBER.get(rep.code, grpc.StatusCode.UNKNOWN)
+            answered_at = self._clock()
             for wait in rep.waits:
                 latency = wait + elapsed
                 state.stats.latency_sum_s += latency
                 state.stats.latency_n += 1
+                if state.controller is not None:
+                    state.controller.observe_latency(answered_at, latency)
                 self.metrics.request_answered(state.name, "OK" if rep.code == 0 else code, latency)
             return
         state = self._models.get((args[0], ""))
@@ -603,7 +658,7 @@ class Sidecar:
                     await asyncio.sleep(retry_s)  # Triton away or still starting
                     continue
                 if state is None and self._native is not None:
-                    self._native.send(f"forget {name}")
+                    self._native.send(forget_line(name))
                 return
             if not self._closing:
                 log.warning("model %s did not come back within %.0f s", name, give_up_s)
@@ -687,6 +742,8 @@ class Sidecar:
             latency = self._clock() - now
             state.stats.latency_sum_s += latency
             state.stats.latency_n += 1
+            if state.controller is not None:
+                state.controller.observe_latency(now + latency, latency)
             self.metrics.request_answered(state.name, "OK", latency)
             return response
         except GateError as exc:
@@ -1177,6 +1234,7 @@ async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
     log.info("sidecar listening on port %d, relaying to Triton at %s", port, config.triton_url)
     running = RunningSidecar(server, sidecar, port, health)
     await _start_side_servers(running, config)
+    sidecar.preload_auto_profiles()
     return running
 
 

@@ -11,6 +11,13 @@ it does not profit from fitting the very noise it is judged on (the SMDP policy 
 
 A rule that ignores w (greedy, a timeout) behaves the same at every weight, so it is simulated once
 per load and its J = W + w P is recomputed per weight.
+
+With k > 1 instances (``instances``) every contender runs on k instances fed by one queue: the
+k-instance policy a(n, m) (``solver.instances``, predicted by its own fresh simulation), the
+one-server SMDP policy applied to each instance slot as the gate did before (``per-slot smdp``,
+``solver.instances.per_slot_policy``), and greedy and Triton's timeout rule per instance (Triton's
+batcher with k instances). Loads are fractions of k B / tau(B). Static b0 and exact predictions of
+the baselines are one-server figures and are left out.
 """
 
 from __future__ import annotations
@@ -26,8 +33,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from solver import arrivals
+from solver.arrival_model import MMPP2, POISSON, ArrivalModel
 from solver.model import BatchingModel, ModelError, ServiceProfile
-from solver.policy import PolicyTable, TimeoutRule, greedy, static
+from solver.policy import BatchRule, PerInstance, PolicyTable, TimeoutRule, greedy, static
 from solver.simulate import SimResult, simulate
 
 __all__ = ["CompareRow", "ComparePoint", "CompareResult", "compare", "DEFAULT_TIMEOUTS_S", "TIMEOUT_GRID_S"]
@@ -87,6 +95,10 @@ class CompareResult:
     elapsed_s: float
     interpolated: tuple[int, ...] = ()
     """Batch sizes whose figures were interpolated rather than given by the profile."""
+    instances: int = 1
+    """k: model instances fed by one queue (module doc)."""
+    arrivals: str = "poisson"
+    """The arrival model of the streams and of the SMDP (``--arrivals``; an MMPP's rates scaled to each load)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -100,7 +112,9 @@ class CompareResult:
         """The human-readable report: one block per point, times in ms, J in ms."""
         lines = [
             f"profile {self.profile}, B = {self.max_batch}, idle power {self.idle_power_w:g} W (assumed), "
-            f"capacity {self.capacity_rps:.0f} req/s, {self.requests:,} simulated requests per point",
+            + (f"{self.instances} instances, " if self.instances > 1 else "")
+            + (f"{self.arrivals} arrivals, " if self.arrivals != "poisson" else "")
+            + f"capacity {self.capacity_rps:.0f} req/s, {self.requests:,} simulated requests per point",
             "J = W + w P; gain = 1 - J_smdp / J_contender (positive: the SMDP policy is better)",
         ]
         if self.interpolated:
@@ -228,6 +242,36 @@ class _Sims:
                                        weight=0.0, seed=self.seed, warmup=self.warmup)
         return self.cache[key]
 
+    def run_phased(self, key: Any, policy, process: MMPP2) -> SimResult:
+        """A per-phase policy whose gate estimates the phase with the forward filter on these arrivals."""
+        from solver.phase_filter import PhaseFilter
+        from solver.simulate import simulate_phased
+
+        if key not in self.cache:
+            self.cache[key] = simulate_phased(self.profile, policy, PhaseFilter(process, self.arrivals), self.arrivals,
+                                              idle_power_w=self.idle_power_w, weight=0.0, seed=self.seed,
+                                              warmup=self.warmup)
+        return self.cache[key]
+
+
+def _at_rate(process: ArrivalModel, rate: float) -> ArrivalModel:
+    """The arrival model at mean rate ``rate``: an MMPP's phase rates scaled, its switching kept."""
+    if isinstance(process, MMPP2):
+        f = rate / process.mean_rate
+        return MMPP2((process.rates[0] * f, process.rates[1] * f), process.switching)
+    return process
+
+
+def _predict(model: BatchingModel, table: PolicyTable):
+    """Exact W, P of a queue-length table under the model's arrivals (phase-blind under an MMPP)."""
+    from solver.evaluate import evaluate
+
+    if isinstance(model.arrivals, MMPP2):
+        from solver.mmpp import evaluate_mmpp
+
+        return evaluate_mmpp(model, table)
+    return evaluate(model, table)
+
 
 def _cost(sim: SimResult, w: float) -> tuple[float, float]:
     return sim.mean_latency_s + w * sim.mean_power_w, sim.latency_ci95_s + w * sim.power_ci95_w
@@ -245,12 +289,21 @@ def compare(
     timeout_grid_s: Sequence[float] = TIMEOUT_GRID_S,
     method: str = "pi",
     progress: Callable[[str], None] | None = None,
+    instances: int = 1,
+    arrival_model: ArrivalModel = POISSON,
 ) -> CompareResult:
-    """Run the sweep. Loads are fractions of the capacity B / tau(B), strictly between 0 and 1."""
+    """Run the sweep. Loads are fractions of the capacity k B / tau(B), strictly between 0 and 1."""
     t_start = time.perf_counter()
     prof = profile.truncated(max_batch)
     base = BatchingModel(rate=0.5 * max_batch / float(prof.mean_s[max_batch - 1]), max_batch=max_batch,
-                         profile=prof, idle_power_w=idle_power_w, weight=0.0)
+                         profile=prof, idle_power_w=idle_power_w, weight=0.0, instances=instances)
+    k_inst = base.instances
+    if k_inst > 1 and arrival_model != POISSON:
+        raise ModelError(f"compare with {arrival_model.spec} arrivals runs one instance; the k-instance solver "
+                         "assumes Poisson arrivals")
+
+    def each(rule: BatchRule) -> BatchRule | PerInstance:
+        return rule if k_inst == 1 else PerInstance(rule, k_inst)
     loads = [float(x) for x in loads]
     weights = [float(x) for x in weights]
     if not loads or not weights:
@@ -268,30 +321,36 @@ def compare(
             raise ModelError(f"timeouts must be finite and >= 0 seconds, got {t!r}")
     say = progress or (lambda _msg: None)
     from solver.evaluate import evaluate
+    from solver.instances import per_slot_policy, solve_instances
     from solver.smdp import solve
 
     points: list[ComparePoint] = []
     for li, load in enumerate(loads):
         rate = load * base.capacity
-        model0 = base.with_(rate=rate)
-        arr = arrivals.poisson(rate, n=int(requests), rng=np.random.default_rng([seed, li, 0]))
+        proc = _at_rate(arrival_model, rate)
+        model0 = base.with_(rate=rate, arrivals=proc)
+        arr = arrivals.from_model(proc, rate, int(requests), rng=np.random.default_rng([seed, li, 0]))
         warmup = float(arr[min(arr.size // 50, arr.size - 1)])  # drop the first 2%: the empty start
         sims = _Sims(prof, arr, idle_power_w, seed, warmup)
-        tune_arr = arrivals.poisson(rate, n=max(int(requests) // 2, 1000), rng=np.random.default_rng([seed, li, 1]))
+        tune_arr = arrivals.from_model(proc, rate, max(int(requests) // 2, 1000), rng=np.random.default_rng([seed, li, 1]))
         tune = _Sims(prof, tune_arr, idle_power_w, seed + 1, float(tune_arr[tune_arr.size // 50]))
 
         # Weight-independent work: greedy, fixed timeouts, the timeout grid, static b0 evaluations.
         g_pol = greedy(max_batch)
-        g_eval = evaluate(model0, g_pol)
-        g_sim = sims.run("greedy", g_pol)
+        g_pred = (math.nan, math.nan)
+        if k_inst == 1:
+            g_eval = _predict(model0, g_pol)
+            g_pred = (g_eval.mean_latency_s, g_eval.mean_power_w)
+        g_sim = sims.run("greedy", each(g_pol))
         for t in timeouts_s:
-            sims.run(("timeout", t), TimeoutRule(max_batch, t))
-        grid = {t: tune.run(("timeout", t), TimeoutRule(max_batch, t)) for t in timeout_grid_s}
+            sims.run(("timeout", t), each(TimeoutRule(max_batch, t)))
+        grid = {t: tune.run(("timeout", t), each(TimeoutRule(max_batch, t))) for t in timeout_grid_s}
         statics = {}
-        for b0 in range(1, max_batch + 1):
+        # under an MMPP the exact evaluation of every b0 costs minutes at B = 64: static b0 is left out there
+        for b0 in range(1, max_batch + 1 if k_inst == 1 and not isinstance(proc, MMPP2) else 1):
             if rate * prof.mean_s[b0 - 1] < 0.98 * b0:  # static b0 is stable only below b0 / tau(b0)
                 try:
-                    statics[b0] = evaluate(model0, static(max_batch, b0))
+                    statics[b0] = _predict(model0, static(max_batch, b0))
                 except ValueError:  # UnstablePolicyError: b0 / tau(b0) cannot keep up
                     continue
         say(f"load {load:.2f}: baselines done ({time.perf_counter() - t_start:.1f} s)")
@@ -299,9 +358,30 @@ def compare(
         warm = None
         for w in weights:
             model = model0.with_(weight=w)
-            sol = solve(model, method=method, warm_start=warm)
-            warm = sol.policy
-            s_sim = sims.run(("table", tuple(sol.policy.actions.tolist())), sol.policy)
+            phased = None
+            if isinstance(proc, MMPP2):
+                from solver.mmpp import solve_mmpp
+
+                sol = solve_mmpp(model)
+                phased = sol.policy
+                s_rule = phased.tables[0]
+                th2 = [t.threshold() for t in phased.tables]
+                s_detail = "K=" + "/".join("-" if x is None else str(x) for x in th2)
+            elif k_inst == 1:
+                sol = solve(model, method=method, warm_start=warm)
+                warm = sol.policy
+                s_rule = sol.policy
+                k = sol.policy.threshold()
+                s_detail = f"K={k}" if k is not None else "table"
+            else:
+                sol = solve_instances(model, seed=seed + li, method=method)
+                s_rule = sol.policy
+                th = sol.policy.thresholds()
+                s_detail = "T=" + "/".join(str(x) for x in th) if th is not None else "table"
+            if phased is not None:
+                s_sim = sims.run_phased(("phased", w), phased, proc)
+            else:
+                s_sim = sims.run(("table", s_rule.actions.tobytes(), s_rule.actions.shape), s_rule)
             s_cost, s_ci = _cost(s_sim, w)
             s_pred = sol.mean_latency_s + w * sol.mean_power_w
 
@@ -316,10 +396,21 @@ def compare(
                     gain_sim=1 - s_cost / j if j > 0 else math.nan,
                 )
 
-            k = sol.policy.threshold()
-            rows = [row("smdp", "smdp", f"K={k}" if k is not None else "table", sol.mean_latency_s,
-                        sol.mean_power_w, s_sim)]
-            rows.append(row("greedy", "greedy", "", g_eval.mean_latency_s, g_eval.mean_power_w, g_sim))
+            rows = [row("smdp", "smdp", s_detail, sol.mean_latency_s, sol.mean_power_w, s_sim)]
+            if proc != POISSON:
+                # the policy solved as if the stream were Poisson at the same mean rate, judged on this stream
+                blind = solve(model.with_(arrivals=POISSON), method=method).policy
+                kb = blind.threshold()
+                b_ev = _predict(model, blind)
+                rows.append(row("smdp poisson", "smdp", f"K={kb}" if kb is not None else "table", b_ev.mean_latency_s,
+                                b_ev.mean_power_w, sims.run(("table", blind.actions.tobytes()), blind)))
+            if k_inst > 1:
+                slot = per_slot_policy(model, method=method)
+                t_slot = slot.rule.threshold() if isinstance(slot.rule, PolicyTable) else None
+                rows.append(row("per-slot smdp", "smdp-per-slot", f"K={t_slot}" if t_slot is not None else "table",
+                                math.nan, math.nan,
+                                sims.run(("per-slot", w), slot)))
+            rows.append(row("greedy", "greedy", "", g_pred[0], g_pred[1], g_sim))
             if statics:
                 b0 = min(statics, key=lambda b: statics[b].mean_latency_s + w * statics[b].mean_power_w)
                 ev = statics[b0]
@@ -327,10 +418,10 @@ def compare(
                                 sims.run(("static", b0), static(max_batch, b0))))
             for t in timeouts_s:
                 rows.append(row(f"timeout {t * 1e3:g}ms", f"timeout:{t:g}", f"T={t * 1e3:g}ms", math.nan, math.nan,
-                                sims.run(("timeout", t), TimeoutRule(max_batch, t))))
+                                sims.run(("timeout", t), each(TimeoutRule(max_batch, t)))))
             best_t = min(grid, key=lambda t: _cost(grid[t], w)[0])
             rows.append(row("best timeout", f"timeout:{best_t:g}", f"T={best_t * 1e3:g}ms", math.nan, math.nan,
-                            sims.run(("timeout", best_t), TimeoutRule(max_batch, best_t))))
+                            sims.run(("timeout", best_t), each(TimeoutRule(max_batch, best_t)))))
             points.append(ComparePoint(load=load, rate=rate, weight=w, rows=tuple(rows)))
             say(f"load {load:.2f}, w {w:g}: SMDP J {s_cost * 1e3:.3f} ms (+-{s_ci * 1e3:.3f}), "
                 f"greedy {_cost(g_sim, w)[0] * 1e3:.3f} ms ({time.perf_counter() - t_start:.1f} s)")
@@ -338,4 +429,5 @@ def compare(
         profile=prof.source or "profile", max_batch=max_batch, idle_power_w=float(idle_power_w),
         requests=int(requests), seed=int(seed), capacity_rps=base.capacity, points=tuple(points),
         elapsed_s=time.perf_counter() - t_start, interpolated=tuple(int(b) for b in prof.interpolated),
+        instances=k_inst, arrivals=arrival_model.spec,
     )

@@ -433,8 +433,14 @@ class BatchingModel:
     arrivals: ArrivalModel = POISSON
     """How requests clump (``solver.arrival_model``): Poisson (default), compound Poisson or a
     two-phase MMPP; ``rate`` stays the mean request rate (for an MMPP it must equal its mean)."""
+    instances: int = 1
+    """k: identical model instances fed by one FIFO queue (Triton's central queue); each runs one batch
+    at a time. The one-server solvers (``solver.smdp``) take k = 1; ``solver.instances`` any k."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.instances, bool) or not isinstance(self.instances, (int, np.integer)) or self.instances < 1:
+            raise ModelError(f"instances must be an integer >= 1, got {self.instances!r}")
+        object.__setattr__(self, "instances", int(self.instances))
         if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, (int, np.integer)):
             raise ModelError(f"max_batch must be an integer >= 1, got {self.max_batch!r}")
         if self.max_batch < 1:
@@ -461,15 +467,16 @@ class BatchingModel:
             object.__setattr__(self, "profile", self.profile.truncated(self.max_batch))
         cap = self.capacity
         if rate >= cap:
+            k = "" if self.instances == 1 else f"{self.instances} x "
             raise ModelError(
-                f"arrival rate {rate:.6g}/s is at or above capacity B/tau(B) = {self.max_batch}/"
-                f"{self.profile.mean_s[-1]:.6g}s = {cap:.6g}/s: no stationary policy exists"
+                f"arrival rate {rate:.6g}/s is at or above capacity {'k ' if k else ''}B/tau(B) = {k}"
+                f"{self.max_batch}/{self.profile.mean_s[-1]:.6g}s = {cap:.6g}/s: no stationary policy exists"
             )
 
     @property
     def capacity(self) -> float:
-        """B / tau(B): the highest sustainable arrival rate, requests per second."""
-        return self.max_batch / float(self.profile.mean_s[self.max_batch - 1])
+        """k B / tau(B): the highest sustainable arrival rate of k instances, requests per second."""
+        return self.instances * self.max_batch / float(self.profile.mean_s[self.max_batch - 1])
 
     @property
     def load(self) -> float:

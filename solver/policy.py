@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -222,3 +222,283 @@ class MaxWaitGuard:
             return d
         left = self.max_wait_s - oldest_wait_s
         return Decision(0, left if d.recheck_after_s is None else min(d.recheck_after_s, left))
+
+
+@runtime_checkable
+class InstanceRule(Protocol):
+    """A batching rule for k instances fed by one queue: it also sees how many are busy."""
+
+    max_batch: int
+    instances: int
+
+    def decide_busy(self, n: int, busy: int, oldest_wait_s: float) -> Decision:
+        """Called when at least one instance is free (busy < instances) and n >= 0 requests wait."""
+        ...
+
+
+@dataclass(frozen=True)
+class InstanceTable:
+    """a(n, m): the batch to start when m of the k instances are busy and n requests wait.
+
+    ``actions[m]`` is the row for m busy (m = 0..k-1), n = 0..N; beyond N serve min(n, B). An
+    instance is free whenever m < k, so the row for m = k does not exist: then nothing can start.
+    With k = 1 this is exactly a ``PolicyTable`` (``row(0)``).
+    """
+
+    actions: np.ndarray
+    max_batch: int
+
+    def __post_init__(self) -> None:
+        a = np.asarray(self.actions, dtype=np.int64).copy()
+        if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] < 1:
+            raise ValueError("instance policy table must be a non-empty 2-d array a[m][n] (k rows)")
+        for m in range(a.shape[0]):
+            PolicyTable(a[m], self.max_batch)  # validates 0 <= a(n, m) <= min(n, B)
+        a.setflags(write=False)
+        object.__setattr__(self, "actions", a)
+        object.__setattr__(self, "max_batch", int(self.max_batch))
+
+    @property
+    def instances(self) -> int:
+        return int(self.actions.shape[0])
+
+    @property
+    def truncation(self) -> int:
+        return int(self.actions.shape[1] - 1)
+
+    def row(self, busy: int) -> PolicyTable:
+        """a(., m) as a one-server table."""
+        return PolicyTable(self.actions[busy], self.max_batch)
+
+    def action(self, n: int, busy: int) -> int:
+        if not 0 <= busy < self.instances:
+            raise ValueError(f"busy instances must be in 0..{self.instances - 1}, got {busy}")
+        if n < self.actions.shape[1]:
+            return int(self.actions[busy, n])
+        return min(n, self.max_batch)
+
+    def decide_busy(self, n: int, busy: int, oldest_wait_s: float = 0.0) -> Decision:
+        return Decision(self.action(n, busy))
+
+    def thresholds(self) -> tuple[int, ...] | None:
+        """Per m, the smallest n at which the row serves, if every row is of control-limit type."""
+        out = []
+        for m in range(self.instances):
+            t = self.row(m).threshold()
+            if t is None:
+                return None
+            out.append(t)
+        return tuple(out)
+
+    def to_lists(self) -> list[list[int]]:
+        return [[int(x) for x in r] for r in self.actions]
+
+
+def instance_thresholds(max_batch: int, thresholds: tuple[int, ...] | list[int]) -> InstanceTable:
+    """Row m waits until n >= thresholds[m], then serves min(n, B); thresholds in 1..B."""
+    if len(thresholds) < 1:
+        raise ValueError("need one threshold per instance (at least one)")
+    for t in thresholds:
+        if isinstance(t, bool) or int(t) != t or not 1 <= t <= max_batch:
+            raise ValueError(f"thresholds must be integers in 1..B={max_batch}, got {list(thresholds)}")
+    n = np.arange(max_batch + 1)
+    rows = [np.where(n >= int(t), np.minimum(n, max_batch), 0) for t in thresholds]
+    return InstanceTable(np.vstack(rows), max_batch)
+
+
+@dataclass(frozen=True)
+class PerInstance:
+    """A one-server rule applied to each free instance as if it were alone (it ignores m).
+
+    This is what the gate did before k-instance policies: each instance slot runs the one-server rule.
+    Triton's dynamic batcher with k instances is ``PerInstance(TimeoutRule(B, delay), k)``.
+    """
+
+    rule: BatchRule
+    instances: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.instances, bool) or int(self.instances) != self.instances or self.instances < 1:
+            raise ValueError(f"instances must be an integer >= 1, got {self.instances!r}")
+
+    @property
+    def max_batch(self) -> int:
+        return self.rule.max_batch
+
+    def decide_busy(self, n: int, busy: int, oldest_wait_s: float) -> Decision:
+        return self.rule.decide(n, oldest_wait_s)
+
+
+GuardReason = Literal["timeout", "max_wait"]
+_GUARD_REASONS: tuple[GuardReason, ...] = ("timeout", "max_wait")
+
+
+@dataclass(frozen=True)
+class GateRule:
+    """The batching rule as both data planes run it: one description, one serialisation.
+
+    A table a(n) for n = 0..N, min(n, ``beyond``) above it, and optionally a guard: once the oldest
+    request has waited ``max_wait_s``, serve min(n, B) whatever the table says. Every rule the
+    sidecar builds is one of these (``GateRule.of``): a solved or baseline ``PolicyTable`` as it is,
+    Triton's ``TimeoutRule`` as the table 0 below B and B from B on guarded by its timeout (reported
+    ``"timeout"``), and ``MaxWaitGuard`` adds or tightens the guard (reported ``"max_wait"``).
+
+    The Python gate (plugin/gate.py) runs ``decide``; the native gate receives ``to_line()`` and runs
+    the same decision in native/gate_core.h (``Policy::Decide``, ``ParsePolicy``). The shared decision
+    vectors (tests/vectors/) hold both to the same answers and the same text.
+
+    k instances (``InstanceTable``): ``table`` is the row for m = 0 busy instances and ``busy_tables``
+    the rows for m = 1, 2, ...; the gate passes m = its in-flight batches. A gate with more slots than
+    rows uses the last row for every larger m; without ``busy_tables`` the rule ignores m (one server,
+    or a one-server rule applied to each slot).
+
+    Text form: space-separated ``key=value`` fields, ``max_batch=B beyond=b table=a0,a1,...``, with
+    busy rows ``busy_tables=row1;row2;...`` (each row ``a0,a1,...``, rows for m = 1, 2, ... separated
+    by ``;``) and, when guarded, ``max_wait_us=U guard_reason=timeout|max_wait`` (the wait in whole
+    microseconds, the only rounding in the round trip). A new part of the rule is a new key on both sides.
+    """
+
+    max_batch: int
+    table: tuple[int, ...]
+    beyond: int
+    max_wait_s: float | None = None
+    """The guard's maximum wait, seconds; None: no guard."""
+    guard_reason: GuardReason = "max_wait"
+    """What a served batch is reported as when the guard fired: Triton's "timeout" or the "max_wait" guard."""
+    busy_tables: tuple[tuple[int, ...], ...] = ()
+    """a(n, m) for m = 1, 2, ... busy instances (``table`` is m = 0); empty: the rule ignores m."""
+
+    def __post_init__(self) -> None:
+        b = self.max_batch
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ValueError(f"max_batch must be >= 1, got {b!r}")
+        if isinstance(self.beyond, bool) or not isinstance(self.beyond, int) or not 1 <= self.beyond <= b:
+            raise ValueError(f"beyond must be in 1..B={b}, got {self.beyond!r}")
+        table = tuple(int(a) for a in self.table)
+        if not table:
+            raise ValueError("policy table is empty")
+        for n, a in enumerate(table):
+            if a < 0 or a > min(n, b):
+                raise ValueError(f"policy action a({n}) = {a} is outside 0..min({n}, B={b})")
+        object.__setattr__(self, "table", table)
+        rows = []
+        for m, row in enumerate(self.busy_tables, start=1):
+            row = tuple(int(a) for a in row)
+            if not row:
+                raise ValueError(f"busy_tables row for m = {m} is empty")
+            for n, a in enumerate(row):
+                if a < 0 or a > min(n, b):
+                    raise ValueError(f"busy_tables row for m = {m}: policy action a({n}) = {a} is outside "
+                                     f"0..min({n}, B={b})")
+            rows.append(row)
+        object.__setattr__(self, "busy_tables", tuple(rows))
+        if self.max_wait_s is not None and (not math.isfinite(self.max_wait_s) or self.max_wait_s < 0):
+            raise ValueError(f"max_wait must be finite and >= 0 seconds, got {self.max_wait_s!r}")
+        if self.guard_reason not in _GUARD_REASONS:
+            raise ValueError(f"guard_reason must be timeout or max_wait, got {self.guard_reason!r}")
+
+    @classmethod
+    def of(cls, rule: BatchRule) -> "GateRule":
+        """The description of a rule the sidecar builds; ValueError for one no gate can run."""
+        if isinstance(rule, GateRule):
+            return rule
+        if isinstance(rule, PolicyTable):
+            return cls(rule.max_batch, tuple(int(a) for a in rule.actions), rule.beyond_batch)
+        if isinstance(rule, InstanceTable):
+            rows = [tuple(int(a) for a in r) for r in rule.actions]
+            return cls(rule.max_batch, rows[0], rule.max_batch, busy_tables=tuple(rows[1:]))
+        if isinstance(rule, PerInstance):
+            return cls.of(rule.rule)
+        if isinstance(rule, TimeoutRule):
+            b = rule.max_batch
+            return cls(b, (0,) * b + (b,), b, rule.timeout_s, "timeout")
+        if isinstance(rule, MaxWaitGuard):
+            inner = cls.of(rule.rule)
+            if inner.max_wait_s is not None and (inner.max_wait_s, inner.guard_reason) <= (rule.max_wait_s, "max_wait"):
+                return inner
+            return cls(inner.max_batch, inner.table, inner.beyond, rule.max_wait_s, "max_wait", inner.busy_tables)
+        raise ValueError(f"the gate cannot run a {type(rule).__name__} rule")
+
+    def row(self, busy: int) -> tuple[int, ...]:
+        """The table the rule uses with ``busy`` instances busy (the last row for any larger m)."""
+        if busy <= 0 or not self.busy_tables:
+            return self.table
+        return self.busy_tables[min(busy, len(self.busy_tables)) - 1]
+
+    def decide(self, n: int, oldest_wait_s: float, busy: int = 0) -> Decision:
+        if n <= 0:
+            return Decision(0)
+        wait = self.max_wait_s
+        if wait is not None and oldest_wait_s >= wait:
+            a = min(n, self.max_batch)
+            # as TimeoutRule: a full batch is the rule's own choice, a timed-out one is the guard's
+            if self.guard_reason == "timeout" and a >= self.max_batch:
+                return Decision(a)
+            return Decision(a, reason=self.guard_reason)
+        table = self.row(busy)
+        a = table[n] if n < len(table) else min(n, self.beyond)
+        if a == 0 and wait is not None:
+            return Decision(0, wait - oldest_wait_s)
+        return Decision(a)
+
+    # -- the one serialisation ------------------------------------------------------------------
+    def to_line(self) -> str:
+        """The rule's fields as the native gate's ``policy`` command carries them (canonical order)."""
+        out = f"max_batch={self.max_batch} beyond={self.beyond} table=" + ",".join(map(str, self.table))
+        if self.busy_tables:
+            out += " busy_tables=" + ";".join(",".join(map(str, r)) for r in self.busy_tables)
+        if self.max_wait_s is not None:
+            out += f" max_wait_us={max(0, round(self.max_wait_s * 1e6))} guard_reason={self.guard_reason}"
+        return out
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> "GateRule":
+        """Parse the rule's fields (``to_line``'s keys); ValueError naming a bad or unknown one."""
+        f = dict(fields)
+
+        def integer(key: str, default: int | None = None) -> int:
+            text = f.pop(key, None)
+            if text is None:
+                if default is None:
+                    raise ValueError(f"{key}= missing")
+                return default
+            try:
+                return int(text)
+            except ValueError:
+                raise ValueError(f"{key} must be an integer, got {text!r}") from None
+
+        b = integer("max_batch")
+        beyond = integer("beyond", b)
+        wait_us = integer("max_wait_us", -1)
+        reason = f.pop("guard_reason", "max_wait")
+        text = f.pop("table", None)
+        if text is None:
+            raise ValueError("table= missing")
+        try:
+            table = tuple(int(a) for a in text.split(",")) if text else ()
+        except ValueError:
+            raise ValueError(f"table must be integers separated by commas, got {text!r}") from None
+        busy_text = f.pop("busy_tables", None)
+        busy: tuple[tuple[int, ...], ...] = ()
+        if busy_text is not None:
+            try:
+                busy = tuple(tuple(int(a) for a in r.split(",")) for r in busy_text.split(";"))
+            except ValueError:
+                raise ValueError(f"busy_tables must be rows of integers separated by commas, rows separated "
+                                 f"by ';', got {busy_text!r}") from None
+        if f:
+            raise ValueError(f"unknown key {next(iter(f))!r}")
+        if reason not in _GUARD_REASONS:
+            raise ValueError(f"guard_reason must be timeout or max_wait, got {reason!r}")
+        return cls(b, table, beyond, None if wait_us < 0 else wait_us * 1e-6, reason, busy)
+
+    @classmethod
+    def from_line(cls, line: str) -> "GateRule":
+        """Parse ``to_line``'s text."""
+        fields: dict[str, str] = {}
+        for token in line.split():
+            key, eq, value = token.partition("=")
+            if not eq or not key:
+                raise ValueError(f"expected key=value, got {token!r}")
+            fields[key] = value
+        return cls.from_fields(fields)

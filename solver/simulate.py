@@ -27,6 +27,7 @@ Conventions:
 
 from __future__ import annotations
 
+import heapq
 import math
 from bisect import bisect_right
 from dataclasses import asdict, dataclass
@@ -36,7 +37,7 @@ import numpy as np
 from scipy import stats
 
 from solver.model import ModelError, ServiceProfile
-from solver.policy import BatchRule, MaxWaitGuard, PolicyTable, TimeoutRule
+from solver.policy import BatchRule, InstanceRule, InstanceTable, MaxWaitGuard, PerInstance, PolicyTable, TimeoutRule
 
 __all__ = ["SimResult", "simulate", "simulate_latencies", "simulate_phased", "batch_means_ci"]
 
@@ -127,8 +128,9 @@ def _validate(profile: ServiceProfile, rule: BatchRule, arrivals: np.ndarray, id
               weight: float, warmup: float) -> np.ndarray:
     if not isinstance(profile, ServiceProfile):
         raise ModelError(f"profile must be a ServiceProfile, got {type(profile).__name__}")
-    if not hasattr(rule, "decide") or not hasattr(rule, "max_batch"):
-        raise ModelError(f"rule must implement BatchRule (max_batch, decide), got {type(rule).__name__}")
+    if not isinstance(rule, (BatchRule, InstanceRule)):
+        raise ModelError(f"rule must implement BatchRule (max_batch, decide) or InstanceRule (max_batch, instances, "
+                         f"decide_busy), got {type(rule).__name__}")
     b = rule.max_batch
     if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1:
         raise ModelError(f"rule.max_batch must be an integer >= 1, got {b!r}")
@@ -394,24 +396,152 @@ def simulate_phased(profile: ServiceProfile, policy, source, arrivals: np.ndarra
                       float(idle_power_w), float(weight), float(warmup), int(policy.max_batch))[0]
 
 
-def simulate(profile: ServiceProfile, rule: BatchRule, arrivals: np.ndarray, *, idle_power_w: float,
+def _run_instances(rule: InstanceRule, t: list[float], draw: Callable[[int], float]):
+    """Event loop for k instances fed by one FIFO queue.
+
+    Decision epochs: an arrival while an instance is free, a completion, a rule's timer. At an epoch
+    the rule is asked with m = busy instances, again after each batch it starts while one is free.
+    Fast paths that skip epochs at which nothing can change: a table jumps to the next completion or
+    to the arrival at which its row for the current m serves, a per-instance timeout rule straight to
+    its firing time (it ignores m, so completions meanwhile do not change its answer). When no event
+    is left and the rule would wait forever, the rest is served in batches of min(n, B).
+    """
+    n_total = len(t)
+    k = int(rule.instances)
+    big_b = int(rule.max_batch)
+    table: list[list[int]] | None = None
+    next_serve: list[list[int]] = []
+    size = 0
+    timeout: float | None = None
+    if type(rule) is InstanceTable:
+        size = max(rule.truncation + 2, big_b + 2)
+        table = []
+        for m in range(k):
+            acts = rule.row(m).extended(size).tolist()
+            nxt_row = [0] * size
+            nxt = size
+            for n in range(size - 1, -1, -1):
+                if acts[n] > 0:
+                    nxt = n
+                nxt_row[n] = nxt
+            table.append(acts)
+            next_serve.append(nxt_row)
+    elif type(rule) is PerInstance and type(rule.rule) is TimeoutRule:
+        timeout = float(rule.rule.timeout_s)
+    decide = rule.decide_busy
+    sizes: list[int] = []
+    starts: list[float] = []
+    durs: list[float] = []
+    busy: list[float] = []  # heap of completion times
+    inf = math.inf
+    now = 0.0
+    head = 0
+    na = 0
+    while head < n_total:
+        while busy and busy[0] <= now:
+            heapq.heappop(busy)
+        m = len(busy)
+        n = na - head
+        wake = inf  # when waiting with a free instance: the next time the rule could serve
+        while m < k and n > 0:
+            if table is not None:
+                a = table[m][n] if n < size else min(n, big_b)
+                if a == 0:
+                    need = next_serve[m][n]
+                    idx = head + need - 1
+                    wake = t[idx] if idx < n_total else inf
+            elif timeout is not None:
+                fire = t[head] + timeout
+                if n >= big_b:
+                    a = big_b
+                elif now >= fire:
+                    a = n
+                else:
+                    a = 0
+                    full = head + big_b - 1
+                    wake = fire
+                    if full < n_total and t[full] < wake:
+                        wake = t[full]
+            else:
+                d = decide(n, m, now - t[head])
+                a = int(d.serve)
+                if a < 0 or a > n or a > big_b:
+                    raise ModelError(f"rule {rule!r} chose to serve {a} with n={n} waiting, m={m} busy and B={big_b}")
+                if a == 0:
+                    nxt_arrival = t[na] if na < n_total else inf
+                    wake = nxt_arrival
+                    if d.recheck_after_s is not None:
+                        recheck = float(d.recheck_after_s)
+                        if not recheck >= 0:
+                            raise ModelError(f"rule {rule!r} asked to recheck after {recheck!r} s")
+                        timer = now + recheck
+                        if timer <= now:
+                            timer = math.nextafter(now, inf)
+                        wake = min(wake, timer)
+            if a == 0:
+                break
+            s = draw(a)
+            sizes.append(a)
+            starts.append(now)
+            durs.append(s)
+            heapq.heappush(busy, now + s)
+            head += a
+            n -= a
+            m += 1
+        if head >= n_total:
+            break
+        done = busy[0] if busy else inf
+        if n == 0:  # empty queue: the next arrival or completion
+            nxt = t[na] if na < n_total else inf
+            now = min(nxt, done)
+        elif m < k:  # waiting with a free instance
+            nxt = wake if timeout is not None else min(wake, done)  # a per-instance timeout ignores completions
+            if math.isinf(nxt):  # the rule would wait past the last arrival, nothing busy: drain
+                now = max(now, t[-1])
+                na = n_total
+                n = na - head
+                a = n if n < big_b else big_b
+                s = draw(a)
+                sizes.append(a)
+                starts.append(now)
+                durs.append(s)
+                heapq.heappush(busy, now + s)
+                head += a
+                continue
+            now = nxt
+        else:  # all busy
+            now = done
+        na = bisect_right(t, now, na)
+    return sizes, starts, durs
+
+
+def simulate(profile: ServiceProfile, rule: BatchRule | InstanceRule, arrivals: np.ndarray, *, idle_power_w: float,
              weight: float, seed: int | None = None, warmup: float = 0.0) -> SimResult:
     """Run ``rule`` on the given arrival times and estimate W, its percentiles, P and J = W + w P.
 
     ``warmup`` (seconds) drops the requests that arrive before it and the energy spent before it,
     to remove the empty-start transient. ``seed`` fixes the service-time streams.
+
+    An ``InstanceRule`` (``InstanceTable``, ``PerInstance``) runs on its k instances fed by one FIFO
+    queue (``_run_instances``); power is then the sum over instances (each busy one draws its
+    batch's power, each idle one P0), so P0 is the idle power of one instance's device.
     """
     return simulate_latencies(profile, rule, arrivals, idle_power_w=idle_power_w, weight=weight, seed=seed,
                               warmup=warmup)[0]
 
 
-def simulate_latencies(profile: ServiceProfile, rule: BatchRule, arrivals: np.ndarray, *, idle_power_w: float,
-                       weight: float, seed: int | None = None, warmup: float = 0.0) -> tuple[SimResult, np.ndarray]:
+def simulate_latencies(profile: ServiceProfile, rule: BatchRule | InstanceRule, arrivals: np.ndarray, *,
+                       idle_power_w: float, weight: float, seed: int | None = None,
+                       warmup: float = 0.0) -> tuple[SimResult, np.ndarray]:
     """``simulate`` plus the response time of every request that arrived after the warm-up, in
     arrival order (for latency distributions: quantiles, SLO attainment)."""
     t = _validate(profile, rule, arrivals, idle_power_w, weight, warmup)
     draws = _ServiceDraws(profile, int(rule.max_batch), seed)
     t_list = t.tolist()
+    if isinstance(rule, InstanceRule):
+        sizes, starts, durs = _run_instances(rule, t_list, draws.draw)
+        return _summarise(profile, t, np.asarray(sizes, dtype=np.int64), np.asarray(starts), np.asarray(durs),
+                          float(idle_power_w), float(weight), float(warmup), int(rule.max_batch), int(rule.instances))
     if type(rule) is PolicyTable:
         sizes, starts, durs = _run_table(rule, t_list, draws.draw)
     elif type(rule) is TimeoutRule:
@@ -425,7 +555,8 @@ def simulate_latencies(profile: ServiceProfile, rule: BatchRule, arrivals: np.nd
 
 
 def _summarise(profile: ServiceProfile, t: np.ndarray, sizes: np.ndarray, starts: np.ndarray, durs: np.ndarray,
-               p0: float, weight: float, warmup: float, big_b: int) -> tuple[SimResult, np.ndarray]:
+               p0: float, weight: float, warmup: float, big_b: int,
+               instances: int = 1) -> tuple[SimResult, np.ndarray]:
     ends = starts + durs
     completion = np.repeat(ends, sizes)
     latency = completion - t
@@ -437,7 +568,7 @@ def _summarise(profile: ServiceProfile, t: np.ndarray, sizes: np.ndarray, starts
     # Busy time and energy inside [warmup, end], prorating a batch that straddles the warm-up.
     power = profile.busy_power_w[sizes - 1]
     busy = np.clip(ends - np.maximum(starts, warmup), 0.0, None)
-    energy = float(np.sum(power * busy)) + p0 * (horizon - float(busy.sum()))
+    energy = float(np.sum(power * busy)) + p0 * (instances * horizon - float(busy.sum()))
     mean_power = energy / horizon
 
     # Power CI by batch means over equal time windows (a batch's energy counted where it starts).
@@ -446,7 +577,7 @@ def _summarise(profile: ServiceProfile, t: np.ndarray, sizes: np.ndarray, starts
     win = np.minimum(((starts[counted] - warmup) / horizon * k).astype(np.int64), k - 1)
     busy_e = np.bincount(win, weights=(power * durs)[counted], minlength=k)
     busy_t = np.bincount(win, weights=durs[counted], minlength=k)
-    win_p = (busy_e + p0 * (horizon / k - busy_t)) / (horizon / k)
+    win_p = (busy_e + p0 * (instances * horizon / k - busy_t)) / (horizon / k)
     power_ci = float(stats.t.ppf(0.975, k - 1) * win_p.std(ddof=1) / math.sqrt(k)) if counted.sum() >= 2 * k else math.nan
 
     hist = np.bincount(sizes[counted], minlength=big_b + 1)[1:]

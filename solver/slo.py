@@ -65,6 +65,8 @@ _TAIL_SAMPLES = 400
 """Simulated requests beyond the q-quantile the search asks for (sets its run length)."""
 _GUARD_FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 """Guards tried, as fractions of D (the guard caps the oldest request's wait, so it lives below D)."""
+_GUARD_REFINE = 3
+"""Bisection steps between the largest feasible guard of the grid and the next one (D/80 at the end)."""
 _WEIGHT_STEPS = (1.0, 0.3, 0.1, 0.03, 0.01, 0.0)
 """Weights tried, as fractions of the model's weight: from its own (least J) towards 0 (least latency)."""
 
@@ -418,6 +420,8 @@ class SloCandidate:
     """J = W + w P at the model's weight w."""
     feasible: bool
     """The upper 95% bound of the q-quantile (the point value for the exact chain) is <= D."""
+    mean_batch: float = math.nan
+    """Requests per batch (the simulation's, or the exact evaluation's for an exact candidate)."""
 
     @property
     def rule(self) -> BatchRule:
@@ -493,8 +497,9 @@ def solve_slo(model: BatchingModel, target: SloTarget, *, method: SearchMethod =
     Family: a(n) solved for w' in ``weights`` (default: the model's w times 1, 0.3, 0.1, ..., 0),
     each alone and with a max-wait guard g in ``guards`` (default: 0.05..0.9 of D). J is always the
     model's own J = W + w P. For each table the search tries it unguarded, then the largest guard that
-    meets D (bisection over the guards: a smaller guard only cuts waits, so it lowers the tail and,
-    for the tables at or below w, raises J). Tables further below w cost more J unguarded, so the
+    meets D (bisection over the guards, then three continuous bisection steps past the last feasible
+    one: a smaller guard only cuts waits, so it lowers the tail and, for the tables at or below w,
+    raises J). Tables further below w cost more J unguarded, so the
     descent stops at the first unguarded table that meets D. Figures are from the simulator on common
     random numbers (module doc); ``method="exact"`` judges unguarded tables by the exact chain.
     Infeasible: greedy, ``feasible = False``.
@@ -529,22 +534,23 @@ def solve_slo(model: BatchingModel, target: SloTarget, *, method: SearchMethod =
 
     def judge(weight: float, table: PolicyTable, guard: float | None, exact: tuple[float, float, float] | None
               ) -> SloCandidate:
+        """Simulate one candidate on the shared arrivals; ``exact``: (W, P, mean batch) of an unguarded table."""
         rule: BatchRule = table if guard is None else MaxWaitGuard(table, guard)
         est, sim = simulated_quantile(model, rule, target, arr, seed=seed, warmup=warmup)
-        lat_s, pow_w = sim.mean_latency_s, sim.mean_power_w
+        lat_s, pow_w, batch = sim.mean_latency_s, sim.mean_power_w, sim.mean_batch
         if exact is not None:  # unguarded and asked for: the chain's quantile and the exact W, P
             quant, att = _exact_pair(model, table, target)
             est = QuantileEstimate(quant, 0.0, att, "exact")
-            lat_s, pow_w = exact[0], exact[1]
+            lat_s, pow_w, batch = exact
         ok = math.isfinite(est.upper_s) and est.upper_s <= target.latency_s
-        return SloCandidate(weight, guard, table, est, lat_s, pow_w, lat_s + w * pow_w, ok)
+        return SloCandidate(weight, guard, table, est, lat_s, pow_w, lat_s + w * pow_w, ok, batch)
 
     candidates: list[SloCandidate] = []
     warm: PolicyTable | None = None
     for wp in ladder:
         res = solve(model.with_(weight=wp), warm_start=warm)
         warm = res.policy
-        exact = (res.mean_latency_s, res.mean_power_w, res.gain) if method == "exact" else None
+        exact = (res.mean_latency_s, res.mean_power_w, res.mean_batch) if method == "exact" else None
         plain = judge(wp, res.policy, None, exact)
         candidates.append(plain)
         if plain.feasible:
@@ -562,6 +568,16 @@ def solve_slo(model: BatchingModel, target: SloTarget, *, method: SearchMethod =
                 hi = mid - 1
         if best is None:  # not even the tightest guard helps this table; lower tables wait less
             continue
+        if lo < len(guard_list):  # refine between the last feasible guard and the next one up
+            g_ok, g_bad = best.max_wait_s, guard_list[lo]
+            for _ in range(_GUARD_REFINE):
+                g = 0.5 * (g_ok + g_bad)
+                cand = judge(wp, res.policy, g, None)
+                candidates.append(cand)
+                if cand.feasible:
+                    g_ok = g
+                else:
+                    g_bad = g
     feasible = [c for c in candidates if c.feasible]
     if feasible:
         chosen = min(feasible, key=lambda c: c.cost)

@@ -7,6 +7,7 @@ whichever plane carries the requests.
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ from plugin.runner import SidecarThread
 from smdp.v1 import smdp_pb2, smdp_pb2_grpc
 from solver.arrivals import poisson, steps
 from solver.model import BatchingModel, ServiceProfile
+from solver.policy import MaxWaitGuard
 from solver.smdp import solve
 from planes import data_plane, plane, settle  # noqa: F401 - data_plane: autouse, both planes
 from slowed_triton import slowed_emulated_gpu
@@ -395,3 +397,75 @@ def test_a_profile_2x_too_fast_is_learned_from_the_batches_and_the_policy_resolv
     # CPU-only Triton exports no GPU power: modelled, and the status says so
     assert s.power_modelled and "power modelled from the profile" in s.note
     assert s.measured.mean_power_w > 0
+
+
+def test_an_slo_is_met_in_a_steady_poisson_run_and_reported(scaled, scaled_unbatched):
+    """q0.95 <= 150 ms at 60 req/s on the x20 profile with w = 0.01: the mean-optimal table's q0.95 is
+    about 210 ms, so the SLO binds; the search picks the w table with a max-wait guard (about 90 ms)."""
+    _, csv = scaled
+    triton = scaled_unbatched  # Triton's batcher off: its occasional 500 ms stall would be the tail
+    rate, q, d = 60.0, 0.95, 0.150
+    with sidecar(triton.grpc_url, csv, model={"rate_rps": rate, "weight": 0.01, "max_wait_s": 1.0,
+                                              "slo": {"quantile": q, "latency_s": d}}) as sc:
+        ch, stub, md = control(sc)
+        fire(sc.url, poisson(rate, n=30, rng=np.random.default_rng(4)), [])  # the model appears
+        deadline = time.monotonic() + 30
+        s = status(stub, md)
+        while time.monotonic() < deadline and not s.slo.HasField("predicted_quantile_s"):
+            time.sleep(0.1)
+            s = status(stub, md)
+        assert s.slo.quantile == q and s.slo.latency_s == d and s.slo.feasible
+        assert s.slo.predicted_quantile_s <= d and 0 < s.slo.max_wait_s < d
+        # the guard travels with the policy to the plane in force (the config's 1 s guard stays outside it)
+        rule = sc.sidecar.models()[("emulated_gpu", "")].gate.rule
+        waits = []
+        while isinstance(rule, MaxWaitGuard):
+            waits.append(rule.max_wait_s)
+            rule = rule.rule
+        assert sorted(waits) == [pytest.approx(s.slo.max_wait_s), 1.0]
+        # bad input changes nothing
+        for bad_q, bad_d in ((1.0, d), (float("nan"), d), (q, 0.0), (q, -1.0)):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.SetSlo(smdp_pb2.SetSloRequest(model="emulated_gpu", quantile=bad_q, latency_s=bad_d), metadata=md)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert status(stub, md).slo.latency_s == d
+        latencies: list = []
+        client = tc.InferenceServerClient(sc.url)
+        inp = tc.InferInput("INPUT0", [1, 16], "FP32")
+        inp.set_data_from_numpy(np.zeros((1, 16), np.float32))
+        times = poisson(rate, duration=9.0, rng=np.random.default_rng(6))
+        measured = times < 8.0
+        start = time.monotonic()
+
+        def one(i):
+            delay = start + times[i] - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            t1 = time.monotonic()
+            client.infer("emulated_gpu", [inp])
+            if measured[i]:
+                latencies.append(time.monotonic() - t1)
+
+        with ThreadPoolExecutor(48) as ex:
+            list(ex.map(one, range(len(times))))
+        settle(sc)
+        lat = np.asarray(latencies)
+        n = lat.size
+        attained = float(np.mean(lat <= d))
+        # ~480 requests: the share within D is q give or take sqrt(q (1-q) / n) ~ 0.01; allow 3 of those
+        assert attained >= q - 3 * math.sqrt(q * (1 - q) / n), (attained, np.quantile(lat, q))
+        s = status(stub, md)
+        assert s.slo.samples > 0 and s.slo.HasField("measured_quantile_s")
+        assert abs(s.slo.attainment - attained) < 0.05  # the sidecar's own view agrees with the client's
+        # cleared: back to the plain policy, without the SLO's guard
+        s = stub.ClearSlo(smdp_pb2.ModelRequest(model="emulated_gpu"), metadata=md)
+        assert not s.HasField("slo")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            rule = sc.sidecar.models()[("emulated_gpu", "")].gate.rule
+            if isinstance(rule, MaxWaitGuard) and rule.max_wait_s == 1.0 and not isinstance(rule.rule, MaxWaitGuard):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"the SLO's guard is still installed: {rule!r}")
+        ch.close()

@@ -19,6 +19,7 @@ from plugin.control import (
     ModelStatusInfo,
     PolicyInfo,
     ServiceTimeInfo,
+    SloStatusInfo,
     UnknownModel,
     is_loopback_address,
     start_control_server,
@@ -35,6 +36,7 @@ class FakeModel:
     target: float | None = None
     version: int = 1
     queue: int = 0
+    slo: tuple[float, float] | None = None
 
 
 @dataclass
@@ -63,6 +65,9 @@ class FakeBackend:
                 ServiceTimeInfo(2, 0, None, None, 1.5e-3, 1.5e-3, triton_compute_s=1.4e-3, triton_batches=3),
             ),
             profile_updates=2, profile_batches=12, profile_learning=True, rejected_expired=3, rejected_invalid=4,
+            slo=None if m.slo is None else SloStatusInfo(
+                m.slo[0], m.slo[1], feasible=True, predicted_quantile_s=0.8 * m.slo[1], predicted_ci95_s=1e-4,
+                measured_quantile_s=0.9 * m.slo[1], attainment=0.995, samples=4000, max_wait_s=0.5 * m.slo[1]),
         )
 
     async def set_weight(self, model: str, weight: float) -> None:  # async on purpose: both kinds work
@@ -75,6 +80,10 @@ class FakeBackend:
         if target_s is not None and target_s < 1e-3:
             raise ValueError(f"latency target {target_s} s is below the fastest batch (1 ms)")
         self.models_[model].target = target_s
+
+    def set_slo(self, model: str, target) -> None:
+        self.calls.append(("set_slo", model, target))
+        self.models_[model].slo = None if target is None else (target.quantile, target.latency_s)
 
     def policy(self, model: str) -> PolicyInfo:
         if model == "mlp":
@@ -291,6 +300,41 @@ def test_health_and_reflection(served) -> None:
 
 
 # -- smdp ctl ---------------------------------------------------------------------------------------
+
+
+def test_set_and_clear_slo(served) -> None:
+    backend, stub, _ = served
+    s = stub.GetStatus(smdp_pb2.ModelRequest(model="resnet"), metadata=AUTH)
+    assert not s.HasField("slo")
+    s = stub.SetSlo(smdp_pb2.SetSloRequest(model="resnet", quantile=0.99, latency_s=0.05), metadata=AUTH)
+    assert backend.models_["resnet"].slo == (0.99, 0.05)
+    assert s.slo.quantile == 0.99 and s.slo.latency_s == 0.05 and s.slo.feasible
+    assert s.slo.predicted_quantile_s == pytest.approx(0.04) and s.slo.attainment == 0.995 and s.slo.samples == 4000
+    s = stub.ClearSlo(smdp_pb2.ModelRequest(model="resnet"), metadata=AUTH)
+    assert not s.HasField("slo") and backend.models_["resnet"].slo is None
+
+
+@pytest.mark.parametrize("q, d", [(0.0, 0.05), (1.0, 0.05), (-0.5, 0.05), (float("nan"), 0.05), (1.5, 0.05),
+                                  (0.99, 0.0), (0.99, -0.01), (0.99, float("nan")), (0.99, float("inf"))])
+def test_invalid_slo_is_refused_and_changes_nothing(served, q: float, d: float) -> None:
+    backend, stub, _ = served
+    code, details = code_of(stub.SetSlo, smdp_pb2.SetSloRequest(model="resnet", quantile=q, latency_s=d),
+                            metadata=AUTH)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "SLO" in details
+    assert backend.models_["resnet"].slo is None and not backend.calls
+
+
+def test_ctl_slo_commands(served, capsys) -> None:
+    backend, _, port = served
+    rc, out = ctl(port, "set-slo", "resnet", "--quantile", "0.95", "--latency", "0.02")
+    assert rc == 0 and backend.models_["resnet"].slo == (0.95, 0.02)
+    assert "SLO        q0.95 <= 20.000 ms: predicted to meet it, max-wait guard 10.000 ms" in out[0]
+    assert "measured  q0.95 18.000 ms, attainment 0.9950" in out[0]
+    rc, _ = ctl(port, "set-slo", "resnet", "--quantile", "1", "--latency", "0.02")
+    assert rc == 2 and "INVALID_ARGUMENT" in capsys.readouterr().err
+    assert backend.models_["resnet"].slo == (0.95, 0.02)
+    rc, out = ctl(port, "clear-slo", "resnet")
+    assert rc == 0 and backend.models_["resnet"].slo is None and "SLO " not in out[0]
 
 
 def ctl(port: int, *argv: str, token: str | None = TOKEN) -> tuple[int, list[str]]:

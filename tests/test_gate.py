@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from plugin.gate import ModelGate, Pending, QueueFull
-from solver.policy import PolicyTable, TimeoutRule, greedy, threshold
+from solver.policy import Decision, GateRule, MaxWaitGuard, PolicyTable, TimeoutRule, greedy, static, threshold
 
 
 class Clock:
@@ -31,145 +31,8 @@ def submit(gate, clock, k=1, key="m", **kw):
     return items
 
 
-def test_greedy_serves_everything_waiting_up_to_B_when_free():
-    gate, clock = make(greedy(4))
-    items = submit(gate, clock, 6)
-    step = gate.poll()
-    assert [len(b) for b in step.batches] == [4]
-    assert list(step.batches[0]) == items[:4]  # FIFO: the oldest four
-    assert gate.queue_length == 2 and gate.in_flight == 1
-    # busy: arrivals do not start anything
-    submit(gate, clock, 1)
-    assert gate.poll().batches == ()
-    gate.complete()
-    step = gate.poll()
-    assert [len(b) for b in step.batches] == [3]
-    assert gate.queue_length == 0
-
-
-def test_threshold_policy_waits_below_threshold_and_asks_for_no_timer():
-    gate, clock = make(threshold(8, 3))
-    submit(gate, clock, 2)
-    step = gate.poll()
-    assert step.batches == () and step.wake_at is None
-    submit(gate, clock, 1)
-    step = gate.poll()
-    assert [len(b) for b in step.batches] == [3]
-
-
-def test_policy_table_action_is_applied_exactly():
-    # a(n): wait at 0..1, serve 2 at n=2, serve 2 at n=3, serve 4 from n=4 on
-    table = PolicyTable(np.array([0, 0, 2, 2, 4]), max_batch=4)
-    gate, clock = make(table)
-    submit(gate, clock, 3)
-    assert [len(b) for b in gate.poll().batches] == [2]
-    gate.complete()
-    submit(gate, clock, 4)  # n = 5 > N: serve min(n, B) = 4
-    assert [len(b) for b in gate.poll().batches] == [4]
-
-
-def test_timeout_rule_asks_for_a_timer_and_serves_when_it_fires():
-    gate, clock = make(TimeoutRule(max_batch=8, timeout_s=0.002))
-    submit(gate, clock, 1)
-    step = gate.poll()
-    assert step.batches == () and step.wake_at == pytest.approx(0.002)
-    clock.t = 0.001
-    submit(gate, clock, 1)
-    assert gate.poll().wake_at == pytest.approx(0.002)  # still the oldest's timer
-    clock.t = 0.002
-    step = gate.poll()
-    assert [len(b) for b in step.batches] == [2]
-
-
-def test_several_slots_dispatch_several_batches_at_once():
-    gate, clock = make(greedy(2), slots=3)
-    submit(gate, clock, 5)
-    step = gate.poll()
-    assert [len(b) for b in step.batches] == [2, 2, 1]
-    assert gate.in_flight == 3
-    with pytest.raises(RuntimeError):
-        for _ in range(4):
-            gate.complete()
-
-
-def test_bounded_queue_refuses_and_loses_nothing():
-    gate, clock = make(threshold(4, 4), max_queue=3)
-    items = submit(gate, clock, 3)
-    with pytest.raises(QueueFull):
-        submit(gate, clock, 1)
-    assert gate.queue_length == 3 and gate.counters.rejected == 1
-    gate.set_rule(greedy(4))
-    step = gate.poll()
-    assert list(step.batches[0]) == items
-
-
-def test_incompatible_requests_are_not_merged_and_order_is_kept():
-    gate, clock = make(greedy(8))
-    a1 = submit(gate, clock, 1, key="A")[0]
-    b1 = submit(gate, clock, 1, key="B")[0]
-    a2 = submit(gate, clock, 1, key="A")[0]
-    solo = submit(gate, clock, 1, key=None)[0]
-    step = gate.poll()
-    assert step.batches == ((a1, a2),)
-    gate.complete()
-    assert gate.poll().batches == ((b1,),)
-    gate.complete()
-    assert gate.poll().batches == ((solo,),)  # unmergeable requests go alone
-    assert gate.queue_length == 0
-
-
-def test_rows_are_capped_at_the_model_maximum_batch():
-    gate, clock = make(greedy(8))
-    big = submit(gate, clock, 1, rows=6)[0]
-    small = submit(gate, clock, 2, rows=2)
-    step = gate.poll()
-    assert step.batches == ((big, small[0]),)  # 6 + 2 = 8 rows; the third would make 10
-    gate.complete()
-    assert gate.poll().batches == ((small[1],),)
-
-
-def test_priority_orders_the_queue_but_the_rule_sees_the_whole_backlog():
-    gate, clock = make(threshold(2, 3))
-    low = submit(gate, clock, 2, priority=2)
-    clock.t = 1.0
-    high = submit(gate, clock, 1, priority=1)[0]
-    step = gate.poll()  # n = 3 reaches the threshold; the urgent one goes first
-    assert step.batches == ((high, low[0]),)
-
-
-def test_cancelled_request_frees_its_place_and_is_never_dispatched():
-    gate, clock = make(threshold(4, 3), max_queue=3)
-    items = submit(gate, clock, 3)
-    # the third arrival reached the threshold only if polled; cancel before the epoch
-    assert gate.cancel(items[1])
-    assert not gate.cancel(items[1])
-    assert gate.queue_length == 2
-    submit(gate, clock, 1)  # the freed place is usable
-    step = gate.poll()
-    assert items[1] not in step.batches[0] and len(step.batches[0]) == 3
-    assert not gate.cancel(items[0])  # already dispatched
-
-
-def test_expired_requests_are_dropped_before_deciding_and_reported():
-    gate, clock = make(threshold(4, 3))
-    doomed = submit(gate, clock, 1, deadline=0.005)[0]
-    keep = submit(gate, clock, 1)[0]
-    step = gate.poll()
-    assert step.batches == () and step.wake_at == pytest.approx(0.005)
-    clock.t = 0.006
-    submit(gate, clock, 1)
-    step = gate.poll()
-    assert step.expired == (doomed,)
-    assert step.batches == ()  # n fell to 2, below the threshold
-    assert gate.queue_length == 2 and keep.live
-
-
-def test_rule_swap_takes_effect_at_the_next_decision():
-    gate, clock = make(threshold(4, 4))
-    submit(gate, clock, 2)
-    assert gate.poll().batches == ()
-    gate.set_rule(greedy(4))
-    assert [len(b) for b in gate.poll().batches] == [2]
+# The gate's deterministic cases are shared with the native plane: tests/vectors/*.json, run by
+# tests/test_vectors.py here and by native/test_gate_core.cc there. What follows is Python's own.
 
 
 def test_every_request_is_dispatched_exactly_once_under_random_events():
@@ -209,28 +72,46 @@ def test_every_request_is_dispatched_exactly_once_under_random_events():
     assert refused == gate.counters.rejected
 
 
-def test_max_wait_guard_serves_stranded_requests_when_traffic_stops():
-    from solver.policy import MaxWaitGuard
+def test_a_rule_and_the_description_the_gate_runs_decide_alike():
+    """The gate runs ``GateRule.of(rule)``: the same decisions as the rule's own, on a grid of states."""
+    rules = [
+        greedy(4), threshold(8, 3), threshold(4, 9), static(8, 3), PolicyTable(np.array([0, 0, 2, 2, 4]), 4),
+        TimeoutRule(8, 0.002), TimeoutRule(4, 0.0), MaxWaitGuard(threshold(8, 6), 0.5),
+        MaxWaitGuard(TimeoutRule(4, 0.01), 0.002), MaxWaitGuard(static(8, 2), 0.003),
+    ]
+    waits = [0.0, 0.0005, 0.001999, 0.002, 0.0025, 0.003, 0.01, 0.4999, 0.5, 2.0]
+    for rule in rules:
+        described = GateRule.of(rule)
+        assert described.max_batch == rule.max_batch
+        for n in range(0, 14):
+            for w in waits:
+                assert described.decide(n, w) == rule.decide(n, w), (rule, n, w)
 
-    gate, clock = make(MaxWaitGuard(threshold(8, 6), max_wait_s=0.5))
+
+def test_a_guard_around_a_timeout_reports_whichever_fires_first():
+    """One description runs both planes: the tighter of the two waits decides, and names itself."""
+    loose = GateRule.of(MaxWaitGuard(TimeoutRule(4, 0.01), 0.5))
+    assert loose.decide(2, 0.6).reason == "timeout"  # the timeout's wait passed first
+    tight = GateRule.of(MaxWaitGuard(TimeoutRule(4, 0.01), 0.002))
+    assert tight.decide(2, 0.6).reason == "max_wait"
+
+
+def test_the_gate_runs_a_rule_it_has_no_description_for_as_it_is():
+    class EveryOther:
+        max_batch = 4
+
+        def decide(self, n: int, oldest_wait_s: float) -> Decision:
+            return Decision(min(n, 4) if n % 2 == 0 else 0)
+
+    with pytest.raises(ValueError, match="cannot run a EveryOther rule"):
+        GateRule.of(EveryOther())
+    gate, clock = make(EveryOther())
     submit(gate, clock, 3)
-    step = gate.poll()
-    assert step.batches == () and step.wake_at == pytest.approx(0.5)  # the policy waits, guarded
-    clock.t = 0.2
-    submit(gate, clock, 2)
-    assert gate.poll().batches == ()  # 5 < 6: still the policy's call
-    clock.t = 0.5
-    assert [len(b) for b in gate.poll().batches] == [5]  # the oldest waited 0.5 s: serve what is there
-    gate.complete()
-    submit(gate, clock, 6)
-    assert [len(b) for b in gate.poll().batches] == [6]  # the threshold itself is unchanged
-
-
-def test_max_wait_guard_keeps_the_tighter_timer_of_the_rule():
-    from solver.policy import MaxWaitGuard
-
-    gate, clock = make(MaxWaitGuard(TimeoutRule(8, 0.002), max_wait_s=0.5))
+    assert gate.poll().batches == ()
     submit(gate, clock, 1)
-    assert gate.poll().wake_at == pytest.approx(0.002)
+    assert [len(b) for b in gate.poll().batches] == [4]
+
+
+def test_a_guard_needs_a_positive_wait():
     with pytest.raises(ValueError):
         MaxWaitGuard(greedy(4), 0.0)

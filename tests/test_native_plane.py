@@ -76,7 +76,7 @@ def test_what_the_gate_cannot_run_is_refused_here():
     with pytest.raises(ValueError, match="cannot run a Odd rule"):
         policy_line("m", Odd(), slots=1, max_queue=1)
     with pytest.raises(ValueError, match="model name"):
-        policy_line("two words", greedy(2), slots=1, max_queue=1)
+        policy_line("two\nlines", greedy(2), slots=1, max_queue=1)
 
 
 def test_the_view_pushes_every_change_and_counts_what_grew():
@@ -136,10 +136,10 @@ def test_a_missing_binary_says_how_to_build_it(monkeypatch, tmp_path):
 # -- the C++ core's own unit tests ---------------------------------------------------------------
 
 
-def test_the_cpp_decision_core_and_merging_pass_their_unit_tests(native_gate):
+def test_the_cpp_decision_core_and_merging_pass_their_unit_tests_and_the_shared_vectors(native_gate):
     exe = Path(native_gate).with_name("test_gate_core")
     assert exe.is_file(), f"{exe} missing: make -C native builds it with smdp-gate"
-    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([str(exe), str(ROOT / "tests" / "vectors")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert ", 0 failed" in out.stdout and int(out.stdout.split()[0]) > 50
 

@@ -18,7 +18,7 @@ import pytest
 from smdp.cli import main
 from solver.model import ServiceProfile, read_samples_csv
 
-pytestmark = pytest.mark.usefixtures("triton_runnable")
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("triton_runnable")]
 
 REPO = Path(__file__).resolve().parent.parent / "model_repository"
 V100 = Path(__file__).resolve().parent.parent / "profiles" / "v100_resnet50.csv"
@@ -261,3 +261,71 @@ def test_bytes_input_needs_input_data_naming_it(probes, capsys, tmp_path):
     bad.write_text(json.dumps({"data": [{"NOPE": [1]}]}))
     code, _, err = run_cli(capsys, "--triton", probes.grpc_url, "--model", "probe_text", "--input-data", str(bad))
     assert code == 2 and "'NOPE'" in err.replace("['NOPE']", "'NOPE'")
+
+
+# ----------------------------------------------------------------------------------------------------
+# profile: auto in the sidecar
+
+
+def _auto_sidecar(triton_url: str, metrics_url: str, cache: Path):
+    from plugin.config import load_config
+    from plugin.runner import SidecarThread
+
+    cfg = load_config(overrides={
+        "listen": "127.0.0.1:0", "control_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0",
+        "triton_url": triton_url, "triton_metrics_url": metrics_url,
+        "data_plane": "python", "profile_cache_dir": str(cache),
+        "models": {
+            "emulated_gpu": {"policy": "smdp", "profile": "auto", "profile_auto_s": 4, "rate_rps": 100,
+                             "weight": 1e-4, "max_batch": 16, "profile_power_from": str(V100)},
+            "probe_text": {"policy": "smdp", "profile": "auto", "rate_rps": 10},
+        }}, environ={})
+    return SidecarThread(cfg)
+
+
+def _wait_gated(sc, *names: str, timeout_s: float = 60.0) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        have = {n for n, _ in sc.call(sc.sidecar.models)}
+        if set(names) <= have:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"models {names} not gated after {timeout_s} s")
+
+
+def test_sidecar_profile_auto_measures_caches_and_falls_back_to_greedy(probes, batcher_off, capsys, caplog, tmp_path):
+    import logging
+
+    import tritonclient.grpc as tc
+
+    caplog.set_level(logging.INFO)
+    batcher_off("emulated_gpu")
+    table = ServiceProfile.from_csv(REPO / "emulated_gpu" / "v100_resnet50.csv")
+    cache = tmp_path / "cache"
+    with _auto_sidecar(probes.grpc_url, probes.metrics_url, cache) as sc:
+        _wait_gated(sc, "emulated_gpu", "probe_text")  # profiled at start, before any request
+        (path,) = cache.glob("emulated_gpu-vlatest-*-B16.csv")
+        prof = ServiceProfile.from_csv(path)
+        assert prof.max_batch == 16
+        for b in (1, 2, 4, 8, 16):
+            assert prof.mean_s[b - 1] >= table.mean_s[b - 1]
+        assert "power: modelled" in path.read_text()
+        x = np.ones((2, 16), dtype=np.float32)
+        inp = tc.InferInput("INPUT0", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        out = tc.InferenceServerClient(sc.url).infer("emulated_gpu", [inp]).as_numpy("OUTPUT0")
+        np.testing.assert_array_equal(out, 2 * x + 1)
+        assert main(["ctl", "--url", sc.control_url, "status", "probe_text"]) == 0
+        status = capsys.readouterr().out
+        assert "greedy" in status and "profile: auto failed" in status and "'TEXT'" in status
+        assert main(["ctl", "--url", sc.control_url, "status", "emulated_gpu"]) == 0
+        (policy,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("policy")]
+        assert "solver" in policy and "greedy" not in policy  # solved for the measured profile
+    assert any("gating it greedily" in r.getMessage() and "probe_text" in r.getMessage() for r in caplog.records)
+    stamp = path.stat().st_mtime_ns
+    caplog.clear()
+    with _auto_sidecar(probes.grpc_url, probes.metrics_url, cache) as sc:  # a restart: the cached profile, no sweep
+        _wait_gated(sc, "emulated_gpu")
+    assert path.stat().st_mtime_ns == stamp
+    assert any("cached" in r.getMessage() and "emulated_gpu" in r.getMessage() for r in caplog.records)
+    assert not any("sweeping" in r.getMessage() and "emulated_gpu" in r.getMessage() for r in caplog.records)

@@ -34,6 +34,7 @@ def test_services_and_methods_are_declared() -> None:
     control = {m.name: m for m in services["Control"].methods}
     assert set(control) == {
         "ListModels", "SetWeight", "SetLatencyTarget", "ClearLatencyTarget", "GetStatus", "GetPolicy", "WatchStatus",
+        "SetSlo", "ClearSlo",
     }
     assert control["WatchStatus"].server_streaming and not control["GetStatus"].server_streaming
 

@@ -291,7 +291,6 @@ def test_health_is_served(triton):
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
-@pytest.mark.python_plane_only("the native gate serves gRPC health but not reflection")
 def test_health_and_reflection_are_served(triton):
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
@@ -299,8 +298,14 @@ def test_health_and_reflection_are_served(triton):
         health = health_pb2_grpc.HealthStub(ch)
         resp = health.Check(health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService"))
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
-        services = ProtoReflectionDescriptorDatabase(ch).get_services()
+        db = ProtoReflectionDescriptorDatabase(ch)
+        services = db.get_services()
         assert "inference.GRPCInferenceService" in services and "grpc.health.v1.Health" in services
+        # The service resolves to Triton's own descriptors (what grpcurl needs to call it).
+        from google.protobuf.descriptor_pool import DescriptorPool
+
+        service = DescriptorPool(db).FindServiceByName("inference.GRPCInferenceService")
+        assert {"ModelInfer", "ModelStreamInfer", "ServerLive", "ModelConfig"} <= {m.name for m in service.methods}
 
 
 # -- errors: every request gets exactly one answer -----------------------------------------------

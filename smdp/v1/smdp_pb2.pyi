@@ -112,6 +112,38 @@ class SetLatencyTargetRequest(_message.Message):
     target_s: float
     def __init__(self, model: _Optional[str] = ..., target_s: _Optional[float] = ...) -> None: ...
 
+class SetSloRequest(_message.Message):
+    __slots__ = ("model", "quantile", "latency_s")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    QUANTILE_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_S_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    quantile: float
+    latency_s: float
+    def __init__(self, model: _Optional[str] = ..., quantile: _Optional[float] = ..., latency_s: _Optional[float] = ...) -> None: ...
+
+class SloStatus(_message.Message):
+    __slots__ = ("quantile", "latency_s", "feasible", "predicted_quantile_s", "predicted_ci95_s", "measured_quantile_s", "attainment", "samples", "max_wait_s")
+    QUANTILE_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_S_FIELD_NUMBER: _ClassVar[int]
+    FEASIBLE_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_QUANTILE_S_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_CI95_S_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_QUANTILE_S_FIELD_NUMBER: _ClassVar[int]
+    ATTAINMENT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    quantile: float
+    latency_s: float
+    feasible: bool
+    predicted_quantile_s: float
+    predicted_ci95_s: float
+    measured_quantile_s: float
+    attainment: float
+    samples: int
+    max_wait_s: float
+    def __init__(self, quantile: _Optional[float] = ..., latency_s: _Optional[float] = ..., feasible: _Optional[bool] = ..., predicted_quantile_s: _Optional[float] = ..., predicted_ci95_s: _Optional[float] = ..., measured_quantile_s: _Optional[float] = ..., attainment: _Optional[float] = ..., samples: _Optional[int] = ..., max_wait_s: _Optional[float] = ...) -> None: ...
+
 class WatchStatusRequest(_message.Message):
     __slots__ = ("model", "interval_s", "max_updates")
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -153,7 +185,7 @@ class Figures(_message.Message):
     def __init__(self, mean_latency_s: _Optional[float] = ..., mean_power_w: _Optional[float] = ..., cost: _Optional[float] = ..., throughput_rps: _Optional[float] = ..., mean_batch: _Optional[float] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("model", "rate", "weight", "latency_target_s", "policy_version", "policy_age_s", "policy_source", "threshold", "max_batch", "predicted", "predicted_rate_rps", "measured", "batch_histogram", "queue_length", "in_flight", "completed", "rejected", "failed", "solver_reachable", "power_modelled", "note", "service_times", "profile_updates", "profile_batches", "profile_learning", "rejected_expired", "rejected_invalid")
+    __slots__ = ("model", "rate", "weight", "latency_target_s", "policy_version", "policy_age_s", "policy_source", "threshold", "max_batch", "predicted", "predicted_rate_rps", "measured", "batch_histogram", "queue_length", "in_flight", "completed", "rejected", "failed", "solver_reachable", "power_modelled", "note", "service_times", "profile_updates", "profile_batches", "profile_learning", "rejected_expired", "rejected_invalid", "slo", "instances")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RATE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +213,8 @@ class ModelStatus(_message.Message):
     PROFILE_LEARNING_FIELD_NUMBER: _ClassVar[int]
     REJECTED_EXPIRED_FIELD_NUMBER: _ClassVar[int]
     REJECTED_INVALID_FIELD_NUMBER: _ClassVar[int]
+    SLO_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
     model: str
     rate: RateEstimate
     weight: float
@@ -208,7 +242,9 @@ class ModelStatus(_message.Message):
     profile_learning: bool
     rejected_expired: int
     rejected_invalid: int
-    def __init__(self, model: _Optional[str] = ..., rate: _Optional[_Union[RateEstimate, _Mapping]] = ..., weight: _Optional[float] = ..., latency_target_s: _Optional[float] = ..., policy_version: _Optional[int] = ..., policy_age_s: _Optional[float] = ..., policy_source: _Optional[str] = ..., threshold: _Optional[int] = ..., max_batch: _Optional[int] = ..., predicted: _Optional[_Union[Figures, _Mapping]] = ..., predicted_rate_rps: _Optional[float] = ..., measured: _Optional[_Union[Figures, _Mapping]] = ..., batch_histogram: _Optional[_Iterable[int]] = ..., queue_length: _Optional[int] = ..., in_flight: _Optional[int] = ..., completed: _Optional[int] = ..., rejected: _Optional[int] = ..., failed: _Optional[int] = ..., solver_reachable: _Optional[bool] = ..., power_modelled: _Optional[bool] = ..., note: _Optional[str] = ..., service_times: _Optional[_Iterable[_Union[ServiceTime, _Mapping]]] = ..., profile_updates: _Optional[int] = ..., profile_batches: _Optional[int] = ..., profile_learning: _Optional[bool] = ..., rejected_expired: _Optional[int] = ..., rejected_invalid: _Optional[int] = ...) -> None: ...
+    slo: SloStatus
+    instances: int
+    def __init__(self, model: _Optional[str] = ..., rate: _Optional[_Union[RateEstimate, _Mapping]] = ..., weight: _Optional[float] = ..., latency_target_s: _Optional[float] = ..., policy_version: _Optional[int] = ..., policy_age_s: _Optional[float] = ..., policy_source: _Optional[str] = ..., threshold: _Optional[int] = ..., max_batch: _Optional[int] = ..., predicted: _Optional[_Union[Figures, _Mapping]] = ..., predicted_rate_rps: _Optional[float] = ..., measured: _Optional[_Union[Figures, _Mapping]] = ..., batch_histogram: _Optional[_Iterable[int]] = ..., queue_length: _Optional[int] = ..., in_flight: _Optional[int] = ..., completed: _Optional[int] = ..., rejected: _Optional[int] = ..., failed: _Optional[int] = ..., solver_reachable: _Optional[bool] = ..., power_modelled: _Optional[bool] = ..., note: _Optional[str] = ..., service_times: _Optional[_Iterable[_Union[ServiceTime, _Mapping]]] = ..., profile_updates: _Optional[int] = ..., profile_batches: _Optional[int] = ..., profile_learning: _Optional[bool] = ..., rejected_expired: _Optional[int] = ..., rejected_invalid: _Optional[int] = ..., slo: _Optional[_Union[SloStatus, _Mapping]] = ..., instances: _Optional[int] = ...) -> None: ...
 
 class ServiceTime(_message.Message):
     __slots__ = ("batch_size", "samples", "mean_s", "ci_s", "prior_s", "in_force_s", "triton_compute_s", "triton_batches")

@@ -145,6 +145,16 @@ class ControlStub:
                 request_serializer=smdp_dot_v1_dot_smdp__pb2.ModelRequest.SerializeToString,
                 response_deserializer=smdp_dot_v1_dot_smdp__pb2.ModelStatus.FromString,
                 _registered_method=True)
+        self.SetSlo = channel.unary_unary(
+                '/smdp.v1.Control/SetSlo',
+                request_serializer=smdp_dot_v1_dot_smdp__pb2.SetSloRequest.SerializeToString,
+                response_deserializer=smdp_dot_v1_dot_smdp__pb2.ModelStatus.FromString,
+                _registered_method=True)
+        self.ClearSlo = channel.unary_unary(
+                '/smdp.v1.Control/ClearSlo',
+                request_serializer=smdp_dot_v1_dot_smdp__pb2.ModelRequest.SerializeToString,
+                response_deserializer=smdp_dot_v1_dot_smdp__pb2.ModelStatus.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/smdp.v1.Control/GetStatus',
                 request_serializer=smdp_dot_v1_dot_smdp__pb2.ModelRequest.SerializeToString,
@@ -196,6 +206,23 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetSlo(self, request, context):
+        """Ask for a tail-latency SLO: the quantile (strictly between 0 and 1) of response time must be
+        <= latency_s (finite, > 0 seconds). The sidecar serves the least-J policy (J = W + w P at the
+        model's w) predicted to meet it, re-solved as the rate moves; when none does it serves greedy and
+        says so in ModelStatus.slo. INVALID_ARGUMENT for a bad quantile or latency (nothing changes).
+        Setting an SLO clears a mean latency target and the other way round.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearSlo(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStatus(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -235,6 +262,16 @@ def add_ControlServicer_to_server(servicer, server):
             ),
             'ClearLatencyTarget': grpc.unary_unary_rpc_method_handler(
                     servicer.ClearLatencyTarget,
+                    request_deserializer=smdp_dot_v1_dot_smdp__pb2.ModelRequest.FromString,
+                    response_serializer=smdp_dot_v1_dot_smdp__pb2.ModelStatus.SerializeToString,
+            ),
+            'SetSlo': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSlo,
+                    request_deserializer=smdp_dot_v1_dot_smdp__pb2.SetSloRequest.FromString,
+                    response_serializer=smdp_dot_v1_dot_smdp__pb2.ModelStatus.SerializeToString,
+            ),
+            'ClearSlo': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearSlo,
                     request_deserializer=smdp_dot_v1_dot_smdp__pb2.ModelRequest.FromString,
                     response_serializer=smdp_dot_v1_dot_smdp__pb2.ModelStatus.SerializeToString,
             ),
@@ -365,6 +402,60 @@ class Control:
             request,
             target,
             '/smdp.v1.Control/ClearLatencyTarget',
+            smdp_dot_v1_dot_smdp__pb2.ModelRequest.SerializeToString,
+            smdp_dot_v1_dot_smdp__pb2.ModelStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSlo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/smdp.v1.Control/SetSlo',
+            smdp_dot_v1_dot_smdp__pb2.SetSloRequest.SerializeToString,
+            smdp_dot_v1_dot_smdp__pb2.ModelStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearSlo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/smdp.v1.Control/ClearSlo',
             smdp_dot_v1_dot_smdp__pb2.ModelRequest.SerializeToString,
             smdp_dot_v1_dot_smdp__pb2.ModelStatus.FromString,
             options,

@@ -1,0 +1,160 @@
+"""The sidecar's SLO loop without Triton: the controller solves for the SLO, re-solves when the rate
+moves, flags an infeasible SLO, and exports what it predicted and measured."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from plugin.adaptive import PolicyController
+from plugin.latency_window import LatencyWindow
+from plugin.metrics import PREFIX, SidecarMetrics, latency_buckets_with
+from solver.arrivals import poisson
+from solver.model import ServiceProfile
+from solver.policy import greedy
+from solver.slo import SloTarget
+
+ROOT = Path(__file__).resolve().parent.parent
+B = 32
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture(scope="module")
+def prior() -> ServiceProfile:
+    return ServiceProfile.from_csv(ROOT / "profiles" / "v100_resnet50.csv", max_batch=B)
+
+
+def _controller(prior, clock, rate: float, metrics=None) -> tuple[PolicyController, list]:
+    installed: list = []
+    c = PolicyController("m", prior, max_batch=B, idle_power_w=40.0, weight=1e-3, install=installed.append,
+                         clock=clock, initial_rate=rate, window_s=5.0, long_run_s=0.0, metrics=metrics)
+    return c, installed
+
+
+async def _tick(c: PolicyController, now: float) -> bool:
+    task = c.tick(now)
+    if task is not None:
+        await task
+    return task is not None
+
+
+def _gauge(metrics: SidecarMetrics, name: str) -> float | None:
+    return metrics.registry.get_sample_value(PREFIX + name, {"model": "m"})
+
+
+def test_the_controller_serves_the_slo_policy_and_exports_it(prior):
+    async def go():
+        clock = Clock()
+        metrics = SidecarMetrics(B)
+        c, installed = _controller(prior, clock, 0.05 * B / prior.mean_s[-1], metrics)
+        await _tick(c, clock.t)
+        plain = c.current
+        assert plain.slo is None and plain.max_wait_s is None
+        c.set_slo(SloTarget(0.99, 0.008))
+        assert await _tick(c, clock.t)
+        s = c.current
+        assert s.slo is not None and s.slo.feasible and s.slo.quantile_s + s.slo.ci95_s <= 0.008
+        # at 5% load the mean-optimal table waits far longer than 8 ms for company: a guard cuts it
+        assert s.max_wait_s is not None and 0 < s.max_wait_s < 0.008
+        assert installed[-1] is s.policy and c.version == 2
+        assert s.mean_power_w > plain.mean_power_w  # meeting the SLO costs power
+        assert _gauge(metrics, "slo_feasible") == 1.0 and _gauge(metrics, "slo_latency_seconds") == 0.008
+        assert _gauge(metrics, "slo_predicted_quantile_seconds") == pytest.approx(s.slo.quantile_s)
+        # measured: a window of answers, 1% of them late
+        for i in range(1000):
+            c.observe_latency(clock.t - 1.0 + i * 1e-3, 0.02 if i % 100 == 0 else 0.004)
+        m = c.measured_slo(clock.t)
+        assert m.samples == 1000 and m.attainment == pytest.approx(0.99)
+        assert c.publish_measured(clock.t) is None  # no batch stats in this test: only the SLO gauges move
+        c.set_slo(None)
+        assert _gauge(metrics, "slo_feasible") is None  # the SLO's series are gone
+        assert await _tick(c, clock.t) and c.current.slo is None and c.current.max_wait_s is None
+
+    asyncio.run(go())
+
+
+def test_an_infeasible_slo_serves_greedy_and_says_so(prior, caplog):
+    async def go():
+        clock = Clock()
+        metrics = SidecarMetrics(B)
+        c, installed = _controller(prior, clock, 0.5 * B / prior.mean_s[-1], metrics)
+        c.set_slo(SloTarget(0.99, 0.0015))  # below one batch of 1 (2.1 ms on a V100)
+        await _tick(c, clock.t)
+        s = c.current
+        assert not s.slo.feasible and s.slo.quantile_s > 0.0015
+        np.testing.assert_array_equal(installed[-1].actions, greedy(B, installed[-1].truncation).actions)
+        assert "infeasible" in c.note and _gauge(metrics, "slo_feasible") == 0.0
+        assert "infeasible" in caplog.text
+
+    asyncio.run(go())
+
+
+def test_the_slo_policy_is_resolved_when_the_rate_moves(prior):
+    async def go():
+        clock = Clock()
+        cap = B / prior.mean_s[-1]
+        c, installed = _controller(prior, clock, 0.05 * cap)
+        c.set_slo(SloTarget(0.99, 0.01))
+        await _tick(c, clock.t)
+        first = c.current
+        assert first.slo.feasible and first.rate_rps == pytest.approx(0.05 * cap)
+        # the traffic turns out 6x higher: the estimator sees it, the SLO search runs again for it
+        start = clock.t
+        for t in poisson(0.3 * cap, duration=3.0, rng=np.random.default_rng(3)):
+            clock.t = start + float(t)
+            c.observe_arrival(clock.t)
+            await _tick(c, clock.t)
+        again = c.current
+        assert again is not first and again.slo is not None and again.slo.feasible
+        assert again.rate_rps == pytest.approx(0.3 * cap, rel=0.25)
+
+    asyncio.run(go())
+
+
+def test_slo_and_mean_latency_target_exclude_each_other(prior):
+    c, _ = _controller(prior, Clock(), 100.0)
+    c.set_slo(SloTarget(0.9, 0.01))
+    c.set_latency_target(0.005)
+    assert c.slo is None and c.latency_target_s == 0.005
+    c.set_slo(SloTarget(0.9, 0.01))
+    assert c.latency_target_s is None and c.slo == SloTarget(0.9, 0.01)
+    c.set_latency_target(None)  # clearing the target leaves the SLO alone
+    assert c.slo == SloTarget(0.9, 0.01)
+
+
+def test_latency_window_forgets_what_left_the_window():
+    w = LatencyWindow(10.0, max_samples=1000)
+    assert w.summary(0.0, 0.99, 0.01) is None
+    for i in range(100):
+        w.add(float(i) * 0.1, 0.05 if i < 50 else 0.002)  # the slow half is the older one
+    full = w.summary(9.9, 0.5, 0.01)
+    assert full.samples == 100 and full.attainment == pytest.approx(0.5)
+    recent = w.summary(15.0, 0.99, 0.01)  # only t >= 5 s remain: all fast
+    assert recent.samples == 50 and recent.attainment == 1.0 and recent.quantile_s == pytest.approx(0.002)
+    capped = LatencyWindow(10.0, max_samples=10)
+    for i in range(100):
+        capped.add(0.0, 0.001)
+    assert capped.summary(0.0, 0.5, 0.01).samples == 10
+    with pytest.raises(ValueError):
+        LatencyWindow(0.0)
+
+
+def test_histogram_buckets_carry_the_slo_edge():
+    edges = latency_buckets_with([0.05, 0.013])
+    assert 0.013 in edges and 0.05 in edges and list(edges) == sorted(set(edges))
+    m = SidecarMetrics(B, latency_buckets_s=edges)
+    m.request_answered("m", "OK", 0.012)
+    assert m.registry.get_sample_value(PREFIX + "request_latency_seconds_bucket", {"model": "m", "le": "0.013"}) == 1
+    with pytest.raises(ValueError):
+        latency_buckets_with([math.nan])
