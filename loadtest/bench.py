@@ -28,12 +28,17 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from solver import arrivals
+from solver import arrivals, quantities
 from solver.model import BatchingModel, ModelError, ServiceProfile
 
 from solver.slo import SloTarget
 
 from .contenders import Contender, Prediction, compile_config, ma_delay, predict
+
+BENCH_WEIGHT = 1e-3
+"""The load tests' w, seconds per watt, for the time-scaled emulated GPU (W is time_scale x longer, P
+unchanged): not the solver's default 0, so that the SMDP's waits differ from greedy's and the bench
+shows the trade-off."""
 from .metrics import Measured, batch_histogram, measure, power_note
 from .openloop import OpenLoopResult, run_open_loop
 from .stack import SidecarProcess, SidecarSpec, SolverProcess, scaled_profile, write_profile_csv
@@ -53,9 +58,9 @@ class BenchConfig:
     contenders: tuple[Contender, ...]
     duration_s: float = 8.0
     time_scale: float = 10.0
-    weight: float = 1e-3
+    weight: float = BENCH_WEIGHT
     """w in seconds per watt, for the *scaled* system (W is scale x longer, P unchanged)."""
-    idle_power_w: float = 40.0
+    idle_power_w: float = quantities.DEFAULT_IDLE_POWER_W
     profile_csv: Path = DEFAULT_PROFILE
     """The profile the emulated model runs (its own copy of it must describe the same GPU)."""
     model: str = "emulated_gpu"
@@ -101,10 +106,8 @@ class BenchConfig:
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be finite and > 0, got {v!r}")
-        if not (math.isfinite(self.weight) and self.weight >= 0):
-            raise ValueError(f"weight must be finite and >= 0 seconds per watt, got {self.weight!r}")
-        if not (math.isfinite(self.idle_power_w) and self.idle_power_w >= 0):
-            raise ValueError(f"idle_power_w must be finite and >= 0, got {self.idle_power_w!r}")
+        quantities.weight(self.weight)
+        quantities.idle_power(self.idle_power_w)
         for name in ("warmup_s", "cooldown_s"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from solver import quantities
 from solver.model import ServiceProfile
 
 from .openloop import LoadError, OpenLoopResult
@@ -103,8 +104,7 @@ def measure(result: OpenLoopResult, profile: ServiceProfile, *, idle_power_w: fl
     """
     if slo_latency_s is not None and not (math.isfinite(slo_latency_s) and slo_latency_s > 0):
         raise LoadError(f"slo_latency_s must be finite and > 0 seconds, got {slo_latency_s!r}")
-    if not (math.isfinite(idle_power_w) and idle_power_w >= 0):
-        raise LoadError(f"idle_power_w must be finite and >= 0, got {idle_power_w!r}")
+    quantities.idle_power(idle_power_w, error=LoadError)
     if not (math.isfinite(energy_scale) and energy_scale > 0):
         raise LoadError(f"energy_scale must be finite and > 0, got {energy_scale!r}")
     start, end, counted = _window(result, window)

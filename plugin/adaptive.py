@@ -53,6 +53,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from solver import quantities
 from solver.model import BatchingModel, ModelError, ServiceProfile
 from solver.policy import GateRule, InstanceTable, PolicyTable, greedy
 
@@ -419,8 +420,7 @@ class PolicyController:
         self.telemetry_note = "; ".join(notes)
 
     def set_weight(self, weight: float) -> None:
-        if not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"weight must be finite and >= 0 seconds per watt, got {weight!r}")
+        weight = quantities.weight(weight)
         self.weight = weight
         self.latency_target_s = None
         self._dirty = True

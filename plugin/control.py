@@ -21,6 +21,7 @@ from typing import Any, Protocol, Sequence
 import grpc
 
 from plugin.estimator import RateEstimate
+from solver import quantities
 from solver.model import ModelError
 from solver.slo import SloTarget
 from smdp.v1 import smdp_pb2, smdp_pb2_grpc
@@ -292,10 +293,10 @@ class ControlServicer(smdp_pb2_grpc.ControlServicer):
     async def SetWeight(self, request, context):
         await self._authorize(context)
         model = await self._model(request.model, context)
-        w = request.weight
-        if not math.isfinite(w) or w < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"weight must be finite and >= 0 (seconds per watt), got {w!r}")
+        try:
+            w = quantities.weight(request.weight)
+        except ModelError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         await self._backend_call(context, self._backend.set_weight, model, float(w))
         return await self._status(model, context)
 
