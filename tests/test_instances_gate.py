@@ -109,3 +109,16 @@ def test_the_real_stack_bench_measures_idle_power_per_instance():
     two = measure(res, prof, idle_power_w=40.0, weight=0.0, window=(0.0, 1.0), instances=2)
     assert one.mean_power_w == pytest.approx(1.0 + 40.0 * 0.99)
     assert two.mean_power_w == pytest.approx(1.0 + 40.0 * 1.99)
+
+
+def test_the_policy_reply_carries_and_shows_the_rows_for_m():
+    from plugin.control import PolicyInfo
+    from plugin.ctl_cli import _policy_text
+
+    info = PolicyInfo([0, 1, 2, 3, 4], 4, 3, 1.0, "smdp", None, ((0, 0, 0, 3, 4),))
+    msg = info.message("m")
+    assert [list(r.actions) for r in msg.busy_tables] == [[0, 0, 0, 3, 4]]
+    text = _policy_text(msg)
+    assert "m = 0 batches in flight" in text and "m = 1+ batches in flight" in text
+    assert "n = 0..2: wait" in text
+    assert "m = 0" not in _policy_text(PolicyInfo([0, 1, 2], 2, 1, 0.0, "smdp").message("m"))
