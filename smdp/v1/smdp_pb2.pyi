@@ -279,7 +279,7 @@ class ServiceTime(_message.Message):
     def __init__(self, batch_size: _Optional[int] = ..., samples: _Optional[int] = ..., mean_s: _Optional[float] = ..., ci_s: _Optional[float] = ..., prior_s: _Optional[float] = ..., in_force_s: _Optional[float] = ..., triton_compute_s: _Optional[float] = ..., triton_batches: _Optional[int] = ...) -> None: ...
 
 class PolicyReply(_message.Message):
-    __slots__ = ("model", "actions", "max_batch", "version", "age_s", "source", "threshold")
+    __slots__ = ("model", "actions", "max_batch", "version", "age_s", "source", "threshold", "busy_tables")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
@@ -287,6 +287,7 @@ class PolicyReply(_message.Message):
     AGE_S_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    BUSY_TABLES_FIELD_NUMBER: _ClassVar[int]
     model: str
     actions: _containers.RepeatedScalarFieldContainer[int]
     max_batch: int
@@ -294,4 +295,11 @@ class PolicyReply(_message.Message):
     age_s: float
     source: str
     threshold: int
-    def __init__(self, model: _Optional[str] = ..., actions: _Optional[_Iterable[int]] = ..., max_batch: _Optional[int] = ..., version: _Optional[int] = ..., age_s: _Optional[float] = ..., source: _Optional[str] = ..., threshold: _Optional[int] = ...) -> None: ...
+    busy_tables: _containers.RepeatedCompositeFieldContainer[BusyRow]
+    def __init__(self, model: _Optional[str] = ..., actions: _Optional[_Iterable[int]] = ..., max_batch: _Optional[int] = ..., version: _Optional[int] = ..., age_s: _Optional[float] = ..., source: _Optional[str] = ..., threshold: _Optional[int] = ..., busy_tables: _Optional[_Iterable[_Union[BusyRow, _Mapping]]] = ...) -> None: ...
+
+class BusyRow(_message.Message):
+    __slots__ = ("actions",)
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    actions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, actions: _Optional[_Iterable[int]] = ...) -> None: ...
