@@ -577,6 +577,10 @@ class PolicyController:
             self.note = (f"estimated rate {rate:.1f}/s is within its confidence interval of capacity "
                          f"{capacity:.1f}/s: solved for {NEAR_CAPACITY * capacity:.1f}/s")
             rate = NEAR_CAPACITY * capacity
+        if self.slo is not None and self.instances > 1:
+            self.note = (f"SLO search is for one instance and this model has {self.instances}: "
+                         "solved for J = W + w P over k instances instead")
+            return await self._solve(rate, self.weight)
         if self.slo is not None:
             return await self._solve_slo(rate, self.slo)
         if self.latency_target_s is None:
