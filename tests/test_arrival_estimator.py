@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from plugin.adaptive import LearningConfig, PolicyController
