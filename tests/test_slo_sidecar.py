@@ -158,3 +158,33 @@ def test_histogram_buckets_carry_the_slo_edge():
     assert m.registry.get_sample_value(PREFIX + "request_latency_seconds_bucket", {"model": "m", "le": "0.013"}) == 1
     with pytest.raises(ValueError):
         latency_buckets_with([math.nan])
+
+
+def test_measured_overhead_tightens_the_searched_bound(prior):
+    """Answers that run 2 ms above the model's prediction make the next search aim 2 ms below D."""
+    async def go():
+        clock = Clock()
+        c, installed = _controller(prior, clock, 0.05 * B / prior.mean_s[-1])
+        d = 0.01
+        c.set_slo(SloTarget(0.99, d))
+        await _tick(c, clock.t)
+        first = c.current
+        assert c.slo_offset_s == 0.0
+        rng = np.random.default_rng(1)
+        for i in range(300):  # the policy in force, measured: its predicted mean plus 2 ms, with noise
+            c.observe_latency(clock.t + 0.001 * i, first.mean_latency_s + 0.002 + rng.normal(0, 0.001))
+        clock.t += 0.5
+        assert await _tick(c, clock.t)  # the offset moved by more than 2% of D: solved again at once
+        assert c.slo_offset_s == pytest.approx(0.002, abs=3e-4)
+        again = c.current
+        assert again.slo.quantile_s + again.slo.ci95_s <= d - c.slo_offset_s
+        assert f"D - {c.slo_offset_s * 1e3:.2f} ms" in c.note
+        # the same excess measured under the new policy changes nothing
+        for i in range(300):
+            c.observe_latency(clock.t + 0.001 * i, again.mean_latency_s + 0.002 + rng.normal(0, 0.001))
+        clock.t += 1.5
+        assert not await _tick(c, clock.t)
+        c.set_slo(SloTarget(0.99, d))
+        assert c.slo_offset_s == 0.0  # a new SLO starts from the model again
+
+    asyncio.run(go())
