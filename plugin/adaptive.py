@@ -42,7 +42,10 @@ real stack the measured latencies run a few ms above the predicted ones, and a s
 q-quantile right at D then misses it. So the controller keeps measuring: once the policy in force
 has ``SLO_OFFSET_MIN_SAMPLES`` answers, the excess of their mean over the predicted mean (an
 additive offset, never negative) is what the next search subtracts from D; a change of the offset
-by more than 2% of D, and beyond three standard errors, asks for that search at once.
+by more than 2% of D, and beyond three standard errors, asks for that search at once. A shift of the
+mean does not widen the tail, though: the spread of the batch times the gate measures does. When
+the profile is learned, the search's service law is gamma with the CV measured at the sizes with
+``profile_min_samples`` batches (their median), instead of the profile's own (``slo_service_cv``).
 
 Telemetry, off the hot path: every ``telemetry_interval_s`` a task reads Triton's statistics API
 (``compute_infer`` per batch size, kept beside the gate's own figures) and Triton's Prometheus
@@ -54,14 +57,17 @@ report says so. The measured W and P are published to the metrics at the same pa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+from scipy.stats import t as t_dist
+
 from solver.model import BatchingModel, ModelError, ServiceProfile
 from solver.policy import GateRule, InstanceTable, PolicyTable, greedy
-
 from solver.slo import SloTarget
 
 from .estimator import PowerReading, PowerSource, ProfileDrift, ProfileLearner, RateEstimator, fetch_metrics
@@ -520,6 +526,18 @@ class PolicyController:
             return rate_rps, rate.reference is None
         return None
 
+    def slo_service_cv(self) -> float | None:
+        """The batch-time CV the SLO search assumes: the median over the sizes with enough batches of
+        their measured CV (from the learner's t interval of the mean); None without such sizes."""
+        if self.learner is None:
+            return None
+        cvs = []
+        for e in self.learner.sizes(self.profile):
+            if e.n >= max(self.learning.min_samples, 2) and math.isfinite(e.ci_s) and e.mean_s > 0:
+                sd = e.ci_s * math.sqrt(e.n) / float(t_dist.ppf(0.975, e.n - 1))
+                cvs.append(sd / e.mean_s)
+        return float(np.median(cvs)) if cvs else None
+
     def check_slo_offset(self, now: float) -> bool:
         """Update the SLO's measured-minus-predicted offset (module doc); True when it asks for a solve."""
         sol = self.current
@@ -612,7 +630,11 @@ class PolicyController:
         from solver.slo import solve_slo
 
         solved_weight = self.weight * self.weight_scale(rate, self._clock())
-        model = BatchingModel(rate=rate, max_batch=self.max_batch, profile=self._solving,
+        profile = self._solving
+        cv = self.slo_service_cv()
+        if cv is not None and cv > 0:  # the measured spread of batch times widens the predicted tail
+            profile = dataclasses.replace(profile, cv=np.full(profile.max_batch, cv), samples=None)
+        model = BatchingModel(rate=rate, max_batch=self.max_batch, profile=profile,
                               idle_power_w=self.idle_power_w, weight=solved_weight)
         offset = self.slo_offset_s
         searched = target if offset <= 0 else SloTarget(target.quantile, max(target.latency_s - offset, 1e-6))

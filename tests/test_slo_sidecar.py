@@ -188,3 +188,33 @@ def test_measured_overhead_tightens_the_searched_bound(prior):
         assert c.slo_offset_s == 0.0  # a new SLO starts from the model again
 
     asyncio.run(go())
+
+
+def test_the_slo_search_assumes_the_measured_spread_of_batch_times(prior):
+    from plugin.adaptive import LearningConfig
+
+    async def go():
+        clock = Clock()
+        c = PolicyController("m", prior, max_batch=B, idle_power_w=40.0, weight=1e-3, install=lambda p: None,
+                             clock=clock, initial_rate=0.3 * B / prior.mean_s[-1], window_s=5.0, long_run_s=0.0,
+                             learning=LearningConfig(min_samples=30, telemetry_interval_s=1e9))
+        assert c.slo_service_cv() is None  # nothing measured: the profile's own law
+        c.set_slo(SloTarget(0.99, 0.015))
+        await _tick(c, clock.t)
+        tight = c.current
+        rng = np.random.default_rng(2)
+        for b in (8, 16):
+            tau = float(prior.mean_s[b - 1])
+            for x in rng.gamma(1 / 0.6**2, tau * 0.6**2, size=400):  # CV 0.6 around the profile's means
+                c.observe_batch(b, float(x))
+        assert c.slo_service_cv() == pytest.approx(0.6, rel=0.15)
+        c.set_slo(SloTarget(0.99, 0.015))  # solve again, now with the measured spread
+        await _tick(c, clock.t)
+        spread = c.current
+        # the same SLO under the wider law: still met by prediction, and the tail it predicts is longer
+        # (D = 15 ms leaves both searches their unguarded w table: the difference is the law alone)
+        assert spread.slo.quantile_s + spread.slo.ci95_s <= 0.015 and spread.max_wait_s is None
+        assert spread.slo.quantile_s - spread.slo.ci95_s > tight.slo.quantile_s + tight.slo.ci95_s
+        assert spread.mean_latency_s > tight.mean_latency_s
+
+    asyncio.run(go())
