@@ -62,6 +62,7 @@ sys.path.insert(0, str(ROOT))
 
 from solver import BatchingModel, ServiceProfile, solve  # noqa: E402
 from solver.evaluate import summarize  # noqa: E402
+from solver.quantities import DEFAULT_IDLE_POWER_W  # noqa: E402
 import solver.pi  # noqa: E402
 import solver.smdp  # noqa: E402
 from scipy import linalg  # noqa: E402
@@ -69,7 +70,7 @@ from solver.pi import PolicyValues, evaluate_policy  # noqa: E402
 from solver.rvi import relative_value_iteration  # noqa: E402
 from solver.tail import build  # noqa: E402
 
-IDLE_W = 40.0
+IDLE_W = DEFAULT_IDLE_POWER_W
 
 
 def make_model(B: int, load: float, weight: float, cv: float) -> BatchingModel:

@@ -28,12 +28,17 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from solver import arrivals
+from solver import arrivals, quantities
 from solver.model import BatchingModel, ModelError, ServiceProfile
 
 from solver.slo import SloTarget
 
 from .contenders import Contender, Prediction, compile_config, ma_delay, predict
+
+BENCH_WEIGHT = 1e-3
+"""The load tests' w, seconds per watt, for the time-scaled emulated GPU (W is time_scale x longer, P
+unchanged): not the solver's default 0, so that the SMDP's waits differ from greedy's and the bench
+shows the trade-off."""
 from .metrics import Measured, batch_histogram, measure, power_note
 from .openloop import OpenLoopResult, run_open_loop
 from .stack import SidecarProcess, SidecarSpec, SolverProcess, scaled_profile, write_profile_csv
@@ -53,9 +58,9 @@ class BenchConfig:
     contenders: tuple[Contender, ...]
     duration_s: float = 8.0
     time_scale: float = 10.0
-    weight: float = 1e-3
+    weight: float = BENCH_WEIGHT
     """w in seconds per watt, for the *scaled* system (W is scale x longer, P unchanged)."""
-    idle_power_w: float = 40.0
+    idle_power_w: float = quantities.DEFAULT_IDLE_POWER_W
     profile_csv: Path = DEFAULT_PROFILE
     """The profile the emulated model runs (its own copy of it must describe the same GPU)."""
     model: str = "emulated_gpu"
@@ -78,6 +83,9 @@ class BenchConfig:
     slo: SloTarget | None = None
     """A tail-latency SLO: every row then reports attainment (share within D) and goodput; the
     ``gate:smdp-slo`` and ``triton:ma`` contenders need it."""
+    instances: int = 1
+    """k: the model runs with this instance_group count; predictions and power are for k instances
+    (each busy one its batch's power, each idle one P0)."""
 
     def __post_init__(self) -> None:
         from plugin.native_plane import choose_plane
@@ -98,10 +106,8 @@ class BenchConfig:
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be finite and > 0, got {v!r}")
-        if not (math.isfinite(self.weight) and self.weight >= 0):
-            raise ValueError(f"weight must be finite and >= 0 seconds per watt, got {self.weight!r}")
-        if not (math.isfinite(self.idle_power_w) and self.idle_power_w >= 0):
-            raise ValueError(f"idle_power_w must be finite and >= 0, got {self.idle_power_w!r}")
+        quantities.weight(self.weight)
+        quantities.idle_power(self.idle_power_w)
         for name in ("warmup_s", "cooldown_s"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
@@ -110,6 +116,11 @@ class BenchConfig:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
         if self.slo is None and any(c.slo or c.model_analyzer for c in self.contenders):
             raise ValueError("the gate:smdp-slo and triton:ma contenders need an SLO (--slo-latency)")
+        if isinstance(self.instances, bool) or not isinstance(self.instances, int) or self.instances < 1:
+            raise ValueError(f"instances must be an integer >= 1, got {self.instances!r}")
+        if self.instances > 1 and any(c.kind == "config" or c.slo or c.model_analyzer for c in self.contenders):
+            raise ValueError("with --instances > 1 the bench runs gates and Triton's batcher only "
+                             "(config mode and the SLO contenders are one-instance)")
         if self.solver is not None and self.solver != "embedded" and ":" not in self.solver:
             raise ValueError(f"solver must be 'embedded' or HOST:PORT, got {self.solver!r}")
 
@@ -161,7 +172,8 @@ class BenchReport:
 def contender_override(c: Contender, cfg: BenchConfig, compiled=None) -> BatchingOverride:
     """The model config a contender runs under."""
     if c.kind == "triton":
-        return BatchingOverride(max_queue_delay_us=c.max_queue_delay_us, time_scale=cfg.time_scale)
+        return BatchingOverride(max_queue_delay_us=c.max_queue_delay_us, time_scale=cfg.time_scale,
+                                instances=cfg.instances)
     if c.kind == "config":
         if compiled is None:
             raise ValueError("config mode needs the compiled settings")
@@ -169,7 +181,7 @@ def contender_override(c: Contender, cfg: BenchConfig, compiled=None) -> Batchin
         return BatchingOverride(max_queue_delay_us=s.max_queue_delay_microseconds,
                                 preferred_batch_size=s.preferred_batch_size, time_scale=cfg.time_scale)
     # the merging gate sends whole batches: Triton's batcher has nothing left to do
-    return BatchingOverride(time_scale=cfg.time_scale, dynamic_batching=False)
+    return BatchingOverride(time_scale=cfg.time_scale, dynamic_batching=False, instances=cfg.instances)
 
 
 def _run_contender(c: Contender, cfg: BenchConfig, control: ModelConfigControl, triton_url: str,
@@ -264,7 +276,8 @@ def bench_stack(cfg: BenchConfig, triton_url: str | None = None, progress: Progr
 
 def batching_model(stack: Stack, cfg: BenchConfig, rate: float) -> BatchingModel:
     try:
-        return BatchingModel(rate, stack.max_batch, stack.profile, cfg.idle_power_w, cfg.weight)
+        return BatchingModel(rate, stack.max_batch, stack.profile, cfg.idle_power_w, cfg.weight,
+                             instances=cfg.instances)
     except ModelError as exc:
         raise ValueError(f"rate {rate:g}/s: {exc}") from None
 
@@ -291,7 +304,7 @@ def run_one(stack: Stack, cfg: BenchConfig, c: Contender, rate: float, times: np
     res = _run_contender(c, cfg, stack.control, stack.triton_url, times, rate, stack.max_batch,
                          stack.profile_path, cfg.out_dir, compiled=compiled, solver_url=stack.solver_url)
     m = measure(res, stack.profile, idle_power_w=cfg.idle_power_w, weight=cfg.weight,
-                energy_scale=cfg.time_scale, window=cfg.window,
+                energy_scale=cfg.time_scale, window=cfg.window, instances=cfg.instances,
                 slo_latency_s=cfg.slo.latency_s if cfg.slo is not None else None)
     in_window = (res.scheduled_s >= lo) & (res.scheduled_s < hi)
     ok = in_window & res.ok

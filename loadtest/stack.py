@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from solver.quantities import DEFAULT_IDLE_POWER_W, DEFAULT_WEIGHT
+
 
 from solver.model import ServiceProfile
 
@@ -61,8 +63,8 @@ class SidecarSpec:
     max_batch: int
     profile_csv: Path | None = None
     rate_rps: float | None = None
-    weight: float = 0.0
-    idle_power_w: float = 40.0
+    weight: float = DEFAULT_WEIGHT
+    idle_power_w: float = DEFAULT_IDLE_POWER_W
     max_queue: int = 4096
     adaptive: bool = True
     """smdp: re-solve for the measured rate (False: keep the policy solved for rate_rps)."""

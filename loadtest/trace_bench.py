@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from solver import arrivals
+from solver.quantities import DEFAULT_IDLE_POWER_W
 
 from .bench import (BenchConfig, BenchReport, BenchRow, Progress, _ms, bench_stack, contender_override, format_table,
                     write_outputs)
@@ -340,7 +341,7 @@ def main_trace_bench(cfg: BenchConfig, trace_path: Path, mean_rate: float, limit
 def add_trace_bench_command(sub) -> None:
     import argparse
 
-    from .bench import DEFAULT_PROFILE
+    from .bench import BENCH_WEIGHT, DEFAULT_PROFILE
 
     p = sub.add_parser(
         "trace-bench",
@@ -362,9 +363,9 @@ def add_trace_bench_command(sub) -> None:
     p.add_argument("--repeat", type=int, default=1,
                    help="run the contender list this many times, reversing its order every other time, and "
                    "summarise J over the repeats (default: %(default)s)")
-    p.add_argument("--weight", type=float, default=1e-3, help="w, seconds per watt (default: %(default)s)")
+    p.add_argument("--weight", type=float, default=BENCH_WEIGHT, help="w, seconds per watt (default: %(default)s)")
     p.add_argument("--time-scale", type=float, default=10.0, help="emulated GPU this much slower (default: %(default)s)")
-    p.add_argument("--idle-power", type=float, default=40.0, help="P0, watts (default: %(default)s)")
+    p.add_argument("--idle-power", type=float, default=DEFAULT_IDLE_POWER_W, help="P0, watts (default: %(default)s)")
     p.add_argument("--profile", type=Path, default=DEFAULT_PROFILE)
     p.add_argument("--rate-window", type=float, default=3.0,
                    help="the sidecar's and the config-mode follower's rate-estimator window, seconds: short, since the replay compresses "

@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from solver.quantities import DEFAULT_IDLE_POWER_W, DEFAULT_WEIGHT
+
 DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "profiles" / "v100_resnet50.csv"
-DEFAULT_IDLE_POWER_W = 40.0  # assumed: the published V100 tables give no idle figure
 DEFAULT_MAX_BATCH = 64
 
 
@@ -180,7 +181,7 @@ def _model_args(p: argparse.ArgumentParser, rate_required: bool) -> None:
                    help="CSV batch_size,service_s of measured service times (one row per batch run): they "
                         "replace the profile's times as an empirical law; busy power stays the profile's")
     p.add_argument("--rate", type=float, required=rate_required, help="arrival rate lambda, requests per second")
-    p.add_argument("--weight", type=float, default=0.0, help="w, seconds per watt (default: %(default)s)")
+    p.add_argument("--weight", type=float, default=DEFAULT_WEIGHT, help="w, seconds per watt (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="B (default: %(default)s)")
     p.add_argument("--idle-power", type=float, default=DEFAULT_IDLE_POWER_W,
                    help="idle power P0 in watts (default: %(default)s, an assumption)")

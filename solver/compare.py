@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from solver import arrivals
+from solver import arrivals, quantities
 from solver.arrival_model import MMPP2, POISSON, ArrivalModel
 from solver.model import BatchingModel, ModelError, ServiceProfile
 from solver.policy import BatchRule, PerInstance, PolicyTable, TimeoutRule, greedy, static
@@ -312,8 +312,7 @@ def compare(
         if not (0 < x < 1):
             raise ModelError(f"load must be strictly between 0 and 1 (a fraction of capacity), got {x!r}")
     for w in weights:
-        if not math.isfinite(w) or w < 0:
-            raise ModelError(f"weight must be finite and >= 0 s/W, got {w!r}")
+        quantities.weight(w)
     if isinstance(requests, bool) or int(requests) != requests or requests < 1000:
         raise ModelError(f"requests must be an integer >= 1000, got {requests!r}")
     for t in (*timeouts_s, *timeout_grid_s):

@@ -65,11 +65,11 @@ def test_serve_flags_build_the_slo_config():
 
     from plugin.serve_cli import _slo_flags
 
-    assert _slo_flags(argparse.Namespace(slo_quantile=None, slo_latency=None)) is None
-    assert _slo_flags(argparse.Namespace(slo_quantile=None, slo_latency=0.05)) == {"latency_s": 0.05}
-    assert _slo_flags(argparse.Namespace(slo_quantile=0.9, slo_latency=0.05)) == {"latency_s": 0.05, "quantile": 0.9}
+    assert _slo_flags(argparse.Namespace(default_slo_quantile=None, default_slo_latency_s=None)) is None
+    assert _slo_flags(argparse.Namespace(default_slo_quantile=None, default_slo_latency_s=0.05)) == {"latency_s": 0.05}
+    assert _slo_flags(argparse.Namespace(default_slo_quantile=0.9, default_slo_latency_s=0.05)) == {"latency_s": 0.05, "quantile": 0.9}
     with pytest.raises(ValueError, match="--slo-latency"):
-        _slo_flags(argparse.Namespace(slo_quantile=0.9, slo_latency=None))
+        _slo_flags(argparse.Namespace(default_slo_quantile=0.9, default_slo_latency_s=None))
 
 
 def test_ma_delay_is_the_least_power_delay_meeting_the_slo():
