@@ -413,9 +413,24 @@ class PolicyController:
         if r is not None:
             parts.append(f"power measured from Triton ({r.source})" if not r.modelled else
                          "power modelled from the profile (e(b) per batch + P0 idle): Triton reports no GPU power")
+        if self.groups is not None:
+            parts.append(self.clumping_summary())
         if self.telemetry_note:
             parts.append(self.telemetry_note)
         return "; ".join(parts)
+
+    def clumping_summary(self) -> str:
+        """What the group estimator has learned and what the policy in force was solved for."""
+        g = self.groups
+        if g is None:
+            return "arrivals: assumed Poisson"
+        est = g.mean_group()
+        solved = self.current.arrivals.spec if self.current is not None else "nothing yet"
+        if est is None:
+            return f"arrivals: {g.groups} groups so far (learning), policy solved for {solved}"
+        disp = g.index_of_dispersion()
+        return (f"arrivals: mean group {est[0]:.3f}+-{est[1]:.3f} over {g.groups} groups, index of dispersion "
+                f"{disp:.3f}; policy solved for {solved}")
 
     # -- telemetry (asyncio plumbing around the pure parts) ---------------------------------
     def _telemetry_due(self, now: float) -> None:
