@@ -38,7 +38,7 @@ from .metrics import SidecarMetrics, latency_buckets_with
 from .model_names import is_model_name
 from .native_plane import NativeGateView, NativePlane, choose_plane, forget_line, monotonic_offset
 from .merge import MalformedRequest, RequestValidator, merge, merge_key, split
-from .policies import RuleInfo, build_rule
+from .policies import RuleInfo, build_rule, model_instances
 
 log = logging.getLogger("smdp.sidecar")
 
@@ -255,7 +255,7 @@ class Sidecar:
     def _export(self, state: ModelState, now: float) -> None:
         """The slow-moving gauges, once a tick (the per-request counters are updated inline)."""
         m = self.metrics
-        m.set_queue(state.name, state.gate.queue_length, state.gate.in_flight)
+        m.set_queue(state.name, state.gate.queue_length, state.gate.in_flight, state.gate.slots)
         c = state.controller
         if c is not None:
             est = c.rate.estimate(now)
@@ -351,7 +351,7 @@ class Sidecar:
         cfg = resp.config
         if self._batcher_to_turn_off(cfg):
             await self._turn_off_triton_batcher(name, cfg)
-        slots = sum(max(g.count, 1) for g in cfg.instance_group) or 1
+        slots = model_instances(cfg)
         dyn = cfg.dynamic_batching
         levels = dyn.priority_levels if cfg.HasField("dynamic_batching") else 0
         default_level = dyn.default_priority_level if levels else 0
@@ -363,6 +363,8 @@ class Sidecar:
             old.config = cfg
             old.config_read_at = self._clock()
             old.gate.set_slots(slots)
+            if old.controller is not None:
+                old.controller.instances = slots  # the next re-solve is for the new k
             old.priority_levels = levels
             old.default_priority = default_level or (levels or 0)
             if self._native is not None:
@@ -379,7 +381,7 @@ class Sidecar:
             if policy_cfg.policy == "smdp" and policy_cfg.adaptive:
                 info, profile = self._adaptive_start(name, policy_cfg, cfg.max_batch_size)
             else:
-                info = await self._loop.run_in_executor(None, build_rule, name, policy_cfg, cfg.max_batch_size)
+                info = await self._loop.run_in_executor(None, build_rule, name, policy_cfg, cfg.max_batch_size, slots)
             if auto_note:
                 info = replace(info, spec=f"{info.spec} ({auto_note})")
             if self._native is not None:
@@ -424,11 +426,13 @@ class Sidecar:
                 idle_power_w=policy_cfg.idle_power_w,
                 weight=policy_cfg.weight,
                 install=lambda policy, st=state: self._install(st, policy),
+                instances=slots,
                 clock=self._clock,
                 solver=self._solver,
                 initial_rate=policy_cfg.rate_rps,
                 window_s=self.config.rate_window_s,
                 long_run_s=self.config.long_run_window_s,
+                group_window_gaps=self.config.arrival_group_window,
                 stats=state.stats,
                 metrics=self.metrics,
                 **learning_options(self.config, name),
