@@ -980,13 +980,15 @@ class Sidecar:
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             details = exc.details() or ""
-            if code == grpc.StatusCode.CANCELLED:
-                # Not the caller's doing (that cancels this coroutine instead): Triton or the connection
-                # ended the call, as when Triton shuts down. Retryable, as Triton being away is.
-                code, details = grpc.StatusCode.UNAVAILABLE, f"Triton ended the call: {details}"
-            elif code == grpc.StatusCode.UNAVAILABLE and "timeout" not in details.lower():
-                details = f"Triton is unreachable: {details}"
-            raise GateError(code, details) from None
+        # (raised outside the handler: raising inside it leaves this frame, the call and its request in
+        # a reference cycle with the error, freed only by a garbage collection)
+        if code == grpc.StatusCode.CANCELLED:
+            # Not the caller's doing (that cancels this coroutine instead): Triton or the connection
+            # ended the call, as when Triton shuts down. Retryable, as Triton being away is.
+            code, details = grpc.StatusCode.UNAVAILABLE, f"Triton ended the call: {details}"
+        elif code == grpc.StatusCode.UNAVAILABLE and "timeout" not in details.lower():
+            details = f"Triton is unreachable: {details}"
+        raise GateError(code, details)
 
     @staticmethod
     def _succeed(call: _Call, response: service_pb2.ModelInferResponse) -> None:
@@ -1038,7 +1040,12 @@ class _Servicer:
         try:
             return await self.sidecar.infer(request)
         except GateError as exc:
-            await context.abort(exc.code, exc.details)
+            code, details = exc.code, exc.details
+            # The error's traceback holds the frames that hold the request, and those frames that
+            # re-raised it hold the error: a cycle, which kept a refused 64 MiB request in memory until
+            # the next garbage collection. Cut here, and aborted outside the handler.
+            exc.__traceback__ = None
+        await context.abort(code, details)
 
     async def model_stream_infer(
         self, requests: AsyncIterator[service_pb2.ModelInferRequest], context: grpc.aio.ServicerContext
@@ -1114,7 +1121,8 @@ class _Servicer:
         try:
             inflight = 0
             reading = True
-            while reading or inflight or (relay is not None and relay.open):
+            relay_ended = False  # its end seen on the queue, after every response it passed on
+            while reading or inflight or (relay is not None and not relay_ended):
                 if not reading and not inflight and relay is not None and relay.writing:
                     await relay.done_writing()  # every request relayed: Triton ends the stream when done
                 item = await out.get()
@@ -1128,7 +1136,9 @@ class _Servicer:
                     yield item.response
                 elif type(item) is GateError:  # the upstream stream failed: so does this one
                     await context.abort(item.code, item.details)
-                elif item is not _RELAY_END:
+                elif item is _RELAY_END:
+                    relay_ended = True
+                else:
                     inflight -= 1
                     yield item
         finally:
