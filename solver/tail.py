@@ -31,7 +31,9 @@ removed per full batch), alpha = tau(B) / (2 lambda delta):
 
 Group arrivals (``solver.arrival_model.CompoundPoisson``): K is the compound count, a wait lasts
 until the next group (mean G/lambda) and jumps by a whole group (landings above N take the same
-excursion), and the fluid term uses Var K = lambda tau E[X^2]/E[X] + lambda^2 Var S.
+excursion), and the fluid term uses Var K = lambda tau E[X^2]/E[X] + lambda^2 Var S. A serve's
+latency cost is unchanged: E[A(t)] = lambda t whether requests come alone or in groups, so
+E[integral of N(t)] over a service is n tau + lambda E[S^2]/2 either way.
 
 The K pmf is kept on 0..L (L <= N, trimmed where every action's pmf is below 1e-20); whatever lies
 beyond, in the window or above N, goes to the excursion through exact partial moments
