@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plugin.adaptive import WEIGHT_SCALE_MAX, LearningConfig, LongRunRate, PolicyController
+from plugin.loop.controller import WEIGHT_SCALE_MAX, LearningConfig, LongRunRate, PolicyController
 from solver.evaluate import evaluate
 from solver.model import BatchingModel, ServiceProfile
 from solver.smdp import solve

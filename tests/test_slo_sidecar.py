@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plugin.adaptive import PolicyController
+from plugin.loop.controller import PolicyController
 from plugin.latency_window import LatencyWindow
 from plugin.metrics import PREFIX, SidecarMetrics, latency_buckets_with
 from solver.arrivals import poisson

@@ -59,8 +59,10 @@ from solver.policy import GateRule, InstanceTable, PolicyTable, greedy
 
 from solver.slo import SloTarget
 
-from .estimator import PowerReading, PowerSource, ProfileDrift, ProfileLearner, RateEstimator, fetch_metrics
-from .latency_window import LatencySummary, LatencyWindow
+from ..latency_window import LatencySummary, LatencyWindow
+from .profile import ProfileDrift, ProfileLearner
+from .rate import RateEstimator
+from .telemetry import PowerReading, PowerSource, fetch_metrics
 
 log = logging.getLogger("smdp.adaptive")
 
