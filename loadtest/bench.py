@@ -83,6 +83,9 @@ class BenchConfig:
     slo: SloTarget | None = None
     """A tail-latency SLO: every row then reports attainment (share within D) and goodput; the
     ``gate:smdp-slo`` and ``triton:ma`` contenders need it."""
+    instances: int = 1
+    """k: the model runs with this instance_group count; predictions and power are for k instances
+    (each busy one its batch's power, each idle one P0)."""
 
     def __post_init__(self) -> None:
         from plugin.native_plane import choose_plane
@@ -113,6 +116,11 @@ class BenchConfig:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
         if self.slo is None and any(c.slo or c.model_analyzer for c in self.contenders):
             raise ValueError("the gate:smdp-slo and triton:ma contenders need an SLO (--slo-latency)")
+        if isinstance(self.instances, bool) or not isinstance(self.instances, int) or self.instances < 1:
+            raise ValueError(f"instances must be an integer >= 1, got {self.instances!r}")
+        if self.instances > 1 and any(c.kind == "config" or c.slo or c.model_analyzer for c in self.contenders):
+            raise ValueError("with --instances > 1 the bench runs gates and Triton's batcher only "
+                             "(config mode and the SLO contenders are one-instance)")
         if self.solver is not None and self.solver != "embedded" and ":" not in self.solver:
             raise ValueError(f"solver must be 'embedded' or HOST:PORT, got {self.solver!r}")
 
@@ -164,7 +172,8 @@ class BenchReport:
 def contender_override(c: Contender, cfg: BenchConfig, compiled=None) -> BatchingOverride:
     """The model config a contender runs under."""
     if c.kind == "triton":
-        return BatchingOverride(max_queue_delay_us=c.max_queue_delay_us, time_scale=cfg.time_scale)
+        return BatchingOverride(max_queue_delay_us=c.max_queue_delay_us, time_scale=cfg.time_scale,
+                                instances=cfg.instances)
     if c.kind == "config":
         if compiled is None:
             raise ValueError("config mode needs the compiled settings")
@@ -172,7 +181,7 @@ def contender_override(c: Contender, cfg: BenchConfig, compiled=None) -> Batchin
         return BatchingOverride(max_queue_delay_us=s.max_queue_delay_microseconds,
                                 preferred_batch_size=s.preferred_batch_size, time_scale=cfg.time_scale)
     # the merging gate sends whole batches: Triton's batcher has nothing left to do
-    return BatchingOverride(time_scale=cfg.time_scale, dynamic_batching=False)
+    return BatchingOverride(time_scale=cfg.time_scale, dynamic_batching=False, instances=cfg.instances)
 
 
 def _run_contender(c: Contender, cfg: BenchConfig, control: ModelConfigControl, triton_url: str,
@@ -267,7 +276,8 @@ def bench_stack(cfg: BenchConfig, triton_url: str | None = None, progress: Progr
 
 def batching_model(stack: Stack, cfg: BenchConfig, rate: float) -> BatchingModel:
     try:
-        return BatchingModel(rate, stack.max_batch, stack.profile, cfg.idle_power_w, cfg.weight)
+        return BatchingModel(rate, stack.max_batch, stack.profile, cfg.idle_power_w, cfg.weight,
+                             instances=cfg.instances)
     except ModelError as exc:
         raise ValueError(f"rate {rate:g}/s: {exc}") from None
 
@@ -294,7 +304,7 @@ def run_one(stack: Stack, cfg: BenchConfig, c: Contender, rate: float, times: np
     res = _run_contender(c, cfg, stack.control, stack.triton_url, times, rate, stack.max_batch,
                          stack.profile_path, cfg.out_dir, compiled=compiled, solver_url=stack.solver_url)
     m = measure(res, stack.profile, idle_power_w=cfg.idle_power_w, weight=cfg.weight,
-                energy_scale=cfg.time_scale, window=cfg.window,
+                energy_scale=cfg.time_scale, window=cfg.window, instances=cfg.instances,
                 slo_latency_s=cfg.slo.latency_s if cfg.slo is not None else None)
     in_window = (res.scheduled_s >= lo) & (res.scheduled_s < hi)
     ok = in_window & res.ok

@@ -97,6 +97,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--solver", default="none", metavar="embedded|HOST:PORT|none",
                    help="where adaptive gates re-solve: a smdp solver-serve started for the bench (embedded), "
                    "a running one, or none = in the sidecar (default: %(default)s)")
+    p.add_argument("--instances", type=int, default=1,
+                   help="run the model with this many instances (its instance_group count): Triton's batcher and "
+                   "the gate fill them all; predictions are for k instances (default: %(default)s)")
     p.set_defaults(func=_cmd_bench)
 
     d = subparsers.add_parser(
@@ -166,7 +169,7 @@ def _config(args: argparse.Namespace):
         time_scale=args.time_scale, weight=args.weight, idle_power_w=args.idle_power, profile_csv=args.profile,
         model=args.model, seed=args.seed, warmup_s=args.warmup, cooldown_s=args.cooldown, out_dir=args.out,
         solver=None if args.solver in ("none", "") else args.solver, data_plane=args.data_plane,
-        slo=slo_target(args),
+        slo=slo_target(args), instances=getattr(args, "instances", 1),
     )
 
 

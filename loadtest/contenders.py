@@ -161,6 +161,31 @@ def _rule_prediction(model: BatchingModel, spec: str, times: np.ndarray, seed: i
     return Prediction(ev.mean_latency_s, ev.mean_power_w, ev.cost, ev.mean_batch, "exact")
 
 
+def _instances_prediction(contender: Contender, model: BatchingModel, times: np.ndarray, seed: int,
+                          warmup_s: float) -> Prediction:
+    """k > 1 instances: the k-instance solver's figures for the smdp gate (its own simulation), else
+    the contender's rule on every free instance simulated on ``times`` (as Triton's batcher runs it)."""
+    from solver.policy import PerInstance, rule_from_spec
+    from solver.simulate import simulate
+
+    if contender.kind == "config" or contender.slo:
+        raise ValueError(f"{contender.name}: config mode and SLO contenders are one-instance")
+    spec = contender.policy
+    if contender.kind == "triton":
+        spec = "greedy" if contender.max_queue_delay_us == 0 else f"timeout:{contender.max_queue_delay_us / 1e6!r}"
+    kind, _ = parse_rule_spec(spec)
+    if kind == "smdp":
+        from solver.instances import solve_instances
+
+        res = solve_instances(model, seed=seed)
+        return Prediction(res.mean_latency_s, res.mean_power_w, res.gain, res.mean_batch, "sim")
+    if times.size < 2:
+        return Prediction()
+    sim = simulate(model.profile, PerInstance(rule_from_spec(spec, model.max_batch), model.instances), times,
+                   idle_power_w=model.idle_power_w, weight=model.weight, seed=seed, warmup=warmup_s)
+    return Prediction(sim.mean_latency_s, sim.mean_power_w, sim.cost, sim.mean_batch, "sim")
+
+
 MA_DELAY_STEPS = 40
 """Delays a Model-Analyzer-style sweep tries, evenly from 0 to D."""
 
@@ -207,6 +232,8 @@ def predict(contender: Contender, model: BatchingModel, times: np.ndarray, seed:
     without an exact evaluation are simulated on ``times`` from ``warmup_s`` on. For config mode,
     ``compiled`` (from ``compile_config``) is the rule Triton runs; it is compiled here if absent.
     The SLO gate's figures are the SLO search's (``slo``, a ``solver.slo.SloTarget``)."""
+    if model.instances > 1:
+        return _instances_prediction(contender, model, times, seed, warmup_s)
     if contender.slo:
         if slo is None:
             raise ValueError(f"{contender.name} needs the bench's SLO")

@@ -196,11 +196,14 @@ class PolicyInfo:
     age_s: float
     source: str
     threshold: int | None = None
+    busy_tables: Sequence[Sequence[int]] = ()
+    """k instances: a(n, m) for m = 1, 2, ... (``actions`` is m = 0); empty when the rule ignores m."""
 
     def message(self, model: str) -> smdp_pb2.PolicyReply:
         msg = smdp_pb2.PolicyReply(
             model=model, actions=[int(a) for a in self.actions], max_batch=self.max_batch,
             version=self.version, age_s=self.age_s, source=self.source,
+            busy_tables=[smdp_pb2.BusyRow(actions=[int(a) for a in row]) for row in self.busy_tables],
         )
         if self.threshold is not None:
             msg.threshold = self.threshold

@@ -426,6 +426,7 @@ class Sidecar:
                 initial_rate=policy_cfg.rate_rps,
                 window_s=self.config.rate_window_s,
                 long_run_s=self.config.long_run_window_s,
+                group_window_gaps=self.config.arrival_group_window,
                 stats=state.stats,
                 metrics=self.metrics,
                 **learning_options(self.config, name),

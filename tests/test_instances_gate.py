@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tritonclient.grpc import model_config_pb2
 
 from plugin.config import ModelPolicyConfig
@@ -89,3 +91,41 @@ def test_the_adaptive_loop_solves_for_k_instances_and_installs_a_rule_that_sees_
     assert c.current is not None and c.current.table is not None and c.current.table.instances == 2
     assert c.current.rate_rps == 1.5 * cap  # above one instance's capacity: solved, not capped
     assert len(installed) == 1 and isinstance(installed[0], GateRule) and len(installed[0].busy_tables) == 1
+
+    from solver.slo import SloTarget
+
+    c.set_slo(SloTarget(0.99, 0.05))  # the SLO search is one-instance: k instances solve J and say so
+    asyncio.run(go())
+    assert len(installed) == 2 and isinstance(installed[1], GateRule)
+    assert c.note.startswith("SLO search is for one instance")
+
+
+def test_the_real_stack_bench_measures_idle_power_per_instance():
+    import numpy as np
+
+    from loadtest.metrics import measure
+    from loadtest.openloop import OpenLoopResult
+    from solver.model import ServiceProfile
+
+    prof = ServiceProfile.from_table([1, 2], [0.01, 0.01], [1.0, 1.0])  # e(b) = 1 J in 10 ms: p(b) = 100 W
+    # two requests, one batch of 2 (each reports the whole batch's energy), in a 1 s window
+    res = OpenLoopResult(scheduled_s=np.array([0.1, 0.1]), sent_s=np.array([0.1, 0.1]),
+                         done_s=np.array([0.12, 0.12]), status=("OK", "OK"), batch_size=np.array([2, 2]),
+                         batch_energy_j=np.array([1.0, 1.0]))
+    one = measure(res, prof, idle_power_w=40.0, weight=0.0, window=(0.0, 1.0))
+    two = measure(res, prof, idle_power_w=40.0, weight=0.0, window=(0.0, 1.0), instances=2)
+    assert one.mean_power_w == pytest.approx(1.0 + 40.0 * 0.99)
+    assert two.mean_power_w == pytest.approx(1.0 + 40.0 * 1.99)
+
+
+def test_the_policy_reply_carries_and_shows_the_rows_for_m():
+    from plugin.control import PolicyInfo
+    from plugin.ctl_cli import _policy_text
+
+    info = PolicyInfo([0, 1, 2, 3, 4], 4, 3, 1.0, "smdp", None, ((0, 0, 0, 3, 4),))
+    msg = info.message("m")
+    assert [list(r.actions) for r in msg.busy_tables] == [[0, 0, 0, 3, 4]]
+    text = _policy_text(msg)
+    assert "m = 0 batches in flight" in text and "m = 1+ batches in flight" in text
+    assert "n = 0..2: wait" in text
+    assert "m = 0" not in _policy_text(PolicyInfo([0, 1, 2], 2, 1, 0.0, "smdp").message("m"))

@@ -54,11 +54,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from solver import quantities
+from solver.arrival_model import POISSON, ArrivalModel
 from solver.model import BatchingModel, ModelError, ServiceProfile
 from solver.policy import GateRule, InstanceTable, PolicyTable, greedy
 
 from solver.slo import SloTarget
 
+from ..arrival_estimator import GroupEstimator
 from ..latency_window import LatencySummary, LatencyWindow
 from .profile import ProfileDrift, ProfileLearner
 from .rate import RateEstimator
@@ -127,6 +129,8 @@ class Solution:
     """What the SLO search predicted, for a solve made for an SLO."""
     table: InstanceTable | None = None
     """With k > 1 instances: the k-instance table a(n, m) the gate runs (``policy`` is its row m = 0)."""
+    arrivals: ArrivalModel = POISSON
+    """The arrival model the policy was solved for (groups learned online, ``plugin.arrival_estimator``)."""
 
     @property
     def rule(self) -> PolicyTable | GateRule:
@@ -213,8 +217,11 @@ class PolicyController:
         stats: Any = None,
         metrics: Any = None,
         instances: int = 1,
+        group_window_gaps: float = 0.0,
     ) -> None:
         self.model = model
+        self.groups: GroupEstimator | None = GroupEstimator(group_window_gaps) if group_window_gaps > 0 else None
+        """Learns how requests clump; single-instance, non-SLO solves use its model (None: Poisson)."""
         self.instances = instances
         """k: model instances the gate fills; k > 1 is solved as a(n, m) (``solver.instances``)."""
         self.profile = profile.truncated(max_batch) if profile.max_batch != max_batch else profile
@@ -275,6 +282,8 @@ class PolicyController:
     # -- inputs ------------------------------------------------------------------------------
     def observe_arrival(self, t: float) -> None:
         self.rate.observe(t)
+        if self.groups is not None:
+            self.groups.observe(t)
         if self.long_run is not None:
             self.long_run.observe(t)
 
@@ -488,6 +497,8 @@ class PolicyController:
                 and not est.contains(ref)
             ):
                 return est.rate, True
+            if ref is not None and now - self.installed_at >= self.refresh_s and self._clumping_moved():
+                return est.rate, True
             return None
         if rate.reference is not None and rate.changed(now) and rate.alarm == "down":  # (a silence counts)
             # A drop, not yet settled. The settling wait guards against solving for an overstated
@@ -546,8 +557,8 @@ class PolicyController:
             self.note = ""
         solved = solution.solved_weight if solution.solved_weight is not None else solution.weight
         log.info(
-            "%s: policy v%d for %.1f req/s, w=%.3g solved as %.3g (%s): threshold %s, predicted W %.3f ms, P %.1f W",
-            self.model, self.version, solution.rate_rps, solution.weight, solved,
+            "%s: policy v%d for %.1f req/s (%s), w=%.3g solved as %.3g (%s): threshold %s, predicted W %.3f ms, P %.1f W",
+            self.model, self.version, solution.rate_rps, solution.arrivals.spec, solution.weight, solved,
             solution.source + ", " + solution.profile_source,
             solution.policy.threshold(), solution.mean_latency_s * 1e3, solution.mean_power_w,
         )
@@ -568,6 +579,10 @@ class PolicyController:
             self.note = (f"estimated rate {rate:.1f}/s is within its confidence interval of capacity "
                          f"{capacity:.1f}/s: solved for {NEAR_CAPACITY * capacity:.1f}/s")
             rate = NEAR_CAPACITY * capacity
+        if self.slo is not None and self.instances > 1:
+            self.note = (f"SLO search is for one instance and this model has {self.instances}: "
+                         "solved for J = W + w P over k instances instead")
+            return await self._solve(rate, self.weight)
         if self.slo is not None:
             return await self._solve_slo(rate, self.slo)
         if self.latency_target_s is None:
@@ -617,6 +632,20 @@ class PolicyController:
         self.weight = best.weight
         return best
 
+    def arrival_model(self) -> ArrivalModel:
+        """What the next solve assumes about clumping: the learned groups, or Poisson."""
+        if self.groups is None or self.instances > 1:
+            return POISSON
+        return self.groups.model()
+
+    def _clumping_moved(self) -> bool:
+        """The learned mean group size moved by more than the drift tolerance from the one in force."""
+        if self.groups is None or self.current is None or self.instances > 1:
+            return False
+        old = self.current.arrivals.group_mean
+        new = self.arrival_model().group_mean
+        return abs(new - old) > self.drift_tolerance * old
+
     def _profile_source(self) -> str:
         return f"learned profile v{self.profile_version}" if self.profile_version else "CSV profile"
 
@@ -634,8 +663,9 @@ class PolicyController:
             return Solution(k.policy.row(0), rate, weight, k.mean_latency_s, k.mean_power_w, k.gain, k.mean_batch,
                             f"in-process k-instance search (k = {self.instances})", self._profile_source(),
                             solved_weight, table=k.policy)
+        arrivals = self.arrival_model()
         model = BatchingModel(rate=rate, max_batch=self.max_batch, profile=profile,
-                              idle_power_w=self.idle_power_w, weight=solved_weight)
+                              idle_power_w=self.idle_power_w, weight=solved_weight, arrivals=arrivals)
         warm = self.current.policy if self.current is not None else None
         if self._solver is not None:
             r = await self._solver.solve(model, warm_start=warm)
@@ -646,7 +676,7 @@ class PolicyController:
             r = await asyncio.get_running_loop().run_in_executor(None, lambda: solve(model, warm_start=warm))
             source = "in-process solver"
         return Solution(r.policy, rate, weight, r.mean_latency_s, r.mean_power_w, r.gain, r.mean_batch, source,
-                        self._profile_source(), solved_weight)
+                        self._profile_source(), solved_weight, arrivals=arrivals)
 
     async def wait_idle(self) -> None:
         tasks = [t for t in (self._task, self._telemetry) if t is not None]
