@@ -45,7 +45,7 @@ class Contender:
     mode: ``smdp config-mode --follow`` runs beside Triton and re-compiles and reloads the model
     when the rate it reads from Triton's statistics moves (``plugin.config_mode.follow``)."""
     long_run: bool = True
-    """Adaptive gate: solve each regime with w x long-run rate / rate (plugin/adaptive.py); False: with
+    """Adaptive gate: solve each regime with w x long-run rate / rate (plugin/loop/controller.py); False: with
     w as is (``gate:smdp-adaptive-unscaled``, to measure what the scaling is worth)."""
     slo: bool = False
     """Adaptive gate serving the bench's SLO (``gate:smdp-slo``): the least-J policy and max-wait guard

@@ -2,7 +2,7 @@
 
 The operator's objective is the long-run mean response time over all requests plus w x the
 time-average power. Over regimes of rate lambda_i it decomposes into per-regime objectives
-W_i + w (lambda_bar / lambda_i) P_i (plugin/adaptive.py's module doc). Checked here by exact policy
+W_i + w (lambda_bar / lambda_i) P_i (plugin/loop/controller.py's module doc). Checked here by exact policy
 evaluation, and in the controller without a network.
 """
 
