@@ -99,7 +99,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "a running one, or none = in the sidecar (default: %(default)s)")
     p.add_argument("--instances", type=int, default=1,
                    help="run the model with this many instances (its instance_group count): Triton's batcher and "
-                   "the gate fill them all; predictions are for k instances (default: %(default)s)")
+                   "the gate fill them all; predictions are for k instances (default: %(default)s, which leaves "
+                   "the model's config as it is)")
     p.set_defaults(func=_cmd_bench)
 
     d = subparsers.add_parser(

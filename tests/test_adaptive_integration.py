@@ -93,7 +93,7 @@ def fire(url: str, times: np.ndarray, answers: list, pool: int = 48, start: floa
             ok = np.array_equal(r.as_numpy("OUTPUT0"), 2 * x + 1)
             answers.append(("ok" if ok else "wrong", int(r.as_numpy("BATCH_SIZE")[0, 0])))
         except Exception as exc:  # noqa: BLE001 - every answer is recorded
-            answers.append((type(exc).__name__, 0))
+            answers.append((f"{type(exc).__name__}: {exc}", 0))
 
     with ThreadPoolExecutor(pool) as ex:
         list(ex.map(one, times))

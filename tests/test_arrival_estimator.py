@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from plugin.loop.controller import LearningConfig, PolicyController
@@ -81,6 +80,8 @@ def test_adaptive_gate_resolves_for_the_learned_groups(profile):
         poisson = solve(BatchingModel(rate=sol.rate_rps, max_batch=B, profile=profile, idle_power_w=P0,
                                       weight=sol.solved_weight))
         assert sol.mean_latency_s > poisson.mean_latency_s  # groups queue longer: the prediction says so
+        text = c.learning_summary(clock.t)
+        assert "arrivals: mean group" in text and "policy solved for batch:empirical" in text
         off = PolicyController("m", profile, max_batch=B, idle_power_w=P0, weight=1e-3, install=lambda p: None,
                                clock=clock, initial_rate=200.0, learning=LearningConfig(enabled=False))
         assert off.groups is None and off.arrival_model() is POISSON

@@ -242,7 +242,7 @@ def stats_with(batches: dict[int, int], started: float) -> BatchStats:
 
 
 def fake_sidecar(c: PolicyController, st: BatchStats, clock: Clock):
-    gate = SimpleNamespace(queue_length=0, in_flight=0, counters=SimpleNamespace(rejected=0, expired=0))
+    gate = SimpleNamespace(queue_length=0, in_flight=0, slots=1, counters=SimpleNamespace(rejected=0, expired=0))
     info = SimpleNamespace(rule=greedy(B), max_batch=B, spec="smdp")
     state = SimpleNamespace(gate=gate, info=info, stats=st, controller=c, profile=c.prior)
     return SimpleNamespace(models=lambda: {("m", ""): state}, clock=clock, metrics=SidecarMetrics(B),
