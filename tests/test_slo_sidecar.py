@@ -191,7 +191,7 @@ def test_measured_overhead_tightens_the_searched_bound(prior):
 
 
 def test_the_slo_search_assumes_the_measured_spread_of_batch_times(prior):
-    from plugin.adaptive import LearningConfig
+    from plugin.loop.controller import LearningConfig
 
     async def go():
         clock = Clock()
