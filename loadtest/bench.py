@@ -236,7 +236,7 @@ def bench_stack(cfg: BenchConfig, triton_url: str | None = None, progress: Progr
     triton = None
     solver = None
     if triton_url is None:
-        from plugin.triton_server import EmbeddedTriton, TritonConfig
+        from plugin.launcher.triton_server import EmbeddedTriton, TritonConfig
 
         progress(f"starting Triton (embedded, model {cfg.model}) ...")
         t0 = time.monotonic()

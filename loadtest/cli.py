@@ -182,7 +182,7 @@ def _progress(start: float):
 
 
 def _run(args: argparse.Namespace, title: str) -> int:
-    from plugin.triton_server import TritonStartError, TritonUnavailable
+    from plugin.launcher.triton_server import TritonStartError, TritonUnavailable
     from solver.model import ModelError
 
     from .bench import format_table, run_bench, write_outputs
@@ -225,7 +225,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_pareto(args: argparse.Namespace) -> int:
-    from plugin.triton_server import TritonStartError, TritonUnavailable
+    from plugin.launcher.triton_server import TritonStartError, TritonUnavailable
     from solver.model import ModelError
 
     from .pareto import ParetoConfig, run_pareto, write_pareto
