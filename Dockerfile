@@ -67,7 +67,7 @@ USER 10001:10001
 # 8011 sidecar inference API (KServe v2 gRPC; served by smdp-gate with data_plane: native),
 # 8012 sidecar control API (smdp.v1.Control), 8013 sidecar Prometheus metrics, 50051 solver
 # (smdp.v1.Solver), 8089 Locust web UI, 5557 Locust master <- workers.
-EXPOSE 8011 8012 8013 50051 8089 5557
+EXPOSE 8010 8011 8012 8013 50051 8089 5557
 
 # gRPC health of the sidecar's inference port (the default role; both data planes serve it);
 # compose overrides it per service.

@@ -14,6 +14,12 @@ Client, sidecar and Triton share this machine's cores, as in the reference measu
                                   [--proxies aio,aio-default,sync]  # pass-through contenders ('' = none)
                                   [--native auto|on|off]  # the native data plane (auto: when built)
                                   [--baseline DIR]   # DIR: another source tree, e.g. an older commit
+                                  [--protocol grpc|http|both]  # which API the paths are measured on
+
+With ``--protocol http`` (or both) the same is measured over Triton's HTTP/REST API: direct to
+Triton's HTTP port, through a plain aiohttp pass-through proxy (``bench/http_passthrough_proxy.py``),
+and through each sidecar's HTTP listener (``--listen-http``); the client sends what tritonclient.http
+sends by default (binary tensors, binary outputs) over keep-alive connections (aiohttp).
 """
 
 from __future__ import annotations
@@ -99,6 +105,66 @@ async def low_load(url: str, payload: bytes, n: int) -> np.ndarray:
     return lat
 
 
+def http_request(model: str, rows: int = 1) -> tuple[bytes, dict[str, str]]:
+    """The body and headers tritonclient.http sends for one inference (binary input and outputs)."""
+    import tritonclient.http as tch
+
+    x = np.random.default_rng(0).standard_normal((rows, INPUT_DIM[model])).astype(np.float32)
+    inp = tch.InferInput("INPUT0", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+    body, header_length = tch.InferenceServerClient.generate_request_body([inp])
+    headers = {"Content-Type": "application/octet-stream"}
+    if header_length is not None:
+        headers["Inference-Header-Content-Length"] = str(header_length)
+    return body, headers
+
+
+async def http_low_load(url: str, model: str, payload: tuple[bytes, dict[str, str]], n: int) -> np.ndarray:
+    import aiohttp
+
+    body, headers = payload
+    target = f"http://{url}/v2/models/{model}/infer"
+    async with aiohttp.ClientSession() as s:
+        async def one() -> None:
+            async with s.post(target, data=body, headers=headers) as r:
+                await r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"{url}: HTTP {r.status}")
+
+        for _ in range(20):
+            await one()
+        lat = np.empty(n)
+        for i in range(n):
+            t0 = time.perf_counter()
+            await one()
+            lat[i] = time.perf_counter() - t0
+    return lat
+
+
+async def http_saturation(url: str, model: str, payload: tuple[bytes, dict[str, str]], seconds: float,
+                          concurrency: int) -> tuple[np.ndarray, float]:
+    import aiohttp
+
+    body, headers = payload
+    target = f"http://{url}/v2/models/{model}/infer"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        lats: list[float] = []
+        stop_at = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                async with s.post(target, data=body, headers=headers) as r:
+                    await r.read()
+                    if r.status != 200:
+                        raise RuntimeError(f"{url}: HTTP {r.status}")
+                lats.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return np.array(lats), time.perf_counter() - t0
+
+
 async def saturation(url: str, payload: bytes, seconds: float, concurrency: int) -> tuple[np.ndarray, float]:
     async with grpc.aio.insecure_channel(url) as ch:
         call = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")
@@ -116,9 +182,12 @@ async def saturation(url: str, payload: bytes, seconds: float, concurrency: int)
         return np.array(lats), time.perf_counter() - t0
 
 
-def start_sidecar(triton_url: str, policy: str, root: Path = ROOT, data_plane: str = "python"
-                  ) -> tuple[subprocess.Popen, str]:
+def start_sidecar(triton_url: str, policy: str, root: Path = ROOT, data_plane: str = "python",
+                  triton_http: str | None = None) -> tuple[subprocess.Popen, str, str | None]:
+    """(process, gRPC host:port, HTTP host:port or None); ``triton_http``: also serve HTTP, relaying to it."""
     plane = ["--data-plane", data_plane] if data_plane != "python" else []  # a baseline tree may predate it
+    if triton_http is not None:
+        plane += ["--listen-http", "127.0.0.1:0", "--triton-http", triton_http]
     proc = subprocess.Popen(
         [sys.executable, "-m", "smdp.cli", "serve", "--listen", "127.0.0.1:0", "--triton", triton_url,
          "--policy", policy, "--control-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
@@ -130,7 +199,8 @@ def start_sidecar(triton_url: str, policy: str, root: Path = ROOT, data_plane: s
         seen += line
         m = re.search(r"listening on ([\d.]+:\d+)", line)
         if m:
-            return proc, m.group(1)
+            h = re.search(r"HTTP/REST on port (\d+)", line)
+            return proc, m.group(1), f"127.0.0.1:{h.group(1)}" if h else None
     proc.kill()
     raise RuntimeError(f"sidecar did not start: {seen}")
 
@@ -144,8 +214,9 @@ PROXY_KINDS = {  # --proxies name: passthrough_proxy.py arguments
 
 
 def start_proxy(triton_url: str, kind: str) -> tuple[subprocess.Popen, str]:
+    script, extra = ("http_passthrough_proxy.py", []) if kind == "http" else ("passthrough_proxy.py", PROXY_KINDS[kind])
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "passthrough_proxy.py"), "--triton", triton_url, *PROXY_KINDS[kind]],
+        [sys.executable, str(ROOT / "bench" / script), "--triton", triton_url, *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
     )
     line = proc.stdout.readline()
@@ -167,6 +238,7 @@ class Path_:
     name: str
     url: str
     proc: subprocess.Popen | None = None
+    protocol: str = "grpc"
     p50: list[float] = field(default_factory=list)
     p99: list[float] = field(default_factory=list)
     low_cpu: list[float] = field(default_factory=list)
@@ -197,21 +269,37 @@ def main() -> int:
                     "only the sidecar forms batches)")
     ap.add_argument("--native", choices=["auto", "on", "off"], default="auto",
                     help="include the sidecar on its native data plane (auto: when smdp-gate is built)")
+    ap.add_argument("--protocol", choices=["grpc", "http", "both"], default="grpc",
+                    help="measure over Triton's gRPC API, its HTTP/REST API, or both (same run)")
     ap.add_argument("--baseline", type=Path, default=None, metavar="DIR",
                     help="also run a sidecar from another source tree (e.g. an older commit), same run")
     args = ap.parse_args()
 
     payload = request(args.model)
+    http_payload = http_request(args.model)
+    grpc_on, http_on = args.protocol in ("grpc", "both"), args.protocol in ("http", "both")
     tmp = tempfile.TemporaryDirectory(prefix="sidecar-bench-")
     repo = DEFAULT_REPOSITORY if args.triton_batching == "on" else without_dynamic_batching(args.model, Path(tmp.name))
     triton = EmbeddedTriton(TritonConfig(repository=repo, models=(args.model,))).start()
-    paths = [Path_("direct", triton.grpc_url)]
+    triton_http = f"127.0.0.1:{triton.http_port}"
+    paths = [Path_("direct", triton.grpc_url)] if grpc_on else []
+    if http_on:
+        paths.append(Path_("direct-http", triton_http, protocol="http"))
+
+    def add_sidecar(name: str, proc: subprocess.Popen, url: str, http_url: str | None) -> None:
+        if grpc_on:
+            paths.append(Path_(name, url, proc))
+        if http_on:
+            paths.append(Path_(f"{name}-http", http_url, proc, "http"))
+
     try:
-        for kind in filter(None, args.proxies.split(",")):
+        for kind in filter(None, args.proxies.split(",")) if grpc_on else ():
             proc, url = start_proxy(triton.grpc_url, kind)
             paths.append(Path_(f"proxy-{kind}", url, proc))
-        proc, url = start_sidecar(triton.grpc_url, args.policy)
-        paths.append(Path_("sidecar", url, proc))
+        if http_on:
+            proc, url = start_proxy(triton_http, "http")
+            paths.append(Path_("proxy-http", url, proc, "http"))
+        add_sidecar("sidecar", *start_sidecar(triton.grpc_url, args.policy, triton_http=triton_http if http_on else None))
         if args.native != "off":
             from plugin.native_plane import NativePlaneError, find_binary
 
@@ -222,23 +310,26 @@ def main() -> int:
                     raise
                 print(f"(no sidecar-native: {exc})", flush=True)
             else:
-                proc, url = start_sidecar(triton.grpc_url, args.policy, data_plane="native")
-                paths.append(Path_("sidecar-native", url, proc))
+                add_sidecar("sidecar-native", *start_sidecar(triton.grpc_url, args.policy, data_plane="native",
+                                                             triton_http=triton_http if http_on else None))
         if args.baseline is not None:
-            proc, url = start_sidecar(triton.grpc_url, args.policy, args.baseline.resolve())
+            proc, url, _ = start_sidecar(triton.grpc_url, args.policy, args.baseline.resolve())
             paths.append(Path_("baseline", url, proc))
         for r in range(args.rounds):
             order = paths[r % len(paths):] + paths[:r % len(paths)]
             for p in order:  # low load
                 c0 = cpu_seconds(p.proc.pid) if p.proc else 0.0
-                lat = asyncio.run(low_load(p.url, payload, args.requests))
+                lat = asyncio.run(http_low_load(p.url, args.model, http_payload, args.requests)
+                                  if p.protocol == "http" else low_load(p.url, payload, args.requests))
                 c1 = cpu_seconds(p.proc.pid) if p.proc else 0.0
                 p.p50.append(np.quantile(lat, .5))
                 p.p99.append(np.quantile(lat, .99))
                 p.low_cpu.append((c1 - c0) / (args.requests + 20) * 1e6)
             for p in order if args.seconds > 0 else ():  # saturation
                 cpu0 = cpu_seconds(triton.pid), cpu_seconds(p.proc.pid) if p.proc else 0.0
-                sat, wall = asyncio.run(saturation(p.url, payload, args.seconds, args.concurrency))
+                sat, wall = asyncio.run(
+                    http_saturation(p.url, args.model, http_payload, args.seconds, args.concurrency)
+                    if p.protocol == "http" else saturation(p.url, payload, args.seconds, args.concurrency))
                 cpu1 = cpu_seconds(triton.pid), cpu_seconds(p.proc.pid) if p.proc else 0.0
                 p.rps.append(len(sat) / wall)
                 p.sat_p50.append(np.quantile(sat, .5))
@@ -252,19 +343,22 @@ def main() -> int:
               f"share {os.cpu_count()} cores; medians over {args.rounds} round(s), "
               f"{args.requests} requests at low load, {args.seconds:g} s x {args.concurrency} in flight at saturation; "
               f"Triton's dynamic batching {args.triton_batching}\n")
-        print(f"{'path':17} | {'low load p50 ms':>15} {'p99 ms':>8} {'proxy CPU us/req':>16} | "
+        print(f"{'path':20} | {'low load p50 ms':>15} {'p99 ms':>8} {'proxy CPU us/req':>16} | "
               f"{'saturation req/s':>16} {'p50 ms':>8} {'p99 ms':>8} | {'Triton CPU us/req':>17} "
               f"{'proxy CPU us/req':>16}")
         for p in paths:
-            print(f"{p.name:17} | {med(p.p50) * 1e3:15.3f} {med(p.p99) * 1e3:8.3f} {med(p.low_cpu):16.1f} | "
+            print(f"{p.name:20} | {med(p.p50) * 1e3:15.3f} {med(p.p99) * 1e3:8.3f} {med(p.low_cpu):16.1f} | "
                   f"{med(p.rps):16.0f} {med(p.sat_p50) * 1e3:8.3f} {med(p.sat_p99) * 1e3:8.3f} | "
                   f"{med(p.tri_cpu):17.1f} {med(p.side_cpu):16.1f}")
-        d = paths[0]
-        for s in paths[1:]:
+        direct = {p.protocol: p for p in paths if p.name in ("direct", "direct-http")}
+        for s in paths:
+            d = direct[s.protocol]
+            if s is d:
+                continue
             added = [1e3 * (a - b) for a, b in zip(s.p50, d.p50)]
             added99 = [1e3 * (a - b) for a, b in zip(s.p99, d.p99)]
             ratio = [a / b for a, b in zip(s.rps, d.rps)]
-            print(f"\n{s.name}: added latency at low load, p50 {med(added):.3f} ms "
+            print(f"\n{s.name}: added latency at low load (vs {d.name}), p50 {med(added):.3f} ms "
                   f"(rounds: {', '.join(f'{x:.3f}' for x in added)}), p99 {med(added99):.3f} ms")
             print(f"{s.name}: throughput ratio {s.name}/direct at saturation {med(ratio):.2f} "
                   f"(rounds: {', '.join(f'{x:.2f}' for x in ratio)})")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from solver import arrivals
 from solver.model import ServiceProfile
 from solver.policy import Decision, TimeoutRule, greedy, threshold
+from solver.quantities import DEFAULT_IDLE_POWER_W
 from solver.simulate import simulate
 
 
@@ -51,10 +52,10 @@ def main() -> None:
             for name, rule in (("greedy", greedy(big_b)), ("threshold:16", threshold(big_b, 16)),
                                ("timeout:2ms", TimeoutRule(big_b, 0.002))):
                 t0 = time.perf_counter()
-                res = simulate(prof, rule, arr, idle_power_w=40.0, weight=0.0, seed=1)
+                res = simulate(prof, rule, arr, idle_power_w=DEFAULT_IDLE_POWER_W, weight=0.0, seed=1)
                 fast = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                simulate(prof, _Generic(rule), arr, idle_power_w=40.0, weight=0.0, seed=1)
+                simulate(prof, _Generic(rule), arr, idle_power_w=DEFAULT_IDLE_POWER_W, weight=0.0, seed=1)
                 slow = time.perf_counter() - t0
                 print(f"{law:>6} {load:>5.1f} {name:>14} {fast:>7.2f} {args.requests / fast:>11,.0f} "
                       f"{res.n_batches:>9,} {slow:>9.2f} {slow / fast:>6.1f}")

@@ -33,6 +33,16 @@ for LAPACK), "dense" (the current default: the system built in place, factored w
 --batches, --loads and --cvs. Ratios are against "before".
 
     python bench/solve_bench.py --linear-solvers --loads 0.6 0.9 --cvs 0 1
+
+--against-before: ``solve(model)`` as it is now against the solver before the automatic N followed
+the gain's own contraction ("before": ``growth=1.5, resume_warm_start=False,
+linear_solver="dense"``), in the same run, cold (PI from greedy) and warm (started from the same
+solver's policy at 0.95 x the rate, as the adaptive loop's neighbour), for every --batches and
+--cvs at --loads (default B = 64, 128, 256, CV 0 and 1, load 0.6). Time: best of --repeat; memory:
+tracemalloc peak of one more call. Also: the N each chose, the gain difference and whether the
+policies agree on their common states.
+
+    python bench/solve_bench.py --against-before --batches 64 128 256 --cvs 0 1 --loads 0.6
 """
 
 from __future__ import annotations
@@ -52,6 +62,7 @@ sys.path.insert(0, str(ROOT))
 
 from solver import BatchingModel, ServiceProfile, solve  # noqa: E402
 from solver.evaluate import summarize  # noqa: E402
+from solver.quantities import DEFAULT_IDLE_POWER_W  # noqa: E402
 import solver.pi  # noqa: E402
 import solver.smdp  # noqa: E402
 from scipy import linalg  # noqa: E402
@@ -59,7 +70,7 @@ from solver.pi import PolicyValues, evaluate_policy  # noqa: E402
 from solver.rvi import relative_value_iteration  # noqa: E402
 from solver.tail import build  # noqa: E402
 
-IDLE_W = 40.0
+IDLE_W = DEFAULT_IDLE_POWER_W
 
 
 def make_model(B: int, load: float, weight: float, cv: float) -> BatchingModel:
@@ -202,6 +213,37 @@ def compare_linear_solvers(args) -> int:
     return 0
 
 
+def solve_before(m: BatchingModel, warm=None):
+    """The solver as it was: 1.5x growth from the initial size, dense LU."""
+    return solve(m, warm_start=warm, growth=1.5, resume_warm_start=False, linear_solver="dense")
+
+
+def against_before(args) -> int:
+    contenders = (("now", lambda m, warm=None: solve(m, warm_start=warm)), ("before", solve_before))
+    print(f"solve(model), PI: now vs before; w = {args.weight:g} s/W, idle {IDLE_W} W; best of {args.repeat} "
+          f"(time), tracemalloc peak (memory); warm = started from the same solver's policy at 0.95 x rate")
+    header = (f"{'cv':>3} {'B':>4} {'load':>5} {'start':<5} {'N now':>6} {'N before':>8} {'now ms':>9} {'before ms':>9} "
+              f"{'now MB':>7} {'before MB':>9} {'t ratio':>7} {'rel dg':>8} {'same pol':>8}")
+    print(header)
+    print("-" * len(header))
+    for cv in args.cvs:
+        for B in args.batches:
+            for load in args.loads:
+                m = make_model(B, load, args.weight, cv)
+                near = {name: fn(m.with_(rate=0.95 * m.rate)) for name, fn in contenders}
+                for start in ("cold", "warm"):
+                    runs = {}
+                    for name, fn in contenders:
+                        warm = near[name].policy if start == "warm" else None
+                        runs[name] = measured(lambda fn=fn, warm=warm: fn(m, warm), args.repeat)
+                    (now, t_now, mem_now), (bef, t_bef, mem_bef) = runs["now"], runs["before"]
+                    print(f"{cv:>3g} {B:>4} {load:>5.2f} {start:<5} {now.truncation:>6} {bef.truncation:>8} "
+                          f"{fmt_ms(t_now)} {fmt_ms(t_bef)} {mem_now / 2**20:>7.1f} {mem_bef / 2**20:>9.1f} "
+                          f"{t_now / t_bef:>7.3f} {(now.gain - bef.gain) / bef.gain:>8.1e} {str(same_policy(now, bef)):>8}")
+                    sys.stdout.flush()
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128, 256])
@@ -216,8 +258,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-rvi", action="store_true", help="skip both RVI runs (PI only)")
     ap.add_argument("--linear-solvers", action="store_true",
                     help="compare the LU of policy evaluation: before / dense / sparse (module doc)")
-    ap.add_argument("--cvs", type=float, nargs="+", default=[0.0, 1.0], help="service CVs for --linear-solvers")
+    ap.add_argument("--cvs", type=float, nargs="+", default=[0.0, 1.0],
+                    help="service CVs for --linear-solvers and --against-before")
+    ap.add_argument("--against-before", action="store_true",
+                    help="solve() now against the solver before (module doc), same run")
     args = ap.parse_args(argv)
+    if args.against_before:
+        return against_before(args)
     if args.linear_solvers:
         return compare_linear_solvers(args)
 

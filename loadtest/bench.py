@@ -28,10 +28,17 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from solver import arrivals
+from solver import arrivals, quantities
 from solver.model import BatchingModel, ModelError, ServiceProfile
 
-from .contenders import Contender, Prediction, compile_config, predict
+from solver.slo import SloTarget
+
+from .contenders import Contender, Prediction, compile_config, ma_delay, predict
+
+BENCH_WEIGHT = 1e-3
+"""The load tests' w, seconds per watt, for the time-scaled emulated GPU (W is time_scale x longer, P
+unchanged): not the solver's default 0, so that the SMDP's waits differ from greedy's and the bench
+shows the trade-off."""
 from .metrics import Measured, batch_histogram, measure, power_note
 from .openloop import OpenLoopResult, run_open_loop
 from .stack import SidecarProcess, SidecarSpec, SolverProcess, scaled_profile, write_profile_csv
@@ -52,9 +59,9 @@ class BenchConfig:
     contenders: tuple[Contender, ...]
     duration_s: float = 8.0
     time_scale: float = 10.0
-    weight: float = 1e-3
+    weight: float = BENCH_WEIGHT
     """w in seconds per watt, for the *scaled* system (W is scale x longer, P unchanged)."""
-    idle_power_w: float = 40.0
+    idle_power_w: float = quantities.DEFAULT_IDLE_POWER_W
     profile_csv: Path = DEFAULT_PROFILE
     """The profile the emulated model runs (its own copy of it must describe the same GPU)."""
     model: str = "emulated_gpu"
@@ -74,6 +81,12 @@ class BenchConfig:
     ``auto`` = native where smdp-gate is found (resolved once here, so the report names the plane)."""
     data_plane_reason: str = ""
     """Why that plane (set when ``auto`` is resolved)."""
+    slo: SloTarget | None = None
+    """A tail-latency SLO: every row then reports attainment (share within D) and goodput; the
+    ``gate:smdp-slo`` and ``triton:ma`` contenders need it."""
+    instances: int = 1
+    """k: the model runs with this instance_group count; predictions and power are for k instances
+    (each busy one its batch's power, each idle one P0)."""
     stack_profile: bool = True
     """Tell the solver tau(b) as measured on this stack (``smdp profile``, once, cached: the table's time
     plus what gRPC and the backend add; energy from the table) instead of the published table alone."""
@@ -97,16 +110,21 @@ class BenchConfig:
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be finite and > 0, got {v!r}")
-        if not (math.isfinite(self.weight) and self.weight >= 0):
-            raise ValueError(f"weight must be finite and >= 0 seconds per watt, got {self.weight!r}")
-        if not (math.isfinite(self.idle_power_w) and self.idle_power_w >= 0):
-            raise ValueError(f"idle_power_w must be finite and >= 0, got {self.idle_power_w!r}")
+        quantities.weight(self.weight)
+        quantities.idle_power(self.idle_power_w)
         for name in ("warmup_s", "cooldown_s"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
         object.__setattr__(self, "profile_csv", Path(self.profile_csv))
         object.__setattr__(self, "out_dir", Path(self.out_dir))
+        if self.slo is None and any(c.slo or c.model_analyzer for c in self.contenders):
+            raise ValueError("the gate:smdp-slo and triton:ma contenders need an SLO (--slo-latency)")
+        if isinstance(self.instances, bool) or not isinstance(self.instances, int) or self.instances < 1:
+            raise ValueError(f"instances must be an integer >= 1, got {self.instances!r}")
+        if self.instances > 1 and any(c.kind == "config" or c.slo or c.model_analyzer for c in self.contenders):
+            raise ValueError("with --instances > 1 the bench runs gates and Triton's batcher only "
+                             "(config mode and the SLO contenders are one-instance)")
         if self.solver is not None and self.solver != "embedded" and ":" not in self.solver:
             raise ValueError(f"solver must be 'embedded' or HOST:PORT, got {self.solver!r}")
 
@@ -158,7 +176,8 @@ class BenchReport:
 def contender_override(c: Contender, cfg: BenchConfig, compiled=None) -> BatchingOverride:
     """The model config a contender runs under."""
     if c.kind == "triton":
-        return BatchingOverride(max_queue_delay_us=c.max_queue_delay_us, time_scale=cfg.time_scale)
+        return BatchingOverride(max_queue_delay_us=c.max_queue_delay_us, time_scale=cfg.time_scale,
+                                instances=cfg.instances)
     if c.kind == "config":
         if compiled is None:
             raise ValueError("config mode needs the compiled settings")
@@ -166,7 +185,7 @@ def contender_override(c: Contender, cfg: BenchConfig, compiled=None) -> Batchin
         return BatchingOverride(max_queue_delay_us=s.max_queue_delay_microseconds,
                                 preferred_batch_size=s.preferred_batch_size, time_scale=cfg.time_scale)
     # the merging gate sends whole batches: Triton's batcher has nothing left to do
-    return BatchingOverride(time_scale=cfg.time_scale, dynamic_batching=False)
+    return BatchingOverride(time_scale=cfg.time_scale, dynamic_batching=False, instances=cfg.instances)
 
 
 def _run_contender(c: Contender, cfg: BenchConfig, control: ModelConfigControl, triton_url: str,
@@ -179,7 +198,8 @@ def _run_contender(c: Contender, cfg: BenchConfig, control: ModelConfigControl, 
         if c.kind == "gate":
             spec = SidecarSpec(policy=c.policy, max_batch=B, profile_csv=profile_path, rate_rps=rate,
                                weight=cfg.weight, idle_power_w=cfg.idle_power_w, adaptive=c.adaptive,
-                               solver_url=solver_url if c.adaptive else None, data_plane=cfg.data_plane)
+                               solver_url=solver_url if c.adaptive else None, data_plane=cfg.data_plane,
+                               slo=(cfg.slo.quantile, cfg.slo.latency_s) if c.slo and cfg.slo else None)
             safe = c.name.replace(" ", "_").replace(":", "_")
             sidecar = SidecarProcess(triton_url, spec, log_path=log_dir / f"sidecar-{safe}-{rate:g}.log").start()
             target = sidecar.url
@@ -278,7 +298,8 @@ def bench_stack(cfg: BenchConfig, triton_url: str | None = None, progress: Progr
 
 def batching_model(stack: Stack, cfg: BenchConfig, rate: float) -> BatchingModel:
     try:
-        return BatchingModel(rate, stack.max_batch, stack.profile, cfg.idle_power_w, cfg.weight)
+        return BatchingModel(rate, stack.max_batch, stack.profile, cfg.idle_power_w, cfg.weight,
+                             instances=cfg.instances)
     except ModelError as exc:
         raise ValueError(f"rate {rate:g}/s: {exc}") from None
 
@@ -296,20 +317,26 @@ def run_one(stack: Stack, cfg: BenchConfig, c: Contender, rate: float, times: np
                          "Poisson rate gives it nothing to follow)")
     model = batching_model(stack, cfg, rate)
     compiled = compile_config(model, seed=cfg.seed) if c.kind == "config" else None
-    pred = predict(c, model, times, seed=cfg.seed, warmup_s=lo, compiled=compiled)
+    settings = ""
+    if c.model_analyzer and cfg.slo is not None:  # the delay its sweep picks at this rate
+        delay = ma_delay(model, cfg.slo, seed=cfg.seed)
+        c = replace(c, max_queue_delay_us=int(round(delay * 1e6)))
+        settings = f"max_queue_delay {delay * 1e3:.3f} ms (Model-Analyzer-style sweep for the SLO)"
+    pred = predict(c, model, times, seed=cfg.seed, warmup_s=lo, compiled=compiled, slo=cfg.slo)
     if stack.hop is not None and math.isfinite(pred.mean_latency_s):
         h = stack.hop.gate_s if c.kind == "gate" else stack.hop.direct_s
         pred = replace(pred, mean_latency_s=pred.mean_latency_s + h, cost=pred.cost + h, source=f"{pred.source}+hop")
     res = _run_contender(c, cfg, stack.control, stack.triton_url, times, rate, stack.max_batch,
                          stack.profile_path, cfg.out_dir, compiled=compiled, solver_url=stack.solver_url)
     m = measure(res, stack.ground_truth, idle_power_w=cfg.idle_power_w, weight=cfg.weight,
-                energy_scale=cfg.time_scale, window=cfg.window)
+                energy_scale=cfg.time_scale, window=cfg.window, instances=cfg.instances,
+                slo_latency_s=cfg.slo.latency_s if cfg.slo is not None else None)
     in_window = (res.scheduled_s >= lo) & (res.scheduled_s < hi)
     ok = in_window & res.ok
     failures = dict(Counter(s for s, w in zip(res.status, in_window) if w and s != "OK"))
     return BenchRow(rate, c.name, m, pred, batch_histogram(res, stack.max_batch, cfg.window),
                     res.done_s[ok] - res.scheduled_s[ok], failures, res.errors,
-                    compiled.settings.describe() if compiled is not None else "")
+                    compiled.settings.describe() if compiled is not None else settings)
 
 
 def run_bench(cfg: BenchConfig, triton_url: str | None = None, progress: Progress = print) -> BenchReport:
@@ -347,6 +374,7 @@ CSV_FIELDS = [
     "rate_rps", "contender", "requests", "failed", "W_mean_ms", "W_p50_ms", "W_p95_ms", "W_p99_ms",
     "P_w", "J_ms", "throughput_rps", "mean_batch", "pred_W_ms", "pred_P_w", "pred_J_ms", "pred_mean_batch",
     "pred_source", "send_lag_mean_ms", "send_lag_p99_ms", "weight_s_per_w", "time_scale", "note",
+    "slo_quantile", "slo_latency_ms", "slo_attainment", "goodput_rps",
 ]
 
 
@@ -367,6 +395,9 @@ def csv_rows(report: BenchReport) -> list[dict]:
             "pred_mean_batch": p.mean_batch, "pred_source": p.source,
             "send_lag_mean_ms": _ms(m.send_lag_mean_s), "send_lag_p99_ms": _ms(m.send_lag_p99_s),
             "weight_s_per_w": report.config.weight, "time_scale": report.config.time_scale, "note": report.note,
+            "slo_quantile": report.config.slo.quantile if report.config.slo else math.nan,
+            "slo_latency_ms": _ms(report.config.slo.latency_s) if report.config.slo else math.nan,
+            "slo_attainment": m.slo_attainment, "goodput_rps": m.goodput_rps,
         })
     return out
 
@@ -383,12 +414,17 @@ def write_csv(report: BenchReport, path: Path) -> Path:
 def format_table(report: BenchReport) -> str:
     """The per-contender table for a terminal, measured beside predicted."""
     cfg = report.config
+    slo = cfg.slo
     head = (f"{'rate':>6} {'contender':<24} {'W ms':>8} {'p50':>7} {'p95':>7} {'p99':>7} {'P W':>6} "
-            f"{'J ms':>8} {'thr/s':>7} {'batch':>6} {'fail':>5} | {'W~ms':>7} {'P~W':>6} {'J~ms':>8}  src")
+            f"{'J ms':>8} {'thr/s':>7} {'batch':>6} {'fail':>5} "
+            + (f"{'attain':>7} {'good/s':>7} " if slo else "")
+            + f"| {'W~ms':>7} {'P~W':>6} {'J~ms':>8}  src")
     lines = [
         f"J = W + w P with w = {cfg.weight:g} s/W; emulated GPU {cfg.time_scale:g}x slower than "
         f"{cfg.profile_name}; ~ = solver's prediction",
         f"gate contenders on the {cfg.data_plane} data plane ({cfg.data_plane_reason})",
+        *([f"SLO: q{slo.quantile:g} of latency <= {_ms(slo.latency_s):g} ms; attain = share of requests within "
+           f"D (>= {slo.quantile:g} meets it), good/s = requests answered within D per second"] if slo else []),
         head,
         "-" * len(head),
     ]
@@ -402,7 +438,9 @@ def format_table(report: BenchReport) -> str:
         lines.append(
             f"{r.rate_rps:6g} {r.contender:<24} {_ms(m.mean_latency_s):8.2f} {_ms(m.p50_latency_s):7.2f} "
             f"{_ms(m.p95_latency_s):7.2f} {_ms(m.p99_latency_s):7.2f} {m.mean_power_w:6.1f} {_ms(m.cost):8.2f} "
-            f"{m.throughput_rps:7.1f} {m.mean_batch:6.2f} {m.failed:5d} | {_ms(p.mean_latency_s):7.2f} "
+            f"{m.throughput_rps:7.1f} {m.mean_batch:6.2f} {m.failed:5d} "
+            + (f"{m.slo_attainment:7.4f} {m.goodput_rps:7.1f} " if slo else "")
+            + f"| {_ms(p.mean_latency_s):7.2f} "
             f"{p.mean_power_w:6.1f} {_ms(p.cost):8.2f}  {p.source}{mark}"
         )
     lag = max((r.measured.send_lag_p99_s for r in report.rows), default=math.nan)

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from solver.quantities import DEFAULT_IDLE_POWER_W
+
 
 def _floats(text: str, what: str) -> tuple[float, ...]:
     try:
@@ -27,7 +29,7 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
                    help="profile CSV the emulated model runs (default: %(default)s)")
     p.add_argument("--time-scale", type=float, default=10.0,
                    help="emulated GPU this many times slower than the profile (default: %(default)s)")
-    p.add_argument("--idle-power", type=float, default=40.0, help="P0, watts (default: %(default)s)")
+    p.add_argument("--idle-power", type=float, default=DEFAULT_IDLE_POWER_W, help="P0, watts (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the arrival sequences (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path(out), help="output directory (default: %(default)s)")
     p.add_argument("--stack-profile", choices=["measured", "table"], default="measured",
@@ -49,9 +51,34 @@ def _contender_flags(p: argparse.ArgumentParser, gates: str) -> None:
                    help="config-mode contender: the SMDP policy compiled into the model's dynamic_batching "
                    "(preferred_batch_size, max_queue_delay_microseconds) and reloaded on Triton, clients "
                    "direct to Triton; '' for none (default: %(default)s)")
+    add_slo_flags(p)
+
+
+def add_slo_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--slo-latency", type=float, default=None,
+                   help="a tail-latency SLO's D, seconds (of the emulated, time-scaled system): every row reports "
+                   "attainment (share within D) and goodput, and the contenders 'triton MA delay' (the delay a "
+                   "Model-Analyzer-style sweep picks) and 'gate smdp SLO' (the SLO gate) join in")
+    p.add_argument("--slo-quantile", type=float, default=0.99, help="the SLO's quantile q (default: %(default)s)")
+
+
+def slo_target(args: argparse.Namespace):
+    """The SLO of --slo-latency / --slo-quantile, or None (a bad value raises a ModelError, a ValueError)."""
+    from solver.slo import SloTarget
+
+    return None if args.slo_latency is None else SloTarget(args.slo_quantile, args.slo_latency)
+
+
+def slo_contenders(slo) -> tuple:
+    """What an SLO adds to the default contender list: the MA-style Triton delay and the SLO gate."""
+    from .contenders import parse_contender
+
+    return () if slo is None else (parse_contender("triton:ma"), parse_contender("gate:smdp-slo"))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from .bench import BENCH_WEIGHT
+
     p = subparsers.add_parser(
         "bench",
         help="compare Triton's batcher and the SMDP gate on one open-loop arrival sequence",
@@ -63,7 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(p, "out/bench")
     p.add_argument("--rates", default="100,200", help="arrival rates, req/s, comma-separated (default: %(default)s)")
     p.add_argument("--duration", type=float, default=8.0, help="seconds of arrivals per contender (default: %(default)s)")
-    p.add_argument("--weight", type=float, default=1e-3,
+    p.add_argument("--weight", type=float, default=BENCH_WEIGHT,
                    help="w, seconds per watt, for the scaled system (default: %(default)s)")
     _contender_flags(p, gates="greedy,smdp")
     p.add_argument("--warmup", type=float, default=1.5,
@@ -73,6 +100,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--solver", default="none", metavar="embedded|HOST:PORT|none",
                    help="where adaptive gates re-solve: a smdp solver-serve started for the bench (embedded), "
                    "a running one, or none = in the sidecar (default: %(default)s)")
+    p.add_argument("--instances", type=int, default=1,
+                   help="run the model with this many instances (its instance_group count): Triton's batcher and "
+                   "the gate fill them all; predictions are for k instances (default: %(default)s)")
     p.set_defaults(func=_cmd_bench)
 
     d = subparsers.add_parser(
@@ -86,7 +116,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(d, "out/demo")
     d.add_argument("--rates", default="100,200", help="arrival rates, req/s (default: %(default)s)")
     d.add_argument("--duration", type=float, default=2.5, help="measured seconds per contender (default: %(default)s)")
-    d.add_argument("--weight", type=float, default=1e-3, help="w, seconds per watt (default: %(default)s)")
+    d.add_argument("--weight", type=float, default=BENCH_WEIGHT, help="w, seconds per watt (default: %(default)s)")
     _contender_flags(d, gates="greedy,smdp,smdp-adaptive")
     d.add_argument("--warmup", type=float, default=0.75,
                    help="seconds of unmeasured arrivals before the window, per contender (default: %(default)s)")
@@ -129,6 +159,8 @@ def _contenders(args: argparse.Namespace):
         out.append(parse_contender(f"gate:{g}"))
     for m in (s.strip() for s in (getattr(args, "config_mode", "") or "").split(",") if s.strip()):
         out.append(parse_contender(f"config:{m}"))
+    names = {c.name for c in out}
+    out += [c for c in slo_contenders(slo_target(args)) if c.name not in names]
     return tuple(out)
 
 
@@ -140,6 +172,7 @@ def _config(args: argparse.Namespace):
         time_scale=args.time_scale, weight=args.weight, idle_power_w=args.idle_power, profile_csv=args.profile,
         model=args.model, seed=args.seed, warmup_s=args.warmup, cooldown_s=args.cooldown, out_dir=args.out,
         solver=None if args.solver in ("none", "") else args.solver, data_plane=args.data_plane,
+        slo=slo_target(args), instances=getattr(args, "instances", 1),
         stack_profile=args.stack_profile == "measured",
     )
 

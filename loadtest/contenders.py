@@ -22,7 +22,7 @@ import numpy as np
 from solver.model import BatchingModel
 from solver.policy import TimeoutRule, parse_rule_spec
 
-__all__ = ["Contender", "Prediction", "compile_config", "parse_contender", "predict"]
+__all__ = ["Contender", "Prediction", "compile_config", "ma_delay", "parse_contender", "predict"]
 
 CONFIG_POLICIES = ("smdp",)
 CONFIG_SIM_REQUESTS = 20_000
@@ -47,6 +47,12 @@ class Contender:
     long_run: bool = True
     """Adaptive gate: solve each regime with w x long-run rate / rate (plugin/adaptive.py); False: with
     w as is (``gate:smdp-adaptive-unscaled``, to measure what the scaling is worth)."""
+    slo: bool = False
+    """Adaptive gate serving the bench's SLO (``gate:smdp-slo``): the least-J policy and max-wait guard
+    predicted to meet it (``solver.slo``), re-solved as the rate moves."""
+    model_analyzer: bool = False
+    """Triton's batcher at the delay a Model-Analyzer-style search picks for the bench's SLO
+    (``triton:ma``): ``ma_delay`` sweeps the delays at the run's rate, least power with the q-quantile <= D."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("triton", "gate", "config"):
@@ -61,25 +67,35 @@ class Contender:
             raise ValueError("only the smdp policy (gate or config mode) can be adaptive")
         if not self.long_run and not (self.kind == "gate" and self.adaptive):
             raise ValueError("only the adaptive gate solves per regime: long_run=False needs gate smdp adaptive")
+        if self.slo and not (self.kind == "gate" and self.policy == "smdp" and self.adaptive):
+            raise ValueError("only the adaptive smdp gate serves an SLO (gate:smdp-slo)")
+        if self.model_analyzer and self.kind != "triton":
+            raise ValueError("the Model-Analyzer-style delay is Triton's batcher's (triton:ma)")
         if not isinstance(self.max_queue_delay_us, int) or self.max_queue_delay_us < 0:
             raise ValueError(f"max_queue_delay_us must be an integer >= 0, got {self.max_queue_delay_us!r}")
 
     @property
     def name(self) -> str:
         if self.kind == "triton":
-            return f"triton delay={self.max_queue_delay_us / 1000:g}ms"
+            return "triton MA delay" if self.model_analyzer else f"triton delay={self.max_queue_delay_us / 1000:g}ms"
         if self.kind == "config":
             return f"config {self.policy}" + (" adaptive" if self.adaptive else "")
+        if self.slo:
+            return "gate smdp SLO"
         if self.policy == "smdp" and self.adaptive:
             return "gate smdp adaptive" + ("" if self.long_run else " (w unscaled)")
         return f"gate {self.policy}"
 
 
 def parse_contender(spec: str) -> Contender:
-    """``triton:DELAY_US``, ``gate:POLICY`` (``gate:smdp-adaptive`` re-solves; ``gate:smdp-adaptive-unscaled``
-    re-solves with w as is), ``config:smdp`` or ``config:smdp-adaptive`` (config mode following the load)."""
+    """``triton:DELAY_US``, ``triton:ma`` (the Model-Analyzer-style delay for the SLO), ``gate:POLICY``
+    (``gate:smdp-adaptive`` re-solves; ``gate:smdp-adaptive-unscaled`` re-solves with w as is;
+    ``gate:smdp-slo`` serves the SLO), ``config:smdp`` or ``config:smdp-adaptive`` (config mode following
+    the load)."""
     kind, _, rest = spec.strip().partition(":")
     if kind == "triton":
+        if rest == "ma":
+            return Contender("triton", model_analyzer=True)
         try:
             delay = int(rest)
         except ValueError:
@@ -92,6 +108,8 @@ def parse_contender(spec: str) -> Contender:
             return Contender("gate", policy="smdp", adaptive=True)
         if rest == "smdp-adaptive-unscaled":
             return Contender("gate", policy="smdp", adaptive=True, long_run=False)
+        if rest == "smdp-slo":
+            return Contender("gate", policy="smdp", adaptive=True, slo=True)
         try:
             return Contender("gate", policy=rest)
         except ValueError as exc:
@@ -143,6 +161,61 @@ def _rule_prediction(model: BatchingModel, spec: str, times: np.ndarray, seed: i
     return Prediction(ev.mean_latency_s, ev.mean_power_w, ev.cost, ev.mean_batch, "exact")
 
 
+def _instances_prediction(contender: Contender, model: BatchingModel, times: np.ndarray, seed: int,
+                          warmup_s: float) -> Prediction:
+    """k > 1 instances: the k-instance solver's figures for the smdp gate (its own simulation), else
+    the contender's rule on every free instance simulated on ``times`` (as Triton's batcher runs it)."""
+    from solver.policy import PerInstance, rule_from_spec
+    from solver.simulate import simulate
+
+    if contender.kind == "config" or contender.slo:
+        raise ValueError(f"{contender.name}: config mode and SLO contenders are one-instance")
+    spec = contender.policy
+    if contender.kind == "triton":
+        spec = "greedy" if contender.max_queue_delay_us == 0 else f"timeout:{contender.max_queue_delay_us / 1e6!r}"
+    kind, _ = parse_rule_spec(spec)
+    if kind == "smdp":
+        from solver.instances import solve_instances
+
+        res = solve_instances(model, seed=seed)
+        return Prediction(res.mean_latency_s, res.mean_power_w, res.gain, res.mean_batch, "sim")
+    if times.size < 2:
+        return Prediction()
+    sim = simulate(model.profile, PerInstance(rule_from_spec(spec, model.max_batch), model.instances), times,
+                   idle_power_w=model.idle_power_w, weight=model.weight, seed=seed, warmup=warmup_s)
+    return Prediction(sim.mean_latency_s, sim.mean_power_w, sim.cost, sim.mean_batch, "sim")
+
+
+MA_DELAY_STEPS = 40
+"""Delays a Model-Analyzer-style sweep tries, evenly from 0 to D."""
+
+
+def ma_delay(model: BatchingModel, slo, seed: int = 0) -> float:
+    """The max_queue_delay a Model-Analyzer-style search picks for ``slo`` (a ``solver.slo.SloTarget``):
+    sweep 0..D at the model's rate on a simulated profiling run (Triton's batcher, the profile as the
+    GPU), keep the delays whose q-quantile of latency is <= D, take the least-power one; 0 if none."""
+    from solver.arrivals import poisson
+    from solver.simulate import simulate_latencies
+
+    n = int(max(20_000, 400 / (1.0 - slo.quantile)))
+    times = poisson(model.rate, n=n, rng=np.random.default_rng([seed, 5]))
+    best, best_p = 0.0, math.inf
+    for delay in np.linspace(0.0, slo.latency_s, MA_DELAY_STEPS + 1):
+        sim, lat = simulate_latencies(model.profile, TimeoutRule(model.max_batch, float(delay)), times,
+                                      idle_power_w=model.idle_power_w, weight=0.0, seed=seed,
+                                      warmup=float(times[n // 50]))
+        if float(np.quantile(lat, slo.quantile)) <= slo.latency_s and sim.mean_power_w < best_p:
+            best, best_p = float(delay), sim.mean_power_w
+    return best
+
+
+def _slo_prediction(model: BatchingModel, slo, seed: int) -> Prediction:
+    from solver.slo import solve_slo
+
+    c = solve_slo(model, slo, seed=seed).chosen
+    return Prediction(c.mean_latency_s, c.mean_power_w, c.cost, c.mean_batch, "sim")
+
+
 def compile_config(model: BatchingModel, seed: int = 0, n_requests: int = CONFIG_SIM_REQUESTS):
     """Config mode's settings for ``model``: solve the SMDP, compile the table into Triton's
     ``dynamic_batching`` (``plugin.config_mode.compile_policy``, preferred style)."""
@@ -154,10 +227,17 @@ def compile_config(model: BatchingModel, seed: int = 0, n_requests: int = CONFIG
 
 
 def predict(contender: Contender, model: BatchingModel, times: np.ndarray, seed: int = 0,
-            warmup_s: float = 0.0, compiled=None) -> Prediction:
+            warmup_s: float = 0.0, compiled=None, slo=None) -> Prediction:
     """What the solver expects of ``contender`` under ``model`` (Poisson at model.rate); rules
     without an exact evaluation are simulated on ``times`` from ``warmup_s`` on. For config mode,
-    ``compiled`` (from ``compile_config``) is the rule Triton runs; it is compiled here if absent."""
+    ``compiled`` (from ``compile_config``) is the rule Triton runs; it is compiled here if absent.
+    The SLO gate's figures are the SLO search's (``slo``, a ``solver.slo.SloTarget``)."""
+    if model.instances > 1:
+        return _instances_prediction(contender, model, times, seed, warmup_s)
+    if contender.slo:
+        if slo is None:
+            raise ValueError(f"{contender.name} needs the bench's SLO")
+        return _slo_prediction(model, slo, seed)
     if contender.kind == "config":
         from solver.simulate import simulate
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from solver import quantities
 from solver.model import ServiceProfile
 
 from .openloop import LoadError, OpenLoopResult
@@ -49,6 +50,10 @@ class Measured:
     send_lag_mean_s: float
     send_lag_p99_s: float
     weight: float
+    slo_attainment: float = math.nan
+    """Share of the counted requests answered OK within the SLO's D (NaN: no SLO asked for)."""
+    goodput_rps: float = math.nan
+    """Requests answered OK within D per second of the window (NaN: no SLO asked for)."""
 
 
 def _shares(result: OpenLoopResult, counted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -84,17 +89,22 @@ def batch_histogram(result: OpenLoopResult, max_batch: int, window: tuple[float,
 
 
 def measure(result: OpenLoopResult, profile: ServiceProfile, *, idle_power_w: float, weight: float,
-            energy_scale: float = 1.0, window: tuple[float, float] | None = None) -> Measured:
+            energy_scale: float = 1.0, window: tuple[float, float] | None = None,
+            slo_latency_s: float | None = None, instances: int = 1) -> Measured:
     """Summarise a run over ``window`` (scheduled times, seconds; default the whole run).
 
     ``profile`` is the (time-scaled) profile the server emulates; it gives each batch's busy time.
     ``energy_scale`` multiplies the reported BATCH_ENERGY_J (the emulated model reports the unscaled
     e(b); a time_scale of s at unchanged power means s e(b) joules). Latency, batch sizes and energy
     are those of the requests scheduled in the window; power spreads that energy, plus P0 for the
-    rest, over the window's length; throughput counts the answers that arrive within it.
+    rest, over the window's length (P0 per instance: k instances idle k times over); throughput counts
+    the answers that arrive within it.
+    ``slo_latency_s`` (D): also the SLO attainment (share of the counted requests answered OK within
+    D; a failed request counts as a miss) and the goodput (those requests per second of the window).
     """
-    if not (math.isfinite(idle_power_w) and idle_power_w >= 0):
-        raise LoadError(f"idle_power_w must be finite and >= 0, got {idle_power_w!r}")
+    if slo_latency_s is not None and not (math.isfinite(slo_latency_s) and slo_latency_s > 0):
+        raise LoadError(f"slo_latency_s must be finite and > 0 seconds, got {slo_latency_s!r}")
+    quantities.idle_power(idle_power_w, error=LoadError)
     if not (math.isfinite(energy_scale) and energy_scale > 0):
         raise LoadError(f"energy_scale must be finite and > 0, got {energy_scale!r}")
     start, end, counted = _window(result, window)
@@ -111,7 +121,7 @@ def measure(result: OpenLoopResult, profile: ServiceProfile, *, idle_power_w: fl
     busy = float(np.sum(profile.mean_s[b - 1] / b)) if b.size else 0.0
     energy = float(np.sum(e / b)) * energy_scale if b.size else 0.0
     if horizon > 0 and b.size:
-        power = (energy + idle_power_w * max(horizon - busy, 0.0)) / horizon
+        power = (energy + idle_power_w * max(instances * horizon - busy, 0.0)) / horizon
     else:
         power = math.nan
     if lat.size:
@@ -124,6 +134,9 @@ def measure(result: OpenLoopResult, profile: ServiceProfile, *, idle_power_w: fl
     sent = counted & ~np.isnan(result.sent_s)
     lag = result.sent_s[sent] - result.scheduled_s[sent]
     n_counted = int(counted.sum())
+    within = int(np.sum(lat <= slo_latency_s)) if slo_latency_s is not None else 0
+    attainment = within / n_counted if slo_latency_s is not None and n_counted else math.nan
+    goodput = within / horizon if slo_latency_s is not None and horizon > 0 else math.nan
     return Measured(
         requests=n_counted,
         ok=int(good.sum()),
@@ -141,4 +154,6 @@ def measure(result: OpenLoopResult, profile: ServiceProfile, *, idle_power_w: fl
         send_lag_mean_s=float(lag.mean()) if lag.size else math.nan,
         send_lag_p99_s=float(np.percentile(lag, 99)) if lag.size else math.nan,
         weight=weight,
+        slo_attainment=attainment,
+        goodput_rps=goodput,
     )

@@ -9,13 +9,15 @@ delays are measured once as reference points (w does not change what they do).
 from __future__ import annotations
 
 import csv
-import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from solver import quantities
+from solver.quantities import DEFAULT_IDLE_POWER_W
 
 from .bench import DEFAULT_PROFILE, BenchConfig, BenchRow, Progress, arrival_times, batching_model, bench_stack, run_one
 from .contenders import Contender
@@ -31,7 +33,7 @@ class ParetoConfig:
     delays_us: tuple[int, ...] = (0, 10000)
     duration_s: float = 6.0
     time_scale: float = 10.0
-    idle_power_w: float = 40.0
+    idle_power_w: float = DEFAULT_IDLE_POWER_W
     profile_csv: Path = DEFAULT_PROFILE
     model: str = "emulated_gpu"
     seed: int = 0
@@ -42,9 +44,9 @@ class ParetoConfig:
     """Tell the solver tau(b) measured on this stack (see BenchConfig.stack_profile)."""
 
     def __post_init__(self) -> None:
-        ws = tuple(float(w) for w in self.weights)
-        if not ws or any(not (math.isfinite(w) and w >= 0) for w in ws):
-            raise ValueError(f"weights must be finite and >= 0 seconds per watt, got {list(self.weights)}")
+        ws = tuple(quantities.weight(w) for w in self.weights)
+        if not ws:
+            raise ValueError("give at least one weight")
         object.__setattr__(self, "weights", ws)
         if any(d < 0 for d in self.delays_us):
             raise ValueError(f"delays must be >= 0 microseconds, got {list(self.delays_us)}")

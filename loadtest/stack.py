@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from solver.quantities import DEFAULT_IDLE_POWER_W, DEFAULT_WEIGHT
+
 
 from solver.model import ServiceProfile
 
@@ -61,8 +63,8 @@ class SidecarSpec:
     max_batch: int
     profile_csv: Path | None = None
     rate_rps: float | None = None
-    weight: float = 0.0
-    idle_power_w: float = 40.0
+    weight: float = DEFAULT_WEIGHT
+    idle_power_w: float = DEFAULT_IDLE_POWER_W
     max_queue: int = 4096
     adaptive: bool = True
     """smdp: re-solve for the measured rate (False: keep the policy solved for rate_rps)."""
@@ -72,6 +74,8 @@ class SidecarSpec:
     """``smdp serve --data-plane``: python, or native (the C++ smdp-gate carries the requests)."""
     long_run_window_s: float | None = None
     """``smdp serve --long-run-window``: None = the sidecar's default; 0 = solve every regime with w as is."""
+    slo: tuple[float, float] | None = None
+    """(q, D): ``smdp serve --slo-quantile q --slo-latency D`` (the adaptive smdp gate serves that SLO)."""
 
     def flags(self) -> list[str]:
         out = ["--policy", self.policy, "--max-batch", str(self.max_batch), "--weight", repr(float(self.weight)),
@@ -88,6 +92,8 @@ class SidecarSpec:
         out += ["--data-plane", self.data_plane]
         if self.long_run_window_s is not None:
             out += ["--long-run-window", repr(float(self.long_run_window_s))]
+        if self.slo is not None:
+            out += ["--slo-quantile", repr(float(self.slo[0])), "--slo-latency", repr(float(self.slo[1]))]
         return out
 
 

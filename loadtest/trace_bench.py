@@ -25,10 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from solver import arrivals
+from solver.quantities import DEFAULT_IDLE_POWER_W
 
 from .bench import (BenchConfig, BenchReport, BenchRow, Progress, _ms, bench_stack, contender_override, format_table,
                     write_outputs)
-from .contenders import Contender, compile_config, parse_contender, predict
+from .contenders import Contender, compile_config, ma_delay, parse_contender, predict
 from .metrics import batch_histogram, measure, power_note
 from .openloop import run_open_loop
 from .stack import SidecarProcess, SidecarSpec
@@ -134,8 +135,15 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
             t0 = time.monotonic()
             # a rule's prediction assumes Poisson arrivals at the trace's mean rate: a reference, not the truth
             compiled = compile_config(model, seed=cfg.seed) if c.kind == "config" else None
-            pred = predict(c, model, times, seed=cfg.seed, warmup_s=lo, compiled=compiled)
             settings = compiled.settings.describe() if compiled is not None else ""
+            if c.model_analyzer and cfg.slo is not None:
+                # Model Analyzer profiles at the peak: the busiest 10 s of the replay, at most 95% of capacity
+                _, rates = arrivals.windowed_rate(times, 10.0)
+                peak = min(float(rates.max()), 0.95 * model.capacity)
+                delay = ma_delay(model.with_(rate=peak), cfg.slo, seed=cfg.seed)
+                c = replace(c, max_queue_delay_us=int(round(delay * 1e6)))
+                settings = f"max_queue_delay {delay * 1e3:.3f} ms (Model-Analyzer-style sweep at peak {peak:.0f}/s)"
+            pred = predict(c, model, times, seed=cfg.seed, warmup_s=lo, compiled=compiled, slo=cfg.slo)
             sidecar = None
             follower = None
             target = stack.triton_url
@@ -155,7 +163,8 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                     spec = SidecarSpec(policy=c.policy, max_batch=stack.max_batch, profile_csv=stack.profile_path,
                                        rate_rps=mean_rate, weight=cfg.weight, idle_power_w=cfg.idle_power_w,
                                        adaptive=c.adaptive, solver_url=stack.solver_url if c.adaptive else None,
-                                       data_plane=cfg.data_plane, long_run_window_s=None if c.long_run else 0.0)
+                                       data_plane=cfg.data_plane, long_run_window_s=None if c.long_run else 0.0,
+                                       slo=(cfg.slo.quantile, cfg.slo.latency_s) if c.slo and cfg.slo else None)
                     safe = c.name.replace(" ", "_").replace(":", "_")
                     sidecar = SidecarProcess(stack.triton_url, spec, log_path=cfg.out_dir / f"sidecar-{safe}.log").start()
                     target = sidecar.url
@@ -181,7 +190,8 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                     # the follower reloaded the model behind the control's back: make the next apply reload
                     stack.control.current = {}
             m = measure(res, stack.ground_truth, idle_power_w=cfg.idle_power_w, weight=cfg.weight,
-                        energy_scale=cfg.time_scale, window=cfg.window)
+                        energy_scale=cfg.time_scale, window=cfg.window,
+                        slo_latency_s=cfg.slo.latency_s if cfg.slo is not None else None)
             in_window = (res.scheduled_s >= lo) & (res.scheduled_s < hi)
             ok = in_window & res.ok
             failures: dict[str, int] = {}
@@ -331,7 +341,7 @@ def main_trace_bench(cfg: BenchConfig, trace_path: Path, mean_rate: float, limit
 def add_trace_bench_command(sub) -> None:
     import argparse
 
-    from .bench import DEFAULT_PROFILE
+    from .bench import BENCH_WEIGHT, DEFAULT_PROFILE
 
     p = sub.add_parser(
         "trace-bench",
@@ -353,9 +363,9 @@ def add_trace_bench_command(sub) -> None:
     p.add_argument("--repeat", type=int, default=1,
                    help="run the contender list this many times, reversing its order every other time, and "
                    "summarise J over the repeats (default: %(default)s)")
-    p.add_argument("--weight", type=float, default=1e-3, help="w, seconds per watt (default: %(default)s)")
+    p.add_argument("--weight", type=float, default=BENCH_WEIGHT, help="w, seconds per watt (default: %(default)s)")
     p.add_argument("--time-scale", type=float, default=10.0, help="emulated GPU this much slower (default: %(default)s)")
-    p.add_argument("--idle-power", type=float, default=40.0, help="P0, watts (default: %(default)s)")
+    p.add_argument("--idle-power", type=float, default=DEFAULT_IDLE_POWER_W, help="P0, watts (default: %(default)s)")
     p.add_argument("--profile", type=Path, default=DEFAULT_PROFILE)
     p.add_argument("--rate-window", type=float, default=3.0,
                    help="the sidecar's and the config-mode follower's rate-estimator window, seconds: short, since the replay compresses "
@@ -369,6 +379,9 @@ def add_trace_bench_command(sub) -> None:
                    help="what carries the gate contenders' requests (native: the C++ smdp-gate, `make native`; "
                    "auto: native where smdp-gate is found) (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("out/trace-bench"))
+    from .cli import add_slo_flags
+
+    add_slo_flags(p)
     p.set_defaults(func=_cmd)
 
 
@@ -388,9 +401,12 @@ def _cmd(args) -> int:
     os.environ["SMDP_SIDECAR_RATE_WINDOW_S"] = repr(float(args.rate_window))  # read by the sidecar processes
     try:
         delays = tuple(int(float(d)) for d in args.delays_us.split(",") if d.strip())
+        from .cli import slo_contenders, slo_target
+
+        slo = slo_target(args)
         contenders = (tuple(parse_contender(c) for c in args.contenders.split(",") if c.strip())
-                      if args.contenders else default_contenders(delays))
-        cfg = BenchConfig(rates=(args.rate,), contenders=contenders, time_scale=args.time_scale,
+                      if args.contenders else default_contenders(delays) + slo_contenders(slo))
+        cfg = BenchConfig(rates=(args.rate,), contenders=contenders, time_scale=args.time_scale, slo=slo,
                           weight=args.weight, idle_power_w=args.idle_power, profile_csv=args.profile,
                           warmup_s=args.warmup, cooldown_s=1.0, out_dir=args.out,
                           solver=None if args.solver in ("none", "") else args.solver,

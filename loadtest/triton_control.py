@@ -25,6 +25,8 @@ class BatchingOverride:
     """The emulated model's ``time_scale`` parameter (service times multiplied by it)."""
     preferred_batch_size: tuple[int, ...] | None = None
     """Triton's ``preferred_batch_size`` list (config mode); None leaves the model's own."""
+    instances: int | None = None
+    """The model's instance_group count (its first group); None leaves it."""
     dynamic_batching: bool = True
     """False removes the ``dynamic_batching`` section: Triton then runs each request as it comes,
     which is what a merging gate wants (its requests are already the batches). It also avoids a
@@ -74,6 +76,9 @@ class ModelConfigControl:
                     raise ValueError(f"preferred batch size {override.preferred_batch_size[-1]} exceeds model "
                                      f"{self.model!r}'s max_batch_size {big_b}")
                 cfg["dynamic_batching"]["preferred_batch_size"] = list(override.preferred_batch_size)
+        if override.instances is not None:
+            groups = cfg.get("instance_group") or [{"kind": "KIND_CPU"}]
+            cfg["instance_group"] = [dict(groups[0], count=int(override.instances))]
         if override.time_scale is not None:
             cfg.setdefault("parameters", {})["time_scale"] = {"string_value": repr(float(override.time_scale))}
         return cfg

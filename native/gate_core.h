@@ -34,8 +34,11 @@ namespace smdp {
 // once the oldest request has waited max_wait_s, serve min(n, B) whatever the table says. Triton's own
 // rule (solver.policy.TimeoutRule, "timeout:X") is the table a(n) = 0 below B, B from B on, guarded by X.
 // Its text form (ParsePolicy, FormatPolicy) is GateRule.to_line's; tests/vectors/ holds both to it.
+// k instances (solver.policy.InstanceTable): `table` is the row for m = 0 batches in flight and
+// `busy_tables` the rows for m = 1, 2, ...; the last row serves every larger m; none: m is ignored.
 struct Policy {
   std::vector<int> table{0, 1};  // greedy, B = 1
+  std::vector<std::vector<int>> busy_tables;  // a(n, m) for m = 1, 2, ...
   int max_batch = 1;
   int beyond = 1;
   double max_wait_s = -1.0;      // < 0: no guard
@@ -55,13 +58,30 @@ struct Policy {
                                     " is outside 0..min(" + std::to_string(n) + ", B=" +
                                     std::to_string(max_batch) + ")");
     }
+    for (size_t m = 1; m <= busy_tables.size(); ++m) {
+      const std::vector<int>& row = busy_tables[m - 1];
+      if (row.empty()) throw std::invalid_argument("busy_tables row for m = " + std::to_string(m) + " is empty");
+      for (size_t n = 0; n < row.size(); ++n) {
+        int a = row[n];
+        if (a < 0 || a > std::min<int>(static_cast<int>(n), max_batch))
+          throw std::invalid_argument("busy_tables row for m = " + std::to_string(m) + ": policy action a(" +
+                                      std::to_string(n) + ") = " + std::to_string(a) + " is outside 0..min(" +
+                                      std::to_string(n) + ", B=" + std::to_string(max_batch) + ")");
+      }
+    }
     if (!(max_wait_s < 0.0) && !(max_wait_s < std::numeric_limits<double>::infinity()))
       throw std::invalid_argument("max_wait must be finite");
   }
 
-  // Batch size to serve with n waiting and the oldest waiting for `oldest_wait_s`; 0 = wait.
-  // `recheck_s` is set (>= 0) when waiting should be re-decided after that long with no event.
-  int Decide(int n, double oldest_wait_s, double* recheck_s, const char** reason = nullptr) const {
+  // The row in force with `busy` batches in flight (GateRule.row).
+  const std::vector<int>& Row(int busy) const {
+    if (busy <= 0 || busy_tables.empty()) return table;
+    return busy_tables[std::min<size_t>(static_cast<size_t>(busy), busy_tables.size()) - 1];
+  }
+
+  // Batch size to serve with n waiting, the oldest waiting for `oldest_wait_s` and `busy` batches in
+  // flight; 0 = wait. `recheck_s` is set (>= 0) when waiting should be re-decided after that long.
+  int Decide(int n, double oldest_wait_s, double* recheck_s, const char** reason = nullptr, int busy = 0) const {
     *recheck_s = -1.0;
     if (reason) *reason = "policy";
     if (n <= 0) return 0;
@@ -71,7 +91,8 @@ struct Policy {
       if (reason && !(guard_is_timeout && a >= max_batch)) *reason = guard_is_timeout ? "timeout" : "max_wait";
       return a;
     }
-    int a = static_cast<size_t>(n) < table.size() ? table[n] : std::min(n, beyond);
+    const std::vector<int>& row = Row(busy);
+    int a = static_cast<size_t>(n) < row.size() ? row[n] : std::min(n, beyond);
     if (a == 0 && max_wait_s >= 0.0) *recheck_s = max_wait_s - oldest_wait_s;
     return a;
   }
@@ -132,6 +153,34 @@ inline Policy ParsePolicy(std::map<std::string, std::string>* f) {
     p.table.push_back(v);
   }
   f->erase(t);
+  auto bt = f->find("busy_tables");
+  if (bt != f->end()) {
+    const std::string bad = "busy_tables must be rows of integers separated by commas, rows separated by ';', got '" +
+                            bt->second + "'";
+    // as Python's split: an empty text, or one ending in ',' or ';', has an empty entry
+    if (bt->second.empty() || bt->second.back() == ',' || bt->second.back() == ';') throw std::invalid_argument(bad);
+    std::istringstream rin(bt->second);
+    std::string row;
+    while (std::getline(rin, row, ';')) {
+      if (row.empty() || row.back() == ',') throw std::invalid_argument(bad);
+      std::vector<int> r;
+      std::istringstream ain(row);
+      std::string a;
+      while (std::getline(ain, a, ',')) {
+        size_t used = 0;
+        int v = 0;
+        try {
+          v = std::stoi(a, &used);
+        } catch (const std::exception&) {
+          used = 0;
+        }
+        if (used == 0 || used != a.size()) throw std::invalid_argument(bad);
+        r.push_back(v);
+      }
+      p.busy_tables.push_back(r);
+    }
+    f->erase(bt);
+  }
   p.Validate();
   return p;
 }
@@ -155,6 +204,10 @@ inline Policy ParsePolicyLine(const std::string& line) {
 inline std::string FormatPolicy(const Policy& p) {
   std::string out = "max_batch=" + std::to_string(p.max_batch) + " beyond=" + std::to_string(p.beyond) + " table=";
   for (size_t i = 0; i < p.table.size(); ++i) out += (i ? "," : "") + std::to_string(p.table[i]);
+  for (size_t m = 0; m < p.busy_tables.size(); ++m) {
+    out += m ? ";" : " busy_tables=";
+    for (size_t i = 0; i < p.busy_tables[m].size(); ++i) out += (i ? "," : "") + std::to_string(p.busy_tables[m][i]);
+  }
   if (p.max_wait_s >= 0.0)
     out += " max_wait_us=" + std::to_string(std::llround(p.max_wait_s * 1e6)) +
            " guard_reason=" + (p.guard_is_timeout ? "timeout" : "max_wait");
@@ -254,7 +307,7 @@ class ModelGate {
     while (free_ > 0 && size_ > 0) {
       double recheck = -1.0;
       const char* reason = "policy";
-      int serve = policy_.Decide(size_, now - OldestArrival(), &recheck, &reason);
+      int serve = policy_.Decide(size_, now - OldestArrival(), &recheck, &reason, slots_ - free_);
       if (serve <= 0) {
         ++counters_.decisions_wait;
         if (recheck >= 0.0) step.wake_at = now + recheck;

@@ -21,6 +21,8 @@
 //   quit                  (also on end of input: drain and stop)
 // flags: --listen HOST:PORT --upstream HOST:PORT [--max-queue N] [--report-interval-ms MS]
 //        [--upstream-timeout-ms MS] [--deny METHOD]...
+// MODEL is percent-encoded both ways (Quote: bytes outside printable ASCII, space and '%' as %XX), and
+// so is an error's MESSAGE: names are the client's to choose and must never break a line or a field.
 // stdout (one event per line; times are CLOCK_MONOTONIC seconds, Python's time.monotonic()):
 //   listening PORT
 //   ok policy MODEL | error MESSAGE
@@ -42,6 +44,7 @@
 #include <time.h>
 
 #include <atomic>
+#include <climits>
 #include <condition_variable>
 #include <cstdio>
 #include <deque>
@@ -128,6 +131,59 @@ class Output {
 
 Output g_out;
 void Emit(std::string line) { g_out.Push(std::move(line)); }
+
+// Model names are the client's to choose, and they reach the control plane in reports: on the wire
+// every name (and every error message) is percent-encoded, so that no byte of it can end a line or a
+// field. Bytes outside printable ASCII, space and '%' become %XX (plugin/native_plane.py decodes).
+std::string Quote(const std::string& s) {
+  static const char kHex[] = "0123456789ABCDEF";
+  std::string out;
+  out.reserve(s.size());
+  for (unsigned char c : s) {
+    if (c > 0x20 && c < 0x7f && c != '%') {
+      out.push_back(static_cast<char>(c));
+    } else {
+      out.push_back('%');
+      out.push_back(kHex[c >> 4]);
+      out.push_back(kHex[c & 0xf]);
+    }
+  }
+  return out;
+}
+
+// The inverse of Quote; false for a malformed field (a '%' not followed by two hex digits).
+bool Unquote(const std::string& s, std::string* out) {
+  auto hex = [](char c) -> int {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    return -1;
+  };
+  out->clear();
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (s[i] != '%') {
+      out->push_back(s[i]);
+      continue;
+    }
+    if (i + 2 >= s.size()) return false;
+    int hi = hex(s[i + 1]), lo = hex(s[i + 2]);
+    if (hi < 0 || lo < 0) return false;
+    out->push_back(static_cast<char>(hi * 16 + lo));
+    i += 2;
+  }
+  return true;
+}
+
+// Whether a name can be a model in a Triton repository at all (a directory or object-store key):
+// 1 to 1024 bytes, no control characters. Requests for other names are relayed to Triton ungated
+// (Triton gives them its own answer) and never reported (plugin/model_names.py holds the same rule).
+constexpr size_t kMaxModelName = 1024;
+bool PlausibleModelName(const std::string& name) {
+  if (name.empty() || name.size() > kMaxModelName) return false;
+  for (unsigned char c : name)
+    if (c < 0x20 || c == 0x7f) return false;
+  return true;
+}
 
 // The caller's metadata that is forwarded to Triton (not the transport's own keys).
 std::vector<std::pair<std::string, std::string>> ForwardedMetadata(const grpc::ServerContextBase& from) {
@@ -216,6 +272,7 @@ class StreamMember : public Member {
 
 struct ModelState {
   std::string name;
+  std::string wire;  // the name as reports carry it (Quote)
   std::mutex mu;
   std::unique_ptr<ModelGate<Member*>> gate;  // null: relayed ungated
   int default_priority = 0, priority_levels = 0, dispatch_priority = 0;
@@ -379,6 +436,7 @@ class Service : public grpc::CallbackGenericService {
     if (!slot) {
       slot = std::make_unique<ModelState>();
       slot->name = name;
+      slot->wire = Quote(name);
     }
     return slot.get();
   }
@@ -413,7 +471,8 @@ class Service : public grpc::CallbackGenericService {
     if (ms != nullptr) lock = std::unique_lock<std::mutex>(ms->mu);
     if (ms == nullptr || !ms->gate) {
       if (lock) lock.unlock();
-      if (SeenDue(name, now)) Emit("seen " + name);
+      // A name that cannot be a model is relayed for Triton's own answer, never reported.
+      if (PlausibleModelName(name) && SeenDue(name, now)) Emit("seen " + Quote(name));
       return false;
     }
     std::string error;
@@ -564,7 +623,7 @@ class Service : public grpc::CallbackGenericService {
         if (!ms->arrivals.empty()) {
           std::ostringstream os;
           os.precision(17);
-          os << "arrive " << ms->name;
+          os << "arrive " << ms->wire;
           for (double t : ms->arrivals) os << ' ' << t;
           arrive = os.str();
           ms->arrivals.clear();
@@ -573,7 +632,7 @@ class Service : public grpc::CallbackGenericService {
           const GateCounters& c = ms->gate->counters();
           std::ostringstream os;
           // (emitted only when something changed since the last report)
-          os << "counters " << ms->name << " submitted=" << c.submitted << " rejected=" << c.rejected
+          os << "counters " << ms->wire << " submitted=" << c.submitted << " rejected=" << c.rejected
              << " cancelled=" << c.cancelled << " expired=" << c.expired << " batches=" << c.dispatched_batches
              << " requests=" << c.dispatched_requests << " queue=" << ms->gate->queue_length()
              << " in_flight=" << ms->gate->in_flight() << " invalid=" << ms->invalid;
@@ -745,10 +804,24 @@ class Service : public grpc::CallbackGenericService {
       lost = !ms->lost_reported;
       ms->lost_reported = true;
     }
-    if (lost) Emit("lost " + ms->name);
+    if (lost) Emit("lost " + ms->wire);
+    // The report is written first: once answered, a member's memory may be freed at any moment. It is
+    // queued before the answers go, so that a report (the control plane's barrier) after an answer has it.
+    std::string line;
+    if (ms != nullptr) {
+      std::ostringstream os;
+      os.precision(17);
+      os << "batch " << ms->wire << ' ' << b->members.size() << ' ' << b->rows << ' ' << b->start << ' ' << end
+         << ' ' << static_cast<int>(status.error_code()) << ' ' << b->reason << ' ';
+      os.precision(6);
+      for (size_t i = 0; i < b->members.size(); ++i)
+        os << (i ? "," : "") << std::max(0.0, b->start - b->members[i]->pending_.arrival);
+      line = os.str();
+    }
     Step<Member*> step;
     if (ms != nullptr) {
       std::lock_guard<std::mutex> lock(ms->mu);
+      ms->batch_lines.push_back(std::move(line));  // reported with the next periodic report
       for (auto* c : b->members) c->batch_ = nullptr;
       if (ms->gate) {
         ms->gate->Complete();
@@ -759,18 +832,6 @@ class Service : public grpc::CallbackGenericService {
         }
       }
     }
-    // The report is written first: once answered, a member's memory may be freed at any moment.
-    std::string line;
-    if (ms != nullptr) {
-      std::ostringstream os;
-      os.precision(17);
-      os << "batch " << ms->name << ' ' << b->members.size() << ' ' << b->rows << ' ' << b->start << ' ' << end
-         << ' ' << static_cast<int>(status.error_code()) << ' ' << b->reason << ' ';
-      os.precision(6);
-      for (size_t i = 0; i < b->members.size(); ++i)
-        os << (i ? "," : "") << std::max(0.0, b->start - b->members[i]->pending_.arrival);
-      line = os.str();
-    }
     // Answer the members before the next batch goes out: their latency should not include its send.
     // (StartWrite serializes at once: the buffers may go when this returns.)
     for (size_t i = 0; i < b->members.size(); ++i) {
@@ -779,13 +840,7 @@ class Service : public grpc::CallbackGenericService {
       else
         b->members[i]->Reply(b->members.size() == 1 ? &b->response : &answers[i], status);
     }
-    if (ms != nullptr) {  // reported with the next periodic report, not one write per batch
-      {
-        std::lock_guard<std::mutex> lock(ms->mu);
-        ms->batch_lines.push_back(std::move(line));
-      }
-      Carry(ms, std::move(step));
-    }
+    if (ms != nullptr) Carry(ms, std::move(step));
     delete b;
   }
 
@@ -1128,10 +1183,13 @@ void ControlLoop(Service* svc, int default_max_queue) {
       continue;
     }
     try {
-      if (!(in >> model)) throw std::invalid_argument(op + ": model name missing");
+      std::string quoted;
+      if (!(in >> quoted)) throw std::invalid_argument(op + ": model name missing");
+      if (!Unquote(quoted, &model) || !PlausibleModelName(model))
+        throw std::invalid_argument(op + ": '" + quoted + "' is not a model name");
       if (op == "forget") {
         svc->Forget(model);
-        Emit("ok forget " + model);
+        Emit("ok forget " + quoted);
         continue;
       }
       if (op != "policy") throw std::invalid_argument("unknown command '" + op + "'");
@@ -1142,11 +1200,11 @@ void ControlLoop(Service* svc, int default_max_queue) {
       int dflt = IntField(f, "default_priority", 0);
       int levels = IntField(f, "priority_levels", 0);
       int dispatch = IntField(f, "dispatch_priority", 0);
-      if (!f.empty()) throw std::invalid_argument("policy " + model + ": unknown key '" + f.begin()->first + "'");
+      if (!f.empty()) throw std::invalid_argument("policy " + quoted + ": unknown key '" + f.begin()->first + "'");
       svc->SetPolicy(model, p, slots, max_queue, dflt, levels, dispatch);
-      Emit("ok policy " + model);
+      Emit("ok policy " + quoted);
     } catch (const std::exception& e) {
-      Emit(std::string("error ") + e.what());
+      Emit("error " + Quote(e.what()));
     }
   }
 }
@@ -1206,6 +1264,11 @@ int Main(int argc, char** argv) {
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  // Triton's errors quote what the client sent (a model name, an input's name): an answer larger than
+  // gRPC's default metadata limit must come back as that request's answer, not fail the connection
+  // (and every batch in flight on it).
+  args.SetInt(GRPC_ARG_MAX_METADATA_SIZE, INT_MAX);
+  args.SetInt("grpc.absolute_max_metadata_size", INT_MAX);
   auto channel = grpc::CreateCustomChannel(upstream, grpc::InsecureChannelCredentials(), args);
   Service svc(channel, deny);
   std::thread writer([] { g_out.Run(); });

@@ -79,10 +79,12 @@ void RunDecisions(const Value& groups) {
     for (const Value& c : g.at("cases").items()) {
       int n = c.at("n").integer();
       double wait = c.at("wait").num();
-      g_where = "rule " + g.at("rule").str() + ": n=" + std::to_string(n) + " wait=" + std::to_string(wait);
+      int busy = c.has("busy") ? c.at("busy").integer() : 0;
+      g_where = "rule " + g.at("rule").str() + ": n=" + std::to_string(n) + " wait=" + std::to_string(wait) +
+                " busy=" + std::to_string(busy);
       double recheck = 0;
       const char* reason = nullptr;
-      int serve = p.Decide(n, wait, &recheck, &reason);
+      int serve = p.Decide(n, wait, &recheck, &reason, busy);
       CHECK(serve == c.at("serve").integer());
       CHECK(std::string(reason) == c.at("reason").str());
       if (c.at("recheck").is_null()) CHECK(recheck < 0);

@@ -53,8 +53,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from solver import quantities
 from solver.model import BatchingModel, ModelError, ServiceProfile
-from solver.policy import PolicyTable, greedy
+from solver.policy import GateRule, InstanceTable, PolicyTable, greedy
 
 from solver.slo import SloTarget
 
@@ -122,6 +123,13 @@ class Solution:
     """The policy's own max-wait guard (an SLO policy's), installed with it; None: none."""
     slo: "SloPrediction | None" = None
     """What the SLO search predicted, for a solve made for an SLO."""
+    table: InstanceTable | None = None
+    """With k > 1 instances: the k-instance table a(n, m) the gate runs (``policy`` is its row m = 0)."""
+
+    @property
+    def rule(self) -> PolicyTable | GateRule:
+        """What the gate installs: the table, or the k-instance rule (m = batches in flight)."""
+        return self.policy if self.table is None else GateRule.of(self.table)
 
 
 @dataclass(frozen=True)
@@ -190,7 +198,7 @@ class PolicyController:
         max_batch: int,
         idle_power_w: float,
         weight: float,
-        install: Callable[[PolicyTable], None],
+        install: Callable[[PolicyTable | GateRule], None],
         clock: Callable[[], float],
         solver: Any | None = None,
         initial_rate: float | None = None,
@@ -202,8 +210,11 @@ class PolicyController:
         learning: LearningConfig | None = None,
         stats: Any = None,
         metrics: Any = None,
+        instances: int = 1,
     ) -> None:
         self.model = model
+        self.instances = instances
+        """k: model instances the gate fills; k > 1 is solved as a(n, m) (``solver.instances``)."""
         self.profile = profile.truncated(max_batch) if profile.max_batch != max_batch else profile
         self.prior = self.profile
         self._solving = self.profile
@@ -257,7 +268,7 @@ class PolicyController:
 
     @property
     def capacity(self) -> float:
-        return self.max_batch / float(self.profile.mean_s[self.max_batch - 1])
+        return self.instances * self.max_batch / float(self.profile.mean_s[self.max_batch - 1])
 
     # -- inputs ------------------------------------------------------------------------------
     def observe_arrival(self, t: float) -> None:
@@ -409,8 +420,7 @@ class PolicyController:
         self.telemetry_note = "; ".join(notes)
 
     def set_weight(self, weight: float) -> None:
-        if not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"weight must be finite and >= 0 seconds per watt, got {weight!r}")
+        weight = quantities.weight(weight)
         self.weight = weight
         self.latency_target_s = None
         self._dirty = True
@@ -524,7 +534,7 @@ class PolicyController:
         self.current = solution
         self.version += 1
         self.installed_at = self._clock()
-        self._install(solution.policy)  # atomic: one assignment between two decisions
+        self._install(solution.rule)  # atomic: one assignment between two decisions
         if self._metrics is not None and solution.slo is not None and self.slo is not None:
             self._metrics.set_slo(self.model, self.slo.quantile, self.slo.latency_s, solution.slo.quantile_s,
                                   solution.slo.feasible)
@@ -542,7 +552,7 @@ class PolicyController:
 
     async def _solution_for(self, rate: float) -> Solution:
         self.note = ""
-        capacity = self.max_batch / float(self._solving.mean_s[self.max_batch - 1])
+        capacity = self.instances * self.max_batch / float(self._solving.mean_s[self.max_batch - 1])
         if rate >= capacity and self._rate_lo >= capacity:
             # No stationary policy exists; serve full batches, the bounded queue sheds the excess.
             self.note = (f"overload: estimated rate {rate:.1f}/s >= capacity {capacity:.1f}/s; "
@@ -613,6 +623,15 @@ class PolicyController:
         search passes False, since it searches w for a target on this regime's W itself."""
         profile = self._solving
         solved_weight = weight * self.weight_scale(rate, self._clock()) if long_run else weight
+        if self.instances > 1:
+            from solver.instances import solve_instances
+
+            k_model = BatchingModel(rate=rate, max_batch=self.max_batch, profile=profile,
+                                    idle_power_w=self.idle_power_w, weight=solved_weight, instances=self.instances)
+            k = await asyncio.get_running_loop().run_in_executor(None, lambda: solve_instances(k_model))
+            return Solution(k.policy.row(0), rate, weight, k.mean_latency_s, k.mean_power_w, k.gain, k.mean_batch,
+                            f"in-process k-instance search (k = {self.instances})", self._profile_source(),
+                            solved_weight, table=k.policy)
         model = BatchingModel(rate=rate, max_batch=self.max_batch, profile=profile,
                               idle_power_w=self.idle_power_w, weight=solved_weight)
         warm = self.current.policy if self.current is not None else None

@@ -7,14 +7,19 @@ rejected everywhere: a typo must not silently fall back to a default.
 
 from __future__ import annotations
 
+import argparse
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from solver import quantities
 from solver.policy import parse_rule_spec
+from solver.quantities import DEFAULT_IDLE_POWER_W, DEFAULT_WEIGHT
 
 ENV_PREFIX = "SMDP_SIDECAR_"
 
@@ -55,8 +60,8 @@ class ModelPolicyConfig(BaseModel):
     rate_rps: float | None = Field(
         None, gt=0, description="Arrival rate the smdp policy is solved for, requests/second"
     )
-    weight: float = Field(0.0, ge=0, allow_inf_nan=False, description="w: seconds of mean latency per watt")
-    idle_power_w: float = Field(40.0, ge=0, allow_inf_nan=False, description="P0: accelerator idle power, watts")
+    weight: float = Field(DEFAULT_WEIGHT, description="w: seconds of mean latency per watt")
+    idle_power_w: float = Field(DEFAULT_IDLE_POWER_W, description="P0: accelerator idle power, watts")
     max_batch: int | None = Field(
         None, ge=1, description="B: largest batch the gate forms (default: the model's max_batch_size)"
     )
@@ -104,6 +109,16 @@ class ModelPolicyConfig(BaseModel):
         "least-J one (J = W + w P at `weight`) predicted to meet it, re-solved as the rate moves, greedy "
         "(flagged in status and metrics) when none does",
     )
+
+    @field_validator("weight")
+    @classmethod
+    def _valid_weight(cls, v: float) -> float:
+        return quantities.weight(v)
+
+    @field_validator("idle_power_w")
+    @classmethod
+    def _valid_idle_power(cls, v: float) -> float:
+        return quantities.idle_power(v)
 
     @field_validator("policy")
     @classmethod
@@ -273,3 +288,34 @@ def load_config(
             else:
                 data[key] = value
     return SidecarConfig.model_validate(data)
+
+
+def add_field_flag(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    model: type[BaseModel],
+    field: str,
+    *,
+    dest: str,
+    extra_help: str = "",
+) -> None:
+    """A command-line flag that sets one configuration field: its type (or choices), help and the
+    default it shows come from the field, so they are written once. The flag's own default is None
+    (not given), so that it overrides the file and environment only when given."""
+    info = model.model_fields[field]
+    kind: Any = info.annotation
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None: the flag gives an X
+        given = [a for a in typing.get_args(kind) if a is not type(None)]
+        kind = given[0] if len(given) == 1 else str  # X | Literal[...]: text, which the config parses
+    choices = None
+    if typing.get_origin(kind) is Literal:
+        choices, kind = list(typing.get_args(kind)), str
+    if kind not in (str, int, float, Path):
+        raise TypeError(f"{model.__name__}.{field}: no command-line flag for a {kind!r} field")
+    text = " ".join((info.description or field).split()) + extra_help
+    if not info.is_required():
+        text += f" (default: {'none' if info.default is None else info.default})"
+    parser.add_argument(
+        flag, dest=dest, type=str if kind is Path else kind, choices=choices, default=None, metavar=None if choices
+        else field.upper(), help=text.replace("%", "%%"),
+    )

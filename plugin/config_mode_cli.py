@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_IDLE_POWER_W = 40.0  # as ``smdp solve``: the published V100 tables give no idle figure
+from solver.quantities import DEFAULT_IDLE_POWER_W, DEFAULT_WEIGHT
 
 
 def add_config_mode_command(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +29,7 @@ def add_config_mode_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rate", type=float, default=None,
                    help="arrival rate the policy is for, requests/s (required unless --follow; with --follow, "
                         "the rate to start from before the first estimate)")
-    p.add_argument("--weight", type=float, default=0.0, help="w, seconds per watt (default: %(default)s)")
+    p.add_argument("--weight", type=float, default=DEFAULT_WEIGHT, help="w, seconds per watt (default: %(default)s)")
     p.add_argument("--idle-power", type=float, default=DEFAULT_IDLE_POWER_W, help="P0, watts (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=None,
                    help="B (default: the model's max_batch_size from Triton, else the profile's largest size)")

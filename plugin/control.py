@@ -21,6 +21,7 @@ from typing import Any, Protocol, Sequence
 import grpc
 
 from plugin.estimator import RateEstimate
+from solver import quantities
 from solver.model import ModelError
 from solver.slo import SloTarget
 from smdp.v1 import smdp_pb2, smdp_pb2_grpc
@@ -125,6 +126,8 @@ class ModelStatusInfo:
     """Entry b counts batches of b requests (entry 0 unused)."""
     queue_length: int = 0
     in_flight: int = 0
+    instances: int = 1
+    """k: model instances the gate fills; the policy a(n, m) sees m = ``in_flight``."""
     completed: int = 0
     rejected: int = 0
     """Refused because the queue was full."""
@@ -152,6 +155,7 @@ class ModelStatusInfo:
             batch_histogram=[int(x) for x in self.batch_histogram],
             queue_length=self.queue_length,
             in_flight=self.in_flight,
+            instances=self.instances,
             completed=self.completed,
             rejected=self.rejected,
             failed=self.failed,
@@ -192,11 +196,14 @@ class PolicyInfo:
     age_s: float
     source: str
     threshold: int | None = None
+    busy_tables: Sequence[Sequence[int]] = ()
+    """k instances: a(n, m) for m = 1, 2, ... (``actions`` is m = 0); empty when the rule ignores m."""
 
     def message(self, model: str) -> smdp_pb2.PolicyReply:
         msg = smdp_pb2.PolicyReply(
             model=model, actions=[int(a) for a in self.actions], max_batch=self.max_batch,
             version=self.version, age_s=self.age_s, source=self.source,
+            busy_tables=[smdp_pb2.BusyRow(actions=[int(a) for a in row]) for row in self.busy_tables],
         )
         if self.threshold is not None:
             msg.threshold = self.threshold
@@ -289,10 +296,10 @@ class ControlServicer(smdp_pb2_grpc.ControlServicer):
     async def SetWeight(self, request, context):
         await self._authorize(context)
         model = await self._model(request.model, context)
-        w = request.weight
-        if not math.isfinite(w) or w < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"weight must be finite and >= 0 (seconds per watt), got {w!r}")
+        try:
+            w = quantities.weight(request.weight)
+        except ModelError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         await self._backend_call(context, self._backend.set_weight, model, float(w))
         return await self._status(model, context)
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from solver.policy import PolicyTable
+from solver.policy import GateRule, PolicyTable
 from solver.slo import SloTarget
 
 from .control import Figures, ModelStatusInfo, PolicyInfo, ServiceTimeInfo, SloStatusInfo, UnknownModel
@@ -65,8 +65,11 @@ class SidecarControl:
         installed = c.installed_at if c is not None else state.stats.started_at
         actions = rule.actions.tolist() if isinstance(rule, PolicyTable) else []
         threshold = rule.threshold() if isinstance(rule, PolicyTable) else None
+        busy: tuple[tuple[int, ...], ...] = ()
+        if isinstance(rule, GateRule) and rule.max_wait_s is None:  # a k-instance table (no timer)
+            actions, busy = list(rule.table), rule.busy_tables
         return PolicyInfo(actions, rule.max_batch, version, self.sidecar.clock() - installed,
-                          state.info.spec if state.info else "", threshold)
+                          state.info.spec if state.info else "", threshold, busy)
 
     def _rejected(self, model: str, reason: str) -> int:
         """Requests refused for ``reason`` (the metrics' ``requests_rejected`` counter; 0 if none yet)."""
@@ -139,6 +142,7 @@ class SidecarControl:
             batch_histogram=st.batches.tolist(),
             queue_length=state.gate.queue_length,
             in_flight=state.gate.in_flight,
+            instances=state.gate.slots,
             completed=st.latency_n,
             rejected=state.gate.counters.rejected,
             rejected_expired=state.gate.counters.expired,

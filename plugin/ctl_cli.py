@@ -159,16 +159,21 @@ def _policy_text(p: Any) -> str:
     if not p.actions:
         lines.append("  (not a table: the rule depends on waiting time)")
         return "\n".join(lines)
-    acts = list(p.actions)
-    start = 0
-    for n in range(1, len(acts) + 1):
-        if n == len(acts) or _kind(n, acts[n], p.max_batch) != _kind(start, acts[start], p.max_batch):
-            kind, a = _kind(start, acts[start], p.max_batch)
-            span = f"n = {start}" if n - 1 == start else f"n = {start}..{n - 1}"
-            what = {"wait": "wait", "all": "serve min(n, B)", "fixed": f"serve {a}"}[kind]
-            lines.append(f"  {span}: {what}")
-            start = n
-    lines.append(f"  n > {len(acts) - 1}: serve min(n, B)")
+    rows = [list(p.actions)] + [list(r.actions) for r in p.busy_tables]
+    for m, acts in enumerate(rows):
+        indent = "  "
+        if len(rows) > 1:
+            lines.append(f"  m = {m}{'+' if m == len(rows) - 1 else ''} batches in flight:")
+            indent = "    "
+        start = 0
+        for n in range(1, len(acts) + 1):
+            if n == len(acts) or _kind(n, acts[n], p.max_batch) != _kind(start, acts[start], p.max_batch):
+                kind, a = _kind(start, acts[start], p.max_batch)
+                span = f"n = {start}" if n - 1 == start else f"n = {start}..{n - 1}"
+                what = {"wait": "wait", "all": "serve min(n, B)", "fixed": f"serve {a}"}[kind]
+                lines.append(f"{indent}{span}: {what}")
+                start = n
+        lines.append(f"{indent}n > {len(acts) - 1}: serve min(n, B)")
     return "\n".join(lines)
 
 
@@ -205,7 +210,8 @@ def _status_text(s: Any) -> str:
         lines.extend(_slo_text(s.slo))
     hist = [f"{b}:{c}" for b, c in enumerate(s.batch_histogram) if b > 0 and c > 0]
     lines.append(f"  batches    {' '.join(hist) if hist else '(none)'}")
-    lines.append(f"  queue {s.queue_length}, in flight {s.in_flight}, completed {s.completed}, "
+    lines.append(f"  queue {s.queue_length}, in flight {s.in_flight} of {max(s.instances, 1)} instance(s), "
+                 f"completed {s.completed}, "
                  f"rejected {s.rejected} (queue full) + {s.rejected_expired} expired + {s.rejected_invalid} invalid, "
                  f"failed {s.failed}")
     lines.extend(_profile_text(s))

@@ -71,13 +71,15 @@ class GateCounters:
     decisions_serve: int = 0
 
 
-def _decider(rule: BatchRule) -> Callable[[int, float], Decision]:
+def _decider(rule: BatchRule) -> Callable[[int, float, int], Decision]:
     """What the gate runs for a rule: its one description (``GateRule``, as the native gate runs it)
-    when it has one, else the rule itself (a rule only the simulator knows, or a test's)."""
+    when it has one, else the rule itself (a rule only the simulator knows, or a test's, which then
+    does not see m). Called as (n waiting, oldest wait, m = batches in flight)."""
     try:
         return GateRule.of(rule).decide
     except ValueError:
-        return rule.decide
+        decide = rule.decide
+        return lambda n, wait, busy: decide(n, wait)
 
 
 class ModelGate:
@@ -182,7 +184,7 @@ class ModelGate:
         wake_at: float | None = None
         while self._free > 0 and self._size > 0:
             oldest = self._oldest_arrival()
-            decision = self._decide(self._size, now - oldest)
+            decision = self._decide(self._size, now - oldest, self._slots - self._free)
             if decision.serve <= 0:
                 self.counters.decisions_wait += 1
                 if decision.recheck_after_s is not None:

@@ -73,6 +73,7 @@ class _ModelChildren:
     batch_service: Any
     queue: Any
     in_flight: Any
+    instances: Any
     policy_version: Any
     policy_threshold: Any
     predicted_latency: Any
@@ -128,6 +129,8 @@ class SidecarMetrics:
         )
         self._queue = Gauge(PREFIX + "queue_length", "Requests waiting in the gate", m, registry=r)
         self._in_flight = Gauge(PREFIX + "in_flight_batches", "Batches sent to Triton and not yet completed", m, registry=r)
+        self._instances = Gauge(PREFIX + "instances", "Model instances k the gate fills (its slots; the rule's "
+                                "a(n, m) sees m = in-flight batches)", m, registry=r)
         self._policy_version = Gauge(PREFIX + "policy_version", "Version of the policy in force (increments per swap)", m, registry=r)
         self._policy_threshold = Gauge(
             PREFIX + "policy_threshold",
@@ -198,6 +201,7 @@ class SidecarMetrics:
                         batch_service=self._batch_service.labels(model),
                         queue=self._queue.labels(model),
                         in_flight=self._in_flight.labels(model),
+                        instances=self._instances.labels(model),
                         policy_version=self._policy_version.labels(model),
                         policy_threshold=self._policy_threshold.labels(model),
                         predicted_latency=self._pred_latency.labels(model),
@@ -256,10 +260,11 @@ class SidecarMetrics:
         # estimator's job (a label per size would multiply the series by B).
         self._model(model).batch_service.observe(seconds)
 
-    def set_queue(self, model: str, queue_length: int, in_flight: int) -> None:
+    def set_queue(self, model: str, queue_length: int, in_flight: int, instances: int = 1) -> None:
         c = self._model(model)
         c.queue.set(queue_length)
         c.in_flight.set(in_flight)
+        c.instances.set(instances)
 
     # -- occasional --------------------------------------------------------------------------
     def set_policy(

@@ -27,6 +27,7 @@ from typing import Any, Callable, Literal
 from solver.policy import BatchRule, GateRule
 
 from .gate import GateCounters
+from .model_names import is_model_name
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +104,46 @@ def policy_line(
     size beyond it, optionally guarded by a maximum wait), in ``GateRule.to_line``'s text; the gate's
     own settings follow.
     """
-    if any(c.isspace() for c in model) or not model:
+    if not is_model_name(model):
         raise ValueError(f"model name {model!r} cannot be sent to the native gate")
     return (
-        f"policy {model} {GateRule.of(rule).to_line()} slots={slots} max_queue={max_queue} "
+        f"policy {quote_field(model)} {GateRule.of(rule).to_line()} slots={slots} max_queue={max_queue} "
         f"default_priority={default_priority} priority_levels={priority_levels} dispatch_priority={dispatch_priority}"
     )
+
+
+def quote_field(text: str) -> str:
+    """A model name (or message) as the gate's line protocol carries it: bytes outside printable ASCII,
+    space and ``%`` as ``%XX``, so that no client-chosen name can end a line or a field."""
+    return "".join(c if "!" <= c <= "~" and c != "%" else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
+                   for c in text)
+
+
+def unquote_field(field: str) -> str:
+    """The inverse of ``quote_field``; ValueError for a field no gate writes."""
+    if "%" not in field:
+        return field
+    out = bytearray()
+    i = 0
+    while i < len(field):
+        c = field[i]
+        if c == "%":
+            pair = field[i + 1:i + 3]
+            if len(pair) != 2 or not all(h in "0123456789abcdefABCDEF" for h in pair):
+                raise ValueError(f"malformed %-escape in {field[:80]!r}")
+            out.append(int(pair, 16))
+            i += 3
+        else:
+            out += c.encode()
+            i += 1
+    return out.decode("utf-8")
+
+
+def forget_line(model: str) -> str:
+    """The gate's ``forget`` command for a model."""
+    if not is_model_name(model):
+        raise ValueError(f"model name {model!r} cannot be sent to the native gate")
+    return f"forget {quote_field(model)}"
 
 
 @dataclass
@@ -186,6 +221,40 @@ class BatchReport:
     """Why the gate served it: ``policy``, or its guard's reason (``timeout``, ``max_wait``)."""
     waits: tuple[float, ...]
     """Each member's time in the gate before the batch went out, seconds."""
+
+
+def parse_event(raw: bytes) -> tuple | None:
+    """One line of the gate's stdout as an event tuple (see ``NativePlane``), ``("reported",)``,
+    ``("error", message)``, or None for a line of no interest. Every model name on a line is
+    percent-encoded (``quote_field``) and must decode to a model name: a line that does not parse
+    exactly raises ValueError, and is refused whole."""
+    parts = raw.decode("ascii").rstrip("\n").split(" ")
+    kind = parts[0]
+    if kind == "reported":
+        return ("reported",)
+    if kind == "error":
+        return ("error", unquote_field(" ".join(parts[1:])))
+    if kind not in ("seen", "lost", "arrive", "batch", "counters"):
+        return None
+    if len(parts) < 2:
+        raise ValueError(f"{kind}: model name missing")
+    model = unquote_field(parts[1])
+    if not is_model_name(model):
+        raise ValueError(f"{kind}: {model[:80]!r} is not a model name")
+    if kind in ("seen", "lost"):
+        if len(parts) != 2:
+            raise ValueError(f"{kind}: one field expected")
+        return (kind, model)
+    if kind == "arrive":
+        return ("arrive", model, [float(t) for t in parts[2:]])
+    if kind == "batch":
+        if len(parts) != 9:
+            raise ValueError("batch: 9 fields expected")
+        waits = tuple(float(w) for w in parts[8].split(",")) if parts[8] else ()
+        return ("batch", BatchReport(model, int(parts[2]), int(parts[3]), float(parts[4]), float(parts[5]),
+                                     int(parts[6]), parts[7], waits))
+    values = dict(p.split("=", 1) for p in parts[2:])
+    return ("counters", model, {k: int(v) for k, v in values.items()})
 
 
 class NativePlane:
@@ -277,33 +346,25 @@ class NativePlane:
                 if not self.exited.done():
                     self.exited.set_result(self.proc.returncode)
                 return
-            parts = raw.decode().split()
-            if not parts:
-                continue
-            kind = parts[0]
             try:
-                if kind in ("seen", "lost"):
-                    self._on_event(kind, parts[1])
-                elif kind == "arrive":
-                    self._on_event("arrive", parts[1], [float(t) for t in parts[2:]])
-                elif kind == "batch":
-                    waits = tuple(float(w) for w in parts[8].split(",")) if len(parts) > 8 else ()
-                    self._on_event("batch", BatchReport(parts[1], int(parts[2]), int(parts[3]), float(parts[4]),
-                                                        float(parts[5]), int(parts[6]), parts[7], waits))
-                elif kind == "counters":
-                    values = dict(p.split("=", 1) for p in parts[2:])
-                    self._on_event("counters", parts[1], {k: int(v) for k, v in values.items()})
-                elif kind == "reported":
-                    if self._barriers:
-                        fut = self._barriers.pop(0)
-                        if not fut.done():
-                            fut.set_result(None)
-                elif kind == "error":
-                    msg = raw.decode().strip()[6:]
-                    self.errors.append(msg)
-                    log.error("smdp-gate refused a command: %s", msg)
+                self._handle(raw)
             except Exception:  # one bad line or handler must not stop the reader
                 log.exception("cannot handle smdp-gate event %r", raw[:200])
+
+    def _handle(self, raw: bytes) -> None:
+        event = parse_event(raw)
+        if event is None:
+            return
+        if event[0] == "reported":
+            if self._barriers:
+                fut = self._barriers.pop(0)
+                if not fut.done():
+                    fut.set_result(None)
+        elif event[0] == "error":
+            self.errors.append(event[1])
+            log.error("smdp-gate refused a command: %s", event[1])
+        else:
+            self._on_event(*event)
 
     async def _log_stderr(self) -> None:
         while True:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from solver.policy import BatchRule, parse_rule_spec, rule_from_spec
+from solver.policy import BatchRule, GateRule, parse_rule_spec, rule_from_spec
+from tritonclient.grpc import model_config_pb2
 
 from .config import ModelPolicyConfig
 
@@ -20,8 +21,24 @@ class RuleInfo:
     prediction: dict[str, Any] | None = None
 
 
-def build_rule(model: str, cfg: ModelPolicyConfig, model_max_batch: int) -> RuleInfo:
-    """Build the rule for one model; B is capped by the model's own max_batch_size."""
+def model_instances(cfg: model_config_pb2.ModelConfig) -> int:
+    """k, the model's instances fed by Triton's one queue: the instance_group counts, each times the
+    GPUs it lists for KIND_GPU (Triton places `count` instances on each listed GPU). A KIND_GPU group
+    that lists no GPUs is counted once (Triton puts it on every visible GPU, which the config does not say)."""
+    total = 0
+    for g in cfg.instance_group:
+        count = max(g.count, 1)
+        if g.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and len(g.gpus) > 0:
+            count *= len(g.gpus)
+        total += count
+    return total or 1
+
+
+def build_rule(model: str, cfg: ModelPolicyConfig, model_max_batch: int, instances: int = 1) -> RuleInfo:
+    """Build the rule for one model; B is capped by the model's own max_batch_size.
+
+    With k = ``instances`` > 1 the smdp policy is the k-instance table a(n, m) (``solver.instances``),
+    m = the gate's batches in flight; baselines run per instance slot as Triton's batcher does."""
     b = min(cfg.max_batch or model_max_batch, model_max_batch)
     kind, _ = parse_rule_spec(cfg.policy)
     if kind != "smdp":
@@ -33,8 +50,25 @@ def build_rule(model: str, cfg: ModelPolicyConfig, model_max_batch: int) -> Rule
 
     profile = ServiceProfile.from_csv(cfg.profile)
     bm = BatchingModel(
-        rate=cfg.rate_rps, max_batch=b, profile=profile, idle_power_w=cfg.idle_power_w, weight=cfg.weight
+        rate=cfg.rate_rps, max_batch=b, profile=profile, idle_power_w=cfg.idle_power_w, weight=cfg.weight,
+        instances=instances,
     )
+    if bm.instances > 1:
+        from solver.instances import solve_instances
+
+        k_res = solve_instances(bm)
+        pred_k = {
+            "gain": k_res.gain,
+            "mean_latency_s": k_res.mean_latency_s,
+            "mean_power_w": k_res.mean_power_w,
+            "mean_batch": k_res.mean_batch,
+            "threshold": None,
+            "thresholds": list(k_res.policy.thresholds() or ()),
+            "instances": bm.instances,
+            "rate_rps": cfg.rate_rps,
+            "weight": cfg.weight,
+        }
+        return RuleInfo(GateRule.of(k_res.policy), "smdp", b, pred_k)
     result = solve(bm)
     pred = {
         "gain": result.gain,

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import SidecarConfig
 
 # gRPC core's EventEngine endpoints read every socket on threads of their own and hand each event to
 # the thread polling the completion queue (grpc.aio's poller), which wakes the event loop: one thread
@@ -15,7 +19,55 @@ import sys
 GRPC_EXPERIMENTS = "-event_engine_client,-event_engine_listener,-event_engine_for_all_other_endpoints,-event_engine_callback_cq"
 
 
+# Flags of `smdp serve` and the configuration fields they set: type, choices, help (with units) and
+# the default shown come from the field itself (plugin/config.py). SidecarConfig's fields first:
+TOP_FLAGS = {
+    "--listen": "listen",
+    "--triton": "triton_url",
+    "--listen-http": "listen_http",
+    "--triton-http": "triton_http_url",
+    "--mode": "mode",
+    "--data-plane": "data_plane",
+    "--triton-batcher": "triton_batcher",
+    "--max-queue": "max_queue",
+    "--long-run-window": "long_run_window_s",
+    "--solver": "solver_url",
+    "--control-listen": "control_listen",
+    "--control-token": "control_token",
+    "--metrics-listen": "metrics_listen",
+}
+# ... then the policy of every model without an entry of its own (SidecarConfig.default):
+POLICY_FLAGS = {
+    "--policy": "policy",
+    "--profile": "profile",
+    "--rate": "rate_rps",
+    "--weight": "weight",
+    "--idle-power": "idle_power_w",
+    "--max-batch": "max_batch",
+}
+# ... and its tail-latency SLO (ModelPolicyConfig.slo):
+SLO_FLAGS = {
+    "--slo-quantile": "quantile",
+    "--slo-latency": "latency_s",
+}
+OFF = "none"
+"""What --control-listen and --metrics-listen take to turn the endpoint off."""
+_OFF_FIELDS = ("control_listen", "metrics_listen")
+
+
+def policy_dest(field: str) -> str:
+    """The parsed argument of a flag that sets ``default.<field>`` (as SMDP_SIDECAR_DEFAULT_<FIELD>)."""
+    return f"default_{field}"
+
+
+def slo_dest(field: str) -> str:
+    """The parsed argument of a flag that sets ``default.slo.<field>``."""
+    return f"default_slo_{field}"
+
+
 def add_serve_command(sub: argparse._SubParsersAction) -> None:
+    from .config import ModelPolicyConfig, SidecarConfig, SloConfig, add_field_flag
+
     p = sub.add_parser(
         "serve",
         help="run the sidecar gate in front of a Triton server",
@@ -23,36 +75,43 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
         "Settings come from --config (YAML), then SMDP_SIDECAR_* environment variables, then these flags.",
     )
     p.add_argument("--config", help="YAML file with SidecarConfig fields")
-    p.add_argument("--listen", help="host:port for the inference API (default 127.0.0.1:8011; port 0 = free)")
-    p.add_argument("--triton", dest="triton_url", help="host:port of Triton's gRPC endpoint (default 127.0.0.1:8001)")
-    p.add_argument("--listen-http", help="host:port for Triton's HTTP/REST API through the gate (default: off; "
-                   "port 0 = free)")
-    p.add_argument("--triton-http", dest="triton_http_url",
-                   help="host:port of Triton's HTTP endpoint (default: Triton's host, port 8000)")
-    p.add_argument("--mode", choices=["merged", "released"], help="how a chosen batch is sent to Triton")
-    p.add_argument("--data-plane", choices=["auto", "python", "native"],
-                   help="what carries inference: the C++ smdp-gate (make native), the Python gate, or auto (default: "
-                   "native wherever smdp-gate is found, else python, saying why)")
-    p.add_argument("--triton-batcher", choices=["keep", "off"],
-                   help="off: reload gated models without Triton's dynamic batcher (merged mode; needs explicit "
-                   "model control); keep (default): leave their configs as they are")
-    p.add_argument("--max-queue", type=int, help="requests that may wait per model (default 1024)")
-    p.add_argument("--policy", help="default policy: greedy | smdp | static:B0 | threshold:K | timeout:SECONDS")
-    p.add_argument("--profile", help="profile CSV for the smdp policy")
-    p.add_argument("--rate", type=float, help="arrival rate (requests/s) the smdp policy is solved for")
-    p.add_argument("--weight", type=float, help="w, seconds per watt")
-    p.add_argument("--idle-power", type=float, help="P0, watts")
-    p.add_argument("--max-batch", type=int, help="B, the largest batch the gate forms")
+    for flag, field in TOP_FLAGS.items():
+        extra = f"; on the command line, {OFF!r} = off" if field in _OFF_FIELDS else ""
+        add_field_flag(p, flag, SidecarConfig, field, dest=field, extra_help=extra)
+    for flag, field in POLICY_FLAGS.items():
+        add_field_flag(p, flag, ModelPolicyConfig, field, dest=policy_dest(field), extra_help="; for the default policy")
     p.add_argument("--fixed", action="store_true", help="smdp: keep the policy solved for --rate (no re-solving)")
-    p.add_argument("--long-run-window", dest="long_run_window_s", type=float,
-                   help="horizon of the long-run mean rate that scales w per regime, seconds (default 600; 0 = w as is)")
-    p.add_argument("--solver", dest="solver_url", help="host:port of a shared smdp solver-serve (default: in-process)")
-    p.add_argument("--control-listen", help="host:port of the control API (default 127.0.0.1:8012; 'none' = off)")
-    p.add_argument("--control-token", help="bearer token required by the control API")
-    p.add_argument("--metrics-listen", help="host:port of the Prometheus /metrics endpoint (default 127.0.0.1:8013; "
-                   "'none' = off)")
+    for flag, field in SLO_FLAGS.items():
+        add_field_flag(p, flag, SloConfig, field, dest=slo_dest(field),
+                       extra_help="; the default policy's tail-latency SLO (smdp; --slo-latency sets it)")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_run)
+
+
+def config_from_args(args: argparse.Namespace) -> "SidecarConfig":
+    """The configuration: --config's file, then the environment, then the flags given."""
+    from .config import load_config
+
+    default = {field: getattr(args, policy_dest(field)) for field in POLICY_FLAGS.values()}
+    default["adaptive"] = False if args.fixed else None
+    default["slo"] = _slo_flags(args)
+    overrides = {field: getattr(args, field) for field in TOP_FLAGS.values()}
+    overrides["default"] = {k: v for k, v in default.items() if v is not None} or None
+    off = [k for k in _OFF_FIELDS if overrides[k] == OFF]
+    for k in off:
+        overrides[k] = None
+    config = load_config(args.config, overrides=overrides)
+    return config.model_copy(update={k: None for k in off}) if off else config
+
+
+def _slo_flags(args: argparse.Namespace) -> dict | None:
+    """``slo`` of the default policy from --slo-quantile/--slo-latency (the config validates the values)."""
+    given = {field: getattr(args, slo_dest(field)) for field in SLO_FLAGS.values()}
+    if given["latency_s"] is None:
+        if given["quantile"] is not None:
+            raise ValueError("--slo-quantile needs --slo-latency (the SLO's D, seconds)")
+        return None
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -62,42 +121,11 @@ def _run(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from .config import load_config
     from .runner import serve_forever
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    default = {
-        "policy": args.policy,
-        "profile": args.profile,
-        "rate_rps": args.rate,
-        "weight": args.weight,
-        "idle_power_w": args.idle_power,
-        "max_batch": args.max_batch,
-        "adaptive": False if args.fixed else None,
-    }
-    overrides = {
-        "listen": args.listen,
-        "triton_url": args.triton_url,
-        "listen_http": args.listen_http,
-        "triton_http_url": args.triton_http_url,
-        "mode": args.mode,
-        "data_plane": args.data_plane,
-        "triton_batcher": args.triton_batcher,
-        "max_queue": args.max_queue,
-        "solver_url": args.solver_url,
-        "long_run_window_s": args.long_run_window_s,
-        "control_listen": args.control_listen,
-        "control_token": args.control_token,
-        "metrics_listen": args.metrics_listen,
-        "default": {k: v for k, v in default.items() if v is not None} or None,
-    }
-    off = [k for k in ("control_listen", "metrics_listen") if overrides[k] == "none"]
-    for k in off:
-        overrides[k] = None
     try:
-        config = load_config(args.config, overrides=overrides)
-        if off:
-            config = config.model_copy(update={k: None for k in off})
+        config = config_from_args(args)
     except (ValidationError, ValueError, OSError) as exc:
         print(f"smdp serve: invalid configuration: {exc}", file=sys.stderr)
         return 2

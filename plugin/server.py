@@ -33,9 +33,10 @@ from .adaptive import PolicyController, learning_options
 from .config import ModelPolicyConfig, SidecarConfig
 from .gate import ModelGate, Pending, QueueFull
 from .metrics import SidecarMetrics, latency_buckets_with
-from .native_plane import NativeGateView, NativePlane, choose_plane, monotonic_offset
+from .model_names import is_model_name
+from .native_plane import NativeGateView, NativePlane, choose_plane, forget_line, monotonic_offset
 from .merge import MalformedRequest, RequestValidator, merge, merge_key, split
-from .policies import RuleInfo, build_rule
+from .policies import RuleInfo, build_rule, model_instances
 
 log = logging.getLogger("smdp.sidecar")
 
@@ -51,6 +52,11 @@ _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    # Triton's errors quote what the client sent (a model name, an input's name): an answer of one
+    # client's request larger than gRPC's default metadata limit (8-16 KiB) must still come back, as
+    # that request's answer, and not as a connection failure under everyone's calls.
+    ("grpc.max_metadata_size", 2**31 - 1),
+    ("grpc.absolute_max_metadata_size", 2**31 - 1),
 ]
 
 
@@ -244,7 +250,7 @@ class Sidecar:
     def _export(self, state: ModelState, now: float) -> None:
         """The slow-moving gauges, once a tick (the per-request counters are updated inline)."""
         m = self.metrics
-        m.set_queue(state.name, state.gate.queue_length, state.gate.in_flight)
+        m.set_queue(state.name, state.gate.queue_length, state.gate.in_flight, state.gate.slots)
         c = state.controller
         if c is not None:
             est = c.rate.estimate(now)
@@ -270,6 +276,8 @@ class Sidecar:
         state = self._models.get(key)
         if state is not None:
             return state
+        if not is_model_name(name):
+            return None  # no repository holds it: Triton's own answer, nothing kept by its name
         until = self._unknown.get(key)
         if until is not None:
             if self._clock() < until:
@@ -338,7 +346,7 @@ class Sidecar:
         cfg = resp.config
         if self._batcher_to_turn_off(cfg):
             await self._turn_off_triton_batcher(name, cfg)
-        slots = sum(max(g.count, 1) for g in cfg.instance_group) or 1
+        slots = model_instances(cfg)
         dyn = cfg.dynamic_batching
         levels = dyn.priority_levels if cfg.HasField("dynamic_batching") else 0
         default_level = dyn.default_priority_level if levels else 0
@@ -349,6 +357,8 @@ class Sidecar:
             # flight, its policy and controller (operator settings included) and its counters.
             old.config = cfg
             old.gate.set_slots(slots)
+            if old.controller is not None:
+                old.controller.instances = slots  # the next re-solve is for the new k
             old.priority_levels = levels
             old.default_priority = default_level or (levels or 0)
             if self._native is not None:
@@ -365,7 +375,7 @@ class Sidecar:
             if policy_cfg.policy == "smdp" and policy_cfg.adaptive:
                 info, profile = self._adaptive_start(name, policy_cfg, cfg.max_batch_size)
             else:
-                info = await self._loop.run_in_executor(None, build_rule, name, policy_cfg, cfg.max_batch_size)
+                info = await self._loop.run_in_executor(None, build_rule, name, policy_cfg, cfg.max_batch_size, slots)
             if auto_note:
                 info = replace(info, spec=f"{info.spec} ({auto_note})")
             if self._native is not None:
@@ -410,6 +420,7 @@ class Sidecar:
                 idle_power_w=policy_cfg.idle_power_w,
                 weight=policy_cfg.weight,
                 install=lambda policy, st=state: self._install(st, policy),
+                instances=slots,
                 clock=self._clock,
                 solver=self._solver,
                 initial_rate=policy_cfg.rate_rps,
@@ -647,7 +658,7 @@ class Sidecar:
                     await asyncio.sleep(retry_s)  # Triton away or still starting
                     continue
                 if state is None and self._native is not None:
-                    self._native.send(f"forget {name}")
+                    self._native.send(forget_line(name))
                 return
             if not self._closing:
                 log.warning("model %s did not come back within %.0f s", name, give_up_s)

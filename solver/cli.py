@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from solver.quantities import DEFAULT_IDLE_POWER_W, DEFAULT_WEIGHT
+
 DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "profiles" / "v100_resnet50.csv"
-DEFAULT_IDLE_POWER_W = 40.0  # assumed: the published V100 tables give no idle figure
 DEFAULT_MAX_BATCH = 64
 
 
@@ -27,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Solve the batching SMDP (minimise J = W + w P) and print the policy table a(n) with "
                     "its predicted mean latency W, mean power P and cost J.",
     )
-    _model_args(solve, rate_required=True)
+    _model_args(solve, rate_required=False)
+    solve.add_argument("--arrivals", default="poisson", help=ARRIVALS_HELP)
     solve.add_argument("--method", choices=("pi", "rvi"), default="pi",
                        help="policy iteration (default) or relative value iteration")
     solve.add_argument("--truncation", type=int, default=None, help="largest queue length N (default: automatic)")
@@ -35,7 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="with --instances K > 1: seed of the simulations the threshold search compares on")
     solve.add_argument("--json", action="store_true",
                        help="print one JSON object: policy (a(n), n = 0..N), gain, mean_latency_s, mean_power_w, "
-                            "throughput_rps, mean_batch, iterations, converged, solve_time_s, truncation, ...")
+                            "throughput_rps, mean_batch, iterations, converged, solve_time_s, truncation, arrivals "
+                            "(the arrival model), ...; under an mmpp also phase_policies (one table per phase; "
+                            "policy is phase 1's)")
     _slo_args(solve)
     solve.set_defaults(func=_cmd_solve)
 
@@ -45,11 +49,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Discrete-event simulation of one server under a batching policy. Policies: smdp (solved "
                     "at --rate), greedy, static:B0, threshold:K, timeout:SECONDS (Triton's rule).",
     )
-    _model_args(sim, rate_required=True)
+    _model_args(sim, rate_required=False)
     sim.add_argument("--policy", default="smdp", help="smdp | greedy | static:B0 | threshold:K | timeout:SECONDS")
     sim.add_argument("--arrivals", default="poisson",
-                     help="poisson (at --rate) or trace:FILE (a CSV with a TIMESTAMP column); a trace is "
-                          "rescaled to mean rate --rate unless --time-scale or --trace-rate is given")
+                     help="poisson | batch:MEAN_GROUP | mmpp:RATE1,RATE2:SWITCH12,SWITCH21 (generated at mean "
+                          "rate --rate; an mmpp carries its own) or trace:FILE (a CSV with a TIMESTAMP column); a "
+                          "trace is rescaled to mean rate --rate unless --time-scale or --trace-rate is given")
+    sim.add_argument("--model-arrivals", default=None,
+                     help="the arrival model the smdp policy is solved for and the prediction uses (same forms "
+                          "as --arrivals, or fit: fitted to the simulated stream); default: --arrivals, "
+                          "poisson for a trace")
     sim.add_argument("--time-scale", type=float, default=None, help="trace time compression (2 = twice as fast)")
     sim.add_argument("--trace-rate", type=float, default=None, help="rescale the trace to this mean rate (req/s)")
     sim.add_argument("--requests", type=int, default=100_000, help="number of requests (trace: at most this many)")
@@ -78,15 +87,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cmp_.add_argument("--timeouts", default="0.0005,0.001,0.002,0.005",
                       help="fixed Triton timeouts in seconds (default: %(default)s)")
     cmp_.add_argument("--method", choices=("pi", "rvi"), default="pi")
+    cmp_.add_argument("--arrivals", default="poisson",
+                      help="poisson | batch:MEAN_GROUP | mmpp:RATE1,RATE2:SWITCH12,SWITCH21 (its rates scaled to "
+                           "each load); not poisson: adds the Poisson-solved SMDP as a contender")
     cmp_.add_argument("--seed", type=int, default=0)
     cmp_.add_argument("--out", type=Path, default=Path("out/compare"), help="output folder (default: %(default)s)")
     cmp_.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
     _instances_arg(cmp_)
     cmp_.set_defaults(func=_cmd_compare)
 
+    fit = subparsers.add_parser(
+        "fit-arrivals",
+        help="fit an arrival model (poisson, batch:G, mmpp) to a trace and say how well it fits",
+        description="Fit compound Poisson (groups: arrivals within --group-window of the previous one) and a "
+                    "two-phase MMPP (Baum-Welch on binned counts) to a trace's arrival times; pick the model "
+                    "whose index of dispersion over several windows is closest to the trace's; print the "
+                    "parameters with 95%% CIs, interarrival CVs and the dispersion table (model vs trace).",
+    )
+    fit.add_argument("trace", type=Path, help="CSV with a timestamp column")
+    fit.add_argument("--column", default="TIMESTAMP", help="timestamp column (default: %(default)s)")
+    fit.add_argument("--group-window", type=float, default=None,
+                     help="seconds: an arrival this close to the previous joins its group (default: 1%% of the "
+                          "mean interarrival time)")
+    fit.add_argument("--bin", type=float, default=None,
+                     help="seconds per bin of the MMPP fit (default: 2 mean gaps, halved while switching is fast)")
+    fit.add_argument("--json", action="store_true", help="print the fit as one JSON object")
+    fit.set_defaults(func=_cmd_fit_arrivals)
+
     from solver.service_cli import add_solver_serve_command
 
     add_solver_serve_command(subparsers)
+
+
+ARRIVALS_HELP = ("arrival model: poisson (default) | batch:MEAN_GROUP (compound Poisson, geometric groups of that "
+                 "mean at one instant) | mmpp:RATE1,RATE2:SWITCH12,SWITCH21 (two-phase MMPP; its mean rate is "
+                 "the model's rate, so --rate may be left out)")
 
 
 def _slo_args(p: argparse.ArgumentParser) -> None:
@@ -146,7 +181,7 @@ def _model_args(p: argparse.ArgumentParser, rate_required: bool) -> None:
                    help="CSV batch_size,service_s of measured service times (one row per batch run): they "
                         "replace the profile's times as an empirical law; busy power stays the profile's")
     p.add_argument("--rate", type=float, required=rate_required, help="arrival rate lambda, requests per second")
-    p.add_argument("--weight", type=float, default=0.0, help="w, seconds per watt (default: %(default)s)")
+    p.add_argument("--weight", type=float, default=DEFAULT_WEIGHT, help="w, seconds per watt (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="B (default: %(default)s)")
     p.add_argument("--idle-power", type=float, default=DEFAULT_IDLE_POWER_W,
                    help="idle power P0 in watts (default: %(default)s, an assumption)")
@@ -173,14 +208,28 @@ def _errors_exit_2(func: Callable[[argparse.Namespace], int]) -> Callable[[argpa
     return wrapper
 
 
-def _model(args: argparse.Namespace):
+def _model(args: argparse.Namespace, arrivals_spec: str = "poisson"):
+    from solver.arrival_model import MMPP2, parse_arrivals
     from solver.model import BatchingModel, ModelError, ServiceProfile
 
     if args.max_batch < 1:
         raise ModelError(f"--max-batch must be >= 1, got {args.max_batch}")
+    arrivals = parse_arrivals(arrivals_spec)
+    rate = args.rate
+    if isinstance(arrivals, MMPP2):
+        if rate is not None and abs(rate - arrivals.mean_rate) > 1e-9 * arrivals.mean_rate:
+            raise ModelError(f"--rate {rate:g} differs from the mean rate of {arrivals.spec}, "
+                             f"{arrivals.mean_rate:.9g}/s: leave --rate out or give that")
+        rate = arrivals.mean_rate
+    elif rate is None:
+        raise ModelError("--rate is required (except with --arrivals mmpp:..., which fixes the rate)")
+    if arrivals.spec != "poisson" and args.instances > 1:
+        raise ModelError(f"--arrivals {arrivals.spec} with --instances > 1 is not supported: the k-instance "
+                         "solver assumes Poisson arrivals")
     profile = ServiceProfile.from_csv(args.profile, max_batch=args.max_batch, samples=args.samples)
-    return BatchingModel(rate=args.rate, max_batch=args.max_batch, profile=profile,
-                         idle_power_w=args.idle_power, weight=args.weight, instances=args.instances)
+    return BatchingModel(rate=rate, max_batch=args.max_batch, profile=profile,
+                         idle_power_w=args.idle_power, weight=args.weight, instances=args.instances,
+                         arrivals=arrivals)
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -243,7 +292,9 @@ def _ranges(actions: list[int], max_batch: int) -> list[str]:
 
 @_errors_exit_2
 def _cmd_solve(args: argparse.Namespace) -> int:
-    model = _model(args)
+    from solver.arrival_model import MMPP2
+
+    model = _model(args, args.arrivals)
     target = _slo_target(args)
     if target is not None:
         if model.instances > 1:
@@ -253,6 +304,8 @@ def _cmd_solve(args: argparse.Namespace) -> int:
         return _cmd_solve_slo(args, model, target)
     if model.instances > 1:
         return _solve_instances(args, model)
+    if isinstance(model.arrivals, MMPP2):
+        return _solve_mmpp(args, model)
     from solver.smdp import solve
 
     result = solve(model, method=args.method, truncation=args.truncation)
@@ -282,13 +335,14 @@ def _cmd_solve(args: argparse.Namespace) -> int:
         "service_law": model.profile.law,
         "interpolated_batch_sizes": list(model.profile.interpolated),
         "instances": 1,
+        "arrivals": model.arrivals.to_dict(),
     }
     if args.json:
         print(_dump(out))
         return 0
     k = out["threshold"]
     print(f"SMDP policy for lambda = {model.rate:g} req/s (load {model.load:.3f} of capacity {model.capacity:.1f} req/s), "
-          f"w = {model.weight:g} s/W, B = {model.max_batch}, P0 = {model.idle_power_w:g} W")
+          f"w = {model.weight:g} s/W, B = {model.max_batch}, P0 = {model.idle_power_w:g} W, arrivals {model.arrivals.spec}")
     print(f"  solved by {result.method} in {result.solve_time_s * 1e3:.1f} ms, {result.iterations} iterations, "
           f"{'converged' if result.converged else 'NOT CONVERGED'}, truncation N = {result.truncation}")
     if k is not None:
@@ -334,6 +388,104 @@ def _solve_instances(args: argparse.Namespace, model) -> int:
     return 0
 
 
+def _solve_mmpp(args: argparse.Namespace, model) -> int:
+    from solver.model import ModelError
+    from solver.mmpp import solve_mmpp
+
+    if args.method != "pi":
+        raise ModelError("an mmpp model is solved by policy iteration only (--method pi)")
+    res = solve_mmpp(model, truncation=args.truncation)
+    tables = [[int(a) for a in t.actions] for t in res.policy.tables]
+    ev = res.evaluation
+    out = {
+        "policy": tables[0],
+        "phase_policies": tables,
+        "phase_thresholds": [t.threshold() for t in res.policy.tables],
+        "phase_observed": "forward filter on arrival times (solver.phase_filter); exact figures assume the true phase",
+        "threshold": None,
+        "gain": res.gain,
+        "cost": res.gain,
+        "mean_latency_s": ev.mean_latency_s,
+        "mean_power_w": ev.mean_power_w,
+        "throughput_rps": ev.throughput_rps,
+        "mean_batch": ev.mean_batch,
+        "iterations": res.iterations,
+        "converged": res.converged,
+        "solve_time_s": res.solve_time_s,
+        "truncation": res.truncation,
+        "method": "pi",
+        "rate": model.rate,
+        "weight": model.weight,
+        "max_batch": model.max_batch,
+        "idle_power_w": model.idle_power_w,
+        "capacity_rps": model.capacity,
+        "load": model.load,
+        "profile": str(args.profile),
+        "samples": None if args.samples is None else str(args.samples),
+        "service_law": model.profile.law,
+        "interpolated_batch_sizes": list(model.profile.interpolated),
+        "arrivals": model.arrivals.to_dict(),
+    }
+    if args.json:
+        print(_dump(out))
+        return 0
+    print(f"SMDP policy per phase for {model.arrivals.spec} (mean {model.rate:g} req/s, load {model.load:.3f}), "
+          f"w = {model.weight:g} s/W, B = {model.max_batch}, P0 = {model.idle_power_w:g} W")
+    print(f"  solved by pi in {res.solve_time_s * 1e3:.1f} ms, {res.iterations} iterations, "
+          f"{'converged' if res.converged else 'NOT CONVERGED'}, truncation N = {res.truncation} per phase")
+    for i, (tb, acts) in enumerate(zip(res.policy.tables, tables), start=1):
+        k = tb.threshold()
+        head = f"wait while n < {k}, then serve min(n, B)" if k is not None else "not of control-limit type:"
+        print(f"  phase {i} (rate {model.arrivals.rates[i - 1]:g} req/s): {head}")
+        if k is None:
+            for line in _ranges(acts, model.max_batch):
+                print(f"    {line}")
+    print(f"  predicted (phase observed) W = {ev.mean_latency_s * 1e3:.3f} ms, P = {ev.mean_power_w:.2f} W, "
+          f"J = {res.gain * 1e3:.4f} ms, mean batch {ev.mean_batch:.2f}")
+    return 0
+
+
+@_errors_exit_2
+def _cmd_fit_arrivals(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from solver.arrival_model import CompoundPoisson
+    from solver.arrivals import read_trace_timestamps
+    from solver.fit import fit_arrivals
+
+    stamps = read_trace_timestamps(args.trace, column=args.column)
+    times = (stamps - stamps[0]).astype("timedelta64[ns]").astype(np.int64) / 1e9
+    fit = fit_arrivals(times, group_window_s=args.group_window, bin_s=args.bin)
+    out = fit.to_dict()
+    chosen = fit.chosen
+    cli = f"batch:{chosen.group_mean:.6g}" if isinstance(chosen, CompoundPoisson) else chosen.spec
+    out["arrivals_option"] = cli
+    out["trace"] = str(args.trace)
+    if args.json:
+        print(_dump(out))
+        return 0
+    c = fit.compound
+    print(f"{args.trace}: {fit.requests:,} requests over {fit.span_s:.1f} s, mean rate {fit.rate:.4g} req/s")
+    print(f"  fitted model: {chosen.spec}  (use --arrivals {cli})")
+    print(f"  groups (window {fit.group_window_s:.3g} s): {c.groups:,}, mean size G = {c.model.group_mean:.4g} "
+          f"+- {c.mean_group_ci95:.2g}, index of dispersion E[X^2]/E[X] = "
+          f"{c.model.group_second_moment / c.model.group_mean:.4g}")
+    if fit.mmpp is not None:
+        m = fit.mmpp
+        (l1, l2), (r12, r21) = m.model.rates, m.model.switching
+        print(f"  mmpp: rates {l1:.4g} +- {m.rates_ci95[0]:.2g}, {l2:.4g} +- {m.rates_ci95[1]:.2g} req/s; switching "
+              f"1->2 {r12:.4g} +- {m.switching_ci95[0]:.2g}, 2->1 {r21:.4g} +- {m.switching_ci95[1]:.2g} /s "
+              f"(bins {m.bin_s:.3g} s, {m.iterations} EM iterations)")
+    names = list(fit.dispersion)
+    print("  index of dispersion Var N(t)/E N(t)   " + "  ".join(f"{n:>8}" for n in names))
+    for i, w in enumerate(fit.windows_s):
+        print(f"    t = {w:10.4g} s                  " + "  ".join(f"{fit.dispersion[n][i]:8.3g}" for n in names))
+    print("  interarrival CV                      " + "  ".join(f"{fit.interarrival_cv.get(n, math.nan):8.3g}" for n in names))
+    print("  misfit (mean squared log ratio)      " + "  ".join(
+        f"{fit.misfit[n]:8.3g}" if n in fit.misfit else f"{'':8}" for n in names))
+    return 0
+
+
 def _compress_ints(xs: list[int]) -> str:
     parts, i = [], 0
     while i < len(xs):
@@ -350,36 +502,61 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from solver import arrivals
+    from solver.arrival_model import MMPP2, parse_arrivals
     from solver.model import ModelError
     from solver.policy import InstanceTable, PerInstance, PolicyTable, parse_rule_spec, rule_from_spec
     from solver.simulate import simulate
 
-    model = _model(args)
     if args.requests < 1:
         raise ModelError(f"--requests must be >= 1, got {args.requests}")
+    source = args.arrivals.strip()
+    is_trace = source.startswith("trace:")
+    try:
+        stream = None if is_trace else parse_arrivals(source)
+    except ModelError as exc:
+        raise ModelError(f"unknown arrivals {source!r}: expected poisson, batch:MEAN_GROUP, "
+                         f"mmpp:RATE1,RATE2:SWITCH12,SWITCH21 or trace:FILE ({exc})") from None
+    if isinstance(stream, MMPP2) and args.rate is None:
+        args.rate = stream.mean_rate
+    if args.rate is None:
+        raise ModelError("--rate is required (except with --arrivals mmpp:..., which fixes the rate)")
+    if isinstance(stream, MMPP2) and abs(args.rate - stream.mean_rate) > 1e-9 * stream.mean_rate:
+        raise ModelError(f"--rate {args.rate:g} differs from the mean rate of {stream.spec}, {stream.mean_rate:.9g}/s")
+    _model(args)  # validates the rate, profile and the rest before any arrivals are drawn
+    if not is_trace:
+        if args.time_scale is not None or args.trace_rate is not None:
+            raise ModelError("--time-scale and --trace-rate apply to trace arrivals only")
+        arr = arrivals.from_model(stream, args.rate, args.requests, rng=np.random.default_rng([args.seed, 1]))
+    else:
+        path = source[len("trace:"):]
+        if args.time_scale is not None:
+            arr = arrivals.trace(path, time_scale=args.time_scale, target_rate=args.trace_rate, limit=args.requests)
+        else:
+            arr = arrivals.trace(path, target_rate=args.trace_rate or args.rate, limit=args.requests)
+    model_spec = args.model_arrivals or ("poisson" if is_trace else source)
+    if model_spec.strip() == "fit":
+        from solver.fit import fit_arrivals
+
+        fitted = fit_arrivals(arr).chosen
+        if isinstance(fitted, MMPP2):
+            args.rate = fitted.mean_rate
+        model = _model(args)
+        model = model.with_(arrivals=fitted)
+    else:
+        if isinstance(parse_arrivals(model_spec), MMPP2):
+            args.rate = None
+        model = _model(args, model_spec)
     kind, _ = parse_rule_spec(args.policy)
     if kind != "smdp":
         rule = rule_from_spec(args.policy, model.max_batch)
         if model.instances > 1:
             rule = PerInstance(rule, model.instances)
-    source = args.arrivals.strip()
-    if source == "poisson":
-        if args.time_scale is not None or args.trace_rate is not None:
-            raise ModelError("--time-scale and --trace-rate apply to trace arrivals only")
-        arr = arrivals.poisson(model.rate, n=args.requests, rng=np.random.default_rng([args.seed, 1]))
-    elif source.startswith("trace:"):
-        path = source[len("trace:"):]
-        if args.time_scale is not None:
-            arr = arrivals.trace(path, time_scale=args.time_scale, target_rate=args.trace_rate, limit=args.requests)
-        else:
-            arr = arrivals.trace(path, target_rate=args.trace_rate or model.rate, limit=args.requests)
-    else:
-        raise ModelError(f"unknown arrivals {source!r}: expected poisson or trace:FILE")
 
     offered = (arr.size - 1) / arr[-1] if arr.size > 1 and arr[-1] > 0 else math.nan
-    basis = f"Poisson arrivals at --rate {model.rate:g} req/s"
+    basis = (f"Poisson arrivals at --rate {model.rate:g} req/s" if model.arrivals.spec == "poisson"
+             else f"{model.arrivals.spec} arrivals at mean rate {model.rate:g} req/s")
     warnings: list[str] = []
-    if source != "poisson" and math.isfinite(offered):
+    if is_trace and math.isfinite(offered):
         if abs(offered - model.rate) > 0.1 * model.rate:
             warnings.append(f"the trace offers {offered:.6g} req/s, {100 * (offered / model.rate - 1):+.0f}% from "
                             f"--rate {model.rate:g}: the predicted figures are for {basis}, not for this trace")
@@ -387,6 +564,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             warnings.append(f"the trace offers {offered:.6g} req/s, at or above capacity {model.capacity:.6g} req/s: "
                             f"the queue grows over the run and the simulated figures depend on its length")
     predicted: dict[str, Any] | None = None
+    phased = None
     if kind == "smdp" and model.instances > 1:
         from solver.instances import solve_instances
 
@@ -395,6 +573,15 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         basis = f"the k-instance solver's own simulation of Poisson arrivals at --rate {model.rate:g} req/s"
         predicted = {"mean_latency_s": ksol.mean_latency_s, "mean_power_w": ksol.mean_power_w, "cost": ksol.gain,
                      "mean_batch": ksol.mean_batch, "thresholds": list(ksol.policy.thresholds() or ())}
+    elif kind == "smdp" and isinstance(model.arrivals, MMPP2):
+        from solver.mmpp import solve_mmpp
+
+        sol_m = solve_mmpp(model)
+        phased = sol_m.policy
+        rule = phased.tables[0]
+        predicted = {"mean_latency_s": sol_m.mean_latency_s, "mean_power_w": sol_m.mean_power_w, "cost": sol_m.gain,
+                     "mean_batch": sol_m.evaluation.mean_batch, "phase": "observed (the simulation uses the "
+                     "forward filter on arrival times)"}
     elif kind == "smdp":
         from solver.smdp import solve
 
@@ -406,17 +593,31 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         from solver.evaluate import evaluate
 
         try:
-            ev = evaluate(model, rule)
+            if isinstance(model.arrivals, MMPP2):
+                from solver.mmpp import evaluate_mmpp
+
+                ev = evaluate_mmpp(model, rule)
+            else:
+                ev = evaluate(model, rule)
             predicted = {"mean_latency_s": ev.mean_latency_s, "mean_power_w": ev.mean_power_w,
                          "cost": ev.cost, "mean_batch": ev.mean_batch}
         except ValueError as exc:  # UnstablePolicyError: e.g. a static batch too small for the rate
             predicted = {"error": str(exc)}
 
-    res = simulate(model.profile, rule, arr, idle_power_w=model.idle_power_w, weight=model.weight,
-                   seed=args.seed, warmup=args.warmup)
+    if phased is not None:
+        from solver.phase_filter import PhaseFilter
+        from solver.simulate import simulate_phased
+
+        res = simulate_phased(model.profile, phased, PhaseFilter(model.arrivals, arr), arr,
+                              idle_power_w=model.idle_power_w, weight=model.weight, seed=args.seed, warmup=args.warmup)
+    else:
+        res = simulate(model.profile, rule, arr, idle_power_w=model.idle_power_w, weight=model.weight,
+                       seed=args.seed, warmup=args.warmup)
+
     out = {
         "policy": args.policy,
         "arrivals": source,
+        "model_arrivals": model.arrivals.to_dict(),
         "rate": model.rate,
         "offered_rate_rps": offered,
         "weight": model.weight,
@@ -432,7 +633,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         predicted["basis"] = basis
     for w in warnings:
         print(f"smdp simulate: warning: {w}", file=sys.stderr)
-    if isinstance(rule, PolicyTable):
+    if phased is not None:
+        out["phase_policies"] = [[int(a) for a in t.actions] for t in phased.tables]
+    elif isinstance(rule, PolicyTable):
         out["policy_table"] = [int(a) for a in rule.actions]
     if isinstance(rule, InstanceTable):
         out["policy_table"] = rule.to_lists()
@@ -461,6 +664,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 @_errors_exit_2
 def _cmd_compare(args: argparse.Namespace) -> int:
     from solver.compare import TIMEOUT_GRID_S, compare
+    from solver.arrival_model import parse_arrivals
     from solver.model import ServiceProfile
 
     profile = ServiceProfile.from_csv(args.profile, max_batch=args.max_batch)
@@ -469,7 +673,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         profile, args.max_batch, args.idle_power, _floats(args.loads, "--loads"), _floats(args.weights, "--weights"),
         requests=args.requests, seed=args.seed, timeouts_s=timeouts,
         timeout_grid_s=tuple(sorted(set(TIMEOUT_GRID_S) | set(timeouts))), method=args.method,
-        progress=lambda msg: print(msg, file=sys.stderr), instances=args.instances,
+        progress=lambda msg: print(msg, file=sys.stderr),
+        arrival_model=parse_arrivals(args.arrivals), instances=args.instances,
     )
     paths = result.write(args.out)
     if args.json:

@@ -32,7 +32,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from solver import arrivals
+from solver import arrivals, quantities
+from solver.arrival_model import MMPP2, POISSON, ArrivalModel
 from solver.model import BatchingModel, ModelError, ServiceProfile
 from solver.policy import BatchRule, PerInstance, PolicyTable, TimeoutRule, greedy, static
 from solver.simulate import SimResult, simulate
@@ -96,6 +97,8 @@ class CompareResult:
     """Batch sizes whose figures were interpolated rather than given by the profile."""
     instances: int = 1
     """k: model instances fed by one queue (module doc)."""
+    arrivals: str = "poisson"
+    """The arrival model of the streams and of the SMDP (``--arrivals``; an MMPP's rates scaled to each load)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -110,6 +113,7 @@ class CompareResult:
         lines = [
             f"profile {self.profile}, B = {self.max_batch}, idle power {self.idle_power_w:g} W (assumed), "
             + (f"{self.instances} instances, " if self.instances > 1 else "")
+            + (f"{self.arrivals} arrivals, " if self.arrivals != "poisson" else "")
             + f"capacity {self.capacity_rps:.0f} req/s, {self.requests:,} simulated requests per point",
             "J = W + w P; gain = 1 - J_smdp / J_contender (positive: the SMDP policy is better)",
         ]
@@ -238,6 +242,36 @@ class _Sims:
                                        weight=0.0, seed=self.seed, warmup=self.warmup)
         return self.cache[key]
 
+    def run_phased(self, key: Any, policy, process: MMPP2) -> SimResult:
+        """A per-phase policy whose gate estimates the phase with the forward filter on these arrivals."""
+        from solver.phase_filter import PhaseFilter
+        from solver.simulate import simulate_phased
+
+        if key not in self.cache:
+            self.cache[key] = simulate_phased(self.profile, policy, PhaseFilter(process, self.arrivals), self.arrivals,
+                                              idle_power_w=self.idle_power_w, weight=0.0, seed=self.seed,
+                                              warmup=self.warmup)
+        return self.cache[key]
+
+
+def _at_rate(process: ArrivalModel, rate: float) -> ArrivalModel:
+    """The arrival model at mean rate ``rate``: an MMPP's phase rates scaled, its switching kept."""
+    if isinstance(process, MMPP2):
+        f = rate / process.mean_rate
+        return MMPP2((process.rates[0] * f, process.rates[1] * f), process.switching)
+    return process
+
+
+def _predict(model: BatchingModel, table: PolicyTable):
+    """Exact W, P of a queue-length table under the model's arrivals (phase-blind under an MMPP)."""
+    from solver.evaluate import evaluate
+
+    if isinstance(model.arrivals, MMPP2):
+        from solver.mmpp import evaluate_mmpp
+
+        return evaluate_mmpp(model, table)
+    return evaluate(model, table)
+
 
 def _cost(sim: SimResult, w: float) -> tuple[float, float]:
     return sim.mean_latency_s + w * sim.mean_power_w, sim.latency_ci95_s + w * sim.power_ci95_w
@@ -256,6 +290,7 @@ def compare(
     method: str = "pi",
     progress: Callable[[str], None] | None = None,
     instances: int = 1,
+    arrival_model: ArrivalModel = POISSON,
 ) -> CompareResult:
     """Run the sweep. Loads are fractions of the capacity k B / tau(B), strictly between 0 and 1."""
     t_start = time.perf_counter()
@@ -263,6 +298,9 @@ def compare(
     base = BatchingModel(rate=0.5 * max_batch / float(prof.mean_s[max_batch - 1]), max_batch=max_batch,
                          profile=prof, idle_power_w=idle_power_w, weight=0.0, instances=instances)
     k_inst = base.instances
+    if k_inst > 1 and arrival_model != POISSON:
+        raise ModelError(f"compare with {arrival_model.spec} arrivals runs one instance; the k-instance solver "
+                         "assumes Poisson arrivals")
 
     def each(rule: BatchRule) -> BatchRule | PerInstance:
         return rule if k_inst == 1 else PerInstance(rule, k_inst)
@@ -274,8 +312,7 @@ def compare(
         if not (0 < x < 1):
             raise ModelError(f"load must be strictly between 0 and 1 (a fraction of capacity), got {x!r}")
     for w in weights:
-        if not math.isfinite(w) or w < 0:
-            raise ModelError(f"weight must be finite and >= 0 s/W, got {w!r}")
+        quantities.weight(w)
     if isinstance(requests, bool) or int(requests) != requests or requests < 1000:
         raise ModelError(f"requests must be an integer >= 1000, got {requests!r}")
     for t in (*timeouts_s, *timeout_grid_s):
@@ -289,28 +326,30 @@ def compare(
     points: list[ComparePoint] = []
     for li, load in enumerate(loads):
         rate = load * base.capacity
-        model0 = base.with_(rate=rate)
-        arr = arrivals.poisson(rate, n=int(requests), rng=np.random.default_rng([seed, li, 0]))
+        proc = _at_rate(arrival_model, rate)
+        model0 = base.with_(rate=rate, arrivals=proc)
+        arr = arrivals.from_model(proc, rate, int(requests), rng=np.random.default_rng([seed, li, 0]))
         warmup = float(arr[min(arr.size // 50, arr.size - 1)])  # drop the first 2%: the empty start
         sims = _Sims(prof, arr, idle_power_w, seed, warmup)
-        tune_arr = arrivals.poisson(rate, n=max(int(requests) // 2, 1000), rng=np.random.default_rng([seed, li, 1]))
+        tune_arr = arrivals.from_model(proc, rate, max(int(requests) // 2, 1000), rng=np.random.default_rng([seed, li, 1]))
         tune = _Sims(prof, tune_arr, idle_power_w, seed + 1, float(tune_arr[tune_arr.size // 50]))
 
         # Weight-independent work: greedy, fixed timeouts, the timeout grid, static b0 evaluations.
         g_pol = greedy(max_batch)
         g_pred = (math.nan, math.nan)
         if k_inst == 1:
-            g_eval = evaluate(model0, g_pol)
+            g_eval = _predict(model0, g_pol)
             g_pred = (g_eval.mean_latency_s, g_eval.mean_power_w)
         g_sim = sims.run("greedy", each(g_pol))
         for t in timeouts_s:
             sims.run(("timeout", t), each(TimeoutRule(max_batch, t)))
         grid = {t: tune.run(("timeout", t), each(TimeoutRule(max_batch, t))) for t in timeout_grid_s}
         statics = {}
-        for b0 in range(1, max_batch + 1 if k_inst == 1 else 1):
+        # under an MMPP the exact evaluation of every b0 costs minutes at B = 64: static b0 is left out there
+        for b0 in range(1, max_batch + 1 if k_inst == 1 and not isinstance(proc, MMPP2) else 1):
             if rate * prof.mean_s[b0 - 1] < 0.98 * b0:  # static b0 is stable only below b0 / tau(b0)
                 try:
-                    statics[b0] = evaluate(model0, static(max_batch, b0))
+                    statics[b0] = _predict(model0, static(max_batch, b0))
                 except ValueError:  # UnstablePolicyError: b0 / tau(b0) cannot keep up
                     continue
         say(f"load {load:.2f}: baselines done ({time.perf_counter() - t_start:.1f} s)")
@@ -318,7 +357,16 @@ def compare(
         warm = None
         for w in weights:
             model = model0.with_(weight=w)
-            if k_inst == 1:
+            phased = None
+            if isinstance(proc, MMPP2):
+                from solver.mmpp import solve_mmpp
+
+                sol = solve_mmpp(model)
+                phased = sol.policy
+                s_rule = phased.tables[0]
+                th2 = [t.threshold() for t in phased.tables]
+                s_detail = "K=" + "/".join("-" if x is None else str(x) for x in th2)
+            elif k_inst == 1:
                 sol = solve(model, method=method, warm_start=warm)
                 warm = sol.policy
                 s_rule = sol.policy
@@ -329,7 +377,10 @@ def compare(
                 s_rule = sol.policy
                 th = sol.policy.thresholds()
                 s_detail = "T=" + "/".join(str(x) for x in th) if th is not None else "table"
-            s_sim = sims.run(("table", s_rule.actions.tobytes(), s_rule.actions.shape), s_rule)
+            if phased is not None:
+                s_sim = sims.run_phased(("phased", w), phased, proc)
+            else:
+                s_sim = sims.run(("table", s_rule.actions.tobytes(), s_rule.actions.shape), s_rule)
             s_cost, s_ci = _cost(s_sim, w)
             s_pred = sol.mean_latency_s + w * sol.mean_power_w
 
@@ -345,6 +396,13 @@ def compare(
                 )
 
             rows = [row("smdp", "smdp", s_detail, sol.mean_latency_s, sol.mean_power_w, s_sim)]
+            if proc != POISSON:
+                # the policy solved as if the stream were Poisson at the same mean rate, judged on this stream
+                blind = solve(model.with_(arrivals=POISSON), method=method).policy
+                kb = blind.threshold()
+                b_ev = _predict(model, blind)
+                rows.append(row("smdp poisson", "smdp", f"K={kb}" if kb is not None else "table", b_ev.mean_latency_s,
+                                b_ev.mean_power_w, sims.run(("table", blind.actions.tobytes()), blind)))
             if k_inst > 1:
                 slot = per_slot_policy(model, method=method)
                 t_slot = slot.rule.threshold() if isinstance(slot.rule, PolicyTable) else None
@@ -370,5 +428,5 @@ def compare(
         profile=prof.source or "profile", max_batch=max_batch, idle_power_w=float(idle_power_w),
         requests=int(requests), seed=int(seed), capacity_rps=base.capacity, points=tuple(points),
         elapsed_s=time.perf_counter() - t_start, interpolated=tuple(int(b) for b in prof.interpolated),
-        instances=k_inst,
+        instances=k_inst, arrivals=arrival_model.spec,
     )

@@ -163,7 +163,7 @@ def evaluate(
 
     ``truncation`` fixes N (it must cover the table); by default N grows until the cost settles.
     Raises UnstablePolicyError for tables that cannot keep up with the load.
-    linear_solver: "dense" (default) or "sparse" LU (``solver.pi.evaluate_policy``); same figures.
+    linear_solver: "banded" (default), "dense" or "sparse" LU (``solver.pi.evaluate_policy``); same figures.
     """
     if tail not in TAILS:
         raise ModelError(f"tail must be one of {TAILS}, got {tail!r}")

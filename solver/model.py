@@ -16,6 +16,7 @@ import numpy as np
 from scipy import special, stats
 
 from solver.arrival_model import MMPP2, POISSON, ArrivalModel, CompoundPoisson, Poisson
+from solver import quantities
 from solver.errors import ModelError
 
 ServiceLaw = Literal["deterministic", "gamma", "empirical"]
@@ -428,7 +429,7 @@ class BatchingModel:
     """Service time and energy per batch size; truncated to B at construction."""
     idle_power_w: float
     """P0: accelerator power while idle, watts."""
-    weight: float = 0.0
+    weight: float = quantities.DEFAULT_WEIGHT
     """w: latency/power trade-off, seconds per watt (>= 0)."""
     arrivals: ArrivalModel = POISSON
     """How requests clump (``solver.arrival_model``): Poisson (default), compound Poisson or a
@@ -448,14 +449,8 @@ class BatchingModel:
         object.__setattr__(self, "max_batch", int(self.max_batch))
         rate = _finite_positive("arrival rate", self.rate)
         object.__setattr__(self, "rate", rate)
-        w = float(self.weight)
-        if not math.isfinite(w) or w < 0:
-            raise ModelError(f"weight w must be finite and >= 0 (seconds per watt), got {self.weight!r}")
-        object.__setattr__(self, "weight", w)
-        p0 = float(self.idle_power_w)
-        if not math.isfinite(p0) or p0 < 0:
-            raise ModelError(f"idle power must be finite and >= 0 watts, got {self.idle_power_w!r}")
-        object.__setattr__(self, "idle_power_w", p0)
+        object.__setattr__(self, "weight", quantities.weight(self.weight))
+        object.__setattr__(self, "idle_power_w", quantities.idle_power(self.idle_power_w))
         if not isinstance(self.arrivals, (Poisson, CompoundPoisson, MMPP2)):
             raise ModelError(f"arrivals must be Poisson, CompoundPoisson or MMPP2, got {type(self.arrivals).__name__}")
         if isinstance(self.arrivals, MMPP2) and abs(self.arrivals.mean_rate - rate) > 1e-9 * rate:

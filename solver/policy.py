@@ -347,9 +347,15 @@ class GateRule:
     the same decision in native/gate_core.h (``Policy::Decide``, ``ParsePolicy``). The shared decision
     vectors (tests/vectors/) hold both to the same answers and the same text.
 
-    Text form: space-separated ``key=value`` fields, ``max_batch=B beyond=b table=a0,a1,...`` and, when
-    guarded, ``max_wait_us=U guard_reason=timeout|max_wait`` (the wait in whole microseconds, the
-    only rounding in the round trip). A new part of the rule is a new key on both sides.
+    k instances (``InstanceTable``): ``table`` is the row for m = 0 busy instances and ``busy_tables``
+    the rows for m = 1, 2, ...; the gate passes m = its in-flight batches. A gate with more slots than
+    rows uses the last row for every larger m; without ``busy_tables`` the rule ignores m (one server,
+    or a one-server rule applied to each slot).
+
+    Text form: space-separated ``key=value`` fields, ``max_batch=B beyond=b table=a0,a1,...``, with
+    busy rows ``busy_tables=row1;row2;...`` (each row ``a0,a1,...``, rows for m = 1, 2, ... separated
+    by ``;``) and, when guarded, ``max_wait_us=U guard_reason=timeout|max_wait`` (the wait in whole
+    microseconds, the only rounding in the round trip). A new part of the rule is a new key on both sides.
     """
 
     max_batch: int
@@ -359,6 +365,8 @@ class GateRule:
     """The guard's maximum wait, seconds; None: no guard."""
     guard_reason: GuardReason = "max_wait"
     """What a served batch is reported as when the guard fired: Triton's "timeout" or the "max_wait" guard."""
+    busy_tables: tuple[tuple[int, ...], ...] = ()
+    """a(n, m) for m = 1, 2, ... busy instances (``table`` is m = 0); empty: the rule ignores m."""
 
     def __post_init__(self) -> None:
         b = self.max_batch
@@ -373,6 +381,17 @@ class GateRule:
             if a < 0 or a > min(n, b):
                 raise ValueError(f"policy action a({n}) = {a} is outside 0..min({n}, B={b})")
         object.__setattr__(self, "table", table)
+        rows = []
+        for m, row in enumerate(self.busy_tables, start=1):
+            row = tuple(int(a) for a in row)
+            if not row:
+                raise ValueError(f"busy_tables row for m = {m} is empty")
+            for n, a in enumerate(row):
+                if a < 0 or a > min(n, b):
+                    raise ValueError(f"busy_tables row for m = {m}: policy action a({n}) = {a} is outside "
+                                     f"0..min({n}, B={b})")
+            rows.append(row)
+        object.__setattr__(self, "busy_tables", tuple(rows))
         if self.max_wait_s is not None and (not math.isfinite(self.max_wait_s) or self.max_wait_s < 0):
             raise ValueError(f"max_wait must be finite and >= 0 seconds, got {self.max_wait_s!r}")
         if self.guard_reason not in _GUARD_REASONS:
@@ -385,6 +404,11 @@ class GateRule:
             return rule
         if isinstance(rule, PolicyTable):
             return cls(rule.max_batch, tuple(int(a) for a in rule.actions), rule.beyond_batch)
+        if isinstance(rule, InstanceTable):
+            rows = [tuple(int(a) for a in r) for r in rule.actions]
+            return cls(rule.max_batch, rows[0], rule.max_batch, busy_tables=tuple(rows[1:]))
+        if isinstance(rule, PerInstance):
+            return cls.of(rule.rule)
         if isinstance(rule, TimeoutRule):
             b = rule.max_batch
             return cls(b, (0,) * b + (b,), b, rule.timeout_s, "timeout")
@@ -392,10 +416,16 @@ class GateRule:
             inner = cls.of(rule.rule)
             if inner.max_wait_s is not None and (inner.max_wait_s, inner.guard_reason) <= (rule.max_wait_s, "max_wait"):
                 return inner
-            return cls(inner.max_batch, inner.table, inner.beyond, rule.max_wait_s, "max_wait")
+            return cls(inner.max_batch, inner.table, inner.beyond, rule.max_wait_s, "max_wait", inner.busy_tables)
         raise ValueError(f"the gate cannot run a {type(rule).__name__} rule")
 
-    def decide(self, n: int, oldest_wait_s: float) -> Decision:
+    def row(self, busy: int) -> tuple[int, ...]:
+        """The table the rule uses with ``busy`` instances busy (the last row for any larger m)."""
+        if busy <= 0 or not self.busy_tables:
+            return self.table
+        return self.busy_tables[min(busy, len(self.busy_tables)) - 1]
+
+    def decide(self, n: int, oldest_wait_s: float, busy: int = 0) -> Decision:
         if n <= 0:
             return Decision(0)
         wait = self.max_wait_s
@@ -405,7 +435,7 @@ class GateRule:
             if self.guard_reason == "timeout" and a >= self.max_batch:
                 return Decision(a)
             return Decision(a, reason=self.guard_reason)
-        table = self.table
+        table = self.row(busy)
         a = table[n] if n < len(table) else min(n, self.beyond)
         if a == 0 and wait is not None:
             return Decision(0, wait - oldest_wait_s)
@@ -415,6 +445,8 @@ class GateRule:
     def to_line(self) -> str:
         """The rule's fields as the native gate's ``policy`` command carries them (canonical order)."""
         out = f"max_batch={self.max_batch} beyond={self.beyond} table=" + ",".join(map(str, self.table))
+        if self.busy_tables:
+            out += " busy_tables=" + ";".join(",".join(map(str, r)) for r in self.busy_tables)
         if self.max_wait_s is not None:
             out += f" max_wait_us={max(0, round(self.max_wait_s * 1e6))} guard_reason={self.guard_reason}"
         return out
@@ -446,11 +478,19 @@ class GateRule:
             table = tuple(int(a) for a in text.split(",")) if text else ()
         except ValueError:
             raise ValueError(f"table must be integers separated by commas, got {text!r}") from None
+        busy_text = f.pop("busy_tables", None)
+        busy: tuple[tuple[int, ...], ...] = ()
+        if busy_text is not None:
+            try:
+                busy = tuple(tuple(int(a) for a in r.split(",")) for r in busy_text.split(";"))
+            except ValueError:
+                raise ValueError(f"busy_tables must be rows of integers separated by commas, rows separated "
+                                 f"by ';', got {busy_text!r}") from None
         if f:
             raise ValueError(f"unknown key {next(iter(f))!r}")
         if reason not in _GUARD_REASONS:
             raise ValueError(f"guard_reason must be timeout or max_wait, got {reason!r}")
-        return cls(b, table, beyond, None if wait_us < 0 else wait_us * 1e-6, reason)
+        return cls(b, table, beyond, None if wait_us < 0 else wait_us * 1e-6, reason, busy)
 
     @classmethod
     def from_line(cls, line: str) -> "GateRule":

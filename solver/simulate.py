@@ -607,11 +607,12 @@ if __name__ == "__main__":  # a quick figure; bench/sim_bench.py has the full be
     import time
 
     from solver import arrivals
+    from solver.quantities import DEFAULT_IDLE_POWER_W
     from solver.policy import greedy
 
     prof = ServiceProfile.affine(64, 0.1438e-3, 1.8874e-3, 0.04419, 0.1550)
     arr = arrivals.poisson(2000.0, n=1_000_000, rng=1)
     t0 = time.perf_counter()
-    res = simulate(prof, greedy(64), arr, idle_power_w=40.0, weight=0.0, seed=1)
+    res = simulate(prof, greedy(64), arr, idle_power_w=DEFAULT_IDLE_POWER_W, weight=0.0, seed=1)
     print(f"greedy, 10^6 Poisson requests at 2000/s: {time.perf_counter() - t0:.2f} s, "
           f"W = {res.mean_latency_s * 1e3:.3f} ms, P = {res.mean_power_w:.1f} W")

@@ -65,6 +65,8 @@ _TAIL_SAMPLES = 400
 """Simulated requests beyond the q-quantile the search asks for (sets its run length)."""
 _GUARD_FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 """Guards tried, as fractions of D (the guard caps the oldest request's wait, so it lives below D)."""
+_GUARD_REFINE = 3
+"""Bisection steps between the largest feasible guard of the grid and the next one (D/80 at the end)."""
 _WEIGHT_STEPS = (1.0, 0.3, 0.1, 0.03, 0.01, 0.0)
 """Weights tried, as fractions of the model's weight: from its own (least J) towards 0 (least latency)."""
 
@@ -495,8 +497,9 @@ def solve_slo(model: BatchingModel, target: SloTarget, *, method: SearchMethod =
     Family: a(n) solved for w' in ``weights`` (default: the model's w times 1, 0.3, 0.1, ..., 0),
     each alone and with a max-wait guard g in ``guards`` (default: 0.05..0.9 of D). J is always the
     model's own J = W + w P. For each table the search tries it unguarded, then the largest guard that
-    meets D (bisection over the guards: a smaller guard only cuts waits, so it lowers the tail and,
-    for the tables at or below w, raises J). Tables further below w cost more J unguarded, so the
+    meets D (bisection over the guards, then three continuous bisection steps past the last feasible
+    one: a smaller guard only cuts waits, so it lowers the tail and, for the tables at or below w,
+    raises J). Tables further below w cost more J unguarded, so the
     descent stops at the first unguarded table that meets D. Figures are from the simulator on common
     random numbers (module doc); ``method="exact"`` judges unguarded tables by the exact chain.
     Infeasible: greedy, ``feasible = False``.
@@ -565,6 +568,16 @@ def solve_slo(model: BatchingModel, target: SloTarget, *, method: SearchMethod =
                 hi = mid - 1
         if best is None:  # not even the tightest guard helps this table; lower tables wait less
             continue
+        if lo < len(guard_list):  # refine between the last feasible guard and the next one up
+            g_ok, g_bad = best.max_wait_s, guard_list[lo]
+            for _ in range(_GUARD_REFINE):
+                g = 0.5 * (g_ok + g_bad)
+                cand = judge(wp, res.policy, g, None)
+                candidates.append(cand)
+                if cand.feasible:
+                    g_ok = g
+                else:
+                    g_bad = g
     feasible = [c for c in candidates if c.feasible]
     if feasible:
         chosen = min(feasible, key=lambda c: c.cost)

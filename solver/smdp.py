@@ -1,19 +1,29 @@
 """Solve the batching SMDP: pick the truncation, run PI or RVI, evaluate the policy found.
 
-Automatic truncation: start at ``initial_truncation`` (about B + E[K_B] + 3 sd), solve,
-grow N by half and solve again warm-started from the previous policy, until the gain moves by less
-than ``growth_rtol`` relative and the policy is unchanged on the common states. With the fluid tail
-and deterministic service the first size is usually settled (one confirming warm solve); with
-variable service (CV 1-2) the first size is within about 1e-7..1e-5 and the search takes two or
-three growth steps (measured on the V100 profile); the plain ``tail="none"`` needs N far above the
-queue's reach.
+Automatic truncation (the default): solve at a first size, grow N by ``growth`` (default 1.25) and
+solve again warm-started from the previous policy, until the gain moves by less than
+``growth_rtol`` relative and the policy is unchanged on the common states. The error of the fluid
+tail shrinks geometrically in N, so the step differences also estimate it: once three sizes are
+known, the contraction per step rho = d_k / d_k-1 predicts the distance of the last gain from the
+limit, d_k rho / (1 - rho), and that prediction must be within ``growth_rtol`` as well (it is what
+stops a slowly converging tail from passing on one small step).
 
-Default growth_rtol 1e-8 (PI): the gain error shrinks geometrically with N (each 1.5x step cut it
-by 25x or more in every measured case), and the gain returned is the one at the *larger* N, so a
-step that moves it by 1e-8 leaves it within about 4e-10 of the limit. Asking 1e-10 of the step
-itself bought nothing: at B = 64, CV 1, load 0.6 it grew N 220 -> 331 -> 497 -> 746 although
-the gain at 497 was already within 2e-12 and the policy never changed. 1e-8 is also well below
-what the inputs support (profiles are measured to about 1e-3) and than RVI's default tolerance.
+First size: about B + E[K_B] + 3 sd (``initial_truncation``), or, with a warm start from a
+neighbouring solve, the largest of the search's own sizes (N0, growth N0, ...) whose next size is
+within sqrt(growth) of the neighbour's N: a nearby rate or weight settles at about the same N, so the search then takes two
+sizes instead of climbing from the bottom, and being on the same sizes, it returns the N a cold
+solve would (unless the cold one would have stopped below the resumed start).
+
+Why 1.25 and not 1.5 (the search before this one, still available as ``growth=1.5,
+resume_warm_start=False``): N is returned one step past the first settled size, and the dense
+evaluation is cubic in N, so the overshoot of the step is paid cubed. At B = 128, CV 1, load 0.6
+the 1.5 steps went 437 -> 656 -> 985 -> 1478 although the gain is within 1e-8 of its limit from
+N = 674 (bench/solve_bench.py); 1.25 steps stop near 1000.
+
+Default growth_rtol 1e-8 (PI): the gain error shrinks geometrically with N (each 1.25x step cut it
+by 4x or more in every measured case, each 1.5x step by 25x or more), and the gain returned is the
+one at the larger N. 1e-8 is well below what the inputs support (profiles are measured to about
+1e-3) and than RVI's default tolerance.
 """
 
 from __future__ import annotations
@@ -34,6 +44,10 @@ from solver.tail import TAILS, TruncatedSMDP, build, initial_truncation
 METHODS = ("pi", "rvi")
 GROWTH_RTOL = 1e-8
 """Default relative gain change per growth step that ends the automatic truncation (module doc)."""
+GROWTH = 1.25
+"""Default factor between successive sizes of the automatic truncation (module doc)."""
+NOISE_FLOOR = 1e-3
+"""A gain change below NOISE_FLOOR * growth_rtol is rounding, too small to estimate a contraction from."""
 
 
 def _start_actions(model: BatchingModel, policy: PolicyTable, size: int) -> np.ndarray:
@@ -58,6 +72,26 @@ def _solve_at(
     return out.actions, out.gain, (out.lower, out.upper), out.iterations, out.converged, None
 
 
+def _grow(N: int, growth: float) -> int:
+    return int(N * growth) + 1
+
+
+def _gain_settled(gains: list[float], rtol: float) -> bool:
+    """The last step moved the gain by <= rtol relative and, where three sizes show the geometric
+    contraction rho of the steps, the predicted distance to the limit d rho / (1 - rho) is as small."""
+    scale = rtol * abs(gains[-1])
+    d = abs(gains[-1] - gains[-2])
+    if d > scale:
+        return False
+    if len(gains) < 3 or d <= NOISE_FLOOR * scale:
+        return True
+    d_prev = abs(gains[-2] - gains[-3])
+    if d_prev <= NOISE_FLOOR * scale:  # the previous step was already at rounding level
+        return True
+    rho = d / d_prev
+    return rho < 1 and d * rho / (1 - rho) <= scale
+
+
 def solve(
     model: BatchingModel,
     method: str = "pi",
@@ -69,6 +103,8 @@ def solve(
     max_iter: int = 100_000,
     growth_rtol: float | None = None,
     linear_solver: str | None = None,
+    growth: float = GROWTH,
+    resume_warm_start: bool = True,
 ) -> SolveResult:
     """Optimal stationary policy of ``model`` (minimal J = W + w P).
 
@@ -80,7 +116,11 @@ def solve(
     warm_start: a previous policy (for example at a nearby rate or weight) to start from.
     growth_rtol: gain change that counts as settled when N grows (default 1e-8 for PI, max(1e-8, 10 tol)
     for RVI; see the module docstring).
-    linear_solver: "dense" (default) or "sparse" LU for policy evaluation (``solver.pi``); same answer.
+    linear_solver: "banded" (default), "dense" or "sparse" LU for policy evaluation (``solver.pi``); same answer.
+    growth: factor between successive sizes of the automatic truncation (> 1; module docstring).
+    resume_warm_start: with automatic N and a warm start, begin the search one step below the warm
+    start's size instead of at ``initial_truncation`` (never below it). ``growth=1.5,
+    resume_warm_start=False`` is the search as it was before (kept for comparison).
     """
     started = time.perf_counter()
     if model.instances != 1:
@@ -96,6 +136,8 @@ def solve(
         raise ModelError(f"max_iter must be an integer >= 1, got {max_iter!r}")
     if linear_solver is not None and linear_solver not in LINEAR_SOLVERS:
         raise ModelError(f"linear_solver must be one of {LINEAR_SOLVERS}, got {linear_solver!r}")
+    if isinstance(growth, bool) or not isinstance(growth, (int, float)) or not (math.isfinite(growth) and growth > 1):
+        raise ModelError(f"growth must be a finite number > 1, got {growth!r}")
     if growth_rtol is None:
         growth_rtol = GROWTH_RTOL if method == "pi" else max(GROWTH_RTOL, 10 * tol)
     if truncation is not None:
@@ -106,9 +148,19 @@ def solve(
         if warm_start is not None and warm_start.truncation > truncation:
             warm_start = PolicyTable(warm_start.actions[: truncation + 1], warm_start.max_batch)
 
-    N = int(truncation) if truncation is not None else max(initial_truncation(model), model.max_batch)
+    if truncation is not None:
+        N = int(truncation)
+    else:
+        N = max(initial_truncation(model), model.max_batch)
+        if warm_start is not None and resume_warm_start:
+            # the search's own sizes, so that a warm solve tries what a cold one would from there;
+            # the neighbour's sizes lie on a grid shifted by up to one step, hence the sqrt(growth)
+            reach = warm_start.truncation * math.sqrt(growth)
+            while _grow(_grow(N, growth), growth) <= reach:
+                N = _grow(N, growth)
     start = None if warm_start is None else _start_actions(model, warm_start, N + 1)
     sizes: list[int] = []
+    gains: list[float] = []
     iterations = 0
     previous = None
     settled = truncation is not None
@@ -116,19 +168,18 @@ def solve(
         smdp = build(model, N, tail)
         actions, gain, bounds, its, ok, values = _solve_at(smdp, method, start, tol, max_iter, linear_solver)
         sizes.append(N)
+        gains.append(gain)
         iterations += its
         if truncation is not None:
             break
-        if previous is not None:
-            prev_actions, prev_gain = previous
-            common = prev_actions.size
-            if abs(gain - prev_gain) <= growth_rtol * abs(gain) and np.array_equal(actions[:common], prev_actions):
+        if previous is not None and np.array_equal(actions[: previous.size], previous):
+            if _gain_settled(gains, growth_rtol):
                 settled = True
                 break
         if N >= MAX_TRUNCATION:
             break
-        previous = (actions, gain)
-        N = min(MAX_TRUNCATION, int(N * 1.5) + 1)
+        previous = actions
+        N = min(MAX_TRUNCATION, _grow(N, growth))
         start = _start_actions(model, PolicyTable(actions, model.max_batch), N + 1)
         if warm_start is not None and warm_start.truncation >= actions.size:
             # above the old N the caller's table knows better than the beyond-N rule

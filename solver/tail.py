@@ -341,6 +341,24 @@ class TruncatedSMDP:
         A[:, 0] = tau
         return A, c, tau
 
+    def hessenberg_system(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(M, c, tau): the evaluation system with the unknowns ordered (h(1..N), g).
+
+        The same equations as ``evaluation_system``, with its column 0 (tau, the column of g) moved
+        to the end. Row n of I - P is zero left of column n - B (a batch removes at most B), so M is
+        zero below its (B + 1)-th subdiagonal: banded below, full above (``solver.pi`` factors it
+        block by block). Fortran-ordered, built in place.
+        """
+        a = self._checked_actions(actions)
+        c, tau = self._policy_vectors(a)
+        size = self.n_states
+        buf = np.zeros((size, size + 1), order="F")
+        A = buf[:, :size]
+        self._fill_rows(A, a, -1.0)
+        A[np.diag_indices_from(A)] += 1.0
+        buf[:, size] = tau
+        return buf[:, 1:], c, tau
+
 
 def build(model: BatchingModel, truncation: int, tail: str = "fluid", drain_batch: int | None = None) -> TruncatedSMDP:
     """Precompute every per-(state, action) quantity of the SMDP truncated at N = ``truncation``.

@@ -258,9 +258,9 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _listen_fields(config) -> dict[str, str]:
-    """Every address field the sidecar binds (listen, control_listen, metrics_listen, ...) that is set."""
+    """Every address field the sidecar binds (listen, listen_http, control_listen, metrics_listen, ...) that is set."""
     return {name: getattr(config, name) for name in type(config).model_fields
-            if (name == "listen" or name.endswith("_listen")) and getattr(config, name)}
+            if (name == "listen" or name.startswith("listen_") or name.endswith("_listen")) and getattr(config, name)}
 
 
 def _model_config(name: str) -> str:
@@ -522,6 +522,8 @@ def test_sidecar_points_at_the_triton_and_solver_services(services, ports):
     config = _sidecar_config(services["sidecar"])
     assert _host(config.triton_url) == "triton" and _port(config.triton_url) == int(
         _flag_value(_argv(services["triton"]), "--grpc-port") or 8001)
+    if config.listen_http:  # the HTTP listener relays everything but inference to Triton's HTTP port
+        assert config.triton_http_url == f"triton:{int(_flag_value(_argv(services['triton']), '--http-port') or 8000)}"
     solver_args = parse_smdp(_argv(services["solver"]))
     assert config.solver_url == f"solver:{_port(solver_args.listen)}"
     assert _host(solver_args.listen) == "0.0.0.0", "the solver must accept connections from other containers"
@@ -896,6 +898,9 @@ def test_k8s_pod_runs_triton_with_its_own_sidecar(k8s, tmp_path):
     config = _k8s_sidecar_config(k8s, dep, sidecar, tmp_path)
     grpc_port = next(p["containerPort"] for p in triton["ports"] if p["containerPort"] == 8001)
     assert config.triton_url == f"127.0.0.1:{grpc_port}", "the sidecar must talk to its own pod's Triton"
+    if config.listen_http:
+        http_port = next(p["containerPort"] for p in triton["ports"] if p["containerPort"] == 8000)
+        assert config.triton_http_url == f"127.0.0.1:{http_port}", "HTTP relays go to its own pod's Triton"
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
     for probe in ("readinessProbe", "livenessProbe"):
         assert triton[probe]["httpGet"]["path"].startswith("/v2/health/")

@@ -126,7 +126,9 @@ def test_a_quiet_regime_is_solved_with_the_weight_scaled_by_the_long_run_rate(pr
         assert quiet.weight == w and quiet.solved_weight == pytest.approx(w * mean / quiet.rate_rps, rel=1e-9)
         direct = solve(BatchingModel(rate=quiet.rate_rps, max_batch=B, profile=profile, idle_power_w=P0,
                                      weight=quiet.solved_weight))
-        assert np.array_equal(quiet.policy.actions, direct.policy.actions)
+        # warm-started from the busy regime, the search may settle at a larger N: same table below it
+        common = min(quiet.policy.truncation, direct.policy.truncation) + 1
+        assert np.array_equal(quiet.policy.actions[:common], direct.policy.actions[:common])
         # the quiet regime's policy waits for larger batches than the naive one would: power counts more
         naive = solve(BatchingModel(rate=quiet.rate_rps, max_batch=B, profile=profile, idle_power_w=P0, weight=w))
         assert quiet.mean_batch > naive.mean_batch

@@ -76,7 +76,7 @@ def test_what_the_gate_cannot_run_is_refused_here():
     with pytest.raises(ValueError, match="cannot run a Odd rule"):
         policy_line("m", Odd(), slots=1, max_queue=1)
     with pytest.raises(ValueError, match="model name"):
-        policy_line("two words", greedy(2), slots=1, max_queue=1)
+        policy_line("two\nlines", greedy(2), slots=1, max_queue=1)
 
 
 def test_the_view_pushes_every_change_and_counts_what_grew():

@@ -71,3 +71,57 @@ def test_sidecar_warns_at_start_when_its_control_api_is_exposed_without_a_token(
     hits = [r.getMessage() for r in caplog.records if r.name == "smdp.control" and r.levelname == "WARNING"]
     assert bool(hits) is warned
     assert all("control API on 0.0.0.0:0 has no token" in m for m in hits)
+
+
+# -- `smdp serve`'s flags come from the typed configuration ----------------------------------------
+
+
+def _serve_parser():
+    import argparse
+
+    from smdp.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["serve"]
+
+
+def _serve(argv: list[str]):
+    return _serve_parser().parse_args(argv)
+
+
+def test_serve_flags_set_their_fields_and_only_when_given(tmp_path, monkeypatch):
+    from plugin.serve_cli import config_from_args
+
+    import os
+
+    for key in [k for k in os.environ if k.startswith("SMDP_SIDECAR_")]:
+        monkeypatch.delenv(key)
+    f = tmp_path / "sidecar.yaml"
+    f.write_text("max_queue: 10\ndefault: {policy: 'threshold:3', weight: 0.25}\n")
+    cfg = config_from_args(_serve(["--config", str(f), "--triton", "10.0.0.1:1", "--idle-power", "55",
+                                   "--rate", "20", "--data-plane", "python", "--metrics-listen", "none",
+                                   "--fixed"]))
+    assert cfg.triton_url == "10.0.0.1:1" and cfg.data_plane == "python" and cfg.metrics_listen is None
+    assert cfg.max_queue == 10  # not given: the file's
+    d = cfg.default
+    assert (d.policy, d.weight, d.idle_power_w, d.rate_rps, d.adaptive) == ("threshold:3", 0.25, 55.0, 20.0, False)
+    plain = config_from_args(_serve([]))
+    assert plain.control_listen == "127.0.0.1:8012" and plain.default.adaptive is True
+
+
+def test_serve_flags_show_the_configured_default_and_refuse_what_the_field_refuses(capsys):
+    from plugin.config import ModelPolicyConfig, SidecarConfig
+    from plugin.serve_cli import POLICY_FLAGS, TOP_FLAGS, config_from_args
+
+    parser_actions = {a.option_strings[-1]: a for a in _serve_parser()._actions if a.option_strings}
+    for flags, model in ((TOP_FLAGS, SidecarConfig), (POLICY_FLAGS, ModelPolicyConfig)):
+        for flag, field in flags.items():
+            info = model.model_fields[field]
+            shown = "none" if info.default is None else str(info.default)
+            assert parser_actions[flag].help.endswith(f"(default: {shown})"), flag
+            assert parser_actions[flag].default is None  # not given: the file and environment decide
+    with pytest.raises(SystemExit):
+        _serve(["--mode", "sideways"])
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(ValidationError, match="weight"):
+        config_from_args(_serve(["--weight", "-1"]))

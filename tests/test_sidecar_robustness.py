@@ -457,6 +457,8 @@ def _sidecar(triton_url: str, **overrides):
 
     default = overrides.pop("default", {"policy": "greedy"})
     overrides.setdefault("data_plane", "python")  # these tests read the Python gate's state
+    overrides.setdefault("control_listen", "127.0.0.1:0")  # never the fixed default ports: tests run side by side
+    overrides.setdefault("metrics_listen", "127.0.0.1:0")
     cfg = load_config(overrides={"listen": "127.0.0.1:0", "triton_url": triton_url, "default": default, **overrides},
                       environ={})
     runner = SidecarThread(cfg)

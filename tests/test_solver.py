@@ -176,14 +176,75 @@ def test_growing_truncation_past_the_automatic_choice_changes_nothing(B, load, w
 
 
 def test_automatic_truncation_stops_once_the_gain_settles():
-    """Growth tolerance 1e-8: at B = 64, CV 1, load 0.6 the gain at N = 331 -> 497 moves by 5e-10
-    and the policy not at all; a 1e-10 tolerance grew N on to 746 for nothing."""
+    """Growth tolerance 1e-8: at B = 64, CV 1, load 0.6 the 1.25 steps 220 -> 276 -> 346 settle (the
+    gain moves by about 1e-9 on the last one, the policy not at all); the 1.5 steps of the solver
+    before went on to 497 for the same gain and policy."""
     m = v100(64, 0.6, 1e-4, 1.0)
     auto = solve(m)
-    assert auto.converged and auto.sizes_tried == (220, 331, 497)
+    assert auto.converged and auto.sizes_tried == (220, 276, 346)
+    before = solve(m, growth=1.5, resume_warm_start=False, linear_solver="dense")
+    assert before.converged and before.sizes_tried == (220, 331, 497)
+    assert auto.gain == pytest.approx(before.gain, rel=1e-9)
+    np.testing.assert_array_equal(before.policy.actions[: auto.truncation + 1], auto.policy.actions)
     big = solve(m, truncation=3 * auto.truncation, warm_start=auto.policy)
     assert big.gain == pytest.approx(auto.gain, rel=1e-9)
     np.testing.assert_array_equal(big.policy.actions[: auto.truncation + 1], auto.policy.actions)
+
+
+BEFORE_CASES = [
+    (16, 0.9, 1e-4, 2.0),
+    (32, 0.6, 1e-4, 1.0),
+    (32, 0.9, 1e-4, 1.0),
+    (64, 0.9, 1e-4, 0.0),
+    (64, 0.9, 1e-4, 1.0),
+    (128, 0.6, 1e-4, 1.0),  # the issue's case: N = 1478 before
+]
+
+
+@pytest.mark.parametrize("B,load,w,cv", BEFORE_CASES)
+def test_automatic_truncation_agrees_with_the_solver_before_at_a_smaller_n(B, load, w, cv):
+    """Same gain (1e-8) and policy as the search before (1.5x growth, dense LU), with N no larger,
+    cold and warm-started from a neighbouring rate."""
+    m = v100(B, load, w, cv)
+    before = solve(m, growth=1.5, resume_warm_start=False, linear_solver="dense")
+    near = solve(m.with_(rate=0.95 * m.rate))
+    for res in (solve(m), solve(m, warm_start=near.policy)):
+        assert res.converged and before.converged
+        assert res.truncation <= before.truncation
+        assert res.gain == pytest.approx(before.gain, rel=1e-8)
+        np.testing.assert_array_equal(res.policy.actions, before.policy.actions[: res.truncation + 1])
+
+
+def test_warm_start_resumes_the_search_one_step_below_its_size():
+    """A neighbour's N is about where the search will settle: start on the search's own sizes one
+    step below it, so a chain of warm solves neither climbs from the bottom nor creeps upwards."""
+    m = v100(64, 0.6, 1e-4, 1.0)
+    cold = solve(m)
+    assert len(cold.sizes_tried) >= 3
+    again = solve(m, warm_start=cold.policy)
+    assert again.sizes_tried == cold.sizes_tried[-2:]
+    assert solve(m, warm_start=again.policy).sizes_tried == again.sizes_tried
+    near = solve(m.with_(rate=0.99 * m.rate))
+    warm = solve(m, warm_start=near.policy)
+    assert warm.sizes_tried == cold.sizes_tried[-len(warm.sizes_tried) :]  # the same sizes, from higher up
+    assert len(warm.sizes_tried) < len(cold.sizes_tried)
+    assert warm.sizes_tried[1] <= near.truncation * 1.25**0.5 < int(warm.sizes_tried[1] * 1.25) + 1
+    # a table far smaller than the first size is no reason to start below it
+    small = solve(m, warm_start=PolicyTable(near.policy.actions[:80], 64))
+    assert small.sizes_tried[0] == cold.sizes_tried[0]
+    # and the search as it was stays available
+    assert solve(m, warm_start=cold.policy, resume_warm_start=False).sizes_tried[0] == cold.sizes_tried[0]
+
+
+def test_the_returned_gain_is_within_the_tolerance_of_the_limit():
+    """The contraction check: the gain at the returned N is within 1e-8 of a far larger truncation
+    in cases whose first step was not yet settled (CV 1-2)."""
+    for B, load, cv in [(16, 0.9, 2.0), (32, 0.9, 1.0), (64, 0.6, 1.0)]:
+        m = v100(B, load, 1e-4, cv)
+        auto = solve(m)
+        assert len(auto.sizes_tried) >= 3
+        limit = solve(m, truncation=4 * auto.truncation, warm_start=auto.policy)
+        assert abs(auto.gain - limit.gain) <= 1e-8 * limit.gain
 
 
 @pytest.mark.parametrize("B,load,w,cv", [(8, 0.9, 1e-5, 0.0), (16, 0.7, 1e-4, 1.0), (32, 0.9, 1e-4, 0.0)])
@@ -313,6 +374,9 @@ def test_interpolated_sizes_are_reported_for_the_full_table():
         ({"tol": float("nan")}, "tol"),
         ({"max_iter": 0}, "max_iter"),
         ({"warm_start": PolicyTable(np.zeros(5, dtype=int), 4)}, "max_batch 4"),
+        ({"growth": 1.0}, "growth"),
+        ({"growth": float("inf")}, "growth"),
+        ({"linear_solver": "cholesky"}, "linear_solver"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, match):
@@ -366,4 +430,58 @@ def test_sparse_system_has_the_dense_entries():
     assert s.gain == pytest.approx(d.gain, rel=1e-12)
     np.testing.assert_allclose(s.pi, d.pi, rtol=1e-9, atol=1e-15)
     with pytest.raises(ValueError):
-        evaluate_policy(smdp, actions, "banded")
+        evaluate_policy(smdp, actions, "cholesky")
+
+
+# --- the banded-below evaluation ------------------------------------------------------------------
+
+
+def test_hessenberg_lu_solves_a_banded_below_system_that_needs_pivoting():
+    """Random matrix zero below its 5th subdiagonal, zero diagonal: both solves match numpy's."""
+    from solver.pi import HessenbergLU
+
+    rng = np.random.default_rng(7)
+    n, band = 47, 5  # blocks of 6: seven full ones and a partial last one
+    M = rng.standard_normal((n, n))
+    M[np.tril_indices(n, -band - 1)] = 0.0
+    M[np.diag_indices(n)] = 0.0
+    b = rng.standard_normal(n)
+    lu = HessenbergLU(np.asfortranarray(M.copy()), band + 1)
+    np.testing.assert_allclose(lu.solve(b), np.linalg.solve(M, b), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(lu.solve_transposed(b), np.linalg.solve(M.T, b), rtol=1e-10, atol=1e-12)
+    # the band is checked by the structure, not trusted: a wider one gives a wrong answer
+    wide = rng.standard_normal((n, n))
+    wide[np.tril_indices(n, -3 * band)] = 0.0
+    bad = HessenbergLU(np.asfortranarray(wide.copy()), band + 1).solve(b)
+    assert not np.allclose(bad, np.linalg.solve(wide, b))
+
+
+@pytest.mark.parametrize("B,N,cv", [(4, 40, 1.0), (8, 61, 0.0), (32, 150, 1.0), (32, 130, 2.0)])
+def test_banded_evaluation_equals_the_dense_one(B, N, cv):
+    """Every policy shape (waits, partial and full batches, waits above B) on several block counts
+    (at least MIN_BLOCKS blocks of B + 1 states, so the banded path runs; full and partial last blocks)."""
+    from solver.pi import evaluate_policy
+    from solver.tail import build
+
+    from solver.pi import MIN_BLOCKS
+
+    assert N + 1 >= MIN_BLOCKS * (B + 1)
+    m = v100(B, 0.8, 1e-4, cv)
+    smdp = build(m, N)
+    n = np.arange(N + 1)
+    rng = np.random.default_rng(B + N)
+    policies = [
+        np.minimum(n, B),
+        np.where(n < 3, 0, np.minimum(n, B)),
+        np.where(n < B + 3, 0, B),  # a threshold above B waits at n >= B
+        np.where(n == 0, 0, rng.integers(1, np.maximum(np.minimum(n, B), 1) + 1)),
+    ]
+    for actions in policies:
+        M, c, tau = smdp.hessenberg_system(actions)
+        A, _, _ = smdp.evaluation_system(actions)
+        np.testing.assert_array_equal(M, np.concatenate([A[:, 1:], A[:, :1]], axis=1))
+        assert not np.any(np.tril(M, -B - 2))
+        d, b = evaluate_policy(smdp, actions, "dense"), evaluate_policy(smdp, actions, "banded")
+        assert b.gain == pytest.approx(d.gain, rel=1e-12)
+        np.testing.assert_allclose(b.h, d.h, rtol=1e-10, atol=1e-12 * np.max(np.abs(d.h)))
+        np.testing.assert_allclose(b.pi, d.pi, rtol=1e-9, atol=1e-15)

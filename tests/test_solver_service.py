@@ -188,7 +188,11 @@ def test_async_client(served) -> None:
 
     out = asyncio.run(go())
     direct = solve(model(rate=RATE * 0.4))
-    assert np.array_equal(out.policy.actions, direct.policy.actions)
+    # the service may warm-start from a cached neighbour, whose size the search resumes from:
+    # the same policy on the common states and the same gain, possibly at a larger N
+    common = min(out.truncation, direct.truncation) + 1
+    assert np.array_equal(out.policy.actions[:common], direct.policy.actions[:common])
+    assert out.gain == pytest.approx(direct.gain, rel=1e-8)
 
 
 def test_client_rejects_bad_timeout() -> None:

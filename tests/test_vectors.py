@@ -59,7 +59,7 @@ def test_a_bad_rule_line_is_refused_with_a_clear_error(case):
 def test_the_rule_decides_as_the_vectors_say(case):
     rule = GateRule.from_line(case["rule"])
     for c in case["cases"]:
-        d = rule.decide(c["n"], c["wait"])
+        d = rule.decide(c["n"], c["wait"], c.get("busy", 0))
         got = (d.serve, d.recheck_after_s, d.reason)
         if c["recheck"] is None:
             assert got == (c["serve"], None, c["reason"]), c

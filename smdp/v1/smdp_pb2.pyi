@@ -185,7 +185,7 @@ class Figures(_message.Message):
     def __init__(self, mean_latency_s: _Optional[float] = ..., mean_power_w: _Optional[float] = ..., cost: _Optional[float] = ..., throughput_rps: _Optional[float] = ..., mean_batch: _Optional[float] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("model", "rate", "weight", "latency_target_s", "policy_version", "policy_age_s", "policy_source", "threshold", "max_batch", "predicted", "predicted_rate_rps", "measured", "batch_histogram", "queue_length", "in_flight", "completed", "rejected", "failed", "solver_reachable", "power_modelled", "note", "service_times", "profile_updates", "profile_batches", "profile_learning", "rejected_expired", "rejected_invalid", "slo")
+    __slots__ = ("model", "rate", "weight", "latency_target_s", "policy_version", "policy_age_s", "policy_source", "threshold", "max_batch", "predicted", "predicted_rate_rps", "measured", "batch_histogram", "queue_length", "in_flight", "completed", "rejected", "failed", "solver_reachable", "power_modelled", "note", "service_times", "profile_updates", "profile_batches", "profile_learning", "rejected_expired", "rejected_invalid", "slo", "instances")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RATE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +214,7 @@ class ModelStatus(_message.Message):
     REJECTED_EXPIRED_FIELD_NUMBER: _ClassVar[int]
     REJECTED_INVALID_FIELD_NUMBER: _ClassVar[int]
     SLO_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
     model: str
     rate: RateEstimate
     weight: float
@@ -242,7 +243,8 @@ class ModelStatus(_message.Message):
     rejected_expired: int
     rejected_invalid: int
     slo: SloStatus
-    def __init__(self, model: _Optional[str] = ..., rate: _Optional[_Union[RateEstimate, _Mapping]] = ..., weight: _Optional[float] = ..., latency_target_s: _Optional[float] = ..., policy_version: _Optional[int] = ..., policy_age_s: _Optional[float] = ..., policy_source: _Optional[str] = ..., threshold: _Optional[int] = ..., max_batch: _Optional[int] = ..., predicted: _Optional[_Union[Figures, _Mapping]] = ..., predicted_rate_rps: _Optional[float] = ..., measured: _Optional[_Union[Figures, _Mapping]] = ..., batch_histogram: _Optional[_Iterable[int]] = ..., queue_length: _Optional[int] = ..., in_flight: _Optional[int] = ..., completed: _Optional[int] = ..., rejected: _Optional[int] = ..., failed: _Optional[int] = ..., solver_reachable: _Optional[bool] = ..., power_modelled: _Optional[bool] = ..., note: _Optional[str] = ..., service_times: _Optional[_Iterable[_Union[ServiceTime, _Mapping]]] = ..., profile_updates: _Optional[int] = ..., profile_batches: _Optional[int] = ..., profile_learning: _Optional[bool] = ..., rejected_expired: _Optional[int] = ..., rejected_invalid: _Optional[int] = ..., slo: _Optional[_Union[SloStatus, _Mapping]] = ...) -> None: ...
+    instances: int
+    def __init__(self, model: _Optional[str] = ..., rate: _Optional[_Union[RateEstimate, _Mapping]] = ..., weight: _Optional[float] = ..., latency_target_s: _Optional[float] = ..., policy_version: _Optional[int] = ..., policy_age_s: _Optional[float] = ..., policy_source: _Optional[str] = ..., threshold: _Optional[int] = ..., max_batch: _Optional[int] = ..., predicted: _Optional[_Union[Figures, _Mapping]] = ..., predicted_rate_rps: _Optional[float] = ..., measured: _Optional[_Union[Figures, _Mapping]] = ..., batch_histogram: _Optional[_Iterable[int]] = ..., queue_length: _Optional[int] = ..., in_flight: _Optional[int] = ..., completed: _Optional[int] = ..., rejected: _Optional[int] = ..., failed: _Optional[int] = ..., solver_reachable: _Optional[bool] = ..., power_modelled: _Optional[bool] = ..., note: _Optional[str] = ..., service_times: _Optional[_Iterable[_Union[ServiceTime, _Mapping]]] = ..., profile_updates: _Optional[int] = ..., profile_batches: _Optional[int] = ..., profile_learning: _Optional[bool] = ..., rejected_expired: _Optional[int] = ..., rejected_invalid: _Optional[int] = ..., slo: _Optional[_Union[SloStatus, _Mapping]] = ..., instances: _Optional[int] = ...) -> None: ...
 
 class ServiceTime(_message.Message):
     __slots__ = ("batch_size", "samples", "mean_s", "ci_s", "prior_s", "in_force_s", "triton_compute_s", "triton_batches")
@@ -265,7 +267,7 @@ class ServiceTime(_message.Message):
     def __init__(self, batch_size: _Optional[int] = ..., samples: _Optional[int] = ..., mean_s: _Optional[float] = ..., ci_s: _Optional[float] = ..., prior_s: _Optional[float] = ..., in_force_s: _Optional[float] = ..., triton_compute_s: _Optional[float] = ..., triton_batches: _Optional[int] = ...) -> None: ...
 
 class PolicyReply(_message.Message):
-    __slots__ = ("model", "actions", "max_batch", "version", "age_s", "source", "threshold")
+    __slots__ = ("model", "actions", "max_batch", "version", "age_s", "source", "threshold", "busy_tables")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
@@ -273,6 +275,7 @@ class PolicyReply(_message.Message):
     AGE_S_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    BUSY_TABLES_FIELD_NUMBER: _ClassVar[int]
     model: str
     actions: _containers.RepeatedScalarFieldContainer[int]
     max_batch: int
@@ -280,4 +283,11 @@ class PolicyReply(_message.Message):
     age_s: float
     source: str
     threshold: int
-    def __init__(self, model: _Optional[str] = ..., actions: _Optional[_Iterable[int]] = ..., max_batch: _Optional[int] = ..., version: _Optional[int] = ..., age_s: _Optional[float] = ..., source: _Optional[str] = ..., threshold: _Optional[int] = ...) -> None: ...
+    busy_tables: _containers.RepeatedCompositeFieldContainer[BusyRow]
+    def __init__(self, model: _Optional[str] = ..., actions: _Optional[_Iterable[int]] = ..., max_batch: _Optional[int] = ..., version: _Optional[int] = ..., age_s: _Optional[float] = ..., source: _Optional[str] = ..., threshold: _Optional[int] = ..., busy_tables: _Optional[_Iterable[_Union[BusyRow, _Mapping]]] = ...) -> None: ...
+
+class BusyRow(_message.Message):
+    __slots__ = ("actions",)
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    actions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, actions: _Optional[_Iterable[int]] = ...) -> None: ...

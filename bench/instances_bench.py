@@ -1,0 +1,91 @@
+"""The k-instance formulation's errors, measured (issue 13; RESULTS.md section 7).
+
+1. Exact phase-type chain against the simulator for k = 2, 3 (small B, where the chain fits): exact
+   laws (CV 1, CV 0.5 = Erlang-4) and deterministic service (8 Erlang phases, an approximation).
+2. The threshold family's restriction at k = 1, where the exact SMDP is known: J of the threshold the
+   search picks (evaluated exactly) against J* on the V100 profile.
+3. The k-instance solver's prediction (its fresh simulation) against an independent simulation on
+   other random numbers, k = 2 and 4 on the V100 profile at loads 0.3..0.9 of k B / tau(B).
+
+    python bench/instances_bench.py [--requests N]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from solver.evaluate import evaluate
+from solver.instances import evaluate_instances, search_thresholds, simulate_table, solve_instances
+from solver.model import BatchingModel, ServiceProfile
+from solver.policy import instance_thresholds, threshold
+from solver.smdp import solve
+
+V100 = Path(__file__).resolve().parent.parent / "profiles" / "v100_resnet50.csv"
+
+
+def chain_vs_simulator(requests: int) -> None:
+    print("1. exact chain vs simulator (B = 4, tau(b) = 2 + b ms, load 0.8 of k B/tau(B), w = 1e-4 s/W)")
+    print(f"   {'CV':>4} {'k':>2} {'T_m':<9} {'W chain':>9} {'W sim':>9} {'+-':>7} {'dW %':>6} | "
+          f"{'P chain':>8} {'P sim':>8} {'+-':>5} {'dP %':>6} | {'states':>6} law")
+    for cv, k, th in [(1.0, 2, (1, 3)), (1.0, 3, (1, 2, 4)), (0.5, 2, (2, 4)), (0.5, 3, (2, 2, 4)), (0.0, 2, (1, 2))]:
+        prof = ServiceProfile.affine(4, 0.001, 0.002, 0.05, 0.2, cv=cv)
+        m = BatchingModel(rate=0.8 * k * 4 / float(prof.mean_s[-1]), max_batch=4, profile=prof, idle_power_w=10.0,
+                          weight=1e-4, instances=k)
+        t = instance_thresholds(4, th)
+        e = evaluate_instances(m, t)
+        s = simulate_table(m, t, requests, seed=11)
+        print(f"   {cv:>4.1f} {k:>2} {'/'.join(map(str, th)):<9} {e.mean_latency_s * 1e3:>9.4f} "
+              f"{s.mean_latency_s * 1e3:>9.4f} {s.latency_ci95_s * 1e3:>7.4f} "
+              f"{100 * (e.mean_latency_s / s.mean_latency_s - 1):>+6.2f} | {e.mean_power_w:>8.2f} {s.mean_power_w:>8.2f} "
+              f"{s.power_ci95_w:>5.2f} {100 * (e.mean_power_w / s.mean_power_w - 1):>+6.2f} | {e.states:>6} "
+              f"{'exact' if e.exact_law else 'Erlang-8 approx.'}")
+
+
+def family_at_one_instance(requests: int) -> None:
+    print("\n2. threshold family vs the exact SMDP at k = 1 (V100, B = 64, P0 = 40 W), exact J of each")
+    print(f"   {'load':>4} {'w':>6} {'J* smdp ms':>11} {'best T':>6} {'J(best T)':>10} {'search T':>8} "
+          f"{'J(search)':>10} {'search vs J* %':>14}")
+    prof = ServiceProfile.from_csv(V100, max_batch=64)
+    base = BatchingModel(rate=1.0, max_batch=64, profile=prof, idle_power_w=40.0)
+    for load in (0.3, 0.6, 0.9):
+        for w in (0.0, 1e-4):
+            m = base.with_(rate=load * base.capacity, weight=w)
+            star = solve(m).gain
+            exact = {t: evaluate(m, threshold(64, t)).cost for t in range(1, 65)}
+            best = min(exact, key=exact.get)
+            (t,), _, _ = search_thresholds(m, requests=requests)
+            print(f"   {load:>4.1f} {w:>6g} {star * 1e3:>11.4f} {best:>6} {exact[best] * 1e3:>10.4f} {t:>8} "
+                  f"{exact[t] * 1e3:>10.4f} {100 * (exact[t] / star - 1):>+14.3f}")
+
+
+def prediction_vs_simulation(requests: int) -> None:
+    print("\n3. k-instance solver: predicted (its fresh simulation) vs an independent simulation (V100, B = 64)")
+    print(f"   {'k':>2} {'load':>4} {'w':>6} {'T_m':<14} {'W pred':>8} {'W sim':>8} {'dW %':>6} {'P pred':>7} "
+          f"{'P sim':>7} {'dP %':>6} {'solve s':>7}")
+    prof = ServiceProfile.from_csv(V100, max_batch=64)
+    for k in (2, 4):
+        base = BatchingModel(rate=1.0, max_batch=64, profile=prof, idle_power_w=40.0, instances=k)
+        for load in (0.3, 0.6, 0.9):
+            for w in (0.0, 1e-4):
+                m = base.with_(rate=load * base.capacity, weight=w)
+                r = solve_instances(m)
+                s = simulate_table(m, r.policy, requests, seed=777)
+                th = "/".join(map(str, r.policy.thresholds() or ()))
+                print(f"   {k:>2} {load:>4.1f} {w:>6g} {th:<14} {r.mean_latency_s * 1e3:>8.3f} "
+                      f"{s.mean_latency_s * 1e3:>8.3f} {100 * (r.mean_latency_s / s.mean_latency_s - 1):>+6.2f} "
+                      f"{r.mean_power_w:>7.1f} {s.mean_power_w:>7.1f} {100 * (r.mean_power_w / s.mean_power_w - 1):>+6.2f} "
+                      f"{r.solve_time_s:>7.1f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=200_000, help="simulated requests per check (default: %(default)s)")
+    args = ap.parse_args()
+    chain_vs_simulator(args.requests)
+    family_at_one_instance(args.requests // 2)
+    prediction_vs_simulation(args.requests)
+
+
+if __name__ == "__main__":
+    main()

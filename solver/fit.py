@@ -1,0 +1,294 @@
+"""Fit an arrival model to arrival times: Poisson, compound Poisson (groups) or a two-phase MMPP.
+
+* Groups: arrivals closer than ``group_window_s`` to the previous one join its group (a fan-out,
+  or a trace recorded in ticks). The compound-Poisson fit is the group rate, the mean group size G
+  (with its normal-approximation 95% CI) and the empirical group-size law.
+* MMPP: Baum-Welch on the request counts in bins of ``bin_s`` (a two-state hidden Markov chain with
+  Poisson emissions); the bin transition matrix P = Pi + exp(-s bin)(I - Pi) gives the switching
+  rates exactly for a chain that switches at most rarely within a bin (the bin is shrunk until the
+  fitted switching is below 5% per bin). 95% CIs from the expected complete-data information (time
+  spent in each phase for a rate, expected switches for a switching rate): a little narrow, since
+  they ignore the uncertainty about the hidden path.
+* Which model: the index of dispersion of the counts, Var N(t) / E N(t), over several windows t
+  is computed for the trace and predicted by each model (Poisson 1; compound Poisson E[X^2]/E[X] at
+  every t; the MMPP rising from 1 with t). The chosen model is the one whose curve is closest in
+  mean squared log ratio; the table of all three is part of the fit, as are the interarrival CVs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from solver.arrival_model import MMPP2, POISSON, ArrivalModel, CompoundPoisson, Poisson
+from solver.errors import ModelError
+
+WINDOWS_IN_MEAN_GAPS = (1.0, 10.0, 100.0, 1000.0)
+"""Windows of the dispersion table, in units of the mean interarrival time."""
+
+
+MAX_BINS = 5_000
+"""The default MMPP bin is 2 mean gaps, widened to keep at most this many bins (EM is O(bins) per step)."""
+MAX_BINS_REFINED = 20_000
+"""Bins are halved while the fitted switching is fast, up to this many."""
+
+
+@dataclass(frozen=True)
+class CompoundFit:
+    model: CompoundPoisson
+    rate: float
+    group_rate: float
+    groups: int
+    mean_group_ci95: float
+    """Half-width of the 95% CI of G."""
+
+
+@dataclass(frozen=True)
+class MMPPFit:
+    model: MMPP2
+    rates_ci95: tuple[float, float]
+    switching_ci95: tuple[float, float]
+    bin_s: float
+    iterations: int
+    log_likelihood: float
+
+
+@dataclass(frozen=True)
+class ArrivalFit:
+    chosen: ArrivalModel
+    rate: float
+    requests: int
+    span_s: float
+    group_window_s: float
+    compound: CompoundFit
+    mmpp: MMPPFit | None
+    windows_s: tuple[float, ...]
+    dispersion: dict[str, tuple[float, ...]]
+    """Index of dispersion per window: "trace" and each candidate model."""
+    interarrival_cv: dict[str, float]
+    misfit: dict[str, float]
+    """Mean squared log ratio of each model's dispersion curve to the trace's (smaller is closer)."""
+
+    def to_dict(self) -> dict:
+        c = self.compound
+        out = {
+            "chosen": self.chosen.to_dict(),
+            "spec": self.chosen.spec,
+            "rate": self.rate,
+            "requests": self.requests,
+            "span_s": self.span_s,
+            "group_window_s": self.group_window_s,
+            "compound": {**c.model.to_dict(), "rate": c.rate, "group_rate": c.group_rate, "groups": c.groups,
+                         "mean_group_ci95": c.mean_group_ci95},
+            "mmpp": None,
+            "windows_s": list(self.windows_s),
+            "index_of_dispersion": {k: list(v) for k, v in self.dispersion.items()},
+            "interarrival_cv": self.interarrival_cv,
+            "misfit": self.misfit,
+        }
+        if self.mmpp is not None:
+            m = self.mmpp
+            out["mmpp"] = {**m.model.to_dict(), "rates_ci95": list(m.rates_ci95),
+                           "switching_ci95": list(m.switching_ci95), "bin_s": m.bin_s,
+                           "iterations": m.iterations, "log_likelihood": m.log_likelihood}
+        return out
+
+
+def _times(times: np.ndarray) -> np.ndarray:
+    t = np.asarray(times, dtype=float)
+    if t.ndim != 1 or t.size < 20:
+        raise ModelError(f"fitting needs at least 20 arrival times, got {t.size}")
+    if not np.all(np.isfinite(t)) or np.any(np.diff(t) < 0):
+        raise ModelError("arrival times must be finite and sorted")
+    if t[-1] <= t[0]:
+        raise ModelError("arrival times span no time")
+    return t - t[0]
+
+
+def group_sizes(times: np.ndarray, window_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """(group start times, group sizes): an arrival within ``window_s`` of the previous one joins its group."""
+    t = np.asarray(times, dtype=float)
+    new = np.concatenate(([True], np.diff(t) > window_s))
+    starts = np.nonzero(new)[0]
+    sizes = np.diff(np.append(starts, t.size))
+    return t[starts], sizes
+
+
+def fit_compound(times: np.ndarray, window_s: float) -> CompoundFit:
+    t = _times(times)
+    epochs, sizes = group_sizes(t, window_s)
+    span = float(t[-1])
+    g = float(sizes.mean())
+    half = 1.96 * float(sizes.std(ddof=1)) / math.sqrt(sizes.size) if sizes.size > 1 else math.inf
+    pmf = np.bincount(sizes).astype(float)
+    model = CompoundPoisson.empirical(pmf) if g > 1.0 else CompoundPoisson(1.0)
+    return CompoundFit(model, (t.size - 1) / span, (sizes.size - 1) / span, int(sizes.size), half)
+
+
+def _poisson_logpmf(c: np.ndarray, mu: float) -> np.ndarray:
+    from scipy.special import gammaln
+
+    mu = max(mu, 1e-300)
+    return c * math.log(mu) - mu - gammaln(c + 1.0)
+
+
+def _baum_welch(counts: np.ndarray, bin_s: float, iters: int, tol: float = 1e-6):
+    """Two-state Poisson HMM on bin counts: (rates, P, gamma sums, xi sums, loglik, iterations)."""
+    c = counts.astype(float)
+    hi = c > np.median(c)
+    lam = np.array([max(c[hi].mean() if hi.any() else c.mean() * 1.5, 1e-9),
+                    max(c[~hi].mean() if (~hi).any() else c.mean() * 0.5, 1e-9)]) / bin_s
+    if lam[0] <= lam[1]:
+        lam = np.array([c.mean() * 1.5, c.mean() * 0.5]) / bin_s + 1e-9
+    P = np.array([[0.95, 0.05], [0.05, 0.95]])
+    start = np.array([0.5, 0.5])
+    prev = -math.inf
+    T = c.size
+    it = 0
+    ll = -math.inf
+    for it in range(1, iters + 1):
+        logb = np.vstack([_poisson_logpmf(c, lam[0] * bin_s), _poisson_logpmf(c, lam[1] * bin_s)]).T
+        mx = logb.max(axis=1, keepdims=True)
+        b = np.exp(logb - mx)
+        alpha = np.empty((T, 2))
+        scale = np.empty(T)
+        p00, p01, p10, p11 = P[0, 0], P[0, 1], P[1, 0], P[1, 1]
+        b0, b1 = b[:, 0].tolist(), b[:, 1].tolist()
+        f0, f1 = start[0] * b0[0], start[1] * b1[0]
+        s = f0 + f1
+        al0, al1, sc = [f0 / s], [f1 / s], [s]
+        for k in range(1, T):
+            a0, a1 = al0[-1], al1[-1]
+            f0 = (a0 * p00 + a1 * p10) * b0[k]
+            f1 = (a0 * p01 + a1 * p11) * b1[k]
+            s = f0 + f1
+            al0.append(f0 / s)
+            al1.append(f1 / s)
+            sc.append(s)
+        alpha[:, 0], alpha[:, 1] = al0, al1
+        scale[:] = sc
+        be0, be1 = [1.0] * T, [1.0] * T
+        for k in range(T - 2, -1, -1):
+            n0, n1 = b0[k + 1] * be0[k + 1], b1[k + 1] * be1[k + 1]
+            s = sc[k + 1]
+            be0[k] = (p00 * n0 + p01 * n1) / s
+            be1[k] = (p10 * n0 + p11 * n1) / s
+        beta = np.column_stack([be0, be1])
+        gamma = alpha * beta
+        gamma /= gamma.sum(axis=1, keepdims=True)
+        nb = b[1:] * beta[1:]
+        xi = alpha[:-1, :, None] * P[None] * nb[:, None, :] / scale[1:, None, None]
+        xis = xi.sum(axis=0)
+        gs = gamma.sum(axis=0)
+        lam = np.maximum((gamma * c[:, None]).sum(axis=0) / (gs * bin_s), 1e-12)
+        P = xis / xis.sum(axis=1, keepdims=True)
+        start = gamma[0]
+        ll = float(np.sum(np.log(scale)) + np.sum(mx))
+        if abs(ll - prev) <= tol * abs(ll):
+            break
+        prev = ll
+    return lam, P, gs, xis, ll, it
+
+
+def fit_mmpp(times: np.ndarray, bin_s: float | None = None, iters: int = 60) -> MMPPFit:
+    t = _times(times)
+    rate = (t.size - 1) / float(t[-1])
+    span = float(t[-1])
+    width = max(2.0 / rate, span / MAX_BINS) if bin_s is None else float(bin_s)
+    if not math.isfinite(width) or width <= 0:
+        raise ModelError(f"bin width must be > 0 seconds, got {bin_s!r}")
+    for _ in range(6):
+        edges = np.arange(0.0, float(t[-1]) + width, width)
+        if edges.size - 1 < 50:
+            raise ModelError(f"bins of {width:g} s give fewer than 50 bins over the trace's {t[-1]:g} s")
+        counts = np.histogram(t, bins=edges)[0]
+        lam, P, gs, xis, ll, it = _baum_welch(counts, width, iters)
+        stay = 1.0 - P[0, 1] - P[1, 0]
+        if stay <= 0:
+            raise ModelError("the MMPP fit found no persistent phases (switching faster than the bins)")
+        s = -math.log(stay) / width
+        r12 = P[0, 1] / (P[0, 1] + P[1, 0]) * s
+        r21 = P[1, 0] / (P[0, 1] + P[1, 0]) * s
+        distinct = abs(lam[0] - lam[1]) * width > 3.0 * math.sqrt(max(lam) * width / max(min(gs), 1.0))
+        if max(P[0, 1], P[1, 0]) <= 0.05 or bin_s is not None or 2 * (edges.size - 1) > MAX_BINS_REFINED or not distinct:
+            break
+        width *= 0.5
+    order = [0, 1] if lam[0] >= lam[1] else [1, 0]
+    rates = lam[order]
+    time_in = gs[order] * width
+    sw = np.array([r12, r21])[order]
+    switches = np.array([xis[0, 1], xis[1, 0]])[order]
+    model = MMPP2((float(rates[0]), float(rates[1])), (float(sw[0]), float(sw[1])))
+    rci = tuple(float(1.96 * math.sqrt(r / max(ti, 1e-300))) for r, ti in zip(rates, time_in))
+    sci = tuple(float(1.96 * r / math.sqrt(max(n, 1e-300))) for r, n in zip(sw, switches))
+    return MMPPFit(model, (rci[0], rci[1]), (sci[0], sci[1]), width, it, ll)
+
+
+def dispersion(times: np.ndarray, windows_s: tuple[float, ...]) -> tuple[float, ...]:
+    """Var / mean of the counts in consecutive windows of each length (NaN with fewer than 10 windows)."""
+    t = _times(times)
+    out = []
+    for w in windows_s:
+        k = int(t[-1] // w)
+        if k < 10:
+            out.append(math.nan)
+            continue
+        c = np.bincount((t[t < k * w] // w).astype(np.int64), minlength=k)[:k].astype(float)
+        out.append(float(c.var(ddof=1) / c.mean()) if c.mean() > 0 else math.nan)
+    return tuple(out)
+
+
+def interarrival_cv(model: ArrivalModel, rate: float) -> float:
+    """CV of the time between consecutive requests under the model (in steady state)."""
+    if isinstance(model, Poisson):
+        return 1.0
+    if isinstance(model, CompoundPoisson):
+        # a request's gap to the next is 0 unless it ends its group (probability 1/G), then Exp(lambda/G):
+        # E T = 1/lambda, E T^2 = 2 G / lambda^2, so CV^2 = 2 G - 1 for any group-size law
+        g = model.group_mean
+        return math.sqrt(2.0 * g - 1.0)
+    d1 = np.diag(model.rates)
+    d0 = model.generator - d1
+    pi = model.stationary
+    alpha = pi @ d1 / float(pi @ d1 @ np.ones(2))
+    inv = np.linalg.inv(-d0)
+    m1 = float(alpha @ inv @ np.ones(2))
+    m2 = 2.0 * float(alpha @ inv @ inv @ np.ones(2))
+    return math.sqrt(max(m2 / (m1 * m1) - 1.0, 0.0))
+
+
+def fit_arrivals(times: np.ndarray, group_window_s: float | None = None, bin_s: float | None = None) -> ArrivalFit:
+    t = _times(times)
+    span = float(t[-1])
+    rate = (t.size - 1) / span
+    window = 0.01 / rate if group_window_s is None else float(group_window_s)
+    if not math.isfinite(window) or window < 0:
+        raise ModelError(f"group window must be finite and >= 0 seconds, got {group_window_s!r}")
+    comp = fit_compound(t, window)
+    try:
+        mm: MMPPFit | None = fit_mmpp(t, bin_s)
+    except ModelError:
+        mm = None
+    windows = tuple(w / rate for w in WINDOWS_IN_MEAN_GAPS)
+    trace_d = dispersion(t, windows)
+    curves: dict[str, tuple[float, ...]] = {"trace": trace_d, "poisson": tuple(1.0 for _ in windows)}
+    cvs = {"trace": float(np.std(np.diff(t)) / np.mean(np.diff(t))), "poisson": 1.0}
+    cands: dict[str, ArrivalModel] = {"poisson": POISSON}
+    if comp.model.group_mean > 1.0:
+        idx = comp.model.group_second_moment / comp.model.group_mean
+        curves["batch"] = tuple(idx for _ in windows)
+        cvs["batch"] = interarrival_cv(comp.model, rate)
+        cands["batch"] = comp.model
+    if mm is not None:
+        curves["mmpp"] = tuple(mm.model.index_of_dispersion(w) for w in windows)
+        cvs["mmpp"] = interarrival_cv(mm.model, rate)
+        cands["mmpp"] = mm.model
+    ok = [i for i, d in enumerate(trace_d) if math.isfinite(d) and d > 0]
+    misfit = {}
+    for name in cands:
+        misfit[name] = float(np.mean([math.log(curves[name][i] / trace_d[i]) ** 2 for i in ok])) if ok else math.nan
+    best = min(cands, key=lambda k: (misfit[k] if math.isfinite(misfit[k]) else math.inf))
+    chosen = cands[best]
+    return ArrivalFit(chosen, rate, int(t.size), span, window, comp, mm, windows, curves, cvs, misfit)

@@ -1,0 +1,103 @@
+"""SLO reporting in the load tests: attainment and goodput, the SLO contenders, their plumbing."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loadtest.bench import BenchConfig, BenchReport, BenchRow, format_table
+from loadtest.contenders import Prediction, ma_delay, parse_contender
+from loadtest.metrics import measure
+from loadtest.openloop import LoadError, OpenLoopResult
+from loadtest.stack import SidecarSpec
+from solver.arrivals import poisson
+from solver.model import BatchingModel, ServiceProfile
+from solver.policy import TimeoutRule
+from solver.simulate import simulate_latencies
+from solver.slo import SloTarget
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _result(scheduled, done, status):
+    n = len(scheduled)
+    return OpenLoopResult(
+        scheduled_s=np.asarray(scheduled, float), sent_s=np.asarray(scheduled, float) + 1e-4,
+        done_s=np.asarray(done, float), status=tuple(status), batch_size=np.ones(n, np.int64),
+        batch_energy_j=np.full(n, 1.0),
+    )
+
+
+def test_attainment_counts_failures_as_misses_and_goodput_per_second():
+    prof = ServiceProfile.from_table([1], [0.01], [1.0])
+    # latencies 0.02, 0.05, (failed), 0.2 in a 4 s window; D = 0.1: two of four within D
+    res = _result([0.5, 1.5, 2.5, 3.5], [0.52, 1.55, math.nan, 3.7], ["OK", "OK", "UNAVAILABLE", "OK"])
+    m = measure(res, prof, idle_power_w=0.0, weight=0.0, window=(0.0, 4.0), slo_latency_s=0.1)
+    assert m.slo_attainment == pytest.approx(0.5) and m.goodput_rps == pytest.approx(0.5)
+    plain = measure(res, prof, idle_power_w=0.0, weight=0.0, window=(0.0, 4.0))
+    assert math.isnan(plain.slo_attainment) and math.isnan(plain.goodput_rps)
+    with pytest.raises(LoadError):
+        measure(res, prof, idle_power_w=0.0, weight=0.0, slo_latency_s=0.0)
+
+
+def test_slo_contenders_parse_and_need_an_slo():
+    ma, gate = parse_contender("triton:ma"), parse_contender("gate:smdp-slo")
+    assert ma.name == "triton MA delay" and ma.model_analyzer and ma.kind == "triton"
+    assert gate.name == "gate smdp SLO" and gate.slo and gate.adaptive and gate.policy == "smdp"
+    with pytest.raises(ValueError, match="need an SLO"):
+        BenchConfig(rates=(100.0,), contenders=(gate,), data_plane="python")
+    cfg = BenchConfig(rates=(100.0,), contenders=(ma, gate), data_plane="python", slo=SloTarget(0.99, 0.05))
+    assert cfg.slo.latency_s == 0.05
+
+
+def test_sidecar_spec_passes_the_slo_as_serve_flags():
+    flags = SidecarSpec(policy="smdp", max_batch=8, slo=(0.95, 0.02)).flags()
+    i = flags.index("--slo-latency")
+    assert flags[i + 1] == "0.02" and flags[flags.index("--slo-quantile") + 1] == "0.95"
+    assert "--slo-latency" not in SidecarSpec(policy="smdp", max_batch=8).flags()
+
+
+def test_serve_flags_build_the_slo_config():
+    import argparse
+
+    from plugin.serve_cli import _slo_flags
+
+    assert _slo_flags(argparse.Namespace(default_slo_quantile=None, default_slo_latency_s=None)) is None
+    assert _slo_flags(argparse.Namespace(default_slo_quantile=None, default_slo_latency_s=0.05)) == {"latency_s": 0.05}
+    assert _slo_flags(argparse.Namespace(default_slo_quantile=0.9, default_slo_latency_s=0.05)) == {"latency_s": 0.05, "quantile": 0.9}
+    with pytest.raises(ValueError, match="--slo-latency"):
+        _slo_flags(argparse.Namespace(default_slo_quantile=0.9, default_slo_latency_s=None))
+
+
+def test_ma_delay_is_the_least_power_delay_meeting_the_slo():
+    prof = ServiceProfile.from_csv(ROOT / "profiles" / "v100_resnet50.csv", max_batch=32)
+    model = BatchingModel(rate=0.2 * 32 / prof.mean_s[-1], max_batch=32, profile=prof, idle_power_w=40.0)
+    slo = SloTarget(0.99, 0.02)
+    d = ma_delay(model, slo)
+    assert 0 < d < 0.02
+    times = poisson(model.rate, n=40_000, rng=np.random.default_rng([0, 5]))
+
+    def run(delay):
+        sim, lat = simulate_latencies(prof, TimeoutRule(32, delay), times, idle_power_w=40.0, weight=0.0,
+                                      seed=0, warmup=float(times[800]))
+        return float(np.quantile(lat, 0.99)), sim.mean_power_w
+
+    q, p = run(d)
+    assert q <= 0.02
+    assert p < run(0.0)[1]  # waiting buys power
+    assert run(min(0.02, d + 0.02 / 40))[0] > 0.02 or run(min(0.02, d + 0.02 / 40))[1] >= p
+
+
+def test_the_table_shows_attainment_and_goodput_with_an_slo():
+    from loadtest.metrics import Measured
+
+    cfg = BenchConfig(rates=(100.0,), contenders=(parse_contender("gate:smdp-slo"),), data_plane="python",
+                      slo=SloTarget(0.99, 0.05))
+    m = Measured(100, 100, 0, 0.01, 0.01, 0.02, 0.03, 100.0, 0.11, 100.0, 2.0, 0.5, 1.0, 0.0, 0.0, 1e-3,
+                 slo_attainment=0.995, goodput_rps=99.5)
+    row = BenchRow(100.0, "gate smdp SLO", m, Prediction(), np.zeros(4), np.zeros(3), {}, ())
+    text = format_table(BenchReport(cfg, (row,), 4, "power modelled"))
+    assert "attain" in text and "0.9950" in text and "99.5" in text and "q0.99 of latency <= 50 ms" in text
