@@ -27,9 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from solver import arrivals
-from solver.arrival_model import MMPP2, POISSON
+from solver.arrival_model import MMPP2
 from solver.compare import TIMEOUT_GRID_S
-from solver.evaluate import evaluate
 from solver.fit import fit_arrivals
 from solver.mmpp import solve_mmpp
 from solver.model import BatchingModel, ServiceProfile

@@ -177,7 +177,7 @@ def contender_override(c: Contender, cfg: BenchConfig, compiled=None) -> Batchin
     """The model config a contender runs under."""
     if c.kind == "triton":
         return BatchingOverride(max_queue_delay_us=c.max_queue_delay_us, time_scale=cfg.time_scale,
-                                instances=cfg.instances)
+                                instances=_instances(cfg))
     if c.kind == "config":
         if compiled is None:
             raise ValueError("config mode needs the compiled settings")
@@ -185,7 +185,12 @@ def contender_override(c: Contender, cfg: BenchConfig, compiled=None) -> Batchin
         return BatchingOverride(max_queue_delay_us=s.max_queue_delay_microseconds,
                                 preferred_batch_size=s.preferred_batch_size, time_scale=cfg.time_scale)
     # the merging gate sends whole batches: Triton's batcher has nothing left to do
-    return BatchingOverride(time_scale=cfg.time_scale, dynamic_batching=False, instances=cfg.instances)
+    return BatchingOverride(time_scale=cfg.time_scale, dynamic_batching=False, instances=_instances(cfg))
+
+
+def _instances(cfg: BenchConfig) -> int | None:
+    """The instance count a contender sets: k > 1 as asked; with k = 1 the model's config is left as it is."""
+    return cfg.instances if cfg.instances > 1 else None
 
 
 def _run_contender(c: Contender, cfg: BenchConfig, control: ModelConfigControl, triton_url: str,
@@ -244,7 +249,7 @@ def bench_stack(cfg: BenchConfig, triton_url: str | None = None, progress: Progr
     triton = None
     solver = None
     if triton_url is None:
-        from plugin.triton_server import EmbeddedTriton, TritonConfig
+        from plugin.launcher.triton_server import EmbeddedTriton, TritonConfig
 
         progress(f"starting Triton (embedded, model {cfg.model}) ...")
         t0 = time.monotonic()

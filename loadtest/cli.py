@@ -102,7 +102,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "a running one, or none = in the sidecar (default: %(default)s)")
     p.add_argument("--instances", type=int, default=1,
                    help="run the model with this many instances (its instance_group count): Triton's batcher and "
-                   "the gate fill them all; predictions are for k instances (default: %(default)s)")
+                   "the gate fill them all; predictions are for k instances (default: %(default)s, which leaves "
+                   "the model's config as it is)")
     p.set_defaults(func=_cmd_bench)
 
     d = subparsers.add_parser(
@@ -185,7 +186,7 @@ def _progress(start: float):
 
 
 def _run(args: argparse.Namespace, title: str) -> int:
-    from plugin.triton_server import TritonStartError, TritonUnavailable
+    from plugin.launcher.triton_server import TritonStartError, TritonUnavailable
     from solver.model import ModelError
 
     from .bench import format_table, run_bench, write_outputs
@@ -228,7 +229,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_pareto(args: argparse.Namespace) -> int:
-    from plugin.triton_server import TritonStartError, TritonUnavailable
+    from plugin.launcher.triton_server import TritonStartError, TritonUnavailable
     from solver.model import ModelError
 
     from .pareto import ParetoConfig, run_pareto, write_pareto

@@ -198,11 +198,18 @@ class SidecarConfig(BaseModel):
         0.25, gt=0, description="How often adaptive models check whether their policy must be re-solved, seconds"
     )
     rate_window_s: float = Field(10.0, gt=0, description="Sliding window of the arrival-rate estimator, seconds")
+    arrival_group_window: float = Field(
+        0.01, ge=0, allow_inf_nan=False,
+        description="Adaptive models learn how requests clump: an arrival within this many mean interarrival "
+        "times of the previous one joins its group, and once the mean group size is significantly above 1.1 the "
+        "policy is solved for compound-Poisson arrivals with the learned group sizes (plugin/arrival_estimator.py; "
+        "not for SLO or k-instance solves). 0 = assume Poisson",
+    )
     long_run_window_s: float = Field(
         600.0, ge=0,
         description="Horizon of the long-run mean arrival rate, seconds: adaptive models solve each regime with "
         "w x long-run rate / current rate, which is what minimises the long-run mean response time + w x mean "
-        "power when the rate moves (plugin/adaptive.py); at a steady rate that is w. 0 = solve with w as is",
+        "power when the rate moves (plugin/loop/controller.py); at a steady rate that is w. 0 = solve with w as is",
     )
     triton_metrics_url: str | None = Field(
         "auto",

@@ -45,6 +45,15 @@ class LatencyWindow:
             self._times.popleft()
             self._values.popleft()
 
+    def mean_since(self, since: float, now: float) -> tuple[float, float, int] | None:
+        """(mean, standard deviation, count) of the answers at or after ``since`` still in the window."""
+        self._prune(now)
+        t = np.fromiter(self._times, dtype=float, count=len(self._times))
+        v = np.fromiter(self._values, dtype=float, count=len(self._values))[t >= since]
+        if v.size == 0:
+            return None
+        return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.inf, int(v.size)
+
     def summary(self, now: float, quantile: float, latency_s: float) -> LatencySummary | None:
         """The q-quantile and the share <= latency_s over the window; None without answers in it."""
         self._prune(now)

@@ -379,6 +379,10 @@ def evaluate_mmpp(model: BatchingModel, policy: PhasePolicy | PolicyTable, trunc
 
     Beyond the tables: serve min(n, B). N grows by half until the cost moves by less than 1e-10.
     """
+    for table in policy.tables if isinstance(policy, PhasePolicy) else (policy,):
+        if table.beyond_batch != model.max_batch:
+            raise ModelError(f"a table that serves batches of {table.beyond_batch} above its end (a static policy) "
+                             "is not evaluated under an MMPP: the drain above N serves full batches")
     law = count_law(model)
     N = _start_truncation(model, policy) if truncation is None else int(truncation)
     previous = None

@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 
 from smdp.v1 import smdp_pb2, smdp_pb2_grpc
+from solver.arrival_model import MMPP2, POISSON, ArrivalModel, CompoundPoisson
 from solver.model import BatchingModel, ModelError, ServiceProfile
 from solver.policy import PolicyTable
 from solver.result import SolveResult
@@ -54,6 +55,26 @@ def profile_message(profile: ServiceProfile) -> smdp_pb2.Profile:
     )
 
 
+def arrivals_message(arrivals: ArrivalModel) -> smdp_pb2.Arrivals:
+    """The arrival model as sent (Poisson: empty; an MMPP is refused, the service has no phase tables)."""
+    if isinstance(arrivals, MMPP2):
+        raise ModelError(f"the solver service does not solve {arrivals.spec} (a table per phase): "
+                         "solve it in process with solver.mmpp")
+    if isinstance(arrivals, CompoundPoisson):
+        return smdp_pb2.Arrivals(mean_group_size=arrivals.group_mean,
+                                 group_pmf=[] if arrivals.group_pmf is None else list(arrivals.group_pmf))
+    return smdp_pb2.Arrivals()
+
+
+def parse_arrivals_message(msg: smdp_pb2.Arrivals) -> ArrivalModel:
+    if msg.group_pmf:
+        return CompoundPoisson.empirical(list(msg.group_pmf))
+    g = msg.mean_group_size
+    if g == 0.0 or g == 1.0:
+        return POISSON
+    return CompoundPoisson(g)
+
+
 def solve_request(
     model: BatchingModel,
     method: str = "pi",
@@ -70,6 +91,7 @@ def solve_request(
         method=method,
         warm_start_policy=[] if warm_start is None else warm_start.actions.tolist(),
         truncation=truncation or 0,
+        arrivals=arrivals_message(model.arrivals),
     )
 
 
@@ -103,6 +125,7 @@ def parse_request(req: smdp_pb2.SolveRequest) -> ParsedRequest:
         profile=profile,
         idle_power_w=req.idle_power_w,
         weight=req.weight,
+        arrivals=parse_arrivals_message(req.arrivals),
     )
     method = req.method or "pi"
     warm = None
@@ -135,6 +158,7 @@ def solve_reply(result: SolveResult, *, cached: bool, warm_started: bool) -> smd
         capacity_rps=m.capacity,
         load=m.load,
         max_batch=m.max_batch,
+        arrivals=arrivals_message(m.arrivals),
     )
     k = result.threshold()
     if k is not None:
@@ -163,6 +187,8 @@ def family_key(model: BatchingModel, method: str, truncation: int | None) -> str
     for arr in (pr.mean_s, pr.energy_j, pr.cv):
         h.update(np.ascontiguousarray(arr, dtype="<f8").tobytes())
     h.update(repr((model.max_batch, float(model.idle_power_w), method, truncation)).encode())
+    # policies for another arrival model neither answer nor warm-start this one
+    h.update(arrivals_message(model.arrivals).SerializeToString(deterministic=True))
     return h.hexdigest()
 
 
@@ -363,6 +389,7 @@ class RemoteSolution:
     method: str
     capacity_rps: float
     load: float
+    arrivals: ArrivalModel = POISSON
 
     @classmethod
     def from_reply(cls, reply: smdp_pb2.SolveReply) -> "RemoteSolution":
@@ -385,6 +412,7 @@ class RemoteSolution:
             method=reply.method,
             capacity_rps=reply.capacity_rps,
             load=reply.load,
+            arrivals=parse_arrivals_message(reply.arrivals),
         )
 
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from solver.evaluate import MAX_TRUNCATION, summarize, table_actions
 from solver.model import BatchingModel, ModelError
-from solver.pi import LINEAR_SOLVERS, evaluate_policy, policy_iteration
+from solver.pi import LINEAR_SOLVERS, control_limit_search, evaluate_policy, policy_iteration
 from solver.policy import PolicyTable
 from solver.result import SolveResult
 from solver.rvi import relative_value_iteration
@@ -105,6 +105,7 @@ def solve(
     linear_solver: str | None = None,
     growth: float = GROWTH,
     resume_warm_start: bool = True,
+    control_limit_start: bool = False,
 ) -> SolveResult:
     """Optimal stationary policy of ``model`` (minimal J = W + w P).
 
@@ -120,7 +121,12 @@ def solve(
     growth: factor between successive sizes of the automatic truncation (> 1; module docstring).
     resume_warm_start: with automatic N and a warm start, begin the search one step below the warm
     start's size instead of at ``initial_truncation`` (never below it). ``growth=1.5,
-    resume_warm_start=False`` is the search as it was before (kept for comparison).
+    resume_warm_start=False, linear_solver="dense"`` is the solver as it was before (kept for
+    comparison).
+    control_limit_start: without a warm start, start PI from the best control-limit policy
+    (``solver.pi.control_limit_search``) instead of greedy; PI still decides, so the answer is the
+    same. Off by default: on the V100 profiles the search costs more evaluations than it saves
+    (docs/notes/issue-18.md).
     """
     started = time.perf_counter()
     if model.instances != 1:
@@ -159,6 +165,10 @@ def solve(
             while _grow(_grow(N, growth), growth) <= reach:
                 N = _grow(N, growth)
     start = None if warm_start is None else _start_actions(model, warm_start, N + 1)
+    searched = 0
+    if start is None and control_limit_start and method == "pi":
+        found = control_limit_search(build(model, N, tail), linear_solver)
+        start, searched = found.actions, found.evaluations
     sizes: list[int] = []
     gains: list[float] = []
     iterations = 0
@@ -197,7 +207,7 @@ def solve(
         mean_power_w=ev.mean_power_w,
         throughput_rps=ev.throughput_rps,
         mean_batch=ev.mean_batch,
-        iterations=iterations,
+        iterations=iterations + searched,
         converged=bool(ok and settled),
         solve_time_s=time.perf_counter() - started,
         truncation=N,

@@ -178,6 +178,28 @@ def test_doubles_are_laid_out_as_rapidjson_writes_them(x, text):
     assert float(text) == x
 
 
+# (float32 output of cpu_mlp, as Triton 2.51's HTTP endpoint wrote it): Grisu2's digits, which are
+# not Python's shortest repr (2.3587534427642822, 0.41583219170570374, ...) but read back the same.
+TRITON_WROTE = ["2.3587534427642824", "0.41583219170570376", "-0.49006757140159609", "1.1590299606323243",
+                "1.7001383304595948", "-0.16265162825584413", "-0.2916126549243927", "0.067746102809906",
+                "-1.275307536125183", "0.08854535222053528"]
+
+
+@pytest.mark.parametrize("text", TRITON_WROTE)
+def test_doubles_get_tritons_digits_not_the_shortest(text):
+    assert format_double(float(text)) == text
+
+
+def test_doubles_read_back_exactly():
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.standard_normal(2000).astype(np.float32).astype(np.float64),
+                             rng.standard_normal(2000) * 10.0 ** rng.integers(-300, 300, 2000),
+                             [5e-324, 2.2250738585072014e-308, 1.7976931348623157e308, 1e-7, 123456789012345678.0]])
+    for v in values.tolist():
+        assert float(format_double(v)) == v
+        assert float(format_double(-v)) == -v
+
+
 def test_json_strings_and_error_bodies():
     assert json_string(b'a"b\\c\n\x1f\x7f/') == b'"a\\"b\\\\c\\n\\u001F\x7f/"'
     assert json.loads(error_body("bad 'x'\n")) == {"error": "bad 'x'\n"}

@@ -70,7 +70,7 @@ def test_the_sidecar_builds_the_k_instance_policy_and_the_gate_follows_m():
 def test_the_adaptive_loop_solves_for_k_instances_and_installs_a_rule_that_sees_m():
     import asyncio
 
-    from plugin.adaptive import LearningConfig, PolicyController
+    from plugin.loop.controller import LearningConfig, PolicyController
     from solver.model import ServiceProfile
 
     profile = ServiceProfile.from_csv(PROFILE, max_batch=64)
@@ -91,6 +91,13 @@ def test_the_adaptive_loop_solves_for_k_instances_and_installs_a_rule_that_sees_
     assert c.current is not None and c.current.table is not None and c.current.table.instances == 2
     assert c.current.rate_rps == 1.5 * cap  # above one instance's capacity: solved, not capped
     assert len(installed) == 1 and isinstance(installed[0], GateRule) and len(installed[0].busy_tables) == 1
+
+    from solver.slo import SloTarget
+
+    c.set_slo(SloTarget(0.99, 0.05))  # the SLO search is one-instance: k instances solve J and say so
+    asyncio.run(go())
+    assert len(installed) == 2 and isinstance(installed[1], GateRule)
+    assert c.note.startswith("SLO search is for one instance")
 
 
 def test_the_real_stack_bench_measures_idle_power_per_instance():

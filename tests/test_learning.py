@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from plugin.adaptive import LearningConfig, PolicyController, learning_options
+from plugin.loop.controller import LearningConfig, PolicyController, learning_options
 from plugin.config import load_config
 from plugin.control_backend import SidecarControl
-from plugin.estimator import ProfileLearner
+from plugin.loop.profile import ProfileLearner
 from plugin.metrics import SidecarMetrics
 from plugin.server import BatchStats
 from solver.model import BatchingModel, ServiceProfile
@@ -242,7 +242,7 @@ def stats_with(batches: dict[int, int], started: float) -> BatchStats:
 
 
 def fake_sidecar(c: PolicyController, st: BatchStats, clock: Clock):
-    gate = SimpleNamespace(queue_length=0, in_flight=0, counters=SimpleNamespace(rejected=0, expired=0))
+    gate = SimpleNamespace(queue_length=0, in_flight=0, slots=1, counters=SimpleNamespace(rejected=0, expired=0))
     info = SimpleNamespace(rule=greedy(B), max_batch=B, spec="smdp")
     state = SimpleNamespace(gate=gate, info=info, stats=st, controller=c, profile=c.prior)
     return SimpleNamespace(models=lambda: {("m", ""): state}, clock=clock, metrics=SidecarMetrics(B),

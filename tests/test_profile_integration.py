@@ -195,7 +195,7 @@ def test_unknown_model_is_not_found_naming_it(triton, capsys, tmp_path):
 
 
 def test_unreachable_triton(capsys, tmp_path):
-    from plugin.triton_server import free_port
+    from plugin.launcher.triton_server import free_port
 
     url = f"127.0.0.1:{free_port()}"
     code, _, err = run_cli(capsys, "--triton", url, "--model", "cpu_mlp", "--out", str(tmp_path / "p.csv"))

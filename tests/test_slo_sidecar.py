@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plugin.adaptive import PolicyController
+from plugin.loop.controller import PolicyController
 from plugin.latency_window import LatencyWindow
 from plugin.metrics import PREFIX, SidecarMetrics, latency_buckets_with
 from solver.arrivals import poisson
@@ -158,3 +158,63 @@ def test_histogram_buckets_carry_the_slo_edge():
     assert m.registry.get_sample_value(PREFIX + "request_latency_seconds_bucket", {"model": "m", "le": "0.013"}) == 1
     with pytest.raises(ValueError):
         latency_buckets_with([math.nan])
+
+
+def test_measured_overhead_tightens_the_searched_bound(prior):
+    """Answers that run 2 ms above the model's prediction make the next search aim 2 ms below D."""
+    async def go():
+        clock = Clock()
+        c, installed = _controller(prior, clock, 0.05 * B / prior.mean_s[-1])
+        d = 0.01
+        c.set_slo(SloTarget(0.99, d))
+        await _tick(c, clock.t)
+        first = c.current
+        assert c.slo_offset_s == 0.0
+        rng = np.random.default_rng(1)
+        for i in range(300):  # the policy in force, measured: its predicted mean plus 2 ms, with noise
+            c.observe_latency(clock.t + 0.001 * i, first.mean_latency_s + 0.002 + rng.normal(0, 0.001))
+        clock.t += 0.5
+        assert await _tick(c, clock.t)  # the offset moved by more than 2% of D: solved again at once
+        assert c.slo_offset_s == pytest.approx(0.002, abs=3e-4)
+        again = c.current
+        assert again.slo.quantile_s + again.slo.ci95_s <= d - c.slo_offset_s
+        assert f"D - {c.slo_offset_s * 1e3:.2f} ms" in c.note
+        # the same excess measured under the new policy changes nothing
+        for i in range(300):
+            c.observe_latency(clock.t + 0.001 * i, again.mean_latency_s + 0.002 + rng.normal(0, 0.001))
+        clock.t += 1.5
+        assert not await _tick(c, clock.t)
+        c.set_slo(SloTarget(0.99, d))
+        assert c.slo_offset_s == 0.0  # a new SLO starts from the model again
+
+    asyncio.run(go())
+
+
+def test_the_slo_search_assumes_the_measured_spread_of_batch_times(prior):
+    from plugin.loop.controller import LearningConfig
+
+    async def go():
+        clock = Clock()
+        c = PolicyController("m", prior, max_batch=B, idle_power_w=40.0, weight=1e-3, install=lambda p: None,
+                             clock=clock, initial_rate=0.3 * B / prior.mean_s[-1], window_s=5.0, long_run_s=0.0,
+                             learning=LearningConfig(min_samples=30, telemetry_interval_s=1e9))
+        assert c.slo_service_cv() is None  # nothing measured: the profile's own law
+        c.set_slo(SloTarget(0.99, 0.015))
+        await _tick(c, clock.t)
+        tight = c.current
+        rng = np.random.default_rng(2)
+        for b in (8, 16):
+            tau = float(prior.mean_s[b - 1])
+            for x in rng.gamma(1 / 0.6**2, tau * 0.6**2, size=400):  # CV 0.6 around the profile's means
+                c.observe_batch(b, float(x))
+        assert c.slo_service_cv() == pytest.approx(0.6, rel=0.15)
+        c.set_slo(SloTarget(0.99, 0.015))  # solve again, now with the measured spread
+        await _tick(c, clock.t)
+        spread = c.current
+        # the same SLO under the wider law: still met by prediction, and the tail it predicts is longer
+        # (D = 15 ms leaves both searches their unguarded w table: the difference is the law alone)
+        assert spread.slo.quantile_s + spread.slo.ci95_s <= 0.015 and spread.max_wait_s is None
+        assert spread.slo.quantile_s - spread.slo.ci95_s > tight.slo.quantile_s + tight.slo.ci95_s
+        assert spread.mean_latency_s > tight.mean_latency_s
+
+    asyncio.run(go())

@@ -485,3 +485,61 @@ def test_banded_evaluation_equals_the_dense_one(B, N, cv):
         assert b.gain == pytest.approx(d.gain, rel=1e-12)
         np.testing.assert_allclose(b.h, d.h, rtol=1e-10, atol=1e-12 * np.max(np.abs(d.h)))
         np.testing.assert_allclose(b.pi, d.pi, rtol=1e-9, atol=1e-15)
+
+
+# --- the control-limit family (Deb & Serfozo) ------------------------------------------------------
+
+
+def constant_service(B: int, load: float, weight: float, cv: float = 0.0) -> BatchingModel:
+    """Deb & Serfozo's setting: a batch of any size takes the same time and energy."""
+    prof = ServiceProfile.affine(B, 0.0, 0.004, 0.0, 0.6, cv=cv)
+    m = BatchingModel(rate=1.0, max_batch=B, profile=prof, idle_power_w=40.0, weight=weight)
+    return m.with_(rate=load * m.capacity)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [v100(8, 0.5, 1e-4), v100(16, 0.9, 1e-5, 1.0), v100(32, 0.3, 1e-3), v100(64, 0.6, 1e-4, 1.0),
+     constant_service(16, 0.5, 1e-5), constant_service(64, 0.3, 1e-5)],
+)
+def test_control_limit_search_finds_the_best_limit_of_the_family(model):
+    from solver.pi import control_limit, control_limit_search, evaluate_policy
+    from solver.tail import build
+
+    smdp = build(model, solve(model).truncation)
+    found = control_limit_search(smdp)
+    gains = [evaluate_policy(smdp, control_limit(smdp.n_states, model.max_batch, t)).gain
+             for t in range(1, model.max_batch + 1)]
+    assert found.limit == int(np.argmin(gains)) + 1
+    assert found.values.gain == pytest.approx(min(gains), rel=1e-12)
+    assert found.evaluations < model.max_batch or model.max_batch <= 8
+
+
+@pytest.mark.parametrize("B,load,w,cv,limit", [(16, 0.5, 1e-5, 0.0, 7), (16, 0.3, 1e-4, 0.0, 11),
+                                                (32, 0.2, 3e-5, 0.0, 8), (64, 0.3, 1e-5, 0.0, 15),
+                                                (16, 0.7, 1e-4, 0.5, 16)])
+def test_with_size_independent_service_the_optimum_is_the_best_control_limit(B, load, w, cv, limit):
+    """Deb & Serfozo (1973): policy iteration over all policies lands on a control limit, the one
+    the family search picks, with the same gain."""
+    from solver.pi import control_limit_search
+    from solver.tail import build
+
+    m = constant_service(B, load, w, cv)
+    res = solve(m)
+    found = control_limit_search(build(m, res.truncation))
+    assert res.policy.threshold() == found.limit == limit
+    np.testing.assert_array_equal(res.policy.actions, found.actions)
+    assert found.values.gain == pytest.approx(res.gain, rel=1e-12)
+    started = solve(m, control_limit_start=True)
+    assert started.gain == pytest.approx(res.gain, rel=1e-12)
+    np.testing.assert_array_equal(started.policy.actions, res.policy.actions)
+
+
+@pytest.mark.parametrize("B,load,w,cv", [(8, 0.5, 1e-4, 0.0), (32, 0.6, 1e-4, 1.0), (64, 0.6, 1e-4, 1.0)])
+def test_a_control_limit_start_changes_nothing_but_the_path(B, load, w, cv):
+    """Where the optimum is not a control limit (V100, CV 1) PI from the family's best still finds it."""
+    m = v100(B, load, w, cv)
+    greedy_start, cl_start = solve(m), solve(m, control_limit_start=True)
+    assert cl_start.gain == pytest.approx(greedy_start.gain, rel=1e-10)
+    common = min(cl_start.truncation, greedy_start.truncation) + 1
+    np.testing.assert_array_equal(cl_start.policy.actions[:common], greedy_start.policy.actions[:common])

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from smdp.v1 import smdp_pb2_grpc
-from solver.model import BatchingModel, ServiceProfile
+from solver.model import BatchingModel, ModelError, ServiceProfile
 from solver.service import (
     SERVICE_NAME,
     AsyncSolverClient,
@@ -286,3 +286,23 @@ def test_concurrent_identical_requests_solve_once() -> None:
         t.join(30)
     assert len(calls) == 1 and sorted(r.cached for r in replies) == [False, True]
     assert replies[0].gain == replies[1].gain
+
+
+def test_arrival_model_travels_and_keys_the_cache(served, client: SolverClient) -> None:
+    from solver.arrival_model import MMPP2, CompoundPoisson
+
+    service, _ = served
+    grouped = model(rate=RATE * 0.7).with_(arrivals=CompoundPoisson(3.0))
+    plain = client.solve(model(rate=RATE * 0.7))
+    remote = client.solve(grouped)
+    direct = solve(grouped)
+    assert not remote.cached  # a Poisson policy at the same rate and weight does not answer for groups
+    assert remote.arrivals == CompoundPoisson(3.0) and plain.arrivals.spec == "poisson"
+    assert np.array_equal(remote.policy.actions, direct.policy.actions)
+    assert remote.gain == pytest.approx(direct.gain, rel=1e-12)
+    assert remote.gain != pytest.approx(plain.gain, rel=1e-6)
+    emp = model(rate=RATE * 0.7).with_(arrivals=CompoundPoisson.empirical([0.0, 0.5, 0.0, 0.5]))
+    assert client.solve(emp).gain == pytest.approx(solve(emp).gain, rel=1e-12)
+    mm = MMPP2((2.0 * RATE * 0.7, 0.0), (1.0, 1.0))
+    with pytest.raises(ModelError, match="solver.mmpp"):
+        solve_request(model(rate=mm.mean_rate).with_(arrivals=mm))

@@ -19,7 +19,7 @@ class Profile(_message.Message):
     def __init__(self, batch_size: _Optional[_Iterable[int]] = ..., mean_service_s: _Optional[_Iterable[float]] = ..., batch_energy_j: _Optional[_Iterable[float]] = ..., service_cv: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class SolveRequest(_message.Message):
-    __slots__ = ("rate_rps", "weight", "idle_power_w", "max_batch", "profile", "method", "warm_start_policy", "truncation")
+    __slots__ = ("rate_rps", "weight", "idle_power_w", "max_batch", "profile", "method", "warm_start_policy", "truncation", "arrivals")
     RATE_RPS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     IDLE_POWER_W_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class SolveRequest(_message.Message):
     METHOD_FIELD_NUMBER: _ClassVar[int]
     WARM_START_POLICY_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    ARRIVALS_FIELD_NUMBER: _ClassVar[int]
     rate_rps: float
     weight: float
     idle_power_w: float
@@ -36,10 +37,19 @@ class SolveRequest(_message.Message):
     method: str
     warm_start_policy: _containers.RepeatedScalarFieldContainer[int]
     truncation: int
-    def __init__(self, rate_rps: _Optional[float] = ..., weight: _Optional[float] = ..., idle_power_w: _Optional[float] = ..., max_batch: _Optional[int] = ..., profile: _Optional[_Union[Profile, _Mapping]] = ..., method: _Optional[str] = ..., warm_start_policy: _Optional[_Iterable[int]] = ..., truncation: _Optional[int] = ...) -> None: ...
+    arrivals: Arrivals
+    def __init__(self, rate_rps: _Optional[float] = ..., weight: _Optional[float] = ..., idle_power_w: _Optional[float] = ..., max_batch: _Optional[int] = ..., profile: _Optional[_Union[Profile, _Mapping]] = ..., method: _Optional[str] = ..., warm_start_policy: _Optional[_Iterable[int]] = ..., truncation: _Optional[int] = ..., arrivals: _Optional[_Union[Arrivals, _Mapping]] = ...) -> None: ...
+
+class Arrivals(_message.Message):
+    __slots__ = ("mean_group_size", "group_pmf")
+    MEAN_GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_PMF_FIELD_NUMBER: _ClassVar[int]
+    mean_group_size: float
+    group_pmf: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, mean_group_size: _Optional[float] = ..., group_pmf: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class SolveReply(_message.Message):
-    __slots__ = ("policy", "gain", "mean_latency_s", "mean_power_w", "throughput_rps", "mean_batch", "threshold", "iterations", "converged", "solve_time_s", "truncation", "cached", "warm_started", "solved_rate_rps", "solved_weight", "method", "capacity_rps", "load", "max_batch")
+    __slots__ = ("policy", "gain", "mean_latency_s", "mean_power_w", "throughput_rps", "mean_batch", "threshold", "iterations", "converged", "solve_time_s", "truncation", "cached", "warm_started", "solved_rate_rps", "solved_weight", "method", "capacity_rps", "load", "max_batch", "arrivals")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     GAIN_FIELD_NUMBER: _ClassVar[int]
     MEAN_LATENCY_S_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +69,7 @@ class SolveReply(_message.Message):
     CAPACITY_RPS_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    ARRIVALS_FIELD_NUMBER: _ClassVar[int]
     policy: _containers.RepeatedScalarFieldContainer[int]
     gain: float
     mean_latency_s: float
@@ -78,7 +89,8 @@ class SolveReply(_message.Message):
     capacity_rps: float
     load: float
     max_batch: int
-    def __init__(self, policy: _Optional[_Iterable[int]] = ..., gain: _Optional[float] = ..., mean_latency_s: _Optional[float] = ..., mean_power_w: _Optional[float] = ..., throughput_rps: _Optional[float] = ..., mean_batch: _Optional[float] = ..., threshold: _Optional[int] = ..., iterations: _Optional[int] = ..., converged: _Optional[bool] = ..., solve_time_s: _Optional[float] = ..., truncation: _Optional[int] = ..., cached: _Optional[bool] = ..., warm_started: _Optional[bool] = ..., solved_rate_rps: _Optional[float] = ..., solved_weight: _Optional[float] = ..., method: _Optional[str] = ..., capacity_rps: _Optional[float] = ..., load: _Optional[float] = ..., max_batch: _Optional[int] = ...) -> None: ...
+    arrivals: Arrivals
+    def __init__(self, policy: _Optional[_Iterable[int]] = ..., gain: _Optional[float] = ..., mean_latency_s: _Optional[float] = ..., mean_power_w: _Optional[float] = ..., throughput_rps: _Optional[float] = ..., mean_batch: _Optional[float] = ..., threshold: _Optional[int] = ..., iterations: _Optional[int] = ..., converged: _Optional[bool] = ..., solve_time_s: _Optional[float] = ..., truncation: _Optional[int] = ..., cached: _Optional[bool] = ..., warm_started: _Optional[bool] = ..., solved_rate_rps: _Optional[float] = ..., solved_weight: _Optional[float] = ..., method: _Optional[str] = ..., capacity_rps: _Optional[float] = ..., load: _Optional[float] = ..., max_batch: _Optional[int] = ..., arrivals: _Optional[_Union[Arrivals, _Mapping]] = ...) -> None: ...
 
 class ModelRequest(_message.Message):
     __slots__ = ("model",)

@@ -37,6 +37,15 @@ response time is <= D), run in a worker thread in-process also when a solver ser
 weight, a learned profile). Its guard travels with the policy (``Solution.max_wait_s``) to either
 data plane. When no policy meets D the search returns greedy; the note, the log and the status say
 so. An SLO and a mean latency target exclude each other: setting one clears the other.
+The model does not see what the gate adds to every request (the hop, merge and split, gRPC): on the
+real stack the measured latencies run a few ms above the predicted ones, and a search that puts the
+q-quantile right at D then misses it. So the controller keeps measuring: once the policy in force
+has ``SLO_OFFSET_MIN_SAMPLES`` answers, the excess of their mean over the predicted mean (an
+additive offset, never negative) is what the next search subtracts from D; a change of the offset
+by more than 2% of D, and beyond three standard errors, asks for that search at once. A shift of the
+mean does not widen the tail, though: the spread of the batch times the gate measures does. When
+the profile is learned, the search's service law is gamma with the CV measured at the sizes with
+``profile_min_samples`` batches (their median), instead of the profile's own (``slo_service_cv``).
 
 Telemetry, off the hot path: every ``telemetry_interval_s`` a task reads Triton's statistics API
 (``compute_infer`` per batch size, kept beside the gate's own figures) and Triton's Prometheus
@@ -48,24 +57,34 @@ report says so. The measured W and P are published to the metrics at the same pa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+from scipy.stats import t as t_dist
+
 from solver import quantities
+from solver.arrival_model import POISSON, ArrivalModel
 from solver.model import BatchingModel, ModelError, ServiceProfile
 from solver.policy import GateRule, InstanceTable, PolicyTable, greedy
-
 from solver.slo import SloTarget
 
-from .estimator import PowerReading, PowerSource, ProfileDrift, ProfileLearner, RateEstimator, fetch_metrics
-from .latency_window import LatencySummary, LatencyWindow
+from ..arrival_estimator import GroupEstimator
+from ..latency_window import LatencySummary, LatencyWindow
+from .profile import ProfileDrift, ProfileLearner
+from .rate import RateEstimator
+from .telemetry import PowerReading, PowerSource, fetch_metrics
 
 log = logging.getLogger("smdp.adaptive")
 
 WEIGHT_SEARCH_MAX = 1.0
 """Upper end of the latency-target weight search, seconds per watt (far past any useful trade-off)."""
+
+SLO_OFFSET_MIN_SAMPLES = 200
+"""Answers under the policy in force before its measured-minus-predicted latency offset counts (module doc)."""
 
 WEIGHT_SCALE_MAX = 10.0
 """The long-run weight scale lambda_bar / lambda is kept within [1/10, 10]: further out (a near-silent
@@ -125,6 +144,8 @@ class Solution:
     """What the SLO search predicted, for a solve made for an SLO."""
     table: InstanceTable | None = None
     """With k > 1 instances: the k-instance table a(n, m) the gate runs (``policy`` is its row m = 0)."""
+    arrivals: ArrivalModel = POISSON
+    """The arrival model the policy was solved for (groups learned online, ``plugin.arrival_estimator``)."""
 
     @property
     def rule(self) -> PolicyTable | GateRule:
@@ -211,8 +232,11 @@ class PolicyController:
         stats: Any = None,
         metrics: Any = None,
         instances: int = 1,
+        group_window_gaps: float = 0.0,
     ) -> None:
         self.model = model
+        self.groups: GroupEstimator | None = GroupEstimator(group_window_gaps) if group_window_gaps > 0 else None
+        """Learns how requests clump; single-instance, non-SLO solves use its model (None: Poisson)."""
         self.instances = instances
         """k: model instances the gate fills; k > 1 is solved as a(n, m) (``solver.instances``)."""
         self.profile = profile.truncated(max_batch) if profile.max_batch != max_batch else profile
@@ -224,6 +248,9 @@ class PolicyController:
         self.latency_target_s: float | None = None
         self.slo: SloTarget | None = None
         """The tail-latency SLO the policy is searched for (module doc); None: plain J = W + w P."""
+        self.slo_offset_s = 0.0
+        """Measured minus predicted mean latency the SLO search subtracts from D (module doc)."""
+        self._offset_checked_at = -math.inf
         self.latencies = LatencyWindow(window_s)
         self._install = install
         self._clock = clock
@@ -273,6 +300,8 @@ class PolicyController:
     # -- inputs ------------------------------------------------------------------------------
     def observe_arrival(self, t: float) -> None:
         self.rate.observe(t)
+        if self.groups is not None:
+            self.groups.observe(t)
         if self.long_run is not None:
             self.long_run.observe(t)
 
@@ -386,9 +415,24 @@ class PolicyController:
         if r is not None:
             parts.append(f"power measured from Triton ({r.source})" if not r.modelled else
                          "power modelled from the profile (e(b) per batch + P0 idle): Triton reports no GPU power")
+        if self.groups is not None:
+            parts.append(self.clumping_summary())
         if self.telemetry_note:
             parts.append(self.telemetry_note)
         return "; ".join(parts)
+
+    def clumping_summary(self) -> str:
+        """What the group estimator has learned and what the policy in force was solved for."""
+        g = self.groups
+        if g is None:
+            return "arrivals: assumed Poisson"
+        est = g.mean_group()
+        solved = self.current.arrivals.spec if self.current is not None else "nothing yet"
+        if est is None:
+            return f"arrivals: {g.groups} groups so far (learning), policy solved for {solved}"
+        disp = g.index_of_dispersion()
+        return (f"arrivals: mean group {est[0]:.3f}+-{est[1]:.3f} over {g.groups} groups, index of dispersion "
+                f"{disp:.3f}; policy solved for {solved}")
 
     # -- telemetry (asyncio plumbing around the pure parts) ---------------------------------
     def _telemetry_due(self, now: float) -> None:
@@ -438,6 +482,7 @@ class PolicyController:
         if target is not None and not isinstance(target, SloTarget):
             raise ValueError(f"SLO must be an SloTarget, got {type(target).__name__}")
         self.slo = target
+        self.slo_offset_s = 0.0
         if target is not None:
             self.latency_target_s = None
         elif self._metrics is not None:
@@ -486,6 +531,8 @@ class PolicyController:
                 and not est.contains(ref)
             ):
                 return est.rate, True
+            if ref is not None and now - self.installed_at >= self.refresh_s and self._clumping_moved():
+                return est.rate, True
             return None
         if rate.reference is not None and rate.changed(now) and rate.alarm == "down":  # (a silence counts)
             # A drop, not yet settled. The settling wait guards against solving for an overstated
@@ -507,10 +554,44 @@ class PolicyController:
             return rate_rps, rate.reference is None
         return None
 
+    def slo_service_cv(self) -> float | None:
+        """The batch-time CV the SLO search assumes: the median over the sizes with enough batches of
+        their measured CV (from the learner's t interval of the mean); None without such sizes."""
+        if self.learner is None:
+            return None
+        cvs = []
+        for e in self.learner.sizes(self.profile):
+            if e.n >= max(self.learning.min_samples, 2) and math.isfinite(e.ci_s) and e.mean_s > 0:
+                sd = e.ci_s * math.sqrt(e.n) / float(t_dist.ppf(0.975, e.n - 1))
+                cvs.append(sd / e.mean_s)
+        return float(np.median(cvs)) if cvs else None
+
+    def check_slo_offset(self, now: float) -> bool:
+        """Update the SLO's measured-minus-predicted offset (module doc); True when it asks for a solve."""
+        sol = self.current
+        if self.slo is None or sol is None or sol.slo is None or not math.isfinite(sol.mean_latency_s):
+            return False
+        if now - self._offset_checked_at < 1.0:  # an O(window) look: once a second is plenty
+            return False
+        self._offset_checked_at = now
+        stats = self.latencies.mean_since(self.installed_at, now)
+        if stats is None or stats[2] < SLO_OFFSET_MIN_SAMPLES:
+            return False
+        mean, sd, n = stats
+        offset = max(0.0, mean - sol.mean_latency_s)
+        change = abs(offset - self.slo_offset_s)
+        if change <= 0.02 * self.slo.latency_s or change <= 3.0 * sd / math.sqrt(n):
+            return False
+        self.slo_offset_s = offset
+        self._dirty = True
+        return True
+
     def tick(self, now: float) -> asyncio.Task | None:
         """Learn, read telemetry when due, and start a re-solve if one is due; returns its task."""
         self.learn(now)
         self._telemetry_due(now)
+        if self._task is None or self._task.done():
+            self.check_slo_offset(now)
         due = self.due(now)
         if due is None:
             return None
@@ -544,8 +625,8 @@ class PolicyController:
             self.note = ""
         solved = solution.solved_weight if solution.solved_weight is not None else solution.weight
         log.info(
-            "%s: policy v%d for %.1f req/s, w=%.3g solved as %.3g (%s): threshold %s, predicted W %.3f ms, P %.1f W",
-            self.model, self.version, solution.rate_rps, solution.weight, solved,
+            "%s: policy v%d for %.1f req/s (%s), w=%.3g solved as %.3g (%s): threshold %s, predicted W %.3f ms, P %.1f W",
+            self.model, self.version, solution.rate_rps, solution.arrivals.spec, solution.weight, solved,
             solution.source + ", " + solution.profile_source,
             solution.policy.threshold(), solution.mean_latency_s * 1e3, solution.mean_power_w,
         )
@@ -566,8 +647,15 @@ class PolicyController:
             self.note = (f"estimated rate {rate:.1f}/s is within its confidence interval of capacity "
                          f"{capacity:.1f}/s: solved for {NEAR_CAPACITY * capacity:.1f}/s")
             rate = NEAR_CAPACITY * capacity
-        if self.slo is not None:
+        if self.slo is not None and self.instances > 1:
+            self.note = (f"SLO search is for one instance and this model has {self.instances}: "
+                         "solved for J = W + w P over k instances instead")
+            return await self._solve(rate, self.weight)
+        if self.slo is not None and self.instances == 1:
             return await self._solve_slo(rate, self.slo)
+        if self.slo is not None:  # the SLO search models one server; k instances get their J policy
+            self.note = (f"SLO not applied: the SLO search models one instance and this model has {self.instances}; "
+                         "serving the k-instance policy for J = W + w P")
         if self.latency_target_s is None:
             return await self._solve(rate, self.weight)
         return await self._search_weight(rate, self.latency_target_s)
@@ -577,18 +665,28 @@ class PolicyController:
         from solver.slo import solve_slo
 
         solved_weight = self.weight * self.weight_scale(rate, self._clock())
-        model = BatchingModel(rate=rate, max_batch=self.max_batch, profile=self._solving,
-                              idle_power_w=self.idle_power_w, weight=solved_weight)
-        res = await asyncio.get_running_loop().run_in_executor(None, lambda: solve_slo(model, target))
+        profile = self._solving
+        cv = self.slo_service_cv()
+        if cv is not None and cv > 0:  # the measured spread of batch times widens the predicted tail
+            profile = dataclasses.replace(profile, cv=np.full(profile.max_batch, cv), samples=None)
+        arrivals = self.arrival_model()  # the search simulates the learned clumping too
+        model = BatchingModel(rate=rate, max_batch=self.max_batch, profile=profile,
+                              idle_power_w=self.idle_power_w, weight=solved_weight, arrivals=arrivals)
+        offset = self.slo_offset_s
+        searched = target if offset <= 0 else SloTarget(target.quantile, max(target.latency_s - offset, 1e-6))
+        res = await asyncio.get_running_loop().run_in_executor(None, lambda: solve_slo(model, searched))
         c = res.chosen
         if not res.feasible:
             self.note = (f"SLO q{target.quantile:g} <= {target.latency_s * 1e3:g} ms is infeasible at {rate:.1f}/s: "
                          f"serving greedy, predicted q{target.quantile:g} {c.estimate.quantile_s * 1e3:.3f} ms")
             log.warning("%s: %s", self.model, self.note)
+        if offset > 0:  # (the note starts with "SLO" either way, so the install keeps it)
+            extra = f"SLO searched for D - {offset * 1e3:.2f} ms: answers run that much above the model's prediction"
+            self.note = f"{self.note}; {extra}" if self.note else extra
         return Solution(c.policy, rate, self.weight, c.mean_latency_s, c.mean_power_w,
                         c.mean_latency_s + self.weight * c.mean_power_w, c.mean_batch,
                         "in-process SLO search", self._profile_source(), solved_weight, c.max_wait_s,
-                        SloPrediction(c.estimate.quantile_s, c.estimate.ci95_s, res.feasible))
+                        SloPrediction(c.estimate.quantile_s, c.estimate.ci95_s, res.feasible), arrivals=arrivals)
 
     async def _search_weight(self, rate: float, target_s: float) -> Solution:
         """The largest w whose predicted W meets the target: least power subject to the target.
@@ -615,6 +713,20 @@ class PolicyController:
         self.weight = best.weight
         return best
 
+    def arrival_model(self) -> ArrivalModel:
+        """What the next solve assumes about clumping: the learned groups, or Poisson."""
+        if self.groups is None or self.instances > 1:
+            return POISSON
+        return self.groups.model()
+
+    def _clumping_moved(self) -> bool:
+        """The learned mean group size moved by more than the drift tolerance from the one in force."""
+        if self.groups is None or self.current is None or self.instances > 1:
+            return False
+        old = self.current.arrivals.group_mean
+        new = self.arrival_model().group_mean
+        return abs(new - old) > self.drift_tolerance * old
+
     def _profile_source(self) -> str:
         return f"learned profile v{self.profile_version}" if self.profile_version else "CSV profile"
 
@@ -632,8 +744,9 @@ class PolicyController:
             return Solution(k.policy.row(0), rate, weight, k.mean_latency_s, k.mean_power_w, k.gain, k.mean_batch,
                             f"in-process k-instance search (k = {self.instances})", self._profile_source(),
                             solved_weight, table=k.policy)
+        arrivals = self.arrival_model()
         model = BatchingModel(rate=rate, max_batch=self.max_batch, profile=profile,
-                              idle_power_w=self.idle_power_w, weight=solved_weight)
+                              idle_power_w=self.idle_power_w, weight=solved_weight, arrivals=arrivals)
         warm = self.current.policy if self.current is not None else None
         if self._solver is not None:
             r = await self._solver.solve(model, warm_start=warm)
@@ -644,7 +757,7 @@ class PolicyController:
             r = await asyncio.get_running_loop().run_in_executor(None, lambda: solve(model, warm_start=warm))
             source = "in-process solver"
         return Solution(r.policy, rate, weight, r.mean_latency_s, r.mean_power_w, r.gain, r.mean_batch, source,
-                        self._profile_source(), solved_weight)
+                        self._profile_source(), solved_weight, arrivals=arrivals)
 
     async def wait_idle(self) -> None:
         tasks = [t for t in (self._task, self._telemetry) if t is not None]
