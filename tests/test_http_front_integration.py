@@ -153,7 +153,7 @@ def test_errors_are_tritons(triton, sidecar):
 
 
 def test_triton_away_is_503(triton):
-    from plugin.triton_server import free_port
+    from plugin.launcher.triton_server import free_port
 
     dead = f"127.0.0.1:{free_port()}"
     cfg = sidecar_config(triton, triton_url=dead, triton_http_url=f"127.0.0.1:{free_port()}")
