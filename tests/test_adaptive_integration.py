@@ -20,7 +20,7 @@ import pytest
 import tritonclient.grpc as tc
 
 from plugin.config import load_config
-from plugin.estimator import RateEstimator
+from plugin.loop.rate import RateEstimator
 from plugin.runner import SidecarThread
 from smdp.v1 import smdp_pb2, smdp_pb2_grpc
 from solver.arrivals import poisson, steps

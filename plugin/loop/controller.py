@@ -72,9 +72,11 @@ from solver.model import BatchingModel, ModelError, ServiceProfile
 from solver.policy import GateRule, InstanceTable, PolicyTable, greedy
 from solver.slo import SloTarget
 
-from .arrival_estimator import GroupEstimator
-from .estimator import PowerReading, PowerSource, ProfileDrift, ProfileLearner, RateEstimator, fetch_metrics
-from .latency_window import LatencySummary, LatencyWindow
+from ..arrival_estimator import GroupEstimator
+from ..latency_window import LatencySummary, LatencyWindow
+from .profile import ProfileDrift, ProfileLearner
+from .rate import RateEstimator
+from .telemetry import PowerReading, PowerSource, fetch_metrics
 
 log = logging.getLogger("smdp.adaptive")
 
