@@ -240,7 +240,7 @@ def test_listener_decompresses_requests_and_compresses_answers_as_asked():
     body, hl = client_body([inp], request_id="z")
 
     async def run() -> None:
-        from plugin.triton_server import free_port
+        from plugin.launcher.triton_server import free_port
 
         front = HttpFront(echo, f"127.0.0.1:{free_port()}", allow_repository_control=False)  # no Triton there
         port = await front.start("127.0.0.1:0")
