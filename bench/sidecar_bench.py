@@ -43,7 +43,7 @@ from tritonclient.grpc import service_pb2
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from plugin.triton_server import DEFAULT_REPOSITORY, EmbeddedTriton, TritonConfig  # noqa: E402
+from plugin.launcher.triton_server import DEFAULT_REPOSITORY, EmbeddedTriton, TritonConfig  # noqa: E402
 
 INPUT_DIM = {"cpu_mlp": 256, "emulated_gpu": 16}
 

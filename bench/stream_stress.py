@@ -24,7 +24,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from plugin.config import load_config
 from plugin.runner import SidecarThread
-from plugin.triton_server import EmbeddedTriton, TritonConfig
+from plugin.launcher.triton_server import EmbeddedTriton, TritonConfig
 
 
 def _request(i: int, model: str) -> service_pb2.ModelInferRequest:

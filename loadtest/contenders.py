@@ -4,7 +4,7 @@ A contender is Triton's own dynamic batcher at some ``max_queue_delay_microsecon
 (``triton:DELAY_US``), the sidecar gate with a policy (``gate:greedy``, ``gate:smdp``,
 ``gate:smdp-adaptive``, ``gate:static:8``, ``gate:threshold:4``, ``gate:timeout:0.01``), or config
 mode (``config:smdp``, ``config:smdp-adaptive`` following the load): the SMDP policy compiled into Triton's own ``dynamic_batching``
-(``preferred_batch_size`` + ``max_queue_delay_microseconds``, see ``plugin.config_mode``) and applied
+(``preferred_batch_size`` + ``max_queue_delay_microseconds``, see ``plugin.config_mode.compiler``) and applied
 by reloading the model, with clients talking to Triton directly. Predictions use the same scaled
 profile the emulated server runs: exact evaluation for queue-length tables (greedy, static,
 threshold, smdp) and the discrete-event simulator on the very arrival sequence of the run for
@@ -43,9 +43,9 @@ class Contender:
     adaptive: bool = False
     """Gate smdp: re-solve for the measured arrival rate while running (else: fixed policy). Config
     mode: ``smdp config-mode --follow`` runs beside Triton and re-compiles and reloads the model
-    when the rate it reads from Triton's statistics moves (``plugin.config_follow``)."""
+    when the rate it reads from Triton's statistics moves (``plugin.config_mode.follow``)."""
     long_run: bool = True
-    """Adaptive gate: solve each regime with w x long-run rate / rate (plugin/adaptive.py); False: with
+    """Adaptive gate: solve each regime with w x long-run rate / rate (plugin/loop/controller.py); False: with
     w as is (``gate:smdp-adaptive-unscaled``, to measure what the scaling is worth)."""
     slo: bool = False
     """Adaptive gate serving the bench's SLO (``gate:smdp-slo``): the least-J policy and max-wait guard
@@ -218,8 +218,8 @@ def _slo_prediction(model: BatchingModel, slo, seed: int) -> Prediction:
 
 def compile_config(model: BatchingModel, seed: int = 0, n_requests: int = CONFIG_SIM_REQUESTS):
     """Config mode's settings for ``model``: solve the SMDP, compile the table into Triton's
-    ``dynamic_batching`` (``plugin.config_mode.compile_policy``, preferred style)."""
-    from plugin.config_mode import compile_policy
+    ``dynamic_batching`` (``plugin.config_mode.compiler.compile_policy``, preferred style)."""
+    from plugin.config_mode.compiler import compile_policy
     from solver.smdp import solve
 
     return compile_policy(solve(model), model.profile, model.rate, idle_power_w=model.idle_power_w,

@@ -8,7 +8,7 @@ trace's own windowed rate.
 
 Config mode runs twice: ``config smdp``, the SMDP policy compiled for the trace's mean rate into
 Triton's ``dynamic_batching`` once, and ``config smdp adaptive``, which starts from the same settings
-while the config-mode follower (``plugin.config_follow``, what ``smdp config-mode --follow`` runs)
+while the config-mode follower (``plugin.config_mode.follow``, what ``smdp config-mode --follow`` runs)
 polls Triton's statistics in a thread of this process and re-compiles and reloads the model when
 the rate moves. Clients talk to Triton directly in both.
 """
@@ -86,7 +86,7 @@ class ConfigFollowRun:
 
     def __init__(self, triton_url: str, model: str, profile, max_batch: int, cfg: BenchConfig,
                  start_rate: float, follow: FollowSettings, progress: Progress) -> None:
-        from plugin.config_follow import RateFollower, follow_triton
+        from plugin.config_mode.follow import RateFollower, follow_triton
 
         follower = RateFollower(window_s=follow.window_s, settle_s=follow.settle_s, min_arrivals=20)
         self.loop, self._close = follow_triton(
@@ -189,7 +189,7 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                     settings = follower.summary()
                     # the follower reloaded the model behind the control's back: make the next apply reload
                     stack.control.current = {}
-            m = measure(res, stack.profile, idle_power_w=cfg.idle_power_w, weight=cfg.weight,
+            m = measure(res, stack.ground_truth, idle_power_w=cfg.idle_power_w, weight=cfg.weight,
                         energy_scale=cfg.time_scale, window=cfg.window,
                         slo_latency_s=cfg.slo.latency_s if cfg.slo is not None else None)
             in_window = (res.scheduled_s >= lo) & (res.scheduled_s < hi)
@@ -388,7 +388,7 @@ def add_trace_bench_command(sub) -> None:
 def _cmd(args) -> int:
     import sys
 
-    from plugin.triton_server import TritonStartError, TritonUnavailable
+    from plugin.launcher.triton_server import TritonStartError, TritonUnavailable
     from solver.model import ModelError
 
     start = time.monotonic()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from plugin.triton_server import DEFAULT_MODELS, DEFAULT_REPOSITORY  # light: stdlib only
+    from plugin.launcher.triton_server import DEFAULT_MODELS, DEFAULT_REPOSITORY  # light: stdlib only
 
     p = subparsers.add_parser(
         "triton",
@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     add_ctl_command(subparsers)
 
-    from plugin.config_mode_cli import add_config_mode_command
+    from plugin.config_mode.cli import add_config_mode_command
 
     add_config_mode_command(subparsers)
 
@@ -57,7 +57,7 @@ def _run_triton(args: argparse.Namespace) -> int:
     import sys
     import threading
 
-    from plugin.triton_server import EmbeddedTriton, TritonConfig, TritonStartError, TritonUnavailable
+    from plugin.launcher.triton_server import EmbeddedTriton, TritonConfig, TritonStartError, TritonUnavailable
 
     try:
         config = TritonConfig(

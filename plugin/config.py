@@ -209,7 +209,7 @@ class SidecarConfig(BaseModel):
         600.0, ge=0,
         description="Horizon of the long-run mean arrival rate, seconds: adaptive models solve each regime with "
         "w x long-run rate / current rate, which is what minimises the long-run mean response time + w x mean "
-        "power when the rate moves (plugin/adaptive.py); at a steady rate that is w. 0 = solve with w as is",
+        "power when the rate moves (plugin/loop/controller.py); at a steady rate that is w. 0 = solve with w as is",
     )
     triton_metrics_url: str | None = Field(
         "auto",

@@ -20,7 +20,7 @@ from typing import Any, Protocol, Sequence
 
 import grpc
 
-from plugin.estimator import RateEstimate
+from plugin.loop.rate import RateEstimate
 from solver import quantities
 from solver.model import ModelError
 from solver.slo import SloTarget

@@ -184,7 +184,7 @@ def _slo_status(c, now: float) -> SloStatusInfo | None:
 
 
 def _scaled(solution) -> str:
-    """How the policy's w differs from the operator's (the long-run scaling, plugin/adaptive.py), if it does."""
+    """How the policy's w differs from the operator's (the long-run scaling, plugin/loop/controller.py), if it does."""
     w, solved = solution.weight, solution.solved_weight
     if solved is None or w <= 0 or abs(solved / w - 1.0) < 0.01:
         return ""

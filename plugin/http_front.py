@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import struct
 import zlib
@@ -331,24 +332,115 @@ def json_string(raw: bytes) -> bytes:
     return b'"' + _ESCAPE.sub(_escape_char, raw) + b'"'
 
 
-def _exponent(k: int) -> str:
-    return f"e{k}"
+# -- doubles as Triton writes them ----------------------------------------------------------------
+# Triton writes JSON with rapidjson, whose Writer::Double is Grisu2 (Loitsch 2010). Grisu2 does not
+# always pick the shortest or the closest of the digit strings that read back as the same double, so
+# Python's repr (shortest, closest) differs from Triton in the last digit now and then. What follows
+# is rapidjson's Grisu2 and Prettify (internal/dtoa.h, diyfp.h), as in the rapidjson release Triton
+# 2.51 is built with (before rapidjson's 2021 change to DigitGen's last rounding step, which that
+# release skips when more than 8 fraction digits were generated: _GRISU_ROUND_DIGITS).
+
+_M64 = (1 << 64) - 1
+_HIDDEN = 1 << 52
+_POW10 = [10**i for i in range(20)]
+_GRISU_ROUND_DIGITS = 9
+
+
+def _cached_power(k: int) -> tuple[int, int]:
+    """10^k as a normalised 64-bit DiyFp (f, e), f * 2^e rounded to nearest (rapidjson's table)."""
+    if k >= 0:
+        v = 10**k
+        e = v.bit_length() - 64
+        if e <= 0:
+            return v << -e, e
+        return (v + (1 << (e - 1))) >> e, e
+    d = 10**-k
+    s = 63 + d.bit_length()
+    f = ((1 << s) + d // 2) // d
+    if f >> 64:
+        s -= 1
+        f = ((1 << s) + d // 2) // d
+    return f, -s
+
+
+_CACHED = [_cached_power(-348 + 8 * i) for i in range(87)]
+
+
+def _mul(af: int, ae: int, bf: int, be: int) -> tuple[int, int]:
+    p = af * bf
+    return ((p >> 64) + ((p >> 63) & 1)) & _M64, ae + be + 64
+
+
+def _grisu_round(digits: list[int], delta: int, rest: int, ten_kappa: int, wp_w: int) -> None:
+    while rest < wp_w and delta - rest >= ten_kappa and (
+            rest + ten_kappa < wp_w or wp_w - rest > rest + ten_kappa - wp_w):
+        digits[-1] -= 1
+        rest += ten_kappa
+
+
+def grisu2(value: float) -> tuple[str, int]:
+    """rapidjson's Grisu2 of a positive finite double: (digits, K), value ~ digits x 10^K."""
+    (u,) = struct.unpack("<Q", struct.pack("<d", value))
+    biased = (u >> 52) & 0x7FF
+    f, e = ((u & (_HIDDEN - 1)) + _HIDDEN, biased - 1075) if biased else (u & (_HIDDEN - 1), -1074)
+    pf, pe = (f << 1) + 1, e - 1  # the upper boundary, normalised
+    shift = 54 - pf.bit_length()
+    pf, pe = pf << (shift + 10), pe - shift - 10
+    mf, me = ((f << 2) - 1, e - 2) if f == _HIDDEN else ((f << 1) - 1, e - 1)
+    mf <<= me - pe
+    dk = (-61 - pe) * 0.30102999566398114 + 347
+    k = int(dk)
+    if dk - k > 0.0:
+        k += 1
+    index = (k >> 3) + 1
+    K = 348 - (index << 3)
+    cf, ce = _CACHED[index]
+    s = 64 - f.bit_length()
+    wf, _ = _mul(f << s, e - s, cf, ce)
+    wpf, wpe = _mul(pf, pe, cf, ce)
+    wmf, _ = _mul(mf, pe, cf, ce)
+    wpf -= 1
+    delta = (wpf - wmf - 1) & _M64
+    one_shift = -wpe
+    one_f = 1 << one_shift
+    wp_w = (wpf - wf) & _M64
+    p1 = wpf >> one_shift
+    p2 = wpf & (one_f - 1)
+    kappa = len(str(p1))
+    digits: list[int] = []
+    while kappa > 0:
+        d, p1 = divmod(p1, _POW10[kappa - 1])
+        if d or digits:
+            digits.append(d)
+        kappa -= 1
+        tmp = (p1 << one_shift) + p2
+        if tmp <= delta:
+            _grisu_round(digits, delta, tmp, _POW10[kappa] << one_shift, wp_w)
+            return "".join(map(str, digits)), K + kappa
+    while True:
+        p2 *= 10
+        delta *= 10
+        d = p2 >> one_shift
+        if d or digits:
+            digits.append(d)
+        p2 &= one_f - 1
+        kappa -= 1
+        if p2 < delta:
+            n = -kappa
+            _grisu_round(digits, delta, p2, one_f, (wp_w * (_POW10[n] if n < _GRISU_ROUND_DIGITS else 0)) & _M64)
+            return "".join(map(str, digits)), K + kappa
 
 
 def format_double(x: float) -> str:
-    """A double as rapidjson's Writer::Double writes it (shortest digits, its layout of them)."""
-    r = repr(x)
-    if "e" not in r:
-        return r  # 1e-4 <= |x| < 1e16 or 0: both write the plain decimal with at least one fraction digit
-    if r in ("inf", "-inf", "nan"):
-        return {"inf": "Infinity", "-inf": "-Infinity", "nan": "NaN"}[r]
-    sign = "-" if r[0] == "-" else ""
-    mant, exp = r.lstrip("-").split("e")
-    digits = mant.replace(".", "").rstrip("0") or "0"
-    # value = 0.digits * 10^kk  (rapidjson's Prettify: length + k)
-    kk = int(exp) + 1
+    """A double as Triton (rapidjson's Writer::Double) writes it."""
+    if x == 0:
+        return "-0.0" if math.copysign(1.0, x) < 0 else "0.0"
+    if not math.isfinite(x):
+        return "NaN" if x != x else ("Infinity" if x > 0 else "-Infinity")
+    sign = "-" if x < 0 else ""
+    digits, k = grisu2(abs(x))
     n = len(digits)
-    k = kk - n
+    kk = n + k  # 10^(kk-1) <= |x| < 10^kk
     if 0 <= k and kk <= 21:
         s = digits + "0" * k + ".0"
     elif 0 < kk <= 21:
@@ -356,17 +448,14 @@ def format_double(x: float) -> str:
     elif -6 < kk <= 0:
         s = "0." + "0" * -kk + digits
     elif n == 1:
-        s = digits + _exponent(kk - 1)
+        s = f"{digits}e{kk - 1}"
     else:
-        s = digits[0] + "." + digits[1:] + _exponent(kk - 1)
+        s = f"{digits[0]}.{digits[1:]}e{kk - 1}"
     return sign + s
 
 
 def _floats(values: np.ndarray) -> str:
-    text = ",".join(map(repr, values.astype(np.float64).tolist()))
-    if "e" in text or "n" in text:
-        text = ",".join(map(format_double, values.astype(np.float64).tolist()))
-    return text
+    return ",".join(map(format_double, values.astype(np.float64).tolist()))
 
 
 class ResponseError(Exception):

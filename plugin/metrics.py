@@ -165,7 +165,7 @@ class SidecarMetrics:
         self._profile_updates = Counter(
             PREFIX + "profile_updates", "Learned service profiles adopted (each asks for a new policy)", m, registry=r
         )
-        # -- tail-latency SLO (plugin/adaptive.py): the target, the prediction, the measurement
+        # -- tail-latency SLO (plugin/loop/controller.py): the target, the prediction, the measurement
         self._slo_latency = Gauge(PREFIX + "slo_latency_seconds", "D of the model's SLO (q-quantile <= D)", m, registry=r)
         self._slo_quantile = Gauge(PREFIX + "slo_quantile", "q of the model's SLO", m, registry=r)
         self._slo_feasible = Gauge(

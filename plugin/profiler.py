@@ -470,14 +470,14 @@ class GpuMeter:
     something runs; summed over every GPU Triton reports."""
 
     def __init__(self, url: str, fetch: Callable[[str], str] | None = None, interval_s: float = 0.01) -> None:
-        from .estimator import fetch_metrics
+        from .loop.telemetry import fetch_metrics
 
         self.url = url
         self._fetch = fetch or fetch_metrics
         self.interval_s = interval_s
 
     def read(self):
-        from .estimator import gpu_metrics
+        from .loop.telemetry import gpu_metrics
 
         return gpu_metrics(self._fetch(self.url))
 

@@ -31,7 +31,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2
 from solver.policy import MaxWaitGuard
 from solver.slo import SloTarget
 
-from .adaptive import PolicyController, learning_options
+from .loop.controller import PolicyController, learning_options
 from .config import ModelPolicyConfig, SidecarConfig
 from .gate import ModelGate, Pending, QueueFull
 from .metrics import SidecarMetrics, latency_buckets_with
@@ -239,7 +239,7 @@ class Sidecar:
         await self._channel.close()
 
     async def _retune_loop(self) -> None:
-        """Let every adaptive model re-solve when its rate moved (see plugin.adaptive)."""
+        """Let every adaptive model re-solve when its rate moved (see plugin.loop.controller)."""
         while True:
             await asyncio.sleep(self.config.retune_interval_s)
             now = self._clock()

@@ -253,7 +253,7 @@ def _starts(model: BatchingModel, method: str) -> list[tuple[int, ...]]:
 
 PER_SLOT_NEAR_CAPACITY = 0.95
 """The one-server solve of ``per_slot_policy`` is capped at this fraction of one instance's capacity
-(the adaptive gate's cap, ``plugin.adaptive.NEAR_CAPACITY``)."""
+(the adaptive gate's cap, ``plugin.loop.controller.NEAR_CAPACITY``)."""
 
 
 def per_slot_policy(model: BatchingModel, method: str = "pi") -> PerInstance:

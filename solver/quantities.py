@@ -34,3 +34,17 @@ def _finite_non_negative(value: float, rule: str, error: type[ValueError]) -> fl
     if isinstance(value, bool) or not math.isfinite(x) or x < 0:
         raise error(f"{rule}, got {value!r}")
     return x
+
+
+def check_number(name: str, value: float, *, low: float = 0.0, inclusive: bool = False,
+                 high: float | None = None) -> float:
+    """``value`` as a float; ValueError naming ``name`` unless it is finite, > ``low`` (>= when
+    ``inclusive``) and, given ``high``, < ``high``: the check of a setting with no quantity of its own."""
+    value = float(value)
+    ok = math.isfinite(value) and (value >= low if inclusive else value > low) and (high is None or value < high)
+    if not ok:
+        bound = f">= {low}" if inclusive else f"> {low}"
+        if high is not None:
+            bound += f" and < {high}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return value

@@ -13,7 +13,7 @@ import pytest
 
 
 def _unavailable_reason() -> str | None:
-    from plugin.triton_server import TritonUnavailable, locate_triton
+    from plugin.launcher.triton_server import TritonUnavailable, locate_triton
 
     try:
         locate_triton()
@@ -33,7 +33,7 @@ def triton_runnable() -> None:
 @pytest.fixture(scope="session")
 def triton(triton_runnable: None) -> Iterator["EmbeddedTriton"]:  # noqa: F821
     """One Triton with ``model_repository/`` and both models, shared by the session, always stopped."""
-    from plugin.triton_server import DEFAULT_MODELS, EmbeddedTriton, TritonConfig
+    from plugin.launcher.triton_server import DEFAULT_MODELS, EmbeddedTriton, TritonConfig
 
     server = EmbeddedTriton(TritonConfig(models=DEFAULT_MODELS))
     try:
@@ -46,7 +46,7 @@ def triton(triton_runnable: None) -> Iterator["EmbeddedTriton"]:  # noqa: F821
 @pytest.fixture
 def triton_factory(triton_runnable: None) -> Iterator[Callable[..., "EmbeddedTriton"]]:  # noqa: F821
     """``make(start=True, **TritonConfig fields)``: a private server, stopped at the end of the test."""
-    from plugin.triton_server import EmbeddedTriton, TritonConfig
+    from plugin.launcher.triton_server import EmbeddedTriton, TritonConfig
 
     servers: list[EmbeddedTriton] = []
 

@@ -31,7 +31,7 @@ def slowed_emulated_gpu(tmp: Path, scale: float, *, dynamic_batching: bool = Tru
 
     ``dynamic_batching=False`` removes Triton's batcher from the model (the gate forms the batches).
     """
-    from plugin.triton_server import EmbeddedTriton, TritonConfig
+    from plugin.launcher.triton_server import EmbeddedTriton, TritonConfig
 
     repo = tmp / "repo"
     shutil.copytree(REPO / "emulated_gpu", repo / "emulated_gpu")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from plugin.adaptive import LearningConfig, PolicyController
+from plugin.loop.controller import LearningConfig, PolicyController
 from plugin.arrival_estimator import GroupEstimator
 from solver import arrivals
 from solver.arrival_model import POISSON, CompoundPoisson

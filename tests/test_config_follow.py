@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from plugin.config_follow import FollowLoop, RateFollower, request_count
-from plugin.estimator import RateEstimator
+from plugin.config_mode.follow import FollowLoop, RateFollower, request_count
+from plugin.loop.rate import RateEstimator
 
 
 def poisson_times(segments: list[tuple[float, float]], rng: int = 0) -> np.ndarray:
@@ -205,7 +205,7 @@ class FakeTriton:
 
 
 def fake_compile(rate: float):
-    from plugin.config_mode import DynamicBatchingSettings
+    from plugin.config_mode.compiler import DynamicBatchingSettings
 
     return SimpleNamespace(settings=DynamicBatchingSettings((min(int(rate // 100), 127), 128), 1000, 128),
                            smdp_predicted=SimpleNamespace(cost=1.0 / rate),
@@ -268,8 +268,8 @@ def test_follow_recompiles_for_a_x3_load_on_a_real_triton(triton_factory, tmp_pa
     from loadtest.openloop import run_open_loop
     from loadtest.stack import scaled_profile, write_profile_csv
     from loadtest.triton_control import BatchingOverride, ModelConfigControl
-    from plugin.config_follow import policy_compiler
-    from plugin.config_mode import DynamicBatchingSettings, settings_from_config
+    from plugin.config_mode.follow import policy_compiler
+    from plugin.config_mode.compiler import DynamicBatchingSettings, settings_from_config
     from solver.model import ServiceProfile
 
     scale, weight, low, high = 10.0, 1e-3, 20.0, 60.0
@@ -331,7 +331,7 @@ def test_follow_recompiles_for_a_x3_load_on_a_real_triton(triton_factory, tmp_pa
 def test_cli_follow_argument_errors(capsys):
     import argparse
 
-    from plugin.config_mode_cli import add_config_mode_command
+    from plugin.config_mode.cli import add_config_mode_command
 
     def cli(argv):
         parser = argparse.ArgumentParser()

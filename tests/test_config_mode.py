@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from plugin.config_mode import (
+from plugin.config_mode.compiler import (
     ConfigModeApplier,
     ConfigModeError,
     DynamicBatchingSettings,
@@ -451,7 +451,7 @@ def test_applier_errors_name_the_model_and_cause(triton):
 
 
 def _cli(argv: list[str]) -> int:
-    from plugin.config_mode_cli import add_config_mode_command
+    from plugin.config_mode.cli import add_config_mode_command
 
     parser = argparse.ArgumentParser()
     add_config_mode_command(parser.add_subparsers())

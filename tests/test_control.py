@@ -24,7 +24,7 @@ from plugin.control import (
     is_loopback_address,
     start_control_server,
 )
-from plugin.estimator import RateEstimate
+from plugin.loop.rate import RateEstimate
 from smdp.v1 import smdp_pb2, smdp_pb2_grpc
 
 TOKEN = "s3cret"

@@ -398,7 +398,7 @@ print(json.dumps(out))
 
 
 def _tritonserver_flags() -> set[str]:
-    from plugin.triton_server import TritonUnavailable, locate_triton
+    from plugin.launcher.triton_server import TritonUnavailable, locate_triton
 
     try:
         dist = locate_triton()

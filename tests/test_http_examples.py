@@ -30,7 +30,7 @@ MODELS = Path(__file__).resolve().parent / "http_example_models"
 
 @pytest.fixture(scope="module")
 def triton(triton_runnable):
-    from plugin.triton_server import EmbeddedTriton, TritonConfig
+    from plugin.launcher.triton_server import EmbeddedTriton, TritonConfig
 
     server = EmbeddedTriton(TritonConfig(repository=MODELS, models=(
         "simple", "simple_string", "simple_identity", "simple_sequence")))

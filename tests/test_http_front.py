@@ -178,6 +178,28 @@ def test_doubles_are_laid_out_as_rapidjson_writes_them(x, text):
     assert float(text) == x
 
 
+# (float32 output of cpu_mlp, as Triton 2.51's HTTP endpoint wrote it): Grisu2's digits, which are
+# not Python's shortest repr (2.3587534427642822, 0.41583219170570374, ...) but read back the same.
+TRITON_WROTE = ["2.3587534427642824", "0.41583219170570376", "-0.49006757140159609", "1.1590299606323243",
+                "1.7001383304595948", "-0.16265162825584413", "-0.2916126549243927", "0.067746102809906",
+                "-1.275307536125183", "0.08854535222053528"]
+
+
+@pytest.mark.parametrize("text", TRITON_WROTE)
+def test_doubles_get_tritons_digits_not_the_shortest(text):
+    assert format_double(float(text)) == text
+
+
+def test_doubles_read_back_exactly():
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.standard_normal(2000).astype(np.float32).astype(np.float64),
+                             rng.standard_normal(2000) * 10.0 ** rng.integers(-300, 300, 2000),
+                             [5e-324, 2.2250738585072014e-308, 1.7976931348623157e308, 1e-7, 123456789012345678.0]])
+    for v in values.tolist():
+        assert float(format_double(v)) == v
+        assert float(format_double(-v)) == -v
+
+
 def test_json_strings_and_error_bodies():
     assert json_string(b'a"b\\c\n\x1f\x7f/') == b'"a\\"b\\\\c\\n\\u001F\x7f/"'
     assert json.loads(error_body("bad 'x'\n")) == {"error": "bad 'x'\n"}
@@ -190,3 +212,56 @@ def test_json_strings_and_error_bodies():
 )
 def test_response_compression_is_chosen_as_triton_does(accept, enc):
     assert response_encoding(accept) == enc
+
+
+def test_listener_decompresses_requests_and_compresses_answers_as_asked():
+    """The HTTP listener itself, with the gate replaced by a function that echoes the input's rows
+    (a pure-logic test of the plumbing; the integration tests use the real gate and Triton)."""
+    import asyncio
+    import gzip
+    import zlib
+
+    import aiohttp
+
+    from plugin.http_front import HttpFront
+
+    seen: list[service_pb2.ModelInferRequest] = []
+
+    async def echo(req: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
+        seen.append(req)
+        r = service_pb2.ModelInferResponse(model_name=req.model_name, model_version="1", id=req.id)
+        r.outputs.add(name="Y", datatype=req.inputs[0].datatype, shape=req.inputs[0].shape)
+        r.raw_output_contents.append(req.raw_input_contents[0])
+        return r
+
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    inp = tch.InferInput("X", [2, 3], "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+    body, hl = client_body([inp], request_id="z")
+
+    async def run() -> None:
+        from plugin.launcher.triton_server import free_port
+
+        front = HttpFront(echo, f"127.0.0.1:{free_port()}", allow_repository_control=False)  # no Triton there
+        port = await front.start("127.0.0.1:0")
+        try:
+            async with aiohttp.ClientSession(auto_decompress=False) as s:
+                url = f"http://127.0.0.1:{port}/v2/models/m/versions/2/infer"
+                headers = {"Inference-Header-Content-Length": str(hl), "Content-Encoding": "gzip",
+                           "Accept-Encoding": "deflate"}
+                async with s.post(url, data=gzip.compress(body), headers=headers) as r:
+                    assert r.status == 200 and r.headers["Content-Encoding"] == "deflate"
+                    out = zlib.decompress(await r.read())
+                    header = int(r.headers["Inference-Header-Content-Length"])
+                result = tch.InferResult.from_response_body(out, header_length=header)
+                np.testing.assert_array_equal(result.as_numpy("Y"), x)
+                assert result.get_response()["id"] == "z" and seen[-1].model_version == "2"
+                # Triton unreachable: relayed calls answer 503 with Triton's error body layout
+                async with s.get(f"http://127.0.0.1:{port}/v2/health/ready") as r:
+                    assert r.status == 503 and "unreachable" in (await r.json())["error"]
+                async with s.post(f"http://127.0.0.1:{port}/v2/repository/models/m/load", data=b"{}") as r:
+                    assert r.status == 403 and "allow_repository_control" in (await r.json())["error"]
+        finally:
+            await front.stop()
+
+    asyncio.run(run())

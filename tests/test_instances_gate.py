@@ -70,7 +70,7 @@ def test_the_sidecar_builds_the_k_instance_policy_and_the_gate_follows_m():
 def test_the_adaptive_loop_solves_for_k_instances_and_installs_a_rule_that_sees_m():
     import asyncio
 
-    from plugin.adaptive import LearningConfig, PolicyController
+    from plugin.loop.controller import LearningConfig, PolicyController
     from solver.model import ServiceProfile
 
     profile = ServiceProfile.from_csv(PROFILE, max_batch=64)

@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from plugin.adaptive import LearningConfig, PolicyController, learning_options
+from plugin.loop.controller import LearningConfig, PolicyController, learning_options
 from plugin.config import load_config
 from plugin.control_backend import SidecarControl
-from plugin.estimator import ProfileLearner
+from plugin.loop.profile import ProfileLearner
 from plugin.metrics import SidecarMetrics
 from plugin.server import BatchStats
 from solver.model import BatchingModel, ServiceProfile

@@ -2,7 +2,7 @@
 
 The operator's objective is the long-run mean response time over all requests plus w x the
 time-average power. Over regimes of rate lambda_i it decomposes into per-regime objectives
-W_i + w (lambda_bar / lambda_i) P_i (plugin/adaptive.py's module doc). Checked here by exact policy
+W_i + w (lambda_bar / lambda_i) P_i (plugin/loop/controller.py's module doc). Checked here by exact policy
 evaluation, and in the controller without a network.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plugin.adaptive import WEIGHT_SCALE_MAX, LearningConfig, LongRunRate, PolicyController
+from plugin.loop.controller import WEIGHT_SCALE_MAX, LearningConfig, LongRunRate, PolicyController
 from solver.evaluate import evaluate
 from solver.model import BatchingModel, ServiceProfile
 from solver.smdp import solve

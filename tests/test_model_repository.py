@@ -437,7 +437,7 @@ def test_cpu_mlp_batches_concurrent_requests_and_splits_rows_back(triton_factory
 def test_bad_emulated_gpu_parameter_fails_the_load_with_its_reason(triton_factory, tmp_path: Path, key, value, message) -> None:
     import shutil
 
-    from plugin.triton_server import TritonStartError
+    from plugin.launcher.triton_server import TritonStartError
 
     shutil.copytree(REPO / "emulated_gpu", tmp_path / "emulated_gpu", ignore=shutil.ignore_patterns("__pycache__"))
     config = load_config("emulated_gpu")

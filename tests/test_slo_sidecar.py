@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plugin.adaptive import PolicyController
+from plugin.loop.controller import PolicyController
 from plugin.latency_window import LatencyWindow
 from plugin.metrics import PREFIX, SidecarMetrics, latency_buckets_with
 from solver.arrivals import poisson
@@ -191,7 +191,7 @@ def test_measured_overhead_tightens_the_searched_bound(prior):
 
 
 def test_the_slo_search_assumes_the_measured_spread_of_batch_times(prior):
-    from plugin.adaptive import LearningConfig
+    from plugin.loop.controller import LearningConfig
 
     async def go():
         clock = Clock()

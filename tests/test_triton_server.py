@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plugin.triton_server import (
+from plugin.launcher.triton_server import (
     DEFAULT_REPOSITORY,
     EmbeddedTriton,
     TritonConfig,
@@ -331,7 +331,7 @@ def test_context_manager_stops_the_server(triton_factory) -> None:
 CHILD = """
 import sys, time
 sys.path.insert(0, {root!r})
-from plugin.triton_server import EmbeddedTriton
+from plugin.launcher.triton_server import EmbeddedTriton
 server = EmbeddedTriton(models=("cpu_mlp",)).start()
 print(server.pid, server.grpc_url, flush=True)
 if {hang}:

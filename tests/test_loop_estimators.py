@@ -8,14 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plugin.estimator import (
-    PowerSource,
-    RateEstimator,
-    ServiceTimeEstimator,
-    gpu_metrics,
-    parse_prometheus_text,
-    poisson_rate_interval,
-)
+from plugin.loop.telemetry import PowerSource, gpu_metrics, parse_prometheus_text
+from plugin.loop.rate import RateEstimator, poisson_rate_interval
+from plugin.loop.profile import ServiceTimeEstimator
 from solver.model import ServiceProfile
 
 ROOT = Path(__file__).resolve().parent.parent

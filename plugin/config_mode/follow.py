@@ -45,7 +45,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from .estimator import RateEstimate, RateEstimator, _check, poisson_rate_interval
+from solver.quantities import check_number
+
+from ..loop.rate import RateEstimate, RateEstimator, poisson_rate_interval
 
 __all__ = ["FollowChange", "FollowLoop", "Recompile", "RateFollower", "request_count"]
 
@@ -93,10 +95,10 @@ class RateFollower:
         self._kw = dict(window_s=window_s, buckets=buckets, confidence=confidence, change_ratio=change_ratio,
                         false_alarm_arrivals=false_alarm_arrivals, min_arrivals=min_arrivals)
         RateEstimator(0.0, **self._kw)  # validates
-        self.band = _check("band", band)
-        self.band_confidence = _check("band_confidence", band_confidence, high=1.0)
-        self.settle_s = _check("settle_s", settle_s, inclusive=True)
-        self.min_rate = _check("min_rate", min_rate)
+        self.band = check_number("band", band)
+        self.band_confidence = check_number("band_confidence", band_confidence, high=1.0)
+        self.settle_s = check_number("settle_s", settle_s, inclusive=True)
+        self.min_rate = check_number("min_rate", min_rate)
         self.max_rate = float(max_rate)
         if not self.max_rate > self.min_rate:
             raise ValueError(f"max_rate must be above min_rate ({self.min_rate}), got {max_rate!r}")
@@ -191,14 +193,14 @@ class RateFollower:
 
     def start_at(self, rate: float, now: float) -> Recompile:
         """Ask for a policy at a given rate before anything is measured (``--rate`` with ``--follow``)."""
-        rate = min(max(_check("rate", rate), self.min_rate), self.max_rate)
+        rate = min(max(check_number("rate", rate), self.min_rate), self.max_rate)
         e = RateEstimate(rate=rate, lo=rate, hi=rate, n=0, span_s=0.0, confidence=self._kw["confidence"])
         self._in_flight = Recompile(rate, e, "given", float(now))
         return self._in_flight
 
     def compiled(self, rate: float, now: float) -> None:
         """The policy for ``rate`` is now in force (or waiting for the reload throttle)."""
-        rate = _check("rate", rate)
+        rate = check_number("rate", rate)
         self.reference = rate
         self._in_flight = None
         if self.estimator is not None:
@@ -265,7 +267,7 @@ class FollowLoop:
     ) -> None:
         self.follower = follower
         self.verbose = verbose
-        self.poll_s = _check("poll_s", poll_s)
+        self.poll_s = check_number("poll_s", poll_s)
         self._read = read_count
         self._compile = compile
         self.applier = applier
@@ -322,7 +324,7 @@ class FollowLoop:
                 self._restarted = True  # the reload restarted Triton's statistics
 
     def _recompile(self, req: Recompile) -> None:
-        from .config_mode import ConfigModeError, size_ranges
+        from .compiler import ConfigModeError, size_ranges
 
         try:
             compiled = self._compile(req.rate)
@@ -354,7 +356,7 @@ class FollowLoop:
             + (f" in {reload_s:.2f} s" if status == "applied" else "") + (f" ({error})" if error else ""))
 
     def _apply_pending(self) -> None:
-        from .config_mode import ConfigModeError
+        from .compiler import ConfigModeError
 
         try:
             outcome = self._reload(self.applier.poll)
@@ -436,7 +438,7 @@ def policy_compiler(profile: Any, max_batch: int, *, weight: float, idle_power_w
     from solver.model import BatchingModel
     from solver.smdp import solve
 
-    from .config_mode import compile_policy
+    from .compiler import compile_policy
 
     def compile(rate: float) -> Any:
         model = BatchingModel(rate=rate, max_batch=max_batch, profile=profile, idle_power_w=idle_power_w,
@@ -487,7 +489,7 @@ def follow_triton(
     B is the model's ``max_batch_size`` unless given; the follower's ``max_rate`` is set to 95% of
     the profile's capacity at B (the solver has no policy at or above it).
     """
-    from .config_mode import ConfigModeApplier
+    from .compiler import ConfigModeApplier
 
     applier = ConfigModeApplier(triton_url, model, min_interval_s=min_interval_s)
     read, close_reader = triton_request_counter(triton_url, model)

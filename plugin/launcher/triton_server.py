@@ -34,7 +34,7 @@ from typing import Sequence
 MIN_GLIBC = (2, 35)
 """The wheel's binaries are built against glibc 2.35 (Ubuntu 22.04); older hosts cannot load them."""
 
-DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 DEFAULT_MODELS = ("emulated_gpu", "cpu_mlp")
 
 _BIND_FAILURE = re.compile(r"failed to start (\w+) service: .*already in use", re.IGNORECASE)

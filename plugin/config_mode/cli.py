@@ -68,7 +68,7 @@ def _run(args: argparse.Namespace) -> int:
     from solver.model import BatchingModel, ModelError, ServiceProfile
     from solver.smdp import solve
 
-    from .config_mode import ConfigModeApplier, ConfigModeError, compile_policy
+    from .compiler import ConfigModeApplier, ConfigModeError, compile_policy
 
     def fail(code: int, message: str) -> int:
         print(f"smdp config-mode: {message}", file=sys.stderr)
@@ -118,7 +118,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace, result, compiled, outcome) -> None:
-    from .config_mode import size_ranges
+    from .compiler import size_ranges
 
     if args.json:
         d = compiled.to_dict()
@@ -166,8 +166,8 @@ def _follow(args: argparse.Namespace, fail) -> int:
 
     from solver.model import ModelError, ServiceProfile
 
-    from .config_follow import FOLLOW_SIM_REQUESTS, RateFollower, follow_triton
-    from .config_mode import ConfigModeError
+    from .follow import FOLLOW_SIM_REQUESTS, RateFollower, follow_triton
+    from .compiler import ConfigModeError
 
     if args.triton_url is None:
         return fail(2, "--follow needs --triton (the request counts come from Triton's statistics)")
