@@ -27,7 +27,7 @@ RUNS = 10  # the example's pattern, run again and again: reordering showed in 3-
 
 @pytest.fixture(scope="module")
 def example_triton(tmp_path_factory, triton_runnable):
-    from plugin.triton_server import EmbeddedTriton, TritonConfig
+    from plugin.launcher.triton_server import EmbeddedTriton, TritonConfig
 
     repo = write_example_repository(tmp_path_factory.mktemp("examples") / "repo")
     server = EmbeddedTriton(TritonConfig(repository=repo, models=tuple(p.name for p in repo.iterdir())))
