@@ -53,6 +53,15 @@ compound Poisson arrivals, geometric groups of mean 2) and "mmpp" (``solver.mmpp
 same code in both columns). One run each (the SLO and k-instance searches take seconds).
 
     python bench/solve_bench.py --features --batches 64 128 --cvs 0 1 --loads 0.6
+
+--policy-drift: what the automatic N's two checks see at each size of the search (no timing). For
+every --batches, --cvs and --loads: the sizes of a cold ``solve(model)``, then at each size the
+fixed-N solve warm-started from the previous size's policy (as the search does), with the gain's
+relative step, the states whose batch changed on the common states (count, first, largest
+stationary probability among them, stationary mass from the first one up), the mass of the top
+state and the first state above which at most 1e-10 of the stationary mass lies (embedded chain).
+
+    python bench/solve_bench.py --policy-drift --batches 128 256 --cvs 1 --loads 0.6
 """
 
 from __future__ import annotations
@@ -314,6 +323,38 @@ def feature_rows(args) -> int:
     return 0
 
 
+def policy_drift(args) -> int:
+    print("per size of the automatic search: gain step, batch changes on the common states and where "
+          "the stationary mass (embedded chain) lies")
+    header = (f"{'cv':>3} {'B':>4} {'load':>5} {'N':>5} {'rel dg':>8} {'changed':>7} {'first':>6} {'max pi':>8} "
+              f"{'mass >=':>8} {'pi(N)':>8} {'m(1e-10)':>8}")
+    print(header)
+    print("-" * len(header))
+    for cv in args.cvs:
+        for B in args.batches:
+            for load in args.loads:
+                m = make_model(B, load, args.weight, cv)
+                prev = None
+                for N in solve(m).sizes_tried:
+                    res = solve(m, truncation=N, warm_start=None if prev is None else prev.policy)
+                    a = res.policy.actions
+                    pi = evaluate_policy(build(m, N, "fluid"), a).pi
+                    above = np.cumsum(pi[::-1])[::-1]  # mass on n..N
+                    settled_m = int(np.argmax(above <= 1e-10)) if above[-1] <= 1e-10 else N + 1
+                    row = f"{cv:>3g} {B:>4} {load:>5.2f} {N:>5}"
+                    if prev is None:
+                        print(f"{row} {'':>8} {'':>7} {'':>6} {'':>8} {'':>8} {pi[-1]:>8.1e} {settled_m:>8}")
+                    else:
+                        p = prev.policy.actions
+                        d = np.nonzero(a[: p.size] != p)[0]
+                        dg = abs(res.gain - prev.gain) / res.gain
+                        first = f"{d[0]:>6} {pi[d].max():>8.1e} {above[d[0]]:>8.1e}" if d.size else f"{'-':>6} {'-':>8} {'-':>8}"
+                        print(f"{row} {dg:>8.1e} {d.size:>7} {first} {pi[-1]:>8.1e} {settled_m:>8}")
+                    sys.stdout.flush()
+                    prev = res
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128, 256])
@@ -334,7 +375,11 @@ def main(argv=None) -> int:
                     help="solve() now against the solver before (module doc), same run")
     ap.add_argument("--features", action="store_true",
                     help="the SLO, k-instance and bursty-arrival solves, now against before (module doc)")
+    ap.add_argument("--policy-drift", action="store_true",
+                    help="per size of the automatic search: gain step, policy changes, stationary mass (module doc)")
     args = ap.parse_args(argv)
+    if args.policy_drift:
+        return policy_drift(args)
     if args.features:
         return feature_rows(args)
     if args.against_before:
