@@ -139,3 +139,114 @@ def _sequence_inputs_aio(value: int) -> list[tc_aio.InferInput]:
     return [inp]
 
 
+
+
+# -- grpc_explicit_int_content_client.py, simple_grpc_string_infer_client.py ---------------------------
+
+
+def test_explicit_int_content_example(example_triton):
+    """Inputs in ``contents.int_contents`` instead of raw bytes; then both at once, which Triton
+    refuses with its own words (the example checks them)."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    def request() -> service_pb2.ModelInferRequest:
+        req = service_pb2.ModelInferRequest(model_name="simple")
+        for name, values in (("INPUT0", range(16)), ("INPUT1", [1] * 16)):
+            t = req.inputs.add(name=name, datatype="INT32", shape=[1, 16])
+            t.contents.int_contents[:] = list(values)
+        return req
+
+    def answers(url: str) -> tuple:
+        with grpc.insecure_channel(url) as ch:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
+            resp = stub.ModelInfer(request(), timeout=30)
+            sums = np.frombuffer(resp.raw_output_contents[0], np.int32).tolist()
+            both = request()
+            both.raw_input_contents.append(np.zeros(16, np.int32).tobytes())
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(both, timeout=30)
+            return sums, info.value.code(), info.value.details()
+
+    with sidecar(example_triton.grpc_url) as sc:
+        direct, via = answers(example_triton.grpc_url), answers(sc.url)
+    assert direct[0] == [v + 1 for v in range(16)]
+    assert via == direct
+    assert "contents field must not be specified when using raw_input_contents for 'INPUT0'" in via[2]
+
+
+def test_string_example(example_triton):
+    a = np.array([[str(v).encode() for v in range(16)]], dtype=np.object_)
+    b = np.array([[b"1"] * 16], dtype=np.object_)
+    with sidecar(example_triton.grpc_url) as sc:
+        client = tc.InferenceServerClient(sc.url)
+        for _ in range(3):
+            inputs = [tc.InferInput("INPUT0", [1, 16], "BYTES"), tc.InferInput("INPUT1", [1, 16], "BYTES")]
+            inputs[0].set_data_from_numpy(a)
+            inputs[1].set_data_from_numpy(b)
+            result = client.infer("simple_string", inputs)
+            assert [int(x) for x in result.as_numpy("OUTPUT0")[0]] == [v + 1 for v in range(16)]
+            assert [int(x) for x in result.as_numpy("OUTPUT1")[0]] == [v - 1 for v in range(16)]
+
+
+# -- simple_grpc_shm_client.py -----------------------------------------------------------------------
+
+
+def test_system_shared_memory_example(example_triton):
+    """Regions registered through the sidecar (relayed to Triton), inputs and outputs in them."""
+    import tritonclient.utils.shared_memory as shm
+
+    a = np.arange(16, dtype=np.int32)[None, :]
+    b = np.ones((1, 16), dtype=np.int32)
+    nbytes = a.nbytes
+    with sidecar(example_triton.grpc_url) as sc:
+        client = tc.InferenceServerClient(sc.url)
+        client.unregister_system_shared_memory()
+        key = f"/smdp_example_{plane()}"
+        ip = shm.create_shared_memory_region("input_data", key + "_in", nbytes * 2)
+        op = shm.create_shared_memory_region("output_data", key + "_out", nbytes * 2)
+        try:
+            shm.set_shared_memory_region(ip, [a, b])
+            client.register_system_shared_memory("input_data", key + "_in", nbytes * 2)
+            client.register_system_shared_memory("output_data", key + "_out", nbytes * 2)
+            assert len(client.get_system_shared_memory_status().regions) == 2
+            inputs = [tc.InferInput("INPUT0", [1, 16], "INT32"), tc.InferInput("INPUT1", [1, 16], "INT32")]
+            inputs[0].set_shared_memory("input_data", nbytes)
+            inputs[1].set_shared_memory("input_data", nbytes, offset=nbytes)
+            outputs = [tc.InferRequestedOutput("OUTPUT0"), tc.InferRequestedOutput("OUTPUT1")]
+            outputs[0].set_shared_memory("output_data", nbytes)
+            outputs[1].set_shared_memory("output_data", nbytes, offset=nbytes)
+            client.infer("simple", inputs, outputs=outputs)
+            out0 = shm.get_contents_as_numpy(op, np.int32, [1, 16])
+            out1 = shm.get_contents_as_numpy(op, np.int32, [1, 16], offset=nbytes)
+            np.testing.assert_array_equal(out0, a + b)
+            np.testing.assert_array_equal(out1, a - b)
+        finally:
+            client.unregister_system_shared_memory()
+            shm.destroy_shared_memory_region(ip)
+            shm.destroy_shared_memory_region(op)
+
+
+# -- simple_grpc_custom_repeat.py (decoupled) --------------------------------------------------------
+
+
+def test_decoupled_repeat_example(example_triton):
+    values = np.array([4, 2, 0, 1], dtype=np.int32)
+    with sidecar(example_triton.grpc_url) as sc:
+        got: queue.Queue = queue.Queue()
+        client = tc.InferenceServerClient(sc.url)
+        client.start_stream(callback=lambda result, error: got.put((result, error)))
+        for rid in ("r0", "r1"):
+            inputs = [tc.InferInput("IN", [len(values)], "INT32"), tc.InferInput("DELAY", [len(values)], "UINT32"),
+                      tc.InferInput("WAIT", [1], "UINT32")]
+            inputs[0].set_data_from_numpy(values)
+            inputs[1].set_data_from_numpy(np.zeros(len(values), np.uint32))
+            inputs[2].set_data_from_numpy(np.zeros(1, np.uint32))
+            client.async_stream_infer("repeat_int32", inputs, request_id=rid)
+        answers = [got.get(timeout=60) for _ in range(2 * len(values))]
+        client.stop_stream()
+    assert [e for _, e in answers if e is not None] == []
+    for rid in ("r0", "r1"):
+        mine = [r for r, _ in answers if r.get_response().id == rid]
+        assert [int(r.as_numpy("OUT")[0]) for r in mine] == values.tolist()
+        assert [int(r.as_numpy("IDX")[0]) for r in mine] == list(range(len(values)))
