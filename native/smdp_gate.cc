@@ -446,7 +446,8 @@ class Service : public grpc::CallbackGenericService {
       : stub_(channel), infer_stub_(channel) {
     for (const auto& name : deny)
       denied_["/inference.GRPCInferenceService/" + name] =
-          name + " is not exposed through the sidecar (set allow_repository_control to enable it)";
+          name + " is not exposed through the sidecar: to relay Triton's repository control, start it with "
+                 "allow_repository_control: true in its config (or smdp serve --allow-repository-control)";
   }
 
   grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {

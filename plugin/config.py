@@ -317,11 +317,15 @@ def add_field_flag(
     choices = None
     if typing.get_origin(kind) is Literal:
         choices, kind = list(typing.get_args(kind)), str
-    if kind not in (str, int, float, Path):
-        raise TypeError(f"{model.__name__}.{field}: no command-line flag for a {kind!r} field")
     text = " ".join((info.description or field).split()) + extra_help
     if not info.is_required():
         text += f" (default: {'none' if info.default is None else info.default})"
+    if kind is bool:  # a switch: given, the field is true; not given, the file and environment decide
+        parser.add_argument(flag, dest=dest, action="store_const", const=True, default=None,
+                            help=text.replace("%", "%%"))
+        return
+    if kind not in (str, int, float, Path):
+        raise TypeError(f"{model.__name__}.{field}: no command-line flag for a {kind!r} field")
     parser.add_argument(
         flag, dest=dest, type=str if kind is Path else kind, choices=choices, default=None, metavar=None if choices
         else field.upper(), help=text.replace("%", "%%"),

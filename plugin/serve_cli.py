@@ -35,6 +35,7 @@ TOP_FLAGS = {
     "--control-listen": "control_listen",
     "--control-token": "control_token",
     "--metrics-listen": "metrics_listen",
+    "--allow-repository-control": "allow_repository_control",
 }
 # ... then the policy of every model without an entry of its own (SidecarConfig.default):
 POLICY_FLAGS = {

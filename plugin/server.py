@@ -1228,7 +1228,8 @@ def _relay_handler(channel: grpc.aio.Channel, method: str, unary_request: bool, 
         async def denied(request, context):
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"{method} is not exposed through the sidecar (set allow_repository_control to enable it)",
+f"{method} is not exposed through the sidecar: to relay Triton's repository control, start it "
+                "with allow_repository_control: true in its config (or smdp serve --allow-repository-control)",
             )
 
         return grpc.unary_unary_rpc_method_handler(denied)

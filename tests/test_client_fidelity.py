@@ -221,3 +221,16 @@ def test_a_model_triton_does_not_serve_gets_tritons_answer_while_triton_reports_
             assert via == direct_answer
         with grpc.insecure_channel(sc.url) as ch:
             assert outcome(ch, _simple_request(2))[0] == "OK"
+
+
+def test_repository_control_refused_says_how_to_enable_it(triton):
+    import tritonclient.grpc as tc
+    from tritonclient.utils import InferenceServerException
+
+    with sidecar(triton.grpc_url) as sc:
+        with pytest.raises(InferenceServerException) as info:
+            tc.InferenceServerClient(sc.url).unload_model("emulated_gpu")
+        assert info.value.status() == "StatusCode.PERMISSION_DENIED"
+        assert "allow_repository_control: true" in info.value.message()
+        assert "--allow-repository-control" in info.value.message()
+        serve_once(sc)  # nothing was unloaded

@@ -125,3 +125,17 @@ def test_serve_flags_show_the_configured_default_and_refuse_what_the_field_refus
     assert "invalid choice" in capsys.readouterr().err
     with pytest.raises(ValidationError, match="weight"):
         config_from_args(_serve(["--weight", "-1"]))
+
+
+def test_allow_repository_control_has_a_serve_switch_and_the_file_still_decides_without_it(tmp_path):
+    import argparse
+
+    from plugin.serve_cli import add_serve_command, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_command(parser.add_subparsers())
+    on = tmp_path / "on.yaml"
+    on.write_text("allow_repository_control: true\n")
+    assert config_from_args(parser.parse_args(["serve"])).allow_repository_control is False
+    assert config_from_args(parser.parse_args(["serve", "--allow-repository-control"])).allow_repository_control
+    assert config_from_args(parser.parse_args(["serve", "--config", str(on)])).allow_repository_control
