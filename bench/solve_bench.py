@@ -43,6 +43,25 @@ tracemalloc peak of one more call. Also: the N each chose, the gain difference a
 policies agree on their common states.
 
     python bench/solve_bench.py --against-before --batches 64 128 256 --cvs 0 1 --loads 0.6
+
+--features: the other features' solves, now against before in the same run (the before solver is
+swapped in where the feature calls ``solve``): "slo" (``solver.slo.solve_slo``, q0.99 <= 20 ms,
+w = 0.1 s/W as in bench/slo_bench.py), "k=4" (``solver.instances.solve_instances`` with 4
+instances; B <= 64 only: its search simulates, minutes at larger B), "groups" (``solve`` with
+compound Poisson arrivals, geometric groups of mean 2) and "mmpp" (``solver.mmpp.solve_mmpp``, a
+2-phase MMPP of rates 0.4 and 1.6 x the mean switching every 10 ms: its own PI on (n, phase), the
+same code in both columns). One run each (the SLO and k-instance searches take seconds).
+
+    python bench/solve_bench.py --features --batches 64 128 --cvs 0 1 --loads 0.6
+
+--policy-drift: what the automatic N's two checks see at each size of the search (no timing). For
+every --batches, --cvs and --loads: the sizes of a cold ``solve(model)``, then at each size the
+fixed-N solve warm-started from the previous size's policy (as the search does), with the gain's
+relative step, the states whose batch changed on the common states (count, first, largest
+stationary probability among them, stationary mass from the first one up), the mass of the top
+state and the first state above which at most 1e-10 of the stationary mass lies (embedded chain).
+
+    python bench/solve_bench.py --policy-drift --batches 128 256 --cvs 1 --loads 0.6
 """
 
 from __future__ import annotations
@@ -213,13 +232,14 @@ def compare_linear_solvers(args) -> int:
     return 0
 
 
-def solve_before(m: BatchingModel, warm=None):
-    """The solver as it was: 1.5x growth from the initial size, dense LU."""
-    return solve(m, warm_start=warm, growth=1.5, resume_warm_start=False, linear_solver="dense")
+def solve_before(m: BatchingModel, method: str = "pi", **kwargs):
+    """The solver as it was: 1.5x growth from the initial size, dense LU (arguments as ``solve``'s)."""
+    return solve(m, method, growth=1.5, resume_warm_start=False, linear_solver="dense", **kwargs)
 
 
 def against_before(args) -> int:
-    contenders = (("now", lambda m, warm=None: solve(m, warm_start=warm)), ("before", solve_before))
+    contenders = (("now", lambda m, warm=None: solve(m, warm_start=warm)),
+                  ("before", lambda m, warm=None: solve_before(m, warm_start=warm)))
     print(f"solve(model), PI: now vs before; w = {args.weight:g} s/W, idle {IDLE_W} W; best of {args.repeat} "
           f"(time), tracemalloc peak (memory); warm = started from the same solver's policy at 0.95 x rate")
     header = (f"{'cv':>3} {'B':>4} {'load':>5} {'start':<5} {'N now':>6} {'N before':>8} {'now ms':>9} {'before ms':>9} "
@@ -244,6 +264,97 @@ def against_before(args) -> int:
     return 0
 
 
+def feature_rows(args) -> int:
+    import solver.instances
+    import solver.slo
+    from solver.arrival_model import MMPP2, CompoundPoisson
+    from solver.instances import solve_instances
+    from solver.mmpp import solve_mmpp
+    from solver.slo import SloTarget, solve_slo
+
+    def with_before(module, fn):
+        saved = module.solve
+        module.solve = solve_before
+        try:
+            return fn()
+        finally:
+            module.solve = saved
+
+    target = SloTarget(0.99, 0.020)
+    print("feature solves, now vs before (module doc); one run each, tracemalloc peak of a second run")
+    header = (f"{'feature':<8} {'cv':>3} {'B':>4} {'load':>5} {'now ms':>9} {'before ms':>9} {'now MB':>7} "
+              f"{'before MB':>9} {'t ratio':>7}  result")
+    print(header)
+    print("-" * len(header))
+    for cv in args.cvs:
+        for B in args.batches:
+            for load in args.loads:
+                m = make_model(B, load, args.weight, cv)
+                cases = [
+                    ("slo", lambda m=m: solve_slo(m.with_(weight=0.1), target),
+                     lambda m=m: with_before(solver.slo, lambda: solve_slo(m.with_(weight=0.1), target)),
+                     lambda r: f"feasible {r.feasible}, {len(r.candidates)} candidates"),
+                    ("groups", lambda m=m: solve(m.with_(arrivals=CompoundPoisson(2.0))),
+                     lambda m=m: solve_before(m.with_(arrivals=CompoundPoisson(2.0))),
+                     lambda r: f"N {r.truncation}, gain {r.gain:.9g}"),
+                    ("mmpp", lambda m=m: solve_mmpp(m.with_(arrivals=MMPP2((0.4 * m.rate, 1.6 * m.rate), (100.0, 100.0)))),
+                     None, lambda r: f"N {r.truncation}, gain {r.gain:.9g}"),
+                ]
+                if B <= 64:
+                    k4 = m.with_(instances=4)
+                    k4 = k4.with_(rate=load * k4.capacity)
+                    cases.append(("k=4", lambda k4=k4: solve_instances(k4),
+                                  lambda k4=k4: with_before(solver.instances, lambda: solve_instances(k4)),
+                                  lambda r: f"gain {r.gain:.6g} +- {r.gain_ci95:.2g}"))
+                for name, now_fn, before_fn, describe in cases:
+                    try:
+                        now, t_now, mem_now = measured(now_fn, 1)
+                    except Exception as exc:  # a feature that refuses this model: say so, go on
+                        print(f"{name:<8} {cv:>3g} {B:>4} {load:>5.2f} refused: {exc}")
+                        continue
+                    if before_fn is None:
+                        t_bef, mem_bef = t_now, mem_now
+                    else:
+                        _, t_bef, mem_bef = measured(before_fn, 1)
+                    print(f"{name:<8} {cv:>3g} {B:>4} {load:>5.2f} {fmt_ms(t_now)} {fmt_ms(t_bef)} "
+                          f"{mem_now / 2**20:>7.1f} {mem_bef / 2**20:>9.1f} {t_now / t_bef:>7.3f}  {describe(now)}"
+                          + ("" if before_fn is not None else " (own solver: same code)"))
+                    sys.stdout.flush()
+    return 0
+
+
+def policy_drift(args) -> int:
+    print("per size of the automatic search: gain step, batch changes on the common states and where "
+          "the stationary mass (embedded chain) lies")
+    header = (f"{'cv':>3} {'B':>4} {'load':>5} {'N':>5} {'rel dg':>8} {'changed':>7} {'first':>6} {'max pi':>8} "
+              f"{'mass >=':>8} {'pi(N)':>8} {'m(1e-10)':>8}")
+    print(header)
+    print("-" * len(header))
+    for cv in args.cvs:
+        for B in args.batches:
+            for load in args.loads:
+                m = make_model(B, load, args.weight, cv)
+                prev = None
+                for N in solve(m).sizes_tried:
+                    res = solve(m, truncation=N, warm_start=None if prev is None else prev.policy)
+                    a = res.policy.actions
+                    pi = evaluate_policy(build(m, N, "fluid"), a).pi
+                    above = np.cumsum(pi[::-1])[::-1]  # mass on n..N
+                    settled_m = int(np.argmax(above <= 1e-10)) if above[-1] <= 1e-10 else N + 1
+                    row = f"{cv:>3g} {B:>4} {load:>5.2f} {N:>5}"
+                    if prev is None:
+                        print(f"{row} {'':>8} {'':>7} {'':>6} {'':>8} {'':>8} {pi[-1]:>8.1e} {settled_m:>8}")
+                    else:
+                        p = prev.policy.actions
+                        d = np.nonzero(a[: p.size] != p)[0]
+                        dg = abs(res.gain - prev.gain) / res.gain
+                        first = f"{d[0]:>6} {pi[d].max():>8.1e} {above[d[0]]:>8.1e}" if d.size else f"{'-':>6} {'-':>8} {'-':>8}"
+                        print(f"{row} {dg:>8.1e} {d.size:>7} {first} {pi[-1]:>8.1e} {settled_m:>8}")
+                    sys.stdout.flush()
+                    prev = res
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128, 256])
@@ -262,7 +373,15 @@ def main(argv=None) -> int:
                     help="service CVs for --linear-solvers and --against-before")
     ap.add_argument("--against-before", action="store_true",
                     help="solve() now against the solver before (module doc), same run")
+    ap.add_argument("--features", action="store_true",
+                    help="the SLO, k-instance and bursty-arrival solves, now against before (module doc)")
+    ap.add_argument("--policy-drift", action="store_true",
+                    help="per size of the automatic search: gain step, policy changes, stationary mass (module doc)")
     args = ap.parse_args(argv)
+    if args.policy_drift:
+        return policy_drift(args)
+    if args.features:
+        return feature_rows(args)
     if args.against_before:
         return against_before(args)
     if args.linear_solvers:

@@ -42,6 +42,7 @@ shows the trade-off."""
 from .metrics import Measured, batch_histogram, measure, power_note
 from .openloop import OpenLoopResult, run_open_loop
 from .stack import SidecarProcess, SidecarSpec, SolverProcess, scaled_profile, write_profile_csv
+from .stack_profile import RequestHop
 from .triton_control import BatchingOverride, ModelConfigControl
 
 __all__ = ["BenchConfig", "BenchRow", "BenchReport", "Stack", "bench_stack", "run_one", "run_bench", "DEFAULT_PROFILE"]
@@ -86,6 +87,9 @@ class BenchConfig:
     instances: int = 1
     """k: the model runs with this instance_group count; predictions and power are for k instances
     (each busy one its batch's power, each idle one P0)."""
+    stack_profile: bool = True
+    """Tell the solver tau(b) as measured on this stack (``smdp profile``, once, cached: the table's time
+    plus what gRPC and the backend add; energy from the table) instead of the published table alone."""
 
     def __post_init__(self) -> None:
         from plugin.native_plane import choose_plane
@@ -221,10 +225,19 @@ class Stack:
     control: ModelConfigControl
     max_batch: int
     profile: ServiceProfile
-    """The profile the emulated model runs at this time scale (what the solver is told)."""
+    """What the solver is told (predictions, gate policies, config mode): the stack's measured profile,
+    or the table the emulated model runs at this time scale (``stack_profile`` off)."""
     profile_path: Path
     solver_url: str | None = None
     """The solver service adaptive gates re-solve through (None: in the sidecar)."""
+    emulated: ServiceProfile | None = None
+    """The table the emulated model runs at this time scale: what measurement charges (None: ``profile``)."""
+    hop: RequestHop | None = None
+    """Measured per-request time beyond the batch's slot, added to the solver's W (None: not measured)."""
+
+    @property
+    def ground_truth(self) -> ServiceProfile:
+        return self.emulated if self.emulated is not None else self.profile
 
 
 @contextmanager
@@ -252,8 +265,17 @@ def bench_stack(cfg: BenchConfig, triton_url: str | None = None, progress: Progr
             raise ValueError(f"model {cfg.model!r} does not batch (max_batch_size {B})")
         if B > base.max_batch:
             raise ValueError(f"model {cfg.model!r} batches up to {B}, beyond the profile's {base.max_batch}")
-        profile = scaled_profile(base.truncated(B), cfg.time_scale)
-        profile_path = write_profile_csv(profile, cfg.out_dir / f"{cfg.profile_name}_x{cfg.time_scale:g}.csv")
+        emulated = scaled_profile(base.truncated(B), cfg.time_scale)
+        hop = None
+        profile, profile_path = emulated, write_profile_csv(
+            emulated, cfg.out_dir / f"{cfg.profile_name}_x{cfg.time_scale:g}.csv")
+        if cfg.stack_profile:
+            from .stack_profile import request_hops, stack_profile
+
+            profile, profile_path = stack_profile(triton_url, control, cfg.model, cfg.time_scale, emulated,
+                                                  cfg.idle_power_w, cfg.out_dir, progress)
+            hop = request_hops(triton_url, control, cfg.model, cfg.time_scale, B, float(profile.mean_s[0]),
+                               cfg.data_plane, cfg.out_dir, progress)
         solver_url = None
         if cfg.needs_solver:
             if cfg.solver == "embedded":
@@ -262,7 +284,7 @@ def bench_stack(cfg: BenchConfig, triton_url: str | None = None, progress: Progr
                 solver_url = solver.url
             else:
                 solver_url = cfg.solver
-        yield Stack(triton_url, control, B, profile, profile_path, solver_url)
+        yield Stack(triton_url, control, B, profile, profile_path, solver_url, emulated, hop)
     finally:
         if solver is not None:
             progress("stopping the solver service")
@@ -306,9 +328,12 @@ def run_one(stack: Stack, cfg: BenchConfig, c: Contender, rate: float, times: np
         c = replace(c, max_queue_delay_us=int(round(delay * 1e6)))
         settings = f"max_queue_delay {delay * 1e3:.3f} ms (Model-Analyzer-style sweep for the SLO)"
     pred = predict(c, model, times, seed=cfg.seed, warmup_s=lo, compiled=compiled, slo=cfg.slo)
+    if stack.hop is not None and math.isfinite(pred.mean_latency_s):
+        h = stack.hop.gate_s if c.kind == "gate" else stack.hop.direct_s
+        pred = replace(pred, mean_latency_s=pred.mean_latency_s + h, cost=pred.cost + h, source=f"{pred.source}+hop")
     res = _run_contender(c, cfg, stack.control, stack.triton_url, times, rate, stack.max_batch,
                          stack.profile_path, cfg.out_dir, compiled=compiled, solver_url=stack.solver_url)
-    m = measure(res, stack.profile, idle_power_w=cfg.idle_power_w, weight=cfg.weight,
+    m = measure(res, stack.ground_truth, idle_power_w=cfg.idle_power_w, weight=cfg.weight,
                 energy_scale=cfg.time_scale, window=cfg.window, instances=cfg.instances,
                 slo_latency_s=cfg.slo.latency_s if cfg.slo is not None else None)
     in_window = (res.scheduled_s >= lo) & (res.scheduled_s < hi)
@@ -341,7 +366,10 @@ def run_bench(cfg: BenchConfig, triton_url: str | None = None, progress: Progres
                 if row.settings:
                     progress(f"  {'':<24} compiled to {row.settings}")
         B = stack.max_batch
-    return BenchReport(cfg, tuple(rows), B, power_note(cfg.profile_name, cfg.idle_power_w))
+    note = power_note(cfg.profile_name, cfg.idle_power_w)
+    if cfg.stack_profile:
+        note += "; the solver is told tau(b) as measured on this stack (smdp profile), energy from the table"
+    return BenchReport(cfg, tuple(rows), B, note)
 
 
 # ------------------------------------------------------------------------------------------------

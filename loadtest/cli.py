@@ -32,6 +32,9 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--idle-power", type=float, default=DEFAULT_IDLE_POWER_W, help="P0, watts (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the arrival sequences (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path(out), help="output directory (default: %(default)s)")
+    p.add_argument("--stack-profile", choices=["measured", "table"], default="measured",
+                   help="what the solver is told: tau(b) measured on this stack once (smdp profile, cached in the "
+                   "output directory; the table's energy) or the published table alone (default: %(default)s)")
 
 
 def _contender_flags(p: argparse.ArgumentParser, gates: str) -> None:
@@ -171,6 +174,7 @@ def _config(args: argparse.Namespace):
         model=args.model, seed=args.seed, warmup_s=args.warmup, cooldown_s=args.cooldown, out_dir=args.out,
         solver=None if args.solver in ("none", "") else args.solver, data_plane=args.data_plane,
         slo=slo_target(args), instances=getattr(args, "instances", 1),
+        stack_profile=args.stack_profile == "measured",
     )
 
 
@@ -236,7 +240,7 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
         cfg = ParetoConfig(rate=args.rate, weights=_floats(args.weights, "--weights"), delays_us=delays,
                            duration_s=args.duration, time_scale=args.time_scale, idle_power_w=args.idle_power,
                            profile_csv=args.profile, model=args.model, seed=args.seed,
-                           warmup_s=args.warmup, out_dir=args.out)
+                           warmup_s=args.warmup, out_dir=args.out, stack_profile=args.stack_profile == "measured")
     except (ValueError, argparse.ArgumentTypeError, ModelError) as exc:
         print(f"smdp pareto: {exc}", file=sys.stderr)
         return 2

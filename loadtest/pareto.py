@@ -40,6 +40,8 @@ class ParetoConfig:
     warmup_s: float = 1.5
     cooldown_s: float = 1.0
     out_dir: Path = Path("out/pareto")
+    stack_profile: bool = True
+    """Tell the solver tau(b) measured on this stack (see BenchConfig.stack_profile)."""
 
     def __post_init__(self) -> None:
         ws = tuple(quantities.weight(w) for w in self.weights)
@@ -54,7 +56,8 @@ class ParetoConfig:
         return BenchConfig(rates=(self.rate,), contenders=tuple(contenders), duration_s=self.duration_s,
                            time_scale=self.time_scale, weight=weight, idle_power_w=self.idle_power_w,
                            profile_csv=self.profile_csv, model=self.model, seed=self.seed,
-                           warmup_s=self.warmup_s, cooldown_s=self.cooldown_s, out_dir=Path(self.out_dir))
+                           warmup_s=self.warmup_s, cooldown_s=self.cooldown_s, out_dir=Path(self.out_dir),
+                           stack_profile=self.stack_profile)
 
 
 @dataclass(frozen=True, eq=False)

@@ -189,7 +189,7 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                     settings = follower.summary()
                     # the follower reloaded the model behind the control's back: make the next apply reload
                     stack.control.current = {}
-            m = measure(res, stack.profile, idle_power_w=cfg.idle_power_w, weight=cfg.weight,
+            m = measure(res, stack.ground_truth, idle_power_w=cfg.idle_power_w, weight=cfg.weight,
                         energy_scale=cfg.time_scale, window=cfg.window,
                         slo_latency_s=cfg.slo.latency_s if cfg.slo is not None else None)
             in_window = (res.scheduled_s >= lo) & (res.scheduled_s < hi)

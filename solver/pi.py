@@ -1,16 +1,20 @@
 """Policy iteration on the truncated SMDP, directly (no uniformisation).
 
-Evaluation solves h(n) = c(n) - g tau(n) + sum_j p(j|n) h(j) with h(0) = 0 in one dense LU: the
-unknowns are (g, h(1..N)), i.e. the column of h(0) in I - P is replaced by tau. The same factor
-also gives the stationary distribution, because the transposed system A^T y = e_0 is solved by
-y = pi / (pi . tau) (rows of I - P sum to zero, so y^T (I - P) = 0 follows from its columns 1..N).
+Evaluation solves h(n) = c(n) - g tau(n) + sum_j p(j|n) h(j) with h(0) = 0: the unknowns are
+(g, h(1..N)), i.e. the column of h(0) in I - P is replaced by tau. The same factor also gives the
+stationary distribution, because the transposed system A^T y = e_0 is solved by y = pi / (pi . tau)
+(rows of I - P sum to zero, so y^T (I - P) = 0 follows from its columns 1..N).
 
-The system is not sparse enough for a sparse LU to pay: row n holds the whole K pmf window from
-n - a, and that window is about N / 2 wide for deterministic service and all of 0..N for CV 1 (the
-negative-binomial tail is still above 1e-20 at N), so 46-69% of the entries are nonzero and SuperLU
-fills most of the rest (RESULTS.md section 4 measures both). ``linear_solver="sparse"`` (scipy
-``splu`` on the same entries) is kept for comparison and for policies with short windows; the
-default is the dense LU on one Fortran-ordered array built in place, factored without a copy.
+The structure that pays: a batch removes at most B requests, so row n of I - P is zero left of
+column n - B. With the unknowns ordered (h(1..N), g) the system is zero below its (B + 1)-th
+subdiagonal (banded below, full above: block upper Hessenberg with blocks of B + 1), and
+``HessenbergLU`` factors it block by block with partial pivoting in about 1.5 (B + 1) N^2 flops
+instead of the dense LU's 2/3 N^3 (the default, "banded"). It is not sparse above the diagonal:
+row n holds the whole K pmf window from n - a, about N / 2 wide for deterministic service and all
+of 0..N for CV 1, so a general sparse LU fills in and loses (RESULTS.md section 4);
+``linear_solver="sparse"`` (scipy ``splu``) and "dense" (one LAPACK LU) are kept for comparison.
+
+``control_limit_search``: the best policy of Deb & Serfozo's control-limit family, a start for PI.
 """
 
 from __future__ import annotations

@@ -458,8 +458,10 @@ def test_an_slo_is_met_in_a_steady_poisson_run_and_reported(scaled, scaled_unbat
         m = s.slo.samples
         assert m > 100 and s.slo.HasField("measured_quantile_s")
         assert s.slo.attainment >= q - 3 * math.sqrt(q * (1 - q) / m), s.slo
-        # The client's view adds its own threads and gRPC on a shared host: 2 points more slack.
-        assert attained >= q - 3 * math.sqrt(q * (1 - q) / n) - 0.02, (attained, np.quantile(lat, q))
+        # The client's view adds its own threads and a gRPC hop on a shared host, a few ms the gate does
+        # not see; the search puts the q-quantile right at D, so judge the client's view against D + 10 ms.
+        late = float(np.mean(lat <= d + 0.010))
+        assert late >= q - 3 * math.sqrt(q * (1 - q) / n), (attained, late, np.quantile(lat, q))
         # cleared: back to the plain policy, without the SLO's guard
         s = stub.ClearSlo(smdp_pb2.ModelRequest(model="emulated_gpu"), metadata=md)
         assert not s.HasField("slo")

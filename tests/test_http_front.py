@@ -212,3 +212,56 @@ def test_json_strings_and_error_bodies():
 )
 def test_response_compression_is_chosen_as_triton_does(accept, enc):
     assert response_encoding(accept) == enc
+
+
+def test_listener_decompresses_requests_and_compresses_answers_as_asked():
+    """The HTTP listener itself, with the gate replaced by a function that echoes the input's rows
+    (a pure-logic test of the plumbing; the integration tests use the real gate and Triton)."""
+    import asyncio
+    import gzip
+    import zlib
+
+    import aiohttp
+
+    from plugin.http_front import HttpFront
+
+    seen: list[service_pb2.ModelInferRequest] = []
+
+    async def echo(req: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
+        seen.append(req)
+        r = service_pb2.ModelInferResponse(model_name=req.model_name, model_version="1", id=req.id)
+        r.outputs.add(name="Y", datatype=req.inputs[0].datatype, shape=req.inputs[0].shape)
+        r.raw_output_contents.append(req.raw_input_contents[0])
+        return r
+
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    inp = tch.InferInput("X", [2, 3], "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+    body, hl = client_body([inp], request_id="z")
+
+    async def run() -> None:
+        from plugin.launcher.triton_server import free_port
+
+        front = HttpFront(echo, f"127.0.0.1:{free_port()}", allow_repository_control=False)  # no Triton there
+        port = await front.start("127.0.0.1:0")
+        try:
+            async with aiohttp.ClientSession(auto_decompress=False) as s:
+                url = f"http://127.0.0.1:{port}/v2/models/m/versions/2/infer"
+                headers = {"Inference-Header-Content-Length": str(hl), "Content-Encoding": "gzip",
+                           "Accept-Encoding": "deflate"}
+                async with s.post(url, data=gzip.compress(body), headers=headers) as r:
+                    assert r.status == 200 and r.headers["Content-Encoding"] == "deflate"
+                    out = zlib.decompress(await r.read())
+                    header = int(r.headers["Inference-Header-Content-Length"])
+                result = tch.InferResult.from_response_body(out, header_length=header)
+                np.testing.assert_array_equal(result.as_numpy("Y"), x)
+                assert result.get_response()["id"] == "z" and seen[-1].model_version == "2"
+                # Triton unreachable: relayed calls answer 503 with Triton's error body layout
+                async with s.get(f"http://127.0.0.1:{port}/v2/health/ready") as r:
+                    assert r.status == 503 and "unreachable" in (await r.json())["error"]
+                async with s.post(f"http://127.0.0.1:{port}/v2/repository/models/m/load", data=b"{}") as r:
+                    assert r.status == 403 and "allow_repository_control" in (await r.json())["error"]
+        finally:
+            await front.stop()
+
+    asyncio.run(run())

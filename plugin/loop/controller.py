@@ -717,11 +717,8 @@ class PolicyController:
             self.note = (f"SLO search is for one instance and this model has {self.instances}: "
                          "solved for J = W + w P over k instances instead")
             return await self._solve(rate, self.weight)
-        if self.slo is not None and self.instances == 1:
+        if self.slo is not None:
             return await self._solve_slo(rate, self.slo)
-        if self.slo is not None:  # the SLO search models one server; k instances get their J policy
-            self.note = (f"SLO not applied: the SLO search models one instance and this model has {self.instances}; "
-                         "serving the k-instance policy for J = W + w P")
         if self.latency_target_s is None:
             return await self._solve(rate, self.weight)
         return await self._search_weight(rate, self.latency_target_s)
