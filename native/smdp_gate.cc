@@ -28,11 +28,13 @@
 //   ok policy MODEL | error MESSAGE
 //   seen MODEL            (a request for a model without a policy, relayed ungated; at most once a second)
 //   lost MODEL            (Triton answered NOT_FOUND for a gated model: its config must be read again)
+//   loaded MODEL          (a RepositoryModelLoad/Unload of MODEL through the gate succeeded: read it again)
 //   arrive MODEL T1 T2 ...
 //   batch MODEL SIZE ROWS START END CODE WHY WAIT1,WAIT2,...   (WHY: policy, or the guard's reason;
 //                                                               each member's wait in the gate, seconds)
 //   counters MODEL submitted=.. rejected=.. cancelled=.. expired=.. batches=.. requests=.. queue=.. in_flight=..
 //            invalid=..   (when something changed since the last report)
+#include <google/protobuf/stubs/logging.h>
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
@@ -68,11 +70,32 @@ namespace {
 
 const char kInfer[] = "/inference.GRPCInferenceService/ModelInfer";
 const char kStreamInfer[] = "/inference.GRPCInferenceService/ModelStreamInfer";
+const char kRepositoryLoad[] = "/inference.GRPCInferenceService/RepositoryModelLoad";
+const char kRepositoryUnload[] = "/inference.GRPCInferenceService/RepositoryModelUnload";
+// Triton's answer (INTERNAL) to a ModelInfer whose bytes do not parse (invalid UTF-8 in a string too).
+const char kUnparsable[] = "Unable to parse request";
 
 double Now() {
   timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+// libprotobuf logs an ERROR for every request with invalid UTF-8 in a string field: a client could
+// fill the log. Its messages are passed on once a minute at most, with how many there were.
+void ProtobufLog(google::protobuf::LogLevel level, const char* file, int line, const std::string& message) {
+  static std::mutex mu;
+  static double last = -1e18;
+  static uint64_t count = 0;
+  std::lock_guard<std::mutex> lock(mu);
+  ++count;
+  const double now = Now();
+  if (level < google::protobuf::LOGLEVEL_FATAL && now - last < 60.0) return;
+  std::fprintf(stderr, "libprotobuf %s:%d: %s (%llu such message(s) in the last minute at most)\n", file, line,
+               message.c_str(), static_cast<unsigned long long>(count));
+  std::fflush(stderr);
+  last = now;
+  count = 0;
 }
 
 // Everything for the control plane goes through one writer thread: a control plane that reads slowly
@@ -308,12 +331,24 @@ class UnaryRelay : public grpc::ServerGenericBidiReactor {
       return;
     }
     CopyMetadata(*sctx_, &cctx_);
-    stub_->UnaryCall(&cctx_, sctx_->method(), grpc::StubOptions(), &req_, &resp_, [this](grpc::Status s) {
+    const std::string& m = sctx_->method();
+    const bool repository = m == kRepositoryLoad || m == kRepositoryUnload;
+    if (repository) loaded_ = req_;  // (a reference to the same bytes)
+    stub_->UnaryCall(&cctx_, m, grpc::StubOptions(), &req_, &resp_, [this, repository](grpc::Status s) {
+      if (s.ok() && repository) ReportLoaded();
       if (s.ok())
         StartWriteAndFinish(&resp_, grpc::WriteOptions(), s);
       else
         Finish(s);
     });
+  }
+  // Triton loaded (or unloaded) a model through the gate: `loaded MODEL`, the control plane reads its
+  // config again (a reload may change what the gate must know, max_batch_size say).
+  void ReportLoaded() {
+    inference::RepositoryModelLoadRequest r;  // same fields, same numbers as RepositoryModelUnloadRequest
+    if (grpc::SerializationTraits<inference::RepositoryModelLoadRequest>::Deserialize(&loaded_, &r).ok() &&
+        PlausibleModelName(r.model_name()))
+      Emit("loaded " + Quote(r.model_name()));
   }
   void OnCancel() override { cctx_.TryCancel(); }
   void OnDone() override { delete this; }
@@ -322,7 +357,7 @@ class UnaryRelay : public grpc::ServerGenericBidiReactor {
   grpc::GenericStub* stub_;
   grpc::GenericCallbackServerContext* sctx_;
   grpc::ClientContext cctx_;
-  grpc::ByteBuffer req_, resp_;
+  grpc::ByteBuffer req_, resp_, loaded_;
 };
 
 // Answers a method the operator has not exposed with PERMISSION_DENIED.
@@ -795,7 +830,10 @@ class Service : public grpc::CallbackGenericService {
       status = grpc::Status(grpc::StatusCode::UNAVAILABLE, "Triton ended the call: " + status.error_message());
     }
     bool lost = false;
-    if (ms != nullptr && status.error_code() == grpc::StatusCode::NOT_FOUND) {
+    // NOT_FOUND for a version the requests name (one batch holds one version) is Triton's answer to
+    // them, passed on as it is: the model itself is still there.
+    if (ms != nullptr && status.error_code() == grpc::StatusCode::NOT_FOUND &&
+        b->members.front()->req_.model_version().empty()) {
       // A model the gate was serving vanished (Triton restarting, or the model unloaded): retryable.
       // The control plane hears of it (`lost`) and re-reads the model's config when it is back.
       status = grpc::Status(grpc::StatusCode::UNAVAILABLE,
@@ -863,7 +901,7 @@ void InferCall::OnReadDone(bool ok) {
   }
   grpc::ByteBuffer copy(in_);  // Deserialize consumes its buffer; `in_` stays for relaying as is
   if (!grpc::SerializationTraits<inference::ModelInferRequest>::Deserialize(&copy, &req_).ok()) {
-    Reply(nullptr, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "malformed ModelInferRequest"));
+    Reply(nullptr, grpc::Status(grpc::StatusCode::INTERNAL, kUnparsable));  // as Triton answers it
     return;
   }
   if (!svc_->Admit(this)) svc_->RelayAlone(this);
@@ -1257,6 +1295,7 @@ int Main(int argc, char** argv) {
   sigaddset(&sigs, SIGINT);
   pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
 
+  google::protobuf::SetLogHandler(&ProtobufLog);
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(-1);
   args.SetMaxSendMessageSize(-1);

@@ -234,14 +234,14 @@ def parse_event(raw: bytes) -> tuple | None:
         return ("reported",)
     if kind == "error":
         return ("error", unquote_field(" ".join(parts[1:])))
-    if kind not in ("seen", "lost", "arrive", "batch", "counters"):
+    if kind not in ("seen", "lost", "loaded", "arrive", "batch", "counters"):
         return None
     if len(parts) < 2:
         raise ValueError(f"{kind}: model name missing")
     model = unquote_field(parts[1])
     if not is_model_name(model):
         raise ValueError(f"{kind}: {model[:80]!r} is not a model name")
-    if kind in ("seen", "lost"):
+    if kind in ("seen", "lost", "loaded"):
         if len(parts) != 2:
             raise ValueError(f"{kind}: one field expected")
         return (kind, model)
@@ -260,7 +260,7 @@ def parse_event(raw: bytes) -> tuple | None:
 class NativePlane:
     """One ``smdp-gate`` process: started, fed policies, read for events, stopped.
 
-    ``on_event`` receives ("seen", model), ("lost", model), ("arrive", model, times),
+    ``on_event`` receives ("seen", model), ("lost", model), ("loaded", model), ("arrive", model, times),
     ("batch", BatchReport) and ("counters", model, {name: value}); it runs on the event loop, one event
     at a time.
     """

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Callable
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -45,6 +47,7 @@ _SERVICE_DESC = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 _GATED = {"ModelInfer", "ModelStreamInfer"}
 _STATUS_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
 _REPOSITORY_CONTROL = {"RepositoryModelLoad", "RepositoryModelUnload"}
+_CONFIG_REREAD_S = 1.0  # a model's config is read again on a sign it changed at most this often
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", -1),
@@ -159,6 +162,8 @@ class ModelState:
     profile: Any = None
     timer: asyncio.TimerHandle | None = None
     timer_at: float | None = None
+    config_read_at: float = 0.0
+    """When its config was last read from Triton (sidecar clock)."""
 
 
 @dataclass(eq=False)
@@ -339,10 +344,10 @@ class Sidecar:
                 raise GateError(grpc.StatusCode.UNAVAILABLE, f"Triton is unreachable: {exc.details()}") from None
             if code not in _NOT_GATEABLE:
                 raise GateError(code, exc.details() or "") from None
-            if not await self._triton_ready():
+            if await self._triton_exiting():
                 # Triton unloads every model while it shuts down: not the model's fault, retryable.
                 raise GateError(grpc.StatusCode.UNAVAILABLE, "Triton is not ready (starting or stopping)") from None
-            return None
+            return None  # an unknown model, or one unloading: Triton's own answer
         cfg = resp.config
         if self._batcher_to_turn_off(cfg):
             await self._turn_off_triton_batcher(name, cfg)
@@ -356,6 +361,7 @@ class Sidecar:
             # The same model back (Triton restarted): keep its gate, whose batches may still be in
             # flight, its policy and controller (operator settings included) and its counters.
             old.config = cfg
+            old.config_read_at = self._clock()
             old.gate.set_slots(slots)
             if old.controller is not None:
                 old.controller.instances = slots  # the next re-solve is for the new k
@@ -411,7 +417,7 @@ class Sidecar:
             priority_levels=levels,
             profile=profile,
         )
-        state.stats.started_at = self._clock()
+        state.stats.started_at = state.config_read_at = self._clock()
         if profile is not None:
             state.controller = PolicyController(
                 name,
@@ -538,12 +544,15 @@ class Sidecar:
         log.info("model %s: Triton's dynamic batcher turned off behind the merged gate (reloaded with a config "
                  "override, as triton_batcher: off asks)", name)
 
-    async def _triton_ready(self) -> bool:
+    async def _triton_exiting(self) -> bool:
+        """Whether Triton is shutting down (or away): its ServerReady then fails ("Server exiting").
+        A ready=false answer is not that: with strict readiness Triton is "not ready" while any model
+        loads, unloads or failed to load, and requests for other models are still served."""
         try:
-            resp = await self._server_ready(service_pb2.ServerReadyRequest(), timeout=self.config.upstream_timeout_s)
-            return bool(resp.ready)
-        except grpc.aio.AioRpcError:
+            await self._server_ready(service_pb2.ServerReadyRequest(), timeout=self.config.upstream_timeout_s)
             return False
+        except grpc.aio.AioRpcError:
+            return True
 
     def _forget(self, state: ModelState) -> None:
         """Drop a model's cached config: the next request re-reads it. The state is kept aside, and
@@ -553,6 +562,28 @@ class Sidecar:
         if self._models.get(key) is state:
             del self._models[key]
             self._retired[key] = state
+
+    def model_changed(self, name: str) -> None:
+        """Triton loaded or unloaded a model through the sidecar (repository control), or answered in
+        a way only a changed config explains: what the sidecar knows of it is read again (a reload
+        may change its max_batch_size, say). The native gate keeps its policy until the new one."""
+        for key, state in list(self._models.items()):
+            if key[0] == name:
+                self._forget(state)
+        for key in [k for k in self._unknown if k[0] == name]:
+            del self._unknown[key]
+        if self._native is not None and name not in self._native_loading and not self._closing:
+            self._native_loading.add(name)
+            self._spawn(self._native_relearn(name))
+
+    def repository_call_done(self, request: bytes) -> None:
+        """A RepositoryModelLoad or RepositoryModelUnload relayed through the sidecar succeeded."""
+        try:
+            name = service_pb2.RepositoryModelLoadRequest.FromString(request).model_name  # Unload's fields alike
+        except DecodeError:
+            return
+        if is_model_name(name):
+            self.model_changed(name)
 
     def set_rule(self, name: str, version: str, info: RuleInfo) -> None:
         """Replace a model's rule between two decisions (the event loop runs one at a time)."""
@@ -567,7 +598,10 @@ class Sidecar:
     def _native_event(self, kind: str, *args: Any) -> None:
         """What the native gate reported: feed the estimator, the learner, the stats and metrics
         exactly as the Python gate's own bookkeeping does (``infer``, ``_batch_done``)."""
-        if self._closing and kind in ("seen", "lost"):
+        if self._closing and kind in ("seen", "lost", "loaded"):
+            return
+        if kind == "loaded":
+            self.model_changed(args[0])
             return
         if kind == "lost":
             # Triton no longer knows a gated model (restarting, or unloaded): as the Python plane does
@@ -606,10 +640,11 @@ class Sidecar:
             answered_at = self._clock()
             for wait in rep.waits:
                 latency = wait + elapsed
-                state.stats.latency_sum_s += latency
-                state.stats.latency_n += 1
-                if state.controller is not None:
-                    state.controller.observe_latency(answered_at, latency)
+                if rep.code == 0:  # completed: answered OK, as the Python gate counts them
+                    state.stats.latency_sum_s += latency
+                    state.stats.latency_n += 1
+                    if state.controller is not None:
+                        state.controller.observe_latency(answered_at, latency)
                 self.metrics.request_answered(state.name, "OK" if rep.code == 0 else code, latency)
             return
         state = self._models.get((args[0], ""))
@@ -693,9 +728,8 @@ class Sidecar:
             if validator is None or validator.config is not state.config:
                 validator = self._validators[key] = RequestValidator(state.config)
             validator.check(request)
-        except MalformedRequest as exc:
-            self.metrics.request_rejected(state.name, "invalid_argument")
-            raise GateError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        except MalformedRequest:
+            return await self._relay_refused(state, request)
         now = self._clock()
         priority = state.default_priority
         deadline = None
@@ -753,6 +787,23 @@ class Sidecar:
         except asyncio.CancelledError:
             state.gate.cancel(item)  # still waiting: frees its place; dispatched: the batch runs on
             raise
+
+    async def _relay_refused(self, state: ModelState, request: service_pb2.ModelInferRequest
+                             ) -> service_pb2.ModelInferResponse:
+        """A request the model's config says Triton refuses: sent to Triton alone and ungated (it must
+        not fail a merged batch), so that its caller gets Triton's own code and message. Should Triton
+        serve it after all, the sidecar's copy of the config is stale: it is read again."""
+        try:
+            response = await self._call_triton(request)
+        except GateError as exc:
+            if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+                self.metrics.request_rejected(state.name, "invalid_argument")
+            raise
+        if self._models.get((state.name, state.version)) is state \
+                and self._clock() - state.config_read_at >= _CONFIG_REREAD_S:
+            log.info("Triton served a request model %s's config refuses: reading its config again", state.name)
+            self.model_changed(state.name)
+        return response
 
     def _pump(self, state: ModelState, arrived: Pending | None = None) -> tuple[Pending, ...] | None:
         """One decision epoch: carry out what the gate decides now, and arm its timer.
@@ -929,13 +980,15 @@ class Sidecar:
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             details = exc.details() or ""
-            if code == grpc.StatusCode.CANCELLED:
-                # Not the caller's doing (that cancels this coroutine instead): Triton or the connection
-                # ended the call, as when Triton shuts down. Retryable, as Triton being away is.
-                code, details = grpc.StatusCode.UNAVAILABLE, f"Triton ended the call: {details}"
-            elif code == grpc.StatusCode.UNAVAILABLE and "timeout" not in details.lower():
-                details = f"Triton is unreachable: {details}"
-            raise GateError(code, details) from None
+        # (raised outside the handler: raising inside it leaves this frame, the call and its request in
+        # a reference cycle with the error, freed only by a garbage collection)
+        if code == grpc.StatusCode.CANCELLED:
+            # Not the caller's doing (that cancels this coroutine instead): Triton or the connection
+            # ended the call, as when Triton shuts down. Retryable, as Triton being away is.
+            code, details = grpc.StatusCode.UNAVAILABLE, f"Triton ended the call: {details}"
+        elif code == grpc.StatusCode.UNAVAILABLE and "timeout" not in details.lower():
+            details = f"Triton is unreachable: {details}"
+        raise GateError(code, details)
 
     @staticmethod
     def _succeed(call: _Call, response: service_pb2.ModelInferResponse) -> None:
@@ -948,17 +1001,51 @@ class Sidecar:
             call.future.set_exception(exc)
 
 
+UNPARSABLE = "Unable to parse request"
+"""Triton's answer (INTERNAL) to a ModelInfer whose bytes do not parse (invalid UTF-8 in a string too)."""
+
+
+def _parse_infer_request(data: bytes) -> service_pb2.ModelInferRequest | None:
+    """The request, or None for bytes that do not parse: answered as Triton answers them, instead of
+    gRPC's UNKNOWN and a log line with a traceback for every such request."""
+    try:
+        return service_pb2.ModelInferRequest.FromString(data)
+    except DecodeError:
+        return None
+
+
 class _Servicer:
     """gRPC glue: gated inference plus a raw-bytes relay for every other RPC."""
 
+    UNPARSABLE_LOG_EVERY_S = 60.0
+
     def __init__(self, sidecar: Sidecar) -> None:
         self.sidecar = sidecar
+        self._unparsable = 0  # since the last log line about them
+        self._unparsable_logged_at = -math.inf
 
-    async def model_infer(self, request: service_pb2.ModelInferRequest, context: grpc.aio.ServicerContext):
+    def _count_unparsable(self) -> None:
+        """One log line a minute at most, however many clients send bytes that do not parse."""
+        self._unparsable += 1
+        now = time.monotonic()
+        if now - self._unparsable_logged_at >= self.UNPARSABLE_LOG_EVERY_S:
+            log.warning("%d ModelInfer request(s) did not parse (answered INTERNAL, as Triton does) in the "
+                        "last %.0f s at most", self._unparsable, self.UNPARSABLE_LOG_EVERY_S)
+            self._unparsable, self._unparsable_logged_at = 0, now
+
+    async def model_infer(self, request: service_pb2.ModelInferRequest | None, context: grpc.aio.ServicerContext):
+        if request is None:
+            self._count_unparsable()
+            await context.abort(grpc.StatusCode.INTERNAL, UNPARSABLE)
         try:
             return await self.sidecar.infer(request)
         except GateError as exc:
-            await context.abort(exc.code, exc.details)
+            code, details = exc.code, exc.details
+            # The error's traceback holds the frames that hold the request, and those frames that
+            # re-raised it hold the error: a cycle, which kept a refused 64 MiB request in memory until
+            # the next garbage collection. Cut here, and aborted outside the handler.
+            exc.__traceback__ = None
+        await context.abort(code, details)
 
     async def model_stream_infer(
         self, requests: AsyncIterator[service_pb2.ModelInferRequest], context: grpc.aio.ServicerContext
@@ -969,7 +1056,8 @@ class _Servicer:
         in-band error) on ``out``. When the stream ends early (the client cancels or goes away), every
         outstanding task is cancelled, which withdraws its request from the gate's queue.
 
-        Requests for decoupled models (any number of responses each) are relayed unchanged on one
+        Requests for models without a gate (decoupled ones, with any number of responses each; sequence
+        models, whose requests Triton must see in order) are relayed unchanged, in the order sent, on one
         upstream stream to Triton, opened when the first one comes; its responses are passed on as
         they arrive, and the stream ends when both sides are done.
         """
@@ -982,19 +1070,8 @@ class _Servicer:
         relay: _StreamRelay | None = None
 
         async def handle(req: service_pb2.ModelInferRequest) -> None:
-            nonlocal relay
             try:
-                state = sidecar._models.get((req.model_name, req.model_version))
-                if state is None:
-                    state = await sidecar.model_state(req.model_name, req.model_version)
-                if state is not None and state.gate is None and state.config.model_transaction_policy.decoupled:
-                    if relay is None:
-                        md = _forward_metadata(context) if context is not None else None
-                        relay = _StreamRelay(sidecar._stream(metadata=md), out)
-                    await relay.send(req)
-                    item = _RELAYED
-                else:
-                    item = service_pb2.ModelStreamInferResponse(infer_response=await infer(req))
+                item = service_pb2.ModelStreamInferResponse(infer_response=await infer(req))
             except GateError as exc:
                 item = _stream_error(req, exc.details)
             except asyncio.CancelledError:
@@ -1007,12 +1084,35 @@ class _Servicer:
             out.put_nowait(item)
 
         async def reader() -> None:
+            # Requests for a gated model each go through the gate (their own task); every other one
+            # (decoupled and sequence models, models without a gate, names Triton does not know) is
+            # relayed from here, in the order sent, on one upstream stream: Triton must see a
+            # sequence's requests in order, and answers them in order.
+            nonlocal relay
             try:
                 async for req in requests:
+                    out.put_nowait(_REQUEST)
+                    try:
+                        state = sidecar._models.get((req.model_name, req.model_version))
+                        if state is None:
+                            state = await sidecar.model_state(req.model_name, req.model_version)
+                        if state is None or state.gate is None:
+                            if relay is None:
+                                md = _forward_metadata(context) if context is not None else None
+                                relay = _StreamRelay(sidecar._stream(metadata=md), out)
+                            await relay.send(req)
+                            out.put_nowait(_RELAYED)
+                            continue
+                    except GateError as exc:
+                        out.put_nowait(_stream_error(req, exc.details))
+                        continue
+                    except Exception as exc:  # never leave a request without its answer
+                        log.exception("stream request failed")
+                        out.put_nowait(_stream_error(req, f"sidecar error: {exc}"))
+                        continue
                     t = loop.create_task(handle(req))
                     tasks.add(t)
                     t.add_done_callback(tasks.discard)
-                    out.put_nowait(_REQUEST)
             finally:
                 out.put_nowait(None)  # end of requests, however reading ended
 
@@ -1021,7 +1121,8 @@ class _Servicer:
         try:
             inflight = 0
             reading = True
-            while reading or inflight or (relay is not None and relay.open):
+            relay_ended = False  # its end seen on the queue, after every response it passed on
+            while reading or inflight or (relay is not None and not relay_ended):
                 if not reading and not inflight and relay is not None and relay.writing:
                     await relay.done_writing()  # every request relayed: Triton ends the stream when done
                 item = await out.get()
@@ -1035,7 +1136,9 @@ class _Servicer:
                     yield item.response
                 elif type(item) is GateError:  # the upstream stream failed: so does this one
                     await context.abort(item.code, item.details)
-                elif item is not _RELAY_END:
+                elif item is _RELAY_END:
+                    relay_ended = True
+                else:
                     inflight -= 1
                     yield item
         finally:
@@ -1116,7 +1219,9 @@ def _stream_error(req: service_pb2.ModelInferRequest, message: str) -> service_p
     )
 
 
-def _relay_handler(channel: grpc.aio.Channel, method: str, unary_request: bool, unary_response: bool, allowed: bool):
+def _relay_handler(channel: grpc.aio.Channel, method: str, unary_request: bool, unary_response: bool, allowed: bool,
+                   on_success: Callable[[bytes], None] | None = None):
+    """Relay a method's bytes to Triton; ``on_success`` sees the request of each call Triton answered OK."""
     path = f"/{SERVICE}/{method}"
     if not allowed:
 
@@ -1132,9 +1237,12 @@ def _relay_handler(channel: grpc.aio.Channel, method: str, unary_request: bool, 
 
         async def relay(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             try:
-                return await stub(request, metadata=_forward_metadata(context))
+                response = await stub(request, metadata=_forward_metadata(context))
             except grpc.aio.AioRpcError as exc:
                 await context.abort(exc.code(), exc.details() or "")
+            if on_success is not None:
+                on_success(request)
+            return response
 
         return grpc.unary_unary_rpc_method_handler(relay)
     raise NotImplementedError(f"streaming relay for {method}")
@@ -1205,7 +1313,7 @@ async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
         if m.name == "ModelInfer":
             handlers[m.name] = grpc.unary_unary_rpc_method_handler(
                 servicer.model_infer,
-                request_deserializer=service_pb2.ModelInferRequest.FromString,
+                request_deserializer=_parse_infer_request,
                 response_serializer=service_pb2.ModelInferResponse.SerializeToString,
             )
         elif m.name == "ModelStreamInfer":
@@ -1217,7 +1325,8 @@ async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
         else:
             allowed = m.name not in _REPOSITORY_CONTROL or config.allow_repository_control
             handlers[m.name] = _relay_handler(
-                sidecar._channel, m.name, not m.client_streaming, not m.server_streaming, allowed
+                sidecar._channel, m.name, not m.client_streaming, not m.server_streaming, allowed,
+                sidecar.repository_call_done if m.name in _REPOSITORY_CONTROL else None,
             )
     server = grpc.aio.server(options=_CHANNEL_OPTIONS[:2])
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

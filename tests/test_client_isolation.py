@@ -149,3 +149,4 @@ def test_a_huge_model_name_fails_only_its_own_request(triton):
         assert failures == []
         assert served[0] > 0
         assert bad == [expected] * len(bad)
+

@@ -15,6 +15,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2
 
 from plugin.config import load_config
 from plugin.gate import Pending
+from plugin.merge import MalformedRequest, RequestValidator
 from plugin.server import GateError, Sidecar, _priority_level, _Servicer
 from slowed_triton import slowed_emulated_gpu
 
@@ -70,9 +71,15 @@ class Upstream:
         return service_pb2.ModelConfigResponse(config=self.config)
 
     async def server_ready(self, req, timeout=None):
-        return service_pb2.ServerReadyResponse(ready=self.ready)
+        if not self.ready:  # Triton shutting down: "Server exiting"
+            raise rpc_error(grpc.StatusCode.UNAVAILABLE, "Server exiting")
+        return service_pb2.ServerReadyResponse(ready=True)
 
     async def infer(self, req, timeout=None):
+        try:  # Triton refuses a malformed request at once, with the message the sidecar's validator knows
+            RequestValidator(self.config).check(req)
+        except MalformedRequest as exc:
+            raise rpc_error(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         self.sent.append(req)
         await self.hold.wait()
         if self.error is not None:
