@@ -185,7 +185,10 @@ async def saturation(url: str, payload: bytes, seconds: float, concurrency: int)
 def start_sidecar(triton_url: str, policy: str, root: Path = ROOT, data_plane: str = "python",
                   triton_http: str | None = None) -> tuple[subprocess.Popen, str, str | None]:
     """(process, gRPC host:port, HTTP host:port or None); ``triton_http``: also serve HTTP, relaying to it."""
-    plane = ["--data-plane", data_plane] if data_plane != "python" else []  # a baseline tree may predate it
+    # named even for python: data_plane's default is auto, which takes the native gate wherever it is
+    # built; only a baseline tree that predates the setting (and so runs the Python gate) goes without
+    knows_planes = "data_plane" in (root / "plugin" / "config.py").read_text()
+    plane = ["--data-plane", data_plane] if knows_planes or data_plane != "python" else []
     if triton_http is not None:
         plane += ["--listen-http", "127.0.0.1:0", "--triton-http", triton_http]
     proc = subprocess.Popen(

@@ -31,7 +31,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2
 from solver.policy import MaxWaitGuard
 from solver.slo import SloTarget
 
-from .loop.controller import PolicyController, learning_options
+from .loop.controller import PolicyController, RemoteSolver, learning_options
 from .config import ModelPolicyConfig, SidecarConfig
 from .gate import ModelGate, Pending, QueueFull
 from .metrics import SidecarMetrics, latency_buckets_with
@@ -428,7 +428,7 @@ class Sidecar:
                 install=lambda policy, st=state: self._install(st, policy),
                 instances=slots,
                 clock=self._clock,
-                solver=self._solver,
+                solver=RemoteSolver(self._solver) if self._solver is not None else None,
                 initial_rate=policy_cfg.rate_rps,
                 window_s=self.config.rate_window_s,
                 long_run_s=self.config.long_run_window_s,

@@ -61,7 +61,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 from scipy.stats import t as t_dist
@@ -77,6 +77,12 @@ from ..latency_window import LatencySummary, LatencyWindow
 from .profile import ProfileDrift, ProfileLearner
 from .rate import RateEstimator
 from .telemetry import PowerReading, PowerSource, fetch_metrics
+
+if TYPE_CHECKING:
+    from solver.service import AsyncSolverClient
+
+    from ..config import SidecarConfig
+    from ..metrics import SidecarMetrics
 
 log = logging.getLogger("smdp.adaptive")
 
@@ -184,24 +190,84 @@ class LearningConfig:
     """Triton's gRPC host:port for its statistics API; None: not read."""
 
 
-def learning_options(config: Any, model: str) -> dict[str, Any]:
+def learning_options(config: "SidecarConfig", model: str) -> dict[str, LearningConfig]:
     """``PolicyController`` keyword arguments for ``model`` from a ``SidecarConfig``."""
     pc = config.policy_for(model)
-    url = getattr(config, "triton_metrics_url", "auto")
+    url = config.triton_metrics_url
     if url == "auto":
         host = config.triton_url.rsplit(":", 1)[0]
         url = f"http://{host}:8002/metrics"
     elif url in (None, "", "off"):
         url = None
     return {"learning": LearningConfig(
-        enabled=getattr(pc, "learn_profile", True),
-        drift=getattr(pc, "profile_drift", 0.10),
-        min_samples=getattr(pc, "profile_min_samples", 30),
-        prior_weight=getattr(pc, "profile_prior_weight", 20.0),
-        telemetry_interval_s=getattr(config, "telemetry_interval_s", 5.0),
+        enabled=pc.learn_profile,
+        drift=pc.profile_drift,
+        min_samples=pc.profile_min_samples,
+        prior_weight=pc.profile_prior_weight,
+        telemetry_interval_s=config.telemetry_interval_s,
         metrics_url=url,
-        triton_url=config.triton_url if getattr(config, "triton_statistics", True) else None,
+        triton_url=config.triton_url if config.triton_statistics else None,
     )}
+
+
+@dataclass(frozen=True)
+class Solved:
+    """A solver's answer for one model: the policy, what it predicts, and where it came from."""
+
+    policy: PolicyTable
+    mean_latency_s: float
+    mean_power_w: float
+    gain: float
+    mean_batch: float
+    source: str
+    """For the status note: "in-process solver", "solver service" or "solver service (cached)"."""
+
+
+class Solver(Protocol):
+    """What solves a controller's model: in this process (``LocalSolver``) or a shared
+    ``smdp solver-serve`` (``RemoteSolver``)."""
+
+    remote: bool
+    """True when it may be unreachable (the controller then retries at every tick)."""
+
+    async def solve(self, model: BatchingModel, warm_start: PolicyTable | None) -> Solved: ...
+
+
+class LocalSolver:
+    """The SMDP solved in a worker thread of this process, so the event loop never blocks."""
+
+    remote = False
+
+    async def solve(self, model: BatchingModel, warm_start: PolicyTable | None) -> Solved:
+        from solver.smdp import solve
+
+        r = await asyncio.get_running_loop().run_in_executor(None, lambda: solve(model, warm_start=warm_start))
+        return Solved(r.policy, r.mean_latency_s, r.mean_power_w, r.gain, r.mean_batch, "in-process solver")
+
+
+class RemoteSolver:
+    """A shared ``smdp solver-serve`` through its asyncio client; raises its ``SolverError``."""
+
+    remote = True
+
+    def __init__(self, client: "AsyncSolverClient") -> None:
+        self.client = client
+
+    async def solve(self, model: BatchingModel, warm_start: PolicyTable | None) -> Solved:
+        r = await self.client.solve(model, warm_start=warm_start)
+        return Solved(r.policy, r.mean_latency_s, r.mean_power_w, r.gain, r.mean_batch,
+                      "solver service (cached)" if r.cached else "solver service")
+
+
+class GateStats(Protocol):
+    """What the controller reads of its gate's running counters (plugin.server.BatchStats)."""
+
+    started_at: float
+    batches: np.ndarray
+    """batches[b]: batches of b rows completed."""
+    busy_s: np.ndarray
+    latency_sum_s: float
+    latency_n: int
 
 
 NEAR_CAPACITY = 0.95
@@ -221,7 +287,7 @@ class PolicyController:
         weight: float,
         install: Callable[[PolicyTable | GateRule], None],
         clock: Callable[[], float],
-        solver: Any | None = None,
+        solver: Solver | None = None,
         initial_rate: float | None = None,
         window_s: float = 10.0,
         change_ratio: float = 1.5,
@@ -229,8 +295,8 @@ class PolicyController:
         drift_tolerance: float = 0.15,
         long_run_s: float = 600.0,
         learning: LearningConfig | None = None,
-        stats: Any = None,
-        metrics: Any = None,
+        stats: GateStats | None = None,
+        metrics: SidecarMetrics | None = None,
         instances: int = 1,
         group_window_gaps: float = 0.0,
     ) -> None:
@@ -254,7 +320,7 @@ class PolicyController:
         self.latencies = LatencyWindow(window_s)
         self._install = install
         self._clock = clock
-        self._solver = solver
+        self._solver: Solver = solver if solver is not None else LocalSolver()
         self.rate = RateEstimator(clock(), window_s=window_s, change_ratio=change_ratio, min_arrivals=min_arrivals)
         self.drift_tolerance = drift_tolerance
         self.refresh_s = 3.0 * window_s
@@ -265,7 +331,7 @@ class PolicyController:
         """Lower confidence bound of the rate the next solve is for (an overload must be significant)."""
         self.version = 0
         self.installed_at = clock()
-        self.solver_reachable = solver is None
+        self.solver_reachable = not self._solver.remote
         self.note = ""
         self.solves = 0
         self._task: asyncio.Task | None = None
@@ -351,11 +417,11 @@ class PolicyController:
         log.info("%s: service profile v%d learned (%s): tau(%d) %.3f ms -> %.3f ms (%+.0f%%, %d batches); re-solving",
                  self.model, self.profile_version, candidate.source, drift.batch_size, drift.in_force_s * 1e3,
                  drift.learned_s * 1e3, 100 * drift.relative, drift.n)
-        if self._metrics is not None and hasattr(self._metrics, "profile_learned"):
+        if self._metrics is not None:
             self._metrics.profile_learned(self.model, self.profile_version)
         return drift
 
-    def power_reading(self, now: float, stats: Any = None) -> PowerReading | None:
+    def power_reading(self, now: float, stats: GateStats | None = None) -> PowerReading | None:
         """Mean power since the gate started: measured when Triton reports a GPU, else modelled.
 
         stats: the gate's ``BatchStats`` (default: the one given at construction).
@@ -391,7 +457,7 @@ class PolicyController:
         slo = self.measured_slo(now)
         if self._metrics is not None and slo is not None:
             self._metrics.set_slo_measured(self.model, slo.quantile_s, slo.attainment)
-        if self._metrics is not None and self.learner is not None and hasattr(self._metrics, "set_service_times"):
+        if self._metrics is not None and self.learner is not None:
             self._metrics.set_service_times(self.model, self.learner.sizes(self.profile))
         return self.measured_window
 
@@ -745,15 +811,8 @@ class PolicyController:
         model = BatchingModel(rate=rate, max_batch=self.max_batch, profile=profile,
                               idle_power_w=self.idle_power_w, weight=solved_weight, arrivals=arrivals)
         warm = self.current.policy if self.current is not None else None
-        if self._solver is not None:
-            r = await self._solver.solve(model, warm_start=warm)
-            source = "solver service (cached)" if r.cached else "solver service"
-        else:
-            from solver.smdp import solve
-
-            r = await asyncio.get_running_loop().run_in_executor(None, lambda: solve(model, warm_start=warm))
-            source = "in-process solver"
-        return Solution(r.policy, rate, weight, r.mean_latency_s, r.mean_power_w, r.gain, r.mean_batch, source,
+        r = await self._solver.solve(model, warm)
+        return Solution(r.policy, rate, weight, r.mean_latency_s, r.mean_power_w, r.gain, r.mean_batch, r.source,
                         self._profile_source(), solved_weight, arrivals=arrivals)
 
     async def wait_idle(self) -> None:
