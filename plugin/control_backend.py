@@ -36,11 +36,11 @@ class SidecarControl:
     def models(self) -> list[str]:
         return sorted({name for (name, _), s in self.sidecar.models().items() if s.gate is not None})
 
-    def set_weight(self, model: str, weight: float) -> None:
+    async def set_weight(self, model: str, weight: float) -> None:
         c = self._state(model).controller
         if c is None:
             raise ValueError(f"model {model!r} is not served by an adaptive smdp policy; its weight has no effect")
-        c.set_weight(weight)
+        await c.try_weight(weight)  # refused (ValueError) when its solve does not converge
         c.tick(self.sidecar.clock())
 
     def set_latency_target(self, model: str, target_s: float | None) -> None:

@@ -33,7 +33,7 @@ def _finite_non_negative(value: float, rule: str, error: type[ValueError]) -> fl
         raise error(f"{rule}, got {value!r}") from None
     if isinstance(value, bool) or not math.isfinite(x) or x < 0:
         raise error(f"{rule}, got {value!r}")
-    return x
+    return x + 0.0  # -0.0 -> 0.0
 
 
 def check_number(name: str, value: float, *, low: float = 0.0, inclusive: bool = False,

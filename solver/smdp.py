@@ -208,7 +208,8 @@ def solve(
         throughput_rps=ev.throughput_rps,
         mean_batch=ev.mean_batch,
         iterations=iterations + searched,
-        converged=bool(ok and settled),
+        # A gain that overflowed (w x e(b) past the float range, e.g. w = 1e308) is no solution at all.
+        converged=bool(ok and settled and math.isfinite(gain)),
         solve_time_s=time.perf_counter() - started,
         truncation=N,
         method=method,

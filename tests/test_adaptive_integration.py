@@ -313,6 +313,11 @@ def test_invalid_control_input_is_refused_and_changes_nothing(scaled):
             with pytest.raises(grpc.RpcError) as info:
                 stub.SetWeight(smdp_pb2.SetWeightRequest(model="emulated_gpu", weight=weight), metadata=md)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # Finite but absurd: w x e(b) overflows, the solve gives no finite J; refused, policy kept.
+        with pytest.raises(grpc.RpcError) as info:
+            stub.SetWeight(smdp_pb2.SetWeightRequest(model="emulated_gpu", weight=1e308), metadata=md)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "refused" in info.value.details() and "stay in force" in info.value.details()
         with pytest.raises(grpc.RpcError) as info:
             stub.SetWeight(smdp_pb2.SetWeightRequest(model="no_such_model", weight=1e-4), metadata=md)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
@@ -321,8 +326,12 @@ def test_invalid_control_input_is_refused_and_changes_nothing(scaled):
                 stub.SetWeight(smdp_pb2.SetWeightRequest(model="emulated_gpu", weight=1e-4), metadata=bad)
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
         after = status(stub, md)
-        ch.close()
         assert after.weight == before.weight and after.policy_version == before.policy_version
+        # -0.0 is 0.0 (not refused, not shown as -0)
+        stub.SetWeight(smdp_pb2.SetWeightRequest(model="emulated_gpu", weight=-0.0), metadata=md)
+        zero = status(stub, md).weight
+        ch.close()
+        assert zero == 0.0 and math.copysign(1.0, zero) == 1.0
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import dataclasses
 import http.server
 import threading
@@ -493,5 +494,68 @@ def test_a_drop_is_solved_for_at_once_for_the_upper_bound_of_the_new_rate(prior)
         _step_to(c, clock, 10.0, 60)
         await _run_tick(c, clock.t)
         assert c.current.rate_rps < drop.rate_rps
+
+    asyncio.run(go())
+
+
+# -- the solver away: back off, log the change of state, keep the policy ---------------------------
+
+
+class _AwaySolver:
+    """A remote solver that is down until ``up`` is set; counts the attempts."""
+
+    remote = True
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.up = False
+
+    async def solve(self, model, warm_start):
+        from plugin.loop.controller import LocalSolver
+
+        self.attempts += 1
+        if not self.up:
+            raise ConnectionError("solver service unreachable")
+        return await LocalSolver().solve(model, warm_start)
+
+
+def test_an_absent_solver_is_retried_with_backoff_and_logged_once(prior, caplog):
+    import logging
+
+    from plugin.loop.controller import SOLVER_RETRY_MAX_S
+
+    async def go():
+        clock = Clock()
+        away = _AwaySolver()
+        c, installed = controller(prior, clock, solver=away)
+        with caplog.at_level(logging.WARNING, logger="smdp"):
+            for _ in range(int(15.0 / 0.25)):  # 15 s of the sidecar's 0.25 s ticks
+                await _run_tick(c, clock.t)
+                clock.t += 0.25
+        # 0.25, 0.5, 1, 2, 4, then every 5 s: a handful of attempts in 15 s, not 60; one warning
+        assert 3 <= away.attempts <= 3 + int(15.0 / SOLVER_RETRY_MAX_S) + 2
+        warnings = [r for r in caplog.records if "solver unavailable" in r.getMessage()]
+        assert len(warnings) == 1 and not installed and not c.solver_reachable
+        away.up = True
+        for _ in range(int(SOLVER_RETRY_MAX_S / 0.25) + 1):
+            await _run_tick(c, clock.t)
+            clock.t += 0.25
+        assert c.solver_reachable and c.version == 1 and len(installed) == 1
+
+    asyncio.run(go())
+
+
+def test_a_weight_whose_solve_gives_no_number_is_refused_and_nothing_changes(prior):
+    async def go():
+        clock = Clock()
+        c, installed = controller(prior, clock)
+        await _run_tick(c, clock.t)
+        version, weight = c.version, c.weight
+        with pytest.raises(ValueError, match="refused"):
+            await c.try_weight(1e308)
+        await _run_tick(c, clock.t + 0.25)
+        assert (c.version, c.weight, len(installed)) == (version, weight, 1)
+        await c.try_weight(-0.0)
+        assert c.weight == 0.0 and math.copysign(1.0, c.weight) == 1.0
 
     asyncio.run(go())

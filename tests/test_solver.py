@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -543,3 +544,15 @@ def test_a_control_limit_start_changes_nothing_but_the_path(B, load, w, cv):
     assert cl_start.gain == pytest.approx(greedy_start.gain, rel=1e-10)
     common = min(cl_start.truncation, greedy_start.truncation) + 1
     np.testing.assert_array_equal(cl_start.policy.actions[:common], greedy_start.policy.actions[:common])
+
+
+def test_a_weight_that_overflows_the_gain_is_not_reported_converged():
+    """w x e(b) past the float range (w = 1e308) leaves the gain NaN: that solve must not claim to have
+    converged, since the sidecar installs only converged policies."""
+    from solver.model import BatchingModel, ServiceProfile
+
+    profile = ServiceProfile.from_csv(Path(__file__).resolve().parents[1] / "profiles" / "v100_resnet50.csv")
+    bad = solve(BatchingModel(rate=2000.0, max_batch=64, profile=profile, idle_power_w=40.0, weight=1e308))
+    assert not bad.converged
+    fine = solve(BatchingModel(rate=2000.0, max_batch=64, profile=profile, idle_power_w=40.0, weight=1e300))
+    assert fine.converged and math.isfinite(fine.gain)

@@ -152,6 +152,19 @@ class Solution:
     """With k > 1 instances: the k-instance table a(n, m) the gate runs (``policy`` is its row m = 0)."""
     arrivals: ArrivalModel = POISSON
     """The arrival model the policy was solved for (groups learned online, ``plugin.arrival_estimator``)."""
+    converged: bool = True
+    """The solver's verdict (see ``problem``)."""
+
+    @property
+    def problem(self) -> str | None:
+        """Why this solution must not be installed (the solver did not converge, or its J is not a
+        number, as when w x e(b) overflows), or None when it is usable. The overload fallback's
+        infinite W and J are meant, and usable."""
+        if not self.converged:
+            return "the policy solve did not converge"
+        if math.isnan(self.gain):
+            return "the policy solve gave no number for J"
+        return None
 
     @property
     def rule(self) -> PolicyTable | GateRule:
@@ -221,6 +234,8 @@ class Solved:
     mean_batch: float
     source: str
     """For the status note: "in-process solver", "solver service" or "solver service (cached)"."""
+    converged: bool = True
+    """The solver's own verdict; a solution that did not converge is never installed."""
 
 
 class Solver(Protocol):
@@ -242,7 +257,8 @@ class LocalSolver:
         from solver.smdp import solve
 
         r = await asyncio.get_running_loop().run_in_executor(None, lambda: solve(model, warm_start=warm_start))
-        return Solved(r.policy, r.mean_latency_s, r.mean_power_w, r.gain, r.mean_batch, "in-process solver")
+        return Solved(r.policy, r.mean_latency_s, r.mean_power_w, r.gain, r.mean_batch, "in-process solver",
+                      r.converged)
 
 
 class RemoteSolver:
@@ -256,7 +272,7 @@ class RemoteSolver:
     async def solve(self, model: BatchingModel, warm_start: PolicyTable | None) -> Solved:
         r = await self.client.solve(model, warm_start=warm_start)
         return Solved(r.policy, r.mean_latency_s, r.mean_power_w, r.gain, r.mean_batch,
-                      "solver service (cached)" if r.cached else "solver service")
+                      "solver service (cached)" if r.cached else "solver service", r.converged)
 
 
 class GateStats(Protocol):
@@ -269,6 +285,12 @@ class GateStats(Protocol):
     latency_sum_s: float
     latency_n: int
 
+
+SOLVER_RETRY_FIRST_S = 0.25
+"""After a failed solve (the solver away), the first retry waits this long, seconds ..."""
+SOLVER_RETRY_MAX_S = 5.0
+"""... doubling per failure up to this: a solver back is used within 5 s, and an absent one is asked
+at most every 5 s, logged once when it goes and once when it comes back."""
 
 NEAR_CAPACITY = 0.95
 """Rates at or above this fraction of capacity, short of a significant overload, are solved here."""
@@ -333,6 +355,10 @@ class PolicyController:
         self.installed_at = clock()
         self.solver_reachable = not self._solver.remote
         self.note = ""
+        self._solver_failures = 0
+        """Solves in a row that failed (the solver away): the retries back off with it."""
+        self._retry_at = -math.inf
+        """No solve is tried before this clock time after a failure (SOLVER_RETRY_* backoff)."""
         self.solves = 0
         self._task: asyncio.Task | None = None
         self._dirty = initial_rate is not None
@@ -529,6 +555,22 @@ class PolicyController:
                 notes.append(f"Triton statistics unreadable ({type(exc).__name__})")
         self.telemetry_note = "; ".join(notes)
 
+    async def try_weight(self, weight: float) -> None:
+        """Solve for ``weight`` at the rate of the policy in force before taking it: a weight whose solve
+        does not converge (or overflows, as w = 1e308 does) is refused with ValueError, and the weight
+        and policy in force stay. Before the first solve there is nothing to compare: it is taken."""
+        weight = quantities.weight(weight, error=ValueError)
+        if self.current is not None:
+            self._solving = self.profile
+            try:
+                trial = await self._solve(self.current.rate_rps, weight)
+            except Exception:  # noqa: BLE001 - the solver away says nothing of the weight: take it,
+                trial = None  # and the loop solves for it once the solver is back
+            if trial is not None and trial.problem is not None:
+                raise ValueError(f"weight {weight:g} refused: {trial.problem}; weight {self.weight:g} and policy "
+                                 f"v{self.version} stay in force")
+        self.set_weight(weight)
+
     def set_weight(self, weight: float) -> None:
         weight = quantities.weight(weight)
         self.weight = weight
@@ -577,6 +619,8 @@ class PolicyController:
         from scratch.
         """
         if self._task is not None and not self._task.done():
+            return None
+        if now < self._retry_at:  # the solver was away: back off instead of asking every tick
             return None
         rate = self.rate
         if rate.ready(now):
@@ -674,9 +718,24 @@ class PolicyController:
             self.solver_reachable = False
             self._dirty = True
             self.note = f"solver unavailable, keeping policy v{self.version}: {exc}"
+            self._solver_failures += 1
+            delay = min(SOLVER_RETRY_MAX_S, SOLVER_RETRY_FIRST_S * 2 ** (self._solver_failures - 1))
+            self._retry_at = self._clock() + delay
+            if self._solver_failures == 1:  # a change of state is logged, not every attempt
+                log.warning("%s: %s (retrying with backoff up to %g s)", self.model, self.note, SOLVER_RETRY_MAX_S)
+            else:
+                log.debug("%s: solve attempt %d failed, next in %.2f s: %s", self.model, self._solver_failures,
+                          delay, exc)
+            return
+        if self._solver_failures:
+            log.warning("%s: solver reachable again after %d failed attempt(s)", self.model, self._solver_failures)
+        self._solver_failures = 0
+        self._retry_at = -math.inf
+        self.solver_reachable = True
+        if solution.problem is not None:  # keep the last good policy; a nonsense table is never installed
+            self.note = f"{solution.problem} for w = {solution.weight:g}; keeping policy v{self.version}"
             log.warning("%s: %s", self.model, self.note)
             return
-        self.solver_reachable = True
         self.solves += 1
         self.current = solution
         self.version += 1
@@ -813,7 +872,7 @@ class PolicyController:
         warm = self.current.policy if self.current is not None else None
         r = await self._solver.solve(model, warm)
         return Solution(r.policy, rate, weight, r.mean_latency_s, r.mean_power_w, r.gain, r.mean_batch, r.source,
-                        self._profile_source(), solved_weight, arrivals=arrivals)
+                        self._profile_source(), solved_weight, arrivals=arrivals, converged=r.converged)
 
     async def wait_idle(self) -> None:
         tasks = [t for t in (self._task, self._telemetry) if t is not None]
