@@ -214,7 +214,8 @@ class SidecarConfig(BaseModel):
     triton_metrics_url: str | None = Field(
         "auto",
         description="Triton's Prometheus metrics endpoint, read for GPU power (nv_energy_consumption, "
-        "nv_gpu_power_usage): a URL such as http://127.0.0.1:8002/metrics; 'auto' = Triton's host, port 8002; "
+        "nv_gpu_power_usage): a URL such as http://127.0.0.1:8002/metrics; 'auto' = Triton's host, the port after "
+        "its gRPC port (Triton's default layout: 8001 -> 8002); "
         "'off' or None = not read. Without GPU figures there, power is modelled from the profile and marked so",
     )
     triton_statistics: bool = Field(

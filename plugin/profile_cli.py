@@ -49,7 +49,7 @@ def add_profile_command(subparsers: argparse._SubParsersAction) -> None:
     power.add_argument("--power-model", default=None, metavar="A[,B]",
                        help="no GPU metrics: model busy power as A + B x b watts over the measured tau(b)")
     p.add_argument("--metrics-url", default="auto", metavar="URL|auto|off",
-                   help="Triton's Prometheus metrics, read for GPU power (default: auto = Triton's host, port 8002)")
+                   help="Triton's Prometheus metrics, read for GPU power (default: auto = Triton's host, the port after its gRPC port)")
     p.add_argument("--instances", type=int, default=None, metavar="K",
                    help="model instances the profile is for, recorded with it (default: the model's instance_group)")
     p.add_argument("--timeout", type=float, default=60.0, help="deadline of one request, seconds (default: %(default)s)")

@@ -961,7 +961,8 @@ class ProfileRequest:
     power_from: Path | None = None
     power_model: str | None = None
     metrics_url: str | None = "auto"
-    """Triton's metrics endpoint for GPU power: 'auto' = Triton's host, port 8002; None = not read."""
+    """Triton's metrics endpoint for GPU power: 'auto' = Triton's host, the port after its gRPC port
+    (plugin.loop.telemetry.metrics_url_for); None = not read."""
     instances: int | None = None
     budget_s: float | None = None
     energy_window_s: float = DEFAULT_ENERGY_WINDOW_S
@@ -969,12 +970,9 @@ class ProfileRequest:
     seed: int = 0
 
     def resolved_metrics_url(self) -> str | None:
-        if self.metrics_url in (None, "", "off"):
-            return None
-        if self.metrics_url == "auto":
-            host = self.triton_url.rsplit(":", 1)[0] or "127.0.0.1"
-            return f"http://{host}:8002/metrics"
-        return self.metrics_url
+        from plugin.loop.telemetry import metrics_url_for
+
+        return metrics_url_for(self.metrics_url, self.triton_url)
 
 
 def _power_model(req: ProfileRequest) -> PowerModel | None:

@@ -373,6 +373,11 @@ def test_learning_options_come_from_the_config():
     lc = learning_options(cfg, "m")["learning"]
     assert lc.metrics_url == "http://10.0.0.5:8002/metrics" and lc.triton_url == "10.0.0.5:8001"
     assert lc.drift == 0.2 and lc.min_samples == 50 and lc.telemetry_interval_s == 2.0
+    # auto follows Triton's port layout (metrics on the port after gRPC), not a fixed 8002
+    moved = load_config(overrides={"triton_url": "triton.internal:9101"}, environ={})
+    assert learning_options(moved, "m")["learning"].metrics_url == "http://triton.internal:9102/metrics"
+    given = load_config(overrides={"triton_metrics_url": "http://m:9/metrics"}, environ={})
+    assert learning_options(given, "m")["learning"].metrics_url == "http://m:9/metrics"
     off = load_config(overrides={"triton_metrics_url": "off", "triton_statistics": False}, environ={})
     lc = learning_options(off, "x")["learning"]
     assert lc.metrics_url is None and lc.triton_url is None

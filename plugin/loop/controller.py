@@ -76,7 +76,7 @@ from ..arrival_estimator import GroupEstimator
 from ..latency_window import LatencySummary, LatencyWindow
 from .profile import ProfileDrift, ProfileLearner
 from .rate import RateEstimator
-from .telemetry import PowerReading, PowerSource, fetch_metrics
+from .telemetry import PowerReading, PowerSource, fetch_metrics, metrics_url_for
 
 if TYPE_CHECKING:
     from solver.service import AsyncSolverClient
@@ -206,12 +206,7 @@ class LearningConfig:
 def learning_options(config: "SidecarConfig", model: str) -> dict[str, LearningConfig]:
     """``PolicyController`` keyword arguments for ``model`` from a ``SidecarConfig``."""
     pc = config.policy_for(model)
-    url = config.triton_metrics_url
-    if url == "auto":
-        host = config.triton_url.rsplit(":", 1)[0]
-        url = f"http://{host}:8002/metrics"
-    elif url in (None, "", "off"):
-        url = None
+    url = metrics_url_for(config.triton_metrics_url, config.triton_url)
     return {"learning": LearningConfig(
         enabled=pc.learn_profile,
         drift=pc.profile_drift,

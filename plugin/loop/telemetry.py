@@ -98,6 +98,24 @@ def gpu_metrics(text: str, gpu_uuids: Sequence[str] | None = None) -> GpuMetrics
     )
 
 
+def metrics_url_for(setting: str | None, triton_url: str) -> str | None:
+    """Triton's Prometheus endpoint from a ``triton_metrics_url`` setting: None, "" or "off" = not read;
+    a URL as is; "auto" = Triton's host, on the port after its gRPC port, as Triton lays its ports out
+    by default (gRPC 8001, metrics 8002) and as deployments that move them keep them. Where that guess
+    is wrong the endpoint does not answer with Triton's metrics, and power is modelled and marked so:
+    set the URL then."""
+    if setting in (None, "", "off"):
+        return None
+    if setting != "auto":
+        return setting
+    host, _, port = triton_url.rpartition(":")
+    try:
+        metrics_port = int(port) + 1
+    except ValueError:
+        host, metrics_port = triton_url, 8002
+    return f"http://{host or '127.0.0.1'}:{metrics_port}/metrics"
+
+
 def fetch_metrics(url: str, timeout_s: float = 2.0) -> str:
     """GET Triton's metrics endpoint (for example http://127.0.0.1:8002/metrics); raises OSError."""
     with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - operator-given URL
