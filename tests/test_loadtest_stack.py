@@ -176,7 +176,8 @@ def test_smdp_bench_tiny_end_to_end(triton, tmp_path, capsys):
     for name in ("latency_cdf.png", "batch_sizes.png", "jwp_bars.png"):
         assert (out / name).stat().st_size > 5000
     config_row = json.loads((out / "bench.json").read_text())["rows"][-1]
-    assert config_row["pred_source"] == "sim" and "preferred_batch_size: [" in config_row["settings"]
+    # simulated; "+hop" when the stack profile added the measured per-request hop (issue 11)
+    assert config_row["pred_source"] in ("sim", "sim+hop") and "preferred_batch_size: [" in config_row["settings"]
     # the bench put the session's model back as it found it
     cfg = ModelConfigControl(triton.grpc_url, "emulated_gpu")
     try:
