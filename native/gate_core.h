@@ -98,6 +98,27 @@ struct Policy {
   }
 };
 
+// Integers separated by commas, as Python's split and int read them (no empty entry, nothing but the
+// number in each); std::invalid_argument(bad) otherwise. An empty text is an empty list.
+inline std::vector<int> ParseIntList(const std::string& text, const std::string& bad) {
+  if (!text.empty() && text.back() == ',') throw std::invalid_argument(bad);
+  std::vector<int> out;
+  std::istringstream in(text);
+  std::string a;
+  while (std::getline(in, a, ',')) {
+    size_t used = 0;
+    int v = 0;
+    try {
+      v = std::stoi(a, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used == 0 || used != a.size()) throw std::invalid_argument(bad);
+    out.push_back(v);
+  }
+  return out;
+}
+
 // Parse the rule's fields of a `policy` command (GateRule.from_fields), erasing each one it reads so
 // that the caller can refuse what is left: max_batch=B [beyond=b] table=a0,a1,... [max_wait_us=U]
 // [guard_reason=timeout|max_wait]. Throws std::invalid_argument naming a bad field; validates.
@@ -135,23 +156,7 @@ inline Policy ParsePolicy(std::map<std::string, std::string>* f) {
   }
   auto t = f->find("table");
   if (t == f->end()) throw std::invalid_argument("table= missing");
-  p.table.clear();
-  std::istringstream tin(t->second);
-  std::string a;
-  if (!t->second.empty() && t->second.back() == ',')
-    throw std::invalid_argument("table must be integers separated by commas, got '" + t->second + "'");
-  while (std::getline(tin, a, ',')) {
-    size_t used = 0;
-    int v = 0;
-    try {
-      v = std::stoi(a, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (used == 0 || used != a.size())
-      throw std::invalid_argument("table must be integers separated by commas, got '" + t->second + "'");
-    p.table.push_back(v);
-  }
+  p.table = ParseIntList(t->second, "table must be integers separated by commas, got '" + t->second + "'");
   f->erase(t);
   auto bt = f->find("busy_tables");
   if (bt != f->end()) {
@@ -162,22 +167,8 @@ inline Policy ParsePolicy(std::map<std::string, std::string>* f) {
     std::istringstream rin(bt->second);
     std::string row;
     while (std::getline(rin, row, ';')) {
-      if (row.empty() || row.back() == ',') throw std::invalid_argument(bad);
-      std::vector<int> r;
-      std::istringstream ain(row);
-      std::string a;
-      while (std::getline(ain, a, ',')) {
-        size_t used = 0;
-        int v = 0;
-        try {
-          v = std::stoi(a, &used);
-        } catch (const std::exception&) {
-          used = 0;
-        }
-        if (used == 0 || used != a.size()) throw std::invalid_argument(bad);
-        r.push_back(v);
-      }
-      p.busy_tables.push_back(r);
+      if (row.empty()) throw std::invalid_argument(bad);
+      p.busy_tables.push_back(ParseIntList(row, bad));
     }
     f->erase(bt);
   }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -333,6 +333,18 @@ GuardReason = Literal["timeout", "max_wait"]
 _GUARD_REASONS: tuple[GuardReason, ...] = ("timeout", "max_wait")
 
 
+def _table_row(row: Sequence[int], b: int, name: str, prefix: str) -> tuple[int, ...]:
+    """One row a(0), a(1), ... of a gate rule as ints; ValueError (``name`` / ``prefix`` say which row)
+    unless it is non-empty and every a(n) is in 0..min(n, B)."""
+    out = tuple(int(a) for a in row)
+    if not out:
+        raise ValueError(f"{name} is empty")
+    for n, a in enumerate(out):
+        if a < 0 or a > min(n, b):
+            raise ValueError(f"{prefix}policy action a({n}) = {a} is outside 0..min({n}, B={b})")
+    return out
+
+
 @dataclass(frozen=True)
 class GateRule:
     """The batching rule as both data planes run it: one description, one serialisation.
@@ -374,24 +386,10 @@ class GateRule:
             raise ValueError(f"max_batch must be >= 1, got {b!r}")
         if isinstance(self.beyond, bool) or not isinstance(self.beyond, int) or not 1 <= self.beyond <= b:
             raise ValueError(f"beyond must be in 1..B={b}, got {self.beyond!r}")
-        table = tuple(int(a) for a in self.table)
-        if not table:
-            raise ValueError("policy table is empty")
-        for n, a in enumerate(table):
-            if a < 0 or a > min(n, b):
-                raise ValueError(f"policy action a({n}) = {a} is outside 0..min({n}, B={b})")
-        object.__setattr__(self, "table", table)
-        rows = []
-        for m, row in enumerate(self.busy_tables, start=1):
-            row = tuple(int(a) for a in row)
-            if not row:
-                raise ValueError(f"busy_tables row for m = {m} is empty")
-            for n, a in enumerate(row):
-                if a < 0 or a > min(n, b):
-                    raise ValueError(f"busy_tables row for m = {m}: policy action a({n}) = {a} is outside "
-                                     f"0..min({n}, B={b})")
-            rows.append(row)
-        object.__setattr__(self, "busy_tables", tuple(rows))
+        object.__setattr__(self, "table", _table_row(self.table, b, "policy table", ""))
+        object.__setattr__(self, "busy_tables", tuple(
+            _table_row(row, b, f"busy_tables row for m = {m}", f"busy_tables row for m = {m}: ")
+            for m, row in enumerate(self.busy_tables, start=1)))
         if self.max_wait_s is not None and (not math.isfinite(self.max_wait_s) or self.max_wait_s < 0):
             raise ValueError(f"max_wait must be finite and >= 0 seconds, got {self.max_wait_s!r}")
         if self.guard_reason not in _GUARD_REASONS:
