@@ -290,6 +290,32 @@ def _ranges(actions: list[int], max_batch: int) -> list[str]:
     return out
 
 
+def _profile_fields(args: argparse.Namespace, model) -> dict:
+    """``--json``: the profile a solve read and what the solver made of it."""
+    return {
+        "profile": str(args.profile),
+        "samples": None if args.samples is None else str(args.samples),
+        "service_law": model.profile.law,
+        "interpolated_batch_sizes": list(model.profile.interpolated),
+    }
+
+
+def _model_fields(args: argparse.Namespace, model) -> dict:
+    """``--json``: the model a one-instance solve was made for (rate, weight, B, P0, capacity, load,
+    profile, instances, arrival model), the same for every solver behind ``smdp solve``."""
+    return {
+        "rate": model.rate,
+        "weight": model.weight,
+        "max_batch": model.max_batch,
+        "idle_power_w": model.idle_power_w,
+        "capacity_rps": model.capacity,
+        "load": model.load,
+        **_profile_fields(args, model),
+        "instances": model.instances,
+        "arrivals": model.arrivals.to_dict(),
+    }
+
+
 @_errors_exit_2
 def _cmd_solve(args: argparse.Namespace) -> int:
     from solver.arrival_model import MMPP2
@@ -324,18 +350,7 @@ def _cmd_solve(args: argparse.Namespace) -> int:
         "solve_time_s": result.solve_time_s,
         "truncation": result.truncation,
         "method": result.method,
-        "rate": model.rate,
-        "weight": model.weight,
-        "max_batch": model.max_batch,
-        "idle_power_w": model.idle_power_w,
-        "capacity_rps": model.capacity,
-        "load": model.load,
-        "profile": str(args.profile),
-        "samples": None if args.samples is None else str(args.samples),
-        "service_law": model.profile.law,
-        "interpolated_batch_sizes": list(model.profile.interpolated),
-        "instances": 1,
-        "arrivals": model.arrivals.to_dict(),
+        **_model_fields(args, model),
     }
     if args.json:
         print(_dump(out))
@@ -368,10 +383,7 @@ def _solve_instances(args: argparse.Namespace, model) -> int:
     out = res.to_dict()
     out.update({
         "cost": res.gain,
-        "profile": str(args.profile),
-        "samples": None if args.samples is None else str(args.samples),
-        "service_law": model.profile.law,
-        "interpolated_batch_sizes": list(model.profile.interpolated),
+        **_profile_fields(args, model),
     })
     if args.json:
         print(_dump(out))
@@ -414,17 +426,7 @@ def _solve_mmpp(args: argparse.Namespace, model) -> int:
         "solve_time_s": res.solve_time_s,
         "truncation": res.truncation,
         "method": "pi",
-        "rate": model.rate,
-        "weight": model.weight,
-        "max_batch": model.max_batch,
-        "idle_power_w": model.idle_power_w,
-        "capacity_rps": model.capacity,
-        "load": model.load,
-        "profile": str(args.profile),
-        "samples": None if args.samples is None else str(args.samples),
-        "service_law": model.profile.law,
-        "interpolated_batch_sizes": list(model.profile.interpolated),
-        "arrivals": model.arrivals.to_dict(),
+        **_model_fields(args, model),
     }
     if args.json:
         print(_dump(out))
