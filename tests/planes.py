@@ -7,6 +7,8 @@ what only the Python plane has carries ``@pytest.mark.python_plane_only("why")``
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 
 _PLANE = {"value": "python"}
@@ -35,3 +37,33 @@ def settle(sc) -> None:
     native = sc.sidecar._native
     if native is not None:
         sc.run(native.sync(), 10)
+
+
+@contextmanager
+def plane_sidecar(triton_url: str, **overrides):
+    """A ``SidecarThread`` on the running test's plane in front of ``triton_url``: greedy by default,
+    no control API or metrics, inference on a free port; always stopped."""
+    from plugin.config import load_config
+    from plugin.runner import SidecarThread
+
+    default = overrides.pop("default", {"policy": "greedy"})
+    cfg = load_config(overrides={"listen": "127.0.0.1:0", "control_listen": None, "metrics_listen": None,
+                                 "triton_url": triton_url, "data_plane": plane(), "default": default,
+                                 **overrides}, environ={})
+    runner = SidecarThread(cfg)
+    runner.start()
+    try:
+        yield runner
+    finally:
+        runner.stop()
+
+
+def emu_request(model: str = "emulated_gpu", rows: int = 1, version: str = "", rid: str = ""):
+    """A raw ModelInferRequest for the emulated GPU model: ``rows`` rows of the value ``rows``."""
+    import numpy as np
+    from tritonclient.grpc import service_pb2
+
+    req = service_pb2.ModelInferRequest(model_name=model, model_version=version, id=rid)
+    req.inputs.add(name="INPUT0", datatype="FP32", shape=[rows, 16])
+    req.raw_input_contents.append(np.full((rows, 16), rows, np.float32).tobytes())
+    return req

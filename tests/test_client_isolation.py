@@ -9,41 +9,18 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import grpc
-import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2
 
-from plugin.config import load_config
 from plugin.runner import SidecarThread
-from planes import data_plane, plane, settle  # noqa: F401 - data_plane: autouse, both planes
+from planes import data_plane, emu_request, settle  # noqa: F401 - data_plane: autouse, both planes
+from planes import plane_sidecar as sidecar
 
 pytestmark = pytest.mark.integration
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
-
-
-@contextmanager
-def sidecar(triton_url: str, **overrides):
-    default = overrides.pop("default", {"policy": "greedy"})
-    cfg = load_config(overrides={"listen": "127.0.0.1:0", "control_listen": None, "metrics_listen": None,
-                                 "triton_url": triton_url, "data_plane": plane(), "default": default,
-                                 **overrides}, environ={})
-    runner = SidecarThread(cfg)
-    runner.start()
-    try:
-        yield runner
-    finally:
-        runner.stop()
-
-
-def emu_request(model: str = "emulated_gpu", rows: int = 1, rid: str = "") -> service_pb2.ModelInferRequest:
-    req = service_pb2.ModelInferRequest(model_name=model, id=rid)
-    req.inputs.add(name="INPUT0", datatype="FP32", shape=[rows, 16])
-    req.raw_input_contents.append(np.full((rows, 16), rows, np.float32).tobytes())
-    return req
 
 
 def infer_stub(channel: grpc.Channel):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import queue
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -16,9 +15,8 @@ import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tc_aio
 
 from example_models import write_example_repository
-from plugin.config import load_config
-from plugin.runner import SidecarThread
 from planes import data_plane, plane  # noqa: F401 - data_plane: autouse, both planes
+from planes import plane_sidecar as sidecar
 
 pytestmark = pytest.mark.integration
 
@@ -36,19 +34,6 @@ def example_triton(tmp_path_factory, triton_runnable):
         yield server
     finally:
         server.stop()
-
-
-@contextmanager
-def sidecar(triton_url: str):
-    cfg = load_config(overrides={"listen": "127.0.0.1:0", "control_listen": None, "metrics_listen": None,
-                                 "triton_url": triton_url, "data_plane": plane(),
-                                 "default": {"policy": "greedy"}}, environ={})
-    runner = SidecarThread(cfg)
-    runner.start()
-    try:
-        yield runner
-    finally:
-        runner.stop()
 
 
 # -- simple_grpc_sequence_stream_infer_client.py ---------------------------------------------------
