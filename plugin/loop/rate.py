@@ -107,24 +107,7 @@ class RateEstimator:
             self._advance(t)
         self._last = t
         self._total += 1
-        if self.reference is None or self._alarm is not None:
-            return
-        x = t - self._clock
-        self._clock = t
-        lam = self.reference
-        self._up += self._log_r - (self.change_ratio - 1.0) * lam * x
-        if self._up <= 0.0:
-            self._up = 0.0
-            self._up_zero = (t, self._total)
-        elif self._up >= self.threshold:
-            self._raise("up", self._up_zero)
-            return
-        self._down += -self._log_r + (1.0 - 1.0 / self.change_ratio) * lam * x
-        if self._down <= 0.0:
-            self._down = 0.0
-            self._down_zero = (t, self._total)
-        elif self._down >= self.threshold:
-            self._raise("down", self._down_zero)
+        self._cusum(t, 1)
 
     def observe_count(self, t: float, count: int) -> None:
         """``count`` arrivals in (previous observation, t], their times unknown (a polled counter).
@@ -157,6 +140,11 @@ class RateEstimator:
             self._advance(t)  # drops the marks that left the window
         self._last = t
         self._total = base + k
+        self._cusum(t, k)
+
+    def _cusum(self, t: float, k: int) -> None:
+        """Both CUSUM arms' step for ``k`` arrivals since the previous step, observed at ``t``: the
+        Poisson log-likelihood ratio k ln r -/+ (r - 1 | 1 - 1/r) lambda dt, clipped at zero."""
         if self.reference is None or self._alarm is not None:
             return
         x = t - self._clock
