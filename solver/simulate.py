@@ -152,20 +152,26 @@ def _validate(profile: ServiceProfile, rule: BatchRule, arrivals: np.ndarray, id
     return t
 
 
-def _run_table(table: PolicyTable, t: list[float], draw: Callable[[int], float]):
-    """Event loop for a queue-length policy: jump from one serving epoch to the next."""
-    n_total = len(t)
-    big_b = table.max_batch
-    far = table.beyond_batch  # beyond the table serve min(n, far): B, or a static policy's b0
-    size = max(table.truncation + 2, big_b + 2)
+def _actions_and_next_serve(table: PolicyTable, size: int) -> tuple[list[int], list[int]]:
+    """The table's actions a(0..size-1) and next_serve[n]: the smallest m >= n with a(m) > 0 (``size``
+    where none is, beyond which a(m) = min(m, beyond) > 0): where a waiting loop jumps to."""
     acts = table.extended(size).tolist()
-    # next_serve[n]: the smallest m >= n with a(m) > 0 (beyond the table, a(m) = min(m, far) > 0).
     next_serve = [0] * size
     nxt = size
     for n in range(size - 1, -1, -1):
         if acts[n] > 0:
             nxt = n
         next_serve[n] = nxt
+    return acts, next_serve
+
+
+def _run_table(table: PolicyTable, t: list[float], draw: Callable[[int], float]):
+    """Event loop for a queue-length policy: jump from one serving epoch to the next."""
+    n_total = len(t)
+    big_b = table.max_batch
+    far = table.beyond_batch  # beyond the table serve min(n, far): B, or a static policy's b0
+    size = max(table.truncation + 2, big_b + 2)
+    acts, next_serve = _actions_and_next_serve(table, size)
     sizes: list[int] = []
     starts: list[float] = []
     durs: list[float] = []
@@ -214,13 +220,7 @@ def _run_table_guard(table: PolicyTable, max_wait_s: float, t: list[float], draw
     far = table.beyond_batch
     g = float(max_wait_s)
     size = max(table.truncation + 2, big_b + 2)
-    acts = table.extended(size).tolist()
-    next_serve = [0] * size
-    nxt = size
-    for n in range(size - 1, -1, -1):
-        if acts[n] > 0:
-            nxt = n
-        next_serve[n] = nxt
+    acts, next_serve = _actions_and_next_serve(table, size)
     sizes: list[int] = []
     starts: list[float] = []
     durs: list[float] = []
@@ -417,13 +417,7 @@ def _run_instances(rule: InstanceRule, t: list[float], draw: Callable[[int], flo
         size = max(rule.truncation + 2, big_b + 2)
         table = []
         for m in range(k):
-            acts = rule.row(m).extended(size).tolist()
-            nxt_row = [0] * size
-            nxt = size
-            for n in range(size - 1, -1, -1):
-                if acts[n] > 0:
-                    nxt = n
-                nxt_row[n] = nxt
+            acts, nxt_row = _actions_and_next_serve(rule.row(m), size)
             table.append(acts)
             next_serve.append(nxt_row)
     elif type(rule) is PerInstance and type(rule.rule) is TimeoutRule:
