@@ -21,7 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 from plugin.config import load_config
 from plugin.runner import SidecarThread
-from tests.planes import data_plane, plane  # noqa: F401  (data_plane: autouse, both planes)
+from planes import data_plane, plane  # noqa: F401  (data_plane: autouse, both planes)
 
 pytestmark = pytest.mark.integration
 
