@@ -60,13 +60,16 @@ def add_slo_flags(p: argparse.ArgumentParser) -> None:
                    "attainment (share within D) and goodput, and the contenders 'triton MA delay' (the delay a "
                    "Model-Analyzer-style sweep picks) and 'gate smdp SLO' (the SLO gate) join in")
     p.add_argument("--slo-quantile", type=float, default=0.99, help="the SLO's quantile q (default: %(default)s)")
+    p.add_argument("--slo-margin", type=float, default=0.0,
+                   help="seconds of D the SLO gate reserves for latency it does not see (this load generator's "
+                   "own threads and its hop to the sidecar): it searches for D - margin (default: %(default)s)")
 
 
 def slo_target(args: argparse.Namespace):
-    """The SLO of --slo-latency / --slo-quantile, or None (a bad value raises a ModelError, a ValueError)."""
+    """The SLO of --slo-latency / --slo-quantile / --slo-margin, or None (a bad value raises a ModelError)."""
     from solver.slo import SloTarget
 
-    return None if args.slo_latency is None else SloTarget(args.slo_quantile, args.slo_latency)
+    return None if args.slo_latency is None else SloTarget(args.slo_quantile, args.slo_latency, args.slo_margin)
 
 
 def slo_contenders(slo) -> tuple:

@@ -164,7 +164,7 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                                        rate_rps=mean_rate, weight=cfg.weight, idle_power_w=cfg.idle_power_w,
                                        adaptive=c.adaptive, solver_url=stack.solver_url if c.adaptive else None,
                                        data_plane=cfg.data_plane, long_run_window_s=None if c.long_run else 0.0,
-                                       slo=(cfg.slo.quantile, cfg.slo.latency_s) if c.slo and cfg.slo else None)
+                                       slo=cfg.slo if c.slo else None)
                     safe = c.name.replace(" ", "_").replace(":", "_")
                     sidecar = SidecarProcess(stack.triton_url, spec, log_path=cfg.out_dir / f"sidecar-{safe}.log").start()
                     target = sidecar.url

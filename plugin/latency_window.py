@@ -25,6 +25,19 @@ class LatencySummary:
     samples: int
 
 
+@dataclass(frozen=True)
+class LatencyGap:
+    """How far the answers since some time ran above a prediction: at the q-quantile when there are
+    enough of them for it, else at the mean."""
+
+    excess_s: float
+    """Measured minus predicted (negative: the answers ran faster than predicted)."""
+    ci95_s: float
+    """95% half-width of the measured figure: order statistics at the quantile, a normal one at the mean."""
+    at_quantile: bool
+    samples: int
+
+
 class LatencyWindow:
     def __init__(self, window_s: float, max_samples: int = 200_000) -> None:
         if not math.isfinite(window_s) or window_s <= 0:
@@ -45,14 +58,26 @@ class LatencyWindow:
             self._times.popleft()
             self._values.popleft()
 
-    def mean_since(self, since: float, now: float) -> tuple[float, float, int] | None:
-        """(mean, standard deviation, count) of the answers at or after ``since`` still in the window."""
+    def gap_since(self, since: float, now: float, quantile: float, predicted_quantile_s: float,
+                  predicted_mean_s: float, *, min_samples: int, tail_samples: float) -> LatencyGap | None:
+        """The answers at or after ``since`` (still in the window) against a prediction: their
+        q-quantile minus ``predicted_quantile_s`` once ``tail_samples / (1 - q)`` of them are in,
+        from ``min_samples`` on their mean minus ``predicted_mean_s``; None with fewer (or a
+        prediction that is not a number)."""
         self._prune(now)
         t = np.fromiter(self._times, dtype=float, count=len(self._times))
         v = np.fromiter(self._values, dtype=float, count=len(self._values))[t >= since]
-        if v.size == 0:
-            return None
-        return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.inf, int(v.size)
+        n = int(v.size)
+        if n >= max(min_samples, tail_samples / (1.0 - quantile)) and math.isfinite(predicted_quantile_s):
+            v.sort()
+            half = 1.96 * math.sqrt(n * quantile * (1.0 - quantile))  # binomial spread of the order statistic
+            lo = v[max(0, math.floor(n * quantile - half) - 1)]
+            hi = v[min(n - 1, math.ceil(n * quantile + half) - 1)]
+            point = float(np.quantile(v, quantile))
+            return LatencyGap(point - predicted_quantile_s, 0.5 * float(hi - lo), True, n)
+        if n >= max(min_samples, 2) and math.isfinite(predicted_mean_s):
+            return LatencyGap(float(v.mean()) - predicted_mean_s, 1.96 * float(v.std(ddof=1)) / math.sqrt(n), False, n)
+        return None
 
     def summary(self, now: float, quantile: float, latency_s: float) -> LatencySummary | None:
         """The q-quantile and the share <= latency_s over the window; None without answers in it."""

@@ -73,19 +73,33 @@ _WEIGHT_STEPS = (1.0, 0.3, 0.1, 0.03, 0.01, 0.0)
 
 @dataclass(frozen=True)
 class SloTarget:
-    """A latency SLO: the ``quantile`` q of response time must be <= ``latency_s`` D."""
+    """A latency SLO: the ``quantile`` q of response time must be <= ``latency_s`` D.
+
+    ``margin_s`` is the part of D reserved for latency the model does not see (the client's own
+    threads, its network hop to the gate): the policy is searched for ``budget_s`` = D - margin.
+    """
 
     quantile: float
     latency_s: float
+    margin_s: float = 0.0
 
     def __post_init__(self) -> None:
-        q, d = self.quantile, self.latency_s
+        q, d, m = self.quantile, self.latency_s, self.margin_s
         if isinstance(q, bool) or not isinstance(q, (int, float)) or not math.isfinite(q) or not 0.0 < q < 1.0:
             raise ModelError(f"SLO quantile must be a number strictly between 0 and 1, got {q!r}")
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d <= 0.0:
             raise ModelError(f"SLO latency must be a finite number of seconds > 0, got {d!r}")
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or not 0.0 <= m < d:
+            raise ModelError(f"SLO margin must be a finite number of seconds >= 0 and below the latency {d!r}, "
+                             f"got {m!r}")
         object.__setattr__(self, "quantile", float(q))
         object.__setattr__(self, "latency_s", float(d))
+        object.__setattr__(self, "margin_s", float(m))
+
+    @property
+    def budget_s(self) -> float:
+        """What the policy's predicted q-quantile must stay within: D - margin."""
+        return self.latency_s - self.margin_s
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,7 +380,7 @@ class QuantileEstimate:
     ci95_s: float
     """0 for the exact chain; sectioning half-width for the simulator."""
     attainment: float
-    """P(T <= D) (exact) or the share of simulated requests within D."""
+    """P(T <= D - margin) (exact) or the share of simulated requests within D - margin (the budget)."""
     method: QuantileMethod
 
     @property
@@ -392,12 +406,13 @@ def sectioned_quantile(latencies: np.ndarray, q: float, sections: int = _SECTION
 
 def simulated_quantile(model: BatchingModel, rule: BatchRule, target: SloTarget, arrivals: np.ndarray, *,
                        seed: int = 0, warmup: float = 0.0) -> tuple[QuantileEstimate, SimResult]:
-    """The q-quantile of ``rule``'s response time (with a sectioning CI) and the share within D, on
+    """The q-quantile of ``rule``'s response time (with a sectioning CI) and the share within the SLO's
+    budget D - margin, on
     the given arrival times; the simulation's other figures come with it."""
     sim, lat = simulate_latencies(model.profile, rule, arrivals, idle_power_w=model.idle_power_w,
                                   weight=model.weight, seed=seed, warmup=warmup)
     point, half = sectioned_quantile(lat, target.quantile)
-    return QuantileEstimate(point, half, float(np.mean(lat <= target.latency_s)), "simulation"), sim
+    return QuantileEstimate(point, half, float(np.mean(lat <= target.budget_s)), "simulation"), sim
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,7 +434,7 @@ class SloCandidate:
     cost: float
     """J = W + w P at the model's weight w."""
     feasible: bool
-    """The upper 95% bound of the q-quantile (the point value for the exact chain) is <= D."""
+    """The upper 95% bound of the q-quantile (the point value for the exact chain) is <= D - margin."""
     mean_batch: float = math.nan
     """Requests per batch (the simulation's, or the exact evaluation's for an exact candidate)."""
 
@@ -469,6 +484,7 @@ class SloResult:
             "quantile_method": c.estimate.method,
             "slo_quantile": self.target.quantile,
             "slo_latency_s": self.target.latency_s,
+            "slo_margin_s": self.target.margin_s,
             "slo_feasible": bool(self.feasible),
             "table_weight": num(c.table_weight),
             "rate": self.model.rate,
@@ -492,7 +508,8 @@ def solve_slo(model: BatchingModel, target: SloTarget, *, method: SearchMethod =
               requests: int | None = None, seed: int = 0,
               weights: tuple[float, ...] | None = None,
               guards: tuple[float, ...] | None = None) -> SloResult:
-    """The least-J policy of the family whose predicted q-quantile of response time is <= D.
+    """The least-J policy of the family whose predicted q-quantile of response time is <= D - margin
+    (``target.budget_s``; "D" below).
 
     Family: a(n) solved for w' in ``weights`` (default: the model's w times 1, 0.3, 0.1, ..., 0),
     each alone and with a max-wait guard g in ``guards`` (default: 0.05..0.9 of D). J is always the
@@ -520,7 +537,7 @@ def solve_slo(model: BatchingModel, target: SloTarget, *, method: SearchMethod =
             if not math.isfinite(x) or x < 0:
                 raise ModelError(f"candidate weights must be finite and >= 0, got {x!r}")
     if guards is None:
-        guard_list = [f * target.latency_s for f in _GUARD_FRACTIONS]
+        guard_list = [f * target.budget_s for f in _GUARD_FRACTIONS]
     else:
         guard_list = sorted(float(g) for g in guards)
         for g in guard_list:
@@ -542,7 +559,7 @@ def solve_slo(model: BatchingModel, target: SloTarget, *, method: SearchMethod =
             quant, att = _exact_pair(model, table, target)
             est = QuantileEstimate(quant, 0.0, att, "exact")
             lat_s, pow_w, batch = exact
-        ok = math.isfinite(est.upper_s) and est.upper_s <= target.latency_s
+        ok = math.isfinite(est.upper_s) and est.upper_s <= target.budget_s
         return SloCandidate(weight, guard, table, est, lat_s, pow_w, lat_s + w * pow_w, ok, batch)
 
     candidates: list[SloCandidate] = []
@@ -594,4 +611,4 @@ def solve_slo(model: BatchingModel, target: SloTarget, *, method: SearchMethod =
 def _exact_pair(model: BatchingModel, table: PolicyTable, target: SloTarget) -> tuple[float, float]:
     """(q-quantile, P(T <= D)) of an unguarded table from the exact chain."""
     chain = response_chain(model, table)
-    return _quantile(chain, target.quantile), float(_cdf(chain, np.array([target.latency_s]))[0])
+    return _quantile(chain, target.quantile), float(_cdf(chain, np.array([target.budget_s]))[0])

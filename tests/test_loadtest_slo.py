@@ -54,9 +54,12 @@ def test_slo_contenders_parse_and_need_an_slo():
 
 
 def test_sidecar_spec_passes_the_slo_as_serve_flags():
-    flags = SidecarSpec(policy="smdp", max_batch=8, slo=(0.95, 0.02)).flags()
+    flags = SidecarSpec(policy="smdp", max_batch=8, slo=SloTarget(0.95, 0.02)).flags()
     i = flags.index("--slo-latency")
     assert flags[i + 1] == "0.02" and flags[flags.index("--slo-quantile") + 1] == "0.95"
+    assert "--slo-margin" not in flags
+    flags = SidecarSpec(policy="smdp", max_batch=8, slo=SloTarget(0.95, 0.02, 0.003)).flags()
+    assert flags[flags.index("--slo-margin") + 1] == "0.003"
     assert "--slo-latency" not in SidecarSpec(policy="smdp", max_batch=8).flags()
 
 
@@ -65,11 +68,28 @@ def test_serve_flags_build_the_slo_config():
 
     from plugin.serve_cli import _slo_flags
 
-    assert _slo_flags(argparse.Namespace(default_slo_quantile=None, default_slo_latency_s=None)) is None
-    assert _slo_flags(argparse.Namespace(default_slo_quantile=None, default_slo_latency_s=0.05)) == {"latency_s": 0.05}
-    assert _slo_flags(argparse.Namespace(default_slo_quantile=0.9, default_slo_latency_s=0.05)) == {"latency_s": 0.05, "quantile": 0.9}
-    with pytest.raises(ValueError, match="--slo-latency"):
-        _slo_flags(argparse.Namespace(default_slo_quantile=0.9, default_slo_latency_s=None))
+    def ns(q=None, d=None, m=None):
+        return argparse.Namespace(default_slo_quantile=q, default_slo_latency_s=d, default_slo_margin_s=m)
+
+    assert _slo_flags(ns()) is None
+    assert _slo_flags(ns(d=0.05)) == {"latency_s": 0.05}
+    assert _slo_flags(ns(q=0.9, d=0.05)) == {"latency_s": 0.05, "quantile": 0.9}
+    assert _slo_flags(ns(d=0.05, m=0.002)) == {"latency_s": 0.05, "margin_s": 0.002}
+    for bad in (ns(q=0.9), ns(m=0.002)):
+        with pytest.raises(ValueError, match="--slo-latency"):
+            _slo_flags(bad)
+
+
+def test_the_slo_config_takes_a_margin_below_its_latency():
+    from pydantic import ValidationError
+
+    from plugin.config import SloConfig
+
+    assert SloConfig(latency_s=0.05).margin_s == 0.0
+    assert SloConfig(latency_s=0.05, margin_s=0.004).margin_s == 0.004
+    for bad in (-0.001, 0.05, 0.06, math.nan):
+        with pytest.raises(ValidationError, match="margin"):
+            SloConfig(latency_s=0.05, margin_s=bad)
 
 
 def test_ma_delay_is_the_least_power_delay_meeting_the_slo():
