@@ -521,7 +521,9 @@ def solve_slo(model: BatchingModel, target: SloTarget, *, method: SearchMethod =
     the search tries it unguarded, then the largest guard that meets D (``_guard_search``: a smaller
     guard only cuts waits, so it lowers the tail and, for the tables at or below w, raises J).
     Tables further below w cost more J unguarded, so the descent stops at the first unguarded table
-    that meets D. A table equal to the one before it (two weights, one policy) is not judged again,
+    that meets D, or at the first table whose best feasible candidate costs no less than the best
+    above it (J of the guarded tables, as a function of w', falls to one minimum and rises after it).
+    A table equal to one judged before (two weights, one policy) is not judged again,
     and once even the tightest guard (``_GUARD_MIN`` of D) missed D, the tables below are judged
     unguarded only: the tightest guard makes every table nearly greedy, so it would miss again.
     Figures are from the simulator on common random numbers (module doc); ``method="exact"`` judges
@@ -578,7 +580,10 @@ def solve_slo(model: BatchingModel, target: SloTarget, *, method: SearchMethod =
         if plain.feasible:
             return True
         if guards_help:
-            tried, guards_help = _guard_search(lambda g: judge(wp, res.policy, g, None), target.budget_s)
+            # the guard found for the table above is where this one's search starts
+            above = [c.max_wait_s for c in candidates if c.feasible and c.max_wait_s is not None]
+            tried, guards_help = _guard_search(lambda g: judge(wp, res.policy, g, None), target.budget_s,
+                                               above[-1] if above else None)
             candidates.extend(tried)
         return False
 
@@ -591,8 +596,12 @@ def solve_slo(model: BatchingModel, target: SloTarget, *, method: SearchMethod =
             table(ladder[-1])
             middle = ladder[1:-1] if any(c.feasible for c in candidates) else []
         for wp in middle:
+            best = min((c.cost for c in candidates if c.feasible), default=math.inf)
+            seen = len(candidates)
             if table(wp):
                 break
+            if min((c.cost for c in candidates[seen:] if c.feasible), default=math.inf) >= best < math.inf:
+                break  # this table's best feasible J is no better than the ones above: J rises from here
     feasible = [c for c in candidates if c.feasible]
     if feasible:
         chosen = min(feasible, key=lambda c: c.cost)
@@ -612,9 +621,11 @@ def _same_table(a: PolicyTable, b: PolicyTable) -> bool:
     return bool(np.array_equal(a.actions[:m], b.actions[:m]))
 
 
-def _guard_search(judge: Callable[[float], SloCandidate], budget_s: float) -> tuple[list[SloCandidate], bool]:
+def _guard_search(judge: Callable[[float], SloCandidate], budget_s: float,
+                  first: float | None = None) -> tuple[list[SloCandidate], bool]:
     """The guards judged for one table on the way to the largest one that meets the budget D, and
     whether the tightest guard (``_GUARD_MIN`` of D) could (False: it was judged and missed D).
+    It starts at ``first`` (default ``_GUARD_FIRST`` of D).
 
     The upper bound u(g) of the q-quantile grows with g, and about as g + c: c is what a request
     spends beyond the oldest one's wait (the queue ahead of it, its batch's service), which the guard
@@ -628,7 +639,7 @@ def _guard_search(judge: Callable[[float], SloCandidate], budget_s: float) -> tu
     ok: float | None = None  # the largest feasible guard so far
     bad = budget_s  # the smallest infeasible one (a guard of D itself leaves no time to serve)
     tried: list[SloCandidate] = []
-    g = _GUARD_FIRST * budget_s
+    g = _GUARD_FIRST * budget_s if first is None else min(max(first, g_min), budget_s * (1.0 - _GUARD_TOL))
     for _ in range(_GUARD_STEPS):
         cand = judge(g)
         tried.append(cand)

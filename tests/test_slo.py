@@ -141,6 +141,26 @@ def test_a_margin_is_taken_off_the_searched_bound():
     assert out["slo_latency_s"] == 0.012 and out["slo_margin_s"] == 0.004
 
 
+def test_the_guard_found_is_the_largest_that_meets_d_on_the_search_s_own_traffic():
+    """Power-led, low load: the guard binds. The one chosen meets D, one a D/40 larger misses it on
+    the same arrivals and service draws, and the search judged far fewer candidates than a grid."""
+    from solver import arrivals as streams
+    from solver.policy import MaxWaitGuard
+
+    model = _v100(64, 0.05, 0.1)
+    target = SloTarget(0.99, 0.02)
+    res = solve_slo(model, target, seed=3)
+    assert res.feasible and res.max_wait_s is not None
+    arr = streams.from_model(model.arrivals, model.rate, res.requests, rng=np.random.default_rng([3, 12]))
+    warmup = float(arr[max(100, res.requests // 50)])
+    ok, _ = simulated_quantile(model, res.chosen.rule, target, arr, seed=3, warmup=warmup)
+    assert ok.upper_s <= 0.02 and ok.quantile_s == res.chosen.estimate.quantile_s
+    wider = MaxWaitGuard(res.policy, res.max_wait_s + 0.02 / 40)
+    over, _ = simulated_quantile(model, wider, target, arr, seed=3, warmup=warmup)
+    assert over.upper_s > 0.02
+    assert len(res.candidates) <= 16
+
+
 def test_a_loose_slo_keeps_the_mean_optimal_policy():
     model = _v100(64, 0.3, 1e-3)
     res = solve_slo(model, SloTarget(0.99, 0.05))

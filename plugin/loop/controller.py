@@ -32,7 +32,8 @@ the new table replaces the old one between two decisions like any other re-solve
 
 Tail-latency SLO. With ``set_slo`` (config ``slo``, ``smdp ctl set-slo``) a solve is the SLO search
 (``solver.slo.solve_slo``: the least-J table a(n) and max-wait guard whose predicted q-quantile of
-response time is <= D), run in a worker thread in-process also when a solver service is configured
+response time is <= D), run in a worker process of the sidecar's own (``slo_search``: its simulation
+loops would otherwise hold the GIL the request path needs) also when a solver service is configured
 (the service has no SLO call), on the same triggers as any re-solve (a rate step or drift, a new
 weight, a learned profile). Its guard travels with the policy (``Solution.max_wait_s``) to either
 data plane. When no policy meets D the search returns greedy; the note, the log and the status say
@@ -87,6 +88,7 @@ from solver.slo import SloTarget
 from ..arrival_estimator import GroupEstimator
 from ..latency_window import LatencySummary, LatencyWindow
 from .profile import ProfileDrift, ProfileLearner
+from . import slo_search
 from .rate import RateEstimator
 from .telemetry import PowerReading, PowerSource, fetch_metrics, metrics_url_for
 
@@ -800,8 +802,6 @@ class PolicyController:
 
     async def _solve_slo(self, rate: float, target: SloTarget) -> Solution:
         """The SLO search at this rate (module doc); greedy, flagged, when no policy meets D."""
-        from solver.slo import solve_slo
-
         solved_weight = self.weight * self.weight_scale(rate, self._clock())
         profile = self._solving
         cv = self.slo_service_cv()
@@ -815,7 +815,7 @@ class PolicyController:
         # whole budget leaves a sliver, which no policy meets: greedy, flagged
         searched = SloTarget(target.quantile, target.latency_s,
                              min(target.margin_s + offset, target.latency_s * (1.0 - 1e-6)))
-        res = await asyncio.get_running_loop().run_in_executor(None, lambda: solve_slo(model, searched))
+        res = await slo_search.search(model, searched)  # in a worker process: off the sidecar's GIL
         c = res.chosen
         if not res.feasible:
             self.note = (f"SLO q{target.quantile:g} <= {target.latency_s * 1e3:g} ms is infeasible at {rate:.1f}/s: "
