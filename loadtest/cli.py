@@ -73,10 +73,12 @@ def slo_target(args: argparse.Namespace):
 
 
 def slo_contenders(slo) -> tuple:
-    """What an SLO adds to the default contender list: the MA-style Triton delay and the SLO gate."""
+    """What an SLO adds to the default contender list: the MA-style Triton delay and the SLO gate,
+    fixed (searched once for the run's rate) and adaptive."""
     from .contenders import parse_contender
 
-    return () if slo is None else (parse_contender("triton:ma"), parse_contender("gate:smdp-slo"))
+    return () if slo is None else tuple(parse_contender(s) for s in ("triton:ma", "gate:smdp-slo-fixed",
+                                                                      "gate:smdp-slo"))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -116,11 +116,12 @@ class ModelPolicyConfig(BaseModel):
 
     slo: SloConfig | None = Field(
         None,
-        description="smdp, adaptive only: a tail-latency SLO {quantile, latency_s, margin_s}; the policy is then "
-        "the least-J one (J = W + w P at `weight`) predicted to meet it, re-solved as the rate moves, greedy "
-        "(flagged in status and metrics) when none does. It is searched for latency_s - margin_s (margin_s, "
-        "default 0: latency the sidecar cannot see, the client's and its hop's) less the measured correction "
-        "(how far the answers' quantile ran above the prediction; `smdp ctl status` shows both)",
+        description="smdp only: a tail-latency SLO {quantile, latency_s, margin_s}; the policy is then "
+        "the least-J one (J = W + w P at `weight`) predicted to meet it, greedy when none does. It is searched "
+        "for latency_s - margin_s (margin_s, default 0: latency the sidecar cannot see, the client's and its "
+        "hop's). Adaptive: re-solved as the rate moves, less the measured correction (how far the answers' "
+        "quantile ran above the prediction; `smdp ctl status` shows both; an infeasible SLO is flagged in "
+        "status and metrics). Fixed (adaptive: false): searched once for rate_rps, one instance only",
     )
 
     @field_validator("weight")
@@ -146,8 +147,8 @@ class ModelPolicyConfig(BaseModel):
                 raise ValueError("policy smdp needs `profile` (the service-time/energy profile CSV)")
             if not self.adaptive and self.rate_rps is None:
                 raise ValueError("a non-adaptive smdp policy needs `rate_rps` (the rate to solve for)")
-        if self.slo is not None and (self.policy != "smdp" or not self.adaptive):
-            raise ValueError("`slo` needs the adaptive smdp policy (policy: smdp, adaptive: true)")
+        if self.slo is not None and self.policy != "smdp":
+            raise ValueError("`slo` needs the smdp policy (policy: smdp)")
         return self
 
 

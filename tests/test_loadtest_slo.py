@@ -53,6 +53,30 @@ def test_slo_contenders_parse_and_need_an_slo():
     assert cfg.slo.latency_s == 0.05
 
 
+def test_the_fixed_slo_gate_is_the_slo_search_solved_once():
+    from plugin.config import ModelPolicyConfig, SloConfig
+    from plugin.policies import build_rule
+    from solver.policy import MaxWaitGuard
+    from solver.slo import solve_slo
+
+    fixed = parse_contender("gate:smdp-slo-fixed")
+    assert fixed.name == "gate smdp SLO fixed" and fixed.slo and not fixed.adaptive
+    csv = ROOT / "profiles" / "v100_resnet50.csv"
+    prof = ServiceProfile.from_csv(csv, max_batch=32)
+    rate = 0.05 * 32 / prof.mean_s[-1]
+    cfg = ModelPolicyConfig(policy="smdp", profile=csv, adaptive=False, rate_rps=rate, weight=0.1, idle_power_w=40.0,
+                            slo=SloConfig(quantile=0.99, latency_s=0.02, margin_s=0.002))
+    info = build_rule("m", cfg, 32)
+    want = solve_slo(BatchingModel(rate=rate, max_batch=32, profile=prof, idle_power_w=40.0, weight=0.1),
+                     SloTarget(0.99, 0.02, 0.002))
+    assert want.feasible and want.max_wait_s is not None  # power-led at low load: the guard binds
+    assert isinstance(info.rule, MaxWaitGuard) and info.rule.max_wait_s == want.max_wait_s
+    np.testing.assert_array_equal(info.rule.rule.actions, want.policy.actions)
+    assert info.prediction["slo_feasible"] and info.prediction["predicted_quantile_s"] <= 0.018
+    with pytest.raises(ValueError, match="smdp"):
+        ModelPolicyConfig(policy="greedy", slo=SloConfig(latency_s=0.02))
+
+
 def test_sidecar_spec_passes_the_slo_as_serve_flags():
     flags = SidecarSpec(policy="smdp", max_batch=8, slo=SloTarget(0.95, 0.02)).flags()
     i = flags.index("--slo-latency")
