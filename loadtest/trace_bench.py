@@ -405,7 +405,7 @@ def _cmd(args) -> int:
 
         slo = slo_target(args)
         contenders = (tuple(parse_contender(c) for c in args.contenders.split(",") if c.strip())
-                      if args.contenders else default_contenders(delays) + slo_contenders(slo))
+                      if args.contenders else default_contenders(delays) + slo_contenders(slo, args.slo_contenders))
         cfg = BenchConfig(rates=(args.rate,), contenders=contenders, time_scale=args.time_scale, slo=slo,
                           weight=args.weight, idle_power_w=args.idle_power, profile_csv=args.profile,
                           warmup_s=args.warmup, cooldown_s=1.0, out_dir=args.out,
