@@ -44,12 +44,13 @@ q-quantile right at D then misses it. Two corrections keep the answers within D:
 * what the sidecar cannot see (the client's own threads, its network hop to the sidecar) is the
   SLO's configured ``margin_s``: the search is for D - margin;
 * what the sidecar sees but the model does not (its hop to Triton, merge and split, gRPC, batch
-  times spread wider than the profile's) it measures, as feedback on the policy in force: the
-  correction (``slo_offset_s``) is how far the q-quantile of the answers since that policy's
-  install ran above the q-quantile the search predicted for it, once there are
+  times spread wider than the profile's) it measures, as feedback: the correction
+  (``slo_offset_s``) is the q-quantile, over the answers of the rate window, of each one's latency
+  minus the q-quantile predicted for the policy it was served under (``ExcessWindow``: pooled over
+  the policies in the window, so a re-solve keeps the evidence), once there are
   ``SLO_TAIL_SAMPLES / (1 - q)`` answers (before that, from ``SLO_OFFSET_MIN_SAMPLES`` answers on,
-  the excess of their mean over the predicted mean, which may only raise it). The next search is
-  for D - margin - correction. Fed back this way the measured q-quantile settles at D - margin
+  their mean excess over the predicted mean, which may only raise it). The next search is for
+  D - margin - correction. Fed back this way the measured q-quantile settles at D - margin
   (the search's prediction is at D - margin - correction, and the answers run ``correction``
   above it); a measured attainment below q shows as a quantile above D - margin and raises the
   correction. It rises as soon as the new figure is 0.5% of D above it (at the mean: also beyond
@@ -86,7 +87,7 @@ from solver.policy import GateRule, InstanceTable, PolicyTable, greedy
 from solver.slo import SloTarget
 
 from ..arrival_estimator import GroupEstimator
-from ..latency_window import LatencySummary, LatencyWindow
+from ..latency_window import ExcessWindow, LatencySummary, LatencyWindow
 from .profile import ProfileDrift, ProfileLearner
 from . import slo_search
 from .rate import RateEstimator
@@ -349,9 +350,11 @@ class PolicyController:
         self.slo: SloTarget | None = None
         """The tail-latency SLO the policy is searched for (module doc); None: plain J = W + w P."""
         self.slo_offset_s = 0.0
-        """Measured minus predicted mean latency the SLO search subtracts from D (module doc)."""
+        """The measured correction the SLO search takes off D beside the margin (module doc)."""
         self._offset_checked_at = -math.inf
         self.latencies = LatencyWindow(window_s)
+        self.excess = ExcessWindow(window_s)
+        """Each answer's latency over its SLO policy's prediction, for the correction (module doc)."""
         self._install = install
         self._clock = clock
         self._solver: Solver = solver if solver is not None else LocalSolver()
@@ -603,6 +606,7 @@ class PolicyController:
             raise ValueError(f"SLO must be an SloTarget, got {type(target).__name__}")
         self.slo = target
         self.slo_offset_s = 0.0
+        self.excess.clear()
         if target is not None:
             self.latency_target_s = None
         elif self._metrics is not None:
@@ -610,8 +614,12 @@ class PolicyController:
         self._dirty = True
 
     def observe_latency(self, now: float, latency_s: float) -> None:
-        """One answered request's arrival-to-answer time (for the measured quantile and attainment)."""
+        """One answered request's arrival-to-answer time (for the measured quantile and attainment,
+        and against the SLO policy's prediction, for the correction)."""
         self.latencies.add(now, latency_s)
+        sol = self.current
+        if sol is not None and sol.slo is not None and self.slo is not None:
+            self.excess.add(now, latency_s, sol.slo.quantile_s, sol.mean_latency_s)
 
     def measured_slo(self, now: float) -> LatencySummary | None:
         """The SLO's quantile and attainment over the rate estimator's window; None without an SLO or answers."""
@@ -696,9 +704,8 @@ class PolicyController:
         if now - self._offset_checked_at < 1.0:  # an O(window) look: once a second is plenty
             return False
         self._offset_checked_at = now
-        gap = self.latencies.gap_since(self.installed_at, now, self.slo.quantile, sol.slo.quantile_s,
-                                       sol.mean_latency_s, min_samples=SLO_OFFSET_MIN_SAMPLES,
-                                       tail_samples=SLO_TAIL_SAMPLES)
+        gap = self.excess.gap(now, self.slo.quantile, min_samples=SLO_OFFSET_MIN_SAMPLES,
+                              tail_samples=SLO_TAIL_SAMPLES)
         if gap is None:
             return False
         old, new, d = self.slo_offset_s, max(0.0, gap.excess_s), self.slo.latency_s
