@@ -131,10 +131,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--rates", default="100,200", help="arrival rates, req/s (default: %(default)s)")
     d.add_argument("--duration", type=float, default=2.5, help="measured seconds per contender (default: %(default)s)")
     d.add_argument("--weight", type=float, default=BENCH_WEIGHT, help="w, seconds per watt (default: %(default)s)")
-    # the demo's SLO row: the adaptive SLO gate at q0.99 <= 80 ms (of the emulated system), 2 ms of it
-    # kept for the load generator's own hop (a lone request through the gate takes about that beyond tau(1))
+    # the demo's SLO row: the adaptive SLO gate at q0.99 <= 80 ms (of the emulated system), 5 ms of it
+    # kept for what the gate cannot see: the load generator's hop (a lone request through the gate takes
+    # about 2 ms beyond tau(1)) and its own send lag (p99 about 3 ms), both printed by the bench
     _contender_flags(d, gates="greedy,smdp,smdp-adaptive", slo_latency=0.08, slo_contenders="gate:smdp-slo")
-    d.set_defaults(slo_margin=0.002)
+    d.set_defaults(slo_margin=0.005)
     d.add_argument("--warmup", type=float, default=0.75,
                    help="seconds of unmeasured arrivals before the window, per contender (default: %(default)s)")
     d.add_argument("--cooldown", type=float, default=0.25,
