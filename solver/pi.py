@@ -286,10 +286,10 @@ class PolicyEvaluator:
         return self._base.values
 
 
-def q_values(smdp: TruncatedSMDP, h: np.ndarray, g: float) -> np.ndarray:
-    """Q(n, a) = c(n, a) - g tau(n, a) + E[h(next)]; +inf where the action is not allowed."""
-    q = smdp.cost - g * smdp.time + smdp.expected_next(h)
-    return np.where(smdp.valid, q, np.inf)
+def q_values(smdp: TruncatedSMDP, h: np.ndarray, g: float, first: int = 0) -> np.ndarray:
+    """Q(n, a) = c(n, a) - g tau(n, a) + E[h(next)] for n = first..N; +inf where the action is not allowed."""
+    q = smdp.cost[first:] - g * smdp.time[first:] + smdp.expected_next(h, first)
+    return np.where(smdp.valid[first:], q, np.inf)
 
 
 def improve(q: np.ndarray, current: np.ndarray, rtol: float = 1e-11) -> np.ndarray:
