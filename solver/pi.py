@@ -94,6 +94,11 @@ class BandedBelowLU:
         lu.factor()
         return lu
 
+    def clear(self) -> None:
+        """Zero the storage, to write and factor another matrix of the same shape in it."""
+        self._flat.fill(0.0)
+        self._piv = None
+
     def factor(self) -> None:
         # the scratch column in front of ``matrix`` overlaps band rows that LAPACK never reads; clear
         # it anyway so that nothing but the matrix is ever in the array
@@ -204,8 +209,15 @@ class _BandedSolve:
     values: PolicyValues
 
     @classmethod
-    def factored(cls, smdp: TruncatedSMDP, actions: np.ndarray, block: int) -> "_BandedSolve":
-        lu = BandedBelowLU(smdp.n_states, block)
+    def factored(
+        cls, smdp: TruncatedSMDP, actions: np.ndarray, block: int, lu: BandedBelowLU | None = None
+    ) -> "_BandedSolve":
+        """Factor ``actions``' system, in ``lu``'s storage when given (cleared first: memory already
+        touched fills about twice as fast as fresh pages at N = 2667)."""
+        if lu is None:
+            lu = BandedBelowLU(smdp.n_states, block)
+        else:
+            lu.clear()
         _, c, _ = smdp.hessenberg_system(actions, out=lu.extended)
         lu.factor()
         x = lu.solve(c)
@@ -281,7 +293,9 @@ class PolicyEvaluator:
         return self.refactor(actions)
 
     def refactor(self, actions: np.ndarray) -> PolicyValues:
-        self._base = _BandedSolve.factored(self.smdp, actions, self.block)
+        old = self._base
+        self._base = None  # its storage is reused: it no longer describes a factored policy
+        self._base = _BandedSolve.factored(self.smdp, actions, self.block, None if old is None else old.lu)
         self.updated = False
         return self._base.values
 
