@@ -16,6 +16,12 @@ row n holds the whole K pmf window from n - a, about N / 2 wide for deterministi
 of 0..N for CV 1, so a general sparse LU fills in and loses (RESULTS.md section 4);
 ``linear_solver="sparse"`` (scipy ``splu``) and "dense" (one LAPACK LU) are kept for comparison.
 
+Policy iteration's evaluations go through ``PolicyEvaluator``: a policy that differs from the last
+factored one in at most ``MAX_UPDATE_RANK`` states is solved from that LU by the Woodbury identity
+(the changed rows are a rank-r update), checked by its Bellman residual and refactored when the
+check fails. Near convergence and after a size step of the automatic truncation PI changes only a
+few states, so those steps cost 2 r triangular solves instead of a fill and an LU.
+
 ``control_limit_search``: the best policy of Deb & Serfozo's control-limit family, a start for PI.
 """
 
@@ -286,10 +292,14 @@ class PolicyEvaluator:
             if states.size == 0:
                 self.updated = False
                 return base.values
-            if states.size <= MAX_UPDATE_RANK:
-                self.smdp._checked_actions(actions)
-                self.updated = True
-                return base.updated(self.smdp, actions, states)
+            if states.size <= MAX_UPDATE_RANK:  # (hessenberg_rows checks the actions)
+                try:
+                    values = base.updated(self.smdp, actions, states)
+                except (np.linalg.LinAlgError, SingularPolicyError):
+                    pass  # a singular capacitance: let the LU say whether the policy is singular
+                else:
+                    self.updated = True
+                    return values
         return self.refactor(actions)
 
     def refactor(self, actions: np.ndarray) -> PolicyValues:
