@@ -72,7 +72,7 @@ from solver.model import BatchingModel, ModelError, ServiceProfile
 from solver.policy import GateRule, InstanceTable, PolicyTable, greedy
 from solver.slo import SloTarget
 
-from ..arrival_estimator import GroupEstimator
+from ..arrival_estimator import GroupEstimator, ModulationEstimator
 from ..latency_window import LatencySummary, LatencyWindow
 from .profile import ProfileDrift, ProfileLearner
 from .rate import RateEstimator
@@ -320,6 +320,12 @@ class PolicyController:
         self.model = model
         self.groups: GroupEstimator | None = GroupEstimator(group_window_gaps) if group_window_gaps > 0 else None
         """Learns how requests clump; single-instance, non-SLO solves use its model (None: Poisson)."""
+        self.modulation: ModulationEstimator | None = (ModulationEstimator(group_window_gaps)
+                                                       if group_window_gaps > 0 else None)
+        """Learns how the rate is modulated (an MMPP fitted now and then); the same solves use its
+        shape at the estimated rate, phase-blind (``plugin.arrival_estimator``)."""
+        self._fitting: asyncio.Future | None = None
+        self._solved_shape = 0
         self.instances = instances
         """k: model instances the gate fills; k > 1 is solved as a(n, m) (``solver.instances``)."""
         self.profile = profile.truncated(max_batch) if profile.max_batch != max_batch else profile
@@ -389,6 +395,8 @@ class PolicyController:
         self.rate.observe(t)
         if self.groups is not None:
             self.groups.observe(t)
+        if self.modulation is not None:
+            self.modulation.observe(t)
         if self.long_run is not None:
             self.long_run.observe(t)
 
@@ -518,8 +526,9 @@ class PolicyController:
         if est is None:
             return f"arrivals: {g.groups} groups so far (learning), policy solved for {solved}"
         disp = g.index_of_dispersion()
+        fitted = f", last fit {self.modulation.chosen}" if self.modulation is not None else ""
         return (f"arrivals: mean group {est[0]:.3f}+-{est[1]:.3f} over {g.groups} groups, index of dispersion "
-                f"{disp:.3f}; policy solved for {solved}")
+                f"{disp:.3f}{fitted}; policy solved for {solved}")
 
     # -- telemetry (asyncio plumbing around the pure parts) ---------------------------------
     def _telemetry_due(self, now: float) -> None:
@@ -533,6 +542,15 @@ class PolicyController:
         if lc.metrics_url is None and (lc.triton_url is None or self.learner is None):
             return
         self._telemetry = asyncio.get_running_loop().create_task(self._poll_telemetry())
+
+    def _fit_due(self, now: float) -> None:
+        """Refit the rate's modulation off the event loop when due (``ModulationEstimator``)."""
+        mod = self.modulation
+        if mod is None or self.instances > 1 or not mod.due(now):
+            return
+        if self._fitting is not None and not self._fitting.done():
+            return
+        self._fitting = asyncio.get_running_loop().run_in_executor(None, mod.refit, mod.snapshot(now))
 
     async def _poll_telemetry(self) -> None:
         lc = self.learning
@@ -695,6 +713,7 @@ class PolicyController:
         """Learn, read telemetry when due, and start a re-solve if one is due; returns its task."""
         self.learn(now)
         self._telemetry_due(now)
+        self._fit_due(now)
         if self._task is None or self._task.done():
             self.check_slo_offset(now)
         due = self.due(now)
@@ -840,6 +859,8 @@ class PolicyController:
         """The learned mean group size moved by more than the drift tolerance from the one in force."""
         if self.groups is None or self.current is None or self.instances > 1:
             return False
+        if self.modulation is not None and self.modulation.version != self._solved_shape:
+            return True  # a new fit of the rate's modulation (or the end of one)
         old = self.current.arrivals.group_mean
         new = self.arrival_model().group_mean
         return abs(new - old) > self.drift_tolerance * old
@@ -865,12 +886,28 @@ class PolicyController:
         model = BatchingModel(rate=rate, max_batch=self.max_batch, profile=profile,
                               idle_power_w=self.idle_power_w, weight=solved_weight, arrivals=arrivals)
         warm = self.current.policy if self.current is not None else None
+        shape_version = self.modulation.version if self.modulation is not None else 0
+        shape = self.modulation.model_for(rate) if self.modulation is not None else None
         r = await self._solver.solve(model, warm)
+        self._solved_shape = shape_version
+        if shape is not None and r.converged:
+            from solver.mmpp import solve_mmpp_blind
+
+            mm = model.with_(rate=shape.mean_rate, arrivals=shape)
+            try:
+                b = await asyncio.get_running_loop().run_in_executor(None, solve_mmpp_blind, mm, r.policy)
+            except (ModelError, ArithmeticError) as exc:
+                log.warning("%s: phase-blind solve under %s failed (%s); keeping the %s solve", self.model,
+                            shape.spec, exc, arrivals.spec)
+            else:
+                return Solution(b.policy, rate, weight, b.mean_latency_s, b.mean_power_w, b.gain,
+                                b.evaluation.mean_batch, r.source + ", then the phase-blind search under the fitted MMPP",
+                                self._profile_source(), solved_weight, arrivals=shape, converged=True)
         return Solution(r.policy, rate, weight, r.mean_latency_s, r.mean_power_w, r.gain, r.mean_batch, r.source,
                         self._profile_source(), solved_weight, arrivals=arrivals, converged=r.converged)
 
     async def wait_idle(self) -> None:
-        tasks = [t for t in (self._task, self._telemetry) if t is not None]
+        tasks = [t for t in (self._task, self._telemetry, self._fitting) if t is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
