@@ -131,6 +131,9 @@ def _slo_args(p: argparse.ArgumentParser) -> None:
                         "adds max_wait_s (null: no guard), predicted_quantile_s and slo_feasible (false: no "
                         "policy meets D, the answer is greedy)")
     p.add_argument("--slo-latency", type=float, default=None, help="the SLO's latency bound D, seconds")
+    p.add_argument("--slo-margin", type=float, default=0.0,
+                   help="seconds of D reserved for latency the model does not see (client, network): the policy "
+                        "is searched for D - margin (default: %(default)s)")
 
 
 def _slo_target(args: argparse.Namespace):
@@ -143,7 +146,7 @@ def _slo_target(args: argparse.Namespace):
         return None
     if q is None or d is None:
         raise ModelError("--slo-quantile and --slo-latency go together: give both or neither")
-    return SloTarget(q, d)
+    return SloTarget(q, d, args.slo_margin)
 
 
 def _cmd_solve_slo(args: argparse.Namespace, model, target) -> int:
@@ -158,7 +161,8 @@ def _cmd_solve_slo(args: argparse.Namespace, model, target) -> int:
         return 0
     c = res.chosen
     print(f"SLO policy for lambda = {model.rate:g} req/s (load {model.load:.3f}), w = {model.weight:g} s/W, "
-          f"B = {model.max_batch}: q = {target.quantile:g} of response time <= {target.latency_s * 1e3:g} ms")
+          f"B = {model.max_batch}: q = {target.quantile:g} of response time <= {target.latency_s * 1e3:g} ms"
+          + (f" (searched for {target.budget_s * 1e3:g} ms: {target.margin_s * 1e3:g} ms margin)" if target.margin_s else ""))
     if res.feasible:
         guard = "no guard" if c.max_wait_s is None else f"max-wait guard {c.max_wait_s * 1e3:.3f} ms"
         print(f"  table solved for w' = {c.table_weight:g} s/W, {guard}")
