@@ -438,7 +438,8 @@ class Sidecar:
                 **learning_options(self.config, name),
             )
             if policy_cfg.slo is not None:
-                state.controller.set_slo(SloTarget(policy_cfg.slo.quantile, policy_cfg.slo.latency_s))
+                state.controller.set_slo(SloTarget(policy_cfg.slo.quantile, policy_cfg.slo.latency_s,
+                                                             policy_cfg.slo.margin_s))
             if old is not None and old.controller is not None:
                 # what the operator set through the control API outlives a changed config
                 if old.controller.latency_target_s is not None:
