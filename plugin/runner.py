@@ -126,7 +126,7 @@ async def serve_forever(config: SidecarConfig) -> int:
         except NotImplementedError:  # pragma: no cover - non-Unix
             pass
     waits = [asyncio.ensure_future(stop.wait())]
-    native = running.sidecar._native
+    native = running.sidecar.native
     if native is not None:
         # The native gate carries inference: if it dies, so does the sidecar (exit status 1), so
         # that supervision (compose's restart policy, Kubernetes) restarts both together.

@@ -17,70 +17,38 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 import grpc
-import numpy as np
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
-from tritonclient.grpc import model_config_pb2, service_pb2
+from tritonclient.grpc import service_pb2
 
-from solver.policy import MaxWaitGuard
-from solver.slo import SloTarget
+from solver.policy import BatchRule
 
-from .loop.controller import PolicyController, RemoteSolver, learning_options
-from .config import ModelPolicyConfig, SidecarConfig
+from .config import SidecarConfig
 from .gate import ModelGate, Pending, QueueFull
-from .metrics import SidecarMetrics, latency_buckets_with
-from .model_names import is_model_name
-from .native_plane import NativeGateView, NativePlane, choose_plane, forget_line, monotonic_offset
 from .merge import MalformedRequest, RequestValidator, merge, merge_key, split
-from .policies import RuleInfo, build_rule, model_instances
+from .metrics import SidecarMetrics, latency_buckets_with
+from .native_plane import NativeGateView, NativePlane, choose_plane, forget_line, monotonic_offset
+from .registry import Gate, ModelRegistry, ModelState, consume
+from .upstream import CHANNEL_OPTIONS, SERVICE, GateError, Upstream
 
 log = logging.getLogger("smdp.sidecar")
 
-SERVICE = "inference.GRPCInferenceService"
 _SERVICE_DESC = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 _GATED = {"ModelInfer", "ModelStreamInfer"}
 _STATUS_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
 _REPOSITORY_CONTROL = {"RepositoryModelLoad", "RepositoryModelUnload"}
-_CONFIG_REREAD_S = 1.0  # a model's config is read again on a sign it changed at most this often
-_CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", -1),
-    ("grpc.max_receive_message_length", -1),
-    # Reconnect quickly after Triton restarts: recovery should take well under a second.
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    # Triton's errors quote what the client sent (a model name, an input's name): an answer of one
-    # client's request larger than gRPC's default metadata limit (8-16 KiB) must still come back, as
-    # that request's answer, and not as a connection failure under everyone's calls.
-    ("grpc.max_metadata_size", 2**31 - 1),
-    ("grpc.absolute_max_metadata_size", 2**31 - 1),
-]
-
-
-class GateError(Exception):
-    """The one answer a caller gets when it gets no response."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
 
 
 # Triton's own messages for the per-request parameters it would refuse (grpc infer handler, 2.51).
 _BAD_PRIORITY_TYPE = "invalid value type for 'priority' parameter, expected int64_param or uint64_param."
 _BAD_PRIORITY = "invalid value for 'priority', expected value >= 0."
 _BAD_TIMEOUT_TYPE = "invalid value type for 'timeout' parameter, expected int64_param."
-# ModelConfig errors that mean "this model cannot be gated": the request is relayed as is, so the
-# caller gets exactly what Triton says to it. Any other error is the caller's answer.
-# Most (model, version) pairs remembered as unknown to Triton at once (``unknown_model_ttl_s``).
-_MAX_UNKNOWN = 1024
-_NOT_GATEABLE = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED})
 
 
 def _priority_level(p: service_pb2.InferParameter, levels: int, default: int) -> int:
@@ -105,65 +73,11 @@ def _timeout_us(p: service_pb2.InferParameter) -> int:
     return p.int64_param
 
 
-def _ungateable(cfg: model_config_pb2.ModelConfig) -> bool:
-    """Models whose requests must reach Triton as sent: decoupled ones (any number of responses per
-    request, streamed) and sequence-batched ones (per-sequence state, correlation ids)."""
-    return cfg.model_transaction_policy.decoupled or cfg.HasField("sequence_batching")
-
-
 def _done(call: grpc.aio.Call | asyncio.Future) -> asyncio.Future:
     """A future that ends when ``call`` does; cancelling it does not cancel the call."""
     fut = asyncio.get_running_loop().create_future()
     call.add_done_callback(lambda _c: fut.done() or fut.set_result(None))
     return fut
-
-
-def _consume(task: asyncio.Future) -> None:
-    """Mark a shared task's outcome retrieved, for when every waiter went away before it ended."""
-    if not task.cancelled():
-        task.exception()
-
-
-@dataclass
-class BatchStats:
-    """What the gate observed of the batches it sent: sizes, and dispatch-to-completion times."""
-
-    max_batch: int
-    batches: np.ndarray = field(init=False)
-    busy_s: np.ndarray = field(init=False)
-    failed_requests: int = 0
-    answered: int = 0
-    latency_sum_s: float = 0.0
-    """Sum over answered requests of arrival-to-answer time in the sidecar, seconds."""
-    latency_n: int = 0
-    started_at: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.batches = np.zeros(self.max_batch + 1, dtype=np.int64)
-        self.busy_s = np.zeros(self.max_batch + 1)
-
-    def record(self, rows: int, seconds: float) -> None:
-        i = min(rows, self.max_batch)
-        self.batches[i] += 1
-        self.busy_s[i] += seconds
-
-
-@dataclass
-class ModelState:
-    name: str
-    version: str
-    config: model_config_pb2.ModelConfig
-    gate: ModelGate | None
-    info: RuleInfo | None
-    stats: BatchStats
-    default_priority: int
-    priority_levels: int
-    controller: PolicyController | None = None
-    profile: Any = None
-    timer: asyncio.TimerHandle | None = None
-    timer_at: float | None = None
-    config_read_at: float = 0.0
-    """When its config was last read from Triton (sidecar clock)."""
 
 
 @dataclass(eq=False)
@@ -173,426 +87,76 @@ class _Call:
 
 
 class Sidecar:
-    """Owns the upstream channel and one gate per model; one event loop drives everything."""
+    """The data plane of the sidecar: the Python gate's request path, or the native gate's events;
+    one event loop drives everything. What it knows of each model is its ``registry``'s."""
 
     def __init__(self, config: SidecarConfig, *, clock: Callable[[], float] | None = None) -> None:
         self.config = config
         self._loop = asyncio.get_running_loop()
         self._clock = clock or self._loop.time
-        self._channel = grpc.aio.insecure_channel(config.triton_url, options=_CHANNEL_OPTIONS)
-        self._infer = self._channel.unary_unary(
-            f"/{SERVICE}/ModelInfer",
-            request_serializer=service_pb2.ModelInferRequest.SerializeToString,
-            response_deserializer=service_pb2.ModelInferResponse.FromString,
-        )
-        self._model_config = self._channel.unary_unary(
-            f"/{SERVICE}/ModelConfig",
-            request_serializer=service_pb2.ModelConfigRequest.SerializeToString,
-            response_deserializer=service_pb2.ModelConfigResponse.FromString,
-        )
-        self._server_ready = self._channel.unary_unary(
-            f"/{SERVICE}/ServerReady",
-            request_serializer=service_pb2.ServerReadyRequest.SerializeToString,
-            response_deserializer=service_pb2.ServerReadyResponse.FromString,
-        )
-        self._stream = self._channel.stream_stream(
-            f"/{SERVICE}/ModelStreamInfer",
-            request_serializer=service_pb2.ModelInferRequest.SerializeToString,
-            response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
-        )
-        self._models: dict[tuple[str, str], ModelState] = {}
-        self._loading: dict[tuple[str, str], asyncio.Future] = {}
-        self._unknown: dict[tuple[str, str], float] = {}
-        """Models Triton said it does not know, and until when that answer is trusted (clock time)."""
-        self._retired: dict[tuple[str, str], ModelState] = {}
-        """Forgotten models' states (NOT_FOUND from Triton): reused by the next load when it can be."""
+        self.upstream = Upstream(config.triton_url, config.upstream_timeout_s)
         self._tasks: set[asyncio.Task] = set()
         self._validators: dict[tuple[str, str], RequestValidator] = {}
         """Per model: the request checks of its config in force, worked out once per config."""
         self.metrics = SidecarMetrics(latency_buckets_s=latency_buckets_with(
             [m.slo.latency_s for m in (config.default, *config.models.values()) if m.slo is not None]))
-        self._solver = None
-        if config.solver_url:
-            from solver.service import AsyncSolverClient
-
-            self._solver = AsyncSolverClient(config.solver_url, timeout_s=config.solver_timeout_s)
+        self.registry = ModelRegistry(config, self.upstream, self.metrics, self._clock, self)
         self._native = None
         """The native data plane (``data_plane: native``): a NativePlane once start_sidecar started it."""
         self._native_loading: set[str] = set()
         self._closing = False
-        self._retune = self._loop.create_task(self._retune_loop())
 
     async def close(self) -> None:
         self._closing = True
         if self._native is not None:
             await self._native.stop()
-        self._retune.cancel()
-        for state in [*self._models.values(), *self._retired.values()]:
-            if state.timer:
-                state.timer.cancel()
-            if state.controller is not None:
-                await state.controller.wait_idle()
+        await self.registry.close()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._solver is not None:
-            await self._solver.close()
-        await self._channel.close()
-
-    async def _retune_loop(self) -> None:
-        """Let every adaptive model re-solve when its rate moved (see plugin.loop.controller)."""
-        while True:
-            await asyncio.sleep(self.config.retune_interval_s)
-            now = self._clock()
-            for state in list(self._models.values()):
-                try:
-                    if state.controller is not None:
-                        state.controller.tick(now)
-                    if state.gate is not None:
-                        self._export(state, now)
-                except Exception:  # never let one model stop the loop
-                    log.exception("retune of %s failed", state.name)
-
-    def _export(self, state: ModelState, now: float) -> None:
-        """The slow-moving gauges, once a tick (the per-request counters are updated inline)."""
-        m = self.metrics
-        m.set_queue(state.name, state.gate.queue_length, state.gate.in_flight, state.gate.slots)
-        c = state.controller
-        if c is not None:
-            est = c.rate.estimate(now)
-            m.set_rate(state.name, est.rate, est.lo, est.hi)
-            if c.current is not None:
-                m.set_policy(state.name, c.version, c.current.policy.threshold(), c.current.mean_latency_s,
-                             c.current.mean_power_w)
+        await self.upstream.close()
 
     def clock(self) -> float:
         return self._clock()
 
-    # -- models ------------------------------------------------------------------------------
-    def models(self) -> dict[tuple[str, str], ModelState]:
-        return dict(self._models)
+    @property
+    def native(self) -> NativePlane | None:
+        """The native gate's process when it carries inference; None on the Python plane."""
+        return self._native
 
-    async def model_state(self, name: str, version: str) -> ModelState | None:
-        """The gate state of a model, fetching its config from Triton once.
-
-        Returns None when Triton does not know the model (the caller then relays the request as is,
-        so the client gets exactly Triton's own error). Raises GateError UNAVAILABLE when Triton is away.
-        """
-        key = (name, version)
-        state = self._models.get(key)
-        if state is not None:
-            return state
-        if not is_model_name(name):
-            return None  # no repository holds it: Triton's own answer, nothing kept by its name
-        until = self._unknown.get(key)
-        if until is not None:
-            if self._clock() < until:
-                return None  # unknown a moment ago: relay without asking Triton for its config again
-            del self._unknown[key]
-        pending = self._loading.get(key)
-        if pending is None:
-            # The load runs in its own task: a caller that goes away cancels its wait, not the load
-            # every other caller of this model is waiting for.
-            pending = self._loading[key] = self._loop.create_task(self._load(key))
-            pending.add_done_callback(_consume)
-            self._tasks.add(pending)
-            pending.add_done_callback(self._tasks.discard)
-        return await asyncio.shield(pending)
-
-    async def _load(self, key: tuple[str, str]) -> ModelState | None:
-        try:
-            state = await self._load_state(*key)
-            if state is not None:
-                self._models[key] = state
-            else:
-                self._remember_unknown(key)
-            return state
-        except GateError:
-            raise
-        except Exception as exc:
-            log.exception("cannot set up the gate of model %s", key[0])
-            raise GateError(grpc.StatusCode.INTERNAL, f"sidecar cannot gate model '{key[0]}': {exc}") from None
-        finally:
-            self._loading.pop(key, None)
-
-    def _remember_unknown(self, key: tuple[str, str]) -> None:
-        """Trust Triton's "no such model" for ``unknown_model_ttl_s``; bounded, so that clients asking
-        for ever new names cannot grow it without end."""
-        ttl = self.config.unknown_model_ttl_s
-        if ttl <= 0:
-            return
-        now = self._clock()
-        if len(self._unknown) >= _MAX_UNKNOWN:
-            for k in [k for k, t in self._unknown.items() if t <= now]:
-                del self._unknown[k]
-            while len(self._unknown) >= _MAX_UNKNOWN:
-                del self._unknown[next(iter(self._unknown))]  # the oldest entry
-        self._unknown[key] = now + ttl
-
-    def _known_again(self, key: tuple[str, str]) -> None:
-        """Triton answered a relayed request of a model remembered as unknown: gate it from now on."""
-        self._unknown.pop(key, None)
-
-    async def _load_state(self, name: str, version: str) -> ModelState | None:
-        try:
-            resp = await self._model_config(
-                service_pb2.ModelConfigRequest(name=name, version=version),
-                timeout=self.config.upstream_timeout_s,
-            )
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise GateError(grpc.StatusCode.UNAVAILABLE, f"Triton is unreachable: {exc.details()}") from None
-            if code not in _NOT_GATEABLE:
-                raise GateError(code, exc.details() or "") from None
-            if await self._triton_exiting():
-                # Triton unloads every model while it shuts down: not the model's fault, retryable.
-                raise GateError(grpc.StatusCode.UNAVAILABLE, "Triton is not ready (starting or stopping)") from None
-            return None  # an unknown model, or one unloading: Triton's own answer
-        cfg = resp.config
-        if self._batcher_to_turn_off(cfg):
-            await self._turn_off_triton_batcher(name, cfg)
-        slots = model_instances(cfg)
-        dyn = cfg.dynamic_batching
-        levels = dyn.priority_levels if cfg.HasField("dynamic_batching") else 0
-        default_level = dyn.default_priority_level if levels else 0
-        old = self._retired.pop((name, version), None)
-        if old is not None and old.gate is not None and not _ungateable(cfg) \
-                and cfg.max_batch_size == old.config.max_batch_size:
-            # The same model back (Triton restarted): keep its gate, whose batches may still be in
-            # flight, its policy and controller (operator settings included) and its counters.
-            old.config = cfg
-            old.config_read_at = self._clock()
-            old.gate.set_slots(slots)
-            if old.controller is not None:
-                old.controller.instances = slots  # the next re-solve is for the new k
-            old.priority_levels = levels
-            old.default_priority = default_level or (levels or 0)
-            if self._native is not None:
-                old.gate.set_priorities(old.default_priority, levels)
-            log.info("model %s is back: gating it as before (%d slot(s))", name, slots)
-            return old
-        gate = info = controller = profile = None
-        max_rows = max(cfg.max_batch_size, 1)
-        policy_cfg = self.config.policy_for(name)
-        if cfg.max_batch_size > 0 and not _ungateable(cfg):
-            auto_note = ""
-            if policy_cfg.profile == "auto" and policy_cfg.policy == "smdp":
-                policy_cfg, auto_note = await self._auto_profile(name, version, policy_cfg)
-            if policy_cfg.policy == "smdp" and policy_cfg.adaptive:
-                info, profile = self._adaptive_start(name, policy_cfg, cfg.max_batch_size)
-            else:
-                info = await self._loop.run_in_executor(None, build_rule, name, policy_cfg, cfg.max_batch_size, slots)
-            if auto_note:
-                info = replace(info, spec=f"{info.spec} ({auto_note})")
-            if self._native is not None:
-                gate = NativeGateView(
-                    name, self._native.send, self._guarded(name, info.rule), slots=slots,
-                    max_queue=self.config.max_queue, default_priority=default_level or (levels or 0),
-                    priority_levels=levels, dispatch_priority=self.config.dispatch_priority,
-                )
-            else:
-                gate = ModelGate(
-                    self._guarded(name, info.rule), slots=slots, max_queue=self.config.max_queue,
-                    max_rows=info.max_batch, clock=self._clock,
-                )
-            max_rows = info.max_batch
-            log.info("gating model %s (B=%d, %d slot(s), policy %s)", name, info.max_batch, slots, info.spec)
-            if self.config.mode == "merged" and cfg.HasField("dynamic_batching") \
-                    and self.config.triton_batcher == "keep":
-                # Seen with Triton 2.51: its batcher, idle between the gate's merged requests, now and then
-                # misses the enqueue and holds a request for its 500 ms default wait. The gate already
-                # forms the batches; Triton's batcher has nothing left to do in merged mode.
-                log.warning(
-                    "model %s has dynamic_batching on behind the merged gate: Triton 2.51 was seen holding a "
-                    "request for its 500 ms idle wait now and then; set triton_batcher: off to have the sidecar "
-                    "reload it without (the gate forms the batches)", name)
-        state = ModelState(
-            name=name,
-            version=version,
-            config=cfg,
-            gate=gate,
-            info=info,
-            stats=BatchStats(max_rows),
-            default_priority=default_level or (levels or 0),
-            priority_levels=levels,
-            profile=profile,
+    async def start_native(self) -> NativePlane:
+        """Start the native gate (``data_plane: native``): from now on it carries inference."""
+        config = self.config
+        self._native = await NativePlane.start(
+            listen=config.listen, triton_url=config.triton_url, max_queue=config.max_queue,
+            on_event=self._native_event, binary=config.native_binary,
+            upstream_timeout_s=config.upstream_timeout_s,
+            deny=() if config.allow_repository_control else tuple(sorted(_REPOSITORY_CONTROL)),
         )
-        state.stats.started_at = state.config_read_at = self._clock()
-        if profile is not None:
-            state.controller = PolicyController(
-                name,
-                profile,
-                max_batch=info.max_batch,
-                idle_power_w=policy_cfg.idle_power_w,
-                weight=policy_cfg.weight,
-                install=lambda policy, st=state: self._install(st, policy),
-                instances=slots,
-                clock=self._clock,
-                solver=RemoteSolver(self._solver) if self._solver is not None else None,
-                initial_rate=policy_cfg.rate_rps,
-                window_s=self.config.rate_window_s,
-                long_run_s=self.config.long_run_window_s,
-                group_window_gaps=self.config.arrival_group_window,
-                stats=state.stats,
-                metrics=self.metrics,
-                **learning_options(self.config, name),
+        return self._native
+
+    # -- what the registry asks of the plane -------------------------------------------------
+    def new_gate(self, name: str, rule: BatchRule, *, slots: int, max_rows: int, default_priority: int,
+                 priority_levels: int) -> Gate:
+        if self._native is not None:
+            return NativeGateView(
+                name, self._native.send, rule, slots=slots, max_queue=self.config.max_queue,
+                default_priority=default_priority, priority_levels=priority_levels,
+                dispatch_priority=self.config.dispatch_priority,
             )
-            if policy_cfg.slo is not None:
-                state.controller.set_slo(SloTarget(policy_cfg.slo.quantile, policy_cfg.slo.latency_s))
-            if old is not None and old.controller is not None:
-                # what the operator set through the control API outlives a changed config
-                if old.controller.latency_target_s is not None:
-                    state.controller.set_latency_target(old.controller.latency_target_s)
-                else:
-                    state.controller.set_weight(old.controller.weight)
-                if old.controller.slo is not None:
-                    state.controller.set_slo(old.controller.slo)
-        return state
+        return ModelGate(rule, slots=slots, max_queue=self.config.max_queue, max_rows=max_rows, clock=self._clock)
 
-    def preload_auto_profiles(self) -> None:
-        """Profile the configured ``profile: auto`` models now, at start, rather than at their first request
-        (which waits for the sweep either way: the model's gate opens after it)."""
-        for name, pc in self.config.models.items():
-            if pc.profile == "auto" and pc.policy == "smdp":
-                self._spawn(self._preload(name))
-
-    async def _preload(self, name: str) -> None:
-        try:
-            await self.model_state(name, "")
-        except GateError as exc:
-            log.warning("model %s: not gated at start (%s); it will be at its first request", name, exc.details)
-
-    async def _auto_profile(self, name: str, version: str, cfg: ModelPolicyConfig) -> tuple[ModelPolicyConfig, str]:
-        """``profile: auto``: the measured (or cached) profile in place of "auto", or greedy and why."""
-        from .auto_profile import auto_profile
-
-        got = await auto_profile(self.config.triton_url, name, version, cfg,
-                                 self.config.profile_cache_dir.expanduser(),
-                                 metrics_url=self.config.triton_metrics_url, timeout_s=self.config.upstream_timeout_s)
-        if got.path is None:
-            log.warning("model %s: %s; gating it greedily instead of smdp", name, got.reason)
-            return cfg.model_copy(update={"policy": "greedy", "profile": None}), got.reason
-        log.info("model %s: %s", name, got.reason)
-        return cfg.model_copy(update={"profile": got.path}), got.reason
-
-    def _adaptive_start(self, name: str, cfg, model_max_batch: int) -> tuple[RuleInfo, Any]:
-        """An adaptive smdp model starts greedy; its controller installs the solved policy shortly."""
-        from solver.model import ServiceProfile
-        from solver.policy import greedy
-
-        if cfg.profile is None:
-            raise GateError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"model '{name}': the smdp policy needs a service-time profile (`profile`)",
-            )
-        b = min(cfg.max_batch or model_max_batch, model_max_batch)
-        profile = ServiceProfile.from_csv(cfg.profile)
-        return RuleInfo(greedy(b), "smdp (greedy until the first solve)", b), profile.truncated(
-            min(b, profile.max_batch)
-        )
-
-    def _guarded(self, model: str, rule):
-        """The rule the gate runs: the policy, with the model's max-wait guard if it has one."""
-        from solver.policy import MaxWaitGuard
-
-        max_wait = self.config.policy_for(model).max_wait_s
-        return rule if max_wait is None else MaxWaitGuard(rule, max_wait)
-
-    def _install(self, state: ModelState, policy) -> None:
-        """Swap in a solved table; the event loop runs one decision at a time, so this is atomic."""
-        c = state.controller
-        pred = None
-        if c is not None and c.current is not None:
-            pred = {"mean_latency_s": c.current.mean_latency_s, "mean_power_w": c.current.mean_power_w}
-        state.info = RuleInfo(policy, "smdp", policy.max_batch, pred)
-        own_wait = c.current.max_wait_s if c is not None and c.current is not None else None
-        rule = policy if own_wait is None else MaxWaitGuard(policy, own_wait)  # an SLO policy's guard
-        state.gate.set_rule(self._guarded(state.name, rule))
+    def rule_changed(self, state: ModelState) -> None:
         self._pump(state)
 
-    def _batcher_to_turn_off(self, cfg: model_config_pb2.ModelConfig) -> bool:
-        """A gated model whose Triton batcher the operator asked the sidecar to turn off (merged mode)."""
-        return (self.config.triton_batcher == "off" and self.config.mode == "merged" and cfg.max_batch_size > 0
-                and cfg.HasField("dynamic_batching") and not _ungateable(cfg))
-
-    async def _turn_off_triton_batcher(self, name: str, cfg: model_config_pb2.ModelConfig) -> None:
-        """Reload ``name`` in Triton with its config less ``dynamic_batching`` (a load with a config
-        override, as config mode does): behind the merged gate each request Triton gets is a whole
-        batch, so its batcher only adds its idle-wait stalls. ``cfg`` is left as read, so the gate keeps
-        the priority levels the model declared. Best effort: where Triton refuses (its model control
-        mode is not explicit), the batcher stays on and the log says why."""
-        from google.protobuf import json_format
-
-        override = model_config_pb2.ModelConfig()
-        override.CopyFrom(cfg)
-        override.ClearField("dynamic_batching")
-        request = service_pb2.RepositoryModelLoadRequest(model_name=name)
-        request.parameters["config"].string_param = json_format.MessageToJson(
-            override, preserving_proto_field_name=True, indent=None)
-        load = self._channel.unary_unary(
-            f"/{SERVICE}/RepositoryModelLoad",
-            request_serializer=service_pb2.RepositoryModelLoadRequest.SerializeToString,
-            response_deserializer=service_pb2.RepositoryModelLoadResponse.FromString,
-        )
-        try:
-            await load(request, timeout=self.config.upstream_timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            log.warning("model %s: could not turn Triton's dynamic batcher off (%s: %s); it stays on (Triton must "
-                        "run with --model-control-mode=explicit for the sidecar to reload a model)",
-                        name, exc.code().name, exc.details())
-            return
-        log.info("model %s: Triton's dynamic batcher turned off behind the merged gate (reloaded with a config "
-                 "override, as triton_batcher: off asks)", name)
-
-    async def _triton_exiting(self) -> bool:
-        """Whether Triton is shutting down (or away): its ServerReady then fails ("Server exiting").
-        A ready=false answer is not that: with strict readiness Triton is "not ready" while any model
-        loads, unloads or failed to load, and requests for other models are still served."""
-        try:
-            await self._server_ready(service_pb2.ServerReadyRequest(), timeout=self.config.upstream_timeout_s)
-            return False
-        except grpc.aio.AioRpcError:
-            return True
-
-    def _forget(self, state: ModelState) -> None:
-        """Drop a model's cached config: the next request re-reads it. The state is kept aside, and
-        the reload reuses it (gate, policy, controller, counters) when the model's batching is unchanged;
-        otherwise its gate drains what it holds and the new state starts with the operator's settings."""
-        key = (state.name, state.version)
-        if self._models.get(key) is state:
-            del self._models[key]
-            self._retired[key] = state
+    def priorities_changed(self, state: ModelState) -> None:
+        if self._native is not None:
+            state.gate.set_priorities(state.default_priority, state.priority_levels)
 
     def model_changed(self, name: str) -> None:
-        """Triton loaded or unloaded a model through the sidecar (repository control), or answered in
-        a way only a changed config explains: what the sidecar knows of it is read again (a reload
-        may change its max_batch_size, say). The native gate keeps its policy until the new one."""
-        for key, state in list(self._models.items()):
-            if key[0] == name:
-                self._forget(state)
-        for key in [k for k in self._unknown if k[0] == name]:
-            del self._unknown[key]
+        """The native gate keeps its policy until the new one."""
         if self._native is not None and name not in self._native_loading and not self._closing:
             self._native_loading.add(name)
             self._spawn(self._native_relearn(name))
-
-    def repository_call_done(self, request: bytes) -> None:
-        """A RepositoryModelLoad or RepositoryModelUnload relayed through the sidecar succeeded."""
-        try:
-            name = service_pb2.RepositoryModelLoadRequest.FromString(request).model_name  # Unload's fields alike
-        except DecodeError:
-            return
-        if is_model_name(name):
-            self.model_changed(name)
-
-    def set_rule(self, name: str, version: str, info: RuleInfo) -> None:
-        """Replace a model's rule between two decisions (the event loop runs one at a time)."""
-        state = self._models[(name, version)]
-        if state.gate is None:
-            raise ValueError(f"model {name!r} does not batch; it has no gate")
-        state.info = info
-        state.gate.set_rule(self._guarded(name, info.rule))
-        self._pump(state)
 
     # -- native data plane -------------------------------------------------------------------
     def _native_event(self, kind: str, *args: Any) -> None:
@@ -601,30 +165,30 @@ class Sidecar:
         if self._closing and kind in ("seen", "lost", "loaded"):
             return
         if kind == "loaded":
-            self.model_changed(args[0])
+            self.registry.model_changed(args[0])
             return
         if kind == "lost":
             # Triton no longer knows a gated model (restarting, or unloaded): as the Python plane does
             # on NOT_FOUND, forget its config and read it again. Meanwhile the gate keeps gating with
             # the policy it has and answers UNAVAILABLE for what Triton refuses.
             name = args[0]
-            state = self._models.get((name, ""))
+            state = self.registry.get(name, "")
             if state is not None:
-                self._forget(state)
+                self.registry.forget(state)
             if name not in self._native_loading:
                 self._native_loading.add(name)
                 self._spawn(self._native_relearn(name))
             return
         if kind == "seen":
             name = args[0]
-            if (name, "") in self._models or name in self._native_loading:
+            if self.registry.get(name, "") is not None or name in self._native_loading:
                 return
             self._native_loading.add(name)
             self._spawn(self._native_load(name))
             return
         if kind == "batch":
             rep = args[0]
-            state = self._models.get((rep.model, ""))
+            state = self.registry.get(rep.model, "")
             if state is None:
                 return
             elapsed = max(rep.end - rep.start, 0.0)
@@ -647,7 +211,7 @@ class Sidecar:
                         state.controller.observe_latency(answered_at, latency)
                 self.metrics.request_answered(state.name, "OK" if rep.code == 0 else code, latency)
             return
-        state = self._models.get((args[0], ""))
+        state = self.registry.get(args[0], "")
         if state is None or state.gate is None:
             return
         if kind == "arrive":
@@ -663,23 +227,18 @@ class Sidecar:
                 for _ in range(max(grown.get(key, 0), 0)):
                     self.metrics.request_rejected(state.name, reason)
 
-    async def _native_preload(self) -> None:
+    async def native_preload(self) -> None:
         """Gate the models Triton has ready before the first request: the native gate relays a model
         ungated until its policy arrives, so waiting for first traffic would let a burst through ungated.
         Best effort: with Triton away, models are gated as their first requests are seen."""
-        index = self._channel.unary_unary(
-            f"/{SERVICE}/RepositoryIndex",
-            request_serializer=service_pb2.RepositoryIndexRequest.SerializeToString,
-            response_deserializer=service_pb2.RepositoryIndexResponse.FromString,
-        )
         try:
-            resp = await index(service_pb2.RepositoryIndexRequest(ready=True), timeout=self.config.upstream_timeout_s)
+            resp = await self.upstream.repository_index(service_pb2.RepositoryIndexRequest(ready=True), timeout=self.config.upstream_timeout_s)
         except grpc.aio.AioRpcError as exc:
             log.info("Triton's repository index is not available (%s): models are gated as they are seen",
                      exc.code().name)
             return
         for model in resp.models:
-            if model.state == "READY" and (model.name, "") not in self._models:
+            if model.state == "READY" and self.registry.get(model.name, "") is None:
                 await self._native_load(model.name)
 
     async def _native_relearn(self, name: str, retry_s: float = 0.5, give_up_s: float = 600.0) -> None:
@@ -689,7 +248,7 @@ class Sidecar:
             end = self._clock() + give_up_s
             while self._clock() < end and not self._closing:
                 try:
-                    state = await self.model_state(name, "")
+                    state = await self.registry.model_state(name, "")
                 except GateError:
                     await asyncio.sleep(retry_s)  # Triton away or still starting
                     continue
@@ -705,7 +264,7 @@ class Sidecar:
         """A model the native gate relays ungated: read its config and push its policy (once it batches).
         The gate reports an ungated model with traffic again every second, so a failed load is retried."""
         try:
-            await self.model_state(name, "")
+            await self.registry.model_state(name, "")
         except GateError as exc:
             log.warning("cannot gate model %s yet: %s", name, exc.details)
         finally:
@@ -714,14 +273,13 @@ class Sidecar:
     # -- inference ---------------------------------------------------------------------------
     async def infer(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
         """One caller's request, answered exactly once (a response, or GateError)."""
-        state = await self.model_state(request.model_name, request.model_version)
+        state = await self.registry.model_state(request.model_name, request.model_version)
         if state is None:
-            response = await self._call_triton(request)
-            if self._unknown:
-                self._known_again((request.model_name, request.model_version))
+            response = await self.upstream.call(request)
+            self.registry.known_again(request.model_name, request.model_version)
             return response
         if state.gate is None:
-            return await self._call_triton(request)
+            return await self.upstream.call(request)
         try:
             key = (state.name, state.version)
             validator = self._validators.get(key)
@@ -794,15 +352,14 @@ class Sidecar:
         not fail a merged batch), so that its caller gets Triton's own code and message. Should Triton
         serve it after all, the sidecar's copy of the config is stale: it is read again."""
         try:
-            response = await self._call_triton(request)
+            response = await self.upstream.call(request)
         except GateError as exc:
             if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
                 self.metrics.request_rejected(state.name, "invalid_argument")
             raise
-        if self._models.get((state.name, state.version)) is state \
-                and self._clock() - state.config_read_at >= _CONFIG_REREAD_S:
+        if self.registry.config_stale(state):
             log.info("Triton served a request model %s's config refuses: reading its config again", state.name)
-            self.model_changed(state.name)
+            self.registry.model_changed(state.name)
         return response
 
     def _pump(self, state: ModelState, arrived: Pending | None = None) -> tuple[Pending, ...] | None:
@@ -873,7 +430,7 @@ class Sidecar:
         if exc.code == grpc.StatusCode.NOT_FOUND:
             # A model the gate was serving vanished (Triton restarting, or the model unloaded):
             # retryable for these callers; the next request re-reads the model's config.
-            self._forget(state)
+            self.registry.forget(state)
             return GateError(
                 grpc.StatusCode.UNAVAILABLE, f"model '{state.name}' is not available on Triton: {exc.details}"
             )
@@ -893,7 +450,7 @@ class Sidecar:
             if len(batch) == 1:
                 req = calls[0].request  # ours alone (parsed for this call): stamp it in place
                 self._stamp(state, req, batch, start)
-                upstream = self._infer(req, timeout=self.config.upstream_timeout_s)
+                upstream = self.upstream.infer(req, timeout=self.config.upstream_timeout_s)
                 if inline:
                     if asyncio.iscoroutine(upstream):  # a stand-in for the channel (tests)
                         upstream = self._loop.create_task(upstream)
@@ -903,13 +460,13 @@ class Sidecar:
                         handed_off = True
                         self._spawn(self._run_on(state, calls, rows, start, upstream))
                         raise
-                self._succeed(calls[0], await self._upstream(upstream))
+                self._succeed(calls[0], await self.upstream.answer(upstream))
             elif self.config.mode == "released":
                 await self._dispatch_released(state, batch, start)
             else:
                 merged = merge([c.request for c in calls], checked=True)
                 self._stamp(state, merged.request, batch, start)
-                response = await self._call_triton(merged.request)
+                response = await self.upstream.call(merged.request)
                 try:
                     parts = split(response, merged)
                 except Exception as exc:  # an output without a batch dimension
@@ -927,7 +484,7 @@ class Sidecar:
     ) -> None:
         """The rest of an inline dispatch whose caller went away: its batch completes as any other."""
         try:
-            self._succeed(calls[0], await self._upstream(upstream))
+            self._succeed(calls[0], await self.upstream.answer(upstream))
         except Exception as exc:
             self._batch_failed(state, calls, exc)
         finally:
@@ -962,33 +519,12 @@ class Sidecar:
             req = p.payload.request
             self._stamp(state, req, (p,), start)
             try:
-                self._succeed(p.payload, await self._call_triton(req))
+                self._succeed(p.payload, await self.upstream.call(req))
             except GateError as exc:
                 state.stats.failed_requests += 1
                 self._fail(p.payload, self._upstream_error(state, exc))
 
         await asyncio.gather(*(one(p) for p in batch))
-
-    async def _call_triton(self, req: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
-        return await self._upstream(self._infer(req, timeout=self.config.upstream_timeout_s))
-
-    @staticmethod
-    async def _upstream(call: grpc.aio.UnaryUnaryCall) -> service_pb2.ModelInferResponse:
-        """Triton's response to a started call, or its error as a GateError."""
-        try:
-            return await call
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            details = exc.details() or ""
-        # (raised outside the handler: raising inside it leaves this frame, the call and its request in
-        # a reference cycle with the error, freed only by a garbage collection)
-        if code == grpc.StatusCode.CANCELLED:
-            # Not the caller's doing (that cancels this coroutine instead): Triton or the connection
-            # ended the call, as when Triton shuts down. Retryable, as Triton being away is.
-            code, details = grpc.StatusCode.UNAVAILABLE, f"Triton ended the call: {details}"
-        elif code == grpc.StatusCode.UNAVAILABLE and "timeout" not in details.lower():
-            details = f"Triton is unreachable: {details}"
-        raise GateError(code, details)
 
     @staticmethod
     def _succeed(call: _Call, response: service_pb2.ModelInferResponse) -> None:
@@ -1065,6 +601,7 @@ class _Servicer:
         tasks: set[asyncio.Task] = set()
         sidecar = self.sidecar
         infer = sidecar.infer
+        registry = sidecar.registry
         loop = asyncio.get_running_loop()
         closing = False
         relay: _StreamRelay | None = None
@@ -1093,13 +630,13 @@ class _Servicer:
                 async for req in requests:
                     out.put_nowait(_REQUEST)
                     try:
-                        state = sidecar._models.get((req.model_name, req.model_version))
+                        state = registry.get(req.model_name, req.model_version)
                         if state is None:
-                            state = await sidecar.model_state(req.model_name, req.model_version)
+                            state = await registry.model_state(req.model_name, req.model_version)
                         if state is None or state.gate is None:
                             if relay is None:
                                 md = _forward_metadata(context) if context is not None else None
-                                relay = _StreamRelay(sidecar._stream(metadata=md), out)
+                                relay = _StreamRelay(sidecar.upstream.stream(metadata=md), out)
                             await relay.send(req)
                             out.put_nowait(_RELAYED)
                             continue
@@ -1117,7 +654,7 @@ class _Servicer:
                 out.put_nowait(None)  # end of requests, however reading ended
 
         read_task = loop.create_task(reader())
-        read_task.add_done_callback(_consume)
+        read_task.add_done_callback(consume)
         try:
             inflight = 0
             reading = True
@@ -1293,20 +830,15 @@ async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
     sidecar = Sidecar(config)
     if config.data_plane == "native":
         try:
-            sidecar._native = await NativePlane.start(
-                listen=config.listen, triton_url=config.triton_url, max_queue=config.max_queue,
-                on_event=sidecar._native_event, binary=config.native_binary,
-                upstream_timeout_s=config.upstream_timeout_s,
-                deny=() if config.allow_repository_control else tuple(sorted(_REPOSITORY_CONTROL)),
-            )
+            native = await sidecar.start_native()
         except BaseException:
             await sidecar.close()
             raise
         log.info("native data plane (smdp-gate) listening on port %d, relaying to Triton at %s",
-                 sidecar._native.port, config.triton_url)
-        running = RunningSidecar(None, sidecar, sidecar._native.port, None)
+                 native.port, config.triton_url)
+        running = RunningSidecar(None, sidecar, native.port, None)
         await _start_side_servers(running, config)
-        await sidecar._native_preload()
+        await sidecar.native_preload()
         return running
     servicer = _Servicer(sidecar)
     handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -1326,10 +858,10 @@ async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
         else:
             allowed = m.name not in _REPOSITORY_CONTROL or config.allow_repository_control
             handlers[m.name] = _relay_handler(
-                sidecar._channel, m.name, not m.client_streaming, not m.server_streaming, allowed,
-                sidecar.repository_call_done if m.name in _REPOSITORY_CONTROL else None,
+                sidecar.upstream.channel, m.name, not m.client_streaming, not m.server_streaming, allowed,
+                sidecar.registry.repository_call_done if m.name in _REPOSITORY_CONTROL else None,
             )
-    server = grpc.aio.server(options=_CHANNEL_OPTIONS[:2])
+    server = grpc.aio.server(options=CHANNEL_OPTIONS[:2])
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -1345,7 +877,7 @@ async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
     log.info("sidecar listening on port %d, relaying to Triton at %s", port, config.triton_url)
     running = RunningSidecar(server, sidecar, port, health)
     await _start_side_servers(running, config)
-    sidecar.preload_auto_profiles()
+    sidecar.registry.preload_auto_profiles()
     return running
 
 
@@ -1358,7 +890,7 @@ async def _start_side_servers(running: RunningSidecar, config: SidecarConfig) ->
 
         try:
             running.control, running.control_port = await start_control_server(
-                SidecarControl(sidecar), config.control_listen, config.control_token
+                SidecarControl(sidecar.registry), config.control_listen, config.control_token
             )
         except BaseException:
             await running.stop(0)
@@ -1377,7 +909,7 @@ async def _start_side_servers(running: RunningSidecar, config: SidecarConfig) ->
         from .http_front import start_http_front
 
         try:
-            if sidecar._native is None:
+            if sidecar.native is None:
                 running.http, running.http_port = await start_http_front(config, submit=sidecar.infer)
             else:
                 running.http, running.http_port = await start_http_front(config, gate_port=running.port)

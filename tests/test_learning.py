@@ -18,7 +18,7 @@ from plugin.config import load_config
 from plugin.control_backend import SidecarControl
 from plugin.loop.profile import ProfileLearner
 from plugin.metrics import SidecarMetrics
-from plugin.server import BatchStats
+from plugin.registry import BatchStats
 from solver.model import BatchingModel, ServiceProfile
 from solver.policy import greedy
 from solver.smdp import solve
@@ -242,19 +242,21 @@ def stats_with(batches: dict[int, int], started: float) -> BatchStats:
     return st
 
 
-def fake_sidecar(c: PolicyController, st: BatchStats, clock: Clock):
+def fake_registry(c: PolicyController, st: BatchStats, clock: Clock):
     gate = SimpleNamespace(queue_length=0, in_flight=0, slots=1, counters=SimpleNamespace(rejected=0, expired=0))
     info = SimpleNamespace(rule=greedy(B), max_batch=B, spec="smdp")
     state = SimpleNamespace(gate=gate, info=info, stats=st, controller=c, profile=c.prior)
-    return SimpleNamespace(models=lambda: {("m", ""): state}, clock=clock, metrics=SidecarMetrics(B),
-                           config=load_config(overrides={"models": {"m": {"policy": "greedy"}}}, environ={}))
+    config = load_config(overrides={"models": {"m": {"policy": "greedy"}}}, environ={})
+    return SimpleNamespace(gated=lambda model: state if model == "m" else None, gated_models=lambda: ["m"],
+                           models=lambda: {("m", ""): state}, clock=clock, metrics=SidecarMetrics(B),
+                           policy_config=config.policy_for)
 
 
 def test_status_carries_the_learned_profile_per_size(prior):
     clock = Clock()
     c, _ = controller(prior, clock)
     st = stats_with({}, clock.t)
-    sidecar = fake_sidecar(c, st, clock)
+    sidecar = fake_registry(c, st, clock)
     status = SidecarControl(sidecar).status("m")
     assert status.profile_learning and status.profile_updates == 0 and status.service_times == []
     true = slower(prior, 2.0)
@@ -280,7 +282,7 @@ def test_status_carries_the_learned_profile_per_size(prior):
     assert eight.in_force_s == pytest.approx(c.profile.mean_s[7]) and eight.in_force_s != pytest.approx(eight.prior_s)
     off, _ = controller(prior, clock)
     off.learner = None
-    status = SidecarControl(fake_sidecar(off, st, clock)).status("m")
+    status = SidecarControl(fake_registry(off, st, clock)).status("m")
     assert not status.profile_learning and status.service_times == [] and status.profile_batches == 0
 
 
@@ -293,7 +295,7 @@ def test_status_says_whether_power_is_measured_or_modelled(prior, text, modelled
     clock.t += 10.0
     if text is not None:
         c.power.observe_metrics(clock.t, text)
-    status = SidecarControl(fake_sidecar(c, st, clock)).status("m")
+    status = SidecarControl(fake_registry(c, st, clock)).status("m")
     assert status.power_modelled is modelled
     if modelled:
         expect = (100 * prior.energy_j[3] + 50 * prior.energy_j[7] + 40.0 * (10.0 - 150 * 0.004)) / 10.0

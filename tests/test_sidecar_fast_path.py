@@ -41,7 +41,7 @@ def test_an_idle_gate_serves_an_arrival_inline_and_accounts_for_it_as_a_task_wou
         resp = await sc.infer(request(id="a"))
         assert resp.id == "a" and len(up.sent) == 1
         assert tasks == []  # no dispatch task: the caller's coroutine sent it
-        state = sc.models()[("emulated_gpu", "")]
+        state = sc.registry.models()[("emulated_gpu", "")]
 
         # The same request with the slot busy waits, then goes by a task when the slot frees.
         up.hold.clear()
@@ -72,7 +72,7 @@ def test_a_caller_that_goes_away_during_an_inline_dispatch_leaves_the_batch_runn
         up = Upstream()
         sc = await make_sidecar(up)
         await sc.infer(request(id="warm"))
-        state = sc.models()[("emulated_gpu", "")]
+        state = sc.registry.models()[("emulated_gpu", "")]
         up.hold.clear()
         caller = asyncio.ensure_future(sc.infer(request(id="gone")))
         await until(lambda: len(up.sent) == 2)
@@ -101,7 +101,7 @@ def test_an_inline_dispatch_gives_tritons_error_once_and_frees_the_slot(code):
         up = Upstream()
         sc = await make_sidecar(up)
         await sc.infer(request(id="warm"))
-        state = sc.models()[("emulated_gpu", "")]
+        state = sc.registry.models()[("emulated_gpu", "")]
         up.error = rpc_error(code, "no")
         with pytest.raises(GateError) as err:
             await sc.infer(request(id="x"))

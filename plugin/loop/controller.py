@@ -271,7 +271,7 @@ class RemoteSolver:
 
 
 class GateStats(Protocol):
-    """What the controller reads of its gate's running counters (plugin.server.BatchStats)."""
+    """What the controller reads of its gate's running counters (plugin.registry.BatchStats)."""
 
     started_at: float
     batches: np.ndarray
