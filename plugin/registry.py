@@ -135,16 +135,33 @@ class GatePlane(Protocol):
         ...
 
 
+class _NoPlane:
+    """Before ``ModelRegistry.attach``: no gate can be made."""
+
+    def new_gate(self, name: str, rule: BatchRule, *, slots: int, max_rows: int, default_priority: int,
+                 priority_levels: int) -> Gate:
+        raise RuntimeError("the registry has no data plane attached")
+
+    def rule_changed(self, state: ModelState) -> None:
+        pass
+
+    def priorities_changed(self, state: ModelState) -> None:
+        pass
+
+    def model_changed(self, name: str) -> None:
+        pass
+
+
 class ModelRegistry:
     """Per-model state, Triton's model configs, rules and controllers; runs on the event loop."""
 
     def __init__(self, config: SidecarConfig, upstream: Upstream, metrics: SidecarMetrics,
-                 clock: Callable[[], float], plane: GatePlane) -> None:
+                 clock: Callable[[], float]) -> None:
         self.config = config
         self.metrics = metrics
         self._upstream = upstream
         self._clock = clock
-        self._plane = plane
+        self._plane: GatePlane = _NoPlane()
         self._loop = asyncio.get_running_loop()
         self._models: dict[tuple[str, str], ModelState] = {}
         self._loading: dict[tuple[str, str], asyncio.Future] = {}
@@ -159,6 +176,10 @@ class ModelRegistry:
 
             self._solver = AsyncSolverClient(config.solver_url, timeout_s=config.solver_timeout_s)
         self._retune = self._loop.create_task(self._retune_loop())
+
+    def attach(self, plane: GatePlane) -> None:
+        """The data plane whose gates the registry's models get (once, before the first model)."""
+        self._plane = plane
 
     def clock(self) -> float:
         return self._clock()

@@ -1,10 +1,13 @@
-"""The sidecar: Triton's own gRPC inference service, with inference gated by the batching policy.
+"""The sidecar's front: Triton's own gRPC inference service and the start-up that wires its parts.
 
-Every RPC other than inference is relayed to Triton as raw bytes (no parse, no re-encode), so any
-KServe v2 / tritonclient call works by changing only the URL. ``ModelInfer`` and
-``ModelStreamInfer`` go through a per-model ``ModelGate``: the gate decides at each epoch (arrival,
-completion, timer) how many of the waiting requests to serve, and the chosen batch is sent to Triton
-as one merged request whose response rows are split back to the callers.
+``Sidecar`` wires the parts: ``Upstream`` (plugin/upstream.py, the channel to Triton), the metrics,
+``ModelRegistry`` (plugin/registry.py: each model's config, gate, rule and controller) and the
+``DataPlane`` that carries inference: ``PythonPlane`` (plugin/python_plane.py: the gate decides in
+this process, batches are merged and split here) or ``NativeDataPlane`` (plugin/native_data_plane.py:
+``smdp-gate`` serves inference, this process keeps control). With the Python plane, ``_Servicer``
+serves ``ModelInfer`` and ``ModelStreamInfer`` through the plane; every other RPC is relayed to Triton
+as raw bytes (no parse, no re-encode), so any KServe v2 / tritonclient call works by changing only
+the URL.
 
 Every caller gets exactly one answer: the response, or one gRPC status (RESOURCE_EXHAUSTED when its
 model's queue is full, INVALID_ARGUMENT for a malformed request, UNAVAILABLE when Triton cannot be
@@ -18,7 +21,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -27,514 +30,65 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2
 
-from solver.policy import BatchRule
-
 from .config import SidecarConfig
-from .gate import ModelGate, Pending, QueueFull
-from .merge import MalformedRequest, RequestValidator, merge, merge_key, split
 from .metrics import SidecarMetrics, latency_buckets_with
-from .native_plane import NativeGateView, NativePlane, choose_plane, forget_line, monotonic_offset
-from .registry import Gate, ModelRegistry, ModelState, consume
+from .native_data_plane import NativeDataPlane
+from .native_plane import choose_plane
+from .python_plane import PythonPlane
+from .registry import GatePlane, ModelRegistry, consume
 from .upstream import CHANNEL_OPTIONS, SERVICE, GateError, Upstream
 
 log = logging.getLogger("smdp.sidecar")
 
 _SERVICE_DESC = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 _GATED = {"ModelInfer", "ModelStreamInfer"}
-_STATUS_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
 _REPOSITORY_CONTROL = {"RepositoryModelLoad", "RepositoryModelUnload"}
 
 
-# Triton's own messages for the per-request parameters it would refuse (grpc infer handler, 2.51).
-_BAD_PRIORITY_TYPE = "invalid value type for 'priority' parameter, expected int64_param or uint64_param."
-_BAD_PRIORITY = "invalid value for 'priority', expected value >= 0."
-_BAD_TIMEOUT_TYPE = "invalid value type for 'timeout' parameter, expected int64_param."
+class DataPlane(GatePlane, Protocol):
+    """What carries inference (``PythonPlane``, ``NativeDataPlane``): the registry's gates, and a life cycle."""
 
+    async def ready(self) -> None:
+        """Start-up is done: gate what should be gated before its first request."""
+        ...
 
-def _priority_level(p: service_pb2.InferParameter, levels: int, default: int) -> int:
-    """The queue level Triton gives a request's ``priority``: 0, above ``levels``, or any value on a
-    model without priority levels means the model's default (InferenceRequest::SetPriority)."""
-    which = p.WhichOneof("parameter_choice")
-    if which == "uint64_param":
-        value = p.uint64_param
-    elif which == "int64_param":
-        value = p.int64_param
-        if value < 0:
-            raise GateError(grpc.StatusCode.INVALID_ARGUMENT, _BAD_PRIORITY)
-    else:
-        raise GateError(grpc.StatusCode.INVALID_ARGUMENT, _BAD_PRIORITY_TYPE)
-    return value if 0 < value <= levels else default
+    async def sync(self) -> None:
+        """Return once everything the plane did so far is in the registry's stats and counters."""
+        ...
 
+    def died(self) -> asyncio.Future | None:
+        """A future that ends should the plane stop carrying inference on its own (None: it cannot)."""
+        ...
 
-def _timeout_us(p: service_pb2.InferParameter) -> int:
-    """A request's ``timeout`` in microseconds; 0 or less means none (Triton reads it as unsigned)."""
-    if p.WhichOneof("parameter_choice") != "int64_param":
-        raise GateError(grpc.StatusCode.INVALID_ARGUMENT, _BAD_TIMEOUT_TYPE)
-    return p.int64_param
-
-
-def _done(call: grpc.aio.Call | asyncio.Future) -> asyncio.Future:
-    """A future that ends when ``call`` does; cancelling it does not cancel the call."""
-    fut = asyncio.get_running_loop().create_future()
-    call.add_done_callback(lambda _c: fut.done() or fut.set_result(None))
-    return fut
-
-
-@dataclass(eq=False)
-class _Call:
-    request: service_pb2.ModelInferRequest
-    future: asyncio.Future
+    async def close(self) -> None: ...
 
 
 class Sidecar:
-    """The data plane of the sidecar: the Python gate's request path, or the native gate's events;
-    one event loop drives everything. What it knows of each model is its ``registry``'s."""
+    """The sidecar's parts, wired: the channel to Triton, the metrics, the model registry, and the
+    data plane that carries inference (``config.data_plane``: ``native``, else Python)."""
 
     def __init__(self, config: SidecarConfig, *, clock: Callable[[], float] | None = None) -> None:
         self.config = config
-        self._loop = asyncio.get_running_loop()
-        self._clock = clock or self._loop.time
+        self._clock = clock or asyncio.get_running_loop().time
         self.upstream = Upstream(config.triton_url, config.upstream_timeout_s)
-        self._tasks: set[asyncio.Task] = set()
-        self._validators: dict[tuple[str, str], RequestValidator] = {}
-        """Per model: the request checks of its config in force, worked out once per config."""
         self.metrics = SidecarMetrics(latency_buckets_s=latency_buckets_with(
             [m.slo.latency_s for m in (config.default, *config.models.values()) if m.slo is not None]))
-        self.registry = ModelRegistry(config, self.upstream, self.metrics, self._clock, self)
-        self._native = None
-        """The native data plane (``data_plane: native``): a NativePlane once start_sidecar started it."""
-        self._native_loading: set[str] = set()
-        self._closing = False
-
-    async def close(self) -> None:
-        self._closing = True
-        if self._native is not None:
-            await self._native.stop()
-        await self.registry.close()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.upstream.close()
+        self.registry = ModelRegistry(config, self.upstream, self.metrics, self._clock)
+        self.plane: PythonPlane | NativeDataPlane
+        if config.data_plane == "native":
+            deny = () if config.allow_repository_control else tuple(sorted(_REPOSITORY_CONTROL))
+            self.plane = NativeDataPlane(config, self.registry, self.upstream, self.metrics, self._clock, deny)
+        else:
+            self.plane = PythonPlane(config, self.registry, self.upstream, self.metrics, self._clock)
+        self.registry.attach(self.plane)
 
     def clock(self) -> float:
         return self._clock()
 
-    @property
-    def native(self) -> NativePlane | None:
-        """The native gate's process when it carries inference; None on the Python plane."""
-        return self._native
-
-    async def start_native(self) -> NativePlane:
-        """Start the native gate (``data_plane: native``): from now on it carries inference."""
-        config = self.config
-        self._native = await NativePlane.start(
-            listen=config.listen, triton_url=config.triton_url, max_queue=config.max_queue,
-            on_event=self._native_event, binary=config.native_binary,
-            upstream_timeout_s=config.upstream_timeout_s,
-            deny=() if config.allow_repository_control else tuple(sorted(_REPOSITORY_CONTROL)),
-        )
-        return self._native
-
-    # -- what the registry asks of the plane -------------------------------------------------
-    def new_gate(self, name: str, rule: BatchRule, *, slots: int, max_rows: int, default_priority: int,
-                 priority_levels: int) -> Gate:
-        if self._native is not None:
-            return NativeGateView(
-                name, self._native.send, rule, slots=slots, max_queue=self.config.max_queue,
-                default_priority=default_priority, priority_levels=priority_levels,
-                dispatch_priority=self.config.dispatch_priority,
-            )
-        return ModelGate(rule, slots=slots, max_queue=self.config.max_queue, max_rows=max_rows, clock=self._clock)
-
-    def rule_changed(self, state: ModelState) -> None:
-        self._pump(state)
-
-    def priorities_changed(self, state: ModelState) -> None:
-        if self._native is not None:
-            state.gate.set_priorities(state.default_priority, state.priority_levels)
-
-    def model_changed(self, name: str) -> None:
-        """The native gate keeps its policy until the new one."""
-        if self._native is not None and name not in self._native_loading and not self._closing:
-            self._native_loading.add(name)
-            self._spawn(self._native_relearn(name))
-
-    # -- native data plane -------------------------------------------------------------------
-    def _native_event(self, kind: str, *args: Any) -> None:
-        """What the native gate reported: feed the estimator, the learner, the stats and metrics
-        exactly as the Python gate's own bookkeeping does (``infer``, ``_batch_done``)."""
-        if self._closing and kind in ("seen", "lost", "loaded"):
-            return
-        if kind == "loaded":
-            self.registry.model_changed(args[0])
-            return
-        if kind == "lost":
-            # Triton no longer knows a gated model (restarting, or unloaded): as the Python plane does
-            # on NOT_FOUND, forget its config and read it again. Meanwhile the gate keeps gating with
-            # the policy it has and answers UNAVAILABLE for what Triton refuses.
-            name = args[0]
-            state = self.registry.get(name, "")
-            if state is not None:
-                self.registry.forget(state)
-            if name not in self._native_loading:
-                self._native_loading.add(name)
-                self._spawn(self._native_relearn(name))
-            return
-        if kind == "seen":
-            name = args[0]
-            if self.registry.get(name, "") is not None or name in self._native_loading:
-                return
-            self._native_loading.add(name)
-            self._spawn(self._native_load(name))
-            return
-        if kind == "batch":
-            rep = args[0]
-            state = self.registry.get(rep.model, "")
-            if state is None:
-                return
-            elapsed = max(rep.end - rep.start, 0.0)
-            if rep.code != 0:
-                state.stats.failed_requests += rep.size
-            state.stats.record(rep.rows, elapsed)
-            if state.controller is not None:
-                state.controller.observe_batch(rep.rows, elapsed, state.stats.failed_requests)
-            self.metrics.batch_dispatched(state.name, rep.rows, rep.why)
-            self.metrics.batch_completed(state.name, rep.rows, elapsed)
-            state.stats.answered += rep.size
-            code = _STATUS_BY_NUMBER.get(rep.code, grpc.StatusCode.UNKNOWN)
-            answered_at = self._clock()
-            for wait in rep.waits:
-                latency = wait + elapsed
-                if rep.code == 0:  # completed: answered OK, as the Python gate counts them
-                    state.stats.latency_sum_s += latency
-                    state.stats.latency_n += 1
-                    if state.controller is not None:
-                        state.controller.observe_latency(answered_at, latency)
-                self.metrics.request_answered(state.name, "OK" if rep.code == 0 else code, latency)
-            return
-        state = self.registry.get(args[0], "")
-        if state is None or state.gate is None:
-            return
-        if kind == "arrive":
-            offset = monotonic_offset(self._clock)
-            for t in args[1]:
-                if state.controller is not None:
-                    state.controller.observe_arrival(t + offset)
-                self.metrics.request_arrived(state.name)
-        elif kind == "counters":
-            grown = state.gate.update(args[1])
-            # as the Python gate counts them: refusals before queueing (expiry is an answer, not a refusal)
-            for reason, key in (("queue_full", "rejected"), ("invalid_argument", "invalid")):
-                for _ in range(max(grown.get(key, 0), 0)):
-                    self.metrics.request_rejected(state.name, reason)
-
-    async def native_preload(self) -> None:
-        """Gate the models Triton has ready before the first request: the native gate relays a model
-        ungated until its policy arrives, so waiting for first traffic would let a burst through ungated.
-        Best effort: with Triton away, models are gated as their first requests are seen."""
-        try:
-            resp = await self.upstream.repository_index(service_pb2.RepositoryIndexRequest(ready=True), timeout=self.config.upstream_timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            log.info("Triton's repository index is not available (%s): models are gated as they are seen",
-                     exc.code().name)
-            return
-        for model in resp.models:
-            if model.state == "READY" and self.registry.get(model.name, "") is None:
-                await self._native_load(model.name)
-
-    async def _native_relearn(self, name: str, retry_s: float = 0.5, give_up_s: float = 600.0) -> None:
-        """After ``lost``: read the model's config again once Triton has it (the state is reused and its
-        policy pushed again). A model Triton is ready without is unloaded for good: relay it ungated."""
-        try:
-            end = self._clock() + give_up_s
-            while self._clock() < end and not self._closing:
-                try:
-                    state = await self.registry.model_state(name, "")
-                except GateError:
-                    await asyncio.sleep(retry_s)  # Triton away or still starting
-                    continue
-                if state is None and self._native is not None:
-                    self._native.send(forget_line(name))
-                return
-            if not self._closing:
-                log.warning("model %s did not come back within %.0f s", name, give_up_s)
-        finally:
-            self._native_loading.discard(name)
-
-    async def _native_load(self, name: str) -> None:
-        """A model the native gate relays ungated: read its config and push its policy (once it batches).
-        The gate reports an ungated model with traffic again every second, so a failed load is retried."""
-        try:
-            await self.registry.model_state(name, "")
-        except GateError as exc:
-            log.warning("cannot gate model %s yet: %s", name, exc.details)
-        finally:
-            self._native_loading.discard(name)
-
-    # -- inference ---------------------------------------------------------------------------
-    async def infer(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
-        """One caller's request, answered exactly once (a response, or GateError)."""
-        state = await self.registry.model_state(request.model_name, request.model_version)
-        if state is None:
-            response = await self.upstream.call(request)
-            self.registry.known_again(request.model_name, request.model_version)
-            return response
-        if state.gate is None:
-            return await self.upstream.call(request)
-        try:
-            key = (state.name, state.version)
-            validator = self._validators.get(key)
-            if validator is None or validator.config is not state.config:
-                validator = self._validators[key] = RequestValidator(state.config)
-            validator.check(request)
-        except MalformedRequest:
-            return await self._relay_refused(state, request)
-        now = self._clock()
-        priority = state.default_priority
-        deadline = None
-        params = request.parameters
-        if params:
-            try:
-                if "priority" in params:
-                    priority = _priority_level(params["priority"], state.priority_levels, state.default_priority)
-                if "timeout" in params:
-                    timeout_us = _timeout_us(params["timeout"])
-                    if timeout_us > 0:
-                        deadline = now + timeout_us / 1e6
-            except GateError:
-                self.metrics.request_rejected(state.name, "invalid_argument")
-                raise
-        inputs = request.inputs
-        shape = inputs[0].shape if inputs else None
-        rows = int(shape[0]) if shape else 1
-        call = _Call(request, self._loop.create_future())
-        item = Pending(
-            key=merge_key(request),
-            arrival=now,
-            rows=rows,
-            priority=priority,
-            deadline=deadline,
-            payload=call,
-        )
-        try:
-            state.gate.submit(item)
-        except QueueFull as exc:
-            self.metrics.request_rejected(state.name, "queue_full")
-            raise GateError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, f"model '{state.name}' is overloaded: {exc}"
-            ) from None
-        if state.controller is not None:
-            state.controller.observe_arrival(now)
-        self.metrics.request_arrived(state.name)
-        alone = self._pump(state, item)
-        try:
-            if alone is not None:
-                # Served at once, alone: dispatch from this coroutine instead of a task of its own
-                # (two event-loop hops fewer). Same body, same accounting; the future is set by now.
-                await self._dispatch(state, alone, inline=True)
-            response = await call.future
-            latency = self._clock() - now
-            state.stats.latency_sum_s += latency
-            state.stats.latency_n += 1
-            if state.controller is not None:
-                state.controller.observe_latency(now + latency, latency)
-            self.metrics.request_answered(state.name, "OK", latency)
-            return response
-        except GateError as exc:
-            self.metrics.request_answered(state.name, exc.code, self._clock() - now)
-            raise
-        except asyncio.CancelledError:
-            state.gate.cancel(item)  # still waiting: frees its place; dispatched: the batch runs on
-            raise
-
-    async def _relay_refused(self, state: ModelState, request: service_pb2.ModelInferRequest
-                             ) -> service_pb2.ModelInferResponse:
-        """A request the model's config says Triton refuses: sent to Triton alone and ungated (it must
-        not fail a merged batch), so that its caller gets Triton's own code and message. Should Triton
-        serve it after all, the sidecar's copy of the config is stale: it is read again."""
-        try:
-            response = await self.upstream.call(request)
-        except GateError as exc:
-            if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
-                self.metrics.request_rejected(state.name, "invalid_argument")
-            raise
-        if self.registry.config_stale(state):
-            log.info("Triton served a request model %s's config refuses: reading its config again", state.name)
-            self.registry.model_changed(state.name)
-        return response
-
-    def _pump(self, state: ModelState, arrived: Pending | None = None) -> tuple[Pending, ...] | None:
-        """One decision epoch: carry out what the gate decides now, and arm its timer.
-
-        ``arrived``: the request whose arrival this epoch is. When the gate serves it alone, now, that
-        batch is returned instead of given a task: its caller's coroutine dispatches it (``infer``).
-        """
-        if self._native is not None:
-            return None  # the native gate decides; a new rule reached it with set_rule
-        step = state.gate.poll()
-        for item in step.expired:
-            self._fail(item.payload, GateError(grpc.StatusCode.UNAVAILABLE, "Request timeout expired"))
-        alone = None
-        for batch, why in zip(step.batches, step.reasons):
-            self.metrics.batch_dispatched(state.name, sum(p.rows for p in batch), why)
-            if arrived is not None and len(batch) == 1 and batch[0] is arrived:
-                alone = batch
-                continue
-            self._spawn(self._dispatch(state, batch))
-        if step.wake_at is not None and (state.timer_at is None or step.wake_at < state.timer_at):
-            if state.timer:
-                state.timer.cancel()
-            state.timer_at = step.wake_at
-            state.timer = self._loop.call_at(step.wake_at, self._on_timer, state)
-        return alone
-
-    def _spawn(self, coro) -> None:
-        task = self._loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _on_timer(self, state: ModelState) -> None:
-        state.timer = state.timer_at = None
-        self._pump(state)
-
-    def _stamp(
-        self, state: ModelState, req: service_pb2.ModelInferRequest, members: tuple[Pending, ...], now: float
-    ) -> None:
-        """Priority and timeout of what the gate sends.
-
-        A client's own priority is forwarded (the most urgent level among a merged batch's members);
-        requests without one get the sidecar's dispatch priority, so gated traffic overtakes anything
-        that reaches Triton directly. The gate has expired its requests itself while they waited; the
-        timeout forwarded must not fail a member before its own deadline, so it is the latest member's
-        remaining time, and none at all when any member has none.
-        """
-        level = None
-        latest = 0.0
-        for p in members:
-            if "priority" in p.payload.request.parameters and (level is None or p.priority < level):
-                level = p.priority
-            if latest is not None:
-                latest = None if p.deadline is None else max(latest, p.deadline)
-        if level is None:
-            dispatch = self.config.dispatch_priority
-            if dispatch and dispatch <= state.priority_levels:
-                level = dispatch
-        if level is not None:
-            req.parameters["priority"].uint64_param = level
-        if latest is not None:
-            req.parameters["timeout"].int64_param = max(1, int((latest - now) * 1e6))
-        elif "timeout" in req.parameters:
-            del req.parameters["timeout"]
-
-    def _upstream_error(self, state: ModelState, exc: GateError) -> GateError:
-        """What a caller gets for Triton's error on a dispatched request."""
-        if exc.code == grpc.StatusCode.NOT_FOUND:
-            # A model the gate was serving vanished (Triton restarting, or the model unloaded):
-            # retryable for these callers; the next request re-reads the model's config.
-            self.registry.forget(state)
-            return GateError(
-                grpc.StatusCode.UNAVAILABLE, f"model '{state.name}' is not available on Triton: {exc.details}"
-            )
-        return exc
-
-    async def _dispatch(self, state: ModelState, batch: tuple[Pending, ...], inline: bool = False) -> None:
-        """Send one batch to Triton and answer its members; then free its slot and pump.
-
-        ``inline``: run by the one member's own caller (see ``_pump``). Should that caller go away
-        while Triton works, the batch runs on in a task, as it would have in its own task.
-        """
-        calls: list[_Call] = [p.payload for p in batch]
-        start = self._clock()
-        rows = sum(p.rows for p in batch)
-        handed_off = False
-        try:
-            if len(batch) == 1:
-                req = calls[0].request  # ours alone (parsed for this call): stamp it in place
-                self._stamp(state, req, batch, start)
-                upstream = self.upstream.infer(req, timeout=self.config.upstream_timeout_s)
-                if inline:
-                    if asyncio.iscoroutine(upstream):  # a stand-in for the channel (tests)
-                        upstream = self._loop.create_task(upstream)
-                    try:
-                        await _done(upstream)  # cancelling this wait leaves the upstream call running
-                    except asyncio.CancelledError:
-                        handed_off = True
-                        self._spawn(self._run_on(state, calls, rows, start, upstream))
-                        raise
-                self._succeed(calls[0], await self.upstream.answer(upstream))
-            elif self.config.mode == "released":
-                await self._dispatch_released(state, batch, start)
-            else:
-                merged = merge([c.request for c in calls], checked=True)
-                self._stamp(state, merged.request, batch, start)
-                response = await self.upstream.call(merged.request)
-                try:
-                    parts = split(response, merged)
-                except Exception as exc:  # an output without a batch dimension
-                    raise GateError(grpc.StatusCode.INTERNAL, f"cannot split merged response: {exc}") from None
-                for call, part in zip(calls, parts):
-                    self._succeed(call, part)
-        except Exception as exc:  # never leave a caller without an answer
-            self._batch_failed(state, calls, exc)
-        finally:
-            if not handed_off:
-                self._batch_done(state, calls, rows, start)
-
-    async def _run_on(
-        self, state: ModelState, calls: list[_Call], rows: int, start: float, upstream: grpc.aio.UnaryUnaryCall
-    ) -> None:
-        """The rest of an inline dispatch whose caller went away: its batch completes as any other."""
-        try:
-            self._succeed(calls[0], await self.upstream.answer(upstream))
-        except Exception as exc:
-            self._batch_failed(state, calls, exc)
-        finally:
-            self._batch_done(state, calls, rows, start)
-
-    def _batch_failed(self, state: ModelState, calls: list[_Call], exc: Exception) -> None:
-        """Every member of a failed batch gets its one answer: the error."""
-        if isinstance(exc, GateError):
-            exc = self._upstream_error(state, exc)
-        elif isinstance(exc, MalformedRequest):
-            exc = GateError(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        else:
-            log.error("dispatch failed", exc_info=exc)
-            exc = GateError(grpc.StatusCode.INTERNAL, f"sidecar error: {exc}")
-        state.stats.failed_requests += len(calls)
-        for call in calls:
-            self._fail(call, exc)
-
-    def _batch_done(self, state: ModelState, calls: list[_Call], rows: int, start: float) -> None:
-        """A batch ended, answered or failed: account for it, free its slot, and decide again."""
-        elapsed = self._clock() - start
-        state.stats.record(rows, elapsed)
-        if state.controller is not None:  # learns tau(b); a batch that raised the failure count is skipped
-            state.controller.observe_batch(rows, elapsed, state.stats.failed_requests)
-        self.metrics.batch_completed(state.name, rows, elapsed)
-        state.stats.answered += len(calls)
-        state.gate.complete()
-        self._pump(state)
-
-    async def _dispatch_released(self, state: ModelState, batch: tuple[Pending, ...], start: float) -> None:
-        async def one(p: Pending) -> None:
-            req = p.payload.request
-            self._stamp(state, req, (p,), start)
-            try:
-                self._succeed(p.payload, await self.upstream.call(req))
-            except GateError as exc:
-                state.stats.failed_requests += 1
-                self._fail(p.payload, self._upstream_error(state, exc))
-
-        await asyncio.gather(*(one(p) for p in batch))
-
-    @staticmethod
-    def _succeed(call: _Call, response: service_pb2.ModelInferResponse) -> None:
-        if not call.future.done():
-            call.future.set_result(response)
-
-    @staticmethod
-    def _fail(call: _Call, exc: GateError) -> None:
-        if not call.future.done():
-            call.future.set_exception(exc)
+    async def close(self) -> None:
+        await self.plane.close()
+        await self.registry.close()
+        await self.upstream.close()
 
 
 UNPARSABLE = "Unable to parse request"
@@ -555,8 +109,8 @@ class _Servicer:
 
     UNPARSABLE_LOG_EVERY_S = 60.0
 
-    def __init__(self, sidecar: Sidecar) -> None:
-        self.sidecar = sidecar
+    def __init__(self, plane: PythonPlane) -> None:
+        self.plane = plane
         self._unparsable = 0  # since the last log line about them
         self._unparsable_logged_at = -math.inf
 
@@ -574,7 +128,7 @@ class _Servicer:
             self._count_unparsable()
             await context.abort(grpc.StatusCode.INTERNAL, UNPARSABLE)
         try:
-            return await self.sidecar.infer(request)
+            return await self.plane.infer(request)
         except GateError as exc:
             code, details = exc.code, exc.details
             # The error's traceback holds the frames that hold the request, and those frames that
@@ -599,9 +153,9 @@ class _Servicer:
         """
         out: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
-        sidecar = self.sidecar
-        infer = sidecar.infer
-        registry = sidecar.registry
+        plane = self.plane
+        infer = plane.infer
+        registry = plane.registry
         loop = asyncio.get_running_loop()
         closing = False
         relay: _StreamRelay | None = None
@@ -636,7 +190,7 @@ class _Servicer:
                         if state is None or state.gate is None:
                             if relay is None:
                                 md = _forward_metadata(context) if context is not None else None
-                                relay = _StreamRelay(sidecar.upstream.stream(metadata=md), out)
+                                relay = _StreamRelay(plane.upstream.stream(metadata=md), out)
                             await relay.send(req)
                             out.put_nowait(_RELAYED)
                             continue
@@ -828,19 +382,20 @@ async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
     (log.info if choice.plane == "native" or config.data_plane == "python" else log.warning)("%s", choice.reason)
     config = config.model_copy(update={"data_plane": choice.plane})
     sidecar = Sidecar(config)
-    if config.data_plane == "native":
+    plane = sidecar.plane
+    if isinstance(plane, NativeDataPlane):
         try:
-            native = await sidecar.start_native()
+            port = await plane.start()
         except BaseException:
             await sidecar.close()
             raise
         log.info("native data plane (smdp-gate) listening on port %d, relaying to Triton at %s",
-                 native.port, config.triton_url)
-        running = RunningSidecar(None, sidecar, native.port, None)
+                 port, config.triton_url)
+        running = RunningSidecar(None, sidecar, port, None)
         await _start_side_servers(running, config)
-        await sidecar.native_preload()
+        await plane.ready()
         return running
-    servicer = _Servicer(sidecar)
+    servicer = _Servicer(plane)
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for m in _SERVICE_DESC.methods:
         if m.name == "ModelInfer":
@@ -877,7 +432,7 @@ async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
     log.info("sidecar listening on port %d, relaying to Triton at %s", port, config.triton_url)
     running = RunningSidecar(server, sidecar, port, health)
     await _start_side_servers(running, config)
-    sidecar.registry.preload_auto_profiles()
+    await plane.ready()
     return running
 
 
@@ -909,8 +464,8 @@ async def _start_side_servers(running: RunningSidecar, config: SidecarConfig) ->
         from .http_front import start_http_front
 
         try:
-            if sidecar.native is None:
-                running.http, running.http_port = await start_http_front(config, submit=sidecar.infer)
+            if isinstance(sidecar.plane, PythonPlane):
+                running.http, running.http_port = await start_http_front(config, submit=sidecar.plane.infer)
             else:
                 running.http, running.http_port = await start_http_front(config, gate_port=running.port)
         except BaseException:

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from plugin.config import load_config
+from plugin.native_data_plane import NativeDataPlane
 from plugin.runner import SidecarThread
 from planes import data_plane, plane, settle  # noqa: F401 - data_plane: autouse, both planes
 from slowed_triton import slowed_emulated_gpu
@@ -40,7 +41,7 @@ def sidecar(triton_url: str, **overrides):
     )
     runner = SidecarThread(cfg)
     runner.start()
-    assert (runner.sidecar.native is not None) == (cfg.data_plane == "native")
+    assert isinstance(runner.sidecar.plane, NativeDataPlane) == (cfg.data_plane == "native")
     try:
         yield runner
     finally:
