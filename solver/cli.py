@@ -451,7 +451,7 @@ def _solve_mmpp(args: argparse.Namespace, model) -> int:
 def _cmd_fit_arrivals(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from solver.arrival_model import CompoundPoisson
+    from solver.arrival_model import MMPP2, CompoundPoisson
     from solver.arrivals import read_trace_timestamps
     from solver.fit import fit_arrivals
 
@@ -460,7 +460,13 @@ def _cmd_fit_arrivals(args: argparse.Namespace) -> int:
     fit = fit_arrivals(times, group_window_s=args.group_window, bin_s=args.bin)
     out = fit.to_dict()
     chosen = fit.chosen
-    cli = f"batch:{chosen.group_mean:.6g}" if isinstance(chosen, CompoundPoisson) else chosen.spec
+    if isinstance(chosen, CompoundPoisson):
+        cli = f"batch:{chosen.group_mean:.6g}"
+    elif isinstance(chosen, MMPP2) and chosen.grouped:  # the option carries geometric groups of the same means
+        (l1, l2), (r12, r21), (g1, g2) = chosen.rates, chosen.switching, chosen.group_means
+        cli = f"mmpp:{l1:.6g},{l2:.6g}:{r12:.6g},{r21:.6g}:{g1:.6g},{g2:.6g}"
+    else:
+        cli = chosen.spec
     out["arrivals_option"] = cli
     out["trace"] = str(args.trace)
     if args.json:
@@ -478,6 +484,11 @@ def _cmd_fit_arrivals(args: argparse.Namespace) -> int:
         print(f"  mmpp: rates {l1:.4g} +- {m.rates_ci95[0]:.2g}, {l2:.4g} +- {m.rates_ci95[1]:.2g} req/s; switching "
               f"1->2 {r12:.4g} +- {m.switching_ci95[0]:.2g}, 2->1 {r21:.4g} +- {m.switching_ci95[1]:.2g} /s "
               f"(bins {m.bin_s:.3g} s, {m.iterations} EM iterations)")
+    if fit.batch_mmpp is not None:
+        m = fit.batch_mmpp
+        (l1, l2), (r12, r21), (g1, g2) = m.model.rates, m.model.switching, m.model.group_means
+        print(f"  batch mmpp: rates {l1:.4g}, {l2:.4g} req/s in groups of mean {g1:.4g}, {g2:.4g}; switching "
+              f"1->2 {r12:.4g}, 2->1 {r21:.4g} /s (the MMPP of the group instants)")
     names = list(fit.dispersion)
     print("  index of dispersion Var N(t)/E N(t)   " + "  ".join(f"{n:>8}" for n in names))
     for i, w in enumerate(fit.windows_s):

@@ -258,7 +258,7 @@ def _at_rate(process: ArrivalModel, rate: float) -> ArrivalModel:
     """The arrival model at mean rate ``rate``: an MMPP's phase rates scaled, its switching kept."""
     if isinstance(process, MMPP2):
         f = rate / process.mean_rate
-        return MMPP2((process.rates[0] * f, process.rates[1] * f), process.switching)
+        return process.with_rates((process.rates[0] * f, process.rates[1] * f))
     return process
 
 

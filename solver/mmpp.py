@@ -21,6 +21,11 @@ with E[int A | i] = lambda E[S^2]/2 + (lambda_i - lambda)(E S / sigma - (1 - E e
 sigma = r12 + r21 (the MMPP's mean count E[A(t) | i] relaxes to lambda t at rate sigma).
 Wait at (n, i): until the next arrival or switch, mean 1 / (lambda_i + r_i), to (n + 1, i) or (n, 1 - i).
 
+Batch MMPP (``MMPP2.groups``): in phase i groups come at g_i = lambda_i / G_i with sizes X_i. The
+uniformised events are then groups, and each one adds a draw of X_j to the count (a convolution
+per event: still exact); a wait lasts 1 / (g_i + r_i) and jumps by a whole group (landings above N
+are valued at N). The latency integral is unchanged: it depends on the mean count only.
+
 Above N (landings beyond the truncation) the drain back to N is charged with the phase-averaged
 fluid coefficients of ``solver.tail`` at the mean rate (an approximation; the automatic truncation
 grows N until the gain settles, as for Poisson).
@@ -34,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
-from scipy import linalg
+from scipy import linalg, signal
 
 from solver.arrival_model import MMPP2, POISSON
 from solver.errors import ModelError
@@ -70,7 +75,7 @@ def _laplace(model: BatchingModel, sigma: float) -> np.ndarray:
 def count_law(model: BatchingModel) -> np.ndarray:
     """P(K = k, J = j | I = i) during one S_b: array [b - 1, i, j, k], k = 0..L (mass beyond L < 1e-14)."""
     mm = _mmpp(model)
-    lam = np.asarray(mm.rates)
+    lam = np.asarray(mm.epoch_rates)  # arrival instants: requests, or groups of a batch MMPP
     leave = np.asarray(mm.switching)
     theta = float(np.max(lam + leave)) * 1.0000001
     m1, m2 = service_moments(model.profile)
@@ -89,6 +94,8 @@ def count_law(model: BatchingModel) -> np.ndarray:
     alive = np.nonzero(events.max(axis=0) > _FLOOR)[0]
     mmax = int(alive[-1])
     events = events[:, : mmax + 1]
+    if mm.grouped:
+        return _grouped_count_law(mm, events, theta)
     a1 = np.diag(lam / theta)  # an arrival, phase kept
     a0 = np.eye(2) + (mm.generator - np.diag(lam)) / theta  # no arrival: a switch or nothing
     u = np.zeros((mmax + 1, 2, 2))  # u[k] = P(k arrivals, phase j | i) after m events
@@ -102,6 +109,51 @@ def count_law(model: BatchingModel) -> np.ndarray:
         nxt[1:] += u[:-1] @ a1
         u = nxt
     return np.ascontiguousarray(out.transpose(0, 2, 3, 1))  # [b, i, j, k]
+
+
+def _grouped_count_law(mm: MMPP2, events: np.ndarray, theta: float) -> np.ndarray:
+    """``count_law`` of a batch MMPP: each uniformised event in phase j is a group (probability
+    g_j / theta, g_j the group rate) whose size is drawn from phase j's law, a switch, or nothing.
+    The request count k runs to kmax, doubled until the mass beyond it is below 1e-13."""
+    g = np.asarray(mm.epoch_rates)
+    B, M = events.shape[0], events.shape[1] - 1
+    a0 = np.eye(2) + (mm.generator - np.diag(g)) / theta  # no group: a switch or nothing
+    mean_k = M * max(mm.group_means) + 10
+    kmax = int(2 * mean_k)
+    while True:
+        q = mm.size_pmfs(kmax)
+        xs = [int(np.nonzero(q[j] > _FLOOR)[0][-1]) for j in range(2)]
+        kern = [q[j, : xs[j] + 1] * (g[j] / theta) for j in range(2)]
+        u = np.zeros((kmax + 1, 2, 2))  # u[k, i, j] = P(k requests, phase j | i) after m events
+        u[0] = np.eye(2)
+        out = np.zeros((B, kmax + 1, 2, 2))
+        for m in range(M + 1):
+            out += events[:, m, None, None, None] * u[None]
+            if m == M:
+                break
+            nxt = u @ a0
+            for j in range(2):
+                nxt[:, :, j] += signal.convolve(u[:, :, j], kern[j][:, None], mode="full")[: kmax + 1]
+            u = nxt
+        lost = 1.0 - float(np.min(out.sum(axis=(1, 3))))
+        if lost <= 1e-13 or kmax > 4_000_000:
+            break
+        kmax *= 2
+    alive = np.nonzero(out.max(axis=(0, 2, 3)) > _FLOOR)[0]
+    out = out[:, : int(alive[-1]) + 1]
+    return np.ascontiguousarray(out.transpose(0, 2, 3, 1))  # [b, i, j, k]
+
+
+def wait_moves(mm: MMPP2, truncation: int) -> np.ndarray:
+    """[i, x]: probability that a wait at phase i ends in a jump of x requests (x = 0: a switch),
+    the jump's share of the next event (group or switch); x runs to the largest group above 1e-20."""
+    g = np.asarray(mm.epoch_rates)
+    leave = np.asarray(mm.switching)
+    q = mm.size_pmfs(truncation)
+    last = max(int(np.nonzero(q[j] > _FLOOR)[0][-1]) for j in range(2))
+    out = q[:, : last + 1] * (g / (g + leave))[:, None]
+    out[:, 0] = leave / (g + leave)
+    return out
 
 
 @dataclass(frozen=True)
@@ -177,13 +229,12 @@ class PhaseSMDP:
                 win = sliding_window_view(ext[j], L + 1)[: N + 1]  # win[s, k] = h_j(s + k)
                 acc += win @ self.law[:, i, j, :].T  # [s, a - 1]
             out[i, :, 1:] = acc[s, a - 1]
-        mm = self.model.arrivals
-        lam = np.asarray(mm.rates)
-        leave = np.asarray(mm.switching)
+        moves = wait_moves(self.model.arrivals, N)
+        X = moves.shape[1] - 1
         for i in range(2):
-            nu = lam[i] + leave[i]
-            up = np.append(h[i, 1:], h[i, N])
-            out[i, :, 0] = (lam[i] * up + leave[i] * h[1 - i]) / nu
+            up = np.append(h[i], np.full(X, h[i, N]))  # h_i(min(n + x, N))
+            win = sliding_window_view(up, X + 1)[: N + 1]
+            out[i, :, 0] = moves[i, 0] * h[1 - i] + win[:, 1:] @ moves[i, 1:]
         return out
 
     def transition_matrix(self, actions: np.ndarray) -> np.ndarray:
@@ -191,18 +242,18 @@ class PhaseSMDP:
         N = self.truncation
         size = N + 1
         L = self.law.shape[3] - 1
-        mm = self.model.arrivals
-        lam = np.asarray(mm.rates)
-        leave = np.asarray(mm.switching)
+        moves = wait_moves(self.model.arrivals, N)
+        X = moves.shape[1] - 1
         P = np.zeros((self.n_states, self.n_states))
         for i in range(2):
-            nu = lam[i] + leave[i]
             for n in range(size):
                 r = i * size + n
                 a = int(actions[i, n])
                 if a == 0:
-                    P[r, i * size + min(n + 1, N)] += lam[i] / nu
-                    P[r, (1 - i) * size + n] += leave[i] / nu
+                    top = min(n + X, N)
+                    P[r, i * size + n + 1 : i * size + top + 1] += moves[i, 1 : top - n + 1]
+                    P[r, i * size + N] += moves[i, top - n + 1 :].sum()
+                    P[r, (1 - i) * size + n] += moves[i, 0]
                     continue
                 s = n - a
                 e = min(s + L, N)
@@ -244,8 +295,9 @@ def build_phase_smdp(model: BatchingModel, truncation: int, law: np.ndarray | No
     w_over = sliding_window_view(over, L + 1)[: N + 1]
     w_over2 = sliding_window_view(over * over, L + 1)[: N + 1]
     w_beyond = sliding_window_view(beyond, L + 1)[: N + 1]
+    epochs = np.asarray(mm.epoch_rates)
     for i in range(2):
-        nu = lam[i] + leave[i]
+        nu = epochs[i] + leave[i]
         latency[i, :, 0] = n / (nu * lam_bar)
         energy[i, :, 0] = model.idle_power_w / nu
         time[i, :, 0] = 1.0 / nu

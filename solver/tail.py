@@ -353,18 +353,24 @@ class TruncatedSMDP:
         A[:, 0] = tau
         return A, c, tau
 
-    def hessenberg_system(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def hessenberg_system(
+        self, actions: np.ndarray, out: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(M, c, tau): the evaluation system with the unknowns ordered (h(1..N), g).
 
         The same equations as ``evaluation_system``, with its column 0 (tau, the column of g) moved
         to the end. Row n of I - P is zero left of column n - B (a batch removes at most B), so M is
         zero below its (B + 1)-th subdiagonal: banded below, full above (``solver.pi`` factors it
-        block by block). Fortran-ordered, built in place.
+        with LAPACK's banded LU). Built in place: in a new Fortran-ordered array, or in ``out``, a
+        zeroed (N + 1) x (N + 2) array whose column 0 is scratch (M is ``out[:, 1:]``; the solver
+        passes a view into LAPACK's band storage).
         """
         a = self._checked_actions(actions)
         c, tau = self._policy_vectors(a)
         size = self.n_states
-        buf = np.zeros((size, size + 1), order="F")
+        buf = np.zeros((size, size + 1), order="F") if out is None else out
+        if buf.shape != (size, size + 1):
+            raise ValueError(f"out must be {size} x {size + 1}, got {buf.shape}")
         A = buf[:, :size]
         self._fill_rows(A, a, -1.0)
         A[np.diag_indices_from(A)] += 1.0
