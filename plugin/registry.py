@@ -26,7 +26,7 @@ from solver.slo import SloTarget
 
 from .config import ModelPolicyConfig, SidecarConfig
 from .gate import GateCounters
-from .loop.controller import PolicyController, RemoteSolver, learning_options
+from .loop.controller import ControllerConfig, PolicyController, RemoteSolver
 from .metrics import SidecarMetrics
 from .model_names import is_model_name
 from .policies import RuleInfo, build_rule, model_instances
@@ -410,20 +410,12 @@ class ModelRegistry:
         controller = PolicyController(
             state.name,
             profile,
-            max_batch=state.info.max_batch,
-            idle_power_w=policy_cfg.idle_power_w,
-            weight=policy_cfg.weight,
+            ControllerConfig.of(policy_cfg, self.config, max_batch=state.info.max_batch, instances=slots),
             install=lambda policy: self._install(state, policy),
-            instances=slots,
             clock=self._clock,
             solver=RemoteSolver(self._solver) if self._solver is not None else None,
-            initial_rate=policy_cfg.rate_rps,
-            window_s=self.config.rate_window_s,
-            long_run_s=self.config.long_run_window_s,
-            group_window_gaps=self.config.arrival_group_window,
             stats=state.stats,
             metrics=self.metrics,
-            **learning_options(self.config, state.name),
         )
         if policy_cfg.slo is not None:
             controller.set_slo(SloTarget(policy_cfg.slo.quantile, policy_cfg.slo.latency_s))
