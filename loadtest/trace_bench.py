@@ -164,7 +164,7 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                                        rate_rps=mean_rate, weight=cfg.weight, idle_power_w=cfg.idle_power_w,
                                        adaptive=c.adaptive, solver_url=stack.solver_url if c.adaptive else None,
                                        data_plane=cfg.data_plane, long_run_window_s=None if c.long_run else 0.0,
-                                       slo=(cfg.slo.quantile, cfg.slo.latency_s) if c.slo and cfg.slo else None)
+                                       slo=cfg.slo if c.slo else None)
                     safe = c.name.replace(" ", "_").replace(":", "_")
                     sidecar = SidecarProcess(stack.triton_url, spec, log_path=cfg.out_dir / f"sidecar-{safe}.log").start()
                     target = sidecar.url
@@ -405,7 +405,7 @@ def _cmd(args) -> int:
 
         slo = slo_target(args)
         contenders = (tuple(parse_contender(c) for c in args.contenders.split(",") if c.strip())
-                      if args.contenders else default_contenders(delays) + slo_contenders(slo))
+                      if args.contenders else default_contenders(delays) + slo_contenders(slo, args.slo_contenders))
         cfg = BenchConfig(rates=(args.rate,), contenders=contenders, time_scale=args.time_scale, slo=slo,
                           weight=args.weight, idle_power_w=args.idle_power, profile_csv=args.profile,
                           warmup_s=args.warmup, cooldown_s=1.0, out_dir=args.out,

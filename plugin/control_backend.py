@@ -180,6 +180,7 @@ def _slo_status(c, now: float) -> SloStatusInfo | None:
         attainment=meas.attainment if meas is not None else None,
         samples=meas.samples if meas is not None else 0,
         max_wait_s=sol.max_wait_s if sol is not None and pred is not None else None,
+        margin_s=c.slo.margin_s, correction_s=c.slo_offset_s,
     )
 
 

@@ -418,7 +418,7 @@ class ModelRegistry:
             metrics=self.metrics,
         )
         if policy_cfg.slo is not None:
-            controller.set_slo(SloTarget(policy_cfg.slo.quantile, policy_cfg.slo.latency_s))
+            controller.set_slo(SloTarget(policy_cfg.slo.quantile, policy_cfg.slo.latency_s, policy_cfg.slo.margin_s))
         return controller
 
     async def _auto_profile(self, name: str, version: str, cfg: ModelPolicyConfig) -> tuple[ModelPolicyConfig, str]:

@@ -136,4 +136,7 @@ async def serve_forever(config: SidecarConfig) -> int:
     log.info("stopping sidecar")
     await running.stop(grace=5.0)
     waits[0].cancel()
+    from .loop import slo_search
+
+    await loop.run_in_executor(None, slo_search.shutdown)  # the SLO search's worker process, if one ran
     return 1 if gate_died else 0

@@ -32,20 +32,34 @@ the new table replaces the old one between two decisions like any other re-solve
 
 Tail-latency SLO. With ``set_slo`` (config ``slo``, ``smdp ctl set-slo``) a solve is the SLO search
 (``solver.slo.solve_slo``: the least-J table a(n) and max-wait guard whose predicted q-quantile of
-response time is <= D), run in a worker thread in-process also when a solver service is configured
+response time is <= D), run in a worker process of the sidecar's own (``slo_search``: its simulation
+loops would otherwise hold the GIL the request path needs) also when a solver service is configured
 (the service has no SLO call), on the same triggers as any re-solve (a rate step or drift, a new
 weight, a learned profile). Its guard travels with the policy (``Solution.max_wait_s``) to either
 data plane. When no policy meets D the search returns greedy; the note, the log and the status say
 so. An SLO and a mean latency target exclude each other: setting one clears the other.
-The model does not see what the gate adds to every request (the hop, merge and split, gRPC): on the
-real stack the measured latencies run a few ms above the predicted ones, and a search that puts the
-q-quantile right at D then misses it. So the controller keeps measuring: once the policy in force
-has ``SLO_OFFSET_MIN_SAMPLES`` answers, the excess of their mean over the predicted mean (an
-additive offset, never negative) is what the next search subtracts from D; a change of the offset
-by more than 2% of D, and beyond three standard errors, asks for that search at once. A shift of the
-mean does not widen the tail, though: the spread of the batch times the gate measures does. When
-the profile is learned, the search's service law is gamma with the CV measured at the sizes with
-``profile_min_samples`` batches (their median), instead of the profile's own (``slo_service_cv``).
+The model does not see everything a request goes through, and a search that puts the predicted
+q-quantile right at D then misses it. Two corrections keep the answers within D:
+
+* what the sidecar cannot see (the client's own threads, its network hop to the sidecar) is the
+  SLO's configured ``margin_s``: the search is for D - margin;
+* what the sidecar sees but the model does not (its hop to Triton, merge and split, gRPC, batch
+  times spread wider than the profile's) it measures, as feedback: the correction
+  (``slo_offset_s``) is the q-quantile, over the answers of the rate window, of each one's latency
+  minus the q-quantile predicted for the policy it was served under (``ExcessWindow``: pooled over
+  the policies in the window, so a re-solve keeps the evidence), once there are
+  ``SLO_TAIL_SAMPLES / (1 - q)`` answers (before that, from ``SLO_OFFSET_MIN_SAMPLES`` answers on,
+  their mean excess over the predicted mean, which may only raise it). The next search is for
+  D - margin - correction. Fed back this way the measured q-quantile settles at D - margin
+  (the search's prediction is at D - margin - correction, and the answers run ``correction``
+  above it); a measured attainment below q shows as a quantile above D - margin and raises the
+  correction. It rises as soon as the new figure is 0.5% of D above it (at the mean: also beyond
+  the noise of two means) and falls only when it is 2% of D and the noise of two quantiles below,
+  so noise does not make it hunt; a change asks for a search at once.
+
+The spread of the batch times is also learned directly: when the profile is learned, the search's
+service law is gamma with the CV measured at the sizes with ``profile_min_samples`` batches (their
+median), instead of the profile's own (``slo_service_cv``).
 
 Telemetry, off the hot path: every ``telemetry_interval_s`` a task reads Triton's statistics API
 (``compute_infer`` per batch size, kept beside the gate's own figures) and Triton's Prometheus
@@ -73,8 +87,9 @@ from solver.policy import GateRule, InstanceTable, PolicyTable, greedy
 from solver.slo import SloTarget
 
 from ..arrival_estimator import GroupEstimator
-from ..latency_window import LatencySummary, LatencyWindow
+from ..latency_window import ExcessWindow, LatencySummary, LatencyWindow
 from .profile import ProfileDrift, ProfileLearner
+from . import slo_search
 from .rate import RateEstimator
 from .telemetry import PowerReading, PowerSource, fetch_metrics, metrics_url_for
 
@@ -90,7 +105,10 @@ WEIGHT_SEARCH_MAX = 1.0
 """Upper end of the latency-target weight search, seconds per watt (far past any useful trade-off)."""
 
 SLO_OFFSET_MIN_SAMPLES = 200
-"""Answers under the policy in force before its measured-minus-predicted latency offset counts (module doc)."""
+"""Answers under the policy in force before its measured-minus-predicted mean latency counts (module doc)."""
+SLO_TAIL_SAMPLES = 5.0
+"""Answers beyond the q-quantile (so SLO_TAIL_SAMPLES / (1 - q) answers) before the measured q-quantile
+is compared with the predicted one (module doc)."""
 
 WEIGHT_SCALE_MAX = 10.0
 """The long-run weight scale lambda_bar / lambda is kept within [1/10, 10]: further out (a near-silent
@@ -374,9 +392,11 @@ class PolicyController:
         self.slo: SloTarget | None = None
         """The tail-latency SLO the policy is searched for (module doc); None: plain J = W + w P."""
         self.slo_offset_s = 0.0
-        """Measured minus predicted mean latency the SLO search subtracts from D (module doc)."""
+        """The measured correction the SLO search takes off D beside the margin (module doc)."""
         self._offset_checked_at = -math.inf
         self.latencies = LatencyWindow(window_s)
+        self.excess = ExcessWindow(window_s)
+        """Each answer's latency over its SLO policy's prediction, for the correction (module doc)."""
         self._install = install
         self._clock = clock
         self._solver: Solver = solver if solver is not None else LocalSolver()
@@ -629,6 +649,7 @@ class PolicyController:
             raise ValueError(f"SLO must be an SloTarget, got {type(target).__name__}")
         self.slo = target
         self.slo_offset_s = 0.0
+        self.excess.clear()
         if target is not None:
             self.latency_target_s = None
         elif self._metrics is not None:
@@ -636,8 +657,12 @@ class PolicyController:
         self._dirty = True
 
     def observe_latency(self, now: float, latency_s: float) -> None:
-        """One answered request's arrival-to-answer time (for the measured quantile and attainment)."""
+        """One answered request's arrival-to-answer time (for the measured quantile and attainment,
+        and against the SLO policy's prediction, for the correction)."""
         self.latencies.add(now, latency_s)
+        sol = self.current
+        if sol is not None and sol.slo is not None and self.slo is not None:
+            self.excess.add(now, latency_s, sol.slo.quantile_s, sol.mean_latency_s)
 
     def measured_slo(self, now: float) -> LatencySummary | None:
         """The SLO's quantile and attainment over the rate estimator's window; None without an SLO or answers."""
@@ -715,24 +740,29 @@ class PolicyController:
         return float(np.median(cvs)) if cvs else None
 
     def check_slo_offset(self, now: float) -> bool:
-        """Update the SLO's measured-minus-predicted offset (module doc); True when it asks for a solve."""
+        """Update the SLO's measured correction (module doc); True when it asks for a solve."""
         sol = self.current
         if self.slo is None or sol is None or sol.slo is None or not math.isfinite(sol.mean_latency_s):
             return False
         if now - self._offset_checked_at < 1.0:  # an O(window) look: once a second is plenty
             return False
         self._offset_checked_at = now
-        stats = self.latencies.mean_since(self.installed_at, now)
-        if stats is None or stats[2] < SLO_OFFSET_MIN_SAMPLES:
+        gap = self.excess.gap(now, self.slo.quantile, min_samples=SLO_OFFSET_MIN_SAMPLES,
+                              tail_samples=SLO_TAIL_SAMPLES)
+        if gap is None:
             return False
-        mean, sd, n = stats
-        offset = max(0.0, mean - sol.mean_latency_s)
-        change = abs(offset - self.slo_offset_s)
-        if change <= 0.02 * self.slo.latency_s or change <= 3.0 * sd / math.sqrt(n):
-            return False
-        self.slo_offset_s = offset
-        self._dirty = True
-        return True
+        old, new, d = self.slo_offset_s, max(0.0, gap.excess_s), self.slo.latency_s
+        if not gap.at_quantile:  # the mean's excess is an early lower bound: it may only raise it
+            new = max(new, old)
+        # up on any clear rise (at the mean, beyond its noise); down only past the quantile's own noise
+        # (sqrt 2: the figure in force was measured too, with about the same noise)
+        noise = math.sqrt(2.0) * gap.ci95_s
+        rise = 0.005 * d if gap.at_quantile else max(0.005 * d, noise)
+        if new - old > rise or old - new > max(0.02 * d, noise):
+            self.slo_offset_s = new
+            self._dirty = True
+            return True
+        return False
 
     def tick(self, now: float) -> asyncio.Task | None:
         """Learn, read telemetry when due, and start a re-solve if one is due; returns its task."""
@@ -822,8 +852,6 @@ class PolicyController:
 
     async def _solve_slo(self, rate: float, target: SloTarget) -> Solution:
         """The SLO search at this rate (module doc); greedy, flagged, when no policy meets D."""
-        from solver.slo import solve_slo
-
         solved_weight = self.weight * self.weight_scale(rate, self._clock())
         profile = self._solving
         cv = self.slo_service_cv()
@@ -833,15 +861,19 @@ class PolicyController:
         model = BatchingModel(rate=rate, max_batch=self.max_batch, profile=profile,
                               idle_power_w=self.idle_power_w, weight=solved_weight, arrivals=arrivals)
         offset = self.slo_offset_s
-        searched = target if offset <= 0 else SloTarget(target.quantile, max(target.latency_s - offset, 1e-6))
-        res = await asyncio.get_running_loop().run_in_executor(None, lambda: solve_slo(model, searched))
+        # margin and measured correction both come off D (module doc); a correction that eats the
+        # whole budget leaves a sliver, which no policy meets: greedy, flagged
+        searched = SloTarget(target.quantile, target.latency_s,
+                             min(target.margin_s + offset, target.latency_s * (1.0 - 1e-6)))
+        res = await slo_search.search(model, searched)  # in a worker process: off the sidecar's GIL
         c = res.chosen
         if not res.feasible:
             self.note = (f"SLO q{target.quantile:g} <= {target.latency_s * 1e3:g} ms is infeasible at {rate:.1f}/s: "
                          f"serving greedy, predicted q{target.quantile:g} {c.estimate.quantile_s * 1e3:.3f} ms")
             log.warning("%s: %s", self.model, self.note)
         if offset > 0:  # (the note starts with "SLO" either way, so the install keeps it)
-            extra = f"SLO searched for D - {offset * 1e3:.2f} ms: answers run that much above the model's prediction"
+            extra = (f"SLO searched for D - {target.margin_s * 1e3:.2f} ms margin - {offset * 1e3:.2f} ms: "
+                     "answers ran that much above the model's prediction")
             self.note = f"{self.note}; {extra}" if self.note else extra
         return Solution(c.policy, rate, self.weight, c.mean_latency_s, c.mean_power_w,
                         c.mean_latency_s + self.weight * c.mean_power_w, c.mean_batch,
