@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from plugin.loop.controller import LearningConfig, PolicyController
+from plugin.loop.controller import ControllerConfig, LearningConfig, PolicyController
 from plugin.arrival_estimator import GroupEstimator
 from solver import arrivals
 from solver.arrival_model import POISSON, CompoundPoisson
@@ -59,9 +59,11 @@ class Clock:
 def test_adaptive_gate_resolves_for_the_learned_groups(profile):
     async def go():
         clock = Clock()
-        c = PolicyController("m", profile, max_batch=B, idle_power_w=P0, weight=1e-3, install=lambda p: None,
-                             clock=clock, initial_rate=200.0, window_s=5.0, learning=LearningConfig(enabled=False),
-                             long_run_s=0.0, group_window_gaps=0.01)
+        c = PolicyController(
+            "m", profile,
+            ControllerConfig(max_batch=B, idle_power_w=P0, weight=1e-3, initial_rate=200.0, window_s=5.0,
+                             learning=LearningConfig(enabled=False), long_run_s=0.0, group_window_gaps=0.01),
+            install=lambda p: None, clock=clock)
         task = c.tick(clock.t)
         await task
         assert c.current.arrivals is POISSON
@@ -82,8 +84,11 @@ def test_adaptive_gate_resolves_for_the_learned_groups(profile):
         assert sol.mean_latency_s > poisson.mean_latency_s  # groups queue longer: the prediction says so
         text = c.learning_summary(clock.t)
         assert "arrivals: mean group" in text and "policy solved for batch:empirical" in text
-        off = PolicyController("m", profile, max_batch=B, idle_power_w=P0, weight=1e-3, install=lambda p: None,
-                               clock=clock, initial_rate=200.0, learning=LearningConfig(enabled=False))
+        off = PolicyController(
+            "m", profile,
+            ControllerConfig(max_batch=B, idle_power_w=P0, weight=1e-3, initial_rate=200.0,
+                             learning=LearningConfig(enabled=False)),
+            install=lambda p: None, clock=clock)
         assert off.groups is None and off.arrival_model() is POISSON
 
     asyncio.run(go())
