@@ -102,9 +102,11 @@ def test_adaptive_gate_solves_phase_blind_for_a_fitted_mmpp(profile):
 
     async def go():
         clock = Clock()
-        c = PolicyController("m", profile, max_batch=B, idle_power_w=P0, weight=1e-3, install=lambda p: None,
-                             clock=clock, initial_rate=proc.mean_rate, window_s=5.0,
-                             learning=LearningConfig(enabled=False), long_run_s=0.0, group_window_gaps=0.01)
+        c = PolicyController(
+            "m", profile,
+            ControllerConfig(max_batch=B, idle_power_w=P0, weight=1e-3, initial_rate=proc.mean_rate, window_s=5.0,
+                             learning=LearningConfig(enabled=False), long_run_s=0.0, group_window_gaps=0.01),
+            install=lambda p: None, clock=clock)
         await c.tick(clock.t)
         assert c.modulation is not None and c.modulation.shape is None
         t, _, _ = arrivals.mmpp2_path(proc, 20_000, rng=5)
