@@ -80,15 +80,19 @@ class FittedPrediction:
 
 
 def fitted_prediction(model, times: np.ndarray, warmup_s: float = 0.0) -> FittedPrediction:
-    from solver.arrival_model import MMPP2, Poisson
+    from solver.arrival_model import MMPP2, POISSON, Poisson
+    from solver.errors import ModelError
     from solver.evaluate import evaluate
     from solver.fit import fit_arrivals
     from solver.mmpp import evaluate_mmpp, solve_mmpp_blind
     from solver.simulate import simulate
     from solver.smdp import solve
 
-    chosen = fit_arrivals(times).chosen
     ref = solve(model)
+    try:
+        chosen = fit_arrivals(times).chosen
+    except ModelError:  # too few arrivals to fit: the Poisson reference, said so
+        chosen = POISSON
     replay = simulate(model.profile, ref.policy, times, idle_power_w=model.idle_power_w, weight=model.weight,
                       seed=0, warmup=warmup_s).mean_latency_s
     poisson = Prediction(ref.mean_latency_s, ref.mean_power_w, ref.gain, ref.mean_batch, "exact")
