@@ -196,6 +196,9 @@ def _instances_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--instances", type=int, default=1,
                    help="k model instances fed by one queue (instance_group count x GPUs); capacity is k B/tau(B) "
                         "and the policy is a table a(n, m) for m busy instances (default: %(default)s)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="D accelerators the k instances run on, each drawing --idle-power once (1..k; default: "
+                        "one per instance); e.g. --instances 2 --devices 1 for count 2 on one GPU")
 
 
 def _errors_exit_2(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -233,7 +236,7 @@ def _model(args: argparse.Namespace, arrivals_spec: str = "poisson"):
     profile = ServiceProfile.from_csv(args.profile, max_batch=args.max_batch, samples=args.samples)
     return BatchingModel(rate=rate, max_batch=args.max_batch, profile=profile,
                          idle_power_w=args.idle_power, weight=args.weight, instances=args.instances,
-                         arrivals=arrivals)
+                         arrivals=arrivals, devices=args.devices)
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -316,6 +319,7 @@ def _model_fields(args: argparse.Namespace, model) -> dict:
         "load": model.load,
         **_profile_fields(args, model),
         "instances": model.instances,
+        "devices": model.idle_devices,
         "arrivals": model.arrivals.to_dict(),
     }
 
@@ -521,7 +525,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from solver import arrivals
     from solver.arrival_model import MMPP2, parse_arrivals
     from solver.model import ModelError
-    from solver.policy import InstanceTable, PerInstance, PolicyTable, parse_rule_spec, rule_from_spec
+    from solver.policy import InstanceRule, InstanceTable, PerInstance, PolicyTable, parse_rule_spec, rule_from_spec
     from solver.simulate import simulate
 
     if args.requests < 1:
@@ -629,7 +633,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                               idle_power_w=model.idle_power_w, weight=model.weight, seed=args.seed, warmup=args.warmup)
     else:
         res = simulate(model.profile, rule, arr, idle_power_w=model.idle_power_w, weight=model.weight,
-                       seed=args.seed, warmup=args.warmup)
+                       seed=args.seed, warmup=args.warmup,
+                       devices=model.idle_devices if isinstance(rule, InstanceRule) else None)
 
     out = {
         "policy": args.policy,
@@ -657,6 +662,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if isinstance(rule, InstanceTable):
         out["policy_table"] = rule.to_lists()
     out["instances"] = model.instances
+    out["devices"] = model.idle_devices
     if args.json:
         print(_dump(out))
         return 0
@@ -691,7 +697,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         requests=args.requests, seed=args.seed, timeouts_s=timeouts,
         timeout_grid_s=tuple(sorted(set(TIMEOUT_GRID_S) | set(timeouts))), method=args.method,
         progress=lambda msg: print(msg, file=sys.stderr),
-        arrival_model=parse_arrivals(args.arrivals), instances=args.instances,
+        arrival_model=parse_arrivals(args.arrivals), instances=args.instances, devices=args.devices,
     )
     paths = result.write(args.out)
     if args.json:

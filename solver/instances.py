@@ -40,10 +40,11 @@ grows until the blocked fraction is below 1e-9. The state count grows as (sum of
 small B and k (tests, checks); beyond ``max_states`` it refuses with a clear error and the
 simulator is the evaluator.
 
-Power (both): each busy instance draws its batch's busy power p(b) = e(b) / tau(b), each idle
-instance P0 (``idle_power_w`` is per instance, i.e. per device when each instance has its own GPU;
-k instances sharing one GPU would share one idle draw, which this model over-counts by (k - 1) P0
-while they are all idle). P = sum over instances.
+Power (all three): P0 (``idle_power_w``) is drawn once per device, D = ``BatchingModel.devices``
+(default one device per instance, D = k), and each busy instance adds its batch's increment
+p(b) - P0, p(b) = e(b) / tau(b): P = D P0 + sum over busy instances of (p(b) - P0). With D = k that
+is each busy instance p(b) and each idle one P0; with k instances on one GPU (D = 1) it is P0 when
+all are idle and p(b) with one batch running, as for one server.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ class InstanceSolveResult:
         return {
             "policy": self.policy.to_lists(),
             "instances": m.instances,
+            "devices": m.idle_devices,
             "gain": self.gain,
             "mean_latency_s": self.mean_latency_s,
             "mean_power_w": self.mean_power_w,
@@ -162,7 +164,7 @@ def simulate_table(model: BatchingModel, table: InstanceTable, requests: int, se
     """One simulation of ``table`` under ``model`` on Poisson arrivals (seeded: common random numbers)."""
     arr = arrivals.poisson(model.rate, n=requests, rng=seed)
     return simulate(model.profile, table, arr, idle_power_w=model.idle_power_w, weight=model.weight,
-                    seed=seed, warmup=WARMUP_FRACTION * float(arr[-1]))
+                    seed=seed, warmup=WARMUP_FRACTION * float(arr[-1]), devices=model.idle_devices)
 
 
 def _check_requests(requests: int, what: str) -> int:
@@ -208,7 +210,7 @@ def search_thresholds_event_loop(
     def cost(th: tuple[int, ...]) -> float:
         if th not in cache:
             res = simulate(model.profile, instance_thresholds(B, th), arr, idle_power_w=model.idle_power_w,
-                           weight=model.weight, seed=seed, warmup=warm)
+                           weight=model.weight, seed=seed, warmup=warm, devices=model.idle_devices)
             cache[th] = res.cost
         return cache[th]
 
@@ -307,7 +309,8 @@ def per_slot_policy(model: BatchingModel, method: str = "pi") -> PerInstance:
     """What the gate did before k-instance policies: the one-server SMDP policy, solved for the whole
     rate (capped at 0.95 of one instance's capacity, which the one-server solver needs), applied to
     every free instance whatever the others do. The baseline the k-instance policy is judged against."""
-    one = model.with_(instances=1, rate=min(model.rate, PER_SLOT_NEAR_CAPACITY * model.capacity / model.instances))
+    one = model.with_(instances=1, devices=None,
+                      rate=min(model.rate, PER_SLOT_NEAR_CAPACITY * model.capacity / model.instances))
     return PerInstance(solve(one, method).policy, model.instances)
 
 
@@ -452,7 +455,7 @@ def _ctmc(model: BatchingModel, table: InstanceTable, r: tuple[int, ...], N: int
     n_arr = np.array([s[0] for s in order], dtype=float)
     in_service = np.array([sum(b for b, _ in s[1]) for s in order], dtype=float)
     busy = np.array([len(s[1]) for s in order], dtype=float)
-    pw = np.array([sum(power[b - 1] for b, _ in s[1]) for s in order]) + (k - busy) * p0
+    pw = np.array([sum(power[b - 1] for b, _ in s[1]) for s in order]) + (model.idle_devices - busy) * p0
     blocked = float(pi[n_arr >= N].sum())
     thr = lam * (1.0 - blocked)
     W = float(pi @ (n_arr + in_service)) / thr

@@ -65,7 +65,8 @@ class LaneFigures:
     extra_energy: np.ndarray
     span: np.ndarray
     idle_power_w: float
-    instances: int
+    devices: int
+    """D: each device draws P0 once (``BatchingModel.devices``)."""
     weight: float
 
     @property
@@ -74,7 +75,7 @@ class LaneFigures:
 
     @property
     def mean_power_w(self) -> np.ndarray:
-        return self.instances * self.idle_power_w + self.extra_energy.sum(axis=1) / self.span.sum(axis=1)
+        return self.devices * self.idle_power_w + self.extra_energy.sum(axis=1) / self.span.sum(axis=1)
 
     @property
     def cost(self) -> np.ndarray:
@@ -220,7 +221,8 @@ class ThresholdLanes:
         return LaneFigures(
             count=out_cnt.reshape(c, reps), latency_sum=out_lat.reshape(c, reps),
             extra_energy=out_energy.reshape(c, reps), span=np.tile(span, (c, 1)),
-            idle_power_w=float(self.model.idle_power_w), instances=k, weight=float(self.model.weight))
+            idle_power_w=float(self.model.idle_power_w), devices=self.model.idle_devices,
+            weight=float(self.model.weight))
 
 
 def grid(max_batch: int) -> list[int]:

@@ -93,3 +93,29 @@ def test_bad_candidates_are_refused():
         ThresholdLanes(_small_model(2, 1.0), replications=1, segment=100)
     with pytest.raises(ModelError, match="search must be a Search"):
         solve_instances(_small_model(2, 1.0), search="lanes")
+
+
+def test_idle_power_is_per_device():
+    # P(D) = D P0 + sum over busy instances of (p(b) - P0): on one sample path, P(D) = P(k) - (k - D) P0
+    k, p0 = 3, 10.0
+    model = _small_model(k, 1.0, load=0.5)
+    shared = model.with_(devices=1)
+    table = instance_thresholds(4, (1, 2, 3))
+    per_instance, one_gpu = simulate_table(model, table, 20_000, seed=1), simulate_table(shared, table, 20_000, seed=1)
+    assert one_gpu.mean_power_w == pytest.approx(per_instance.mean_power_w - (k - 1) * p0, rel=1e-9)
+    assert one_gpu.mean_latency_s == per_instance.mean_latency_s
+    chain_k, chain_1 = evaluate_instances(model, table), evaluate_instances(shared, table)
+    assert chain_1.mean_power_w == pytest.approx(chain_k.mean_power_w - (k - 1) * p0, rel=1e-9)
+    lanes_k = ThresholdLanes(model, replications=4, segment=500).run(np.array([(1, 2, 3)]))
+    lanes_1 = ThresholdLanes(shared, replications=4, segment=500).run(np.array([(1, 2, 3)]))
+    assert lanes_1.mean_power_w[0] == pytest.approx(lanes_k.mean_power_w[0] - (k - 1) * p0, rel=1e-9)
+    # all idle: one P0 per device; a lone batch on a shared GPU draws p(b), as on one server
+    idle = ServiceProfile.affine(4, 0.001, 0.002, 0.05, 0.2)
+    lone = BatchingModel(rate=1.0, max_batch=4, profile=idle, idle_power_w=p0, instances=2, devices=1)
+    sim = simulate_table(lone, instance_thresholds(4, (1, 1)), 2_000, seed=2)
+    busy_share = sim.throughput_rps / sim.mean_batch * float(idle.mean_s[0])
+    expect = p0 + busy_share * (float(idle.busy_power_w[0]) - p0)
+    assert sim.mean_power_w == pytest.approx(expect, rel=0.02)
+    for bad in (0, 4, 1.5, True):
+        with pytest.raises(ModelError, match="devices must be an integer in 1..instances = 3"):
+            model.with_(devices=bad)
