@@ -461,14 +461,20 @@ class Sidecar:
             await self.model_state(name, "")
         except GateError as exc:
             log.warning("model %s: not gated at start (%s); it will be at its first request", name, exc.details)
+            if self._native is not None:  # no gate after all: release what a sweep's hold keeps
+                self._native.send(forget_line(name))
 
     async def _auto_profile(self, name: str, version: str, cfg: ModelPolicyConfig) -> tuple[ModelPolicyConfig, str]:
         """``profile: auto``: the measured (or cached) profile in place of "auto", or greedy and why."""
-        from .auto_profile import auto_profile
+        from .auto_profile import auto_profile, hold_line
 
+        native = self._native
+        hold = None if native is None else (  # the native gate would relay the model ungated meanwhile
+            lambda b: native.send(hold_line(name, b, self.config.max_queue, cfg.profile_auto_s)))
         got = await auto_profile(self.config.triton_url, name, version, cfg,
                                  self.config.profile_cache_dir.expanduser(),
-                                 metrics_url=self.config.triton_metrics_url, timeout_s=self.config.upstream_timeout_s)
+                                 metrics_url=self.config.triton_metrics_url, timeout_s=self.config.upstream_timeout_s,
+                                 before_sweep=hold)
         if got.path is None:
             log.warning("model %s: %s; gating it greedily instead of smdp", name, got.reason)
             return cfg.model_copy(update={"policy": "greedy", "profile": None}), got.reason
@@ -708,6 +714,8 @@ class Sidecar:
             await self.model_state(name, "")
         except GateError as exc:
             log.warning("cannot gate model %s yet: %s", name, exc.details)
+            if self._native is not None:  # no gate after all: release what a sweep's hold keeps
+                self._native.send(forget_line(name))
         finally:
             self._native_loading.discard(name)
 
