@@ -36,7 +36,7 @@ for LAPACK), "dense" (the current default: the system built in place, factored w
 
 --against-before: ``solve(model)`` as it is now against the solver before the automatic N followed
 the gain's own contraction ("before": ``growth=1.5, resume_warm_start=False,
-linear_solver="dense"``), in the same run, cold (PI from greedy) and warm (started from the same
+linear_solver="dense"``, without the fluid-seeded start of each new size: ``solve_before``), in the same run, cold (PI from greedy) and warm (started from the same
 solver's policy at 0.95 x the rate, as the adaptive loop's neighbour), for every --batches and
 --cvs at --loads (default B = 64, 128, 256, CV 0 and 1, load 0.6). Time: best of --repeat; memory:
 tracemalloc peak of one more call. Also: the N each chose, the gain difference and whether the
@@ -199,7 +199,7 @@ def solve_with(m: BatchingModel, variant: str):
     saved = solver.pi.evaluate_policy, solver.smdp.evaluate_policy
     solver.pi.evaluate_policy = solver.smdp.evaluate_policy = evaluate_policy_before
     try:
-        return solve(m)
+        return solve(m, linear_solver="dense")  # the dense path is the one that calls evaluate_policy
     finally:
         solver.pi.evaluate_policy, solver.smdp.evaluate_policy = saved
 
@@ -233,8 +233,15 @@ def compare_linear_solvers(args) -> int:
 
 
 def solve_before(m: BatchingModel, method: str = "pi", **kwargs):
-    """The solver as it was: 1.5x growth from the initial size, dense LU (arguments as ``solve``'s)."""
-    return solve(m, method, growth=1.5, resume_warm_start=False, linear_solver="dense", **kwargs)
+    """The solver as it was: 1.5x growth from the initial size, dense LU (so no low-rank updates),
+    each new size started from the previous policy and the beyond-N rule (no fluid-seeded start)
+    (arguments as ``solve``'s). The lighter build and the shared arrivals pmf are in both."""
+    saved = solver.smdp._seeded_start
+    solver.smdp._seeded_start = lambda smdp, start, below, h, gain: start
+    try:
+        return solve(m, method, growth=1.5, resume_warm_start=False, linear_solver="dense", **kwargs)
+    finally:
+        solver.smdp._seeded_start = saved
 
 
 def against_before(args) -> int:
