@@ -670,6 +670,7 @@ class PolicyController:
         self.excess.clear()
         if target is not None:
             self.latency_target_s = None
+            slo_search.prestart()
         elif self._metrics is not None:
             self._metrics.clear_slo(self.model)
         self._dirty = True
