@@ -19,6 +19,9 @@ on the second half (held out), on common service-time streams:
 Prints W (mean), p99, P, J, the predicted W and its error against the simulated W.
 
     python bench/arrivals_bench.py [--profile profiles/p4_resnet50.csv] [--max-batch 64] [--loads 0.3,0.6]
+
+``--speed``: the MMPP solver's banded LU against the dense one instead (the same solves, in one run:
+read the ratio; times on a shared machine are noisy).
 """
 
 from __future__ import annotations
@@ -55,6 +58,47 @@ def _row(name: str, sim, w: float, pred_w: float | None) -> str:
             f"{sim.mean_power_w:7.2f} {j * 1e3:9.3f} | {pw:>8} {err:>7}")
 
 
+def speed(prof: ServiceProfile, max_batch: int, idle_power_w: float) -> None:
+    import time
+
+    from solver.arrival_model import CompoundPoisson
+    from solver.mmpp import build_phase_smdp, evaluate_actions
+
+    cap = max_batch / float(prof.mean_s[-1])
+    print(f"MMPP solver, dense vs banded LU (B = {max_batch}, capacity {cap:.0f}/s; best of 3 each)")
+    print(f"  {'arrivals':<44} {'N':>5} {'eval dense s':>12} {'banded s':>9} {'ratio':>6} | "
+          f"{'solve dense s':>13} {'banded s':>9} {'ratio':>6}  same policy, gain diff")
+    for proc in (MMPP2((1.4 * cap, 0.1 * cap), (3.0, 2.0)),
+                 MMPP2((1.4 * cap, 0.1 * cap), (3.0, 2.0), (CompoundPoisson(3.0), CompoundPoisson(1.5)))):
+        m = BatchingModel(rate=proc.mean_rate, max_batch=max_batch, profile=prof, idle_power_w=idle_power_w,
+                          weight=1e-4, arrivals=proc)
+        res = {}
+        for ls in ("dense", "banded"):
+            best = math.inf
+            for _ in range(3):
+                t0 = time.perf_counter()
+                r = solve_mmpp(m, linear_solver=ls)
+                best = min(best, time.perf_counter() - t0)
+            res[ls] = (best, r)
+        N = res["banded"][1].truncation
+        smdp = build_phase_smdp(m, N)
+        acts = np.vstack([t.extended(N + 1) for t in res["banded"][1].policy.tables])
+        ev = {}
+        for ls in ("dense", "banded"):
+            best = math.inf
+            for _ in range(3):
+                t0 = time.perf_counter()
+                evaluate_actions(smdp, acts, ls)
+                best = min(best, time.perf_counter() - t0)
+            ev[ls] = best
+        same = all(np.array_equal(a.actions, b.actions) for a, b in
+                   zip(res["dense"][1].policy.tables, res["banded"][1].policy.tables))
+        diff = abs(res["dense"][1].gain - res["banded"][1].gain) / res["dense"][1].gain
+        print(f"  {proc.spec:<44} {N:5d} {ev['dense']:12.3f} {ev['banded']:9.3f} {ev['dense'] / ev['banded']:6.2f} | "
+              f"{res['dense'][0]:13.3f} {res['banded'][0]:9.3f} {res['dense'][0] / res['banded'][0]:6.2f}  "
+              f"{same}, {diff:.1e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", type=Path, default=ROOT / "profiles" / "p4_resnet50.csv")
@@ -63,8 +107,12 @@ def main() -> None:
     ap.add_argument("--loads", default="0.3,0.6")
     ap.add_argument("--weights", default="0,1e-4")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--speed", action="store_true", help="time the MMPP solver's banded LU against the dense one")
     args = ap.parse_args()
     prof = ServiceProfile.from_csv(args.profile, max_batch=args.max_batch)
+    if args.speed:
+        speed(prof, args.max_batch, args.idle_power)
+        return
     cap = args.max_batch / float(prof.mean_s[-1])
     for name, path in TRACES.items():
         raw = arrivals.trace(path)

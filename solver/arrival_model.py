@@ -216,6 +216,14 @@ class MMPP2:
         return (self.groups[0].group_mean, self.groups[1].group_mean)
 
     @property
+    def group_mean(self) -> float:
+        """Mean requests per arrival instant in the long run (1 for the plain MMPP)."""
+        if self.groups is None:
+            return 1.0
+        g = float(self.stationary @ np.asarray(self.epoch_rates))
+        return self.mean_rate / g if g > 0 else 1.0
+
+    @property
     def epoch_rates(self) -> tuple[float, float]:
         """Arrival instants (groups) per second in each phase: rates[i] / G_i."""
         g = self.group_means

@@ -257,3 +257,45 @@ def test_batch_mmpp_simulation_agrees_with_exact_evaluation():
     truth = TruePhase(sw, ph)
     agree = np.mean([filt.phase(x, int(i)) == truth.phase(x, int(i)) for x, i in zip(probe, idx)])
     assert agree > 0.9
+
+
+@pytest.mark.parametrize("groups", [None, (CompoundPoisson(3.0), CompoundPoisson(1.5))])
+def test_mmpp_banded_evaluation_equals_dense(groups):
+    from solver.mmpp import build_phase_smdp, evaluate_actions
+
+    proc = MMPP2((900.0, 100.0), (2.0, 3.0), groups)  # phase 1 above capacity: long queues
+    m = mmpp_model(proc, B=8)
+    N = 120
+    smdp = build_phase_smdp(m, N)
+    a = np.vstack([np.minimum(np.arange(N + 1), 8)] * 2)
+    a[0, :5] = 0  # waits in both phases, a different table per phase
+    a[1, 2:4] = 0
+    dense, banded = evaluate_actions(smdp, a, "dense"), evaluate_actions(smdp, a, "banded")
+    assert banded.gain == pytest.approx(dense.gain, rel=1e-12)
+    assert np.max(np.abs(banded.h - dense.h)) <= 1e-10 * np.max(np.abs(dense.h))
+    assert np.max(np.abs(banded.pi - dense.pi)) <= 1e-13
+    with pytest.raises(ValueError, match="linear_solver"):
+        evaluate_actions(smdp, a, "sparse")
+    # the solve: same gain and the same tables either way
+    fast, slow = solve_mmpp(m), solve_mmpp(m, linear_solver="dense")
+    assert fast.gain == pytest.approx(slow.gain, rel=1e-12)
+    for t1, t2 in zip(fast.policy.tables, slow.policy.tables):
+        assert np.array_equal(t1.actions, t2.actions)
+
+
+def test_phase_blind_search_lowers_the_poisson_table_and_stays_phase_blind():
+    from solver.mmpp import solve_mmpp_blind
+
+    proc = MMPP2((900.0, 100.0), (2.0, 3.0), (CompoundPoisson(3.0), CompoundPoisson(1.5)))
+    m = mmpp_model(proc)
+    start = solve(m.with_(arrivals=POISSON)).policy
+    res = solve_mmpp_blind(m, start)
+    assert res.start_gain == pytest.approx(evaluate_mmpp(m, start).cost, rel=1e-9)
+    assert res.gain <= res.start_gain
+    assert res.gain == pytest.approx(evaluate_mmpp(m, res.policy).cost, rel=1e-12)
+    assert res.gain >= solve_mmpp(m).gain * (1 - 1e-9)  # observing the phase can only help
+    # under Poisson-equal phases the Poisson table is already the best blind one
+    flat = mmpp_model(MMPP2((600.0, 600.0), (1.0, 3.0)))
+    p = solve(flat.with_(arrivals=POISSON)).policy
+    again = solve_mmpp_blind(flat, p)
+    assert again.gain == pytest.approx(again.start_gain, rel=1e-9)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plugin.loop.controller import PolicyController
+from plugin.loop.controller import ControllerConfig, PolicyController
 from plugin.latency_window import LatencyWindow
 from plugin.metrics import PREFIX, SidecarMetrics, latency_buckets_with
 from solver.arrivals import poisson
@@ -37,8 +37,11 @@ def prior() -> ServiceProfile:
 
 def _controller(prior, clock, rate: float, metrics=None) -> tuple[PolicyController, list]:
     installed: list = []
-    c = PolicyController("m", prior, max_batch=B, idle_power_w=40.0, weight=1e-3, install=installed.append,
-                         clock=clock, initial_rate=rate, window_s=5.0, long_run_s=0.0, metrics=metrics)
+    c = PolicyController(
+        "m", prior,
+        ControllerConfig(max_batch=B, idle_power_w=40.0, weight=1e-3, initial_rate=rate, window_s=5.0,
+                         long_run_s=0.0),
+        install=installed.append, clock=clock, metrics=metrics)
     return c, installed
 
 
@@ -241,9 +244,12 @@ def test_the_slo_search_assumes_the_measured_spread_of_batch_times(prior):
 
     async def go():
         clock = Clock()
-        c = PolicyController("m", prior, max_batch=B, idle_power_w=40.0, weight=1e-3, install=lambda p: None,
-                             clock=clock, initial_rate=0.3 * B / prior.mean_s[-1], window_s=5.0, long_run_s=0.0,
-                             learning=LearningConfig(min_samples=30, telemetry_interval_s=1e9))
+        c = PolicyController(
+            "m", prior,
+            ControllerConfig(max_batch=B, idle_power_w=40.0, weight=1e-3, initial_rate=0.3 * B / prior.mean_s[-1],
+                             window_s=5.0, long_run_s=0.0,
+                             learning=LearningConfig(min_samples=30, telemetry_interval_s=1e9)),
+            install=lambda p: None, clock=clock)
         assert c.slo_service_cv() is None  # nothing measured: the profile's own law
         c.set_slo(SloTarget(0.99, 0.015))
         await _tick(c, clock.t)

@@ -86,7 +86,7 @@ from solver.model import BatchingModel, ModelError, ServiceProfile
 from solver.policy import GateRule, InstanceTable, PolicyTable, greedy
 from solver.slo import SloTarget
 
-from ..arrival_estimator import GroupEstimator
+from ..arrival_estimator import GroupEstimator, ModulationEstimator
 from ..latency_window import ExcessWindow, LatencySummary, LatencyWindow
 from .profile import ProfileDrift, ProfileLearner
 from . import slo_search
@@ -96,7 +96,7 @@ from .telemetry import PowerReading, PowerSource, fetch_metrics, metrics_url_for
 if TYPE_CHECKING:
     from solver.service import AsyncSolverClient
 
-    from ..config import SidecarConfig
+    from ..config import ModelPolicyConfig, SidecarConfig
     from ..metrics import SidecarMetrics
 
 log = logging.getLogger("smdp.adaptive")
@@ -221,19 +221,68 @@ class LearningConfig:
     """Triton's gRPC host:port for its statistics API; None: not read."""
 
 
-def learning_options(config: "SidecarConfig", model: str) -> dict[str, LearningConfig]:
-    """``PolicyController`` keyword arguments for ``model`` from a ``SidecarConfig``."""
-    pc = config.policy_for(model)
-    url = metrics_url_for(config.triton_metrics_url, config.triton_url)
-    return {"learning": LearningConfig(
-        enabled=pc.learn_profile,
-        drift=pc.profile_drift,
-        min_samples=pc.profile_min_samples,
-        prior_weight=pc.profile_prior_weight,
-        telemetry_interval_s=config.telemetry_interval_s,
-        metrics_url=url,
-        triton_url=config.triton_url if config.triton_statistics else None,
-    )}
+@dataclass(frozen=True)
+class ControllerConfig:
+    """A controller's settings, fixed for its life: built once per model from its policy config and
+    the sidecar's (``of``). What the operator changes while it runs (weight, latency target, SLO) goes
+    through the controller's methods; ``weight`` is only the one it starts with."""
+
+    max_batch: int
+    """B: the largest batch the policy may serve."""
+    idle_power_w: float = quantities.DEFAULT_IDLE_POWER_W
+    """P0: power drawn while idle, watts."""
+    weight: float = quantities.DEFAULT_WEIGHT
+    """w of J = W + w P at start, seconds per watt."""
+    initial_rate: float | None = None
+    """A first rate to solve for, requests/s (None: the first solve waits for a measured rate)."""
+    window_s: float = 10.0
+    """The rate estimator's (and latency window's) span, seconds."""
+    change_ratio: float = 1.5
+    """The rate step the estimator's CUSUM detects (x1.5 up or down)."""
+    min_arrivals: int = 30
+    """Arrivals before a rate estimate counts."""
+    drift_tolerance: float = 0.15
+    """A windowed rate this far (relative) from the solved one asks for a re-solve."""
+    long_run_s: float = 600.0
+    """Span of the long-run mean rate that scales the weight, seconds (0: w as is)."""
+    instances: int = 1
+    """k: model instances the gate fills at start (the registry updates it when Triton's config changes)."""
+    group_window_gaps: float = 0.0
+    """Arrival-group window in mean gaps for the group estimator (0: Poisson arrivals)."""
+    learning: LearningConfig = LearningConfig(enabled=False)
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        quantities.idle_power(self.idle_power_w, error=ValueError)
+        quantities.weight(self.weight, error=ValueError)
+        if not self.window_s > 0 or self.long_run_s < 0 or not self.change_ratio > 1 or self.instances < 1:
+            raise ValueError(f"invalid controller settings: window_s={self.window_s}, long_run_s={self.long_run_s}, "
+                             f"change_ratio={self.change_ratio}, instances={self.instances}")
+
+    @classmethod
+    def of(cls, policy: "ModelPolicyConfig", sidecar: "SidecarConfig", *, max_batch: int,
+           instances: int) -> "ControllerConfig":
+        """A model's controller settings from its policy config and the sidecar's."""
+        return cls(
+            max_batch=max_batch,
+            idle_power_w=policy.idle_power_w,
+            weight=policy.weight,
+            initial_rate=policy.rate_rps,
+            window_s=sidecar.rate_window_s,
+            long_run_s=sidecar.long_run_window_s,
+            instances=instances,
+            group_window_gaps=sidecar.arrival_group_window,
+            learning=LearningConfig(
+                enabled=policy.learn_profile,
+                drift=policy.profile_drift,
+                min_samples=policy.profile_min_samples,
+                prior_weight=policy.profile_prior_weight,
+                telemetry_interval_s=sidecar.telemetry_interval_s,
+                metrics_url=metrics_url_for(sidecar.triton_metrics_url, sidecar.triton_url),
+                triton_url=sidecar.triton_url if sidecar.triton_statistics else None,
+            ),
+        )
 
 
 @dataclass(frozen=True)
@@ -289,7 +338,7 @@ class RemoteSolver:
 
 
 class GateStats(Protocol):
-    """What the controller reads of its gate's running counters (plugin.server.BatchStats)."""
+    """What the controller reads of its gate's running counters (plugin.registry.BatchStats)."""
 
     started_at: float
     batches: np.ndarray
@@ -316,36 +365,35 @@ class PolicyController:
         self,
         model: str,
         profile: ServiceProfile,
+        config: ControllerConfig,
         *,
-        max_batch: int,
-        idle_power_w: float,
-        weight: float,
         install: Callable[[PolicyTable | GateRule], None],
         clock: Callable[[], float],
         solver: Solver | None = None,
-        initial_rate: float | None = None,
-        window_s: float = 10.0,
-        change_ratio: float = 1.5,
-        min_arrivals: int = 30,
-        drift_tolerance: float = 0.15,
-        long_run_s: float = 600.0,
-        learning: LearningConfig | None = None,
         stats: GateStats | None = None,
         metrics: SidecarMetrics | None = None,
-        instances: int = 1,
-        group_window_gaps: float = 0.0,
     ) -> None:
+        self.config = config
+        max_batch, idle_power_w, window_s = config.max_batch, config.idle_power_w, config.window_s
+        initial_rate, learning = config.initial_rate, config.learning
         self.model = model
-        self.groups: GroupEstimator | None = GroupEstimator(group_window_gaps) if group_window_gaps > 0 else None
+        self.groups: GroupEstimator | None = (
+            GroupEstimator(config.group_window_gaps) if config.group_window_gaps > 0 else None)
         """Learns how requests clump; single-instance, non-SLO solves use its model (None: Poisson)."""
-        self.instances = instances
+        self.modulation: ModulationEstimator | None = (
+            ModulationEstimator(config.group_window_gaps) if config.group_window_gaps > 0 else None)
+        """Learns how the rate is modulated (an MMPP fitted now and then); the same solves use its
+        shape at the estimated rate, phase-blind (``plugin.arrival_estimator``)."""
+        self._fitting: asyncio.Future | None = None
+        self._solved_shape = 0
+        self.instances = config.instances
         """k: model instances the gate fills; k > 1 is solved as a(n, m) (``solver.instances``)."""
         self.profile = profile.truncated(max_batch) if profile.max_batch != max_batch else profile
         self.prior = self.profile
         self._solving = self.profile
         self.max_batch = max_batch
         self.idle_power_w = idle_power_w
-        self.weight = weight
+        self.weight = config.weight
         self.latency_target_s: float | None = None
         self.slo: SloTarget | None = None
         """The tail-latency SLO the policy is searched for (module doc); None: plain J = W + w P."""
@@ -358,10 +406,11 @@ class PolicyController:
         self._install = install
         self._clock = clock
         self._solver: Solver = solver if solver is not None else LocalSolver()
-        self.rate = RateEstimator(clock(), window_s=window_s, change_ratio=change_ratio, min_arrivals=min_arrivals)
-        self.drift_tolerance = drift_tolerance
+        self.rate = RateEstimator(clock(), window_s=window_s, change_ratio=config.change_ratio,
+                                  min_arrivals=config.min_arrivals)
+        self.drift_tolerance = config.drift_tolerance
         self.refresh_s = 3.0 * window_s
-        self.long_run: LongRunRate | None = LongRunRate(long_run_s) if long_run_s > 0 else None
+        self.long_run: LongRunRate | None = LongRunRate(config.long_run_s) if config.long_run_s > 0 else None
         """The long-run mean rate that scales the weight (see the module doc); None: w as is."""
         self.current: Solution | None = None
         self._rate_lo = 0.0
@@ -379,7 +428,7 @@ class PolicyController:
         self._dirty = initial_rate is not None
         self._initial_rate = initial_rate
         # -- learning and telemetry (see the module doc)
-        self.learning = learning if learning is not None else LearningConfig(enabled=False)
+        self.learning = learning
         lc = self.learning
         self.learner: ProfileLearner | None = (
             ProfileLearner(self.prior, drift=lc.drift, min_samples=lc.min_samples, prior_weight=lc.prior_weight)
@@ -409,6 +458,8 @@ class PolicyController:
         self.rate.observe(t)
         if self.groups is not None:
             self.groups.observe(t)
+        if self.modulation is not None:
+            self.modulation.observe(t)
         if self.long_run is not None:
             self.long_run.observe(t)
 
@@ -538,8 +589,9 @@ class PolicyController:
         if est is None:
             return f"arrivals: {g.groups} groups so far (learning), policy solved for {solved}"
         disp = g.index_of_dispersion()
+        fitted = f", last fit {self.modulation.chosen}" if self.modulation is not None else ""
         return (f"arrivals: mean group {est[0]:.3f}+-{est[1]:.3f} over {g.groups} groups, index of dispersion "
-                f"{disp:.3f}; policy solved for {solved}")
+                f"{disp:.3f}{fitted}; policy solved for {solved}")
 
     # -- telemetry (asyncio plumbing around the pure parts) ---------------------------------
     def _telemetry_due(self, now: float) -> None:
@@ -553,6 +605,15 @@ class PolicyController:
         if lc.metrics_url is None and (lc.triton_url is None or self.learner is None):
             return
         self._telemetry = asyncio.get_running_loop().create_task(self._poll_telemetry())
+
+    def _fit_due(self, now: float) -> None:
+        """Refit the rate's modulation off the event loop when due (``ModulationEstimator``)."""
+        mod = self.modulation
+        if mod is None or self.instances > 1 or not mod.due(now):
+            return
+        if self._fitting is not None and not self._fitting.done():
+            return
+        self._fitting = asyncio.get_running_loop().run_in_executor(None, mod.refit, mod.snapshot(now))
 
     async def _poll_telemetry(self) -> None:
         lc = self.learning
@@ -609,6 +670,7 @@ class PolicyController:
         self.excess.clear()
         if target is not None:
             self.latency_target_s = None
+            slo_search.prestart()
         elif self._metrics is not None:
             self._metrics.clear_slo(self.model)
         self._dirty = True
@@ -725,6 +787,7 @@ class PolicyController:
         """Learn, read telemetry when due, and start a re-solve if one is due; returns its task."""
         self.learn(now)
         self._telemetry_due(now)
+        self._fit_due(now)
         if self._task is None or self._task.done():
             self.check_slo_offset(now)
         due = self.due(now)
@@ -872,6 +935,8 @@ class PolicyController:
         """The learned mean group size moved by more than the drift tolerance from the one in force."""
         if self.groups is None or self.current is None or self.instances > 1:
             return False
+        if self.modulation is not None and self.modulation.version != self._solved_shape:
+            return True  # a new fit of the rate's modulation (or the end of one)
         old = self.current.arrivals.group_mean
         new = self.arrival_model().group_mean
         return abs(new - old) > self.drift_tolerance * old
@@ -897,12 +962,28 @@ class PolicyController:
         model = BatchingModel(rate=rate, max_batch=self.max_batch, profile=profile,
                               idle_power_w=self.idle_power_w, weight=solved_weight, arrivals=arrivals)
         warm = self.current.policy if self.current is not None else None
+        shape_version = self.modulation.version if self.modulation is not None else 0
+        shape = self.modulation.model_for(rate) if self.modulation is not None else None
         r = await self._solver.solve(model, warm)
+        self._solved_shape = shape_version
+        if shape is not None and r.converged:
+            from solver.mmpp import solve_mmpp_blind
+
+            mm = model.with_(rate=shape.mean_rate, arrivals=shape)
+            try:
+                b = await asyncio.get_running_loop().run_in_executor(None, solve_mmpp_blind, mm, r.policy)
+            except (ModelError, ArithmeticError) as exc:
+                log.warning("%s: phase-blind solve under %s failed (%s); keeping the %s solve", self.model,
+                            shape.spec, exc, arrivals.spec)
+            else:
+                return Solution(b.policy, rate, weight, b.mean_latency_s, b.mean_power_w, b.gain,
+                                b.evaluation.mean_batch, r.source + ", then the phase-blind search under the fitted MMPP",
+                                self._profile_source(), solved_weight, arrivals=shape, converged=True)
         return Solution(r.policy, rate, weight, r.mean_latency_s, r.mean_power_w, r.gain, r.mean_batch, r.source,
                         self._profile_source(), solved_weight, arrivals=arrivals, converged=r.converged)
 
     async def wait_idle(self) -> None:
-        tasks = [t for t in (self._task, self._telemetry) if t is not None]
+        tasks = [t for t in (self._task, self._telemetry, self._fitting) if t is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 

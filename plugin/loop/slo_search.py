@@ -39,6 +39,16 @@ def _discard(pool: ProcessPoolExecutor) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _ready() -> bool:
+    """Nothing: the worker imports this module (and with it the solver) to run it."""
+    return True
+
+
+def prestart() -> None:
+    """Start the worker now (it imports the solver), so that the first search does not wait for it."""
+    _executor().submit(_ready)
+
+
 async def search(model: BatchingModel, target: SloTarget) -> SloResult:
     """``solve_slo(model, target)``, run in the worker process."""
     pool = _executor()
