@@ -16,6 +16,12 @@ row n holds the whole K pmf window from n - a, about N / 2 wide for deterministi
 of 0..N for CV 1, so a general sparse LU fills in and loses (RESULTS.md section 4);
 ``linear_solver="sparse"`` (scipy ``splu``) and "dense" (one LAPACK LU) are kept for comparison.
 
+Policy iteration's evaluations go through ``PolicyEvaluator``: a policy that differs from the last
+factored one in at most ``MAX_UPDATE_RANK`` states is solved from that LU by the Woodbury identity
+(the changed rows are a rank-r update), checked by its Bellman residual and refactored when the
+check fails. Near convergence and after a size step of the automatic truncation PI changes only a
+few states, so those steps cost 2 r triangular solves instead of a fill and an LU.
+
 ``control_limit_search``: the best policy of Deb & Serfozo's control-limit family, a start for PI.
 """
 
@@ -71,6 +77,8 @@ class BandedBelowLU:
     """
 
     def __init__(self, n: int, kl: int) -> None:
+        if int(n) < 2 or int(kl) < 1:
+            raise ValueError(f"BandedBelowLU needs n >= 2 and kl >= 1, got n = {n}, kl = {kl}")
         self.n = int(n)
         self.kl = min(int(kl), max(self.n - 1, 0))
         self.ku = max(self.n - 1, 0)
@@ -93,6 +101,11 @@ class BandedBelowLU:
         lu.matrix[:] = np.triu(M, -lu.kl)
         lu.factor()
         return lu
+
+    def clear(self) -> None:
+        """Zero the storage, to write and factor another matrix of the same shape in it."""
+        self._flat.fill(0.0)
+        self._piv = None
 
     def factor(self) -> None:
         # the scratch column in front of ``matrix`` overlaps band rows that LAPACK never reads; clear
@@ -204,8 +217,15 @@ class _BandedSolve:
     values: PolicyValues
 
     @classmethod
-    def factored(cls, smdp: TruncatedSMDP, actions: np.ndarray, block: int) -> "_BandedSolve":
-        lu = BandedBelowLU(smdp.n_states, block)
+    def factored(
+        cls, smdp: TruncatedSMDP, actions: np.ndarray, block: int, lu: BandedBelowLU | None = None
+    ) -> "_BandedSolve":
+        """Factor ``actions``' system, in ``lu``'s storage when given (cleared first: memory already
+        touched fills about twice as fast as fresh pages at N = 2667)."""
+        if lu is None:
+            lu = BandedBelowLU(smdp.n_states, block)
+        else:
+            lu.clear()
         _, c, _ = smdp.hessenberg_system(actions, out=lu.extended)
         lu.factor()
         x = lu.solve(c)
@@ -274,22 +294,28 @@ class PolicyEvaluator:
             if states.size == 0:
                 self.updated = False
                 return base.values
-            if states.size <= MAX_UPDATE_RANK:
-                self.smdp._checked_actions(actions)
-                self.updated = True
-                return base.updated(self.smdp, actions, states)
+            if states.size <= MAX_UPDATE_RANK:  # (hessenberg_rows checks the actions)
+                try:
+                    values = base.updated(self.smdp, actions, states)
+                except (np.linalg.LinAlgError, SingularPolicyError):
+                    pass  # a singular capacitance: let the LU say whether the policy is singular
+                else:
+                    self.updated = True
+                    return values
         return self.refactor(actions)
 
     def refactor(self, actions: np.ndarray) -> PolicyValues:
-        self._base = _BandedSolve.factored(self.smdp, actions, self.block)
+        old = self._base
+        self._base = None  # its storage is reused: it no longer describes a factored policy
+        self._base = _BandedSolve.factored(self.smdp, actions, self.block, None if old is None else old.lu)
         self.updated = False
         return self._base.values
 
 
-def q_values(smdp: TruncatedSMDP, h: np.ndarray, g: float) -> np.ndarray:
-    """Q(n, a) = c(n, a) - g tau(n, a) + E[h(next)]; +inf where the action is not allowed."""
-    q = smdp.cost - g * smdp.time + smdp.expected_next(h)
-    return np.where(smdp.valid, q, np.inf)
+def q_values(smdp: TruncatedSMDP, h: np.ndarray, g: float, first: int = 0) -> np.ndarray:
+    """Q(n, a) = c(n, a) - g tau(n, a) + E[h(next)] for n = first..N; +inf where the action is not allowed."""
+    q = smdp.cost[first:] - g * smdp.time[first:] + smdp.expected_next(h, first)
+    return np.where(smdp.valid[first:], q, np.inf)
 
 
 def improve(q: np.ndarray, current: np.ndarray, rtol: float = 1e-11) -> np.ndarray:

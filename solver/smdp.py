@@ -99,9 +99,8 @@ def _seeded_start(smdp: TruncatedSMDP, start: np.ndarray, below: int, h: np.ndar
     tail (``_extended_values``) puts most of them right before the first evaluation. The common
     states keep the previous policy; policy iteration decides either way.
     """
-    greedy = improve(q_values(smdp, h, gain), start)
     out = start.copy()
-    out[below:] = greedy[below:]
+    out[below:] = improve(q_values(smdp, h, gain, first=below), start[below:])
     return out
 
 

@@ -203,36 +203,39 @@ class TruncatedSMDP:
     def band(self) -> int:
         return self.pmf.shape[1] - 1
 
-    def expected_next(self, h: np.ndarray) -> np.ndarray:
-        """E[h(next state)] for every (n, a), shape (N+1, B+1); garbage where invalid.
+    def expected_next(self, h: np.ndarray, first: int = 0) -> np.ndarray:
+        """E[h(next state)] for every (n, a), n = first..N, shape (N+1-first, B+1); garbage where invalid.
 
         The serve part is one Hankel-by-pmf product: row s of the sliding window of h holds
         h(s..s+L), so (window @ pmf.T)[s, a-1] is the in-window expectation after serving a down to s.
+        From state ``first`` on only the rows s >= first - B are needed.
         """
         N = self.truncation
         L = self.band
+        B = self.model.max_batch
+        lo = max(0, first - B)
         padded = np.zeros(N + 1 + L)
         padded[: N + 1] = h
         view = sliding_window_view(padded, L + 1)
-        pv = np.empty((N + 1, self.model.max_batch))
+        pv = np.empty((N + 1 - lo, B))
         # h is zero past N: rows s0.. need only the first N - s0 + 1 pmf entries. In row chunks,
         # each multiplied on its nonzero width only, the product skips most of the zero triangle
         # (about 40% of the work when the window spans 0..N, as it does for CV >= 1).
         chunk = max(64, (N + 1) // EXPECTATION_CHUNKS + 1)
-        for s0 in range(0, N + 1, chunk):
+        for s0 in range(lo, N + 1, chunk):
             s1 = min(s0 + chunk, N + 1)
             width = min(L, N - s0) + 1
-            pv[s0:s1] = np.ascontiguousarray(view[s0:s1, :width]) @ self.pmf_t[:width]
-        out = np.empty((N + 1, self.model.max_batch + 1))
-        out[:, 1:] = pv.ravel()[self._gather] + self.tail_p[:, 1:] * h[N]
+            pv[s0 - lo : s1 - lo] = np.ascontiguousarray(view[s0:s1, :width]) @ self.pmf_t[:width]
+        out = np.empty((N + 1 - first, B + 1))
+        out[:, 1:] = pv.ravel()[self._gather[first:] - lo * B] + self.tail_p[first:, 1:] * h[N]
         if self.jump is None:
-            out[:-1, 0] = h[1:]
+            out[:-1, 0] = h[first + 1 :]
             out[-1, 0] = h[N]
         else:
             lw = self.jump.size - 1
             up = np.zeros(N + 1 + lw)
             up[: N + 1] = h
-            out[:, 0] = sliding_window_view(up, lw + 1) @ self.jump + self.tail_p[:, 0] * h[N]
+            out[:, 0] = sliding_window_view(up, lw + 1)[first:] @ self.jump + self.tail_p[first:, 0] * h[N]
         return out
 
     def _checked_actions(self, actions: np.ndarray) -> np.ndarray:

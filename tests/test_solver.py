@@ -667,3 +667,19 @@ def test_a_weight_that_overflows_the_gain_is_not_reported_converged():
     assert not bad.converged
     fine = solve(BatchingModel(rate=2000.0, max_batch=64, profile=profile, idle_power_w=40.0, weight=1e300))
     assert fine.converged and math.isfinite(fine.gain)
+
+
+@pytest.mark.parametrize("cv,groups", [(0.0, False), (1.0, False), (1.0, True)])
+def test_q_values_from_a_state_on_are_the_full_tables_rows(cv, groups):
+    from solver.arrival_model import CompoundPoisson
+    from solver.pi import q_values
+    from solver.tail import build
+
+    m = v100(16, 0.6, 1e-4, cv)
+    if groups:
+        m = m.with_(arrivals=CompoundPoisson(2.0))
+    smdp = build(m, 90)
+    h = np.linspace(0.0, 3.0, 91) ** 2
+    full = q_values(smdp, h, 0.4)
+    for first in (0, 5, 16, 40, 90):
+        np.testing.assert_allclose(q_values(smdp, h, 0.4, first), full[first:], rtol=1e-13)
