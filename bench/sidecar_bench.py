@@ -184,9 +184,7 @@ async def saturation(url: str, payload: bytes, seconds: float, concurrency: int)
 
 def start_sidecar(triton_url: str, policy: str, root: Path = ROOT, data_plane: str = "python",
                   triton_http: str | None = None) -> tuple[subprocess.Popen, str, str | None]:
-    """(process, gRPC host:port, HTTP host:port or None); ``triton_http``: also serve HTTP, relaying to it.
-
-    A sidecar from another tree (``root``) on the native plane runs that tree's own gate binary."""
+    """(process, gRPC host:port, HTTP host:port or None); ``triton_http``: also serve HTTP, relaying to it."""
     # named even for python: data_plane's default is auto, which takes the native gate wherever it is
     # built; only a baseline tree that predates the setting (and so runs the Python gate) goes without
     knows_planes = "data_plane" in (root / "plugin" / "config.py").read_text()
@@ -198,8 +196,6 @@ def start_sidecar(triton_url: str, policy: str, root: Path = ROOT, data_plane: s
          "--policy", policy, "--control-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
          "--log-level", "WARNING", *plane],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root,
-        env=dict(os.environ, SMDP_NATIVE_GATE=str(root / "native" / "build" / "smdp-gate"))
-        if root != ROOT and data_plane == "native" else None,
     )
     seen = ""
     for line in proc.stdout:  # warnings may come first (e.g. about a model's dynamic_batching)
@@ -279,8 +275,8 @@ def main() -> int:
     ap.add_argument("--protocol", choices=["grpc", "http", "both"], default="grpc",
                     help="measure over Triton's gRPC API, its HTTP/REST API, or both (same run)")
     ap.add_argument("--baseline", type=Path, default=None, metavar="DIR",
-                    help="also run a sidecar from another source tree (e.g. an older commit), same run; and, "
-                    "when DIR/native/build/smdp-gate exists, that tree's native plane (baseline-native)")
+                    help="also run a sidecar from another source tree (e.g. an older commit), same run; on "
+                         "the native plane too (baseline-native) when that tree has native/build/smdp-gate")
     args = ap.parse_args()
 
     payload = request(args.model)
@@ -321,10 +317,11 @@ def main() -> int:
                 add_sidecar("sidecar-native", *start_sidecar(triton.grpc_url, args.policy, data_plane="native",
                                                              triton_http=triton_http if http_on else None))
         if args.baseline is not None:
-            proc, url, _ = start_sidecar(triton.grpc_url, args.policy, args.baseline.resolve())
+            base = args.baseline.resolve()
+            proc, url, _ = start_sidecar(triton.grpc_url, args.policy, base)
             paths.append(Path_("baseline", url, proc))
-            if args.native != "off" and (args.baseline / "native" / "build" / "smdp-gate").is_file():
-                proc, url, _ = start_sidecar(triton.grpc_url, args.policy, args.baseline.resolve(), "native")
+            if args.native != "off" and (base / "native" / "build" / "smdp-gate").exists():
+                proc, url, _ = start_sidecar(triton.grpc_url, args.policy, base, data_plane="native")
                 paths.append(Path_("baseline-native", url, proc))
         for r in range(args.rounds):
             order = paths[r % len(paths):] + paths[:r % len(paths)]

@@ -20,7 +20,7 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
     return values
 
 
-def _common(p: argparse.ArgumentParser, out: str) -> None:
+def _common(p: argparse.ArgumentParser, out: str, at_load: bool = False) -> None:
     from .bench import DEFAULT_PROFILE
 
     p.add_argument("--triton", metavar="HOST:PORT", help="use this Triton (gRPC) instead of starting an embedded one")
@@ -32,12 +32,17 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--idle-power", type=float, default=DEFAULT_IDLE_POWER_W, help="P0, watts (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the arrival sequences (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path(out), help="output directory (default: %(default)s)")
-    p.add_argument("--stack-profile", choices=["measured", "table"], default="measured",
+    at = (["at-load"] if at_load else [])
+    p.add_argument("--stack-profile", choices=at + ["measured", "table"], default=(at or ["measured"])[0],
                    help="what the solver is told: tau(b) measured on this stack once (smdp profile, cached in the "
-                   "output directory; the table's energy) or the published table alone (default: %(default)s)")
+                   "output directory; the table's energy) or the published table alone" + (
+                       "; at-load: that profile, and for the gate contenders at each load the batch times and "
+                       "per-request hop the adaptive gate measures in a calibration run at that load (its own "
+                       "arrivals)" if at_load else "") + " (default: %(default)s)")
 
 
-def _contender_flags(p: argparse.ArgumentParser, gates: str) -> None:
+def _contender_flags(p: argparse.ArgumentParser, gates: str, slo_latency: float | None = None,
+                     slo_contenders: str = "triton:ma,gate:smdp-slo-fixed,gate:smdp-slo") -> None:
     p.add_argument("--data-plane", choices=["auto", "python", "native"], default="auto",
                    help="what carries the gate contenders' requests: native = the C++ smdp-gate (`make native`), "
                    "the sidecar's Python gate, or auto = native where smdp-gate is found (default: %(default)s)")
@@ -51,29 +56,40 @@ def _contender_flags(p: argparse.ArgumentParser, gates: str) -> None:
                    help="config-mode contender: the SMDP policy compiled into the model's dynamic_batching "
                    "(preferred_batch_size, max_queue_delay_microseconds) and reloaded on Triton, clients "
                    "direct to Triton; '' for none (default: %(default)s)")
-    add_slo_flags(p)
+    add_slo_flags(p, slo_latency, slo_contenders)
 
 
-def add_slo_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--slo-latency", type=float, default=None,
+def add_slo_flags(p: argparse.ArgumentParser, latency: float | None = None,
+                  contenders: str = "triton:ma,gate:smdp-slo-fixed,gate:smdp-slo") -> None:
+    p.add_argument("--slo-latency", type=float, default=latency,
                    help="a tail-latency SLO's D, seconds (of the emulated, time-scaled system): every row reports "
-                   "attainment (share within D) and goodput, and the contenders 'triton MA delay' (the delay a "
-                   "Model-Analyzer-style sweep picks) and 'gate smdp SLO' (the SLO gate) join in")
+                   "attainment (share within D) and goodput, and the --slo-contenders join in; 0 = no SLO "
+                   "(default: %(default)s)")
+    p.add_argument("--slo-contenders", default=contenders,
+                   help="what an SLO adds: triton:ma (the delay a Model-Analyzer-style sweep picks), "
+                   "gate:smdp-slo-fixed (the SLO search once, for the run's rate), gate:smdp-slo (the adaptive "
+                   "SLO gate); '' for none (default: %(default)s)")
     p.add_argument("--slo-quantile", type=float, default=0.99, help="the SLO's quantile q (default: %(default)s)")
+    p.add_argument("--slo-margin", type=float, default=0.0,
+                   help="seconds of D the SLO gate reserves for latency it does not see (this load generator's "
+                   "own threads and its hop to the sidecar): it searches for D - margin (default: %(default)s)")
 
 
 def slo_target(args: argparse.Namespace):
-    """The SLO of --slo-latency / --slo-quantile, or None (a bad value raises a ModelError, a ValueError)."""
+    """The SLO of --slo-latency / --slo-quantile / --slo-margin, or None (a bad value raises a ModelError)."""
     from solver.slo import SloTarget
 
-    return None if args.slo_latency is None else SloTarget(args.slo_quantile, args.slo_latency)
+    if args.slo_latency is None or args.slo_latency == 0:
+        return None
+    return SloTarget(args.slo_quantile, args.slo_latency, args.slo_margin)
 
 
-def slo_contenders(slo) -> tuple:
-    """What an SLO adds to the default contender list: the MA-style Triton delay and the SLO gate."""
+def slo_contenders(slo, specs: str = "triton:ma,gate:smdp-slo-fixed,gate:smdp-slo") -> tuple:
+    """What an SLO adds to the default contender list (``--slo-contenders``): by default the MA-style
+    Triton delay and the SLO gate, fixed (searched once for the run's rate) and adaptive."""
     from .contenders import parse_contender
 
-    return () if slo is None else (parse_contender("triton:ma"), parse_contender("gate:smdp-slo"))
+    return () if slo is None else tuple(parse_contender(s.strip()) for s in specs.split(",") if s.strip())
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -110,15 +126,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo",
         help="the one-minute tour: embedded Triton, solver service, sidecar gates, config mode, short bench",
         description="Start an embedded Triton and the solver service (smdp solver-serve), run a short bench "
-        "(two loads x six contenders: Triton's batcher at two delays, the gate with greedy, with the fixed "
-        "SMDP policy and with the adaptive one re-solving through the solver service, and config mode), "
-        "print the table and write plots to out/demo/. Everything started is stopped.",
+        "(two loads x seven contenders: Triton's batcher at two delays, the gate with greedy, with the fixed "
+        "SMDP policy and with the adaptive one re-solving through the solver service, config mode, and the "
+        "gate serving a tail-latency SLO; every row reports its attainment), print the table and write plots "
+        "to out/demo/. Everything started is stopped.",
     )
-    _common(d, "out/demo")
+    _common(d, "out/demo", at_load=True)
     d.add_argument("--rates", default="100,200", help="arrival rates, req/s (default: %(default)s)")
     d.add_argument("--duration", type=float, default=2.5, help="measured seconds per contender (default: %(default)s)")
     d.add_argument("--weight", type=float, default=BENCH_WEIGHT, help="w, seconds per watt (default: %(default)s)")
-    _contender_flags(d, gates="greedy,smdp,smdp-adaptive")
+    # the demo's SLO row: the adaptive SLO gate at q0.99 <= 80 ms (of the emulated system), 5 ms of it
+    # kept for what the gate cannot see: the load generator's hop (a lone request through the gate takes
+    # about 2 ms beyond tau(1)) and its own send lag (p99 about 3 ms), both printed by the bench
+    _contender_flags(d, gates="greedy,smdp,smdp-adaptive", slo_latency=0.08, slo_contenders="gate:smdp-slo")
+    d.set_defaults(slo_margin=0.005)
     d.add_argument("--warmup", type=float, default=0.75,
                    help="seconds of unmeasured arrivals before the window, per contender (default: %(default)s)")
     d.add_argument("--cooldown", type=float, default=0.25,
@@ -161,7 +182,7 @@ def _contenders(args: argparse.Namespace):
     for m in (s.strip() for s in (getattr(args, "config_mode", "") or "").split(",") if s.strip()):
         out.append(parse_contender(f"config:{m}"))
     names = {c.name for c in out}
-    out += [c for c in slo_contenders(slo_target(args)) if c.name not in names]
+    out += [c for c in slo_contenders(slo_target(args), args.slo_contenders) if c.name not in names]
     return tuple(out)
 
 
@@ -174,7 +195,7 @@ def _config(args: argparse.Namespace):
         model=args.model, seed=args.seed, warmup_s=args.warmup, cooldown_s=args.cooldown, out_dir=args.out,
         solver=None if args.solver in ("none", "") else args.solver, data_plane=args.data_plane,
         slo=slo_target(args), instances=getattr(args, "instances", 1),
-        stack_profile=args.stack_profile == "measured",
+        stack_profile=args.stack_profile != "table", operating_point=args.stack_profile == "at-load",
     )
 
 
@@ -240,7 +261,7 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
         cfg = ParetoConfig(rate=args.rate, weights=_floats(args.weights, "--weights"), delays_us=delays,
                            duration_s=args.duration, time_scale=args.time_scale, idle_power_w=args.idle_power,
                            profile_csv=args.profile, model=args.model, seed=args.seed,
-                           warmup_s=args.warmup, out_dir=args.out, stack_profile=args.stack_profile == "measured")
+                           warmup_s=args.warmup, out_dir=args.out, stack_profile=args.stack_profile != "table")
     except (ValueError, argparse.ArgumentTypeError, ModelError) as exc:
         print(f"smdp pareto: {exc}", file=sys.stderr)
         return 2
