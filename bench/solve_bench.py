@@ -53,6 +53,7 @@ compound Poisson arrivals, geometric groups of mean 2) and "mmpp" (``solver.mmpp
 same code in both columns). One run each (the SLO and k-instance searches take seconds).
 
     python bench/solve_bench.py --features --batches 64 128 --cvs 0 1 --loads 0.6
+    python bench/solve_bench.py --features --feature slo k=4 --batches 64 128 --cvs 0 1 --loads 0.6
 
 --policy-drift: what the automatic N's two checks see at each size of the search (no timing). For
 every --batches, --cvs and --loads: the sizes of a cold ``solve(model)``, then at each size the
@@ -90,6 +91,7 @@ from solver.rvi import relative_value_iteration  # noqa: E402
 from solver.tail import build  # noqa: E402
 
 IDLE_W = DEFAULT_IDLE_POWER_W
+FEATURES = ("slo", "groups", "mmpp", "k=4")
 
 
 def make_model(B: int, load: float, weight: float, cv: float) -> BatchingModel:
@@ -314,6 +316,8 @@ def feature_rows(args) -> int:
                                   lambda k4=k4: with_before(solver.instances, lambda: solve_instances(k4)),
                                   lambda r: f"gain {r.gain:.6g} +- {r.gain_ci95:.2g}"))
                 for name, now_fn, before_fn, describe in cases:
+                    if name not in args.feature:
+                        continue
                     try:
                         now, t_now, mem_now = measured(now_fn, 1)
                     except Exception as exc:  # a feature that refuses this model: say so, go on
@@ -382,6 +386,8 @@ def main(argv=None) -> int:
                     help="solve() now against the solver before (module doc), same run")
     ap.add_argument("--features", action="store_true",
                     help="the SLO, k-instance and bursty-arrival solves, now against before (module doc)")
+    ap.add_argument("--feature", nargs="+", choices=FEATURES, default=list(FEATURES),
+                    help="with --features: only these feature solves")
     ap.add_argument("--policy-drift", action="store_true",
                     help="per size of the automatic search: gain step, policy changes, stationary mass (module doc)")
     args = ap.parse_args(argv)

@@ -77,6 +77,8 @@ class BandedBelowLU:
     """
 
     def __init__(self, n: int, kl: int) -> None:
+        if int(n) < 2 or int(kl) < 1:
+            raise ValueError(f"BandedBelowLU needs n >= 2 and kl >= 1, got n = {n}, kl = {kl}")
         self.n = int(n)
         self.kl = min(int(kl), max(self.n - 1, 0))
         self.ku = max(self.n - 1, 0)
