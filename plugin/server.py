@@ -31,6 +31,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2
 from solver.policy import MaxWaitGuard
 from solver.slo import SloTarget
 
+from .batcher_notice import TritonBatcherNotice
 from .loop.controller import PolicyController, RemoteSolver, learning_options
 from .config import ModelPolicyConfig, SidecarConfig
 from .gate import ModelGate, Pending, QueueFull
@@ -219,11 +220,13 @@ class Sidecar:
         self._native = None
         """The native data plane (``data_plane: native``): a NativePlane once start_sidecar started it."""
         self._native_loading: set[str] = set()
+        self._batcher_notice = TritonBatcherNotice(chosen="triton_batcher" in config.model_fields_set)
         self._closing = False
         self._retune = self._loop.create_task(self._retune_loop())
 
     async def close(self) -> None:
         self._closing = True
+        self._batcher_notice.close()
         if self._native is not None:
             await self._native.stop()
         self._retune.cancel()
@@ -399,13 +402,7 @@ class Sidecar:
             log.info("gating model %s (B=%d, %d slot(s), policy %s)", name, info.max_batch, slots, info.spec)
             if self.config.mode == "merged" and cfg.HasField("dynamic_batching") \
                     and self.config.triton_batcher == "keep":
-                # Seen with Triton 2.51: its batcher, idle between the gate's merged requests, now and then
-                # misses the enqueue and holds a request for its 500 ms default wait. The gate already
-                # forms the batches; Triton's batcher has nothing left to do in merged mode.
-                log.warning(
-                    "model %s has dynamic_batching on behind the merged gate: Triton 2.51 was seen holding a "
-                    "request for its 500 ms idle wait now and then; set triton_batcher: off to have the sidecar "
-                    "reload it without (the gate forms the batches)", name)
+                self._batcher_notice.seen(name)  # one warning line per start for all such models
         state = ModelState(
             name=name,
             version=version,
@@ -1045,6 +1042,9 @@ class _Servicer:
             # re-raised it hold the error: a cycle, which kept a refused 64 MiB request in memory until
             # the next garbage collection. Cut here, and aborted outside the handler.
             exc.__traceback__ = None
+        # The abort's error holds this frame, in a cycle with grpc's call state freed only by a garbage
+        # collection: the frame must not hold the request then (12 refused 64 MiB requests held 860 MiB).
+        del request
         await context.abort(code, details)
 
     async def model_stream_infer(
@@ -1226,6 +1226,7 @@ def _relay_handler(channel: grpc.aio.Channel, method: str, unary_request: bool, 
     if not allowed:
 
         async def denied(request, context):
+            del request  # not held by the abort's error (see model_infer)
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
 f"{method} is not exposed through the sidecar: to relay Triton's repository control, start it "
@@ -1240,10 +1241,13 @@ f"{method} is not exposed through the sidecar: to relay Triton's repository cont
             try:
                 response = await stub(request, metadata=_forward_metadata(context))
             except grpc.aio.AioRpcError as exc:
-                await context.abort(exc.code(), exc.details() or "")
-            if on_success is not None:
-                on_success(request)
-            return response
+                code, details = exc.code(), exc.details() or ""
+            else:
+                if on_success is not None:
+                    on_success(request)
+                return response
+            del request  # not held by the abort's error (see model_infer)
+            await context.abort(code, details)
 
         return grpc.unary_unary_rpc_method_handler(relay)
     raise NotImplementedError(f"streaming relay for {method}")
