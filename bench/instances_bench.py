@@ -6,8 +6,11 @@
    search picks (evaluated exactly) against J* on the V100 profile.
 3. The k-instance solver's prediction (its fresh simulation) against an independent simulation on
    other random numbers, k = 2 and 4 on the V100 profile at loads 0.3..0.9 of k B / tau(B).
+4. Speed (--speed runs only this): ``solve_instances`` with the vectorised search (now) against the
+   event-loop search it replaced (before), in the same run, k = 2 and 4, B = 64, V100 profile; the J of
+   both choices on one independent simulation (common random numbers: their difference is precise).
 
-    python bench/instances_bench.py [--requests N]
+    python bench/instances_bench.py [--requests N] [--speed]
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import argparse
 from pathlib import Path
 
 from solver.evaluate import evaluate
-from solver.instances import evaluate_instances, search_thresholds, simulate_table, solve_instances
+import time
+
+from solver.instances import Search, evaluate_instances, search_thresholds, simulate_table, solve_instances
 from solver.model import BatchingModel, ServiceProfile
 from solver.policy import instance_thresholds, threshold
 from solver.smdp import solve
@@ -78,13 +83,43 @@ def prediction_vs_simulation(requests: int) -> None:
                       f"{r.solve_time_s:>7.1f}")
 
 
+def speed(requests: int) -> None:
+    print("\n4. solve time, vectorised search (now) vs event-loop search (before), same run; V100, B = 64")
+    print("   (wall seconds; cpu: this process's CPU seconds, less sensitive to a shared machine)")
+    print(f"   {'k':>2} {'load':>4} {'w':>6} {'now s':>6} {'cpu':>5} {'before s':>8} {'cpu':>5} {'ratio':>6} {'cands now':>9} "
+          f"{'before':>6} {'T_m now':<14} {'T_m before':<14} {'J now vs before %':>17}")
+    prof = ServiceProfile.from_csv(V100, max_batch=64)
+    for k in (2, 4):
+        base = BatchingModel(rate=1.0, max_batch=64, profile=prof, idle_power_w=40.0, instances=k)
+        for load in (0.3, 0.6, 0.9):
+            for w in (0.0, 1e-4):
+                m = base.with_(rate=load * base.capacity, weight=w)
+                t0, c0 = time.perf_counter(), time.process_time()
+                now = solve_instances(m)
+                t1, c1 = time.perf_counter(), time.process_time()
+                before = solve_instances(m, search=Search.EVENT_LOOP)
+                t2, c2 = time.perf_counter(), time.process_time()
+                j_now = simulate_table(m, now.policy, requests, seed=4242).cost
+                j_bef = simulate_table(m, before.policy, requests, seed=4242).cost
+                print(f"   {k:>2} {load:>4.1f} {w:>6g} {t1 - t0:>6.2f} {c1 - c0:>5.2f} {t2 - t1:>8.2f} {c2 - c1:>5.2f} "
+                      f"{(t2 - t1) / (t1 - t0):>6.1f} "
+                      f"{now.evaluations:>9} {before.evaluations:>6} {'/'.join(map(str, now.policy.thresholds() or ())):<14} "
+                      f"{'/'.join(map(str, before.policy.thresholds() or ())):<14} {100 * (j_now / j_bef - 1):>+17.3f}",
+                      flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=200_000, help="simulated requests per check (default: %(default)s)")
+    ap.add_argument("--speed", action="store_true", help="only section 4 (solve time, now vs before)")
     args = ap.parse_args()
+    if args.speed:
+        speed(2 * args.requests)
+        return
     chain_vs_simulator(args.requests)
     family_at_one_instance(args.requests // 2)
     prediction_vs_simulation(args.requests)
+    speed(2 * args.requests)
 
 
 if __name__ == "__main__":

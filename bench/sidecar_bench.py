@@ -275,7 +275,8 @@ def main() -> int:
     ap.add_argument("--protocol", choices=["grpc", "http", "both"], default="grpc",
                     help="measure over Triton's gRPC API, its HTTP/REST API, or both (same run)")
     ap.add_argument("--baseline", type=Path, default=None, metavar="DIR",
-                    help="also run a sidecar from another source tree (e.g. an older commit), same run")
+                    help="also run a sidecar from another source tree (e.g. an older commit), same run; on "
+                         "the native plane too (baseline-native) when that tree has native/build/smdp-gate")
     args = ap.parse_args()
 
     payload = request(args.model)
@@ -316,8 +317,12 @@ def main() -> int:
                 add_sidecar("sidecar-native", *start_sidecar(triton.grpc_url, args.policy, data_plane="native",
                                                              triton_http=triton_http if http_on else None))
         if args.baseline is not None:
-            proc, url, _ = start_sidecar(triton.grpc_url, args.policy, args.baseline.resolve())
+            base = args.baseline.resolve()
+            proc, url, _ = start_sidecar(triton.grpc_url, args.policy, base)
             paths.append(Path_("baseline", url, proc))
+            if args.native != "off" and (base / "native" / "build" / "smdp-gate").exists():
+                proc, url, _ = start_sidecar(triton.grpc_url, args.policy, base, data_plane="native")
+                paths.append(Path_("baseline-native", url, proc))
         for r in range(args.rounds):
             order = paths[r % len(paths):] + paths[:r % len(paths)]
             for p in order:  # low load

@@ -15,10 +15,12 @@ sequences the SLO search and the Model-Analyzer-style sweep used to choose:
 Columns: attainment (share of requests within D), the q-quantile, mean power, and the SLO gate's power
 against Triton's hindsight delay and against delay 0. Power is modelled from the profile (e(b) per
 batch, P0 = 40 W idle, an assumption). ``--timing`` instead times an SLO solve at B = 128 against a
-plain solve in the same run (median of --repeats).
+plain solve in the same run (median of --repeats), optionally against the search as it was at a git
+revision (``--before REV``), and reports the longest stall of a 1 ms asyncio ticker while the search
+runs in a thread of the same process and in the sidecar's SLO worker process (``plugin/loop/slo_search.py``).
 
     python bench/slo_bench.py                       # B = 64, D = 20 ms, q = 0.99, loads 0.05..0.7
-    python bench/slo_bench.py --timing --batch 128
+    python bench/slo_bench.py --timing --batch 128 --weight 1e-3 --cvs 0 1 --loads 0.05 0.3 0.6 --before REV
 """
 
 from __future__ import annotations
@@ -108,27 +110,102 @@ def study(args: argparse.Namespace) -> None:
         print(f"{load:>4.2f}  {att:>19.4f}  {100 * vs_h:>+17.2f}%  {100 * vs_0:>+15.2f}%  ({ma_att:.4f})")
 
 
+def _module_at(rev: str):
+    """``solver/slo.py`` as it was at git revision ``rev``, imported as a module of its own."""
+    import importlib.util
+    import subprocess
+    import sys
+    import tempfile
+
+    src = subprocess.run(["git", "show", f"{rev}:solver/slo.py"], cwd=ROOT, check=True, capture_output=True,
+                         text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "slo_before.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("slo_before", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["slo_before"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+async def _longest_stall(work) -> float:
+    """The longest gap between ticks of a 1 ms asyncio ticker while ``await work()`` runs: what the
+    search costs the sidecar's event loop (the GIL it holds)."""
+    import asyncio
+
+    done = False
+    longest = 0.0
+
+    async def ticker() -> None:
+        nonlocal longest
+        last = time.perf_counter()
+        while not done:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            longest = max(longest, now - last)
+            last = now
+
+    tick = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0.01)
+    try:
+        await work()
+    finally:
+        done = True
+        await tick
+    return longest
+
+
 def timing(args: argparse.Namespace) -> None:
-    prof = ServiceProfile.from_csv(args.profile, max_batch=args.batch)
-    base = BatchingModel(rate=1.0, max_batch=args.batch, profile=prof, idle_power_w=args.idle_power,
-                         weight=args.weight)
+    import asyncio
+
+    from plugin.loop import slo_search
+
+    before = _module_at(args.before) if args.before else None
+    base_prof = ServiceProfile.from_csv(args.profile, max_batch=args.batch)
     target = SloTarget(args.quantile, args.latency)
     print(f"SLO solve vs plain solve, B = {args.batch}, w = {args.weight}, SLO q{args.quantile} <= "
-          f"{args.latency * 1e3:g} ms; median of {args.repeats} (shared machine: compare within a row)")
-    print(f"{'load':>5} {'plain ms':>9} {'SLO ms':>8} {'ratio':>6} {'candidates':>10} {'requests':>9} feasible")
-    for load in args.loads:
-        model = base.with_(rate=load * base.capacity)
-        plain, slo_t, res = [], [], None
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            solve(model)
-            plain.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            res = solve_slo(model, target)
-            slo_t.append(time.perf_counter() - t0)
-        p, s = statistics.median(plain), statistics.median(slo_t)
-        print(f"{load:>5.2f} {p * 1e3:>9.1f} {s * 1e3:>8.1f} {s / p:>6.1f} {len(res.candidates):>10} "
-              f"{res.requests:>9} {res.feasible}")
+          f"{args.latency * 1e3:g} ms; median of {args.repeats}"
+          + (f"; 'before' = solver/slo.py at {args.before}, timed alternately in the same run" if before else "")
+          + " (shared machine: compare within a row)")
+    print(f"{'cv':>4} {'load':>5} {'plain ms':>9} {'SLO ms':>8} {'cands':>5} "
+          + (f"{'before ms':>9} {'cands':>5} {'speed-up':>8} " if before else "")
+          + f"{'stall thread ms':>15} {'stall process ms':>16} feasible")
+    for cv in args.cvs:
+        prof = ServiceProfile(base_prof.mean_s, base_prof.energy_j, np.full(args.batch, cv),
+                              interpolated=base_prof.interpolated)
+        base = BatchingModel(rate=1.0, max_batch=args.batch, profile=prof, idle_power_w=args.idle_power,
+                             weight=args.weight)
+        for load in args.loads:
+            model = base.with_(rate=load * base.capacity)
+            plain, slo_t, bef_t, res, bres = [], [], [], None, None
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                solve(model)
+                plain.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                res = solve_slo(model, target)
+                slo_t.append(time.perf_counter() - t0)
+                if before is not None:
+                    t0 = time.perf_counter()
+                    bres = before.solve_slo(model, before.SloTarget(args.quantile, args.latency))
+                    bef_t.append(time.perf_counter() - t0)
+
+            async def in_thread():
+                await asyncio.get_running_loop().run_in_executor(None, solve_slo, model, target)
+
+            async def in_process():
+                await slo_search.search(model, target)
+
+            stall_t = asyncio.run(_longest_stall(in_thread))
+            asyncio.run(_longest_stall(in_process))  # the worker's start, not counted
+            stall_p = asyncio.run(_longest_stall(in_process))
+            p, s_ = statistics.median(plain), statistics.median(slo_t)
+            row = f"{cv:>4g} {load:>5.2f} {p * 1e3:>9.1f} {s_ * 1e3:>8.1f} {len(res.candidates):>5} "
+            if before is not None:
+                b = statistics.median(bef_t)
+                row += f"{b * 1e3:>9.1f} {len(bres.candidates):>5} {b / s_:>8.2f} "
+            print(row + f"{stall_t * 1e3:>15.1f} {stall_p * 1e3:>16.1f} {res.feasible}", flush=True)
+    slo_search.shutdown()
 
 
 def main() -> None:
@@ -145,6 +222,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timing", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cvs", type=float, nargs="+", default=[0.0], help="--timing: service-time CVs")
+    ap.add_argument("--before", default=None,
+                    help="--timing: also time solver/slo.py as it was at this git revision, in the same run")
     args = ap.parse_args()
     (timing if args.timing else study)(args)
 

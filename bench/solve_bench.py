@@ -36,7 +36,7 @@ for LAPACK), "dense" (the current default: the system built in place, factored w
 
 --against-before: ``solve(model)`` as it is now against the solver before the automatic N followed
 the gain's own contraction ("before": ``growth=1.5, resume_warm_start=False,
-linear_solver="dense"``), in the same run, cold (PI from greedy) and warm (started from the same
+linear_solver="dense"``, without the fluid-seeded start of each new size: ``solve_before``), in the same run, cold (PI from greedy) and warm (started from the same
 solver's policy at 0.95 x the rate, as the adaptive loop's neighbour), for every --batches and
 --cvs at --loads (default B = 64, 128, 256, CV 0 and 1, load 0.6). Time: best of --repeat; memory:
 tracemalloc peak of one more call. Also: the N each chose, the gain difference and whether the
@@ -53,6 +53,7 @@ compound Poisson arrivals, geometric groups of mean 2) and "mmpp" (``solver.mmpp
 same code in both columns). One run each (the SLO and k-instance searches take seconds).
 
     python bench/solve_bench.py --features --batches 64 128 --cvs 0 1 --loads 0.6
+    python bench/solve_bench.py --features --feature slo k=4 --batches 64 128 --cvs 0 1 --loads 0.6
 
 --policy-drift: what the automatic N's two checks see at each size of the search (no timing). For
 every --batches, --cvs and --loads: the sizes of a cold ``solve(model)``, then at each size the
@@ -90,6 +91,7 @@ from solver.rvi import relative_value_iteration  # noqa: E402
 from solver.tail import build  # noqa: E402
 
 IDLE_W = DEFAULT_IDLE_POWER_W
+FEATURES = ("slo", "groups", "mmpp", "k=4")
 
 
 def make_model(B: int, load: float, weight: float, cv: float) -> BatchingModel:
@@ -199,7 +201,7 @@ def solve_with(m: BatchingModel, variant: str):
     saved = solver.pi.evaluate_policy, solver.smdp.evaluate_policy
     solver.pi.evaluate_policy = solver.smdp.evaluate_policy = evaluate_policy_before
     try:
-        return solve(m)
+        return solve(m, linear_solver="dense")  # the dense path is the one that calls evaluate_policy
     finally:
         solver.pi.evaluate_policy, solver.smdp.evaluate_policy = saved
 
@@ -233,8 +235,15 @@ def compare_linear_solvers(args) -> int:
 
 
 def solve_before(m: BatchingModel, method: str = "pi", **kwargs):
-    """The solver as it was: 1.5x growth from the initial size, dense LU (arguments as ``solve``'s)."""
-    return solve(m, method, growth=1.5, resume_warm_start=False, linear_solver="dense", **kwargs)
+    """The solver as it was: 1.5x growth from the initial size, dense LU (so no low-rank updates),
+    each new size started from the previous policy and the beyond-N rule (no fluid-seeded start)
+    (arguments as ``solve``'s). The lighter build and the shared arrivals pmf are in both."""
+    saved = solver.smdp._seeded_start
+    solver.smdp._seeded_start = lambda smdp, start, below, h, gain: start
+    try:
+        return solve(m, method, growth=1.5, resume_warm_start=False, linear_solver="dense", **kwargs)
+    finally:
+        solver.smdp._seeded_start = saved
 
 
 def against_before(args) -> int:
@@ -307,6 +316,8 @@ def feature_rows(args) -> int:
                                   lambda k4=k4: with_before(solver.instances, lambda: solve_instances(k4)),
                                   lambda r: f"gain {r.gain:.6g} +- {r.gain_ci95:.2g}"))
                 for name, now_fn, before_fn, describe in cases:
+                    if name not in args.feature:
+                        continue
                     try:
                         now, t_now, mem_now = measured(now_fn, 1)
                     except Exception as exc:  # a feature that refuses this model: say so, go on
@@ -375,6 +386,8 @@ def main(argv=None) -> int:
                     help="solve() now against the solver before (module doc), same run")
     ap.add_argument("--features", action="store_true",
                     help="the SLO, k-instance and bursty-arrival solves, now against before (module doc)")
+    ap.add_argument("--feature", nargs="+", choices=FEATURES, default=list(FEATURES),
+                    help="with --features: only these feature solves")
     ap.add_argument("--policy-drift", action="store_true",
                     help="per size of the automatic search: gain step, policy changes, stationary mass (module doc)")
     args = ap.parse_args(argv)

@@ -97,9 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             t.start()
         for t in threads:
             t.join()
-        if sc.sidecar._native is not None:
-            sc.run(sc.sidecar._native.sync(), 10)
-        gate = sc.sidecar.models()[("emulated_gpu", "")].gate
+        sc.run(sc.sidecar.plane.sync(), 10)
+        gate = sc.sidecar.registry.models()[("emulated_gpu", "")].gate
         print(f"{counts['streams']} streams ({counts['cancelled']} cancelled part-way), {counts['answers']} answers "
               f"in {time.monotonic() - t0:.1f} s; gate: queue {gate.queue_length}, in flight {gate.in_flight}, "
               f"{gate.counters.submitted} submitted, {gate.counters.cancelled} withdrawn, "

@@ -204,17 +204,38 @@ def _run_contender(c: Contender, cfg: BenchConfig, control: ModelConfigControl, 
             spec = SidecarSpec(policy=c.policy, max_batch=B, profile_csv=profile_path, rate_rps=rate,
                                weight=cfg.weight, idle_power_w=cfg.idle_power_w, adaptive=c.adaptive,
                                solver_url=solver_url if c.adaptive else None, data_plane=cfg.data_plane,
-                               slo=(cfg.slo.quantile, cfg.slo.latency_s) if c.slo and cfg.slo else None)
+                               slo=cfg.slo if c.slo else None)
             safe = c.name.replace(" ", "_").replace(":", "_")
             sidecar = SidecarProcess(triton_url, spec, log_path=log_dir / f"sidecar-{safe}-{rate:g}.log").start()
             target = sidecar.url
         lo, hi = cfg.window
-        return run_open_loop(target, cfg.model, times, timeout_s=cfg.request_timeout_s,
-                             required=(times >= lo) & (times < hi), drain_grace_s=1.0,
-                             time_limit_s=hi + cfg.cooldown_s + 5.0)
+        result = run_open_loop(target, cfg.model, times, timeout_s=cfg.request_timeout_s,
+                               required=(times >= lo) & (times < hi), drain_grace_s=1.0,
+                               time_limit_s=hi + cfg.cooldown_s + 5.0)
+        if sidecar is not None and c.slo:
+            _save_slo_status(sidecar, cfg.model, log_dir / f"slo-status-{safe}-{rate:g}.txt")
+        return result
     finally:
         if sidecar is not None:
             sidecar.stop()
+
+
+def _save_slo_status(sidecar: SidecarProcess, model: str, path: Path) -> None:
+    """The SLO gate's own view at the end of its run (``smdp ctl status``: its predicted and measured
+    quantile, the margin and the correction it searched with), beside its log; best effort."""
+    import grpc
+
+    from plugin.ctl_cli import _status_text
+    from smdp.v1 import smdp_pb2, smdp_pb2_grpc
+
+    if sidecar.control_url is None:
+        return
+    try:
+        with grpc.insecure_channel(sidecar.control_url) as channel:
+            status = smdp_pb2_grpc.ControlStub(channel).GetStatus(smdp_pb2.ModelRequest(model=model), timeout=5.0)
+        path.write_text(_status_text(status) + "\n")
+    except grpc.RpcError as exc:
+        path.write_text(f"no status: {exc.code().name}\n")
 
 
 @dataclass(frozen=True)

@@ -48,8 +48,9 @@ class Contender:
     """Adaptive gate: solve each regime with w x long-run rate / rate (plugin/loop/controller.py); False: with
     w as is (``gate:smdp-adaptive-unscaled``, to measure what the scaling is worth)."""
     slo: bool = False
-    """Adaptive gate serving the bench's SLO (``gate:smdp-slo``): the least-J policy and max-wait guard
-    predicted to meet it (``solver.slo``), re-solved as the rate moves."""
+    """Gate serving the bench's SLO: the least-J policy and max-wait guard predicted to meet it
+    (``solver.slo``), adaptive (``gate:smdp-slo``: re-solved as the rate moves, with the correction
+    it measures) or fixed (``gate:smdp-slo-fixed``: searched once for the bench's rate)."""
     model_analyzer: bool = False
     """Triton's batcher at the delay a Model-Analyzer-style search picks for the bench's SLO
     (``triton:ma``): ``ma_delay`` sweeps the delays at the run's rate, least power with the q-quantile <= D."""
@@ -67,8 +68,8 @@ class Contender:
             raise ValueError("only the smdp policy (gate or config mode) can be adaptive")
         if not self.long_run and not (self.kind == "gate" and self.adaptive):
             raise ValueError("only the adaptive gate solves per regime: long_run=False needs gate smdp adaptive")
-        if self.slo and not (self.kind == "gate" and self.policy == "smdp" and self.adaptive):
-            raise ValueError("only the adaptive smdp gate serves an SLO (gate:smdp-slo)")
+        if self.slo and not (self.kind == "gate" and self.policy == "smdp"):
+            raise ValueError("only the smdp gate serves an SLO (gate:smdp-slo, gate:smdp-slo-fixed)")
         if self.model_analyzer and self.kind != "triton":
             raise ValueError("the Model-Analyzer-style delay is Triton's batcher's (triton:ma)")
         if not isinstance(self.max_queue_delay_us, int) or self.max_queue_delay_us < 0:
@@ -81,7 +82,7 @@ class Contender:
         if self.kind == "config":
             return f"config {self.policy}" + (" adaptive" if self.adaptive else "")
         if self.slo:
-            return "gate smdp SLO"
+            return "gate smdp SLO" + ("" if self.adaptive else " fixed")
         if self.policy == "smdp" and self.adaptive:
             return "gate smdp adaptive" + ("" if self.long_run else " (w unscaled)")
         return f"gate {self.policy}"
@@ -90,7 +91,7 @@ class Contender:
 def parse_contender(spec: str) -> Contender:
     """``triton:DELAY_US``, ``triton:ma`` (the Model-Analyzer-style delay for the SLO), ``gate:POLICY``
     (``gate:smdp-adaptive`` re-solves; ``gate:smdp-adaptive-unscaled`` re-solves with w as is;
-    ``gate:smdp-slo`` serves the SLO), ``config:smdp`` or ``config:smdp-adaptive`` (config mode following
+    ``gate:smdp-slo`` serves the SLO, ``gate:smdp-slo-fixed`` the SLO policy searched once), ``config:smdp`` or ``config:smdp-adaptive`` (config mode following
     the load)."""
     kind, _, rest = spec.strip().partition(":")
     if kind == "triton":
@@ -110,6 +111,8 @@ def parse_contender(spec: str) -> Contender:
             return Contender("gate", policy="smdp", adaptive=True, long_run=False)
         if rest == "smdp-slo":
             return Contender("gate", policy="smdp", adaptive=True, slo=True)
+        if rest == "smdp-slo-fixed":
+            return Contender("gate", policy="smdp", slo=True)
         try:
             return Contender("gate", policy=rest)
         except ValueError as exc:

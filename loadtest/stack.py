@@ -25,6 +25,7 @@ from solver.quantities import DEFAULT_IDLE_POWER_W, DEFAULT_WEIGHT
 
 
 from solver.model import ServiceProfile
+from solver.slo import SloTarget
 
 __all__ = ["SidecarProcess", "SidecarSpec", "SolverProcess", "scaled_profile", "write_profile_csv"]
 
@@ -74,8 +75,8 @@ class SidecarSpec:
     """``smdp serve --data-plane``: python, or native (the C++ smdp-gate carries the requests)."""
     long_run_window_s: float | None = None
     """``smdp serve --long-run-window``: None = the sidecar's default; 0 = solve every regime with w as is."""
-    slo: tuple[float, float] | None = None
-    """(q, D): ``smdp serve --slo-quantile q --slo-latency D`` (the adaptive smdp gate serves that SLO)."""
+    slo: SloTarget | None = None
+    """``smdp serve --slo-quantile q --slo-latency D [--slo-margin m]`` (the adaptive smdp gate serves that SLO)."""
 
     def flags(self) -> list[str]:
         out = ["--policy", self.policy, "--max-batch", str(self.max_batch), "--weight", repr(float(self.weight)),
@@ -93,7 +94,9 @@ class SidecarSpec:
         if self.long_run_window_s is not None:
             out += ["--long-run-window", repr(float(self.long_run_window_s))]
         if self.slo is not None:
-            out += ["--slo-quantile", repr(float(self.slo[0])), "--slo-latency", repr(float(self.slo[1]))]
+            out += ["--slo-quantile", repr(self.slo.quantile), "--slo-latency", repr(self.slo.latency_s)]
+            if self.slo.margin_s > 0:
+                out += ["--slo-margin", repr(self.slo.margin_s)]
         return out
 
 

@@ -16,6 +16,7 @@ the rate moves. Clients talk to Triton directly in both.
 from __future__ import annotations
 
 import math
+import re
 import sys
 import threading
 import time
@@ -29,7 +30,7 @@ from solver.quantities import DEFAULT_IDLE_POWER_W
 
 from .bench import (BenchConfig, BenchReport, BenchRow, Progress, _ms, bench_stack, contender_override, format_table,
                     write_outputs)
-from .contenders import Contender, compile_config, ma_delay, parse_contender, predict
+from .contenders import Contender, Prediction, compile_config, ma_delay, parse_contender, predict
 from .metrics import batch_histogram, measure, power_note
 from .openloop import run_open_loop
 from .stack import SidecarProcess, SidecarSpec
@@ -46,6 +47,70 @@ class StatusSample:
     serve_from: int
     """The smallest queue length at which the policy in force serves (its wait region ends there)."""
     predicted_rate_rps: float
+    solved_for: str = ""
+    """The arrival model the policy in force was solved for (from the status note)."""
+
+
+_SOLVED_FOR = re.compile(r"policy solved for ([^;]+)")
+
+
+def solved_arrivals(note: str) -> str:
+    """The arrival model named in a status note ("poisson" when it says arrivals are assumed Poisson)."""
+    m = _SOLVED_FOR.search(note)
+    if m is not None:
+        return m.group(1).strip()
+    return "poisson" if "assumed Poisson" in note else ""
+
+
+@dataclass(frozen=True)
+class FittedPrediction:
+    """The gates' predictions under the arrival model fitted to the replayed trace (``smdp fit-arrivals``)."""
+
+    spec: str
+    fixed: "Prediction"
+    """The fixed gate's table (solved for Poisson at the mean rate) evaluated exactly under the fit."""
+    adaptive: "Prediction"
+    """The best phase-blind table under the fit (``solver.mmpp.solve_mmpp_blind``; under groups alone
+    the compound-Poisson solve): what a gate that learns the clumping can reach."""
+    poisson_w_s: float
+    """The Poisson reference's W for the fixed gate (what this column showed before)."""
+    replay_w_s: float
+    """The fixed gate's table simulated on the replayed arrival times themselves (no arrival model):
+    what the model's error is measured against before the stack's own effects."""
+
+
+def fitted_prediction(model, times: np.ndarray, warmup_s: float = 0.0) -> FittedPrediction:
+    from solver.arrival_model import MMPP2, POISSON, Poisson
+    from solver.errors import ModelError
+    from solver.evaluate import evaluate
+    from solver.fit import fit_arrivals
+    from solver.mmpp import evaluate_mmpp, solve_mmpp_blind
+    from solver.simulate import simulate
+    from solver.smdp import solve
+
+    ref = solve(model)
+    try:
+        chosen = fit_arrivals(times).chosen
+    except ModelError:  # too few arrivals to fit: the Poisson reference, said so
+        chosen = POISSON
+    replay = simulate(model.profile, ref.policy, times, idle_power_w=model.idle_power_w, weight=model.weight,
+                      seed=0, warmup=warmup_s).mean_latency_s
+    poisson = Prediction(ref.mean_latency_s, ref.mean_power_w, ref.gain, ref.mean_batch, "exact")
+    if isinstance(chosen, Poisson):
+        return FittedPrediction(chosen.spec, poisson, poisson, ref.mean_latency_s, replay)
+    if isinstance(chosen, MMPP2):
+        fm = model.with_(rate=chosen.mean_rate, arrivals=chosen)
+        ev = evaluate_mmpp(fm, ref.policy)
+        best = solve_mmpp_blind(fm, ref.policy)
+        fixed = Prediction(ev.mean_latency_s, ev.mean_power_w, ev.cost, ev.mean_batch, "exact")
+        ada = Prediction(best.mean_latency_s, best.mean_power_w, best.gain, best.evaluation.mean_batch, "exact")
+        return FittedPrediction(chosen.spec, fixed, ada, ref.mean_latency_s, replay)
+    fm = model.with_(arrivals=chosen)
+    ev1 = evaluate(fm, ref.policy)
+    sol = solve(fm)
+    return FittedPrediction(chosen.spec, Prediction(ev1.mean_latency_s, ev1.mean_power_w, ev1.cost, ev1.mean_batch, "exact"),
+                            Prediction(sol.mean_latency_s, sol.mean_power_w, sol.gain, sol.mean_batch, "exact"),
+                            ref.mean_latency_s, replay)
 
 
 def _poll_status(control_url: str, model: str, start: float, stop: threading.Event,
@@ -67,7 +132,7 @@ def _poll_status(control_url: str, model: str, start: float, stop: threading.Eve
             except grpc.RpcError:
                 continue  # the model appears with its first request
             out.append(StatusSample(time.monotonic() - start, s.rate.rate_rps, s.policy_version,
-                                    serve_from, s.predicted_rate_rps))
+                                    serve_from, s.predicted_rate_rps, solved_arrivals(s.note)))
 
 
 @dataclass(frozen=True)
@@ -131,6 +196,10 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
         model = BatchingModel(mean_rate, stack.max_batch, stack.profile, cfg.idle_power_w, cfg.weight)
         progress(f"trace: {times.size} arrivals over {times[-1]:.0f} s, mean {mean_rate:.0f} req/s "
                  f"(rho = {model.load:.2f} of capacity {model.capacity:.0f}/s)")
+        fitted = fitted_prediction(model, times, warmup_s=lo)
+        progress(f"arrival model fitted to the replayed trace: {fitted.spec}; fixed gate's W predicted "
+                 f"{fitted.fixed.mean_latency_s * 1e3:.2f} ms under it ({fitted.poisson_w_s * 1e3:.2f} ms under Poisson, "
+                 f"{fitted.replay_w_s * 1e3:.2f} ms simulated on the replayed times)")
         for c in cfg.contenders:
             t0 = time.monotonic()
             # a rule's prediction assumes Poisson arrivals at the trace's mean rate: a reference, not the truth
@@ -144,6 +213,9 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                 c = replace(c, max_queue_delay_us=int(round(delay * 1e6)))
                 settings = f"max_queue_delay {delay * 1e3:.3f} ms (Model-Analyzer-style sweep at peak {peak:.0f}/s)"
             pred = predict(c, model, times, seed=cfg.seed, warmup_s=lo, compiled=compiled, slo=cfg.slo)
+            if c.kind == "gate" and c.policy == "smdp" and not c.slo:  # the fitted model, not the Poisson reference
+                pred = fitted.adaptive if c.adaptive else fitted.fixed
+            status: list[StatusSample] = []
             sidecar = None
             follower = None
             target = stack.triton_url
@@ -164,7 +236,7 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                                        rate_rps=mean_rate, weight=cfg.weight, idle_power_w=cfg.idle_power_w,
                                        adaptive=c.adaptive, solver_url=stack.solver_url if c.adaptive else None,
                                        data_plane=cfg.data_plane, long_run_window_s=None if c.long_run else 0.0,
-                                       slo=(cfg.slo.quantile, cfg.slo.latency_s) if c.slo and cfg.slo else None)
+                                       slo=cfg.slo if c.slo else None)
                     safe = c.name.replace(" ", "_").replace(":", "_")
                     sidecar = SidecarProcess(stack.triton_url, spec, log_path=cfg.out_dir / f"sidecar-{safe}.log").start()
                     target = sidecar.url
@@ -173,7 +245,7 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                         # gate what they cost the adaptive one; only the (scaled) adaptive gate's are kept
                         poller = threading.Thread(target=_poll_status, daemon=True,
                                                   args=(sidecar.control_url, cfg.model, time.monotonic(), stop,
-                                                        trail if c.name == TRAILED else []))
+                                                        status))
                         poller.start()
                 res = run_open_loop(target, cfg.model, times, timeout_s=cfg.request_timeout_s,
                                     required=(times >= lo) & (times < hi), drain_grace_s=1.0,
@@ -189,6 +261,14 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                     settings = follower.summary()
                     # the follower reloaded the model behind the control's back: make the next apply reload
                     stack.control.current = {}
+            if c.name == TRAILED:
+                trail.extend(status)
+            if c.kind == "gate":
+                used = list(dict.fromkeys(x.solved_for for x in status if x.solved_for))
+                if not used and not c.adaptive:
+                    used = ["poisson (solved once, at the mean rate)"]
+                settings = (f"predicted under the fitted {fitted.spec}; policies solved for "
+                            f"{', '.join(used) if used else 'unknown (no status read)'}")
             m = measure(res, stack.ground_truth, idle_power_w=cfg.idle_power_w, weight=cfg.weight,
                         energy_scale=cfg.time_scale, window=cfg.window,
                         slo_latency_s=cfg.slo.latency_s if cfg.slo is not None else None)
@@ -204,7 +284,7 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                      f"J {_ms(m.cost):7.2f} ms  batch {m.mean_batch:5.2f}  failed {m.failed}  "
                      f"({time.monotonic() - t0:.1f} s)")
             if settings:
-                progress(f"  {'':<24} {settings if follower is not None else 'compiled to ' + settings}")
+                progress(f"  {'':<24} {settings if follower is not None or c.kind == 'gate' else 'compiled to ' + settings}")
         B = stack.max_batch
     note = power_note(cfg.profile_name, cfg.idle_power_w)
     return BenchReport(cfg, tuple(rows), B, note), trail
@@ -318,7 +398,9 @@ def main_trace_bench(cfg: BenchConfig, trace_path: Path, mean_rate: float, limit
     files = list(report.files) + [plot_trail(times, trail, cfg.out_dir / "adaptive_trail.png")]
     print()
     print(format_table(report))
-    print("(predictions assume Poisson arrivals at the trace's mean rate: a reference only)")
+    print("(gate predictions: exact evaluation under the arrival model fitted to the replayed trace, the fixed gate's "
+          "Poisson-solved table and the best phase-blind table for the adaptive one; Triton delays and config mode: "
+          "simulated on the trace; each gate's arrival models solved for are in bench.json's settings)")
     for line in summary_lines(report):
         print(line)
     if repeat > 1:
@@ -405,7 +487,7 @@ def _cmd(args) -> int:
 
         slo = slo_target(args)
         contenders = (tuple(parse_contender(c) for c in args.contenders.split(",") if c.strip())
-                      if args.contenders else default_contenders(delays) + slo_contenders(slo))
+                      if args.contenders else default_contenders(delays) + slo_contenders(slo, args.slo_contenders))
         cfg = BenchConfig(rates=(args.rate,), contenders=contenders, time_scale=args.time_scale, slo=slo,
                           weight=args.weight, idle_power_w=args.idle_power, profile_csv=args.profile,
                           warmup_s=args.warmup, cooldown_s=1.0, out_dir=args.out,

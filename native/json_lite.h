@@ -1,8 +1,10 @@
 // A small JSON reader for the native unit tests' shared vectors (tests/vectors/*.json): objects,
 // arrays, strings (\uXXXX escapes of the basic plane, as UTF-8), numbers, true/false/null. Throws
-// std::runtime_error with the offset of the first thing it cannot read. Not used by smdp-gate itself.
+// std::runtime_error with the offset of the first thing it cannot read; Dump writes a value back as
+// JSON. Not used by smdp-gate itself.
 #pragma once
 
+#include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <memory>
@@ -186,5 +188,53 @@ class Parser {
 };
 
 inline Value Parse(const std::string& text) { return Parser(text).Parse(); }
+
+// A value as JSON text again (members in file order; numbers as the shortest round-trip form), for
+// handing a part of a vector to another reader (a protobuf message's JSON, say).
+inline std::string Dump(const Value& v) {
+  switch (v.type) {
+    case Value::Type::kNull:
+      return "null";
+    case Value::Type::kBool:
+      return v.boolean ? "true" : "false";
+    case Value::Type::kNumber: {
+      char buf[32];
+      std::snprintf(buf, sizeof buf, "%.17g", v.number);
+      return buf;
+    }
+    case Value::Type::kString: {
+      std::string out = "\"";
+      for (unsigned char c : v.string) {
+        if (c == '"' || c == '\\') {
+          out += '\\';
+          out += static_cast<char>(c);
+        } else if (c < 0x20) {
+          char buf[8];
+          std::snprintf(buf, sizeof buf, "\\u%04x", c);
+          out += buf;
+        } else {
+          out += static_cast<char>(c);
+        }
+      }
+      return out + "\"";
+    }
+    case Value::Type::kArray: {
+      std::string out = "[";
+      for (size_t i = 0; i < v.array.size(); ++i) out += (i ? "," : "") + Dump(v.array[i]);
+      return out + "]";
+    }
+    case Value::Type::kObject: {
+      std::string out = "{";
+      for (size_t i = 0; i < v.object.size(); ++i) {
+        Value key;
+        key.type = Value::Type::kString;
+        key.string = v.object[i].first;
+        out += (i ? "," : "") + Dump(key) + ":" + Dump(v.object[i].second);
+      }
+      return out + "}";
+    }
+  }
+  return "null";
+}
 
 }  // namespace json_lite

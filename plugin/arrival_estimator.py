@@ -10,6 +10,23 @@ the empirical group-size law, which is the arrival model the gate's policy is so
 Poisson is the answer until the evidence says otherwise: fewer than ``min_groups`` groups, or a G
 whose CI reaches below ``SIGNIFICANT_G`` (a Poisson stream at window 0.01 gaps gives G ~ 1.01).
 O(1) per arrival; the law is built only when asked (at a re-solve).
+
+Rate modulation (``ModulationEstimator``): the last ``max_arrivals`` arrival times are kept and, at
+most every ``refit_s`` seconds (off the event loop), fitted as ``smdp fit-arrivals`` does
+(``solver.fit.fit_arrivals``). When the fit picks an MMPP (phases that differ in rate, groups per
+phase or not), the adaptive gate solves for that shape at the rate it estimates: the table best on
+average over the phases (``solver.mmpp.solve_mmpp_blind``).
+
+Why phase-blind in the sidecar, not a table per phase with the forward filter
+(``solver.phase_filter``): (1) what it buys is small where it was measured. By exact evaluation
+under the batch MMPPs fitted to the Azure traces, the per-phase optimum (phase observed: an upper
+bound on what a filter achieves) is within a fraction of a percent of the best phase-blind table
+(docs/notes/issue-17.md has the figures); phases that matter are long, so the adaptive gate's rate
+detector already re-solves for each one. (2) The gate would have to run the filter per arrival
+and switch tables on both data planes (the native plane's rule would need a phase input, a new
+``GateRule`` and shared vectors): a large change to the hot path for that small gain. The exact
+per-phase solve and the filter stay in the solver and the simulator (``smdp compare --arrivals
+mmpp:...``), where the value of observing the phase is measured for any given model.
 """
 
 from __future__ import annotations
@@ -19,7 +36,7 @@ from collections import deque
 
 import numpy as np
 
-from solver.arrival_model import POISSON, ArrivalModel, CompoundPoisson
+from solver.arrival_model import MMPP2, POISSON, ArrivalModel, CompoundPoisson
 
 SIGNIFICANT_G = 1.1
 """Groups are taken into account once the lower 95% bound of G is above this."""
@@ -93,3 +110,70 @@ class GroupEstimator:
             return POISSON
         counts = np.bincount(np.fromiter(self.sizes, dtype=np.int64))
         return CompoundPoisson.empirical(counts.astype(float))
+
+
+class ModulationEstimator:
+    """A (batch) MMPP fitted to the most recent arrivals: the shape of the rate's modulation.
+
+    ``observe`` is O(1); ``refit`` is the expensive part (an EM fit over up to ``max_arrivals``
+    times, seconds) and is meant to run in an executor when ``due``. ``model_for(rate)`` is the
+    fitted MMPP scaled to a mean of ``rate`` (the level comes from the rate estimator, the shape
+    from the fit), or None while no fit has found modulation.
+    """
+
+    def __init__(self, group_window_gaps: float = 0.01, max_arrivals: int = 10_000, min_arrivals: int = 2_000,
+                 refit_s: float = 30.0) -> None:
+        if not (math.isfinite(group_window_gaps) and group_window_gaps > 0):
+            raise ValueError(f"group_window_gaps must be a finite number > 0, got {group_window_gaps!r}")
+        if not 20 <= min_arrivals <= max_arrivals:
+            raise ValueError(f"need 20 <= min_arrivals <= max_arrivals, got {min_arrivals}, {max_arrivals}")
+        if not (math.isfinite(refit_s) and refit_s > 0):
+            raise ValueError(f"refit_s must be a finite number > 0, got {refit_s!r}")
+        self.group_window_gaps = float(group_window_gaps)
+        self.min_arrivals = int(min_arrivals)
+        self.refit_s = float(refit_s)
+        self.times: deque[float] = deque(maxlen=int(max_arrivals))
+        self.shape: MMPP2 | None = None
+        """The last fit's MMPP, or None (no fit yet, or the fit chose a model without modulation)."""
+        self.chosen = "nothing yet"
+        """What the last fit chose (its spec), for the status note."""
+        self.version = 0
+        """Incremented when a fit changes ``shape``."""
+        self.fitted_at = -math.inf
+
+    def observe(self, t: float) -> None:
+        self.times.append(t)
+
+    def due(self, now: float) -> bool:
+        return len(self.times) >= self.min_arrivals and now - self.fitted_at >= self.refit_s
+
+    def snapshot(self, now: float) -> np.ndarray:
+        """The kept arrival times, copied (on the thread that calls ``observe``); the fit is not due
+        again for ``refit_s``."""
+        self.fitted_at = now
+        return np.fromiter(self.times, dtype=float, count=len(self.times))
+
+    def refit(self, t: np.ndarray) -> None:
+        """Fit a ``snapshot`` (seconds: run it off the event loop)."""
+        from solver.errors import ModelError
+        from solver.fit import fit_arrivals
+
+        if t.size < self.min_arrivals or not t[-1] > t[0]:
+            return
+        rate = (t.size - 1) / float(t[-1] - t[0])
+        try:
+            fit = fit_arrivals(t, group_window_s=self.group_window_gaps / rate)
+        except ModelError:
+            return
+        self.chosen = fit.chosen.spec
+        shape = fit.chosen if isinstance(fit.chosen, MMPP2) else None
+        if shape != self.shape:
+            self.shape = shape
+            self.version += 1
+
+    def model_for(self, rate: float) -> MMPP2 | None:
+        """The fitted shape at mean request rate ``rate``; None without one."""
+        if self.shape is None or not rate > 0:
+            return None
+        f = rate / self.shape.mean_rate
+        return self.shape.with_rates((self.shape.rates[0] * f, self.shape.rates[1] * f))

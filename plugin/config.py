@@ -32,6 +32,17 @@ class SloConfig(BaseModel):
     quantile: float = Field(0.99, gt=0, lt=1, allow_inf_nan=False,
                             description="q: the share of requests that must finish within latency_s, in (0, 1)")
     latency_s: float = Field(..., gt=0, allow_inf_nan=False, description="D: the latency bound, seconds")
+    margin_s: float = Field(0.0, ge=0, allow_inf_nan=False,
+                            description="the part of D reserved for latency the sidecar does not see (the "
+                            "client's threads, its network hop to the sidecar), seconds: the policy is searched "
+                            "for D - margin_s, less the gap the sidecar measures between its answers and the "
+                            "prediction")
+
+    @model_validator(mode="after")
+    def _margin_below_latency(self) -> "SloConfig":
+        if self.margin_s >= self.latency_s:
+            raise ValueError(f"slo.margin_s ({self.margin_s:g} s) must be below slo.latency_s ({self.latency_s:g} s)")
+        return self
 
 
 class ModelPolicyConfig(BaseModel):
@@ -105,9 +116,12 @@ class ModelPolicyConfig(BaseModel):
 
     slo: SloConfig | None = Field(
         None,
-        description="smdp, adaptive only: a tail-latency SLO {quantile, latency_s}; the policy is then the "
-        "least-J one (J = W + w P at `weight`) predicted to meet it, re-solved as the rate moves, greedy "
-        "(flagged in status and metrics) when none does",
+        description="smdp only: a tail-latency SLO {quantile, latency_s, margin_s}; the policy is then "
+        "the least-J one (J = W + w P at `weight`) predicted to meet it, greedy when none does. It is searched "
+        "for latency_s - margin_s (margin_s, default 0: latency the sidecar cannot see, the client's and its "
+        "hop's). Adaptive: re-solved as the rate moves, less the measured correction (how far the answers' "
+        "quantile ran above the prediction; `smdp ctl status` shows both; an infeasible SLO is flagged in "
+        "status and metrics). Fixed (adaptive: false): searched once for rate_rps, one instance only",
     )
 
     @field_validator("weight")
@@ -133,8 +147,8 @@ class ModelPolicyConfig(BaseModel):
                 raise ValueError("policy smdp needs `profile` (the service-time/energy profile CSV)")
             if not self.adaptive and self.rate_rps is None:
                 raise ValueError("a non-adaptive smdp policy needs `rate_rps` (the rate to solve for)")
-        if self.slo is not None and (self.policy != "smdp" or not self.adaptive):
-            raise ValueError("`slo` needs the adaptive smdp policy (policy: smdp, adaptive: true)")
+        if self.slo is not None and self.policy != "smdp":
+            raise ValueError("`slo` needs the smdp policy (policy: smdp)")
         return self
 
 

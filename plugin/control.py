@@ -95,10 +95,12 @@ class SloStatusInfo:
     attainment: float | None = None
     samples: int = 0
     max_wait_s: float | None = None
+    margin_s: float = 0.0
+    correction_s: float = 0.0
 
     def message(self) -> smdp_pb2.SloStatus:
         msg = smdp_pb2.SloStatus(quantile=self.quantile, latency_s=self.latency_s, feasible=self.feasible,
-                                 samples=self.samples)
+                                 samples=self.samples, margin_s=self.margin_s, correction_s=self.correction_s)
         for name in ("predicted_quantile_s", "predicted_ci95_s", "measured_quantile_s", "attainment", "max_wait_s"):
             value = getattr(self, name)
             if value is not None and math.isfinite(value):
@@ -323,7 +325,7 @@ class ControlServicer(smdp_pb2_grpc.ControlServicer):
         await self._authorize(context)
         model = await self._model(request.model, context)
         try:
-            target = SloTarget(request.quantile, request.latency_s)
+            target = SloTarget(request.quantile, request.latency_s, request.margin_s)
         except ModelError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         await self._backend_call(context, self._backend.set_slo, model, target)

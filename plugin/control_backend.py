@@ -18,44 +18,44 @@ from .control import Figures, ModelStatusInfo, PolicyInfo, ServiceTimeInfo, SloS
 from .metrics import PREFIX
 
 if TYPE_CHECKING:
-    from .server import ModelState, Sidecar
+    from .registry import ModelRegistry, ModelState
 
 
 class SidecarControl:
-    """``ControlBackend`` over a running ``Sidecar``; models appear once they served a request."""
+    """``ControlBackend`` over a running sidecar's ``ModelRegistry``; models appear once gated."""
 
-    def __init__(self, sidecar: "Sidecar") -> None:
-        self.sidecar = sidecar
+    def __init__(self, registry: "ModelRegistry") -> None:
+        self.registry = registry
 
     def _state(self, model: str) -> "ModelState":
-        for (name, _), state in self.sidecar.models().items():
-            if name == model and state.gate is not None:
-                return state
-        raise UnknownModel(model)
+        state = self.registry.gated(model)
+        if state is None:
+            raise UnknownModel(model)
+        return state
 
     def models(self) -> list[str]:
-        return sorted({name for (name, _), s in self.sidecar.models().items() if s.gate is not None})
+        return self.registry.gated_models()
 
     async def set_weight(self, model: str, weight: float) -> None:
         c = self._state(model).controller
         if c is None:
             raise ValueError(f"model {model!r} is not served by an adaptive smdp policy; its weight has no effect")
         await c.try_weight(weight)  # refused (ValueError) when its solve does not converge
-        c.tick(self.sidecar.clock())
+        c.tick(self.registry.clock())
 
     def set_latency_target(self, model: str, target_s: float | None) -> None:
         c = self._state(model).controller
         if c is None:
             raise ValueError(f"model {model!r} is not served by an adaptive smdp policy; it has no latency target")
         c.set_latency_target(target_s)
-        c.tick(self.sidecar.clock())
+        c.tick(self.registry.clock())
 
     def set_slo(self, model: str, target: SloTarget | None) -> None:
         c = self._state(model).controller
         if c is None:
             raise ValueError(f"model {model!r} is not served by an adaptive smdp policy; it cannot take an SLO")
         c.set_slo(target)
-        c.tick(self.sidecar.clock())
+        c.tick(self.registry.clock())
 
     def policy(self, model: str) -> PolicyInfo:
         state = self._state(model)
@@ -68,12 +68,12 @@ class SidecarControl:
         busy: tuple[tuple[int, ...], ...] = ()
         if isinstance(rule, GateRule) and rule.max_wait_s is None:  # a k-instance table (no timer)
             actions, busy = list(rule.table), rule.busy_tables
-        return PolicyInfo(actions, rule.max_batch, version, self.sidecar.clock() - installed,
+        return PolicyInfo(actions, rule.max_batch, version, self.registry.clock() - installed,
                           state.info.spec if state.info else "", threshold, busy)
 
     def _rejected(self, model: str, reason: str) -> int:
         """Requests refused for ``reason`` (the metrics' ``requests_rejected`` counter; 0 if none yet)."""
-        value = self.sidecar.metrics.registry.get_sample_value(
+        value = self.registry.metrics.registry.get_sample_value(
             PREFIX + "requests_rejected_total", {"model": model, "reason": reason})
         return int(value or 0)
 
@@ -93,10 +93,10 @@ class SidecarControl:
 
     def status(self, model: str) -> ModelStatusInfo:
         state = self._state(model)
-        now = self.sidecar.clock()
+        now = self.registry.clock()
         c = state.controller
         st = state.stats
-        weight = c.weight if c is not None else self.sidecar.config.policy_for(model).weight
+        weight = c.weight if c is not None else self.registry.policy_config(model).weight
         pol = self.policy(model)
         predicted = None
         if c is not None and c.current is not None and math.isfinite(c.current.mean_latency_s):
@@ -119,7 +119,7 @@ class SidecarControl:
                 counts = st.batches[1: top + 1].astype(float)
                 energy = float(np.dot(counts, p.energy_j[:top]))
                 busy = float(np.dot(counts, p.mean_s[:top]))
-                idle_w = self.sidecar.config.policy_for(model).idle_power_w
+                idle_w = self.registry.policy_config(model).idle_power_w
                 p_meas = (energy + idle_w * max(0.0, elapsed - busy)) / elapsed
             batches = int(st.batches.sum())
             mean_batch = float(np.dot(np.arange(len(st.batches)), st.batches)) / batches if batches else 0.0
@@ -180,6 +180,7 @@ def _slo_status(c, now: float) -> SloStatusInfo | None:
         attainment=meas.attainment if meas is not None else None,
         samples=meas.samples if meas is not None else 0,
         max_wait_s=sol.max_wait_s if sol is not None and pred is not None else None,
+        margin_s=c.slo.margin_s, correction_s=c.slo_offset_s,
     )
 
 

@@ -55,6 +55,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     so.add_argument("model")
     so.add_argument("--quantile", type=float, default=0.99, help="q, strictly between 0 and 1 (default: %(default)s)")
     so.add_argument("--latency", type=float, required=True, help="D, seconds")
+    so.add_argument("--margin", type=float, default=0.0,
+                    help="seconds of D reserved for latency the sidecar does not see (client, network); the "
+                         "policy is searched for D - margin (default: %(default)s)")
     cs = cmds.add_parser("clear-slo", help="drop the model's SLO (back to least J = W + w P)")
     cs.add_argument("model")
     po = cmds.add_parser("policy", help="the policy table in force")
@@ -104,7 +107,8 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
                 out(show(reply))
             elif cmd == "set-slo":
                 out(show(stub.SetSlo(smdp_pb2.SetSloRequest(model=args.model, quantile=args.quantile,
-                                                            latency_s=args.latency), **kw)))
+                                                            latency_s=args.latency, margin_s=args.margin),
+                                       **kw)))
             elif cmd == "clear-slo":
                 out(show(stub.ClearSlo(smdp_pb2.ModelRequest(model=args.model), **kw)))
             elif cmd == "policy":
@@ -227,6 +231,9 @@ def _slo_text(o: Any) -> list[str]:
     guard = f", max-wait guard {_ms(o.max_wait_s)}" if o.HasField("max_wait_s") else ""
     state = "predicted to meet it" if o.feasible else "INFEASIBLE at this rate: serving greedy"
     lines = [f"  SLO        {q} <= {_ms(o.latency_s)}: {state}{guard}"]
+    if o.margin_s or o.correction_s:
+        lines.append(f"    searched for D - {_ms(o.margin_s)} margin - {_ms(o.correction_s)} measured correction "
+                     f"= {_ms(o.latency_s - o.margin_s - o.correction_s)}")
     if o.HasField("predicted_quantile_s"):
         ci = f" +- {_ms(o.predicted_ci95_s)}" if o.HasField("predicted_ci95_s") else ""
         lines.append(f"    predicted {q} {_ms(o.predicted_quantile_s)}{ci}")

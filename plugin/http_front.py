@@ -605,7 +605,7 @@ class GrpcSubmit:
         self._timeout_s = timeout_s
 
     async def __call__(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
-        from .server import GateError
+        from .upstream import GateError
 
         try:
             return await self._infer(request, timeout=self._timeout_s)
@@ -697,7 +697,7 @@ class HttpFront:
             grpc_request, plan = decode_request(model, version, payload, header_length)
         except Untranslatable:
             return await self._relay(request, body)
-        from .server import GateError
+        from .upstream import GateError
 
         try:
             response = await self._submit(grpc_request)

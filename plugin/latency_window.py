@@ -1,10 +1,13 @@
-"""Recent response times of one model, for its SLO: the measured quantile and attainment.
+"""Recent response times of one model, for its SLO.
 
-One job: keep the (time, latency) of the requests answered within the last ``window_s`` seconds
-(the rate estimator's window, so that the measured quantile and the rate the policy is solved for
-describe the same stretch of traffic) and answer quantile / share-within-D questions about them.
-Adding is O(1) amortised on the request path; the questions sort a copy (status and telemetry
-only). At most ``max_samples`` are kept (the oldest go first), which bounds memory at high rates.
+``LatencyWindow`` keeps the (time, latency) of the requests answered within the last ``window_s``
+seconds (the rate estimator's window, so that the measured quantile and the rate the policy is
+solved for describe the same stretch of traffic) and answers quantile / share-within-D questions
+about them: the measured quantile and attainment. ``ExcessWindow`` keeps how far each answer ran
+above its policy's prediction, for the SLO search's correction (plugin/loop/controller.py).
+Adding is O(1) amortised on the request path; the questions sort a copy (status, telemetry and a
+once-a-second check only). At most ``max_samples`` are kept (the oldest go first), which bounds
+memory at high rates.
 """
 
 from __future__ import annotations
@@ -22,6 +25,19 @@ class LatencySummary:
 
     quantile_s: float
     attainment: float
+    samples: int
+
+
+@dataclass(frozen=True)
+class LatencyGap:
+    """How far the answers ran above the prediction for the policy each was served under: at the
+    q-quantile when there are enough of them for it, else at the mean."""
+
+    excess_s: float
+    """Measured minus predicted (negative: the answers ran faster than predicted)."""
+    ci95_s: float
+    """95% half-width of the measured figure: order statistics at the quantile, a normal one at the mean."""
+    at_quantile: bool
     samples: int
 
 
@@ -45,15 +61,6 @@ class LatencyWindow:
             self._times.popleft()
             self._values.popleft()
 
-    def mean_since(self, since: float, now: float) -> tuple[float, float, int] | None:
-        """(mean, standard deviation, count) of the answers at or after ``since`` still in the window."""
-        self._prune(now)
-        t = np.fromiter(self._times, dtype=float, count=len(self._times))
-        v = np.fromiter(self._values, dtype=float, count=len(self._values))[t >= since]
-        if v.size == 0:
-            return None
-        return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.inf, int(v.size)
-
     def summary(self, now: float, quantile: float, latency_s: float) -> LatencySummary | None:
         """The q-quantile and the share <= latency_s over the window; None without answers in it."""
         self._prune(now)
@@ -61,3 +68,54 @@ class LatencyWindow:
             return None
         v = np.fromiter(self._values, dtype=float, count=len(self._values))
         return LatencySummary(float(np.quantile(v, quantile)), float(np.mean(v <= latency_s)), int(v.size))
+
+
+class ExcessWindow:
+    """The answers of the last ``window_s`` seconds against what was predicted for them: each one's
+    latency minus the predicted q-quantile, and minus the predicted mean, of the policy in force
+    when it was answered. Pooling the excess over a policy's own prediction lets the answers of
+    every policy in the window count (a re-solve does not throw the evidence away), as long as what
+    the model misses is about the same for each: the latency the gate adds, a wider spread.
+    Adding is O(1) amortised; ``gap`` sorts a copy (once a second at most)."""
+
+    def __init__(self, window_s: float, max_samples: int = 200_000) -> None:
+        if not math.isfinite(window_s) or window_s <= 0:
+            raise ValueError(f"window must be finite and > 0 seconds, got {window_s!r}")
+        self.window_s = float(window_s)
+        self._times: deque[float] = deque(maxlen=max_samples)
+        self._over_quantile: deque[float] = deque(maxlen=max_samples)
+        self._over_mean: deque[float] = deque(maxlen=max_samples)
+
+    def add(self, now: float, latency_s: float, predicted_quantile_s: float, predicted_mean_s: float) -> None:
+        self._times.append(now)
+        self._over_quantile.append(latency_s - predicted_quantile_s)
+        self._over_mean.append(latency_s - predicted_mean_s)
+
+    def clear(self) -> None:
+        self._times.clear()
+        self._over_quantile.clear()
+        self._over_mean.clear()
+
+    def _prune(self, now: float) -> None:
+        cut = now - self.window_s
+        while self._times and self._times[0] < cut:
+            self._times.popleft()
+            self._over_quantile.popleft()
+            self._over_mean.popleft()
+
+    def gap(self, now: float, quantile: float, *, min_samples: int, tail_samples: float) -> LatencyGap | None:
+        """The q-quantile of the excess over the predicted q-quantile once ``tail_samples / (1 - q)``
+        answers are in the window, from ``min_samples`` on the mean excess over the predicted mean;
+        None with fewer."""
+        self._prune(now)
+        n = len(self._times)
+        if n >= max(min_samples, tail_samples / (1.0 - quantile)):
+            v = np.sort(np.fromiter(self._over_quantile, dtype=float, count=n))
+            half = 1.96 * math.sqrt(n * quantile * (1.0 - quantile))  # binomial spread of the order statistic
+            lo = v[max(0, math.floor(n * quantile - half) - 1)]
+            hi = v[min(n - 1, math.ceil(n * quantile + half) - 1)]
+            return LatencyGap(float(np.quantile(v, quantile)), 0.5 * float(hi - lo), True, n)
+        if n >= max(min_samples, 2):
+            v = np.fromiter(self._over_mean, dtype=float, count=n)
+            return LatencyGap(float(v.mean()), 1.96 * float(v.std(ddof=1)) / math.sqrt(n), False, n)
+        return None

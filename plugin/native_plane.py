@@ -22,7 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Callable, Literal
 
 from solver.policy import BatchRule, GateRule
 
@@ -209,7 +209,39 @@ class NativeGateView:
 
 
 @dataclass(frozen=True)
-class BatchReport:
+class Seen:
+    """The gate relays a model it has no policy for (reported again every second while traffic lasts)."""
+
+    model: str
+
+
+@dataclass(frozen=True)
+class Lost:
+    """Triton answered NOT_FOUND for a gated model: it is restarting, or the model was unloaded."""
+
+    model: str
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A repository load or unload of the model went through the gate and succeeded."""
+
+    model: str
+
+
+@dataclass(frozen=True)
+class Arrivals:
+    """Requests the gate queued since its last report."""
+
+    model: str
+    times: tuple[float, ...]
+    """Their arrival times, CLOCK_MONOTONIC seconds."""
+
+
+@dataclass(frozen=True)
+class BatchDone:
+    """A batch the gate sent came back (answered or failed)."""
+
     model: str
     size: int
     rows: int
@@ -223,17 +255,42 @@ class BatchReport:
     """Each member's time in the gate before the batch went out, seconds."""
 
 
-def parse_event(raw: bytes) -> tuple | None:
-    """One line of the gate's stdout as an event tuple (see ``NativePlane``), ``("reported",)``,
-    ``("error", message)``, or None for a line of no interest. Every model name on a line is
-    percent-encoded (``quote_field``) and must decode to a model name: a line that does not parse
-    exactly raises ValueError, and is refused whole."""
+@dataclass(frozen=True)
+class Counters:
+    """The gate's running counters and queue figures for a model (names as in ``NativeGateView.update``)."""
+
+    model: str
+    values: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Reported:
+    """The gate has reported everything it did before the last ``report`` command."""
+
+
+@dataclass(frozen=True)
+class CommandRefused:
+    """The gate refused a command; ``message`` says which and why."""
+
+    message: str
+
+
+GateEvent = Seen | Lost | Loaded | Arrivals | BatchDone | Counters
+"""What the gate reports of its models; the control plane handles each by type."""
+
+_BY_MODEL: dict[str, type[Seen] | type[Lost] | type[Loaded]] = {"seen": Seen, "lost": Lost, "loaded": Loaded}
+
+
+def parse_event(raw: bytes) -> GateEvent | Reported | CommandRefused | None:
+    """One line of the gate's stdout as an event, or None for a line of no interest. Every model
+    name on a line is percent-encoded (``quote_field``) and must decode to a model name: a line that
+    does not parse exactly raises ValueError, and is refused whole."""
     parts = raw.decode("ascii").rstrip("\n").split(" ")
     kind = parts[0]
     if kind == "reported":
-        return ("reported",)
+        return Reported()
     if kind == "error":
-        return ("error", unquote_field(" ".join(parts[1:])))
+        return CommandRefused(unquote_field(" ".join(parts[1:])))
     if kind not in ("seen", "lost", "loaded", "arrive", "batch", "counters"):
         return None
     if len(parts) < 2:
@@ -241,31 +298,31 @@ def parse_event(raw: bytes) -> tuple | None:
     model = unquote_field(parts[1])
     if not is_model_name(model):
         raise ValueError(f"{kind}: {model[:80]!r} is not a model name")
-    if kind in ("seen", "lost", "loaded"):
+    by_model = _BY_MODEL.get(kind)
+    if by_model is not None:
         if len(parts) != 2:
             raise ValueError(f"{kind}: one field expected")
-        return (kind, model)
+        return by_model(model)
     if kind == "arrive":
-        return ("arrive", model, [float(t) for t in parts[2:]])
+        return Arrivals(model, tuple(float(t) for t in parts[2:]))
     if kind == "batch":
         if len(parts) != 9:
             raise ValueError("batch: 9 fields expected")
         waits = tuple(float(w) for w in parts[8].split(",")) if parts[8] else ()
-        return ("batch", BatchReport(model, int(parts[2]), int(parts[3]), float(parts[4]), float(parts[5]),
-                                     int(parts[6]), parts[7], waits))
+        return BatchDone(model, int(parts[2]), int(parts[3]), float(parts[4]), float(parts[5]),
+                         int(parts[6]), parts[7], waits)
     values = dict(p.split("=", 1) for p in parts[2:])
-    return ("counters", model, {k: int(v) for k, v in values.items()})
+    return Counters(model, {k: int(v) for k, v in values.items()})
 
 
 class NativePlane:
     """One ``smdp-gate`` process: started, fed policies, read for events, stopped.
 
-    ``on_event`` receives ("seen", model), ("lost", model), ("loaded", model), ("arrive", model, times),
-    ("batch", BatchReport) and ("counters", model, {name: value}); it runs on the event loop, one event
+    ``on_event`` receives each ``GateEvent`` the gate reports; it runs on the event loop, one event
     at a time.
     """
 
-    def __init__(self, proc: asyncio.subprocess.Process, port: int, on_event: Callable[..., Any]) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, port: int, on_event: Callable[[GateEvent], None]) -> None:
         self.proc = proc
         self.port = port
         self._on_event = on_event
@@ -284,7 +341,7 @@ class NativePlane:
         listen: str,
         triton_url: str,
         max_queue: int,
-        on_event: Callable[..., Any],
+        on_event: Callable[[GateEvent], None],
         deny: tuple[str, ...] = (),
         upstream_timeout_s: float = 60.0,
         binary: str | os.PathLike | None = None,
@@ -355,16 +412,16 @@ class NativePlane:
         event = parse_event(raw)
         if event is None:
             return
-        if event[0] == "reported":
+        if type(event) is Reported:
             if self._barriers:
                 fut = self._barriers.pop(0)
                 if not fut.done():
                     fut.set_result(None)
-        elif event[0] == "error":
-            self.errors.append(event[1])
-            log.error("smdp-gate refused a command: %s", event[1])
+        elif type(event) is CommandRefused:
+            self.errors.append(event.message)
+            log.error("smdp-gate refused a command: %s", event.message)
         else:
-            self._on_event(*event)
+            self._on_event(event)
 
     async def _log_stderr(self) -> None:
         while True:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,6 +10,8 @@ from solver.policy import BatchRule, GateRule, parse_rule_spec, rule_from_spec
 from tritonclient.grpc import model_config_pb2
 
 from .config import ModelPolicyConfig
+
+log = logging.getLogger("smdp.policies")
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ def build_rule(model: str, cfg: ModelPolicyConfig, model_max_batch: int, instanc
             "weight": cfg.weight,
         }
         return RuleInfo(GateRule.of(k_res.policy), "smdp", b, pred_k)
+    if cfg.slo is not None:
+        return _slo_rule(bm, cfg)
     result = solve(bm)
     pred = {
         "gain": result.gain,
@@ -80,3 +85,29 @@ def build_rule(model: str, cfg: ModelPolicyConfig, model_max_batch: int, instanc
         "weight": cfg.weight,
     }
     return RuleInfo(result.policy, "smdp", b, pred)
+
+
+def _slo_rule(bm, cfg: ModelPolicyConfig) -> RuleInfo:
+    """A fixed policy for the model's SLO: the SLO search's table and guard at ``rate_rps``, once."""
+    from solver.policy import MaxWaitGuard
+    from solver.slo import SloTarget, solve_slo
+
+    res = solve_slo(bm, SloTarget(cfg.slo.quantile, cfg.slo.latency_s, cfg.slo.margin_s))
+    c = res.chosen
+    if not res.feasible:
+        log.warning("SLO q%g <= %g ms is infeasible at %g/s: serving greedy, predicted q%g %.3f ms",
+                    cfg.slo.quantile, cfg.slo.latency_s * 1e3, bm.rate, cfg.slo.quantile, c.estimate.quantile_s * 1e3)
+    pred = {
+        "gain": c.cost,
+        "mean_latency_s": c.mean_latency_s,
+        "mean_power_w": c.mean_power_w,
+        "mean_batch": c.mean_batch,
+        "threshold": c.policy.threshold(),
+        "rate_rps": cfg.rate_rps,
+        "weight": cfg.weight,
+        "max_wait_s": c.max_wait_s,
+        "predicted_quantile_s": c.estimate.quantile_s,
+        "slo_feasible": res.feasible,
+    }
+    rule = c.policy if c.max_wait_s is None else MaxWaitGuard(c.policy, c.max_wait_s)
+    return RuleInfo(rule, "smdp", bm.max_batch, pred)

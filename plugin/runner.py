@@ -126,14 +126,17 @@ async def serve_forever(config: SidecarConfig) -> int:
         except NotImplementedError:  # pragma: no cover - non-Unix
             pass
     waits = [asyncio.ensure_future(stop.wait())]
-    native = running.sidecar._native
-    if native is not None:
+    died = running.sidecar.plane.died()
+    if died is not None:
         # The native gate carries inference: if it dies, so does the sidecar (exit status 1), so
         # that supervision (compose's restart policy, Kubernetes) restarts both together.
-        waits.append(native.exited)
+        waits.append(died)
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     gate_died = not stop.is_set()
     log.info("stopping sidecar")
     await running.stop(grace=5.0)
     waits[0].cancel()
+    from .loop import slo_search
+
+    await loop.run_in_executor(None, slo_search.shutdown)  # the SLO search's worker process, if one ran
     return 1 if gate_died else 0

@@ -50,6 +50,7 @@ POLICY_FLAGS = {
 SLO_FLAGS = {
     "--slo-quantile": "quantile",
     "--slo-latency": "latency_s",
+    "--slo-margin": "margin_s",
 }
 OFF = "none"
 """What --control-listen and --metrics-listen take to turn the endpoint off."""
@@ -109,8 +110,8 @@ def _slo_flags(args: argparse.Namespace) -> dict | None:
     """``slo`` of the default policy from --slo-quantile/--slo-latency (the config validates the values)."""
     given = {field: getattr(args, slo_dest(field)) for field in SLO_FLAGS.values()}
     if given["latency_s"] is None:
-        if given["quantile"] is not None:
-            raise ValueError("--slo-quantile needs --slo-latency (the SLO's D, seconds)")
+        if given["quantile"] is not None or given["margin_s"] is not None:
+            raise ValueError("--slo-quantile and --slo-margin need --slo-latency (the SLO's D, seconds)")
         return None
     return {k: v for k, v in given.items() if v is not None}
 

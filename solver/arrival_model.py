@@ -11,6 +11,8 @@ model says how those requests clump:
   ``switching[0]`` and 2 -> 1 at ``switching[1]``; requests arrive as Poisson at ``rates[i]`` in phase
   i (``mmpp:RATE1,RATE2:SWITCH12,SWITCH21``). Its mean rate is fixed by its parameters, so a model
   with an MMPP must carry that rate (``BatchingModel`` checks). Solved by ``solver.mmpp``.
+  ``mmpp:RATE1,RATE2:SWITCH12,SWITCH21:GROUP1,GROUP2`` is the batch MMPP: in phase i the requests
+  come in geometric groups of mean GROUP_i (``MMPP2.groups``, empirical laws as well).
 
 For compound Poisson the embedded chain of the SMDP stays exact: the requests that arrive during a
 batch's service, K, are a compound sum: the number of groups M given the service time S is
@@ -167,14 +169,19 @@ class CompoundPoisson:
 
 @dataclass(frozen=True)
 class MMPP2:
-    """Two-phase Markov-modulated Poisson process.
+    """Two-phase Markov-modulated Poisson process, optionally with requests in groups per phase.
 
     ``rates[i]``: requests per second in phase i (one may be 0); ``switching = (r12, r21)``: the rate
     of leaving phase 1 for phase 2 and back, per second (both > 0, so both phases recur).
+    ``groups`` (optional, a batch MMPP): in phase i requests come in groups at rate
+    ``rates[i] / groups[i].group_mean``, all of a group at one instant, sizes drawn from
+    ``groups[i]`` (a ``CompoundPoisson``'s group-size law). A trace that is both clumped in instants
+    and modulated in rate (the Azure code trace) needs both; None is the plain MMPP, exactly.
     """
 
     rates: tuple[float, float]
     switching: tuple[float, float]
+    groups: tuple[CompoundPoisson, CompoundPoisson] | None = None
 
     def __post_init__(self) -> None:
         if len(self.rates) != 2 or len(self.switching) != 2:
@@ -190,6 +197,51 @@ class MMPP2:
         sw = tuple(_positive(f"mmpp switching rate {name}", v) for name, v in zip(("1->2", "2->1"), self.switching))
         object.__setattr__(self, "rates", (rates[0], rates[1]))
         object.__setattr__(self, "switching", sw)
+        if self.groups is not None:
+            if len(self.groups) != 2 or not all(isinstance(g, CompoundPoisson) for g in self.groups):
+                raise ModelError("a batch MMPP needs one group-size law (CompoundPoisson) per phase")
+            if all(g.geometric and g.group_mean == 1.0 for g in self.groups):
+                object.__setattr__(self, "groups", None)  # groups of one: the plain MMPP
+            else:
+                object.__setattr__(self, "groups", (self.groups[0], self.groups[1]))
+
+    @property
+    def grouped(self) -> bool:
+        return self.groups is not None
+
+    @property
+    def group_means(self) -> tuple[float, float]:
+        if self.groups is None:
+            return (1.0, 1.0)
+        return (self.groups[0].group_mean, self.groups[1].group_mean)
+
+    @property
+    def group_mean(self) -> float:
+        """Mean requests per arrival instant in the long run (1 for the plain MMPP)."""
+        if self.groups is None:
+            return 1.0
+        g = float(self.stationary @ np.asarray(self.epoch_rates))
+        return self.mean_rate / g if g > 0 else 1.0
+
+    @property
+    def epoch_rates(self) -> tuple[float, float]:
+        """Arrival instants (groups) per second in each phase: rates[i] / G_i."""
+        g = self.group_means
+        return (self.rates[0] / g[0], self.rates[1] / g[1])
+
+    def size_pmfs(self, kmax: int) -> np.ndarray:
+        """[i, x]: P(X = x) in phase i, x = 0..kmax (1 at x = 1 without groups)."""
+        out = np.zeros((2, kmax + 1))
+        for i in range(2):
+            if self.groups is None:
+                out[i, 1] = 1.0
+            else:
+                out[i] = self.groups[i].size_pmf(kmax)
+        return out
+
+    def with_rates(self, rates: tuple[float, float]) -> "MMPP2":
+        """The same switching and group laws at other request rates."""
+        return MMPP2(rates, self.switching, self.groups)
 
     @property
     def stationary(self) -> np.ndarray:
@@ -209,19 +261,34 @@ class MMPP2:
     @property
     def spec(self) -> str:
         (l1, l2), (a, b) = self.rates, self.switching
-        return f"mmpp:{l1:g},{l2:g}:{a:g},{b:g}"
+        base = f"mmpp:{l1:g},{l2:g}:{a:g},{b:g}"
+        if self.groups is None:
+            return base
+        if all(g.geometric for g in self.groups):
+            return base + f":{self.groups[0].group_mean:g},{self.groups[1].group_mean:g}"
+        g1, g2 = self.group_means
+        return base + f":empirical(means {g1:.4g},{g2:.4g})"
 
     def index_of_dispersion(self, window_s: float | None = None) -> float:
-        """Var N(t) / E N(t) of the counts in a window of t seconds (t = None: the limit t -> inf)."""
+        """Var N(t) / E N(t) of the counts in a window of t seconds (t = None: the limit t -> inf).
+
+        Given the phase path the count is compound Poisson, so Var N(t) = E[Var(N | path)] +
+        Var(E[N | path]): the first is t sum_i pi_i lambda_i E[X_i^2] / E[X_i] (the groups), the
+        second the plain MMPP's rate modulation.
+        """
         l1, l2 = self.rates
         r12, r21 = self.switching
         s = r12 + r21
         lam = self.mean_rate
         extra = 2.0 * r12 * r21 * (l1 - l2) ** 2 / (s**3 * lam) if lam > 0 else 0.0
+        base = 1.0
+        if self.groups is not None and lam > 0:
+            idx = [g.group_second_moment / g.group_mean for g in self.groups]
+            base = float(self.stationary @ (np.asarray(self.rates) * np.asarray(idx))) / lam
         if window_s is None:
-            return 1.0 + extra
+            return base + extra
         t = float(window_s)
-        return 1.0 + extra * (1.0 - (1.0 - math.exp(-s * t)) / (s * t))
+        return base + extra * (1.0 - (1.0 - math.exp(-s * t)) / (s * t))
 
     def to_dict(self) -> dict:
         return {
@@ -232,6 +299,7 @@ class MMPP2:
             "stationary": [float(x) for x in self.stationary],
             "mean_rate": self.mean_rate,
             "index_of_dispersion": self.index_of_dispersion(),
+            "groups": None if self.groups is None else [g.to_dict() for g in self.groups],
         }
 
 
@@ -255,16 +323,20 @@ def parse_arrivals(spec: str) -> ArrivalModel:
     if head == "mmpp":
         parts = rest.split(":")
         try:
-            if len(parts) != 2:
+            if len(parts) not in (2, 3):
                 raise ValueError
             rates = [float(x) for x in parts[0].split(",")]
             sw = [float(x) for x in parts[1].split(",")]
-            if len(rates) != 2 or len(sw) != 2:
+            gs = [float(x) for x in parts[2].split(",")] if len(parts) == 3 else [1.0, 1.0]
+            if len(rates) != 2 or len(sw) != 2 or len(gs) != 2:
                 raise ValueError
         except ValueError:
-            raise ModelError(f"--arrivals mmpp:RATE1,RATE2:SWITCH12,SWITCH21 needs four numbers, got {text!r}") from None
-        return MMPP2(rates=(rates[0], rates[1]), switching=(sw[0], sw[1]))
-    raise ModelError(f"arrival model must be poisson, batch:MEAN_GROUP or mmpp:RATE1,RATE2:SWITCH12,SWITCH21; got {text!r}")
+            raise ModelError(f"--arrivals mmpp:RATE1,RATE2:SWITCH12,SWITCH21[:GROUP1,GROUP2] needs four (or six) "
+                             f"numbers, got {text!r}") from None
+        groups = None if gs == [1.0, 1.0] else (CompoundPoisson(gs[0]), CompoundPoisson(gs[1]))
+        return MMPP2(rates=(rates[0], rates[1]), switching=(sw[0], sw[1]), groups=groups)
+    raise ModelError("arrival model must be poisson, batch:MEAN_GROUP or mmpp:RATE1,RATE2:SWITCH12,SWITCH21"
+                     f"[:GROUP1,GROUP2]; got {text!r}")
 
 
 def group_rate(arrivals: ArrivalModel, rate: float) -> float:

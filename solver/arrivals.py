@@ -125,7 +125,7 @@ def compound_poisson(rate: float, groups: CompoundPoisson, n: int | None = None,
 
 
 def mmpp2_path(process: MMPP2, n: int, rng: RngLike = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The first n arrivals of a two-phase MMPP together with its phase path.
+    """The first n arrivals of a two-phase MMPP (groups per phase for a batch MMPP) with its phase path.
 
     Returns (times, switch_times, phases): the phase is ``phases[i]`` (0 or 1) on
     [switch_times[i], switch_times[i + 1]); switch_times[0] = 0 and the first phase is drawn from the
@@ -153,7 +153,20 @@ def mmpp2_path(process: MMPP2, n: int, rng: RngLike = None) -> tuple[np.ndarray,
         phases.append(phase)
     d = np.asarray(durs)
     ph = np.asarray(phases, dtype=np.int64)
-    times = _piecewise(d, lam[ph], gen, n, None)
+    if process.groups is None:
+        times = _piecewise(d, lam[ph], gen, n, None)
+    else:  # group instants at rates[i] / G_i, each repeated by a size drawn from its phase's law
+        epochs = _piecewise(d, np.asarray(process.epoch_rates)[ph], gen, None, None)
+        at = ph[np.searchsorted(np.asarray(starts), epochs, side="right") - 1]
+        sizes = np.empty(epochs.size, dtype=np.int64)
+        for i, law in enumerate(process.groups):
+            sel = np.nonzero(at == i)[0]
+            if law.group_pmf is None:
+                sizes[sel] = gen.geometric(1.0 / law.group_mean, size=sel.size)
+            else:
+                q = np.asarray(law.group_pmf)
+                sizes[sel] = gen.choice(q.size, size=sel.size, p=q)
+        times = np.repeat(epochs, sizes)[:n]
     if times.size < n:  # an unlucky draw below the margin: append more of the path
         more, st2, ph2 = mmpp2_path(process, n - times.size, gen)
         times = np.concatenate((times, clock + more))

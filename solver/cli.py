@@ -131,6 +131,9 @@ def _slo_args(p: argparse.ArgumentParser) -> None:
                         "adds max_wait_s (null: no guard), predicted_quantile_s and slo_feasible (false: no "
                         "policy meets D, the answer is greedy)")
     p.add_argument("--slo-latency", type=float, default=None, help="the SLO's latency bound D, seconds")
+    p.add_argument("--slo-margin", type=float, default=0.0,
+                   help="seconds of D reserved for latency the model does not see (client, network): the policy "
+                        "is searched for D - margin (default: %(default)s)")
 
 
 def _slo_target(args: argparse.Namespace):
@@ -143,7 +146,7 @@ def _slo_target(args: argparse.Namespace):
         return None
     if q is None or d is None:
         raise ModelError("--slo-quantile and --slo-latency go together: give both or neither")
-    return SloTarget(q, d)
+    return SloTarget(q, d, args.slo_margin)
 
 
 def _cmd_solve_slo(args: argparse.Namespace, model, target) -> int:
@@ -158,7 +161,8 @@ def _cmd_solve_slo(args: argparse.Namespace, model, target) -> int:
         return 0
     c = res.chosen
     print(f"SLO policy for lambda = {model.rate:g} req/s (load {model.load:.3f}), w = {model.weight:g} s/W, "
-          f"B = {model.max_batch}: q = {target.quantile:g} of response time <= {target.latency_s * 1e3:g} ms")
+          f"B = {model.max_batch}: q = {target.quantile:g} of response time <= {target.latency_s * 1e3:g} ms"
+          + (f" (searched for {target.budget_s * 1e3:g} ms: {target.margin_s * 1e3:g} ms margin)" if target.margin_s else ""))
     if res.feasible:
         guard = "no guard" if c.max_wait_s is None else f"max-wait guard {c.max_wait_s * 1e3:.3f} ms"
         print(f"  table solved for w' = {c.table_weight:g} s/W, {guard}")
@@ -192,6 +196,9 @@ def _instances_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--instances", type=int, default=1,
                    help="k model instances fed by one queue (instance_group count x GPUs); capacity is k B/tau(B) "
                         "and the policy is a table a(n, m) for m busy instances (default: %(default)s)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="D accelerators the k instances run on, each drawing --idle-power once (1..k; default: "
+                        "one per instance); e.g. --instances 2 --devices 1 for count 2 on one GPU")
 
 
 def _errors_exit_2(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -229,7 +236,7 @@ def _model(args: argparse.Namespace, arrivals_spec: str = "poisson"):
     profile = ServiceProfile.from_csv(args.profile, max_batch=args.max_batch, samples=args.samples)
     return BatchingModel(rate=rate, max_batch=args.max_batch, profile=profile,
                          idle_power_w=args.idle_power, weight=args.weight, instances=args.instances,
-                         arrivals=arrivals)
+                         arrivals=arrivals, devices=args.devices)
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -312,6 +319,7 @@ def _model_fields(args: argparse.Namespace, model) -> dict:
         "load": model.load,
         **_profile_fields(args, model),
         "instances": model.instances,
+        "devices": model.idle_devices,
         "arrivals": model.arrivals.to_dict(),
     }
 
@@ -451,7 +459,7 @@ def _solve_mmpp(args: argparse.Namespace, model) -> int:
 def _cmd_fit_arrivals(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from solver.arrival_model import CompoundPoisson
+    from solver.arrival_model import MMPP2, CompoundPoisson
     from solver.arrivals import read_trace_timestamps
     from solver.fit import fit_arrivals
 
@@ -460,7 +468,13 @@ def _cmd_fit_arrivals(args: argparse.Namespace) -> int:
     fit = fit_arrivals(times, group_window_s=args.group_window, bin_s=args.bin)
     out = fit.to_dict()
     chosen = fit.chosen
-    cli = f"batch:{chosen.group_mean:.6g}" if isinstance(chosen, CompoundPoisson) else chosen.spec
+    if isinstance(chosen, CompoundPoisson):
+        cli = f"batch:{chosen.group_mean:.6g}"
+    elif isinstance(chosen, MMPP2) and chosen.grouped:  # the option carries geometric groups of the same means
+        (l1, l2), (r12, r21), (g1, g2) = chosen.rates, chosen.switching, chosen.group_means
+        cli = f"mmpp:{l1:.6g},{l2:.6g}:{r12:.6g},{r21:.6g}:{g1:.6g},{g2:.6g}"
+    else:
+        cli = chosen.spec
     out["arrivals_option"] = cli
     out["trace"] = str(args.trace)
     if args.json:
@@ -478,6 +492,11 @@ def _cmd_fit_arrivals(args: argparse.Namespace) -> int:
         print(f"  mmpp: rates {l1:.4g} +- {m.rates_ci95[0]:.2g}, {l2:.4g} +- {m.rates_ci95[1]:.2g} req/s; switching "
               f"1->2 {r12:.4g} +- {m.switching_ci95[0]:.2g}, 2->1 {r21:.4g} +- {m.switching_ci95[1]:.2g} /s "
               f"(bins {m.bin_s:.3g} s, {m.iterations} EM iterations)")
+    if fit.batch_mmpp is not None:
+        m = fit.batch_mmpp
+        (l1, l2), (r12, r21), (g1, g2) = m.model.rates, m.model.switching, m.model.group_means
+        print(f"  batch mmpp: rates {l1:.4g}, {l2:.4g} req/s in groups of mean {g1:.4g}, {g2:.4g}; switching "
+              f"1->2 {r12:.4g}, 2->1 {r21:.4g} /s (the MMPP of the group instants)")
     names = list(fit.dispersion)
     print("  index of dispersion Var N(t)/E N(t)   " + "  ".join(f"{n:>8}" for n in names))
     for i, w in enumerate(fit.windows_s):
@@ -506,7 +525,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from solver import arrivals
     from solver.arrival_model import MMPP2, parse_arrivals
     from solver.model import ModelError
-    from solver.policy import InstanceTable, PerInstance, PolicyTable, parse_rule_spec, rule_from_spec
+    from solver.policy import InstanceRule, InstanceTable, PerInstance, PolicyTable, parse_rule_spec, rule_from_spec
     from solver.simulate import simulate
 
     if args.requests < 1:
@@ -614,7 +633,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                               idle_power_w=model.idle_power_w, weight=model.weight, seed=args.seed, warmup=args.warmup)
     else:
         res = simulate(model.profile, rule, arr, idle_power_w=model.idle_power_w, weight=model.weight,
-                       seed=args.seed, warmup=args.warmup)
+                       seed=args.seed, warmup=args.warmup,
+                       devices=model.idle_devices if isinstance(rule, InstanceRule) else None)
 
     out = {
         "policy": args.policy,
@@ -642,6 +662,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if isinstance(rule, InstanceTable):
         out["policy_table"] = rule.to_lists()
     out["instances"] = model.instances
+    out["devices"] = model.idle_devices
     if args.json:
         print(_dump(out))
         return 0
@@ -676,7 +697,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         requests=args.requests, seed=args.seed, timeouts_s=timeouts,
         timeout_grid_s=tuple(sorted(set(TIMEOUT_GRID_S) | set(timeouts))), method=args.method,
         progress=lambda msg: print(msg, file=sys.stderr),
-        arrival_model=parse_arrivals(args.arrivals), instances=args.instances,
+        arrival_model=parse_arrivals(args.arrivals), instances=args.instances, devices=args.devices,
     )
     paths = result.write(args.out)
     if args.json:

@@ -234,12 +234,14 @@ class _Sims:
     idle_power_w: float
     seed: int
     warmup: float
+    devices: int = 1
+    """D: devices drawing P0 (``BatchingModel.idle_devices``)."""
     cache: dict[Any, SimResult] = field(default_factory=dict)
 
     def run(self, key: Any, rule) -> SimResult:
         if key not in self.cache:
             self.cache[key] = simulate(self.profile, rule, self.arrivals, idle_power_w=self.idle_power_w,
-                                       weight=0.0, seed=self.seed, warmup=self.warmup)
+                                       weight=0.0, seed=self.seed, warmup=self.warmup, devices=self.devices)
         return self.cache[key]
 
     def run_phased(self, key: Any, policy, process: MMPP2) -> SimResult:
@@ -258,7 +260,7 @@ def _at_rate(process: ArrivalModel, rate: float) -> ArrivalModel:
     """The arrival model at mean rate ``rate``: an MMPP's phase rates scaled, its switching kept."""
     if isinstance(process, MMPP2):
         f = rate / process.mean_rate
-        return MMPP2((process.rates[0] * f, process.rates[1] * f), process.switching)
+        return process.with_rates((process.rates[0] * f, process.rates[1] * f))
     return process
 
 
@@ -291,12 +293,13 @@ def compare(
     progress: Callable[[str], None] | None = None,
     instances: int = 1,
     arrival_model: ArrivalModel = POISSON,
+    devices: int | None = None,
 ) -> CompareResult:
     """Run the sweep. Loads are fractions of the capacity k B / tau(B), strictly between 0 and 1."""
     t_start = time.perf_counter()
     prof = profile.truncated(max_batch)
     base = BatchingModel(rate=0.5 * max_batch / float(prof.mean_s[max_batch - 1]), max_batch=max_batch,
-                         profile=prof, idle_power_w=idle_power_w, weight=0.0, instances=instances)
+                         profile=prof, idle_power_w=idle_power_w, weight=0.0, instances=instances, devices=devices)
     k_inst = base.instances
     if k_inst > 1 and arrival_model != POISSON:
         raise ModelError(f"compare with {arrival_model.spec} arrivals runs one instance; the k-instance solver "
@@ -330,9 +333,9 @@ def compare(
         model0 = base.with_(rate=rate, arrivals=proc)
         arr = arrivals.from_model(proc, rate, int(requests), rng=np.random.default_rng([seed, li, 0]))
         warmup = float(arr[min(arr.size // 50, arr.size - 1)])  # drop the first 2%: the empty start
-        sims = _Sims(prof, arr, idle_power_w, seed, warmup)
+        sims = _Sims(prof, arr, idle_power_w, seed, warmup, base.idle_devices)
         tune_arr = arrivals.from_model(proc, rate, max(int(requests) // 2, 1000), rng=np.random.default_rng([seed, li, 1]))
-        tune = _Sims(prof, tune_arr, idle_power_w, seed + 1, float(tune_arr[tune_arr.size // 50]))
+        tune = _Sims(prof, tune_arr, idle_power_w, seed + 1, float(tune_arr[tune_arr.size // 50]), base.idle_devices)
 
         # Weight-independent work: greedy, fixed timeouts, the timeout grid, static b0 evaluations.
         g_pol = greedy(max_batch)

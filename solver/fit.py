@@ -9,10 +9,13 @@
   fitted switching is below 5% per bin). 95% CIs from the expected complete-data information (time
   spent in each phase for a rate, expected switches for a switching rate): a little narrow, since
   they ignore the uncertainty about the hidden path.
+* Batch MMPP: both at once (a trace clumped in instants *and* modulated in rate): the MMPP fitted
+  to the group instants, each phase's group-size law weighted by the smoothed phase posterior.
 * Which model: the index of dispersion of the counts, Var N(t) / E N(t), over several windows t
   is computed for the trace and predicted by each model (Poisson 1; compound Poisson E[X^2]/E[X] at
   every t; the MMPP rising from 1 with t). The chosen model is the one whose curve is closest in
-  mean squared log ratio; the table of all three is part of the fit, as are the interarrival CVs.
+  mean squared log ratio, the simplest (Poisson, groups, MMPP, batch MMPP) when it is within
+  ``MISFIT_TOLERANCE`` of the closest; the table of all is part of the fit, as are the interarrival CVs.
 """
 
 from __future__ import annotations
@@ -28,6 +31,14 @@ from solver.errors import ModelError
 WINDOWS_IN_MEAN_GAPS = (1.0, 10.0, 100.0, 1000.0)
 """Windows of the dispersion table, in units of the mean interarrival time."""
 
+
+MISFIT_TOLERANCE = 0.01
+"""A simpler model is chosen over a closer one unless the closer one's misfit is lower by more than
+this (a mean squared log ratio: about 10% RMS between the dispersion curves)."""
+
+CLEAR_PHASE = 0.9
+"""The batch MMPP's group-size law of a phase is taken from groups whose bin is in it with at least
+this posterior probability."""
 
 MAX_BINS = 5_000
 """The default MMPP bin is 2 mean gaps, widened to keep at most this many bins (EM is O(bins) per step)."""
@@ -64,6 +75,8 @@ class ArrivalFit:
     group_window_s: float
     compound: CompoundFit
     mmpp: MMPPFit | None
+    batch_mmpp: MMPPFit | None
+    """The MMPP of the group instants with a group-size law per phase (None without groups)."""
     windows_s: tuple[float, ...]
     dispersion: dict[str, tuple[float, ...]]
     """Index of dispersion per window: "trace" and each candidate model."""
@@ -88,11 +101,10 @@ class ArrivalFit:
             "interarrival_cv": self.interarrival_cv,
             "misfit": self.misfit,
         }
-        if self.mmpp is not None:
-            m = self.mmpp
-            out["mmpp"] = {**m.model.to_dict(), "rates_ci95": list(m.rates_ci95),
-                           "switching_ci95": list(m.switching_ci95), "bin_s": m.bin_s,
-                           "iterations": m.iterations, "log_likelihood": m.log_likelihood}
+        for key, m in (("mmpp", self.mmpp), ("batch_mmpp", self.batch_mmpp)):
+            out[key] = None if m is None else {
+                **m.model.to_dict(), "rates_ci95": list(m.rates_ci95), "switching_ci95": list(m.switching_ci95),
+                "bin_s": m.bin_s, "iterations": m.iterations, "log_likelihood": m.log_likelihood}
         return out
 
 
@@ -189,10 +201,50 @@ def _baum_welch(counts: np.ndarray, bin_s: float, iters: int, tol: float = 1e-6)
         if abs(ll - prev) <= tol * abs(ll):
             break
         prev = ll
-    return lam, P, gs, xis, ll, it
+    return lam, P, gs, xis, ll, it, gamma
 
 
 def fit_mmpp(times: np.ndarray, bin_s: float | None = None, iters: int = 60) -> MMPPFit:
+    return _fit_mmpp(times, bin_s, iters)[0]
+
+
+def fit_batch_mmpp(times: np.ndarray, window_s: float, bin_s: float | None = None, iters: int = 60) -> MMPPFit:
+    """A batch MMPP: the MMPP fitted to the group instants (arrivals within ``window_s`` of the
+    previous one join its group), then each phase's group-size law weighted by the posterior
+    probability of that phase in the group's bin (the E-step's smoothed phase)."""
+    t = _times(times)
+    epochs, sizes = group_sizes(t, window_s)
+    if sizes.max() <= 1:
+        raise ModelError("no groups in these arrival times: the batch MMPP is the plain MMPP")
+    fit, gamma, width = _fit_mmpp(epochs, bin_s, iters)
+    post = gamma[np.minimum((epochs // width).astype(np.int64), gamma.shape[0] - 1)]  # [group, phase]
+    # groups in bins whose phase is clear: near a switch the posterior would lend each phase the
+    # other's sizes (a bias no CI shows); all groups when too few bins are clear
+    clear = post.max(axis=1) >= CLEAR_PHASE
+    laws, half = [], []
+    for i in range(2):
+        w = post[:, i] * clear if (post[:, i] * clear).sum() >= 30 else post[:, i]
+        if w.sum() <= 0:
+            laws.append(CompoundPoisson(1.0))
+            half.append(0.0)
+            continue
+        pmf = np.bincount(sizes, weights=w).astype(float)
+        pmf[0] = 0.0
+        laws.append(CompoundPoisson.empirical(pmf) if pmf[2:].sum() > 0 else CompoundPoisson(1.0))
+        mean = float(np.average(sizes, weights=w))
+        sd = math.sqrt(float(np.average((sizes - mean) ** 2, weights=w)))
+        n_eff = float(w.sum()) ** 2 / float((w * w).sum())
+        half.append(1.96 * sd / math.sqrt(n_eff))
+    g = np.array([law.group_mean for law in laws])
+    er = fit.model.rates
+    model = MMPP2((er[0] * g[0], er[1] * g[1]), fit.model.switching, (laws[0], laws[1]))
+    # the request rate is (group rate) x G: both uncertainties, to first order
+    rci = (fit.rates_ci95[0] * g[0] + er[0] * half[0], fit.rates_ci95[1] * g[1] + er[1] * half[1])
+    return MMPPFit(model, rci, fit.switching_ci95, fit.bin_s, fit.iterations, fit.log_likelihood)
+
+
+def _fit_mmpp(times: np.ndarray, bin_s: float | None, iters: int) -> tuple[MMPPFit, np.ndarray, float]:
+    """The fit, the smoothed phase posterior per bin (columns in the fit's phase order) and the bin width."""
     t = _times(times)
     rate = (t.size - 1) / float(t[-1])
     span = float(t[-1])
@@ -204,7 +256,7 @@ def fit_mmpp(times: np.ndarray, bin_s: float | None = None, iters: int = 60) -> 
         if edges.size - 1 < 50:
             raise ModelError(f"bins of {width:g} s give fewer than 50 bins over the trace's {t[-1]:g} s")
         counts = np.histogram(t, bins=edges)[0]
-        lam, P, gs, xis, ll, it = _baum_welch(counts, width, iters)
+        lam, P, gs, xis, ll, it, gamma = _baum_welch(counts, width, iters)
         stay = 1.0 - P[0, 1] - P[1, 0]
         if stay <= 0:
             raise ModelError("the MMPP fit found no persistent phases (switching faster than the bins)")
@@ -223,7 +275,7 @@ def fit_mmpp(times: np.ndarray, bin_s: float | None = None, iters: int = 60) -> 
     model = MMPP2((float(rates[0]), float(rates[1])), (float(sw[0]), float(sw[1])))
     rci = tuple(float(1.96 * math.sqrt(r / max(ti, 1e-300))) for r, ti in zip(rates, time_in))
     sci = tuple(float(1.96 * r / math.sqrt(max(n, 1e-300))) for r, n in zip(sw, switches))
-    return MMPPFit(model, (rci[0], rci[1]), (sci[0], sci[1]), width, it, ll)
+    return MMPPFit(model, (rci[0], rci[1]), (sci[0], sci[1]), width, it, ll), gamma[:, order], width
 
 
 def dispersion(times: np.ndarray, windows_s: tuple[float, ...]) -> tuple[float, ...]:
@@ -249,13 +301,16 @@ def interarrival_cv(model: ArrivalModel, rate: float) -> float:
         # E T = 1/lambda, E T^2 = 2 G / lambda^2, so CV^2 = 2 G - 1 for any group-size law
         g = model.group_mean
         return math.sqrt(2.0 * g - 1.0)
-    d1 = np.diag(model.rates)
+    # group instants form an MMPP at the epoch rates; a request's gap is 0 unless it ends its group,
+    # so E T^2 = E[T_g^2] / (requests per group), T_g the gap after a group instant (phase law alpha)
+    d1 = np.diag(model.epoch_rates)
     d0 = model.generator - d1
     pi = model.stationary
     alpha = pi @ d1 / float(pi @ d1 @ np.ones(2))
     inv = np.linalg.inv(-d0)
-    m1 = float(alpha @ inv @ np.ones(2))
-    m2 = 2.0 * float(alpha @ inv @ inv @ np.ones(2))
+    per_group = float(alpha @ np.asarray(model.group_means))
+    m2 = 2.0 * float(alpha @ inv @ inv @ np.ones(2)) / per_group
+    m1 = 1.0 / model.mean_rate
     return math.sqrt(max(m2 / (m1 * m1) - 1.0, 0.0))
 
 
@@ -271,6 +326,12 @@ def fit_arrivals(times: np.ndarray, group_window_s: float | None = None, bin_s: 
         mm: MMPPFit | None = fit_mmpp(t, bin_s)
     except ModelError:
         mm = None
+    bm: MMPPFit | None = None
+    if comp.model.group_mean > 1.0:
+        try:
+            bm = fit_batch_mmpp(t, window, bin_s)
+        except ModelError:
+            bm = None
     windows = tuple(w / rate for w in WINDOWS_IN_MEAN_GAPS)
     trace_d = dispersion(t, windows)
     curves: dict[str, tuple[float, ...]] = {"trace": trace_d, "poisson": tuple(1.0 for _ in windows)}
@@ -285,10 +346,17 @@ def fit_arrivals(times: np.ndarray, group_window_s: float | None = None, bin_s: 
         curves["mmpp"] = tuple(mm.model.index_of_dispersion(w) for w in windows)
         cvs["mmpp"] = interarrival_cv(mm.model, rate)
         cands["mmpp"] = mm.model
+    if bm is not None:
+        curves["batch_mmpp"] = tuple(bm.model.index_of_dispersion(w) for w in windows)
+        cvs["batch_mmpp"] = interarrival_cv(bm.model, rate)
+        cands["batch_mmpp"] = bm.model
     ok = [i for i, d in enumerate(trace_d) if math.isfinite(d) and d > 0]
     misfit = {}
     for name in cands:
         misfit[name] = float(np.mean([math.log(curves[name][i] / trace_d[i]) ** 2 for i in ok])) if ok else math.nan
-    best = min(cands, key=lambda k: (misfit[k] if math.isfinite(misfit[k]) else math.inf))
+    finite = [misfit[k] for k in cands if math.isfinite(misfit[k])]
+    floor = min(finite) if finite else math.inf
+    # the simplest model (cands is in order of complexity) whose curve is as close as the best's
+    best = next((k for k in cands if math.isfinite(misfit[k]) and misfit[k] <= floor + MISFIT_TOLERANCE), "poisson")
     chosen = cands[best]
-    return ArrivalFit(chosen, rate, int(t.size), span, window, comp, mm, windows, curves, cvs, misfit)
+    return ArrivalFit(chosen, rate, int(t.size), span, window, comp, mm, bm, windows, curves, cvs, misfit)

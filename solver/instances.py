@@ -14,10 +14,16 @@ waits until n >= T_m and then serves min(n, B), T_m in 1..B (T_m <= B keeps it s
 load below capacity). J = W + w P of a candidate is estimated by simulating it on one fixed Poisson
 arrival sequence with one fixed set of service-time streams (common random numbers, so that
 candidates are compared on the same sample path and their differences are far more precise than
-their levels). The search is coordinate-wise: for each m in turn a coarse grid of T_m (1, 2, 3, 4,
-6, 8, 12, ... B) and then a halving pattern search around the best, sweeping until no T_m moves;
-it starts from greedy (all T_m = 1) and from the per-slot one-server policy's control limit in
-every row, and keeps the better end (J is flat and not always unimodal in one T_m).
+their levels). The simulation is vectorised over candidates and replications
+(``solver.threshold_lanes``: every candidate on 100 overlapping windows of one arrival stream, each
+from an empty start with a warm-up discarded, one numpy step per batch start in all of them), and the
+search is a scan of common thresholds (T, ..., T) over a grid (1, 2, 3, 4, 6, 8, 12, ... B) together
+with the per-slot one-server policy's control limit and greedy, then a pattern search from the best:
+every T_m +- step and all of them +- step at once, moving to the best, halving the step when none is
+better. At B = 64, k = 4 this takes 40-70 candidates in 4-7 vectorised runs (a fraction of a second;
+bench/instances_bench.py --speed). ``Search.EVENT_LOOP`` is the former search, kept as the reference:
+one Python event loop (``solver.simulate``) per candidate, coordinate-wise over the whole grid in
+every row, from greedy and from the per-slot control limit, about 300 candidates (seconds).
 The reported figures (``gain``, ``mean_latency_s``, ``mean_power_w``) come from a fresh simulation
 of the chosen table on other random numbers, so they carry no selection bias; ``gain_ci95`` is its
 95% half-width. The error of this formulation has two parts, both measured in the tests and in
@@ -34,10 +40,11 @@ grows until the blocked fraction is below 1e-9. The state count grows as (sum of
 small B and k (tests, checks); beyond ``max_states`` it refuses with a clear error and the
 simulator is the evaluator.
 
-Power (both): each busy instance draws its batch's busy power p(b) = e(b) / tau(b), each idle
-instance P0 (``idle_power_w`` is per instance, i.e. per device when each instance has its own GPU;
-k instances sharing one GPU would share one idle draw, which this model over-counts by (k - 1) P0
-while they are all idle). P = sum over instances.
+Power (all three): P0 (``idle_power_w``) is drawn once per device, D = ``BatchingModel.devices``
+(default one device per instance, D = k), and each busy instance adds its batch's increment
+p(b) - P0, p(b) = e(b) / tau(b): P = D P0 + sum over busy instances of (p(b) - P0). With D = k that
+is each busy instance p(b) and each idle one P0; with k instances on one GPU (D = 1) it is P0 when
+all are idle and p(b) with one batch running, as for one server.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 from scipy import sparse
@@ -57,9 +65,15 @@ from solver.policy import InstanceTable, PerInstance, PolicyTable, instance_thre
 from solver.result import SolveResult
 from solver.simulate import SimResult, simulate
 from solver.smdp import solve
+from solver.threshold_lanes import ThresholdLanes, grid, search
+
+SEARCH_REPLICATIONS = 100
+"""Replications (windows of one arrival stream) per candidate in the vectorised search."""
+SEARCH_LANE_REQUESTS = 50_000
+"""Counted requests per candidate in the vectorised search (``SEARCH_REPLICATIONS`` segments)."""
 
 SEARCH_REQUESTS = 100_000
-"""Simulated requests per candidate in the threshold search (common random numbers)."""
+"""Simulated requests per candidate in the event-loop (reference) search."""
 REPORT_REQUESTS = 200_000
 """Simulated requests of the fresh run that reports the chosen table's figures."""
 WARMUP_FRACTION = 0.02
@@ -85,7 +99,8 @@ class InstanceSolveResult:
     mean_batch: float
     gain_ci95: float
     method: str
-    """"smdp" (k = 1, today's solver) or "threshold-search" (k > 1)."""
+    """"smdp" (k = 1, today's solver), "threshold-search" (k > 1) or "threshold-search-event-loop"
+    (k > 1, ``Search.EVENT_LOOP``)."""
     model: BatchingModel
     evaluations: int
     """Candidate tables simulated by the search (0 for k = 1)."""
@@ -108,6 +123,7 @@ class InstanceSolveResult:
         return {
             "policy": self.policy.to_lists(),
             "instances": m.instances,
+            "devices": m.idle_devices,
             "gain": self.gain,
             "mean_latency_s": self.mean_latency_s,
             "mean_power_w": self.mean_power_w,
@@ -135,33 +151,56 @@ def _poisson_only(model: BatchingModel) -> None:
         raise ModelError(f"k-instance models take Poisson arrivals for now, got {model.arrivals.spec!r}")
 
 
-def _grid(max_batch: int) -> list[int]:
-    out = {1, 2, 3}
-    x = 4
-    while x <= max_batch:
-        out.add(x)
-        out.add(min(max_batch, x + x // 2))
-        x *= 2
-    out.add(max_batch)
-    return sorted(v for v in out if v <= max_batch)
+class Search(Enum):
+    """How ``solve_instances`` searches the threshold family (module doc)."""
+
+    LANES = "lanes"
+    """Vectorised over candidates and replications, scan then pattern search (the default)."""
+    EVENT_LOOP = "event-loop"
+    """One event-loop simulation per candidate, coordinate search over the whole grid (reference)."""
 
 
 def simulate_table(model: BatchingModel, table: InstanceTable, requests: int, seed: int) -> SimResult:
     """One simulation of ``table`` under ``model`` on Poisson arrivals (seeded: common random numbers)."""
     arr = arrivals.poisson(model.rate, n=requests, rng=seed)
     return simulate(model.profile, table, arr, idle_power_w=model.idle_power_w, weight=model.weight,
-                    seed=seed, warmup=WARMUP_FRACTION * float(arr[-1]))
+                    seed=seed, warmup=WARMUP_FRACTION * float(arr[-1]), devices=model.idle_devices)
+
+
+def _check_requests(requests: int, what: str) -> int:
+    if isinstance(requests, bool) or not isinstance(requests, (int, np.integer)) or requests < 1000:
+        raise ModelError(f"{what} requests must be an integer >= 1000, got {requests!r}")
+    return int(requests)
 
 
 def search_thresholds(
+    model: BatchingModel, *, requests: int = SEARCH_LANE_REQUESTS, seed: int = 0,
+    starts: list[tuple[int, ...]] | None = None,
+) -> tuple[tuple[int, ...], float, int]:
+    """The thresholds T_0..T_{k-1} of least simulated J, vectorised search (module doc):
+    (thresholds, J on the search's common random numbers, candidates simulated).
+
+    Works for any k, k = 1 included (to compare the family with the exact SMDP)."""
+    requests = _check_requests(requests, "search")
+    _poisson_only(model)
+    k = model.instances
+    starts = [(1,) * k] if starts is None else [tuple(int(v) for v in s) for s in starts]
+    for s in starts:
+        if len(s) != k:
+            raise ModelError(f"a start needs {k} thresholds (one per busy count m = 0..k-1), got {list(s)}")
+        instance_thresholds(model.max_batch, s)  # validates
+    lanes = ThresholdLanes(model, replications=SEARCH_REPLICATIONS,
+                           segment=max(1, requests // SEARCH_REPLICATIONS), seed=seed)
+    found = search(lanes, starts)
+    return found.thresholds, found.cost, found.evaluations
+
+
+def search_thresholds_event_loop(
     model: BatchingModel, *, requests: int = SEARCH_REQUESTS, seed: int = 0,
     start: tuple[int, ...] | None = None, max_sweeps: int = MAX_SWEEPS,
 ) -> tuple[tuple[int, ...], float, int]:
-    """The thresholds T_0..T_{k-1} of least simulated J (module doc): (thresholds, J, simulations).
-
-    Works for any k, k = 1 included (to compare the family with the exact SMDP)."""
-    if isinstance(requests, bool) or not isinstance(requests, (int, np.integer)) or requests < 1000:
-        raise ModelError(f"search requests must be an integer >= 1000, got {requests!r}")
+    """The reference search (``Search.EVENT_LOOP``, module doc): (thresholds, J, simulations)."""
+    requests = _check_requests(requests, "search")
     _poisson_only(model)
     k, B = model.instances, model.max_batch
     arr = arrivals.poisson(model.rate, n=int(requests), rng=seed)
@@ -171,7 +210,7 @@ def search_thresholds(
     def cost(th: tuple[int, ...]) -> float:
         if th not in cache:
             res = simulate(model.profile, instance_thresholds(B, th), arr, idle_power_w=model.idle_power_w,
-                           weight=model.weight, seed=seed, warmup=warm)
+                           weight=model.weight, seed=seed, warmup=warm, devices=model.idle_devices)
             cache[th] = res.cost
         return cache[th]
 
@@ -179,15 +218,15 @@ def search_thresholds(
     if len(th) != k:
         raise ModelError(f"start needs {k} thresholds (one per busy count m = 0..k-1), got {list(th)}")
     instance_thresholds(B, th)  # validates
-    grid = _grid(B)
+    values = grid(B)
     for _ in range(max_sweeps):
         moved = False
         for m in range(k):
             def at(v: int) -> tuple[int, ...]:
                 return tuple(th[:m] + [v] + th[m + 1:])
-            best = min(grid + [th[m]], key=lambda v: (cost(at(v)), v))
-            i = grid.index(best) if best in grid else -1
-            step = max(1, (grid[i + 1] - grid[i]) // 2) if 0 <= i < len(grid) - 1 else 1
+            best = min(values + [th[m]], key=lambda v: (cost(at(v)), v))
+            i = values.index(best) if best in values else -1
+            step = max(1, (values[i + 1] - values[i]) // 2) if 0 <= i < len(values) - 1 else 1
             while step >= 1:
                 cands = [v for v in (best - step, best + step) if 1 <= v <= B]
                 better = min(cands, key=lambda v: (cost(at(v)), v), default=best)
@@ -205,10 +244,11 @@ def search_thresholds(
 
 
 def solve_instances(
-    model: BatchingModel, *, requests: int = SEARCH_REQUESTS, report_requests: int = REPORT_REQUESTS,
-    seed: int = 0, method: str = "pi",
+    model: BatchingModel, *, requests: int | None = None, report_requests: int = REPORT_REQUESTS,
+    seed: int = 0, method: str = "pi", search: Search = Search.LANES,
 ) -> InstanceSolveResult:
-    """The policy a(n, m) for ``model.instances`` instances (module doc)."""
+    """The policy a(n, m) for ``model.instances`` instances (module doc). ``requests``: simulated
+    requests per candidate (default ``SEARCH_LANE_REQUESTS``, or ``SEARCH_REQUESTS`` for the event loop)."""
     started = time.perf_counter()
     if model.instances == 1:
         one = solve(model, method)
@@ -218,22 +258,31 @@ def solve_instances(
             mean_batch=one.mean_batch, gain_ci95=0.0, method="smdp", model=model, evaluations=0,
             solve_time_s=time.perf_counter() - started, one_server=one,
         )
-    if isinstance(report_requests, bool) or not isinstance(report_requests, (int, np.integer)) or report_requests < 1000:
-        raise ModelError(f"report requests must be an integer >= 1000, got {report_requests!r}")
-    best: tuple[float, tuple[int, ...]] | None = None
-    sims = 0
-    for start in _starts(model, method):
-        th, cost, n = search_thresholds(model, requests=requests, seed=seed, start=start)
-        sims += n
-        if best is None or cost < best[0]:
-            best = (cost, th)
-    assert best is not None
-    table = instance_thresholds(model.max_batch, best[1])
+    report_requests = _check_requests(report_requests, "report")
+    if not isinstance(search, Search):
+        raise ModelError(f"search must be a Search, got {search!r}")
+    starts = _starts(model, method)
+    if search is Search.LANES:
+        chosen, _, sims = search_thresholds(model, requests=SEARCH_LANE_REQUESTS if requests is None else requests,
+                                            seed=seed, starts=starts)
+    else:
+        best: tuple[float, tuple[int, ...]] | None = None
+        sims = 0
+        for start in starts:
+            th, cost, n = search_thresholds_event_loop(model, requests=SEARCH_REQUESTS if requests is None else requests,
+                                                       seed=seed, start=start)
+            sims += n
+            if best is None or cost < best[0]:
+                best = (cost, th)
+        assert best is not None
+        chosen = best[1]
+    table = instance_thresholds(model.max_batch, chosen)
     rep = simulate_table(model, table, int(report_requests), seed + 1_000_003)
     return InstanceSolveResult(
         policy=table, gain=rep.cost, mean_latency_s=rep.mean_latency_s, mean_power_w=rep.mean_power_w,
         throughput_rps=rep.throughput_rps, mean_batch=rep.mean_batch, gain_ci95=rep.cost_ci95,
-        method="threshold-search", model=model, evaluations=sims, solve_time_s=time.perf_counter() - started,
+        method="threshold-search" if search is Search.LANES else "threshold-search-event-loop", model=model,
+        evaluations=sims, solve_time_s=time.perf_counter() - started,
         report=rep,
     )
 
@@ -260,7 +309,8 @@ def per_slot_policy(model: BatchingModel, method: str = "pi") -> PerInstance:
     """What the gate did before k-instance policies: the one-server SMDP policy, solved for the whole
     rate (capped at 0.95 of one instance's capacity, which the one-server solver needs), applied to
     every free instance whatever the others do. The baseline the k-instance policy is judged against."""
-    one = model.with_(instances=1, rate=min(model.rate, PER_SLOT_NEAR_CAPACITY * model.capacity / model.instances))
+    one = model.with_(instances=1, devices=None,
+                      rate=min(model.rate, PER_SLOT_NEAR_CAPACITY * model.capacity / model.instances))
     return PerInstance(solve(one, method).policy, model.instances)
 
 
@@ -405,7 +455,7 @@ def _ctmc(model: BatchingModel, table: InstanceTable, r: tuple[int, ...], N: int
     n_arr = np.array([s[0] for s in order], dtype=float)
     in_service = np.array([sum(b for b, _ in s[1]) for s in order], dtype=float)
     busy = np.array([len(s[1]) for s in order], dtype=float)
-    pw = np.array([sum(power[b - 1] for b, _ in s[1]) for s in order]) + (k - busy) * p0
+    pw = np.array([sum(power[b - 1] for b, _ in s[1]) for s in order]) + (model.idle_devices - busy) * p0
     blocked = float(pi[n_arr >= N].sum())
     thr = lam * (1.0 - blocked)
     W = float(pi @ (n_arr + in_service)) / thr

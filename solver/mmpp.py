@@ -21,6 +21,11 @@ with E[int A | i] = lambda E[S^2]/2 + (lambda_i - lambda)(E S / sigma - (1 - E e
 sigma = r12 + r21 (the MMPP's mean count E[A(t) | i] relaxes to lambda t at rate sigma).
 Wait at (n, i): until the next arrival or switch, mean 1 / (lambda_i + r_i), to (n + 1, i) or (n, 1 - i).
 
+Batch MMPP (``MMPP2.groups``): in phase i groups come at g_i = lambda_i / G_i with sizes X_i. The
+uniformised events are then groups, and each one adds a draw of X_j to the count (a convolution
+per event: still exact); a wait lasts 1 / (g_i + r_i) and jumps by a whole group (landings above N
+are valued at N). The latency integral is unchanged: it depends on the mean count only.
+
 Above N (landings beyond the truncation) the drain back to N is charged with the phase-averaged
 fluid coefficients of ``solver.tail`` at the mean rate (an approximation; the automatic truncation
 grows N until the gain settles, as for Poisson).
@@ -34,17 +39,17 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
-from scipy import linalg
+from scipy import linalg, signal
 
 from solver.arrival_model import MMPP2, POISSON
 from solver.errors import ModelError
 from solver.model import BatchingModel
-from solver.pi import SingularPolicyError, improve
+from solver.pi import MIN_BLOCKS, BandedBelowLU, SingularPolicyError, improve
 from solver.policy import PolicyTable
 from solver.tail import arrival_pmf_matrix, initial_truncation, service_moments, tail_coefficients
 
 MAX_TRUNCATION = 1500
-"""Per phase; the dense system has 2 (N + 1) unknowns."""
+"""Per phase; the system has 2 (N + 1) unknowns."""
 GROWTH_RTOL = 1e-8
 _FLOOR = 1e-20
 
@@ -70,7 +75,7 @@ def _laplace(model: BatchingModel, sigma: float) -> np.ndarray:
 def count_law(model: BatchingModel) -> np.ndarray:
     """P(K = k, J = j | I = i) during one S_b: array [b - 1, i, j, k], k = 0..L (mass beyond L < 1e-14)."""
     mm = _mmpp(model)
-    lam = np.asarray(mm.rates)
+    lam = np.asarray(mm.epoch_rates)  # arrival instants: requests, or groups of a batch MMPP
     leave = np.asarray(mm.switching)
     theta = float(np.max(lam + leave)) * 1.0000001
     m1, m2 = service_moments(model.profile)
@@ -89,6 +94,8 @@ def count_law(model: BatchingModel) -> np.ndarray:
     alive = np.nonzero(events.max(axis=0) > _FLOOR)[0]
     mmax = int(alive[-1])
     events = events[:, : mmax + 1]
+    if mm.grouped:
+        return _grouped_count_law(mm, events, theta)
     a1 = np.diag(lam / theta)  # an arrival, phase kept
     a0 = np.eye(2) + (mm.generator - np.diag(lam)) / theta  # no arrival: a switch or nothing
     u = np.zeros((mmax + 1, 2, 2))  # u[k] = P(k arrivals, phase j | i) after m events
@@ -102,6 +109,51 @@ def count_law(model: BatchingModel) -> np.ndarray:
         nxt[1:] += u[:-1] @ a1
         u = nxt
     return np.ascontiguousarray(out.transpose(0, 2, 3, 1))  # [b, i, j, k]
+
+
+def _grouped_count_law(mm: MMPP2, events: np.ndarray, theta: float) -> np.ndarray:
+    """``count_law`` of a batch MMPP: each uniformised event in phase j is a group (probability
+    g_j / theta, g_j the group rate) whose size is drawn from phase j's law, a switch, or nothing.
+    The request count k runs to kmax, doubled until the mass beyond it is below 1e-13."""
+    g = np.asarray(mm.epoch_rates)
+    B, M = events.shape[0], events.shape[1] - 1
+    a0 = np.eye(2) + (mm.generator - np.diag(g)) / theta  # no group: a switch or nothing
+    mean_k = M * max(mm.group_means) + 10
+    kmax = int(2 * mean_k)
+    while True:
+        q = mm.size_pmfs(kmax)
+        xs = [int(np.nonzero(q[j] > _FLOOR)[0][-1]) for j in range(2)]
+        kern = [q[j, : xs[j] + 1] * (g[j] / theta) for j in range(2)]
+        u = np.zeros((kmax + 1, 2, 2))  # u[k, i, j] = P(k requests, phase j | i) after m events
+        u[0] = np.eye(2)
+        out = np.zeros((B, kmax + 1, 2, 2))
+        for m in range(M + 1):
+            out += events[:, m, None, None, None] * u[None]
+            if m == M:
+                break
+            nxt = u @ a0
+            for j in range(2):
+                nxt[:, :, j] += signal.convolve(u[:, :, j], kern[j][:, None], mode="full")[: kmax + 1]
+            u = nxt
+        lost = 1.0 - float(np.min(out.sum(axis=(1, 3))))
+        if lost <= 1e-13 or kmax > 4_000_000:
+            break
+        kmax *= 2
+    alive = np.nonzero(out.max(axis=(0, 2, 3)) > _FLOOR)[0]
+    out = out[:, : int(alive[-1]) + 1]
+    return np.ascontiguousarray(out.transpose(0, 2, 3, 1))  # [b, i, j, k]
+
+
+def wait_moves(mm: MMPP2, truncation: int) -> np.ndarray:
+    """[i, x]: probability that a wait at phase i ends in a jump of x requests (x = 0: a switch),
+    the jump's share of the next event (group or switch); x runs to the largest group above 1e-20."""
+    g = np.asarray(mm.epoch_rates)
+    leave = np.asarray(mm.switching)
+    q = mm.size_pmfs(truncation)
+    last = max(int(np.nonzero(q[j] > _FLOOR)[0][-1]) for j in range(2))
+    out = q[:, : last + 1] * (g / (g + leave))[:, None]
+    out[:, 0] = leave / (g + leave)
+    return out
 
 
 @dataclass(frozen=True)
@@ -177,13 +229,12 @@ class PhaseSMDP:
                 win = sliding_window_view(ext[j], L + 1)[: N + 1]  # win[s, k] = h_j(s + k)
                 acc += win @ self.law[:, i, j, :].T  # [s, a - 1]
             out[i, :, 1:] = acc[s, a - 1]
-        mm = self.model.arrivals
-        lam = np.asarray(mm.rates)
-        leave = np.asarray(mm.switching)
+        moves = wait_moves(self.model.arrivals, N)
+        X = moves.shape[1] - 1
         for i in range(2):
-            nu = lam[i] + leave[i]
-            up = np.append(h[i, 1:], h[i, N])
-            out[i, :, 0] = (lam[i] * up + leave[i] * h[1 - i]) / nu
+            up = np.append(h[i], np.full(X, h[i, N]))  # h_i(min(n + x, N))
+            win = sliding_window_view(up, X + 1)[: N + 1]
+            out[i, :, 0] = moves[i, 0] * h[1 - i] + win[:, 1:] @ moves[i, 1:]
         return out
 
     def transition_matrix(self, actions: np.ndarray) -> np.ndarray:
@@ -191,18 +242,18 @@ class PhaseSMDP:
         N = self.truncation
         size = N + 1
         L = self.law.shape[3] - 1
-        mm = self.model.arrivals
-        lam = np.asarray(mm.rates)
-        leave = np.asarray(mm.switching)
+        moves = wait_moves(self.model.arrivals, N)
+        X = moves.shape[1] - 1
         P = np.zeros((self.n_states, self.n_states))
         for i in range(2):
-            nu = lam[i] + leave[i]
             for n in range(size):
                 r = i * size + n
                 a = int(actions[i, n])
                 if a == 0:
-                    P[r, i * size + min(n + 1, N)] += lam[i] / nu
-                    P[r, (1 - i) * size + n] += leave[i] / nu
+                    top = min(n + X, N)
+                    P[r, i * size + n + 1 : i * size + top + 1] += moves[i, 1 : top - n + 1]
+                    P[r, i * size + N] += moves[i, top - n + 1 :].sum()
+                    P[r, (1 - i) * size + n] += moves[i, 0]
                     continue
                 s = n - a
                 e = min(s + L, N)
@@ -244,8 +295,9 @@ def build_phase_smdp(model: BatchingModel, truncation: int, law: np.ndarray | No
     w_over = sliding_window_view(over, L + 1)[: N + 1]
     w_over2 = sliding_window_view(over * over, L + 1)[: N + 1]
     w_beyond = sliding_window_view(beyond, L + 1)[: N + 1]
+    epochs = np.asarray(mm.epoch_rates)
     for i in range(2):
-        nu = lam[i] + leave[i]
+        nu = epochs[i] + leave[i]
         latency[i, :, 0] = n / (nu * lam_bar)
         energy[i, :, 0] = model.idle_power_w / nu
         time[i, :, 0] = 1.0 / nu
@@ -277,8 +329,19 @@ class PhaseValues:
     """(2, N + 1): stationary law of the embedded chain."""
 
 
-def evaluate_actions(smdp: PhaseSMDP, actions: np.ndarray) -> PhaseValues:
-    """Gain, relative values and stationary law of ``actions`` [i, n] (one dense LU, as ``solver.pi``)."""
+LINEAR_SOLVERS = ("banded", "dense")
+
+
+def evaluate_actions(smdp: PhaseSMDP, actions: np.ndarray, linear_solver: str = "banded") -> PhaseValues:
+    """Gain, relative values and stationary law of ``actions`` [i, n].
+
+    "banded": states ordered n-major (2 n + i), every transition goes down by at most 2 B + 1
+    places (a batch of up to B, either end phase), so with g's column moved last the system is zero
+    below its 2 (B + 1)-th subdiagonal and ``solver.pi.BandedBelowLU`` factors it in about
+    2 (B + 1) n^2 flops. "dense": one LAPACK LU of the whole system (2/3 n^3); both agree to rounding.
+    """
+    if linear_solver not in LINEAR_SOLVERS:
+        raise ValueError(f"linear_solver must be one of {LINEAR_SOLVERS}, got {linear_solver!r}")
     N = smdp.truncation
     i_idx, n_idx = np.indices(actions.shape)
     ok = smdp.valid[i_idx, n_idx, actions] & ((actions > 0) | (n_idx < N))
@@ -287,6 +350,9 @@ def evaluate_actions(smdp: PhaseSMDP, actions: np.ndarray) -> PhaseValues:
         raise ValueError(f"action {int(actions[i, n])} at (n = {n}, phase {i + 1}) is not allowed on 0..{N}")
     c = (smdp.latency + smdp.model.weight * smdp.energy)[i_idx, n_idx, actions].ravel()
     tau = smdp.time[i_idx, n_idx, actions].ravel()
+    kl = 2 * (smdp.model.max_batch + 1)
+    if linear_solver == "banded" and smdp.n_states >= MIN_BLOCKS * kl:
+        return _evaluate_banded(smdp, actions, c, tau, kl)
     A = np.eye(smdp.n_states) - smdp.transition_matrix(actions)
     A[:, 0] = tau
     try:
@@ -303,6 +369,51 @@ def evaluate_actions(smdp: PhaseSMDP, actions: np.ndarray) -> PhaseValues:
     h = x.copy()
     h[0] = 0.0
     return PhaseValues(g, h.reshape(2, N + 1), (y / y.sum()).reshape(2, N + 1))
+
+
+def _evaluate_banded(smdp: PhaseSMDP, actions: np.ndarray, c: np.ndarray, tau: np.ndarray, kl: int) -> PhaseValues:
+    """``evaluate_actions`` on the n-major ordering with unknowns (h(1..), g): see its docstring.
+
+    I - P is written straight into the LU's band storage (``BandedBelowLU.extended``: column k of
+    the system is column k + 1 there, so the sojourns' column lands last), never as a dense matrix."""
+    N = smdp.truncation
+    size = smdp.n_states
+    L = smdp.law.shape[3] - 1
+    lu = BandedBelowLU(size, kl)
+    E = lu.extended
+    moves = wait_moves(smdp.model.arrivals, N)
+    X = moves.shape[1] - 1
+    for n in range(N + 1):
+        for i in range(2):
+            r = 2 * n + i
+            E[r, r] += 1.0
+            a = int(actions[i, n])
+            if a == 0:
+                top = min(n + X, N)
+                E[r, 2 * (n + 1) + i : 2 * top + i + 1 : 2] -= moves[i, 1 : top - n + 1]
+                E[r, 2 * N + i] -= moves[i, top - n + 1 :].sum()
+                E[r, 2 * n + 1 - i] -= moves[i, 0]
+                continue
+            s0 = n - a
+            e = min(s0 + L, N)
+            for j in range(2):
+                E[r, 2 * s0 + j : 2 * e + j + 1 : 2] -= smdp.law[a - 1, i, j, : e - s0 + 1]
+                E[r, 2 * N + j] -= smdp.tail_p[i, n, a, j]
+    order = np.arange(size).reshape(2, N + 1).T.ravel()  # n-major position k -> phase-major index
+    E[:, size] = tau[order]
+    lu.factor()
+    x = lu.solve(c[order])
+    last = np.zeros(size)
+    last[-1] = 1.0
+    y = lu.solve_transposed(last)
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise SingularPolicyError("policy evaluation matrix is singular")
+    h = np.empty(size)
+    h[order[0]] = 0.0
+    h[order[1:]] = x[:-1]
+    pi = np.empty(size)
+    pi[order] = np.clip(y, 0.0, None)
+    return PhaseValues(float(x[-1]), h.reshape(2, N + 1), (pi / pi.sum()).reshape(2, N + 1))
 
 
 @dataclass(frozen=True, eq=False)
@@ -374,7 +485,8 @@ def _start_truncation(model: BatchingModel, policy: PhasePolicy | PolicyTable | 
     return min(n, MAX_TRUNCATION)
 
 
-def evaluate_mmpp(model: BatchingModel, policy: PhasePolicy | PolicyTable, truncation: int | None = None) -> PhaseEvaluation:
+def evaluate_mmpp(model: BatchingModel, policy: PhasePolicy | PolicyTable, truncation: int | None = None,
+                  linear_solver: str = "banded") -> PhaseEvaluation:
     """Exact W, P, J of a phase policy, or of one table for both phases (phase-blind), under the MMPP.
 
     Beyond the tables: serve min(n, B). N grows by half until the cost moves by less than 1e-10.
@@ -389,7 +501,7 @@ def evaluate_mmpp(model: BatchingModel, policy: PhasePolicy | PolicyTable, trunc
     while True:
         smdp = build_phase_smdp(model, N, law)
         a = _actions(model, policy, N + 1)
-        cur = _summarize(smdp, a, evaluate_actions(smdp, a))
+        cur = _summarize(smdp, a, evaluate_actions(smdp, a, linear_solver))
         if truncation is not None:
             return cur
         if previous is not None and abs(cur.cost - previous.cost) <= 1e-10 * abs(cur.cost):
@@ -421,9 +533,10 @@ class PhaseSolveResult:
         return self.evaluation.mean_power_w
 
 
-def _policy_iteration(smdp: PhaseSMDP, start: np.ndarray, max_iter: int) -> tuple[np.ndarray, PhaseValues, int, bool]:
+def _policy_iteration(smdp: PhaseSMDP, start: np.ndarray, max_iter: int,
+                      linear_solver: str) -> tuple[np.ndarray, PhaseValues, int, bool]:
     actions = start
-    values = evaluate_actions(smdp, actions)
+    values = evaluate_actions(smdp, actions, linear_solver)
     cost = smdp.cost
     seen = [actions]
     for it in range(1, max_iter + 1):
@@ -434,11 +547,12 @@ def _policy_iteration(smdp: PhaseSMDP, start: np.ndarray, max_iter: int) -> tupl
             return actions, values, it, True
         actions = new
         seen.append(actions)
-        values = evaluate_actions(smdp, actions)
+        values = evaluate_actions(smdp, actions, linear_solver)
     return actions, values, max_iter, False
 
 
-def solve_mmpp(model: BatchingModel, *, truncation: int | None = None, max_iter: int = 1000) -> PhaseSolveResult:
+def solve_mmpp(model: BatchingModel, *, truncation: int | None = None, max_iter: int = 1000,
+               linear_solver: str = "banded") -> PhaseSolveResult:
     """Optimal phase-observed policy (one table per phase) by policy iteration on (n, phase)."""
     started = _time.perf_counter()
     law = count_law(model)
@@ -455,7 +569,7 @@ def solve_mmpp(model: BatchingModel, *, truncation: int | None = None, max_iter:
         greedy = np.vstack([np.minimum(n, B)] * 2)
         if start is not None:
             greedy[:, : start.shape[1]] = start
-        actions, values, k, ok = _policy_iteration(smdp, greedy, max_iter)
+        actions, values, k, ok = _policy_iteration(smdp, greedy, max_iter, linear_solver)
         its += k
         sizes.append(N)
         if truncation is not None:
@@ -474,3 +588,70 @@ def solve_mmpp(model: BatchingModel, *, truncation: int | None = None, max_iter:
     ev = _summarize(smdp, actions, values)
     return PhaseSolveResult(policy, values.gain, ev, its, bool(ok and settled), N, tuple(sizes),
                             _time.perf_counter() - started, model)
+
+
+@dataclass(frozen=True, eq=False)
+class BlindSolveResult:
+    """The phase-blind table (one for both phases) found by ``solve_mmpp_blind``, exactly evaluated."""
+
+    policy: PolicyTable
+    gain: float
+    evaluation: PhaseEvaluation
+    start_gain: float
+    """The starting table's J under the MMPP: the search only ever lowers it."""
+    iterations: int
+    truncation: int
+    solve_time_s: float
+    model: BatchingModel
+
+    @property
+    def mean_latency_s(self) -> float:
+        return self.evaluation.mean_latency_s
+
+    @property
+    def mean_power_w(self) -> float:
+        return self.evaluation.mean_power_w
+
+
+def solve_mmpp_blind(model: BatchingModel, start: PolicyTable, *, max_iter: int = 50) -> BlindSolveResult:
+    """The best table on average over the phase: for a gate that does not observe the phase.
+
+    Policy iteration restricted to tables that ignore the phase: from ``start`` (typically the
+    Poisson-solved table at the mean rate), evaluate exactly under the MMPP, then pick at every n
+    the action that minimises the Q-value averaged over the phase with weights P(phase | n) (the
+    embedded chain's stationary law at n; the MMPP's stationary law where n is never visited).
+    A step is kept only if the exact gain drops, so the result is never worse than ``start`` (the
+    restricted problem is partially observed: this is a descent, not a proof of optimality).
+    """
+    started = _time.perf_counter()
+    if start.max_batch != model.max_batch or start.beyond_batch != model.max_batch:
+        raise ModelError("the starting table must be a queue-length table for the model's B serving full batches above it")
+    mm = _mmpp(model)
+    law = count_law(model)
+    N = evaluate_mmpp(model, start).truncation  # where the start's J has settled
+    smdp = build_phase_smdp(model, N, law)
+    B = model.max_batch
+    actions = start.extended(N + 1)
+    values = evaluate_actions(smdp, np.vstack([actions, actions]))
+    first = values.gain
+    its = 0
+    for its in range(1, max_iter + 1):
+        q = np.where(smdp.valid, smdp.cost - values.gain * smdp.time + smdp.expected_next(values.h), np.inf)
+        w = values.pi / np.maximum(values.pi.sum(axis=0, keepdims=True), 1e-300)
+        unseen = values.pi.sum(axis=0) <= 1e-300
+        w[:, unseen] = mm.stationary[:, None]
+        avg = np.einsum("in,ina->na", w, np.where(np.isfinite(q), q, 0.0))
+        avg = np.where(smdp.valid[0], avg, np.inf)
+        new = improve(avg, actions)
+        if np.array_equal(new, actions):
+            break
+        try:
+            cand = evaluate_actions(smdp, np.vstack([new, new]))
+        except SingularPolicyError:
+            break
+        if cand.gain >= values.gain * (1.0 - 1e-12):
+            break
+        actions, values = new, cand
+    table = PolicyTable(actions, B)
+    ev = evaluate_mmpp(model, table)  # N grown again: the search's table may settle further out
+    return BlindSolveResult(table, ev.cost, ev, first, its, ev.truncation, _time.perf_counter() - started, model)

@@ -437,11 +437,21 @@ class BatchingModel:
     instances: int = 1
     """k: identical model instances fed by one FIFO queue (Triton's central queue); each runs one batch
     at a time. The one-server solvers (``solver.smdp``) take k = 1; ``solver.instances`` any k."""
+    devices: int | None = None
+    """D: the accelerators the k instances run on, each drawing the idle power P0 once (1..k; None: one
+    per instance, D = k). Power with m busy instances is D P0 + sum over the busy ones of (p(b) - P0):
+    the baseline once per device plus each running batch's increment (for D = k: each busy instance
+    p(b), each idle one P0; for k instances sharing one GPU, D = 1: P0 when all idle, p(b) with one busy)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.instances, bool) or not isinstance(self.instances, (int, np.integer)) or self.instances < 1:
             raise ModelError(f"instances must be an integer >= 1, got {self.instances!r}")
         object.__setattr__(self, "instances", int(self.instances))
+        if self.devices is not None:
+            d = self.devices
+            if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or not 1 <= d <= self.instances:
+                raise ModelError(f"devices must be an integer in 1..instances = {self.instances}, got {d!r}")
+            object.__setattr__(self, "devices", int(d))
         if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, (int, np.integer)):
             raise ModelError(f"max_batch must be an integer >= 1, got {self.max_batch!r}")
         if self.max_batch < 1:
@@ -472,6 +482,11 @@ class BatchingModel:
     def capacity(self) -> float:
         """k B / tau(B): the highest sustainable arrival rate of k instances, requests per second."""
         return self.instances * self.max_batch / float(self.profile.mean_s[self.max_batch - 1])
+
+    @property
+    def idle_devices(self) -> int:
+        """D, resolved: ``devices``, or k when it is None (one device per instance)."""
+        return self.instances if self.devices is None else self.devices
 
     @property
     def load(self) -> float:

@@ -3,7 +3,10 @@
 The forward filter is the exact posterior P(phase | arrival times so far) of a two-phase MMPP:
 between arrivals it evolves as p(t) ~ p(t0) exp((Q - Lambda)(t - t0)), and each arrival multiplies
 it by Lambda (rates on the diagonal). The gate uses the most likely phase. Requests of one group
-(the same instant) each count as an arrival, as the MMPP would count them.
+(the same instant) each count as an arrival, as the MMPP would count them. Under a batch MMPP an
+instant is one group arrival (its rate: the group rate) and the group's size weighs the phases by
+P(X_i = size): one more request at the same instant by P(X_i > k) / P(X_i >= k), and the group is
+closed (P(X_i = k) / P(X_i >= k)) once time moves past it.
 
 Between arrivals the posterior of a two-state chain moves monotonically towards a limit (a one-
 dimensional autonomous ODE), so the most likely phase flips at most once per gap; ``next_change``
@@ -20,6 +23,10 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from solver.arrival_model import MMPP2
+
+
+_GROUP_CAP = 4096
+"""Group sizes above this are weighed as this size (the filter's group-size tables end there)."""
 
 
 class PhaseSource(Protocol):
@@ -56,8 +63,16 @@ class PhaseFilter:
     """Forward filter of a two-phase MMPP on the arrival times it is fed, in order."""
 
     def __init__(self, process: MMPP2, times: Sequence[float] | np.ndarray | None = None):
-        self.rates = (float(process.rates[0]), float(process.rates[1]))
-        m = process.generator - np.diag(process.rates)
+        self.rates = (float(process.epoch_rates[0]), float(process.epoch_rates[1]))
+        # a batch MMPP: arrival instants are groups; the requests of one instant tell the group's size
+        self._grouped = process.grouped
+        q = process.size_pmfs(_GROUP_CAP)
+        surv = np.cumsum(q[:, ::-1], axis=1)[:, ::-1]  # surv[i, k] = P(X_i >= k)
+        self._q = q.tolist()
+        self._surv = surv.tolist()
+        self._open = 0  # requests seen so far at the open group's instant
+        self._open_t = -math.inf
+        m = process.generator - np.diag(self.rates)
         d, v = np.linalg.eig(m)  # real: a 2x2 generator minus a diagonal has real eigenvalues
         self._d = np.real(d)
         self._v = np.real(v)
@@ -86,17 +101,31 @@ class PhaseFilter:
         s = q0 + q1
         return (q0 / s, q1 / s) if s > 0 else self._limit
 
+    def _weigh(self, w0: float, w1: float) -> None:
+        q0, q1 = self.p0 * w0, self.p1 * w1
+        s = q0 + q1
+        if s > 0:
+            self.p0, self.p1 = q0 / s, q1 / s
+
     def advance(self, now: float) -> None:
         """No arrival in (t, now]: move the posterior to ``now``."""
+        if self._open and now > self._open_t:  # the open group ended with ``_open`` requests
+            k = min(self._open, _GROUP_CAP)
+            self._weigh(*(self._q[i][k] / self._surv[i][k] if self._surv[i][k] > 0 else 0.0 for i in range(2)))
+            self._open = 0
         self.p0, self.p1 = self._propagate(self.p0, self.p1, now - self.t)
         self.t = now
 
     def arrival(self, at: float) -> None:
+        if self._grouped and self._open and at == self._open_t:  # one more request of the same group
+            k = min(self._open, _GROUP_CAP - 1)
+            self._weigh(*(self._surv[i][k + 1] / self._surv[i][k] if self._surv[i][k] > 0 else 0.0 for i in range(2)))
+            self._open += 1
+            return
         self.advance(at)
-        q0, q1 = self.p0 * self.rates[0], self.p1 * self.rates[1]
-        s = q0 + q1
-        if s > 0:
-            self.p0, self.p1 = q0 / s, q1 / s
+        self._weigh(self.rates[0], self.rates[1])
+        if self._grouped:
+            self._open, self._open_t = 1, at
 
     @property
     def posterior(self) -> np.ndarray:

@@ -7,12 +7,20 @@ stationary distribution, because the transposed system A^T y = e_0 is solved by 
 
 The structure that pays: a batch removes at most B requests, so row n of I - P is zero left of
 column n - B. With the unknowns ordered (h(1..N), g) the system is zero below its (B + 1)-th
-subdiagonal (banded below, full above: block upper Hessenberg with blocks of B + 1), and
-``HessenbergLU`` factors it block by block with partial pivoting in about 1.5 (B + 1) N^2 flops
-instead of the dense LU's 2/3 N^3 (the default, "banded"). It is not sparse above the diagonal:
+subdiagonal (banded below, full above), and ``BandedBelowLU`` factors it with LAPACK's banded LU
+(dgbtrf, kl = B + 1 subdiagonals, ku = N superdiagonals; partial pivoting) in about (B + 1) N^2
+flops instead of the dense LU's 2/3 N^3, built in place in the band storage (the default,
+"banded"; 2.5-2.7x faster than the earlier block-by-block Python LU at B = 128 and 256, CV 1,
+which took as long as the dense LU there: docs/notes/issue-18.md). It is not sparse above the diagonal:
 row n holds the whole K pmf window from n - a, about N / 2 wide for deterministic service and all
 of 0..N for CV 1, so a general sparse LU fills in and loses (RESULTS.md section 4);
 ``linear_solver="sparse"`` (scipy ``splu``) and "dense" (one LAPACK LU) are kept for comparison.
+
+Policy iteration's evaluations go through ``PolicyEvaluator``: a policy that differs from the last
+factored one in at most ``MAX_UPDATE_RANK`` states is solved from that LU by the Woodbury identity
+(the changed rows are a rank-r update), checked by its Bellman residual and refactored when the
+check fails. Near convergence and after a size step of the automatic truncation PI changes only a
+few states, so those steps cost 2 r triangular solves instead of a fill and an LU.
 
 ``control_limit_search``: the best policy of Deb & Serfozo's control-limit family, a start for PI.
 """
@@ -22,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 from scipy import linalg
 from scipy.sparse import linalg as sparse_linalg
 
@@ -44,91 +53,88 @@ class SingularPolicyError(ArithmeticError):
 
 LINEAR_SOLVERS = ("banded", "dense", "sparse")
 DEFAULT_LINEAR_SOLVER = "banded"
-"""The block LU of the banded-below system (``HessenbergLU``): the dense LU's answer in about
-1.5 (B + 1) N^2 flops instead of 2/3 N^3. "dense" (one LAPACK LU) and "sparse" (SuperLU) are kept
+"""The banded LU of the banded-below system (``BandedBelowLU``): the dense LU's answer in about
+(B + 1) N^2 flops instead of 2/3 N^3. "dense" (one LAPACK LU) and "sparse" (SuperLU) are kept
 for comparison; sparse pays only for short pmf windows (RESULTS.md section 4)."""
 MIN_BLOCKS = 3
-"""Below this many blocks of B + 1 states the block LU saves nothing: factor densely instead."""
+"""Below this many blocks of B + 1 states the banded LU saves nothing: factor densely instead."""
 
 
-class HessenbergLU:
-    """LU with partial pivoting of a matrix that is zero below its s-th subdiagonal, s <= block.
+class BandedBelowLU:
+    """LU with partial pivoting of an n x n matrix that is zero below its kl-th subdiagonal.
 
-    With blocks of ``block`` rows and columns, block column k is nonzero only in block rows k and
-    k + 1, so step k factors the tall panel of those two block rows (LAPACK getrf, partial pivoting
-    within it: the column has no other nonzeros, so this is ordinary partial pivoting), swaps the
-    same rows right of the panel, solves for the block row of U (trsm) and updates block row k + 1
-    only (one gemm). About 1.5 block n^2 flops, against 2/3 n^3 for a dense LU; the row
-    interchanges never leave the two block rows, so the structure survives and the factors
-    overwrite the matrix (U in its upper triangle, the multipliers of step k in the panel's lower
-    part). Solves apply the steps in order, as LAPACK's banded gbtrs does.
+    LAPACK's banded LU (dgbtrf) with kl subdiagonals and ku = n - 1 superdiagonals: a column's
+    pivot search covers the kl rows below the diagonal, which is all of its nonzeros, so this is
+    ordinary partial pivoting (the dense LU's answer to rounding), in about kl n^2 flops instead of
+    2/3 n^3, blocked by LAPACK itself. The matrix is written in place into LAPACK's band storage
+    (``matrix``: an n x n view whose column j is column j of the (2 kl + n) x n band array, shifted
+    so that entry (i, j) sits in band row kl + ku + i - j): no copy before the factorisation.
+    Entries below the band are not part of the matrix (writes there land in storage LAPACK does not
+    read, since the fill-in rows of dgbtrf are only used for columns past ku).
+
+    Use: ``lu = BandedBelowLU(n, kl)``, write ``lu.matrix`` (or ``lu.extended``, the same with one
+    scratch column in front), ``lu.factor()``, then ``solve`` / ``solve_transposed``.
     """
 
-    def __init__(self, M: np.ndarray, block: int) -> None:
-        n = M.shape[0]
-        if M.shape != (n, n) or not M.flags.f_contiguous:
-            raise ValueError("HessenbergLU needs a square Fortran-ordered matrix")
-        self.lu = M
-        self.block = int(block)
-        self.perms: list[np.ndarray] = []
-        s = self.block
-        T = M.T  # C-ordered view: a block row of M is a block of contiguous rows of T
-        for r0 in range(0, n, s):
-            r1 = min(r0 + s, n)
-            r2 = min(r1 + s, n)
-            panel, piv, info = linalg.lapack.dgetrf(T[r0:r1, r0:r2].T)
-            if info < 0:  # pragma: no cover - argument error
-                raise ValueError(f"dgetrf: illegal argument {-info}")
-            T[r0:r1, r0:r2] = panel.T
-            p = np.arange(r2 - r0)
-            for i, j in enumerate(piv):
-                if i != j:
-                    p[i], p[j] = p[j], p[i]
-            self.perms.append(p)
-            if r1 == n:
-                break
-            w = r1 - r0
-            right = T[r1:, r0:r2][:, p]  # the same interchanges right of the panel
-            # block row of U, transposed: right_top L11^-T (trsm from the right on the F copy)
-            upper_t = linalg.solve_triangular(panel[:w], right[:, :w].T, lower=True, unit_diagonal=True,
-                                              check_finite=False).T
-            T[r1:, r0:r1] = upper_t
-            T[r1:, r1:r2] = right[:, w:] - upper_t @ panel[w:].T
-        d = np.diag(M)
-        if not np.all(np.isfinite(M[:, -1])) or not np.all(np.isfinite(d)) or np.min(np.abs(d)) == 0.0:
+    def __init__(self, n: int, kl: int) -> None:
+        if int(n) < 2 or int(kl) < 1:
+            raise ValueError(f"BandedBelowLU needs n >= 2 and kl >= 1, got n = {n}, kl = {kl}")
+        self.n = int(n)
+        self.kl = min(int(kl), max(self.n - 1, 0))
+        self.ku = max(self.n - 1, 0)
+        ldab = 2 * self.kl + self.ku + 1
+        step = ldab - 1  # one column of the view further is ldab - 1 further in memory
+        # front: room for one scratch column in front of column 0 (``extended``)
+        self._flat = np.zeros(step + ldab * self.n)
+        self.band = self._flat[step:].reshape((ldab, self.n), order="F")
+        offset = self.kl + self.ku  # band row of the diagonal
+        item = self._flat.itemsize
+        self.extended = as_strided(self._flat[offset:], shape=(self.n, self.n + 1), strides=(item, item * step),
+                                   writeable=True)
+        self.matrix = self.extended[:, 1:]
+        self._piv: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, M: np.ndarray, kl: int) -> "BandedBelowLU":
+        """Factor a copy of M (its entries below the kl-th subdiagonal are taken to be zero)."""
+        lu = cls(M.shape[0], kl)
+        lu.matrix[:] = np.triu(M, -lu.kl)
+        lu.factor()
+        return lu
+
+    def clear(self) -> None:
+        """Zero the storage, to write and factor another matrix of the same shape in it."""
+        self._flat.fill(0.0)
+        self._piv = None
+
+    def factor(self) -> None:
+        # the scratch column in front of ``matrix`` overlaps band rows that LAPACK never reads; clear
+        # it anyway so that nothing but the matrix is ever in the array
+        self._flat[: self.band.shape[0] - 1 + self.kl + self.ku] = 0.0
+        _, piv, info = linalg.lapack.dgbtrf(self.band, self.kl, self.ku, overwrite_ab=1)
+        if info < 0:  # pragma: no cover - argument error
+            raise ValueError(f"dgbtrf: illegal argument {-info}")
+        d = self.band[self.kl + self.ku]
+        if info > 0 or not np.all(np.isfinite(d)) or np.min(np.abs(d)) == 0.0:
             raise SingularPolicyError("policy evaluation matrix is singular")
+        self._piv = piv
+
+    def _solve(self, b: np.ndarray, trans: int) -> np.ndarray:
+        if self._piv is None:
+            raise ValueError("factor() first")
+        x, info = linalg.lapack.dgbtrs(self.band, self.kl, self.ku, np.asarray(b, dtype=float), self._piv,
+                                       trans=trans)
+        if info != 0:  # pragma: no cover - argument error
+            raise ValueError(f"dgbtrs: illegal argument {-info}")
+        return x
 
     def solve(self, b: np.ndarray) -> np.ndarray:
         """x with M x = b."""
-        M, s = self.lu, self.block
-        n = M.shape[0]
-        y = np.array(b, dtype=float)
-        for k, p in enumerate(self.perms):
-            r0 = k * s
-            r1 = min(r0 + s, n)
-            r2 = min(r1 + s, n)
-            y[r0:r2] = y[r0:r2][p]
-            y[r0:r1] = linalg.solve_triangular(M[r0:r1, r0:r1], y[r0:r1], lower=True, unit_diagonal=True,
-                                               check_finite=False)
-            y[r1:r2] -= M[r1:r2, r0:r1] @ y[r0:r1]
-        return linalg.solve_triangular(M, y, lower=False, check_finite=False)
+        return self._solve(b, 0)
 
     def solve_transposed(self, b: np.ndarray) -> np.ndarray:
-        """z with M^T z = b: U^T, then the steps' transposes in reverse order."""
-        M, s = self.lu, self.block
-        n = M.shape[0]
-        z = linalg.solve_triangular(M, np.asarray(b, dtype=float), lower=False, trans="T", check_finite=False)
-        for k in range(len(self.perms) - 1, -1, -1):
-            r0 = k * s
-            r1 = min(r0 + s, n)
-            r2 = min(r1 + s, n)
-            z[r0:r1] -= M[r1:r2, r0:r1].T @ z[r1:r2]
-            z[r0:r1] = linalg.solve_triangular(M[r0:r1, r0:r1], z[r0:r1], lower=True, unit_diagonal=True,
-                                               trans="T", check_finite=False)
-            out = np.empty(r2 - r0)
-            out[self.perms[k]] = z[r0:r2]
-            z[r0:r2] = out
-        return z
+        """z with M^T z = b."""
+        return self._solve(b, 1)
 
 
 def _check_solver(linear_solver: str | None) -> str:
@@ -141,8 +147,8 @@ def _check_solver(linear_solver: str | None) -> str:
 def evaluate_policy(smdp: TruncatedSMDP, actions: np.ndarray, linear_solver: str | None = None) -> PolicyValues:
     """Gain, relative values and stationary distribution of ``actions`` (one LU, two solves).
 
-    linear_solver: "dense" (LAPACK LU, the default) or "sparse" (SuperLU via scipy.sparse.linalg.splu);
-    both solve the same system and agree to rounding.
+    linear_solver: "banded" (the default, ``BandedBelowLU``), "dense" (LAPACK LU) or "sparse"
+    (SuperLU via scipy.sparse.linalg.splu); all solve the same system and agree to rounding.
     """
     name = _check_solver(linear_solver)
     block = smdp.model.max_batch + 1
@@ -184,29 +190,132 @@ def evaluate_policy(smdp: TruncatedSMDP, actions: np.ndarray, linear_solver: str
 
 
 def _evaluate_banded(smdp: TruncatedSMDP, actions: np.ndarray, block: int) -> PolicyValues:
-    """``evaluate_policy`` on the (h(1..N), g) ordering, factored by ``HessenbergLU``."""
-    M, c, _ = smdp.hessenberg_system(actions)
-    try:
-        lu = HessenbergLU(M, block)
-    except (linalg.LinAlgError, ValueError) as exc:  # pragma: no cover - unichain by construction
-        raise SingularPolicyError(str(exc)) from exc
-    x = lu.solve(c)
-    last = np.zeros(smdp.n_states)
-    last[-1] = 1.0  # the equation of g is column N now: A^T y = e_0 becomes M^T y = e_N
-    y = lu.solve_transposed(last)
+    """``evaluate_policy`` on the (h(1..N), g) ordering, factored by ``BandedBelowLU``."""
+    return _BandedSolve.factored(smdp, actions, block).values
+
+
+def _values(x: np.ndarray, y: np.ndarray) -> PolicyValues:
+    """PolicyValues from the solution x = (h(1..N), g) and the transposed solution y ~ pi."""
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
         raise SingularPolicyError("policy evaluation matrix is singular")
-    h = np.empty(smdp.n_states)
+    h = np.empty(x.size)
     h[0] = 0.0
     h[1:] = x[:-1]
     y = np.clip(y, 0.0, None)
     return PolicyValues(float(x[-1]), h, y / y.sum())
 
 
-def q_values(smdp: TruncatedSMDP, h: np.ndarray, g: float) -> np.ndarray:
-    """Q(n, a) = c(n, a) - g tau(n, a) + E[h(next)]; +inf where the action is not allowed."""
-    q = smdp.cost - g * smdp.time + smdp.expected_next(h)
-    return np.where(smdp.valid, q, np.inf)
+@dataclass(frozen=True, eq=False)
+class _BandedSolve:
+    """One policy's factored evaluation system and its two solutions (the base of low-rank updates)."""
+
+    actions: np.ndarray
+    lu: BandedBelowLU
+    c: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    values: PolicyValues
+
+    @classmethod
+    def factored(
+        cls, smdp: TruncatedSMDP, actions: np.ndarray, block: int, lu: BandedBelowLU | None = None
+    ) -> "_BandedSolve":
+        """Factor ``actions``' system, in ``lu``'s storage when given (cleared first: memory already
+        touched fills about twice as fast as fresh pages at N = 2667)."""
+        if lu is None:
+            lu = BandedBelowLU(smdp.n_states, block)
+        else:
+            lu.clear()
+        _, c, _ = smdp.hessenberg_system(actions, out=lu.extended)
+        lu.factor()
+        x = lu.solve(c)
+        last = np.zeros(smdp.n_states)
+        last[-1] = 1.0  # the equation of g is column N now: A^T y = e_0 becomes M^T y = e_N
+        y = lu.solve_transposed(last)
+        return cls(np.array(actions, dtype=np.int64), lu, c, x, y, _values(x, y))
+
+    def updated(self, smdp: TruncatedSMDP, actions: np.ndarray, states: np.ndarray) -> PolicyValues:
+        """Values of ``actions``, which differ from this policy in ``states`` only (Woodbury).
+
+        The new system is M + E D (E: the unit columns of the changed states, D: their new rows
+        minus the old ones), so with Z = M^-1 E and the capacitance C = I + D Z:
+        x' = y - Z C^-1 D y, y = M^-1 c' (= x + Z dc), and for the transposed system
+        y' = y0 - W C^-T y0[states], W = M^-T D^T. 2 r + 0 new solves against r x r algebra.
+        """
+        r = states.size
+        new_rows, new_c = smdp.hessenberg_rows(actions, states)
+        old_rows, _ = smdp.hessenberg_rows(self.actions, states)
+        D = new_rows - old_rows
+        E = np.zeros((self.c.size, r), order="F")
+        E[states, np.arange(r)] = 1.0
+        Z = self.lu.solve(E)
+        C = np.eye(r) + D @ Z
+        y = self.x + Z @ (new_c - self.c[states])
+        x = y - Z @ np.linalg.solve(C, D @ y)
+        W = self.lu.solve_transposed(np.asfortranarray(D.T))
+        z = self.y - W @ np.linalg.solve(C.T, self.y[states])
+        return _values(x, z)
+
+
+MAX_UPDATE_RANK = 16
+"""Policy iteration solves a policy that differs from the last factored one in at most this many
+states by a low-rank (Woodbury) update of that factorisation, 2 r solves instead of a new LU."""
+UPDATE_RESIDUAL = 1e-12
+"""An updated evaluation is kept when its Bellman residual |Q(n, a(n)) - h(n)| is within this
+fraction of the largest |h|, otherwise the policy is factored afresh. Measured at B = 64-256, CV 0
+and 1: 1e-15 to 3e-15 for updates and fresh LUs alike (1e-14 for a fresh LU at CV 0), so this is
+a check that the update lost no accuracy, with a margin of about 100."""
+
+
+class PolicyEvaluator:
+    """Evaluates the successive policies of policy iteration on one SMDP.
+
+    With the banded LU (the default), a policy that differs from the last factored one in at most
+    ``MAX_UPDATE_RANK`` states is solved from that factorisation by a low-rank update; after a
+    size step of the automatic truncation (``solver.smdp``) and near convergence the policy changes
+    in a handful of states, so most of policy iteration's last steps cost solves, not an LU.
+    """
+
+    def __init__(self, smdp: TruncatedSMDP, linear_solver: str | None = None) -> None:
+        self.smdp = smdp
+        self.name = _check_solver(linear_solver)
+        self.block = smdp.model.max_batch + 1
+        self.banded = self.name == "banded" and smdp.n_states >= MIN_BLOCKS * self.block
+        self._base: _BandedSolve | None = None
+        self.updated = False
+        """Whether the last evaluation was a low-rank update (``refactor`` redoes it)."""
+
+    def __call__(self, actions: np.ndarray) -> PolicyValues:
+        if not self.banded:
+            return evaluate_policy(self.smdp, actions, self.name)
+        base = self._base
+        if base is not None:
+            states = np.nonzero(actions != base.actions)[0]
+            if states.size == 0:
+                self.updated = False
+                return base.values
+            if states.size <= MAX_UPDATE_RANK:  # (hessenberg_rows checks the actions)
+                try:
+                    values = base.updated(self.smdp, actions, states)
+                except (np.linalg.LinAlgError, SingularPolicyError):
+                    pass  # a singular capacitance: let the LU say whether the policy is singular
+                else:
+                    self.updated = True
+                    return values
+        return self.refactor(actions)
+
+    def refactor(self, actions: np.ndarray) -> PolicyValues:
+        old = self._base
+        self._base = None  # its storage is reused: it no longer describes a factored policy
+        self._base = _BandedSolve.factored(self.smdp, actions, self.block, None if old is None else old.lu)
+        self.updated = False
+        return self._base.values
+
+
+def q_values(smdp: TruncatedSMDP, h: np.ndarray, g: float, first: int = 0) -> np.ndarray:
+    """Q(n, a) = c(n, a) - g tau(n, a) + E[h(next)] for n = first..N; +inf where the action is not allowed."""
+    q = smdp.cost[first:] - g * smdp.time[first:] + smdp.expected_next(h, first)
+    return np.where(smdp.valid[first:], q, np.inf)
 
 
 def improve(q: np.ndarray, current: np.ndarray, rtol: float = 1e-11) -> np.ndarray:
@@ -284,14 +393,26 @@ CYCLE_MEMORY = 8
 """Policies remembered to stop a rounding-driven cycle between tied actions."""
 
 
+def _residual_ok(q: np.ndarray, actions: np.ndarray, values: PolicyValues) -> bool:
+    """The Bellman equation of ``actions`` holds to rounding: |Q(n, a(n)) - h(n)| small."""
+    n = np.arange(actions.size)
+    res = np.max(np.abs(q[n, actions] - values.h))
+    return bool(res <= UPDATE_RESIDUAL * max(np.max(np.abs(values.h)), abs(values.gain), 1e-300))
+
+
 def policy_iteration(
     smdp: TruncatedSMDP, start: np.ndarray | None = None, max_iter: int = 1000, linear_solver: str | None = None
 ) -> PIOutcome:
     actions = default_start(smdp) if start is None else np.asarray(start, dtype=np.int64).copy()
-    values = evaluate_policy(smdp, actions, linear_solver)
+    evaluate = PolicyEvaluator(smdp, linear_solver)
+    values = evaluate(actions)
     seen = [actions]
     for it in range(1, max_iter + 1):
-        new = improve(q_values(smdp, values.h, values.gain), actions)
+        q = q_values(smdp, values.h, values.gain)
+        if evaluate.updated and not _residual_ok(q, actions, values):
+            values = evaluate.refactor(actions)
+            q = q_values(smdp, values.h, values.gain)
+        new = improve(q, actions)
         if np.array_equal(new, actions):
             return PIOutcome(actions, values, it, True)
         if any(np.array_equal(new, old) for old in seen[-CYCLE_MEMORY:]):
@@ -300,5 +421,5 @@ def policy_iteration(
             return PIOutcome(actions, values, it, True)
         actions = new
         seen.append(actions)
-        values = evaluate_policy(smdp, actions, linear_solver)
+        values = evaluate(actions)
     return PIOutcome(actions, values, max_iter, False)

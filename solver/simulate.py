@@ -510,7 +510,7 @@ def _run_instances(rule: InstanceRule, t: list[float], draw: Callable[[int], flo
 
 
 def simulate(profile: ServiceProfile, rule: BatchRule | InstanceRule, arrivals: np.ndarray, *, idle_power_w: float,
-             weight: float, seed: int | None = None, warmup: float = 0.0) -> SimResult:
+             weight: float, seed: int | None = None, warmup: float = 0.0, devices: int | None = None) -> SimResult:
     """Run ``rule`` on the given arrival times and estimate W, its percentiles, P and J = W + w P.
 
     ``warmup`` (seconds) drops the requests that arrive before it and the energy spent before it,
@@ -518,24 +518,33 @@ def simulate(profile: ServiceProfile, rule: BatchRule | InstanceRule, arrivals: 
 
     An ``InstanceRule`` (``InstanceTable``, ``PerInstance``) runs on its k instances fed by one FIFO
     queue (``_run_instances``); power is then the sum over instances (each busy one draws its
-    batch's power, each idle one P0), so P0 is the idle power of one instance's device.
+    batch's power, each idle one P0), so P0 is the idle power of one instance's device. ``devices``
+    D < k (instances sharing accelerators, ``BatchingModel.devices``) counts P0 once per device:
+    power is D P0 plus each busy instance's p(b) - P0.
     """
     return simulate_latencies(profile, rule, arrivals, idle_power_w=idle_power_w, weight=weight, seed=seed,
-                              warmup=warmup)[0]
+                              warmup=warmup, devices=devices)[0]
 
 
 def simulate_latencies(profile: ServiceProfile, rule: BatchRule | InstanceRule, arrivals: np.ndarray, *,
                        idle_power_w: float, weight: float, seed: int | None = None,
-                       warmup: float = 0.0) -> tuple[SimResult, np.ndarray]:
+                       warmup: float = 0.0, devices: int | None = None) -> tuple[SimResult, np.ndarray]:
     """``simulate`` plus the response time of every request that arrived after the warm-up, in
     arrival order (for latency distributions: quantiles, SLO attainment)."""
     t = _validate(profile, rule, arrivals, idle_power_w, weight, warmup)
     draws = _ServiceDraws(profile, int(rule.max_batch), seed)
     t_list = t.tolist()
     if isinstance(rule, InstanceRule):
+        k = int(rule.instances)
+        if devices is not None and (isinstance(devices, bool) or not isinstance(devices, (int, np.integer))
+                                    or not 1 <= devices <= k):
+            raise ModelError(f"devices must be an integer in 1..instances = {k}, got {devices!r}")
         sizes, starts, durs = _run_instances(rule, t_list, draws.draw)
         return _summarise(profile, t, np.asarray(sizes, dtype=np.int64), np.asarray(starts), np.asarray(durs),
-                          float(idle_power_w), float(weight), float(warmup), int(rule.max_batch), int(rule.instances))
+                          float(idle_power_w), float(weight), float(warmup), int(rule.max_batch),
+                          k if devices is None else int(devices))
+    if devices is not None and devices != 1:
+        raise ModelError(f"devices must be 1 for a one-server rule, got {devices!r}")
     if type(rule) is PolicyTable:
         sizes, starts, durs = _run_table(rule, t_list, draws.draw)
     elif type(rule) is TimeoutRule:
@@ -550,7 +559,7 @@ def simulate_latencies(profile: ServiceProfile, rule: BatchRule | InstanceRule, 
 
 def _summarise(profile: ServiceProfile, t: np.ndarray, sizes: np.ndarray, starts: np.ndarray, durs: np.ndarray,
                p0: float, weight: float, warmup: float, big_b: int,
-               instances: int = 1) -> tuple[SimResult, np.ndarray]:
+               devices: int = 1) -> tuple[SimResult, np.ndarray]:
     ends = starts + durs
     completion = np.repeat(ends, sizes)
     latency = completion - t
@@ -562,7 +571,7 @@ def _summarise(profile: ServiceProfile, t: np.ndarray, sizes: np.ndarray, starts
     # Busy time and energy inside [warmup, end], prorating a batch that straddles the warm-up.
     power = profile.busy_power_w[sizes - 1]
     busy = np.clip(ends - np.maximum(starts, warmup), 0.0, None)
-    energy = float(np.sum(power * busy)) + p0 * (instances * horizon - float(busy.sum()))
+    energy = float(np.sum(power * busy)) + p0 * (devices * horizon - float(busy.sum()))  # D P0 + sum (p - P0)
     mean_power = energy / horizon
 
     # Power CI by batch means over equal time windows (a batch's energy counted where it starts).
@@ -571,7 +580,7 @@ def _summarise(profile: ServiceProfile, t: np.ndarray, sizes: np.ndarray, starts
     win = np.minimum(((starts[counted] - warmup) / horizon * k).astype(np.int64), k - 1)
     busy_e = np.bincount(win, weights=(power * durs)[counted], minlength=k)
     busy_t = np.bincount(win, weights=durs[counted], minlength=k)
-    win_p = (busy_e + p0 * (instances * horizon / k - busy_t)) / (horizon / k)
+    win_p = (busy_e + p0 * (devices * horizon / k - busy_t)) / (horizon / k)
     power_ci = float(stats.t.ppf(0.975, k - 1) * win_p.std(ddof=1) / math.sqrt(k)) if counted.sum() >= 2 * k else math.nan
 
     hist = np.bincount(sizes[counted], minlength=big_b + 1)[1:]

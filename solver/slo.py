@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 from scipy import special, stats
@@ -63,29 +63,49 @@ _SECTIONS = 20
 """Blocks for the sectioning CI of a simulated quantile."""
 _TAIL_SAMPLES = 400
 """Simulated requests beyond the q-quantile the search asks for (sets its run length)."""
-_GUARD_FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-"""Guards tried, as fractions of D (the guard caps the oldest request's wait, so it lives below D)."""
-_GUARD_REFINE = 3
-"""Bisection steps between the largest feasible guard of the grid and the next one (D/80 at the end)."""
+_GUARD_FIRST = 0.5
+"""The first guard tried for a table, as a fraction of D (the guard caps the oldest request's wait, so
+it lives below D)."""
+_GUARD_MIN = 0.05
+"""The tightest guard tried, as a fraction of D: when it misses D, no guard helps that table."""
+_GUARD_TOL = 1.0 / 80.0
+"""The guard search stops when the largest feasible and the smallest infeasible guard are this close
+(a fraction of D)."""
+_GUARD_STEPS = 5
+"""Guarded candidates simulated per table, at most."""
 _WEIGHT_STEPS = (1.0, 0.3, 0.1, 0.03, 0.01, 0.0)
 """Weights tried, as fractions of the model's weight: from its own (least J) towards 0 (least latency)."""
 
 
 @dataclass(frozen=True)
 class SloTarget:
-    """A latency SLO: the ``quantile`` q of response time must be <= ``latency_s`` D."""
+    """A latency SLO: the ``quantile`` q of response time must be <= ``latency_s`` D.
+
+    ``margin_s`` is the part of D reserved for latency the model does not see (the client's own
+    threads, its network hop to the gate): the policy is searched for ``budget_s`` = D - margin.
+    """
 
     quantile: float
     latency_s: float
+    margin_s: float = 0.0
 
     def __post_init__(self) -> None:
-        q, d = self.quantile, self.latency_s
+        q, d, m = self.quantile, self.latency_s, self.margin_s
         if isinstance(q, bool) or not isinstance(q, (int, float)) or not math.isfinite(q) or not 0.0 < q < 1.0:
             raise ModelError(f"SLO quantile must be a number strictly between 0 and 1, got {q!r}")
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d <= 0.0:
             raise ModelError(f"SLO latency must be a finite number of seconds > 0, got {d!r}")
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or not 0.0 <= m < d:
+            raise ModelError(f"SLO margin must be a finite number of seconds >= 0 and below the latency {d!r}, "
+                             f"got {m!r}")
         object.__setattr__(self, "quantile", float(q))
         object.__setattr__(self, "latency_s", float(d))
+        object.__setattr__(self, "margin_s", float(m))
+
+    @property
+    def budget_s(self) -> float:
+        """What the policy's predicted q-quantile must stay within: D - margin."""
+        return self.latency_s - self.margin_s
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,7 +386,7 @@ class QuantileEstimate:
     ci95_s: float
     """0 for the exact chain; sectioning half-width for the simulator."""
     attainment: float
-    """P(T <= D) (exact) or the share of simulated requests within D."""
+    """P(T <= D - margin) (exact) or the share of simulated requests within D - margin (the budget)."""
     method: QuantileMethod
 
     @property
@@ -392,12 +412,13 @@ def sectioned_quantile(latencies: np.ndarray, q: float, sections: int = _SECTION
 
 def simulated_quantile(model: BatchingModel, rule: BatchRule, target: SloTarget, arrivals: np.ndarray, *,
                        seed: int = 0, warmup: float = 0.0) -> tuple[QuantileEstimate, SimResult]:
-    """The q-quantile of ``rule``'s response time (with a sectioning CI) and the share within D, on
+    """The q-quantile of ``rule``'s response time (with a sectioning CI) and the share within the SLO's
+    budget D - margin, on
     the given arrival times; the simulation's other figures come with it."""
     sim, lat = simulate_latencies(model.profile, rule, arrivals, idle_power_w=model.idle_power_w,
                                   weight=model.weight, seed=seed, warmup=warmup)
     point, half = sectioned_quantile(lat, target.quantile)
-    return QuantileEstimate(point, half, float(np.mean(lat <= target.latency_s)), "simulation"), sim
+    return QuantileEstimate(point, half, float(np.mean(lat <= target.budget_s)), "simulation"), sim
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,7 +440,7 @@ class SloCandidate:
     cost: float
     """J = W + w P at the model's weight w."""
     feasible: bool
-    """The upper 95% bound of the q-quantile (the point value for the exact chain) is <= D."""
+    """The upper 95% bound of the q-quantile (the point value for the exact chain) is <= D - margin."""
     mean_batch: float = math.nan
     """Requests per batch (the simulation's, or the exact evaluation's for an exact candidate)."""
 
@@ -469,6 +490,7 @@ class SloResult:
             "quantile_method": c.estimate.method,
             "slo_quantile": self.target.quantile,
             "slo_latency_s": self.target.latency_s,
+            "slo_margin_s": self.target.margin_s,
             "slo_feasible": bool(self.feasible),
             "table_weight": num(c.table_weight),
             "rate": self.model.rate,
@@ -490,19 +512,22 @@ def _requests_for(q: float) -> int:
 
 def solve_slo(model: BatchingModel, target: SloTarget, *, method: SearchMethod = "simulation",
               requests: int | None = None, seed: int = 0,
-              weights: tuple[float, ...] | None = None,
-              guards: tuple[float, ...] | None = None) -> SloResult:
-    """The least-J policy of the family whose predicted q-quantile of response time is <= D.
+              weights: tuple[float, ...] | None = None) -> SloResult:
+    """The least-J policy of the family whose predicted q-quantile of response time is <= D - margin
+    (``target.budget_s``; "D" below).
 
     Family: a(n) solved for w' in ``weights`` (default: the model's w times 1, 0.3, 0.1, ..., 0),
-    each alone and with a max-wait guard g in ``guards`` (default: 0.05..0.9 of D). J is always the
-    model's own J = W + w P. For each table the search tries it unguarded, then the largest guard that
-    meets D (bisection over the guards, then three continuous bisection steps past the last feasible
-    one: a smaller guard only cuts waits, so it lowers the tail and, for the tables at or below w,
-    raises J). Tables further below w cost more J unguarded, so the
-    descent stops at the first unguarded table that meets D. Figures are from the simulator on common
-    random numbers (module doc); ``method="exact"`` judges unguarded tables by the exact chain.
-    Infeasible: greedy, ``feasible = False``.
+    each alone and with a max-wait guard g. J is always the model's own J = W + w P. For each table
+    the search tries it unguarded, then the largest guard that meets D (``_guard_search``: a smaller
+    guard only cuts waits, so it lowers the tail and, for the tables at or below w, raises J).
+    Tables further below w cost more J unguarded, so the descent stops at the first unguarded table
+    that meets D, or at the first table whose best feasible candidate costs no less than the best
+    above it (J of the guarded tables, as a function of w', falls to one minimum and rises after it).
+    A table equal to one judged before (two weights, one policy) is not judged again,
+    and once even the tightest guard (``_GUARD_MIN`` of D) missed D, the tables below are judged
+    unguarded only: the tightest guard makes every table nearly greedy, so it would miss again.
+    Figures are from the simulator on common random numbers (module doc); ``method="exact"`` judges
+    unguarded tables by the exact chain. Infeasible: greedy, ``feasible = False``.
     """
     started = time.perf_counter()
     if not isinstance(target, SloTarget):
@@ -519,13 +544,6 @@ def solve_slo(model: BatchingModel, target: SloTarget, *, method: SearchMethod =
         for x in ladder:
             if not math.isfinite(x) or x < 0:
                 raise ModelError(f"candidate weights must be finite and >= 0, got {x!r}")
-    if guards is None:
-        guard_list = [f * target.latency_s for f in _GUARD_FRACTIONS]
-    else:
-        guard_list = sorted(float(g) for g in guards)
-        for g in guard_list:
-            if not math.isfinite(g) or g <= 0:
-                raise ModelError(f"candidate guards must be finite and > 0 seconds, got {g!r}")
     n_req = _requests_for(target.quantile) if requests is None else int(requests)
     if n_req < 1000:
         raise ModelError(f"requests must be >= 1000, got {requests!r}")
@@ -542,42 +560,48 @@ def solve_slo(model: BatchingModel, target: SloTarget, *, method: SearchMethod =
             quant, att = _exact_pair(model, table, target)
             est = QuantileEstimate(quant, 0.0, att, "exact")
             lat_s, pow_w, batch = exact
-        ok = math.isfinite(est.upper_s) and est.upper_s <= target.latency_s
+        ok = math.isfinite(est.upper_s) and est.upper_s <= target.budget_s
         return SloCandidate(weight, guard, table, est, lat_s, pow_w, lat_s + w * pow_w, ok, batch)
 
     candidates: list[SloCandidate] = []
-    warm: PolicyTable | None = None
-    for wp in ladder:
-        res = solve(model.with_(weight=wp), warm_start=warm)
-        warm = res.policy
+    tables: list[PolicyTable] = []
+    guards_help = True
+
+    def table(wp: float) -> bool:
+        """Judge the table for w' (unguarded, then guarded); True when it meets D unguarded."""
+        nonlocal guards_help
+        res = solve(model.with_(weight=wp), warm_start=tables[-1] if tables else None)
+        if any(_same_table(res.policy, t) for t in tables):
+            return False  # the same table as another weight's: judged already
+        tables.append(res.policy)
         exact = (res.mean_latency_s, res.mean_power_w, res.mean_batch) if method == "exact" else None
         plain = judge(wp, res.policy, None, exact)
         candidates.append(plain)
         if plain.feasible:
-            break
-        lo, hi = 0, len(guard_list) - 1  # largest feasible guard, assuming the tail grows with g
-        best: SloCandidate | None = None
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            cand = judge(wp, res.policy, guard_list[mid], None)
-            candidates.append(cand)
-            if cand.feasible:
-                best = cand
-                lo = mid + 1
-            else:
-                hi = mid - 1
-        if best is None:  # not even the tightest guard helps this table; lower tables wait less
-            continue
-        if lo < len(guard_list):  # refine between the last feasible guard and the next one up
-            g_ok, g_bad = best.max_wait_s, guard_list[lo]
-            for _ in range(_GUARD_REFINE):
-                g = 0.5 * (g_ok + g_bad)
-                cand = judge(wp, res.policy, g, None)
-                candidates.append(cand)
-                if cand.feasible:
-                    g_ok = g
-                else:
-                    g_bad = g
+            return True
+        if guards_help:
+            # the guard found for the table above is where this one's search starts
+            above = [c.max_wait_s for c in candidates if c.feasible and c.max_wait_s is not None]
+            tried, guards_help = _guard_search(lambda g: judge(wp, res.policy, g, None), target.budget_s,
+                                               above[-1] if above else None)
+            candidates.extend(tried)
+        return False
+
+    # the top (least J unguarded), then -- when neither it nor its guards meet D -- the bottom (least
+    # latency): when that misses too, the tables between are not judged (the tail shrinks towards
+    # w' = 0 as the tables wait less); otherwise the descent goes on from the top
+    if not table(ladder[0]) and len(ladder) > 1:
+        middle = ladder[1:]
+        if not any(c.feasible for c in candidates):
+            table(ladder[-1])
+            middle = ladder[1:-1] if any(c.feasible for c in candidates) else []
+        for wp in middle:
+            best = min((c.cost for c in candidates if c.feasible), default=math.inf)
+            seen = len(candidates)
+            if table(wp):
+                break
+            if min((c.cost for c in candidates[seen:] if c.feasible), default=math.inf) >= best < math.inf:
+                break  # this table's best feasible J is no better than the ones above: J rises from here
     feasible = [c for c in candidates if c.feasible]
     if feasible:
         chosen = min(feasible, key=lambda c: c.cost)
@@ -591,7 +615,56 @@ def solve_slo(model: BatchingModel, target: SloTarget, *, method: SearchMethod =
                      time.perf_counter() - started)
 
 
+def _same_table(a: PolicyTable, b: PolicyTable) -> bool:
+    """The same actions on the states both tables hold (their truncations may differ)."""
+    m = min(a.actions.size, b.actions.size)
+    return bool(np.array_equal(a.actions[:m], b.actions[:m]))
+
+
+def _guard_search(judge: Callable[[float], SloCandidate], budget_s: float,
+                  first: float | None = None) -> tuple[list[SloCandidate], bool]:
+    """The guards judged for one table on the way to the largest one that meets the budget D, and
+    whether the tightest guard (``_GUARD_MIN`` of D) could (False: it was judged and missed D).
+    It starts at ``first`` (default ``_GUARD_FIRST`` of D).
+
+    The upper bound u(g) of the q-quantile grows with g, and about as g + c: c is what a request
+    spends beyond the oldest one's wait (the queue ahead of it, its batch's service), which the guard
+    changes little. So after each candidate the next guard is D - c (c measured on it, less a
+    quarter of the tolerance), kept strictly inside the bracket of the largest feasible and the
+    smallest infeasible guard so far (its middle when the estimate falls outside): two or three
+    simulations where a grid bisection took seven. It stops when the bracket is ``_GUARD_TOL`` of D
+    wide, after ``_GUARD_STEPS`` candidates, or when the tightest guard missed D.
+    """
+    g_min, tol = _GUARD_MIN * budget_s, _GUARD_TOL * budget_s
+    ok: float | None = None  # the largest feasible guard so far
+    bad = budget_s  # the smallest infeasible one (a guard of D itself leaves no time to serve)
+    tried: list[SloCandidate] = []
+    g = _GUARD_FIRST * budget_s if first is None else min(max(first, g_min), budget_s * (1.0 - _GUARD_TOL))
+    for _ in range(_GUARD_STEPS):
+        cand = judge(g)
+        tried.append(cand)
+        if cand.feasible:
+            ok = g
+        else:
+            bad = g
+        if ok is None and bad <= g_min * (1.0 + 1e-9):
+            return tried, False
+        lo = ok if ok is not None else g_min
+        if ok is not None and bad - ok <= tol:
+            break
+        excess = cand.estimate.upper_s - g
+        nxt = budget_s - excess - 0.25 * tol if math.isfinite(excess) else math.nan
+        if ok is None:  # nothing feasible yet: aim at the estimate, never below the tightest guard
+            nxt = max(nxt, g_min) if math.isfinite(nxt) and nxt < bad else 0.5 * (lo + bad)
+        elif nxt - ok < 0.5 * tol:  # the estimate says this feasible guard is about as large as it gets
+            break
+        elif not nxt < bad:
+            nxt = 0.5 * (ok + bad)
+        g = nxt
+    return tried, True
+
+
 def _exact_pair(model: BatchingModel, table: PolicyTable, target: SloTarget) -> tuple[float, float]:
     """(q-quantile, P(T <= D)) of an unguarded table from the exact chain."""
     chain = response_chain(model, table)
-    return _quantile(chain, target.quantile), float(_cdf(chain, np.array([target.latency_s]))[0])
+    return _quantile(chain, target.quantile), float(_cdf(chain, np.array([target.budget_s]))[0])

@@ -203,36 +203,39 @@ class TruncatedSMDP:
     def band(self) -> int:
         return self.pmf.shape[1] - 1
 
-    def expected_next(self, h: np.ndarray) -> np.ndarray:
-        """E[h(next state)] for every (n, a), shape (N+1, B+1); garbage where invalid.
+    def expected_next(self, h: np.ndarray, first: int = 0) -> np.ndarray:
+        """E[h(next state)] for every (n, a), n = first..N, shape (N+1-first, B+1); garbage where invalid.
 
         The serve part is one Hankel-by-pmf product: row s of the sliding window of h holds
         h(s..s+L), so (window @ pmf.T)[s, a-1] is the in-window expectation after serving a down to s.
+        From state ``first`` on only the rows s >= first - B are needed.
         """
         N = self.truncation
         L = self.band
+        B = self.model.max_batch
+        lo = max(0, first - B)
         padded = np.zeros(N + 1 + L)
         padded[: N + 1] = h
         view = sliding_window_view(padded, L + 1)
-        pv = np.empty((N + 1, self.model.max_batch))
+        pv = np.empty((N + 1 - lo, B))
         # h is zero past N: rows s0.. need only the first N - s0 + 1 pmf entries. In row chunks,
         # each multiplied on its nonzero width only, the product skips most of the zero triangle
         # (about 40% of the work when the window spans 0..N, as it does for CV >= 1).
         chunk = max(64, (N + 1) // EXPECTATION_CHUNKS + 1)
-        for s0 in range(0, N + 1, chunk):
+        for s0 in range(lo, N + 1, chunk):
             s1 = min(s0 + chunk, N + 1)
             width = min(L, N - s0) + 1
-            pv[s0:s1] = np.ascontiguousarray(view[s0:s1, :width]) @ self.pmf_t[:width]
-        out = np.empty((N + 1, self.model.max_batch + 1))
-        out[:, 1:] = pv.ravel()[self._gather] + self.tail_p[:, 1:] * h[N]
+            pv[s0 - lo : s1 - lo] = np.ascontiguousarray(view[s0:s1, :width]) @ self.pmf_t[:width]
+        out = np.empty((N + 1 - first, B + 1))
+        out[:, 1:] = pv.ravel()[self._gather[first:] - lo * B] + self.tail_p[first:, 1:] * h[N]
         if self.jump is None:
-            out[:-1, 0] = h[1:]
+            out[:-1, 0] = h[first + 1 :]
             out[-1, 0] = h[N]
         else:
             lw = self.jump.size - 1
             up = np.zeros(N + 1 + lw)
             up[: N + 1] = h
-            out[:, 0] = sliding_window_view(up, lw + 1) @ self.jump + self.tail_p[:, 0] * h[N]
+            out[:, 0] = sliding_window_view(up, lw + 1)[first:] @ self.jump + self.tail_p[first:, 0] * h[N]
         return out
 
     def _checked_actions(self, actions: np.ndarray) -> np.ndarray:
@@ -249,8 +252,9 @@ class TruncatedSMDP:
             raise ValueError(f"action a({i}) = {a[i]} is not allowed on 0..{N} (serve 1..min(n, B), wait below N)")
         return a
 
-    def _policy_vectors(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        n = np.arange(self.n_states)
+    def _policy_vectors(self, a: np.ndarray, n: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Cost and sojourn of actions a at states n (default: a for every state)."""
+        n = np.arange(self.n_states) if n is None else n
         return self.latency[n, a] + self.model.weight * self.energy[n, a], self.time[n, a]
 
     def policy_arrays(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -264,30 +268,33 @@ class TruncatedSMDP:
         c, tau = self._policy_vectors(a)
         return P, c, tau
 
-    def _fill_rows(self, M: np.ndarray, a: np.ndarray, sign: float) -> None:
-        """M[n, :] = sign * P[n, :] row by row (slice writes: no index arrays of size N * L)."""
+    def _fill_rows(self, M: np.ndarray, a: np.ndarray, sign: float, states: np.ndarray | None = None) -> None:
+        """M[n, :] = sign * P[n, :] row by row (slice writes: no index arrays of size N * L); with
+        ``states``, row k of M is state states[k] (and only those rows are written)."""
         N = self.truncation
         L = self.band
         pmf = -self.pmf if sign < 0 else self.pmf
         tail = self.tail_p
         jump = None if self.jump is None else sign * self.jump
-        for n in range(N + 1):
+        for i, n in enumerate(range(N + 1) if states is None else (int(x) for x in states)):
+            if states is None:
+                i = n
             an = int(a[n])
             if an == 0:
                 if jump is None:
-                    M[n, n + 1] = sign
+                    M[i, n + 1] = sign
                 else:
                     e = min(n + jump.size - 1, N)
-                    M[n, n : e + 1] += jump[: e - n + 1]
-                    M[n, N] += sign * tail[n, 0]
+                    M[i, n : e + 1] += jump[: e - n + 1]
+                    M[i, N] += sign * tail[n, 0]
                 continue
             s = n - an
             e = min(s + L, N)
-            M[n, s : e + 1] = pmf[an - 1, : e - s + 1]
+            M[i, s : e + 1] = pmf[an - 1, : e - s + 1]
             if sign < 0:
-                M[n, N] -= tail[n, an]
+                M[i, N] -= tail[n, an]
             else:
-                M[n, N] += tail[n, an]
+                M[i, N] += tail[n, an]
 
     def transition_matrix(self, actions: np.ndarray):
         """The policy's transition matrix as scipy.sparse CSR, entry for entry the dense one's.
@@ -353,30 +360,57 @@ class TruncatedSMDP:
         A[:, 0] = tau
         return A, c, tau
 
-    def hessenberg_system(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def hessenberg_system(
+        self, actions: np.ndarray, out: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(M, c, tau): the evaluation system with the unknowns ordered (h(1..N), g).
 
         The same equations as ``evaluation_system``, with its column 0 (tau, the column of g) moved
         to the end. Row n of I - P is zero left of column n - B (a batch removes at most B), so M is
         zero below its (B + 1)-th subdiagonal: banded below, full above (``solver.pi`` factors it
-        block by block). Fortran-ordered, built in place.
+        with LAPACK's banded LU). Built in place: in a new Fortran-ordered array, or in ``out``, a
+        zeroed (N + 1) x (N + 2) array whose column 0 is scratch (M is ``out[:, 1:]``; the solver
+        passes a view into LAPACK's band storage).
         """
         a = self._checked_actions(actions)
         c, tau = self._policy_vectors(a)
         size = self.n_states
-        buf = np.zeros((size, size + 1), order="F")
+        buf = np.zeros((size, size + 1), order="F") if out is None else out
+        if buf.shape != (size, size + 1):
+            raise ValueError(f"out must be {size} x {size + 1}, got {buf.shape}")
         A = buf[:, :size]
         self._fill_rows(A, a, -1.0)
         A[np.diag_indices_from(A)] += 1.0
         buf[:, size] = tau
         return buf[:, 1:], c, tau
 
+    def hessenberg_rows(self, actions: np.ndarray, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``states`` of ``hessenberg_system(actions)``'s M and c (a low-rank update's rows)."""
+        a = self._checked_actions(actions)
+        states = np.asarray(states, dtype=np.int64)
+        size = self.n_states
+        buf = np.zeros((states.size, size + 1))
+        self._fill_rows(buf, a, -1.0, states)
+        buf[np.arange(states.size), states] += 1.0
+        c, tau = self._policy_vectors(a[states], states)
+        buf[:, size] = tau
+        return buf[:, 1:], c
 
-def build(model: BatchingModel, truncation: int, tail: str = "fluid", drain_batch: int | None = None) -> TruncatedSMDP:
+
+def build(
+    model: BatchingModel,
+    truncation: int,
+    tail: str = "fluid",
+    drain_batch: int | None = None,
+    counts: np.ndarray | None = None,
+) -> TruncatedSMDP:
     """Precompute every per-(state, action) quantity of the SMDP truncated at N = ``truncation``.
 
     ``drain_batch``: the batch size served above N (default B); exact evaluation of a table whose
     beyond-table rule serves less (a static b0) passes it, the solver never does.
+    ``counts``: P(K_b = k) for b = 1..B, k = 0..kmax with kmax >= N, as ``count_arrivals`` gives it
+    (its first N + 1 columns are this truncation's, entry for entry); computed here when None. The
+    automatic truncation computes it once for several sizes.
     """
     if tail not in TAILS:
         raise ModelError(f"tail must be one of {TAILS}, got {tail!r}")
@@ -392,7 +426,12 @@ def build(model: BatchingModel, truncation: int, tail: str = "fluid", drain_batc
     coeffs = tail_coefficients(model, N, tail, drain_batch)
 
     arrivals = _counted(model)
-    pmf_full = am.count_pmf_matrix(model.profile, arrivals, lam, N, arrival_pmf_matrix)
+    if counts is None:
+        pmf_full = am.count_pmf_matrix(model.profile, arrivals, lam, N, arrival_pmf_matrix)
+    elif counts.ndim != 2 or counts.shape[0] != B or counts.shape[1] < N + 1:
+        raise ModelError(f"counts must be B x (kmax + 1) with kmax >= N = {N}, got shape {counts.shape}")
+    else:
+        pmf_full = counts[:, : N + 1]
     alive = np.nonzero(pmf_full.max(axis=0) > _PMF_FLOOR)[0]
     L = int(alive[-1]) if alive.size else 0
     pmf = np.ascontiguousarray(pmf_full[:, : L + 1])
@@ -402,40 +441,43 @@ def build(model: BatchingModel, truncation: int, tail: str = "fluid", drain_batc
     c2 = np.cumsum(pmf * k * k, axis=1)
     mean_k, sq_k = am.count_moments(arrivals, lam, m1, m2)
 
+    # (N + 1, B) arrays of the serve pairs (n, a = 1..B), from a column of n and a row of a
     n = np.arange(N + 1)
-    a = np.arange(B + 1)
-    nn, aa = np.meshgrid(n, a, indexing="ij")
+    col = n[:, None]
+    row = np.arange(1, B + 1)[None, :]
     valid = np.zeros((N + 1, B + 1), dtype=bool)
     valid[:, 0] = n < B
     valid[0, 0] = True
-    valid[:, 1:] = aa[:, 1:] <= nn[:, 1:]
+    valid[:, 1:] = row <= col
+    low = min(B, N + 1)  # only rows n < B hold pairs with a > n
 
     # Serve a at n: in-window landings s + k, k <= t = min(L, N - s); everything else is tail.
-    s = np.clip(nn[:, 1:] - aa[:, 1:], 0, N)
+    s = np.maximum(col - row, 0)
     t = np.minimum(L, N - s)
-    ai = aa[:, 1:] - 1
-    p_in = c0[ai, t]
-    tail_p = np.clip(1.0 - p_in, 0.0, None)
-    e1 = np.clip(mean_k[ai] - c1[ai, t], 0.0, None)
-    e2 = np.clip(sq_k[ai] - c2[ai, t], 0.0, None)
+    flat = t + (L + 1) * (row - 1)  # (a - 1, t) in the C-ordered (B, L + 1) cumulative sums
+    p_in = np.take(c0, flat)
+    tail_p = np.maximum(1.0 - p_in, 0.0)
+    e1 = np.maximum(mean_k - np.take(c1, flat), 0.0)
+    e2 = np.maximum(sq_k - np.take(c2, flat), 0.0)
     r = (s - N).astype(float)
-    em = np.clip(e1 + r * tail_p, 0.0, None)
-    em2 = np.clip(e2 + 2.0 * r * e1 + r * r * tail_p, 0.0, None)
+    em = np.maximum(e1 + r * tail_p, 0.0)
+    em2 = np.maximum(e2 + 2.0 * r * e1 + r * r * tail_p, 0.0)
 
-    latency = np.zeros((N + 1, B + 1))
-    energy = np.zeros((N + 1, B + 1))
-    time = np.zeros((N + 1, B + 1))
-    tp = np.zeros((N + 1, B + 1))
-    tm = np.zeros((N + 1, B + 1))
+    latency = np.empty((N + 1, B + 1))
+    energy = np.empty((N + 1, B + 1))
+    time = np.empty((N + 1, B + 1))
+    tp = np.empty((N + 1, B + 1))
+    tm = np.empty((N + 1, B + 1))
     # a wait lasts until the next arrival epoch: 1/lambda, or G/lambda for groups of mean G
     g_mean = arrivals.group_mean
     latency[:, 0] = n * g_mean / lam**2
     energy[:, 0] = model.idle_power_w * g_mean / lam
     time[:, 0] = g_mean / lam
-    tau = m1[ai]
-    latency[:, 1:] = (nn[:, 1:] * tau + lam * m2[ai] / 2.0) / lam + coeffs.lin * em + coeffs.quad * em2
-    energy[:, 1:] = energy_b[ai] + coeffs.energy * em
-    time[:, 1:] = tau + coeffs.time * em
+    tp[:, 0] = 0.0
+    tm[:, 0] = 0.0
+    latency[:, 1:] = (col * m1 + lam * m2 / 2.0) / lam + coeffs.lin * em + coeffs.quad * em2
+    energy[:, 1:] = energy_b + coeffs.energy * em
+    time[:, 1:] = m1 + coeffs.time * em
     tp[:, 1:] = tail_p
     tm[:, 1:] = em if tail != "none" else 0.0
     jump = None
@@ -448,14 +490,17 @@ def build(model: BatchingModel, truncation: int, tail: str = "fluid", drain_batc
         time[:, 0] += coeffs.time * wm
         tp[:, 0] = wp
         tm[:, 0] = wm if tail != "none" else 0.0
-    cost = np.where(valid, latency + w * energy, np.inf)
-    # Serve pairs with a > n are meaningless: zero them (time 1 keeps ratios finite). The wait column
-    # stays defined at every n, because evaluation accepts tables that wait at n >= B (a threshold
-    # above B) even though the solver never considers it.
+    # Serve pairs with a > n (rows n < B only) are meaningless: zero them (time 1 keeps ratios
+    # finite). The wait column stays defined at every n, because evaluation accepts tables that wait
+    # at n >= B (a threshold above B) even though the solver never considers it.
+    invalid = ~valid[:low, 1:]
     for arr in (latency, energy, time, tp, tm):
-        arr[:, 1:][~valid[:, 1:]] = 0.0
-    time[:, 1:][~valid[:, 1:]] = 1.0
-    gather = (s * B + ai).astype(np.intp)
+        arr[:low, 1:][invalid] = 0.0
+    time[:low, 1:][invalid] = 1.0
+    cost = latency + w * energy
+    cost[:, 0][~valid[:, 0]] = np.inf
+    cost[:low, 1:][invalid] = np.inf
+    gather = s * B + (row - 1)
     pmf_t = np.ascontiguousarray(pmf.T)
     out = TruncatedSMDP(model, N, tail, coeffs, pmf, pmf_t, valid, latency, energy, time, tp, tm, cost, gather, jump)
     for arr in (pmf, pmf_t, valid, latency, energy, time, tp, tm, cost, gather):
@@ -463,6 +508,11 @@ def build(model: BatchingModel, truncation: int, tail: str = "fluid", drain_batc
     if jump is not None:
         jump.setflags(write=False)
     return out
+
+
+def count_arrivals(model: BatchingModel, kmax: int) -> np.ndarray:
+    """P(K_b = k), b = 1..B (rows), k = 0..kmax: the arrivals during a batch of b, for ``build``."""
+    return am.count_pmf_matrix(model.profile, _counted(model), model.rate, int(kmax), arrival_pmf_matrix)
 
 
 def initial_truncation(model: BatchingModel) -> int:

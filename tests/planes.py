@@ -34,9 +34,7 @@ def plane() -> str:
 def settle(sc) -> None:
     """Make the control plane's view of the gate current (``SidecarThread``): the native gate reports
     its counters and batches every 50 ms, so a read right after the last answer could be stale."""
-    native = sc.sidecar._native
-    if native is not None:
-        sc.run(native.sync(), 10)
+    sc.run(sc.sidecar.plane.sync(), 10)
 
 
 @contextmanager

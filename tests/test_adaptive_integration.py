@@ -198,7 +198,7 @@ def test_raising_the_weight_grows_batches_and_cuts_power_as_the_solver_predicts(
             horizon = 6.0
             fire(sc.url, poisson(rate, duration=horizon, rng=np.random.default_rng(3)), answers)
             settle(sc)
-            state = sc.call(lambda: sc.sidecar.models()[("emulated_gpu", "")])
+            state = sc.call(lambda: sc.sidecar.registry.models()[("emulated_gpu", "")])
             counts = state.stats.batches[1:].astype(float)
             energy = float(counts @ profile.energy_j[:32])
             busy = float(counts @ profile.mean_s[:32])
@@ -366,7 +366,7 @@ def test_a_profile_2x_too_fast_is_learned_from_the_batches_and_the_policy_resolv
         time.sleep(2.5)  # one more telemetry round after the load
         s = status(stub, md)
         ch.close()
-        c = sc.call(lambda: sc.sidecar.models()[("emulated_gpu", "")].controller)
+        c = sc.call(lambda: sc.sidecar.registry.models()[("emulated_gpu", "")].controller)
         learner = c.learner
         sizes = sc.call(lambda: learner.sizes(c.profile))
         reg = sc.sidecar.metrics.registry
@@ -426,7 +426,7 @@ def test_an_slo_is_met_in_a_steady_poisson_run_and_reported(scaled, scaled_unbat
         assert s.slo.quantile == q and s.slo.latency_s == d and s.slo.feasible
         assert s.slo.predicted_quantile_s <= d and 0 < s.slo.max_wait_s < d
         # the guard travels with the policy to the plane in force (the config's 1 s guard stays outside it)
-        rule = sc.sidecar.models()[("emulated_gpu", "")].gate.rule
+        rule = sc.sidecar.registry.models()[("emulated_gpu", "")].gate.rule
         waits = []
         while isinstance(rule, MaxWaitGuard):
             waits.append(rule.max_wait_s)
@@ -476,7 +476,7 @@ def test_an_slo_is_met_in_a_steady_poisson_run_and_reported(scaled, scaled_unbat
         assert not s.HasField("slo")
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            rule = sc.sidecar.models()[("emulated_gpu", "")].gate.rule
+            rule = sc.sidecar.registry.models()[("emulated_gpu", "")].gate.rule
             if isinstance(rule, MaxWaitGuard) and rule.max_wait_s == 1.0 and not isinstance(rule.rule, MaxWaitGuard):
                 break
             time.sleep(0.1)

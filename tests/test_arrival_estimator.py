@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from plugin.loop.controller import LearningConfig, PolicyController
+from plugin.loop.controller import ControllerConfig, LearningConfig, PolicyController
 from plugin.arrival_estimator import GroupEstimator
 from solver import arrivals
 from solver.arrival_model import POISSON, CompoundPoisson
@@ -59,9 +59,11 @@ class Clock:
 def test_adaptive_gate_resolves_for_the_learned_groups(profile):
     async def go():
         clock = Clock()
-        c = PolicyController("m", profile, max_batch=B, idle_power_w=P0, weight=1e-3, install=lambda p: None,
-                             clock=clock, initial_rate=200.0, window_s=5.0, learning=LearningConfig(enabled=False),
-                             long_run_s=0.0, group_window_gaps=0.01)
+        c = PolicyController(
+            "m", profile,
+            ControllerConfig(max_batch=B, idle_power_w=P0, weight=1e-3, initial_rate=200.0, window_s=5.0,
+                             learning=LearningConfig(enabled=False), long_run_s=0.0, group_window_gaps=0.01),
+            install=lambda p: None, clock=clock)
         task = c.tick(clock.t)
         await task
         assert c.current.arrivals is POISSON
@@ -82,8 +84,49 @@ def test_adaptive_gate_resolves_for_the_learned_groups(profile):
         assert sol.mean_latency_s > poisson.mean_latency_s  # groups queue longer: the prediction says so
         text = c.learning_summary(clock.t)
         assert "arrivals: mean group" in text and "policy solved for batch:empirical" in text
-        off = PolicyController("m", profile, max_batch=B, idle_power_w=P0, weight=1e-3, install=lambda p: None,
-                               clock=clock, initial_rate=200.0, learning=LearningConfig(enabled=False))
+        off = PolicyController(
+            "m", profile,
+            ControllerConfig(max_batch=B, idle_power_w=P0, weight=1e-3, initial_rate=200.0,
+                             learning=LearningConfig(enabled=False)),
+            install=lambda p: None, clock=clock)
         assert off.groups is None and off.arrival_model() is POISSON
+
+    asyncio.run(go())
+
+
+def test_adaptive_gate_solves_phase_blind_for_a_fitted_mmpp(profile):
+    from solver.arrival_model import MMPP2
+    from solver.mmpp import evaluate_mmpp
+
+    proc = MMPP2((450.0, 60.0), (0.5, 1.0), (CompoundPoisson(2.0), CompoundPoisson(1.0)))  # mean 320/s
+
+    async def go():
+        clock = Clock()
+        c = PolicyController(
+            "m", profile,
+            ControllerConfig(max_batch=B, idle_power_w=P0, weight=1e-3, initial_rate=proc.mean_rate, window_s=5.0,
+                             learning=LearningConfig(enabled=False), long_run_s=0.0, group_window_gaps=0.01),
+            install=lambda p: None, clock=clock)
+        await c.tick(clock.t)
+        assert c.modulation is not None and c.modulation.shape is None
+        t, _, _ = arrivals.mmpp2_path(proc, 20_000, rng=5)
+        for x in t:
+            c.observe_arrival(clock.t + float(x))
+        clock.t += float(t[-1])
+        c.tick(clock.t)  # the fit of the last arrivals starts (off the event loop)
+        await c.wait_idle()
+        shape = c.modulation.shape
+        assert isinstance(shape, MMPP2) and shape.rates[0] > 3 * shape.rates[1]
+        c.set_weight(c.weight)  # a re-solve: it uses the fitted shape at the estimated rate
+        await c.tick(clock.t)
+        sol = c.current
+        assert isinstance(sol.arrivals, MMPP2) and sol.arrivals.mean_rate == pytest.approx(sol.rate_rps, rel=1e-9)
+        assert "phase-blind" in sol.source
+        mm = BatchingModel(rate=sol.rate_rps, max_batch=B, profile=profile, idle_power_w=P0,
+                           weight=sol.solved_weight, arrivals=sol.arrivals)
+        assert sol.gain == pytest.approx(evaluate_mmpp(mm, sol.policy).cost, rel=1e-9)
+        base = solve(mm.with_(arrivals=c.arrival_model()))  # what the gate solved before the fit
+        assert sol.gain <= evaluate_mmpp(mm, base.policy).cost * (1 + 1e-12)
+        assert "last fit mmpp:" in c.learning_summary(clock.t)
 
     asyncio.run(go())

@@ -125,3 +125,20 @@ def test_compare_with_bursty_arrivals_adds_the_poisson_solved_policy(spec, tmp_p
     # exact predictions under the bursty model: the arrival-aware policy is predicted no worse
     assert rows["smdp"]["pred_cost"] <= rows["smdp poisson"]["pred_cost"] * (1 + 1e-9)
     assert rows["smdp"]["pred_cost"] <= rows["greedy"]["pred_cost"] * (1 + 1e-9)
+
+
+def test_fit_recovers_batch_mmpp():
+    from solver.fit import fit_batch_mmpp
+
+    proc = MMPP2((600.0, 60.0), (0.5, 1.0), (CompoundPoisson(3.0), CompoundPoisson(1.2)))
+    t, _, _ = arrivals.mmpp2_path(proc, 80_000, rng=7)
+    fit = fit_batch_mmpp(t, window_s=1e-9)
+    for est, half, true in zip(fit.model.rates, fit.rates_ci95, proc.rates):
+        assert _within(est, half, true)
+    for est, half, true in zip(fit.model.switching, fit.switching_ci95, proc.switching):
+        assert _within(est, half, true)
+    assert fit.model.group_means == pytest.approx((3.0, 1.2), rel=0.08)
+    full = fit_arrivals(t, group_window_s=1e-9)
+    assert full.chosen == fit.model  # both clumped and modulated: neither plain model has both
+    assert full.misfit["batch_mmpp"] < min(full.misfit["mmpp"], full.misfit["batch"])
+    assert full.interarrival_cv["trace"] == pytest.approx(full.interarrival_cv["batch_mmpp"], rel=0.1)

@@ -196,3 +196,106 @@ def test_forward_filter_tracks_a_clear_phase():
     idx = np.searchsorted(t, probe, side="right")
     agree = np.mean([filt.phase(x, int(i)) == truth.phase(x, int(i)) for x, i in zip(probe, idx)])
     assert agree > 0.97
+
+
+# ---- batch MMPP: groups per phase ----------------------------------------------------------------
+
+def test_batch_mmpp_parses_and_groups_of_one_are_the_plain_mmpp():
+    bm = parse_arrivals("mmpp:900,100:2,3:3,1.5")
+    assert bm.grouped and bm.group_means == (3.0, 1.5) and bm.epoch_rates == (300.0, 100.0 / 1.5)
+    assert parse_arrivals("mmpp:900,100:2,3:1,1") == MMPP2((900.0, 100.0), (2.0, 3.0))
+    plain = MMPP2((900.0, 100.0), (2.0, 3.0))
+    ones = MMPP2((900.0, 100.0), (2.0, 3.0), (CompoundPoisson(1.0), CompoundPoisson(1.0)))
+    assert ones == plain
+    with pytest.raises(ModelError, match="four \\(or six\\)"):
+        parse_arrivals("mmpp:900,100:2,3:3")
+
+
+def test_batch_mmpp_count_law_and_dispersion():
+    proc = MMPP2((900.0, 100.0), (2.0, 3.0), (CompoundPoisson(3.0), CompoundPoisson(1.5)))
+    m = mmpp_model(proc, B=8, cv=0.0)
+    law = count_law(m)
+    tau = m.profile.mean_s
+    k = np.arange(law.shape[3], dtype=float)
+    assert law.sum(axis=(2, 3)) == pytest.approx(np.ones((8, 2)), abs=1e-12)
+    for b in (0, 7):
+        assert law[b].sum(axis=2) == pytest.approx(linalg.expm(proc.generator * tau[b]), abs=1e-12)
+        start = proc.stationary
+        mean = start @ (law[b].sum(axis=1) @ k)
+        assert mean == pytest.approx(proc.mean_rate * tau[b], rel=1e-10)
+        # Var K from the stationary phase, a fixed window tau: the index of dispersion at tau
+        second = start @ (law[b].sum(axis=1) @ (k * k))
+        assert (second - mean * mean) / mean == pytest.approx(proc.index_of_dispersion(tau[b]), rel=1e-8)
+    # one phase, groups: the compound-Poisson law of the one-dimensional solver
+    one = MMPP2((500.0, 500.0), (1.0, 1.0), (CompoundPoisson(2.5), CompoundPoisson(2.5)))
+    lone = count_law(mmpp_model(one, B=8, cv=0.5))
+    flat = solve(mmpp_model(one, B=8, cv=0.5).with_(arrivals=CompoundPoisson(2.5)))
+    ev = evaluate_mmpp(mmpp_model(one, B=8, cv=0.5), flat.policy)
+    assert ev.cost == pytest.approx(flat.gain, rel=1e-6)
+    assert lone.sum(axis=2)[:, 0, :].sum(axis=1) == pytest.approx(np.ones(8), abs=1e-12)
+
+
+def test_batch_mmpp_simulation_agrees_with_exact_evaluation():
+    proc = MMPP2((900.0, 100.0), (2.0, 3.0), (CompoundPoisson(3.0), CompoundPoisson(1.5)))
+    m = mmpp_model(proc)
+    res = solve_mmpp(m)
+    assert res.converged
+    t, sw, ph = arrivals.mmpp2_path(proc, 400_000, rng=11)
+    assert (t.size - 1) / t[-1] == pytest.approx(proc.mean_rate, rel=0.05)
+    sim = simulate_phased(m.profile, res.policy, TruePhase(sw, ph), t, idle_power_w=40.0, weight=2e-4,
+                          seed=2, warmup=5.0)
+    assert abs(sim.mean_latency_s - res.mean_latency_s) <= 4 * sim.latency_ci95_s
+    assert abs(sim.mean_power_w - res.mean_power_w) <= 4 * sim.power_ci95_w
+    blind = solve(m.with_(arrivals=POISSON)).policy
+    ev = evaluate_mmpp(m, blind)
+    sim_b = simulate(m.profile, blind, t, idle_power_w=40.0, weight=2e-4, seed=2, warmup=5.0)
+    assert abs(sim_b.mean_latency_s - ev.mean_latency_s) <= 4 * sim_b.latency_ci95_s
+    # the filter reads group sizes too: phase 1's groups are twice as large
+    filt = PhaseFilter(proc, t)
+    probe = t[::97]
+    idx = np.searchsorted(t, probe, side="right")
+    truth = TruePhase(sw, ph)
+    agree = np.mean([filt.phase(x, int(i)) == truth.phase(x, int(i)) for x, i in zip(probe, idx)])
+    assert agree > 0.9
+
+
+@pytest.mark.parametrize("groups", [None, (CompoundPoisson(3.0), CompoundPoisson(1.5))])
+def test_mmpp_banded_evaluation_equals_dense(groups):
+    from solver.mmpp import build_phase_smdp, evaluate_actions
+
+    proc = MMPP2((900.0, 100.0), (2.0, 3.0), groups)  # phase 1 above capacity: long queues
+    m = mmpp_model(proc, B=8)
+    N = 120
+    smdp = build_phase_smdp(m, N)
+    a = np.vstack([np.minimum(np.arange(N + 1), 8)] * 2)
+    a[0, :5] = 0  # waits in both phases, a different table per phase
+    a[1, 2:4] = 0
+    dense, banded = evaluate_actions(smdp, a, "dense"), evaluate_actions(smdp, a, "banded")
+    assert banded.gain == pytest.approx(dense.gain, rel=1e-12)
+    assert np.max(np.abs(banded.h - dense.h)) <= 1e-10 * np.max(np.abs(dense.h))
+    assert np.max(np.abs(banded.pi - dense.pi)) <= 1e-13
+    with pytest.raises(ValueError, match="linear_solver"):
+        evaluate_actions(smdp, a, "sparse")
+    # the solve: same gain and the same tables either way
+    fast, slow = solve_mmpp(m), solve_mmpp(m, linear_solver="dense")
+    assert fast.gain == pytest.approx(slow.gain, rel=1e-12)
+    for t1, t2 in zip(fast.policy.tables, slow.policy.tables):
+        assert np.array_equal(t1.actions, t2.actions)
+
+
+def test_phase_blind_search_lowers_the_poisson_table_and_stays_phase_blind():
+    from solver.mmpp import solve_mmpp_blind
+
+    proc = MMPP2((900.0, 100.0), (2.0, 3.0), (CompoundPoisson(3.0), CompoundPoisson(1.5)))
+    m = mmpp_model(proc)
+    start = solve(m.with_(arrivals=POISSON)).policy
+    res = solve_mmpp_blind(m, start)
+    assert res.start_gain == pytest.approx(evaluate_mmpp(m, start).cost, rel=1e-9)
+    assert res.gain <= res.start_gain
+    assert res.gain == pytest.approx(evaluate_mmpp(m, res.policy).cost, rel=1e-12)
+    assert res.gain >= solve_mmpp(m).gain * (1 - 1e-9)  # observing the phase can only help
+    # under Poisson-equal phases the Poisson table is already the best blind one
+    flat = mmpp_model(MMPP2((600.0, 600.0), (1.0, 3.0)))
+    p = solve(flat.with_(arrivals=POISSON)).policy
+    again = solve_mmpp_blind(flat, p)
+    assert again.gain == pytest.approx(again.start_gain, rel=1e-9)

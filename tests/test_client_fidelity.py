@@ -47,13 +47,13 @@ def count_config_reads(sc: SidecarThread) -> list[str]:
     asked: list[str] = []
 
     def install() -> None:
-        original = sc.sidecar._model_config
+        original = sc.sidecar.upstream.model_config
 
         def counting(request, **kwargs):
             asked.append(request.name)
             return original(request, **kwargs)
 
-        sc.sidecar._model_config = counting
+        sc.sidecar.upstream.model_config = counting
 
     sc.call(install)
     return asked
@@ -73,7 +73,7 @@ def invalid_utf8_name() -> bytes:
 def test_an_unknown_version_of_a_gated_model_gets_tritons_not_found_without_config_reads(triton):
     with sidecar(triton.grpc_url) as sc:
         serve_once(sc)
-        state = sc.call(lambda: sc.sidecar.models()[("emulated_gpu", "")])
+        state = sc.call(lambda: sc.sidecar.registry.models()[("emulated_gpu", "")])
         asked = count_config_reads(sc)
         answers = [both(triton, sc, emu_request(version="7")) for _ in range(5)]
         assert answers[0][0][0] == grpc.StatusCode.NOT_FOUND, answers[0]
@@ -81,7 +81,7 @@ def test_an_unknown_version_of_a_gated_model_gets_tritons_not_found_without_conf
         time.sleep(0.3)
         settle(sc)
         assert asked.count("emulated_gpu") <= 1, asked
-        assert sc.call(lambda: sc.sidecar.models().get(("emulated_gpu", ""))) is state  # not dropped
+        assert sc.call(lambda: sc.sidecar.registry.models().get(("emulated_gpu", ""))) is state  # not dropped
         serve_once(sc)
 
 
@@ -114,13 +114,13 @@ def test_completed_counts_the_requests_answered_ok_on_both_planes(triton):
         deadline = time.monotonic() + 10
         while True:
             settle(sc)
-            status = sc.call(lambda: SidecarControl(sc.sidecar).status("emulated_gpu"))
+            status = sc.call(lambda: SidecarControl(sc.sidecar.registry).status("emulated_gpu"))
             if status.completed >= 4 or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
         time.sleep(0.2)
         settle(sc)
-        status = sc.call(lambda: SidecarControl(sc.sidecar).status("emulated_gpu"))
+        status = sc.call(lambda: SidecarControl(sc.sidecar.registry).status("emulated_gpu"))
         assert status.completed == 4  # the first and the three: OK answers only
 
 
@@ -160,7 +160,7 @@ def test_a_reload_through_the_sidecar_is_seen_at_once(tmp_path, triton_factory):
         assert outcome(ch, _simple_request(12))[0] == "OK"
         deadline = time.monotonic() + 10
         while True:
-            state = sc.call(lambda: sc.sidecar.models().get(("simple", "")))
+            state = sc.call(lambda: sc.sidecar.registry.models().get(("simple", "")))
             if (state is not None and state.info is not None and state.info.max_batch == 16) \
                     or time.monotonic() > deadline:
                 break

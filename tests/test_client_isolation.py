@@ -49,7 +49,7 @@ def gated_stats(sc: SidecarThread, answered: int, model: str = "emulated_gpu"):
     deadline = time.monotonic() + 10
     while True:
         settle(sc)
-        state = sc.call(lambda: sc.sidecar.models().get((model, "")))
+        state = sc.call(lambda: sc.sidecar.registry.models().get((model, "")))
         assert state is not None and state.gate is not None
         if state.stats.answered >= answered or time.monotonic() > deadline:
             return state.stats
@@ -89,10 +89,10 @@ def test_a_model_name_cannot_forge_what_the_control_plane_learns(triton, name):
         assert after.batches.tolist() == batches.tolist()
         assert after.busy_s.tolist() == busy.tolist()
         assert after.answered == answered
-        counters = sc.call(lambda: sc.sidecar.models()[("emulated_gpu", "")].gate.counters)
+        counters = sc.call(lambda: sc.sidecar.registry.models()[("emulated_gpu", "")].gate.counters)
         assert counters.submitted < 1000
         assert infer(emu_request(), timeout=30).model_name == "emulated_gpu"
-        models = sc.call(lambda: {n for n, _ in sc.sidecar.models()})
+        models = sc.call(lambda: {n for n, _ in sc.sidecar.registry.models()})
         assert models <= {"emulated_gpu", "cpu_mlp"}  # nothing kept by a hostile name
 
 

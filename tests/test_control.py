@@ -36,7 +36,7 @@ class FakeModel:
     target: float | None = None
     version: int = 1
     queue: int = 0
-    slo: tuple[float, float] | None = None
+    slo: tuple[float, float, float] | None = None
 
 
 @dataclass
@@ -67,7 +67,8 @@ class FakeBackend:
             profile_updates=2, profile_batches=12, profile_learning=True, rejected_expired=3, rejected_invalid=4,
             slo=None if m.slo is None else SloStatusInfo(
                 m.slo[0], m.slo[1], feasible=True, predicted_quantile_s=0.8 * m.slo[1], predicted_ci95_s=1e-4,
-                measured_quantile_s=0.9 * m.slo[1], attainment=0.995, samples=4000, max_wait_s=0.5 * m.slo[1]),
+                measured_quantile_s=0.9 * m.slo[1], attainment=0.995, samples=4000, max_wait_s=0.5 * m.slo[1],
+                margin_s=m.slo[2], correction_s=0.25 * m.slo[2]),
         )
 
     async def set_weight(self, model: str, weight: float) -> None:  # async on purpose: both kinds work
@@ -83,7 +84,7 @@ class FakeBackend:
 
     def set_slo(self, model: str, target) -> None:
         self.calls.append(("set_slo", model, target))
-        self.models_[model].slo = None if target is None else (target.quantile, target.latency_s)
+        self.models_[model].slo = None if target is None else (target.quantile, target.latency_s, target.margin_s)
 
     def policy(self, model: str) -> PolicyInfo:
         if model == "mlp":
@@ -307,19 +308,25 @@ def test_set_and_clear_slo(served) -> None:
     s = stub.GetStatus(smdp_pb2.ModelRequest(model="resnet"), metadata=AUTH)
     assert not s.HasField("slo")
     s = stub.SetSlo(smdp_pb2.SetSloRequest(model="resnet", quantile=0.99, latency_s=0.05), metadata=AUTH)
-    assert backend.models_["resnet"].slo == (0.99, 0.05)
-    assert s.slo.quantile == 0.99 and s.slo.latency_s == 0.05 and s.slo.feasible
+    assert backend.models_["resnet"].slo == (0.99, 0.05, 0.0)
+    assert s.slo.quantile == 0.99 and s.slo.latency_s == 0.05 and s.slo.feasible and s.slo.margin_s == 0.0
     assert s.slo.predicted_quantile_s == pytest.approx(0.04) and s.slo.attainment == 0.995 and s.slo.samples == 4000
+    s = stub.SetSlo(smdp_pb2.SetSloRequest(model="resnet", quantile=0.99, latency_s=0.05, margin_s=0.004),
+                    metadata=AUTH)
+    assert backend.models_["resnet"].slo == (0.99, 0.05, 0.004)
+    assert s.slo.margin_s == 0.004 and s.slo.correction_s == pytest.approx(0.001)
     s = stub.ClearSlo(smdp_pb2.ModelRequest(model="resnet"), metadata=AUTH)
     assert not s.HasField("slo") and backend.models_["resnet"].slo is None
 
 
-@pytest.mark.parametrize("q, d", [(0.0, 0.05), (1.0, 0.05), (-0.5, 0.05), (float("nan"), 0.05), (1.5, 0.05),
-                                  (0.99, 0.0), (0.99, -0.01), (0.99, float("nan")), (0.99, float("inf"))])
-def test_invalid_slo_is_refused_and_changes_nothing(served, q: float, d: float) -> None:
+@pytest.mark.parametrize("q, d, margin", [
+    (0.0, 0.05, 0.0), (1.0, 0.05, 0.0), (-0.5, 0.05, 0.0), (float("nan"), 0.05, 0.0), (1.5, 0.05, 0.0),
+    (0.99, 0.0, 0.0), (0.99, -0.01, 0.0), (0.99, float("nan"), 0.0), (0.99, float("inf"), 0.0),
+    (0.99, 0.05, -0.001), (0.99, 0.05, 0.05), (0.99, 0.05, float("nan"))])
+def test_invalid_slo_is_refused_and_changes_nothing(served, q: float, d: float, margin: float) -> None:
     backend, stub, _ = served
-    code, details = code_of(stub.SetSlo, smdp_pb2.SetSloRequest(model="resnet", quantile=q, latency_s=d),
-                            metadata=AUTH)
+    code, details = code_of(stub.SetSlo, smdp_pb2.SetSloRequest(model="resnet", quantile=q, latency_s=d,
+                                                                margin_s=margin), metadata=AUTH)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "SLO" in details
     assert backend.models_["resnet"].slo is None and not backend.calls
 
@@ -327,12 +334,19 @@ def test_invalid_slo_is_refused_and_changes_nothing(served, q: float, d: float) 
 def test_ctl_slo_commands(served, capsys) -> None:
     backend, _, port = served
     rc, out = ctl(port, "set-slo", "resnet", "--quantile", "0.95", "--latency", "0.02")
-    assert rc == 0 and backend.models_["resnet"].slo == (0.95, 0.02)
+    assert rc == 0 and backend.models_["resnet"].slo == (0.95, 0.02, 0.0)
     assert "SLO        q0.95 <= 20.000 ms: predicted to meet it, max-wait guard 10.000 ms" in out[0]
+    assert "searched for D" not in out[0]
     assert "measured  q0.95 18.000 ms, attainment 0.9950" in out[0]
     rc, _ = ctl(port, "set-slo", "resnet", "--quantile", "1", "--latency", "0.02")
     assert rc == 2 and "INVALID_ARGUMENT" in capsys.readouterr().err
-    assert backend.models_["resnet"].slo == (0.95, 0.02)
+    assert backend.models_["resnet"].slo == (0.95, 0.02, 0.0)
+    rc, out = ctl(port, "set-slo", "resnet", "--latency", "0.02", "--margin", "0.004")
+    assert rc == 0 and backend.models_["resnet"].slo == (0.99, 0.02, 0.004)
+    assert "searched for D - 4.000 ms margin - 1.000 ms measured correction = 15.000 ms" in out[0]
+    rc, _ = ctl(port, "set-slo", "resnet", "--latency", "0.02", "--margin", "0.02")
+    assert rc == 2 and "margin" in capsys.readouterr().err
+    assert backend.models_["resnet"].slo == (0.99, 0.02, 0.004)
     rc, out = ctl(port, "clear-slo", "resnet")
     assert rc == 0 and backend.models_["resnet"].slo is None and "SLO " not in out[0]
 

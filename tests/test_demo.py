@@ -48,7 +48,8 @@ def test_demo_runs_every_contender_and_leaves_no_process(triton_runnable, tmp_pa
     # the solver is told tau(b) as measured on this stack, and W~ carries the measured per-request hop
     assert "stack profile of emulated_gpu: profile: auto, measured b=1,2,4," in text
     assert "a lone request's answer takes" in text
-    names = ["triton delay=0ms", "triton delay=10ms", "gate greedy", "gate smdp", "gate smdp adaptive", "config smdp"]
+    names = ["triton delay=0ms", "triton delay=10ms", "gate greedy", "gate smdp", "gate smdp adaptive", "config smdp",
+             "gate smdp SLO"]
     table = text[text.index("J = W + w P"):]
     for name in names:
         assert f"    80 {name}" in table, table
@@ -58,6 +59,7 @@ def test_demo_runs_every_contender_and_leaves_no_process(triton_runnable, tmp_pa
     for r in rows:
         assert int(r["failed"]) == 0 and int(r["requests"]) > 20
         assert float(r["W_mean_ms"]) > 0 and float(r["pred_J_ms"]) > 0
+        assert 0.0 <= float(r["slo_attainment"]) <= 1.0 and float(r["slo_latency_ms"]) == 80.0
         assert r["pred_source"].endswith("+hop")
     summary = json.loads((out / "bench.json").read_text())
     assert summary["config"]["solver"] == "embedded"

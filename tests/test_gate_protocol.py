@@ -8,7 +8,10 @@ import asyncio
 import pytest
 
 from plugin.model_names import MAX_MODEL_NAME_BYTES, is_model_name
-from plugin.native_plane import NativePlane, forget_line, parse_event, policy_line, quote_field, unquote_field
+from plugin.native_plane import (
+    Arrivals, BatchDone, CommandRefused, Counters, Loaded, Lost, NativePlane, Reported, Seen, forget_line, parse_event,
+    policy_line, quote_field, unquote_field,
+)
 from solver.policy import greedy
 
 HOSTILE = ["x\nbatch m 1 8 0 30 0 policy 0", "a b", "100%", "%0A", "tab\there", "ünï cødé", "🙂", "a,b=c"]
@@ -56,7 +59,7 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 60))
 
 
-def _parsed(lines: list[bytes]) -> list[tuple]:
+def _parsed(lines: list[bytes]) -> list:
     """The events the control plane takes from these lines (those that parse exactly)."""
     events = []
     for raw in lines:
@@ -80,10 +83,23 @@ def test_the_reader_decodes_names_and_refuses_lines_that_do_not_parse_exactly():
         b"batch m 2 3 1.0 1.5 0 policy 0.1,0.2 extra\n",
         b"error policy%20x%0Abatch%20m\n",
     ])
-    assert events[0] == ("seen", "a b")
-    assert [e[0] for e in events] == ["seen", "batch", "error"]
-    assert events[1][1].model == "m" and events[1][1].waits == (0.1, 0.2)
-    assert events[2] == ("error", "policy x\nbatch m")
+    assert events == [
+        Seen("a b"),
+        BatchDone("m", size=2, rows=3, start=1.0, end=1.5, code=0, why="policy", waits=(0.1, 0.2)),
+        CommandRefused("policy x\nbatch m"),
+    ]
+
+
+def test_each_report_of_the_gate_parses_to_its_event_type():
+    assert _parsed([b"lost m\n", b"loaded m\n", b"arrive m 1.5 2.25\n", b"arrive m\n",
+                    b"counters m submitted=3 queue=1\n", b"reported\n", b"ok policy m\n"]) == [
+        Lost("m"), Loaded("m"), Arrivals("m", (1.5, 2.25)), Arrivals("m", ()),
+        Counters("m", {"submitted": 3, "queue": 1}), Reported(),
+    ]
+    with pytest.raises(ValueError):
+        parse_event(b"lost m extra\n")
+    with pytest.raises(ValueError):
+        parse_event(b"counters m submitted=x\n")
 
 
 def test_the_gate_echoes_quoted_names_and_quotes_its_errors(native_gate):
@@ -92,7 +108,7 @@ def test_the_gate_echoes_quoted_names_and_quotes_its_errors(native_gate):
     async def scenario():
         out: list[bytes] = []
         plane = await NativePlane.start(listen="127.0.0.1:0", triton_url="127.0.0.1:1", max_queue=4,
-                                        on_event=lambda *e: None)
+                                        on_event=lambda e: None)
         original = plane._handle
         plane._handle = lambda raw: (out.append(raw), original(raw))
         try:

@@ -228,3 +228,17 @@ def test_cli_simulate_and_compare_with_instances(capsys, tmp_path):
     assert cmp_["instances"] == 2
     names = [r["contender"] for r in cmp_["points"][0]["rows"]]
     assert names[:3] == ["smdp", "per-slot smdp", "greedy"] and "best timeout" in names
+
+
+def test_cli_devices_count_idle_power_once_per_device(capsys):
+    base = ["simulate", "--rate", "9000", "--instances", "2", "--policy", "timeout:0.002", "--requests", "20000",
+            "--idle-power", "40", "--json"]
+    two = _cli_json(capsys, base)
+    one = _cli_json(capsys, base + ["--devices", "1"])
+    assert two["devices"] == 2 and one["devices"] == 1
+    assert one["mean_power_w"] == pytest.approx(two["mean_power_w"] - 40.0, rel=1e-9)
+    assert one["mean_latency_s"] == two["mean_latency_s"]
+    from smdp.cli import main
+
+    assert main(base + ["--devices", "3"]) == 2
+    assert "devices must be an integer in 1..instances = 2" in capsys.readouterr().err

@@ -70,16 +70,18 @@ def test_the_sidecar_builds_the_k_instance_policy_and_the_gate_follows_m():
 def test_the_adaptive_loop_solves_for_k_instances_and_installs_a_rule_that_sees_m():
     import asyncio
 
-    from plugin.loop.controller import LearningConfig, PolicyController
+    from plugin.loop.controller import ControllerConfig, LearningConfig, PolicyController
     from solver.model import ServiceProfile
 
     profile = ServiceProfile.from_csv(PROFILE, max_batch=64)
     cap = 64 / float(profile.mean_s[-1])
     installed = []
     clock = [1000.0]
-    c = PolicyController("m", profile, max_batch=64, idle_power_w=40.0, weight=1e-4, install=installed.append,
-                         clock=lambda: clock[0], initial_rate=1.5 * cap, window_s=5.0, long_run_s=0.0,
-                         learning=LearningConfig(enabled=False), instances=2)
+    c = PolicyController(
+        "m", profile,
+        ControllerConfig(max_batch=64, idle_power_w=40.0, weight=1e-4, initial_rate=1.5 * cap, window_s=5.0,
+                         long_run_s=0.0, learning=LearningConfig(enabled=False), instances=2),
+        install=installed.append, clock=lambda: clock[0])
     assert c.capacity == 2 * cap
 
     async def go():

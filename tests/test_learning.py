@@ -13,12 +13,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from plugin.loop.controller import LearningConfig, PolicyController, learning_options
+from plugin.loop.controller import ControllerConfig, LearningConfig, PolicyController
 from plugin.config import load_config
 from plugin.control_backend import SidecarControl
 from plugin.loop.profile import ProfileLearner
 from plugin.metrics import SidecarMetrics
-from plugin.server import BatchStats
+from plugin.registry import BatchStats
 from solver.model import BatchingModel, ServiceProfile
 from solver.policy import greedy
 from solver.smdp import solve
@@ -150,9 +150,11 @@ class Clock:
 def controller(prior, clock, **kw) -> tuple[PolicyController, list]:
     installed: list = []
     c = PolicyController(
-        "m", prior, max_batch=B, idle_power_w=40.0, weight=0.0, install=installed.append, clock=clock,
-        initial_rate=RATE, learning=LearningConfig(drift=0.10, min_samples=30, check_interval_s=1.0,
-                                                   telemetry_interval_s=1e9), **kw)
+        "m", prior,
+        ControllerConfig(max_batch=B, idle_power_w=40.0, weight=0.0, initial_rate=RATE,
+                         learning=LearningConfig(drift=0.10, min_samples=30, check_interval_s=1.0,
+                                                 telemetry_interval_s=1e9)),
+        install=installed.append, clock=clock, **kw)
     return c, installed
 
 
@@ -222,8 +224,10 @@ def test_batches_that_failed_are_not_learned(prior):
 
 def test_learning_off_keeps_the_csv_profile(prior):
     clock = Clock()
-    c = PolicyController("m", prior, max_batch=B, idle_power_w=40.0, weight=0.0, install=lambda p: None,
-                         clock=clock, learning=LearningConfig(enabled=False))
+    c = PolicyController(
+        "m", prior,
+        ControllerConfig(max_batch=B, idle_power_w=40.0, weight=0.0, learning=LearningConfig(enabled=False)),
+        install=lambda p: None, clock=clock)
     c.observe_batch(4, 1.0)
     clock.t += 5
     assert c.learn(clock.t) is None and c.profile is prior
@@ -242,19 +246,21 @@ def stats_with(batches: dict[int, int], started: float) -> BatchStats:
     return st
 
 
-def fake_sidecar(c: PolicyController, st: BatchStats, clock: Clock):
+def fake_registry(c: PolicyController, st: BatchStats, clock: Clock):
     gate = SimpleNamespace(queue_length=0, in_flight=0, slots=1, counters=SimpleNamespace(rejected=0, expired=0))
     info = SimpleNamespace(rule=greedy(B), max_batch=B, spec="smdp")
     state = SimpleNamespace(gate=gate, info=info, stats=st, controller=c, profile=c.prior)
-    return SimpleNamespace(models=lambda: {("m", ""): state}, clock=clock, metrics=SidecarMetrics(B),
-                           config=load_config(overrides={"models": {"m": {"policy": "greedy"}}}, environ={}))
+    config = load_config(overrides={"models": {"m": {"policy": "greedy"}}}, environ={})
+    return SimpleNamespace(gated=lambda model: state if model == "m" else None, gated_models=lambda: ["m"],
+                           models=lambda: {("m", ""): state}, clock=clock, metrics=SidecarMetrics(B),
+                           policy_config=config.policy_for)
 
 
 def test_status_carries_the_learned_profile_per_size(prior):
     clock = Clock()
     c, _ = controller(prior, clock)
     st = stats_with({}, clock.t)
-    sidecar = fake_sidecar(c, st, clock)
+    sidecar = fake_registry(c, st, clock)
     status = SidecarControl(sidecar).status("m")
     assert status.profile_learning and status.profile_updates == 0 and status.service_times == []
     true = slower(prior, 2.0)
@@ -280,7 +286,7 @@ def test_status_carries_the_learned_profile_per_size(prior):
     assert eight.in_force_s == pytest.approx(c.profile.mean_s[7]) and eight.in_force_s != pytest.approx(eight.prior_s)
     off, _ = controller(prior, clock)
     off.learner = None
-    status = SidecarControl(fake_sidecar(off, st, clock)).status("m")
+    status = SidecarControl(fake_registry(off, st, clock)).status("m")
     assert not status.profile_learning and status.service_times == [] and status.profile_batches == 0
 
 
@@ -293,7 +299,7 @@ def test_status_says_whether_power_is_measured_or_modelled(prior, text, modelled
     clock.t += 10.0
     if text is not None:
         c.power.observe_metrics(clock.t, text)
-    status = SidecarControl(fake_sidecar(c, st, clock)).status("m")
+    status = SidecarControl(fake_registry(c, st, clock)).status("m")
     assert status.power_modelled is modelled
     if modelled:
         expect = (100 * prior.energy_j[3] + 50 * prior.energy_j[7] + 40.0 * (10.0 - 150 * 0.004)) / 10.0
@@ -350,9 +356,12 @@ def test_telemetry_reads_a_metrics_endpoint_off_the_hot_path(prior):
             clock = Clock()
             st = stats_with({4: 10}, clock.t)
             c = PolicyController(
-                "m", prior, max_batch=B, idle_power_w=40.0, weight=0.0, install=lambda p: None, clock=clock,
-                stats=st, learning=LearningConfig(telemetry_interval_s=1.0,
-                                                  metrics_url=f"http://127.0.0.1:{httpd.server_port}/metrics"))
+                "m", prior,
+                ControllerConfig(max_batch=B, idle_power_w=40.0, weight=0.0,
+                                 learning=LearningConfig(
+                                     telemetry_interval_s=1.0,
+                                     metrics_url=f"http://127.0.0.1:{httpd.server_port}/metrics")),
+                install=lambda p: None, clock=clock, stats=st)
             clock.t += 2.0
             assert c.power_reading(clock.t).modelled
             c.tick(clock.t)
@@ -366,21 +375,33 @@ def test_telemetry_reads_a_metrics_endpoint_off_the_hot_path(prior):
         httpd.server_close()
 
 
-def test_learning_options_come_from_the_config():
-    cfg = load_config(overrides={"triton_url": "10.0.0.5:8001", "telemetry_interval_s": 2.0, "models": {
+def learning_of(cfg, model: str) -> LearningConfig:
+    return ControllerConfig.of(cfg.policy_for(model), cfg, max_batch=B, instances=1).learning
+
+
+def test_controller_config_comes_from_the_model_and_sidecar_configs():
+    cfg = load_config(overrides={"triton_url": "10.0.0.5:8001", "telemetry_interval_s": 2.0, "rate_window_s": 4.0,
+                                 "long_run_window_s": 0.0, "models": {
         "m": {"policy": "smdp", "profile": str(ROOT / "profiles" / "v100_resnet50.csv"), "profile_drift": 0.2,
-              "profile_min_samples": 50}}}, environ={})
-    lc = learning_options(cfg, "m")["learning"]
+              "profile_min_samples": 50, "weight": 0.002, "idle_power_w": 55.0, "rate_rps": 120.0}}}, environ={})
+    cc = ControllerConfig.of(cfg.policy_for("m"), cfg, max_batch=B, instances=2)
+    assert (cc.max_batch, cc.instances, cc.weight, cc.idle_power_w, cc.initial_rate) == (B, 2, 0.002, 55.0, 120.0)
+    assert cc.window_s == 4.0 and cc.long_run_s == 0.0
+    lc = cc.learning
     assert lc.metrics_url == "http://10.0.0.5:8002/metrics" and lc.triton_url == "10.0.0.5:8001"
     assert lc.drift == 0.2 and lc.min_samples == 50 and lc.telemetry_interval_s == 2.0
     # auto follows Triton's port layout (metrics on the port after gRPC), not a fixed 8002
     moved = load_config(overrides={"triton_url": "triton.internal:9101"}, environ={})
-    assert learning_options(moved, "m")["learning"].metrics_url == "http://triton.internal:9102/metrics"
+    assert learning_of(moved, "m").metrics_url == "http://triton.internal:9102/metrics"
     given = load_config(overrides={"triton_metrics_url": "http://m:9/metrics"}, environ={})
-    assert learning_options(given, "m")["learning"].metrics_url == "http://m:9/metrics"
+    assert learning_of(given, "m").metrics_url == "http://m:9/metrics"
     off = load_config(overrides={"triton_metrics_url": "off", "triton_statistics": False}, environ={})
-    lc = learning_options(off, "x")["learning"]
+    lc = learning_of(off, "x")
     assert lc.metrics_url is None and lc.triton_url is None
+    for bad in ({"max_batch": 0}, {"max_batch": 4, "weight": -1.0}, {"max_batch": 4, "window_s": 0.0},
+                {"max_batch": 4, "idle_power_w": float("nan")}, {"max_batch": 4, "change_ratio": 1.0}):
+        with pytest.raises(ValueError):
+            ControllerConfig(**bad)
     with pytest.raises(ValueError):
         load_config(overrides={"models": {"m": {"policy": "greedy", "profile_drift": -0.1}}}, environ={})
 

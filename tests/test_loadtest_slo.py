@@ -53,10 +53,37 @@ def test_slo_contenders_parse_and_need_an_slo():
     assert cfg.slo.latency_s == 0.05
 
 
+def test_the_fixed_slo_gate_is_the_slo_search_solved_once():
+    from plugin.config import ModelPolicyConfig, SloConfig
+    from plugin.policies import build_rule
+    from solver.policy import MaxWaitGuard
+    from solver.slo import solve_slo
+
+    fixed = parse_contender("gate:smdp-slo-fixed")
+    assert fixed.name == "gate smdp SLO fixed" and fixed.slo and not fixed.adaptive
+    csv = ROOT / "profiles" / "v100_resnet50.csv"
+    prof = ServiceProfile.from_csv(csv, max_batch=32)
+    rate = 0.05 * 32 / prof.mean_s[-1]
+    cfg = ModelPolicyConfig(policy="smdp", profile=csv, adaptive=False, rate_rps=rate, weight=0.1, idle_power_w=40.0,
+                            slo=SloConfig(quantile=0.99, latency_s=0.02, margin_s=0.002))
+    info = build_rule("m", cfg, 32)
+    want = solve_slo(BatchingModel(rate=rate, max_batch=32, profile=prof, idle_power_w=40.0, weight=0.1),
+                     SloTarget(0.99, 0.02, 0.002))
+    assert want.feasible and want.max_wait_s is not None  # power-led at low load: the guard binds
+    assert isinstance(info.rule, MaxWaitGuard) and info.rule.max_wait_s == want.max_wait_s
+    np.testing.assert_array_equal(info.rule.rule.actions, want.policy.actions)
+    assert info.prediction["slo_feasible"] and info.prediction["predicted_quantile_s"] <= 0.018
+    with pytest.raises(ValueError, match="smdp"):
+        ModelPolicyConfig(policy="greedy", slo=SloConfig(latency_s=0.02))
+
+
 def test_sidecar_spec_passes_the_slo_as_serve_flags():
-    flags = SidecarSpec(policy="smdp", max_batch=8, slo=(0.95, 0.02)).flags()
+    flags = SidecarSpec(policy="smdp", max_batch=8, slo=SloTarget(0.95, 0.02)).flags()
     i = flags.index("--slo-latency")
     assert flags[i + 1] == "0.02" and flags[flags.index("--slo-quantile") + 1] == "0.95"
+    assert "--slo-margin" not in flags
+    flags = SidecarSpec(policy="smdp", max_batch=8, slo=SloTarget(0.95, 0.02, 0.003)).flags()
+    assert flags[flags.index("--slo-margin") + 1] == "0.003"
     assert "--slo-latency" not in SidecarSpec(policy="smdp", max_batch=8).flags()
 
 
@@ -65,11 +92,28 @@ def test_serve_flags_build_the_slo_config():
 
     from plugin.serve_cli import _slo_flags
 
-    assert _slo_flags(argparse.Namespace(default_slo_quantile=None, default_slo_latency_s=None)) is None
-    assert _slo_flags(argparse.Namespace(default_slo_quantile=None, default_slo_latency_s=0.05)) == {"latency_s": 0.05}
-    assert _slo_flags(argparse.Namespace(default_slo_quantile=0.9, default_slo_latency_s=0.05)) == {"latency_s": 0.05, "quantile": 0.9}
-    with pytest.raises(ValueError, match="--slo-latency"):
-        _slo_flags(argparse.Namespace(default_slo_quantile=0.9, default_slo_latency_s=None))
+    def ns(q=None, d=None, m=None):
+        return argparse.Namespace(default_slo_quantile=q, default_slo_latency_s=d, default_slo_margin_s=m)
+
+    assert _slo_flags(ns()) is None
+    assert _slo_flags(ns(d=0.05)) == {"latency_s": 0.05}
+    assert _slo_flags(ns(q=0.9, d=0.05)) == {"latency_s": 0.05, "quantile": 0.9}
+    assert _slo_flags(ns(d=0.05, m=0.002)) == {"latency_s": 0.05, "margin_s": 0.002}
+    for bad in (ns(q=0.9), ns(m=0.002)):
+        with pytest.raises(ValueError, match="--slo-latency"):
+            _slo_flags(bad)
+
+
+def test_the_slo_config_takes_a_margin_below_its_latency():
+    from pydantic import ValidationError
+
+    from plugin.config import SloConfig
+
+    assert SloConfig(latency_s=0.05).margin_s == 0.0
+    assert SloConfig(latency_s=0.05, margin_s=0.004).margin_s == 0.004
+    for bad in (-0.001, 0.05, 0.06, math.nan):
+        with pytest.raises(ValidationError, match="margin"):
+            SloConfig(latency_s=0.05, margin_s=bad)
 
 
 def test_ma_delay_is_the_least_power_delay_meeting_the_slo():

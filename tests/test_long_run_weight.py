@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plugin.loop.controller import WEIGHT_SCALE_MAX, LearningConfig, LongRunRate, PolicyController
+from plugin.loop.controller import WEIGHT_SCALE_MAX, ControllerConfig, LearningConfig, LongRunRate, PolicyController
 from solver.evaluate import evaluate
 from solver.model import BatchingModel, ServiceProfile
 from solver.smdp import solve
@@ -102,9 +102,11 @@ def feed(c: PolicyController, clock: Clock, rate: float, seconds: float) -> None
 
 
 def controller(profile, clock, w: float, **kw) -> PolicyController:
-    return PolicyController("m", profile, max_batch=B, idle_power_w=P0, weight=w, install=lambda p: None,
-                            clock=clock, initial_rate=350.0, window_s=5.0,
-                            learning=LearningConfig(enabled=False), **kw)
+    return PolicyController(
+        "m", profile,
+        ControllerConfig(max_batch=B, idle_power_w=P0, weight=w, initial_rate=350.0, window_s=5.0,
+                         learning=LearningConfig(enabled=False), **kw),
+        install=lambda p: None, clock=clock)
 
 
 def test_a_quiet_regime_is_solved_with_the_weight_scaled_by_the_long_run_rate(profile):

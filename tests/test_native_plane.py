@@ -155,7 +155,7 @@ def test_a_bad_command_gets_an_error_naming_it_and_the_gate_keeps_serving(native
     async def scenario():
         events = []
         plane = await NativePlane.start(listen="127.0.0.1:0", triton_url="127.0.0.1:1", max_queue=4,
-                                        on_event=lambda *e: events.append(e))
+                                        on_event=events.append)
         try:
             plane.send("policy m max_batch=4 table=0,2")  # a(1) = 2 > 1
             plane.send("policy m max_batch=4 table=0,1 colour=blue")
@@ -183,7 +183,7 @@ def test_an_address_it_cannot_bind_is_a_clear_error(native_gate):
         busy = f"127.0.0.1:{held.getsockname()[1]}"
 
         async def scenario():
-            await NativePlane.start(listen=busy, triton_url="127.0.0.1:1", max_queue=4, on_event=lambda *e: None)
+            await NativePlane.start(listen=busy, triton_url="127.0.0.1:1", max_queue=4, on_event=lambda e: None)
 
         with pytest.raises(NativePlaneError, match="did not start on"):
             run(scenario())
@@ -310,8 +310,8 @@ def test_a_bad_priority_is_refused_by_the_gate_and_counted_as_on_the_python_plan
             assert "expected int64_param or uint64_param" in info.value.details()
             del req.parameters["priority"]
             assert infer(req, timeout=10).model_name == "emulated_gpu"  # the next one is served
-        sc.run(sc.sidecar._native.sync(), 10)
-        status = sc.call(lambda: SidecarControl(sc.sidecar).status("emulated_gpu"))
+        sc.run(sc.sidecar.plane.sync(), 10)
+        status = sc.call(lambda: SidecarControl(sc.sidecar.registry).status("emulated_gpu"))
         assert status.rejected_invalid == 1 and status.completed >= 1
     finally:
         sc.stop()
@@ -361,7 +361,7 @@ def test_one_stream_carries_gated_requests_and_a_decoupled_models_responses(nati
         assert set(gated) == set(sent)
         for key, (x, _) in sent.items():
             np.testing.assert_array_equal(gated[key].as_numpy("OUTPUT0"), 2 * x + 1)
-        sc.run(sc.sidecar._native.sync(), 10)
-        assert sc.sidecar.models()[("emulated_gpu", "")].gate.counters.submitted == 3
+        sc.run(sc.sidecar.plane.sync(), 10)
+        assert sc.sidecar.registry.models()[("emulated_gpu", "")].gate.counters.submitted == 3
     finally:
         sc.stop()

@@ -286,7 +286,7 @@ def _auto_sidecar(triton_url: str, metrics_url: str, cache: Path):
 def _wait_gated(sc, *names: str, timeout_s: float = 60.0) -> None:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
-        have = {n for n, _ in sc.call(sc.sidecar.models)}
+        have = {n for n, _ in sc.call(sc.sidecar.registry.models)}
         if set(names) <= have:
             return
         time.sleep(0.1)

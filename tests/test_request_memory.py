@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+from plugin.native_data_plane import NativeDataPlane
 from planes import data_plane  # noqa: F401 - data_plane: autouse, both planes
 from planes import plane_sidecar as sidecar
 
@@ -64,8 +65,8 @@ def _send_big(url: str, n: int) -> set[str]:
 
 def test_refused_large_requests_are_freed_when_answered(triton):
     with sidecar(triton.grpc_url) as sc:
-        native = sc.sidecar._native
-        pid = native.proc.pid if native is not None else os.getpid()
+        plane = sc.sidecar.plane
+        pid = plane._process().proc.pid if isinstance(plane, NativeDataPlane) else os.getpid()
         # Memory held until a collection is memory held: with collections off, what the refused
         # requests leave is exactly what reference cycles keep.
         gc.disable()

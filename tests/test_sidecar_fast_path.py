@@ -19,13 +19,13 @@ MODEL = {"model": "emulated_gpu"}
 def spawned(sc) -> list:
     """Record every batch that gets a dispatch task of its own."""
     seen: list = []
-    spawn = sc._spawn
+    spawn = sc.plane._spawn
 
     def record(coro):
         seen.append(coro.cr_frame.f_locals.get("batch") if coro.cr_frame else None)
         spawn(coro)
 
-    sc._spawn = record
+    sc.plane._spawn = record
     return seen
 
 
@@ -38,16 +38,16 @@ def test_an_idle_gate_serves_an_arrival_inline_and_accounts_for_it_as_a_task_wou
         up = Upstream()
         sc = await make_sidecar(up)
         tasks = spawned(sc)
-        resp = await sc.infer(request(id="a"))
+        resp = await sc.plane.infer(request(id="a"))
         assert resp.id == "a" and len(up.sent) == 1
         assert tasks == []  # no dispatch task: the caller's coroutine sent it
-        state = sc.models()[("emulated_gpu", "")]
+        state = sc.registry.models()[("emulated_gpu", "")]
 
         # The same request with the slot busy waits, then goes by a task when the slot frees.
         up.hold.clear()
-        first = asyncio.ensure_future(sc.infer(request(id="b")))
+        first = asyncio.ensure_future(sc.plane.infer(request(id="b")))
         await until(lambda: len(up.sent) == 2)
-        second = asyncio.ensure_future(sc.infer(request(id="c")))
+        second = asyncio.ensure_future(sc.plane.infer(request(id="c")))
         await until(lambda: state.gate.queue_length == 1)
         up.hold.set()
         assert (await first).id == "b" and (await second).id == "c"
@@ -71,19 +71,19 @@ def test_a_caller_that_goes_away_during_an_inline_dispatch_leaves_the_batch_runn
     async def main():
         up = Upstream()
         sc = await make_sidecar(up)
-        await sc.infer(request(id="warm"))
-        state = sc.models()[("emulated_gpu", "")]
+        await sc.plane.infer(request(id="warm"))
+        state = sc.registry.models()[("emulated_gpu", "")]
         up.hold.clear()
-        caller = asyncio.ensure_future(sc.infer(request(id="gone")))
+        caller = asyncio.ensure_future(sc.plane.infer(request(id="gone")))
         await until(lambda: len(up.sent) == 2)
-        waiting = asyncio.ensure_future(sc.infer(request(id="next")))
+        waiting = asyncio.ensure_future(sc.plane.infer(request(id="next")))
         await until(lambda: state.gate.queue_length == 1)
         caller.cancel()
         with pytest.raises(asyncio.CancelledError):
             await caller
         await settle()
         assert state.gate.in_flight == 1  # still Triton's: the slot stays taken until it ends
-        assert len(sc._tasks) == 1  # the rest of the dispatch runs on in a task
+        assert len(sc.plane._tasks) == 1  # the rest of the dispatch runs on in a task
         up.hold.set()
         assert (await waiting).id == "next"
         await until(lambda: state.gate.in_flight == 0)
@@ -100,11 +100,11 @@ def test_an_inline_dispatch_gives_tritons_error_once_and_frees_the_slot(code):
     async def main():
         up = Upstream()
         sc = await make_sidecar(up)
-        await sc.infer(request(id="warm"))
-        state = sc.models()[("emulated_gpu", "")]
+        await sc.plane.infer(request(id="warm"))
+        state = sc.registry.models()[("emulated_gpu", "")]
         up.error = rpc_error(code, "no")
         with pytest.raises(GateError) as err:
-            await sc.infer(request(id="x"))
+            await sc.plane.infer(request(id="x"))
         want = grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.NOT_FOUND else code
         assert err.value.code == want
         assert state.stats.failed_requests == 1 and state.stats.answered == 2

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from plugin.config import load_config
+from plugin.native_data_plane import NativeDataPlane
 from plugin.runner import SidecarThread
 from planes import data_plane, plane, settle  # noqa: F401 - data_plane: autouse, both planes
 from slowed_triton import slowed_emulated_gpu
@@ -40,7 +41,7 @@ def sidecar(triton_url: str, **overrides):
     )
     runner = SidecarThread(cfg)
     runner.start()
-    assert (runner.sidecar._native is not None) == (cfg.data_plane == "native")
+    assert isinstance(runner.sidecar.plane, NativeDataPlane) == (cfg.data_plane == "native")
     try:
         yield runner
     finally:
@@ -194,7 +195,7 @@ def test_stream_requests_are_gated_into_the_batches_the_policy_chose(slow_triton
             np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), 2 * sent[r.get_response().id][0] + 1)
         sizes = sorted(int(r.as_numpy("BATCH_SIZE")[0, 0]) for r, _ in got)
         settle(sc)
-        state = sc.sidecar.models()[("emulated_gpu", "")]
+        state = sc.sidecar.registry.models()[("emulated_gpu", "")]
         assert state.gate.counters.submitted == 12  # every stream request went through the gate
         gate_hist = {b: int(n) for b, n in enumerate(state.stats.batches) if n}
         triton_hist = executed_since(direct, "emulated_gpu", before, 12)
@@ -225,7 +226,7 @@ def test_stream_errors_are_in_band_and_every_request_is_answered_once(triton):
         assert "priority" in by_id["bad"].error_message
         assert "no_such_model" in by_id["unknown"].error_message
         settle(sc)
-        state = sc.sidecar.models()[("emulated_gpu", "")]
+        state = sc.sidecar.registry.models()[("emulated_gpu", "")]
         assert state.gate.queue_length == 0 and state.gate.in_flight == 0
 
 
@@ -250,7 +251,7 @@ def test_a_cancelled_stream_withdraws_what_it_queued_and_triton_never_sees_it(sl
             deadline = time.monotonic() + 10
             while True:
                 settle(sc)
-                state = sc.sidecar.models().get(("emulated_gpu", ""))
+                state = sc.sidecar.registry.models().get(("emulated_gpu", ""))
                 if state is not None and state.gate.queue_length == 5:
                     break
                 assert time.monotonic() < deadline, "the five requests never queued"
@@ -335,7 +336,7 @@ def test_malformed_tensors_get_invalid_argument_and_queue_nothing(triton, shape,
             tc.InferenceServerClient(sc.url).infer("emulated_gpu", [inp])
         assert "INVALID_ARGUMENT" in info.value.status()
         settle(sc)
-        state = sc.sidecar.models()[("emulated_gpu", "")]
+        state = sc.sidecar.registry.models()[("emulated_gpu", "")]
         assert state.gate.queue_length == 0 and state.gate.in_flight == 0
 
 
@@ -358,7 +359,7 @@ def test_overload_is_refused_with_resource_exhausted_and_nothing_is_lost(slow_tr
         assert set(answers) <= {"ok", "StatusCode.RESOURCE_EXHAUSTED"}
         assert answers.count("StatusCode.RESOURCE_EXHAUSTED") > 0 and answers.count("ok") > 0
         settle(sc)
-        state = sc.sidecar.models()[("emulated_gpu", "")]
+        state = sc.sidecar.registry.models()[("emulated_gpu", "")]
         assert state.gate.counters.rejected == answers.count("StatusCode.RESOURCE_EXHAUSTED")
         assert state.gate.queue_length == 0 and state.gate.in_flight == 0
 
@@ -377,7 +378,7 @@ def test_client_timeout_expires_in_the_gate_and_frees_its_place(slow_triton):
         with pytest.raises(InferenceServerException) as info:
             client.infer("emulated_gpu", inputs, client_timeout=0.2)
         assert "DEADLINE_EXCEEDED" in info.value.status()
-        state = sc.sidecar.models()[("emulated_gpu", "")]
+        state = sc.sidecar.registry.models()[("emulated_gpu", "")]
         deadline = time.monotonic() + 5
         settle(sc)
         while state.gate.queue_length and time.monotonic() < deadline:
@@ -408,8 +409,8 @@ def test_client_priority_overtakes_waiting_requests(slow_triton):
 
         # the gate's own state says when each step has happened: no sleeps that a busy host outruns
         send("first", 2, rows=64)  # 64 rows run ~220 ms: time enough to queue the rest behind it
-        until(lambda: ("emulated_gpu", "") in sc.sidecar.models(), "the model never appeared")
-        gate = sc.sidecar.models()[("emulated_gpu", "")].gate
+        until(lambda: ("emulated_gpu", "") in sc.sidecar.registry.models(), "the model never appeared")
+        gate = sc.sidecar.registry.models()[("emulated_gpu", "")].gate
         until(lambda: gate.in_flight == 1, "first never dispatched")
         for i in range(3):
             send(f"low{i}", 2)
@@ -447,7 +448,7 @@ def test_triton_executes_exactly_the_batches_the_policy_chose(slow_triton):
         assert all(error is None for _, error in results), [e for _, e in results if e is not None]
         sizes = sorted(int(r.as_numpy("BATCH_SIZE")[0, 0]) for r, _ in results)
         settle(sc)
-        state = sc.sidecar.models()[("emulated_gpu", "")]
+        state = sc.sidecar.registry.models()[("emulated_gpu", "")]
         gate_hist = {b: int(n) for b, n in enumerate(state.stats.batches) if n}
         triton_hist = executed_since(direct, "emulated_gpu", before, len(inputs))
         assert triton_hist == gate_hist  # what Triton ran is what the gate chose, whatever the timing
@@ -479,7 +480,7 @@ def test_triton_batch_histogram_equals_the_gates_under_poisson_load(slow_triton)
             results = list(ex.map(fire, range(len(times))))
         assert len(results) == len(times)
         settle(sc)
-        state = sc.sidecar.models()[("emulated_gpu", "")]
+        state = sc.sidecar.registry.models()[("emulated_gpu", "")]
         gate_hist = {b: int(n) for b, n in enumerate(state.stats.batches) if n}
         triton_hist = executed_since(direct, "emulated_gpu", before, len(times))
         assert triton_hist == gate_hist
@@ -568,7 +569,7 @@ def test_triton_restart_gives_unavailable_then_service_without_restarting_the_si
         while True:
             client.infer("cpu_mlp", mlp_input(1), client_timeout=10)
             settle(sc)
-            state = sc.call(lambda: sc.sidecar.models().get(("cpu_mlp", "")))
+            state = sc.call(lambda: sc.sidecar.registry.models().get(("cpu_mlp", "")))
             if (state is not None and state.gate is not None) or time.monotonic() > deadline:
                 break
             time.sleep(0.1)

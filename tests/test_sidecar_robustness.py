@@ -16,7 +16,8 @@ from tritonclient.grpc import model_config_pb2, service_pb2
 from plugin.config import load_config
 from plugin.gate import Pending
 from plugin.merge import MalformedRequest, RequestValidator
-from plugin.server import GateError, Sidecar, _priority_level, _Servicer
+from plugin.python_plane import _priority_level
+from plugin.server import GateError, Sidecar, _Servicer
 from slowed_triton import slowed_emulated_gpu
 
 REPO = Path(__file__).resolve().parents[1] / "model_repository"
@@ -95,9 +96,9 @@ async def make_sidecar(upstream: Upstream, **overrides) -> Sidecar:
     default = overrides.pop("default", {"policy": "greedy"})
     cfg = load_config(overrides={"triton_url": "127.0.0.1:9", "default": default, **overrides}, environ={})
     sc = Sidecar(cfg)
-    sc._model_config = upstream.model_config
-    sc._server_ready = upstream.server_ready
-    sc._infer = upstream.infer
+    sc.upstream.model_config = upstream.model_config
+    sc.upstream.server_ready = upstream.server_ready
+    sc.upstream.infer = upstream.infer
     return sc
 
 
@@ -133,10 +134,10 @@ def test_cancelled_stream_withdraws_its_queued_requests():
                 yield request(id=f"s{i}")
             await forever.wait()  # the client keeps its stream open, then goes away
 
-        gen = _Servicer(sc).model_stream_infer(requests(), None)
+        gen = _Servicer(sc.plane).model_stream_infer(requests(), None)
         consumer = asyncio.ensure_future(gen.__anext__())
-        await until(lambda: ("emulated_gpu", "") in sc.models())
-        state = sc.models()[("emulated_gpu", "")]
+        await until(lambda: ("emulated_gpu", "") in sc.registry.models())
+        state = sc.registry.models()[("emulated_gpu", "")]
         await until(lambda: state.gate.in_flight == 1 and state.gate.queue_length == 4)
         consumer.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -158,15 +159,15 @@ def test_stream_answers_every_request_once_even_when_the_sidecar_fails(failure):
     async def main():
         up = Upstream()
         sc = await make_sidecar(up)
-        servicer = _Servicer(sc)
-        infer = sc.infer
+        servicer = _Servicer(sc.plane)
+        infer = sc.plane.infer
 
         async def flaky(req):
             if req.id == "bad":
                 raise failure
             return await infer(req)
 
-        sc.infer = flaky
+        sc.plane.infer = flaky
 
         async def requests():
             for i in ("a", "bad", "c"):
@@ -190,7 +191,7 @@ def test_stream_gate_errors_are_in_band_and_the_stream_ends():
             yield request(id="ok")
             yield request(id="neg", priority=("int64_param", -1))
 
-        got = [r async for r in _Servicer(sc).model_stream_infer(requests(), None)]
+        got = [r async for r in _Servicer(sc.plane).model_stream_infer(requests(), None)]
         by_id = {r.infer_response.id: r.error_message for r in got}
         assert by_id == {"ok": "", "neg": "invalid value for 'priority', expected value >= 0."}
         await sc.close()
@@ -206,9 +207,9 @@ def test_a_cancelled_first_caller_does_not_fail_the_others_waiting_for_the_confi
         up = Upstream()
         sc = await make_sidecar(up)
         up.config_gate.clear()
-        first = asyncio.ensure_future(sc.infer(request(id="first")))
+        first = asyncio.ensure_future(sc.plane.infer(request(id="first")))
         await settle()
-        second = asyncio.ensure_future(sc.infer(request(id="second")))
+        second = asyncio.ensure_future(sc.plane.infer(request(id="second")))
         await settle()
         first.cancel()
         await settle()
@@ -228,7 +229,7 @@ def test_a_failed_first_load_answers_every_waiter_with_the_error():
         up.config_error = rpc_error(grpc.StatusCode.UNAVAILABLE, "connection refused")
         sc = await make_sidecar(up)
         up.config_gate.clear()
-        calls = [asyncio.ensure_future(sc.infer(request())) for _ in range(3)]
+        calls = [asyncio.ensure_future(sc.plane.infer(request())) for _ in range(3)]
         await settle()
         up.config_gate.set()
         results = await asyncio.gather(*calls, return_exceptions=True)
@@ -245,14 +246,14 @@ def test_unexpected_config_error_while_ready_is_the_callers_answer_not_an_ungate
         up.config_error = rpc_error(grpc.StatusCode.INTERNAL, "config broke")
         sc = await make_sidecar(up)
         with pytest.raises(GateError) as info:
-            await sc.infer(request())
+            await sc.plane.infer(request())
         assert info.value.code == grpc.StatusCode.INTERNAL and "config broke" in info.value.details
         assert up.sent == []  # not relayed around the gate
         # an unknown model is still relayed, so the caller gets Triton's own error for it
         up.config_error = rpc_error(grpc.StatusCode.NOT_FOUND, "unknown model")
         up.error = rpc_error(grpc.StatusCode.NOT_FOUND, "Request for unknown model")
         with pytest.raises(GateError) as info:
-            await sc.infer(request(model="nope"))
+            await sc.plane.infer(request(model="nope"))
         assert info.value.code == grpc.StatusCode.NOT_FOUND and len(up.sent) == 1
         await sc.close()
 
@@ -269,10 +270,10 @@ def test_decoupled_and_sequence_models_are_relayed_unchanged(edit):
         up = Upstream(cfg)
         sc = await make_sidecar(up)
         req = request(id="x", priority=("int64_param", 1))
-        await sc.infer(req)
+        await sc.plane.infer(req)
         assert up.sent == [req]  # the caller's own message, not stamped
         assert req.parameters["priority"].int64_param == 1 and "timeout" not in req.parameters
-        assert sc.models()[("emulated_gpu", "")].gate is None
+        assert sc.registry.models()[("emulated_gpu", "")].gate is None
         await sc.close()
 
     run(main())
@@ -314,18 +315,18 @@ def test_negative_priority_gets_invalid_argument_and_its_neighbours_are_served()
         up = Upstream()
         sc = await make_sidecar(up)
         up.hold.clear()
-        await sc.model_state("emulated_gpu", "")
+        await sc.registry.model_state("emulated_gpu", "")
         reqs = [request(id=f"r{i}") for i in range(4)]
         reqs[2] = request(id="neg", priority=("int64_param", -1))
         reqs.append(request(id="str", timeout=("uint64_param", 5)))
-        calls = [asyncio.ensure_future(sc.infer(r)) for r in reqs]
+        calls = [asyncio.ensure_future(sc.plane.infer(r)) for r in reqs]
         await settle()
         up.hold.set()
         results = await asyncio.gather(*calls, return_exceptions=True)
         codes = {r.id: "OK" for r in results if not isinstance(r, Exception)}
         codes.update({reqs[i].id: r.code.name for i, r in enumerate(results) if isinstance(r, GateError)})
         assert codes == {"r0": "OK", "r1": "OK", "r3": "OK", "neg": "INVALID_ARGUMENT", "str": "INVALID_ARGUMENT"}
-        state = sc.models()[("emulated_gpu", "")]
+        state = sc.registry.models()[("emulated_gpu", "")]
         assert state.stats.failed_requests == 0 and state.gate.counters.submitted == 3
         await sc.close()
 
@@ -337,12 +338,12 @@ def test_priority_above_the_models_levels_waits_at_the_default_level():
         up = Upstream()
         sc = await make_sidecar(up, default={"policy": "static:1"})
         up.hold.clear()
-        first = asyncio.ensure_future(sc.infer(request(id="first")))
+        first = asyncio.ensure_future(sc.plane.infer(request(id="first")))
         await until(lambda: len(up.sent) == 1)
         # levels 2, default 2: priority 9 is the default level, so "urgent" (level 1) overtakes it
-        calls = [asyncio.ensure_future(sc.infer(request(id="p9", priority=("uint64_param", 9)))), None]
+        calls = [asyncio.ensure_future(sc.plane.infer(request(id="p9", priority=("uint64_param", 9)))), None]
         await settle()
-        calls[1] = asyncio.ensure_future(sc.infer(request(id="urgent", priority=("uint64_param", 1))))
+        calls[1] = asyncio.ensure_future(sc.plane.infer(request(id="urgent", priority=("uint64_param", 1))))
         await settle()
         up.hold.set()
         await asyncio.gather(first, *calls)
@@ -373,9 +374,9 @@ def _members(sc: Sidecar, deadlines):
 def test_a_merged_request_carries_a_timeout_safe_for_every_member(deadlines, want_us):
     async def main():
         sc = await make_sidecar(Upstream())
-        state = await sc.model_state("emulated_gpu", "")
+        state = await sc.registry.model_state("emulated_gpu", "")
         req = request(timeout=("int64_param", 10))
-        sc._stamp(state, req, _members(sc, deadlines), 1.0)
+        sc.plane._stamp(state, req, _members(sc, deadlines), 1.0)
         got = req.parameters["timeout"].int64_param if "timeout" in req.parameters else None
         assert got == pytest.approx(want_us, abs=2) if want_us else got is None
         await sc.close()
@@ -391,11 +392,11 @@ def test_model_gone_from_triton_gives_unavailable_and_drops_the_cached_state(mod
     async def main():
         up = Upstream()
         sc = await make_sidecar(up, mode=mode, default={"policy": "threshold:3"})
-        state = await sc.model_state("emulated_gpu", "")
+        state = await sc.registry.model_state("emulated_gpu", "")
         up.error = rpc_error(grpc.StatusCode.NOT_FOUND, "Request for unknown model: 'emulated_gpu' is not found")
-        results = await asyncio.gather(*(sc.infer(request(id=str(i))) for i in range(3)), return_exceptions=True)
+        results = await asyncio.gather(*(sc.plane.infer(request(id=str(i))) for i in range(3)), return_exceptions=True)
         assert [r.code for r in results] == [grpc.StatusCode.UNAVAILABLE] * 3
-        assert ("emulated_gpu", "") not in sc.models()
+        assert ("emulated_gpu", "") not in sc.registry.models()
         assert state.stats.failed_requests == 3
         await sc.close()
 
@@ -407,17 +408,17 @@ def test_a_model_back_after_not_found_keeps_its_gate_policy_and_counters():
     async def main():
         up = Upstream()
         sc = await make_sidecar(up)
-        state = await sc.model_state("emulated_gpu", "")
-        await sc.infer(request(id="before"))
+        state = await sc.registry.model_state("emulated_gpu", "")
+        await sc.plane.infer(request(id="before"))
         up.error = rpc_error(grpc.StatusCode.NOT_FOUND, "Request for unknown model")
         with pytest.raises(GateError):
-            await sc.infer(request(id="gone"))
-        assert ("emulated_gpu", "") not in sc.models()
+            await sc.plane.infer(request(id="gone"))
+        assert ("emulated_gpu", "") not in sc.registry.models()
         up.error = None
         up.config = emu_config(**{"dynamic_batching.priority_levels": 3})
         up.config.instance_group[0].count = 2
-        assert (await sc.infer(request(id="back"))).id == "back"
-        again = sc.models()[("emulated_gpu", "")]
+        assert (await sc.plane.infer(request(id="back"))).id == "back"
+        again = sc.registry.models()[("emulated_gpu", "")]
         assert again is state and again.gate.slots == 2 and again.priority_levels == 3
         assert state.gate.counters.dispatched_requests == 3 and state.stats.failed_requests == 1
         await sc.close()
@@ -431,17 +432,17 @@ def test_operator_settings_outlive_a_rebuilt_model_state():
         up = Upstream()
         sc = await make_sidecar(up, default={"policy": "smdp", "profile": str(profile), "rate_rps": 100.0,
                                              "weight": 1e-4})
-        state = await sc.model_state("emulated_gpu", "")
+        state = await sc.registry.model_state("emulated_gpu", "")
         assert state.controller is not None
         state.controller.set_weight(5e-3)
-        sc._forget(state)
+        sc.registry.forget(state)
         up.config = emu_config(max_batch_size=64)  # batching changed: a new state, a new gate
-        fresh = await sc.model_state("emulated_gpu", "")
+        fresh = await sc.registry.model_state("emulated_gpu", "")
         assert fresh is not state and fresh.controller.weight == 5e-3
         fresh.controller.set_latency_target(0.05)
-        sc._forget(fresh)
+        sc.registry.forget(fresh)
         up.config = emu_config(max_batch_size=32)
-        third = await sc.model_state("emulated_gpu", "")
+        third = await sc.registry.model_state("emulated_gpu", "")
         assert third.controller.latency_target_s == 0.05
         await sc.close()
 
@@ -512,8 +513,8 @@ def test_a_cancelled_streams_queued_requests_never_reach_triton(slower_triton):
             release.wait(60)
 
         call = stub.ModelStreamInfer(requests())
-        _wait(lambda: ("emulated_gpu", "") in sc.sidecar.models())
-        state = sc.sidecar.models()[("emulated_gpu", "")]
+        _wait(lambda: ("emulated_gpu", "") in sc.sidecar.registry.models())
+        state = sc.sidecar.registry.models()[("emulated_gpu", "")]
         # the first runs alone (~0.42 s); the other four wait in the gate for it
         _wait(lambda: state.gate.in_flight == 1 and state.gate.queue_length == 4)
         call.cancel()
@@ -548,7 +549,7 @@ def test_a_stream_past_its_deadline_sends_nothing_more_to_triton(slower_triton):
             for _ in call:
                 pass
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        state = sc.sidecar.models()[("emulated_gpu", "")]
+        state = sc.sidecar.registry.models()[("emulated_gpu", "")]
         _wait(lambda: state.gate.in_flight == 0 and state.gate.queue_length == 0)
         c = state.gate.counters
         assert c.cancelled >= 1 and c.cancelled + c.dispatched_requests == 5
@@ -576,7 +577,7 @@ def test_negative_priority_is_refused_and_its_burst_neighbours_succeed(slower_tr
                 answers[r.id] = (exc.code(), exc.details())
         assert answers == {"a": "a", "c": "c", "d": "d", "e": "e",
                            "b": (grpc.StatusCode.INVALID_ARGUMENT, "invalid value for 'priority', expected value >= 0.")}
-        state = sc.sidecar.models()[("emulated_gpu", "")]
+        state = sc.sidecar.registry.models()[("emulated_gpu", "")]
         assert {b: int(n) for b, n in enumerate(state.stats.batches) if n} == {4: 1}
     finally:
         channel.close()
@@ -689,7 +690,7 @@ def test_decoupled_model_streams_are_relayed_with_every_response(tmp_path, trito
         assert [e for _, e in got if e is not None] == []
         values = sorted((r.get_response().id, int(r.as_numpy("OUT")[0, 0])) for r, _ in got)
         assert values == [("three", 0), ("three", 1), ("three", 2), ("two", 0), ("two", 1)]
-        assert sc.sidecar.models()[("decoupled_echo", "")].gate is None
+        assert sc.sidecar.registry.models()[("decoupled_echo", "")].gate is None
     finally:
         sc.stop()
 
@@ -706,33 +707,33 @@ def test_an_unknown_model_is_remembered_for_the_ttl_and_forgotten_once_triton_se
         cfg = load_config(overrides={"triton_url": "127.0.0.1:9", "default": {"policy": "greedy"},
                                      "unknown_model_ttl_s": 1.0}, environ={})
         sc = Sidecar(cfg, clock=lambda: now[0])
-        sc._model_config, sc._server_ready, sc._infer = up.model_config, up.server_ready, up.infer
-        results = await asyncio.gather(*(sc.infer(request(model="nope")) for _ in range(20)), return_exceptions=True)
+        sc.upstream.model_config, sc.upstream.server_ready, sc.upstream.infer = up.model_config, up.server_ready, up.infer
+        results = await asyncio.gather(*(sc.plane.infer(request(model="nope")) for _ in range(20)), return_exceptions=True)
         assert all(isinstance(r, GateError) and r.code == grpc.StatusCode.NOT_FOUND
                    and r.details == "Request for unknown model: 'nope' is not found" for r in results)
         assert up.config_calls == 1 and len(up.sent) == 20  # each relayed once: Triton's own answer
         now[0] += 0.9
         with pytest.raises(GateError):
-            await sc.infer(request(model="nope"))
+            await sc.plane.infer(request(model="nope"))
         assert up.config_calls == 1
         now[0] += 0.2  # past the TTL: asked again
         with pytest.raises(GateError):
-            await sc.infer(request(model="nope"))
+            await sc.plane.infer(request(model="nope"))
         assert up.config_calls == 2
         # the model appears: its first relayed request succeeds, and the next one is gated
         up.error = None
-        assert (await sc.infer(request(model="nope"))).model_name == "nope"
+        assert (await sc.plane.infer(request(model="nope"))).model_name == "nope"
         assert up.config_calls == 2
         up.config_error = None
-        await sc.infer(request(model="nope"))
-        assert up.config_calls == 3 and sc.models()[("nope", "")].gate is not None
+        await sc.plane.infer(request(model="nope"))
+        assert up.config_calls == 3 and sc.registry.models()[("nope", "")].gate is not None
         await sc.close()
 
     run(main())
 
 
 def test_triton_not_ready_is_not_remembered_and_the_memory_is_bounded(monkeypatch):
-    import plugin.server as server
+    import plugin.registry as registry
 
     async def main():
         up = Upstream()
@@ -741,16 +742,16 @@ def test_triton_not_ready_is_not_remembered_and_the_memory_is_bounded(monkeypatc
         sc = await make_sidecar(up, unknown_model_ttl_s=60.0)
         for _ in range(2):
             with pytest.raises(GateError) as info:
-                await sc.infer(request(model="nope"))
+                await sc.plane.infer(request(model="nope"))
             assert info.value.code == grpc.StatusCode.UNAVAILABLE
         assert up.config_calls == 2 and up.sent == []  # retryable, not cached, not relayed
         up.ready = True
         up.error = rpc_error(grpc.StatusCode.NOT_FOUND, "unknown")
-        monkeypatch.setattr(server, "_MAX_UNKNOWN", 4)
+        monkeypatch.setattr(registry, "MAX_UNKNOWN", 4)
         for i in range(10):
             with pytest.raises(GateError):
-                await sc.infer(request(model=f"m{i}"))
-        assert list(sc._unknown) == [("m6", ""), ("m7", ""), ("m8", ""), ("m9", "")]
+                await sc.plane.infer(request(model=f"m{i}"))
+        assert sc.registry.unknown() == [("m6", ""), ("m7", ""), ("m8", ""), ("m9", "")]
         await sc.close()
 
     run(main())
@@ -763,26 +764,26 @@ def test_status_counts_each_kind_of_refusal_apart():
         up = Upstream()
         up.hold.clear()  # the first batch holds the model's one slot
         sc = await make_sidecar(up, max_queue=2)
-        first = asyncio.ensure_future(sc.infer(request()))
+        first = asyncio.ensure_future(sc.plane.infer(request()))
         await until(lambda: len(up.sent) == 1)
         bad = request()
         bad.inputs[0].shape[1] = 15  # malformed against the model config
         with pytest.raises(GateError) as info:
-            await sc.infer(bad)
+            await sc.plane.infer(bad)
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
         with pytest.raises(GateError) as info:
-            await sc.infer(request(priority=("string_param", "high")))
+            await sc.plane.infer(request(priority=("string_param", "high")))
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
-        expiring = asyncio.ensure_future(sc.infer(request(timeout=("int64_param", 20_000))))  # 20 ms
-        waiting = asyncio.ensure_future(sc.infer(request()))
+        expiring = asyncio.ensure_future(sc.plane.infer(request(timeout=("int64_param", 20_000))))  # 20 ms
+        waiting = asyncio.ensure_future(sc.plane.infer(request()))
         await settle()
         with pytest.raises(GateError) as info:  # the queue holds two: full
-            await sc.infer(request())
+            await sc.plane.infer(request())
         assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         with pytest.raises(GateError) as info:
             await expiring
         assert info.value.code == grpc.StatusCode.UNAVAILABLE and "timeout" in info.value.details
-        s = SidecarControl(sc).status("emulated_gpu").message()
+        s = SidecarControl(sc.registry).status("emulated_gpu").message()
         assert (s.rejected, s.rejected_expired, s.rejected_invalid) == (1, 1, 2)
         up.hold.set()
         await asyncio.gather(first, waiting)

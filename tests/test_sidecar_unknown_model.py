@@ -54,13 +54,13 @@ def count_config_calls(sc: SidecarThread) -> list[str]:
     asked: list[str] = []
 
     def install() -> None:
-        original = sc.sidecar._model_config
+        original = sc.sidecar.upstream.model_config
 
         def counting(request, **kwargs):
             asked.append(request.name)
             return original(request, **kwargs)
 
-        sc.sidecar._model_config = counting
+        sc.sidecar.upstream.model_config = counting
 
     sc.call(install)
     return asked
@@ -106,7 +106,7 @@ def test_a_burst_for_an_unknown_model_gets_tritons_error_and_asks_its_config_onc
         gated = None
         while time.monotonic() - loaded < TTL + 2.0:
             via.infer("cpu_mlp", mlp_input(), client_timeout=30)
-            state = sc.call(lambda: sc.sidecar.models().get(("cpu_mlp", "")))
+            state = sc.call(lambda: sc.sidecar.registry.models().get(("cpu_mlp", "")))
             if state is not None and state.gate is not None:
                 gated = time.monotonic() - loaded
                 break

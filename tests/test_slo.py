@@ -123,6 +123,44 @@ def test_invalid_targets_are_refused(q, d):
         SloTarget(q, d)
 
 
+@pytest.mark.parametrize("margin", [-0.001, 0.01, 0.02, math.nan, math.inf, True])
+def test_invalid_margins_are_refused(margin):
+    with pytest.raises(ModelError, match="margin"):
+        SloTarget(0.99, 0.01, margin)
+
+
+def test_a_margin_is_taken_off_the_searched_bound():
+    """D with a margin searches exactly as D - margin without one; only the reported SLO differs."""
+    model = _v100(64, 0.05, 1e-3)
+    with_margin = solve_slo(model, SloTarget(0.99, 0.012, 0.004))
+    plain = solve_slo(model, SloTarget(0.99, 0.008))
+    assert with_margin.target.budget_s == pytest.approx(0.008)
+    assert with_margin.feasible and with_margin.chosen.estimate.upper_s <= 0.008
+    assert with_margin.max_wait_s == plain.max_wait_s and with_margin.chosen.cost == plain.chosen.cost
+    out = with_margin.to_dict()
+    assert out["slo_latency_s"] == 0.012 and out["slo_margin_s"] == 0.004
+
+
+def test_the_guard_found_is_the_largest_that_meets_d_on_the_search_s_own_traffic():
+    """Power-led, low load: the guard binds. The one chosen meets D, one a D/40 larger misses it on
+    the same arrivals and service draws, and the search judged far fewer candidates than a grid."""
+    from solver import arrivals as streams
+    from solver.policy import MaxWaitGuard
+
+    model = _v100(64, 0.05, 0.1)
+    target = SloTarget(0.99, 0.02)
+    res = solve_slo(model, target, seed=3)
+    assert res.feasible and res.max_wait_s is not None
+    arr = streams.from_model(model.arrivals, model.rate, res.requests, rng=np.random.default_rng([3, 12]))
+    warmup = float(arr[max(100, res.requests // 50)])
+    ok, _ = simulated_quantile(model, res.chosen.rule, target, arr, seed=3, warmup=warmup)
+    assert ok.upper_s <= 0.02 and ok.quantile_s == res.chosen.estimate.quantile_s
+    wider = MaxWaitGuard(res.policy, res.max_wait_s + 0.02 / 40)
+    over, _ = simulated_quantile(model, wider, target, arr, seed=3, warmup=warmup)
+    assert over.upper_s > 0.02
+    assert len(res.candidates) <= 16
+
+
 def test_a_loose_slo_keeps_the_mean_optimal_policy():
     model = _v100(64, 0.3, 1e-3)
     res = solve_slo(model, SloTarget(0.99, 0.05))

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plugin.loop.controller import PolicyController
+from plugin.loop.controller import ControllerConfig, PolicyController
 from plugin.latency_window import LatencyWindow
 from plugin.metrics import PREFIX, SidecarMetrics, latency_buckets_with
 from solver.arrivals import poisson
@@ -37,8 +37,11 @@ def prior() -> ServiceProfile:
 
 def _controller(prior, clock, rate: float, metrics=None) -> tuple[PolicyController, list]:
     installed: list = []
-    c = PolicyController("m", prior, max_batch=B, idle_power_w=40.0, weight=1e-3, install=installed.append,
-                         clock=clock, initial_rate=rate, window_s=5.0, long_run_s=0.0, metrics=metrics)
+    c = PolicyController(
+        "m", prior,
+        ControllerConfig(max_batch=B, idle_power_w=40.0, weight=1e-3, initial_rate=rate, window_s=5.0,
+                         long_run_s=0.0),
+        install=installed.append, clock=clock, metrics=metrics)
     return c, installed
 
 
@@ -150,6 +153,28 @@ def test_latency_window_forgets_what_left_the_window():
         LatencyWindow(0.0)
 
 
+def test_excess_window_pools_answers_over_their_own_predictions():
+    from plugin.latency_window import ExcessWindow
+
+    w = ExcessWindow(10.0)
+    assert w.gap(0.0, 0.99, min_samples=200, tail_samples=5.0) is None
+    # two policies: the same 2 ms excess over each one's own prediction
+    for t, predicted_q, predicted_mean in ((1.0, 0.010, 0.006), (2.0, 0.020, 0.012)):
+        for _ in range(150):
+            w.add(t, predicted_q + 0.002, predicted_q, predicted_mean)
+    g = w.gap(2.0, 0.99, min_samples=200, tail_samples=5.0)  # 300 answers: the mean's excess, 4-10 ms
+    assert not g.at_quantile and g.samples == 300 and g.excess_s == pytest.approx(0.008)
+    for x in np.linspace(0.0, 0.004, 300):  # 600 in all: the tail's excess
+        w.add(3.0, 0.030 + x, 0.030, 0.020)
+    g = w.gap(3.0, 0.99, min_samples=200, tail_samples=5.0)
+    assert g.at_quantile and g.samples == 600
+    assert g.excess_s == pytest.approx(float(np.quantile(np.r_[np.full(300, 0.002), np.linspace(0, 0.004, 300)], 0.99)))
+    assert 0 < g.ci95_s < 0.002
+    assert w.gap(12.5, 0.99, min_samples=200, tail_samples=5.0).samples == 300  # t = 1 and 2 left the window
+    w.clear()
+    assert w.gap(12.5, 0.99, min_samples=200, tail_samples=5.0) is None
+
+
 def test_histogram_buckets_carry_the_slo_edge():
     edges = latency_buckets_with([0.05, 0.013])
     assert 0.013 in edges and 0.05 in edges and list(edges) == sorted(set(edges))
@@ -178,12 +203,36 @@ def test_measured_overhead_tightens_the_searched_bound(prior):
         assert c.slo_offset_s == pytest.approx(0.002, abs=3e-4)
         again = c.current
         assert again.slo.quantile_s + again.slo.ci95_s <= d - c.slo_offset_s
-        assert f"D - {c.slo_offset_s * 1e3:.2f} ms" in c.note
+        assert f"D - 0.00 ms margin - {c.slo_offset_s * 1e3:.2f} ms" in c.note
         # the same excess measured under the new policy changes nothing
+        clock.t += 6.0  # the window (5 s) has forgotten the older answers
         for i in range(300):
             c.observe_latency(clock.t + 0.001 * i, again.mean_latency_s + 0.002 + rng.normal(0, 0.001))
         clock.t += 1.5
         assert not await _tick(c, clock.t)
+        # with enough answers for the tail, its q-quantile counts: 3 ms above the predicted one
+        # (the mean of these answers is far below the prediction, and that no longer matters)
+        clock.t += 6.0
+        top = (again.slo.quantile_s + 0.003) / 0.99
+        for x in rng.permutation(np.linspace(0.0, top, 801)):
+            c.observe_latency(clock.t, float(x))
+        clock.t += 1.0
+        assert await _tick(c, clock.t)
+        assert c.slo_offset_s == pytest.approx(0.003, abs=2e-4)
+        third = c.current
+        assert third.slo.quantile_s + third.slo.ci95_s <= d - c.slo_offset_s
+        # it measured 0.5 ms above the new prediction: the correction comes down to that
+        clock.t += 6.0  # the window (5 s) has forgotten the older answers
+        top = (third.slo.quantile_s + 0.0005) / 0.99
+        for x in rng.permutation(np.linspace(0.0, top, 801)):
+            c.observe_latency(clock.t, float(x))
+        clock.t += 1.0
+        assert await _tick(c, clock.t)
+        assert c.slo_offset_s == pytest.approx(0.0005, abs=2e-4)
+        # the answers of the policy before still count after the re-solve: nothing new to act on
+        clock.t += 1.0
+        assert not await _tick(c, clock.t)
+        assert c.excess.gap(clock.t, 0.99, min_samples=200, tail_samples=5.0).samples == 801
         c.set_slo(SloTarget(0.99, d))
         assert c.slo_offset_s == 0.0  # a new SLO starts from the model again
 
@@ -195,9 +244,12 @@ def test_the_slo_search_assumes_the_measured_spread_of_batch_times(prior):
 
     async def go():
         clock = Clock()
-        c = PolicyController("m", prior, max_batch=B, idle_power_w=40.0, weight=1e-3, install=lambda p: None,
-                             clock=clock, initial_rate=0.3 * B / prior.mean_s[-1], window_s=5.0, long_run_s=0.0,
-                             learning=LearningConfig(min_samples=30, telemetry_interval_s=1e9))
+        c = PolicyController(
+            "m", prior,
+            ControllerConfig(max_batch=B, idle_power_w=40.0, weight=1e-3, initial_rate=0.3 * B / prior.mean_s[-1],
+                             window_s=5.0, long_run_s=0.0,
+                             learning=LearningConfig(min_samples=30, telemetry_interval_s=1e9)),
+            install=lambda p: None, clock=clock)
         assert c.slo_service_cv() is None  # nothing measured: the profile's own law
         c.set_slo(SloTarget(0.99, 0.015))
         await _tick(c, clock.t)
@@ -218,3 +270,28 @@ def test_the_slo_search_assumes_the_measured_spread_of_batch_times(prior):
         assert spread.mean_latency_s > tight.mean_latency_s
 
     asyncio.run(go())
+
+
+def test_the_slo_search_runs_in_a_worker_process_with_the_same_answer(prior):
+    """The sidecar's SLO search runs off its GIL, in a process of its own, and finds what solve_slo finds."""
+    import os
+
+    from plugin.loop import slo_search
+    from solver.model import BatchingModel
+    from solver.slo import solve_slo
+
+    model = BatchingModel(rate=0.05 * B / prior.mean_s[-1], max_batch=B, profile=prior, idle_power_w=40.0, weight=0.1)
+    target = SloTarget(0.99, 0.02, 0.001)
+
+    async def go():
+        return await slo_search.search(model, target)
+
+    try:
+        there = asyncio.run(go())
+        assert slo_search._executor().submit(os.getpid).result(timeout=30) != os.getpid()
+    finally:
+        slo_search.shutdown()
+    here = solve_slo(model, target)
+    assert there.feasible == here.feasible and there.max_wait_s == here.max_wait_s
+    np.testing.assert_array_equal(there.policy.actions, here.policy.actions)
+    assert there.target == target

@@ -437,23 +437,23 @@ def test_sparse_system_has_the_dense_entries():
 # --- the banded-below evaluation ------------------------------------------------------------------
 
 
-def test_hessenberg_lu_solves_a_banded_below_system_that_needs_pivoting():
+def test_banded_below_lu_solves_a_system_that_needs_pivoting():
     """Random matrix zero below its 5th subdiagonal, zero diagonal: both solves match numpy's."""
-    from solver.pi import HessenbergLU
+    from solver.pi import BandedBelowLU
 
     rng = np.random.default_rng(7)
-    n, band = 47, 5  # blocks of 6: seven full ones and a partial last one
+    n, band = 47, 5
     M = rng.standard_normal((n, n))
     M[np.tril_indices(n, -band - 1)] = 0.0
     M[np.diag_indices(n)] = 0.0
     b = rng.standard_normal(n)
-    lu = HessenbergLU(np.asfortranarray(M.copy()), band + 1)
+    lu = BandedBelowLU.of(M, band)
     np.testing.assert_allclose(lu.solve(b), np.linalg.solve(M, b), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(lu.solve_transposed(b), np.linalg.solve(M.T, b), rtol=1e-10, atol=1e-12)
     # the band is checked by the structure, not trusted: a wider one gives a wrong answer
     wide = rng.standard_normal((n, n))
     wide[np.tril_indices(n, -3 * band)] = 0.0
-    bad = HessenbergLU(np.asfortranarray(wide.copy()), band + 1).solve(b)
+    bad = BandedBelowLU.of(wide, band).solve(b)
     assert not np.allclose(bad, np.linalg.solve(wide, b))
 
 
@@ -486,6 +486,117 @@ def test_banded_evaluation_equals_the_dense_one(B, N, cv):
         assert b.gain == pytest.approx(d.gain, rel=1e-12)
         np.testing.assert_allclose(b.h, d.h, rtol=1e-10, atol=1e-12 * np.max(np.abs(d.h)))
         np.testing.assert_allclose(b.pi, d.pi, rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("cv", [0.0, 1.0])
+def test_build_from_a_longer_count_pmf_is_the_same_smdp(cv):
+    """The automatic truncation computes the arrivals' pmf once for two sizes: every array is the
+    one build computes on its own; a pmf shorter than N is refused."""
+    from solver.model import ModelError
+    from solver.tail import build, count_arrivals
+
+    m = v100(32, 0.6, 1e-4, cv)
+    own = build(m, 150)
+    shared = build(m, 150, counts=count_arrivals(m, 188))
+    for name in ("pmf", "valid", "latency", "energy", "time", "tail_p", "tail_m", "cost", "_gather"):
+        np.testing.assert_array_equal(getattr(shared, name), getattr(own, name))
+    with pytest.raises(ModelError, match="kmax >= N"):
+        build(m, 150, counts=count_arrivals(m, 120))
+
+
+def test_hessenberg_rows_are_rows_of_the_system():
+    from solver.tail import build
+
+    m = v100(16, 0.7, 1e-4, 1.0)
+    smdp = build(m, 70)
+    n = np.arange(71)
+    actions = np.where(n < 4, 0, np.minimum(n, 16))
+    M, c, _ = smdp.hessenberg_system(actions)
+    states = np.array([0, 3, 4, 17, 70])
+    rows, rc = smdp.hessenberg_rows(actions, states)
+    np.testing.assert_array_equal(rows, M[states])
+    np.testing.assert_array_equal(rc, c[states])
+
+
+@pytest.mark.parametrize("cv", [0.0, 1.0])
+def test_low_rank_update_equals_a_fresh_evaluation(cv):
+    """A policy that differs from the factored one in a few states is solved by the Woodbury update:
+    gain, h and pi as a dense LU gives them; a larger change is factored afresh."""
+    from solver.pi import MAX_UPDATE_RANK, PolicyEvaluator, evaluate_policy
+    from solver.tail import build
+
+    B, N = 32, 160
+    m = v100(B, 0.7, 1e-4, cv)
+    smdp = build(m, N)
+    n = np.arange(N + 1)
+    base = np.where(n < 5, 0, np.minimum(n, B))
+    ev = PolicyEvaluator(smdp)
+    ev(base)
+    assert not ev.updated
+    rng = np.random.default_rng(3)
+    for r in (1, 4, MAX_UPDATE_RANK):
+        changed = np.sort(rng.choice(np.arange(B, N + 1), size=r, replace=False))
+        other = base.copy()
+        other[changed] = rng.integers(1, B + 1, size=r)
+        other[changed] = np.where(other[changed] == base[changed], 1, other[changed])
+        got = ev(other)
+        assert ev.updated
+        want = evaluate_policy(smdp, other, "dense")
+        assert got.gain == pytest.approx(want.gain, rel=1e-12)
+        np.testing.assert_allclose(got.h, want.h, rtol=1e-10, atol=1e-12 * np.max(np.abs(want.h)))
+        np.testing.assert_allclose(got.pi, want.pi, rtol=1e-8, atol=1e-15)
+    many = np.where(n < 5, 0, np.maximum(np.minimum(n, B) - 1, 1))  # differs in more than MAX_UPDATE_RANK states
+    assert np.count_nonzero(many != base) > MAX_UPDATE_RANK
+    got = ev(many)
+    assert not ev.updated
+    assert got.gain == pytest.approx(evaluate_policy(smdp, many, "dense").gain, rel=1e-12)
+
+
+def test_policy_iteration_refactors_an_update_that_lost_accuracy(monkeypatch):
+    """The Bellman residual of an updated evaluation is checked: a wrong update is redone with a
+    fresh LU, and policy iteration lands where it does without updates."""
+    import solver.pi as pi
+    from solver.tail import build
+
+    m = v100(32, 0.6, 1e-4, 1.0)
+    smdp = build(m, 200)
+    want = pi.policy_iteration(smdp)
+    calls = []
+    real = pi._BandedSolve.updated
+
+    def spoiled(self, smdp, actions, states):
+        v = real(self, smdp, actions, states)
+        calls.append(states.size)
+        return pi.PolicyValues(v.gain, v.h * (1 + 1e-6), v.pi)
+
+    monkeypatch.setattr(pi._BandedSolve, "updated", spoiled)
+    refactored = []
+    real_refactor = pi.PolicyEvaluator.refactor
+    monkeypatch.setattr(pi.PolicyEvaluator, "refactor", lambda self, a: refactored.append(1) or real_refactor(self, a))
+    got = pi.policy_iteration(smdp)
+    assert calls, "the case must take a low-rank step"
+    assert len(refactored) >= len(calls) + 1  # the first LU, then every spoiled update redone
+    np.testing.assert_array_equal(got.actions, want.actions)
+    assert got.values.gain == pytest.approx(want.values.gain, rel=1e-12)
+
+
+def test_extended_values_follow_the_fluid_tail():
+    """The seed of the next size: h above N is h(N) plus the excursion's relative cost."""
+    from solver.pi import policy_iteration
+    from solver.smdp import _extended_values
+    from solver.tail import build
+
+    m = v100(32, 0.6, 1e-4, 1.0)
+    smdp = build(m, 120)
+    values = policy_iteration(smdp).values
+    h = _extended_values(smdp, values, 151)
+    np.testing.assert_array_equal(h[:121], values.h)
+    c, mm = smdp.coeffs, 30.0
+    delta = c.lin * mm + c.quad * mm**2 + m.weight * c.energy * mm - values.gain * c.time * mm
+    assert h[150] - h[120] == pytest.approx(delta, rel=1e-12)
+    # and it is close to what the larger truncation's own evaluation gives there
+    big = policy_iteration(build(m, 150)).values
+    assert abs(h[150] - big.h[150]) < 1e-3 * abs(big.h[150])
 
 
 # --- the control-limit family (Deb & Serfozo) ------------------------------------------------------
@@ -556,3 +667,19 @@ def test_a_weight_that_overflows_the_gain_is_not_reported_converged():
     assert not bad.converged
     fine = solve(BatchingModel(rate=2000.0, max_batch=64, profile=profile, idle_power_w=40.0, weight=1e300))
     assert fine.converged and math.isfinite(fine.gain)
+
+
+@pytest.mark.parametrize("cv,groups", [(0.0, False), (1.0, False), (1.0, True)])
+def test_q_values_from_a_state_on_are_the_full_tables_rows(cv, groups):
+    from solver.arrival_model import CompoundPoisson
+    from solver.pi import q_values
+    from solver.tail import build
+
+    m = v100(16, 0.6, 1e-4, cv)
+    if groups:
+        m = m.with_(arrivals=CompoundPoisson(2.0))
+    smdp = build(m, 90)
+    h = np.linspace(0.0, 3.0, 91) ** 2
+    full = q_values(smdp, h, 0.4)
+    for first in (0, 5, 16, 40, 90):
+        np.testing.assert_allclose(q_values(smdp, h, 0.4, first), full[first:], rtol=1e-13)

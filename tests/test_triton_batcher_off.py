@@ -72,9 +72,9 @@ def test_keep_by_default_says_so_once_for_all_models_and_not_when_chosen(triton,
         overrides = {"triton_batcher": "keep"} if chosen else {}
         with plane_sidecar(triton.grpc_url, **overrides) as sc:
             for name in ("emulated_gpu", "cpu_mlp"):
-                assert sc.run(sc.sidecar.model_state(name, "")).gate is not None
-            sc.call(lambda: sc.sidecar.model_changed("cpu_mlp"))  # read again, as after a reload
-            assert sc.run(sc.sidecar.model_state("cpu_mlp", "")).gate is not None
+                assert sc.run(sc.sidecar.registry.model_state(name, "")).gate is not None
+            sc.call(lambda: sc.sidecar.registry.model_changed("cpu_mlp"))  # read again, as after a reload
+            assert sc.run(sc.sidecar.registry.model_state("cpu_mlp", "")).gate is not None
         lines = _batcher_warnings(caplog)
         if chosen:
             assert lines == []

@@ -13,7 +13,11 @@ from typing import Any
 
 import pytest
 
+from google.protobuf import json_format
+from tritonclient.grpc import service_pb2
+
 from plugin.gate import ModelGate, Pending, QueueFull
+from plugin.merge import SplitError, batch_rows, merge, merge_key, split
 from solver.policy import BatchRule, GateRule, MaxWaitGuard, rule_from_spec
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
@@ -30,6 +34,7 @@ def _load(key: str) -> list[tuple[str, Any]]:
 
 def test_there_are_vectors_of_every_part():
     assert FILES and _load("lines") and _load("errors") and _load("decisions") and _load("scripts")
+    assert _load("merges") and _load("merge_keys")
 
 
 # -- the rule's text -----------------------------------------------------------------------------
@@ -151,3 +156,45 @@ def run_script(script: dict[str, Any]) -> None:
 @pytest.mark.parametrize("case", _load("scripts"))
 def test_the_python_gate_steps_as_the_vectors_say(case):
     run_script(case)
+
+
+# -- merging and splitting -----------------------------------------------------------------------
+
+
+def _infer_request(obj: dict[str, Any]) -> service_pb2.ModelInferRequest:
+    return json_format.ParseDict(obj, service_pb2.ModelInferRequest())
+
+
+def _infer_response(obj: dict[str, Any]) -> service_pb2.ModelInferResponse:
+    return json_format.ParseDict(obj, service_pb2.ModelInferResponse())
+
+
+@pytest.mark.parametrize("case", _load("merge_keys"))
+def test_requests_share_a_merge_key_as_the_vectors_say(case):
+    reqs = {r["id"]: _infer_request(r) for r in case["requests"]}
+    keys = {rid: merge_key(r) for rid, r in reqs.items()}
+    assert sorted(case["rows"]) == sorted(rid for rid, k in keys.items() if k is not None)
+    for rid in case["alone"]:
+        assert keys[rid] is None, rid
+    for rid, rows in case["rows"].items():
+        assert batch_rows(reqs[rid]) == rows, rid
+    classes = case["classes"]
+    assert sorted(rid for c in classes for rid in c) == sorted(case["rows"])
+    for i, members in enumerate(classes):
+        assert len({keys[rid] for rid in members}) == 1, members
+        for other in classes[i + 1:]:
+            assert keys[members[0]] != keys[other[0]], (members, other)
+
+
+@pytest.mark.parametrize("case", _load("merges"))
+def test_a_batch_merges_and_splits_as_the_vectors_say(case):
+    reqs = [_infer_request(r) for r in case["requests"]]
+    merged = merge(reqs)
+    if "merged" in case:
+        assert merged.request == _infer_request(case["merged"])
+    response = _infer_response(case["response"])
+    if case.get("split_error"):
+        with pytest.raises(SplitError):
+            split(response, merged)
+    else:
+        assert split(response, merged) == [_infer_response(p) for p in case["split"]]

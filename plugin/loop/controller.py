@@ -32,20 +32,34 @@ the new table replaces the old one between two decisions like any other re-solve
 
 Tail-latency SLO. With ``set_slo`` (config ``slo``, ``smdp ctl set-slo``) a solve is the SLO search
 (``solver.slo.solve_slo``: the least-J table a(n) and max-wait guard whose predicted q-quantile of
-response time is <= D), run in a worker thread in-process also when a solver service is configured
+response time is <= D), run in a worker process of the sidecar's own (``slo_search``: its simulation
+loops would otherwise hold the GIL the request path needs) also when a solver service is configured
 (the service has no SLO call), on the same triggers as any re-solve (a rate step or drift, a new
 weight, a learned profile). Its guard travels with the policy (``Solution.max_wait_s``) to either
 data plane. When no policy meets D the search returns greedy; the note, the log and the status say
 so. An SLO and a mean latency target exclude each other: setting one clears the other.
-The model does not see what the gate adds to every request (the hop, merge and split, gRPC): on the
-real stack the measured latencies run a few ms above the predicted ones, and a search that puts the
-q-quantile right at D then misses it. So the controller keeps measuring: once the policy in force
-has ``SLO_OFFSET_MIN_SAMPLES`` answers, the excess of their mean over the predicted mean (an
-additive offset, never negative) is what the next search subtracts from D; a change of the offset
-by more than 2% of D, and beyond three standard errors, asks for that search at once. A shift of the
-mean does not widen the tail, though: the spread of the batch times the gate measures does. When
-the profile is learned, the search's service law is gamma with the CV measured at the sizes with
-``profile_min_samples`` batches (their median), instead of the profile's own (``slo_service_cv``).
+The model does not see everything a request goes through, and a search that puts the predicted
+q-quantile right at D then misses it. Two corrections keep the answers within D:
+
+* what the sidecar cannot see (the client's own threads, its network hop to the sidecar) is the
+  SLO's configured ``margin_s``: the search is for D - margin;
+* what the sidecar sees but the model does not (its hop to Triton, merge and split, gRPC, batch
+  times spread wider than the profile's) it measures, as feedback: the correction
+  (``slo_offset_s``) is the q-quantile, over the answers of the rate window, of each one's latency
+  minus the q-quantile predicted for the policy it was served under (``ExcessWindow``: pooled over
+  the policies in the window, so a re-solve keeps the evidence), once there are
+  ``SLO_TAIL_SAMPLES / (1 - q)`` answers (before that, from ``SLO_OFFSET_MIN_SAMPLES`` answers on,
+  their mean excess over the predicted mean, which may only raise it). The next search is for
+  D - margin - correction. Fed back this way the measured q-quantile settles at D - margin
+  (the search's prediction is at D - margin - correction, and the answers run ``correction``
+  above it); a measured attainment below q shows as a quantile above D - margin and raises the
+  correction. It rises as soon as the new figure is 0.5% of D above it (at the mean: also beyond
+  the noise of two means) and falls only when it is 2% of D and the noise of two quantiles below,
+  so noise does not make it hunt; a change asks for a search at once.
+
+The spread of the batch times is also learned directly: when the profile is learned, the search's
+service law is gamma with the CV measured at the sizes with ``profile_min_samples`` batches (their
+median), instead of the profile's own (``slo_service_cv``).
 
 Telemetry, off the hot path: every ``telemetry_interval_s`` a task reads Triton's statistics API
 (``compute_infer`` per batch size, kept beside the gate's own figures) and Triton's Prometheus
@@ -72,16 +86,17 @@ from solver.model import BatchingModel, ModelError, ServiceProfile
 from solver.policy import GateRule, InstanceTable, PolicyTable, greedy
 from solver.slo import SloTarget
 
-from ..arrival_estimator import GroupEstimator
-from ..latency_window import LatencySummary, LatencyWindow
+from ..arrival_estimator import GroupEstimator, ModulationEstimator
+from ..latency_window import ExcessWindow, LatencySummary, LatencyWindow
 from .profile import ProfileDrift, ProfileLearner
+from . import slo_search
 from .rate import RateEstimator
 from .telemetry import PowerReading, PowerSource, fetch_metrics, metrics_url_for
 
 if TYPE_CHECKING:
     from solver.service import AsyncSolverClient
 
-    from ..config import SidecarConfig
+    from ..config import ModelPolicyConfig, SidecarConfig
     from ..metrics import SidecarMetrics
 
 log = logging.getLogger("smdp.adaptive")
@@ -90,7 +105,10 @@ WEIGHT_SEARCH_MAX = 1.0
 """Upper end of the latency-target weight search, seconds per watt (far past any useful trade-off)."""
 
 SLO_OFFSET_MIN_SAMPLES = 200
-"""Answers under the policy in force before its measured-minus-predicted latency offset counts (module doc)."""
+"""Answers under the policy in force before its measured-minus-predicted mean latency counts (module doc)."""
+SLO_TAIL_SAMPLES = 5.0
+"""Answers beyond the q-quantile (so SLO_TAIL_SAMPLES / (1 - q) answers) before the measured q-quantile
+is compared with the predicted one (module doc)."""
 
 WEIGHT_SCALE_MAX = 10.0
 """The long-run weight scale lambda_bar / lambda is kept within [1/10, 10]: further out (a near-silent
@@ -203,19 +221,68 @@ class LearningConfig:
     """Triton's gRPC host:port for its statistics API; None: not read."""
 
 
-def learning_options(config: "SidecarConfig", model: str) -> dict[str, LearningConfig]:
-    """``PolicyController`` keyword arguments for ``model`` from a ``SidecarConfig``."""
-    pc = config.policy_for(model)
-    url = metrics_url_for(config.triton_metrics_url, config.triton_url)
-    return {"learning": LearningConfig(
-        enabled=pc.learn_profile,
-        drift=pc.profile_drift,
-        min_samples=pc.profile_min_samples,
-        prior_weight=pc.profile_prior_weight,
-        telemetry_interval_s=config.telemetry_interval_s,
-        metrics_url=url,
-        triton_url=config.triton_url if config.triton_statistics else None,
-    )}
+@dataclass(frozen=True)
+class ControllerConfig:
+    """A controller's settings, fixed for its life: built once per model from its policy config and
+    the sidecar's (``of``). What the operator changes while it runs (weight, latency target, SLO) goes
+    through the controller's methods; ``weight`` is only the one it starts with."""
+
+    max_batch: int
+    """B: the largest batch the policy may serve."""
+    idle_power_w: float = quantities.DEFAULT_IDLE_POWER_W
+    """P0: power drawn while idle, watts."""
+    weight: float = quantities.DEFAULT_WEIGHT
+    """w of J = W + w P at start, seconds per watt."""
+    initial_rate: float | None = None
+    """A first rate to solve for, requests/s (None: the first solve waits for a measured rate)."""
+    window_s: float = 10.0
+    """The rate estimator's (and latency window's) span, seconds."""
+    change_ratio: float = 1.5
+    """The rate step the estimator's CUSUM detects (x1.5 up or down)."""
+    min_arrivals: int = 30
+    """Arrivals before a rate estimate counts."""
+    drift_tolerance: float = 0.15
+    """A windowed rate this far (relative) from the solved one asks for a re-solve."""
+    long_run_s: float = 600.0
+    """Span of the long-run mean rate that scales the weight, seconds (0: w as is)."""
+    instances: int = 1
+    """k: model instances the gate fills at start (the registry updates it when Triton's config changes)."""
+    group_window_gaps: float = 0.0
+    """Arrival-group window in mean gaps for the group estimator (0: Poisson arrivals)."""
+    learning: LearningConfig = LearningConfig(enabled=False)
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        quantities.idle_power(self.idle_power_w, error=ValueError)
+        quantities.weight(self.weight, error=ValueError)
+        if not self.window_s > 0 or self.long_run_s < 0 or not self.change_ratio > 1 or self.instances < 1:
+            raise ValueError(f"invalid controller settings: window_s={self.window_s}, long_run_s={self.long_run_s}, "
+                             f"change_ratio={self.change_ratio}, instances={self.instances}")
+
+    @classmethod
+    def of(cls, policy: "ModelPolicyConfig", sidecar: "SidecarConfig", *, max_batch: int,
+           instances: int) -> "ControllerConfig":
+        """A model's controller settings from its policy config and the sidecar's."""
+        return cls(
+            max_batch=max_batch,
+            idle_power_w=policy.idle_power_w,
+            weight=policy.weight,
+            initial_rate=policy.rate_rps,
+            window_s=sidecar.rate_window_s,
+            long_run_s=sidecar.long_run_window_s,
+            instances=instances,
+            group_window_gaps=sidecar.arrival_group_window,
+            learning=LearningConfig(
+                enabled=policy.learn_profile,
+                drift=policy.profile_drift,
+                min_samples=policy.profile_min_samples,
+                prior_weight=policy.profile_prior_weight,
+                telemetry_interval_s=sidecar.telemetry_interval_s,
+                metrics_url=metrics_url_for(sidecar.triton_metrics_url, sidecar.triton_url),
+                triton_url=sidecar.triton_url if sidecar.triton_statistics else None,
+            ),
+        )
 
 
 @dataclass(frozen=True)
@@ -271,7 +338,7 @@ class RemoteSolver:
 
 
 class GateStats(Protocol):
-    """What the controller reads of its gate's running counters (plugin.server.BatchStats)."""
+    """What the controller reads of its gate's running counters (plugin.registry.BatchStats)."""
 
     started_at: float
     batches: np.ndarray
@@ -298,50 +365,52 @@ class PolicyController:
         self,
         model: str,
         profile: ServiceProfile,
+        config: ControllerConfig,
         *,
-        max_batch: int,
-        idle_power_w: float,
-        weight: float,
         install: Callable[[PolicyTable | GateRule], None],
         clock: Callable[[], float],
         solver: Solver | None = None,
-        initial_rate: float | None = None,
-        window_s: float = 10.0,
-        change_ratio: float = 1.5,
-        min_arrivals: int = 30,
-        drift_tolerance: float = 0.15,
-        long_run_s: float = 600.0,
-        learning: LearningConfig | None = None,
         stats: GateStats | None = None,
         metrics: SidecarMetrics | None = None,
-        instances: int = 1,
-        group_window_gaps: float = 0.0,
     ) -> None:
+        self.config = config
+        max_batch, idle_power_w, window_s = config.max_batch, config.idle_power_w, config.window_s
+        initial_rate, learning = config.initial_rate, config.learning
         self.model = model
-        self.groups: GroupEstimator | None = GroupEstimator(group_window_gaps) if group_window_gaps > 0 else None
+        self.groups: GroupEstimator | None = (
+            GroupEstimator(config.group_window_gaps) if config.group_window_gaps > 0 else None)
         """Learns how requests clump; single-instance, non-SLO solves use its model (None: Poisson)."""
-        self.instances = instances
+        self.modulation: ModulationEstimator | None = (
+            ModulationEstimator(config.group_window_gaps) if config.group_window_gaps > 0 else None)
+        """Learns how the rate is modulated (an MMPP fitted now and then); the same solves use its
+        shape at the estimated rate, phase-blind (``plugin.arrival_estimator``)."""
+        self._fitting: asyncio.Future | None = None
+        self._solved_shape = 0
+        self.instances = config.instances
         """k: model instances the gate fills; k > 1 is solved as a(n, m) (``solver.instances``)."""
         self.profile = profile.truncated(max_batch) if profile.max_batch != max_batch else profile
         self.prior = self.profile
         self._solving = self.profile
         self.max_batch = max_batch
         self.idle_power_w = idle_power_w
-        self.weight = weight
+        self.weight = config.weight
         self.latency_target_s: float | None = None
         self.slo: SloTarget | None = None
         """The tail-latency SLO the policy is searched for (module doc); None: plain J = W + w P."""
         self.slo_offset_s = 0.0
-        """Measured minus predicted mean latency the SLO search subtracts from D (module doc)."""
+        """The measured correction the SLO search takes off D beside the margin (module doc)."""
         self._offset_checked_at = -math.inf
         self.latencies = LatencyWindow(window_s)
+        self.excess = ExcessWindow(window_s)
+        """Each answer's latency over its SLO policy's prediction, for the correction (module doc)."""
         self._install = install
         self._clock = clock
         self._solver: Solver = solver if solver is not None else LocalSolver()
-        self.rate = RateEstimator(clock(), window_s=window_s, change_ratio=change_ratio, min_arrivals=min_arrivals)
-        self.drift_tolerance = drift_tolerance
+        self.rate = RateEstimator(clock(), window_s=window_s, change_ratio=config.change_ratio,
+                                  min_arrivals=config.min_arrivals)
+        self.drift_tolerance = config.drift_tolerance
         self.refresh_s = 3.0 * window_s
-        self.long_run: LongRunRate | None = LongRunRate(long_run_s) if long_run_s > 0 else None
+        self.long_run: LongRunRate | None = LongRunRate(config.long_run_s) if config.long_run_s > 0 else None
         """The long-run mean rate that scales the weight (see the module doc); None: w as is."""
         self.current: Solution | None = None
         self._rate_lo = 0.0
@@ -359,7 +428,7 @@ class PolicyController:
         self._dirty = initial_rate is not None
         self._initial_rate = initial_rate
         # -- learning and telemetry (see the module doc)
-        self.learning = learning if learning is not None else LearningConfig(enabled=False)
+        self.learning = learning
         lc = self.learning
         self.learner: ProfileLearner | None = (
             ProfileLearner(self.prior, drift=lc.drift, min_samples=lc.min_samples, prior_weight=lc.prior_weight)
@@ -389,6 +458,8 @@ class PolicyController:
         self.rate.observe(t)
         if self.groups is not None:
             self.groups.observe(t)
+        if self.modulation is not None:
+            self.modulation.observe(t)
         if self.long_run is not None:
             self.long_run.observe(t)
 
@@ -518,8 +589,9 @@ class PolicyController:
         if est is None:
             return f"arrivals: {g.groups} groups so far (learning), policy solved for {solved}"
         disp = g.index_of_dispersion()
+        fitted = f", last fit {self.modulation.chosen}" if self.modulation is not None else ""
         return (f"arrivals: mean group {est[0]:.3f}+-{est[1]:.3f} over {g.groups} groups, index of dispersion "
-                f"{disp:.3f}; policy solved for {solved}")
+                f"{disp:.3f}{fitted}; policy solved for {solved}")
 
     # -- telemetry (asyncio plumbing around the pure parts) ---------------------------------
     def _telemetry_due(self, now: float) -> None:
@@ -533,6 +605,15 @@ class PolicyController:
         if lc.metrics_url is None and (lc.triton_url is None or self.learner is None):
             return
         self._telemetry = asyncio.get_running_loop().create_task(self._poll_telemetry())
+
+    def _fit_due(self, now: float) -> None:
+        """Refit the rate's modulation off the event loop when due (``ModulationEstimator``)."""
+        mod = self.modulation
+        if mod is None or self.instances > 1 or not mod.due(now):
+            return
+        if self._fitting is not None and not self._fitting.done():
+            return
+        self._fitting = asyncio.get_running_loop().run_in_executor(None, mod.refit, mod.snapshot(now))
 
     async def _poll_telemetry(self) -> None:
         lc = self.learning
@@ -586,15 +667,21 @@ class PolicyController:
             raise ValueError(f"SLO must be an SloTarget, got {type(target).__name__}")
         self.slo = target
         self.slo_offset_s = 0.0
+        self.excess.clear()
         if target is not None:
             self.latency_target_s = None
+            slo_search.prestart()
         elif self._metrics is not None:
             self._metrics.clear_slo(self.model)
         self._dirty = True
 
     def observe_latency(self, now: float, latency_s: float) -> None:
-        """One answered request's arrival-to-answer time (for the measured quantile and attainment)."""
+        """One answered request's arrival-to-answer time (for the measured quantile and attainment,
+        and against the SLO policy's prediction, for the correction)."""
         self.latencies.add(now, latency_s)
+        sol = self.current
+        if sol is not None and sol.slo is not None and self.slo is not None:
+            self.excess.add(now, latency_s, sol.slo.quantile_s, sol.mean_latency_s)
 
     def measured_slo(self, now: float) -> LatencySummary | None:
         """The SLO's quantile and attainment over the rate estimator's window; None without an SLO or answers."""
@@ -672,29 +759,35 @@ class PolicyController:
         return float(np.median(cvs)) if cvs else None
 
     def check_slo_offset(self, now: float) -> bool:
-        """Update the SLO's measured-minus-predicted offset (module doc); True when it asks for a solve."""
+        """Update the SLO's measured correction (module doc); True when it asks for a solve."""
         sol = self.current
         if self.slo is None or sol is None or sol.slo is None or not math.isfinite(sol.mean_latency_s):
             return False
         if now - self._offset_checked_at < 1.0:  # an O(window) look: once a second is plenty
             return False
         self._offset_checked_at = now
-        stats = self.latencies.mean_since(self.installed_at, now)
-        if stats is None or stats[2] < SLO_OFFSET_MIN_SAMPLES:
+        gap = self.excess.gap(now, self.slo.quantile, min_samples=SLO_OFFSET_MIN_SAMPLES,
+                              tail_samples=SLO_TAIL_SAMPLES)
+        if gap is None:
             return False
-        mean, sd, n = stats
-        offset = max(0.0, mean - sol.mean_latency_s)
-        change = abs(offset - self.slo_offset_s)
-        if change <= 0.02 * self.slo.latency_s or change <= 3.0 * sd / math.sqrt(n):
-            return False
-        self.slo_offset_s = offset
-        self._dirty = True
-        return True
+        old, new, d = self.slo_offset_s, max(0.0, gap.excess_s), self.slo.latency_s
+        if not gap.at_quantile:  # the mean's excess is an early lower bound: it may only raise it
+            new = max(new, old)
+        # up on any clear rise (at the mean, beyond its noise); down only past the quantile's own noise
+        # (sqrt 2: the figure in force was measured too, with about the same noise)
+        noise = math.sqrt(2.0) * gap.ci95_s
+        rise = 0.005 * d if gap.at_quantile else max(0.005 * d, noise)
+        if new - old > rise or old - new > max(0.02 * d, noise):
+            self.slo_offset_s = new
+            self._dirty = True
+            return True
+        return False
 
     def tick(self, now: float) -> asyncio.Task | None:
         """Learn, read telemetry when due, and start a re-solve if one is due; returns its task."""
         self.learn(now)
         self._telemetry_due(now)
+        self._fit_due(now)
         if self._task is None or self._task.done():
             self.check_slo_offset(now)
         due = self.due(now)
@@ -779,8 +872,6 @@ class PolicyController:
 
     async def _solve_slo(self, rate: float, target: SloTarget) -> Solution:
         """The SLO search at this rate (module doc); greedy, flagged, when no policy meets D."""
-        from solver.slo import solve_slo
-
         solved_weight = self.weight * self.weight_scale(rate, self._clock())
         profile = self._solving
         cv = self.slo_service_cv()
@@ -790,15 +881,19 @@ class PolicyController:
         model = BatchingModel(rate=rate, max_batch=self.max_batch, profile=profile,
                               idle_power_w=self.idle_power_w, weight=solved_weight, arrivals=arrivals)
         offset = self.slo_offset_s
-        searched = target if offset <= 0 else SloTarget(target.quantile, max(target.latency_s - offset, 1e-6))
-        res = await asyncio.get_running_loop().run_in_executor(None, lambda: solve_slo(model, searched))
+        # margin and measured correction both come off D (module doc); a correction that eats the
+        # whole budget leaves a sliver, which no policy meets: greedy, flagged
+        searched = SloTarget(target.quantile, target.latency_s,
+                             min(target.margin_s + offset, target.latency_s * (1.0 - 1e-6)))
+        res = await slo_search.search(model, searched)  # in a worker process: off the sidecar's GIL
         c = res.chosen
         if not res.feasible:
             self.note = (f"SLO q{target.quantile:g} <= {target.latency_s * 1e3:g} ms is infeasible at {rate:.1f}/s: "
                          f"serving greedy, predicted q{target.quantile:g} {c.estimate.quantile_s * 1e3:.3f} ms")
             log.warning("%s: %s", self.model, self.note)
         if offset > 0:  # (the note starts with "SLO" either way, so the install keeps it)
-            extra = f"SLO searched for D - {offset * 1e3:.2f} ms: answers run that much above the model's prediction"
+            extra = (f"SLO searched for D - {target.margin_s * 1e3:.2f} ms margin - {offset * 1e3:.2f} ms: "
+                     "answers ran that much above the model's prediction")
             self.note = f"{self.note}; {extra}" if self.note else extra
         return Solution(c.policy, rate, self.weight, c.mean_latency_s, c.mean_power_w,
                         c.mean_latency_s + self.weight * c.mean_power_w, c.mean_batch,
@@ -840,6 +935,8 @@ class PolicyController:
         """The learned mean group size moved by more than the drift tolerance from the one in force."""
         if self.groups is None or self.current is None or self.instances > 1:
             return False
+        if self.modulation is not None and self.modulation.version != self._solved_shape:
+            return True  # a new fit of the rate's modulation (or the end of one)
         old = self.current.arrivals.group_mean
         new = self.arrival_model().group_mean
         return abs(new - old) > self.drift_tolerance * old
@@ -865,12 +962,28 @@ class PolicyController:
         model = BatchingModel(rate=rate, max_batch=self.max_batch, profile=profile,
                               idle_power_w=self.idle_power_w, weight=solved_weight, arrivals=arrivals)
         warm = self.current.policy if self.current is not None else None
+        shape_version = self.modulation.version if self.modulation is not None else 0
+        shape = self.modulation.model_for(rate) if self.modulation is not None else None
         r = await self._solver.solve(model, warm)
+        self._solved_shape = shape_version
+        if shape is not None and r.converged:
+            from solver.mmpp import solve_mmpp_blind
+
+            mm = model.with_(rate=shape.mean_rate, arrivals=shape)
+            try:
+                b = await asyncio.get_running_loop().run_in_executor(None, solve_mmpp_blind, mm, r.policy)
+            except (ModelError, ArithmeticError) as exc:
+                log.warning("%s: phase-blind solve under %s failed (%s); keeping the %s solve", self.model,
+                            shape.spec, exc, arrivals.spec)
+            else:
+                return Solution(b.policy, rate, weight, b.mean_latency_s, b.mean_power_w, b.gain,
+                                b.evaluation.mean_batch, r.source + ", then the phase-blind search under the fitted MMPP",
+                                self._profile_source(), solved_weight, arrivals=shape, converged=True)
         return Solution(r.policy, rate, weight, r.mean_latency_s, r.mean_power_w, r.gain, r.mean_batch, r.source,
                         self._profile_source(), solved_weight, arrivals=arrivals, converged=r.converged)
 
     async def wait_idle(self) -> None:
-        tasks = [t for t in (self._task, self._telemetry) if t is not None]
+        tasks = [t for t in (self._task, self._telemetry, self._fitting) if t is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 

@@ -125,17 +125,19 @@ class SetLatencyTargetRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., target_s: _Optional[float] = ...) -> None: ...
 
 class SetSloRequest(_message.Message):
-    __slots__ = ("model", "quantile", "latency_s")
+    __slots__ = ("model", "quantile", "latency_s", "margin_s")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     QUANTILE_FIELD_NUMBER: _ClassVar[int]
     LATENCY_S_FIELD_NUMBER: _ClassVar[int]
+    MARGIN_S_FIELD_NUMBER: _ClassVar[int]
     model: str
     quantile: float
     latency_s: float
-    def __init__(self, model: _Optional[str] = ..., quantile: _Optional[float] = ..., latency_s: _Optional[float] = ...) -> None: ...
+    margin_s: float
+    def __init__(self, model: _Optional[str] = ..., quantile: _Optional[float] = ..., latency_s: _Optional[float] = ..., margin_s: _Optional[float] = ...) -> None: ...
 
 class SloStatus(_message.Message):
-    __slots__ = ("quantile", "latency_s", "feasible", "predicted_quantile_s", "predicted_ci95_s", "measured_quantile_s", "attainment", "samples", "max_wait_s")
+    __slots__ = ("quantile", "latency_s", "feasible", "predicted_quantile_s", "predicted_ci95_s", "measured_quantile_s", "attainment", "samples", "max_wait_s", "margin_s", "correction_s")
     QUANTILE_FIELD_NUMBER: _ClassVar[int]
     LATENCY_S_FIELD_NUMBER: _ClassVar[int]
     FEASIBLE_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +147,8 @@ class SloStatus(_message.Message):
     ATTAINMENT_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     MAX_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    MARGIN_S_FIELD_NUMBER: _ClassVar[int]
+    CORRECTION_S_FIELD_NUMBER: _ClassVar[int]
     quantile: float
     latency_s: float
     feasible: bool
@@ -154,7 +158,9 @@ class SloStatus(_message.Message):
     attainment: float
     samples: int
     max_wait_s: float
-    def __init__(self, quantile: _Optional[float] = ..., latency_s: _Optional[float] = ..., feasible: _Optional[bool] = ..., predicted_quantile_s: _Optional[float] = ..., predicted_ci95_s: _Optional[float] = ..., measured_quantile_s: _Optional[float] = ..., attainment: _Optional[float] = ..., samples: _Optional[int] = ..., max_wait_s: _Optional[float] = ...) -> None: ...
+    margin_s: float
+    correction_s: float
+    def __init__(self, quantile: _Optional[float] = ..., latency_s: _Optional[float] = ..., feasible: _Optional[bool] = ..., predicted_quantile_s: _Optional[float] = ..., predicted_ci95_s: _Optional[float] = ..., measured_quantile_s: _Optional[float] = ..., attainment: _Optional[float] = ..., samples: _Optional[int] = ..., max_wait_s: _Optional[float] = ..., margin_s: _Optional[float] = ..., correction_s: _Optional[float] = ...) -> None: ...
 
 class WatchStatusRequest(_message.Message):
     __slots__ = ("model", "interval_s", "max_updates")

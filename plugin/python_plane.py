@@ -1,0 +1,382 @@
+"""The Python data plane: each model's ``ModelGate`` decides in this process, and the sidecar
+merges each batch into one request to Triton and splits the response back to its callers.
+
+Every caller gets exactly one answer: the response, or one ``GateError`` (RESOURCE_EXHAUSTED when its
+model's queue is full, INVALID_ARGUMENT for a malformed request, UNAVAILABLE when Triton cannot be
+reached, or whatever status Triton itself gave).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Callable, Coroutine
+
+import grpc
+from tritonclient.grpc import service_pb2
+
+from solver.policy import BatchRule
+
+from .config import SidecarConfig
+from .gate import ModelGate, Pending, QueueFull
+from .merge import MalformedRequest, RequestValidator, merge, merge_key, split
+from .metrics import SidecarMetrics
+from .registry import ModelRegistry, ModelState
+from .upstream import GateError, Upstream
+
+log = logging.getLogger("smdp.sidecar")
+
+# Triton's own messages for the per-request parameters it would refuse (grpc infer handler, 2.51).
+_BAD_PRIORITY_TYPE = "invalid value type for 'priority' parameter, expected int64_param or uint64_param."
+_BAD_PRIORITY = "invalid value for 'priority', expected value >= 0."
+_BAD_TIMEOUT_TYPE = "invalid value type for 'timeout' parameter, expected int64_param."
+
+
+def _priority_level(p: service_pb2.InferParameter, levels: int, default: int) -> int:
+    """The queue level Triton gives a request's ``priority``: 0, above ``levels``, or any value on a
+    model without priority levels means the model's default (InferenceRequest::SetPriority)."""
+    which = p.WhichOneof("parameter_choice")
+    if which == "uint64_param":
+        value = p.uint64_param
+    elif which == "int64_param":
+        value = p.int64_param
+        if value < 0:
+            raise GateError(grpc.StatusCode.INVALID_ARGUMENT, _BAD_PRIORITY)
+    else:
+        raise GateError(grpc.StatusCode.INVALID_ARGUMENT, _BAD_PRIORITY_TYPE)
+    return value if 0 < value <= levels else default
+
+
+def _timeout_us(p: service_pb2.InferParameter) -> int:
+    """A request's ``timeout`` in microseconds; 0 or less means none (Triton reads it as unsigned)."""
+    if p.WhichOneof("parameter_choice") != "int64_param":
+        raise GateError(grpc.StatusCode.INVALID_ARGUMENT, _BAD_TIMEOUT_TYPE)
+    return p.int64_param
+
+
+def _done(call: grpc.aio.Call | asyncio.Future) -> asyncio.Future:
+    """A future that ends when ``call`` does; cancelling it does not cancel the call."""
+    fut = asyncio.get_running_loop().create_future()
+    call.add_done_callback(lambda _c: fut.done() or fut.set_result(None))
+    return fut
+
+
+@dataclass(eq=False)
+class _Call:
+    request: service_pb2.ModelInferRequest
+    future: asyncio.Future
+
+
+class PythonPlane:
+    """Inference through the Python gate: ``infer`` answers one caller's request; the registry's
+    models get a ``ModelGate`` each, and every decision epoch (arrival, completion, timer) runs here."""
+
+    def __init__(self, config: SidecarConfig, registry: ModelRegistry, upstream: Upstream, metrics: SidecarMetrics,
+                 clock: Callable[[], float]) -> None:
+        self.config = config
+        self.registry = registry
+        self.upstream = upstream
+        self.metrics = metrics
+        self._clock = clock
+        self._loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task] = set()
+        self._validators: dict[tuple[str, str], RequestValidator] = {}
+        """Per model: the request checks of its config in force, worked out once per config."""
+
+    # -- what the registry asks of the plane -------------------------------------------------
+    def new_gate(self, name: str, rule: BatchRule, *, slots: int, max_rows: int, default_priority: int,
+                 priority_levels: int) -> ModelGate:
+        return ModelGate(rule, slots=slots, max_queue=self.config.max_queue, max_rows=max_rows, clock=self._clock)
+
+    def rule_changed(self, state: ModelState) -> None:
+        self._pump(state)
+
+    def priorities_changed(self, state: ModelState) -> None:
+        """Read from the state at each request: nothing to push."""
+
+    def model_changed(self, name: str) -> None:
+        """Its config is read again at the model's next request."""
+
+    # -- life cycle --------------------------------------------------------------------------
+    async def ready(self) -> None:
+        """Start-up done: profile the ``profile: auto`` models now rather than at their first request."""
+        self.registry.preload_auto_profiles()
+
+    async def sync(self) -> None:
+        """Everything this plane did is already in the registry's stats: nothing to wait for."""
+
+    def died(self) -> asyncio.Future | None:
+        """The Python plane runs in this process: it does not die apart from it."""
+        return None
+
+    async def close(self) -> None:
+        for state in self.registry.models().values():
+            if state.timer:
+                state.timer.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- inference ---------------------------------------------------------------------------
+    async def infer(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
+        """One caller's request, answered exactly once (a response, or GateError)."""
+        state = await self.registry.model_state(request.model_name, request.model_version)
+        if state is None:
+            response = await self.upstream.call(request)
+            self.registry.known_again(request.model_name, request.model_version)
+            return response
+        if state.gate is None:
+            return await self.upstream.call(request)
+        try:
+            key = (state.name, state.version)
+            validator = self._validators.get(key)
+            if validator is None or validator.config is not state.config:
+                validator = self._validators[key] = RequestValidator(state.config)
+            validator.check(request)
+        except MalformedRequest:
+            return await self._relay_refused(state, request)
+        now = self._clock()
+        priority = state.default_priority
+        deadline = None
+        params = request.parameters
+        if params:
+            try:
+                if "priority" in params:
+                    priority = _priority_level(params["priority"], state.priority_levels, state.default_priority)
+                if "timeout" in params:
+                    timeout_us = _timeout_us(params["timeout"])
+                    if timeout_us > 0:
+                        deadline = now + timeout_us / 1e6
+            except GateError:
+                self.metrics.request_rejected(state.name, "invalid_argument")
+                raise
+        inputs = request.inputs
+        shape = inputs[0].shape if inputs else None
+        rows = int(shape[0]) if shape else 1
+        call = _Call(request, self._loop.create_future())
+        item = Pending(
+            key=merge_key(request),
+            arrival=now,
+            rows=rows,
+            priority=priority,
+            deadline=deadline,
+            payload=call,
+        )
+        try:
+            state.gate.submit(item)
+        except QueueFull as exc:
+            self.metrics.request_rejected(state.name, "queue_full")
+            raise GateError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"model '{state.name}' is overloaded: {exc}"
+            ) from None
+        if state.controller is not None:
+            state.controller.observe_arrival(now)
+        self.metrics.request_arrived(state.name)
+        alone = self._pump(state, item)
+        try:
+            if alone is not None:
+                # Served at once, alone: dispatch from this coroutine instead of a task of its own
+                # (two event-loop hops fewer). Same body, same accounting; the future is set by now.
+                await self._dispatch(state, alone, inline=True)
+            response = await call.future
+            latency = self._clock() - now
+            state.stats.latency_sum_s += latency
+            state.stats.latency_n += 1
+            if state.controller is not None:
+                state.controller.observe_latency(now + latency, latency)
+            self.metrics.request_answered(state.name, "OK", latency)
+            return response
+        except GateError as exc:
+            self.metrics.request_answered(state.name, exc.code, self._clock() - now)
+            raise
+        except asyncio.CancelledError:
+            state.gate.cancel(item)  # still waiting: frees its place; dispatched: the batch runs on
+            raise
+
+    async def _relay_refused(self, state: ModelState, request: service_pb2.ModelInferRequest
+                             ) -> service_pb2.ModelInferResponse:
+        """A request the model's config says Triton refuses: sent to Triton alone and ungated (it must
+        not fail a merged batch), so that its caller gets Triton's own code and message. Should Triton
+        serve it after all, the sidecar's copy of the config is stale: it is read again."""
+        try:
+            response = await self.upstream.call(request)
+        except GateError as exc:
+            if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+                self.metrics.request_rejected(state.name, "invalid_argument")
+            raise
+        if self.registry.config_stale(state):
+            log.info("Triton served a request model %s's config refuses: reading its config again", state.name)
+            self.registry.model_changed(state.name)
+        return response
+
+    def _pump(self, state: ModelState, arrived: Pending | None = None) -> tuple[Pending, ...] | None:
+        """One decision epoch: carry out what the gate decides now, and arm its timer.
+
+        ``arrived``: the request whose arrival this epoch is. When the gate serves it alone, now, that
+        batch is returned instead of given a task: its caller's coroutine dispatches it (``infer``).
+        """
+        step = state.gate.poll()
+        for item in step.expired:
+            self._fail(item.payload, GateError(grpc.StatusCode.UNAVAILABLE, "Request timeout expired"))
+        alone = None
+        for batch, why in zip(step.batches, step.reasons):
+            self.metrics.batch_dispatched(state.name, sum(p.rows for p in batch), why)
+            if arrived is not None and len(batch) == 1 and batch[0] is arrived:
+                alone = batch
+                continue
+            self._spawn(self._dispatch(state, batch))
+        if step.wake_at is not None and (state.timer_at is None or step.wake_at < state.timer_at):
+            if state.timer:
+                state.timer.cancel()
+            state.timer_at = step.wake_at
+            state.timer = self._loop.call_at(step.wake_at, self._on_timer, state)
+        return alone
+
+    def _spawn(self, coro: Coroutine[None, None, None]) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_timer(self, state: ModelState) -> None:
+        state.timer = state.timer_at = None
+        self._pump(state)
+
+    def _stamp(
+        self, state: ModelState, req: service_pb2.ModelInferRequest, members: tuple[Pending, ...], now: float
+    ) -> None:
+        """Priority and timeout of what the gate sends.
+
+        A client's own priority is forwarded (the most urgent level among a merged batch's members);
+        requests without one get the sidecar's dispatch priority, so gated traffic overtakes anything
+        that reaches Triton directly. The gate has expired its requests itself while they waited; the
+        timeout forwarded must not fail a member before its own deadline, so it is the latest member's
+        remaining time, and none at all when any member has none.
+        """
+        level = None
+        latest = 0.0
+        for p in members:
+            if "priority" in p.payload.request.parameters and (level is None or p.priority < level):
+                level = p.priority
+            if latest is not None:
+                latest = None if p.deadline is None else max(latest, p.deadline)
+        if level is None:
+            dispatch = self.config.dispatch_priority
+            if dispatch and dispatch <= state.priority_levels:
+                level = dispatch
+        if level is not None:
+            req.parameters["priority"].uint64_param = level
+        if latest is not None:
+            req.parameters["timeout"].int64_param = max(1, int((latest - now) * 1e6))
+        elif "timeout" in req.parameters:
+            del req.parameters["timeout"]
+
+    def _upstream_error(self, state: ModelState, exc: GateError) -> GateError:
+        """What a caller gets for Triton's error on a dispatched request."""
+        if exc.code == grpc.StatusCode.NOT_FOUND:
+            # A model the gate was serving vanished (Triton restarting, or the model unloaded):
+            # retryable for these callers; the next request re-reads the model's config.
+            self.registry.forget(state)
+            return GateError(
+                grpc.StatusCode.UNAVAILABLE, f"model '{state.name}' is not available on Triton: {exc.details}"
+            )
+        return exc
+
+    async def _dispatch(self, state: ModelState, batch: tuple[Pending, ...], inline: bool = False) -> None:
+        """Send one batch to Triton and answer its members; then free its slot and pump.
+
+        ``inline``: run by the one member's own caller (see ``_pump``). Should that caller go away
+        while Triton works, the batch runs on in a task, as it would have in its own task.
+        """
+        calls: list[_Call] = [p.payload for p in batch]
+        start = self._clock()
+        rows = sum(p.rows for p in batch)
+        handed_off = False
+        try:
+            if len(batch) == 1:
+                req = calls[0].request  # ours alone (parsed for this call): stamp it in place
+                self._stamp(state, req, batch, start)
+                upstream = self.upstream.infer(req, timeout=self.config.upstream_timeout_s)
+                if inline:
+                    if asyncio.iscoroutine(upstream):  # a stand-in for the channel (tests)
+                        upstream = self._loop.create_task(upstream)
+                    try:
+                        await _done(upstream)  # cancelling this wait leaves the upstream call running
+                    except asyncio.CancelledError:
+                        handed_off = True
+                        self._spawn(self._run_on(state, calls, rows, start, upstream))
+                        raise
+                self._succeed(calls[0], await self.upstream.answer(upstream))
+            elif self.config.mode == "released":
+                await self._dispatch_released(state, batch, start)
+            else:
+                merged = merge([c.request for c in calls], checked=True)
+                self._stamp(state, merged.request, batch, start)
+                response = await self.upstream.call(merged.request)
+                try:
+                    parts = split(response, merged)
+                except Exception as exc:  # an output without a batch dimension
+                    raise GateError(grpc.StatusCode.INTERNAL, f"cannot split merged response: {exc}") from None
+                for call, part in zip(calls, parts):
+                    self._succeed(call, part)
+        except Exception as exc:  # never leave a caller without an answer
+            self._batch_failed(state, calls, exc)
+        finally:
+            if not handed_off:
+                self._batch_done(state, calls, rows, start)
+
+    async def _run_on(
+        self, state: ModelState, calls: list[_Call], rows: int, start: float, upstream: grpc.aio.UnaryUnaryCall
+    ) -> None:
+        """The rest of an inline dispatch whose caller went away: its batch completes as any other."""
+        try:
+            self._succeed(calls[0], await self.upstream.answer(upstream))
+        except Exception as exc:
+            self._batch_failed(state, calls, exc)
+        finally:
+            self._batch_done(state, calls, rows, start)
+
+    def _batch_failed(self, state: ModelState, calls: list[_Call], exc: Exception) -> None:
+        """Every member of a failed batch gets its one answer: the error."""
+        if isinstance(exc, GateError):
+            exc = self._upstream_error(state, exc)
+        elif isinstance(exc, MalformedRequest):
+            exc = GateError(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        else:
+            log.error("dispatch failed", exc_info=exc)
+            exc = GateError(grpc.StatusCode.INTERNAL, f"sidecar error: {exc}")
+        state.stats.failed_requests += len(calls)
+        for call in calls:
+            self._fail(call, exc)
+
+    def _batch_done(self, state: ModelState, calls: list[_Call], rows: int, start: float) -> None:
+        """A batch ended, answered or failed: account for it, free its slot, and decide again."""
+        elapsed = self._clock() - start
+        state.stats.record(rows, elapsed)
+        if state.controller is not None:  # learns tau(b); a batch that raised the failure count is skipped
+            state.controller.observe_batch(rows, elapsed, state.stats.failed_requests)
+        self.metrics.batch_completed(state.name, rows, elapsed)
+        state.stats.answered += len(calls)
+        state.gate.complete()
+        self._pump(state)
+
+    async def _dispatch_released(self, state: ModelState, batch: tuple[Pending, ...], start: float) -> None:
+        async def one(p: Pending) -> None:
+            req = p.payload.request
+            self._stamp(state, req, (p,), start)
+            try:
+                self._succeed(p.payload, await self.upstream.call(req))
+            except GateError as exc:
+                state.stats.failed_requests += 1
+                self._fail(p.payload, self._upstream_error(state, exc))
+
+        await asyncio.gather(*(one(p) for p in batch))
+
+    @staticmethod
+    def _succeed(call: _Call, response: service_pb2.ModelInferResponse) -> None:
+        if not call.future.done():
+            call.future.set_result(response)
+
+    @staticmethod
+    def _fail(call: _Call, exc: GateError) -> None:
+        if not call.future.done():
+            call.future.set_exception(exc)
