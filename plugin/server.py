@@ -36,13 +36,13 @@ from .native_data_plane import NativeDataPlane
 from .native_plane import choose_plane
 from .python_plane import PythonPlane
 from .registry import GatePlane, ModelRegistry, consume
+from .repository_control import REPOSITORY_CONTROL as _REPOSITORY_CONTROL, refused_message
 from .upstream import CHANNEL_OPTIONS, SERVICE, GateError, Upstream
 
 log = logging.getLogger("smdp.sidecar")
 
 _SERVICE_DESC = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 _GATED = {"ModelInfer", "ModelStreamInfer"}
-_REPOSITORY_CONTROL = {"RepositoryModelLoad", "RepositoryModelUnload"}
 
 
 class DataPlane(GatePlane, Protocol):
@@ -321,11 +321,7 @@ def _relay_handler(channel: grpc.aio.Channel, method: str, unary_request: bool, 
 
         async def denied(request, context):
             del request  # not held by the abort's error (see model_infer)
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-f"{method} is not exposed through the sidecar: to relay Triton's repository control, start it "
-                "with allow_repository_control: true in its config (or smdp serve --allow-repository-control)",
-            )
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, refused_message(method))
 
         return grpc.unary_unary_rpc_method_handler(denied)
     if unary_request and unary_response:

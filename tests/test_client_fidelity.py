@@ -13,6 +13,7 @@ import pytest
 from tritonclient.grpc import service_pb2
 
 from plugin.control_backend import SidecarControl
+from plugin.repository_control import refused_message
 from plugin.runner import SidecarThread
 from planes import data_plane, emu_request, settle  # noqa: F401 - data_plane: autouse, both planes
 from planes import plane_sidecar as sidecar
@@ -209,6 +210,7 @@ def test_repository_control_refused_says_how_to_enable_it(triton):
         with pytest.raises(InferenceServerException) as info:
             tc.InferenceServerClient(sc.url).unload_model("emulated_gpu")
         assert info.value.status() == "StatusCode.PERMISSION_DENIED"
+        assert info.value.message() == refused_message("RepositoryModelUnload")  # one wording, both planes
         assert "allow_repository_control: true" in info.value.message()
         assert "--allow-repository-control" in info.value.message()
         serve_once(sc)  # nothing was unloaded
