@@ -105,6 +105,36 @@ def test_malformed_requests_get_tritons_answer_and_no_log_line_each(triton, capl
         assert not any(r.exc_info for r in caplog.records)
 
 
+def stream_outcome(channel: grpc.Channel, messages: list[bytes]) -> list:
+    """What a ModelStreamInfer client sees for these request bytes: each response, then the status."""
+    call = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer", request_serializer=lambda b: b,
+                                 response_deserializer=service_pb2.ModelStreamInferResponse.FromString)
+    seen: list = []
+    try:
+        for r in call(iter(messages), timeout=30):
+            seen.append(("error", r.error_message) if r.error_message else ("OK", r.infer_response.id))
+        seen.append("end OK")
+    except grpc.RpcError as exc:
+        seen.append((exc.code(), exc.details()))
+    return seen
+
+
+@pytest.mark.python_plane_only("smdp-gate answers such a stream message in-band (to be matched in smdp_gate.cc)")
+@pytest.mark.parametrize("what", ["random-bytes", "invalid-utf8-name"])
+def test_stream_messages_that_do_not_parse_get_tritons_answer(triton, what):
+    """Triton (2.51) takes a stream message whose bytes do not parse as the end of the client's
+    requests: no response for it nor for anything sent after it, the requests before it are answered
+    and the stream ends OK. Through the sidecar: the same."""
+    bad = {"random-bytes": np.random.default_rng(7).bytes(300), "invalid-utf8-name": invalid_utf8_name()}[what]
+    good = [emu_request(rid=f"r{i}").SerializeToString() for i in range(2)]
+    with sidecar(triton.grpc_url) as sc, grpc.insecure_channel(triton.grpc_url) as direct, \
+            grpc.insecure_channel(sc.url) as via:
+        for messages in ([bad], [good[0], bad, good[1]]):
+            want = stream_outcome(direct, messages)
+            assert stream_outcome(via, messages) == want
+        assert want == [("OK", "r0"), "end OK"]  # measured on Triton, as the test's first line checks
+
+
 def test_completed_counts_the_requests_answered_ok_on_both_planes(triton):
     with sidecar(triton.grpc_url) as sc, grpc.insecure_channel(sc.url) as ch:
         serve_once(sc)
