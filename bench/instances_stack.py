@@ -67,6 +67,15 @@ def diagnose(url: str, control: ModelConfigControl, table: ServiceProfile, k: in
     extra = np.interp(np.arange(1, table.max_batch + 1), sizes, [added[b] for b in sizes])
     prof = ServiceProfile(mean_s=table.mean_s + extra, energy_j=table.energy_j + 40.0 * extra, cv=table.cv)
     control.apply(BatchingOverride(max_queue_delay_us=0, time_scale=time_scale, instances=k))
+    # the same holds through Triton's batcher (delay 0): the stack profile is measured with it off
+    with_batcher: dict[int, float] = {}
+    for b in sizes:
+        t = asyncio.run(closed_loop(url, b, k, 8, 2))
+        with_batcher[b] = float(np.median(t)) - float(table.mean_s[b - 1])
+    print("  added per batch with Triton's batcher on (median, c = k), ms: "
+          + ", ".join(f"b={b}: {with_batcher[b] * 1e3:.2f} (off: {added[b] * 1e3:.2f})" for b in sizes))
+    extra_on = np.interp(np.arange(1, table.max_batch + 1), sizes, [with_batcher[b] for b in sizes])
+    prof_on = ServiceProfile(mean_s=table.mean_s + extra_on, energy_j=table.energy_j + 40.0 * extra_on, cv=table.cv)
     lone = np.arange(25) * (3 * float(prof.mean_s[0]) + 0.005)
     res = run_open_loop(url, MODEL, lone, timeout_s=30.0, drain_grace_s=1.0)
     hop = float(np.median((res.done_s - res.scheduled_s)[5:])) - float(prof.mean_s[0])
@@ -80,15 +89,16 @@ def diagnose(url: str, control: ModelConfigControl, table: ServiceProfile, k: in
     rule = PerInstance(TimeoutRule(table.max_batch, 0.0), k)
     sent = np.sort(np.where(np.isnan(res.sent_s), res.scheduled_s, res.sent_s))
 
-    def sim(t: np.ndarray):
-        return simulate(prof, rule, t, idle_power_w=40.0, weight=0.0, seed=1, warmup=warmup_s)
+    def sim(t: np.ndarray, p: ServiceProfile = prof):
+        return simulate(p, rule, t, idle_power_w=40.0, weight=0.0, seed=1, warmup=warmup_s)
 
-    p_sched, p_sent = sim(times), sim(sent)
+    p_sched, p_sent, p_on = sim(times), sim(sent), sim(times, prof_on)
     print(f"\nTriton batcher delay 0, count {k}, time scale {time_scale:g}, {rate:g} req/s, "
           f"{int(win.sum())} requests counted; lone-request hop {hop * 1e3:.2f} ms")
     print(f"  measured W from scheduled {w_sched * 1e3:.2f} ms = send lag {lag * 1e3:.2f} + from send "
           f"{w_sent * 1e3:.2f}; batch size seen by a request {batch:.2f}")
-    for name, p in (("on the scheduled arrivals", p_sched), ("on the arrivals as sent", p_sent)):
+    for name, p in (("on the scheduled arrivals", p_sched), ("on the arrivals as sent", p_sent),
+                    ("with the batcher-on hold", p_on)):
         w = p.mean_latency_s + hop
         print(f"  predicted {name:<26}: W {w * 1e3:.2f} ms (sim {p.mean_latency_s * 1e3:.2f} + hop), "
               f"mean batch {p.mean_batch:.2f}; measured from scheduled / pred {w_sched / w:.4f}, "

@@ -382,9 +382,14 @@ def _at_operating_point(stack: Stack, cfg: BenchConfig, rate: float, index: int,
 
     lo, hi = cfg.window
     times = arrivals.poisson(rate, duration=hi + cfg.cooldown_s, rng=cfg.seed + CALIBRATION_SEED + index)
-    op = operating_point(stack.triton_url, stack.control, cfg.model, cfg.time_scale, stack.max_batch,
-                         stack.profile, stack.profile_path, stack.ground_truth, cfg.idle_power_w, rate, cfg.weight,
-                         times, cfg.window, cfg.data_plane, stack.solver_url, cfg.out_dir, progress)
+    try:
+        op = operating_point(stack.triton_url, stack.control, cfg.model, cfg.time_scale, stack.max_batch,
+                             stack.profile, stack.profile_path, stack.ground_truth, cfg.idle_power_w, rate, cfg.weight,
+                             times, cfg.window, cfg.data_plane, stack.solver_url, cfg.out_dir, progress)
+    except ValueError as exc:  # said, and the run goes on with what the quiet stack gave
+        progress(f"could not measure the stack at {rate:g} req/s through the gate ({exc}): the gate contenders "
+                 "there are predicted with the quiet profile and the lone requests' hop")
+        return stack
     return replace(stack, profile=op.profile, profile_path=op.path, hop=RequestHop(stack.hop.direct_s, op.hop_s))
 
 

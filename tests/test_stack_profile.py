@@ -83,3 +83,21 @@ def test_operating_point_is_the_demos_default_and_one_instance_only() -> None:
     with pytest.raises(ValueError, match="one-instance"):
         BenchConfig(rates=(100.0,), contenders=(parse_contender("gate:greedy"),), data_plane="python",
                     operating_point=True, instances=2)
+
+
+def test_a_calibration_that_cannot_be_read_keeps_the_quiet_stack(monkeypatch, tmp_path) -> None:
+    import loadtest.stack_profile as sp
+    from loadtest.bench import BenchConfig, Stack, _at_operating_point
+    from loadtest.contenders import parse_contender
+
+    def fails(*args, **kwargs):
+        raise ValueError("the gate's status was not read at both ends of the window")
+
+    monkeypatch.setattr(sp, "operating_point", fails)
+    prof = ServiceProfile.from_table([1, 2], [0.020, 0.022], [2.0, 2.4])
+    stack = Stack("127.0.0.1:1", None, 2, prof, tmp_path / "p.csv", hop=sp.RequestHop(0.001, 0.002))
+    cfg = BenchConfig(rates=(100.0,), contenders=(parse_contender("gate:greedy"),), data_plane="python",
+                      operating_point=True, out_dir=tmp_path)
+    said: list[str] = []
+    assert _at_operating_point(stack, cfg, 100.0, 0, said.append) is stack
+    assert "could not measure the stack at 100 req/s" in said[0] and "not read at both ends" in said[0]
