@@ -90,6 +90,11 @@ class BenchConfig:
     stack_profile: bool = True
     """Tell the solver tau(b) as measured on this stack (``smdp profile``, once, cached: the table's time
     plus what gRPC and the backend add; energy from the table) instead of the published table alone."""
+    operating_point: bool = False
+    """With ``stack_profile``: before the contenders at each load, run the adaptive SMDP gate on its own
+    arrivals at that load and tell the solver, for the gate contenders there, the batch times and the
+    per-request hop the gate measured under that load (``stack_profile.operating_point``) instead of the
+    quiet profile's and the lone requests' hop."""
 
     def __post_init__(self) -> None:
         from plugin.native_plane import choose_plane
@@ -125,6 +130,8 @@ class BenchConfig:
         if self.instances > 1 and any(c.kind == "config" or c.slo or c.model_analyzer for c in self.contenders):
             raise ValueError("with --instances > 1 the bench runs gates and Triton's batcher only "
                              "(config mode and the SLO contenders are one-instance)")
+        if self.operating_point and self.instances > 1:
+            raise ValueError("the operating-point calibration is one-instance (--stack-profile measured with --instances)")
         if self.solver is not None and self.solver != "embedded" and ":" not in self.solver:
             raise ValueError(f"solver must be 'embedded' or HOST:PORT, got {self.solver!r}")
 
@@ -365,6 +372,27 @@ def run_one(stack: Stack, cfg: BenchConfig, c: Contender, rate: float, times: np
                     compiled.settings.describe() if compiled is not None else settings)
 
 
+def _at_operating_point(stack: Stack, cfg: BenchConfig, rate: float, index: int, progress: Progress) -> Stack:
+    """The stack the gate contenders at ``rate`` are predicted (and their policies solved) with: the
+    profile and hop measured through the gate at this load (``cfg.operating_point``), else ``stack``."""
+    if not (cfg.operating_point and cfg.stack_profile and stack.hop is not None
+            and any(c.kind == "gate" for c in cfg.contenders)):
+        return stack
+    from .stack_profile import CALIBRATION_SEED, operating_point
+
+    lo, hi = cfg.window
+    times = arrivals.poisson(rate, duration=hi + cfg.cooldown_s, rng=cfg.seed + CALIBRATION_SEED + index)
+    try:
+        op = operating_point(stack.triton_url, stack.control, cfg.model, cfg.time_scale, stack.max_batch,
+                             stack.profile, stack.profile_path, stack.ground_truth, cfg.idle_power_w, rate, cfg.weight,
+                             times, cfg.window, cfg.data_plane, stack.solver_url, cfg.out_dir, progress)
+    except ValueError as exc:  # said, and the run goes on with what the quiet stack gave
+        progress(f"could not measure the stack at {rate:g} req/s through the gate ({exc}): the gate contenders "
+                 "there are predicted with the quiet profile and the lone requests' hop")
+        return stack
+    return replace(stack, profile=op.profile, profile_path=op.path, hop=RequestHop(stack.hop.direct_s, op.hop_s))
+
+
 def run_bench(cfg: BenchConfig, triton_url: str | None = None, progress: Progress = print) -> BenchReport:
     """Run every contender at every rate; starts an embedded Triton unless ``triton_url`` is given."""
     rows: list[BenchRow] = []
@@ -377,9 +405,10 @@ def run_bench(cfg: BenchConfig, triton_url: str | None = None, progress: Progres
             progress(f"load {rate:g} req/s (rho = {model.load:.2f} of capacity {model.capacity:.0f}/s): "
                      f"{counted} Poisson arrivals measured over {cfg.duration_s:g} s "
                      f"(+{cfg.warmup_s:g} s warm-up, +{cfg.cooldown_s:g} s cool-down)")
+            gate_stack = _at_operating_point(stack, cfg, rate, k, progress)
             for c in cfg.contenders:
                 t0 = time.monotonic()
-                row = run_one(stack, cfg, c, rate, times)
+                row = run_one(gate_stack if c.kind == "gate" else stack, cfg, c, rate, times)
                 rows.append(row)
                 m = row.measured
                 progress(f"  {c.name:<24} W {m.mean_latency_s * 1e3:7.2f} ms  P {m.mean_power_w:6.1f} W  "
@@ -390,6 +419,8 @@ def run_bench(cfg: BenchConfig, triton_url: str | None = None, progress: Progres
     note = power_note(cfg.profile_name, cfg.idle_power_w)
     if cfg.stack_profile:
         note += "; the solver is told tau(b) as measured on this stack (smdp profile), energy from the table"
+        if cfg.operating_point:
+            note += "; for the gate contenders as measured through the gate at each load"
     return BenchReport(cfg, tuple(rows), B, note)
 
 

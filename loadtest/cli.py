@@ -20,7 +20,7 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
     return values
 
 
-def _common(p: argparse.ArgumentParser, out: str) -> None:
+def _common(p: argparse.ArgumentParser, out: str, at_load: bool = False) -> None:
     from .bench import DEFAULT_PROFILE
 
     p.add_argument("--triton", metavar="HOST:PORT", help="use this Triton (gRPC) instead of starting an embedded one")
@@ -32,9 +32,13 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--idle-power", type=float, default=DEFAULT_IDLE_POWER_W, help="P0, watts (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the arrival sequences (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path(out), help="output directory (default: %(default)s)")
-    p.add_argument("--stack-profile", choices=["measured", "table"], default="measured",
+    at = (["at-load"] if at_load else [])
+    p.add_argument("--stack-profile", choices=at + ["measured", "table"], default=(at or ["measured"])[0],
                    help="what the solver is told: tau(b) measured on this stack once (smdp profile, cached in the "
-                   "output directory; the table's energy) or the published table alone (default: %(default)s)")
+                   "output directory; the table's energy) or the published table alone" + (
+                       "; at-load: that profile, and for the gate contenders at each load the batch times and "
+                       "per-request hop the adaptive gate measures in a calibration run at that load (its own "
+                       "arrivals)" if at_load else "") + " (default: %(default)s)")
 
 
 def _contender_flags(p: argparse.ArgumentParser, gates: str, slo_latency: float | None = None,
@@ -127,7 +131,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "gate serving a tail-latency SLO; every row reports its attainment), print the table and write plots "
         "to out/demo/. Everything started is stopped.",
     )
-    _common(d, "out/demo")
+    _common(d, "out/demo", at_load=True)
     d.add_argument("--rates", default="100,200", help="arrival rates, req/s (default: %(default)s)")
     d.add_argument("--duration", type=float, default=2.5, help="measured seconds per contender (default: %(default)s)")
     d.add_argument("--weight", type=float, default=BENCH_WEIGHT, help="w, seconds per watt (default: %(default)s)")
@@ -191,7 +195,7 @@ def _config(args: argparse.Namespace):
         model=args.model, seed=args.seed, warmup_s=args.warmup, cooldown_s=args.cooldown, out_dir=args.out,
         solver=None if args.solver in ("none", "") else args.solver, data_plane=args.data_plane,
         slo=slo_target(args), instances=getattr(args, "instances", 1),
-        stack_profile=args.stack_profile == "measured",
+        stack_profile=args.stack_profile != "table", operating_point=args.stack_profile == "at-load",
     )
 
 
@@ -257,7 +261,7 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
         cfg = ParetoConfig(rate=args.rate, weights=_floats(args.weights, "--weights"), delays_us=delays,
                            duration_s=args.duration, time_scale=args.time_scale, idle_power_w=args.idle_power,
                            profile_csv=args.profile, model=args.model, seed=args.seed,
-                           warmup_s=args.warmup, out_dir=args.out, stack_profile=args.stack_profile == "measured")
+                           warmup_s=args.warmup, out_dir=args.out, stack_profile=args.stack_profile != "table")
     except (ValueError, argparse.ArgumentTypeError, ModelError) as exc:
         print(f"smdp pareto: {exc}", file=sys.stderr)
         return 2

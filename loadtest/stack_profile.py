@@ -114,3 +114,158 @@ def request_hops(triton_url: str, control: ModelConfigControl, model: str, time_
     progress(f"a lone request's answer takes {direct * 1e3:.2f} ms beyond tau(1) straight to Triton, "
              f"{gate * 1e3:.2f} ms through the {data_plane} gate (added to the solver's W)")
     return RequestHop(direct, gate)
+
+
+# ------------------------------------------------------------------------------------------------
+# The stack at its operating point
+
+
+@dataclass(frozen=True)
+class GateWindow:
+    """What a gate measured over a window of a run (differences of two ``GetStatus`` readings): per batch
+    size b (index b - 1) the batches and the sum of their dispatch-to-completion times, and the
+    requests it answered with the sum of their arrival-to-answer times in the sidecar."""
+
+    batches: np.ndarray
+    busy_s: np.ndarray
+    requests: int
+    latency_sum_s: float
+
+
+def added_under_load(quiet: ServiceProfile, window: GateWindow) -> float:
+    """How much longer a batch holds the gate's slot under load than in the quiet profile, seconds: the
+    batch-weighted mean of (measured - quiet tau(b)) over the sizes the window saw."""
+    top = min(quiet.max_batch, window.batches.size)
+    n = window.batches[:top].astype(float)
+    if n.sum() <= 0:
+        raise ValueError("the gate completed no batch in the window")
+    return float((window.busy_s[:top].sum() - np.dot(n, quiet.mean_s[:top])) / n.sum())
+
+
+def loaded(quiet: ServiceProfile, added_s: float, emulated: ServiceProfile, idle_power_w: float) -> ServiceProfile:
+    """The quiet stack profile with every tau(b) ``added_s`` longer (floored at the table's own time, which
+    the emulated model always sleeps); energy as ``compose`` charges it (P0 for the time the stack adds)."""
+    top = min(quiet.max_batch, emulated.max_batch)
+    tau = np.maximum(quiet.mean_s[:top] + added_s, emulated.mean_s[:top])
+    times = ServiceProfile(mean_s=tau, energy_j=quiet.energy_j[:top], cv=quiet.cv[:top],
+                           interpolated=quiet.interpolated, source=quiet.source)
+    out = compose(times, emulated, idle_power_w)
+    return ServiceProfile(mean_s=out.mean_s, energy_j=out.energy_j, cv=out.cv, interpolated=out.interpolated,
+                          source=f"{quiet.source or 'stack'} under load ({added_s * 1e3:+.2f} ms per batch)")
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """The stack measured at one load through a gate: what the solver is told for the gate contenders there."""
+
+    rate_rps: float
+    profile: ServiceProfile
+    path: Path
+    added_s: float
+    """tau(b) under load minus the quiet profile's, seconds per batch."""
+    hop_s: float
+    """A request's mean answer time at the client beyond its time in the sidecar (gate wait + batch), under
+    this load: the per-request hop at the operating point, added to the solver's W."""
+    batches: int
+    requests: int
+
+
+CALIBRATION_SEED = 1_000_003
+"""Offset of the calibration run's arrival seed: its arrivals are never the ones the contenders replay."""
+
+
+def _gate_reading(stub, model: str) -> tuple[np.ndarray, np.ndarray, int, float]:
+    from smdp.v1 import smdp_pb2
+
+    st = stub.GetStatus(smdp_pb2.ModelRequest(model=model), timeout=5.0)
+    top = max((t.batch_size for t in st.service_times), default=0)
+    n = np.zeros(top)
+    busy = np.zeros(top)
+    for t in st.service_times:
+        if t.samples and t.HasField("mean_s"):
+            n[t.batch_size - 1] = t.samples
+            busy[t.batch_size - 1] = t.samples * t.mean_s
+    w = st.measured.mean_latency_s if st.HasField("measured") else 0.0
+    return n, busy, int(st.completed), float(w) * int(st.completed)
+
+
+def _window(first: tuple, last: tuple) -> GateWindow:
+    top = max(first[0].size, last[0].size)
+
+    def pad(x: np.ndarray) -> np.ndarray:
+        return np.pad(x, (0, top - x.size))
+
+    return GateWindow(pad(last[0]) - pad(first[0]), pad(last[1]) - pad(first[1]), last[2] - first[2],
+                      last[3] - first[3])
+
+
+def operating_point(triton_url: str, control: ModelConfigControl, model: str, time_scale: float, max_batch: int,
+                    quiet: ServiceProfile, quiet_path: Path, emulated: ServiceProfile, idle_power_w: float,
+                    rate: float, weight: float, times: np.ndarray, window: tuple[float, float], data_plane: str,
+                    solver_url: str | None, out_dir: Path, progress: Callable[[str], None] = print) -> OperatingPoint:
+    """Run the adaptive SMDP gate at ``rate`` on its own Poisson arrivals ``times`` and read, from the gate
+    itself (``GetStatus``: its learner's per-size batch times, its measured W) over ``window``, how long the
+    batches hold its slot at this load and how long answers take beyond the gate; the profile the solver
+    is then told for the gate contenders at this load. The quiet profile was taken one batch at a time on
+    an otherwise idle stack: under load on a small host the sidecar's own CPU and the client's slow the
+    batches down, and the solver must be told the batches as they run there."""
+    import threading
+
+    import grpc
+
+    from smdp.v1 import smdp_pb2_grpc
+
+    from .openloop import run_open_loop
+    from .stack import SidecarProcess, SidecarSpec
+
+    control.apply(BatchingOverride(time_scale=time_scale, dynamic_batching=False))
+    spec = SidecarSpec(policy="smdp", max_batch=max_batch, profile_csv=quiet_path, rate_rps=rate, weight=weight,
+                       idle_power_w=idle_power_w, adaptive=True, solver_url=solver_url, data_plane=data_plane)
+    sidecar = SidecarProcess(triton_url, spec, log_path=out_dir / f"sidecar-operating-point-{rate:g}.log").start()
+    readings: dict[str, tuple] = {}
+    errors: list[BaseException] = []
+    try:
+        if sidecar.control_url is None:
+            raise ValueError("the sidecar reported no control API port")
+        with grpc.insecure_channel(sidecar.control_url) as channel:
+            stub = smdp_pb2_grpc.ControlStub(channel)
+
+            def read(key: str) -> None:
+                try:
+                    readings[key] = _gate_reading(stub, model)
+                except BaseException as exc:  # reported below, after the run
+                    errors.append(exc)
+
+            lo, hi = window
+            origin = 0.05  # run_open_loop's start delay: its time 0
+            timers = [threading.Timer(origin + lo, read, ("lo",)), threading.Timer(origin + hi, read, ("hi",))]
+            for t in timers:
+                t.start()
+            try:
+                res = run_open_loop(sidecar.url, model, times, timeout_s=30.0, drain_grace_s=1.0,
+                                    required=(times >= lo) & (times < hi))
+            finally:
+                for t in timers:
+                    t.join()
+    finally:
+        sidecar.stop()
+    if errors:
+        raise ValueError(f"could not read the gate's status: {errors[0]}")
+    if len(readings) != 2:
+        raise ValueError("the gate's status was not read at both ends of the window")
+    win = _window(readings["lo"], readings["hi"])
+    in_window = (res.scheduled_s >= lo) & (res.scheduled_s < hi) & res.ok
+    if win.requests < 10 or in_window.sum() < 10:
+        raise ValueError(f"only {win.requests} requests answered in the calibration window at {rate:g} req/s")
+    added = added_under_load(quiet, win)
+    client_w = float(np.mean(res.done_s[in_window] - res.scheduled_s[in_window]))
+    hop = client_w - win.latency_sum_s / win.requests
+    prof = loaded(quiet, added, emulated, idle_power_w)
+    path = write_composed_csv(prof, out_dir / f"{model}_stack_x{time_scale:g}_at_{rate:g}rps.csv",
+                              f"tau(b) of the quiet stack profile + {added * 1e3:.3f} ms per batch, measured "
+                              f"through the {data_plane} gate at {rate:g} req/s")
+    batches = int(win.batches.sum())
+    progress(f"at {rate:g} req/s through the {data_plane} gate ({batches} batches, {win.requests} requests): "
+             f"batches hold the slot {added * 1e3:+.2f} ms longer than the quiet profile; an answer takes "
+             f"{hop * 1e3:.2f} ms beyond the gate (told to the solver for the gate contenders at this load)")
+    return OperatingPoint(rate, prof, path, added, hop, batches, win.requests)

@@ -58,7 +58,8 @@ def solved_arrivals(note: str) -> str:
     """The arrival model named in a status note ("poisson" when it says arrivals are assumed Poisson)."""
     m = _SOLVED_FOR.search(note)
     if m is not None:
-        return m.group(1).strip()
+        spec = m.group(1).strip()
+        return "" if spec == "nothing yet" else spec
     return "poisson" if "assumed Poisson" in note else ""
 
 

@@ -112,6 +112,23 @@ class GroupEstimator:
         return CompoundPoisson.empirical(counts.astype(float))
 
 
+MIN_PHASE_ARRIVALS = 20.0
+"""A phase that carries a real share of the traffic must last this many of its own arrivals on
+average, or the fit is taken for clumping, not modulation (``slow_phases``)."""
+
+
+def slow_phases(process: MMPP2) -> bool:
+    """Whether every phase with at least a tenth of the mean rate lasts ``MIN_PHASE_ARRIVALS`` of its
+    arrival instants on average. Groups that reach the gate spread by a little network jitter look,
+    to the MMPP fit, like phases of a few arrivals at a huge rate switching hundreds of times a
+    second: that is the group estimator's business, and an MMPP solve would read it as surges."""
+    lam = process.mean_rate
+    for rate, epochs, leave in zip(process.rates, process.epoch_rates, process.switching):
+        if rate >= 0.1 * lam and epochs / leave < MIN_PHASE_ARRIVALS:
+            return False
+    return True
+
+
 class ModulationEstimator:
     """A (batch) MMPP fitted to the most recent arrivals: the shape of the rate's modulation.
 
@@ -166,7 +183,7 @@ class ModulationEstimator:
         except ModelError:
             return
         self.chosen = fit.chosen.spec
-        shape = fit.chosen if isinstance(fit.chosen, MMPP2) else None
+        shape = fit.chosen if isinstance(fit.chosen, MMPP2) and slow_phases(fit.chosen) else None
         if shape != self.shape:
             self.shape = shape
             self.version += 1

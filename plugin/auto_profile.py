@@ -6,6 +6,12 @@ made of the model's name, version, config hash and largest batch, so that a rest
 model on another sidecar sharing the directory) does not profile again; a changed config profiles
 anew. The adaptive controller then takes it as its prior and refines it from live batches.
 A model that cannot be profiled gets ``None`` and the reason; the sidecar then gates it greedily.
+
+Requests that arrive during the sweep are held, on both data planes, and served by the model's gate once
+it opens: the Python gate's callers wait for the model's state; the native gate, which relays a model
+ungated until its policy arrives, is first given ``hold_rule``: a policy that waits whatever the queue,
+bounded by the gate's queue (RESOURCE_EXHAUSTED beyond it), each caller's deadline, and a guard of the
+sweep's budget plus ``HOLD_GRACE_S`` after which what waits is served.
 """
 
 from __future__ import annotations
@@ -17,7 +23,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Callable
+
 from solver.model import ModelError, ServiceProfile
+from solver.policy import GateRule
 
 from .config import ModelPolicyConfig
 from .profiler import (
@@ -29,6 +38,27 @@ log = logging.getLogger("smdp.profiler")
 AUTO_RUNS_PER_SIZE = 30
 """Most timed batches per size in the start-up sweep (the time budget usually cuts it shorter)."""
 AUTO_WARMUP = 2
+HOLD_GRACE_S = 2.0
+"""How much longer than the sweep's budget a request may be held before the native gate serves it anyway."""
+
+
+def hold_rule(max_batch: int, max_queue: int, budget_s: float) -> GateRule:
+    """The native gate's rule while a model's sweep runs: wait at every queue length up to ``max_queue``
+    (the gate refuses beyond it), serve min(n, B) once the oldest request has waited the sweep's budget
+    plus ``HOLD_GRACE_S``."""
+    return GateRule(max_batch, (0,) * (max_queue + 1), max_batch, budget_s + HOLD_GRACE_S)
+
+
+HOLD_MAX_QUEUE = 4096
+"""Most requests the native gate holds for a model during its sweep (fewer if the sidecar's max_queue is)."""
+
+
+def hold_line(model: str, max_batch: int, max_queue: int, budget_s: float) -> str:
+    """The native gate's ``policy`` command that holds ``model``'s requests during its sweep (``hold_rule``)."""
+    from .native_plane import policy_line
+
+    q = min(max_queue, HOLD_MAX_QUEUE)
+    return policy_line(model, hold_rule(max(max_batch, 1), q, budget_s), slots=1, max_queue=q)
 
 
 @dataclass(frozen=True)
@@ -45,9 +75,11 @@ def cache_path(cache_dir: Path, spec: ModelSpec, max_batch: int) -> Path:
 
 
 async def auto_profile(triton_url: str, model: str, version: str, cfg: ModelPolicyConfig, cache_dir: Path,
-                       metrics_url: str | None = "auto", timeout_s: float = 60.0) -> AutoProfile:
+                       metrics_url: str | None = "auto", timeout_s: float = 60.0,
+                       before_sweep: Callable[[int], None] | None = None) -> AutoProfile:
     """The model's cached profile, else a fresh bounded sweep written to the cache; never raises for
-    the model's sake (the reason comes back instead)."""
+    the model's sake (the reason comes back instead). ``before_sweep(max_batch)`` is called just before
+    a sweep starts (not for a cached profile): the native plane holds the model's requests from then."""
     client = TritonModelClient(triton_url, timeout_s=timeout_s)
     try:
         try:
@@ -68,6 +100,8 @@ async def auto_profile(triton_url: str, model: str, version: str, cfg: ModelPoli
             power_model=cfg.profile_power_model, metrics_url=metrics_url, budget_s=cfg.profile_auto_s,
             timeout_s=timeout_s,
         )
+        if before_sweep is not None:
+            before_sweep(spec.max_batch_size)
         t0 = time.monotonic()
         log.info("model %s: profile: auto, sweeping batch sizes for at most %.0f s before its gate opens",
                  model, cfg.profile_auto_s)

@@ -87,6 +87,12 @@ class NativeDataPlane:
         if not self._closing:
             self._relearn_soon(name)
 
+    def hold(self, name: str, max_batch: int, budget_s: float) -> None:
+        """The gate relays a model without a policy: give it one that holds (``auto_profile.hold_rule``)."""
+        from .auto_profile import hold_line
+
+        self._process().send(hold_line(name, max_batch, self.config.max_queue, budget_s))
+
     # -- life cycle --------------------------------------------------------------------------
     async def ready(self) -> None:
         """Gate the models Triton has ready before the first request: the native gate relays a model
@@ -237,6 +243,8 @@ class NativeDataPlane:
             await self.registry.model_state(name, "")
         except GateError as exc:
             log.warning("cannot gate model %s yet: %s", name, exc.details)
+            if name not in self._views and not self._closing:  # no gate after all: release what a hold keeps
+                self._process().send(forget_line(name))
 
     async def _load_once(self, name: str) -> None:
         try:

@@ -98,6 +98,9 @@ class PythonPlane:
     def model_changed(self, name: str) -> None:
         """Its config is read again at the model's next request."""
 
+    def hold(self, name: str, max_batch: int, budget_s: float) -> None:
+        """Its callers already wait for the model's state, which is there once the sweep is done."""
+
     # -- life cycle --------------------------------------------------------------------------
     async def ready(self) -> None:
         """Start-up done: profile the ``profile: auto`` models now rather than at their first request."""

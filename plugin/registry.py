@@ -135,6 +135,11 @@ class GatePlane(Protocol):
         """The registry forgot what it knew of ``name`` (it is read again at the next sign of it)."""
         ...
 
+    def hold(self, name: str, max_batch: int, budget_s: float) -> None:
+        """A ``profile: auto`` sweep of ``name`` (at most ``budget_s``) starts before its gate opens: its
+        requests must wait for the gate, not run beside the sweep."""
+        ...
+
 
 class _NoPlane:
     """Before ``ModelRegistry.attach``: no gate can be made."""
@@ -150,6 +155,9 @@ class _NoPlane:
         pass
 
     def model_changed(self, name: str) -> None:
+        pass
+
+    def hold(self, name: str, max_batch: int, budget_s: float) -> None:
         pass
 
 
@@ -424,7 +432,8 @@ class ModelRegistry:
 
         got = await auto_profile(self.config.triton_url, name, version, cfg,
                                  self.config.profile_cache_dir.expanduser(),
-                                 metrics_url=self.config.triton_metrics_url, timeout_s=self.config.upstream_timeout_s)
+                                 metrics_url=self.config.triton_metrics_url, timeout_s=self.config.upstream_timeout_s,
+                                 before_sweep=lambda b: self._plane.hold(name, b, cfg.profile_auto_s))
         if got.path is None:
             log.warning("model %s: %s; gating it greedily instead of smdp", name, got.reason)
             return cfg.model_copy(update={"policy": "greedy", "profile": None}), got.reason

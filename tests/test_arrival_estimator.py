@@ -130,3 +130,13 @@ def test_adaptive_gate_solves_phase_blind_for_a_fitted_mmpp(profile):
         assert "last fit mmpp:" in c.learning_summary(clock.t)
 
     asyncio.run(go())
+
+
+def test_fast_switching_fits_are_clumping_not_modulation():
+    from plugin.arrival_estimator import slow_phases
+    from solver.arrival_model import MMPP2
+
+    assert slow_phases(MMPP2((450.0, 60.0), (0.5, 1.0), (CompoundPoisson(2.0), CompoundPoisson(1.0))))
+    assert slow_phases(MMPP2((600.0, 1e-6), (9.0, 3.0)))  # an idle phase may be short
+    # jittered groups read as phases of a fraction of an arrival, switching thousands of times a second
+    assert not slow_phases(MMPP2((446.0, 0.003), (2253.0, 298.0)))

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from planes import settle
 from smdp.cli import main
 from solver.model import ServiceProfile, read_samples_csv
 
@@ -267,14 +268,14 @@ def test_bytes_input_needs_input_data_naming_it(probes, capsys, tmp_path):
 # profile: auto in the sidecar
 
 
-def _auto_sidecar(triton_url: str, metrics_url: str, cache: Path):
+def _auto_sidecar(triton_url: str, metrics_url: str, cache: Path, data_plane: str = "python"):
     from plugin.config import load_config
     from plugin.runner import SidecarThread
 
     cfg = load_config(overrides={
         "listen": "127.0.0.1:0", "control_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0",
         "triton_url": triton_url, "triton_metrics_url": metrics_url,
-        "data_plane": "python", "profile_cache_dir": str(cache),
+        "data_plane": data_plane, "profile_cache_dir": str(cache),
         "models": {
             "emulated_gpu": {"policy": "smdp", "profile": "auto", "profile_auto_s": 4, "rate_rps": 100,
                              "weight": 1e-4, "max_batch": 16, "profile_power_from": str(V100)},
@@ -334,3 +335,74 @@ def test_sidecar_profile_auto_measures_caches_and_falls_back_to_greedy(probes, b
     assert path.stat().st_mtime_ns == stamp
     assert any("cached" in r.getMessage() and "emulated_gpu" in r.getMessage() for r in caplog.records)
     assert not any("sweeping" in r.getMessage() and "emulated_gpu" in r.getMessage() for r in caplog.records)
+
+
+def test_native_plane_holds_requests_that_arrive_during_the_sweep(probes, native_gate, capsys, caplog, tmp_path):
+    """The native gate relays a model ungated until its policy arrives: during a profile: auto sweep it
+    is given a holding policy instead, so requests wait for the gate (as on the Python plane) rather than
+    run beside the sweep's batches, and are then answered by the gate."""
+    import logging
+
+    from loadtest.triton_control import BatchingOverride, ModelConfigControl
+
+    caplog.set_level(logging.INFO)
+    control = ModelConfigControl(probes.grpc_url, "emulated_gpu")
+    control.apply(BatchingOverride(dynamic_batching=False, time_scale=20.0))  # a sweep of seconds, not 0.6 s
+    try:
+        _holds_during_the_sweep(probes, capsys, caplog, tmp_path)
+    finally:
+        control.restore()
+        control.close()
+
+
+def _holds_during_the_sweep(probes, capsys, caplog, tmp_path) -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tritonclient.grpc as tc
+
+    def record(start: str):
+        return next((r for r in list(caplog.records) if r.getMessage().startswith(start)), None)
+
+    got: list[tuple[float, np.ndarray]] = []
+    sent: list[float] = []
+
+    def one(url: str, i: int) -> tuple[float, np.ndarray]:
+        x = np.full((1, 16), float(i), dtype=np.float32)
+        inp = tc.InferInput("INPUT0", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        with tc.InferenceServerClient(url) as client:
+            out = client.infer("emulated_gpu", [inp], client_timeout=60.0).as_numpy("OUTPUT0")
+        return time.time(), out
+
+    def clients() -> None:  # the native gate listens while the sidecar's start still sweeps the model
+        end = time.monotonic() + 30.0
+        while record("model emulated_gpu: profile: auto, sweeping") is None and time.monotonic() < end:
+            time.sleep(0.02)
+        listening = record("native data plane (smdp-gate) listening")
+        if listening is None or record("model emulated_gpu: profile: auto, sweeping") is None:
+            return
+        time.sleep(0.3)  # the hold is on the gate's stdin just before that line: give it a moment
+        sent.append(time.time())
+        with ThreadPoolExecutor(6) as pool:
+            got.extend(pool.map(lambda i: one(f"127.0.0.1:{listening.args[0]}", i), range(6)))
+
+    t = threading.Thread(target=clients)
+    t.start()
+    try:
+        with _auto_sidecar(probes.grpc_url, probes.metrics_url, tmp_path / "cache", data_plane="native") as sc:
+            t.join(60.0)
+            assert len(got) == 6, "the requests were not sent during the sweep"
+            _wait_gated(sc, "emulated_gpu")
+            done = record("model emulated_gpu: profile: auto, measured")
+            assert done is not None
+            for i, (at, out) in enumerate(got):
+                np.testing.assert_array_equal(out, 2 * np.full((1, 16), float(i), dtype=np.float32) + 1)
+                assert at >= done.created, f"request {i} was answered {done.created - at:.2f} s before the sweep ended"
+            assert done.created - sent[0] > 0.5  # they were sent well inside the sweep
+            settle(sc)
+            assert main(["ctl", "--url", sc.control_url, "--json", "status", "emulated_gpu"]) == 0
+            status = json.loads(capsys.readouterr().out)
+            assert int(status.get("completed", 0)) == 6  # answered by the gate, none relayed around it
+    finally:
+        t.join(60.0)

@@ -295,3 +295,25 @@ def test_the_slo_search_runs_in_a_worker_process_with_the_same_answer(prior):
     assert there.feasible == here.feasible and there.max_wait_s == here.max_wait_s
     np.testing.assert_array_equal(there.policy.actions, here.policy.actions)
     assert there.target == target
+
+
+def test_a_correction_that_leaves_no_policy_falls_back_to_d_minus_margin(prior):
+    """A stalled host can make the measured excess larger than any policy can take back; the SLO
+    policy for D - margin is served then, not greedy (which would only add load)."""
+    async def go():
+        clock = Clock()
+        c, installed = _controller(prior, clock, 0.05 * B / prior.mean_s[-1])
+        c.set_slo(SloTarget(0.99, 0.01, 0.001))
+        await _tick(c, clock.t)
+        first = c.current
+        assert first.slo.feasible
+        c.slo_offset_s = 0.0085  # leaves 0.5 ms: below one batch of one
+        c._dirty = True
+        clock.t += 1.0
+        assert await _tick(c, clock.t)
+        now = c.current
+        assert now.slo.feasible and now.slo.quantile_s + now.slo.ci95_s <= 0.009
+        assert now.max_wait_s == first.max_wait_s
+        assert "searched for D - margin only" in c.note and c.slo_offset_s == 0.0085
+
+    asyncio.run(go())

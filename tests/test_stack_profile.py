@@ -30,3 +30,74 @@ def test_composed_energy_charges_idle_power_for_what_the_stack_adds(tmp_path) ->
     back = ServiceProfile.from_csv(path)
     assert np.allclose(back.mean_s, prof.mean_s) and np.allclose(back.energy_j, prof.energy_j)
     assert "# power: modelled" in path.read_text()
+
+
+def test_added_under_load_is_the_batch_weighted_excess_over_the_quiet_profile() -> None:
+    from loadtest.stack_profile import GateWindow, added_under_load
+
+    quiet = ServiceProfile.from_table([1, 2, 3, 4], [0.020, 0.022, 0.024, 0.026], [2.0, 2.4, 2.8, 3.2])
+    # 10 batches of 2 each 1 ms longer, 30 batches of 4 each 3 ms longer: (10 x 1 + 30 x 3) / 40 ms
+    n = np.array([0, 10, 0, 30])
+    busy = np.array([0.0, 10 * 0.023, 0.0, 30 * 0.029])
+    assert added_under_load(quiet, GateWindow(n, busy, 200, 9.0)) == pytest.approx(2.5e-3)
+    # sizes beyond the quiet profile do not count; an empty window is an error, not a zero
+    wide = GateWindow(np.array([0, 10, 0, 30, 7]), np.append(busy, 7.0), 200, 9.0)
+    assert added_under_load(quiet, wide) == pytest.approx(2.5e-3)
+    with pytest.raises(ValueError, match="no batch"):
+        added_under_load(quiet, GateWindow(np.zeros(4), np.zeros(4), 0, 0.0))
+
+
+def test_loaded_profile_shifts_every_time_and_charges_the_shift_at_idle_power() -> None:
+    from loadtest.stack_profile import loaded
+
+    table = ServiceProfile.from_table([1, 2, 4], [0.020, 0.022, 0.025], [2.0, 2.4, 3.0])
+    measured = ServiceProfile.from_table([1, 2, 4], [0.0215, 0.0238, 0.0262], None, [0.03, 0.02, 0.01],
+                                         busy_power_w=[0.0, 0.0, 0.0])
+    p0 = 40.0
+    quiet = compose(measured, table, p0)
+    up = loaded(quiet, 0.002, table, p0)
+    assert np.allclose(up.mean_s, quiet.mean_s + 0.002)
+    assert np.allclose(up.energy_j, quiet.energy_j + p0 * 0.002)
+    assert up.cv.tolist() == quiet.cv.tolist()
+    # faster than the quiet profile: never below what the emulated model itself sleeps (the table)
+    down = loaded(quiet, -0.003, table, p0)
+    assert np.all(down.mean_s >= table.mean_s) and np.allclose(np.maximum(quiet.mean_s - 0.003, table.mean_s), down.mean_s)
+    assert np.all(down.energy_j >= table.energy_j - 1e-12)
+
+
+def test_operating_point_is_the_demos_default_and_one_instance_only() -> None:
+    import argparse
+
+    from loadtest.bench import BenchConfig
+    from loadtest.cli import _config, register
+    from loadtest.contenders import parse_contender
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="cmd"))
+    demo = _config(parser.parse_args(["demo", "--data-plane", "python"]))
+    assert demo.stack_profile and demo.operating_point
+    quiet = _config(parser.parse_args(["demo", "--data-plane", "python", "--stack-profile", "measured"]))
+    assert quiet.stack_profile and not quiet.operating_point
+    bench = _config(parser.parse_args(["bench", "--rates", "100", "--data-plane", "python"]))
+    assert bench.stack_profile and not bench.operating_point
+    with pytest.raises(ValueError, match="one-instance"):
+        BenchConfig(rates=(100.0,), contenders=(parse_contender("gate:greedy"),), data_plane="python",
+                    operating_point=True, instances=2)
+
+
+def test_a_calibration_that_cannot_be_read_keeps_the_quiet_stack(monkeypatch, tmp_path) -> None:
+    import loadtest.stack_profile as sp
+    from loadtest.bench import BenchConfig, Stack, _at_operating_point
+    from loadtest.contenders import parse_contender
+
+    def fails(*args, **kwargs):
+        raise ValueError("the gate's status was not read at both ends of the window")
+
+    monkeypatch.setattr(sp, "operating_point", fails)
+    prof = ServiceProfile.from_table([1, 2], [0.020, 0.022], [2.0, 2.4])
+    stack = Stack("127.0.0.1:1", None, 2, prof, tmp_path / "p.csv", hop=sp.RequestHop(0.001, 0.002))
+    cfg = BenchConfig(rates=(100.0,), contenders=(parse_contender("gate:greedy"),), data_plane="python",
+                      operating_point=True, out_dir=tmp_path)
+    said: list[str] = []
+    assert _at_operating_point(stack, cfg, 100.0, 0, said.append) is stack
+    assert "could not measure the stack at 100 req/s" in said[0] and "not read at both ends" in said[0]

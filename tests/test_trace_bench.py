@@ -32,6 +32,11 @@ def test_trace_replay_runs_every_contender_on_the_same_arrivals_and_tracks_the_r
     assert trail and max(s.version for s in trail) >= 1
     assert any(s.rate_rps > 0 for s in trail)
     assert summary_lines(report) and "adaptive SMDP gate vs triton delay=0ms" in summary_lines(report)[0]
+    # the gate's prediction is the fitted arrival model's, and which models its solves used is recorded
+    gate = report.rows[1]
+    assert gate.predicted.source == "exact" and np.isfinite(gate.predicted.mean_latency_s)
+    assert "predicted under the fitted " in gate.settings and "policies solved for poisson" in gate.settings
+    assert all(s.solved_for for s in trail if s.version >= 1)
     # config mode ran with its follower beside Triton (reloads, if any, failed no request)
     assert report.rows[2].settings.startswith("followed: ")
     assert plot_trail(times, trail, tmp_path / "trail.png").stat().st_size > 0

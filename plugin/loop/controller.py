@@ -55,7 +55,10 @@ q-quantile right at D then misses it. Two corrections keep the answers within D:
   above it); a measured attainment below q shows as a quantile above D - margin and raises the
   correction. It rises as soon as the new figure is 0.5% of D above it (at the mean: also beyond
   the noise of two means) and falls only when it is 2% of D and the noise of two quantiles below,
-  so noise does not make it hunt; a change asks for a search at once.
+  so noise does not make it hunt; a change asks for a search at once. When the corrected bound
+  leaves no feasible policy but D - margin does (the answers' excess is more than a tighter policy
+  can take back: a stalled host, and greedy would only add load), the policy is searched for
+  D - margin only, and the note says so.
 
 The spread of the batch times is also learned directly: when the profile is learned, the search's
 service law is gamma with the CV measured at the sizes with ``profile_min_samples`` batches (their
@@ -886,12 +889,25 @@ class PolicyController:
         searched = SloTarget(target.quantile, target.latency_s,
                              min(target.margin_s + offset, target.latency_s * (1.0 - 1e-6)))
         res = await slo_search.search(model, searched)  # in a worker process: off the sidecar's GIL
+        given_up = ""
+        if not res.feasible and offset > 0:
+            # The correction leaves no policy: the answers' excess is more than a tighter policy can
+            # take back (a stalled host, say), and greedy would only add load. Serve what meets
+            # D - margin by the model instead; the correction keeps being measured.
+            plain = await slo_search.search(model, target)
+            if plain.feasible:
+                res = plain
+                given_up = (f"SLO: no policy meets D - margin - {offset * 1e3:.2f} ms measured correction at "
+                            f"{rate:.1f}/s; searched for D - margin only")
+                log.warning("%s: %s", self.model, given_up)
         c = res.chosen
-        if not res.feasible:
+        if given_up:
+            self.note = given_up
+        elif not res.feasible:
             self.note = (f"SLO q{target.quantile:g} <= {target.latency_s * 1e3:g} ms is infeasible at {rate:.1f}/s: "
                          f"serving greedy, predicted q{target.quantile:g} {c.estimate.quantile_s * 1e3:.3f} ms")
             log.warning("%s: %s", self.model, self.note)
-        if offset > 0:  # (the note starts with "SLO" either way, so the install keeps it)
+        if offset > 0 and not given_up:  # (the note starts with "SLO" either way, so the install keeps it)
             extra = (f"SLO searched for D - {target.margin_s * 1e3:.2f} ms margin - {offset * 1e3:.2f} ms: "
                      "answers ran that much above the model's prediction")
             self.note = f"{self.note}; {extra}" if self.note else extra
