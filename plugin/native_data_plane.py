@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Callable, Coroutine
 
 import grpc
@@ -18,7 +19,7 @@ from .config import SidecarConfig
 from .metrics import SidecarMetrics
 from .native_plane import (
     Arrivals, BatchDone, Counters, GateEvent, Loaded, Lost, NativeGateView, NativePlane, NativePlaneError, Seen,
-    forget_line, monotonic_offset,
+    forget_line, in_arrival_order, monotonic_offset,
 )
 from .registry import ModelRegistry, ModelState
 from .upstream import GateError, Upstream
@@ -44,6 +45,7 @@ class NativeDataPlane:
         self._views: dict[str, NativeGateView] = {}
         """Each gated model's view of its native gate, by name (the gate knows no versions)."""
         self._loading: set[str] = set()
+        self._last_arrival: dict[str, float] = {}
         """Models whose config is being read because of a gate's event (one read at a time each)."""
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
@@ -191,9 +193,12 @@ class NativeDataPlane:
         if state is None or state.gate is None:
             return
         offset = monotonic_offset(self._clock)
-        for t in event.times:
+        times = in_arrival_order((t + offset for t in event.times), self._last_arrival.get(event.model, -math.inf))
+        if times:
+            self._last_arrival[event.model] = times[-1]
+        for t in times:
             if state.controller is not None:
-                state.controller.observe_arrival(t + offset)
+                state.controller.observe_arrival(t)
             self.metrics.request_arrived(state.name)
 
     def _counters(self, event: Counters) -> None:

@@ -22,7 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Iterable, Literal
 
 from solver.policy import BatchRule, GateRule
 
@@ -227,6 +227,21 @@ class Loaded:
     """A repository load or unload of the model went through the gate and succeeded."""
 
     model: str
+
+
+def in_arrival_order(times: Iterable[float], after: float) -> list[float]:
+    """``times`` as a non-decreasing stream that starts no earlier than ``after``.
+
+    The native gate stamps arrivals on gRPC's callback threads, so one report (and the next one)
+    can hold them a few microseconds out of order; the rate and arrival estimators need arrivals in
+    order. A time earlier than one already passed on is taken as that time (a shift of microseconds,
+    not a lost arrival)."""
+    out: list[float] = []
+    last = after
+    for t in sorted(times):
+        last = max(last, t)
+        out.append(last)
+    return out
 
 
 @dataclass(frozen=True)

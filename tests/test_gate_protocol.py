@@ -9,9 +9,11 @@ import pytest
 
 from plugin.model_names import MAX_MODEL_NAME_BYTES, is_model_name
 from plugin.native_plane import (
-    Arrivals, BatchDone, CommandRefused, Counters, Loaded, Lost, NativePlane, Reported, Seen, forget_line, parse_event,
+    Arrivals, BatchDone, CommandRefused, Counters, Loaded, Lost, NativePlane, Reported, Seen, forget_line, in_arrival_order,
+    parse_event,
     policy_line, quote_field, unquote_field,
 )
+from plugin.loop.rate import RateEstimator
 from solver.policy import greedy
 
 HOSTILE = ["x\nbatch m 1 8 0 30 0 policy 0", "a b", "100%", "%0A", "tab\there", "ünï cødé", "🙂", "a,b=c"]
@@ -100,6 +102,29 @@ def test_each_report_of_the_gate_parses_to_its_event_type():
         parse_event(b"lost m extra\n")
     with pytest.raises(ValueError):
         parse_event(b"counters m submitted=x\n")
+
+
+def test_arrivals_stamped_out_of_order_reach_the_estimator_in_order_and_none_is_lost():
+    """The gate stamps arrivals on several threads: a report, and the next one, can hold them a few
+    microseconds out of order. Every arrival must still reach the rate estimator (which refuses a
+    time before the previous one), in order, shifted by no more than the disorder."""
+    reports = [(1.000, 1.002, 1.001), (1.0015, 1.003), (), (1.004,)]
+    estimator = RateEstimator(start_s=0.0, window_s=10.0)
+    passed: list[float] = []
+    last = float("-inf")
+    for times in reports:
+        ordered = in_arrival_order(times, last)
+        assert len(ordered) == len(times)
+        for t in ordered:
+            estimator.observe(t)
+        passed += ordered
+        last = ordered[-1] if ordered else last
+    assert passed == sorted(passed) and len(passed) == 6
+    assert passed == [1.000, 1.001, 1.002, 1.002, 1.003, 1.004]
+    control = RateEstimator(start_s=0.0, window_s=10.0)  # without the ordering the estimator refuses the disorder
+    control.observe(1.002)
+    with pytest.raises(ValueError):
+        control.observe(1.0015)
 
 
 def test_the_gate_echoes_quoted_names_and_quotes_its_errors(native_gate):
