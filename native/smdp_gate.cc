@@ -47,6 +47,7 @@
 
 #include <atomic>
 #include <climits>
+#include <cstdlib>
 #include <condition_variable>
 #include <cstdio>
 #include <deque>
@@ -155,6 +156,29 @@ class Output {
 Output g_out;
 void Emit(std::string line) { g_out.Push(std::move(line)); }
 
+#ifdef SMDP_TRACE
+// Temporary latency trace (make -C native trace): per unary call, the times of its read, dispatch
+// to Triton, Triton's answer, the reply and gRPC's OnDone, dumped to $SMDP_TRACE_FILE at exit.
+struct TraceRecord { double t[5]; };
+constexpr size_t kTraceMax = 1 << 20;
+TraceRecord* g_trace = new TraceRecord[kTraceMax];
+std::atomic<size_t> g_trace_n{0};
+void TraceDump() {
+  const char* path = std::getenv("SMDP_TRACE_FILE");
+  if (path == nullptr) return;
+  FILE* f = std::fopen(path, "w");
+  if (f == nullptr) return;
+  size_t n = std::min(g_trace_n.load(), kTraceMax);
+  for (size_t i = 0; i < n; ++i)
+    std::fprintf(f, "%.9f %.9f %.9f %.9f %.9f\n", g_trace[i].t[0], g_trace[i].t[1], g_trace[i].t[2], g_trace[i].t[3],
+                 g_trace[i].t[4]);
+  std::fclose(f);
+}
+#define TRACE_AT(member, i) ((member)->trace_[i] = Now())
+#else
+#define TRACE_AT(member, i) ((void)(member))
+#endif
+
 // Model names are the client's to choose, and they reach the control plane in reports: on the wire
 // every name (and every error message) is percent-encoded, so that no byte of it can end a line or a
 // field. Bytes outside printable ASCII, space and '%' become %XX (plugin/native_plane.py decodes).
@@ -249,6 +273,9 @@ class Member {
   struct Batch* batch_ = nullptr;  // set while dispatched (guarded by the model's mutex)
   bool has_timeout_ = false;
   bool has_priority_ = false;
+#ifdef SMDP_TRACE
+  double trace_[5] = {0, 0, 0, 0, 0};
+#endif
 };
 
 // One gated ModelInfer call. Deleted by gRPC after Finish (OnDone); the gate never holds it past that.
@@ -258,7 +285,14 @@ class InferCall : public grpc::ServerGenericBidiReactor, public Member {
   void OnReadDone(bool ok) override;
   void OnWriteDone(bool) override {}
   void OnCancel() override;
-  void OnDone() override { delete this; }
+  void OnDone() override {
+#ifdef SMDP_TRACE
+    TRACE_AT(this, 4);
+    size_t i = g_trace_n.fetch_add(1);
+    if (i < kTraceMax) std::copy(trace_, trace_ + 5, g_trace[i].t);
+#endif
+    delete this;
+  }
 
   void Reply(const grpc::ByteBuffer* response, const grpc::Status& status) override {
     if (answered_.exchange(true)) return;
@@ -543,6 +577,7 @@ class Service : public grpc::CallbackGenericService {
     b->request = call->in_;
     call->AddMetadataTo(&b->ctx);
     if (call->Deadline() != std::chrono::system_clock::time_point::max()) b->ctx.set_deadline(call->Deadline());
+    TRACE_AT(call, 1);
     infer_stub_.UnaryCall(&b->ctx, kInfer, grpc::StubOptions(), &b->request, &b->response,
                           [this, b](grpc::Status s) { Done(b, s); });
   }
@@ -800,12 +835,16 @@ class Service : public grpc::CallbackGenericService {
       grpc::SerializationTraits<inference::ModelInferRequest>::Serialize(out, &b->request, &own);
     }
     b->start = now;
+    for (auto* c : b->members) TRACE_AT(c, 1);
     infer_stub_.UnaryCall(&b->ctx, kInfer, grpc::StubOptions(), &b->request, &b->response,
                           [this, b](grpc::Status s) { Done(b, s); });
   }
 
   void Done(Batch* b, grpc::Status status) {
     const double end = Now();
+#ifdef SMDP_TRACE
+    for (auto* c : b->members) c->trace_[2] = end;
+#endif
     std::vector<grpc::ByteBuffer> answers;
     if (status.ok() && b->members.size() > 1) {
       inference::ModelInferResponse merged;
@@ -874,11 +913,13 @@ class Service : public grpc::CallbackGenericService {
     // Answer the members before the next batch goes out: their latency should not include its send.
     // (StartWrite serializes at once: the buffers may go when this returns.)
     for (size_t i = 0; i < b->members.size(); ++i) {
+      TRACE_AT(b->members[i], 3);
       if (!status.ok())
         b->members[i]->Reply(nullptr, status);
       else
         b->members[i]->Reply(b->members.size() == 1 ? &b->response : &answers[i], status);
     }
+
     if (ms != nullptr) Carry(ms, std::move(step));
     delete b;
   }
@@ -896,6 +937,7 @@ class Service : public grpc::CallbackGenericService {
 };
 
 void InferCall::OnReadDone(bool ok) {
+  TRACE_AT(this, 0);
   if (!ok) {
     Reply(nullptr, grpc::Status(grpc::StatusCode::CANCELLED, "no request message"));
     return;
@@ -1348,6 +1390,9 @@ int Main(int argc, char** argv) {
     server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
     svc.Report();
     finish_output();
+#ifdef SMDP_TRACE
+    TraceDump();
+#endif
     std::_Exit(0);
   });
   signals.detach();
@@ -1359,6 +1404,9 @@ int Main(int argc, char** argv) {
   svc.StopTimer();
   timer.join();  // its last report is queued
   finish_output();
+#ifdef SMDP_TRACE
+  TraceDump();
+#endif
   return 0;
 }
 
