@@ -39,6 +39,7 @@ from aiohttp import web
 from tritonclient.grpc import service_pb2
 
 from .config import SidecarConfig
+from .repository_control import refused_message
 
 log = logging.getLogger("smdp.http")
 
@@ -723,7 +724,7 @@ class HttpFront:
     async def _relay(self, request: web.Request, body: bytes | None = None) -> web.StreamResponse:
         if _REPOSITORY.match(request.path) and not self._allow_repository_control:
             what = "RepositoryModelLoad" if request.path.endswith("/load") else "RepositoryModelUnload"
-            return _error(403, f"{what} is not exposed through the sidecar (set allow_repository_control to enable it)")
+            return _error(403, refused_message(what))  # the gRPC front's PERMISSION_DENIED message
         if body is None:
             body = await request.read()
         assert self._session is not None

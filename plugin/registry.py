@@ -24,6 +24,7 @@ from solver.model import ServiceProfile
 from solver.policy import BatchRule, MaxWaitGuard, PolicyTable
 from solver.slo import SloTarget
 
+from .batcher_notice import TritonBatcherNotice
 from .config import ModelPolicyConfig, SidecarConfig
 from .gate import GateCounters
 from .loop.controller import ControllerConfig, PolicyController, RemoteSolver
@@ -178,6 +179,7 @@ class ModelRegistry:
         self._retired: dict[tuple[str, str], ModelState] = {}
         """Forgotten models' states (NOT_FOUND from Triton): reused by the next load when it can be."""
         self._tasks: set[asyncio.Task] = set()
+        self._batcher_notice = TritonBatcherNotice(chosen="triton_batcher" in config.model_fields_set)
         self._solver = None
         if config.solver_url:
             from solver.service import AsyncSolverClient
@@ -193,6 +195,7 @@ class ModelRegistry:
         return self._clock()
 
     async def close(self) -> None:
+        self._batcher_notice.close()
         self._retune.cancel()
         for state in [*self._models.values(), *self._retired.values()]:
             if state.timer:
@@ -381,13 +384,7 @@ class ModelRegistry:
             log.info("gating model %s (B=%d, %d slot(s), policy %s)", name, info.max_batch, slots, info.spec)
             if self.config.mode == "merged" and cfg.HasField("dynamic_batching") \
                     and self.config.triton_batcher == "keep":
-                # Seen with Triton 2.51: its batcher, idle between the gate's merged requests, now and then
-                # misses the enqueue and holds a request for its 500 ms default wait. The gate already
-                # forms the batches; Triton's batcher has nothing left to do in merged mode.
-                log.warning(
-                    "model %s has dynamic_batching on behind the merged gate: Triton 2.51 was seen holding a "
-                    "request for its 500 ms idle wait now and then; set triton_batcher: off to have the sidecar "
-                    "reload it without (the gate forms the batches)", name)
+                self._batcher_notice.seen(name)  # one warning line per start for all such models
         state = ModelState(
             name=name,
             version=version,

@@ -13,6 +13,7 @@ import pytest
 from tritonclient.grpc import service_pb2
 
 from plugin.control_backend import SidecarControl
+from plugin.repository_control import refused_message
 from plugin.runner import SidecarThread
 from planes import data_plane, emu_request, settle  # noqa: F401 - data_plane: autouse, both planes
 from planes import plane_sidecar as sidecar
@@ -102,6 +103,35 @@ def test_malformed_requests_get_tritons_answer_and_no_log_line_each(triton, capl
         noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]
         assert len(noisy) <= 1, [r.getMessage()[:200] for r in noisy]
         assert not any(r.exc_info for r in caplog.records)
+
+
+def stream_outcome(channel: grpc.Channel, messages: list[bytes]) -> list:
+    """What a ModelStreamInfer client sees for these request bytes: each response, then the status."""
+    call = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer", request_serializer=lambda b: b,
+                                 response_deserializer=service_pb2.ModelStreamInferResponse.FromString)
+    seen: list = []
+    try:
+        for r in call(iter(messages), timeout=30):
+            seen.append(("error", r.error_message) if r.error_message else ("OK", r.infer_response.id))
+        seen.append("end OK")
+    except grpc.RpcError as exc:
+        seen.append((exc.code(), exc.details()))
+    return seen
+
+
+@pytest.mark.parametrize("what", ["random-bytes", "invalid-utf8-name"])
+def test_stream_messages_that_do_not_parse_get_tritons_answer(triton, what):
+    """Triton (2.51) takes a stream message whose bytes do not parse as the end of the client's
+    requests: no response for it nor for anything sent after it, the requests before it are answered
+    and the stream ends OK. Through the sidecar: the same."""
+    bad = {"random-bytes": np.random.default_rng(7).bytes(300), "invalid-utf8-name": invalid_utf8_name()}[what]
+    good = [emu_request(rid=f"r{i}").SerializeToString() for i in range(2)]
+    with sidecar(triton.grpc_url) as sc, grpc.insecure_channel(triton.grpc_url) as direct, \
+            grpc.insecure_channel(sc.url) as via:
+        for messages in ([bad], [good[0], bad, good[1]]):
+            want = stream_outcome(direct, messages)
+            assert stream_outcome(via, messages) == want
+        assert want == [("OK", "r0"), "end OK"]  # measured on Triton, as the test's first line checks
 
 
 def test_completed_counts_the_requests_answered_ok_on_both_planes(triton):
@@ -209,6 +239,7 @@ def test_repository_control_refused_says_how_to_enable_it(triton):
         with pytest.raises(InferenceServerException) as info:
             tc.InferenceServerClient(sc.url).unload_model("emulated_gpu")
         assert info.value.status() == "StatusCode.PERMISSION_DENIED"
+        assert info.value.message() == refused_message("RepositoryModelUnload")  # one wording, both planes
         assert "allow_repository_control: true" in info.value.message()
         assert "--allow-repository-control" in info.value.message()
         serve_once(sc)  # nothing was unloaded

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import uuid
 
 import numpy as np
 import pytest
@@ -87,35 +88,48 @@ def test_sequence_stream_example_sync(example_triton, model):
             assert [outs[f"{seq1}_{i}"] for i in range(len(VALUES))] == e1
 
 
-def test_sequence_stream_example_aio(example_triton):
-    async def one_run(url: str, run: int) -> list:
+@pytest.mark.parametrize("dyna", [False, True], ids=["simple_sequence", "simple_dyna_sequence"])
+def test_sequence_stream_example_aio(example_triton, dyna):
+    """simple_grpc_aio_sequence_stream_infer_client.py (and with -d): on one stream, three sequences one
+    after the other, each with a leading value: two with integer ids, and one with a string id (a
+    UUID) on simple_sequence. With -d the example's third sequence is on simple_string_dyna_sequence,
+    which has no stand-in here: it is a third integer sequence of simple_dyna_sequence instead."""
+    int_model = "simple_dyna_sequence" if dyna else "simple_sequence"
+
+    async def one_run(url: str, run: int) -> None:
         seq0, seq1 = 5000 + 2 * run, 5001 + 2 * run
+        seq2: int | str = 7000 + run if dyna else str(uuid.uuid4())
+        sent = [(int_model, seq0, [0] + VALUES), (int_model, seq1, [100] + [-v for v in VALUES]),
+                (int_model, seq2, [20] + [-v for v in VALUES])]
 
         async def requests():
-            for i, v in enumerate(VALUES):
-                last = i == len(VALUES) - 1
-                for seq, value in ((seq0, v), (seq1, -v)):
-                    yield {"model_name": "simple_sequence", "inputs": _sequence_inputs_aio(value),
-                           "request_id": f"{seq}_{i}", "sequence_id": seq, "sequence_start": i == 0,
-                           "sequence_end": last}
+            for model, seq, values in sent:
+                for i, v in enumerate(values):
+                    yield {"model_name": model, "inputs": _sequence_inputs_aio(v),
+                           "outputs": [tc_aio.InferRequestedOutput("OUTPUT")], "request_id": f"{seq}_{i}",
+                           "sequence_id": seq, "sequence_start": i == 0, "sequence_end": i == len(values) - 1}
 
+        n = sum(len(values) for _, _, values in sent)
         async with tc_aio.InferenceServerClient(url) as client:
             answers = []
             async for result, error in client.stream_infer(requests()):
                 answers.append((result, error))
-                if len(answers) == 2 * len(VALUES):
+                if len(answers) == n:
                     break
         errors = [str(e) for _, e in answers if e is not None]
         assert errors == [], f"run {run}: {errors[:2]}"
         ids = [r.get_response().id for r, _ in answers]
-        assert ids == [f"{s}_{i}" for i in range(len(VALUES)) for s in (seq0, seq1)], f"run {run}: out of order"
+        assert ids == [f"{seq}_{i}" for _, seq, values in sent for i in range(len(values))], f"run {run}: out of order"
         outs = [int(r.as_numpy("OUTPUT")[0, 0]) for r, _ in answers]
-        e0, e1 = _expected("simple_sequence", seq0, seq1)
-        return outs == [x for pair in zip(e0, e1) for x in pair]
+        expected = []
+        for model, seq, values in sent:
+            add = int(seq) if model != "simple_sequence" else 0  # the dyna models add the correlation id
+            expected += [int(v) + add for v in np.cumsum(values)]
+        assert outs == expected, f"run {run}: wrong sums"
 
     with sidecar(example_triton.grpc_url) as sc:
         for run in range(RUNS):
-            assert asyncio.run(asyncio.wait_for(one_run(sc.url, run), 60)), f"run {run}: wrong sums"
+            asyncio.run(asyncio.wait_for(one_run(sc.url, run), 60))
 
 
 def _sequence_inputs_aio(value: int) -> list[tc_aio.InferInput]:

@@ -26,6 +26,7 @@ from plugin.http_front import (
     json_string,
     response_encoding,
 )
+from plugin.repository_control import refused_message
 
 
 def client_body(inputs, outputs=None, **kw) -> tuple[bytes, int | None]:
@@ -260,7 +261,7 @@ def test_listener_decompresses_requests_and_compresses_answers_as_asked():
                 async with s.get(f"http://127.0.0.1:{port}/v2/health/ready") as r:
                     assert r.status == 503 and "unreachable" in (await r.json())["error"]
                 async with s.post(f"http://127.0.0.1:{port}/v2/repository/models/m/load", data=b"{}") as r:
-                    assert r.status == 403 and "allow_repository_control" in (await r.json())["error"]
+                    assert r.status == 403 and (await r.json())["error"] == refused_message("RepositoryModelLoad")
         finally:
             await front.stop()
 

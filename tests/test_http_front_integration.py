@@ -19,6 +19,7 @@ import tritonclient.http as tch
 from tritonclient.utils import InferenceServerException
 
 from plugin.config import load_config
+from plugin.repository_control import refused_message
 from plugin.runner import SidecarThread
 from planes import data_plane, plane, settle  # noqa: F401  (data_plane: autouse, both planes)
 
@@ -148,7 +149,7 @@ def test_errors_are_tritons(triton, sidecar):
     assert got[0] == want[0] == 400 and "error" in json.loads(got[2])
     # repository control is refused unless allowed
     status, _, body = post(sidecar.http_port, "/v2/repository/models/cpu_mlp/unload", b"{}")
-    assert status == 403 and "allow_repository_control" in json.loads(body)["error"]
+    assert status == 403 and json.loads(body)["error"] == refused_message("RepositoryModelUnload")
     assert post(triton.http_port, "/v2/models/cpu_mlp/ready", b"", method="GET")[0] == 200
 
 

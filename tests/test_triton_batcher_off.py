@@ -5,11 +5,13 @@ Against a private real Triton (the change is to its loaded config), on both data
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
 
-from planes import data_plane, plane  # noqa: F401 - data_plane: autouse, both planes
+from planes import data_plane, plane, plane_sidecar  # noqa: F401 - data_plane: autouse, both planes
 from plugin.config import load_config
 from plugin.runner import SidecarThread
 
@@ -54,3 +56,28 @@ def test_keep_leaves_the_config_alone(triton_factory):
     with _sidecar(triton.grpc_url, "keep") as sc:
         _infer(sc.url)
         assert direct.get_model_config("emulated_gpu").config.HasField("dynamic_batching")
+
+
+def _batcher_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and "dynamic_batching is on behind the merged gate" in r.getMessage()]
+
+
+def test_keep_by_default_says_so_once_for_all_models_and_not_when_chosen(triton, caplog):
+    """Both stock models have dynamic_batching: one warning line per start names them both and
+    ``triton_batcher: off``; a model read again says nothing more; an explicit ``keep`` says nothing."""
+    caplog.set_level(logging.INFO, logger="smdp.sidecar")
+    for chosen in (False, True):
+        caplog.clear()
+        overrides = {"triton_batcher": "keep"} if chosen else {}
+        with plane_sidecar(triton.grpc_url, **overrides) as sc:
+            for name in ("emulated_gpu", "cpu_mlp"):
+                assert sc.run(sc.sidecar.registry.model_state(name, "")).gate is not None
+            sc.call(lambda: sc.sidecar.registry.model_changed("cpu_mlp"))  # read again, as after a reload
+            assert sc.run(sc.sidecar.registry.model_state("cpu_mlp", "")).gate is not None
+        lines = _batcher_warnings(caplog)
+        if chosen:
+            assert lines == []
+        else:
+            assert len(lines) == 1, lines
+            assert "cpu_mlp, emulated_gpu" in lines[0] and "triton_batcher: off" in lines[0]
