@@ -1002,7 +1002,18 @@ StreamCall::StreamCall(Service* svc, grpc::GenericStub* stub, grpc::GenericCallb
 }
 
 void StreamCall::OnReadDone(bool ok) {
-  if (!ok) {  // the caller half-closed (or went away): answer what is in flight, then finish
+  auto* m = ok ? new StreamMember(this) : nullptr;
+  if (m != nullptr) {
+    m->in_ = in_;
+    grpc::ByteBuffer copy(in_);  // Deserialize consumes its buffer
+    if (!grpc::SerializationTraits<inference::ModelInferRequest>::Deserialize(&copy, &m->req_).ok()) {
+      // As Triton: a message that does not parse ends the caller's requests (no answer for it or
+      // anything after it; those before it are answered and the stream ends OK).
+      delete m;
+      m = nullptr;
+    }
+  }
+  if (m == nullptr) {  // the caller half-closed (or went away): answer what is in flight, then finish
     {
       std::lock_guard<std::mutex> lock(mu_);
       reads_done_ = true;
@@ -1011,13 +1022,7 @@ void StreamCall::OnReadDone(bool ok) {
     Pump();
     return;
   }
-  auto* m = new StreamMember(this);
-  m->in_ = in_;
-  grpc::ByteBuffer copy(in_);  // Deserialize consumes its buffer
-  if (!grpc::SerializationTraits<inference::ModelInferRequest>::Deserialize(&copy, &m->req_).ok()) {
-    Write(StreamError(m->req_, "malformed ModelInferRequest"));
-    delete m;
-  } else {
+  {
     refs_.fetch_add(1);  // released when the member's answer is queued (Deliver)
     {
       std::lock_guard<std::mutex> lock(mu_);

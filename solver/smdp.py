@@ -6,12 +6,16 @@ solve again warm-started from the previous policy, until the gain moves by less 
 tail shrinks geometrically in N, so the step differences also estimate it: once three sizes are
 known, the contraction per step rho = d_k / d_k-1 predicts the distance of the last gain from the
 limit, d_k rho / (1 - rho), and that prediction must be within ``growth_rtol`` as well (it is what
-stops a slowly converging tail from passing on one small step).
+stops a slowly converging tail from passing on one small step). Two sizes settle only a step at
+rounding level, and steps of opposite sign only when both are within ``growth_rtol``: at small B and
+CV 1-2 the error changes sign as N grows and can stay flat over one step, so two gains can agree by
+accident (``_gain_settled``).
 
 First size: about B + E[K_B] + 3 sd (``initial_truncation``), or, with a warm start from a
-neighbouring solve, the largest of the search's own sizes (N0, growth N0, ...) whose next size is
-within sqrt(growth) of the neighbour's N: a nearby rate or weight settles at about the same N, so the search then takes two
-sizes instead of climbing from the bottom, and being on the same sizes, it returns the N a cold
+neighbouring solve, the largest of the search's own sizes (N0, growth N0, ...) whose size
+``RESUME_STEPS`` (2) steps up is within sqrt(growth) of the neighbour's N: a nearby rate or weight
+settles at about the same N, so the search then takes the three sizes the stopping rule needs
+instead of climbing from the bottom, and being on the same sizes, it returns the N a cold
 solve would (unless the cold one would have stopped below the resumed start).
 
 Why 1.25 and not 1.5 (the search before this one, still available as ``growth=1.5,
@@ -54,6 +58,8 @@ GROWTH_RTOL = 1e-8
 """Default relative gain change per growth step that ends the automatic truncation (module doc)."""
 GROWTH = 1.25
 """Default factor between successive sizes of the automatic truncation (module doc)."""
+RESUME_STEPS = 2
+"""A warm-started automatic search resumes this many of its sizes below the neighbour's N (module doc)."""
 NOISE_FLOOR = 1e-3
 """A gain change below NOISE_FLOOR * growth_rtol is rounding, too small to estimate a contraction from."""
 
@@ -108,20 +114,36 @@ def _grow(N: int, growth: float) -> int:
     return int(N * growth) + 1
 
 
+def _grow_steps(N: int, growth: float, steps: int) -> int:
+    for _ in range(steps):
+        N = _grow(N, growth)
+    return N
+
+
 def _gain_settled(gains: list[float], rtol: float) -> bool:
-    """The last step moved the gain by <= rtol relative and, where three sizes show the geometric
-    contraction rho of the steps, the predicted distance to the limit d rho / (1 - rho) is as small."""
+    """The last step moved the gain by <= rtol relative, and the sizes show that the gain is settled:
+    two sizes only when that step is at rounding level; otherwise three, whose steps either have the
+    same sign and contract geometrically (rho) with the predicted distance to the limit
+    d rho / (1 - rho) within rtol too, or change sign with the previous step also within rtol.
+
+    The gain's error can change sign as N grows and can stay flat over one step before dropping (at
+    small B and CV 1-2 it went +1.1e-7, +1.0e-7, -1.9e-8 at N = 118, 148, 186), so two sizes can agree
+    by accident and a small step after a large one can look like a fast contraction."""
     scale = rtol * abs(gains[-1])
-    d = abs(gains[-1] - gains[-2])
-    if d > scale:
+    d = gains[-1] - gains[-2]
+    if abs(d) > scale:
         return False
-    if len(gains) < 3 or d <= NOISE_FLOOR * scale:
+    if abs(d) <= NOISE_FLOOR * scale:
         return True
-    d_prev = abs(gains[-2] - gains[-3])
-    if d_prev <= NOISE_FLOOR * scale:  # the previous step was already at rounding level
+    if len(gains) < 3:
+        return False
+    d_prev = gains[-2] - gains[-3]
+    if abs(d_prev) <= NOISE_FLOOR * scale:  # the previous step was already at rounding level
         return True
-    rho = d / d_prev
-    return rho < 1 and d * rho / (1 - rho) <= scale
+    if (d > 0) != (d_prev > 0):  # the error changed sign: no contraction to trust, both steps must be small
+        return abs(d_prev) <= scale
+    rho = abs(d) / abs(d_prev)
+    return rho < 1 and abs(d) * rho / (1 - rho) <= scale
 
 
 def solve(
@@ -151,7 +173,7 @@ def solve(
     for RVI; see the module docstring).
     linear_solver: "banded" (default), "dense" or "sparse" LU for policy evaluation (``solver.pi``); same answer.
     growth: factor between successive sizes of the automatic truncation (> 1; module docstring).
-    resume_warm_start: with automatic N and a warm start, begin the search one step below the warm
+    resume_warm_start: with automatic N and a warm start, begin the search two steps below the warm
     start's size instead of at ``initial_truncation`` (never below it). ``growth=1.5,
     resume_warm_start=False, linear_solver="dense"`` is the solver as it was before (kept for
     comparison).
@@ -194,7 +216,7 @@ def solve(
             # the search's own sizes, so that a warm solve tries what a cold one would from there;
             # the neighbour's sizes lie on a grid shifted by up to one step, hence the sqrt(growth)
             reach = warm_start.truncation * math.sqrt(growth)
-            while _grow(_grow(N, growth), growth) <= reach:
+            while _grow_steps(N, growth, RESUME_STEPS + 1) <= reach:
                 N = _grow(N, growth)
     start = None if warm_start is None else _start_actions(model, warm_start, N + 1)
     searched = 0
@@ -220,7 +242,7 @@ def solve(
         sizes.append(N)
         gains.append(gain)
         iterations += its
-        if truncation is not None:
+        if truncation is not None or not math.isfinite(gain):  # an overflowed gain settles nothing
             break
         if previous is not None and np.array_equal(actions[: previous.size], previous):
             if _gain_settled(gains, growth_rtol):

@@ -119,7 +119,6 @@ def stream_outcome(channel: grpc.Channel, messages: list[bytes]) -> list:
     return seen
 
 
-@pytest.mark.python_plane_only("smdp-gate answers such a stream message in-band (to be matched in smdp_gate.cc)")
 @pytest.mark.parametrize("what", ["random-bytes", "invalid-utf8-name"])
 def test_stream_messages_that_do_not_parse_get_tritons_answer(triton, what):
     """Triton (2.51) takes a stream message whose bytes do not parse as the end of the client's
