@@ -40,37 +40,23 @@ class Upstream:
     def __init__(self, url: str, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         self.channel = grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS)
-        ch = self.channel
-        self.infer = ch.unary_unary(
-            f"/{SERVICE}/ModelInfer",
-            request_serializer=service_pb2.ModelInferRequest.SerializeToString,
-            response_deserializer=service_pb2.ModelInferResponse.FromString,
-        )
-        self.model_config = ch.unary_unary(
-            f"/{SERVICE}/ModelConfig",
-            request_serializer=service_pb2.ModelConfigRequest.SerializeToString,
-            response_deserializer=service_pb2.ModelConfigResponse.FromString,
-        )
-        self.server_ready = ch.unary_unary(
-            f"/{SERVICE}/ServerReady",
-            request_serializer=service_pb2.ServerReadyRequest.SerializeToString,
-            response_deserializer=service_pb2.ServerReadyResponse.FromString,
-        )
-        self.stream = ch.stream_stream(
+        pb = service_pb2
+
+        def unary(method: str, request, response):
+            return self.channel.unary_unary(f"/{SERVICE}/{method}", request_serializer=request.SerializeToString,
+                                            response_deserializer=response.FromString)
+
+        self.infer = unary("ModelInfer", pb.ModelInferRequest, pb.ModelInferResponse)
+        self.model_config = unary("ModelConfig", pb.ModelConfigRequest, pb.ModelConfigResponse)
+        self.server_ready = unary("ServerReady", pb.ServerReadyRequest, pb.ServerReadyResponse)
+        self.stream = self.channel.stream_stream(
             f"/{SERVICE}/ModelStreamInfer",
-            request_serializer=service_pb2.ModelInferRequest.SerializeToString,
-            response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelStreamInferResponse.FromString,
         )
-        self.repository_index = ch.unary_unary(
-            f"/{SERVICE}/RepositoryIndex",
-            request_serializer=service_pb2.RepositoryIndexRequest.SerializeToString,
-            response_deserializer=service_pb2.RepositoryIndexResponse.FromString,
-        )
-        self.repository_load = ch.unary_unary(
-            f"/{SERVICE}/RepositoryModelLoad",
-            request_serializer=service_pb2.RepositoryModelLoadRequest.SerializeToString,
-            response_deserializer=service_pb2.RepositoryModelLoadResponse.FromString,
-        )
+        self.repository_index = unary("RepositoryIndex", pb.RepositoryIndexRequest, pb.RepositoryIndexResponse)
+        self.repository_load = unary("RepositoryModelLoad", pb.RepositoryModelLoadRequest,
+                                     pb.RepositoryModelLoadResponse)
 
     async def call(self, req: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
         """Triton's response to ``req``, or its error as a GateError."""
