@@ -56,6 +56,24 @@ def plane_sidecar(triton_url: str, **overrides):
         runner.stop()
 
 
+def count_config_calls(sc) -> list[str]:
+    """Wrap the sidecar's upstream ModelConfig call (``SidecarThread``): the returned list collects the
+    names asked for."""
+    asked: list[str] = []
+
+    def install() -> None:
+        original = sc.sidecar.upstream.model_config
+
+        def counting(request, **kwargs):
+            asked.append(request.name)
+            return original(request, **kwargs)
+
+        sc.sidecar.upstream.model_config = counting
+
+    sc.call(install)
+    return asked
+
+
 def emu_request(model: str = "emulated_gpu", rows: int = 1, version: str = "", rid: str = ""):
     """A raw ModelInferRequest for the emulated GPU model: ``rows`` rows of the value ``rows``."""
     import numpy as np

@@ -15,7 +15,7 @@ from tritonclient.grpc import service_pb2
 from plugin.control_backend import SidecarControl
 from plugin.repository_control import refused_message
 from plugin.runner import SidecarThread
-from planes import data_plane, emu_request, settle  # noqa: F401 - data_plane: autouse, both planes
+from planes import count_config_calls, data_plane, emu_request, settle  # noqa: F401 - data_plane: autouse, both planes
 from planes import plane_sidecar as sidecar
 
 pytestmark = pytest.mark.integration
@@ -44,21 +44,6 @@ def both(triton, sc, request) -> tuple[tuple, tuple]:
         return outcome(direct, request), outcome(via, request)
 
 
-def count_config_reads(sc: SidecarThread) -> list[str]:
-    asked: list[str] = []
-
-    def install() -> None:
-        original = sc.sidecar.upstream.model_config
-
-        def counting(request, **kwargs):
-            asked.append(request.name)
-            return original(request, **kwargs)
-
-        sc.sidecar.upstream.model_config = counting
-
-    sc.call(install)
-    return asked
-
 
 def serve_once(sc: SidecarThread) -> None:
     with grpc.insecure_channel(sc.url) as ch:
@@ -75,7 +60,7 @@ def test_an_unknown_version_of_a_gated_model_gets_tritons_not_found_without_conf
     with sidecar(triton.grpc_url) as sc:
         serve_once(sc)
         state = sc.call(lambda: sc.sidecar.registry.models()[("emulated_gpu", "")])
-        asked = count_config_reads(sc)
+        asked = count_config_calls(sc)
         answers = [both(triton, sc, emu_request(version="7")) for _ in range(5)]
         assert answers[0][0][0] == grpc.StatusCode.NOT_FOUND, answers[0]
         assert all(via == direct for direct, via in answers), answers[0]

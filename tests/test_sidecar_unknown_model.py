@@ -21,6 +21,8 @@ from plugin.config import load_config
 from plugin.runner import SidecarThread
 from smdp.v1 import smdp_pb2, smdp_pb2_grpc
 
+from planes import count_config_calls
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1] / "model_repository"
@@ -48,22 +50,6 @@ def error_of(client: tc.InferenceServerClient, model: str = "cpu_mlp") -> tuple[
         client.infer(model, mlp_input(), client_timeout=30)
     return info.value.status(), info.value.message()
 
-
-def count_config_calls(sc: SidecarThread) -> list[str]:
-    """Wrap the sidecar's upstream ModelConfig call: the returned list collects the names asked for."""
-    asked: list[str] = []
-
-    def install() -> None:
-        original = sc.sidecar.upstream.model_config
-
-        def counting(request, **kwargs):
-            asked.append(request.name)
-            return original(request, **kwargs)
-
-        sc.sidecar.upstream.model_config = counting
-
-    sc.call(install)
-    return asked
 
 
 def test_a_burst_for_an_unknown_model_gets_tritons_error_and_asks_its_config_once(triton_without_mlp):
