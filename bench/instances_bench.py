@@ -47,40 +47,46 @@ def chain_vs_simulator(requests: int) -> None:
               f"{'exact' if e.exact_law else 'Erlang-8 approx.'}")
 
 
+LOADS = (0.3, 0.6, 0.9)
+WEIGHTS = (0.0, 1e-4)
+
+
+def v100_cases(instances: tuple[int, ...]):
+    """(k, load, w, model) for the V100 profile at B = 64: every k, load (of the k-instance capacity)
+    and weight the sections below report."""
+    prof = ServiceProfile.from_csv(V100, max_batch=64)
+    for k in instances:
+        base = BatchingModel(rate=1.0, max_batch=64, profile=prof, idle_power_w=40.0, instances=k)
+        for load in LOADS:
+            for w in WEIGHTS:
+                yield k, load, w, base.with_(rate=load * base.capacity, weight=w)
+
+
 def family_at_one_instance(requests: int) -> None:
     print("\n2. threshold family vs the exact SMDP at k = 1 (V100, B = 64, P0 = 40 W), exact J of each")
     print(f"   {'load':>4} {'w':>6} {'J* smdp ms':>11} {'best T':>6} {'J(best T)':>10} {'search T':>8} "
           f"{'J(search)':>10} {'search vs J* %':>14}")
-    prof = ServiceProfile.from_csv(V100, max_batch=64)
-    base = BatchingModel(rate=1.0, max_batch=64, profile=prof, idle_power_w=40.0)
-    for load in (0.3, 0.6, 0.9):
-        for w in (0.0, 1e-4):
-            m = base.with_(rate=load * base.capacity, weight=w)
-            star = solve(m).gain
-            exact = {t: evaluate(m, threshold(64, t)).cost for t in range(1, 65)}
-            best = min(exact, key=exact.get)
-            (t,), _, _ = search_thresholds(m, requests=requests)
-            print(f"   {load:>4.1f} {w:>6g} {star * 1e3:>11.4f} {best:>6} {exact[best] * 1e3:>10.4f} {t:>8} "
-                  f"{exact[t] * 1e3:>10.4f} {100 * (exact[t] / star - 1):>+14.3f}")
+    for _, load, w, m in v100_cases((1,)):
+        star = solve(m).gain
+        exact = {t: evaluate(m, threshold(64, t)).cost for t in range(1, 65)}
+        best = min(exact, key=exact.get)
+        (t,), _, _ = search_thresholds(m, requests=requests)
+        print(f"   {load:>4.1f} {w:>6g} {star * 1e3:>11.4f} {best:>6} {exact[best] * 1e3:>10.4f} {t:>8} "
+              f"{exact[t] * 1e3:>10.4f} {100 * (exact[t] / star - 1):>+14.3f}")
 
 
 def prediction_vs_simulation(requests: int) -> None:
     print("\n3. k-instance solver: predicted (its fresh simulation) vs an independent simulation (V100, B = 64)")
     print(f"   {'k':>2} {'load':>4} {'w':>6} {'T_m':<14} {'W pred':>8} {'W sim':>8} {'dW %':>6} {'P pred':>7} "
           f"{'P sim':>7} {'dP %':>6} {'solve s':>7}")
-    prof = ServiceProfile.from_csv(V100, max_batch=64)
-    for k in (2, 4):
-        base = BatchingModel(rate=1.0, max_batch=64, profile=prof, idle_power_w=40.0, instances=k)
-        for load in (0.3, 0.6, 0.9):
-            for w in (0.0, 1e-4):
-                m = base.with_(rate=load * base.capacity, weight=w)
-                r = solve_instances(m)
-                s = simulate_table(m, r.policy, requests, seed=777)
-                th = "/".join(map(str, r.policy.thresholds() or ()))
-                print(f"   {k:>2} {load:>4.1f} {w:>6g} {th:<14} {r.mean_latency_s * 1e3:>8.3f} "
-                      f"{s.mean_latency_s * 1e3:>8.3f} {100 * (r.mean_latency_s / s.mean_latency_s - 1):>+6.2f} "
-                      f"{r.mean_power_w:>7.1f} {s.mean_power_w:>7.1f} {100 * (r.mean_power_w / s.mean_power_w - 1):>+6.2f} "
-                      f"{r.solve_time_s:>7.1f}")
+    for k, load, w, m in v100_cases((2, 4)):
+        r = solve_instances(m)
+        s = simulate_table(m, r.policy, requests, seed=777)
+        th = "/".join(map(str, r.policy.thresholds() or ()))
+        print(f"   {k:>2} {load:>4.1f} {w:>6g} {th:<14} {r.mean_latency_s * 1e3:>8.3f} "
+              f"{s.mean_latency_s * 1e3:>8.3f} {100 * (r.mean_latency_s / s.mean_latency_s - 1):>+6.2f} "
+              f"{r.mean_power_w:>7.1f} {s.mean_power_w:>7.1f} {100 * (r.mean_power_w / s.mean_power_w - 1):>+6.2f} "
+              f"{r.solve_time_s:>7.1f}")
 
 
 def speed(requests: int) -> None:
@@ -88,24 +94,19 @@ def speed(requests: int) -> None:
     print("   (wall seconds; cpu: this process's CPU seconds, less sensitive to a shared machine)")
     print(f"   {'k':>2} {'load':>4} {'w':>6} {'now s':>6} {'cpu':>5} {'before s':>8} {'cpu':>5} {'ratio':>6} {'cands now':>9} "
           f"{'before':>6} {'T_m now':<14} {'T_m before':<14} {'J now vs before %':>17}")
-    prof = ServiceProfile.from_csv(V100, max_batch=64)
-    for k in (2, 4):
-        base = BatchingModel(rate=1.0, max_batch=64, profile=prof, idle_power_w=40.0, instances=k)
-        for load in (0.3, 0.6, 0.9):
-            for w in (0.0, 1e-4):
-                m = base.with_(rate=load * base.capacity, weight=w)
-                t0, c0 = time.perf_counter(), time.process_time()
-                now = solve_instances(m)
-                t1, c1 = time.perf_counter(), time.process_time()
-                before = solve_instances(m, search=Search.EVENT_LOOP)
-                t2, c2 = time.perf_counter(), time.process_time()
-                j_now = simulate_table(m, now.policy, requests, seed=4242).cost
-                j_bef = simulate_table(m, before.policy, requests, seed=4242).cost
-                print(f"   {k:>2} {load:>4.1f} {w:>6g} {t1 - t0:>6.2f} {c1 - c0:>5.2f} {t2 - t1:>8.2f} {c2 - c1:>5.2f} "
-                      f"{(t2 - t1) / (t1 - t0):>6.1f} "
-                      f"{now.evaluations:>9} {before.evaluations:>6} {'/'.join(map(str, now.policy.thresholds() or ())):<14} "
-                      f"{'/'.join(map(str, before.policy.thresholds() or ())):<14} {100 * (j_now / j_bef - 1):>+17.3f}",
-                      flush=True)
+    for k, load, w, m in v100_cases((2, 4)):
+        t0, c0 = time.perf_counter(), time.process_time()
+        now = solve_instances(m)
+        t1, c1 = time.perf_counter(), time.process_time()
+        before = solve_instances(m, search=Search.EVENT_LOOP)
+        t2, c2 = time.perf_counter(), time.process_time()
+        j_now = simulate_table(m, now.policy, requests, seed=4242).cost
+        j_bef = simulate_table(m, before.policy, requests, seed=4242).cost
+        print(f"   {k:>2} {load:>4.1f} {w:>6g} {t1 - t0:>6.2f} {c1 - c0:>5.2f} {t2 - t1:>8.2f} {c2 - c1:>5.2f} "
+              f"{(t2 - t1) / (t1 - t0):>6.1f} "
+              f"{now.evaluations:>9} {before.evaluations:>6} {'/'.join(map(str, now.policy.thresholds() or ())):<14} "
+              f"{'/'.join(map(str, before.policy.thresholds() or ())):<14} {100 * (j_now / j_bef - 1):>+17.3f}",
+              flush=True)
 
 
 def main() -> None:
