@@ -104,6 +104,14 @@ def make_model(B: int, load: float, weight: float, cv: float) -> BatchingModel:
     return m.with_(rate=load * m.capacity)
 
 
+def grid(args):
+    """(cv, B, load, model) for every service CV, batch limit and load the command line asks for."""
+    for cv in args.cvs:
+        for B in args.batches:
+            for load in args.loads:
+                yield cv, B, load, make_model(B, load, args.weight, cv)
+
+
 def measured(fn, repeat: int):
     """(result, best wall seconds, tracemalloc peak bytes): time without tracing, memory with it."""
     best = float("inf")
@@ -215,22 +223,19 @@ def compare_linear_solvers(args) -> int:
               + f" {'dense/bef t':>11} {'dense/bef m':>11} {'sparse/bef t':>12} {'sparse/bef m':>12} {'max rel dg':>10} {'same pol':>8}")
     print(header)
     print("-" * len(header))
-    for cv in args.cvs:
-        for B in args.batches:
-            for load in args.loads:
-                m = make_model(B, load, args.weight, cv)
-                runs = {v: measured(lambda v=v: solve_with(m, v), args.repeat) for v in variants}
-                ref = runs["before"][0]
-                dg = max(abs(r.gain - ref.gain) / ref.gain for r, _, _ in runs.values())
-                same = all(r.truncation == ref.truncation and np.array_equal(r.policy.actions, ref.policy.actions)
-                           for r, _, _ in runs.values())
-                t = {v: runs[v][1] for v in variants}
-                mem = {v: runs[v][2] for v in variants}
-                print(f"{cv:>3g} {B:>4} {load:>5.2f} {ref.truncation:>5} {ref.iterations:>4} "
-                      + " ".join(f"{fmt_ms(t[v]):>10} {mem[v] / 2**20:>10.1f}" for v in variants)
-                      + f" {t['dense'] / t['before']:>11.2f} {mem['dense'] / mem['before']:>11.2f}"
-                      f" {t['sparse'] / t['before']:>12.2f} {mem['sparse'] / mem['before']:>12.2f} {dg:>10.1e} {str(same):>8}")
-                sys.stdout.flush()
+    for cv, B, load, m in grid(args):
+        runs = {v: measured(lambda v=v: solve_with(m, v), args.repeat) for v in variants}
+        ref = runs["before"][0]
+        dg = max(abs(r.gain - ref.gain) / ref.gain for r, _, _ in runs.values())
+        same = all(r.truncation == ref.truncation and np.array_equal(r.policy.actions, ref.policy.actions)
+                   for r, _, _ in runs.values())
+        t = {v: runs[v][1] for v in variants}
+        mem = {v: runs[v][2] for v in variants}
+        print(f"{cv:>3g} {B:>4} {load:>5.2f} {ref.truncation:>5} {ref.iterations:>4} "
+              + " ".join(f"{fmt_ms(t[v]):>10} {mem[v] / 2**20:>10.1f}" for v in variants)
+              + f" {t['dense'] / t['before']:>11.2f} {mem['dense'] / mem['before']:>11.2f}"
+              f" {t['sparse'] / t['before']:>12.2f} {mem['sparse'] / mem['before']:>12.2f} {dg:>10.1e} {str(same):>8}")
+        sys.stdout.flush()
     return 0
 
 
@@ -255,21 +260,18 @@ def against_before(args) -> int:
               f"{'now MB':>7} {'before MB':>9} {'t ratio':>7} {'rel dg':>8} {'same pol':>8}")
     print(header)
     print("-" * len(header))
-    for cv in args.cvs:
-        for B in args.batches:
-            for load in args.loads:
-                m = make_model(B, load, args.weight, cv)
-                near = {name: fn(m.with_(rate=0.95 * m.rate)) for name, fn in contenders}
-                for start in ("cold", "warm"):
-                    runs = {}
-                    for name, fn in contenders:
-                        warm = near[name].policy if start == "warm" else None
-                        runs[name] = measured(lambda fn=fn, warm=warm: fn(m, warm), args.repeat)
-                    (now, t_now, mem_now), (bef, t_bef, mem_bef) = runs["now"], runs["before"]
-                    print(f"{cv:>3g} {B:>4} {load:>5.2f} {start:<5} {now.truncation:>6} {bef.truncation:>8} "
-                          f"{fmt_ms(t_now)} {fmt_ms(t_bef)} {mem_now / 2**20:>7.1f} {mem_bef / 2**20:>9.1f} "
-                          f"{t_now / t_bef:>7.3f} {(now.gain - bef.gain) / bef.gain:>8.1e} {str(same_policy(now, bef)):>8}")
-                    sys.stdout.flush()
+    for cv, B, load, m in grid(args):
+        near = {name: fn(m.with_(rate=0.95 * m.rate)) for name, fn in contenders}
+        for start in ("cold", "warm"):
+            runs = {}
+            for name, fn in contenders:
+                warm = near[name].policy if start == "warm" else None
+                runs[name] = measured(lambda fn=fn, warm=warm: fn(m, warm), args.repeat)
+            (now, t_now, mem_now), (bef, t_bef, mem_bef) = runs["now"], runs["before"]
+            print(f"{cv:>3g} {B:>4} {load:>5.2f} {start:<5} {now.truncation:>6} {bef.truncation:>8} "
+                  f"{fmt_ms(t_now)} {fmt_ms(t_bef)} {mem_now / 2**20:>7.1f} {mem_bef / 2**20:>9.1f} "
+                  f"{t_now / t_bef:>7.3f} {(now.gain - bef.gain) / bef.gain:>8.1e} {str(same_policy(now, bef)):>8}")
+            sys.stdout.flush()
     return 0
 
 
@@ -295,42 +297,39 @@ def feature_rows(args) -> int:
               f"{'before MB':>9} {'t ratio':>7}  result")
     print(header)
     print("-" * len(header))
-    for cv in args.cvs:
-        for B in args.batches:
-            for load in args.loads:
-                m = make_model(B, load, args.weight, cv)
-                cases = [
-                    ("slo", lambda m=m: solve_slo(m.with_(weight=0.1), target),
-                     lambda m=m: with_before(solver.slo, lambda: solve_slo(m.with_(weight=0.1), target)),
-                     lambda r: f"feasible {r.feasible}, {len(r.candidates)} candidates"),
-                    ("groups", lambda m=m: solve(m.with_(arrivals=CompoundPoisson(2.0))),
-                     lambda m=m: solve_before(m.with_(arrivals=CompoundPoisson(2.0))),
-                     lambda r: f"N {r.truncation}, gain {r.gain:.9g}"),
-                    ("mmpp", lambda m=m: solve_mmpp(m.with_(arrivals=MMPP2((0.4 * m.rate, 1.6 * m.rate), (100.0, 100.0)))),
-                     None, lambda r: f"N {r.truncation}, gain {r.gain:.9g}"),
-                ]
-                if B <= 64:
-                    k4 = m.with_(instances=4)
-                    k4 = k4.with_(rate=load * k4.capacity)
-                    cases.append(("k=4", lambda k4=k4: solve_instances(k4),
-                                  lambda k4=k4: with_before(solver.instances, lambda: solve_instances(k4)),
-                                  lambda r: f"gain {r.gain:.6g} +- {r.gain_ci95:.2g}"))
-                for name, now_fn, before_fn, describe in cases:
-                    if name not in args.feature:
-                        continue
-                    try:
-                        now, t_now, mem_now = measured(now_fn, 1)
-                    except Exception as exc:  # a feature that refuses this model: say so, go on
-                        print(f"{name:<8} {cv:>3g} {B:>4} {load:>5.2f} refused: {exc}")
-                        continue
-                    if before_fn is None:
-                        t_bef, mem_bef = t_now, mem_now
-                    else:
-                        _, t_bef, mem_bef = measured(before_fn, 1)
-                    print(f"{name:<8} {cv:>3g} {B:>4} {load:>5.2f} {fmt_ms(t_now)} {fmt_ms(t_bef)} "
-                          f"{mem_now / 2**20:>7.1f} {mem_bef / 2**20:>9.1f} {t_now / t_bef:>7.3f}  {describe(now)}"
-                          + ("" if before_fn is not None else " (own solver: same code)"))
-                    sys.stdout.flush()
+    for cv, B, load, m in grid(args):
+        cases = [
+            ("slo", lambda m=m: solve_slo(m.with_(weight=0.1), target),
+             lambda m=m: with_before(solver.slo, lambda: solve_slo(m.with_(weight=0.1), target)),
+             lambda r: f"feasible {r.feasible}, {len(r.candidates)} candidates"),
+            ("groups", lambda m=m: solve(m.with_(arrivals=CompoundPoisson(2.0))),
+             lambda m=m: solve_before(m.with_(arrivals=CompoundPoisson(2.0))),
+             lambda r: f"N {r.truncation}, gain {r.gain:.9g}"),
+            ("mmpp", lambda m=m: solve_mmpp(m.with_(arrivals=MMPP2((0.4 * m.rate, 1.6 * m.rate), (100.0, 100.0)))),
+             None, lambda r: f"N {r.truncation}, gain {r.gain:.9g}"),
+        ]
+        if B <= 64:
+            k4 = m.with_(instances=4)
+            k4 = k4.with_(rate=load * k4.capacity)
+            cases.append(("k=4", lambda k4=k4: solve_instances(k4),
+                          lambda k4=k4: with_before(solver.instances, lambda: solve_instances(k4)),
+                          lambda r: f"gain {r.gain:.6g} +- {r.gain_ci95:.2g}"))
+        for name, now_fn, before_fn, describe in cases:
+            if name not in args.feature:
+                continue
+            try:
+                now, t_now, mem_now = measured(now_fn, 1)
+            except Exception as exc:  # a feature that refuses this model: say so, go on
+                print(f"{name:<8} {cv:>3g} {B:>4} {load:>5.2f} refused: {exc}")
+                continue
+            if before_fn is None:
+                t_bef, mem_bef = t_now, mem_now
+            else:
+                _, t_bef, mem_bef = measured(before_fn, 1)
+            print(f"{name:<8} {cv:>3g} {B:>4} {load:>5.2f} {fmt_ms(t_now)} {fmt_ms(t_bef)} "
+                  f"{mem_now / 2**20:>7.1f} {mem_bef / 2**20:>9.1f} {t_now / t_bef:>7.3f}  {describe(now)}"
+                  + ("" if before_fn is not None else " (own solver: same code)"))
+            sys.stdout.flush()
     return 0
 
 
@@ -341,28 +340,25 @@ def policy_drift(args) -> int:
               f"{'mass >=':>8} {'pi(N)':>8} {'m(1e-10)':>8}")
     print(header)
     print("-" * len(header))
-    for cv in args.cvs:
-        for B in args.batches:
-            for load in args.loads:
-                m = make_model(B, load, args.weight, cv)
-                prev = None
-                for N in solve(m).sizes_tried:
-                    res = solve(m, truncation=N, warm_start=None if prev is None else prev.policy)
-                    a = res.policy.actions
-                    pi = evaluate_policy(build(m, N, "fluid"), a).pi
-                    above = np.cumsum(pi[::-1])[::-1]  # mass on n..N
-                    settled_m = int(np.argmax(above <= 1e-10)) if above[-1] <= 1e-10 else N + 1
-                    row = f"{cv:>3g} {B:>4} {load:>5.2f} {N:>5}"
-                    if prev is None:
-                        print(f"{row} {'':>8} {'':>7} {'':>6} {'':>8} {'':>8} {pi[-1]:>8.1e} {settled_m:>8}")
-                    else:
-                        p = prev.policy.actions
-                        d = np.nonzero(a[: p.size] != p)[0]
-                        dg = abs(res.gain - prev.gain) / res.gain
-                        first = f"{d[0]:>6} {pi[d].max():>8.1e} {above[d[0]]:>8.1e}" if d.size else f"{'-':>6} {'-':>8} {'-':>8}"
-                        print(f"{row} {dg:>8.1e} {d.size:>7} {first} {pi[-1]:>8.1e} {settled_m:>8}")
-                    sys.stdout.flush()
-                    prev = res
+    for cv, B, load, m in grid(args):
+        prev = None
+        for N in solve(m).sizes_tried:
+            res = solve(m, truncation=N, warm_start=None if prev is None else prev.policy)
+            a = res.policy.actions
+            pi = evaluate_policy(build(m, N, "fluid"), a).pi
+            above = np.cumsum(pi[::-1])[::-1]  # mass on n..N
+            settled_m = int(np.argmax(above <= 1e-10)) if above[-1] <= 1e-10 else N + 1
+            row = f"{cv:>3g} {B:>4} {load:>5.2f} {N:>5}"
+            if prev is None:
+                print(f"{row} {'':>8} {'':>7} {'':>6} {'':>8} {'':>8} {pi[-1]:>8.1e} {settled_m:>8}")
+            else:
+                p = prev.policy.actions
+                d = np.nonzero(a[: p.size] != p)[0]
+                dg = abs(res.gain - prev.gain) / res.gain
+                first = f"{d[0]:>6} {pi[d].max():>8.1e} {above[d[0]]:>8.1e}" if d.size else f"{'-':>6} {'-':>8} {'-':>8}"
+                print(f"{row} {dg:>8.1e} {d.size:>7} {first} {pi[-1]:>8.1e} {settled_m:>8}")
+            sys.stdout.flush()
+            prev = res
     return 0
 
 
