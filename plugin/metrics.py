@@ -26,6 +26,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
+from solver.quantities import check_count
+
 __all__ = ["SidecarMetrics", "MetricsServer", "start_metrics_server", "batch_size_buckets", "LATENCY_BUCKETS_S",
            "latency_buckets_with"]
 
@@ -52,8 +54,7 @@ SERVICE_BUCKETS_S = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.
 
 def batch_size_buckets(max_batch: int) -> tuple[float, ...]:
     """Upper bounds 1, 2, 4, ... up to max_batch (included even when not a power of two)."""
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-        raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    check_count("max_batch", max_batch)
     out = []
     b = 1
     while b < max_batch:

@@ -48,3 +48,11 @@ def check_number(name: str, value: float, *, low: float = 0.0, inclusive: bool =
             bound += f" and < {high}"
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
     return value
+
+
+def check_count(name: str, value: int, *, low: int = 1) -> int:
+    """``value`` unchanged; ValueError naming ``name`` unless it is an integer (not a bool) >= ``low``:
+    the check of a count setting."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value

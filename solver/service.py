@@ -27,6 +27,7 @@ from smdp.v1 import smdp_pb2, smdp_pb2_grpc
 from solver.arrival_model import MMPP2, POISSON, ArrivalModel, CompoundPoisson
 from solver.model import BatchingModel, ModelError, ServiceProfile
 from solver.policy import PolicyTable
+from solver.quantities import check_count
 from solver.result import SolveResult
 
 SERVICE_NAME = smdp_pb2.DESCRIPTOR.services_by_name["Solver"].full_name
@@ -208,8 +209,7 @@ class PolicyCache:
     """A thread-safe LRU of solve results, with a nearest-rate lookup for warm starts."""
 
     def __init__(self, max_entries: int = DEFAULT_CACHE_SIZE) -> None:
-        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
-            raise ValueError(f"cache size must be an integer >= 1, got {max_entries!r}")
+        check_count("cache size", max_entries)
         self.max_entries = max_entries
         self._entries: OrderedDict[CacheKey, SolveResult] = OrderedDict()
         self._lock = threading.Lock()

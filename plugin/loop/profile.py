@@ -23,7 +23,7 @@ import numpy as np
 from scipy import stats
 
 from solver.model import ServiceProfile
-from solver.quantities import check_number
+from solver.quantities import check_count, check_number
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,7 @@ class ServiceTimeEstimator:
     """Per-batch-size service-time statistics, an affine fit, and a ServiceProfile built from both."""
 
     def __init__(self, max_batch: int, *, prior_weight: float = 5.0, confidence: float = 0.95) -> None:
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        check_count("max_batch", max_batch)
         self.max_batch = max_batch
         self.prior_weight = check_number("prior_weight", prior_weight, inclusive=True)
         self.confidence = check_number("confidence", confidence, high=1.0)
@@ -253,8 +252,7 @@ class ProfileLearner:
         self.prior = prior
         self.max_batch = prior.max_batch
         self.drift_threshold = check_number("drift", drift)
-        if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 2:
-            raise ValueError(f"min_samples must be an integer >= 2, got {min_samples!r}")
+        check_count("min_samples", min_samples, low=2)
         self.min_samples = min_samples
         self.prior_weight = check_number("prior_weight", prior_weight, inclusive=True)
         self.confidence = check_number("confidence", confidence, high=1.0)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from scipy import stats
 
-from solver.quantities import check_number
+from solver.quantities import check_count, check_number
 
 
 @dataclass(frozen=True)
@@ -73,16 +73,13 @@ class RateEstimator:
         settle_arrivals: int = 100,
     ) -> None:
         self.window_s = check_number("window_s", window_s)
-        if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 1:
-            raise ValueError(f"buckets must be an integer >= 1, got {buckets!r}")
+        check_count("buckets", buckets)
         self.confidence = check_number("confidence", confidence, high=1.0)
         self.change_ratio = check_number("change_ratio", change_ratio, low=1.0)
         self.threshold = math.log(check_number("false_alarm_arrivals", false_alarm_arrivals, low=1.0))
-        if isinstance(min_arrivals, bool) or not isinstance(min_arrivals, int) or min_arrivals < 1:
-            raise ValueError(f"min_arrivals must be an integer >= 1, got {min_arrivals!r}")
+        check_count("min_arrivals", min_arrivals)
         self.min_arrivals = min_arrivals
-        if isinstance(settle_arrivals, bool) or not isinstance(settle_arrivals, int) or settle_arrivals < 1:
-            raise ValueError(f"settle_arrivals must be an integer >= 1, got {settle_arrivals!r}")
+        check_count("settle_arrivals", settle_arrivals)
         self.settle_arrivals = settle_arrivals
         start_s = float(start_s)
         if not math.isfinite(start_s):
