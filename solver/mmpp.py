@@ -512,8 +512,22 @@ def evaluate_mmpp(model: BatchingModel, policy: PhasePolicy | PolicyTable, trunc
         N = min(MAX_TRUNCATION, int(N * 1.5) + 1)
 
 
+class _EvaluatedResult:
+    """W and P of a solve's policy, read from its exact evaluation."""
+
+    evaluation: PhaseEvaluation
+
+    @property
+    def mean_latency_s(self) -> float:
+        return self.evaluation.mean_latency_s
+
+    @property
+    def mean_power_w(self) -> float:
+        return self.evaluation.mean_power_w
+
+
 @dataclass(frozen=True, eq=False)
-class PhaseSolveResult:
+class PhaseSolveResult(_EvaluatedResult):
     policy: PhasePolicy
     gain: float
     evaluation: PhaseEvaluation
@@ -523,14 +537,6 @@ class PhaseSolveResult:
     sizes_tried: tuple[int, ...]
     solve_time_s: float
     model: BatchingModel
-
-    @property
-    def mean_latency_s(self) -> float:
-        return self.evaluation.mean_latency_s
-
-    @property
-    def mean_power_w(self) -> float:
-        return self.evaluation.mean_power_w
 
 
 def _policy_iteration(smdp: PhaseSMDP, start: np.ndarray, max_iter: int,
@@ -591,7 +597,7 @@ def solve_mmpp(model: BatchingModel, *, truncation: int | None = None, max_iter:
 
 
 @dataclass(frozen=True, eq=False)
-class BlindSolveResult:
+class BlindSolveResult(_EvaluatedResult):
     """The phase-blind table (one for both phases) found by ``solve_mmpp_blind``, exactly evaluated."""
 
     policy: PolicyTable
@@ -603,14 +609,6 @@ class BlindSolveResult:
     truncation: int
     solve_time_s: float
     model: BatchingModel
-
-    @property
-    def mean_latency_s(self) -> float:
-        return self.evaluation.mean_latency_s
-
-    @property
-    def mean_power_w(self) -> float:
-        return self.evaluation.mean_power_w
 
 
 def solve_mmpp_blind(model: BatchingModel, start: PolicyTable, *, max_iter: int = 50) -> BlindSolveResult:
