@@ -243,8 +243,8 @@ def _slo_text(o: Any) -> list[str]:
     if o.stall_held_up:
         kept = (f"; the correction with them left in would be {_ms(o.correction_with_stalls_s)}"
                 if o.HasField("correction_with_stalls_s") else "")
-        lines.append(f"    host stalls {_ms(o.stalled_s)} in the window held up {o.stall_held_up} answers, "
-                     f"taken out of the correction{kept}")
+        lines.append(f"    host stalls {_ms(o.stalled_s)} in the window touched {o.stall_held_up} answers, "
+                     f"left out of the correction{kept}")
     return lines
 
 

@@ -42,10 +42,10 @@ class LatencyGap:
     at_quantile: bool
     samples: int
     with_stalls_s: float = math.nan
-    """The same figure with the host stalls left in (``plugin.stalls``): what the correction would be
-    if stalls were not told apart; equal to ``excess_s`` when none held an answer up."""
+    """The same figure over every answer, the ones host stalls touched included (``plugin.stalls``):
+    what the correction would be if stalls were not told apart."""
     held_up: int = 0
-    """Answers of the window whose life overlapped a stall."""
+    """Answers of the window a stall touched, left out of ``excess_s``."""
     stalled_s: float = 0.0
     """Stall time over the window's answers, seconds."""
 
@@ -120,20 +120,23 @@ class ExcessWindow:
             stalls: StallLog | None = None) -> LatencyGap | None:
         """The q-quantile of the excess over the predicted q-quantile once ``tail_samples / (1 - q)``
         answers are in the window, from ``min_samples`` on the mean excess over the predicted mean;
-        None with fewer. With ``stalls``, each excess net of the stall time its life overlapped."""
+        None with fewer. With ``stalls``, over the answers no stall touched only."""
         self._prune(now)
-        n = len(self._times)
+        n_all = len(self._times)
+        touched = np.zeros(n_all, dtype=bool)
+        stalled_s = 0.0
+        if stalls is not None and len(stalls) and n_all:
+            ends = np.fromiter(self._times, dtype=float, count=n_all)
+            begins = ends - np.fromiter(self._latencies, dtype=float, count=n_all)
+            touched = stalls.touched(begins, ends)
+            stalled_s = stalls.covered_s(float(begins.min()), now)
+        keep = ~touched
+        n = int(keep.sum())
         at_quantile = n >= max(min_samples, tail_samples / (1.0 - quantile))
         if not at_quantile and n < max(min_samples, 2):
             return None
-        raw = np.fromiter(self._over_quantile if at_quantile else self._over_mean, dtype=float, count=n)
-        held, stalled_s = np.zeros(n), 0.0
-        if stalls is not None and len(stalls):
-            ends = np.fromiter(self._times, dtype=float, count=n)
-            begins = ends - np.fromiter(self._latencies, dtype=float, count=n)
-            held = stalls.held_up(begins, ends)
-            stalled_s = stalls.covered_s(float(begins.min()), now)
-        v = raw - held
+        raw = np.fromiter(self._over_quantile if at_quantile else self._over_mean, dtype=float, count=n_all)
+        v = raw[keep]
         if at_quantile:
             v = np.sort(v)
             half = 1.96 * math.sqrt(n * quantile * (1.0 - quantile))  # binomial spread of the order statistic
@@ -144,4 +147,4 @@ class ExcessWindow:
         else:
             figure, ci = float(v.mean()), 1.96 * float(v.std(ddof=1)) / math.sqrt(n)
             with_stalls = float(raw.mean())
-        return LatencyGap(figure, ci, at_quantile, n, with_stalls, int(np.count_nonzero(held > 0)), stalled_s)
+        return LatencyGap(figure, ci, at_quantile, n, with_stalls, int(touched.sum()), stalled_s)

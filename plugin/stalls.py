@@ -8,17 +8,21 @@ the correction would jump by about the stall's length and tighten the policy for
 stall stays in the window, though nothing about the policy's own tail changed. A policy cannot
 take such a stall back either: every policy's answers are held up by the same amount.
 
-So each answer's excess counts net of the stall time its life (arrival to answer) overlapped. A
-stall is measured where the sidecar sees one: a batch that ran past its expected time (the profile
-in force) by more than a threshold. The part beyond expected + threshold is the stall, so that
-taking it out is continuous in the batch's time: a batch just past the threshold takes out almost
-nothing. Below the threshold nothing is taken out: the ordinary spread of batch times and the hop
-stay in the correction, which is what it is for, and a lasting slowdown of the batches is the
-profile learner's (it adopts the slower profile, and the expected time follows it).
+So the answers a stall touched are left out of the correction: those whose life (arrival to
+answer) overlapped the stall, or its wake, as long again after it (the backlog it left, served
+in bigger and later batches than the policy's own). They say nothing about the policy's tail.
+A stall is measured where the sidecar sees one: a batch that ran past its expected time (the
+profile in force) by more than a threshold; the part beyond expected + threshold is the stall.
+Such a batch is not a service time either: the profile learner skips it, or one paused batch
+would raise the learned mean and spread of its size for good. Below the threshold nothing is left
+out: the ordinary spread of batch times and the hop stay in the correction, which is what it is
+for, and a lasting slowdown of the batches (within the threshold, which scales with the batch's
+expected time) is the profile learner's: it adopts the slower profile, and the expected time
+follows it.
 
-``StallLog`` keeps the stalls of a window and answers, for a set of answers' lives, how much stall
-time each overlapped (overlapping stalls merged first, so none counts twice). Adding is O(1) on the
-request path; the question is O(answers x stalls) in numpy, asked at most once a second.
+``StallLog`` keeps the stalls of a window and answers, for a set of answers' lives, which a stall
+touched (overlapping stalls merged first). Adding is O(1) on the request path; the question is
+O(answers x stalls) in numpy, asked at most once a second.
 """
 
 from __future__ import annotations
@@ -83,18 +87,19 @@ class StallLog:
         new[1:] = s[1:] > reach[:-1]
         return s[new], np.maximum.reduceat(e, np.flatnonzero(new))
 
-    def held_up(self, begins: np.ndarray, ends: np.ndarray) -> np.ndarray:
-        """Stall time inside each [begins[i], ends[i]], seconds (stalls that ended a window before the
-        earliest begin are dropped for good)."""
+    def touched(self, begins: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """Which of the lives [begins[i], ends[i]] a stall touched: overlapped the stall, or its
+        wake (as long again after it: the backlog it left). Stalls that ended a window before the
+        earliest begin are dropped for good."""
         begins = np.asarray(begins, dtype=float)
         ends = np.asarray(ends, dtype=float)
         if begins.size == 0:
-            return np.zeros(0)
+            return np.zeros(0, dtype=bool)
         s, e = self._merged(float(begins.min()))
         if s.size == 0:
-            return np.zeros(begins.size)
-        inside = np.minimum(ends[:, None], e[None, :]) - np.maximum(begins[:, None], s[None, :])
-        return np.clip(inside, 0.0, None).sum(axis=1)
+            return np.zeros(begins.size, dtype=bool)
+        wake = e + (e - s)
+        return ((begins[:, None] < wake[None, :]) & (ends[:, None] > s[None, :])).any(axis=1)
 
     def covered_s(self, start: float, end: float) -> float:
         """Stall time inside [start, end] (overlapping stalls counted once), seconds."""

@@ -62,11 +62,13 @@ q-quantile right at D then misses it. Two corrections keep the answers within D:
 
 A host stall (Triton paused or descheduled, a CPU hog) is not the policy's tail: it holds up every
 request in flight at once, and no policy takes it back. A batch that ran past the time the profile
-in force expects by more than ``STALL_FRACTION`` of D - margin (and ``STALL_SDS`` standard
-deviations of its time at the service CV the search assumes) is taken as one: the part of it beyond
-that threshold goes into a ``StallLog``, and each answer's excess counts net of the stall time its
-life overlapped (``plugin.stalls``). The status shows the stalls of the window and what the
-correction would be with them left in.
+in force expects by more than a threshold (the largest of ``STALL_FRACTION`` of D - margin,
+``STALL_RATIO`` of its expected time, and ``STALL_SDS`` standard deviations of it at the service
+CV the search assumes) is taken as one: the part beyond the threshold goes into a ``StallLog``,
+the batch is not learned as a service time, and the answers the stall touched (in flight during
+it, or arriving in its wake, as long again after it) are left out of the correction
+(``plugin.stalls``). The status shows the stalls of the window and what the correction would be
+with those answers left in. Only with an SLO.
 
 The spread of the batch times is also learned directly: when the profile is learned, the search's
 service law is gamma with the CV measured at the sizes with ``profile_min_samples`` batches (their
@@ -125,6 +127,8 @@ is compared with the predicted one (module doc)."""
 STALL_FRACTION = 0.05
 """A batch running past its expected time by more than this share of D - margin is a host stall
 beyond that point (module doc) ..."""
+STALL_RATIO = 1.0
+"""... and by more than this share of its expected time (a slowdown within it is the learner's) ..."""
 STALL_SDS = 4.0
 """... and by more than this many standard deviations of its time at the search's service CV."""
 
@@ -508,13 +512,14 @@ class PolicyController:
             self._failed_seen = failed_requests
             self.failed_batches += 1
             return
-        if self.learner is not None:
-            self.learner.observe(rows, seconds)
         if math.isfinite(self._stall_floor_s) and 1 <= rows <= self.profile.max_batch:
             expected = float(self.profile.mean_s[rows - 1])
             now = self._clock()
-            self.stalls.overrun(now - seconds + expected, now,
-                                max(self._stall_floor_s, STALL_SDS * self._stall_cv * expected))
+            threshold = max(self._stall_floor_s, STALL_RATIO * expected, STALL_SDS * self._stall_cv * expected)
+            if self.stalls.overrun(now - seconds + expected, now, threshold) > 0:
+                return  # a stall, not a service time (module doc)
+        if self.learner is not None:
+            self.learner.observe(rows, seconds)
 
     def _stall_threshold(self) -> None:
         """The overrun beyond which a batch counts as a host stall (module doc); none without an SLO."""
