@@ -140,6 +140,8 @@ class SidecarControl:
             predicted_rate_rps=c.current.rate_rps if c is not None and c.current is not None else 0.0,
             measured=measured,
             batch_histogram=st.batches.tolist(),
+            batch_mean_s=np.divide(st.busy_s, st.batches, out=np.zeros_like(st.busy_s), where=st.batches > 0).tolist(),
+            dispatch_lag=(st.lag_n, st.lag_s / st.lag_n) if st.lag_n else None,
             queue_length=state.gate.queue_length,
             in_flight=state.gate.in_flight,
             instances=state.gate.slots,
@@ -171,6 +173,7 @@ def _slo_status(c, now: float) -> SloStatusInfo | None:
     sol = c.current
     pred = sol.slo if sol is not None else None
     meas = c.measured_slo(now)
+    gap = c.slo_gap
     return SloStatusInfo(
         quantile=c.slo.quantile, latency_s=c.slo.latency_s,
         feasible=pred.feasible if pred is not None else False,
@@ -181,6 +184,9 @@ def _slo_status(c, now: float) -> SloStatusInfo | None:
         samples=meas.samples if meas is not None else 0,
         max_wait_s=sol.max_wait_s if sol is not None and pred is not None else None,
         margin_s=c.slo.margin_s, correction_s=c.slo_offset_s,
+        stall_held_up=gap.held_up if gap is not None else 0,
+        stalled_s=gap.stalled_s if gap is not None else 0.0,
+        correction_with_stalls_s=max(0.0, gap.with_stalls_s) if gap is not None and gap.at_quantile else None,
     )
 
 
