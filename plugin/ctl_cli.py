@@ -214,7 +214,8 @@ def _status_text(s: Any) -> str:
         lines.extend(_slo_text(s.slo))
     hist = [f"{b}:{c}" for b, c in enumerate(s.batch_histogram) if b > 0 and c > 0]
     lines.append(f"  batches    {' '.join(hist) if hist else '(none)'}")
-    lines.append(f"  queue {s.queue_length}, in flight {s.in_flight} of {max(s.instances, 1)} instance(s), "
+    lines.append(f"  queue {s.queue_length}, in flight {s.in_flight} of {max(s.instances, 1)} instance(s) "
+                 f"on {max(s.devices, 1)} device(s), "
                  f"completed {s.completed}, "
                  f"rejected {s.rejected} (queue full) + {s.rejected_expired} expired + {s.rejected_invalid} invalid, "
                  f"failed {s.failed}")
