@@ -92,10 +92,12 @@ class BenchConfig:
     """Tell the solver tau(b) as measured on this stack (``smdp profile``, once, cached: the table's time
     plus what gRPC and the backend add; energy from the table) instead of the published table alone."""
     operating_point: bool = False
-    """With ``stack_profile``: before the contenders at each load, run the adaptive SMDP gate on its own
-    arrivals at that load and tell the solver, for the gate contenders there, the batch times and the
-    per-request hop the gate measured under that load (``stack_profile.operating_point``) instead of the
-    quiet profile's and the lone requests' hop."""
+    """With ``stack_profile``: before the contenders at each load, run the gate on its own arrivals at that
+    load, once per gate policy among the contenders (``calibration_policy``: the SMDP contenders share the
+    adaptive SMDP gate's run), and tell the solver, for the gate contenders with that policy there, the
+    batch times (its turnaround from decision to dispatch included) and the per-request hop the gate
+    measured under that load (``stack_profile.operating_point``) instead of the quiet profile's and the
+    lone requests' hop."""
 
     def __post_init__(self) -> None:
         from plugin.native_plane import choose_plane
@@ -388,25 +390,39 @@ def run_one(stack: Stack, cfg: BenchConfig, c: Contender, rate: float, times: np
                     compiled.settings.describe() if compiled is not None else settings)
 
 
-def _at_operating_point(stack: Stack, cfg: BenchConfig, rate: float, index: int, progress: Progress) -> Stack:
-    """The stack the gate contenders at ``rate`` are predicted (and their policies solved) with: the
-    profile and hop measured through the gate at this load (``cfg.operating_point``), else ``stack``."""
-    if not (cfg.operating_point and cfg.stack_profile and stack.hop is not None
-            and any(c.kind == "gate" for c in cfg.contenders)):
-        return stack
+def calibration_policy(c: Contender) -> str:
+    """The gate policy whose calibration run a gate contender is predicted with: every SMDP contender
+    (fixed, adaptive, SLO) shares the adaptive SMDP gate's; any other policy runs its own (a policy that
+    sends more, smaller batches turns the gate around more often)."""
+    return "smdp" if c.policy == "smdp" else c.policy
+
+
+def _at_operating_point(stack: Stack, cfg: BenchConfig, rate: float, index: int, progress: Progress
+                        ) -> dict[str, Stack]:
+    """Per calibration policy (``calibration_policy``), the stack the gate contenders at ``rate`` are
+    predicted (and their policies solved) with: the profile and hop measured through the gate running
+    that policy at this load (``cfg.operating_point``). Empty: every contender keeps ``stack``."""
+    if not (cfg.operating_point and cfg.stack_profile and stack.hop is not None):
+        return {}
     from .stack_profile import CALIBRATION_SEED, operating_point
 
     lo, hi = cfg.window
     times = arrivals.poisson(rate, duration=hi + cfg.cooldown_s, rng=cfg.seed + CALIBRATION_SEED + index)
-    try:
-        op = operating_point(stack.triton_url, stack.control, cfg.model, cfg.time_scale, stack.max_batch,
-                             stack.profile, stack.profile_path, stack.ground_truth, cfg.idle_power_w, rate, cfg.weight,
-                             times, cfg.window, cfg.data_plane, stack.solver_url, cfg.out_dir, progress)
-    except ValueError as exc:  # said, and the run goes on with what the quiet stack gave
-        progress(f"could not measure the stack at {rate:g} req/s through the gate ({exc}): the gate contenders "
-                 "there are predicted with the quiet profile and the lone requests' hop")
-        return stack
-    return replace(stack, profile=op.profile, profile_path=op.path, hop=RequestHop(stack.hop.direct_s, op.hop_s))
+    out: dict[str, Stack] = {}
+    for policy in dict.fromkeys(calibration_policy(c) for c in cfg.contenders if c.kind == "gate"):
+        try:
+            op = operating_point(stack.triton_url, stack.control, cfg.model, cfg.time_scale, stack.max_batch,
+                                 stack.profile, stack.profile_path, stack.ground_truth, cfg.idle_power_w, rate,
+                                 cfg.weight, times, cfg.window, cfg.data_plane, stack.solver_url, cfg.out_dir,
+                                 progress, policy=policy)
+        except ValueError as exc:  # said, and the run goes on with what the quiet stack gave
+            progress(f"could not measure the stack at {rate:g} req/s through the gate ({policy}: {exc}): the "
+                     f"gate contenders with that policy there are predicted with the quiet profile and the lone "
+                     "requests' hop")
+            continue
+        out[policy] = replace(stack, profile=op.profile, profile_path=op.path,
+                              hop=RequestHop(stack.hop.direct_s, op.hop_s))
+    return out
 
 
 def run_bench(cfg: BenchConfig, triton_url: str | None = None, progress: Progress = print) -> BenchReport:
@@ -421,10 +437,11 @@ def run_bench(cfg: BenchConfig, triton_url: str | None = None, progress: Progres
             progress(f"load {rate:g} req/s (rho = {model.load:.2f} of capacity {model.capacity:.0f}/s): "
                      f"{counted} Poisson arrivals measured over {cfg.duration_s:g} s "
                      f"(+{cfg.warmup_s:g} s warm-up, +{cfg.cooldown_s:g} s cool-down)")
-            gate_stack = _at_operating_point(stack, cfg, rate, k, progress)
+            gate_stacks = _at_operating_point(stack, cfg, rate, k, progress)
             for c in cfg.contenders:
                 t0 = time.monotonic()
-                row = run_one(gate_stack if c.kind == "gate" else stack, cfg, c, rate, times)
+                on = gate_stacks.get(calibration_policy(c), stack) if c.kind == "gate" else stack
+                row = run_one(on, cfg, c, rate, times)
                 rows.append(row)
                 m = row.measured
                 progress(f"  {c.name:<24} W {m.mean_latency_s * 1e3:7.2f} ms  P {m.mean_power_w:6.1f} W  "

@@ -146,6 +146,10 @@ class ModelStatusInfo:
     rejected_expired: int = 0
     rejected_invalid: int = 0
     slo: SloStatusInfo | None = None
+    batch_mean_s: Sequence[float] = field(default_factory=tuple)
+    """Entry b: mean dispatch-to-completion time of the batches ``batch_histogram`` entry b counts (0: none)."""
+    dispatch_lag: tuple[int, float] | None = None
+    """(batches, mean decision-to-dispatch time in seconds); None where the plane does not measure it."""
 
     def message(self) -> smdp_pb2.ModelStatus:
         msg = smdp_pb2.ModelStatus(
@@ -173,7 +177,10 @@ class ModelStatusInfo:
             profile_learning=self.profile_learning,
             rejected_expired=self.rejected_expired,
             rejected_invalid=self.rejected_invalid,
+            batch_mean_s=[float(x) for x in self.batch_mean_s],
         )
+        if self.dispatch_lag is not None:
+            msg.dispatch_lag.CopyFrom(smdp_pb2.DispatchLag(batches=self.dispatch_lag[0], mean_s=self.dispatch_lag[1]))
         if self.rate is not None:
             r = self.rate
             msg.rate.CopyFrom(smdp_pb2.RateEstimate(

@@ -140,6 +140,8 @@ class SidecarControl:
             predicted_rate_rps=c.current.rate_rps if c is not None and c.current is not None else 0.0,
             measured=measured,
             batch_histogram=st.batches.tolist(),
+            batch_mean_s=np.divide(st.busy_s, st.batches, out=np.zeros_like(st.busy_s), where=st.batches > 0).tolist(),
+            dispatch_lag=(st.lag_n, st.lag_s / st.lag_n) if st.lag_n else None,
             queue_length=state.gate.queue_length,
             in_flight=state.gate.in_flight,
             instances=state.gate.slots,

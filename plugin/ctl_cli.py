@@ -214,6 +214,9 @@ def _status_text(s: Any) -> str:
         lines.extend(_slo_text(s.slo))
     hist = [f"{b}:{c}" for b, c in enumerate(s.batch_histogram) if b > 0 and c > 0]
     lines.append(f"  batches    {' '.join(hist) if hist else '(none)'}")
+    if s.HasField("dispatch_lag"):
+        lines.append(f"  turnaround {_ms(s.dispatch_lag.mean_s)} per batch from decision to dispatch "
+                     f"({s.dispatch_lag.batches} batches)")
     lines.append(f"  queue {s.queue_length}, in flight {s.in_flight} of {max(s.instances, 1)} instance(s) "
                  f"on {max(s.devices, 1)} device(s), "
                  f"completed {s.completed}, "

@@ -70,6 +70,12 @@ class BatchStats:
     """Sum over answered requests of arrival-to-answer time in the sidecar, seconds."""
     latency_n: int = 0
     started_at: float = 0.0
+    lag_s: float = 0.0
+    """Sum over dispatched batches of the time from the gate's decision to the batch's dispatch, seconds:
+    the slot is the batch's from the decision on, so this is service time no dispatch-to-completion time
+    holds (the Python gate's turnaround through its event loop; the native gate dispatches as it decides)."""
+    lag_n: int = 0
+    """Batches ``lag_s`` covers (0: the plane does not measure it)."""
 
     def __post_init__(self) -> None:
         self.batches = np.zeros(self.max_batch + 1, dtype=np.int64)
@@ -79,6 +85,10 @@ class BatchStats:
         i = min(rows, self.max_batch)
         self.batches[i] += 1
         self.busy_s[i] += seconds
+
+    def record_lag(self, seconds: float) -> None:
+        self.lag_s += max(seconds, 0.0)
+        self.lag_n += 1
 
 
 class Gate(Protocol):
