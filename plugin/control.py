@@ -97,11 +97,16 @@ class SloStatusInfo:
     max_wait_s: float | None = None
     margin_s: float = 0.0
     correction_s: float = 0.0
+    stall_held_up: int = 0
+    stalled_s: float = 0.0
+    correction_with_stalls_s: float | None = None
 
     def message(self) -> smdp_pb2.SloStatus:
         msg = smdp_pb2.SloStatus(quantile=self.quantile, latency_s=self.latency_s, feasible=self.feasible,
-                                 samples=self.samples, margin_s=self.margin_s, correction_s=self.correction_s)
-        for name in ("predicted_quantile_s", "predicted_ci95_s", "measured_quantile_s", "attainment", "max_wait_s"):
+                                 samples=self.samples, margin_s=self.margin_s, correction_s=self.correction_s,
+                                 stall_held_up=self.stall_held_up, stalled_s=self.stalled_s)
+        for name in ("predicted_quantile_s", "predicted_ci95_s", "measured_quantile_s", "attainment", "max_wait_s",
+                     "correction_with_stalls_s"):
             value = getattr(self, name)
             if value is not None and math.isfinite(value):
                 setattr(msg, name, value)

@@ -174,6 +174,7 @@ def _slo_status(c, now: float) -> SloStatusInfo | None:
     sol = c.current
     pred = sol.slo if sol is not None else None
     meas = c.measured_slo(now)
+    gap = c.slo_gap
     return SloStatusInfo(
         quantile=c.slo.quantile, latency_s=c.slo.latency_s,
         feasible=pred.feasible if pred is not None else False,
@@ -184,6 +185,9 @@ def _slo_status(c, now: float) -> SloStatusInfo | None:
         samples=meas.samples if meas is not None else 0,
         max_wait_s=sol.max_wait_s if sol is not None and pred is not None else None,
         margin_s=c.slo.margin_s, correction_s=c.slo_offset_s,
+        stall_held_up=gap.held_up if gap is not None else 0,
+        stalled_s=gap.stalled_s if gap is not None else 0.0,
+        correction_with_stalls_s=max(0.0, gap.with_stalls_s) if gap is not None and gap.at_quantile else None,
     )
 
 

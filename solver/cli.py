@@ -111,6 +111,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "mean interarrival time)")
     fit.add_argument("--bin", type=float, default=None,
                      help="seconds per bin of the MMPP fit (default: 2 mean gaps, halved while switching is fast)")
+    fit.add_argument("--max-phases", type=int, default=4,
+                     help="try MMPPs with 2..this many phases (at most 6; default: %(default)s)")
     fit.add_argument("--json", action="store_true", help="print the fit as one JSON object")
     fit.set_defaults(func=_cmd_fit_arrivals)
 
@@ -465,14 +467,14 @@ def _cmd_fit_arrivals(args: argparse.Namespace) -> int:
 
     stamps = read_trace_timestamps(args.trace, column=args.column)
     times = (stamps - stamps[0]).astype("timedelta64[ns]").astype(np.int64) / 1e9
-    fit = fit_arrivals(times, group_window_s=args.group_window, bin_s=args.bin)
+    fit = fit_arrivals(times, group_window_s=args.group_window, bin_s=args.bin, max_phases=args.max_phases)
     out = fit.to_dict()
     chosen = fit.chosen
     if isinstance(chosen, CompoundPoisson):
         cli = f"batch:{chosen.group_mean:.6g}"
     elif isinstance(chosen, MMPP2) and chosen.grouped:  # the option carries geometric groups of the same means
-        (l1, l2), (r12, r21), (g1, g2) = chosen.rates, chosen.switching, chosen.group_means
-        cli = f"mmpp:{l1:.6g},{l2:.6g}:{r12:.6g},{r21:.6g}:{g1:.6g},{g2:.6g}"
+        cli = "mmpp:" + ":".join(",".join(f"{x:.6g}" for x in xs)
+                                 for xs in (chosen.rates, chosen.switching, chosen.group_means))
     else:
         cli = chosen.spec
     out["arrivals_option"] = cli
@@ -497,6 +499,10 @@ def _cmd_fit_arrivals(args: argparse.Namespace) -> int:
         (l1, l2), (r12, r21), (g1, g2) = m.model.rates, m.model.switching, m.model.group_means
         print(f"  batch mmpp: rates {l1:.4g}, {l2:.4g} req/s in groups of mean {g1:.4g}, {g2:.4g}; switching "
               f"1->2 {r12:.4g}, 2->1 {r21:.4g} /s (the MMPP of the group instants)")
+    for name, m in fit.more_phases.items():
+        grouped = f" in groups of mean {', '.join(f'{g:.4g}' for g in m.model.group_means)}" if m.model.grouped else ""
+        print(f"  {name}: rates {', '.join(f'{r:.4g}' for r in m.model.rates)} req/s{grouped}; switching "
+              f"(row by row) {', '.join(f'{x:.4g}' for x in m.model.switching)} /s")
     names = list(fit.dispersion)
     print("  index of dispersion Var N(t)/E N(t)   " + "  ".join(f"{n:>8}" for n in names))
     for i, w in enumerate(fit.windows_s):

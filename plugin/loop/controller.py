@@ -60,6 +60,16 @@ q-quantile right at D then misses it. Two corrections keep the answers within D:
   can take back: a stalled host, and greedy would only add load), the policy is searched for
   D - margin only, and the note says so.
 
+A host stall (Triton paused or descheduled, a CPU hog) is not the policy's tail: it holds up every
+request in flight at once, and no policy takes it back. A batch that ran past the time the profile
+in force expects by more than a threshold (the largest of ``STALL_FRACTION`` of D - margin,
+``STALL_RATIO`` of its expected time, and ``STALL_SDS`` standard deviations of it at the service
+CV the search assumes) is taken as one: the part beyond the threshold goes into a ``StallLog``,
+the batch is not learned as a service time, and the answers the stall touched (in flight during
+it, or arriving in its wake, as long again after it) are left out of the correction
+(``plugin.stalls``). The status shows the stalls of the window and what the correction would be
+with those answers left in. Only with an SLO.
+
 The spread of the batch times is also learned directly: when the profile is learned, the search's
 service law is gamma with the CV measured at the sizes with ``profile_min_samples`` batches (their
 median), instead of the profile's own (``slo_service_cv``).
@@ -90,8 +100,9 @@ from solver.policy import GateRule, InstanceTable, PolicyTable, greedy
 from solver.slo import SloTarget
 
 from ..arrival_estimator import GroupEstimator, ModulationEstimator
-from ..latency_window import ExcessWindow, LatencySummary, LatencyWindow
+from ..latency_window import ExcessWindow, LatencyGap, LatencySummary, LatencyWindow
 from ..placement import Placement
+from ..stalls import StallLog
 from .profile import ProfileDrift, ProfileLearner
 from . import slo_search
 from .rate import RateEstimator
@@ -113,6 +124,14 @@ SLO_OFFSET_MIN_SAMPLES = 200
 SLO_TAIL_SAMPLES = 5.0
 """Answers beyond the q-quantile (so SLO_TAIL_SAMPLES / (1 - q) answers) before the measured q-quantile
 is compared with the predicted one (module doc)."""
+
+STALL_FRACTION = 0.05
+"""A batch running past its expected time by more than this share of D - margin is a host stall
+beyond that point (module doc) ..."""
+STALL_RATIO = 1.0
+"""... and by more than this share of its expected time (a slowdown within it is the learner's) ..."""
+STALL_SDS = 4.0
+"""... and by more than this many standard deviations of its time at the search's service CV."""
 
 WEIGHT_SCALE_MAX = 10.0
 """The long-run weight scale lambda_bar / lambda is kept within [1/10, 10]: further out (a near-silent
@@ -414,6 +433,12 @@ class PolicyController:
         self.latencies = LatencyWindow(window_s)
         self.excess = ExcessWindow(window_s)
         """Each answer's latency over its SLO policy's prediction, for the correction (module doc)."""
+        self.stalls = StallLog(window_s)
+        """Host stalls seen as batches running past their expected time, kept out of the correction."""
+        self.slo_gap: LatencyGap | None = None
+        """The last measured gap behind the correction (its stalls, its figure with them left in)."""
+        self._stall_floor_s = math.inf
+        self._stall_cv = 0.0
         self._install = install
         self._clock = clock
         self._solver: Solver = solver if solver is not None else LocalSolver()
@@ -503,8 +528,23 @@ class PolicyController:
             self._failed_seen = failed_requests
             self.failed_batches += 1
             return
+        if math.isfinite(self._stall_floor_s) and 1 <= rows <= self.profile.max_batch:
+            expected = float(self.profile.mean_s[rows - 1])
+            now = self._clock()
+            threshold = max(self._stall_floor_s, STALL_RATIO * expected, STALL_SDS * self._stall_cv * expected)
+            if self.stalls.overrun(now - seconds + expected, now, threshold) > 0:
+                return  # a stall, not a service time (module doc)
         if self.learner is not None:
             self.learner.observe(rows, seconds)
+
+    def _stall_threshold(self) -> None:
+        """The overrun beyond which a batch counts as a host stall (module doc); none without an SLO."""
+        if self.slo is None:
+            self._stall_floor_s = math.inf
+            return
+        self._stall_floor_s = STALL_FRACTION * (self.slo.latency_s - self.slo.margin_s)
+        cv = self.slo_service_cv()
+        self._stall_cv = cv if cv is not None else float(np.max(self.profile.cv))
 
     def learn(self, now: float) -> ProfileDrift | None:
         """Rebuild the learned profile if due; adopt it and mark the policy dirty on a significant drift.
@@ -687,6 +727,9 @@ class PolicyController:
         self.slo = target
         self.slo_offset_s = 0.0
         self.excess.clear()
+        self.stalls.clear()
+        self.slo_gap = None
+        self._stall_threshold()
         if target is not None:
             self.latency_target_s = None
             slo_search.prestart()
@@ -785,8 +828,10 @@ class PolicyController:
         if now - self._offset_checked_at < 1.0:  # an O(window) look: once a second is plenty
             return False
         self._offset_checked_at = now
+        self._stall_threshold()
         gap = self.excess.gap(now, self.slo.quantile, min_samples=SLO_OFFSET_MIN_SAMPLES,
-                              tail_samples=SLO_TAIL_SAMPLES)
+                              tail_samples=SLO_TAIL_SAMPLES, stalls=self.stalls)
+        self.slo_gap = gap
         if gap is None:
             return False
         old, new, d = self.slo_offset_s, max(0.0, gap.excess_s), self.slo.latency_s
