@@ -201,7 +201,8 @@ def _instances_prediction(contender: Contender, model: BatchingModel, times: np.
     if times.size < 2:
         return Prediction()
     sim = simulate(model.profile, PerInstance(rule_from_spec(spec, model.max_batch), model.instances), times,
-                   idle_power_w=model.idle_power_w, weight=model.weight, seed=seed, warmup=warmup_s)
+                   idle_power_w=model.idle_power_w, weight=model.weight, seed=seed, warmup=warmup_s,
+                   devices=model.idle_devices)
     return Prediction(sim.mean_latency_s, sim.mean_power_w, sim.cost, sim.mean_batch, "sim")
 
 
