@@ -10,6 +10,7 @@ from solver.policy import BatchRule, GateRule, parse_rule_spec, rule_from_spec
 from tritonclient.grpc import model_config_pb2
 
 from .config import ModelPolicyConfig
+from .placement import placement
 
 log = logging.getLogger("smdp.policies")
 
@@ -25,23 +26,18 @@ class RuleInfo:
 
 
 def model_instances(cfg: model_config_pb2.ModelConfig) -> int:
-    """k, the model's instances fed by Triton's one queue: the instance_group counts, each times the
-    GPUs it lists for KIND_GPU (Triton places `count` instances on each listed GPU). A KIND_GPU group
-    that lists no GPUs is counted once (Triton puts it on every visible GPU, which the config does not say)."""
-    total = 0
-    for g in cfg.instance_group:
-        count = max(g.count, 1)
-        if g.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and len(g.gpus) > 0:
-            count *= len(g.gpus)
-        total += count
-    return total or 1
+    """k, the model's instances fed by Triton's one queue (``plugin.placement``: instance_group counts,
+    each times the GPUs it lists for KIND_GPU)."""
+    return placement(cfg).instances
 
 
-def build_rule(model: str, cfg: ModelPolicyConfig, model_max_batch: int, instances: int = 1) -> RuleInfo:
+def build_rule(model: str, cfg: ModelPolicyConfig, model_max_batch: int, instances: int = 1,
+               devices: int | None = None) -> RuleInfo:
     """Build the rule for one model; B is capped by the model's own max_batch_size.
 
     With k = ``instances`` > 1 the smdp policy is the k-instance table a(n, m) (``solver.instances``),
-    m = the gate's batches in flight; baselines run per instance slot as Triton's batcher does."""
+    m = the gate's batches in flight; baselines run per instance slot as Triton's batcher does. ``devices``:
+    D, the devices the k instances draw idle power on (``plugin.placement``; None: one per instance)."""
     b = min(cfg.max_batch or model_max_batch, model_max_batch)
     kind, _ = parse_rule_spec(cfg.policy)
     if kind != "smdp":
@@ -54,7 +50,7 @@ def build_rule(model: str, cfg: ModelPolicyConfig, model_max_batch: int, instanc
     profile = ServiceProfile.from_csv(cfg.profile)
     bm = BatchingModel(
         rate=cfg.rate_rps, max_batch=b, profile=profile, idle_power_w=cfg.idle_power_w, weight=cfg.weight,
-        instances=instances,
+        instances=instances, devices=devices if instances > 1 else None,
     )
     if bm.instances > 1:
         from solver.instances import solve_instances
@@ -68,6 +64,7 @@ def build_rule(model: str, cfg: ModelPolicyConfig, model_max_batch: int, instanc
             "threshold": None,
             "thresholds": list(k_res.policy.thresholds() or ()),
             "instances": bm.instances,
+            "devices": bm.idle_devices,
             "rate_rps": cfg.rate_rps,
             "weight": cfg.weight,
         }

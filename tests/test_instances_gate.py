@@ -102,11 +102,12 @@ def test_the_adaptive_loop_solves_for_k_instances_and_installs_a_rule_that_sees_
     assert c.note.startswith("SLO search is for one instance")
 
 
-def test_the_real_stack_bench_measures_idle_power_per_instance():
+def test_the_real_stack_bench_measures_idle_power_per_device():
     import numpy as np
 
     from loadtest.metrics import measure
     from loadtest.openloop import OpenLoopResult
+    from plugin.placement import Placement
     from solver.model import ServiceProfile
 
     prof = ServiceProfile.from_table([1, 2], [0.01, 0.01], [1.0, 1.0])  # e(b) = 1 J in 10 ms: p(b) = 100 W
@@ -115,9 +116,11 @@ def test_the_real_stack_bench_measures_idle_power_per_instance():
                          done_s=np.array([0.12, 0.12]), status=("OK", "OK"), batch_size=np.array([2, 2]),
                          batch_energy_j=np.array([1.0, 1.0]))
     one = measure(res, prof, idle_power_w=40.0, weight=0.0, window=(0.0, 1.0))
-    two = measure(res, prof, idle_power_w=40.0, weight=0.0, window=(0.0, 1.0), instances=2)
+    two = measure(res, prof, idle_power_w=40.0, weight=0.0, window=(0.0, 1.0), placement=Placement(2, 2, ""))
+    shared = measure(res, prof, idle_power_w=40.0, weight=0.0, window=(0.0, 1.0), placement=Placement(2, 1, ""))
     assert one.mean_power_w == pytest.approx(1.0 + 40.0 * 0.99)
     assert two.mean_power_w == pytest.approx(1.0 + 40.0 * 1.99)
+    assert shared.mean_power_w == pytest.approx(1.0 + 40.0 * 0.99)  # two instances on one GPU: P0 once
 
 
 def test_the_policy_reply_carries_and_shows_the_rows_for_m():

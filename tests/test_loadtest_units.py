@@ -189,6 +189,24 @@ def test_the_unscaled_adaptive_gate_runs_a_sidecar_with_the_long_run_window_off(
     assert args.long_run_window_s == 0.0
 
 
+def test_a_guarded_gate_contender_runs_a_sidecar_with_that_max_wait():
+    from loadtest.stack import SidecarSpec
+    from plugin.serve_cli import config_from_args
+    from smdp.cli import build_parser
+
+    c = parse_contender("gate:smdp-adaptive-guard:10000")
+    assert c.adaptive and c.max_wait_us == 10_000 and c.name == "gate smdp adaptive guard=10ms"
+    assert not parse_contender("gate:smdp-guard:2500").adaptive
+    for bad in ("gate:smdp-guard:x", "gate:smdp-guard:0"):
+        with pytest.raises(ValueError):
+            parse_contender(bad)
+    flags = SidecarSpec(policy="greedy", max_batch=8, max_wait_s=0.01).flags()
+    assert flags[flags.index("--max-wait") + 1] == "0.01"
+    assert "--max-wait" not in SidecarSpec(policy="smdp", max_batch=8).flags()
+    config = config_from_args(build_parser().parse_args(["serve", *flags]))
+    assert config.policy_for("any").max_wait_s == 0.01
+
+
 def test_predictions_agree_with_the_solver_and_greedy_equals_zero_delay():
     from solver.evaluate import evaluate
     from solver.policy import greedy
