@@ -73,6 +73,17 @@ def test_the_fixed_slo_gate_is_the_slo_search_solved_once():
     assert isinstance(info.rule, MaxWaitGuard) and info.rule.max_wait_s == want.max_wait_s
     np.testing.assert_array_equal(info.rule.rule.actions, want.policy.actions)
     assert info.prediction["slo_feasible"] and info.prediction["predicted_quantile_s"] <= 0.018
+    # its ctl status: the SLO and what the one search predicted (nothing measured: no controller)
+    from plugin.control_backend import _fixed_slo_status
+    from plugin.ctl_cli import _slo_text
+
+    st = _fixed_slo_status(cfg, info).message()
+    assert (st.quantile, st.latency_s, st.margin_s, st.feasible) == (0.99, 0.02, 0.002, True)
+    assert st.predicted_quantile_s == info.prediction["predicted_quantile_s"] and st.max_wait_s == want.max_wait_s
+    assert not st.HasField("measured_quantile_s")
+    text = "\n".join(_slo_text(st))
+    assert "q0.99 <= 20.000 ms: predicted to meet it" in text and "max-wait guard" in text
+    assert _fixed_slo_status(cfg.model_copy(update={"slo": None}), info) is None
     with pytest.raises(ValueError, match="smdp"):
         ModelPolicyConfig(policy="greedy", slo=SloConfig(latency_s=0.02))
 
