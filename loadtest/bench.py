@@ -381,32 +381,28 @@ def calibration_policy(c: Contender) -> str:
     return "smdp" if c.policy == "smdp" else c.policy
 
 
-def _at_operating_point(stack: Stack, cfg: BenchConfig, rate: float, index: int, progress: Progress
-                        ) -> dict[str, Stack]:
-    """Per calibration policy (``calibration_policy``), the stack the gate contenders at ``rate`` are
-    predicted (and their policies solved) with: the profile and hop measured through the gate running
-    that policy at this load (``cfg.operating_point``). Empty: every contender keeps ``stack``."""
+def _at_operating_point(stack: Stack, cfg: BenchConfig, rate: float, index: int, policy: str,
+                        progress: Progress) -> Stack:
+    """The stack the gate contenders at ``rate`` whose ``calibration_policy`` is ``policy`` are predicted
+    (and their policies solved) with: the profile and hop measured through the gate running that policy at
+    this load (``cfg.operating_point``), else ``stack``. Run just before the first of them, so that what it
+    measures of a shared host is as close as it can be to what they meet."""
     if not (cfg.operating_point and cfg.stack_profile and stack.hop is not None):
-        return {}
+        return stack
     from .stack_profile import CALIBRATION_SEED, operating_point
 
     lo, hi = cfg.window
     times = arrivals.poisson(rate, duration=hi + cfg.cooldown_s, rng=cfg.seed + CALIBRATION_SEED + index)
-    out: dict[str, Stack] = {}
-    for policy in dict.fromkeys(calibration_policy(c) for c in cfg.contenders if c.kind == "gate"):
-        try:
-            op = operating_point(stack.triton_url, stack.control, cfg.model, cfg.time_scale, stack.max_batch,
-                                 stack.profile, stack.profile_path, stack.ground_truth, cfg.idle_power_w, rate,
-                                 cfg.weight, times, cfg.window, cfg.data_plane, stack.solver_url, cfg.out_dir,
-                                 progress, policy=policy)
-        except ValueError as exc:  # said, and the run goes on with what the quiet stack gave
-            progress(f"could not measure the stack at {rate:g} req/s through the gate ({policy}: {exc}): the "
-                     f"gate contenders with that policy there are predicted with the quiet profile and the lone "
-                     "requests' hop")
-            continue
-        out[policy] = replace(stack, profile=op.profile, profile_path=op.path,
-                              hop=RequestHop(stack.hop.direct_s, op.hop_s))
-    return out
+    try:
+        op = operating_point(stack.triton_url, stack.control, cfg.model, cfg.time_scale, stack.max_batch,
+                             stack.profile, stack.profile_path, stack.ground_truth, cfg.idle_power_w, rate,
+                             cfg.weight, times, cfg.window, cfg.data_plane, stack.solver_url, cfg.out_dir,
+                             progress, policy=policy)
+    except ValueError as exc:  # said, and the run goes on with what the quiet stack gave
+        progress(f"could not measure the stack at {rate:g} req/s through the gate ({policy}: {exc}): the gate "
+                 "contenders with that policy there are predicted with the quiet profile and the lone requests' hop")
+        return stack
+    return replace(stack, profile=op.profile, profile_path=op.path, hop=RequestHop(stack.hop.direct_s, op.hop_s))
 
 
 def run_bench(cfg: BenchConfig, triton_url: str | None = None, progress: Progress = print) -> BenchReport:
@@ -421,10 +417,15 @@ def run_bench(cfg: BenchConfig, triton_url: str | None = None, progress: Progres
             progress(f"load {rate:g} req/s (rho = {model.load:.2f} of capacity {model.capacity:.0f}/s): "
                      f"{counted} Poisson arrivals measured over {cfg.duration_s:g} s "
                      f"(+{cfg.warmup_s:g} s warm-up, +{cfg.cooldown_s:g} s cool-down)")
-            gate_stacks = _at_operating_point(stack, cfg, rate, k, progress)
+            gate_stacks: dict[str, Stack] = {}  # per calibration policy, calibrated before its first contender
             for c in cfg.contenders:
+                on = stack
+                if c.kind == "gate":
+                    key = calibration_policy(c)
+                    if key not in gate_stacks:
+                        gate_stacks[key] = _at_operating_point(stack, cfg, rate, k, key, progress)
+                    on = gate_stacks[key]
                 t0 = time.monotonic()
-                on = gate_stacks.get(calibration_policy(c), stack) if c.kind == "gate" else stack
                 row = run_one(on, cfg, c, rate, times)
                 rows.append(row)
                 m = row.measured
