@@ -407,3 +407,19 @@ def test_repeat_summary_pairs_each_repeat_against_the_adaptive_gate():
     vs_triton = next(line for line in lines if "vs triton" in line)
     assert "lower in 3 of 3" in vs_triton
     assert len(repeat_summary({"gate smdp": [0.2]})) == 2  # no adaptive gate: the table only
+
+
+def test_the_fitted_prediction_is_kept_for_the_next_run_of_the_same_trace(tmp_path, monkeypatch):
+    from loadtest import trace_bench
+
+    prof = scaled_profile(ServiceProfile.from_csv(V100).truncated(32), 10.0)
+    times = np.sort(np.random.default_rng(1).uniform(0, 20, 2000))
+    model = BatchingModel((times.size - 1) / (times[-1] - times[0]), 32, prof, 40.0, 1e-3)
+    calls = []
+    real = trace_bench.fitted_prediction
+    monkeypatch.setattr(trace_bench, "fitted_prediction", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = trace_bench.cached_fitted_prediction(tmp_path, model, times, 1.0)
+    again = trace_bench.cached_fitted_prediction(tmp_path, model, times, 1.0)
+    assert again == first and len(calls) == 1
+    trace_bench.cached_fitted_prediction(tmp_path, model.with_(weight=2e-3), times, 1.0)  # another model: solved again
+    assert len(calls) == 2
