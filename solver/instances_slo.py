@@ -61,6 +61,8 @@ class InstanceSloCandidate:
     """J = W + w P at the model's weight."""
     feasible: bool
     max_batch: int
+    mean_batch: float
+    """Requests per batch."""
 
     @property
     def table(self) -> InstanceTable:
@@ -103,6 +105,7 @@ class InstanceSloResult:
             "cost": c.cost,
             "mean_latency_s": c.mean_latency_s,
             "mean_power_w": c.mean_power_w,
+            "mean_batch": c.mean_batch,
             "candidates": len(self.candidates),
             "requests": self.requests,
             "solve_time_s": self.solve_time_s,
@@ -156,7 +159,8 @@ def solve_slo_instances(model: BatchingModel, target: SloTarget, *, seed: int = 
             est = QuantileEstimate(point, half, float(np.mean(lat <= budget)), "simulation")
             ok = math.isfinite(est.upper_s) and est.upper_s <= budget
             out.append(InstanceSloCandidate(t, tables[t], g, est, float(fig.mean_latency_s[i]),
-                                            float(fig.mean_power_w[i]), float(fig.cost[i]), ok, big_b))
+                                            float(fig.mean_power_w[i]), float(fig.cost[i]), ok, big_b,
+                                            float(fig.mean_batch[i])))
         return out
 
     first = judge([(t, None) for t in tables] + [(t, f * budget) for t in tables for f in GUARD_FRACTIONS])

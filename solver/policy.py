@@ -436,6 +436,9 @@ class GateRule:
             return cls(rule.max_batch, rows[0], rule.max_batch, busy_tables=tuple(rows[1:]))
         if isinstance(rule, PerInstance):
             return cls.of(rule.rule)
+        if isinstance(rule, InstanceGuard):
+            inner = cls.of(rule.table)
+            return cls(inner.max_batch, inner.table, inner.beyond, rule.max_wait_s, "max_wait", inner.busy_tables)
         if isinstance(rule, TimeoutRule):
             b = rule.max_batch
             return cls(b, (0,) * b + (b,), b, rule.timeout_s, "timeout")

@@ -68,6 +68,8 @@ class LaneFigures:
     devices: int
     """D: each device draws P0 once (``BatchingModel.devices``)."""
     weight: float
+    batches: np.ndarray | None = None
+    """Batches whose first request is in the segment (per candidate and replication)."""
     latencies: np.ndarray | None = None
     """With ``run(..., latencies=True)``: per candidate (rows), the response time of every counted
     request in arrival order (replication r's segment, then r + 1's: the segments tile the stream)."""
@@ -75,6 +77,13 @@ class LaneFigures:
     @property
     def mean_latency_s(self) -> np.ndarray:
         return self.latency_sum.sum(axis=1) / self.count.sum(axis=1)
+
+    @property
+    def mean_batch(self) -> np.ndarray:
+        """Requests per batch: the counted requests over the batches that start in the segments."""
+        if self.batches is None:
+            raise ModelError("these figures were made without batch counts")
+        return self.count.sum(axis=1) / np.maximum(self.batches.sum(axis=1), 1)
 
     @property
     def mean_power_w(self) -> np.ndarray:
@@ -183,6 +192,8 @@ class ThresholdLanes:
         out_lat = np.zeros(lanes)
         out_cnt = np.zeros(lanes)
         out_energy = np.zeros(lanes)
+        nb = np.zeros(lanes)
+        out_nb = np.zeros(lanes)
         inf = np.inf
         hi = np.full((lanes, k), inf)
         alive = np.arange(lanes)
@@ -217,6 +228,7 @@ class ThresholdLanes:
             lat += (c1 - c0) * done_at - (cs[c1] - cs[c0])
             cnt += c1 - c0
             energy += extra_power[a - 1] * d * ((c1 - c0) / a)
+            nb += (h >= seg_lo) & (h < seg_hi)
             if keep_lat is not None:
                 i = c0[:, None] + offsets[None, :]
                 ok = i < c1[:, None]
@@ -231,9 +243,10 @@ class ThresholdLanes:
                 out_lat[alive[gone]] = lat[gone]
                 out_cnt[alive[gone]] = cnt[gone]
                 out_energy[alive[gone]] = energy[gone]
+                out_nb[alive[gone]] = nb[gone]
                 keep = np.flatnonzero(left)
-                alive, h, now, free, lat, cnt, energy = (alive[keep], h[keep], now[keep], free[keep], lat[keep],
-                                                         cnt[keep], energy[keep])
+                alive, h, now, free, lat, cnt, energy, nb = (alive[keep], h[keep], now[keep], free[keep], lat[keep],
+                                                             cnt[keep], energy[keep], nb[keep])
                 need, seg_lo, seg_hi, end, hi, rep_alive, guard = (need[keep], seg_lo[keep], seg_hi[keep], end[keep],
                                                                    hi[keep], rep_alive[keep], guard[keep])
         first = np.arange(reps) * self.segment + self.warmup
@@ -242,7 +255,7 @@ class ThresholdLanes:
             count=out_cnt.reshape(c, reps), latency_sum=out_lat.reshape(c, reps),
             extra_energy=out_energy.reshape(c, reps), span=np.tile(span, (c, 1)),
             idle_power_w=float(self.model.idle_power_w), devices=self.model.idle_devices,
-            weight=float(self.model.weight),
+            weight=float(self.model.weight), batches=out_nb.reshape(c, reps),
             latencies=None if keep_lat is None else keep_lat.reshape(c, reps * self.segment))
 
 

@@ -38,6 +38,7 @@ def test_the_lanes_guard_and_response_times_agree_with_the_event_simulator(cv, t
         assert fig.latencies[i].mean() == pytest.approx(fig.mean_latency_s[i], rel=1e-9)
         assert fig.mean_latency_s[i] == pytest.approx(sim.mean_latency_s, rel=tol)
         assert fig.mean_power_w[i] == pytest.approx(sim.mean_power_w, rel=tol)
+        assert fig.mean_batch[i] == pytest.approx(sim.mean_batch, rel=tol)
         assert sectioned_quantile(fig.latencies[i], 0.95)[0] == pytest.approx(np.quantile(lat, 0.95), rel=tol)
     # the guard cuts the waits for company: a lower tail than the same limits unguarded
     assert np.quantile(fig.latencies[1], 0.95) < np.quantile(fig.latencies[0], 0.95)
@@ -92,3 +93,29 @@ def test_one_instance_is_the_one_server_searchs_job(capsys):
     assert out["instances"] == 2 and out["slo_feasible"] is True and len(out["policy"]) == 2
     assert out["predicted_quantile_s"] + out["predicted_quantile_ci95_s"] <= 0.008
     assert out["slo_quantile"] == 0.95 and out["max_wait_s"] is None or out["max_wait_s"] > 0
+
+
+def test_a_guarded_k_instance_table_is_a_gate_rule_both_planes_run():
+    """A line of the form the shared vectors (tests/vectors/instances.json) run on the Python gate and
+    the native one: the rows for m and the guard, which fires whatever m."""
+    from solver.policy import GateRule, InstanceTable
+
+    rule = GateRule.of(InstanceGuard(InstanceTable([[0, 1, 2, 3, 4], [0, 0, 2, 3, 4]], 4), 0.005))
+    assert rule.to_line() == "max_batch=4 beyond=4 table=0,1,2,3,4 busy_tables=0,0,2,3,4 max_wait_us=5000 guard_reason=max_wait"
+    assert rule.decide(1, 0.004, 1).serve == 0 and rule.decide(1, 0.005, 1).serve == 1
+    with pytest.raises(ValueError, match="max wait"):
+        InstanceGuard(InstanceTable([[0, 1]], 1), 0.0)
+
+
+def test_a_fixed_slo_policy_for_k_instances_is_the_guarded_table_the_gate_runs():
+    from plugin.config import ModelPolicyConfig
+    from plugin.policies import build_rule
+    from solver.policy import GateRule
+
+    cap = 2 * 64 / 0.0108899098
+    cfg = ModelPolicyConfig(policy="smdp", profile=PROFILE, rate_rps=0.5 * cap, weight=1e-3, adaptive=False,
+                            slo={"quantile": 0.99, "latency_s": 0.008})
+    info = build_rule("m", cfg, 64, instances=2, devices=1)
+    assert isinstance(info.rule, GateRule) and len(info.rule.busy_tables) == 1
+    assert info.prediction["slo_feasible"] and info.prediction["predicted_quantile_s"] <= 0.008
+    assert info.rule.max_wait_s == info.prediction["max_wait_s"] and info.prediction["devices"] == 1
