@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from plugin.placement import Placement, placement_of_json
 from solver import arrivals, quantities
 from solver.model import BatchingModel, ModelError, ServiceProfile
 
@@ -213,7 +214,8 @@ def _run_contender(c: Contender, cfg: BenchConfig, control: ModelConfigControl, 
             spec = SidecarSpec(policy=c.policy, max_batch=B, profile_csv=profile_path, rate_rps=rate,
                                weight=cfg.weight, idle_power_w=cfg.idle_power_w, adaptive=c.adaptive,
                                solver_url=solver_url if c.adaptive else None, data_plane=cfg.data_plane,
-                               slo=cfg.slo if c.slo else None)
+                               slo=cfg.slo if c.slo else None,
+                               max_wait_s=None if c.max_wait_us is None else c.max_wait_us / 1e6)
             safe = c.name.replace(" ", "_").replace(":", "_")
             sidecar = SidecarProcess(triton_url, spec, log_path=log_dir / f"sidecar-{safe}-{rate:g}.log").start()
             target = sidecar.url
@@ -264,6 +266,9 @@ class Stack:
     """The table the emulated model runs at this time scale: what measurement charges (None: ``profile``)."""
     hop: RequestHop | None = None
     """Measured per-request time beyond the batch's slot, added to the solver's W (None: not measured)."""
+    placement: Placement = Placement(1, 1, "one instance")
+    """k instances on D devices as the contenders' config places them (``plugin.placement``, what the
+    sidecar reads): predictions and measured power count P0 once per device."""
 
     @property
     def ground_truth(self) -> ServiceProfile:
@@ -296,6 +301,7 @@ def bench_stack(cfg: BenchConfig, triton_url: str | None = None, progress: Progr
         if B > base.max_batch:
             raise ValueError(f"model {cfg.model!r} batches up to {B}, beyond the profile's {base.max_batch}")
         emulated = scaled_profile(base.truncated(B), cfg.time_scale)
+        where = bench_placement(control, cfg)
         hop = None
         profile, profile_path = emulated, write_profile_csv(
             emulated, cfg.out_dir / f"{cfg.profile_name}_x{cfg.time_scale:g}.csv")
@@ -314,7 +320,7 @@ def bench_stack(cfg: BenchConfig, triton_url: str | None = None, progress: Progr
                 solver_url = solver.url
             else:
                 solver_url = cfg.solver
-        yield Stack(triton_url, control, B, profile, profile_path, solver_url, emulated, hop)
+        yield Stack(triton_url, control, B, profile, profile_path, solver_url, emulated, hop, where)
     finally:
         if solver is not None:
             progress("stopping the solver service")
@@ -331,10 +337,21 @@ def bench_stack(cfg: BenchConfig, triton_url: str | None = None, progress: Progr
             triton.stop()
 
 
+def bench_placement(control: ModelConfigControl, cfg: BenchConfig) -> Placement:
+    """k and D of the config the contenders run with (the instance count the bench sets)."""
+    where = placement_of_json(control.config_with(BatchingOverride(instances=_instances(cfg))))
+    if where.instances != cfg.instances:
+        raise ValueError(f"model {cfg.model!r} runs {where.instances} instance(s) with instance_group count "
+                         f"{cfg.instances} ({where.why}): give --instances {where.instances} or a config "
+                         "that lists one GPU")
+    return where
+
+
 def batching_model(stack: Stack, cfg: BenchConfig, rate: float) -> BatchingModel:
     try:
         return BatchingModel(rate, stack.max_batch, stack.profile, cfg.idle_power_w, cfg.weight,
-                             instances=cfg.instances)
+                             instances=cfg.instances,
+                             devices=stack.placement.devices if cfg.instances > 1 else None)
     except ModelError as exc:
         raise ValueError(f"rate {rate:g}/s: {exc}") from None
 
@@ -364,7 +381,7 @@ def run_one(stack: Stack, cfg: BenchConfig, c: Contender, rate: float, times: np
     res = _run_contender(c, cfg, stack.control, stack.triton_url, times, rate, stack.max_batch,
                          stack.profile_path, cfg.out_dir, compiled=compiled, solver_url=stack.solver_url)
     m = measure(res, stack.ground_truth, idle_power_w=cfg.idle_power_w, weight=cfg.weight,
-                energy_scale=cfg.time_scale, window=cfg.window, instances=cfg.instances,
+                energy_scale=cfg.time_scale, window=cfg.window, placement=stack.placement,
                 slo_latency_s=cfg.slo.latency_s if cfg.slo is not None else None)
     in_window = (res.scheduled_s >= lo) & (res.scheduled_s < hi)
     ok = in_window & res.ok
@@ -434,7 +451,10 @@ def run_bench(cfg: BenchConfig, triton_url: str | None = None, progress: Progres
                 if row.settings:
                     progress(f"  {'':<24} compiled to {row.settings}")
         B = stack.max_batch
+        where = stack.placement
     note = power_note(cfg.profile_name, cfg.idle_power_w)
+    if where.instances > 1:
+        note += f"; {where.instances} instances on {where.devices} device(s) ({where.why}): P0 once per device"
     if cfg.stack_profile:
         note += "; the solver is told tau(b) as measured on this stack (smdp profile), energy from the table"
         if cfg.operating_point:

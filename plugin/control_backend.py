@@ -120,7 +120,7 @@ class SidecarControl:
                 energy = float(np.dot(counts, p.energy_j[:top]))
                 busy = float(np.dot(counts, p.mean_s[:top]))
                 idle_w = self.registry.policy_config(model).idle_power_w
-                p_meas = (energy + idle_w * max(0.0, elapsed - busy)) / elapsed
+                p_meas = state.placement.modelled_power_w(energy, busy, elapsed, idle_w)
             batches = int(st.batches.sum())
             mean_batch = float(np.dot(np.arange(len(st.batches)), st.batches)) / batches if batches else 0.0
             measured = Figures(w_meas, p_meas, w_meas + weight * (p_meas if math.isfinite(p_meas) else 0.0),
@@ -145,6 +145,7 @@ class SidecarControl:
             queue_length=state.gate.queue_length,
             in_flight=state.gate.in_flight,
             instances=state.gate.slots,
+            devices=state.placement.devices,
             completed=st.latency_n,
             rejected=state.gate.counters.rejected,
             rejected_expired=state.gate.counters.expired,
@@ -173,6 +174,7 @@ def _slo_status(c, now: float) -> SloStatusInfo | None:
     sol = c.current
     pred = sol.slo if sol is not None else None
     meas = c.measured_slo(now)
+    gap = c.slo_gap
     return SloStatusInfo(
         quantile=c.slo.quantile, latency_s=c.slo.latency_s,
         feasible=pred.feasible if pred is not None else False,
@@ -183,6 +185,9 @@ def _slo_status(c, now: float) -> SloStatusInfo | None:
         samples=meas.samples if meas is not None else 0,
         max_wait_s=sol.max_wait_s if sol is not None and pred is not None else None,
         margin_s=c.slo.margin_s, correction_s=c.slo_offset_s,
+        stall_held_up=gap.held_up if gap is not None else 0,
+        stalled_s=gap.stalled_s if gap is not None else 0.0,
+        correction_with_stalls_s=max(0.0, gap.with_stalls_s) if gap is not None and gap.at_quantile else None,
     )
 
 
