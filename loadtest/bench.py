@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from plugin.placement import Placement, placement_of_json
 from solver import arrivals, quantities
 from solver.model import BatchingModel, ModelError, ServiceProfile
 
@@ -220,7 +221,8 @@ def _run_contender(c: Contender, cfg: BenchConfig, control: ModelConfigControl, 
             spec = SidecarSpec(policy=c.policy, max_batch=B, profile_csv=profile_path, rate_rps=rate,
                                weight=cfg.weight, idle_power_w=cfg.idle_power_w, adaptive=c.adaptive,
                                solver_url=solver_url if c.adaptive else None, data_plane=cfg.data_plane,
-                               slo=cfg.slo if c.slo else None)
+                               slo=cfg.slo if c.slo else None,
+                               max_wait_s=None if c.max_wait_us is None else c.max_wait_us / 1e6)
             safe = c.name.replace(" ", "_").replace(":", "_")
             sidecar = SidecarProcess(triton_url, spec, log_path=log_dir / f"sidecar-{safe}-{rate:g}.log").start()
             target = sidecar.url
@@ -271,6 +273,9 @@ class Stack:
     """The table the emulated model runs at this time scale: what measurement charges (None: ``profile``)."""
     hop: RequestHop | None = None
     """Measured per-request time beyond the batch's slot, added to the solver's W (None: not measured)."""
+    placement: Placement = Placement(1, 1, "one instance")
+    """k instances on D devices as the contenders' config places them (``plugin.placement``, what the
+    sidecar reads): predictions and measured power count P0 once per device."""
 
     @property
     def ground_truth(self) -> ServiceProfile:
@@ -303,6 +308,7 @@ def bench_stack(cfg: BenchConfig, triton_url: str | None = None, progress: Progr
         if B > base.max_batch:
             raise ValueError(f"model {cfg.model!r} batches up to {B}, beyond the profile's {base.max_batch}")
         emulated = scaled_profile(base.truncated(B), cfg.time_scale)
+        where = bench_placement(control, cfg)
         hop = None
         profile, profile_path = emulated, write_profile_csv(
             emulated, cfg.out_dir / f"{cfg.profile_name}_x{cfg.time_scale:g}.csv")
@@ -321,7 +327,7 @@ def bench_stack(cfg: BenchConfig, triton_url: str | None = None, progress: Progr
                 solver_url = solver.url
             else:
                 solver_url = cfg.solver
-        yield Stack(triton_url, control, B, profile, profile_path, solver_url, emulated, hop)
+        yield Stack(triton_url, control, B, profile, profile_path, solver_url, emulated, hop, where)
     finally:
         if solver is not None:
             progress("stopping the solver service")
@@ -338,10 +344,21 @@ def bench_stack(cfg: BenchConfig, triton_url: str | None = None, progress: Progr
             triton.stop()
 
 
+def bench_placement(control: ModelConfigControl, cfg: BenchConfig) -> Placement:
+    """k and D of the config the contenders run with (the instance count the bench sets)."""
+    where = placement_of_json(control.config_with(BatchingOverride(instances=_instances(cfg))))
+    if where.instances != cfg.instances:
+        raise ValueError(f"model {cfg.model!r} runs {where.instances} instance(s) with instance_group count "
+                         f"{cfg.instances} ({where.why}): give --instances {where.instances} or a config "
+                         "that lists one GPU")
+    return where
+
+
 def batching_model(stack: Stack, cfg: BenchConfig, rate: float) -> BatchingModel:
     try:
         return BatchingModel(rate, stack.max_batch, stack.profile, cfg.idle_power_w, cfg.weight,
-                             instances=cfg.instances)
+                             instances=cfg.instances,
+                             devices=stack.placement.devices if cfg.instances > 1 else None)
     except ModelError as exc:
         raise ValueError(f"rate {rate:g}/s: {exc}") from None
 
@@ -371,7 +388,7 @@ def run_one(stack: Stack, cfg: BenchConfig, c: Contender, rate: float, times: np
     res = _run_contender(c, cfg, stack.control, stack.triton_url, times, rate, stack.max_batch,
                          stack.profile_path, cfg.out_dir, compiled=compiled, solver_url=stack.solver_url)
     m = measure(res, stack.ground_truth, idle_power_w=cfg.idle_power_w, weight=cfg.weight,
-                energy_scale=cfg.time_scale, window=cfg.window, instances=cfg.instances,
+                energy_scale=cfg.time_scale, window=cfg.window, placement=stack.placement,
                 slo_latency_s=cfg.slo.latency_s if cfg.slo is not None else None)
     in_window = (res.scheduled_s >= lo) & (res.scheduled_s < hi)
     ok = in_window & res.ok
@@ -392,32 +409,28 @@ def calibration_policy(c: Contender) -> str:
     return "smdp" if c.policy == "smdp" else c.policy
 
 
-def _at_operating_point(stack: Stack, cfg: BenchConfig, rate: float, index: int, progress: Progress
-                        ) -> dict[str, Stack]:
-    """Per calibration policy (``calibration_policy``), the stack the gate contenders at ``rate`` are
-    predicted (and their policies solved) with: the profile and hop measured through the gate running
-    that policy at this load (``cfg.operating_point``). Empty: every contender keeps ``stack``."""
+def _at_operating_point(stack: Stack, cfg: BenchConfig, rate: float, index: int, policy: str,
+                        progress: Progress) -> Stack:
+    """The stack the gate contenders at ``rate`` whose ``calibration_policy`` is ``policy`` are predicted
+    (and their policies solved) with: the profile and hop measured through the gate running that policy at
+    this load (``cfg.operating_point``), else ``stack``. Run just before the first of them, so that what it
+    measures of a shared host is as close as it can be to what they meet."""
     if not (cfg.operating_point and cfg.stack_profile and stack.hop is not None):
-        return {}
+        return stack
     from .stack_profile import CALIBRATION_SEED, operating_point
 
     lo, hi = cfg.window
     times = arrivals.poisson(rate, duration=hi + cfg.cooldown_s, rng=cfg.seed + CALIBRATION_SEED + index)
-    out: dict[str, Stack] = {}
-    for policy in dict.fromkeys(calibration_policy(c) for c in cfg.contenders if c.kind == "gate"):
-        try:
-            op = operating_point(stack.triton_url, stack.control, cfg.model, cfg.time_scale, stack.max_batch,
-                                 stack.profile, stack.profile_path, stack.ground_truth, cfg.idle_power_w, rate,
-                                 cfg.weight, times, cfg.window, cfg.data_plane, stack.solver_url, cfg.out_dir,
-                                 progress, policy=policy)
-        except ValueError as exc:  # said, and the run goes on with what the quiet stack gave
-            progress(f"could not measure the stack at {rate:g} req/s through the gate ({policy}: {exc}): the "
-                     f"gate contenders with that policy there are predicted with the quiet profile and the lone "
-                     "requests' hop")
-            continue
-        out[policy] = replace(stack, profile=op.profile, profile_path=op.path,
-                              hop=RequestHop(stack.hop.direct_s, op.hop_s))
-    return out
+    try:
+        op = operating_point(stack.triton_url, stack.control, cfg.model, cfg.time_scale, stack.max_batch,
+                             stack.profile, stack.profile_path, stack.ground_truth, cfg.idle_power_w, rate,
+                             cfg.weight, times, cfg.window, cfg.data_plane, stack.solver_url, cfg.out_dir,
+                             progress, policy=policy)
+    except ValueError as exc:  # said, and the run goes on with what the quiet stack gave
+        progress(f"could not measure the stack at {rate:g} req/s through the gate ({policy}: {exc}): the gate "
+                 "contenders with that policy there are predicted with the quiet profile and the lone requests' hop")
+        return stack
+    return replace(stack, profile=op.profile, profile_path=op.path, hop=RequestHop(stack.hop.direct_s, op.hop_s))
 
 
 def run_bench(cfg: BenchConfig, triton_url: str | None = None, progress: Progress = print) -> BenchReport:
@@ -432,11 +445,16 @@ def run_bench(cfg: BenchConfig, triton_url: str | None = None, progress: Progres
             progress(f"load {rate:g} req/s (rho = {model.load:.2f} of capacity {model.capacity:.0f}/s): "
                      f"{counted} Poisson arrivals measured over {cfg.duration_s:g} s "
                      f"(+{cfg.warmup_s:g} s warm-up, +{cfg.cooldown_s:g} s cool-down)")
-            gate_stacks = _at_operating_point(stack, cfg, rate, k, progress)
+            gate_stacks: dict[str, Stack] = {}  # per calibration policy, calibrated before its first contender
             at_rate = cfg
             for c in cfg.contenders:
+                on = stack
+                if c.kind == "gate":
+                    key = calibration_policy(c)
+                    if key not in gate_stacks:
+                        gate_stacks[key] = _at_operating_point(stack, cfg, rate, k, key, progress)
+                    on = gate_stacks[key]
                 t0 = time.monotonic()
-                on = gate_stacks.get(calibration_policy(c), stack) if c.kind == "gate" else stack
                 if c.slo and at_rate is cfg and cfg.slo_margin_auto:  # measured before the first SLO gate
                     from .slo_margin import margin_before_slo
 
@@ -449,9 +467,12 @@ def run_bench(cfg: BenchConfig, triton_url: str | None = None, progress: Progres
                 progress(f"  {c.name:<24} W {m.mean_latency_s * 1e3:7.2f} ms  P {m.mean_power_w:6.1f} W  "
                          f"batch {m.mean_batch:5.2f}  failed {m.failed}  ({time.monotonic() - t0:.1f} s)")
                 if row.settings:
-                    progress(f"  {'':<24} compiled to {row.settings}")
+                    progress(f"  {'':<24} {'' if c.kind == 'gate' else 'compiled to '}{row.settings}")
         B = stack.max_batch
+        where = stack.placement
     note = power_note(cfg.profile_name, cfg.idle_power_w)
+    if where.instances > 1:
+        note += f"; {where.instances} instances on {where.devices} device(s) ({where.why}): P0 once per device"
     if cfg.stack_profile:
         note += "; the solver is told tau(b) as measured on this stack (smdp profile), energy from the table"
         if cfg.operating_point:

@@ -114,6 +114,30 @@ def fitted_prediction(model, times: np.ndarray, warmup_s: float = 0.0) -> Fitted
                             ref.mean_latency_s, replay)
 
 
+def cached_fitted_prediction(out_dir: Path, model, times: np.ndarray, warmup_s: float = 0.0) -> FittedPrediction:
+    """``fitted_prediction``, kept in ``out_dir`` under a hash of everything it depends on (the times,
+    the model's rate, B, profile, P0, w, the warm-up): the fits and the phase-blind search take
+    minutes with several phases, and a bench split into short runs replays the same trace each time."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    h = hashlib.sha256(np.ascontiguousarray(times, dtype=float).tobytes())
+    prof = model.profile
+    for arr in (prof.mean_s, prof.cv, prof.energy_j, *(prof.samples or ())):
+        h.update(np.ascontiguousarray(arr, dtype=float).tobytes())
+    h.update(repr((model.rate, model.max_batch, model.idle_power_w, model.weight, warmup_s)).encode())
+    path = Path(out_dir) / f"fitted-prediction-{h.hexdigest()[:16]}.json"
+    if path.exists():
+        d = json.loads(path.read_text())
+        return FittedPrediction(d["spec"], Prediction(**d["fixed"]), Prediction(**d["adaptive"]),
+                                d["poisson_w_s"], d["replay_w_s"])
+    fp = fitted_prediction(model, times, warmup_s)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(fp)))
+    return fp
+
+
 def _poll_status(control_url: str, model: str, start: float, stop: threading.Event,
                  out: list[StatusSample], interval_s: float = 0.25) -> None:
     import grpc
@@ -197,7 +221,7 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
         model = BatchingModel(mean_rate, stack.max_batch, stack.profile, cfg.idle_power_w, cfg.weight)
         progress(f"trace: {times.size} arrivals over {times[-1]:.0f} s, mean {mean_rate:.0f} req/s "
                  f"(rho = {model.load:.2f} of capacity {model.capacity:.0f}/s)")
-        fitted = fitted_prediction(model, times, warmup_s=lo)
+        fitted = cached_fitted_prediction(cfg.out_dir, model, times, warmup_s=lo)
         progress(f"arrival model fitted to the replayed trace: {fitted.spec}; fixed gate's W predicted "
                  f"{fitted.fixed.mean_latency_s * 1e3:.2f} ms under it ({fitted.poisson_w_s * 1e3:.2f} ms under Poisson, "
                  f"{fitted.replay_w_s * 1e3:.2f} ms simulated on the replayed times)")

@@ -135,6 +135,8 @@ class ModelStatusInfo:
     in_flight: int = 0
     instances: int = 1
     """k: model instances the gate fills; the policy a(n, m) sees m = ``in_flight``."""
+    devices: int = 1
+    """D: the devices those instances draw idle power on (``plugin.placement``)."""
     completed: int = 0
     rejected: int = 0
     """Refused because the queue was full."""
@@ -167,6 +169,7 @@ class ModelStatusInfo:
             queue_length=self.queue_length,
             in_flight=self.in_flight,
             instances=self.instances,
+            devices=self.devices,
             completed=self.completed,
             rejected=self.rejected,
             failed=self.failed,

@@ -120,7 +120,7 @@ class SidecarControl:
                 energy = float(np.dot(counts, p.energy_j[:top]))
                 busy = float(np.dot(counts, p.mean_s[:top]))
                 idle_w = self.registry.policy_config(model).idle_power_w
-                p_meas = (energy + idle_w * max(0.0, elapsed - busy)) / elapsed
+                p_meas = state.placement.modelled_power_w(energy, busy, elapsed, idle_w)
             batches = int(st.batches.sum())
             mean_batch = float(np.dot(np.arange(len(st.batches)), st.batches)) / batches if batches else 0.0
             measured = Figures(w_meas, p_meas, w_meas + weight * (p_meas if math.isfinite(p_meas) else 0.0),
@@ -145,6 +145,7 @@ class SidecarControl:
             queue_length=state.gate.queue_length,
             in_flight=state.gate.in_flight,
             instances=state.gate.slots,
+            devices=state.placement.devices,
             completed=st.latency_n,
             rejected=state.gate.counters.rejected,
             rejected_expired=state.gate.counters.expired,

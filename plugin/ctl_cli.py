@@ -217,7 +217,8 @@ def _status_text(s: Any) -> str:
     if s.HasField("dispatch_lag"):
         lines.append(f"  turnaround {_ms(s.dispatch_lag.mean_s)} per batch from decision to dispatch "
                      f"({s.dispatch_lag.batches} batches)")
-    lines.append(f"  queue {s.queue_length}, in flight {s.in_flight} of {max(s.instances, 1)} instance(s), "
+    lines.append(f"  queue {s.queue_length}, in flight {s.in_flight} of {max(s.instances, 1)} instance(s) "
+                 f"on {max(s.devices, 1)} device(s), "
                  f"completed {s.completed}, "
                  f"rejected {s.rejected} (queue full) + {s.rejected_expired} expired + {s.rejected_invalid} invalid, "
                  f"failed {s.failed}")

@@ -101,6 +101,7 @@ from solver.slo import SloTarget
 
 from ..arrival_estimator import GroupEstimator, ModulationEstimator
 from ..latency_window import ExcessWindow, LatencyGap, LatencySummary, LatencyWindow
+from ..placement import Placement
 from ..stalls import StallLog
 from .profile import ProfileDrift, ProfileLearner
 from . import slo_search
@@ -269,6 +270,8 @@ class ControllerConfig:
     """Span of the long-run mean rate that scales the weight, seconds (0: w as is)."""
     instances: int = 1
     """k: model instances the gate fills at start (the registry updates it when Triton's config changes)."""
+    devices: int | None = None
+    """D: the devices the k instances draw idle power on (``plugin.placement``; None: one per instance)."""
     group_window_gaps: float = 0.0
     """Arrival-group window in mean gaps for the group estimator (0: Poisson arrivals)."""
     learning: LearningConfig = LearningConfig(enabled=False)
@@ -281,10 +284,12 @@ class ControllerConfig:
         if not self.window_s > 0 or self.long_run_s < 0 or not self.change_ratio > 1 or self.instances < 1:
             raise ValueError(f"invalid controller settings: window_s={self.window_s}, long_run_s={self.long_run_s}, "
                              f"change_ratio={self.change_ratio}, instances={self.instances}")
+        if self.devices is not None and not 1 <= self.devices <= self.instances:
+            raise ValueError(f"devices must be in 1..instances = {self.instances}, got {self.devices}")
 
     @classmethod
     def of(cls, policy: "ModelPolicyConfig", sidecar: "SidecarConfig", *, max_batch: int,
-           instances: int) -> "ControllerConfig":
+           instances: int, devices: int | None = None) -> "ControllerConfig":
         """A model's controller settings from its policy config and the sidecar's."""
         return cls(
             max_batch=max_batch,
@@ -294,6 +299,7 @@ class ControllerConfig:
             window_s=sidecar.rate_window_s,
             long_run_s=sidecar.long_run_window_s,
             instances=instances,
+            devices=devices,
             group_window_gaps=sidecar.arrival_group_window,
             learning=LearningConfig(
                 enabled=policy.learn_profile,
@@ -410,6 +416,8 @@ class PolicyController:
         self._solved_shape = 0
         self.instances = config.instances
         """k: model instances the gate fills; k > 1 is solved as a(n, m) (``solver.instances``)."""
+        self.devices = config.devices
+        """D: the devices the k instances draw idle power on (None: one per instance)."""
         self.profile = profile.truncated(max_batch) if profile.max_batch != max_batch else profile
         self.prior = self.profile
         self._solving = self.profile
@@ -462,6 +470,7 @@ class PolicyController:
             ProfileLearner(self.prior, drift=lc.drift, min_samples=lc.min_samples, prior_weight=lc.prior_weight)
             if lc.enabled else None)
         self.power = PowerSource(self.prior, idle_power_w, max_age_s=max(30.0, 3 * lc.telemetry_interval_s))
+        self.power.placement = Placement(self.instances, self.devices or self.instances, "controller")
         self.profile_version = 0
         """0 while the CSV prior is in force; +1 per learned profile adopted."""
         self.last_drift: ProfileDrift | None = None
@@ -480,6 +489,13 @@ class PolicyController:
     @property
     def capacity(self) -> float:
         return self.instances * self.max_batch / float(self.profile.mean_s[self.max_batch - 1])
+
+    def set_placement(self, instances: int, devices: int | None) -> None:
+        """Triton's config changed the model's k instances or D devices: the next re-solve is for them."""
+        if instances < 1 or (devices is not None and not 1 <= devices <= instances):
+            raise ValueError(f"need instances >= 1 and devices in 1..instances, got {instances}, {devices}")
+        self.instances, self.devices = instances, devices
+        self.power.placement = Placement(instances, devices or instances, "controller")
 
     # -- inputs ------------------------------------------------------------------------------
     def observe_arrival(self, t: float) -> None:
@@ -909,9 +925,7 @@ class PolicyController:
                          f"{capacity:.1f}/s: solved for {NEAR_CAPACITY * capacity:.1f}/s")
             rate = NEAR_CAPACITY * capacity
         if self.slo is not None and self.instances > 1:
-            self.note = (f"SLO search is for one instance and this model has {self.instances}: "
-                         "solved for J = W + w P over k instances instead")
-            return await self._solve(rate, self.weight)
+            return await self._solve_slo_instances(rate, self.slo)
         if self.slo is not None:
             return await self._solve_slo(rate, self.slo)
         if self.latency_target_s is None:
@@ -960,6 +974,32 @@ class PolicyController:
                         c.mean_latency_s + self.weight * c.mean_power_w, c.mean_batch,
                         "in-process SLO search", self._profile_source(), solved_weight, c.max_wait_s,
                         SloPrediction(c.estimate.quantile_s, c.estimate.ci95_s, res.feasible), arrivals=arrivals)
+
+    async def _solve_slo_instances(self, rate: float, target: SloTarget) -> Solution:
+        """k > 1 instances: the k-instance SLO search (``solver.instances_slo``: control limits per m,
+        optionally guarded) for D less the margin and the measured correction; greedy, flagged, when
+        nothing in the family meets it."""
+        from solver.instances_slo import solve_slo_instances
+
+        solved_weight = self.weight * self.weight_scale(rate, self._clock())
+        model = BatchingModel(rate=rate, max_batch=self.max_batch, profile=self._solving,
+                              idle_power_w=self.idle_power_w, weight=solved_weight, instances=self.instances,
+                              devices=self.devices)
+        searched = SloTarget(target.quantile, target.latency_s,
+                             min(target.margin_s + self.slo_offset_s, target.latency_s * (1.0 - 1e-6)))
+        res = await asyncio.get_running_loop().run_in_executor(None, lambda: solve_slo_instances(model, searched))
+        c = res.chosen
+        if not res.feasible:
+            self.note = (f"SLO q{target.quantile:g} <= {target.latency_s * 1e3:g} ms is infeasible at {rate:.1f}/s "
+                         f"with {self.instances} instances: serving greedy, predicted q{target.quantile:g} "
+                         f"{c.estimate.quantile_s * 1e3:.3f} ms")
+            log.warning("%s: %s", self.model, self.note)
+        table = c.table
+        return Solution(table.row(0), rate, self.weight, c.mean_latency_s, c.mean_power_w,
+                        c.mean_latency_s + self.weight * c.mean_power_w, c.mean_batch,
+                        f"in-process k-instance SLO search (k = {self.instances})", self._profile_source(),
+                        solved_weight, c.max_wait_s, SloPrediction(c.estimate.quantile_s, c.estimate.ci95_s, res.feasible),
+                        table=table)
 
     async def _search_weight(self, rate: float, target_s: float) -> Solution:
         """The largest w whose predicted W meets the target: least power subject to the target.
@@ -1014,7 +1054,8 @@ class PolicyController:
             from solver.instances import solve_instances
 
             k_model = BatchingModel(rate=rate, max_batch=self.max_batch, profile=profile,
-                                    idle_power_w=self.idle_power_w, weight=solved_weight, instances=self.instances)
+                                    idle_power_w=self.idle_power_w, weight=solved_weight, instances=self.instances,
+                                    devices=self.devices)
             k = await asyncio.get_running_loop().run_in_executor(None, lambda: solve_instances(k_model))
             return Solution(k.policy.row(0), rate, weight, k.mean_latency_s, k.mean_power_w, k.gain, k.mean_batch,
                             f"in-process k-instance search (k = {self.instances})", self._profile_source(),

@@ -209,7 +209,7 @@ class Figures(_message.Message):
     def __init__(self, mean_latency_s: _Optional[float] = ..., mean_power_w: _Optional[float] = ..., cost: _Optional[float] = ..., throughput_rps: _Optional[float] = ..., mean_batch: _Optional[float] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("model", "rate", "weight", "latency_target_s", "policy_version", "policy_age_s", "policy_source", "threshold", "max_batch", "predicted", "predicted_rate_rps", "measured", "batch_histogram", "queue_length", "in_flight", "completed", "rejected", "failed", "solver_reachable", "power_modelled", "note", "service_times", "profile_updates", "profile_batches", "profile_learning", "rejected_expired", "rejected_invalid", "slo", "instances", "batch_mean_s", "dispatch_lag")
+    __slots__ = ("model", "rate", "weight", "latency_target_s", "policy_version", "policy_age_s", "policy_source", "threshold", "max_batch", "predicted", "predicted_rate_rps", "measured", "batch_histogram", "queue_length", "in_flight", "completed", "rejected", "failed", "solver_reachable", "power_modelled", "note", "service_times", "profile_updates", "profile_batches", "profile_learning", "rejected_expired", "rejected_invalid", "slo", "instances", "batch_mean_s", "dispatch_lag", "devices")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RATE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +241,7 @@ class ModelStatus(_message.Message):
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     BATCH_MEAN_S_FIELD_NUMBER: _ClassVar[int]
     DISPATCH_LAG_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
     model: str
     rate: RateEstimate
     weight: float
@@ -272,7 +273,8 @@ class ModelStatus(_message.Message):
     instances: int
     batch_mean_s: _containers.RepeatedScalarFieldContainer[float]
     dispatch_lag: DispatchLag
-    def __init__(self, model: _Optional[str] = ..., rate: _Optional[_Union[RateEstimate, _Mapping]] = ..., weight: _Optional[float] = ..., latency_target_s: _Optional[float] = ..., policy_version: _Optional[int] = ..., policy_age_s: _Optional[float] = ..., policy_source: _Optional[str] = ..., threshold: _Optional[int] = ..., max_batch: _Optional[int] = ..., predicted: _Optional[_Union[Figures, _Mapping]] = ..., predicted_rate_rps: _Optional[float] = ..., measured: _Optional[_Union[Figures, _Mapping]] = ..., batch_histogram: _Optional[_Iterable[int]] = ..., queue_length: _Optional[int] = ..., in_flight: _Optional[int] = ..., completed: _Optional[int] = ..., rejected: _Optional[int] = ..., failed: _Optional[int] = ..., solver_reachable: _Optional[bool] = ..., power_modelled: _Optional[bool] = ..., note: _Optional[str] = ..., service_times: _Optional[_Iterable[_Union[ServiceTime, _Mapping]]] = ..., profile_updates: _Optional[int] = ..., profile_batches: _Optional[int] = ..., profile_learning: _Optional[bool] = ..., rejected_expired: _Optional[int] = ..., rejected_invalid: _Optional[int] = ..., slo: _Optional[_Union[SloStatus, _Mapping]] = ..., instances: _Optional[int] = ..., batch_mean_s: _Optional[_Iterable[float]] = ..., dispatch_lag: _Optional[_Union[DispatchLag, _Mapping]] = ...) -> None: ...
+    devices: int
+    def __init__(self, model: _Optional[str] = ..., rate: _Optional[_Union[RateEstimate, _Mapping]] = ..., weight: _Optional[float] = ..., latency_target_s: _Optional[float] = ..., policy_version: _Optional[int] = ..., policy_age_s: _Optional[float] = ..., policy_source: _Optional[str] = ..., threshold: _Optional[int] = ..., max_batch: _Optional[int] = ..., predicted: _Optional[_Union[Figures, _Mapping]] = ..., predicted_rate_rps: _Optional[float] = ..., measured: _Optional[_Union[Figures, _Mapping]] = ..., batch_histogram: _Optional[_Iterable[int]] = ..., queue_length: _Optional[int] = ..., in_flight: _Optional[int] = ..., completed: _Optional[int] = ..., rejected: _Optional[int] = ..., failed: _Optional[int] = ..., solver_reachable: _Optional[bool] = ..., power_modelled: _Optional[bool] = ..., note: _Optional[str] = ..., service_times: _Optional[_Iterable[_Union[ServiceTime, _Mapping]]] = ..., profile_updates: _Optional[int] = ..., profile_batches: _Optional[int] = ..., profile_learning: _Optional[bool] = ..., rejected_expired: _Optional[int] = ..., rejected_invalid: _Optional[int] = ..., slo: _Optional[_Union[SloStatus, _Mapping]] = ..., instances: _Optional[int] = ..., batch_mean_s: _Optional[_Iterable[float]] = ..., dispatch_lag: _Optional[_Union[DispatchLag, _Mapping]] = ..., devices: _Optional[int] = ...) -> None: ...
 
 class DispatchLag(_message.Message):
     __slots__ = ("batches", "mean_s")
