@@ -22,6 +22,14 @@ Prints W (mean), p99, P, J, the predicted W and its error against the simulated 
 
 ``--speed``: the MMPP solver's banded LU against the dense one instead (the same solves, in one run:
 read the ratio; times on a shared machine are noisy).
+
+``--tail-guard``: the trace bench's setup instead (V100 table 10x slower, B = 128, w = 1e-3, 150
+req/s; the code and conversation traces and the synthetic batch MMPP): can a max-wait guard on the
+gate bring its p99 down to the best Triton delay's and keep J at or below that delay's? The guard
+is chosen without hindsight: the arrival model is fitted on the first half of the stream, and under
+that fit (simulated) the predicted-best Triton delay d* and its p99 are computed; the guard is the
+largest on a grid whose gate p99 under the fit is no worse (``choose_guard``). Then every contender
+runs on the held-out second half of the stream (simulated).
 """
 
 from __future__ import annotations
@@ -99,6 +107,79 @@ def speed(prof: ServiceProfile, max_batch: int, idle_power_w: float) -> None:
               f"{same}, {diff:.1e}")
 
 
+GUARD_GRID_S = (0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32)
+DELAYS_S = (0.0, 0.005, 0.01, 0.02, 0.04)
+"""The Triton delays the trace bench compares against (20 ms is its default second one)."""
+
+
+def choose_guard(prof: ServiceProfile, table, fitted, rate: float, max_batch: int, idle_power_w: float,
+                 weight: float, requests: int = 60_000, seed: int = 3, delay_s: float | None = None):
+    """(guard s or None, delay s, its p99 s) from the fitted model alone: simulate ``requests``
+    arrivals of ``fitted`` (at ``rate``), take the Triton delay ``delay_s`` (the one the operator
+    runs; None: the delay of ``DELAYS_S`` with the least J under the fit) and its p99, and return the
+    largest guard of ``GUARD_GRID_S`` under which the table's p99 is no higher (None: the unguarded
+    table already is; the smallest guard when none is)."""
+    from solver.policy import MaxWaitGuard
+
+    t = arrivals.from_model(fitted, rate, requests, rng=seed)
+    run = lambda rule: simulate(prof, rule, t, idle_power_w=idle_power_w, weight=weight, seed=seed,  # noqa: E731
+                                warmup=float(t[-1]) * 0.02)
+    delays = {d: run(TimeoutRule(max_batch, d)) for d in (DELAYS_S if delay_s is None else (delay_s,))}
+    best = min(delays, key=lambda d: delays[d].mean_latency_s + weight * delays[d].mean_power_w)
+    target = delays[best].p99_latency_s
+    if run(table).p99_latency_s <= target:
+        return None, best, target
+    for g in sorted(GUARD_GRID_S, reverse=True):
+        if run(MaxWaitGuard(table, g)).p99_latency_s <= target:
+            return g, best, target
+    return min(GUARD_GRID_S), best, target
+
+
+def tail_guard(seed: int, delay_s: float | None) -> None:
+    from loadtest.stack import scaled_profile
+    from solver.arrival_model import parse_arrivals
+    from solver.mmpp import solve_mmpp_blind
+    from solver.policy import MaxWaitGuard
+
+    B, w, p0, rate = 128, 1e-3, 40.0, 150.0
+    prof = scaled_profile(ServiceProfile.from_csv(ROOT / "profiles" / "v100_resnet50.csv").truncated(B), 10.0)
+    streams = {"code": arrivals.trace(TRACES["code"], target_rate=rate, limit=12_000),
+               "conv": arrivals.trace(TRACES["conv"], target_rate=rate, limit=9_000),
+               "synthetic": arrivals.from_model(parse_arrivals("mmpp:210,30:0.5,1:3,1.2"), 0.0, 9_000, rng=seed)}
+    print(f"Tail guard, trace bench setup: V100 table x10, B = {B}, w = {w:g}, {rate:g} req/s; fitted on the first "
+          "half, simulated on the second")
+    for name, t in streams.items():
+        t = (t - t[0]) * ((t.size - 1) / (t[-1] - t[0]) / rate)
+        half = t.size // 2
+        first, test = t[:half], t[half:] - t[half]
+        fit = fit_arrivals(first)
+        shape = fit.chosen  # at the replay's mean rate (the adaptive gate measures the rate; the fit gives the shape)
+        if isinstance(shape, MMPP2):
+            shape = shape.with_rates(tuple(r * rate / shape.mean_rate for r in shape.rates))
+        model = BatchingModel(rate, B, prof, p0, w)
+        fixed = solve(model).policy
+        tables = {"gate smdp (Poisson table)": fixed}
+        if isinstance(shape, MMPP2):
+            tables["gate smdp blind (fitted)"] = solve_mmpp_blind(model.with_(arrivals=shape), fixed).policy
+        print(f"\n{name}: {t.size} requests, fitted on the first half: {fit.chosen.spec}")
+        print(f"  {'contender':<44} {'W ms':>8} {'p99 ms':>8} {'J ms':>8}")
+        sim = lambda rule: simulate(prof, rule, test, idle_power_w=p0, weight=w, seed=seed)  # noqa: E731
+        rows = {f"triton {d * 1e3:g} ms": sim(TimeoutRule(B, d)) for d in DELAYS_S}
+        best = min(rows, key=lambda k: rows[k].mean_latency_s + w * rows[k].mean_power_w)
+        for label, table in tables.items():
+            g, d_star, p99_star = choose_guard(prof, table, shape, rate, B, p0, w, seed=seed, delay_s=delay_s)
+            rows[label] = sim(table)
+            if g is not None:
+                rows[f"{label} + guard {g * 1e3:g} ms"] = sim(MaxWaitGuard(table, g))
+            which = "the best delay" if delay_s is None else "the operator's delay"
+            print(f"  ({label}: under the fit {which} is {d_star * 1e3:g} ms with p99 {p99_star * 1e3:.1f} ms; "
+                  f"guard {'none needed' if g is None else f'{g * 1e3:g} ms'})")
+        for k, r in rows.items():
+            j = r.mean_latency_s + w * r.mean_power_w
+            mark = "  <- best delay on this half" if k == best else ""
+            print(f"  {k:<44} {r.mean_latency_s * 1e3:8.2f} {r.p99_latency_s * 1e3:8.2f} {j * 1e3:8.2f}{mark}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", type=Path, default=ROOT / "profiles" / "p4_resnet50.csv")
@@ -108,7 +189,13 @@ def main() -> None:
     ap.add_argument("--weights", default="0,1e-4")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--speed", action="store_true", help="time the MMPP solver's banded LU against the dense one")
+    ap.add_argument("--tail-guard", action="store_true", help="the max-wait guard study in the trace bench's setup")
+    ap.add_argument("--guard-delay-ms", type=float, default=None,
+                    help="--tail-guard: the Triton delay whose p99 the guard must match (default: the best under the fit)")
     args = ap.parse_args()
+    if args.tail_guard:
+        tail_guard(args.seed, None if args.guard_delay_ms is None else args.guard_delay_ms / 1e3)
+        return
     prof = ServiceProfile.from_csv(args.profile, max_batch=args.max_batch)
     if args.speed:
         speed(prof, args.max_batch, args.idle_power)

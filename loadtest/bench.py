@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from plugin.placement import Placement, placement_of_json
 from solver import arrivals, quantities
 from solver.model import BatchingModel, ModelError, ServiceProfile
 
@@ -84,6 +85,9 @@ class BenchConfig:
     slo: SloTarget | None = None
     """A tail-latency SLO: every row then reports attainment (share within D) and goodput; the
     ``gate:smdp-slo`` and ``triton:ma`` contenders need it."""
+    slo_margin_auto: bool = False
+    """``--slo-margin auto``: the SLO gates' margin is measured at each load before they run (the hop
+    through the gate + the send lag at the SLO's quantile, ``loadtest.slo_margin``) instead of ``slo``'s."""
     instances: int = 1
     """k: the model runs with this instance_group count; predictions and power are for k instances
     (each busy one its batch's power, each idle one P0)."""
@@ -91,10 +95,12 @@ class BenchConfig:
     """Tell the solver tau(b) as measured on this stack (``smdp profile``, once, cached: the table's time
     plus what gRPC and the backend add; energy from the table) instead of the published table alone."""
     operating_point: bool = False
-    """With ``stack_profile``: before the contenders at each load, run the adaptive SMDP gate on its own
-    arrivals at that load and tell the solver, for the gate contenders there, the batch times and the
-    per-request hop the gate measured under that load (``stack_profile.operating_point``) instead of the
-    quiet profile's and the lone requests' hop."""
+    """With ``stack_profile``: before the contenders at each load, run the gate on its own arrivals at that
+    load, once per gate policy among the contenders (``calibration_policy``: the SMDP contenders share the
+    adaptive SMDP gate's run), and tell the solver, for the gate contenders with that policy there, the
+    batch times (its turnaround from decision to dispatch included) and the per-request hop the gate
+    measured under that load (``stack_profile.operating_point``) instead of the quiet profile's and the
+    lone requests' hop."""
 
     def __post_init__(self) -> None:
         from plugin.native_plane import choose_plane
@@ -125,6 +131,8 @@ class BenchConfig:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
         if self.slo is None and any(c.slo or c.model_analyzer for c in self.contenders):
             raise ValueError("the gate:smdp-slo and triton:ma contenders need an SLO (--slo-latency)")
+        if self.slo_margin_auto and self.slo is None:
+            raise ValueError("--slo-margin auto needs an SLO (--slo-latency)")
         if isinstance(self.instances, bool) or not isinstance(self.instances, int) or self.instances < 1:
             raise ValueError(f"instances must be an integer >= 1, got {self.instances!r}")
         if self.instances > 1 and any(c.kind == "config" or c.slo or c.model_analyzer for c in self.contenders):
@@ -164,7 +172,9 @@ class BenchRow:
     failures: dict[str, int] = field(default_factory=dict)
     errors: tuple[str, ...] = ()
     settings: str = ""
-    """Config mode: the dynamic_batching settings the model ran with."""
+    """Config mode: the dynamic_batching settings the model ran with (an SLO gate: its measured margin)."""
+    send_lags_s: np.ndarray = field(default_factory=lambda: np.empty(0))
+    """How late the load generator sent each request of the window, seconds."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -211,7 +221,8 @@ def _run_contender(c: Contender, cfg: BenchConfig, control: ModelConfigControl, 
             spec = SidecarSpec(policy=c.policy, max_batch=B, profile_csv=profile_path, rate_rps=rate,
                                weight=cfg.weight, idle_power_w=cfg.idle_power_w, adaptive=c.adaptive,
                                solver_url=solver_url if c.adaptive else None, data_plane=cfg.data_plane,
-                               slo=cfg.slo if c.slo else None)
+                               slo=cfg.slo if c.slo else None,
+                               max_wait_s=None if c.max_wait_us is None else c.max_wait_us / 1e6)
             safe = c.name.replace(" ", "_").replace(":", "_")
             sidecar = SidecarProcess(triton_url, spec, log_path=log_dir / f"sidecar-{safe}-{rate:g}.log").start()
             target = sidecar.url
@@ -262,6 +273,9 @@ class Stack:
     """The table the emulated model runs at this time scale: what measurement charges (None: ``profile``)."""
     hop: RequestHop | None = None
     """Measured per-request time beyond the batch's slot, added to the solver's W (None: not measured)."""
+    placement: Placement = Placement(1, 1, "one instance")
+    """k instances on D devices as the contenders' config places them (``plugin.placement``, what the
+    sidecar reads): predictions and measured power count P0 once per device."""
 
     @property
     def ground_truth(self) -> ServiceProfile:
@@ -294,6 +308,7 @@ def bench_stack(cfg: BenchConfig, triton_url: str | None = None, progress: Progr
         if B > base.max_batch:
             raise ValueError(f"model {cfg.model!r} batches up to {B}, beyond the profile's {base.max_batch}")
         emulated = scaled_profile(base.truncated(B), cfg.time_scale)
+        where = bench_placement(control, cfg)
         hop = None
         profile, profile_path = emulated, write_profile_csv(
             emulated, cfg.out_dir / f"{cfg.profile_name}_x{cfg.time_scale:g}.csv")
@@ -312,7 +327,7 @@ def bench_stack(cfg: BenchConfig, triton_url: str | None = None, progress: Progr
                 solver_url = solver.url
             else:
                 solver_url = cfg.solver
-        yield Stack(triton_url, control, B, profile, profile_path, solver_url, emulated, hop)
+        yield Stack(triton_url, control, B, profile, profile_path, solver_url, emulated, hop, where)
     finally:
         if solver is not None:
             progress("stopping the solver service")
@@ -329,10 +344,21 @@ def bench_stack(cfg: BenchConfig, triton_url: str | None = None, progress: Progr
             triton.stop()
 
 
+def bench_placement(control: ModelConfigControl, cfg: BenchConfig) -> Placement:
+    """k and D of the config the contenders run with (the instance count the bench sets)."""
+    where = placement_of_json(control.config_with(BatchingOverride(instances=_instances(cfg))))
+    if where.instances != cfg.instances:
+        raise ValueError(f"model {cfg.model!r} runs {where.instances} instance(s) with instance_group count "
+                         f"{cfg.instances} ({where.why}): give --instances {where.instances} or a config "
+                         "that lists one GPU")
+    return where
+
+
 def batching_model(stack: Stack, cfg: BenchConfig, rate: float) -> BatchingModel:
     try:
         return BatchingModel(rate, stack.max_batch, stack.profile, cfg.idle_power_w, cfg.weight,
-                             instances=cfg.instances)
+                             instances=cfg.instances,
+                             devices=stack.placement.devices if cfg.instances > 1 else None)
     except ModelError as exc:
         raise ValueError(f"rate {rate:g}/s: {exc}") from None
 
@@ -362,21 +388,34 @@ def run_one(stack: Stack, cfg: BenchConfig, c: Contender, rate: float, times: np
     res = _run_contender(c, cfg, stack.control, stack.triton_url, times, rate, stack.max_batch,
                          stack.profile_path, cfg.out_dir, compiled=compiled, solver_url=stack.solver_url)
     m = measure(res, stack.ground_truth, idle_power_w=cfg.idle_power_w, weight=cfg.weight,
-                energy_scale=cfg.time_scale, window=cfg.window, instances=cfg.instances,
+                energy_scale=cfg.time_scale, window=cfg.window, placement=stack.placement,
                 slo_latency_s=cfg.slo.latency_s if cfg.slo is not None else None)
     in_window = (res.scheduled_s >= lo) & (res.scheduled_s < hi)
     ok = in_window & res.ok
     failures = dict(Counter(s for s, w in zip(res.status, in_window) if w and s != "OK"))
+    if c.slo and cfg.slo is not None and cfg.slo_margin_auto:
+        settings = f"SLO margin {cfg.slo.margin_s * 1e3:.2f} ms (measured)"
+    sent = in_window & np.isfinite(res.sent_s)
     return BenchRow(rate, c.name, m, pred, batch_histogram(res, stack.max_batch, cfg.window),
                     res.done_s[ok] - res.scheduled_s[ok], failures, res.errors,
-                    compiled.settings.describe() if compiled is not None else settings)
+                    compiled.settings.describe() if compiled is not None else settings,
+                    np.maximum(res.sent_s[sent] - res.scheduled_s[sent], 0.0))
 
 
-def _at_operating_point(stack: Stack, cfg: BenchConfig, rate: float, index: int, progress: Progress) -> Stack:
-    """The stack the gate contenders at ``rate`` are predicted (and their policies solved) with: the
-    profile and hop measured through the gate at this load (``cfg.operating_point``), else ``stack``."""
-    if not (cfg.operating_point and cfg.stack_profile and stack.hop is not None
-            and any(c.kind == "gate" for c in cfg.contenders)):
+def calibration_policy(c: Contender) -> str:
+    """The gate policy whose calibration run a gate contender is predicted with: every SMDP contender
+    (fixed, adaptive, SLO) shares the adaptive SMDP gate's; any other policy runs its own (a policy that
+    sends more, smaller batches turns the gate around more often)."""
+    return "smdp" if c.policy == "smdp" else c.policy
+
+
+def _at_operating_point(stack: Stack, cfg: BenchConfig, rate: float, index: int, policy: str,
+                        progress: Progress) -> Stack:
+    """The stack the gate contenders at ``rate`` whose ``calibration_policy`` is ``policy`` are predicted
+    (and their policies solved) with: the profile and hop measured through the gate running that policy at
+    this load (``cfg.operating_point``), else ``stack``. Run just before the first of them, so that what it
+    measures of a shared host is as close as it can be to what they meet."""
+    if not (cfg.operating_point and cfg.stack_profile and stack.hop is not None):
         return stack
     from .stack_profile import CALIBRATION_SEED, operating_point
 
@@ -384,11 +423,12 @@ def _at_operating_point(stack: Stack, cfg: BenchConfig, rate: float, index: int,
     times = arrivals.poisson(rate, duration=hi + cfg.cooldown_s, rng=cfg.seed + CALIBRATION_SEED + index)
     try:
         op = operating_point(stack.triton_url, stack.control, cfg.model, cfg.time_scale, stack.max_batch,
-                             stack.profile, stack.profile_path, stack.ground_truth, cfg.idle_power_w, rate, cfg.weight,
-                             times, cfg.window, cfg.data_plane, stack.solver_url, cfg.out_dir, progress)
+                             stack.profile, stack.profile_path, stack.ground_truth, cfg.idle_power_w, rate,
+                             cfg.weight, times, cfg.window, cfg.data_plane, stack.solver_url, cfg.out_dir,
+                             progress, policy=policy)
     except ValueError as exc:  # said, and the run goes on with what the quiet stack gave
-        progress(f"could not measure the stack at {rate:g} req/s through the gate ({exc}): the gate contenders "
-                 "there are predicted with the quiet profile and the lone requests' hop")
+        progress(f"could not measure the stack at {rate:g} req/s through the gate ({policy}: {exc}): the gate "
+                 "contenders with that policy there are predicted with the quiet profile and the lone requests' hop")
         return stack
     return replace(stack, profile=op.profile, profile_path=op.path, hop=RequestHop(stack.hop.direct_s, op.hop_s))
 
@@ -405,18 +445,34 @@ def run_bench(cfg: BenchConfig, triton_url: str | None = None, progress: Progres
             progress(f"load {rate:g} req/s (rho = {model.load:.2f} of capacity {model.capacity:.0f}/s): "
                      f"{counted} Poisson arrivals measured over {cfg.duration_s:g} s "
                      f"(+{cfg.warmup_s:g} s warm-up, +{cfg.cooldown_s:g} s cool-down)")
-            gate_stack = _at_operating_point(stack, cfg, rate, k, progress)
+            gate_stacks: dict[str, Stack] = {}  # per calibration policy, calibrated before its first contender
+            at_rate = cfg
             for c in cfg.contenders:
+                on = stack
+                if c.kind == "gate":
+                    key = calibration_policy(c)
+                    if key not in gate_stacks:
+                        gate_stacks[key] = _at_operating_point(stack, cfg, rate, k, key, progress)
+                    on = gate_stacks[key]
                 t0 = time.monotonic()
-                row = run_one(gate_stack if c.kind == "gate" else stack, cfg, c, rate, times)
+                if c.slo and at_rate is cfg and cfg.slo_margin_auto:  # measured before the first SLO gate
+                    from .slo_margin import margin_before_slo
+
+                    lags = [r.send_lags_s for r in rows if r.rate_rps == rate]
+                    margin = margin_before_slo(stack, cfg, times, lags, progress).margin_s
+                    at_rate = replace(cfg, slo=replace(cfg.slo, margin_s=margin))
+                row = run_one(on, at_rate if c.slo else cfg, c, rate, times)
                 rows.append(row)
                 m = row.measured
                 progress(f"  {c.name:<24} W {m.mean_latency_s * 1e3:7.2f} ms  P {m.mean_power_w:6.1f} W  "
                          f"batch {m.mean_batch:5.2f}  failed {m.failed}  ({time.monotonic() - t0:.1f} s)")
                 if row.settings:
-                    progress(f"  {'':<24} compiled to {row.settings}")
+                    progress(f"  {'':<24} {'' if c.kind == 'gate' else 'compiled to '}{row.settings}")
         B = stack.max_batch
+        where = stack.placement
     note = power_note(cfg.profile_name, cfg.idle_power_w)
+    if where.instances > 1:
+        note += f"; {where.instances} instances on {where.devices} device(s) ({where.why}): P0 once per device"
     if cfg.stack_profile:
         note += "; the solver is told tau(b) as measured on this stack (smdp profile), energy from the table"
         if cfg.operating_point:

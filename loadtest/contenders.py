@@ -51,6 +51,10 @@ class Contender:
     """Gate serving the bench's SLO: the least-J policy and max-wait guard predicted to meet it
     (``solver.slo``), adaptive (``gate:smdp-slo``: re-solved as the rate moves, with the correction
     it measures) or fixed (``gate:smdp-slo-fixed``: searched once for the bench's rate)."""
+    max_wait_us: int | None = None
+    """Gate: the sidecar's max-wait guard (``max_wait_s``: serve what is queued once the oldest request
+    has waited this long), microseconds (``gate:smdp-guard:US``, ``gate:smdp-adaptive-guard:US``);
+    None: the sidecar's default."""
     model_analyzer: bool = False
     """Triton's batcher at the delay a Model-Analyzer-style search picks for the bench's SLO
     (``triton:ma``): ``ma_delay`` sweeps the delays at the run's rate, least power with the q-quantile <= D."""
@@ -72,6 +76,9 @@ class Contender:
             raise ValueError("only the smdp gate serves an SLO (gate:smdp-slo, gate:smdp-slo-fixed)")
         if self.model_analyzer and self.kind != "triton":
             raise ValueError("the Model-Analyzer-style delay is Triton's batcher's (triton:ma)")
+        if self.max_wait_us is not None and (self.kind != "gate" or not isinstance(self.max_wait_us, int)
+                                             or self.max_wait_us <= 0):
+            raise ValueError(f"a max-wait guard is the gate's, an integer > 0 microseconds, got {self.max_wait_us!r}")
         if not isinstance(self.max_queue_delay_us, int) or self.max_queue_delay_us < 0:
             raise ValueError(f"max_queue_delay_us must be an integer >= 0, got {self.max_queue_delay_us!r}")
 
@@ -83,15 +90,17 @@ class Contender:
             return f"config {self.policy}" + (" adaptive" if self.adaptive else "")
         if self.slo:
             return "gate smdp SLO" + ("" if self.adaptive else " fixed")
+        guard = "" if self.max_wait_us is None else f" guard={self.max_wait_us / 1000:g}ms"
         if self.policy == "smdp" and self.adaptive:
-            return "gate smdp adaptive" + ("" if self.long_run else " (w unscaled)")
-        return f"gate {self.policy}"
+            return "gate smdp adaptive" + ("" if self.long_run else " (w unscaled)") + guard
+        return f"gate {self.policy}{guard}"
 
 
 def parse_contender(spec: str) -> Contender:
     """``triton:DELAY_US``, ``triton:ma`` (the Model-Analyzer-style delay for the SLO), ``gate:POLICY``
     (``gate:smdp-adaptive`` re-solves; ``gate:smdp-adaptive-unscaled`` re-solves with w as is;
-    ``gate:smdp-slo`` serves the SLO, ``gate:smdp-slo-fixed`` the SLO policy searched once), ``config:smdp`` or ``config:smdp-adaptive`` (config mode following
+    ``gate:smdp-slo`` serves the SLO, ``gate:smdp-slo-fixed`` the SLO policy searched once;
+    ``gate:smdp-adaptive-guard:US`` / ``gate:smdp-guard:US`` with a max-wait guard of US microseconds), ``config:smdp`` or ``config:smdp-adaptive`` (config mode following
     the load)."""
     kind, _, rest = spec.strip().partition(":")
     if kind == "triton":
@@ -113,6 +122,13 @@ def parse_contender(spec: str) -> Contender:
             return Contender("gate", policy="smdp", adaptive=True, slo=True)
         if rest == "smdp-slo-fixed":
             return Contender("gate", policy="smdp", slo=True)
+        head, _, guard = rest.rpartition("-guard:")
+        if head in ("smdp", "smdp-adaptive"):
+            try:
+                us = int(guard)
+            except ValueError:
+                raise ValueError(f"contender {spec!r}: the guard needs integer microseconds") from None
+            return Contender("gate", policy="smdp", adaptive=head == "smdp-adaptive", max_wait_us=us)
         try:
             return Contender("gate", policy=rest)
         except ValueError as exc:
@@ -185,7 +201,8 @@ def _instances_prediction(contender: Contender, model: BatchingModel, times: np.
     if times.size < 2:
         return Prediction()
     sim = simulate(model.profile, PerInstance(rule_from_spec(spec, model.max_batch), model.instances), times,
-                   idle_power_w=model.idle_power_w, weight=model.weight, seed=seed, warmup=warmup_s)
+                   idle_power_w=model.idle_power_w, weight=model.weight, seed=seed, warmup=warmup_s,
+                   devices=model.idle_devices)
     return Prediction(sim.mean_latency_s, sim.mean_power_w, sim.cost, sim.mean_batch, "sim")
 
 

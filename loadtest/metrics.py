@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from plugin.placement import Placement
 from solver import quantities
 from solver.model import ServiceProfile
 
@@ -90,15 +91,16 @@ def batch_histogram(result: OpenLoopResult, max_batch: int, window: tuple[float,
 
 def measure(result: OpenLoopResult, profile: ServiceProfile, *, idle_power_w: float, weight: float,
             energy_scale: float = 1.0, window: tuple[float, float] | None = None,
-            slo_latency_s: float | None = None, instances: int = 1) -> Measured:
+            slo_latency_s: float | None = None, placement: Placement | None = None) -> Measured:
     """Summarise a run over ``window`` (scheduled times, seconds; default the whole run).
 
     ``profile`` is the (time-scaled) profile the server emulates; it gives each batch's busy time.
     ``energy_scale`` multiplies the reported BATCH_ENERGY_J (the emulated model reports the unscaled
     e(b); a time_scale of s at unchanged power means s e(b) joules). Latency, batch sizes and energy
     are those of the requests scheduled in the window; power spreads that energy, plus P0 for the
-    rest, over the window's length (P0 per instance: k instances idle k times over); throughput counts
-    the answers that arrive within it.
+    rest, over the window's length (``placement``: k instances on D devices, P0 once per device,
+    ``Placement.modelled_power_w``; default one instance); throughput counts the answers that arrive
+    within it.
     ``slo_latency_s`` (D): also the SLO attainment (share of the counted requests answered OK within
     D; a failed request counts as a miss) and the goodput (those requests per second of the window).
     """
@@ -121,7 +123,8 @@ def measure(result: OpenLoopResult, profile: ServiceProfile, *, idle_power_w: fl
     busy = float(np.sum(profile.mean_s[b - 1] / b)) if b.size else 0.0
     energy = float(np.sum(e / b)) * energy_scale if b.size else 0.0
     if horizon > 0 and b.size:
-        power = (energy + idle_power_w * max(instances * horizon - busy, 0.0)) / horizon
+        where = placement if placement is not None else Placement(1, 1, "one instance")
+        power = where.modelled_power_w(energy, busy, horizon, idle_power_w)
     else:
         power = math.nan
     if lat.size:

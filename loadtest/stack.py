@@ -77,6 +77,8 @@ class SidecarSpec:
     """``smdp serve --long-run-window``: None = the sidecar's default; 0 = solve every regime with w as is."""
     slo: SloTarget | None = None
     """``smdp serve --slo-quantile q --slo-latency D [--slo-margin m]`` (the adaptive smdp gate serves that SLO)."""
+    max_wait_s: float | None = None
+    """``smdp serve --max-wait``: the gate's max-wait guard, seconds (None: the sidecar's default)."""
 
     def flags(self) -> list[str]:
         out = ["--policy", self.policy, "--max-batch", str(self.max_batch), "--weight", repr(float(self.weight)),
@@ -91,6 +93,8 @@ class SidecarSpec:
         if self.solver_url is not None:
             out += ["--solver", self.solver_url]
         out += ["--data-plane", self.data_plane]
+        if self.max_wait_s is not None:
+            out += ["--max-wait", repr(float(self.max_wait_s))]
         if self.long_run_window_s is not None:
             out += ["--long-run-window", repr(float(self.long_run_window_s))]
         if self.slo is not None:

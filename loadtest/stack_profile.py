@@ -123,23 +123,26 @@ def request_hops(triton_url: str, control: ModelConfigControl, model: str, time_
 @dataclass(frozen=True)
 class GateWindow:
     """What a gate measured over a window of a run (differences of two ``GetStatus`` readings): per batch
-    size b (index b - 1) the batches and the sum of their dispatch-to-completion times, and the
-    requests it answered with the sum of their arrival-to-answer times in the sidecar."""
+    size b (index b - 1) the batches and the sum of their dispatch-to-completion times, the requests it
+    answered with the sum of their arrival-to-answer times in the sidecar, and the sum of its batches'
+    decision-to-dispatch times (``ModelStatus.dispatch_lag``; 0 where the plane does not measure it)."""
 
     batches: np.ndarray
     busy_s: np.ndarray
     requests: int
     latency_sum_s: float
+    lag_s: float = 0.0
 
 
 def added_under_load(quiet: ServiceProfile, window: GateWindow) -> float:
     """How much longer a batch holds the gate's slot under load than in the quiet profile, seconds: the
-    batch-weighted mean of (measured - quiet tau(b)) over the sizes the window saw."""
+    batch-weighted mean of (measured - quiet tau(b)) over the sizes the window saw, plus the gate's mean
+    decision-to-dispatch time (the slot is the batch's from its decision epoch, as the solver models it)."""
     top = min(quiet.max_batch, window.batches.size)
     n = window.batches[:top].astype(float)
     if n.sum() <= 0:
         raise ValueError("the gate completed no batch in the window")
-    return float((window.busy_s[:top].sum() - np.dot(n, quiet.mean_s[:top])) / n.sum())
+    return float((window.busy_s[:top].sum() + window.lag_s - np.dot(n, quiet.mean_s[:top])) / n.sum())
 
 
 def loaded(quiet: ServiceProfile, added_s: float, emulated: ServiceProfile, idle_power_w: float) -> ServiceProfile:
@@ -168,61 +171,70 @@ class OperatingPoint:
     this load: the per-request hop at the operating point, added to the solver's W."""
     batches: int
     requests: int
+    policy: str = "smdp"
+    """The gate policy the calibration ran (``operating_point``'s ``policy``)."""
+    lag_s: float = 0.0
+    """Of ``added_s``: the gate's mean decision-to-dispatch time per batch (0 where not measured)."""
 
 
 CALIBRATION_SEED = 1_000_003
 """Offset of the calibration run's arrival seed: its arrivals are never the ones the contenders replay."""
 
 
-def _gate_reading(stub, model: str) -> tuple[np.ndarray, np.ndarray, int, float]:
-    from smdp.v1 import smdp_pb2
-
-    st = stub.GetStatus(smdp_pb2.ModelRequest(model=model), timeout=5.0)
-    top = max((t.batch_size for t in st.service_times), default=0)
-    n = np.zeros(top)
-    busy = np.zeros(top)
-    for t in st.service_times:
-        if t.samples and t.HasField("mean_s"):
-            n[t.batch_size - 1] = t.samples
-            busy[t.batch_size - 1] = t.samples * t.mean_s
-    w = st.measured.mean_latency_s if st.HasField("measured") else 0.0
-    return n, busy, int(st.completed), float(w) * int(st.completed)
+def gate_reading(status) -> GateWindow:
+    """The gate's totals since it started, from a ``ModelStatus``: its own batch record (any policy),
+    answered requests and their summed time in the sidecar, summed decision-to-dispatch time."""
+    n = np.asarray(status.batch_histogram[1:], dtype=float)
+    mean = np.asarray(status.batch_mean_s[1:], dtype=float)
+    if mean.size != n.size:
+        raise ValueError("the gate reported no dispatch-to-completion times with its batch histogram")
+    w = status.measured.mean_latency_s if status.HasField("measured") else 0.0
+    lag = status.dispatch_lag.batches * status.dispatch_lag.mean_s if status.HasField("dispatch_lag") else 0.0
+    return GateWindow(n, n * mean, int(status.completed), float(w) * int(status.completed), float(lag))
 
 
-def _window(first: tuple, last: tuple) -> GateWindow:
-    top = max(first[0].size, last[0].size)
+def window_between(first: GateWindow, last: GateWindow) -> GateWindow:
+    """What the gate measured between two readings."""
+    top = max(first.batches.size, last.batches.size)
 
     def pad(x: np.ndarray) -> np.ndarray:
         return np.pad(x, (0, top - x.size))
 
-    return GateWindow(pad(last[0]) - pad(first[0]), pad(last[1]) - pad(first[1]), last[2] - first[2],
-                      last[3] - first[3])
+    return GateWindow(pad(last.batches) - pad(first.batches), pad(last.busy_s) - pad(first.busy_s),
+                      last.requests - first.requests, last.latency_sum_s - first.latency_sum_s,
+                      last.lag_s - first.lag_s)
 
 
 def operating_point(triton_url: str, control: ModelConfigControl, model: str, time_scale: float, max_batch: int,
                     quiet: ServiceProfile, quiet_path: Path, emulated: ServiceProfile, idle_power_w: float,
                     rate: float, weight: float, times: np.ndarray, window: tuple[float, float], data_plane: str,
-                    solver_url: str | None, out_dir: Path, progress: Callable[[str], None] = print) -> OperatingPoint:
-    """Run the adaptive SMDP gate at ``rate`` on its own Poisson arrivals ``times`` and read, from the gate
-    itself (``GetStatus``: its learner's per-size batch times, its measured W) over ``window``, how long the
-    batches hold its slot at this load and how long answers take beyond the gate; the profile the solver
-    is then told for the gate contenders at this load. The quiet profile was taken one batch at a time on
-    an otherwise idle stack: under load on a small host the sidecar's own CPU and the client's slow the
-    batches down, and the solver must be told the batches as they run there."""
+                    solver_url: str | None, out_dir: Path, progress: Callable[[str], None] = print,
+                    policy: str = "smdp") -> OperatingPoint:
+    """Run the gate with ``policy`` (``smdp``: the adaptive SMDP gate) at ``rate`` on its own Poisson arrivals
+    ``times`` and read, from the gate itself (``GetStatus``: its per-size dispatch-to-completion times, its
+    decision-to-dispatch turnaround, its measured W) over ``window``, how long the batches hold its slot at
+    this load and how long answers take beyond the gate; the profile the solver is then told for the gate
+    contenders with that policy at this load. The quiet profile was taken one batch at a time on an
+    otherwise idle stack: under load on a small host the sidecar's own CPU and the client's slow the
+    batches down, and a gate that sends more batches turns around more often, so the solver must be told
+    the batches as they run there, under the policy that runs."""
     import threading
 
     import grpc
 
-    from smdp.v1 import smdp_pb2_grpc
+    from smdp.v1 import smdp_pb2, smdp_pb2_grpc
 
     from .openloop import run_open_loop
     from .stack import SidecarProcess, SidecarSpec
 
     control.apply(BatchingOverride(time_scale=time_scale, dynamic_batching=False))
-    spec = SidecarSpec(policy="smdp", max_batch=max_batch, profile_csv=quiet_path, rate_rps=rate, weight=weight,
-                       idle_power_w=idle_power_w, adaptive=True, solver_url=solver_url, data_plane=data_plane)
-    sidecar = SidecarProcess(triton_url, spec, log_path=out_dir / f"sidecar-operating-point-{rate:g}.log").start()
-    readings: dict[str, tuple] = {}
+    spec = SidecarSpec(policy=policy, max_batch=max_batch, profile_csv=quiet_path, rate_rps=rate, weight=weight,
+                       idle_power_w=idle_power_w, adaptive=policy == "smdp", solver_url=solver_url,
+                       data_plane=data_plane)
+    tag = _file_tag(policy)
+    sidecar = SidecarProcess(triton_url, spec,
+                             log_path=out_dir / f"sidecar-operating-point-{tag}-{rate:g}.log").start()
+    readings: dict[str, GateWindow] = {}
     errors: list[BaseException] = []
     try:
         if sidecar.control_url is None:
@@ -232,7 +244,7 @@ def operating_point(triton_url: str, control: ModelConfigControl, model: str, ti
 
             def read(key: str) -> None:
                 try:
-                    readings[key] = _gate_reading(stub, model)
+                    readings[key] = gate_reading(stub.GetStatus(smdp_pb2.ModelRequest(model=model), timeout=5.0))
                 except BaseException as exc:  # reported below, after the run
                     errors.append(exc)
 
@@ -253,7 +265,7 @@ def operating_point(triton_url: str, control: ModelConfigControl, model: str, ti
         raise ValueError(f"could not read the gate's status: {errors[0]}")
     if len(readings) != 2:
         raise ValueError("the gate's status was not read at both ends of the window")
-    win = _window(readings["lo"], readings["hi"])
+    win = window_between(readings["lo"], readings["hi"])
     in_window = (res.scheduled_s >= lo) & (res.scheduled_s < hi) & res.ok
     if win.requests < 10 or in_window.sum() < 10:
         raise ValueError(f"only {win.requests} requests answered in the calibration window at {rate:g} req/s")
@@ -261,11 +273,17 @@ def operating_point(triton_url: str, control: ModelConfigControl, model: str, ti
     client_w = float(np.mean(res.done_s[in_window] - res.scheduled_s[in_window]))
     hop = client_w - win.latency_sum_s / win.requests
     prof = loaded(quiet, added, emulated, idle_power_w)
-    path = write_composed_csv(prof, out_dir / f"{model}_stack_x{time_scale:g}_at_{rate:g}rps.csv",
+    path = write_composed_csv(prof, out_dir / f"{model}_stack_x{time_scale:g}_at_{rate:g}rps_{tag}.csv",
                               f"tau(b) of the quiet stack profile + {added * 1e3:.3f} ms per batch, measured "
-                              f"through the {data_plane} gate at {rate:g} req/s")
+                              f"through the {data_plane} gate ({policy}) at {rate:g} req/s")
     batches = int(win.batches.sum())
-    progress(f"at {rate:g} req/s through the {data_plane} gate ({batches} batches, {win.requests} requests): "
-             f"batches hold the slot {added * 1e3:+.2f} ms longer than the quiet profile; an answer takes "
-             f"{hop * 1e3:.2f} ms beyond the gate (told to the solver for the gate contenders at this load)")
-    return OperatingPoint(rate, prof, path, added, hop, batches, win.requests)
+    lag = win.lag_s / batches if batches else 0.0
+    progress(f"at {rate:g} req/s through the {data_plane} gate, {policy} ({batches} batches, {win.requests} "
+             f"requests): batches hold the slot {added * 1e3:+.2f} ms longer than the quiet profile (of which "
+             f"{lag * 1e3:.2f} ms from decision to dispatch); an answer takes {hop * 1e3:.2f} ms beyond the gate "
+             f"(told to the solver for the gate contenders with this policy at this load)")
+    return OperatingPoint(rate, prof, path, added, hop, batches, win.requests, policy, lag)
+
+
+def _file_tag(policy: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in policy)

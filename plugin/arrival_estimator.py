@@ -123,7 +123,7 @@ def slow_phases(process: MMPP2) -> bool:
     to the MMPP fit, like phases of a few arrivals at a huge rate switching hundreds of times a
     second: that is the group estimator's business, and an MMPP solve would read it as surges."""
     lam = process.mean_rate
-    for rate, epochs, leave in zip(process.rates, process.epoch_rates, process.switching):
+    for rate, epochs, leave in zip(process.rates, process.epoch_rates, process.leave_rates):
         if rate >= 0.1 * lam and epochs / leave < MIN_PHASE_ARRIVALS:
             return False
     return True
@@ -139,7 +139,7 @@ class ModulationEstimator:
     """
 
     def __init__(self, group_window_gaps: float = 0.01, max_arrivals: int = 10_000, min_arrivals: int = 2_000,
-                 refit_s: float = 30.0) -> None:
+                 refit_s: float = 30.0, max_phases: int = 2) -> None:
         if not (math.isfinite(group_window_gaps) and group_window_gaps > 0):
             raise ValueError(f"group_window_gaps must be a finite number > 0, got {group_window_gaps!r}")
         if not 20 <= min_arrivals <= max_arrivals:
@@ -149,6 +149,8 @@ class ModulationEstimator:
         self.group_window_gaps = float(group_window_gaps)
         self.min_arrivals = int(min_arrivals)
         self.refit_s = float(refit_s)
+        self.max_phases = int(max_phases)
+        """The most phases a fit may choose (``fit_arrivals``); the phase-blind solve's cost grows with it."""
         self.times: deque[float] = deque(maxlen=int(max_arrivals))
         self.shape: MMPP2 | None = None
         """The last fit's MMPP, or None (no fit yet, or the fit chose a model without modulation)."""
@@ -179,7 +181,7 @@ class ModulationEstimator:
             return
         rate = (t.size - 1) / float(t[-1] - t[0])
         try:
-            fit = fit_arrivals(t, group_window_s=self.group_window_gaps / rate)
+            fit = fit_arrivals(t, group_window_s=self.group_window_gaps / rate, max_phases=self.max_phases)
         except ModelError:
             return
         self.chosen = fit.chosen.spec
@@ -193,4 +195,4 @@ class ModulationEstimator:
         if self.shape is None or not rate > 0:
             return None
         f = rate / self.shape.mean_rate
-        return self.shape.with_rates((self.shape.rates[0] * f, self.shape.rates[1] * f))
+        return self.shape.with_rates(tuple(r * f for r in self.shape.rates))

@@ -97,11 +97,16 @@ class SloStatusInfo:
     max_wait_s: float | None = None
     margin_s: float = 0.0
     correction_s: float = 0.0
+    stall_held_up: int = 0
+    stalled_s: float = 0.0
+    correction_with_stalls_s: float | None = None
 
     def message(self) -> smdp_pb2.SloStatus:
         msg = smdp_pb2.SloStatus(quantile=self.quantile, latency_s=self.latency_s, feasible=self.feasible,
-                                 samples=self.samples, margin_s=self.margin_s, correction_s=self.correction_s)
-        for name in ("predicted_quantile_s", "predicted_ci95_s", "measured_quantile_s", "attainment", "max_wait_s"):
+                                 samples=self.samples, margin_s=self.margin_s, correction_s=self.correction_s,
+                                 stall_held_up=self.stall_held_up, stalled_s=self.stalled_s)
+        for name in ("predicted_quantile_s", "predicted_ci95_s", "measured_quantile_s", "attainment", "max_wait_s",
+                     "correction_with_stalls_s"):
             value = getattr(self, name)
             if value is not None and math.isfinite(value):
                 setattr(msg, name, value)
@@ -130,6 +135,8 @@ class ModelStatusInfo:
     in_flight: int = 0
     instances: int = 1
     """k: model instances the gate fills; the policy a(n, m) sees m = ``in_flight``."""
+    devices: int = 1
+    """D: the devices those instances draw idle power on (``plugin.placement``)."""
     completed: int = 0
     rejected: int = 0
     """Refused because the queue was full."""
@@ -144,6 +151,10 @@ class ModelStatusInfo:
     rejected_expired: int = 0
     rejected_invalid: int = 0
     slo: SloStatusInfo | None = None
+    batch_mean_s: Sequence[float] = field(default_factory=tuple)
+    """Entry b: mean dispatch-to-completion time of the batches ``batch_histogram`` entry b counts (0: none)."""
+    dispatch_lag: tuple[int, float] | None = None
+    """(batches, mean decision-to-dispatch time in seconds); None where the plane does not measure it."""
 
     def message(self) -> smdp_pb2.ModelStatus:
         msg = smdp_pb2.ModelStatus(
@@ -158,6 +169,7 @@ class ModelStatusInfo:
             queue_length=self.queue_length,
             in_flight=self.in_flight,
             instances=self.instances,
+            devices=self.devices,
             completed=self.completed,
             rejected=self.rejected,
             failed=self.failed,
@@ -170,7 +182,10 @@ class ModelStatusInfo:
             profile_learning=self.profile_learning,
             rejected_expired=self.rejected_expired,
             rejected_invalid=self.rejected_invalid,
+            batch_mean_s=[float(x) for x in self.batch_mean_s],
         )
+        if self.dispatch_lag is not None:
+            msg.dispatch_lag.CopyFrom(smdp_pb2.DispatchLag(batches=self.dispatch_lag[0], mean_s=self.dispatch_lag[1]))
         if self.rate is not None:
             r = self.rate
             msg.rate.CopyFrom(smdp_pb2.RateEstimate(

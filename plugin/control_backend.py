@@ -120,7 +120,7 @@ class SidecarControl:
                 energy = float(np.dot(counts, p.energy_j[:top]))
                 busy = float(np.dot(counts, p.mean_s[:top]))
                 idle_w = self.registry.policy_config(model).idle_power_w
-                p_meas = (energy + idle_w * max(0.0, elapsed - busy)) / elapsed
+                p_meas = state.placement.modelled_power_w(energy, busy, elapsed, idle_w)
             batches = int(st.batches.sum())
             mean_batch = float(np.dot(np.arange(len(st.batches)), st.batches)) / batches if batches else 0.0
             measured = Figures(w_meas, p_meas, w_meas + weight * (p_meas if math.isfinite(p_meas) else 0.0),
@@ -140,9 +140,12 @@ class SidecarControl:
             predicted_rate_rps=c.current.rate_rps if c is not None and c.current is not None else 0.0,
             measured=measured,
             batch_histogram=st.batches.tolist(),
+            batch_mean_s=np.divide(st.busy_s, st.batches, out=np.zeros_like(st.busy_s), where=st.batches > 0).tolist(),
+            dispatch_lag=(st.lag_n, st.lag_s / st.lag_n) if st.lag_n else None,
             queue_length=state.gate.queue_length,
             in_flight=state.gate.in_flight,
             instances=state.gate.slots,
+            devices=state.placement.devices,
             completed=st.latency_n,
             rejected=state.gate.counters.rejected,
             rejected_expired=state.gate.counters.expired,
@@ -154,7 +157,8 @@ class SidecarControl:
             profile_updates=c.profile_version if c is not None else 0,
             profile_batches=c.learner.batches if c is not None and c.learner is not None else 0,
             profile_learning=c is not None and c.learner is not None,
-            slo=_slo_status(c, now),
+            slo=(_slo_status(c, now) if c is not None
+                 else _fixed_slo_status(self.registry.policy_config(model), state.info)),
             note="; ".join(x for x in (
                 c.note if c is not None else "",
                 c.learning_summary(now) if c is not None else "",
@@ -171,6 +175,7 @@ def _slo_status(c, now: float) -> SloStatusInfo | None:
     sol = c.current
     pred = sol.slo if sol is not None else None
     meas = c.measured_slo(now)
+    gap = c.slo_gap
     return SloStatusInfo(
         quantile=c.slo.quantile, latency_s=c.slo.latency_s,
         feasible=pred.feasible if pred is not None else False,
@@ -181,6 +186,22 @@ def _slo_status(c, now: float) -> SloStatusInfo | None:
         samples=meas.samples if meas is not None else 0,
         max_wait_s=sol.max_wait_s if sol is not None and pred is not None else None,
         margin_s=c.slo.margin_s, correction_s=c.slo_offset_s,
+        stall_held_up=gap.held_up if gap is not None else 0,
+        stalled_s=gap.stalled_s if gap is not None else 0.0,
+        correction_with_stalls_s=max(0.0, gap.with_stalls_s) if gap is not None and gap.at_quantile else None,
+    )
+
+
+def _fixed_slo_status(cfg, info) -> SloStatusInfo | None:
+    """A fixed SLO model's status (``adaptive: false`` with ``slo``; ``plugin.policies``): its SLO and
+    what the one search at ``rate_rps`` predicted. Nothing is measured against it (no controller)."""
+    pred = info.prediction if info is not None else None
+    if cfg is None or cfg.slo is None or not pred or "predicted_quantile_s" not in pred:
+        return None
+    return SloStatusInfo(
+        quantile=cfg.slo.quantile, latency_s=cfg.slo.latency_s, feasible=bool(pred["slo_feasible"]),
+        predicted_quantile_s=pred["predicted_quantile_s"], max_wait_s=pred.get("max_wait_s"),
+        margin_s=cfg.slo.margin_s,
     )
 
 

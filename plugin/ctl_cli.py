@@ -214,7 +214,11 @@ def _status_text(s: Any) -> str:
         lines.extend(_slo_text(s.slo))
     hist = [f"{b}:{c}" for b, c in enumerate(s.batch_histogram) if b > 0 and c > 0]
     lines.append(f"  batches    {' '.join(hist) if hist else '(none)'}")
-    lines.append(f"  queue {s.queue_length}, in flight {s.in_flight} of {max(s.instances, 1)} instance(s), "
+    if s.HasField("dispatch_lag"):
+        lines.append(f"  turnaround {_ms(s.dispatch_lag.mean_s)} per batch from decision to dispatch "
+                     f"({s.dispatch_lag.batches} batches)")
+    lines.append(f"  queue {s.queue_length}, in flight {s.in_flight} of {max(s.instances, 1)} instance(s) "
+                 f"on {max(s.devices, 1)} device(s), "
                  f"completed {s.completed}, "
                  f"rejected {s.rejected} (queue full) + {s.rejected_expired} expired + {s.rejected_invalid} invalid, "
                  f"failed {s.failed}")
@@ -240,6 +244,11 @@ def _slo_text(o: Any) -> list[str]:
     if o.HasField("measured_quantile_s"):
         lines.append(f"    measured  {q} {_ms(o.measured_quantile_s)}, attainment {o.attainment:.4f} "
                      f"(share within D, over {o.samples} answers in the rate window)")
+    if o.stall_held_up:
+        kept = (f"; the correction with them left in would be {_ms(o.correction_with_stalls_s)}"
+                if o.HasField("correction_with_stalls_s") else "")
+        lines.append(f"    host stalls {_ms(o.stalled_s)} in the window touched {o.stall_held_up} answers, "
+                     f"left out of the correction{kept}")
     return lines
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .stalls import StallLog
+
 
 @dataclass(frozen=True)
 class LatencySummary:
@@ -39,6 +41,13 @@ class LatencyGap:
     """95% half-width of the measured figure: order statistics at the quantile, a normal one at the mean."""
     at_quantile: bool
     samples: int
+    with_stalls_s: float = math.nan
+    """The same figure over every answer, the ones host stalls touched included (``plugin.stalls``):
+    what the correction would be if stalls were not told apart."""
+    held_up: int = 0
+    """Answers of the window a stall touched, left out of ``excess_s``."""
+    stalled_s: float = 0.0
+    """Stall time over the window's answers, seconds."""
 
 
 class LatencyWindow:
@@ -83,16 +92,19 @@ class ExcessWindow:
             raise ValueError(f"window must be finite and > 0 seconds, got {window_s!r}")
         self.window_s = float(window_s)
         self._times: deque[float] = deque(maxlen=max_samples)
+        self._latencies: deque[float] = deque(maxlen=max_samples)
         self._over_quantile: deque[float] = deque(maxlen=max_samples)
         self._over_mean: deque[float] = deque(maxlen=max_samples)
 
     def add(self, now: float, latency_s: float, predicted_quantile_s: float, predicted_mean_s: float) -> None:
         self._times.append(now)
+        self._latencies.append(latency_s)
         self._over_quantile.append(latency_s - predicted_quantile_s)
         self._over_mean.append(latency_s - predicted_mean_s)
 
     def clear(self) -> None:
         self._times.clear()
+        self._latencies.clear()
         self._over_quantile.clear()
         self._over_mean.clear()
 
@@ -100,22 +112,39 @@ class ExcessWindow:
         cut = now - self.window_s
         while self._times and self._times[0] < cut:
             self._times.popleft()
+            self._latencies.popleft()
             self._over_quantile.popleft()
             self._over_mean.popleft()
 
-    def gap(self, now: float, quantile: float, *, min_samples: int, tail_samples: float) -> LatencyGap | None:
+    def gap(self, now: float, quantile: float, *, min_samples: int, tail_samples: float,
+            stalls: StallLog | None = None) -> LatencyGap | None:
         """The q-quantile of the excess over the predicted q-quantile once ``tail_samples / (1 - q)``
         answers are in the window, from ``min_samples`` on the mean excess over the predicted mean;
-        None with fewer."""
+        None with fewer. With ``stalls``, over the answers no stall touched only."""
         self._prune(now)
-        n = len(self._times)
-        if n >= max(min_samples, tail_samples / (1.0 - quantile)):
-            v = np.sort(np.fromiter(self._over_quantile, dtype=float, count=n))
+        n_all = len(self._times)
+        touched = np.zeros(n_all, dtype=bool)
+        stalled_s = 0.0
+        if stalls is not None and len(stalls) and n_all:
+            ends = np.fromiter(self._times, dtype=float, count=n_all)
+            begins = ends - np.fromiter(self._latencies, dtype=float, count=n_all)
+            touched = stalls.touched(begins, ends)
+            stalled_s = stalls.covered_s(float(begins.min()), now)
+        keep = ~touched
+        n = int(keep.sum())
+        at_quantile = n >= max(min_samples, tail_samples / (1.0 - quantile))
+        if not at_quantile and n < max(min_samples, 2):
+            return None
+        raw = np.fromiter(self._over_quantile if at_quantile else self._over_mean, dtype=float, count=n_all)
+        v = raw[keep]
+        if at_quantile:
+            v = np.sort(v)
             half = 1.96 * math.sqrt(n * quantile * (1.0 - quantile))  # binomial spread of the order statistic
             lo = v[max(0, math.floor(n * quantile - half) - 1)]
             hi = v[min(n - 1, math.ceil(n * quantile + half) - 1)]
-            return LatencyGap(float(np.quantile(v, quantile)), 0.5 * float(hi - lo), True, n)
-        if n >= max(min_samples, 2):
-            v = np.fromiter(self._over_mean, dtype=float, count=n)
-            return LatencyGap(float(v.mean()), 1.96 * float(v.std(ddof=1)) / math.sqrt(n), False, n)
-        return None
+            figure, ci = float(np.quantile(v, quantile)), 0.5 * float(hi - lo)
+            with_stalls = float(np.quantile(raw, quantile))
+        else:
+            figure, ci = float(v.mean()), 1.96 * float(v.std(ddof=1)) / math.sqrt(n)
+            with_stalls = float(raw.mean())
+        return LatencyGap(figure, ci, at_quantile, n, with_stalls, int(touched.sum()), stalled_s)

@@ -75,6 +75,7 @@ class _ModelChildren:
     queue: Any
     in_flight: Any
     instances: Any
+    devices: Any
     policy_version: Any
     policy_threshold: Any
     predicted_latency: Any
@@ -132,6 +133,9 @@ class SidecarMetrics:
         self._in_flight = Gauge(PREFIX + "in_flight_batches", "Batches sent to Triton and not yet completed", m, registry=r)
         self._instances = Gauge(PREFIX + "instances", "Model instances k the gate fills (its slots; the rule's "
                                 "a(n, m) sees m = in-flight batches)", m, registry=r)
+        self._devices = Gauge(PREFIX + "devices", "Devices D the model's instances draw idle power on (GPUs listed "
+                              "in instance_group; the host for KIND_CPU): the solver counts P0 once per device",
+                              m, registry=r)
         self._policy_version = Gauge(PREFIX + "policy_version", "Version of the policy in force (increments per swap)", m, registry=r)
         self._policy_threshold = Gauge(
             PREFIX + "policy_threshold",
@@ -203,6 +207,7 @@ class SidecarMetrics:
                         queue=self._queue.labels(model),
                         in_flight=self._in_flight.labels(model),
                         instances=self._instances.labels(model),
+                        devices=self._devices.labels(model),
                         policy_version=self._policy_version.labels(model),
                         policy_threshold=self._policy_threshold.labels(model),
                         predicted_latency=self._pred_latency.labels(model),
@@ -261,11 +266,12 @@ class SidecarMetrics:
         # estimator's job (a label per size would multiply the series by B).
         self._model(model).batch_service.observe(seconds)
 
-    def set_queue(self, model: str, queue_length: int, in_flight: int, instances: int = 1) -> None:
+    def set_queue(self, model: str, queue_length: int, in_flight: int, instances: int = 1, devices: int = 1) -> None:
         c = self._model(model)
         c.queue.set(queue_length)
         c.in_flight.set(in_flight)
         c.instances.set(instances)
+        c.devices.set(devices)
 
     # -- occasional --------------------------------------------------------------------------
     def set_policy(

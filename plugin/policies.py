@@ -10,6 +10,7 @@ from solver.policy import BatchRule, GateRule, parse_rule_spec, rule_from_spec
 from tritonclient.grpc import model_config_pb2
 
 from .config import ModelPolicyConfig
+from .placement import placement
 
 log = logging.getLogger("smdp.policies")
 
@@ -25,23 +26,18 @@ class RuleInfo:
 
 
 def model_instances(cfg: model_config_pb2.ModelConfig) -> int:
-    """k, the model's instances fed by Triton's one queue: the instance_group counts, each times the
-    GPUs it lists for KIND_GPU (Triton places `count` instances on each listed GPU). A KIND_GPU group
-    that lists no GPUs is counted once (Triton puts it on every visible GPU, which the config does not say)."""
-    total = 0
-    for g in cfg.instance_group:
-        count = max(g.count, 1)
-        if g.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and len(g.gpus) > 0:
-            count *= len(g.gpus)
-        total += count
-    return total or 1
+    """k, the model's instances fed by Triton's one queue (``plugin.placement``: instance_group counts,
+    each times the GPUs it lists for KIND_GPU)."""
+    return placement(cfg).instances
 
 
-def build_rule(model: str, cfg: ModelPolicyConfig, model_max_batch: int, instances: int = 1) -> RuleInfo:
+def build_rule(model: str, cfg: ModelPolicyConfig, model_max_batch: int, instances: int = 1,
+               devices: int | None = None) -> RuleInfo:
     """Build the rule for one model; B is capped by the model's own max_batch_size.
 
     With k = ``instances`` > 1 the smdp policy is the k-instance table a(n, m) (``solver.instances``),
-    m = the gate's batches in flight; baselines run per instance slot as Triton's batcher does."""
+    m = the gate's batches in flight; baselines run per instance slot as Triton's batcher does. ``devices``:
+    D, the devices the k instances draw idle power on (``plugin.placement``; None: one per instance)."""
     b = min(cfg.max_batch or model_max_batch, model_max_batch)
     kind, _ = parse_rule_spec(cfg.policy)
     if kind != "smdp":
@@ -54,8 +50,10 @@ def build_rule(model: str, cfg: ModelPolicyConfig, model_max_batch: int, instanc
     profile = ServiceProfile.from_csv(cfg.profile)
     bm = BatchingModel(
         rate=cfg.rate_rps, max_batch=b, profile=profile, idle_power_w=cfg.idle_power_w, weight=cfg.weight,
-        instances=instances,
+        instances=instances, devices=devices if instances > 1 else None,
     )
+    if bm.instances > 1 and cfg.slo is not None:
+        return _slo_rule_instances(bm, cfg)
     if bm.instances > 1:
         from solver.instances import solve_instances
 
@@ -68,6 +66,7 @@ def build_rule(model: str, cfg: ModelPolicyConfig, model_max_batch: int, instanc
             "threshold": None,
             "thresholds": list(k_res.policy.thresholds() or ()),
             "instances": bm.instances,
+            "devices": bm.idle_devices,
             "rate_rps": cfg.rate_rps,
             "weight": cfg.weight,
         }
@@ -111,3 +110,32 @@ def _slo_rule(bm, cfg: ModelPolicyConfig) -> RuleInfo:
     }
     rule = c.policy if c.max_wait_s is None else MaxWaitGuard(c.policy, c.max_wait_s)
     return RuleInfo(rule, "smdp", bm.max_batch, pred)
+
+
+def _slo_rule_instances(bm, cfg: ModelPolicyConfig) -> RuleInfo:
+    """k > 1 instances, a fixed SLO policy: the k-instance SLO search's limits a(n, m) and guard, once."""
+    from solver.instances_slo import solve_slo_instances
+    from solver.slo import SloTarget
+
+    res = solve_slo_instances(bm, SloTarget(cfg.slo.quantile, cfg.slo.latency_s, cfg.slo.margin_s))
+    c = res.chosen
+    if not res.feasible:
+        log.warning("SLO q%g <= %g ms is infeasible at %g/s with %d instances: serving greedy, predicted q%g %.3f ms",
+                    cfg.slo.quantile, cfg.slo.latency_s * 1e3, bm.rate, bm.instances, cfg.slo.quantile,
+                    c.estimate.quantile_s * 1e3)
+    pred = {
+        "gain": c.cost,
+        "mean_latency_s": c.mean_latency_s,
+        "mean_power_w": c.mean_power_w,
+        "mean_batch": c.mean_batch,
+        "threshold": None,
+        "thresholds": list(c.thresholds),
+        "instances": bm.instances,
+        "devices": bm.idle_devices,
+        "rate_rps": cfg.rate_rps,
+        "weight": cfg.weight,
+        "max_wait_s": c.max_wait_s,
+        "predicted_quantile_s": c.estimate.quantile_s,
+        "slo_feasible": res.feasible,
+    }
+    return RuleInfo(GateRule.of(c.rule), "smdp", bm.max_batch, pred)

@@ -180,7 +180,7 @@ class PythonPlane:
             if alone is not None:
                 # Served at once, alone: dispatch from this coroutine instead of a task of its own
                 # (two event-loop hops fewer). Same body, same accounting; the future is set by now.
-                await self._dispatch(state, alone, inline=True)
+                await self._dispatch(state, alone, now, inline=True)
             response = await call.future
             latency = self._clock() - now
             state.stats.latency_sum_s += latency
@@ -212,13 +212,17 @@ class PythonPlane:
             self.registry.model_changed(state.name)
         return response
 
-    def _pump(self, state: ModelState, arrived: Pending | None = None) -> tuple[Pending, ...] | None:
+    def _pump(self, state: ModelState, arrived: Pending | None = None, epoch: float | None = None
+              ) -> tuple[Pending, ...] | None:
         """One decision epoch: carry out what the gate decides now, and arm its timer.
 
         ``arrived``: the request whose arrival this epoch is. When the gate serves it alone, now, that
         batch is returned instead of given a task: its caller's coroutine dispatches it (``infer``).
+        ``epoch``: when the completion this epoch is was clocked (None: now, or the arrival's time);
+        what the gate sends is dispatched that much later (``BatchStats.lag_s``).
         """
         step = state.gate.poll()
+        decided = arrived.arrival if arrived is not None else self._clock() if epoch is None else epoch
         for item in step.expired:
             self._fail(item.payload, GateError(grpc.StatusCode.UNAVAILABLE, "Request timeout expired"))
         alone = None
@@ -227,7 +231,7 @@ class PythonPlane:
             if arrived is not None and len(batch) == 1 and batch[0] is arrived:
                 alone = batch
                 continue
-            self._spawn(self._dispatch(state, batch))
+            self._spawn(self._dispatch(state, batch, decided))
         if step.wake_at is not None and (state.timer_at is None or step.wake_at < state.timer_at):
             if state.timer:
                 state.timer.cancel()
@@ -284,14 +288,19 @@ class PythonPlane:
             )
         return exc
 
-    async def _dispatch(self, state: ModelState, batch: tuple[Pending, ...], inline: bool = False) -> None:
+    async def _dispatch(self, state: ModelState, batch: tuple[Pending, ...], decided: float,
+                        inline: bool = False) -> None:
         """Send one batch to Triton and answer its members; then free its slot and pump.
 
+        ``decided``: the decision epoch (the arrival or completion the gate decided the batch at; its
+        slot is taken from then on): the time until this dispatch is the gate's turnaround, counted
+        apart from dispatch-to-completion (``BatchStats.lag_s``).
         ``inline``: run by the one member's own caller (see ``_pump``). Should that caller go away
         while Triton works, the batch runs on in a task, as it would have in its own task.
         """
         calls: list[_Call] = [p.payload for p in batch]
         start = self._clock()
+        state.stats.record_lag(start - decided)
         rows = sum(p.rows for p in batch)
         handed_off = False
         try:
@@ -353,14 +362,15 @@ class PythonPlane:
 
     def _batch_done(self, state: ModelState, calls: list[_Call], rows: int, start: float) -> None:
         """A batch ended, answered or failed: account for it, free its slot, and decide again."""
-        elapsed = self._clock() - start
+        end = self._clock()
+        elapsed = end - start
         state.stats.record(rows, elapsed)
         if state.controller is not None:  # learns tau(b); a batch that raised the failure count is skipped
             state.controller.observe_batch(rows, elapsed, state.stats.failed_requests)
         self.metrics.batch_completed(state.name, rows, elapsed)
         state.stats.answered += len(calls)
         state.gate.complete()
-        self._pump(state)
+        self._pump(state, epoch=end)
 
     async def _dispatch_released(self, state: ModelState, batch: tuple[Pending, ...], start: float) -> None:
         async def one(p: Pending) -> None:

@@ -30,7 +30,8 @@ from .gate import GateCounters
 from .loop.controller import ControllerConfig, PolicyController, RemoteSolver
 from .metrics import SidecarMetrics
 from .model_names import is_model_name
-from .policies import RuleInfo, build_rule, model_instances
+from .placement import Placement, placement
+from .policies import RuleInfo, build_rule
 from .upstream import GateError, Upstream
 
 log = logging.getLogger("smdp.sidecar")
@@ -69,6 +70,12 @@ class BatchStats:
     """Sum over answered requests of arrival-to-answer time in the sidecar, seconds."""
     latency_n: int = 0
     started_at: float = 0.0
+    lag_s: float = 0.0
+    """Sum over dispatched batches of the time from the gate's decision to the batch's dispatch, seconds:
+    the slot is the batch's from the decision on, so this is service time no dispatch-to-completion time
+    holds (the Python gate's turnaround through its event loop; the native gate dispatches as it decides)."""
+    lag_n: int = 0
+    """Batches ``lag_s`` covers (0: the plane does not measure it)."""
 
     def __post_init__(self) -> None:
         self.batches = np.zeros(self.max_batch + 1, dtype=np.int64)
@@ -78,6 +85,10 @@ class BatchStats:
         i = min(rows, self.max_batch)
         self.batches[i] += 1
         self.busy_s[i] += seconds
+
+    def record_lag(self, seconds: float) -> None:
+        self.lag_s += max(seconds, 0.0)
+        self.lag_n += 1
 
 
 class Gate(Protocol):
@@ -113,6 +124,8 @@ class ModelState:
     timer_at: float | None = None
     config_read_at: float = 0.0
     """When its config was last read from Triton (sidecar clock)."""
+    placement: Placement = Placement(1, 1, "one instance")
+    """k instances on D devices, read from its config (``plugin.placement``)."""
 
 
 class GatePlane(Protocol):
@@ -344,7 +357,8 @@ class ModelRegistry:
             return None
         if self._batcher_to_turn_off(cfg):
             await self._turn_off_triton_batcher(name, cfg)
-        slots = model_instances(cfg)
+        where = placement(cfg)
+        slots = where.instances
         dyn = cfg.dynamic_batching
         levels = dyn.priority_levels if cfg.HasField("dynamic_batching") else 0
         default_level = dyn.default_priority_level if levels else 0
@@ -356,8 +370,9 @@ class ModelRegistry:
             old.config = cfg
             old.config_read_at = self._clock()
             old.gate.set_slots(slots)
+            old.placement = where
             if old.controller is not None:
-                old.controller.instances = slots  # the next re-solve is for the new k
+                old.controller.set_placement(slots, where.devices)  # the next re-solve is for the new k, D
             old.priority_levels = levels
             old.default_priority = default_level or (levels or 0)
             self._plane.priorities_changed(old)
@@ -373,7 +388,8 @@ class ModelRegistry:
             if policy_cfg.policy == "smdp" and policy_cfg.adaptive:
                 info, profile = self._adaptive_start(name, policy_cfg, cfg.max_batch_size)
             else:
-                info = await self._loop.run_in_executor(None, build_rule, name, policy_cfg, cfg.max_batch_size, slots)
+                info = await self._loop.run_in_executor(None, build_rule, name, policy_cfg, cfg.max_batch_size, slots,
+                                                        where.devices)
             if auto_note:
                 info = replace(info, spec=f"{info.spec} ({auto_note})")
             gate = self._plane.new_gate(
@@ -381,7 +397,8 @@ class ModelRegistry:
                 default_priority=default_level or (levels or 0), priority_levels=levels,
             )
             max_rows = info.max_batch
-            log.info("gating model %s (B=%d, %d slot(s), policy %s)", name, info.max_batch, slots, info.spec)
+            log.info("gating model %s (B=%d, %d slot(s) on %d device(s): %s; policy %s)", name, info.max_batch, slots,
+                     where.devices, where.why, info.spec)
             if self.config.mode == "merged" and cfg.HasField("dynamic_batching") \
                     and self.config.triton_batcher == "keep":
                 self._batcher_notice.seen(name)  # one warning line per start for all such models
@@ -395,10 +412,11 @@ class ModelRegistry:
             default_priority=default_level or (levels or 0),
             priority_levels=levels,
             profile=profile,
+            placement=where,
         )
         state.stats.started_at = state.config_read_at = self._clock()
         if profile is not None:
-            state.controller = self._controller(state, policy_cfg, profile, slots)
+            state.controller = self._controller(state, policy_cfg, profile, slots, where.devices)
             if old is not None and old.controller is not None:
                 # what the operator set through the control API outlives a changed config
                 if old.controller.latency_target_s is not None:
@@ -410,12 +428,13 @@ class ModelRegistry:
         return state
 
     def _controller(self, state: ModelState, policy_cfg: ModelPolicyConfig, profile: ServiceProfile,
-                    slots: int) -> PolicyController:
+                    slots: int, devices: int) -> PolicyController:
         """The adaptive smdp model's controller; it installs its solved policies through ``_install``."""
         controller = PolicyController(
             state.name,
             profile,
-            ControllerConfig.of(policy_cfg, self.config, max_batch=state.info.max_batch, instances=slots),
+            ControllerConfig.of(policy_cfg, self.config, max_batch=state.info.max_batch, instances=slots,
+                                devices=devices),
             install=lambda policy: self._install(state, policy),
             clock=self._clock,
             solver=RemoteSolver(self._solver) if self._solver is not None else None,
@@ -560,7 +579,8 @@ class ModelRegistry:
     def _export(self, state: ModelState, now: float) -> None:
         """The slow-moving gauges, once a tick (the per-request counters are updated inline)."""
         m = self.metrics
-        m.set_queue(state.name, state.gate.queue_length, state.gate.in_flight, state.gate.slots)
+        m.set_queue(state.name, state.gate.queue_length, state.gate.in_flight, state.gate.slots,
+                    state.placement.devices)
         c = state.controller
         if c is not None:
             est = c.rate.estimate(now)

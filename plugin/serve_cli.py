@@ -45,6 +45,7 @@ POLICY_FLAGS = {
     "--weight": "weight",
     "--idle-power": "idle_power_w",
     "--max-batch": "max_batch",
+    "--max-wait": "max_wait_s",
 }
 # ... and its tail-latency SLO (ModelPolicyConfig.slo):
 SLO_FLAGS = {

@@ -1,4 +1,4 @@
-"""Arrival models of the SMDP: Poisson, compound Poisson (requests in groups) and a two-phase MMPP.
+"""Arrival models of the SMDP: Poisson, compound Poisson (requests in groups) and an m-phase MMPP.
 
 A model's ``rate`` (``BatchingModel.rate``) is always the mean *request* rate lambda; the arrival
 model says how those requests clump:
@@ -13,6 +13,9 @@ model says how those requests clump:
   with an MMPP must carry that rate (``BatchingModel`` checks). Solved by ``solver.mmpp``.
   ``mmpp:RATE1,RATE2:SWITCH12,SWITCH21:GROUP1,GROUP2`` is the batch MMPP: in phase i the requests
   come in geometric groups of mean GROUP_i (``MMPP2.groups``, empirical laws as well).
+  ``MMPP`` (``MMPP2`` is the same class) takes m = 2..6 phases: ``mmpp:R1,R2,R3:S12,S13,S21,S23,S31,S32``
+  (the generator's off-diagonal row by row; two phases read exactly as above). A trace whose bursts
+  have several levels (the Azure code trace) needs more than two.
 
 For compound Poisson the embedded chain of the SMDP stays exact: the requests that arrive during a
 batch's service, K, are a compound sum: the number of groups M given the service time S is
@@ -167,25 +170,34 @@ class CompoundPoisson:
         }
 
 
-@dataclass(frozen=True)
-class MMPP2:
-    """Two-phase Markov-modulated Poisson process, optionally with requests in groups per phase.
+MAX_PHASES = 6
+"""The most phases an MMPP may have (the solver's state is (n, phase): m (N + 1) unknowns)."""
 
-    ``rates[i]``: requests per second in phase i (one may be 0); ``switching = (r12, r21)``: the rate
-    of leaving phase 1 for phase 2 and back, per second (both > 0, so both phases recur).
+
+@dataclass(frozen=True)
+class MMPP:
+    """Markov-modulated Poisson process with m >= 2 phases, optionally with requests in groups per phase.
+
+    ``rates[i]``: requests per second in phase i (some may be 0). ``switching``: the generator's
+    off-diagonal entries in row-major order, m (m - 1) of them: for two phases ``(r12, r21)``, the
+    rate of leaving phase 1 for phase 2 and back; for three ``(r12, r13, r21, r23, r31, r32)``. Every
+    phase must be left at a positive rate and the chain must reach every phase (irreducible).
     ``groups`` (optional, a batch MMPP): in phase i requests come in groups at rate
     ``rates[i] / groups[i].group_mean``, all of a group at one instant, sizes drawn from
     ``groups[i]`` (a ``CompoundPoisson``'s group-size law). A trace that is both clumped in instants
     and modulated in rate (the Azure code trace) needs both; None is the plain MMPP, exactly.
+    Two phases keep their closed forms (stationary law, index of dispersion) exactly.
     """
 
-    rates: tuple[float, float]
-    switching: tuple[float, float]
-    groups: tuple[CompoundPoisson, CompoundPoisson] | None = None
+    rates: tuple[float, ...]
+    switching: tuple[float, ...]
+    groups: tuple[CompoundPoisson, ...] | None = None
 
     def __post_init__(self) -> None:
-        if len(self.rates) != 2 or len(self.switching) != 2:
-            raise ModelError(f"mmpp needs two rates and two switching rates, got {self.rates!r}, {self.switching!r}")
+        m = len(self.rates)
+        if m < 2 or m > MAX_PHASES or len(self.switching) != m * (m - 1):
+            raise ModelError(f"mmpp needs 2..{MAX_PHASES} rates and m (m - 1) switching rates (the generator's "
+                             f"off-diagonal, row by row), got {self.rates!r}, {self.switching!r}")
         rates = []
         for i, r in enumerate(self.rates, start=1):
             r = float(r)
@@ -194,26 +206,40 @@ class MMPP2:
             rates.append(r)
         if max(rates) <= 0:
             raise ModelError("mmpp: at least one phase must have a positive rate")
-        sw = tuple(_positive(f"mmpp switching rate {name}", v) for name, v in zip(("1->2", "2->1"), self.switching))
-        object.__setattr__(self, "rates", (rates[0], rates[1]))
+        if m == 2:
+            sw = tuple(_positive(f"mmpp switching rate {name}", v) for name, v in zip(("1->2", "2->1"), self.switching))
+        else:
+            sw = tuple(float(v) for v in self.switching)
+            if not all(math.isfinite(v) and v >= 0 for v in sw):
+                raise ModelError(f"mmpp switching rates must be finite and >= 0, got {self.switching!r}")
+        object.__setattr__(self, "rates", tuple(rates))
         object.__setattr__(self, "switching", sw)
+        if m > 2:
+            if min(self.leave_rates) <= 0:
+                raise ModelError(f"mmpp: every phase must be left at a positive rate, got {self.switching!r}")
+            if np.min(self.stationary) <= 1e-12:
+                raise ModelError(f"mmpp: the phases must all be reachable from each other, got {self.switching!r}")
         if self.groups is not None:
-            if len(self.groups) != 2 or not all(isinstance(g, CompoundPoisson) for g in self.groups):
+            if len(self.groups) != m or not all(isinstance(g, CompoundPoisson) for g in self.groups):
                 raise ModelError("a batch MMPP needs one group-size law (CompoundPoisson) per phase")
             if all(g.geometric and g.group_mean == 1.0 for g in self.groups):
                 object.__setattr__(self, "groups", None)  # groups of one: the plain MMPP
             else:
-                object.__setattr__(self, "groups", (self.groups[0], self.groups[1]))
+                object.__setattr__(self, "groups", tuple(self.groups))
+
+    @property
+    def phases(self) -> int:
+        return len(self.rates)
 
     @property
     def grouped(self) -> bool:
         return self.groups is not None
 
     @property
-    def group_means(self) -> tuple[float, float]:
+    def group_means(self) -> tuple[float, ...]:
         if self.groups is None:
-            return (1.0, 1.0)
-        return (self.groups[0].group_mean, self.groups[1].group_mean)
+            return tuple(1.0 for _ in self.rates)
+        return tuple(g.group_mean for g in self.groups)
 
     @property
     def group_mean(self) -> float:
@@ -224,30 +250,43 @@ class MMPP2:
         return self.mean_rate / g if g > 0 else 1.0
 
     @property
-    def epoch_rates(self) -> tuple[float, float]:
+    def epoch_rates(self) -> tuple[float, ...]:
         """Arrival instants (groups) per second in each phase: rates[i] / G_i."""
-        g = self.group_means
-        return (self.rates[0] / g[0], self.rates[1] / g[1])
+        return tuple(r / g for r, g in zip(self.rates, self.group_means))
+
+    @property
+    def leave_rates(self) -> tuple[float, ...]:
+        """The rate of leaving each phase (for two phases: ``switching`` itself)."""
+        if self.phases == 2:
+            return self.switching
+        return tuple(float(x) for x in -np.diag(self.generator))
 
     def size_pmfs(self, kmax: int) -> np.ndarray:
         """[i, x]: P(X = x) in phase i, x = 0..kmax (1 at x = 1 without groups)."""
-        out = np.zeros((2, kmax + 1))
-        for i in range(2):
+        out = np.zeros((self.phases, kmax + 1))
+        for i in range(self.phases):
             if self.groups is None:
                 out[i, 1] = 1.0
             else:
                 out[i] = self.groups[i].size_pmf(kmax)
         return out
 
-    def with_rates(self, rates: tuple[float, float]) -> "MMPP2":
+    def with_rates(self, rates: tuple[float, ...]) -> "MMPP":
         """The same switching and group laws at other request rates."""
-        return MMPP2(rates, self.switching, self.groups)
+        return MMPP(rates, self.switching, self.groups)
 
     @property
     def stationary(self) -> np.ndarray:
-        """P(phase 1), P(phase 2) in the long run."""
-        r12, r21 = self.switching
-        return np.array([r21, r12]) / (r12 + r21)
+        """P(phase i) in the long run."""
+        if self.phases == 2:
+            r12, r21 = self.switching
+            return np.array([r21, r12]) / (r12 + r21)
+        m = self.phases
+        a = np.vstack([self.generator.T, np.ones(m)])
+        b = np.zeros(m + 1)
+        b[-1] = 1.0
+        pi = np.linalg.lstsq(a, b, rcond=None)[0]
+        return np.clip(pi, 0.0, None) / np.clip(pi, 0.0, None).sum()
 
     @property
     def mean_rate(self) -> float:
@@ -255,45 +294,70 @@ class MMPP2:
 
     @property
     def generator(self) -> np.ndarray:
-        r12, r21 = self.switching
-        return np.array([[-r12, r12], [r21, -r21]])
+        m = self.phases
+        q = np.zeros((m, m))
+        off = ~np.eye(m, dtype=bool)
+        q[off] = self.switching
+        q[np.diag_indices(m)] = -q.sum(axis=1)
+        return q
 
     @property
     def spec(self) -> str:
-        (l1, l2), (a, b) = self.rates, self.switching
-        base = f"mmpp:{l1:g},{l2:g}:{a:g},{b:g}"
+        base = "mmpp:" + ",".join(f"{r:g}" for r in self.rates) + ":" + ",".join(f"{s:g}" for s in self.switching)
         if self.groups is None:
             return base
         if all(g.geometric for g in self.groups):
-            return base + f":{self.groups[0].group_mean:g},{self.groups[1].group_mean:g}"
-        g1, g2 = self.group_means
-        return base + f":empirical(means {g1:.4g},{g2:.4g})"
+            return base + ":" + ",".join(f"{g.group_mean:g}" for g in self.groups)
+        return base + ":empirical(means " + ",".join(f"{g:.4g}" for g in self.group_means) + ")"
+
+    def _compound_index(self) -> float:
+        lam = self.mean_rate
+        if self.groups is None or lam <= 0:
+            return 1.0
+        idx = [g.group_second_moment / g.group_mean for g in self.groups]
+        return float(self.stationary @ (np.asarray(self.rates) * np.asarray(idx))) / lam
 
     def index_of_dispersion(self, window_s: float | None = None) -> float:
         """Var N(t) / E N(t) of the counts in a window of t seconds (t = None: the limit t -> inf).
 
         Given the phase path the count is compound Poisson, so Var N(t) = E[Var(N | path)] +
         Var(E[N | path]): the first is t sum_i pi_i lambda_i E[X_i^2] / E[X_i] (the groups), the
-        second the plain MMPP's rate modulation.
+        second the rate modulation, 2 int_0^t (t - u) Cov(lambda(0), lambda(u)) du with
+        Cov = (pi lambda) (e^{Qu} - Pi) lambda; with Z = (Pi - Q)^{-1},
+        int_0^t (t - u)(e^{Qu} - Pi) du = Z (t (I - Pi) - Z (I - e^{Qt})). Two phases: closed form.
         """
-        l1, l2 = self.rates
-        r12, r21 = self.switching
-        s = r12 + r21
+        base = self._compound_index()
         lam = self.mean_rate
-        extra = 2.0 * r12 * r21 * (l1 - l2) ** 2 / (s**3 * lam) if lam > 0 else 0.0
-        base = 1.0
-        if self.groups is not None and lam > 0:
-            idx = [g.group_second_moment / g.group_mean for g in self.groups]
-            base = float(self.stationary @ (np.asarray(self.rates) * np.asarray(idx))) / lam
-        if window_s is None:
-            return base + extra
+        if lam <= 0:
+            return base
+        if self.phases == 2:
+            l1, l2 = self.rates
+            r12, r21 = self.switching
+            s = r12 + r21
+            extra = 2.0 * r12 * r21 * (l1 - l2) ** 2 / (s**3 * lam)
+            if window_s is None:
+                return base + extra
+            t = float(window_s)
+            return base + extra * (1.0 - (1.0 - math.exp(-s * t)) / (s * t))
+        from scipy import linalg
+
+        m = self.phases
+        pi = self.stationary
+        r = np.asarray(self.rates)
+        q = self.generator
+        big_pi = np.outer(np.ones(m), pi)
+        z = np.linalg.inv(big_pi - q)
+        if window_s is None:  # the limit: 2 (pi lambda) Z (I - Pi) lambda / lam
+            return base + 2.0 * float((pi * r) @ z @ (np.eye(m) - big_pi) @ r) / lam
         t = float(window_s)
-        return base + extra * (1.0 - (1.0 - math.exp(-s * t)) / (s * t))
+        inner = z @ (t * (np.eye(m) - big_pi) - z @ (np.eye(m) - linalg.expm(q * t)))
+        return base + 2.0 * float((pi * r) @ inner @ r) / (lam * t)
 
     def to_dict(self) -> dict:
         return {
             "kind": "mmpp",
             "spec": self.spec,
+            "phases": self.phases,
             "rates": list(self.rates),
             "switching": list(self.switching),
             "stationary": [float(x) for x in self.stationary],
@@ -303,7 +367,11 @@ class MMPP2:
         }
 
 
-ArrivalModel = Union[Poisson, CompoundPoisson, MMPP2]
+MMPP2 = MMPP
+"""The name the two-phase code and its callers use: the same class (any number of phases)."""
+
+
+ArrivalModel = Union[Poisson, CompoundPoisson, MMPP]
 POISSON = Poisson()
 
 
@@ -326,15 +394,17 @@ def parse_arrivals(spec: str) -> ArrivalModel:
             if len(parts) not in (2, 3):
                 raise ValueError
             rates = [float(x) for x in parts[0].split(",")]
+            m = len(rates)
             sw = [float(x) for x in parts[1].split(",")]
-            gs = [float(x) for x in parts[2].split(",")] if len(parts) == 3 else [1.0, 1.0]
-            if len(rates) != 2 or len(sw) != 2 or len(gs) != 2:
+            gs = [float(x) for x in parts[2].split(",")] if len(parts) == 3 else [1.0] * m
+            if m < 2 or len(sw) != m * (m - 1) or len(gs) != m:
                 raise ValueError
         except ValueError:
-            raise ModelError(f"--arrivals mmpp:RATE1,RATE2:SWITCH12,SWITCH21[:GROUP1,GROUP2] needs four (or six) "
-                             f"numbers, got {text!r}") from None
-        groups = None if gs == [1.0, 1.0] else (CompoundPoisson(gs[0]), CompoundPoisson(gs[1]))
-        return MMPP2(rates=(rates[0], rates[1]), switching=(sw[0], sw[1]), groups=groups)
+            raise ModelError(f"--arrivals mmpp:RATE1,...,RATEm:SWITCHES[:GROUP1,...,GROUPm] needs m >= 2 rates, "
+                             f"m (m - 1) switching rates (the generator's off-diagonal row by row: S12,S21 for "
+                             f"two phases) and optionally m group means, got {text!r}") from None
+        groups = None if all(g == 1.0 for g in gs) else tuple(CompoundPoisson(g) for g in gs)
+        return MMPP(rates=tuple(rates), switching=tuple(sw), groups=groups)
     raise ModelError("arrival model must be poisson, batch:MEAN_GROUP or mmpp:RATE1,RATE2:SWITCH12,SWITCH21"
                      f"[:GROUP1,GROUP2]; got {text!r}")
 

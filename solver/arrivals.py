@@ -125,9 +125,9 @@ def compound_poisson(rate: float, groups: CompoundPoisson, n: int | None = None,
 
 
 def mmpp2_path(process: MMPP2, n: int, rng: RngLike = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The first n arrivals of a two-phase MMPP (groups per phase for a batch MMPP) with its phase path.
+    """The first n arrivals of an MMPP (any number of phases; groups per phase for a batch MMPP) with its phase path.
 
-    Returns (times, switch_times, phases): the phase is ``phases[i]`` (0 or 1) on
+    Returns (times, switch_times, phases): the phase is ``phases[i]`` (0..m - 1) on
     [switch_times[i], switch_times[i + 1]); switch_times[0] = 0 and the first phase is drawn from the
     stationary law. The phase at time t is ``phases[searchsorted(switch_times, t, "right") - 1]``.
     """
@@ -136,8 +136,15 @@ def mmpp2_path(process: MMPP2, n: int, rng: RngLike = None) -> tuple[np.ndarray,
     n, _ = _length(n, None)
     gen = _rng(rng)
     lam = np.asarray(process.rates)
-    leave = np.asarray(process.switching)
-    phase = int(gen.random() >= process.stationary[0])
+    leave = np.asarray(process.leave_rates)
+    m = process.phases
+    if m == 2:  # two phases draw exactly as they always have
+        phase = int(gen.random() >= process.stationary[0])
+    else:
+        phase = min(int(np.searchsorted(np.cumsum(process.stationary), gen.random(), side="right")), m - 1)
+        jump = process.generator.copy()
+        np.fill_diagonal(jump, 0.0)
+        jump_cdf = np.cumsum(jump / leave[:, None], axis=1)
     starts, phases, durs = [0.0], [phase], []
     expected, clock = 0.0, 0.0
     target = n + 5.0 * math.sqrt(n) + 10.0
@@ -148,7 +155,10 @@ def mmpp2_path(process: MMPP2, n: int, rng: RngLike = None) -> tuple[np.ndarray,
         clock += d
         if expected >= target:
             break
-        phase = 1 - phase
+        if m == 2:
+            phase = 1 - phase
+        else:
+            phase = min(int(np.searchsorted(jump_cdf[phase], gen.random(), side="right")), m - 1)
         starts.append(clock)
         phases.append(phase)
     d = np.asarray(durs)

@@ -21,16 +21,19 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from solver.arrival_model import MMPP2, POISSON, ArrivalModel, CompoundPoisson, Poisson
+from solver.arrival_model import MAX_PHASES, MMPP2, POISSON, ArrivalModel, CompoundPoisson, Poisson
 from solver.errors import ModelError
 
 WINDOWS_IN_MEAN_GAPS = (1.0, 10.0, 100.0, 1000.0)
 """Windows of the dispersion table, in units of the mean interarrival time."""
 
+
+MAX_FIT_PHASES = 4
+"""``fit_arrivals`` tries MMPPs with 2..this many phases."""
 
 MISFIT_TOLERANCE = 0.01
 """A simpler model is chosen over a closer one unless the closer one's misfit is lower by more than
@@ -59,8 +62,9 @@ class CompoundFit:
 @dataclass(frozen=True)
 class MMPPFit:
     model: MMPP2
-    rates_ci95: tuple[float, float]
-    switching_ci95: tuple[float, float]
+    rates_ci95: tuple[float, ...]
+    switching_ci95: tuple[float, ...]
+    """Per off-diagonal generator entry, row by row (as ``MMPP.switching``)."""
     bin_s: float
     iterations: int
     log_likelihood: float
@@ -83,6 +87,8 @@ class ArrivalFit:
     interarrival_cv: dict[str, float]
     misfit: dict[str, float]
     """Mean squared log ratio of each model's dispersion curve to the trace's (smaller is closer)."""
+    more_phases: dict[str, MMPPFit] = field(default_factory=dict)
+    """The fits with 3..max_phases phases: "mmpp3", "batch_mmpp3", ... (those that converged)."""
 
     def to_dict(self) -> dict:
         c = self.compound
@@ -101,7 +107,7 @@ class ArrivalFit:
             "interarrival_cv": self.interarrival_cv,
             "misfit": self.misfit,
         }
-        for key, m in (("mmpp", self.mmpp), ("batch_mmpp", self.batch_mmpp)):
+        for key, m in (("mmpp", self.mmpp), ("batch_mmpp", self.batch_mmpp), *self.more_phases.items()):
             out[key] = None if m is None else {
                 **m.model.to_dict(), "rates_ci95": list(m.rates_ci95), "switching_ci95": list(m.switching_ci95),
                 "bin_s": m.bin_s, "iterations": m.iterations, "log_likelihood": m.log_likelihood}
@@ -146,69 +152,130 @@ def _poisson_logpmf(c: np.ndarray, mu: float) -> np.ndarray:
     return c * math.log(mu) - mu - gammaln(c + 1.0)
 
 
-def _baum_welch(counts: np.ndarray, bin_s: float, iters: int, tol: float = 1e-6):
-    """Two-state Poisson HMM on bin counts: (rates, P, gamma sums, xi sums, loglik, iterations)."""
+def _scan(mats: np.ndarray, later_left: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Running products of a sequence of m x m matrices, each scaled to entries summing to 1, with their log scales.
+
+    later_left False: out[k] = M_0 M_1 ... M_k; True: out[k] = M_k ... M_1 M_0. Hillis-Steele scan:
+    log2(T) batched matrix products instead of T sequential steps (numpy, no Python loop over bins).
+    """
+    c = mats.copy()
+    n = c.shape[0]
+    ones = np.ones(c.shape[1] * c.shape[2])
+    top = c.reshape(n, -1) @ ones
+    top[top <= 0] = 1.0
+    c /= top[:, None, None]
+    logs = np.log(top)
+    d = 1
+    while d < n:
+        prod = np.matmul(c[d:], c[:-d]) if later_left else np.matmul(c[:-d], c[d:])
+        top = prod.reshape(n - d, -1) @ ones
+        top[top <= 0] = 1.0
+        prod /= top[:, None, None]
+        logs[d:] = logs[:-d] + logs[d:] + np.log(top)  # the right side is read before the write
+        c[d:] = prod
+        d *= 2
+    return c, logs
+
+
+def _initial_rates(c: np.ndarray, m: int, bin_s: float, top_share: float | None = None) -> np.ndarray:
+    """Starting rates, busiest first: the means of the sorted bins split in m equal parts, or (with
+    ``top_share``) the busiest ``top_share`` of the bins first and the rest in equal parts (a start
+    that sees short bursts)."""
+    if m == 2:  # as the two-phase fit always started
+        hi = c > np.median(c)
+        lam = np.array([max(c[hi].mean() if hi.any() else c.mean() * 1.5, 1e-9),
+                        max(c[~hi].mean() if (~hi).any() else c.mean() * 0.5, 1e-9)]) / bin_s
+        if lam[0] <= lam[1]:
+            lam = np.array([c.mean() * 1.5, c.mean() * 0.5]) / bin_s + 1e-9
+        return lam
+    order = np.sort(c)[::-1]
+    if top_share is None:
+        parts = np.array_split(order, m)  # the busiest bins first, the quietest last
+    else:
+        k = max(1, int(round(top_share * order.size)))
+        parts = [order[:k], *np.array_split(order[k:], m - 1)]
+    lam = np.array([max(float(p.mean()) if p.size else 0.0, 1e-9) for p in parts]) / bin_s
+    spread = c.mean() / bin_s * np.linspace(1.5, 0.5, m)
+    return np.where(np.diff(np.append(lam, -1.0)) < 0, lam, spread) + 1e-9 * np.arange(m, 0, -1)
+
+
+TOP_SHARES = (None, 0.02)
+"""EM starts for three or more phases (``_initial_rates``): the fit with the higher likelihood is kept."""
+
+
+def _baum_welch(counts: np.ndarray, bin_s: float, iters: int, tol: float = 1e-6, phases: int = 2):
+    """``_baum_welch_from`` over the starts (one for two phases, as always; ``TOP_SHARES`` for more)."""
+    if phases == 2:
+        return _baum_welch_from(counts, bin_s, iters, tol, 2, None)
+    fits = [_baum_welch_from(counts, bin_s, iters, tol, phases, share) for share in TOP_SHARES]
+    return max(fits, key=lambda f: f[4])
+
+
+def _baum_welch_from(counts: np.ndarray, bin_s: float, iters: int, tol: float, phases: int,
+                     top_share: float | None):
+    """m-state Poisson HMM on bin counts: (rates, P, gamma sums, xi sums, loglik, iterations, gamma).
+
+    Forward and backward passes as scans of the matrices P diag(b_k) (``_scan``): vectorised over the
+    bins; each alpha_k, beta_k is normalised, so gamma and xi are the smoothed posteriors exactly."""
+    from scipy.special import gammaln
+
     c = counts.astype(float)
-    hi = c > np.median(c)
-    lam = np.array([max(c[hi].mean() if hi.any() else c.mean() * 1.5, 1e-9),
-                    max(c[~hi].mean() if (~hi).any() else c.mean() * 0.5, 1e-9)]) / bin_s
-    if lam[0] <= lam[1]:
-        lam = np.array([c.mean() * 1.5, c.mean() * 0.5]) / bin_s + 1e-9
-    P = np.array([[0.95, 0.05], [0.05, 0.95]])
-    start = np.array([0.5, 0.5])
+    m = int(phases)
+    lam = _initial_rates(c, m, bin_s, top_share)
+    P = np.full((m, m), 0.05 / (m - 1))
+    np.fill_diagonal(P, 0.95)
+    start = np.full(m, 1.0 / m)
     prev = -math.inf
     T = c.size
     it = 0
     ll = -math.inf
+    lg = gammaln(c + 1.0)
+    gamma = np.full((T, m), 1.0 / m)
+    gs = gamma.sum(axis=0)
+    xis = np.zeros((m, m))
     for it in range(1, iters + 1):
-        logb = np.vstack([_poisson_logpmf(c, lam[0] * bin_s), _poisson_logpmf(c, lam[1] * bin_s)]).T
+        mu = np.maximum(lam * bin_s, 1e-300)
+        logb = c[:, None] * np.log(mu)[None, :] - mu[None, :] - lg[:, None]
         mx = logb.max(axis=1, keepdims=True)
         b = np.exp(logb - mx)
-        alpha = np.empty((T, 2))
-        scale = np.empty(T)
-        p00, p01, p10, p11 = P[0, 0], P[0, 1], P[1, 0], P[1, 1]
-        b0, b1 = b[:, 0].tolist(), b[:, 1].tolist()
-        f0, f1 = start[0] * b0[0], start[1] * b1[0]
-        s = f0 + f1
-        al0, al1, sc = [f0 / s], [f1 / s], [s]
-        for k in range(1, T):
-            a0, a1 = al0[-1], al1[-1]
-            f0 = (a0 * p00 + a1 * p10) * b0[k]
-            f1 = (a0 * p01 + a1 * p11) * b1[k]
-            s = f0 + f1
-            al0.append(f0 / s)
-            al1.append(f1 / s)
-            sc.append(s)
-        alpha[:, 0], alpha[:, 1] = al0, al1
-        scale[:] = sc
-        be0, be1 = [1.0] * T, [1.0] * T
-        for k in range(T - 2, -1, -1):
-            n0, n1 = b0[k + 1] * be0[k + 1], b1[k + 1] * be1[k + 1]
-            s = sc[k + 1]
-            be0[k] = (p00 * n0 + p01 * n1) / s
-            be1[k] = (p10 * n0 + p11 * n1) / s
-        beta = np.column_stack([be0, be1])
+        a0 = start * b[0]
+        s0 = float(a0.sum())
+        mats = P[None, :, :] * b[1:, None, :]  # M_k = P diag(b_k), k = 1..T - 1
+        alpha = np.empty((T, m))
+        alpha[0] = a0 / s0
+        beta = np.ones((T, m))
+        ll = math.log(s0) + float(np.sum(mx))
+        if T > 1:
+            fwd, flog = _scan(mats, later_left=False)
+            al = np.einsum("i,kij->kj", alpha[0], fwd)
+            tot = al.sum(axis=1)
+            alpha[1:] = al / tot[:, None]
+            ll += math.log(float(tot[-1])) + float(flog[-1])
+            bwd, _ = _scan(mats[::-1], later_left=True)  # bwd[j] = M_{T-1-j} ... M_{T-1}
+            be = bwd.sum(axis=2)[::-1]  # beta_k for k = 0..T - 2: M_{k+1} ... M_{T-1} 1
+            beta[:-1] = be / be.max(axis=1, keepdims=True)
         gamma = alpha * beta
         gamma /= gamma.sum(axis=1, keepdims=True)
-        nb = b[1:] * beta[1:]
-        xi = alpha[:-1, :, None] * P[None] * nb[:, None, :] / scale[1:, None, None]
+        xi = alpha[:-1, :, None] * P[None] * (b[1:] * beta[1:])[:, None, :]
+        xi /= xi.sum(axis=(1, 2), keepdims=True)
         xis = xi.sum(axis=0)
         gs = gamma.sum(axis=0)
         lam = np.maximum((gamma * c[:, None]).sum(axis=0) / (gs * bin_s), 1e-12)
-        P = xis / xis.sum(axis=1, keepdims=True)
+        P = xis / np.maximum(xis.sum(axis=1, keepdims=True), 1e-300)
+        P = np.where(xis.sum(axis=1, keepdims=True) > 0, P, np.eye(m))
         start = gamma[0]
-        ll = float(np.sum(np.log(scale)) + np.sum(mx))
         if abs(ll - prev) <= tol * abs(ll):
             break
         prev = ll
     return lam, P, gs, xis, ll, it, gamma
 
 
-def fit_mmpp(times: np.ndarray, bin_s: float | None = None, iters: int = 60) -> MMPPFit:
-    return _fit_mmpp(times, bin_s, iters)[0]
+def fit_mmpp(times: np.ndarray, bin_s: float | None = None, iters: int = 60, phases: int = 2) -> MMPPFit:
+    return _fit_mmpp(times, bin_s, iters, phases)[0]
 
 
-def fit_batch_mmpp(times: np.ndarray, window_s: float, bin_s: float | None = None, iters: int = 60) -> MMPPFit:
+def fit_batch_mmpp(times: np.ndarray, window_s: float, bin_s: float | None = None, iters: int = 60,
+                   phases: int = 2) -> MMPPFit:
     """A batch MMPP: the MMPP fitted to the group instants (arrivals within ``window_s`` of the
     previous one join its group), then each phase's group-size law weighted by the posterior
     probability of that phase in the group's bin (the E-step's smoothed phase)."""
@@ -216,13 +283,13 @@ def fit_batch_mmpp(times: np.ndarray, window_s: float, bin_s: float | None = Non
     epochs, sizes = group_sizes(t, window_s)
     if sizes.max() <= 1:
         raise ModelError("no groups in these arrival times: the batch MMPP is the plain MMPP")
-    fit, gamma, width = _fit_mmpp(epochs, bin_s, iters)
+    fit, gamma, width = _fit_mmpp(epochs, bin_s, iters, phases)
     post = gamma[np.minimum((epochs // width).astype(np.int64), gamma.shape[0] - 1)]  # [group, phase]
     # groups in bins whose phase is clear: near a switch the posterior would lend each phase the
     # other's sizes (a bias no CI shows); all groups when too few bins are clear
     clear = post.max(axis=1) >= CLEAR_PHASE
     laws, half = [], []
-    for i in range(2):
+    for i in range(phases):
         w = post[:, i] * clear if (post[:, i] * clear).sum() >= 30 else post[:, i]
         if w.sum() <= 0:
             laws.append(CompoundPoisson(1.0))
@@ -237,45 +304,73 @@ def fit_batch_mmpp(times: np.ndarray, window_s: float, bin_s: float | None = Non
         half.append(1.96 * sd / math.sqrt(n_eff))
     g = np.array([law.group_mean for law in laws])
     er = fit.model.rates
-    model = MMPP2((er[0] * g[0], er[1] * g[1]), fit.model.switching, (laws[0], laws[1]))
+    model = MMPP2(tuple(er[i] * g[i] for i in range(phases)), fit.model.switching, tuple(laws))
     # the request rate is (group rate) x G: both uncertainties, to first order
-    rci = (fit.rates_ci95[0] * g[0] + er[0] * half[0], fit.rates_ci95[1] * g[1] + er[1] * half[1])
+    rci = tuple(fit.rates_ci95[i] * g[i] + er[i] * half[i] for i in range(phases))
     return MMPPFit(model, rci, fit.switching_ci95, fit.bin_s, fit.iterations, fit.log_likelihood)
 
 
-def _fit_mmpp(times: np.ndarray, bin_s: float | None, iters: int) -> tuple[MMPPFit, np.ndarray, float]:
+def _generator(P: np.ndarray, width: float) -> np.ndarray:
+    """The generator Q with expm(Q width) = P (the bins' transition matrix), or ModelError.
+
+    Two phases: the closed form (P = Pi + exp(-s width)(I - Pi)). More: the principal matrix
+    logarithm, negative off-diagonal rates (P not exactly embeddable) clipped to 0."""
+    m = P.shape[0]
+    if m == 2:
+        stay = 1.0 - P[0, 1] - P[1, 0]
+        if stay <= 0:
+            raise ModelError("the MMPP fit found no persistent phases (switching faster than the bins)")
+        s = -math.log(stay) / width
+        tot = P[0, 1] + P[1, 0]
+        return np.array([[-P[0, 1] / tot * s, P[0, 1] / tot * s], [P[1, 0] / tot * s, -P[1, 0] / tot * s]])
+    from scipy import linalg
+
+    if np.min(np.real(np.linalg.eigvals(P))) <= 0:
+        raise ModelError("the MMPP fit found no persistent phases (switching faster than the bins)")
+    q = np.real(linalg.logm(P)) / width
+    off = ~np.eye(m, dtype=bool)
+    q[off] = np.clip(q[off], 0.0, None)
+    np.fill_diagonal(q, 0.0)
+    np.fill_diagonal(q, -q.sum(axis=1))
+    return q
+
+
+def _fit_mmpp(times: np.ndarray, bin_s: float | None, iters: int,
+              phases: int = 2) -> tuple[MMPPFit, np.ndarray, float]:
     """The fit, the smoothed phase posterior per bin (columns in the fit's phase order) and the bin width."""
     t = _times(times)
     rate = (t.size - 1) / float(t[-1])
     span = float(t[-1])
+    m = int(phases)
+    if m < 2 or m > MAX_PHASES:
+        raise ModelError(f"an MMPP fit needs 2..{MAX_PHASES} phases, got {phases!r}")
     width = max(2.0 / rate, span / MAX_BINS) if bin_s is None else float(bin_s)
     if not math.isfinite(width) or width <= 0:
         raise ModelError(f"bin width must be > 0 seconds, got {bin_s!r}")
+    off = ~np.eye(m, dtype=bool)
     for _ in range(6):
         edges = np.arange(0.0, float(t[-1]) + width, width)
         if edges.size - 1 < 50:
             raise ModelError(f"bins of {width:g} s give fewer than 50 bins over the trace's {t[-1]:g} s")
         counts = np.histogram(t, bins=edges)[0]
-        lam, P, gs, xis, ll, it, gamma = _baum_welch(counts, width, iters)
-        stay = 1.0 - P[0, 1] - P[1, 0]
-        if stay <= 0:
-            raise ModelError("the MMPP fit found no persistent phases (switching faster than the bins)")
-        s = -math.log(stay) / width
-        r12 = P[0, 1] / (P[0, 1] + P[1, 0]) * s
-        r21 = P[1, 0] / (P[0, 1] + P[1, 0]) * s
-        distinct = abs(lam[0] - lam[1]) * width > 3.0 * math.sqrt(max(lam) * width / max(min(gs), 1.0))
-        if max(P[0, 1], P[1, 0]) <= 0.05 or bin_s is not None or 2 * (edges.size - 1) > MAX_BINS_REFINED or not distinct:
+        lam, P, gs, xis, ll, it, gamma = _baum_welch(counts, width, iters, phases=m)
+        q = _generator(P, width)
+        srt = np.sort(lam)
+        distinct = float(np.min(np.diff(srt))) * width > 3.0 * math.sqrt(max(lam) * width / max(min(gs), 1.0))
+        moving = float(np.max(np.where(off, P, 0.0).sum(axis=1)))
+        if moving <= 0.05 or bin_s is not None or 2 * (edges.size - 1) > MAX_BINS_REFINED or not distinct:
             break
         width *= 0.5
-    order = [0, 1] if lam[0] >= lam[1] else [1, 0]
+    order = np.argsort(-lam, kind="stable")  # the busiest phase first
     rates = lam[order]
     time_in = gs[order] * width
-    sw = np.array([r12, r21])[order]
-    switches = np.array([xis[0, 1], xis[1, 0]])[order]
-    model = MMPP2((float(rates[0]), float(rates[1])), (float(sw[0]), float(sw[1])))
+    qo = q[np.ix_(order, order)]
+    sw = qo[off]  # row by row: (r12, r21) for two phases
+    switches = xis[np.ix_(order, order)][off]
+    model = MMPP2(tuple(float(r) for r in rates), tuple(float(x) for x in sw))
     rci = tuple(float(1.96 * math.sqrt(r / max(ti, 1e-300))) for r, ti in zip(rates, time_in))
     sci = tuple(float(1.96 * r / math.sqrt(max(n, 1e-300))) for r, n in zip(sw, switches))
-    return MMPPFit(model, (rci[0], rci[1]), (sci[0], sci[1]), width, it, ll), gamma[:, order], width
+    return MMPPFit(model, rci, sci, width, it, ll), gamma[:, order], width
 
 
 def dispersion(times: np.ndarray, windows_s: tuple[float, ...]) -> tuple[float, ...]:
@@ -306,15 +401,42 @@ def interarrival_cv(model: ArrivalModel, rate: float) -> float:
     d1 = np.diag(model.epoch_rates)
     d0 = model.generator - d1
     pi = model.stationary
-    alpha = pi @ d1 / float(pi @ d1 @ np.ones(2))
+    ones = np.ones(model.phases)
+    alpha = pi @ d1 / float(pi @ d1 @ ones)
     inv = np.linalg.inv(-d0)
     per_group = float(alpha @ np.asarray(model.group_means))
-    m2 = 2.0 * float(alpha @ inv @ inv @ np.ones(2)) / per_group
+    m2 = 2.0 * float(alpha @ inv @ inv @ ones) / per_group
     m1 = 1.0 / model.mean_rate
     return math.sqrt(max(m2 / (m1 * m1) - 1.0, 0.0))
 
 
-def fit_arrivals(times: np.ndarray, group_window_s: float | None = None, bin_s: float | None = None) -> ArrivalFit:
+PHASE_GAIN = 0.5
+"""A model with more phases is chosen only where it at least halves the misfit of the choice among
+fewer phases (and lowers it by more than ``MISFIT_TOLERANCE``): extra phases otherwise chase the
+trace's sampling noise (a compound-Poisson stream is not three-phase)."""
+
+
+def _choose(misfit: dict[str, float], levels: list[list[str]]) -> str:
+    """Within the first level (up to two phases) the simplest model within ``MISFIT_TOLERANCE`` of
+    the closest; then each level of more phases replaces it only if it gains ``PHASE_GAIN``."""
+    best = "poisson"
+    for depth, level in enumerate(levels):
+        names = [k for k in level if k in misfit and math.isfinite(misfit[k])]
+        if not names:
+            continue
+        floor = min(misfit[k] for k in names)
+        if depth > 0 and not (floor <= PHASE_GAIN * misfit[best] and floor <= misfit[best] - MISFIT_TOLERANCE):
+            continue
+        best = next(k for k in names if misfit[k] <= floor + MISFIT_TOLERANCE)
+    return best
+
+
+def fit_arrivals(times: np.ndarray, group_window_s: float | None = None, bin_s: float | None = None,
+                 max_phases: int = MAX_FIT_PHASES) -> ArrivalFit:
+    """Every candidate fitted (MMPPs with 2..``max_phases`` phases, plain and batch), the one chosen by
+    the dispersion misfit (the simplest within ``MISFIT_TOLERANCE`` of the closest)."""
+    if not 2 <= int(max_phases) <= MAX_PHASES:
+        raise ModelError(f"max_phases must be 2..{MAX_PHASES}, got {max_phases!r}")
     t = _times(times)
     span = float(t[-1])
     rate = (t.size - 1) / span
@@ -332,6 +454,17 @@ def fit_arrivals(times: np.ndarray, group_window_s: float | None = None, bin_s: 
             bm = fit_batch_mmpp(t, window, bin_s)
         except ModelError:
             bm = None
+    more: dict[str, MMPPFit] = {}
+    for m in range(3, int(max_phases) + 1):
+        try:
+            more[f"mmpp{m}"] = fit_mmpp(t, bin_s, phases=m)
+        except ModelError:
+            pass
+        if comp.model.group_mean > 1.0:
+            try:
+                more[f"batch_mmpp{m}"] = fit_batch_mmpp(t, window, bin_s, phases=m)
+            except ModelError:
+                pass
     windows = tuple(w / rate for w in WINDOWS_IN_MEAN_GAPS)
     trace_d = dispersion(t, windows)
     curves: dict[str, tuple[float, ...]] = {"trace": trace_d, "poisson": tuple(1.0 for _ in windows)}
@@ -350,13 +483,15 @@ def fit_arrivals(times: np.ndarray, group_window_s: float | None = None, bin_s: 
         curves["batch_mmpp"] = tuple(bm.model.index_of_dispersion(w) for w in windows)
         cvs["batch_mmpp"] = interarrival_cv(bm.model, rate)
         cands["batch_mmpp"] = bm.model
+    for name, f in more.items():
+        curves[name] = tuple(f.model.index_of_dispersion(w) for w in windows)
+        cvs[name] = interarrival_cv(f.model, rate)
+        cands[name] = f.model
     ok = [i for i, d in enumerate(trace_d) if math.isfinite(d) and d > 0]
     misfit = {}
     for name in cands:
         misfit[name] = float(np.mean([math.log(curves[name][i] / trace_d[i]) ** 2 for i in ok])) if ok else math.nan
-    finite = [misfit[k] for k in cands if math.isfinite(misfit[k])]
-    floor = min(finite) if finite else math.inf
-    # the simplest model (cands is in order of complexity) whose curve is as close as the best's
-    best = next((k for k in cands if math.isfinite(misfit[k]) and misfit[k] <= floor + MISFIT_TOLERANCE), "poisson")
+    best = _choose(misfit, [["poisson", "batch", "mmpp", "batch_mmpp"],
+                            *([f"mmpp{m}", f"batch_mmpp{m}"] for m in range(3, int(max_phases) + 1))])
     chosen = cands[best]
-    return ArrivalFit(chosen, rate, int(t.size), span, window, comp, mm, bm, windows, curves, cvs, misfit)
+    return ArrivalFit(chosen, rate, int(t.size), span, window, comp, mm, bm, windows, curves, cvs, misfit, more)

@@ -1,4 +1,4 @@
-"""The batching SMDP under a two-phase MMPP: state (n, phase), one policy table per phase.
+"""The batching SMDP under an m-phase MMPP: state (n, phase), one policy table per phase.
 
 Which phase the policy sees. The gate observes the phase: the exact model here takes the phase
 as known at every decision epoch (completions, arrivals, and phase switches while waiting), and the
@@ -19,7 +19,13 @@ Poisson(theta S) mixed over S (the same law as Poisson arrivals at rate theta,
 (r_i / theta) or nothing. The latency cost of the epoch is (n E S + E integral_0^S A(t) dt) / lambda
 with E[int A | i] = lambda E[S^2]/2 + (lambda_i - lambda)(E S / sigma - (1 - E e^{-sigma S}) / sigma^2),
 sigma = r12 + r21 (the MMPP's mean count E[A(t) | i] relaxes to lambda t at rate sigma).
-Wait at (n, i): until the next arrival or switch, mean 1 / (lambda_i + r_i), to (n + 1, i) or (n, 1 - i).
+Wait at (n, i): until the next arrival or switch, mean 1 / (lambda_i + r_i), to (n + 1, i) or (n, j)
+with probability Q_ij / (lambda_i + r_i).
+
+m phases (m = 2..6): the same chain with m phases per n (states m (N + 1)); the latency integral
+is E[int_0^S A | i] = lambda E[S^2]/2 + e_i Z (E S (I - Pi) - Z (I - E e^{QS})) lambda with
+Z = (Pi - Q)^{-1} and E e^{QS} from Q's eigenvalues and the service law's Laplace transform (two
+phases keep the closed form above, so they reproduce the two-phase results exactly).
 
 Batch MMPP (``MMPP2.groups``): in phase i groups come at g_i = lambda_i / G_i with sizes X_i. The
 uniformised events are then groups, and each one adds a draw of X_j to the count (a convolution
@@ -49,7 +55,7 @@ from solver.policy import PolicyTable
 from solver.tail import arrival_pmf_matrix, initial_truncation, service_moments, tail_coefficients
 
 MAX_TRUNCATION = 1500
-"""Per phase; the system has 2 (N + 1) unknowns."""
+"""Per phase; the system has m (N + 1) unknowns."""
 GROWTH_RTOL = 1e-8
 _FLOOR = 1e-20
 
@@ -60,13 +66,17 @@ def _mmpp(model: BatchingModel) -> MMPP2:
     return model.arrivals
 
 
-def _laplace(model: BatchingModel, sigma: float) -> np.ndarray:
-    """E[exp(-sigma S_b)] for b = 1..B."""
+def _laplace(model: BatchingModel, sigma: float | complex) -> np.ndarray:
+    """E[exp(-sigma S_b)] for b = 1..B (complex for a complex sigma)."""
     prof = model.profile
     if prof.samples is not None:
+        if isinstance(sigma, complex):
+            return np.array([complex(np.mean(np.exp(-sigma * np.asarray(s)))) for s in prof.samples])
         return np.array([float(np.mean(np.exp(-sigma * s))) for s in prof.samples])
     t, c = np.asarray(prof.mean_s), np.asarray(prof.cv)
     out = np.exp(-sigma * t)
+    if isinstance(sigma, complex):
+        out = out.astype(complex)
     g = c > 0
     out[g] = (1.0 + sigma * t[g] * c[g] ** 2) ** (-1.0 / c[g] ** 2)
     return out
@@ -76,7 +86,8 @@ def count_law(model: BatchingModel) -> np.ndarray:
     """P(K = k, J = j | I = i) during one S_b: array [b - 1, i, j, k], k = 0..L (mass beyond L < 1e-14)."""
     mm = _mmpp(model)
     lam = np.asarray(mm.epoch_rates)  # arrival instants: requests, or groups of a batch MMPP
-    leave = np.asarray(mm.switching)
+    leave = np.asarray(mm.leave_rates)
+    m = mm.phases
     theta = float(np.max(lam + leave)) * 1.0000001
     m1, m2 = service_moments(model.profile)
     B = model.max_batch
@@ -97,13 +108,13 @@ def count_law(model: BatchingModel) -> np.ndarray:
     if mm.grouped:
         return _grouped_count_law(mm, events, theta)
     a1 = np.diag(lam / theta)  # an arrival, phase kept
-    a0 = np.eye(2) + (mm.generator - np.diag(lam)) / theta  # no arrival: a switch or nothing
-    u = np.zeros((mmax + 1, 2, 2))  # u[k] = P(k arrivals, phase j | i) after m events
-    u[0] = np.eye(2)
-    out = np.zeros((B, mmax + 1, 2, 2))
-    for m in range(mmax + 1):
-        out += events[:, m, None, None, None] * u[None]
-        if m == mmax:
+    a0 = np.eye(m) + (mm.generator - np.diag(lam)) / theta  # no arrival: a switch or nothing
+    u = np.zeros((mmax + 1, m, m))  # u[k] = P(k arrivals, phase j | i) after e events
+    u[0] = np.eye(m)
+    out = np.zeros((B, mmax + 1, m, m))
+    for e in range(mmax + 1):
+        out += events[:, e, None, None, None] * u[None]
+        if e == mmax:
             break
         nxt = u @ a0
         nxt[1:] += u[:-1] @ a1
@@ -117,22 +128,23 @@ def _grouped_count_law(mm: MMPP2, events: np.ndarray, theta: float) -> np.ndarra
     The request count k runs to kmax, doubled until the mass beyond it is below 1e-13."""
     g = np.asarray(mm.epoch_rates)
     B, M = events.shape[0], events.shape[1] - 1
-    a0 = np.eye(2) + (mm.generator - np.diag(g)) / theta  # no group: a switch or nothing
+    p = mm.phases
+    a0 = np.eye(p) + (mm.generator - np.diag(g)) / theta  # no group: a switch or nothing
     mean_k = M * max(mm.group_means) + 10
     kmax = int(2 * mean_k)
     while True:
         q = mm.size_pmfs(kmax)
-        xs = [int(np.nonzero(q[j] > _FLOOR)[0][-1]) for j in range(2)]
-        kern = [q[j, : xs[j] + 1] * (g[j] / theta) for j in range(2)]
-        u = np.zeros((kmax + 1, 2, 2))  # u[k, i, j] = P(k requests, phase j | i) after m events
-        u[0] = np.eye(2)
-        out = np.zeros((B, kmax + 1, 2, 2))
+        xs = [int(np.nonzero(q[j] > _FLOOR)[0][-1]) for j in range(p)]
+        kern = [q[j, : xs[j] + 1] * (g[j] / theta) for j in range(p)]
+        u = np.zeros((kmax + 1, p, p))  # u[k, i, j] = P(k requests, phase j | i) after m events
+        u[0] = np.eye(p)
+        out = np.zeros((B, kmax + 1, p, p))
         for m in range(M + 1):
             out += events[:, m, None, None, None] * u[None]
             if m == M:
                 break
             nxt = u @ a0
-            for j in range(2):
+            for j in range(p):
                 nxt[:, :, j] += signal.convolve(u[:, :, j], kern[j][:, None], mode="full")[: kmax + 1]
             u = nxt
         lost = 1.0 - float(np.min(out.sum(axis=(1, 3))))
@@ -148,23 +160,35 @@ def wait_moves(mm: MMPP2, truncation: int) -> np.ndarray:
     """[i, x]: probability that a wait at phase i ends in a jump of x requests (x = 0: a switch),
     the jump's share of the next event (group or switch); x runs to the largest group above 1e-20."""
     g = np.asarray(mm.epoch_rates)
-    leave = np.asarray(mm.switching)
+    leave = np.asarray(mm.leave_rates)
     q = mm.size_pmfs(truncation)
-    last = max(int(np.nonzero(q[j] > _FLOOR)[0][-1]) for j in range(2))
+    last = max(int(np.nonzero(q[j] > _FLOOR)[0][-1]) for j in range(mm.phases))
     out = q[:, : last + 1] * (g / (g + leave))[:, None]
     out[:, 0] = leave / (g + leave)
     return out
+
+
+def wait_switches(mm: MMPP2) -> np.ndarray:
+    """[i, j]: probability that a wait at phase i ends in a switch to phase j (row sums: ``wait_moves``'
+    column 0; two phases: that column, off the diagonal, exactly)."""
+    g = np.asarray(mm.epoch_rates)
+    leave = np.asarray(mm.leave_rates)
+    q = mm.generator.copy()
+    np.fill_diagonal(q, 0.0)
+    if mm.phases == 2:
+        return np.array([[0.0, leave[0] / (g[0] + leave[0])], [leave[1] / (g[1] + leave[1]), 0.0]])
+    return q / (g + leave)[:, None]
 
 
 @dataclass(frozen=True)
 class PhasePolicy:
     """One queue-length table per MMPP phase: ``tables[i]`` is used while the phase is i."""
 
-    tables: tuple[PolicyTable, PolicyTable]
+    tables: tuple[PolicyTable, ...]
 
     def __post_init__(self) -> None:
-        if len(self.tables) != 2 or self.tables[0].max_batch != self.tables[1].max_batch:
-            raise ValueError("a phase policy needs two tables with the same max_batch")
+        if len(self.tables) < 2 or any(t.max_batch != self.tables[0].max_batch for t in self.tables):
+            raise ValueError("a phase policy needs a table per phase (two or more), all with the same max_batch")
 
     @property
     def max_batch(self) -> int:
@@ -179,7 +203,7 @@ class PhasePolicy:
 
 @dataclass(frozen=True, eq=False)
 class PhaseSMDP:
-    """Costs, sojourns and transitions on (n, i), n = 0..N, i = 0, 1 (arrays [i, n, a])."""
+    """Costs, sojourns and transitions on (n, i), n = 0..N, i = 0..m - 1 (arrays [i, n, a])."""
 
     model: BatchingModel
     truncation: int
@@ -197,8 +221,12 @@ class PhaseSMDP:
     """Full batches per request drained above N."""
 
     @property
+    def phases(self) -> int:
+        return self.law.shape[1]
+
+    @property
     def n_states(self) -> int:
-        return 2 * (self.truncation + 1)
+        return self.phases * (self.truncation + 1)
 
     @property
     def cost(self) -> np.ndarray:
@@ -208,13 +236,13 @@ class PhaseSMDP:
         """h[j, l] for l = 0..N + L, landings above N valued at N (the excursion returns there)."""
         N = self.truncation
         L = self.law.shape[3] - 1
-        ext = np.empty((2, N + 1 + L))
+        ext = np.empty((self.phases, N + 1 + L))
         ext[:, : N + 1] = h
         ext[:, N + 1 :] = h[:, N : N + 1]
         return ext
 
     def expected_next(self, h: np.ndarray) -> np.ndarray:
-        """E[h(next)] for every (i, n, a), h of shape (2, N + 1)."""
+        """E[h(next)] for every (i, n, a), h of shape (m, N + 1)."""
         N = self.truncation
         B = self.model.max_batch
         L = self.law.shape[3] - 1
@@ -222,19 +250,24 @@ class PhaseSMDP:
         n = np.arange(N + 1)
         a = np.arange(1, B + 1)
         s = np.clip(n[:, None] - a[None, :], 0, N)
-        out = np.empty((2, N + 1, B + 1))
-        for i in range(2):
+        m = self.phases
+        out = np.empty((m, N + 1, B + 1))
+        for i in range(m):
             acc = np.zeros((N + 1, B))
-            for j in range(2):
+            for j in range(m):
                 win = sliding_window_view(ext[j], L + 1)[: N + 1]  # win[s, k] = h_j(s + k)
                 acc += win @ self.law[:, i, j, :].T  # [s, a - 1]
             out[i, :, 1:] = acc[s, a - 1]
         moves = wait_moves(self.model.arrivals, N)
+        switch = wait_switches(self.model.arrivals)
         X = moves.shape[1] - 1
-        for i in range(2):
+        for i in range(m):
             up = np.append(h[i], np.full(X, h[i, N]))  # h_i(min(n + x, N))
             win = sliding_window_view(up, X + 1)[: N + 1]
-            out[i, :, 0] = moves[i, 0] * h[1 - i] + win[:, 1:] @ moves[i, 1:]
+            if m == 2:
+                out[i, :, 0] = moves[i, 0] * h[1 - i] + win[:, 1:] @ moves[i, 1:]
+            else:
+                out[i, :, 0] = switch[i] @ h + win[:, 1:] @ moves[i, 1:]
         return out
 
     def transition_matrix(self, actions: np.ndarray) -> np.ndarray:
@@ -243,9 +276,11 @@ class PhaseSMDP:
         size = N + 1
         L = self.law.shape[3] - 1
         moves = wait_moves(self.model.arrivals, N)
+        switch = wait_switches(self.model.arrivals)
         X = moves.shape[1] - 1
+        m = self.phases
         P = np.zeros((self.n_states, self.n_states))
-        for i in range(2):
+        for i in range(m):
             for n in range(size):
                 r = i * size + n
                 a = int(actions[i, n])
@@ -253,14 +288,45 @@ class PhaseSMDP:
                     top = min(n + X, N)
                     P[r, i * size + n + 1 : i * size + top + 1] += moves[i, 1 : top - n + 1]
                     P[r, i * size + N] += moves[i, top - n + 1 :].sum()
-                    P[r, (1 - i) * size + n] += moves[i, 0]
+                    for j in range(m):
+                        if j != i:
+                            P[r, j * size + n] += switch[i, j]
                     continue
                 s = n - a
                 e = min(s + L, N)
-                for j in range(2):
+                for j in range(m):
                     P[r, j * size + s : j * size + e + 1] += self.law[a - 1, i, j, : e - s + 1]
                     P[r, j * size + N] += self.tail_p[i, n, a, j]
         return P
+
+
+def latency_integrals(model: BatchingModel, m1: np.ndarray, m2: np.ndarray) -> np.ndarray:
+    """[i, b - 1]: E[int_0^{S_b} A(t) dt | phase i at the start], A(t) the requests arrived by t.
+
+    Two phases: lambda E S^2 / 2 + (lambda_i - lambda)(E S / sigma - (1 - E e^{-sigma S}) / sigma^2),
+    sigma = r12 + r21. m phases: the module docstring's matrix form (Q's eigenvalues: E e^{QS}
+    = V diag(E e^{mu S}) V^{-1}; the result is real, its rounding imaginary part dropped)."""
+    mm = _mmpp(model)
+    lam_bar = model.rate
+    lam = np.asarray(mm.rates)
+    if mm.phases == 2:
+        sigma = float(sum(mm.switching))
+        lap = _laplace(model, sigma)
+        return np.vstack([lam_bar * m2 / 2.0 + (lam[i] - lam_bar) * (m1 / sigma - (1.0 - lap) / sigma**2)
+                          for i in range(2)])
+    p = mm.phases
+    q = mm.generator
+    big_pi = np.outer(np.ones(p), mm.stationary)
+    z = np.linalg.inv(big_pi - q)
+    mu, v = np.linalg.eig(q)
+    vinv = np.linalg.inv(v)
+    laps = np.vstack([_laplace(model, complex(-x)) for x in mu])  # [eigenvalue, b]
+    out = np.empty((p, m1.size))
+    dev = (np.eye(p) - big_pi) @ lam  # lambda - lambda_bar
+    for b in range(m1.size):
+        e_qs = np.real((v * laps[:, b][None, :]) @ vinv)
+        out[:, b] = lam_bar * m2[b] / 2.0 + z @ (m1[b] * dev - z @ ((np.eye(p) - e_qs) @ lam))
+    return out
 
 
 def build_phase_smdp(model: BatchingModel, truncation: int, law: np.ndarray | None = None) -> PhaseSMDP:
@@ -272,40 +338,39 @@ def build_phase_smdp(model: BatchingModel, truncation: int, law: np.ndarray | No
     law = count_law(model) if law is None else law
     L = law.shape[3] - 1
     lam_bar = model.rate
-    lam = np.asarray(mm.rates)
-    leave = np.asarray(mm.switching)
-    sigma = float(sum(mm.switching))
+    leave = np.asarray(mm.leave_rates)
+    p = mm.phases
     m1, m2 = service_moments(model.profile)
     coeffs = tail_coefficients(model.with_(arrivals=POISSON), N, "fluid")
-    lap = _laplace(model, sigma)
+    integrals = latency_integrals(model, m1, m2)
     n = np.arange(N + 1)
     a = np.arange(1, B + 1)
     s = n[:, None] - a[None, :]
     sc = np.clip(s, 0, N)
-    valid = np.zeros((2, N + 1, B + 1), dtype=bool)
+    valid = np.zeros((p, N + 1, B + 1), dtype=bool)
     valid[:, :, 0] = n < B
     valid[:, :, 1:] = s >= 0
-    latency = np.zeros((2, N + 1, B + 1))
-    energy = np.zeros((2, N + 1, B + 1))
-    time = np.ones((2, N + 1, B + 1))
-    tail_p = np.zeros((2, N + 1, B + 1, 2))
-    tail_m = np.zeros((2, N + 1, B + 1))
+    latency = np.zeros((p, N + 1, B + 1))
+    energy = np.zeros((p, N + 1, B + 1))
+    time = np.ones((p, N + 1, B + 1))
+    tail_p = np.zeros((p, N + 1, B + 1, p))
+    tail_m = np.zeros((p, N + 1, B + 1))
     over = np.maximum(np.arange(N + 1 + L) - N, 0).astype(float)
     beyond = (np.arange(N + 1 + L) > N).astype(float)
     w_over = sliding_window_view(over, L + 1)[: N + 1]
     w_over2 = sliding_window_view(over * over, L + 1)[: N + 1]
     w_beyond = sliding_window_view(beyond, L + 1)[: N + 1]
     epochs = np.asarray(mm.epoch_rates)
-    for i in range(2):
+    for i in range(p):
         nu = epochs[i] + leave[i]
         latency[i, :, 0] = n / (nu * lam_bar)
         energy[i, :, 0] = model.idle_power_w / nu
         time[i, :, 0] = 1.0 / nu
-        integral = lam_bar * m2 / 2.0 + (lam[i] - lam_bar) * (m1 / sigma - (1.0 - lap) / sigma**2)
+        integral = integrals[i]
         law_i = law[:, i, :, :].sum(axis=1)  # [b, k], end phase summed
         em = (w_over @ law_i.T)[sc, a - 1]
         em2 = (w_over2 @ law_i.T)[sc, a - 1]
-        for j in range(2):
+        for j in range(p):
             tail_p[i, :, 1:, j] = (w_beyond @ law[:, i, j, :].T)[sc, a - 1]
         latency[i, :, 1:] = (n[:, None] * m1[None, :] + integral[None, :]) / lam_bar + coeffs.lin * em + coeffs.quad * em2
         energy[i, :, 1:] = model.profile.energy_j[None, :] + coeffs.energy * em
@@ -324,9 +389,9 @@ def build_phase_smdp(model: BatchingModel, truncation: int, law: np.ndarray | No
 class PhaseValues:
     gain: float
     h: np.ndarray
-    """(2, N + 1), h(0, phase 1) = 0."""
+    """(m, N + 1), h(0, phase 1) = 0."""
     pi: np.ndarray
-    """(2, N + 1): stationary law of the embedded chain."""
+    """(m, N + 1): stationary law of the embedded chain."""
 
 
 LINEAR_SOLVERS = ("banded", "dense")
@@ -335,10 +400,10 @@ LINEAR_SOLVERS = ("banded", "dense")
 def evaluate_actions(smdp: PhaseSMDP, actions: np.ndarray, linear_solver: str = "banded") -> PhaseValues:
     """Gain, relative values and stationary law of ``actions`` [i, n].
 
-    "banded": states ordered n-major (2 n + i), every transition goes down by at most 2 B + 1
-    places (a batch of up to B, either end phase), so with g's column moved last the system is zero
-    below its 2 (B + 1)-th subdiagonal and ``solver.pi.BandedBelowLU`` factors it in about
-    2 (B + 1) n^2 flops. "dense": one LAPACK LU of the whole system (2/3 n^3); both agree to rounding.
+    "banded": states ordered n-major (m n + i), every transition goes down by at most m B + m - 1
+    places (a batch of up to B, any end phase), so with g's column moved last the system is zero
+    below its m (B + 1)-th subdiagonal and ``solver.pi.BandedBelowLU`` factors it in about
+    m (B + 1) n^2 flops. "dense": one LAPACK LU of the whole system (2/3 n^3); both agree to rounding.
     """
     if linear_solver not in LINEAR_SOLVERS:
         raise ValueError(f"linear_solver must be one of {LINEAR_SOLVERS}, got {linear_solver!r}")
@@ -350,7 +415,8 @@ def evaluate_actions(smdp: PhaseSMDP, actions: np.ndarray, linear_solver: str = 
         raise ValueError(f"action {int(actions[i, n])} at (n = {n}, phase {i + 1}) is not allowed on 0..{N}")
     c = (smdp.latency + smdp.model.weight * smdp.energy)[i_idx, n_idx, actions].ravel()
     tau = smdp.time[i_idx, n_idx, actions].ravel()
-    kl = 2 * (smdp.model.max_batch + 1)
+    m = smdp.phases
+    kl = m * (smdp.model.max_batch + 1)
     if linear_solver == "banded" and smdp.n_states >= MIN_BLOCKS * kl:
         return _evaluate_banded(smdp, actions, c, tau, kl)
     A = np.eye(smdp.n_states) - smdp.transition_matrix(actions)
@@ -368,7 +434,7 @@ def evaluate_actions(smdp: PhaseSMDP, actions: np.ndarray, linear_solver: str = 
     g = float(x[0])
     h = x.copy()
     h[0] = 0.0
-    return PhaseValues(g, h.reshape(2, N + 1), (y / y.sum()).reshape(2, N + 1))
+    return PhaseValues(g, h.reshape(m, N + 1), (y / y.sum()).reshape(m, N + 1))
 
 
 def _evaluate_banded(smdp: PhaseSMDP, actions: np.ndarray, c: np.ndarray, tau: np.ndarray, kl: int) -> PhaseValues:
@@ -382,24 +448,28 @@ def _evaluate_banded(smdp: PhaseSMDP, actions: np.ndarray, c: np.ndarray, tau: n
     lu = BandedBelowLU(size, kl)
     E = lu.extended
     moves = wait_moves(smdp.model.arrivals, N)
+    switch = wait_switches(smdp.model.arrivals)
     X = moves.shape[1] - 1
+    m = smdp.phases
     for n in range(N + 1):
-        for i in range(2):
-            r = 2 * n + i
+        for i in range(m):
+            r = m * n + i
             E[r, r] += 1.0
             a = int(actions[i, n])
             if a == 0:
                 top = min(n + X, N)
-                E[r, 2 * (n + 1) + i : 2 * top + i + 1 : 2] -= moves[i, 1 : top - n + 1]
-                E[r, 2 * N + i] -= moves[i, top - n + 1 :].sum()
-                E[r, 2 * n + 1 - i] -= moves[i, 0]
+                E[r, m * (n + 1) + i : m * top + i + 1 : m] -= moves[i, 1 : top - n + 1]
+                E[r, m * N + i] -= moves[i, top - n + 1 :].sum()
+                for j in range(m):
+                    if j != i:
+                        E[r, m * n + j] -= switch[i, j]
                 continue
             s0 = n - a
             e = min(s0 + L, N)
-            for j in range(2):
-                E[r, 2 * s0 + j : 2 * e + j + 1 : 2] -= smdp.law[a - 1, i, j, : e - s0 + 1]
-                E[r, 2 * N + j] -= smdp.tail_p[i, n, a, j]
-    order = np.arange(size).reshape(2, N + 1).T.ravel()  # n-major position k -> phase-major index
+            for j in range(m):
+                E[r, m * s0 + j : m * e + j + 1 : m] -= smdp.law[a - 1, i, j, : e - s0 + 1]
+                E[r, m * N + j] -= smdp.tail_p[i, n, a, j]
+    order = np.arange(size).reshape(m, N + 1).T.ravel()  # n-major position k -> phase-major index
     E[:, size] = tau[order]
     lu.factor()
     x = lu.solve(c[order])
@@ -413,7 +483,7 @@ def _evaluate_banded(smdp: PhaseSMDP, actions: np.ndarray, c: np.ndarray, tau: n
     h[order[1:]] = x[:-1]
     pi = np.empty(size)
     pi[order] = np.clip(y, 0.0, None)
-    return PhaseValues(float(x[-1]), h.reshape(2, N + 1), (pi / pi.sum()).reshape(2, N + 1))
+    return PhaseValues(float(x[-1]), h.reshape(m, N + 1), (pi / pi.sum()).reshape(m, N + 1))
 
 
 @dataclass(frozen=True, eq=False)
@@ -426,7 +496,7 @@ class PhaseEvaluation:
     throughput_rps: float
     mean_batch: float
     truncation: int
-    phase_time: tuple[float, float]
+    phase_time: tuple[float, ...]
     """Fraction of time in each phase (the MMPP's stationary law, a check of the chain)."""
 
     def to_dict(self) -> dict:
@@ -460,12 +530,15 @@ def _summarize(smdp: PhaseSMDP, actions: np.ndarray, values: PhaseValues) -> Pha
         throughput_rps=served / mean_time,
         mean_batch=served / batches if batches > 0 else 0.0,
         truncation=smdp.truncation,
-        phase_time=(float(phase_t[0]), float(phase_t[1])),
+        phase_time=tuple(float(x) for x in phase_t),
     )
 
 
 def _actions(model: BatchingModel, policy: PhasePolicy | PolicyTable, size: int) -> np.ndarray:
-    tables = policy.tables if isinstance(policy, PhasePolicy) else (policy, policy)
+    m = _mmpp(model).phases
+    tables = policy.tables if isinstance(policy, PhasePolicy) else (policy,) * m
+    if len(tables) != m:
+        raise ModelError(f"a phase policy with {len(tables)} tables for an MMPP with {m} phases")
     if tables[0].max_batch != model.max_batch:
         raise ModelError(f"policy is for max_batch {tables[0].max_batch}, the model has B = {model.max_batch}")
     return np.vstack([t.extended(size) for t in tables])
@@ -477,7 +550,7 @@ def _start_truncation(model: BatchingModel, policy: PhasePolicy | PolicyTable | 
     # a busy phase above capacity piles up requests while it lasts: cover a typical surge
     m1, _ = service_moments(model.profile)
     cap = model.capacity
-    surge = max(0.0, max(mm.rates) - cap) / min(mm.switching)
+    surge = max(0.0, max(mm.rates) - cap) / min(mm.leave_rates)
     n = int(max(base, model.max_batch + surge, 16))
     if policy is not None:
         tables = policy.tables if isinstance(policy, PhasePolicy) else (policy,)
@@ -562,6 +635,7 @@ def solve_mmpp(model: BatchingModel, *, truncation: int | None = None, max_iter:
     """Optimal phase-observed policy (one table per phase) by policy iteration on (n, phase)."""
     started = _time.perf_counter()
     law = count_law(model)
+    mm = _mmpp(model)
     B = model.max_batch
     N = _start_truncation(model) if truncation is None else int(truncation)
     start = None
@@ -572,7 +646,7 @@ def solve_mmpp(model: BatchingModel, *, truncation: int | None = None, max_iter:
     while True:
         smdp = build_phase_smdp(model, N, law)
         n = np.arange(N + 1)
-        greedy = np.vstack([np.minimum(n, B)] * 2)
+        greedy = np.vstack([np.minimum(n, B)] * mm.phases)
         if start is not None:
             greedy[:, : start.shape[1]] = start
         actions, values, k, ok = _policy_iteration(smdp, greedy, max_iter, linear_solver)
@@ -590,7 +664,7 @@ def solve_mmpp(model: BatchingModel, *, truncation: int | None = None, max_iter:
         previous = (actions, values.gain)
         start = actions
         N = min(MAX_TRUNCATION, int(N * 1.5) + 1)
-    policy = PhasePolicy((PolicyTable(actions[0], B), PolicyTable(actions[1], B)))
+    policy = PhasePolicy(tuple(PolicyTable(actions[i], B) for i in range(mm.phases)))
     ev = _summarize(smdp, actions, values)
     return PhaseSolveResult(policy, values.gain, ev, its, bool(ok and settled), N, tuple(sizes),
                             _time.perf_counter() - started, model)
@@ -630,7 +704,7 @@ def solve_mmpp_blind(model: BatchingModel, start: PolicyTable, *, max_iter: int 
     smdp = build_phase_smdp(model, N, law)
     B = model.max_batch
     actions = start.extended(N + 1)
-    values = evaluate_actions(smdp, np.vstack([actions, actions]))
+    values = evaluate_actions(smdp, np.vstack([actions] * mm.phases))
     first = values.gain
     its = 0
     for its in range(1, max_iter + 1):
@@ -644,7 +718,7 @@ def solve_mmpp_blind(model: BatchingModel, start: PolicyTable, *, max_iter: int 
         if np.array_equal(new, actions):
             break
         try:
-            cand = evaluate_actions(smdp, np.vstack([new, new]))
+            cand = evaluate_actions(smdp, np.vstack([new] * mm.phases))
         except SingularPolicyError:
             break
         if cand.gain >= values.gain * (1.0 - 1e-12):

@@ -23,6 +23,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from solver.arrival_model import MMPP2
+from solver.errors import ModelError
 
 
 _GROUP_CAP = 4096
@@ -63,6 +64,9 @@ class PhaseFilter:
     """Forward filter of a two-phase MMPP on the arrival times it is fed, in order."""
 
     def __init__(self, process: MMPP2, times: Sequence[float] | np.ndarray | None = None):
+        if process.phases != 2:
+            raise ModelError(f"the forward filter is for two phases; this MMPP has {process.phases} "
+                             "(run its tables with the true phase, or one phase-blind table)")
         self.rates = (float(process.epoch_rates[0]), float(process.epoch_rates[1]))
         # a batch MMPP: arrival instants are groups; the requests of one instant tell the group's size
         self._grouped = process.grouped

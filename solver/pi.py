@@ -27,7 +27,8 @@ few states, so those steps cost 2 r triangular solves instead of a fill and an L
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -37,14 +38,38 @@ from scipy.sparse import linalg as sparse_linalg
 from solver.tail import TruncatedSMDP
 
 
-@dataclass(frozen=True, eq=False)
 class PolicyValues:
-    """Gain, relative values (h(0) = 0) and stationary distribution of one policy on 0..N."""
+    """Gain, relative values (h(0) = 0) and stationary distribution of one policy on 0..N.
 
-    gain: float
-    h: np.ndarray
-    pi: np.ndarray
-    """Stationary distribution of the embedded chain (per decision epoch)."""
+    ``pi`` is given, or computed on first use by ``stationary`` (a transposed solve, unnormalised):
+    policy iteration reads only the gain and h of every policy but the last, so the banded
+    evaluation leaves the transposed solves (one per LU, r per low-rank step) until ``pi`` is read.
+    """
+
+    __slots__ = ("gain", "h", "_pi", "_stationary")
+
+    def __init__(
+        self, gain: float, h: np.ndarray, pi: np.ndarray | None = None,
+        stationary: Callable[[], np.ndarray] | None = None,
+    ) -> None:
+        if (pi is None) == (stationary is None):
+            raise ValueError("PolicyValues needs pi or stationary, exactly one of them")
+        self.gain = gain
+        self.h = h
+        self._pi = pi
+        self._stationary = stationary
+
+    @property
+    def pi(self) -> np.ndarray:
+        """Stationary distribution of the embedded chain (per decision epoch)."""
+        if self._pi is None:
+            assert self._stationary is not None
+            y = self._stationary()
+            if not np.all(np.isfinite(y)):
+                raise SingularPolicyError("policy evaluation matrix is singular")
+            y = np.clip(y, 0.0, None)
+            self._pi, self._stationary = y / y.sum(), None
+        return self._pi
 
 
 class SingularPolicyError(ArithmeticError):
@@ -93,6 +118,8 @@ class BandedBelowLU:
                                    writeable=True)
         self.matrix = self.extended[:, 1:]
         self._piv: np.ndarray | None = None
+        self.generation = 0
+        """Counts the factorisations held: a solve kept for later checks it still has its matrix."""
 
     @classmethod
     def of(cls, M: np.ndarray, kl: int) -> "BandedBelowLU":
@@ -106,6 +133,7 @@ class BandedBelowLU:
         """Zero the storage, to write and factor another matrix of the same shape in it."""
         self._flat.fill(0.0)
         self._piv = None
+        self.generation += 1
 
     def factor(self) -> None:
         # the scratch column in front of ``matrix`` overlaps band rows that LAPACK never reads; clear
@@ -115,6 +143,7 @@ class BandedBelowLU:
         if info < 0:  # pragma: no cover - argument error
             raise ValueError(f"dgbtrf: illegal argument {-info}")
         d = self.band[self.kl + self.ku]
+        self.generation += 1
         if info > 0 or not np.all(np.isfinite(d)) or np.min(np.abs(d)) == 0.0:
             raise SingularPolicyError("policy evaluation matrix is singular")
         self._piv = piv
@@ -194,27 +223,32 @@ def _evaluate_banded(smdp: TruncatedSMDP, actions: np.ndarray, block: int) -> Po
     return _BandedSolve.factored(smdp, actions, block).values
 
 
-def _values(x: np.ndarray, y: np.ndarray) -> PolicyValues:
-    """PolicyValues from the solution x = (h(1..N), g) and the transposed solution y ~ pi."""
-    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+def _values(x: np.ndarray, stationary: Callable[[], np.ndarray]) -> PolicyValues:
+    """PolicyValues from the solution x = (h(1..N), g) and the transposed solve that gives y ~ pi."""
+    if not np.all(np.isfinite(x)):
         raise SingularPolicyError("policy evaluation matrix is singular")
     h = np.empty(x.size)
     h[0] = 0.0
     h[1:] = x[:-1]
-    y = np.clip(y, 0.0, None)
-    return PolicyValues(float(x[-1]), h, y / y.sum())
+    return PolicyValues(float(x[-1]), h, stationary=stationary)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class _BandedSolve:
-    """One policy's factored evaluation system and its two solutions (the base of low-rank updates)."""
+    """One policy's factored evaluation system and its solution (the base of low-rank updates).
 
+    The transposed solution y (~ pi) is computed when first needed. A solve whose ``lu`` storage has
+    been refactored for another policy since (``BandedBelowLU.generation``) evaluates afresh instead.
+    """
+
+    smdp: TruncatedSMDP
     actions: np.ndarray
     lu: BandedBelowLU
+    generation: int
     c: np.ndarray
     x: np.ndarray
-    y: np.ndarray
-    values: PolicyValues
+    values: PolicyValues = field(init=False)
+    _y: np.ndarray | None = field(default=None, init=False)
 
     @classmethod
     def factored(
@@ -229,10 +263,36 @@ class _BandedSolve:
         _, c, _ = smdp.hessenberg_system(actions, out=lu.extended)
         lu.factor()
         x = lu.solve(c)
-        last = np.zeros(smdp.n_states)
-        last[-1] = 1.0  # the equation of g is column N now: A^T y = e_0 becomes M^T y = e_N
-        y = lu.solve_transposed(last)
-        return cls(np.array(actions, dtype=np.int64), lu, c, x, y, _values(x, y))
+        actions = np.array(actions, dtype=np.int64)
+        out = cls(smdp, actions, lu, lu.generation, c, x)
+        out.values = _values(x, out.stationary(actions, lambda: out.y))
+        return out
+
+    @property
+    def current(self) -> bool:
+        return self.lu.generation == self.generation
+
+    @property
+    def y(self) -> np.ndarray:
+        """M^T y = e_N (the equation of g is column N: A^T y = e_0 becomes M^T y = e_N)."""
+        if self._y is None:
+            if not self.current:
+                raise ValueError("the factorisation was replaced")
+            last = np.zeros(self.smdp.n_states)
+            last[-1] = 1.0
+            self._y = self.lu.solve_transposed(last)
+        return self._y
+
+    def stationary(self, actions: np.ndarray, solve: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
+        """``solve`` while this factorisation is held, else a fresh evaluation of ``actions``."""
+        smdp = self.smdp
+
+        def run() -> np.ndarray:
+            if self.current:
+                return solve()
+            return _evaluate_banded(smdp, actions, smdp.model.max_batch + 1).pi
+
+        return run
 
     def updated(self, smdp: TruncatedSMDP, actions: np.ndarray, states: np.ndarray) -> PolicyValues:
         """Values of ``actions``, which differ from this policy in ``states`` only (Woodbury).
@@ -240,7 +300,7 @@ class _BandedSolve:
         The new system is M + E D (E: the unit columns of the changed states, D: their new rows
         minus the old ones), so with Z = M^-1 E and the capacitance C = I + D Z:
         x' = y - Z C^-1 D y, y = M^-1 c' (= x + Z dc), and for the transposed system
-        y' = y0 - W C^-T y0[states], W = M^-T D^T. 2 r + 0 new solves against r x r algebra.
+        y' = y0 - W C^-T y0[states], W = M^-T D^T: r solves now, r transposed ones when pi is read.
         """
         r = states.size
         new_rows, new_c = smdp.hessenberg_rows(actions, states)
@@ -252,9 +312,12 @@ class _BandedSolve:
         C = np.eye(r) + D @ Z
         y = self.x + Z @ (new_c - self.c[states])
         x = y - Z @ np.linalg.solve(C, D @ y)
-        W = self.lu.solve_transposed(np.asfortranarray(D.T))
-        z = self.y - W @ np.linalg.solve(C.T, self.y[states])
-        return _values(x, z)
+
+        def transposed() -> np.ndarray:
+            W = self.lu.solve_transposed(np.asfortranarray(D.T))
+            return self.y - W @ np.linalg.solve(C.T, self.y[states])
+
+        return _values(x, self.stationary(np.array(actions, dtype=np.int64), transposed))
 
 
 MAX_UPDATE_RANK = 16

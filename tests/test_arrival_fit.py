@@ -10,6 +10,7 @@ import pytest
 from smdp.cli import main
 from solver import arrivals
 from solver.arrival_model import MMPP2, CompoundPoisson
+from solver.errors import ModelError
 from solver.fit import dispersion, fit_arrivals, fit_compound, fit_mmpp, interarrival_cv
 
 
@@ -142,3 +143,33 @@ def test_fit_recovers_batch_mmpp():
     assert full.chosen == fit.model  # both clumped and modulated: neither plain model has both
     assert full.misfit["batch_mmpp"] < min(full.misfit["mmpp"], full.misfit["batch"])
     assert full.interarrival_cv["trace"] == pytest.approx(full.interarrival_cv["batch_mmpp"], rel=0.1)
+
+
+def test_fit_recovers_a_three_phase_mmpp_and_the_choice_takes_three_where_two_miss():
+    proc = MMPP2((900.0, 250.0, 20.0), (0.3, 0.2, 0.6, 0.4, 0.1, 0.5))  # three levels, phases of seconds
+    t, _, _ = arrivals.mmpp2_path(proc, 150_000, rng=5)
+    fit = fit_mmpp(t, phases=3)
+    assert fit.model.phases == 3
+    for est, half, true in zip(fit.model.rates, fit.rates_ci95, proc.rates):
+        assert _within(est, half, true)
+    for est, half, true in zip(fit.model.switching, fit.switching_ci95, proc.switching):
+        assert _within(est, half, true)
+    with pytest.raises(ModelError, match="max_phases"):
+        fit_arrivals(t[:1000], max_phases=7)
+    # short surges, a normal level and long quiet spells (three time scales): two phases miss the
+    # surges' share of the dispersion and the choice goes to three
+    proc = MMPP2((3000.0, 300.0, 10.0), (20.0, 0.0, 0.5, 0.5, 0.0, 0.33))
+    t, _, _ = arrivals.mmpp2_path(proc, 60_000, rng=5)
+    full = fit_arrivals(t, max_phases=3)
+    assert full.misfit["mmpp3"] < full.misfit["mmpp"] - 0.1
+    assert isinstance(full.chosen, MMPP2) and full.chosen.phases == 3
+    assert full.chosen.rates[1:] == pytest.approx((300.0, 10.0), rel=0.05)
+
+
+def test_two_phase_fit_is_unchanged_by_more_phases():
+    proc = MMPP2((400.0, 40.0), (0.5, 1.0))
+    t, _, _ = arrivals.mmpp2_path(proc, 30_000, rng=3)
+    two, three = fit_arrivals(t, max_phases=2), fit_arrivals(t, max_phases=3)
+    assert two.mmpp == three.mmpp and not two.more_phases
+    assert "mmpp3" in three.more_phases and all(f.model.phases == 3 for f in three.more_phases.values())
+    assert three.chosen == two.chosen  # more phases buy nothing on a two-phase stream: the simpler is kept

@@ -207,7 +207,7 @@ def test_batch_mmpp_parses_and_groups_of_one_are_the_plain_mmpp():
     plain = MMPP2((900.0, 100.0), (2.0, 3.0))
     ones = MMPP2((900.0, 100.0), (2.0, 3.0), (CompoundPoisson(1.0), CompoundPoisson(1.0)))
     assert ones == plain
-    with pytest.raises(ModelError, match="four \\(or six\\)"):
+    with pytest.raises(ModelError, match="m >= 2 rates"):
         parse_arrivals("mmpp:900,100:2,3:3")
 
 
@@ -299,3 +299,81 @@ def test_phase_blind_search_lowers_the_poisson_table_and_stays_phase_blind():
     p = solve(flat.with_(arrivals=POISSON)).policy
     again = solve_mmpp_blind(flat, p)
     assert again.gain == pytest.approx(again.start_gain, rel=1e-9)
+
+
+# ---- m phases -----------------------------------------------------------------------------------
+
+THREE = "mmpp:1200,400,40:1,0.5,1,1,0.5,1.5"
+
+
+def test_three_phase_parse_and_dispersion_against_lumping():
+    proc = parse_arrivals(THREE)
+    assert proc.phases == 3 and proc.spec == THREE
+    assert proc.generator.sum(axis=1) == pytest.approx(np.zeros(3), abs=1e-12)
+    assert proc.stationary @ proc.generator == pytest.approx(np.zeros(3), abs=1e-12)
+    # two identical phases lump: the three-phase matrix forms equal the two-phase closed forms
+    lumped = MMPP2((900.0, 100.0), (2.0, 3.0))
+    split = MMPP2((900.0, 100.0, 100.0), (1.2, 0.8, 3.0, 4.0, 3.0, 2.5))
+    for w in (1e-3, 0.1, 1.0, 30.0, None):
+        assert split.index_of_dispersion(w) == pytest.approx(lumped.index_of_dispersion(w), rel=1e-9)
+    assert split.mean_rate == pytest.approx(lumped.mean_rate, rel=1e-12)
+    with pytest.raises(ModelError, match="reachable"):
+        MMPP2((900.0, 100.0, 10.0), (1.0, 0.0, 1.0, 0.0, 1.0, 1.0))  # phase 3 is never entered
+
+
+@pytest.mark.parametrize("groups", [None, (CompoundPoisson(3.0), CompoundPoisson(1.5), CompoundPoisson(1.5))])
+def test_three_phase_with_two_identical_phases_solves_as_two(groups):
+    g2 = None if groups is None else groups[:2]
+    lumped = mmpp_model(MMPP2((900.0, 100.0), (2.0, 3.0), g2), B=8)
+    split = mmpp_model(MMPP2((900.0, 100.0, 100.0), (1.2, 0.8, 3.0, 4.0, 3.0, 2.5), groups), B=8)
+    a, b = solve_mmpp(lumped), solve_mmpp(split)
+    assert b.gain == pytest.approx(a.gain, rel=1e-8)
+    assert b.mean_latency_s == pytest.approx(a.mean_latency_s, rel=1e-7)
+    assert np.array_equal(b.policy.tables[1].actions, b.policy.tables[2].actions)
+    table = solve(lumped.with_(arrivals=POISSON)).policy
+    assert evaluate_mmpp(split, table).cost == pytest.approx(evaluate_mmpp(lumped, table).cost, rel=1e-8)
+
+
+def test_three_phase_count_law_matches_expm():
+    proc = parse_arrivals(THREE)
+    m = mmpp_model(proc, B=8, cv=0.0)
+    law = count_law(m)  # [b, i, j, k]
+    assert law.shape[1:3] == (3, 3)
+    k = np.arange(law.shape[3])
+    for b in (0, 3, 7):
+        tau = float(m.profile.mean_s[b])
+        assert law[b].sum(axis=2) == pytest.approx(linalg.expm(proc.generator * tau), abs=1e-10)
+        mean = proc.stationary @ (law[b].sum(axis=1) @ k)
+        assert mean == pytest.approx(proc.mean_rate * tau, rel=1e-9)
+        var = proc.stationary @ (law[b].sum(axis=1) @ (k * k)) - mean * mean
+        assert var / mean == pytest.approx(proc.index_of_dispersion(tau), rel=1e-7)
+
+
+@pytest.mark.parametrize("groups", [None, (CompoundPoisson(2.5), CompoundPoisson(1.5), CompoundPoisson(1.0))])
+def test_three_phase_banded_equals_dense_and_simulation_agrees(groups):
+    from solver.mmpp import build_phase_smdp, evaluate_actions
+
+    proc = MMPP2((900.0, 300.0, 30.0), (1.0, 0.5, 1.0, 1.0, 0.5, 1.5), groups)
+    m = mmpp_model(proc)
+    N = 150
+    smdp = build_phase_smdp(m, N)
+    a = np.vstack([np.minimum(np.arange(N + 1), 16)] * 3)
+    a[1, :3] = 0
+    a[2, :6] = 0
+    dense, banded = evaluate_actions(smdp, a, "dense"), evaluate_actions(smdp, a, "banded")
+    assert banded.gain == pytest.approx(dense.gain, rel=1e-12)
+    assert np.max(np.abs(banded.pi - dense.pi)) <= 1e-13
+    res = solve_mmpp(m)
+    assert res.converged and len(res.policy.tables) == 3
+    assert res.policy.tables[0].actions[:6].tolist() != res.policy.tables[2].actions[:6].tolist()
+    t, sw, ph = arrivals.mmpp2_path(proc, 400_000, rng=13)
+    assert set(np.unique(ph)) == {0, 1, 2}
+    assert (t.size - 1) / t[-1] == pytest.approx(proc.mean_rate, rel=0.05)
+    sim = simulate_phased(m.profile, res.policy, TruePhase(sw, ph), t, idle_power_w=40.0, weight=2e-4,
+                          seed=2, warmup=5.0)
+    assert abs(sim.mean_latency_s - res.mean_latency_s) <= 4 * sim.latency_ci95_s
+    assert abs(sim.mean_power_w - res.mean_power_w) <= 4 * sim.power_ci95_w
+    blind = solve(m.with_(arrivals=POISSON)).policy
+    ev = evaluate_mmpp(m, blind)
+    sim_b = simulate(m.profile, blind, t, idle_power_w=40.0, weight=2e-4, seed=2, warmup=5.0)
+    assert abs(sim_b.mean_latency_s - ev.mean_latency_s) <= 4 * sim_b.latency_ci95_s

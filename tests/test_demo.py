@@ -48,8 +48,10 @@ def test_demo_runs_every_contender_and_leaves_no_process(triton_runnable, tmp_pa
     # the solver is told tau(b) as measured on this stack, and W~ carries the measured per-request hop
     assert "stack profile of emulated_gpu: profile: auto, measured b=1,2,4," in text
     assert "a lone request's answer takes" in text
-    # and, for the gate contenders, the batch times and hop the adaptive gate measured at the load (at-load)
+    # and, for the gate contenders, the batch times and hop the gate measured at the load (at-load): one
+    # calibration run per gate policy (greedy its own, every SMDP contender the adaptive SMDP gate's)
     assert "at 80 req/s through the " in text and "batches hold the slot" in text
+    assert "gate, greedy (" in text and "gate, smdp (" in text
     names = ["triton delay=0ms", "triton delay=10ms", "gate greedy", "gate smdp", "gate smdp adaptive", "config smdp",
              "gate smdp SLO"]
     table = text[text.index("J = W + w P"):]

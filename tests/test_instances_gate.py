@@ -96,17 +96,26 @@ def test_the_adaptive_loop_solves_for_k_instances_and_installs_a_rule_that_sees_
 
     from solver.slo import SloTarget
 
-    c.set_slo(SloTarget(0.99, 0.05))  # the SLO search is one-instance: k instances solve J and say so
+    # with an SLO, k instances are solved by the k-instance SLO search (solver.instances_slo): q99 <= 14 ms
+    # makes it guard the limits, and the gate gets the table a(n, m) with that guard
+    c.set_slo(SloTarget(0.99, 0.014))
     asyncio.run(go())
-    assert len(installed) == 2 and isinstance(installed[1], GateRule)
-    assert c.note.startswith("SLO search is for one instance")
+    assert len(installed) == 2 and isinstance(installed[1], GateRule) and len(installed[1].busy_tables) == 1
+    assert c.current.slo is not None and c.current.slo.feasible and "k-instance SLO" in c.current.source
+    assert c.current.slo.quantile_s + c.current.slo.ci95_s <= 0.014
+    assert c.current.table is not None and c.current.max_wait_s is not None  # (6, 8) guarded at 1.4 ms
+    from solver.policy import MaxWaitGuard
+
+    guarded = GateRule.of(MaxWaitGuard(installed[1], c.current.max_wait_s))  # as the registry installs it
+    assert guarded.busy_tables == installed[1].busy_tables and guarded.max_wait_s == c.current.max_wait_s
 
 
-def test_the_real_stack_bench_measures_idle_power_per_instance():
+def test_the_real_stack_bench_measures_idle_power_per_device():
     import numpy as np
 
     from loadtest.metrics import measure
     from loadtest.openloop import OpenLoopResult
+    from plugin.placement import Placement
     from solver.model import ServiceProfile
 
     prof = ServiceProfile.from_table([1, 2], [0.01, 0.01], [1.0, 1.0])  # e(b) = 1 J in 10 ms: p(b) = 100 W
@@ -115,9 +124,11 @@ def test_the_real_stack_bench_measures_idle_power_per_instance():
                          done_s=np.array([0.12, 0.12]), status=("OK", "OK"), batch_size=np.array([2, 2]),
                          batch_energy_j=np.array([1.0, 1.0]))
     one = measure(res, prof, idle_power_w=40.0, weight=0.0, window=(0.0, 1.0))
-    two = measure(res, prof, idle_power_w=40.0, weight=0.0, window=(0.0, 1.0), instances=2)
+    two = measure(res, prof, idle_power_w=40.0, weight=0.0, window=(0.0, 1.0), placement=Placement(2, 2, ""))
+    shared = measure(res, prof, idle_power_w=40.0, weight=0.0, window=(0.0, 1.0), placement=Placement(2, 1, ""))
     assert one.mean_power_w == pytest.approx(1.0 + 40.0 * 0.99)
     assert two.mean_power_w == pytest.approx(1.0 + 40.0 * 1.99)
+    assert shared.mean_power_w == pytest.approx(1.0 + 40.0 * 0.99)  # two instances on one GPU: P0 once
 
 
 def test_the_policy_reply_carries_and_shows_the_rows_for_m():

@@ -189,6 +189,24 @@ def test_the_unscaled_adaptive_gate_runs_a_sidecar_with_the_long_run_window_off(
     assert args.long_run_window_s == 0.0
 
 
+def test_a_guarded_gate_contender_runs_a_sidecar_with_that_max_wait():
+    from loadtest.stack import SidecarSpec
+    from plugin.serve_cli import config_from_args
+    from smdp.cli import build_parser
+
+    c = parse_contender("gate:smdp-adaptive-guard:10000")
+    assert c.adaptive and c.max_wait_us == 10_000 and c.name == "gate smdp adaptive guard=10ms"
+    assert not parse_contender("gate:smdp-guard:2500").adaptive
+    for bad in ("gate:smdp-guard:x", "gate:smdp-guard:0"):
+        with pytest.raises(ValueError):
+            parse_contender(bad)
+    flags = SidecarSpec(policy="greedy", max_batch=8, max_wait_s=0.01).flags()
+    assert flags[flags.index("--max-wait") + 1] == "0.01"
+    assert "--max-wait" not in SidecarSpec(policy="smdp", max_batch=8).flags()
+    config = config_from_args(build_parser().parse_args(["serve", *flags]))
+    assert config.policy_for("any").max_wait_s == 0.01
+
+
 def test_predictions_agree_with_the_solver_and_greedy_equals_zero_delay():
     from solver.evaluate import evaluate
     from solver.policy import greedy
@@ -343,7 +361,8 @@ def test_demo_defaults_have_every_contender_kind_and_start_a_solver(tmp_path):
     names = [c.name for c in cfg.contenders]
     assert names == ["triton delay=0ms", "triton delay=10ms", "gate greedy", "gate smdp", "gate smdp adaptive",
                      "config smdp", "gate smdp SLO"]
-    assert cfg.slo.latency_s == 0.08 and cfg.slo.margin_s == 0.005 and cfg.slo.quantile == 0.99
+    assert cfg.slo.latency_s == 0.08 and cfg.slo.quantile == 0.99
+    assert cfg.slo.margin_s == 0.0 and cfg.slo_margin_auto  # measured by the demo before the SLO gate runs
     assert cfg.solver == "embedded" and cfg.needs_solver
     plain = _config(build_parser().parse_args(["demo", "--slo-latency", "0", "--out", str(tmp_path)]))
     assert plain.slo is None and "gate smdp SLO" not in [c.name for c in plain.contenders]
@@ -389,3 +408,19 @@ def test_repeat_summary_pairs_each_repeat_against_the_adaptive_gate():
     vs_triton = next(line for line in lines if "vs triton" in line)
     assert "lower in 3 of 3" in vs_triton
     assert len(repeat_summary({"gate smdp": [0.2]})) == 2  # no adaptive gate: the table only
+
+
+def test_the_fitted_prediction_is_kept_for_the_next_run_of_the_same_trace(tmp_path, monkeypatch):
+    from loadtest import trace_bench
+
+    prof = scaled_profile(ServiceProfile.from_csv(V100).truncated(32), 10.0)
+    times = np.sort(np.random.default_rng(1).uniform(0, 20, 2000))
+    model = BatchingModel((times.size - 1) / (times[-1] - times[0]), 32, prof, 40.0, 1e-3)
+    calls = []
+    real = trace_bench.fitted_prediction
+    monkeypatch.setattr(trace_bench, "fitted_prediction", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = trace_bench.cached_fitted_prediction(tmp_path, model, times, 1.0)
+    again = trace_bench.cached_fitted_prediction(tmp_path, model, times, 1.0)
+    assert again == first and len(calls) == 1
+    trace_bench.cached_fitted_prediction(tmp_path, model.with_(weight=2e-3), times, 1.0)  # another model: solved again
+    assert len(calls) == 2

@@ -317,3 +317,113 @@ def test_a_correction_that_leaves_no_policy_falls_back_to_d_minus_margin(prior):
         assert "searched for D - margin only" in c.note and c.slo_offset_s == 0.0085
 
     asyncio.run(go())
+
+
+def test_stall_log_finds_the_lives_a_stall_or_its_wake_touched():
+    from plugin.stalls import StallLog
+
+    log = StallLog(10.0)
+    assert log.overrun(1.0, 1.0004, 0.001) == 0.0 and len(log) == 0  # within the threshold: no stall
+    assert log.overrun(1.0, 1.3, 0.001) == pytest.approx(0.299)  # the part beyond due + threshold
+    log.add(1.2, 1.5)  # overlaps the first: merged into 1.001-1.5, its wake to 1.999
+    log.add(2.5, 2.6)  # wake to 2.7
+    lives = [(0.0, 0.5), (0.9, 1.01), (1.1, 1.2), (1.95, 2.0), (2.0, 2.4), (2.65, 3.0), (2.75, 3.0), (0.0, 4.0)]
+    begins, ends = np.array(lives).T
+    assert log.touched(begins, ends).tolist() == [False, True, True, True, False, True, False, True]
+    assert log.covered_s(0.0, 4.0) == pytest.approx(0.499 + 0.1)
+    assert log.covered_s(1.4, 2.55) == pytest.approx(0.1 + 0.05)
+    assert not log.touched(np.array([3.0]), np.array([3.1])).any() and len(log) == 3
+    # stalls that ended a window (10 s) before the earliest life asked about are gone for good
+    assert not log.touched(np.array([12.55]), np.array([13.0])).any() and len(log) == 1
+    with pytest.raises(ValueError):
+        StallLog(0.0)
+
+
+def test_excess_window_leaves_the_answers_a_stall_touched_out():
+    from plugin.latency_window import ExcessWindow
+    from plugin.stalls import StallLog
+
+    w, stalls = ExcessWindow(10.0), StallLog(10.0)
+    rng = np.random.default_rng(3)
+    # 2,000 answers over 10 s, at most 1 ms above a 20 ms predicted quantile; a 300 ms stall at 5 s
+    # holds up those in flight or arriving during it, and those just after it wait behind the backlog
+    begin = np.sort(rng.uniform(0.0, 9.9, 2000))
+    lat = rng.uniform(0.0, 0.021, 2000)
+    stalls.add(5.0, 5.3)
+    hit = (begin < 5.3) & (begin + lat > 5.0)
+    lat = np.where(hit, lat + 5.3 - np.maximum(begin, 5.0), lat)
+    backlog = (begin >= 5.3) & (begin < 5.5)
+    lat = np.where(backlog, lat + 0.05, lat)
+    for t, x in sorted(zip(begin + lat, lat)):
+        w.add(float(t), float(x), 0.020, 0.010)
+    g = w.gap(10.0, 0.99, min_samples=200, tail_samples=5.0, stalls=stalls)
+    plain = w.gap(10.0, 0.99, min_samples=200, tail_samples=5.0)
+    wake = (begin < 5.6) & (begin + lat > 5.0)  # the stall and as long again after it
+    assert g.at_quantile and g.held_up == int(wake.sum()) > 100 and g.samples == 2000 - g.held_up
+    assert g.excess_s < 0.0011  # the policy's own 1 ms tail is what is left
+    assert plain.excess_s > 0.05 and g.with_stalls_s == pytest.approx(plain.excess_s)
+    assert g.stalled_s == pytest.approx(0.3)
+    assert plain.held_up == 0 and plain.with_stalls_s == pytest.approx(plain.excess_s)
+
+
+def test_a_host_stall_does_not_drive_the_correction_but_a_slower_path_does(prior):
+    """A batch held up 300 ms (Triton paused) holds up every answer in flight: over the window that
+    is far more than 1% of the answers, yet the correction stays where the policy's own tail puts it.
+    The same answers running 2 ms late without any stall do raise it."""
+    async def go():
+        clock = Clock()
+        from plugin.loop.controller import LearningConfig
+
+        c = PolicyController(
+            "m", prior,
+            ControllerConfig(max_batch=B, idle_power_w=40.0, weight=1e-3, initial_rate=0.05 * B / prior.mean_s[-1],
+                             window_s=5.0, long_run_s=0.0, learning=LearningConfig()),
+            install=lambda p: None, clock=clock)
+        d = 0.01
+        c.set_slo(SloTarget(0.99, d))
+        await _tick(c, clock.t)
+        pol = c.current
+        q = pol.slo.quantile_s
+        rng = np.random.default_rng(5)
+        t0 = clock.t
+        # 1,500 answers over 3 s, within the predicted quantile
+        begins = t0 + np.sort(rng.uniform(0.0, 3.0, 1500))
+        lats = rng.uniform(0.2, 1.0, 1500) * q
+        stall_end = t0 + 1.5
+        expected = float(prior.mean_s[7])
+        clock.t = stall_end
+        c.observe_batch(8, expected + 0.3)  # a batch of 8 ran 300 ms past its time
+        assert len(c.stalls) == 1
+        # every answer in flight waited for it, to its end, and the next 300 ms wait behind the backlog
+        hit = (begins < stall_end) & (begins + lats > stall_end - 0.3)
+        lats = np.where(hit, lats + stall_end - np.maximum(begins, stall_end - 0.3), lats)
+        backlog = (begins >= stall_end) & (begins < stall_end + 0.25)
+        lats = np.where(backlog, lats + 0.02, lats)
+        for t, x in sorted(zip(begins + lats, lats)):
+            c.observe_latency(float(t), float(x))
+        assert hit.mean() > 0.05
+        clock.t = t0 + 3.5
+        await _tick(c, clock.t)
+        g = c.slo_gap
+        assert g is not None and g.at_quantile and g.held_up >= (hit | backlog).sum()
+        assert g.with_stalls_s > 0.25  # left in, the stall would have been the correction
+        assert c.slo_offset_s == 0.0 and c.current is pol
+        # the paused batch was not learned as a service time of size 8
+        assert [e.n for e in c.learner.sizes(c.profile) if e.batch_size == 8] == []
+        c.observe_batch(8, expected * 1.2)  # within the threshold: a service time
+        assert [e.n for e in c.learner.sizes(c.profile) if e.batch_size == 8] == [1] and len(c.stalls) == 1
+        # the status carries it
+        from plugin.control_backend import _slo_status
+
+        st = _slo_status(c, clock.t).message()
+        assert st.stall_held_up == g.held_up and st.stalled_s > 0.29
+        assert st.correction_with_stalls_s == pytest.approx(g.with_stalls_s)
+        # no stall, the same answers 2 ms late: that is the path's, and the correction takes it
+        clock.t += 11.0  # the window (5 s) forgets
+        for t, x in zip(clock.t + np.sort(rng.uniform(0.0, 3.0, 1500)), rng.uniform(0.2, 1.0, 1500) * q + 0.002):
+            c.observe_latency(float(t), float(x))
+        clock.t += 3.5
+        assert await _tick(c, clock.t)
+        assert c.slo_offset_s == pytest.approx(0.002, abs=3e-4) and c.slo_gap.held_up == 0
+
+    asyncio.run(go())

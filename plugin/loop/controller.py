@@ -60,6 +60,16 @@ q-quantile right at D then misses it. Two corrections keep the answers within D:
   can take back: a stalled host, and greedy would only add load), the policy is searched for
   D - margin only, and the note says so.
 
+A host stall (Triton paused or descheduled, a CPU hog) is not the policy's tail: it holds up every
+request in flight at once, and no policy takes it back. A batch that ran past the time the profile
+in force expects by more than a threshold (the largest of ``STALL_FRACTION`` of D - margin,
+``STALL_RATIO`` of its expected time, and ``STALL_SDS`` standard deviations of it at the service
+CV the search assumes) is taken as one: the part beyond the threshold goes into a ``StallLog``,
+the batch is not learned as a service time, and the answers the stall touched (in flight during
+it, or arriving in its wake, as long again after it) are left out of the correction
+(``plugin.stalls``). The status shows the stalls of the window and what the correction would be
+with those answers left in. Only with an SLO.
+
 The spread of the batch times is also learned directly: when the profile is learned, the search's
 service law is gamma with the CV measured at the sizes with ``profile_min_samples`` batches (their
 median), instead of the profile's own (``slo_service_cv``).
@@ -90,7 +100,9 @@ from solver.policy import GateRule, InstanceTable, PolicyTable, greedy
 from solver.slo import SloTarget
 
 from ..arrival_estimator import GroupEstimator, ModulationEstimator
-from ..latency_window import ExcessWindow, LatencySummary, LatencyWindow
+from ..latency_window import ExcessWindow, LatencyGap, LatencySummary, LatencyWindow
+from ..placement import Placement
+from ..stalls import StallLog
 from .profile import ProfileDrift, ProfileLearner
 from . import slo_search
 from .rate import RateEstimator
@@ -112,6 +124,14 @@ SLO_OFFSET_MIN_SAMPLES = 200
 SLO_TAIL_SAMPLES = 5.0
 """Answers beyond the q-quantile (so SLO_TAIL_SAMPLES / (1 - q) answers) before the measured q-quantile
 is compared with the predicted one (module doc)."""
+
+STALL_FRACTION = 0.05
+"""A batch running past its expected time by more than this share of D - margin is a host stall
+beyond that point (module doc) ..."""
+STALL_RATIO = 1.0
+"""... and by more than this share of its expected time (a slowdown within it is the learner's) ..."""
+STALL_SDS = 4.0
+"""... and by more than this many standard deviations of its time at the search's service CV."""
 
 WEIGHT_SCALE_MAX = 10.0
 """The long-run weight scale lambda_bar / lambda is kept within [1/10, 10]: further out (a near-silent
@@ -250,6 +270,8 @@ class ControllerConfig:
     """Span of the long-run mean rate that scales the weight, seconds (0: w as is)."""
     instances: int = 1
     """k: model instances the gate fills at start (the registry updates it when Triton's config changes)."""
+    devices: int | None = None
+    """D: the devices the k instances draw idle power on (``plugin.placement``; None: one per instance)."""
     group_window_gaps: float = 0.0
     """Arrival-group window in mean gaps for the group estimator (0: Poisson arrivals)."""
     learning: LearningConfig = LearningConfig(enabled=False)
@@ -262,10 +284,12 @@ class ControllerConfig:
         if not self.window_s > 0 or self.long_run_s < 0 or not self.change_ratio > 1 or self.instances < 1:
             raise ValueError(f"invalid controller settings: window_s={self.window_s}, long_run_s={self.long_run_s}, "
                              f"change_ratio={self.change_ratio}, instances={self.instances}")
+        if self.devices is not None and not 1 <= self.devices <= self.instances:
+            raise ValueError(f"devices must be in 1..instances = {self.instances}, got {self.devices}")
 
     @classmethod
     def of(cls, policy: "ModelPolicyConfig", sidecar: "SidecarConfig", *, max_batch: int,
-           instances: int) -> "ControllerConfig":
+           instances: int, devices: int | None = None) -> "ControllerConfig":
         """A model's controller settings from its policy config and the sidecar's."""
         return cls(
             max_batch=max_batch,
@@ -275,6 +299,7 @@ class ControllerConfig:
             window_s=sidecar.rate_window_s,
             long_run_s=sidecar.long_run_window_s,
             instances=instances,
+            devices=devices,
             group_window_gaps=sidecar.arrival_group_window,
             learning=LearningConfig(
                 enabled=policy.learn_profile,
@@ -391,6 +416,8 @@ class PolicyController:
         self._solved_shape = 0
         self.instances = config.instances
         """k: model instances the gate fills; k > 1 is solved as a(n, m) (``solver.instances``)."""
+        self.devices = config.devices
+        """D: the devices the k instances draw idle power on (None: one per instance)."""
         self.profile = profile.truncated(max_batch) if profile.max_batch != max_batch else profile
         self.prior = self.profile
         self._solving = self.profile
@@ -406,6 +433,12 @@ class PolicyController:
         self.latencies = LatencyWindow(window_s)
         self.excess = ExcessWindow(window_s)
         """Each answer's latency over its SLO policy's prediction, for the correction (module doc)."""
+        self.stalls = StallLog(window_s)
+        """Host stalls seen as batches running past their expected time, kept out of the correction."""
+        self.slo_gap: LatencyGap | None = None
+        """The last measured gap behind the correction (its stalls, its figure with them left in)."""
+        self._stall_floor_s = math.inf
+        self._stall_cv = 0.0
         self._install = install
         self._clock = clock
         self._solver: Solver = solver if solver is not None else LocalSolver()
@@ -437,6 +470,7 @@ class PolicyController:
             ProfileLearner(self.prior, drift=lc.drift, min_samples=lc.min_samples, prior_weight=lc.prior_weight)
             if lc.enabled else None)
         self.power = PowerSource(self.prior, idle_power_w, max_age_s=max(30.0, 3 * lc.telemetry_interval_s))
+        self.power.placement = Placement(self.instances, self.devices or self.instances, "controller")
         self.profile_version = 0
         """0 while the CSV prior is in force; +1 per learned profile adopted."""
         self.last_drift: ProfileDrift | None = None
@@ -455,6 +489,13 @@ class PolicyController:
     @property
     def capacity(self) -> float:
         return self.instances * self.max_batch / float(self.profile.mean_s[self.max_batch - 1])
+
+    def set_placement(self, instances: int, devices: int | None) -> None:
+        """Triton's config changed the model's k instances or D devices: the next re-solve is for them."""
+        if instances < 1 or (devices is not None and not 1 <= devices <= instances):
+            raise ValueError(f"need instances >= 1 and devices in 1..instances, got {instances}, {devices}")
+        self.instances, self.devices = instances, devices
+        self.power.placement = Placement(instances, devices or instances, "controller")
 
     # -- inputs ------------------------------------------------------------------------------
     def observe_arrival(self, t: float) -> None:
@@ -487,8 +528,23 @@ class PolicyController:
             self._failed_seen = failed_requests
             self.failed_batches += 1
             return
+        if math.isfinite(self._stall_floor_s) and 1 <= rows <= self.profile.max_batch:
+            expected = float(self.profile.mean_s[rows - 1])
+            now = self._clock()
+            threshold = max(self._stall_floor_s, STALL_RATIO * expected, STALL_SDS * self._stall_cv * expected)
+            if self.stalls.overrun(now - seconds + expected, now, threshold) > 0:
+                return  # a stall, not a service time (module doc)
         if self.learner is not None:
             self.learner.observe(rows, seconds)
+
+    def _stall_threshold(self) -> None:
+        """The overrun beyond which a batch counts as a host stall (module doc); none without an SLO."""
+        if self.slo is None:
+            self._stall_floor_s = math.inf
+            return
+        self._stall_floor_s = STALL_FRACTION * (self.slo.latency_s - self.slo.margin_s)
+        cv = self.slo_service_cv()
+        self._stall_cv = cv if cv is not None else float(np.max(self.profile.cv))
 
     def learn(self, now: float) -> ProfileDrift | None:
         """Rebuild the learned profile if due; adopt it and mark the policy dirty on a significant drift.
@@ -671,6 +727,9 @@ class PolicyController:
         self.slo = target
         self.slo_offset_s = 0.0
         self.excess.clear()
+        self.stalls.clear()
+        self.slo_gap = None
+        self._stall_threshold()
         if target is not None:
             self.latency_target_s = None
             slo_search.prestart()
@@ -769,8 +828,10 @@ class PolicyController:
         if now - self._offset_checked_at < 1.0:  # an O(window) look: once a second is plenty
             return False
         self._offset_checked_at = now
+        self._stall_threshold()
         gap = self.excess.gap(now, self.slo.quantile, min_samples=SLO_OFFSET_MIN_SAMPLES,
-                              tail_samples=SLO_TAIL_SAMPLES)
+                              tail_samples=SLO_TAIL_SAMPLES, stalls=self.stalls)
+        self.slo_gap = gap
         if gap is None:
             return False
         old, new, d = self.slo_offset_s, max(0.0, gap.excess_s), self.slo.latency_s
@@ -864,9 +925,7 @@ class PolicyController:
                          f"{capacity:.1f}/s: solved for {NEAR_CAPACITY * capacity:.1f}/s")
             rate = NEAR_CAPACITY * capacity
         if self.slo is not None and self.instances > 1:
-            self.note = (f"SLO search is for one instance and this model has {self.instances}: "
-                         "solved for J = W + w P over k instances instead")
-            return await self._solve(rate, self.weight)
+            return await self._solve_slo_instances(rate, self.slo)
         if self.slo is not None:
             return await self._solve_slo(rate, self.slo)
         if self.latency_target_s is None:
@@ -915,6 +974,32 @@ class PolicyController:
                         c.mean_latency_s + self.weight * c.mean_power_w, c.mean_batch,
                         "in-process SLO search", self._profile_source(), solved_weight, c.max_wait_s,
                         SloPrediction(c.estimate.quantile_s, c.estimate.ci95_s, res.feasible), arrivals=arrivals)
+
+    async def _solve_slo_instances(self, rate: float, target: SloTarget) -> Solution:
+        """k > 1 instances: the k-instance SLO search (``solver.instances_slo``: control limits per m,
+        optionally guarded) for D less the margin and the measured correction; greedy, flagged, when
+        nothing in the family meets it."""
+        from solver.instances_slo import solve_slo_instances
+
+        solved_weight = self.weight * self.weight_scale(rate, self._clock())
+        model = BatchingModel(rate=rate, max_batch=self.max_batch, profile=self._solving,
+                              idle_power_w=self.idle_power_w, weight=solved_weight, instances=self.instances,
+                              devices=self.devices)
+        searched = SloTarget(target.quantile, target.latency_s,
+                             min(target.margin_s + self.slo_offset_s, target.latency_s * (1.0 - 1e-6)))
+        res = await asyncio.get_running_loop().run_in_executor(None, lambda: solve_slo_instances(model, searched))
+        c = res.chosen
+        if not res.feasible:
+            self.note = (f"SLO q{target.quantile:g} <= {target.latency_s * 1e3:g} ms is infeasible at {rate:.1f}/s "
+                         f"with {self.instances} instances: serving greedy, predicted q{target.quantile:g} "
+                         f"{c.estimate.quantile_s * 1e3:.3f} ms")
+            log.warning("%s: %s", self.model, self.note)
+        table = c.table
+        return Solution(table.row(0), rate, self.weight, c.mean_latency_s, c.mean_power_w,
+                        c.mean_latency_s + self.weight * c.mean_power_w, c.mean_batch,
+                        f"in-process k-instance SLO search (k = {self.instances})", self._profile_source(),
+                        solved_weight, c.max_wait_s, SloPrediction(c.estimate.quantile_s, c.estimate.ci95_s, res.feasible),
+                        table=table)
 
     async def _search_weight(self, rate: float, target_s: float) -> Solution:
         """The largest w whose predicted W meets the target: least power subject to the target.
@@ -969,7 +1054,8 @@ class PolicyController:
             from solver.instances import solve_instances
 
             k_model = BatchingModel(rate=rate, max_batch=self.max_batch, profile=profile,
-                                    idle_power_w=self.idle_power_w, weight=solved_weight, instances=self.instances)
+                                    idle_power_w=self.idle_power_w, weight=solved_weight, instances=self.instances,
+                                    devices=self.devices)
             k = await asyncio.get_running_loop().run_in_executor(None, lambda: solve_instances(k_model))
             return Solution(k.policy.row(0), rate, weight, k.mean_latency_s, k.mean_power_w, k.gain, k.mean_batch,
                             f"in-process k-instance search (k = {self.instances})", self._profile_source(),

@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from plugin.placement import Placement
 from solver.model import ServiceProfile
 from solver.quantities import check_number
 
@@ -149,6 +150,8 @@ class PowerSource:
         self.max_age_s = check_number("max_age_s", max_age_s)
         self._prev: tuple[float, float] | None = None  # (time, energy) of the previous scrape
         self._measured: tuple[float, float, str] | None = None  # (time, watts, source)
+        self.placement = Placement(1, 1, "one instance")
+        """k instances on D devices: the modelled power counts P0 once per device (the controller sets it)."""
 
     def observe_metrics(self, now: float, text: str) -> GpuMetrics:
         m = gpu_metrics(text, self.gpu_uuids)
@@ -162,15 +165,15 @@ class PowerSource:
         return m
 
     def modelled(self, elapsed_s: float, batch_counts: Sequence[int] | np.ndarray, busy_s: float) -> float:
-        """(sum over batches of e(b) + P0 x idle time) / elapsed; batch_counts[b] = batches of size b."""
+        """(sum over batches of e(b) + P0 x idle time) / elapsed; batch_counts[b] = batches of size b;
+        with k instances on D devices, P0 once per device (``Placement.modelled_power_w``)."""
         elapsed_s = check_number("elapsed_s", elapsed_s)
         counts = np.asarray(batch_counts, dtype=float)
         top = min(counts.size - 1, self.profile.max_batch)
         if counts.size - 1 > self.profile.max_batch and np.any(counts[self.profile.max_batch + 1:] > 0):
             raise ValueError(f"batches larger than the profile's largest size {self.profile.max_batch} were counted")
         energy = float(np.dot(counts[1: top + 1], self.profile.energy_j[:top]))
-        idle = max(0.0, elapsed_s - float(busy_s))
-        return (energy + self.idle_power_w * idle) / elapsed_s
+        return self.placement.modelled_power_w(energy, float(busy_s), elapsed_s, self.idle_power_w)
 
     def reading(
         self, now: float, *, elapsed_s: float, batch_counts: Sequence[int] | np.ndarray, busy_s: float
