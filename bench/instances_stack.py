@@ -15,6 +15,13 @@ instances) runs one open-loop Poisson sequence at RATE; the per-request record s
 and the simulator predicts W twice with the hold measured above (tau(b) of the table plus the added
 time at c = k, interpolated): on the scheduled arrivals (what the bench predicts) and on the arrivals
 as sent (the sequence the server really got).
+
+``--trace DIR`` (with ``--diagnose``): Triton traces every request (TIMESTAMPS) into DIR; afterwards
+its own record of the Poisson run is analysed (``--analyse DIR`` repeats that without Triton): what a
+batch costs beyond tau(b) when it is one request of b rows (the gate's batches) and when it is b
+separate requests (Triton's batches), the turnaround from an instance finishing to Triton's batcher
+starting its next batch while requests wait, and the server-side W predicted on the traced arrivals
+with those holds (``replay``).
 """
 
 from __future__ import annotations
@@ -181,6 +188,11 @@ def formation(tb: TracedBatches, k: int, table: ServiceProfile, lo: float) -> No
         rows.append((waiting, gap, late, arr.size, since_arrival, e - s - float(table.mean_s[arr.size - 1])))
     r = np.array(rows, dtype=float)
     print(f"  {r.shape[0]} batches counted (traced by Triton); busy = COMPUTE_END - COMPUTE_START")
+    sizes, overs = r[:, 3], r[:, 5]
+    print("  busy - tau(b) of Triton's batches of b separate requests, ms: " + ", ".join(
+        f"b in [{lo_b}, {hi_b}): {overs[(sizes >= lo_b) & (sizes < hi_b)].mean() * 1e3:.3f}"
+        for lo_b, hi_b in ((1, 2), (2, 8), (8, 16), (16, 24), (24, 40), (40, 129))
+        if np.any((sizes >= lo_b) & (sizes < hi_b))))
     for flag, name in ((1.0, "requests waiting when the instance freed"), (0.0, "instance idle, batch on an arrival")):
         m = r[:, 0] == flag
         if not m.any():
@@ -300,20 +312,30 @@ def main() -> None:
     finally:
         triton.stop()
     if args.trace is not None and mark is not None:
-        (args.trace / "mark.txt").write_text(f"{mark!r} {k} {args.time_scale!r} {table.max_batch}\n")
+        (args.trace / "mark.txt").write_text(f"{mark!r} {k} {args.time_scale!r} {table.max_batch} {args.sizes}\n")
         analyse(args.trace)
 
 
 def analyse(trace_dir: Path) -> None:
     """``formation`` and ``replay`` of the Poisson run traced in ``trace_dir`` (its first 4 s not counted)."""
-    mark_s, k_s, scale_s, b_s = (trace_dir / "mark.txt").read_text().split()
+    mark_s, k_s, scale_s, b_s, sizes_s = (trace_dir / "mark.txt").read_text().split()
+    held = np.array([int(x) for x in sizes_s.split(",")])
     mark, k = float(mark_s), int(k_s)
     tb = read_trace(trace_dir / "trace.json", MODEL)
     table = scaled_profile(ServiceProfile.from_csv("profiles/v100_resnet50.csv").truncated(int(b_s)), float(scale_s))
     keep = tb.start >= mark  # Triton's steady clock and time.monotonic() are both CLOCK_MONOTONIC
     run = TracedBatches(tb.start[keep], tb.end[keep], tuple(a for a, x in zip(tb.arrivals, keep) if x))
     lo = mark + 4.0 - run.start[0]
-    print(f"\nhow Triton's batcher formed the batches of that run (count {k}, delay 0), from its trace:")
+    # before the run: the hold measurements' batches, each ONE request of b rows (batcher off, as the
+    # gate sends them): what a batch costs beyond tau(b) when it is one request
+    one = (tb.start < mark) & (tb.size == 1)
+    busy = (tb.end - tb.start)[one]
+    near = held[np.abs(busy[:, None] - table.mean_s[held - 1][None, :]).argmin(axis=1)] - 1
+    over = busy - table.mean_s[near]
+    print("\nbusy - tau(b) of a batch that is ONE request of b rows (the hold measurements), ms: "
+          + ", ".join(f"b={b + 1}: {np.median(over[near == b]) * 1e3:.3f} (n={int(np.sum(near == b))})"
+                      for b in np.unique(near) if np.sum(near == b) >= 5))
+    print(f"how Triton's batcher formed the batches of that run (count {k}, delay 0), from its trace:")
     formation(run, k, table, lo)
     replay(run, k, table, lo)
 
