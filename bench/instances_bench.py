@@ -10,7 +10,11 @@
    event-loop search it replaced (before), in the same run, k = 2 and 4, B = 64, V100 profile; the J of
    both choices on one independent simulation (common random numbers: their difference is precise).
 
-    python bench/instances_bench.py [--requests N] [--speed]
+5. SLO (--slo runs only this): the k-instance SLO search (``solver.instances_slo``) on the V100 profile,
+   B = 64: the chosen limits and guard, their q99 on the search's lanes against an independent event
+   simulation of the chosen rule, and the least-J unguarded limits' q99 and J (what the SLO costs).
+
+    python bench/instances_bench.py [--requests N] [--speed] [--slo]
 """
 
 from __future__ import annotations
@@ -109,18 +113,53 @@ def speed(requests: int) -> None:
               flush=True)
 
 
+def slo(requests: int) -> None:
+    import numpy as np
+
+    from solver.instances_slo import solve_slo_instances
+    from solver.simulate import simulate_latencies
+    from solver.slo import SloTarget
+
+    prof = ServiceProfile.from_csv(V100, max_batch=64)
+    print("\n5. k-instance SLO search (q = 0.99; V100, B = 64): chosen vs an independent event simulation")
+    print(f"{'k':>2} {'load':>4} {'w':>6} {'D ms':>5} {'ok':>3} {'T_m':<12} {'guard ms':>8} {'q99 lanes':>9} {'+-':>5} "
+          f"{'q99 sim':>7} {'J ms':>8} {'J sim':>8} | {'least-J T_m':<12} {'its q99':>7} {'its J':>8} {'cands':>5} {'s':>5}")
+    for k, load, w, d in ((2, 0.5, 1e-3, 0.008), (2, 0.3, 1e-3, 0.006), (2, 0.7, 1e-3, 0.012), (2, 0.5, 1e-4, 0.0075),
+                          (4, 0.5, 1e-3, 0.008), (4, 0.7, 1e-3, 0.012), (2, 0.5, 1e-3, 0.005)):
+        model = BatchingModel(load * k * 64 / float(prof.mean_s[-1]), 64, prof, 40.0, w, instances=k)
+        t0 = time.perf_counter()
+        res = solve_slo_instances(model, SloTarget(0.99, d))
+        dt = time.perf_counter() - t0
+        c = res.chosen
+        arr = np.cumsum(np.random.default_rng(17).exponential(1.0 / model.rate, requests))
+        sim, lat = simulate_latencies(prof, c.rule, arr, idle_power_w=40.0, weight=w, seed=5, warmup=arr[requests // 50])
+        least = min((x for x in res.candidates if x.max_wait_s is None), key=lambda x: x.cost)
+        guard = "-" if c.max_wait_s is None else f"{c.max_wait_s * 1e3:.2f}"
+        print(f"{k:>2} {load:>4} {w:>6g} {d * 1e3:>5g} {'yes' if res.feasible else 'NO':>3} "
+              f"{'/'.join(map(str, c.thresholds)):<12} {guard:>8} {c.estimate.quantile_s * 1e3:>9.3f} "
+              f"{c.estimate.ci95_s * 1e3:>5.3f} {np.quantile(lat, 0.99) * 1e3:>7.3f} {c.cost * 1e3:>8.3f} "
+              f"{sim.cost * 1e3:>8.3f} | {'/'.join(map(str, least.thresholds)):<12} "
+              f"{least.estimate.quantile_s * 1e3:>7.3f} {least.cost * 1e3:>8.3f} {len(res.candidates):>5} {dt:>5.2f}",
+              flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=200_000, help="simulated requests per check (default: %(default)s)")
     ap.add_argument("--speed", action="store_true", help="only section 4 (solve time, now vs before)")
+    ap.add_argument("--slo", action="store_true", help="only section 5 (the k-instance SLO search)")
     args = ap.parse_args()
     if args.speed:
         speed(2 * args.requests)
+        return
+    if args.slo:
+        slo(2 * args.requests)
         return
     chain_vs_simulator(args.requests)
     family_at_one_instance(args.requests // 2)
     prediction_vs_simulation(args.requests)
     speed(2 * args.requests)
+    slo(2 * args.requests)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,9 @@ class BenchConfig:
     slo: SloTarget | None = None
     """A tail-latency SLO: every row then reports attainment (share within D) and goodput; the
     ``gate:smdp-slo`` and ``triton:ma`` contenders need it."""
+    slo_margin_auto: bool = False
+    """``--slo-margin auto``: the SLO gates' margin is measured at each load before they run (the hop
+    through the gate + the send lag at the SLO's quantile, ``loadtest.slo_margin``) instead of ``slo``'s."""
     instances: int = 1
     """k: the model runs with this instance_group count; predictions and power are for k instances
     (each busy one its batch's power, each idle one P0)."""
@@ -128,6 +131,8 @@ class BenchConfig:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
         if self.slo is None and any(c.slo or c.model_analyzer for c in self.contenders):
             raise ValueError("the gate:smdp-slo and triton:ma contenders need an SLO (--slo-latency)")
+        if self.slo_margin_auto and self.slo is None:
+            raise ValueError("--slo-margin auto needs an SLO (--slo-latency)")
         if isinstance(self.instances, bool) or not isinstance(self.instances, int) or self.instances < 1:
             raise ValueError(f"instances must be an integer >= 1, got {self.instances!r}")
         if self.instances > 1 and any(c.kind == "config" or c.slo or c.model_analyzer for c in self.contenders):
@@ -167,7 +172,9 @@ class BenchRow:
     failures: dict[str, int] = field(default_factory=dict)
     errors: tuple[str, ...] = ()
     settings: str = ""
-    """Config mode: the dynamic_batching settings the model ran with."""
+    """Config mode: the dynamic_batching settings the model ran with (an SLO gate: its measured margin)."""
+    send_lags_s: np.ndarray = field(default_factory=lambda: np.empty(0))
+    """How late the load generator sent each request of the window, seconds."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -386,9 +393,13 @@ def run_one(stack: Stack, cfg: BenchConfig, c: Contender, rate: float, times: np
     in_window = (res.scheduled_s >= lo) & (res.scheduled_s < hi)
     ok = in_window & res.ok
     failures = dict(Counter(s for s, w in zip(res.status, in_window) if w and s != "OK"))
+    if c.slo and cfg.slo is not None and cfg.slo_margin_auto:
+        settings = f"SLO margin {cfg.slo.margin_s * 1e3:.2f} ms (measured)"
+    sent = in_window & np.isfinite(res.sent_s)
     return BenchRow(rate, c.name, m, pred, batch_histogram(res, stack.max_batch, cfg.window),
                     res.done_s[ok] - res.scheduled_s[ok], failures, res.errors,
-                    compiled.settings.describe() if compiled is not None else settings)
+                    compiled.settings.describe() if compiled is not None else settings,
+                    np.maximum(res.sent_s[sent] - res.scheduled_s[sent], 0.0))
 
 
 def calibration_policy(c: Contender) -> str:
@@ -398,32 +409,28 @@ def calibration_policy(c: Contender) -> str:
     return "smdp" if c.policy == "smdp" else c.policy
 
 
-def _at_operating_point(stack: Stack, cfg: BenchConfig, rate: float, index: int, progress: Progress
-                        ) -> dict[str, Stack]:
-    """Per calibration policy (``calibration_policy``), the stack the gate contenders at ``rate`` are
-    predicted (and their policies solved) with: the profile and hop measured through the gate running
-    that policy at this load (``cfg.operating_point``). Empty: every contender keeps ``stack``."""
+def _at_operating_point(stack: Stack, cfg: BenchConfig, rate: float, index: int, policy: str,
+                        progress: Progress) -> Stack:
+    """The stack the gate contenders at ``rate`` whose ``calibration_policy`` is ``policy`` are predicted
+    (and their policies solved) with: the profile and hop measured through the gate running that policy at
+    this load (``cfg.operating_point``), else ``stack``. Run just before the first of them, so that what it
+    measures of a shared host is as close as it can be to what they meet."""
     if not (cfg.operating_point and cfg.stack_profile and stack.hop is not None):
-        return {}
+        return stack
     from .stack_profile import CALIBRATION_SEED, operating_point
 
     lo, hi = cfg.window
     times = arrivals.poisson(rate, duration=hi + cfg.cooldown_s, rng=cfg.seed + CALIBRATION_SEED + index)
-    out: dict[str, Stack] = {}
-    for policy in dict.fromkeys(calibration_policy(c) for c in cfg.contenders if c.kind == "gate"):
-        try:
-            op = operating_point(stack.triton_url, stack.control, cfg.model, cfg.time_scale, stack.max_batch,
-                                 stack.profile, stack.profile_path, stack.ground_truth, cfg.idle_power_w, rate,
-                                 cfg.weight, times, cfg.window, cfg.data_plane, stack.solver_url, cfg.out_dir,
-                                 progress, policy=policy)
-        except ValueError as exc:  # said, and the run goes on with what the quiet stack gave
-            progress(f"could not measure the stack at {rate:g} req/s through the gate ({policy}: {exc}): the "
-                     f"gate contenders with that policy there are predicted with the quiet profile and the lone "
-                     "requests' hop")
-            continue
-        out[policy] = replace(stack, profile=op.profile, profile_path=op.path,
-                              hop=RequestHop(stack.hop.direct_s, op.hop_s))
-    return out
+    try:
+        op = operating_point(stack.triton_url, stack.control, cfg.model, cfg.time_scale, stack.max_batch,
+                             stack.profile, stack.profile_path, stack.ground_truth, cfg.idle_power_w, rate,
+                             cfg.weight, times, cfg.window, cfg.data_plane, stack.solver_url, cfg.out_dir,
+                             progress, policy=policy)
+    except ValueError as exc:  # said, and the run goes on with what the quiet stack gave
+        progress(f"could not measure the stack at {rate:g} req/s through the gate ({policy}: {exc}): the gate "
+                 "contenders with that policy there are predicted with the quiet profile and the lone requests' hop")
+        return stack
+    return replace(stack, profile=op.profile, profile_path=op.path, hop=RequestHop(stack.hop.direct_s, op.hop_s))
 
 
 def run_bench(cfg: BenchConfig, triton_url: str | None = None, progress: Progress = print) -> BenchReport:
@@ -438,17 +445,29 @@ def run_bench(cfg: BenchConfig, triton_url: str | None = None, progress: Progres
             progress(f"load {rate:g} req/s (rho = {model.load:.2f} of capacity {model.capacity:.0f}/s): "
                      f"{counted} Poisson arrivals measured over {cfg.duration_s:g} s "
                      f"(+{cfg.warmup_s:g} s warm-up, +{cfg.cooldown_s:g} s cool-down)")
-            gate_stacks = _at_operating_point(stack, cfg, rate, k, progress)
+            gate_stacks: dict[str, Stack] = {}  # per calibration policy, calibrated before its first contender
+            at_rate = cfg
             for c in cfg.contenders:
+                on = stack
+                if c.kind == "gate":
+                    key = calibration_policy(c)
+                    if key not in gate_stacks:
+                        gate_stacks[key] = _at_operating_point(stack, cfg, rate, k, key, progress)
+                    on = gate_stacks[key]
                 t0 = time.monotonic()
-                on = gate_stacks.get(calibration_policy(c), stack) if c.kind == "gate" else stack
-                row = run_one(on, cfg, c, rate, times)
+                if c.slo and at_rate is cfg and cfg.slo_margin_auto:  # measured before the first SLO gate
+                    from .slo_margin import margin_before_slo
+
+                    lags = [r.send_lags_s for r in rows if r.rate_rps == rate]
+                    margin = margin_before_slo(stack, cfg, times, lags, progress).margin_s
+                    at_rate = replace(cfg, slo=replace(cfg.slo, margin_s=margin))
+                row = run_one(on, at_rate if c.slo else cfg, c, rate, times)
                 rows.append(row)
                 m = row.measured
                 progress(f"  {c.name:<24} W {m.mean_latency_s * 1e3:7.2f} ms  P {m.mean_power_w:6.1f} W  "
                          f"batch {m.mean_batch:5.2f}  failed {m.failed}  ({time.monotonic() - t0:.1f} s)")
                 if row.settings:
-                    progress(f"  {'':<24} compiled to {row.settings}")
+                    progress(f"  {'':<24} {'' if c.kind == 'gate' else 'compiled to '}{row.settings}")
         B = stack.max_batch
         where = stack.placement
     note = power_note(cfg.profile_name, cfg.idle_power_w)

@@ -114,6 +114,30 @@ def fitted_prediction(model, times: np.ndarray, warmup_s: float = 0.0) -> Fitted
                             ref.mean_latency_s, replay)
 
 
+def cached_fitted_prediction(out_dir: Path, model, times: np.ndarray, warmup_s: float = 0.0) -> FittedPrediction:
+    """``fitted_prediction``, kept in ``out_dir`` under a hash of everything it depends on (the times,
+    the model's rate, B, profile, P0, w, the warm-up): the fits and the phase-blind search take
+    minutes with several phases, and a bench split into short runs replays the same trace each time."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    h = hashlib.sha256(np.ascontiguousarray(times, dtype=float).tobytes())
+    prof = model.profile
+    for arr in (prof.mean_s, prof.cv, prof.energy_j, *(prof.samples or ())):
+        h.update(np.ascontiguousarray(arr, dtype=float).tobytes())
+    h.update(repr((model.rate, model.max_batch, model.idle_power_w, model.weight, warmup_s)).encode())
+    path = Path(out_dir) / f"fitted-prediction-{h.hexdigest()[:16]}.json"
+    if path.exists():
+        d = json.loads(path.read_text())
+        return FittedPrediction(d["spec"], Prediction(**d["fixed"]), Prediction(**d["adaptive"]),
+                                d["poisson_w_s"], d["replay_w_s"])
+    fp = fitted_prediction(model, times, warmup_s)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(fp)))
+    return fp
+
+
 def _poll_status(control_url: str, model: str, start: float, stop: threading.Event,
                  out: list[StatusSample], interval_s: float = 0.25) -> None:
     import grpc
@@ -197,12 +221,18 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
         model = BatchingModel(mean_rate, stack.max_batch, stack.profile, cfg.idle_power_w, cfg.weight)
         progress(f"trace: {times.size} arrivals over {times[-1]:.0f} s, mean {mean_rate:.0f} req/s "
                  f"(rho = {model.load:.2f} of capacity {model.capacity:.0f}/s)")
-        fitted = fitted_prediction(model, times, warmup_s=lo)
+        fitted = cached_fitted_prediction(cfg.out_dir, model, times, warmup_s=lo)
         progress(f"arrival model fitted to the replayed trace: {fitted.spec}; fixed gate's W predicted "
                  f"{fitted.fixed.mean_latency_s * 1e3:.2f} ms under it ({fitted.poisson_w_s * 1e3:.2f} ms under Poisson, "
                  f"{fitted.replay_w_s * 1e3:.2f} ms simulated on the replayed times)")
+        slo = cfg.slo  # with --slo-margin auto: its margin measured before the first SLO gate
         for c in cfg.contenders:
             t0 = time.monotonic()
+            if c.slo and cfg.slo_margin_auto and slo is cfg.slo:
+                from .slo_margin import margin_before_slo
+
+                slo = replace(slo, margin_s=margin_before_slo(stack, cfg, times, [r.send_lags_s for r in rows],
+                                                              progress).margin_s)
             # a rule's prediction assumes Poisson arrivals at the trace's mean rate: a reference, not the truth
             compiled = compile_config(model, seed=cfg.seed) if c.kind == "config" else None
             settings = compiled.settings.describe() if compiled is not None else ""
@@ -213,7 +243,8 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                 delay = ma_delay(model.with_(rate=peak), cfg.slo, seed=cfg.seed)
                 c = replace(c, max_queue_delay_us=int(round(delay * 1e6)))
                 settings = f"max_queue_delay {delay * 1e3:.3f} ms (Model-Analyzer-style sweep at peak {peak:.0f}/s)"
-            pred = predict(c, model, times, seed=cfg.seed, warmup_s=lo, compiled=compiled, slo=cfg.slo)
+            pred = predict(c, model, times, seed=cfg.seed, warmup_s=lo, compiled=compiled,
+                           slo=slo if c.slo else cfg.slo)
             if c.kind == "gate" and c.policy == "smdp" and not c.slo:  # the fitted model, not the Poisson reference
                 pred = fitted.adaptive if c.adaptive else fitted.fixed
             status: list[StatusSample] = []
@@ -237,7 +268,7 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                                        rate_rps=mean_rate, weight=cfg.weight, idle_power_w=cfg.idle_power_w,
                                        adaptive=c.adaptive, solver_url=stack.solver_url if c.adaptive else None,
                                        data_plane=cfg.data_plane, long_run_window_s=None if c.long_run else 0.0,
-                                       slo=cfg.slo if c.slo else None)
+                                       slo=slo if c.slo else None)
                     safe = c.name.replace(" ", "_").replace(":", "_")
                     sidecar = SidecarProcess(stack.triton_url, spec, log_path=cfg.out_dir / f"sidecar-{safe}.log").start()
                     target = sidecar.url
@@ -269,7 +300,8 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                 if not used and not c.adaptive:
                     used = ["poisson (solved once, at the mean rate)"]
                 settings = (f"predicted under the fitted {fitted.spec}; policies solved for "
-                            f"{', '.join(used) if used else 'unknown (no status read)'}")
+                            f"{', '.join(used) if used else 'unknown (no status read)'}"
+                            + (f"; SLO margin {slo.margin_s * 1e3:.2f} ms" if c.slo and slo is not None else ""))
             m = measure(res, stack.ground_truth, idle_power_w=cfg.idle_power_w, weight=cfg.weight,
                         energy_scale=cfg.time_scale, window=cfg.window,
                         slo_latency_s=cfg.slo.latency_s if cfg.slo is not None else None)
@@ -279,8 +311,10 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
             for s, w in zip(res.status, in_window):
                 if w and s != "OK":
                     failures[s] = failures.get(s, 0) + 1
+            sent = in_window & np.isfinite(res.sent_s)
             rows.append(BenchRow(mean_rate, c.name, m, pred, batch_histogram(res, stack.max_batch, cfg.window),
-                                 res.done_s[ok] - res.scheduled_s[ok], failures, res.errors, settings))
+                                 res.done_s[ok] - res.scheduled_s[ok], failures, res.errors, settings,
+                                 np.maximum(res.sent_s[sent] - res.scheduled_s[sent], 0.0)))
             progress(f"  {c.name:<24} W {m.mean_latency_s * 1e3:7.2f} ms  P {m.mean_power_w:6.1f} W  "
                      f"J {_ms(m.cost):7.2f} ms  batch {m.mean_batch:5.2f}  failed {m.failed}  "
                      f"({time.monotonic() - t0:.1f} s)")
@@ -484,12 +518,13 @@ def _cmd(args) -> int:
     os.environ["SMDP_SIDECAR_RATE_WINDOW_S"] = repr(float(args.rate_window))  # read by the sidecar processes
     try:
         delays = tuple(int(float(d)) for d in args.delays_us.split(",") if d.strip())
-        from .cli import slo_contenders, slo_target
+        from .cli import slo_contenders, slo_margin_auto, slo_target
 
         slo = slo_target(args)
         contenders = (tuple(parse_contender(c) for c in args.contenders.split(",") if c.strip())
                       if args.contenders else default_contenders(delays) + slo_contenders(slo, args.slo_contenders))
         cfg = BenchConfig(rates=(args.rate,), contenders=contenders, time_scale=args.time_scale, slo=slo,
+                          slo_margin_auto=slo_margin_auto(args),
                           weight=args.weight, idle_power_w=args.idle_power, profile_csv=args.profile,
                           warmup_s=args.warmup, cooldown_s=1.0, out_dir=args.out,
                           solver=None if args.solver in ("none", "") else args.solver,

@@ -121,7 +121,8 @@ class ModelPolicyConfig(BaseModel):
         "for latency_s - margin_s (margin_s, default 0: latency the sidecar cannot see, the client's and its "
         "hop's). Adaptive: re-solved as the rate moves, less the measured correction (how far the answers' "
         "quantile ran above the prediction; `smdp ctl status` shows both; an infeasible SLO is flagged in "
-        "status and metrics). Fixed (adaptive: false): searched once for rate_rps, one instance only",
+        "status and metrics). Fixed (adaptive: false): searched once for rate_rps. With k > 1 instances the "
+        "family is the k-instance control limits a(n, m), optionally guarded (solver/instances_slo.py)",
     )
 
     @field_validator("weight")

@@ -157,7 +157,8 @@ class SidecarControl:
             profile_updates=c.profile_version if c is not None else 0,
             profile_batches=c.learner.batches if c is not None and c.learner is not None else 0,
             profile_learning=c is not None and c.learner is not None,
-            slo=_slo_status(c, now),
+            slo=(_slo_status(c, now) if c is not None
+                 else _fixed_slo_status(self.registry.policy_config(model), state.info)),
             note="; ".join(x for x in (
                 c.note if c is not None else "",
                 c.learning_summary(now) if c is not None else "",
@@ -188,6 +189,19 @@ def _slo_status(c, now: float) -> SloStatusInfo | None:
         stall_held_up=gap.held_up if gap is not None else 0,
         stalled_s=gap.stalled_s if gap is not None else 0.0,
         correction_with_stalls_s=max(0.0, gap.with_stalls_s) if gap is not None and gap.at_quantile else None,
+    )
+
+
+def _fixed_slo_status(cfg, info) -> SloStatusInfo | None:
+    """A fixed SLO model's status (``adaptive: false`` with ``slo``; ``plugin.policies``): its SLO and
+    what the one search at ``rate_rps`` predicted. Nothing is measured against it (no controller)."""
+    pred = info.prediction if info is not None else None
+    if cfg is None or cfg.slo is None or not pred or "predicted_quantile_s" not in pred:
+        return None
+    return SloStatusInfo(
+        quantile=cfg.slo.quantile, latency_s=cfg.slo.latency_s, feasible=bool(pred["slo_feasible"]),
+        predicted_quantile_s=pred["predicted_quantile_s"], max_wait_s=pred.get("max_wait_s"),
+        margin_s=cfg.slo.margin_s,
     )
 
 

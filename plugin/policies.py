@@ -52,6 +52,8 @@ def build_rule(model: str, cfg: ModelPolicyConfig, model_max_batch: int, instanc
         rate=cfg.rate_rps, max_batch=b, profile=profile, idle_power_w=cfg.idle_power_w, weight=cfg.weight,
         instances=instances, devices=devices if instances > 1 else None,
     )
+    if bm.instances > 1 and cfg.slo is not None:
+        return _slo_rule_instances(bm, cfg)
     if bm.instances > 1:
         from solver.instances import solve_instances
 
@@ -108,3 +110,32 @@ def _slo_rule(bm, cfg: ModelPolicyConfig) -> RuleInfo:
     }
     rule = c.policy if c.max_wait_s is None else MaxWaitGuard(c.policy, c.max_wait_s)
     return RuleInfo(rule, "smdp", bm.max_batch, pred)
+
+
+def _slo_rule_instances(bm, cfg: ModelPolicyConfig) -> RuleInfo:
+    """k > 1 instances, a fixed SLO policy: the k-instance SLO search's limits a(n, m) and guard, once."""
+    from solver.instances_slo import solve_slo_instances
+    from solver.slo import SloTarget
+
+    res = solve_slo_instances(bm, SloTarget(cfg.slo.quantile, cfg.slo.latency_s, cfg.slo.margin_s))
+    c = res.chosen
+    if not res.feasible:
+        log.warning("SLO q%g <= %g ms is infeasible at %g/s with %d instances: serving greedy, predicted q%g %.3f ms",
+                    cfg.slo.quantile, cfg.slo.latency_s * 1e3, bm.rate, bm.instances, cfg.slo.quantile,
+                    c.estimate.quantile_s * 1e3)
+    pred = {
+        "gain": c.cost,
+        "mean_latency_s": c.mean_latency_s,
+        "mean_power_w": c.mean_power_w,
+        "mean_batch": c.mean_batch,
+        "threshold": None,
+        "thresholds": list(c.thresholds),
+        "instances": bm.instances,
+        "devices": bm.idle_devices,
+        "rate_rps": cfg.rate_rps,
+        "weight": cfg.weight,
+        "max_wait_s": c.max_wait_s,
+        "predicted_quantile_s": c.estimate.quantile_s,
+        "slo_feasible": res.feasible,
+    }
+    return RuleInfo(GateRule.of(c.rule), "smdp", bm.max_batch, pred)

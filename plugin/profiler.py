@@ -12,8 +12,10 @@ The result is the profile CSV the solver reads (``batch_size,mean_service_s,batc
 confidence intervals and a drift check (first half against second half of each size's samples).
 
 Power is measured only where Triton reports a GPU (``nv_energy_consumption``, a joule counter that
-updates every 20-100 ms, so each size is run back to back over a window of at least a second and
-the counter's slope over that window gives the power; ``nv_gpu_power_usage`` while idle gives P0).
+steps once per poll of Triton's metrics thread: every ``--metrics-interval-ms`` / 2 in Triton core's
+metrics.cc, about a second at the default 2000 ms; so each size is run back to back for at least a
+second and on until the counter has stepped twice, at most ``max_energy_window_s``, and the counter's
+slope between its first and last step gives the power; ``nv_gpu_power_usage`` while idle gives P0).
 Elsewhere the energy column is modelled, from a prior profile's busy power or an affine power
 model, and every output says "power: modelled". It is never presented as measured.
 
@@ -54,6 +56,10 @@ DEFAULT_RUNS_PER_SIZE = 30
 DEFAULT_WARMUP = 3
 DEFAULT_ENERGY_WINDOW_S = 1.0
 """Shortest back-to-back run per size over which Triton's energy counter is differenced, seconds."""
+DEFAULT_MAX_ENERGY_WINDOW_S = 6.0
+"""Longest such run, seconds: the counter steps about once a second with Triton's default metrics
+interval (2000 ms, polled every half interval) and twice as slowly if a build polls once per interval;
+two steps are needed for a slope."""
 DRIFT_RELATIVE = 0.05
 """A size drifts when its two halves' means differ by more than this fraction ..."""
 DRIFT_P_VALUE = 0.01
@@ -516,6 +522,8 @@ class _Recording:
         self._meter = meter
         self._stop = threading.Event()
         self.observations: list[tuple[float, float]] = []
+        self.steps = 0
+        """Times the counter changed between readings so far (``counter_power_w`` needs two)."""
         self._thread = threading.Thread(target=self._run, name="smdp-gpu-meter", daemon=True)
 
     def _run(self) -> None:
@@ -525,6 +533,8 @@ class _Recording:
             except (OSError, ValueError):
                 m = None
             if m is not None and m.energy_j is not None:
+                if self.observations and m.energy_j != self.observations[-1][1]:
+                    self.steps += 1
                 self.observations.append((time.monotonic(), m.energy_j))
             self._stop.wait(self._meter.interval_s)
 
@@ -554,6 +564,9 @@ class SweepPlan:
     """Wall-clock bound of the whole sweep (``profile: auto``): runs per size are cut to fit; None = none."""
     min_runs: int = 5
     """With a budget: fewest timed batches a size needs to count."""
+    max_energy_window_s: float = DEFAULT_MAX_ENERGY_WINDOW_S
+    """The energy run goes on past ``energy_window_s`` until the counter has stepped twice, up to this
+    (or ``energy_window_s``, the longer)."""
 
     def __post_init__(self) -> None:
         if not self.sizes or any(b < 1 for b in self.sizes) or list(self.sizes) != sorted(set(self.sizes)):
@@ -564,6 +577,9 @@ class SweepPlan:
             raise ValueError(f"warm-up must be >= 0 batches, got {self.warmup}")
         if self.budget_s is not None and not (math.isfinite(self.budget_s) and self.budget_s > 0):
             raise ValueError(f"budget must be > 0 seconds, got {self.budget_s!r}")
+        if not (self.energy_window_s > 0 and self.max_energy_window_s > 0):
+            raise ValueError(f"energy windows must be > 0 seconds, got {self.energy_window_s!r} and "
+                             f"{self.max_energy_window_s!r}")
 
 
 def parse_sizes(text: str, max_batch: int) -> tuple[int, ...]:
@@ -641,19 +657,25 @@ async def sweep(client: TritonModelClient, synth: InputSynthesizer, plan: SweepP
             log.warning("profiling batch size %d failed: %s", b, error)
         power = cycle = None
         if error is None and meter is not None:
-            power, cycle, error = await _energy_window(client, req, plan.energy_window_s, meter)
+            power, cycle, error = await _energy_window(client, req, plan.energy_window_s, meter,
+                                                       plan.max_energy_window_s)
         out.append(SizeRun(b, np.asarray(samples if error is None else [], dtype=float), error, power, cycle))
     return out
 
 
-async def _energy_window(client: TritonModelClient, req, window_s: float,
-                         meter: GpuMeter) -> tuple[float | None, float | None, str | None]:
-    """Run one size back to back for ``window_s`` while the GPU's energy counter is read."""
+async def _energy_window(client: TritonModelClient, req, window_s: float, meter: GpuMeter,
+                         max_window_s: float | None = None) -> tuple[float | None, float | None, str | None]:
+    """Run one size back to back for ``window_s``, and on until the GPU's energy counter has stepped twice
+    (a slope), at most ``max_window_s``, while the counter is read."""
+    longest = window_s if max_window_s is None else max(window_s, max_window_s)
     rec = meter.recording().start()
     n = 0
     t0 = time.monotonic()
     try:
-        while time.monotonic() - t0 < window_s:
+        while True:
+            elapsed = time.monotonic() - t0
+            if elapsed >= longest or (elapsed >= window_s and rec.steps >= 2):
+                break
             await client.timed_infer(req)
             n += 1
     except grpc.aio.AioRpcError as exc:

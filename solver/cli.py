@@ -131,7 +131,8 @@ def _slo_args(p: argparse.ArgumentParser) -> None:
                    help="with --slo-latency: pick the least-J policy (table a(n) for some w' <= w, optionally "
                         "with a max-wait guard) whose predicted Q-quantile of response time is <= D; --json then "
                         "adds max_wait_s (null: no guard), predicted_quantile_s and slo_feasible (false: no "
-                        "policy meets D, the answer is greedy)")
+                        "policy meets D, the answer is greedy); with --instances K > 1 the family is the "
+                        "k-instance control limits T_m, optionally guarded (solver/instances_slo.py)")
     p.add_argument("--slo-latency", type=float, default=None, help="the SLO's latency bound D, seconds")
     p.add_argument("--slo-margin", type=float, default=0.0,
                    help="seconds of D reserved for latency the model does not see (client, network): the policy "
@@ -176,6 +177,32 @@ def _cmd_solve_slo(args: argparse.Namespace, model, target) -> int:
           f"{len(res.candidates)} candidates on {res.requests} simulated requests in {res.solve_time_s:.2f} s")
     for line in _ranges([int(a) for a in c.policy.actions], model.max_batch):
         print(f"    {line}")
+    return 0
+
+
+def _cmd_solve_slo_instances(args: argparse.Namespace, model, target) -> int:
+    """k > 1 instances with an SLO: the threshold family with a guard (``solver.instances_slo``)."""
+    from solver.instances_slo import solve_slo_instances
+
+    res = solve_slo_instances(model, target)
+    out = res.to_dict()
+    out.update(_model_fields(args, model))
+    if args.json:
+        print(_dump(out))
+        return 0
+    c = res.chosen
+    print(f"SLO policy for {model.instances} instances, lambda = {model.rate:g} req/s (load {model.load:.3f}), "
+          f"w = {model.weight:g} s/W, B = {model.max_batch}: q = {target.quantile:g} of response time <= "
+          f"{target.latency_s * 1e3:g} ms")
+    if res.feasible:
+        guard = "no guard" if c.max_wait_s is None else f"max-wait guard {c.max_wait_s * 1e3:.3f} ms"
+        print(f"  control limits T_m = {'/'.join(str(t) for t in c.thresholds)}, {guard}")
+    else:
+        print("  INFEASIBLE: no policy in the family meets the SLO at this rate; serving greedy (min(n, B) at once)")
+    print(f"  predicted q-quantile {c.estimate.quantile_s * 1e3:.3f} ms (+- {c.estimate.ci95_s * 1e3:.3f}, lanes), "
+          f"attainment {c.estimate.attainment:.4f}")
+    print(f"  predicted W = {c.mean_latency_s * 1e3:.3f} ms, P = {c.mean_power_w:.2f} W, J = {c.cost * 1e3:.4f} ms; "
+          f"{len(res.candidates)} candidates on {res.requests} simulated requests in {res.solve_time_s:.2f} s")
     return 0
 
 
@@ -334,9 +361,7 @@ def _cmd_solve(args: argparse.Namespace) -> int:
     target = _slo_target(args)
     if target is not None:
         if model.instances > 1:
-            from solver.model import ModelError
-
-            raise ModelError("--slo-quantile/--slo-latency solve one instance; drop --instances or set it to 1")
+            return _cmd_solve_slo_instances(args, model, target)
         return _cmd_solve_slo(args, model, target)
     if model.instances > 1:
         return _solve_instances(args, model)

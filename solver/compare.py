@@ -260,7 +260,7 @@ def _at_rate(process: ArrivalModel, rate: float) -> ArrivalModel:
     """The arrival model at mean rate ``rate``: an MMPP's phase rates scaled, its switching kept."""
     if isinstance(process, MMPP2):
         f = rate / process.mean_rate
-        return process.with_rates((process.rates[0] * f, process.rates[1] * f))
+        return process.with_rates(tuple(r * f for r in process.rates))
     return process
 
 

@@ -329,6 +329,35 @@ class PerInstance:
         return self.rule.decide(n, oldest_wait_s)
 
 
+@dataclass(frozen=True)
+class InstanceGuard:
+    """A k-instance table a(n, m) plus the max-wait guard: whenever an instance is free and the oldest
+    request has waited ``max_wait_s``, serve min(n, B) (``MaxWaitGuard`` for k instances)."""
+
+    table: InstanceTable
+    max_wait_s: float
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.max_wait_s) or self.max_wait_s <= 0:
+            raise ValueError(f"max wait must be finite and > 0 seconds, got {self.max_wait_s!r}")
+
+    @property
+    def max_batch(self) -> int:
+        return self.table.max_batch
+
+    @property
+    def instances(self) -> int:
+        return self.table.instances
+
+    def decide_busy(self, n: int, busy: int, oldest_wait_s: float) -> Decision:
+        if n > 0 and oldest_wait_s >= self.max_wait_s:
+            return Decision(min(n, self.max_batch), reason="max_wait")
+        d = self.table.decide_busy(n, busy, oldest_wait_s)
+        if d.serve > 0 or n == 0:
+            return d
+        return Decision(0, self.max_wait_s - oldest_wait_s)
+
+
 GuardReason = Literal["timeout", "max_wait"]
 _GUARD_REASONS: tuple[GuardReason, ...] = ("timeout", "max_wait")
 
@@ -407,6 +436,9 @@ class GateRule:
             return cls(rule.max_batch, rows[0], rule.max_batch, busy_tables=tuple(rows[1:]))
         if isinstance(rule, PerInstance):
             return cls.of(rule.rule)
+        if isinstance(rule, InstanceGuard):
+            inner = cls.of(rule.table)
+            return cls(inner.max_batch, inner.table, inner.beyond, rule.max_wait_s, "max_wait", inner.busy_tables)
         if isinstance(rule, TimeoutRule):
             b = rule.max_batch
             return cls(b, (0,) * b + (b,), b, rule.timeout_s, "timeout")

@@ -68,10 +68,22 @@ class LaneFigures:
     devices: int
     """D: each device draws P0 once (``BatchingModel.devices``)."""
     weight: float
+    batches: np.ndarray | None = None
+    """Batches whose first request is in the segment (per candidate and replication)."""
+    latencies: np.ndarray | None = None
+    """With ``run(..., latencies=True)``: per candidate (rows), the response time of every counted
+    request in arrival order (replication r's segment, then r + 1's: the segments tile the stream)."""
 
     @property
     def mean_latency_s(self) -> np.ndarray:
         return self.latency_sum.sum(axis=1) / self.count.sum(axis=1)
+
+    @property
+    def mean_batch(self) -> np.ndarray:
+        """Requests per batch: the counted requests over the batches that start in the segments."""
+        if self.batches is None:
+            raise ModelError("these figures were made without batch counts")
+        return self.count.sum(axis=1) / np.maximum(self.batches.sum(axis=1), 1)
 
     @property
     def mean_power_w(self) -> np.ndarray:
@@ -145,13 +157,22 @@ class ThresholdLanes:
             # a lane starts at most one batch per request: this many quantile indices per replication
             self.u = rng.integers(0, self.pool_size, size=(self.reps, self.warmup + self.segment + self.tail))
 
-    def run(self, thresholds: np.ndarray) -> LaneFigures:
-        """Simulate every row of ``thresholds`` (C x k, T_m in 1..B) on every replication."""
+    def run(self, thresholds: np.ndarray, *, guards: np.ndarray | None = None,
+            latencies: bool = False) -> LaneFigures:
+        """Simulate every row of ``thresholds`` (C x k, T_m in 1..B) on every replication.
+
+        ``guards`` (C seconds, inf = none): a max-wait guard per candidate, which serves min(n, B) as
+        soon as an instance is free and the oldest request has waited that long (``InstanceGuard``).
+        ``latencies``: also keep every counted request's response time (``LaneFigures.latencies``)."""
         th = np.asarray(thresholds, dtype=np.int64)
         k, big_b, reps = self.k, self.big_b, self.reps
         if th.ndim != 2 or th.shape[1] != k or th.min() < 1 or th.max() > big_b:
             raise ModelError(f"thresholds must be C x {k} integers in 1..{big_b}, got shape {th.shape}")
         c = th.shape[0]
+        g = np.full(c, np.inf) if guards is None else np.asarray(guards, dtype=float)
+        if g.shape != (c,) or np.any(np.isnan(g)) or np.any(g <= 0):
+            raise ModelError(f"guards must be {c} max waits > 0 seconds (inf: none), got {guards!r}")
+        guard = np.repeat(g, reps)
         lanes = c * reps
         rep = np.tile(np.arange(reps), c)
         cand = np.repeat(np.arange(c), reps)
@@ -171,10 +192,14 @@ class ThresholdLanes:
         out_lat = np.zeros(lanes)
         out_cnt = np.zeros(lanes)
         out_energy = np.zeros(lanes)
+        nb = np.zeros(lanes)
+        out_nb = np.zeros(lanes)
         inf = np.inf
         hi = np.full((lanes, k), inf)
         alive = np.arange(lanes)
         rep_alive = rep.copy()
+        keep_lat = np.zeros((lanes, self.segment)) if latencies else None
+        offsets = np.arange(big_b)
         step = 0
         while alive.size:
             fs = np.sort(free, axis=1)
@@ -183,7 +208,8 @@ class ThresholdLanes:
             idx = h[:, None] + need
             at = t[np.minimum(idx, (end - 1)[:, None])]
             at[idx >= end[:, None]] = inf
-            s_cand = np.maximum(lo, at)
+            # the guard: the oldest request (arrival h) may not wait beyond its max wait
+            s_cand = np.maximum(lo, np.minimum(at, (t[np.minimum(h, end - 1)] + guard)[:, None]))
             s_cand[s_cand >= hi] = inf
             s = s_cand.min(axis=1)
             stuck = np.isinf(s)
@@ -202,6 +228,12 @@ class ThresholdLanes:
             lat += (c1 - c0) * done_at - (cs[c1] - cs[c0])
             cnt += c1 - c0
             energy += extra_power[a - 1] * d * ((c1 - c0) / a)
+            nb += (h >= seg_lo) & (h < seg_hi)
+            if keep_lat is not None:
+                i = c0[:, None] + offsets[None, :]
+                ok = i < c1[:, None]
+                rows, cols = np.nonzero(ok)
+                keep_lat[alive[rows], i[rows, cols] - seg_lo[rows]] = done_at[rows] - t[i[rows, cols]]
             h = h + a
             now = s
             step += 1
@@ -211,18 +243,20 @@ class ThresholdLanes:
                 out_lat[alive[gone]] = lat[gone]
                 out_cnt[alive[gone]] = cnt[gone]
                 out_energy[alive[gone]] = energy[gone]
+                out_nb[alive[gone]] = nb[gone]
                 keep = np.flatnonzero(left)
-                alive, h, now, free, lat, cnt, energy = (alive[keep], h[keep], now[keep], free[keep], lat[keep],
-                                                         cnt[keep], energy[keep])
-                need, seg_lo, seg_hi, end, hi, rep_alive = (need[keep], seg_lo[keep], seg_hi[keep], end[keep],
-                                                            hi[keep], rep_alive[keep])
+                alive, h, now, free, lat, cnt, energy, nb = (alive[keep], h[keep], now[keep], free[keep], lat[keep],
+                                                             cnt[keep], energy[keep], nb[keep])
+                need, seg_lo, seg_hi, end, hi, rep_alive, guard = (need[keep], seg_lo[keep], seg_hi[keep], end[keep],
+                                                                   hi[keep], rep_alive[keep], guard[keep])
         first = np.arange(reps) * self.segment + self.warmup
         span = t[first + self.segment - 1] - t[first - 1]
         return LaneFigures(
             count=out_cnt.reshape(c, reps), latency_sum=out_lat.reshape(c, reps),
             extra_energy=out_energy.reshape(c, reps), span=np.tile(span, (c, 1)),
             idle_power_w=float(self.model.idle_power_w), devices=self.model.idle_devices,
-            weight=float(self.model.weight))
+            weight=float(self.model.weight), batches=out_nb.reshape(c, reps),
+            latencies=None if keep_lat is None else keep_lat.reshape(c, reps * self.segment))
 
 
 def grid(max_batch: int) -> list[int]:

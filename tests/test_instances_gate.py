@@ -96,10 +96,18 @@ def test_the_adaptive_loop_solves_for_k_instances_and_installs_a_rule_that_sees_
 
     from solver.slo import SloTarget
 
-    c.set_slo(SloTarget(0.99, 0.05))  # the SLO search is one-instance: k instances solve J and say so
+    # with an SLO, k instances are solved by the k-instance SLO search (solver.instances_slo): q99 <= 14 ms
+    # makes it guard the limits, and the gate gets the table a(n, m) with that guard
+    c.set_slo(SloTarget(0.99, 0.014))
     asyncio.run(go())
-    assert len(installed) == 2 and isinstance(installed[1], GateRule)
-    assert c.note.startswith("SLO search is for one instance")
+    assert len(installed) == 2 and isinstance(installed[1], GateRule) and len(installed[1].busy_tables) == 1
+    assert c.current.slo is not None and c.current.slo.feasible and "k-instance SLO" in c.current.source
+    assert c.current.slo.quantile_s + c.current.slo.ci95_s <= 0.014
+    assert c.current.table is not None and c.current.max_wait_s is not None  # (6, 8) guarded at 1.4 ms
+    from solver.policy import MaxWaitGuard
+
+    guarded = GateRule.of(MaxWaitGuard(installed[1], c.current.max_wait_s))  # as the registry installs it
+    assert guarded.busy_tables == installed[1].busy_tables and guarded.max_wait_s == c.current.max_wait_s
 
 
 def test_the_real_stack_bench_measures_idle_power_per_device():

@@ -18,6 +18,7 @@ from plugin.config import load_config
 from plugin.control_backend import SidecarControl
 from plugin.loop.profile import ProfileLearner
 from plugin.metrics import SidecarMetrics
+from plugin.placement import Placement
 from plugin.registry import BatchStats
 from solver.model import BatchingModel, ServiceProfile
 from solver.policy import greedy
@@ -249,7 +250,8 @@ def stats_with(batches: dict[int, int], started: float) -> BatchStats:
 def fake_registry(c: PolicyController, st: BatchStats, clock: Clock):
     gate = SimpleNamespace(queue_length=0, in_flight=0, slots=1, counters=SimpleNamespace(rejected=0, expired=0))
     info = SimpleNamespace(rule=greedy(B), max_batch=B, spec="smdp")
-    state = SimpleNamespace(gate=gate, info=info, stats=st, controller=c, profile=c.prior)
+    state = SimpleNamespace(gate=gate, info=info, stats=st, controller=c, profile=c.prior,
+                            placement=Placement(1, 1, "one instance"))
     config = load_config(overrides={"models": {"m": {"policy": "greedy"}}}, environ={})
     return SimpleNamespace(gated=lambda model: state if model == "m" else None, gated_models=lambda: ["m"],
                            models=lambda: {("m", ""): state}, clock=clock, metrics=SidecarMetrics(B),

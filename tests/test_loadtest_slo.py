@@ -73,6 +73,17 @@ def test_the_fixed_slo_gate_is_the_slo_search_solved_once():
     assert isinstance(info.rule, MaxWaitGuard) and info.rule.max_wait_s == want.max_wait_s
     np.testing.assert_array_equal(info.rule.rule.actions, want.policy.actions)
     assert info.prediction["slo_feasible"] and info.prediction["predicted_quantile_s"] <= 0.018
+    # its ctl status: the SLO and what the one search predicted (nothing measured: no controller)
+    from plugin.control_backend import _fixed_slo_status
+    from plugin.ctl_cli import _slo_text
+
+    st = _fixed_slo_status(cfg, info).message()
+    assert (st.quantile, st.latency_s, st.margin_s, st.feasible) == (0.99, 0.02, 0.002, True)
+    assert st.predicted_quantile_s == info.prediction["predicted_quantile_s"] and st.max_wait_s == want.max_wait_s
+    assert not st.HasField("measured_quantile_s")
+    text = "\n".join(_slo_text(st))
+    assert "q0.99 <= 20.000 ms: predicted to meet it" in text and "max-wait guard" in text
+    assert _fixed_slo_status(cfg.model_copy(update={"slo": None}), info) is None
     with pytest.raises(ValueError, match="smdp"):
         ModelPolicyConfig(policy="greedy", slo=SloConfig(latency_s=0.02))
 
@@ -145,3 +156,38 @@ def test_the_table_shows_attainment_and_goodput_with_an_slo():
     row = BenchRow(100.0, "gate smdp SLO", m, Prediction(), np.zeros(4), np.zeros(3), {}, ())
     text = format_table(BenchReport(cfg, (row,), 4, "power modelled"))
     assert "attain" in text and "0.9950" in text and "99.5" in text and "q0.99 of latency <= 50 ms" in text
+
+
+def test_the_measured_margin_is_the_hop_plus_the_send_lag_quantile():
+    from loadtest.slo_margin import measured_margin, send_lags
+
+    lags = [np.linspace(0.0, 0.002, 501), np.full(499, 0.010)]  # pooled: 1,000 lags
+    m = measured_margin(0.0015, lags, 0.99, 0.08)
+    assert m.send_lag_s == pytest.approx(np.quantile(np.concatenate(lags), 0.99)) and m.requests == 1000
+    assert m.margin_s == pytest.approx(0.0015 + m.send_lag_s)
+    assert "1.50 ms" in m.describe() and f"{m.margin_s * 1e3:.2f} ms" in m.describe()
+    assert measured_margin(0.0015, lags, 0.5, 0.08).send_lag_s < 0.0021  # the SLO's own quantile
+    with pytest.raises(ValueError, match="not below D"):
+        measured_margin(0.0015, lags, 0.99, 0.011)
+    with pytest.raises(ValueError, match="no send lags"):
+        measured_margin(0.0015, [np.empty(0)], 0.99, 0.08)
+    with pytest.raises(ValueError, match="hop"):
+        measured_margin(math.nan, lags, 0.99, 0.08)
+    # a request sent early counts 0; one never sent does not count
+    res = OpenLoopResult(np.array([0.0, 1.0, 2.0]), np.array([0.001, 0.999, np.nan]), np.array([0.1, 1.1, np.nan]),
+                         ("OK", "OK", "NOT_SENT"), np.zeros(3, dtype=int), np.full(3, np.nan))
+    assert send_lags(res).tolist() == pytest.approx([0.001, 0.0])
+
+
+def test_slo_margin_auto_flag():
+    from loadtest.cli import _config
+    from smdp.cli import build_parser
+
+    cfg = _config(build_parser().parse_args(["bench", "--slo-latency", "0.08", "--slo-margin", "auto"]))
+    assert cfg.slo_margin_auto and cfg.slo.margin_s == 0.0
+    cfg = _config(build_parser().parse_args(["bench", "--slo-latency", "0.08", "--slo-margin", "0.004"]))
+    assert not cfg.slo_margin_auto and cfg.slo.margin_s == 0.004
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--slo-latency", "0.08", "--slo-margin", "soon"])
+    with pytest.raises(ValueError, match="needs an SLO"):
+        BenchConfig(rates=(100.0,), contenders=(parse_contender("triton:0"),), slo_margin_auto=True)

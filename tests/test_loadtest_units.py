@@ -361,7 +361,8 @@ def test_demo_defaults_have_every_contender_kind_and_start_a_solver(tmp_path):
     names = [c.name for c in cfg.contenders]
     assert names == ["triton delay=0ms", "triton delay=10ms", "gate greedy", "gate smdp", "gate smdp adaptive",
                      "config smdp", "gate smdp SLO"]
-    assert cfg.slo.latency_s == 0.08 and cfg.slo.margin_s == 0.005 and cfg.slo.quantile == 0.99
+    assert cfg.slo.latency_s == 0.08 and cfg.slo.quantile == 0.99
+    assert cfg.slo.margin_s == 0.0 and cfg.slo_margin_auto  # measured by the demo before the SLO gate runs
     assert cfg.solver == "embedded" and cfg.needs_solver
     plain = _config(build_parser().parse_args(["demo", "--slo-latency", "0", "--out", str(tmp_path)]))
     assert plain.slo is None and "gate smdp SLO" not in [c.name for c in plain.contenders]
@@ -407,3 +408,19 @@ def test_repeat_summary_pairs_each_repeat_against_the_adaptive_gate():
     vs_triton = next(line for line in lines if "vs triton" in line)
     assert "lower in 3 of 3" in vs_triton
     assert len(repeat_summary({"gate smdp": [0.2]})) == 2  # no adaptive gate: the table only
+
+
+def test_the_fitted_prediction_is_kept_for_the_next_run_of_the_same_trace(tmp_path, monkeypatch):
+    from loadtest import trace_bench
+
+    prof = scaled_profile(ServiceProfile.from_csv(V100).truncated(32), 10.0)
+    times = np.sort(np.random.default_rng(1).uniform(0, 20, 2000))
+    model = BatchingModel((times.size - 1) / (times[-1] - times[0]), 32, prof, 40.0, 1e-3)
+    calls = []
+    real = trace_bench.fitted_prediction
+    monkeypatch.setattr(trace_bench, "fitted_prediction", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = trace_bench.cached_fitted_prediction(tmp_path, model, times, 1.0)
+    again = trace_bench.cached_fitted_prediction(tmp_path, model, times, 1.0)
+    assert again == first and len(calls) == 1
+    trace_bench.cached_fitted_prediction(tmp_path, model.with_(weight=2e-3), times, 1.0)  # another model: solved again
+    assert len(calls) == 2

@@ -272,14 +272,14 @@ def test_bytes_input_needs_input_data_naming_it(probes, capsys, tmp_path):
 # profile: auto in the sidecar
 
 
-def _auto_sidecar(triton_url: str, metrics_url: str, cache: Path, data_plane: str = "python"):
+def _auto_sidecar(triton_url: str, metrics_url: str, cache: Path, data_plane: str = "python", **overrides):
     from plugin.config import load_config
     from plugin.runner import SidecarThread
 
     cfg = load_config(overrides={
         "listen": "127.0.0.1:0", "control_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0",
         "triton_url": triton_url, "triton_metrics_url": metrics_url,
-        "data_plane": data_plane, "profile_cache_dir": str(cache),
+        "data_plane": data_plane, "profile_cache_dir": str(cache), **overrides,
         "models": {
             "emulated_gpu": {"policy": "smdp", "profile": "auto", "profile_auto_s": 4, "rate_rps": 100,
                              "weight": 1e-4, "max_batch": 16, "profile_power_from": str(V100)},
@@ -410,3 +410,68 @@ def _holds_during_the_sweep(probes, capsys, caplog, tmp_path) -> None:
             assert int(status.get("completed", 0)) == 6  # answered by the gate, none relayed around it
     finally:
         t.join(60.0)
+
+
+def test_native_plane_holds_requests_during_a_re_profile_after_a_changed_config(probes, native_gate, capsys, caplog,
+                                                                               tmp_path):
+    """A gated model reloaded with another config (through the sidecar's repository control) is profiled
+    again (its cached profile is for the old config): meanwhile the native gate, which kept the old
+    policy, must hold what arrives rather than serve it beside the sweep's batches."""
+    import logging
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tritonclient.grpc as tc
+
+    from loadtest.triton_control import BatchingOverride, ModelConfigControl
+
+    caplog.set_level(logging.INFO)
+
+    def records(start: str) -> list:
+        return [r for r in list(caplog.records) if r.getMessage().startswith(start)]
+
+    def one(url: str, i: int) -> tuple[float, np.ndarray]:
+        x = np.full((1, 16), float(i), dtype=np.float32)
+        inp = tc.InferInput("INPUT0", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        with tc.InferenceServerClient(url) as client:
+            out = client.infer("emulated_gpu", [inp], client_timeout=60.0).as_numpy("OUTPUT0")
+        return time.time(), out
+
+    control = ModelConfigControl(probes.grpc_url, "emulated_gpu")
+    control.apply(BatchingOverride(dynamic_batching=False, time_scale=20.0))  # sweeps of seconds
+    changed = dict(control.current, max_batch_size=64)
+    sweeping, measured = "model emulated_gpu: profile: auto, sweeping", "model emulated_gpu: profile: auto, measured"
+    try:
+        with _auto_sidecar(probes.grpc_url, probes.metrics_url, tmp_path / "cache", data_plane="native",
+                           allow_repository_control=True) as sc:
+            _wait_gated(sc, "emulated_gpu")
+            assert len(records(measured)) == 1
+            url = f"127.0.0.1:{records('native data plane (smdp-gate) listening')[0].args[0]}"
+            assert one(url, 1)[1][0, 0] == 3.0  # gated with the first profile's policy
+            first = sc.call(lambda: sc.sidecar.registry.get("emulated_gpu", ""))
+            with tc.InferenceServerClient(url) as client:  # through the sidecar: it sees the reload
+                client.load_model("emulated_gpu", config=json.dumps(changed))
+            end = time.monotonic() + 30.0
+            while len(records(sweeping)) < 2 and time.monotonic() < end:
+                time.sleep(0.02)
+            assert len(records(sweeping)) == 2, "the changed config was not profiled again"
+            time.sleep(0.3)  # the hold is on the gate's stdin just before that line: give it a moment
+            sent = time.time()
+            with ThreadPoolExecutor(6) as pool:
+                got = list(pool.map(lambda i: one(url, i), range(6)))
+            _wait_gated(sc, "emulated_gpu")
+            (_, done) = records(measured)
+            assert done.created - sent > 0.5  # they were sent well inside the second sweep
+            for i, (at, out) in enumerate(got):
+                np.testing.assert_array_equal(out, 2 * np.full((1, 16), float(i), dtype=np.float32) + 1)
+                assert at >= done.created, f"request {i} was answered {done.created - at:.2f} s before the re-profile ended"
+            state = sc.call(lambda: sc.sidecar.registry.get("emulated_gpu", ""))
+            assert state is not first and state.config.max_batch_size == 64  # the new config's own gate
+            assert len(list((tmp_path / "cache").glob("emulated_gpu-*-B16.csv"))) == 2  # one profile per config
+            settle(sc)
+            assert main(["ctl", "--url", sc.control_url, "--json", "status", "emulated_gpu"]) == 0
+            status = json.loads(capsys.readouterr().out)
+            assert int(status.get("completed", 0)) == 6  # the new gate answered all six, none relayed around it
+    finally:
+        control.restore()
+        control.close()

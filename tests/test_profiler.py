@@ -3,6 +3,8 @@ Triton's GPU metrics (on recorded metric text), and the files it writes read bac
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 import math
 import threading
@@ -229,10 +231,11 @@ def test_counter_power_from_a_stepping_counter() -> None:
 
 
 class FakeTritonMetrics:
-    """Serves the recorded metric text with a counter that advances at ``watts`` in 40 ms steps."""
+    """Serves the recorded metric text with a counter that advances at ``watts`` in ``step_s`` steps."""
 
-    def __init__(self, watts: float) -> None:
+    def __init__(self, watts: float, step_s: float = 0.04) -> None:
         self.watts = watts
+        self.step_s = step_s
         self.t0 = time.monotonic()
         self.energy = 1000.0
         self.last = 0.0
@@ -241,7 +244,7 @@ class FakeTritonMetrics:
     def __call__(self, url: str) -> str:
         with self.lock:
             now = time.monotonic() - self.t0
-            if now - self.last >= 0.04:
+            if now - self.last >= self.step_s:
                 self.energy += self.watts * (now - self.last)
                 self.last = now
             return RECORDED_GPU_METRICS % {"power": self.watts, "energy": self.energy}
@@ -262,6 +265,39 @@ def test_gpu_meter_on_recorded_metric_text() -> None:
         raise OSError("connection refused")
 
     assert not GpuMeter("x", fetch=away).available()
+
+
+class _BackToBack:
+    """Stands in for the model client: every batch takes ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.batches = 0
+
+    async def timed_infer(self, req) -> float:
+        await asyncio.sleep(self.seconds)
+        self.batches += 1
+        return self.seconds
+
+
+def test_energy_window_runs_on_until_a_slow_counter_has_stepped_twice() -> None:
+    from plugin.profiler import _energy_window
+
+    # Triton's counter steps once per poll of its metrics thread (about 1 s by default), here scaled to 0.3 s;
+    # the minimum window (0.1 s) alone would see at most one step: no slope
+    fake = FakeTritonMetrics(180.0, step_s=0.3)
+    meter = GpuMeter("http://gpu:8002/metrics", fetch=fake, interval_s=0.005)
+    client = _BackToBack(0.004)
+    power, cycle, error = asyncio.run(_energy_window(client, None, 0.1, meter, 3.0))
+    assert error is None and power == pytest.approx(180.0, rel=0.1)
+    assert cycle == pytest.approx(0.004, rel=0.5) and client.batches > 0.6 / 0.004 * 0.5  # it ran for two steps
+    # capped at the minimum window, as before: nothing to measure
+    assert asyncio.run(_energy_window(_BackToBack(0.004), None, 0.1, meter, 0.1))[0] is None
+    # a counter that never moves: the run stops at its maximum, power unknown
+    still = GpuMeter("x", fetch=lambda url: RECORDED_GPU_METRICS % {"power": 50.0, "energy": 7.0}, interval_s=0.005)
+    t0 = time.monotonic()
+    assert asyncio.run(_energy_window(_BackToBack(0.004), None, 0.05, still, 0.3))[0] is None
+    assert 0.3 <= time.monotonic() - t0 < 1.5
 
 
 def test_measured_power_gives_energy_per_batch(tmp_path) -> None:

@@ -99,35 +99,53 @@ def test_a_calibration_that_cannot_be_read_keeps_the_quiet_stack(monkeypatch, tm
     cfg = BenchConfig(rates=(100.0,), contenders=(parse_contender("gate:greedy"),), data_plane="python",
                       operating_point=True, out_dir=tmp_path)
     said: list[str] = []
-    assert _at_operating_point(stack, cfg, 100.0, 0, said.append) == {}  # every contender keeps ``stack``
+    assert _at_operating_point(stack, cfg, 100.0, 0, "greedy", said.append) is stack
     assert "could not measure the stack at 100 req/s" in said[0] and "not read at both ends" in said[0]
 
 
-def test_each_gate_policy_is_calibrated_by_its_own_run_and_smdp_contenders_share_one(monkeypatch, tmp_path) -> None:
-    import loadtest.stack_profile as sp
-    from loadtest.bench import BenchConfig, Stack, _at_operating_point, calibration_policy
-    from loadtest.contenders import parse_contender
+def test_each_gate_policy_is_calibrated_by_its_own_run_just_before_its_first_contender(monkeypatch, tmp_path) -> None:
+    from contextlib import nullcontext
+    from types import SimpleNamespace
 
-    ran: list[str] = []
+    import loadtest.bench as bench
+    import loadtest.stack_profile as sp
+    from loadtest.bench import BenchConfig, Stack, calibration_policy
+    from loadtest.contenders import parse_contender
+    from solver.slo import SloTarget
+
+    events: list[str] = []
 
     def calibrate(*args, policy: str, **kwargs):
-        ran.append(policy)
-        prof = ServiceProfile.from_table([1, 2], [0.021 + len(ran) * 1e-3, 0.023], [2.0, 2.4])
-        return sp.OperatingPoint(100.0, prof, tmp_path / f"{policy}.csv", 1e-3, 0.002 * len(ran), 10, 40, policy)
+        events.append(f"calibrate {policy}")
+        i = sum(e.startswith("calibrate") for e in events)
+        prof = ServiceProfile.from_table([1, 2], [0.021 + i * 1e-3, 0.023], [2.0, 2.4])
+        return sp.OperatingPoint(100.0, prof, tmp_path / f"{policy}.csv", 1e-3, 0.002 * i, 10, 40, policy)
 
-    monkeypatch.setattr(sp, "operating_point", calibrate)
+    seen: dict[str, Stack] = {}
+
+    def run_one(stack, cfg, c, rate, times):  # records the stack each contender is predicted with
+        events.append(f"run {c.name}")
+        seen[c.name] = stack
+        return SimpleNamespace(measured=SimpleNamespace(mean_latency_s=0.04, mean_power_w=100.0, mean_batch=2.0,
+                                                        failed=0), settings="")
+
     prof = ServiceProfile.from_table([1, 2], [0.020, 0.022], [2.0, 2.4])
     stack = Stack("127.0.0.1:1", None, 2, prof, tmp_path / "p.csv", hop=sp.RequestHop(0.001, 0.0015))
     names = ("triton:0", "gate:greedy", "gate:smdp", "gate:smdp-adaptive", "gate:smdp-slo", "gate:static:2")
     contenders = tuple(parse_contender(x) for x in names)
     assert [calibration_policy(c) for c in contenders[1:]] == ["greedy", "smdp", "smdp", "smdp", "static:2"]
-    from solver.slo import SloTarget
-    cfg = BenchConfig(rates=(100.0,), contenders=contenders, data_plane="python", operating_point=True,
+    cfg = BenchConfig(rates=(50.0,), contenders=contenders, data_plane="python", operating_point=True,
                       out_dir=tmp_path, slo=SloTarget(0.99, 0.2))
-    got = _at_operating_point(stack, cfg, 100.0, 0, print)
-    assert ran == ["greedy", "smdp", "static:2"]  # one run per policy, in the contenders' order
-    assert set(got) == {"greedy", "smdp", "static:2"}
-    for i, policy in enumerate(ran, start=1):
-        assert got[policy].profile_path == tmp_path / f"{policy}.csv"
-        assert got[policy].hop == sp.RequestHop(0.001, 0.002 * i)  # the direct hop stays the lone requests'
-        assert got[policy].profile.mean_s[0] == pytest.approx(0.021 + i * 1e-3)
+    monkeypatch.setattr(sp, "operating_point", calibrate)
+    monkeypatch.setattr(bench, "bench_stack", lambda *a, **k: nullcontext(stack))
+    monkeypatch.setattr(bench, "run_one", run_one)
+    bench.run_bench(cfg, progress=lambda _: None)
+    assert events == ["run triton delay=0ms", "calibrate greedy", "run gate greedy", "calibrate smdp", "run gate smdp",
+                      "run gate smdp adaptive", "run gate smdp SLO", "calibrate static:2", "run gate static:2"]
+    assert seen["triton delay=0ms"] is stack  # Triton's batcher keeps the quiet profile and the lone hop
+    for name, policy, i in (("gate greedy", "greedy", 1), ("gate smdp", "smdp", 2), ("gate smdp adaptive", "smdp", 2),
+                            ("gate smdp SLO", "smdp", 2), ("gate static:2", "static:2", 3)):
+        got = seen[name]
+        assert got.profile_path == tmp_path / f"{policy}.csv"
+        assert got.hop == sp.RequestHop(0.001, 0.002 * i)  # the direct hop stays the lone requests'
+        assert got.profile.mean_s[0] == pytest.approx(0.021 + i * 1e-3)

@@ -925,9 +925,7 @@ class PolicyController:
                          f"{capacity:.1f}/s: solved for {NEAR_CAPACITY * capacity:.1f}/s")
             rate = NEAR_CAPACITY * capacity
         if self.slo is not None and self.instances > 1:
-            self.note = (f"SLO search is for one instance and this model has {self.instances}: "
-                         "solved for J = W + w P over k instances instead")
-            return await self._solve(rate, self.weight)
+            return await self._solve_slo_instances(rate, self.slo)
         if self.slo is not None:
             return await self._solve_slo(rate, self.slo)
         if self.latency_target_s is None:
@@ -976,6 +974,32 @@ class PolicyController:
                         c.mean_latency_s + self.weight * c.mean_power_w, c.mean_batch,
                         "in-process SLO search", self._profile_source(), solved_weight, c.max_wait_s,
                         SloPrediction(c.estimate.quantile_s, c.estimate.ci95_s, res.feasible), arrivals=arrivals)
+
+    async def _solve_slo_instances(self, rate: float, target: SloTarget) -> Solution:
+        """k > 1 instances: the k-instance SLO search (``solver.instances_slo``: control limits per m,
+        optionally guarded) for D less the margin and the measured correction; greedy, flagged, when
+        nothing in the family meets it."""
+        from solver.instances_slo import solve_slo_instances
+
+        solved_weight = self.weight * self.weight_scale(rate, self._clock())
+        model = BatchingModel(rate=rate, max_batch=self.max_batch, profile=self._solving,
+                              idle_power_w=self.idle_power_w, weight=solved_weight, instances=self.instances,
+                              devices=self.devices)
+        searched = SloTarget(target.quantile, target.latency_s,
+                             min(target.margin_s + self.slo_offset_s, target.latency_s * (1.0 - 1e-6)))
+        res = await asyncio.get_running_loop().run_in_executor(None, lambda: solve_slo_instances(model, searched))
+        c = res.chosen
+        if not res.feasible:
+            self.note = (f"SLO q{target.quantile:g} <= {target.latency_s * 1e3:g} ms is infeasible at {rate:.1f}/s "
+                         f"with {self.instances} instances: serving greedy, predicted q{target.quantile:g} "
+                         f"{c.estimate.quantile_s * 1e3:.3f} ms")
+            log.warning("%s: %s", self.model, self.note)
+        table = c.table
+        return Solution(table.row(0), rate, self.weight, c.mean_latency_s, c.mean_power_w,
+                        c.mean_latency_s + self.weight * c.mean_power_w, c.mean_batch,
+                        f"in-process k-instance SLO search (k = {self.instances})", self._profile_source(),
+                        solved_weight, c.max_wait_s, SloPrediction(c.estimate.quantile_s, c.estimate.ci95_s, res.feasible),
+                        table=table)
 
     async def _search_weight(self, rate: float, target_s: float) -> Solution:
         """The largest w whose predicted W meets the target: least power subject to the target.
