@@ -12,8 +12,9 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends g++ make pkg-config protobuf-compiler libprotobuf-dev libgrpc++-dev \
     && rm -rf /var/lib/apt/lists/*
 # native/gen_descriptors.py takes Triton's protocol from the tritonclient wheel (the project's own
-# dependency, same bound as pyproject.toml), so the gate's message types are the clients' own.
-RUN pip install --no-cache-dir 'tritonclient[grpc]>=2.40'
+# dependency, same bound as pyproject.toml), so the gate's message types are the clients' own; gRPC's
+# health and reflection messages (which the gate answers itself) from their wheels.
+RUN pip install --no-cache-dir 'tritonclient[grpc]>=2.40' 'grpcio-health-checking>=1.60' 'grpcio-reflection>=1.60'
 WORKDIR /src
 COPY native ./native
 # the shared decision vectors the C++ unit tests run (as tests/test_vectors.py does in Python)

@@ -14,6 +14,9 @@ Client, sidecar and Triton share this machine's cores, as in the reference measu
                                   [--proxies aio,aio-default,sync]  # pass-through contenders ('' = none)
                                   [--native auto|on|off]  # the native data plane (auto: when built)
                                   [--baseline DIR]   # DIR: another source tree, e.g. an older commit
+                                  [--native-gates NAME=PATH,...]  # more native contenders: other smdp-gate
+                                                                  # binaries (e.g. the callback-API build)
+                                  [--python-plane on|off]  # the Python-plane sidecar contender
                                   [--protocol grpc|http|both]  # which API the paths are measured on
 
 With ``--protocol http`` (or both) the same is measured over Triton's HTTP/REST API: direct to
@@ -90,6 +93,28 @@ def cpu_seconds(pid: int) -> float:
         except (OSError, IndexError):
             pass
     return total
+
+
+def context_switches(pid: int) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of every thread of a process and its children."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            pids += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    vol = inv = 0
+    for p in dict.fromkeys(pids):
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                for line in (task / "status").read_text().splitlines():
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        vol += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches:"):
+                        inv += int(line.split()[1])
+            except OSError:
+                pass
+    return vol, inv
 
 
 async def low_load(url: str, payload: bytes, n: int) -> np.ndarray:
@@ -183,8 +208,9 @@ async def saturation(url: str, payload: bytes, seconds: float, concurrency: int)
 
 
 def start_sidecar(triton_url: str, policy: str, root: Path = ROOT, data_plane: str = "python",
-                  triton_http: str | None = None) -> tuple[subprocess.Popen, str, str | None]:
-    """(process, gRPC host:port, HTTP host:port or None); ``triton_http``: also serve HTTP, relaying to it."""
+                  triton_http: str | None = None, gate: Path | None = None) -> tuple[subprocess.Popen, str, str | None]:
+    """(process, gRPC host:port, HTTP host:port or None); ``triton_http``: also serve HTTP, relaying to it;
+    ``gate``: the smdp-gate binary for the native plane (default: the one the sidecar finds)."""
     # named even for python: data_plane's default is auto, which takes the native gate wherever it is
     # built; only a baseline tree that predates the setting (and so runs the Python gate) goes without
     knows_planes = "data_plane" in (root / "plugin" / "config.py").read_text()
@@ -196,6 +222,7 @@ def start_sidecar(triton_url: str, policy: str, root: Path = ROOT, data_plane: s
          "--policy", policy, "--control-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
          "--log-level", "WARNING", *plane],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root,
+        env={**os.environ, "SMDP_NATIVE_GATE": str(Path(gate).resolve())} if gate is not None else None,
     )
     seen = ""
     for line in proc.stdout:  # warnings may come first (e.g. about a model's dynamic_batching)
@@ -245,6 +272,8 @@ class Path_:
     p50: list[float] = field(default_factory=list)
     p99: list[float] = field(default_factory=list)
     low_cpu: list[float] = field(default_factory=list)
+    low_cs: list[tuple[float, float]] = field(default_factory=list)  # (voluntary, involuntary) per request
+    tri_cs: list[tuple[float, float]] = field(default_factory=list)  # Triton's, on this path
     rps: list[float] = field(default_factory=list)
     sat_p50: list[float] = field(default_factory=list)
     sat_p99: list[float] = field(default_factory=list)
@@ -277,7 +306,16 @@ def main() -> int:
     ap.add_argument("--baseline", type=Path, default=None, metavar="DIR",
                     help="also run a sidecar from another source tree (e.g. an older commit), same run; on "
                          "the native plane too (baseline-native) when that tree has native/build/smdp-gate")
+    ap.add_argument("--native-gates", default="", metavar="NAME=PATH,...",
+                    help="more sidecar-native contenders, each with its own smdp-gate binary, e.g. "
+                         "callback=native/build/callback/smdp-gate (make -C native callback)")
+    ap.add_argument("--python-plane", choices=["on", "off"], default="on",
+                    help="include the sidecar on the Python data plane")
     args = ap.parse_args()
+    gates = [g.split("=", 1) for g in filter(None, args.native_gates.split(","))]
+    for g in gates:
+        if len(g) != 2 or not Path(g[1]).is_file():
+            ap.error(f"--native-gates: NAME=PATH to a built smdp-gate, got {'='.join(g)!r}")
 
     payload = request(args.model)
     http_payload = http_request(args.model)
@@ -303,7 +341,9 @@ def main() -> int:
         if http_on:
             proc, url = start_proxy(triton_http, "http")
             paths.append(Path_("proxy-http", url, proc, "http"))
-        add_sidecar("sidecar", *start_sidecar(triton.grpc_url, args.policy, triton_http=triton_http if http_on else None))
+        if args.python_plane == "on":
+            add_sidecar("sidecar", *start_sidecar(triton.grpc_url, args.policy,
+                                                  triton_http=triton_http if http_on else None))
         if args.native != "off":
             from plugin.native_plane import NativePlaneError, find_binary
 
@@ -316,6 +356,9 @@ def main() -> int:
             else:
                 add_sidecar("sidecar-native", *start_sidecar(triton.grpc_url, args.policy, data_plane="native",
                                                              triton_http=triton_http if http_on else None))
+        for name, gate in gates:
+            add_sidecar(f"native-{name}", *start_sidecar(triton.grpc_url, args.policy, data_plane="native",
+                                                        triton_http=triton_http if http_on else None, gate=Path(gate)))
         if args.baseline is not None:
             base = args.baseline.resolve()
             proc, url, _ = start_sidecar(triton.grpc_url, args.policy, base)
@@ -327,12 +370,17 @@ def main() -> int:
             order = paths[r % len(paths):] + paths[:r % len(paths)]
             for p in order:  # low load
                 c0 = cpu_seconds(p.proc.pid) if p.proc else 0.0
+                s0, t0 = context_switches(p.proc.pid) if p.proc else (0, 0), context_switches(triton.pid)
                 lat = asyncio.run(http_low_load(p.url, args.model, http_payload, args.requests)
                                   if p.protocol == "http" else low_load(p.url, payload, args.requests))
                 c1 = cpu_seconds(p.proc.pid) if p.proc else 0.0
+                s1, t1 = context_switches(p.proc.pid) if p.proc else (0, 0), context_switches(triton.pid)
                 p.p50.append(np.quantile(lat, .5))
                 p.p99.append(np.quantile(lat, .99))
                 p.low_cpu.append((c1 - c0) / (args.requests + 20) * 1e6)
+                n = args.requests + 20
+                p.low_cs.append(((s1[0] - s0[0]) / n, (s1[1] - s0[1]) / n))
+                p.tri_cs.append(((t1[0] - t0[0]) / n, (t1[1] - t0[1]) / n))
             for p in order if args.seconds > 0 else ():  # saturation
                 cpu0 = cpu_seconds(triton.pid), cpu_seconds(p.proc.pid) if p.proc else 0.0
                 sat, wall = asyncio.run(
@@ -358,6 +406,12 @@ def main() -> int:
             print(f"{p.name:20} | {med(p.p50) * 1e3:15.3f} {med(p.p99) * 1e3:8.3f} {med(p.low_cpu):16.1f} | "
                   f"{med(p.rps):16.0f} {med(p.sat_p50) * 1e3:8.3f} {med(p.sat_p99) * 1e3:8.3f} | "
                   f"{med(p.tri_cpu):17.1f} {med(p.side_cpu):16.1f}")
+        print(f"\nContext switches per request at low load (voluntary + involuntary, every thread; medians):")
+        for p in paths:
+            cs = (med([c[0] for c in p.low_cs]), med([c[1] for c in p.low_cs]))
+            tcs = (med([c[0] for c in p.tri_cs]), med([c[1] for c in p.tri_cs]))
+            own = f"{cs[0]:5.1f} + {cs[1]:4.1f}" if p.proc else "    -      "
+            print(f"  {p.name:20} path's processes {own} | Triton {tcs[0]:5.1f} + {tcs[1]:4.1f}")
         direct = {p.protocol: p for p in paths if p.name in ("direct", "direct-http")}
         for s in paths:
             d = direct[s.protocol]

@@ -1,4 +1,5 @@
-"""Write Triton's protocol as a protobuf descriptor set, from the ``tritonclient`` wheel.
+"""Write Triton's protocol as a protobuf descriptor set, from the ``tritonclient`` wheel (and gRPC's
+health and reflection protocols, from the ``grpcio-health-checking`` and ``grpcio-reflection`` wheels).
 
 The native data plane compiles its message classes from this set (``protoc --descriptor_set_in``),
 so its C++ types come from exactly the protocol the Python sidecar and clients use, with no copied
@@ -31,6 +32,12 @@ def descriptor_set() -> bytes:
         out.file.append(proto)
 
     add(service_pb2.DESCRIPTOR)
+    # the gate answers health and reflection itself, from these messages
+    from grpc_health.v1 import health_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    add(health_pb2.DESCRIPTOR)
+    add(reflection_pb2.DESCRIPTOR)
     return out.SerializeToString()
 
 

@@ -7,6 +7,8 @@
 // same way and answered in-band on their stream; the stream's other requests (decoupled or sequence
 // models, models without a policy) go to Triton unchanged on one upstream stream. Every other RPC is
 // relayed as raw bytes with the caller's metadata and deadline, and Triton's status comes back.
+// Health and reflection are answered here. Every call, and every call to Triton, runs on one
+// completion queue drained by one thread (below, "how calls reach the gate's code").
 //
 // Why C++: a Python gRPC hop costs ~1 ms at low load on two shared cores, so a Python gate cannot
 // add less latency than a Python pass-through proxy. The control plane stays in Python
@@ -34,14 +36,20 @@
 //                                                               each member's wait in the gate, seconds)
 //   counters MODEL submitted=.. rejected=.. cancelled=.. expired=.. batches=.. requests=.. queue=.. in_flight=..
 //            invalid=..   (when something changed since the last report)
+#include <google/protobuf/descriptor.h>
 #include <google/protobuf/stubs/logging.h>
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
-#include <grpcpp/health_check_service_interface.h>
-#include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/impl/codegen/proto_utils.h>
+#ifdef SMDP_CALLBACK_SERVER
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/impl/codegen/server_callback_handlers.h>
+#else
+#include "grpc_health/v1/health.pb.h"
+#include "grpc_reflection/v1alpha/reflection.pb.h"
+#endif
 #include <signal.h>
 #include <time.h>
 
@@ -51,6 +59,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <deque>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -253,6 +262,258 @@ void CopyMetadata(const grpc::ServerContextBase& from, grpc::ClientContext* to, 
 
 double g_upstream_timeout_s = 60.0;  // --upstream-timeout-ms: a gated call to Triton without a deadline of its own
 
+// -- how calls reach the gate's code ------------------------------------------------------------
+//
+// By default every call, the calls to Triton included, runs on one completion queue drained by one
+// thread (the async API). gRPC C++ 1.51's callback API serves its callbacks from two "nexting"
+// threads that hand the poller role to each other on every event (epoll1): ~12 context switches a
+// request on cores shared with Triton and the client, the low-load tail of the hop. With one thread
+// polling, nobody else can take the poller role: a request wakes the gate twice (its arrival,
+// Triton's answer). The handlers below are written once against the reactor interface (StartRead,
+// StartWrite, Finish, OnReadDone, ...), which the async adapters reproduce; `make -C native
+// callback` builds the old callback-API server (-DSMDP_CALLBACK_SERVER) for comparison.
+#ifdef SMDP_CALLBACK_SERVER
+using Incoming = grpc::GenericCallbackServerContext;  // what a handler is made from
+using ServerCallContext = grpc::GenericCallbackServerContext;
+using ClientBidi = grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>;
+
+class ServerBidi : public grpc::ServerGenericBidiReactor {
+ public:
+  explicit ServerBidi(Incoming* ctx) : ctx_(ctx) {}
+  ServerCallContext* context() const { return ctx_; }
+
+ private:
+  Incoming* ctx_;
+};
+
+// A unary call to Triton: `done` runs with its status once `response` is filled.
+void CallUnary(grpc::GenericStub* stub, grpc::ClientContext* ctx, const std::string& method,
+               const grpc::ByteBuffer* request, grpc::ByteBuffer* response, std::function<void(grpc::Status)> done) {
+  stub->UnaryCall(ctx, method, grpc::StubOptions(), request, response, std::move(done));
+}
+#else
+// An event on the completion queue: every tag put on it is one of these.
+class Tag {
+ public:
+  virtual void Proceed(bool ok) = 0;
+
+ protected:
+  ~Tag() = default;
+};
+
+// A one-shot tag that runs `f(ok)` and frees itself.
+class Then final : public Tag {
+ public:
+  explicit Then(std::function<void(bool)> f) : f_(std::move(f)) {}
+  void Proceed(bool ok) override {
+    auto f = std::move(f_);
+    delete this;
+    f(ok);
+  }
+
+ private:
+  std::function<void(bool)> f_;
+};
+void* Tagged(std::function<void(bool)> f) { return static_cast<Tag*>(new Then(std::move(f))); }
+
+grpc::CompletionQueue* g_cq = nullptr;  // the one queue: server calls and calls to Triton
+
+// The one thread that polls: every handler below runs here (the gate's timer and control threads
+// may also start operations: those complete here).
+void Drain(grpc::CompletionQueue* cq) {
+  void* tag = nullptr;
+  bool ok = false;
+  while (cq->Next(&tag, &ok)) static_cast<Tag*>(tag)->Proceed(ok);
+}
+
+class ServerBidi;
+
+// A call as the async generic service hands it over: its context, its stream, and the notification
+// that it is over (finished, or cancelled by the caller), requested before the call is.
+class Incoming final : public Tag {
+ public:
+  Incoming() { ctx.AsyncNotifyWhenDone(static_cast<Tag*>(this)); }
+  void Proceed(bool) override;
+
+  grpc::GenericServerContext ctx;
+  grpc::GenericServerAsyncReaderWriter stream{&ctx};
+  ServerBidi* owner = nullptr;
+};
+using ServerCallContext = grpc::GenericServerContext;
+
+// The server side of a call, with the callback reactor's interface on the async API. OnDone runs
+// once Finish was called, every operation completed and the done notification came: references
+// held by the notification, by "not finished yet", and by each operation in flight.
+class ServerBidi {
+ public:
+  explicit ServerBidi(Incoming* call) : call_(call) { call->owner = this; }
+  virtual ~ServerBidi() { delete call_; }
+  ServerCallContext* context() const { return &call_->ctx; }
+
+  void StartRead(grpc::ByteBuffer* buf) {
+    Hold();
+    call_->stream.Read(buf, Tagged([this](bool ok) {
+      OnReadDone(ok);
+      Drop();
+    }));
+  }
+  void StartWrite(const grpc::ByteBuffer* buf) {
+    Hold();
+    call_->stream.Write(*buf, Tagged([this](bool ok) {
+      OnWriteDone(ok);
+      Drop();
+    }));
+  }
+  void StartWriteAndFinish(const grpc::ByteBuffer* buf, grpc::WriteOptions options, const grpc::Status& status) {
+    Hold();
+    call_->stream.WriteAndFinish(*buf, options, status, Tagged([this](bool) { Drop(); }));
+    Drop();  // finished
+  }
+  void Finish(const grpc::Status& status) {
+    Hold();
+    call_->stream.Finish(status, Tagged([this](bool) { Drop(); }));
+    Drop();  // finished
+  }
+
+  virtual void OnReadDone(bool) {}
+  virtual void OnWriteDone(bool) {}
+  virtual void OnCancel() {}
+  virtual void OnDone() = 0;
+
+  void Over() {  // the done notification
+    if (call_->ctx.IsCancelled()) OnCancel();
+    Drop();
+  }
+
+ private:
+  void Hold() { refs_.fetch_add(1); }
+  void Drop() {
+    if (refs_.fetch_sub(1) == 1) OnDone();
+  }
+
+  Incoming* call_;
+  std::atomic<int> refs_{2};
+};
+
+void Incoming::Proceed(bool) { owner->Over(); }
+
+// The client side of a bidi stream to Triton, with the callback reactor's interface on the async
+// API. OnDone(status) runs once the stream ended (a read failed and Finish gave the status), every
+// operation completed and every hold was removed.
+class ClientBidi {
+ public:
+  virtual ~ClientBidi() = default;
+  void Prepare(grpc::GenericStub* stub, grpc::ClientContext* ctx, const std::string& method) {
+    call_ = stub->PrepareCall(ctx, method, g_cq);
+  }
+  // Reads may start at once; writes wait until the call has started (StartCall and Write share one
+  // operation set in the async API: a write before StartCall completes is refused with an abort).
+  void StartCall() {
+    Hold();
+    call_->StartCall(Tagged([this](bool) {
+      const grpc::ByteBuffer* write = nullptr;
+      bool writes_done = false;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        ready_ = true;
+        write = std::exchange(write_backlog_, nullptr);
+        writes_done = std::exchange(writes_done_backlog_, false);
+      }
+      if (write != nullptr) StartWrite(write);
+      if (writes_done) StartWritesDone();
+      Drop();
+    }));
+    started_ = true;
+    if (backlog_ != nullptr) StartRead(std::exchange(backlog_, nullptr));
+  }
+  void StartRead(grpc::ByteBuffer* buf) {
+    if (!started_) {  // as the callback API: a read asked for before the call starts waits for it
+      backlog_ = buf;
+      return;
+    }
+    Hold();
+    call_->Read(buf, Tagged([this](bool ok) {
+      if (!ok)  // the stream is over: its status (Finish's completion drops the first reference)
+        call_->Finish(&status_, Tagged([this](bool) { Drop(); }));
+      OnReadDone(ok);
+      Drop();
+    }));
+  }
+  void StartWrite(const grpc::ByteBuffer* buf) {  // one at a time, as with the callback API
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!ready_) {
+        write_backlog_ = buf;
+        return;
+      }
+    }
+    Hold();
+    call_->Write(*buf, Tagged([this](bool ok) {
+      OnWriteDone(ok);
+      Drop();
+    }));
+  }
+  void StartWritesDone() {  // after the last write completed
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!ready_) {
+        writes_done_backlog_ = true;
+        return;
+      }
+    }
+    Hold();
+    call_->WritesDone(Tagged([this](bool) { Drop(); }));
+  }
+  void AddHold() { Hold(); }
+  void RemoveHold() { Drop(); }
+
+  virtual void OnReadDone(bool) {}
+  virtual void OnWriteDone(bool) {}
+  virtual void OnDone(const grpc::Status&) = 0;
+
+ private:
+  void Hold() { refs_.fetch_add(1); }
+  void Drop() {
+    if (refs_.fetch_sub(1) == 1) OnDone(status_);
+  }
+
+  std::unique_ptr<grpc::GenericClientAsyncReaderWriter> call_;
+  grpc::Status status_;
+  grpc::ByteBuffer* backlog_ = nullptr;  // a read asked for before StartCall
+  bool started_ = false;
+  std::mutex mu_;
+  bool ready_ = false;  // StartCall completed: writes may go
+  const grpc::ByteBuffer* write_backlog_ = nullptr;
+  bool writes_done_backlog_ = false;
+  std::atomic<int> refs_{1};  // released when Finish has the status
+};
+
+// A unary call to Triton: `done` runs with its status once `response` is filled.
+class UnaryCallTag final : public Tag {
+ public:
+  explicit UnaryCallTag(std::function<void(grpc::Status)> done) : done_(std::move(done)) {}
+  void Proceed(bool) override {
+    auto done = std::move(done_);
+    grpc::Status status = std::move(status_);
+    delete this;
+    done(std::move(status));
+  }
+  std::unique_ptr<grpc::GenericClientAsyncResponseReader> rpc_;
+  grpc::Status status_;
+
+ private:
+  std::function<void(grpc::Status)> done_;
+};
+
+void CallUnary(grpc::GenericStub* stub, grpc::ClientContext* ctx, const std::string& method,
+               const grpc::ByteBuffer* request, grpc::ByteBuffer* response, std::function<void(grpc::Status)> done) {
+  auto* t = new UnaryCallTag(std::move(done));
+  t->rpc_ = stub->PrepareUnaryCall(ctx, method, *request, g_cq);
+  t->rpc_->StartCall();
+  t->rpc_->Finish(response, &t->status_, static_cast<Tag*>(t));
+}
+#endif
+
 class Service;
 
 // One gated request: a unary ModelInfer call, or one request of a ModelStreamInfer stream. The gate
@@ -279,9 +540,9 @@ class Member {
 };
 
 // One gated ModelInfer call. Deleted by gRPC after Finish (OnDone); the gate never holds it past that.
-class InferCall : public grpc::ServerGenericBidiReactor, public Member {
+class InferCall : public ServerBidi, public Member {
  public:
-  InferCall(Service* svc, grpc::GenericCallbackServerContext* ctx) : ctx_(ctx), svc_(svc) { StartRead(&in_); }
+  InferCall(Service* svc, Incoming* in) : ServerBidi(in), svc_(svc) { StartRead(&in_); }
   void OnReadDone(bool ok) override;
   void OnWriteDone(bool) override {}
   void OnCancel() override;
@@ -301,10 +562,8 @@ class InferCall : public grpc::ServerGenericBidiReactor, public Member {
     else
       Finish(status);
   }
-  std::chrono::system_clock::time_point Deadline() const override { return ctx_->deadline(); }
-  void AddMetadataTo(grpc::ClientContext* to) const override { CopyMetadata(*ctx_, to, /*deadline=*/false); }
-
-  grpc::GenericCallbackServerContext* ctx_;
+  std::chrono::system_clock::time_point Deadline() const override { return context()->deadline(); }
+  void AddMetadataTo(grpc::ClientContext* to) const override { CopyMetadata(*context(), to, /*deadline=*/false); }
 
  private:
   Service* svc_;
@@ -354,9 +613,9 @@ struct Batch {
 };
 
 // Relays one unary RPC as raw bytes.
-class UnaryRelay : public grpc::ServerGenericBidiReactor {
+class UnaryRelay : public ServerBidi {
  public:
-  UnaryRelay(grpc::GenericStub* stub, grpc::GenericCallbackServerContext* ctx) : stub_(stub), sctx_(ctx) {
+  UnaryRelay(grpc::GenericStub* stub, Incoming* in) : ServerBidi(in), stub_(stub), sctx_(context()) {
     StartRead(&req_);
   }
   void OnReadDone(bool ok) override {
@@ -368,7 +627,7 @@ class UnaryRelay : public grpc::ServerGenericBidiReactor {
     const std::string& m = sctx_->method();
     const bool repository = m == kRepositoryLoad || m == kRepositoryUnload;
     if (repository) loaded_ = req_;  // (a reference to the same bytes)
-    stub_->UnaryCall(&cctx_, m, grpc::StubOptions(), &req_, &resp_, [this, repository](grpc::Status s) {
+    CallUnary(stub_, &cctx_, m, &req_, &resp_, [this, repository](grpc::Status s) {
       if (s.ok() && repository) ReportLoaded();
       if (s.ok())
         StartWriteAndFinish(&resp_, grpc::WriteOptions(), s);
@@ -389,15 +648,15 @@ class UnaryRelay : public grpc::ServerGenericBidiReactor {
 
  private:
   grpc::GenericStub* stub_;
-  grpc::GenericCallbackServerContext* sctx_;
+  ServerCallContext* sctx_;
   grpc::ClientContext cctx_;
   grpc::ByteBuffer req_, resp_, loaded_;
 };
 
 // Answers a method the operator has not exposed with PERMISSION_DENIED.
-class Refusal : public grpc::ServerGenericBidiReactor {
+class Refusal : public ServerBidi {
  public:
-  Refusal(grpc::GenericCallbackServerContext*, const std::string& why) {
+  Refusal(Incoming* in, const std::string& why) : ServerBidi(in) {
     Finish(grpc::Status(grpc::StatusCode::PERMISSION_DENIED, why));
   }
   void OnDone() override { delete this; }
@@ -413,9 +672,9 @@ class Refusal : public grpc::ServerGenericBidiReactor {
 // (their answers are then dropped): a reference count, one for the reactor, one per live member and
 // one for the upstream stream; whoever drops the last deletes it. `members_mu_` (recursive) keeps a
 // member alive while the stream withdraws it from its gate (the withdrawal answers it re-entrantly).
-class StreamCall : public grpc::ServerGenericBidiReactor {
+class StreamCall : public ServerBidi {
  public:
-  StreamCall(Service* svc, grpc::GenericStub* stub, grpc::GenericCallbackServerContext* ctx);
+  StreamCall(Service* svc, grpc::GenericStub* stub, Incoming* in);
   void OnReadDone(bool ok) override;
   void OnWriteDone(bool ok) override;
   void OnCancel() override { Abandon(grpc::Status(grpc::StatusCode::CANCELLED, "the stream was cancelled")); }
@@ -428,7 +687,7 @@ class StreamCall : public grpc::ServerGenericBidiReactor {
   }
 
  private:
-  struct Upstream : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+  struct Upstream : public ClientBidi {
     explicit Upstream(StreamCall* s) : stream(s) {}
     void OnReadDone(bool ok) override {
       if (!ok) return;  // the stream ended: OnDone says how
@@ -474,7 +733,11 @@ class StreamCall : public grpc::ServerGenericBidiReactor {
   bool up_started_ = false, up_ready_ = false, up_busy_ = false, up_closed_ = false, up_done_ = true;
 };
 
+#ifdef SMDP_CALLBACK_SERVER
 class Service : public grpc::CallbackGenericService {
+#else
+class Service {
+#endif
  public:
   Service(std::shared_ptr<grpc::Channel> channel, const std::vector<std::string>& deny)
       : stub_(channel), infer_stub_(channel) {
@@ -484,13 +747,18 @@ class Service : public grpc::CallbackGenericService {
                  "allow_repository_control: true in its config (or smdp serve --allow-repository-control)";
   }
 
-  grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
-    const std::string& m = ctx->method();
-    if (m == kInfer) return new InferCall(this, ctx);
-    if (m == kStreamInfer) return new StreamCall(this, &stub_, ctx);
-    if (denied_.count(m)) return new Refusal(ctx, denied_.at(m));
-    return new UnaryRelay(&stub_, ctx);
+  // The handler of a call to Triton's service (or relayed to Triton as it came), by its method.
+  ServerBidi* Create(Incoming* in, const std::string& m) {
+    if (m == kInfer) return new InferCall(this, in);
+    if (m == kStreamInfer) return new StreamCall(this, &stub_, in);
+    if (denied_.count(m)) return new Refusal(in, denied_.at(m));
+    return new UnaryRelay(&stub_, in);
   }
+#ifdef SMDP_CALLBACK_SERVER
+  grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
+    return Create(ctx, ctx->method());
+  }
+#endif
 
   // The state of a model the control plane has sent a policy (never created for a client's model
   // name alone: names are the client's to choose, and this map must not grow with them).
@@ -578,8 +846,7 @@ class Service : public grpc::CallbackGenericService {
     call->AddMetadataTo(&b->ctx);
     if (call->Deadline() != std::chrono::system_clock::time_point::max()) b->ctx.set_deadline(call->Deadline());
     TRACE_AT(call, 1);
-    infer_stub_.UnaryCall(&b->ctx, kInfer, grpc::StubOptions(), &b->request, &b->response,
-                          [this, b](grpc::Status s) { Done(b, s); });
+    CallUnary(&infer_stub_, &b->ctx, kInfer, &b->request, &b->response, [this, b](grpc::Status s) { Done(b, s); });
   }
 
   void Cancelled(Member* call) {
@@ -836,8 +1103,7 @@ class Service : public grpc::CallbackGenericService {
     }
     b->start = now;
     for (auto* c : b->members) TRACE_AT(c, 1);
-    infer_stub_.UnaryCall(&b->ctx, kInfer, grpc::StubOptions(), &b->request, &b->response,
-                          [this, b](grpc::Status s) { Done(b, s); });
+    CallUnary(&infer_stub_, &b->ctx, kInfer, &b->request, &b->response, [this, b](grpc::Status s) { Done(b, s); });
   }
 
   void Done(Batch* b, grpc::Status status) {
@@ -992,11 +1258,12 @@ grpc::ByteBuffer StreamError(const inference::ModelInferRequest& req, const std:
   return out;
 }
 
-StreamCall::StreamCall(Service* svc, grpc::GenericStub* stub, grpc::GenericCallbackServerContext* ctx)
-    : svc_(svc),
+StreamCall::StreamCall(Service* svc, grpc::GenericStub* stub, Incoming* in)
+    : ServerBidi(in),
+      svc_(svc),
       stub_(stub),
-      metadata_(ForwardedMetadata(*ctx)),  // kept for members served after this reactor is done
-      deadline_(ctx->deadline()),
+      metadata_(ForwardedMetadata(*context())),  // kept for members served after this reactor is done
+      deadline_(context()->deadline()),
       up_(this) {
   StartRead(&in_);
 }
@@ -1134,7 +1401,11 @@ void StreamCall::SendUp(const grpc::ByteBuffer& b) {
     refs_.fetch_add(1);  // released in UpDone
     AddMetadataTo(&up_.cctx);
     if (deadline_ != std::chrono::system_clock::time_point::max()) up_.cctx.set_deadline(deadline_);
+#ifdef SMDP_CALLBACK_SERVER
     stub_->PrepareBidiStreamingCall(&up_.cctx, kStreamInfer, grpc::StubOptions(), &up_);
+#else
+    up_.Prepare(stub_, &up_.cctx, kStreamInfer);
+#endif
     up_.AddHold();  // the write side, released when its writes are closed
     up_.StartRead(&up_.in);
     up_.StartCall();
@@ -1295,6 +1566,276 @@ void ControlLoop(Service* svc, int default_max_queue) {
   }
 }
 
+#ifndef SMDP_CALLBACK_SERVER
+const char kHealthCheck[] = "/grpc.health.v1.Health/Check";
+const char kHealthWatch[] = "/grpc.health.v1.Health/Watch";
+const char kReflection[] = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo";
+const char kTritonService[] = "inference.GRPCInferenceService";
+// What reflection lists: Triton's service (every method reaches the gate, and Triton through it),
+// health and reflection, each resolvable from the descriptors linked in.
+const char* const kServices[] = {kTritonService, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"};
+
+template <class Message>
+bool ParseBuffer(const grpc::ByteBuffer& in, Message* out) {
+  grpc::ByteBuffer copy(in);  // Deserialize consumes its buffer
+  return grpc::SerializationTraits<Message>::Deserialize(&copy, out).ok();
+}
+template <class Message>
+void SerializeTo(const Message& m, grpc::ByteBuffer* out) {
+  bool own;
+  grpc::SerializationTraits<Message>::Serialize(m, out, &own);
+}
+
+class HealthCall;
+
+// gRPC's health service as gRPC's default one answers it: SERVING for the server ("") and Triton's
+// service until shutdown, NOT_SERVING from then on; another name is NOT_FOUND on Check and
+// SERVICE_UNKNOWN on Watch. Watchers hear every change.
+class Health {
+ public:
+  using Serving = grpc::health::v1::HealthCheckResponse::ServingStatus;
+  Serving Of(const std::string& service) const {
+    if (!service.empty() && service != kTritonService) return grpc::health::v1::HealthCheckResponse::SERVICE_UNKNOWN;
+    return serving_.load() ? grpc::health::v1::HealthCheckResponse::SERVING
+                           : grpc::health::v1::HealthCheckResponse::NOT_SERVING;
+  }
+  void Watch(HealthCall* w);
+  void Unwatch(HealthCall* w) {
+    std::lock_guard<std::mutex> lock(mu_);
+    watchers_.erase(w);
+  }
+  void Shutdown();
+
+ private:
+  std::atomic<bool> serving_{true};
+  std::mutex mu_;
+  std::set<HealthCall*> watchers_;
+};
+
+class HealthCall : public ServerBidi {
+ public:
+  HealthCall(Health* health, Incoming* in, bool watch) : ServerBidi(in), health_(health), watch_(watch) {
+    StartRead(&in_);
+  }
+  const std::string& service() const { return service_; }
+
+  void OnReadDone(bool ok) override {
+    grpc::health::v1::HealthCheckRequest req;
+    if (!ok) {
+      Finish(grpc::Status(grpc::StatusCode::CANCELLED, "no request message"));
+    } else if (!ParseBuffer(in_, &req)) {
+      Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "could not parse request"));
+    } else if (watch_) {
+      service_ = req.service();
+      watching_ = true;
+      health_->Watch(this);  // sends the status now and at every change
+    } else {
+      Health::Serving s = health_->Of(req.service());
+      if (s == grpc::health::v1::HealthCheckResponse::SERVICE_UNKNOWN) {
+        Finish(grpc::Status(grpc::StatusCode::NOT_FOUND, "service name unknown"));
+        return;
+      }
+      grpc::health::v1::HealthCheckResponse r;
+      r.set_status(s);
+      SerializeTo(r, &out_);
+      StartWriteAndFinish(&out_, grpc::WriteOptions(), grpc::Status::OK);
+    }
+  }
+
+  // Watch: the latest status goes out once the write before it is done.
+  void Send(Health::Serving s) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (ended_) return;
+      next_ = s;
+      have_next_ = true;
+    }
+    Pump();
+  }
+  void OnWriteDone(bool ok) override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      busy_ = false;
+      if (!ok) ended_ = true;
+    }
+    Pump();
+  }
+  void OnCancel() override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ended_ = true;
+    }
+    Pump();
+  }
+  void OnDone() override {
+    if (watching_) health_->Unwatch(this);
+    delete this;
+  }
+
+ private:
+  // The next write or the Finish, started outside the lock (once finished, this may go at any moment).
+  void Pump() {
+    bool write = false, finish = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (busy_ || finished_) return;
+      if (ended_) {
+        finished_ = finish = true;
+      } else if (have_next_) {
+        grpc::health::v1::HealthCheckResponse r;
+        r.set_status(next_);
+        have_next_ = false;
+        SerializeTo(r, &out_);
+        busy_ = write = true;
+      }
+    }
+    if (write) StartWrite(&out_);
+    else if (finish) Finish(grpc::Status(grpc::StatusCode::CANCELLED, ""));
+  }
+
+  Health* health_;
+  bool watch_, watching_ = false;
+  std::string service_;
+  grpc::ByteBuffer in_, out_;
+  std::mutex mu_;
+  Health::Serving next_ = grpc::health::v1::HealthCheckResponse::UNKNOWN;
+  bool have_next_ = false, busy_ = false, ended_ = false, finished_ = false;
+};
+
+void Health::Watch(HealthCall* w) {
+  std::lock_guard<std::mutex> lock(mu_);
+  watchers_.insert(w);
+  w->Send(Of(w->service()));
+}
+
+void Health::Shutdown() {
+  serving_ = false;
+  std::lock_guard<std::mutex> lock(mu_);
+  for (HealthCall* w : watchers_) w->Send(Of(w->service()));
+}
+
+// gRPC server reflection (v1alpha, what grpcurl and grpc_reflection clients ask), answered from the
+// descriptors linked into this binary, as gRPC's own reflection service answers: each file with the
+// dependencies not yet sent on the stream.
+class ReflectionCall : public ServerBidi {
+ public:
+  explicit ReflectionCall(Incoming* in) : ServerBidi(in) { StartRead(&in_); }
+
+  void OnReadDone(bool ok) override {
+    using namespace grpc::reflection::v1alpha;
+    ServerReflectionRequest req;
+    if (!ok) {  // the caller is done asking
+      Finish(grpc::Status::OK);
+      return;
+    }
+    if (!ParseBuffer(in_, &req)) {
+      Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "could not parse request"));
+      return;
+    }
+    ServerReflectionResponse r;
+    r.set_valid_host(req.host());
+    *r.mutable_original_request() = req;
+    const auto* pool = google::protobuf::DescriptorPool::generated_pool();
+    auto error = [&r](grpc::StatusCode code, const char* message) {
+      r.mutable_error_response()->set_error_code(code);
+      r.mutable_error_response()->set_error_message(message);
+    };
+    switch (req.message_request_case()) {
+      case ServerReflectionRequest::kListServices:
+        for (const char* name : kServices) r.mutable_list_services_response()->add_service()->set_name(name);
+        break;
+      case ServerReflectionRequest::kFileByFilename: {
+        const auto* f = pool->FindFileByName(req.file_by_filename());
+        if (f == nullptr) error(grpc::StatusCode::NOT_FOUND, "File not found.");
+        else AddFile(f, &r);
+        break;
+      }
+      case ServerReflectionRequest::kFileContainingSymbol: {
+        const auto* f = pool->FindFileContainingSymbol(req.file_containing_symbol());
+        if (f == nullptr) error(grpc::StatusCode::NOT_FOUND, "Symbol not found.");
+        else AddFile(f, &r);
+        break;
+      }
+      case ServerReflectionRequest::kFileContainingExtension: {
+        const auto* type = pool->FindMessageTypeByName(req.file_containing_extension().containing_type());
+        const auto* ext = type == nullptr ? nullptr
+                                          : pool->FindExtensionByNumber(
+                                                type, req.file_containing_extension().extension_number());
+        if (type == nullptr) error(grpc::StatusCode::NOT_FOUND, "Type not found.");
+        else if (ext == nullptr) error(grpc::StatusCode::NOT_FOUND, "Extension not found.");
+        else AddFile(ext->file(), &r);
+        break;
+      }
+      case ServerReflectionRequest::kAllExtensionNumbersOfType: {
+        const auto* type = pool->FindMessageTypeByName(req.all_extension_numbers_of_type());
+        if (type == nullptr) {
+          error(grpc::StatusCode::NOT_FOUND, "Type not found.");
+          break;
+        }
+        std::vector<const google::protobuf::FieldDescriptor*> exts;
+        pool->FindAllExtensions(type, &exts);
+        auto* out = r.mutable_all_extension_numbers_response();
+        out->set_base_type_name(type->full_name());
+        for (const auto* e : exts) out->add_extension_number(e->number());
+        break;
+      }
+      default:
+        error(grpc::StatusCode::UNIMPLEMENTED, "");
+    }
+    SerializeTo(r, &out_);
+    StartWrite(&out_);
+  }
+  void OnWriteDone(bool ok) override {
+    if (ok) StartRead(&in_);
+    else Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the caller went away"));
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  void AddFile(const google::protobuf::FileDescriptor* f, grpc::reflection::v1alpha::ServerReflectionResponse* r) {
+    if (!sent_.insert(f->name()).second) return;
+    google::protobuf::FileDescriptorProto proto;
+    f->CopyTo(&proto);
+    proto.SerializeToString(r->mutable_file_descriptor_response()->add_file_descriptor_proto());
+    for (int i = 0; i < f->dependency_count(); ++i) AddFile(f->dependency(i), r);
+  }
+
+  grpc::ByteBuffer in_, out_;
+  std::set<std::string> sent_;  // files sent on this stream
+};
+
+// Takes the server's calls off the completion queue and gives each its handler. Several calls are
+// asked for at once, so that a burst of arrivals does not wait for one another to be handed over.
+class Acceptor {
+ public:
+  Acceptor(grpc::AsyncGenericService* generic, grpc::ServerCompletionQueue* cq, Service* svc, Health* health)
+      : generic_(generic), cq_(cq), svc_(svc), health_(health) {}
+  void Start(int outstanding) {
+    for (int i = 0; i < outstanding; ++i) Next();
+  }
+
+ private:
+  void Next() {
+    auto* in = new Incoming();
+    generic_->RequestCall(&in->ctx, &in->stream, cq_, cq_, Tagged([this, in](bool ok) {
+      if (!ok) {  // the server is shutting down
+        delete in;
+        return;
+      }
+      Next();
+      const std::string& m = in->ctx.method();
+      if (m == kHealthCheck || m == kHealthWatch) new HealthCall(health_, in, m == kHealthWatch);
+      else if (m == kReflection) new ReflectionCall(in);
+      else svc_->Create(in, m);
+    }));
+  }
+
+  grpc::AsyncGenericService* generic_;
+  grpc::ServerCompletionQueue* cq_;
+  Service* svc_;
+  Health* health_;
+};
+#else
 // Reflection lists the services registered by type, and the generic service that carries Triton's
 // protocol is not one. This registers one method of a name no client calls under Triton's service, so
 // that reflection lists "inference.GRPCInferenceService" (its descriptors are linked in); every real
@@ -1312,6 +1853,7 @@ class ReflectionListing : public grpc::Service {
                                  }));
   }
 };
+#endif
 
 int Main(int argc, char** argv) {
   std::string listen = "127.0.0.1:0", upstream;
@@ -1366,24 +1908,42 @@ int Main(int argc, char** argv) {
       writer.join();
     });
   };
-  grpc::EnableDefaultHealthCheckService(true);
-  // gRPC reflection as the Python plane serves it: Triton's service, health and reflection itself.
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  ReflectionListing listing;
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
   builder.SetMaxReceiveMessageSize(-1);
   builder.SetMaxSendMessageSize(-1);
+#ifdef SMDP_CALLBACK_SERVER
+  grpc::EnableDefaultHealthCheckService(true);
+  // gRPC reflection as the Python plane serves it: Triton's service, health and reflection itself.
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  ReflectionListing listing;
   builder.RegisterService(&listing);
   builder.RegisterCallbackGenericService(&svc);
+#else
+  // Health and reflection are answered on the same queue (HealthCall, ReflectionCall): no service of
+  // gRPC's own, whose threads would poll too.
+  Health health;
+  grpc::AsyncGenericService generic;
+  builder.RegisterAsyncGenericService(&generic);
+  std::unique_ptr<grpc::ServerCompletionQueue> cq = builder.AddCompletionQueue();
+  g_cq = cq.get();
+#endif
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (!server || port == 0) {
     finish_output();
     throw std::runtime_error("cannot listen on " + listen);
   }
+#ifdef SMDP_CALLBACK_SERVER
   // Health as the Python plane serves it: overall, and for the inference service by name.
   server->GetHealthCheckService()->SetServingStatus("inference.GRPCInferenceService", true);
+  auto stop_health = [&] { server->GetHealthCheckService()->Shutdown(); };
+#else
+  Acceptor acceptor(&generic, cq.get(), &svc, &health);
+  acceptor.Start(16);
+  std::thread(Drain, cq.get()).detach();  // lives until the process exits (never shut down: below)
+  auto stop_health = [&] { health.Shutdown(); };
+#endif
   Emit("listening " + std::to_string(port));
 
   std::atomic<bool> stop{false};
@@ -1391,7 +1951,7 @@ int Main(int argc, char** argv) {
   std::thread signals([&] {  // SIGTERM: finish what is in flight (5 s at most), report, exit
     int sig = 0;
     sigwait(&sigs, &sig);
-    server->GetHealthCheckService()->Shutdown();  // NOT_SERVING from now: load balancers move away
+    stop_health();  // NOT_SERVING from now: load balancers move away
     server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
     svc.Report();
     finish_output();
@@ -1402,7 +1962,8 @@ int Main(int argc, char** argv) {
   });
   signals.detach();
   ControlLoop(&svc, max_queue);  // until quit or end of input
-  server->GetHealthCheckService()->Shutdown();
+  stop_health();
+  // Shutdown returns once every call is over (in flight ones answered, or cancelled after 5 s).
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   server->Wait();
   stop = true;
@@ -1411,6 +1972,11 @@ int Main(int argc, char** argv) {
   finish_output();
 #ifdef SMDP_TRACE
   TraceDump();
+#endif
+#ifndef SMDP_CALLBACK_SERVER
+  // The queue is never shut down: a batch still in flight to Triton (its callers gone) may complete
+  // and start another call at any time, which a shut-down queue would refuse with an abort.
+  std::_Exit(0);
 #endif
   return 0;
 }
