@@ -377,3 +377,13 @@ def test_three_phase_banded_equals_dense_and_simulation_agrees(groups):
     ev = evaluate_mmpp(m, blind)
     sim_b = simulate(m.profile, blind, t, idle_power_w=40.0, weight=2e-4, seed=2, warmup=5.0)
     assert abs(sim_b.mean_latency_s - ev.mean_latency_s) <= 4 * sim_b.latency_ci95_s
+
+
+def test_grouped_count_law_under_a_nearly_deterministic_service_stops_at_the_events_mass():
+    # the gamma mixture of a service with CV 1e-3 loses ~1e-13 of its own mass: the count law must not
+    # chase it by doubling kmax (it did, to millions of requests: minutes per solve on a stack profile)
+    proc = MMPP2((221.0, 33.0), (0.5, 0.9), (CompoundPoisson(3.0), CompoundPoisson(1.3)))
+    m = mmpp_model(proc, B=16, cv=1e-3)
+    law = count_law(m)
+    assert law.shape[3] < 2_000
+    assert law.sum(axis=(2, 3)).min() >= 1.0 - 1e-10
