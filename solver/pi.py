@@ -411,12 +411,8 @@ class PolicyEvaluator:
 
 def q_values(smdp: TruncatedSMDP, h: np.ndarray, g: float, first: int = 0) -> np.ndarray:
     """Q(n, a) = c(n, a) - g tau(n, a) + E[h(next)] for n = first..N; +inf where the action is not allowed."""
-    out = smdp.expected_next(h, first)
-    q = np.multiply(g, smdp.time[first:], out=smdp.scratch("q", out.shape))
-    np.subtract(smdp.cost[first:], q, out=q)
-    np.add(q, out, out=out)  # (cost - g time) + E[h(next)], into the product's own array
-    np.copyto(out, np.inf, where=~smdp.valid[first:])
-    return out
+    q = smdp.cost[first:] - g * smdp.time[first:] + smdp.expected_next(h, first)
+    return np.where(smdp.valid[first:], q, np.inf)
 
 
 def improve(q: np.ndarray, current: np.ndarray, rtol: float = 1e-11) -> np.ndarray:

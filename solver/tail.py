@@ -240,12 +240,6 @@ class TruncatedSMDP:
     jump: np.ndarray | None = None
     """Group arrivals: P(X = x), x = 0..Lw, the jump of a wait (None: Poisson, a wait moves n to n + 1).
     A wait's landings above N go to N with the excursion charges (``tail_p``/``tail_m`` column 0)."""
-    workspace: "Workspace | None" = None
-    """Where ``expected_next`` keeps its temporaries (the build's ``Workspace``; None: fresh memory)."""
-
-    def scratch(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
-        """Temporary storage for one product (reused across calls on a workspace, fresh without)."""
-        return np.empty(shape) if self.workspace is None else self.workspace.array(key, shape)
 
     @property
     def n_states(self) -> int:
@@ -266,22 +260,18 @@ class TruncatedSMDP:
         L = self.band
         B = self.model.max_batch
         lo = max(0, first - B)
-        padded = self.scratch("padded", (N + 1 + L,))
+        padded = np.zeros(N + 1 + L)
         padded[: N + 1] = h
-        padded[N + 1 :] = 0.0
         view = sliding_window_view(padded, L + 1)
-        pv = self.scratch("pv", (N + 1 - lo, B))
+        pv = np.empty((N + 1 - lo, B))
         # h is zero past N: rows s0.. need only the first N - s0 + 1 pmf entries. In row chunks,
         # each multiplied on its nonzero width only, the product skips most of the zero triangle
         # (about 40% of the work when the window spans 0..N, as it does for CV >= 1).
         chunk = max(64, (N + 1) // EXPECTATION_CHUNKS + 1)
-        hankel = self.scratch("hankel", (min(chunk, N + 1 - lo) * (min(L, N - lo) + 1),))
         for s0 in range(lo, N + 1, chunk):
             s1 = min(s0 + chunk, N + 1)
             width = min(L, N - s0) + 1
-            window = hankel[: (s1 - s0) * width].reshape(s1 - s0, width)
-            np.copyto(window, view[s0:s1, :width])
-            np.matmul(window, self.pmf_t[:width], out=pv[s0 - lo : s1 - lo])
+            pv[s0 - lo : s1 - lo] = np.ascontiguousarray(view[s0:s1, :width]) @ self.pmf_t[:width]
         out = np.empty((N + 1 - first, B + 1))
         out[:, 1:] = pv.ravel()[self._gather[first:] - lo * B] + self.tail_p[first:, 1:] * h[N]
         if self.jump is None:
@@ -598,8 +588,7 @@ def build(
     np.add(gather, row - 1, out=gather)
     pmf_t = ws.array(("pmf_t", side), (L + 1, B))
     np.copyto(pmf_t, pmf.T)
-    out = TruncatedSMDP(model, N, tail, coeffs, pmf, pmf_t, valid, latency, energy, time, tp, tm, cost, gather, jump,
-                        workspace)
+    out = TruncatedSMDP(model, N, tail, coeffs, pmf, pmf_t, valid, latency, energy, time, tp, tm, cost, gather, jump)
     for arr in (pmf, pmf_t, valid, latency, energy, time, tp, tm, cost, gather):
         arr.setflags(write=False)
     if jump is not None:
