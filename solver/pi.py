@@ -220,7 +220,7 @@ def evaluate_policy(smdp: TruncatedSMDP, actions: np.ndarray, linear_solver: str
 
 def _evaluate_banded(smdp: TruncatedSMDP, actions: np.ndarray, block: int) -> PolicyValues:
     """``evaluate_policy`` on the (h(1..N), g) ordering, factored by ``BandedBelowLU``."""
-    return _BandedSolve.factored(smdp, actions, block).values
+    return _BandedSolve.factored(smdp, actions, block).values()
 
 
 def _values(x: np.ndarray, stationary: Callable[[], np.ndarray]) -> PolicyValues:
@@ -247,7 +247,6 @@ class _BandedSolve:
     generation: int
     c: np.ndarray
     x: np.ndarray
-    values: PolicyValues = field(init=False)
     _y: np.ndarray | None = field(default=None, init=False)
 
     @classmethod
@@ -265,8 +264,12 @@ class _BandedSolve:
         x = lu.solve(c)
         actions = np.array(actions, dtype=np.int64)
         out = cls(smdp, actions, lu, lu.generation, c, x)
-        out.values = _values(x, out.stationary(actions, lambda: out.y))
         return out
+
+    def values(self) -> PolicyValues:
+        """This policy's values; their pi refers to this solve (which holds no reference back to them:
+        no cycle, so the LU is freed with the last of them)."""
+        return _values(self.x, self.stationary(self.actions, lambda: self.y))
 
     @property
     def current(self) -> bool:
@@ -345,6 +348,7 @@ class PolicyEvaluator:
         self.block = smdp.model.max_batch + 1
         self.banded = self.name == "banded" and smdp.n_states >= MIN_BLOCKS * self.block
         self._base: _BandedSolve | None = None
+        self._base_values: PolicyValues | None = None
         self.updated = False
         """Whether the last evaluation was a low-rank update (``refactor`` redoes it)."""
 
@@ -356,7 +360,8 @@ class PolicyEvaluator:
             states = np.nonzero(actions != base.actions)[0]
             if states.size == 0:
                 self.updated = False
-                return base.values
+                assert self._base_values is not None
+                return self._base_values
             if states.size <= MAX_UPDATE_RANK:  # (hessenberg_rows checks the actions)
                 try:
                     values = base.updated(self.smdp, actions, states)
@@ -371,8 +376,9 @@ class PolicyEvaluator:
         old = self._base
         self._base = None  # its storage is reused: it no longer describes a factored policy
         self._base = _BandedSolve.factored(self.smdp, actions, self.block, None if old is None else old.lu)
+        self._base_values = self._base.values()
         self.updated = False
-        return self._base.values
+        return self._base_values
 
 
 def q_values(smdp: TruncatedSMDP, h: np.ndarray, g: float, first: int = 0) -> np.ndarray:

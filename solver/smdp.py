@@ -250,7 +250,12 @@ def solve(
                 break
         if N >= MAX_TRUNCATION:
             break
-        previous, previous_values, previous_smdp = actions, values, smdp
+        # only h and g of the previous size are read (the seeded start): keep them without the LU that
+        # the values' lazily solved pi refers to (that LU would otherwise stay alive beside the next one)
+        detached = None if values is None else PolicyValues(
+            values.gain, values.h, stationary=lambda smdp=smdp, a=actions: evaluate_policy(smdp, a, linear_solver).pi)
+        previous, previous_values, previous_smdp = actions, detached, smdp
+        values = None
         N = min(MAX_TRUNCATION, _grow(N, growth))
         start = _start_actions(model, PolicyTable(actions, model.max_batch), N + 1)
         if warm_start is not None and warm_start.truncation >= actions.size:
