@@ -232,10 +232,31 @@ def _run_contender(c: Contender, cfg: BenchConfig, control: ModelConfigControl, 
                                time_limit_s=hi + cfg.cooldown_s + 5.0)
         if sidecar is not None and c.slo:
             _save_slo_status(sidecar, cfg.model, log_dir / f"slo-status-{safe}-{rate:g}.txt")
+        if sidecar is not None:
+            _save_run_split(sidecar, cfg.model, result, log_dir / f"gate-split-{safe}-{rate:g}.txt")
         return result
     finally:
         if sidecar is not None:
             sidecar.stop()
+
+
+def _save_run_split(sidecar: SidecarProcess, model: str, result: OpenLoopResult, path: Path) -> None:
+    """A gate contender's run split into its time in the gate and the hop outside it
+    (``stack_profile.run_split``), beside its log; best effort."""
+    import grpc
+
+    from smdp.v1 import smdp_pb2, smdp_pb2_grpc
+
+    from .stack_profile import gate_reading, run_split
+
+    if sidecar.control_url is None:
+        return
+    try:
+        with grpc.insecure_channel(sidecar.control_url) as channel:
+            status = smdp_pb2_grpc.ControlStub(channel).GetStatus(smdp_pb2.ModelRequest(model=model), timeout=5.0)
+        path.write_text(run_split((result.done_s - result.scheduled_s)[result.ok], gate_reading(status)) + "\n")
+    except (grpc.RpcError, ValueError) as exc:
+        path.write_text(f"no split: {exc}\n")
 
 
 def _save_slo_status(sidecar: SidecarProcess, model: str, path: Path) -> None:

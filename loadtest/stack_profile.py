@@ -287,3 +287,21 @@ def operating_point(triton_url: str, control: ModelConfigControl, model: str, ti
 
 def _file_tag(policy: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in policy)
+
+
+def run_split(client_latency_s: np.ndarray, reading: GateWindow) -> str:
+    """Where a gate contender's answers spent their time over its whole run: the client's mean W over the
+    requests it got answered, the gate's own arrival-to-answer mean over the same run (its ``GetStatus``
+    at the end), their difference (the per-request hop outside the gate) and the gate's batch cycle
+    (mean dispatch-to-completion, turnaround). Set beside the calibration's figures, it says whether a
+    prediction's miss was in the batch cycle or in the hop."""
+    if client_latency_s.size == 0 or reading.requests <= 0:
+        return "no answered requests to split"
+    client = float(np.mean(client_latency_s))
+    gate = reading.latency_sum_s / reading.requests
+    n = float(reading.batches.sum())
+    busy = float(reading.busy_s.sum()) / n if n else float("nan")
+    lag = reading.lag_s / n if n else float("nan")
+    return (f"client W {client * 1e3:.2f} ms over {client_latency_s.size} answers; the gate's own W "
+            f"{gate * 1e3:.2f} ms over {reading.requests}; hop (client - gate) {(client - gate) * 1e3:.2f} ms; "
+            f"{int(n)} batches, mean dispatch-to-completion {busy * 1e3:.2f} ms, turnaround {lag * 1e3:.2f} ms")

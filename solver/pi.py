@@ -85,31 +85,6 @@ MIN_BLOCKS = 3
 """Below this many blocks of B + 1 states the banded LU saves nothing: factor densely instead."""
 
 
-class LUStorage:
-    """Memory for successive ``BandedBelowLU`` factorisations (the sizes of one automatic-N solve).
-
-    Fresh memory costs a page fault per 4 KiB on first touch, about as much as filling the system
-    at B = 128 (docs/notes/issue-18.md): an LU of a larger size reuses the pages of the smaller ones.
-    ``take`` hands out zeroed storage; a new buffer has ``headroom`` times the size asked for (the
-    solver's 1.6: the LU of the next size, 1.25 N, fits). Every matrix written counts in ``generation``.
-    """
-
-    def __init__(self, headroom: float = 1.0) -> None:
-        self._buffer = np.empty(0)
-        self.headroom = float(headroom)
-        self.generation = 0
-
-    def take(self, size: int) -> np.ndarray:
-        """``size`` zeros at the start of the buffer (a new one when it is too small)."""
-        self.generation += 1
-        if self._buffer.size < size:  # the old buffer stays with whatever still refers to it
-            self._buffer = np.zeros(max(size, int(size * self.headroom)))
-            return self._buffer[:size]
-        out = self._buffer[:size]
-        out.fill(0.0)
-        return out
-
-
 class BandedBelowLU:
     """LU with partial pivoting of an n x n matrix that is zero below its kl-th subdiagonal.
 
@@ -126,7 +101,7 @@ class BandedBelowLU:
     scratch column in front), ``lu.factor()``, then ``solve`` / ``solve_transposed``.
     """
 
-    def __init__(self, n: int, kl: int, storage: "LUStorage | None" = None) -> None:
+    def __init__(self, n: int, kl: int) -> None:
         if int(n) < 2 or int(kl) < 1:
             raise ValueError(f"BandedBelowLU needs n >= 2 and kl >= 1, got n = {n}, kl = {kl}")
         self.n = int(n)
@@ -135,8 +110,7 @@ class BandedBelowLU:
         ldab = 2 * self.kl + self.ku + 1
         step = ldab - 1  # one column of the view further is ldab - 1 further in memory
         # front: room for one scratch column in front of column 0 (``extended``)
-        self._storage = LUStorage() if storage is None else storage
-        self._flat = self._storage.take(step + ldab * self.n)
+        self._flat = np.zeros(step + ldab * self.n)
         self.band = self._flat[step:].reshape((ldab, self.n), order="F")
         offset = self.kl + self.ku  # band row of the diagonal
         item = self._flat.itemsize
@@ -144,12 +118,8 @@ class BandedBelowLU:
                                    writeable=True)
         self.matrix = self.extended[:, 1:]
         self._piv: np.ndarray | None = None
-
-    @property
-    def generation(self) -> int:
-        """Changes whenever the storage is written for another matrix (by this LU or another one on
-        the same ``LUStorage``): a solve kept for later checks that it still has its factors."""
-        return self._storage.generation
+        self.generation = 0
+        """Counts the factorisations held: a solve kept for later checks it still has its matrix."""
 
     @classmethod
     def of(cls, M: np.ndarray, kl: int) -> "BandedBelowLU":
@@ -163,7 +133,7 @@ class BandedBelowLU:
         """Zero the storage, to write and factor another matrix of the same shape in it."""
         self._flat.fill(0.0)
         self._piv = None
-        self._storage.generation += 1
+        self.generation += 1
 
     def factor(self) -> None:
         # the scratch column in front of ``matrix`` overlaps band rows that LAPACK never reads; clear
@@ -173,7 +143,7 @@ class BandedBelowLU:
         if info < 0:  # pragma: no cover - argument error
             raise ValueError(f"dgbtrf: illegal argument {-info}")
         d = self.band[self.kl + self.ku]
-        self._storage.generation += 1
+        self.generation += 1
         if info > 0 or not np.all(np.isfinite(d)) or np.min(np.abs(d)) == 0.0:
             raise SingularPolicyError("policy evaluation matrix is singular")
         self._piv = piv
@@ -282,13 +252,12 @@ class _BandedSolve:
 
     @classmethod
     def factored(
-        cls, smdp: TruncatedSMDP, actions: np.ndarray, block: int, lu: BandedBelowLU | None = None,
-        storage: LUStorage | None = None,
+        cls, smdp: TruncatedSMDP, actions: np.ndarray, block: int, lu: BandedBelowLU | None = None
     ) -> "_BandedSolve":
         """Factor ``actions``' system, in ``lu``'s storage when given (cleared first: memory already
-        touched fills about twice as fast as fresh pages at N = 2667), else in a new LU on ``storage``."""
+        touched fills about twice as fast as fresh pages at N = 2667)."""
         if lu is None:
-            lu = BandedBelowLU(smdp.n_states, block, storage)
+            lu = BandedBelowLU(smdp.n_states, block)
         else:
             lu.clear()
         _, c, _ = smdp.hessenberg_system(actions, out=lu.extended)
@@ -370,10 +339,8 @@ class PolicyEvaluator:
     in a handful of states, so most of policy iteration's last steps cost solves, not an LU.
     """
 
-    def __init__(self, smdp: TruncatedSMDP, linear_solver: str | None = None, storage: LUStorage | None = None) -> None:
+    def __init__(self, smdp: TruncatedSMDP, linear_solver: str | None = None) -> None:
         self.smdp = smdp
-        self.storage = storage
-        """Where the banded LU lives (``LUStorage``; None: its own memory)."""
         self.name = _check_solver(linear_solver)
         self.block = smdp.model.max_batch + 1
         self.banded = self.name == "banded" and smdp.n_states >= MIN_BLOCKS * self.block
@@ -403,20 +370,15 @@ class PolicyEvaluator:
     def refactor(self, actions: np.ndarray) -> PolicyValues:
         old = self._base
         self._base = None  # its storage is reused: it no longer describes a factored policy
-        self._base = _BandedSolve.factored(self.smdp, actions, self.block, None if old is None else old.lu,
-                                           self.storage)
+        self._base = _BandedSolve.factored(self.smdp, actions, self.block, None if old is None else old.lu)
         self.updated = False
         return self._base.values
 
 
 def q_values(smdp: TruncatedSMDP, h: np.ndarray, g: float, first: int = 0) -> np.ndarray:
     """Q(n, a) = c(n, a) - g tau(n, a) + E[h(next)] for n = first..N; +inf where the action is not allowed."""
-    out = smdp.expected_next(h, first)
-    q = np.multiply(g, smdp.time[first:], out=smdp.scratch("q", out.shape))
-    np.subtract(smdp.cost[first:], q, out=q)
-    np.add(q, out, out=out)  # (cost - g time) + E[h(next)], into the product's own array
-    np.copyto(out, np.inf, where=~smdp.valid[first:])
-    return out
+    q = smdp.cost[first:] - g * smdp.time[first:] + smdp.expected_next(h, first)
+    return np.where(smdp.valid[first:], q, np.inf)
 
 
 def improve(q: np.ndarray, current: np.ndarray, rtol: float = 1e-11) -> np.ndarray:
@@ -502,13 +464,10 @@ def _residual_ok(q: np.ndarray, actions: np.ndarray, values: PolicyValues) -> bo
 
 
 def policy_iteration(
-    smdp: TruncatedSMDP, start: np.ndarray | None = None, max_iter: int = 1000, linear_solver: str | None = None,
-    storage: LUStorage | None = None,
+    smdp: TruncatedSMDP, start: np.ndarray | None = None, max_iter: int = 1000, linear_solver: str | None = None
 ) -> PIOutcome:
-    """Optimal policy on ``smdp`` from ``start`` (default greedy); ``storage``: memory for the banded
-    LU, shared with other solves (``LUStorage``)."""
     actions = default_start(smdp) if start is None else np.asarray(start, dtype=np.int64).copy()
-    evaluate = PolicyEvaluator(smdp, linear_solver, storage)
+    evaluate = PolicyEvaluator(smdp, linear_solver)
     values = evaluate(actions)
     seen = [actions]
     for it in range(1, max_iter + 1):

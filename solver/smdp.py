@@ -47,11 +47,11 @@ import numpy as np
 
 from solver.evaluate import MAX_TRUNCATION, summarize, table_actions
 from solver.model import BatchingModel, ModelError
-from solver.pi import LINEAR_SOLVERS, LUStorage, PolicyValues, control_limit_search, evaluate_policy, improve, policy_iteration, q_values
+from solver.pi import LINEAR_SOLVERS, PolicyValues, control_limit_search, evaluate_policy, improve, policy_iteration, q_values
 from solver.policy import PolicyTable
 from solver.result import SolveResult
 from solver.rvi import relative_value_iteration
-from solver.tail import TAILS, TruncatedSMDP, Workspace, build, count_arrivals, initial_truncation
+from solver.tail import TAILS, TruncatedSMDP, build, count_arrivals, initial_truncation
 
 METHODS = ("pi", "rvi")
 GROWTH_RTOL = 1e-8
@@ -60,8 +60,6 @@ GROWTH = 1.25
 """Default factor between successive sizes of the automatic truncation (module doc)."""
 RESUME_STEPS = 2
 """A warm-started automatic search resumes this many of its sizes below the neighbour's N (module doc)."""
-LU_HEADROOM = 1.6
-"""The LU storage of a size is allocated this much larger, so that the next size's (1.25 N) reuses it."""
 NOISE_FLOOR = 1e-3
 """A gain change below NOISE_FLOOR * growth_rtol is rounding, too small to estimate a contraction from."""
 
@@ -76,12 +74,11 @@ def _start_actions(model: BatchingModel, policy: PolicyTable, size: int) -> np.n
 
 
 def _solve_at(
-    smdp: TruncatedSMDP, method: str, start: np.ndarray | None, tol: float, max_iter: int, linear_solver: str | None = None,
-    storage: LUStorage | None = None,
+    smdp: TruncatedSMDP, method: str, start: np.ndarray | None, tol: float, max_iter: int, linear_solver: str | None = None
 ):
     """(actions, gain, (lower, upper), iterations, converged, values of the final policy)."""
     if method == "pi":
-        out = policy_iteration(smdp, start, max_iter=max_iter, linear_solver=linear_solver, storage=storage)
+        out = policy_iteration(smdp, start, max_iter=max_iter, linear_solver=linear_solver)
         g = out.values.gain
         return out.actions, g, (g, g), out.iterations, out.converged, out.values
     h0 = None if start is None else evaluate_policy(smdp, start, linear_solver).h
@@ -233,18 +230,15 @@ def solve(
     previous_values = None
     settled = truncation is not None
     counts = None
-    # one solve's sizes reuse their memory (fresh pages cost as much as the arithmetic at B = 128)
-    storage = LUStorage(headroom=LU_HEADROOM)
-    workspace = Workspace()
     while True:
         if truncation is None and (counts is None or counts.shape[1] <= N):
             # one count pmf for this size and the next (its first N + 1 columns are each size's)
             counts = count_arrivals(model, min(MAX_TRUNCATION, _grow(N, growth)))
-        smdp = build(model, N, tail, counts=counts, workspace=workspace)
+        smdp = build(model, N, tail, counts=counts)
         if previous_values is not None and method == "pi":
             h = _extended_values(previous_smdp, previous_values, N + 1)
             start = _seeded_start(smdp, start, previous.size, h, previous_values.gain)
-        actions, gain, bounds, its, ok, values = _solve_at(smdp, method, start, tol, max_iter, linear_solver, storage)
+        actions, gain, bounds, its, ok, values = _solve_at(smdp, method, start, tol, max_iter, linear_solver)
         sizes.append(N)
         gains.append(gain)
         iterations += its

@@ -240,12 +240,6 @@ class TruncatedSMDP:
     jump: np.ndarray | None = None
     """Group arrivals: P(X = x), x = 0..Lw, the jump of a wait (None: Poisson, a wait moves n to n + 1).
     A wait's landings above N go to N with the excursion charges (``tail_p``/``tail_m`` column 0)."""
-    workspace: "Workspace | None" = None
-    """Where ``expected_next`` keeps its temporaries (the build's ``Workspace``; None: fresh memory)."""
-
-    def scratch(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
-        """Temporary storage for one product (reused across calls on a workspace, fresh without)."""
-        return np.empty(shape) if self.workspace is None else self.workspace.array(key, shape)
 
     @property
     def n_states(self) -> int:
@@ -266,22 +260,18 @@ class TruncatedSMDP:
         L = self.band
         B = self.model.max_batch
         lo = max(0, first - B)
-        padded = self.scratch("padded", (N + 1 + L,))
+        padded = np.zeros(N + 1 + L)
         padded[: N + 1] = h
-        padded[N + 1 :] = 0.0
         view = sliding_window_view(padded, L + 1)
-        pv = self.scratch("pv", (N + 1 - lo, B))
+        pv = np.empty((N + 1 - lo, B))
         # h is zero past N: rows s0.. need only the first N - s0 + 1 pmf entries. In row chunks,
         # each multiplied on its nonzero width only, the product skips most of the zero triangle
         # (about 40% of the work when the window spans 0..N, as it does for CV >= 1).
         chunk = max(64, (N + 1) // EXPECTATION_CHUNKS + 1)
-        hankel = self.scratch("hankel", (min(chunk, N + 1 - lo) * (min(L, N - lo) + 1),))
         for s0 in range(lo, N + 1, chunk):
             s1 = min(s0 + chunk, N + 1)
             width = min(L, N - s0) + 1
-            window = hankel[: (s1 - s0) * width].reshape(s1 - s0, width)
-            np.copyto(window, view[s0:s1, :width])
-            np.matmul(window, self.pmf_t[:width], out=pv[s0 - lo : s1 - lo])
+            pv[s0 - lo : s1 - lo] = np.ascontiguousarray(view[s0:s1, :width]) @ self.pmf_t[:width]
         out = np.empty((N + 1 - first, B + 1))
         out[:, 1:] = pv.ravel()[self._gather[first:] - lo * B] + self.tail_p[first:, 1:] * h[N]
         if self.jump is None:
@@ -459,7 +449,6 @@ def build(
     tail: str = "fluid",
     drain_batch: int | None = None,
     counts: np.ndarray | None = None,
-    workspace: "Workspace | None" = None,
 ) -> TruncatedSMDP:
     """Precompute every per-(state, action) quantity of the SMDP truncated at N = ``truncation``.
 
@@ -468,8 +457,6 @@ def build(
     ``counts``: P(K_b = k) for b = 1..B, k = 0..kmax with kmax >= N, as ``count_arrivals`` gives it
     (its first N + 1 columns are this truncation's, entry for entry); computed here when None. The
     automatic truncation computes it once for several sizes.
-    ``workspace``: memory reused across the builds of one solve (``Workspace``); the arrays of the
-    SMDP returned are views of it, valid until the build after next on the same workspace.
     """
     if tail not in TAILS:
         raise ModelError(f"tail must be one of {TAILS}, got {tail!r}")
@@ -493,65 +480,40 @@ def build(
         pmf_full = counts[:, : N + 1]
     alive = np.nonzero(pmf_full.max(axis=0) > _PMF_FLOOR)[0]
     L = int(alive[-1]) if alive.size else 0
-    ws = Workspace() if workspace is None else workspace
-    ws.builds += 1
-    side = ws.builds % 2  # the outputs alternate between two sets: the previous size's SMDP stays whole
-    pmf = ws.array(("pmf", side), (B, L + 1))
-    np.copyto(pmf, pmf_full[:, : L + 1])
+    pmf = np.ascontiguousarray(pmf_full[:, : L + 1])
     k = np.arange(L + 1, dtype=float)
-    c0 = np.cumsum(pmf, axis=1, out=ws.array("c0", (B, L + 1)))
-    tmp = np.multiply(pmf, k, out=ws.array("pk", (B, L + 1)))
-    c1 = np.cumsum(tmp, axis=1, out=ws.array("c1", (B, L + 1)))
-    np.multiply(tmp, k, out=tmp)
-    c2 = np.cumsum(tmp, axis=1, out=ws.array("c2", (B, L + 1)))
+    c0 = np.cumsum(pmf, axis=1)
+    c1 = np.cumsum(pmf * k, axis=1)
+    c2 = np.cumsum(pmf * k * k, axis=1)
     mean_k, sq_k = am.count_moments(arrivals, lam, m1, m2)
 
     # (N + 1, B) arrays of the serve pairs (n, a = 1..B), from a column of n and a row of a
     n = np.arange(N + 1)
     col = n[:, None]
     row = np.arange(1, B + 1)[None, :]
-    valid = ws.array(("valid", side), (N + 1, B + 1), bool)
+    valid = np.zeros((N + 1, B + 1), dtype=bool)
     valid[:, 0] = n < B
     valid[0, 0] = True
-    np.less_equal(row, col, out=valid[:, 1:])
+    valid[:, 1:] = row <= col
     low = min(B, N + 1)  # only rows n < B hold pairs with a > n
 
     # Serve a at n: in-window landings s + k, k <= t = min(L, N - s); everything else is tail.
-    # (Each line is the expression it replaces, evaluated in the same order into reused storage.)
-    pair = (N + 1, B)
-    s = np.subtract(col, row, out=ws.array("s", pair, np.int64))
-    np.maximum(s, 0, out=s)
-    t = np.subtract(N, s, out=ws.array("t", pair, np.int64))
-    np.minimum(L, t, out=t)
-    flat = np.add(t, (L + 1) * (row - 1), out=t)  # (a - 1, t) in the C-ordered (B, L + 1) cumulative sums
-    tail_p = np.take(c0, flat, out=ws.array("tail_p", pair))
-    np.subtract(1.0, tail_p, out=tail_p)
-    np.maximum(tail_p, 0.0, out=tail_p)
-    e1 = np.take(c1, flat, out=ws.array("e1", pair))
-    np.subtract(mean_k, e1, out=e1)
-    np.maximum(e1, 0.0, out=e1)
-    e2 = np.take(c2, flat, out=ws.array("e2", pair))
-    np.subtract(sq_k, e2, out=e2)
-    np.maximum(e2, 0.0, out=e2)
-    r = np.subtract(s, N, out=ws.array("r", pair), casting="unsafe")  # (s - N) as float
-    em = np.multiply(r, tail_p, out=ws.array("em", pair))
-    np.add(e1, em, out=em)
-    np.maximum(em, 0.0, out=em)
-    # em2 = max(e2 + 2 r e1 + r r tail_p, 0)
-    em2 = np.multiply(2.0, r, out=ws.array("em2", pair))
-    np.multiply(em2, e1, out=em2)
-    np.add(e2, em2, out=em2)
-    np.multiply(r, r, out=r)
-    np.multiply(r, tail_p, out=r)
-    np.add(em2, r, out=em2)
-    np.maximum(em2, 0.0, out=em2)
+    s = np.maximum(col - row, 0)
+    t = np.minimum(L, N - s)
+    flat = t + (L + 1) * (row - 1)  # (a - 1, t) in the C-ordered (B, L + 1) cumulative sums
+    p_in = np.take(c0, flat)
+    tail_p = np.maximum(1.0 - p_in, 0.0)
+    e1 = np.maximum(mean_k - np.take(c1, flat), 0.0)
+    e2 = np.maximum(sq_k - np.take(c2, flat), 0.0)
+    r = (s - N).astype(float)
+    em = np.maximum(e1 + r * tail_p, 0.0)
+    em2 = np.maximum(e2 + 2.0 * r * e1 + r * r * tail_p, 0.0)
 
-    full = (N + 1, B + 1)
-    latency = ws.array(("latency", side), full)
-    energy = ws.array(("energy", side), full)
-    time = ws.array(("time", side), full)
-    tp = ws.array(("tp", side), full)
-    tm = ws.array(("tm", side), full)
+    latency = np.empty((N + 1, B + 1))
+    energy = np.empty((N + 1, B + 1))
+    time = np.empty((N + 1, B + 1))
+    tp = np.empty((N + 1, B + 1))
+    tm = np.empty((N + 1, B + 1))
     # a wait lasts until the next arrival epoch: 1/lambda, or G/lambda for groups of mean G
     g_mean = arrivals.group_mean
     latency[:, 0] = n * g_mean / lam**2
@@ -559,18 +521,9 @@ def build(
     time[:, 0] = g_mean / lam
     tp[:, 0] = 0.0
     tm[:, 0] = 0.0
-    # latency = (n m1 + lam m2 / 2) / lam + lin em + quad em2
-    lat = np.multiply(col, m1, out=ws.array("lat", pair))
-    np.add(lat, lam * m2 / 2.0, out=lat)
-    np.divide(lat, lam, out=lat)
-    np.multiply(coeffs.lin, em, out=r)
-    np.add(lat, r, out=lat)
-    np.multiply(coeffs.quad, em2, out=r)
-    np.add(lat, r, out=latency[:, 1:])
-    np.multiply(coeffs.energy, em, out=r)
-    np.add(energy_b, r, out=energy[:, 1:])
-    np.multiply(coeffs.time, em, out=r)
-    np.add(m1, r, out=time[:, 1:])
+    latency[:, 1:] = (col * m1 + lam * m2 / 2.0) / lam + coeffs.lin * em + coeffs.quad * em2
+    energy[:, 1:] = energy_b + coeffs.energy * em
+    time[:, 1:] = m1 + coeffs.time * em
     tp[:, 1:] = tail_p
     tm[:, 1:] = em if tail != "none" else 0.0
     jump = None
@@ -590,47 +543,17 @@ def build(
     for arr in (latency, energy, time, tp, tm):
         arr[:low, 1:][invalid] = 0.0
     time[:low, 1:][invalid] = 1.0
-    cost = np.multiply(w, energy, out=ws.array(("cost", side), full))
-    np.add(latency, cost, out=cost)
+    cost = latency + w * energy
     cost[:, 0][~valid[:, 0]] = np.inf
     cost[:low, 1:][invalid] = np.inf
-    gather = np.multiply(s, B, out=ws.array(("gather", side), pair, np.int64))
-    np.add(gather, row - 1, out=gather)
-    pmf_t = ws.array(("pmf_t", side), (L + 1, B))
-    np.copyto(pmf_t, pmf.T)
-    out = TruncatedSMDP(model, N, tail, coeffs, pmf, pmf_t, valid, latency, energy, time, tp, tm, cost, gather, jump,
-                        workspace)
+    gather = s * B + (row - 1)
+    pmf_t = np.ascontiguousarray(pmf.T)
+    out = TruncatedSMDP(model, N, tail, coeffs, pmf, pmf_t, valid, latency, energy, time, tp, tm, cost, gather, jump)
     for arr in (pmf, pmf_t, valid, latency, energy, time, tp, tm, cost, gather):
         arr.setflags(write=False)
     if jump is not None:
         jump.setflags(write=False)
     return out
-
-
-class Workspace:
-    """Memory that successive builds of one solve reuse (its automatic N's sizes).
-
-    A fresh array costs a page fault per 4 KiB on first touch: at B = 128, CV 1 that was about as
-    much as the build's arithmetic (docs/notes/issue-18.md). ``array(key, shape)`` is a view of the
-    buffer kept under ``key``, grown (by ``HEADROOM``, so that the next size fits) when too small.
-    ``build`` keeps its temporaries under one key each and its outputs under two sets of keys used
-    alternately, so an SMDP stays valid until the build after next on the same workspace: the
-    solver keeps only the current and the previous size's. Not for concurrent use.
-    """
-
-    HEADROOM = 1.6
-
-    def __init__(self) -> None:
-        self._buffers: dict[object, np.ndarray] = {}
-        self.builds = 0
-
-    def array(self, key: object, shape: tuple[int, ...], dtype: type = float) -> np.ndarray:
-        size = int(np.prod(shape))
-        buf = self._buffers.get(key)
-        if buf is None or buf.size < size or buf.dtype != np.dtype(dtype):
-            buf = np.empty(max(size, int(size * self.HEADROOM)), dtype)
-            self._buffers[key] = buf
-        return buf[:size].reshape(shape)
 
 
 def count_arrivals(model: BatchingModel, kmax: int) -> np.ndarray:

@@ -71,6 +71,10 @@ def test_demo_runs_every_contender_and_leaves_no_process(triton_runnable, tmp_pa
     for name in ("latency_cdf.png", "batch_sizes.png", "jwp_bars.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "solver.log").exists()
+    # every gate contender's run split into its time in the gate and the hop outside it
+    for name in ("gate_greedy", "gate_smdp", "gate_smdp_adaptive"):
+        split = (out / f"gate-split-{name}-80.txt").read_text()
+        assert "hop (client - gate)" in split and "turnaround" in split, split
     # Triton, the sidecars and the solver service were all stopped (give exiting ones a moment)
     deadline = time.monotonic() + 10.0
     while _marked(marker) and time.monotonic() < deadline:

@@ -778,36 +778,3 @@ def test_stationary_distribution_of_a_replaced_factorisation_is_evaluated_afresh
         want = evaluate_policy(smdp, actions, "dense")
         np.testing.assert_allclose(got.pi, want.pi, rtol=1e-8, atol=1e-15)
         assert got.pi.sum() == pytest.approx(1.0, rel=1e-12)
-
-
-def test_builds_on_a_workspace_are_the_fresh_builds_and_keep_the_previous_size():
-    """A build into reused memory gives the fresh build's arrays bit for bit (Poisson and groups,
-    CV 0 and 1); the SMDP of the previous size stays whole through the next build, and the LU
-    storage shared by two sizes' evaluations gives each its own answer."""
-    from solver.arrival_model import CompoundPoisson
-    from solver.pi import LUStorage, evaluate_policy, policy_iteration
-    from solver.tail import Workspace, build, count_arrivals
-
-    fields = ("pmf", "pmf_t", "valid", "latency", "energy", "time", "tail_p", "tail_m", "cost", "_gather")
-    for m in (v100(32, 0.6, 1e-4, 1.0), v100(32, 0.6, 1e-4, 0.0), v100(16, 0.5, 1e-4, 1.0).with_(arrivals=CompoundPoisson(2.0))):
-        ws = Workspace()
-        counts = count_arrivals(m, 200)
-        sizes = (60, 75, 94, 150)
-        built = [build(m, N, counts=counts, workspace=ws) for N in sizes[:2]]
-        second_copy = {f: np.array(getattr(built[1], f)) for f in fields}
-        built.append(build(m, sizes[2], counts=counts, workspace=ws))  # overwrites the first's set only
-        for f in fields:
-            np.testing.assert_array_equal(getattr(built[1], f), second_copy[f], err_msg=f)
-        for smdp, N in zip(built[1:], sizes[1:]):
-            fresh = build(m, N, counts=counts)  # (compounded group counts differ in the last bit with kmax)
-            for f in fields:
-                np.testing.assert_array_equal(getattr(smdp, f), getattr(fresh, f), err_msg=f)
-        storage = LUStorage(headroom=1.6)
-        a = policy_iteration(built[1], storage=storage)
-        b = policy_iteration(built[2], storage=storage)
-        for smdp, out in ((built[1], a), (built[2], b)):
-            want = evaluate_policy(smdp, out.actions, "dense")
-            assert out.values.gain == pytest.approx(want.gain, rel=1e-12)
-            np.testing.assert_allclose(out.values.pi, want.pi, rtol=1e-8, atol=1e-15)
-        larger = build(m, sizes[3], counts=counts, workspace=ws)  # grows the buffers
-        np.testing.assert_array_equal(larger.cost, build(m, sizes[3], counts=counts).cost)

@@ -149,3 +149,16 @@ def test_each_gate_policy_is_calibrated_by_its_own_run_just_before_its_first_con
         assert got.profile_path == tmp_path / f"{policy}.csv"
         assert got.hop == sp.RequestHop(0.001, 0.002 * i)  # the direct hop stays the lone requests'
         assert got.profile.mean_s[0] == pytest.approx(0.021 + i * 1e-3)
+
+
+def test_run_split_is_the_clients_mean_less_the_gates_and_the_batch_cycle() -> None:
+    from loadtest.stack_profile import GateWindow, run_split
+
+    # 4 answers at 40, 42, 44, 46 ms (mean 43); the gate: 4 requests summing 160 ms (40 ms each);
+    # 2 batches of 2 at 25 ms each, 0.5 ms from decision to dispatch each
+    line = run_split(np.array([0.040, 0.042, 0.044, 0.046]), GateWindow(np.array([0, 2]), np.array([0.0, 0.050]), 4,
+                                                                        0.160, 0.001))
+    assert "client W 43.00 ms over 4 answers" in line and "the gate's own W 40.00 ms over 4" in line
+    assert "hop (client - gate) 3.00 ms" in line and "2 batches, mean dispatch-to-completion 25.00 ms" in line
+    assert "turnaround 0.50 ms" in line
+    assert run_split(np.array([]), GateWindow(np.zeros(2), np.zeros(2), 0, 0.0)) == "no answered requests to split"
