@@ -386,7 +386,15 @@ def main(argv=None) -> int:
                     help="with --features: only these feature solves")
     ap.add_argument("--policy-drift", action="store_true",
                     help="per size of the automatic search: gain step, policy changes, stationary mass (module doc)")
+    ap.add_argument("--keep-freed-memory-mb", type=int, default=0,
+                    help="keep this much freed memory in the bench process, as smdp solver-serve does by default "
+                         "(solver.memory; 0: glibc's defaults). Process-wide: compare two runs, one with and one without")
     args = ap.parse_args(argv)
+    if args.keep_freed_memory_mb:
+        from solver.memory import keep_freed_memory
+
+        print(f"freed memory kept: {args.keep_freed_memory_mb} MiB "
+              f"({'applied' if keep_freed_memory(args.keep_freed_memory_mb * 2**20) else 'not applied: not glibc'})")
     if args.policy_drift:
         return policy_drift(args)
     if args.features:

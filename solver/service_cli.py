@@ -45,6 +45,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="concurrent solves (env SMDP_SOLVER_WORKERS; default: %(default)s)")
     p.add_argument("--cache-size", type=int, default=_env_int("cache_size", 256),
                    help="cached solutions kept (env SMDP_SOLVER_CACHE_SIZE; default: %(default)s)")
+    p.add_argument("--keep-freed-memory-mb", type=int, default=_env_int("keep_freed_memory_mb", 1024),
+                   help="freed memory the process keeps for the next solve instead of returning it, in MiB; "
+                        "arrays below it come from the heap (solver.memory: about a third faster at B = 128; "
+                        "0 = glibc's defaults; env SMDP_SOLVER_KEEP_FREED_MEMORY_MB; default: %(default)s)")
     p.set_defaults(func=_run)
 
 
@@ -57,6 +61,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print(f"smdp solver-serve: error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
         return 2
+    if not 0 <= args.keep_freed_memory_mb < 2048:
+        print(f"smdp solver-serve: error: --keep-freed-memory-mb must be in [0, 2048), got {args.keep_freed_memory_mb}",
+              file=sys.stderr)
+        return 2
+    if args.keep_freed_memory_mb:
+        from solver.memory import keep_freed_memory
+
+        if not keep_freed_memory(args.keep_freed_memory_mb * 2**20):
+            print("smdp solver-serve: freed memory not kept (not glibc): solves run with the C library's defaults",
+                  file=sys.stderr)
     try:
         server, port = start_solver_server(args.listen, max_workers=args.workers, cache_size=args.cache_size)
     except (OSError, ValueError) as exc:
