@@ -194,6 +194,12 @@ def rule_from_spec(spec: str, max_batch: int) -> BatchRule:
     raise ValueError("the smdp policy must be solved, not parsed: use solver.solve")
 
 
+def check_max_wait(max_wait_s: float) -> None:
+    """The guard's one rule for its wait (``MaxWaitGuard``, ``InstanceGuard``): finite and > 0 seconds."""
+    if not math.isfinite(max_wait_s) or max_wait_s <= 0:
+        raise ValueError(f"max wait must be finite and > 0 seconds, got {max_wait_s!r}")
+
+
 @dataclass(frozen=True)
 class MaxWaitGuard:
     """Any rule, plus: serve min(n, B) once the oldest request has waited ``max_wait_s``.
@@ -207,8 +213,7 @@ class MaxWaitGuard:
     max_wait_s: float
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.max_wait_s) or self.max_wait_s <= 0:
-            raise ValueError(f"max wait must be finite and > 0 seconds, got {self.max_wait_s!r}")
+        check_max_wait(self.max_wait_s)
 
     @property
     def max_batch(self) -> int:
@@ -338,8 +343,7 @@ class InstanceGuard:
     max_wait_s: float
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.max_wait_s) or self.max_wait_s <= 0:
-            raise ValueError(f"max wait must be finite and > 0 seconds, got {self.max_wait_s!r}")
+        check_max_wait(self.max_wait_s)
 
     @property
     def max_batch(self) -> int:
