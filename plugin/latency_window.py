@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .stalls import StallLog
+from .stalls import StallLog, window_seconds
 
 
 @dataclass(frozen=True)
@@ -52,11 +52,9 @@ class LatencyGap:
 
 class LatencyWindow:
     def __init__(self, window_s: float, max_samples: int = 200_000) -> None:
-        if not math.isfinite(window_s) or window_s <= 0:
-            raise ValueError(f"window must be finite and > 0 seconds, got {window_s!r}")
         if max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {max_samples!r}")
-        self.window_s = float(window_s)
+        self.window_s = window_seconds(window_s)
         self._times: deque[float] = deque(maxlen=max_samples)
         self._values: deque[float] = deque(maxlen=max_samples)
 
@@ -88,9 +86,7 @@ class ExcessWindow:
     Adding is O(1) amortised; ``gap`` sorts a copy (once a second at most)."""
 
     def __init__(self, window_s: float, max_samples: int = 200_000) -> None:
-        if not math.isfinite(window_s) or window_s <= 0:
-            raise ValueError(f"window must be finite and > 0 seconds, got {window_s!r}")
-        self.window_s = float(window_s)
+        self.window_s = window_seconds(window_s)
         self._times: deque[float] = deque(maxlen=max_samples)
         self._latencies: deque[float] = deque(maxlen=max_samples)
         self._over_quantile: deque[float] = deque(maxlen=max_samples)

@@ -33,15 +33,20 @@ from collections import deque
 import numpy as np
 
 
+def window_seconds(window_s: float) -> float:
+    """A rolling window's length, checked once for the SLO's windows (here and ``latency_window``)."""
+    if not math.isfinite(window_s) or window_s <= 0:
+        raise ValueError(f"window must be finite and > 0 seconds, got {window_s!r}")
+    return float(window_s)
+
+
 class StallLog:
     """Stretches of time the host held requests up beyond what the model expects, over a window."""
 
     def __init__(self, window_s: float, max_stalls: int = 4096) -> None:
-        if not math.isfinite(window_s) or window_s <= 0:
-            raise ValueError(f"window must be finite and > 0 seconds, got {window_s!r}")
         if max_stalls < 1:
             raise ValueError(f"max_stalls must be >= 1, got {max_stalls!r}")
-        self.window_s = float(window_s)
+        self.window_s = window_seconds(window_s)
         self._starts: deque[float] = deque(maxlen=max_stalls)
         self._ends: deque[float] = deque(maxlen=max_stalls)
 
