@@ -163,6 +163,7 @@ def test_a_given_mmpp_is_solved_for_from_the_first_solve_and_swings_do_not_re_so
         sol = c.current
         assert isinstance(sol.arrivals, MMPP2) and sol.arrivals.mean_rate == pytest.approx(200.0, rel=1e-9)
         assert sol.arrivals.switching == seed.switching and "phase-blind" in sol.source
+        assert c.version == 2 and c.solves == 2  # the plain table served while the search ran, then this
         mm = BatchingModel(rate=200.0, max_batch=B, profile=profile, idle_power_w=P0, weight=sol.solved_weight,
                            arrivals=sol.arrivals)
         assert sol.gain == pytest.approx(evaluate_mmpp(mm, sol.policy).cost, rel=1e-9)

@@ -906,6 +906,11 @@ class PolicyController:
             self.note = f"{solution.problem} for w = {solution.weight:g}; keeping policy v{self.version}"
             log.warning("%s: %s", self.model, self.note)
             return
+        self._adopt(solution, rebase=rebase)
+
+    def _adopt(self, solution: Solution, *, rebase: bool) -> None:
+        """Install a solved policy (``_resolve``; also the plain table a long phase-blind search
+        starts from, while nothing else is in force: ``_solve``)."""
         self.solves += 1
         self.current = solution
         self.version += 1
@@ -1110,6 +1115,13 @@ class PolicyController:
             from solver.mmpp import solve_mmpp_blind
 
             mm = model.with_(rate=shape.mean_rate, arrivals=shape)
+            interim = Solution(r.policy, rate, weight, r.mean_latency_s, r.mean_power_w, r.gain, r.mean_batch,
+                               r.source + " (serving while the phase-blind search runs)", self._profile_source(),
+                               solved_weight, arrivals=arrivals, converged=r.converged)
+            if self.current is None and interim.problem is None:
+                # the search takes seconds to a minute (three phases, B = 128): the gate is greedy until
+                # the first policy, so the plain table serves meanwhile
+                self._adopt(interim, rebase=False)
             try:
                 b = await asyncio.get_running_loop().run_in_executor(None, solve_mmpp_blind, mm, r.policy)
             except (ModelError, ArithmeticError) as exc:
