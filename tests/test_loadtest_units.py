@@ -207,6 +207,30 @@ def test_a_guarded_gate_contender_runs_a_sidecar_with_that_max_wait():
     assert config.policy_for("any").max_wait_s == 0.01
 
 
+def test_the_trace_bench_gives_each_gate_its_guard_and_the_seeded_one_the_fitted_model():
+    from loadtest.bench import BenchConfig
+    from loadtest.trace_bench import gate_spec
+    from plugin.serve_cli import config_from_args
+    from smdp.cli import build_parser
+
+    cfg = BenchConfig(rates=(150.0,), contenders=(parse_contender("gate:smdp"),), data_plane="python")
+    fit = "mmpp:300,20:0.5,1:2,1"
+    kw = dict(max_batch=8, profile_csv=V100, rate_rps=150.0, solver_url="127.0.0.1:1", slo=None, arrivals=fit)
+    seeded = parse_contender("gate:smdp-adaptive-seeded-guard:20000")
+    assert seeded.seeded and seeded.adaptive and seeded.name == "gate smdp adaptive seeded guard=20ms"
+    assert parse_contender("gate:smdp-adaptive-seeded").seeded
+    with pytest.raises(ValueError):
+        Contender("gate", policy="smdp", seeded=True)  # only the adaptive gate is seeded
+    spec = gate_spec(seeded, cfg, **kw)
+    assert spec.max_wait_s == 0.02 and spec.arrivals == fit
+    config = config_from_args(build_parser().parse_args(["serve", *spec.flags()]))
+    assert config.policy_for("any").max_wait_s == 0.02 and config.policy_for("any").arrivals == fit
+    fixed = gate_spec(parse_contender("gate:smdp-guard:20000"), cfg, **kw)
+    assert fixed.max_wait_s == 0.02 and fixed.arrivals is None and fixed.solver_url is None
+    plain = gate_spec(parse_contender("gate:smdp-adaptive"), cfg, **kw)
+    assert plain.max_wait_s is None and plain.arrivals is None
+
+
 def test_predictions_agree_with_the_solver_and_greedy_equals_zero_delay():
     from solver.evaluate import evaluate
     from solver.policy import greedy
