@@ -402,10 +402,7 @@ def run_one(stack: Stack, cfg: BenchConfig, c: Contender, rate: float, times: np
         delay = ma_delay(model, cfg.slo, seed=cfg.seed)
         c = replace(c, max_queue_delay_us=int(round(delay * 1e6)))
         settings = f"max_queue_delay {delay * 1e3:.3f} ms (Model-Analyzer-style sweep for the SLO)"
-    pred = predict(c, model, times, seed=cfg.seed, warmup_s=lo, compiled=compiled, slo=cfg.slo)
-    if stack.hop is not None and math.isfinite(pred.mean_latency_s):
-        h = stack.hop.gate_s if c.kind == "gate" else stack.hop.direct_s
-        pred = replace(pred, mean_latency_s=pred.mean_latency_s + h, cost=pred.cost + h, source=f"{pred.source}+hop")
+    pred = with_hop(predict(c, model, times, seed=cfg.seed, warmup_s=lo, compiled=compiled, slo=cfg.slo), stack, c)
     res = _run_contender(c, cfg, stack.control, stack.triton_url, times, rate, stack.max_batch,
                          stack.profile_path, cfg.out_dir, compiled=compiled, solver_url=stack.solver_url)
     m = measure(res, stack.ground_truth, idle_power_w=cfg.idle_power_w, weight=cfg.weight,
@@ -421,6 +418,15 @@ def run_one(stack: Stack, cfg: BenchConfig, c: Contender, rate: float, times: np
                     res.done_s[ok] - res.scheduled_s[ok], failures, res.errors,
                     compiled.settings.describe() if compiled is not None else settings,
                     np.maximum(res.sent_s[sent] - res.scheduled_s[sent], 0.0))
+
+
+def with_hop(pred: Prediction, stack: Stack, c: Contender) -> Prediction:
+    """The solver's prediction plus what a request takes beyond its batch's slot on this stack (the
+    measured hop: through the sidecar for gate contenders, direct otherwise); as is without one."""
+    if stack.hop is None or not math.isfinite(pred.mean_latency_s):
+        return pred
+    h = stack.hop.gate_s if c.kind == "gate" else stack.hop.direct_s
+    return replace(pred, mean_latency_s=pred.mean_latency_s + h, cost=pred.cost + h, source=f"{pred.source}+hop")
 
 
 def calibration_policy(c: Contender) -> str:

@@ -29,7 +29,7 @@ from solver import arrivals
 from solver.quantities import DEFAULT_IDLE_POWER_W
 
 from .bench import (BenchConfig, BenchReport, BenchRow, Progress, _ms, bench_stack, contender_override, format_table,
-                    write_outputs)
+                    with_hop, write_outputs)
 from .contenders import Contender, Prediction, compile_config, ma_delay, parse_contender, predict
 from .metrics import batch_histogram, measure, power_note
 from .openloop import run_open_loop
@@ -262,6 +262,7 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                            slo=slo if c.slo else cfg.slo)
             if c.kind == "gate" and c.policy == "smdp" and not c.slo:  # the fitted model, not the Poisson reference
                 pred = fitted.adaptive if c.adaptive else fitted.fixed
+            pred = with_hop(pred, stack, c)  # the measured per-request hop, as the steady-load bench adds
             status: list[StatusSample] = []
             sidecar = None
             follower = None
