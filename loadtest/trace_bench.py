@@ -309,7 +309,11 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
             if c.name == TRAILED:
                 trail.extend(status)
             if c.kind == "gate":
-                used = list(dict.fromkeys(x.solved_for for x in status if x.solved_for))
+                since: dict[str, float] = {}
+                for x in status:
+                    if x.solved_for:
+                        since.setdefault(x.solved_for, x.t_s)
+                used = [f"{k} (from {t:.0f} s)" for k, t in since.items()]
                 if not used and not c.adaptive:
                     used = ["poisson (solved once, at the mean rate)"]
                 settings = (f"predicted under the fitted {fitted.spec}; policies solved for "

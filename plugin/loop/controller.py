@@ -165,8 +165,13 @@ class LongRunRate:
         if self._first is None or now - self._first < max(min_span_s, 1e-9):
             return None
         n = self._n * math.exp(-max(now - self._last, 0.0) / self.tau_s)
-        span = self.tau_s * -math.expm1(-(now - self._first) / self.tau_s)
-        return n / span
+        return n / self.span(now)
+
+    def span(self, now: float) -> float:
+        """T(t), seconds: the effective span the mean is over (0 before the first arrival)."""
+        if self._first is None:
+            return 0.0
+        return self.tau_s * -math.expm1(-max(now - self._first, 0.0) / self.tau_s)
 
 
 @dataclass
@@ -871,7 +876,7 @@ class PolicyController:
         rate, rebase = due
         level = self.modulated_level(now)
         if level is not None:
-            if not self._dirty and self._shape_holds(level):
+            if not self._dirty and self._shape_holds(level, now):
                 if rebase:  # the swing is the modulation solved for: the detector follows it, no solve
                     self.rate.reset(now, rate)
                 return None
@@ -1066,12 +1071,18 @@ class PolicyController:
         mean = self.long_run.rate(now, min_span_s=self.rate.window_s)
         return mean if mean is not None and mean > 0 else None
 
-    def _shape_holds(self, level: float) -> bool:
-        """The policy in force was solved for the current shape at a level within the drift tolerance."""
+    def _shape_holds(self, level: float, now: float) -> bool:
+        """The policy in force was solved for the current shape at a level that the long-run mean has
+        not left: by more than the drift tolerance *and* more than the mean's own 95% noise under that
+        shape (a count over T has variance ID(T) x mean: a bursty shape's mean over a minute moves by
+        tens of percent, and solving for each such move would chase the bursts again)."""
         sol = self.current
-        return (sol is not None and isinstance(sol.arrivals, MMPP2) and self.modulation is not None
-                and self.modulation.version == self._solved_shape
-                and abs(level - sol.rate_rps) <= self.drift_tolerance * sol.rate_rps)
+        if not (sol is not None and isinstance(sol.arrivals, MMPP2) and self.modulation is not None
+                and self.modulation.version == self._solved_shape and self.long_run is not None):
+            return False
+        span = self.long_run.span(now)
+        noise = 1.96 * math.sqrt(sol.arrivals.index_of_dispersion(span) * level / span) if span > 0 else math.inf
+        return abs(level - sol.rate_rps) <= max(self.drift_tolerance * sol.rate_rps, noise)
 
     def _clumping_moved(self) -> bool:
         """The learned mean group size moved by more than the drift tolerance from the one in force."""
