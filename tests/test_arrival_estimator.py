@@ -280,3 +280,24 @@ def test_arrivals_config_is_checked_and_reaches_the_controller():
     assert cfg.arrivals == CompoundPoisson(3.0)
     with pytest.raises(ValueError):
         ControllerConfig(max_batch=B, arrivals=CompoundPoisson(3.0), group_window_gaps=0.0)
+
+
+def test_a_seeded_policy_solved_before_traffic_is_kept_when_traffic_starts(profile):
+    """Solved at start-up for the given shape, before any request: the silence and the first seconds of
+    traffic (the detector's alarms, no long-run mean yet) ask for no solve."""
+    from solver.arrival_model import MMPP2
+
+    async def go():
+        clock = Clock()
+        c = _seeded(profile, clock, MMPP2((260.0, 140.0), (2.0, 2.0)))
+        await c.tick(clock.t)
+        v = c.version
+        for _ in range(120):  # 30 s of silence, ticking
+            clock.t += 0.25
+            assert c.tick(clock.t) is None
+        c.modulation.min_arrivals = 10**9
+        assert c.rate.changed(clock.t)  # the silence: the detector's alarm is up
+        assert await _replay(c, clock, clock.t, list(arrivals.poisson(200.0, duration=4.5, rng=4))) == []
+        assert c.version == v
+
+    asyncio.run(go())
