@@ -457,7 +457,7 @@ def test_trace_bench_predictions_carry_the_measured_hop():
     from loadtest.stack_profile import RequestHop
 
     prof = scaled_profile(ServiceProfile.from_csv(V100).truncated(8), 10.0)
-    stack = Stack("t", None, 8, prof, V100, hop=RequestHop(0.001, 0.004))
+    stack = Stack("t", None, 8, prof, V100, hop=RequestHop(0.001, 0.003, 0.001))
     pred = Prediction(0.050, 100.0, 0.150, 4.0, "exact")
     gate = with_hop(pred, stack, parse_contender("gate:smdp-adaptive-seeded"))
     assert gate.mean_latency_s == pytest.approx(0.054) and gate.cost == pytest.approx(0.154) and gate.source == "exact+hop"
