@@ -423,7 +423,7 @@ def run_one(stack: Stack, cfg: BenchConfig, c: Contender, rate: float, times: np
         pred = _w_on_its_arrivals(pred, c, model, times, cfg)
     hop, in_gate = math.nan, 0.0
     if stack.hop is not None and math.isfinite(pred.mean_latency_s):
-        hop, in_gate = (stack.hop.gate_s, stack.hop.in_gate_s) if c.kind == "gate" else (stack.hop.direct_s, 0.0)
+        hop, in_gate = hop_parts(stack.hop, c)
         pred = replace(pred, mean_latency_s=pred.mean_latency_s + in_gate + hop, cost=pred.cost + in_gate + hop,
                        source=f"{pred.source}+hop")
     res, split = _run_contender(c, cfg, stack.control, stack.triton_url, times, rate, stack.max_batch,
@@ -460,6 +460,21 @@ def _w_on_its_arrivals(pred: Prediction, c: Contender, model: BatchingModel, tim
 
     w = model_w(model.profile, policy_rule(c.policy, model), times, cfg.window, cfg.idle_power_w, cfg.weight)
     return replace(pred, mean_latency_s=w, cost=w + cfg.weight * pred.mean_power_w, source=f"{pred.source}, W sim")
+
+
+def hop_parts(hop: RequestHop, c: Contender) -> tuple[float, float]:
+    """(hop, in-gate time) a request takes beyond its batch's slot on this stack: through the sidecar
+    for gate contenders, direct otherwise."""
+    return (hop.gate_s, hop.in_gate_s) if c.kind == "gate" else (hop.direct_s, 0.0)
+
+
+def with_hop(pred: Prediction, stack: Stack, c: Contender) -> Prediction:
+    """The solver's prediction plus the measured hop (``hop_parts``), as ``run_one`` adds it; as is
+    without one (the trace bench's predictions)."""
+    if stack.hop is None or not math.isfinite(pred.mean_latency_s):
+        return pred
+    h = sum(hop_parts(stack.hop, c))
+    return replace(pred, mean_latency_s=pred.mean_latency_s + h, cost=pred.cost + h, source=f"{pred.source}+hop")
 
 
 def calibration_policy(c: Contender) -> str:
