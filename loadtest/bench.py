@@ -43,7 +43,7 @@ shows the trade-off."""
 from .metrics import Measured, batch_histogram, measure, power_note
 from .openloop import OpenLoopResult, run_open_loop
 from .stack import SidecarProcess, SidecarSpec, SolverProcess, scaled_profile, write_profile_csv
-from .stack_profile import GateWatch, RequestHop, RunSplit, run_split
+from .stack_profile import GateWatch, RequestHop, RuleInForce, RunSplit, run_split
 from .triton_control import BatchingOverride, ModelConfigControl
 
 __all__ = ["BenchConfig", "BenchRow", "BenchReport", "Stack", "bench_stack", "run_one", "run_bench", "DEFAULT_PROFILE"]
@@ -225,15 +225,16 @@ def _instances(cfg: BenchConfig) -> int | None:
 def _run_contender(c: Contender, cfg: BenchConfig, control: ModelConfigControl, triton_url: str,
                    times: np.ndarray, rate: float, B: int, profile_path: Path, log_dir: Path,
                    compiled=None, solver_url: str | None = None,
-                   told: ServiceProfile | None = None) -> tuple[OpenLoopResult, RunSplit | None]:
+                   told: ServiceProfile | None = None) -> tuple[OpenLoopResult, RunSplit | None, RuleInForce | None]:
     """Run one contender; for a gate contender also its window split into the gate's own W and the hop
-    outside it (``stack_profile.RunSplit``, written beside its log; None where the gate could not be read)."""
+    outside it (``stack_profile.RunSplit``, written beside its log; None where the gate could not be read),
+    and for an SLO gate the rule it ran for most of the window (``stack_profile.RuleInForce``; else None)."""
     control.apply(contender_override(c, cfg, compiled))
     sidecar = None
     target = triton_url  # Triton's batcher and config mode: no sidecar hop
     lo, hi = cfg.window
     watch: ExitStack | GateWatch = ExitStack()
-    split = None
+    split, in_force = None, None
     try:
         if c.kind == "gate":
             spec = SidecarSpec(policy=c.policy, max_batch=B, profile_csv=profile_path, rate_rps=rate,
@@ -245,7 +246,7 @@ def _run_contender(c: Contender, cfg: BenchConfig, control: ModelConfigControl, 
             sidecar = SidecarProcess(triton_url, spec, log_path=log_dir / f"sidecar-{safe}-{rate:g}.log").start()
             target = sidecar.url
             if sidecar.control_url is not None:
-                watch = GateWatch(sidecar.control_url, cfg.model, cfg.window)
+                watch = GateWatch(sidecar.control_url, cfg.model, cfg.window, rules=c.slo)
         with watch:
             result = run_open_loop(target, cfg.model, times, timeout_s=cfg.request_timeout_s,
                                    required=(times >= lo) & (times < hi), drain_grace_s=1.0,
@@ -254,7 +255,9 @@ def _run_contender(c: Contender, cfg: BenchConfig, control: ModelConfigControl, 
             _save_slo_status(sidecar, cfg.model, log_dir / f"slo-status-{safe}-{rate:g}.txt")
         if isinstance(watch, GateWatch):
             split = _run_split(watch, result, cfg.window, told, log_dir / f"gate-split-{safe}-{rate:g}.txt")
-        return result, split
+            if c.slo:
+                in_force = _rule_in_force(watch, log_dir / f"slo-rule-{safe}-{rate:g}.txt")
+        return result, split, in_force
     finally:
         if sidecar is not None:
             sidecar.stop()
@@ -273,6 +276,18 @@ def _run_split(watch: GateWatch, result: OpenLoopResult, window: tuple[float, fl
         return None
     path.write_text(f"over the measured window: {split.describe()}\n")
     return split
+
+
+def _rule_in_force(watch: GateWatch, path: Path) -> RuleInForce | None:
+    """The rule an SLO gate ran for most of the measured window, written to ``path``; None (and the reason in
+    the file) where it could not be read."""
+    try:
+        in_force = watch.rule_in_force()
+    except ValueError as exc:
+        path.write_text(f"no rule: {exc}\n")
+        return None
+    path.write_text(in_force.describe() + "\n")
+    return in_force
 
 
 def _save_slo_status(sidecar: SidecarProcess, model: str, path: Path) -> None:
@@ -426,7 +441,7 @@ def run_one(stack: Stack, cfg: BenchConfig, c: Contender, rate: float, times: np
         hop, in_gate = hop_parts(stack.hop, c)
         pred = replace(pred, mean_latency_s=pred.mean_latency_s + in_gate + hop, cost=pred.cost + in_gate + hop,
                        source=f"{pred.source}+hop")
-    res, split = _run_contender(c, cfg, stack.control, stack.triton_url, times, rate, stack.max_batch,
+    res, split, in_force = _run_contender(c, cfg, stack.control, stack.triton_url, times, rate, stack.max_batch,
                          stack.profile_path, cfg.out_dir, compiled=compiled, solver_url=stack.solver_url,
                          told=stack.profile)
     m = measure(res, stack.ground_truth, idle_power_w=cfg.idle_power_w, weight=cfg.weight,
@@ -437,6 +452,9 @@ def run_one(stack: Stack, cfg: BenchConfig, c: Contender, rate: float, times: np
     failures = dict(Counter(s for s, w in zip(res.status, in_window) if w and s != "OK"))
     if c.slo and cfg.slo is not None and cfg.slo_margin_auto:
         settings = f"SLO margin {cfg.slo.margin_s * 1e3:.2f} ms (measured)"
+    if in_force is not None and _in_force_on_its_arrivals(c, cfg) and math.isfinite(hop):
+        pred = _rule_on_its_arrivals(in_force, model, times, cfg, in_gate + hop)
+        settings = f"{settings}; {in_force.describe()}" if settings else in_force.describe()
     sent = in_window & np.isfinite(res.sent_s)
     return BenchRow(rate, c.name, m, pred, batch_histogram(res, stack.max_batch, cfg.window),
                     res.done_s[ok] - res.scheduled_s[ok], failures, res.errors,
@@ -460,6 +478,25 @@ def _w_on_its_arrivals(pred: Prediction, c: Contender, model: BatchingModel, tim
 
     w = model_w(model.profile, policy_rule(c.policy, model), times, cfg.window, cfg.idle_power_w, cfg.weight)
     return replace(pred, mean_latency_s=w, cost=w + cfg.weight * pred.mean_power_w, source=f"{pred.source}, W sim")
+
+
+def _in_force_on_its_arrivals(c: Contender, cfg: BenchConfig) -> bool:
+    """Whether an SLO gate is predicted with the rule it ran (``_rule_on_its_arrivals``): at the operating
+    point, one instance. Its SLO loop moves the policy while it runs (the measured correction), so the
+    policy solved before the run is not the one measured."""
+    return cfg.operating_point and c.kind == "gate" and c.slo and cfg.instances == 1
+
+
+def _rule_on_its_arrivals(in_force: RuleInForce, model: BatchingModel, times: np.ndarray, cfg: BenchConfig,
+                          residual_s: float) -> Prediction:
+    """The prediction for the rule a gate ran over the window (read from it at both ends): W and P of that rule
+    simulated on the run's own arrivals (``stack_profile.model_wp``), W plus ``residual_s`` (the calibration's
+    time in the gate and hop)."""
+    from .stack_profile import model_wp
+
+    f = model_wp(model.profile, in_force.reading.rule, times, cfg.window, cfg.idle_power_w, cfg.weight)
+    w = f.mean_latency_s + residual_s
+    return Prediction(w, f.mean_power_w, w + cfg.weight * f.mean_power_w, f.mean_batch, "in force, W P sim+hop")
 
 
 def hop_parts(hop: RequestHop, c: Contender) -> tuple[float, float]:

@@ -178,13 +178,22 @@ def policy_rule(policy: str, model: BatchingModel) -> BatchRule:
     return rule_from_spec(policy, model.max_batch)
 
 
-def model_w(profile: ServiceProfile, rule: BatchRule, times: np.ndarray, window: tuple[float, float],
-            idle_power_w: float, weight: float, draws: int = MODEL_W_DRAWS) -> float:
-    """The model's mean W, seconds, over the requests scheduled in ``window`` of these very arrival ``times``:
-    ``rule`` simulated with ``profile``'s service law, averaged over ``draws`` service-time streams. A run's
-    window holds a few hundred arrivals, whose own mean W differs from the stationary one by a few percent
-    (the same in every run of a seed); this is the figure that sequence gives the model, so that set beside a
-    measurement of it only the model's error is left."""
+@dataclass(frozen=True)
+class WindowFigures:
+    """The model's figures on a run's own arrivals (``model_wp``)."""
+
+    mean_latency_s: float
+    """Mean W of the requests scheduled in the window."""
+    mean_power_w: float
+    """Mean power from the window's start to the last batch's end, from the simulated batches."""
+    mean_batch: float
+
+
+def model_wp(profile: ServiceProfile, rule: BatchRule, times: np.ndarray, window: tuple[float, float],
+             idle_power_w: float, weight: float, draws: int = MODEL_W_DRAWS) -> WindowFigures:
+    """The model's mean W over the requests scheduled in ``window`` of these very arrival ``times``, and
+    its mean power and batch from the window's start on: ``rule`` simulated with ``profile``'s service law,
+    averaged over ``draws`` service-time streams."""
     from solver.simulate import simulate_latencies
 
     lo, hi = window
@@ -193,9 +202,90 @@ def model_w(profile: ServiceProfile, rule: BatchRule, times: np.ndarray, window:
     counted = after < hi
     if not counted.any():
         raise ValueError("no arrival in the window")
-    got = [simulate_latencies(profile, rule, t, idle_power_w=idle_power_w, weight=weight, seed=s, warmup=lo)[1]
-           [counted].mean() for s in range(draws)]
-    return float(np.mean(got))
+    runs = [simulate_latencies(profile, rule, t, idle_power_w=idle_power_w, weight=weight, seed=s, warmup=lo)
+            for s in range(draws)]
+    return WindowFigures(float(np.mean([lat[counted].mean() for _, lat in runs])),
+                         float(np.mean([r.mean_power_w for r, _ in runs])),
+                         float(np.mean([r.mean_batch for r, _ in runs])))
+
+
+def model_w(profile: ServiceProfile, rule: BatchRule, times: np.ndarray, window: tuple[float, float],
+            idle_power_w: float, weight: float, draws: int = MODEL_W_DRAWS) -> float:
+    """The model's mean W, seconds, over the requests scheduled in ``window`` of these very arrival ``times``:
+    ``rule`` simulated with ``profile``'s service law, averaged over ``draws`` service-time streams. A run's
+    window holds a few hundred arrivals, whose own mean W differs from the stationary one by a few percent
+    (the same in every run of a seed); this is the figure that sequence gives the model, so that set beside a
+    measurement of it only the model's error is left."""
+    return model_wp(profile, rule, times, window, idle_power_w, weight, draws).mean_latency_s
+
+
+@dataclass(frozen=True)
+class RuleReading:
+    """The rule a gate had in force at one reading (``GetPolicy`` and ``GetStatus``): its table a(n), the
+    SLO policy's max-wait guard (None: none), the policy's version and how long it had been in force."""
+
+    actions: tuple[int, ...]
+    max_batch: int
+    max_wait_s: float | None
+    version: int
+    age_s: float
+
+    @property
+    def rule(self) -> BatchRule:
+        from solver.policy import MaxWaitGuard, PolicyTable
+
+        table = PolicyTable(np.asarray(self.actions, dtype=np.int64), self.max_batch)
+        return table if self.max_wait_s is None else MaxWaitGuard(table, self.max_wait_s)
+
+    def describe(self) -> str:
+        from solver.policy import PolicyTable
+
+        k = PolicyTable(np.asarray(self.actions, dtype=np.int64), self.max_batch).threshold()
+        return (f"v{self.version} ({'threshold ' + str(k) if k is not None else 'a(n) ' + str(list(self.actions))}"
+                + (f", max wait {self.max_wait_s * 1e3:.2f} ms" if self.max_wait_s is not None else "") + ")")
+
+
+def rule_reading(status, policy) -> RuleReading:
+    """A ``RuleReading`` from a ``ModelStatus`` and a ``PolicyReply`` read together."""
+    if not policy.actions:
+        raise ValueError("the gate's rule is not a table")
+    guard = status.slo.max_wait_s if status.HasField("slo") and status.slo.HasField("max_wait_s") else None
+    return RuleReading(tuple(int(a) for a in policy.actions), int(policy.max_batch), guard, int(policy.version),
+                       float(policy.age_s))
+
+
+@dataclass(frozen=True)
+class RuleInForce:
+    """The rule a gate ran for most of a window, from its readings at both ends (``rule_in_force``)."""
+
+    reading: RuleReading
+    changes: int
+    """Policies installed inside the window (0: one rule throughout)."""
+    share: float
+    """Share of the window the chosen rule was in force (nan: not known, more than one change)."""
+
+    def describe(self) -> str:
+        if self.changes == 0:
+            return f"rule in force {self.reading.describe()} over the whole window"
+        part = "an unknown part" if math.isnan(self.share) else f"{self.share:.0%}"
+        return (f"the policy changed {self.changes}x in the window; predicted with {self.reading.describe()}, "
+                f"in force for {part} of it")
+
+
+def rule_in_force(first: RuleReading, last: RuleReading, span_s: float) -> RuleInForce:
+    """The rule in force for most of a window of ``span_s`` seconds read at its start (``first``) and end
+    (``last``): the one rule where the version did not move; else the last one where it had been in force
+    for at least half the window (its age at the end), the first one otherwise (in force up to the first
+    change, at least the part before the last one's install when there was one change)."""
+    if span_s <= 0:
+        raise ValueError(f"window must be positive, got {span_s!r} s")
+    changes = last.version - first.version
+    if changes <= 0:
+        return RuleInForce(last, 0, 1.0)
+    tail = min(max(last.age_s, 0.0), span_s) / span_s
+    if tail >= 0.5:
+        return RuleInForce(last, changes, tail)
+    return RuleInForce(first, changes, 1.0 - tail if changes == 1 else math.nan)
 
 
 @dataclass(frozen=True)
@@ -257,11 +347,14 @@ class GateWatch:
     timer threads started when the watch is entered, just before the run): what the gate itself measured in
     that window (``window()``), to set beside what the client measured in it."""
 
-    def __init__(self, control_url: str, model: str, window: tuple[float, float]) -> None:
+    def __init__(self, control_url: str, model: str, window: tuple[float, float], rules: bool = False) -> None:
         self._url = control_url
         self._model = model
         self._window = window
+        self._rules = rules
         self._readings: dict[str, GateWindow] = {}
+        self._rule_readings: dict[str, RuleReading] = {}
+        self._rule_errors: list[BaseException] = []
         self._errors: list[BaseException] = []
 
     def __enter__(self) -> "GateWatch":
@@ -276,10 +369,17 @@ class GateWatch:
 
         def read(key: str) -> None:
             try:
-                self._readings[key] = gate_reading(stub.GetStatus(smdp_pb2.ModelRequest(model=self._model),
-                                                                  timeout=5.0))
+                request = smdp_pb2.ModelRequest(model=self._model)
+                status = stub.GetStatus(request, timeout=5.0)
+                self._readings[key] = gate_reading(status)
             except BaseException as exc:  # reported by window(), after the run
                 self._errors.append(exc)
+                return
+            if self._rules:
+                try:
+                    self._rule_readings[key] = rule_reading(status, stub.GetPolicy(request, timeout=5.0))
+                except BaseException as exc:  # reported by rule_in_force(), after the run
+                    self._rule_errors.append(exc)
 
         lo, hi = self._window
         self._timers = [threading.Timer(RUN_ORIGIN_S + lo, read, ("lo",)),
@@ -300,6 +400,15 @@ class GateWatch:
         if len(self._readings) != 2:
             raise ValueError("the gate's status was not read at both ends of the window")
         return window_between(self._readings["lo"], self._readings["hi"])
+
+    def rule_in_force(self) -> RuleInForce:
+        """The rule the gate ran for most of the window (``rules`` set); ValueError where it was not read."""
+        if self._errors or self._rule_errors:
+            raise ValueError(f"could not read the gate's rule: {(self._errors + self._rule_errors)[0]}")
+        if len(self._rule_readings) != 2:
+            raise ValueError("the gate's rule was not read at both ends of the window")
+        lo, hi = self._window
+        return rule_in_force(self._rule_readings["lo"], self._rule_readings["hi"], hi - lo)
 
 
 def operating_point(triton_url: str, control: ModelConfigControl, model: str, time_scale: float, max_batch: int,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -220,7 +222,7 @@ def test_gate_contenders_at_the_operating_point_are_predicted_on_their_own_arriv
     times = np.array([0.0, 0.001, 0.010, 0.015, 1.0])
     n = times.size
     done = OpenLoopResult(times, times, times + 0.05, ("OK",) * n, np.ones(n, dtype=np.int64), np.full(n, 2.0))
-    monkeypatch.setattr(bench, "_run_contender", lambda *a, **k: (done, None))
+    monkeypatch.setattr(bench, "_run_contender", lambda *a, **k: (done, None, None))
     row = bench.run_one(stack, cfg, gate, 30.0, times)
     # the rule's W on these arrivals (closed form above) + the calibration's time in the gate + its hop
     assert row.predicted.mean_latency_s == pytest.approx((0.049 + 0.040 + 0.055) / 3 + 0.0005 + 0.002)
@@ -251,7 +253,7 @@ def test_the_split_table_sets_each_part_of_a_gate_contenders_w_beside_its_predic
     n = times.size
     done = OpenLoopResult(times, times, times + 0.0535, ("OK",) * n, np.ones(n, dtype=np.int64), np.full(n, 2.0))
     split = sp.RunSplit(0.0535, 3, 0.0505, 3, 2, 0.025, 0.0004, 0.0001)
-    monkeypatch.setattr(bench, "_run_contender", lambda *a, **k: (done, split))
+    monkeypatch.setattr(bench, "_run_contender", lambda *a, **k: (done, split, None))
     row = bench.run_one(stack, cfg, gate, 30.0, times)
     assert split_table(BenchReport(cfg, (), 2, "")) == []
     lines = split_table(BenchReport(cfg, (row,), 2, ""))
@@ -261,3 +263,92 @@ def test_the_split_table_sets_each_part_of_a_gate_contenders_w_beside_its_predic
                                 "+4.1%", "|", "3.00", "2.00", "|", "25.00", "0.40", "+0.10"]
     got = {k: v for k, v in bench.csv_rows(BenchReport(cfg, (row,), 2, ""))[0].items() if "gate" in k or "hop" in k}
     assert got == pytest.approx({"gate_W_ms": 50.5, "hop_ms": 3.0, "pred_gate_W_ms": 48.5, "pred_hop_ms": 2.0})
+
+
+def test_model_wp_gives_the_rules_power_and_batch_from_the_same_simulation() -> None:
+    from loadtest.stack_profile import model_wp
+    from solver.policy import greedy
+
+    prof = ServiceProfile.from_table([1, 2], [0.020, 0.030], [2.0, 3.0])  # deterministic (cv 0)
+    times = np.array([0.0, 0.001, 0.010, 0.015, 1.0])
+    f = model_wp(prof, greedy(2), times, (0.0, 10.0), 40.0, 0.001, draws=2)
+    # the schedule of the test above: batches of 1, 2, 1, 1 (9 J over 90 ms busy), the last ending at 1.020 s;
+    # idle 40 W for the other 0.930 s
+    assert f.mean_latency_s == pytest.approx((0.020 + 0.049 + 0.040 + 0.055 + 0.020) / 5)
+    assert f.mean_power_w == pytest.approx((9.0 + 40.0 * 0.930) / 1.020)
+    assert f.mean_batch == pytest.approx(5 / 4)
+
+
+def _reading(version: int, age_s: float, actions=(0, 1, 2), max_wait_s=None):
+    from loadtest.stack_profile import RuleReading
+
+    return RuleReading(tuple(actions), 2, max_wait_s, version, age_s)
+
+
+def test_the_rule_in_force_is_the_one_that_ran_for_most_of_the_window() -> None:
+    from loadtest.stack_profile import rule_in_force
+    from solver.policy import MaxWaitGuard, PolicyTable
+
+    first, same = _reading(3, 10.0), _reading(3, 12.5, max_wait_s=0.005)
+    got = rule_in_force(first, same, 2.5)
+    assert got.changes == 0 and got.reading is same and "whole window" in got.describe()
+    assert isinstance(got.reading.rule, MaxWaitGuard) and got.reading.rule.max_wait_s == 0.005
+    assert isinstance(first.rule, PolicyTable) and np.array_equal(first.rule.actions, [0, 1, 2])
+    # one change 2.0 s before the end of a 2.5 s window: the new rule ran for 80% of it
+    late = _reading(4, 2.0, actions=(0, 0, 2))
+    got = rule_in_force(first, late, 2.5)
+    assert got.reading is late and got.changes == 1 and got.share == pytest.approx(0.8)
+    assert "changed 1x" in got.describe() and "threshold 2" in got.describe() and "80%" in got.describe()
+    # one change 0.5 s before the end: the first rule ran for the other 80%
+    got = rule_in_force(first, _reading(4, 0.5), 2.5)
+    assert got.reading is first and got.share == pytest.approx(0.8)
+    # two changes, the last late: the first rule, for a part not known
+    got = rule_in_force(first, _reading(5, 0.5), 2.5)
+    assert got.reading is first and math.isnan(got.share) and "unknown part" in got.describe()
+    with pytest.raises(ValueError, match="window must be positive"):
+        rule_in_force(first, same, 0.0)
+
+
+def test_rule_reading_takes_the_table_from_get_policy_and_the_guard_from_the_slo_status() -> None:
+    from loadtest.stack_profile import rule_reading
+    from smdp.v1 import smdp_pb2
+
+    status = smdp_pb2.ModelStatus(model="m", slo=smdp_pb2.SloStatus(quantile=0.99, latency_s=0.08, max_wait_s=0.004))
+    policy = smdp_pb2.PolicyReply(model="m", actions=[0, 0, 2, 2], max_batch=2, version=7, age_s=1.5)
+    r = rule_reading(status, policy)
+    assert (r.actions, r.max_batch, r.max_wait_s, r.version, r.age_s) == ((0, 0, 2, 2), 2, 0.004, 7, 1.5)
+    assert rule_reading(smdp_pb2.ModelStatus(model="m"), policy).max_wait_s is None
+    with pytest.raises(ValueError, match="not a table"):
+        rule_reading(status, smdp_pb2.PolicyReply(model="m", max_batch=2))
+
+
+def test_an_slo_gate_is_predicted_with_the_rule_it_ran_on_its_own_arrivals(monkeypatch, tmp_path) -> None:
+    import loadtest.bench as bench
+    import loadtest.stack_profile as sp
+    from loadtest.bench import BenchConfig, Stack
+    from loadtest.contenders import parse_contender
+    from loadtest.openloop import OpenLoopResult
+    from solver.slo import SloTarget
+
+    prof = ServiceProfile.from_table([1, 2], [0.020, 0.030], [2.0, 3.0])
+    stack = Stack("127.0.0.1:1", None, 2, prof, tmp_path / "p.csv", hop=sp.RequestHop(0.001, 0.002, 0.0005))
+    gate = parse_contender("gate:smdp-slo")
+    cfg = BenchConfig(rates=(30.0,), contenders=(gate,), data_plane="python", operating_point=True,
+                      out_dir=tmp_path, warmup_s=0.0005, duration_s=0.4995, cooldown_s=0.1,
+                      slo=SloTarget(0.99, 0.2))
+    times = np.array([0.0, 0.001, 0.1])
+    n = times.size
+    done = OpenLoopResult(times, times, times + 0.03, ("OK",) * n, np.ones(n, dtype=np.int64), np.full(n, 2.0))
+    # threshold 2 guarded at 5 ms: 0 and 0.001 together until 0.031 (3 J); 0.1 alone once it waited 5 ms,
+    # 0.105 to 0.125 (2 J). Window from 0.0005: the second and third, W (30 + 25) / 2 ms; power from 0.0005
+    # to 0.125 (busy 50 ms, idle 40 W for the other 74.5 ms)
+    in_force = sp.RuleInForce(_reading(2, 9.0, actions=(0, 0, 2), max_wait_s=0.005), 0, 1.0)
+    monkeypatch.setattr(bench, "_run_contender", lambda *a, **k: (done, None, in_force))
+    row = bench.run_one(stack, cfg, gate, 30.0, times)
+    assert row.predicted.mean_latency_s == pytest.approx(0.0275 + 0.0005 + 0.002)
+    assert row.predicted.mean_power_w == pytest.approx((5.0 + 40.0 * 0.0745) / 0.1245)
+    assert row.predicted.mean_batch == pytest.approx(1.5)
+    assert row.predicted.source == "in force, W P sim+hop" and "whole window" in row.settings
+    # where the rule could not be read it keeps the SLO search's figure
+    monkeypatch.setattr(bench, "_run_contender", lambda *a, **k: (done, None, None))
+    assert bench.run_one(stack, cfg, gate, 30.0, times).predicted.source == "sim+hop"
