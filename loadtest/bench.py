@@ -43,7 +43,7 @@ shows the trade-off."""
 from .metrics import Measured, batch_histogram, measure, power_note
 from .openloop import OpenLoopResult, run_open_loop
 from .stack import SidecarProcess, SidecarSpec, SolverProcess, scaled_profile, write_profile_csv
-from .stack_profile import GateWatch, RequestHop, RuleInForce, RunSplit, run_split
+from .stack_profile import GateWatch, RequestHop, RuleSchedule, RunSplit, run_split
 from .triton_control import BatchingOverride, ModelConfigControl
 
 __all__ = ["BenchConfig", "BenchRow", "BenchReport", "Stack", "bench_stack", "run_one", "run_bench", "DEFAULT_PROFILE"]
@@ -225,10 +225,10 @@ def _instances(cfg: BenchConfig) -> int | None:
 def _run_contender(c: Contender, cfg: BenchConfig, control: ModelConfigControl, triton_url: str,
                    times: np.ndarray, rate: float, B: int, profile_path: Path, log_dir: Path,
                    compiled=None, solver_url: str | None = None,
-                   told: ServiceProfile | None = None) -> tuple[OpenLoopResult, RunSplit | None, RuleInForce | None]:
+                   told: ServiceProfile | None = None) -> tuple[OpenLoopResult, RunSplit | None, RuleSchedule | None]:
     """Run one contender; for a gate contender also its window split into the gate's own W and the hop
     outside it (``stack_profile.RunSplit``, written beside its log; None where the gate could not be read),
-    and for an SLO gate the rule it ran for most of the window (``stack_profile.RuleInForce``; else None)."""
+    and for an SLO gate the rules it ran over the window (``stack_profile.RuleSchedule``; else None)."""
     control.apply(contender_override(c, cfg, compiled))
     sidecar = None
     target = triton_url  # Triton's batcher and config mode: no sidecar hop
@@ -278,11 +278,11 @@ def _run_split(watch: GateWatch, result: OpenLoopResult, window: tuple[float, fl
     return split
 
 
-def _rule_in_force(watch: GateWatch, path: Path) -> RuleInForce | None:
-    """The rule an SLO gate ran for most of the measured window, written to ``path``; None (and the reason in
+def _rule_in_force(watch: GateWatch, path: Path) -> RuleSchedule | None:
+    """The rules an SLO gate ran over the measured window, written to ``path``; None (and the reason in
     the file) where it could not be read."""
     try:
-        in_force = watch.rule_in_force()
+        in_force = watch.rules_in_force()
     except ValueError as exc:
         path.write_text(f"no rule: {exc}\n")
         return None
@@ -487,14 +487,14 @@ def _in_force_on_its_arrivals(c: Contender, cfg: BenchConfig) -> bool:
     return cfg.operating_point and c.kind == "gate" and c.slo and cfg.instances == 1
 
 
-def _rule_on_its_arrivals(in_force: RuleInForce, model: BatchingModel, times: np.ndarray, cfg: BenchConfig,
+def _rule_on_its_arrivals(in_force: RuleSchedule, model: BatchingModel, times: np.ndarray, cfg: BenchConfig,
                           residual_s: float) -> Prediction:
-    """The prediction for the rule a gate ran over the window (read from it at both ends): W and P of that rule
-    simulated on the run's own arrivals (``stack_profile.model_wp``), W plus ``residual_s`` (the calibration's
+    """The prediction for the rules a gate ran over the window (read from it as it ran): W and P of those rules
+    simulated on the run's own arrivals (``stack_profile.model_wp_schedule``), W plus ``residual_s`` (the calibration's
     time in the gate and hop)."""
-    from .stack_profile import model_wp
+    from .stack_profile import model_wp_schedule
 
-    f = model_wp(model.profile, in_force.reading.rule, times, cfg.window, cfg.idle_power_w, cfg.weight)
+    f = model_wp_schedule(model.profile, in_force, times, cfg.idle_power_w, cfg.weight)
     w = f.mean_latency_s + residual_s
     return Prediction(w, f.mean_power_w, w + cfg.weight * f.mean_power_w, f.mean_batch, "in force, W P sim+hop")
 

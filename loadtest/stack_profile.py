@@ -241,7 +241,9 @@ class RuleReading:
         from solver.policy import PolicyTable
 
         k = PolicyTable(np.asarray(self.actions, dtype=np.int64), self.max_batch).threshold()
-        return (f"v{self.version} ({'threshold ' + str(k) if k is not None else 'a(n) ' + str(list(self.actions))}"
+        served = [n for n, x in enumerate(self.actions) if x > 0]
+        shape = f"threshold {k}" if k is not None else f"serves from n = {served[0] if served else '-'}"
+        return (f"v{self.version} ({shape}"
                 + (f", max wait {self.max_wait_s * 1e3:.2f} ms" if self.max_wait_s is not None else "") + ")")
 
 
@@ -254,38 +256,86 @@ def rule_reading(status, policy) -> RuleReading:
                        float(policy.age_s))
 
 
-@dataclass(frozen=True)
-class RuleInForce:
-    """The rule a gate ran for most of a window, from its readings at both ends (``rule_in_force``)."""
+RULE_READ_EVERY_S = 0.25
+"""How often ``GateWatch`` reads the rule in force over the window (with ``rules``): a policy installed and
+replaced between two readings is missed (``RuleSchedule.missed``)."""
 
-    reading: RuleReading
-    changes: int
-    """Policies installed inside the window (0: one rule throughout)."""
-    share: float
-    """Share of the window the chosen rule was in force (nan: not known, more than one change)."""
+
+@dataclass(frozen=True)
+class RuleSchedule:
+    """The rules a gate ran over a window, each from when it came into force (``rule_schedule``)."""
+
+    segments: tuple[tuple[float, RuleReading], ...]
+    """(start, rule) in time order; the first starts at the window's start, each runs until the next."""
+    window: tuple[float, float]
+    missed: int = 0
+    """Policies installed in the window that no reading saw (in force between two readings)."""
+
+    def shares(self) -> np.ndarray:
+        """Each segment's share of the window."""
+        lo, hi = self.window
+        ends = [t for t, _ in self.segments[1:]] + [hi]
+        return np.array([(end - t) / (hi - lo) for (t, _), end in zip(self.segments, ends)])
 
     def describe(self) -> str:
-        if self.changes == 0:
-            return f"rule in force {self.reading.describe()} over the whole window"
-        part = "an unknown part" if math.isnan(self.share) else f"{self.share:.0%}"
-        return (f"the policy changed {self.changes}x in the window; predicted with {self.reading.describe()}, "
-                f"in force for {part} of it")
+        parts = ", then ".join(f"{r.describe()} for {share:.0%}" for (_, r), share in zip(self.segments, self.shares()))
+        more = f" ({self.missed} more seen by no reading)" if self.missed else ""
+        changes = len(self.segments) - 1 + self.missed
+        return (f"rule in force over the whole window: {parts}" if changes == 0
+                else f"the policy changed {changes}x in the window{more}: {parts}")
 
 
-def rule_in_force(first: RuleReading, last: RuleReading, span_s: float) -> RuleInForce:
-    """The rule in force for most of a window of ``span_s`` seconds read at its start (``first``) and end
-    (``last``): the one rule where the version did not move; else the last one where it had been in force
-    for at least half the window (its age at the end), the first one otherwise (in force up to the first
-    change, at least the part before the last one's install when there was one change)."""
-    if span_s <= 0:
-        raise ValueError(f"window must be positive, got {span_s!r} s")
-    changes = last.version - first.version
-    if changes <= 0:
-        return RuleInForce(last, 0, 1.0)
-    tail = min(max(last.age_s, 0.0), span_s) / span_s
-    if tail >= 0.5:
-        return RuleInForce(last, changes, tail)
-    return RuleInForce(first, changes, 1.0 - tail if changes == 1 else math.nan)
+def rule_schedule(readings: list[tuple[float, RuleReading]], window: tuple[float, float]) -> RuleSchedule:
+    """The rules in force over ``window`` from readings (time, rule) taken in it, the first at its start: each
+    version seen comes into force at its reading's time less its age (not before the window's start)."""
+    lo, hi = window
+    if hi <= lo:
+        raise ValueError(f"window must be positive, got {window!r}")
+    if not readings:
+        raise ValueError("no reading of the gate's rule")
+    first: dict[int, tuple[float, RuleReading]] = {}
+    for t, r in sorted(readings, key=lambda x: x[0]):
+        first.setdefault(r.version, (min(max(t - r.age_s, lo), hi), r))
+    seen = sorted(first.items())
+    starts = np.maximum.accumulate([start for _, (start, _) in seen])
+    starts[0] = lo
+    segments = tuple((float(t), r) for t, (_, (_, r)) in zip(starts, seen))
+    kept = tuple(seg for i, seg in enumerate(segments) if i + 1 == len(segments) or segments[i + 1][0] > seg[0])
+    return RuleSchedule(kept, window, seen[-1][0] - seen[0][0] - (len(seen) - 1))
+
+
+def model_wp_schedule(profile: ServiceProfile, schedule: RuleSchedule, times: np.ndarray, idle_power_w: float,
+                      weight: float, draws: int = MODEL_W_DRAWS) -> WindowFigures:
+    """``model_wp`` for a gate whose rule changed in the window: each rule simulated on all the arrivals, a
+    request's W taken from the rule in force at its arrival, P and the mean batch as each rule's weighted by
+    its share of the window (the queue a new rule finds is its own simulation's, not the old rule's: a
+    switch's transient is not modelled). One rule: exactly ``model_wp``."""
+    lo, hi = schedule.window
+    if len(schedule.segments) == 1:
+        return model_wp(profile, schedule.segments[0][1].rule, times, schedule.window, idle_power_w, weight, draws)
+    from solver.simulate import simulate_latencies
+
+    t = np.asarray(times, dtype=float)
+    after = t[t >= lo]
+    counted = after < hi
+    if not counted.any():
+        raise ValueError("no arrival in the window")
+    which = np.searchsorted([start for start, _ in schedule.segments], after[counted], side="right") - 1
+    shares = schedule.shares()
+    w, p, batch = [], [], []
+    for s in range(draws):
+        lat = np.empty(int(counted.sum()))
+        pw = mb = 0.0
+        for k, (_, r) in enumerate(schedule.segments):
+            res, all_lat = simulate_latencies(profile, r.rule, t, idle_power_w=idle_power_w, weight=weight, seed=s,
+                                              warmup=lo)
+            lat[which == k] = all_lat[counted][which == k]
+            pw += shares[k] * res.mean_power_w
+            mb += shares[k] * res.mean_batch
+        w.append(lat.mean())
+        p.append(pw)
+        batch.append(mb)
+    return WindowFigures(float(np.mean(w)), float(np.mean(p)), float(np.mean(batch)))
 
 
 @dataclass(frozen=True)
@@ -345,7 +395,8 @@ RUN_ORIGIN_S = 0.05
 class GateWatch:
     """Reads a gate's ``GetStatus`` at both ends of a run's window (seconds from the run's time origin, on
     timer threads started when the watch is entered, just before the run): what the gate itself measured in
-    that window (``window()``), to set beside what the client measured in it."""
+    that window (``window()``), to set beside what the client measured in it; with ``rules``, also the rule
+    in force every ``RULE_READ_EVERY_S`` over it (``rules_in_force()``)."""
 
     def __init__(self, control_url: str, model: str, window: tuple[float, float], rules: bool = False) -> None:
         self._url = control_url
@@ -353,7 +404,7 @@ class GateWatch:
         self._window = window
         self._rules = rules
         self._readings: dict[str, GateWindow] = {}
-        self._rule_readings: dict[str, RuleReading] = {}
+        self._rule_readings: list[tuple[float, RuleReading]] = []
         self._rule_errors: list[BaseException] = []
         self._errors: list[BaseException] = []
 
@@ -367,23 +418,27 @@ class GateWatch:
         self._channel = grpc.insecure_channel(self._url)
         stub = smdp_pb2_grpc.ControlStub(self._channel)
 
+        request = smdp_pb2.ModelRequest(model=self._model)
+
         def read(key: str) -> None:
             try:
-                request = smdp_pb2.ModelRequest(model=self._model)
-                status = stub.GetStatus(request, timeout=5.0)
-                self._readings[key] = gate_reading(status)
+                self._readings[key] = gate_reading(stub.GetStatus(request, timeout=5.0))
             except BaseException as exc:  # reported by window(), after the run
                 self._errors.append(exc)
-                return
-            if self._rules:
-                try:
-                    self._rule_readings[key] = rule_reading(status, stub.GetPolicy(request, timeout=5.0))
-                except BaseException as exc:  # reported by rule_in_force(), after the run
-                    self._rule_errors.append(exc)
+
+        def read_rule(at: float) -> None:
+            try:
+                status = stub.GetStatus(request, timeout=5.0)
+                self._rule_readings.append((at, rule_reading(status, stub.GetPolicy(request, timeout=5.0))))
+            except BaseException as exc:  # reported by rules_in_force(), after the run
+                self._rule_errors.append(exc)
 
         lo, hi = self._window
         self._timers = [threading.Timer(RUN_ORIGIN_S + lo, read, ("lo",)),
                         threading.Timer(RUN_ORIGIN_S + hi, read, ("hi",))]
+        if self._rules:
+            at = np.append(np.arange(lo, hi, RULE_READ_EVERY_S), hi)
+            self._timers += [threading.Timer(RUN_ORIGIN_S + float(t), read_rule, (float(t),)) for t in at]
         for t in self._timers:
             t.start()
         return self
@@ -401,14 +456,12 @@ class GateWatch:
             raise ValueError("the gate's status was not read at both ends of the window")
         return window_between(self._readings["lo"], self._readings["hi"])
 
-    def rule_in_force(self) -> RuleInForce:
-        """The rule the gate ran for most of the window (``rules`` set); ValueError where it was not read."""
-        if self._errors or self._rule_errors:
-            raise ValueError(f"could not read the gate's rule: {(self._errors + self._rule_errors)[0]}")
-        if len(self._rule_readings) != 2:
-            raise ValueError("the gate's rule was not read at both ends of the window")
-        lo, hi = self._window
-        return rule_in_force(self._rule_readings["lo"], self._rule_readings["hi"], hi - lo)
+    def rules_in_force(self) -> RuleSchedule:
+        """The rules the gate ran over the window (``rules`` set; ``rule_schedule``); ValueError where they
+        were not read."""
+        if self._rule_errors:
+            raise ValueError(f"could not read the gate's rule: {self._rule_errors[0]}")
+        return rule_schedule(self._rule_readings, self._window)
 
 
 def operating_point(triton_url: str, control: ModelConfigControl, model: str, time_scale: float, max_batch: int,

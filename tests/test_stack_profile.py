@@ -285,28 +285,48 @@ def _reading(version: int, age_s: float, actions=(0, 1, 2), max_wait_s=None):
     return RuleReading(tuple(actions), 2, max_wait_s, version, age_s)
 
 
-def test_the_rule_in_force_is_the_one_that_ran_for_most_of_the_window() -> None:
-    from loadtest.stack_profile import rule_in_force
+def test_the_rule_schedule_starts_each_version_seen_at_its_reading_less_its_age() -> None:
+    from loadtest.stack_profile import rule_schedule
     from solver.policy import MaxWaitGuard, PolicyTable
 
-    first, same = _reading(3, 10.0), _reading(3, 12.5, max_wait_s=0.005)
-    got = rule_in_force(first, same, 2.5)
-    assert got.changes == 0 and got.reading is same and "whole window" in got.describe()
-    assert isinstance(got.reading.rule, MaxWaitGuard) and got.reading.rule.max_wait_s == 0.005
-    assert isinstance(first.rule, PolicyTable) and np.array_equal(first.rule.actions, [0, 1, 2])
-    # one change 2.0 s before the end of a 2.5 s window: the new rule ran for 80% of it
-    late = _reading(4, 2.0, actions=(0, 0, 2))
-    got = rule_in_force(first, late, 2.5)
-    assert got.reading is late and got.changes == 1 and got.share == pytest.approx(0.8)
-    assert "changed 1x" in got.describe() and "threshold 2" in got.describe() and "80%" in got.describe()
-    # one change 0.5 s before the end: the first rule ran for the other 80%
-    got = rule_in_force(first, _reading(4, 0.5), 2.5)
-    assert got.reading is first and got.share == pytest.approx(0.8)
-    # two changes, the last late: the first rule, for a part not known
-    got = rule_in_force(first, _reading(5, 0.5), 2.5)
-    assert got.reading is first and math.isnan(got.share) and "unknown part" in got.describe()
+    v1, v2 = _reading(1, 5.0), _reading(2, 0.05, actions=(0, 0, 2), max_wait_s=0.005)
+    assert isinstance(v1.rule, PolicyTable) and np.array_equal(v1.rule.actions, [0, 1, 2])
+    assert isinstance(v2.rule, MaxWaitGuard) and v2.rule.max_wait_s == 0.005
+    one = rule_schedule([(0.0, v1), (0.2, _reading(1, 5.2))], (0.0, 0.2))
+    assert [r.version for _, r in one.segments] == [1] and "whole window" in one.describe()
+    # v2 read at 0.1 s, 0.05 s old: in force from 0.05 s, 75% of the window
+    got = rule_schedule([(0.2, _reading(2, 0.15)), (0.0, v1), (0.1, v2)], (0.0, 0.2))
+    assert [(t, r.version) for t, r in got.segments] == [(0.0, 1), (pytest.approx(0.05), 2)] and got.missed == 0
+    assert np.allclose(got.shares(), [0.25, 0.75])
+    assert "changed 1x" in got.describe() and "v1 (threshold 1) for 25%" in got.describe()
+    assert "threshold 2, max wait 5.00 ms) for 75%" in got.describe()
+    # v3 read first at 0.1 s: v2 came and went between readings
+    got = rule_schedule([(0.0, v1), (0.1, _reading(3, 0.05))], (0.0, 0.2))
+    assert got.missed == 1 and "changed 2x" in got.describe() and "1 more seen by no reading" in got.describe()
+    # a version in force since before the window replaces the one read at its start from the start
+    got = rule_schedule([(0.0, v1), (0.1, _reading(2, 0.5))], (0.0, 0.2))
+    assert [(t, r.version) for t, r in got.segments] == [(0.0, 2)]
     with pytest.raises(ValueError, match="window must be positive"):
-        rule_in_force(first, same, 0.0)
+        rule_schedule([(0.0, v1)], (0.2, 0.2))
+    with pytest.raises(ValueError, match="no reading"):
+        rule_schedule([], (0.0, 0.2))
+
+
+def test_model_wp_schedule_takes_each_requests_w_from_the_rule_in_force_at_its_arrival() -> None:
+    from loadtest.stack_profile import RuleSchedule, model_wp_schedule
+
+    prof = ServiceProfile.from_table([1, 2], [0.020, 0.030], [2.0, 3.0])  # deterministic (cv 0)
+    times = np.array([0.0, 0.001, 0.1, 0.101])
+    # greedy: each alone, 0 and 0.1 at once (20 ms), 0.001 and 0.101 after them (39 ms); 4 x 2 J by 0.14 s.
+    # threshold 2: pairs at 0.001 and 0.101 (31 and 30 ms each); 2 x 3 J by 0.131 s... ending 0.131, and
+    # the horizon is each simulation's own: 0.14 and 0.131 s.
+    sched = RuleSchedule(((0.0, _reading(1, 5.0)), (0.05, _reading(2, 0.05, actions=(0, 0, 2)))), (0.0, 0.2))
+    f = model_wp_schedule(prof, sched, times, 40.0, 0.001, draws=2)
+    assert f.mean_latency_s == pytest.approx((0.020 + 0.039 + 0.031 + 0.030) / 4)
+    p_greedy = (8.0 + 40.0 * (0.14 - 0.08)) / 0.14
+    p_pairs = (6.0 + 40.0 * (0.131 - 0.06)) / 0.131
+    assert f.mean_power_w == pytest.approx(0.25 * p_greedy + 0.75 * p_pairs)
+    assert f.mean_batch == pytest.approx(0.25 * 1 + 0.75 * 2)
 
 
 def test_rule_reading_takes_the_table_from_get_policy_and_the_guard_from_the_slo_status() -> None:
@@ -342,7 +362,7 @@ def test_an_slo_gate_is_predicted_with_the_rule_it_ran_on_its_own_arrivals(monke
     # threshold 2 guarded at 5 ms: 0 and 0.001 together until 0.031 (3 J); 0.1 alone once it waited 5 ms,
     # 0.105 to 0.125 (2 J). Window from 0.0005: the second and third, W (30 + 25) / 2 ms; power from 0.0005
     # to 0.125 (busy 50 ms, idle 40 W for the other 74.5 ms)
-    in_force = sp.RuleInForce(_reading(2, 9.0, actions=(0, 0, 2), max_wait_s=0.005), 0, 1.0)
+    in_force = sp.RuleSchedule(((0.0005, _reading(2, 9.0, actions=(0, 0, 2), max_wait_s=0.005)),), cfg.window)
     monkeypatch.setattr(bench, "_run_contender", lambda *a, **k: (done, None, in_force))
     row = bench.run_one(stack, cfg, gate, 30.0, times)
     assert row.predicted.mean_latency_s == pytest.approx(0.0275 + 0.0005 + 0.002)
