@@ -29,7 +29,7 @@ from solver import arrivals
 from solver.quantities import DEFAULT_IDLE_POWER_W
 
 from .bench import (BenchConfig, BenchReport, BenchRow, Progress, _ms, bench_stack, contender_override, format_table,
-                    write_outputs)
+                    with_hop, write_outputs)
 from .contenders import Contender, Prediction, compile_config, ma_delay, parse_contender, predict
 from .metrics import batch_histogram, measure, power_note
 from .openloop import run_open_loop
@@ -164,6 +164,29 @@ def _poll_status(control_url: str, model: str, start: float, stop: threading.Eve
                                     serve_from, s.predicted_rate_rps, solved_arrivals(s.note)))
 
 
+def wait_for_seeded_policy(control_url: str, model: str, timeout_s: float = 180.0) -> float:
+    """Seconds until the gate's policy in force is solved for a given (non-Poisson) arrival model: a
+    seeded gate solves for its fitted model at start-up (the native plane gates Triton's ready models
+    before any request), which takes seconds to a minute with several phases; the replay starts after
+    it, as traffic would reach a sidecar started ahead of it. TimeoutError when it does not come."""
+    import grpc
+
+    from smdp.v1 import smdp_pb2, smdp_pb2_grpc
+
+    t0 = time.monotonic()
+    with grpc.insecure_channel(control_url) as ch:
+        stub = smdp_pb2_grpc.ControlStub(ch)
+        while time.monotonic() - t0 < timeout_s:
+            try:
+                s = stub.GetStatus(smdp_pb2.ModelRequest(model=model), timeout=1.0)
+                if solved_arrivals(s.note) not in ("", "poisson"):
+                    return time.monotonic() - t0
+            except grpc.RpcError:
+                pass
+            time.sleep(0.25)
+    raise TimeoutError(f"model {model}: no policy solved for the given arrival model within {timeout_s:g} s")
+
+
 @dataclass(frozen=True)
 class FollowSettings:
     """How the config-mode follower runs during a replay (the trace is time-compressed: short windows)."""
@@ -262,6 +285,7 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                            slo=slo if c.slo else cfg.slo)
             if c.kind == "gate" and c.policy == "smdp" and not c.slo:  # the fitted model, not the Poisson reference
                 pred = fitted.adaptive if c.adaptive else fitted.fixed
+            pred = with_hop(pred, stack, c)  # the measured per-request hop, as the steady-load bench adds
             status: list[StatusSample] = []
             sidecar = None
             follower = None
@@ -284,6 +308,9 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                     safe = c.name.replace(" ", "_").replace(":", "_")
                     sidecar = SidecarProcess(stack.triton_url, spec, log_path=cfg.out_dir / f"sidecar-{safe}.log").start()
                     target = sidecar.url
+                    if c.seeded and sidecar.control_url:
+                        took = wait_for_seeded_policy(sidecar.control_url, cfg.model)
+                        progress(f"  {c.name}: the policy for the fitted model in force {took:.1f} s after start")
                     if sidecar.control_url:
                         # every gate is polled alike, so the trail plot's status reads cost the fixed
                         # gate what they cost the adaptive one; only the (scaled) adaptive gate's are kept
@@ -308,7 +335,11 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
             if c.name == TRAILED:
                 trail.extend(status)
             if c.kind == "gate":
-                used = list(dict.fromkeys(x.solved_for for x in status if x.solved_for))
+                since: dict[str, float] = {}
+                for x in status:
+                    if x.solved_for:
+                        since.setdefault(x.solved_for, x.t_s)
+                used = [f"{k} (from {t:.0f} s)" for k, t in since.items()]
                 if not used and not c.adaptive:
                     used = ["poisson (solved once, at the mean rate)"]
                 settings = (f"predicted under the fitted {fitted.spec}; policies solved for "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -448,3 +449,18 @@ def test_the_fitted_prediction_is_kept_for_the_next_run_of_the_same_trace(tmp_pa
     assert again == first and len(calls) == 1
     trace_bench.cached_fitted_prediction(tmp_path, model.with_(weight=2e-3), times, 1.0)  # another model: solved again
     assert len(calls) == 2
+
+
+def test_trace_bench_predictions_carry_the_measured_hop():
+    from loadtest.bench import Stack, with_hop
+    from loadtest.contenders import Prediction
+    from loadtest.stack_profile import RequestHop
+
+    prof = scaled_profile(ServiceProfile.from_csv(V100).truncated(8), 10.0)
+    stack = Stack("t", None, 8, prof, V100, hop=RequestHop(0.001, 0.003, 0.001))
+    pred = Prediction(0.050, 100.0, 0.150, 4.0, "exact")
+    gate = with_hop(pred, stack, parse_contender("gate:smdp-adaptive-seeded"))
+    assert gate.mean_latency_s == pytest.approx(0.054) and gate.cost == pytest.approx(0.154) and gate.source == "exact+hop"
+    assert with_hop(pred, stack, parse_contender("triton:20000")).mean_latency_s == pytest.approx(0.051)
+    assert with_hop(pred, dataclasses.replace(stack, hop=None), parse_contender("gate:smdp")) == pred
+    assert with_hop(Prediction(), stack, parse_contender("gate:smdp")) == Prediction()

@@ -165,8 +165,13 @@ class LongRunRate:
         if self._first is None or now - self._first < max(min_span_s, 1e-9):
             return None
         n = self._n * math.exp(-max(now - self._last, 0.0) / self.tau_s)
-        span = self.tau_s * -math.expm1(-(now - self._first) / self.tau_s)
-        return n / span
+        return n / self.span(now)
+
+    def span(self, now: float) -> float:
+        """T(t), seconds: the effective span the mean is over (0 before the first arrival)."""
+        if self._first is None:
+            return 0.0
+        return self.tau_s * -math.expm1(-max(now - self._first, 0.0) / self.tau_s)
 
 
 @dataclass
@@ -869,13 +874,14 @@ class PolicyController:
         if due is None:
             return None
         rate, rebase = due
-        level = self.modulated_level(now)
-        if level is not None:
-            if not self._dirty and self._shape_holds(level):
+        if self._shape_applies():
+            level = self.modulated_level(now)
+            if not self._dirty and self._shape_holds(level, now):
                 if rebase:  # the swing is the modulation solved for: the detector follows it, no solve
                     self.rate.reset(now, rate)
                 return None
-            rate = level
+            if level is not None:
+                rate = level
         self._dirty = False
         self._task = asyncio.get_running_loop().create_task(self._resolve(rate, now, rebase=rebase))
         return self._task
@@ -1055,23 +1061,36 @@ class PolicyController:
             return POISSON
         return self.groups.model()
 
+    def _shape_applies(self) -> bool:
+        """A modulation shape applies to the next solve: plain J solves (no SLO or latency target), one
+        instance, with the long-run mean to scale it to."""
+        return (self.modulation is not None and self.modulation.shape is not None and self.instances == 1
+                and self.slo is None and self.latency_target_s is None and self.long_run is not None)
+
     def modulated_level(self, now: float) -> float | None:
-        """The rate to scale the modulation shape to while one applies to plain solves: the long-run
-        mean rate (the shape's phases are the swings of the windowed rate; solving for each swing too
-        would count them twice). None without a shape, with an SLO or latency target, k > 1, or before
-        the long-run mean spans a rate window (then the windowed rate, as without a shape)."""
-        if (self.modulation is None or self.modulation.shape is None or self.instances > 1
-                or self.slo is not None or self.latency_target_s is not None or self.long_run is None):
+        """The rate to scale the modulation shape to: the long-run mean rate (the shape's phases are
+        the swings of the windowed rate; solving for each swing too would count them twice). None
+        before the long-run mean spans a rate window."""
+        if self.long_run is None:
             return None
         mean = self.long_run.rate(now, min_span_s=self.rate.window_s)
         return mean if mean is not None and mean > 0 else None
 
-    def _shape_holds(self, level: float) -> bool:
-        """The policy in force was solved for the current shape at a level within the drift tolerance."""
+    def _shape_holds(self, level: float | None, now: float) -> bool:
+        """The policy in force was solved for the current shape at a level that the long-run mean has
+        not left: by more than the drift tolerance *and* more than the mean's own 95% noise under that
+        shape (a count over T has variance ID(T) x mean: a bursty shape's mean over a minute moves by
+        tens of percent, and solving for each such move would chase the bursts again). Without a
+        long-run mean yet (level None) there is no evidence that it moved."""
         sol = self.current
-        return (sol is not None and isinstance(sol.arrivals, MMPP2) and self.modulation is not None
-                and self.modulation.version == self._solved_shape
-                and abs(level - sol.rate_rps) <= self.drift_tolerance * sol.rate_rps)
+        if not (sol is not None and isinstance(sol.arrivals, MMPP2) and self.modulation is not None
+                and self.modulation.version == self._solved_shape and self.long_run is not None):
+            return False
+        if level is None:
+            return True
+        span = self.long_run.span(now)
+        noise = 1.96 * math.sqrt(sol.arrivals.index_of_dispersion(span) * level / span) if span > 0 else math.inf
+        return abs(level - sol.rate_rps) <= max(self.drift_tolerance * sol.rate_rps, noise)
 
     def _clumping_moved(self) -> bool:
         """The learned mean group size moved by more than the drift tolerance from the one in force."""
