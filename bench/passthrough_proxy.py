@@ -103,7 +103,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=64, help="thread pool size (--kind sync)")
     args = ap.parse_args()
 
-    from plugin.serve_cli import GRPC_EXPERIMENTS  # imports no gRPC
+    from smdp import GRPC_EXPERIMENTS  # imports no gRPC
 
     os.environ["GRPC_EXPERIMENTS"] = GRPC_EXPERIMENTS if args.grpc_env == "smdp" else ""
     import grpc  # after GRPC_EXPERIMENTS: gRPC reads it once, when it starts

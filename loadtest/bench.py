@@ -21,7 +21,7 @@ import json
 import math
 import time
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -43,7 +43,7 @@ shows the trade-off."""
 from .metrics import Measured, batch_histogram, measure, power_note
 from .openloop import OpenLoopResult, run_open_loop
 from .stack import SidecarProcess, SidecarSpec, SolverProcess, scaled_profile, write_profile_csv
-from .stack_profile import RequestHop
+from .stack_profile import GateWatch, RequestHop, RuleSchedule, RunSplit, run_split
 from .triton_control import BatchingOverride, ModelConfigControl
 
 __all__ = ["BenchConfig", "BenchRow", "BenchReport", "Stack", "bench_stack", "run_one", "run_bench", "DEFAULT_PROFILE"]
@@ -97,10 +97,15 @@ class BenchConfig:
     operating_point: bool = False
     """With ``stack_profile``: before the contenders at each load, run the gate on its own arrivals at that
     load, once per gate policy among the contenders (``calibration_policy``: the SMDP contenders share the
-    adaptive SMDP gate's run), and tell the solver, for the gate contenders with that policy there, the
-    batch times (its turnaround from decision to dispatch included) and the per-request hop the gate
-    measured under that load (``stack_profile.operating_point``) instead of the quiet profile's and the
-    lone requests' hop."""
+    fixed SMDP gate's run), and tell the solver, for the gate contenders with that policy there, the
+    batch times (its turnaround from decision to dispatch included), the time its answers spent in the gate
+    beyond the model's W and the per-request hop outside it, as the gate measured them under that load
+    (``stack_profile.operating_point``), instead of the quiet profile's and the lone requests' hop; and
+    predict those contenders' W on their own arrivals (``stack_profile.model_w``)."""
+    calibration_windows: float = 2.0
+    """The operating-point calibration's measured window, in contender windows (``duration_s``): its
+    per-batch excess, in-gate time and hop are means over a few hundred requests on a shared host, and a
+    longer window halves their variance's share of the prediction's error for a few seconds per policy."""
 
     def __post_init__(self) -> None:
         from plugin.native_plane import choose_plane
@@ -117,7 +122,7 @@ class BenchConfig:
         names = [c.name for c in self.contenders]
         if len(set(names)) != len(names):
             raise ValueError(f"contenders repeat: {names}")
-        for name in ("duration_s", "time_scale", "request_timeout_s"):
+        for name in ("duration_s", "time_scale", "request_timeout_s", "calibration_windows"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be finite and > 0, got {v!r}")
@@ -175,6 +180,13 @@ class BenchRow:
     """Config mode: the dynamic_batching settings the model ran with (an SLO gate: its measured margin)."""
     send_lags_s: np.ndarray = field(default_factory=lambda: np.empty(0))
     """How late the load generator sent each request of the window, seconds."""
+    split: RunSplit | None = None
+    """A gate contender's window split into the gate's own W and the hop outside it (None: not a gate, or
+    the gate could not be read)."""
+    predicted_hop_s: float = math.nan
+    """The per-request hop outside the gate added to the solver's W in ``predicted`` (NaN: none added)."""
+    predicted_in_gate_s: float = 0.0
+    """The time in the gate beyond the model's W added to it in ``predicted`` (``RequestHop.in_gate_s``)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -212,10 +224,17 @@ def _instances(cfg: BenchConfig) -> int | None:
 
 def _run_contender(c: Contender, cfg: BenchConfig, control: ModelConfigControl, triton_url: str,
                    times: np.ndarray, rate: float, B: int, profile_path: Path, log_dir: Path,
-                   compiled=None, solver_url: str | None = None) -> OpenLoopResult:
+                   compiled=None, solver_url: str | None = None,
+                   told: ServiceProfile | None = None) -> tuple[OpenLoopResult, RunSplit | None, RuleSchedule | None]:
+    """Run one contender; for a gate contender also its window split into the gate's own W and the hop
+    outside it (``stack_profile.RunSplit``, written beside its log; None where the gate could not be read),
+    and for an SLO gate the rules it ran over the window (``stack_profile.RuleSchedule``; else None)."""
     control.apply(contender_override(c, cfg, compiled))
     sidecar = None
     target = triton_url  # Triton's batcher and config mode: no sidecar hop
+    lo, hi = cfg.window
+    watch: ExitStack | GateWatch = ExitStack()
+    split, in_force = None, None
     try:
         if c.kind == "gate":
             spec = SidecarSpec(policy=c.policy, max_batch=B, profile_csv=profile_path, rate_rps=rate,
@@ -226,37 +245,49 @@ def _run_contender(c: Contender, cfg: BenchConfig, control: ModelConfigControl, 
             safe = c.name.replace(" ", "_").replace(":", "_")
             sidecar = SidecarProcess(triton_url, spec, log_path=log_dir / f"sidecar-{safe}-{rate:g}.log").start()
             target = sidecar.url
-        lo, hi = cfg.window
-        result = run_open_loop(target, cfg.model, times, timeout_s=cfg.request_timeout_s,
-                               required=(times >= lo) & (times < hi), drain_grace_s=1.0,
-                               time_limit_s=hi + cfg.cooldown_s + 5.0)
+            if sidecar.control_url is not None:
+                watch = GateWatch(sidecar.control_url, cfg.model, cfg.window, rules=c.slo)
+        with watch:
+            result = run_open_loop(target, cfg.model, times, timeout_s=cfg.request_timeout_s,
+                                   required=(times >= lo) & (times < hi), drain_grace_s=1.0,
+                                   time_limit_s=hi + cfg.cooldown_s + 5.0)
         if sidecar is not None and c.slo:
             _save_slo_status(sidecar, cfg.model, log_dir / f"slo-status-{safe}-{rate:g}.txt")
-        if sidecar is not None:
-            _save_run_split(sidecar, cfg.model, result, log_dir / f"gate-split-{safe}-{rate:g}.txt")
-        return result
+        if isinstance(watch, GateWatch):
+            split = _run_split(watch, result, cfg.window, told, log_dir / f"gate-split-{safe}-{rate:g}.txt")
+            if c.slo:
+                in_force = _rule_in_force(watch, log_dir / f"slo-rule-{safe}-{rate:g}.txt")
+        return result, split, in_force
     finally:
         if sidecar is not None:
             sidecar.stop()
 
 
-def _save_run_split(sidecar: SidecarProcess, model: str, result: OpenLoopResult, path: Path) -> None:
-    """A gate contender's run split into its time in the gate and the hop outside it
-    (``stack_profile.run_split``), beside its log; best effort."""
-    import grpc
-
-    from smdp.v1 import smdp_pb2, smdp_pb2_grpc
-
-    from .stack_profile import gate_reading, run_split
-
-    if sidecar.control_url is None:
-        return
+def _run_split(watch: GateWatch, result: OpenLoopResult, window: tuple[float, float], told: ServiceProfile | None,
+               path: Path) -> RunSplit | None:
+    """A gate contender's window split into its time in the gate and the hop outside it
+    (``stack_profile.RunSplit``), written to ``path``; None (and the reason in the file) where it cannot be had."""
+    lo, hi = window
+    ok = (result.scheduled_s >= lo) & (result.scheduled_s < hi) & result.ok
     try:
-        with grpc.insecure_channel(sidecar.control_url) as channel:
-            status = smdp_pb2_grpc.ControlStub(channel).GetStatus(smdp_pb2.ModelRequest(model=model), timeout=5.0)
-        path.write_text(run_split((result.done_s - result.scheduled_s)[result.ok], gate_reading(status)) + "\n")
-    except (grpc.RpcError, ValueError) as exc:
+        split = run_split(result.done_s[ok] - result.scheduled_s[ok], watch.window(), told)
+    except ValueError as exc:
         path.write_text(f"no split: {exc}\n")
+        return None
+    path.write_text(f"over the measured window: {split.describe()}\n")
+    return split
+
+
+def _rule_in_force(watch: GateWatch, path: Path) -> RuleSchedule | None:
+    """The rules an SLO gate ran over the measured window, written to ``path``; None (and the reason in
+    the file) where it could not be read."""
+    try:
+        in_force = watch.rules_in_force()
+    except ValueError as exc:
+        path.write_text(f"no rule: {exc}\n")
+        return None
+    path.write_text(in_force.describe() + "\n")
+    return in_force
 
 
 def _save_slo_status(sidecar: SidecarProcess, model: str, path: Path) -> None:
@@ -403,11 +434,16 @@ def run_one(stack: Stack, cfg: BenchConfig, c: Contender, rate: float, times: np
         c = replace(c, max_queue_delay_us=int(round(delay * 1e6)))
         settings = f"max_queue_delay {delay * 1e3:.3f} ms (Model-Analyzer-style sweep for the SLO)"
     pred = predict(c, model, times, seed=cfg.seed, warmup_s=lo, compiled=compiled, slo=cfg.slo)
+    if _on_its_arrivals(c, cfg) and math.isfinite(pred.mean_latency_s):
+        pred = _w_on_its_arrivals(pred, c, model, times, cfg)
+    hop, in_gate = math.nan, 0.0
     if stack.hop is not None and math.isfinite(pred.mean_latency_s):
-        h = stack.hop.gate_s if c.kind == "gate" else stack.hop.direct_s
-        pred = replace(pred, mean_latency_s=pred.mean_latency_s + h, cost=pred.cost + h, source=f"{pred.source}+hop")
-    res = _run_contender(c, cfg, stack.control, stack.triton_url, times, rate, stack.max_batch,
-                         stack.profile_path, cfg.out_dir, compiled=compiled, solver_url=stack.solver_url)
+        hop, in_gate = hop_parts(stack.hop, c)
+        pred = replace(pred, mean_latency_s=pred.mean_latency_s + in_gate + hop, cost=pred.cost + in_gate + hop,
+                       source=f"{pred.source}+hop")
+    res, split, in_force = _run_contender(c, cfg, stack.control, stack.triton_url, times, rate, stack.max_batch,
+                         stack.profile_path, cfg.out_dir, compiled=compiled, solver_url=stack.solver_url,
+                         told=stack.profile)
     m = measure(res, stack.ground_truth, idle_power_w=cfg.idle_power_w, weight=cfg.weight,
                 energy_scale=cfg.time_scale, window=cfg.window, placement=stack.placement,
                 slo_latency_s=cfg.slo.latency_s if cfg.slo is not None else None)
@@ -416,16 +452,71 @@ def run_one(stack: Stack, cfg: BenchConfig, c: Contender, rate: float, times: np
     failures = dict(Counter(s for s, w in zip(res.status, in_window) if w and s != "OK"))
     if c.slo and cfg.slo is not None and cfg.slo_margin_auto:
         settings = f"SLO margin {cfg.slo.margin_s * 1e3:.2f} ms (measured)"
+    if in_force is not None and _in_force_on_its_arrivals(c, cfg) and math.isfinite(hop):
+        pred = _rule_on_its_arrivals(in_force, model, times, cfg, in_gate + hop)
+        settings = f"{settings}; {in_force.describe()}" if settings else in_force.describe()
     sent = in_window & np.isfinite(res.sent_s)
     return BenchRow(rate, c.name, m, pred, batch_histogram(res, stack.max_batch, cfg.window),
                     res.done_s[ok] - res.scheduled_s[ok], failures, res.errors,
                     compiled.settings.describe() if compiled is not None else settings,
-                    np.maximum(res.sent_s[sent] - res.scheduled_s[sent], 0.0))
+                    np.maximum(res.sent_s[sent] - res.scheduled_s[sent], 0.0), split, hop, in_gate)
+
+
+def _on_its_arrivals(c: Contender, cfg: BenchConfig) -> bool:
+    """Whether a contender's W is predicted on its run's own arrivals (``stack_profile.model_w``): the gate
+    contenders the operating-point calibration serves, other than the SLO gates (their figures are the SLO
+    search's) and a guarded gate (its guard is no rule the model runs)."""
+    return (cfg.operating_point and c.kind == "gate" and not c.slo and c.max_wait_us is None
+            and cfg.instances == 1)
+
+
+def _w_on_its_arrivals(pred: Prediction, c: Contender, model: BatchingModel, times: np.ndarray,
+                       cfg: BenchConfig) -> Prediction:
+    """``pred`` with W the model's on these arrivals over the window (the run's own few hundred requests, the
+    same sequence the contender replays) instead of the stationary mean; P stays the stationary one."""
+    from .stack_profile import model_w, policy_rule
+
+    w = model_w(model.profile, policy_rule(c.policy, model), times, cfg.window, cfg.idle_power_w, cfg.weight)
+    return replace(pred, mean_latency_s=w, cost=w + cfg.weight * pred.mean_power_w, source=f"{pred.source}, W sim")
+
+
+def _in_force_on_its_arrivals(c: Contender, cfg: BenchConfig) -> bool:
+    """Whether an SLO gate is predicted with the rule it ran (``_rule_on_its_arrivals``): at the operating
+    point, one instance. Its SLO loop moves the policy while it runs (the measured correction), so the
+    policy solved before the run is not the one measured."""
+    return cfg.operating_point and c.kind == "gate" and c.slo and cfg.instances == 1
+
+
+def _rule_on_its_arrivals(in_force: RuleSchedule, model: BatchingModel, times: np.ndarray, cfg: BenchConfig,
+                          residual_s: float) -> Prediction:
+    """The prediction for the rules a gate ran over the window (read from it as it ran): W and P of those rules
+    simulated on the run's own arrivals (``stack_profile.model_wp_schedule``), W plus ``residual_s`` (the calibration's
+    time in the gate and hop)."""
+    from .stack_profile import model_wp_schedule
+
+    f = model_wp_schedule(model.profile, in_force, times, cfg.idle_power_w, cfg.weight)
+    w = f.mean_latency_s + residual_s
+    return Prediction(w, f.mean_power_w, w + cfg.weight * f.mean_power_w, f.mean_batch, "in force, W P sim+hop")
+
+
+def hop_parts(hop: RequestHop, c: Contender) -> tuple[float, float]:
+    """(hop, in-gate time) a request takes beyond its batch's slot on this stack: through the sidecar
+    for gate contenders, direct otherwise."""
+    return (hop.gate_s, hop.in_gate_s) if c.kind == "gate" else (hop.direct_s, 0.0)
+
+
+def with_hop(pred: Prediction, stack: Stack, c: Contender) -> Prediction:
+    """The solver's prediction plus the measured hop (``hop_parts``), as ``run_one`` adds it; as is
+    without one (the trace bench's predictions)."""
+    if stack.hop is None or not math.isfinite(pred.mean_latency_s):
+        return pred
+    h = sum(hop_parts(stack.hop, c))
+    return replace(pred, mean_latency_s=pred.mean_latency_s + h, cost=pred.cost + h, source=f"{pred.source}+hop")
 
 
 def calibration_policy(c: Contender) -> str:
     """The gate policy whose calibration run a gate contender is predicted with: every SMDP contender
-    (fixed, adaptive, SLO) shares the adaptive SMDP gate's; any other policy runs its own (a policy that
+    (fixed, adaptive, SLO) shares the SMDP gate's; any other policy runs its own (a policy that
     sends more, smaller batches turns the gate around more often)."""
     return "smdp" if c.policy == "smdp" else c.policy
 
@@ -440,18 +531,19 @@ def _at_operating_point(stack: Stack, cfg: BenchConfig, rate: float, index: int,
         return stack
     from .stack_profile import CALIBRATION_SEED, operating_point
 
-    lo, hi = cfg.window
+    lo = cfg.warmup_s
+    hi = lo + cfg.duration_s * cfg.calibration_windows
     times = arrivals.poisson(rate, duration=hi + cfg.cooldown_s, rng=cfg.seed + CALIBRATION_SEED + index)
     try:
         op = operating_point(stack.triton_url, stack.control, cfg.model, cfg.time_scale, stack.max_batch,
                              stack.profile, stack.profile_path, stack.ground_truth, cfg.idle_power_w, rate,
-                             cfg.weight, times, cfg.window, cfg.data_plane, stack.solver_url, cfg.out_dir,
+                             cfg.weight, times, (lo, hi), cfg.data_plane, cfg.out_dir,
                              progress, policy=policy)
     except ValueError as exc:  # said, and the run goes on with what the quiet stack gave
         progress(f"could not measure the stack at {rate:g} req/s through the gate ({policy}: {exc}): the gate "
                  "contenders with that policy there are predicted with the quiet profile and the lone requests' hop")
         return stack
-    return replace(stack, profile=op.profile, profile_path=op.path, hop=RequestHop(stack.hop.direct_s, op.hop_s))
+    return replace(stack, profile=op.profile, profile_path=op.path, hop=RequestHop(stack.hop.direct_s, op.hop_s, op.in_gate_s))
 
 
 def run_bench(cfg: BenchConfig, triton_url: str | None = None, progress: Progress = print) -> BenchReport:
@@ -509,6 +601,7 @@ CSV_FIELDS = [
     "P_w", "J_ms", "throughput_rps", "mean_batch", "pred_W_ms", "pred_P_w", "pred_J_ms", "pred_mean_batch",
     "pred_source", "send_lag_mean_ms", "send_lag_p99_ms", "weight_s_per_w", "time_scale", "note",
     "slo_quantile", "slo_latency_ms", "slo_attainment", "goodput_rps",
+    "gate_W_ms", "hop_ms", "pred_gate_W_ms", "pred_hop_ms",
 ]
 
 
@@ -532,6 +625,10 @@ def csv_rows(report: BenchReport) -> list[dict]:
             "slo_quantile": report.config.slo.quantile if report.config.slo else math.nan,
             "slo_latency_ms": _ms(report.config.slo.latency_s) if report.config.slo else math.nan,
             "slo_attainment": m.slo_attainment, "goodput_rps": m.goodput_rps,
+            "gate_W_ms": _ms(r.split.gate_w_s) if r.split else math.nan,
+            "hop_ms": _ms(r.split.hop_s) if r.split else math.nan,
+            "pred_gate_W_ms": _ms(p.mean_latency_s - r.predicted_hop_s) if r.split else math.nan,
+            "pred_hop_ms": _ms(r.predicted_hop_s) if r.split else math.nan,
         })
     return out
 
@@ -577,10 +674,41 @@ def format_table(report: BenchReport) -> str:
             + f"| {_ms(p.mean_latency_s):7.2f} "
             f"{p.mean_power_w:6.1f} {_ms(p.cost):8.2f}  {p.source}{mark}"
         )
+    lines += split_table(report)
     lag = max((r.measured.send_lag_p99_s for r in report.rows), default=math.nan)
     lines.append(f"* lowest measured J at its load.  Client send lag p99 (worst contender): {_ms(lag):.2f} ms.")
     lines.append(report.note + ".")
     return "\n".join(lines)
+
+
+def split_table(report: BenchReport) -> list[str]:
+    """Where each gate contender's W went over the window (``RunSplit``): measured W = the gate's own W + the
+    hop outside it, beside the prediction's two parts (the solver's W in the gate, the hop added to it):
+    which of the two a miss is in. No lines where no gate contender was split."""
+    rows = [r for r in report.rows if r.split is not None]
+    if not rows:
+        return []
+
+    def err(got: float, want: float) -> str:
+        return f"{got / want - 1:+7.1%}" if math.isfinite(want) and want > 0 else f"{'-':>7}"
+
+    head = (f"{'rate':>6} {'contender':<24} {'W ms':>8} {'W~ms':>8} {'W err':>7} | {'gate':>7} {'gate~':>7} "
+            f"{'(in~)':>6} {'err':>7} | {'hop':>6} {'hop~':>6} | {'batch':>6} {'turn':>5} {'slot+':>6}")
+    out = ["where the gate contenders' W went over the window, ms: W = gate (arrival to answer in the sidecar, "
+           "its GetStatus) + hop (outside it); ~ = predicted: gate~ = the solver's W + in~ (what the calibration's "
+           "gate held beyond the model's W), hop~ = the calibration's hop; batch = mean dispatch-to-completion, "
+           "turn = decision to dispatch, slot+ = how much longer the batches held the slot than the profile the "
+           "prediction was solved with, per batch", head, "-" * len(head)]
+    for r in rows:
+        sp, p = r.split, r.predicted
+        gate_pred = p.mean_latency_s - r.predicted_hop_s
+        out.append(f"{r.rate_rps:6g} {r.contender:<24} {_ms(r.measured.mean_latency_s):8.2f} "
+                   f"{_ms(p.mean_latency_s):8.2f} {err(r.measured.mean_latency_s, p.mean_latency_s)} | "
+                   f"{_ms(sp.gate_w_s):7.2f} {_ms(gate_pred):7.2f} {_ms(r.predicted_in_gate_s):+6.2f} "
+                   f"{err(sp.gate_w_s, gate_pred)} | "
+                   f"{_ms(sp.hop_s):6.2f} {_ms(r.predicted_hop_s):6.2f} | {_ms(sp.busy_s):6.2f} {_ms(sp.lag_s):5.2f} "
+                   f"{_ms(sp.slot_excess_s):+6.2f}")
+    return out
 
 
 def _json_safe(obj):

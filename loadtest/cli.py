@@ -36,10 +36,11 @@ def _common(p: argparse.ArgumentParser, out: str, at_load: bool = False) -> None
     p.add_argument("--stack-profile", choices=at + ["measured", "table"], default=(at or ["measured"])[0],
                    help="what the solver is told: tau(b) measured on this stack once (smdp profile, cached in the "
                    "output directory; the table's energy) or the published table alone" + (
-                       "; at-load: that profile, and for the gate contenders at each load the batch times and "
-                       "per-request hop (and its decision-to-dispatch turnaround) the gate measures in a "
-                       "calibration run at that load (its own arrivals), one run per gate policy (the SMDP "
-                       "contenders share the adaptive gate's)" if at_load else "") + " (default: %(default)s)")
+                       "; at-load: that profile, and for the gate contenders at each load the batch times, "
+                       "time in the gate beyond the model's W and per-request hop (and its decision-to-dispatch "
+                       "turnaround) the gate measures in a calibration run at that load (its own arrivals), one "
+                       "run per gate policy (the SMDP contenders share the fixed SMDP gate's); their W is "
+                       "predicted on their own arrivals" if at_load else "") + " (default: %(default)s)")
 
 
 def _contender_flags(p: argparse.ArgumentParser, gates: str, slo_latency: float | None = None,

@@ -55,6 +55,9 @@ class Contender:
     """Gate: the sidecar's max-wait guard (``max_wait_s``: serve what is queued once the oldest request
     has waited this long), microseconds (``gate:smdp-guard:US``, ``gate:smdp-adaptive-guard:US``);
     None: the sidecar's default."""
+    seeded: bool = False
+    """Adaptive gate started from the arrival model fitted to the replayed trace (``smdp serve --arrivals``,
+    as ``smdp fit-arrivals`` gives it): ``gate:smdp-adaptive-seeded[-guard:US]``."""
     model_analyzer: bool = False
     """Triton's batcher at the delay a Model-Analyzer-style search picks for the bench's SLO
     (``triton:ma``): ``ma_delay`` sweeps the delays at the run's rate, least power with the q-quantile <= D."""
@@ -74,6 +77,8 @@ class Contender:
             raise ValueError("only the adaptive gate solves per regime: long_run=False needs gate smdp adaptive")
         if self.slo and not (self.kind == "gate" and self.policy == "smdp"):
             raise ValueError("only the smdp gate serves an SLO (gate:smdp-slo, gate:smdp-slo-fixed)")
+        if self.seeded and not (self.kind == "gate" and self.adaptive and not self.slo):
+            raise ValueError("only the adaptive smdp gate starts from a fitted arrival model (gate:smdp-adaptive-seeded)")
         if self.model_analyzer and self.kind != "triton":
             raise ValueError("the Model-Analyzer-style delay is Triton's batcher's (triton:ma)")
         if self.max_wait_us is not None and (self.kind != "gate" or not isinstance(self.max_wait_us, int)
@@ -92,13 +97,15 @@ class Contender:
             return "gate smdp SLO" + ("" if self.adaptive else " fixed")
         guard = "" if self.max_wait_us is None else f" guard={self.max_wait_us / 1000:g}ms"
         if self.policy == "smdp" and self.adaptive:
-            return "gate smdp adaptive" + ("" if self.long_run else " (w unscaled)") + guard
+            return ("gate smdp adaptive" + ("" if self.long_run else " (w unscaled)") + (" seeded" if self.seeded else "")
+                    + guard)
         return f"gate {self.policy}{guard}"
 
 
 def parse_contender(spec: str) -> Contender:
     """``triton:DELAY_US``, ``triton:ma`` (the Model-Analyzer-style delay for the SLO), ``gate:POLICY``
     (``gate:smdp-adaptive`` re-solves; ``gate:smdp-adaptive-unscaled`` re-solves with w as is;
+    ``gate:smdp-adaptive-seeded`` re-solves starting from the arrival model fitted to the trace;
     ``gate:smdp-slo`` serves the SLO, ``gate:smdp-slo-fixed`` the SLO policy searched once;
     ``gate:smdp-adaptive-guard:US`` / ``gate:smdp-guard:US`` with a max-wait guard of US microseconds), ``config:smdp`` or ``config:smdp-adaptive`` (config mode following
     the load)."""
@@ -116,6 +123,8 @@ def parse_contender(spec: str) -> Contender:
             raise ValueError(f"contender {spec!r}: give a policy, e.g. gate:greedy or gate:smdp")
         if rest == "smdp-adaptive":
             return Contender("gate", policy="smdp", adaptive=True)
+        if rest == "smdp-adaptive-seeded":
+            return Contender("gate", policy="smdp", adaptive=True, seeded=True)
         if rest == "smdp-adaptive-unscaled":
             return Contender("gate", policy="smdp", adaptive=True, long_run=False)
         if rest == "smdp-slo":
@@ -123,12 +132,13 @@ def parse_contender(spec: str) -> Contender:
         if rest == "smdp-slo-fixed":
             return Contender("gate", policy="smdp", slo=True)
         head, _, guard = rest.rpartition("-guard:")
-        if head in ("smdp", "smdp-adaptive"):
+        if head in ("smdp", "smdp-adaptive", "smdp-adaptive-seeded"):
             try:
                 us = int(guard)
             except ValueError:
                 raise ValueError(f"contender {spec!r}: the guard needs integer microseconds") from None
-            return Contender("gate", policy="smdp", adaptive=head == "smdp-adaptive", max_wait_us=us)
+            return Contender("gate", policy="smdp", adaptive=head != "smdp", max_wait_us=us,
+                             seeded=head == "smdp-adaptive-seeded")
         try:
             return Contender("gate", policy=rest)
         except ValueError as exc:

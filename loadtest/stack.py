@@ -79,6 +79,8 @@ class SidecarSpec:
     """``smdp serve --slo-quantile q --slo-latency D [--slo-margin m]`` (the adaptive smdp gate serves that SLO)."""
     max_wait_s: float | None = None
     """``smdp serve --max-wait``: the gate's max-wait guard, seconds (None: the sidecar's default)."""
+    arrivals: str | None = None
+    """``smdp serve --arrivals``: a fitted arrival model the adaptive gate starts from (None: none)."""
 
     def flags(self) -> list[str]:
         out = ["--policy", self.policy, "--max-batch", str(self.max_batch), "--weight", repr(float(self.weight)),
@@ -95,6 +97,8 @@ class SidecarSpec:
         out += ["--data-plane", self.data_plane]
         if self.max_wait_s is not None:
             out += ["--max-wait", repr(float(self.max_wait_s))]
+        if self.arrivals is not None:
+            out += ["--arrivals", self.arrivals]
         if self.long_run_window_s is not None:
             out += ["--long-run-window", repr(float(self.long_run_window_s))]
         if self.slo is not None:

@@ -14,6 +14,7 @@ and measured power count the same joules.
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,7 +23,8 @@ import numpy as np
 
 from plugin.auto_profile import auto_profile
 from plugin.config import ModelPolicyConfig
-from solver.model import ServiceProfile
+from solver.model import BatchingModel, ServiceProfile
+from solver.policy import BatchRule
 
 from .triton_control import BatchingOverride, ModelConfigControl
 
@@ -81,6 +83,11 @@ class RequestHop:
 
     direct_s: float
     gate_s: float
+    in_gate_s: float = 0.0
+    """At the operating point (``operating_point``): the gate's own mean W beyond the model's (the calibration
+    policy simulated on the calibration's arrivals with the loaded profile): time in the sidecar that no
+    tau(b) and no queueing model holds (splitting a batch's answer, resuming its callers). Added, with
+    ``gate_s``, to a gate contender's predicted W; 0 for the lone requests."""
 
 
 HOP_REQUESTS = 30
@@ -157,6 +164,180 @@ def loaded(quiet: ServiceProfile, added_s: float, emulated: ServiceProfile, idle
                           source=f"{quiet.source or 'stack'} under load ({added_s * 1e3:+.2f} ms per batch)")
 
 
+MODEL_W_DRAWS = 8
+"""Service-time streams the model's W on a run's own arrivals is averaged over."""
+
+
+def policy_rule(policy: str, model: BatchingModel) -> BatchRule:
+    """The rule a gate runs for ``policy`` under ``model``: the SMDP policy solved for it, or the baseline."""
+    from solver.policy import parse_rule_spec, rule_from_spec
+    from solver.smdp import solve
+
+    if parse_rule_spec(policy)[0] == "smdp":
+        return solve(model).policy
+    return rule_from_spec(policy, model.max_batch)
+
+
+@dataclass(frozen=True)
+class WindowFigures:
+    """The model's figures on a run's own arrivals (``model_wp``)."""
+
+    mean_latency_s: float
+    """Mean W of the requests scheduled in the window."""
+    mean_power_w: float
+    """Mean power from the window's start to the last batch's end, from the simulated batches."""
+    mean_batch: float
+
+
+def model_wp(profile: ServiceProfile, rule: BatchRule, times: np.ndarray, window: tuple[float, float],
+             idle_power_w: float, weight: float, draws: int = MODEL_W_DRAWS) -> WindowFigures:
+    """The model's mean W over the requests scheduled in ``window`` of these very arrival ``times``, and
+    its mean power and batch from the window's start on: ``rule`` simulated with ``profile``'s service law,
+    averaged over ``draws`` service-time streams."""
+    from solver.simulate import simulate_latencies
+
+    lo, hi = window
+    t = np.asarray(times, dtype=float)
+    after = t[t >= lo]
+    counted = after < hi
+    if not counted.any():
+        raise ValueError("no arrival in the window")
+    runs = [simulate_latencies(profile, rule, t, idle_power_w=idle_power_w, weight=weight, seed=s, warmup=lo)
+            for s in range(draws)]
+    return WindowFigures(float(np.mean([lat[counted].mean() for _, lat in runs])),
+                         float(np.mean([r.mean_power_w for r, _ in runs])),
+                         float(np.mean([r.mean_batch for r, _ in runs])))
+
+
+def model_w(profile: ServiceProfile, rule: BatchRule, times: np.ndarray, window: tuple[float, float],
+            idle_power_w: float, weight: float, draws: int = MODEL_W_DRAWS) -> float:
+    """The model's mean W, seconds, over the requests scheduled in ``window`` of these very arrival ``times``:
+    ``rule`` simulated with ``profile``'s service law, averaged over ``draws`` service-time streams. A run's
+    window holds a few hundred arrivals, whose own mean W differs from the stationary one by a few percent
+    (the same in every run of a seed); this is the figure that sequence gives the model, so that set beside a
+    measurement of it only the model's error is left."""
+    return model_wp(profile, rule, times, window, idle_power_w, weight, draws).mean_latency_s
+
+
+@dataclass(frozen=True)
+class RuleReading:
+    """The rule a gate had in force at one reading (``GetPolicy`` and ``GetStatus``): its table a(n), the
+    SLO policy's max-wait guard (None: none), the policy's version and how long it had been in force."""
+
+    actions: tuple[int, ...]
+    max_batch: int
+    max_wait_s: float | None
+    version: int
+    age_s: float
+
+    @property
+    def rule(self) -> BatchRule:
+        from solver.policy import MaxWaitGuard, PolicyTable
+
+        table = PolicyTable(np.asarray(self.actions, dtype=np.int64), self.max_batch)
+        return table if self.max_wait_s is None else MaxWaitGuard(table, self.max_wait_s)
+
+    def describe(self) -> str:
+        from solver.policy import PolicyTable
+
+        k = PolicyTable(np.asarray(self.actions, dtype=np.int64), self.max_batch).threshold()
+        served = [n for n, x in enumerate(self.actions) if x > 0]
+        shape = f"threshold {k}" if k is not None else f"serves from n = {served[0] if served else '-'}"
+        return (f"v{self.version} ({shape}"
+                + (f", max wait {self.max_wait_s * 1e3:.2f} ms" if self.max_wait_s is not None else "") + ")")
+
+
+def rule_reading(status, policy) -> RuleReading:
+    """A ``RuleReading`` from a ``ModelStatus`` and a ``PolicyReply`` read together."""
+    if not policy.actions:
+        raise ValueError("the gate's rule is not a table")
+    guard = status.slo.max_wait_s if status.HasField("slo") and status.slo.HasField("max_wait_s") else None
+    return RuleReading(tuple(int(a) for a in policy.actions), int(policy.max_batch), guard, int(policy.version),
+                       float(policy.age_s))
+
+
+RULE_READ_EVERY_S = 0.25
+"""How often ``GateWatch`` reads the rule in force over the window (with ``rules``): a policy installed and
+replaced between two readings is missed (``RuleSchedule.missed``)."""
+
+
+@dataclass(frozen=True)
+class RuleSchedule:
+    """The rules a gate ran over a window, each from when it came into force (``rule_schedule``)."""
+
+    segments: tuple[tuple[float, RuleReading], ...]
+    """(start, rule) in time order; the first starts at the window's start, each runs until the next."""
+    window: tuple[float, float]
+    missed: int = 0
+    """Policies installed in the window that no reading saw (in force between two readings)."""
+
+    def shares(self) -> np.ndarray:
+        """Each segment's share of the window."""
+        lo, hi = self.window
+        ends = [t for t, _ in self.segments[1:]] + [hi]
+        return np.array([(end - t) / (hi - lo) for (t, _), end in zip(self.segments, ends)])
+
+    def describe(self) -> str:
+        parts = ", then ".join(f"{r.describe()} for {share:.0%}" for (_, r), share in zip(self.segments, self.shares()))
+        more = f" ({self.missed} more seen by no reading)" if self.missed else ""
+        changes = len(self.segments) - 1 + self.missed
+        return (f"rule in force over the whole window: {parts}" if changes == 0
+                else f"the policy changed {changes}x in the window{more}: {parts}")
+
+
+def rule_schedule(readings: list[tuple[float, RuleReading]], window: tuple[float, float]) -> RuleSchedule:
+    """The rules in force over ``window`` from readings (time, rule) taken in it, the first at its start: each
+    version seen comes into force at its reading's time less its age (not before the window's start)."""
+    lo, hi = window
+    if hi <= lo:
+        raise ValueError(f"window must be positive, got {window!r}")
+    if not readings:
+        raise ValueError("no reading of the gate's rule")
+    first: dict[int, tuple[float, RuleReading]] = {}
+    for t, r in sorted(readings, key=lambda x: x[0]):
+        first.setdefault(r.version, (min(max(t - r.age_s, lo), hi), r))
+    seen = sorted(first.items())
+    starts = np.maximum.accumulate([start for _, (start, _) in seen])
+    starts[0] = lo
+    segments = tuple((float(t), r) for t, (_, (_, r)) in zip(starts, seen))
+    kept = tuple(seg for i, seg in enumerate(segments) if i + 1 == len(segments) or segments[i + 1][0] > seg[0])
+    return RuleSchedule(kept, window, seen[-1][0] - seen[0][0] - (len(seen) - 1))
+
+
+def model_wp_schedule(profile: ServiceProfile, schedule: RuleSchedule, times: np.ndarray, idle_power_w: float,
+                      weight: float, draws: int = MODEL_W_DRAWS) -> WindowFigures:
+    """``model_wp`` for a gate whose rule changed in the window: each rule simulated on all the arrivals, a
+    request's W taken from the rule in force at its arrival, P and the mean batch as each rule's weighted by
+    its share of the window (the queue a new rule finds is its own simulation's, not the old rule's: a
+    switch's transient is not modelled). One rule: exactly ``model_wp``."""
+    lo, hi = schedule.window
+    if len(schedule.segments) == 1:
+        return model_wp(profile, schedule.segments[0][1].rule, times, schedule.window, idle_power_w, weight, draws)
+    from solver.simulate import simulate_latencies
+
+    t = np.asarray(times, dtype=float)
+    after = t[t >= lo]
+    counted = after < hi
+    if not counted.any():
+        raise ValueError("no arrival in the window")
+    which = np.searchsorted([start for start, _ in schedule.segments], after[counted], side="right") - 1
+    shares = schedule.shares()
+    w, p, batch = [], [], []
+    for s in range(draws):
+        lat = np.empty(int(counted.sum()))
+        pw = mb = 0.0
+        for k, (_, r) in enumerate(schedule.segments):
+            res, all_lat = simulate_latencies(profile, r.rule, t, idle_power_w=idle_power_w, weight=weight, seed=s,
+                                              warmup=lo)
+            lat[which == k] = all_lat[counted][which == k]
+            pw += shares[k] * res.mean_power_w
+            mb += shares[k] * res.mean_batch
+        w.append(lat.mean())
+        p.append(pw)
+        batch.append(mb)
+    return WindowFigures(float(np.mean(w)), float(np.mean(p)), float(np.mean(batch)))
+
+
 @dataclass(frozen=True)
 class OperatingPoint:
     """The stack measured at one load through a gate: what the solver is told for the gate contenders there."""
@@ -175,6 +356,8 @@ class OperatingPoint:
     """The gate policy the calibration ran (``operating_point``'s ``policy``)."""
     lag_s: float = 0.0
     """Of ``added_s``: the gate's mean decision-to-dispatch time per batch (0 where not measured)."""
+    in_gate_s: float = 0.0
+    """The gate's own mean W beyond the model's on the calibration's arrivals (``RequestHop.in_gate_s``)."""
 
 
 CALIBRATION_SEED = 1_000_003
@@ -205,12 +388,89 @@ def window_between(first: GateWindow, last: GateWindow) -> GateWindow:
                       last.lag_s - first.lag_s)
 
 
+RUN_ORIGIN_S = 0.05
+"""``run_open_loop``'s start delay: its time 0 is this long after the call."""
+
+
+class GateWatch:
+    """Reads a gate's ``GetStatus`` at both ends of a run's window (seconds from the run's time origin, on
+    timer threads started when the watch is entered, just before the run): what the gate itself measured in
+    that window (``window()``), to set beside what the client measured in it; with ``rules``, also the rule
+    in force every ``RULE_READ_EVERY_S`` over it (``rules_in_force()``)."""
+
+    def __init__(self, control_url: str, model: str, window: tuple[float, float], rules: bool = False) -> None:
+        self._url = control_url
+        self._model = model
+        self._window = window
+        self._rules = rules
+        self._readings: dict[str, GateWindow] = {}
+        self._rule_readings: list[tuple[float, RuleReading]] = []
+        self._rule_errors: list[BaseException] = []
+        self._errors: list[BaseException] = []
+
+    def __enter__(self) -> "GateWatch":
+        import threading
+
+        import grpc
+
+        from smdp.v1 import smdp_pb2, smdp_pb2_grpc
+
+        self._channel = grpc.insecure_channel(self._url)
+        stub = smdp_pb2_grpc.ControlStub(self._channel)
+
+        request = smdp_pb2.ModelRequest(model=self._model)
+
+        def read(key: str) -> None:
+            try:
+                self._readings[key] = gate_reading(stub.GetStatus(request, timeout=5.0))
+            except BaseException as exc:  # reported by window(), after the run
+                self._errors.append(exc)
+
+        def read_rule(at: float) -> None:
+            try:
+                status = stub.GetStatus(request, timeout=5.0)
+                self._rule_readings.append((at, rule_reading(status, stub.GetPolicy(request, timeout=5.0))))
+            except BaseException as exc:  # reported by rules_in_force(), after the run
+                self._rule_errors.append(exc)
+
+        lo, hi = self._window
+        self._timers = [threading.Timer(RUN_ORIGIN_S + lo, read, ("lo",)),
+                        threading.Timer(RUN_ORIGIN_S + hi, read, ("hi",))]
+        if self._rules:
+            at = np.append(np.arange(lo, hi, RULE_READ_EVERY_S), hi)
+            self._timers += [threading.Timer(RUN_ORIGIN_S + float(t), read_rule, (float(t),)) for t in at]
+        for t in self._timers:
+            t.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for t in self._timers:
+            t.join()
+        self._channel.close()
+
+    def window(self) -> GateWindow:
+        """What the gate measured between the two readings; ValueError where either could not be read."""
+        if self._errors:
+            raise ValueError(f"could not read the gate's status: {self._errors[0]}")
+        if len(self._readings) != 2:
+            raise ValueError("the gate's status was not read at both ends of the window")
+        return window_between(self._readings["lo"], self._readings["hi"])
+
+    def rules_in_force(self) -> RuleSchedule:
+        """The rules the gate ran over the window (``rules`` set; ``rule_schedule``); ValueError where they
+        were not read."""
+        if self._rule_errors:
+            raise ValueError(f"could not read the gate's rule: {self._rule_errors[0]}")
+        return rule_schedule(self._rule_readings, self._window)
+
+
 def operating_point(triton_url: str, control: ModelConfigControl, model: str, time_scale: float, max_batch: int,
                     quiet: ServiceProfile, quiet_path: Path, emulated: ServiceProfile, idle_power_w: float,
                     rate: float, weight: float, times: np.ndarray, window: tuple[float, float], data_plane: str,
-                    solver_url: str | None, out_dir: Path, progress: Callable[[str], None] = print,
+                    out_dir: Path, progress: Callable[[str], None] = print,
                     policy: str = "smdp") -> OperatingPoint:
-    """Run the gate with ``policy`` (``smdp``: the adaptive SMDP gate) at ``rate`` on its own Poisson arrivals
+    """Run the gate with ``policy`` (fixed: ``smdp`` the policy solved for the quiet profile, so that the rule it
+    runs is known and can be simulated) at ``rate`` on its own Poisson arrivals
     ``times`` and read, from the gate itself (``GetStatus``: its per-size dispatch-to-completion times, its
     decision-to-dispatch turnaround, its measured W) over ``window``, how long the batches hold its slot at
     this load and how long answers take beyond the gate; the profile the solver is then told for the gate
@@ -218,54 +478,25 @@ def operating_point(triton_url: str, control: ModelConfigControl, model: str, ti
     otherwise idle stack: under load on a small host the sidecar's own CPU and the client's slow the
     batches down, and a gate that sends more batches turns around more often, so the solver must be told
     the batches as they run there, under the policy that runs."""
-    import threading
-
-    import grpc
-
-    from smdp.v1 import smdp_pb2, smdp_pb2_grpc
-
     from .openloop import run_open_loop
     from .stack import SidecarProcess, SidecarSpec
 
     control.apply(BatchingOverride(time_scale=time_scale, dynamic_batching=False))
     spec = SidecarSpec(policy=policy, max_batch=max_batch, profile_csv=quiet_path, rate_rps=rate, weight=weight,
-                       idle_power_w=idle_power_w, adaptive=policy == "smdp", solver_url=solver_url,
-                       data_plane=data_plane)
+                       idle_power_w=idle_power_w, adaptive=False, data_plane=data_plane)
     tag = _file_tag(policy)
     sidecar = SidecarProcess(triton_url, spec,
                              log_path=out_dir / f"sidecar-operating-point-{tag}-{rate:g}.log").start()
-    readings: dict[str, GateWindow] = {}
-    errors: list[BaseException] = []
+    lo, hi = window
     try:
         if sidecar.control_url is None:
             raise ValueError("the sidecar reported no control API port")
-        with grpc.insecure_channel(sidecar.control_url) as channel:
-            stub = smdp_pb2_grpc.ControlStub(channel)
-
-            def read(key: str) -> None:
-                try:
-                    readings[key] = gate_reading(stub.GetStatus(smdp_pb2.ModelRequest(model=model), timeout=5.0))
-                except BaseException as exc:  # reported below, after the run
-                    errors.append(exc)
-
-            lo, hi = window
-            origin = 0.05  # run_open_loop's start delay: its time 0
-            timers = [threading.Timer(origin + lo, read, ("lo",)), threading.Timer(origin + hi, read, ("hi",))]
-            for t in timers:
-                t.start()
-            try:
-                res = run_open_loop(sidecar.url, model, times, timeout_s=30.0, drain_grace_s=1.0,
-                                    required=(times >= lo) & (times < hi))
-            finally:
-                for t in timers:
-                    t.join()
+        with GateWatch(sidecar.control_url, model, window) as watch:
+            res = run_open_loop(sidecar.url, model, times, timeout_s=30.0, drain_grace_s=1.0,
+                                required=(times >= lo) & (times < hi))
     finally:
         sidecar.stop()
-    if errors:
-        raise ValueError(f"could not read the gate's status: {errors[0]}")
-    if len(readings) != 2:
-        raise ValueError("the gate's status was not read at both ends of the window")
-    win = window_between(readings["lo"], readings["hi"])
+    win = watch.window()
     in_window = (res.scheduled_s >= lo) & (res.scheduled_s < hi) & res.ok
     if win.requests < 10 or in_window.sum() < 10:
         raise ValueError(f"only {win.requests} requests answered in the calibration window at {rate:g} req/s")
@@ -278,30 +509,67 @@ def operating_point(triton_url: str, control: ModelConfigControl, model: str, ti
                               f"through the {data_plane} gate ({policy}) at {rate:g} req/s")
     batches = int(win.batches.sum())
     lag = win.lag_s / batches if batches else 0.0
+    gate_w = win.latency_sum_s / win.requests
+    # the rule the gate ran (solved by the sidecar for the quiet profile), as its batches ran here
+    modelled = model_w(prof, policy_rule(policy, BatchingModel(rate, max_batch, quiet, idle_power_w, weight)), times,
+                       window, idle_power_w, weight)
+    in_gate = gate_w - modelled
     progress(f"at {rate:g} req/s through the {data_plane} gate, {policy} ({batches} batches, {win.requests} "
              f"requests): batches hold the slot {added * 1e3:+.2f} ms longer than the quiet profile (of which "
-             f"{lag * 1e3:.2f} ms from decision to dispatch); an answer takes {hop * 1e3:.2f} ms beyond the gate "
-             f"(told to the solver for the gate contenders with this policy at this load)")
-    return OperatingPoint(rate, prof, path, added, hop, batches, win.requests, policy, lag)
+             f"{lag * 1e3:.2f} ms from decision to dispatch); the gate's own W {gate_w * 1e3:.2f} ms against the "
+             f"model's {modelled * 1e3:.2f} ms on these arrivals ({in_gate * 1e3:+.2f} ms in the gate), an answer "
+             f"takes {hop * 1e3:.2f} ms beyond the gate (both told to the solver's W for the gate contenders with "
+             f"this policy at this load)")
+    return OperatingPoint(rate, prof, path, added, hop, batches, win.requests, policy, lag, in_gate)
 
 
 def _file_tag(policy: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in policy)
 
 
-def run_split(client_latency_s: np.ndarray, reading: GateWindow) -> str:
-    """Where a gate contender's answers spent their time over its whole run: the client's mean W over the
-    requests it got answered, the gate's own arrival-to-answer mean over the same run (its ``GetStatus``
-    at the end), their difference (the per-request hop outside the gate) and the gate's batch cycle
-    (mean dispatch-to-completion, turnaround). Set beside the calibration's figures, it says whether a
-    prediction's miss was in the batch cycle or in the hop."""
-    if client_latency_s.size == 0 or reading.requests <= 0:
-        return "no answered requests to split"
-    client = float(np.mean(client_latency_s))
-    gate = reading.latency_sum_s / reading.requests
-    n = float(reading.batches.sum())
-    busy = float(reading.busy_s.sum()) / n if n else float("nan")
-    lag = reading.lag_s / n if n else float("nan")
-    return (f"client W {client * 1e3:.2f} ms over {client_latency_s.size} answers; the gate's own W "
-            f"{gate * 1e3:.2f} ms over {reading.requests}; hop (client - gate) {(client - gate) * 1e3:.2f} ms; "
-            f"{int(n)} batches, mean dispatch-to-completion {busy * 1e3:.2f} ms, turnaround {lag * 1e3:.2f} ms")
+@dataclass(frozen=True)
+class RunSplit:
+    """Where a gate contender's answers spent their time over the measured window: the client's mean W over
+    the window's answered requests, the gate's own arrival-to-answer mean over the same window (its
+    ``GetStatus`` at both ends, ``GateWatch``), so the per-request hop outside the gate is their difference;
+    and the gate's batch cycle there (mean dispatch-to-completion, turnaround). Set beside the prediction
+    (the solver's W in the gate plus the calibration's hop), it says whether a miss was in the gate or in
+    the hop."""
+
+    client_w_s: float
+    client_n: int
+    gate_w_s: float
+    gate_n: int
+    batches: int
+    busy_s: float
+    """Mean dispatch-to-completion time per batch, seconds."""
+    lag_s: float
+    """Mean decision-to-dispatch time per batch (turnaround), seconds; 0 where the plane does not measure it."""
+    slot_excess_s: float = math.nan
+    """How much longer its batches held the slot (dispatch-to-completion plus turnaround) than the profile the
+    prediction was solved with (``added_under_load`` against it), seconds per batch; NaN: not compared."""
+
+    @property
+    def hop_s(self) -> float:
+        return self.client_w_s - self.gate_w_s
+
+    def describe(self) -> str:
+        return (f"client W {self.client_w_s * 1e3:.2f} ms over {self.client_n} answers; the gate's own W "
+                f"{self.gate_w_s * 1e3:.2f} ms over {self.gate_n}; hop (client - gate) {self.hop_s * 1e3:.2f} ms; "
+                f"{self.batches} batches, mean dispatch-to-completion {self.busy_s * 1e3:.2f} ms, turnaround "
+                f"{self.lag_s * 1e3:.2f} ms"
+                + ("" if math.isnan(self.slot_excess_s) else
+                   f"; the slot held {self.slot_excess_s * 1e3:+.2f} ms per batch beyond the profile predicted with"))
+
+
+def run_split(client_latency_s: np.ndarray, window: GateWindow, told: ServiceProfile | None = None) -> RunSplit:
+    """The split of a run's window from the client's latencies of the requests scheduled in it and the gate's
+    own figures over it (and, given ``told``, the profile the prediction was solved with, its batches' excess
+    over it); ValueError where either side answered none."""
+    if client_latency_s.size == 0 or window.requests <= 0:
+        raise ValueError("no answered requests to split")
+    n = float(window.batches.sum())
+    excess = added_under_load(told, window) if told is not None and n else math.nan
+    return RunSplit(float(np.mean(client_latency_s)), int(client_latency_s.size),
+                    window.latency_sum_s / window.requests, int(window.requests), int(n),
+                    float(window.busy_s.sum()) / n if n else math.nan, window.lag_s / n if n else math.nan, excess)

@@ -29,7 +29,7 @@ from solver import arrivals
 from solver.quantities import DEFAULT_IDLE_POWER_W
 
 from .bench import (BenchConfig, BenchReport, BenchRow, Progress, _ms, bench_stack, contender_override, format_table,
-                    write_outputs)
+                    with_hop, write_outputs)
 from .contenders import Contender, Prediction, compile_config, ma_delay, parse_contender, predict
 from .metrics import batch_histogram, measure, power_note
 from .openloop import run_open_loop
@@ -78,10 +78,13 @@ class FittedPrediction:
     replay_w_s: float
     """The fixed gate's table simulated on the replayed arrival times themselves (no arrival model):
     what the model's error is measured against before the stack's own effects."""
+    option: str = "poisson"
+    """The fit as ``--arrivals`` reads it (``solver.arrival_model.arrivals_option``): what the seeded
+    adaptive gate starts from."""
 
 
 def fitted_prediction(model, times: np.ndarray, warmup_s: float = 0.0) -> FittedPrediction:
-    from solver.arrival_model import MMPP2, POISSON, Poisson
+    from solver.arrival_model import MMPP2, POISSON, Poisson, arrivals_option
     from solver.errors import ModelError
     from solver.evaluate import evaluate
     from solver.fit import fit_arrivals
@@ -97,21 +100,22 @@ def fitted_prediction(model, times: np.ndarray, warmup_s: float = 0.0) -> Fitted
     replay = simulate(model.profile, ref.policy, times, idle_power_w=model.idle_power_w, weight=model.weight,
                       seed=0, warmup=warmup_s).mean_latency_s
     poisson = Prediction(ref.mean_latency_s, ref.mean_power_w, ref.gain, ref.mean_batch, "exact")
+    option = arrivals_option(chosen)
     if isinstance(chosen, Poisson):
-        return FittedPrediction(chosen.spec, poisson, poisson, ref.mean_latency_s, replay)
+        return FittedPrediction(chosen.spec, poisson, poisson, ref.mean_latency_s, replay, option)
     if isinstance(chosen, MMPP2):
         fm = model.with_(rate=chosen.mean_rate, arrivals=chosen)
         ev = evaluate_mmpp(fm, ref.policy)
         best = solve_mmpp_blind(fm, ref.policy)
         fixed = Prediction(ev.mean_latency_s, ev.mean_power_w, ev.cost, ev.mean_batch, "exact")
         ada = Prediction(best.mean_latency_s, best.mean_power_w, best.gain, best.evaluation.mean_batch, "exact")
-        return FittedPrediction(chosen.spec, fixed, ada, ref.mean_latency_s, replay)
+        return FittedPrediction(chosen.spec, fixed, ada, ref.mean_latency_s, replay, option)
     fm = model.with_(arrivals=chosen)
     ev1 = evaluate(fm, ref.policy)
     sol = solve(fm)
     return FittedPrediction(chosen.spec, Prediction(ev1.mean_latency_s, ev1.mean_power_w, ev1.cost, ev1.mean_batch, "exact"),
                             Prediction(sol.mean_latency_s, sol.mean_power_w, sol.gain, sol.mean_batch, "exact"),
-                            ref.mean_latency_s, replay)
+                            ref.mean_latency_s, replay, option)
 
 
 def cached_fitted_prediction(out_dir: Path, model, times: np.ndarray, warmup_s: float = 0.0) -> FittedPrediction:
@@ -126,12 +130,12 @@ def cached_fitted_prediction(out_dir: Path, model, times: np.ndarray, warmup_s: 
     prof = model.profile
     for arr in (prof.mean_s, prof.cv, prof.energy_j, *(prof.samples or ())):
         h.update(np.ascontiguousarray(arr, dtype=float).tobytes())
-    h.update(repr((model.rate, model.max_batch, model.idle_power_w, model.weight, warmup_s)).encode())
+    h.update(repr((model.rate, model.max_batch, model.idle_power_w, model.weight, warmup_s, "option")).encode())
     path = Path(out_dir) / f"fitted-prediction-{h.hexdigest()[:16]}.json"
     if path.exists():
         d = json.loads(path.read_text())
         return FittedPrediction(d["spec"], Prediction(**d["fixed"]), Prediction(**d["adaptive"]),
-                                d["poisson_w_s"], d["replay_w_s"])
+                                d["poisson_w_s"], d["replay_w_s"], d["option"])
     fp = fitted_prediction(model, times, warmup_s)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(asdict(fp)))
@@ -158,6 +162,29 @@ def _poll_status(control_url: str, model: str, start: float, stop: threading.Eve
                 continue  # the model appears with its first request
             out.append(StatusSample(time.monotonic() - start, s.rate.rate_rps, s.policy_version,
                                     serve_from, s.predicted_rate_rps, solved_arrivals(s.note)))
+
+
+def wait_for_seeded_policy(control_url: str, model: str, timeout_s: float = 180.0) -> float:
+    """Seconds until the gate's policy in force is solved for a given (non-Poisson) arrival model: a
+    seeded gate solves for its fitted model at start-up (the native plane gates Triton's ready models
+    before any request), which takes seconds to a minute with several phases; the replay starts after
+    it, as traffic would reach a sidecar started ahead of it. TimeoutError when it does not come."""
+    import grpc
+
+    from smdp.v1 import smdp_pb2, smdp_pb2_grpc
+
+    t0 = time.monotonic()
+    with grpc.insecure_channel(control_url) as ch:
+        stub = smdp_pb2_grpc.ControlStub(ch)
+        while time.monotonic() - t0 < timeout_s:
+            try:
+                s = stub.GetStatus(smdp_pb2.ModelRequest(model=model), timeout=1.0)
+                if solved_arrivals(s.note) not in ("", "poisson"):
+                    return time.monotonic() - t0
+            except grpc.RpcError:
+                pass
+            time.sleep(0.25)
+    raise TimeoutError(f"model {model}: no policy solved for the given arrival model within {timeout_s:g} s")
 
 
 @dataclass(frozen=True)
@@ -207,6 +234,17 @@ class ConfigFollowRun:
         return f"followed: {len(ch)} re-compile(s), {len(applied)} reload(s){last}"
 
 
+def gate_spec(c: Contender, cfg: BenchConfig, *, max_batch: int, profile_csv: Path, rate_rps: float,
+              solver_url: str | None, slo, arrivals: str) -> SidecarSpec:
+    """A gate contender's sidecar: its guard (``-guard:US``) and, seeded, the fitted ``arrivals``."""
+    return SidecarSpec(policy=c.policy, max_batch=max_batch, profile_csv=profile_csv, rate_rps=rate_rps,
+                       weight=cfg.weight, idle_power_w=cfg.idle_power_w, adaptive=c.adaptive,
+                       solver_url=solver_url if c.adaptive else None, data_plane=cfg.data_plane,
+                       long_run_window_s=None if c.long_run else 0.0, slo=slo if c.slo else None,
+                       max_wait_s=c.max_wait_us / 1e6 if c.max_wait_us is not None else None,
+                       arrivals=arrivals if c.seeded else None)
+
+
 def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None = None,
                     progress: Progress = print,
                     follow: FollowSettings = FollowSettings()) -> tuple[BenchReport, list[StatusSample]]:
@@ -247,6 +285,7 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                            slo=slo if c.slo else cfg.slo)
             if c.kind == "gate" and c.policy == "smdp" and not c.slo:  # the fitted model, not the Poisson reference
                 pred = fitted.adaptive if c.adaptive else fitted.fixed
+            pred = with_hop(pred, stack, c)  # the measured per-request hop, as the steady-load bench adds
             status: list[StatusSample] = []
             sidecar = None
             follower = None
@@ -264,14 +303,14 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                                                    mean_rate, follow, progress).start()
                 else:
                     stack.control.apply(BatchingOverride(time_scale=cfg.time_scale, dynamic_batching=False))
-                    spec = SidecarSpec(policy=c.policy, max_batch=stack.max_batch, profile_csv=stack.profile_path,
-                                       rate_rps=mean_rate, weight=cfg.weight, idle_power_w=cfg.idle_power_w,
-                                       adaptive=c.adaptive, solver_url=stack.solver_url if c.adaptive else None,
-                                       data_plane=cfg.data_plane, long_run_window_s=None if c.long_run else 0.0,
-                                       slo=slo if c.slo else None)
+                    spec = gate_spec(c, cfg, max_batch=stack.max_batch, profile_csv=stack.profile_path,
+                                     rate_rps=mean_rate, solver_url=stack.solver_url, slo=slo, arrivals=fitted.option)
                     safe = c.name.replace(" ", "_").replace(":", "_")
                     sidecar = SidecarProcess(stack.triton_url, spec, log_path=cfg.out_dir / f"sidecar-{safe}.log").start()
                     target = sidecar.url
+                    if c.seeded and sidecar.control_url:
+                        took = wait_for_seeded_policy(sidecar.control_url, cfg.model)
+                        progress(f"  {c.name}: the policy for the fitted model in force {took:.1f} s after start")
                     if sidecar.control_url:
                         # every gate is polled alike, so the trail plot's status reads cost the fixed
                         # gate what they cost the adaptive one; only the (scaled) adaptive gate's are kept
@@ -296,7 +335,11 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
             if c.name == TRAILED:
                 trail.extend(status)
             if c.kind == "gate":
-                used = list(dict.fromkeys(x.solved_for for x in status if x.solved_for))
+                since: dict[str, float] = {}
+                for x in status:
+                    if x.solved_for:
+                        since.setdefault(x.solved_for, x.t_s)
+                used = [f"{k} (from {t:.0f} s)" for k, t in since.items()]
                 if not used and not c.adaptive:
                     used = ["poisson (solved once, at the mean rate)"]
                 settings = (f"predicted under the fitted {fitted.spec}; policies solved for "

@@ -17,6 +17,14 @@ most every ``refit_s`` seconds (off the event loop), fitted as ``smdp fit-arriva
 phase or not), the adaptive gate solves for that shape at the rate it estimates: the table best on
 average over the phases (``solver.mmpp.solve_mmpp_blind``).
 
+A fitted model can be given at start (``arrivals`` in the policy config, ``smdp serve --arrivals``,
+as ``smdp fit-arrivals`` prints it for past traffic): an MMPP seeds the modulation shape and a
+compound Poisson the group law, so the first solve is already for it instead of waiting minutes for
+2,000 arrivals and a fit. While a shape is in force the controller scales it to the long-run mean
+rate, not the windowed one (the shape's phases are the rate's swings: re-solving for each swing as
+well would count them twice), and a new fit replaces it only where it is clearly closer to the
+recent arrivals (``SWITCH_GAIN``).
+
 Why phase-blind in the sidecar, not a table per phase with the forward filter
 (``solver.phase_filter``): (1) what it buys is small where it was measured. By exact evaluation
 under the batch MMPPs fitted to the Azure traces, the per-phase optimum (phase observed: an upper
@@ -60,6 +68,8 @@ class GroupEstimator:
         self._last: float | None = None
         self._gap: float | None = None
         self._current = 0
+        self.prior: ArrivalModel = POISSON
+        """The model answered before ``min_groups`` groups (a compound-Poisson seed from the config)."""
 
     def observe(self, t: float) -> None:
         if self._last is None:
@@ -106,7 +116,9 @@ class GroupEstimator:
     def model(self) -> ArrivalModel:
         """The arrival model to solve for: the empirical group law once G is significantly above 1."""
         est = self.mean_group()
-        if est is None or est[0] - est[1] <= SIGNIFICANT_G:
+        if est is None:
+            return self.prior
+        if est[0] - est[1] <= SIGNIFICANT_G:
             return POISSON
         counts = np.bincount(np.fromiter(self.sizes, dtype=np.int64))
         return CompoundPoisson.empirical(counts.astype(float))
@@ -127,6 +139,11 @@ def slow_phases(process: MMPP2) -> bool:
         if rate >= 0.1 * lam and epochs / leave < MIN_PHASE_ARRIVALS:
             return False
     return True
+
+
+SWITCH_GAIN = 0.5
+"""A new fit replaces the modulation shape in force only where its dispersion misfit on the recent
+arrivals is at most this fraction of the shape in force's (``ModulationEstimator.refit``)."""
 
 
 class ModulationEstimator:
@@ -159,6 +176,19 @@ class ModulationEstimator:
         self.version = 0
         """Incremented when a fit changes ``shape``."""
         self.fitted_at = -math.inf
+        self.kept = 0
+        """Fits that chose a different shape but were not taken (``SWITCH_GAIN``: the one in force fit
+        the recent arrivals nearly as well)."""
+
+    def seed(self, shape: MMPP2) -> None:
+        """Start from a shape fitted elsewhere (``smdp fit-arrivals`` on past traffic: ``arrivals`` in the
+        policy config): the adaptive gate solves for it from its first solve, and a later fit replaces
+        it only where that fit is clearly closer to the recent arrivals (``refit``)."""
+        if not isinstance(shape, MMPP2):
+            raise ValueError(f"a modulation seed is an MMPP, got {shape.spec}")
+        self.shape = shape
+        self.chosen = f"{shape.spec} (given)"
+        self.version += 1
 
     def observe(self, t: float) -> None:
         self.times.append(t)
@@ -186,9 +216,30 @@ class ModulationEstimator:
             return
         self.chosen = fit.chosen.spec
         shape = fit.chosen if isinstance(fit.chosen, MMPP2) and slow_phases(fit.chosen) else None
-        if shape != self.shape:
-            self.shape = shape
-            self.version += 1
+        if shape == self.shape:
+            return
+        if self.shape is not None and not self._clearly_better(fit, shape, rate):
+            self.kept += 1
+            return
+        self.shape = shape
+        self.version += 1
+
+    def _clearly_better(self, fit, shape: MMPP2 | None, rate: float) -> bool:
+        """Whether a new fit should replace the shape in force: the fitted choice's dispersion misfit on
+        the recent arrivals must be below ``SWITCH_GAIN`` times the shape in force's (scaled to the
+        same rate) and lower by ``MISFIT_TOLERANCE``. A fit of a minute's arrivals is noisy, and every
+        change of shape is a new solve and a new table; the shape in force (a seed fitted to a long
+        history, or an earlier fit) stays unless the evidence against it is clear. A refused fit
+        (``slow_phases``: jittered groups) is no evidence against it either."""
+        from solver.fit import MISFIT_TOLERANCE, dispersion_misfit
+
+        if shape is None and isinstance(fit.chosen, MMPP2):
+            return False
+        old = dispersion_misfit(self.model_for(rate), fit)
+        new = dispersion_misfit(fit.chosen, fit)
+        if not math.isfinite(old):
+            return True
+        return math.isfinite(new) and new <= SWITCH_GAIN * old and new <= old - MISFIT_TOLERANCE
 
     def model_for(self, rate: float) -> MMPP2 | None:
         """The fitted shape at mean request rate ``rate``; None without one."""

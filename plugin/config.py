@@ -83,6 +83,13 @@ class ModelPolicyConfig(BaseModel):
         description="Longest a request waits in the gate for its batch to fill, seconds; then what is queued "
         "is served. A guard for when traffic stops (the SMDP assumes arrivals continue); None = no guard",
     )
+    arrivals: str | None = Field(
+        None,
+        description="smdp, adaptive: a fitted arrival model to start from, as `smdp fit-arrivals` prints it for "
+        "past traffic (batch:G or mmpp:RATES:SWITCHES[:GROUPS]): the policy is solved for it from the first solve, "
+        "an MMPP's shape at the long-run mean rate, until the online fits are clearly closer to the recent arrivals "
+        "(plugin/arrival_estimator.py; needs arrival_group_window > 0). None = learn from nothing",
+    )
     adaptive: bool = Field(
         True,
         description="smdp only: re-solve for the measured arrival rate when it changes (False: keep the "
@@ -139,6 +146,19 @@ class ModelPolicyConfig(BaseModel):
     @classmethod
     def _valid_policy(cls, v: str) -> str:
         parse_rule_spec(v)
+        return v
+
+    @field_validator("arrivals")
+    @classmethod
+    def _valid_arrivals(cls, v: str | None) -> str | None:
+        if v is not None:
+            from solver.arrival_model import parse_arrivals
+            from solver.errors import ModelError
+
+            try:
+                parse_arrivals(v)
+            except ModelError as exc:
+                raise ValueError(str(exc)) from None
         return v
 
     @model_validator(mode="after")
@@ -265,6 +285,8 @@ class SidecarConfig(BaseModel):
     def _native_is_merged(self) -> "SidecarConfig":
         if self.data_plane == "native" and self.mode != "merged":
             raise ValueError("data_plane native runs the merged mode only; use data_plane python for mode released")
+        if self.arrival_group_window == 0 and any(p.arrivals for p in (self.default, *self.models.values())):
+            raise ValueError("a given arrival model (`arrivals`) needs the arrival estimators: arrival_group_window > 0")
         return self
 
     def policy_for(self, model: str) -> ModelPolicyConfig:

@@ -7,17 +7,10 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from smdp import GRPC_EXPERIMENTS  # imports no gRPC
+
 if TYPE_CHECKING:
     from .config import SidecarConfig
-
-# gRPC core's EventEngine endpoints read every socket on threads of their own and hand each event to
-# the thread polling the completion queue (grpc.aio's poller), which wakes the event loop: one thread
-# hop more per message than the older iomgr endpoints, where the poller reads the socket itself. On a
-# small, shared machine that hop cost 0.3-0.5 ms added latency and ~250 us CPU per request (RESULTS.md,
-# section 3). Read once, when gRPC starts, hence set before anything imports it; a GRPC_EXPERIMENTS
-# already in the environment (even empty) is left as it is.
-GRPC_EXPERIMENTS = "-event_engine_client,-event_engine_listener,-event_engine_for_all_other_endpoints,-event_engine_callback_cq"
-
 
 # Flags of `smdp serve` and the configuration fields they set: type, choices, help (with units) and
 # the default shown come from the field itself (plugin/config.py). SidecarConfig's fields first:
@@ -46,6 +39,7 @@ POLICY_FLAGS = {
     "--idle-power": "idle_power_w",
     "--max-batch": "max_batch",
     "--max-wait": "max_wait_s",
+    "--arrivals": "arrivals",
 }
 # ... and its tail-latency SLO (ModelPolicyConfig.slo):
 SLO_FLAGS = {
@@ -118,6 +112,9 @@ def _slo_flags(args: argparse.Namespace) -> dict | None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # The gRPC core setting `smdp serve` runs with (smdp/__init__.py says why). `smdp` sets it before
+    # anything imports gRPC (smdp.cli.main); here again for callers that start at this function, where
+    # it takes effect only if nothing imported gRPC yet. One already in the environment is left as is.
     os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)
     import asyncio
     import logging

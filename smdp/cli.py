@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from smdp import GRPC_EXPERIMENTS
 
 # Modules that contribute sub-commands; a missing one (a part not yet built) is skipped.
 _PARTS = ("solver.cli", "plugin.cli", "loadtest.cli")
@@ -33,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["serve"]:
+        # The sidecar's gRPC setting (smdp/__init__.py), before the parser: building it imports the
+        # sub-commands' modules, and with them gRPC, which reads it once. A GRPC_EXPERIMENTS already in
+        # the environment (even empty) is left as it is.
+        os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

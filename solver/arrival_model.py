@@ -409,6 +409,19 @@ def parse_arrivals(spec: str) -> ArrivalModel:
                      f"[:GROUP1,GROUP2]; got {text!r}")
 
 
+def arrivals_option(model: ArrivalModel) -> str:
+    """A spec ``parse_arrivals`` reads back for ``model``: empirical group laws become geometric ones of
+    the same means (what ``smdp fit-arrivals`` offers as the ``--arrivals`` option)."""
+    if isinstance(model, CompoundPoisson):
+        return "poisson" if model.group_mean == 1.0 else f"batch:{model.group_mean:.6g}"
+    if isinstance(model, MMPP) and model.grouped:
+        return "mmpp:" + ":".join(",".join(f"{x:.6g}" for x in xs)
+                                  for xs in (model.rates, model.switching, model.group_means))
+    if isinstance(model, MMPP):
+        return "mmpp:" + ":".join(",".join(f"{x:.6g}" for x in xs) for xs in (model.rates, model.switching))
+    return model.spec
+
+
 def group_rate(arrivals: ArrivalModel, rate: float) -> float:
     """Arrival epochs per second: lambda for Poisson, lambda / G for groups."""
     if isinstance(arrivals, CompoundPoisson):

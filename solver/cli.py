@@ -486,7 +486,7 @@ def _solve_mmpp(args: argparse.Namespace, model) -> int:
 def _cmd_fit_arrivals(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from solver.arrival_model import MMPP2, CompoundPoisson
+    from solver.arrival_model import arrivals_option
     from solver.arrivals import read_trace_timestamps
     from solver.fit import fit_arrivals
 
@@ -495,13 +495,7 @@ def _cmd_fit_arrivals(args: argparse.Namespace) -> int:
     fit = fit_arrivals(times, group_window_s=args.group_window, bin_s=args.bin, max_phases=args.max_phases)
     out = fit.to_dict()
     chosen = fit.chosen
-    if isinstance(chosen, CompoundPoisson):
-        cli = f"batch:{chosen.group_mean:.6g}"
-    elif isinstance(chosen, MMPP2) and chosen.grouped:  # the option carries geometric groups of the same means
-        cli = "mmpp:" + ":".join(",".join(f"{x:.6g}" for x in xs)
-                                 for xs in (chosen.rates, chosen.switching, chosen.group_means))
-    else:
-        cli = chosen.spec
+    cli = arrivals_option(chosen)  # geometric groups of the same means
     out["arrivals_option"] = cli
     out["trace"] = str(args.trace)
     if args.json:

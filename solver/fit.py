@@ -431,6 +431,24 @@ def _choose(misfit: dict[str, float], levels: list[list[str]]) -> str:
     return best
 
 
+def _misfit(curve: tuple[float, ...], trace_d: tuple[float, ...]) -> float:
+    """Mean squared log ratio of a model's dispersion curve to the trace's (over its finite windows)."""
+    ok = [i for i, d in enumerate(trace_d) if math.isfinite(d) and d > 0]
+    return float(np.mean([math.log(curve[i] / trace_d[i]) ** 2 for i in ok])) if ok else math.nan
+
+
+def dispersion_misfit(model: ArrivalModel, fit: "ArrivalFit") -> float:
+    """How far ``model``'s index-of-dispersion curve is from the fitted trace's, on the fit's windows
+    (the measure ``fit_arrivals`` chooses by): a model in force can be compared with a new fit."""
+    if isinstance(model, Poisson):
+        curve = tuple(1.0 for _ in fit.windows_s)
+    elif isinstance(model, CompoundPoisson):
+        curve = tuple(model.group_second_moment / model.group_mean for _ in fit.windows_s)
+    else:
+        curve = tuple(model.index_of_dispersion(w) for w in fit.windows_s)
+    return _misfit(curve, fit.dispersion["trace"])
+
+
 def fit_arrivals(times: np.ndarray, group_window_s: float | None = None, bin_s: float | None = None,
                  max_phases: int = MAX_FIT_PHASES) -> ArrivalFit:
     """Every candidate fitted (MMPPs with 2..``max_phases`` phases, plain and batch), the one chosen by
@@ -487,10 +505,7 @@ def fit_arrivals(times: np.ndarray, group_window_s: float | None = None, bin_s: 
         curves[name] = tuple(f.model.index_of_dispersion(w) for w in windows)
         cvs[name] = interarrival_cv(f.model, rate)
         cands[name] = f.model
-    ok = [i for i, d in enumerate(trace_d) if math.isfinite(d) and d > 0]
-    misfit = {}
-    for name in cands:
-        misfit[name] = float(np.mean([math.log(curves[name][i] / trace_d[i]) ** 2 for i in ok])) if ok else math.nan
+    misfit = {name: _misfit(curves[name], trace_d) for name in cands}
     best = _choose(misfit, [["poisson", "batch", "mmpp", "batch_mmpp"],
                             *([f"mmpp{m}", f"batch_mmpp{m}"] for m in range(3, int(max_phases) + 1))])
     chosen = cands[best]

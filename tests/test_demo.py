@@ -52,6 +52,8 @@ def test_demo_runs_every_contender_and_leaves_no_process(triton_runnable, tmp_pa
     # calibration run per gate policy (greedy its own, every SMDP contender the adaptive SMDP gate's)
     assert "at 80 req/s through the " in text and "batches hold the slot" in text
     assert "gate, greedy (" in text and "gate, smdp (" in text
+    # each calibration sets the gate's own W beside the model's on its arrivals: the time in the gate
+    assert "against the model's" in text and "ms in the gate)" in text
     names = ["triton delay=0ms", "triton delay=10ms", "gate greedy", "gate smdp", "gate smdp adaptive", "config smdp",
              "gate smdp SLO"]
     table = text[text.index("J = W + w P"):]
@@ -74,7 +76,12 @@ def test_demo_runs_every_contender_and_leaves_no_process(triton_runnable, tmp_pa
     # every gate contender's run split into its time in the gate and the hop outside it
     for name in ("gate_greedy", "gate_smdp", "gate_smdp_adaptive"):
         split = (out / f"gate-split-{name}-80.txt").read_text()
-        assert "hop (client - gate)" in split and "turnaround" in split, split
+        assert split.startswith("over the measured window: client W"), split
+        assert "hop (client - gate)" in split and "turnaround" in split and "beyond the profile" in split, split
+    # and the table of those splits beside the prediction's parts
+    assert "where the gate contenders' W went over the window" in text
+    for name in ("gate greedy", "gate smdp", "gate smdp adaptive"):
+        assert f"    80 {name}" in text[text.index("where the gate contenders' W went"):]
     # Triton, the sidecars and the solver service were all stopped (give exiting ones a moment)
     deadline = time.monotonic() + 10.0
     while _marked(marker) and time.monotonic() < deadline:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -205,6 +206,30 @@ def test_a_guarded_gate_contender_runs_a_sidecar_with_that_max_wait():
     assert "--max-wait" not in SidecarSpec(policy="smdp", max_batch=8).flags()
     config = config_from_args(build_parser().parse_args(["serve", *flags]))
     assert config.policy_for("any").max_wait_s == 0.01
+
+
+def test_the_trace_bench_gives_each_gate_its_guard_and_the_seeded_one_the_fitted_model():
+    from loadtest.bench import BenchConfig
+    from loadtest.trace_bench import gate_spec
+    from plugin.serve_cli import config_from_args
+    from smdp.cli import build_parser
+
+    cfg = BenchConfig(rates=(150.0,), contenders=(parse_contender("gate:smdp"),), data_plane="python")
+    fit = "mmpp:300,20:0.5,1:2,1"
+    kw = dict(max_batch=8, profile_csv=V100, rate_rps=150.0, solver_url="127.0.0.1:1", slo=None, arrivals=fit)
+    seeded = parse_contender("gate:smdp-adaptive-seeded-guard:20000")
+    assert seeded.seeded and seeded.adaptive and seeded.name == "gate smdp adaptive seeded guard=20ms"
+    assert parse_contender("gate:smdp-adaptive-seeded").seeded
+    with pytest.raises(ValueError):
+        Contender("gate", policy="smdp", seeded=True)  # only the adaptive gate is seeded
+    spec = gate_spec(seeded, cfg, **kw)
+    assert spec.max_wait_s == 0.02 and spec.arrivals == fit
+    config = config_from_args(build_parser().parse_args(["serve", *spec.flags()]))
+    assert config.policy_for("any").max_wait_s == 0.02 and config.policy_for("any").arrivals == fit
+    fixed = gate_spec(parse_contender("gate:smdp-guard:20000"), cfg, **kw)
+    assert fixed.max_wait_s == 0.02 and fixed.arrivals is None and fixed.solver_url is None
+    plain = gate_spec(parse_contender("gate:smdp-adaptive"), cfg, **kw)
+    assert plain.max_wait_s is None and plain.arrivals is None
 
 
 def test_predictions_agree_with_the_solver_and_greedy_equals_zero_delay():
@@ -424,3 +449,18 @@ def test_the_fitted_prediction_is_kept_for_the_next_run_of_the_same_trace(tmp_pa
     assert again == first and len(calls) == 1
     trace_bench.cached_fitted_prediction(tmp_path, model.with_(weight=2e-3), times, 1.0)  # another model: solved again
     assert len(calls) == 2
+
+
+def test_trace_bench_predictions_carry_the_measured_hop():
+    from loadtest.bench import Stack, with_hop
+    from loadtest.contenders import Prediction
+    from loadtest.stack_profile import RequestHop
+
+    prof = scaled_profile(ServiceProfile.from_csv(V100).truncated(8), 10.0)
+    stack = Stack("t", None, 8, prof, V100, hop=RequestHop(0.001, 0.003, 0.001))
+    pred = Prediction(0.050, 100.0, 0.150, 4.0, "exact")
+    gate = with_hop(pred, stack, parse_contender("gate:smdp-adaptive-seeded"))
+    assert gate.mean_latency_s == pytest.approx(0.054) and gate.cost == pytest.approx(0.154) and gate.source == "exact+hop"
+    assert with_hop(pred, stack, parse_contender("triton:20000")).mean_latency_s == pytest.approx(0.051)
+    assert with_hop(pred, dataclasses.replace(stack, hop=None), parse_contender("gate:smdp")) == pred
+    assert with_hop(Prediction(), stack, parse_contender("gate:smdp")) == Prediction()

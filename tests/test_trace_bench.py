@@ -34,7 +34,7 @@ def test_trace_replay_runs_every_contender_on_the_same_arrivals_and_tracks_the_r
     assert summary_lines(report) and "adaptive SMDP gate vs triton delay=0ms" in summary_lines(report)[0]
     # the gate's prediction is the fitted arrival model's, and which models its solves used is recorded
     gate = report.rows[1]
-    assert gate.predicted.source == "exact" and np.isfinite(gate.predicted.mean_latency_s)
+    assert gate.predicted.source == "exact+hop" and np.isfinite(gate.predicted.mean_latency_s)  # + the measured hop
     assert "predicted under the fitted " in gate.settings and "policies solved for poisson" in gate.settings
     assert all(s.solved_for for s in trail if s.version >= 1)
     # config mode ran with its follower beside Triton (reloads, if any, failed no request)

@@ -94,7 +94,7 @@ import numpy as np
 from scipy.stats import t as t_dist
 
 from solver import quantities
-from solver.arrival_model import POISSON, ArrivalModel
+from solver.arrival_model import MMPP2, POISSON, ArrivalModel, CompoundPoisson, parse_arrivals
 from solver.model import BatchingModel, ModelError, ServiceProfile
 from solver.policy import GateRule, InstanceTable, PolicyTable, greedy
 from solver.slo import SloTarget
@@ -165,8 +165,13 @@ class LongRunRate:
         if self._first is None or now - self._first < max(min_span_s, 1e-9):
             return None
         n = self._n * math.exp(-max(now - self._last, 0.0) / self.tau_s)
-        span = self.tau_s * -math.expm1(-(now - self._first) / self.tau_s)
-        return n / span
+        return n / self.span(now)
+
+    def span(self, now: float) -> float:
+        """T(t), seconds: the effective span the mean is over (0 before the first arrival)."""
+        if self._first is None:
+            return 0.0
+        return self.tau_s * -math.expm1(-max(now - self._first, 0.0) / self.tau_s)
 
 
 @dataclass
@@ -274,6 +279,9 @@ class ControllerConfig:
     """D: the devices the k instances draw idle power on (``plugin.placement``; None: one per instance)."""
     group_window_gaps: float = 0.0
     """Arrival-group window in mean gaps for the group estimator (0: Poisson arrivals)."""
+    arrivals: ArrivalModel | None = None
+    """A fitted arrival model to start from (``smdp fit-arrivals`` on past traffic): an MMPP seeds the
+    modulation shape, groups the group law (``plugin.arrival_estimator``); None: learn from nothing."""
     learning: LearningConfig = LearningConfig(enabled=False)
 
     def __post_init__(self) -> None:
@@ -286,6 +294,8 @@ class ControllerConfig:
                              f"change_ratio={self.change_ratio}, instances={self.instances}")
         if self.devices is not None and not 1 <= self.devices <= self.instances:
             raise ValueError(f"devices must be in 1..instances = {self.instances}, got {self.devices}")
+        if self.arrivals is not None and not self.group_window_gaps > 0:
+            raise ValueError("a given arrival model needs the arrival estimators (arrival_group_window > 0)")
 
     @classmethod
     def of(cls, policy: "ModelPolicyConfig", sidecar: "SidecarConfig", *, max_batch: int,
@@ -301,6 +311,7 @@ class ControllerConfig:
             instances=instances,
             devices=devices,
             group_window_gaps=sidecar.arrival_group_window,
+            arrivals=parse_arrivals(policy.arrivals) if policy.arrivals else None,
             learning=LearningConfig(
                 enabled=policy.learn_profile,
                 drift=policy.profile_drift,
@@ -414,6 +425,11 @@ class PolicyController:
         shape at the estimated rate, phase-blind (``plugin.arrival_estimator``)."""
         self._fitting: asyncio.Future | None = None
         self._solved_shape = 0
+        seed = config.arrivals
+        if isinstance(seed, MMPP2) and self.modulation is not None:
+            self.modulation.seed(seed)
+        elif isinstance(seed, CompoundPoisson) and self.groups is not None:
+            self.groups.prior = seed
         self.instances = config.instances
         """k: model instances the gate fills; k > 1 is solved as a(n, m) (``solver.instances``)."""
         self.devices = config.devices
@@ -858,6 +874,14 @@ class PolicyController:
         if due is None:
             return None
         rate, rebase = due
+        if self._shape_applies():
+            level = self.modulated_level(now)
+            if not self._dirty and self._shape_holds(level, now):
+                if rebase:  # the swing is the modulation solved for: the detector follows it, no solve
+                    self.rate.reset(now, rate)
+                return None
+            if level is not None:
+                rate = level
         self._dirty = False
         self._task = asyncio.get_running_loop().create_task(self._resolve(rate, now, rebase=rebase))
         return self._task
@@ -888,6 +912,11 @@ class PolicyController:
             self.note = f"{solution.problem} for w = {solution.weight:g}; keeping policy v{self.version}"
             log.warning("%s: %s", self.model, self.note)
             return
+        self._adopt(solution, rebase=rebase)
+
+    def _adopt(self, solution: Solution, *, rebase: bool) -> None:
+        """Install a solved policy (``_resolve``; also the plain table a long phase-blind search
+        starts from, while nothing else is in force: ``_solve``)."""
         self.solves += 1
         self.current = solution
         self.version += 1
@@ -1032,12 +1061,45 @@ class PolicyController:
             return POISSON
         return self.groups.model()
 
+    def _shape_applies(self) -> bool:
+        """A modulation shape applies to the next solve: plain J solves (no SLO or latency target), one
+        instance, with the long-run mean to scale it to."""
+        return (self.modulation is not None and self.modulation.shape is not None and self.instances == 1
+                and self.slo is None and self.latency_target_s is None and self.long_run is not None)
+
+    def modulated_level(self, now: float) -> float | None:
+        """The rate to scale the modulation shape to: the long-run mean rate (the shape's phases are
+        the swings of the windowed rate; solving for each swing too would count them twice). None
+        before the long-run mean spans a rate window."""
+        if self.long_run is None:
+            return None
+        mean = self.long_run.rate(now, min_span_s=self.rate.window_s)
+        return mean if mean is not None and mean > 0 else None
+
+    def _shape_holds(self, level: float | None, now: float) -> bool:
+        """The policy in force was solved for the current shape at a level that the long-run mean has
+        not left: by more than the drift tolerance *and* more than the mean's own 95% noise under that
+        shape (a count over T has variance ID(T) x mean: a bursty shape's mean over a minute moves by
+        tens of percent, and solving for each such move would chase the bursts again). Without a
+        long-run mean yet (level None) there is no evidence that it moved."""
+        sol = self.current
+        if not (sol is not None and isinstance(sol.arrivals, MMPP2) and self.modulation is not None
+                and self.modulation.version == self._solved_shape and self.long_run is not None):
+            return False
+        if level is None:
+            return True
+        span = self.long_run.span(now)
+        noise = 1.96 * math.sqrt(sol.arrivals.index_of_dispersion(span) * level / span) if span > 0 else math.inf
+        return abs(level - sol.rate_rps) <= max(self.drift_tolerance * sol.rate_rps, noise)
+
     def _clumping_moved(self) -> bool:
         """The learned mean group size moved by more than the drift tolerance from the one in force."""
         if self.groups is None or self.current is None or self.instances > 1:
             return False
         if self.modulation is not None and self.modulation.version != self._solved_shape:
             return True  # a new fit of the rate's modulation (or the end of one)
+        if isinstance(self.current.arrivals, MMPP2):
+            return False  # the shape in force carries its own groups
         old = self.current.arrivals.group_mean
         new = self.arrival_model().group_mean
         return abs(new - old) > self.drift_tolerance * old
@@ -1072,6 +1134,13 @@ class PolicyController:
             from solver.mmpp import solve_mmpp_blind
 
             mm = model.with_(rate=shape.mean_rate, arrivals=shape)
+            interim = Solution(r.policy, rate, weight, r.mean_latency_s, r.mean_power_w, r.gain, r.mean_batch,
+                               r.source + " (serving while the phase-blind search runs)", self._profile_source(),
+                               solved_weight, arrivals=arrivals, converged=r.converged)
+            if self.current is None and interim.problem is None:
+                # the search takes seconds to a minute (three phases, B = 128): the gate is greedy until
+                # the first policy, so the plain table serves meanwhile
+                self._adopt(interim, rebase=False)
             try:
                 b = await asyncio.get_running_loop().run_in_executor(None, solve_mmpp_blind, mm, r.policy)
             except (ModelError, ArithmeticError) as exc:
