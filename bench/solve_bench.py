@@ -44,6 +44,9 @@ policies agree on their common states.
 
     python bench/solve_bench.py --against-before --batches 64 128 256 --cvs 0 1 --loads 0.6
 
+With --against-full-improvement, "before" is instead the same solver with every policy-iteration step
+improving over all actions (``policy_iteration(near=None)``), to measure the near-action steps alone.
+
 --features: the other features' solves, now against before in the same run (the before solver is
 swapped in where the feature calls ``solve``): "slo" (``solver.slo.solve_slo``, q0.99 <= 20 ms,
 w = 0.1 s/W as in bench/slo_bench.py), "k=4" (``solver.instances.solve_instances`` with 4
@@ -68,6 +71,7 @@ state and the first state above which at most 1e-10 of the stationary mass lies 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import sys
 import time
@@ -251,9 +255,21 @@ def solve_before(m: BatchingModel, method: str = "pi", **kwargs):
         solver.smdp._seeded_start = saved
 
 
+def solve_full_improvement(m: BatchingModel, **kwargs):
+    """``solve`` with every policy-iteration step improving over all actions (``near=None``): the solver
+    before PI improved near the current batch sizes first."""
+    saved = solver.smdp.policy_iteration
+    solver.smdp.policy_iteration = functools.partial(saved, near=None)
+    try:
+        return solve(m, **kwargs)
+    finally:
+        solver.smdp.policy_iteration = saved
+
+
 def against_before(args) -> int:
+    before = solve_full_improvement if args.against_full_improvement else solve_before
     contenders = (("now", lambda m, warm=None: solve(m, warm_start=warm)),
-                  ("before", lambda m, warm=None: solve_before(m, warm_start=warm)))
+                  ("before", lambda m, warm=None: before(m, warm_start=warm)))
     print(f"solve(model), PI: now vs before; w = {args.weight:g} s/W, idle {IDLE_W} W; best of {args.repeat} "
           f"(time), tracemalloc peak (memory); warm = started from the same solver's policy at 0.95 x rate")
     header = (f"{'cv':>3} {'B':>4} {'load':>5} {'start':<5} {'N now':>6} {'N before':>8} {'now ms':>9} {'before ms':>9} "
@@ -380,6 +396,9 @@ def main(argv=None) -> int:
                     help="service CVs for --linear-solvers and --against-before")
     ap.add_argument("--against-before", action="store_true",
                     help="solve() now against the solver before (module doc), same run")
+    ap.add_argument("--against-full-improvement", action="store_true",
+                    help="with --against-before: 'before' is today's solver with every PI step improving over all "
+                         "actions (no near-action steps)")
     ap.add_argument("--features", action="store_true",
                     help="the SLO, k-instance and bursty-arrival solves, now against before (module doc)")
     ap.add_argument("--feature", nargs="+", choices=FEATURES, default=list(FEATURES),
