@@ -58,6 +58,8 @@ TAILS: tuple[str, ...] = ("fluid", "first-order", "none")
 _PMF_FLOOR = 1e-20
 EXPECTATION_CHUNKS = 8
 """Row chunks of the Hankel product in ``TruncatedSMDP.expected_next``."""
+NEAR_CHUNK = 32
+"""States per block of ``TruncatedSMDP.expected_next_near``."""
 
 
 def service_moments(profile: ServiceProfile) -> tuple[np.ndarray, np.ndarray]:
@@ -282,6 +284,54 @@ class TruncatedSMDP:
             up = np.zeros(N + 1 + lw)
             up[: N + 1] = h
             out[:, 0] = sliding_window_view(up, lw + 1)[first:] @ self.jump + self.tail_p[first:, 0] * h[N]
+        return out
+
+    def expected_next_near(self, h: np.ndarray, actions: np.ndarray, width: int) -> np.ndarray:
+        """``expected_next`` on the serve actions within ``width`` of ``actions[n]`` (and the wait),
+        +inf elsewhere: shape (N+1, B+1), the same values as ``expected_next`` where computed.
+
+        Policy iteration's intermediate improvements look only near the current actions (a rate or size
+        step moves most batch sizes by one or two); the step that stops it looks at every action. Per
+        chunk of NEAR_CHUNK states the product is taken on the actions the chunk's windows span and the
+        rows s = n - a those reach: about (chunk + span) span instead of chunk B row-products.
+        """
+        N = self.truncation
+        L = self.band
+        B = self.model.max_batch
+        a = np.asarray(actions, dtype=np.int64)
+        n = np.arange(N + 1)
+        lo = np.maximum(a - width, 1)
+        hi = np.minimum(np.minimum(a + width, n), B)  # serve at most n, at most B
+        padded = np.zeros(N + 1 + L)
+        padded[: N + 1] = h
+        view = sliding_window_view(padded, L + 1)
+        out = np.full((N + 1, B + 1), np.inf)
+        hN = h[N]
+        for n0 in range(0, N + 1, NEAR_CHUNK):
+            n1 = min(n0 + NEAR_CHUNK, N + 1)
+            span = hi[n0:n1] >= lo[n0:n1]
+            if not span.any():
+                continue
+            c_lo = int(lo[n0:n1][span].min())
+            c_hi = int(hi[n0:n1][span].max())
+            s0 = max(n0 - c_hi, 0)
+            s1 = n1 - c_lo  # rows s0..s1-1
+            cols = np.arange(c_lo, c_hi + 1)
+            w = min(L, N - s0) + 1
+            pv = np.ascontiguousarray(view[s0:s1, :w]) @ self.pmf_t[:w, c_lo - 1 : c_hi]
+            rows = n[n0:n1, None]
+            keep = (cols >= lo[n0:n1, None]) & (cols <= hi[n0:n1, None])
+            r = np.where(keep, rows - cols - s0, 0)
+            e = pv[r, cols - c_lo] + self.tail_p[n0:n1, c_lo : c_hi + 1] * hN
+            out[n0:n1, c_lo : c_hi + 1] = np.where(keep, e, np.inf)
+        if self.jump is None:
+            out[:-1, 0] = h[1:]
+            out[-1, 0] = h[N]
+        else:
+            lw = self.jump.size - 1
+            up = np.zeros(N + 1 + lw)
+            up[: N + 1] = h
+            out[:, 0] = sliding_window_view(up, lw + 1) @ self.jump + self.tail_p[:, 0] * h[N]
         return out
 
     def _checked_actions(self, actions: np.ndarray) -> np.ndarray:

@@ -778,3 +778,55 @@ def test_stationary_distribution_of_a_replaced_factorisation_is_evaluated_afresh
         want = evaluate_policy(smdp, actions, "dense")
         np.testing.assert_allclose(got.pi, want.pi, rtol=1e-8, atol=1e-15)
         assert got.pi.sum() == pytest.approx(1.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("B,N,cv,groups", [(32, 120, 1.0, False), (128, 500, 1.0, False), (128, 400, 0.0, False),
+                                           (64, 300, 1.0, True)])
+def test_expected_next_near_is_the_full_product_on_the_window(B, N, cv, groups):
+    """The windowed product equals the full one (to rounding) on the wait and every serve action within
+    the width of the given actions, and is +inf on exactly the other pairs."""
+    from solver.arrival_model import CompoundPoisson
+    from solver.tail import build
+
+    m = v100(B, 0.6, 1e-4, cv)
+    if groups:
+        m = m.with_(arrivals=CompoundPoisson(2.0))
+    smdp = build(m, N)
+    rng = np.random.default_rng(7)
+    n = np.arange(N + 1)
+    actions = np.clip(np.minimum(n, B) - rng.integers(0, 12, N + 1), 0, B)
+    actions[n >= B] = np.maximum(actions[n >= B], 1)
+    h = np.cumsum(rng.uniform(0.0, 1.0, N + 1)) ** 1.5
+    full = smdp.expected_next(h)
+    for width in (1, 8):
+        near = smdp.expected_next_near(h, actions, width)
+        a = np.arange(B + 1)[None, :]
+        want = (a >= 1) & (np.abs(a - actions[:, None]) <= width) & (a <= n[:, None])
+        want[:, 0] = True
+        np.testing.assert_array_equal(np.isfinite(near), want)
+        np.testing.assert_allclose(near[want], full[want], rtol=1e-13, atol=0.0)
+
+
+@pytest.mark.parametrize("B,load,cv", [(128, 0.6, 1.0), (128, 0.9, 0.0), (256, 0.6, 1.0)])
+def test_policy_iteration_near_actions_gives_the_full_improvements_answer(B, load, cv):
+    """Improving near the current actions until that finds nothing, then over all: the same policy and
+    gain as improving over all actions every step (from greedy and from a shifted start)."""
+    from solver.pi import NEAR_ACTIONS, policy_iteration
+    from solver.tail import build
+
+    m = v100(B, load, 1e-4, cv) if B <= 128 else None
+    if m is None:
+        from solver import ServiceProfile
+
+        prof = ServiceProfile.affine(B, 0.1438e-3, 1.8874e-3, 0.04419, 0.1550, cv=cv)
+        m0 = BatchingModel(rate=1.0, max_batch=B, profile=prof, idle_power_w=40.0, weight=1e-4)
+        m = m0.with_(rate=load * m0.capacity)
+    smdp = build(m, 3 * B)
+    ref = policy_iteration(smdp, near=None)
+    n = np.arange(smdp.n_states)
+    starts = [None, np.clip(ref.actions - (n % 3), np.where(n < B, 0, 1), None)]
+    for start in starts:
+        out = policy_iteration(smdp, start, near=NEAR_ACTIONS)
+        assert out.converged
+        np.testing.assert_array_equal(out.actions, ref.actions)
+        assert out.values.gain == pytest.approx(ref.values.gain, rel=1e-12)
