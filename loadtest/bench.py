@@ -464,8 +464,9 @@ def run_one(stack: Stack, cfg: BenchConfig, c: Contender, rate: float, times: np
 
 def _on_its_arrivals(c: Contender, cfg: BenchConfig) -> bool:
     """Whether a contender's W is predicted on its run's own arrivals (``stack_profile.model_w``): the gate
-    contenders the operating-point calibration serves, other than the SLO gates (their figures are the SLO
-    search's) and a guarded gate (its guard is no rule the model runs)."""
+    contenders the operating-point calibration serves, other than the SLO gates (their policy moves while they
+    run: predicted after it with the rules they ran, ``_rule_on_its_arrivals``) and a guarded gate (its guard
+    is no rule the model runs)."""
     return (cfg.operating_point and c.kind == "gate" and not c.slo and c.max_wait_us is None
             and cfg.instances == 1)
 
