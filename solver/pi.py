@@ -480,7 +480,7 @@ NEAR_ACTIONS = 8
 change, and over every action to stop (``policy_iteration``)."""
 NEAR_MIN_RATIO = 8
 """... only where B >= this many times the window's 2 NEAR_ACTIONS + 1 actions (B >= 136 with the
-default: at B = 128 the windowed product saved less than the extra full step cost, measured)."""
+default: at B = 128 the windowed product saved less than the extra full step costs)."""
 
 
 def policy_iteration(
@@ -490,15 +490,15 @@ def policy_iteration(
     """Policy iteration from ``start`` (default greedy) to a policy no action improves.
 
     near: improve only among the actions within ``near`` of the current ones (and the wait) while that
-    changes the policy, and over all actions before stopping or where a change reaches the window's edge
-    (None: always over all actions). A rate
+    changes the policy, and over all actions before stopping (None: always over all actions). A rate
     or size step moves most batch sizes by one or two, so the intermediate steps need only the
     product on those actions (``TruncatedSMDP.expected_next_near``, 3-4x cheaper at B = 256); the
     last step is the full one, so the policy returned satisfies the same optimality check as without.
-    Used where B >= NEAR_MIN_RATIO (2 near + 1).
+    Used with a given start (warm or seeded: from greedy the changes are far, and the windowed steps
+    cost more iterations) where B >= NEAR_MIN_RATIO (2 near + 1).
     """
     actions = default_start(smdp) if start is None else np.asarray(start, dtype=np.int64).copy()
-    if near is not None and smdp.model.max_batch < NEAR_MIN_RATIO * (2 * near + 1):
+    if near is not None and (start is None or smdp.model.max_batch < NEAR_MIN_RATIO * (2 * near + 1)):
         near = None
     evaluate = PolicyEvaluator(smdp, linear_solver)
     values = evaluate(actions)
@@ -515,7 +515,7 @@ def policy_iteration(
             values = evaluate.refactor(actions)
             q = q_of(values)
         new = improve(q, actions)
-        if near is not None and (np.array_equal(new, actions) or np.any(np.abs(new - actions) >= near)):
+        if near is not None and np.array_equal(new, actions):
             # no better action near the current ones (every action decides whether to stop), or one at the
             # window's edge (the best may lie beyond it: far from the optimum, as from greedy)
             new = improve(q_values(smdp, values.h, values.gain), actions)
