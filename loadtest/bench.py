@@ -436,11 +436,9 @@ def run_one(stack: Stack, cfg: BenchConfig, c: Contender, rate: float, times: np
     pred = predict(c, model, times, seed=cfg.seed, warmup_s=lo, compiled=compiled, slo=cfg.slo)
     if _on_its_arrivals(c, cfg) and math.isfinite(pred.mean_latency_s):
         pred = _w_on_its_arrivals(pred, c, model, times, cfg)
-    hop, in_gate = math.nan, 0.0
-    if stack.hop is not None and math.isfinite(pred.mean_latency_s):
-        hop, in_gate = hop_parts(stack.hop, c)
-        pred = replace(pred, mean_latency_s=pred.mean_latency_s + in_gate + hop, cost=pred.cost + in_gate + hop,
-                       source=f"{pred.source}+hop")
+    hop, in_gate = (hop_parts(stack.hop, c) if stack.hop is not None and math.isfinite(pred.mean_latency_s)
+                    else (math.nan, 0.0))
+    pred = with_hop(pred, stack, c)
     res, split, in_force = _run_contender(c, cfg, stack.control, stack.triton_url, times, rate, stack.max_batch,
                          stack.profile_path, cfg.out_dir, compiled=compiled, solver_url=stack.solver_url,
                          told=stack.profile)

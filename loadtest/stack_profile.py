@@ -189,6 +189,17 @@ class WindowFigures:
     mean_batch: float
 
 
+def _counted(times: np.ndarray, window: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """(the arrival times as floats, which of those from the window's start on fall in it): the
+    simulation's latencies start at the window's start (its warm-up), the mean is over the window."""
+    lo, hi = window
+    t = np.asarray(times, dtype=float)
+    counted = t[t >= lo] < hi
+    if not counted.any():
+        raise ValueError("no arrival in the window")
+    return t, counted
+
+
 def model_wp(profile: ServiceProfile, rule: BatchRule, times: np.ndarray, window: tuple[float, float],
              idle_power_w: float, weight: float, draws: int = MODEL_W_DRAWS) -> WindowFigures:
     """The model's mean W over the requests scheduled in ``window`` of these very arrival ``times``, and
@@ -196,12 +207,8 @@ def model_wp(profile: ServiceProfile, rule: BatchRule, times: np.ndarray, window
     averaged over ``draws`` service-time streams."""
     from solver.simulate import simulate_latencies
 
-    lo, hi = window
-    t = np.asarray(times, dtype=float)
-    after = t[t >= lo]
-    counted = after < hi
-    if not counted.any():
-        raise ValueError("no arrival in the window")
+    t, counted = _counted(times, window)
+    lo = window[0]
     runs = [simulate_latencies(profile, rule, t, idle_power_w=idle_power_w, weight=weight, seed=s, warmup=lo)
             for s in range(draws)]
     return WindowFigures(float(np.mean([lat[counted].mean() for _, lat in runs])),
@@ -310,17 +317,13 @@ def model_wp_schedule(profile: ServiceProfile, schedule: RuleSchedule, times: np
     request's W taken from the rule in force at its arrival, P and the mean batch as each rule's weighted by
     its share of the window (the queue a new rule finds is its own simulation's, not the old rule's: a
     switch's transient is not modelled). One rule: exactly ``model_wp``."""
-    lo, hi = schedule.window
+    lo = schedule.window[0]
     if len(schedule.segments) == 1:
         return model_wp(profile, schedule.segments[0][1].rule, times, schedule.window, idle_power_w, weight, draws)
     from solver.simulate import simulate_latencies
 
-    t = np.asarray(times, dtype=float)
-    after = t[t >= lo]
-    counted = after < hi
-    if not counted.any():
-        raise ValueError("no arrival in the window")
-    which = np.searchsorted([start for start, _ in schedule.segments], after[counted], side="right") - 1
+    t, counted = _counted(times, schedule.window)
+    which = np.searchsorted([start for start, _ in schedule.segments], t[t >= lo][counted], side="right") - 1
     shares = schedule.shares()
     w, p, batch = [], [], []
     for s in range(draws):

@@ -414,11 +414,9 @@ def arrivals_option(model: ArrivalModel) -> str:
     the same means (what ``smdp fit-arrivals`` offers as the ``--arrivals`` option)."""
     if isinstance(model, CompoundPoisson):
         return "poisson" if model.group_mean == 1.0 else f"batch:{model.group_mean:.6g}"
-    if isinstance(model, MMPP) and model.grouped:
-        return "mmpp:" + ":".join(",".join(f"{x:.6g}" for x in xs)
-                                  for xs in (model.rates, model.switching, model.group_means))
     if isinstance(model, MMPP):
-        return "mmpp:" + ":".join(",".join(f"{x:.6g}" for x in xs) for xs in (model.rates, model.switching))
+        parts = (model.rates, model.switching) + ((model.group_means,) if model.grouped else ())
+        return "mmpp:" + ":".join(",".join(f"{x:.6g}" for x in xs) for xs in parts)
     return model.spec
 
 

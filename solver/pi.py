@@ -516,8 +516,7 @@ def policy_iteration(
             q = q_of(values)
         new = improve(q, actions)
         if near is not None and np.array_equal(new, actions):
-            # no better action near the current ones (every action decides whether to stop), or one at the
-            # window's edge (the best may lie beyond it: far from the optimum, as from greedy)
+            # no better action near the current ones: every action decides whether to stop
             new = improve(q_values(smdp, values.h, values.gain), actions)
         if np.array_equal(new, actions):
             return PIOutcome(actions, values, it, True)

@@ -276,15 +276,18 @@ class TruncatedSMDP:
             pv[s0 - lo : s1 - lo] = np.ascontiguousarray(view[s0:s1, :width]) @ self.pmf_t[:width]
         out = np.empty((N + 1 - first, B + 1))
         out[:, 1:] = pv.ravel()[self._gather[first:] - lo * B] + self.tail_p[first:, 1:] * h[N]
-        if self.jump is None:
-            out[:-1, 0] = h[first + 1 :]
-            out[-1, 0] = h[N]
-        else:
-            lw = self.jump.size - 1
-            up = np.zeros(N + 1 + lw)
-            up[: N + 1] = h
-            out[:, 0] = sliding_window_view(up, lw + 1)[first:] @ self.jump + self.tail_p[first:, 0] * h[N]
+        out[:, 0] = self._expected_after_wait(h, first)
         return out
+
+    def _expected_after_wait(self, h: np.ndarray, first: int = 0) -> np.ndarray:
+        """E[h(next state)] after waiting, n = first..N (the wait column of ``expected_next``)."""
+        N = self.truncation
+        if self.jump is None:  # one arrival
+            return np.append(h[first + 1 :], h[N])
+        lw = self.jump.size - 1
+        up = np.zeros(N + 1 + lw)
+        up[: N + 1] = h
+        return sliding_window_view(up, lw + 1)[first:] @ self.jump + self.tail_p[first:, 0] * h[N]
 
     def expected_next_near(self, h: np.ndarray, actions: np.ndarray, width: int) -> np.ndarray:
         """``expected_next`` on the serve actions within ``width`` of ``actions[n]`` (and the wait),
@@ -324,14 +327,7 @@ class TruncatedSMDP:
             r = np.where(keep, rows - cols - s0, 0)
             e = pv[r, cols - c_lo] + self.tail_p[n0:n1, c_lo : c_hi + 1] * hN
             out[n0:n1, c_lo : c_hi + 1] = np.where(keep, e, np.inf)
-        if self.jump is None:
-            out[:-1, 0] = h[1:]
-            out[-1, 0] = h[N]
-        else:
-            lw = self.jump.size - 1
-            up = np.zeros(N + 1 + lw)
-            up[: N + 1] = h
-            out[:, 0] = sliding_window_view(up, lw + 1) @ self.jump + self.tail_p[:, 0] * h[N]
+        out[:, 0] = self._expected_after_wait(h)
         return out
 
     def _checked_actions(self, actions: np.ndarray) -> np.ndarray:
