@@ -83,7 +83,27 @@ class FittedPrediction:
     adaptive gate starts from."""
 
 
-def fitted_prediction(model, times: np.ndarray, warmup_s: float = 0.0) -> FittedPrediction:
+def split_calibration(times: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """The trace's first ``fraction`` of its span (the calibration prefix the arrival model and the
+    gates' mean rate are taken from) and the rest, shifted to start at 0 (what is replayed): the
+    prediction and the seeded gate are judged on arrivals they were not fitted on."""
+    f = float(fraction)
+    if not 0.0 < f < 1.0:
+        raise ValueError(f"the calibration prefix must be a fraction of the trace in (0, 1), got {fraction!r}")
+    t = np.asarray(times, dtype=float) - float(times[0])
+    cut = f * float(t[-1])
+    calib, rest = t[t < cut], t[t >= cut]
+    if calib.size < 20 or rest.size < 20:
+        raise ValueError(f"a calibration prefix of {f:g} leaves {calib.size} arrivals to fit and {rest.size} to "
+                         "replay; both need at least 20")
+    return calib, rest - rest[0]
+
+
+def fitted_prediction(model, times: np.ndarray, warmup_s: float = 0.0,
+                      fit_times: np.ndarray | None = None) -> FittedPrediction:
+    """``fit_times``: where the arrival model is fitted (a calibration prefix), its MMPP then scaled to
+    ``model``'s rate (the replay's mean: the shape is what is judged out of sample); the replayed
+    ``times`` themselves when None (in sample)."""
     from solver.arrival_model import MMPP2, POISSON, Poisson, arrivals_option
     from solver.errors import ModelError
     from solver.evaluate import evaluate
@@ -94,9 +114,11 @@ def fitted_prediction(model, times: np.ndarray, warmup_s: float = 0.0) -> Fitted
 
     ref = solve(model)
     try:
-        chosen = fit_arrivals(times).chosen
+        chosen = fit_arrivals(times if fit_times is None else fit_times).chosen
     except ModelError:  # too few arrivals to fit: the Poisson reference, said so
         chosen = POISSON
+    if fit_times is not None and isinstance(chosen, MMPP2):
+        chosen = chosen.with_rates(tuple(r * model.rate / chosen.mean_rate for r in chosen.rates))
     replay = simulate(model.profile, ref.policy, times, idle_power_w=model.idle_power_w, weight=model.weight,
                       seed=0, warmup=warmup_s).mean_latency_s
     poisson = Prediction(ref.mean_latency_s, ref.mean_power_w, ref.gain, ref.mean_batch, "exact")
@@ -118,7 +140,8 @@ def fitted_prediction(model, times: np.ndarray, warmup_s: float = 0.0) -> Fitted
                             ref.mean_latency_s, replay, option)
 
 
-def cached_fitted_prediction(out_dir: Path, model, times: np.ndarray, warmup_s: float = 0.0) -> FittedPrediction:
+def cached_fitted_prediction(out_dir: Path, model, times: np.ndarray, warmup_s: float = 0.0,
+                             fit_times: np.ndarray | None = None) -> FittedPrediction:
     """``fitted_prediction``, kept in ``out_dir`` under a hash of everything it depends on (the times,
     the model's rate, B, profile, P0, w, the warm-up): the fits and the phase-blind search take
     minutes with several phases, and a bench split into short runs replays the same trace each time."""
@@ -127,6 +150,9 @@ def cached_fitted_prediction(out_dir: Path, model, times: np.ndarray, warmup_s: 
     from dataclasses import asdict
 
     h = hashlib.sha256(np.ascontiguousarray(times, dtype=float).tobytes())
+    if fit_times is not None:
+        h.update(b"fitted on")
+        h.update(np.ascontiguousarray(fit_times, dtype=float).tobytes())
     prof = model.profile
     for arr in (prof.mean_s, prof.cv, prof.energy_j, *(prof.samples or ())):
         h.update(np.ascontiguousarray(arr, dtype=float).tobytes())
@@ -136,7 +162,7 @@ def cached_fitted_prediction(out_dir: Path, model, times: np.ndarray, warmup_s: 
         d = json.loads(path.read_text())
         return FittedPrediction(d["spec"], Prediction(**d["fixed"]), Prediction(**d["adaptive"]),
                                 d["poisson_w_s"], d["replay_w_s"], d["option"])
-    fp = fitted_prediction(model, times, warmup_s)
+    fp = fitted_prediction(model, times, warmup_s, fit_times)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(asdict(fp)))
     return fp
@@ -247,8 +273,14 @@ def gate_spec(c: Contender, cfg: BenchConfig, *, max_batch: int, profile_csv: Pa
 
 def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None = None,
                     progress: Progress = print,
-                    follow: FollowSettings = FollowSettings()) -> tuple[BenchReport, list[StatusSample]]:
-    """Every contender on ``times``; figures over cfg.window; the adaptive gate's status trail."""
+                    follow: FollowSettings = FollowSettings(),
+                    calibration: np.ndarray | None = None) -> tuple[BenchReport, list[StatusSample]]:
+    """Every contender on ``times``; figures over cfg.window; the adaptive gate's status trail.
+
+    ``calibration``: earlier arrivals (``split_calibration``) that the arrival model's shape is fitted
+    to instead of the replayed ``times`` themselves; the mean rate stays the replay's (the gates are
+    given it as in sample, and the adaptive gate measures it), so what is judged out of sample is the
+    clumping and modulation."""
     rows: list[BenchRow] = []
     trail: list[StatusSample] = []
     mean_rate = (times.size - 1) / float(times[-1] - times[0])
@@ -258,9 +290,13 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
 
         model = BatchingModel(mean_rate, stack.max_batch, stack.profile, cfg.idle_power_w, cfg.weight)
         progress(f"trace: {times.size} arrivals over {times[-1]:.0f} s, mean {mean_rate:.0f} req/s "
-                 f"(rho = {model.load:.2f} of capacity {model.capacity:.0f}/s)")
-        fitted = cached_fitted_prediction(cfg.out_dir, model, times, warmup_s=lo)
-        progress(f"arrival model fitted to the replayed trace: {fitted.spec}; fixed gate's W predicted "
+                 f"(rho = {model.load:.2f} of capacity {model.capacity:.0f}/s)"
+                 + ("" if calibration is None else
+                    f"; the arrival model fitted to the {calibration.size} arrivals before it ({calibration[-1]:.0f} s, "
+                    f"mean {(calibration.size - 1) / float(calibration[-1]):.0f} req/s, not replayed)"))
+        fitted = cached_fitted_prediction(cfg.out_dir, model, times, warmup_s=lo, fit_times=calibration)
+        where = "the replayed trace" if calibration is None else "the calibration prefix"
+        progress(f"arrival model fitted to {where}: {fitted.spec}; fixed gate's W predicted "
                  f"{fitted.fixed.mean_latency_s * 1e3:.2f} ms under it ({fitted.poisson_w_s * 1e3:.2f} ms under Poisson, "
                  f"{fitted.replay_w_s * 1e3:.2f} ms simulated on the replayed times)")
         slo = cfg.slo  # with --slo-margin auto: its margin measured before the first SLO gate
@@ -453,22 +489,25 @@ def repeat_summary(costs: dict[str, list[float]], reference: str = TRAILED) -> l
 
 def main_trace_bench(cfg: BenchConfig, trace_path: Path, mean_rate: float, limit: int | None,
                      triton_url: str | None, progress: Progress, follow: FollowSettings = FollowSettings(),
-                     repeat: int = 1) -> int:
+                     repeat: int = 1, fit_prefix: float = 0.0) -> int:
     """``repeat`` > 1: the contender list is run that many times, in reverse order every other time
     (a contender's place in a run moves its J by a few percent), and J is summarised over the
     repeats; the tables and plots are those of the first repeat."""
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat!r}")
     times = trace_times(trace_path, mean_rate, limit)
+    calibration = None
+    if fit_prefix:
+        calibration, times = split_calibration(times, fit_prefix)
     span = float(times[-1])
     cfg = replace(cfg, duration_s=max(span - cfg.warmup_s - cfg.cooldown_s, 1.0))
-    report, trail = run_trace_bench(cfg, times, triton_url, progress, follow)
+    report, trail = run_trace_bench(cfg, times, triton_url, progress, follow, calibration)
     costs: dict[str, list[float]] = {r.contender: [r.measured.cost] for r in report.rows}
     failed = sum(r.measured.failed for r in report.rows)
     for k in range(1, repeat):
         order = tuple(reversed(cfg.contenders)) if k % 2 else cfg.contenders
         progress(f"repeat {k + 1} of {repeat}: {', '.join(c.name for c in order)}")
-        again, _ = run_trace_bench(replace(cfg, contenders=order), times, triton_url, progress, follow)
+        again, _ = run_trace_bench(replace(cfg, contenders=order), times, triton_url, progress, follow, calibration)
         for r in again.rows:
             costs[r.contender].append(r.measured.cost)
         failed += sum(r.measured.failed for r in again.rows)
@@ -523,6 +562,10 @@ def add_trace_bench_command(sub) -> None:
     p.add_argument("--repeat", type=int, default=1,
                    help="run the contender list this many times, reversing its order every other time, and "
                    "summarise J over the repeats (default: %(default)s)")
+    p.add_argument("--fit-prefix", type=float, default=0.0, metavar="FRACTION",
+                   help="fit the arrival model (and take the gates' mean rate) from this first fraction of the "
+                   "trace's span and replay only the rest, so the predictions and the seeded gate are judged "
+                   "out of sample; 0 = fit the replayed trace itself (default: %(default)s)")
     p.add_argument("--weight", type=float, default=BENCH_WEIGHT, help="w, seconds per watt (default: %(default)s)")
     p.add_argument("--time-scale", type=float, default=10.0, help="emulated GPU this much slower (default: %(default)s)")
     p.add_argument("--idle-power", type=float, default=DEFAULT_IDLE_POWER_W, help="P0, watts (default: %(default)s)")
@@ -573,7 +616,8 @@ def _cmd(args) -> int:
                           solver=None if args.solver in ("none", "") else args.solver,
                           data_plane=args.data_plane)
         return main_trace_bench(cfg, args.trace, args.rate, args.limit or None, args.triton, say,
-                                FollowSettings(window_s=float(args.rate_window)), repeat=args.repeat)
+                                FollowSettings(window_s=float(args.rate_window)), repeat=args.repeat,
+                                fit_prefix=args.fit_prefix)
     except (TritonUnavailable, TritonStartError) as exc:
         print(f"smdp trace-bench: Triton is not available: {exc}", file=sys.stderr)
         return 1

@@ -28,8 +28,15 @@ import numpy as np
 from solver.arrival_model import MAX_PHASES, MMPP2, POISSON, ArrivalModel, CompoundPoisson, Poisson
 from solver.errors import ModelError
 
-WINDOWS_IN_MEAN_GAPS = (1.0, 10.0, 100.0, 1000.0)
-"""Windows of the dispersion table, in units of the mean interarrival time."""
+WINDOWS_IN_MEAN_GAPS = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0)
+"""Windows of the dispersion table, in units of the mean interarrival time: half decades, so that the
+curve is sampled evenly in log t from a request gap up to the longest window the trace measures
+(``MIN_WINDOWS`` of them). A modulated queue's W is decided at the long end, where the queue builds
+over a burst and drains after it (for a one-minute trace at 150 req/s a decade grid held a single
+measurable window above 10 gaps)."""
+
+MIN_WINDOWS = 10
+"""A window is used only where the trace holds at least this many of it (fewer give no variance)."""
 
 
 MAX_FIT_PHASES = 4
@@ -379,7 +386,7 @@ def dispersion(times: np.ndarray, windows_s: tuple[float, ...]) -> tuple[float, 
     out = []
     for w in windows_s:
         k = int(t[-1] // w)
-        if k < 10:
+        if k < MIN_WINDOWS:
             out.append(math.nan)
             continue
         c = np.bincount((t[t < k * w] // w).astype(np.int64), minlength=k)[:k].astype(float)
@@ -483,7 +490,7 @@ def fit_arrivals(times: np.ndarray, group_window_s: float | None = None, bin_s: 
                 more[f"batch_mmpp{m}"] = fit_batch_mmpp(t, window, bin_s, phases=m)
             except ModelError:
                 pass
-    windows = tuple(w / rate for w in WINDOWS_IN_MEAN_GAPS)
+    windows = tuple(w / rate for w in WINDOWS_IN_MEAN_GAPS if span // (w / rate) >= MIN_WINDOWS) or (1.0 / rate,)
     trace_d = dispersion(t, windows)
     curves: dict[str, tuple[float, ...]] = {"trace": trace_d, "poisson": tuple(1.0 for _ in windows)}
     cvs = {"trace": float(np.std(np.diff(t)) / np.mean(np.diff(t))), "poisson": 1.0}
