@@ -117,13 +117,23 @@ class PythonPlane:
         for state in self.registry.models().values():
             if state.timer:
                 state.timer.cancel()
+        await asyncio.sleep(0)  # a batch's accounting, queued behind its answers
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # -- inference ---------------------------------------------------------------------------
     async def infer(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
-        """One caller's request, answered exactly once (a response, or GateError)."""
-        state = await self.registry.model_state(request.model_name, request.model_version)
+        """One caller's request, answered exactly once (a response, or GateError).
+
+        The bookkeeping of an answer (the batch's completion epoch, the latency statistics, metrics,
+        the controller's observers) runs just after the answer leaves, on the event loop's next turn
+        (``_batch_ended``, ``_answered``): off the caller's latency, and before the loop takes up any
+        event that came in meanwhile (its callbacks queue behind).
+        """
+        # A model already known is looked up without a coroutine (the registry's fetch is for the first)
+        state = self.registry.get(request.model_name, request.model_version)
+        if state is None:
+            state = await self.registry.model_state(request.model_name, request.model_version)
         if state is None:
             response = await self.upstream.call(request)
             self.registry.known_again(request.model_name, request.model_version)
@@ -182,12 +192,7 @@ class PythonPlane:
                 # (two event-loop hops fewer). Same body, same accounting; the future is set by now.
                 await self._dispatch(state, alone, now, inline=True)
             response = await call.future
-            latency = self._clock() - now
-            state.stats.latency_sum_s += latency
-            state.stats.latency_n += 1
-            if state.controller is not None:
-                state.controller.observe_latency(now + latency, latency)
-            self.metrics.request_answered(state.name, "OK", latency)
+            self._loop.call_soon(self._answered, state, now, self._clock() - now)
             return response
         except GateError as exc:
             self.metrics.request_answered(state.name, exc.code, self._clock() - now)
@@ -195,6 +200,14 @@ class PythonPlane:
         except asyncio.CancelledError:
             state.gate.cancel(item)  # still waiting: frees its place; dispatched: the batch runs on
             raise
+
+    def _answered(self, state: ModelState, arrival: float, latency: float) -> None:
+        """A response's accounting: its arrival-to-answer time in the statistics, the controller and metrics."""
+        state.stats.latency_sum_s += latency
+        state.stats.latency_n += 1
+        if state.controller is not None:
+            state.controller.observe_latency(arrival + latency, latency)
+        self.metrics.request_answered(state.name, "OK", latency)
 
     async def _relay_refused(self, state: ModelState, request: service_pb2.ModelInferRequest
                              ) -> service_pb2.ModelInferResponse:
@@ -334,7 +347,7 @@ class PythonPlane:
             self._batch_failed(state, calls, exc)
         finally:
             if not handed_off:
-                self._batch_done(state, calls, rows, start)
+                self._batch_ended(state, calls, rows, start)
 
     async def _run_on(
         self, state: ModelState, calls: list[_Call], rows: int, start: float, upstream: grpc.aio.UnaryUnaryCall
@@ -345,7 +358,7 @@ class PythonPlane:
         except Exception as exc:
             self._batch_failed(state, calls, exc)
         finally:
-            self._batch_done(state, calls, rows, start)
+            self._batch_ended(state, calls, rows, start)
 
     def _batch_failed(self, state: ModelState, calls: list[_Call], exc: Exception) -> None:
         """Every member of a failed batch gets its one answer: the error."""
@@ -360,9 +373,13 @@ class PythonPlane:
         for call in calls:
             self._fail(call, exc)
 
-    def _batch_done(self, state: ModelState, calls: list[_Call], rows: int, start: float) -> None:
-        """A batch ended, answered or failed: account for it, free its slot, and decide again."""
-        end = self._clock()
+    def _batch_ended(self, state: ModelState, calls: list[_Call], rows: int, start: float) -> None:
+        """A batch ended, its members answered: clocked now, accounted for on the loop's next turn, after
+        the answers have gone (their callers' wake-ups are queued already, these go behind them)."""
+        self._loop.call_soon(self._batch_done, state, calls, rows, start, self._clock())
+
+    def _batch_done(self, state: ModelState, calls: list[_Call], rows: int, start: float, end: float) -> None:
+        """A batch ended at ``end``, answered or failed: account for it, free its slot, and decide again."""
         elapsed = end - start
         state.stats.record(rows, elapsed)
         if state.controller is not None:  # learns tau(b); a batch that raised the failure count is skipped

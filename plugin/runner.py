@@ -7,6 +7,7 @@ Locust) can start a real sidecar on an ephemeral port, talk to it over real gRPC
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import threading
@@ -111,6 +112,10 @@ class SidecarThread:
 async def serve_forever(config: SidecarConfig) -> int:
     """``smdp serve``: run until SIGINT/SIGTERM, then drain and stop (0); 1 when the native gate died."""
     running = await start_sidecar(config)
+    # What start-up built (modules, configs, policies) lives as long as the process: frozen out of the
+    # collector's generations, so that its collections walk only what requests allocate.
+    gc.collect()
+    gc.freeze()
     control = f", control API on port {running.control_port}" if running.control_port else ""
     if running.metrics_port:
         control += f", metrics on port {running.metrics_port}"

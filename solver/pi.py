@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 from scipy import linalg
 from scipy.sparse import linalg as sparse_linalg
 
@@ -114,8 +113,9 @@ class BandedBelowLU:
         self.band = self._flat[step:].reshape((ldab, self.n), order="F")
         offset = self.kl + self.ku  # band row of the diagonal
         item = self._flat.itemsize
-        self.extended = as_strided(self._flat[offset:], shape=(self.n, self.n + 1), strides=(item, item * step),
-                                   writeable=True)
+        # a view whose base is the flat storage itself (so row runs can be viewed through it too)
+        self.extended = np.ndarray((self.n, self.n + 1), dtype=float, buffer=self._flat, offset=offset * item,
+                                   strides=(item, item * step))
         self.matrix = self.extended[:, 1:]
         self._piv: np.ndarray | None = None
         self.generation = 0
@@ -381,10 +381,19 @@ class PolicyEvaluator:
         return self._base_values
 
 
+def _q_from(smdp: TruncatedSMDP, g: float, expected: np.ndarray, first: int) -> np.ndarray:
+    """(c - g tau) + E[h(next)] written into ``expected`` (a fresh array), +inf where not allowed: the
+    same operations in the same order as the plain expression, without its temporaries."""
+    scaled = np.multiply(smdp.time[first:], g)
+    np.subtract(smdp.cost[first:], scaled, out=scaled)
+    np.add(scaled, expected, out=expected)
+    np.copyto(expected, np.inf, where=~smdp.valid[first:])
+    return expected
+
+
 def q_values(smdp: TruncatedSMDP, h: np.ndarray, g: float, first: int = 0) -> np.ndarray:
     """Q(n, a) = c(n, a) - g tau(n, a) + E[h(next)] for n = first..N; +inf where the action is not allowed."""
-    q = smdp.cost[first:] - g * smdp.time[first:] + smdp.expected_next(h, first)
-    return np.where(smdp.valid[first:], q, np.inf)
+    return _q_from(smdp, g, smdp.expected_next(h, first), first)
 
 
 def improve(q: np.ndarray, current: np.ndarray, rtol: float = 1e-11) -> np.ndarray:
@@ -471,8 +480,7 @@ def _residual_ok(q: np.ndarray, actions: np.ndarray, values: PolicyValues) -> bo
 
 def q_values_near(smdp: TruncatedSMDP, h: np.ndarray, g: float, actions: np.ndarray, width: int) -> np.ndarray:
     """``q_values`` on the wait and the serve actions within ``width`` of ``actions``; +inf elsewhere."""
-    q = smdp.cost - g * smdp.time + smdp.expected_next_near(h, actions, width)
-    return np.where(smdp.valid, q, np.inf)
+    return _q_from(smdp, g, smdp.expected_next_near(h, actions, width), 0)
 
 
 NEAR_ACTIONS = 8
@@ -481,6 +489,11 @@ change, and over every action to stop (``policy_iteration``)."""
 NEAR_MIN_RATIO = 8
 """... only where B >= this many times the window's 2 NEAR_ACTIONS + 1 actions (B >= 136 with the
 default: at B = 128 the windowed product saved less than the extra full step costs)."""
+NEAR_FIRST_RATIO = 6
+"""Where B is at least this many times the window but below ``NEAR_MIN_RATIO`` times (B = 102..135
+with the default window), only the first step improves near the current actions: there the windowed
+product costs 60-75% of the full one (B = 128, N = 547-856), so a windowed step pays only where it
+replaces a full one, not where a full one follows it anyway."""
 
 
 def policy_iteration(
@@ -495,27 +508,31 @@ def policy_iteration(
     product on those actions (``TruncatedSMDP.expected_next_near``, 3-4x cheaper at B = 256); the
     last step is the full one, so the policy returned satisfies the same optimality check as without.
     Used with a given start (warm or seeded: from greedy the changes are far, and the windowed steps
-    cost more iterations) where B >= NEAR_MIN_RATIO (2 near + 1).
+    cost more iterations) where B >= NEAR_MIN_RATIO (2 near + 1), and for the first step only where
+    B >= NEAR_FIRST_RATIO (2 near + 1).
     """
     actions = default_start(smdp) if start is None else np.asarray(start, dtype=np.int64).copy()
-    if near is not None and (start is None or smdp.model.max_batch < NEAR_MIN_RATIO * (2 * near + 1)):
+    B = smdp.model.max_batch
+    if near is not None and (start is None or B < NEAR_FIRST_RATIO * (2 * near + 1)):
         near = None
+    near_steps = None if near is None or B >= NEAR_MIN_RATIO * (2 * near + 1) else 1
     evaluate = PolicyEvaluator(smdp, linear_solver)
     values = evaluate(actions)
     seen = [actions]
 
-    def q_of(values: PolicyValues) -> np.ndarray:
-        if near is None:
+    def q_of(values: PolicyValues, windowed: bool) -> np.ndarray:
+        if near is None or not windowed:
             return q_values(smdp, values.h, values.gain)
         return q_values_near(smdp, values.h, values.gain, actions, near)
 
     for it in range(1, max_iter + 1):
-        q = q_of(values)
+        windowed = near is not None and (near_steps is None or it <= near_steps)
+        q = q_of(values, windowed)
         if evaluate.updated and not _residual_ok(q, actions, values):
             values = evaluate.refactor(actions)
-            q = q_of(values)
+            q = q_of(values, windowed)
         new = improve(q, actions)
-        if near is not None and np.array_equal(new, actions):
+        if windowed and np.array_equal(new, actions):
             # no better action near the current ones: every action decides whether to stop
             new = improve(q_values(smdp, values.h, values.gain), actions)
         if np.array_equal(new, actions):

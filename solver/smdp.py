@@ -29,8 +29,9 @@ set by one improvement step on the previous values extended by the fluid tail (h
 the excursion's relative cost, ``_extended_values``): at CV 1 the beyond-N rule (full batches) is
 wrong on a ramp of added states (78 of them at B = 128, load 0.6), the seeded start on 0-2. Policy
 iteration then usually changes only a few states, which ``solver.pi.PolicyEvaluator`` solves by a
-low-rank update of the last LU instead of a new one. The arrivals' pmf is computed once for a size
-and the next one (``solver.tail.count_arrivals``).
+low-rank update of the last LU instead of a new one. The arrivals' pmf and its prefix sums are
+computed once for a size and the next one, and for all three sizes of a resumed warm search
+(``solver.tail.count_arrivals``).
 
 Default growth_rtol 1e-8 (PI): the gain error shrinks geometrically with N (each 1.25x step cut it
 by 4x or more in every measured case, each 1.5x step by 25x or more), and the gain returned is the
@@ -208,11 +209,12 @@ def solve(
         if warm_start is not None and warm_start.truncation > truncation:
             warm_start = PolicyTable(warm_start.actions[: truncation + 1], warm_start.max_batch)
 
+    resumed = truncation is None and warm_start is not None and resume_warm_start
     if truncation is not None:
         N = int(truncation)
     else:
         N = max(initial_truncation(model), model.max_batch)
-        if warm_start is not None and resume_warm_start:
+        if resumed:
             # the search's own sizes, so that a warm solve tries what a cold one would from there;
             # the neighbour's sizes lie on a grid shifted by up to one step, hence the sqrt(growth)
             reach = warm_start.truncation * math.sqrt(growth)
@@ -230,10 +232,13 @@ def solve(
     previous_values = None
     settled = truncation is not None
     counts = None
+    # the sizes the search visits at least: a resumed search needs its three (the stopping rule's)
+    planned = _grow_steps(N, growth, RESUME_STEPS if resumed else 1)
     while True:
-        if truncation is None and (counts is None or counts.shape[1] <= N):
-            # one count pmf for this size and the next (its first N + 1 columns are each size's)
-            counts = count_arrivals(model, min(MAX_TRUNCATION, _grow(N, growth)))
+        if truncation is None and (counts is None or counts.kmax < N):
+            # one count pmf (and its prefix sums) for this size and the next, or for all the sizes a
+            # resumed search plans (its first N + 1 columns are each size's, bit for bit)
+            counts = count_arrivals(model, min(MAX_TRUNCATION, max(_grow(N, growth), planned)))
         smdp = build(model, N, tail, counts=counts)
         if previous_values is not None and method == "pi":
             h = _extended_values(previous_smdp, previous_values, N + 1)

@@ -95,6 +95,34 @@ def test_a_caller_that_goes_away_during_an_inline_dispatch_leaves_the_batch_runn
     run(main())
 
 
+def test_an_answer_leaves_before_its_accounting_which_is_done_by_the_loops_next_turn():
+    async def main():
+        up = Upstream()
+        sc = await make_sidecar(up)
+        await sc.plane.infer(request(id="warm"))
+        await asyncio.sleep(0)
+        state = sc.registry.models()[("emulated_gpu", "")]
+        before = sample(sc, "smdp_sidecar_responses_total", code="OK")
+        resp = await sc.plane.infer(request(id="a"))
+        # answered, its slot not yet freed nor its latency counted: that work is off the caller's path
+        assert resp.id == "a"
+        assert state.gate.in_flight == 1 and state.stats.answered == 1 and state.stats.latency_n == 1
+        await asyncio.sleep(0)
+        assert state.gate.in_flight == 0 and state.stats.answered == 2 and state.stats.latency_n == 2
+        assert state.stats.batches[1] == 2 and state.gate.counters.dispatched_batches == 2
+        assert sample(sc, "smdp_sidecar_responses_total", code="OK") == before + 1
+        # a request arriving in between is queued behind the busy slot and served when it frees
+        first = asyncio.ensure_future(sc.plane.infer(request(id="b")))
+        second = asyncio.ensure_future(sc.plane.infer(request(id="c")))
+        assert (await first).id == "b" and (await second).id == "c"
+        await asyncio.sleep(0)
+        assert state.stats.answered == 4 and state.gate.in_flight == 0 and state.gate.queue_length == 0
+        assert [r.id for r in up.sent] == ["warm", "a", "b", "c"]
+        await sc.close()
+
+    run(main())
+
+
 @pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INTERNAL])
 def test_an_inline_dispatch_gives_tritons_error_once_and_frees_the_slot(code):
     async def main():
@@ -107,6 +135,7 @@ def test_an_inline_dispatch_gives_tritons_error_once_and_frees_the_slot(code):
             await sc.plane.infer(request(id="x"))
         want = grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.NOT_FOUND else code
         assert err.value.code == want
+        await asyncio.sleep(0)  # the batch's accounting: on the loop's next turn, after the answer
         assert state.stats.failed_requests == 1 and state.stats.answered == 2
         assert state.gate.in_flight == 0
         assert sample(sc, "smdp_sidecar_responses_total", code=want.name) == 1

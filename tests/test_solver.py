@@ -512,9 +512,12 @@ def test_build_from_a_longer_count_pmf_is_the_same_smdp(cv):
 
     m = v100(32, 0.6, 1e-4, cv)
     own = build(m, 150)
-    shared = build(m, 150, counts=count_arrivals(m, 188))
-    for name in ("pmf", "valid", "latency", "energy", "time", "tail_p", "tail_m", "cost", "_gather"):
-        np.testing.assert_array_equal(getattr(shared, name), getattr(own, name))
+    counts = count_arrivals(m, 188)
+    # the shared prefix sums and transposed pmf, and a plain B x (kmax + 1) array
+    for shared in (build(m, 150, counts=counts), build(m, 150, counts=counts.pmf)):
+        for name in ("pmf", "pmf_t", "valid", "latency", "energy", "time", "tail_p", "tail_m", "cost", "_gather"):
+            np.testing.assert_array_equal(getattr(shared, name), getattr(own, name))
+        assert shared.pmf_t.flags.c_contiguous
     with pytest.raises(ModelError, match="kmax >= N"):
         build(m, 150, counts=count_arrivals(m, 120))
 
@@ -807,7 +810,7 @@ def test_expected_next_near_is_the_full_product_on_the_window(B, N, cv, groups):
         np.testing.assert_allclose(near[want], full[want], rtol=1e-13, atol=0.0)
 
 
-@pytest.mark.parametrize("B,load,cv", [(256, 0.6, 1.0), (256, 0.9, 0.0)])
+@pytest.mark.parametrize("B,load,cv", [(256, 0.6, 1.0), (256, 0.9, 0.0), (128, 0.6, 1.0)])
 def test_policy_iteration_near_actions_gives_the_full_improvements_answer(B, load, cv):
     """Improving near the current actions until that finds nothing, then over all: the same policy and
     gain as improving over all actions every step (from greedy and from a shifted start)."""
@@ -830,3 +833,96 @@ def test_policy_iteration_near_actions_gives_the_full_improvements_answer(B, loa
         assert out.converged
         np.testing.assert_array_equal(out.actions, ref.actions)
         assert out.values.gain == pytest.approx(ref.values.gain, rel=1e-12)
+
+
+def _row_by_row_transitions(smdp, actions):
+    """P of a policy written the plain way, one state at a time (the reference for the run fill)."""
+    N, L = smdp.truncation, smdp.band
+    P = np.zeros((N + 1, N + 1))
+    for n in range(N + 1):
+        a = int(actions[n])
+        if a == 0:
+            P[n, n + 1] = 1.0
+            continue
+        s = n - a
+        e = min(s + L, N)
+        P[n, s : e + 1] = smdp.pmf[a - 1, : e - s + 1]
+        P[n, N] += smdp.tail_p[n, a]
+    return P
+
+
+@pytest.mark.parametrize("B,N,cv", [(16, 120, 0.0), (16, 120, 1.0), (32, 150, 2.0), (128, 700, 1.0)])
+def test_transitions_written_by_runs_of_equal_actions_are_the_row_by_row_ones(B, N, cv):
+    """A whole policy's rows are written by runs of states with the same action (strided 2-D writes),
+    bit for bit the plain row-by-row matrix: in a dense array, in the banded LU's storage and as the
+    rows of a low-rank update; runs whose windows end inside 0..N (CV 0) or at N (CV 1-2), broken by
+    waits, of length one (serve all below B) and long (full batches)."""
+    from solver.pi import BandedBelowLU
+    from solver.tail import build
+
+    m = v100(B, 0.8, 1e-4, cv)
+    smdp = build(m, N)
+    n = np.arange(N + 1)
+    rng = np.random.default_rng(N)
+    ramp = np.minimum(np.maximum(n // 3, 1), B)
+    policies = [
+        np.minimum(n, B),
+        np.where(n == 0, 0, np.minimum(ramp, n)),
+        np.where((n < 3) | ((n > B // 2) & (n < B) & (n % 4 == 0)), 0, np.minimum(ramp, n)),
+        np.where(n == 0, 0, np.minimum(rng.integers(1, 4, N + 1) + n // 2, np.minimum(n, B))),
+    ]
+    for actions in policies:
+        P = _row_by_row_transitions(smdp, actions)
+        got, _, _ = smdp.policy_arrays(actions)
+        np.testing.assert_array_equal(got, P)
+        M, _, _ = smdp.hessenberg_system(actions)
+        want = np.eye(N + 1) - P
+        want = np.concatenate([want[:, 1:], M[:, -1:]], axis=1)
+        np.testing.assert_array_equal(M, want)
+        lu = BandedBelowLU(N + 1, B + 1)
+        smdp.hessenberg_system(actions, out=lu.extended)
+        np.testing.assert_array_equal(np.triu(lu.matrix, -(B + 1)), M)
+        states = np.array([1, B, N // 2, N - 1])
+        rows, _ = smdp.hessenberg_rows(actions, states)
+        np.testing.assert_array_equal(rows, M[states])
+
+
+def test_policy_iteration_at_b_128_improves_near_the_actions_on_the_first_step_only(monkeypatch):
+    """At B = 128 the windowed product costs most of a full one: one windowed step (where the size or
+    rate step moved most actions by one), then full steps; the warm solve's sizes, gain and policy are
+    those of improving over all actions every step."""
+    import functools
+
+    import solver.pi
+    import solver.smdp
+
+    m = v100(128, 0.6, 1e-4, 1.0)
+    near = solve(m.with_(rate=0.95 * m.rate))
+    calls = []
+    windowed = solver.pi.q_values_near
+    monkeypatch.setattr(solver.pi, "q_values_near", lambda *a, **k: calls.append(1) or windowed(*a, **k))
+    warm = solve(m, warm_start=near.policy)
+    assert len(calls) == len(warm.sizes_tried)  # one per size's policy iteration
+    monkeypatch.setattr(solver.smdp, "policy_iteration", functools.partial(solver.pi.policy_iteration, near=None))
+    full = solve(m, warm_start=near.policy)
+    assert warm.sizes_tried == full.sizes_tried and warm.converged and full.converged
+    np.testing.assert_array_equal(warm.policy.actions, full.policy.actions)
+    assert warm.gain == pytest.approx(full.gain, rel=1e-12)
+
+
+@pytest.mark.parametrize("B,cv", [(8, 0.0), (32, 1.0)])
+def test_q_values_are_the_plain_expression_bit_for_bit(B, cv):
+    """Q written into the product's own array (no temporaries) is (c - g tau) + E[h(next)] with +inf
+    where not allowed, exactly: from state 0 and from a later state, and on the near-action window."""
+    from solver.pi import evaluate_policy, q_values, q_values_near
+    from solver.tail import build
+
+    m = v100(B, 0.7, 1e-4, cv)
+    smdp = build(m, 4 * B)
+    a = np.minimum(np.arange(smdp.n_states), B)
+    v = evaluate_policy(smdp, a)
+    for first in (0, B // 2, 3 * B):
+        plain = smdp.cost[first:] - v.gain * smdp.time[first:] + smdp.expected_next(v.h, first)
+        np.testing.assert_array_equal(q_values(smdp, v.h, v.gain, first), np.where(smdp.valid[first:], plain, np.inf))
+    plain = smdp.cost - v.gain * smdp.time + smdp.expected_next_near(v.h, a, 3)
+    np.testing.assert_array_equal(q_values_near(smdp, v.h, v.gain, a, 3), np.where(smdp.valid, plain, np.inf))
