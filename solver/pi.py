@@ -381,10 +381,19 @@ class PolicyEvaluator:
         return self._base_values
 
 
+def _q_from(smdp: TruncatedSMDP, g: float, expected: np.ndarray, first: int) -> np.ndarray:
+    """(c - g tau) + E[h(next)] written into ``expected`` (a fresh array), +inf where not allowed: the
+    same operations in the same order as the plain expression, without its temporaries."""
+    scaled = np.multiply(smdp.time[first:], g)
+    np.subtract(smdp.cost[first:], scaled, out=scaled)
+    np.add(scaled, expected, out=expected)
+    np.copyto(expected, np.inf, where=~smdp.valid[first:])
+    return expected
+
+
 def q_values(smdp: TruncatedSMDP, h: np.ndarray, g: float, first: int = 0) -> np.ndarray:
     """Q(n, a) = c(n, a) - g tau(n, a) + E[h(next)] for n = first..N; +inf where the action is not allowed."""
-    q = smdp.cost[first:] - g * smdp.time[first:] + smdp.expected_next(h, first)
-    return np.where(smdp.valid[first:], q, np.inf)
+    return _q_from(smdp, g, smdp.expected_next(h, first), first)
 
 
 def improve(q: np.ndarray, current: np.ndarray, rtol: float = 1e-11) -> np.ndarray:
@@ -471,8 +480,7 @@ def _residual_ok(q: np.ndarray, actions: np.ndarray, values: PolicyValues) -> bo
 
 def q_values_near(smdp: TruncatedSMDP, h: np.ndarray, g: float, actions: np.ndarray, width: int) -> np.ndarray:
     """``q_values`` on the wait and the serve actions within ``width`` of ``actions``; +inf elsewhere."""
-    q = smdp.cost - g * smdp.time + smdp.expected_next_near(h, actions, width)
-    return np.where(smdp.valid, q, np.inf)
+    return _q_from(smdp, g, smdp.expected_next_near(h, actions, width), 0)
 
 
 NEAR_ACTIONS = 8

@@ -315,7 +315,9 @@ class TruncatedSMDP:
             width = min(L, N - s0) + 1
             pv[s0 - lo : s1 - lo] = np.ascontiguousarray(view[s0:s1, :width]) @ self.pmf_t[:width]
         out = np.empty((N + 1 - first, B + 1))
-        out[:, 1:] = pv.ravel()[self._gather[first:] - lo * B] + self.tail_p[first:, 1:] * h[N]
+        served = pv.ravel()[self._gather[first:] - lo * B if lo else self._gather[first:]]
+        served += self.tail_p[first:, 1:] * h[N]
+        out[:, 1:] = served
         out[:, 0] = self._expected_after_wait(h, first)
         return out
 

@@ -908,3 +908,21 @@ def test_policy_iteration_at_b_128_improves_near_the_actions_on_the_first_step_o
     assert warm.sizes_tried == full.sizes_tried and warm.converged and full.converged
     np.testing.assert_array_equal(warm.policy.actions, full.policy.actions)
     assert warm.gain == pytest.approx(full.gain, rel=1e-12)
+
+
+@pytest.mark.parametrize("B,cv", [(8, 0.0), (32, 1.0)])
+def test_q_values_are_the_plain_expression_bit_for_bit(B, cv):
+    """Q written into the product's own array (no temporaries) is (c - g tau) + E[h(next)] with +inf
+    where not allowed, exactly: from state 0 and from a later state, and on the near-action window."""
+    from solver.pi import evaluate_policy, q_values, q_values_near
+    from solver.tail import build
+
+    m = v100(B, 0.7, 1e-4, cv)
+    smdp = build(m, 4 * B)
+    a = np.minimum(np.arange(smdp.n_states), B)
+    v = evaluate_policy(smdp, a)
+    for first in (0, B // 2, 3 * B):
+        plain = smdp.cost[first:] - v.gain * smdp.time[first:] + smdp.expected_next(v.h, first)
+        np.testing.assert_array_equal(q_values(smdp, v.h, v.gain, first), np.where(smdp.valid[first:], plain, np.inf))
+    plain = smdp.cost - v.gain * smdp.time + smdp.expected_next_near(v.h, a, 3)
+    np.testing.assert_array_equal(q_values_near(smdp, v.h, v.gain, a, 3), np.where(smdp.valid, plain, np.inf))
