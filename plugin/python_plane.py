@@ -387,7 +387,8 @@ class PythonPlane:
         self.metrics.batch_completed(state.name, rows, elapsed)
         state.stats.answered += len(calls)
         state.gate.complete()
-        self._pump(state, epoch=end)
+        if state.gate.queue_length:  # with nothing waiting the gate has nothing to decide or expire
+            self._pump(state, epoch=end)
 
     async def _dispatch_released(self, state: ModelState, batch: tuple[Pending, ...], start: float) -> None:
         async def one(p: Pending) -> None:

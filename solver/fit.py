@@ -15,7 +15,9 @@
   is computed for the trace and predicted by each model (Poisson 1; compound Poisson E[X^2]/E[X] at
   every t; the MMPP rising from 1 with t). The chosen model is the one whose curve is closest in
   mean squared log ratio, the simplest (Poisson, groups, MMPP, batch MMPP) when it is within
-  ``MISFIT_TOLERANCE`` of the closest; the table of all is part of the fit, as are the interarrival CVs.
+  ``MISFIT_TOLERANCE`` of the closest; more phases only where they halve the misfit (``PHASE_GAIN``);
+  a model without groups only where it accounts for the requests that arrive within the group window
+  (``groups_explained``). The table of all is part of the fit, as are the interarrival CVs.
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ class ArrivalFit:
     """Mean squared log ratio of each model's dispersion curve to the trace's (smaller is closer)."""
     more_phases: dict[str, MMPPFit] = field(default_factory=dict)
     """The fits with 3..max_phases phases: "mmpp3", "batch_mmpp3", ... (those that converged)."""
+    ungrouped: tuple[str, ...] = ()
+    """Models without groups that cannot produce the trace's groups (``groups_explained``): not chosen."""
 
     def to_dict(self) -> dict:
         c = self.compound
@@ -113,6 +117,7 @@ class ArrivalFit:
             "index_of_dispersion": {k: list(v) for k, v in self.dispersion.items()},
             "interarrival_cv": self.interarrival_cv,
             "misfit": self.misfit,
+            "ungrouped": list(self.ungrouped),
         }
         for key, m in (("mmpp", self.mmpp), ("batch_mmpp", self.batch_mmpp), *self.more_phases.items()):
             out[key] = None if m is None else {
@@ -417,18 +422,47 @@ def interarrival_cv(model: ArrivalModel, rate: float) -> float:
     return math.sqrt(max(m2 / (m1 * m1) - 1.0, 0.0))
 
 
+GROUPS_Z = 3.0
+"""Requests that join a group beyond this many standard deviations above what a model without groups
+expects by chance (arrivals that happen to fall within the group window) are groups it cannot produce."""
+
+
+def groups_explained(model: ArrivalModel, times: np.ndarray, window_s: float) -> bool:
+    """Whether a model without groups (Poisson or a plain MMPP) accounts for the requests that arrive
+    within ``window_s`` of the previous one: each is such a request with probability
+    sum_i pi_i lambda_i (1 - exp(-lambda_i window)) / sum_i pi_i lambda_i (the phase seen by an arrival;
+    a switch within the window ignored). Where far more join than that, the trace's groups are real
+    (several requests at one instant) and only a model with groups has them: the dispersion curve
+    alone would let fast phases stand in for them, and a queue that serves a group at once sees the
+    difference."""
+    gaps = np.diff(np.asarray(times, dtype=float))
+    joined = int(np.sum(gaps <= window_s))
+    if isinstance(model, Poisson):
+        rates, weights = np.array([gaps.size / float(np.sum(gaps))]), np.array([1.0])
+    elif isinstance(model, MMPP2) and not model.grouped:
+        rates = np.asarray(model.rates, dtype=float)
+        weights = np.asarray(model.stationary, dtype=float) * rates
+    else:
+        raise ModelError(f"groups_explained takes a model without groups, got {model.spec}")
+    p = float(np.sum(weights * -np.expm1(-rates * window_s)) / np.sum(weights))
+    expected = gaps.size * p
+    sd = math.sqrt(max(gaps.size * p * (1.0 - p), 0.0))
+    return joined <= expected + GROUPS_Z * sd
+
+
 PHASE_GAIN = 0.5
 """A model with more phases is chosen only where it at least halves the misfit of the choice among
 fewer phases (and lowers it by more than ``MISFIT_TOLERANCE``): extra phases otherwise chase the
 trace's sampling noise (a compound-Poisson stream is not three-phase)."""
 
 
-def _choose(misfit: dict[str, float], levels: list[list[str]]) -> str:
+def _choose(misfit: dict[str, float], levels: list[list[str]], excluded: tuple[str, ...] = ()) -> str:
     """Within the first level (up to two phases) the simplest model within ``MISFIT_TOLERANCE`` of
-    the closest; then each level of more phases replaces it only if it gains ``PHASE_GAIN``."""
+    the closest; then each level of more phases replaces it only if it gains ``PHASE_GAIN``.
+    ``excluded`` models are never chosen."""
     best = "poisson"
     for depth, level in enumerate(levels):
-        names = [k for k in level if k in misfit and math.isfinite(misfit[k])]
+        names = [k for k in level if k in misfit and math.isfinite(misfit[k]) and k not in excluded]
         if not names:
             continue
         floor = min(misfit[k] for k in names)
@@ -513,7 +547,11 @@ def fit_arrivals(times: np.ndarray, group_window_s: float | None = None, bin_s: 
         cvs[name] = interarrival_cv(f.model, rate)
         cands[name] = f.model
     misfit = {name: _misfit(curves[name], trace_d) for name in cands}
+    ungrouped = tuple(name for name, m in cands.items()
+                      if not (isinstance(m, CompoundPoisson) or (isinstance(m, MMPP2) and m.grouped))
+                      and not groups_explained(m, t, window))
     best = _choose(misfit, [["poisson", "batch", "mmpp", "batch_mmpp"],
-                            *([f"mmpp{m}", f"batch_mmpp{m}"] for m in range(3, int(max_phases) + 1))])
+                            *([f"mmpp{m}", f"batch_mmpp{m}"] for m in range(3, int(max_phases) + 1))], ungrouped)
     chosen = cands[best]
-    return ArrivalFit(chosen, rate, int(t.size), span, window, comp, mm, bm, windows, curves, cvs, misfit, more)
+    return ArrivalFit(chosen, rate, int(t.size), span, window, comp, mm, bm, windows, curves, cvs, misfit, more,
+                      ungrouped)

@@ -193,3 +193,22 @@ def test_the_choice_takes_four_phases_on_a_four_phase_stream_and_keeps_two_on_a_
     t, _, _ = arrivals.mmpp2_path(two, 30_000, rng=3)
     full = fit_arrivals(t, group_window_s=0.0, max_phases=4)
     assert isinstance(full.chosen, MMPP2) and full.chosen.phases == 2
+
+
+def test_models_without_groups_are_not_chosen_where_the_trace_has_groups_they_cannot_produce():
+    from solver.arrival_model import POISSON
+    from solver.fit import groups_explained
+
+    plain = MMPP2((600.0, 60.0), (0.5, 1.0))
+    t, _, _ = arrivals.mmpp2_path(plain, 20_000, rng=8)
+    window = 0.01 / ((t.size - 1) / t[-1])
+    assert groups_explained(plain, t, window)  # chance neighbours within the window, as the model expects
+    assert groups_explained(plain, t, 0.0)
+    assert not groups_explained(POISSON, t, 3e-3)  # a Poisson stream has fewer close neighbours than an MMPP
+    grouped = MMPP2((600.0, 60.0), (0.5, 1.0), (CompoundPoisson(1.5), CompoundPoisson(1.5)))
+    g, _, _ = arrivals.mmpp2_path(grouped, 20_000, rng=8)
+    assert not groups_explained(plain, g, window) and not groups_explained(plain, g, 0.0)
+    full = fit_arrivals(g, max_phases=2)
+    assert set(full.ungrouped) >= {"poisson", "mmpp"} and full.chosen.grouped
+    with pytest.raises(ModelError, match="without groups"):
+        groups_explained(grouped, g, window)
