@@ -52,7 +52,7 @@ from solver.pi import LINEAR_SOLVERS, PolicyValues, control_limit_search, evalua
 from solver.policy import PolicyTable
 from solver.result import SolveResult
 from solver.rvi import relative_value_iteration
-from solver.tail import TAILS, TruncatedSMDP, build, count_arrivals, initial_truncation
+from solver.tail import TAILS, PairArrays, TruncatedSMDP, build, count_arrivals, initial_truncation
 
 METHODS = ("pi", "rvi")
 GROWTH_RTOL = 1e-8
@@ -232,6 +232,7 @@ def solve(
     previous_values = None
     settled = truncation is not None
     counts = None
+    pairs: PairArrays | None = None
     # the sizes the search visits at least: a resumed search needs its three (the stopping rule's)
     planned = _grow_steps(N, growth, RESUME_STEPS if resumed else 1)
     while True:
@@ -239,7 +240,8 @@ def solve(
             # one count pmf (and its prefix sums) for this size and the next, or for all the sizes a
             # resumed search plans (its first N + 1 columns are each size's, bit for bit)
             counts = count_arrivals(model, min(MAX_TRUNCATION, max(_grow(N, growth), planned)))
-        smdp = build(model, N, tail, counts=counts)
+            pairs = PairArrays(model, counts.kmax)  # and the arrays that do not depend on N, as far
+        smdp = build(model, N, tail, counts=counts, pairs=pairs)
         if previous_values is not None and method == "pi":
             h = _extended_values(previous_smdp, previous_values, N + 1)
             start = _seeded_start(smdp, start, previous.size, h, previous_values.gain)

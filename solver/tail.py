@@ -554,6 +554,7 @@ def build(
     tail: str = "fluid",
     drain_batch: int | None = None,
     counts: ArrivalCounts | np.ndarray | None = None,
+    pairs: PairArrays | None = None,
 ) -> TruncatedSMDP:
     """Precompute every per-(state, action) quantity of the SMDP truncated at N = ``truncation``.
 
@@ -563,6 +564,8 @@ def build(
     (its first N + 1 columns are this truncation's, entry for entry), or a plain B x (kmax + 1)
     array; computed here when None. The automatic truncation computes it once for several sizes,
     with its prefix sums (``ArrivalCounts``: each size's sums are their first columns, bit for bit).
+    ``pairs``: the arrays that do not depend on N, for this model on at least 0..N (``PairArrays``;
+    each size's are their first N + 1 rows, bit for bit); computed here when None.
     """
     if tail not in TAILS:
         raise ModelError(f"tail must be one of {TAILS}, got {tail!r}")
@@ -595,17 +598,17 @@ def build(
     mean_k, sq_k = am.count_moments(arrivals, lam, m1, m2)
 
     # (N + 1, B) arrays of the serve pairs (n, a = 1..B), from a column of n and a row of a
+    if pairs is None:
+        pairs = PairArrays(model, N)
+    elif pairs.model is not model or pairs.nmax < N:
+        raise ModelError(f"pairs must be this model's on 0..nmax with nmax >= N = {N}, got nmax = {pairs.nmax}")
     n = np.arange(N + 1)
-    col = n[:, None]
     row = np.arange(1, B + 1)[None, :]
-    valid = np.zeros((N + 1, B + 1), dtype=bool)
-    valid[:, 0] = n < B
-    valid[0, 0] = True
-    valid[:, 1:] = row <= col
+    valid = pairs.valid[: N + 1]
     low = min(B, N + 1)  # only rows n < B hold pairs with a > n
 
     # Serve a at n: in-window landings s + k, k <= t = min(L, N - s); everything else is tail.
-    s = np.maximum(col - row, 0)
+    s = pairs.start[: N + 1]
     t = np.minimum(L, N - s)
     flat = t + stride * (row - 1)  # (a - 1, t) in the C-ordered (B, kmax + 1) cumulative sums
     p_in = np.take(c0, flat)
@@ -628,7 +631,7 @@ def build(
     time[:, 0] = g_mean / lam
     tp[:, 0] = 0.0
     tm[:, 0] = 0.0
-    latency[:, 1:] = (col * m1 + lam * m2 / 2.0) / lam + coeffs.lin * em + coeffs.quad * em2
+    latency[:, 1:] = pairs.service_latency[: N + 1] + coeffs.lin * em + coeffs.quad * em2
     energy[:, 1:] = energy_b + coeffs.energy * em
     time[:, 1:] = m1 + coeffs.time * em
     tp[:, 1:] = tail_p
@@ -653,7 +656,7 @@ def build(
     cost = latency + w * energy
     cost[:, 0][~valid[:, 0]] = np.inf
     cost[:low, 1:][invalid] = np.inf
-    gather = s * B + (row - 1)
+    gather = pairs.gather[: N + 1]
     pmf_t = counts.transposed(L)
     out = TruncatedSMDP(model, N, tail, coeffs, pmf, pmf_t, valid, latency, energy, time, tp, tm, cost, gather, jump)
     for arr in (pmf, pmf_t, valid, latency, energy, time, tp, tm, cost, gather):
@@ -661,6 +664,37 @@ def build(
     if jump is not None:
         jump.setflags(write=False)
     return out
+
+
+class PairArrays:
+    """The per-(state, action) arrays of ``build`` that do not depend on N, on states 0..nmax.
+
+    ``valid`` (the allowed pairs), ``start`` (s = max(n - a, 0), where a batch of a leaves n),
+    ``gather`` (s B + a - 1, the serve products' index) and ``service_latency`` ((n E[S_a] +
+    lambda E[S_a^2] / 2) / lambda, the latency of serving a at n without the excursion), computed once
+    and shared by the sizes of an automatic search: each size's are their first N + 1 rows.
+    """
+
+    __slots__ = ("model", "nmax", "valid", "start", "gather", "service_latency")
+
+    def __init__(self, model: BatchingModel, nmax: int) -> None:
+        B = model.max_batch
+        self.model = model
+        self.nmax = int(nmax)
+        n = np.arange(self.nmax + 1)
+        col = n[:, None]
+        row = np.arange(1, B + 1)[None, :]
+        self.valid = np.zeros((self.nmax + 1, B + 1), dtype=bool)
+        self.valid[:, 0] = n < B
+        self.valid[0, 0] = True
+        self.valid[:, 1:] = row <= col
+        self.start = np.maximum(col - row, 0)
+        self.gather = self.start * B + (row - 1)
+        m1, m2 = service_moments(model.profile)
+        lam = model.rate
+        self.service_latency = (col * m1 + lam * m2 / 2.0) / lam
+        for arr in (self.valid, self.start, self.gather, self.service_latency):
+            arr.setflags(write=False)
 
 
 class ArrivalCounts:

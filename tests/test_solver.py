@@ -505,21 +505,28 @@ def test_banded_evaluation_equals_the_dense_one(B, N, cv):
 
 @pytest.mark.parametrize("cv", [0.0, 1.0])
 def test_build_from_a_longer_count_pmf_is_the_same_smdp(cv):
-    """The automatic truncation computes the arrivals' pmf once for two sizes: every array is the
-    one build computes on its own; a pmf shorter than N is refused."""
+    """The automatic truncation computes the arrivals' pmf (and the arrays that do not depend on N) once
+    for several sizes: every array is the one build computes on its own; a pmf or arrays shorter than N,
+    or another model's, are refused."""
     from solver.model import ModelError
-    from solver.tail import build, count_arrivals
+    from solver.tail import PairArrays, build, count_arrivals
 
     m = v100(32, 0.6, 1e-4, cv)
     own = build(m, 150)
     counts = count_arrivals(m, 188)
-    # the shared prefix sums and transposed pmf, and a plain B x (kmax + 1) array
-    for shared in (build(m, 150, counts=counts), build(m, 150, counts=counts.pmf)):
+    pairs = PairArrays(m, 188)
+    # the shared prefix sums and transposed pmf, a plain B x (kmax + 1) array, the shared N-free arrays
+    for shared in (build(m, 150, counts=counts), build(m, 150, counts=counts.pmf),
+                   build(m, 150, counts=counts, pairs=pairs)):
         for name in ("pmf", "pmf_t", "valid", "latency", "energy", "time", "tail_p", "tail_m", "cost", "_gather"):
             np.testing.assert_array_equal(getattr(shared, name), getattr(own, name))
         assert shared.pmf_t.flags.c_contiguous
     with pytest.raises(ModelError, match="kmax >= N"):
         build(m, 150, counts=count_arrivals(m, 120))
+    with pytest.raises(ModelError, match="nmax >= N"):
+        build(m, 150, pairs=PairArrays(m, 120))
+    with pytest.raises(ModelError, match="this model"):
+        build(m, 150, pairs=PairArrays(m.with_(rate=0.9 * m.rate), 188))
 
 
 def test_hessenberg_rows_are_rows_of_the_system():
