@@ -1,0 +1,101 @@
+"""The Python data plane's own cost per request, with no network: a stand-in answers for Triton.
+
+    python bench/plane_path_bench.py [--requests 5000] [--runs 5] [--tree DIR]
+
+Drives ``PythonPlane.infer`` of a ``Sidecar`` (greedy policy, the emulated_gpu model's config) with
+sequential requests; the stand-in for Triton answers on the event loop's next turn. Prints, per
+request (medians over the requests, best and median over the runs):
+- arrival to the send: from the call of ``infer`` to the stand-in's start (validation, merge key, the
+  gate's decision, stamping, and the one loop turn a gRPC call also takes before it sends);
+- the return path: from the stand-in's answer to ``infer`` returning to its caller;
+- CPU: the process's CPU time per request, the stand-in's small share included.
+``--tree DIR``: import the sidecar from another checkout (e.g. an older tree, for a before/after on
+the same machine; run the two alternately, as the machine's other work shifts the figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=5000)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--tree", type=Path, default=ROOT, help="checkout whose plugin/ is measured")
+    args = ap.parse_args()
+    sys.path.insert(0, str(args.tree.resolve()))
+
+    import numpy as np
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2, service_pb2
+
+    from plugin.config import load_config
+    from plugin.server import Sidecar
+
+    config = text_format.Parse((ROOT / "model_repository" / "emulated_gpu" / "config.pbtxt").read_text(),
+                               model_config_pb2.ModelConfig())
+    req = service_pb2.ModelInferRequest(model_name="emulated_gpu", id="x")
+    req.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 16])
+    req.raw_input_contents.append(np.ones((1, 16), np.float32).tobytes())
+    data = req.SerializeToString()
+    resp = service_pb2.ModelInferResponse(model_name="emulated_gpu", id="x")
+    resp.outputs.add(name="OUTPUT0", datatype="FP32", shape=[1, 16])
+    resp.raw_output_contents.append(req.raw_input_contents[0])
+    marks: dict[str, float] = {}
+
+    async def model_config(_req, timeout=None):
+        return service_pb2.ModelConfigResponse(config=config)
+
+    async def infer(_req, timeout=None):
+        marks["sent"] = time.perf_counter()
+        await asyncio.sleep(0)  # Triton's answer comes on a later turn of the loop
+        marks["back"] = time.perf_counter()
+        return resp
+
+    async def run() -> list[tuple[float, float, float]]:
+        cfg = load_config(overrides={"triton_url": "127.0.0.1:9", "default": {"policy": "greedy"},
+                                     "triton_batcher": "keep"}, environ={})
+        sc = Sidecar(cfg)
+        sc.upstream.model_config = model_config
+        sc.upstream.infer = infer
+        out = []
+        try:
+            for _ in range(500):  # warm-up: the model's config, the validator, the policy
+                await sc.plane.infer(service_pb2.ModelInferRequest.FromString(data))
+                await asyncio.sleep(0)
+            for _ in range(args.runs):
+                to_send, back = [], []
+                c0 = time.process_time()
+                for _ in range(args.requests):
+                    r = service_pb2.ModelInferRequest.FromString(data)
+                    t0 = time.perf_counter()
+                    await sc.plane.infer(r)
+                    t1 = time.perf_counter()
+                    to_send.append(marks["sent"] - t0)
+                    back.append(t1 - marks["back"])
+                    await asyncio.sleep(0)  # what a caller's next request waits for at least
+                cpu = (time.process_time() - c0) / args.requests
+                out.append((statistics.median(to_send), statistics.median(back), cpu))
+        finally:
+            await sc.close()
+        return out
+
+    runs = asyncio.run(run())
+    print(f"Python plane, {args.requests} sequential requests x {args.runs} runs, stand-in upstream "
+          f"(tree {args.tree.resolve().name}); per request, us: best / median over runs")
+    for i, name in enumerate(("arrival to the send", "return path", "CPU")):
+        xs = [r[i] * 1e6 for r in runs]
+        print(f"  {name:20} {min(xs):7.1f} / {statistics.median(xs):7.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
