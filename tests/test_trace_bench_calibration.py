@@ -12,6 +12,7 @@ from loadtest.stack import scaled_profile
 from smdp.cli import main
 from solver import arrivals
 from solver.arrival_model import MMPP2, parse_arrivals
+from solver.fit import fit_arrivals
 from solver.model import BatchingModel, ServiceProfile
 
 V100 = Path(__file__).resolve().parent.parent / "profiles" / "v100_resnet50.csv"
@@ -61,6 +62,13 @@ def test_out_of_sample_the_model_comes_from_the_prefix_and_the_replay_from_the_r
     assert isinstance(shape, MMPP2) and shape.phases == 2
     assert shape.mean_rate == pytest.approx(model.rate, rel=1e-5)
     assert model.rate < 0.6 * (busy.size - 1) / busy[-1]
+    # moved as a trace is compressed in time: switching scales with the rates, dispersion per mean gap kept
+    fitted = fit_arrivals(busy).chosen
+    c = model.rate / fitted.mean_rate
+    assert shape.switching == pytest.approx(tuple(s * c for s in fitted.switching), rel=1e-5)
+    gap, gap_fitted = 1.0 / model.rate, 1.0 / fitted.mean_rate
+    for k in (1.0, 30.0, 300.0):
+        assert shape.index_of_dispersion(k * gap) == pytest.approx(fitted.index_of_dispersion(k * gap_fitted), rel=1e-4)
 
 
 def test_a_bad_calibration_prefix_is_refused_before_anything_starts(tmp_path, capsys):
