@@ -515,7 +515,8 @@ def main_trace_bench(cfg: BenchConfig, trace_path: Path, mean_rate: float, limit
     files = list(report.files) + [plot_trail(times, trail, cfg.out_dir / "adaptive_trail.png")]
     print()
     print(format_table(report))
-    print("(gate predictions: exact evaluation under the arrival model fitted to the replayed trace, the fixed gate's "
+    fitted_on = "the replayed trace" if calibration is None else f"the first {fit_prefix:g} of the trace (not replayed)"
+    print(f"(gate predictions: exact evaluation under the arrival model fitted to {fitted_on}, the fixed gate's "
           "Poisson-solved table and the best phase-blind table for the adaptive one; Triton delays and config mode: "
           "simulated on the trace; each gate's arrival models solved for are in bench.json's settings)")
     for line in summary_lines(report):
