@@ -1,8 +1,9 @@
 """The Python data plane's own cost per request, with no network: a stand-in answers for Triton.
 
-    python bench/plane_path_bench.py [--requests 5000] [--runs 5] [--tree DIR]
+    python bench/plane_path_bench.py [--model emulated_gpu] [--requests 5000] [--runs 5] [--tree DIR]
 
-Drives ``PythonPlane.infer`` of a ``Sidecar`` (greedy policy, the emulated_gpu model's config) with
+Drives ``PythonPlane.infer`` of a ``Sidecar`` (greedy policy, the model's config from
+model_repository/, one-row FP32 requests) with
 sequential requests; the stand-in for Triton answers on the event loop's next turn. Prints, per
 request (medians over the requests, best and median over the runs):
 - arrival to the send: from the call of ``infer`` to the stand-in's start (validation, merge key, the
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="emulated_gpu", help="a model of model_repository/ with FP32 inputs")
     ap.add_argument("--requests", type=int, default=5000)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--tree", type=Path, default=ROOT, help="checkout whose plugin/ is measured")
@@ -40,15 +42,17 @@ def main() -> int:
     from plugin.config import load_config
     from plugin.server import Sidecar
 
-    config = text_format.Parse((ROOT / "model_repository" / "emulated_gpu" / "config.pbtxt").read_text(),
+    config = text_format.Parse((ROOT / "model_repository" / args.model / "config.pbtxt").read_text(),
                                model_config_pb2.ModelConfig())
-    req = service_pb2.ModelInferRequest(model_name="emulated_gpu", id="x")
-    req.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 16])
-    req.raw_input_contents.append(np.ones((1, 16), np.float32).tobytes())
+    req = service_pb2.ModelInferRequest(model_name=args.model, id="x")
+    for i in config.input:
+        req.inputs.add(name=i.name, datatype="FP32", shape=[1, *i.dims])
+        req.raw_input_contents.append(np.ones((1, *i.dims), np.float32).tobytes())
     data = req.SerializeToString()
-    resp = service_pb2.ModelInferResponse(model_name="emulated_gpu", id="x")
-    resp.outputs.add(name="OUTPUT0", datatype="FP32", shape=[1, 16])
-    resp.raw_output_contents.append(req.raw_input_contents[0])
+    resp = service_pb2.ModelInferResponse(model_name=args.model, id="x")
+    for o in config.output:
+        resp.outputs.add(name=o.name, datatype="FP32", shape=[1, *o.dims])
+        resp.raw_output_contents.append(np.ones((1, *o.dims), np.float32).tobytes())
     marks: dict[str, float] = {}
 
     async def model_config(_req, timeout=None):
@@ -89,7 +93,7 @@ def main() -> int:
         return out
 
     runs = asyncio.run(run())
-    print(f"Python plane, {args.requests} sequential requests x {args.runs} runs, stand-in upstream "
+    print(f"Python plane, model {args.model}, {args.requests} sequential requests x {args.runs} runs, stand-in upstream "
           f"(tree {args.tree.resolve().name}); per request, us: best / median over runs")
     for i, name in enumerate(("arrival to the send", "return path", "CPU")):
         xs = [r[i] * 1e6 for r in runs]
