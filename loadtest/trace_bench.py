@@ -577,9 +577,10 @@ def add_trace_bench_command(sub) -> None:
                    help="run the contender list this many times, reversing its order every other time, and "
                    "summarise J over the repeats (default: %(default)s)")
     p.add_argument("--fit-prefix", type=float, default=0.0, metavar="FRACTION",
-                   help="fit the arrival model (and take the gates' mean rate) from this first fraction of the "
-                   "trace's span and replay only the rest, so the predictions and the seeded gate are judged "
-                   "out of sample; 0 = fit the replayed trace itself (default: %(default)s)")
+                   help="fit the arrival model's shape from this first fraction of the trace's span and replay only "
+                   "the rest, so the clumping the predictions and the seeded gate assume is judged out of "
+                   "sample (the mean rate stays the replayed part's, the shape moved to it by time "
+                   "compression); 0 = fit the replayed trace itself (default: %(default)s)")
     p.add_argument("--weight", type=float, default=BENCH_WEIGHT, help="w, seconds per watt (default: %(default)s)")
     p.add_argument("--time-scale", type=float, default=10.0, help="emulated GPU this much slower (default: %(default)s)")
     p.add_argument("--idle-power", type=float, default=DEFAULT_IDLE_POWER_W, help="P0, watts (default: %(default)s)")
