@@ -105,10 +105,7 @@ def time_compressed(shape, rate: float):
     alone would keep the phases' durations in seconds and shrink them in mean gaps: fitted on the code
     trace's first half (183 req/s) and moved to the second's (118 req/s), that predicted the fixed
     gate's W 13% short, time-compressed 1.3% (the halves' dispersion curves per mean gap agree)."""
-    from solver.arrival_model import MMPP2
-
-    c = float(rate) / shape.mean_rate
-    return MMPP2(tuple(r * c for r in shape.rates), tuple(s * c for s in shape.switching), shape.groups)
+    return shape.time_scaled(float(rate) / shape.mean_rate)
 
 
 def fitted_prediction(model, times: np.ndarray, warmup_s: float = 0.0,

@@ -275,6 +275,12 @@ class MMPP:
         """The same switching and group laws at other request rates."""
         return MMPP(rates, self.switching, self.groups)
 
+    def time_scaled(self, factor: float) -> "MMPP":
+        """The same process with time running ``factor`` times faster: request and switching rates both
+        times ``factor`` (the group laws as they are), so its index of dispersion per mean gap is kept."""
+        f = float(factor)
+        return MMPP(tuple(r * f for r in self.rates), tuple(s * f for s in self.switching), self.groups)
+
     @property
     def stationary(self) -> np.ndarray:
         """P(phase i) in the long run."""

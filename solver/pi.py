@@ -521,9 +521,9 @@ def policy_iteration(
     seen = [actions]
 
     def q_of(values: PolicyValues, windowed: bool) -> np.ndarray:
-        if near is None or not windowed:
-            return q_values(smdp, values.h, values.gain)
-        return q_values_near(smdp, values.h, values.gain, actions, near)
+        if windowed:
+            return q_values_near(smdp, values.h, values.gain, actions, near)
+        return q_values(smdp, values.h, values.gain)
 
     for it in range(1, max_iter + 1):
         windowed = near is not None and (near_steps is None or it <= near_steps)

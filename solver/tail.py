@@ -582,12 +582,9 @@ def build(
 
     arrivals = _counted(model)
     if counts is None:
-        counts = ArrivalCounts(am.count_pmf_matrix(model.profile, arrivals, lam, N, arrival_pmf_matrix))
+        counts = count_arrivals(model, N)
     elif not isinstance(counts, ArrivalCounts):
-        counts = np.asarray(counts, dtype=float)
-        if counts.ndim != 2 or counts.shape[0] != B or counts.shape[1] < N + 1:
-            raise ModelError(f"counts must be B x (kmax + 1) with kmax >= N = {N}, got shape {counts.shape}")
-        counts = ArrivalCounts(counts)
+        counts = ArrivalCounts(np.asarray(counts, dtype=float))
     if counts.pmf.shape[0] != B or counts.kmax < N:
         raise ModelError(f"counts must be B x (kmax + 1) with kmax >= N = {N}, got shape {counts.pmf.shape}")
     alive = np.nonzero(counts.column_max[: N + 1] > _PMF_FLOOR)[0]
@@ -710,7 +707,7 @@ class ArrivalCounts:
 
     def __init__(self, pmf: np.ndarray) -> None:
         if pmf.ndim != 2 or pmf.shape[1] < 1:
-            raise ValueError(f"counts must be B x (kmax + 1), got shape {pmf.shape}")
+            raise ModelError(f"counts must be B x (kmax + 1), got shape {pmf.shape}")
         self.pmf = np.ascontiguousarray(pmf, dtype=float)
         self.kmax = self.pmf.shape[1] - 1
         k = np.arange(self.kmax + 1, dtype=float)
