@@ -568,7 +568,9 @@ def add_trace_bench_command(sub) -> None:
                    help="Triton max_queue_delay_microseconds contenders (default: %(default)s)")
     p.add_argument("--contenders", metavar="SPEC,...",
                    help="replace the contender list: triton:DELAY_US, gate:smdp, gate:smdp-adaptive, "
-                   "gate:smdp-adaptive-unscaled (re-solves with w as is), config:smdp, config:smdp-adaptive "
+                   "gate:smdp-adaptive-unscaled (re-solves with w as is), gate:smdp-adaptive-seeded (starts from the "
+                   "fitted arrival model), gate:smdp-slo-seeded (the --slo-latency SLO searched under the fitted "
+                   "model), config:smdp, config:smdp-adaptive "
                    "(default: the --delays-us delays, both SMDP gates and both config modes)")
     p.add_argument("--repeat", type=int, default=1,
                    help="run the contender list this many times, reversing its order every other time, and "

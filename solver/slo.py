@@ -46,7 +46,7 @@ import numpy as np
 from scipy import special, stats
 
 from solver import arrivals as arrival_streams
-from solver.arrival_model import Poisson
+from solver.arrival_model import MMPP, POISSON, Poisson
 from solver.model import BatchingModel, ModelError
 from solver.policy import BatchRule, MaxWaitGuard, PolicyTable, greedy
 from solver.simulate import SimResult, simulate_latencies
@@ -528,6 +528,12 @@ def solve_slo(model: BatchingModel, target: SloTarget, *, method: SearchMethod =
     unguarded only: the tightest guard makes every table nearly greedy, so it would miss again.
     Figures are from the simulator on common random numbers (module doc); ``method="exact"`` judges
     unguarded tables by the exact chain. Infeasible: greedy, ``feasible = False``.
+
+    Under an MMPP (``model.arrivals``: a fitted modulation) the tables a(n) are solved for Poisson
+    arrivals at the MMPP's mean rate (the queue-length tables a phase-blind gate runs; the phase-blind
+    search under several phases takes up to a minute at B = 128, too long for a ladder of weights), and
+    every candidate is judged -- J and the q-quantile -- on a path simulated from the MMPP itself: the
+    modulation's long waits in a slow phase are what sets the guard.
     """
     started = time.perf_counter()
     if not isinstance(target, SloTarget):
@@ -567,10 +573,13 @@ def solve_slo(model: BatchingModel, target: SloTarget, *, method: SearchMethod =
     tables: list[PolicyTable] = []
     guards_help = True
 
+    # the tables' model: an MMPP needs the phase in the state, the family's tables are phase-blind
+    tabled = model.with_(arrivals=POISSON) if isinstance(model.arrivals, MMPP) else model
+
     def table(wp: float) -> bool:
         """Judge the table for w' (unguarded, then guarded); True when it meets D unguarded."""
         nonlocal guards_help
-        res = solve(model.with_(weight=wp), warm_start=tables[-1] if tables else None)
+        res = solve(tabled.with_(weight=wp), warm_start=tables[-1] if tables else None)
         if any(_same_table(res.policy, t) for t in tables):
             return False  # the same table as another weight's: judged already
         tables.append(res.policy)
