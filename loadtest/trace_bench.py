@@ -152,14 +152,24 @@ def fitted_prediction(model, times: np.ndarray, warmup_s: float = 0.0,
 def seeded_slo_prediction(model, option: str, slo, seed: int = 0) -> Prediction:
     """The seeded SLO gate's figures: the SLO search (``solver.slo.solve_slo``) under the fitted arrival
     model ``option`` (``FittedPrediction.option``; an MMPP at its own mean rate, the replay's), as the
-    gate's first search runs it; under Poisson or groups alone, at the model's rate."""
+    gate's first search runs it; under Poisson or groups alone, at the model's rate. An unguarded pick
+    under an MMPP is evaluated exactly (the search's simulated W of a slowly modulated path is noisy)."""
     from solver.arrival_model import MMPP2, parse_arrivals
 
     from .contenders import _slo_prediction
 
+    from solver.mmpp import evaluate_mmpp
+    from solver.slo import solve_slo
+
     fit = parse_arrivals(option)
-    fitted = model.with_(rate=fit.mean_rate, arrivals=fit) if isinstance(fit, MMPP2) else model.with_(arrivals=fit)
-    return _slo_prediction(fitted, slo, seed)
+    if not isinstance(fit, MMPP2):
+        return _slo_prediction(model.with_(arrivals=fit), slo, seed)
+    fitted = model.with_(rate=fit.mean_rate, arrivals=fit)
+    c = solve_slo(fitted, slo, seed=seed).chosen
+    if c.max_wait_s is None and math.isfinite(c.table_weight):  # unguarded: the exact figures under the fit
+        ev = evaluate_mmpp(fitted, c.policy)
+        return Prediction(ev.mean_latency_s, ev.mean_power_w, ev.cost, ev.mean_batch, "exact")
+    return Prediction(c.mean_latency_s, c.mean_power_w, c.cost, c.mean_batch, "sim")
 
 
 def cached_fitted_prediction(out_dir: Path, model, times: np.ndarray, warmup_s: float = 0.0,
