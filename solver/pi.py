@@ -416,6 +416,9 @@ class PIOutcome:
     values: PolicyValues
     iterations: int
     converged: bool
+    start_gain: float
+    """The gain of the start policy (the first evaluation): start_gain - values.gain >= 0 is what the
+    start loses against the policy found (``solver.smdp`` reads it as the size step's policy change)."""
 
 
 def default_start(smdp: TruncatedSMDP) -> np.ndarray:
@@ -518,6 +521,7 @@ def policy_iteration(
     near_steps = None if near is None or B >= NEAR_MIN_RATIO * (2 * near + 1) else 1
     evaluate = PolicyEvaluator(smdp, linear_solver)
     values = evaluate(actions)
+    start_gain = values.gain
     seen = [actions]
 
     def q_of(values: PolicyValues, windowed: bool) -> np.ndarray:
@@ -536,12 +540,12 @@ def policy_iteration(
             # no better action near the current ones: every action decides whether to stop
             new = improve(q_values(smdp, values.h, values.gain), actions)
         if np.array_equal(new, actions):
-            return PIOutcome(actions, values, it, True)
+            return PIOutcome(actions, values, it, True, start_gain)
         if any(np.array_equal(new, old) for old in seen[-CYCLE_MEMORY:]):
             # exact PI cannot revisit a policy: two actions tie to within the solve's rounding and
             # the rounding alternates; the policies in the cycle share the gain, keep the current one
-            return PIOutcome(actions, values, it, True)
+            return PIOutcome(actions, values, it, True, start_gain)
         actions = new
         seen.append(actions)
         values = evaluate(actions)
-    return PIOutcome(actions, values, max_iter, False)
+    return PIOutcome(actions, values, max_iter, False, start_gain)

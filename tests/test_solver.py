@@ -933,3 +933,62 @@ def test_q_values_are_the_plain_expression_bit_for_bit(B, cv):
         np.testing.assert_array_equal(q_values(smdp, v.h, v.gain, first), np.where(smdp.valid[first:], plain, np.inf))
     plain = smdp.cost - v.gain * smdp.time + smdp.expected_next_near(v.h, a, 3)
     np.testing.assert_array_equal(q_values_near(smdp, v.h, v.gain, a, 3), np.where(smdp.valid, plain, np.inf))
+
+
+# --- the policy settled by its worth in gain ------------------------------------------------------
+
+
+def test_policy_iteration_reports_the_start_policys_gain():
+    from solver.pi import evaluate_policy, policy_iteration
+    from solver.tail import build
+
+    smdp = build(v100(64, 0.6, 1e-4, 1.0), 300, "fluid")
+    start = np.minimum(np.arange(smdp.n_states), 32)
+    out = policy_iteration(smdp, start)
+    assert out.start_gain == pytest.approx(evaluate_policy(smdp, start).gain, rel=1e-13)
+    assert out.start_gain > out.values.gain  # the half batches are not optimal, and PI only improves
+
+
+def test_policy_is_settled_when_unchanged_or_worth_less_than_the_gains_rounding():
+    from solver.smdp import GROWTH_RTOL, NOISE_FLOOR, _policy_settled
+
+    previous = np.array([0, 1, 2, 3])
+    same = np.array([0, 1, 2, 3, 4, 4])
+    moved = np.array([0, 1, 3, 3, 4, 4])
+    g = 2.0
+    below, above = g * (1 + 0.5 * NOISE_FLOOR * GROWTH_RTOL), g * (1 + 2 * NOISE_FLOOR * GROWTH_RTOL)
+    assert _policy_settled(same, previous, above, g, GROWTH_RTOL, by_gain=True)  # unchanged: settled
+    assert _policy_settled(same, previous, None, g, GROWTH_RTOL, by_gain=False)
+    assert _policy_settled(moved, previous, below, g, GROWTH_RTOL, by_gain=True)
+    assert not _policy_settled(moved, previous, above, g, GROWTH_RTOL, by_gain=True)
+    assert not _policy_settled(moved, previous, below, g, GROWTH_RTOL, by_gain=False)  # the rule before
+    assert not _policy_settled(moved, previous, None, g, GROWTH_RTOL, by_gain=True)  # RVI: no start gain
+
+
+@pytest.mark.parametrize("B,load,w,cv", [(128, 0.3, 1e-4, 1.0), (128, 0.45, 1e-3, 1.0)])
+def test_automatic_n_stops_where_only_near_ties_still_move(B, load, w, cv):
+    """At CV 1 the batch size of states the chain visits once in 10^8 decisions or less keeps moving
+    by one as N grows: requiring them unchanged took N = 873-883 where the policy is settled in gain
+    from 446-564. The smaller N's gain is within 1e-10 of the larger's, its policy loses at most
+    1e-11 of the gain when run in the larger truncation, and the states where the two differ carry
+    about 1e-8 of the stationary mass at most."""
+    from solver.pi import evaluate_policy
+    from solver.tail import build
+
+    m = v100(B, load, w, cv)
+    auto = solve(m)
+    equal = solve(m, policy_by_gain=False)
+    assert auto.converged and equal.converged
+    assert auto.truncation < 0.7 * equal.truncation
+    assert auto.sizes_tried == equal.sizes_tried[: len(auto.sizes_tried)]  # the same search, stopped sooner
+    assert auto.gain == pytest.approx(equal.gain, rel=1e-10)
+    big = build(m, equal.truncation, "fluid")
+    # the smaller N's decisions on its states, the larger one's above: what the near-ties are worth
+    mixed = equal.policy.actions.copy()
+    mixed[: auto.truncation + 1] = auto.policy.actions
+    assert 0 <= evaluate_policy(big, mixed).gain - equal.gain <= 1e-11 * equal.gain
+    # and the table as the gate runs it (full batches above the smaller N) is within the tolerance
+    carried = evaluate_policy(big, auto.policy.extended(big.n_states))
+    assert 0 <= carried.gain - equal.gain <= 1e-9 * equal.gain
+    differ = np.nonzero(auto.policy.actions != equal.policy.actions[: auto.truncation + 1])[0]
+    assert evaluate_policy(big, equal.policy.actions).pi[differ].sum() <= 2e-8
