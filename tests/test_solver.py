@@ -992,3 +992,81 @@ def test_automatic_n_stops_where_only_near_ties_still_move(B, load, w, cv):
     assert 0 <= carried.gain - equal.gain <= 1e-9 * equal.gain
     differ = np.nonzero(auto.policy.actions != equal.policy.actions[: auto.truncation + 1])[0]
     assert evaluate_policy(big, equal.policy.actions).pi[differ].sum() <= 2e-8
+
+
+def _affine(B: int, load: float, cv: float) -> BatchingModel:
+    prof = ServiceProfile.affine(B, 0.1438e-3, 1.8874e-3, 0.04419, 0.1550, cv=cv)
+    m0 = BatchingModel(rate=1.0, max_batch=B, profile=prof, idle_power_w=40.0, weight=1e-4)
+    return m0.with_(rate=load * m0.capacity)
+
+
+def test_policy_iteration_can_leave_the_full_check_to_the_caller():
+    """confirm=False: a windowed run stops where the window finds nothing (not confirmed); from greedy
+    (every step a full one) the policy is confirmed anyway. Here the window found everything: the
+    same policy and gain as with the check, which passes on it."""
+    from solver.pi import improve, policy_iteration, q_values
+    from solver.tail import build
+
+    smdp = build(_affine(160, 0.6, 1.0), 480)
+    ref = policy_iteration(smdp, near=None)
+    n = np.arange(smdp.n_states)
+    shifted = np.clip(ref.actions - (n % 3), np.where(n < 160, 0, 1), None)
+    out = policy_iteration(smdp, shifted, confirm=False)
+    assert out.converged and not out.confirmed
+    np.testing.assert_array_equal(out.actions, ref.actions)
+    assert out.values.gain == pytest.approx(ref.values.gain, rel=1e-12)
+    np.testing.assert_array_equal(improve(q_values(smdp, out.values.h, out.values.gain), out.actions), out.actions)
+    assert policy_iteration(smdp, confirm=False).confirmed  # from greedy: full steps
+
+
+@pytest.mark.parametrize("B,load", [(160, 0.6), (256, 0.45)])
+def test_the_automatic_n_returns_a_policy_that_passes_the_full_check(B, load):
+    """Sizes that cannot end the search skip the improvement over all actions; the returned one
+    never does: no action improves on the returned policy at its N, and PI from it stops at once."""
+    from solver.pi import improve, policy_iteration, q_values
+    from solver.tail import build
+
+    m = _affine(B, load, 1.0)
+    for res in (solve(m), solve(m, warm_start=solve(m.with_(rate=0.95 * m.rate)).policy)):
+        assert res.converged and len(res.sizes_tried) >= 3
+        smdp = build(m, res.truncation)
+        out = policy_iteration(smdp, res.policy.actions)
+        assert out.iterations == 1 and out.confirmed
+        np.testing.assert_array_equal(out.actions, res.policy.actions)
+        np.testing.assert_array_equal(improve(q_values(smdp, out.values.h, out.values.gain), out.actions), out.actions)
+        assert out.values.gain == pytest.approx(res.gain, rel=1e-12)
+
+
+def test_the_automatic_n_confirms_a_size_before_it_ends_the_search(monkeypatch):
+    """Every unconfirmed size's policy is spoiled outside the window (one state served 9 or more more
+    requests than its optimum): the size that ends the search must get the check over all actions,
+    which finds the spoiled state, so the policy returned still passes it."""
+    import solver.smdp
+    from solver.pi import PIOutcome, evaluate_policy, improve, policy_iteration, q_values
+    from solver.tail import build
+
+    real = solver.smdp.policy_iteration
+    spoiled = []
+
+    def spoiling(smdp, start=None, **kwargs):
+        out = real(smdp, start, **kwargs)
+        if out.confirmed:
+            return out
+        a = out.actions.copy()
+        n = np.arange(a.size)
+        far = np.nonzero((a > 0) & (np.minimum(n, smdp.model.max_batch) - a > 8))[0]
+        assert far.size
+        a[far[0]] = min(int(far[0]), smdp.model.max_batch)
+        spoiled.append(smdp.truncation)
+        return PIOutcome(a, evaluate_policy(smdp, a), out.iterations, True, out.start_gain, confirmed=False)
+
+    m = _affine(160, 0.6, 1.0)
+    clean = solve(m)
+    monkeypatch.setattr(solver.smdp, "policy_iteration", spoiling)
+    res = solve(m)
+    assert res.converged and res.truncation in spoiled  # the size that ended the search came spoiled
+    smdp = build(m, res.truncation)
+    values = evaluate_policy(smdp, res.policy.actions)
+    np.testing.assert_array_equal(improve(q_values(smdp, values.h, values.gain), res.policy.actions), res.policy.actions)
+    assert res.gain == pytest.approx(clean.gain, rel=1e-8)
+    assert policy_iteration(smdp, res.policy.actions).iterations == 1
