@@ -30,6 +30,13 @@ is chosen without hindsight: the arrival model is fitted on the first half of th
 that fit (simulated) the predicted-best Triton delay d* and its p99 are computed; the guard is the
 largest on a grid whose gate p99 under the fit is no worse (``choose_guard``). Then every contender
 runs on the held-out second half of the stream (simulated).
+
+``--slo-study [--trace conv|code]``: where the tail trade-off lies on the replayed trace (the trace bench's
+setup, all of the trace's first 9,000 requests at 150 req/s, simulated on its own arrival times): Triton's
+delays; the Poisson-solved table, the phase-blind table under the fit and the phase-aware tables with the
+forward filter, each unguarded and with guards of 20..80 ms; which requests make the unguarded tables'
+p99 (the phase the filter gives them, how long the next arrivals took); and the SLO search
+(``solver.slo.solve_slo``) for a p99 bound D under Poisson and under the fitted MMPP, its pick replayed.
 """
 
 from __future__ import annotations
@@ -180,6 +187,86 @@ def tail_guard(seed: int, delay_s: float | None) -> None:
             print(f"  {k:<44} {r.mean_latency_s * 1e3:8.2f} {r.p99_latency_s * 1e3:8.2f} {j * 1e3:8.2f}{mark}")
 
 
+STUDY_GUARDS_S = (0.02, 0.03, 0.04, 0.05, 0.06, 0.08)
+STUDY_DELAYS_S = (0.0, 0.005, 0.01, 0.02, 0.03, 0.04)
+STUDY_SLO_S = (0.0574, 0.063, 0.070, 0.075)
+"""p99 bounds for the SLO search: Triton 20 ms's and 30 ms's simulated p99 on the conversation trace, and
+70 / 75 ms (Triton 20 ms's p99 measured on the stack was 71.7-75.2 ms)."""
+
+
+def slo_study(trace: str, seed: int) -> None:
+    import time
+
+    from loadtest.stack import scaled_profile
+    from solver.mmpp import solve_mmpp_blind
+    from solver.policy import MaxWaitGuard
+    from solver.simulate import simulate_latencies
+    from solver.slo import SloTarget, solve_slo
+
+    B, w, p0, rate, warm = 128, 1e-3, 40.0, 150.0, 1.5
+    prof = scaled_profile(ServiceProfile.from_csv(ROOT / "profiles" / "v100_resnet50.csv").truncated(B), 10.0)
+    t = arrivals.trace(TRACES[trace], target_rate=rate, limit=12_000 if trace == "code" else 9_000)
+    model = BatchingModel((t.size - 1) / float(t[-1]), B, prof, p0, w)
+    fit = fit_arrivals(t).chosen
+    print(f"{trace} trace: {t.size} requests at {model.rate:.1f} req/s (rho {model.load:.2f}), V100 table x10, "
+          f"B = {B}, w = {w:g}; fitted {fit.spec}; simulated on the replayed times (warm-up {warm:g} s)")
+    fixed = solve(model).policy
+    tables = {"Poisson table": fixed}
+    if isinstance(fit, MMPP2):
+        mm = model.with_(rate=fit.mean_rate, arrivals=fit)
+        tables["blind table (fit)"] = solve_mmpp_blind(mm, fixed).policy
+        phased = solve_mmpp(mm).policy if fit.phases == 2 else None
+    else:
+        phased = None
+    print(f"  {'contender':<40} {'W ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'J ms':>8}")
+
+    def show(name: str, sim, lat) -> None:
+        j = sim.mean_latency_s + w * sim.mean_power_w
+        print(f"  {name:<40} {sim.mean_latency_s * 1e3:8.2f} {sim.p99_latency_s * 1e3:8.2f} "
+              f"{float(np.quantile(lat, 0.999)) * 1e3:9.2f} {j * 1e3:8.2f}", flush=True)
+
+    run = lambda rule: simulate_latencies(prof, rule, t, idle_power_w=p0, weight=w, seed=seed, warmup=warm)  # noqa: E731
+    for d in STUDY_DELAYS_S:
+        show(f"triton {d * 1e3:g} ms", *run(TimeoutRule(B, d)))
+    for name, table in tables.items():
+        for g in (None, *STUDY_GUARDS_S):
+            show(name + ("" if g is None else f" + guard {g * 1e3:g} ms"), *run(table if g is None else MaxWaitGuard(table, g)))
+    if phased is not None:
+        res = simulate_phased(prof, phased, PhaseFilter(fit, t), t, idle_power_w=p0, weight=w, seed=seed, warmup=warm)
+        print(f"  {'phase-aware tables, forward filter':<40} {res.mean_latency_s * 1e3:8.2f} "
+              f"{res.p99_latency_s * 1e3:8.2f} {'-':>9} {(res.mean_latency_s + w * res.mean_power_w) * 1e3:8.2f}")
+    # which requests make the unguarded Poisson table's p99
+    sim, lat = simulate_latencies(prof, fixed, t, idle_power_w=p0, weight=w, seed=seed, warmup=0.0)
+    tail = np.flatnonzero(lat > np.quantile(lat, 0.99))
+    first = int(np.argmax(fixed.actions > 0))
+    ahead = t[np.minimum(np.arange(t.size) + first - 1, t.size - 1)] - t
+    print(f"  the Poisson table serves from n = {first}; its p99 tail ({tail.size} requests): the next {first - 1} "
+          f"arrivals took median {np.median(ahead[tail]) * 1e3:.1f} ms after them (all requests: "
+          f"{np.median(ahead) * 1e3:.1f} ms, p99 {np.quantile(ahead, 0.99) * 1e3:.1f} ms)")
+    if isinstance(fit, MMPP2) and fit.phases == 2:
+        filt = PhaseFilter(fit, t)
+        ph = np.array([filt.phase(float(x), i + 1) for i, x in enumerate(t)])
+        slow = int(np.argmin(fit.rates))
+        print(f"  phase by the forward filter: slow phase ({fit.rates[slow]:.0f}/s) for {np.mean(ph[tail] == slow):.0%} "
+              f"of the tail, {np.mean(ph == slow):.0%} of all requests")
+    for D in STUDY_SLO_S:
+        for label, arr_model in (("Poisson", model), ("fitted MMPP", model.with_(rate=fit.mean_rate, arrivals=fit)
+                                                      if isinstance(fit, MMPP2) else None)):
+            if arr_model is None:
+                continue
+            t0 = time.perf_counter()
+            r = solve_slo(arr_model, SloTarget(0.99, D), seed=seed)
+            took = time.perf_counter() - t0
+            c = r.chosen
+            sim, lat = run(c.rule)
+            which = "greedy" if not math.isfinite(c.table_weight) else f"w' {c.table_weight:g}"
+            guard = "no guard" if c.max_wait_s is None else f"guard {c.max_wait_s * 1e3:.1f} ms"
+            print(f"  SLO p99 <= {D * 1e3:g} ms under {label:<11}: {which}, {guard}, predicted p99 "
+                  f"{c.estimate.quantile_s * 1e3:.2f} J {c.cost * 1e3:.2f}{'' if r.feasible else ' (infeasible)'}; "
+                  f"replayed W {sim.mean_latency_s * 1e3:.2f} p99 {sim.p99_latency_s * 1e3:.2f} "
+                  f"J {(sim.mean_latency_s + w * sim.mean_power_w) * 1e3:.2f} ({took:.2f} s)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", type=Path, default=ROOT / "profiles" / "p4_resnet50.csv")
@@ -192,7 +279,12 @@ def main() -> None:
     ap.add_argument("--tail-guard", action="store_true", help="the max-wait guard study in the trace bench's setup")
     ap.add_argument("--guard-delay-ms", type=float, default=None,
                     help="--tail-guard: the Triton delay whose p99 the guard must match (default: the best under the fit)")
+    ap.add_argument("--slo-study", action="store_true", help="the tail trade-off and the SLO search on a replayed trace")
+    ap.add_argument("--trace", choices=sorted(TRACES), default="conv", help="--slo-study: which trace")
     args = ap.parse_args()
+    if args.slo_study:
+        slo_study(args.trace, args.seed)
+        return
     if args.tail_guard:
         tail_guard(args.seed, None if args.guard_delay_ms is None else args.guard_delay_ms / 1e3)
         return

@@ -46,6 +46,10 @@ policies agree on their common states.
 
 With --against-full-improvement, "before" is instead the same solver with every policy-iteration step
 improving over all actions (``policy_iteration(near=None)``), to measure the near-action steps alone.
+With --against-policy-equality, "before" is the same solver whose automatic N counts the policy as
+settled only when it is unchanged on the common states (``solve(policy_by_gain=False)``), to measure
+the policy-settled-by-gain rule alone; "same pol" then also prints the stationary mass (of the
+before's policy) on the states where the two differ.
 
 --features: the other features' solves, now against before in the same run (the before solver is
 swapped in where the feature calls ``solve``): "slo" (``solver.slo.solve_slo``, q0.99 <= 20 ms,
@@ -266,14 +270,33 @@ def solve_full_improvement(m: BatchingModel, **kwargs):
         solver.smdp.policy_iteration = saved
 
 
+def solve_policy_equality(m: BatchingModel, **kwargs):
+    """``solve`` whose automatic N counts the policy as settled only when unchanged on the common states."""
+    return solve(m, policy_by_gain=False, **kwargs)
+
+
+def differing_mass(m: BatchingModel, now, ref) -> float:
+    """Stationary mass, under ``ref``'s policy on its own truncation, of the states where the two policies differ."""
+    n = min(now.truncation, ref.truncation) + 1
+    states = np.nonzero(now.policy.actions[:n] != ref.policy.actions[:n])[0]
+    if states.size == 0:
+        return 0.0
+    smdp = build(m, ref.truncation, ref.tail)
+    return float(evaluate_policy(smdp, ref.policy.actions[: ref.truncation + 1]).pi[states].sum())
+
+
 def against_before(args) -> int:
-    before = solve_full_improvement if args.against_full_improvement else solve_before
+    if args.against_policy_equality:
+        before = solve_policy_equality
+    else:
+        before = solve_full_improvement if args.against_full_improvement else solve_before
     contenders = (("now", lambda m, warm=None: solve(m, warm_start=warm)),
                   ("before", lambda m, warm=None: before(m, warm_start=warm)))
     print(f"solve(model), PI: now vs before; w = {args.weight:g} s/W, idle {IDLE_W} W; best of {args.repeat} "
           f"(time), tracemalloc peak (memory); warm = started from the same solver's policy at 0.95 x rate")
     header = (f"{'cv':>3} {'B':>4} {'load':>5} {'start':<5} {'N now':>6} {'N before':>8} {'now ms':>9} {'before ms':>9} "
-              f"{'now MB':>7} {'before MB':>9} {'t ratio':>7} {'rel dg':>8} {'same pol':>8}")
+              f"{'now MB':>7} {'before MB':>9} {'t ratio':>7} {'rel dg':>8} {'same pol':>8}"
+              + (f" {'diff mass':>9}" if args.against_policy_equality else ""))
     print(header)
     print("-" * len(header))
     for cv, B, load, m in grid(args):
@@ -286,7 +309,8 @@ def against_before(args) -> int:
             (now, t_now, mem_now), (bef, t_bef, mem_bef) = runs["now"], runs["before"]
             print(f"{cv:>3g} {B:>4} {load:>5.2f} {start:<5} {now.truncation:>6} {bef.truncation:>8} "
                   f"{fmt_ms(t_now)} {fmt_ms(t_bef)} {mem_now / 2**20:>7.1f} {mem_bef / 2**20:>9.1f} "
-                  f"{t_now / t_bef:>7.3f} {(now.gain - bef.gain) / bef.gain:>8.1e} {str(same_policy(now, bef)):>8}")
+                  f"{t_now / t_bef:>7.3f} {(now.gain - bef.gain) / bef.gain:>8.1e} {str(same_policy(now, bef)):>8}"
+                  + (f" {differing_mass(m, now, bef):>9.1e}" if args.against_policy_equality else ""))
             sys.stdout.flush()
     return 0
 
@@ -399,6 +423,9 @@ def main(argv=None) -> int:
     ap.add_argument("--against-full-improvement", action="store_true",
                     help="with --against-before: 'before' is today's solver with every PI step improving over all "
                          "actions (no near-action steps)")
+    ap.add_argument("--against-policy-equality", action="store_true",
+                    help="with --against-before: 'before' is today's solver counting the policy as settled only when "
+                         "unchanged on the common states (solve(policy_by_gain=False))")
     ap.add_argument("--features", action="store_true",
                     help="the SLO, k-instance and bursty-arrival solves, now against before (module doc)")
     ap.add_argument("--feature", nargs="+", choices=FEATURES, default=list(FEATURES),

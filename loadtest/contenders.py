@@ -57,7 +57,8 @@ class Contender:
     None: the sidecar's default."""
     seeded: bool = False
     """Adaptive gate started from the arrival model fitted to the replayed trace (``smdp serve --arrivals``,
-    as ``smdp fit-arrivals`` gives it): ``gate:smdp-adaptive-seeded[-guard:US]``."""
+    as ``smdp fit-arrivals`` gives it): ``gate:smdp-adaptive-seeded[-guard:US]``; with the SLO
+    (``gate:smdp-slo-seeded``) the SLO search simulates that model."""
     model_analyzer: bool = False
     """Triton's batcher at the delay a Model-Analyzer-style search picks for the bench's SLO
     (``triton:ma``): ``ma_delay`` sweeps the delays at the run's rate, least power with the q-quantile <= D."""
@@ -77,8 +78,9 @@ class Contender:
             raise ValueError("only the adaptive gate solves per regime: long_run=False needs gate smdp adaptive")
         if self.slo and not (self.kind == "gate" and self.policy == "smdp"):
             raise ValueError("only the smdp gate serves an SLO (gate:smdp-slo, gate:smdp-slo-fixed)")
-        if self.seeded and not (self.kind == "gate" and self.adaptive and not self.slo):
-            raise ValueError("only the adaptive smdp gate starts from a fitted arrival model (gate:smdp-adaptive-seeded)")
+        if self.seeded and not (self.kind == "gate" and self.adaptive):
+            raise ValueError("only the adaptive smdp gate starts from a fitted arrival model "
+                             "(gate:smdp-adaptive-seeded, gate:smdp-slo-seeded)")
         if self.model_analyzer and self.kind != "triton":
             raise ValueError("the Model-Analyzer-style delay is Triton's batcher's (triton:ma)")
         if self.max_wait_us is not None and (self.kind != "gate" or not isinstance(self.max_wait_us, int)
@@ -94,7 +96,7 @@ class Contender:
         if self.kind == "config":
             return f"config {self.policy}" + (" adaptive" if self.adaptive else "")
         if self.slo:
-            return "gate smdp SLO" + ("" if self.adaptive else " fixed")
+            return "gate smdp SLO" + ("" if self.adaptive else " fixed") + (" seeded" if self.seeded else "")
         guard = "" if self.max_wait_us is None else f" guard={self.max_wait_us / 1000:g}ms"
         if self.policy == "smdp" and self.adaptive:
             return ("gate smdp adaptive" + ("" if self.long_run else " (w unscaled)") + (" seeded" if self.seeded else "")
@@ -106,7 +108,8 @@ def parse_contender(spec: str) -> Contender:
     """``triton:DELAY_US``, ``triton:ma`` (the Model-Analyzer-style delay for the SLO), ``gate:POLICY``
     (``gate:smdp-adaptive`` re-solves; ``gate:smdp-adaptive-unscaled`` re-solves with w as is;
     ``gate:smdp-adaptive-seeded`` re-solves starting from the arrival model fitted to the trace;
-    ``gate:smdp-slo`` serves the SLO, ``gate:smdp-slo-fixed`` the SLO policy searched once;
+    ``gate:smdp-slo`` serves the SLO, ``gate:smdp-slo-fixed`` the SLO policy searched once,
+    ``gate:smdp-slo-seeded`` the SLO searched under the fitted arrival model (its MMPP's paths);
     ``gate:smdp-adaptive-guard:US`` / ``gate:smdp-guard:US`` with a max-wait guard of US microseconds), ``config:smdp`` or ``config:smdp-adaptive`` (config mode following
     the load)."""
     kind, _, rest = spec.strip().partition(":")
@@ -129,6 +132,8 @@ def parse_contender(spec: str) -> Contender:
             return Contender("gate", policy="smdp", adaptive=True, long_run=False)
         if rest == "smdp-slo":
             return Contender("gate", policy="smdp", adaptive=True, slo=True)
+        if rest == "smdp-slo-seeded":
+            return Contender("gate", policy="smdp", adaptive=True, slo=True, seeded=True)
         if rest == "smdp-slo-fixed":
             return Contender("gate", policy="smdp", slo=True)
         head, _, guard = rest.rpartition("-guard:")

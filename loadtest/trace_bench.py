@@ -149,6 +149,29 @@ def fitted_prediction(model, times: np.ndarray, warmup_s: float = 0.0,
                             ref.mean_latency_s, replay, option)
 
 
+def seeded_slo_prediction(model, option: str, slo, seed: int = 0) -> Prediction:
+    """The seeded SLO gate's figures: the SLO search (``solver.slo.solve_slo``) under the fitted arrival
+    model ``option`` (``FittedPrediction.option``; an MMPP at its own mean rate, the replay's), as the
+    gate's first search runs it; under Poisson or groups alone, at the model's rate. An unguarded pick
+    under an MMPP is evaluated exactly (the search's simulated W of a slowly modulated path is noisy)."""
+    from solver.arrival_model import MMPP2, parse_arrivals
+
+    from .contenders import _slo_prediction
+
+    from solver.mmpp import evaluate_mmpp
+    from solver.slo import solve_slo
+
+    fit = parse_arrivals(option)
+    if not isinstance(fit, MMPP2):
+        return _slo_prediction(model.with_(arrivals=fit), slo, seed)
+    fitted = model.with_(rate=fit.mean_rate, arrivals=fit)
+    c = solve_slo(fitted, slo, seed=seed).chosen
+    if c.max_wait_s is None and math.isfinite(c.table_weight):  # unguarded: the exact figures under the fit
+        ev = evaluate_mmpp(fitted, c.policy)
+        return Prediction(ev.mean_latency_s, ev.mean_power_w, ev.cost, ev.mean_batch, "exact")
+    return Prediction(c.mean_latency_s, c.mean_power_w, c.cost, c.mean_batch, "sim")
+
+
 def cached_fitted_prediction(out_dir: Path, model, times: np.ndarray, warmup_s: float = 0.0,
                              fit_times: np.ndarray | None = None) -> FittedPrediction:
     """``fitted_prediction``, kept in ``out_dir`` under a hash of everything it depends on (the times,
@@ -331,6 +354,8 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                            slo=slo if c.slo else cfg.slo)
             if c.kind == "gate" and c.policy == "smdp" and not c.slo:  # the fitted model, not the Poisson reference
                 pred = fitted.adaptive if c.adaptive else fitted.fixed
+            elif c.slo and c.seeded:  # the SLO search under the fitted model, as the seeded gate runs it
+                pred = seeded_slo_prediction(model, fitted.option, slo, cfg.seed)
             pred = with_hop(pred, stack, c)  # the measured per-request hop, as the steady-load bench adds
             status: list[StatusSample] = []
             sidecar = None
@@ -568,7 +593,9 @@ def add_trace_bench_command(sub) -> None:
                    help="Triton max_queue_delay_microseconds contenders (default: %(default)s)")
     p.add_argument("--contenders", metavar="SPEC,...",
                    help="replace the contender list: triton:DELAY_US, gate:smdp, gate:smdp-adaptive, "
-                   "gate:smdp-adaptive-unscaled (re-solves with w as is), config:smdp, config:smdp-adaptive "
+                   "gate:smdp-adaptive-unscaled (re-solves with w as is), gate:smdp-adaptive-seeded (starts from the "
+                   "fitted arrival model), gate:smdp-slo-seeded (the --slo-latency SLO searched under the fitted "
+                   "model), config:smdp, config:smdp-adaptive "
                    "(default: the --delays-us delays, both SMDP gates and both config modes)")
     p.add_argument("--repeat", type=int, default=1,
                    help="run the contender list this many times, reversing its order every other time, and "

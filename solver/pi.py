@@ -416,6 +416,12 @@ class PIOutcome:
     values: PolicyValues
     iterations: int
     converged: bool
+    start_gain: float
+    """The gain of the start policy (the first evaluation): start_gain - values.gain >= 0 is what the
+    start loses against the policy found (``solver.smdp`` reads it as the size step's policy change)."""
+    confirmed: bool = True
+    """Whether the policy passed the improvement over all actions. False only with ``confirm=False``:
+    the windowed step found no change and the full one was left to the caller."""
 
 
 def default_start(smdp: TruncatedSMDP) -> np.ndarray:
@@ -498,7 +504,7 @@ replaces a full one, not where a full one follows it anyway."""
 
 def policy_iteration(
     smdp: TruncatedSMDP, start: np.ndarray | None = None, max_iter: int = 1000, linear_solver: str | None = None,
-    near: int | None = NEAR_ACTIONS,
+    near: int | None = NEAR_ACTIONS, confirm: bool = True,
 ) -> PIOutcome:
     """Policy iteration from ``start`` (default greedy) to a policy no action improves.
 
@@ -510,6 +516,9 @@ def policy_iteration(
     Used with a given start (warm or seeded: from greedy the changes are far, and the windowed steps
     cost more iterations) where B >= NEAR_MIN_RATIO (2 near + 1), and for the first step only where
     B >= NEAR_FIRST_RATIO (2 near + 1).
+    confirm=False: when a windowed step finds no change, stop there without the step over all actions
+    (``PIOutcome.confirmed`` False): the automatic truncation confirms only the sizes that could end
+    its search (``solver.smdp``). Where every step is a full one the policy is confirmed anyway.
     """
     actions = default_start(smdp) if start is None else np.asarray(start, dtype=np.int64).copy()
     B = smdp.model.max_batch
@@ -518,6 +527,7 @@ def policy_iteration(
     near_steps = None if near is None or B >= NEAR_MIN_RATIO * (2 * near + 1) else 1
     evaluate = PolicyEvaluator(smdp, linear_solver)
     values = evaluate(actions)
+    start_gain = values.gain
     seen = [actions]
 
     def q_of(values: PolicyValues, windowed: bool) -> np.ndarray:
@@ -533,15 +543,17 @@ def policy_iteration(
             q = q_of(values, windowed)
         new = improve(q, actions)
         if windowed and np.array_equal(new, actions):
+            if not confirm:
+                return PIOutcome(actions, values, it, True, start_gain, confirmed=False)
             # no better action near the current ones: every action decides whether to stop
             new = improve(q_values(smdp, values.h, values.gain), actions)
         if np.array_equal(new, actions):
-            return PIOutcome(actions, values, it, True)
+            return PIOutcome(actions, values, it, True, start_gain)
         if any(np.array_equal(new, old) for old in seen[-CYCLE_MEMORY:]):
             # exact PI cannot revisit a policy: two actions tie to within the solve's rounding and
             # the rounding alternates; the policies in the cycle share the gain, keep the current one
-            return PIOutcome(actions, values, it, True)
+            return PIOutcome(actions, values, it, True, start_gain)
         actions = new
         seen.append(actions)
         values = evaluate(actions)
-    return PIOutcome(actions, values, max_iter, False)
+    return PIOutcome(actions, values, max_iter, False, start_gain)

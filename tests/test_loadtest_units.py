@@ -230,6 +230,17 @@ def test_the_trace_bench_gives_each_gate_its_guard_and_the_seeded_one_the_fitted
     assert fixed.max_wait_s == 0.02 and fixed.arrivals is None and fixed.solver_url is None
     plain = gate_spec(parse_contender("gate:smdp-adaptive"), cfg, **kw)
     assert plain.max_wait_s is None and plain.arrivals is None
+    # the SLO gate seeded with the fit: its SLO and its arrival model both reach the sidecar
+    from solver.slo import SloTarget
+
+    slo_seeded = parse_contender("gate:smdp-slo-seeded")
+    assert slo_seeded.slo and slo_seeded.seeded and slo_seeded.name == "gate smdp SLO seeded"
+    spec = gate_spec(slo_seeded, cfg, **{**kw, "slo": SloTarget(0.99, 0.07)})
+    config = config_from_args(build_parser().parse_args(["serve", *spec.flags()]))
+    got = config.policy_for("any")
+    assert got.arrivals == fit and got.slo is not None and got.slo.latency_s == 0.07 and got.adaptive
+    with pytest.raises(ValueError):
+        Contender("gate", policy="smdp", slo=True, seeded=True)  # the fixed SLO gate is not seeded
 
 
 def test_predictions_agree_with_the_solver_and_greedy_equals_zero_delay():

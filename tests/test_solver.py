@@ -933,3 +933,140 @@ def test_q_values_are_the_plain_expression_bit_for_bit(B, cv):
         np.testing.assert_array_equal(q_values(smdp, v.h, v.gain, first), np.where(smdp.valid[first:], plain, np.inf))
     plain = smdp.cost - v.gain * smdp.time + smdp.expected_next_near(v.h, a, 3)
     np.testing.assert_array_equal(q_values_near(smdp, v.h, v.gain, a, 3), np.where(smdp.valid, plain, np.inf))
+
+
+# --- the policy settled by its worth in gain ------------------------------------------------------
+
+
+def test_policy_iteration_reports_the_start_policys_gain():
+    from solver.pi import evaluate_policy, policy_iteration
+    from solver.tail import build
+
+    smdp = build(v100(64, 0.6, 1e-4, 1.0), 300, "fluid")
+    start = np.minimum(np.arange(smdp.n_states), 32)
+    out = policy_iteration(smdp, start)
+    assert out.start_gain == pytest.approx(evaluate_policy(smdp, start).gain, rel=1e-13)
+    assert out.start_gain > out.values.gain  # the half batches are not optimal, and PI only improves
+
+
+def test_policy_is_settled_when_unchanged_or_worth_less_than_the_gains_rounding():
+    from solver.smdp import GROWTH_RTOL, NOISE_FLOOR, _policy_settled
+
+    previous = np.array([0, 1, 2, 3])
+    same = np.array([0, 1, 2, 3, 4, 4])
+    moved = np.array([0, 1, 3, 3, 4, 4])
+    g = 2.0
+    below, above = g * (1 + 0.5 * NOISE_FLOOR * GROWTH_RTOL), g * (1 + 2 * NOISE_FLOOR * GROWTH_RTOL)
+    assert _policy_settled(same, previous, above, g, GROWTH_RTOL, by_gain=True)  # unchanged: settled
+    assert _policy_settled(same, previous, None, g, GROWTH_RTOL, by_gain=False)
+    assert _policy_settled(moved, previous, below, g, GROWTH_RTOL, by_gain=True)
+    assert not _policy_settled(moved, previous, above, g, GROWTH_RTOL, by_gain=True)
+    assert not _policy_settled(moved, previous, below, g, GROWTH_RTOL, by_gain=False)  # the rule before
+    assert not _policy_settled(moved, previous, None, g, GROWTH_RTOL, by_gain=True)  # RVI: no start gain
+
+
+@pytest.mark.parametrize("B,load,w,cv", [(128, 0.3, 1e-4, 1.0), (128, 0.45, 1e-3, 1.0)])
+def test_automatic_n_stops_where_only_near_ties_still_move(B, load, w, cv):
+    """At CV 1 the batch size of states the chain visits once in 10^8 decisions or less keeps moving
+    by one as N grows: requiring them unchanged took N = 873-883 where the policy is settled in gain
+    from 446-564. The smaller N's gain is within 1e-10 of the larger's, its policy loses at most
+    1e-11 of the gain when run in the larger truncation, and the states where the two differ carry
+    about 1e-8 of the stationary mass at most."""
+    from solver.pi import evaluate_policy
+    from solver.tail import build
+
+    m = v100(B, load, w, cv)
+    auto = solve(m)
+    equal = solve(m, policy_by_gain=False)
+    assert auto.converged and equal.converged
+    assert auto.truncation < 0.7 * equal.truncation
+    assert auto.sizes_tried == equal.sizes_tried[: len(auto.sizes_tried)]  # the same search, stopped sooner
+    assert auto.gain == pytest.approx(equal.gain, rel=1e-10)
+    big = build(m, equal.truncation, "fluid")
+    # the smaller N's decisions on its states, the larger one's above: what the near-ties are worth
+    mixed = equal.policy.actions.copy()
+    mixed[: auto.truncation + 1] = auto.policy.actions
+    assert 0 <= evaluate_policy(big, mixed).gain - equal.gain <= 1e-11 * equal.gain
+    # and the table as the gate runs it (full batches above the smaller N) is within the tolerance
+    carried = evaluate_policy(big, auto.policy.extended(big.n_states))
+    assert 0 <= carried.gain - equal.gain <= 1e-9 * equal.gain
+    differ = np.nonzero(auto.policy.actions != equal.policy.actions[: auto.truncation + 1])[0]
+    assert evaluate_policy(big, equal.policy.actions).pi[differ].sum() <= 2e-8
+
+
+def _affine(B: int, load: float, cv: float) -> BatchingModel:
+    prof = ServiceProfile.affine(B, 0.1438e-3, 1.8874e-3, 0.04419, 0.1550, cv=cv)
+    m0 = BatchingModel(rate=1.0, max_batch=B, profile=prof, idle_power_w=40.0, weight=1e-4)
+    return m0.with_(rate=load * m0.capacity)
+
+
+def test_policy_iteration_can_leave_the_full_check_to_the_caller():
+    """confirm=False: a windowed run stops where the window finds nothing (not confirmed); from greedy
+    (every step a full one) the policy is confirmed anyway. Here the window found everything: the
+    same policy and gain as with the check, which passes on it."""
+    from solver.pi import improve, policy_iteration, q_values
+    from solver.tail import build
+
+    smdp = build(_affine(160, 0.6, 1.0), 480)
+    ref = policy_iteration(smdp, near=None)
+    n = np.arange(smdp.n_states)
+    shifted = np.clip(ref.actions - (n % 3), np.where(n < 160, 0, 1), None)
+    out = policy_iteration(smdp, shifted, confirm=False)
+    assert out.converged and not out.confirmed
+    np.testing.assert_array_equal(out.actions, ref.actions)
+    assert out.values.gain == pytest.approx(ref.values.gain, rel=1e-12)
+    np.testing.assert_array_equal(improve(q_values(smdp, out.values.h, out.values.gain), out.actions), out.actions)
+    assert policy_iteration(smdp, confirm=False).confirmed  # from greedy: full steps
+
+
+@pytest.mark.parametrize("B,load", [(160, 0.6), (256, 0.45)])
+def test_the_automatic_n_returns_a_policy_that_passes_the_full_check(B, load):
+    """Sizes that cannot end the search skip the improvement over all actions; the returned one
+    never does: no action improves on the returned policy at its N, and PI from it stops at once."""
+    from solver.pi import improve, policy_iteration, q_values
+    from solver.tail import build
+
+    m = _affine(B, load, 1.0)
+    for res in (solve(m), solve(m, warm_start=solve(m.with_(rate=0.95 * m.rate)).policy)):
+        assert res.converged and len(res.sizes_tried) >= 3
+        smdp = build(m, res.truncation)
+        out = policy_iteration(smdp, res.policy.actions)
+        assert out.iterations == 1 and out.confirmed
+        np.testing.assert_array_equal(out.actions, res.policy.actions)
+        np.testing.assert_array_equal(improve(q_values(smdp, out.values.h, out.values.gain), out.actions), out.actions)
+        assert out.values.gain == pytest.approx(res.gain, rel=1e-12)
+
+
+def test_the_automatic_n_confirms_a_size_before_it_ends_the_search(monkeypatch):
+    """Every unconfirmed size's policy is spoiled outside the window (one state served 9 or more more
+    requests than its optimum): the size that ends the search must get the check over all actions,
+    which finds the spoiled state, so the policy returned still passes it."""
+    import solver.smdp
+    from solver.pi import PIOutcome, evaluate_policy, improve, policy_iteration, q_values
+    from solver.tail import build
+
+    real = solver.smdp.policy_iteration
+    spoiled = []
+
+    def spoiling(smdp, start=None, **kwargs):
+        out = real(smdp, start, **kwargs)
+        if out.confirmed:
+            return out
+        a = out.actions.copy()
+        n = np.arange(a.size)
+        far = np.nonzero((a > 0) & (np.minimum(n, smdp.model.max_batch) - a > 8))[0]
+        assert far.size
+        a[far[0]] = min(int(far[0]), smdp.model.max_batch)
+        spoiled.append(smdp.truncation)
+        return PIOutcome(a, evaluate_policy(smdp, a), out.iterations, True, out.start_gain, confirmed=False)
+
+    m = _affine(160, 0.6, 1.0)
+    clean = solve(m)
+    monkeypatch.setattr(solver.smdp, "policy_iteration", spoiling)
+    res = solve(m)
+    assert res.converged and res.truncation in spoiled  # the size that ended the search came spoiled
+    smdp = build(m, res.truncation)
+    values = evaluate_policy(smdp, res.policy.actions)
+    np.testing.assert_array_equal(improve(q_values(smdp, values.h, values.gain), res.policy.actions), res.policy.actions)
+    assert res.gain == pytest.approx(clean.gain, rel=1e-8)
+    assert policy_iteration(smdp, res.policy.actions).iterations == 1

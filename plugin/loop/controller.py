@@ -968,9 +968,13 @@ class PolicyController:
         cv = self.slo_service_cv()
         if cv is not None and cv > 0:  # the measured spread of batch times widens the predicted tail
             profile = dataclasses.replace(profile, cv=np.full(profile.max_batch, cv), samples=None)
-        arrivals = self.arrival_model()  # the search simulates the learned clumping too
-        model = BatchingModel(rate=rate, max_batch=self.max_batch, profile=profile,
-                              idle_power_w=self.idle_power_w, weight=solved_weight, arrivals=arrivals)
+        # the search simulates the learned clumping too, and a modulation shape in force: its slow
+        # phases' waits for a batch to fill are what the tail is made of (docs/notes/issue-17.md)
+        shape = self.modulation.model_for(rate) if self._shape_applies() and self.modulation is not None else None
+        arrivals = shape if shape is not None else self.arrival_model()
+        model = BatchingModel(rate=rate if shape is None else shape.mean_rate, max_batch=self.max_batch,
+                              profile=profile, idle_power_w=self.idle_power_w, weight=solved_weight, arrivals=arrivals)
+        self._solved_shape = self.modulation.version if self.modulation is not None else 0
         offset = self.slo_offset_s
         # margin and measured correction both come off D (module doc); a correction that eats the
         # whole budget leaves a sliver, which no policy meets: greedy, flagged
@@ -1062,10 +1066,12 @@ class PolicyController:
         return self.groups.model()
 
     def _shape_applies(self) -> bool:
-        """A modulation shape applies to the next solve: plain J solves (no SLO or latency target), one
-        instance, with the long-run mean to scale it to."""
+        """A modulation shape applies to the next solve: J solves and SLO searches (not a latency target's
+        weight search), one instance, with the long-run mean to scale it to. The SLO search takes the
+        shape's MMPP as its arrivals (``solver.slo.solve_slo``: Poisson-solved tables, each candidate and
+        its guard judged on a path of the MMPP)."""
         return (self.modulation is not None and self.modulation.shape is not None and self.instances == 1
-                and self.slo is None and self.latency_target_s is None and self.long_run is not None)
+                and self.latency_target_s is None and self.long_run is not None)
 
     def modulated_level(self, now: float) -> float | None:
         """The rate to scale the modulation shape to: the long-run mean rate (the shape's phases are
