@@ -204,6 +204,12 @@ class SidecarConfig(BaseModel):
         None, description="Path of smdp-gate for the native data plane (default: $SMDP_NATIVE_GATE, "
         "native/build/smdp-gate, then PATH)"
     )
+    native_report_interval_s: float = Field(
+        0.25, gt=0, allow_inf_nan=False,
+        description="How often the native gate reports arrivals, batches and counters to this process, seconds: "
+        "the control plane, `smdp ctl status` and the metrics trail the data path by up to this much. Each report wakes this process for its bookkeeping, and on a "
+        "machine with few cores a request that coincides with it pays for that in its tail (RESULTS.md section 3)",
+    )
     max_queue: int = Field(1024, ge=1, description="Requests that may wait per model before RESOURCE_EXHAUSTED")
     dispatch_priority: int = Field(
         1, ge=0, description="Triton priority level stamped on gated requests that carry none (0 = leave unset)"
