@@ -16,6 +16,8 @@ Client, sidecar and Triton share this machine's cores, as in the reference measu
                                   [--baseline DIR]   # DIR: another source tree, e.g. an older commit
                                   [--native-gates NAME=PATH,...]  # more native contenders: other smdp-gate
                                                                   # binaries (e.g. the callback-API build)
+                                  [--native-report-intervals S,...]  # more native contenders: the gate's
+                                                                     # report interval (native_report_interval_s)
                                   [--python-plane on|off]  # the Python-plane sidecar contender
                                   [--protocol grpc|http|both]  # which API the paths are measured on
 
@@ -208,9 +210,11 @@ async def saturation(url: str, payload: bytes, seconds: float, concurrency: int)
 
 
 def start_sidecar(triton_url: str, policy: str, root: Path = ROOT, data_plane: str = "python",
-                  triton_http: str | None = None, gate: Path | None = None) -> tuple[subprocess.Popen, str, str | None]:
+                  triton_http: str | None = None, gate: Path | None = None,
+                  settings: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, str | None]:
     """(process, gRPC host:port, HTTP host:port or None); ``triton_http``: also serve HTTP, relaying to it;
-    ``gate``: the smdp-gate binary for the native plane (default: the one the sidecar finds)."""
+    ``gate``: the smdp-gate binary for the native plane (default: the one the sidecar finds); ``settings``:
+    more sidecar settings, as ``SMDP_SIDECAR_<FIELD>`` environment variables."""
     # named even for python: data_plane's default is auto, which takes the native gate wherever it is
     # built; only a baseline tree that predates the setting (and so runs the Python gate) goes without
     knows_planes = "data_plane" in (root / "plugin" / "config.py").read_text()
@@ -222,7 +226,8 @@ def start_sidecar(triton_url: str, policy: str, root: Path = ROOT, data_plane: s
          "--policy", policy, "--control-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
          "--log-level", "WARNING", *plane],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root,
-        env={**os.environ, "SMDP_NATIVE_GATE": str(Path(gate).resolve())} if gate is not None else None,
+        env={**os.environ, **({"SMDP_NATIVE_GATE": str(Path(gate).resolve())} if gate is not None else {}),
+             **{f"SMDP_SIDECAR_{k.upper()}": v for k, v in (settings or {}).items()}},
     )
     seen = ""
     for line in proc.stdout:  # warnings may come first (e.g. about a model's dynamic_batching)
@@ -271,6 +276,7 @@ class Path_:
     protocol: str = "grpc"
     p50: list[float] = field(default_factory=list)
     p99: list[float] = field(default_factory=list)
+    low_lat: list[np.ndarray] = field(default_factory=list)  # every round's low-load latencies (s)
     low_cpu: list[float] = field(default_factory=list)
     low_cs: list[tuple[float, float]] = field(default_factory=list)  # (voluntary, involuntary) per request
     tri_cs: list[tuple[float, float]] = field(default_factory=list)  # Triton's, on this path
@@ -309,6 +315,8 @@ def main() -> int:
     ap.add_argument("--native-gates", default="", metavar="NAME=PATH,...",
                     help="more sidecar-native contenders, each with its own smdp-gate binary, e.g. "
                          "callback=native/build/callback/smdp-gate (make -C native callback)")
+    ap.add_argument("--native-report-intervals", default="", metavar="S,...",
+                    help="more native contenders, one per native_report_interval_s value (named native-rS)")
     ap.add_argument("--python-plane", choices=["on", "off"], default="on",
                     help="include the sidecar on the Python data plane")
     args = ap.parse_args()
@@ -356,6 +364,10 @@ def main() -> int:
             else:
                 add_sidecar("sidecar-native", *start_sidecar(triton.grpc_url, args.policy, data_plane="native",
                                                              triton_http=triton_http if http_on else None))
+        for interval in filter(None, args.native_report_intervals.split(",")):
+            add_sidecar(f"native-r{interval}", *start_sidecar(
+                triton.grpc_url, args.policy, data_plane="native", triton_http=triton_http if http_on else None,
+                settings={"native_report_interval_s": interval}))
         for name, gate in gates:
             add_sidecar(f"native-{name}", *start_sidecar(triton.grpc_url, args.policy, data_plane="native",
                                                         triton_http=triton_http if http_on else None, gate=Path(gate)))
@@ -377,6 +389,7 @@ def main() -> int:
                 s1, t1 = context_switches(p.proc.pid) if p.proc else (0, 0), context_switches(triton.pid)
                 p.p50.append(np.quantile(lat, .5))
                 p.p99.append(np.quantile(lat, .99))
+                p.low_lat.append(lat)
                 p.low_cpu.append((c1 - c0) / (args.requests + 20) * 1e6)
                 n = args.requests + 20
                 p.low_cs.append(((s1[0] - s0[0]) / n, (s1[1] - s0[1]) / n))
@@ -412,6 +425,12 @@ def main() -> int:
             tcs = (med([c[0] for c in p.tri_cs]), med([c[1] for c in p.tri_cs]))
             own = f"{cs[0]:5.1f} + {cs[1]:4.1f}" if p.proc else "    -      "
             print(f"  {p.name:20} path's processes {own} | Triton {tcs[0]:5.1f} + {tcs[1]:4.1f}")
+        print(f"\nLow load, all rounds pooled ({args.rounds} x {args.requests} requests; a round's p99 is its "
+              f"{args.requests // 100}th slowest, so the pooled one reads the tail more steadily):")
+        for p in paths:
+            q = np.quantile(np.concatenate(p.low_lat), [.5, .9, .99, .999]) * 1e3
+            print(f"  {p.name:20} p50 {q[0]:.3f}  p90 {q[1]:.3f}  p99 {q[2]:.3f}  p99.9 {q[3]:.3f} ms; "
+                  f"p99 per round {', '.join(f'{x * 1e3:.3f}' for x in p.p99)}")
         direct = {p.protocol: p for p in paths if p.name in ("direct", "direct-http")}
         for s in paths:
             d = direct[s.protocol]
@@ -420,8 +439,10 @@ def main() -> int:
             added = [1e3 * (a - b) for a, b in zip(s.p50, d.p50)]
             added99 = [1e3 * (a - b) for a, b in zip(s.p99, d.p99)]
             ratio = [a / b for a, b in zip(s.rps, d.rps)]
+            pooled99 = 1e3 * (np.quantile(np.concatenate(s.low_lat), .99) - np.quantile(np.concatenate(d.low_lat), .99))
             print(f"\n{s.name}: added latency at low load (vs {d.name}), p50 {med(added):.3f} ms "
-                  f"(rounds: {', '.join(f'{x:.3f}' for x in added)}), p99 {med(added99):.3f} ms")
+                  f"(rounds: {', '.join(f'{x:.3f}' for x in added)}), p99 {med(added99):.3f} ms "
+                  f"(rounds: {', '.join(f'{x:.3f}' for x in added99)}; pooled {pooled99:.3f} ms)")
             print(f"{s.name}: throughput ratio {s.name}/direct at saturation {med(ratio):.2f} "
                   f"(rounds: {', '.join(f'{x:.2f}' for x in ratio)})")
             print(f"{s.name}: Triton CPU per request, {s.name} path / direct {med(s.tri_cpu) / med(d.tri_cpu):.2f}; "

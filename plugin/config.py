@@ -88,7 +88,8 @@ class ModelPolicyConfig(BaseModel):
         description="smdp, adaptive: a fitted arrival model to start from, as `smdp fit-arrivals` prints it for "
         "past traffic (batch:G or mmpp:RATES:SWITCHES[:GROUPS]): the policy is solved for it from the first solve, "
         "an MMPP's shape at the long-run mean rate, until the online fits are clearly closer to the recent arrivals "
-        "(plugin/arrival_estimator.py; needs arrival_group_window > 0). None = learn from nothing",
+        "(plugin/arrival_estimator.py; needs arrival_group_window > 0). With `slo` the SLO search judges its "
+        "tables and guards on the MMPP's paths (solver/slo.py). None = learn from nothing",
     )
     adaptive: bool = Field(
         True,
@@ -203,6 +204,12 @@ class SidecarConfig(BaseModel):
     native_binary: str | None = Field(
         None, description="Path of smdp-gate for the native data plane (default: $SMDP_NATIVE_GATE, "
         "native/build/smdp-gate, then PATH)"
+    )
+    native_report_interval_s: float = Field(
+        0.25, gt=0, allow_inf_nan=False,
+        description="How often the native gate reports arrivals, batches and counters to this process, seconds: "
+        "the control plane, `smdp ctl status` and the metrics trail the data path by up to this much. Each report wakes this process for its bookkeeping, and on a "
+        "machine with few cores a request that coincides with it pays for that in its tail (RESULTS.md section 3)",
     )
     max_queue: int = Field(1024, ge=1, description="Requests that may wait per model before RESOURCE_EXHAUSTED")
     dispatch_priority: int = Field(

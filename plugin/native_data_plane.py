@@ -57,6 +57,7 @@ class NativeDataPlane:
             listen=config.listen, triton_url=config.triton_url, max_queue=config.max_queue,
             on_event=self._on_event, binary=config.native_binary,
             upstream_timeout_s=config.upstream_timeout_s, deny=self._deny,
+            report_interval_ms=config.native_report_interval_s * 1e3,
         )
         return self._gate.port
 
@@ -113,7 +114,7 @@ class NativeDataPlane:
 
     async def sync(self) -> None:
         """Return once everything the gate did before this call is in the registry's stats and counters
-        (it reports every 50 ms otherwise): for status reads that must be exact."""
+        (it reports every ``native_report_interval_s`` otherwise): for status reads that must be exact."""
         await self._process().sync(10.0)
 
     def died(self) -> asyncio.Future | None:

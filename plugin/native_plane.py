@@ -402,8 +402,14 @@ class NativePlane:
         self.send("report")
         await asyncio.wait_for(fut, timeout_s)
 
-    async def _read(self) -> None:
+    async def _read(self, turn_every: int = 256) -> None:
+        """Handle the gate's lines in order. A report can hold thousands of lines, all buffered: every
+        ``turn_every`` lines the loop's other work (the HTTP listener, the control API) gets a turn."""
+        handled = 0
         while True:
+            handled += 1
+            if handled % turn_every == 0:
+                await asyncio.sleep(0)
             raw = await self.proc.stdout.readline()
             if not raw:
                 if self.proc.returncode is None:

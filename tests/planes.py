@@ -33,7 +33,7 @@ def plane() -> str:
 
 def settle(sc) -> None:
     """Make the control plane's view of the gate current (``SidecarThread``): the native gate reports
-    its counters and batches every 50 ms, so a read right after the last answer could be stale."""
+    its counters and batches every ``native_report_interval_s``, so a read right after the last answer could be stale."""
     sc.run(sc.sidecar.plane.sync(), 10)
 
 

@@ -100,6 +100,12 @@ def test_native_runs_the_merged_mode_only():
     assert SidecarConfig(data_plane="native").data_plane == "native"
 
 
+@pytest.mark.parametrize("bad", [0, -1, float("inf"), float("nan")])
+def test_a_report_interval_that_is_not_a_positive_duration_is_refused(bad):
+    with pytest.raises(ValidationError, match="native_report_interval_s"):
+        SidecarConfig(native_report_interval_s=bad)
+
+
 def test_auto_takes_the_native_gate_where_it_is_found_else_python_and_says_why(monkeypatch, tmp_path):
     import plugin.native_plane as native_plane
     from plugin.native_plane import choose_plane
@@ -174,6 +180,33 @@ def test_a_bad_command_gets_an_error_naming_it_and_the_gate_keeps_serving(native
     assert len(errors) == 3
 
 
+def test_a_long_report_is_handled_in_order_and_lets_the_loop_take_turns():
+    """Thousands of buffered lines: each handled once, in order, with other work run in between."""
+    n = 3000
+
+    async def scenario():
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", f"import sys; sys.stdout.write(''.join(f'counters m submitted={{i}}\\n' for i in range({n})))",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        await proc.wait()  # everything is in the pipe before the first line is read
+        seen: list[int] = []
+        during: list[int] = []
+
+        def other_work():
+            during.append(len(seen))
+            if len(seen) < n:
+                asyncio.get_running_loop().call_soon(other_work)
+
+        plane = NativePlane(proc, 0, lambda e: seen.append(e.values["submitted"]))
+        asyncio.get_running_loop().call_soon(other_work)
+        await plane.exited
+        return seen, during
+
+    seen, during = run(scenario())
+    assert seen == list(range(n))
+    assert len([d for d in during if 0 < d < n]) >= n // 256 - 1
+
+
 def test_an_address_it_cannot_bind_is_a_clear_error(native_gate):
     import socket
 
@@ -204,12 +237,12 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _serve(triton_url: str) -> tuple[subprocess.Popen, str]:
+def _serve(triton_url: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "smdp.cli", "serve", "--data-plane", "native", "--listen", "127.0.0.1:0",
          "--triton", triton_url, "--policy", "greedy", "--control-listen", "none", "--metrics-listen", "none",
          "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env={**os.environ, **(env or {})},
     )
     for line in proc.stdout:
         if "listening on" in line:
@@ -241,6 +274,25 @@ def test_sigterm_answers_what_is_in_flight_and_leaves_no_gate_behind(native_gate
     # every request got exactly one answer: a response, or a refusal once the server stopped
     assert len(results) == 8
     assert not _alive(gates[0])
+
+
+@pytest.mark.integration
+def test_the_gate_reports_at_the_configured_interval(native_gate, triton):
+    """native_report_interval_s reaches the gate (its default, and a value from the environment)."""
+
+    def interval_ms(env: dict[str, str] | None) -> str:
+        proc, _ = _serve(triton.grpc_url, env)
+        try:
+            gates = [c for c in _children(proc.pid) if "smdp-gate" in Path(f"/proc/{c}/cmdline").read_text()]
+            assert len(gates) == 1
+            argv = Path(f"/proc/{gates[0]}/cmdline").read_text().split("\0")
+            return argv[argv.index("--report-interval-ms") + 1]
+        finally:
+            proc.terminate()
+            proc.wait(20)
+
+    assert float(interval_ms(None)) == SidecarConfig().native_report_interval_s * 1e3
+    assert interval_ms({"SMDP_SIDECAR_NATIVE_REPORT_INTERVAL_S": "0.5"}) == "500"
 
 
 @pytest.mark.integration
