@@ -88,7 +88,8 @@ class ModelPolicyConfig(BaseModel):
         description="smdp, adaptive: a fitted arrival model to start from, as `smdp fit-arrivals` prints it for "
         "past traffic (batch:G or mmpp:RATES:SWITCHES[:GROUPS]): the policy is solved for it from the first solve, "
         "an MMPP's shape at the long-run mean rate, until the online fits are clearly closer to the recent arrivals "
-        "(plugin/arrival_estimator.py; needs arrival_group_window > 0). None = learn from nothing",
+        "(plugin/arrival_estimator.py; needs arrival_group_window > 0). With `slo` the SLO search judges its "
+        "tables and guards on the MMPP's paths (solver/slo.py). None = learn from nothing",
     )
     adaptive: bool = Field(
         True,

@@ -332,6 +332,36 @@ def latency_integrals(model: BatchingModel, m1: np.ndarray, m2: np.ndarray) -> n
     return out
 
 
+def overflow_moments(law: np.ndarray, room: int, moments: int = 2) -> tuple[np.ndarray, ...]:
+    """For a count law ``law[b, k]`` (k = 0..L arrivals during a batch of b + 1): the probability of more
+    than g arrivals, E[(K - g)+] and E[((K - g)+)^2] for every room g = 0..``room`` (arrays [b, g]; the
+    first ``moments`` + 1 of them). What the overflow above the truncation N costs from a post-service
+    count s, at g = N - s.
+
+    Tail sums of nonnegative terms only (no differences of large sums): P(K > g) is the reverse
+    cumulative sum of the law from g + 1; E[(K - g)+] = sum_{g' >= g} P(K > g') since (K - g)+ counts
+    the g' in [g, K); E[((K - g)+)^2] = E[(K - g)+] + 2 sum_{g' > g} E[(K - g')+] since
+    (K - g)^2 = sum_{g' = g}^{K - 1} (2 (g' - g) + 1). O((room + L) B) where the windowed products they
+    replace were O(room L B) (seconds per build at N = 1500 with a four-phase batch law).
+    """
+    b, width = law.shape
+    size = max(room + 2, width + 1)
+    padded = np.zeros((b, size))
+    padded[:, :width] = law
+    at_least = np.cumsum(padded[:, ::-1], axis=1)[:, ::-1]  # P(K >= g)
+    more = np.zeros((b, size))
+    more[:, :-1] = at_least[:, 1:]  # P(K > g)
+    out = [more[:, : room + 1]]
+    if moments >= 1:
+        first = np.cumsum(more[:, ::-1], axis=1)[:, ::-1]  # sum_{g' >= g} P(K > g')
+        out.append(first[:, : room + 1])
+    if moments >= 2:
+        later = np.zeros((b, size))
+        later[:, :-1] = np.cumsum(first[:, ::-1], axis=1)[:, ::-1][:, 1:]  # sum_{g' > g} E[(K - g')+]
+        out.append((first + 2.0 * later)[:, : room + 1])
+    return tuple(out)
+
+
 def build_phase_smdp(model: BatchingModel, truncation: int, law: np.ndarray | None = None) -> PhaseSMDP:
     mm = _mmpp(model)
     B = model.max_batch
@@ -358,11 +388,8 @@ def build_phase_smdp(model: BatchingModel, truncation: int, law: np.ndarray | No
     time = np.ones((p, N + 1, B + 1))
     tail_p = np.zeros((p, N + 1, B + 1, p))
     tail_m = np.zeros((p, N + 1, B + 1))
-    over = np.maximum(np.arange(N + 1 + L) - N, 0).astype(float)
-    beyond = (np.arange(N + 1 + L) > N).astype(float)
-    w_over = sliding_window_view(over, L + 1)[: N + 1]
-    w_over2 = sliding_window_view(over * over, L + 1)[: N + 1]
-    w_beyond = sliding_window_view(beyond, L + 1)[: N + 1]
+    gap = N - sc  # the room above the post-service count s: the arrivals beyond it overflow N
+    col = a[None, :] - 1
     epochs = np.asarray(mm.epoch_rates)
     for i in range(p):
         nu = epochs[i] + leave[i]
@@ -370,11 +397,11 @@ def build_phase_smdp(model: BatchingModel, truncation: int, law: np.ndarray | No
         energy[i, :, 0] = model.idle_power_w / nu
         time[i, :, 0] = 1.0 / nu
         integral = integrals[i]
-        law_i = law[:, i, :, :].sum(axis=1)  # [b, k], end phase summed
-        em = (w_over @ law_i.T)[sc, a - 1]
-        em2 = (w_over2 @ law_i.T)[sc, a - 1]
+        _, over1, over2 = overflow_moments(law[:, i, :, :].sum(axis=1), N)  # end phase summed
+        em = over1[col, gap]
+        em2 = over2[col, gap]
         for j in range(p):
-            tail_p[i, :, 1:, j] = (w_beyond @ law[:, i, j, :].T)[sc, a - 1]
+            tail_p[i, :, 1:, j] = overflow_moments(law[:, i, j, :], N, moments=0)[0][col, gap]
         latency[i, :, 1:] = (n[:, None] * m1[None, :] + integral[None, :]) / lam_bar + coeffs.lin * em + coeffs.quad * em2
         energy[i, :, 1:] = model.profile.energy_j[None, :] + coeffs.energy * em
         time[i, :, 1:] = m1[None, :] + coeffs.time * em
@@ -562,16 +589,17 @@ def _start_truncation(model: BatchingModel, policy: PhasePolicy | PolicyTable | 
 
 
 def evaluate_mmpp(model: BatchingModel, policy: PhasePolicy | PolicyTable, truncation: int | None = None,
-                  linear_solver: str = "banded") -> PhaseEvaluation:
+                  linear_solver: str = "banded", law: np.ndarray | None = None) -> PhaseEvaluation:
     """Exact W, P, J of a phase policy, or of one table for both phases (phase-blind), under the MMPP.
 
     Beyond the tables: serve min(n, B). N grows by half until the cost moves by less than 1e-10.
+    ``law``: the model's ``count_law``, where the caller has it already.
     """
     for table in policy.tables if isinstance(policy, PhasePolicy) else (policy,):
         if table.beyond_batch != model.max_batch:
             raise ModelError(f"a table that serves batches of {table.beyond_batch} above its end (a static policy) "
                              "is not evaluated under an MMPP: the drain above N serves full batches")
-    law = count_law(model)
+    law = count_law(model) if law is None else law
     N = _start_truncation(model, policy) if truncation is None else int(truncation)
     previous = None
     while True:
@@ -703,7 +731,7 @@ def solve_mmpp_blind(model: BatchingModel, start: PolicyTable, *, max_iter: int 
         raise ModelError("the starting table must be a queue-length table for the model's B serving full batches above it")
     mm = _mmpp(model)
     law = count_law(model)
-    N = evaluate_mmpp(model, start).truncation  # where the start's J has settled
+    N = evaluate_mmpp(model, start, law=law).truncation  # where the start's J has settled
     smdp = build_phase_smdp(model, N, law)
     B = model.max_batch
     actions = start.extended(N + 1)
@@ -728,5 +756,5 @@ def solve_mmpp_blind(model: BatchingModel, start: PolicyTable, *, max_iter: int 
             break
         actions, values = new, cand
     table = PolicyTable(actions, B)
-    ev = evaluate_mmpp(model, table)  # N grown again: the search's table may settle further out
+    ev = evaluate_mmpp(model, table, law=law)  # N grown again: the search's table may settle further out
     return BlindSolveResult(table, ev.cost, ev, first, its, ev.truncation, _time.perf_counter() - started, model)

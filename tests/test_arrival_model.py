@@ -387,3 +387,46 @@ def test_grouped_count_law_under_a_nearly_deterministic_service_stops_at_the_eve
     law = count_law(m)
     assert law.shape[3] < 2_000
     assert law.sum(axis=(2, 3)).min() >= 1.0 - 1e-10
+
+
+def test_overflow_moments_equal_the_windowed_products_they_replace():
+    """build_phase_smdp's overflow terms by tail sums equal the direct sums over k: P(K > g), E[(K - g)+]
+    and E[((K - g)+)^2] at every room g, and a whole three-phase grouped build (costs, times, overflow
+    law) matches the windowed-product formulation it had before."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    from solver.mmpp import build_phase_smdp, overflow_moments
+
+    rng = np.random.default_rng(4)
+    law = rng.random((5, 40)) ** 3
+    law /= law.sum(axis=1, keepdims=True)
+    k = np.arange(40)
+    for room in (0, 7, 39, 60):
+        p0, p1, p2 = overflow_moments(law, room)
+        for g in range(room + 1):
+            np.testing.assert_allclose(p0[:, g], law[:, k > g].sum(axis=1), rtol=1e-13, atol=1e-16)
+            np.testing.assert_allclose(p1[:, g], (np.maximum(k - g, 0) * law).sum(axis=1), rtol=1e-13, atol=1e-16)
+            np.testing.assert_allclose(p2[:, g], (np.maximum(k - g, 0) ** 2 * law).sum(axis=1), rtol=1e-13, atol=1e-16)
+    proc = parse_arrivals("mmpp:900,300,40:2,0.5,1,3,0.2,0.4:2,1.5,1")
+    prof = ServiceProfile.from_csv(ROOT / "profiles" / "p4_resnet50.csv", max_batch=16)
+    model = BatchingModel(proc.mean_rate, 16, prof, 40.0, 1e-4, arrivals=proc)
+    laws = count_law(model)
+    N = 90
+    smdp = build_phase_smdp(model, N, laws)
+    L = laws.shape[3] - 1
+    n, a = np.arange(N + 1), np.arange(1, 17)
+    sc = np.clip(n[:, None] - a[None, :], 0, N)
+    over = np.maximum(np.arange(N + 1 + L) - N, 0).astype(float)
+    w1 = sliding_window_view(over, L + 1)[: N + 1]
+    w2 = sliding_window_view(over * over, L + 1)[: N + 1]
+    wb = sliding_window_view((np.arange(N + 1 + L) > N).astype(float), L + 1)[: N + 1]
+    for i in range(proc.phases):
+        law_i = laws[:, i].sum(axis=1)
+        ok = smdp.valid[i, :, 1:]
+        np.testing.assert_allclose(smdp.tail_m[i, :, 1:][ok], (w1 @ law_i.T)[sc, a - 1][ok], rtol=1e-12, atol=1e-15)
+        for j in range(proc.phases):
+            np.testing.assert_allclose(smdp.tail_p[i, :, 1:, j][ok], (wb @ laws[:, i, j].T)[sc, a - 1][ok],
+                                       rtol=1e-12, atol=1e-15)
+        # the second moment, indexed as the build indexes it (it enters the latency cost)
+        np.testing.assert_allclose(overflow_moments(law_i, N)[2][a[None, :] - 1, N - sc][ok], (w2 @ law_i.T)[sc, a - 1][ok],
+                                   rtol=1e-12, atol=1e-15)
