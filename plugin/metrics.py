@@ -234,8 +234,8 @@ class SidecarMetrics:
         return name if isinstance(name, str) else str(value)
 
     # -- hot path ----------------------------------------------------------------------------
-    def request_arrived(self, model: str) -> None:
-        self._model(model).arrived.inc()
+    def request_arrived(self, model: str, count: int = 1) -> None:
+        self._model(model).arrived.inc(count)
 
     def request_rejected(self, model: str, reason: str) -> None:
         c = self._model(model)

@@ -197,10 +197,11 @@ class NativeDataPlane:
         times = in_arrival_order((t + offset for t in event.times), self._last_arrival.get(event.model, -math.inf))
         if times:
             self._last_arrival[event.model] = times[-1]
-        for t in times:
-            if state.controller is not None:
+        if state.controller is not None:
+            for t in times:
                 state.controller.observe_arrival(t)
-            self.metrics.request_arrived(state.name)
+        if times:
+            self.metrics.request_arrived(state.name, len(times))
 
     def _counters(self, event: Counters) -> None:
         state = self.registry.get(event.model, "")

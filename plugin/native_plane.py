@@ -16,6 +16,7 @@ waits, and its counters. Times are CLOCK_MONOTONIC seconds (Python's ``time.mono
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import shutil
@@ -296,6 +297,16 @@ GateEvent = Seen | Lost | Loaded | Arrivals | BatchDone | Counters
 _BY_MODEL: dict[str, type[Seen] | type[Lost] | type[Loaded]] = {"seen": Seen, "lost": Lost, "loaded": Loaded}
 
 
+@functools.lru_cache(maxsize=1024)
+def _model_field(field: str, kind: str) -> str:
+    """A line's model field decoded and checked; the few names a gate reports are decoded once each
+    (every line of a report names its model)."""
+    model = unquote_field(field)
+    if not is_model_name(model):
+        raise ValueError(f"{kind}: {model[:80]!r} is not a model name")
+    return model
+
+
 def parse_event(raw: bytes) -> GateEvent | Reported | CommandRefused | None:
     """One line of the gate's stdout as an event, or None for a line of no interest. Every model
     name on a line is percent-encoded (``quote_field``) and must decode to a model name: a line that
@@ -310,9 +321,7 @@ def parse_event(raw: bytes) -> GateEvent | Reported | CommandRefused | None:
         return None
     if len(parts) < 2:
         raise ValueError(f"{kind}: model name missing")
-    model = unquote_field(parts[1])
-    if not is_model_name(model):
-        raise ValueError(f"{kind}: {model[:80]!r} is not a model name")
+    model = _model_field(parts[1], kind)
     by_model = _BY_MODEL.get(kind)
     if by_model is not None:
         if len(parts) != 2:
