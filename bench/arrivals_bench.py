@@ -195,7 +195,30 @@ STUDY_SLO_S = (0.0574, 0.063, 0.070, 0.075)
 70 / 75 ms (Triton 20 ms's p99 measured on the stack was 71.7-75.2 ms)."""
 
 
-def slo_study(trace: str, seed: int) -> None:
+SYNTHETIC_REQUESTS = 9_000
+
+
+def synthetic_stream(spec: str, seed: int) -> np.ndarray:
+    """A synthetic clumped stream: SYNTHETIC_REQUESTS arrival times drawn from an arrival spec with a seed."""
+    from solver.arrival_model import parse_arrivals
+
+    model = parse_arrivals(spec)
+    if not isinstance(model, MMPP2):
+        raise SystemExit(f"--synthetic needs an mmpp spec (it carries its own rates), got {spec!r}")
+    return arrivals.from_model(model, 0.0, SYNTHETIC_REQUESTS, rng=seed)
+
+
+def write_trace_csv(times: np.ndarray, path: Path) -> None:
+    """Arrival times as a trace CSV with the Azure traces' TIMESTAMP column (what `smdp trace-bench --trace` reads)."""
+    base = np.datetime64("2023-01-01T00:00:00", "ns")
+    stamps = base + np.round(np.asarray(times, dtype=float) * 1e9).astype("timedelta64[ns]")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                    + "".join(f"{str(s).replace('T', ' ')},1,1\n" for s in stamps))
+
+
+def slo_study(trace: str, seed: int, synthetic: str | None = None,
+              bounds_s: tuple[float, ...] = STUDY_SLO_S) -> None:
     import time
 
     from loadtest.stack import scaled_profile
@@ -206,7 +229,12 @@ def slo_study(trace: str, seed: int) -> None:
 
     B, w, p0, rate, warm = 128, 1e-3, 40.0, 150.0, 1.5
     prof = scaled_profile(ServiceProfile.from_csv(ROOT / "profiles" / "v100_resnet50.csv").truncated(B), 10.0)
-    t = arrivals.trace(TRACES[trace], target_rate=rate, limit=12_000 if trace == "code" else 9_000)
+    if synthetic is None:
+        t = arrivals.trace(TRACES[trace], target_rate=rate, limit=12_000 if trace == "code" else 9_000)
+    else:
+        t = synthetic_stream(synthetic, seed)
+        t = (t - t[0]) * ((t.size - 1) / (t[-1] - t[0]) / rate)  # the trace bench's rescaling to --rate
+        trace = f"synthetic {synthetic} (seed {seed})"
     model = BatchingModel((t.size - 1) / float(t[-1]), B, prof, p0, w)
     fit = fit_arrivals(t).chosen
     print(f"{trace} trace: {t.size} requests at {model.rate:.1f} req/s (rho {model.load:.2f}), V100 table x10, "
@@ -259,7 +287,7 @@ def slo_study(trace: str, seed: int) -> None:
     derived = round(under[least].p99_latency_s, 4)
     print(f"  under the fit (200,000 requests) the least-J delay is {least * 1e3:g} ms, p99 {derived * 1e3:.1f} ms: "
           "that p99 is the bound derived from the model")
-    for D in (*STUDY_SLO_S, derived):
+    for D in (*bounds_s, derived):
         for label, arr_model in (("Poisson", model), ("fitted MMPP", model.with_(rate=fit.mean_rate, arrivals=fit)
                                                       if isinstance(fit, MMPP2) else None)):
             if arr_model is None:
@@ -291,9 +319,24 @@ def main() -> None:
                     help="--tail-guard: the Triton delay whose p99 the guard must match (default: the best under the fit)")
     ap.add_argument("--slo-study", action="store_true", help="the tail trade-off and the SLO search on a replayed trace")
     ap.add_argument("--trace", choices=sorted(TRACES), default="conv", help="--slo-study: which trace")
+    ap.add_argument("--synthetic", metavar="SPEC", default=None,
+                    help=f"--slo-study: instead of a trace, {SYNTHETIC_REQUESTS} arrivals drawn from this mmpp spec "
+                         "with --seed (rescaled to 150 req/s as the trace bench replays it)")
+    ap.add_argument("--slo-bounds-ms", default=None,
+                    help="--slo-study: comma-separated p99 bounds to search (default: the conversation trace's)")
+    ap.add_argument("--write-trace", type=Path, default=None, metavar="CSV",
+                    help="with --synthetic: write the drawn stream as a trace CSV (TIMESTAMP column) for smdp trace-bench")
     args = ap.parse_args()
+    if args.write_trace is not None:
+        if args.synthetic is None:
+            raise SystemExit("--write-trace needs --synthetic SPEC")
+        write_trace_csv(synthetic_stream(args.synthetic, args.seed), args.write_trace)
+        print(f"wrote {SYNTHETIC_REQUESTS} arrivals of {args.synthetic} (seed {args.seed}) to {args.write_trace}")
+        if not args.slo_study:
+            return
     if args.slo_study:
-        slo_study(args.trace, args.seed)
+        bounds = STUDY_SLO_S if args.slo_bounds_ms is None else tuple(float(x) / 1e3 for x in args.slo_bounds_ms.split(","))
+        slo_study(args.trace, args.seed, args.synthetic, bounds)
         return
     if args.tail_guard:
         tail_guard(args.seed, None if args.guard_delay_ms is None else args.guard_delay_ms / 1e3)

@@ -210,3 +210,31 @@ def test_windowed_rate_partial_last_window():
     starts, rates = arrivals.windowed_rate(t, 4.0, 10.5)
     assert starts.tolist() == [0.0, 4.0, 8.0]
     assert rates.tolist() == pytest.approx([2.0, 2.0, 2.0])
+
+
+def _arrivals_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "arrivals_bench.py"
+    spec = importlib.util.spec_from_file_location("arrivals_bench_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_synthetic_stream_written_as_trace_replays_the_same_arrivals(tmp_path):
+    """The synthetic stream the bench writes for `smdp trace-bench --trace` reads back as the same times, groups kept."""
+    bench = _arrivals_bench()
+    times = bench.synthetic_stream("mmpp:210,30:0.5,1:3,1.2", 1)
+    assert times.size == bench.SYNTHETIC_REQUESTS
+    assert np.array_equal(times, bench.synthetic_stream("mmpp:210,30:0.5,1:3,1.2", 1))
+    csv = tmp_path / "synthetic.csv"
+    bench.write_trace_csv(times, csv)
+    back = arrivals.trace(csv)
+    np.testing.assert_allclose(back, times - times[0], atol=1e-9)
+    assert np.count_nonzero(np.diff(back) == 0) == np.count_nonzero(np.diff(times) == 0) > 1000  # groups of ~3
+    rescaled = arrivals.trace(csv, target_rate=150.0)
+    assert (rescaled.size - 1) / rescaled[-1] == pytest.approx(150.0)
+    with pytest.raises(SystemExit, match="needs an mmpp spec"):
+        bench.synthetic_stream("batch:3", 1)
