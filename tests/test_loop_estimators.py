@@ -149,6 +149,53 @@ def test_silence_is_detected_without_an_arrival() -> None:
     assert est.estimate(last + 0.3).rate < 100.0
 
 
+def _reported_in_batches(est: RateEstimator, times: np.ndarray, interval_s: float, tick_s: float,
+                         rate: float) -> tuple[int, list[float]]:
+    """Arrivals told to ``est`` in reports every ``interval_s`` (as the native gate reports them), with a
+    control tick every ``tick_s`` between reports: the alarms the ticks raise, and the estimates."""
+    alarms, estimates = 0, []
+    report, i, tick = interval_s, 0, tick_s * 0.6
+    while tick < float(times[-1]) - 1.0:
+        while report <= tick:
+            while i < len(times) and times[i] <= report:
+                est.observe(float(times[i]))
+                i += 1
+            report += interval_s
+        if est.changed(tick):
+            alarms += 1
+            est.reset(tick, rate)
+        estimates.append(est.estimate(tick).rate)
+        tick += tick_s
+    return alarms, estimates
+
+
+@pytest.mark.parametrize("interval_s,rate", [(0.05, 600.0), (0.25, 200.0)])
+def test_arrivals_reported_late_are_not_a_silence(interval_s: float, rate: float) -> None:
+    """Arrivals that reach the estimator in reports every interval_s: the unreported time at a tick is
+    not a silence and not a lower rate once the estimator knows the lag. Without it, the lower arm
+    counts the time since the last report as silence and raises an alarm at most ticks."""
+    rng = np.random.default_rng(11)
+    times = poisson_times(rng, rate, int(rate * 30))
+    blind = RateEstimator(0.0, window_s=10.0, change_ratio=1.5, min_arrivals=30)
+    blind.reset(0.0, rate)
+    alarms, _ = _reported_in_batches(blind, times, interval_s, 0.25, rate)
+    assert alarms > 20  # the false silences the lag causes
+    aware = RateEstimator(0.0, window_s=10.0, change_ratio=1.5, min_arrivals=30, lag_s=2 * interval_s)
+    aware.reset(0.0, rate)
+    alarms, estimates = _reported_in_batches(aware, times, interval_s, 0.25, rate)
+    assert alarms == 0
+    assert abs(np.mean(estimates[len(estimates) // 2:]) / rate - 1.0) < 0.05
+    # a real silence is still seen, lag_s later than without the lag: (1 - 1/2) x 100/s x gap >= 13.8
+    # once the gap beyond the lag passes 0.28 s
+    quiet = RateEstimator(0.0, lag_s=2 * interval_s)
+    quiet.reset(0.0, 100.0)
+    stream = poisson_times(rng, 100.0, 2000)
+    feed(quiet, stream)
+    last = float(stream[-1])
+    assert not quiet.changed(last + 2 * interval_s + 0.25)
+    assert quiet.changed(last + 2 * interval_s + 0.3) and quiet.alarm == "down"
+
+
 def test_rate_estimator_rejects_bad_input() -> None:
     est = RateEstimator(10.0)
     est.observe(11.0)
@@ -164,6 +211,8 @@ def test_rate_estimator_rejects_bad_input() -> None:
         RateEstimator(0.0, confidence=1.0)
     with pytest.raises(ValueError, match="reference rate"):
         est.reset(12.0, -1.0)
+    with pytest.raises(ValueError, match="lag_s"):
+        RateEstimator(0.0, lag_s=-0.1)
 
 
 # -- service time -----------------------------------------------------------------------------------

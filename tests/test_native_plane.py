@@ -106,6 +106,22 @@ def test_a_report_interval_that_is_not_a_positive_duration_is_refused(bad):
         SidecarConfig(native_report_interval_s=bad)
 
 
+def test_the_rate_estimator_knows_how_late_the_native_gate_reports_arrivals():
+    """On the native plane arrivals reach the controller in reports: its rate estimator is told the lag
+    (twice the report interval), so the time since the last report is not read as a silence; the
+    Python plane sees each arrival as it comes."""
+    from plugin.config import ModelPolicyConfig
+    from plugin.loop.controller import ControllerConfig
+
+    pol = ModelPolicyConfig(policy="smdp", profile=ROOT / "profiles" / "v100_resnet50.csv")
+    native = SidecarConfig(default=pol, data_plane="native", native_report_interval_s=0.25)
+    assert ControllerConfig.of(pol, native, max_batch=8, instances=1).arrival_lag_s == pytest.approx(0.5)
+    python = SidecarConfig(default=pol, data_plane="python", native_report_interval_s=0.25)
+    assert ControllerConfig.of(pol, python, max_batch=8, instances=1).arrival_lag_s == 0.0
+    with pytest.raises(ValueError, match="arrival_lag_s"):
+        ControllerConfig(max_batch=8, arrival_lag_s=-1.0)
+
+
 def test_auto_takes_the_native_gate_where_it_is_found_else_python_and_says_why(monkeypatch, tmp_path):
     import plugin.native_plane as native_plane
     from plugin.native_plane import choose_plane

@@ -269,6 +269,9 @@ class ControllerConfig:
     """The rate step the estimator's CUSUM detects (x1.5 up or down)."""
     min_arrivals: int = 30
     """Arrivals before a rate estimate counts."""
+    arrival_lag_s: float = 0.0
+    """How late the data plane reports arrivals, seconds (``RateEstimator.lag_s``): twice the native gate's
+    report interval on the native plane, 0 on the Python plane (it sees each arrival as it comes)."""
     drift_tolerance: float = 0.15
     """A windowed rate this far (relative) from the solved one asks for a re-solve."""
     long_run_s: float = 600.0
@@ -289,6 +292,8 @@ class ControllerConfig:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         quantities.idle_power(self.idle_power_w, error=ValueError)
         quantities.weight(self.weight, error=ValueError)
+        if not self.arrival_lag_s >= 0:
+            raise ValueError(f"arrival_lag_s must be >= 0, got {self.arrival_lag_s}")
         if not self.window_s > 0 or self.long_run_s < 0 or not self.change_ratio > 1 or self.instances < 1:
             raise ValueError(f"invalid controller settings: window_s={self.window_s}, long_run_s={self.long_run_s}, "
                              f"change_ratio={self.change_ratio}, instances={self.instances}")
@@ -307,6 +312,7 @@ class ControllerConfig:
             weight=policy.weight,
             initial_rate=policy.rate_rps,
             window_s=sidecar.rate_window_s,
+            arrival_lag_s=2 * sidecar.native_report_interval_s if sidecar.data_plane == "native" else 0.0,
             long_run_s=sidecar.long_run_window_s,
             instances=instances,
             devices=devices,
@@ -459,7 +465,7 @@ class PolicyController:
         self._clock = clock
         self._solver: Solver = solver if solver is not None else LocalSolver()
         self.rate = RateEstimator(clock(), window_s=window_s, change_ratio=config.change_ratio,
-                                  min_arrivals=config.min_arrivals)
+                                  min_arrivals=config.min_arrivals, lag_s=config.arrival_lag_s)
         self.drift_tolerance = config.drift_tolerance
         self.refresh_s = 3.0 * window_s
         self.long_run: LongRunRate | None = LongRunRate(config.long_run_s) if config.long_run_s > 0 else None

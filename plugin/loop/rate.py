@@ -71,8 +71,14 @@ class RateEstimator:
         false_alarm_arrivals: float = 1e6,
         min_arrivals: int = 20,
         settle_arrivals: int = 100,
+        lag_s: float = 0.0,
     ) -> None:
         self.window_s = check_number("window_s", window_s)
+        self.lag_s = check_number("lag_s", lag_s, inclusive=True)
+        """How late arrivals may reach the estimator, seconds: a data plane that reports them in batches
+        (the native gate, every ``native_report_interval_s``) has told of arrivals only up to about now -
+        lag_s. The estimate's span and the silence the lower arm counts end there (or at the last arrival,
+        if later): the time not yet reported is neither a lower rate nor a silence."""
         check_count("buckets", buckets)
         self.confidence = check_number("confidence", confidence, high=1.0)
         self.change_ratio = check_number("change_ratio", change_ratio, low=1.0)
@@ -176,10 +182,15 @@ class RateEstimator:
 
     # -- estimate ------------------------------------------------------------------------------
 
+    def _seen_until(self, now: float) -> float:
+        """The time up to which every arrival has been observed (``lag_s``)."""
+        return max(now - self.lag_s, self._last)
+
     def estimate(self, now: float) -> RateEstimate:
         """The rate over the last window (or since the last detected change, if later)."""
         if now < self._last:
             raise ValueError(f"now ({now!r}) is before the last arrival ({self._last!r})")
+        now = self._seen_until(now)
         self._advance(now)
         t0, n0 = self._marks[0]
         if self._from[0] >= t0:
@@ -215,8 +226,9 @@ class RateEstimator:
             return True
         if self.reference is None:
             return self.ready(now)
-        # The silence since the last arrival is evidence for a lower rate (censored inter-arrival).
-        gap = max(0.0, now - self._clock)
+        # The silence since the last arrival is evidence for a lower rate (censored inter-arrival);
+        # only as far as arrivals have been reported (``lag_s``).
+        gap = max(0.0, self._seen_until(now) - self._clock)
         if self._down + (1.0 - 1.0 / self.change_ratio) * self.reference * gap >= self.threshold:
             self._raise("down", self._down_zero)
             return True
@@ -234,7 +246,7 @@ class RateEstimator:
             raise ValueError(f"reference rate must be finite and >= 0, got {reference!r}")
         # A zero rate cannot be tested against by inter-arrival times; wait for arrivals again.
         self.reference = reference if reference > 0 else None
-        self._clear_cusum(max(now, self._last))
+        self._clear_cusum(self._seen_until(now))
 
     def _clear_cusum(self, now: float) -> None:
         self._up = 0.0
