@@ -241,10 +241,11 @@ def slo_study(trace: str, seed: int, synthetic: str | None = None,
           f"B = {B}, w = {w:g}; fitted {fit.spec}; simulated on the replayed times (warm-up {warm:g} s)")
     fixed = solve(model).policy
     tables = {"Poisson table": fixed}
+    # the model under the fit: an MMPP at its own mean rate, groups alone at the replay's
+    fitted = model.with_(rate=fit.mean_rate, arrivals=fit) if isinstance(fit, MMPP2) else model.with_(arrivals=fit)
     if isinstance(fit, MMPP2):
-        mm = model.with_(rate=fit.mean_rate, arrivals=fit)
-        tables["blind table (fit)"] = solve_mmpp_blind(mm, fixed).policy
-        phased = solve_mmpp(mm).policy if fit.phases == 2 else None
+        tables["blind table (fit)"] = solve_mmpp_blind(fitted, fixed).policy
+        phased = solve_mmpp(fitted).policy if fit.phases == 2 else None
     else:
         phased = None
     print(f"  {'contender':<40} {'W ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'J ms':>8}")
@@ -279,7 +280,6 @@ def slo_study(trace: str, seed: int, synthetic: str | None = None,
         print(f"  phase by the forward filter: slow phase ({fit.rates[slow]:.0f}/s) for {np.mean(ph[tail] == slow):.0%} "
               f"of the tail, {np.mean(ph == slow):.0%} of all requests")
     # a bound from the model alone: the p99 of the delay with the least J on a path of the fit
-    fitted = model.with_(rate=fit.mean_rate, arrivals=fit) if isinstance(fit, MMPP2) else model.with_(arrivals=fit)
     path = arrivals.from_model(fit, fitted.rate, 200_000, rng=seed + 17)
     under = {d: simulate_latencies(prof, TimeoutRule(B, d), path, idle_power_w=p0, weight=w, seed=seed,
                                    warmup=float(path[2000]))[0] for d in STUDY_DELAYS_S}
@@ -288,8 +288,7 @@ def slo_study(trace: str, seed: int, synthetic: str | None = None,
     print(f"  under the fit (200,000 requests) the least-J delay is {least * 1e3:g} ms, p99 {derived * 1e3:.1f} ms: "
           "that p99 is the bound derived from the model")
     for D in (*bounds_s, derived):
-        for label, arr_model in (("Poisson", model), ("fitted MMPP", model.with_(rate=fit.mean_rate, arrivals=fit)
-                                                      if isinstance(fit, MMPP2) else None)):
+        for label, arr_model in (("Poisson", model), ("fitted MMPP", fitted if isinstance(fit, MMPP2) else None)):
             if arr_model is None:
                 continue
             t0 = time.perf_counter()

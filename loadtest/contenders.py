@@ -244,7 +244,9 @@ def ma_delay(model: BatchingModel, slo, seed: int = 0) -> float:
     return best
 
 
-def _slo_prediction(model: BatchingModel, slo, seed: int) -> Prediction:
+def slo_prediction(model: BatchingModel, slo, seed: int) -> Prediction:
+    """The SLO gate's figures: the pick of the SLO search (``solver.slo.solve_slo``) for ``slo`` under
+    ``model``, as simulated by the search."""
     from solver.slo import solve_slo
 
     c = solve_slo(model, slo, seed=seed).chosen
@@ -272,7 +274,7 @@ def predict(contender: Contender, model: BatchingModel, times: np.ndarray, seed:
     if contender.slo:
         if slo is None:
             raise ValueError(f"{contender.name} needs the bench's SLO")
-        return _slo_prediction(model, slo, seed)
+        return slo_prediction(model, slo, seed)
     if contender.kind == "config":
         from solver.simulate import simulate
 

@@ -156,14 +156,14 @@ def seeded_slo_prediction(model, option: str, slo, seed: int = 0) -> Prediction:
     under an MMPP is evaluated exactly (the search's simulated W of a slowly modulated path is noisy)."""
     from solver.arrival_model import MMPP2, parse_arrivals
 
-    from .contenders import _slo_prediction
+    from .contenders import slo_prediction
 
     from solver.mmpp import evaluate_mmpp
     from solver.slo import solve_slo
 
     fit = parse_arrivals(option)
     if not isinstance(fit, MMPP2):
-        return _slo_prediction(model.with_(arrivals=fit), slo, seed)
+        return slo_prediction(model.with_(arrivals=fit), slo, seed)
     fitted = model.with_(rate=fit.mean_rate, arrivals=fit)
     c = solve_slo(fitted, slo, seed=seed).chosen
     if c.max_wait_s is None and math.isfinite(c.table_weight):  # unguarded: the exact figures under the fit

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -95,21 +96,35 @@ def _start_actions(model: BatchingModel, policy: PolicyTable, size: int) -> np.n
     return np.where((a == 0) & (n >= model.max_batch), np.minimum(n, model.max_batch), a)
 
 
+class _SizeSolve(NamedTuple):
+    """One size's solve in the automatic truncation's search."""
+
+    actions: np.ndarray
+    gain: float
+    bounds: tuple[float, float]
+    """(lower, upper) on the gain: RVI's span bounds; both the gain for PI."""
+    iterations: int
+    converged: bool
+    values: PolicyValues | None
+    """The final policy's values (PI); None for RVI."""
+    start_gain: float | None
+    """The start policy's gain, PI's first evaluation; None for RVI or without a start."""
+    confirmed: bool
+    """Whether the policy passed the improvement over all actions (``solver.pi.policy_iteration``'s ``confirm``)."""
+
+
 def _solve_at(
     smdp: TruncatedSMDP, method: str, start: np.ndarray | None, tol: float, max_iter: int,
     linear_solver: str | None = None, confirm: bool = True,
-):
-    """(actions, gain, (lower, upper), iterations, converged, values of the final policy, gain of the
-    start policy: PI's first evaluation, None for RVI or without a start, whether the policy passed
-    the improvement over all actions: ``solver.pi.policy_iteration``'s ``confirm``)."""
+) -> _SizeSolve:
     if method == "pi":
         out = policy_iteration(smdp, start, max_iter=max_iter, linear_solver=linear_solver, confirm=confirm)
         g = out.values.gain
-        start_gain = None if start is None else out.start_gain
-        return out.actions, g, (g, g), out.iterations, out.converged, out.values, start_gain, out.confirmed
+        return _SizeSolve(out.actions, g, (g, g), out.iterations, out.converged, out.values,
+                          None if start is None else out.start_gain, out.confirmed)
     h0 = None if start is None else evaluate_policy(smdp, start, linear_solver).h
     out = relative_value_iteration(smdp, h0, tol=tol, max_iter=max_iter)
-    return out.actions, out.gain, (out.lower, out.upper), out.iterations, out.converged, None, None, True
+    return _SizeSolve(out.actions, out.gain, (out.lower, out.upper), out.iterations, out.converged, None, None, True)
 
 
 def _extended_values(smdp: TruncatedSMDP, values: PolicyValues, size: int) -> np.ndarray:
@@ -301,8 +316,7 @@ def solve(
             confirmed = True
             better = improve(q_values(smdp, values.h, values.gain), actions)
             if not np.array_equal(better, actions):  # an improvement outside the window: PI again from it
-                actions, gain, bounds, its, ok, values, _, _ = _solve_at(
-                    smdp, method, better, tol, max_iter, linear_solver)
+                actions, gain, bounds, its, ok, values, *_ = _solve_at(smdp, method, better, tol, max_iter, linear_solver)
                 gains[-1] = gain
                 iterations += its
         if ends:

@@ -112,7 +112,7 @@ def test_the_seeded_gate_searches_the_slo_under_its_shape_and_swings_do_not_re_s
 
 
 def test_the_trace_bench_predicts_the_seeded_slo_gate_by_the_search_under_the_fit(profile):
-    from loadtest.contenders import _slo_prediction
+    from loadtest.contenders import slo_prediction
     from loadtest.trace_bench import seeded_slo_prediction
 
     model = BatchingModel(SLOW.mean_rate, B, profile, P0, W)
@@ -121,8 +121,8 @@ def test_the_trace_bench_predicts_the_seeded_slo_gate_by_the_search_under_the_fi
     want = solve_slo(model.with_(arrivals=SLOW), target).chosen
     assert got.mean_latency_s == want.mean_latency_s and got.cost == want.cost and got.source == "sim"
     # not the Poisson reference's figures: the MMPP's slow phases lengthen the waits
-    assert got.mean_latency_s != _slo_prediction(model, target, 0).mean_latency_s
-    assert seeded_slo_prediction(model, "poisson", target).cost == _slo_prediction(model, target, 0).cost
+    assert got.mean_latency_s != slo_prediction(model, target, 0).mean_latency_s
+    assert seeded_slo_prediction(model, "poisson", target).cost == slo_prediction(model, target, 0).cost
     # a bound the unguarded mean-optimal table meets: its figures are the exact evaluation under the fit
     from solver.mmpp import evaluate_mmpp
 
