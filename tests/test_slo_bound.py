@@ -197,3 +197,25 @@ def test_the_adaptive_gate_derives_d_under_its_fit_and_again_when_the_fit_moves(
         assert c.slo is None and c.slo_rule is None and _slo_status(c, clock.t) is None
 
     asyncio.run(go())
+
+
+def test_smdp_solve_derives_the_bound_and_reports_it_in_its_json(capsys):
+    import json
+
+    from smdp.cli import main
+
+    base = ["solve", "--profile", str(ROOT / "profiles" / "v100_resnet50.csv"), "--rate", "150", "--weight", "1e-3",
+            "--max-batch", "32", "--slo-quantile", "0.99", "--slo-bound", "best_delay"]
+    assert main([*base, "--slo-delays", "0.01,0.02", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["bound"] == "best_delay" and d["best_delay_s"] in (0.01, 0.02)
+    assert [p["delay_s"] for p in d["delays"]] == [0.01, 0.02]
+    assert d["slo_latency_s"] == pytest.approx(d["best_delay_quantile_s"])  # no margin given
+    assert d["predicted_quantile_s"] <= d["best_delay_quantile_s"] + 1e-12
+    assert d["gain"] <= d["best_delay_gain"] + 1e-12 and d["bound_arrivals"] == "poisson"
+    for bad in (["--slo-latency", "0.05"], ["--slo-delays", "a,b"], ["--instances", "2"]):
+        assert main([*base, *bad]) == 2
+        err = capsys.readouterr().err
+        assert "error" in err and "Traceback" not in err
+    assert main(["solve", "--rate", "150", "--slo-delays", "0.01"]) == 2
+    assert "--slo-bound best_delay" in capsys.readouterr().err
