@@ -219,3 +219,19 @@ def test_smdp_solve_derives_the_bound_and_reports_it_in_its_json(capsys):
         assert "error" in err and "Traceback" not in err
     assert main(["solve", "--rate", "150", "--slo-delays", "0.01"]) == 2
     assert "--slo-bound best_delay" in capsys.readouterr().err
+
+
+def test_the_trace_benchs_derived_slo_prediction_is_the_bound_searched_under_the_fit(profile):
+    """What the trace bench predicts for ``gate:smdp-slo-derived-seeded``: ``solve_best_delay_slo`` under
+    the fit at its own mean rate, with the bench's quantile and margin."""
+    from loadtest.trace_bench import derived_slo_prediction
+    from solver.slo import SloTarget
+    from solver.slo_bound import DEFAULT_DELAYS_S
+
+    model = _model(profile, rate=150.0)
+    pred, said = derived_slo_prediction(model, CLUMPED.spec, SloTarget(0.99, 0.2, 0.003))
+    res = solve_best_delay_slo(model.with_(rate=CLUMPED.mean_rate, arrivals=CLUMPED),
+                               BestDelaySlo(0.99, DEFAULT_DELAYS_S, 0.003))
+    assert pred.cost == res.result.chosen.cost and pred.mean_latency_s == res.result.chosen.mean_latency_s
+    assert f"D = {(res.bound.quantile_s + 0.003) * 1e3:.2f} ms derived" in said
+    assert ("serving the delay itself" in said) == res.delay_served
