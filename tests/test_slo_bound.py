@@ -235,3 +235,25 @@ def test_the_trace_benchs_derived_slo_prediction_is_the_bound_searched_under_the
     assert pred.cost == res.result.chosen.cost and pred.mean_latency_s == res.result.chosen.mean_latency_s
     assert f"D = {(res.bound.quantile_s + 0.003) * 1e3:.2f} ms derived" in said
     assert ("serving the delay itself" in said) == res.delay_served
+
+
+def test_the_frontier_puts_the_poisson_gate_and_the_best_delay_on_one_path(profile):
+    """``bench/arrivals_bench.py --frontier``: under Poisson the unguarded Poisson-solved table is the
+    least-J rule, so the frontier at the best delay's p99 (below the table's) costs more J than the gate
+    (the goal as written is off it), and at a bound the table meets it is the table itself, J for J (one
+    path, one seed). Every feasible pick meets its bound by its upper 95% figure."""
+    from bench.arrivals_bench import j_p99_frontier
+
+    model = _model(profile, rate=150.0)
+    first = j_p99_frontier(model, model, bounds_s=())
+    gate, best = first.poisson_gate, first.best_delay
+    assert best.cost == min(p.cost for p in first.delays) and gate.p99_s > best.p99_s
+    assert [p.bound_s for p in first.points] == [best.p99_s] and first.at_best_delay is first.points[0]
+    assert first.at_best_delay.feasible and first.at_best_delay.cost > gate.cost and not first.goal_met
+    loose = gate.p99_s + gate.ci95_s + 0.002
+    f = j_p99_frontier(model, model, bounds_s=(loose,))
+    top = f.points[-1]
+    assert top.bound_s == loose and top.feasible and top.cost == gate.cost
+    np.testing.assert_array_equal(top.rule.actions, gate.rule.actions)  # unguarded: the table itself
+    for p in f.points:
+        assert not p.feasible or p.p99_s + p.ci95_s <= p.bound_s
