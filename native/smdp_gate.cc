@@ -32,8 +32,11 @@
 //   lost MODEL            (Triton answered NOT_FOUND for a gated model: its config must be read again)
 //   loaded MODEL          (a RepositoryModelLoad/Unload of MODEL through the gate succeeded: read it again)
 //   arrive MODEL T1 T2 ...
-//   batch MODEL SIZE ROWS START END CODE WHY WAIT1,WAIT2,...   (WHY: policy, or the guard's reason;
-//                                                               each member's wait in the gate, seconds)
+//   batches MODEL SIZES ROWS ELAPSED CODES WHYS WAITS   (the batches completed since the last report, one
+//            line per model and report, each field a comma-separated column in completion order: members,
+//            rows, dispatch-to-answer seconds, gRPC status code number, why it was served (policy, or the
+//            guard's reason); WAITS: every member's wait in the gate before its batch went out, seconds,
+//            batch after batch, so it has the sum of SIZES entries)
 //   counters MODEL submitted=.. rejected=.. cancelled=.. expired=.. batches=.. requests=.. queue=.. in_flight=..
 //            invalid=..   (when something changed since the last report)
 #include <absl/synchronization/mutex.h>
@@ -67,6 +70,7 @@
 #include <mutex>
 #include <set>
 #include <sstream>
+#include <utility>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -587,6 +591,15 @@ class StreamMember : public Member {
   std::atomic<bool> answered_{false};
 };
 
+// A completed batch as the next report tells it (numbers only: formatted off the request path).
+struct BatchRecord {
+  int size;
+  int rows;
+  double elapsed;  // dispatch to answer, seconds
+  int code;        // gRPC status code number
+  const char* reason;
+};
+
 struct ModelState {
   std::string name;
   std::string wire;  // the name as reports carry it (Quote)
@@ -598,7 +611,8 @@ struct ModelState {
   bool lost_reported = false;  // `lost` sent since the last policy
   std::vector<double> arrivals;  // not yet reported
   std::string last_counters;     // the last counters line reported
-  std::vector<std::string> batch_lines;  // completed batches not yet reported
+  std::vector<BatchRecord> batches;  // completed batches not yet reported
+  std::vector<double> batch_waits;   // their members' waits, batch after batch
 };
 
 struct Batch {
@@ -955,10 +969,12 @@ class Service {
   void Report() {
     for (ModelState* ms : Models()) {
       std::string arrive, counters;
-      std::vector<std::string> batches;
+      std::vector<BatchRecord> batches;
+      std::vector<double> waits;
       {
         std::lock_guard<std::mutex> lock(ms->mu);
-        batches.swap(ms->batch_lines);
+        batches.swap(ms->batches);
+        waits.swap(ms->batch_waits);
         if (!ms->arrivals.empty()) {
           std::ostringstream os;
           os.precision(17);
@@ -981,9 +997,32 @@ class Service {
         }
       }
       if (!arrive.empty()) Emit(std::move(arrive));
-      for (auto& line : batches) Emit(std::move(line));
+      if (!batches.empty()) Emit(BatchesLine(ms->wire, batches, waits));
       if (!counters.empty()) Emit(std::move(counters));
     }
+  }
+
+  // One `batches` line: the control plane parses and books a report's batches column by column, so
+  // its work per report does not grow with one line (and one event) per batch.
+  static std::string BatchesLine(const std::string& wire, const std::vector<BatchRecord>& batches,
+                                 const std::vector<double>& waits) {
+    std::ostringstream os;
+    os << "batches " << wire;
+    char sep = ' ';
+    for (const auto& b : batches) os << std::exchange(sep, ',') << b.size;
+    sep = ' ';
+    for (const auto& b : batches) os << std::exchange(sep, ',') << b.rows;
+    sep = ' ';
+    os.precision(9);
+    for (const auto& b : batches) os << std::exchange(sep, ',') << b.elapsed;
+    sep = ' ';
+    for (const auto& b : batches) os << std::exchange(sep, ',') << b.code;
+    sep = ' ';
+    for (const auto& b : batches) os << std::exchange(sep, ',') << b.reason;
+    sep = ' ';
+    os.precision(6);
+    for (double w : waits) os << std::exchange(sep, ',') << w;
+    return os.str();
   }
 
   void StopTimer() { timer_cv_.notify_all(); }
@@ -1152,21 +1191,13 @@ class Service {
     if (lost) Emit("lost " + ms->wire);
     // The report is written first: once answered, a member's memory may be freed at any moment. It is
     // queued before the answers go, so that a report (the control plane's barrier) after an answer has it.
-    std::string line;
-    if (ms != nullptr) {
-      std::ostringstream os;
-      os.precision(17);
-      os << "batch " << ms->wire << ' ' << b->members.size() << ' ' << b->rows << ' ' << b->start << ' ' << end
-         << ' ' << static_cast<int>(status.error_code()) << ' ' << b->reason << ' ';
-      os.precision(6);
-      for (size_t i = 0; i < b->members.size(); ++i)
-        os << (i ? "," : "") << std::max(0.0, b->start - b->members[i]->pending_.arrival);
-      line = os.str();
-    }
     Step<Member*> step;
     if (ms != nullptr) {
       std::lock_guard<std::mutex> lock(ms->mu);
-      ms->batch_lines.push_back(std::move(line));  // reported with the next periodic report
+      // reported with the next periodic report
+      ms->batches.push_back(BatchRecord{static_cast<int>(b->members.size()), b->rows, std::max(0.0, end - b->start),
+                                        static_cast<int>(status.error_code()), b->reason});
+      for (auto* c : b->members) ms->batch_waits.push_back(std::max(0.0, b->start - c->pending_.arrival));
       for (auto* c : b->members) c->batch_ = nullptr;
       if (ms->gate) {
         ms->gate->Complete();

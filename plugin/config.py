@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from solver import quantities
 from solver.policy import parse_rule_spec
 from solver.quantities import DEFAULT_IDLE_POWER_W, DEFAULT_WEIGHT
+from solver.slo_bound import DEFAULT_DELAYS_S
 
 ENV_PREFIX = "SMDP_SIDECAR_"
 
@@ -31,17 +32,50 @@ class SloConfig(BaseModel):
 
     quantile: float = Field(0.99, gt=0, lt=1, allow_inf_nan=False,
                             description="q: the share of requests that must finish within latency_s, in (0, 1)")
-    latency_s: float = Field(..., gt=0, allow_inf_nan=False, description="D: the latency bound, seconds")
+    latency_s: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                    description="D: the latency bound, seconds (bound: stated; none with bound: "
+                                    "best_delay, which derives it)")
     margin_s: float = Field(0.0, ge=0, allow_inf_nan=False,
                             description="the part of D reserved for latency the sidecar does not see (the "
                             "client's threads, its network hop to the sidecar), seconds: the policy is searched "
                             "for D - margin_s, less the gap the sidecar measures between its answers and the "
                             "prediction")
+    bound: Literal["stated", "best_delay"] = Field(
+        "stated",
+        description="where D comes from. stated: latency_s. best_delay: derived from the model at every SLO "
+        "search (so again when the rate, the learned groups or the fitted MMPP move): the predicted quantile "
+        "of the Triton delay of best_delay_grid_s with the least J, on the search's own path of the arrival "
+        "model in force; D is that plus margin_s plus the measured correction (a delay's answers would carry "
+        "both), and where no searched policy meets it at a J below the delay's, the delay itself is served "
+        "(solver/slo_bound.py). One model instance only",
+    )
+    best_delay_grid_s: tuple[float, ...] = Field(
+        DEFAULT_DELAYS_S,
+        description="bound: best_delay: the Triton max_queue_delay values compared, seconds",
+    )
+
+    @field_validator("best_delay_grid_s")
+    @classmethod
+    def _valid_delays(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v:
+            raise ValueError("slo.best_delay_grid_s needs at least one delay")
+        for d in v:
+            if not (d >= 0 and d < float("inf")):
+                raise ValueError(f"slo.best_delay_grid_s: delays must be finite seconds >= 0, got {d!r}")
+        return v
 
     @model_validator(mode="after")
-    def _margin_below_latency(self) -> "SloConfig":
-        if self.margin_s >= self.latency_s:
-            raise ValueError(f"slo.margin_s ({self.margin_s:g} s) must be below slo.latency_s ({self.latency_s:g} s)")
+    def _one_bound(self) -> "SloConfig":
+        if self.bound == "stated":
+            if self.latency_s is None:
+                raise ValueError("slo.latency_s (D, seconds) is required, or slo.bound: best_delay to derive D "
+                                 "from the model")
+            if self.margin_s >= self.latency_s:
+                raise ValueError(f"slo.margin_s ({self.margin_s:g} s) must be below slo.latency_s "
+                                 f"({self.latency_s:g} s)")
+        elif self.latency_s is not None:
+            raise ValueError(f"slo.latency_s ({self.latency_s:g} s) and slo.bound: best_delay both set D: give "
+                             "one (best_delay derives D from the model)")
         return self
 
 
@@ -124,8 +158,12 @@ class ModelPolicyConfig(BaseModel):
 
     slo: SloConfig | None = Field(
         None,
-        description="smdp only: a tail-latency SLO {quantile, latency_s, margin_s}; the policy is then "
-        "the least-J one (J = W + w P at `weight`) predicted to meet it, greedy when none does. It is searched "
+        description="smdp only: a tail-latency SLO {quantile, latency_s, margin_s, bound, best_delay_grid_s}; the "
+        "policy is then the least-J one (J = W + w P at `weight`) predicted to meet it, greedy when none does. "
+        "bound: best_delay (instead of latency_s) derives D at every search: the predicted quantile of the least-J "
+        "Triton delay of best_delay_grid_s (seconds) under the arrival model in "
+        "force, served itself where no searched policy meets it at a lower J (solver/slo_bound.py; one instance). "
+        "It is searched "
         "for latency_s - margin_s (margin_s, default 0: latency the sidecar cannot see, the client's and its "
         "hop's). Adaptive: re-solved as the rate moves, less the measured correction (how far the answers' "
         "quantile ran above the prediction; `smdp ctl status` shows both; an infeasible SLO is flagged in "

@@ -100,11 +100,13 @@ class SloStatusInfo:
     stall_held_up: int = 0
     stalled_s: float = 0.0
     correction_with_stalls_s: float | None = None
+    derived_bound: str = ""
 
     def message(self) -> smdp_pb2.SloStatus:
         msg = smdp_pb2.SloStatus(quantile=self.quantile, latency_s=self.latency_s, feasible=self.feasible,
                                  samples=self.samples, margin_s=self.margin_s, correction_s=self.correction_s,
-                                 stall_held_up=self.stall_held_up, stalled_s=self.stalled_s)
+                                 stall_held_up=self.stall_held_up, stalled_s=self.stalled_s,
+                                 derived_bound=self.derived_bound)
         for name in ("predicted_quantile_s", "predicted_ci95_s", "measured_quantile_s", "attainment", "max_wait_s",
                      "correction_with_stalls_s"):
             value = getattr(self, name)

@@ -189,6 +189,7 @@ def _slo_status(c, now: float) -> SloStatusInfo | None:
         stall_held_up=gap.held_up if gap is not None else 0,
         stalled_s=gap.stalled_s if gap is not None else 0.0,
         correction_with_stalls_s=max(0.0, gap.with_stalls_s) if gap is not None and gap.at_quantile else None,
+        derived_bound=c.slo_bound.describe() if c.slo_bound is not None else "",
     )
 
 
@@ -199,9 +200,9 @@ def _fixed_slo_status(cfg, info) -> SloStatusInfo | None:
     if cfg is None or cfg.slo is None or not pred or "predicted_quantile_s" not in pred:
         return None
     return SloStatusInfo(
-        quantile=cfg.slo.quantile, latency_s=cfg.slo.latency_s, feasible=bool(pred["slo_feasible"]),
-        predicted_quantile_s=pred["predicted_quantile_s"], max_wait_s=pred.get("max_wait_s"),
-        margin_s=cfg.slo.margin_s,
+        quantile=cfg.slo.quantile, latency_s=pred.get("slo_latency_s", cfg.slo.latency_s),
+        feasible=bool(pred["slo_feasible"]), predicted_quantile_s=pred["predicted_quantile_s"],
+        max_wait_s=pred.get("max_wait_s"), margin_s=cfg.slo.margin_s, derived_bound=pred.get("bound", ""),
     )
 
 

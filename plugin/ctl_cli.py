@@ -235,6 +235,8 @@ def _slo_text(o: Any) -> list[str]:
     guard = f", max-wait guard {_ms(o.max_wait_s)}" if o.HasField("max_wait_s") else ""
     state = "predicted to meet it" if o.feasible else "INFEASIBLE at this rate: serving greedy"
     lines = [f"  SLO        {q} <= {_ms(o.latency_s)}: {state}{guard}"]
+    if o.derived_bound:
+        lines.append(f"    D derived from the model: {o.derived_bound}")
     if o.margin_s or o.correction_s:
         lines.append(f"    searched for D - {_ms(o.margin_s)} margin - {_ms(o.correction_s)} measured correction "
                      f"= {_ms(o.latency_s - o.margin_s - o.correction_s)}")

@@ -16,12 +16,14 @@ Names follow Prometheus conventions: prefix ``smdp_sidecar_``, base units in the
 
 from __future__ import annotations
 
+import bisect
+import collections
 import math
 import socket
 import threading
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
-from typing import Any
+from typing import Any, Iterable, Sequence
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
@@ -62,6 +64,23 @@ def batch_size_buckets(max_batch: int) -> tuple[float, ...]:
         b *= 2
     out.append(float(max_batch))
     return tuple(out)
+
+
+def observe_all(histogram: Histogram, values: Sequence[float]) -> None:
+    """``histogram.observe(v)`` for each of ``values`` (a labelled child), with one locked update per
+    bucket touched instead of one per value. prometheus_client has no bulk observe: this uses its
+    histogram's stored parts, ``_upper_bounds``, ``_buckets`` (a non-cumulative count per bound, the
+    first bound >= the value counts it; none for NaN) and ``_sum``, as ``Histogram.observe`` does.
+    tests/test_metrics.py checks the exposition against one ``observe`` per value."""
+    if not values:
+        return
+    bounds = histogram._upper_bounds
+    top = bounds[-1]
+    counts = collections.Counter(bisect.bisect_left(bounds, v) for v in values if v <= top)
+    buckets = histogram._buckets
+    for i, n in counts.items():
+        buckets[i].inc(n)
+    histogram._sum.inc(sum(values))
 
 
 @dataclass
@@ -265,6 +284,30 @@ class SidecarMetrics:
         # size is accepted for symmetry with batch_dispatched; the per-size service time is the
         # estimator's job (a label per size would multiply the series by B).
         self._model(model).batch_service.observe(seconds)
+
+    # -- a report's worth at once (the native gate reports its batches every report interval) --------
+    def requests_answered(self, model: str, code: Any, latencies_s: Sequence[float]) -> None:
+        """``request_answered`` for each of ``latencies_s``, all with ``code``: one update per bucket."""
+        if not latencies_s:
+            return
+        c = self._model(model)
+        child = c.answered.get(code)
+        if child is None:
+            child = c.answered[code] = self._answered.labels(model, self._label(code))
+        child.inc(len(latencies_s))
+        observe_all(c.latency, latencies_s)
+
+    def batches_done(self, model: str, sizes: Sequence[int], whys: Iterable[str], seconds: Sequence[float]) -> None:
+        """``batch_dispatched`` and ``batch_completed`` for each batch (``sizes``, ``whys`` and ``seconds``
+        in the same order), one update per label and bucket."""
+        c = self._model(model)
+        for why, n in collections.Counter(whys).items():
+            child = c.dispatched.get(why)
+            if child is None:
+                child = c.dispatched[why] = self._dispatched.labels(model, self._label(why))
+            child.inc(n)
+        observe_all(c.batch_size, sizes)
+        observe_all(c.batch_service, seconds)
 
     def set_queue(self, model: str, queue_length: int, in_flight: int, instances: int = 1, devices: int = 1) -> None:
         c = self._model(model)

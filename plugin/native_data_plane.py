@@ -18,7 +18,7 @@ from solver.policy import BatchRule
 from .config import SidecarConfig
 from .metrics import SidecarMetrics
 from .native_plane import (
-    Arrivals, BatchDone, Counters, GateEvent, Loaded, Lost, NativeGateView, NativePlane, NativePlaneError, Seen,
+    Arrivals, BatchDone, BatchesDone, Counters, GateEvent, Loaded, Lost, NativeGateView, NativePlane, NativePlaneError, Seen,
     forget_line, in_arrival_order, monotonic_offset,
 )
 from .registry import ModelRegistry, ModelState
@@ -136,8 +136,10 @@ class NativeDataPlane:
             self._counters(event)
         elif kind is Arrivals:
             self._arrivals(event)
+        elif kind is BatchesDone:
+            self._batches_done(event)
         elif kind is BatchDone:
-            self._batch_done(event)
+            self._batches_done(BatchesDone.of(event))
         elif self._closing:
             return
         elif kind is Seen:
@@ -165,43 +167,57 @@ class NativeDataPlane:
             self.registry.forget(state)
         self._relearn_soon(event.model)
 
-    def _batch_done(self, rep: BatchDone) -> None:
+    def _batches_done(self, rep: BatchesDone) -> None:
+        """A report's batches, in completion order: each batch and answer booked as the Python gate
+        books it, the metrics once per report (``SidecarMetrics.batches_done``, ``requests_answered``)."""
         state = self.registry.get(rep.model, "")
         if state is None:
             return
-        elapsed = max(rep.end - rep.start, 0.0)
-        if rep.code != 0:
-            state.stats.failed_requests += rep.size
-        state.stats.record(rep.rows, elapsed)
-        if state.controller is not None:
-            state.controller.observe_batch(rep.rows, elapsed, state.stats.failed_requests)
-        self.metrics.batch_dispatched(state.name, rep.rows, rep.why)
-        self.metrics.batch_completed(state.name, rep.rows, elapsed)
-        state.stats.answered += rep.size
-        code = _STATUS_BY_NUMBER.get(rep.code, grpc.StatusCode.UNKNOWN)
+        stats, controller = state.stats, state.controller
         answered_at = self._clock()
-        for wait in rep.waits:
-            latency = wait + elapsed
-            if rep.code == 0:  # completed: answered OK, as the Python gate counts them
-                state.stats.latency_sum_s += latency
-                state.stats.latency_n += 1
-                if state.controller is not None:
-                    state.controller.observe_latency(answered_at, latency)
-            self.metrics.request_answered(state.name, "OK" if rep.code == 0 else code, latency)
+        completed: list[float] = []  # latencies of the requests answered OK
+        failed: dict[int, list[float]] = {}
+        first = 0
+        for size, rows, elapsed, code in zip(rep.sizes, rep.rows, rep.elapsed, rep.codes):
+            latencies = [wait + elapsed for wait in rep.waits[first:first + size]]
+            first += size
+            if code != 0:
+                stats.failed_requests += size
+            stats.record(rows, elapsed)
+            if controller is not None:
+                controller.observe_batch(rows, elapsed, stats.failed_requests)
+            stats.answered += size
+            if code == 0:  # completed: answered OK, as the Python gate counts them
+                stats.latency_sum_s += sum(latencies)
+                stats.latency_n += size
+                if controller is not None:
+                    for latency in latencies:
+                        controller.observe_latency(answered_at, latency)
+                completed += latencies
+            else:
+                failed.setdefault(code, []).extend(latencies)
+        self.metrics.batches_done(state.name, rep.rows, rep.whys, rep.elapsed)
+        self.metrics.requests_answered(state.name, "OK", completed)
+        for number, latencies in failed.items():
+            self.metrics.requests_answered(state.name, _STATUS_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN),
+                                           latencies)
 
     def _arrivals(self, event: Arrivals) -> None:
         state = self.registry.get(event.model, "")
         if state is None or state.gate is None:
             return
+        if not event.times:
+            return
         offset = monotonic_offset(self._clock)
-        times = in_arrival_order((t + offset for t in event.times), self._last_arrival.get(event.model, -math.inf))
-        if times:
+        after = self._last_arrival.get(event.model, -math.inf)
+        if state.controller is None:  # only counted: no estimator needs them in order
+            self._last_arrival[event.model] = max(after, max(event.times) + offset)
+        else:
+            times = in_arrival_order((t + offset for t in event.times), after)
             self._last_arrival[event.model] = times[-1]
-        if state.controller is not None:
             for t in times:
                 state.controller.observe_arrival(t)
-        if times:
-            self.metrics.request_arrived(state.name, len(times))
+        self.metrics.request_arrived(state.name, len(event.times))
 
     def _counters(self, event: Counters) -> None:
         state = self.registry.get(event.model, "")

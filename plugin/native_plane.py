@@ -9,8 +9,8 @@ stay here, unchanged.
 
 The two talk over the gate's stdin and stdout, one line per message (protocol in
 native/smdp_gate.cc): this side pushes ``policy`` lines (the rule as a table, see ``policy_line``),
-the gate reports the models it sees, arrival times, each batch's size, rows, times and member
-waits, and its counters. Times are CLOCK_MONOTONIC seconds (Python's ``time.monotonic``).
+the gate reports the models it sees, arrival times, each batch's size, rows, time and member
+waits (one line per model and report), and its counters. Times are CLOCK_MONOTONIC seconds (Python's ``time.monotonic``).
 """
 
 from __future__ import annotations
@@ -272,6 +272,32 @@ class BatchDone:
 
 
 @dataclass(frozen=True)
+class BatchesDone:
+    """The batches the gate completed since its last report (one ``batches`` line per model and report),
+    column by column in completion order, so that a report's bookkeeping is a few passes over columns
+    rather than one event per batch."""
+
+    model: str
+    sizes: tuple[int, ...]
+    """Each batch's members (>= 1)."""
+    rows: tuple[int, ...]
+    elapsed: tuple[float, ...]
+    """Each batch's dispatch-to-answer time, seconds."""
+    codes: tuple[int, ...]
+    """Each batch's gRPC status code number (0 = OK)."""
+    whys: tuple[str, ...]
+    """Why the gate served each: ``policy``, or its guard's reason."""
+    waits: tuple[float, ...]
+    """Every member's time in the gate before its batch went out, batch after batch (``sum(sizes)``)."""
+
+    @classmethod
+    def of(cls, done: BatchDone) -> "BatchesDone":
+        """One batch in the columns' form."""
+        return cls(done.model, (done.size,), (done.rows,), (max(done.end - done.start, 0.0),), (done.code,),
+                   (done.why,), done.waits)
+
+
+@dataclass(frozen=True)
 class Counters:
     """The gate's running counters and queue figures for a model (names as in ``NativeGateView.update``)."""
 
@@ -291,7 +317,7 @@ class CommandRefused:
     message: str
 
 
-GateEvent = Seen | Lost | Loaded | Arrivals | BatchDone | Counters
+GateEvent = Seen | Lost | Loaded | Arrivals | BatchDone | BatchesDone | Counters
 """What the gate reports of its models; the control plane handles each by type."""
 
 _BY_MODEL: dict[str, type[Seen] | type[Lost] | type[Loaded]] = {"seen": Seen, "lost": Lost, "loaded": Loaded}
@@ -317,7 +343,7 @@ def parse_event(raw: bytes) -> GateEvent | Reported | CommandRefused | None:
         return Reported()
     if kind == "error":
         return CommandRefused(unquote_field(" ".join(parts[1:])))
-    if kind not in ("seen", "lost", "loaded", "arrive", "batch", "counters"):
+    if kind not in ("seen", "lost", "loaded", "arrive", "batch", "batches", "counters"):
         return None
     if len(parts) < 2:
         raise ValueError(f"{kind}: model name missing")
@@ -328,15 +354,36 @@ def parse_event(raw: bytes) -> GateEvent | Reported | CommandRefused | None:
             raise ValueError(f"{kind}: one field expected")
         return by_model(model)
     if kind == "arrive":
-        return Arrivals(model, tuple(float(t) for t in parts[2:]))
+        return Arrivals(model, tuple(map(float, parts[2:])))
     if kind == "batch":
         if len(parts) != 9:
             raise ValueError("batch: 9 fields expected")
         waits = tuple(float(w) for w in parts[8].split(",")) if parts[8] else ()
         return BatchDone(model, int(parts[2]), int(parts[3]), float(parts[4]), float(parts[5]),
                          int(parts[6]), parts[7], waits)
+    if kind == "batches":
+        return _batches(model, parts)
     values = dict(p.split("=", 1) for p in parts[2:])
     return Counters(model, {k: int(v) for k, v in values.items()})
+
+
+def _batches(model: str, parts: list[str]) -> BatchesDone:
+    """A ``batches`` line's columns, checked to describe the same batches and their members."""
+    if len(parts) != 8:
+        raise ValueError("batches: 8 fields expected")
+    sizes = tuple(map(int, parts[2].split(",")))
+    rows = tuple(map(int, parts[3].split(",")))
+    elapsed = tuple(map(float, parts[4].split(",")))
+    codes = tuple(map(int, parts[5].split(",")))
+    whys = tuple(parts[6].split(","))
+    waits = tuple(map(float, parts[7].split(",")))
+    if not len(sizes) == len(rows) == len(elapsed) == len(codes) == len(whys):
+        raise ValueError("batches: columns of different lengths")
+    if min(sizes) < 1 or min(rows) < 0 or "" in whys:
+        raise ValueError("batches: a batch without members or reason, or with negative rows")
+    if len(waits) != sum(sizes):
+        raise ValueError(f"batches: {len(waits)} waits for {sum(sizes)} members")
+    return BatchesDone(model, sizes, rows, elapsed, codes, whys, waits)
 
 
 class NativePlane:

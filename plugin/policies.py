@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from solver.policy import BatchRule, GateRule, parse_rule_spec, rule_from_spec
 from tritonclient.grpc import model_config_pb2
 
-from .config import ModelPolicyConfig
+from .config import ModelPolicyConfig, SloConfig
+
+if TYPE_CHECKING:
+    from solver.slo_bound import BestDelaySlo
 from .placement import placement
 
 log = logging.getLogger("smdp.policies")
@@ -86,17 +89,34 @@ def build_rule(model: str, cfg: ModelPolicyConfig, model_max_batch: int, instanc
     return RuleInfo(result.policy, "smdp", b, pred)
 
 
+def best_delay_slo(slo: SloConfig) -> "BestDelaySlo":
+    """``slo.bound: best_delay`` as the solver's rule (``solver.slo_bound``)."""
+    from solver.slo_bound import BestDelaySlo
+
+    return BestDelaySlo(slo.quantile, slo.best_delay_grid_s, slo.margin_s)
+
+
 def _slo_rule(bm, cfg: ModelPolicyConfig) -> RuleInfo:
     """A fixed policy for the model's SLO: the SLO search's table and guard at ``rate_rps``, once."""
     from solver.policy import MaxWaitGuard
     from solver.slo import SloTarget, solve_slo
 
-    res = solve_slo(bm, SloTarget(cfg.slo.quantile, cfg.slo.latency_s, cfg.slo.margin_s))
+    derived: dict = {}
+    if cfg.slo.bound == "best_delay":
+        from solver.slo_bound import solve_best_delay_slo
+
+        both = solve_best_delay_slo(bm, best_delay_slo(cfg.slo))
+        res, derived = both.result, {"slo_latency_s": both.result.target.latency_s, "bound": both.bound.describe()}
+        log.info("SLO bound derived at %g/s: %s%s", bm.rate, both.bound.describe(),
+                 "; the delay itself is served" if both.delay_served else "")
+    else:
+        res = solve_slo(bm, SloTarget(cfg.slo.quantile, cfg.slo.latency_s, cfg.slo.margin_s))
     c = res.chosen
     if not res.feasible:
         log.warning("SLO q%g <= %g ms is infeasible at %g/s: serving greedy, predicted q%g %.3f ms",
-                    cfg.slo.quantile, cfg.slo.latency_s * 1e3, bm.rate, cfg.slo.quantile, c.estimate.quantile_s * 1e3)
-    pred = {
+                    cfg.slo.quantile, res.target.latency_s * 1e3, bm.rate, cfg.slo.quantile,
+                    c.estimate.quantile_s * 1e3)
+    pred = {**derived,
         "gain": c.cost,
         "mean_latency_s": c.mean_latency_s,
         "mean_power_w": c.mean_power_w,
@@ -117,6 +137,9 @@ def _slo_rule_instances(bm, cfg: ModelPolicyConfig) -> RuleInfo:
     from solver.instances_slo import solve_slo_instances
     from solver.slo import SloTarget
 
+    if cfg.slo.latency_s is None:
+        raise ValueError(f"slo.bound: {cfg.slo.bound} derives D for one model instance; with {bm.instances} "
+                         "instances state slo.latency_s")
     res = solve_slo_instances(bm, SloTarget(cfg.slo.quantile, cfg.slo.latency_s, cfg.slo.margin_s))
     c = res.chosen
     if not res.feasible:

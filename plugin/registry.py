@@ -31,7 +31,7 @@ from .loop.controller import ControllerConfig, PolicyController, RemoteSolver
 from .metrics import SidecarMetrics
 from .model_names import is_model_name
 from .placement import Placement, placement
-from .policies import RuleInfo, build_rule
+from .policies import RuleInfo, best_delay_slo, build_rule
 from .upstream import GateError, Upstream
 
 log = logging.getLogger("smdp.sidecar")
@@ -423,7 +423,9 @@ class ModelRegistry:
                     state.controller.set_latency_target(old.controller.latency_target_s)
                 else:
                     state.controller.set_weight(old.controller.weight)
-                if old.controller.slo is not None:
+                if old.controller.slo_rule is not None:
+                    state.controller.set_slo(old.controller.slo_rule)
+                elif old.controller.slo is not None:
                     state.controller.set_slo(old.controller.slo)
         return state
 
@@ -441,8 +443,11 @@ class ModelRegistry:
             stats=state.stats,
             metrics=self.metrics,
         )
-        if policy_cfg.slo is not None:
-            controller.set_slo(SloTarget(policy_cfg.slo.quantile, policy_cfg.slo.latency_s, policy_cfg.slo.margin_s))
+        slo = policy_cfg.slo
+        if slo is not None and slo.latency_s is None:
+            controller.set_slo(best_delay_slo(slo))
+        elif slo is not None:
+            controller.set_slo(SloTarget(slo.quantile, slo.latency_s, slo.margin_s))
         return controller
 
     async def _auto_profile(self, name: str, version: str, cfg: ModelPolicyConfig) -> tuple[ModelPolicyConfig, str]:

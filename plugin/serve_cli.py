@@ -46,6 +46,7 @@ SLO_FLAGS = {
     "--slo-quantile": "quantile",
     "--slo-latency": "latency_s",
     "--slo-margin": "margin_s",
+    "--slo-bound": "bound",
 }
 OFF = "none"
 """What --control-listen and --metrics-listen take to turn the endpoint off."""
@@ -80,7 +81,8 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fixed", action="store_true", help="smdp: keep the policy solved for --rate (no re-solving)")
     for flag, field in SLO_FLAGS.items():
         add_field_flag(p, flag, SloConfig, field, dest=slo_dest(field),
-                       extra_help="; the default policy's tail-latency SLO (smdp; --slo-latency sets it)")
+                       extra_help="; the default policy's tail-latency SLO (smdp; --slo-latency or --slo-bound "
+                       "best_delay sets it)")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_run)
 
@@ -102,11 +104,13 @@ def config_from_args(args: argparse.Namespace) -> "SidecarConfig":
 
 
 def _slo_flags(args: argparse.Namespace) -> dict | None:
-    """``slo`` of the default policy from --slo-quantile/--slo-latency (the config validates the values)."""
+    """``slo`` of the default policy from --slo-quantile/--slo-latency/--slo-bound (the config validates
+    the values)."""
     given = {field: getattr(args, slo_dest(field)) for field in SLO_FLAGS.values()}
-    if given["latency_s"] is None:
-        if given["quantile"] is not None or given["margin_s"] is not None:
-            raise ValueError("--slo-quantile and --slo-margin need --slo-latency (the SLO's D, seconds)")
+    if given["latency_s"] is None and given["bound"] in (None, "stated"):
+        if given["quantile"] is not None or given["margin_s"] is not None or given["bound"] is not None:
+            raise ValueError("--slo-quantile, --slo-margin and --slo-bound stated need --slo-latency (the SLO's D, "
+                             "seconds), or --slo-bound best_delay to derive D from the model")
         return None
     return {k: v for k, v in given.items() if v is not None}
 

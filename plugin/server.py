@@ -72,7 +72,8 @@ class Sidecar:
         self._clock = clock or asyncio.get_running_loop().time
         self.upstream = Upstream(config.triton_url, config.upstream_timeout_s)
         self.metrics = SidecarMetrics(latency_buckets_s=latency_buckets_with(
-            [m.slo.latency_s for m in (config.default, *config.models.values()) if m.slo is not None]))
+            [m.slo.latency_s for m in (config.default, *config.models.values())
+             if m.slo is not None and m.slo.latency_s is not None]))
         self.registry = ModelRegistry(config, self.upstream, self.metrics, self._clock)
         self.plane: PythonPlane | NativeDataPlane
         if config.data_plane == "native":

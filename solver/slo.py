@@ -514,6 +514,19 @@ def _requests_for(q: float) -> int:
     return int(min(2_000_000, max(20_000, math.ceil(_TAIL_SAMPLES * _SECTIONS / 20 / (1.0 - q)))))
 
 
+def search_path(model: BatchingModel, quantile: float, *, requests: int | None = None,
+                seed: int = 0) -> tuple[np.ndarray, float]:
+    """The arrival times every candidate of ``solve_slo`` is judged on, and the warm-up left out of the
+    figures: a path of ``model.arrivals`` at ``model.rate``, long enough for the q-quantile's tail (five
+    times longer under an MMPP), or ``requests`` long."""
+    n_req = (_requests_for(quantile) * (_MMPP_PATH_FACTOR if isinstance(model.arrivals, MMPP) else 1)
+             if requests is None else int(requests))
+    if n_req < 1000:
+        raise ModelError(f"requests must be >= 1000, got {requests!r}")
+    arr = arrival_streams.from_model(model.arrivals, model.rate, n_req, rng=np.random.default_rng([seed, 12]))
+    return arr, float(arr[min(arr.size - 1, max(100, n_req // 50))])
+
+
 def solve_slo(model: BatchingModel, target: SloTarget, *, method: SearchMethod = "simulation",
               requests: int | None = None, seed: int = 0,
               weights: tuple[float, ...] | None = None) -> SloResult:
@@ -554,12 +567,8 @@ def solve_slo(model: BatchingModel, target: SloTarget, *, method: SearchMethod =
         for x in ladder:
             if not math.isfinite(x) or x < 0:
                 raise ModelError(f"candidate weights must be finite and >= 0, got {x!r}")
-    n_req = (_requests_for(target.quantile) * (_MMPP_PATH_FACTOR if isinstance(model.arrivals, MMPP) else 1)
-             if requests is None else int(requests))
-    if n_req < 1000:
-        raise ModelError(f"requests must be >= 1000, got {requests!r}")
-    arr = arrival_streams.from_model(model.arrivals, model.rate, n_req, rng=np.random.default_rng([seed, 12]))
-    warmup = float(arr[min(arr.size - 1, max(100, n_req // 50))])
+    arr, warmup = search_path(model, target.quantile, requests=requests, seed=seed)
+    n_req = int(arr.size)
 
     def judge(weight: float, table: PolicyTable, guard: float | None, exact: tuple[float, float, float] | None
               ) -> SloCandidate:

@@ -9,7 +9,7 @@ import pytest
 
 from plugin.model_names import MAX_MODEL_NAME_BYTES, is_model_name
 from plugin.native_plane import (
-    Arrivals, BatchDone, CommandRefused, Counters, Loaded, Lost, NativePlane, Reported, Seen, forget_line, in_arrival_order,
+    Arrivals, BatchDone, BatchesDone, CommandRefused, Counters, Loaded, Lost, NativePlane, Reported, Seen, forget_line, in_arrival_order,
     parse_event,
     policy_line, quote_field, unquote_field,
 )
@@ -152,3 +152,85 @@ def test_the_gate_echoes_quoted_names_and_quotes_its_errors(native_gate):
     assert "unknown key 'bad%0Akey'" in errors[0]
     assert "is not a model name" in errors[1] and "is not a model name" in errors[2]
     assert all(line.count(b"\n") == 1 and line.endswith(b"\n") for line in out)
+
+
+def test_a_batches_line_is_one_reports_batches_as_columns_and_must_add_up():
+    assert _parsed([b"batches m%20x 1,2 1,3 0.0005,0.25 0,14 policy,timeout 1e-05,0.001,0.002\n"]) == [
+        BatchesDone("m x", sizes=(1, 2), rows=(1, 3), elapsed=(0.0005, 0.25), codes=(0, 14),
+                    whys=("policy", "timeout"), waits=(1e-05, 0.001, 0.002)),
+    ]
+    for bad in (b"batches m 1,2 1,3 0.1,0.2 0,0 policy,policy 0.1,0.2\n",    # 2 waits for 3 members
+                b"batches m 1,2 1 0.1,0.2 0,0 policy,policy 0.1,0.2,0.3\n",  # a column short
+                b"batches m 0 1 0.1 0 policy \n",                             # a batch without members
+                b"batches m 1 1 0.1 0 , 0.1\n",                               # no reason
+                b"batches m 1 1 0.1 0 policy 0.1 extra\n",
+                b"batches m 1 1 x 0 policy 0.1\n"):
+        with pytest.raises(ValueError):
+            parse_event(bad)
+
+
+class _Recorder:
+    """What a controller is told, in order (the bookkeeping under test, not the controller's)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def observe_batch(self, rows, seconds, failed_requests=None):
+        self.calls.append(("batch", rows, seconds, failed_requests))
+
+    def observe_latency(self, now, latency_s):
+        self.calls.append(("latency", now, latency_s))
+
+    def observe_arrival(self, t):
+        self.calls.append(("arrival", t))
+
+
+def _booked(events: list, controller: bool):
+    """A native data plane's bookkeeping of ``events`` for one model: its stats, controller calls and
+    metrics exposition."""
+    from types import SimpleNamespace
+
+    from prometheus_client import generate_latest
+
+    from plugin.metrics import SidecarMetrics
+    from plugin.native_data_plane import NativeDataPlane
+    from plugin.registry import BatchStats
+
+    state = SimpleNamespace(name="m", gate=object(), stats=BatchStats(8), controller=_Recorder() if controller else None)
+    plane = NativeDataPlane.__new__(NativeDataPlane)
+    plane.registry = SimpleNamespace(get=lambda name, version: state if name == "m" else None)
+    plane.metrics, plane._clock, plane._last_arrival, plane._views, plane._closing = \
+        SidecarMetrics(max_batch=8), lambda: 100.0, {}, {}, False
+    for event in events:
+        plane._on_event(event)
+    exposition = [line for line in generate_latest(plane.metrics.registry).decode().splitlines()
+                  if "_created" not in line]
+    return vars(state.stats), state.controller.calls if controller else None, exposition
+
+
+@pytest.mark.parametrize("controller", [False, True])
+def test_a_batches_line_is_booked_as_the_same_batches_one_line_each(controller):
+    """Stats, the controller's observations (in order, the failure count each batch saw) and the
+    metrics are those of the per-batch lines, failed batches and merged batches included."""
+    singles = [BatchDone("m", 1, 1, 10.0, 10.0005, 0, "policy", (0.0,)),
+               BatchDone("m", 3, 4, 10.001, 10.003, 0, "timeout", (0.001, 0.0005, 0.0)),
+               BatchDone("m", 2, 2, 10.004, 10.0045, 14, "policy", (0.002, 0.001)),
+               BatchDone("m", 1, 8, 10.005, 10.004, 0, "max_wait", (0.25,))]  # end before start: 0 s
+    elapsed = tuple(max(b.end - b.start, 0.0) for b in singles)  # as the gate computes it
+    assert elapsed[3] == 0.0
+    columns = BatchesDone("m", (1, 3, 2, 1), (1, 4, 2, 8), elapsed, (0, 0, 14, 0),
+                          ("policy", "timeout", "policy", "max_wait"), (0.0, 0.001, 0.0005, 0.0, 0.002, 0.001, 0.25))
+    one_each = _booked(singles, controller)
+    at_once = _booked([columns], controller)
+    stats_a, calls_a, metrics_a = one_each
+    stats_b, calls_b, metrics_b = at_once
+    assert stats_a.keys() == stats_b.keys()
+    for key, value in stats_a.items():
+        assert value == pytest.approx(stats_b[key], abs=1e-12), key
+    assert stats_a["answered"] == 7 and stats_a["failed_requests"] == 2 and stats_a["latency_n"] == 5
+    if controller:
+        assert [c[0] for c in calls_a] == [c[0] for c in calls_b]
+        for a, b in zip(calls_a, calls_b):
+            assert a == pytest.approx(b, abs=1e-12)
+        assert [c for c in calls_a if c[0] == "batch"][2][3] == 2  # the failed batch, as the count grew
+    assert metrics_a == metrics_b

@@ -103,14 +103,16 @@ def test_serve_flags_build_the_slo_config():
 
     from plugin.serve_cli import _slo_flags
 
-    def ns(q=None, d=None, m=None):
-        return argparse.Namespace(default_slo_quantile=q, default_slo_latency_s=d, default_slo_margin_s=m)
+    def ns(q=None, d=None, m=None, b=None):
+        return argparse.Namespace(default_slo_quantile=q, default_slo_latency_s=d, default_slo_margin_s=m,
+                                  default_slo_bound=b)
 
     assert _slo_flags(ns()) is None
     assert _slo_flags(ns(d=0.05)) == {"latency_s": 0.05}
     assert _slo_flags(ns(q=0.9, d=0.05)) == {"latency_s": 0.05, "quantile": 0.9}
     assert _slo_flags(ns(d=0.05, m=0.002)) == {"latency_s": 0.05, "margin_s": 0.002}
-    for bad in (ns(q=0.9), ns(m=0.002)):
+    assert _slo_flags(ns(b="best_delay", m=0.002)) == {"bound": "best_delay", "margin_s": 0.002}
+    for bad in (ns(q=0.9), ns(m=0.002), ns(b="stated")):
         with pytest.raises(ValueError, match="--slo-latency"):
             _slo_flags(bad)
 

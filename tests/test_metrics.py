@@ -164,3 +164,42 @@ def test_children_are_created_once_per_model_and_label():
     assert metrics._children["m"] is first
     assert first.answered[grpc.StatusCode.OK] is ok_child
     assert len(first.dispatched) == 1
+
+
+def _samples(metrics: SidecarMetrics) -> dict[str, dict[tuple, float]]:
+    from prometheus_client import generate_latest
+
+    out: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
+        for s in family.samples:
+            if not s.name.endswith("_created"):
+                out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def test_a_reports_worth_at_once_exports_what_one_update_per_event_does():
+    """The native gate's report is booked with one update per label and bucket; the exposition must
+    be the one that one ``observe``/``inc`` per batch and answer gives, values on bucket bounds,
+    beyond the last finite bound and NaN included."""
+    latencies = [0.0005, 0.0004, 0.0011, 0.75, 3.0, 10.0, 11.0, 0.0, float("nan"), 0.002]
+    sizes, whys = [1, 2, 8, 3, 1], ["policy", "policy", "timeout", "max_wait", "policy"]
+    seconds = [0.001, 0.0005, 0.5, 20.0, 0.0]
+    one, bulk = SidecarMetrics(max_batch=8), SidecarMetrics(max_batch=8)
+    for size, why, s in zip(sizes, whys, seconds):
+        one.batch_dispatched("m", size, why)
+        one.batch_completed("m", size, s)
+    for latency in latencies:
+        one.request_answered("m", "OK", latency)
+    for latency in latencies[:3]:
+        one.request_answered("m", grpc.StatusCode.UNAVAILABLE, latency)
+    bulk.batches_done("m", sizes, whys, seconds)
+    bulk.requests_answered("m", "OK", latencies)
+    bulk.requests_answered("m", grpc.StatusCode.UNAVAILABLE, latencies[:3])
+    bulk.requests_answered("m", "OK", [])
+    a, b = _samples(one), _samples(bulk)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].keys() == b[name].keys(), name
+        for labels, value in a[name].items():
+            assert value == pytest.approx(b[name][labels], rel=1e-12, nan_ok=True), (name, labels)
+    assert a["smdp_sidecar_request_latency_seconds_count"][(("model", "m"),)] == 12  # NaN in no bucket

@@ -98,6 +98,7 @@ from solver.arrival_model import MMPP2, POISSON, ArrivalModel, CompoundPoisson, 
 from solver.model import BatchingModel, ModelError, ServiceProfile
 from solver.policy import GateRule, InstanceTable, PolicyTable, greedy
 from solver.slo import SloTarget
+from solver.slo_bound import BestDelaySlo, DerivedBound
 
 from ..arrival_estimator import GroupEstimator, ModulationEstimator
 from ..latency_window import ExcessWindow, LatencyGap, LatencySummary, LatencyWindow
@@ -448,7 +449,12 @@ class PolicyController:
         self.weight = config.weight
         self.latency_target_s: float | None = None
         self.slo: SloTarget | None = None
-        """The tail-latency SLO the policy is searched for (module doc); None: plain J = W + w P."""
+        """The tail-latency SLO the policy is searched for (module doc); None: plain J = W + w P. With
+        ``slo_rule`` it is the last bound derived (None before the first search)."""
+        self.slo_rule: BestDelaySlo | None = None
+        """An SLO whose D is derived from the model at every search (``solver.slo_bound``); None: D is stated."""
+        self.slo_bound: DerivedBound | None = None
+        """The bound ``slo_rule`` last derived (for status)."""
         self.slo_offset_s = 0.0
         """The measured correction the SLO search takes off D beside the margin (module doc)."""
         self._offset_checked_at = -math.inf
@@ -742,11 +748,14 @@ class PolicyController:
             self.slo = None
         self._dirty = True
 
-    def set_slo(self, target: SloTarget | None) -> None:
-        """Serve the least-J policy meeting ``target`` from the next solve on (None: drop the SLO)."""
-        if target is not None and not isinstance(target, SloTarget):
-            raise ValueError(f"SLO must be an SloTarget, got {type(target).__name__}")
-        self.slo = target
+    def set_slo(self, target: SloTarget | BestDelaySlo | None) -> None:
+        """Serve the least-J policy meeting ``target`` from the next solve on (None: drop the SLO); a
+        ``BestDelaySlo`` derives D from the model at every search (``solver.slo_bound``)."""
+        if target is not None and not isinstance(target, (SloTarget, BestDelaySlo)):
+            raise ValueError(f"SLO must be an SloTarget or a BestDelaySlo, got {type(target).__name__}")
+        self.slo_rule = target if isinstance(target, BestDelaySlo) else None
+        self.slo_bound = None
+        self.slo = target if isinstance(target, SloTarget) else None
         self.slo_offset_s = 0.0
         self.excess.clear()
         self.stalls.clear()
@@ -959,16 +968,21 @@ class PolicyController:
             self.note = (f"estimated rate {rate:.1f}/s is within its confidence interval of capacity "
                          f"{capacity:.1f}/s: solved for {NEAR_CAPACITY * capacity:.1f}/s")
             rate = NEAR_CAPACITY * capacity
+        if self.slo_rule is not None and self.instances > 1:
+            self.note = (f"SLO bound best_delay derives D for one model instance, not {self.instances}: "
+                         "solving for J (state the SLO's latency to search it with k instances)")
+            return await self._solve(rate, self.weight)
         if self.slo is not None and self.instances > 1:
             return await self._solve_slo_instances(rate, self.slo)
-        if self.slo is not None:
+        if self.slo is not None or self.slo_rule is not None:
             return await self._solve_slo(rate, self.slo)
         if self.latency_target_s is None:
             return await self._solve(rate, self.weight)
         return await self._search_weight(rate, self.latency_target_s)
 
-    async def _solve_slo(self, rate: float, target: SloTarget) -> Solution:
-        """The SLO search at this rate (module doc); greedy, flagged, when no policy meets D."""
+    async def _solve_slo(self, rate: float, target: SloTarget | None) -> Solution:
+        """The SLO search at this rate (module doc); greedy, flagged, when no policy meets D. With
+        ``slo_rule`` D is derived first, under the same model (``_solve_derived_slo``)."""
         solved_weight = self.weight * self.weight_scale(rate, self._clock())
         profile = self._solving
         cv = self.slo_service_cv()
@@ -981,6 +995,10 @@ class PolicyController:
         model = BatchingModel(rate=rate if shape is None else shape.mean_rate, max_batch=self.max_batch,
                               profile=profile, idle_power_w=self.idle_power_w, weight=solved_weight, arrivals=arrivals)
         self._solved_shape = self.modulation.version if self.modulation is not None else 0
+        if self.slo_rule is not None:
+            return await self._solve_derived_slo(rate, model, self.slo_rule, arrivals)
+        if target is None:  # ``_solution_for`` routes here with a stated SLO or a rule
+            raise ModelError("an SLO search needs a stated SLO or a derived bound")
         offset = self.slo_offset_s
         # margin and measured correction both come off D (module doc); a correction that eats the
         # whole budget leaves a sliver, which no policy meets: greedy, flagged
@@ -1013,6 +1031,30 @@ class PolicyController:
                         c.mean_latency_s + self.weight * c.mean_power_w, c.mean_batch,
                         "in-process SLO search", self._profile_source(), solved_weight, c.max_wait_s,
                         SloPrediction(c.estimate.quantile_s, c.estimate.ci95_s, res.feasible), arrivals=arrivals)
+
+    async def _solve_derived_slo(self, rate: float, model: BatchingModel, rule: BestDelaySlo,
+                                 arrivals: ArrivalModel) -> Solution:
+        """D derived from ``model`` (the least-J Triton delay's predicted quantile, ``solver.slo_bound``),
+        the SLO searched for it, and the delay itself served where the search's pick misses it or costs more
+        J. The measured correction is added to D rather than taken off the search: a delay's answers would
+        run above its prediction by as much (the solver module's doc)."""
+        both = await slo_search.search_best_delay(model, rule, self.slo_offset_s)
+        self.slo_bound = both.bound
+        self.slo = both.result.target
+        self._stall_threshold()
+        c = both.result.chosen
+        self.note = f"SLO D derived: {both.bound.describe()}"
+        if both.delay_served:
+            why = ("no searched policy meets it" if not both.search.feasible else
+                   f"the search's pick has J {both.search.chosen.cost * 1e3:.2f} ms, above the delay's")
+            self.note += f"; serving the delay itself ({why})"
+        log.info("%s: %s", self.model, self.note)
+        return Solution(c.policy, rate, self.weight, c.mean_latency_s, c.mean_power_w,
+                        c.mean_latency_s + self.weight * c.mean_power_w, c.mean_batch,
+                        "in-process SLO search, D derived (best delay)", self._profile_source(),
+                        model.weight, c.max_wait_s,
+                        SloPrediction(c.estimate.quantile_s, c.estimate.ci95_s, both.result.feasible),
+                        arrivals=arrivals)
 
     async def _solve_slo_instances(self, rate: float, target: SloTarget) -> Solution:
         """k > 1 instances: the k-instance SLO search (``solver.instances_slo``: control limits per m,

@@ -18,6 +18,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from solver.model import BatchingModel
 from solver.slo import SloResult, SloTarget, solve_slo
+from solver.slo_bound import BestDelayResult, BestDelaySlo, solve_best_delay_slo
 
 _lock = threading.Lock()
 _pool: ProcessPoolExecutor | None = None
@@ -57,6 +58,20 @@ async def search(model: BatchingModel, target: SloTarget) -> SloResult:
     except BrokenProcessPool:
         _discard(pool)
         raise
+
+
+async def search_best_delay(model: BatchingModel, rule: BestDelaySlo, correction_s: float) -> BestDelayResult:
+    """``solve_best_delay_slo(model, rule, correction_s=...)``: the bound derived and searched, in the worker."""
+    pool = _executor()
+    try:
+        return await asyncio.get_running_loop().run_in_executor(pool, _best_delay, model, rule, correction_s)
+    except BrokenProcessPool:
+        _discard(pool)
+        raise
+
+
+def _best_delay(model: BatchingModel, rule: BestDelaySlo, correction_s: float) -> BestDelayResult:
+    return solve_best_delay_slo(model, rule, correction_s=correction_s)
 
 
 def shutdown() -> None:

@@ -137,7 +137,7 @@ class SetSloRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., quantile: _Optional[float] = ..., latency_s: _Optional[float] = ..., margin_s: _Optional[float] = ...) -> None: ...
 
 class SloStatus(_message.Message):
-    __slots__ = ("quantile", "latency_s", "feasible", "predicted_quantile_s", "predicted_ci95_s", "measured_quantile_s", "attainment", "samples", "max_wait_s", "margin_s", "correction_s", "stall_held_up", "stalled_s", "correction_with_stalls_s")
+    __slots__ = ("quantile", "latency_s", "feasible", "predicted_quantile_s", "predicted_ci95_s", "measured_quantile_s", "attainment", "samples", "max_wait_s", "margin_s", "correction_s", "stall_held_up", "stalled_s", "correction_with_stalls_s", "derived_bound")
     QUANTILE_FIELD_NUMBER: _ClassVar[int]
     LATENCY_S_FIELD_NUMBER: _ClassVar[int]
     FEASIBLE_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,7 @@ class SloStatus(_message.Message):
     STALL_HELD_UP_FIELD_NUMBER: _ClassVar[int]
     STALLED_S_FIELD_NUMBER: _ClassVar[int]
     CORRECTION_WITH_STALLS_S_FIELD_NUMBER: _ClassVar[int]
+    DERIVED_BOUND_FIELD_NUMBER: _ClassVar[int]
     quantile: float
     latency_s: float
     feasible: bool
@@ -166,7 +167,8 @@ class SloStatus(_message.Message):
     stall_held_up: int
     stalled_s: float
     correction_with_stalls_s: float
-    def __init__(self, quantile: _Optional[float] = ..., latency_s: _Optional[float] = ..., feasible: _Optional[bool] = ..., predicted_quantile_s: _Optional[float] = ..., predicted_ci95_s: _Optional[float] = ..., measured_quantile_s: _Optional[float] = ..., attainment: _Optional[float] = ..., samples: _Optional[int] = ..., max_wait_s: _Optional[float] = ..., margin_s: _Optional[float] = ..., correction_s: _Optional[float] = ..., stall_held_up: _Optional[int] = ..., stalled_s: _Optional[float] = ..., correction_with_stalls_s: _Optional[float] = ...) -> None: ...
+    derived_bound: str
+    def __init__(self, quantile: _Optional[float] = ..., latency_s: _Optional[float] = ..., feasible: _Optional[bool] = ..., predicted_quantile_s: _Optional[float] = ..., predicted_ci95_s: _Optional[float] = ..., measured_quantile_s: _Optional[float] = ..., attainment: _Optional[float] = ..., samples: _Optional[int] = ..., max_wait_s: _Optional[float] = ..., margin_s: _Optional[float] = ..., correction_s: _Optional[float] = ..., stall_held_up: _Optional[int] = ..., stalled_s: _Optional[float] = ..., correction_with_stalls_s: _Optional[float] = ..., derived_bound: _Optional[str] = ...) -> None: ...
 
 class WatchStatusRequest(_message.Message):
     __slots__ = ("model", "interval_s", "max_updates")

@@ -1,0 +1,202 @@
+"""An SLO bound derived from the model: the tail of Triton's best delay, under the same arrivals.
+
+An operator who states a p99 bound D states a number; one who wants "no worse a tail than Triton's
+dynamic batcher would give here" would have to measure Triton first. ``BestDelaySlo`` asks for that
+bound from the model instead: among Triton delays d (the ``TimeoutRule``: serve once B wait or the
+oldest has waited d), the one with the least J = W + w P, and its predicted q-quantile of response
+time, both judged on the path the SLO search judges its own candidates on (``solver.slo.search_path``:
+the model's arrival law -- Poisson, the learned groups, or a fitted MMPP -- at its rate, one seed, common
+random numbers). That quantile is the search's budget (``solve_best_delay_slo``).
+
+The search's candidates are feasible only when the *upper* 95% bound of their quantile is within the
+budget, and the budget here is the delay's point estimate: where the delay's tail is close to the least
+any policy has (a strongly modulated stream, where even greedy barely beats it), nothing in the family
+is feasible, or the feasible pick costs more J than the delay. Then the delay itself is served -- as a
+gate rule it is the full-batch table with a max-wait guard of d (greedy for d = 0) -- so that, in the
+model, the policy served is never worse than the best delay on J and never worse on the tail.
+
+In the answers' terms the bound is D = the delay's predicted quantile + the margin (latency the model
+does not see, which a delay's answers would carry too) + the sidecar's measured correction when one is
+given (how far answers run above the model's prediction on this host, which a delay's would too): the
+search is always for the delay's predicted quantile itself.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from solver.model import BatchingModel, ModelError
+from solver.policy import BatchRule, MaxWaitGuard, PolicyTable, greedy, threshold
+from solver.slo import QuantileEstimate, SloCandidate, SloResult, SloTarget, search_path, simulated_quantile, solve_slo
+
+
+DEFAULT_DELAYS_S = (0.0, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05)
+"""Triton max_queue_delay values compared by default, seconds."""
+
+
+@dataclass(frozen=True)
+class BestDelaySlo:
+    """Ask for the q-quantile of response time to be no worse than the least-J Triton delay's of
+    ``delays_s`` (seconds), predicted under the model's arrivals; ``margin_s`` as ``SloTarget``'s."""
+
+    quantile: float
+    delays_s: tuple[float, ...]
+    margin_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        q, m = self.quantile, self.margin_s
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not math.isfinite(q) or not 0.0 < q < 1.0:
+            raise ModelError(f"SLO quantile must be a number strictly between 0 and 1, got {q!r}")
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m < 0.0:
+            raise ModelError(f"SLO margin must be a finite number of seconds >= 0, got {m!r}")
+        delays = tuple(self.delays_s)
+        if not delays:
+            raise ModelError("the best-delay bound needs at least one Triton delay to compare with")
+        for d in delays:
+            if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d < 0.0:
+                raise ModelError(f"Triton delays must be finite numbers of seconds >= 0, got {d!r}")
+        object.__setattr__(self, "quantile", float(q))
+        object.__setattr__(self, "margin_s", float(m))
+        object.__setattr__(self, "delays_s", tuple(sorted({float(d) for d in delays})))
+
+
+def delay_rule(max_batch: int, delay_s: float) -> tuple[PolicyTable, float | None]:
+    """Triton's delay d as a gate rule: (table, max-wait guard): wait until B are queued, serve them,
+    or serve what is queued once the oldest has waited d; d = 0 is greedy (no guard)."""
+    if delay_s == 0.0:
+        return greedy(max_batch), None
+    return threshold(max_batch, max_batch), float(delay_s)
+
+
+@dataclass(frozen=True)
+class DelayPoint:
+    """One Triton delay judged on the search's path."""
+
+    delay_s: float
+    estimate: QuantileEstimate
+    mean_latency_s: float
+    mean_power_w: float
+    mean_batch: float
+    cost: float
+    """J = W + w P at the model's weight."""
+
+
+@dataclass(frozen=True, eq=False)
+class DerivedBound:
+    """The bound derived for one model: the least-J delay and its predicted q-quantile."""
+
+    rule: BestDelaySlo
+    best: DelayPoint
+    delays: tuple[DelayPoint, ...]
+    arrivals: str
+    """The arrival model's spec the delays were judged under."""
+
+    @property
+    def quantile_s(self) -> float:
+        """The search's budget: the best delay's predicted q-quantile."""
+        return self.best.estimate.quantile_s
+
+    def target(self, correction_s: float = 0.0) -> SloTarget:
+        """The SLO in the answers' terms: D = the budget + margin + ``correction_s``, searched for D less
+        both (module doc)."""
+        if not math.isfinite(correction_s) or correction_s < 0:
+            raise ModelError(f"correction must be a finite number of seconds >= 0, got {correction_s!r}")
+        return SloTarget(self.rule.quantile, self.quantile_s + self.rule.margin_s + correction_s,
+                         self.rule.margin_s + correction_s)
+
+    def describe(self) -> str:
+        """One line for status and logs."""
+        return (f"best_delay: Triton delay {self.best.delay_s * 1e3:g} ms (least J of "
+                f"{', '.join(f'{p.delay_s * 1e3:g}' for p in self.delays)} ms), predicted "
+                f"q{self.rule.quantile:g} {self.quantile_s * 1e3:.2f} ms, J {self.best.cost * 1e3:.2f} ms, "
+                f"under {self.arrivals}")
+
+    def to_dict(self) -> dict:
+        return {
+            "bound": "best_delay",
+            "best_delay_s": self.best.delay_s,
+            "best_delay_quantile_s": self.quantile_s,
+            "best_delay_quantile_ci95_s": _num(self.best.estimate.ci95_s),
+            "best_delay_gain": self.best.cost,
+            "bound_arrivals": self.arrivals,
+            "delays": [{"delay_s": p.delay_s, "quantile_s": p.estimate.quantile_s,
+                        "mean_latency_s": p.mean_latency_s, "mean_power_w": p.mean_power_w, "gain": p.cost}
+                       for p in self.delays],
+        }
+
+
+def _num(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def derive_bound(model: BatchingModel, rule: BestDelaySlo, *, seed: int = 0,
+                 requests: int | None = None) -> DerivedBound:
+    """Judge every delay of ``rule`` on the SLO search's path for ``model`` (same seed, same length)
+    and keep the one with the least J (the shortest delay on a tie)."""
+    if not isinstance(rule, BestDelaySlo):
+        raise ModelError(f"rule must be a BestDelaySlo, got {type(rule).__name__}")
+    arr, warmup = search_path(model, rule.quantile, requests=requests, seed=seed)
+    target = SloTarget(rule.quantile, 1.0)  # only the quantile matters here
+    points = []
+    for d in rule.delays_s:
+        table, guard = delay_rule(model.max_batch, d)
+        est, sim = simulated_quantile(model, _rule(table, guard), target, arr, seed=seed, warmup=warmup)
+        points.append(DelayPoint(d, est, sim.mean_latency_s, sim.mean_power_w, sim.mean_batch,
+                                 sim.mean_latency_s + model.weight * sim.mean_power_w))
+    finite = [p for p in points if math.isfinite(p.cost) and math.isfinite(p.estimate.quantile_s)]
+    if not finite:
+        raise ModelError(f"no Triton delay of {rule.delays_s} has a finite J at {model.rate:g} req/s")
+    best = min(finite, key=lambda p: (p.cost, p.delay_s))
+    return DerivedBound(rule, best, tuple(points), model.arrivals.spec)
+
+
+def _rule(table: PolicyTable, guard: float | None) -> BatchRule:
+    return table if guard is None else MaxWaitGuard(table, guard)
+
+
+@dataclass(frozen=True, eq=False)
+class BestDelayResult:
+    """The SLO search for the derived bound, and what is served: its pick, or the delay itself."""
+
+    bound: DerivedBound
+    search: SloResult
+    """The SLO search for the bound (``chosen`` may be greedy, infeasible)."""
+    result: SloResult
+    """What to serve: ``search`` itself, or the same with the delay as ``chosen`` (``delay_served``)."""
+    delay_served: bool
+    """The search's pick missed the bound or cost more J than the delay: the delay is served."""
+
+    def to_dict(self) -> dict:
+        out = self.result.to_dict()
+        out.update(self.bound.to_dict())
+        out["delay_served"] = self.delay_served
+        out["search_feasible"] = bool(self.search.feasible)
+        out["search_gain"] = _num(self.search.chosen.cost)
+        out["solve_time_s"] = float(self.result.solve_time_s)
+        return out
+
+
+def solve_best_delay_slo(model: BatchingModel, rule: BestDelaySlo, *, seed: int = 0, correction_s: float = 0.0,
+                         requests: int | None = None) -> BestDelayResult:
+    """Derive the bound (``derive_bound``), search the SLO family for it (``solver.slo.solve_slo``, same
+    path), and serve the least-J of the search's feasible pick and the delay itself (module doc)."""
+    started = time.perf_counter()
+    bound = derive_bound(model, rule, seed=seed, requests=requests)
+    target = bound.target(correction_s)
+    search = solve_slo(model, target, seed=seed, requests=requests)
+    if search.feasible and search.chosen.cost <= bound.best.cost:
+        return BestDelayResult(bound, search, search, False)
+    b = bound.best
+    table, guard = delay_rule(model.max_batch, b.delay_s)
+    # its attainment was not judged against a bound (it sets the bound): not a number
+    est = QuantileEstimate(b.estimate.quantile_s, b.estimate.ci95_s, math.nan, b.estimate.method)
+    delay = SloCandidate(math.nan, guard, table, est, b.mean_latency_s, b.mean_power_w, b.cost, True, b.mean_batch)
+    served = SloResult(model, target, delay, True, (*search.candidates, delay), search.method, search.requests,
+                       time.perf_counter() - started)
+    return BestDelayResult(bound, search, served, True)
+
+
+__all__ = ["DEFAULT_DELAYS_S", "BestDelayResult", "BestDelaySlo", "DelayPoint", "DerivedBound", "delay_rule", "derive_bound",
+           "solve_best_delay_slo"]
