@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -302,6 +303,138 @@ def slo_study(trace: str, seed: int, synthetic: str | None = None,
                   f"{c.estimate.quantile_s * 1e3:.2f} J {c.cost * 1e3:.2f}{'' if r.feasible else ' (infeasible)'}; "
                   f"replayed W {sim.mean_latency_s * 1e3:.2f} p99 {sim.p99_latency_s * 1e3:.2f} "
                   f"J {(sim.mean_latency_s + w * sim.mean_power_w) * 1e3:.2f} ({took:.2f} s)")
+    # the bound the sidecar derives (slo.bound: best_delay): on the search's own path, the delay served
+    # where the search cannot beat it
+    from solver.slo_bound import DEFAULT_DELAYS_S, BestDelaySlo, solve_best_delay_slo
+
+    for label, arr_model in (("Poisson", model), ("fitted MMPP", fitted if isinstance(fit, MMPP2) else None)):
+        if arr_model is None:
+            continue
+        both = solve_best_delay_slo(arr_model, BestDelaySlo(0.99, DEFAULT_DELAYS_S), seed=seed)
+        c = both.result.chosen
+        sim, _ = run(c.rule)
+        what = (f"the delay itself (search {'feasible' if both.search.feasible else 'infeasible'}, "
+                f"J {both.search.chosen.cost * 1e3:.2f})" if both.delay_served else
+                f"w' {c.table_weight:g}, {'no guard' if c.max_wait_s is None else f'guard {c.max_wait_s * 1e3:.1f} ms'}")
+        print(f"  slo.bound best_delay under {label:<11}: {both.bound.describe()}; serves {what}, predicted p99 "
+              f"{c.estimate.quantile_s * 1e3:.2f} J {c.cost * 1e3:.2f}; replayed W {sim.mean_latency_s * 1e3:.2f} "
+              f"p99 {sim.p99_latency_s * 1e3:.2f} J {(sim.mean_latency_s + w * sim.mean_power_w) * 1e3:.2f}")
+
+
+FRONTIER_POINTS = 9
+"""Bounds on the J-p99 frontier: evenly spaced from the least-latency delay's p99 to the unguarded table's."""
+
+
+@dataclass(frozen=True)
+class FrontierPoint:
+    """A rule judged on the frontier's path: its p99 (and 95% half-width) and J; ``rule`` to replay it."""
+
+    name: str
+    p99_s: float
+    ci95_s: float
+    cost: float
+    rule: object
+    bound_s: float | None = None
+    """For a frontier point: the bound D searched for (None: a delay or the Poisson gate)."""
+    feasible: bool = True
+
+
+@dataclass(frozen=True)
+class Frontier:
+    delays: tuple[FrontierPoint, ...]
+    best_delay: FrontierPoint
+    poisson_gate: FrontierPoint
+    points: tuple[FrontierPoint, ...]
+    """The least-J SLO pick for each bound, in increasing D (infeasible: greedy, cost nan)."""
+    at_best_delay: FrontierPoint
+    """The frontier's point at D = the best delay's p99."""
+
+    @property
+    def goal_met(self) -> bool:
+        """J at or below the Poisson gate's with p99 at or below the best delay's, by the frontier."""
+        return self.at_best_delay.feasible and self.at_best_delay.cost <= self.poisson_gate.cost
+
+
+def j_p99_frontier(fitted: BatchingModel, table_model: BatchingModel, *, seed: int = 0,
+                   bounds_s: tuple[float, ...] | None = None, points: int = FRONTIER_POINTS) -> Frontier:
+    """Under ``fitted`` (the arrival model), on the SLO search's own path (``solver.slo.search_path``): the
+    Triton delays of ``DEFAULT_DELAYS_S`` and the best (``solver.slo_bound.derive_bound``), the Poisson-solved
+    table of ``table_model`` unguarded (what ``gate:smdp`` runs), and for each bound D (default: ``points``
+    spread from the least delay p99 to the table's) the SLO search's least-J pick (``solve_slo``), with D =
+    the best delay's p99 always among them."""
+    from solver.slo import SloTarget, search_path, simulated_quantile, solve_slo
+    from solver.slo_bound import DEFAULT_DELAYS_S, BestDelaySlo, derive_bound
+
+    bound = derive_bound(fitted, BestDelaySlo(0.99, DEFAULT_DELAYS_S), seed=seed)
+    B = fitted.max_batch
+    delays = tuple(FrontierPoint(f"triton {p.delay_s * 1e3:g} ms", p.estimate.quantile_s, p.estimate.ci95_s, p.cost,
+                                 TimeoutRule(B, p.delay_s)) for p in bound.delays)
+    best = delays[bound.delays.index(bound.best)]
+    path, warm = search_path(fitted, 0.99, seed=seed)
+    table = solve(table_model).policy
+    est, sim = simulated_quantile(fitted, table, SloTarget(0.99, 1.0), path, seed=seed, warmup=warm)
+    gate = FrontierPoint("gate smdp: Poisson-solved table, unguarded", est.quantile_s, est.ci95_s,
+                         sim.mean_latency_s + fitted.weight * sim.mean_power_w, table)
+    if bounds_s is None:
+        lo = min(p.p99_s for p in delays)
+        bounds_s = tuple(float(x) for x in np.linspace(lo, max(gate.p99_s, lo * 1.05), points))
+    out = []
+    for D in sorted({*bounds_s, best.p99_s}):
+        r = solve_slo(fitted, SloTarget(0.99, D), seed=seed)
+        c = r.chosen
+        what = ("greedy, infeasible" if not r.feasible else
+                f"w' {c.table_weight:g}" + ("" if c.max_wait_s is None else f" guard {c.max_wait_s * 1e3:.1f} ms"))
+        out.append(FrontierPoint(what, c.estimate.quantile_s, c.estimate.ci95_s, c.cost if r.feasible else math.nan,
+                                 c.rule, D, r.feasible))
+    at = next(p for p in out if p.bound_s == best.p99_s)
+    return Frontier(delays, best, gate, tuple(out), at)
+
+
+def frontier(trace: str, seed: int, synthetic: str | None = None, bounds_s: tuple[float, ...] | None = None) -> None:
+    """Print the J-p99 frontier under the fit (``j_p99_frontier``), every point also replayed on the trace's
+    own times, and whether the issue's goal -- J at or below the Poisson gate's with p99 at or below the
+    best delay's -- is on its feasible side."""
+    from loadtest.stack import scaled_profile
+    from solver.simulate import simulate_latencies
+
+    B, w, p0, rate, warm = 128, 1e-3, 40.0, 150.0, 1.5
+    prof = scaled_profile(ServiceProfile.from_csv(ROOT / "profiles" / "v100_resnet50.csv").truncated(B), 10.0)
+    if synthetic is None:
+        t = arrivals.trace(TRACES[trace], target_rate=rate, limit=12_000 if trace == "code" else 9_000)
+    else:
+        t = synthetic_stream(synthetic, seed)
+        t = (t - t[0]) * ((t.size - 1) / (t[-1] - t[0]) / rate)
+        trace = f"synthetic {synthetic} (seed {seed})"
+    model = BatchingModel((t.size - 1) / float(t[-1]), B, prof, p0, w)
+    fit = fit_arrivals(t).chosen
+    fitted = model.with_(rate=fit.mean_rate, arrivals=fit) if isinstance(fit, MMPP2) else model.with_(arrivals=fit)
+    f = j_p99_frontier(fitted, model, seed=seed, bounds_s=bounds_s)
+    print(f"{trace}: {t.size} requests at {model.rate:.1f} req/s, V100 table x10, B = {B}, w = {w:g}; fitted "
+          f"{fit.spec}; every point judged on the SLO search's path of the fit (seed {seed}) and replayed on the "
+          f"trace's times (warm-up {warm:g} s)")
+
+    def row(name: str, p: FrontierPoint) -> None:
+        sim, _ = simulate_latencies(prof, p.rule, t, idle_power_w=p0, weight=w, seed=seed, warmup=warm)
+        print(f"  {name:<58} {p.p99_s * 1e3:8.2f} {p.ci95_s * 1e3:6.2f} {p.cost * 1e3:8.2f} | "
+              f"{sim.p99_latency_s * 1e3:8.2f} {(sim.mean_latency_s + w * sim.mean_power_w) * 1e3:8.2f}", flush=True)
+
+    print(f"  {'point (under the fit)':<58} {'p99 ms':>8} {'+-':>6} {'J ms':>8} | {'replayed':>8} {'J ms':>8}")
+    for p in f.delays:
+        row(p.name + ("  <- best delay (least J)" if p is f.best_delay else ""), p)
+    row(f.poisson_gate.name, f.poisson_gate)
+    print("  frontier: the least J the SLO search finds for p99 <= D under the fit")
+    for p in f.points:
+        row(f"D {p.bound_s * 1e3:7.2f} ms{' (best delay p99)' if p is f.at_best_delay else ''}: {p.name}", p)
+    at, gate = f.at_best_delay, f.poisson_gate
+    reach = [p for p in f.points if p.feasible and p.cost <= gate.cost]
+    print(f"  at D = the best delay's p99 ({f.best_delay.p99_s * 1e3:.2f} ms) the least J is "
+          + (f"{at.cost * 1e3:.2f} ms" if at.feasible else "none (no searched policy meets it)")
+          + f" against the Poisson gate's {gate.cost * 1e3:.2f} ms and the best delay's {f.best_delay.cost * 1e3:.2f} ms; "
+          "the goal as written (J <= the Poisson gate's, p99 <= the best delay's) is "
+          + ("ON the frontier's feasible side" if f.goal_met else
+             "OFF the frontier" + (f", by {(at.cost / gate.cost - 1) * 100:+.2f}% in J" if at.feasible else ""))
+          + "; the frontier reaches the Poisson gate's J "
+          + (f"from D = {reach[0].bound_s * 1e3:.2f} ms" if reach else "at no bound of the grid"))
 
 
 def main() -> None:
@@ -317,6 +450,9 @@ def main() -> None:
     ap.add_argument("--guard-delay-ms", type=float, default=None,
                     help="--tail-guard: the Triton delay whose p99 the guard must match (default: the best under the fit)")
     ap.add_argument("--slo-study", action="store_true", help="the tail trade-off and the SLO search on a replayed trace")
+    ap.add_argument("--frontier", action="store_true",
+                    help="the J-p99 frontier under the fit (--trace or --synthetic), with the Poisson gate's and the "
+                         "best delay's points (--slo-bounds-ms: the bounds; default: spread between them)")
     ap.add_argument("--trace", choices=sorted(TRACES), default="conv", help="--slo-study: which trace")
     ap.add_argument("--synthetic", metavar="SPEC", default=None,
                     help=f"--slo-study: instead of a trace, {SYNTHETIC_REQUESTS} arrivals drawn from this mmpp spec "
@@ -333,6 +469,10 @@ def main() -> None:
         print(f"wrote {SYNTHETIC_REQUESTS} arrivals of {args.synthetic} (seed {args.seed}) to {args.write_trace}")
         if not args.slo_study:
             return
+    if args.frontier:
+        bounds = None if args.slo_bounds_ms is None else tuple(float(x) / 1e3 for x in args.slo_bounds_ms.split(","))
+        frontier(args.trace, args.seed, args.synthetic, bounds)
+        return
     if args.slo_study:
         bounds = STUDY_SLO_S if args.slo_bounds_ms is None else tuple(float(x) / 1e3 for x in args.slo_bounds_ms.split(","))
         slo_study(args.trace, args.seed, args.synthetic, bounds)

@@ -59,6 +59,10 @@ class Contender:
     """Adaptive gate started from the arrival model fitted to the replayed trace (``smdp serve --arrivals``,
     as ``smdp fit-arrivals`` gives it): ``gate:smdp-adaptive-seeded[-guard:US]``; with the SLO
     (``gate:smdp-slo-seeded``) the SLO search simulates that model."""
+    derived: bool = False
+    """SLO gate whose D is derived from the model (``smdp serve --slo-bound best_delay``: the least-J Triton
+    delay's predicted quantile, ``solver.slo_bound``) instead of the bench's --slo-latency, which is then
+    only the yardstick of the attainment column: ``gate:smdp-slo-derived[-seeded]``."""
     model_analyzer: bool = False
     """Triton's batcher at the delay a Model-Analyzer-style search picks for the bench's SLO
     (``triton:ma``): ``ma_delay`` sweeps the delays at the run's rate, least power with the q-quantile <= D."""
@@ -81,6 +85,8 @@ class Contender:
         if self.seeded and not (self.kind == "gate" and self.adaptive):
             raise ValueError("only the adaptive smdp gate starts from a fitted arrival model "
                              "(gate:smdp-adaptive-seeded, gate:smdp-slo-seeded)")
+        if self.derived and not (self.slo and self.adaptive):
+            raise ValueError("only the adaptive SLO gate derives its bound (gate:smdp-slo-derived[-seeded])")
         if self.model_analyzer and self.kind != "triton":
             raise ValueError("the Model-Analyzer-style delay is Triton's batcher's (triton:ma)")
         if self.max_wait_us is not None and (self.kind != "gate" or not isinstance(self.max_wait_us, int)
@@ -96,7 +102,8 @@ class Contender:
         if self.kind == "config":
             return f"config {self.policy}" + (" adaptive" if self.adaptive else "")
         if self.slo:
-            return "gate smdp SLO" + ("" if self.adaptive else " fixed") + (" seeded" if self.seeded else "")
+            return ("gate smdp SLO" + (" derived" if self.derived else "") + ("" if self.adaptive else " fixed")
+                    + (" seeded" if self.seeded else ""))
         guard = "" if self.max_wait_us is None else f" guard={self.max_wait_us / 1000:g}ms"
         if self.policy == "smdp" and self.adaptive:
             return ("gate smdp adaptive" + ("" if self.long_run else " (w unscaled)") + (" seeded" if self.seeded else "")
@@ -110,6 +117,7 @@ def parse_contender(spec: str) -> Contender:
     ``gate:smdp-adaptive-seeded`` re-solves starting from the arrival model fitted to the trace;
     ``gate:smdp-slo`` serves the SLO, ``gate:smdp-slo-fixed`` the SLO policy searched once,
     ``gate:smdp-slo-seeded`` the SLO searched under the fitted arrival model (its MMPP's paths);
+    ``gate:smdp-slo-derived[-seeded]`` the same with D derived from the model (``--slo-bound best_delay``);
     ``gate:smdp-adaptive-guard:US`` / ``gate:smdp-guard:US`` with a max-wait guard of US microseconds), ``config:smdp`` or ``config:smdp-adaptive`` (config mode following
     the load)."""
     kind, _, rest = spec.strip().partition(":")
@@ -136,6 +144,9 @@ def parse_contender(spec: str) -> Contender:
             return Contender("gate", policy="smdp", adaptive=True, slo=True, seeded=True)
         if rest == "smdp-slo-fixed":
             return Contender("gate", policy="smdp", slo=True)
+        if rest in ("smdp-slo-derived", "smdp-slo-derived-seeded"):
+            return Contender("gate", policy="smdp", adaptive=True, slo=True, derived=True,
+                             seeded=rest.endswith("-seeded"))
         head, _, guard = rest.rpartition("-guard:")
         if head in ("smdp", "smdp-adaptive", "smdp-adaptive-seeded"):
             try:

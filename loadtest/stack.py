@@ -81,6 +81,8 @@ class SidecarSpec:
     """``smdp serve --max-wait``: the gate's max-wait guard, seconds (None: the sidecar's default)."""
     arrivals: str | None = None
     """``smdp serve --arrivals``: a fitted arrival model the adaptive gate starts from (None: none)."""
+    slo_bound: str = "stated"
+    """``smdp serve --slo-bound``: best_delay derives the SLO's D from the model (``slo.latency_s`` unused)."""
 
     def flags(self) -> list[str]:
         out = ["--policy", self.policy, "--max-batch", str(self.max_batch), "--weight", repr(float(self.weight)),
@@ -102,7 +104,9 @@ class SidecarSpec:
         if self.long_run_window_s is not None:
             out += ["--long-run-window", repr(float(self.long_run_window_s))]
         if self.slo is not None:
-            out += ["--slo-quantile", repr(self.slo.quantile), "--slo-latency", repr(self.slo.latency_s)]
+            out += ["--slo-quantile", repr(self.slo.quantile)]
+            out += (["--slo-bound", "best_delay"] if self.slo_bound == "best_delay"
+                    else ["--slo-latency", repr(self.slo.latency_s)])
             if self.slo.margin_s > 0:
                 out += ["--slo-margin", repr(self.slo.margin_s)]
         return out

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from solver import quantities
 from solver.policy import parse_rule_spec
 from solver.quantities import DEFAULT_IDLE_POWER_W, DEFAULT_WEIGHT
+from solver.slo_bound import DEFAULT_DELAYS_S
 
 ENV_PREFIX = "SMDP_SIDECAR_"
 
@@ -49,7 +50,7 @@ class SloConfig(BaseModel):
         "(solver/slo_bound.py). One model instance only",
     )
     best_delay_grid_s: tuple[float, ...] = Field(
-        (0.0, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05),
+        DEFAULT_DELAYS_S,
         description="bound: best_delay: the Triton max_queue_delay values compared, seconds",
     )
 
@@ -160,7 +161,7 @@ class ModelPolicyConfig(BaseModel):
         description="smdp only: a tail-latency SLO {quantile, latency_s, margin_s, bound, best_delay_grid_s}; the "
         "policy is then the least-J one (J = W + w P at `weight`) predicted to meet it, greedy when none does. "
         "bound: best_delay (instead of latency_s) derives D at every search: the predicted quantile of the least-J "
-        "Triton delay of best_delay_grid_s (seconds; default 0, 5, 10, 20, 30, 40, 50 ms) under the arrival model in "
+        "Triton delay of best_delay_grid_s (seconds) under the arrival model in "
         "force, served itself where no searched policy meets it at a lower J (solver/slo_bound.py; one instance). "
         "It is searched "
         "for latency_s - margin_s (margin_s, default 0: latency the sidecar cannot see, the client's and its "

@@ -134,6 +134,14 @@ def _slo_args(p: argparse.ArgumentParser) -> None:
                         "policy meets D, the answer is greedy); with --instances K > 1 the family is the "
                         "k-instance control limits T_m, optionally guarded (solver/instances_slo.py)")
     p.add_argument("--slo-latency", type=float, default=None, help="the SLO's latency bound D, seconds")
+    p.add_argument("--slo-bound", choices=("stated", "best_delay"), default="stated",
+                   help="with --slo-quantile: best_delay derives D instead of --slo-latency: the predicted quantile of "
+                        "the least-J Triton delay of --slo-delays under the model's arrivals, served itself where no "
+                        "searched policy meets it at a lower J (solver/slo_bound.py); --json then adds best_delay_s, "
+                        "best_delay_quantile_s, the delays judged and delay_served (default: %(default)s)")
+    p.add_argument("--slo-delays", default=None,
+                   help="with --slo-bound best_delay: comma-separated Triton delays, seconds (default: "
+                        "0,0.005,0.01,0.02,0.03,0.04,0.05)")
     p.add_argument("--slo-margin", type=float, default=0.0,
                    help="seconds of D reserved for latency the model does not see (client, network): the policy "
                         "is searched for D - margin (default: %(default)s)")
@@ -145,6 +153,18 @@ def _slo_target(args: argparse.Namespace):
     from solver.slo import SloTarget
 
     q, d = args.slo_quantile, args.slo_latency
+    if args.slo_bound == "best_delay":
+        from solver.slo_bound import DEFAULT_DELAYS_S, BestDelaySlo
+
+        if q is None or d is not None:
+            raise ModelError("--slo-bound best_delay needs --slo-quantile and derives D: leave out --slo-latency")
+        try:
+            delays = DEFAULT_DELAYS_S if args.slo_delays is None else tuple(float(x) for x in args.slo_delays.split(","))
+        except ValueError:
+            raise ModelError(f"--slo-delays must be comma-separated seconds, got {args.slo_delays!r}") from None
+        return BestDelaySlo(q, delays, args.slo_margin)
+    if args.slo_delays is not None:
+        raise ModelError("--slo-delays goes with --slo-bound best_delay")
     if q is None and d is None:
         return None
     if q is None or d is None:
@@ -154,9 +174,12 @@ def _slo_target(args: argparse.Namespace):
 
 def _cmd_solve_slo(args: argparse.Namespace, model, target) -> int:
     from solver.slo import solve_slo
+    from solver.slo_bound import BestDelaySlo, solve_best_delay_slo
 
-    res = solve_slo(model, target)
-    out = res.to_dict()
+    derived = solve_best_delay_slo(model, target) if isinstance(target, BestDelaySlo) else None
+    res = derived.result if derived is not None else solve_slo(model, target)
+    out = derived.to_dict() if derived is not None else res.to_dict()
+    target = res.target
     out.update({"profile": str(args.profile), "samples": None if args.samples is None else str(args.samples),
                 "service_law": model.profile.law})
     if args.json:
@@ -166,7 +189,17 @@ def _cmd_solve_slo(args: argparse.Namespace, model, target) -> int:
     print(f"SLO policy for lambda = {model.rate:g} req/s (load {model.load:.3f}), w = {model.weight:g} s/W, "
           f"B = {model.max_batch}: q = {target.quantile:g} of response time <= {target.latency_s * 1e3:g} ms"
           + (f" (searched for {target.budget_s * 1e3:g} ms: {target.margin_s * 1e3:g} ms margin)" if target.margin_s else ""))
-    if res.feasible:
+    if derived is not None:
+        print(f"  D derived from the model: {derived.bound.describe()}")
+        for p in derived.bound.delays:
+            print(f"    Triton delay {p.delay_s * 1e3:5g} ms: W {p.mean_latency_s * 1e3:.3f} ms, "
+                  f"q{target.quantile:g} {p.estimate.quantile_s * 1e3:.3f} ms, J {p.cost * 1e3:.4f} ms")
+    if derived is not None and derived.delay_served:
+        print(f"  the search's pick ({'feasible' if derived.search.feasible else 'infeasible'}, J "
+              f"{derived.search.chosen.cost * 1e3:.4f} ms) does not beat the delay: serving Triton delay "
+              f"{derived.bound.best.delay_s * 1e3:g} ms itself ("
+              + ("greedy)" if derived.bound.best.delay_s == 0 else "the full-batch table with that max-wait guard)"))
+    elif res.feasible:
         guard = "no guard" if c.max_wait_s is None else f"max-wait guard {c.max_wait_s * 1e3:.3f} ms"
         print(f"  table solved for w' = {c.table_weight:g} s/W, {guard}")
     else:
@@ -361,6 +394,10 @@ def _cmd_solve(args: argparse.Namespace) -> int:
     target = _slo_target(args)
     if target is not None:
         if model.instances > 1:
+            if args.slo_bound == "best_delay":
+                from solver.model import ModelError
+
+                raise ModelError("--slo-bound best_delay derives D for one instance: give --slo-latency with --instances")
             return _cmd_solve_slo_instances(args, model, target)
         return _cmd_solve_slo(args, model, target)
     if model.instances > 1:

@@ -32,6 +32,10 @@ from solver.policy import BatchRule, MaxWaitGuard, PolicyTable, greedy, threshol
 from solver.slo import QuantileEstimate, SloCandidate, SloResult, SloTarget, search_path, simulated_quantile, solve_slo
 
 
+DEFAULT_DELAYS_S = (0.0, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05)
+"""Triton max_queue_delay values compared by default, seconds."""
+
+
 @dataclass(frozen=True)
 class BestDelaySlo:
     """Ask for the q-quantile of response time to be no worse than the least-J Triton delay's of
@@ -194,5 +198,5 @@ def solve_best_delay_slo(model: BatchingModel, rule: BestDelaySlo, *, seed: int 
     return BestDelayResult(bound, search, served, True)
 
 
-__all__ = ["BestDelayResult", "BestDelaySlo", "DelayPoint", "DerivedBound", "delay_rule", "derive_bound",
+__all__ = ["DEFAULT_DELAYS_S", "BestDelayResult", "BestDelaySlo", "DelayPoint", "DerivedBound", "delay_rule", "derive_bound",
            "solve_best_delay_slo"]

@@ -412,6 +412,36 @@ def test_a_profile_2x_too_fast_is_learned_from_the_batches_and_the_policy_resolv
     assert s.measured.mean_power_w > 0
 
 
+def test_an_slo_bound_derived_from_the_model_is_served_and_reported(scaled):
+    """``slo.bound: best_delay``: the sidecar derives D (the least-J Triton delay's predicted q0.99 under
+    the arrival model in force) at its first search, serves a policy predicted within it, answers every
+    request, and says how D was derived in its status and in `smdp ctl status`'s text."""
+    from plugin.ctl_cli import _status_text
+
+    triton, csv = scaled
+    rate, margin = 60.0, 0.002
+    with sidecar(triton.grpc_url, csv, model={"rate_rps": rate, "weight": 0.01, "max_wait_s": 1.0,
+                                              "slo": {"quantile": 0.99, "bound": "best_delay", "margin_s": margin}}) as sc:
+        ch, stub, md = control(sc)
+        answers: list = []
+        fire(sc.url, poisson(rate, n=40, rng=np.random.default_rng(4)), answers)
+        assert [a for a, _ in answers] == ["ok"] * 40
+        deadline = time.monotonic() + 30
+        s = status(stub, md)
+        while time.monotonic() < deadline and not s.slo.HasField("predicted_quantile_s"):
+            time.sleep(0.1)
+            s = status(stub, md)
+        assert s.slo.derived_bound.startswith("best_delay: Triton delay"), s.slo
+        assert s.slo.feasible and s.slo.margin_s == pytest.approx(margin)
+        # D is the delay's quantile + margin (+ the measured correction, none this early); the search, or
+        # the delay itself, is for the delay's quantile
+        c = sc.sidecar.registry.models()[("emulated_gpu", "")].controller
+        assert c.slo_bound is not None and s.slo.latency_s >= c.slo_bound.quantile_s + margin - 1e-9
+        assert s.slo.predicted_quantile_s <= c.slo_bound.quantile_s + 1e-9
+        assert "D derived from the model: best_delay: Triton delay" in _status_text(s)
+        ch.close()
+
+
 def test_an_slo_is_met_in_a_steady_poisson_run_and_reported(scaled, scaled_unbatched):
     """q0.95 <= 150 ms at 60 req/s on the x20 profile with w = 0.01: the mean-optimal table's q0.95 is
     about 210 ms, so the SLO binds; the search picks the w table with a max-wait guard (about 90 ms)."""

@@ -214,11 +214,13 @@ def test_windowed_rate_partial_last_window():
 
 def _arrivals_bench():
     import importlib.util
+    import sys
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "bench" / "arrivals_bench.py"
     spec = importlib.util.spec_from_file_location("arrivals_bench_under_test", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

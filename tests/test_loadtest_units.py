@@ -241,6 +241,17 @@ def test_the_trace_bench_gives_each_gate_its_guard_and_the_seeded_one_the_fitted
     assert got.arrivals == fit and got.slo is not None and got.slo.latency_s == 0.07 and got.adaptive
     with pytest.raises(ValueError):
         Contender("gate", policy="smdp", slo=True, seeded=True)  # the fixed SLO gate is not seeded
+    # D derived from the model: the sidecar gets --slo-bound best_delay and the margin, not the bench's D
+    derived = parse_contender("gate:smdp-slo-derived-seeded")
+    assert derived.derived and derived.seeded and derived.name == "gate smdp SLO derived seeded"
+    spec = gate_spec(derived, cfg, **{**kw, "slo": SloTarget(0.99, 0.07, 0.003)})
+    assert "--slo-latency" not in spec.flags()
+    got = config_from_args(build_parser().parse_args(["serve", *spec.flags()])).policy_for("any")
+    assert got.arrivals == fit and got.slo.bound == "best_delay" and got.slo.latency_s is None
+    assert got.slo.margin_s == 0.003 and got.slo.quantile == 0.99
+    assert not parse_contender("gate:smdp-slo-derived").seeded
+    with pytest.raises(ValueError, match="derives its bound"):
+        Contender("gate", policy="smdp", slo=True, derived=True)  # the fixed SLO gate states D
 
 
 def test_predictions_agree_with_the_solver_and_greedy_equals_zero_delay():

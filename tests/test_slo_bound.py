@@ -197,3 +197,63 @@ def test_the_adaptive_gate_derives_d_under_its_fit_and_again_when_the_fit_moves(
         assert c.slo is None and c.slo_rule is None and _slo_status(c, clock.t) is None
 
     asyncio.run(go())
+
+
+def test_smdp_solve_derives_the_bound_and_reports_it_in_its_json(capsys):
+    import json
+
+    from smdp.cli import main
+
+    base = ["solve", "--profile", str(ROOT / "profiles" / "v100_resnet50.csv"), "--rate", "150", "--weight", "1e-3",
+            "--max-batch", "32", "--slo-quantile", "0.99", "--slo-bound", "best_delay"]
+    assert main([*base, "--slo-delays", "0.01,0.02", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["bound"] == "best_delay" and d["best_delay_s"] in (0.01, 0.02)
+    assert [p["delay_s"] for p in d["delays"]] == [0.01, 0.02]
+    assert d["slo_latency_s"] == pytest.approx(d["best_delay_quantile_s"])  # no margin given
+    assert d["predicted_quantile_s"] <= d["best_delay_quantile_s"] + 1e-12
+    assert d["gain"] <= d["best_delay_gain"] + 1e-12 and d["bound_arrivals"] == "poisson"
+    for bad in (["--slo-latency", "0.05"], ["--slo-delays", "a,b"], ["--instances", "2"]):
+        assert main([*base, *bad]) == 2
+        err = capsys.readouterr().err
+        assert "error" in err and "Traceback" not in err
+    assert main(["solve", "--rate", "150", "--slo-delays", "0.01"]) == 2
+    assert "--slo-bound best_delay" in capsys.readouterr().err
+
+
+def test_the_trace_benchs_derived_slo_prediction_is_the_bound_searched_under_the_fit(profile):
+    """What the trace bench predicts for ``gate:smdp-slo-derived-seeded``: ``solve_best_delay_slo`` under
+    the fit at its own mean rate, with the bench's quantile and margin."""
+    from loadtest.trace_bench import derived_slo_prediction
+    from solver.slo import SloTarget
+    from solver.slo_bound import DEFAULT_DELAYS_S
+
+    model = _model(profile, rate=150.0)
+    pred, said = derived_slo_prediction(model, CLUMPED.spec, SloTarget(0.99, 0.2, 0.003))
+    res = solve_best_delay_slo(model.with_(rate=CLUMPED.mean_rate, arrivals=CLUMPED),
+                               BestDelaySlo(0.99, DEFAULT_DELAYS_S, 0.003))
+    assert pred.cost == res.result.chosen.cost and pred.mean_latency_s == res.result.chosen.mean_latency_s
+    assert f"D = {(res.bound.quantile_s + 0.003) * 1e3:.2f} ms derived" in said
+    assert ("serving the delay itself" in said) == res.delay_served
+
+
+def test_the_frontier_puts_the_poisson_gate_and_the_best_delay_on_one_path(profile):
+    """``bench/arrivals_bench.py --frontier``: under Poisson the unguarded Poisson-solved table is the
+    least-J rule, so the frontier at the best delay's p99 (below the table's) costs more J than the gate
+    (the goal as written is off it), and at a bound the table meets it is the table itself, J for J (one
+    path, one seed). Every feasible pick meets its bound by its upper 95% figure."""
+    from bench.arrivals_bench import j_p99_frontier
+
+    model = _model(profile, rate=150.0)
+    first = j_p99_frontier(model, model, bounds_s=())
+    gate, best = first.poisson_gate, first.best_delay
+    assert best.cost == min(p.cost for p in first.delays) and gate.p99_s > best.p99_s
+    assert [p.bound_s for p in first.points] == [best.p99_s] and first.at_best_delay is first.points[0]
+    assert first.at_best_delay.feasible and first.at_best_delay.cost > gate.cost and not first.goal_met
+    loose = gate.p99_s + gate.ci95_s + 0.002
+    f = j_p99_frontier(model, model, bounds_s=(loose,))
+    top = f.points[-1]
+    assert top.bound_s == loose and top.feasible and top.cost == gate.cost
+    np.testing.assert_array_equal(top.rule.actions, gate.rule.actions)  # unguarded: the table itself
+    for p in f.points:
+        assert not p.feasible or p.p99_s + p.ci95_s <= p.bound_s
