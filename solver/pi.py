@@ -511,7 +511,8 @@ def policy_iteration(
     near: improve only among the actions within ``near`` of the current ones (and the wait) while that
     changes the policy, and over all actions before stopping (None: always over all actions). A rate
     or size step moves most batch sizes by one or two, so the intermediate steps need only the
-    product on those actions (``TruncatedSMDP.expected_next_near``, 3-4x cheaper at B = 256); the
+    product on those actions (``TruncatedSMDP.expected_next_near``: the Hankel product's window, or read
+    from the FFT products where the pmf window is long); the
     last step is the full one, so the policy returned satisfies the same optimality check as without.
     Used with a given start (warm or seeded: from greedy the changes are far, and the windowed steps
     cost more iterations) where B >= NEAR_MIN_RATIO (2 near + 1), and for the first step only where

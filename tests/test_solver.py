@@ -842,6 +842,71 @@ def test_policy_iteration_near_actions_gives_the_full_improvements_answer(B, loa
         assert out.values.gain == pytest.approx(ref.values.gain, rel=1e-12)
 
 
+@pytest.mark.parametrize("B,N,cv,groups,first", [(64, 500, 1.0, False, 0), (128, 700, 2.0, False, 200),
+                                                 (64, 450, 1.0, True, 100), (32, 200, 0.0, False, 40)])
+def test_serve_products_by_fft_are_the_hankel_products(B, N, cv, groups, first, monkeypatch):
+    """The FFT form of the serve products gives the Hankel product's values on every allowed pair (to
+    1e-12 relative), the wait column bit for bit, from any first state; its windowed product is its
+    full one on the window, +inf elsewhere."""
+    from solver import tail
+    from solver.arrival_model import CompoundPoisson
+    from solver.tail import build
+
+    m = v100(B, 0.6, 1e-4, cv)
+    if groups:
+        m = m.with_(arrivals=CompoundPoisson(2.0))
+    rng = np.random.default_rng(3)
+    h = np.cumsum(rng.uniform(0.0, 1.0, N + 1)) ** 1.7
+    n = np.arange(N + 1)
+    actions = np.clip(np.minimum(n, B) - rng.integers(0, 12, N + 1), 0, B)
+    actions[n >= B] = np.maximum(actions[n >= B], 1)
+    out = {}
+    for name, threshold in (("hankel", 10**9), ("fft", 1)):
+        monkeypatch.setattr(tail, "SPECTRAL_MIN_BAND", threshold)
+        smdp = build(m, N)
+        assert (smdp._spectrum() is not None) == (name == "fft")
+        out[name] = (smdp.expected_next(h, first), smdp.expected_next(h), smdp.expected_next_near(h, actions, 8))
+    valid = smdp.valid
+    for part, (got, want) in enumerate(zip(out["fft"], out["hankel"])):
+        ok = valid[first:] if part == 0 else valid
+        np.testing.assert_allclose(got[ok], want[ok], rtol=1e-12, atol=0.0)
+        np.testing.assert_array_equal(got[:, 0], want[:, 0])
+    full, near = out["fft"][1], out["fft"][2]
+    np.testing.assert_array_equal(out["fft"][0], full[first:])
+    a = np.arange(B + 1)[None, :]
+    window = (a >= 1) & (np.abs(a - actions[:, None]) <= 8) & (a <= n[:, None])
+    window[:, 0] = True
+    np.testing.assert_array_equal(np.isfinite(near), window)
+    np.testing.assert_array_equal(near[window], full[window])
+
+
+@pytest.mark.parametrize("B,load,cv", [(64, 0.6, 2.0), (128, 0.6, 1.0), (256, 0.3, 1.0)])
+def test_solve_with_fft_products_gives_the_hankel_products_answer(B, load, cv, monkeypatch):
+    """The automatic truncation with the FFT serve products (the default where the pmf window is long)
+    and with the Hankel products: the same sizes, policy, iterations, and gain to 1e-12, cold and
+    warm (the product's rounding, 1e-13 relative at most, is far below the improvement's 1e-11 tie)."""
+    from solver import tail
+    from solver.tail import build
+
+    if B <= 128:
+        m = v100(B, load, 1e-4, cv)
+    else:
+        prof = ServiceProfile.affine(B, 0.1438e-3, 1.8874e-3, 0.04419, 0.1550, cv=cv)
+        m0 = BatchingModel(rate=1.0, max_batch=B, profile=prof, idle_power_w=40.0, weight=1e-4)
+        m = m0.with_(rate=load * m0.capacity)
+    results = {}
+    for name, threshold in (("hankel", 10**9), ("fft", tail.SPECTRAL_MIN_BAND)):
+        monkeypatch.setattr(tail, "SPECTRAL_MIN_BAND", threshold)
+        warm = solve(m.with_(rate=0.95 * m.rate)).policy
+        results[name] = (solve(m), solve(m, warm_start=warm))
+    for got, want in zip(results["fft"], results["hankel"]):
+        assert got.converged and want.converged
+        assert got.sizes_tried == want.sizes_tried and got.iterations == want.iterations
+        np.testing.assert_array_equal(got.policy.actions, want.policy.actions)
+        assert got.gain == pytest.approx(want.gain, rel=1e-12)
+    assert build(m, results["fft"][0].truncation)._spectrum() is not None  # the FFT path was the one taken
+
+
 def _row_by_row_transitions(smdp, actions):
     """P of a policy written the plain way, one state at a time (the reference for the run fill)."""
     N, L = smdp.truncation, smdp.band
