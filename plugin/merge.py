@@ -549,7 +549,10 @@ class RequestValidator:
     """
 
     __slots__ = ("config", "_model", "_batching", "_max_batch", "_inputs", "_allowed", "_required", "_n_inputs",
-                 "_outputs")
+                 "_outputs", "_repeatable", "_passed")
+
+    MAX_SHAPES = 256
+    """Request shapes remembered as passed (``check_shaped``); forgotten wholesale past this many."""
 
     def __init__(self, model_config: model_config_pb2.ModelConfig) -> None:
         self.config = model_config
@@ -562,6 +565,30 @@ class RequestValidator:
         self._required = [i.name for i in model_config.input if not i.optional]
         self._n_inputs = len(model_config.input)
         self._outputs = [o.name for o in model_config.output]
+        self._repeatable = all(i.data_type != model_config_pb2.TYPE_STRING for i in model_config.input)
+        self._passed: set[tuple] = set()
+
+    def check_shaped(self, req: ModelInferRequest, key: Hashable | None, rows: int) -> None:
+        """``check``, done once per request shape: ``key`` is the request's ``merge_key`` and ``rows``
+        its first input's dim 0. A request whose shape passed before passes without the checks.
+
+        The shape is everything ``check`` reads of a request with raw contents and no shared memory:
+        the merge key (names, datatypes, dims past the batch dim, parameters, outputs), the rows, each
+        raw blob's length and whether an input also sets typed ``contents``. Not remembered: requests
+        without a merge key (shared memory, sequences, anything odd), typed ``contents`` only, and
+        models with BYTES inputs, whose blobs are checked element by element. Refusals are never
+        remembered, so their messages (which name the request) are always ``check``'s."""
+        raw = req.raw_input_contents
+        if key is None or not raw or not self._repeatable:
+            self.check(req)
+            return
+        shape = (key, rows, tuple(map(len, raw)), tuple(t.HasField("contents") for t in req.inputs))
+        if shape in self._passed:
+            return
+        self.check(req)
+        if len(self._passed) >= self.MAX_SHAPES:
+            self._passed.clear()
+        self._passed.add(shape)
 
     def check(self, req: ModelInferRequest) -> None:
         """Raise MalformedRequest for what Triton would refuse (see ``validate_request``)."""

@@ -140,12 +140,16 @@ class PythonPlane:
             return response
         if state.gate is None:
             return await self.upstream.call(request)
+        inputs = request.inputs
+        shape = inputs[0].shape if inputs else None
+        rows = int(shape[0]) if shape else 1
+        key = merge_key(request)
         try:
-            key = (state.name, state.version)
-            validator = self._validators.get(key)
+            model = (state.name, state.version)
+            validator = self._validators.get(model)
             if validator is None or validator.config is not state.config:
-                validator = self._validators[key] = RequestValidator(state.config)
-            validator.check(request)
+                validator = self._validators[model] = RequestValidator(state.config)
+            validator.check_shaped(request, key, rows)
         except MalformedRequest:
             return await self._relay_refused(state, request)
         now = self._clock()
@@ -163,12 +167,9 @@ class PythonPlane:
             except GateError:
                 self.metrics.request_rejected(state.name, "invalid_argument")
                 raise
-        inputs = request.inputs
-        shape = inputs[0].shape if inputs else None
-        rows = int(shape[0]) if shape else 1
         call = _Call(request, self._loop.create_future())
         item = Pending(
-            key=merge_key(request),
+            key=key,
             arrival=now,
             rows=rows,
             priority=priority,

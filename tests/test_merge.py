@@ -14,6 +14,7 @@ from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor, 
 from plugin.merge import (
     MalformedRequest,
     MergeError,
+    RequestValidator,
     SplitError,
     batch_rows,
     merge,
@@ -515,6 +516,84 @@ def test_validation_checks_shared_memory_byte_size_without_data():
     req = _get_inference_request("nb", [inp], "", "shm", None, 0, False, False, 0, None, None)
     with pytest.raises(MalformedRequest, match="Expected 12, got 8"):
         validate_request(req, cfg)
+
+
+NUMERIC = """
+name: "n"
+max_batch_size: 8
+input [
+  { name: "x" data_type: TYPE_FP32 dims: [ -1, 4 ] },
+  { name: "opt" data_type: TYPE_INT64 dims: [ 2 ] optional: true }
+]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ -1, 4 ] } ]
+"""
+
+
+def _numeric_variants() -> list[service_pb2.ModelInferRequest]:
+    """Requests of one model's shapes, valid and not, some differing from a valid one only in what
+    ``check_shaped``'s shape must hold: a blob's length, typed contents beside raw, rows."""
+    def req(rows=2, width=3, **kw):
+        return make_request({"x": np.ones((rows, width, 4), np.float32), **kw.pop("extra", {})}, rid="v", model="n",
+                            **kw)
+
+    short = req()
+    short.raw_input_contents[0] = short.raw_input_contents[0][:-4]
+    both = req()
+    both.inputs[0].contents.fp32_contents.extend([1.0] * 24)
+    typed_short = to_typed(req())
+    del typed_short.inputs[0].contents.fp32_contents[-1]
+    dup = req()
+    dup.inputs.append(dup.inputs[0])
+    dup.raw_input_contents.append(dup.raw_input_contents[0])
+    return [req(), short, both, req(rows=9), req(rows=8), req(width=5), to_typed(req()), typed_short, dup,
+            req(outputs=[InferRequestedOutput("y")]), req(outputs=[InferRequestedOutput("nope")]),
+            req(extra={"opt": np.zeros((2, 2), np.int64)}), req(extra={"opt": np.zeros((2, 3), np.int64)}),
+            req(extra={"opt": np.zeros((2, 2), np.int32)}), req(priority=1), req(sequence_id=7)]
+
+
+def _outcome(check, req) -> str | None:
+    try:
+        check(req)
+    except MalformedRequest as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("text, variants", [(NUMERIC, _numeric_variants), (CONFIG, lambda: [
+    _valid(), _valid(rows=9), _valid(extra={"opt": np.zeros((2, 2), np.int64)})])])
+def test_a_shape_that_passed_is_not_checked_again_and_every_request_gets_checks_answer(text, variants, monkeypatch):
+    """``check_shaped`` answers every request as ``check`` does (the same message for a refusal),
+    when each shape is new and again when every passing shape is remembered; with BYTES inputs
+    (whose blobs are checked element by element) it checks every request."""
+    cfg = config(text)
+    requests = variants()
+    expected = [_outcome(RequestValidator(cfg).check, r) for r in requests]
+    assert None in expected and any(e is not None for e in expected)
+    shaped = RequestValidator(cfg)
+
+    def check(r):
+        shape = r.inputs[0].shape
+        shaped.check_shaped(r, merge_key(r), int(shape[0]) if shape else 1)
+
+    for _ in range(2):
+        assert [_outcome(check, r) for r in requests] == expected
+    if text == NUMERIC:
+        assert len(shaped._passed) == 5  # req() (and with a priority), rows=8, width 5, y asked for, opt; not
+        # the typed or sequence ones
+        def checked(self, r):
+            raise AssertionError("checked again")
+
+        monkeypatch.setattr(RequestValidator, "check", checked)
+        check(requests[0])  # a remembered shape is not checked again
+        with pytest.raises(AssertionError, match="checked again"):
+            check(requests[3])  # a refused one is
+    else:
+        assert not shaped._passed
+    strings = _valid()
+    strings.raw_input_contents[1] = strings.raw_input_contents[1] + struct.pack("<I", 0)
+    if text == CONFIG:  # a remembered shape's BYTES blob with one element too many
+        with pytest.raises(MalformedRequest, match="expected 2 string elements"):
+            check(strings)
 
 
 def test_single_request_fast_path_drops_per_caller_parameters_and_sets_the_batch_id():

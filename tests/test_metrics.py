@@ -203,3 +203,28 @@ def test_a_reports_worth_at_once_exports_what_one_update_per_event_does():
         for labels, value in a[name].items():
             assert value == pytest.approx(b[name][labels], rel=1e-12, nan_ok=True), (name, labels)
     assert a["smdp_sidecar_request_latency_seconds_count"][(("model", "m"),)] == 12  # NaN in no bucket
+
+
+def test_the_fast_observes_export_what_prometheus_clients_own_observe_does():
+    """``observe_one`` and ``observe_all`` use prometheus_client's histogram parts directly; their
+    exposition must stay the library's own ``observe``'s (this fails should those parts change)."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from plugin.metrics import LATENCY_BUCKETS_S, observe_all, observe_one
+
+    values = [0.0005, 0.0004, 0.0011, 0.75, 3.0, 10.0, 11.0, 0.0, float("nan"), 0.002, -1.0, float("inf")]
+    texts = []
+    for how in ("observe", "one", "all"):
+        registry = CollectorRegistry()
+        h = Histogram("h_seconds", "test", ("model",), buckets=LATENCY_BUCKETS_S, registry=registry).labels("m")
+        if how == "observe":
+            for v in values:
+                h.observe(v)
+        elif how == "one":
+            for v in values:
+                observe_one(h, v)
+        else:
+            observe_all(h, values)
+        texts.append([line for line in generate_latest(registry).decode().splitlines() if "_created" not in line])
+    assert texts[0] == texts[1] == texts[2]
+    assert any('le="+Inf"' in line and line.endswith(" 11.0") for line in texts[0])
