@@ -257,3 +257,38 @@ def test_the_frontier_puts_the_poisson_gate_and_the_best_delay_on_one_path(profi
     np.testing.assert_array_equal(top.rule.actions, gate.rule.actions)  # unguarded: the table itself
     for p in f.points:
         assert not p.feasible or p.p99_s + p.ci95_s <= p.bound_s
+
+
+def test_a_derived_d_moves_with_the_measured_correction_without_a_new_search(profile):
+    """Answers 2 ms above the prediction: the correction is measured as for a stated D, and a derived D
+    (the delay's quantile + margin + correction) carries it; the searched budget is the delay's quantile
+    either way, so no search is asked for."""
+
+    class Clock:
+        t = 1000.0
+
+        def __call__(self) -> float:
+            return self.t
+
+    async def go():
+        clock = Clock()
+        c = PolicyController(
+            "m", profile,
+            ControllerConfig(max_batch=B, idle_power_w=P0, weight=W, initial_rate=150.0, window_s=5.0,
+                             learning=LearningConfig(enabled=False), long_run_s=0.0),
+            install=lambda p: None, clock=clock)
+        c.set_slo(BestDelaySlo(0.99, DELAYS, margin_s=0.001))
+        await c.tick(clock.t)
+        first, version = c.current, c.version
+        bound = c.slo_bound
+        assert c.slo_offset_s == 0.0 and c.slo.latency_s == pytest.approx(bound.quantile_s + 0.001)
+        rng = np.random.default_rng(1)
+        for i in range(300):  # the policy in force, measured: its predicted mean plus 2 ms, with noise
+            c.observe_latency(clock.t + 0.001 * i, first.mean_latency_s + 0.002 + rng.normal(0, 0.001))
+        clock.t += 0.5
+        assert c.tick(clock.t) is None and c.version == version
+        assert c.slo_offset_s == pytest.approx(0.002, abs=3e-4)
+        assert c.slo.latency_s == pytest.approx(bound.quantile_s + 0.001 + c.slo_offset_s)
+        assert c.slo.budget_s == pytest.approx(bound.quantile_s) and c.slo_bound is bound
+
+    asyncio.run(go())

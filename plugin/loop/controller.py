@@ -874,6 +874,11 @@ class PolicyController:
         rise = 0.005 * d if gap.at_quantile else max(0.005 * d, noise)
         if new - old > rise or old - new > max(0.02 * d, noise):
             self.slo_offset_s = new
+            if self.slo_rule is not None and self.slo_bound is not None:
+                # a derived D carries the correction (``_solve_derived_slo``): D moves, the searched
+                # budget (the delay's predicted quantile) does not, so there is nothing to solve again
+                self.slo = self.slo_bound.target(new)
+                return False
             self._dirty = True
             return True
         return False
