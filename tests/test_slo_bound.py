@@ -48,6 +48,15 @@ def _model(profile, arrivals=None, rate=None) -> BatchingModel:
     return BatchingModel(arrivals.mean_rate, B, profile, P0, W, arrivals=arrivals)
 
 
+
+class Clock:
+    """The controller's injected clock, moved by hand."""
+
+    t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
 def test_a_delay_as_a_gate_rule_is_tritons_timeout(profile):
     """The full-batch table guarded by d (greedy for d = 0) decides as Triton's delay d: the same
     latencies request by request, and the same table and timer for the gate."""
@@ -149,12 +158,6 @@ def test_the_adaptive_gate_derives_d_under_its_fit_and_again_when_the_fit_moves(
     """Seeded with an MMPP, the controller's first SLO search derives D under the shape (status says how),
     the policy served is no worse than the delay by the model; a new shape (a re-fit) is searched again
     with D re-derived under it."""
-
-    class Clock:
-        t = 1000.0
-
-        def __call__(self) -> float:
-            return self.t
 
     async def go():
         clock = Clock()
@@ -263,12 +266,6 @@ def test_a_derived_d_moves_with_the_measured_correction_without_a_new_search(pro
     """Answers 2 ms above the prediction: the correction is measured as for a stated D, and a derived D
     (the delay's quantile + margin + correction) carries it; the searched budget is the delay's quantile
     either way, so no search is asked for."""
-
-    class Clock:
-        t = 1000.0
-
-        def __call__(self) -> float:
-            return self.t
 
     async def go():
         clock = Clock()
