@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from solver import arrivals
-from solver.arrival_model import MMPP2
+from solver.arrival_model import MMPP2, ArrivalModel
 from solver.compare import TIMEOUT_GRID_S
 from solver.fit import fit_arrivals
 from solver.mmpp import evaluate_mmpp, solve_mmpp
@@ -218,32 +218,60 @@ def write_trace_csv(times: np.ndarray, path: Path) -> None:
                     + "".join(f"{str(s).replace('T', ' ')},1,1\n" for s in stamps))
 
 
-def slo_study(trace: str, seed: int, synthetic: str | None = None,
-              bounds_s: tuple[float, ...] = STUDY_SLO_S) -> None:
-    import time
+@dataclass(frozen=True)
+class _StudyStream:
+    """The study's and the frontier's common set-up: the V100 table x10 at B = 128, w = 1e-3, a 40 W idle
+    power, the stream replayed at 150 req/s, the model at its measured rate and the fit's chosen model."""
 
+    B: int
+    w: float
+    p0: float
+    warm: float
+    profile: ServiceProfile
+    times: np.ndarray
+    label: str
+    model: BatchingModel
+    fit: ArrivalModel
+
+    @property
+    def fitted(self) -> BatchingModel:
+        """The model under the fit: an MMPP at its own mean rate, groups alone at the replay's."""
+        fit = self.fit
+        return self.model.with_(rate=fit.mean_rate, arrivals=fit) if isinstance(fit, MMPP2) else self.model.with_(arrivals=fit)
+
+
+def _study_stream(trace: str, seed: int, synthetic: str | None) -> _StudyStream:
     from loadtest.stack import scaled_profile
-    from solver.mmpp import solve_mmpp_blind
-    from solver.policy import MaxWaitGuard
-    from solver.simulate import simulate_latencies
-    from solver.slo import SloTarget, solve_slo
 
     B, w, p0, rate, warm = 128, 1e-3, 40.0, 150.0, 1.5
     prof = scaled_profile(ServiceProfile.from_csv(ROOT / "profiles" / "v100_resnet50.csv").truncated(B), 10.0)
     if synthetic is None:
         t = arrivals.trace(TRACES[trace], target_rate=rate, limit=12_000 if trace == "code" else 9_000)
+        label = trace
     else:
         t = synthetic_stream(synthetic, seed)
         t = (t - t[0]) * ((t.size - 1) / (t[-1] - t[0]) / rate)  # the trace bench's rescaling to --rate
-        trace = f"synthetic {synthetic} (seed {seed})"
+        label = f"synthetic {synthetic} (seed {seed})"
     model = BatchingModel((t.size - 1) / float(t[-1]), B, prof, p0, w)
-    fit = fit_arrivals(t).chosen
+    return _StudyStream(B, w, p0, warm, prof, t, label, model, fit_arrivals(t).chosen)
+
+
+def slo_study(trace: str, seed: int, synthetic: str | None = None,
+              bounds_s: tuple[float, ...] = STUDY_SLO_S) -> None:
+    import time
+
+    from solver.mmpp import solve_mmpp_blind
+    from solver.policy import MaxWaitGuard
+    from solver.simulate import simulate_latencies
+    from solver.slo import SloTarget, solve_slo
+
+    st = _study_stream(trace, seed, synthetic)
+    B, w, p0, warm, prof, t, trace, model, fit = st.B, st.w, st.p0, st.warm, st.profile, st.times, st.label, st.model, st.fit
     print(f"{trace} trace: {t.size} requests at {model.rate:.1f} req/s (rho {model.load:.2f}), V100 table x10, "
           f"B = {B}, w = {w:g}; fitted {fit.spec}; simulated on the replayed times (warm-up {warm:g} s)")
     fixed = solve(model).policy
     tables = {"Poisson table": fixed}
-    # the model under the fit: an MMPP at its own mean rate, groups alone at the replay's
-    fitted = model.with_(rate=fit.mean_rate, arrivals=fit) if isinstance(fit, MMPP2) else model.with_(arrivals=fit)
+    fitted = st.fitted
     if isinstance(fit, MMPP2):
         tables["blind table (fit)"] = solve_mmpp_blind(fitted, fixed).policy
         phased = solve_mmpp(fitted).policy if fit.phases == 2 else None
@@ -394,20 +422,11 @@ def frontier(trace: str, seed: int, synthetic: str | None = None, bounds_s: tupl
     """Print the J-p99 frontier under the fit (``j_p99_frontier``), every point also replayed on the trace's
     own times, and whether the issue's goal -- J at or below the Poisson gate's with p99 at or below the
     best delay's -- is on its feasible side."""
-    from loadtest.stack import scaled_profile
     from solver.simulate import simulate_latencies
 
-    B, w, p0, rate, warm = 128, 1e-3, 40.0, 150.0, 1.5
-    prof = scaled_profile(ServiceProfile.from_csv(ROOT / "profiles" / "v100_resnet50.csv").truncated(B), 10.0)
-    if synthetic is None:
-        t = arrivals.trace(TRACES[trace], target_rate=rate, limit=12_000 if trace == "code" else 9_000)
-    else:
-        t = synthetic_stream(synthetic, seed)
-        t = (t - t[0]) * ((t.size - 1) / (t[-1] - t[0]) / rate)
-        trace = f"synthetic {synthetic} (seed {seed})"
-    model = BatchingModel((t.size - 1) / float(t[-1]), B, prof, p0, w)
-    fit = fit_arrivals(t).chosen
-    fitted = model.with_(rate=fit.mean_rate, arrivals=fit) if isinstance(fit, MMPP2) else model.with_(arrivals=fit)
+    st = _study_stream(trace, seed, synthetic)
+    B, w, p0, warm, prof, t, trace, model, fit = st.B, st.w, st.p0, st.warm, st.profile, st.times, st.label, st.model, st.fit
+    fitted = st.fitted
     f = j_p99_frontier(fitted, model, seed=seed, bounds_s=bounds_s)
     print(f"{trace}: {t.size} requests at {model.rate:.1f} req/s, V100 table x10, B = {B}, w = {w:g}; fitted "
           f"{fit.spec}; every point judged on the SLO search's path of the fit (seed {seed}) and replayed on the "

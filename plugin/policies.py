@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from solver.policy import BatchRule, GateRule, parse_rule_spec, rule_from_spec
+from solver.slo_bound import BestDelaySlo, solve_best_delay_slo
 from tritonclient.grpc import model_config_pb2
 
 from .config import ModelPolicyConfig, SloConfig
-
-if TYPE_CHECKING:
-    from solver.slo_bound import BestDelaySlo
 from .placement import placement
 
 log = logging.getLogger("smdp.policies")
@@ -89,10 +87,8 @@ def build_rule(model: str, cfg: ModelPolicyConfig, model_max_batch: int, instanc
     return RuleInfo(result.policy, "smdp", b, pred)
 
 
-def best_delay_slo(slo: SloConfig) -> "BestDelaySlo":
+def best_delay_slo(slo: SloConfig) -> BestDelaySlo:
     """``slo.bound: best_delay`` as the solver's rule (``solver.slo_bound``)."""
-    from solver.slo_bound import BestDelaySlo
-
     return BestDelaySlo(slo.quantile, slo.best_delay_grid_s, slo.margin_s)
 
 
@@ -101,10 +97,8 @@ def _slo_rule(bm, cfg: ModelPolicyConfig) -> RuleInfo:
     from solver.policy import MaxWaitGuard
     from solver.slo import SloTarget, solve_slo
 
-    derived: dict = {}
+    derived: dict[str, float | str] = {}
     if cfg.slo.bound == "best_delay":
-        from solver.slo_bound import solve_best_delay_slo
-
         both = solve_best_delay_slo(bm, best_delay_slo(cfg.slo))
         res, derived = both.result, {"slo_latency_s": both.result.target.latency_s, "bound": both.bound.describe()}
         log.info("SLO bound derived at %g/s: %s%s", bm.rate, both.bound.describe(),

@@ -196,13 +196,19 @@ def _booked(events: list, controller: bool):
     from plugin.native_data_plane import NativeDataPlane
     from plugin.registry import BatchStats
 
+    from plugin.config import load_config
+
     state = SimpleNamespace(name="m", gate=object(), stats=BatchStats(8), controller=_Recorder() if controller else None)
-    plane = NativeDataPlane.__new__(NativeDataPlane)
-    plane.registry = SimpleNamespace(get=lambda name, version: state if name == "m" else None)
-    plane.metrics, plane._clock, plane._last_arrival, plane._views, plane._closing = \
-        SidecarMetrics(max_batch=8), lambda: 100.0, {}, {}, False
-    for event in events:
-        plane._on_event(event)
+    registry = SimpleNamespace(get=lambda name, version: state if name == "m" else None)
+
+    async def book() -> NativeDataPlane:
+        plane = NativeDataPlane(load_config(overrides={"triton_url": "127.0.0.1:9"}, environ={}), registry, None,
+                                SidecarMetrics(max_batch=8), lambda: 100.0, ())
+        for event in events:
+            plane._on_event(event)
+        return plane
+
+    plane = run(book())
     exposition = [line for line in generate_latest(plane.metrics.registry).decode().splitlines()
                   if "_created" not in line]
     return vars(state.stats), state.controller.calls if controller else None, exposition

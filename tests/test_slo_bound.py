@@ -21,7 +21,7 @@ from solver import arrivals
 from solver.arrival_model import MMPP2, parse_arrivals
 from solver.errors import ModelError
 from solver.model import BatchingModel, ServiceProfile
-from solver.policy import GateRule, MaxWaitGuard, TimeoutRule
+from solver.policy import GateRule, MaxWaitGuard, PolicyTable, TimeoutRule
 from solver.simulate import simulate_latencies
 from solver.slo import search_path
 from solver.slo_bound import BestDelaySlo, delay_rule, derive_bound, solve_best_delay_slo
@@ -47,6 +47,15 @@ def _model(profile, arrivals=None, rate=None) -> BatchingModel:
         return BatchingModel(rate or SLOW.mean_rate, B, profile, P0, W)
     return BatchingModel(arrivals.mean_rate, B, profile, P0, W, arrivals=arrivals)
 
+
+
+class Clock:
+    """The controller's injected clock, moved by hand."""
+
+    t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
 
 def test_a_delay_as_a_gate_rule_is_tritons_timeout(profile):
     """The full-batch table guarded by d (greedy for d = 0) decides as Triton's delay d: the same
@@ -149,12 +158,6 @@ def test_the_adaptive_gate_derives_d_under_its_fit_and_again_when_the_fit_moves(
     """Seeded with an MMPP, the controller's first SLO search derives D under the shape (status says how),
     the policy served is no worse than the delay by the model; a new shape (a re-fit) is searched again
     with D re-derived under it."""
-
-    class Clock:
-        t = 1000.0
-
-        def __call__(self) -> float:
-            return self.t
 
     async def go():
         clock = Clock()
@@ -264,12 +267,6 @@ def test_a_derived_d_moves_with_the_measured_correction_without_a_new_search(pro
     (the delay's quantile + margin + correction) carries it; the searched budget is the delay's quantile
     either way, so no search is asked for."""
 
-    class Clock:
-        t = 1000.0
-
-        def __call__(self) -> float:
-            return self.t
-
     async def go():
         clock = Clock()
         c = PolicyController(
@@ -292,3 +289,34 @@ def test_a_derived_d_moves_with_the_measured_correction_without_a_new_search(pro
         assert c.slo.budget_s == pytest.approx(bound.quantile_s) and c.slo_bound is bound
 
     asyncio.run(go())
+
+
+def test_a_fixed_gate_with_a_derived_bound_serves_the_one_search_and_reports_its_d():
+    """``adaptive: false`` with ``slo.bound: best_delay``: the bound is derived once at ``rate_rps`` and the
+    fixed rule is ``solve_best_delay_slo``'s pick; its status carries the derived D and how it was found."""
+    from plugin.config import ModelPolicyConfig
+    from plugin.control_backend import _fixed_slo_status
+    from plugin.policies import build_rule
+
+    csv = ROOT / "profiles" / "v100_resnet50.csv"
+    prof = ServiceProfile.from_csv(csv, max_batch=B)
+    rate = 0.4 * B / prof.mean_s[-1]
+    slo = SloConfig(quantile=0.99, bound="best_delay", margin_s=0.001)
+    cfg = ModelPolicyConfig(policy="smdp", profile=csv, adaptive=False, rate_rps=rate, weight=W, idle_power_w=P0,
+                            slo=slo)
+    info = build_rule("m", cfg, B)
+    want = solve_best_delay_slo(BatchingModel(rate=rate, max_batch=B, profile=prof, idle_power_w=P0, weight=W),
+                                best_delay_slo(slo))
+    c = want.result.chosen
+    assert info.prediction["slo_latency_s"] == pytest.approx(want.bound.quantile_s + 0.001)
+    assert info.prediction["bound"] == want.bound.describe()
+    assert info.prediction["predicted_quantile_s"] == c.estimate.quantile_s
+    guard = info.rule.max_wait_s if isinstance(info.rule, MaxWaitGuard) else None
+    rule = info.rule.rule if isinstance(info.rule, MaxWaitGuard) else info.rule
+    assert guard == c.max_wait_s and type(rule) is type(c.policy)
+    if isinstance(rule, PolicyTable):
+        np.testing.assert_array_equal(rule.actions, c.policy.actions)
+    else:
+        assert rule == c.policy
+    st = _fixed_slo_status(cfg, info).message()
+    assert st.latency_s == pytest.approx(want.bound.quantile_s + 0.001) and st.derived_bound == want.bound.describe()
