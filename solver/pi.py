@@ -100,26 +100,36 @@ class BandedBelowLU:
     scratch column in front), ``lu.factor()``, then ``solve`` / ``solve_transposed``.
     """
 
-    def __init__(self, n: int, kl: int) -> None:
+    def __init__(self, n: int, kl: int, capacity: int | None = None) -> None:
         if int(n) < 2 or int(kl) < 1:
             raise ValueError(f"BandedBelowLU needs n >= 2 and kl >= 1, got n = {n}, kl = {kl}")
         self.n = int(n)
-        self.kl = min(int(kl), max(self.n - 1, 0))
         self.ku = max(self.n - 1, 0)
+        self.capacity = min(max(int(kl), 0 if capacity is None else int(capacity)), max(self.n - 1, 0))
+        """The largest kl this storage holds (``clear`` can change kl up to it)."""
+        # front: room for one scratch column in front of column 0 (``extended``)
+        self._flat = np.zeros(self._size(self.capacity))
+        self._piv: np.ndarray | None = None
+        self.generation = 0
+        """Counts the factorisations held: a solve kept for later checks it still has its matrix."""
+        self._layout(int(kl))
+
+    def _size(self, kl: int) -> int:
+        ldab = 2 * kl + self.ku + 1
+        return ldab - 1 + ldab * self.n
+
+    def _layout(self, kl: int) -> None:
+        """The band array and the matrix views for ``kl`` subdiagonals, at the front of the storage."""
+        self.kl = min(int(kl), max(self.n - 1, 0))
         ldab = 2 * self.kl + self.ku + 1
         step = ldab - 1  # one column of the view further is ldab - 1 further in memory
-        # front: room for one scratch column in front of column 0 (``extended``)
-        self._flat = np.zeros(step + ldab * self.n)
-        self.band = self._flat[step:].reshape((ldab, self.n), order="F")
+        self.band = self._flat[step : step + ldab * self.n].reshape((ldab, self.n), order="F")
         offset = self.kl + self.ku  # band row of the diagonal
         item = self._flat.itemsize
         # a view whose base is the flat storage itself (so row runs can be viewed through it too)
         self.extended = np.ndarray((self.n, self.n + 1), dtype=float, buffer=self._flat, offset=offset * item,
                                    strides=(item, item * step))
         self.matrix = self.extended[:, 1:]
-        self._piv: np.ndarray | None = None
-        self.generation = 0
-        """Counts the factorisations held: a solve kept for later checks it still has its matrix."""
 
     @classmethod
     def of(cls, M: np.ndarray, kl: int) -> "BandedBelowLU":
@@ -129,9 +139,14 @@ class BandedBelowLU:
         lu.factor()
         return lu
 
-    def clear(self) -> None:
-        """Zero the storage, to write and factor another matrix of the same shape in it."""
-        self._flat.fill(0.0)
+    def clear(self, kl: int | None = None) -> None:
+        """Zero the storage, to write and factor another matrix of the same size in it, with ``kl``
+        subdiagonals (at most ``capacity``; default: as before)."""
+        if kl is not None:
+            if not 1 <= int(kl) <= max(self.capacity, 1):
+                raise ValueError(f"kl must be in 1..{self.capacity}, got {kl}")
+            self._layout(int(kl))
+        self._flat[: self._size(self.kl)] = 0.0
         self._piv = None
         self.generation += 1
 
@@ -255,10 +270,14 @@ class _BandedSolve:
     ) -> "_BandedSolve":
         """Factor ``actions``' system, in ``lu``'s storage when given (cleared first: memory already
         touched fills about twice as fast as fresh pages at N = 2667)."""
-        if lu is None:
-            lu = BandedBelowLU(smdp.n_states, block)
+        # row n's first entry is at column n - a(n) - 1 (h(0) is not an unknown): the policy's largest
+        # batch + 1 subdiagonals hold the matrix, often fewer than B + 1 (cold B = 256, CV 1, load
+        # 0.6: 160 to 246), and the LU's work is about kl N^2
+        kl = max(1, min(block, int(np.max(actions)) + 1))
+        if lu is None or kl > lu.capacity:
+            lu = BandedBelowLU(smdp.n_states, kl, capacity=block)
         else:
-            lu.clear()
+            lu.clear(kl)
         _, c, _ = smdp.hessenberg_system(actions, out=lu.extended)
         lu.factor()
         x = lu.solve(c)

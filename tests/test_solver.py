@@ -472,6 +472,50 @@ def test_banded_below_lu_solves_a_system_that_needs_pivoting():
     assert not np.allclose(bad, np.linalg.solve(wide, b))
 
 
+def test_banded_lu_storage_rebanded_to_fewer_subdiagonals_solves_like_a_fresh_one():
+    """One storage of capacity 9 factors a 9-band matrix, then a 4-band one in a narrower layout (and
+    back): each solve is a fresh LU's answer; more subdiagonals than the capacity is refused."""
+    from solver.pi import BandedBelowLU
+
+    rng = np.random.default_rng(11)
+    n = 40
+    b = rng.standard_normal(n)
+    lu = BandedBelowLU(n, 9, capacity=9)
+    for band in (9, 4, 9, 1):
+        M = rng.standard_normal((n, n)) + 4 * np.eye(n)
+        M[np.tril_indices(n, -band - 1)] = 0.0
+        lu.clear(band)
+        assert lu.kl == band
+        lu.matrix[:] = np.triu(M, -band)
+        lu.factor()
+        fresh = BandedBelowLU.of(M, band)
+        np.testing.assert_array_equal(lu.solve(b), fresh.solve(b))
+        np.testing.assert_allclose(lu.solve(b), np.linalg.solve(M, b), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(lu.solve_transposed(b), np.linalg.solve(M.T, b), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="kl must be"):
+        lu.clear(10)
+
+
+def test_policy_evaluation_factors_with_the_policys_own_band():
+    """The evaluation LU holds the largest batch + 1 subdiagonals of the policy (not B + 1), and its
+    values are the dense evaluation's; a policy with a larger batch after a smaller one gets its band."""
+    from solver.pi import PolicyEvaluator, evaluate_policy
+    from solver.tail import build
+
+    B, N = 32, 200
+    smdp = build(v100(B, 0.6, 1e-4, 1.0), N)
+    n = np.arange(N + 1)
+    evaluate = PolicyEvaluator(smdp, "banded")
+    for cap in (12, 32, 20, 5):
+        actions = np.minimum(n, cap)
+        got = evaluate.refactor(actions)
+        assert evaluate._base is not None and evaluate._base.lu.kl == cap + 1
+        dense = evaluate_policy(smdp, actions, "dense")
+        assert got.gain == pytest.approx(dense.gain, rel=1e-12)
+        np.testing.assert_allclose(got.h, dense.h, rtol=1e-10, atol=1e-12 * np.max(np.abs(dense.h)))
+        np.testing.assert_allclose(got.pi, dense.pi, rtol=1e-8, atol=1e-14)
+
+
 @pytest.mark.parametrize("B,N,cv", [(4, 40, 1.0), (8, 61, 0.0), (32, 150, 1.0), (32, 130, 2.0)])
 def test_banded_evaluation_equals_the_dense_one(B, N, cv):
     """Every policy shape (waits, partial and full batches, waits above B) on several block counts
