@@ -46,9 +46,18 @@ the 1.5 steps went 437 -> 656 -> 985 -> 1478 although the gain is within 1e-8 of
 N = 674 (bench/solve_bench.py); the 1.25 steps go 437 -> 547 -> 684 -> 856.
 
 Each size after the first starts PI from the previous size's policy, with the states the step adds
-set by one improvement step on the previous values extended by the fluid tail (h(N + m) = h(N) +
+set from the policy's own shape (``shape_seed``, default): a(n) ~ a + b sqrt(n) + c n fitted on the
+previous policy's states [N/2, 0.9 N], extrapolated, never below the largest batch on those states
+(``_shape_seeded_start``). Where too few states qualify, or with ``shape_seed=False`` (the seed
+before), one improvement step on the previous values extended by the fluid tail (h(N + m) = h(N) +
 the excursion's relative cost, ``_extended_values``): at CV 1 the beyond-N rule (full batches) is
-wrong on a ramp of added states (78 of them at B = 128, load 0.6), the seeded start on 0-2. Policy
+wrong on a ramp of added states (78 of them at B = 128, load 0.6), the fluid seed on 0-2 there but
+one to five batch sizes too high on most added states at B = 256 (the fluid drain serves full
+batches). Cold B = 256, CV 1, load 0.6: 13 LUs and 16 PI iterations from the shape seed against 15
+and 19. The seed is the start whose gain the policy rule reads, so a better seed can settle the
+policy a size earlier: of 216 cold and warm solves (docs/notes/issue-18.md, tenth pass) two models
+stop one size earlier, gain within 1.9e-10 of the fluid seed's (whose own distance to N = 3000 is
+7e-12), the policies differing on states carrying at most 4.6e-10 of the stationary mass. Policy
 iteration then usually changes only a few states, which ``solver.pi.PolicyEvaluator`` solves by a
 low-rank update of the last LU instead of a new one. The arrivals' pmf and its prefix sums are
 computed once for the first three sizes, then for a size and the next one
@@ -151,6 +160,40 @@ def _seeded_start(smdp: TruncatedSMDP, start: np.ndarray, below: int, h: np.ndar
     return out
 
 
+SHAPE_FIT = (0.5, 0.9)
+"""The shape seed fits the previous size's policy on these fractions of its truncation (``_shape_seeded_start``)."""
+SHAPE_MIN_POINTS = 8
+"""Fewer fitted states than this (all of them at n >= B): the shape seed falls back to ``_seeded_start``."""
+
+
+def _shape_seeded_start(start: np.ndarray, below: int, max_batch: int) -> np.ndarray | None:
+    """``start`` with its actions from state ``below`` up set from the previous policy's own shape:
+    a(n) ~ a + b sqrt(n) + c n, fitted by least squares on the states n in [0.5, 0.9] x (below - 1)
+    (n >= B; away from the top, where the tail's approximation bends the policy), extrapolated,
+    rounded and clipped to [the largest batch on the fitted states, B]. None where fewer than ``SHAPE_MIN_POINTS`` states qualify.
+
+    Above N the optimal batch size keeps growing with n (about as sqrt(n) at CV 1-2, flat at B
+    where the queue saturates it); the fluid improvement step (``_seeded_start``) starts the added
+    states one to five sizes too high at 1706 of the cold B = 256, CV 1 search, and each wrong
+    state is one more state for policy iteration to change (docs/notes/issue-18.md, tenth pass)."""
+    N = below - 1
+    lo = max(max_batch, int(SHAPE_FIT[0] * N))
+    hi = int(SHAPE_FIT[1] * N) + 1
+    if hi - lo < SHAPE_MIN_POINTS:
+        return None
+    n = np.arange(lo, hi, dtype=float)
+    basis = np.stack([np.ones_like(n), np.sqrt(n), n], axis=1)
+    coef = np.linalg.lstsq(basis, start[lo:hi].astype(float), rcond=None)[0]
+    m = np.arange(below, start.size, dtype=float)
+    fitted = coef[0] + coef[1] * np.sqrt(m) + coef[2] * m
+    out = start.copy()
+    # never below the largest batch the fitted states use: where the policy reaches B inside the fit
+    # range the curve bends back under it, while the batch size above keeps growing (or stays at B)
+    floor = int(start[lo:hi].max())
+    out[below:] = np.clip(np.rint(fitted), floor, max_batch).astype(start.dtype)
+    return out
+
+
 def _grow(N: int, growth: float) -> int:
     return int(N * growth) + 1
 
@@ -213,6 +256,7 @@ def solve(
     resume_warm_start: bool = True,
     control_limit_start: bool = False,
     policy_by_gain: bool = True,
+    shape_seed: bool = True,
 ) -> SolveResult:
     """Optimal stationary policy of ``model`` (minimal J = W + w P).
 
@@ -233,6 +277,9 @@ def solve(
     policy_by_gain: the automatic N counts the policy as settled when the previous size's policy is
     within NOISE_FLOOR x growth_rtol of this size's optimal gain (module doc), not only when it is
     unchanged on the common states (False: the rule before, kept for comparison). PI only.
+    shape_seed: start the states a size step adds from the previous policy's fitted shape (module doc);
+    False: from one improvement step on the fluid-extended values (the seed before, kept for
+    comparison). Same gain to the growth tolerance either way; it moves only PI's start. PI only.
     control_limit_start: without a warm start, start PI from the best control-limit policy
     (``solver.pi.control_limit_search``) instead of greedy; PI still decides, so the answer is the
     same. Off by default: on the V100 profiles the search costs more evaluations than it saves
@@ -300,8 +347,11 @@ def solve(
             pairs = PairArrays(model, counts.kmax)  # and the arrays that do not depend on N, as far
         smdp = build(model, N, tail, counts=counts, pairs=pairs)
         if previous_values is not None and method == "pi":
-            h = _extended_values(previous_smdp, previous_values, N + 1)
-            start = _seeded_start(smdp, start, previous.size, h, previous_values.gain)
+            shaped = _shape_seeded_start(start, previous.size, model.max_batch) if shape_seed else None
+            if shaped is None:
+                h = _extended_values(previous_smdp, previous_values, N + 1)
+                shaped = _seeded_start(smdp, start, previous.size, h, previous_values.gain)
+            start = shaped
         # a size's policy gets the improvement over all actions only where the size could end the search
         actions, gain, bounds, its, ok, values, start_gain, confirmed = _solve_at(
             smdp, method, start, tol, max_iter, linear_solver, confirm=truncation is not None)
