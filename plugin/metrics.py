@@ -123,9 +123,9 @@ class HistogramFamily:
     The exposition is ``Histogram``'s: HELP/TYPE, ``_bucket`` (cumulative, ``le`` formatted by the
     library, ``+Inf`` last), ``_count`` and ``_sum`` per label set, in the order the label sets were
     first used, a family with no label set yet shows its HELP/TYPE lines only. One difference: no
-    ``_created`` series (the time a label set was first used); nothing here reads it.
-    Bounds must be finite, > 0 and increasing (+Inf is added): with a bound <= 0 the library would
-    drop the ``_sum``."""
+    ``_created`` series (the time a label set was first used); nothing in this project reads it.
+    Bounds must be finite, > 0 and increasing (+Inf is added); all of the sidecar's are, and with a
+    negative first bound the library's family would drop ``_count`` and ``_sum``."""
 
     def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...], buckets: Sequence[float],
                  registry: CollectorRegistry) -> None:
