@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import itertools
 import math
 import socket
 import threading
@@ -26,12 +27,14 @@ from socketserver import ThreadingMixIn
 from typing import Any, Iterable, Sequence
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from solver.quantities import check_count
 
 __all__ = ["SidecarMetrics", "MetricsServer", "start_metrics_server", "batch_size_buckets", "LATENCY_BUCKETS_S",
-           "latency_buckets_with"]
+           "latency_buckets_with", "HistogramFamily", "HistogramSeries"]
 
 PREFIX = "smdp_sidecar_"
 
@@ -66,31 +69,103 @@ def batch_size_buckets(max_batch: int) -> tuple[float, ...]:
     return tuple(out)
 
 
-def observe_one(histogram: Histogram, value: float) -> None:
-    """``histogram.observe(value)`` (a labelled child) with the bucket found by bisection, without the
-    per-call checks and the linear search over the bounds: on the Python plane's request path. Uses
-    the histogram's stored parts as ``observe_all`` does (see there)."""
-    bounds = histogram._upper_bounds
-    if value <= bounds[-1]:
-        histogram._buckets[bisect.bisect_left(bounds, value)].inc(1)
-    histogram._sum.inc(value)
+class HistogramSeries:
+    """One label set's histogram: a count per bucket and the sum of the values, kept here.
+
+    ``observe`` finds a value's bucket by bisection (the first upper bound >= the value; NaN counts in
+    none but joins the sum, as prometheus_client's ``Histogram.observe`` does); ``observe_all`` books
+    many values with one locked update. The lock makes a scrape's snapshot consistent (each bucket,
+    the count and the sum from the same instant) and lets any thread call; today the writers are the
+    event loop (the Python plane's request path, the native plane's report bookkeeping) and the
+    readers the metrics server's scrape threads.
+    """
+
+    __slots__ = ("_bounds", "_counts", "_sum", "_lock")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds  # increasing, the last one +inf
+        self._counts = [0] * len(bounds)  # per bucket, not cumulative
+        self._sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        i = bisect.bisect_left(self._bounds, value)
+        with self._lock:
+            if value <= math.inf:  # False for NaN only: it joins the sum, not a bucket
+                self._counts[i] += 1
+            self._sum += value
+
+    def observe_all(self, values: Sequence[float]) -> None:
+        """``observe(v)`` for each of ``values``: the buckets counted first, then one locked update."""
+        if not values:
+            return
+        total = sum(values)
+        if total == total:  # no NaN among the values
+            counts = collections.Counter(map(bisect.bisect_left, itertools.repeat(self._bounds), values))
+        else:
+            counts = collections.Counter(bisect.bisect_left(self._bounds, v) for v in values if v <= math.inf)
+        with self._lock:
+            for i, n in counts.items():
+                self._counts[i] += n
+            self._sum += total
+
+    def snapshot(self) -> tuple[list[int], float]:
+        """(per-bucket counts, not cumulative; the sum), read together."""
+        with self._lock:
+            return list(self._counts), self._sum
 
 
-def observe_all(histogram: Histogram, values: Sequence[float]) -> None:
-    """``histogram.observe(v)`` for each of ``values`` (a labelled child), with one locked update per
-    bucket touched instead of one per value. prometheus_client has no bulk observe: this uses its
-    histogram's stored parts, ``_upper_bounds``, ``_buckets`` (a non-cumulative count per bound, the
-    first bound >= the value counts it; none for NaN) and ``_sum``, as ``Histogram.observe`` does.
-    tests/test_metrics.py checks the exposition against one ``observe`` per value."""
-    if not values:
-        return
-    bounds = histogram._upper_bounds
-    top = bounds[-1]
-    counts = collections.Counter(bisect.bisect_left(bounds, v) for v in values if v <= top)
-    buckets = histogram._buckets
-    for i, n in counts.items():
-        buckets[i].inc(n)
-    histogram._sum.inc(sum(values))
+class HistogramFamily:
+    """A labelled histogram made of ``HistogramSeries`` and exported by ``collect`` (a prometheus_client
+    custom collector, registered on ``registry``): prometheus_client's ``Histogram`` has no bulk
+    observe, and its ``observe`` checks and searches the bounds linearly on every call.
+
+    The exposition is ``Histogram``'s: HELP/TYPE, ``_bucket`` (cumulative, ``le`` formatted by the
+    library, ``+Inf`` last), ``_count`` and ``_sum`` per label set, in the order the label sets were
+    first used, a family with no label set yet shows its HELP/TYPE lines only. One difference: no
+    ``_created`` series (the time a label set was first used); nothing in this project reads it.
+    Bounds must be finite, > 0 and increasing (+Inf is added); all of the sidecar's are, and with a
+    negative first bound the library's family would drop ``_count`` and ``_sum``."""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...], buckets: Sequence[float],
+                 registry: CollectorRegistry) -> None:
+        bounds = tuple(float(b) for b in buckets)
+        if not bounds or any(not (math.isfinite(b) and b > 0) for b in bounds) or \
+                any(a >= b for a, b in zip(bounds, bounds[1:])):
+            raise ValueError(f"histogram {name}: bucket bounds must be finite, > 0 and increasing, got {buckets!r}")
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = labelnames
+        self._bounds = bounds + (math.inf,)
+        self._le = tuple(floatToGoString(b) for b in self._bounds)
+        self._series: dict[tuple[str, ...], HistogramSeries] = {}
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def labels(self, *values: str) -> HistogramSeries:
+        """The series of one label set (created on first use), label values in ``labelnames`` order."""
+        if len(values) != len(self._labelnames):
+            raise ValueError(f"histogram {self._name}: {len(self._labelnames)} label values expected "
+                             f"({', '.join(self._labelnames)}), got {values!r}")
+        key = tuple(str(v) for v in values)
+        with self._lock:
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = HistogramSeries(self._bounds)
+            return series
+
+    def describe(self) -> Iterable[HistogramMetricFamily]:
+        """The family without samples: the registry checks its names for clashes without a ``collect``."""
+        return [HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)]
+
+    def collect(self) -> Iterable[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        with self._lock:
+            series = list(self._series.items())
+        for key, s in series:
+            counts, total = s.snapshot()
+            family.add_metric(key, [(le, float(n)) for le, n in zip(self._le, itertools.accumulate(counts))], total)
+        return [family]
 
 
 @dataclass
@@ -98,9 +173,9 @@ class _ModelChildren:
     """One model's pre-resolved metric children (the label lookup done once)."""
 
     arrived: Any
-    latency: Any
-    batch_size: Any
-    batch_service: Any
+    latency: HistogramSeries
+    batch_size: HistogramSeries
+    batch_service: HistogramSeries
     queue: Any
     in_flight: Any
     instances: Any
@@ -125,8 +200,10 @@ class _ModelChildren:
 class SidecarMetrics:
     """Every metric one sidecar exports, in a registry of its own.
 
-    Methods are safe to call from any thread (prometheus_client children lock their values; the
-    child caches only ever gain entries, and a race to add one stores the same child twice).
+    Methods are safe to call from any thread (prometheus_client children and ``HistogramSeries`` lock
+    their values; the child caches only ever gain entries, and a race to add one stores the same child
+    twice). The three histograms (request latency, batch size, batch service time) are
+    ``HistogramFamily``: the library's ``Histogram`` exposition without its ``_created`` series.
     """
 
     def __init__(self, max_batch: int = 128, *, latency_buckets_s: tuple[float, ...] = LATENCY_BUCKETS_S) -> None:
@@ -142,21 +219,20 @@ class SidecarMetrics:
         self._answered = Counter(
             PREFIX + "responses", "Requests answered, by gRPC status code", ("model", "code"), registry=r
         )
-        self._latency = Histogram(
+        self._latency = HistogramFamily(
             PREFIX + "request_latency_seconds", "Arrival-to-answer time of a request in the sidecar",
-            m, buckets=latency_buckets_s, registry=r,
+            m, latency_buckets_s, r,
         )
         self._dispatched = Counter(
             PREFIX + "batches", "Batches dispatched to Triton, by the reason the gate served",
             ("model", "why"), registry=r,
         )
-        self._batch_size = Histogram(
-            PREFIX + "batch_size", "Requests (rows) per dispatched batch", m,
-            buckets=batch_size_buckets(max_batch), registry=r,
+        self._batch_size = HistogramFamily(
+            PREFIX + "batch_size", "Requests (rows) per dispatched batch", m, batch_size_buckets(max_batch), r,
         )
-        self._batch_service = Histogram(
+        self._batch_service = HistogramFamily(
             PREFIX + "batch_service_seconds", "Dispatch-to-completion time of a batch on Triton",
-            m, buckets=SERVICE_BUCKETS_S, registry=r,
+            m, SERVICE_BUCKETS_S, r,
         )
         self._queue = Gauge(PREFIX + "queue_length", "Requests waiting in the gate", m, registry=r)
         self._in_flight = Gauge(PREFIX + "in_flight_batches", "Batches sent to Triton and not yet completed", m, registry=r)
@@ -280,7 +356,7 @@ class SidecarMetrics:
         if child is None:
             child = c.answered[code] = self._answered.labels(model, self._label(code))
         child.inc()
-        observe_one(c.latency, latency_s)
+        c.latency.observe(latency_s)
 
     def batch_dispatched(self, model: str, size: int, why: str) -> None:
         c = self._model(model)
@@ -288,12 +364,12 @@ class SidecarMetrics:
         if child is None:
             child = c.dispatched[why] = self._dispatched.labels(model, self._label(why))
         child.inc()
-        observe_one(c.batch_size, size)
+        c.batch_size.observe(size)
 
     def batch_completed(self, model: str, size: int, seconds: float) -> None:
         # size is accepted for symmetry with batch_dispatched; the per-size service time is the
         # estimator's job (a label per size would multiply the series by B).
-        observe_one(self._model(model).batch_service, seconds)
+        self._model(model).batch_service.observe(seconds)
 
     # -- a report's worth at once (the native gate reports its batches every report interval) --------
     def requests_answered(self, model: str, code: Any, latencies_s: Sequence[float]) -> None:
@@ -305,7 +381,7 @@ class SidecarMetrics:
         if child is None:
             child = c.answered[code] = self._answered.labels(model, self._label(code))
         child.inc(len(latencies_s))
-        observe_all(c.latency, latencies_s)
+        c.latency.observe_all(latencies_s)
 
     def batches_done(self, model: str, sizes: Sequence[int], whys: Iterable[str], seconds: Sequence[float]) -> None:
         """``batch_dispatched`` and ``batch_completed`` for each batch (``sizes``, ``whys`` and ``seconds``
@@ -316,8 +392,8 @@ class SidecarMetrics:
             if child is None:
                 child = c.dispatched[why] = self._dispatched.labels(model, self._label(why))
             child.inc(n)
-        observe_all(c.batch_size, sizes)
-        observe_all(c.batch_service, seconds)
+        c.batch_size.observe_all(sizes)
+        c.batch_service.observe_all(seconds)
 
     def set_queue(self, model: str, queue_length: int, in_flight: int, instances: int = 1, devices: int = 1) -> None:
         c = self._model(model)

@@ -205,26 +205,119 @@ def test_a_reports_worth_at_once_exports_what_one_update_per_event_does():
     assert a["smdp_sidecar_request_latency_seconds_count"][(("model", "m"),)] == 12  # NaN in no bucket
 
 
-def test_the_fast_observes_export_what_prometheus_clients_own_observe_does():
-    """``observe_one`` and ``observe_all`` use prometheus_client's histogram parts directly; their
-    exposition must stay the library's own ``observe``'s (this fails should those parts change)."""
-    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+def _exposition(registry) -> list[str]:
+    from prometheus_client import generate_latest
 
-    from plugin.metrics import LATENCY_BUCKETS_S, observe_all, observe_one
+    return generate_latest(registry).decode().splitlines()
 
-    values = [0.0005, 0.0004, 0.0011, 0.75, 3.0, 10.0, 11.0, 0.0, float("nan"), 0.002, -1.0, float("inf")]
+
+@pytest.mark.parametrize("buckets", [(0.0005, 0.001, 0.002, 0.75, 10.0), (1.0, 2.0, 4.0, 8.0)])
+def test_histogram_family_exports_what_prometheus_clients_own_histogram_does(buckets):
+    """Our histogram (``observe`` per value, ``observe_all`` at once) against the library's
+    ``Histogram.observe`` per value, two label sets, values on bounds, beyond the last, NaN, inf and
+    negative included: the same lines but the library's ``_created`` ones."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from plugin.metrics import HistogramFamily
+
+    values = [0.0005, 0.0004, 0.0011, 0.75, 3.0, 10.0, 11.0, 0.0, float("nan"), 0.002, -1.0, float("inf"), 2, 8]
     texts = []
-    for how in ("observe", "one", "all"):
-        registry = CollectorRegistry()
-        h = Histogram("h_seconds", "test", ("model",), buckets=LATENCY_BUCKETS_S, registry=registry).labels("m")
-        if how == "observe":
-            for v in values:
-                h.observe(v)
-        elif how == "one":
-            for v in values:
-                observe_one(h, v)
+    for how in ("library", "observe", "observe_all", "library_unused", "unused"):
+        registry = CollectorRegistry(auto_describe=True)
+        if how.startswith("library"):
+            family = Histogram("h_seconds", "a test histogram", ("model", "kind"), buckets=buckets, registry=registry)
         else:
-            observe_all(h, values)
-        texts.append([line for line in generate_latest(registry).decode().splitlines() if "_created" not in line])
-    assert texts[0] == texts[1] == texts[2]
-    assert any('le="+Inf"' in line and line.endswith(" 11.0") for line in texts[0])
+            family = HistogramFamily("h_seconds", "a test histogram", ("model", "kind"), buckets, registry)
+        if how.endswith("unused"):  # no label set used yet: HELP and TYPE only
+            texts.append(_exposition(registry))
+            continue
+        for labels, share in ((("m", "a"), values), (("n", "b"), values[3:6]), (("o", "c"), [])):
+            h = family.labels(*labels)
+            if how == "observe_all":
+                h.observe_all(share)
+            else:
+                for v in share:
+                    h.observe(v)
+        texts.append(_exposition(registry))
+    library, observe, observe_all, library_unused, unused = texts
+    assert any(line.startswith("h_seconds_created") for line in library)
+    assert [line for line in library if "_created" not in line] == observe == observe_all
+    assert 'h_seconds_count{kind="c",model="o"} 0.0' in observe
+    count = next(line for line in observe if line.startswith('h_seconds_count{kind="a",model="m"}'))
+    assert count.endswith(f" {float(len(values) - 1)}")  # NaN counts in no bucket
+    assert unused == library_unused == ["# HELP h_seconds a test histogram", "# TYPE h_seconds histogram"]
+
+
+def test_sidecar_histograms_have_the_library_names_and_no_created_series():
+    metrics = SidecarMetrics(max_batch=8)
+    metrics.request_answered("m", "OK", 0.003)
+    metrics.batch_dispatched("m", 3, "policy")
+    metrics.batch_completed("m", 3, 0.004)
+    lines = _exposition(metrics.registry)
+    for name, le in (("request_latency_seconds", "0.003"), ("batch_size", "4.0"), ("batch_service_seconds", "0.005")):
+        full = "smdp_sidecar_" + name
+        assert f"# TYPE {full} histogram" in lines
+        assert f'{full}_bucket{{le="{le}",model="m"}} 1.0' in lines
+        assert f'{full}_count{{model="m"}} 1.0' in lines
+        assert not any(line.startswith(full + "_created") for line in lines)
+    assert any(line.startswith("smdp_sidecar_requests_created") for line in lines)  # the counters keep theirs
+
+
+@pytest.mark.parametrize("buckets", [(), (0.1, 0.1), (0.2, 0.1), (0.0, 1.0), (1.0, float("inf")), (float("nan"),)])
+def test_histogram_family_refuses_bad_bounds_and_label_counts(buckets):
+    from prometheus_client import CollectorRegistry
+
+    from plugin.metrics import HistogramFamily
+
+    with pytest.raises(ValueError, match="bucket bounds"):
+        HistogramFamily("h", "test", ("model",), buckets, CollectorRegistry())
+    family = HistogramFamily("h", "test", ("model",), (1.0,), CollectorRegistry())
+    with pytest.raises(ValueError, match="1 label values expected"):
+        family.labels("m", "extra")
+
+
+def test_histogram_series_counts_every_value_from_several_threads_while_scraped():
+    import threading
+
+    from prometheus_client import CollectorRegistry
+
+    from plugin.metrics import HistogramFamily
+
+    registry = CollectorRegistry()
+    family = HistogramFamily("h", "test", ("model",), (1.0, 2.0), registry)
+    series = family.labels("m")
+    done = threading.Event()
+    seen: list[list[str]] = []
+
+    def scrape() -> None:
+        while not done.is_set():
+            seen.append(_exposition(registry))
+
+    def write(bulk: bool) -> None:
+        for _ in range(2000):
+            if bulk:
+                series.observe_all([0.5, 1.5, 3.0])
+            else:
+                series.observe(1.5)
+
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    writers = [threading.Thread(target=write, args=(bulk,)) for bulk in (True, False, True)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    done.set()
+    scraper.join()
+    final = _exposition(registry)
+    assert 'h_bucket{le="1.0",model="m"} 4000.0' in final
+    assert 'h_bucket{le="2.0",model="m"} 10000.0' in final
+    assert 'h_count{model="m"} 14000.0' in final
+    assert 'h_sum{model="m"} 23000.0' in final
+    for lines in seen:  # each scrape a consistent snapshot: the sum is the one its buckets give
+        samples = {(s.name, s.labels.get("le")): s.value
+                   for family in text_string_to_metric_families("\n".join(lines) + "\n") for s in family.samples}
+        if ("h_count", None) not in samples:
+            continue
+        one, two, count = samples[("h_bucket", "1.0")], samples[("h_bucket", "2.0")], samples[("h_count", None)]
+        assert samples[("h_sum", None)] == 0.5 * one + 1.5 * (two - one) + 3.0 * (count - two)
