@@ -78,7 +78,7 @@ class SingularPolicyError(ArithmeticError):
 LINEAR_SOLVERS = ("banded", "dense", "sparse")
 DEFAULT_LINEAR_SOLVER = "banded"
 """The banded LU of the banded-below system (``BandedBelowLU``): the dense LU's answer in about
-(B + 1) N^2 flops instead of 2/3 N^3. "dense" (one LAPACK LU) and "sparse" (SuperLU) are kept
+(b + 1) N^2 flops instead of 2/3 N^3, b the policy's largest batch (at most B). "dense" (one LAPACK LU) and "sparse" (SuperLU) are kept
 for comparison; sparse pays only for short pmf windows (RESULTS.md section 4)."""
 MIN_BLOCKS = 3
 """Below this many blocks of B + 1 states the banded LU saves nothing: factor densely instead."""
