@@ -55,9 +55,9 @@ wrong on a ramp of added states (78 of them at B = 128, load 0.6), the fluid see
 one to five batch sizes too high on most added states at B = 256 (the fluid drain serves full
 batches). Cold B = 256, CV 1, load 0.6: 13 LUs and 16 PI iterations from the shape seed against 15
 and 19. The seed is the start whose gain the policy rule reads, so a better seed can settle the
-policy a size earlier: of 216 cold and warm solves (docs/notes/issue-18.md, tenth pass) two models
-stop one size earlier, gain within 1.9e-10 of the fluid seed's (whose own distance to N = 3000 is
-7e-12), the policies differing on states carrying at most 4.6e-10 of the stationary mass. Policy
+policy a size earlier: of 180 cold and warm solve pairs (docs/notes/issue-18.md, tenth pass) six models
+(CV 2, load 0.3) stop one size earlier, gains within 5.3e-10 relative of the fluid seed's, the policies
+differing on near-tie states carrying at most 5.4e-9 of the stationary mass. Policy
 iteration then usually changes only a few states, which ``solver.pi.PolicyEvaluator`` solves by a
 low-rank update of the last LU instead of a new one. The arrivals' pmf and its prefix sums are
 computed once for the first three sizes, then for a size and the next one
