@@ -343,6 +343,10 @@ class ModelRegistry:
             code = exc.code()
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise GateError(grpc.StatusCode.UNAVAILABLE, f"Triton is unreachable: {exc.details()}") from None
+            if code == grpc.StatusCode.CANCELLED:
+                # Not the caller's doing (that cancels this coroutine instead): Triton or the connection
+                # ended the read, as when Triton shuts down. Retryable, as for an inference (Upstream.answer).
+                raise GateError(grpc.StatusCode.UNAVAILABLE, f"Triton ended the call: {exc.details()}") from None
             if code not in _NOT_GATEABLE:
                 raise GateError(code, exc.details() or "") from None
             if await self._upstream.exiting():

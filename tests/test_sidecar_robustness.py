@@ -240,6 +240,28 @@ def test_a_failed_first_load_answers_every_waiter_with_the_error():
     run(main())
 
 
+def test_a_config_read_triton_ends_is_unavailable_and_the_next_request_is_gated():
+    """Triton shutting down can end the sidecar's config read with CANCELLED (the caller cancelled
+    nothing): the caller gets UNAVAILABLE, retryable, never CANCELLED; once Triton answers, the model
+    is gated."""
+
+    async def main():
+        up = Upstream()
+        up.config_error = rpc_error(grpc.StatusCode.CANCELLED, "Received RST_STREAM with error code 8")
+        sc = await make_sidecar(up)
+        with pytest.raises(GateError) as info:
+            await sc.plane.infer(request())
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE and "Triton ended the call" in info.value.details
+        assert up.sent == []
+        up.config_error = None
+        await sc.plane.infer(request())
+        assert up.config_calls == 2 and len(up.sent) == 1
+        assert sc.registry.get("emulated_gpu", "") is not None  # gated now
+        await sc.close()
+
+    run(main())
+
+
 def test_unexpected_config_error_while_ready_is_the_callers_answer_not_an_ungated_relay():
     async def main():
         up = Upstream()
