@@ -82,6 +82,15 @@ def _decider(rule: BatchRule) -> Callable[[int, float, int], Decision]:
         return lambda n, wait, busy: decide(n, wait)
 
 
+def _is_gate_rule(rule: BatchRule) -> bool:
+    """Whether the gate runs the rule's one description (a pure function of n, the wait and m)."""
+    try:
+        GateRule.of(rule)
+    except ValueError:
+        return False
+    return True
+
+
 class ModelGate:
     """Queue, slots and rule for one model. Not thread-safe: one event loop owns it."""
 
@@ -100,6 +109,7 @@ class ModelGate:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self._rule = rule
         self._decide = _decider(rule)
+        self._pure = _is_gate_rule(rule)
         self._slots = slots
         self._free = slots
         self._max_queue = max_queue
@@ -121,6 +131,7 @@ class ModelGate:
         """Swap the rule; takes effect at the next decision, never inside one."""
         self._rule = rule
         self._decide = _decider(rule)
+        self._pure = _is_gate_rule(rule)
         self._max_rows = rule.max_batch
 
     @property
@@ -174,6 +185,30 @@ class ModelGate:
         if self._free >= self._slots:
             raise RuntimeError("complete() without a batch in flight")
         self._free += 1
+
+    def serve_alone(self, arrival: float) -> str | None:
+        """An arrival at a gate with nothing queued, decided without queueing it: when the rule serves
+        it now, alone, its slot is taken and the rule's reason returned, with the counters as
+        ``submit`` then ``poll`` leave them (the batch ``poll`` would return is this request alone).
+        None: nothing is changed (the queue is not empty, no slot is free, the rule waits, or the rule
+        is not a ``GateRule`` and so may not be asked twice); then ``submit`` and ``poll`` as usual.
+        The rule is asked what ``poll`` asks it: n = 1, the wait since ``arrival``, m = batches in flight.
+        With nothing queued every entry of the deadline heap is of a request gone already, so there is
+        nothing to expire, and no wake-up to arm once the request is served."""
+        if self._size or not self._free or not self._pure:
+            return None
+        decision = self._decide(1, self._clock() - arrival, self._slots - self._free)
+        if decision.serve <= 0:
+            return None
+        next(self._seq)  # the sequence number submit would have given it
+        self._deadlines.clear()
+        self._free -= 1
+        c = self.counters
+        c.submitted += 1
+        c.decisions_serve += 1
+        c.dispatched_batches += 1
+        c.dispatched_requests += 1
+        return decision.reason
 
     def poll(self) -> Step:
         """Make every decision due now: drop expired requests, then fill free slots by the rule."""

@@ -371,6 +371,24 @@ class SidecarMetrics:
         # estimator's job (a label per size would multiply the series by B).
         self._model(model).batch_service.observe(seconds)
 
+    def request_alone(self, model: str, size: int, why: str, seconds: float, code: Any, latency_s: float) -> None:
+        """A request served alone, once its batch ended: ``batch_dispatched``, ``batch_completed`` and,
+        unless ``code`` is None (its caller went away), ``request_answered``, with one model lookup."""
+        c = self._model(model)
+        child = c.dispatched.get(why)
+        if child is None:
+            child = c.dispatched[why] = self._dispatched.labels(model, self._label(why))
+        child.inc()
+        c.batch_size.observe(size)
+        c.batch_service.observe(seconds)
+        if code is None:
+            return
+        child = c.answered.get(code)
+        if child is None:
+            child = c.answered[code] = self._answered.labels(model, self._label(code))
+        child.inc()
+        c.latency.observe(latency_s)
+
     # -- a report's worth at once (the native gate reports its batches every report interval) --------
     def requests_answered(self, model: str, code: Any, latencies_s: Sequence[float]) -> None:
         """``request_answered`` for each of ``latencies_s``, all with ``code``: one update per bucket."""

@@ -156,7 +156,15 @@ class PythonPlane:
         priority = state.default_priority
         deadline = None
         params = request.parameters
-        if params:
+        if not params:
+            # An idle gate the rule lets serve this request now, alone: no queue entry, no batch
+            why = state.gate.serve_alone(now)
+            if why is not None:
+                if state.controller is not None:
+                    state.controller.observe_arrival(now)
+                self.metrics.request_arrived(state.name)
+                return await self._serve_alone(state, request, rows, now, why)
+        else:
             try:
                 if "priority" in params:
                     priority = _priority_level(params["priority"], state.priority_levels, state.default_priority)
@@ -201,6 +209,80 @@ class PythonPlane:
         except asyncio.CancelledError:
             state.gate.cancel(item)  # still waiting: frees its place; dispatched: the batch runs on
             raise
+
+    async def _serve_alone(self, state: ModelState, request: service_pb2.ModelInferRequest, rows: int,
+                           arrival: float, why: str) -> service_pb2.ModelInferResponse:
+        """A request the gate serves alone at its arrival (``ModelGate.serve_alone``; the request has no
+        parameters): sent to Triton from its caller's coroutine as a plain relay sends it, the one
+        stamp being the sidecar's dispatch priority. Its batch's and its answer's accounting run in one
+        callback on the loop's next turn (``_alone_done``), after the answer has gone. Should the caller
+        go away while Triton works, the call runs on and is accounted for when it ends (its slot stays
+        taken until then), as any batch in flight."""
+        level = self._dispatch_level(state)
+        if level is not None:
+            request.parameters["priority"].uint64_param = level
+        start = self._clock()
+        upstream = self.upstream.infer(request, timeout=self.config.upstream_timeout_s)
+        if asyncio.iscoroutine(upstream):  # a stand-in for the channel (tests)
+            upstream = self._loop.create_task(upstream)
+        try:
+            await _done(upstream)  # cancelling this wait leaves the upstream call running
+        except asyncio.CancelledError:
+            self._spawn(self._alone_on(state, upstream, rows, arrival, start, why))
+            raise
+        error = None
+        try:
+            response = await self.upstream.answer(upstream)
+        except Exception as exc:  # never leave a caller without an answer
+            error = self._failure(state, exc)
+        end = self._clock()
+        if error is None:
+            self._loop.call_soon(self._alone_done, state, rows, why, arrival, start, end, grpc.StatusCode.OK)
+            return response
+        state.stats.failed_requests += 1
+        self._loop.call_soon(self._alone_done, state, rows, why, arrival, start, end, error.code)
+        raise error
+
+    async def _alone_on(self, state: ModelState, upstream: grpc.aio.UnaryUnaryCall, rows: int, arrival: float,
+                        start: float, why: str) -> None:
+        """The rest of ``_serve_alone`` once its caller went away: accounted for when Triton is done."""
+        try:
+            await self.upstream.answer(upstream)
+        except Exception as exc:
+            self._failure(state, exc)
+            state.stats.failed_requests += 1
+        self._alone_done(state, rows, why, arrival, start, self._clock(), None)
+
+    def _alone_done(self, state: ModelState, rows: int, why: str, arrival: float, start: float, end: float,
+                    answer: grpc.StatusCode | None) -> None:
+        """A request served alone ended at ``end``: what ``_batch_done`` and ``_answered`` (or the error's
+        count) do for a batch of one, and the dispatch's metrics. ``answer``: the caller's status, OK
+        for a response; None when the caller went away first (no answer counted)."""
+        stats = state.stats
+        stats.record_lag(start - arrival)
+        elapsed = end - start
+        stats.record(rows, elapsed)
+        controller = state.controller
+        if controller is not None:
+            controller.observe_batch(rows, elapsed, stats.failed_requests)
+        stats.answered += 1
+        latency = end - arrival
+        if answer is grpc.StatusCode.OK:
+            stats.latency_sum_s += latency
+            stats.latency_n += 1
+            if controller is not None:
+                controller.observe_latency(end, latency)
+        self.metrics.request_alone(state.name, rows, why, elapsed, None if answer is None else answer, latency)
+        gate = state.gate
+        gate.complete()
+        if gate.queue_length:
+            self._pump(state, epoch=end)
+
+    def _dispatch_level(self, state: ModelState) -> int | None:
+        """The priority the sidecar gives a request (or batch) that names none: its dispatch priority,
+        where the model has that level."""
+        dispatch = self.config.dispatch_priority
+        return dispatch if dispatch and dispatch <= state.priority_levels else None
 
     def _answered(self, state: ModelState, arrival: float, latency: float) -> None:
         """A response's accounting: its arrival-to-answer time in the statistics, the controller and metrics."""
@@ -281,9 +363,7 @@ class PythonPlane:
             if latest is not None:
                 latest = None if p.deadline is None else max(latest, p.deadline)
         if level is None:
-            dispatch = self.config.dispatch_priority
-            if dispatch and dispatch <= state.priority_levels:
-                level = dispatch
+            level = self._dispatch_level(state)
         if level is not None:
             req.parameters["priority"].uint64_param = level
         if latest is not None:
@@ -363,16 +443,19 @@ class PythonPlane:
 
     def _batch_failed(self, state: ModelState, calls: list[_Call], exc: Exception) -> None:
         """Every member of a failed batch gets its one answer: the error."""
-        if isinstance(exc, GateError):
-            exc = self._upstream_error(state, exc)
-        elif isinstance(exc, MalformedRequest):
-            exc = GateError(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        else:
-            log.error("dispatch failed", exc_info=exc)
-            exc = GateError(grpc.StatusCode.INTERNAL, f"sidecar error: {exc}")
+        error = self._failure(state, exc)
         state.stats.failed_requests += len(calls)
         for call in calls:
-            self._fail(call, exc)
+            self._fail(call, error)
+
+    def _failure(self, state: ModelState, exc: Exception) -> GateError:
+        """What the callers of a failed dispatch get for ``exc``."""
+        if isinstance(exc, GateError):
+            return self._upstream_error(state, exc)
+        if isinstance(exc, MalformedRequest):
+            return GateError(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        log.error("dispatch failed", exc_info=exc)
+        return GateError(grpc.StatusCode.INTERNAL, f"sidecar error: {exc}")
 
     def _batch_ended(self, state: ModelState, calls: list[_Call], rows: int, start: float) -> None:
         """A batch ended, its members answered: clocked now, accounted for on the loop's next turn, after

@@ -115,3 +115,72 @@ def test_the_gate_runs_a_rule_it_has_no_description_for_as_it_is():
 def test_a_guard_needs_a_positive_wait():
     with pytest.raises(ValueError):
         MaxWaitGuard(greedy(4), 0.0)
+
+
+def _gate_state(gate):
+    return (gate.queue_length, gate.in_flight, vars(gate.counters).copy())
+
+
+def test_serve_alone_is_what_submit_then_poll_do_for_an_arrival_at_an_empty_gate():
+    """``serve_alone`` (the Python plane's lone-request path) against ``submit`` + ``poll`` on twin
+    gates: the same batch of one, reason, slots and counters when it serves, and nothing changed when
+    it does not (the twin then waits, or its queue or slots rule it out)."""
+    rules = [
+        greedy(4), threshold(8, 3), static(8, 3), TimeoutRule(8, 0.002), TimeoutRule(4, 0.0),
+        MaxWaitGuard(threshold(8, 6), 0.001), MaxWaitGuard(TimeoutRule(1, 0.01), 0.0004),
+        GateRule(4, (0, 1, 2, 3, 4), 4, busy_tables=((0, 0, 2, 3, 4), (0, 1, 2, 3, 4))),
+        GateRule(4, (0, 0, 2, 3, 4), 4, busy_tables=((0, 1, 2, 3, 4),)),
+    ]
+    rng = np.random.default_rng(3)
+    served = waited = 0
+    for rule in rules:
+        for slots in (1, 2, 3):
+            a, ca = make(rule, slots=slots, max_queue=4)
+            b, cb = make(rule, slots=slots, max_queue=4)
+            for _ in range(300):
+                dt = float(rng.choice([0.0, 0.0005, 0.003]))
+                ca.t += dt
+                cb.t += dt
+                r = rng.random()
+                if r < 0.3 and a.in_flight:
+                    a.complete()
+                    b.complete()
+                elif r < 0.4:
+                    for g in (a, b):
+                        g.poll()
+                    continue
+                if a.queue_length == 4:
+                    continue
+                arrival = ca.t
+                late = float(rng.choice([0.0, 0.0005, 0.005]))  # the clock moves on before the decision
+                before = _gate_state(a)
+                why = a.serve_alone(arrival - late)
+                p = Pending(key="m", arrival=arrival - late)
+                if why is None:
+                    assert _gate_state(a) == before
+                    # as the plane does then: submit and poll, on both twins
+                    a.submit(Pending(key="m", arrival=arrival - late))
+                    a.poll()
+                b.submit(p)
+                step = b.poll()
+                if why is not None:
+                    served += 1
+                    assert step.batches == ((p,),) and step.reasons == (why,) and step.wake_at is None
+                else:
+                    waited += 1
+                    assert (p,) not in step.batches or before[0] > 0 or before[1] == slots
+                assert _gate_state(a) == _gate_state(b)
+    assert served > 100 and waited > 100
+
+
+def test_serve_alone_leaves_a_rule_without_a_description_to_poll():
+    class Once:
+        max_batch = 2
+        calls = 0
+
+        def decide(self, n: int, oldest_wait_s: float) -> Decision:
+            Once.calls += 1
+            return Decision(1)
+
+    gate, clock = make(Once())
+    assert gate.serve_alone(clock.t) is None and Once.calls == 0

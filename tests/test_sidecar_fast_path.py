@@ -9,7 +9,7 @@ import asyncio
 import grpc
 import pytest
 
-from test_sidecar_robustness import Upstream, make_sidecar, request, rpc_error, run, settle, until
+from test_sidecar_robustness import Upstream, emu_config, make_sidecar, request, rpc_error, run, settle, until
 
 from plugin.server import GateError
 
@@ -139,6 +139,34 @@ def test_an_inline_dispatch_gives_tritons_error_once_and_frees_the_slot(code):
         assert state.stats.failed_requests == 1 and state.stats.answered == 2
         assert state.gate.in_flight == 0
         assert sample(sc, "smdp_sidecar_responses_total", code=want.name) == 1
+        await sc.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("levels, want", [(3, 1), (0, None)])
+def test_a_lone_request_gets_the_dispatch_priority_and_one_with_parameters_is_gated_as_before(levels, want):
+    """The lone-request path stamps what ``_stamp`` stamps on a batch of one without parameters: the
+    sidecar's dispatch priority where the model has that level, nothing else. A request that carries
+    parameters goes through the queue and the gate's poll, with its own priority forwarded."""
+    async def main():
+        up = Upstream(emu_config(**{"dynamic_batching.priority_levels": levels}))
+        sc = await make_sidecar(up, dispatch_priority=1)
+        tasks = spawned(sc)
+        await sc.plane.infer(request(id="plain"))
+        await asyncio.sleep(0)  # its accounting: the slot is free again
+        await sc.plane.infer(request(id="mine", priority=("uint64_param", 2), timeout=("int64_param", 0)))
+        await asyncio.sleep(0)
+        plain, mine = up.sent
+        got = plain.parameters["priority"].uint64_param if "priority" in plain.parameters else None
+        assert got == want and "timeout" not in plain.parameters
+        assert "priority" in mine.parameters and (not levels or mine.parameters["priority"].uint64_param == 2)
+        assert "timeout" not in mine.parameters
+        assert tasks == []  # both served at once, from their callers' coroutines
+        state = sc.registry.models()[("emulated_gpu", "")]
+        assert state.gate.counters.dispatched_batches == 2 and state.gate.counters.submitted == 2
+        assert state.stats.answered == 2 and state.stats.latency_n == 2 and state.gate.in_flight == 0
+        assert sample(sc, "smdp_sidecar_batches_total", why="policy") == 2
         await sc.close()
 
     run(main())
