@@ -59,7 +59,8 @@ policy a size earlier: of 180 cold and warm solve pairs (docs/notes/issue-18.md,
 (CV 2, load 0.3) stop one size earlier, gains within 5.3e-10 relative of the fluid seed's, the policies
 differing on near-tie states carrying at most 5.4e-9 of the stationary mass. Policy
 iteration then usually changes only a few states, which ``solver.pi.PolicyEvaluator`` solves by a
-low-rank update of the last LU instead of a new one. The arrivals' pmf and its prefix sums are
+low-rank update of the last LU instead of a new one, and a size's first windowed step (87-383 states
+at cold B = 256, CV 1) by GMRES preconditioned with that LU: one LU per size after the first. The arrivals' pmf and its prefix sums are
 computed once for the first three sizes, then for a size and the next one
 (``solver.tail.count_arrivals``).
 

@@ -642,7 +642,7 @@ def test_policy_iteration_refactors_an_update_that_lost_accuracy(monkeypatch):
     refactored = []
     real_refactor = pi.PolicyEvaluator.refactor
     monkeypatch.setattr(pi.PolicyEvaluator, "refactor", lambda self, a: refactored.append(1) or real_refactor(self, a))
-    got = pi.policy_iteration(smdp)
+    got = pi.policy_iteration(smdp, krylov=False)  # (with GMRES its later steps are far from the first LU)
     assert calls, "the case must take a low-rank step"
     assert len(refactored) >= len(calls) + 1  # the first LU, then every spoiled update redone
     np.testing.assert_array_equal(got.actions, want.actions)
@@ -1223,3 +1223,119 @@ def test_shape_seeded_search_gives_the_fluid_seeded_answer(B, load, cv):
             assert shaped.gain == pytest.approx(fluid.gain, rel=1e-12)
         pi = evaluate_policy(build(m, fluid.truncation, "fluid"), fluid.policy.actions).pi
         assert pi[differ].sum() <= 1e-8
+
+
+def test_gmres_solves_a_system_and_reports_when_it_does_not_converge():
+    """The GMRES of the Krylov evaluation: numpy's solution of a nonsymmetric system from any start,
+    the start itself when it already solves it, and None where the iterations run out."""
+    from solver.pi import gmres
+
+    rng = np.random.default_rng(5)
+    n = 60
+    A = np.eye(n) + 0.3 * rng.standard_normal((n, n)) / math.sqrt(n)
+    b = rng.standard_normal(n)
+    want = np.linalg.solve(A, b)
+    for x0 in (np.zeros(n), rng.standard_normal(n)):
+        got = gmres(lambda v: A @ v, b, x0, n, 1e-14)
+        assert got is not None
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert np.array_equal(gmres(lambda v: A @ v, b, want, 3, 1e-10), want)
+    assert gmres(lambda v: A @ v, b, np.zeros(n), 3, 1e-14) is None
+    # the identity plus a rank-2 term: at most 3 iterations
+    U, W = rng.standard_normal((n, 2)), rng.standard_normal((2, n)) / n
+    got = gmres(lambda v: v + U @ (W @ v), b, np.zeros(n), 3, 1e-13)
+    assert got is not None
+    np.testing.assert_allclose(got, np.linalg.solve(np.eye(n) + U @ W, b), rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("cv", [0.0, 1.0])
+def test_krylov_evaluation_equals_a_fresh_evaluation(cv):
+    """A policy too far from the factored one for the low-rank update, but within KRYLOV_MAX_SHARE of
+    its states, is solved by GMRES preconditioned with that LU: gain, h and pi as a dense LU gives them;
+    from the last GMRES solution as well; beyond the share, and with krylov=False, a new LU."""
+    from solver.pi import KRYLOV_MAX_SHARE, MAX_UPDATE_RANK, PolicyEvaluator, evaluate_policy
+    from solver.tail import build
+
+    B, N = 32, 200
+    m = v100(B, 0.7, 1e-4, cv)
+    smdp = build(m, N)
+    n = np.arange(N + 1)
+    base = np.where(n < 6, 0, np.minimum(n, B))
+    rng = np.random.default_rng(11)
+    ev, plain = PolicyEvaluator(smdp), PolicyEvaluator(smdp, krylov=False)
+    ev(base)
+    plain(base)
+    for r in (MAX_UPDATE_RANK + 1, 40, int(KRYLOV_MAX_SHARE * (N + 1))):
+        changed = np.sort(rng.choice(np.arange(B, N + 1), size=r, replace=False))
+        other = base.copy()
+        other[changed] = np.maximum(base[changed] - rng.integers(1, 4, size=r), 1)
+        got = ev(other)
+        assert ev.updated and ev.iterated
+        want = evaluate_policy(smdp, other, "dense")
+        assert got.gain == pytest.approx(want.gain, rel=1e-12)
+        np.testing.assert_allclose(got.h, want.h, rtol=1e-10, atol=1e-12 * np.max(np.abs(want.h)))
+        np.testing.assert_allclose(got.pi, want.pi, rtol=1e-8, atol=1e-15)
+        assert plain(other).gain == pytest.approx(want.gain, rel=1e-12)
+        assert not plain.updated and not plain.iterated
+        plain(base)
+    far = np.where(n < 6, 0, np.maximum(np.minimum(n, B) - 1, 1))
+    assert np.count_nonzero(far != base) > KRYLOV_MAX_SHARE * (N + 1)
+    assert ev(far).gain == pytest.approx(evaluate_policy(smdp, far, "dense").gain, rel=1e-12)
+    assert not ev.updated and not ev.iterated
+
+
+def test_policy_iteration_refactors_a_krylov_evaluation_that_lost_accuracy(monkeypatch):
+    """The Bellman residual checks GMRES's evaluations as it checks the low-rank update's: a wrong one is
+    redone with a fresh LU, and policy iteration lands where it does with LUs only."""
+    import solver.pi as pi
+    from solver.tail import build
+
+    m = v100(128, 0.6, 1e-4, 1.0)
+    smdp = build(m, 700)
+    start = pi.policy_iteration(build(m, 560)).actions
+    start = np.concatenate([start, np.full(700 - 560, start[-1])])
+    want = pi.policy_iteration(smdp, start, krylov=False)
+    real = pi._BandedSolve.krylov
+    calls = []
+
+    def spoiled(self, smdp, actions, states, x0):
+        found = real(self, smdp, actions, states, x0)
+        calls.append(states.size)
+        if found is None:
+            return None
+        v, x = found
+        return pi.PolicyValues(v.gain, v.h * (1 + 1e-6), v.pi), x
+
+    monkeypatch.setattr(pi._BandedSolve, "krylov", spoiled)
+    got = pi.policy_iteration(smdp, start)
+    assert calls, "the case must take a Krylov step"
+    np.testing.assert_array_equal(got.actions, want.actions)
+    assert got.values.gain == pytest.approx(want.values.gain, rel=1e-12)
+    assert got.iterations == want.iterations
+
+
+@pytest.mark.parametrize("B,load,cv", [(64, 0.6, 2.0), (128, 0.6, 1.0), (128, 0.3, 2.0)])
+def test_solve_with_krylov_evaluations_gives_the_lu_answer(B, load, cv, monkeypatch):
+    """GMRES preconditioned with the last LU changes no answer of the automatic search: cold and warm,
+    the same sizes, iterations and policy as with a new LU for every larger change, the gain to 1e-12
+    (and GMRES is taken)."""
+    import functools
+
+    import solver.pi as pi
+    import solver.smdp as smdp_module
+
+    m = v100(B, load, 1e-4, cv)
+    taken = []
+    real = pi._BandedSolve.krylov
+    monkeypatch.setattr(pi._BandedSolve, "krylov", lambda *a: taken.append(1) or real(*a))
+    near = solve(m.with_(rate=0.95 * m.rate)).policy
+    for warm in (None, near):
+        got = solve(m, warm_start=warm)
+        with monkeypatch.context() as ctx:
+            ctx.setattr(smdp_module, "policy_iteration", functools.partial(pi.policy_iteration, krylov=False))
+            want = solve(m, warm_start=warm)
+        assert got.sizes_tried == want.sizes_tried and got.iterations == want.iterations
+        np.testing.assert_array_equal(got.policy.actions, want.policy.actions)
+        assert got.gain == pytest.approx(want.gain, rel=1e-12)
+        assert got.mean_latency_s == pytest.approx(want.mean_latency_s, rel=1e-10)
+    assert taken
