@@ -155,6 +155,63 @@ class TimeoutRule:
         return Decision(0, self.timeout_s - oldest_wait_s)
 
 
+TRITON_IDLE_WAIT_S = 0.5
+"""Triton's dynamic batcher sleeps at most this long when nothing wakes it (``default_wait_microseconds``
+in core's dynamic_batch_scheduler.cc, 500 ms in every release since 2.x)."""
+
+TRITON_CATCH_SHARE = 0.5
+"""The share of completions with requests queued at which Triton's batcher catches its instance free
+(``TritonBatcher.catch_share``). Measured on the bench's stack (emulated GPU x10, B = 128, a shared
+2-core host; ``bench/triton_tail.py``): 0.51 and 0.69-0.70 on two synthetic MMPP streams, 0.79-0.85 on
+the conversation trace; 0.5 predicted W within -4% to +4% and p99 within -2% to +8% on all of them. A
+race between two threads: it depends on the host and the load."""
+
+
+@dataclass(frozen=True)
+class TritonBatcher:
+    """Triton's own dynamic batcher at ``max_queue_delay`` = ``timeout_s``, as it runs when it cannot
+    prefetch: the model of a Triton delay *as Triton runs it*, for predictions (not a gate rule).
+
+    While its instance is free it decides as ``TimeoutRule`` (serve min(n, B) once n >= B or the oldest
+    has waited ``timeout_s``; its timer runs). What differs is the instance freeing with requests queued.
+    Triton (core 2.51 = r24.10, unchanged through the newest release) forms a batch only when the rate
+    limiter has a payload slot; without prefetching -- a queue with priority levels, a request timeout,
+    ``allow_timeout_override`` or ``max_queue_size`` (``PriorityQueue::SupportPrefetching``), as the
+    bench's model has -- a slot is an instance waiting in ``DequeuePayload``. Arrivals while the instance
+    is busy do not wake the batcher (no slot). When the execution ends, the payload's callback wakes it
+    once, and it looks for a slot while the instance thread is still releasing the batch on its way back
+    to ``DequeuePayload``: a race. With share ``catch_share`` it finds the instance waiting and decides
+    as ``TimeoutRule`` does; otherwise it sleeps on until the next arrival (whose enqueue finds the slot)
+    or until its 500 ms default wait, counted from its last dispatch, runs out. The first request of the
+    waking group wakes it: if the oldest has waited ``timeout_s`` it dispatches at once, before the rest
+    of that group is enqueued (they wait for the next batch); else its timer runs and the group joins.
+    So the instance idles with work queued for the gap to the next arrival, a long one in a slow phase or
+    between clumps: a longer tail than ``TimeoutRule``'s. (With prefetching the next payload is formed
+    while the instance is busy, frozen unless the batcher wins the same race: another model, not this.)
+
+    ``catch_share`` = 1 is ``TimeoutRule`` exactly; 0 is the code without the race. The simulator draws
+    the race from its own stream of the run's seed (common random numbers across delays).
+    """
+
+    max_batch: int
+    timeout_s: float
+    catch_share: float = TRITON_CATCH_SHARE
+    idle_wait_s: float = TRITON_IDLE_WAIT_S
+
+    def __post_init__(self) -> None:
+        TimeoutRule(self.max_batch, self.timeout_s)  # the same checks
+        c = self.catch_share
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 <= c <= 1.0:
+            raise ValueError(f"catch share must be a number in [0, 1], got {c!r}")
+        if not math.isfinite(self.idle_wait_s) or self.idle_wait_s <= 0:
+            raise ValueError(f"idle wait must be finite and > 0 seconds, got {self.idle_wait_s!r}")
+
+    @property
+    def awake(self) -> TimeoutRule:
+        """What it decides while its instance is free."""
+        return TimeoutRule(self.max_batch, self.timeout_s)
+
+
 def parse_rule_spec(spec: str) -> tuple[str, float | None]:
     """Split a rule spec ``greedy | smdp | static:B0 | threshold:K | timeout:SECONDS``.
 

@@ -7,7 +7,8 @@ service law of the profile and any arrival array (Poisson, MMPP, trace replay), 
 
 Speed comes from looping over decision epochs only (never per request): arrivals during a service
 are counted with a bisection on the sorted arrival times, a queue-length table policy jumps straight
-to the arrival at which it next serves, Triton's timeout rule jumps straight to its firing time,
+to the arrival at which it next serves, Triton's timeout rule jumps straight to its firing time
+(``TritonBatcher``, Triton's batcher as it runs without prefetching, also to the arrival that wakes it),
 service times are pre-drawn in blocks per batch size, and all latency bookkeeping is vectorised.
 
 Conventions:
@@ -37,7 +38,8 @@ import numpy as np
 from scipy import stats
 
 from solver.model import ModelError, ServiceProfile
-from solver.policy import BatchRule, InstanceRule, InstanceTable, MaxWaitGuard, PerInstance, PolicyTable, TimeoutRule
+from solver.policy import (BatchRule, InstanceRule, InstanceTable, MaxWaitGuard, PerInstance, PolicyTable, TimeoutRule,
+                           TritonBatcher)
 
 __all__ = ["SimResult", "simulate", "simulate_latencies", "simulate_phased", "batch_means_ci"]
 
@@ -128,9 +130,9 @@ def _validate(profile: ServiceProfile, rule: BatchRule, arrivals: np.ndarray, id
               weight: float, warmup: float) -> np.ndarray:
     if not isinstance(profile, ServiceProfile):
         raise ModelError(f"profile must be a ServiceProfile, got {type(profile).__name__}")
-    if not isinstance(rule, (BatchRule, InstanceRule)):
+    if not isinstance(rule, (BatchRule, InstanceRule, TritonBatcher)):
         raise ModelError(f"rule must implement BatchRule (max_batch, decide) or InstanceRule (max_batch, instances, "
-                         f"decide_busy), got {type(rule).__name__}")
+                         f"decide_busy), or be a TritonBatcher, got {type(rule).__name__}")
     b = rule.max_batch
     if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1:
         raise ModelError(f"rule.max_batch must be an integer >= 1, got {b!r}")
@@ -290,6 +292,62 @@ def _run_timeout(rule: TimeoutRule, t: list[float], draw: Callable[[int], float]
         head += a
         now += s
         na = bisect_right(t, now, na)
+    return sizes, starts, durs
+
+
+def _run_triton(rule: TritonBatcher, t: list[float], draw: Callable[[int], float], race: np.random.Generator):
+    """Event loop for Triton's batcher without prefetching (``TritonBatcher``): as ``_run_timeout`` while
+    the instance is free and when the batcher wins the race at a completion (share ``catch_share``, drawn
+    from ``race``); when it loses with requests queued, nothing is decided until the next arrival (its
+    group's first request) or the batcher's idle wait (ticks of ``idle_wait_s`` from its last dispatch)."""
+    n_total = len(t)
+    big_b = rule.max_batch
+    timeout = float(rule.timeout_s)
+    tick = float(rule.idle_wait_s)
+    catch = float(rule.catch_share)
+    sizes: list[int] = []
+    starts: list[float] = []
+    durs: list[float] = []
+    now = 0.0
+    head = 0
+    na = 0
+    dispatched = 0.0  # when the batcher last dispatched a batch: its idle waits count from there
+    asleep = False  # the instance freed with requests queued and the batcher missed it
+    while head < n_total:
+        if na == head:  # empty: the next arrival finds the instance free and wakes the batcher
+            now = t[head]
+            na = bisect_right(t, now, head + 1)
+        elif asleep:
+            k = max(1, math.ceil((now - dispatched) / tick))
+            wake = dispatched + k * tick
+            if na < n_total and t[na] < wake:  # the first request of the next group wakes it
+                now = t[na]
+                if now - t[head] >= timeout or na + 1 - head >= big_b:
+                    na += 1  # dispatched at once, before the rest of the group is enqueued
+                else:  # its timer runs: the group joins
+                    na = bisect_right(t, now, na + 1)
+            else:  # its idle wait runs out first
+                now = wake
+                na = bisect_right(t, now, na)
+        if na - head < big_b:
+            fire = t[head] + timeout
+            full = head + big_b - 1
+            if full < n_total and t[full] < fire:
+                fire = t[full]
+            if fire > now:
+                now = fire
+                na = bisect_right(t, now, na)
+        n = na - head
+        a = n if n < big_b else big_b
+        s = draw(a)
+        sizes.append(a)
+        starts.append(now)
+        durs.append(s)
+        head += a
+        dispatched = now
+        now += s
+        na = bisect_right(t, now, na)
+        asleep = na > head and not (catch >= 1.0 or (catch > 0.0 and race.random() < catch))
     return sizes, starts, durs
 
 
@@ -509,7 +567,7 @@ def _run_instances(rule: InstanceRule, t: list[float], draw: Callable[[int], flo
     return sizes, starts, durs
 
 
-def simulate(profile: ServiceProfile, rule: BatchRule | InstanceRule, arrivals: np.ndarray, *, idle_power_w: float,
+def simulate(profile: ServiceProfile, rule: BatchRule | InstanceRule | TritonBatcher, arrivals: np.ndarray, *, idle_power_w: float,
              weight: float, seed: int | None = None, warmup: float = 0.0, devices: int | None = None) -> SimResult:
     """Run ``rule`` on the given arrival times and estimate W, its percentiles, P and J = W + w P.
 
@@ -526,7 +584,7 @@ def simulate(profile: ServiceProfile, rule: BatchRule | InstanceRule, arrivals: 
                               warmup=warmup, devices=devices)[0]
 
 
-def simulate_latencies(profile: ServiceProfile, rule: BatchRule | InstanceRule, arrivals: np.ndarray, *,
+def simulate_latencies(profile: ServiceProfile, rule: BatchRule | InstanceRule | TritonBatcher, arrivals: np.ndarray, *,
                        idle_power_w: float, weight: float, seed: int | None = None,
                        warmup: float = 0.0, devices: int | None = None) -> tuple[SimResult, np.ndarray]:
     """``simulate`` plus the response time of every request that arrived after the warm-up, in
@@ -549,6 +607,9 @@ def simulate_latencies(profile: ServiceProfile, rule: BatchRule | InstanceRule, 
         sizes, starts, durs = _run_table(rule, t_list, draws.draw)
     elif type(rule) is TimeoutRule:
         sizes, starts, durs = _run_timeout(rule, t_list, draws.draw)
+    elif type(rule) is TritonBatcher:
+        race = np.random.default_rng(np.random.SeedSequence(seed).spawn(int(rule.max_batch) + 1)[-1])
+        sizes, starts, durs = _run_triton(rule, t_list, draws.draw, race)
     elif type(rule) is MaxWaitGuard and type(rule.rule) is PolicyTable:
         sizes, starts, durs = _run_table_guard(rule.rule, rule.max_wait_s, t_list, draws.draw)
     else:
