@@ -929,6 +929,8 @@ class Service {
   }
 
   // Timer thread: wake-ups the gates asked for, and the periodic report of arrivals and counters.
+  // Sleeps until the next report or the earliest wake-up a decision asked for, whichever comes first:
+  // an earlier wake-up, and the stop, notify it (both under timer_mu_, so neither is missed).
   void TimerLoop(double report_interval_s, std::atomic<bool>* stop) {
     double next_report = Now() + report_interval_s;
     while (!stop->load()) {
@@ -937,8 +939,7 @@ class Service {
         std::unique_lock<std::mutex> lock(timer_mu_);
         if (!wakeups_.empty()) wake = std::min(wake, wakeups_.begin()->first);
         double delay = wake - Now();
-        if (delay > 0)
-          timer_cv_.wait_for(lock, std::chrono::duration<double>(std::min(delay, 0.05)));
+        if (delay > 0 && !stop->load()) timer_cv_.wait_for(lock, std::chrono::duration<double>(delay));
       }
       const double now = Now();
       std::vector<ModelState*> due;
@@ -1025,7 +1026,10 @@ class Service {
     return os.str();
   }
 
-  void StopTimer() { timer_cv_.notify_all(); }
+  void StopTimer() {
+    std::lock_guard<std::mutex> lock(timer_mu_);
+    timer_cv_.notify_all();
+  }
 
  private:
   // Priority level and deadline of a request, read the way Triton reads them.

@@ -618,6 +618,35 @@ class TruncatedSMDP:
         return buf[:, 1:], c
 
 
+def _in_window(sums: np.ndarray, N: int, L: int, start: np.ndarray) -> np.ndarray:
+    """sums[a - 1, min(L, N - s)] for n = 0..N (rows) and a = 1..B (columns), s = ``start`` (n, a): a
+    prefix sum over the K pmf at a serve pair's last in-window landing.
+
+    On the rows n >= B (every a <= n, so the column N - n + a is at most N <= kmax) read through a
+    strided view of the C-ordered (B, kmax + 1) sums: entry (n, a) is one step back per n and kmax + 2
+    steps per a in memory, so no index array is built or read (about 6x faster than the gather at
+    B = 256, N = 2133); where the pmf window L is shorter than N, the pairs whose landings pass it read
+    column L instead. The rows n < B by a gather. The same values as one gather.
+    """
+    B, width = sums.shape
+    low = min(B, N + 1)
+    columns = width * np.arange(B)[None, :]
+    if not sums.flags.c_contiguous:
+        return np.take(sums, np.minimum(L, N - start) + columns)
+    out = np.empty((N + 1, B))
+    out[:low] = np.take(sums, np.minimum(L, N - start[:low]) + columns)
+    if N + 1 > low:
+        flat = sums.reshape(-1)
+        item = flat.itemsize
+        view = np.lib.stride_tricks.as_strided(flat[N + 1 - B :], shape=(N + 1 - B, B),
+                                               strides=(-item, (width + 1) * item), writeable=False)
+        if L >= N:
+            out[low:] = view
+        else:
+            np.copyto(out[low:], np.where(N - start[low:] > L, sums[:, L], view))
+    return out
+
+
 def build(
     model: BatchingModel,
     truncation: int,
@@ -661,7 +690,6 @@ def build(
     L = int(alive[-1]) if alive.size else 0
     pmf = np.ascontiguousarray(counts.pmf[:, : L + 1])
     c0, c1, c2 = counts.c0, counts.c1, counts.c2  # prefix sums over k = 0..kmax; columns 0..L are used
-    stride = counts.kmax + 1
     mean_k, sq_k = am.count_moments(arrivals, lam, m1, m2)
 
     # (N + 1, B) arrays of the serve pairs (n, a = 1..B), from a column of n and a row of a
@@ -670,14 +698,11 @@ def build(
     elif pairs.model is not model or pairs.nmax < N:
         raise ModelError(f"pairs must be this model's on 0..nmax with nmax >= N = {N}, got nmax = {pairs.nmax}")
     n = np.arange(N + 1)
-    row = np.arange(1, B + 1)[None, :]
     valid = pairs.valid[: N + 1]
     low = min(B, N + 1)  # only rows n < B hold pairs with a > n
 
     # Serve a at n: in-window landings s + k, k <= t = min(L, N - s); everything else is tail.
     s = pairs.start[: N + 1]
-    flat = np.minimum(L, N - s)
-    flat += stride * (row - 1)  # (a - 1, t) in the C-ordered (B, kmax + 1) cumulative sums
     latency = np.empty((N + 1, B + 1))
     energy = np.empty((N + 1, B + 1))
     time = np.empty((N + 1, B + 1))
@@ -688,13 +713,11 @@ def build(
     # 2 r e1 + r r tail_p, 0), then the costs), so the arrays are the same bit for bit with fewer
     # temporaries of this size (about 4.4 MB each at B = 256, N = 2133)
     tail_p = tp[:, 1:]
-    np.subtract(1.0, np.take(c0, flat), out=tail_p)
+    np.subtract(1.0, _in_window(c0, N, L, s), out=tail_p)
     np.maximum(tail_p, 0.0, out=tail_p)
-    e1 = np.take(c1, flat)
-    np.subtract(mean_k, e1, out=e1)
+    e1 = np.subtract(mean_k, _in_window(c1, N, L, s))
     np.maximum(e1, 0.0, out=e1)
-    e2 = np.take(c2, flat)
-    np.subtract(sq_k, e2, out=e2)
+    e2 = np.subtract(sq_k, _in_window(c2, N, L, s))
     np.maximum(e2, 0.0, out=e2)
     r = (s - N).astype(float)
     em = np.multiply(r, tail_p)

@@ -312,6 +312,41 @@ def test_the_gate_reports_at_the_configured_interval(native_gate, triton):
 
 
 @pytest.mark.integration
+def test_a_wake_up_and_the_stop_do_not_wait_for_the_next_report(native_gate, triton):
+    """The gate's timer thread sleeps until the next report unless a decision asks for an earlier
+    wake-up or the gate stops: with reports 60 s apart, a request the rule holds for 50 ms is served
+    by its guard, and the gate stops, both long before the first report would have come."""
+    import grpc
+    from tritonclient.grpc import service_pb2
+
+    async def scenario():
+        plane = await NativePlane.start(listen="127.0.0.1:0", triton_url=triton.grpc_url, max_queue=4,
+                                        on_event=lambda e: None, report_interval_ms=60_000)
+        try:
+            plane.send("policy emulated_gpu max_batch=4 table=0,0,0,0,4 max_wait_us=50000 guard_reason=timeout")
+            await plane.sync()
+            req = service_pb2.ModelInferRequest(model_name="emulated_gpu")
+            req.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 16])
+            req.raw_input_contents.append(np.ones(16, np.float32).tobytes())
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.port}") as ch:
+                infer = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                       request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+                                       response_deserializer=service_pb2.ModelInferResponse.FromString)
+                t0 = time.monotonic()
+                resp = await infer(req, timeout=20)
+                served = time.monotonic() - t0
+        finally:
+            t1 = time.monotonic()
+            await plane.stop()
+            stopped = time.monotonic() - t1
+        return resp, served, stopped
+
+    resp, served, stopped = run(scenario())
+    assert resp.model_name == "emulated_gpu"
+    assert 0.05 <= served < 20 and stopped < 20  # neither waited for the report, 60 s away
+
+
+@pytest.mark.integration
 def test_the_gate_exits_when_its_control_plane_is_killed(native_gate, triton):
     proc, _ = _serve(triton.grpc_url)
     gates = [c for c in _children(proc.pid) if "smdp-gate" in Path(f"/proc/{c}/cmdline").read_text()]

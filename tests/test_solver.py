@@ -1339,3 +1339,41 @@ def test_solve_with_krylov_evaluations_gives_the_lu_answer(B, load, cv, monkeypa
         assert got.gain == pytest.approx(want.gain, rel=1e-12)
         assert got.mean_latency_s == pytest.approx(want.mean_latency_s, rel=1e-10)
     assert taken
+
+
+@pytest.mark.parametrize("B,cv,load,groups", [(32, 0.0, 0.6, False), (64, 1.0, 0.9, True), (256, 1.0, 0.6, False),
+                                              (256, 2.0, 0.3, False), (128, 0.0, 0.9, False)])
+def test_prefix_sums_read_through_a_view_are_the_gathered_ones(B, cv, load, groups, monkeypatch):
+    """build reads the arrivals' prefix sums at each pair's last in-window landing through a strided view
+    on the rows n >= B (clipped at the pmf window where it is shorter than N): the values of the plain
+    gather, and every array of the SMDP the same bit for bit, for each tail, with a window shorter than
+    N or not, with sums that reach just N or further."""
+    import solver.tail as tail
+    from solver.arrival_model import CompoundPoisson
+
+    if B <= 128:
+        m = v100(B, load, 1e-4, cv)
+    else:  # the benchmark's B = 256 profile (affine service time and energy)
+        prof = ServiceProfile.affine(B, 0.1438e-3, 1.8874e-3, 0.04419, 0.1550, cv=cv)
+        m = BatchingModel(rate=1.0, max_batch=B, profile=prof, idle_power_w=40.0, weight=1e-4)
+        m = m.with_(rate=load * m.capacity)
+    if groups:
+        m = m.with_(arrivals=CompoundPoisson(2.0))
+
+    def gathered(sums, N, L, start):
+        return np.take(sums, np.minimum(L, N - start) + sums.shape[1] * np.arange(B)[None, :])
+
+    for N in (B, B + 3, 2 * B + 17, 5 * B):
+        s = np.maximum(np.arange(N + 1)[:, None] - np.arange(1, B + 1)[None, :], 0)
+        for kmax in (N, N + B + 1):
+            counts = tail.count_arrivals(m, kmax)
+            for sums in (counts.c0, counts.c1, counts.c2):
+                for L in (N, N // 2):
+                    np.testing.assert_array_equal(tail._in_window(sums, N, L, s), gathered(sums, N, L, s))
+            for name in tail.TAILS:
+                viewed = tail.build(m, N, name, counts=counts)
+                with monkeypatch.context() as ctx:
+                    ctx.setattr(tail, "_in_window", gathered)
+                    plain = tail.build(m, N, name, counts=counts)
+                for array in ("latency", "energy", "time", "tail_p", "tail_m", "cost"):
+                    np.testing.assert_array_equal(getattr(viewed, array), getattr(plain, array))
