@@ -27,7 +27,6 @@ import json
 import math
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -146,9 +145,8 @@ def main() -> int:
                                     ("triton_batcher_never_catches", TritonBatcher(B, d, catch_share=0.0))):
                     sim, slat = simulate_latencies(stack.profile, rule, times, idle_power_w=cfg.idle_power_w,
                                                    weight=cfg.weight, seed=cfg.seed)
-                    keep = counted
                     sim_sizes = np.repeat(np.arange(1, B + 1), np.asarray(sim.batch_hist) * np.arange(1, B + 1))
-                    row[label] = _summary(slat[keep] + hop, sim_sizes, B)
+                    row[label] = _summary(slat[counted] + hop, sim_sizes, B)
                 np.savez_compressed(args.out / f"requests_{csv.stem}_{conf}_{d * 1e3:g}ms.npz",
                                     scheduled_s=res.scheduled_s, sent_s=res.sent_s, done_s=res.done_s,
                                     batch_size=res.batch_size, ok=ok)

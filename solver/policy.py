@@ -206,11 +206,6 @@ class TritonBatcher:
         if not math.isfinite(self.idle_wait_s) or self.idle_wait_s <= 0:
             raise ValueError(f"idle wait must be finite and > 0 seconds, got {self.idle_wait_s!r}")
 
-    @property
-    def awake(self) -> TimeoutRule:
-        """What it decides while its instance is free."""
-        return TimeoutRule(self.max_batch, self.timeout_s)
-
 
 def parse_rule_spec(spec: str) -> tuple[str, float | None]:
     """Split a rule spec ``greedy | smdp | static:B0 | threshold:K | timeout:SECONDS``.
