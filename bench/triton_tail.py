@@ -181,10 +181,12 @@ def race_evidence(scheduled: np.ndarray, done: np.ndarray, batch_size: np.ndarra
     A transition is a pair of consecutive complete batches where the next one's oldest request had
     waited the delay before the previous batch completed (its answer less the hop): ``TimeoutRule``
     starts it at that completion. Its start is estimated as its first answer less the hop less
-    tau(b); ``started_at_completion_share`` is the share that started within 3 ms of the completion
-    (the batcher caught the instance free), and for the others ``late_vs_next_arrival`` is how often
-    the lateness is within 3 ms of the gap from the completion to the next arrival (it slept until
-    then). ``split_group_share``: groups (equal arrival times) whose answers came in different batches."""
+    tau(b). Only transitions whose next arrival came more than 3 ms after the completion tell the two
+    apart (``transitions``): ``started_at_completion_share`` is the share of those that started within
+    3 ms of the completion (the batcher caught the instance free), and for the others
+    ``late_vs_next_arrival`` is how often the lateness is within 3 ms of the gap to the next arrival (it
+    slept until then). ``split_group_share``: groups (equal arrival times) whose answers came in
+    different batches."""
     sch, dn, b = scheduled[ok], done[ok], batch_size[ok]
     order = np.argsort(dn)
     sch, dn, b = sch[order], dn[order], b[order]
@@ -200,6 +202,8 @@ def race_evidence(scheduled: np.ndarray, done: np.ndarray, batch_size: np.ndarra
             k = int(np.searchsorted(every, completion, side="right"))
             gap.append(every[k] - completion if k < every.size else math.inf)
     late_a, gap_a = np.asarray(late), np.asarray(gap)
+    telling = gap_a > 0.003
+    late_a, gap_a = late_a[telling], gap_a[telling]
     slept = late_a > 0.003
     uniq, inv, cnt = np.unique(scheduled, return_inverse=True, return_counts=True)
     groups = split = 0
