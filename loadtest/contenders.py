@@ -296,6 +296,19 @@ def predict(contender: Contender, model: BatchingModel, times: np.ndarray, seed:
                        weight=model.weight, seed=seed, warmup=warmup_s)
         return Prediction(sim.mean_latency_s, sim.mean_power_w, sim.cost, sim.mean_batch, "sim")
     if contender.kind == "triton":
-        spec = "greedy" if contender.max_queue_delay_us == 0 else f"timeout:{contender.max_queue_delay_us / 1e6!r}"
-        return _rule_prediction(model, spec, times, seed, warmup_s)
+        return triton_prediction(model, contender.max_queue_delay_us / 1e6, times, seed, warmup_s)
     return _rule_prediction(model, contender.policy, times, seed, warmup_s)
+
+
+def triton_prediction(model: BatchingModel, delay_s: float, times: np.ndarray, seed: int = 0,
+                      warmup_s: float = 0.0) -> Prediction:
+    """Triton's own batcher at ``max_queue_delay`` = ``delay_s`` as it runs the bench's model (priority
+    levels and a queue policy: no prefetching), ``solver.policy.TritonBatcher``, simulated on ``times``."""
+    from solver.policy import TritonBatcher
+    from solver.simulate import simulate
+
+    if times.size < 2:
+        return Prediction()
+    sim = simulate(model.profile, TritonBatcher(model.max_batch, delay_s), times, idle_power_w=model.idle_power_w,
+                   weight=model.weight, seed=seed, warmup=warmup_s)
+    return Prediction(sim.mean_latency_s, sim.mean_power_w, sim.cost, sim.mean_batch, "sim")

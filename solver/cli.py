@@ -194,10 +194,14 @@ def _cmd_solve_slo(args: argparse.Namespace, model, target) -> int:
         for p in derived.bound.delays:
             print(f"    Triton delay {p.delay_s * 1e3:5g} ms: W {p.mean_latency_s * 1e3:.3f} ms, "
                   f"q{target.quantile:g} {p.estimate.quantile_s * 1e3:.3f} ms, J {p.cost * 1e3:.4f} ms")
+        g = derived.bound.gate_delay
+        print(f"    (as Triton runs it, its batcher catching {derived.bound.rule.catch_share:g} of its instance's "
+              f"completions; the gate running the {g.delay_s * 1e3:g} ms rule: W {g.mean_latency_s * 1e3:.3f} ms, "
+              f"q{target.quantile:g} {g.estimate.quantile_s * 1e3:.3f} ms, J {g.cost * 1e3:.4f} ms)")
     if derived is not None and derived.delay_served:
         print(f"  the search's pick ({'feasible' if derived.search.feasible else 'infeasible'}, J "
-              f"{derived.search.chosen.cost * 1e3:.4f} ms) does not beat the delay: serving Triton delay "
-              f"{derived.bound.best.delay_s * 1e3:g} ms itself ("
+              f"{derived.search.chosen.cost * 1e3:.4f} ms) does not beat the delay: serving the Triton delay "
+              f"{derived.bound.best.delay_s * 1e3:g} ms rule itself ("
               + ("greedy)" if derived.bound.best.delay_s == 0 else "the full-batch table with that max-wait guard)"))
     elif res.feasible:
         guard = "no guard" if c.max_wait_s is None else f"max-wait guard {c.max_wait_s * 1e3:.3f} ms"

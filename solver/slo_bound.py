@@ -2,18 +2,23 @@
 
 An operator who states a p99 bound D states a number; one who wants "no worse a tail than Triton's
 dynamic batcher would give here" would have to measure Triton first. ``BestDelaySlo`` asks for that
-bound from the model instead: among Triton delays d (the ``TimeoutRule``: serve once B wait or the
-oldest has waited d), the one with the least J = W + w P, and its predicted q-quantile of response
-time, both judged on the path the SLO search judges its own candidates on (``solver.slo.search_path``:
-the model's arrival law -- Poisson, the learned groups, or a fitted MMPP -- at its rate, one seed, common
-random numbers). That quantile is the search's budget (``solve_best_delay_slo``).
+bound from the model instead: among Triton delays d, the one with the least J = W + w P, and its
+predicted q-quantile of response time, both judged on the path the SLO search judges its own
+candidates on (``solver.slo.search_path``: the model's arrival law -- Poisson, the learned groups, or a
+fitted MMPP -- at its rate, one seed, common random numbers). That quantile is the search's budget
+(``solve_best_delay_slo``).
 
-The search's candidates are feasible only when the *upper* 95% bound of their quantile is within the
-budget, and the budget here is the delay's point estimate: where the delay's tail is close to the least
-any policy has (a strongly modulated stream, where even greedy barely beats it), nothing in the family
-is feasible, or the feasible pick costs more J than the delay. Then the delay itself is served -- as a
-gate rule it is the full-batch table with a max-wait guard of d (greedy for d = 0) -- so that, in the
-model, the policy served is never worse than the best delay on J and never worse on the tail.
+Each delay is judged as Triton runs it: ``solver.policy.TritonBatcher``, whose batcher (without
+prefetching, as a model with priority levels or a queue policy runs it) often sleeps through its
+instance freeing until the next arrival, which gives a longer tail than ``TimeoutRule`` (the rule
+decided whenever the instance is free). ``catch_share`` is the share of those races it wins.
+
+What is served is the least-J of two: the search's pick if it is feasible (the *upper* 95% bound of its
+quantile within the budget), and the best delay as the gate runs it -- the full-batch table with a
+max-wait guard of d (greedy for d = 0), which decides as ``TimeoutRule`` does, judged on the same path.
+The gate's delay has the same J and tail as Triton's would where Triton catches every free instance, and
+less where it does not, so in the model the policy served is never worse than the best delay on J and
+never worse on the tail.
 
 In the answers' terms the bound is D = the delay's predicted quantile + the margin (latency the model
 does not see, which a delay's answers would carry too) + the sidecar's measured correction when one is
@@ -28,7 +33,7 @@ import time
 from dataclasses import dataclass
 
 from solver.model import BatchingModel, ModelError
-from solver.policy import BatchRule, MaxWaitGuard, PolicyTable, greedy, threshold
+from solver.policy import TRITON_CATCH_SHARE, BatchRule, MaxWaitGuard, PolicyTable, TritonBatcher, greedy, threshold
 from solver.slo import QuantileEstimate, SloCandidate, SloResult, SloTarget, search_path, simulated_quantile, solve_slo
 
 
@@ -44,8 +49,12 @@ class BestDelaySlo:
     quantile: float
     delays_s: tuple[float, ...]
     margin_s: float = 0.0
+    catch_share: float = TRITON_CATCH_SHARE
+    """``TritonBatcher.catch_share``: the share of completions with requests queued at which Triton's
+    batcher catches its instance free (1: Triton decides as ``TimeoutRule``)."""
 
     def __post_init__(self) -> None:
+        TritonBatcher(1, 0.0, catch_share=self.catch_share)  # its checks
         q, m = self.quantile, self.margin_s
         if isinstance(q, bool) or not isinstance(q, (int, float)) or not math.isfinite(q) or not 0.0 < q < 1.0:
             raise ModelError(f"SLO quantile must be a number strictly between 0 and 1, got {q!r}")
@@ -89,9 +98,12 @@ class DerivedBound:
 
     rule: BestDelaySlo
     best: DelayPoint
+    """The least-J delay as Triton runs it (``TritonBatcher``)."""
     delays: tuple[DelayPoint, ...]
     arrivals: str
     """The arrival model's spec the delays were judged under."""
+    gate_delay: DelayPoint
+    """The same delay as the gate runs it (``delay_rule``: decides as ``TimeoutRule``), on the same path."""
 
     @property
     def quantile_s(self) -> float:
@@ -121,6 +133,9 @@ class DerivedBound:
             "best_delay_quantile_ci95_s": _num(self.best.estimate.ci95_s),
             "best_delay_gain": self.best.cost,
             "bound_arrivals": self.arrivals,
+            "best_delay_catch_share": self.rule.catch_share,
+            "gate_delay_quantile_s": self.gate_delay.estimate.quantile_s,
+            "gate_delay_gain": self.gate_delay.cost,
             "delays": [{"delay_s": p.delay_s, "quantile_s": p.estimate.quantile_s,
                         "mean_latency_s": p.mean_latency_s, "mean_power_w": p.mean_power_w, "gain": p.cost}
                        for p in self.delays],
@@ -133,23 +148,26 @@ def _num(x: float) -> float | None:
 
 def derive_bound(model: BatchingModel, rule: BestDelaySlo, *, seed: int = 0,
                  requests: int | None = None) -> DerivedBound:
-    """Judge every delay of ``rule`` on the SLO search's path for ``model`` (same seed, same length)
-    and keep the one with the least J (the shortest delay on a tie)."""
+    """Judge every delay of ``rule`` as Triton runs it (``TritonBatcher``) on the SLO search's path for
+    ``model`` (same seed, same length) and keep the one with the least J (the shortest delay on a tie);
+    the same delay as the gate runs it is judged on that path too."""
     if not isinstance(rule, BestDelaySlo):
         raise ModelError(f"rule must be a BestDelaySlo, got {type(rule).__name__}")
     arr, warmup = search_path(model, rule.quantile, requests=requests, seed=seed)
     target = SloTarget(rule.quantile, 1.0)  # only the quantile matters here
-    points = []
-    for d in rule.delays_s:
-        table, guard = delay_rule(model.max_batch, d)
-        est, sim = simulated_quantile(model, _rule(table, guard), target, arr, seed=seed, warmup=warmup)
-        points.append(DelayPoint(d, est, sim.mean_latency_s, sim.mean_power_w, sim.mean_batch,
-                                 sim.mean_latency_s + model.weight * sim.mean_power_w))
+
+    def judge(d: float, how: BatchRule | TritonBatcher) -> DelayPoint:
+        est, sim = simulated_quantile(model, how, target, arr, seed=seed, warmup=warmup)
+        return DelayPoint(d, est, sim.mean_latency_s, sim.mean_power_w, sim.mean_batch,
+                          sim.mean_latency_s + model.weight * sim.mean_power_w)
+
+    points = [judge(d, TritonBatcher(model.max_batch, d, catch_share=rule.catch_share)) for d in rule.delays_s]
     finite = [p for p in points if math.isfinite(p.cost) and math.isfinite(p.estimate.quantile_s)]
     if not finite:
         raise ModelError(f"no Triton delay of {rule.delays_s} has a finite J at {model.rate:g} req/s")
     best = min(finite, key=lambda p: (p.cost, p.delay_s))
-    return DerivedBound(rule, best, tuple(points), model.arrivals.spec)
+    gate = judge(best.delay_s, _rule(*delay_rule(model.max_batch, best.delay_s)))
+    return DerivedBound(rule, best, tuple(points), model.arrivals.spec, gate)
 
 
 def _rule(table: PolicyTable, guard: float | None) -> BatchRule:
@@ -166,7 +184,7 @@ class BestDelayResult:
     result: SloResult
     """What to serve: ``search`` itself, or the same with the delay as ``chosen`` (``delay_served``)."""
     delay_served: bool
-    """The search's pick missed the bound or cost more J than the delay: the delay is served."""
+    """The search's pick missed the bound or cost more J than the delay as the gate runs it: that is served."""
 
     def to_dict(self) -> dict:
         out = self.result.to_dict()
@@ -181,20 +199,21 @@ class BestDelayResult:
 def solve_best_delay_slo(model: BatchingModel, rule: BestDelaySlo, *, seed: int = 0, correction_s: float = 0.0,
                          requests: int | None = None) -> BestDelayResult:
     """Derive the bound (``derive_bound``), search the SLO family for it (``solver.slo.solve_slo``, same
-    path), and serve the least-J of the search's feasible pick and the delay itself (module doc)."""
+    path), and serve the least-J of the search's feasible pick and the delay as the gate runs it (module doc)."""
     started = time.perf_counter()
     bound = derive_bound(model, rule, seed=seed, requests=requests)
     target = bound.target(correction_s)
     search = solve_slo(model, target, seed=seed, requests=requests)
-    if search.feasible and search.chosen.cost <= bound.best.cost:
+    g = bound.gate_delay
+    if search.feasible and search.chosen.cost <= g.cost:
         return BestDelayResult(bound, search, search, False)
-    b = bound.best
-    table, guard = delay_rule(model.max_batch, b.delay_s)
-    # its attainment was not judged against a bound (it sets the bound): not a number
-    est = QuantileEstimate(b.estimate.quantile_s, b.estimate.ci95_s, math.nan, b.estimate.method)
-    delay = SloCandidate(math.nan, guard, table, est, b.mean_latency_s, b.mean_power_w, b.cost, True, b.mean_batch)
-    served = SloResult(model, target, delay, True, (*search.candidates, delay), search.method, search.requests,
-                       time.perf_counter() - started)
+    table, guard = delay_rule(model.max_batch, g.delay_s)
+    # its attainment was not judged against a bound (its Triton twin sets the bound): not a number
+    est = QuantileEstimate(g.estimate.quantile_s, g.estimate.ci95_s, math.nan, g.estimate.method)
+    delay = SloCandidate(math.nan, guard, table, est, g.mean_latency_s, g.mean_power_w, g.cost,
+                         g.estimate.quantile_s <= bound.quantile_s, g.mean_batch)
+    served = SloResult(model, target, delay, delay.feasible, (*search.candidates, delay), search.method,
+                       search.requests, time.perf_counter() - started)
     return BestDelayResult(bound, search, served, True)
 
 

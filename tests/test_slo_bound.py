@@ -21,7 +21,7 @@ from solver import arrivals
 from solver.arrival_model import MMPP2, parse_arrivals
 from solver.errors import ModelError
 from solver.model import BatchingModel, ServiceProfile
-from solver.policy import GateRule, MaxWaitGuard, PolicyTable, TimeoutRule
+from solver.policy import GateRule, MaxWaitGuard, PolicyTable, TimeoutRule, TritonBatcher
 from solver.simulate import simulate_latencies
 from solver.slo import search_path
 from solver.slo_bound import BestDelaySlo, delay_rule, derive_bound, solve_best_delay_slo
@@ -72,22 +72,34 @@ def test_a_delay_as_a_gate_rule_is_tritons_timeout(profile):
 
 
 def test_the_bound_is_the_least_j_delays_quantile_on_the_searchs_own_path(profile):
-    """Recomputed by hand: every delay simulated on ``search_path``'s arrivals (the seed the search uses),
-    the least J kept, its empirical quantile the bound; D adds the margin and the correction, the search
-    is for the quantile itself. Under the modulated process the same delays have a longer tail."""
+    """Recomputed by hand: every delay simulated as Triton runs it (``TritonBatcher``) on ``search_path``'s
+    arrivals (the seed the search uses), the least J kept, its empirical quantile the bound, and the same
+    delay as the gate runs it (``TimeoutRule``'s decisions) on that path; D adds the margin and the
+    correction, the search is for the quantile itself. Under the modulated process the same delays have a
+    longer tail, and Triton's is longer than the gate's."""
     rule = BestDelaySlo(0.99, DELAYS, margin_s=0.004)
     model = _model(profile, SLOW)
     bound = derive_bound(model, rule, seed=2)
     arr, warm = search_path(model, 0.99, seed=2)
     assert arr.size >= 100_000  # an MMPP's path is five times the Poisson one's
-    by_hand = {}
-    for d in DELAYS:
-        sim, lat = simulate_latencies(profile, TimeoutRule(B, d), arr, idle_power_w=P0, weight=W, seed=2, warmup=warm)
-        by_hand[d] = (sim.mean_latency_s + W * sim.mean_power_w, float(np.quantile(lat, 0.99)))
-    least = min(by_hand, key=lambda d: by_hand[d][0])
+
+    def by_hand(rule):
+        sim, lat = simulate_latencies(profile, rule, arr, idle_power_w=P0, weight=W, seed=2, warmup=warm)
+        return sim.mean_latency_s + W * sim.mean_power_w, float(np.quantile(lat, 0.99))
+
+    triton = {d: by_hand(TritonBatcher(B, d)) for d in DELAYS}
+    least = min(triton, key=lambda d: triton[d][0])
     assert bound.best.delay_s == least
-    assert bound.quantile_s == pytest.approx(by_hand[least][1], rel=1e-12)
-    assert [p.cost for p in bound.delays] == pytest.approx([by_hand[d][0] for d in DELAYS], rel=1e-12)
+    assert bound.quantile_s == pytest.approx(triton[least][1], rel=1e-12)
+    assert [p.cost for p in bound.delays] == pytest.approx([triton[d][0] for d in DELAYS], rel=1e-12)
+    gate = by_hand(TimeoutRule(B, least))
+    assert (bound.gate_delay.delay_s, bound.gate_delay.cost) == (least, pytest.approx(gate[0], rel=1e-12))
+    assert bound.gate_delay.estimate.quantile_s == pytest.approx(gate[1], rel=1e-12)
+    assert gate[1] < bound.quantile_s and gate[0] < bound.best.cost
+    # Triton catching every free instance is the TimeoutRule: the two figures coincide
+    always = derive_bound(model, dataclasses.replace(rule, catch_share=1.0), seed=2)
+    assert always.best.delay_s == always.gate_delay.delay_s
+    assert always.quantile_s == always.gate_delay.estimate.quantile_s and always.best.cost == always.gate_delay.cost
     target = bound.target(0.003)
     assert target.latency_s == pytest.approx(bound.quantile_s + 0.004 + 0.003)
     assert target.budget_s == pytest.approx(bound.quantile_s)
@@ -110,16 +122,18 @@ def test_the_search_pick_is_served_when_it_beats_the_delay_on_both(profile):
 
 
 def test_the_delay_itself_is_served_where_the_search_cannot_beat_it(profile):
-    """On the clumped stream the search's feasible pick costs more J than the best delay; with greedy the
-    only delay, no searched policy meets its tail. Both times the delay is served, as a gate rule equal
-    to Triton's, with the delay's own figures, and the search's verdict is kept for status."""
-    clumped = solve_best_delay_slo(_model(profile, CLUMPED), BestDelaySlo(0.99, DELAYS))
+    """Where Triton catches every free instance (``catch_share`` 1: Triton's delay is the gate's), on the
+    clumped stream the search's feasible pick costs more J than the best delay; with greedy the only delay,
+    no searched policy meets its tail. Both times the delay is served, as a gate rule equal to Triton's,
+    with the delay's own figures, and the search's verdict is kept for status."""
+    clumped = solve_best_delay_slo(_model(profile, CLUMPED), BestDelaySlo(0.99, DELAYS, catch_share=1.0))
     assert clumped.delay_served and clumped.search.feasible
     assert clumped.search.chosen.cost > clumped.bound.best.cost
-    greedy_only = solve_best_delay_slo(_model(profile, SLOW), BestDelaySlo(0.99, (0.0,)))
+    greedy_only = solve_best_delay_slo(_model(profile, SLOW), BestDelaySlo(0.99, (0.0,), catch_share=1.0))
     assert greedy_only.delay_served and not greedy_only.search.feasible
     for res in (clumped, greedy_only):
         c, best = res.result.chosen, res.bound.best
+        assert res.bound.gate_delay.cost == best.cost
         assert res.result.feasible and c.cost == best.cost and c.estimate.quantile_s == best.estimate.quantile_s
         gate, triton = GateRule.of(c.rule), TimeoutRule(B, best.delay_s)
         for n in range(B + 3):
@@ -130,9 +144,24 @@ def test_the_delay_itself_is_served_where_the_search_cannot_beat_it(profile):
         assert out["slo_latency_s"] == pytest.approx(best.estimate.quantile_s)
 
 
+def test_with_tritons_own_tail_the_search_beats_the_delay_on_the_clumped_stream(profile):
+    """Judged as Triton runs it (the batcher sleeping through part of its instance's completions), the best
+    delay's tail on the clumped stream is far longer than the same delay run by the gate; the search for
+    it finds a policy within it, by its upper 95% figure, at less J than Triton's delay and the gate's."""
+    res = solve_best_delay_slo(_model(profile, CLUMPED), BestDelaySlo(0.99, DELAYS))
+    b, c = res.bound, res.result.chosen
+    assert b.gate_delay.estimate.quantile_s < 0.85 * b.quantile_s
+    assert not res.delay_served and res.result is res.search
+    assert c.estimate.upper_s <= b.quantile_s and c.cost < b.gate_delay.cost < b.best.cost
+    out = res.to_dict()
+    assert out["best_delay_catch_share"] == 0.5 and out["gate_delay_gain"] == b.gate_delay.cost
+
+
 def test_a_bad_rule_is_refused_with_a_clear_error():
     with pytest.raises(ModelError, match="at least one Triton delay"):
         BestDelaySlo(0.99, ())
+    with pytest.raises(ValueError, match="catch share"):
+        BestDelaySlo(0.99, (0.01,), catch_share=-0.1)
     with pytest.raises(ModelError, match="delays must be finite"):
         BestDelaySlo(0.99, (0.01, -0.01))
     with pytest.raises(ModelError, match="strictly between 0 and 1"):
