@@ -11,7 +11,10 @@ bench measures both, so it can set the margin instead of being told one:
   same arrival times, the same host). With none before them, a short run straight to Triton
   (delay 0) on the first seconds of the arrivals measures it.
 
-margin = hop + send-lag quantile. It is a measurement of this host at this moment (a shared host's
+margin = hop + send-lag quantile. For the bound derived from Triton's best delay the bench also measures
+what a client served by Triton directly carries beyond the model (``direct_extra_s``: a lone request's
+hop straight to Triton, ``RequestHop.direct_s``, + the same send-lag quantile): the delay's answers would
+carry that, not the hop through the gate (``solver.slo_bound``). It is a measurement of this host at this moment (a shared host's
 send lag moves from run to run), and the report says what was measured.
 """
 
@@ -38,15 +41,23 @@ class MeasuredMargin:
     quantile: float
     requests: int
     """Requests the send lag rests on."""
+    direct_hop_s: float = 0.0
+    """A lone request's answer straight from Triton beyond tau(1), seconds."""
 
     @property
     def margin_s(self) -> float:
         return max(self.hop_s, 0.0) + max(self.send_lag_s, 0.0)
 
+    @property
+    def direct_extra_s(self) -> float:
+        """What a client served by Triton directly carries beyond the model: its hop + the same send lag."""
+        return max(self.direct_hop_s, 0.0) + max(self.send_lag_s, 0.0)
+
     def describe(self) -> str:
         return (f"SLO margin {self.margin_s * 1e3:.2f} ms measured: the lone-request hop through the gate "
                 f"{self.hop_s * 1e3:.2f} ms + the load generator's send lag q{self.quantile:g} "
-                f"{self.send_lag_s * 1e3:.2f} ms (over {self.requests} requests)")
+                f"{self.send_lag_s * 1e3:.2f} ms (over {self.requests} requests); served by Triton directly "
+                f"{self.direct_extra_s * 1e3:.2f} ms (its hop {self.direct_hop_s * 1e3:.2f} ms + the same lag)")
 
 
 def send_lags(result: OpenLoopResult) -> np.ndarray:
@@ -55,15 +66,19 @@ def send_lags(result: OpenLoopResult) -> np.ndarray:
     return np.maximum(result.sent_s[sent] - result.scheduled_s[sent], 0.0)
 
 
-def measured_margin(hop_s: float, lags: Iterable[np.ndarray], quantile: float, latency_s: float) -> MeasuredMargin:
-    """The margin from the hop and the pooled send lags; ValueError when there are none, or when it
-    leaves nothing of D."""
+def measured_margin(hop_s: float, lags: Iterable[np.ndarray], quantile: float, latency_s: float,
+                    direct_hop_s: float = 0.0) -> MeasuredMargin:
+    """The margin from the hop and the pooled send lags (and the direct hop, for ``direct_extra_s``);
+    ValueError when there are none, or when it leaves nothing of D."""
     if not math.isfinite(hop_s):
         raise ValueError(f"the hop through the gate was not measured ({hop_s!r})")
+    if not math.isfinite(direct_hop_s):
+        raise ValueError(f"the hop straight to Triton was not measured ({direct_hop_s!r})")
     pooled = np.concatenate([np.asarray(x, dtype=float) for x in lags] or [np.empty(0)])
     if pooled.size == 0:
         raise ValueError("no send lags to measure the SLO margin from")
-    m = MeasuredMargin(float(hop_s), float(np.quantile(pooled, quantile)), float(quantile), int(pooled.size))
+    m = MeasuredMargin(float(hop_s), float(np.quantile(pooled, quantile)), float(quantile), int(pooled.size),
+                       float(direct_hop_s))
     if not m.margin_s < latency_s:
         raise ValueError(f"{m.describe()}: not below D = {latency_s * 1e3:g} ms; this host cannot serve that SLO")
     return m
@@ -89,6 +104,6 @@ def margin_before_slo(stack, cfg, times: np.ndarray, lags: list[np.ndarray], pro
         res = run_open_loop(stack.triton_url, cfg.model, short, timeout_s=cfg.request_timeout_s, drain_grace_s=1.0)
         lags = [send_lags(res)]
         progress(f"send-lag calibration: {short.size} requests straight to Triton (delay 0)")
-    m = measured_margin(hop.gate_s, lags, cfg.slo.quantile, cfg.slo.latency_s)
+    m = measured_margin(hop.gate_s, lags, cfg.slo.quantile, cfg.slo.latency_s, hop.direct_s)
     progress(m.describe())
     return m

@@ -83,6 +83,9 @@ class SidecarSpec:
     """``smdp serve --arrivals``: a fitted arrival model the adaptive gate starts from (None: none)."""
     slo_bound: str = "stated"
     """``smdp serve --slo-bound``: best_delay derives the SLO's D from the model (``slo.latency_s`` unused)."""
+    slo_direct_extra_s: float | None = None
+    """``smdp serve --slo-direct-extra`` with best_delay: what Triton's answers carry beyond the model served
+    directly (None: the sidecar's default, the margin)."""
 
     def flags(self) -> list[str]:
         out = ["--policy", self.policy, "--max-batch", str(self.max_batch), "--weight", repr(float(self.weight)),
@@ -109,6 +112,8 @@ class SidecarSpec:
                     else ["--slo-latency", repr(self.slo.latency_s)])
             if self.slo.margin_s > 0:
                 out += ["--slo-margin", repr(self.slo.margin_s)]
+            if self.slo_bound == "best_delay" and self.slo_direct_extra_s is not None:
+                out += ["--slo-direct-extra", repr(float(self.slo_direct_extra_s))]
         return out
 
 

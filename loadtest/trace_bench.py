@@ -172,17 +172,20 @@ def seeded_slo_prediction(model, option: str, slo, seed: int = 0) -> Prediction:
     return Prediction(c.mean_latency_s, c.mean_power_w, c.cost, c.mean_batch, "sim")
 
 
-def derived_slo_prediction(model, option: str, slo, seed: int = 0) -> tuple[Prediction, str]:
+def derived_slo_prediction(model, option: str, slo, seed: int = 0,
+                           direct_extra_s: float | None = None) -> tuple[Prediction, str]:
     """The derived-bound SLO gate's figures and a line on its bound: ``solver.slo_bound`` (D = the least-J
     Triton delay's predicted quantile, the SLO searched for it, the delay served where the search cannot
     beat it) under ``option`` (the fit, an MMPP at its own mean rate; or Poisson), with ``slo``'s quantile
-    and margin, as the gate's first search runs it (before any measured correction)."""
+    and margin (and ``direct_extra_s``: what Triton's answers carry beyond the model served directly; None:
+    the margin), as the gate's first search runs it (before any measured correction)."""
     from solver.arrival_model import MMPP2, parse_arrivals
     from solver.slo_bound import DEFAULT_DELAYS_S, BestDelaySlo, solve_best_delay_slo
 
     fit = parse_arrivals(option)
     under = model.with_(rate=fit.mean_rate, arrivals=fit) if isinstance(fit, MMPP2) else model.with_(arrivals=fit)
-    res = solve_best_delay_slo(under, BestDelaySlo(slo.quantile, DEFAULT_DELAYS_S, slo.margin_s), seed=seed)
+    res = solve_best_delay_slo(under, BestDelaySlo(slo.quantile, DEFAULT_DELAYS_S, slo.margin_s,
+                                                   direct_extra_s=direct_extra_s), seed=seed)
     c = res.result.chosen
     guard = "no guard" if c.max_wait_s is None else f"guard {c.max_wait_s * 1e3:.1f} ms"
     pick = (f"serving the delay itself (search {'feasible' if res.search.feasible else 'infeasible'}, J "
@@ -314,14 +317,15 @@ class ConfigFollowRun:
 
 
 def gate_spec(c: Contender, cfg: BenchConfig, *, max_batch: int, profile_csv: Path, rate_rps: float,
-              solver_url: str | None, slo, arrivals: str) -> SidecarSpec:
+              solver_url: str | None, slo, arrivals: str, slo_direct_extra_s: float | None = None) -> SidecarSpec:
     """A gate contender's sidecar: its guard (``-guard:US``) and, seeded, the fitted ``arrivals``."""
     return SidecarSpec(policy=c.policy, max_batch=max_batch, profile_csv=profile_csv, rate_rps=rate_rps,
                        weight=cfg.weight, idle_power_w=cfg.idle_power_w, adaptive=c.adaptive,
                        solver_url=solver_url if c.adaptive else None, data_plane=cfg.data_plane,
                        long_run_window_s=None if c.long_run else 0.0, slo=slo if c.slo else None,
                        max_wait_s=c.max_wait_us / 1e6 if c.max_wait_us is not None else None,
-                       arrivals=arrivals if c.seeded else None, slo_bound="best_delay" if c.derived else "stated")
+                       arrivals=arrivals if c.seeded else None, slo_bound="best_delay" if c.derived else "stated",
+                       slo_direct_extra_s=slo_direct_extra_s if c.derived else None)
 
 
 def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None = None,
@@ -353,13 +357,14 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                  f"{fitted.fixed.mean_latency_s * 1e3:.2f} ms under it ({fitted.poisson_w_s * 1e3:.2f} ms under Poisson, "
                  f"{fitted.replay_w_s * 1e3:.2f} ms simulated on the replayed times)")
         slo = cfg.slo  # with --slo-margin auto: its margin measured before the first SLO gate
+        direct_extra: float | None = None  # ... and what Triton's answers carry beyond the model, for a derived D
         for c in cfg.contenders:
             t0 = time.monotonic()
             if c.slo and cfg.slo_margin_auto and slo is cfg.slo:
                 from .slo_margin import margin_before_slo
 
-                slo = replace(slo, margin_s=margin_before_slo(stack, cfg, times, [r.send_lags_s for r in rows],
-                                                              progress).margin_s)
+                measured = margin_before_slo(stack, cfg, times, [r.send_lags_s for r in rows], progress)
+                slo, direct_extra = replace(slo, margin_s=measured.margin_s), measured.direct_extra_s
             # a rule's prediction assumes Poisson arrivals at the trace's mean rate: a reference, not the truth
             compiled = compile_config(model, seed=cfg.seed) if c.kind == "config" else None
             settings = compiled.settings.describe() if compiled is not None else ""
@@ -375,7 +380,8 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
             if c.kind == "gate" and c.policy == "smdp" and not c.slo:  # the fitted model, not the Poisson reference
                 pred = fitted.adaptive if c.adaptive else fitted.fixed
             elif c.slo and c.derived:  # D derived and searched under the model the gate starts from
-                pred, said = derived_slo_prediction(model, fitted.option if c.seeded else "poisson", slo, cfg.seed)
+                pred, said = derived_slo_prediction(model, fitted.option if c.seeded else "poisson", slo, cfg.seed,
+                                                    direct_extra)
                 progress(f"  {c.name}: {said}")
             elif c.slo and c.seeded:  # the SLO search under the fitted model, as the seeded gate runs it
                 pred = seeded_slo_prediction(model, fitted.option, slo, cfg.seed)
@@ -398,7 +404,8 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                 else:
                     stack.control.apply(BatchingOverride(time_scale=cfg.time_scale, dynamic_batching=False))
                     spec = gate_spec(c, cfg, max_batch=stack.max_batch, profile_csv=stack.profile_path,
-                                     rate_rps=mean_rate, solver_url=stack.solver_url, slo=slo, arrivals=fitted.option)
+                                     rate_rps=mean_rate, solver_url=stack.solver_url, slo=slo, arrivals=fitted.option,
+                                     slo_direct_extra_s=direct_extra)
                     safe = c.name.replace(" ", "_").replace(":", "_")
                     sidecar = SidecarProcess(stack.triton_url, spec, log_path=cfg.out_dir / f"sidecar-{safe}.log").start()
                     target = sidecar.url

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from solver import quantities
 from solver.policy import parse_rule_spec
 from solver.quantities import DEFAULT_IDLE_POWER_W, DEFAULT_WEIGHT
+from solver.policy import TRITON_CATCH_SHARE
 from solver.slo_bound import DEFAULT_DELAYS_S
 
 ENV_PREFIX = "SMDP_SIDECAR_"
@@ -53,6 +54,24 @@ class SloConfig(BaseModel):
         DEFAULT_DELAYS_S,
         description="bound: best_delay: the Triton max_queue_delay values compared, seconds",
     )
+    best_delay_catch_share: float = Field(
+        TRITON_CATCH_SHARE, ge=0, le=1, allow_inf_nan=False,
+        description="bound: best_delay: the share of its instance's completions (with requests queued) at which "
+        "Triton's own batcher catches the instance free, in [0, 1]; the rest it sleeps until the next arrival "
+        "(a model without prefetching, solver.policy.TritonBatcher; 1 = it decides whenever the instance is "
+        "free). A race between two threads that depends on the host: measured 0.65-0.77 on the reference "
+        "host, and 0.6 is the share whose simulated W and p99 fit those runs best (p99 within -2.1% to "
+        "+2.7%), hence the default; a lower share predicts a longer Triton tail, so a looser D",
+    )
+    best_delay_direct_extra_s: float | None = Field(
+        None, ge=0, allow_inf_nan=False,
+        description="bound: best_delay: what the delay's answers would carry beyond the model's quantile if its "
+        "clients were served by Triton directly (their own hop to Triton and their lateness in sending), "
+        "seconds. D = the delay's predicted quantile + this + the measured correction, and the gate is "
+        "searched for D - margin_s - the correction: a margin_s that holds the hop through the sidecar then "
+        "keeps the gate's answers within what Triton's own would carry. Unset: margin_s (the client's path "
+        "to the sidecar counted as its path to Triton)",
+    )
 
     @field_validator("best_delay_grid_s")
     @classmethod
@@ -73,6 +92,11 @@ class SloConfig(BaseModel):
             if self.margin_s >= self.latency_s:
                 raise ValueError(f"slo.margin_s ({self.margin_s:g} s) must be below slo.latency_s "
                                  f"({self.latency_s:g} s)")
+            derived_only = sorted(f for f in ("best_delay_catch_share", "best_delay_direct_extra_s")
+                                  if f in self.model_fields_set)
+            if derived_only:
+                raise ValueError(f"slo.{', slo.'.join(derived_only)} go with slo.bound: best_delay (the bound derived "
+                                 "from Triton's best delay), not with a stated latency_s")
         elif self.latency_s is not None:
             raise ValueError(f"slo.latency_s ({self.latency_s:g} s) and slo.bound: best_delay both set D: give "
                              "one (best_delay derives D from the model)")
@@ -158,7 +182,8 @@ class ModelPolicyConfig(BaseModel):
 
     slo: SloConfig | None = Field(
         None,
-        description="smdp only: a tail-latency SLO {quantile, latency_s, margin_s, bound, best_delay_grid_s}; the "
+        description="smdp only: a tail-latency SLO {quantile, latency_s, margin_s, bound, best_delay_grid_s, "
+        "best_delay_catch_share, best_delay_direct_extra_s}; the "
         "policy is then the least-J one (J = W + w P at `weight`) predicted to meet it, greedy when none does. "
         "bound: best_delay (instead of latency_s) derives D at every search: the predicted quantile of the least-J "
         "Triton delay of best_delay_grid_s (seconds) under the arrival model in "

@@ -89,7 +89,8 @@ def build_rule(model: str, cfg: ModelPolicyConfig, model_max_batch: int, instanc
 
 def best_delay_slo(slo: SloConfig) -> BestDelaySlo:
     """``slo.bound: best_delay`` as the solver's rule (``solver.slo_bound``)."""
-    return BestDelaySlo(slo.quantile, slo.best_delay_grid_s, slo.margin_s)
+    return BestDelaySlo(slo.quantile, slo.best_delay_grid_s, slo.margin_s, catch_share=slo.best_delay_catch_share,
+                        direct_extra_s=slo.best_delay_direct_extra_s)
 
 
 def _slo_rule(bm, cfg: ModelPolicyConfig) -> RuleInfo:

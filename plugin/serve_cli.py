@@ -47,6 +47,8 @@ SLO_FLAGS = {
     "--slo-latency": "latency_s",
     "--slo-margin": "margin_s",
     "--slo-bound": "bound",
+    "--slo-catch-share": "best_delay_catch_share",
+    "--slo-direct-extra": "best_delay_direct_extra_s",
 }
 OFF = "none"
 """What --control-listen and --metrics-listen take to turn the endpoint off."""
@@ -108,9 +110,10 @@ def _slo_flags(args: argparse.Namespace) -> dict | None:
     the values)."""
     given = {field: getattr(args, slo_dest(field)) for field in SLO_FLAGS.values()}
     if given["latency_s"] is None and given["bound"] in (None, "stated"):
-        if given["quantile"] is not None or given["margin_s"] is not None or given["bound"] is not None:
+        if any(v is not None for v in given.values()):
             raise ValueError("--slo-quantile, --slo-margin and --slo-bound stated need --slo-latency (the SLO's D, "
-                             "seconds), or --slo-bound best_delay to derive D from the model")
+                             "seconds), or --slo-bound best_delay to derive D from the model (--slo-catch-share "
+                             "and --slo-direct-extra go with it)")
         return None
     return {k: v for k, v in given.items() if v is not None}
 

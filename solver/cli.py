@@ -142,6 +142,14 @@ def _slo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-delays", default=None,
                    help="with --slo-bound best_delay: comma-separated Triton delays, seconds (default: "
                         "0,0.005,0.01,0.02,0.03,0.04,0.05)")
+    p.add_argument("--slo-catch-share", type=float, default=None,
+                   help="with --slo-bound best_delay: the share of its instance's completions at which Triton's "
+                        "batcher catches it free, in [0, 1] (default: the config's slo.best_delay_catch_share, "
+                        "0.6: the fit to the measured runs)")
+    p.add_argument("--slo-direct-extra", type=float, default=None,
+                   help="with --slo-bound best_delay: seconds a delay's answers would carry beyond the model served "
+                        "by Triton directly; D = the delay's quantile + this, searched for D - margin (default: "
+                        "--slo-margin)")
     p.add_argument("--slo-margin", type=float, default=0.0,
                    help="seconds of D reserved for latency the model does not see (client, network): the policy "
                         "is searched for D - margin (default: %(default)s)")
@@ -162,9 +170,14 @@ def _slo_target(args: argparse.Namespace):
             delays = DEFAULT_DELAYS_S if args.slo_delays is None else tuple(float(x) for x in args.slo_delays.split(","))
         except ValueError:
             raise ModelError(f"--slo-delays must be comma-separated seconds, got {args.slo_delays!r}") from None
-        return BestDelaySlo(q, delays, args.slo_margin)
-    if args.slo_delays is not None:
-        raise ModelError("--slo-delays goes with --slo-bound best_delay")
+        from solver.policy import TRITON_CATCH_SHARE
+
+        share = TRITON_CATCH_SHARE if args.slo_catch_share is None else args.slo_catch_share
+        return BestDelaySlo(q, delays, args.slo_margin, catch_share=share, direct_extra_s=args.slo_direct_extra)
+    for flag, given in (("--slo-delays", args.slo_delays), ("--slo-catch-share", args.slo_catch_share),
+                        ("--slo-direct-extra", args.slo_direct_extra)):
+        if given is not None:
+            raise ModelError(f"{flag} goes with --slo-bound best_delay")
     if q is None and d is None:
         return None
     if q is None or d is None:

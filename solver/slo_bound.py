@@ -20,10 +20,15 @@ The gate's delay has the same J and tail as Triton's would where Triton catches 
 less where it does not, so in the model the policy served is never worse than the best delay on J and
 never worse on the tail.
 
-In the answers' terms the bound is D = the delay's predicted quantile + the margin (latency the model
-does not see, which a delay's answers would carry too) + the sidecar's measured correction when one is
-given (how far answers run above the model's prediction on this host, which a delay's would too): the
-search is always for the delay's predicted quantile itself.
+In the answers' terms the bound is D = the delay's predicted quantile + what the delay's answers would
+carry beyond the model if a client were served by Triton directly (``direct_extra_s``: its own hop to
+Triton and its lateness in sending; unset, the gate's whole ``margin_s``) + the sidecar's measured
+correction when one is given (how far answers run above the model's prediction on this host, which a
+delay's would too). The gate's own answers carry its margin (which holds the hop through the sidecar,
+which a direct client does not pay) and the correction beyond its prediction, so the search's budget is
+D - margin - correction = the delay's predicted quantile + ``direct_extra_s`` - ``margin_s``: with the
+margin measured for the gate and the direct extra for Triton, the gate's tail is asked to stay within
+what Triton's own answers would carry.
 """
 
 from __future__ import annotations
@@ -52,14 +57,22 @@ class BestDelaySlo:
     catch_share: float = TRITON_CATCH_SHARE
     """``TritonBatcher.catch_share``: the share of completions with requests queued at which Triton's
     batcher catches its instance free (1: Triton decides as ``TimeoutRule``)."""
+    direct_extra_s: float | None = None
+    """What the delay's answers would carry beyond its model quantile, served by Triton directly (the
+    client's own hop to Triton and its send lag), seconds; None: ``margin_s`` (the client's path to the
+    sidecar counted as its path to Triton)."""
 
     def __post_init__(self) -> None:
         TritonBatcher(1, 0.0, catch_share=self.catch_share)  # its checks
-        q, m = self.quantile, self.margin_s
+        q, m, x = self.quantile, self.margin_s, self.direct_extra_s
         if isinstance(q, bool) or not isinstance(q, (int, float)) or not math.isfinite(q) or not 0.0 < q < 1.0:
             raise ModelError(f"SLO quantile must be a number strictly between 0 and 1, got {q!r}")
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m < 0.0:
             raise ModelError(f"SLO margin must be a finite number of seconds >= 0, got {m!r}")
+        if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x)
+                              or x < 0.0):
+            raise ModelError(f"the direct extra (what a delay served by Triton directly carries beyond its model) "
+                             f"must be a finite number of seconds >= 0, got {x!r}")
         delays = tuple(self.delays_s)
         if not delays:
             raise ModelError("the best-delay bound needs at least one Triton delay to compare with")
@@ -68,7 +81,13 @@ class BestDelaySlo:
                 raise ModelError(f"Triton delays must be finite numbers of seconds >= 0, got {d!r}")
         object.__setattr__(self, "quantile", float(q))
         object.__setattr__(self, "margin_s", float(m))
+        object.__setattr__(self, "direct_extra_s", None if x is None else float(x))
         object.__setattr__(self, "delays_s", tuple(sorted({float(d) for d in delays})))
+
+    @property
+    def direct_s(self) -> float:
+        """``direct_extra_s``, or ``margin_s`` where it is unset."""
+        return self.margin_s if self.direct_extra_s is None else self.direct_extra_s
 
 
 def delay_rule(max_batch: int, delay_s: float) -> tuple[PolicyTable, float | None]:
@@ -111,12 +130,16 @@ class DerivedBound:
         return self.best.estimate.quantile_s
 
     def target(self, correction_s: float = 0.0) -> SloTarget:
-        """The SLO in the answers' terms: D = the budget + margin + ``correction_s``, searched for D less
-        both (module doc)."""
+        """The SLO in the answers' terms: D = the delay's quantile + the direct extra + ``correction_s``,
+        searched for D less the gate's margin and ``correction_s`` (module doc)."""
         if not math.isfinite(correction_s) or correction_s < 0:
             raise ModelError(f"correction must be a finite number of seconds >= 0, got {correction_s!r}")
-        return SloTarget(self.rule.quantile, self.quantile_s + self.rule.margin_s + correction_s,
-                         self.rule.margin_s + correction_s)
+        r = self.rule
+        if not self.quantile_s + r.direct_s > r.margin_s:
+            raise ModelError(f"the best delay's predicted q{r.quantile:g} {self.quantile_s * 1e3:.2f} ms + the direct "
+                             f"extra {r.direct_s * 1e3:.2f} ms leave nothing within the gate's margin "
+                             f"{r.margin_s * 1e3:.2f} ms")
+        return SloTarget(r.quantile, self.quantile_s + r.direct_s + correction_s, r.margin_s + correction_s)
 
     def describe(self) -> str:
         """One line for status and logs."""
@@ -134,6 +157,7 @@ class DerivedBound:
             "best_delay_gain": self.best.cost,
             "bound_arrivals": self.arrivals,
             "best_delay_catch_share": self.rule.catch_share,
+            "best_delay_direct_extra_s": self.rule.direct_s,
             "gate_delay_quantile_s": self.gate_delay.estimate.quantile_s,
             "gate_delay_gain": self.gate_delay.cost,
             "delays": [{"delay_s": p.delay_s, "quantile_s": p.estimate.quantile_s,

@@ -103,16 +103,19 @@ def test_serve_flags_build_the_slo_config():
 
     from plugin.serve_cli import _slo_flags
 
-    def ns(q=None, d=None, m=None, b=None):
+    def ns(q=None, d=None, m=None, b=None, c=None, x=None):
         return argparse.Namespace(default_slo_quantile=q, default_slo_latency_s=d, default_slo_margin_s=m,
-                                  default_slo_bound=b)
+                                  default_slo_bound=b, default_slo_best_delay_catch_share=c,
+                                  default_slo_best_delay_direct_extra_s=x)
 
     assert _slo_flags(ns()) is None
     assert _slo_flags(ns(d=0.05)) == {"latency_s": 0.05}
     assert _slo_flags(ns(q=0.9, d=0.05)) == {"latency_s": 0.05, "quantile": 0.9}
     assert _slo_flags(ns(d=0.05, m=0.002)) == {"latency_s": 0.05, "margin_s": 0.002}
     assert _slo_flags(ns(b="best_delay", m=0.002)) == {"bound": "best_delay", "margin_s": 0.002}
-    for bad in (ns(q=0.9), ns(m=0.002), ns(b="stated")):
+    assert _slo_flags(ns(b="best_delay", c=0.7, x=0.001)) == {"bound": "best_delay", "best_delay_catch_share": 0.7,
+                                                            "best_delay_direct_extra_s": 0.001}
+    for bad in (ns(q=0.9), ns(m=0.002), ns(b="stated"), ns(c=0.7), ns(x=0.001)):
         with pytest.raises(ValueError, match="--slo-latency"):
             _slo_flags(bad)
 
@@ -175,6 +178,14 @@ def test_the_measured_margin_is_the_hop_plus_the_send_lag_quantile():
         measured_margin(0.0015, [np.empty(0)], 0.99, 0.08)
     with pytest.raises(ValueError, match="hop"):
         measured_margin(math.nan, lags, 0.99, 0.08)
+    # served by Triton directly: its own hop + the same send lag, not the hop through the gate
+    direct = measured_margin(0.0035, lags, 0.99, 0.08, direct_hop_s=0.001)
+    assert direct.direct_extra_s == pytest.approx(0.001 + direct.send_lag_s)
+    assert direct.margin_s - direct.direct_extra_s == pytest.approx(0.0025)
+    assert f"{direct.direct_extra_s * 1e3:.2f} ms" in direct.describe()
+    assert m.direct_extra_s == pytest.approx(m.send_lag_s)  # no direct hop given: the lag alone
+    with pytest.raises(ValueError, match="straight to Triton"):
+        measured_margin(0.0015, lags, 0.99, 0.08, direct_hop_s=math.nan)
     # a request sent early counts 0; one never sent does not count
     res = OpenLoopResult(np.array([0.0, 1.0, 2.0]), np.array([0.001, 0.999, np.nan]), np.array([0.1, 1.1, np.nan]),
                          ("OK", "OK", "NOT_SENT"), np.zeros(3, dtype=int), np.full(3, np.nan))

@@ -248,7 +248,13 @@ def test_the_trace_bench_gives_each_gate_its_guard_and_the_seeded_one_the_fitted
     assert "--slo-latency" not in spec.flags()
     got = config_from_args(build_parser().parse_args(["serve", *spec.flags()])).policy_for("any")
     assert got.arrivals == fit and got.slo.bound == "best_delay" and got.slo.latency_s is None
-    assert got.slo.margin_s == 0.003 and got.slo.quantile == 0.99
+    assert got.slo.margin_s == 0.003 and got.slo.quantile == 0.99 and got.slo.best_delay_direct_extra_s is None
+    # with the margin measured, what Triton's answers carry served directly goes to the derived gate only
+    spec = gate_spec(derived, cfg, **{**kw, "slo": SloTarget(0.99, 0.07, 0.003)}, slo_direct_extra_s=0.0012)
+    got = config_from_args(build_parser().parse_args(["serve", *spec.flags()])).policy_for("any")
+    assert got.slo.best_delay_direct_extra_s == 0.0012 and got.slo.margin_s == 0.003
+    stated = gate_spec(slo_seeded, cfg, **{**kw, "slo": SloTarget(0.99, 0.07, 0.003)}, slo_direct_extra_s=0.0012)
+    assert "--slo-direct-extra" not in stated.flags()
     assert not parse_contender("gate:smdp-slo-derived").seeded
     with pytest.raises(ValueError, match="derives its bound"):
         Contender("gate", policy="smdp", slo=True, derived=True)  # the fixed SLO gate states D

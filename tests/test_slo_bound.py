@@ -21,7 +21,7 @@ from solver import arrivals
 from solver.arrival_model import MMPP2, parse_arrivals
 from solver.errors import ModelError
 from solver.model import BatchingModel, ServiceProfile
-from solver.policy import GateRule, MaxWaitGuard, PolicyTable, TimeoutRule, TritonBatcher
+from solver.policy import TRITON_CATCH_SHARE, GateRule, MaxWaitGuard, PolicyTable, TimeoutRule, TritonBatcher
 from solver.simulate import simulate_latencies
 from solver.slo import search_path
 from solver.slo_bound import BestDelaySlo, delay_rule, derive_bound, solve_best_delay_slo
@@ -103,6 +103,16 @@ def test_the_bound_is_the_least_j_delays_quantile_on_the_searchs_own_path(profil
     target = bound.target(0.003)
     assert target.latency_s == pytest.approx(bound.quantile_s + 0.004 + 0.003)
     assert target.budget_s == pytest.approx(bound.quantile_s)
+    # a delay served directly carries 1.5 ms beyond its model, the gate its 4 ms margin: D is the delay's
+    # quantile + 1.5 ms (+ the correction), and the gate is searched 2.5 ms inside the delay's quantile
+    direct = dataclasses.replace(bound, rule=dataclasses.replace(rule, direct_extra_s=0.0015)).target(0.003)
+    assert direct.latency_s == pytest.approx(bound.quantile_s + 0.0015 + 0.003)
+    assert direct.margin_s == pytest.approx(0.004 + 0.003)
+    assert direct.budget_s == pytest.approx(bound.quantile_s - 0.0025)
+    assert dataclasses.replace(rule, direct_extra_s=0.0).direct_s == 0.0 and rule.direct_s == 0.004
+    too_wide = dataclasses.replace(rule, margin_s=bound.quantile_s + 0.001, direct_extra_s=0.0)
+    with pytest.raises(ModelError, match="leave nothing within the gate's margin"):
+        dataclasses.replace(bound, rule=too_wide).target()
     assert bound.arrivals == SLOW.spec and "Triton delay" in bound.describe()
     poisson = derive_bound(_model(profile), rule, seed=2)
     assert poisson.arrivals == "poisson" and poisson.quantile_s < bound.quantile_s
@@ -154,7 +164,8 @@ def test_with_tritons_own_tail_the_search_beats_the_delay_on_the_clumped_stream(
     assert not res.delay_served and res.result is res.search
     assert c.estimate.upper_s <= b.quantile_s and c.cost < b.gate_delay.cost < b.best.cost
     out = res.to_dict()
-    assert out["best_delay_catch_share"] == 0.5 and out["gate_delay_gain"] == b.gate_delay.cost
+    assert out["best_delay_catch_share"] == TRITON_CATCH_SHARE == 0.6 and out["gate_delay_gain"] == b.gate_delay.cost
+    assert out["best_delay_direct_extra_s"] == 0.0  # unset: the margin (0 here)
 
 
 def test_a_bad_rule_is_refused_with_a_clear_error():
@@ -164,6 +175,9 @@ def test_a_bad_rule_is_refused_with_a_clear_error():
         BestDelaySlo(0.99, (0.01,), catch_share=-0.1)
     with pytest.raises(ModelError, match="delays must be finite"):
         BestDelaySlo(0.99, (0.01, -0.01))
+    for bad in (-0.001, math.nan, math.inf, True):
+        with pytest.raises(ModelError, match="direct extra .* finite number of seconds >= 0"):
+            BestDelaySlo(0.99, DELAYS, direct_extra_s=bad)
     with pytest.raises(ModelError, match="strictly between 0 and 1"):
         BestDelaySlo(1.0, DELAYS)
     assert BestDelaySlo(0.99, (0.02, 0.0, 0.02)).delays_s == (0.0, 0.02)
@@ -181,6 +195,18 @@ def test_the_config_states_d_or_derives_it_never_both():
     derived = SloConfig(bound="best_delay", margin_s=0.003, best_delay_grid_s=(0.02, 0.01))
     rule = best_delay_slo(derived)
     assert (rule.quantile, rule.margin_s, rule.delays_s) == (0.99, 0.003, (0.01, 0.02))
+    assert (rule.catch_share, rule.direct_extra_s, rule.direct_s) == (TRITON_CATCH_SHARE, None, 0.003)
+    tuned = best_delay_slo(SloConfig(bound="best_delay", margin_s=0.003, best_delay_catch_share=0.75,
+                                     best_delay_direct_extra_s=0.001))
+    assert (tuned.catch_share, tuned.direct_extra_s, tuned.direct_s) == (0.75, 0.001, 0.001)
+    for bad in ({"best_delay_catch_share": 1.2}, {"best_delay_catch_share": -0.1},
+                {"best_delay_catch_share": math.nan}, {"best_delay_direct_extra_s": -0.001}):
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            SloConfig(bound="best_delay", **bad)
+    with pytest.raises(ValidationError, match="slo.best_delay_catch_share go with slo.bound: best_delay"):
+        SloConfig(latency_s=0.05, best_delay_catch_share=0.7)
+    with pytest.raises(ValidationError, match="best_delay_direct_extra_s go with slo.bound: best_delay"):
+        SloConfig(latency_s=0.05, best_delay_direct_extra_s=0.001)
 
 
 def test_the_adaptive_gate_derives_d_under_its_fit_and_again_when_the_fit_moves(profile):
@@ -245,12 +271,22 @@ def test_smdp_solve_derives_the_bound_and_reports_it_in_its_json(capsys):
     assert d["slo_latency_s"] == pytest.approx(d["best_delay_quantile_s"])  # no margin given
     assert d["predicted_quantile_s"] <= d["best_delay_quantile_s"] + 1e-12
     assert d["gain"] <= d["best_delay_gain"] + 1e-12 and d["bound_arrivals"] == "poisson"
-    for bad in (["--slo-latency", "0.05"], ["--slo-delays", "a,b"], ["--instances", "2"]):
+    assert d["best_delay_catch_share"] == TRITON_CATCH_SHARE
+    # the race share and what a direct client carries, as flags: D = the delay's quantile + 1 ms
+    assert main([*base, "--slo-delays", "0.01,0.02", "--slo-catch-share", "0.8", "--slo-direct-extra", "0.001",
+                 "--slo-margin", "0.003", "--json"]) == 0
+    t = json.loads(capsys.readouterr().out)
+    assert t["best_delay_catch_share"] == 0.8 and t["best_delay_direct_extra_s"] == 0.001
+    assert t["slo_latency_s"] == pytest.approx(t["best_delay_quantile_s"] + 0.001)
+    for bad in (["--slo-latency", "0.05"], ["--slo-delays", "a,b"], ["--instances", "2"],
+                ["--slo-catch-share", "1.5"], ["--slo-direct-extra", "-0.001"]):
         assert main([*base, *bad]) == 2
         err = capsys.readouterr().err
         assert "error" in err and "Traceback" not in err
     assert main(["solve", "--rate", "150", "--slo-delays", "0.01"]) == 2
     assert "--slo-bound best_delay" in capsys.readouterr().err
+    assert main(["solve", "--rate", "150", "--slo-catch-share", "0.7"]) == 2
+    assert "--slo-catch-share goes with --slo-bound best_delay" in capsys.readouterr().err
 
 
 def test_the_trace_benchs_derived_slo_prediction_is_the_bound_searched_under_the_fit(profile):
@@ -266,6 +302,10 @@ def test_the_trace_benchs_derived_slo_prediction_is_the_bound_searched_under_the
                                BestDelaySlo(0.99, DEFAULT_DELAYS_S, 0.003))
     assert pred.cost == res.result.chosen.cost and pred.mean_latency_s == res.result.chosen.mean_latency_s
     assert f"D = {(res.bound.quantile_s + 0.003) * 1e3:.2f} ms derived" in said
+    # what Triton's answers carry served directly (1 ms), not the gate's 3 ms margin, goes into D
+    _, direct_said = derived_slo_prediction(model, CLUMPED.spec, SloTarget(0.99, 0.2, 0.003),
+                                              direct_extra_s=0.001)
+    assert f"D = {(res.bound.quantile_s + 0.001) * 1e3:.2f} ms derived" in direct_said
     assert ("serving the delay itself" in said) == res.delay_served
 
 
