@@ -27,7 +27,6 @@ import json
 import math
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -146,9 +145,8 @@ def main() -> int:
                                     ("triton_batcher_never_catches", TritonBatcher(B, d, catch_share=0.0))):
                     sim, slat = simulate_latencies(stack.profile, rule, times, idle_power_w=cfg.idle_power_w,
                                                    weight=cfg.weight, seed=cfg.seed)
-                    keep = counted
                     sim_sizes = np.repeat(np.arange(1, B + 1), np.asarray(sim.batch_hist) * np.arange(1, B + 1))
-                    row[label] = _summary(slat[keep] + hop, sim_sizes, B)
+                    row[label] = _summary(slat[counted] + hop, sim_sizes, B)
                 np.savez_compressed(args.out / f"requests_{csv.stem}_{conf}_{d * 1e3:g}ms.npz",
                                     scheduled_s=res.scheduled_s, sent_s=res.sent_s, done_s=res.done_s,
                                     batch_size=res.batch_size, ok=ok)
@@ -183,10 +181,12 @@ def race_evidence(scheduled: np.ndarray, done: np.ndarray, batch_size: np.ndarra
     A transition is a pair of consecutive complete batches where the next one's oldest request had
     waited the delay before the previous batch completed (its answer less the hop): ``TimeoutRule``
     starts it at that completion. Its start is estimated as its first answer less the hop less
-    tau(b); ``started_at_completion_share`` is the share that started within 3 ms of the completion
-    (the batcher caught the instance free), and for the others ``late_vs_next_arrival`` is how often
-    the lateness is within 3 ms of the gap from the completion to the next arrival (it slept until
-    then). ``split_group_share``: groups (equal arrival times) whose answers came in different batches."""
+    tau(b). Only transitions whose next arrival came more than 3 ms after the completion tell the two
+    apart (``transitions``): ``started_at_completion_share`` is the share of those that started within
+    3 ms of the completion (the batcher caught the instance free), and for the others
+    ``late_vs_next_arrival`` is how often the lateness is within 3 ms of the gap to the next arrival (it
+    slept until then). ``split_group_share``: groups (equal arrival times) whose answers came in
+    different batches."""
     sch, dn, b = scheduled[ok], done[ok], batch_size[ok]
     order = np.argsort(dn)
     sch, dn, b = sch[order], dn[order], b[order]
@@ -202,6 +202,8 @@ def race_evidence(scheduled: np.ndarray, done: np.ndarray, batch_size: np.ndarra
             k = int(np.searchsorted(every, completion, side="right"))
             gap.append(every[k] - completion if k < every.size else math.inf)
     late_a, gap_a = np.asarray(late), np.asarray(gap)
+    telling = gap_a > 0.003
+    late_a, gap_a = late_a[telling], gap_a[telling]
     slept = late_a > 0.003
     uniq, inv, cnt = np.unique(scheduled, return_inverse=True, return_counts=True)
     groups = split = 0

@@ -162,9 +162,10 @@ in core's dynamic_batch_scheduler.cc, 500 ms in every release since 2.x)."""
 TRITON_CATCH_SHARE = 0.5
 """The share of completions with requests queued at which Triton's batcher catches its instance free
 (``TritonBatcher.catch_share``). Measured on the bench's stack (emulated GPU x10, B = 128, a shared
-2-core host; ``bench/triton_tail.py``): 0.51 and 0.69-0.70 on two synthetic MMPP streams, 0.79-0.85 on
-the conversation trace; 0.5 predicted W within -4% to +4% and p99 within -2% to +8% on all of them. A
-race between two threads: it depends on the host and the load."""
+2-core host; ``bench/triton_tail.py``): 0.65-0.71 on two synthetic MMPP streams, 0.69-0.77 on the
+conversation trace; re-simulating those runs, about 0.6 fits W and p99 best, and 0.5 predicted W within
+-4% to +4% and p99 within -2% to +11%, erring toward a longer tail. A race between two threads: it
+depends on the host and the load."""
 
 
 @dataclass(frozen=True)
@@ -205,11 +206,6 @@ class TritonBatcher:
             raise ValueError(f"catch share must be a number in [0, 1], got {c!r}")
         if not math.isfinite(self.idle_wait_s) or self.idle_wait_s <= 0:
             raise ValueError(f"idle wait must be finite and > 0 seconds, got {self.idle_wait_s!r}")
-
-    @property
-    def awake(self) -> TimeoutRule:
-        """What it decides while its instance is free."""
-        return TimeoutRule(self.max_batch, self.timeout_s)
 
 
 def parse_rule_spec(spec: str) -> tuple[str, float | None]:

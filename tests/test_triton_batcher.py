@@ -131,3 +131,30 @@ def test_bad_parameters_are_refused():
         TritonBatcher(4, 0.01, idle_wait_s=0.0)
     with pytest.raises(ModelError, match="exceeds"):
         simulate(_det([10, 12]), TritonBatcher(4, 0.01), np.array([0.0, 1.0]), **KW)
+
+
+def test_the_benchs_race_evidence_reads_the_batcher_from_answers_alone():
+    """``bench/triton_tail.race_evidence`` on answers simulated by each model (a batch's answers at its
+    completion plus a hop): the TimeoutRule starts every due batch at the completion, the batcher that never
+    wins the race starts none there and every late one by the gap to the next arrival, and the share measured
+    for the default batcher is near its ``catch_share``."""
+    from bench.triton_tail import race_evidence
+
+    from solver.arrival_model import parse_arrivals
+
+    prof = ServiceProfile(mean_s=np.linspace(0.021, 0.06, 64), energy_j=np.ones(64), cv=np.zeros(64))
+    t = arrivals.from_model(parse_arrivals("mmpp:210,30:0.5,1:3,1.2"), 0.0, 6_000, rng=5)  # in groups
+    hop = 0.001
+
+    def evidence(rule) -> dict:
+        _, lat = simulate_latencies(prof, rule, t, **KW)
+        done = t + lat + hop
+        _, inv, cnt = np.unique(np.round(done, 12), return_inverse=True, return_counts=True)
+        return race_evidence(t, done, cnt[inv], np.ones(t.size, dtype=bool), prof, 0.02, hop)
+
+    timeout, never, half = (evidence(r) for r in (TimeoutRule(64, 0.02), _missing(64, 0.02), TritonBatcher(64, 0.02)))
+    assert timeout["transitions"] > 100 and timeout["started_at_completion_share"] == 1.0
+    assert timeout["split_group_share"] == 0.0
+    assert never["started_at_completion_share"] < 0.1 and never["late_vs_next_arrival"] > 0.9
+    assert never["split_group_share"] > 0.0
+    assert abs(half["started_at_completion_share"] - 0.5) < 0.1
