@@ -260,51 +260,21 @@ def _run_table_guard(table: PolicyTable, max_wait_s: float, t: list[float], draw
     return sizes, starts, durs
 
 
-def _run_timeout(rule: TimeoutRule, t: list[float], draw: Callable[[int], float]):
-    """Event loop for Triton's rule: it fires at the earlier of 'oldest waited T' and 'n reaches B'."""
+def _run_delay(max_batch: int, timeout_s: float, t: list[float], draw: Callable[[int], float], *,
+               catch_share: float = 1.0, idle_wait_s: float = math.inf, race: np.random.Generator | None = None):
+    """Event loop for a delay batcher: a batch goes at the earlier of 'oldest waited timeout_s' and 'n
+    reaches max_batch'. With ``catch_share`` 1 (the default) this is ``TimeoutRule``: decided whenever the
+    instance is free. Below 1 it is Triton's batcher without prefetching (``TritonBatcher``): at a
+    completion with requests queued it misses the instance with probability 1 - catch_share (drawn from
+    ``race``), and then nothing is decided until the next arrival (its group's first request) or the
+    batcher's idle wait (ticks of ``idle_wait_s`` from its last dispatch)."""
     n_total = len(t)
-    big_b = rule.max_batch
-    timeout = float(rule.timeout_s)
-    sizes: list[int] = []
-    starts: list[float] = []
-    durs: list[float] = []
-    now = 0.0
-    head = 0
-    na = 0
-    while head < n_total:
-        if na == head:
-            now = t[head]
-            na = bisect_right(t, now, head + 1)
-        if na - head < big_b:
-            fire = t[head] + timeout
-            full = head + big_b - 1
-            if full < n_total and t[full] < fire:
-                fire = t[full]
-            if fire > now:
-                now = fire
-                na = bisect_right(t, now, na)
-        n = na - head
-        a = n if n < big_b else big_b
-        s = draw(a)
-        sizes.append(a)
-        starts.append(now)
-        durs.append(s)
-        head += a
-        now += s
-        na = bisect_right(t, now, na)
-    return sizes, starts, durs
-
-
-def _run_triton(rule: TritonBatcher, t: list[float], draw: Callable[[int], float], race: np.random.Generator):
-    """Event loop for Triton's batcher without prefetching (``TritonBatcher``): as ``_run_timeout`` while
-    the instance is free and when the batcher wins the race at a completion (share ``catch_share``, drawn
-    from ``race``); when it loses with requests queued, nothing is decided until the next arrival (its
-    group's first request) or the batcher's idle wait (ticks of ``idle_wait_s`` from its last dispatch)."""
-    n_total = len(t)
-    big_b = rule.max_batch
-    timeout = float(rule.timeout_s)
-    tick = float(rule.idle_wait_s)
-    catch = float(rule.catch_share)
+    big_b = max_batch
+    timeout = float(timeout_s)
+    tick = float(idle_wait_s)
+    catch = float(catch_share)
+    if catch < 1.0 and race is None:
+        raise ValueError("a delay batcher that can miss a completion needs its race's random stream")
     sizes: list[int] = []
     starts: list[float] = []
     durs: list[float] = []
@@ -606,10 +576,11 @@ def simulate_latencies(profile: ServiceProfile, rule: BatchRule | InstanceRule |
     if type(rule) is PolicyTable:
         sizes, starts, durs = _run_table(rule, t_list, draws.draw)
     elif type(rule) is TimeoutRule:
-        sizes, starts, durs = _run_timeout(rule, t_list, draws.draw)
+        sizes, starts, durs = _run_delay(int(rule.max_batch), rule.timeout_s, t_list, draws.draw)
     elif type(rule) is TritonBatcher:
         race = np.random.default_rng(np.random.SeedSequence(seed).spawn(int(rule.max_batch) + 1)[-1])
-        sizes, starts, durs = _run_triton(rule, t_list, draws.draw, race)
+        sizes, starts, durs = _run_delay(int(rule.max_batch), rule.timeout_s, t_list, draws.draw,
+                                         catch_share=rule.catch_share, idle_wait_s=rule.idle_wait_s, race=race)
     elif type(rule) is MaxWaitGuard and type(rule.rule) is PolicyTable:
         sizes, starts, durs = _run_table_guard(rule.rule, rule.max_wait_s, t_list, draws.draw)
     else:
