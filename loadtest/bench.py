@@ -88,6 +88,9 @@ class BenchConfig:
     slo_margin_auto: bool = False
     """``--slo-margin auto``: the SLO gates' margin is measured at each load before they run (the hop
     through the gate + the send lag at the SLO's quantile, ``loadtest.slo_margin``) instead of ``slo``'s."""
+    slo_catch_share: float | None = None
+    """``--slo-catch-share``: the race share the derived-bound SLO gates model Triton with
+    (``slo.best_delay_catch_share``; None: the config's default)."""
     instances: int = 1
     """k: the model runs with this instance_group count; predictions and power are for k instances
     (each busy one its batch's power, each idle one P0)."""
@@ -138,6 +141,10 @@ class BenchConfig:
             raise ValueError("the gate:smdp-slo and triton:ma contenders need an SLO (--slo-latency)")
         if self.slo_margin_auto and self.slo is None:
             raise ValueError("--slo-margin auto needs an SLO (--slo-latency)")
+        share = self.slo_catch_share
+        if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float))
+                                  or not 0.0 <= share <= 1.0):
+            raise ValueError(f"--slo-catch-share must be a share in [0, 1], got {share!r}")
         if isinstance(self.instances, bool) or not isinstance(self.instances, int) or self.instances < 1:
             raise ValueError(f"instances must be an integer >= 1, got {self.instances!r}")
         if self.instances > 1 and any(c.kind == "config" or c.slo or c.model_analyzer for c in self.contenders):

@@ -86,6 +86,8 @@ class SidecarSpec:
     slo_direct_extra_s: float | None = None
     """``smdp serve --slo-direct-extra`` with best_delay: what Triton's answers carry beyond the model served
     directly (None: the sidecar's default, the margin)."""
+    slo_catch_share: float | None = None
+    """``smdp serve --slo-catch-share`` with best_delay (None: the sidecar's default)."""
 
     def flags(self) -> list[str]:
         out = ["--policy", self.policy, "--max-batch", str(self.max_batch), "--weight", repr(float(self.weight)),
@@ -114,6 +116,8 @@ class SidecarSpec:
                 out += ["--slo-margin", repr(self.slo.margin_s)]
             if self.slo_bound == "best_delay" and self.slo_direct_extra_s is not None:
                 out += ["--slo-direct-extra", repr(float(self.slo_direct_extra_s))]
+            if self.slo_bound == "best_delay" and self.slo_catch_share is not None:
+                out += ["--slo-catch-share", repr(float(self.slo_catch_share))]
         return out
 
 

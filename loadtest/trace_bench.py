@@ -172,20 +172,23 @@ def seeded_slo_prediction(model, option: str, slo, seed: int = 0) -> Prediction:
     return Prediction(c.mean_latency_s, c.mean_power_w, c.cost, c.mean_batch, "sim")
 
 
-def derived_slo_prediction(model, option: str, slo, seed: int = 0,
-                           direct_extra_s: float | None = None) -> tuple[Prediction, str]:
+def derived_slo_prediction(model, option: str, slo, seed: int = 0, direct_extra_s: float | None = None,
+                           catch_share: float | None = None) -> tuple[Prediction, str]:
     """The derived-bound SLO gate's figures and a line on its bound: ``solver.slo_bound`` (D = the least-J
     Triton delay's predicted quantile, the SLO searched for it, the delay served where the search cannot
     beat it) under ``option`` (the fit, an MMPP at its own mean rate; or Poisson), with ``slo``'s quantile
     and margin (and ``direct_extra_s``: what Triton's answers carry beyond the model served directly; None:
     the margin), as the gate's first search runs it (before any measured correction)."""
     from solver.arrival_model import MMPP2, parse_arrivals
+    from solver.policy import TRITON_CATCH_SHARE
     from solver.slo_bound import DEFAULT_DELAYS_S, BestDelaySlo, solve_best_delay_slo
 
     fit = parse_arrivals(option)
     under = model.with_(rate=fit.mean_rate, arrivals=fit) if isinstance(fit, MMPP2) else model.with_(arrivals=fit)
     res = solve_best_delay_slo(under, BestDelaySlo(slo.quantile, DEFAULT_DELAYS_S, slo.margin_s,
-                                                   direct_extra_s=direct_extra_s), seed=seed)
+                                                   direct_extra_s=direct_extra_s,
+                                                   catch_share=TRITON_CATCH_SHARE if catch_share is None else catch_share),
+                               seed=seed)
     c = res.result.chosen
     guard = "no guard" if c.max_wait_s is None else f"guard {c.max_wait_s * 1e3:.1f} ms"
     pick = (f"serving the delay itself (search {'feasible' if res.search.feasible else 'infeasible'}, J "
@@ -325,7 +328,8 @@ def gate_spec(c: Contender, cfg: BenchConfig, *, max_batch: int, profile_csv: Pa
                        long_run_window_s=None if c.long_run else 0.0, slo=slo if c.slo else None,
                        max_wait_s=c.max_wait_us / 1e6 if c.max_wait_us is not None else None,
                        arrivals=arrivals if c.seeded else None, slo_bound="best_delay" if c.derived else "stated",
-                       slo_direct_extra_s=slo_direct_extra_s if c.derived else None)
+                       slo_direct_extra_s=slo_direct_extra_s if c.derived else None,
+                       slo_catch_share=cfg.slo_catch_share if c.derived else None)
 
 
 def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None = None,
@@ -381,7 +385,7 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                 pred = fitted.adaptive if c.adaptive else fitted.fixed
             elif c.slo and c.derived:  # D derived and searched under the model the gate starts from
                 pred, said = derived_slo_prediction(model, fitted.option if c.seeded else "poisson", slo, cfg.seed,
-                                                    direct_extra)
+                                                    direct_extra, cfg.slo_catch_share)
                 progress(f"  {c.name}: {said}")
             elif c.slo and c.seeded:  # the SLO search under the fitted model, as the seeded gate runs it
                 pred = seeded_slo_prediction(model, fitted.option, slo, cfg.seed)
@@ -628,6 +632,10 @@ def add_trace_bench_command(sub) -> None:
                    "model), gate:smdp-slo-derived-seeded (the same with D derived from the model: --slo-bound "
                    "best_delay; --slo-latency is then the attainment's yardstick only), config:smdp, config:smdp-adaptive "
                    "(default: the --delays-us delays, both SMDP gates and both config modes)")
+    p.add_argument("--slo-catch-share", type=float, default=None, metavar="SHARE",
+                   help="the derived-bound SLO gates (gate:smdp-slo-derived*): the share of its instance's completions "
+                   "at which Triton's batcher is modelled catching it free, in [0, 1] (default: the sidecar config's "
+                   "slo.best_delay_catch_share)")
     p.add_argument("--repeat", type=int, default=1,
                    help="run the contender list this many times, reversing its order every other time, and "
                    "summarise J over the repeats (default: %(default)s)")
@@ -680,7 +688,7 @@ def _cmd(args) -> int:
         contenders = (tuple(parse_contender(c) for c in args.contenders.split(",") if c.strip())
                       if args.contenders else default_contenders(delays) + slo_contenders(slo, args.slo_contenders))
         cfg = BenchConfig(rates=(args.rate,), contenders=contenders, time_scale=args.time_scale, slo=slo,
-                          slo_margin_auto=slo_margin_auto(args),
+                          slo_margin_auto=slo_margin_auto(args), slo_catch_share=args.slo_catch_share,
                           weight=args.weight, idle_power_w=args.idle_power, profile_csv=args.profile,
                           warmup_s=args.warmup, cooldown_s=1.0, out_dir=args.out,
                           solver=None if args.solver in ("none", "") else args.solver,

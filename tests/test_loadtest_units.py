@@ -16,6 +16,7 @@ from loadtest.metrics import batch_histogram, measure, power_note
 from loadtest.openloop import LoadError, OpenLoopResult, RequestFactory, InputSpec
 from loadtest.stack import scaled_profile, write_profile_csv
 from solver.model import BatchingModel, ServiceProfile
+from solver.policy import TRITON_CATCH_SHARE
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "AzureLLMInferenceTrace_code_2023.csv"
 V100 = Path(__file__).resolve().parent.parent / "profiles" / "v100_resnet50.csv"
@@ -253,6 +254,13 @@ def test_the_trace_bench_gives_each_gate_its_guard_and_the_seeded_one_the_fitted
     spec = gate_spec(derived, cfg, **{**kw, "slo": SloTarget(0.99, 0.07, 0.003)}, slo_direct_extra_s=0.0012)
     got = config_from_args(build_parser().parse_args(["serve", *spec.flags()])).policy_for("any")
     assert got.slo.best_delay_direct_extra_s == 0.0012 and got.slo.margin_s == 0.003
+    assert got.slo.best_delay_catch_share == TRITON_CATCH_SHARE  # not given: the config's default
+    shared = gate_spec(derived, dataclasses.replace(cfg, slo_catch_share=0.75),
+                       **{**kw, "slo": SloTarget(0.99, 0.07, 0.003)})
+    got = config_from_args(build_parser().parse_args(["serve", *shared.flags()])).policy_for("any")
+    assert got.slo.best_delay_catch_share == 0.75
+    with pytest.raises(ValueError, match="--slo-catch-share must be a share in"):
+        dataclasses.replace(cfg, slo_catch_share=1.5)
     stated = gate_spec(slo_seeded, cfg, **{**kw, "slo": SloTarget(0.99, 0.07, 0.003)}, slo_direct_extra_s=0.0012)
     assert "--slo-direct-extra" not in stated.flags()
     assert not parse_contender("gate:smdp-slo-derived").seeded
