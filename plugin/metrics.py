@@ -338,6 +338,20 @@ class SidecarMetrics:
         name = getattr(value, "name", None)
         return name if isinstance(name, str) else str(value)
 
+    def _answered_child(self, c: _ModelChildren, model: str, code: Any) -> Counter:
+        """The model's answered counter for ``code``, labelled once and then kept."""
+        child = c.answered.get(code)
+        if child is None:
+            child = c.answered[code] = self._answered.labels(model, self._label(code))
+        return child
+
+    def _dispatched_child(self, c: _ModelChildren, model: str, why: str) -> Counter:
+        """The model's dispatched-batches counter for ``why``, labelled once and then kept."""
+        child = c.dispatched.get(why)
+        if child is None:
+            child = c.dispatched[why] = self._dispatched.labels(model, self._label(why))
+        return child
+
     # -- hot path ----------------------------------------------------------------------------
     def request_arrived(self, model: str, count: int = 1) -> None:
         self._model(model).arrived.inc(count)
@@ -352,18 +366,12 @@ class SidecarMetrics:
     def request_answered(self, model: str, code: Any, latency_s: float) -> None:
         """One answer (response or error status) and its arrival-to-answer time."""
         c = self._model(model)
-        child = c.answered.get(code)
-        if child is None:
-            child = c.answered[code] = self._answered.labels(model, self._label(code))
-        child.inc()
+        self._answered_child(c, model, code).inc()
         c.latency.observe(latency_s)
 
     def batch_dispatched(self, model: str, size: int, why: str) -> None:
         c = self._model(model)
-        child = c.dispatched.get(why)
-        if child is None:
-            child = c.dispatched[why] = self._dispatched.labels(model, self._label(why))
-        child.inc()
+        self._dispatched_child(c, model, why).inc()
         c.batch_size.observe(size)
 
     def batch_completed(self, model: str, size: int, seconds: float) -> None:
@@ -375,18 +383,12 @@ class SidecarMetrics:
         """A request served alone, once its batch ended: ``batch_dispatched``, ``batch_completed`` and,
         unless ``code`` is None (its caller went away), ``request_answered``, with one model lookup."""
         c = self._model(model)
-        child = c.dispatched.get(why)
-        if child is None:
-            child = c.dispatched[why] = self._dispatched.labels(model, self._label(why))
-        child.inc()
+        self._dispatched_child(c, model, why).inc()
         c.batch_size.observe(size)
         c.batch_service.observe(seconds)
         if code is None:
             return
-        child = c.answered.get(code)
-        if child is None:
-            child = c.answered[code] = self._answered.labels(model, self._label(code))
-        child.inc()
+        self._answered_child(c, model, code).inc()
         c.latency.observe(latency_s)
 
     # -- a report's worth at once (the native gate reports its batches every report interval) --------
@@ -395,10 +397,7 @@ class SidecarMetrics:
         if not latencies_s:
             return
         c = self._model(model)
-        child = c.answered.get(code)
-        if child is None:
-            child = c.answered[code] = self._answered.labels(model, self._label(code))
-        child.inc(len(latencies_s))
+        self._answered_child(c, model, code).inc(len(latencies_s))
         c.latency.observe_all(latencies_s)
 
     def batches_done(self, model: str, sizes: Sequence[int], whys: Iterable[str], seconds: Sequence[float]) -> None:
@@ -406,10 +405,7 @@ class SidecarMetrics:
         in the same order), one update per label and bucket."""
         c = self._model(model)
         for why, n in collections.Counter(whys).items():
-            child = c.dispatched.get(why)
-            if child is None:
-                child = c.dispatched[why] = self._dispatched.labels(model, self._label(why))
-            child.inc(n)
+            self._dispatched_child(c, model, why).inc(n)
         c.batch_size.observe_all(sizes)
         c.batch_service.observe_all(seconds)
 
