@@ -18,9 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from solver import quantities
-from solver.policy import parse_rule_spec
+from solver.policy import TRITON_CATCH_SHARE, parse_rule_spec
 from solver.quantities import DEFAULT_IDLE_POWER_W, DEFAULT_WEIGHT
-from solver.policy import TRITON_CATCH_SHARE
 from solver.slo_bound import DEFAULT_DELAYS_S
 
 ENV_PREFIX = "SMDP_SIDECAR_"
