@@ -32,7 +32,7 @@ from .metrics import SidecarMetrics
 from .model_names import is_model_name
 from .placement import Placement, placement
 from .policies import RuleInfo, best_delay_slo, build_rule
-from .upstream import GateError, Upstream
+from .upstream import GateError, Upstream, ended_by_triton
 
 log = logging.getLogger("smdp.sidecar")
 
@@ -343,10 +343,8 @@ class ModelRegistry:
             code = exc.code()
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise GateError(grpc.StatusCode.UNAVAILABLE, f"Triton is unreachable: {exc.details()}") from None
-            if code == grpc.StatusCode.CANCELLED:
-                # Not the caller's doing (that cancels this coroutine instead): Triton or the connection
-                # ended the read, as when Triton shuts down. Retryable, as for an inference (Upstream.answer).
-                raise GateError(grpc.StatusCode.UNAVAILABLE, f"Triton ended the call: {exc.details()}") from None
+            if code == grpc.StatusCode.CANCELLED:  # as for an inference (Upstream.answer)
+                raise ended_by_triton(exc.details() or "") from None
             if code not in _NOT_GATEABLE:
                 raise GateError(code, exc.details() or "") from None
             if await self._upstream.exiting():

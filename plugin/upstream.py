@@ -31,6 +31,12 @@ class GateError(Exception):
         self.details = details
 
 
+def ended_by_triton(details: str) -> GateError:
+    """A call Triton or the connection ended (CANCELLED, not the caller's doing: that cancels the caller's
+    coroutine instead), as when Triton shuts down: retryable, as Triton being away is."""
+    return GateError(grpc.StatusCode.UNAVAILABLE, f"Triton ended the call: {details}")
+
+
 class Upstream:
     """Triton's gRPC service as the sidecar calls it: one channel, one stub per method it uses.
 
@@ -73,10 +79,8 @@ class Upstream:
         # (raised outside the handler: raising inside it leaves this frame, the call and its request in
         # a reference cycle with the error, freed only by a garbage collection)
         if code == grpc.StatusCode.CANCELLED:
-            # Not the caller's doing (that cancels this coroutine instead): Triton or the connection
-            # ended the call, as when Triton shuts down. Retryable, as Triton being away is.
-            code, details = grpc.StatusCode.UNAVAILABLE, f"Triton ended the call: {details}"
-        elif code == grpc.StatusCode.UNAVAILABLE and "timeout" not in details.lower():
+            raise ended_by_triton(details)
+        if code == grpc.StatusCode.UNAVAILABLE and "timeout" not in details.lower():
             details = f"Triton is unreachable: {details}"
         raise GateError(code, details)
 
