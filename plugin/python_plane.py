@@ -272,7 +272,7 @@ class PythonPlane:
             stats.latency_n += 1
             if controller is not None:
                 controller.observe_latency(end, latency)
-        self.metrics.request_alone(state.name, rows, why, elapsed, None if answer is None else answer, latency)
+        self.metrics.request_alone(state.name, rows, why, elapsed, answer, latency)
         gate = state.gate
         gate.complete()
         if gate.queue_length:
