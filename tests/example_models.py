@@ -158,3 +158,29 @@ def write_example_repository(root: Path, names: tuple[str, ...] = tuple(MODELS))
         (root / name / "1" / "model.py").write_text(code)
         (root / name / "config.pbtxt").write_text(config)
     return root
+
+
+# Triton 2.51 (the server the nvidia-pytriton wheel embeds) counts a region's users and refuses to
+# unregister one still in use ("Failed to unregister the following system shared memory regions: ...").
+# Its gRPC frontend drops the request's references at the end of the response callback, after the
+# response is queued for sending, so a client that unregisters the moment its answer arrives can race
+# that callback, with or without the sidecar in between (Triton 2.53 defers the unregister instead).
+_SHM_IN_USE = "Failed to unregister the following system shared memory regions"
+
+
+def unregister_system_shm(client, timeout_s: float = 5.0) -> None:
+    """``client.unregister_system_shared_memory()`` (gRPC or HTTP), asked again while Triton still
+    reports a region in use by an inference that has already answered; any other error is raised."""
+    import time
+
+    from tritonclient.utils import InferenceServerException
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.unregister_system_shared_memory()
+            return
+        except InferenceServerException as err:
+            if _SHM_IN_USE not in str(err) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.01)

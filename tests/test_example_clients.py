@@ -15,7 +15,7 @@ import pytest
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tc_aio
 
-from example_models import write_example_repository
+from example_models import unregister_system_shm, write_example_repository
 from planes import data_plane, plane  # noqa: F401 - data_plane: autouse, both planes
 from planes import plane_sidecar as sidecar
 

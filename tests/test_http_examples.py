@@ -21,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 from plugin.config import load_config
 from plugin.runner import SidecarThread
+from example_models import unregister_system_shm
 from planes import data_plane, plane  # noqa: F401  (data_plane: autouse, both planes)
 
 pytestmark = pytest.mark.integration
@@ -187,10 +188,10 @@ def test_simple_http_shm_client(client):
         np.testing.assert_array_equal(shm.get_contents_as_numpy(op, np.int32, o0["shape"]), in0 + in1)
         np.testing.assert_array_equal(shm.get_contents_as_numpy(op, np.int32, o1["shape"], offset=size), in0 - in1)
         assert len(client.get_system_shared_memory_status()) == 2
-        client.unregister_system_shared_memory()
+        unregister_system_shm(client)
         assert client.get_system_shared_memory_status() == []
     finally:
-        client.unregister_system_shared_memory()
+        unregister_system_shm(client)
         shm.destroy_shared_memory_region(ip)
         shm.destroy_shared_memory_region(op)
 
