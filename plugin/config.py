@@ -47,7 +47,8 @@ class SloConfig(BaseModel):
         "of the Triton delay of best_delay_grid_s with the least J, on the search's own path of the arrival "
         "model in force; D is that plus margin_s plus the measured correction (a delay's answers would carry "
         "both), and where no searched policy meets it at a J below the delay's, the delay itself is served "
-        "(solver/slo_bound.py). One model instance only",
+        "(but not where the delay would miss D by the hop through the sidecar and a searched policy meets it; "
+        "solver/slo_bound.py). One model instance only",
     )
     best_delay_grid_s: tuple[float, ...] = Field(
         DEFAULT_DELAYS_S,

@@ -233,7 +233,9 @@ def _status_text(s: Any) -> str:
 def _slo_text(o: Any) -> list[str]:
     q = f"q{o.quantile:g}"
     guard = f", max-wait guard {_ms(o.max_wait_s)}" if o.HasField("max_wait_s") else ""
-    state = "predicted to meet it" if o.feasible else "INFEASIBLE at this rate: serving greedy"
+    # with a derived bound the search's fallback is the best delay as the gate runs it, not greedy
+    fallback = "the best delay as the gate runs it" if o.derived_bound else "greedy"
+    state = "predicted to meet it" if o.feasible else f"INFEASIBLE at this rate: serving {fallback}"
     lines = [f"  SLO        {q} <= {_ms(o.latency_s)}: {state}{guard}"]
     if o.derived_bound:
         lines.append(f"    D derived from the model: {o.derived_bound}")

@@ -108,8 +108,9 @@ def _slo_rule(bm, cfg: ModelPolicyConfig) -> RuleInfo:
         res = solve_slo(bm, SloTarget(cfg.slo.quantile, cfg.slo.latency_s, cfg.slo.margin_s))
     c = res.chosen
     if not res.feasible:
-        log.warning("SLO q%g <= %g ms is infeasible at %g/s: serving greedy, predicted q%g %.3f ms",
-                    cfg.slo.quantile, res.target.latency_s * 1e3, bm.rate, cfg.slo.quantile,
+        log.warning("SLO q%g <= %g ms is infeasible at %g/s: serving %s, predicted q%g %.3f ms",
+                    cfg.slo.quantile, res.target.latency_s * 1e3, bm.rate,
+                    "the best delay as the gate runs it" if derived else "greedy", cfg.slo.quantile,
                     c.estimate.quantile_s * 1e3)
     pred = {**derived,
         "gain": c.cost,

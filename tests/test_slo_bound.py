@@ -154,6 +154,34 @@ def test_the_delay_itself_is_served_where_the_search_cannot_beat_it(profile):
         assert out["slo_latency_s"] == pytest.approx(best.estimate.quantile_s)
 
 
+def test_a_delay_that_misses_the_budget_by_the_hop_gives_way_to_a_search_pick_that_meets_it(profile):
+    """Where the gate's margin holds more than a direct client's extra (a longer hop through the sidecar),
+    the budget sits below the delay's quantile. On the clumped stream where Triton catches every free
+    instance the delay would otherwise be served (its J is the lowest); now it misses the budget, so the
+    search's feasible pick is served at a higher J. With a margin no policy can meet, the delay is served,
+    flagged infeasible: not greedy, since the gap is the hop, which no policy takes back."""
+    rule = BestDelaySlo(0.99, DELAYS, catch_share=1.0)
+    q = derive_bound(_model(profile, CLUMPED), rule).quantile_s
+    # a hop 0.1 ms longer through the sidecar than to Triton (the search's pick is within the budget by less)
+    tight = solve_best_delay_slo(_model(profile, CLUMPED), dataclasses.replace(rule, margin_s=1e-4,
+                                                                                 direct_extra_s=0.0))
+    assert tight.bound.gate_delay.estimate.quantile_s > tight.result.target.budget_s  # the delay misses it
+    assert tight.search.feasible and tight.search.chosen.cost > tight.bound.gate_delay.cost
+    assert not tight.delay_served and tight.result is tight.search and tight.result.feasible
+    assert tight.result.chosen.estimate.upper_s <= tight.result.target.budget_s
+    hopeless = solve_best_delay_slo(_model(profile, CLUMPED), dataclasses.replace(rule, margin_s=0.9 * q,
+                                                                                    direct_extra_s=0.0))
+    assert not hopeless.search.feasible
+    assert hopeless.delay_served and not hopeless.result.feasible
+    best = hopeless.bound.best
+    assert hopeless.result.chosen.max_wait_s == best.delay_s and hopeless.result.chosen.cost == best.cost
+    assert hopeless.to_dict()["slo_feasible"] is False
+    # the same margin with a direct extra that matches it: the budget is the delay's quantile, which it meets
+    matched = solve_best_delay_slo(_model(profile, CLUMPED), dataclasses.replace(rule, margin_s=1e-4,
+                                                                                   direct_extra_s=1e-4))
+    assert matched.delay_served and matched.result.feasible
+
+
 def test_with_tritons_own_tail_the_search_beats_the_delay_on_the_clumped_stream(profile):
     """Judged as Triton runs it (the batcher sleeping through part of its instance's completions), the best
     delay's tail on the clumped stream is far longer than the same delay run by the gate; the search for
@@ -389,3 +417,16 @@ def test_a_fixed_gate_with_a_derived_bound_serves_the_one_search_and_reports_its
         assert rule == c.policy
     st = _fixed_slo_status(cfg, info).message()
     assert st.latency_s == pytest.approx(want.bound.quantile_s + 0.001) and st.derived_bound == want.bound.describe()
+
+
+def test_an_infeasible_derived_bound_says_the_delay_is_served_not_greedy():
+    """``smdp ctl status``: with a stated D an infeasible SLO serves greedy; with a derived one the fallback
+    is the best delay as the gate runs it (``solve_best_delay_slo``), and the status says which."""
+    from plugin.ctl_cli import _slo_text
+    from smdp.v1 import smdp_pb2
+
+    stated = smdp_pb2.SloStatus(quantile=0.99, latency_s=0.05, feasible=False)
+    derived = smdp_pb2.SloStatus(quantile=0.99, latency_s=0.05, feasible=False, derived_bound="best_delay: ...")
+    assert "INFEASIBLE at this rate: serving greedy" in "\n".join(_slo_text(stated))
+    text = "\n".join(_slo_text(derived))
+    assert "INFEASIBLE at this rate: serving the best delay as the gate runs it" in text and "greedy" not in text

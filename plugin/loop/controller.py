@@ -1053,6 +1053,9 @@ class PolicyController:
             why = ("no searched policy meets it" if not both.search.feasible else
                    f"the search's pick has J {both.search.chosen.cost * 1e3:.2f} ms, above the delay's")
             self.note += f"; serving the delay itself ({why})"
+            if not both.result.feasible:
+                self.note += (f", predicted q{rule.quantile:g} {c.estimate.quantile_s * 1e3:.2f} ms above D less the "
+                              f"margin ({both.result.target.budget_s * 1e3:.2f} ms): INFEASIBLE by the hop")
         log.info("%s: %s", self.model, self.note)
         return Solution(c.policy, rate, self.weight, c.mean_latency_s, c.mean_power_w,
                         c.mean_latency_s + self.weight * c.mean_power_w, c.mean_batch,
