@@ -269,6 +269,7 @@ def test_the_trace_bench_gives_each_gate_its_guard_and_the_seeded_one_the_fitted
 
 
 def test_predictions_agree_with_the_solver_and_tritons_zero_delay_is_its_batcher_simulated():
+    from loadtest.contenders import TRITON_DRAWS, triton_prediction
     from solver.evaluate import evaluate
     from solver.policy import TimeoutRule, TritonBatcher, greedy
     from solver.simulate import simulate
@@ -283,7 +284,15 @@ def test_predictions_agree_with_the_solver_and_tritons_zero_delay_is_its_batcher
     # longer than greedy simulated on the same times, which is what the gate's greedy runs
     t0 = predict(Contender("triton", max_queue_delay_us=0), model, times)
     kw = dict(idle_power_w=40.0, weight=1e-3, seed=0)
-    assert t0.source == "sim" and t0.cost == simulate(prof, TritonBatcher(32, 0.0), times, **kw).cost
+    # the mean of TRITON_DRAWS draws of the races on the same times, seeds 0 .. draws - 1
+    draws = [simulate(prof, TritonBatcher(32, 0.0), times, **{**kw, "seed": i}) for i in range(TRITON_DRAWS)]
+    assert t0.source == "sim" and t0.cost == pytest.approx(np.mean([d.cost for d in draws]), rel=1e-12)
+    assert t0.mean_latency_s == pytest.approx(np.mean([d.mean_latency_s for d in draws]), rel=1e-12)
+    assert len({d.mean_latency_s for d in draws}) > 1  # the draws differ: the mean is not one of them
+    one = triton_prediction(model, 0.0, times, draws=1)
+    assert one.cost == simulate(prof, TritonBatcher(32, 0.0), times, **kw).cost
+    with pytest.raises(ValueError, match="draws"):
+        triton_prediction(model, 0.0, times, draws=0)
     assert t0.mean_latency_s > simulate(prof, TimeoutRule(32, 0.0), times, **kw).mean_latency_s
     smdp = predict(Contender("gate", "smdp"), model, times)
     assert smdp.cost <= g.cost + 1e-12  # the optimum is no worse than greedy
