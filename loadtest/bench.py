@@ -91,6 +91,9 @@ class BenchConfig:
     slo_catch_share: float | None = None
     """``--slo-catch-share``: the race share the derived-bound SLO gates model Triton with
     (``slo.best_delay_catch_share``; None: the config's default)."""
+    slo_catch_share_fit: bool = False
+    """``--slo-catch-share fit`` (the trace bench): the derived-bound SLO gates use the share fitted to the
+    mean latency of the run's first Triton delay contender (``solver.catch_share``), which must run before them."""
     instances: int = 1
     """k: the model runs with this instance_group count; predictions and power are for k instances
     (each busy one its batch's power, each idle one P0)."""
@@ -145,6 +148,14 @@ class BenchConfig:
         if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float))
                                   or not 0.0 <= share <= 1.0):
             raise ValueError(f"--slo-catch-share must be a share in [0, 1], got {share!r}")
+        if self.slo_catch_share_fit:
+            if share is not None:
+                raise ValueError("--slo-catch-share is either a share or fit, not both")
+            kinds = [c.kind == "triton" and not c.model_analyzer for c in self.contenders]
+            derived = [c.slo and c.derived for c in self.contenders]
+            if any(derived) and (True not in kinds or kinds.index(True) > derived.index(True)):
+                raise ValueError("--slo-catch-share fit needs a triton:DELAY_US contender before the first "
+                                 "gate:smdp-slo-derived* one: the share is fitted to its run")
         if isinstance(self.instances, bool) or not isinstance(self.instances, int) or self.instances < 1:
             raise ValueError(f"instances must be an integer >= 1, got {self.instances!r}")
         if self.instances > 1 and any(c.kind == "config" or c.slo or c.model_analyzer for c in self.contenders):

@@ -15,6 +15,7 @@ the rate moves. Clients talk to Triton directly in both.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -29,7 +30,7 @@ from solver import arrivals
 from solver.quantities import DEFAULT_IDLE_POWER_W
 
 from .bench import (BenchConfig, BenchReport, BenchRow, Progress, _ms, bench_stack, contender_override, format_table,
-                    with_hop, write_outputs)
+                    hop_parts, with_hop, write_outputs)
 from .contenders import Contender, Prediction, compile_config, ma_delay, parse_contender, predict
 from .metrics import batch_histogram, measure, power_note
 from .openloop import run_open_loop
@@ -320,8 +321,10 @@ class ConfigFollowRun:
 
 
 def gate_spec(c: Contender, cfg: BenchConfig, *, max_batch: int, profile_csv: Path, rate_rps: float,
-              solver_url: str | None, slo, arrivals: str, slo_direct_extra_s: float | None = None) -> SidecarSpec:
-    """A gate contender's sidecar: its guard (``-guard:US``) and, seeded, the fitted ``arrivals``."""
+              solver_url: str | None, slo, arrivals: str, slo_direct_extra_s: float | None = None,
+              slo_catch_share: float | None = None) -> SidecarSpec:
+    """A gate contender's sidecar: its guard (``-guard:US``) and, seeded, the fitted ``arrivals``; a derived
+    gate's race share is ``slo_catch_share`` where given, else ``cfg``'s."""
     return SidecarSpec(policy=c.policy, max_batch=max_batch, profile_csv=profile_csv, rate_rps=rate_rps,
                        weight=cfg.weight, idle_power_w=cfg.idle_power_w, adaptive=c.adaptive,
                        solver_url=solver_url if c.adaptive else None, data_plane=cfg.data_plane,
@@ -329,14 +332,65 @@ def gate_spec(c: Contender, cfg: BenchConfig, *, max_batch: int, profile_csv: Pa
                        max_wait_s=c.max_wait_us / 1e6 if c.max_wait_us is not None else None,
                        arrivals=arrivals if c.seeded else None, slo_bound="best_delay" if c.derived else "stated",
                        slo_direct_extra_s=slo_direct_extra_s if c.derived else None,
-                       slo_catch_share=cfg.slo_catch_share if c.derived else None)
+                       slo_catch_share=(cfg.slo_catch_share if slo_catch_share is None else slo_catch_share)
+                       if c.derived else None)
+
+
+def derived_catch_share(cfg: BenchConfig, shares: "TritonShareFits") -> float | None:
+    """The race share a derived gate models Triton with: fitted (``--slo-catch-share fit``), stated, or
+    None (the sidecar config's default)."""
+    if not cfg.slo_catch_share_fit:
+        return cfg.slo_catch_share
+    if shares.share is None:  # BenchConfig checks the order; a Triton run with no answer in the window
+        raise ValueError("--slo-catch-share fit: no Triton delay contender's run to fit the share to")
+    return shares.share
+
+
+def triton_share_fits(stack, c: Contender, times: np.ndarray, latencies_s: np.ndarray, quantile: float,
+                      window: tuple[float, float], seed: int):
+    """``solver.catch_share`` fitted to a Triton delay contender's measured answers: by their mean and by
+    their ``quantile``, on the bench's times, with the hop the bench adds to Triton's predictions."""
+    from solver.catch_share import fit_catch_share
+
+    hop = sum(hop_parts(stack.hop, c)) if stack.hop is not None else 0.0
+    d = c.max_queue_delay_us / 1e6
+    kw = dict(hop_s=hop, window=window, seed=seed)
+    return (fit_catch_share(stack.profile, stack.max_batch, d, times, float(np.mean(latencies_s)), **kw),
+            fit_catch_share(stack.profile, stack.max_batch, d, times, float(np.quantile(latencies_s, quantile)),
+                            quantile=quantile, **kw))
+
+
+class TritonShareFits:
+    """The race share (``solver.catch_share``) fitted to each Triton delay contender's run, over the repeats:
+    by its mean latency and by its q-quantile; ``share`` is the first run's by the mean (the one the
+    derived gates use with ``--slo-catch-share fit``: one run's W pins it to about +-0.06 in simulation,
+    its q0.99 only to about +-0.16)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    @property
+    def share(self) -> float | None:
+        return self.rows[0]["by_mean"].share if self.rows else None
+
+    def add(self, contender: str, by_mean, by_quantile) -> None:
+        self.rows.append({"contender": contender, "by_mean": by_mean, "by_quantile": by_quantile})
+
+    def write(self, path: Path) -> Path:
+        path.write_text(json.dumps([{"contender": r["contender"], "by_mean": r["by_mean"].to_dict(),
+                                     "by_quantile": r["by_quantile"].to_dict()} for r in self.rows], indent=1))
+        return path
 
 
 def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None = None,
                     progress: Progress = print,
                     follow: FollowSettings = FollowSettings(),
-                    calibration: np.ndarray | None = None) -> tuple[BenchReport, list[StatusSample]]:
+                    calibration: np.ndarray | None = None,
+                    shares: TritonShareFits | None = None) -> tuple[BenchReport, list[StatusSample]]:
     """Every contender on ``times``; figures over cfg.window; the adaptive gate's status trail.
+
+    ``shares``: where each Triton delay contender's fitted race share is added (a fresh one if None);
+    with ``cfg.slo_catch_share_fit`` the derived gates use its ``share``.
 
     ``calibration``: earlier arrivals (``split_calibration``) that the arrival model's shape is fitted
     to instead of the replayed ``times`` themselves; the mean rate stays the replay's (the gates are
@@ -344,6 +398,7 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
     clumping and modulation."""
     rows: list[BenchRow] = []
     trail: list[StatusSample] = []
+    shares = TritonShareFits() if shares is None else shares
     mean_rate = (times.size - 1) / float(times[-1] - times[0])
     lo, hi = cfg.window
     with bench_stack(cfg, triton_url, progress) as stack:
@@ -384,9 +439,11 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
             if c.kind == "gate" and c.policy == "smdp" and not c.slo:  # the fitted model, not the Poisson reference
                 pred = fitted.adaptive if c.adaptive else fitted.fixed
             elif c.slo and c.derived:  # D derived and searched under the model the gate starts from
+                catch = derived_catch_share(cfg, shares)
                 pred, said = derived_slo_prediction(model, fitted.option if c.seeded else "poisson", slo, cfg.seed,
-                                                    direct_extra, cfg.slo_catch_share)
-                progress(f"  {c.name}: {said}")
+                                                    direct_extra, catch)
+                progress(f"  {c.name}: {said}" + (f" (race share {catch:.2f}, fitted to Triton's run)"
+                                                   if cfg.slo_catch_share_fit else ""))
             elif c.slo and c.seeded:  # the SLO search under the fitted model, as the seeded gate runs it
                 pred = seeded_slo_prediction(model, fitted.option, slo, cfg.seed)
             pred = with_hop(pred, stack, c)  # the measured per-request hop, as the steady-load bench adds
@@ -409,7 +466,8 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                     stack.control.apply(BatchingOverride(time_scale=cfg.time_scale, dynamic_batching=False))
                     spec = gate_spec(c, cfg, max_batch=stack.max_batch, profile_csv=stack.profile_path,
                                      rate_rps=mean_rate, solver_url=stack.solver_url, slo=slo, arrivals=fitted.option,
-                                     slo_direct_extra_s=direct_extra)
+                                     slo_direct_extra_s=direct_extra,
+                                     slo_catch_share=derived_catch_share(cfg, shares) if c.derived else None)
                     safe = c.name.replace(" ", "_").replace(":", "_")
                     sidecar = SidecarProcess(stack.triton_url, spec, log_path=cfg.out_dir / f"sidecar-{safe}.log").start()
                     target = sidecar.url
@@ -466,6 +524,13 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
             progress(f"  {c.name:<24} W {m.mean_latency_s * 1e3:7.2f} ms  P {m.mean_power_w:6.1f} W  "
                      f"J {_ms(m.cost):7.2f} ms  batch {m.mean_batch:5.2f}  failed {m.failed}  "
                      f"({time.monotonic() - t0:.1f} s)")
+            if c.kind == "triton" and not c.model_analyzer and cfg.instances == 1 and ok.any():
+                q = cfg.slo.quantile if cfg.slo is not None else 0.99
+                by_mean, by_q = triton_share_fits(stack, c, times, res.done_s[ok] - res.scheduled_s[ok], q, cfg.window,
+                                                  cfg.seed)
+                shares.add(c.name, by_mean, by_q)
+                progress(f"  {'':<24} Triton's batcher catches its instance free at {by_mean.describe()}; "
+                         f"at {by_q.describe()}")
             if settings:
                 progress(f"  {'':<24} {settings if follower is not None or c.kind == 'gate' else 'compiled to ' + settings}")
         B = stack.max_batch
@@ -570,18 +635,22 @@ def main_trace_bench(cfg: BenchConfig, trace_path: Path, mean_rate: float, limit
         calibration, times = split_calibration(times, fit_prefix)
     span = float(times[-1])
     cfg = replace(cfg, duration_s=max(span - cfg.warmup_s - cfg.cooldown_s, 1.0))
-    report, trail = run_trace_bench(cfg, times, triton_url, progress, follow, calibration)
+    shares = TritonShareFits()  # one over the repeats: a reversed order's derived gates keep the first fit
+    report, trail = run_trace_bench(cfg, times, triton_url, progress, follow, calibration, shares)
     costs: dict[str, list[float]] = {r.contender: [r.measured.cost] for r in report.rows}
     failed = sum(r.measured.failed for r in report.rows)
     for k in range(1, repeat):
         order = tuple(reversed(cfg.contenders)) if k % 2 else cfg.contenders
         progress(f"repeat {k + 1} of {repeat}: {', '.join(c.name for c in order)}")
-        again, _ = run_trace_bench(replace(cfg, contenders=order), times, triton_url, progress, follow, calibration)
+        again, _ = run_trace_bench(replace(cfg, contenders=order), times, triton_url, progress, follow, calibration,
+                                   shares)
         for r in again.rows:
             costs[r.contender].append(r.measured.cost)
         failed += sum(r.measured.failed for r in again.rows)
     report = write_outputs(report)
     files = list(report.files) + [plot_trail(times, trail, cfg.out_dir / "adaptive_trail.png")]
+    if shares.rows:
+        files.append(shares.write(cfg.out_dir / "catch_share.json"))
     print()
     print(format_table(report))
     fitted_on = "the replayed trace" if calibration is None else f"the first {fit_prefix:g} of the trace (not replayed)"
@@ -632,9 +701,11 @@ def add_trace_bench_command(sub) -> None:
                    "model), gate:smdp-slo-derived-seeded (the same with D derived from the model: --slo-bound "
                    "best_delay; --slo-latency is then the attainment's yardstick only), config:smdp, config:smdp-adaptive "
                    "(default: the --delays-us delays, both SMDP gates and both config modes)")
-    p.add_argument("--slo-catch-share", type=float, default=None, metavar="SHARE",
+    p.add_argument("--slo-catch-share", default=None, metavar="SHARE|fit",
                    help="the derived-bound SLO gates (gate:smdp-slo-derived*): the share of its instance's completions "
-                   "at which Triton's batcher is modelled catching it free, in [0, 1] (default: the sidecar config's "
+                   "at which Triton's batcher is modelled catching it free, in [0, 1], or fit: the share fitted to the "
+                   "mean latency of the first triton:DELAY_US contender's run, which must come before them (every "
+                   "Triton delay contender's fitted share is reported either way) (default: the sidecar config's "
                    "slo.best_delay_catch_share)")
     p.add_argument("--repeat", type=int, default=1,
                    help="run the contender list this many times, reversing its order every other time, and "
@@ -666,6 +737,16 @@ def add_trace_bench_command(sub) -> None:
     p.set_defaults(func=_cmd)
 
 
+def catch_share_arg(text: str | None) -> float | None:
+    """``--slo-catch-share``: a share (checked by ``BenchConfig``), or None for the default and for fit."""
+    if text is None or text == "fit":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--slo-catch-share must be a share in [0, 1] or fit, got {text!r}") from None
+
+
 def _cmd(args) -> int:
     import sys
 
@@ -688,7 +769,8 @@ def _cmd(args) -> int:
         contenders = (tuple(parse_contender(c) for c in args.contenders.split(",") if c.strip())
                       if args.contenders else default_contenders(delays) + slo_contenders(slo, args.slo_contenders))
         cfg = BenchConfig(rates=(args.rate,), contenders=contenders, time_scale=args.time_scale, slo=slo,
-                          slo_margin_auto=slo_margin_auto(args), slo_catch_share=args.slo_catch_share,
+                          slo_margin_auto=slo_margin_auto(args), slo_catch_share=catch_share_arg(args.slo_catch_share),
+                          slo_catch_share_fit=args.slo_catch_share == "fit",
                           weight=args.weight, idle_power_w=args.idle_power, profile_csv=args.profile,
                           warmup_s=args.warmup, cooldown_s=1.0, out_dir=args.out,
                           solver=None if args.solver in ("none", "") else args.solver,

@@ -261,6 +261,10 @@ def test_the_trace_bench_gives_each_gate_its_guard_and_the_seeded_one_the_fitted
     assert got.slo.best_delay_catch_share == 0.75
     with pytest.raises(ValueError, match="--slo-catch-share must be a share in"):
         dataclasses.replace(cfg, slo_catch_share=1.5)
+    # a share fitted to a Triton run: given to the derived gate over the config's
+    fitted = gate_spec(derived, cfg, **{**kw, "slo": SloTarget(0.99, 0.07, 0.003)}, slo_catch_share=0.66)
+    got = config_from_args(build_parser().parse_args(["serve", *fitted.flags()])).policy_for("any")
+    assert got.slo.best_delay_catch_share == 0.66
     stated = gate_spec(slo_seeded, cfg, **{**kw, "slo": SloTarget(0.99, 0.07, 0.003)}, slo_direct_extra_s=0.0012)
     assert "--slo-direct-extra" not in stated.flags()
     assert not parse_contender("gate:smdp-slo-derived").seeded
@@ -515,3 +519,33 @@ def test_trace_bench_predictions_carry_the_measured_hop():
     assert with_hop(pred, stack, parse_contender("triton:20000")).mean_latency_s == pytest.approx(0.051)
     assert with_hop(pred, dataclasses.replace(stack, hop=None), parse_contender("gate:smdp")) == pred
     assert with_hop(Prediction(), stack, parse_contender("gate:smdp")) == Prediction()
+
+
+def test_a_fitted_race_share_needs_a_triton_run_before_the_derived_gates():
+    """``--slo-catch-share fit``: the derived gates take the share fitted to the first Triton delay contender's
+    run, so one must come before them; a share and fit together, or a bad word, are refused."""
+    from loadtest.bench import BenchConfig
+    from loadtest.trace_bench import TritonShareFits, catch_share_arg, derived_catch_share
+    from solver.catch_share import CatchShareFit
+    from solver.slo import SloTarget
+
+    slo = SloTarget(0.99, 0.07, 0.003)
+    triton, derived = parse_contender("triton:20000"), parse_contender("gate:smdp-slo-derived-seeded")
+    ok = BenchConfig(rates=(150.0,), contenders=(triton, derived), slo=slo, slo_catch_share_fit=True)
+    for bad in ((derived, triton), (derived,)):
+        with pytest.raises(ValueError, match="needs a triton:DELAY_US contender before"):
+            BenchConfig(rates=(150.0,), contenders=bad, slo=slo, slo_catch_share_fit=True)
+    with pytest.raises(ValueError, match="either a share or fit"):
+        BenchConfig(rates=(150.0,), contenders=(triton, derived), slo=slo, slo_catch_share=0.7,
+                    slo_catch_share_fit=True)
+    assert catch_share_arg("fit") is None and catch_share_arg(None) is None and catch_share_arg("0.7") == 0.7
+    with pytest.raises(ValueError, match="a share in \\[0, 1\\] or fit"):
+        catch_share_arg("fitted")
+    shares = TritonShareFits()
+    with pytest.raises(ValueError, match="no Triton delay contender's run"):
+        derived_catch_share(ok, shares)
+    fit = lambda x: CatchShareFit(x, "mean", 0.05, (0.0, 1.0), (0.06, 0.04), True)  # noqa: E731
+    shares.add("triton delay=20ms", fit(0.7), fit(0.8))
+    shares.add("triton delay=30ms", fit(0.5), fit(0.4))
+    assert derived_catch_share(ok, shares) == 0.7  # the first run's, by its mean
+    assert derived_catch_share(dataclasses.replace(ok, slo_catch_share_fit=False, slo_catch_share=0.55), shares) == 0.55

@@ -9,7 +9,7 @@ import pytest
 
 from loadtest.bench import BenchConfig
 from loadtest.contenders import Contender
-from loadtest.trace_bench import DEFAULT_TRACE, plot_trail, run_trace_bench, summary_lines, trace_times
+from loadtest.trace_bench import DEFAULT_TRACE, TritonShareFits, plot_trail, run_trace_bench, summary_lines, trace_times
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(not DEFAULT_TRACE.is_file(), reason="shared traces not present")]
 
@@ -23,8 +23,15 @@ def test_trace_replay_runs_every_contender_on_the_same_arrivals_and_tracks_the_r
                     Contender("config", policy="smdp", adaptive=True)),
         duration_s=float(times[-1]) - 1.5, warmup_s=1.0, cooldown_s=0.5, out_dir=tmp_path, weight=1e-3,
     )
-    report, trail = run_trace_bench(cfg, times, progress=lambda _msg: None)
+    shares = TritonShareFits()
+    report, trail = run_trace_bench(cfg, times, progress=lambda _msg: None, shares=shares)
     assert [r.contender for r in report.rows] == ["triton delay=0ms", "gate smdp adaptive", "config smdp adaptive"]
+    # Triton's run was given its race share, by its mean and by its q0.99 (no SLO stated), and written out
+    assert [r["contender"] for r in shares.rows] == ["triton delay=0ms"] and 0.0 <= shares.share <= 1.0
+    fit = shares.rows[0]["by_quantile"]
+    assert fit.figure == "q0.99" and fit.measured_s == pytest.approx(np.quantile(report.rows[0].latencies_s, 0.99))
+    assert shares.rows[0]["by_mean"].measured_s == pytest.approx(report.rows[0].measured.mean_latency_s, rel=1e-6)
+    assert "by_mean" in shares.write(tmp_path / "catch_share.json").read_text()
     for row in report.rows:
         assert row.measured.failed == 0 and row.measured.requests > 0
         assert np.isfinite(row.measured.cost) and row.measured.mean_power_w > 0
