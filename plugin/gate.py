@@ -180,11 +180,13 @@ class ModelGate:
         self.counters.cancelled += 1
         return True
 
-    def complete(self) -> None:
-        """A dispatched batch finished (successfully or not): its slot is free again."""
+    def complete(self) -> int:
+        """A dispatched batch finished (successfully or not): its slot is free again. Returns the queue's
+        length (``queue_length``), so that the caller knows at once whether there is anything to decide."""
         if self._free >= self._slots:
             raise RuntimeError("complete() without a batch in flight")
         self._free += 1
+        return self._size
 
     def serve_alone(self, arrival: float) -> str | None:
         """An arrival at a gate with nothing queued, decided without queueing it: when the rule serves

@@ -18,6 +18,7 @@ Error policy: ``MalformedRequest`` is the caller's fault (the server maps it to 
 from __future__ import annotations
 
 import math
+import operator
 import struct
 from dataclasses import dataclass
 from typing import Hashable, Sequence
@@ -98,6 +99,7 @@ SEQUENCE_PARAMS = frozenset({"sequence_id", "sequence_start", "sequence_end"})
 PER_CALLER_PARAMS = frozenset({"priority", "timeout"})
 
 _U32 = struct.Struct("<I")
+_HAS_CONTENTS = operator.methodcaller("HasField", "contents")
 
 
 def _param_value(p: service_pb2.InferParameter) -> tuple:
@@ -582,7 +584,7 @@ class RequestValidator:
         if key is None or not raw or not self._repeatable:
             self.check(req)
             return
-        shape = (key, rows, tuple(map(len, raw)), tuple(t.HasField("contents") for t in req.inputs))
+        shape = (key, rows, tuple(map(len, raw)), tuple(map(_HAS_CONTENTS, req.inputs)))
         if shape in self._passed:
             return
         self.check(req)

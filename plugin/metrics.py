@@ -354,7 +354,7 @@ class SidecarMetrics:
 
     # -- hot path ----------------------------------------------------------------------------
     def request_arrived(self, model: str, count: int = 1) -> None:
-        self._model(model).arrived.inc(count)
+        (self._children.get(model) or self._model(model)).arrived.inc(count)
 
     def request_rejected(self, model: str, reason: str) -> None:
         c = self._model(model)
@@ -382,13 +382,16 @@ class SidecarMetrics:
     def request_alone(self, model: str, size: int, why: str, seconds: float, code: Any, latency_s: float) -> None:
         """A request served alone, once its batch ended: ``batch_dispatched``, ``batch_completed`` and,
         unless ``code`` is None (its caller went away), ``request_answered``, with one model lookup."""
-        c = self._model(model)
-        self._dispatched_child(c, model, why).inc()
+        # The lookups written out (the labelled children are there after a model's first request): on a
+        # machine whose caches other processes fill between requests, each further function costs
+        # microseconds per request (docs/notes/issue-16.md, ninth round).
+        c = self._children.get(model) or self._model(model)
+        (c.dispatched.get(why) or self._dispatched_child(c, model, why)).inc()
         c.batch_size.observe(size)
         c.batch_service.observe(seconds)
         if code is None:
             return
-        self._answered_child(c, model, code).inc()
+        (c.answered.get(code) or self._answered_child(c, model, code)).inc()
         c.latency.observe(latency_s)
 
     # -- a report's worth at once (the native gate reports its batches every report interval) --------

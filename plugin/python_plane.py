@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from types import CoroutineType
 from typing import Callable, Coroutine
 
 import grpc
@@ -218,15 +219,21 @@ class PythonPlane:
         callback on the loop's next turn (``_alone_done``), after the answer has gone. Should the caller
         go away while Triton works, the call runs on and is accounted for when it ends (its slot stays
         taken until then), as any batch in flight."""
-        level = self._dispatch_level(state)
-        if level is not None:
+        # Written out rather than through the functions the batch path uses (``_dispatch_level``, ``_done``):
+        # on a machine whose caches other processes fill between requests, each further Python function
+        # a request passes through costs microseconds (docs/notes/issue-16.md, ninth round).
+        config = self.config
+        level = config.dispatch_priority
+        if level and level <= state.priority_levels:
             request.parameters["priority"].uint64_param = level
         start = self._clock()
-        upstream = self.upstream.infer(request, timeout=self.config.upstream_timeout_s)
-        if asyncio.iscoroutine(upstream):  # a stand-in for the channel (tests)
+        upstream = self.upstream.infer(request, timeout=config.upstream_timeout_s)
+        if type(upstream) is CoroutineType:  # a stand-in for the channel (tests)
             upstream = self._loop.create_task(upstream)
+        ended = self._loop.create_future()
+        upstream.add_done_callback(lambda _c: ended.done() or ended.set_result(None))
         try:
-            await _done(upstream)  # cancelling this wait leaves the upstream call running
+            await ended  # cancelling this wait leaves the upstream call running
         except asyncio.CancelledError:
             self._spawn(self._alone_on(state, upstream, rows, arrival, start, why))
             raise
@@ -268,14 +275,13 @@ class PythonPlane:
         stats.answered += 1
         latency = end - arrival
         if answer is grpc.StatusCode.OK:
+            answer = "OK"  # the metrics' label as text: a str is hashed in C, a StatusCode (an Enum) in Python
             stats.latency_sum_s += latency
             stats.latency_n += 1
             if controller is not None:
                 controller.observe_latency(end, latency)
         self.metrics.request_alone(state.name, rows, why, elapsed, answer, latency)
-        gate = state.gate
-        gate.complete()
-        if gate.queue_length:
+        if state.gate.complete():  # anything queued meanwhile: decide now
             self._pump(state, epoch=end)
 
     def _dispatch_level(self, state: ModelState) -> int | None:
@@ -470,8 +476,7 @@ class PythonPlane:
             state.controller.observe_batch(rows, elapsed, state.stats.failed_requests)
         self.metrics.batch_completed(state.name, rows, elapsed)
         state.stats.answered += len(calls)
-        state.gate.complete()
-        if state.gate.queue_length:  # with nothing waiting the gate has nothing to decide or expire
+        if state.gate.complete():  # with nothing waiting the gate has nothing to decide or expire
             self._pump(state, epoch=end)
 
     async def _dispatch_released(self, state: ModelState, batch: tuple[Pending, ...], start: float) -> None:

@@ -184,3 +184,18 @@ def test_serve_alone_leaves_a_rule_without_a_description_to_poll():
 
     gate, clock = make(Once())
     assert gate.serve_alone(clock.t) is None and Once.calls == 0
+
+
+def test_complete_frees_a_slot_and_gives_the_queue_length_the_plane_polls_on():
+    """The Python plane polls a gate after a batch completes only when ``complete()`` says requests
+    wait (its return value, ``queue_length``): a queue formed behind a batch in flight must be seen."""
+    gate, clock = make(threshold(8, 3), slots=1)
+    submit(gate, clock, k=3)
+    assert [len(b) for b in gate.poll().batches] == [3] and gate.in_flight == 1
+    assert gate.complete() == 0 and gate.in_flight == 0  # nothing waits: nothing to decide
+    submit(gate, clock, k=3)
+    gate.poll()
+    submit(gate, clock, k=2)  # waits behind the batch in flight
+    assert gate.complete() == 2 == gate.queue_length and gate.in_flight == 0
+    with pytest.raises(RuntimeError):
+        gate.complete()
