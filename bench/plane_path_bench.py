@@ -1,6 +1,7 @@
 """The Python data plane's own cost per request, with no network: a stand-in answers for Triton.
 
     python bench/plane_path_bench.py [--model emulated_gpu] [--requests 5000] [--runs 5] [--tree DIR]
+                                     [--evict-mb N]
 
 Drives ``PythonPlane.infer`` of a ``Sidecar`` (greedy policy, the model's config from
 model_repository/, one-row FP32 requests) with
@@ -9,7 +10,13 @@ request (medians over the requests, best and median over the runs):
 - arrival to the send: from the call of ``infer`` to the stand-in's start (validation, merge key, the
   gate's decision, stamping, and the one loop turn a gRPC call also takes before it sends);
 - the return path: from the stand-in's answer to ``infer`` returning to its caller;
+- the whole request: from the call of ``infer`` to the end of the loop turn after its answer, where
+  the request's accounting runs;
 - CPU: the process's CPU time per request, the stand-in's small share included.
+``--evict-mb N``: between requests, write one byte in every 64 of an N MiB buffer (outside the
+measured times; its CPU is subtracted), so that each request starts with caches holding other work,
+as in a real sidecar process on a machine where the client, Triton and other processes run between
+two requests. A tight loop keeps the path's code and data in cache and reads several times lower.
 ``--tree DIR``: import the sidecar from another checkout (e.g. an older tree, for a before/after on
 the same machine; run the two alternately, as the machine's other work shifts the figures).
 """
@@ -32,6 +39,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=5000)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--tree", type=Path, default=ROOT, help="checkout whose plugin/ is measured")
+    ap.add_argument("--evict-mb", type=int, default=0, metavar="N",
+                    help="between requests, touch every cache line of an N MiB buffer (0: no eviction)")
     args = ap.parse_args()
     sys.path.insert(0, str(args.tree.resolve()))
 
@@ -54,6 +63,7 @@ def main() -> int:
         resp.outputs.add(name=o.name, datatype="FP32", shape=[1, *o.dims])
         resp.raw_output_contents.append(np.ones((1, *o.dims), np.float32).tobytes())
     marks: dict[str, float] = {}
+    evict = np.zeros(args.evict_mb << 20, np.uint8) if args.evict_mb > 0 else None
 
     async def model_config(_req, timeout=None):
         return service_pb2.ModelConfigResponse(config=config)
@@ -64,7 +74,7 @@ def main() -> int:
         marks["back"] = time.perf_counter()
         return resp
 
-    async def run() -> list[tuple[float, float, float]]:
+    async def run() -> list[tuple[float, float, float, float]]:
         cfg = load_config(overrides={"triton_url": "127.0.0.1:9", "default": {"policy": "greedy"},
                                      "triton_batcher": "keep"}, environ={})
         sc = Sidecar(cfg)
@@ -76,7 +86,8 @@ def main() -> int:
                 await sc.plane.infer(service_pb2.ModelInferRequest.FromString(data))
                 await asyncio.sleep(0)
             for _ in range(args.runs):
-                to_send, back = [], []
+                to_send, back, whole = [], [], []
+                evicting = 0.0
                 c0 = time.process_time()
                 for _ in range(args.requests):
                     r = service_pb2.ModelInferRequest.FromString(data)
@@ -86,16 +97,22 @@ def main() -> int:
                     to_send.append(marks["sent"] - t0)
                     back.append(t1 - marks["back"])
                     await asyncio.sleep(0)  # what a caller's next request waits for at least
-                cpu = (time.process_time() - c0) / args.requests
-                out.append((statistics.median(to_send), statistics.median(back), cpu))
+                    whole.append(time.perf_counter() - t0)
+                    if evict is not None:
+                        e0 = time.process_time()
+                        evict[::64] += 1
+                        evicting += time.process_time() - e0
+                cpu = (time.process_time() - c0 - evicting) / args.requests
+                out.append((statistics.median(to_send), statistics.median(back), statistics.median(whole), cpu))
         finally:
             await sc.close()
         return out
 
     runs = asyncio.run(run())
     print(f"Python plane, model {args.model}, {args.requests} sequential requests x {args.runs} runs, stand-in upstream "
-          f"(tree {args.tree.resolve().name}); per request, us: best / median over runs")
-    for i, name in enumerate(("arrival to the send", "return path", "CPU")):
+          f"(tree {args.tree.resolve().name}{f', caches evicted ({args.evict_mb} MiB) between requests' if evict is not None else ''}); "
+          "per request, us: best / median over runs")
+    for i, name in enumerate(("arrival to the send", "return path", "whole request", "CPU")):
         xs = [r[i] * 1e6 for r in runs]
         print(f"  {name:20} {min(xs):7.1f} / {statistics.median(xs):7.1f}")
     return 0

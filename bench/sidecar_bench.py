@@ -97,6 +97,23 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def thread_cpu(pid: int) -> tuple[float, float]:
+    """(the process's main thread, its other threads): seconds on a CPU, from each thread's schedstat
+    (nanoseconds, where /proc/PID/stat counts clock ticks). The main thread is where an asyncio
+    server's event loop and its Python run; gRPC's poller and other threads are the rest."""
+    main = rest = 0.0
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            ns = int((task / "schedstat").read_text().split()[0])
+        except (OSError, IndexError, ValueError):
+            continue
+        if task.name == str(pid):
+            main += ns / 1e9
+        else:
+            rest += ns / 1e9
+    return main, rest
+
+
 def context_switches(pid: int) -> tuple[int, int]:
     """(voluntary, involuntary) context switches of every thread of a process and its children."""
     pids = [pid]
@@ -279,6 +296,7 @@ class Path_:
     low_lat: list[np.ndarray] = field(default_factory=list)  # every round's low-load latencies (s)
     low_cpu: list[float] = field(default_factory=list)
     low_cs: list[tuple[float, float]] = field(default_factory=list)  # (voluntary, involuntary) per request
+    low_threads: list[tuple[float, float]] = field(default_factory=list)  # (main thread, others) CPU us/request
     tri_cs: list[tuple[float, float]] = field(default_factory=list)  # Triton's, on this path
     rps: list[float] = field(default_factory=list)
     sat_p50: list[float] = field(default_factory=list)
@@ -383,10 +401,12 @@ def main() -> int:
             for p in order:  # low load
                 c0 = cpu_seconds(p.proc.pid) if p.proc else 0.0
                 s0, t0 = context_switches(p.proc.pid) if p.proc else (0, 0), context_switches(triton.pid)
+                th0 = thread_cpu(p.proc.pid) if p.proc else (0.0, 0.0)
                 lat = asyncio.run(http_low_load(p.url, args.model, http_payload, args.requests)
                                   if p.protocol == "http" else low_load(p.url, payload, args.requests))
                 c1 = cpu_seconds(p.proc.pid) if p.proc else 0.0
                 s1, t1 = context_switches(p.proc.pid) if p.proc else (0, 0), context_switches(triton.pid)
+                th1 = thread_cpu(p.proc.pid) if p.proc else (0.0, 0.0)
                 p.p50.append(np.quantile(lat, .5))
                 p.p99.append(np.quantile(lat, .99))
                 p.low_lat.append(lat)
@@ -394,6 +414,7 @@ def main() -> int:
                 n = args.requests + 20
                 p.low_cs.append(((s1[0] - s0[0]) / n, (s1[1] - s0[1]) / n))
                 p.tri_cs.append(((t1[0] - t0[0]) / n, (t1[1] - t0[1]) / n))
+                p.low_threads.append(((th1[0] - th0[0]) / n * 1e6, (th1[1] - th0[1]) / n * 1e6))
             for p in order if args.seconds > 0 else ():  # saturation
                 cpu0 = cpu_seconds(triton.pid), cpu_seconds(p.proc.pid) if p.proc else 0.0
                 sat, wall = asyncio.run(
@@ -425,6 +446,14 @@ def main() -> int:
             tcs = (med([c[0] for c in p.tri_cs]), med([c[1] for c in p.tri_cs]))
             own = f"{cs[0]:5.1f} + {cs[1]:4.1f}" if p.proc else "    -      "
             print(f"  {p.name:20} path's processes {own} | Triton {tcs[0]:5.1f} + {tcs[1]:4.1f}")
+        print("\nCPU per request at low load by thread (schedstat; the main thread runs the event loop; medians, "
+              "and per round):")
+        for p in paths:
+            if p.proc is None:
+                continue
+            main_us, rest_us = [t[0] for t in p.low_threads], [t[1] for t in p.low_threads]
+            print(f"  {p.name:20} main thread {med(main_us):6.1f} us ({', '.join(f'{x:.0f}' for x in main_us)}); "
+                  f"other threads {med(rest_us):6.1f} us")
         print(f"\nLow load, all rounds pooled ({args.rounds} x {args.requests} requests; a round's p99 is its "
               f"{args.requests // 100}th slowest, so the pooled one reads the tail more steadily):")
         for p in paths:
