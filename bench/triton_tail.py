@@ -7,7 +7,8 @@ by request in distribution, with the same arrival times simulated under
 - ``TimeoutRule``: the batcher decides whenever its instance is free (what Triton does when it can
   prefetch the next batch);
 - ``TritonBatcher``: the batcher sleeps through the instance freeing and decides at the next arrival or
-  its 500 ms wait (what Triton does when it cannot prefetch, ``solver.policy.TritonBatcher``).
+  its 500 ms wait (what Triton does when it cannot prefetch, ``solver.policy.TritonBatcher``); and the
+  share of races it must win to give the run's W and p99 (``solver.catch_share``).
 
 Configurations: ``as-is`` is the model's own config (priority levels and a queue policy with a request
 timeout and ``max_queue_size``: no prefetching); ``prefetch`` removes those three from its
@@ -68,6 +69,7 @@ def main() -> int:
     from loadtest.openloop import run_open_loop
     from loadtest.triton_control import BatchingOverride
     from loadtest.trace_bench import trace_times
+    from solver.catch_share import fit_catch_share
     from solver.policy import TimeoutRule, TritonBatcher
     from solver.simulate import simulate_latencies
 
@@ -141,6 +143,14 @@ def main() -> int:
                        "compute_minus_profile_mean_s": float(np.average(excess, weights=weights)) if weights else math.nan,
                        "wall_s": time.monotonic() - t0}
                 row.update(race_evidence(res.scheduled_s, res.done_s, res.batch_size, ok, stack.profile, d, hop))
+                # the share the model needs to give this run's W and p99 (solver.catch_share), beside the race
+                # counted from the answers above
+                window = (lo, hi)
+                row["share_fitted_by_mean"] = fit_catch_share(stack.profile, B, d, times, float(lat.mean()),
+                                                              hop_s=hop, window=window, seed=cfg.seed).share
+                row["share_fitted_by_p99"] = fit_catch_share(stack.profile, B, d, times,
+                                                             float(np.quantile(lat, 0.99)), quantile=0.99,
+                                                             hop_s=hop, window=window, seed=cfg.seed).share
                 for label, rule in (("timeout_rule", TimeoutRule(B, d)), ("triton_batcher", TritonBatcher(B, d)),
                                     ("triton_batcher_never_catches", TritonBatcher(B, d, catch_share=0.0))):
                     sim, slat = simulate_latencies(stack.profile, rule, times, idle_power_w=cfg.idle_power_w,
@@ -236,6 +246,9 @@ def _print_row(row: dict) -> None:
     print(f"  transitions due at a completion: {row['transitions']}, started there (the batcher caught the "
           f"instance): {row['started_at_completion_share']:.2f}; the late ones late by the gap to the next arrival "
           f"(within 3 ms): {row['late_vs_next_arrival']:.2f}; groups split across batches: {row['split_group_share']:.3f}")
+    if "share_fitted_by_mean" in row:
+        print(f"  the share TritonBatcher needs to give this run's W: {row['share_fitted_by_mean']:.2f}, its p99: "
+              f"{row['share_fitted_by_p99']:.2f}")
     share_m = np.asarray(row["measured"]["share_by_size"])
     print(f"  {'':<28} {'W ms':>7} {'p50':>7} {'p95':>7} {'p99':>7} {'batch':>6}  TV   share of requests by batch size")
     for label in ("measured", "timeout_rule", "triton_batcher", "triton_batcher_never_catches"):

@@ -93,7 +93,7 @@ class BenchConfig:
     (``slo.best_delay_catch_share``; None: the config's default)."""
     slo_catch_share_fit: bool = False
     """``--slo-catch-share fit`` (the trace bench): the derived-bound SLO gates use the share fitted to the
-    mean latency of the run's first Triton delay contender (``solver.catch_share``), which must run before them."""
+    W and tail of the run's first Triton delay contender (``solver.catch_share``), which must run before them."""
     instances: int = 1
     """k: the model runs with this instance_group count; predictions and power are for k instances
     (each busy one its batch's power, each idle one P0)."""

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from solver import arrivals
+from solver.catch_share import combined_share, fit_catch_share
 from solver.quantities import DEFAULT_IDLE_POWER_W
 
 from .bench import (BenchConfig, BenchReport, BenchRow, Progress, _ms, bench_stack, contender_override, format_table,
@@ -350,8 +351,6 @@ def triton_share_fits(stack, c: Contender, times: np.ndarray, latencies_s: np.nd
                       window: tuple[float, float], seed: int):
     """``solver.catch_share`` fitted to a Triton delay contender's measured answers: by their mean and by
     their ``quantile``, on the bench's times, with the hop the bench adds to Triton's predictions."""
-    from solver.catch_share import fit_catch_share
-
     hop = sum(hop_parts(stack.hop, c)) if stack.hop is not None else 0.0
     d = c.max_queue_delay_us / 1e6
     kw = dict(hop_s=hop, window=window, seed=seed)
@@ -362,16 +361,15 @@ def triton_share_fits(stack, c: Contender, times: np.ndarray, latencies_s: np.nd
 
 class TritonShareFits:
     """The race share (``solver.catch_share``) fitted to each Triton delay contender's run, over the repeats:
-    by its mean latency and by its q-quantile; ``share`` is the first run's by the mean (the one the
-    derived gates use with ``--slo-catch-share fit``: one run's W pins it to about +-0.06 in simulation,
-    its q0.99 only to about +-0.16)."""
+    by its mean latency and by its q-quantile; ``share`` is the first run's two fits weighed by their
+    standard errors (``combined_share``), which the derived gates use with ``--slo-catch-share fit``."""
 
     def __init__(self) -> None:
         self.rows: list[dict] = []
 
     @property
     def share(self) -> float | None:
-        return self.rows[0]["by_mean"].share if self.rows else None
+        return combined_share([self.rows[0]["by_mean"], self.rows[0]["by_quantile"]]) if self.rows else None
 
     def add(self, contender: str, by_mean, by_quantile) -> None:
         self.rows.append({"contender": contender, "by_mean": by_mean, "by_quantile": by_quantile})
@@ -530,7 +528,7 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                                                   cfg.seed)
                 shares.add(c.name, by_mean, by_q)
                 progress(f"  {'':<24} Triton's batcher catches its instance free at {by_mean.describe()}; "
-                         f"at {by_q.describe()}")
+                         f"at {by_q.describe()}; together {combined_share([by_mean, by_q]):.2f}")
             if settings:
                 progress(f"  {'':<24} {settings if follower is not None or c.kind == 'gate' else 'compiled to ' + settings}")
         B = stack.max_batch
@@ -704,7 +702,7 @@ def add_trace_bench_command(sub) -> None:
     p.add_argument("--slo-catch-share", default=None, metavar="SHARE|fit",
                    help="the derived-bound SLO gates (gate:smdp-slo-derived*): the share of its instance's completions "
                    "at which Triton's batcher is modelled catching it free, in [0, 1], or fit: the share fitted to the "
-                   "mean latency of the first triton:DELAY_US contender's run, which must come before them (every "
+                   "W and tail of the first triton:DELAY_US contender's run, which must come before them (every "
                    "Triton delay contender's fitted share is reported either way) (default: the sidecar config's "
                    "slo.best_delay_catch_share)")
     p.add_argument("--repeat", type=int, default=1,

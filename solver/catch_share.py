@@ -11,6 +11,12 @@ share), the figure averaged over the draws, and the measured one placed on that 
 interpolation. The figure falls as the share rises (fewer sleeps, fewer split groups); the curve is
 made monotone (running minimum) before it is read, so draw noise cannot give two answers. A measured
 figure outside the curve's range is given the end share, flagged ``bracketed = False``.
+
+Each fit carries its standard error: one run's figure strays from the curve as one draw does, so the
+draws' spread at the share over the curve's slope there is how far the share may be off. Which figure
+tells the share better depends on the stream: on a clumped one the mean moves a lot with the share and
+the tail is noisy, on a near-Poisson one the mean hardly moves at all. ``combined_share`` weighs the
+fits by their standard errors.
 """
 
 from __future__ import annotations
@@ -42,16 +48,36 @@ class CatchShareFit:
     """The figure at each share of ``grid``: the mean over the draws, plus ``hop_s``, as simulated."""
     bracketed: bool
     """False: the measured figure lies outside the curve's range; ``share`` is the nearer end."""
+    spread_s: tuple[float, ...] = ()
+    """The figure's standard deviation over the draws at each share of ``grid``: how far one run's figure
+    strays from the curve."""
+    se: float = math.inf
+    """The share's standard error: one run's spread at the share over the curve's slope there (inf where
+    the curve is flat: the figure does not tell the share)."""
 
     def describe(self) -> str:
         where = "" if self.bracketed else " (outside the model's range: the nearer end)"
-        return (f"share {self.share:.2f} by its {self.figure} {self.measured_s * 1e3:.2f} ms{where}; the model gives "
+        se = f" +- {self.se:.2f}" if math.isfinite(self.se) else ", not told apart"
+        return (f"share {self.share:.2f}{se} by its {self.figure} {self.measured_s * 1e3:.2f} ms{where}; the model gives "
                 f"{self.simulated_s[0] * 1e3:.2f} ms at share {self.grid[0]:g} to {self.simulated_s[-1] * 1e3:.2f} ms "
                 f"at {self.grid[-1]:g}")
 
     def to_dict(self) -> dict:
-        return {"share": self.share, "figure": self.figure, "measured_s": self.measured_s, "grid": list(self.grid),
-                "simulated_s": list(self.simulated_s), "bracketed": self.bracketed}
+        return {"share": float(self.share), "figure": self.figure, "measured_s": float(self.measured_s),
+                "grid": [float(x) for x in self.grid],
+                "simulated_s": [float(x) for x in self.simulated_s], "bracketed": bool(self.bracketed),
+                "spread_s": [float(x) for x in self.spread_s], "se": float(self.se) if math.isfinite(self.se) else None}
+
+
+def combined_share(fits: "list[CatchShareFit] | tuple[CatchShareFit, ...]") -> float:
+    """The fits' shares weighted by the inverse of their squared standard errors (on one run: its W and its
+    tail, whichever tells the share better counts more); the first fit's share where none has a finite one."""
+    if not fits:
+        raise ModelError("no fit to combine")
+    w = np.array([1.0 / f.se ** 2 if math.isfinite(f.se) and f.se > 0 else 0.0 for f in fits])
+    if not w.sum() > 0:
+        return float(fits[0].share)
+    return float(np.clip(np.dot(w, [f.share for f in fits]) / w.sum(), 0.0, 1.0))
 
 
 def fit_catch_share(profile: ServiceProfile, max_batch: int, delay_s: float, times: np.ndarray, measured_s: float, *,
@@ -81,7 +107,7 @@ def fit_catch_share(profile: ServiceProfile, max_batch: int, delay_s: float, tim
     keep = np.ones(t.size, dtype=bool) if window is None else (t >= window[0]) & (t < window[1])
     if not keep.any():
         raise ModelError(f"no arrival falls within the window {window!r}")
-    curve = []
+    curve, spread = [], []
     for s in shares:
         rule = TritonBatcher(max_batch, delay_s, catch_share=s)  # its own checks on B and the delay
         figures = []
@@ -90,17 +116,34 @@ def fit_catch_share(profile: ServiceProfile, max_batch: int, delay_s: float, tim
             x = lat[keep] + hop_s
             figures.append(float(np.mean(x)) if quantile is None else float(np.quantile(x, quantile)))
         curve.append(float(np.mean(figures) if quantile is None else np.median(figures)))
+        spread.append(float(np.std(figures, ddof=1)) if draws > 1 else math.nan)
     mono = np.minimum.accumulate(np.asarray(curve))  # non-increasing in the share
     figure = "mean" if quantile is None else f"q{quantile:g}"
     if measured_s >= mono[0]:
-        return CatchShareFit(shares[0], figure, measured_s, shares, tuple(curve), measured_s == mono[0])
-    if measured_s <= mono[-1]:
-        return CatchShareFit(shares[-1], figure, measured_s, shares, tuple(curve), measured_s == mono[-1])
-    j = int(np.argmax(mono <= measured_s))  # the first share at or below the measured figure; j >= 1
-    hi_f, lo_f = mono[j - 1], mono[j]
-    frac = 0.0 if hi_f == lo_f else (hi_f - measured_s) / (hi_f - lo_f)
-    share = shares[j - 1] + frac * (shares[j] - shares[j - 1])
-    return CatchShareFit(float(share), figure, measured_s, shares, tuple(curve), True)
+        share, bracketed = shares[0], bool(measured_s == mono[0])
+    elif measured_s <= mono[-1]:
+        share, bracketed = shares[-1], bool(measured_s == mono[-1])
+    else:
+        j = int(np.argmax(mono <= measured_s))  # the first share at or below the measured figure; j >= 1
+        hi_f, lo_f = mono[j - 1], mono[j]
+        frac = 0.0 if hi_f == lo_f else (hi_f - measured_s) / (hi_f - lo_f)
+        share, bracketed = shares[j - 1] + frac * (shares[j] - shares[j - 1]), True
+    return CatchShareFit(float(share), figure, measured_s, shares, tuple(curve), bracketed, tuple(spread),
+                         _standard_error(np.asarray(shares), mono, np.asarray(spread), float(share)))
 
 
-__all__ = ["DEFAULT_DRAWS", "DEFAULT_GRID", "CatchShareFit", "fit_catch_share"]
+def _standard_error(grid: np.ndarray, mono: np.ndarray, spread: np.ndarray, share: float) -> float:
+    """One run's spread at ``share`` over the curve's slope there, the slope a secant over the grid points
+    within 0.2 of it (at least two): draw noise in neighbouring points does not make it steep or flat."""
+    near = np.nonzero(np.abs(grid - share) <= 0.2 + 1e-12)[0]
+    if near.size < 2:
+        near = np.argsort(np.abs(grid - share))[:2]
+    lo, hi = int(near.min()), int(near.max())
+    slope = (mono[lo] - mono[hi]) / (grid[hi] - grid[lo])
+    sd = float(np.interp(share, grid, spread))
+    if not (slope > 0 and math.isfinite(sd)):
+        return math.inf
+    return sd / slope
+
+
+__all__ = ["DEFAULT_DRAWS", "DEFAULT_GRID", "CatchShareFit", "combined_share", "fit_catch_share"]

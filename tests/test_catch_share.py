@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from solver import arrivals
-from solver.catch_share import fit_catch_share
+from solver.catch_share import CatchShareFit, combined_share, fit_catch_share
 from solver.errors import ModelError
 from solver.model import ServiceProfile
 from solver.policy import TritonBatcher
@@ -35,6 +35,7 @@ def test_a_runs_mean_latency_gives_back_its_share(share):
     got = [fit_catch_share(PROF, B, DELAY, TIMES, float(np.mean(_run(share, 100 + i, 0.002))), hop_s=0.002,
                            window=WINDOW) for i in range(3)]
     assert all(g.bracketed and g.figure == "mean" for g in got)
+    assert all(0.005 < g.se < 0.15 for g in got)  # its own standard error: the spread over 20 runs was 0.057
     assert abs(np.mean([g.share for g in got]) - share) < 0.1
     assert all(abs(g.share - share) < 0.2 for g in got)
 
@@ -71,3 +72,21 @@ def test_bad_input_is_refused_with_a_clear_error(kw, match):
     args.update(kw)
     with pytest.raises(ModelError, match=match):
         fit_catch_share(**args)
+
+
+def test_fits_are_weighed_by_their_standard_errors():
+    """On the clumped stream one run's W tells the share better than its p99 (a steeper curve for its
+    spread): the combination leans to the W fit; a flat figure (infinite error) does not count, and with
+    no finite error the first fit's share is taken."""
+    run = _run(0.5, 11)
+    by_mean = fit_catch_share(PROF, B, DELAY, TIMES, float(np.mean(run)), window=WINDOW)
+    by_q = fit_catch_share(PROF, B, DELAY, TIMES, float(np.quantile(run, 0.99)), quantile=0.99, window=WINDOW)
+    assert by_mean.se < by_q.se and all(len(f.spread_s) == len(f.grid) for f in (by_mean, by_q))
+    both = combined_share([by_mean, by_q])
+    assert min(by_mean.share, by_q.share) <= both <= max(by_mean.share, by_q.share)
+    assert abs(both - by_mean.share) <= abs(both - by_q.share)
+    flat = CatchShareFit(0.9, "mean", 0.05, (0.0, 1.0), (0.05, 0.05), True)  # se inf
+    assert combined_share([flat, by_q]) == pytest.approx(by_q.share)
+    assert combined_share([flat, CatchShareFit(0.2, "q0.99", 0.05, (0.0, 1.0), (0.06, 0.04), True)]) == 0.9
+    with pytest.raises(ModelError, match="no fit"):
+        combined_share([])
