@@ -12,8 +12,9 @@ interpolation. The figure falls as the share rises (fewer sleeps, fewer split gr
 made monotone (running minimum) before it is read, so draw noise cannot give two answers. A measured
 figure outside the curve's range is given the end share, flagged ``bracketed = False``.
 
-Each fit carries its standard error: one run's figure strays from the curve as one draw does, so the
-draws' spread at the share over the curve's slope there is how far the share may be off. Which figure
+Each fit carries its standard error: one run's figure strays from the curve as one draw does, and by
+what the hop measured for the run is off (``SYSTEMATIC_S``), so that spread at the share over the
+curve's slope there is how far the share may be off. Which figure
 tells the share better depends on the stream: on a clumped one the mean moves a lot with the share and
 the tail is noisy, on a near-Poisson one the mean hardly moves at all. ``combined_share`` weighs the
 fits by their standard errors.
@@ -33,6 +34,11 @@ from solver.simulate import simulate_latencies
 
 DEFAULT_GRID = tuple(float(x) for x in np.round(np.linspace(0.0, 1.0, 11), 10))
 DEFAULT_DRAWS = 8
+SYSTEMATIC_S = 0.0003
+"""What a measured figure may be off by beyond the draws' noise, seconds: the hop added to the model is
+measured anew on every run (lone requests straight to Triton: 1.1-1.9 ms across the runs of one host),
+and a figure whose curve is flat (a near-Poisson stream's mean moves 1.5 ms from share 0 to 1) would
+otherwise give a share that this alone moves from end to end."""
 
 
 @dataclass(frozen=True)
@@ -52,8 +58,8 @@ class CatchShareFit:
     """The figure's standard deviation over the draws at each share of ``grid``: how far one run's figure
     strays from the curve."""
     se: float = math.inf
-    """The share's standard error: one run's spread at the share over the curve's slope there (inf where
-    the curve is flat: the figure does not tell the share)."""
+    """The share's standard error: one run's spread at the share (and the figure's systematic error) over
+    the curve's slope there (inf where the curve is flat: the figure does not tell the share)."""
 
     def describe(self) -> str:
         where = "" if self.bracketed else " (outside the model's range: the nearer end)"
@@ -82,18 +88,21 @@ def combined_share(fits: "list[CatchShareFit] | tuple[CatchShareFit, ...]") -> f
 
 def fit_catch_share(profile: ServiceProfile, max_batch: int, delay_s: float, times: np.ndarray, measured_s: float, *,
                     quantile: float | None = None, hop_s: float = 0.0, window: tuple[float, float] | None = None,
-                    draws: int = DEFAULT_DRAWS, seed: int = 0, grid: tuple[float, ...] = DEFAULT_GRID
-                    ) -> CatchShareFit:
+                    draws: int = DEFAULT_DRAWS, seed: int = 0, grid: tuple[float, ...] = DEFAULT_GRID,
+                    systematic_s: float = SYSTEMATIC_S) -> CatchShareFit:
     """The ``TritonBatcher`` share under which Triton at ``delay_s`` on ``times`` (seconds, sorted) gives
     ``measured_s``: the mean response time (``quantile`` None) or its ``quantile``, of the requests that
     arrived within ``window`` (all where None), with ``hop_s`` added to every simulated response (what
-    the measured ones carry beyond the model: the client's hop to Triton). Module doc for the method."""
+    the measured ones carry beyond the model: the client's hop to Triton). ``systematic_s`` is added in
+    quadrature to the draws' spread in the standard error (``SYSTEMATIC_S``). Module doc for the method."""
     if not math.isfinite(measured_s) or measured_s <= 0.0:
         raise ModelError(f"the measured figure must be a finite number of seconds > 0, got {measured_s!r}")
     if quantile is not None and not (isinstance(quantile, float) and 0.0 < quantile < 1.0):
         raise ModelError(f"quantile must be a float strictly between 0 and 1 (or None for the mean), got {quantile!r}")
     if not math.isfinite(hop_s) or hop_s < 0.0:
         raise ModelError(f"hop must be a finite number of seconds >= 0, got {hop_s!r}")
+    if not math.isfinite(systematic_s) or systematic_s < 0.0:
+        raise ModelError(f"the systematic error must be a finite number of seconds >= 0, got {systematic_s!r}")
     if isinstance(delay_s, bool) or not isinstance(delay_s, (int, float)) or not math.isfinite(delay_s) or delay_s < 0:
         raise ModelError(f"the Triton delay must be a finite number of seconds >= 0, got {delay_s!r}")
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
@@ -129,7 +138,8 @@ def fit_catch_share(profile: ServiceProfile, max_batch: int, delay_s: float, tim
         frac = 0.0 if hi_f == lo_f else (hi_f - measured_s) / (hi_f - lo_f)
         share, bracketed = shares[j - 1] + frac * (shares[j] - shares[j - 1]), True
     return CatchShareFit(float(share), figure, measured_s, shares, tuple(curve), bracketed, tuple(spread),
-                         _standard_error(np.asarray(shares), mono, np.asarray(spread), float(share)))
+                         _standard_error(np.asarray(shares), mono, np.hypot(np.asarray(spread), systematic_s),
+                                         float(share)))
 
 
 def _standard_error(grid: np.ndarray, mono: np.ndarray, spread: np.ndarray, share: float) -> float:
@@ -146,4 +156,4 @@ def _standard_error(grid: np.ndarray, mono: np.ndarray, spread: np.ndarray, shar
     return sd / slope
 
 
-__all__ = ["DEFAULT_DRAWS", "DEFAULT_GRID", "CatchShareFit", "combined_share", "fit_catch_share"]
+__all__ = ["DEFAULT_DRAWS", "DEFAULT_GRID", "SYSTEMATIC_S", "CatchShareFit", "combined_share", "fit_catch_share"]

@@ -63,6 +63,7 @@ def test_a_figure_outside_the_models_range_gets_the_nearer_end_flagged():
 @pytest.mark.parametrize("kw, match", [
     (dict(measured_s=float("nan")), "measured"), (dict(measured_s=0.0), "measured"),
     (dict(quantile=1.0), "quantile"), (dict(quantile=1), "quantile"), (dict(hop_s=-0.001), "hop"),
+    (dict(systematic_s=float("inf")), "systematic"),
     (dict(draws=0), "draws"), (dict(draws=True), "draws"), (dict(grid=(0.5,)), "grid"),
     (dict(grid=(0.5, 0.2)), "grid"), (dict(grid=(0.0, 1.5)), "grid"), (dict(window=(1e6, 2e6)), "window"),
     (dict(delay_s=-0.01), "delay"),
@@ -75,18 +76,35 @@ def test_bad_input_is_refused_with_a_clear_error(kw, match):
 
 
 def test_fits_are_weighed_by_their_standard_errors():
-    """On the clumped stream one run's W tells the share better than its p99 (a steeper curve for its
-    spread): the combination leans to the W fit; a flat figure (infinite error) does not count, and with
-    no finite error the first fit's share is taken."""
+    """The combination of one run's W and p99 fits lies between them, nearer the one with the smaller
+    standard error; a flat figure (infinite error) does not count, and with no finite error the first
+    fit's share is taken."""
     run = _run(0.5, 11)
     by_mean = fit_catch_share(PROF, B, DELAY, TIMES, float(np.mean(run)), window=WINDOW)
     by_q = fit_catch_share(PROF, B, DELAY, TIMES, float(np.quantile(run, 0.99)), quantile=0.99, window=WINDOW)
-    assert by_mean.se < by_q.se and all(len(f.spread_s) == len(f.grid) for f in (by_mean, by_q))
+    assert all(len(f.spread_s) == len(f.grid) and 0 < f.se < 0.5 for f in (by_mean, by_q))
     both = combined_share([by_mean, by_q])
     assert min(by_mean.share, by_q.share) <= both <= max(by_mean.share, by_q.share)
-    assert abs(both - by_mean.share) <= abs(both - by_q.share)
+    better, worse = sorted((by_mean, by_q), key=lambda f: f.se)
+    assert abs(both - better.share) <= abs(both - worse.share)
     flat = CatchShareFit(0.9, "mean", 0.05, (0.0, 1.0), (0.05, 0.05), True)  # se inf
     assert combined_share([flat, by_q]) == pytest.approx(by_q.share)
     assert combined_share([flat, CatchShareFit(0.2, "q0.99", 0.05, (0.0, 1.0), (0.06, 0.04), True)]) == 0.9
     with pytest.raises(ModelError, match="no fit"):
         combined_share([])
+
+
+def test_the_systematic_error_widens_the_standard_error_by_its_reach_on_the_curve():
+    """A near-Poisson stream's mean moves a few ms over all shares: an error of the hop's size then moves the
+    share a lot. The standard error grows with the systematic error, and by about that error over the
+    curve's slope once it dominates the draws' spread."""
+    t = np.cumsum(np.random.default_rng(5).exponential(1 / 150.0, 9000))
+    window = (2.0, float(t[-1]) - 2.0)
+    _, lat = simulate_latencies(PROF, TritonBatcher(B, DELAY, catch_share=0.6), t, idle_power_w=0.0, weight=0.0,
+                                seed=50)
+    measured = float(np.mean(lat[(t >= window[0]) & (t < window[1])]))
+    fits = [fit_catch_share(PROF, B, DELAY, t, measured, window=window, systematic_s=e) for e in (0.0, 3e-4, 3e-3)]
+    assert fits[0].se < fits[1].se < fits[2].se
+    assert fits[0].share == fits[1].share == fits[2].share  # the share itself does not move
+    slope = fits[2].simulated_s[0] - fits[2].simulated_s[-1]  # over the whole grid, share 0 to 1
+    assert 0.5 * 3e-3 / slope < fits[2].se < 3.0 * 3e-3 / slope
