@@ -347,15 +347,20 @@ def derived_catch_share(cfg: BenchConfig, shares: "TritonShareFits") -> float | 
     return shares.share
 
 
-def triton_share_fits(stack, c: Contender, times: np.ndarray, latencies_s: np.ndarray, quantile: float,
-                      window: tuple[float, float], seed: int):
-    """``solver.catch_share`` fitted to a Triton delay contender's measured answers: by their mean and by
-    their ``quantile``, on the bench's times, with the hop the bench adds to Triton's predictions."""
+def triton_share_fits(stack, c: Contender, res, quantile: float, window: tuple[float, float], seed: int):
+    """``solver.catch_share`` fitted to a Triton delay contender's run (``res``, an open-loop result): by
+    its answers' mean and by their ``quantile``, with the hop the bench adds to Triton's predictions. The
+    model is given the arrivals Triton saw (the requests' send times) and the answers are timed from their
+    send, so a load generator that lags in a burst is not counted as Triton's."""
+    sent = np.isfinite(res.sent_s)
+    times = np.sort(res.sent_s[sent])
+    ok = res.ok & sent & (res.sent_s >= window[0]) & (res.sent_s < window[1])
+    lat = res.done_s[ok] - res.sent_s[ok]
     hop = sum(hop_parts(stack.hop, c)) if stack.hop is not None else 0.0
     d = c.max_queue_delay_us / 1e6
     kw = dict(hop_s=hop, window=window, seed=seed)
-    return (fit_catch_share(stack.profile, stack.max_batch, d, times, float(np.mean(latencies_s)), **kw),
-            fit_catch_share(stack.profile, stack.max_batch, d, times, float(np.quantile(latencies_s, quantile)),
+    return (fit_catch_share(stack.profile, stack.max_batch, d, times, float(np.mean(lat)), **kw),
+            fit_catch_share(stack.profile, stack.max_batch, d, times, float(np.quantile(lat, quantile)),
                             quantile=quantile, **kw))
 
 
@@ -524,8 +529,7 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                      f"({time.monotonic() - t0:.1f} s)")
             if c.kind == "triton" and not c.model_analyzer and cfg.instances == 1 and ok.any():
                 q = cfg.slo.quantile if cfg.slo is not None else 0.99
-                by_mean, by_q = triton_share_fits(stack, c, times, res.done_s[ok] - res.scheduled_s[ok], q, cfg.window,
-                                                  cfg.seed)
+                by_mean, by_q = triton_share_fits(stack, c, res, q, cfg.window, cfg.seed)
                 shares.add(c.name, by_mean, by_q)
                 progress(f"  {'':<24} Triton's batcher catches its instance free at {by_mean.describe()}; "
                          f"at {by_q.describe()}; together {combined_share([by_mean, by_q]):.2f}")
