@@ -69,7 +69,7 @@ def main() -> int:
     from loadtest.openloop import run_open_loop
     from loadtest.triton_control import BatchingOverride
     from loadtest.trace_bench import trace_times
-    from solver.catch_share import fit_catch_share
+    from solver.catch_share import fit_run
     from solver.policy import TimeoutRule, TritonBatcher
     from solver.simulate import simulate_latencies
 
@@ -145,12 +145,9 @@ def main() -> int:
                 row.update(race_evidence(res.scheduled_s, res.done_s, res.batch_size, ok, stack.profile, d, hop))
                 # the share the model needs to give this run's W and p99 (solver.catch_share), beside the race
                 # counted from the answers above
-                window = (lo, hi)
-                row["share_fitted_by_mean"] = fit_catch_share(stack.profile, B, d, times, float(lat.mean()),
-                                                              hop_s=hop, window=window, seed=cfg.seed).share
-                row["share_fitted_by_p99"] = fit_catch_share(stack.profile, B, d, times,
-                                                             float(np.quantile(lat, 0.99)), quantile=0.99,
-                                                             hop_s=hop, window=window, seed=cfg.seed).share
+                fit = fit_run(stack.profile, B, d, times, lat, 0.99, hop_s=hop, window=(lo, hi), seed=cfg.seed)
+                row["share_fitted_by_mean"] = fit.by_mean.share
+                row["share_fitted_by_p99"] = fit.by_quantile.share
                 for label, rule in (("timeout_rule", TimeoutRule(B, d)), ("triton_batcher", TritonBatcher(B, d)),
                                     ("triton_batcher_never_catches", TritonBatcher(B, d, catch_share=0.0))):
                     sim, slat = simulate_latencies(stack.profile, rule, times, idle_power_w=cfg.idle_power_w,

@@ -23,11 +23,12 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from solver import arrivals
-from solver.catch_share import combined_share, fit_catch_share
+from solver.catch_share import RunFit, fit_run
 from solver.quantities import DEFAULT_IDLE_POWER_W
 
 from .bench import (BenchConfig, BenchReport, BenchRow, Progress, _ms, bench_stack, contender_override, format_table,
@@ -347,41 +348,42 @@ def derived_catch_share(cfg: BenchConfig, shares: "TritonShareFits") -> float | 
     return shares.share
 
 
-def triton_share_fits(stack, c: Contender, res, quantile: float, window: tuple[float, float], seed: int):
+def triton_share_fit(stack, c: Contender, res, quantile: float, window: tuple[float, float], seed: int) -> RunFit:
     """``solver.catch_share`` fitted to a Triton delay contender's run (``res``, an open-loop result): by
     its answers' mean and by their ``quantile``, with the hop the bench adds to Triton's predictions. The
     model is given the arrivals Triton saw (the requests' send times) and the answers are timed from their
     send, so a load generator that lags in a burst is not counted as Triton's."""
     sent = np.isfinite(res.sent_s)
-    times = np.sort(res.sent_s[sent])
     ok = res.ok & sent & (res.sent_s >= window[0]) & (res.sent_s < window[1])
-    lat = res.done_s[ok] - res.sent_s[ok]
     hop = sum(hop_parts(stack.hop, c)) if stack.hop is not None else 0.0
-    d = c.max_queue_delay_us / 1e6
-    kw = dict(hop_s=hop, window=window, seed=seed)
-    return (fit_catch_share(stack.profile, stack.max_batch, d, times, float(np.mean(lat)), **kw),
-            fit_catch_share(stack.profile, stack.max_batch, d, times, float(np.quantile(lat, quantile)),
-                            quantile=quantile, **kw))
+    return fit_run(stack.profile, stack.max_batch, c.max_queue_delay_us / 1e6, np.sort(res.sent_s[sent]),
+                   res.done_s[ok] - res.sent_s[ok], quantile, hop_s=hop, window=window, seed=seed)
+
+
+class ContenderFit(NamedTuple):
+    """A Triton delay contender's name and its run's fitted share."""
+
+    contender: str
+    fit: RunFit
 
 
 class TritonShareFits:
-    """The race share (``solver.catch_share``) fitted to each Triton delay contender's run, over the repeats:
-    by its mean latency and by its q-quantile; ``share`` is the first run's two fits weighed by their
-    standard errors (``combined_share``), which the derived gates use with ``--slo-catch-share fit``."""
+    """The race share (``solver.catch_share``) fitted to each Triton delay contender's run, over the repeats;
+    ``share`` is the first run's (its W and tail fits weighed by their errors), which the derived gates use
+    with ``--slo-catch-share fit``."""
 
     def __init__(self) -> None:
-        self.rows: list[dict] = []
+        self.rows: list[ContenderFit] = []
 
     @property
     def share(self) -> float | None:
-        return combined_share([self.rows[0]["by_mean"], self.rows[0]["by_quantile"]]) if self.rows else None
+        return self.rows[0].fit.share if self.rows else None
 
-    def add(self, contender: str, by_mean, by_quantile) -> None:
-        self.rows.append({"contender": contender, "by_mean": by_mean, "by_quantile": by_quantile})
+    def add(self, contender: str, fit: RunFit) -> None:
+        self.rows.append(ContenderFit(contender, fit))
 
     def write(self, path: Path) -> Path:
-        path.write_text(json.dumps([{"contender": r["contender"], "by_mean": r["by_mean"].to_dict(),
-                                     "by_quantile": r["by_quantile"].to_dict()} for r in self.rows], indent=1))
+        path.write_text(json.dumps([{"contender": r.contender, **r.fit.to_dict()} for r in self.rows], indent=1))
         return path
 
 
@@ -428,6 +430,7 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                 measured = margin_before_slo(stack, cfg, times, [r.send_lags_s for r in rows], progress)
                 slo, direct_extra = replace(slo, margin_s=measured.margin_s), measured.direct_extra_s
             # a rule's prediction assumes Poisson arrivals at the trace's mean rate: a reference, not the truth
+            catch = derived_catch_share(cfg, shares) if c.derived else None  # a derived gate's race share
             compiled = compile_config(model, seed=cfg.seed) if c.kind == "config" else None
             settings = compiled.settings.describe() if compiled is not None else ""
             if c.model_analyzer and cfg.slo is not None:
@@ -442,7 +445,6 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
             if c.kind == "gate" and c.policy == "smdp" and not c.slo:  # the fitted model, not the Poisson reference
                 pred = fitted.adaptive if c.adaptive else fitted.fixed
             elif c.slo and c.derived:  # D derived and searched under the model the gate starts from
-                catch = derived_catch_share(cfg, shares)
                 pred, said = derived_slo_prediction(model, fitted.option if c.seeded else "poisson", slo, cfg.seed,
                                                     direct_extra, catch)
                 progress(f"  {c.name}: {said}" + (f" (race share {catch:.2f}, fitted to Triton's run)"
@@ -470,7 +472,7 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                     spec = gate_spec(c, cfg, max_batch=stack.max_batch, profile_csv=stack.profile_path,
                                      rate_rps=mean_rate, solver_url=stack.solver_url, slo=slo, arrivals=fitted.option,
                                      slo_direct_extra_s=direct_extra,
-                                     slo_catch_share=derived_catch_share(cfg, shares) if c.derived else None)
+                                     slo_catch_share=catch)
                     safe = c.name.replace(" ", "_").replace(":", "_")
                     sidecar = SidecarProcess(stack.triton_url, spec, log_path=cfg.out_dir / f"sidecar-{safe}.log").start()
                     target = sidecar.url
@@ -529,10 +531,9 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                      f"({time.monotonic() - t0:.1f} s)")
             if c.kind == "triton" and not c.model_analyzer and cfg.instances == 1 and ok.any():
                 q = cfg.slo.quantile if cfg.slo is not None else 0.99
-                by_mean, by_q = triton_share_fits(stack, c, res, q, cfg.window, cfg.seed)
-                shares.add(c.name, by_mean, by_q)
-                progress(f"  {'':<24} Triton's batcher catches its instance free at {by_mean.describe()}; "
-                         f"at {by_q.describe()}; together {combined_share([by_mean, by_q]):.2f}")
+                fit = triton_share_fit(stack, c, res, q, cfg.window, cfg.seed)
+                shares.add(c.name, fit)
+                progress(f"  {'':<24} Triton's batcher catches its instance free at {fit.describe()}")
             if settings:
                 progress(f"  {'':<24} {settings if follower is not None or c.kind == 'gate' else 'compiled to ' + settings}")
         B = stack.max_batch

@@ -86,6 +86,26 @@ def combined_share(fits: "list[CatchShareFit] | tuple[CatchShareFit, ...]") -> f
     return float(np.clip(np.dot(w, [f.share for f in fits]) / w.sum(), 0.0, 1.0))
 
 
+@dataclass(frozen=True)
+class RunFit:
+    """One run of Triton's batcher given its share twice, by its mean and by a quantile of its answers,
+    read off one set of simulations (``fit_run``)."""
+
+    by_mean: CatchShareFit
+    by_quantile: CatchShareFit
+
+    @property
+    def share(self) -> float:
+        """The two weighed by their standard errors (``combined_share``)."""
+        return combined_share([self.by_mean, self.by_quantile])
+
+    def describe(self) -> str:
+        return f"{self.by_mean.describe()}; at {self.by_quantile.describe()}; together {self.share:.2f}"
+
+    def to_dict(self) -> dict:
+        return {"share": self.share, "by_mean": self.by_mean.to_dict(), "by_quantile": self.by_quantile.to_dict()}
+
+
 def fit_catch_share(profile: ServiceProfile, max_batch: int, delay_s: float, times: np.ndarray, measured_s: float, *,
                     quantile: float | None = None, hop_s: float = 0.0, window: tuple[float, float] | None = None,
                     draws: int = DEFAULT_DRAWS, seed: int = 0, grid: tuple[float, ...] = DEFAULT_GRID,
@@ -95,14 +115,47 @@ def fit_catch_share(profile: ServiceProfile, max_batch: int, delay_s: float, tim
     arrived within ``window`` (all where None), with ``hop_s`` added to every simulated response (what
     the measured ones carry beyond the model: the client's hop to Triton). ``systematic_s`` is added in
     quadrature to the draws' spread in the standard error (``SYSTEMATIC_S``). Module doc for the method."""
+    _check_figure(measured_s, quantile, systematic_s)
+    shares, runs = _simulated(profile, max_batch, delay_s, times, hop_s, window, draws, seed, grid)
+    return _read(shares, runs, measured_s, quantile, systematic_s)
+
+
+def fit_run(profile: ServiceProfile, max_batch: int, delay_s: float, times: np.ndarray, latencies_s: np.ndarray,
+            quantile: float, *, hop_s: float = 0.0, window: tuple[float, float] | None = None,
+            draws: int = DEFAULT_DRAWS, seed: int = 0, grid: tuple[float, ...] = DEFAULT_GRID,
+            systematic_s: float = SYSTEMATIC_S) -> RunFit:
+    """``fit_catch_share`` by the mean and by the ``quantile`` of a run's measured ``latencies_s``
+    (seconds), both read off the same simulations (the same figures as two calls, for half the work)."""
+    lat = np.asarray(latencies_s, dtype=float)
+    if lat.ndim != 1 or lat.size == 0:
+        raise ModelError("latencies must be a non-empty sequence of seconds")
+    mean_s, q_s = float(np.mean(lat)), float(np.quantile(lat, quantile)) if _is_quantile(quantile) else math.nan
+    _check_figure(mean_s, None, systematic_s)
+    _check_figure(q_s, quantile, systematic_s)
+    shares, runs = _simulated(profile, max_batch, delay_s, times, hop_s, window, draws, seed, grid)
+    return RunFit(_read(shares, runs, mean_s, None, systematic_s), _read(shares, runs, q_s, quantile, systematic_s))
+
+
+def _is_quantile(q) -> bool:
+    return isinstance(q, float) and 0.0 < q < 1.0
+
+
+def _check_figure(measured_s: float, quantile: float | None, systematic_s: float) -> None:
+    if quantile is not None and not _is_quantile(quantile):
+        raise ModelError(f"quantile must be a float strictly between 0 and 1 (or None for the mean), got {quantile!r}")
     if not math.isfinite(measured_s) or measured_s <= 0.0:
         raise ModelError(f"the measured figure must be a finite number of seconds > 0, got {measured_s!r}")
-    if quantile is not None and not (isinstance(quantile, float) and 0.0 < quantile < 1.0):
-        raise ModelError(f"quantile must be a float strictly between 0 and 1 (or None for the mean), got {quantile!r}")
-    if not math.isfinite(hop_s) or hop_s < 0.0:
-        raise ModelError(f"hop must be a finite number of seconds >= 0, got {hop_s!r}")
     if not math.isfinite(systematic_s) or systematic_s < 0.0:
         raise ModelError(f"the systematic error must be a finite number of seconds >= 0, got {systematic_s!r}")
+
+
+def _simulated(profile: ServiceProfile, max_batch: int, delay_s: float, times: np.ndarray, hop_s: float,
+               window: tuple[float, float] | None, draws: int, seed: int, grid: tuple[float, ...]
+               ) -> tuple[tuple[float, ...], list[list[np.ndarray]]]:
+    """The grid's shares, and at each the responses (plus ``hop_s``) of the requests within ``window`` in
+    each of ``draws`` simulations (seeds ``seed``..; the same at every share)."""
+    if not math.isfinite(hop_s) or hop_s < 0.0:
+        raise ModelError(f"hop must be a finite number of seconds >= 0, got {hop_s!r}")
     if isinstance(delay_s, bool) or not isinstance(delay_s, (int, float)) or not math.isfinite(delay_s) or delay_s < 0:
         raise ModelError(f"the Triton delay must be a finite number of seconds >= 0, got {delay_s!r}")
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
@@ -116,16 +169,23 @@ def fit_catch_share(profile: ServiceProfile, max_batch: int, delay_s: float, tim
     keep = np.ones(t.size, dtype=bool) if window is None else (t >= window[0]) & (t < window[1])
     if not keep.any():
         raise ModelError(f"no arrival falls within the window {window!r}")
-    curve, spread = [], []
+    runs = []
     for s in shares:
         rule = TritonBatcher(max_batch, delay_s, catch_share=s)  # its own checks on B and the delay
-        figures = []
-        for i in range(draws):
-            _, lat = simulate_latencies(profile, rule, t, idle_power_w=0.0, weight=0.0, seed=seed + i)
-            x = lat[keep] + hop_s
-            figures.append(float(np.mean(x)) if quantile is None else float(np.quantile(x, quantile)))
+        runs.append([simulate_latencies(profile, rule, t, idle_power_w=0.0, weight=0.0, seed=seed + i)[1][keep] + hop_s
+                     for i in range(draws)])
+    return shares, runs
+
+
+def _read(shares: tuple[float, ...], runs: list[list[np.ndarray]], measured_s: float, quantile: float | None,
+          systematic_s: float) -> CatchShareFit:
+    """The figure's curve over the shares (the draws' mean, or median for a quantile), and the measured
+    figure placed on it (module doc)."""
+    curve, spread = [], []
+    for draws in runs:
+        figures = [float(np.mean(x)) if quantile is None else float(np.quantile(x, quantile)) for x in draws]
         curve.append(float(np.mean(figures) if quantile is None else np.median(figures)))
-        spread.append(float(np.std(figures, ddof=1)) if draws > 1 else math.nan)
+        spread.append(float(np.std(figures, ddof=1)) if len(figures) > 1 else math.nan)
     mono = np.minimum.accumulate(np.asarray(curve))  # non-increasing in the share
     figure = "mean" if quantile is None else f"q{quantile:g}"
     if measured_s >= mono[0]:
@@ -156,4 +216,5 @@ def _standard_error(grid: np.ndarray, mono: np.ndarray, spread: np.ndarray, shar
     return sd / slope
 
 
-__all__ = ["DEFAULT_DRAWS", "DEFAULT_GRID", "SYSTEMATIC_S", "CatchShareFit", "combined_share", "fit_catch_share"]
+__all__ = ["DEFAULT_DRAWS", "DEFAULT_GRID", "SYSTEMATIC_S", "CatchShareFit", "RunFit", "combined_share",
+           "fit_catch_share", "fit_run"]

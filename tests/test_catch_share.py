@@ -108,3 +108,20 @@ def test_the_systematic_error_widens_the_standard_error_by_its_reach_on_the_curv
     assert fits[0].share == fits[1].share == fits[2].share  # the share itself does not move
     slope = fits[2].simulated_s[0] - fits[2].simulated_s[-1]  # over the whole grid, share 0 to 1
     assert 0.5 * 3e-3 / slope < fits[2].se < 3.0 * 3e-3 / slope
+
+
+def test_a_runs_two_fits_from_one_set_of_simulations_equal_two_separate_fits():
+    """``fit_run`` reads the mean and the quantile off the same simulations: the same fits as two calls of
+    ``fit_catch_share``, and their combination as its share."""
+    from solver.catch_share import fit_run
+
+    run = _run(0.45, 21, 0.001)
+    both = fit_run(PROF, B, DELAY, TIMES, run, 0.99, hop_s=0.001, window=WINDOW)
+    assert both.by_mean == fit_catch_share(PROF, B, DELAY, TIMES, float(np.mean(run)), hop_s=0.001, window=WINDOW)
+    assert both.by_quantile == fit_catch_share(PROF, B, DELAY, TIMES, float(np.quantile(run, 0.99)), quantile=0.99,
+                                               hop_s=0.001, window=WINDOW)
+    assert both.share == combined_share([both.by_mean, both.by_quantile]) and both.to_dict()["share"] == both.share
+    with pytest.raises(ModelError, match="latencies"):
+        fit_run(PROF, B, DELAY, TIMES, np.empty(0), 0.99)
+    with pytest.raises(ModelError, match="quantile"):
+        fit_run(PROF, B, DELAY, TIMES, run, 1.5)

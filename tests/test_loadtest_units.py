@@ -526,7 +526,7 @@ def test_a_fitted_race_share_needs_a_triton_run_before_the_derived_gates():
     run, so one must come before them; a share and fit together, or a bad word, are refused."""
     from loadtest.bench import BenchConfig
     from loadtest.trace_bench import TritonShareFits, catch_share_arg, derived_catch_share
-    from solver.catch_share import CatchShareFit
+    from solver.catch_share import CatchShareFit, RunFit
     from solver.slo import SloTarget
 
     slo = SloTarget(0.99, 0.07, 0.003)
@@ -545,7 +545,7 @@ def test_a_fitted_race_share_needs_a_triton_run_before_the_derived_gates():
     with pytest.raises(ValueError, match="no Triton delay contender's run"):
         derived_catch_share(ok, shares)
     fit = lambda x: CatchShareFit(x, "mean", 0.05, (0.0, 1.0), (0.06, 0.04), True)  # noqa: E731
-    shares.add("triton delay=20ms", fit(0.7), fit(0.8))
-    shares.add("triton delay=30ms", fit(0.5), fit(0.4))
+    shares.add("triton delay=20ms", RunFit(fit(0.7), fit(0.8)))
+    shares.add("triton delay=30ms", RunFit(fit(0.5), fit(0.4)))
     assert derived_catch_share(ok, shares) == 0.7  # the first run's, by its mean
     assert derived_catch_share(dataclasses.replace(ok, slo_catch_share_fit=False, slo_catch_share=0.55), shares) == 0.55

@@ -27,11 +27,11 @@ def test_trace_replay_runs_every_contender_on_the_same_arrivals_and_tracks_the_r
     report, trail = run_trace_bench(cfg, times, progress=lambda _msg: None, shares=shares)
     assert [r.contender for r in report.rows] == ["triton delay=0ms", "gate smdp adaptive", "config smdp adaptive"]
     # Triton's run was given its race share, by its mean and by its q0.99 (no SLO stated), and written out
-    assert [r["contender"] for r in shares.rows] == ["triton delay=0ms"] and 0.0 <= shares.share <= 1.0
+    assert [r.contender for r in shares.rows] == ["triton delay=0ms"] and 0.0 <= shares.share <= 1.0
     # (its answers timed from their send: the row's, from their schedule, less at most the send lag)
-    fit, lag = shares.rows[0]["by_quantile"], float(np.max(report.rows[0].send_lags_s)) + 1e-3
+    fit, lag = shares.rows[0].fit.by_quantile, float(np.max(report.rows[0].send_lags_s)) + 1e-3
     assert fit.figure == "q0.99" and abs(fit.measured_s - np.quantile(report.rows[0].latencies_s, 0.99)) <= lag
-    assert abs(shares.rows[0]["by_mean"].measured_s - report.rows[0].measured.mean_latency_s) <= lag
+    assert abs(shares.rows[0].fit.by_mean.measured_s - report.rows[0].measured.mean_latency_s) <= lag
     assert "by_mean" in shares.write(tmp_path / "catch_share.json").read_text()
     for row in report.rows:
         assert row.measured.failed == 0 and row.measured.requests > 0
