@@ -56,6 +56,15 @@ def _timeout_us(p: service_pb2.InferParameter) -> int:
     return p.int64_param
 
 
+def priority_wire(level: int) -> bytes:
+    """The encoding of a ModelInferRequest whose one field is ``parameters["priority"]`` = ``level``
+    (uint64_param). Appended to a request's bytes it adds that parameter, as protobuf parses a message's
+    concatenated encodings as one (a map field gains the entry; the last entry of a key wins)."""
+    stamp = service_pb2.ModelInferRequest()
+    stamp.parameters["priority"].uint64_param = level
+    return stamp.SerializeToString()
+
+
 def _done(call: grpc.aio.Call | asyncio.Future) -> asyncio.Future:
     """A future that ends when ``call`` does; cancelling it does not cancel the call."""
     fut = asyncio.get_running_loop().create_future()
@@ -84,6 +93,8 @@ class PythonPlane:
         self._tasks: set[asyncio.Task] = set()
         self._validators: dict[tuple[str, str], RequestValidator] = {}
         """Per model: the request checks of its config in force, worked out once per config."""
+        self._stamp_wire = priority_wire(config.dispatch_priority) if config.dispatch_priority else b""
+        """The dispatch priority's stamp as bytes, appended to a lone request's own (``_serve_alone``)."""
 
     # -- what the registry asks of the plane -------------------------------------------------
     def new_gate(self, name: str, rule: BatchRule, *, slots: int, max_rows: int, default_priority: int,
@@ -123,8 +134,15 @@ class PythonPlane:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # -- inference ---------------------------------------------------------------------------
-    async def infer(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
+    async def infer(self, request: service_pb2.ModelInferRequest, wire: bytes | None = None
+                    ) -> service_pb2.ModelInferResponse | bytes:
         """One caller's request, answered exactly once (a response, or GateError).
+
+        ``wire``: the request's bytes as the caller sent them, where the caller can take the answer as
+        bytes too (the gRPC servicer). A request that goes to Triton as it came (its model unknown or
+        ungated) or alone (``_serve_alone``) is then sent as these bytes, and Triton's answer is
+        returned as Triton's bytes: no protobuf encoding either way, and the caller gets Triton's answer
+        byte for byte. Without it (HTTP, streams) every answer is a message.
 
         The bookkeeping of an answer (the batch's completion epoch, the latency statistics, metrics,
         the controller's observers) runs just after the answer leaves, on the event loop's next turn
@@ -136,11 +154,11 @@ class PythonPlane:
         if state is None:
             state = await self.registry.model_state(request.model_name, request.model_version)
         if state is None:
-            response = await self.upstream.call(request)
+            response = await (self.upstream.call(request) if wire is None else self.upstream.relay(wire))
             self.registry.known_again(request.model_name, request.model_version)
             return response
         if state.gate is None:
-            return await self.upstream.call(request)
+            return await (self.upstream.call(request) if wire is None else self.upstream.relay(wire))
         inputs = request.inputs
         shape = inputs[0].shape if inputs else None
         rows = int(shape[0]) if shape else 1
@@ -152,7 +170,7 @@ class PythonPlane:
                 validator = self._validators[model] = RequestValidator(state.config)
             validator.check_shaped(request, key, rows)
         except MalformedRequest:
-            return await self._relay_refused(state, request)
+            return await self._relay_refused(state, request, wire)
         now = self._clock()
         priority = state.default_priority
         deadline = None
@@ -164,7 +182,7 @@ class PythonPlane:
                 if state.controller is not None:
                     state.controller.observe_arrival(now)
                 self.metrics.request_arrived(state.name)
-                return await self._serve_alone(state, request, rows, now, why)
+                return await self._serve_alone(state, request, wire, rows, now, why)
         else:
             try:
                 if "priority" in params:
@@ -211,11 +229,14 @@ class PythonPlane:
             state.gate.cancel(item)  # still waiting: frees its place; dispatched: the batch runs on
             raise
 
-    async def _serve_alone(self, state: ModelState, request: service_pb2.ModelInferRequest, rows: int,
-                           arrival: float, why: str) -> service_pb2.ModelInferResponse:
+    async def _serve_alone(self, state: ModelState, request: service_pb2.ModelInferRequest, wire: bytes | None,
+                           rows: int, arrival: float, why: str) -> service_pb2.ModelInferResponse | bytes:
         """A request the gate serves alone at its arrival (``ModelGate.serve_alone``; the request has no
         parameters): sent to Triton from its caller's coroutine as a plain relay sends it, the one
-        stamp being the sidecar's dispatch priority. Its batch's and its answer's accounting run in one
+        stamp being the sidecar's dispatch priority. With its bytes (``wire``) it is sent as those bytes,
+        the stamp appended as its encoding (``priority_wire``: a map entry that follows the request's
+        own fields parses as one more entry, and the request has none), and Triton's answer comes back
+        as bytes. Its batch's and its answer's accounting run in one
         callback on the loop's next turn (``_alone_done``), after the answer has gone. Should the caller
         go away while Triton works, the call runs on and is accounted for when it ends (its slot stays
         taken until then), as any batch in flight."""
@@ -224,10 +245,16 @@ class PythonPlane:
         # a request passes through costs microseconds (docs/notes/issue-16.md, ninth round).
         config = self.config
         level = config.dispatch_priority
-        if level and level <= state.priority_levels:
-            request.parameters["priority"].uint64_param = level
-        start = self._clock()
-        upstream = self.upstream.infer(request, timeout=config.upstream_timeout_s)
+        stamp = level and level <= state.priority_levels
+        if wire is None:
+            if stamp:
+                request.parameters["priority"].uint64_param = level
+            start = self._clock()
+            upstream = self.upstream.infer(request, timeout=config.upstream_timeout_s)
+        else:
+            start = self._clock()
+            upstream = self.upstream.infer_wire(wire + self._stamp_wire if stamp else wire,
+                                                timeout=config.upstream_timeout_s)
         if type(upstream) is CoroutineType:  # a stand-in for the channel (tests)
             upstream = self._loop.create_task(upstream)
         ended = self._loop.create_future()
@@ -298,13 +325,13 @@ class PythonPlane:
             state.controller.observe_latency(arrival + latency, latency)
         self.metrics.request_answered(state.name, "OK", latency)
 
-    async def _relay_refused(self, state: ModelState, request: service_pb2.ModelInferRequest
-                             ) -> service_pb2.ModelInferResponse:
+    async def _relay_refused(self, state: ModelState, request: service_pb2.ModelInferRequest, wire: bytes | None
+                             ) -> service_pb2.ModelInferResponse | bytes:
         """A request the model's config says Triton refuses: sent to Triton alone and ungated (it must
         not fail a merged batch), so that its caller gets Triton's own code and message. Should Triton
         serve it after all, the sidecar's copy of the config is stale: it is read again."""
         try:
-            response = await self.upstream.call(request)
+            response = await (self.upstream.call(request) if wire is None else self.upstream.relay(wire))
         except GateError as exc:
             if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
                 self.metrics.request_rejected(state.name, "invalid_argument")

@@ -105,6 +105,11 @@ def _parse_infer_request(data: bytes) -> service_pb2.ModelInferRequest | None:
         return None
 
 
+def _infer_response_bytes(response: service_pb2.ModelInferResponse | bytes) -> bytes:
+    """A ModelInfer answer on the wire: Triton's own bytes as they are, or the plane's message encoded."""
+    return response if type(response) is bytes else response.SerializeToString()
+
+
 class _Servicer:
     """gRPC glue: gated inference plus a raw-bytes relay for every other RPC."""
 
@@ -124,12 +129,17 @@ class _Servicer:
                         "last %.0f s at most", self._unparsable, self.UNPARSABLE_LOG_EVERY_S)
             self._unparsable, self._unparsable_logged_at = 0, now
 
-    async def model_infer(self, request: service_pb2.ModelInferRequest | None, context: grpc.aio.ServicerContext):
+    async def model_infer(self, wire: bytes, context: grpc.aio.ServicerContext) -> service_pb2.ModelInferResponse | bytes:
+        """Parsed here, not by gRPC, so that the plane has the request's bytes as well (``PythonPlane.infer``'s
+        ``wire``: sent on as they came where the request goes to Triton as it came or alone). gRPC holds
+        the received bytes until the call ends either way: keeping them costs no memory."""
+        request = _parse_infer_request(wire)
         if request is None:
+            del wire  # (the abort's reference cycle, below)
             self._count_unparsable()
             await context.abort(grpc.StatusCode.INTERNAL, UNPARSABLE)
         try:
-            return await self.plane.infer(request)
+            return await self.plane.infer(request, wire)
         except GateError as exc:
             code, details = exc.code, exc.details
             # The error's traceback holds the frames that hold the request, and those frames that
@@ -138,7 +148,7 @@ class _Servicer:
             exc.__traceback__ = None
         # The abort's error holds this frame, in a cycle with grpc's call state freed only by a garbage
         # collection: the frame must not hold the request then (12 refused 64 MiB requests held 860 MiB).
-        del request
+        del request, wire
         await context.abort(code, details)
 
     async def model_stream_infer(
@@ -404,10 +414,7 @@ async def start_sidecar(config: SidecarConfig) -> RunningSidecar:
     for m in _SERVICE_DESC.methods:
         if m.name == "ModelInfer":
             handlers[m.name] = grpc.unary_unary_rpc_method_handler(
-                servicer.model_infer,
-                request_deserializer=_parse_infer_request,
-                response_serializer=service_pb2.ModelInferResponse.SerializeToString,
-            )
+                servicer.model_infer, response_serializer=_infer_response_bytes)
         elif m.name == "ModelStreamInfer":
             handlers[m.name] = grpc.stream_stream_rpc_method_handler(
                 servicer.model_stream_infer,

@@ -40,7 +40,7 @@ def ended_by_triton(details: str) -> GateError:
 class Upstream:
     """Triton's gRPC service as the sidecar calls it: one channel, one stub per method it uses.
 
-    The stubs are plain attributes (``infer``, ``model_config``, ``server_ready``, ``stream``) so a
+    The stubs are plain attributes (``infer``, ``infer_wire``, ``model_config``, ``server_ready``, ``stream``) so a
     unit test can put a stand-in in their place."""
 
     def __init__(self, url: str, timeout_s: float) -> None:
@@ -53,6 +53,8 @@ class Upstream:
                                             response_deserializer=response.FromString)
 
         self.infer = unary("ModelInfer", pb.ModelInferRequest, pb.ModelInferResponse)
+        self.infer_wire = self.channel.unary_unary(f"/{SERVICE}/ModelInfer")
+        """ModelInfer with the request and its answer as bytes, sent and returned as they are (no protobuf)."""
         self.model_config = unary("ModelConfig", pb.ModelConfigRequest, pb.ModelConfigResponse)
         self.server_ready = unary("ServerReady", pb.ServerReadyRequest, pb.ServerReadyResponse)
         self.stream = self.channel.stream_stream(
@@ -68,9 +70,13 @@ class Upstream:
         """Triton's response to ``req``, or its error as a GateError."""
         return await self.answer(self.infer(req, timeout=self.timeout_s))
 
+    async def relay(self, wire: bytes) -> bytes:
+        """Triton's answer to a request's bytes, as Triton's bytes, or its error as a GateError."""
+        return await self.answer(self.infer_wire(wire, timeout=self.timeout_s))
+
     @staticmethod
-    async def answer(call: grpc.aio.UnaryUnaryCall) -> service_pb2.ModelInferResponse:
-        """Triton's response to a started call, or its error as a GateError."""
+    async def answer(call: grpc.aio.UnaryUnaryCall) -> service_pb2.ModelInferResponse | bytes:
+        """Triton's response to a started call (bytes for ``infer_wire``'s), or its error as a GateError."""
         try:
             return await call
         except grpc.aio.AioRpcError as exc:

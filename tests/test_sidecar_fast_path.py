@@ -11,6 +11,9 @@ import pytest
 
 from test_sidecar_robustness import Upstream, emu_config, make_sidecar, request, rpc_error, run, settle, until
 
+from tritonclient.grpc import service_pb2
+
+from plugin.python_plane import priority_wire
 from plugin.server import GateError
 
 MODEL = {"model": "emulated_gpu"}
@@ -167,6 +170,87 @@ def test_a_lone_request_gets_the_dispatch_priority_and_one_with_parameters_is_ga
         assert state.gate.counters.dispatched_batches == 2 and state.gate.counters.submitted == 2
         assert state.stats.answered == 2 and state.stats.latency_n == 2 and state.gate.in_flight == 0
         assert sample(sc, "smdp_sidecar_batches_total", why="policy") == 2
+        await sc.close()
+
+    run(main())
+
+
+# -- the request's bytes: a request sent on as it came goes as the caller's bytes -------------------
+
+
+@pytest.mark.parametrize("level", [1, 2, 7])
+def test_the_dispatch_stamp_appended_to_a_requests_bytes_parses_as_the_stamped_request(level):
+    """``priority_wire`` appended to the encoding of a request without parameters is the encoding of
+    that request with ``parameters["priority"]`` set: what the typed lone path sends, as protobuf (and
+    Triton's parser) reads it."""
+    for req in (request(id="a"), request(rows=3, id=""), service_pb2.ModelInferRequest(model_name="m")):
+        stamped = service_pb2.ModelInferRequest()
+        stamped.CopyFrom(req)
+        stamped.parameters["priority"].uint64_param = level
+        got = service_pb2.ModelInferRequest.FromString(req.SerializeToString() + priority_wire(level))
+        assert got == stamped
+        assert got.parameters["priority"].WhichOneof("parameter_choice") == "uint64_param"
+
+
+@pytest.mark.parametrize("levels, stamped", [(3, True), (0, False)])
+def test_a_lone_request_with_its_bytes_goes_as_those_bytes_and_its_answer_comes_back_as_tritons_bytes(levels, stamped):
+    async def main():
+        up = Upstream(emu_config(**{"dynamic_batching.priority_levels": levels}))
+        sc = await make_sidecar(up, dispatch_priority=1)
+        req = request(id="a")
+        wire = req.SerializeToString()
+        answer = await sc.plane.infer(req, wire)
+        assert type(answer) is bytes
+        assert service_pb2.ModelInferResponse.FromString(answer).id == "a"
+        assert up.wire == [wire + priority_wire(1) if stamped else wire]  # the caller's bytes, the stamp after
+        assert not req.parameters  # the caller's message is not stamped
+        await asyncio.sleep(0)  # its accounting, as for a typed lone request
+        state = sc.registry.models()[("emulated_gpu", "")]
+        s = state.stats
+        assert s.batches[1] == 1 and s.answered == 1 and s.latency_n == 1 and state.gate.in_flight == 0
+        assert sample(sc, "smdp_sidecar_responses_total", code="OK") == 1
+        assert sample(sc, "smdp_sidecar_batches_total", why="policy") == 1
+        await sc.close()
+
+    run(main())
+
+
+def test_a_queued_request_with_its_bytes_is_merged_and_answered_as_a_message():
+    """Only a request sent on as it came goes as bytes: one the gate queues is answered from the
+    batch's split, a message, whatever the caller passed."""
+    async def main():
+        up = Upstream()
+        sc = await make_sidecar(up)
+        await sc.plane.infer(request(id="warm"))
+        await asyncio.sleep(0)
+        state = sc.registry.models()[("emulated_gpu", "")]
+        up.hold.clear()
+        first = asyncio.ensure_future(sc.plane.infer(request(id="b"), request(id="b").SerializeToString()))
+        await until(lambda: len(up.sent) == 2)
+        queued = request(id="c")
+        second = asyncio.ensure_future(sc.plane.infer(queued, queued.SerializeToString()))
+        await until(lambda: state.gate.queue_length == 1)
+        up.hold.set()
+        a, b = await first, await second
+        assert type(a) is bytes and service_pb2.ModelInferResponse.FromString(a).id == "b"
+        assert isinstance(b, service_pb2.ModelInferResponse) and b.id == "c"
+        assert len(up.wire) == 1  # the lone one only
+        await sc.close()
+
+    run(main())
+
+
+def test_a_request_for_an_unknown_model_is_relayed_as_its_bytes_with_tritons_error():
+    async def main():
+        up = Upstream()
+        up.config_error = rpc_error(grpc.StatusCode.NOT_FOUND, "unknown model")
+        up.error = rpc_error(grpc.StatusCode.NOT_FOUND, "Request for unknown model: 'nope' is not found")
+        sc = await make_sidecar(up)
+        req = request(model="nope", id="z")
+        with pytest.raises(GateError) as err:
+            await sc.plane.infer(req, req.SerializeToString())
+        assert err.value.code == grpc.StatusCode.NOT_FOUND
+        assert up.wire == [req.SerializeToString()]
         await sc.close()
 
     run(main())

@@ -59,6 +59,7 @@ class Upstream:
         self.config_gate.set()
         self.config_error: grpc.aio.AioRpcError | None = None
         self.sent: list[service_pb2.ModelInferRequest] = []
+        self.wire: list[bytes] = []  # what infer_wire was sent, as sent (each also in ``sent``, parsed)
         self.hold = asyncio.Event()
         self.hold.set()
         self.error: grpc.aio.AioRpcError | None = None
@@ -91,6 +92,12 @@ class Upstream:
         resp.raw_output_contents.append(req.raw_input_contents[0])
         return resp
 
+    async def infer_wire(self, data: bytes, timeout=None) -> bytes:
+        """ModelInfer as bytes (``Upstream.infer_wire``): the bytes recorded as sent, then answered as
+        ``infer`` answers the request they encode, encoded."""
+        self.wire.append(data)
+        return (await self.infer(service_pb2.ModelInferRequest.FromString(data), timeout)).SerializeToString()
+
 
 async def make_sidecar(upstream: Upstream, **overrides) -> Sidecar:
     default = overrides.pop("default", {"policy": "greedy"})
@@ -99,6 +106,7 @@ async def make_sidecar(upstream: Upstream, **overrides) -> Sidecar:
     sc.upstream.model_config = upstream.model_config
     sc.upstream.server_ready = upstream.server_ready
     sc.upstream.infer = upstream.infer
+    sc.upstream.infer_wire = upstream.infer_wire
     return sc
 
 
