@@ -257,11 +257,12 @@ def ma_delay(model: BatchingModel, slo, seed: int = 0) -> float:
 
 def slo_prediction(model: BatchingModel, slo, seed: int) -> Prediction:
     """The SLO gate's figures: the pick of the SLO search (``solver.slo.solve_slo``) for ``slo`` under
-    ``model``, as simulated by the search."""
-    from solver.slo import solve_slo
+    ``model``, judged apart from the search (``solver.slo.fresh_figures``: exact for an unguarded table,
+    else on fresh paths; the search's own figures for its pick lean low)."""
+    from solver.slo import fresh_figures, solve_slo
 
-    c = solve_slo(model, slo, seed=seed).chosen
-    return Prediction(c.mean_latency_s, c.mean_power_w, c.cost, c.mean_batch, "sim")
+    f = fresh_figures(model, solve_slo(model, slo, seed=seed).chosen, slo.quantile, seed=seed)
+    return Prediction(f.mean_latency_s, f.mean_power_w, f.cost, f.mean_batch, f.source)
 
 
 def compile_config(model: BatchingModel, seed: int = 0, n_requests: int = CONFIG_SIM_REQUESTS):

@@ -155,24 +155,16 @@ def fitted_prediction(model, times: np.ndarray, warmup_s: float = 0.0,
 def seeded_slo_prediction(model, option: str, slo, seed: int = 0) -> Prediction:
     """The seeded SLO gate's figures: the SLO search (``solver.slo.solve_slo``) under the fitted arrival
     model ``option`` (``FittedPrediction.option``; an MMPP at its own mean rate, the replay's), as the
-    gate's first search runs it; under Poisson or groups alone, at the model's rate. An unguarded pick
-    under an MMPP is evaluated exactly (the search's simulated W of a slowly modulated path is noisy)."""
+    gate's first search runs it; under Poisson or groups alone, at the model's rate. The pick's figures
+    are taken apart from the search (``solver.slo.fresh_figures``: exact for an unguarded table, else
+    fresh paths): the search's own lean low, and a slowly modulated path's W is noisy."""
     from solver.arrival_model import MMPP2, parse_arrivals
 
     from .contenders import slo_prediction
 
-    from solver.mmpp import evaluate_mmpp
-    from solver.slo import solve_slo
-
     fit = parse_arrivals(option)
-    if not isinstance(fit, MMPP2):
-        return slo_prediction(model.with_(arrivals=fit), slo, seed)
-    fitted = model.with_(rate=fit.mean_rate, arrivals=fit)
-    c = solve_slo(fitted, slo, seed=seed).chosen
-    if c.max_wait_s is None and math.isfinite(c.table_weight):  # unguarded: the exact figures under the fit
-        ev = evaluate_mmpp(fitted, c.policy)
-        return Prediction(ev.mean_latency_s, ev.mean_power_w, ev.cost, ev.mean_batch, "exact")
-    return Prediction(c.mean_latency_s, c.mean_power_w, c.cost, c.mean_batch, "sim")
+    return slo_prediction(model.with_(rate=fit.mean_rate, arrivals=fit) if isinstance(fit, MMPP2)
+                          else model.with_(arrivals=fit), slo, seed)
 
 
 def derived_slo_prediction(model, option: str, slo, seed: int = 0, direct_extra_s: float | None = None,
@@ -184,6 +176,7 @@ def derived_slo_prediction(model, option: str, slo, seed: int = 0, direct_extra_
     the margin), as the gate's first search runs it (before any measured correction)."""
     from solver.arrival_model import MMPP2, parse_arrivals
     from solver.policy import TRITON_CATCH_SHARE
+    from solver.slo import fresh_figures
     from solver.slo_bound import DEFAULT_DELAYS_S, BestDelaySlo, solve_best_delay_slo
 
     fit = parse_arrivals(option)
@@ -197,8 +190,11 @@ def derived_slo_prediction(model, option: str, slo, seed: int = 0, direct_extra_
     pick = (f"serving the delay itself (search {'feasible' if res.search.feasible else 'infeasible'}, J "
             f"{res.search.chosen.cost * 1e3:.2f} ms)" if res.delay_served else
             f"the search's pick w' {c.table_weight:g}, {guard}, predicted q{slo.quantile:g} {c.estimate.quantile_s * 1e3:.2f} ms")
-    said = f"D = {res.result.target.latency_s * 1e3:.2f} ms derived ({res.bound.describe()}); {pick}, J {c.cost * 1e3:.2f} ms"
-    return Prediction(c.mean_latency_s, c.mean_power_w, c.cost, c.mean_batch, "sim"), said
+    f = fresh_figures(under, c, slo.quantile, seed=seed)
+    said = (f"D = {res.result.target.latency_s * 1e3:.2f} ms derived ({res.bound.describe()}); {pick}, J "
+            f"{c.cost * 1e3:.2f} ms on the search's path, {f.cost * 1e3:.2f} ms "
+            f"{'exact' if f.source == 'exact' else f'on {f.paths} fresh paths'}")
+    return Prediction(f.mean_latency_s, f.mean_power_w, f.cost, f.mean_batch, f.source), said
 
 
 def cached_fitted_prediction(out_dir: Path, model, times: np.ndarray, warmup_s: float = 0.0,

@@ -244,3 +244,71 @@ def test_clumped_arrivals_are_searched_by_simulation_and_refused_by_the_exact_ch
     assert res.feasible
     # groups of 4 arrive together: the tail is worse than for single arrivals at the same rate
     assert res.chosen.estimate.quantile_s > solve_slo(base, target).chosen.estimate.quantile_s
+
+
+# -- the pick's figures apart from the search (``fresh_figures``) ---------------------------------
+
+
+def test_an_unguarded_pick_is_judged_exactly_under_poisson_and_under_an_mmpp():
+    from solver.arrival_model import MMPP2
+    from solver.evaluate import evaluate
+    from solver.mmpp import evaluate_mmpp
+    from solver.slo import SloCandidate, fresh_figures
+
+    model = _v100(16, 0.5, 0.002)
+    table = solve(model).policy
+    est = simulated_quantile(model, table, SloTarget(0.99, 1.0), arrivals.poisson(model.rate, n=2000,
+                                                                                     rng=np.random.default_rng(1)))[0]
+    cand = SloCandidate(model.weight, None, table, est, 0.0, 0.0, 0.0, True)  # the search's figures: 0, ignored
+    f = fresh_figures(model, cand, 0.99)
+    ev = evaluate(model, table)
+    assert (f.source, f.paths) == ("exact", 0)
+    assert (f.mean_latency_s, f.mean_power_w, f.cost, f.mean_batch) == (ev.mean_latency_s, ev.mean_power_w, ev.cost,
+                                                                         ev.mean_batch)
+    modulated = model.with_(arrivals=MMPP2((1.6 * model.rate, 0.4 * model.rate), (2.0, 2.0)))
+    g = fresh_figures(modulated, cand, 0.99)
+    em = evaluate_mmpp(modulated, table)
+    assert g.source == "exact" and g.mean_latency_s == em.mean_latency_s and g.cost == em.cost
+    assert g.mean_latency_s > f.mean_latency_s  # the modulation's waits: the MMPP's own figures, not Poisson's
+
+
+def test_a_guarded_pick_is_judged_on_fresh_paths_not_the_searchs():
+    from solver.slo import SloCandidate, fresh_figures, search_path
+
+    model = _v100(16, 0.5, 0.002)
+    table = solve(model).policy
+    rule = MaxWaitGuard(table, 0.004)
+    target = SloTarget(0.99, 1.0)
+    est = simulated_quantile(model, rule, target, arrivals.poisson(model.rate, n=2000, rng=np.random.default_rng(1)))[0]
+    cand = SloCandidate(model.weight, 0.004, table, est, 0.0, 0.0, 0.0, True)
+
+    def on(seed: int):
+        arr, warm = search_path(model, 0.99, seed=seed)
+        return simulate_latencies(model.profile, rule, arr, idle_power_w=model.idle_power_w, weight=model.weight,
+                                  seed=seed, warmup=warm)[0]
+
+    f = fresh_figures(model, cand, 0.99, paths=3, seed=5)
+    sims = [on(6), on(7), on(8)]  # seeds past the search's own (5)
+    assert (f.source, f.paths) == ("sim", 3)
+    assert f.mean_latency_s == pytest.approx(np.mean([s.mean_latency_s for s in sims]), rel=1e-12)
+    assert f.cost == pytest.approx(np.mean([s.cost for s in sims]), rel=1e-12)
+    assert f.mean_latency_s != on(5).mean_latency_s  # not the search's path
+    one = fresh_figures(model, cand, 0.99, paths=1, seed=5)
+    assert one.mean_latency_s == sims[0].mean_latency_s
+    # the mean over fresh paths of Poisson arrivals is near the long run: 4 paths of 40,000 against 400,000
+    arr = arrivals.poisson(model.rate, n=400_000, rng=np.random.default_rng(77))
+    long = simulate_latencies(model.profile, rule, arr, idle_power_w=model.idle_power_w, weight=model.weight,
+                              seed=77, warmup=float(arr[2000]))[0]
+    assert fresh_figures(model, cand, 0.99, seed=5).mean_latency_s == pytest.approx(long.mean_latency_s, rel=0.02)
+
+
+@pytest.mark.parametrize("paths", [0, -1, 1.5, True, "4"])
+def test_fresh_figures_refuse_a_bad_number_of_paths(paths):
+    from solver.slo import SloCandidate, fresh_figures
+
+    model = _v100(16, 0.5, 0.002)
+    table = solve(model).policy
+    est = simulated_quantile(model, table, SloTarget(0.99, 1.0), arrivals.poisson(model.rate, n=2000,
+                                                                                     rng=np.random.default_rng(1)))[0]
+    with pytest.raises(ModelError, match="paths"):
+        fresh_figures(model, SloCandidate(model.weight, 0.004, table, est, 0.0, 0.0, 0.0, True), 0.99, paths=paths)

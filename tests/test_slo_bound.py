@@ -319,16 +319,19 @@ def test_smdp_solve_derives_the_bound_and_reports_it_in_its_json(capsys):
 
 def test_the_trace_benchs_derived_slo_prediction_is_the_bound_searched_under_the_fit(profile):
     """What the trace bench predicts for ``gate:smdp-slo-derived-seeded``: ``solve_best_delay_slo`` under
-    the fit at its own mean rate, with the bench's quantile and margin."""
+    the fit at its own mean rate, with the bench's quantile and margin; its pick's figures judged apart
+    from the search (``fresh_figures``)."""
     from loadtest.trace_bench import derived_slo_prediction
-    from solver.slo import SloTarget
+    from solver.slo import SloTarget, fresh_figures
     from solver.slo_bound import DEFAULT_DELAYS_S
 
     model = _model(profile, rate=150.0)
     pred, said = derived_slo_prediction(model, CLUMPED.spec, SloTarget(0.99, 0.2, 0.003))
-    res = solve_best_delay_slo(model.with_(rate=CLUMPED.mean_rate, arrivals=CLUMPED),
-                               BestDelaySlo(0.99, DEFAULT_DELAYS_S, 0.003))
-    assert pred.cost == res.result.chosen.cost and pred.mean_latency_s == res.result.chosen.mean_latency_s
+    under = model.with_(rate=CLUMPED.mean_rate, arrivals=CLUMPED)
+    res = solve_best_delay_slo(under, BestDelaySlo(0.99, DEFAULT_DELAYS_S, 0.003))
+    fresh = fresh_figures(under, res.result.chosen, 0.99)
+    assert pred.cost == fresh.cost and pred.mean_latency_s == fresh.mean_latency_s and pred.source == fresh.source
+    assert f"J {res.result.chosen.cost * 1e3:.2f} ms on the search's path" in said
     assert f"D = {(res.bound.quantile_s + 0.003) * 1e3:.2f} ms derived" in said
     # what Triton's answers carry served directly (1 ms), not the gate's 3 ms margin, goes into D
     _, direct_said = derived_slo_prediction(model, CLUMPED.spec, SloTarget(0.99, 0.2, 0.003),
