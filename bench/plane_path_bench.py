@@ -1,22 +1,27 @@
 """The Python data plane's own cost per request, with no network: a stand-in answers for Triton.
 
     python bench/plane_path_bench.py [--model emulated_gpu] [--requests 5000] [--runs 5] [--tree DIR]
-                                     [--evict-mb N]
+                                     [--evict-mb N] [--wire]
 
 Drives ``PythonPlane.infer`` of a ``Sidecar`` (greedy policy, the model's config from
 model_repository/, one-row FP32 requests) with
 sequential requests; the stand-in for Triton answers on the event loop's next turn. Prints, per
 request (medians over the requests, best and median over the runs):
-- arrival to the send: from the call of ``infer`` to the stand-in's start (validation, merge key, the
-  gate's decision, stamping, and the one loop turn a gRPC call also takes before it sends);
-- the return path: from the stand-in's answer to ``infer`` returning to its caller;
-- the whole request: from the call of ``infer`` to the end of the loop turn after its answer, where
+- arrival to the send: from the request's bytes (parsed as the servicer parses them) to the stand-in's
+  start (validation, merge key, the gate's decision, stamping, and the one loop turn a gRPC call also
+  takes before it sends);
+- the return path: from the stand-in's answer to the answer encoded for the caller;
+- the whole request: from the request's bytes to the end of the loop turn after its answer, where
   the request's accounting runs;
 - CPU: the process's CPU time per request, the stand-in's small share included.
 ``--evict-mb N``: between requests, write one byte in every 64 of an N MiB buffer (outside the
 measured times; its CPU is subtracted), so that each request starts with caches holding other work,
 as in a real sidecar process on a machine where the client, Triton and other processes run between
 two requests. A tight loop keeps the path's code and data in cache and reads several times lower.
+Each request is parsed from its bytes and its answer encoded, as the gRPC servicer does, and the
+stand-in does what the channel to Triton does with a message (encodes the request, parses the answer).
+``--wire``: the request's bytes go to the plane as well (``PythonPlane.infer``'s ``wire``, what the
+servicer passes): a lone request goes to the stand-in as bytes and its answer comes back as bytes.
 ``--tree DIR``: import the sidecar from another checkout (e.g. an older tree, for a before/after on
 the same machine; run the two alternately, as the machine's other work shifts the figures).
 """
@@ -41,6 +46,8 @@ def main() -> int:
     ap.add_argument("--tree", type=Path, default=ROOT, help="checkout whose plugin/ is measured")
     ap.add_argument("--evict-mb", type=int, default=0, metavar="N",
                     help="between requests, touch every cache line of an N MiB buffer (0: no eviction)")
+    ap.add_argument("--wire", action="store_true",
+                    help="pass the request's bytes too (the servicer's path since the plane takes them)")
     args = ap.parse_args()
     sys.path.insert(0, str(args.tree.resolve()))
 
@@ -68,11 +75,24 @@ def main() -> int:
     async def model_config(_req, timeout=None):
         return service_pb2.ModelConfigResponse(config=config)
 
-    async def infer(_req, timeout=None):
+    resp_wire = resp.SerializeToString()
+    parse, parse_resp = service_pb2.ModelInferRequest.FromString, service_pb2.ModelInferResponse.FromString
+
+    async def infer(req, timeout=None):
         marks["sent"] = time.perf_counter()
+        req.SerializeToString()  # what the channel does with the message
         await asyncio.sleep(0)  # Triton's answer comes on a later turn of the loop
         marks["back"] = time.perf_counter()
-        return resp
+        return parse_resp(resp_wire)
+
+    async def infer_wire(_wire, timeout=None):
+        marks["sent"] = time.perf_counter()
+        await asyncio.sleep(0)
+        marks["back"] = time.perf_counter()
+        return resp_wire
+
+    def encode(answer) -> bytes:  # the servicer's response serializer
+        return answer if type(answer) is bytes else answer.SerializeToString()
 
     async def run() -> list[tuple[float, float, float, float]]:
         cfg = load_config(overrides={"triton_url": "127.0.0.1:9", "default": {"policy": "greedy"},
@@ -80,19 +100,25 @@ def main() -> int:
         sc = Sidecar(cfg)
         sc.upstream.model_config = model_config
         sc.upstream.infer = infer
+        sc.upstream.infer_wire = infer_wire
+        wire = data if args.wire else None
+        if wire is not None:
+            plane_infer = sc.plane.infer
+        else:  # an older tree's plane may not take the bytes
+            async def plane_infer(r, _wire):
+                return await sc.plane.infer(r)
         out = []
         try:
             for _ in range(500):  # warm-up: the model's config, the validator, the policy
-                await sc.plane.infer(service_pb2.ModelInferRequest.FromString(data))
+                encode(await plane_infer(parse(data), wire))
                 await asyncio.sleep(0)
             for _ in range(args.runs):
                 to_send, back, whole = [], [], []
                 evicting = 0.0
                 c0 = time.process_time()
                 for _ in range(args.requests):
-                    r = service_pb2.ModelInferRequest.FromString(data)
                     t0 = time.perf_counter()
-                    await sc.plane.infer(r)
+                    encode(await plane_infer(parse(data), wire))
                     t1 = time.perf_counter()
                     to_send.append(marks["sent"] - t0)
                     back.append(t1 - marks["back"])
@@ -110,7 +136,7 @@ def main() -> int:
 
     runs = asyncio.run(run())
     print(f"Python plane, model {args.model}, {args.requests} sequential requests x {args.runs} runs, stand-in upstream "
-          f"(tree {args.tree.resolve().name}{f', caches evicted ({args.evict_mb} MiB) between requests' if evict is not None else ''}); "
+          f"(tree {args.tree.resolve().name}{', the request as bytes too' if args.wire else ''}{f', caches evicted ({args.evict_mb} MiB) between requests' if evict is not None else ''}); "
           "per request, us: best / median over runs")
     for i, name in enumerate(("arrival to the send", "return path", "whole request", "CPU")):
         xs = [r[i] * 1e6 for r in runs]
