@@ -255,13 +255,15 @@ def ma_delay(model: BatchingModel, slo, seed: int = 0) -> float:
     return best
 
 
-def slo_prediction(model: BatchingModel, slo, seed: int) -> Prediction:
+def slo_prediction(model: BatchingModel, slo, seed: int, judged: BatchingModel | None = None) -> Prediction:
     """The SLO gate's figures: the pick of the SLO search (``solver.slo.solve_slo``) for ``slo`` under
     ``model``, judged apart from the search (``solver.slo.fresh_figures``: exact for an unguarded table,
-    else on fresh paths; the search's own figures for its pick lean low)."""
+    else on fresh paths; the search's own figures for its pick lean low) under ``judged`` (default
+    ``model``: the traffic as the gate sees it)."""
     from solver.slo import fresh_figures, solve_slo
 
-    f = fresh_figures(model, solve_slo(model, slo, seed=seed).chosen, slo.quantile, seed=seed)
+    f = fresh_figures(model if judged is None else judged, solve_slo(model, slo, seed=seed).chosen, slo.quantile,
+                      seed=seed)
     return Prediction(f.mean_latency_s, f.mean_power_w, f.cost, f.mean_batch, f.source)
 
 

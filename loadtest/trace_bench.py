@@ -84,6 +84,16 @@ class FittedPrediction:
     option: str = "poisson"
     """The fit as ``--arrivals`` reads it (``solver.arrival_model.arrivals_option``): what the seeded
     adaptive gate starts from."""
+    judged_option: str = ""
+    """The arrival model the gates' figures are judged under: an MMPP fit with its phases' time scale
+    calibrated to ``replay_w_s`` (``solver.mmpp.calibrate_modulation``), as ``--arrivals`` reads it;
+    "" where that is ``option`` itself (Poisson, groups alone)."""
+    calibration: str = ""
+    """What the calibration did (``ModulationCalibration.describe``); "" without one."""
+
+    @property
+    def judged(self) -> str:
+        return self.judged_option or self.option
 
 
 def split_calibration(times: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -120,7 +130,7 @@ def fitted_prediction(model, times: np.ndarray, warmup_s: float = 0.0,
     from solver.errors import ModelError
     from solver.evaluate import evaluate
     from solver.fit import fit_arrivals
-    from solver.mmpp import evaluate_mmpp, solve_mmpp_blind
+    from solver.mmpp import calibrate_modulation, evaluate_mmpp, solve_mmpp_blind
     from solver.simulate import simulate
     from solver.smdp import solve
 
@@ -139,11 +149,22 @@ def fitted_prediction(model, times: np.ndarray, warmup_s: float = 0.0,
         return FittedPrediction(chosen.spec, poisson, poisson, ref.mean_latency_s, replay, option)
     if isinstance(chosen, MMPP2):
         fm = model.with_(rate=chosen.mean_rate, arrivals=chosen)
-        ev = evaluate_mmpp(fm, ref.policy)
-        best = solve_mmpp_blind(fm, ref.policy)
+        best = solve_mmpp_blind(fm, ref.policy)  # the table a gate that learns the fit reaches
+        # the phases' time scale calibrated to the fixed table's W on the times the fit came from
+        if fit_times is None:
+            target = replay
+        else:  # the prefix, time-compressed to the replay's rate as the fit was
+            prefix_rate = (fit_times.size - 1) / float(fit_times[-1] - fit_times[0])
+            target = simulate(model.profile, ref.policy, np.asarray(fit_times, float) * (prefix_rate / model.rate),
+                              idle_power_w=model.idle_power_w, weight=model.weight, seed=0,
+                              warmup=warmup_s).mean_latency_s
+        cal = calibrate_modulation(fm, ref.policy, target)
+        jm = model.with_(rate=cal.arrivals.mean_rate, arrivals=cal.arrivals)
+        ev, eva = evaluate_mmpp(jm, ref.policy), evaluate_mmpp(jm, best.policy)
         fixed = Prediction(ev.mean_latency_s, ev.mean_power_w, ev.cost, ev.mean_batch, "exact")
-        ada = Prediction(best.mean_latency_s, best.mean_power_w, best.gain, best.evaluation.mean_batch, "exact")
-        return FittedPrediction(chosen.spec, fixed, ada, ref.mean_latency_s, replay, option)
+        ada = Prediction(eva.mean_latency_s, eva.mean_power_w, eva.cost, eva.mean_batch, "exact")
+        return FittedPrediction(chosen.spec, fixed, ada, ref.mean_latency_s, replay, option,
+                                arrivals_option(cal.arrivals), cal.describe())
     fm = model.with_(arrivals=chosen)
     ev1 = evaluate(fm, ref.policy)
     sol = solve(fm)
@@ -152,35 +173,39 @@ def fitted_prediction(model, times: np.ndarray, warmup_s: float = 0.0,
                             ref.mean_latency_s, replay, option)
 
 
-def seeded_slo_prediction(model, option: str, slo, seed: int = 0) -> Prediction:
+def _under(model, option: str):
+    """``model`` with the arrival model ``option`` (an MMPP at its own mean rate)."""
+    from solver.arrival_model import MMPP2, parse_arrivals
+
+    fit = parse_arrivals(option)
+    return model.with_(rate=fit.mean_rate, arrivals=fit) if isinstance(fit, MMPP2) else model.with_(arrivals=fit)
+
+
+def seeded_slo_prediction(model, option: str, slo, seed: int = 0, judged: str | None = None) -> Prediction:
     """The seeded SLO gate's figures: the SLO search (``solver.slo.solve_slo``) under the fitted arrival
     model ``option`` (``FittedPrediction.option``; an MMPP at its own mean rate, the replay's), as the
     gate's first search runs it; under Poisson or groups alone, at the model's rate. The pick's figures
     are taken apart from the search (``solver.slo.fresh_figures``: exact for an unguarded table, else
-    fresh paths): the search's own lean low, and a slowly modulated path's W is noisy."""
-    from solver.arrival_model import MMPP2, parse_arrivals
-
+    fresh paths): the search's own lean low, and a slowly modulated path's W is noisy. ``judged``: the
+    arrival model the figures are taken under (``FittedPrediction.judged``; default ``option``)."""
     from .contenders import slo_prediction
 
-    fit = parse_arrivals(option)
-    return slo_prediction(model.with_(rate=fit.mean_rate, arrivals=fit) if isinstance(fit, MMPP2)
-                          else model.with_(arrivals=fit), slo, seed)
+    return slo_prediction(_under(model, option), slo, seed, None if judged is None else _under(model, judged))
 
 
 def derived_slo_prediction(model, option: str, slo, seed: int = 0, direct_extra_s: float | None = None,
-                           catch_share: float | None = None) -> tuple[Prediction, str]:
+                           catch_share: float | None = None, judged: str | None = None) -> tuple[Prediction, str]:
     """The derived-bound SLO gate's figures and a line on its bound: ``solver.slo_bound`` (D = the least-J
     Triton delay's predicted quantile, the SLO searched for it, the delay served where the search cannot
     beat it) under ``option`` (the fit, an MMPP at its own mean rate; or Poisson), with ``slo``'s quantile
     and margin (and ``direct_extra_s``: what Triton's answers carry beyond the model served directly; None:
-    the margin), as the gate's first search runs it (before any measured correction)."""
-    from solver.arrival_model import MMPP2, parse_arrivals
+    the margin), as the gate's first search runs it (before any measured correction); its pick's figures
+    taken apart from the search (``fresh_figures``) under ``judged`` (default ``option``)."""
     from solver.policy import TRITON_CATCH_SHARE
     from solver.slo import fresh_figures
     from solver.slo_bound import DEFAULT_DELAYS_S, BestDelaySlo, solve_best_delay_slo
 
-    fit = parse_arrivals(option)
-    under = model.with_(rate=fit.mean_rate, arrivals=fit) if isinstance(fit, MMPP2) else model.with_(arrivals=fit)
+    under = _under(model, option)
     res = solve_best_delay_slo(under, BestDelaySlo(slo.quantile, DEFAULT_DELAYS_S, slo.margin_s,
                                                    direct_extra_s=direct_extra_s,
                                                    catch_share=TRITON_CATCH_SHARE if catch_share is None else catch_share),
@@ -190,7 +215,7 @@ def derived_slo_prediction(model, option: str, slo, seed: int = 0, direct_extra_
     pick = (f"serving the delay itself (search {'feasible' if res.search.feasible else 'infeasible'}, J "
             f"{res.search.chosen.cost * 1e3:.2f} ms)" if res.delay_served else
             f"the search's pick w' {c.table_weight:g}, {guard}, predicted q{slo.quantile:g} {c.estimate.quantile_s * 1e3:.2f} ms")
-    f = fresh_figures(under, c, slo.quantile, seed=seed)
+    f = fresh_figures(under if judged is None else _under(model, judged), c, slo.quantile, seed=seed)
     said = (f"D = {res.result.target.latency_s * 1e3:.2f} ms derived ({res.bound.describe()}); {pick}, J "
             f"{c.cost * 1e3:.2f} ms on the search's path, {f.cost * 1e3:.2f} ms "
             f"{'exact' if f.source == 'exact' else f'on {f.paths} fresh paths'}")
@@ -214,12 +239,12 @@ def cached_fitted_prediction(out_dir: Path, model, times: np.ndarray, warmup_s: 
     for arr in (prof.mean_s, prof.cv, prof.energy_j, *(prof.samples or ())):
         h.update(np.ascontiguousarray(arr, dtype=float).tobytes())
     h.update(repr((model.rate, model.max_batch, model.idle_power_w, model.weight, warmup_s, "option",
-                   "time-compressed" if fit_times is not None else "")).encode())
+                   "time-compressed" if fit_times is not None else "", "calibrated")).encode())
     path = Path(out_dir) / f"fitted-prediction-{h.hexdigest()[:16]}.json"
     if path.exists():
         d = json.loads(path.read_text())
         return FittedPrediction(d["spec"], Prediction(**d["fixed"]), Prediction(**d["adaptive"]),
-                                d["poisson_w_s"], d["replay_w_s"], d["option"])
+                                d["poisson_w_s"], d["replay_w_s"], d["option"], d["judged_option"], d["calibration"])
     fp = fitted_prediction(model, times, warmup_s, fit_times)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(asdict(fp)))
@@ -415,7 +440,8 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
         where = "the replayed trace" if calibration is None else "the calibration prefix"
         progress(f"arrival model fitted to {where}: {fitted.spec}; fixed gate's W predicted "
                  f"{fitted.fixed.mean_latency_s * 1e3:.2f} ms under it ({fitted.poisson_w_s * 1e3:.2f} ms under Poisson, "
-                 f"{fitted.replay_w_s * 1e3:.2f} ms simulated on the replayed times)")
+                 f"{fitted.replay_w_s * 1e3:.2f} ms simulated on the replayed times)"
+                 + (f"; gates judged under it with its {fitted.calibration}" if fitted.calibration else ""))
         slo = cfg.slo  # with --slo-margin auto: its margin measured before the first SLO gate
         direct_extra: float | None = None  # ... and what Triton's answers carry beyond the model, for a derived D
         for c in cfg.contenders:
@@ -442,11 +468,11 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                 pred = fitted.adaptive if c.adaptive else fitted.fixed
             elif c.slo and c.derived:  # D derived and searched under the model the gate starts from
                 pred, said = derived_slo_prediction(model, fitted.option if c.seeded else "poisson", slo, cfg.seed,
-                                                    direct_extra, catch)
+                                                    direct_extra, catch, judged=fitted.judged)
                 progress(f"  {c.name}: {said}" + (f" (race share {catch:.2f}, fitted to Triton's run)"
                                                    if cfg.slo_catch_share_fit else ""))
             elif c.slo and c.seeded:  # the SLO search under the fitted model, as the seeded gate runs it
-                pred = seeded_slo_prediction(model, fitted.option, slo, cfg.seed)
+                pred = seeded_slo_prediction(model, fitted.option, slo, cfg.seed, judged=fitted.judged)
             pred = with_hop(pred, stack, c)  # the measured per-request hop, as the steady-load bench adds
             status: list[StatusSample] = []
             sidecar = None
@@ -654,7 +680,9 @@ def main_trace_bench(cfg: BenchConfig, trace_path: Path, mean_rate: float, limit
     print(format_table(report))
     fitted_on = "the replayed trace" if calibration is None else f"the first {fit_prefix:g} of the trace (not replayed)"
     print(f"(gate predictions: exact evaluation under the arrival model fitted to {fitted_on}, the fixed gate's "
-          "Poisson-solved table and the best phase-blind table for the adaptive one; Triton delays and config mode: "
+          "Poisson-solved table and the best phase-blind table for the adaptive one; SLO gates: their pick on fresh "
+          "paths of it; an MMPP fit with its phases' time scale calibrated to the fixed table's W on the times it was "
+          "fitted to, so the fixed gate's W is not an independent check there; Triton delays and config mode: "
           "simulated on the trace; each gate's arrival models solved for are in bench.json's settings)")
     for line in summary_lines(report):
         print(line)

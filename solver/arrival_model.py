@@ -281,6 +281,15 @@ class MMPP:
         f = float(factor)
         return MMPP(tuple(r * f for r in self.rates), tuple(s * f for s in self.switching), self.groups)
 
+    def slowed(self, factor: float) -> "MMPP":
+        """The same process with its phases lasting ``factor`` times as long: switching rates / ``factor``,
+        request rates and group laws as they are. The stationary law, the mean rate and the clumping
+        within a phase are kept; over windows longer than a phase it is burstier for ``factor`` > 1."""
+        f = float(factor)
+        if not math.isfinite(f) or f <= 0:
+            raise ModelError(f"mmpp: a slowing factor must be finite and > 0, got {factor!r}")
+        return MMPP(self.rates, tuple(s / f for s in self.switching), self.groups)
+
     @property
     def stationary(self) -> np.ndarray:
         """P(phase i) in the long run."""

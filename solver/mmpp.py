@@ -758,3 +758,85 @@ def solve_mmpp_blind(model: BatchingModel, start: PolicyTable, *, max_iter: int 
     table = PolicyTable(actions, B)
     ev = evaluate_mmpp(model, table, law=law)  # N grown again: the search's table may settle further out
     return BlindSolveResult(table, ev.cost, ev, first, its, ev.truncation, _time.perf_counter() - started, model)
+
+
+# ----------------------------------------------------------------------------------------------
+# The modulation's time scale, calibrated to a queue's W
+# ----------------------------------------------------------------------------------------------
+
+CALIBRATION_FACTORS = (0.25, 4.0)
+"""The slowing factors ``calibrate_modulation`` searches between (phases a quarter to four times as long)."""
+CALIBRATION_RTOL = 0.002
+"""``calibrate_modulation`` stops once the calibrated W is this close to the target (relative)."""
+
+
+@dataclass(frozen=True)
+class ModulationCalibration:
+    """An MMPP fit whose phases were made ``factor`` times as long (``MMPP.slowed``) so that a reference
+    table's exact W under it is ``target_w_s``."""
+
+    arrivals: MMPP2
+    factor: float
+    target_w_s: float
+    fitted_w_s: float
+    """The reference table's W under the fit as it was (factor 1)."""
+    w_s: float
+    """... and under ``arrivals``: ``target_w_s`` within ``CALIBRATION_RTOL``, unless ``clamped``."""
+    clamped: bool
+    """The target lies beyond what the factors in ``CALIBRATION_FACTORS`` reach: the nearer end is kept."""
+    evaluations: int
+
+    def describe(self) -> str:
+        how = (f"phases x{self.factor:.3g} as long" if not self.clamped else
+               f"phases x{self.factor:.3g} as long, the end of the range (W {self.w_s * 1e3:.2f} ms)")
+        return f"{how}: the reference table's W {self.fitted_w_s * 1e3:.2f} -> {self.target_w_s * 1e3:.2f} ms"
+
+
+def calibrate_modulation(model: BatchingModel, policy: PolicyTable, target_w_s: float, *,
+                         rtol: float = CALIBRATION_RTOL, max_evaluations: int = 16) -> ModulationCalibration:
+    """The slowing factor s of ``model.arrivals`` (an MMPP) under which ``policy``'s exact W
+    (``evaluate_mmpp``) is ``target_w_s``: typically the same table's W simulated on the trace the MMPP
+    was fitted to. A fit by counts in bins matches the trace's rates and its dispersion over the windows
+    it sees, and can still fall short of how long the trace stays in a slow or busy stretch (the Azure
+    code trace's fit gives the fixed gate's table 145 ms where the trace itself gives 155). The phases'
+    time scale is the one knob this leaves: W grows with s (longer stretches, the same stationary law and
+    mean rate). Found by regula falsi (Illinois) on log s between ``CALIBRATION_FACTORS``, from s = 1."""
+    mm = _mmpp(model)
+    t = float(target_w_s)
+    if not math.isfinite(t) or t <= 0:
+        raise ModelError(f"the target W must be finite and > 0 seconds, got {target_w_s!r}")
+    if not 0 < rtol < 0.5:
+        raise ModelError(f"rtol must be in (0, 0.5), got {rtol!r}")
+    evaluations = 0
+
+    def w_at(x: float) -> float:
+        nonlocal evaluations
+        evaluations += 1
+        m = mm.slowed(math.exp(x))
+        return evaluate_mmpp(model.with_(rate=m.mean_rate, arrivals=m), policy).mean_latency_s
+
+    def done(x: float, w: float, clamped: bool = False) -> ModulationCalibration:
+        return ModulationCalibration(mm.slowed(math.exp(x)), math.exp(x), t, w0, w, clamped, evaluations)
+
+    w0 = w_at(0.0)
+    if abs(w0 - t) <= rtol * t:
+        return done(0.0, w0)
+    lo_x, hi_x = math.log(CALIBRATION_FACTORS[0]), math.log(CALIBRATION_FACTORS[1])
+    end = hi_x if w0 < t else lo_x
+    w_end = w_at(end)
+    if (w_end - t) * (w0 - t) > 0:  # the whole range misses the target on one side
+        return done(end, w_end, clamped=True)
+    a, fa, b, fb = 0.0, w0 - t, end, w_end - t  # of opposite signs: the root lies between a and b
+    w_b = w_end
+    while evaluations < max_evaluations:
+        x = b - fb * (b - a) / (fb - fa)
+        w = w_at(x)
+        fx = w - t
+        if abs(fx) <= rtol * t:
+            return done(x, w)
+        if fx * fb < 0:  # the root is between x and b: b becomes the kept end
+            a, fa = b, fb
+        else:  # between a and x: a is kept again, its value halved (Illinois), so a stays no end for good
+            fa /= 2
+        b, fb, w_b = x, fx, w
+    return done(b, w_b)

@@ -430,3 +430,59 @@ def test_overflow_moments_equal_the_windowed_products_they_replace():
         # the second moment, indexed as the build indexes it (it enters the latency cost)
         np.testing.assert_allclose(overflow_moments(law_i, N)[2][a[None, :] - 1, N - sc][ok], (w2 @ law_i.T)[sc, a - 1][ok],
                                    rtol=1e-12, atol=1e-15)
+
+
+# ---- the modulation's time scale calibrated to a queue's W --------------------------------------
+
+
+def test_a_slowed_mmpp_keeps_its_rates_and_law_and_lasts_longer_in_each_phase():
+    proc = MMPP2((900.0, 100.0, 300.0), (2.0, 1.0, 3.0, 0.5, 1.0, 1.0))
+    slow = proc.slowed(2.5)
+    assert slow.rates == proc.rates and slow.groups == proc.groups
+    assert slow.switching == pytest.approx(tuple(s / 2.5 for s in proc.switching), rel=1e-15)
+    assert np.allclose(slow.stationary, proc.stationary) and slow.mean_rate == pytest.approx(proc.mean_rate)
+    assert proc.slowed(1.0) == proc
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ModelError, match="slowing factor"):
+            proc.slowed(bad)
+
+
+def test_the_calibration_finds_the_time_scale_a_slowed_fit_was_made_with():
+    """W under an MMPP grows with its phases' length; given the W of a table under the process slowed by
+    1.6, the calibration from the process itself finds 1.6 (and 1 for its own W)."""
+    from solver.mmpp import CALIBRATION_RTOL, calibrate_modulation
+
+    proc = MMPP2((900.0, 150.0), (2.0, 3.0))
+    m = mmpp_model(proc, B=8)
+    table = solve(m.with_(arrivals=POISSON)).policy
+    own = evaluate_mmpp(m, table).mean_latency_s
+    truth = proc.slowed(1.6)
+    target = evaluate_mmpp(m.with_(arrivals=truth), table).mean_latency_s
+    assert target > own * 1.05  # longer stretches of the busy phase: a longer W
+    cal = calibrate_modulation(m, table, target)
+    assert not cal.clamped and cal.factor == pytest.approx(1.6, rel=0.02)
+    assert abs(cal.w_s - target) <= CALIBRATION_RTOL * target and cal.fitted_w_s == own
+    assert cal.arrivals.rates == proc.rates and cal.evaluations <= 8
+    assert "x1.6" in cal.describe()
+    same = calibrate_modulation(m, table, own)
+    assert same.factor == 1.0 and same.evaluations == 1 and same.arrivals == proc
+    shorter = calibrate_modulation(m, table, evaluate_mmpp(m.with_(arrivals=proc.slowed(0.5)), table).mean_latency_s)
+    assert shorter.factor == pytest.approx(0.5, rel=0.02)
+
+
+def test_a_target_beyond_the_calibrations_range_keeps_the_nearer_end_flagged():
+    from solver.mmpp import CALIBRATION_FACTORS, calibrate_modulation
+
+    proc = MMPP2((900.0, 150.0), (2.0, 3.0))
+    m = mmpp_model(proc, B=8)
+    table = solve(m.with_(arrivals=POISSON)).policy
+    far = calibrate_modulation(m, table, 10.0)  # ten seconds: no time scale in range gives it
+    assert far.clamped and far.factor == pytest.approx(CALIBRATION_FACTORS[1]) and far.w_s < 10.0
+    assert "end of the range" in far.describe()
+    near = calibrate_modulation(m, table, 1e-4)  # below any service time
+    assert near.clamped and near.factor == pytest.approx(CALIBRATION_FACTORS[0])
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ModelError, match="target W"):
+            calibrate_modulation(m, table, bad)
+    with pytest.raises(ModelError, match="MMPP2"):
+        calibrate_modulation(m.with_(arrivals=POISSON), table, 0.01)

@@ -78,3 +78,36 @@ def test_a_bad_calibration_prefix_is_refused_before_anything_starts(tmp_path, ca
     rc = main(["trace-bench", "--trace", str(trace), "--fit-prefix", "1.5", "--triton", "127.0.0.1:1",
                "--out", str(tmp_path / "out")])
     assert rc == 2 and "calibration prefix" in capsys.readouterr().err
+
+
+def test_an_mmpp_fit_is_judged_with_its_time_scale_calibrated_to_the_times_it_came_from():
+    """In sample, the fixed table's W under the judged model is its W simulated on the replayed times (to
+    the calibration's tolerance): the fit's rates, its phases slowed or sped up. Fitted on a prefix, the
+    target is the prefix's own W, time-compressed to the replay's rate as the fit is: nothing of the
+    replayed times goes into it."""
+    from solver.mmpp import CALIBRATION_RTOL
+    from solver.simulate import simulate
+    from solver.smdp import solve
+
+    prof = scaled_profile(ServiceProfile.from_csv(V100).truncated(32), 10.0)
+    busy, _, _ = arrivals.mmpp2_path(MMPP2((400.0, 40.0), (0.5, 1.0)), 4000, rng=6)
+    model = BatchingModel((busy.size - 1) / busy[-1], 32, prof, 40.0, 1e-3)
+    inside = trace_bench.fitted_prediction(model, busy, 1.0)
+    fit, judged = parse_arrivals(inside.option), parse_arrivals(inside.judged_option)
+    assert isinstance(fit, MMPP2) and isinstance(judged, MMPP2) and inside.judged == inside.judged_option
+    assert judged.rates == pytest.approx(fit.rates, rel=1e-5)
+    factor = fit.switching[0] / judged.switching[0]
+    assert tuple(s / factor for s in fit.switching) == pytest.approx(judged.switching, rel=1e-5)
+    assert f"x{factor:.3g}" in inside.calibration
+    assert inside.fixed.mean_latency_s == pytest.approx(inside.replay_w_s, rel=CALIBRATION_RTOL * 1.01)
+    # out of sample: the prefix's W, compressed to the replay's rate
+    rest = arrivals.poisson(model.rate, n=3000, rng=9)
+    out = trace_bench.fitted_prediction(model, rest, 1.0, fit_times=busy)
+    prefix_w = simulate(prof, solve(model).policy, busy * ((busy.size - 1) / busy[-1] / model.rate),
+                        idle_power_w=40.0, weight=1e-3, seed=0, warmup=1.0).mean_latency_s
+    assert out.fixed.mean_latency_s == pytest.approx(prefix_w, rel=CALIBRATION_RTOL * 1.01)
+    assert abs(out.fixed.mean_latency_s - out.replay_w_s) > 0.05 * out.replay_w_s  # the replay is Poisson's
+    # a Poisson fit has nothing to calibrate: judged under the fit itself
+    calm = trace_bench.fitted_prediction(model, rest, 1.0)
+    assert calm.spec == "poisson" and calm.judged_option == "" and calm.calibration == ""
+    assert calm.judged == calm.option
