@@ -390,6 +390,68 @@ class PerInstance:
 
 
 @dataclass(frozen=True)
+class TritonInstances:
+    """Triton's dynamic batcher without prefetching feeding ``instances`` instances of one model, each batch
+    formed by ``rule``: the model of Triton's batcher at k instances, and of config mode's compiled settings,
+    *as Triton runs them* (for predictions, not a gate rule).
+
+    ``rule`` is what Triton's ``GetDynamicBatch`` does when it may form a batch: ``TimeoutRule(B, delay)``
+    (``preferred_batch_size`` left to Triton's default [B]) or config mode's compiled rule with preferred sizes
+    (``plugin.config_mode.compiler.TritonBatcherRule``, ``DynamicBatchingSettings.rule()``); any ``BatchRule``.
+
+    What Triton core r24.10 does (docs/notes/issue-17.md, eleventh pass): one batcher thread per model
+    (``TritonModel::SetConfiguredScheduler`` creates the ``DynamicBatchScheduler`` with no instance), one
+    backend thread per instance; without prefetching a payload slot is an instance thread waiting in
+    ``RateLimiter::DequeuePayload`` (``PayloadSlotAvailable``: ``WaitingConsumerCount() > 0``). So:
+
+    - While some instance is free (waiting for a payload) the batcher sees it and decides as ``rule`` does,
+      one batch per free instance (``PerInstance(rule, k)``); completions meanwhile change nothing.
+    - When all k are busy it waits for a slot; arrivals do not wake it (``Enqueue``: no slot, no notify). A
+      completion's callback wakes it and it checks for a slot while that instance thread is still on its way
+      back to ``DequeuePayload``: the race, drawn per such completion with requests queued. Won (share
+      ``catch_share``): it decides as ``rule``. Lost: it sleeps on, the instance idle with work queued, until
+      the next arrival's enqueue (its group's first request: dispatched at once if ``rule`` serves then,
+      else the group joins), the **next completion of another instance** (its callback wakes the batcher,
+      which now finds the first instance waiting: no race there), or its 500 ms wait, counted from its last
+      dispatch. A completion while another instance is already free is no race either.
+    - At one instance and ``TimeoutRule`` this is ``TritonBatcher`` exactly (the same race stream).
+
+    ``catch_share`` = 1 is ``PerInstance(rule, k)`` exactly (``rule`` itself at k = 1).
+    """
+
+    rule: BatchRule
+    instances: int = 1
+    catch_share: float = TRITON_CATCH_SHARE
+    idle_wait_s: float = TRITON_IDLE_WAIT_S
+
+    def __post_init__(self) -> None:
+        r = self.rule
+        if isinstance(r, (TritonBatcher, TritonInstances, InstanceRule)) or not isinstance(r, BatchRule):
+            raise ValueError(f"Triton's batch rule must be a one-server BatchRule (TimeoutRule or the compiled "
+                             f"preferred-size rule), got {type(r).__name__}")
+        b = r.max_batch
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1:
+            raise ValueError(f"the rule's max_batch must be an integer >= 1, got {b!r}")
+        k = self.instances
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"instances must be an integer >= 1, got {k!r}")
+        object.__setattr__(self, "instances", int(k))
+        TritonBatcher(int(b), 0.0, catch_share=self.catch_share, idle_wait_s=self.idle_wait_s)  # the same checks
+
+    @property
+    def max_batch(self) -> int:
+        return int(self.rule.max_batch)
+
+    @classmethod
+    def of(cls, batcher: TritonBatcher, instances: int = 1) -> "TritonInstances":
+        """``batcher`` (Triton's one-instance model at a delay) at ``instances`` instances."""
+        if not isinstance(batcher, TritonBatcher):
+            raise ValueError(f"expected a TritonBatcher, got {type(batcher).__name__}")
+        return cls(TimeoutRule(batcher.max_batch, batcher.timeout_s), instances, batcher.catch_share,
+                   batcher.idle_wait_s)
+
+
+@dataclass(frozen=True)
 class InstanceGuard:
     """A k-instance table a(n, m) plus the max-wait guard: whenever an instance is free and the oldest
     request has waited ``max_wait_s``, serve min(n, B) (``MaxWaitGuard`` for k instances)."""

@@ -8,7 +8,8 @@ service law of the profile and any arrival array (Poisson, MMPP, trace replay), 
 Speed comes from looping over decision epochs only (never per request): arrivals during a service
 are counted with a bisection on the sorted arrival times, a queue-length table policy jumps straight
 to the arrival at which it next serves, Triton's timeout rule jumps straight to its firing time
-(``TritonBatcher``, Triton's batcher as it runs without prefetching, also to the arrival that wakes it),
+(``TritonBatcher``, Triton's batcher as it runs without prefetching, also to the arrival that wakes it;
+``TritonInstances`` the same at k instances or with config mode's preferred sizes),
 service times are pre-drawn in blocks per batch size, and all latency bookkeeping is vectorised.
 
 Conventions:
@@ -39,7 +40,7 @@ from scipy import stats
 
 from solver.model import ModelError, ServiceProfile
 from solver.policy import (BatchRule, InstanceRule, InstanceTable, MaxWaitGuard, PerInstance, PolicyTable, TimeoutRule,
-                           TritonBatcher)
+                           TritonBatcher, TritonInstances)
 
 __all__ = ["SimResult", "simulate", "simulate_latencies", "simulate_phased", "batch_means_ci"]
 
@@ -130,9 +131,9 @@ def _validate(profile: ServiceProfile, rule: BatchRule, arrivals: np.ndarray, id
               weight: float, warmup: float) -> np.ndarray:
     if not isinstance(profile, ServiceProfile):
         raise ModelError(f"profile must be a ServiceProfile, got {type(profile).__name__}")
-    if not isinstance(rule, (BatchRule, InstanceRule, TritonBatcher)):
+    if not isinstance(rule, (BatchRule, InstanceRule, TritonBatcher, TritonInstances)):
         raise ModelError(f"rule must implement BatchRule (max_batch, decide) or InstanceRule (max_batch, instances, "
-                         f"decide_busy), or be a TritonBatcher, got {type(rule).__name__}")
+                         f"decide_busy), or be a TritonBatcher or TritonInstances, got {type(rule).__name__}")
     b = rule.max_batch
     if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1:
         raise ModelError(f"rule.max_batch must be an integer >= 1, got {b!r}")
@@ -537,8 +538,132 @@ def _run_instances(rule: InstanceRule, t: list[float], draw: Callable[[int], flo
     return sizes, starts, durs
 
 
-def simulate(profile: ServiceProfile, rule: BatchRule | InstanceRule | TritonBatcher, arrivals: np.ndarray, *, idle_power_w: float,
-             weight: float, seed: int | None = None, warmup: float = 0.0, devices: int | None = None) -> SimResult:
+def _run_triton(rule: BatchRule, k: int, t: list[float], draw: Callable[[int], float], *, catch_share: float,
+                idle_wait_s: float, race: np.random.Generator | None):
+    """Event loop for Triton's batcher without prefetching at k instances (``TritonInstances``): ``rule`` on
+    every free instance the batcher sees, as ``_run_instances`` runs ``PerInstance(rule, k)`` (the same epochs
+    and arithmetic, a ``TimeoutRule`` on the same fast path), plus the race. At a completion that frees an
+    instance while all k were busy and requests are queued, the batcher misses it with probability
+    1 - ``catch_share`` (one draw from ``race`` per such completion instant); then nothing is decided until
+    the next arrival (its group's first request, as ``_run_delay``), another instance's completion, or the
+    batcher's idle wait (ticks of ``idle_wait_s`` from its last dispatch). With k = 1 and a ``TimeoutRule``
+    these are ``_run_delay``'s decisions and draws."""
+    n_total = len(t)
+    big_b = int(rule.max_batch)
+    timeout = float(rule.timeout_s) if type(rule) is TimeoutRule else None
+    decide = rule.decide
+    catch = float(catch_share)
+    tick = float(idle_wait_s)
+    if catch < 1.0 and race is None:
+        raise ValueError("a batcher that can miss a completion needs its race's random stream")
+    sizes: list[int] = []
+    starts: list[float] = []
+    durs: list[float] = []
+    busy: list[float] = []  # heap of completion times
+    inf = math.inf
+    now = 0.0
+    head = 0
+    na = 0
+    dispatched = 0.0  # the batcher's last dispatch: its idle waits count from there
+    asleep = False  # an instance freed with requests queued while all were busy, and the batcher missed it
+    while head < n_total:
+        if busy and busy[0] <= now:
+            full = len(busy) == k
+            while busy and busy[0] <= now:
+                heapq.heappop(busy)
+            if full and na > head and catch < 1.0 and not (catch > 0.0 and race.random() < catch):
+                asleep = True
+        m = len(busy)
+        if asleep:  # the instance(s) freed wait unseen: the next arrival, completion or idle tick wakes it
+            asleep = False
+            j = max(1, math.ceil((now - dispatched) / tick))
+            tick_at = dispatched + j * tick
+            done = busy[0] if busy else inf
+            if na < n_total and t[na] < tick_at and t[na] < done:  # the first request of the next group
+                now = t[na]
+                d = decide(na + 1 - head, now - t[head])
+                if d.serve > 0:
+                    na += 1  # dispatched at once, before the rest of the group is enqueued
+                else:  # the rule waits: the group joins
+                    na = bisect_right(t, now, na + 1)
+            elif done <= tick_at:  # another instance's completion: its callback finds the freed one waiting
+                now = done
+                na = bisect_right(t, now, na)
+                continue
+            else:  # the idle wait runs out first
+                now = tick_at
+                na = bisect_right(t, now, na)
+        n = na - head
+        wake = inf  # when waiting with a free instance: the next time the rule could serve
+        while m < k and n > 0:
+            if timeout is not None:
+                fire = t[head] + timeout
+                if n >= big_b:
+                    a = big_b
+                elif now >= fire:
+                    a = n
+                else:
+                    a = 0
+                    full_at = head + big_b - 1
+                    wake = fire
+                    if full_at < n_total and t[full_at] < wake:
+                        wake = t[full_at]
+            else:
+                d = decide(n, now - t[head])
+                a = int(d.serve)
+                if a < 0 or a > n or a > big_b:
+                    raise ModelError(f"rule {rule!r} chose to serve {a} with n={n} waiting and B={big_b}")
+                if a == 0:
+                    wake = t[na] if na < n_total else inf
+                    if d.recheck_after_s is not None:
+                        recheck = float(d.recheck_after_s)
+                        if not recheck >= 0:
+                            raise ModelError(f"rule {rule!r} asked to recheck after {recheck!r} s")
+                        timer = now + recheck
+                        if timer <= now:
+                            timer = math.nextafter(now, inf)
+                        wake = min(wake, timer)
+            if a == 0:
+                break
+            s = draw(a)
+            sizes.append(a)
+            starts.append(now)
+            durs.append(s)
+            heapq.heappush(busy, now + s)
+            dispatched = now
+            head += a
+            n -= a
+            m += 1
+        if head >= n_total:
+            break
+        done = busy[0] if busy else inf
+        if n == 0:  # empty queue: the next arrival or completion
+            nxt = t[na] if na < n_total else inf
+            now = min(nxt, done)
+        elif m < k:  # waiting with a free instance: a timeout rule ignores completions meanwhile
+            nxt = wake if timeout is not None else min(wake, done)
+            if math.isinf(nxt):  # the rule would wait past the last arrival, nothing busy: drain
+                now = max(now, t[-1])
+                na = n_total
+                n = na - head
+                a = n if n < big_b else big_b
+                s = draw(a)
+                sizes.append(a)
+                starts.append(now)
+                durs.append(s)
+                heapq.heappush(busy, now + s)
+                dispatched = now
+                head += a
+                continue
+            now = nxt
+        else:  # all busy
+            now = done
+        na = bisect_right(t, now, na)
+    return sizes, starts, durs
+
+
+def simulate(profile: ServiceProfile, rule: BatchRule | InstanceRule | TritonBatcher | TritonInstances,
+             arrivals: np.ndarray, *, idle_power_w: float, weight: float, seed: int | None = None, warmup: float = 0.0, devices: int | None = None) -> SimResult:
     """Run ``rule`` on the given arrival times and estimate W, its percentiles, P and J = W + w P.
 
     ``warmup`` (seconds) drops the requests that arrive before it and the energy spent before it,
@@ -548,13 +673,15 @@ def simulate(profile: ServiceProfile, rule: BatchRule | InstanceRule | TritonBat
     queue (``_run_instances``); power is then the sum over instances (each busy one draws its
     batch's power, each idle one P0), so P0 is the idle power of one instance's device. ``devices``
     D < k (instances sharing accelerators, ``BatchingModel.devices``) counts P0 once per device:
-    power is D P0 plus each busy instance's p(b) - P0.
+    power is D P0 plus each busy instance's p(b) - P0. ``TritonInstances`` (Triton's batcher at k instances,
+    with its race; ``_run_triton``) is counted the same way.
     """
     return simulate_latencies(profile, rule, arrivals, idle_power_w=idle_power_w, weight=weight, seed=seed,
                               warmup=warmup, devices=devices)[0]
 
 
-def simulate_latencies(profile: ServiceProfile, rule: BatchRule | InstanceRule | TritonBatcher, arrivals: np.ndarray, *,
+def simulate_latencies(profile: ServiceProfile, rule: BatchRule | InstanceRule | TritonBatcher | TritonInstances,
+                       arrivals: np.ndarray, *,
                        idle_power_w: float, weight: float, seed: int | None = None,
                        warmup: float = 0.0, devices: int | None = None) -> tuple[SimResult, np.ndarray]:
     """``simulate`` plus the response time of every request that arrived after the warm-up, in
@@ -562,12 +689,16 @@ def simulate_latencies(profile: ServiceProfile, rule: BatchRule | InstanceRule |
     t = _validate(profile, rule, arrivals, idle_power_w, weight, warmup)
     draws = _ServiceDraws(profile, int(rule.max_batch), seed)
     t_list = t.tolist()
-    if isinstance(rule, InstanceRule):
+    if isinstance(rule, (InstanceRule, TritonInstances)):
         k = int(rule.instances)
         if devices is not None and (isinstance(devices, bool) or not isinstance(devices, (int, np.integer))
                                     or not 1 <= devices <= k):
             raise ModelError(f"devices must be an integer in 1..instances = {k}, got {devices!r}")
-        sizes, starts, durs = _run_instances(rule, t_list, draws.draw)
+        if type(rule) is TritonInstances:
+            sizes, starts, durs = _run_triton(rule.rule, k, t_list, draws.draw, catch_share=rule.catch_share,
+                                              idle_wait_s=rule.idle_wait_s, race=_race_stream(seed, rule.max_batch))
+        else:
+            sizes, starts, durs = _run_instances(rule, t_list, draws.draw)
         return _summarise(profile, t, np.asarray(sizes, dtype=np.int64), np.asarray(starts), np.asarray(durs),
                           float(idle_power_w), float(weight), float(warmup), int(rule.max_batch),
                           k if devices is None else int(devices))
@@ -578,7 +709,7 @@ def simulate_latencies(profile: ServiceProfile, rule: BatchRule | InstanceRule |
     elif type(rule) is TimeoutRule:
         sizes, starts, durs = _run_delay(int(rule.max_batch), rule.timeout_s, t_list, draws.draw)
     elif type(rule) is TritonBatcher:
-        race = np.random.default_rng(np.random.SeedSequence(seed).spawn(int(rule.max_batch) + 1)[-1])
+        race = _race_stream(seed, rule.max_batch)
         sizes, starts, durs = _run_delay(int(rule.max_batch), rule.timeout_s, t_list, draws.draw,
                                          catch_share=rule.catch_share, idle_wait_s=rule.idle_wait_s, race=race)
     elif type(rule) is MaxWaitGuard and type(rule.rule) is PolicyTable:
@@ -587,6 +718,12 @@ def simulate_latencies(profile: ServiceProfile, rule: BatchRule | InstanceRule |
         sizes, starts, durs = _run_generic(rule, t_list, draws.draw)
     return _summarise(profile, t, np.asarray(sizes, dtype=np.int64), np.asarray(starts), np.asarray(durs),
                       float(idle_power_w), float(weight), float(warmup), int(rule.max_batch))
+
+
+def _race_stream(seed: int | None, max_batch: int) -> np.random.Generator:
+    """The batcher's races: their own stream of the run's seed, beside the service times' one per batch size
+    (common random numbers across delays and instance counts)."""
+    return np.random.default_rng(np.random.SeedSequence(seed).spawn(int(max_batch) + 1)[-1])
 
 
 def _summarise(profile: ServiceProfile, t: np.ndarray, sizes: np.ndarray, starts: np.ndarray, durs: np.ndarray,
