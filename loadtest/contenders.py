@@ -9,7 +9,9 @@ by reloading the model, with clients talking to Triton directly. Predictions use
 profile the emulated server runs: exact evaluation for queue-length tables (greedy, static,
 threshold, smdp) and the discrete-event simulator on the very arrival sequence of the run for
 rules with a delay (Triton's batcher with a delay, the compiled config-mode rule), which have no
-exact SMDP evaluation.
+exact SMDP evaluation. Triton's batcher, at one instance or k, with or without config mode's preferred
+sizes, is simulated as it runs the bench's model (no prefetching: the race at a completion,
+``solver.policy.TritonBatcher`` / ``TritonInstances``), averaged over ``TRITON_DRAWS`` draws.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from solver.model import BatchingModel
-from solver.policy import TimeoutRule, parse_rule_spec
+from solver.policy import TRITON_CATCH_SHARE, TimeoutRule, parse_rule_spec
 
-__all__ = ["Contender", "Prediction", "compile_config", "ma_delay", "parse_contender", "predict"]
+__all__ = ["Contender", "Prediction", "compile_config", "config_prediction", "ma_delay", "parse_contender", "predict",
+           "triton_prediction"]
 
 CONFIG_POLICIES = ("smdp",)
 CONFIG_SIM_REQUESTS = 20_000
@@ -208,16 +211,17 @@ def _rule_prediction(model: BatchingModel, spec: str, times: np.ndarray, seed: i
 
 def _instances_prediction(contender: Contender, model: BatchingModel, times: np.ndarray, seed: int,
                           warmup_s: float) -> Prediction:
-    """k > 1 instances: the k-instance solver's figures for the smdp gate (its own simulation), else
-    the contender's rule on every free instance simulated on ``times`` (as Triton's batcher runs it)."""
+    """k > 1 instances: the k-instance solver's figures for the smdp gate (its own simulation), Triton's
+    batcher at k instances as it runs them (``triton_prediction``), else the gate's rule on every free instance
+    simulated on ``times``."""
     from solver.policy import PerInstance, rule_from_spec
     from solver.simulate import simulate
 
     if contender.kind == "config" or contender.slo:
         raise ValueError(f"{contender.name}: config mode and SLO contenders are one-instance")
+    if contender.kind == "triton":  # Triton's batcher at k instances, with its race (TritonInstances)
+        return triton_prediction(model, contender.max_queue_delay_us / 1e6, times, seed, warmup_s)
     spec = contender.policy
-    if contender.kind == "triton":
-        spec = "greedy" if contender.max_queue_delay_us == 0 else f"timeout:{contender.max_queue_delay_us / 1e6!r}"
     kind, _ = parse_rule_spec(spec)
     if kind == "smdp":
         from solver.instances import solve_instances
@@ -290,14 +294,8 @@ def predict(contender: Contender, model: BatchingModel, times: np.ndarray, seed:
             raise ValueError(f"{contender.name} needs the bench's SLO")
         return slo_prediction(model, slo, seed)
     if contender.kind == "config":
-        from solver.simulate import simulate
-
         compiled = compiled if compiled is not None else compile_config(model, seed)
-        if times.size < 2:
-            return Prediction()
-        sim = simulate(model.profile, compiled.settings.rule(), times, idle_power_w=model.idle_power_w,
-                       weight=model.weight, seed=seed, warmup=warmup_s)
-        return Prediction(sim.mean_latency_s, sim.mean_power_w, sim.cost, sim.mean_batch, "sim")
+        return config_prediction(model, compiled.settings, times, seed, warmup_s)
     if contender.kind == "triton":
         return triton_prediction(model, contender.max_queue_delay_us / 1e6, times, seed, warmup_s)
     return _rule_prediction(model, contender.policy, times, seed, warmup_s)
@@ -310,20 +308,48 @@ anew on the same arrival times. On a short window one draw is a noisy prediction
 
 
 def triton_prediction(model: BatchingModel, delay_s: float, times: np.ndarray, seed: int = 0,
-                      warmup_s: float = 0.0, draws: int = TRITON_DRAWS) -> Prediction:
+                      warmup_s: float = 0.0, draws: int = TRITON_DRAWS,
+                      catch_share: float = TRITON_CATCH_SHARE) -> Prediction:
     """Triton's own batcher at ``max_queue_delay`` = ``delay_s`` as it runs the bench's model (priority
-    levels and a queue policy: no prefetching), ``solver.policy.TritonBatcher``, simulated on ``times``
-    with seeds ``seed`` .. ``seed + draws - 1`` and averaged (``TRITON_DRAWS``)."""
-    from solver.policy import TritonBatcher
+    levels and a queue policy: no prefetching) on ``model.instances`` instances: ``solver.policy.TritonBatcher``
+    at one, ``TritonInstances`` of its ``TimeoutRule`` at k > 1 (the race at a completion that frees the only
+    free instance), simulated on ``times`` with seeds ``seed`` .. ``seed + draws - 1`` and averaged
+    (``TRITON_DRAWS``)."""
+    from solver.policy import TimeoutRule, TritonBatcher, TritonInstances
+
+    if model.instances == 1:
+        rule = TritonBatcher(model.max_batch, delay_s, catch_share=catch_share)
+    else:
+        rule = TritonInstances(TimeoutRule(model.max_batch, delay_s), model.instances, catch_share)
+    return _drawn_prediction(model, rule, times, seed, warmup_s, draws)
+
+
+def config_prediction(model: BatchingModel, settings, times: np.ndarray, seed: int = 0, warmup_s: float = 0.0,
+                      draws: int = TRITON_DRAWS, catch_share: float = TRITON_CATCH_SHARE) -> Prediction:
+    """Config mode: Triton's batcher running the compiled ``settings``
+    (``plugin.config_mode.compiler.DynamicBatchingSettings``: preferred sizes and a delay) as it runs them on
+    the bench's model, with the race (``TritonInstances`` of ``settings.rule()``, one instance), averaged over
+    ``draws`` like ``triton_prediction``. ``catch_share`` 1 with one draw is the compiled rule simulated as
+    config mode compiles it."""
+    from solver.policy import TritonInstances
+
+    return _drawn_prediction(model, TritonInstances(settings.rule(), model.instances, catch_share), times, seed,
+                             warmup_s, draws)
+
+
+def _drawn_prediction(model: BatchingModel, rule, times: np.ndarray, seed: int, warmup_s: float,
+                      draws: int) -> Prediction:
+    """``rule`` (a model of Triton's batcher with its race) simulated on ``times`` with seeds ``seed`` ..
+    ``seed + draws - 1``, the figures averaged."""
     from solver.simulate import simulate
 
-    if draws < 1:
-        raise ValueError(f"draws must be >= 1, got {draws!r}")
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be an integer >= 1, got {draws!r}")
     if times.size < 2:
         return Prediction()
-    rule = TritonBatcher(model.max_batch, delay_s)
+    devices = model.idle_devices if model.instances > 1 else None
     sims = [simulate(model.profile, rule, times, idle_power_w=model.idle_power_w, weight=model.weight,
-                     seed=seed + i, warmup=warmup_s) for i in range(draws)]
+                     seed=seed + i, warmup=warmup_s, devices=devices) for i in range(draws)]
     mean = lambda f: float(np.mean([f(s) for s in sims]))  # noqa: E731
     return Prediction(mean(lambda s: s.mean_latency_s), mean(lambda s: s.mean_power_w), mean(lambda s: s.cost),
                       mean(lambda s: s.mean_batch), "sim")
