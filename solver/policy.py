@@ -193,7 +193,8 @@ class TritonBatcher:
     while the instance is busy, frozen unless the batcher wins the same race: another model, not this.)
 
     ``catch_share`` = 1 is ``TimeoutRule`` exactly; 0 is the code without the race. The simulator draws
-    the race from its own stream of the run's seed (common random numbers across delays).
+    the race from its own stream of the run's seed (common random numbers across delays). At k instances,
+    or with config mode's preferred sizes: ``TritonInstances`` (``TritonInstances.of`` this one).
     """
 
     max_batch: int
@@ -371,7 +372,9 @@ class PerInstance:
     """A one-server rule applied to each free instance as if it were alone (it ignores m).
 
     This is what the gate did before k-instance policies: each instance slot runs the one-server rule.
-    Triton's dynamic batcher with k instances is ``PerInstance(TimeoutRule(B, delay), k)``.
+    Triton's dynamic batcher with k instances, when it never misses an instance freeing, is
+    ``PerInstance(TimeoutRule(B, delay), k)``; as it runs the bench's model (no prefetching), see
+    ``TritonInstances``.
     """
 
     rule: BatchRule
