@@ -370,6 +370,12 @@ def test_an_slo_gate_is_predicted_with_the_rule_it_ran_on_its_own_arrivals(monke
     assert row.predicted.mean_power_w == pytest.approx((5.0 + 40.0 * 0.0745) / 0.1245)
     assert row.predicted.mean_batch == pytest.approx(1.5)
     assert row.predicted.source == "in force, W P sim+hop" and "whole window" in row.settings
-    # where the rule could not be read it keeps the SLO search's figure
+    # where the rule could not be read it keeps the SLO search's pick, judged apart from the search
+    from loadtest.contenders import slo_prediction
+    from solver.model import BatchingModel
+
     monkeypatch.setattr(bench, "_run_contender", lambda *a, **k: (done, None, None))
-    assert bench.run_one(stack, cfg, gate, 30.0, times).predicted.source == "sim+hop"
+    kept = bench.run_one(stack, cfg, gate, 30.0, times).predicted
+    want = slo_prediction(BatchingModel(30.0, 2, prof, cfg.idle_power_w, cfg.weight), cfg.slo, cfg.seed)
+    assert kept.source == f"{want.source}+hop"
+    assert kept.mean_latency_s == pytest.approx(want.mean_latency_s + 0.0005 + 0.002)
