@@ -87,7 +87,7 @@ class FittedPrediction:
     judged_option: str = ""
     """The arrival model the gates' figures are judged under: an MMPP fit with its phases' time scale
     calibrated to ``replay_w_s`` (``solver.mmpp.calibrate_modulation``), as ``--arrivals`` reads it;
-    "" where that is ``option`` itself (Poisson, groups alone)."""
+    "" where that is ``option`` itself (Poisson, groups alone, or no time scale reaches the target)."""
     calibration: str = ""
     """What the calibration did (``ModulationCalibration.describe``); "" without one."""
 
@@ -164,7 +164,7 @@ def fitted_prediction(model, times: np.ndarray, warmup_s: float = 0.0,
         fixed = Prediction(ev.mean_latency_s, ev.mean_power_w, ev.cost, ev.mean_batch, "exact")
         ada = Prediction(eva.mean_latency_s, eva.mean_power_w, eva.cost, eva.mean_batch, "exact")
         return FittedPrediction(chosen.spec, fixed, ada, ref.mean_latency_s, replay, option,
-                                arrivals_option(cal.arrivals), cal.describe())
+                                "" if cal.clamped else arrivals_option(cal.arrivals), cal.describe())
     fm = model.with_(arrivals=chosen)
     ev1 = evaluate(fm, ref.policy)
     sol = solve(fm)

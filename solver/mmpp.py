@@ -783,13 +783,19 @@ class ModulationCalibration:
     w_s: float
     """... and under ``arrivals``: ``target_w_s`` within ``CALIBRATION_RTOL``, unless ``clamped``."""
     clamped: bool
-    """The target lies beyond what the factors in ``CALIBRATION_FACTORS`` reach: the nearer end is kept."""
+    """The target lies beyond what the factors in ``CALIBRATION_FACTORS`` reach: the time scale does not
+    explain the difference, and the fit is kept as it is (``factor`` 1)."""
     evaluations: int
+    reach_w_s: float = math.nan
+    """Where ``clamped``: the W at the end of the range towards the target."""
 
     def describe(self) -> str:
-        how = (f"phases x{self.factor:.3g} as long" if not self.clamped else
-               f"phases x{self.factor:.3g} as long, the end of the range (W {self.w_s * 1e3:.2f} ms)")
-        return f"{how}: the reference table's W {self.fitted_w_s * 1e3:.2f} -> {self.target_w_s * 1e3:.2f} ms"
+        if self.clamped:
+            return (f"phases as fitted: no time scale in x{CALIBRATION_FACTORS[0]:g}-{CALIBRATION_FACTORS[1]:g} gives "
+                    f"the reference table's W {self.target_w_s * 1e3:.2f} ms (it moves {self.fitted_w_s * 1e3:.2f} -> "
+                    f"{self.reach_w_s * 1e3:.2f} ms)")
+        return (f"phases x{self.factor:.3g} as long: the reference table's W {self.fitted_w_s * 1e3:.2f} -> "
+                f"{self.target_w_s * 1e3:.2f} ms")
 
 
 def calibrate_modulation(model: BatchingModel, policy: PolicyTable, target_w_s: float, *,
@@ -800,7 +806,10 @@ def calibrate_modulation(model: BatchingModel, policy: PolicyTable, target_w_s: 
     it sees, and can still fall short of how long the trace stays in a slow or busy stretch (the Azure
     code trace's fit gives the fixed gate's table 145 ms where the trace itself gives 155). The phases'
     time scale is the one knob this leaves: W grows with s (longer stretches, the same stationary law and
-    mean rate). Found by regula falsi (Illinois) on log s between ``CALIBRATION_FACTORS``, from s = 1."""
+    mean rate). Found by regula falsi (Illinois) on log s between ``CALIBRATION_FACTORS``, from s = 1.
+    Where no s in that range reaches the target (a W that hardly moves with the time scale: phases long
+    against the queue's own time scale already), the time scale is not what the fit misses, and the fit is
+    returned as it is, flagged ``clamped``."""
     mm = _mmpp(model)
     t = float(target_w_s)
     if not math.isfinite(t) or t <= 0:
@@ -815,8 +824,8 @@ def calibrate_modulation(model: BatchingModel, policy: PolicyTable, target_w_s: 
         m = mm.slowed(math.exp(x))
         return evaluate_mmpp(model.with_(rate=m.mean_rate, arrivals=m), policy).mean_latency_s
 
-    def done(x: float, w: float, clamped: bool = False) -> ModulationCalibration:
-        return ModulationCalibration(mm.slowed(math.exp(x)), math.exp(x), t, w0, w, clamped, evaluations)
+    def done(x: float, w: float) -> ModulationCalibration:
+        return ModulationCalibration(mm.slowed(math.exp(x)), math.exp(x), t, w0, w, False, evaluations)
 
     w0 = w_at(0.0)
     if abs(w0 - t) <= rtol * t:
@@ -824,8 +833,8 @@ def calibrate_modulation(model: BatchingModel, policy: PolicyTable, target_w_s: 
     lo_x, hi_x = math.log(CALIBRATION_FACTORS[0]), math.log(CALIBRATION_FACTORS[1])
     end = hi_x if w0 < t else lo_x
     w_end = w_at(end)
-    if (w_end - t) * (w0 - t) > 0:  # the whole range misses the target on one side
-        return done(end, w_end, clamped=True)
+    if (w_end - t) * (w0 - t) > 0:  # the whole range misses the target on one side: keep the fit
+        return ModulationCalibration(mm, 1.0, t, w0, w0, True, evaluations, w_end)
     a, fa, b, fb = 0.0, w0 - t, end, w_end - t  # of opposite signs: the root lies between a and b
     w_b = w_end
     while evaluations < max_evaluations:

@@ -470,17 +470,21 @@ def test_the_calibration_finds_the_time_scale_a_slowed_fit_was_made_with():
     assert shorter.factor == pytest.approx(0.5, rel=0.02)
 
 
-def test_a_target_beyond_the_calibrations_range_keeps_the_nearer_end_flagged():
+def test_a_target_beyond_the_calibrations_range_keeps_the_fit_as_it_is_flagged():
+    """No time scale gives the target: the time scale is not what the fit misses, so it is left alone."""
     from solver.mmpp import CALIBRATION_FACTORS, calibrate_modulation
 
     proc = MMPP2((900.0, 150.0), (2.0, 3.0))
     m = mmpp_model(proc, B=8)
     table = solve(m.with_(arrivals=POISSON)).policy
+    own = evaluate_mmpp(m, table).mean_latency_s
     far = calibrate_modulation(m, table, 10.0)  # ten seconds: no time scale in range gives it
-    assert far.clamped and far.factor == pytest.approx(CALIBRATION_FACTORS[1]) and far.w_s < 10.0
-    assert "end of the range" in far.describe()
+    slowest = evaluate_mmpp(m.with_(arrivals=proc.slowed(CALIBRATION_FACTORS[1])), table).mean_latency_s
+    assert far.clamped and far.factor == 1.0 and far.arrivals == proc and far.w_s == own
+    assert far.reach_w_s == pytest.approx(slowest) and own < slowest < 10.0
+    assert "phases as fitted" in far.describe() and f"{slowest * 1e3:.2f}" in far.describe()
     near = calibrate_modulation(m, table, 1e-4)  # below any service time
-    assert near.clamped and near.factor == pytest.approx(CALIBRATION_FACTORS[0])
+    assert near.clamped and near.factor == 1.0 and near.arrivals == proc
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ModelError, match="target W"):
             calibrate_modulation(m, table, bad)
