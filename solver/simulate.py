@@ -425,7 +425,8 @@ def simulate_phased(profile: ServiceProfile, policy, source, arrivals: np.ndarra
                       float(idle_power_w), float(weight), float(warmup), int(policy.max_batch))[0]
 
 
-def _run_instances(rule: InstanceRule, t: list[float], draw: Callable[[int], float]):
+def _run_instances(rule: InstanceRule, t: list[float], draw: Callable[[int], float], *, catch_share: float = 1.0,
+                   idle_wait_s: float = math.inf, race: np.random.Generator | None = None):
     """Event loop for k instances fed by one FIFO queue.
 
     Decision epochs: an arrival while an instance is free, a completion, a rule's timer. At an epoch
@@ -434,6 +435,13 @@ def _run_instances(rule: InstanceRule, t: list[float], draw: Callable[[int], flo
     to the arrival at which its row for the current m serves, a per-instance timeout rule straight to
     its firing time (it ignores m, so completions meanwhile do not change its answer). When no event
     is left and the rule would wait forever, the rest is served in batches of min(n, B).
+
+    ``catch_share`` < 1: Triton's batcher without prefetching (``TritonInstances``, ``PerInstance`` of its
+    rule). At a completion that frees an instance while all k were busy and requests are queued, the
+    batcher misses it with probability 1 - ``catch_share`` (one draw from ``race`` per such completion
+    instant); then nothing is decided until the next arrival (its group's first request, as ``_run_delay``),
+    another instance's completion, or the batcher's idle wait (ticks of ``idle_wait_s`` from its last
+    dispatch). With k = 1 and a ``TimeoutRule`` these are ``_run_delay``'s decisions and draws.
     """
     n_total = len(t)
     k = int(rule.instances)
@@ -452,6 +460,10 @@ def _run_instances(rule: InstanceRule, t: list[float], draw: Callable[[int], flo
     elif type(rule) is PerInstance and type(rule.rule) is TimeoutRule:
         timeout = float(rule.rule.timeout_s)
     decide = rule.decide_busy
+    catch = float(catch_share)
+    tick = float(idle_wait_s)
+    if catch < 1.0 and race is None:
+        raise ValueError("a batcher that can miss a completion needs its race's random stream")
     sizes: list[int] = []
     starts: list[float] = []
     durs: list[float] = []
@@ -460,10 +472,33 @@ def _run_instances(rule: InstanceRule, t: list[float], draw: Callable[[int], flo
     now = 0.0
     head = 0
     na = 0
+    dispatched = 0.0  # the last dispatch: a batcher's idle waits count from there
+    asleep = False  # an instance freed with requests queued while all were busy, and the batcher missed it
     while head < n_total:
-        while busy and busy[0] <= now:
-            heapq.heappop(busy)
+        if busy and busy[0] <= now:
+            full = len(busy) == k
+            while busy and busy[0] <= now:
+                heapq.heappop(busy)
+            if full and na > head and catch < 1.0 and not (catch > 0.0 and race.random() < catch):
+                asleep = True
         m = len(busy)
+        if asleep:  # the instance(s) freed wait unseen: the next arrival, completion or idle tick wakes it
+            asleep = False
+            tick_at = dispatched + max(1, math.ceil((now - dispatched) / tick)) * tick
+            done = busy[0] if busy else inf
+            if na < n_total and t[na] < tick_at and t[na] < done:  # the first request of the next group
+                now = t[na]
+                if decide(na + 1 - head, m, now - t[head]).serve > 0:
+                    na += 1  # dispatched at once, before the rest of the group is enqueued
+                else:  # the rule waits: the group joins
+                    na = bisect_right(t, now, na + 1)
+            elif done <= tick_at:  # another instance's completion: its callback finds the freed one waiting
+                now = done
+                na = bisect_right(t, now, na)
+                continue
+            else:  # the idle wait runs out first
+                now = tick_at
+                na = bisect_right(t, now, na)
         n = na - head
         wake = inf  # when waiting with a free instance: the next time the rule could serve
         while m < k and n > 0:
@@ -508,6 +543,7 @@ def _run_instances(rule: InstanceRule, t: list[float], draw: Callable[[int], flo
             starts.append(now)
             durs.append(s)
             heapq.heappush(busy, now + s)
+            dispatched = now
             head += a
             n -= a
             m += 1
@@ -519,129 +555,6 @@ def _run_instances(rule: InstanceRule, t: list[float], draw: Callable[[int], flo
             now = min(nxt, done)
         elif m < k:  # waiting with a free instance
             nxt = wake if timeout is not None else min(wake, done)  # a per-instance timeout ignores completions
-            if math.isinf(nxt):  # the rule would wait past the last arrival, nothing busy: drain
-                now = max(now, t[-1])
-                na = n_total
-                n = na - head
-                a = n if n < big_b else big_b
-                s = draw(a)
-                sizes.append(a)
-                starts.append(now)
-                durs.append(s)
-                heapq.heappush(busy, now + s)
-                head += a
-                continue
-            now = nxt
-        else:  # all busy
-            now = done
-        na = bisect_right(t, now, na)
-    return sizes, starts, durs
-
-
-def _run_triton(rule: BatchRule, k: int, t: list[float], draw: Callable[[int], float], *, catch_share: float,
-                idle_wait_s: float, race: np.random.Generator | None):
-    """Event loop for Triton's batcher without prefetching at k instances (``TritonInstances``): ``rule`` on
-    every free instance the batcher sees, as ``_run_instances`` runs ``PerInstance(rule, k)`` (the same epochs
-    and arithmetic, a ``TimeoutRule`` on the same fast path), plus the race. At a completion that frees an
-    instance while all k were busy and requests are queued, the batcher misses it with probability
-    1 - ``catch_share`` (one draw from ``race`` per such completion instant); then nothing is decided until
-    the next arrival (its group's first request, as ``_run_delay``), another instance's completion, or the
-    batcher's idle wait (ticks of ``idle_wait_s`` from its last dispatch). With k = 1 and a ``TimeoutRule``
-    these are ``_run_delay``'s decisions and draws."""
-    n_total = len(t)
-    big_b = int(rule.max_batch)
-    timeout = float(rule.timeout_s) if type(rule) is TimeoutRule else None
-    decide = rule.decide
-    catch = float(catch_share)
-    tick = float(idle_wait_s)
-    if catch < 1.0 and race is None:
-        raise ValueError("a batcher that can miss a completion needs its race's random stream")
-    sizes: list[int] = []
-    starts: list[float] = []
-    durs: list[float] = []
-    busy: list[float] = []  # heap of completion times
-    inf = math.inf
-    now = 0.0
-    head = 0
-    na = 0
-    dispatched = 0.0  # the batcher's last dispatch: its idle waits count from there
-    asleep = False  # an instance freed with requests queued while all were busy, and the batcher missed it
-    while head < n_total:
-        if busy and busy[0] <= now:
-            full = len(busy) == k
-            while busy and busy[0] <= now:
-                heapq.heappop(busy)
-            if full and na > head and catch < 1.0 and not (catch > 0.0 and race.random() < catch):
-                asleep = True
-        m = len(busy)
-        if asleep:  # the instance(s) freed wait unseen: the next arrival, completion or idle tick wakes it
-            asleep = False
-            j = max(1, math.ceil((now - dispatched) / tick))
-            tick_at = dispatched + j * tick
-            done = busy[0] if busy else inf
-            if na < n_total and t[na] < tick_at and t[na] < done:  # the first request of the next group
-                now = t[na]
-                d = decide(na + 1 - head, now - t[head])
-                if d.serve > 0:
-                    na += 1  # dispatched at once, before the rest of the group is enqueued
-                else:  # the rule waits: the group joins
-                    na = bisect_right(t, now, na + 1)
-            elif done <= tick_at:  # another instance's completion: its callback finds the freed one waiting
-                now = done
-                na = bisect_right(t, now, na)
-                continue
-            else:  # the idle wait runs out first
-                now = tick_at
-                na = bisect_right(t, now, na)
-        n = na - head
-        wake = inf  # when waiting with a free instance: the next time the rule could serve
-        while m < k and n > 0:
-            if timeout is not None:
-                fire = t[head] + timeout
-                if n >= big_b:
-                    a = big_b
-                elif now >= fire:
-                    a = n
-                else:
-                    a = 0
-                    full_at = head + big_b - 1
-                    wake = fire
-                    if full_at < n_total and t[full_at] < wake:
-                        wake = t[full_at]
-            else:
-                d = decide(n, now - t[head])
-                a = int(d.serve)
-                if a < 0 or a > n or a > big_b:
-                    raise ModelError(f"rule {rule!r} chose to serve {a} with n={n} waiting and B={big_b}")
-                if a == 0:
-                    wake = t[na] if na < n_total else inf
-                    if d.recheck_after_s is not None:
-                        recheck = float(d.recheck_after_s)
-                        if not recheck >= 0:
-                            raise ModelError(f"rule {rule!r} asked to recheck after {recheck!r} s")
-                        timer = now + recheck
-                        if timer <= now:
-                            timer = math.nextafter(now, inf)
-                        wake = min(wake, timer)
-            if a == 0:
-                break
-            s = draw(a)
-            sizes.append(a)
-            starts.append(now)
-            durs.append(s)
-            heapq.heappush(busy, now + s)
-            dispatched = now
-            head += a
-            n -= a
-            m += 1
-        if head >= n_total:
-            break
-        done = busy[0] if busy else inf
-        if n == 0:  # empty queue: the next arrival or completion
-            nxt = t[na] if na < n_total else inf
-            now = min(nxt, done)
-        elif m < k:  # waiting with a free instance: a timeout rule ignores completions meanwhile
-            nxt = wake if timeout is not None else min(wake, done)
             if math.isinf(nxt):  # the rule would wait past the last arrival, nothing busy: drain
                 now = max(now, t[-1])
                 na = n_total
@@ -674,7 +587,7 @@ def simulate(profile: ServiceProfile, rule: BatchRule | InstanceRule | TritonBat
     batch's power, each idle one P0), so P0 is the idle power of one instance's device. ``devices``
     D < k (instances sharing accelerators, ``BatchingModel.devices``) counts P0 once per device:
     power is D P0 plus each busy instance's p(b) - P0. ``TritonInstances`` (Triton's batcher at k instances,
-    with its race; ``_run_triton``) is counted the same way.
+    with its race; ``_run_instances``) is counted the same way.
     """
     return simulate_latencies(profile, rule, arrivals, idle_power_w=idle_power_w, weight=weight, seed=seed,
                               warmup=warmup, devices=devices)[0]
@@ -695,8 +608,9 @@ def simulate_latencies(profile: ServiceProfile, rule: BatchRule | InstanceRule |
                                     or not 1 <= devices <= k):
             raise ModelError(f"devices must be an integer in 1..instances = {k}, got {devices!r}")
         if type(rule) is TritonInstances:
-            sizes, starts, durs = _run_triton(rule.rule, k, t_list, draws.draw, catch_share=rule.catch_share,
-                                              idle_wait_s=rule.idle_wait_s, race=_race_stream(seed, rule.max_batch))
+            sizes, starts, durs = _run_instances(PerInstance(rule.rule, k), t_list, draws.draw,
+                                                 catch_share=rule.catch_share, idle_wait_s=rule.idle_wait_s,
+                                                 race=_race_stream(seed, rule.max_batch))
         else:
             sizes, starts, durs = _run_instances(rule, t_list, draws.draw)
         return _summarise(profile, t, np.asarray(sizes, dtype=np.int64), np.asarray(starts), np.asarray(durs),
