@@ -272,7 +272,7 @@ def _run_contender(c: Contender, cfg: BenchConfig, control: ModelConfigControl, 
         if sidecar is not None and c.slo:
             _save_slo_status(sidecar, cfg.model, log_dir / f"slo-status-{safe}-{rate:g}.txt")
         if isinstance(watch, GateWatch):
-            split = _run_split(watch, result, cfg.window, told, log_dir / f"gate-split-{safe}-{rate:g}.txt")
+            split = window_split(watch, result, cfg.window, told, log_dir / f"gate-split-{safe}-{rate:g}.txt")
             if c.slo:
                 in_force = _rule_in_force(watch, log_dir / f"slo-rule-{safe}-{rate:g}.txt")
         return result, split, in_force
@@ -281,7 +281,7 @@ def _run_contender(c: Contender, cfg: BenchConfig, control: ModelConfigControl, 
             sidecar.stop()
 
 
-def _run_split(watch: GateWatch, result: OpenLoopResult, window: tuple[float, float], told: ServiceProfile | None,
+def window_split(watch: GateWatch, result: OpenLoopResult, window: tuple[float, float], told: ServiceProfile | None,
                path: Path) -> RunSplit | None:
     """A gate contender's window split into its time in the gate and the hop outside it
     (``stack_profile.RunSplit``), written to ``path``; None (and the reason in the file) where it cannot be had."""

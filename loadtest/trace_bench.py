@@ -21,6 +21,7 @@ import re
 import sys
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -32,11 +33,12 @@ from solver.catch_share import RunFit, fit_run
 from solver.quantities import DEFAULT_IDLE_POWER_W
 
 from .bench import (BenchConfig, BenchReport, BenchRow, Progress, _ms, bench_stack, contender_override, format_table,
-                    hop_parts, with_hop, write_outputs)
+                    hop_parts, split_table, window_split, with_hop, write_outputs)
 from .contenders import Contender, Prediction, compile_config, ma_delay, parse_contender, predict
 from .metrics import batch_histogram, measure, power_note
 from .openloop import run_open_loop
 from .stack import SidecarProcess, SidecarSpec
+from .stack_profile import GateWatch
 from .triton_control import BatchingOverride
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "AzureLLMInferenceTrace_conv_2023.csv"
@@ -473,6 +475,8 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                                                    if cfg.slo_catch_share_fit else ""))
             elif c.slo and c.seeded:  # the SLO search under the fitted model, as the seeded gate runs it
                 pred = seeded_slo_prediction(model, fitted.option, slo, cfg.seed, judged=fitted.judged)
+            hop, in_gate = (hop_parts(stack.hop, c) if stack.hop is not None and math.isfinite(pred.mean_latency_s)
+                            else (math.nan, 0.0))
             pred = with_hop(pred, stack, c)  # the measured per-request hop, as the steady-load bench adds
             status: list[StatusSample] = []
             sidecar = None
@@ -480,6 +484,8 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
             target = stack.triton_url
             stop = threading.Event()
             poller = None
+            watch: ExitStack | GateWatch = ExitStack()
+            split = None
             try:
                 if c.kind == "triton":
                     stack.control.apply(BatchingOverride(max_queue_delay_us=c.max_queue_delay_us,
@@ -508,9 +514,14 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                                                   args=(sidecar.control_url, cfg.model, time.monotonic(), stop,
                                                         status))
                         poller.start()
-                res = run_open_loop(target, cfg.model, times, timeout_s=cfg.request_timeout_s,
-                                    required=(times >= lo) & (times < hi), drain_grace_s=1.0,
-                                    time_limit_s=float(times[-1]) + 10.0)
+                        # the gate's own W over the window, to split the client's W into it and the hop outside
+                        watch = GateWatch(sidecar.control_url, cfg.model, cfg.window)
+                with watch:
+                    res = run_open_loop(target, cfg.model, times, timeout_s=cfg.request_timeout_s,
+                                        required=(times >= lo) & (times < hi), drain_grace_s=1.0,
+                                        time_limit_s=float(times[-1]) + 10.0)
+                if isinstance(watch, GateWatch):
+                    split = window_split(watch, res, cfg.window, stack.profile, cfg.out_dir / f"gate-split-{safe}.txt")
             finally:
                 stop.set()
                 if poller is not None:
@@ -547,7 +558,7 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
             sent = in_window & np.isfinite(res.sent_s)
             rows.append(BenchRow(mean_rate, c.name, m, pred, batch_histogram(res, stack.max_batch, cfg.window),
                                  res.done_s[ok] - res.scheduled_s[ok], failures, res.errors, settings,
-                                 np.maximum(res.sent_s[sent] - res.scheduled_s[sent], 0.0)))
+                                 np.maximum(res.sent_s[sent] - res.scheduled_s[sent], 0.0), split, hop, in_gate))
             progress(f"  {c.name:<24} W {m.mean_latency_s * 1e3:7.2f} ms  P {m.mean_power_w:6.1f} W  "
                      f"J {_ms(m.cost):7.2f} ms  batch {m.mean_batch:5.2f}  failed {m.failed}  "
                      f"({time.monotonic() - t0:.1f} s)")
@@ -678,6 +689,8 @@ def main_trace_bench(cfg: BenchConfig, trace_path: Path, mean_rate: float, limit
         files.append(shares.write(cfg.out_dir / "catch_share.json"))
     print()
     print(format_table(report))
+    for line in split_table(report):
+        print(line)
     fitted_on = "the replayed trace" if calibration is None else f"the first {fit_prefix:g} of the trace (not replayed)"
     print(f"(gate predictions: exact evaluation under the arrival model fitted to {fitted_on}, the fixed gate's "
           "Poisson-solved table and the best phase-blind table for the adaptive one; SLO gates: their pick on fresh "

@@ -45,6 +45,11 @@ def test_trace_replay_runs_every_contender_on_the_same_arrivals_and_tracks_the_r
     assert gate.predicted.source == "exact+hop" and np.isfinite(gate.predicted.mean_latency_s)  # + the measured hop
     assert "predicted under the fitted " in gate.settings and "policies solved for poisson" in gate.settings
     assert all(s.solved_for for s in trail if s.version >= 1)
+    # its W over the window split into the gate's own and the hop outside it; Triton's and config mode's not
+    assert gate.split is not None and gate.split.gate_n > 0
+    assert 0.0 < gate.split.gate_w_s < gate.split.client_w_s and np.isfinite(gate.predicted_hop_s)
+    assert report.rows[0].split is None and report.rows[2].split is None
+    assert (tmp_path / "gate-split-gate_smdp_adaptive.txt").read_text().startswith("over the measured window")
     # config mode ran with its follower beside Triton (reloads, if any, failed no request)
     assert report.rows[2].settings.startswith("followed: ")
     assert plot_trail(times, trail, tmp_path / "trail.png").stat().st_size > 0
