@@ -33,7 +33,7 @@ from solver.catch_share import RunFit, fit_run
 from solver.quantities import DEFAULT_IDLE_POWER_W
 
 from .bench import (BenchConfig, BenchReport, BenchRow, Progress, _ms, bench_stack, contender_override, format_table,
-                    hop_parts, split_table, window_split, with_hop, write_outputs)
+                    hop_parts, window_split, with_hop, write_outputs)
 from .contenders import Contender, Prediction, compile_config, ma_delay, parse_contender, predict
 from .metrics import batch_histogram, measure, power_note
 from .openloop import run_open_loop
@@ -688,9 +688,7 @@ def main_trace_bench(cfg: BenchConfig, trace_path: Path, mean_rate: float, limit
     if shares.rows:
         files.append(shares.write(cfg.out_dir / "catch_share.json"))
     print()
-    print(format_table(report))
-    for line in split_table(report):
-        print(line)
+    print(format_table(report))  # with the gates' split (``split_table``)
     fitted_on = "the replayed trace" if calibration is None else f"the first {fit_prefix:g} of the trace (not replayed)"
     print(f"(gate predictions: exact evaluation under the arrival model fitted to {fitted_on}, the fixed gate's "
           "Poisson-solved table and the best phase-blind table for the adaptive one; SLO gates: their pick on fresh "
