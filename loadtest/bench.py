@@ -454,8 +454,7 @@ def run_one(stack: Stack, cfg: BenchConfig, c: Contender, rate: float, times: np
     pred = predict(c, model, times, seed=cfg.seed, warmup_s=lo, compiled=compiled, slo=cfg.slo)
     if _on_its_arrivals(c, cfg) and math.isfinite(pred.mean_latency_s):
         pred = _w_on_its_arrivals(pred, c, model, times, cfg)
-    hop, in_gate = (hop_parts(stack.hop, c) if stack.hop is not None and math.isfinite(pred.mean_latency_s)
-                    else (math.nan, 0.0))
+    hop, in_gate = hop_added(pred, stack, c)
     pred = with_hop(pred, stack, c)
     res, split, in_force = _run_contender(c, cfg, stack.control, stack.triton_url, times, rate, stack.max_batch,
                          stack.profile_path, cfg.out_dir, compiled=compiled, solver_url=stack.solver_url,
@@ -522,12 +521,20 @@ def hop_parts(hop: RequestHop, c: Contender) -> tuple[float, float]:
     return (hop.gate_s, hop.in_gate_s) if c.kind == "gate" else (hop.direct_s, 0.0)
 
 
+def hop_added(pred: Prediction, stack: Stack, c: Contender) -> tuple[float, float]:
+    """The (hop, in-gate time) ``with_hop`` adds to ``pred``: ``hop_parts`` of the stack's measured hop;
+    (NaN, 0) where it adds nothing (no hop measured, or no finite prediction)."""
+    if stack.hop is None or not math.isfinite(pred.mean_latency_s):
+        return math.nan, 0.0
+    return hop_parts(stack.hop, c)
+
+
 def with_hop(pred: Prediction, stack: Stack, c: Contender) -> Prediction:
-    """The solver's prediction plus the measured hop (``hop_parts``), as ``run_one`` adds it; as is
+    """The solver's prediction plus the measured hop (``hop_added``), as ``run_one`` adds it; as is
     without one (the trace bench's predictions)."""
     if stack.hop is None or not math.isfinite(pred.mean_latency_s):
         return pred
-    h = sum(hop_parts(stack.hop, c))
+    h = sum(hop_added(pred, stack, c))
     return replace(pred, mean_latency_s=pred.mean_latency_s + h, cost=pred.cost + h, source=f"{pred.source}+hop")
 
 

@@ -33,7 +33,7 @@ from solver.catch_share import RunFit, fit_run
 from solver.quantities import DEFAULT_IDLE_POWER_W
 
 from .bench import (BenchConfig, BenchReport, BenchRow, Progress, _ms, bench_stack, contender_override, format_table,
-                    hop_parts, window_split, with_hop, write_outputs)
+                    hop_added, hop_parts, window_split, with_hop, write_outputs)
 from .contenders import Contender, Prediction, compile_config, ma_delay, parse_contender, predict
 from .metrics import batch_histogram, measure, power_note
 from .openloop import run_open_loop
@@ -475,8 +475,7 @@ def run_trace_bench(cfg: BenchConfig, times: np.ndarray, triton_url: str | None 
                                                    if cfg.slo_catch_share_fit else ""))
             elif c.slo and c.seeded:  # the SLO search under the fitted model, as the seeded gate runs it
                 pred = seeded_slo_prediction(model, fitted.option, slo, cfg.seed, judged=fitted.judged)
-            hop, in_gate = (hop_parts(stack.hop, c) if stack.hop is not None and math.isfinite(pred.mean_latency_s)
-                            else (math.nan, 0.0))
+            hop, in_gate = hop_added(pred, stack, c)
             pred = with_hop(pred, stack, c)  # the measured per-request hop, as the steady-load bench adds
             status: list[StatusSample] = []
             sidecar = None

@@ -154,11 +154,11 @@ class PythonPlane:
         if state is None:
             state = await self.registry.model_state(request.model_name, request.model_version)
         if state is None:
-            response = await (self.upstream.call(request) if wire is None else self.upstream.relay(wire))
+            response = await self._as_it_came(request, wire)
             self.registry.known_again(request.model_name, request.model_version)
             return response
         if state.gate is None:
-            return await (self.upstream.call(request) if wire is None else self.upstream.relay(wire))
+            return await self._as_it_came(request, wire)
         inputs = request.inputs
         shape = inputs[0].shape if inputs else None
         rows = int(shape[0]) if shape else 1
@@ -229,6 +229,12 @@ class PythonPlane:
             state.gate.cancel(item)  # still waiting: frees its place; dispatched: the batch runs on
             raise
 
+    def _as_it_came(self, request: service_pb2.ModelInferRequest, wire: bytes | None
+                    ) -> Coroutine[None, None, service_pb2.ModelInferResponse | bytes]:
+        """Triton's answer to the request sent on unchanged: its bytes where the caller gave them
+        (Triton's answer as bytes), else the message."""
+        return self.upstream.call(request) if wire is None else self.upstream.relay(wire)
+
     async def _serve_alone(self, state: ModelState, request: service_pb2.ModelInferRequest, wire: bytes | None,
                            rows: int, arrival: float, why: str) -> service_pb2.ModelInferResponse | bytes:
         """A request the gate serves alone at its arrival (``ModelGate.serve_alone``; the request has no
@@ -249,12 +255,11 @@ class PythonPlane:
         if wire is None:
             if stamp:
                 request.parameters["priority"].uint64_param = level
-            start = self._clock()
-            upstream = self.upstream.infer(request, timeout=config.upstream_timeout_s)
+            send, sent = self.upstream.infer, request
         else:
-            start = self._clock()
-            upstream = self.upstream.infer_wire(wire + self._stamp_wire if stamp else wire,
-                                                timeout=config.upstream_timeout_s)
+            send, sent = self.upstream.infer_wire, wire + self._stamp_wire if stamp else wire
+        start = self._clock()
+        upstream = send(sent, timeout=config.upstream_timeout_s)
         if type(upstream) is CoroutineType:  # a stand-in for the channel (tests)
             upstream = self._loop.create_task(upstream)
         ended = self._loop.create_future()
@@ -331,7 +336,7 @@ class PythonPlane:
         not fail a merged batch), so that its caller gets Triton's own code and message. Should Triton
         serve it after all, the sidecar's copy of the config is stale: it is read again."""
         try:
-            response = await (self.upstream.call(request) if wire is None else self.upstream.relay(wire))
+            response = await self._as_it_came(request, wire)
         except GateError as exc:
             if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
                 self.metrics.request_rejected(state.name, "invalid_argument")
