@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <deque>
 #include <limits>
 #include <map>
@@ -36,6 +37,11 @@ namespace smdp {
 // Its text form (ParsePolicy, FormatPolicy) is GateRule.to_line's; tests/vectors/ holds both to it.
 // k instances (solver.policy.InstanceTable): `table` is the row for m = 0 batches in flight and
 // `busy_tables` the rows for m = 1, 2, ...; the last row serves every larger m; none: m is ignored.
+// A group hold (solver.policy.GroupHold, hold_s > 0): a batch the table would start with all that
+// waits, not a full one, waits until the newest request arrived hold_s ago, or kHoldSpan holds after
+// its group's first member arrived (a group: arrivals each within hold_s of the one before).
+constexpr double kHoldSpan = 4;  // solver.policy.HOLD_SPAN
+
 struct Policy {
   std::vector<int> table{0, 1};  // greedy, B = 1
   std::vector<std::vector<int>> busy_tables;  // a(n, m) for m = 1, 2, ...
@@ -43,6 +49,7 @@ struct Policy {
   int beyond = 1;
   double max_wait_s = -1.0;      // < 0: no guard
   bool guard_is_timeout = false;  // the guard is Triton's timeout rule (reported "timeout", else "max_wait")
+  double hold_s = 0.0;            // the group hold; 0: none
 
   // Throws std::invalid_argument naming the bad entry.
   void Validate() const {
@@ -71,6 +78,8 @@ struct Policy {
     }
     if (!(max_wait_s < 0.0) && !(max_wait_s < std::numeric_limits<double>::infinity()))
       throw std::invalid_argument("max_wait must be finite");
+    if (!(hold_s >= 0.0 && hold_s < std::numeric_limits<double>::infinity()))
+      throw std::invalid_argument("hold must be finite and >= 0 seconds");
   }
 
   // The row in force with `busy` batches in flight (GateRule.row).
@@ -79,9 +88,13 @@ struct Policy {
     return busy_tables[std::min<size_t>(static_cast<size_t>(busy), busy_tables.size()) - 1];
   }
 
-  // Batch size to serve with n waiting, the oldest waiting for `oldest_wait_s` and `busy` batches in
-  // flight; 0 = wait. `recheck_s` is set (>= 0) when waiting should be re-decided after that long.
-  int Decide(int n, double oldest_wait_s, double* recheck_s, const char** reason = nullptr, int busy = 0) const {
+  // Batch size to serve with n waiting, the oldest waiting for `oldest_wait_s`, `busy` batches in
+  // flight, the newest request arrived `since_newest_s` ago and its group's first `group_age_s` ago;
+  // 0 = wait. `recheck_s` is set (>= 0) when waiting should be re-decided after that long. A held
+  // batch is a wait with reason "hold" (GateRule.decide).
+  int Decide(int n, double oldest_wait_s, double* recheck_s, const char** reason = nullptr, int busy = 0,
+             double since_newest_s = std::numeric_limits<double>::infinity(),
+             double group_age_s = std::numeric_limits<double>::infinity()) const {
     *recheck_s = -1.0;
     if (reason) *reason = "policy";
     if (n <= 0) return 0;
@@ -93,7 +106,18 @@ struct Policy {
     }
     const std::vector<int>& row = Row(busy);
     int a = static_cast<size_t>(n) < row.size() ? row[n] : std::min(n, beyond);
-    if (a == 0 && max_wait_s >= 0.0) *recheck_s = max_wait_s - oldest_wait_s;
+    if (a == 0) {
+      if (max_wait_s >= 0.0) *recheck_s = max_wait_s - oldest_wait_s;
+      return 0;
+    }
+    if (hold_s > 0.0 && a >= n && n < max_batch) {
+      double left = std::min(hold_s - since_newest_s, kHoldSpan * hold_s - group_age_s);
+      if (left > 0.0) {
+        *recheck_s = max_wait_s >= 0.0 ? std::min(left, max_wait_s - oldest_wait_s) : left;
+        if (reason) *reason = "hold";
+        return 0;
+      }
+    }
     return a;
   }
 };
@@ -120,8 +144,8 @@ inline std::vector<int> ParseIntList(const std::string& text, const std::string&
 }
 
 // Parse the rule's fields of a `policy` command (GateRule.from_fields), erasing each one it reads so
-// that the caller can refuse what is left: max_batch=B [beyond=b] table=a0,a1,... [max_wait_us=U]
-// [guard_reason=timeout|max_wait]. Throws std::invalid_argument naming a bad field; validates.
+// that the caller can refuse what is left: max_batch=B [beyond=b] table=a0,a1,... [busy_tables=...]
+// [max_wait_us=U] [guard_reason=timeout|max_wait] [hold_us=H]. Throws std::invalid_argument naming a bad field; validates.
 inline Policy ParsePolicy(std::map<std::string, std::string>* f) {
   auto integer = [f](const std::string& key, const int* dflt) {
     auto it = f->find(key);
@@ -147,6 +171,10 @@ inline Policy ParsePolicy(std::map<std::string, std::string>* f) {
   const int none = -1;
   int wait_us = integer("max_wait_us", &none);
   p.max_wait_s = wait_us < 0 ? -1.0 : wait_us * 1e-6;
+  const int zero = 0;
+  int hold_us = integer("hold_us", &zero);
+  if (hold_us < 0) throw std::invalid_argument("hold_us must be >= 0, got " + std::to_string(hold_us));
+  p.hold_s = hold_us * 1e-6;
   auto why = f->find("guard_reason");
   if (why != f->end()) {
     if (why->second != "timeout" && why->second != "max_wait")
@@ -202,6 +230,7 @@ inline std::string FormatPolicy(const Policy& p) {
   if (p.max_wait_s >= 0.0)
     out += " max_wait_us=" + std::to_string(std::llround(p.max_wait_s * 1e6)) +
            " guard_reason=" + (p.guard_is_timeout ? "timeout" : "max_wait");
+  if (p.hold_s > 0.0) out += " hold_us=" + std::to_string(std::llround(p.hold_s * 1e6));
   return out;
 }
 
@@ -228,6 +257,7 @@ struct Step {
 struct GateCounters {
   uint64_t submitted = 0, rejected = 0, cancelled = 0, expired = 0;
   uint64_t dispatched_requests = 0, dispatched_batches = 0, decisions_wait = 0, decisions_serve = 0;
+  uint64_t decisions_held = 0;  // waits that held a batch for the rest of a group (also in decisions_wait)
 };
 
 template <typename T>
@@ -269,6 +299,8 @@ class ModelGate {
     }
     p->seq = seq_++;
     p->live = true;
+    if (p->arrival - newest_ > policy_.hold_s) group_start_ = p->arrival;
+    newest_ = std::max(newest_, p->arrival);
     levels_[p->priority].push_back(p);
     ++size_;
     ++counters_.submitted;
@@ -298,9 +330,11 @@ class ModelGate {
     while (free_ > 0 && size_ > 0) {
       double recheck = -1.0;
       const char* reason = "policy";
-      int serve = policy_.Decide(size_, now - OldestArrival(), &recheck, &reason, slots_ - free_);
+      int serve = policy_.Decide(size_, now - OldestArrival(), &recheck, &reason, slots_ - free_, now - newest_,
+                                 now - group_start_);
       if (serve <= 0) {
         ++counters_.decisions_wait;
+        if (std::strcmp(reason, "hold") == 0) ++counters_.decisions_held;
         if (recheck >= 0.0) step.wake_at = now + recheck;
         break;
       }
@@ -390,6 +424,8 @@ class ModelGate {
   Policy policy_;
   int slots_ = 1, free_ = 1, max_queue_ = 1, size_ = 0;
   uint64_t seq_ = 0;
+  double newest_ = -std::numeric_limits<double>::infinity();       // when the newest request arrived
+  double group_start_ = -std::numeric_limits<double>::infinity();  // when its group's first arrived
   std::map<int, std::deque<Pending<T>*>> levels_;
   std::set<DeadlineEntry> deadlines_;  // waiting requests with a deadline, earliest first
   GateCounters counters_;

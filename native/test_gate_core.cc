@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <sstream>
@@ -82,11 +83,15 @@ void RunDecisions(const Value& groups) {
       int n = c.at("n").integer();
       double wait = c.at("wait").num();
       int busy = c.has("busy") ? c.at("busy").integer() : 0;
+      const double never = std::numeric_limits<double>::infinity();
+      double since_newest = c.has("since_newest") ? c.at("since_newest").num() : never;
+      double group_age = c.has("group_age") ? c.at("group_age").num() : never;
       g_where = "rule " + g.at("rule").str() + ": n=" + std::to_string(n) + " wait=" + std::to_string(wait) +
-                " busy=" + std::to_string(busy);
+                " busy=" + std::to_string(busy) + " since_newest=" + std::to_string(since_newest) +
+                " group_age=" + std::to_string(group_age);
       double recheck = 0;
       const char* reason = nullptr;
-      int serve = p.Decide(n, wait, &recheck, &reason, busy);
+      int serve = p.Decide(n, wait, &recheck, &reason, busy, since_newest, group_age);
       CHECK(serve == c.at("serve").integer());
       CHECK(std::string(reason) == c.at("reason").str());
       if (c.at("recheck").is_null()) CHECK(recheck < 0);
@@ -186,7 +191,7 @@ void RunScript(const Value& script) {
             {"submitted", c.submitted}, {"rejected", c.rejected}, {"cancelled", c.cancelled},
             {"expired", c.expired}, {"dispatched_requests", c.dispatched_requests},
             {"dispatched_batches", c.dispatched_batches}, {"decisions_wait", c.decisions_wait},
-            {"decisions_serve", c.decisions_serve}};
+            {"decisions_serve", c.decisions_serve}, {"decisions_held", c.decisions_held}};
         for (const auto& kv : counters->object) {
           g_where += ", counter " + kv.first;
           CHECK(got.count(kv.first) == 1 && got.at(kv.first) == static_cast<uint64_t>(kv.second.integer()));

@@ -141,6 +141,17 @@ class ModelPolicyConfig(BaseModel):
         description="Longest a request waits in the gate for its batch to fill, seconds; then what is queued "
         "is served. A guard for when traffic stops (the SMDP assumes arrivals continue); None = no guard",
     )
+    group_hold_s: float = Field(
+        0.0005,
+        ge=0,
+        allow_inf_nan=False,
+        description="smdp, adaptive: where the policy in force is solved for arrivals in groups (a mean group "
+        "above 1, learned or from `arrivals`), a batch it would start with all that waits, not a full one, waits "
+        "until the newest request arrived this long ago, and at most 4 times this after the group's first member, "
+        "seconds. The policy counts a group as arriving at one instant, but a client's fan-out reaches the gate one "
+        "request after another: without the hold its first members go alone and the rest wait for the next batch "
+        "(solver.policy.GroupHold). 0 = never hold",
+    )
     arrivals: str | None = Field(
         None,
         description="smdp, adaptive: a fitted arrival model to start from, as `smdp fit-arrivals` prints it for "

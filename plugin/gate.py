@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterable
@@ -69,26 +70,26 @@ class GateCounters:
     dispatched_batches: int = 0
     decisions_wait: int = 0
     decisions_serve: int = 0
+    decisions_held: int = 0
+    """Waits that held a batch for the rest of a group (the rule's ``hold_s``; also in ``decisions_wait``)."""
 
 
-def _decider(rule: BatchRule) -> Callable[[int, float, int], Decision]:
-    """What the gate runs for a rule: its one description (``GateRule``, as the native gate runs it)
-    when it has one, else the rule itself (a rule only the simulator knows, or a test's, which then
-    does not see m). Called as (n waiting, oldest wait, m = batches in flight)."""
+def _gate_rule(rule: BatchRule) -> GateRule | None:
+    """The rule's one description (``GateRule``, as the native gate runs it), or None for a rule only
+    the simulator knows (or a test's), which the gate then asks as it is: it sees neither m nor the hold."""
     try:
-        return GateRule.of(rule).decide
+        return GateRule.of(rule)
     except ValueError:
-        decide = rule.decide
-        return lambda n, wait, busy: decide(n, wait)
+        return None
 
 
-def _is_gate_rule(rule: BatchRule) -> bool:
-    """Whether the gate runs the rule's one description (a pure function of n, the wait and m)."""
-    try:
-        GateRule.of(rule)
-    except ValueError:
-        return False
-    return True
+def _decider(rule: BatchRule, described: GateRule | None) -> Callable[[int, float, int, float, float], Decision]:
+    """What the gate runs for a rule. Called as (n waiting, oldest wait, m = batches in flight, time since
+    the newest arrival, time since its group's first)."""
+    if described is not None:
+        return described.decide
+    decide = rule.decide
+    return lambda n, wait, busy, since_newest, group_age: decide(n, wait)
 
 
 class ModelGate:
@@ -107,20 +108,21 @@ class ModelGate:
             raise ValueError(f"slots must be >= 1, got {slots}")
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
-        self._rule = rule
-        self._decide = _decider(rule)
-        self._pure = _is_gate_rule(rule)
         self._slots = slots
         self._free = slots
         self._max_queue = max_queue
-        self._max_rows = max_rows if max_rows is not None else rule.max_batch
         self._clock = clock
         self._queues: dict[int, deque[Pending]] = {}
         self._levels: list[int] = []  # sorted priority levels that have a deque
         self._size = 0
         self._deadlines: list[tuple[float, int, Pending]] = []
         self._seq = itertools.count()
+        self._newest = -math.inf  # when the newest request arrived
+        self._group_start = -math.inf  # when its group's first member arrived (GateRule.hold_s)
         self.counters = GateCounters()
+        self.set_rule(rule)
+        if max_rows is not None:
+            self._max_rows = max_rows
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -129,9 +131,11 @@ class ModelGate:
 
     def set_rule(self, rule: BatchRule) -> None:
         """Swap the rule; takes effect at the next decision, never inside one."""
+        described = _gate_rule(rule)
         self._rule = rule
-        self._decide = _decider(rule)
-        self._pure = _is_gate_rule(rule)
+        self._decide = _decider(rule, described)
+        self._pure = described is not None
+        self._hold = described.hold_s if described is not None else 0.0
         self._max_rows = rule.max_batch
 
     @property
@@ -161,6 +165,8 @@ class ModelGate:
             raise QueueFull(f"queue is full ({self._max_queue} requests waiting)")
         item.seq = next(self._seq)
         item.live = True
+        self._group_start = self._group_start_with(item.arrival)
+        self._newest = max(self._newest, item.arrival)
         q = self._queues.get(item.priority)
         if q is None:
             q = self._queues[item.priority] = deque()
@@ -188,6 +194,11 @@ class ModelGate:
         self._free += 1
         return self._size
 
+    def _group_start_with(self, arrival: float) -> float:
+        """When the group of a request arriving at ``arrival`` began: a request more than the hold after
+        the newest one starts a new group (with no hold, every request later than the newest does)."""
+        return arrival if arrival - self._newest > self._hold else self._group_start
+
     def serve_alone(self, arrival: float) -> str | None:
         """An arrival at a gate with nothing queued, decided without queueing it: when the rule serves
         it now, alone, its slot is taken and the rule's reason returned, with the counters as
@@ -199,9 +210,13 @@ class ModelGate:
         nothing to expire, and no wake-up to arm once the request is served."""
         if self._size or not self._free or not self._pure:
             return None
-        decision = self._decide(1, self._clock() - arrival, self._slots - self._free)
+        now = self._clock()
+        group_start = self._group_start_with(arrival)
+        newest = max(self._newest, arrival)
+        decision = self._decide(1, now - arrival, self._slots - self._free, now - newest, now - group_start)
         if decision.serve <= 0:
             return None
+        self._group_start, self._newest = group_start, newest
         next(self._seq)  # the sequence number submit would have given it
         self._deadlines.clear()
         self._free -= 1
@@ -221,9 +236,12 @@ class ModelGate:
         wake_at: float | None = None
         while self._free > 0 and self._size > 0:
             oldest = self._oldest_arrival()
-            decision = self._decide(self._size, now - oldest, self._slots - self._free)
+            decision = self._decide(self._size, now - oldest, self._slots - self._free, now - self._newest,
+                                    now - self._group_start)
             if decision.serve <= 0:
                 self.counters.decisions_wait += 1
+                if decision.reason == "hold":
+                    self.counters.decisions_held += 1
                 if decision.recheck_after_s is not None:
                     wake_at = now + max(decision.recheck_after_s, 0.0)
                 break

@@ -6,7 +6,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from solver.policy import BatchRule, GateRule, parse_rule_spec, rule_from_spec
+from solver.arrival_model import POISSON, ArrivalModel
+from solver.policy import BatchRule, GateRule, GroupHold, MaxWaitGuard, parse_rule_spec, rule_from_spec
 from solver.slo_bound import BestDelaySlo, solve_best_delay_slo
 from tritonclient.grpc import model_config_pb2
 
@@ -24,6 +25,16 @@ class RuleInfo:
     spec: str
     max_batch: int
     prediction: dict[str, Any] | None = None
+
+
+def gate_rule(cfg: ModelPolicyConfig, rule: BatchRule, arrivals: ArrivalModel = POISSON) -> BatchRule:
+    """The rule a model's gate runs: ``rule`` with the model's max-wait guard if it has one, and its group
+    hold where the rule was solved for ``arrivals`` that come in groups (a mean group above 1)."""
+    if cfg.max_wait_s is not None:
+        rule = MaxWaitGuard(rule, cfg.max_wait_s)
+    if cfg.group_hold_s > 0 and arrivals.group_mean > 1:
+        rule = GroupHold(rule, cfg.group_hold_s)
+    return rule
 
 
 def model_instances(cfg: model_config_pb2.ModelConfig) -> int:

@@ -21,6 +21,7 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2, service_pb2
 
 from solver.model import ServiceProfile
+from solver.arrival_model import POISSON, ArrivalModel
 from solver.policy import BatchRule, MaxWaitGuard, PolicyTable
 from solver.slo import SloTarget
 
@@ -31,7 +32,7 @@ from .loop.controller import ControllerConfig, PolicyController, RemoteSolver
 from .metrics import SidecarMetrics
 from .model_names import is_model_name
 from .placement import Placement, placement
-from .policies import RuleInfo, best_delay_slo, build_rule
+from .policies import RuleInfo, best_delay_slo, build_rule, gate_rule
 from .upstream import GateError, Upstream, ended_by_triton
 
 log = logging.getLogger("smdp.sidecar")
@@ -512,10 +513,10 @@ class ModelRegistry:
                  "override, as triton_batcher: off asks)", name)
 
     # -- rules -------------------------------------------------------------------------------
-    def guarded(self, model: str, rule: BatchRule) -> BatchRule:
-        """The rule the gate runs: the policy, with the model's max-wait guard if it has one."""
-        max_wait = self.config.policy_for(model).max_wait_s
-        return rule if max_wait is None else MaxWaitGuard(rule, max_wait)
+    def guarded(self, model: str, rule: BatchRule, arrivals: ArrivalModel = POISSON) -> BatchRule:
+        """The rule the gate runs: the policy, with the model's max-wait guard if it has one, and its
+        group hold where the policy was solved for ``arrivals`` that come in groups."""
+        return gate_rule(self.config.policy_for(model), rule, arrivals)
 
     def _install(self, state: ModelState, policy: PolicyTable) -> None:
         """Swap in a solved table; the event loop runs one decision at a time, so this is atomic."""
@@ -526,7 +527,8 @@ class ModelRegistry:
         state.info = RuleInfo(policy, "smdp", policy.max_batch, pred)
         own_wait = c.current.max_wait_s if c is not None and c.current is not None else None
         rule = policy if own_wait is None else MaxWaitGuard(policy, own_wait)  # an SLO policy's guard
-        state.gate.set_rule(self.guarded(state.name, rule))
+        arrivals = c.current.arrivals if c is not None and c.current is not None else POISSON
+        state.gate.set_rule(self.guarded(state.name, rule, arrivals))
         self._plane.rule_changed(state)
 
     def set_rule(self, name: str, version: str, info: RuleInfo) -> None:

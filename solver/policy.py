@@ -9,7 +9,7 @@ arrives (only the timeout rule needs that; the SMDP's epochs are arrivals and co
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -22,7 +22,8 @@ class Decision:
     recheck_after_s: float | None = None
     """When waiting: decide again after this many seconds even without an arrival (None: only on arrival)."""
     reason: str = "policy"
-    """Why: "policy" (the table or rule), "timeout" (the oldest waited the rule's T), "max_wait" (the guard)."""
+    """Why: "policy" (the table or rule), "timeout" (the oldest waited the rule's T), "max_wait" (the guard);
+    a wait: "hold" when the gate holds a batch for the rest of a group (``GroupHold``), else "policy"."""
 
 
 @runtime_checkable
@@ -285,6 +286,42 @@ class MaxWaitGuard:
         return Decision(0, left if d.recheck_after_s is None else min(d.recheck_after_s, left))
 
 
+HOLD_SPAN = 4
+"""A group hold ends at most this many holds after the group's first member arrived (``GroupHold``)."""
+
+
+@dataclass(frozen=True)
+class GroupHold:
+    """A rule the gate runs, plus a hold for the rest of a group: a batch the rule would start now with
+    everything that waits, and not a full one, waits while the newest request arrived less than
+    ``hold_s`` ago, for at most ``HOLD_SPAN`` holds after the group's first member.
+
+    A group is the run of arrivals each within ``hold_s`` of the one before. The policy is solved for
+    groups that arrive at one instant (compound Poisson, an MMPP's groups), but a client's fan-out
+    reaches the gate one request after another, a fraction of a millisecond apart. Without the hold,
+    the first members bring the queue to the table's threshold and go without the rest, which then
+    wait for the next batch.
+
+    The hold needs the gate's own state (when the newest request and the group's first arrived), so
+    only the gates run it (``GateRule.decide``). The simulator runs the rule as it is: there a group
+    arrives at one instant and has no rest to wait for. ``hold_s`` is finite and > 0.
+    """
+
+    rule: BatchRule
+    hold_s: float
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.hold_s) or self.hold_s <= 0:
+            raise ValueError(f"group hold must be finite and > 0 seconds, got {self.hold_s!r}")
+
+    @property
+    def max_batch(self) -> int:
+        return self.rule.max_batch
+
+    def decide(self, n: int, oldest_wait_s: float) -> Decision:
+        return self.rule.decide(n, oldest_wait_s)
+
+
 @runtime_checkable
 class InstanceRule(Protocol):
     """A batching rule for k instances fed by one queue: it also sees how many are busy."""
@@ -517,10 +554,15 @@ class GateRule:
     rows uses the last row for every larger m; without ``busy_tables`` the rule ignores m (one server,
     or a one-server rule applied to each slot).
 
+    A group hold (``GroupHold``, ``hold_s`` > 0): a batch the table would start with all that waits, not
+    a full one, waits until the newest request arrived ``hold_s`` ago, or ``HOLD_SPAN`` holds after its
+    group's first member arrived, whichever is first. The gate passes both ages; the guard still fires.
+
     Text form: space-separated ``key=value`` fields, ``max_batch=B beyond=b table=a0,a1,...``, with
     busy rows ``busy_tables=row1;row2;...`` (each row ``a0,a1,...``, rows for m = 1, 2, ... separated
-    by ``;``) and, when guarded, ``max_wait_us=U guard_reason=timeout|max_wait`` (the wait in whole
-    microseconds, the only rounding in the round trip). A new part of the rule is a new key on both sides.
+    by ``;``), when guarded ``max_wait_us=U guard_reason=timeout|max_wait``, and with a hold
+    ``hold_us=H`` (times in whole microseconds, the only rounding in the round trip). A new part of the
+    rule is a new key on both sides.
     """
 
     max_batch: int
@@ -532,6 +574,8 @@ class GateRule:
     """What a served batch is reported as when the guard fired: Triton's "timeout" or the "max_wait" guard."""
     busy_tables: tuple[tuple[int, ...], ...] = ()
     """a(n, m) for m = 1, 2, ... busy instances (``table`` is m = 0); empty: the rule ignores m."""
+    hold_s: float = 0.0
+    """The group hold, seconds (``GroupHold``); 0: none."""
 
     def __post_init__(self) -> None:
         b = self.max_batch
@@ -547,6 +591,8 @@ class GateRule:
             raise ValueError(f"max_wait must be finite and >= 0 seconds, got {self.max_wait_s!r}")
         if self.guard_reason not in _GUARD_REASONS:
             raise ValueError(f"guard_reason must be timeout or max_wait, got {self.guard_reason!r}")
+        if not math.isfinite(self.hold_s) or self.hold_s < 0:
+            raise ValueError(f"hold must be finite and >= 0 seconds, got {self.hold_s!r}")
 
     @classmethod
     def of(cls, rule: BatchRule) -> "GateRule":
@@ -560,9 +606,10 @@ class GateRule:
             return cls(rule.max_batch, rows[0], rule.max_batch, busy_tables=tuple(rows[1:]))
         if isinstance(rule, PerInstance):
             return cls.of(rule.rule)
+        if isinstance(rule, GroupHold):
+            return replace(cls.of(rule.rule), hold_s=rule.hold_s)
         if isinstance(rule, InstanceGuard):
-            inner = cls.of(rule.table)
-            return cls(inner.max_batch, inner.table, inner.beyond, rule.max_wait_s, "max_wait", inner.busy_tables)
+            return replace(cls.of(rule.table), max_wait_s=rule.max_wait_s, guard_reason="max_wait")
         if isinstance(rule, TimeoutRule):
             b = rule.max_batch
             return cls(b, (0,) * b + (b,), b, rule.timeout_s, "timeout")
@@ -570,7 +617,7 @@ class GateRule:
             inner = cls.of(rule.rule)
             if inner.max_wait_s is not None and (inner.max_wait_s, inner.guard_reason) <= (rule.max_wait_s, "max_wait"):
                 return inner
-            return cls(inner.max_batch, inner.table, inner.beyond, rule.max_wait_s, "max_wait", inner.busy_tables)
+            return replace(inner, max_wait_s=rule.max_wait_s, guard_reason="max_wait")
         raise ValueError(f"the gate cannot run a {type(rule).__name__} rule")
 
     def row(self, busy: int) -> tuple[int, ...]:
@@ -579,7 +626,12 @@ class GateRule:
             return self.table
         return self.busy_tables[min(busy, len(self.busy_tables)) - 1]
 
-    def decide(self, n: int, oldest_wait_s: float, busy: int = 0) -> Decision:
+    def decide(self, n: int, oldest_wait_s: float, busy: int = 0, since_newest_s: float = math.inf,
+               group_age_s: float = math.inf) -> Decision:
+        """The decision with n waiting, the oldest for ``oldest_wait_s``, ``busy`` batches in flight, the
+        newest request arrived ``since_newest_s`` ago and its group's first ``group_age_s`` ago (the
+        hold's inputs; the defaults hold nothing). A held batch is a wait with reason "hold", to be
+        decided again when the hold ends (or the guard fires, if sooner)."""
         if n <= 0:
             return Decision(0)
         wait = self.max_wait_s
@@ -591,8 +643,13 @@ class GateRule:
             return Decision(a, reason=self.guard_reason)
         table = self.row(busy)
         a = table[n] if n < len(table) else min(n, self.beyond)
-        if a == 0 and wait is not None:
-            return Decision(0, wait - oldest_wait_s)
+        if a == 0:
+            return Decision(0) if wait is None else Decision(0, wait - oldest_wait_s)
+        hold = self.hold_s
+        if hold > 0 and a >= n and n < self.max_batch:
+            left = min(hold - since_newest_s, HOLD_SPAN * hold - group_age_s)
+            if left > 0:
+                return Decision(0, left if wait is None else min(left, wait - oldest_wait_s), reason="hold")
         return Decision(a)
 
     # -- the one serialisation ------------------------------------------------------------------
@@ -603,6 +660,8 @@ class GateRule:
             out += " busy_tables=" + ";".join(",".join(map(str, r)) for r in self.busy_tables)
         if self.max_wait_s is not None:
             out += f" max_wait_us={max(0, round(self.max_wait_s * 1e6))} guard_reason={self.guard_reason}"
+        if self.hold_s > 0:
+            out += f" hold_us={round(self.hold_s * 1e6)}"
         return out
 
     @classmethod
@@ -624,6 +683,9 @@ class GateRule:
         b = integer("max_batch")
         beyond = integer("beyond", b)
         wait_us = integer("max_wait_us", -1)
+        hold_us = integer("hold_us", 0)
+        if hold_us < 0:
+            raise ValueError(f"hold_us must be >= 0, got {hold_us}")
         reason = f.pop("guard_reason", "max_wait")
         text = f.pop("table", None)
         if text is None:
@@ -644,7 +706,7 @@ class GateRule:
             raise ValueError(f"unknown key {next(iter(f))!r}")
         if reason not in _GUARD_REASONS:
             raise ValueError(f"guard_reason must be timeout or max_wait, got {reason!r}")
-        return cls(b, table, beyond, None if wait_us < 0 else wait_us * 1e-6, reason, busy)
+        return cls(b, table, beyond, None if wait_us < 0 else wait_us * 1e-6, reason, busy, hold_us * 1e-6)
 
     @classmethod
     def from_line(cls, line: str) -> "GateRule":

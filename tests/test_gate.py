@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from plugin.gate import ModelGate, Pending, QueueFull
-from solver.policy import Decision, GateRule, MaxWaitGuard, PolicyTable, TimeoutRule, greedy, static, threshold
+from solver.policy import Decision, GateRule, GroupHold, MaxWaitGuard, PolicyTable, TimeoutRule, greedy, static, threshold
 
 
 class Clock:
@@ -130,6 +130,7 @@ def test_serve_alone_is_what_submit_then_poll_do_for_an_arrival_at_an_empty_gate
         MaxWaitGuard(threshold(8, 6), 0.001), MaxWaitGuard(TimeoutRule(1, 0.01), 0.0004),
         GateRule(4, (0, 1, 2, 3, 4), 4, busy_tables=((0, 0, 2, 3, 4), (0, 1, 2, 3, 4))),
         GateRule(4, (0, 0, 2, 3, 4), 4, busy_tables=((0, 1, 2, 3, 4),)),
+        GroupHold(greedy(4), 0.001), GroupHold(MaxWaitGuard(threshold(8, 3), 0.002), 0.0004),
     ]
     rng = np.random.default_rng(3)
     served = waited = 0
@@ -199,3 +200,36 @@ def test_complete_frees_a_slot_and_gives_the_queue_length_the_plane_polls_on():
     assert gate.complete() == 2 == gate.queue_length and gate.in_flight == 0
     with pytest.raises(RuntimeError):
         gate.complete()
+
+
+def test_a_group_hold_travels_with_any_rule_the_gate_runs_and_the_simulator_sees_the_rule_as_it_is():
+    held = GroupHold(MaxWaitGuard(threshold(8, 3), 0.5), 0.001)
+    line = "max_batch=8 beyond=8 table=0,0,0,3,4,5,6,7,8 max_wait_us=500000 guard_reason=max_wait hold_us=1000"
+    assert GateRule.of(held).to_line() == line
+    assert GateRule.of(MaxWaitGuard(GroupHold(threshold(8, 3), 0.001), 0.5)).to_line() == line
+    assert GateRule.from_line(line) == GateRule.of(held)
+    for n in range(12):
+        assert held.decide(n, 0.0) == held.rule.decide(n, 0.0)  # the simulator's view: no hold
+    for bad in (0.0, -1e-3, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="group hold must be finite and > 0"):
+            GroupHold(greedy(4), bad)
+    with pytest.raises(ValueError, match="hold must be finite and >= 0"):
+        GateRule(4, (0, 1, 2, 3, 4), 4, hold_s=-1.0)
+
+
+def test_a_lone_arrival_under_a_hold_is_queued_and_served_when_the_hold_ends():
+    """The Python plane's lone path (``serve_alone``) must not skip the hold: the request waits in the
+    queue for the rest of its group, then goes with whoever came."""
+    gate, clock = make(GroupHold(greedy(4), 0.0005))
+    assert gate.serve_alone(clock.t) is None
+    (a,) = submit(gate, clock)
+    assert gate.poll().wake_at == pytest.approx(0.0005)
+    clock.t = 0.0003
+    (b,) = submit(gate, clock)
+    assert gate.poll().wake_at == pytest.approx(0.0008)
+    clock.t = 0.0009
+    assert gate.poll().batches == ((a, b),)
+    assert gate.counters.decisions_held == 2
+    gate.complete()
+    clock.t = 0.01  # long after the group: a late arrival's own wait has used up the hold
+    assert gate.serve_alone(clock.t - 0.001) == "policy"

@@ -139,3 +139,22 @@ def test_allow_repository_control_has_a_serve_switch_and_the_file_still_decides_
     assert config_from_args(parser.parse_args(["serve"])).allow_repository_control is False
     assert config_from_args(parser.parse_args(["serve", "--allow-repository-control"])).allow_repository_control
     assert config_from_args(parser.parse_args(["serve", "--config", str(on)])).allow_repository_control
+
+
+def test_the_gate_holds_for_a_group_only_where_the_policy_was_solved_for_groups():
+    from plugin.config import ModelPolicyConfig
+    from plugin.policies import gate_rule
+    from solver.arrival_model import POISSON, parse_arrivals
+    from solver.policy import GateRule, greedy
+
+    grouped = parse_arrivals("batch:3")
+    cfg = ModelPolicyConfig(policy="greedy", max_wait_s=0.5)
+    assert GateRule.of(gate_rule(cfg, greedy(4), grouped)).hold_s == pytest.approx(0.0005)
+    assert GateRule.of(gate_rule(cfg, greedy(4), POISSON)).hold_s == 0
+    assert GateRule.of(gate_rule(cfg, greedy(4), parse_arrivals("mmpp:210,30:0.5,1"))).hold_s == 0  # no groups
+    assert GateRule.of(gate_rule(cfg, greedy(4), parse_arrivals("mmpp:210,30:0.5,1:3,1.2"))).hold_s > 0
+    off = cfg.model_copy(update={"group_hold_s": 0.0})
+    assert GateRule.of(gate_rule(off, greedy(4), grouped)).hold_s == 0
+    assert GateRule.of(gate_rule(cfg, greedy(4), grouped)).max_wait_s == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        ModelPolicyConfig(group_hold_s=-0.001)

@@ -8,6 +8,7 @@ tests/vectors/README.md.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from tritonclient.grpc import service_pb2
 
 from plugin.gate import ModelGate, Pending, QueueFull
 from plugin.merge import SplitError, batch_rows, merge, merge_key, split
-from solver.policy import BatchRule, GateRule, MaxWaitGuard, rule_from_spec
+from solver.policy import BatchRule, GateRule, GroupHold, MaxWaitGuard, rule_from_spec
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
 FILES = sorted(VECTORS.glob("*.json"))
@@ -42,7 +43,8 @@ def test_there_are_vectors_of_every_part():
 
 def _built(spec: dict[str, Any]) -> BatchRule:
     rule = rule_from_spec(spec["spec"], spec["max_batch"])
-    return MaxWaitGuard(rule, spec["max_wait_s"]) if "max_wait_s" in spec else rule
+    rule = MaxWaitGuard(rule, spec["max_wait_s"]) if "max_wait_s" in spec else rule
+    return GroupHold(rule, spec["hold_s"]) if "hold_s" in spec else rule
 
 
 @pytest.mark.parametrize("case", _load("lines"))
@@ -64,7 +66,7 @@ def test_a_bad_rule_line_is_refused_with_a_clear_error(case):
 def test_the_rule_decides_as_the_vectors_say(case):
     rule = GateRule.from_line(case["rule"])
     for c in case["cases"]:
-        d = rule.decide(c["n"], c["wait"], c.get("busy", 0))
+        d = rule.decide(c["n"], c["wait"], c.get("busy", 0), c.get("since_newest", math.inf), c.get("group_age", math.inf))
         got = (d.serve, d.recheck_after_s, d.reason)
         if c["recheck"] is None:
             assert got == (c["serve"], None, c["reason"]), c
