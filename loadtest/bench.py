@@ -259,7 +259,8 @@ def _run_contender(c: Contender, cfg: BenchConfig, control: ModelConfigControl, 
                                weight=cfg.weight, idle_power_w=cfg.idle_power_w, adaptive=c.adaptive,
                                solver_url=solver_url if c.adaptive else None, data_plane=cfg.data_plane,
                                slo=cfg.slo if c.slo else None,
-                               max_wait_s=None if c.max_wait_us is None else c.max_wait_us / 1e6)
+                               max_wait_s=None if c.max_wait_us is None else c.max_wait_us / 1e6,
+                               group_hold_s=None if c.hold_us is None else c.hold_us / 1e6)
             safe = c.name.replace(" ", "_").replace(":", "_")
             sidecar = SidecarProcess(triton_url, spec, log_path=log_dir / f"sidecar-{safe}-{rate:g}.log").start()
             target = sidecar.url

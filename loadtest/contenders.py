@@ -17,7 +17,7 @@ sizes, is simulated as it runs the bench's model (no prefetching: the race at a 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -58,6 +58,9 @@ class Contender:
     """Gate: the sidecar's max-wait guard (``max_wait_s``: serve what is queued once the oldest request
     has waited this long), microseconds (``gate:smdp-guard:US``, ``gate:smdp-adaptive-guard:US``);
     None: the sidecar's default."""
+    hold_us: int | None = None
+    """Gate: the hold for the rest of a group (``group_hold_s``), microseconds, as a ``-hold:US`` suffix on any
+    gate contender (``gate:smdp-slo-derived-seeded-hold:0`` turns it off); None: the sidecar's default."""
     seeded: bool = False
     """Adaptive gate started from the arrival model fitted to the replayed trace (``smdp serve --arrivals``,
     as ``smdp fit-arrivals`` gives it): ``gate:smdp-adaptive-seeded[-guard:US]``; with the SLO
@@ -95,11 +98,17 @@ class Contender:
         if self.max_wait_us is not None and (self.kind != "gate" or not isinstance(self.max_wait_us, int)
                                              or self.max_wait_us <= 0):
             raise ValueError(f"a max-wait guard is the gate's, an integer > 0 microseconds, got {self.max_wait_us!r}")
+        if self.hold_us is not None and (self.kind != "gate" or not isinstance(self.hold_us, int) or self.hold_us < 0):
+            raise ValueError(f"a group hold is the gate's, an integer >= 0 microseconds, got {self.hold_us!r}")
         if not isinstance(self.max_queue_delay_us, int) or self.max_queue_delay_us < 0:
             raise ValueError(f"max_queue_delay_us must be an integer >= 0, got {self.max_queue_delay_us!r}")
 
     @property
     def name(self) -> str:
+        hold = "" if self.hold_us is None else f" hold={self.hold_us / 1000:g}ms"
+        return self._name() + hold
+
+    def _name(self) -> str:
         if self.kind == "triton":
             return "triton MA delay" if self.model_analyzer else f"triton delay={self.max_queue_delay_us / 1000:g}ms"
         if self.kind == "config":
@@ -135,6 +144,13 @@ def parse_contender(spec: str) -> Contender:
     if kind == "gate":
         if not rest:
             raise ValueError(f"contender {spec!r}: give a policy, e.g. gate:greedy or gate:smdp")
+        head, sep, hold = rest.rpartition("-hold:")
+        if sep:
+            try:
+                us = int(hold)
+            except ValueError:
+                raise ValueError(f"contender {spec!r}: the hold needs integer microseconds") from None
+            return replace(parse_contender(f"gate:{head}"), hold_us=us)
         if rest == "smdp-adaptive":
             return Contender("gate", policy="smdp", adaptive=True)
         if rest == "smdp-adaptive-seeded":

@@ -81,6 +81,8 @@ class SidecarSpec:
     """``smdp serve --max-wait``: the gate's max-wait guard, seconds (None: the sidecar's default)."""
     arrivals: str | None = None
     """``smdp serve --arrivals``: a fitted arrival model the adaptive gate starts from (None: none)."""
+    group_hold_s: float | None = None
+    """``smdp serve --group-hold``: the gate's hold for the rest of a group, seconds (None: the sidecar's default)."""
     slo_bound: str = "stated"
     """``smdp serve --slo-bound``: best_delay derives the SLO's D from the model (``slo.latency_s`` unused)."""
     slo_direct_extra_s: float | None = None
@@ -106,6 +108,8 @@ class SidecarSpec:
             out += ["--max-wait", repr(float(self.max_wait_s))]
         if self.arrivals is not None:
             out += ["--arrivals", self.arrivals]
+        if self.group_hold_s is not None:
+            out += ["--group-hold", repr(float(self.group_hold_s))]
         if self.long_run_window_s is not None:
             out += ["--long-run-window", repr(float(self.long_run_window_s))]
         if self.slo is not None:

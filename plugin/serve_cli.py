@@ -39,6 +39,7 @@ POLICY_FLAGS = {
     "--idle-power": "idle_power_w",
     "--max-batch": "max_batch",
     "--max-wait": "max_wait_s",
+    "--group-hold": "group_hold_s",
     "--arrivals": "arrivals",
 }
 # ... and its tail-latency SLO (ModelPolicyConfig.slo):

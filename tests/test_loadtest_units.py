@@ -209,6 +209,29 @@ def test_a_guarded_gate_contender_runs_a_sidecar_with_that_max_wait():
     assert config.policy_for("any").max_wait_s == 0.01
 
 
+def test_a_gate_contender_sets_its_group_hold_and_the_sidecar_gets_it():
+    from loadtest.bench import BenchConfig
+    from loadtest.trace_bench import gate_spec
+    from plugin.serve_cli import config_from_args
+    from smdp.cli import build_parser
+
+    off = parse_contender("gate:smdp-slo-derived-seeded-hold:0")
+    assert off.derived and off.seeded and off.hold_us == 0 and off.name == "gate smdp SLO derived seeded hold=0ms"
+    both = parse_contender("gate:smdp-adaptive-guard:5000-hold:800")
+    assert both.max_wait_us == 5000 and both.hold_us == 800 and both.name == "gate smdp adaptive guard=5ms hold=0.8ms"
+    assert parse_contender("gate:smdp").hold_us is None
+    for bad in ("gate:smdp-hold:x", "gate:smdp-hold:-5", "triton:100-hold:3"):
+        with pytest.raises(ValueError):
+            parse_contender(bad)
+    cfg = BenchConfig(rates=(150.0,), contenders=(off,), data_plane="python")
+    spec = gate_spec(off, cfg, max_batch=8, profile_csv=V100, rate_rps=150.0, solver_url=None, slo=None,
+                     arrivals="batch:3")
+    config = config_from_args(build_parser().parse_args(["serve", *spec.flags()]))
+    assert config.policy_for("any").group_hold_s == 0
+    default = config_from_args(build_parser().parse_args(["serve"])).policy_for("any").group_hold_s
+    assert default == pytest.approx(0.0005)
+
+
 def test_the_trace_bench_gives_each_gate_its_guard_and_the_seeded_one_the_fitted_model():
     from loadtest.bench import BenchConfig
     from loadtest.trace_bench import gate_spec
