@@ -223,8 +223,9 @@ def test_a_gate_contender_sets_its_group_hold_and_the_sidecar_gets_it():
     for bad in ("gate:smdp-hold:x", "gate:smdp-hold:-5", "triton:100-hold:3"):
         with pytest.raises(ValueError):
             parse_contender(bad)
-    cfg = BenchConfig(rates=(150.0,), contenders=(off,), data_plane="python")
-    spec = gate_spec(off, cfg, max_batch=8, profile_csv=V100, rate_rps=150.0, solver_url=None, slo=None,
+    seeded = parse_contender("gate:smdp-adaptive-seeded-hold:0")
+    cfg = BenchConfig(rates=(150.0,), contenders=(seeded,), data_plane="python")
+    spec = gate_spec(seeded, cfg, max_batch=8, profile_csv=V100, rate_rps=150.0, solver_url=None, slo=None,
                      arrivals="batch:3")
     config = config_from_args(build_parser().parse_args(["serve", *spec.flags()]))
     assert config.policy_for("any").group_hold_s == 0
