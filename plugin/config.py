@@ -146,7 +146,7 @@ class ModelPolicyConfig(BaseModel):
         ge=0,
         allow_inf_nan=False,
         description="smdp, adaptive: where the policy in force is solved for arrivals in groups (a mean group "
-        "above 1, learned or from `arrivals`), a batch it would start with all that waits, not a full one, waits "
+        "above 1.1, learned or from `arrivals`), a batch it would start with all that waits, not a full one, waits "
         "until the newest request arrived this long ago, and at most 4 times this after the group's first member, "
         "seconds. The policy counts a group as arriving at one instant, but a client's fan-out reaches the gate one "
         "request after another: without the hold its first members go alone and the rest wait for the next batch "

@@ -217,6 +217,8 @@ class PolicyInfo:
     threshold: int | None = None
     busy_tables: Sequence[Sequence[int]] = ()
     """k instances: a(n, m) for m = 1, 2, ... (``actions`` is m = 0); empty when the rule ignores m."""
+    group_hold_s: float | None = None
+    """The gate's hold for the rest of a group, seconds, where it holds (``solver.policy.GroupHold``)."""
 
     def message(self, model: str) -> smdp_pb2.PolicyReply:
         msg = smdp_pb2.PolicyReply(
@@ -226,6 +228,8 @@ class PolicyInfo:
         )
         if self.threshold is not None:
             msg.threshold = self.threshold
+        if self.group_hold_s is not None:
+            msg.group_hold_s = self.group_hold_s
         return msg
 
 

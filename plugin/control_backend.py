@@ -68,8 +68,12 @@ class SidecarControl:
         busy: tuple[tuple[int, ...], ...] = ()
         if isinstance(rule, GateRule) and rule.max_wait_s is None:  # a k-instance table (no timer)
             actions, busy = list(rule.table), rule.busy_tables
+        try:
+            hold = GateRule.of(state.gate.rule).hold_s if state.gate is not None else 0.0
+        except ValueError:  # a rule only the simulator knows: no hold
+            hold = 0.0
         return PolicyInfo(actions, rule.max_batch, version, self.registry.clock() - installed,
-                          state.info.spec if state.info else "", threshold, busy)
+                          state.info.spec if state.info else "", threshold, busy, hold if hold > 0 else None)
 
     def _rejected(self, model: str, reason: str) -> int:
         """Requests refused for ``reason`` (the metrics' ``requests_rejected`` counter; 0 if none yet)."""

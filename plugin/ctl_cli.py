@@ -160,6 +160,9 @@ def _policy_text(p: Any) -> str:
     lines = [f"model {p.model}: policy v{p.version} ({p.source}), age {p.age_s:.1f} s, B = {p.max_batch}"]
     if p.HasField("threshold"):
         lines.append(f"  control-limit: wait while n < {p.threshold}, then serve min(n, B)")
+    if p.HasField("group_hold_s"):
+        lines.append(f"  group hold: a batch that is not full waits until {_ms(p.group_hold_s)} after the newest "
+                     "arrival (the policy is solved for arrivals in groups)")
     if not p.actions:
         lines.append("  (not a table: the rule depends on waiting time)")
         return "\n".join(lines)

@@ -11,6 +11,7 @@ from solver.policy import BatchRule, GateRule, GroupHold, MaxWaitGuard, parse_ru
 from solver.slo_bound import BestDelaySlo, solve_best_delay_slo
 from tritonclient.grpc import model_config_pb2
 
+from .arrival_estimator import SIGNIFICANT_G
 from .config import ModelPolicyConfig, SloConfig
 from .placement import placement
 
@@ -29,10 +30,12 @@ class RuleInfo:
 
 def gate_rule(cfg: ModelPolicyConfig, rule: BatchRule, arrivals: ArrivalModel = POISSON) -> BatchRule:
     """The rule a model's gate runs: ``rule`` with the model's max-wait guard if it has one, and its group
-    hold where the rule was solved for ``arrivals`` that come in groups (a mean group above 1)."""
+    hold where the rule was solved for ``arrivals`` that come in groups: a mean group above
+    ``SIGNIFICANT_G``, the size the group estimator needs to tell groups from Poisson coincidences (a
+    fitted 1.02 is a Poisson stream's chance neighbours, and a hold there costs without gaining)."""
     if cfg.max_wait_s is not None:
         rule = MaxWaitGuard(rule, cfg.max_wait_s)
-    if cfg.group_hold_s > 0 and arrivals.group_mean > 1:
+    if cfg.group_hold_s > 0 and arrivals.group_mean > SIGNIFICANT_G:
         rule = GroupHold(rule, cfg.group_hold_s)
     return rule
 

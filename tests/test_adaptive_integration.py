@@ -517,3 +517,43 @@ def test_an_slo_is_met_in_a_steady_poisson_run_and_reported(scaled, scaled_unbat
         else:
             pytest.fail(f"the SLO's guard is still installed: {rule!r}")
         ch.close()
+
+
+def test_a_group_that_reaches_the_gate_one_request_at_a_time_is_served_as_one_batch(scaled):
+    """A policy solved for arrivals in groups (``arrivals: batch:3``) makes the gate hold a batch that is
+    not full until ``group_hold_s`` after the newest arrival: three requests sent 30 ms apart, as a
+    client's fan-out reaches the gate, go to Triton as one batch, and GetPolicy and `smdp ctl policy`
+    say the gate holds. Without the hold (``group_hold_s: 0``) the first goes alone: the latency-only
+    policy serves a lone request at once, since the model counts a group's members as arriving together."""
+    from plugin.ctl_cli import _policy_text
+
+    triton, csv = scaled
+    sizes = {}
+    for hold in (0.1, 0.0):
+        with sidecar(triton.grpc_url, csv, model={"rate_rps": 5.0, "weight": 0.0, "arrivals": "batch:3",
+                                                  "group_hold_s": hold}) as sc:
+            ch, stub, md = control(sc)
+            warm: list = []
+            fire(sc.url, np.array([0.0]), warm)  # the sidecar learns of a model at its first request
+            assert [a for a, _ in warm] == ["ok"]
+            deadline = time.monotonic() + 30
+            p = stub.GetPolicy(smdp_pb2.ModelRequest(model="emulated_gpu"), metadata=md)
+            while time.monotonic() < deadline and p.source != "smdp":  # the first solve, for batch:3, installed
+                time.sleep(0.1)
+                p = stub.GetPolicy(smdp_pb2.ModelRequest(model="emulated_gpu"), metadata=md)
+            assert p.source == "smdp" and p.actions[1] == 1  # a lone request is served at once
+            assert p.HasField("group_hold_s") == (hold > 0)
+            if hold > 0:
+                assert p.group_hold_s == pytest.approx(hold)
+                assert "group hold: a batch that is not full waits until 100.000 ms" in _policy_text(p)
+            answers: list = []
+            t0 = time.monotonic()
+            fire(sc.url, np.array([0.0, 0.03, 0.06]), answers)
+            took = time.monotonic() - t0
+            assert [a for a, _ in answers] == ["ok"] * 3
+            sizes[hold] = sorted(b for _, b in answers)
+            if hold > 0:
+                assert took >= 0.06 + hold  # the batch left no sooner than the hold after the last member
+            ch.close()
+    assert sizes[0.1] == [3, 3, 3]
+    assert sizes[0.0][0] == 1  # without the hold the first member went alone

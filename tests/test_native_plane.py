@@ -26,7 +26,7 @@ from plugin.native_plane import (
     find_binary,
     policy_line,
 )
-from solver.policy import MaxWaitGuard, PolicyTable, TimeoutRule, greedy, static, threshold
+from solver.policy import GroupHold, MaxWaitGuard, PolicyTable, TimeoutRule, greedy, static, threshold
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +64,12 @@ def test_a_max_wait_guard_adds_the_tighter_guard():
     assert f["max_wait_us"] == "2000" and f["guard_reason"] == "max_wait"
     f = fields(policy_line("m", MaxWaitGuard(TimeoutRule(4, 0.01), 0.5), slots=1, max_queue=1))
     assert f["max_wait_us"] == "10000" and f["guard_reason"] == "timeout"
+
+
+def test_a_group_hold_travels_in_the_policy_line_with_the_guard():
+    f = fields(policy_line("m", GroupHold(MaxWaitGuard(greedy(4), 0.5), 0.0005), slots=1, max_queue=1))
+    assert f["table"] == "0,1,2,3,4" and f["max_wait_us"] == "500000" and f["hold_us"] == "500"
+    assert "hold_us" not in fields(policy_line("m", greedy(4), slots=1, max_queue=1))
 
 
 def test_what_the_gate_cannot_run_is_refused_here():

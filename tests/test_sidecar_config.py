@@ -151,6 +151,7 @@ def test_the_gate_holds_for_a_group_only_where_the_policy_was_solved_for_groups(
     cfg = ModelPolicyConfig(policy="greedy", max_wait_s=0.5)
     assert GateRule.of(gate_rule(cfg, greedy(4), grouped)).hold_s == pytest.approx(0.0005)
     assert GateRule.of(gate_rule(cfg, greedy(4), POISSON)).hold_s == 0
+    assert GateRule.of(gate_rule(cfg, greedy(4), parse_arrivals("batch:1.05"))).hold_s == 0  # chance neighbours
     assert GateRule.of(gate_rule(cfg, greedy(4), parse_arrivals("mmpp:210,30:0.5,1"))).hold_s == 0  # no groups
     assert GateRule.of(gate_rule(cfg, greedy(4), parse_arrivals("mmpp:210,30:0.5,1:3,1.2"))).hold_s > 0
     off = cfg.model_copy(update={"group_hold_s": 0.0})

@@ -307,7 +307,7 @@ class ServiceTime(_message.Message):
     def __init__(self, batch_size: _Optional[int] = ..., samples: _Optional[int] = ..., mean_s: _Optional[float] = ..., ci_s: _Optional[float] = ..., prior_s: _Optional[float] = ..., in_force_s: _Optional[float] = ..., triton_compute_s: _Optional[float] = ..., triton_batches: _Optional[int] = ...) -> None: ...
 
 class PolicyReply(_message.Message):
-    __slots__ = ("model", "actions", "max_batch", "version", "age_s", "source", "threshold", "busy_tables")
+    __slots__ = ("model", "actions", "max_batch", "version", "age_s", "source", "threshold", "busy_tables", "group_hold_s")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
@@ -316,6 +316,7 @@ class PolicyReply(_message.Message):
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     BUSY_TABLES_FIELD_NUMBER: _ClassVar[int]
+    GROUP_HOLD_S_FIELD_NUMBER: _ClassVar[int]
     model: str
     actions: _containers.RepeatedScalarFieldContainer[int]
     max_batch: int
@@ -324,7 +325,8 @@ class PolicyReply(_message.Message):
     source: str
     threshold: int
     busy_tables: _containers.RepeatedCompositeFieldContainer[BusyRow]
-    def __init__(self, model: _Optional[str] = ..., actions: _Optional[_Iterable[int]] = ..., max_batch: _Optional[int] = ..., version: _Optional[int] = ..., age_s: _Optional[float] = ..., source: _Optional[str] = ..., threshold: _Optional[int] = ..., busy_tables: _Optional[_Iterable[_Union[BusyRow, _Mapping]]] = ...) -> None: ...
+    group_hold_s: float
+    def __init__(self, model: _Optional[str] = ..., actions: _Optional[_Iterable[int]] = ..., max_batch: _Optional[int] = ..., version: _Optional[int] = ..., age_s: _Optional[float] = ..., source: _Optional[str] = ..., threshold: _Optional[int] = ..., busy_tables: _Optional[_Iterable[_Union[BusyRow, _Mapping]]] = ..., group_hold_s: _Optional[float] = ...) -> None: ...
 
 class BusyRow(_message.Message):
     __slots__ = ("actions",)
