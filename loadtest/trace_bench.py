@@ -657,6 +657,15 @@ def repeat_summary(costs: dict[str, list[float]], reference: str = TRAILED) -> l
     return lines
 
 
+def later_repeats(cfg: BenchConfig, first_share: float | None) -> BenchConfig:
+    """The settings of the repeats after the first. With ``--slo-catch-share fit`` the derived gates keep
+    the first repeat's fit (``first_share``), stated: a reversed order runs them before any Triton delay,
+    which the fit needs first."""
+    if cfg.slo_catch_share_fit and first_share is not None:
+        return replace(cfg, slo_catch_share=first_share, slo_catch_share_fit=False)
+    return cfg
+
+
 def main_trace_bench(cfg: BenchConfig, trace_path: Path, mean_rate: float, limit: int | None,
                      triton_url: str | None, progress: Progress, follow: FollowSettings = FollowSettings(),
                      repeat: int = 1, fit_prefix: float = 0.0) -> int:
@@ -675,10 +684,11 @@ def main_trace_bench(cfg: BenchConfig, trace_path: Path, mean_rate: float, limit
     report, trail = run_trace_bench(cfg, times, triton_url, progress, follow, calibration, shares)
     costs: dict[str, list[float]] = {r.contender: [r.measured.cost] for r in report.rows}
     failed = sum(r.measured.failed for r in report.rows)
+    later = later_repeats(cfg, shares.share)
     for k in range(1, repeat):
         order = tuple(reversed(cfg.contenders)) if k % 2 else cfg.contenders
         progress(f"repeat {k + 1} of {repeat}: {', '.join(c.name for c in order)}")
-        again, _ = run_trace_bench(replace(cfg, contenders=order), times, triton_url, progress, follow, calibration,
+        again, _ = run_trace_bench(replace(later, contenders=order), times, triton_url, progress, follow, calibration,
                                    shares)
         for r in again.rows:
             costs[r.contender].append(r.measured.cost)

@@ -573,3 +573,21 @@ def test_a_fitted_race_share_needs_a_triton_run_before_the_derived_gates():
     shares.add("triton delay=30ms", RunFit(fit(0.5), fit(0.4)))
     assert derived_catch_share(ok, shares) == 0.7  # the first run's, by its mean
     assert derived_catch_share(dataclasses.replace(ok, slo_catch_share_fit=False, slo_catch_share=0.55), shares) == 0.55
+
+
+def test_the_repeats_after_the_first_keep_the_first_fitted_share_in_any_order():
+    from loadtest.bench import BenchConfig
+    from loadtest.trace_bench import later_repeats
+    from solver.slo import SloTarget
+
+    order = (parse_contender("triton:20000"), parse_contender("gate:smdp-slo-derived-seeded"))
+    cfg = BenchConfig(rates=(150.0,), contenders=order, data_plane="python", slo=SloTarget(0.99, 0.11),
+                      slo_catch_share_fit=True)
+    with pytest.raises(ValueError, match="needs a triton:DELAY_US contender before"):
+        dataclasses.replace(cfg, contenders=order[::-1])
+    later = later_repeats(cfg, 0.42)
+    assert later.slo_catch_share == 0.42 and not later.slo_catch_share_fit
+    assert dataclasses.replace(later, contenders=order[::-1]).contenders == order[::-1]  # the reversed order runs
+    assert later_repeats(cfg, None) is cfg  # no Triton run answered: the first repeat's failure stands
+    stated = dataclasses.replace(cfg, slo_catch_share_fit=False, slo_catch_share=0.6)
+    assert later_repeats(stated, 0.42) is stated
