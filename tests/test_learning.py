@@ -248,7 +248,8 @@ def stats_with(batches: dict[int, int], started: float) -> BatchStats:
 
 
 def fake_registry(c: PolicyController, st: BatchStats, clock: Clock):
-    gate = SimpleNamespace(queue_length=0, in_flight=0, slots=1, counters=SimpleNamespace(rejected=0, expired=0))
+    gate = SimpleNamespace(queue_length=0, in_flight=0, slots=1, counters=SimpleNamespace(rejected=0, expired=0),
+                           rule=greedy(B))
     info = SimpleNamespace(rule=greedy(B), max_batch=B, spec="smdp")
     state = SimpleNamespace(gate=gate, info=info, stats=st, controller=c, profile=c.prior,
                             placement=Placement(1, 1, "one instance"))
