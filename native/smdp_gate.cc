@@ -16,8 +16,10 @@
 // arrivals and batch completions from its stdout for the rate estimator and the profile learner.
 //
 // stdin (one command per line):
-//   policy MODEL max_batch=B table=a0,a1,... [beyond=b] [max_wait_us=U] [slots=K] [max_queue=Q]
-//          [default_priority=L] [priority_levels=P] [dispatch_priority=D]
+//   policy MODEL max_batch=B table=a0,a1,... [beyond=b] [busy_tables=...] [max_wait_us=U guard_reason=R]
+//          [hold_us=H] [slots=K] [max_queue=Q] [default_priority=L] [priority_levels=P] [dispatch_priority=D]
+//   check FIELDS          (a policy's fields parsed and installed nowhere: `ok check`, or `error` naming
+//                          what this build does not know; the control plane asks at start)
 //   forget MODEL          (relay the model ungated from now on)
 //   report                (report now, then print `reported`: the control plane's barrier)
 //   quit                  (also on end of input: drain and stop)
@@ -37,7 +39,7 @@
 //            rows, dispatch-to-answer seconds, gRPC status code number, why it was served (policy, or the
 //            guard's reason); WAITS: every member's wait in the gate before its batch went out, seconds,
 //            batch after batch, so it has the sum of SIZES entries)
-//   counters MODEL submitted=.. rejected=.. cancelled=.. expired=.. batches=.. requests=.. queue=.. in_flight=..
+//   counters MODEL submitted=.. rejected=.. cancelled=.. expired=.. batches=.. requests=.. held=.. queue=.. in_flight=..
 //            invalid=..   (when something changed since the last report)
 #include <absl/synchronization/mutex.h>
 #include <google/protobuf/descriptor.h>
@@ -990,7 +992,8 @@ class Service {
           // (emitted only when something changed since the last report)
           os << "counters " << ms->wire << " submitted=" << c.submitted << " rejected=" << c.rejected
              << " cancelled=" << c.cancelled << " expired=" << c.expired << " batches=" << c.dispatched_batches
-             << " requests=" << c.dispatched_requests << " queue=" << ms->gate->queue_length()
+             << " requests=" << c.dispatched_requests << " held=" << c.decisions_held
+             << " queue=" << ms->gate->queue_length()
              << " in_flight=" << ms->gate->in_flight() << " invalid=" << ms->invalid;
           counters = os.str();
           if (counters == ms->last_counters) counters.clear();
@@ -1562,6 +1565,25 @@ int IntField(std::map<std::string, std::string>& f, const std::string& key, int 
   return v;
 }
 
+// The fields of a `policy` command after its model name, parsed and checked; `what` names the command.
+struct PolicyCommand {
+  Policy policy;
+  int slots = 1, max_queue = 1, default_priority = 0, priority_levels = 0, dispatch_priority = 0;
+};
+
+PolicyCommand ParsePolicyCommand(std::istringstream& in, int default_max_queue, const std::string& what) {
+  auto f = Fields(in);
+  PolicyCommand c;
+  c.policy = ParsePolicy(&f);
+  c.slots = IntField(f, "slots", 1);
+  c.max_queue = IntField(f, "max_queue", default_max_queue);
+  c.default_priority = IntField(f, "default_priority", 0);
+  c.priority_levels = IntField(f, "priority_levels", 0);
+  c.dispatch_priority = IntField(f, "dispatch_priority", 0);
+  if (!f.empty()) throw std::invalid_argument(what + ": unknown key '" + f.begin()->first + "'");
+  return c;
+}
+
 void ControlLoop(Service* svc, int default_max_queue) {
   std::string line;
   while (std::getline(std::cin, line)) {
@@ -1575,6 +1597,15 @@ void ControlLoop(Service* svc, int default_max_queue) {
       Emit("reported");
       continue;
     }
+    if (op == "check") {  // a policy's fields, parsed as `policy` parses them and installed nowhere
+      try {
+        ParsePolicyCommand(in, default_max_queue, "check");
+        Emit("ok check");
+      } catch (const std::exception& e) {
+        Emit("error " + Quote(e.what()));
+      }
+      continue;
+    }
     try {
       std::string quoted;
       if (!(in >> quoted)) throw std::invalid_argument(op + ": model name missing");
@@ -1586,15 +1617,8 @@ void ControlLoop(Service* svc, int default_max_queue) {
         continue;
       }
       if (op != "policy") throw std::invalid_argument("unknown command '" + op + "'");
-      auto f = Fields(in);
-      Policy p = ParsePolicy(&f);
-      int slots = IntField(f, "slots", 1);
-      int max_queue = IntField(f, "max_queue", default_max_queue);
-      int dflt = IntField(f, "default_priority", 0);
-      int levels = IntField(f, "priority_levels", 0);
-      int dispatch = IntField(f, "dispatch_priority", 0);
-      if (!f.empty()) throw std::invalid_argument("policy " + quoted + ": unknown key '" + f.begin()->first + "'");
-      svc->SetPolicy(model, p, slots, max_queue, dflt, levels, dispatch);
+      PolicyCommand c = ParsePolicyCommand(in, default_max_queue, "policy " + quoted);
+      svc->SetPolicy(model, c.policy, c.slots, c.max_queue, c.default_priority, c.priority_levels, c.dispatch_priority);
       Emit("ok policy " + quoted);
     } catch (const std::exception& e) {
       Emit("error " + Quote(e.what()));

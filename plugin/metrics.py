@@ -192,9 +192,12 @@ class _ModelChildren:
     power_modelled: Any
     profile_version: Any
     profile_updates: Any
+    holds: Any
     rejected: dict
     answered: dict
     dispatched: dict
+    holds_seen: int = 0
+    """The gate's ``decisions_held`` when last exported (``set_holds``)."""
 
 
 class SidecarMetrics:
@@ -233,6 +236,10 @@ class SidecarMetrics:
         self._batch_service = HistogramFamily(
             PREFIX + "batch_service_seconds", "Dispatch-to-completion time of a batch on Triton",
             m, SERVICE_BUCKETS_S, r,
+        )
+        self._holds = Counter(
+            PREFIX + "group_holds", "Decisions that held a batch for the rest of a group (group_hold_s): the rule "
+            "would have served, but the newest request had just arrived", m, registry=r,
         )
         self._queue = Gauge(PREFIX + "queue_length", "Requests waiting in the gate", m, registry=r)
         self._in_flight = Gauge(PREFIX + "in_flight_batches", "Batches sent to Triton and not yet completed", m, registry=r)
@@ -325,6 +332,7 @@ class SidecarMetrics:
                         power_modelled=self._modelled.labels(model),
                         profile_version=self._profile_version.labels(model),
                         profile_updates=self._profile_updates.labels(model),
+                        holds=self._holds.labels(model),
                         rejected={},
                         answered={},
                         dispatched={},
@@ -418,6 +426,13 @@ class SidecarMetrics:
         c.in_flight.set(in_flight)
         c.instances.set(instances)
         c.devices.set(devices)
+
+    def set_holds(self, model: str, held: int) -> None:
+        """The gate's running count of group holds (``GateCounters.decisions_held``), read once a tick: the
+        counter grows by what it grew since; a gate that started again (a reloaded model) counts from 0."""
+        c = self._model(model)
+        c.holds.inc(held - c.holds_seen if held >= c.holds_seen else held)
+        c.holds_seen = held
 
     # -- occasional --------------------------------------------------------------------------
     def set_policy(

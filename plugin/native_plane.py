@@ -107,10 +107,20 @@ def policy_line(
     """
     if not is_model_name(model):
         raise ValueError(f"model name {model!r} cannot be sent to the native gate")
-    return (
-        f"policy {quote_field(model)} {GateRule.of(rule).to_line()} slots={slots} max_queue={max_queue} "
-        f"default_priority={default_priority} priority_levels={priority_levels} dispatch_priority={dispatch_priority}"
-    )
+    return f"policy {quote_field(model)} " + policy_fields(rule, slots, max_queue, default_priority, priority_levels,
+                                                           dispatch_priority)
+
+
+def policy_fields(rule: BatchRule, slots: int, max_queue: int, default_priority: int = 0, priority_levels: int = 0,
+                  dispatch_priority: int = 0) -> str:
+    """The fields of a ``policy`` command after its model name (``policy_line``)."""
+    return (f"{GateRule.of(rule).to_line()} slots={slots} max_queue={max_queue} default_priority={default_priority} "
+            f"priority_levels={priority_levels} dispatch_priority={dispatch_priority}")
+
+
+CHECK_RULE = GateRule(2, (0, 1, 2), 2, 0.001, "max_wait", ((0, 0, 2),), 0.0005)
+"""A rule with every key ``GateRule.to_line`` can write (a new key belongs here): a gate built from older
+sources refuses it at start (``NativePlane.start``) instead of refusing the first policy that uses the key."""
 
 
 def quote_field(text: str) -> str:
@@ -197,7 +207,7 @@ class NativeGateView:
         grown = {}
         for name, attr in (("submitted", "submitted"), ("rejected", "rejected"), ("cancelled", "cancelled"),
                            ("expired", "expired"), ("batches", "dispatched_batches"),
-                           ("requests", "dispatched_requests")):
+                           ("requests", "dispatched_requests"), ("held", "decisions_held")):
             if name in values:
                 grown[name] = values[name] - getattr(c, attr)
                 setattr(c, attr, values[name])
@@ -442,7 +452,36 @@ class NativePlane:
             err = (await proc.stderr.read()).decode().strip()
             await proc.wait()
             raise NativePlaneError(f"smdp-gate did not start on {listen}: {err or line.decode().strip() or 'no output'}")
+        refused = await cls._check(proc, start_timeout_s)
+        if refused is not None:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+            raise NativePlaneError(f"smdp-gate at {exe} does not know the rules this sidecar sends ({refused}): it was "
+                                   "built from older sources; rebuild it (make native)")
         return cls(proc, int(parts[1]), on_event)
+
+    @staticmethod
+    async def _check(proc: asyncio.subprocess.Process, timeout_s: float) -> str | None:
+        """Ask a gate just started to parse ``CHECK_RULE``; None if it can, else why not. A line that is
+        neither answer (a model seen by an early request) is passed over: the gate reports it again."""
+        proc.stdin.write(f"check {policy_fields(CHECK_RULE, 2, 1, 1, 2, 1)}\n".encode())
+        end = time.monotonic() + timeout_s
+        while True:
+            try:
+                raw = await asyncio.wait_for(proc.stdout.readline(), max(end - time.monotonic(), 0.0))
+            except asyncio.TimeoutError:
+                return "no answer to `check`"
+            if not raw:
+                return "it exited"
+            if raw.strip() == b"ok check":
+                return None
+            try:
+                event = parse_event(raw)
+            except ValueError:
+                continue
+            if type(event) is CommandRefused:
+                return event.message
 
     def send(self, line: str) -> None:
         """Queue one command for the gate (it applies commands in order)."""

@@ -594,6 +594,7 @@ class ModelRegistry:
         m = self.metrics
         m.set_queue(state.name, state.gate.queue_length, state.gate.in_flight, state.gate.slots,
                     state.placement.devices)
+        m.set_holds(state.name, state.gate.counters.decisions_held)
         c = state.controller
         if c is not None:
             est = c.rate.estimate(now)

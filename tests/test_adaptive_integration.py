@@ -552,8 +552,16 @@ def test_a_group_that_reaches_the_gate_one_request_at_a_time_is_served_as_one_ba
             took = time.monotonic() - t0
             assert [a for a, _ in answers] == ["ok"] * 3
             sizes[hold] = sorted(b for _, b in answers)
+            held = lambda: sc.sidecar.registry.metrics.registry.get_sample_value(  # noqa: E731
+                "smdp_sidecar_group_holds_total", {"model": "emulated_gpu"}) or 0
             if hold > 0:
                 assert took >= 0.06 + hold  # the batch left no sooner than the hold after the last member
+                deadline = time.monotonic() + 10  # the gate's counters reach the metrics at a tick (native: a report)
+                while time.monotonic() < deadline and held() < 3:
+                    time.sleep(0.1)
+                assert held() >= 3  # each arrival found the batch held
+            else:
+                assert held() == 0
             ch.close()
     assert sizes[0.1] == [3, 3, 3]
     assert sizes[0.0][0] == 1  # without the hold the first member went alone

@@ -121,6 +121,19 @@ def test_gauges_hold_the_last_value(served):
     assert s["smdp_sidecar_power_modelled"][(("model", "n"),)] == 0
 
 
+def test_group_holds_count_what_the_gate_counted_since_the_last_tick_and_survive_a_new_gate(served):
+    metrics, url = served
+    one = (("model", "m"),)
+    metrics.set_holds("m", 0)
+    assert _scrape(url)["smdp_sidecar_group_holds_total"][one] == 0
+    metrics.set_holds("m", 5)
+    metrics.set_holds("m", 5)
+    metrics.set_holds("m", 12)
+    assert _scrape(url)["smdp_sidecar_group_holds_total"][one] == 12
+    metrics.set_holds("m", 3)  # a reloaded model's new gate counts from 0: its 3 are new holds
+    assert _scrape(url)["smdp_sidecar_group_holds_total"][one] == 15
+
+
 def test_two_sidecars_in_one_process_do_not_clash():
     a, b = SidecarMetrics(max_batch=4), SidecarMetrics(max_batch=16)
     a.request_arrived("m")

@@ -20,10 +20,12 @@ from pydantic import ValidationError
 
 from plugin.config import SidecarConfig
 from plugin.native_plane import (
+    CHECK_RULE,
     NativeGateView,
     NativePlane,
     NativePlaneError,
     find_binary,
+    policy_fields,
     policy_line,
 )
 from solver.policy import GroupHold, MaxWaitGuard, PolicyTable, TimeoutRule, greedy, static, threshold
@@ -95,8 +97,9 @@ def test_the_view_pushes_every_change_and_counts_what_grew():
     assert fields(sent[1])["table"] == "0,0,2,3,4"
     grown = view.update({"submitted": 5, "rejected": 2, "expired": 0, "queue": 3, "in_flight": 1})
     assert grown == {"submitted": 5, "rejected": 2, "expired": 0}
-    grown = view.update({"submitted": 9, "rejected": 2, "expired": 1, "queue": 0, "in_flight": 0})
-    assert grown == {"submitted": 4, "rejected": 0, "expired": 1}
+    grown = view.update({"submitted": 9, "rejected": 2, "expired": 1, "queue": 0, "in_flight": 0, "held": 6})
+    assert grown == {"submitted": 4, "rejected": 0, "expired": 1, "held": 6}
+    assert view.counters.decisions_held == 6
     assert view.counters.submitted == 9 and view.queue_length == 0 and view.in_flight == 0
 
 
@@ -363,6 +366,36 @@ def test_the_gate_exits_when_its_control_plane_is_killed(native_gate, triton):
     while _alive(gates[0]) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(gates[0]), "smdp-gate outlived its control plane"
+
+
+OLD_GATE = """#!{python}
+import sys
+print("listening 1", flush=True)
+for line in sys.stdin:
+    op = line.split()[0]
+    if op == "quit":
+        break
+    print("error " + ("unknown%20command%20'" + op + "'" if {unknown} else "policy:%20unknown%20key%20'hold_us'"),
+          flush=True)
+"""
+
+
+@pytest.mark.parametrize("unknown", [True, False])
+def test_a_gate_built_from_older_sources_is_refused_at_start_saying_to_rebuild_it(tmp_path, unknown):
+    """A gate that does not know a key of the rules this sidecar sends (or the start-up check itself)
+    would refuse the first policy that uses it and keep its previous rule: it is refused at start."""
+    old = tmp_path / "smdp-gate"
+    old.write_text(OLD_GATE.format(python=sys.executable, unknown=unknown))
+    old.chmod(0o755)
+    with pytest.raises(NativePlaneError, match=r"does not know the rules this sidecar sends .*rebuild it \(make native\)"):
+        run(NativePlane.start(listen="127.0.0.1:0", triton_url="127.0.0.1:1", max_queue=4, on_event=lambda e: None,
+                              binary=old, start_timeout_s=5.0))
+
+
+def test_the_start_up_check_rule_carries_every_key_a_rule_can_have():
+    assert set(fields("policy m " + policy_fields(CHECK_RULE, 2, 1, 1, 2, 1))) == {
+        "model", "max_batch", "beyond", "table", "busy_tables", "max_wait_us", "guard_reason", "hold_us", "slots",
+        "max_queue", "default_priority", "priority_levels", "dispatch_priority"}
 
 
 def test_an_explicit_binary_that_is_not_there_is_an_error_not_a_fallback(tmp_path):
