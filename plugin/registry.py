@@ -20,8 +20,8 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2, service_pb2
 
-from solver.model import ServiceProfile
 from solver.arrival_model import POISSON, ArrivalModel
+from solver.model import ServiceProfile
 from solver.policy import BatchRule, MaxWaitGuard, PolicyTable
 from solver.slo import SloTarget
 
