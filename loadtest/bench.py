@@ -259,8 +259,7 @@ def _run_contender(c: Contender, cfg: BenchConfig, control: ModelConfigControl, 
                                weight=cfg.weight, idle_power_w=cfg.idle_power_w, adaptive=c.adaptive,
                                solver_url=solver_url if c.adaptive else None, data_plane=cfg.data_plane,
                                slo=cfg.slo if c.slo else None,
-                               max_wait_s=None if c.max_wait_us is None else c.max_wait_us / 1e6,
-                               group_hold_s=None if c.hold_us is None else c.hold_us / 1e6)
+                               max_wait_s=c.max_wait_s, group_hold_s=c.group_hold_s)
             safe = c.name.replace(" ", "_").replace(":", "_")
             sidecar = SidecarProcess(triton_url, spec, log_path=log_dir / f"sidecar-{safe}-{rate:g}.log").start()
             target = sidecar.url
@@ -533,9 +532,10 @@ def hop_added(pred: Prediction, stack: Stack, c: Contender) -> tuple[float, floa
 def with_hop(pred: Prediction, stack: Stack, c: Contender) -> Prediction:
     """The solver's prediction plus the measured hop (``hop_added``), as ``run_one`` adds it; as is
     without one (the trace bench's predictions)."""
-    if stack.hop is None or not math.isfinite(pred.mean_latency_s):
+    hop, in_gate = hop_added(pred, stack, c)
+    if math.isnan(hop):
         return pred
-    h = sum(hop_added(pred, stack, c))
+    h = hop + in_gate
     return replace(pred, mean_latency_s=pred.mean_latency_s + h, cost=pred.cost + h, source=f"{pred.source}+hop")
 
 

@@ -104,6 +104,16 @@ class Contender:
             raise ValueError(f"max_queue_delay_us must be an integer >= 0, got {self.max_queue_delay_us!r}")
 
     @property
+    def max_wait_s(self) -> float | None:
+        """The sidecar's ``max_wait_s`` for this gate: ``max_wait_us`` in seconds (None: its default)."""
+        return None if self.max_wait_us is None else self.max_wait_us / 1e6
+
+    @property
+    def group_hold_s(self) -> float | None:
+        """The sidecar's ``group_hold_s`` for this gate: ``hold_us`` in seconds (None: its default)."""
+        return None if self.hold_us is None else self.hold_us / 1e6
+
+    @property
     def name(self) -> str:
         hold = "" if self.hold_us is None else f" hold={self.hold_us / 1000:g}ms"
         return self._name() + hold

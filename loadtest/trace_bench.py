@@ -354,9 +354,8 @@ def gate_spec(c: Contender, cfg: BenchConfig, *, max_batch: int, profile_csv: Pa
                        weight=cfg.weight, idle_power_w=cfg.idle_power_w, adaptive=c.adaptive,
                        solver_url=solver_url if c.adaptive else None, data_plane=cfg.data_plane,
                        long_run_window_s=None if c.long_run else 0.0, slo=slo if c.slo else None,
-                       max_wait_s=c.max_wait_us / 1e6 if c.max_wait_us is not None else None,
-                       arrivals=arrivals if c.seeded else None,
-                       group_hold_s=c.hold_us / 1e6 if c.hold_us is not None else None, slo_bound="best_delay" if c.derived else "stated",
+                       max_wait_s=c.max_wait_s, group_hold_s=c.group_hold_s, arrivals=arrivals if c.seeded else None,
+                       slo_bound="best_delay" if c.derived else "stated",
                        slo_direct_extra_s=slo_direct_extra_s if c.derived else None,
                        slo_catch_share=(cfg.slo_catch_share if slo_catch_share is None else slo_catch_share)
                        if c.derived else None)

@@ -165,8 +165,7 @@ class ModelGate:
             raise QueueFull(f"queue is full ({self._max_queue} requests waiting)")
         item.seq = next(self._seq)
         item.live = True
-        self._group_start = self._group_start_with(item.arrival)
-        self._newest = max(self._newest, item.arrival)
+        self._note_arrival(item.arrival)
         q = self._queues.get(item.priority)
         if q is None:
             q = self._queues[item.priority] = deque()
@@ -194,29 +193,34 @@ class ModelGate:
         self._free += 1
         return self._size
 
-    def _group_start_with(self, arrival: float) -> float:
-        """When the group of a request arriving at ``arrival`` began: a request more than the hold after
-        the newest one starts a new group (with no hold, every request later than the newest does)."""
-        return arrival if arrival - self._newest > self._hold else self._group_start
+    def _note_arrival(self, arrival: float) -> None:
+        """The newest arrival and its group's start (the hold's inputs): a request more than the hold after
+        the newest one starts a new group (with no hold, every request later than the newest does). Noting
+        the same arrival again changes nothing."""
+        if arrival > self._newest:
+            if arrival - self._newest > self._hold:
+                self._group_start = arrival
+            self._newest = arrival
 
     def serve_alone(self, arrival: float) -> str | None:
         """An arrival at a gate with nothing queued, decided without queueing it: when the rule serves
         it now, alone, its slot is taken and the rule's reason returned, with the counters as
         ``submit`` then ``poll`` leave them (the batch ``poll`` would return is this request alone).
-        None: nothing is changed (the queue is not empty, no slot is free, the rule waits, or the rule
-        is not a ``GateRule`` and so may not be asked twice); then ``submit`` and ``poll`` as usual.
-        The rule is asked what ``poll`` asks it: n = 1, the wait since ``arrival``, m = batches in flight.
-        With nothing queued every entry of the deadline heap is of a request gone already, so there is
-        nothing to expire, and no wake-up to arm once the request is served."""
+        None: no queue, slot or counter is changed (the queue is not empty, no slot is free, the rule
+        waits, or the rule is not a ``GateRule`` and so may not be asked twice); then ``submit`` and
+        ``poll`` as usual. The rule is asked what ``poll`` asks it: n = 1, the wait since ``arrival``,
+        m = batches in flight, and the hold's ages with this arrival noted (noted either way: the
+        ``submit`` that follows a None notes it again, to no effect). With nothing queued every entry of
+        the deadline heap is of a request gone already, so there is nothing to expire, and no wake-up to
+        arm once the request is served."""
         if self._size or not self._free or not self._pure:
             return None
         now = self._clock()
-        group_start = self._group_start_with(arrival)
-        newest = max(self._newest, arrival)
-        decision = self._decide(1, now - arrival, self._slots - self._free, now - newest, now - group_start)
+        self._note_arrival(arrival)
+        decision = self._decide(1, now - arrival, self._slots - self._free, now - self._newest,
+                                now - self._group_start)
         if decision.serve <= 0:
             return None
-        self._group_start, self._newest = group_start, newest
         next(self._seq)  # the sequence number submit would have given it
         self._deadlines.clear()
         self._free -= 1

@@ -524,15 +524,14 @@ class ModelRegistry:
 
     def _install(self, state: ModelState, policy: PolicyTable) -> None:
         """Swap in a solved table; the event loop runs one decision at a time, so this is atomic."""
-        c = state.controller
+        current = state.controller.current if state.controller is not None else None
         pred = None
-        if c is not None and c.current is not None:
-            pred = {"mean_latency_s": c.current.mean_latency_s, "mean_power_w": c.current.mean_power_w}
+        if current is not None:
+            pred = {"mean_latency_s": current.mean_latency_s, "mean_power_w": current.mean_power_w}
         state.info = RuleInfo(policy, "smdp", policy.max_batch, pred)
-        own_wait = c.current.max_wait_s if c is not None and c.current is not None else None
+        own_wait = current.max_wait_s if current is not None else None
         rule = policy if own_wait is None else MaxWaitGuard(policy, own_wait)  # an SLO policy's guard
-        arrivals = c.current.arrivals if c is not None and c.current is not None else POISSON
-        state.gate.set_rule(self.guarded(state.name, rule, arrivals))
+        state.gate.set_rule(self.guarded(state.name, rule, current.arrivals if current is not None else POISSON))
         self._plane.rule_changed(state)
 
     def set_rule(self, name: str, version: str, info: RuleInfo) -> None:
